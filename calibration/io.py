@@ -1,0 +1,131 @@
+"""Reading and writing ``kv-geometry/1`` imaging-geometry files (shared/CONVENTIONS.md)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+
+from .errors import GeometryError, GeometryFileError, SchemaError
+from .geometry import MATRIX_AGREEMENT_LIMIT_PX, ImagerGeometry, StereoGeometry
+
+__all__ = ["GEOMETRY_SCHEMA", "geometry_from_json", "read_geometry", "write_geometry"]
+
+GEOMETRY_SCHEMA = "kv-geometry/1"
+
+
+def _imager_from_json(entry, index: int) -> ImagerGeometry:
+    if not isinstance(entry, dict):
+        raise GeometryFileError(f"imagers[{index}] must be an object, got {type(entry).__name__}")
+    name = entry.get("name")
+    if not isinstance(name, str) or not name:
+        raise GeometryFileError(f"imagers[{index}]: 'name' must be a non-empty string, got {name!r}")
+    det = entry.get("detector")
+    if not isinstance(det, dict):
+        raise GeometryFileError(f"imager '{name}': 'detector' object with at least rows, cols and pixel_spacing_mm is required")
+    for key in ("rows", "cols", "pixel_spacing_mm"):
+        if key not in det:
+            raise GeometryFileError(f"imager '{name}': detector.{key} is missing")
+    rows, cols = det["rows"], det["cols"]
+    has_physical = "source_mm" in entry or any(k in det for k in ("origin_mm", "col_direction", "row_direction"))
+    has_matrix = "projection_matrix" in entry
+    if not has_physical and not has_matrix:
+        raise GeometryFileError(f"imager '{name}': neither a physical description nor a projection_matrix is given")
+    try:
+        if has_physical:
+            missing = [k for k in ("origin_mm", "col_direction", "row_direction") if k not in det]
+            if "source_mm" not in entry:
+                missing.insert(0, "source_mm")
+            if missing:
+                raise GeometryFileError(f"imager '{name}': physical description incomplete, missing {', '.join(missing)}")
+            geom = ImagerGeometry(
+                name=name,
+                source_mm=entry["source_mm"],
+                origin_mm=det["origin_mm"],
+                col_direction=det["col_direction"],
+                row_direction=det["row_direction"],
+                pixel_spacing_mm=det["pixel_spacing_mm"],
+                rows=rows,
+                cols=cols,
+            )
+            if has_matrix:
+                err = geom.max_disagreement_px(entry["projection_matrix"])
+                if not err <= MATRIX_AGREEMENT_LIMIT_PX:
+                    raise GeometryFileError(
+                        f"imager '{name}': projection_matrix and physical description disagree by "
+                        f"{err:.3f} px (limit {MATRIX_AGREEMENT_LIMIT_PX} px)"
+                    )
+            return geom
+        return ImagerGeometry.from_projection_matrix(
+            entry["projection_matrix"], name=name, rows=rows, cols=cols, pixel_spacing_mm=det["pixel_spacing_mm"]
+        )
+    except GeometryFileError:
+        raise
+    except (GeometryError, TypeError, ValueError) as err:
+        raise GeometryFileError(str(err)) from err
+
+
+def geometry_from_json(obj) -> StereoGeometry:
+    """Build a :class:`StereoGeometry` from a parsed ``kv-geometry/1`` document.
+
+    Raises
+    ------
+    SchemaError
+        If ``schema`` is missing or not ``kv-geometry/1``.
+    GeometryFileError
+        For anything else that is missing, malformed or inconsistent; the
+        message names the imager.
+    """
+    if not isinstance(obj, dict):
+        raise GeometryFileError(f"a kv-geometry document must be a JSON object, got {type(obj).__name__}")
+    schema = obj.get("schema")
+    if schema != GEOMETRY_SCHEMA:
+        raise SchemaError(f"unknown geometry schema {schema!r}, expected '{GEOMETRY_SCHEMA}'")
+    entries = obj.get("imagers")
+    if not isinstance(entries, list) or len(entries) < 2:
+        raise GeometryFileError("'imagers' must be a list of at least two imagers")
+    imagers = tuple(_imager_from_json(e, i) for i, e in enumerate(entries))
+    calibrated = obj.get("calibrated_unix_s", 0.0)
+    if not isinstance(calibrated, (int, float)) or isinstance(calibrated, bool) or not math.isfinite(calibrated):
+        raise GeometryFileError(f"calibrated_unix_s must be a finite number, got {calibrated!r}")
+    notes = obj.get("notes", "")
+    if not isinstance(notes, str):
+        raise GeometryFileError("notes must be a string")
+    try:
+        return StereoGeometry(imagers, float(calibrated), notes)
+    except GeometryError as err:
+        raise GeometryFileError(str(err)) from err
+
+
+def read_geometry(path: str | os.PathLike) -> StereoGeometry:
+    """Read a ``kv-geometry/1`` JSON file. Errors name the file and the imager."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as err:
+        raise GeometryFileError(f"{path}: cannot read geometry file: {err.strerror}") from err
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise GeometryFileError(f"{path}: not valid JSON: {err}") from err
+    try:
+        return geometry_from_json(obj)
+    except SchemaError as err:
+        raise SchemaError(f"{path}: {err}") from err
+    except GeometryFileError as err:
+        raise GeometryFileError(f"{path}: {err}") from err
+
+
+def write_geometry(geometry: StereoGeometry, path: str | os.PathLike) -> Path:
+    """Write a geometry as ``kv-geometry/1`` with both descriptions; returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(geometry.to_json(), indent=1) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+

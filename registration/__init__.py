@@ -1,0 +1,43 @@
+"""spineguide.registration: CT volumes, DRRs, 2D/3D and point registration, poses.
+
+Depends on :mod:`calibration` only, never on :mod:`tracking`.
+"""
+
+from .attenuation import hu_to_mu_per_mm, linear_attenuation_per_mm
+from .drr import AttenuationVolume, PanelRegion, compute_drr
+from .errors import (
+    DRRError,
+    NotConvergedError,
+    PatientPositionError,
+    PoseError,
+    RegistrationError,
+    VolumeError,
+    VolumeFileError,
+)
+from .pose import Correction, CouchCorrection, Pose, RotationAxis, reduce_to_couch
+from .volume import CTVolume, PatientPosition, read_ct, room_from_lps_matrix, write_ct
+
+__all__ = [
+    "hu_to_mu_per_mm",
+    "linear_attenuation_per_mm",
+    "AttenuationVolume",
+    "PanelRegion",
+    "compute_drr",
+    "DRRError",
+    "NotConvergedError",
+    "PatientPositionError",
+    "PoseError",
+    "RegistrationError",
+    "VolumeError",
+    "VolumeFileError",
+    "Correction",
+    "CouchCorrection",
+    "Pose",
+    "RotationAxis",
+    "reduce_to_couch",
+    "CTVolume",
+    "PatientPosition",
+    "read_ct",
+    "room_from_lps_matrix",
+    "write_ct",
+]

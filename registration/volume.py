@@ -1,0 +1,305 @@
+"""Planning CT volumes: the voxel grid, its LPS geometry, the patient position and the room mapping.
+
+A :class:`CTVolume` holds Hounsfield units as a numpy array indexed
+``[k, j, i]`` (slice, row, column; SimpleITK's numpy view), with the voxel
+``(i, j, k)`` centred at ``origin + direction @ (spacing * (i, j, k))`` in
+DICOM patient coordinates (LPS, mm). Conversion between SimpleITK's ``(x, y,
+z)`` ordering and numpy's ``[z, y, x]`` happens here, once.
+
+CT to room at perfect setup (shared/CONVENTIONS.md), with ``d = p_lps - iso_lps``:
+
+====  ======  ======  ======
+pos   X       Y       Z
+====  ======  ======  ======
+HFS   d_x     d_z     -d_y
+FFS   -d_x    -d_z    -d_y
+HFP   -d_x    d_z     d_y
+FFP   d_x     -d_z    d_y
+====  ======  ======  ======
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from .errors import PatientPositionError, VolumeError, VolumeFileError
+
+__all__ = [
+    "PatientPosition",
+    "CTVolume",
+    "room_from_lps_matrix",
+    "read_ct",
+    "write_ct",
+    "PATIENT_POSITION_KEY",
+]
+
+#: Metadata key under which spineguide stores the patient position in .mha/.nrrd/.nii files.
+PATIENT_POSITION_KEY = "spineguide_patient_position"
+
+_ROOM_FROM_LPS = {
+    "HFS": ((1, 0, 0), (0, 0, 1), (0, -1, 0)),
+    "FFS": ((-1, 0, 0), (0, 0, -1), (0, -1, 0)),
+    "HFP": ((-1, 0, 0), (0, 0, 1), (0, 1, 0)),
+    "FFP": ((1, 0, 0), (0, 0, -1), (0, 1, 0)),
+}
+
+
+class PatientPosition(Enum):
+    """DICOM (0018,5100) Patient Position values spineguide supports."""
+
+    HFS = "HFS"
+    FFS = "FFS"
+    HFP = "HFP"
+    FFP = "FFP"
+
+    @classmethod
+    def parse(cls, value: object, where: str = "") -> "PatientPosition":
+        """Parse a patient position; decubitus and unknown values are an error, never HFS."""
+        if isinstance(value, PatientPosition):
+            return value
+        text = str(value).strip().upper() if value is not None else ""
+        try:
+            return cls(text)
+        except ValueError:
+            prefix = f"{where}: " if where else ""
+            raise PatientPositionError(
+                f"{prefix}patient position {value!r} is not supported (supported: HFS, FFS, HFP, FFP)"
+            ) from None
+
+
+def room_from_lps_matrix(position: PatientPosition) -> np.ndarray:
+    """3x3 rotation taking an LPS displacement (mm) to the room frame at perfect setup."""
+    return np.array(_ROOM_FROM_LPS[PatientPosition.parse(position).value], dtype=np.float64)
+
+
+def _readonly(a: np.ndarray, dtype=np.float64) -> np.ndarray:
+    a = np.array(a, dtype=dtype)
+    a.setflags(write=False)
+    return a
+
+
+@dataclass(frozen=True, slots=True)
+class CTVolume:
+    """A planning CT in Hounsfield units on a regular grid in LPS.
+
+    Attributes
+    ----------
+    hu : (nk, nj, ni) float32 array
+        Hounsfield units, ``hu[k, j, i]``; finite everywhere.
+    spacing_mm : (3,) array
+        Voxel size along i, j, k (x, y, z in SimpleITK terms), mm.
+    origin_lps_mm : (3,) array
+        Centre of voxel (0, 0, 0), LPS mm.
+    direction : (3, 3) array
+        Columns are the LPS unit directions of increasing i, j, k.
+    patient_position : PatientPosition
+    source : str
+        Where the volume came from (file path), for messages.
+    """
+
+    hu: np.ndarray
+    spacing_mm: np.ndarray
+    origin_lps_mm: np.ndarray
+    direction: np.ndarray
+    patient_position: PatientPosition
+    source: str = "<memory>"
+    _lps_from_index: np.ndarray = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        where = self.source
+        hu = np.asarray(self.hu)
+        if hu.ndim != 3 or min(hu.shape) < 1:
+            raise VolumeError(f"{where}: CT must be a 3D array, got shape {hu.shape}")
+        hu = np.ascontiguousarray(hu, dtype=np.float32)
+        if not np.all(np.isfinite(hu)):
+            raise VolumeError(f"{where}: CT holds {int(np.count_nonzero(~np.isfinite(hu)))} non-finite voxels")
+        hu = hu.copy() if hu is self.hu else hu
+        hu.setflags(write=False)
+        spacing = np.asarray(self.spacing_mm, dtype=np.float64)
+        if spacing.shape != (3,) or not np.all(np.isfinite(spacing)) or np.any(spacing <= 0):
+            raise VolumeError(f"{where}: voxel spacing must be three positive numbers, got {spacing.tolist()}")
+        origin = np.asarray(self.origin_lps_mm, dtype=np.float64)
+        if origin.shape != (3,) or not np.all(np.isfinite(origin)):
+            raise VolumeError(f"{where}: origin must be three finite numbers, got {origin.tolist()}")
+        direction = np.asarray(self.direction, dtype=np.float64).reshape(3, 3)
+        if np.max(np.abs(direction.T @ direction - np.eye(3))) > 1e-4:
+            raise VolumeError(
+                f"{where}: voxel axes are not orthonormal (sheared grid, e.g. gantry tilt); resample first"
+            )
+        set_ = object.__setattr__
+        set_(self, "hu", hu)
+        set_(self, "spacing_mm", _readonly(spacing))
+        set_(self, "origin_lps_mm", _readonly(origin))
+        set_(self, "direction", _readonly(direction))
+        set_(self, "patient_position", PatientPosition.parse(self.patient_position, where))
+        m = np.eye(4)
+        m[:3, :3] = direction * spacing[None, :]
+        m[:3, 3] = origin
+        set_(self, "_lps_from_index", _readonly(m))
+
+    @property
+    def shape_ijk(self) -> tuple[int, int, int]:
+        """Number of voxels along i, j, k."""
+        nk, nj, ni = self.hu.shape
+        return ni, nj, nk
+
+    @property
+    def lps_from_index(self) -> np.ndarray:
+        """4x4 affine: voxel index ``(i, j, k, 1)`` -> LPS mm."""
+        return self._lps_from_index
+
+    def index_to_lps(self, ijk: np.ndarray) -> np.ndarray:
+        """Voxel indices ``(N, 3)`` ``(i, j, k)`` (may be fractional) -> LPS mm."""
+        ijk = np.asarray(ijk, dtype=np.float64)
+        return ijk @ self._lps_from_index[:3, :3].T + self._lps_from_index[:3, 3]
+
+    def lps_to_index(self, lps_mm: np.ndarray) -> np.ndarray:
+        """LPS mm ``(N, 3)`` -> fractional voxel indices ``(i, j, k)``."""
+        lps = np.asarray(lps_mm, dtype=np.float64)
+        return np.linalg.solve(self._lps_from_index[:3, :3], (lps - self._lps_from_index[:3, 3]).T).T
+
+    def room_from_index(self, isocentre_lps_mm: Sequence[float]) -> np.ndarray:
+        """4x4 affine: voxel index ``(i, j, k, 1)`` -> room mm at perfect setup.
+
+        ``isocentre_lps_mm`` is the plan isocentre in this CT's LPS frame (mm).
+        """
+        iso = np.asarray(isocentre_lps_mm, dtype=np.float64)
+        if iso.shape != (3,) or not np.all(np.isfinite(iso)):
+            raise VolumeError(f"{self.source}: isocentre must be three finite LPS numbers (mm), got {iso.tolist()}")
+        r = room_from_lps_matrix(self.patient_position)
+        m = np.eye(4)
+        m[:3, :3] = r @ self._lps_from_index[:3, :3]
+        m[:3, 3] = r @ (self._lps_from_index[:3, 3] - iso)
+        return m
+
+    def lps_to_room(self, lps_mm: np.ndarray, isocentre_lps_mm: Sequence[float]) -> np.ndarray:
+        """Planning-CT LPS points (mm) -> room points (mm) at perfect setup."""
+        r = room_from_lps_matrix(self.patient_position)
+        return (np.asarray(lps_mm, dtype=np.float64) - np.asarray(isocentre_lps_mm, dtype=np.float64)) @ r.T
+
+    def to_sitk(self) -> sitk.Image:
+        """The volume as a SimpleITK image (HU, float32), patient position in its metadata."""
+        img = sitk.GetImageFromArray(np.ascontiguousarray(self.hu))
+        img.SetSpacing(tuple(float(s) for s in self.spacing_mm))
+        img.SetOrigin(tuple(float(o) for o in self.origin_lps_mm))
+        img.SetDirection(tuple(float(d) for d in self.direction.ravel()))
+        img.SetMetaData(PATIENT_POSITION_KEY, self.patient_position.value)
+        return img
+
+    @classmethod
+    def from_sitk(cls, image: sitk.Image, patient_position: PatientPosition | str, source: str = "<memory>") -> "CTVolume":
+        """From a SimpleITK image in HU (its ``(x, y, z)`` metadata converted to ``[k, j, i]``)."""
+        if image.GetDimension() != 3:
+            raise VolumeError(f"{source}: CT must be 3D, got a {image.GetDimension()}D image")
+        if image.GetNumberOfComponentsPerPixel() != 1:
+            raise VolumeError(f"{source}: CT must be scalar, got {image.GetNumberOfComponentsPerPixel()} components")
+        return cls(
+            hu=sitk.GetArrayFromImage(image).astype(np.float32, copy=False),
+            spacing_mm=image.GetSpacing(),
+            origin_lps_mm=image.GetOrigin(),
+            direction=np.array(image.GetDirection()).reshape(3, 3),
+            patient_position=patient_position,
+            source=source,
+        )
+
+    def downsampled(self, factor: int | Sequence[int]) -> "CTVolume":
+        """One level of a resolution pyramid: average of ``factor`` voxels per axis.
+
+        ``factor`` is one integer or ``(fi, fj, fk)``. Voxels that do not fill
+        a whole block at the far edge are dropped; the physical position of
+        every kept block is exact (SimpleITK ``BinShrink``).
+        """
+        f = (int(factor),) * 3 if np.isscalar(factor) else tuple(int(x) for x in factor)
+        if len(f) != 3 or min(f) < 1:
+            raise VolumeError(f"{self.source}: pyramid factor must be positive integers, got {factor!r}")
+        if f == (1, 1, 1):
+            return self
+        shrunk = sitk.BinShrink(self.to_sitk(), f)
+        return CTVolume.from_sitk(shrunk, self.patient_position, f"{self.source} (binned {f[0]}x{f[1]}x{f[2]})")
+
+    def pyramid(self, levels: int, factor: int = 2) -> list["CTVolume"]:
+        """``[full, /factor, /factor^2, ...]``, ``levels`` entries, finest first."""
+        out = [self]
+        for _ in range(levels - 1):
+            out.append(out[-1].downsampled(factor))
+        return out
+
+
+# ---------------------------------------------------------------------------- files
+_SITK_SUFFIXES = (".mha", ".mhd", ".nrrd", ".nhdr", ".nii", ".nii.gz")
+
+
+def read_ct(path: str | os.PathLike, patient_position: PatientPosition | str | None = None) -> CTVolume:
+    """Read a planning CT from a DICOM series folder or an ``.mha``/``.nrrd``/``.nii`` file.
+
+    Parameters
+    ----------
+    path : path
+        A folder holding one CT series, or a single volume file.
+    patient_position : PatientPosition or str, optional
+        Required for volume files that do not carry it (spineguide writes it as
+        metadata); must agree with the file where both exist. DICOM series
+        carry (0018,5100) and may not be overridden differently.
+
+    Raises
+    ------
+    VolumeFileError
+        Unreadable file, no or several series, missing or non-uniform slices,
+        gantry tilt; the message names the file.
+    PatientPositionError
+        Position missing, unknown, or contradicting the file.
+    """
+    p = Path(path)
+    if p.is_dir():
+        from .dicom_ct import read_dicom_ct  # local import: pydicom work only when needed
+
+        vol = read_dicom_ct(p)
+        if patient_position is not None and PatientPosition.parse(patient_position) is not vol.patient_position:
+            raise PatientPositionError(
+                f"{p}: series says patient position {vol.patient_position.value}, "
+                f"but {PatientPosition.parse(patient_position).value} was given"
+            )
+        return vol
+    if not p.exists():
+        raise VolumeFileError(f"{p}: no such file or folder")
+    if not p.name.lower().endswith(_SITK_SUFFIXES):
+        raise VolumeFileError(f"{p}: unsupported CT format (expected a DICOM folder or one of {', '.join(_SITK_SUFFIXES)})")
+    try:
+        image = sitk.ReadImage(str(p))
+    except RuntimeError as err:
+        raise VolumeFileError(f"{p}: cannot read volume: {str(err).strip().splitlines()[-1]}") from err
+    stored = image.GetMetaData(PATIENT_POSITION_KEY).strip() if image.HasMetaDataKey(PATIENT_POSITION_KEY) else None
+    if stored is None and patient_position is None:
+        raise PatientPositionError(
+            f"{p}: the file does not record the patient position; give it explicitly (HFS, FFS, HFP or FFP)"
+        )
+    if stored is not None and patient_position is not None:
+        if PatientPosition.parse(stored, str(p)) is not PatientPosition.parse(patient_position):
+            raise PatientPositionError(
+                f"{p}: file says patient position {stored}, but {PatientPosition.parse(patient_position).value} was given"
+            )
+    position = PatientPosition.parse(stored if stored is not None else patient_position, str(p))
+    if image.GetDimension() != 3:
+        raise VolumeFileError(f"{p}: CT must be a 3D image, got {image.GetDimension()}D")
+    try:
+        return CTVolume.from_sitk(image, position, str(p))
+    except VolumeError as err:
+        raise VolumeFileError(str(err)) from err
+
+
+def write_ct(volume: CTVolume, path: str | os.PathLike) -> Path:
+    """Write a CT (HU, float32) as ``.mha``/``.nrrd``/``.nii`` with the patient position as metadata."""
+    p = Path(path)
+    if not p.name.lower().endswith(_SITK_SUFFIXES):
+        raise VolumeFileError(f"{p}: unsupported CT format for writing (use one of {', '.join(_SITK_SUFFIXES)})")
+    p.parent.mkdir(parents=True, exist_ok=True)
+    sitk.WriteImage(volume.to_sitk(), str(p), useCompression=True)
+    return p
+
