@@ -1,0 +1,192 @@
+"""The ``spineguide`` command line: parse, build configuration, call the library, print.
+
+Every subcommand exits 0 on success and non-zero with a one-line reason on
+failure (``spineguide: error: <what went wrong>``). Library code logs through
+:mod:`logging`; only this module prints.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from calibration.errors import CalibrationError
+from registration.errors import RegistrationError
+
+from .errors import TrackingError
+
+__all__ = ["main", "build_parser"]
+
+log = logging.getLogger("spineguide")
+
+
+class CliError(Exception):
+    """A user error on the command line (bad value, missing file)."""
+
+
+# ----------------------------------------------------------------- value parsers
+def parse_triplet_mm(text: str, what: str = "value") -> tuple[float, float, float]:
+    """``"X,Y,Z"`` -> three finite floats (mm)."""
+    parts = [p.strip() for p in text.split(",")]
+    if len(parts) != 3:
+        raise CliError(f"{what} must be three comma-separated numbers X,Y,Z, got {text!r}")
+    try:
+        values = tuple(float(p) for p in parts)
+    except ValueError:
+        raise CliError(f"{what} must be three comma-separated numbers X,Y,Z, got {text!r}") from None
+    if not all(abs(v) < float("inf") for v in values):
+        raise CliError(f"{what} must be finite, got {text!r}")
+    return values  # type: ignore[return-value]
+
+
+def parse_six(text: str, what: str = "--pose") -> tuple[tuple[float, float, float], tuple[float, float, float]]:
+    """``"TX,TY,TZ,PITCH,ROLL,YAW"`` (mm, degrees) -> ``(translation_mm, rotation_deg)``."""
+    parts = [p.strip() for p in text.split(",")]
+    if len(parts) != 6:
+        raise CliError(f"{what} must be six comma-separated numbers TX,TY,TZ,PITCH,ROLL,YAW (mm, deg), got {text!r}")
+    try:
+        values = [float(p) for p in parts]
+    except ValueError:
+        raise CliError(f"{what} must be six numbers TX,TY,TZ,PITCH,ROLL,YAW (mm, deg), got {text!r}") from None
+    return (values[0], values[1], values[2]), (values[3], values[4], values[5])
+
+
+def print_table(headers: Sequence[str], rows: Sequence[Sequence[object]], out=None) -> None:
+    """Print a plain aligned text table."""
+    out = out or sys.stdout
+    cells = [[str(h) for h in headers]] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    line = "  ".join("-" * w for w in widths)
+    print("  ".join(h.ljust(w) for h, w in zip(cells[0], widths)), file=out)
+    print(line, file=out)
+    for row in cells[1:]:
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths)), file=out)
+
+
+# ------------------------------------------------------------------ subcommands
+def _cmd_drr(args: argparse.Namespace) -> int:
+    from calibration.io import read_geometry
+    from registration.drr import write_drr_images
+    from registration.pose import Pose
+    from registration.volume import read_ct
+
+    geometry = read_geometry(args.geometry)
+    ct = read_ct(args.ct, patient_position=args.patient_position)
+    iso = parse_triplet_mm(args.isocenter, "--isocenter")
+    pose = Pose.identity() if args.pose is None else Pose.from_six(*parse_six(args.pose))
+    names = None if not args.imager else list(args.imager)
+    for name in names or []:
+        geometry[name]  # raises KeyError naming the imagers
+    t0 = time.monotonic()
+    written = write_drr_images(ct, geometry, iso, args.out, pose=pose, imagers=names)
+    elapsed_s = time.monotonic() - t0
+    rows = []
+    for name, path in written.items():
+        im = geometry[name]
+        rows.append([name, f"{im.rows}x{im.cols}", str(path)])
+    print(f"DRRs of {args.ct} at pose {pose.translation_mm.tolist()} mm, {pose.rotation_deg.round(6).tolist()} deg "
+          f"(isocentre LPS {list(iso)} mm) in {elapsed_s:.2f} s")
+    print_table(["imager", "pixels", "file"], rows)
+    return 0
+
+
+def _cmd_simulate(args: argparse.Namespace) -> int:
+    from .room.io import write_simulation
+
+    t0 = time.monotonic()
+    summary = write_simulation(
+        args.out,
+        phantom=args.phantom,
+        n_poses=args.poses,
+        seed=args.seed,
+        i0=args.i0,
+        panel_pixels=args.panel_pixels,
+        progress=_progress if not args.quiet else None,
+    )
+    print(f"simulated {args.poses} stereo pair(s) of the {args.phantom} phantom in {time.monotonic() - t0:.1f} s -> {args.out}")
+    print_table(["file", "what"], [[str(p), what] for p, what in summary.files])
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    return run_demo(out_dir=args.out, seed=args.seed, progress=_progress, quick=args.quick)
+
+
+def _progress(message: str) -> None:
+    print(f"  .. {message}", flush=True)
+
+
+# ----------------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="spineguide",
+        description="Real-time stereo kV image guidance for spine radiosurgery. Lengths in mm, angles in degrees.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("demo", help="run a simulated fraction on the built-in phantom")
+    p.add_argument("--out", type=Path, default=None, help="keep the demo's files here (default: a temporary folder)")
+    p.add_argument("--seed", type=int, default=2026, help="random seed of the simulated patient (default 2026)")
+    p.add_argument("--quick", action="store_true", help="smaller panels and fewer pairs (for tests)")
+    p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser("drr", help="write DRRs (line-integral images) of a CT for each imager")
+    p.add_argument("--ct", required=True, help="planning CT: DICOM folder or .mha/.nrrd/.nii")
+    p.add_argument("--geometry", required=True, type=Path, help="kv-geometry/1 JSON file")
+    p.add_argument("--isocenter", required=True, help="plan isocentre X,Y,Z in planning-CT LPS mm")
+    p.add_argument("--pose", default=None, help="patient pose TX,TY,TZ,PITCH,ROLL,YAW (mm, deg; CONVENTIONS)")
+    p.add_argument("--imager", action="append", default=None, help="imager name (repeatable; default all)")
+    p.add_argument("--patient-position", default=None, help="HFS/FFS/HFP/FFP if the CT file does not record it")
+    p.add_argument("--out", required=True, type=Path, help="output folder")
+    p.set_defaults(func=_cmd_drr)
+
+    p = sub.add_parser("simulate", help="write a virtual-room data set: CT, geometry, frames, fiducials, truth")
+    p.add_argument("--phantom", choices=["thoracolumbar", "cervical"], required=True)
+    p.add_argument("--poses", type=_positive_int, default=1, help="number of stereo pairs (random setup errors)")
+    p.add_argument("--out", required=True, type=Path, help="output folder")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--i0", type=float, default=20000.0, help="unattenuated detector signal (default 20000)")
+    p.add_argument("--panel-pixels", type=_positive_int, default=1024, help="panel rows = cols (default 1024)")
+    p.add_argument("--quiet", action="store_true", help="no progress lines")
+    p.set_defaults(func=_cmd_simulate)
+    return parser
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``spineguide`` console script."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return int(args.func(args) or 0)
+    except (CliError, CalibrationError, RegistrationError, TrackingError, KeyError, OSError) as err:
+        message = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
+        print(f"spineguide: error: {message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("spineguide: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
