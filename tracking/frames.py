@@ -1,0 +1,172 @@
+"""Raw kV frames: the value type and offline readers (files on disk).
+
+A frame is the raw detector signal, ``image[row, col]``: more transmitted
+photons = larger value (bone is dark), ``uint16`` or ``float32``
+(shared/CONVENTIONS.md). Offline files: anything SimpleITK reads (``.mha``,
+``.nrrd``, ``.tif``...), ``.npy``, and DICOM RT Image / DX.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from calibration.geometry import ImagerGeometry, StereoGeometry
+
+from .errors import FrameError
+
+__all__ = ["KvFrame", "read_frame", "read_stereo_frames", "parse_image_args", "check_frame_pixels"]
+
+
+def check_frame_pixels(pixels: np.ndarray, imager: ImagerGeometry, where: str) -> np.ndarray:
+    """Validate raw frame pixels for an imager; returns a read-only ``uint16`` or ``float32`` array.
+
+    Raises
+    ------
+    FrameError
+        Not 2D, size not the imager's panel, non-finite or negative values,
+        or a type that is not a number.
+    """
+    arr = np.asarray(pixels)
+    if arr.ndim == 3 and arr.shape[0] == 1:  # a one-slice volume (3D file of a single frame)
+        arr = arr[0]
+    if arr.ndim != 2:
+        raise FrameError(f"{where}: a kV frame must be a 2D image, got shape {arr.shape}")
+    if arr.shape != (imager.rows, imager.cols):
+        hint = " (rows and columns swapped?)" if arr.shape == (imager.cols, imager.rows) else ""
+        raise FrameError(
+            f"{where}: image is {arr.shape[0]}x{arr.shape[1]} (rows x cols) but imager "
+            f"'{imager.name}' has a {imager.rows}x{imager.cols} panel{hint}"
+        )
+    if arr.dtype == np.uint16:
+        out = np.array(arr, dtype=np.uint16)
+    elif np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating):
+        out = np.array(arr, dtype=np.float32)
+        bad = ~np.isfinite(out)
+        if np.any(bad):
+            raise FrameError(f"{where}: {int(np.count_nonzero(bad))} pixels are NaN or infinite")
+        if np.any(out < 0):
+            raise FrameError(f"{where}: {int(np.count_nonzero(out < 0))} pixels are negative; a raw frame counts photons")
+    else:
+        raise FrameError(f"{where}: pixel type {arr.dtype} is not a number type")
+    out.setflags(write=False)
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class KvFrame:
+    """One raw kV frame of one imager.
+
+    Attributes
+    ----------
+    imager : str
+        Imager name (as in the geometry file).
+    pixels : (rows, cols) uint16 or float32, read-only
+        Raw detector signal.
+    i0 : float or None
+        Unattenuated level (flat field) if known; None means "estimate it".
+    acquired_unix_s : float or None
+        Wall-clock acquisition time, if known.
+    pair_id : int or None
+        Stereo pair this frame belongs to (wire frames).
+    source : str
+        Where it came from, for messages.
+    """
+
+    imager: str
+    pixels: np.ndarray
+    i0: float | None = None
+    acquired_unix_s: float | None = None
+    pair_id: int | None = None
+    source: str = "<memory>"
+
+    def __post_init__(self) -> None:
+        if self.i0 is not None:
+            i0 = float(self.i0)
+            if not math.isfinite(i0) or i0 <= 0:
+                raise FrameError(f"{self.source}: i0 must be a positive finite number, got {self.i0!r}")
+            object.__setattr__(self, "i0", i0)
+
+
+def _read_pixels(path: Path) -> np.ndarray:
+    name = path.name.lower()
+    if name.endswith(".npy"):
+        try:
+            return np.load(path, allow_pickle=False)
+        except (ValueError, OSError) as err:
+            raise FrameError(f"{path}: cannot read .npy frame: {err}") from err
+    if name.endswith(".dcm") or _looks_like_dicom(path):
+        import pydicom
+        from pydicom.errors import InvalidDicomError
+
+        try:
+            ds = pydicom.dcmread(path)
+            pixels = ds.pixel_array
+        except (InvalidDicomError, AttributeError, ValueError, OSError) as err:
+            raise FrameError(f"{path}: cannot read DICOM frame: {err}") from err
+        slope = float(getattr(ds, "RescaleSlope", 1.0))
+        intercept = float(getattr(ds, "RescaleIntercept", 0.0))
+        if slope != 1.0 or intercept != 0.0:
+            pixels = pixels.astype(np.float32) * np.float32(slope) + np.float32(intercept)
+        return pixels
+    try:
+        return sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
+    except RuntimeError as err:
+        raise FrameError(f"{path}: cannot read image: {str(err).strip().splitlines()[-1]}") from err
+
+
+def _looks_like_dicom(path: Path) -> bool:
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(132)
+    except OSError:
+        return False
+    return len(head) == 132 and head[128:132] == b"DICM"
+
+
+def read_frame(path: str | os.PathLike, imager: ImagerGeometry, i0: float | None = None) -> KvFrame:
+    """Read one raw frame from a file and check it against its imager.
+
+    Raises
+    ------
+    FrameError
+        Missing or unreadable file, wrong size for the imager, NaN pixels...;
+        the message names the file.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise FrameError(f"{p}: no such image file")
+    pixels = check_frame_pixels(_read_pixels(p), imager, str(p))
+    return KvFrame(imager.name, pixels, i0=i0, source=str(p))
+
+
+def parse_image_args(values: Iterable[str]) -> dict[str, Path]:
+    """``["A=frames/a.mha", "B=frames/b.mha"]`` -> ``{"A": Path, "B": Path}``."""
+    out: dict[str, Path] = {}
+    for text in values:
+        name, sep, file = text.partition("=")
+        if not sep or not name or not file:
+            raise FrameError(f"--image must be NAME=FILE, got {text!r}")
+        if name in out:
+            raise FrameError(f"--image names imager '{name}' twice")
+        out[name] = Path(file)
+    return out
+
+
+def read_stereo_frames(
+    files: Mapping[str, str | os.PathLike], geometry: StereoGeometry, i0: float | None = None
+) -> dict[str, KvFrame]:
+    """Read one frame per imager; every imager of the geometry must have exactly one."""
+    unknown = sorted(set(files) - set(geometry.names))
+    if unknown:
+        raise FrameError(f"images given for unknown imager(s) {unknown}; the geometry has {list(geometry.names)}")
+    missing = [n for n in geometry.names if n not in files]
+    if missing:
+        raise FrameError(f"no image given for imager(s) {missing}")
+    return {name: read_frame(files[name], geometry[name], i0) for name in geometry.names}
