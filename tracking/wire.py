@@ -1,0 +1,296 @@
+"""ZeroMQ wire formats (shared/CONVENTIONS.md): encoding and strict validation.
+
+Every message is multipart: frame 0 names the message, frame 1 is a UTF-8
+JSON object whose ``schema`` field carries name and version (``"kvframe/1"``).
+Receivers ignore fields they do not know and reject a schema major version
+they do not know. No pickle, ever: JSON headers and raw little-endian pixels.
+
+These are codecs only: no sockets here. Each decoder checks sizes and types
+explicitly and raises :class:`~tracking.errors.WireSchemaError` (or
+:class:`~tracking.errors.FrameError` for pixel problems) naming the field.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from registration.pose import Correction
+
+from .errors import FrameError, WireSchemaError
+from .frames import KvFrame
+from .gating import GatingDecision
+
+__all__ = [
+    "KNOWN_MAJOR",
+    "WireLimits",
+    "SeqCounter",
+    "parse_schema",
+    "encode_json_message",
+    "decode_json_message",
+    "encode_kvframe",
+    "decode_kvframe",
+    "WireFrame",
+    "encode_correction",
+    "encode_gating",
+    "encode_heartbeat",
+]
+
+#: Schema name -> the one major version this build understands.
+KNOWN_MAJOR = {
+    "kvframe": 1,
+    "correction": 1,
+    "gating": 1,
+    "heartbeat": 1,
+    "command": 1,
+    "reply": 1,
+}
+
+_DTYPES = {"uint16": np.dtype("<u2"), "float32": np.dtype("<f4")}
+
+
+@dataclass(frozen=True, slots=True)
+class WireLimits:
+    """Explicit size limits on inbound messages."""
+
+    max_header_bytes: int = 16 * 1024
+    max_rows: int = 4096
+    max_cols: int = 4096
+    max_name_chars: int = 64
+
+
+def parse_schema(value: object, expected_name: str) -> int:
+    """Check a ``schema`` string ``"<name>/<major>[.<minor>]"``; return the major version."""
+    if not isinstance(value, str):
+        raise WireSchemaError(f"{expected_name}: 'schema' must be a string, got {type(value).__name__}")
+    name, sep, version = value.partition("/")
+    if not sep or name != expected_name:
+        raise WireSchemaError(f"expected a '{expected_name}/N' schema, got {value!r}")
+    major_text = version.split(".", 1)[0]
+    if not major_text.isdigit():
+        raise WireSchemaError(f"{expected_name}: malformed schema version in {value!r}")
+    major = int(major_text)
+    if major != KNOWN_MAJOR[expected_name]:
+        raise WireSchemaError(
+            f"{expected_name}: unknown schema major version {major} in {value!r} (this build knows {KNOWN_MAJOR[expected_name]})"
+        )
+    return major
+
+
+class SeqCounter:
+    """Message numbers of one sending socket: 0, 1, 2, ... (owned by the thread that owns the socket)."""
+
+    def __init__(self) -> None:
+        self._next = 0
+
+    def next(self) -> int:
+        value = self._next
+        self._next += 1
+        return value
+
+
+def _dumps(obj: dict) -> bytes:
+    try:
+        return json.dumps(obj, allow_nan=False, separators=(",", ":")).encode("utf-8")
+    except ValueError as err:
+        raise WireSchemaError(f"{obj.get('schema', '?')}: refusing to send a non-finite number: {err}") from err
+
+
+def encode_json_message(topic: str, obj: dict) -> list[bytes]:
+    """``[topic, json]`` for a message whose frame 1 is the whole content."""
+    return [topic.encode("ascii"), _dumps(obj)]
+
+
+def decode_json_message(parts: list[bytes], expected_topic: str, limits: WireLimits = WireLimits()) -> dict:
+    """Validate ``[topic, json]`` and return the JSON object (unknown fields kept, ignored by callers)."""
+    if not isinstance(parts, (list, tuple)) or len(parts) != 2:
+        raise WireSchemaError(f"{expected_topic}: expected 2 message frames, got {len(parts) if isinstance(parts, (list, tuple)) else '?'}")
+    topic = bytes(parts[0])
+    if topic != expected_topic.encode("ascii"):
+        raise WireSchemaError(f"expected a '{expected_topic}' message, got frame 0 = {topic[:32]!r}")
+    obj = _loads_header(bytes(parts[1]), expected_topic, limits)
+    parse_schema(obj.get("schema"), expected_topic)
+    return obj
+
+
+def _loads_header(raw: bytes, what: str, limits: WireLimits) -> dict:
+    if len(raw) > limits.max_header_bytes:
+        raise WireSchemaError(f"{what}: header is {len(raw)} bytes (limit {limits.max_header_bytes})")
+    try:
+        obj = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise WireSchemaError(f"{what}: header is not valid UTF-8 JSON: {err}") from err
+    if not isinstance(obj, dict):
+        raise WireSchemaError(f"{what}: header must be a JSON object, got {type(obj).__name__}")
+    return obj
+
+
+def _reject_constant(name: str):
+    raise WireSchemaError(f"non-finite number {name} in JSON")
+
+
+def _int_field(obj: dict, key: str, what: str, lo: int = 0, hi: int = 2**63 - 1) -> int:
+    value = obj.get(key)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise WireSchemaError(f"{what}: '{key}' must be an integer, got {value!r}")
+    if not lo <= value <= hi:
+        raise WireSchemaError(f"{what}: '{key}' = {value} outside [{lo}, {hi}]")
+    return value
+
+
+def _float_field(obj: dict, key: str, what: str, positive: bool = False, optional: bool = False) -> float | None:
+    value = obj.get(key)
+    if value is None and optional:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise WireSchemaError(f"{what}: '{key}' must be a finite number, got {value!r}")
+    if positive and value <= 0:
+        raise WireSchemaError(f"{what}: '{key}' must be positive, got {value!r}")
+    return float(value)
+
+
+# ---------------------------------------------------------------------- kvframe
+@dataclass(frozen=True, slots=True)
+class WireFrame:
+    """A decoded ``kvframe/1`` message: the frame plus its sender's sequence number."""
+
+    seq: int
+    frame: KvFrame
+
+
+def encode_kvframe(
+    seq: int,
+    imager: str,
+    pair_id: int,
+    acquired_unix_s: float,
+    pixels: np.ndarray,
+    i0: float | None,
+) -> list[bytes]:
+    """``[b"kvframe", header, pixels]`` with raw little-endian row-major pixels."""
+    arr = np.asarray(pixels)
+    if arr.ndim != 2 or arr.dtype.name not in _DTYPES:
+        raise FrameError(f"kvframe: pixels must be a 2D uint16 or float32 array, got {arr.dtype} {arr.shape}")
+    header = {
+        "schema": "kvframe/1",
+        "seq": int(seq),
+        "imager": imager,
+        "pair_id": int(pair_id),
+        "acquired_unix_s": float(acquired_unix_s),
+        "rows": int(arr.shape[0]),
+        "cols": int(arr.shape[1]),
+        "dtype": arr.dtype.name,
+        "i0": None if i0 is None else float(i0),
+    }
+    data = np.ascontiguousarray(arr, dtype=_DTYPES[arr.dtype.name]).tobytes()
+    return [b"kvframe", _dumps(header), data]
+
+
+def decode_kvframe(parts: list[bytes], limits: WireLimits = WireLimits()) -> WireFrame:
+    """Validate and decode a ``kvframe/1`` message.
+
+    Raises
+    ------
+    WireSchemaError
+        Wrong frame count or name, oversized or malformed header, unknown
+        schema major, a field of the wrong type or out of range.
+    FrameError
+        Pixel payload of the wrong size, or NaN/negative pixels.
+    """
+    what = "kvframe"
+    if not isinstance(parts, (list, tuple)) or len(parts) != 3:
+        raise WireSchemaError(f"{what}: expected 3 message frames, got {len(parts) if isinstance(parts, (list, tuple)) else '?'}")
+    if bytes(parts[0]) != b"kvframe":
+        raise WireSchemaError(f"expected a 'kvframe' message, got frame 0 = {bytes(parts[0])[:32]!r}")
+    h = _loads_header(bytes(parts[1]), what, limits)
+    parse_schema(h.get("schema"), "kvframe")
+    seq = _int_field(h, "seq", what)
+    imager = h.get("imager")
+    if not isinstance(imager, str) or not 0 < len(imager) <= limits.max_name_chars:
+        raise WireSchemaError(f"{what}: 'imager' must be a name of 1-{limits.max_name_chars} characters, got {imager!r}")
+    pair_id = _int_field(h, "pair_id", what)
+    acquired = _float_field(h, "acquired_unix_s", what, positive=True)
+    rows = _int_field(h, "rows", what, 1, limits.max_rows)
+    cols = _int_field(h, "cols", what, 1, limits.max_cols)
+    dtype_name = h.get("dtype")
+    if dtype_name not in _DTYPES:
+        raise WireSchemaError(f"{what}: 'dtype' must be one of {sorted(_DTYPES)}, got {dtype_name!r}")
+    i0 = _float_field(h, "i0", what, positive=True, optional=True)
+    dtype = _DTYPES[dtype_name]
+    payload = parts[2]
+    expected = rows * cols * dtype.itemsize
+    if len(payload) != expected:
+        raise FrameError(
+            f"{what} seq {seq} imager '{imager}' pair {pair_id}: pixel payload is {len(payload)} bytes, "
+            f"expected {expected} for {rows}x{cols} {dtype_name}"
+        )
+    pixels = np.frombuffer(payload, dtype=dtype).reshape(rows, cols).astype(dtype.newbyteorder("="), copy=True)
+    if dtype_name == "float32":
+        bad = ~np.isfinite(pixels)
+        if np.any(bad):
+            raise FrameError(f"{what} seq {seq} imager '{imager}' pair {pair_id}: {int(bad.sum())} pixels are NaN or infinite")
+        if np.any(pixels < 0):
+            raise FrameError(f"{what} seq {seq} imager '{imager}' pair {pair_id}: negative pixels")
+    pixels.setflags(write=False)
+    frame = KvFrame(imager, pixels, i0=i0, acquired_unix_s=acquired, pair_id=pair_id, source=f"kvframe seq {seq}")
+    return WireFrame(seq, frame)
+
+
+# ------------------------------------------------------------------- outbound
+def encode_correction(
+    seq: int,
+    pair_id: int | None,
+    t_unix_s: float,
+    correction: Correction,
+    method: str,
+    quality: dict[str, Any],
+) -> list[bytes]:
+    """``correction/1``: the couch correction (never a pose), method and quality."""
+    if method not in ("fiducial", "anatomy"):
+        raise WireSchemaError(f"correction: method must be 'fiducial' or 'anatomy', got {method!r}")
+    if "ok" not in quality or not isinstance(quality["ok"], bool):
+        raise WireSchemaError("correction: quality must contain a boolean 'ok'")
+    return encode_json_message(
+        "correction",
+        {
+            "schema": "correction/1",
+            "seq": int(seq),
+            "pair_id": pair_id,
+            "t_unix_s": float(t_unix_s),
+            "translation_mm": [float(x) for x in correction.translation_mm],
+            "rotation_deg": [float(x) for x in correction.rotation_deg],
+            "method": method,
+            "quality": quality,
+        },
+    )
+
+
+def encode_gating(seq: int, t_unix_s: float, decision: GatingDecision) -> list[bytes]:
+    """``gating/1`` from a gating decision."""
+    return encode_json_message(
+        "gating",
+        {
+            "schema": "gating/1",
+            "seq": int(seq),
+            "t_unix_s": float(t_unix_s),
+            "beam": decision.beam.value,
+            "reason": decision.reason.value,
+            "valid_until_unix_s": float(decision.valid_until_unix_s),
+            "pair_id": decision.pair_id,
+            "deviation_mm": None if decision.deviation_mm is None else float(decision.deviation_mm),
+        },
+    )
+
+
+def encode_heartbeat(seq: int, t_unix_s: float, state: str, extra: dict[str, Any] | None = None) -> list[bytes]:
+    """``heartbeat/1``: the service is alive and in ``state``."""
+    body = {"schema": "heartbeat/1", "seq": int(seq), "t_unix_s": float(t_unix_s), "state": state}
+    if extra:
+        for key in extra:
+            if key in body:
+                raise WireSchemaError(f"heartbeat: extra field {key!r} would overwrite a required field")
+        body.update(extra)
+    return encode_json_message("heartbeat", body)
