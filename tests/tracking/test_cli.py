@@ -1,0 +1,108 @@
+"""The spineguide command line: parsing, exit codes, one-line errors, and the drr command's output."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from calibration import default_stereo_geometry, write_geometry
+from registration import CTVolume, write_ct
+from registration.attenuation import linear_attenuation_per_mm
+from tracking.cli import CliError, main, parse_six, parse_triplet_mm
+
+WATER_TOL_REL = 0.005  # voxel-aligned cube, exact Siddon path: only ray divergence (<0.1%) and float32 remain
+
+
+@pytest.fixture()
+def small_plan(tmp_path):
+    # A 40 mm water cube in air, 2 mm voxels, centred on LPS (10, -20, 30); the isocentre sits at its centre.
+    n = 40
+    hu = np.full((n, n, n), -1000.0, np.float32)
+    hu[10:30, 10:30, 10:30] = 0.0
+    spacing = 2.0
+    origin = np.array([10.0, -20.0, 30.0]) - spacing * (n - 1) / 2
+    ct = CTVolume(hu, (spacing,) * 3, origin, np.eye(3), "HFS", "cube")
+    ct_path = write_ct(ct, tmp_path / "ct.mha")
+    geom_path = write_geometry(default_stereo_geometry(panel_pixels=64, pixel_spacing_mm=6.4), tmp_path / "g.json")
+    return ct_path, geom_path
+
+
+def test_drr_command_writes_line_integrals_per_imager(small_plan, tmp_path, capsys):
+    ct_path, geom_path = small_plan
+    out = tmp_path / "drr"
+    code = main(["drr", "--ct", str(ct_path), "--geometry", str(geom_path), "--isocenter", "10,-20,30", "--out", str(out)])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "drr_A.mha" in printed and "drr_B.mha" in printed
+    for name in ("A", "B"):
+        image = sitk.ReadImage(str(out / f"drr_{name}.mha"))
+        arr = sitk.GetArrayFromImage(image)
+        assert arr.shape == (64, 64) and arr.dtype == np.float32
+        # Rays at 45 degrees cross the cube's X-Z section (a 40 mm square) along its diagonal; a ray
+        # offset by s from the diagonal (perpendicular, in the beam plane) has chord 40 sqrt(2) - 2|s|.
+        # Pixels 31 and 32 sit half a pixel from the centre: s = 0.5 * 6.4 mm / magnification (3600/2200).
+        centre = arr[31:33, 31:33].mean()
+        offset_mm = 0.5 * 6.4 * 2200 / 3600
+        expected = (40 * np.sqrt(2) - 2 * offset_mm) * linear_attenuation_per_mm("water", 60.0)
+        assert centre == pytest.approx(expected, rel=WATER_TOL_REL)
+
+
+def test_drr_pose_moves_the_image(small_plan, tmp_path):
+    ct_path, geom_path = small_plan
+    base = ["drr", "--ct", str(ct_path), "--geometry", str(geom_path), "--isocenter", "10,-20,30", "--imager", "A"]
+    assert main(base + ["--out", str(tmp_path / "a")]) == 0
+    assert main(base + ["--pose", "0,19.2,0,0,0,0", "--out", str(tmp_path / "b")]) == 0
+    a = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "a" / "drr_A.mha")))
+    b = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "b" / "drr_A.mha")))
+    assert not (tmp_path / "a" / "drr_B.mha").exists()
+    # Patient +19.2 mm along room Y (towards the gantry) = +rows; at magnification 3600/2200 and 6.4 mm
+    # pixels that is 19.2 * 1.636 / 6.4 = 4.9 px.
+    rows = np.arange(64)
+    centroid = lambda img: (img.sum(axis=1) * rows).sum() / img.sum()
+    assert centroid(b) - centroid(a) == pytest.approx(19.2 * 3600 / 2200 / 6.4, abs=0.1)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--isocenter", "1,2"], "--isocenter must be three comma-separated numbers"),
+        (["--isocenter", "0,0,0", "--pose", "1,2,3"], "--pose must be six"),
+        (["--isocenter", "0,0,0", "--imager", "C"], "no imager named 'C'"),
+    ],
+)
+def test_drr_bad_arguments_exit_non_zero_with_reason(small_plan, tmp_path, capsys, args, message):
+    ct_path, geom_path = small_plan
+    code = main(["drr", "--ct", str(ct_path), "--geometry", str(geom_path), "--out", str(tmp_path / "o")] + args)
+    assert code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("spineguide: error:") and message in err and err.count("\n") == 1
+
+
+def test_drr_missing_files_name_them(tmp_path, capsys):
+    code = main(["drr", "--ct", str(tmp_path / "nope.mha"), "--geometry", str(tmp_path / "g.json"),
+                 "--isocenter", "0,0,0", "--out", str(tmp_path / "o")])
+    assert code == 2
+    assert "g.json: cannot read geometry file" in capsys.readouterr().err
+
+
+def test_ct_without_patient_position_needs_the_flag(tmp_path, capsys, small_plan):
+    _, geom_path = small_plan
+    img = sitk.GetImageFromArray(np.zeros((8, 8, 8), np.float32))
+    sitk.WriteImage(img, str(tmp_path / "bare.mha"))
+    args = ["drr", "--ct", str(tmp_path / "bare.mha"), "--geometry", str(geom_path), "--isocenter", "0,0,0",
+            "--out", str(tmp_path / "o")]
+    assert main(args) == 2
+    assert "does not record the patient position" in capsys.readouterr().err
+    assert main(args + ["--patient-position", "HFDL"]) == 2
+    assert "'HFDL' is not supported" in capsys.readouterr().err
+    assert main(args + ["--patient-position", "FFS"]) == 0
+
+
+def test_value_parsers():
+    assert parse_triplet_mm("1, -2.5,3e1") == (1.0, -2.5, 30.0)
+    assert parse_six("1,2,3,4,5,6") == ((1.0, 2.0, 3.0), (4.0, 5.0, 6.0))
+    with pytest.raises(CliError, match="finite"):
+        parse_triplet_mm("1,inf,2")
+    with pytest.raises(CliError, match="six"):
+        parse_six("a,b,c,d,e,f")
