@@ -95,20 +95,28 @@ def _cmd_drr(args: argparse.Namespace) -> int:
 
 
 def _cmd_simulate(args: argparse.Namespace) -> int:
-    from .room.io import write_simulation
+    from calibration.geometry import DEFAULT_PANEL_PIXELS, DEFAULT_PIXEL_SPACING_MM, default_stereo_geometry
 
-    t0 = time.monotonic()
+    from .room import DetectorModel, write_simulation
+
+    # A smaller panel keeps the default room's field of view (41 cm) with larger pixels.
+    spacing_mm = DEFAULT_PIXEL_SPACING_MM * DEFAULT_PANEL_PIXELS / args.panel_pixels
+    geometry = default_stereo_geometry(args.panel_pixels, spacing_mm)
+    progress = None if args.quiet else (lambda done, total: _progress(f"pose {done}/{total} rendered"))
     summary = write_simulation(
         args.out,
-        phantom=args.phantom,
-        n_poses=args.poses,
+        args.phantom,
+        args.poses,
         seed=args.seed,
-        i0=args.i0,
-        panel_pixels=args.panel_pixels,
-        progress=_progress if not args.quiet else None,
+        geometry=geometry,
+        detector=DetectorModel(i0=args.i0),
+        progress=progress,
     )
-    print(f"simulated {args.poses} stereo pair(s) of the {args.phantom} phantom in {time.monotonic() - t0:.1f} s -> {args.out}")
-    print_table(["file", "what"], [[str(p), what] for p, what in summary.files])
+    print(
+        f"simulated {summary.n_poses} stereo pair(s) of the {summary.phantom} phantom in {summary.elapsed_s:.1f} s "
+        f"-> {summary.out_dir} (isocentre LPS {[round(x, 2) for x in summary.isocentre_lps_mm]} mm)"
+    )
+    print_table(["file"], [[str(p)] for p in summary.files])
     return 0
 
 

@@ -1,0 +1,51 @@
+"""The virtual treatment room: synthetic phantoms, patient motion and a stereo kV simulator.
+
+Everything is deterministic for a given seed. See ``docs/VIRTUAL_ROOM.md``.
+"""
+
+from .io import PHANTOMS, SimulationSummary, write_frame, write_simulation
+from .kv import (
+    BBFrames,
+    DetectorModel,
+    FrameTruth,
+    KVSimulator,
+    OutputDtype,
+    SimulationError,
+    StereoFrames,
+    cylinder_chord_mm,
+    render_bb_frames,
+    sphere_chord_mm,
+)
+from .motion import Breathing, Drift, MotionError, MotionSum, StaticPose, SuddenShift, random_setup_pose
+from .phantoms import HU, Phantom, PhantomError, Seed, SeedShape, cervical_phantom, thoracolumbar_phantom
+
+__all__ = [
+    "PHANTOMS",
+    "SimulationSummary",
+    "write_frame",
+    "write_simulation",
+    "BBFrames",
+    "DetectorModel",
+    "FrameTruth",
+    "KVSimulator",
+    "OutputDtype",
+    "SimulationError",
+    "StereoFrames",
+    "cylinder_chord_mm",
+    "render_bb_frames",
+    "sphere_chord_mm",
+    "Breathing",
+    "Drift",
+    "MotionError",
+    "MotionSum",
+    "StaticPose",
+    "SuddenShift",
+    "random_setup_pose",
+    "HU",
+    "Phantom",
+    "PhantomError",
+    "Seed",
+    "SeedShape",
+    "cervical_phantom",
+    "thoracolumbar_phantom",
+]
