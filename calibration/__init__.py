@@ -13,6 +13,10 @@ from .geometry import (
     default_stereo_geometry,
 )
 from .io import GEOMETRY_SCHEMA, geometry_from_json, read_geometry, write_geometry
+from .phantom import BBPhantom, Marker, PhantomError, PhantomFileError, default_phantom, phantom_from_json, read_phantom, write_phantom
+from .bb_detection import DetectionError, ImagesSwappedError, MarkerCountError, detect_bbs, match_markers
+from .solve import CalibrationFrame, CalibrationResult, CalibrationSolveError, PhantomView, calibrate, solve_geometry
+from .qa import QAHistoryError, QAResult, QAStatus, QATolerances, append_history, read_history, run_qa, trend
 
 __all__ = [
     "CalibrationError",
@@ -28,4 +32,31 @@ __all__ = [
     "geometry_from_json",
     "read_geometry",
     "write_geometry",
+    "BBPhantom",
+    "Marker",
+    "PhantomError",
+    "PhantomFileError",
+    "default_phantom",
+    "phantom_from_json",
+    "read_phantom",
+    "write_phantom",
+    "DetectionError",
+    "ImagesSwappedError",
+    "MarkerCountError",
+    "detect_bbs",
+    "match_markers",
+    "CalibrationFrame",
+    "CalibrationResult",
+    "CalibrationSolveError",
+    "PhantomView",
+    "calibrate",
+    "solve_geometry",
+    "QAHistoryError",
+    "QAResult",
+    "QAStatus",
+    "QATolerances",
+    "append_history",
+    "read_history",
+    "run_qa",
+    "trend",
 ]

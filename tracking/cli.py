@@ -126,6 +126,104 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(out_dir=args.out, seed=args.seed, progress=_progress, quick=args.quick)
 
 
+def _parse_calibration_images(values: Sequence[str]) -> list[tuple[str, Path, tuple[float, float, float]]]:
+    """``NAME=FILE[@DX,DY,DZ]`` -> (imager, file, couch shift mm)."""
+    out = []
+    for text in values:
+        name, sep, rest = text.partition("=")
+        if not sep or not name or not rest:
+            raise CliError(f"--image must be NAME=FILE or NAME=FILE@DX,DY,DZ (couch shift, mm), got {text!r}")
+        file, at, shift = rest.partition("@")
+        shift_mm = parse_triplet_mm(shift, f"couch shift in {text!r}") if at else (0.0, 0.0, 0.0)
+        out.append((name, Path(file), shift_mm))
+    return out
+
+
+def _calibration_frames(values: Sequence[str], geometry, i0: float | None):
+    from calibration.solve import CalibrationFrame
+
+    from .frames import read_frame
+
+    frames = []
+    for name, path, shift_mm in _parse_calibration_images(values):
+        frame = read_frame(path, geometry[name], i0)
+        frames.append(CalibrationFrame(name, frame.pixels, shift_mm, i0, source=str(path)))
+    return frames
+
+
+def _load_phantom(text: str):
+    from calibration.phantom import default_phantom, read_phantom
+
+    return default_phantom() if text == "default" else read_phantom(text)
+
+
+def _cmd_calibrate(args: argparse.Namespace) -> int:
+    from calibration.geometry import default_stereo_geometry
+    from calibration.io import read_geometry, write_geometry
+    from calibration.report import write_calibration_report
+    from calibration.solve import calibrate
+
+    nominal = read_geometry(args.nominal) if args.nominal else default_stereo_geometry()
+    phantom = _load_phantom(args.phantom)
+    frames = _calibration_frames(args.image, nominal, args.i0)
+    t0 = time.monotonic()
+    result = calibrate(phantom, frames, nominal, free_phantom_rotation=args.free_phantom_rotation,
+                       phantom_source=str(args.phantom))
+    elapsed_s = time.monotonic() - t0
+    write_geometry(result.geometry, args.out)
+    rows = []
+    for sol in result.imagers:
+        rows.append([sol.geometry.name, sol.n_observations, f"{sol.rms_px:.3f}", f"{sol.max_px:.3f}",
+                     _fmt_vec(sol.geometry.source_mm, 1), f"{sol.geometry.source_to_detector_mm:.1f}"])
+    print(f"calibrated {len(frames)} frame(s) of phantom {args.phantom} in {elapsed_s:.1f} s -> {args.out}")
+    print_table(["imager", "BB views", "RMS px", "max px", "source (room mm)", "source-panel mm"], rows)
+    iso = result.isocentre
+    flag = "FLAGGED" if iso.flagged else "ok"
+    print(f"isocentre check: centre BB at {_fmt_vec(iso.centre_bb_room_mm, 3)} mm, "
+          f"{iso.discrepancy_mm:.3f} mm from where it should be (limit {iso.limit_mm} mm): {flag}")
+    if args.report:
+        report = write_calibration_report(result, args.report, frames)
+        print(f"report: {report}")
+    return 0
+
+
+def _cmd_qa(args: argparse.Namespace) -> int:
+    from calibration.io import read_geometry
+    from calibration.qa import QAStatus, QATolerances, append_history, read_history, run_qa, trend
+    from calibration.report import write_trend_plot
+
+    history = Path(args.history)
+    if args.trend:
+        records = read_history(history)
+        summary = trend(records)
+        print(summary.table)
+        print(f"centre-BB offset drift: {summary.offset_drift_mm_per_30_days:.3f} mm per 30 days")
+        plot = write_trend_plot(records, args.plot or history.with_suffix(".png"))
+        print(f"plot: {plot}")
+        return 0
+    if not (args.geometry and args.phantom and args.image):
+        raise CliError("qa needs --geometry, --phantom and --image A=FILE --image B=FILE (or --trend)")
+    geometry = read_geometry(args.geometry)
+    phantom = _load_phantom(args.phantom)
+    frames = _calibration_frames(args.image, geometry, args.i0)
+    tolerances = QATolerances(offset_action_mm=args.action_mm, offset_tolerance_mm=args.tolerance_mm)
+    result = run_qa(geometry, phantom, frames, tolerances=tolerances)
+    append_history(history, result)
+    rows = [[q.imager, q.n_found, f"{q.rms_px:.3f}", f"{q.rms_mm:.3f}", f"{q.max_mm:.3f}", q.status.value]
+            for q in result.imagers]
+    print_table(["imager", "BBs", "RMS px", "RMS mm (iso)", "max mm (iso)", "status"], rows)
+    print(f"centre BB offset {_fmt_vec(result.centre_offset_mm, 3)} mm = {result.centre_offset_distance_mm:.3f} mm "
+          f"(action {tolerances.offset_action_mm} mm, tolerance {tolerances.offset_tolerance_mm} mm)")
+    print(f"QA {result.status.value}; recorded in {history}")
+    for reason in result.reasons:
+        print(f"  - {reason}")
+    return 0 if result.status is QAStatus.PASS else 1
+
+
+def _fmt_vec(values, digits: int) -> str:
+    return "[" + ", ".join(f"{float(v):.{digits}f}" for v in values) + "]"
+
+
 def _progress(message: str) -> None:
     print(f"  .. {message}", flush=True)
 
@@ -154,6 +252,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--patient-position", default=None, help="HFS/FFS/HFP/FFP if the CT file does not record it")
     p.add_argument("--out", required=True, type=Path, help="output folder")
     p.set_defaults(func=_cmd_drr)
+
+    p = sub.add_parser("calibrate", help="calibrate the imaging geometry from BB-phantom frames")
+    p.add_argument("--phantom", required=True, help="bb-phantom/1 file, or 'default' for the built-in phantom")
+    p.add_argument("--image", action="append", required=True,
+                   help="NAME=FILE or NAME=FILE@DX,DY,DZ (couch shift of that exposure, room mm); repeatable")
+    p.add_argument("--nominal", type=Path, default=None, help="nominal geometry to start from (default: built-in room)")
+    p.add_argument("--i0", type=float, default=None, help="unattenuated signal (default: estimated per frame)")
+    p.add_argument("--free-phantom-rotation", action="store_true", help="fit the phantom's rotation too")
+    p.add_argument("--out", required=True, type=Path, help="kv-geometry/1 file to write")
+    p.add_argument("--report", type=Path, default=None, help="folder for the HTML report with figures")
+    p.set_defaults(func=_cmd_calibrate)
+
+    p = sub.add_parser("qa", help="daily geometry QA against the stored calibration, or --trend")
+    p.add_argument("--geometry", type=Path, help="stored kv-geometry/1 calibration")
+    p.add_argument("--phantom", help="bb-phantom/1 file, or 'default'")
+    p.add_argument("--image", action="append", default=None, help="NAME=FILE (repeatable)")
+    p.add_argument("--i0", type=float, default=None, help="unattenuated signal (default: estimated)")
+    p.add_argument("--history", default="qa-history.jsonl", help="QA history file (JSON lines), appended")
+    p.add_argument("--tolerance-mm", type=float, default=1.0, help="centre-BB offset tolerance (TG-142 SRS: 1 mm)")
+    p.add_argument("--action-mm", type=float, default=0.5, help="centre-BB offset action level (default 0.5 mm)")
+    p.add_argument("--trend", action="store_true", help="show the history as a table and a plot")
+    p.add_argument("--plot", type=Path, default=None, help="trend plot PNG (default: beside the history)")
+    p.set_defaults(func=_cmd_qa)
 
     p = sub.add_parser("simulate", help="write a virtual-room data set: CT, geometry, frames, fiducials, truth")
     p.add_argument("--phantom", choices=["thoracolumbar", "cervical"], required=True)

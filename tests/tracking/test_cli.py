@@ -117,3 +117,59 @@ def test_quick_demo_runs_and_reports_the_drr_matching_the_true_pose_best(capsys)
             _, _, ncc_planned, ncc_true = line.split()
             # The frames were rendered at the true pose: the DRR there must match better.
             assert float(ncc_true) > float(ncc_planned)
+
+
+@pytest.fixture(scope="module")
+def bb_frames(tmp_path_factory):
+    from calibration.phantom import default_phantom
+    from tracking.room import DetectorModel, render_bb_frames, write_frame
+
+    folder = tmp_path_factory.mktemp("bb")
+    geom = default_stereo_geometry(panel_pixels=384, pixel_spacing_mm=0.4 * 1024 / 384)
+    write_geometry(geom, folder / "nominal.json")
+    phantom = default_phantom()
+    files = {}
+    for shift in ((0, 0, 0), (50, 0, 0), (0, 50, 0)):
+        frames = render_bb_frames(geom, phantom.positions_mm + np.array(shift), phantom.diameters_mm, seed=7,
+                                  detector=DetectorModel(seed_supersampling=8))
+        for name in geom.names:
+            path = write_frame(frames.frames[name], folder / f"bb_{shift[0]}_{shift[1]}_{name}.mha", name, 20000,
+                               geom[name].pixel_spacing_mm)
+            files[(shift, name)] = f"{name}={path}" + ("" if shift == (0, 0, 0) else "@" + ",".join(map(str, shift)))
+    return folder, files
+
+
+def test_calibrate_then_qa_pass_and_trend(bb_frames, tmp_path, capsys):
+    folder, files = bb_frames
+    out = tmp_path / "g.json"
+    args = ["calibrate", "--phantom", "default", "--nominal", str(folder / "nominal.json"), "--out", str(out),
+            "--report", str(tmp_path / "report")]
+    for value in files.values():
+        args += ["--image", value]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "isocentre check" in printed and ": ok" in printed and out.exists()
+    assert (tmp_path / "report" / "index.html").exists()
+    history = tmp_path / "h.jsonl"
+    qa = ["qa", "--geometry", str(out), "--phantom", "default", "--history", str(history),
+          "--image", files[((0, 0, 0), "A")], "--image", files[((0, 0, 0), "B")]]
+    assert main(qa) == 0
+    assert "QA pass" in capsys.readouterr().out
+    assert main(["qa", "--trend", "--history", str(history)]) == 0
+    assert "pass" in capsys.readouterr().out and history.with_suffix(".png").exists()
+
+
+def test_qa_with_images_swapped_between_imagers_fails_loudly(bb_frames, tmp_path, capsys):
+    folder, files = bb_frames
+    swapped = ["--image", files[((0, 0, 0), "B")].replace("B=", "A="), "--image", files[((0, 0, 0), "A")].replace("A=", "B=")]
+    code = main(["qa", "--geometry", str(folder / "nominal.json"), "--phantom", "default",
+                 "--history", str(tmp_path / "h.jsonl")] + swapped)
+    assert code == 2
+    assert "spineguide: error:" in capsys.readouterr().err
+
+
+def test_calibration_image_argument_errors(capsys):
+    assert main(["calibrate", "--phantom", "default", "--image", "A", "--out", "x.json"]) == 2
+    assert "NAME=FILE" in capsys.readouterr().err
+    assert main(["qa", "--phantom", "default"]) == 2
+    assert "qa needs --geometry" in capsys.readouterr().err

@@ -1,0 +1,465 @@
+"""Finding the BBs of a calibration phantom in raw kV frames, and naming them.
+
+Two steps, both free of manual picking:
+
+1. :func:`detect_bbs` finds compact radio-opaque blobs with sub-pixel centres.
+   The raw signal is converted to line integrals ``-ln(I / i0)``, a
+   morphological opening (a disk wider than a BB) estimates the smooth
+   background (table, phantom body) that is subtracted, blobs are thresholded
+   at many times the robust noise level and filtered by size, and each
+   centre is the centroid of the *absorbed fraction* ``1 - I / I_bg`` (with
+   ``I_bg`` the median of a ring around the blob) in a circular window that is
+   re-centred until it stops moving. The absorbed fraction is linear in the
+   photons removed, so averaging over a pixel's area does not bias it (a log
+   would), it is bounded for opaque tungsten, and its noise has zero mean.
+2. :func:`match_markers` assigns detections to the phantom's markers by
+   comparing them with the markers projected through the nominal geometry:
+   an exhaustive search over translations (every detection-prediction pair is
+   a hypothesis, scored by how many predictions then have a detection within
+   a coarse gate -- RANSAC with all one-point samples), then a few rounds of
+   affine fit + mutual-nearest-neighbour assignment with a shrinking gate. A
+   missing BB simply has no detection in its gate, an extra object finds no
+   prediction, and a phantom rotated a few degrees (or a geometry off by
+   centimetres) is absorbed by the affine model.
+
+Pixel coordinates are ``(col, row)``, pixel centres at integers, as in
+``shared/CONVENTIONS.md``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+from .errors import CalibrationError
+
+__all__ = [
+    "DetectionError",
+    "MarkerCountError",
+    "ImagesSwappedError",
+    "DetectedBBs",
+    "MarkerMatch",
+    "line_integrals",
+    "estimate_i0",
+    "detect_bbs",
+    "match_markers",
+]
+
+#: A blob is kept when its smoothed line integral exceeds this many robust
+#: standard deviations of the background noise (a false blob from Gaussian
+#: noise at 8 sigma has probability ~1e-15 per pixel).
+DETECTION_SIGMA = 8.0
+#: A detection's equivalent diameter (from its absorbed area) must lie within
+#: these fractions of the expected BB diameter on the panel: a partly
+#: attenuating steel BB still absorbs more than 40 % of its disk, and anything
+#: 1.8 times wider is a clip, a wire or two touching objects, not a BB.
+DIAMETER_RANGE = (0.4, 1.8)
+#: Margin around the BB's disk in the centroid window, px: the penumbra of a
+#: small focal spot and detector blur stay within it.
+_WINDOW_MARGIN_PX = 2.5
+_MAX_RECENTRE = 20
+_RECENTRE_TOL_PX = 1e-4
+
+
+class DetectionError(CalibrationError, ValueError):
+    """A frame cannot be analysed (bad shape, dtype, i0...)."""
+
+
+class MarkerCountError(DetectionError):
+    """Too few of the phantom's markers were found in a frame."""
+
+
+class ImagesSwappedError(DetectionError):
+    """The frames given for two imagers match the other imager's view better than their own."""
+
+
+@dataclass(frozen=True, slots=True)
+class DetectedBBs:
+    """BB-like blobs found in one frame.
+
+    Attributes
+    ----------
+    centres_px : (M, 2) array
+        Sub-pixel ``(col, row)`` centres.
+    diameters_px : (M,) array
+        Equivalent diameter from the absorbed area ``2 sqrt(sum(1 - I/I_bg) / pi)``, px.
+    peak_absorption : (M,) array
+        Largest absorbed fraction in the blob (1 = fully opaque).
+    i0 : float
+        Unattenuated signal used for the log conversion (given or estimated).
+    rejected_px : (K, 2) array
+        Centres of blobs rejected for their size (reported, never used).
+    """
+
+    centres_px: np.ndarray
+    diameters_px: np.ndarray
+    peak_absorption: np.ndarray
+    i0: float
+    rejected_px: np.ndarray
+
+    @property
+    def count(self) -> int:
+        return int(self.centres_px.shape[0])
+
+
+@dataclass(frozen=True, slots=True)
+class MarkerMatch:
+    """Detections assigned to a phantom's markers in one frame.
+
+    Attributes
+    ----------
+    marker_px : (N, 2) array
+        Measured ``(col, row)`` of each marker, NaN where it was not found.
+    detection_index : (N,) int array
+        Index into the detections, -1 where the marker was not found.
+    found : (N,) bool array
+    unmatched_detections : (K,) int array
+        Detections no marker claimed (extra objects).
+    affine : (2, 3) array
+        Map from predicted to measured pixels, ``measured ~ A @ (col, row, 1)``.
+    residual_px : float
+        RMS distance between matched detections and the final model's
+        predictions (affine, or the fitted projection when 3D points were given), px.
+    """
+
+    marker_px: np.ndarray
+    detection_index: np.ndarray
+    found: np.ndarray
+    unmatched_detections: np.ndarray
+    affine: np.ndarray
+    residual_px: float
+
+    @property
+    def n_found(self) -> int:
+        return int(np.count_nonzero(self.found))
+
+
+def _readonly(arr, dtype=np.float64) -> np.ndarray:
+    out = np.array(arr, dtype=dtype)
+    out.setflags(write=False)
+    return out
+
+
+def _checked_frame(frame, imager: str) -> np.ndarray:
+    arr = np.asarray(frame)
+    if arr.ndim != 2 or min(arr.shape) < 8:
+        raise DetectionError(f"imager '{imager}': a frame must be a 2D array of at least 8x8 pixels, got shape {arr.shape}")
+    if not (np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating)):
+        raise DetectionError(f"imager '{imager}': frame dtype must be integer or float, got {arr.dtype}")
+    arr = arr.astype(np.float64)
+    if not np.all(np.isfinite(arr)):
+        raise DetectionError(f"imager '{imager}': frame holds non-finite pixels")
+    if np.any(arr < 0):
+        raise DetectionError(f"imager '{imager}': frame holds negative pixels (min {arr.min():g}); expected raw detector signal")
+    return arr
+
+
+def estimate_i0(frame, imager: str = "?") -> float:
+    """Estimate the unattenuated signal of a BB-phantom frame.
+
+    The BBs cover well under 1 % of the panel, so the median pixel is open
+    field (or the phantom body, whose smooth attenuation the background
+    subtraction removes anyway).
+
+    Raises
+    ------
+    DetectionError
+        If the median is not positive (a dark or empty frame).
+    """
+    arr = _checked_frame(frame, imager)
+    i0 = float(np.median(arr))
+    if not i0 > 0:
+        raise DetectionError(f"imager '{imager}': cannot estimate i0: the median pixel is {i0:g} (dark frame?)")
+    return i0
+
+
+def line_integrals(frame, i0: float | None = None, imager: str = "?") -> tuple[np.ndarray, float]:
+    """Convert a raw frame to line integrals ``-ln(I / i0)`` (dimensionless).
+
+    Parameters
+    ----------
+    frame : (rows, cols) array
+        Raw detector signal, more photons = larger value.
+    i0 : float, optional
+        Unattenuated signal; estimated with :func:`estimate_i0` when omitted.
+
+    Returns
+    -------
+    line_integral : (rows, cols) float64 array
+        Zero-count pixels are clamped to half a count.
+    i0 : float
+        The value used.
+    """
+    arr = _checked_frame(frame, imager)
+    if i0 is None:
+        i0 = estimate_i0(arr, imager)
+    elif isinstance(i0, bool) or not isinstance(i0, (int, float, np.integer, np.floating)) or not math.isfinite(i0) or i0 <= 0:
+        raise DetectionError(f"imager '{imager}': i0 must be a positive number, got {i0!r}")
+    return -np.log(np.maximum(arr, 0.5) / float(i0)), float(i0)
+
+
+def _disk(radius_px: float) -> np.ndarray:
+    size = 2 * int(math.ceil(radius_px)) + 1
+    return cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (size, size))
+
+
+def detect_bbs(frame, *, diameter_px: float, i0: float | None = None, imager: str = "?") -> DetectedBBs:
+    """Find BBs in a raw kV frame with sub-pixel centres.
+
+    Parameters
+    ----------
+    frame : (rows, cols) array
+        Raw detector signal (``uint16`` or float), ``image[row, col]``.
+    diameter_px : float
+        Expected diameter of a BB's shadow on the panel, px (BB diameter x
+        magnification / pixel pitch).
+    i0 : float, optional
+        Unattenuated signal; estimated when omitted.
+    imager : str
+        Imager name, for messages.
+
+    Returns
+    -------
+    DetectedBBs
+        Centres in ``(col, row)`` pixels, sorted by row then column.
+
+    Raises
+    ------
+    DetectionError
+        Bad frame, bad ``diameter_px`` or ``i0``.
+    """
+    if isinstance(diameter_px, bool) or not isinstance(diameter_px, (int, float, np.integer, np.floating)) or not (
+        math.isfinite(diameter_px) and diameter_px > 0.5
+    ):
+        raise DetectionError(f"imager '{imager}': diameter_px must be a number above 0.5 px, got {diameter_px!r}")
+    raw = _checked_frame(frame, imager)
+    p, i0 = line_integrals(raw, i0, imager)
+    radius = diameter_px / 2.0
+    sigma = max(0.5, radius / 2.0)
+    smooth = cv2.GaussianBlur(p.astype(np.float32), (0, 0), sigma)
+    background = cv2.morphologyEx(smooth, cv2.MORPH_OPEN, _disk(2.0 * radius + 3.0))
+    q = smooth - background
+    noise = 1.4826 * float(np.median(np.abs(q - np.median(q))))
+    threshold = max(DETECTION_SIGMA * noise, 1e-3)
+    n_lab, labels, stats, cents = cv2.connectedComponentsWithStats((q > threshold).astype(np.uint8), connectivity=8)
+    rows, cols = raw.shape
+    r_win = radius + _WINDOW_MARGIN_PX
+    half = int(math.ceil(r_win + 4.0))
+    centres, diams, peaks, rejected = [], [], [], []
+    for lab in range(1, n_lab):
+        # Seed at the brightest smoothed pixel of the blob, then refine.
+        x0, y0, w, h = stats[lab, :4]
+        sub = np.where(labels[y0 : y0 + h, x0 : x0 + w] == lab, q[y0 : y0 + h, x0 : x0 + w], -np.inf)
+        iy, ix = np.unravel_index(int(np.argmax(sub)), sub.shape)
+        c = np.array([x0 + ix, y0 + iy], dtype=np.float64)
+        if c[0] - half < 0 or c[1] - half < 0 or c[0] + half >= cols or c[1] + half >= rows:
+            rejected.append(c)  # cut by the panel edge: its centroid would be biased
+            continue
+        result = _refine_centre(raw, c, r_win, half)
+        if result is None:
+            rejected.append(c)
+            continue
+        c, area, peak = result
+        d_eq = 2.0 * math.sqrt(max(area, 0.0) / math.pi)
+        if not (DIAMETER_RANGE[0] * diameter_px <= d_eq <= DIAMETER_RANGE[1] * diameter_px) or stats[lab, 4] > (
+            DIAMETER_RANGE[1] * diameter_px + 2.0 * sigma + 2.0
+        ) ** 2:
+            rejected.append(c)
+            continue
+        centres.append(c)
+        diams.append(d_eq)
+        peaks.append(peak)
+    order = np.lexsort((np.array([c[0] for c in centres]), np.array([c[1] for c in centres]))) if centres else []
+    centres_arr = np.array(centres, dtype=np.float64).reshape(-1, 2)[order]
+    return DetectedBBs(
+        _readonly(centres_arr),
+        _readonly(np.array(diams)[order] if centres else np.zeros(0)),
+        _readonly(np.array(peaks)[order] if centres else np.zeros(0)),
+        float(i0),
+        _readonly(np.array(rejected, dtype=np.float64).reshape(-1, 2)),
+    )
+
+
+def _refine_centre(raw: np.ndarray, seed: np.ndarray, r_win: float, half: int):
+    """Iterated absorbed-fraction centroid in a circular window; None if it drifts off."""
+    c = seed.copy()
+    for _ in range(_MAX_RECENTRE):
+        ci, ri = int(round(c[0])), int(round(c[1]))
+        if ci - half < 0 or ri - half < 0 or ci + half >= raw.shape[1] or ri + half >= raw.shape[0]:
+            return None
+        patch = raw[ri - half : ri + half + 1, ci - half : ci + half + 1]
+        yy, xx = np.mgrid[ri - half : ri + half + 1, ci - half : ci + half + 1]
+        r2 = (xx - c[0]) ** 2 + (yy - c[1]) ** 2
+        ring = (r2 > (r_win + 1.0) ** 2) & (r2 <= (r_win + 4.0) ** 2)
+        i_bg = float(np.median(patch[ring]))
+        if not i_bg > 0:
+            return None
+        inside = r2 <= r_win**2
+        w = 1.0 - patch[inside] / i_bg
+        total = float(w.sum())
+        if not total > 0:
+            return None
+        new = np.array([float(w @ xx[inside]), float(w @ yy[inside])]) / total
+        moved = float(np.linalg.norm(new - c))
+        c = new
+        if moved < _RECENTRE_TOL_PX:
+            break
+        if np.linalg.norm(c - seed) > r_win:
+            return None
+    return c, total, float(w.max())
+
+
+def _normaliser(pts: np.ndarray) -> np.ndarray:
+    dim = pts.shape[1]
+    mean = pts.mean(axis=0)
+    scale = math.sqrt(dim) / float(np.mean(np.linalg.norm(pts - mean, axis=1)))
+    t = np.eye(dim + 1)
+    t[:dim, :dim] *= scale
+    t[:dim, dim] = -scale * mean
+    return t
+
+
+def _dlt(points_mm: np.ndarray, pixels: np.ndarray) -> np.ndarray:
+    """Normalised DLT (Hartley & Zisserman alg. 7.1): 3x4 matrix from room points to (col, row)."""
+    t3, t2 = _normaliser(points_mm), _normaliser(pixels)
+    xh = np.hstack([points_mm, np.ones((len(points_mm), 1))]) @ t3.T
+    uh = np.hstack([pixels, np.ones((len(pixels), 1))]) @ t2.T
+    rows = []
+    for xw, (uu, vv, _) in zip(xh, uh):
+        rows.append(np.concatenate([xw, np.zeros(4), -uu * xw]))
+        rows.append(np.concatenate([np.zeros(4), xw, -vv * xw]))
+    _, _, vt = np.linalg.svd(np.asarray(rows))
+    p_norm = vt[-1].reshape(3, 4)
+    return np.linalg.inv(t2) @ p_norm @ t3
+
+
+def _fit_affine(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
+    a = np.hstack([src, np.ones((len(src), 1))])
+    sol, *_ = np.linalg.lstsq(a, dst, rcond=None)
+    return sol.T  # (2, 3)
+
+
+def _apply_affine(aff: np.ndarray, pts: np.ndarray) -> np.ndarray:
+    return pts @ aff[:, :2].T + aff[:, 2]
+
+
+def _mutual_nearest(mapped: np.ndarray, det: np.ndarray, gate_px: float) -> np.ndarray:
+    d = np.linalg.norm(mapped[:, None] - det[None], axis=-1)
+    best_det = np.argmin(d, axis=1)
+    best_pred = np.argmin(d, axis=0)
+    idx = np.full(len(mapped), -1, dtype=np.int64)
+    for j, i in enumerate(best_det):
+        if best_pred[i] == j and d[j, i] <= gate_px:
+            idx[j] = i
+    return idx
+
+
+def match_markers(
+    detected_px,
+    predicted_px,
+    *,
+    gate_px: float,
+    search_px: float,
+    points_mm=None,
+    imager: str = "?",
+    marker_names: tuple[str, ...] | None = None,
+    max_missing: int | None = None,
+) -> MarkerMatch:
+    """Assign detected blobs to the phantom's markers.
+
+    Parameters
+    ----------
+    detected_px : (M, 2) array
+        Detected ``(col, row)`` centres.
+    predicted_px : (N, 2) array
+        The markers projected through the nominal geometry, ``(col, row)``.
+    gate_px : float
+        Largest distance between a detection and its affine-mapped prediction
+        at the end, px. Keep it below half the smallest distance between two
+        predictions so that an assignment cannot be ambiguous.
+    search_px : float
+        Largest translation between predicted and measured points to try, px
+        (how far the true geometry may be from the nominal).
+    points_mm : (N, 3) array, optional
+        The markers' room positions (mm) as predicted. When given, the last
+        rounds replace the affine model by a projection matrix fitted (DLT)
+        to the markers matched so far, which follows a phantom rotated out
+        of plane exactly where an affine map cannot.
+    imager : str
+        For messages.
+    marker_names : tuple of str, optional
+        For messages.
+    max_missing : int, optional
+        Raise :class:`MarkerCountError` if more markers than this are not found.
+
+    Returns
+    -------
+    MarkerMatch
+
+    Raises
+    ------
+    MarkerCountError
+        Fewer than three markers matched, or more than ``max_missing`` missing.
+    """
+    det = np.asarray(detected_px, dtype=np.float64).reshape(-1, 2)
+    pred = np.asarray(predicted_px, dtype=np.float64).reshape(-1, 2)
+    n = len(pred)
+    names = marker_names or tuple(str(i) for i in range(n))
+    if len(det) < 3:
+        raise MarkerCountError(f"imager '{imager}': found {len(det)} BB-like blobs, the phantom has {n} markers")
+    # Coarse stage: every (detection, prediction) pair proposes a translation.
+    hyp = (det[:, None, :] - pred[None, :, :]).reshape(-1, 2)
+    hyp = hyp[np.linalg.norm(hyp, axis=1) <= search_px]
+    if len(hyp) == 0:
+        raise MarkerCountError(
+            f"imager '{imager}': no detection within {search_px:.1f} px of any predicted marker"
+        )
+    coarse_gate = 2.0 * gate_px
+    moved = pred[None, :, :] + hyp[:, None, :]  # (H, N, 2)
+    dist = np.min(np.linalg.norm(moved[:, :, None, :] - det[None, None, :, :], axis=-1), axis=2)  # (H, N)
+    score = np.sum(dist <= coarse_gate, axis=1) - np.sum(np.minimum(dist, coarse_gate), axis=1) / (coarse_gate * n + 1.0)
+    aff = np.hstack([np.eye(2), hyp[int(np.argmax(score))][:, None]])
+    idx = np.full(n, -1, dtype=np.int64)
+    for gate in (coarse_gate, 1.5 * gate_px, gate_px, gate_px):
+        idx = _mutual_nearest(_apply_affine(aff, pred), det, gate)
+        ok = idx >= 0
+        if np.count_nonzero(ok) >= 3:
+            aff = _fit_affine(pred[ok], det[idx[ok]])
+    mapped = _apply_affine(aff, pred)
+    if points_mm is not None:
+        pts = np.asarray(points_mm, dtype=np.float64).reshape(n, 3)
+        for _ in range(2):
+            ok = idx >= 0
+            if np.count_nonzero(ok) < 6:
+                break
+            p = _dlt(pts[ok], det[idx[ok]])
+            h = pts @ p[:, :3].T + p[:, 3]
+            mapped = h[:, :2] / h[:, 2:3]
+            idx = _mutual_nearest(mapped, det, gate_px)
+    found = idx >= 0
+    if np.count_nonzero(found) < 3:
+        raise MarkerCountError(
+            f"imager '{imager}': only {np.count_nonzero(found)} of {n} markers could be matched to the "
+            f"{len(det)} detections (were the images given for the right imager?)"
+        )
+    marker_px = np.full((n, 2), np.nan)
+    marker_px[found] = det[idx[found]]
+    resid = np.linalg.norm(mapped[found] - marker_px[found], axis=1)
+    missing = [names[j] for j in np.flatnonzero(~found)]
+    if max_missing is not None and len(missing) > max_missing:
+        raise MarkerCountError(
+            f"imager '{imager}': found {n - len(missing)} of the phantom's {n} markers, at most {max_missing} "
+            f"may be missing (missing: {', '.join(missing)}; {len(det)} blobs detected)"
+        )
+    unmatched = np.setdiff1d(np.arange(len(det)), idx[found])
+    return MarkerMatch(
+        _readonly(marker_px),
+        _readonly(idx, np.int64),
+        _readonly(found, bool),
+        _readonly(unmatched, np.int64),
+        _readonly(aff),
+        float(math.sqrt(np.mean(resid**2))),
+    )

@@ -1,0 +1,338 @@
+"""BB calibration phantoms: the ``bb-phantom/1`` file format and the built-in default.
+
+A phantom is a set of small radio-opaque spheres (BBs) whose centres are known
+in the room frame (IEC 61217, mm) with the phantom at its nominal place: the
+centre marker sits at the isocentre (``shared/CONVENTIONS.md``). The phantom
+is set up with lasers or a Winston-Lutz test; the measured offset of the
+centre BB from the MV isocentre, when known, is carried as
+``centre_offset_mm`` (room frame, mm) and is added to every marker.
+
+File format (JSON)::
+
+    {"schema": "bb-phantom/1",
+     "name": "optional label",
+     "centre_offset_mm": [0, 0, 0],          # optional, room frame, mm
+     "markers": [{"name": "C", "position_mm": [0, 0, 0],
+                  "diameter_mm": 2.0, "material": "tungsten"}, ...]}
+
+Unknown top-level fields are ignored (as every reader of our formats does);
+anything malformed raises :class:`PhantomFileError` naming the file, the
+marker and the value.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+
+from .errors import CalibrationError
+
+__all__ = [
+    "PHANTOM_SCHEMA",
+    "MIN_MARKERS",
+    "MIN_OUT_OF_PLANE_MM",
+    "PhantomError",
+    "PhantomFileError",
+    "Marker",
+    "BBPhantom",
+    "phantom_from_json",
+    "read_phantom",
+    "write_phantom",
+    "default_phantom",
+]
+
+PHANTOM_SCHEMA = "bb-phantom/1"
+
+#: Fewest markers a phantom may have: a 3x4 projection matrix has 11 degrees of
+#: freedom and each marker gives two equations, so the linear (DLT) start needs
+#: six; fewer leaves nothing to check the fit with.
+MIN_MARKERS = 6
+
+#: Smallest RMS distance of the markers from their best-fitting plane, mm. A
+#: (nearly) coplanar set of points leaves the depth column of the projection
+#: matrix undetermined (the DLT system becomes rank deficient), so the source
+#: distance cannot be found. 5 mm is 4 % of the 120 mm default phantom's size.
+MIN_OUT_OF_PLANE_MM = 5.0
+
+#: The centre marker is the one at the origin, within this distance, mm.
+_CENTRE_TOL_MM = 1e-6
+
+
+class PhantomError(CalibrationError, ValueError):
+    """A phantom description is not valid (too few markers, coplanar, overlapping...)."""
+
+
+class PhantomFileError(PhantomError):
+    """A ``bb-phantom/1`` file cannot be read or is malformed."""
+
+
+def _readonly(arr) -> np.ndarray:
+    out = np.array(arr, dtype=np.float64)
+    out.setflags(write=False)
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class Marker:
+    """One BB of a phantom.
+
+    Parameters
+    ----------
+    name : str
+        Unique label (``"C"`` for the centre marker of the default phantom).
+    position_mm : (3,) array
+        Centre of the sphere, room frame, mm, phantom at its nominal place.
+    diameter_mm : float
+        Sphere diameter, mm.
+    material : str
+        Material name as the attenuation tables know it (``"tungsten"``,
+        ``"steel"``, ``"gold"``...).
+    """
+
+    name: str
+    position_mm: np.ndarray
+    diameter_mm: float
+    material: str
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name:
+            raise PhantomError(f"marker name must be a non-empty string, got {self.name!r}")
+        pos = np.array(self.position_mm, dtype=np.float64)
+        if pos.shape != (3,):
+            raise PhantomError(f"marker '{self.name}': position_mm must be 3 numbers, got shape {pos.shape}")
+        if not np.all(np.isfinite(pos)):
+            raise PhantomError(f"marker '{self.name}': position_mm is not finite: {pos.tolist()}")
+        d = self.diameter_mm
+        if isinstance(d, bool) or not isinstance(d, (int, float, np.floating, np.integer)) or not math.isfinite(d) or d <= 0:
+            raise PhantomError(f"marker '{self.name}': diameter_mm must be a positive number, got {d!r}")
+        if not isinstance(self.material, str) or not self.material:
+            raise PhantomError(f"marker '{self.name}': material must be a non-empty string, got {self.material!r}")
+        object.__setattr__(self, "position_mm", _readonly(pos))
+        object.__setattr__(self, "diameter_mm", float(d))
+
+
+@dataclass(frozen=True, slots=True)
+class BBPhantom:
+    """A calibration phantom: markers in the room frame at the phantom's nominal place.
+
+    Parameters
+    ----------
+    markers : tuple of Marker
+        At least :data:`MIN_MARKERS`, unique names, no two spheres touching,
+        not coplanar, exactly one at the origin (the centre marker).
+    name : str
+        Label for reports and provenance.
+    centre_offset_mm : (3,) array
+        Measured offset of the centre BB from the MV isocentre (e.g. from a
+        Winston-Lutz test), room frame, mm. Zero when not measured.
+
+    Raises
+    ------
+    PhantomError
+        If any of the conditions above does not hold.
+    """
+
+    markers: tuple[Marker, ...]
+    name: str = "bb-phantom"
+    centre_offset_mm: np.ndarray = field(default_factory=lambda: np.zeros(3))
+    _positions: np.ndarray = field(init=False, repr=False, compare=False)
+    _centre_index: int = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        markers = tuple(self.markers)
+        for m in markers:
+            if not isinstance(m, Marker):
+                raise PhantomError(f"phantom '{self.name}': markers must be Marker values, got {type(m).__name__}")
+        if len(markers) < MIN_MARKERS:
+            raise PhantomError(
+                f"phantom '{self.name}': {len(markers)} markers, at least {MIN_MARKERS} are needed "
+                "(a projection matrix has 11 degrees of freedom, two per marker)"
+            )
+        names = [m.name for m in markers]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise PhantomError(f"phantom '{self.name}': duplicate marker names {dupes}")
+        pos = np.stack([m.position_mm for m in markers])
+        at_origin = np.flatnonzero(np.linalg.norm(pos, axis=1) <= _CENTRE_TOL_MM)
+        if len(at_origin) != 1:
+            raise PhantomError(
+                f"phantom '{self.name}': exactly one marker must sit at the isocentre [0, 0, 0] "
+                f"(the centre marker), found {len(at_origin)}"
+            )
+        dist = np.linalg.norm(pos[:, None] - pos[None], axis=-1)
+        reach = np.array([m.diameter_mm for m in markers])
+        touch = dist < (reach[:, None] + reach[None]) / 2.0
+        np.fill_diagonal(touch, False)
+        if np.any(touch):
+            i, j = np.argwhere(touch)[0]
+            raise PhantomError(
+                f"phantom '{self.name}': markers '{names[i]}' and '{names[j]}' overlap "
+                f"(centres {dist[i, j]:.3f} mm apart)"
+            )
+        out_of_plane = float(np.linalg.svd(pos - pos.mean(axis=0), compute_uv=False)[-1] / math.sqrt(len(pos)))
+        if out_of_plane < MIN_OUT_OF_PLANE_MM:
+            raise PhantomError(
+                f"phantom '{self.name}': markers are (nearly) coplanar: RMS distance from their best plane "
+                f"{out_of_plane:.3f} mm, at least {MIN_OUT_OF_PLANE_MM} mm is needed to fix the source distance"
+            )
+        offset = np.array(self.centre_offset_mm, dtype=np.float64)
+        if offset.shape != (3,) or not np.all(np.isfinite(offset)):
+            raise PhantomError(
+                f"phantom '{self.name}': centre_offset_mm must be 3 finite numbers, got {np.asarray(self.centre_offset_mm).tolist()}"
+            )
+        if not isinstance(self.name, str) or not self.name:
+            raise PhantomError(f"phantom name must be a non-empty string, got {self.name!r}")
+        object.__setattr__(self, "markers", markers)
+        object.__setattr__(self, "centre_offset_mm", _readonly(offset))
+        object.__setattr__(self, "_positions", _readonly(pos))
+        object.__setattr__(self, "_centre_index", int(at_origin[0]))
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(m.name for m in self.markers)
+
+    @property
+    def n_markers(self) -> int:
+        return len(self.markers)
+
+    @property
+    def positions_mm(self) -> np.ndarray:
+        """(N, 3) nominal marker centres, room frame, mm (without ``centre_offset_mm``)."""
+        return self._positions
+
+    @property
+    def diameters_mm(self) -> np.ndarray:
+        """(N,) sphere diameters, mm."""
+        return _readonly([m.diameter_mm for m in self.markers])
+
+    @property
+    def materials(self) -> tuple[str, ...]:
+        return tuple(m.material for m in self.markers)
+
+    @property
+    def centre_index(self) -> int:
+        """Index of the centre marker (the one at the isocentre)."""
+        return self._centre_index
+
+    def placed_mm(self, couch_shift_mm=(0.0, 0.0, 0.0), rotation: np.ndarray | None = None) -> np.ndarray:
+        """Marker centres in the room frame with the phantom as set up, mm.
+
+        Parameters
+        ----------
+        couch_shift_mm : (3,) array
+            Known couch translation applied after setup, room frame, mm.
+        rotation : (3, 3) array, optional
+            Rotation of the phantom about its centre marker (room frame).
+
+        Returns
+        -------
+        (N, 3) array
+            ``R p + centre_offset_mm + couch_shift_mm`` for every marker ``p``.
+        """
+        shift = np.asarray(couch_shift_mm, dtype=np.float64)
+        if shift.shape != (3,) or not np.all(np.isfinite(shift)):
+            raise PhantomError(f"couch_shift_mm must be 3 finite numbers, got {np.asarray(couch_shift_mm).tolist()}")
+        pos = self._positions if rotation is None else self._positions @ np.asarray(rotation, dtype=np.float64).T
+        return pos + self.centre_offset_mm + shift
+
+    def to_json(self) -> dict:
+        """The ``bb-phantom/1`` document."""
+        return {
+            "schema": PHANTOM_SCHEMA,
+            "name": self.name,
+            "centre_offset_mm": self.centre_offset_mm.tolist(),
+            "markers": [
+                {"name": m.name, "position_mm": m.position_mm.tolist(), "diameter_mm": m.diameter_mm, "material": m.material}
+                for m in self.markers
+            ],
+        }
+
+
+def phantom_from_json(obj) -> BBPhantom:
+    """Build a :class:`BBPhantom` from a parsed ``bb-phantom/1`` document.
+
+    Raises
+    ------
+    PhantomFileError
+        Unknown schema, missing or malformed fields; the message names the marker.
+    """
+    if not isinstance(obj, dict):
+        raise PhantomFileError(f"a bb-phantom document must be a JSON object, got {type(obj).__name__}")
+    schema = obj.get("schema")
+    if schema != PHANTOM_SCHEMA:
+        raise PhantomFileError(f"unknown phantom schema {schema!r}, expected '{PHANTOM_SCHEMA}'")
+    entries = obj.get("markers")
+    if not isinstance(entries, list):
+        raise PhantomFileError("'markers' must be a list of marker objects")
+    name = obj.get("name", "bb-phantom")
+    markers = []
+    try:
+        for i, entry in enumerate(entries):
+            if not isinstance(entry, dict):
+                raise PhantomFileError(f"markers[{i}] must be an object, got {type(entry).__name__}")
+            missing = [k for k in ("name", "position_mm", "diameter_mm", "material") if k not in entry]
+            if missing:
+                raise PhantomFileError(f"markers[{i}] ({entry.get('name', '?')!s}): missing {', '.join(missing)}")
+            try:
+                position = np.array(entry["position_mm"], dtype=np.float64)
+            except (TypeError, ValueError) as err:
+                raise PhantomFileError(
+                    f"marker '{entry['name']}': position_mm must be 3 numbers, got {entry['position_mm']!r}"
+                ) from err
+            markers.append(Marker(entry["name"], position, entry["diameter_mm"], entry["material"]))
+        offset = obj.get("centre_offset_mm", [0.0, 0.0, 0.0])
+        try:
+            offset = np.array(offset, dtype=np.float64)
+        except (TypeError, ValueError) as err:
+            raise PhantomFileError(f"centre_offset_mm must be 3 numbers, got {offset!r}") from err
+        return BBPhantom(tuple(markers), name, offset)
+    except PhantomFileError:
+        raise
+    except PhantomError as err:
+        raise PhantomFileError(str(err)) from err
+
+
+def read_phantom(path: str | os.PathLike) -> BBPhantom:
+    """Read a ``bb-phantom/1`` JSON file. Errors name the file and the marker."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as err:
+        raise PhantomFileError(f"{path}: cannot read phantom file: {err.strerror}") from err
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise PhantomFileError(f"{path}: not valid JSON: {err}") from err
+    try:
+        return phantom_from_json(obj)
+    except PhantomFileError as err:
+        raise PhantomFileError(f"{path}: {err}") from err
+
+
+def write_phantom(phantom: BBPhantom, path: str | os.PathLike) -> Path:
+    """Write a phantom as ``bb-phantom/1`` (atomically); returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(phantom.to_json(), indent=1) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
+def default_phantom() -> BBPhantom:
+    """The built-in phantom: 16 tungsten BBs of 2 mm in a 120 mm cube, one at the centre.
+
+    The layout (``calibration/data/default-bb-phantom.json``) was chosen by a
+    seeded search on a 1 mm grid so that, in the default room
+    (:func:`calibration.geometry.default_stereo_geometry`), every two markers'
+    projections lie at least 14 mm apart (at isocentre scale) in both imagers;
+    it has no symmetry, so its two views and any rotated copy are told apart.
+    """
+    text = resources.files("calibration").joinpath("data/default-bb-phantom.json").read_text(encoding="utf-8")
+    return phantom_from_json(json.loads(text))

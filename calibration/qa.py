@@ -1,0 +1,421 @@
+"""Daily imaging-geometry QA with the BB phantom: today's frames against the stored calibration.
+
+The phantom is set up at the isocentre as for calibration (lasers or
+Winston-Lutz, with its measured ``centre_offset_mm``). Today's frames are
+analysed with the *stored* geometry:
+
+- per imager: the markers' reprojection error (measured minus projected
+  through the stored geometry), as RMS, largest and mean shift, in pixels
+  and in mm at the isocentre (pixels x pitch / magnification, the size the
+  error has where the target is);
+- the centre BB triangulated with the stored geometry, and its offset from
+  where the phantom file says it sits (the imaging/treatment isocentre
+  coincidence of AAPM TG-142).
+
+Each figure is compared with two levels (:class:`QATolerances`): the
+TG-142 SRS *tolerance* (1 mm coincidence) and a tighter *action* level
+(0.5 mm) at which the physicist investigates and recalibrates. Defaults and
+their reasons are in ``docs/CALIBRATION.md``.
+
+Results are appended to a history file (JSON lines, ``qa-record/1``, one
+record per QA, flushed and fsync'ed) from which :func:`trend` builds a table.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import math
+import os
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .bb_detection import MarkerCountError
+from .errors import CalibrationError
+from .geometry import StereoGeometry
+from .phantom import BBPhantom
+from .solve import CalibrationFrame, CalibrationSolveError, MeasuredFrame, _check_not_swapped, measure_frame
+
+__all__ = [
+    "QA_RECORD_SCHEMA",
+    "QAStatus",
+    "QATolerances",
+    "ImagerQA",
+    "QAResult",
+    "QAHistoryError",
+    "QATrend",
+    "run_qa",
+    "append_history",
+    "read_history",
+    "trend",
+]
+
+QA_RECORD_SCHEMA = "qa-record/1"
+
+
+class QAHistoryError(CalibrationError, ValueError):
+    """A QA history file cannot be read or holds a malformed record."""
+
+
+class QAStatus(enum.Enum):
+    """Outcome of a QA, worst level reached by any figure."""
+
+    PASS = "pass"
+    ACTION = "action"
+    FAIL = "fail"
+
+
+_ORDER = {QAStatus.PASS: 0, QAStatus.ACTION: 1, QAStatus.FAIL: 2}
+
+
+@dataclass(frozen=True, slots=True)
+class QATolerances:
+    """QA levels, mm at the isocentre.
+
+    Attributes
+    ----------
+    offset_tolerance_mm : float
+        Centre-BB offset above which QA fails: AAPM TG-142 (Klein et al.,
+        Med. Phys. 36(9) 2009), SRS/SBRT imaging and treatment coordinate
+        coincidence, 1 mm.
+    offset_action_mm : float
+        Tighter action level for the same offset (investigate, recalibrate).
+    reprojection_tolerance_mm : float
+        Per-imager RMS reprojection error, mm at the isocentre, above which QA fails.
+    reprojection_action_mm : float
+        Action level of the same. A stable geometry reprojects to the
+        centroid noise (~0.01 px, 0.003 mm for the default room); 0.2 mm is
+        far above that, and below the 0.3 mm that a 0.5 mm panel shift makes.
+    max_missing : int
+        Markers per frame that may be missing before QA cannot be done.
+    """
+
+    offset_tolerance_mm: float = 1.0
+    offset_action_mm: float = 0.5
+    reprojection_tolerance_mm: float = 0.5
+    reprojection_action_mm: float = 0.2
+    max_missing: int = 2
+
+    def __post_init__(self) -> None:
+        for lo, hi in (("offset_action_mm", "offset_tolerance_mm"), ("reprojection_action_mm", "reprojection_tolerance_mm")):
+            a, b = getattr(self, lo), getattr(self, hi)
+            for name, v in ((lo, a), (hi, b)):
+                if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+                    raise CalibrationError(f"QA tolerances: {name} must be a positive number of mm, got {v!r}")
+            if a > b:
+                raise CalibrationError(f"QA tolerances: {lo} ({a} mm) must not exceed {hi} ({b} mm)")
+        if isinstance(self.max_missing, bool) or not isinstance(self.max_missing, int) or self.max_missing < 0:
+            raise CalibrationError(f"QA tolerances: max_missing must be a non-negative integer, got {self.max_missing!r}")
+
+    def grade(self, value_mm: float, action_mm: float, tolerance_mm: float) -> QAStatus:
+        if value_mm > tolerance_mm:
+            return QAStatus.FAIL
+        if value_mm > action_mm:
+            return QAStatus.ACTION
+        return QAStatus.PASS
+
+
+@dataclass(frozen=True, slots=True)
+class ImagerQA:
+    """Reprojection of the phantom through one imager's stored geometry.
+
+    Attributes
+    ----------
+    imager : str
+    n_found : int
+    residuals_px : (N, 2) array
+        Measured minus projected ``(col, row)`` per marker, NaN where not found.
+    rms_px, max_px : float
+    mean_shift_px : (2,) array
+        Mean residual ``(col, row)``: a panel shift shows here.
+    mm_per_px_at_isocentre : float
+        Pixel pitch / magnification.
+    rms_mm, max_mm : float
+        The same at the isocentre, mm.
+    status : QAStatus
+    """
+
+    imager: str
+    n_found: int
+    residuals_px: np.ndarray
+    rms_px: float
+    max_px: float
+    mean_shift_px: np.ndarray
+    mm_per_px_at_isocentre: float
+    rms_mm: float
+    max_mm: float
+    status: QAStatus
+
+
+@dataclass(frozen=True, slots=True)
+class QAResult:
+    """One daily QA.
+
+    Attributes
+    ----------
+    performed_unix_s : float
+    geometry_calibrated_unix_s : float
+    imagers : tuple of ImagerQA
+    centre_bb_room_mm : (3,) array
+        Centre BB triangulated with the stored geometry, room frame, mm.
+    centre_offset_mm : (3,) array
+        ``centre_bb_room_mm`` minus where the phantom file puts it, mm.
+    centre_offset_distance_mm : float
+    ray_distance_mm : float
+        Largest skew distance between the two rays of any marker, mm (an
+        epipolar inconsistency of the geometry shows here).
+    status : QAStatus
+    reasons : tuple of str
+        One line per figure above its action level.
+    tolerances : QATolerances
+    measured : tuple of MeasuredFrame
+    sources : mapping imager -> str
+    """
+
+    performed_unix_s: float
+    geometry_calibrated_unix_s: float
+    imagers: tuple[ImagerQA, ...]
+    centre_bb_room_mm: np.ndarray
+    centre_offset_mm: np.ndarray
+    centre_offset_distance_mm: float
+    ray_distance_mm: float
+    status: QAStatus
+    reasons: tuple[str, ...]
+    tolerances: QATolerances
+    measured: tuple[MeasuredFrame, ...]
+    sources: Mapping[str, str]
+
+    @property
+    def passed(self) -> bool:
+        return self.status is QAStatus.PASS
+
+    def to_record(self) -> dict:
+        """The ``qa-record/1`` JSON object written to the history file."""
+        return {
+            "schema": QA_RECORD_SCHEMA,
+            "performed_unix_s": self.performed_unix_s,
+            "geometry_calibrated_unix_s": self.geometry_calibrated_unix_s,
+            "status": self.status.value,
+            "centre_offset_mm": self.centre_offset_mm.tolist(),
+            "centre_offset_distance_mm": self.centre_offset_distance_mm,
+            "ray_distance_mm": self.ray_distance_mm,
+            "imagers": {
+                q.imager: {
+                    "n_found": q.n_found, "rms_px": q.rms_px, "max_px": q.max_px,
+                    "mean_shift_px": q.mean_shift_px.tolist(), "rms_mm": q.rms_mm, "max_mm": q.max_mm,
+                    "status": q.status.value,
+                }
+                for q in self.imagers
+            },
+            "reasons": list(self.reasons),
+            "tolerances": {
+                "offset_action_mm": self.tolerances.offset_action_mm,
+                "offset_tolerance_mm": self.tolerances.offset_tolerance_mm,
+                "reprojection_action_mm": self.tolerances.reprojection_action_mm,
+                "reprojection_tolerance_mm": self.tolerances.reprojection_tolerance_mm,
+            },
+            "sources": dict(self.sources),
+        }
+
+
+def _ro(a) -> np.ndarray:
+    out = np.array(a, dtype=np.float64)
+    out.setflags(write=False)
+    return out
+
+
+def run_qa(
+    geometry: StereoGeometry,
+    phantom: BBPhantom,
+    frames: Sequence[CalibrationFrame],
+    *,
+    tolerances: QATolerances | None = None,
+    performed_unix_s: float | None = None,
+) -> QAResult:
+    """Compare today's phantom frames with the stored calibration.
+
+    Parameters
+    ----------
+    geometry : StereoGeometry
+        The stored calibration (room frame, mm).
+    phantom : BBPhantom
+        The phantom, set up at its nominal place (couch shift of each frame
+        normally zero).
+    frames : sequence of CalibrationFrame
+        One frame per imager of ``geometry``.
+    tolerances : QATolerances, optional
+        Defaults: TG-142 SRS 1 mm tolerance, 0.5 mm action level.
+    performed_unix_s : float, optional
+        Time stamp (now when omitted).
+
+    Returns
+    -------
+    QAResult
+
+    Raises
+    ------
+    CalibrationSolveError
+        Not exactly one frame per imager, or an unknown imager.
+    ImagesSwappedError
+        A frame shows the other imager's view.
+    MarkerCountError
+        Too many markers missing, or the centre marker missing in a frame.
+    """
+    tol = QATolerances() if tolerances is None else tolerances
+    frames = tuple(frames)
+    got = [f.imager for f in frames]
+    if sorted(got) != sorted(geometry.names):
+        raise CalibrationSolveError(
+            f"QA needs exactly one frame per imager {list(geometry.names)}, got frames for {got}"
+        )
+    measured: list[MeasuredFrame | None] = []
+    failure = None
+    for fr in frames:
+        try:
+            measured.append(measure_frame(phantom, geometry[fr.imager], fr.frame, couch_shift_mm=fr.couch_shift_mm,
+                                          i0=fr.i0, max_missing=tol.max_missing, source=fr.source))
+        except MarkerCountError as err:
+            measured.append(None)
+            failure = failure or err
+    _check_not_swapped(phantom, geometry, frames, measured, tol.max_missing)
+    if failure is not None:
+        raise failure
+    imagers = []
+    reasons = []
+    pixels = {}
+    c = phantom.centre_index
+    for fr, m in zip(frames, measured):
+        im = geometry[fr.imager]
+        expected = im.project(phantom.placed_mm(fr.couch_shift_mm))
+        res = m.match.marker_px - expected
+        ok = m.match.found
+        dist = np.linalg.norm(res[ok], axis=1)
+        scale = float(np.mean(im.pixel_spacing_mm)) / im.magnification
+        rms = float(np.sqrt(np.mean(dist**2)))
+        status = tol.grade(rms * scale, tol.reprojection_action_mm, tol.reprojection_tolerance_mm)
+        if status is not QAStatus.PASS:
+            reasons.append(
+                f"imager '{im.name}': RMS reprojection error {rms * scale:.3f} mm at isocentre ({rms:.2f} px) "
+                f"exceeds the {status.value} level "
+                f"({tol.reprojection_action_mm if status is QAStatus.ACTION else tol.reprojection_tolerance_mm} mm)"
+            )
+        imagers.append(ImagerQA(im.name, m.match.n_found, _ro(res), rms, float(dist.max()), _ro(res[ok].mean(axis=0)),
+                                scale, rms * scale, float(dist.max()) * scale, status))
+        if not ok[c]:
+            raise MarkerCountError(f"imager '{im.name}': the centre marker '{phantom.names[c]}' was not found")
+        pixels[im.name] = m.match.marker_px
+    names = geometry.names
+    shift = np.asarray(frames[0].couch_shift_mm, dtype=np.float64)
+    tri = geometry.triangulate({n: pixels[n][c : c + 1] for n in names})
+    centre = tri.points_mm[0] - shift
+    offset = centre - phantom.centre_offset_mm
+    off_dist = float(np.linalg.norm(offset))
+    off_status = tol.grade(off_dist, tol.offset_action_mm, tol.offset_tolerance_mm)
+    if off_status is not QAStatus.PASS:
+        reasons.append(
+            f"centre BB triangulated {off_dist:.3f} mm from its expected place "
+            f"(offset {np.round(offset, 3).tolist()} mm) exceeds the {off_status.value} level "
+            f"({tol.offset_action_mm if off_status is QAStatus.ACTION else tol.offset_tolerance_mm} mm)"
+        )
+    both = np.all([np.all(np.isfinite(pixels[n]), axis=1) for n in names], axis=0)
+    ray = float(geometry.triangulate({n: pixels[n][both] for n in names}, refine=False).ray_distance_mm.max())
+    status = max([off_status] + [q.status for q in imagers], key=_ORDER.__getitem__)
+    return QAResult(
+        time.time() if performed_unix_s is None else float(performed_unix_s),
+        geometry.calibrated_unix_s, tuple(imagers), _ro(centre), _ro(offset), off_dist, ray, status, tuple(reasons),
+        tol, tuple(measured), {fr.imager: fr.source for fr in frames},
+    )
+
+
+def append_history(path: str | os.PathLike, result: QAResult) -> Path:
+    """Append one QA record to a JSON-lines history file, flushed and fsync'ed.
+
+    The file is created if missing. Returns the path.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    line = json.dumps(result.to_record(), separators=(",", ":")) + "\n"
+    with open(path, "a", encoding="utf-8") as fh:
+        fh.write(line)
+        fh.flush()
+        os.fsync(fh.fileno())
+    return path
+
+
+def read_history(path: str | os.PathLike) -> tuple[dict, ...]:
+    """Read every ``qa-record/1`` of a history file, oldest first.
+
+    Raises
+    ------
+    QAHistoryError
+        Unreadable file, a line that is not JSON, or a record with the wrong
+        schema or missing fields (the message names the file and line).
+    """
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError as err:
+        raise QAHistoryError(f"{path}: cannot read QA history: {err.strerror}") from err
+    records = []
+    for i, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise QAHistoryError(f"{path}, line {i}: not valid JSON: {err}") from err
+        if not isinstance(rec, dict) or rec.get("schema") != QA_RECORD_SCHEMA:
+            schema = rec.get("schema") if isinstance(rec, dict) else None
+            raise QAHistoryError(f"{path}, line {i}: unknown record schema {schema!r}, expected '{QA_RECORD_SCHEMA}'")
+        for key in ("performed_unix_s", "status", "centre_offset_distance_mm", "imagers"):
+            if key not in rec:
+                raise QAHistoryError(f"{path}, line {i}: record lacks '{key}'")
+        if rec["status"] not in {s.value for s in QAStatus}:
+            raise QAHistoryError(f"{path}, line {i}: unknown status {rec['status']!r}")
+        records.append(rec)
+    records.sort(key=lambda r: r["performed_unix_s"])
+    return tuple(records)
+
+
+@dataclass(frozen=True, slots=True)
+class QATrend:
+    """The QA history summarised.
+
+    Attributes
+    ----------
+    records : tuple of dict
+        ``qa-record/1`` objects, oldest first.
+    table : str
+        Plain-text table, one line per QA.
+    offset_drift_mm_per_30_days : float
+        Least-squares slope of the centre-BB offset distance over time (NaN
+        with fewer than two records or all on one instant).
+    """
+
+    records: tuple[dict, ...]
+    table: str
+    offset_drift_mm_per_30_days: float
+
+
+def trend(records: Sequence[dict]) -> QATrend:
+    """Table and drift of a QA history (as read by :func:`read_history`)."""
+    records = tuple(sorted(records, key=lambda r: r["performed_unix_s"]))
+    names = sorted({n for r in records for n in r["imagers"]})
+    header = f"{'date (UTC)':<20} {'status':<7} {'offset mm':>9} " + " ".join(f"{'RMS ' + n + ' mm':>10}" for n in names)
+    lines = [header, "-" * len(header)]
+    for r in records:
+        when = time.strftime("%Y-%m-%d %H:%M", time.gmtime(r["performed_unix_s"]))
+        cells = " ".join(
+            f"{r['imagers'][n]['rms_mm']:>10.3f}" if n in r["imagers"] else f"{'-':>10}" for n in names
+        )
+        lines.append(f"{when:<20} {r['status']:<7} {r['centre_offset_distance_mm']:>9.3f} {cells}")
+    t = np.array([r["performed_unix_s"] for r in records], dtype=np.float64)
+    d = np.array([r["centre_offset_distance_mm"] for r in records], dtype=np.float64)
+    slope = math.nan
+    if len(t) >= 2 and np.ptp(t) > 0:
+        slope = float(np.polyfit((t - t[0]) / (30 * 86400.0), d, 1)[0])
+    return QATrend(records, "\n".join(lines), slope)

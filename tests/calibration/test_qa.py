@@ -1,0 +1,127 @@
+"""Daily QA against a stored calibration, history file, trend and reports."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from numpy.testing import assert_allclose
+
+from calibration.bb_detection import ImagesSwappedError
+from calibration.errors import CalibrationError
+from calibration.geometry import ImagerGeometry, StereoGeometry, default_stereo_geometry
+from calibration.phantom import default_phantom
+from calibration.qa import QAHistoryError, QAStatus, QATolerances, append_history, read_history, run_qa, trend
+from calibration.report import ReportError, write_calibration_report, write_trend_plot
+from calibration.solve import CalibrationFrame, CalibrationSolveError, PhantomView, solve_geometry
+from tracking.room import DetectorModel, render_bb_frames
+
+I0 = 20000.0
+GEOMETRY = default_stereo_geometry(256, 1.6)
+PHANTOM = default_phantom()
+#: Triangulated centre BB of an unperturbed room: centroid noise 0.05 px
+#: (1.6 mm / 1.64 = 0.98 mm/px at isocentre: 0.05 mm per imager) -> 0.15 mm is 3 sigma.
+UNPERTURBED_OFFSET_TOL_MM = 0.15
+
+
+def _frames(true: StereoGeometry, seed: int):
+    bf = render_bb_frames(true, PHANTOM.placed_mm(), PHANTOM.diameters_mm, "tungsten", I0,
+                          detector=DetectorModel(seed_supersampling=8), seed=seed)
+    return [CalibrationFrame(n, bf.frames[n], i0=I0, source=f"{n}.mha") for n in true.names]
+
+
+def _panel_shifted(shift_mm: float, along: str = "col") -> StereoGeometry:
+    a = GEOMETRY["A"]
+    d = a.col_direction if along == "col" else a.row_direction
+    moved = ImagerGeometry("A", a.source_mm, a.origin_mm + shift_mm * d, a.col_direction, a.row_direction,
+                           a.pixel_spacing_mm, a.rows, a.cols)
+    return StereoGeometry((moved, GEOMETRY["B"]))
+
+
+def test_unperturbed_room_passes():
+    result = run_qa(GEOMETRY, PHANTOM, _frames(GEOMETRY, 1), performed_unix_s=10.0)
+    assert result.status is QAStatus.PASS and result.passed and result.reasons == ()
+    assert_allclose(result.centre_offset_mm, [0.0, 0.0, 0.0], rtol=0, atol=UNPERTURBED_OFFSET_TOL_MM)
+
+
+@pytest.mark.parametrize("along", ["col", "row"])
+def test_half_mm_panel_shift_reaches_the_action_level(along):
+    # 0.5 mm on the panel is 0.5 / 1.64 = 0.30 mm at the isocentre, above the
+    # 0.2 mm reprojection action level.
+    result = run_qa(GEOMETRY, PHANTOM, _frames(_panel_shifted(0.5, along), 2))
+    a = {q.imager: q for q in result.imagers}["A"]
+    assert result.status is QAStatus.ACTION
+    assert_allclose(a.rms_mm, 0.5 / GEOMETRY["A"].magnification, rtol=0, atol=0.06)
+    assert any("imager 'A'" in r for r in result.reasons)
+
+
+def test_large_panel_shift_fails():
+    result = run_qa(GEOMETRY, PHANTOM, _frames(_panel_shifted(2.0), 3))
+    assert result.status is QAStatus.FAIL
+
+
+def test_swapped_images_are_an_error():
+    frames = _frames(GEOMETRY, 4)
+    swapped = [CalibrationFrame("A", frames[1].frame, i0=I0), CalibrationFrame("B", frames[0].frame, i0=I0)]
+    with pytest.raises(ImagesSwappedError, match="swapped"):
+        run_qa(GEOMETRY, PHANTOM, swapped)
+
+
+def test_missing_frame_is_an_error():
+    with pytest.raises(CalibrationSolveError, match=r"exactly one frame per imager \['A', 'B'\], got frames for \['A'\]"):
+        run_qa(GEOMETRY, PHANTOM, _frames(GEOMETRY, 5)[:1])
+
+
+def test_tolerances_are_validated():
+    with pytest.raises(CalibrationError, match=r"offset_action_mm \(2.0 mm\) must not exceed offset_tolerance_mm"):
+        QATolerances(offset_action_mm=2.0)
+    with pytest.raises(CalibrationError, match="reprojection_action_mm must be a positive number"):
+        QATolerances(reprojection_action_mm=-1.0)
+
+
+def test_history_round_trip_and_trend(tmp_path):
+    path = tmp_path / "qa" / "history.jsonl"
+    frames = _frames(GEOMETRY, 6)
+    for day in range(3):
+        append_history(path, run_qa(GEOMETRY, PHANTOM, frames, performed_unix_s=1.7e9 + 86400.0 * (2 - day)))
+    records = read_history(path)
+    assert [r["performed_unix_s"] for r in records] == [1.7e9, 1.7e9 + 86400.0, 1.7e9 + 2 * 86400.0]
+    tr = trend(records)
+    assert len(tr.table.splitlines()) == 2 + 3 and "RMS A mm" in tr.table
+    assert_allclose(tr.offset_drift_mm_per_30_days, 0.0, rtol=0, atol=1e-9)  # same frames each day
+    png = write_trend_plot(records, tmp_path / "trend.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_trend_slope_of_a_linear_drift():
+    recs = [{"performed_unix_s": 86400.0 * d, "status": "pass", "centre_offset_distance_mm": 0.1 + 0.01 * d,
+             "imagers": {"A": {"rms_mm": 0.01}}} for d in range(10)]
+    assert_allclose(trend(recs).offset_drift_mm_per_30_days, 0.3, rtol=0, atol=1e-9)
+
+
+def test_bad_history_line_names_file_and_line(tmp_path):
+    path = tmp_path / "h.jsonl"
+    path.write_text(json.dumps({"schema": "qa-record/1", "performed_unix_s": 1.0, "status": "pass",
+                                "centre_offset_distance_mm": 0.1, "imagers": {}}) + "\n{oops\n")
+    with pytest.raises(QAHistoryError, match=r"h.jsonl, line 2: not valid JSON"):
+        read_history(path)
+    path.write_text(json.dumps({"schema": "qa-record/7"}) + "\n")
+    with pytest.raises(QAHistoryError, match="line 1: unknown record schema 'qa-record/7'"):
+        read_history(path)
+    with pytest.raises(QAHistoryError, match="cannot read QA history"):
+        read_history(tmp_path / "missing.jsonl")
+
+
+def test_empty_history_cannot_be_plotted(tmp_path):
+    with pytest.raises(ReportError, match="QA history is empty"):
+        write_trend_plot([], tmp_path / "t.png")
+
+
+def test_calibration_report_has_figures_and_parameter_table(tmp_path):
+    views = [PhantomView(im.name, (0, 0, 0), im.project(PHANTOM.placed_mm())) for im in GEOMETRY.imagers]
+    result = solve_geometry(PHANTOM, views, GEOMETRY, calibrated_unix_s=0.0)
+    index = write_calibration_report(result, tmp_path / "report", _frames(GEOMETRY, 7))
+    text = index.read_text()
+    assert "source_x_mm" in text and "panel_rotation_z_deg" in text and "Isocentre check: ok" in text
+    for name in GEOMETRY.names:
+        assert (tmp_path / "report" / f"residuals_{name}.png").read_bytes()[:4] == b"\x89PNG"
