@@ -11,33 +11,80 @@ import math
 import numpy as np
 from numba import njit, prange
 
-__all__ = ["siddon_drr"]
+__all__ = ["siddon_drr", "support_box"]
+
+# A parametric distance no ray reaches (rays run over t in [0, 1]); finite so that
+# comparisons stay ordinary float compares.
+_FAR = 1e30
+
+
+@njit(cache=True, nogil=True)
+def support_box(mu):
+    """Index bounds ``(lo_i, lo_j, lo_k, hi_i, hi_j, hi_k)`` (inclusive) of the voxels with ``mu > 0``.
+
+    Returns ``hi < lo`` on every axis when the volume is empty.
+    """
+    nk, nj, ni = mu.shape
+    lo_i, lo_j, lo_k = ni, nj, nk
+    hi_i, hi_j, hi_k = -1, -1, -1
+    for k in range(nk):
+        for j in range(nj):
+            first = -1
+            last = -1
+            for i in range(ni):
+                if mu[k, j, i] > 0.0:
+                    if first < 0:
+                        first = i
+                    last = i
+            if first >= 0:
+                lo_i = min(lo_i, first)
+                hi_i = max(hi_i, last)
+                lo_j = min(lo_j, j)
+                hi_j = max(hi_j, j)
+                lo_k = min(lo_k, k)
+                hi_k = max(hi_k, k)
+    return np.array([lo_i, lo_j, lo_k, hi_i, hi_j, hi_k], dtype=np.int64)
 
 
 @njit(cache=True, nogil=True, inline="always")
-def _ray_integral(mu, ax, ay, az, bx, by, bz, length_mm):
+def _axis_setup(a, d, voxel, exit_voxel):
+    """Per-axis Siddon state: step sign, first crossing t, t per voxel, number of crossings."""
+    if d > 0.0:
+        return 1, (voxel + 0.5 - a) / d, 1.0 / d, exit_voxel - voxel
+    if d < 0.0:
+        return -1, (voxel - 0.5 - a) / d, -1.0 / d, voxel - exit_voxel
+    return 0, _FAR, _FAR, 0
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _ray_integral(mu_flat, ni, nj, box, ax, ay, az, bx, by, bz, length_mm):
     """Exact radiological path from index-space point a to b through a voxel-constant volume.
 
-    Voxel (i, j, k) covers [i - 0.5, i + 0.5] x ... in index space; ``mu`` is
-    indexed ``[k, j, i]`` in 1/mm; ``length_mm`` is |b - a| in mm. Incremental
-    Siddon traversal (Jacobs et al. 1998 / Amanatides & Woo 1987).
+    Voxel ``(i, j, k)`` covers ``[i - 0.5, i + 0.5] x ...`` in index space;
+    ``mu_flat`` is the C-ordered ``[k, j, i]`` volume in 1/mm; ``box`` holds
+    inclusive index bounds (lo_i, lo_j, lo_k, hi_i, hi_j, hi_k) outside which
+    every voxel is zero, so the ray is clipped to it; ``length_mm`` is
+    ``|b - a|`` in mm. Incremental Siddon traversal (Jacobs et al. 1998;
+    Amanatides & Woo 1987): each crossing of a voxel plane is one step, and the
+    number of crossings per axis is fixed up front, so the index never leaves
+    the box whatever the rounding.
     """
-    nk, nj, ni = mu.shape
     dx = bx - ax
     dy = by - ay
     dz = bz - az
     tmin = 0.0
     tmax = 1.0
-    # Clip the segment [0, 1] to the volume box, axis by axis.
-    lo = -0.5
+    # Clip the segment [0, 1] to the box, axis by axis.
     for axis in range(3):
         if axis == 0:
-            a, d, hi = ax, dx, ni - 0.5
+            a, d = ax, dx
         elif axis == 1:
-            a, d, hi = ay, dy, nj - 0.5
+            a, d = ay, dy
         else:
-            a, d, hi = az, dz, nk - 0.5
-        if abs(d) < 1e-12:
+            a, d = az, dz
+        lo = box[axis] - 0.5
+        hi = box[axis + 3] + 0.5
+        if d == 0.0:
             if a <= lo or a >= hi:
                 return 0.0
         else:
@@ -51,115 +98,106 @@ def _ray_integral(mu, ax, ay, az, bx, by, bz, length_mm):
                 tmax = t1
     if tmin >= tmax:
         return 0.0
-    # Start voxel: the one containing the point just after entry.
-    te = tmin + 1e-9 * (tmax - tmin)
-    i = int(math.floor(ax + te * dx + 0.5))
-    j = int(math.floor(ay + te * dy + 0.5))
-    k = int(math.floor(az + te * dz + 0.5))
-    i = min(max(i, 0), ni - 1)
-    j = min(max(j, 0), nj - 1)
-    k = min(max(k, 0), nk - 1)
-    inf = 1e30
-    if dx > 0:
-        si = 1
-        tx = (i + 0.5 - ax) / dx
-        dtx = 1.0 / dx
-    elif dx < 0:
-        si = -1
-        tx = (i - 0.5 - ax) / dx
-        dtx = -1.0 / dx
-    else:
-        si = 0
-        tx = inf
-        dtx = inf
-    if dy > 0:
-        sj = 1
-        ty = (j + 0.5 - ay) / dy
-        dty = 1.0 / dy
-    elif dy < 0:
-        sj = -1
-        ty = (j - 0.5 - ay) / dy
-        dty = -1.0 / dy
-    else:
-        sj = 0
-        ty = inf
-        dty = inf
-    if dz > 0:
-        sk = 1
-        tz = (k + 0.5 - az) / dz
-        dtz = 1.0 / dz
-    elif dz < 0:
-        sk = -1
-        tz = (k - 0.5 - az) / dz
-        dtz = -1.0 / dz
-    else:
-        sk = 0
-        tz = inf
-        dtz = inf
+    # Entry and exit voxels: those holding the points just inside the clipped segment.
+    eps = 1e-9 * (tmax - tmin)
+    te = tmin + eps
+    tx_ = tmax - eps
+    i = min(max(int(math.floor(ax + te * dx + 0.5)), box[0]), box[3])
+    j = min(max(int(math.floor(ay + te * dy + 0.5)), box[1]), box[4])
+    k = min(max(int(math.floor(az + te * dz + 0.5)), box[2]), box[5])
+    ie = min(max(int(math.floor(ax + tx_ * dx + 0.5)), box[0]), box[3])
+    je = min(max(int(math.floor(ay + tx_ * dy + 0.5)), box[1]), box[4])
+    ke = min(max(int(math.floor(az + tx_ * dz + 0.5)), box[2]), box[5])
+    si, tx, dtx, ci = _axis_setup(ax, dx, i, ie)
+    sj, ty, dty, cj = _axis_setup(ay, dy, j, je)
+    sk, tz, dtz, ck = _axis_setup(az, dz, k, ke)
+    # Rounding can put the exit voxel one behind the entry along an axis the ray barely moves in.
+    if ci <= 0:
+        ci = 0
+        tx = _FAR
+    if cj <= 0:
+        cj = 0
+        ty = _FAR
+    if ck <= 0:
+        ck = 0
+        tz = _FAR
+    stride_j = ni
+    stride_k = ni * nj
+    idx = k * stride_k + j * stride_j + i
+    step_i = si
+    step_j = sj * stride_j
+    step_k = sk * stride_k
     t = tmin
     acc = 0.0
-    while t < tmax:
+    for _ in range(ci + cj + ck):
         if tx <= ty and tx <= tz:
-            tn = tx
-            step = 0
+            acc += mu_flat[idx] * (tx - t)
+            t = tx
+            idx += step_i
+            ci -= 1
+            tx = tx + dtx if ci > 0 else _FAR
         elif ty <= tz:
-            tn = ty
-            step = 1
+            acc += mu_flat[idx] * (ty - t)
+            t = ty
+            idx += step_j
+            cj -= 1
+            ty = ty + dty if cj > 0 else _FAR
         else:
-            tn = tz
-            step = 2
-        if tn > tmax:
-            tn = tmax
-        acc += mu[k, j, i] * (tn - t)
-        t = tn
-        if step == 0:
-            i += si
-            tx += dtx
-            if i < 0 or i >= ni:
-                break
-        elif step == 1:
-            j += sj
-            ty += dty
-            if j < 0 or j >= nj:
-                break
-        else:
-            k += sk
-            tz += dtz
-            if k < 0 or k >= nk:
-                break
+            acc += mu_flat[idx] * (tz - t)
+            t = tz
+            idx += step_k
+            ck -= 1
+            tz = tz + dtz if ck > 0 else _FAR
+    if tmax > t:
+        acc += mu_flat[idx] * (tmax - t)
     return acc * length_mm
 
 
 @njit(cache=True, parallel=True, nogil=True)
-def siddon_drr(mu, src_idx, p0_idx, du_idx, dv_idx, src_mm, p0_mm, du_mm, dv_mm, rows, cols):
-    """Line integrals of ``mu`` (1/mm) from a source to a grid of panel points.
+def siddon_drr(mu, box, src_idx, origin_idx, du_idx, dv_idx, src_mm, origin_mm, du_mm, dv_mm, cols_px, rows_px):
+    """Line integrals of ``mu`` (1/mm) from a source to panel points.
 
     Parameters
     ----------
     mu : (nk, nj, ni) float32, C-contiguous
         Attenuation in 1/mm, voxel-constant.
-    src_idx, p0_idx, du_idx, dv_idx : (3,) float64
-        Source, panel point of output pixel (0, 0), and the steps between
-        output columns / rows, in voxel-index space ``(i, j, k)``.
-    src_mm, p0_mm, du_mm, dv_mm : (3,) float64
+    box : (6,) int64
+        Inclusive index bounds ``(lo_i, lo_j, lo_k, hi_i, hi_j, hi_k)`` of the
+        non-zero voxels (:func:`support_box`).
+    src_idx, origin_idx, du_idx, dv_idx : (3,) float64
+        Source, centre of panel pixel (0, 0), and the steps of one panel
+        column / row, in voxel-index space ``(i, j, k)``.
+    src_mm, origin_mm, du_mm, dv_mm : (3,) float64
         The same in a metric frame (room mm), for path lengths.
-    rows, cols : int
-        Output size.
+    cols_px, rows_px : 1D float64
+        Panel coordinates (col, row) of the output pixel centres; output
+        ``[r, c]`` is the ray through panel point ``(cols_px[c], rows_px[r])``.
+        Every output pixel's ray is computed from these full-panel
+        coordinates alone, so a region is bit-identical to the same crop of
+        the whole panel.
 
     Returns
     -------
     (rows, cols) float32
         Dimensionless line integrals ``int mu ds``.
     """
-    out = np.empty((rows, cols), dtype=np.float32)
+    rows = rows_px.shape[0]
+    cols = cols_px.shape[0]
+    nk, nj, ni = mu.shape
+    mu_flat = mu.reshape(nk * nj * ni)
+    out = np.zeros((rows, cols), dtype=np.float32)
+    if box[3] < box[0]:
+        return out
     for r in prange(rows):
+        v = rows_px[r]
         for c in range(cols):
-            bx = p0_idx[0] + c * du_idx[0] + r * dv_idx[0]
-            by = p0_idx[1] + c * du_idx[1] + r * dv_idx[1]
-            bz = p0_idx[2] + c * du_idx[2] + r * dv_idx[2]
-            ex = p0_mm[0] + c * du_mm[0] + r * dv_mm[0] - src_mm[0]
-            ey = p0_mm[1] + c * du_mm[1] + r * dv_mm[1] - src_mm[1]
-            ez = p0_mm[2] + c * du_mm[2] + r * dv_mm[2] - src_mm[2]
+            u = cols_px[c]
+            bx = origin_idx[0] + u * du_idx[0] + v * dv_idx[0]
+            by = origin_idx[1] + u * du_idx[1] + v * dv_idx[1]
+            bz = origin_idx[2] + u * du_idx[2] + v * dv_idx[2]
+            ex = origin_mm[0] + u * du_mm[0] + v * dv_mm[0] - src_mm[0]
+            ey = origin_mm[1] + u * du_mm[1] + v * dv_mm[1] - src_mm[1]
+            ez = origin_mm[2] + u * du_mm[2] + v * dv_mm[2] - src_mm[2]
             length = math.sqrt(ex * ex + ey * ey + ez * ez)
-            out[r, c] = _ray_integral(mu, src_idx[0], src_idx[1], src_idx[2], bx, by, bz, length)
+            out[r, c] = _ray_integral(mu_flat, ni, nj, box, src_idx[0], src_idx[1], src_idx[2], bx, by, bz, length)
     return out

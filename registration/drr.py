@@ -8,12 +8,16 @@ frame gives as ``-ln(I / i0)``.
 
 from __future__ import annotations
 
+import json
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
+import SimpleITK as sitk
 
-from calibration.geometry import ImagerGeometry
+from calibration.geometry import ImagerGeometry, StereoGeometry
 
 from . import _kernels
 from .attenuation import DEFAULT_CT_ENERGY_KEV, DEFAULT_IMAGING_ENERGY_KEV, hu_to_mu_per_mm
@@ -21,7 +25,10 @@ from .errors import DRRError
 from .pose import Pose
 from .volume import CTVolume
 
-__all__ = ["AttenuationVolume", "PanelRegion", "compute_drr"]
+__all__ = ["AttenuationVolume", "PanelRegion", "compute_drr", "write_drr_images", "DRR_METADATA_PREFIX"]
+
+#: Prefix of the metadata keys :func:`write_drr_images` stores in each ``.mha``.
+DRR_METADATA_PREFIX = "spineguide_drr_"
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,6 +92,7 @@ class AttenuationVolume:
     mu_per_mm: np.ndarray
     room_from_index: np.ndarray
     _index_from_room: np.ndarray = field(init=False, repr=False, compare=False)
+    _support_box: np.ndarray = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         mu = np.ascontiguousarray(self.mu_per_mm, dtype=np.float32)
@@ -92,7 +100,10 @@ class AttenuationVolume:
             raise DRRError(f"attenuation volume must be 3D, got shape {mu.shape}")
         if not np.all(np.isfinite(mu)) or np.any(mu < 0):
             raise DRRError("attenuation volume must be finite and non-negative")
-        if mu is self.mu_per_mm and mu.flags.writeable:
+        # Keep a private, read-only copy unless the caller's array is already read-only and
+        # owns its memory: a writeable array could change under us, and a view (e.g.
+        # SimpleITK's GetArrayViewFromImage) could be freed with the object behind it.
+        if mu is self.mu_per_mm and (mu.flags.writeable or not mu.flags.owndata):
             mu = mu.copy()
         mu.setflags(write=False)
         m = np.array(self.room_from_index, dtype=np.float64)
@@ -101,9 +112,16 @@ class AttenuationVolume:
         object.__setattr__(self, "mu_per_mm", mu)
         m.setflags(write=False)
         object.__setattr__(self, "room_from_index", m)
+        if abs(np.linalg.det(m[:3, :3])) < 1e-12 or np.any(m[3] != (0.0, 0.0, 0.0, 1.0)):
+            raise DRRError("room_from_index must be an invertible affine 4x4 matrix")
         inv = np.linalg.inv(m)
         inv.setflags(write=False)
         object.__setattr__(self, "_index_from_room", inv)
+        # Rays are clipped to the box of non-zero voxels: air (mu = 0) adds nothing, so
+        # skipping it is exact and saves the traversal of the air around the body.
+        box = _kernels.support_box(mu)
+        box.setflags(write=False)
+        object.__setattr__(self, "_support_box", box)
 
     @classmethod
     def from_ct(
@@ -114,7 +132,9 @@ class AttenuationVolume:
         ct_energy_kev: float = DEFAULT_CT_ENERGY_KEV,
     ) -> "AttenuationVolume":
         """Attenuation of a planning CT at an effective kV energy, isocentre in CT LPS mm."""
-        return cls(hu_to_mu_per_mm(ct.hu, energy_kev, ct_energy_kev), ct.room_from_index(isocentre_lps_mm))
+        mu = hu_to_mu_per_mm(ct.hu, energy_kev, ct_energy_kev)
+        mu.setflags(write=False)  # a fresh array nobody else holds: no need to copy it again
+        return cls(mu, ct.room_from_index(isocentre_lps_mm))
 
     def masked(self, mask: np.ndarray, margin_voxels: int = 1) -> "AttenuationVolume":
         """Only the voxels inside a 3D mask (same ``[k, j, i]`` grid), cropped to the mask's bounding box.
@@ -198,24 +218,105 @@ def compute_drr(
     pose = Pose.identity() if pose is None else pose
     # Moving the patient by P is the same as moving the imager by P^-1.
     index_from_actual_room = volume.index_from_room @ pose.inverse().matrix
-    cols, rows = region.pixel_centres(binning)
-    p0_mm = imager.pixel_to_room(np.array([cols[0], rows[0]]))
+    cols_px, rows_px = region.pixel_centres(binning)
     row_sp, col_sp = imager.pixel_spacing_mm
-    du_mm = imager.col_direction * col_sp * binning
-    dv_mm = imager.row_direction * row_sp * binning
+    origin_mm = np.ascontiguousarray(imager.origin_mm, dtype=np.float64)
+    du_mm = imager.col_direction * col_sp
+    dv_mm = imager.row_direction * row_sp
     lin = index_from_actual_room[:3, :3]
     off = index_from_actual_room[:3, 3]
     src_mm = np.ascontiguousarray(imager.source_mm, dtype=np.float64)
     return _kernels.siddon_drr(
         volume.mu_per_mm,
+        volume._support_box,
         lin @ src_mm + off,
-        lin @ p0_mm + off,
+        lin @ origin_mm + off,
         lin @ du_mm,
         lin @ dv_mm,
         src_mm,
-        np.ascontiguousarray(p0_mm),
+        origin_mm,
         np.ascontiguousarray(du_mm),
         np.ascontiguousarray(dv_mm),
-        out_rows,
-        out_cols,
+        np.ascontiguousarray(cols_px, dtype=np.float64),
+        np.ascontiguousarray(rows_px, dtype=np.float64),
     )
+
+
+def write_drr_images(
+    ct: CTVolume,
+    geometry: StereoGeometry,
+    isocentre_lps_mm: Sequence[float],
+    out_dir: str | os.PathLike,
+    pose: Pose | None = None,
+    imagers: Sequence[str] | None = None,
+    energy_kev: float = DEFAULT_IMAGING_ENERGY_KEV,
+    ct_energy_kev: float = DEFAULT_CT_ENERGY_KEV,
+) -> dict[str, Path]:
+    """Write each imager's full-panel DRR (line integrals) as a float32 ``.mha``.
+
+    Parameters
+    ----------
+    ct : CTVolume
+        Planning CT (HU, LPS) with its patient position.
+    geometry : StereoGeometry
+        Imagers in the room frame (mm).
+    isocentre_lps_mm : (3,) sequence
+        Plan isocentre in the CT's LPS frame, mm.
+    out_dir : path
+        Folder to write into (created if missing); files are ``drr_<imager>.mha``.
+    pose : Pose, optional
+        Patient pose (CONVENTIONS: ``p_actual = R p_planned + t``, room frame,
+        mm); identity if omitted.
+    imagers : sequence of str, optional
+        Imager names to render; all imagers of ``geometry`` if omitted.
+    energy_kev, ct_energy_kev : float
+        Effective imaging and CT energies for the HU -> mu model, keV.
+
+    Returns
+    -------
+    dict
+        Imager name -> path written. Each image is ``rows x cols`` float32,
+        one pixel per panel pixel, ``image[row, col]`` (SimpleITK x = column,
+        y = row), spacing ``(col_spacing, row_spacing)`` mm of the panel,
+        origin ``(0, 0)``; metadata keys ``spineguide_drr_imager``,
+        ``..._pose_translation_mm``, ``..._pose_rotation_deg``,
+        ``..._isocentre_lps_mm``, ``..._energy_kev``, ``..._quantity``.
+
+    Raises
+    ------
+    DRRError
+        An imager name that the geometry does not have (named), or no imager.
+    """
+    names = list(geometry.names if imagers is None else imagers)
+    if not names:
+        raise DRRError("no imager selected for the DRR")
+    for name in names:
+        if name not in geometry.names:
+            raise DRRError(f"imager '{name}' is not in the geometry (imagers: {', '.join(geometry.names)})")
+    pose = Pose.identity() if pose is None else pose
+    volume = AttenuationVolume.from_ct(ct, isocentre_lps_mm, energy_kev, ct_energy_kev)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    translation_mm, rotation_deg = pose.six()
+    meta = {
+        "pose_translation_mm": json.dumps([float(x) for x in translation_mm]),
+        "pose_rotation_deg": json.dumps([float(x) for x in rotation_deg]),
+        "isocentre_lps_mm": json.dumps([float(x) for x in np.asarray(isocentre_lps_mm, dtype=np.float64)]),
+        "energy_kev": repr(float(energy_kev)),
+        "ct_energy_kev": repr(float(ct_energy_kev)),
+        "quantity": "line integral of mu, dimensionless (-ln(I/i0))",
+        "ct": ct.source,
+    }
+    written: dict[str, Path] = {}
+    for name in names:
+        imager = geometry[name]
+        image = sitk.GetImageFromArray(compute_drr(volume, imager, pose))
+        row_sp, col_sp = imager.pixel_spacing_mm
+        image.SetSpacing((float(col_sp), float(row_sp)))
+        image.SetMetaData(DRR_METADATA_PREFIX + "imager", name)
+        for key, value in meta.items():
+            image.SetMetaData(DRR_METADATA_PREFIX + key, value)
+        path = out / f"drr_{name}.mha"
+        sitk.WriteImage(image, str(path))
+        written[name] = path
+    return written

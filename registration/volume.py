@@ -191,6 +191,8 @@ class CTVolume:
         img.SetOrigin(tuple(float(o) for o in self.origin_lps_mm))
         img.SetDirection(tuple(float(d) for d in self.direction.ravel()))
         img.SetMetaData(PATIENT_POSITION_KEY, self.patient_position.value)
+        # NIfTI has no free metadata: its 80-character `descrip` field (ITK_FileNotes) carries it.
+        img.SetMetaData("ITK_FileNotes", f"{PATIENT_POSITION_KEY}={self.patient_position.value}")
         return img
 
     @classmethod
@@ -275,7 +277,7 @@ def read_ct(path: str | os.PathLike, patient_position: PatientPosition | str | N
         image = sitk.ReadImage(str(p))
     except RuntimeError as err:
         raise VolumeFileError(f"{p}: cannot read volume: {str(err).strip().splitlines()[-1]}") from err
-    stored = image.GetMetaData(PATIENT_POSITION_KEY).strip() if image.HasMetaDataKey(PATIENT_POSITION_KEY) else None
+    stored = _stored_position(image)
     if stored is None and patient_position is None:
         raise PatientPositionError(
             f"{p}: the file does not record the patient position; give it explicitly (HFS, FFS, HFP or FFP)"
@@ -292,6 +294,19 @@ def read_ct(path: str | os.PathLike, patient_position: PatientPosition | str | N
         return CTVolume.from_sitk(image, position, str(p))
     except VolumeError as err:
         raise VolumeFileError(str(err)) from err
+
+
+def _stored_position(image: sitk.Image) -> str | None:
+    """The patient position a file records: its own key (mha/nrrd) or NIfTI's ``descrip`` note."""
+    if image.HasMetaDataKey(PATIENT_POSITION_KEY):
+        return image.GetMetaData(PATIENT_POSITION_KEY).strip()
+    prefix = f"{PATIENT_POSITION_KEY}="
+    for key in ("descrip", "ITK_FileNotes"):
+        if image.HasMetaDataKey(key):
+            note = image.GetMetaData(key).strip()
+            if note.startswith(prefix):
+                return note[len(prefix):].strip()
+    return None
 
 
 def write_ct(volume: CTVolume, path: str | os.PathLike) -> Path:

@@ -32,6 +32,8 @@ __all__ = [
     "GatingDecision",
     "judge_measurement",
     "judge_silence",
+    "judge_fault",
+    "with_tolerance",
 ]
 
 
@@ -300,6 +302,22 @@ def judge_silence(
     if state.enabled_until_unix_s and now_unix_s >= state.enabled_until_unix_s:
         return _hold(HoldReason.STALE_FRAME, now_unix_s, None, None, state)
     return None, state
+
+
+def judge_fault(
+    state: GatingState, reason: HoldReason, now_unix_s: float, pair_id: int | None = None
+) -> tuple[GatingDecision, GatingState]:
+    """HOLD at once for a fault found outside a measurement (corrupt or unpaired frame, internal error...).
+
+    A fault can only revoke a permission, never grant one: the result is
+    always a HOLD with ``reason`` (``internal_error`` if ``reason`` is ``OK``
+    or the clock is not finite), and the good-pair count restarts.
+    """
+    if not isinstance(reason, HoldReason) or reason is HoldReason.OK:
+        reason = HoldReason.INTERNAL_ERROR
+    if not math.isfinite(now_unix_s):
+        return _hold(HoldReason.INTERNAL_ERROR, 0.0, None, None, state)
+    return _hold(reason, now_unix_s, pair_id, None, state)
 
 
 def with_tolerance(config: GatingConfig, tolerance_3d_mm: float | None = None,

@@ -38,6 +38,18 @@ __all__ = [
     "encode_correction",
     "encode_gating",
     "encode_heartbeat",
+    "PayloadSizeError",
+    "NonFinitePixelsError",
+    "gating_body",
+    "correction_body",
+    "encode_message",
+    "CommandRequest",
+    "encode_command",
+    "decode_command",
+    "encode_reply",
+    "decode_reply",
+    "encode_couch",
+    "decode_couch",
 ]
 
 #: Schema name -> the one major version this build understands.
@@ -48,7 +60,16 @@ KNOWN_MAJOR = {
     "heartbeat": 1,
     "command": 1,
     "reply": 1,
+    "couch": 1,
 }
+
+
+class PayloadSizeError(FrameError):
+    """A ``kvframe/1`` pixel payload does not match its header's rows x cols x dtype (HOLD ``corrupt_frame``)."""
+
+
+class NonFinitePixelsError(FrameError):
+    """A float ``kvframe/1`` carries NaN or infinite pixels (HOLD ``nan_frame``)."""
 
 _DTYPES = {"uint16": np.dtype("<u2"), "float32": np.dtype("<f4")}
 
@@ -61,6 +82,7 @@ class WireLimits:
     max_rows: int = 4096
     max_cols: int = 4096
     max_name_chars: int = 64
+    max_command_params: int = 16
 
 
 def parse_schema(value: object, expected_name: str) -> int:
@@ -223,7 +245,7 @@ def decode_kvframe(parts: list[bytes], limits: WireLimits = WireLimits()) -> Wir
     payload = parts[2]
     expected = rows * cols * dtype.itemsize
     if len(payload) != expected:
-        raise FrameError(
+        raise PayloadSizeError(
             f"{what} seq {seq} imager '{imager}' pair {pair_id}: pixel payload is {len(payload)} bytes, "
             f"expected {expected} for {rows}x{cols} {dtype_name}"
         )
@@ -231,7 +253,8 @@ def decode_kvframe(parts: list[bytes], limits: WireLimits = WireLimits()) -> Wir
     if dtype_name == "float32":
         bad = ~np.isfinite(pixels)
         if np.any(bad):
-            raise FrameError(f"{what} seq {seq} imager '{imager}' pair {pair_id}: {int(bad.sum())} pixels are NaN or infinite")
+            raise NonFinitePixelsError(
+                f"{what} seq {seq} imager '{imager}' pair {pair_id}: {int(bad.sum())} pixels are NaN or infinite")
         if np.any(pixels < 0):
             raise FrameError(f"{what} seq {seq} imager '{imager}' pair {pair_id}: negative pixels")
     pixels.setflags(write=False)
@@ -240,6 +263,77 @@ def decode_kvframe(parts: list[bytes], limits: WireLimits = WireLimits()) -> Wir
 
 
 # ------------------------------------------------------------------- outbound
+def correction_body(
+    pair_id: int | None,
+    t_unix_s: float,
+    correction: Correction,
+    method: str,
+    quality: dict[str, Any],
+    **extra: Any,
+) -> dict[str, Any]:
+    """Content of a ``correction/1`` message without ``seq`` (the publisher stamps it at send time).
+
+    ``extra`` adds fields beyond CONVENTIONS (``apply``, ``purpose``; see docs/PROTOCOL.md).
+    """
+    if method not in ("fiducial", "anatomy"):
+        raise WireSchemaError(f"correction: method must be 'fiducial' or 'anatomy', got {method!r}")
+    if "ok" not in quality or not isinstance(quality["ok"], bool):
+        raise WireSchemaError("correction: quality must contain a boolean 'ok'")
+    body = {
+        "schema": "correction/1",
+        "pair_id": pair_id,
+        "t_unix_s": float(t_unix_s),
+        "translation_mm": [float(x) for x in correction.translation_mm],
+        "rotation_deg": [float(x) for x in correction.rotation_deg],
+        "method": method,
+        "quality": quality,
+    }
+    _add_extra(body, extra, "correction")
+    return body
+
+
+def gating_body(t_unix_s: float, decision: GatingDecision) -> dict[str, Any]:
+    """Content of a ``gating/1`` message without ``seq``."""
+    return {
+        "schema": "gating/1",
+        "t_unix_s": float(t_unix_s),
+        "beam": decision.beam.value,
+        "reason": decision.reason.value,
+        "valid_until_unix_s": float(decision.valid_until_unix_s),
+        "pair_id": decision.pair_id,
+        "deviation_mm": None if decision.deviation_mm is None else float(decision.deviation_mm),
+    }
+
+
+def _add_extra(body: dict, extra: dict | None, what: str) -> None:
+    for key in extra or {}:
+        if key in body or key == "seq":
+            raise WireSchemaError(f"{what}: extra field {key!r} would overwrite a required field")
+    body.update(extra or {})
+
+
+def encode_message(seq: int, body: dict[str, Any]) -> list[bytes]:
+    """``[topic, json]`` for an outgoing body: the topic is the schema's name, ``seq`` is added here.
+
+    Raises
+    ------
+    WireSchemaError
+        No known ``schema`` in the body, a ``seq`` already present, or a non-finite number.
+    """
+    schema = body.get("schema")
+    if not isinstance(schema, str) or "/" not in schema:
+        raise WireSchemaError(f"outgoing message without a schema: {sorted(body)}")
+    topic = schema.partition("/")[0]
+    parse_schema(schema, topic) if topic in KNOWN_MAJOR else _unknown(topic)
+    if "seq" in body:
+        raise WireSchemaError(f"{topic}: 'seq' is stamped by the sender, not the body")
+    return encode_json_message(topic, {"schema": schema, "seq": int(seq), **{k: v for k, v in body.items() if k != "schema"}})
+
+
+def _unknown(topic: str):
+    raise WireSchemaError(f"outgoing message with unknown schema name {topic!r}")
+
+
 def encode_correction(
     seq: int,
     pair_id: int | None,
@@ -249,48 +343,123 @@ def encode_correction(
     quality: dict[str, Any],
 ) -> list[bytes]:
     """``correction/1``: the couch correction (never a pose), method and quality."""
-    if method not in ("fiducial", "anatomy"):
-        raise WireSchemaError(f"correction: method must be 'fiducial' or 'anatomy', got {method!r}")
-    if "ok" not in quality or not isinstance(quality["ok"], bool):
-        raise WireSchemaError("correction: quality must contain a boolean 'ok'")
-    return encode_json_message(
-        "correction",
-        {
-            "schema": "correction/1",
-            "seq": int(seq),
-            "pair_id": pair_id,
-            "t_unix_s": float(t_unix_s),
-            "translation_mm": [float(x) for x in correction.translation_mm],
-            "rotation_deg": [float(x) for x in correction.rotation_deg],
-            "method": method,
-            "quality": quality,
-        },
-    )
+    return encode_message(seq, correction_body(pair_id, t_unix_s, correction, method, quality))
 
 
 def encode_gating(seq: int, t_unix_s: float, decision: GatingDecision) -> list[bytes]:
     """``gating/1`` from a gating decision."""
-    return encode_json_message(
-        "gating",
-        {
-            "schema": "gating/1",
-            "seq": int(seq),
-            "t_unix_s": float(t_unix_s),
-            "beam": decision.beam.value,
-            "reason": decision.reason.value,
-            "valid_until_unix_s": float(decision.valid_until_unix_s),
-            "pair_id": decision.pair_id,
-            "deviation_mm": None if decision.deviation_mm is None else float(decision.deviation_mm),
-        },
-    )
+    return encode_message(seq, gating_body(t_unix_s, decision))
 
 
 def encode_heartbeat(seq: int, t_unix_s: float, state: str, extra: dict[str, Any] | None = None) -> list[bytes]:
     """``heartbeat/1``: the service is alive and in ``state``."""
     body = {"schema": "heartbeat/1", "seq": int(seq), "t_unix_s": float(t_unix_s), "state": state}
-    if extra:
-        for key in extra:
-            if key in body:
-                raise WireSchemaError(f"heartbeat: extra field {key!r} would overwrite a required field")
-        body.update(extra)
+    _add_extra(body, extra, "heartbeat")
     return encode_json_message("heartbeat", body)
+
+
+# ------------------------------------------------------------ commands, replies
+#: Longest command name accepted, characters.
+_MAX_COMMAND_CHARS = 32
+
+
+@dataclass(frozen=True, slots=True)
+class CommandRequest:
+    """A decoded ``command/1`` request.
+
+    Attributes
+    ----------
+    seq : int
+        The client's message number (echoed in the reply as ``request_seq``).
+    command : str
+        Command name (``status``, ``start_setup``...); checked against the
+        known set by the state machine, not here.
+    params : dict
+        Command parameters (JSON scalars or short lists only).
+    """
+
+    seq: int
+    command: str
+    params: dict[str, Any]
+
+
+def encode_command(seq: int, command: str, params: dict[str, Any] | None = None) -> list[bytes]:
+    """``[b"command", json]`` for a client (console, delivery-sim)."""
+    return encode_json_message("command", {"schema": "command/1", "seq": int(seq), "command": command,
+                                           "params": dict(params or {})})
+
+
+def decode_command(parts: list[bytes], limits: WireLimits = WireLimits()) -> CommandRequest:
+    """Validate a ``command/1`` request.
+
+    Raises
+    ------
+    WireSchemaError
+        Wrong frames, oversized or malformed JSON, unknown schema major, a
+        missing/ill-typed ``seq``/``command``/``params``, too many params, or
+        a param that is not a finite scalar, string or list of up to 16 numbers.
+    """
+    obj = decode_json_message(parts, "command", limits)
+    seq = _int_field(obj, "seq", "command")
+    name = obj.get("command")
+    if not isinstance(name, str) or not 0 < len(name) <= _MAX_COMMAND_CHARS:
+        raise WireSchemaError(f"command: 'command' must be a name of 1-{_MAX_COMMAND_CHARS} characters, got {name!r}")
+    params = obj.get("params", {})
+    if not isinstance(params, dict):
+        raise WireSchemaError(f"command '{name}': 'params' must be an object, got {type(params).__name__}")
+    if len(params) > limits.max_command_params:
+        raise WireSchemaError(f"command '{name}': {len(params)} params (limit {limits.max_command_params})")
+    for key, value in params.items():
+        if not _scalar_ok(value, limits) and not (
+                isinstance(value, list) and len(value) <= 16 and all(_number_ok(v) for v in value)):
+            raise WireSchemaError(f"command '{name}': param {key!r} must be a finite scalar, short string or "
+                                  f"list of up to 16 numbers, got {str(value)[:40]!r}")
+    return CommandRequest(seq, name, dict(params))
+
+
+def _number_ok(v: object) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _scalar_ok(v: object, limits: WireLimits) -> bool:
+    return v is None or isinstance(v, bool) or _number_ok(v) or (isinstance(v, str) and len(v) <= 4 * limits.max_name_chars)
+
+
+def encode_reply(seq: int, body: dict[str, Any]) -> list[bytes]:
+    """``[b"reply", json]``: ``body`` holds ``ok``, ``reason``, ``state``... (see docs/PROTOCOL.md)."""
+    if not isinstance(body.get("ok"), bool):
+        raise WireSchemaError("reply: body must hold a boolean 'ok'")
+    return encode_message(seq, {"schema": "reply/1", **body})
+
+
+def decode_reply(parts: list[bytes], limits: WireLimits = WireLimits()) -> dict[str, Any]:
+    """Validate a ``reply/1`` (client side)."""
+    obj = decode_json_message(parts, "reply", WireLimits(max_header_bytes=max(limits.max_header_bytes, 256 * 1024)))
+    if not isinstance(obj.get("ok"), bool):
+        raise WireSchemaError(f"reply: 'ok' must be a boolean, got {obj.get('ok')!r}")
+    return obj
+
+
+# ------------------------------------------------------------------------ couch
+def encode_couch(seq: int, t_unix_s: float, translation_mm, rotation_deg, moving: bool) -> list[bytes]:
+    """``couch/1`` (delivery-sim PUB): the couch's total applied correction and whether it is moving."""
+    return encode_message(seq, {
+        "schema": "couch/1",
+        "t_unix_s": float(t_unix_s),
+        "translation_mm": [float(x) for x in translation_mm],
+        "rotation_deg": [float(x) for x in rotation_deg],
+        "moving": bool(moving),
+    })
+
+
+def decode_couch(parts: list[bytes], limits: WireLimits = WireLimits()) -> dict[str, Any]:
+    """Validate a ``couch/1`` message; returns it with ``translation_mm``/``rotation_deg`` as float lists."""
+    obj = decode_json_message(parts, "couch", limits)
+    for key in ("translation_mm", "rotation_deg"):
+        v = obj.get(key)
+        if not isinstance(v, list) or len(v) != 3 or not all(_number_ok(x) for x in v):
+            raise WireSchemaError(f"couch: '{key}' must be 3 finite numbers, got {v!r}")
+    if not isinstance(obj.get("moving"), bool):
+        raise WireSchemaError(f"couch: 'moving' must be a boolean, got {obj.get('moving')!r}")
+    _int_field(obj, "seq", "couch")
+    return obj

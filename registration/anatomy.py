@@ -1,0 +1,1085 @@
+"""Stereo 6-DoF 2D/3D registration of vertebral and skull anatomy to the planning CT.
+
+A pair of raw kV frames is matched to DRRs of a region of interest (ROI) of the
+planning CT, jointly over both views, to find the patient pose
+``p_actual = R p_planned + t`` (room frame, mm, rotations about the
+isocentre; shared/CONVENTIONS.md) and its couch correction ``C = P^-1``.
+
+Method (``docs/ANATOMY_REGISTRATION.md``):
+
+1. ROI volume: attenuation at the imaging energy in excess of water,
+   ``max(mu - mu_water, 0)``, kept only inside the (slightly dilated) ROI mask
+   and cropped to it (:meth:`AttenuationVolume.masked`). The excess over
+   water is what makes a bone edge visible in a radiograph, and a box ROI then
+   has no artificial box outline in its DRR.
+2. Global stage (skipped in tracking mode): per view, a DRR of the ROI at the
+   start pose is matched over a window of the radiograph with gradient
+   correlation as a function of 2D shift (``cv2.matchTemplate`` on Sobel
+   derivatives); the two shifts are triangulated into a 3D translation. The
+   same correlation map, widened along the spine, compares the best match in
+   the capture window with the best one a vertebral level away
+   (wrong-level check).
+3. Refinement, coarse to fine (downsampled volume, binned DRRs): Levenberg-
+   Marquardt on the least-squares form of the similarity (normalised gradient
+   images for gradient correlation, normalised intensities for NCC), with
+   forward-difference pose derivatives of the DRRs of small binned panel
+   regions, rotations about the ROI centre.
+4. Quality: per-view similarity, each view's residual 2D shift at the joint
+   optimum, curvature (Gauss-Newton covariance), ROI on the panel, saturated
+   pixels, bounds, convergence, level check; ``quality.ok`` is False with a
+   reason code when the match cannot be trusted.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from enum import Enum
+from types import MappingProxyType
+
+import cv2
+import numpy as np
+import scipy.ndimage
+
+from calibration.geometry import ImagerGeometry, StereoGeometry
+
+from .attenuation import DEFAULT_CT_ENERGY_KEV, DEFAULT_IMAGING_ENERGY_KEV, hu_to_mu_per_mm, linear_attenuation_per_mm
+from .drr import AttenuationVolume, PanelRegion, compute_drr
+from .errors import RegistrationError
+from .pose import Correction, Pose
+from .similarity import FrameError, Similarity, image_gradients, line_integrals, similarity
+from .volume import CTVolume
+
+__all__ = [
+    "AnatomyConfig",
+    "AnatomyQuality",
+    "AnatomyRegistration",
+    "AnatomyResult",
+    "PyramidLevel",
+    "QualityReason",
+    "RegionOfInterest",
+    "RoiError",
+    "AnatomyConfigError",
+    "register_anatomy",
+]
+
+log = logging.getLogger(__name__)
+
+
+class RoiError(RegistrationError, ValueError):
+    """A region of interest is unusable (empty, wrong grid, unknown label)."""
+
+
+class AnatomyConfigError(RegistrationError, ValueError):
+    """An anatomy-registration setting is out of its valid range."""
+
+
+class QualityReason(Enum):
+    """Why a registration result cannot be trusted (wire value = short code)."""
+
+    OK = "ok"
+    ROI_OFF_PANEL = "roi_off_panel"
+    SATURATED = "saturated"
+    WRONG_LEVEL = "wrong_level"
+    AT_BOUNDS = "at_bounds"
+    NOT_CONVERGED = "not_converged"
+    LOW_SIMILARITY = "low_similarity"
+    VIEWS_DISAGREE = "views_disagree"
+    ILL_DEFINED = "ill_defined"
+
+
+# ------------------------------------------------------------------------------ ROI
+@dataclass(frozen=True, slots=True)
+class RegionOfInterest:
+    """A 3D region of the planning CT on its voxel grid.
+
+    Attributes
+    ----------
+    mask : (nk, nj, ni) bool, read-only
+        True inside the ROI, on the CT's ``[k, j, i]`` grid.
+    description : str
+        What the ROI is, for messages (``"label 3 +-1"``, ``"box 40x40x30 mm"``).
+    level_spacing_mm : float or None
+        Distance between neighbouring vertebrae near the target (mm), if the
+        ROI knows it (label ROIs); used by the wrong-level check.
+    """
+
+    mask: np.ndarray
+    description: str = "mask"
+    level_spacing_mm: float | None = None
+
+    def __post_init__(self) -> None:
+        m = np.array(self.mask, dtype=bool)
+        if m.ndim != 3:
+            raise RoiError(f"ROI '{self.description}': mask must be 3D [k, j, i], got shape {m.shape}")
+        if not np.any(m):
+            raise RoiError(f"ROI '{self.description}': mask selects no voxel")
+        m.setflags(write=False)
+        object.__setattr__(self, "mask", m)
+        if self.level_spacing_mm is not None:
+            s = float(self.level_spacing_mm)
+            if not math.isfinite(s) or s <= 0:
+                raise RoiError(f"ROI '{self.description}': level spacing must be positive mm, got {s!r}")
+            object.__setattr__(self, "level_spacing_mm", s)
+
+    @classmethod
+    def from_mask(cls, mask: np.ndarray, description: str = "mask") -> "RegionOfInterest":
+        """Any non-zero voxel of a ``[k, j, i]`` array is inside."""
+        return cls(np.asarray(mask) != 0, description)
+
+    @classmethod
+    def from_labels(
+        cls, ct: CTVolume, labels: np.ndarray, target_label: int, neighbours: int = 0
+    ) -> "RegionOfInterest":
+        """The voxels labelled ``target_label`` (plus ``neighbours`` levels either side).
+
+        Parameters
+        ----------
+        ct : CTVolume
+            Planning CT; ``labels`` must share its grid.
+        labels : (nk, nj, ni) int array
+            Vertebra labels, consecutive integers along the spine.
+        target_label : int
+        neighbours : int
+            0 for the target vertebra alone, 1 for target +-1 level.
+
+        Raises
+        ------
+        RoiError
+            Grid mismatch, negative ``neighbours`` or a target label absent.
+        """
+        lab = np.asarray(labels)
+        if lab.shape != ct.hu.shape:
+            raise RoiError(f"ROI labels: shape {lab.shape} does not match the CT {ct.hu.shape} ({ct.source})")
+        if isinstance(neighbours, bool) or int(neighbours) != neighbours or neighbours < 0:
+            raise RoiError(f"ROI labels: neighbours must be a non-negative integer, got {neighbours!r}")
+        target = int(target_label)
+        if not np.any(lab == target):
+            present = sorted(int(v) for v in np.unique(lab) if v != 0)
+            raise RoiError(f"ROI labels: label {target} not present (labels present: {present})")
+        n = int(neighbours)
+        mask = (lab >= target - n) & (lab <= target + n) & (lab != 0)
+
+        def centre_lps(value: int) -> np.ndarray | None:
+            idx = np.argwhere(lab == value)
+            return None if idx.size == 0 else ct.index_to_lps(idx[:, ::-1].mean(axis=0))
+
+        c0 = centre_lps(target)
+        gaps = [float(np.linalg.norm(c - c0)) for c in (centre_lps(target - 1), centre_lps(target + 1)) if c is not None]
+        desc = f"label {target}" + (f" +-{n}" if n else "")
+        return cls(mask, desc, min(gaps) if gaps else None)
+
+    @classmethod
+    def from_box(
+        cls, ct: CTVolume, centre_lps_mm: Sequence[float], half_size_mm: Sequence[float]
+    ) -> "RegionOfInterest":
+        """Voxels whose centres lie in an LPS-axis-aligned box (CT LPS mm, half sizes in mm)."""
+        c = np.asarray(centre_lps_mm, dtype=np.float64)
+        h = np.asarray(half_size_mm, dtype=np.float64)
+        if c.shape != (3,) or h.shape != (3,) or not np.all(np.isfinite(c)) or not np.all(np.isfinite(h)):
+            raise RoiError(f"ROI box: centre and half size must be three finite numbers each, got {c} and {h}")
+        if np.any(h <= 0):
+            raise RoiError(f"ROI box: half sizes must be positive mm, got {h.tolist()}")
+        nk, nj, ni = ct.hu.shape
+        kk, jj, ii = np.meshgrid(np.arange(nk), np.arange(nj), np.arange(ni), indexing="ij")
+        lps = ct.index_to_lps(np.stack([ii.ravel(), jj.ravel(), kk.ravel()], axis=1))
+        inside = np.all(np.abs(lps - c) <= h, axis=1).reshape(nk, nj, ni)
+        desc = "box {:g}x{:g}x{:g} mm at LPS ({:g}, {:g}, {:g})".format(*(2 * h), *c)
+        if not np.any(inside):
+            raise RoiError(f"ROI {desc}: the box holds no voxel centre of the CT ({ct.source})")
+        return cls(inside, desc)
+
+
+# --------------------------------------------------------------------------- config
+@dataclass(frozen=True, slots=True)
+class PyramidLevel:
+    """One resolution level of the refinement.
+
+    Attributes
+    ----------
+    volume_factor : int
+        ROI volume downsampled by this factor per axis (block mean).
+    binning : int
+        DRR and radiograph pixels are ``binning x binning`` panel pixels.
+    smoothing_sigma_px : float
+        Gaussian smoothing of both images before comparison, binned pixels.
+    max_iterations : int
+        Levenberg-Marquardt iterations at this level.
+    supersampling : int
+        Rays per binned pixel and axis of the ROI DRR (averaged, like the
+        detector averages a bin): removes the aliasing of thin cortical
+        shells that makes the similarity rough under sub-voxel motion.
+    prefilter_mm : float
+        Gaussian band limit (sigma, mm) applied to the ROI and background
+        volumes in 3D and, scaled to the panel, to the radiograph before
+        binning: with both band-limited, one ray per binned pixel no longer
+        aliases thin cortical shells (which makes the similarity rough and
+        biased under sub-voxel motion).
+    """
+
+    volume_factor: int
+    binning: int
+    smoothing_sigma_px: float
+    max_iterations: int
+    supersampling: int = 1
+    prefilter_mm: float = 0.0
+
+    def __post_init__(self) -> None:
+        for name in ("volume_factor", "binning", "max_iterations", "supersampling"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+                raise AnatomyConfigError(f"PyramidLevel.{name} must be a positive integer, got {v!r}")
+        for name in ("smoothing_sigma_px", "prefilter_mm"):
+            s = float(getattr(self, name))
+            if not math.isfinite(s) or s < 0:
+                raise AnatomyConfigError(f"PyramidLevel.{name} must be >= 0, got {s!r}")
+        if self.binning % self.supersampling:
+            raise AnatomyConfigError(
+                f"PyramidLevel.supersampling {self.supersampling} must divide the binning {self.binning}"
+            )
+
+
+_OPTIMISABLE = (Similarity.GRADIENT_CORRELATION, Similarity.NCC)
+#: Damping increases tried per Levenberg-Marquardt iteration before the Jacobian is renewed.
+_MAX_DAMPING_TRIES = 4
+
+
+@dataclass(frozen=True, slots=True)
+class AnatomyConfig:
+    """Settings of the anatomy registration (defaults: ``docs/ANATOMY_REGISTRATION.md``).
+
+    Distances in mm at the isocentre, angles in degrees, pixels in panel
+    pixels unless a name says binned.
+    """
+
+    #: Similarity optimised (least-squares form): gradient correlation or NCC.
+    metric: Similarity = Similarity.GRADIENT_CORRELATION
+    #: Coarse-to-fine levels of the full (wide capture range) registration.
+    levels: tuple[PyramidLevel, ...] = (PyramidLevel(2, 8, 1.0, 10), PyramidLevel(1, 4, 1.0, 10))
+    #: Levels of tracking mode (start within ~2 mm / 1 deg of the answer).
+    tracking_levels: tuple[PyramidLevel, ...] = (PyramidLevel(1, 4, 1.0, 8),)
+    #: Effective energy of the kV beam used for the DRRs, keV.
+    imaging_energy_kev: float = DEFAULT_IMAGING_ENERGY_KEV
+    #: Effective energy of the planning CT, keV.
+    ct_energy_kev: float = DEFAULT_CT_ENERGY_KEV
+    #: ROI mask grown by this many voxels (keeps partial-volume bone edges).
+    roi_dilation_voxels: int = 1
+    #: Add the DRR of everything outside the ROI (re-rendered once per level at the
+    #: level's start pose) so overlapping anatomy in the radiograph is matched too.
+    background: bool = True
+    #: Margin around the projected ROI box in each panel region, mm at the isocentre.
+    region_margin_mm: float = 4.0
+    #: Half width of the global 2D search window, mm at the isocentre.
+    search_range_mm: float = 14.0
+    #: Binning and volume factor of the global stage.
+    global_binning: int = 8
+    global_volume_factor: int = 2
+    global_smoothing_sigma_px: float = 1.0
+    #: Vertebral level spacing for the wrong-level check when the ROI does not know it, mm.
+    level_spacing_mm: float = 25.0
+    #: Forward-difference step of the pose derivatives, binned pixels at the isocentre.
+    fd_step_px: float = 0.5
+    #: Convergence: last step below both, mm and degrees (about the ROI centre).
+    tolerance_mm: float = 0.01
+    tolerance_deg: float = 0.01
+    #: The optimiser may move at most this far from the start pose, per axis.
+    translation_bound_mm: float = 20.0
+    rotation_bound_deg: float = 8.0
+    # ---- refusal thresholds (quality.ok)
+    #: Lowest acceptable final similarity in every view.
+    min_similarity: float = 0.3
+    #: Largest acceptable residual 2D shift of a single view at the joint optimum, mm at the isocentre.
+    max_view_shift_mm: float = 0.5
+    #: Largest acceptable curvature-based standard deviation, mm / degrees (about the ROI centre).
+    max_std_mm: float = 0.3
+    max_std_deg: float = 0.3
+    #: Smallest fraction of the projected ROI box that must fall on each panel.
+    min_roi_on_panel: float = 0.9
+    #: Largest fraction of saturated (or zero-signal) pixels in the ROI's panel region.
+    max_saturated_fraction: float = 0.5
+    #: Raw level at or above which a pixel counts as saturated; None: the dtype's maximum
+    #: for integer frames, the frame's own maximum (when repeated) for float frames.
+    saturation_level: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.metric not in _OPTIMISABLE:
+            raise AnatomyConfigError(
+                f"metric must be one of {[m.value for m in _OPTIMISABLE]} (the least-squares forms), got {self.metric!r}"
+            )
+        for name in ("levels", "tracking_levels"):
+            levels = tuple(getattr(self, name))
+            if not levels or not all(isinstance(lv, PyramidLevel) for lv in levels):
+                raise AnatomyConfigError(f"{name} must be a non-empty tuple of PyramidLevel, got {levels!r}")
+            object.__setattr__(self, name, levels)
+        positive = (
+            "imaging_energy_kev", "ct_energy_kev", "search_range_mm", "level_spacing_mm", "fd_step_px",
+            "tolerance_mm", "tolerance_deg", "translation_bound_mm", "rotation_bound_deg", "max_view_shift_mm",
+            "max_std_mm", "max_std_deg",
+        )
+        for name in positive:
+            v = float(getattr(self, name))
+            if not math.isfinite(v) or v <= 0:
+                raise AnatomyConfigError(f"{name} must be a positive number, got {getattr(self, name)!r}")
+        for name in ("region_margin_mm", "global_smoothing_sigma_px"):
+            v = float(getattr(self, name))
+            if not math.isfinite(v) or v < 0:
+                raise AnatomyConfigError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+        for name in ("roi_dilation_voxels",):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0:
+                raise AnatomyConfigError(f"{name} must be a non-negative integer, got {v!r}")
+        for name in ("global_binning", "global_volume_factor"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+                raise AnatomyConfigError(f"{name} must be a positive integer, got {v!r}")
+        for name in ("min_similarity", "min_roi_on_panel", "max_saturated_fraction"):
+            v = float(getattr(self, name))
+            if not (0.0 <= v <= 1.0):
+                raise AnatomyConfigError(f"{name} must lie in [0, 1], got {getattr(self, name)!r}")
+        if self.saturation_level is not None and not (float(self.saturation_level) > 0):
+            raise AnatomyConfigError(f"saturation_level must be positive or None, got {self.saturation_level!r}")
+
+
+# --------------------------------------------------------------------------- result
+def _frozen_map(d: Mapping) -> Mapping:
+    return MappingProxyType(dict(d))
+
+
+@dataclass(frozen=True, slots=True)
+class AnatomyQuality:
+    """How far an anatomy registration can be trusted.
+
+    Attributes
+    ----------
+    ok : bool
+        False when any check failed; ``reason`` says which first.
+    reason : QualityReason
+    reasons : tuple of QualityReason
+        Every failed check (empty when ok).
+    similarity : mapping imager -> float
+        Final value of the optimised measure per view.
+    measures : mapping imager -> mapping measure name -> float
+        All :class:`Similarity` measures per view at the final pose.
+    view_shift_mm : mapping imager -> float
+        Residual 2D shift that would best improve each view alone, mm at the isocentre.
+    std_mm, std_deg : (3,) tuple
+        Curvature-based standard deviations of the translation (mm) and
+        rotation (degrees) about the ROI centre (independent-residual model).
+    roi_on_panel : mapping imager -> float
+        Fraction of the projected ROI box on the panel.
+    saturated_fraction : mapping imager -> float
+    level_margin : float or None
+        Best similarity in the capture window minus the best one a vertebral
+        level away (mean of the views); negative means another level matches
+        better. None in tracking mode.
+    converged, at_bounds : bool
+    """
+
+    ok: bool
+    reason: QualityReason
+    reasons: tuple[QualityReason, ...]
+    similarity: Mapping[str, float]
+    measures: Mapping[str, Mapping[str, float]]
+    view_shift_mm: Mapping[str, float]
+    std_mm: tuple[float, float, float]
+    std_deg: tuple[float, float, float]
+    roi_on_panel: Mapping[str, float]
+    saturated_fraction: Mapping[str, float]
+    level_margin: float | None
+    converged: bool
+    at_bounds: bool
+
+    def to_json(self) -> dict:
+        return {
+            "ok": self.ok,
+            "reason": self.reason.value,
+            "reasons": [r.value for r in self.reasons],
+            "similarity": dict(self.similarity),
+            "measures": {k: dict(v) for k, v in self.measures.items()},
+            "view_shift_mm": dict(self.view_shift_mm),
+            "std_mm": list(self.std_mm),
+            "std_deg": list(self.std_deg),
+            "roi_on_panel": dict(self.roi_on_panel),
+            "saturated_fraction": dict(self.saturated_fraction),
+            "level_margin": self.level_margin,
+            "converged": self.converged,
+            "at_bounds": self.at_bounds,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class AnatomyResult:
+    """Outcome of one stereo anatomy registration.
+
+    Attributes
+    ----------
+    pose : Pose
+        Patient pose found (room frame, mm; ``p_actual = R p_planned + t``).
+    correction : Correction
+        The couch correction ``pose^-1``: what is sent to the delivery system.
+    similarity : mapping imager -> float
+        Final optimised similarity per view.
+    quality : AnatomyQuality
+    iterations : int
+        Levenberg-Marquardt iterations over all levels.
+    drr_evaluations : int
+        DRRs computed (one per view per pose evaluated).
+    elapsed_ms : float
+        Wall time of the registration (monotonic clock), ms.
+    tracking : bool
+        True when started from a previous result without the global stage.
+    """
+
+    pose: Pose
+    correction: Correction
+    similarity: Mapping[str, float]
+    quality: AnatomyQuality
+    iterations: int
+    drr_evaluations: int
+    elapsed_ms: float
+    tracking: bool = False
+
+    def to_json(self) -> dict:
+        """The ``spineguide register`` JSON: correction, method, quality, elapsed_s (plus pose)."""
+        return {
+            "method": "anatomy",
+            "correction": self.correction.to_json(),
+            "pose": self.pose.to_json(),
+            "quality": self.quality.to_json(),
+            "elapsed_s": self.elapsed_ms / 1000.0,
+            "iterations": self.iterations,
+            "drr_evaluations": self.drr_evaluations,
+            "tracking": self.tracking,
+        }
+
+
+# ------------------------------------------------------------------------ internals
+def _rotation_matrix(rot_deg: np.ndarray) -> np.ndarray:
+    """``Rz(yaw) Ry(roll) Rx(pitch)`` from ``[pitch, roll, yaw]`` degrees (CONVENTIONS)."""
+    a, b, c = np.radians(rot_deg)
+    ca, sa, cb, sb, cc, sc = math.cos(a), math.sin(a), math.cos(b), math.sin(b), math.cos(c), math.sin(c)
+    rx = np.array([[1, 0, 0], [0, ca, -sa], [0, sa, ca]])
+    ry = np.array([[cb, 0, sb], [0, 1, 0], [-sb, 0, cb]])
+    rz = np.array([[cc, -sc, 0], [sc, cc, 0], [0, 0, 1]])
+    return rz @ ry @ rx
+
+
+def _parabola_offset(lo: float, mid: float, hi: float) -> float:
+    den = lo - 2.0 * mid + hi
+    return float(np.clip(0.5 * (lo - hi) / den, -0.5, 0.5)) if den < 0 else 0.0
+
+
+def _block_mean(image: np.ndarray, region: PanelRegion, binning: int) -> np.ndarray:
+    """Mean of ``binning x binning`` blocks of a full-panel image over a region (matches DRR binning)."""
+    rows, cols = region.rows // binning, region.cols // binning
+    sub = image[region.row0 : region.row0 + rows * binning, region.col0 : region.col0 + cols * binning]
+    if binning == 1:
+        return np.ascontiguousarray(sub, dtype=np.float32)
+    return sub.reshape(rows, binning, cols, binning).mean(axis=(1, 3), dtype=np.float64).astype(np.float32)
+
+
+def _pyramid_volume(volume: AttenuationVolume, factor: int, prefilter_mm: float) -> AttenuationVolume:
+    """Block-mean downsampled volume, then band-limited by a 3D Gaussian of ``prefilter_mm`` sigma."""
+    out = volume.downsampled(factor)
+    if prefilter_mm <= 0:
+        return out
+    spacing_mm = np.linalg.norm(out.room_from_index[:3, :3], axis=0)  # along i, j, k
+    sigma_vox = [prefilter_mm / spacing_mm[2], prefilter_mm / spacing_mm[1], prefilter_mm / spacing_mm[0]]
+    # Pad with zeros so the blur spreads beyond the (tightly cropped) ROI box instead of being cut by it.
+    pad = [int(math.ceil(3.0 * s)) for s in sigma_vox]
+    mu = np.pad(out.mu_per_mm, [(p, p) for p in pad])
+    mu = scipy.ndimage.gaussian_filter(mu, sigma_vox, mode="constant", cval=0.0, truncate=3.0)
+    shift = np.eye(4)
+    shift[:3, 3] = [-pad[2], -pad[1], -pad[0]]
+    return AttenuationVolume(np.maximum(mu, 0.0).astype(np.float32), out.room_from_index @ shift)
+
+
+def _drr_binned(volume, imager, pose, region: PanelRegion, binning: int, supersampling: int) -> np.ndarray:
+    """DRR of ``binning x binning`` pixels from ``supersampling^2`` rays each (their mean)."""
+    if supersampling == 1:
+        return compute_drr(volume, imager, pose, region, binning)
+    fine = compute_drr(volume, imager, pose, region, binning // supersampling)
+    rows, cols = region.rows // binning, region.cols // binning
+    s = supersampling
+    return fine[: rows * s, : cols * s].reshape(rows, s, cols, s).mean(axis=(1, 3), dtype=np.float32)
+
+
+def _prefiltered(image: np.ndarray, region: PanelRegion, sigma_px: float) -> np.ndarray:
+    """Full-panel-sized image Gaussian-smoothed (``sigma_px`` panel pixels) inside ``region`` only."""
+    pad = int(math.ceil(3 * sigma_px)) + 1
+    r0, c0 = max(region.row0 - pad, 0), max(region.col0 - pad, 0)
+    r1 = min(region.row0 + region.rows + pad, image.shape[0])
+    c1 = min(region.col0 + region.cols + pad, image.shape[1])
+    out = np.zeros_like(image, dtype=np.float32)
+    out[r0:r1, c0:c1] = _smooth(image[r0:r1, c0:c1], sigma_px)
+    return out
+
+
+def _smooth(image: np.ndarray, sigma_px: float) -> np.ndarray:
+    a = np.ascontiguousarray(image, dtype=np.float32)
+    if sigma_px <= 0:
+        return a
+    return cv2.GaussianBlur(a, (0, 0), sigmaX=sigma_px, sigmaY=sigma_px, borderType=cv2.BORDER_REPLICATE)
+
+
+def _znorm(v: np.ndarray) -> np.ndarray:
+    v = v.astype(np.float64) - float(np.mean(v))
+    n = float(np.sqrt(v @ v))
+    return v / n if n > 0 else np.zeros_like(v)
+
+
+def _features(image: np.ndarray, mask: np.ndarray, metric: Similarity) -> np.ndarray:
+    """Unit-norm feature vector whose squared distance between two images is ``2 (1 - S)``."""
+    if metric is Similarity.GRADIENT_CORRELATION:
+        gx, gy = image_gradients(image)
+        return np.concatenate([_znorm(gx[mask]), _znorm(gy[mask])]) / math.sqrt(2.0)
+    return _znorm(image[mask])
+
+
+@dataclass(slots=True)
+class _View:
+    """Per-view working data at one level (private, mutable)."""
+
+    imager: ImagerGeometry
+    region: PanelRegion
+    frame: np.ndarray  # smoothed binned line integrals
+    mask: np.ndarray  # bool, binned region grid
+    frame_features: np.ndarray
+    pixel_at_iso_mm: float
+    # Linear model of the DRR of the CT outside the ROI: bg0 + bg_jac . (x - x_bg).
+    bg0: np.ndarray | None = None
+    bg_jac: np.ndarray | None = None
+    x_bg: np.ndarray | None = None
+
+
+class AnatomyRegistration:
+    """Prepared stereo anatomy registration of one planning CT and ROI.
+
+    Building it converts the CT to ROI attenuation volumes for every level
+    (done once); :meth:`register` then registers any number of frame pairs.
+    Not thread-safe for concurrent :meth:`register` calls is not an issue:
+    it holds no mutable state.
+
+    Parameters
+    ----------
+    ct : CTVolume
+        Planning CT (HU, LPS).
+    isocentre_lps_mm : (3,) sequence
+        Plan isocentre, planning-CT LPS mm.
+    geometry : StereoGeometry
+        Imagers, room frame.
+    roi : RegionOfInterest
+        On the CT grid.
+    config : AnatomyConfig
+
+    Raises
+    ------
+    RoiError
+        ROI grid does not match the CT.
+    """
+
+    def __init__(
+        self,
+        ct: CTVolume,
+        isocentre_lps_mm: Sequence[float],
+        geometry: StereoGeometry,
+        roi: RegionOfInterest,
+        config: AnatomyConfig | None = None,
+    ) -> None:
+        self.config = AnatomyConfig() if config is None else config
+        if not isinstance(roi, RegionOfInterest):
+            raise RoiError(f"roi must be a RegionOfInterest, got {type(roi).__name__}")
+        if roi.mask.shape != ct.hu.shape:
+            raise RoiError(f"ROI '{roi.description}': mask shape {roi.mask.shape} does not match the CT {ct.hu.shape}")
+        self.geometry = geometry
+        self.roi = roi
+        cfg = self.config
+        room_from_index = ct.room_from_index(isocentre_lps_mm)
+        mask = roi.mask
+        if cfg.roi_dilation_voxels:
+            mask = scipy.ndimage.binary_dilation(mask, iterations=cfg.roi_dilation_voxels)
+        # Crop first, then convert: only the ROI's box is converted to attenuation.
+        idx = np.nonzero(mask)
+        lo = [max(int(ix.min()) - 1, 0) for ix in idx]
+        hi = [int(ix.max()) + 2 for ix in idx]
+        sl = tuple(slice(a, b) for a, b in zip(lo, hi))
+        mu = hu_to_mu_per_mm(ct.hu[sl], cfg.imaging_energy_kev, cfg.ct_energy_kev)
+        mu_water = np.float32(linear_attenuation_per_mm("water", cfg.imaging_energy_kev))
+        excess = np.maximum(mu - mu_water, np.float32(0.0))
+        shift = np.eye(4)
+        shift[:3, 3] = [lo[2], lo[1], lo[0]]
+        base = AttenuationVolume(excess, room_from_index @ shift).masked(mask[sl])
+        keys = {(lv.volume_factor, float(lv.prefilter_mm)) for lv in cfg.levels + cfg.tracking_levels}
+        self._volumes = {key: _pyramid_volume(base, *key) for key in sorted(keys)}
+        self._volumes[(cfg.global_volume_factor, 0.0)] = base.downsampled(cfg.global_volume_factor)
+        self._backgrounds: dict[tuple[int, float], AttenuationVolume] = {}
+        if cfg.background:
+            # Everything the ROI volume leaves out: full attenuation outside the mask,
+            # the water baseline inside it; ROI DRR + background DRR = DRR of the whole CT.
+            full = hu_to_mu_per_mm(ct.hu, cfg.imaging_energy_kev, cfg.ct_energy_kev)
+            inside = np.zeros(ct.hu.shape, dtype=bool)
+            inside[sl] = mask[sl]
+            np.minimum(full, mu_water, out=full, where=inside)
+            bg = AttenuationVolume(full, room_from_index)
+            del full, inside
+            self._backgrounds = {key: _pyramid_volume(bg, *key) for key in sorted(keys)}
+        # ROI points (room, perfect setup) for the rotation centre and the panel regions.
+        kji = np.argwhere(roi.mask)
+        pts = kji[:, ::-1].astype(np.float64) @ room_from_index[:3, :3].T + room_from_index[:3, 3]
+        self.roi_centre_room_mm = pts.mean(axis=0)
+        self._roi_radius_mm = max(float(np.sqrt(np.mean(np.sum((pts - self.roi_centre_room_mm) ** 2, axis=1)))), 5.0)
+        ni, nj, nk = base.mu_per_mm.shape[::-1]
+        corners = np.array([[i, j, k] for i in (-0.5, ni - 0.5) for j in (-0.5, nj - 0.5) for k in (-0.5, nk - 0.5)])
+        self._roi_corners_room_mm = corners @ base.room_from_index[:3, :3].T + base.room_from_index[:3, 3]
+        self._level_spacing_mm = roi.level_spacing_mm or cfg.level_spacing_mm
+        # Direction of the spine in the room (CT superior axis at perfect setup).
+        sup = room_from_index[:3, :3] @ np.linalg.solve(ct.lps_from_index[:3, :3], [0.0, 0.0, 1.0])
+        self._spine_dir_room = sup / np.linalg.norm(sup)
+
+    # ----------------------------------------------------------------- helpers
+    def _pose(self, x: np.ndarray, start: Pose, centre: np.ndarray) -> Pose:
+        """Start pose followed by ``x`` = (translation mm, rotation deg about ``centre``)."""
+        r = _rotation_matrix(x[3:])
+        delta = Pose(r, centre + x[:3] - r @ centre)
+        return delta.compose(start)
+
+    def _region(self, imager: ImagerGeometry, pose: Pose, binning: int, extra_px: float = 0.0) -> tuple[PanelRegion | None, float, np.ndarray]:
+        """Panel region around the projected ROI box; fraction of that box on the panel; unclipped box."""
+        px = imager.project(pose.apply(self._roi_corners_room_mm))
+        margin = self.config.region_margin_mm * imager.magnification / float(np.min(imager.pixel_spacing_mm))
+        lo = np.floor(px.min(axis=0) - margin - extra_px)
+        hi = np.ceil(px.max(axis=0) + margin + extra_px)
+        box = np.array([lo[0], lo[1], hi[0], hi[1]])
+        c0, r0 = max(int(lo[0]), 0), max(int(lo[1]), 0)
+        c1, r1 = min(int(hi[0]), imager.cols), min(int(hi[1]), imager.rows)
+        area = float((hi[0] - lo[0]) * (hi[1] - lo[1]))
+        on = max(c1 - c0, 0) * max(r1 - r0, 0) / area if area > 0 else 0.0
+        rows = (r1 - r0) // binning * binning
+        cols = (c1 - c0) // binning * binning
+        if rows < 8 * binning or cols < 8 * binning:
+            return None, on, box
+        return PanelRegion(r0, c0, rows, cols), on, box
+
+    def _pixel_at_iso_mm(self, imager: ImagerGeometry, binning: int) -> float:
+        return binning * float(np.mean(imager.pixel_spacing_mm)) / imager.magnification
+
+    # ---------------------------------------------------------------- register
+    def register(
+        self,
+        frames: Mapping[str, np.ndarray],
+        i0: float | Mapping[str, float] | None = None,
+        initial_pose: Pose | None = None,
+        tracking: bool = False,
+    ) -> AnatomyResult:
+        """Register one stereo pair of raw kV frames.
+
+        Parameters
+        ----------
+        frames : mapping imager name -> (rows, cols) array
+            Raw detector signal (bone dark), one frame per imager of the geometry.
+        i0 : float or mapping imager -> float, optional
+            Unattenuated level(s); estimated per frame if omitted.
+        initial_pose : Pose, optional
+            Start pose (room frame); identity (perfect setup) if omitted.
+        tracking : bool
+            Start from ``initial_pose`` (a previous result, motion since then
+            within ~2 mm / 1 degree), skip the global stage and use
+            ``config.tracking_levels``.
+
+        Returns
+        -------
+        AnatomyResult
+
+        Raises
+        ------
+        FrameError
+            Missing or extra imager, wrong frame size, bad pixel values or i0.
+        """
+        t_start = time.monotonic()
+        cfg = self.config
+        names = self.geometry.names
+        if set(frames) != set(names):
+            raise FrameError(f"frames for imagers {sorted(frames)} given; the geometry has {sorted(names)}")
+        logs: dict[str, np.ndarray] = {}
+        raw_frames: dict[str, np.ndarray] = {}
+        for name in names:
+            im = self.geometry[name]
+            raw = np.asarray(frames[name])
+            if raw.shape != (im.rows, im.cols):
+                raise FrameError(f"frame '{name}': shape {raw.shape}, imager '{name}' has {im.rows}x{im.cols} pixels")
+            view_i0 = i0.get(name) if isinstance(i0, Mapping) else i0
+            if isinstance(i0, Mapping) and name not in i0:
+                raise FrameError(f"frame '{name}': no i0 given for this imager (i0 given for {sorted(i0)})")
+            logs[name] = line_integrals(raw, view_i0, name)
+            raw_frames[name] = raw
+        start = Pose.identity() if initial_pose is None else initial_pose
+        if not isinstance(start, Pose):
+            raise RegistrationError(f"initial_pose must be a Pose, got {type(start).__name__}")
+        centre = start.apply(self.roi_centre_room_mm)
+        counter = [0]
+        reasons: list[QualityReason] = []
+
+        # ROI on the panel and saturation, at the start pose.
+        roi_on, sat = {}, {}
+        for name in names:
+            im = self.geometry[name]
+            region, on, _ = self._region(im, start, 1)
+            roi_on[name] = on
+            sat[name] = self._saturated_fraction(raw_frames[name], region) if region is not None else 1.0
+        if min(roi_on.values()) < cfg.min_roi_on_panel:
+            reasons.append(QualityReason.ROI_OFF_PANEL)
+        if max(sat.values()) > cfg.max_saturated_fraction:
+            reasons.append(QualityReason.SATURATED)
+        if reasons:
+            return self._refused(start, reasons, roi_on, sat, t_start, tracking)
+
+        x = np.zeros(6)
+        level_margin = None
+        if not tracking:
+            x[:3], level_margin = self._global_stage(logs, start, centre, counter)
+            if level_margin < 0:
+                reasons.append(QualityReason.WRONG_LEVEL)
+        levels = cfg.tracking_levels if tracking else cfg.levels
+        iterations = 0
+        converged = False
+        final = None
+        for level in levels:
+            views = self._prepare_level(logs, self._pose(x, start, centre), level)
+            if views is None:
+                return self._refused(start, [QualityReason.ROI_OFF_PANEL], roi_on, sat, t_start, tracking)
+            x, its, converged, final = self._refine(views, level, x, start, centre, counter)
+            iterations += its
+        pose = self._pose(x, start, centre)
+        quality = self._quality(final, x, converged, reasons, roi_on, sat, level_margin)
+        elapsed_ms = (time.monotonic() - t_start) * 1000.0
+        log.debug("anatomy registration: %s in %.1f ms, %d DRRs", quality.reason.value, elapsed_ms, counter[0])
+        return AnatomyResult(
+            pose, pose.to_correction(), quality.similarity, quality, iterations, counter[0], elapsed_ms, bool(tracking)
+        )
+
+    def _refused(self, start, reasons, roi_on, sat, t_start, tracking) -> AnatomyResult:
+        names = self.geometry.names
+        nan3 = (math.nan, math.nan, math.nan)
+        q = AnatomyQuality(
+            False, reasons[0], tuple(reasons), _frozen_map({n: math.nan for n in names}),
+            _frozen_map({}), _frozen_map({n: math.nan for n in names}), nan3, nan3,
+            _frozen_map(roi_on), _frozen_map(sat), None, False, False,
+        )
+        return AnatomyResult(
+            start, start.to_correction(), q.similarity, q, 0, 0, (time.monotonic() - t_start) * 1000.0, bool(tracking)
+        )
+
+    def _saturated_fraction(self, raw: np.ndarray, region: PanelRegion) -> float:
+        sub = raw[region.row0 : region.row0 + region.rows, region.col0 : region.col0 + region.cols]
+        level = self.config.saturation_level
+        if level is None:
+            if np.issubdtype(raw.dtype, np.integer):
+                level = float(np.iinfo(raw.dtype).max)
+            else:
+                level = float(raw.max())
+                if np.count_nonzero(raw >= level) < 0.001 * raw.size:
+                    level = math.inf  # an unclipped float frame: its maximum is just its brightest pixel
+        bad = (sub >= level) | (sub <= 0)
+        return float(np.count_nonzero(bad)) / sub.size
+
+    # -------------------------------------------------------------- global stage
+    def _global_stage(self, logs, start: Pose, centre: np.ndarray, counter) -> tuple[np.ndarray, float]:
+        """3D translation from per-view 2D correlation search; level margin (mean over views)."""
+        cfg = self.config
+        b = cfg.global_binning
+        volume = self._volumes[(cfg.global_volume_factor, 0.0)]
+        pixels_start, pixels_found, margins = {}, {}, []
+        for name in self.geometry.names:
+            im = self.geometry[name]
+            template_region, _, _ = self._region(im, start, b)
+            px_per_mm = im.magnification / float(np.mean(im.pixel_spacing_mm))
+            c_px = im.project(centre)
+            spine_px = im.project(centre + self._spine_dir_room) - c_px
+            spine_px /= max(np.linalg.norm(spine_px), 1e-9)
+            search_px = cfg.search_range_mm * px_per_mm
+            level_px = self._level_spacing_mm * px_per_mm
+            extra_c = search_px + abs(spine_px[0]) * level_px
+            extra_r = search_px + abs(spine_px[1]) * level_px
+            t = template_region
+            # Search window: the template box grown on every side, on the same bin grid.
+            c0 = t.col0 - int(math.ceil(extra_c / b)) * b
+            r0 = t.row0 - int(math.ceil(extra_r / b)) * b
+            while c0 < 0:
+                c0 += b
+            while r0 < 0:
+                r0 += b
+            c1 = min(t.col0 + t.cols + int(math.ceil(extra_c / b)) * b, im.cols)
+            r1 = min(t.row0 + t.rows + int(math.ceil(extra_r / b)) * b, im.rows)
+            search = PanelRegion(r0, c0, (r1 - r0) // b * b, (c1 - c0) // b * b)
+            drr = compute_drr(volume, im, start, t, b)
+            counter[0] += 1
+            sig = cfg.global_smoothing_sigma_px
+            tx, ty = image_gradients(_smooth(drr, sig))
+            fx, fy = image_gradients(_smooth(_block_mean(logs[name], search, b), sig))
+            if fx.shape[0] < tx.shape[0] or fx.shape[1] < tx.shape[1]:
+                raise RegistrationError(f"imager '{name}': search window smaller than the ROI template")
+            score = 0.5 * (
+                cv2.matchTemplate(fx, tx, cv2.TM_CCOEFF_NORMED) + cv2.matchTemplate(fy, ty, cv2.TM_CCOEFF_NORMED)
+            )
+            score = np.nan_to_num(score, nan=-1.0)
+            zero = np.array([(t.col0 - c0) / b, (t.row0 - r0) / b])  # (col, row) of zero shift in `score`
+            rr, cc = np.mgrid[0 : score.shape[0], 0 : score.shape[1]]
+            dcol, drow = cc - zero[0], rr - zero[1]
+            inside = (np.abs(dcol) <= search_px / b) & (np.abs(drow) <= search_px / b)
+            masked = np.where(inside, score, -np.inf)
+            pr, pc = np.unravel_index(int(np.argmax(masked)), score.shape)
+            best_in = float(score[pr, pc])
+            along = (dcol - (pc - zero[0])) * spine_px[0] + (drow - (pr - zero[1])) * spine_px[1]
+            away = np.abs(along) >= 0.6 * level_px / b
+            best_out = float(score[away].max()) if np.any(away) else -1.0
+            margins.append(best_in - best_out)
+            sub = np.array([pc, pr], dtype=np.float64)
+            # Sub-pixel peak: a parabola through the peak and its two neighbours, per axis.
+            h, w = score.shape
+            if 0 < pc < w - 1:
+                sub[0] += _parabola_offset(score[pr, pc - 1], score[pr, pc], score[pr, pc + 1])
+            if 0 < pr < h - 1:
+                sub[1] += _parabola_offset(score[pr - 1, pc], score[pr, pc], score[pr + 1, pc])
+            shift_px = (sub - zero) * b
+            pixels_start[name] = c_px
+            pixels_found[name] = c_px + shift_px
+        tri_from = self.geometry.triangulate({n: pixels_start[n][None] for n in pixels_start})
+        tri_to = self.geometry.triangulate({n: pixels_found[n][None] for n in pixels_found})
+        translation = tri_to.points_mm[0] - tri_from.points_mm[0]
+        bound = cfg.translation_bound_mm
+        return np.clip(translation, -bound, bound), float(np.mean(margins))
+
+    # ------------------------------------------------------------------ refinement
+    def _prepare_level(self, logs, pose: Pose, level: PyramidLevel) -> list[_View] | None:
+        b = level.binning
+        volume = self._volumes[(level.volume_factor, float(level.prefilter_mm))]
+        views = []
+        for name in self.geometry.names:
+            im = self.geometry[name]
+            region, _, _ = self._region(im, pose, b)
+            if region is None:
+                return None
+            full = logs[name]
+            if level.prefilter_mm > 0:
+                full = _prefiltered(full, region, level.prefilter_mm * im.magnification / float(np.mean(im.pixel_spacing_mm)))
+            frame = _smooth(_block_mean(full, region, b), level.smoothing_sigma_px)
+            drr = compute_drr(volume, im, pose, region, b)
+            support = drr > 1e-6
+            grown = cv2.dilate(support.astype(np.uint8), np.ones((5, 5), np.uint8)).astype(bool)
+            grown[:2, :] = grown[-2:, :] = False
+            grown[:, :2] = grown[:, -2:] = False
+            if np.count_nonzero(grown) < 16:
+                return None
+            views.append(
+                _View(im, region, frame, grown, _features(frame, grown, self.config.metric), self._pixel_at_iso_mm(im, b))
+            )
+        return views
+
+    def _linearise_background(self, views, level, x, steps, start, centre, counter) -> None:
+        """Background DRR and its forward-difference pose derivatives at ``x`` (a linear model)."""
+        volume = self._backgrounds[(level.volume_factor, float(level.prefilter_mm))]
+        poses = [self._pose(x, start, centre)]
+        for p in range(6):
+            xp = x.copy()
+            xp[p] += steps[p]
+            poses.append(self._pose(xp, start, centre))
+        for v in views:
+            images = [compute_drr(volume, v.imager, pose, v.region, level.binning) for pose in poses]
+            counter[0] += len(images)
+            v.bg0 = images[0]
+            v.bg_jac = np.stack([(img - images[0]) / np.float32(steps[p]) for p, img in enumerate(images[1:])])
+            v.x_bg = x.copy()
+
+    def _residual(self, views, level, volume, x, start, centre, counter) -> tuple[np.ndarray, list[np.ndarray]]:
+        pose = self._pose(x, start, centre)
+        parts, drrs = [], []
+        for v in views:
+            drr = _drr_binned(volume, v.imager, pose, v.region, level.binning, level.supersampling)
+            counter[0] += 1
+            if v.bg0 is not None:
+                dx = (x - v.x_bg).astype(np.float32)
+                drr = drr + v.bg0 + np.tensordot(dx, v.bg_jac, axes=1)
+            drr = _smooth(drr, level.smoothing_sigma_px)
+            drrs.append(drr)
+            parts.append(_features(drr, v.mask, self.config.metric) - v.frame_features)
+        return np.concatenate(parts), drrs
+
+    def _refine(self, views, level: PyramidLevel, x, start, centre, counter):
+        """Levenberg-Marquardt over ``x`` (translation mm, rotation deg about ``centre``) at one level."""
+        cfg = self.config
+        volume = self._volumes[(level.volume_factor, float(level.prefilter_mm))]
+        pix_mm = min(v.pixel_at_iso_mm for v in views)
+        h_mm = cfg.fd_step_px * pix_mm
+        h_deg = math.degrees(h_mm / self._roi_radius_mm)
+        steps = np.array([h_mm] * 3 + [h_deg] * 3)
+        # The background model is linear in the pose: redraw it when the pose has
+        # moved more than one binned pixel at the ROI from where it was drawn.
+        relinearise = np.array([pix_mm] * 3 + [math.degrees(pix_mm / self._roi_radius_mm)] * 3)
+        use_bg = bool(self._backgrounds)
+        if use_bg:
+            self._linearise_background(views, level, x, steps, start, centre, counter)
+        lower = np.array([-cfg.translation_bound_mm] * 3 + [-cfg.rotation_bound_deg] * 3)
+        upper = -lower
+        r, drrs = self._residual(views, level, volume, x, start, centre, counter)
+        cost = float(r @ r)
+        lam = 1e-3
+        converged = False
+        jac = None
+        fresh = False
+        its = 0
+        for its in range(1, level.max_iterations + 1):
+            if jac is None:
+                # Central differences: forward ones are biased by the curvature near the optimum.
+                jac = np.empty((r.size, 6))
+                for p in range(6):
+                    xp, xm = x.copy(), x.copy()
+                    xp[p] += steps[p]
+                    xm[p] -= steps[p]
+                    rp, _ = self._residual(views, level, volume, xp, start, centre, counter)
+                    rm, _ = self._residual(views, level, volume, xm, start, centre, counter)
+                    jac[:, p] = (rp - rm) / (2.0 * steps[p])
+                fresh = True
+            a = jac.T @ jac
+            g = jac.T @ r
+            improved = False
+            step = np.zeros(6)
+            for _ in range(_MAX_DAMPING_TRIES):
+                delta = np.linalg.solve(a + lam * np.diag(np.diag(a) + 1e-12), -g)
+                x_new = np.clip(x + delta, lower, upper)
+                r_new, drrs_new = self._residual(views, level, volume, x_new, start, centre, counter)
+                cost_new = float(r_new @ r_new)
+                if cost_new < cost:
+                    step = x_new - x
+                    x, r, cost, drrs = x_new, r_new, cost_new, drrs_new
+                    lam = max(lam / 3.0, 1e-6)
+                    improved = True
+                    break
+                lam *= 4.0
+            log.debug(
+                "level f%d b%d it %d: cost %.6f lambda %.2g x %s improved %s fresh %s",
+                level.volume_factor, level.binning, its, cost, lam, np.round(x, 3), improved, fresh,
+            )
+            small = np.all(np.abs(step[:3]) < cfg.tolerance_mm) and np.all(np.abs(step[3:]) < cfg.tolerance_deg)
+            if use_bg and np.any(np.abs(x - views[0].x_bg) > relinearise):
+                self._linearise_background(views, level, x, steps, start, centre, counter)
+                r, drrs = self._residual(views, level, volume, x, start, centre, counter)
+                cost = float(r @ r)
+                jac, lam = None, 1e-3
+                continue
+            if not improved or small:
+                if fresh:
+                    converged = True  # a Jacobian taken here finds no further descent
+                    break
+                jac, lam = None, 1e-3  # the Jacobian is from an earlier pose: take a fresh one
+                continue
+            fresh = False
+        final = {"views": views, "level": level, "drrs": drrs, "r": r, "jac": jac, "cost": cost}
+        return x, its, converged, final
+
+    # ---------------------------------------------------------------------- quality
+    def _quality(self, final, x, converged, reasons, roi_on, sat, level_margin) -> AnatomyQuality:
+        cfg = self.config
+        views, level, drrs, r, jac = final["views"], final["level"], final["drrs"], final["r"], final["jac"]
+        sims, measures, shifts = {}, {}, {}
+        offset = 0
+        for v, drr in zip(views, drrs):
+            n = v.frame_features.size
+            rv = r[offset : offset + n]
+            offset += n
+            name = v.imager.name
+            sims[name] = 1.0 - 0.5 * float(rv @ rv)
+            measures[name] = _frozen_map({m.value: similarity(m, v.frame, drr, v.mask) for m in Similarity})
+            shifts[name] = self._view_shift_mm(v, drr, rv)
+        std_mm = std_deg = (math.inf,) * 3
+        if jac is not None:
+            dof = max(r.size - 6, 1)
+            sigma2 = float(r @ r) / dof
+            try:
+                cov = sigma2 * np.linalg.inv(jac.T @ jac)
+                std = np.sqrt(np.maximum(np.diag(cov), 0.0))
+                std_mm, std_deg = tuple(float(s) for s in std[:3]), tuple(float(s) for s in std[3:])
+            except np.linalg.LinAlgError:
+                pass
+        at_bounds = bool(
+            np.any(np.abs(x[:3]) >= cfg.translation_bound_mm * 0.999)
+            or np.any(np.abs(x[3:]) >= cfg.rotation_bound_deg * 0.999)
+        )
+        reasons = list(reasons)
+        if at_bounds:
+            reasons.append(QualityReason.AT_BOUNDS)
+        if not converged:
+            reasons.append(QualityReason.NOT_CONVERGED)
+        if min(sims.values()) < cfg.min_similarity:
+            reasons.append(QualityReason.LOW_SIMILARITY)
+        if max(shifts.values()) > cfg.max_view_shift_mm:
+            reasons.append(QualityReason.VIEWS_DISAGREE)
+        if max(std_mm) > cfg.max_std_mm or max(std_deg) > cfg.max_std_deg:
+            reasons.append(QualityReason.ILL_DEFINED)
+        ok = not reasons
+        return AnatomyQuality(
+            ok, QualityReason.OK if ok else reasons[0], tuple(reasons), _frozen_map(sims), _frozen_map(measures),
+            _frozen_map(shifts), std_mm, std_deg, _frozen_map(roi_on), _frozen_map(sat), level_margin,
+            bool(converged), at_bounds,
+        )
+
+    def _view_shift_mm(self, view: _View, drr: np.ndarray, rv: np.ndarray) -> float:
+        """2D shift of this view's DRR that would best reduce this view's residual alone, mm at the isocentre."""
+        h = 0.5
+        jac = np.empty((rv.size, 2))
+        for k, (dx, dy) in enumerate(((h, 0.0), (0.0, h))):
+            cols = []
+            for s in (1.0, -1.0):
+                m = np.float32([[1, 0, s * dx], [0, 1, s * dy]])
+                moved = cv2.warpAffine(drr, m, (drr.shape[1], drr.shape[0]), flags=cv2.INTER_LINEAR,
+                                       borderMode=cv2.BORDER_REPLICATE)
+                cols.append(_features(moved, view.mask, self.config.metric))
+            jac[:, k] = (cols[0] - cols[1]) / (2 * h)
+        shift, *_ = np.linalg.lstsq(jac, -rv, rcond=None)
+        return float(np.linalg.norm(shift)) * view.pixel_at_iso_mm
+
+
+def register_anatomy(
+    ct: CTVolume,
+    isocentre_lps_mm: Sequence[float],
+    geometry: StereoGeometry,
+    frames: Mapping[str, np.ndarray],
+    roi: RegionOfInterest,
+    i0: float | Mapping[str, float] | None = None,
+    initial_pose: Pose | None = None,
+    config: AnatomyConfig | None = None,
+) -> AnatomyResult:
+    """One-shot stereo anatomy registration (the ``spineguide register --method anatomy`` entry point).
+
+    Parameters
+    ----------
+    ct : CTVolume
+        Planning CT.
+    isocentre_lps_mm : (3,) sequence
+        Plan isocentre, planning-CT LPS mm.
+    geometry : StereoGeometry
+        Imagers, room frame.
+    frames : mapping imager name -> (rows, cols) array
+        Raw kV frames.
+    roi : RegionOfInterest
+        Build with :meth:`RegionOfInterest.from_labels`, ``from_mask`` or ``from_box``.
+    i0 : float or mapping, optional
+        Unattenuated level(s); estimated if omitted.
+    initial_pose : Pose, optional
+        Start pose; identity if omitted.
+    config : AnatomyConfig, optional
+
+    Returns
+    -------
+    AnatomyResult
+        ``elapsed_ms`` includes the volume preparation.
+    """
+    t0 = time.monotonic()
+    reg = AnatomyRegistration(ct, isocentre_lps_mm, geometry, roi, config)
+    res = reg.register(frames, i0=i0, initial_pose=initial_pose)
+    total_ms = (time.monotonic() - t0) * 1000.0
+    return AnatomyResult(
+        res.pose, res.correction, res.similarity, res.quality, res.iterations, res.drr_evaluations, total_ms, False
+    )

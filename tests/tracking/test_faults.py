@@ -1,0 +1,274 @@
+"""Fault injection against a running service on loopback (issue 5's list).
+
+Each fault must end in HOLD within one frame period + 100 ms of the fault
+(or be refused), the service must keep running (a good pair enables the beam
+again, commands are answered), and the session record must have it.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import zmq
+
+from registration.pose import Pose
+from tracking.config import EndpointsConfig, PlanConfig, RecordConfig, SafetyConfig, ServiceConfig, SetupConfig
+from tracking.loop import Service
+from tracking.record import read_record
+from tracking.sims import LocalPeers
+from tracking.wire import encode_command, encode_kvframe
+
+pytestmark = pytest.mark.timeout(60)
+
+FRAME_PERIOD_S = 0.1
+#: The issue's bound: a fault becomes HOLD within one frame period + 100 ms.
+HOLD_BOUND_S = FRAME_PERIOD_S + 0.1
+#: The pattern processor's measurement noise (1 sigma per axis) and a 5-sigma bound on one reading.
+NOISE_MM = 0.05
+DEVIATION_TOL_MM = 5 * NOISE_MM
+SHIFT = Pose.from_six([0.2, -0.1, 0.1], [0.1, 0.0, 0.0])  # well within the 1 mm / 1 deg tolerance
+
+
+class Running:
+    """A service driven into MONITORING with the beam enabled, plus connected peers."""
+
+    def __init__(self, tmp_path):
+        self.config = ServiceConfig(
+            # ENABLE life and staleness 1.5 frame periods: an ENABLE always expires before the bound.
+            safety=SafetyConfig(frame_period_s=FRAME_PERIOD_S, max_frame_age_s=0.15, enable_validity_s=0.15,
+                                pair_timeout_s=0.05),
+            endpoints=EndpointsConfig("tcp://127.0.0.1:0", "tcp://127.0.0.1:0", "tcp://127.0.0.1:0"),
+            setup=SetupConfig("automatic"),
+            plan=PlanConfig(pattern_noise_mm=NOISE_MM),
+            record=RecordConfig(tmp_path / "session.jsonl"),
+        )
+        self.svc = Service(self.config).start()
+        self.peers = LocalPeers(self.svc.endpoints)
+        self.pair_id = 0
+        p = self.peers
+        p.sub.handshake()
+        assert p.cmd.request("load_plan")["ok"]
+        assert p.cmd.request("start_setup")["ok"]
+        self.good_pair()
+        assert p.cmd.request("start_monitoring")["ok"]
+        assert self.good_pair()["beam"] == "ENABLE"
+
+    def next_id(self) -> int:
+        self.pair_id += 1
+        return self.pair_id
+
+    def gating_for(self, pair_id: int, timeout_s: float = 2.0) -> dict:
+        return self.peers.sub.wait_for(lambda m: m["_topic"] == "gating" and m["pair_id"] == pair_id, timeout_s)
+
+    def good_pair(self) -> dict:
+        pid = self.next_id()
+        self.peers.send_pair(pid, SHIFT)
+        return self.gating_for(pid)
+
+    def expect_hold(self, t0_mono: float, reason: str) -> dict:
+        """The first HOLD with ``reason`` after ``t0_mono``; asserts the time bound."""
+        msg = self.peers.sub.wait_for(lambda m: m["_topic"] == "gating" and m["beam"] == "HOLD"
+                                      and m["reason"] == reason, 2.0)
+        received = self.peers.sub.received_at(msg)
+        assert received - t0_mono <= HOLD_BOUND_S, f"HOLD {reason} after {received - t0_mono:.3f} s"
+        return msg
+
+    def assert_alive_and_recorded(self, event: str, reason: str | None = None) -> None:
+        assert self.good_pair()["beam"] == "ENABLE"  # the service kept running
+        assert self.peers.cmd.request("status")["state"] == "MONITORING"
+        self.svc.record.flush()
+        records = read_record(self.config.record.path)
+        hits = [r for r in records if r["event"] == event and (reason is None or r.get("reason") == reason
+                or (r.get("result") or {}).get("reason") == reason)]
+        assert hits, f"no '{event}' record with reason {reason}"
+
+    def close(self):
+        self.peers.close()
+        self.svc.stop()
+
+
+@pytest.fixture
+def running(tmp_path):
+    r = Running(tmp_path)
+    yield r
+    r.close()
+
+
+def test_stale_pair_holds(running):
+    pid = running.next_id()
+    t0 = running.peers.send_pair(pid, SHIFT, acquired_unix_s=time.time() - 0.5)
+    running.expect_hold(t0, "stale_frame")
+    running.assert_alive_and_recorded("pair", "stale_frame")
+
+
+def test_one_imager_silent_holds_unpaired(running):
+    pid = running.next_id()
+    t0 = running.peers.send_pair(pid, SHIFT, only=("A",))
+    running.expect_hold(t0, "unpaired_frame")
+    running.assert_alive_and_recorded("frame_fault", "unpaired_frame")
+
+
+def test_corrupt_frame_of_wrong_size_holds(running):
+    pid = running.next_id()
+    parts = running.peers.pair_parts(pid, SHIFT)
+    running.peers.frames.send_parts(parts["A"])
+    t0 = time.monotonic()
+    running.peers.frames.send_parts(parts["B"][:2] + [parts["B"][2][:-2]])
+    running.expect_hold(t0, "corrupt_frame")
+    running.assert_alive_and_recorded("frame_fault", "corrupt_frame")
+
+
+def test_nan_frame_holds(running):
+    pid = running.next_id()
+    pixels = np.full((32, 32), 1000.0, np.float32)
+    pixels[3, 4] = np.nan
+    t0 = time.monotonic()
+    running.peers.frames.send_parts(encode_kvframe(99, "A", pid, time.time(), pixels, 20000.0))
+    running.expect_hold(t0, "nan_frame")
+    running.assert_alive_and_recorded("frame_fault", "nan_frame")
+
+
+def test_saturated_frame_holds(running):
+    pid = running.next_id()
+    parts = running.peers.pair_parts(pid, SHIFT)
+    header = json.loads(parts["B"][1])
+    px = np.frombuffer(parts["B"][2], "<u2").reshape(32, 32).copy()
+    px[10:20, :] = 65535  # 31% of the panel saturated
+    t0 = time.monotonic()
+    running.peers.frames.send_parts(parts["A"])
+    running.peers.frames.send_parts(encode_kvframe(header["seq"], "B", pid, header["acquired_unix_s"], px, 20000.0))
+    running.expect_hold(t0, "saturated_frame")
+    running.assert_alive_and_recorded("pair", "saturated_frame")
+
+
+def test_seed_lost_holds(running):
+    pid = running.next_id()
+    parts = running.peers.pair_parts(pid, SHIFT)
+    header = json.loads(parts["A"][1])
+    px = np.frombuffer(parts["A"][2], "<u2").reshape(32, 32).copy()
+    px[0, :] = 12000  # the seeds' pattern gone from imager A
+    t0 = time.monotonic()
+    running.peers.frames.send_parts(encode_kvframe(header["seq"], "A", pid, header["acquired_unix_s"], px, 20000.0))
+    running.peers.frames.send_parts(parts["B"])
+    running.expect_hold(t0, "fiducial_missing")
+    running.assert_alive_and_recorded("pair", "fiducial_missing")
+
+
+def test_out_of_tolerance_step_holds(running):
+    pid = running.next_id()
+    t0 = running.peers.send_pair(pid, Pose.from_six([0.0, 0.0, 3.0], [0, 0, 0]))
+    msg = running.expect_hold(t0, "out_of_tolerance")
+    assert msg["pair_id"] == pid and abs(msg["deviation_mm"] - 3.0) <= DEVIATION_TOL_MM
+    running.assert_alive_and_recorded("pair")
+
+
+def test_unknown_kvframe_major_version_holds(running):
+    pid = running.next_id()
+    parts = running.peers.pair_parts(pid, SHIFT)
+    header = json.loads(parts["A"][1])
+    header["schema"] = "kvframe/2"
+    t0 = time.monotonic()
+    running.peers.frames.send_parts([parts["A"][0], json.dumps(header).encode(), parts["A"][2]])
+    running.expect_hold(t0, "corrupt_frame")
+    running.assert_alive_and_recorded("frame_fault", "corrupt_frame")
+
+
+def test_imager_simulator_killed_holds(running):
+    # A real imager-sim process streaming at 10 Hz, then SIGKILL.
+    code = (
+        "import sys\n"
+        "from registration.pose import Pose\n"
+        "from tracking.sims import MotionTrace, run_imager_sim\n"
+        f"run_imager_sim({running.svc.endpoints['frames']!r}, 30.0, Pose.identity(), MotionTrace(),"
+        " rows=32, cols=32, frame_period_s=0.1, first_pair_id=1000)\n"
+    )
+    with subprocess.Popen([sys.executable, "-c", code]) as proc:
+        try:
+            running.peers.sub.wait_for(lambda m: m["_topic"] == "gating" and m["beam"] == "ENABLE"
+                                       and m["pair_id"] is not None and m["pair_id"] >= 1003, 10.0)
+        finally:
+            proc.kill()
+            t0 = time.monotonic()
+            proc.wait(10)
+    msg = running.peers.sub.wait_for(lambda m: m["_topic"] == "gating" and m["beam"] == "HOLD", 2.0)
+    late_s = running.peers.sub.received_at(msg) - t0
+    assert late_s <= HOLD_BOUND_S, f"HOLD {msg['reason']} {late_s:.3f} s after the kill"
+    assert msg["reason"] in ("stale_frame", "frame_source_silent")
+    if msg["reason"] != "frame_source_silent":  # ENABLE expiry first, then the silence rule
+        running.peers.sub.wait_for(lambda m: m["_topic"] == "gating" and m["reason"] == "frame_source_silent", 2.0)
+    assert running.peers.cmd.request("status")["state"] == "MONITORING"
+    running.svc.record.flush()
+    assert any(r["event"] == "tick" and r["outputs"][-1]["reason"] == "frame_source_silent"
+               for r in read_record(running.config.record.path))
+
+
+def test_slow_subscriber_does_not_delay_anyone(running):
+    slow_ctx = zmq.Context()
+    slow = slow_ctx.socket(zmq.SUB)
+    slow.setsockopt(zmq.RCVHWM, 1)
+    slow.setsockopt_string(zmq.SUBSCRIBE, "")
+    slow.connect(running.svc.endpoints["publish"])  # never reads
+    try:
+        for _ in range(30):
+            assert running.good_pair()["beam"] == "ENABLE"
+        pid = running.next_id()
+        t0 = running.peers.send_pair(pid, Pose.from_six([2.0, 0, 0], [0, 0, 0]))
+        running.expect_hold(t0, "out_of_tolerance")
+        running.assert_alive_and_recorded("sent")
+    finally:
+        slow.close(0)
+        slow_ctx.term()
+
+
+def test_command_flood_is_rate_limited_and_gating_goes_on(running):
+    sock = running.peers.cmd.sock
+    for i in range(500):
+        sock.send_multipart(encode_command(10_000 + i, "status"))
+    pid = running.next_id()
+    t0 = running.peers.send_pair(pid, Pose.from_six([0, 2.0, 0], [0, 0, 0]))
+    running.expect_hold(t0, "out_of_tolerance")
+    replies = []
+    deadline = time.monotonic() + 10
+    while len(replies) < 500 and time.monotonic() < deadline:
+        replies.append(running.peers.cmd.receive(5.0))
+    assert len(replies) == 500  # every request answered
+    assert any(r["ok"] is False and "rate limited" in r["reason"] for r in replies)
+    running.assert_alive_and_recorded("command_rejected")
+
+
+def test_malformed_json_command_is_refused(running):
+    sock = running.peers.cmd.sock
+    sock.send_multipart([b"command", b"{not json"])
+    reply = running.peers.cmd.receive(2.0)
+    assert reply["ok"] is False and "malformed command" in reply["reason"] and "not valid UTF-8 JSON" in reply["reason"]
+    running.assert_alive_and_recorded("command_rejected")
+
+
+def test_unknown_command_major_version_is_refused(running):
+    sock = running.peers.cmd.sock
+    sock.send_multipart([b"command", json.dumps({"schema": "command/2", "seq": 0, "command": "stop"}).encode()])
+    reply = running.peers.cmd.receive(2.0)
+    assert reply["ok"] is False and "unknown schema major version 2" in reply["reason"]
+    assert reply["state"] == "MONITORING"  # the stop was not obeyed
+    running.assert_alive_and_recorded("command_rejected")
+
+
+def test_exception_in_processing_holds_internal_error(running):
+    class Broken:
+        method = "fiducial"
+
+        def process(self, frames, prior):
+            raise ZeroDivisionError("division by zero in a registration")
+
+    good = running.svc.engine.processor
+    running.svc.engine.processor = Broken()
+    pid = running.next_id()
+    t0 = running.peers.send_pair(pid, SHIFT)
+    running.expect_hold(t0, "internal_error")
+    running.svc.engine.processor = good
+    running.assert_alive_and_recorded("pair", "internal_error")

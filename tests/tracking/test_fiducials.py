@@ -1,0 +1,252 @@
+"""Fiducial localisation end to end: rendered stereo pairs of seeds moved by a known pose.
+
+Each frame is rendered by ``test_detection.render_kv_frame``: seeds are drawn
+at the exact projection of their 3D centres (room frame, moved by the true
+patient pose) through the imager geometry, with their axis projected too, so
+the true correction is the inverse of the pose that moved them.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from numpy.testing import assert_allclose
+from test_detection import Seed2D, render_kv_frame  # shared synthetic-frame helper (same folder)
+
+from calibration.geometry import default_stereo_geometry
+from registration.points import SeedMigrationError
+from registration.pose import Pose
+from tracking.errors import FiducialNotFoundError, FrameError
+from tracking.fiducials import (
+    FiducialConfig,
+    FiducialConfigError,
+    FiducialFlag,
+    ImagerLabelError,
+    localise_fiducials,
+    match_stereo,
+)
+
+I0 = 20000.0
+GEOM = default_stereo_geometry(panel_pixels=320, pixel_spacing_mm=0.8)  # 2x-binned panel, 256 mm wide
+NAMES = ("F1", "F2", "F3", "F4")
+#: Planned seeds, room frame at perfect setup (mm): spread 10-20 mm around a vertebra, not coplanar.
+PLANNED = np.array([[8.0, -6.0, 4.0], [-9.0, -4.0, 2.0], [1.0, 12.0, -5.0], [3.0, 2.0, 14.0]])
+AXES = np.array([[0.0, 1.0, 0.2], [1.0, 0.3, 0.0], [0.2, 0.0, 1.0], [0.6, -0.8, 0.0]])
+SEED_LENGTH_MM, SEED_DIAMETER_MM = 3.5, 1.0
+
+# Tolerances. At 0.8 mm pitch (0.49 mm per pixel at the isocentre) the
+# detection tests bound a centre to ~0.2 px (0.1 mm); with 4 seeds spread
+# ~12 mm the translation error is about that, and the rotation error about
+# 0.1 mm / (12 mm sqrt(4)) = 0.24 deg, so 3 sigma ~ 0.3 mm and 0.7 deg; we
+# ask for less where noise allows, never more.
+TRANSLATION_TOL_MM = 0.3
+ROTATION_TOL_DEG = 0.7
+
+
+def seeds_in_view(imager, centres_mm, axes):
+    """Seeds drawn at the projection of their 3D centres, axis projected too."""
+    out = []
+    scale = imager.magnification / float(imager.pixel_spacing_mm[0])
+    for c, ax in zip(centres_mm, axes):
+        ax = np.asarray(ax, float) / np.linalg.norm(ax)
+        ends = imager.project(np.array([c - 0.5 * SEED_LENGTH_MM * ax, c + 0.5 * SEED_LENGTH_MM * ax]))
+        d = ends[1] - ends[0]
+        length_px = max(float(np.hypot(*d)), 0.0) + SEED_DIAMETER_MM * scale
+        out.append(Seed2D(tuple(imager.project(c)), float(np.degrees(np.arctan2(d[1], d[0]))),
+                          max(length_px, SEED_DIAMETER_MM * scale), SEED_DIAMETER_MM * scale))
+    return out
+
+
+def render_pair(pose, rng, planned=PLANNED, axes=AXES, drop=None, extra=None, moved=None, bone=True):
+    """{"A": frame, "B": frame} of seeds at ``pose.apply(planned)``.
+
+    drop: (imager, seed index) left out of that view; extra: (imager, (col, row))
+    an extra sphere in that view only; moved: (seed index, shift mm) a migrated seed.
+    """
+    actual = pose.apply(planned)
+    if moved is not None:
+        actual = actual.copy()
+        actual[moved[0]] += moved[1]
+    frames = {}
+    for name in ("A", "B"):
+        im = GEOM[name]
+        seeds = seeds_in_view(im, actual, np.asarray(axes, float).reshape(-1, 3) @ pose.rotation.T)
+        if drop is not None and drop[0] == name:
+            seeds = [s for k, s in enumerate(seeds) if k != drop[1]]
+        if extra is not None and extra[0] == name:
+            d = SEED_DIAMETER_MM * im.magnification / 0.8
+            seeds.append(Seed2D(extra[1], 0.0, d * 1.5, d * 1.5))
+        box = ((160.0, 160.0), (60.0, 80.0), 10.0 if name == "A" else -15.0) if bone else None
+        frames[name] = render_kv_frame(im, seeds, rng, bone_box=box)
+    return frames
+
+
+def _check(result, pose, t_tol=TRANSLATION_TOL_MM, r_tol=ROTATION_TOL_DEG):
+    truth = pose.to_correction()
+    assert_allclose(result.correction.translation_mm, truth.translation_mm, rtol=0, atol=t_tol)
+    assert_allclose(result.correction.rotation_deg, truth.rotation_deg, rtol=0, atol=r_tol)
+
+
+POSE = Pose.from_six([2.0, -3.0, 1.5], [1.5, -1.0, 2.0])
+
+
+def test_known_pose_gives_its_inverse_as_correction():
+    frames = render_pair(POSE, np.random.default_rng(1))
+    res = localise_fiducials(frames, GEOM, PLANNED, NAMES, i0=I0)
+    _check(res, POSE)
+    assert res.ok and res.flags == frozenset()
+    assert all(s.found and not s.migrated for s in res.seeds)
+    LOCALISATION_TOL_MM = 0.3  # 3D: two 0.1 mm views, 3 sigma
+    assert_allclose(np.array([s.point_room_mm for s in res.seeds]), POSE.apply(PLANNED), rtol=0,
+                    atol=LOCALISATION_TOL_MM)
+    assert max(s.ray_distance_mm for s in res.seeds) < LOCALISATION_TOL_MM
+    assert res.fre_mm < LOCALISATION_TOL_MM
+    assert res.total_ms > 0 and res.n_detections == {"A": 4, "B": 4}
+    q = res.quality_json()
+    assert q["ok"] is True and len(q["seeds"]) == 4
+
+
+@pytest.mark.parametrize("axis, sign", [(a, s) for a in range(6) for s in (1.0, -1.0)])
+def test_each_correction_parameter_has_the_right_sign(axis, sign):
+    # Patient moved +/-2 mm or rotated +/-2 deg about one room axis: the
+    # correction is the same amount with the opposite sign on that axis only.
+    six = np.zeros(6)
+    six[axis] = 2.0 * sign
+    pose = Pose.from_six(six[:3], six[3:])
+    res = localise_fiducials(render_pair(pose, np.random.default_rng(10 + axis), bone=False), GEOM, PLANNED, NAMES,
+                             i0=I0)
+    got = np.r_[res.correction.translation_mm, res.correction.rotation_deg]
+    assert np.sign(got[axis]) == -sign
+    expected = -six
+    assert_allclose(got[:3], expected[:3], rtol=0, atol=TRANSLATION_TOL_MM)
+    assert_allclose(got[3:], expected[3:], rtol=0, atol=ROTATION_TOL_DEG)
+
+
+def test_seed_missing_in_one_view_is_reported_and_the_rest_register():
+    frames = render_pair(POSE, np.random.default_rng(2), drop=("B", 2))
+    res = localise_fiducials(frames, GEOM, PLANNED, NAMES, i0=I0)
+    assert [s.found for s in res.seeds] == [True, True, False, True]
+    assert FiducialFlag.SEED_MISSING in res.flags and FiducialFlag.EXTRA_DETECTIONS in res.flags
+    _check(res, POSE, r_tol=2 * ROTATION_TOL_DEG)  # three seeds, one fewer lever
+
+
+def test_extra_detection_is_ignored():
+    frames = render_pair(POSE, np.random.default_rng(3), extra=("A", (120.3, 200.6)))
+    res = localise_fiducials(frames, GEOM, PLANNED, NAMES, i0=I0)
+    assert all(s.found for s in res.seeds)
+    assert res.n_detections["A"] == 5
+    assert FiducialFlag.EXTRA_DETECTIONS in res.flags
+    _check(res, POSE)
+
+
+def test_migrated_seed_is_named_and_excluded():
+    frames = render_pair(POSE, np.random.default_rng(4), moved=(3, np.array([0.0, 0.0, 3.0])))
+    res = localise_fiducials(frames, GEOM, PLANNED, NAMES, i0=I0)
+    assert [s.migrated for s in res.seeds] == [False, False, False, True]
+    assert FiducialFlag.SEED_EXCLUDED in res.flags
+    _check(res, POSE, r_tol=2 * ROTATION_TOL_DEG)
+    assert_allclose(res.seeds[3].residual_mm, 3.0, rtol=0, atol=TRANSLATION_TOL_MM)
+
+
+def test_migrated_seed_of_three_is_refused():
+    frames = render_pair(POSE, np.random.default_rng(5), planned=PLANNED[:3], axes=AXES[:3],
+                         moved=(0, np.array([3.0, -3.0, 0.0])))
+    with pytest.raises(SeedMigrationError, match="F1 has migrated"):
+        localise_fiducials(frames, GEOM, PLANNED[:3], NAMES[:3], i0=I0)
+
+
+def test_swapped_imager_labels_are_refused():
+    frames = render_pair(POSE, np.random.default_rng(6))
+    with pytest.raises(ImagerLabelError, match="swapped"):
+        localise_fiducials({"A": frames["B"], "B": frames["A"]}, GEOM, PLANNED, NAMES, i0=I0)
+
+
+def test_swapped_imager_labels_are_refused_in_tracking_mode():
+    frames = render_pair(POSE, np.random.default_rng(7))
+    with pytest.raises((ImagerLabelError, FiducialNotFoundError)):
+        localise_fiducials({"A": frames["B"], "B": frames["A"]}, GEOM, PLANNED, NAMES, i0=I0, prior_pose=POSE)
+
+
+def test_tracking_with_prior_pose_gives_the_same_correction():
+    frames = render_pair(POSE, np.random.default_rng(8))
+    whole = localise_fiducials(frames, GEOM, PLANNED, NAMES, i0=I0)
+    prior = Pose.from_six([1.0, -2.0, 1.0], [1.0, 0.0, 1.0])  # a few mm off: inside the windows
+    track = localise_fiducials(frames, GEOM, PLANNED, NAMES, i0=I0, prior_pose=prior)
+    _check(track, POSE)
+    assert_allclose(track.correction.translation_mm, whole.correction.translation_mm, rtol=0, atol=0.05)
+
+
+def test_seed_behind_dense_bone_in_one_view_is_found():
+    pose = Pose.identity()
+    pa = GEOM["A"].project(PLANNED)
+    rng = np.random.default_rng(9)
+    frames = render_pair(pose, rng, bone=False)
+    # Re-render A with a dense block (vertebral body) centred on seed F2.
+    im = GEOM["A"]
+    frames["A"] = render_kv_frame(im, seeds_in_view(im, PLANNED, AXES), rng,
+                                  bone_box=(tuple(pa[1]), (40.0, 40.0), 20.0))
+    res = localise_fiducials(frames, GEOM, PLANNED, NAMES, i0=I0)
+    assert all(s.found for s in res.seeds)
+    _check(res, pose)
+
+
+def test_nearly_collinear_seeds_flag_the_rotation():
+    planned = np.array([[0.0, -12.0, 0.0], [0.4, 0.0, -0.3], [0.0, 12.0, 0.3]])
+    axes = AXES[:3]
+    frames = render_pair(POSE, np.random.default_rng(11), planned=planned, axes=axes, bone=False)
+    res = localise_fiducials(frames, GEOM, planned, NAMES[:3], i0=I0)
+    assert FiducialFlag.ROTATION_UNRELIABLE in res.flags
+    assert not res.ok
+
+
+def test_two_seeds_give_translation_only():
+    pose = Pose.from_six([1.0, -2.0, 0.5], [0, 0, 0])
+    frames = render_pair(pose, np.random.default_rng(12), planned=PLANNED[:2], axes=AXES[:2], bone=False)
+    res = localise_fiducials(frames, GEOM, PLANNED[:2], NAMES[:2], i0=I0)
+    assert FiducialFlag.TRANSLATION_ONLY in res.flags and not res.ok
+    assert_allclose(res.correction.translation_mm, [-1.0, 2.0, -0.5], rtol=0, atol=TRANSLATION_TOL_MM)
+
+
+def test_match_stereo_pairs_exact_projections():
+    pts = POSE.apply(PLANNED)
+    dets = {"A": GEOM["A"].project(pts)[::-1], "B": GEOM["B"].project(pts)}
+    corrs = match_stereo(GEOM, dets, PLANNED)
+    best = corrs[0]
+    assert best.n_found == 4
+    assert best.detection_index[:, 0].tolist() == [3, 2, 1, 0] and best.detection_index[:, 1].tolist() == [0, 1, 2, 3]
+    assert_allclose(best.points_room_mm, pts, rtol=0, atol=1e-6)  # exact pixels: round-off only
+
+
+# ---------------------------------------------------------------------------- error paths
+def test_nothing_detected_is_fiducial_not_found():
+    frames = render_pair(POSE, np.random.default_rng(13), planned=PLANNED[:0], axes=AXES[:0])
+    with pytest.raises(FiducialNotFoundError, match="no seed was seen consistently in both views"):
+        localise_fiducials(frames, GEOM, PLANNED, NAMES, i0=I0)
+
+
+def test_unknown_imager_name_is_refused():
+    frames = render_pair(POSE, None, bone=False)
+    with pytest.raises(FrameError, match="no imager 'C'"):
+        localise_fiducials({"A": frames["A"], "C": frames["B"]}, GEOM, PLANNED, NAMES, i0=I0)
+
+
+def test_one_frame_is_refused():
+    with pytest.raises(FrameError, match="one frame from each of two imagers"):
+        localise_fiducials({"A": np.zeros((320, 320), np.uint16)}, GEOM, PLANNED, NAMES, i0=I0)
+
+
+def test_missing_per_imager_i0_is_refused():
+    frames = render_pair(POSE, None, bone=False)
+    with pytest.raises(FrameError, match="imager 'B': no i0 given"):
+        localise_fiducials(frames, GEOM, PLANNED, NAMES, i0={"A": I0})
+
+
+def test_names_must_match_seeds():
+    frames = render_pair(POSE, None, bone=False)
+    with pytest.raises(FiducialNotFoundError, match="3 seed names for 4 planned seeds"):
+        localise_fiducials(frames, GEOM, PLANNED, NAMES[:3], i0=I0)
+
+
+def test_bad_config_is_refused():
+    with pytest.raises(FiducialConfigError, match="max_epipolar_px"):
+        FiducialConfig(max_epipolar_px=0.0)

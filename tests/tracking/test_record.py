@@ -1,0 +1,141 @@
+"""Session record: append-only JSON lines, crash tolerance, and deterministic replay."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from registration.pose import Pose
+from tracking.config import EndpointsConfig, RecordConfig, SafetyConfig, ServiceConfig, SetupConfig
+from tracking.loop import Service, replay_session
+from tracking.record import RecordError, SessionRecord, read_record
+from tracking.sims import LocalPeers
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def test_records_are_lines_on_disk_in_order_with_both_clocks(tmp_path):
+    path = tmp_path / "s.jsonl"
+    rec = SessionRecord(path)
+    for i in range(5):
+        rec.write("tick", n=i)
+    rec.flush()
+    lines = read_record(path)
+    assert [r["n"] for r in lines] == list(range(5))
+    assert all("t_unix_s" in r and "t_mono_s" in r for r in lines)
+    rec.close()
+    assert read_record(path)[-1]["event"] == "closed"
+
+
+def test_reopening_appends_and_never_truncates(tmp_path):
+    path = tmp_path / "s.jsonl"
+    for k in range(2):
+        rec = SessionRecord(path)
+        rec.write("mark", k=k)
+        rec.close()
+    assert [r.get("k") for r in read_record(path)] == [0, None, 1, None]
+
+
+def test_torn_last_line_is_dropped_corrupt_middle_line_is_an_error(tmp_path):
+    path = tmp_path / "s.jsonl"
+    path.write_bytes(b'{"event":"a","t_unix_s":1,"t_mono_s":1}\n{"event":"b","t_un')
+    assert [r["event"] for r in read_record(path)] == ["a"]
+    path.write_bytes(b'{"event":"a"}\n{garbage\n{"event":"c"}\n')
+    with pytest.raises(RecordError, match="line 2 is not valid JSON"):
+        read_record(path)
+    with pytest.raises(RecordError, match="cannot read"):
+        read_record(tmp_path / "missing.jsonl")
+
+
+def test_a_killed_writer_process_keeps_every_flushed_record(tmp_path):
+    path = tmp_path / "killed.jsonl"
+    code = (
+        "import sys, time\n"
+        "from tracking.record import SessionRecord\n"
+        f"rec = SessionRecord({str(path)!r})\n"
+        "for i in range(20):\n"
+        "    rec.write('pair', pair_id=i)\n"
+        "rec.flush()\n"
+        "print('ready', flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    with subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True) as proc:
+        try:
+            assert proc.stdout.readline().strip() == "ready"
+        finally:
+            proc.kill()  # SIGKILL: no clean-up runs
+            proc.wait(10)
+    assert [r["pair_id"] for r in read_record(path)] == list(range(20))
+
+
+def _small_config(tmp_path, raw=True):
+    return ServiceConfig(
+        safety=SafetyConfig(frame_period_s=0.1, max_frame_age_s=0.15, enable_validity_s=0.15),
+        endpoints=EndpointsConfig("tcp://127.0.0.1:0", "tcp://127.0.0.1:0", "tcp://127.0.0.1:0"),
+        setup=SetupConfig("automatic"),
+        record=RecordConfig(tmp_path / "session.jsonl", raw_frames=raw),
+    )
+
+
+def _run_short_session(tmp_path, raw=True):
+    config = _small_config(tmp_path, raw)
+    svc = Service(config).start()
+    peers = LocalPeers(svc.endpoints)
+    try:
+        peers.sub.handshake()
+        assert peers.cmd.request("load_plan")["ok"]
+        assert peers.cmd.request("start_setup")["ok"]
+        peers.send_pair(0, Pose.from_six([2.0, -1.0, 0.5], [0.0, 0.5, 0.0]))
+        peers.sub.wait_for(lambda m: m["_topic"] == "correction", 2.0)
+        assert peers.cmd.request("couch_moved")["ok"]
+        peers.send_pair(1, Pose.identity())
+        peers.sub.wait_for(lambda m: m["_topic"] == "gating" and m["pair_id"] == 1, 2.0)
+        assert peers.cmd.request("start_monitoring")["ok"]
+        for k in range(2, 8):
+            shift = 1.5 if k == 5 else 0.2
+            peers.send_pair(k, Pose.from_six([0, 0, shift], [0, 0, 0]))
+            peers.sub.wait_for(lambda m, k=k: m["_topic"] == "gating" and m["pair_id"] == k, 2.0)
+        peers.send_pair(8, Pose.identity(), only=("A",))  # unpaired
+        peers.sub.wait_for(lambda m: m.get("reason") == "unpaired_frame", 2.0)
+        peers.cmd.request("bogus")
+    finally:
+        peers.close()
+        svc.stop()
+    return config.record.path
+
+
+def test_replay_of_a_recorded_session_reproduces_every_decision(tmp_path):
+    path = _run_short_session(tmp_path)
+    records = read_record(path)
+    events = {r["event"] for r in records}
+    assert {"session", "command", "state", "frame", "pair", "sent", "frame_fault", "closed"} <= events
+    assert len(list((tmp_path / "session.jsonl.frames").glob("*.npy"))) == 2 * 8 + 1
+    report = replay_session(path)
+    assert report.differences == []
+    assert report.pairs == 8 and report.recomputed_pairs == 8
+
+
+def test_replay_reports_a_changed_decision(tmp_path):
+    path = _run_short_session(tmp_path, raw=False)
+    lines = path.read_text().splitlines()
+    for i, line in enumerate(lines):
+        rec = json.loads(line)
+        if rec["event"] == "pair" and rec["pair_id"] == 5:
+            rec["result"]["pose"]["translation_mm"] = [0.0, 0.0, 0.1]  # as if the registration had said so
+            lines[i] = json.dumps(rec)
+    path.write_text("\n".join(lines) + "\n")
+    report = replay_session(path)
+    assert any("line" in d and "beam" in d for d in report.differences), report.differences
+
+
+def test_replay_refuses_a_file_that_is_not_a_session(tmp_path):
+    path = tmp_path / "x.jsonl"
+    path.write_text('{"event":"tick","t_unix_s":1,"t_mono_s":1}\n')
+    with pytest.raises(RecordError, match="not a session record"):
+        replay_session(path)

@@ -1,0 +1,254 @@
+"""State machine and command handling of the engine (no sockets): every command in every state."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from numpy.testing import assert_allclose
+
+from registration.pose import Pose
+from tracking.config import CouchConfig, SafetyConfig, ServiceConfig, SetupConfig
+from tracking.frames import KvFrame
+from tracking.gating import HoldReason
+from tracking.processing import PairResult, PatternProcessor, stamp_pose_pattern
+from tracking.record import SessionRecord
+from tracking.states import ALLOWED_STATES, Command, Engine, ServiceState, SetupPhase, run_processor
+from tracking.sims import pattern_frame
+
+T0 = 1_764_070_000.0
+POSE_TOL_MM = 1e-6  # the pattern stamps micrometres: anything beyond rounding is a bug
+
+
+class Harness:
+    """An engine with a noise-free pattern processor; pairs are fed with explicit clock values."""
+
+    def __init__(self, approval="automatic", dof=6, noise_mm=0.0):
+        self.config = ServiceConfig(safety=SafetyConfig(), setup=SetupConfig(approval), couch=CouchConfig(dof))
+        self.sent: list[dict] = []
+        self.record = SessionRecord(None)
+        self.engine = Engine(self.config, lambda plan: PatternProcessor(plan.imagers, noise_mm), self.record,
+                             self.sent.append)
+        self.now = T0
+        self.pair_id = 0
+        self.base = pattern_frame(Pose.identity(), 32, 32)
+
+    def cmd(self, name, **params):
+        self.now += 0.01
+        reply, _ = self.engine.handle_command(name, params, self.now, self.now - T0)
+        return reply
+
+    def pair(self, pose: Pose, age_s=0.02, pixels=None):
+        self.now += 0.1
+        pid = self.pair_id
+        self.pair_id += 1
+        frames = {n: KvFrame(n, stamp_pose_pattern(self.base, pose) if pixels is None else pixels,
+                             acquired_unix_s=self.now - age_s, pair_id=pid) for n in ("A", "B")}
+        job, proc = self.engine.begin_pair(pid, self.now - age_s, self.now - T0, self.now)
+        result = run_processor(proc, frames, job, self.config)
+        return self.engine.finish_pair(job, result, self.now + 0.001, self.now - T0)
+
+    def to_state(self, state: ServiceState):
+        """Drive the engine into ``state`` through legal commands."""
+        if state is ServiceState.IDLE:
+            return
+        assert self.cmd("load_plan")["ok"]
+        if state is ServiceState.PLAN_LOADED:
+            return
+        assert self.cmd("start_setup")["ok"]
+        if state is ServiceState.SETUP:
+            return
+        self.pair(Pose.identity())
+        assert self.cmd("start_monitoring")["ok"]
+        if state is ServiceState.MONITORING:
+            return
+        if state is ServiceState.PAUSED:
+            assert self.cmd("pause")["ok"]
+            return
+        assert self.cmd("stop")["ok"]
+
+
+def gating(outputs):
+    return [o for o in outputs if o["schema"] == "gating/1"]
+
+
+def corrections(outputs):
+    return [o for o in outputs if o["schema"] == "correction/1"]
+
+
+@pytest.mark.parametrize("state", list(ServiceState))
+@pytest.mark.parametrize("command", list(Command))
+def test_every_command_in_every_state_is_accepted_or_refused_with_reason(state, command):
+    h = Harness()
+    h.to_state(state)
+    params = {"tolerance_3d_mm": 0.8} if command is Command.SET_TOLERANCE else {}
+    reply = h.cmd(command.value, **params)
+    allowed = state in ALLOWED_STATES[command]
+    if not allowed:
+        assert reply["ok"] is False
+        assert f"not valid in state {state.value}" in reply["reason"]
+        assert reply["state"] == state.value  # a refused command changes nothing
+        return
+    # Allowed by state; a few also need the setup phase to be right.
+    phase_bound = {Command.APPROVE_CORRECTION: "no correction awaits approval",
+                   Command.COUCH_MOVED: "no correction was sent"}
+    if command in phase_bound:
+        assert reply["ok"] is False and phase_bound[command] in reply["reason"]
+    elif command is Command.START_MONITORING:
+        # SETUP in the harness has not measured yet: not verified.
+        assert reply["ok"] is False and "setup is not verified" in reply["reason"]
+    else:
+        assert reply["ok"] is True, reply["reason"]
+        expected = {
+            Command.STATUS: state, Command.SET_TOLERANCE: state, Command.LOAD_PLAN: ServiceState.PLAN_LOADED,
+            Command.START_SETUP: ServiceState.SETUP, Command.PAUSE: ServiceState.PAUSED,
+            Command.RESUME: ServiceState.MONITORING, Command.STOP: ServiceState.STOPPED,
+        }[command]
+        assert reply["state"] == expected.value
+
+
+def test_unknown_command_is_refused_with_the_known_list():
+    h = Harness()
+    reply = h.cmd("fire_beam")
+    assert reply["ok"] is False and "unknown command 'fire_beam'" in reply["reason"]
+
+
+@pytest.mark.parametrize("params, message", [
+    ({}, "needs tolerance_3d_mm"),
+    ({"tolerance_3d_mm": -1.0}, "must be a number in"),
+    ({"tolerance_3d_mm": 50.0}, "must be a number in"),
+    ({"tolerance_rotation_deg": "wide"}, "must be a number in"),
+])
+def test_set_tolerance_refuses_bad_values(params, message):
+    h = Harness()
+    reply = h.cmd("set_tolerance", **params)
+    assert reply["ok"] is False and message in reply["reason"]
+    assert reply["tolerance_3d_mm"] == 1.0
+
+
+def test_setup_sends_the_inverse_pose_then_verifies_after_couch_moved():
+    h = Harness(approval="automatic")
+    h.to_state(ServiceState.SETUP)
+    pose = Pose.from_six([-1.0, 2.0, 0.5], [0.0, 0.0, 1.5])
+    out = h.pair(pose)
+    corr = corrections(out)[0]
+    assert corr["apply"] is True and corr["purpose"] == "setup"
+    expected = pose.to_correction()
+    assert_allclose(corr["translation_mm"], expected.translation_mm, rtol=0, atol=POSE_TOL_MM)
+    assert_allclose(corr["rotation_deg"], expected.rotation_deg, rtol=0, atol=POSE_TOL_MM)
+    assert all(g["beam"] == "HOLD" for g in gating(out))
+    assert h.engine.phase is SetupPhase.AWAITING_COUCH
+    assert h.cmd("start_monitoring")["ok"] is False
+    assert h.cmd("couch_moved")["ok"]
+    h.pair(Pose.identity())
+    assert h.engine.phase is SetupPhase.VERIFIED
+    assert h.cmd("start_monitoring")["state"] == "MONITORING"
+
+
+def test_pair_acquired_before_couch_moved_does_not_verify():
+    h = Harness()
+    h.to_state(ServiceState.SETUP)
+    h.pair(Pose.from_six([3.0, 0, 0], [0, 0, 0]))
+    h.cmd("couch_moved")
+    h.pair(Pose.identity(), age_s=0.15)  # acquired before the couch_moved command
+    assert h.engine.phase is SetupPhase.VERIFYING
+
+
+def test_manual_approval_proposes_then_sends_only_after_approve():
+    h = Harness(approval="manual")
+    h.to_state(ServiceState.SETUP)
+    out = h.pair(Pose.from_six([2.0, 0, 0], [0, 0, 0]))
+    assert [c["apply"] for c in corrections(out)] == [False]
+    assert h.engine.phase is SetupPhase.AWAITING_APPROVAL
+    assert h.cmd("couch_moved")["ok"] is False
+    assert "proposal is from pair 0" in h.cmd("approve_correction", pair_id=7)["reason"]
+    h.sent.clear()
+    assert h.cmd("approve_correction", pair_id=0)["ok"]
+    assert [c["apply"] for c in corrections(h.sent)] == [True]
+
+
+def test_setup_correction_beyond_limit_is_not_sent():
+    h = Harness()
+    h.to_state(ServiceState.SETUP)
+    out = h.pair(Pose.from_six([30.0, 0, 0], [0, 0, 0]))  # beyond the 25 mm default
+    assert corrections(out) == []
+    assert gating(out)[-1]["reason"] == HoldReason.CORRECTION_LIMIT.value
+    out = h.pair(Pose.from_six([0.0, 0, 0], [0, 6.0, 0]))  # beyond 5 degrees
+    assert corrections(out) == [] and gating(out)[-1]["reason"] == "correction_limit"
+
+
+def test_monitoring_enables_within_tolerance_and_holds_outside():
+    h = Harness()
+    h.to_state(ServiceState.MONITORING)
+    assert gating(h.pair(Pose.from_six([0.5, 0, 0], [0, 0, 0])))[-1]["beam"] == "ENABLE"
+    g = gating(h.pair(Pose.from_six([0, 0, 1.2], [0, 0, 0])))[-1]
+    assert g["beam"] == "HOLD" and g["reason"] == "out_of_tolerance"
+    assert_allclose(g["deviation_mm"], 1.2, rtol=0, atol=POSE_TOL_MM)
+
+
+def test_monitoring_correction_beyond_limit_holds_correction_limit():
+    h = Harness()
+    h.to_state(ServiceState.MONITORING)
+    out = h.pair(Pose.from_six([0, 26.0, 0], [0, 0, 0]))
+    assert corrections(out) == [] and gating(out)[-1]["reason"] == "correction_limit"
+
+
+def test_four_dof_couch_sends_no_pitch_roll_and_reports_residual():
+    h = Harness(dof=4)
+    h.to_state(ServiceState.SETUP)
+    pose = Pose.from_six([1.0, 0, 0], [2.0, 0, 3.0])
+    corr = corrections(h.pair(pose))[0]
+    assert_allclose(corr["rotation_deg"][:2], [0.0, 0.0], rtol=0, atol=1e-9)
+    assert_allclose(corr["rotation_deg"][2], pose.to_correction().rotation_deg[2], rtol=0, atol=POSE_TOL_MM)
+    assert corr["quality"]["couch_dof"] == 4
+    assert_allclose(np.abs(corr["quality"]["residual_rotation_deg"][0]), 2.0, rtol=0, atol=0.1)
+
+
+def test_pause_and_stop_hold_at_once():
+    h = Harness()
+    h.to_state(ServiceState.MONITORING)
+    h.sent.clear()
+    h.cmd("pause")
+    assert gating(h.sent)[-1] == {**gating(h.sent)[-1], "beam": "HOLD", "reason": "paused"}
+    assert gating(h.pair(Pose.identity()))[-1]["reason"] == "paused"
+    h.cmd("stop")
+    assert gating(h.pair(Pose.identity()))[-1]["reason"] == "not_monitoring"
+
+
+def test_processor_exception_becomes_internal_error_hold_and_engine_keeps_going():
+    h = Harness()
+    h.to_state(ServiceState.MONITORING)
+
+    class Broken:
+        method = "fiducial"
+
+        def process(self, frames, prior):
+            raise RuntimeError("kaboom")
+
+    good = h.engine.processor
+    h.engine.processor = Broken()
+    out = h.pair(Pose.identity())
+    assert gating(out)[-1]["reason"] == "internal_error"
+    h.engine.processor = good
+    assert gating(h.pair(Pose.identity()))[-1]["beam"] == "ENABLE"
+
+
+def test_pair_result_refuses_ok_without_pose():
+    from tracking.errors import TrackingError
+
+    with pytest.raises(TrackingError, match="must carry a pose"):
+        PairResult(HoldReason.OK)
+    with pytest.raises(TrackingError, match="must be a HoldReason"):
+        PairResult("ok")
+    with pytest.raises(TrackingError, match="method must be"):
+        PairResult(HoldReason.NAN_FRAME, method="magic")
+
+
+def test_silence_in_monitoring_holds_and_repeats_slowly():
+    h = Harness()
+    h.to_state(ServiceState.MONITORING)
+    h.engine.frame_arrived("A", 99, 0, h.now, h.now, 0.0)
+    assert h.engine.tick(h.now + 0.1, 0.0) == []
+    out = h.engine.tick(h.now + 0.25, 0.0)
+    assert out[-1]["reason"] == "frame_source_silent"
+    assert h.engine.tick(h.now + 0.30, 0.0) == []  # not repeated at every tick
+    assert h.engine.tick(h.now + 1.30, 0.0)[-1]["reason"] == "frame_source_silent"

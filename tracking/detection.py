@@ -1,0 +1,554 @@
+"""Gold-seed and marker detection in raw kV frames (panel pixels, ``(col, row)``).
+
+Method (see ``docs/FIDUCIALS.md``):
+
+1. **Log conversion**: ``L = -ln(I / i0)`` with ``I`` clipped below at
+   ``intensity_floor`` (an opaque gold core can record zero photons). ``i0``
+   is given or estimated as a high percentile of the frame; since every later
+   step works on differences of ``L``, ``i0`` only shifts ``L`` by a constant
+   and a rough estimate costs no accuracy.
+2. **Isolated defects** (dead, hot, stuck pixels): a pixel more than
+   ``defect_ratio`` times darker than the darkest, or brighter than the
+   brightest, of its 8 neighbours is replaced by their median. A seed covers
+   more than one pixel, so it never trips this test. A calibrated defect map
+   (lines, clusters) can be given and is inpainted.
+3. **Background suppression**: a morphological top-hat of ``L``: opening
+   with a disc just wider than the projected seed diameter, then a partial
+   reconstruction by dilation under ``L``. An opening preserves steps and
+   ramps exactly, so bone edges, the skin line and saturated regions give no
+   response, while anything narrower than the disc (a seed at any in-plane
+   orientation, a sphere) is kept whole; the reconstruction fills back bone
+   corners the disc cannot reach.
+4. **Matched smoothing and thresholds**: a Gaussian of the seed's width, then
+   components peaking above ``min_snr`` times the robust (MAD) noise of the
+   window (scaled for quantum noise behind bone in the binned search);
+   size and shape limits derived from the seed size in pixels (diameter and
+   length times the imager magnification over the pixel pitch) reject ridges,
+   defect lines and noise.
+5. **Sub-pixel centre**: centroid of the component weighted by the
+   transmission deficit ``1 - exp(-T)`` of the background-subtracted line
+   integral ``T`` (linear in the covered area for an opaque seed, hence free
+   of pixel-phase bias).
+
+Whole-frame search runs steps 3-4 on a binned copy of the frame (bins of
+``search_binning`` pixels, chosen so a seed stays >= 2 binned pixels wide)
+and refines each candidate at full resolution in a small window; tracking mode
+runs the full-resolution analysis only in windows around predicted positions.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+from calibration.geometry import ImagerGeometry
+
+from .errors import FrameError
+
+__all__ = [
+    "DetectionConfig",
+    "Detection",
+    "SeedSizePx",
+    "seed_size_px",
+    "estimate_i0",
+    "line_integrals",
+    "detect_seeds",
+]
+
+_MAD_TO_SIGMA = 1.4826  # sigma of a normal distribution per median absolute deviation
+_HYSTERESIS_SNR = 2.5  # support of a detection: matched-filter SNR above this, around a peak above min_snr
+_RELATIVE_CUT = 0.35  # support pixels below this fraction of the highest SNR within a seed length are not the marker
+
+
+@dataclass(frozen=True, slots=True)
+class DetectionConfig:
+    """Seed-detection parameters (sizes in mm at the isocentre plane, contrasts in ln units).
+
+    Attributes
+    ----------
+    marker_diameter_mm : float
+        Diameter of a cylindrical seed or of a spherical marker, mm.
+    marker_length_mm : float
+        Longest marker extent, mm (seed length; equal to the diameter for spheres).
+    min_snr : float
+        Peak of the matched-filtered top-hat over the robust noise of its
+        window needed for a detection.
+    min_contrast : float
+        Peak background-subtracted line integral (ln units, full resolution)
+        needed for a detection; gold seeds give far more, bone ridges less.
+    defect_ratio : float
+        Factor by which an isolated pixel must fall outside its 8 neighbours'
+        range to count as a defect (e: one unit of line integral).
+    intensity_floor : float
+        Lowest detector value used in the log (counts), so zero-count pixels stay finite.
+    search_binning : int or None
+        Bin size for whole-frame search; None derives it from the seed size.
+    tracking_window_mm : float
+        Half-size (mm at the isocentre) of the search window around each
+        predicted position in tracking mode; the largest seed movement between
+        prediction and frame that is still found.
+    max_detections : int
+        Most detections returned per frame (the most confident).
+    """
+
+    marker_diameter_mm: float = 1.0
+    marker_length_mm: float = 5.0
+    min_snr: float = 8.0
+    min_contrast: float = 0.15
+    defect_ratio: float = math.e
+    intensity_floor: float = 0.5
+    search_binning: int | None = None
+    tracking_window_mm: float = 5.0
+    max_detections: int = 12
+
+    def __post_init__(self) -> None:
+        for name in ("marker_diameter_mm", "marker_length_mm", "min_snr", "min_contrast", "intensity_floor",
+                     "tracking_window_mm"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+                raise FrameError(f"detection config: {name} must be a positive finite number, got {value!r}")
+        if self.marker_length_mm < self.marker_diameter_mm:
+            raise FrameError(
+                f"detection config: marker_length_mm ({self.marker_length_mm}) is shorter than "
+                f"marker_diameter_mm ({self.marker_diameter_mm})"
+            )
+        if not (isinstance(self.defect_ratio, (int, float)) and self.defect_ratio > 1):
+            raise FrameError(f"detection config: defect_ratio must be > 1, got {self.defect_ratio!r}")
+        b = self.search_binning
+        if b is not None and (isinstance(b, bool) or not isinstance(b, int) or b < 1):
+            raise FrameError(f"detection config: search_binning must be a positive integer or None, got {b!r}")
+        m = self.max_detections
+        if isinstance(m, bool) or not isinstance(m, int) or m < 1:
+            raise FrameError(f"detection config: max_detections must be a positive integer, got {m!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class SeedSizePx:
+    """Projected marker size on one imager's panel, pixels (at the isocentre magnification)."""
+
+    diameter_px: float
+    length_px: float
+    element_px: int  # side of the top-hat structuring element (odd)
+    sigma_px: float  # matched smoothing Gaussian
+    window_half_px: int  # half-size of a refinement window around a candidate
+
+
+def seed_size_px(imager: ImagerGeometry, config: DetectionConfig, binning: int = 1) -> SeedSizePx:
+    """Marker size in (binned) panel pixels: mm x magnification / pixel pitch.
+
+    The detector blur of a real panel (about one pixel) is added to the diameter.
+    """
+    pitch_mm = float(np.min(imager.pixel_spacing_mm)) * binning
+    mag = imager.magnification
+    diameter = config.marker_diameter_mm * mag / pitch_mm + 1.0 / binning
+    length = config.marker_length_mm * mag / pitch_mm + 1.0 / binning
+    element = 2 * math.ceil((diameter + 2.0) / 2.0) + 1
+    sigma = max(0.5, 0.35 * diameter)
+    half = math.ceil(0.6 * length + element + 3)
+    return SeedSizePx(diameter, length, element, sigma, half)
+
+
+@dataclass(frozen=True, slots=True)
+class Detection:
+    """One marker found in one frame.
+
+    Attributes
+    ----------
+    imager : str
+    centre_px : (2,) array
+        Sub-pixel centre ``(col, row)``, pixel centres at integers.
+    contrast : float
+        Peak background-subtracted line integral, ln units (``-ln`` of the
+        transmission through the marker relative to its surroundings).
+    snr : float
+        Peak of the matched-filtered top-hat over the window's robust noise.
+    length_px, width_px : float
+        Extent along and across the marker's major axis, pixels (4 sigma of the
+        intensity-weighted second moments).
+    orientation_deg : float
+        Angle of the major axis from +col towards +row, degrees in [0, 180).
+    area_px : int
+        Pixels in the marker's support.
+    confidence : float
+        0..1: ``(1 - min_snr / snr)`` times how well the size matches a
+        marker (1 inside the expected size, falling towards the limits).
+    """
+
+    imager: str
+    centre_px: np.ndarray
+    contrast: float
+    snr: float
+    length_px: float
+    width_px: float
+    orientation_deg: float
+    area_px: int
+    confidence: float
+
+    def __post_init__(self) -> None:
+        c = np.array(self.centre_px, dtype=np.float64)
+        if c.shape != (2,) or not np.all(np.isfinite(c)):
+            raise FrameError(f"imager '{self.imager}': detection centre must be 2 finite numbers, got {c.tolist()}")
+        c.setflags(write=False)
+        object.__setattr__(self, "centre_px", c)
+
+
+# ---------------------------------------------------------------------------- frames
+def _check_frame(frame: np.ndarray, imager: ImagerGeometry) -> np.ndarray:
+    if not isinstance(frame, np.ndarray):
+        raise FrameError(f"imager '{imager.name}': frame must be a numpy array, got {type(frame).__name__}")
+    if frame.dtype not in (np.uint16, np.float32):
+        raise FrameError(f"imager '{imager.name}': frame dtype must be uint16 or float32, got {frame.dtype}")
+    if frame.shape != (imager.rows, imager.cols):
+        raise FrameError(
+            f"imager '{imager.name}': frame is {frame.shape[0] if frame.ndim else 0}x"
+            f"{frame.shape[1] if frame.ndim > 1 else 0} (shape {frame.shape}), "
+            f"the imager has {imager.rows}x{imager.cols} (rows x cols)"
+        )
+    if frame.dtype == np.float32:
+        finite = np.isfinite(frame)
+        if not finite.all():
+            bad = np.argwhere(~finite)
+            r, c = bad[0]
+            raise FrameError(
+                f"imager '{imager.name}': frame holds {len(bad)} non-finite pixels "
+                f"(first at row {r}, col {c}: {frame[r, c]})"
+            )
+    return frame
+
+
+def _check_i0(i0: float, name: str) -> float:
+    try:
+        value = float(i0)
+    except (TypeError, ValueError) as err:
+        raise FrameError(f"imager '{name}': i0 must be a number, got {i0!r}") from err
+    if not math.isfinite(value) or value <= 0:
+        raise FrameError(f"imager '{name}': i0 must be positive and finite, got {value}")
+    return value
+
+
+def estimate_i0(frame: np.ndarray, name: str = "?") -> float:
+    """Estimate the unattenuated level of a frame: 99.5th percentile of a 1-in-16 pixel sample.
+
+    The bright tail of a kV frame is the unattenuated (or least attenuated)
+    region; a percentile ignores the few hot pixels. Where no pixel is
+    unattenuated the estimate is too low, which only shifts every line
+    integral by the same constant (seed detection uses differences).
+
+    Raises
+    ------
+    FrameError
+        If the estimate is not positive (an all-dark frame).
+    """
+    sample = np.asarray(frame)[::4, ::4]
+    value = float(np.percentile(sample, 99.5))
+    if not math.isfinite(value) or value <= 0:
+        raise FrameError(f"imager '{name}': cannot estimate i0: frame has no positive signal (99.5% level {value})")
+    return value
+
+
+def line_integrals(frame: np.ndarray, i0: float, intensity_floor: float = 0.5) -> np.ndarray:
+    """Line integrals ``-ln(I / i0)`` of a raw frame (float32, same shape, ln units).
+
+    ``I`` is clipped below at ``intensity_floor`` (counts) so that zero-count
+    pixels (opaque gold, dead pixels) stay finite.
+    """
+    i0 = _check_i0(i0, "?")
+    img = np.maximum(np.asarray(frame, dtype=np.float32), np.float32(intensity_floor))
+    out = cv2.log(img)
+    np.subtract(np.float32(math.log(i0)), out, out=out)
+    return out
+
+
+# ---------------------------------------------------------------------------- analysis
+_RING = np.array([[1, 1, 1], [1, 0, 1], [1, 1, 1]], dtype=np.uint8)
+
+
+def _repair_defects(raw: np.ndarray, ratio: float, defect_mask: np.ndarray | None) -> np.ndarray:
+    """Replace isolated outlier pixels (and masked defects) by the median of their neighbours."""
+    lo = cv2.erode(raw, _RING, borderType=cv2.BORDER_REFLECT)
+    hi = cv2.dilate(raw, _RING, borderType=cv2.BORDER_REFLECT)
+    bad = (raw * np.float32(ratio) < lo) | (raw > hi * np.float32(ratio))
+    if defect_mask is not None:
+        bad |= defect_mask
+    if not bad.any():
+        return raw
+    out = raw.copy()
+    if defect_mask is not None and defect_mask.any():
+        # Calibrated defect lines/clusters: neighbours may be defects too, so inpaint.
+        out = cv2.inpaint(out, defect_mask.astype(np.uint8), 2, cv2.INPAINT_TELEA)
+    rows, cols = np.nonzero(bad & (defect_mask is None or ~defect_mask))
+    if len(rows):
+        pad = np.pad(raw, 1, mode="reflect")
+        offs = [(dr, dc) for dr in (0, 1, 2) for dc in (0, 1, 2) if (dr, dc) != (1, 1)]
+        neigh = np.stack([pad[rows + dr, cols + dc] for dr, dc in offs], axis=1)
+        out[rows, cols] = np.median(neigh, axis=1)
+    return out
+
+
+def _tophat(lint: np.ndarray, size: SeedSizePx) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Top-hat (centroid weights), its matched-filtered version (detection) and the background, ln units."""
+    # A disc, not a square: its opening follows corners of bone at any angle
+    # (a square leaves the tip of a rotated corner behind as a false blob).
+    kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (size.element_px, size.element_px))
+    opened = cv2.morphologyEx(lint, cv2.MORPH_OPEN, kernel, borderType=cv2.BORDER_REPLICATE)
+    background = opened
+    # Partial reconstruction by dilation: grow the opening back under the
+    # image for as many steps as the element's radius. Corners of bone that
+    # the disc could not reach are connected to the bone and fill back in; a
+    # seed stands above its surroundings everywhere, so it stays out.
+    cross = cv2.getStructuringElement(cv2.MORPH_CROSS, (3, 3))
+    for _ in range(size.element_px // 2 + 1):
+        background = np.minimum(cv2.dilate(background, cross, borderType=cv2.BORDER_REPLICATE), lint)
+    smooth = cv2.GaussianBlur(lint - background, (0, 0), size.sigma_px, borderType=cv2.BORDER_REPLICATE)
+    # The plain top-hat weighs the centroid: the reconstruction can bridge
+    # from bone through a seed into soft tissue and would lower one side of a
+    # seed lying across a bone edge.
+    return lint - opened, smooth, background
+
+
+def _noise(smooth: np.ndarray) -> tuple[float, float]:
+    """Median and robust sigma (MAD) of a matched-filtered top-hat; images over 4096 pixels are sampled 1 in 4."""
+    sample = smooth[::2, ::2] if smooth.size > 4096 else smooth
+    med = float(np.median(sample))
+    sigma = _MAD_TO_SIGMA * float(np.median(np.abs(sample - med)))
+    return med, max(sigma, 1e-6)
+
+
+def _label_max(values: np.ndarray, labels: np.ndarray, n: int) -> np.ndarray:
+    """Largest value per label ``0..n-1`` (``-inf`` for an empty label; label 0 is ignored).
+
+    Sorts only the labelled pixels, which are few next to a window's size.
+    """
+    out = np.full(n, -np.inf)
+    lab = labels.ravel()
+    inside = lab > 0
+    if n <= 1 or not inside.any():
+        return out
+    lv, vv = lab[inside], values.ravel()[inside]
+    order = np.argsort(lv, kind="stable")
+    lv, vv = lv[order], vv[order]
+    starts = np.flatnonzero(np.r_[True, lv[1:] != lv[:-1]])
+    out[lv[starts]] = np.maximum.reduceat(vv, starts)
+    return out
+
+
+def _label_peaks(mask: np.ndarray, values: np.ndarray) -> tuple[int, np.ndarray, np.ndarray]:
+    n, labels = cv2.connectedComponents(mask.astype(np.uint8), connectivity=8)
+    return n, labels, _label_max(values, labels, n)
+
+
+def _components(snr: np.ndarray, min_snr: float, reach_px: float):
+    """Marker support: labels and the labels whose peak SNR reaches ``min_snr``.
+
+    ``snr`` is the matched-filtered top-hat over the noise. Pixels above 2.5
+    belong to the support unless they fall below ``_RELATIVE_CUT`` of the
+    highest SNR within ``reach_px`` (about a marker length): that separates a
+    seed from a faint cortical ridge or a neighbour it touches, while a weak
+    marker far from a strong one keeps its own support. Components count when
+    their peak reaches ``min_snr``.
+    """
+    side = 2 * int(math.ceil(reach_px / 2.0)) + 1
+    # A square (separable, fast) neighbourhood is close enough for "nearby".
+    near_max = cv2.dilate(snr, np.ones((side, side), np.uint8), borderType=cv2.BORDER_REPLICATE)
+    support = (snr > _HYSTERESIS_SNR) & (snr > _RELATIVE_CUT * near_max)
+    n, labels, peaks = _label_peaks(support, snr)
+    keep = np.flatnonzero(peaks > min_snr)
+    keep = keep[keep > 0]
+    return labels, keep, peaks[keep]
+
+
+def _local_maxima(snr: np.ndarray, top: np.ndarray, min_snr: float, min_contrast: float, limit: int) -> np.ndarray:
+    """``(col, row)`` of the ``limit`` highest 3x3 local maxima of ``snr`` above ``min_snr``
+    whose neighbourhood reaches ``min_contrast`` in the (unsmoothed) top-hat."""
+    box = np.ones((3, 3), np.uint8)
+    peak = (snr >= cv2.dilate(snr, box)) & (snr > min_snr) & (cv2.dilate(top, box) >= min_contrast)
+    rows, cols = np.nonzero(peak)
+    order = np.argsort(-snr[rows, cols])[:limit]
+    return np.stack([cols[order], rows[order]], axis=1).astype(np.float64).reshape(-1, 2)
+
+
+def _measure_window(
+    raw: np.ndarray,
+    r0: int,
+    c0: int,
+    i0: float,
+    size: SeedSizePx,
+    cfg: DetectionConfig,
+    name: str,
+    defect_mask: np.ndarray | None,
+) -> list[Detection]:
+    """Full-resolution analysis of one window (raw float32 counts); centres in frame pixels."""
+    clean = _repair_defects(raw, cfg.defect_ratio, defect_mask)
+    lint = line_integrals(clean, i0, cfg.intensity_floor)
+    top, smooth, _ = _tophat(lint, size)
+    med, sigma = _noise(smooth)
+    labels, keep, peaks = _components((smooth - med) / sigma, cfg.min_snr, size.length_px)
+    if len(keep) == 0:
+        return []
+    # Centroid support: the component grown by one pixel, so the seed's
+    # partially covered fringe counts on every side (no pixel-phase bias).
+    grown = cv2.dilate(labels.astype(np.float32), np.ones((3, 3), np.uint8)).astype(np.int64)
+    lab = np.where(labels > 0, labels, grown).ravel()
+    # Weights are the transmission deficit 1 - I/I_background, not the line
+    # integral: a seed is nearly opaque, and the deficit of a pixel grows
+    # linearly with the seed area it covers (the line integral does not), so
+    # the weighted centroid has no pixel-phase bias.
+    top_med = float(np.median(top[::2, ::2]))
+    w = -np.expm1(-np.maximum(top - top_med, 0.0)).ravel().astype(np.float64)
+    rr, cc = np.indices(top.shape)
+    x, y = cc.ravel().astype(np.float64), rr.ravel().astype(np.float64)
+    nl = int(labels.max()) + 1
+    sw = np.bincount(lab, w, nl)
+    sx, sy = np.bincount(lab, w * x, nl), np.bincount(lab, w * y, nl)
+    sxx, syy, sxy = np.bincount(lab, w * x * x, nl), np.bincount(lab, w * y * y, nl), np.bincount(lab, w * x * y, nl)
+    area = np.bincount(lab, None, nl)
+    peak_top = _label_max((top - top_med).ravel(), lab, nl)
+    # Pixels of a window that touch its border are cut: their components are measured by another window.
+    edge = np.zeros(nl, bool)
+    border = np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]])
+    edge[border] = True
+    out = []
+    max_len = 1.5 * size.length_px + 3.0
+    max_wid = 1.5 * size.diameter_px + 3.0
+    for k, pk in zip(keep, peaks):
+        if edge[k] or sw[k] <= 0:
+            continue
+        cx, cy = sx[k] / sw[k], sy[k] / sw[k]
+        cov = np.array([[sxx[k] / sw[k] - cx * cx, sxy[k] / sw[k] - cx * cy],
+                        [sxy[k] / sw[k] - cx * cy, syy[k] / sw[k] - cy * cy]])
+        evals, evecs = np.linalg.eigh(cov)
+        width, length = 4.0 * math.sqrt(max(evals[0], 0.0)), 4.0 * math.sqrt(max(evals[1], 0.0))
+        contrast = float(peak_top[k])
+        snr = float(pk)
+        if contrast < cfg.min_contrast or length > max_len or width > max_wid:
+            continue
+        angle = math.degrees(math.atan2(evecs[1, 1], evecs[0, 1])) % 180.0
+        size_term = min(1.0, 2.0 - length / (0.5 * max_len + 0.5 * size.length_px)) if length > size.length_px else 1.0
+        confidence = max(0.0, 1.0 - cfg.min_snr / snr) * max(0.0, size_term)
+        out.append(
+            Detection(name, (c0 + cx, r0 + cy), contrast, snr, length, width, angle, int(area[k]), confidence)
+        )
+    return out
+
+
+def _dedupe(dets: list[Detection], radius_px: float) -> list[Detection]:
+    dets = sorted(dets, key=lambda d: -d.snr)
+    kept: list[Detection] = []
+    for d in dets:
+        if all(np.hypot(*(d.centre_px - k.centre_px)) > radius_px for k in kept):
+            kept.append(d)
+    return kept
+
+
+def _suppress(points_px: np.ndarray, radius_px: float) -> np.ndarray:
+    """Drop points within ``radius_px`` of an earlier (stronger) one."""
+    kept: list[np.ndarray] = []
+    for p in points_px:
+        if all(np.hypot(*(p - k)) > radius_px for k in kept):
+            kept.append(p)
+    return np.array(kept).reshape(-1, 2)
+
+
+def _window(centre_col_row, half: int, rows: int, cols: int) -> tuple[int, int, int, int]:
+    c, r = int(round(centre_col_row[0])), int(round(centre_col_row[1]))
+    return max(0, r - half), min(rows, r + half + 1), max(0, c - half), min(cols, c + half + 1)
+
+
+def detect_seeds(
+    frame: np.ndarray,
+    imager: ImagerGeometry,
+    i0: float | None = None,
+    predicted_px: np.ndarray | None = None,
+    config: DetectionConfig = DetectionConfig(),
+    defect_mask: np.ndarray | None = None,
+) -> tuple[Detection, ...]:
+    """Find gold seeds / markers in one raw kV frame.
+
+    Parameters
+    ----------
+    frame : (rows, cols) uint16 or float32 array
+        Raw detector signal of ``imager`` (more photons = larger value),
+        indexed ``frame[row, col]``.
+    imager : ImagerGeometry
+        Sets the expected frame size and, with its magnification and pixel
+        pitch, the marker size in pixels.
+    i0 : float, optional
+        Unattenuated level (same units as the frame); estimated when omitted
+        (:func:`estimate_i0`).
+    predicted_px : (K, 2) array, optional
+        Predicted ``(col, row)`` of the markers (tracking mode): only windows of
+        ``config.tracking_window_mm`` around them are searched. Omitted: the
+        whole frame is searched.
+    config : DetectionConfig
+    defect_mask : (rows, cols) bool array, optional
+        Known defective pixels (calibration defect map), inpainted before analysis.
+
+    Returns
+    -------
+    tuple of Detection
+        Most confident first, at most ``config.max_detections``.
+
+    Raises
+    ------
+    FrameError
+        Wrong dtype or size for the imager, non-finite pixels, a bad or
+        unestimable ``i0``, bad predictions or defect mask.
+    """
+    frame = _check_frame(frame, imager)
+    name = imager.name
+    i0 = _check_i0(i0, name) if i0 is not None else estimate_i0(frame, name)
+    if defect_mask is not None:
+        defect_mask = np.asarray(defect_mask)
+        if defect_mask.shape != frame.shape or defect_mask.dtype != bool:
+            raise FrameError(
+                f"imager '{name}': defect mask must be a bool array of the frame's shape {frame.shape}, "
+                f"got {defect_mask.dtype} {defect_mask.shape}"
+            )
+    full = seed_size_px(imager, config)
+    rows, cols = frame.shape
+    windows: list[tuple[int, int, int, int]] = []
+    if predicted_px is not None:
+        pred = np.atleast_2d(np.asarray(predicted_px, dtype=np.float64))
+        if pred.ndim != 2 or pred.shape[1] != 2 or not np.all(np.isfinite(pred)):
+            raise FrameError(f"imager '{name}': predicted positions must be finite (K, 2) (col, row), got {pred.shape}")
+        mag = imager.magnification / float(np.min(imager.pixel_spacing_mm))
+        half = math.ceil(config.tracking_window_mm * mag + full.window_half_px)
+        windows = [_window(p, half, rows, cols) for p in pred if imager.contains(p, -half)[0]]
+    else:
+        b = config.search_binning
+        if b is None:
+            # The marker's own diameter (without the blur allowance) spans at
+            # least two binned pixels, so a small sphere survives binning.
+            b = int(max(1, min(4, math.floor((full.diameter_px - 1.0) / 2.0))))
+        coarse = seed_size_px(imager, config, b)
+        rb, cb = rows // b, cols // b
+        crop = frame[: rb * b, : cb * b]
+        # INTER_AREA with an integer factor is the exact bin mean.
+        binned = crop if b == 1 else cv2.resize(crop, (cb, rb), interpolation=cv2.INTER_AREA)
+        binned = binned.astype(np.float32)
+        lint = line_integrals(binned, i0, config.intensity_floor)
+        top, smooth, background = _tophat(lint, coarse)
+        med, sigma = _noise(smooth)
+        # Quantum noise in a line integral grows as 1/sqrt(photons): scale the
+        # frame's robust noise by the local background transmission, so the
+        # darker region behind bone is judged against its own, larger noise.
+        bg_med = float(np.median(background[::2, ::2]))
+        local_sigma = sigma * np.exp(0.5 * (background - bg_med))
+        # Candidates: local maxima significant against the local noise and
+        # reaching the contrast floor (faint ridges such as cortical rims can
+        # be significant in a large binned pixel but are far below any seed).
+        pos = _local_maxima((smooth - med) / local_sigma, top, config.min_snr, config.min_contrast,
+                            4 * config.max_detections)
+        centres = _suppress(pos * b + (b - 1) / 2.0, 0.5 * full.length_px)
+        windows = [_window(c, full.window_half_px, rows, cols) for c in centres]
+    found: list[Detection] = []
+    for r0, r1, c0, c1 in windows:
+        raw = np.ascontiguousarray(frame[r0:r1, c0:c1], dtype=np.float32)
+        mask = None if defect_mask is None else np.ascontiguousarray(defect_mask[r0:r1, c0:c1])
+        found.extend(_measure_window(raw, r0, c0, i0, full, config, name, mask))
+    kept = _dedupe(found, max(2.0, full.diameter_px))
+    kept.sort(key=lambda d: -d.confidence)
+    return tuple(kept[: config.max_detections])

@@ -1,0 +1,607 @@
+"""Fiducial localisation: stereo correspondence, triangulation and the couch correction.
+
+From one stereo pair of raw kV frames to the couch correction
+(shared/CONVENTIONS.md): detect seeds in each frame
+(:mod:`tracking.detection`), pair detections across the two views with the
+epipolar geometry, triangulate the candidate pairs (least squares, with the
+rays' skew distance as quality figure), assign the 3D candidates to the
+planned seeds by the rigid-body consistency of the constellation (inter-seed
+distances against the plan, and the prior pose when there is one), and
+register the assigned seeds to the plan (:mod:`registration.points`).
+
+One missing seed (hidden in one view) or one extra detection changes only
+which assignment wins. Frames given under swapped imager labels are caught by
+solving both labellings: the wrong one gives a mirrored constellation (a large
+fiducial registration error or an implausible rotation) and the call is
+refused, never answered with a silently wrong correction.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from enum import Enum
+
+import numpy as np
+
+from calibration.errors import GeometryError
+from calibration.geometry import StereoGeometry
+from registration.points import (
+    PointFlag,
+    PointRegistrationConfig,
+    PointRegistrationError,
+    PointRegistrationResult,
+    register_points,
+)
+from registration.pose import Correction, Pose
+
+from .detection import Detection, DetectionConfig, detect_seeds
+from .errors import FiducialNotFoundError, FrameError, TrackingError
+
+__all__ = [
+    "FiducialConfig",
+    "FiducialConfigError",
+    "FiducialFlag",
+    "ImagerLabelError",
+    "SeedLocalisation",
+    "Correspondence",
+    "FiducialResult",
+    "match_stereo",
+    "localise_fiducials",
+]
+
+
+class FiducialConfigError(TrackingError, ValueError):
+    """A fiducial-localisation setting is out of range."""
+
+
+class ImagerLabelError(TrackingError, ValueError):
+    """The frames fit the imagers better under swapped labels, or the labelling cannot be told."""
+
+
+class FiducialFlag(Enum):
+    """Conditions reported with a fiducial result."""
+
+    TRANSLATION_ONLY = "translation_only"
+    ROTATION_UNRELIABLE = "rotation_unreliable"
+    SEED_EXCLUDED = "seed_excluded"
+    SEED_MISSING = "seed_missing"
+    EXTRA_DETECTIONS = "extra_detections"
+
+
+_FROM_POINT_FLAG = {
+    PointFlag.TRANSLATION_ONLY: FiducialFlag.TRANSLATION_ONLY,
+    PointFlag.ROTATION_UNRELIABLE: FiducialFlag.ROTATION_UNRELIABLE,
+    PointFlag.SEED_EXCLUDED: FiducialFlag.SEED_EXCLUDED,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class FiducialConfig:
+    """Limits of fiducial localisation (mm in the room, px on the panel, degrees).
+
+    Attributes
+    ----------
+    detection : DetectionConfig
+    registration : PointRegistrationConfig
+        Holds the migration limit (default 1.5 mm).
+    max_epipolar_px : float
+        Largest distance of a detection from the epipolar line of its partner
+        (the larger of the two directions), pixels.
+    max_ray_distance_mm : float
+        Largest skew distance between the two back-projected rays of a pair, mm.
+    association_tolerance_mm : float
+        Largest change of an inter-seed distance accepted while assigning
+        candidates to planned seeds; wider than the migration limit, so that a
+        migrated seed is still assigned and then named by the rigid-body check.
+    prior_radius_mm : float
+        With a prior pose, largest distance of a candidate from its predicted
+        room position, mm.
+    max_rotation_deg : float
+        Largest total rotation of a plausible patient pose, degrees; a
+        labelling that needs more is rejected.
+    max_fre_mm : float
+        Largest fiducial registration error of an acceptable result, mm.
+    swap_margin_mm : float
+        How much lower the FRE of one labelling must be to prefer it when both
+        are plausible and their corrections differ, mm.
+    agreement_mm : float
+        Two labellings whose poses move every planned seed to within this
+        distance of each other give the same answer, mm.
+    """
+
+    detection: DetectionConfig = field(default_factory=DetectionConfig)
+    registration: PointRegistrationConfig = field(default_factory=PointRegistrationConfig)
+    max_epipolar_px: float = 2.0
+    max_ray_distance_mm: float = 1.0
+    association_tolerance_mm: float = 5.0
+    prior_radius_mm: float = 10.0
+    max_rotation_deg: float = 10.0
+    max_fre_mm: float = 1.0
+    swap_margin_mm: float = 0.3
+    agreement_mm: float = 0.2
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.detection, DetectionConfig):
+            raise FiducialConfigError(f"fiducial config: detection must be a DetectionConfig, got {self.detection!r}")
+        if not isinstance(self.registration, PointRegistrationConfig):
+            raise FiducialConfigError(
+                f"fiducial config: registration must be a PointRegistrationConfig, got {self.registration!r}"
+            )
+        for name in ("max_epipolar_px", "max_ray_distance_mm", "association_tolerance_mm", "prior_radius_mm",
+                     "max_rotation_deg", "max_fre_mm", "swap_margin_mm", "agreement_mm"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+                raise FiducialConfigError(f"fiducial config: {name} must be a positive finite number, got {value!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class SeedLocalisation:
+    """One planned seed: where it was seen and how well.
+
+    Attributes
+    ----------
+    name : str
+    found : bool
+        Seen in both views and assigned.
+    pixels_px : dict of imager name -> (2,) array, or None
+        Detected ``(col, row)`` in each view.
+    point_room_mm : (3,) array or None
+        Triangulated position, room frame, mm.
+    ray_distance_mm : float or None
+        Skew distance between the two back-projected rays, mm.
+    reprojection_px : float or None
+        Largest distance between a detection and the reprojected 3D point, px.
+    residual_mm : float or None
+        ``|P(planned) - measured|`` after registration, mm.
+    migrated : bool
+        Excluded by the rigid-body check.
+    """
+
+    name: str
+    found: bool
+    pixels_px: dict | None
+    point_room_mm: np.ndarray | None
+    ray_distance_mm: float | None
+    reprojection_px: float | None
+    residual_mm: float | None
+    migrated: bool
+
+    def to_json(self) -> dict:
+        return {
+            "name": self.name,
+            "found": self.found,
+            "pixels_px": None if self.pixels_px is None else {k: v.tolist() for k, v in self.pixels_px.items()},
+            "point_room_mm": None if self.point_room_mm is None else self.point_room_mm.tolist(),
+            "ray_distance_mm": self.ray_distance_mm,
+            "reprojection_px": self.reprojection_px,
+            "residual_mm": self.residual_mm,
+            "migrated": self.migrated,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Correspondence:
+    """Detections assigned to planned seeds and triangulated (one labelling).
+
+    Attributes
+    ----------
+    imagers : tuple of str
+        The two imager names, in the order of ``detection_index``.
+    detection_index : (N, 2) int array
+        Per planned seed, the index of its detection in each view (-1: not found).
+    points_room_mm : (N, 3) array
+        Triangulated positions (rows of unfound seeds are zero; see ``found``).
+    ray_distance_mm, reprojection_px : (N,) arrays
+        Skew distance of the rays (mm) and largest reprojection error (px)
+        (zero for unfound seeds).
+    found : (N,) bool array
+    cost_mm : float
+        Sum of the inter-seed distance changes of the assignment, mm.
+    """
+
+    imagers: tuple[str, str]
+    detection_index: np.ndarray
+    points_room_mm: np.ndarray
+    ray_distance_mm: np.ndarray
+    reprojection_px: np.ndarray
+    found: np.ndarray
+    cost_mm: float
+
+    @property
+    def n_found(self) -> int:
+        return int(np.count_nonzero(self.found))
+
+
+@dataclass(frozen=True, slots=True)
+class FiducialResult:
+    """Outcome of :func:`localise_fiducials` for one stereo pair.
+
+    Attributes
+    ----------
+    correction : Correction
+        Couch correction ``C = P^-1`` (shared/CONVENTIONS.md), room frame.
+    pose : Pose
+        Patient pose ``p_actual = R p_planned + t``.
+    registration : PointRegistrationResult
+    seeds : tuple of SeedLocalisation
+        One per planned seed, in plan order.
+    fre_mm : float
+        Fiducial registration error (RMS over the used seeds), mm.
+    ok : bool
+        6-DoF result with a reliable rotation and ``fre_mm <= max_fre_mm``.
+    flags : frozenset of FiducialFlag
+    n_detections : dict of imager name -> int
+    detection_ms : float
+        Seed detection in both frames, ms (monotonic clock).
+    matching_ms : float
+        Correspondence, triangulation and registration (both labellings), ms.
+    total_ms : float
+        Frames in to correction out, ms.
+    """
+
+    correction: Correction
+    pose: Pose
+    registration: PointRegistrationResult
+    seeds: tuple[SeedLocalisation, ...]
+    fre_mm: float
+    ok: bool
+    flags: frozenset
+    n_detections: dict
+    detection_ms: float
+    matching_ms: float
+    total_ms: float
+
+    def quality_json(self) -> dict:
+        """The ``quality`` object of a ``correction/1`` message or CLI report."""
+        return {
+            "ok": self.ok,
+            "fre_mm": self.fre_mm,
+            "flags": sorted(f.value for f in self.flags),
+            "seeds": [s.to_json() for s in self.seeds],
+            "n_detections": dict(self.n_detections),
+        }
+
+
+# ---------------------------------------------------------------------------- correspondence
+def _pair_candidates(geometry: StereoGeometry, names: tuple[str, str], px_a: np.ndarray, px_b: np.ndarray,
+                     config: FiducialConfig):
+    """Epipolar-consistent detection pairs, triangulated; returns (i, j, points, ray_mm, reproj_px)."""
+    a, b = names
+    if len(px_a) == 0 or len(px_b) == 0:
+        empty = np.zeros(0, int)
+        return empty, empty, np.zeros((0, 3)), np.zeros(0), np.zeros(0)
+    d_ab = geometry.epipolar_distance_px(a, b, px_a, px_b)
+    d_ba = geometry.epipolar_distance_px(b, a, px_b, px_a).T
+    ii, jj = np.nonzero(np.maximum(d_ab, d_ba) <= config.max_epipolar_px)
+    if len(ii) == 0:
+        return ii, jj, np.zeros((0, 3)), np.zeros(0), np.zeros(0)
+    tri = geometry.triangulate({a: px_a[ii], b: px_b[jj]})
+    good = tri.ray_distance_mm <= config.max_ray_distance_mm
+    return (ii[good], jj[good], tri.points_mm[good], tri.ray_distance_mm[good],
+            tri.reprojection_px.max(axis=1)[good])
+
+
+def _assign(planned: np.ndarray, cand: np.ndarray, ii: np.ndarray, jj: np.ndarray, tol_mm: float,
+            allowed: np.ndarray) -> list[tuple[int, ...]]:
+    """Every assignment (seed -> candidate or -1) with the most seeds found.
+
+    Candidates are used once, detections once per view; every pair of
+    assigned seeds keeps its planned distance within ``tol_mm``; ``allowed``
+    ``(N, M)`` masks candidates per seed (prior gate).
+    """
+    n, m = len(planned), len(cand)
+    dp = np.linalg.norm(planned[:, None] - planned[None], axis=-1)
+    dc = np.linalg.norm(cand[:, None] - cand[None], axis=-1)
+    best: list[tuple[int, ...]] = []
+    best_count = 0
+    choice = [-1] * n
+
+    def search(k: int, count: int) -> None:
+        nonlocal best, best_count
+        if count + (n - k) < best_count:
+            return
+        if k == n:
+            if count > best_count:
+                best, best_count = [tuple(choice)], count
+            elif count == best_count and count > 0:
+                best.append(tuple(choice))
+            return
+        used = [c for c in choice[:k] if c >= 0]
+        for c in range(m):
+            if not allowed[k, c] or c in used:
+                continue
+            if any(ii[c] == ii[u] or jj[c] == jj[u] for u in used):
+                continue
+            if any(choice[q] >= 0 and abs(dc[c, choice[q]] - dp[k, q]) > tol_mm for q in range(k)):
+                continue
+            choice[k] = c
+            search(k + 1, count + 1)
+        choice[k] = -1
+        search(k + 1, count)
+
+    search(0, 0)
+    return best
+
+
+def match_stereo(
+    geometry: StereoGeometry,
+    detections: Mapping[str, np.ndarray],
+    planned_room_mm: np.ndarray,
+    prior_pose: Pose | None = None,
+    config: FiducialConfig = FiducialConfig(),
+) -> list[Correspondence]:
+    """Assign stereo detections to planned seeds; every best assignment (most seeds found).
+
+    Parameters
+    ----------
+    geometry : StereoGeometry
+    detections : mapping imager name -> (K, 2) array
+        Detected ``(col, row)`` centres in exactly two imagers.
+    planned_room_mm : (N, 3) array
+        Planned seed positions, room frame at perfect setup, mm.
+    prior_pose : Pose, optional
+        Expected patient pose; candidates farther than ``prior_radius_mm``
+        from ``prior_pose.apply(planned)`` are not assigned.
+    config : FiducialConfig
+
+    Returns
+    -------
+    list of Correspondence
+        Ties in the number of seeds found, cheapest (sum of distance changes) first.
+    """
+    names = tuple(detections)
+    if len(names) != 2:
+        raise FiducialNotFoundError(f"stereo matching needs detections from exactly two imagers, got {list(names)}")
+    px_a, px_b = (np.asarray(detections[n], dtype=np.float64).reshape(-1, 2) for n in names)
+    planned = np.asarray(planned_room_mm, dtype=np.float64)
+    ii, jj, pts, ray, reproj = _pair_candidates(geometry, names, px_a, px_b, config)
+    allowed = np.ones((len(planned), len(pts)), dtype=bool)
+    if prior_pose is not None and len(pts):
+        predicted = prior_pose.apply(planned)
+        allowed = np.linalg.norm(predicted[:, None] - pts[None], axis=-1) <= config.prior_radius_mm
+    out = []
+    dp = np.linalg.norm(planned[:, None] - planned[None], axis=-1)
+    for assignment in _assign(planned, pts, ii, jj, config.association_tolerance_mm, allowed):
+        a = np.array(assignment)
+        found = a >= 0
+        idx = np.full((len(planned), 2), -1, dtype=np.int64)
+        idx[found, 0], idx[found, 1] = ii[a[found]], jj[a[found]]
+        points = np.zeros((len(planned), 3))
+        points[found] = pts[a[found]]
+        rd, rp = np.zeros(len(planned)), np.zeros(len(planned))
+        rd[found], rp[found] = ray[a[found]], reproj[a[found]]
+        f = np.flatnonzero(found)
+        dc = np.linalg.norm(points[f][:, None] - points[f][None], axis=-1)
+        cost = float(np.abs(dc - dp[np.ix_(f, f)]).sum() / 2)
+        out.append(Correspondence(names, idx, points, rd, rp, found, cost))
+    out.sort(key=lambda c: c.cost_mm)
+    return out
+
+
+# ---------------------------------------------------------------------------- end to end
+_MAX_ASSIGNMENTS = 32  # equally complete assignments registered per labelling, cheapest first
+@dataclass(frozen=True, slots=True)
+class _Solution:
+    corr: Correspondence
+    reg: PointRegistrationResult
+    plausible: bool
+    reason: str
+
+
+def _solve(geometry, names, det_px, planned, seed_names, prior_pose, config) -> _Solution | Exception:
+    """Best correspondence + registration for one labelling, or the error that prevents one."""
+    corrs = match_stereo(geometry, dict(zip(names, det_px)), planned, prior_pose, config)
+    if not corrs:
+        return FiducialNotFoundError("fiducials not found: no seed was seen consistently in both views")
+    solutions: list[_Solution] = []
+    first_error: Exception | None = None
+    for corr in corrs[:_MAX_ASSIGNMENTS]:
+        f = corr.found
+        try:
+            reg = register_points(planned[f], corr.points_room_mm[f], [seed_names[i] for i in np.flatnonzero(f)],
+                                  config.registration)
+        except PointRegistrationError as err:
+            # The cheapest assignment's refusal is the one to report (e.g. a
+            # migrated seed that leaves too few).
+            first_error = first_error or err
+            continue
+        angle = reg.pose.angle_deg()
+        reasons = []
+        if reg.fre_mm > config.max_fre_mm:
+            reasons.append(f"fiducial registration error {reg.fre_mm:.2f} mm (limit {config.max_fre_mm:g} mm)")
+        if angle > config.max_rotation_deg:
+            reasons.append(f"rotation {angle:.1f} deg (limit {config.max_rotation_deg:g} deg)")
+        solutions.append(_Solution(corr, reg, not reasons, "; ".join(reasons)))
+    if not solutions:
+        return first_error
+    solutions.sort(key=lambda s: (not s.plausible, -s.reg.n_used, s.reg.fre_mm))
+    return solutions[0]
+
+
+def _check_frames(frames: Mapping[str, np.ndarray], geometry: StereoGeometry) -> tuple[str, str]:
+    names = tuple(frames)
+    if len(names) != 2:
+        raise FrameError(f"fiducial localisation needs one frame from each of two imagers, got {list(names)}")
+    for n in names:
+        if n not in geometry.names:
+            raise FrameError(f"no imager '{n}' in the geometry (imagers: {', '.join(geometry.names)})")
+    return names
+
+
+def _i0_for(i0, name: str):
+    if isinstance(i0, Mapping):
+        if name not in i0:
+            raise FrameError(f"imager '{name}': no i0 given (i0 given for {sorted(i0)})")
+        return i0[name]
+    return i0
+
+
+def localise_fiducials(
+    frames: Mapping[str, np.ndarray],
+    geometry: StereoGeometry,
+    planned_room_mm: np.ndarray,
+    names: Sequence[str],
+    i0: float | Mapping[str, float] | None = None,
+    prior_pose: Pose | None = None,
+    config: FiducialConfig = FiducialConfig(),
+    defect_masks: Mapping[str, np.ndarray] | None = None,
+) -> FiducialResult:
+    """Couch correction from one stereo pair of raw kV frames and the planned seeds.
+
+    Parameters
+    ----------
+    frames : mapping imager name -> (rows, cols) uint16/float32 array
+        Raw frames of exactly two imagers of ``geometry`` (more photons = larger value).
+    geometry : StereoGeometry
+    planned_room_mm : (N, 3) array
+        Planned seed positions in the room frame at perfect setup, mm
+        (``FiducialSet.to_room(isocentre_lps_mm, patient_position)``).
+    names : sequence of str
+        Seed names, one per row of ``planned_room_mm``.
+    i0 : float or mapping imager name -> float, optional
+        Unattenuated level per frame; estimated when omitted.
+    prior_pose : Pose, optional
+        Expected patient pose (tracking): detection searches windows around
+        the projected seeds and candidates must lie within ``prior_radius_mm``.
+    config : FiducialConfig
+    defect_masks : mapping imager name -> bool array, optional
+        Calibrated panel defect maps.
+
+    Returns
+    -------
+    FiducialResult
+
+    Raises
+    ------
+    FrameError
+        Frames missing or not matching the geometry (size, dtype, NaN, i0).
+    FiducialNotFoundError
+        No seed seen consistently in both views.
+    ImagerLabelError
+        The frames fit the geometry only with their imager labels swapped, or
+        the two labellings fit equally well with different answers.
+    registration.points.SeedMigrationError
+        The rigid-body check refuses the constellation.
+    """
+    t0 = time.perf_counter()
+    labels = _check_frames(frames, geometry)
+    planned = np.asarray(planned_room_mm, dtype=np.float64)
+    if planned.ndim != 2 or planned.shape[1] != 3 or len(planned) < 1 or not np.all(np.isfinite(planned)):
+        raise FiducialNotFoundError(f"planned seeds must be a finite (N >= 1, 3) array of room mm, got {planned.shape}")
+    seed_names = tuple(str(n) for n in names)
+    if len(seed_names) != len(planned):
+        raise FiducialNotFoundError(f"{len(seed_names)} seed names for {len(planned)} planned seeds")
+    masks = defect_masks or {}
+
+    def detect(frame_label: str, imager_label: str) -> tuple[Detection, ...]:
+        imager = geometry[imager_label]
+        predicted = None
+        if prior_pose is not None:
+            try:
+                predicted = imager.project(prior_pose.apply(planned))
+            except GeometryError as err:
+                raise FiducialNotFoundError(f"imager '{imager_label}': cannot predict seed positions: {err}") from err
+        return detect_seeds(frames[frame_label], imager, _i0_for(i0, frame_label), predicted, config.detection,
+                            masks.get(frame_label))
+
+    a, b = labels
+    dets = {a: detect(a, a), b: detect(b, b)}
+    t_det = time.perf_counter()
+    given = _solve(geometry, (a, b), [_centres(dets[a]), _centres(dets[b])], planned, seed_names, prior_pose, config)
+    # The other labelling: frame a seen by imager b and vice versa, with the
+    # same detections. Whole-frame detection does not depend on the label;
+    # in tracking mode the windows were placed for the given labels, which is
+    # what matters: if the frames are swapped, what was found in them either
+    # fails as given, or fits both labellings and is judged below.
+    same_panel = geometry[a].rows == geometry[b].rows and geometry[a].cols == geometry[b].cols
+    swapped_dets = {b: dets[a], a: dets[b]} if same_panel else None
+    swapped = FrameError("frames do not fit the other imager") if swapped_dets is None else _solve(
+        geometry, (a, b), [_centres(swapped_dets[a]), _centres(swapped_dets[b])], planned, seed_names, prior_pose,
+        config,
+    )
+    chosen = _choose(given, swapped, a, b, config, planned)
+    t_end = time.perf_counter()
+    return _result(chosen, dets, planned, seed_names, (a, b), (t_det - t0, t_end - t_det, t_end - t0), config)
+
+
+def _centres(dets: Sequence[Detection]) -> np.ndarray:
+    return np.array([d.centre_px for d in dets], dtype=np.float64).reshape(-1, 2)
+
+
+def _choose(given, swapped, a: str, b: str, config: FiducialConfig, planned: np.ndarray) -> _Solution:
+    g_ok = isinstance(given, _Solution) and given.plausible
+    s_ok = isinstance(swapped, _Solution) and swapped.plausible
+    swap_msg = (f"the frames fit the geometry with imager labels swapped (frame '{a}' is imager '{b}' and "
+                f"frame '{b}' is imager '{a}')")
+    if g_ok and s_ok and swapped.reg.n_used > given.reg.n_used:
+        g_ok = False
+    if g_ok and s_ok and given.reg.n_used > swapped.reg.n_used:
+        s_ok = False
+    if g_ok and not s_ok:
+        return given
+    if s_ok and not g_ok:
+        raise ImagerLabelError(
+            f"{swap_msg}: swapped FRE {swapped.reg.fre_mm:.2f} mm; as given: "
+            f"{given.reason if isinstance(given, _Solution) else given}; refused"
+        )
+    if g_ok and s_ok:
+        moved = np.linalg.norm(given.reg.pose.apply(planned) - swapped.reg.pose.apply(planned), axis=1).max()
+        if moved <= config.agreement_mm:
+            return given
+        if given.reg.fre_mm + config.swap_margin_mm <= swapped.reg.fre_mm:
+            return given
+        if swapped.reg.fre_mm + config.swap_margin_mm <= given.reg.fre_mm:
+            raise ImagerLabelError(
+                f"{swap_msg}: FRE {swapped.reg.fre_mm:.2f} mm swapped vs {given.reg.fre_mm:.2f} mm as given; refused"
+            )
+        raise ImagerLabelError(
+            f"cannot tell the imager labels apart: both labellings fit (FRE {given.reg.fre_mm:.2f} mm as given, "
+            f"{swapped.reg.fre_mm:.2f} mm swapped) but their corrections differ by up to {moved:.2f} mm at the "
+            "seeds; check the frame labels or give a prior pose"
+        )
+    if isinstance(given, _Solution):
+        raise FiducialNotFoundError(f"no plausible seed constellation: {given.reason}")
+    raise given
+
+
+def _result(sol: _Solution, dets, planned, seed_names, names, times_s, config: FiducialConfig) -> FiducialResult:
+    corr, reg = sol.corr, sol.reg
+    found_idx = np.flatnonzero(corr.found)
+    used_names = dict(zip(reg.names, range(len(reg.names))))
+    residuals = reg.pose.apply(planned) - corr.points_room_mm
+    seeds = []
+    for k, name in enumerate(seed_names):
+        if not corr.found[k]:
+            seeds.append(SeedLocalisation(name, False, None, None, None, None, None, False))
+            continue
+        j = used_names[name]
+        pixels = {names[v]: dets[names[v]][int(corr.detection_index[k, v])].centre_px for v in range(2)}
+        point = corr.points_room_mm[k].copy()
+        point.setflags(write=False)
+        seeds.append(SeedLocalisation(
+            name, True, pixels, point, float(corr.ray_distance_mm[k]), float(corr.reprojection_px[k]),
+            float(np.linalg.norm(residuals[k])), not bool(reg.used[j]),
+        ))
+    flags = {_FROM_POINT_FLAG[f] for f in reg.flags}
+    if len(found_idx) < len(planned):
+        flags.add(FiducialFlag.SEED_MISSING)
+    if any(len(dets[n]) > len(found_idx) for n in names):
+        flags.add(FiducialFlag.EXTRA_DETECTIONS)
+    ok = reg.rotation_reliable and reg.fre_mm <= config.max_fre_mm
+    ms = [1e3 * t for t in times_s]
+    return FiducialResult(
+        correction=reg.correction,
+        pose=reg.pose,
+        registration=reg,
+        seeds=tuple(seeds),
+        fre_mm=reg.fre_mm,
+        ok=bool(ok),
+        flags=frozenset(flags),
+        n_detections={n: len(dets[n]) for n in names},
+        detection_ms=ms[0],
+        matching_ms=ms[1],
+        total_ms=ms[2],
+    )

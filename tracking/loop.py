@@ -1,0 +1,626 @@
+"""The real-time service: ZeroMQ endpoints, threads, clocks; decisions are the :class:`~tracking.states.Engine`'s.
+
+Threads and the sockets they own (a socket is used by exactly one thread):
+
+- **io** owns the frames PULL and the command ROUTER. It decodes and
+  validates every inbound message (``WireLimits``), pairs frames by
+  ``pair_id`` (a partner missing after ``pair_timeout_s`` -> HOLD
+  ``unpaired_frame``), and puts only the newest complete pair into a
+  one-slot :class:`Mailbox` (an older unprocessed pair is dropped and
+  counted: never a backlog). Commands are answered at once, even while a
+  registration runs (the engine lock is never held during one).
+- **worker** takes pairs from the mailbox, runs the registration
+  (:func:`~tracking.states.run_processor`, outside the lock) and lets the
+  engine judge the result.
+- **publisher** owns the PUB socket. It takes outgoing bodies from a
+  thread-safe queue (the engine's ``emit``), stamps ``seq`` at send time,
+  sends ``heartbeat/1`` every ``heartbeat_period_s`` on its own clock, and
+  runs the engine's timer (silence and ENABLE expiry) at every heartbeat and
+  exactly at each ENABLE's expiry. A ``queue.SimpleQueue`` rather than an
+  inproc PUSH/PULL pair feeds it: it is thread-safe, needs no socket per
+  producer, and its timed ``get`` is the publisher's clock.
+- **record-writer** (:class:`~tracking.record.SessionRecord`) owns the file.
+
+Replay (:func:`replay_session`) feeds a recorded session through a fresh
+engine with the recorded clock values and reports every difference.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import math
+import queue
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zmq
+
+from .config import PlanConfig, ServiceConfig, config_from_dict, log_config
+from .errors import FrameError, TrackingError, WireSchemaError
+from .frames import KvFrame
+from .gating import HoldReason
+from .processing import PairProcessor, PairResult, build_processor
+from .record import SessionRecord, frames_folder, read_record
+from .security import Authenticator, make_server_socket_secure
+from .states import Engine, PairJob, run_processor
+from .wire import (
+    NonFinitePixelsError,
+    PayloadSizeError,
+    WireLimits,
+    decode_command,
+    decode_kvframe,
+    encode_heartbeat,
+    encode_message,
+    encode_reply,
+)
+
+__all__ = ["Mailbox", "Service", "ServiceStats", "ReplayReport", "replay_session"]
+
+log = logging.getLogger(__name__)
+
+#: Longest an idle poll waits, ms (bounds how long ``stop()`` takes).
+_POLL_MS = 10
+#: Token bucket for commands: sustained rate and burst. Beyond it a command is refused ("rate limited").
+COMMAND_RATE_PER_S = 200.0
+COMMAND_BURST = 50
+#: PUB high-water mark: messages queued per subscriber before a slow one starts losing them.
+PUB_SNDHWM = 1000
+
+
+class Mailbox:
+    """A one-slot hand-over between two threads: a new item replaces (drops) an unread one."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._item = None
+        self.dropped = 0
+
+    def put(self, item) -> Any:
+        """Leave ``item``; returns the unread item it replaced (None if none)."""
+        with self._cond:
+            old, self._item = self._item, item
+            if old is not None:
+                self.dropped += 1
+            self._cond.notify()
+            return old
+
+    def get(self, timeout_s: float) -> Any:
+        """The item, or None after ``timeout_s``."""
+        with self._cond:
+            if self._item is None:
+                self._cond.wait(timeout_s)
+            item, self._item = self._item, None
+            return item
+
+
+@dataclass
+class ServiceStats:
+    """Live figures (read by tests and benchmarks; approximate across threads)."""
+
+    latency_ms: collections.deque = field(default_factory=lambda: collections.deque(maxlen=100_000))
+    heartbeat_late_ms: collections.deque = field(default_factory=lambda: collections.deque(maxlen=100_000))
+    pairs_completed: int = 0
+    pairs_processed: int = 0
+    pairs_dropped: int = 0
+    frames_rejected: int = 0
+    commands: int = 0
+    commands_rejected: int = 0
+    sent: int = 0
+
+
+def _random_port(address: str) -> str:
+    return address[:-2] + ":*" if address.startswith("tcp://") and address.endswith(":0") else address
+
+
+class Service:
+    """The real-time service. ``start()`` binds and runs; ``stop()`` ends it.
+
+    Parameters
+    ----------
+    config : ServiceConfig
+    processor_factory : callable(PlanConfig) -> PairProcessor, optional
+        Default :func:`~tracking.processing.build_processor`.
+    record : SessionRecord, optional
+        Default: from ``config.record`` (in memory when no path is set).
+    seed : int
+        Seed of the pattern processor's noise.
+
+    Attributes
+    ----------
+    endpoints : dict
+        The bound addresses (``frames``, ``publish``, ``command``), with real
+        ports when the config asked for port 0.
+    """
+
+    def __init__(self, config: ServiceConfig, processor_factory: Callable[[PlanConfig], PairProcessor] | None = None,
+                 record: SessionRecord | None = None, seed: int = 0, limits: WireLimits = WireLimits()) -> None:
+        self.config = config
+        self.limits = limits
+        self.record = record or SessionRecord(config.record.path, config.record.raw_frames)
+        factory = processor_factory or (lambda plan: build_processor(plan, seed))
+        self._out: queue.SimpleQueue = queue.SimpleQueue()
+        self.engine = Engine(config, factory, self.record, self._out.put)
+        self.mailbox = Mailbox()
+        self.stats = ServiceStats()
+        self.endpoints: dict[str, str] = {}
+        self._stop = threading.Event()
+        self._ready = threading.Barrier(4, timeout=10.0)
+        self._threads: list[threading.Thread] = []
+        self._ctx: zmq.Context | None = None
+        self._auth: Authenticator | None = None
+        self._complete_mono: dict[int, float] = {}
+        self._frames_for_record: dict[int, dict[str, str]] = {}
+        self._errors: list[str] = []
+
+    # --------------------------------------------------------------- lifecycle
+    def start(self) -> "Service":
+        """Bind every endpoint and start the threads; returns once all sockets are bound.
+
+        Raises
+        ------
+        TrackingError
+            A socket could not be bound or the keys are unusable.
+        """
+        log_config(self.config)
+        self._ctx = zmq.Context()
+        server_keys = None
+        if self.config.security.enabled:
+            try:
+                self._auth = Authenticator(self._ctx, self.config.security, self._auth_denied)
+            except TrackingError:
+                self._ctx.destroy(linger=0)
+                self._ctx = None
+                self.record.close()
+                raise
+            server_keys = self._auth.server
+        self._server_keys = server_keys
+        now, mono = time.time(), time.monotonic()
+        self.record.write("session", t_unix_s=now, t_mono_s=mono, config=self.config.to_dict(),
+                          versions={"pyzmq": zmq.__version__, "libzmq": zmq.zmq_version(), "numpy": np.__version__})
+        self.engine.start_session(now, mono)
+        for name, target in (("io", self._io_main), ("worker", self._worker_main), ("publisher", self._pub_main)):
+            t = threading.Thread(target=self._guard(target), name=f"service-{name}", daemon=True)
+            self._threads.append(t)
+            t.start()
+        try:
+            self._ready.wait()
+        except threading.BrokenBarrierError:
+            self.stop()
+            raise TrackingError(f"service did not start: {'; '.join(self._errors) or 'timeout'}") from None
+        return self
+
+    def _auth_denied(self, public_key_z85: str) -> None:
+        self.record.write("auth_denied", public_key=public_key_z85)
+
+    def stop(self) -> None:
+        """Stop the threads, close the sockets, write ``closed`` and close the record."""
+        self._stop.set()
+        for t in self._threads:
+            t.join(timeout=10.0)
+        if self._auth is not None:
+            self._auth.stop()
+        if self._ctx is not None:
+            self._ctx.term()
+        self.record.close()
+
+    def run_forever(self) -> None:
+        """Block until interrupted or stopped (``spineguide serve``)."""
+        try:
+            while not self._stop.wait(0.5):
+                pass
+        finally:
+            self.stop()
+
+    def __enter__(self) -> "Service":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def _guard(self, target: Callable[[], None]) -> Callable[[], None]:
+        def run() -> None:
+            try:
+                target()
+            except Exception as err:  # noqa: BLE001 - report, HOLD, and let stop() clean up
+                detail = f"{threading.current_thread().name} died: {type(err).__name__}: {err}"
+                self._errors.append(detail)
+                log.error("%s\n%s", detail, traceback.format_exc())
+                try:
+                    self._ready.abort()
+                except threading.BrokenBarrierError:
+                    pass
+                self.engine.internal_error(detail, time.time(), time.monotonic())
+        return run
+
+    def _bind(self, sock: zmq.Socket, name: str) -> None:
+        make_server_socket_secure(sock, self._server_keys)
+        address = _random_port(getattr(self.config.endpoints, name))
+        try:
+            sock.bind(address)
+        except zmq.ZMQError as err:
+            raise TrackingError(f"endpoint {name}: cannot bind {address}: {err}") from err
+        self.endpoints[name] = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+
+    # ------------------------------------------------------------------ io
+    def _io_main(self) -> None:
+        """Owns the frames PULL and the command ROUTER."""
+        pull = self._ctx.socket(zmq.PULL)
+        router = self._ctx.socket(zmq.ROUTER)
+        pull.setsockopt(zmq.LINGER, 0)
+        router.setsockopt(zmq.LINGER, 0)
+        pull.setsockopt(zmq.RCVHWM, 8)  # never a backlog of frames in the socket either
+        max_frame = self.limits.max_header_bytes + self.limits.max_rows * self.limits.max_cols * 4 + 4096
+        pull.setsockopt(zmq.MAXMSGSIZE, max_frame)
+        router.setsockopt(zmq.MAXMSGSIZE, self.limits.max_header_bytes + 1024)
+        self._bind(pull, "frames")
+        self._bind(router, "command")
+        self._ready.wait()
+        poller = zmq.Poller()
+        poller.register(pull, zmq.POLLIN)
+        poller.register(router, zmq.POLLIN)
+        pending: dict[int, tuple[float, dict[str, KvFrame]]] = {}
+        newest_done = -1
+        reply_seq = 0
+        tokens, token_mono = float(COMMAND_BURST), time.monotonic()
+        imagers = set(self.config.plan.imagers)
+        timeout_s = self.config.safety.pair_timeout_s
+        try:
+            while not self._stop.is_set():
+                wait_ms = _POLL_MS
+                if pending:
+                    first = min(t for t, _ in pending.values())
+                    wait_ms = max(0, min(_POLL_MS, math.ceil((first + timeout_s - time.monotonic()) * 1e3)))
+                events = dict(poller.poll(wait_ms))
+                if router in events:
+                    for _ in range(64):  # drain a burst of commands, bounded so frames are not starved
+                        try:
+                            msg = router.recv_multipart(zmq.NOBLOCK)
+                        except zmq.Again:
+                            break
+                        now_mono = time.monotonic()
+                        tokens = min(COMMAND_BURST, tokens + (now_mono - token_mono) * COMMAND_RATE_PER_S)
+                        token_mono = now_mono
+                        limited = tokens < 1.0
+                        if not limited:
+                            tokens -= 1.0
+                        out = self._handle_command_message(msg, limited)
+                        if out is not None:
+                            envelope, body = out
+                            router.send_multipart(envelope + encode_reply(reply_seq, body))
+                            reply_seq += 1
+                if pull in events:
+                    for _ in range(16):
+                        try:
+                            parts = pull.recv_multipart(zmq.NOBLOCK, copy=True)
+                        except zmq.Again:
+                            break
+                        newest_done = self._handle_frame(parts, pending, newest_done, imagers)
+                now_mono = time.monotonic()
+                for pid in [p for p, (t, _) in pending.items() if now_mono - t > timeout_s]:
+                    _, got = pending.pop(pid)
+                    self.engine.frame_fault(HoldReason.UNPAIRED_FRAME,
+                                            f"pair {pid}: only imager(s) {sorted(got)} within {timeout_s * 1e3:.0f} ms",
+                                            time.time(), now_mono, pid)
+        finally:
+            pull.close(0)
+            router.close(0)
+
+    def _handle_frame(self, parts: list[bytes], pending: dict, newest_done: int, imagers: set[str]) -> int:
+        now, mono = time.time(), time.monotonic()
+        try:
+            wf = decode_kvframe(parts, self.limits)
+        except (WireSchemaError, FrameError) as err:
+            self.stats.frames_rejected += 1
+            reason = HoldReason.NAN_FRAME if isinstance(err, NonFinitePixelsError) else HoldReason.CORRUPT_FRAME
+            pair_id = None
+            if isinstance(err, PayloadSizeError) or isinstance(err, NonFinitePixelsError):
+                pair_id = _pair_id_from_header(parts)
+            self.engine.frame_fault(reason, str(err), now, mono, pair_id)
+            if pair_id is not None:
+                pending.pop(pair_id, None)
+            return newest_done
+        f = wf.frame
+        if f.imager not in imagers:
+            self.stats.frames_rejected += 1
+            self.engine.frame_fault(HoldReason.CORRUPT_FRAME, f"kvframe seq {wf.seq}: unknown imager '{f.imager}' "
+                                    f"(plan has {sorted(imagers)})", now, mono, f.pair_id)
+            return newest_done
+        if f.pair_id <= newest_done:
+            self.stats.frames_rejected += 1
+            self.engine.frame_fault(HoldReason.STALE_FRAME, f"imager '{f.imager}' pair {f.pair_id} arrived after "
+                                    f"pair {newest_done} was complete", now, mono, f.pair_id)
+            return newest_done
+        raw = self.record.save_frame(f.pair_id, f.imager, f.pixels)
+        self.engine.frame_arrived(f.imager, f.pair_id, wf.seq, f.acquired_unix_s, now, mono, raw)
+        first, got = pending.setdefault(f.pair_id, (mono, {}))
+        if f.imager in got:
+            pending.pop(f.pair_id)
+            self.engine.frame_fault(HoldReason.CORRUPT_FRAME, f"pair {f.pair_id}: imager '{f.imager}' sent twice",
+                                    now, mono, f.pair_id)
+            return newest_done
+        got[f.imager] = f
+        if raw is not None:
+            self._frames_for_record.setdefault(f.pair_id, {})[f.imager] = raw
+        if len(got) < len(imagers):
+            return newest_done
+        pending.pop(f.pair_id)
+        for older in [p for p in pending if p < f.pair_id]:
+            _, partial = pending.pop(older)
+            self.engine.frame_fault(HoldReason.UNPAIRED_FRAME, f"pair {older}: only imager(s) {sorted(partial)} "
+                                    f"before pair {f.pair_id} was complete", now, mono, older)
+        self.stats.pairs_completed += 1
+        self._complete_mono[f.pair_id] = mono
+        if self.mailbox.put((f.pair_id, got, mono)) is not None:
+            self.stats.pairs_dropped += 1
+        return f.pair_id
+
+    def _handle_command_message(self, msg: list[bytes], limited: bool):
+        # ROUTER envelope: [identity, (b"" for REQ clients), frames...]
+        if len(msg) < 2:
+            return None
+        envelope = [msg[0]]
+        rest = msg[1:]
+        if rest and rest[0] == b"":
+            envelope.append(b"")
+            rest = rest[1:]
+        now, mono = time.time(), time.monotonic()
+        self.stats.commands += 1
+        if limited:
+            self.stats.commands_rejected += 1
+            body = {"ok": False, "reason": f"rate limited: more than {COMMAND_RATE_PER_S:g} commands/s",
+                    "command": None, "state": self.engine.state.value}
+            self.record.write("command_rejected", t_unix_s=now, t_mono_s=mono, reason=body["reason"])
+            return envelope, body
+        try:
+            req = decode_command(rest, self.limits)
+        except WireSchemaError as err:
+            self.stats.commands_rejected += 1
+            body = {"ok": False, "reason": f"malformed command: {err}", "command": None,
+                    "state": self.engine.state.value}
+            self.record.write("command_rejected", t_unix_s=now, t_mono_s=mono, reason=body["reason"])
+            return envelope, body
+        reply, _ = self.engine.handle_command(req.command, req.params, now, mono, req.seq)
+        return envelope, reply
+
+    # ------------------------------------------------------------------ worker
+    def _worker_main(self) -> None:
+        """Owns no socket: registration and judgement of pairs."""
+        self._ready.wait()
+        while not self._stop.is_set():
+            item = self.mailbox.get(0.05)
+            if item is None:
+                continue
+            pair_id, frames, complete_mono = item
+            acquired = min(f.acquired_unix_s for f in frames.values())
+            job, processor = self.engine.begin_pair(pair_id, acquired, complete_mono, time.time())
+            result = run_processor(processor, frames, job, self.config)
+            raw = self._frames_for_record.pop(pair_id, None)
+            self.engine.finish_pair(job, result, time.time(), time.monotonic(), raw)
+            self.stats.pairs_processed += 1
+
+    # --------------------------------------------------------------- publisher
+    def _pub_main(self) -> None:
+        """Owns the PUB socket: numbers and sends every message; heartbeats and the gating timer."""
+        pub = self._ctx.socket(zmq.PUB)
+        pub.setsockopt(zmq.LINGER, 0)
+        pub.setsockopt(zmq.SNDHWM, PUB_SNDHWM)
+        self._bind(pub, "publish")
+        self._ready.wait()
+        period = self.config.safety.heartbeat_period_s
+        seq = 0
+        next_beat = time.monotonic()
+        handled_deadline = None
+        try:
+            while not self._stop.is_set():
+                try:  # outgoing messages first: they are never delayed by the timers
+                    seq = self._send(pub, seq, self._out.get_nowait())
+                    continue
+                except queue.Empty:
+                    pass
+                deadline_unix = self.engine.next_deadline_unix_s()
+                if deadline_unix == handled_deadline:
+                    deadline_unix = None  # already judged; the heartbeat tick repeats the check
+                wait = next_beat - time.monotonic()
+                if deadline_unix is not None:
+                    wait = min(wait, deadline_unix - time.time())
+                if wait > 0:
+                    try:
+                        seq = self._send(pub, seq, self._out.get(timeout=min(wait, 0.1)))
+                        continue
+                    except queue.Empty:
+                        pass
+                now, mono = time.time(), time.monotonic()
+                if deadline_unix is not None and now >= deadline_unix:
+                    self.engine.tick(now, mono)
+                    handled_deadline = deadline_unix
+                if mono >= next_beat:
+                    late_ms = (mono - next_beat) * 1e3
+                    self.stats.heartbeat_late_ms.append(late_ms)
+                    extra = {"phase": None if self.engine.phase is None else self.engine.phase.value}
+                    seq = self._send_parts(pub, seq, encode_heartbeat(seq, now, self.engine.state.value, extra),
+                                           {"topic": "heartbeat", "late_ms": late_ms})
+                    self.engine.tick(now, mono)
+                    next_beat += period
+                    if next_beat < mono:  # fell far behind (suspended): restart the clock, never burst
+                        next_beat = mono + period
+        finally:
+            pub.close(0)
+
+    def _send(self, pub: zmq.Socket, seq: int, body: dict) -> int:
+        try:
+            parts = encode_message(seq, body)
+        except WireSchemaError as err:
+            log.error("refusing to send %s: %s", body.get("schema"), err)
+            self.engine.internal_error(f"unsendable {body.get('schema')}: {err}", time.time(), time.monotonic())
+            return seq
+        meta: dict[str, Any] = {"topic": parts[0].decode()}
+        pid = body.get("pair_id")
+        if meta["topic"] == "gating" and pid is not None:
+            complete = self._complete_mono.pop(pid, None)
+            if complete is not None:
+                meta["latency_ms"] = (time.monotonic() - complete) * 1e3
+                self.stats.latency_ms.append(meta["latency_ms"])
+            for old in [p for p in list(self._complete_mono) if p < pid]:
+                self._complete_mono.pop(old, None)
+        return self._send_parts(pub, seq, parts, meta, body)
+
+    def _send_parts(self, pub: zmq.Socket, seq: int, parts: list[bytes], meta: dict, body: dict | None = None) -> int:
+        try:
+            pub.send_multipart(parts, zmq.NOBLOCK)
+        except zmq.Again:
+            meta["dropped"] = True
+        self.stats.sent += 1
+        if meta["topic"] != "heartbeat":
+            self.record.write("sent", seq=seq, **meta, body=body)
+        return seq + 1
+
+
+def _pair_id_from_header(parts: list[bytes]) -> int | None:
+    """Best-effort pair id of a rejected frame (for the HOLD message); None if unreadable."""
+    import json
+
+    try:
+        pid = json.loads(bytes(parts[1]))["pair_id"]
+        return pid if isinstance(pid, int) and not isinstance(pid, bool) and pid >= 0 else None
+    except (ValueError, KeyError, TypeError, IndexError):
+        return None
+
+
+# ------------------------------------------------------------------- replay
+@dataclass
+class ReplayReport:
+    """Outcome of :func:`replay_session`."""
+
+    events: int = 0
+    pairs: int = 0
+    recomputed_pairs: int = 0
+    differences: list[str] = field(default_factory=list)
+
+    @property
+    def identical(self) -> bool:
+        return not self.differences
+
+
+#: Replayed floats must agree to this (JSON round trip of poses re-derives corrections), mm / deg / s.
+REPLAY_ATOL = 1e-9
+
+
+def _diff(a: Any, b: Any, where: str, out: list[str]) -> None:
+    if isinstance(a, dict) and isinstance(b, dict):
+        for k in sorted(set(a) | set(b)):
+            if k not in a or k not in b:
+                out.append(f"{where}.{k}: only in {'recorded' if k in a else 'replayed'}")
+            else:
+                _diff(a[k], b[k], f"{where}.{k}", out)
+    elif isinstance(a, list) and isinstance(b, list):
+        if len(a) != len(b):
+            out.append(f"{where}: {len(a)} recorded items, {len(b)} replayed")
+        for i, (x, y) in enumerate(zip(a, b)):
+            _diff(x, y, f"{where}[{i}]", out)
+    elif isinstance(a, float) or isinstance(b, float):
+        if not (isinstance(a, (int, float)) and isinstance(b, (int, float))) or abs(a - b) > REPLAY_ATOL:
+            out.append(f"{where}: recorded {a!r}, replayed {b!r}")
+    elif a != b:
+        out.append(f"{where}: recorded {a!r}, replayed {b!r}")
+
+
+def _jsonify(obj: Any) -> Any:
+    import json
+
+    return json.loads(json.dumps(obj, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o)))
+
+
+def replay_session(path: str | Path, processor_factory: Callable[[PlanConfig], PairProcessor] | None = None,
+                   recompute: bool = True, seed: int = 0) -> ReplayReport:
+    """Re-run a recorded session through a fresh engine with the recorded clock values.
+
+    Every command, frame arrival, fault, pair and timer decision is fed in
+    record order; the replies and outgoing messages are compared with the
+    recorded ones. Where raw frames were kept and ``recompute`` is set, the
+    registration itself is re-run on them and its result compared too.
+
+    Raises
+    ------
+    RecordError
+        Unreadable record; TrackingError if it has no ``session`` header.
+    """
+    from .frames import KvFrame as _Frame
+    from .record import RecordError
+
+    p = Path(path)
+    records = read_record(p)
+    if not records or records[0]["event"] != "session":
+        raise RecordError(f"{p}: not a session record (first event is not 'session')")
+    config = config_from_dict(records[0]["config"], f"{p} (session header)")
+    factory = processor_factory or (lambda plan: build_processor(plan, seed))
+    mem = SessionRecord(None)
+    engine = Engine(config, factory, mem, lambda body: None)
+    report = ReplayReport()
+    folder = frames_folder(p)
+    for i, rec in enumerate(records[1:], start=2):
+        ev = rec["event"]
+        t, mono = rec["t_unix_s"], rec["t_mono_s"]
+        where = f"line {i} ({ev})"
+        diffs: list[str] = []
+        if ev == "start":
+            engine.start_session(t, mono)
+            report.events += 1
+            continue
+        if ev == "command":
+            reply, outputs = engine.handle_command(rec["command"], rec["params"], t, mono,
+                                                   rec["reply"].get("request_seq"))
+            _diff(rec["reply"], _jsonify(reply), f"{where} reply", diffs)
+            _diff(rec["outputs"], _jsonify(outputs), f"{where} outputs", diffs)
+        elif ev == "frame":
+            engine.frame_arrived(rec["imager"], rec["pair_id"], rec["seq"], rec["acquired_unix_s"], t, mono,
+                                 rec.get("raw_file"))
+        elif ev == "frame_fault":
+            outputs = engine.frame_fault(HoldReason(rec["reason"]), rec["detail"], t, mono, rec["pair_id"],
+                                         rec.get("alive", True))
+            _diff(rec["outputs"], _jsonify(outputs), f"{where} outputs", diffs)
+        elif ev == "tick":
+            _diff(rec["outputs"], _jsonify(engine.tick(t, mono)), f"{where} outputs", diffs)
+        elif ev == "error":
+            engine.internal_error(rec["detail"], t, mono)
+        elif ev == "pair":
+            report.pairs += 1
+            job, processor = engine.begin_pair(rec["pair_id"], rec["acquired_unix_s"], rec["complete_mono_s"],
+                                               rec["begin_unix_s"])
+            _diff(rec["skip"], None if job.skip is None else job.skip.value, f"{where} skip", diffs)
+            recorded = PairResult.from_json(rec["result"])
+            result = recorded
+            raw = rec.get("raw_files")
+            if recompute and raw and job.skip is None and processor is not None:
+                try:
+                    frames = {}
+                    for name, file in raw.items():
+                        frames[name] = _Frame(name, np.load(folder / file, allow_pickle=False),
+                                              acquired_unix_s=rec["acquired_unix_s"], pair_id=rec["pair_id"])
+                except (OSError, ValueError) as err:
+                    diffs.append(f"{where}: raw frames unreadable: {err}")
+                else:
+                    result = run_processor(processor, frames, job, config)
+                    report.recomputed_pairs += 1
+                    a, b = rec["result"], _jsonify(result.to_json())
+                    for d in (a, b):
+                        d.get("quality", {}).pop("elapsed_ms", None)
+                    _diff(a, b, f"{where} result", diffs)
+            outputs = engine.finish_pair(job, result, t, mono, raw)
+            rec_out = _jsonify(rec["outputs"])
+            new_out = _jsonify(outputs)
+            for lst in (rec_out, new_out):
+                for o in lst:
+                    o.get("quality", {}).pop("elapsed_ms", None)
+            _diff(rec_out, new_out, f"{where} outputs", diffs)
+        else:
+            continue
+        report.events += 1
+        report.differences.extend(diffs)
+    return report

@@ -1,0 +1,198 @@
+"""The session record: an append-only, crash-safe JSON-lines log of everything the service did.
+
+One JSON object per line, written, flushed and ``fsync``-ed one at a time
+by a dedicated writer thread (so a slow disk never delays gating), in the
+order the service produced them. Every record carries ``event``,
+``t_unix_s`` (wall clock) and ``t_mono_s`` (monotonic clock of the service
+process). Raw frames, when asked for, are written as ``.npy`` files into the
+folder ``<record>.frames/`` beside it and named in the record.
+
+A killed process loses at most the records still queued for the writer
+(normally none, at worst the frame in flight); :func:`read_record` accepts a
+torn last line (the write that was interrupted) and refuses corruption
+anywhere else.
+
+Events (see docs/SERVICE.md): ``session`` (first line: config, versions),
+``command``, ``state``, ``frame``, ``frame_fault``, ``pair``, ``tick``,
+``sent``, ``error``, ``closed``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import queue
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import TrackingError
+
+__all__ = ["RecordError", "SessionRecord", "read_record", "frames_folder"]
+
+log = logging.getLogger(__name__)
+
+_STOP = object()
+
+
+class RecordError(TrackingError):
+    """The session record cannot be written or read."""
+
+
+def frames_folder(path: Path) -> Path:
+    """Folder holding a record's raw frames: ``session.jsonl`` -> ``session.jsonl.frames``."""
+    return path.with_name(path.name + ".frames")
+
+
+class SessionRecord:
+    """Append-only JSON-lines session record.
+
+    The file handle is owned by the writer thread; :meth:`write` may be
+    called from any thread (it only enqueues). With ``path=None`` records are
+    kept in memory only (``records``), for tests and benchmarks.
+
+    Parameters
+    ----------
+    path : Path or None
+        JSON-lines file; created, or appended to if it exists.
+    raw_frames : bool
+        Keep raw frame pixels as ``.npy`` beside the record.
+    keep_in_memory : bool
+        Also keep every record in :attr:`records` (default: only without a path).
+    """
+
+    def __init__(self, path: str | os.PathLike | None, raw_frames: bool = False,
+                 keep_in_memory: bool | None = None) -> None:
+        self.path = None if path is None else Path(path)
+        self.raw_frames = bool(raw_frames) and self.path is not None
+        self.keep_in_memory = self.path is None if keep_in_memory is None else keep_in_memory
+        self.records: list[dict[str, Any]] = []
+        self._lock = threading.Lock()
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._fh = None
+        self._failed: str | None = None
+        if self.path is not None:
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                self._fh = open(self.path, "ab")
+                if self.raw_frames:
+                    frames_folder(self.path).mkdir(exist_ok=True)
+            except OSError as err:
+                raise RecordError(f"{self.path}: cannot open the session record: {err.strerror}") from err
+        self._thread = threading.Thread(target=self._run, name="record-writer", daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------------ writing
+    def write(self, event: str, **fields: Any) -> dict[str, Any]:
+        """Queue one record; returns it (with its clock stamps).
+
+        ``t_unix_s``/``t_mono_s`` are taken now unless given (the service
+        passes the clock values it decided with, so replay can reuse them).
+        """
+        rec = {"event": event}
+        rec.setdefault("t_unix_s", fields.pop("t_unix_s", None) or time.time())
+        rec.setdefault("t_mono_s", fields.pop("t_mono_s", None) or time.monotonic())
+        rec.update(fields)
+        if self.keep_in_memory:
+            with self._lock:
+                self.records.append(rec)
+        if self._fh is not None:
+            self._queue.put(rec)
+        return rec
+
+    def save_frame(self, pair_id: int, imager: str, pixels: np.ndarray) -> str | None:
+        """Queue a raw frame's pixels for ``<record>.frames/``; returns its file name (or None if not kept)."""
+        if not self.raw_frames:
+            return None
+        name = f"{int(pair_id):08d}_{imager}.npy"
+        self._queue.put(("npy", name, pixels))
+        return name
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is _STOP:
+                return
+            if isinstance(item, tuple) and item[0] == "flush":
+                item[1].set()
+                continue
+            if self._fh is None or self._failed:
+                continue
+            try:
+                if isinstance(item, tuple):
+                    _, name, pixels = item
+                    np.save(frames_folder(self.path) / name, pixels, allow_pickle=False)
+                    continue
+                line = json.dumps(item, allow_nan=False, separators=(",", ":"), default=_jsonable).encode() + b"\n"
+                self._fh.write(line)
+                self._fh.flush()
+                os.fsync(self._fh.fileno())
+            except (OSError, ValueError, TypeError) as err:
+                self._failed = f"{self.path}: writing the session record failed: {err}"
+                log.error(self._failed)
+
+    @property
+    def failed(self) -> str | None:
+        """Why writing stopped, or None while healthy (the service reports it in ``status``)."""
+        return self._failed
+
+    def flush(self, timeout_s: float = 5.0) -> None:
+        """Wait until every queued record is on disk (tests, shutdown)."""
+        done = threading.Event()
+        self._queue.put(("flush", done))
+        if not done.wait(timeout_s):
+            raise RecordError(f"{self.path}: the record writer did not catch up within {timeout_s} s")
+
+    def close(self) -> None:
+        """Write ``closed``, drain the queue and close the file."""
+        self.write("closed")
+        self._queue.put(_STOP)
+        self._thread.join(timeout=10.0)
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, (np.floating, np.integer)):
+        return obj.item()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"not JSON-able: {type(obj).__name__}")
+
+
+def read_record(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """Read a session record; a torn final line (a write interrupted by a crash) is dropped.
+
+    Raises
+    ------
+    RecordError
+        Missing file, or a corrupt line that is not the last one.
+    """
+    p = Path(path)
+    try:
+        raw = p.read_bytes()
+    except OSError as err:
+        raise RecordError(f"{p}: cannot read the session record: {err.strerror}") from err
+    lines = raw.split(b"\n")
+    out = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            if i == len(lines) - 1:
+                log.warning("%s: dropping a torn last line (%d bytes)", p, len(line))
+                break
+            raise RecordError(f"{p}: line {i + 1} is not valid JSON: {err}") from err
+        if not isinstance(rec, dict) or "event" not in rec:
+            raise RecordError(f"{p}: line {i + 1} is not a record (no 'event')")
+        out.append(rec)
+    return out
