@@ -126,6 +126,99 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(out_dir=args.out, seed=args.seed, progress=_progress, quick=args.quick)
 
 
+def _cmd_register(args: argparse.Namespace) -> int:
+    import json
+
+    from calibration.io import read_geometry
+    from registration.volume import read_ct
+
+    from .frames import parse_image_args, read_stereo_frames
+
+    t0 = time.monotonic()
+    geometry = read_geometry(args.geometry)
+    ct = read_ct(args.ct, patient_position=args.patient_position)
+    iso = parse_triplet_mm(args.isocenter, "--isocenter")
+    frames = read_stereo_frames(parse_image_args(args.image or []), geometry, args.i0)
+    pixels = {name: f.pixels for name, f in frames.items()}
+    if args.method == "fiducial":
+        report = _register_fiducial(args, geometry, ct, iso, pixels)
+    else:
+        report = _register_anatomy(args, geometry, ct, iso, pixels)
+    report["elapsed_s"] = time.monotonic() - t0
+    if args.json:
+        print(json.dumps(report, indent=1))
+    else:
+        _print_registration(report)
+    # 0: a trusted result; 3: a result was computed but is not to be trusted (quality.ok false).
+    return 0 if report["quality"]["ok"] else 3
+
+
+def _register_fiducial(args, geometry, ct, iso, pixels) -> dict:
+    from registration.ct_seeds import find_ct_seeds
+    from registration.io import FiducialSet, read_fiducials
+
+    from .fiducials import localise_fiducials
+
+    if args.fiducials is not None:
+        planned = read_fiducials(args.fiducials)
+    else:
+        candidates = find_ct_seeds(ct)
+        listing = "; ".join(
+            f"C{i + 1} at LPS {_fmt_vec(c.centre_lps_mm, 1)} mm ({c.volume_mm3:.0f} mm3, peak {c.peak_hu:.0f} HU)"
+            for i, c in enumerate(candidates)
+        )
+        if not args.use_ct_seeds:
+            raise CliError(
+                f"no --fiducials given; {len(candidates)} seed candidate(s) found in the CT: {listing or 'none'}. "
+                "Confirm them with --use-ct-seeds or give a fiducials/1 file"
+            )
+        if not candidates:
+            raise CliError("no seed candidates found in the CT; give a fiducials/1 file")
+        planned = FiducialSet(tuple(f"C{i + 1}" for i in range(len(candidates))),
+                              [c.centre_lps_mm for c in candidates], f"{ct.source} (automatic)")
+    planned_room = planned.to_room(iso, ct.patient_position)
+    result = localise_fiducials(pixels, geometry, planned_room, planned.names, i0=args.i0)
+    t, r = result.correction.six()
+    pt, pr = result.pose.six()
+    return {
+        "method": "fiducial",
+        "correction": {"translation_mm": t.tolist(), "rotation_deg": r.tolist()},
+        "patient_pose": {"translation_mm": pt.tolist(), "rotation_deg": pr.tolist()},
+        "quality": result.quality_json(),
+        "timing_ms": {"detection": result.detection_ms, "matching": result.matching_ms, "total": result.total_ms},
+    }
+
+
+def _register_anatomy(args, geometry, ct, iso, pixels) -> dict:
+    raise CliError("--method anatomy is not available in this build")
+
+
+def _print_registration(report: dict) -> None:
+    corr = report["correction"]
+    quality = report["quality"]
+    print(f"method: {report['method']}   quality: {'OK' if quality['ok'] else 'NOT OK'}   "
+          f"elapsed {report['elapsed_s'] * 1000:.0f} ms")
+    print_table(
+        ["couch correction", "X lat", "Y long", "Z vert"],
+        [["translation mm", *(f"{v:+.2f}" for v in corr["translation_mm"])],
+         ["rotation deg (pitch, roll, yaw)", *(f"{v:+.2f}" for v in corr["rotation_deg"])]],
+    )
+    if "fre_mm" in quality:
+        print(f"fiducial registration error {quality['fre_mm']:.3f} mm; flags: {', '.join(quality['flags']) or 'none'}")
+        rows = []
+        for seed in quality["seeds"]:
+            rows.append([
+                seed["name"], "yes" if seed["found"] else "NO",
+                "-" if seed["ray_distance_mm"] is None else f"{seed['ray_distance_mm']:.3f}",
+                "-" if seed["residual_mm"] is None else f"{seed['residual_mm']:.3f}",
+                "MIGRATED" if seed["migrated"] else "",
+            ])
+        print_table(["seed", "found", "ray distance mm", "residual mm", "flag"], rows)
+    else:
+        for key, value in quality.items():
+            print(f"  {key}: {value}")
+
+
 def _parse_calibration_images(values: Sequence[str]) -> list[tuple[str, Path, tuple[float, float, float]]]:
     """``NAME=FILE[@DX,DY,DZ]`` -> (imager, file, couch shift mm)."""
     out = []
@@ -252,6 +345,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--patient-position", default=None, help="HFS/FFS/HFP/FFP if the CT file does not record it")
     p.add_argument("--out", required=True, type=Path, help="output folder")
     p.set_defaults(func=_cmd_drr)
+
+    p = sub.add_parser("register", help="6-DoF couch correction from a stereo pair (fiducials or anatomy)")
+    p.add_argument("--method", choices=["fiducial", "anatomy"], required=True)
+    p.add_argument("--ct", required=True, help="planning CT: DICOM folder or .mha/.nrrd/.nii")
+    p.add_argument("--isocenter", required=True, help="plan isocentre X,Y,Z in planning-CT LPS mm")
+    p.add_argument("--geometry", required=True, type=Path, help="kv-geometry/1 file")
+    p.add_argument("--image", action="append", required=True, help="NAME=FILE, one per imager")
+    p.add_argument("--i0", type=float, default=None, help="unattenuated signal (default: estimated per frame)")
+    p.add_argument("--patient-position", default=None, help="HFS/FFS/HFP/FFP if the CT file does not record it")
+    p.add_argument("--fiducials", type=Path, default=None, help="planned seeds, fiducials/1 (planning-CT LPS mm)")
+    p.add_argument("--use-ct-seeds", action="store_true", help="use the seeds found automatically in the CT")
+    p.add_argument("--roi", type=Path, default=None, help="anatomy: ROI label mask on the CT grid")
+    p.add_argument("--roi-label", type=int, default=None, help="anatomy: label value of the target in --roi")
+    p.add_argument("--roi-box", default=None, help="anatomy: box half-sizes DX,DY,DZ (mm) around the isocentre")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
+    p.set_defaults(func=_cmd_register)
 
     p = sub.add_parser("calibrate", help="calibrate the imaging geometry from BB-phantom frames")
     p.add_argument("--phantom", required=True, help="bb-phantom/1 file, or 'default' for the built-in phantom")
