@@ -14,6 +14,9 @@ from .errors import (
     VolumeError,
     VolumeFileError,
 )
+from .ct_seeds import find_ct_seeds
+from .io import FiducialSet, read_fiducials, write_fiducials
+from .points import PointRegistrationResult, SeedMigrationError, register_points
 from .pose import Correction, CouchCorrection, Pose, RotationAxis, reduce_to_couch
 from .volume import CTVolume, PatientPosition, read_ct, room_from_lps_matrix, write_ct
 
@@ -40,4 +43,11 @@ __all__ = [
     "read_ct",
     "room_from_lps_matrix",
     "write_ct",
+    "find_ct_seeds",
+    "FiducialSet",
+    "read_fiducials",
+    "write_fiducials",
+    "PointRegistrationResult",
+    "SeedMigrationError",
+    "register_points",
 ]

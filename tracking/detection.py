@@ -310,8 +310,13 @@ def _tophat(lint: np.ndarray, size: SeedSizePx) -> tuple[np.ndarray, np.ndarray,
 
 
 def _noise(smooth: np.ndarray) -> tuple[float, float]:
-    """Median and robust sigma (MAD) of a matched-filtered top-hat; images over 4096 pixels are sampled 1 in 4."""
-    sample = smooth[::2, ::2] if smooth.size > 4096 else smooth
+    """Median and robust sigma (MAD) of a matched-filtered top-hat.
+
+    Large images are sampled on a regular grid (1 in 4 above 4096 pixels, 1
+    in 16 above 65536): thousands of samples fix a median to well under 1%.
+    """
+    step = 4 if smooth.size > 65536 else 2 if smooth.size > 4096 else 1
+    sample = smooth[::step, ::step]
     med = float(np.median(sample))
     sigma = _MAD_TO_SIGMA * float(np.median(np.abs(sample - med)))
     return med, max(sigma, 1e-6)
@@ -535,7 +540,7 @@ def detect_seeds(
         # Quantum noise in a line integral grows as 1/sqrt(photons): scale the
         # frame's robust noise by the local background transmission, so the
         # darker region behind bone is judged against its own, larger noise.
-        bg_med = float(np.median(background[::2, ::2]))
+        bg_med = float(np.median(background[::4, ::4]))
         local_sigma = sigma * np.exp(0.5 * (background - bg_med))
         # Candidates: local maxima significant against the local noise and
         # reaching the contrast floor (faint ridges such as cortical rims can
