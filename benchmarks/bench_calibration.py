@@ -33,30 +33,16 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from scipy.spatial.transform import Rotation  # noqa: E402
 
 from calibration.geometry import ImagerGeometry, StereoGeometry, default_stereo_geometry  # noqa: E402
 from calibration.phantom import default_phantom  # noqa: E402
 from calibration.qa import QAStatus, run_qa  # noqa: E402
 from calibration.solve import CalibrationFrame, calibrate  # noqa: E402
-from tracking.room import DetectorModel, render_bb_frames  # noqa: E402
+from tracking.room import DetectorModel, perturbed_geometry, render_bb_frames  # noqa: E402
 
 I0 = 20000.0
 SHIFTS_MM = [(0.0, 0.0, 0.0)] + [tuple(s * e) for e in 50.0 * np.eye(3) for s in (1.0, -1.0)]
 DETECTOR = DetectorModel(seed_supersampling=8)
-
-
-def rand_vec(rng, size):
-    v = rng.normal(size=3)
-    return size * v / np.linalg.norm(v)
-
-
-def perturbed(g: ImagerGeometry, rng) -> ImagerGeometry:
-    rot = Rotation.from_rotvec(np.radians(rand_vec(rng, 2.0))).as_matrix()
-    centre = g.pixel_to_room(np.array([(g.cols - 1) / 2.0, (g.rows - 1) / 2.0])) + rand_vec(rng, 10.0)
-    u, v = rot @ g.col_direction, rot @ g.row_direction
-    origin = centre - (g.cols - 1) / 2 * g.pixel_spacing_mm[1] * u - (g.rows - 1) / 2 * g.pixel_spacing_mm[0] * v
-    return ImagerGeometry(g.name, g.source_mm + rand_vec(rng, 20.0), origin, u, v, g.pixel_spacing_mm, g.rows, g.cols)
 
 
 def panel_shifted(geometry: StereoGeometry, name: str, shift_mm: float, rng) -> StereoGeometry:
@@ -103,7 +89,7 @@ def main() -> None:
     stored = []
     for case in range(args.cases):
         rng = np.random.default_rng(1000 + case)
-        true = StereoGeometry(tuple(perturbed(im, rng) for im in nominal.imagers))
+        true = perturbed_geometry(nominal, rng)
         frames = []
         for i, s in enumerate(SHIFTS_MM):
             frames += frames_at(true, phantom, s, 10_000 * case + i)

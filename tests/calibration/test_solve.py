@@ -17,7 +17,7 @@ from calibration.solve import (
     calibrate,
     solve_geometry,
 )
-from tracking.room import DetectorModel, render_bb_frames
+from tracking.room import DetectorModel, perturbed_geometry, render_bb_frames
 
 NOMINAL = default_stereo_geometry(256, 1.6)
 PHANTOM = default_phantom()
@@ -42,23 +42,9 @@ HELD_OUT_TOL_PX = 0.05
 MULTI_POSITION_GAIN = 2.0
 
 
-def perturbed(g: ImagerGeometry, rng, source_mm=20.0, panel_mm=10.0, panel_deg=2.0) -> ImagerGeometry:
-    """A true geometry off the nominal by a random source shift, panel shift and panel rotation."""
-
-    def rand_vec(size):
-        v = rng.normal(size=3)
-        return size * v / np.linalg.norm(v)
-
-    rot = Rotation.from_rotvec(np.radians(rand_vec(panel_deg))).as_matrix()
-    centre = g.pixel_to_room(np.array([(g.cols - 1) / 2.0, (g.rows - 1) / 2.0])) + rand_vec(panel_mm)
-    u, v = rot @ g.col_direction, rot @ g.row_direction
-    origin = centre - (g.cols - 1) / 2 * g.pixel_spacing_mm[1] * u - (g.rows - 1) / 2 * g.pixel_spacing_mm[0] * v
-    return ImagerGeometry(g.name, g.source_mm + rand_vec(source_mm), origin, u, v, g.pixel_spacing_mm, g.rows, g.cols)
-
-
 def true_geometry(seed) -> StereoGeometry:
     rng = np.random.default_rng(seed)
-    return StereoGeometry(tuple(perturbed(g, rng) for g in NOMINAL.imagers))
+    return perturbed_geometry(NOMINAL, rng)
 
 
 def views_of(true: StereoGeometry, shifts=SHIFTS_MM, noise_px=0.0, seed=0, rotation=None):

@@ -19,7 +19,11 @@ from .kv import (
 from .motion import Breathing, Drift, MotionError, MotionSum, StaticPose, SuddenShift, random_setup_pose
 from .phantoms import HU, Phantom, PhantomError, Seed, SeedShape, cervical_phantom, thoracolumbar_phantom
 
+from .perturb import perturbed_geometry, perturbed_imager
+
 __all__ = [
+    "perturbed_geometry",
+    "perturbed_imager",
     "PHANTOMS",
     "SimulationSummary",
     "write_frame",
