@@ -358,7 +358,7 @@ def main() -> None:
               f"..{ours.max():.2f}")  # fmt: skip
     print("  (differences sit on rays that leave the CT through its end slices, at the panel's top and bottom"
           " rows; there spineguide agrees with dense sampling of the same voxels (checked by hand to 1e-5) and"
-          " plastimatch's exact algorithm comes out up to ~0.5% lower)")
+          " plastimatch's exact algorithm comes out up to ~1% lower)")
     print()
     print("plastimatch command (full):")
     print(f"  OMP_NUM_THREADS={opts.threads} {rows_out[0][4]}")

@@ -29,6 +29,7 @@ of the first slice along ``n``.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,6 +42,7 @@ from .volume import CTVolume, PatientPosition
 
 __all__ = [
     "read_dicom_ct",
+    "read_dicom_ct_files",
     "ORIENTATION_TOL",
     "SPACING_TOL_MM",
     "POSITION_TOL_MM",
@@ -250,6 +252,22 @@ def read_dicom_ct(folder: str | os.PathLike) -> CTVolume:
     if not folder.is_dir():
         raise VolumeFileError(f"{folder}: not a folder")
     files = sorted(p for p in folder.iterdir() if p.is_file() and p.name.upper() != "DICOMDIR")
+    return read_dicom_ct_files(files, folder)
+
+
+def read_dicom_ct_files(files: Sequence[str | os.PathLike], where: str | os.PathLike) -> CTVolume:
+    """Read one CT series from an explicit list of files (e.g. one series of a received study).
+
+    Same checks and result as :func:`read_dicom_ct`; ``where`` names the
+    collection (a folder) in messages and becomes the volume's ``source``.
+
+    Raises
+    ------
+    VolumeFileError, PatientPositionError
+        As :func:`read_dicom_ct`.
+    """
+    folder = Path(where)
+    files = [Path(p) for p in files]
     headers = [h for h in (_read_header(p) for p in files) if h is not None]
     if not headers:
         raise VolumeFileError(f"{folder}: no CT series found ({len(files)} files, none a CT image)")

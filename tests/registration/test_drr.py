@@ -9,6 +9,7 @@ surface, which is bounded by the boundary voxels a ray crosses. See
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 
 import numpy as np
@@ -425,9 +426,9 @@ def test_write_drr_images_writes_what_compute_drr_gives(tmp_path):
     expected = compute_drr(AttenuationVolume.from_ct(ct, iso, 80.0), geom["B"], pose)
     assert np.array_equal(sitk.GetArrayFromImage(image), expected)
     assert image.GetMetaData(DRR_METADATA_PREFIX + "imager") == "B"
-    assert_allclose(
-        np.array(eval(image.GetMetaData(DRR_METADATA_PREFIX + "pose_translation_mm"))), [1.0, -2.0, 0.5], atol=1e-12
-    )
+    for key, value in (("pose_translation_mm", [1.0, -2.0, 0.5]), ("pose_rotation_deg", [1.0, 0.0, -2.0])):
+        stored = json.loads(image.GetMetaData(DRR_METADATA_PREFIX + key))
+        assert_allclose(stored, value, rtol=0, atol=1e-9)  # degrees through a rotation matrix and back
     both = write_drr_images(ct, geom, iso, tmp_path / "all")
     assert sorted(both) == ["A", "B"]
 
