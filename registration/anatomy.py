@@ -258,7 +258,7 @@ class AnatomyConfig:
     #: Similarity optimised (least-squares form): gradient correlation or NCC.
     metric: Similarity = Similarity.GRADIENT_CORRELATION
     #: Coarse-to-fine levels of the full (wide capture range) registration.
-    levels: tuple[PyramidLevel, ...] = (PyramidLevel(2, 8, 1.0, 10), PyramidLevel(1, 4, 1.0, 10))
+    levels: tuple[PyramidLevel, ...] = (PyramidLevel(2, 8, 1.0, 10), PyramidLevel(1, 4, 1.0, 15))
     #: Levels of tracking mode (start within ~2 mm / 1 deg of the answer).
     tracking_levels: tuple[PyramidLevel, ...] = (PyramidLevel(1, 4, 1.0, 8),)
     #: Effective energy of the kV beam used for the DRRs, keV.
@@ -283,8 +283,8 @@ class AnatomyConfig:
     #: Forward-difference step of the pose derivatives, binned pixels at the isocentre.
     fd_step_px: float = 0.5
     #: Convergence: last step below both, mm and degrees (about the ROI centre).
-    tolerance_mm: float = 0.01
-    tolerance_deg: float = 0.01
+    tolerance_mm: float = 0.05
+    tolerance_deg: float = 0.05
     #: The optimiser may move at most this far from the start pose, per axis.
     translation_bound_mm: float = 20.0
     rotation_bound_deg: float = 8.0
@@ -969,13 +969,25 @@ class AnatomyRegistration:
                 cost = float(r @ r)
                 jac, lam = None, 1e-3
                 continue
-            if not improved or small:
+            if improved and small:
+                converged = True  # the last step was negligible
+                break
+            if not improved:
                 if fresh:
                     converged = True  # a Jacobian taken here finds no further descent
                     break
                 jac, lam = None, 1e-3  # the Jacobian is from an earlier pose: take a fresh one
                 continue
             fresh = False
+        if jac is None:  # the loop ended right after a background update: curvature at the final pose
+            jac = np.empty((r.size, 6))
+            for p in range(6):
+                xp, xm = x.copy(), x.copy()
+                xp[p] += steps[p]
+                xm[p] -= steps[p]
+                rp, _ = self._residual(views, level, volume, xp, start, centre, counter)
+                rm, _ = self._residual(views, level, volume, xm, start, centre, counter)
+                jac[:, p] = (rp - rm) / (2.0 * steps[p])
         final = {"views": views, "level": level, "drrs": drrs, "r": r, "jac": jac, "cost": cost}
         return x, its, converged, final
 

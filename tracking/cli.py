@@ -190,7 +190,43 @@ def _register_fiducial(args, geometry, ct, iso, pixels) -> dict:
 
 
 def _register_anatomy(args, geometry, ct, iso, pixels) -> dict:
-    raise CliError("--method anatomy is not available in this build")
+    from registration.anatomy import RegionOfInterest, register_anatomy
+
+    if (args.roi is None) == (args.roi_box is None):
+        raise CliError("--method anatomy needs exactly one of --roi MASK_FILE or --roi-box DX,DY,DZ")
+    if args.roi is not None:
+        labels = _read_roi_mask(args.roi, ct)
+        if args.roi_label is not None:
+            roi = RegionOfInterest.from_labels(ct, labels, args.roi_label, neighbours=args.roi_neighbours)
+        else:
+            roi = RegionOfInterest.from_mask(labels, description=str(args.roi))
+    else:
+        roi = RegionOfInterest.from_box(ct, iso, parse_triplet_mm(args.roi_box, "--roi-box"))
+    result = register_anatomy(ct, iso, geometry, pixels, roi, i0=args.i0)
+    report = result.to_json()
+    report["patient_pose"] = report.pop("pose")
+    return report
+
+
+def _read_roi_mask(path: Path, ct):
+    """A label/mask image on the planning-CT grid, as a ``[k, j, i]`` integer array."""
+    import numpy as np
+    import SimpleITK as sitk
+
+    try:
+        image = sitk.ReadImage(str(path))
+    except RuntimeError as err:
+        raise CliError(f"{path}: cannot read ROI mask: {str(err).strip().splitlines()[-1]}") from err
+    arr = sitk.GetArrayFromImage(image)
+    if arr.shape != ct.hu.shape:
+        raise CliError(f"{path}: ROI mask is {arr.shape[::-1]} voxels (i, j, k) but the CT is {ct.hu.shape[::-1]}")
+    if not (np.allclose(image.GetSpacing(), ct.spacing_mm, atol=1e-3)
+            and np.allclose(image.GetOrigin(), ct.origin_lps_mm, atol=1e-2)
+            and np.allclose(np.reshape(image.GetDirection(), (3, 3)), ct.direction, atol=1e-5)):
+        raise CliError(f"{path}: ROI mask grid (origin, spacing or direction) differs from the CT's; resample it first")
+    if not np.issubdtype(arr.dtype, np.integer):
+        raise CliError(f"{path}: ROI mask must hold integer labels, got {arr.dtype}")
+    return arr
 
 
 def _print_registration(report: dict) -> None:
@@ -358,7 +394,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--use-ct-seeds", action="store_true", help="use the seeds found automatically in the CT")
     p.add_argument("--roi", type=Path, default=None, help="anatomy: ROI label mask on the CT grid")
     p.add_argument("--roi-label", type=int, default=None, help="anatomy: label value of the target in --roi")
-    p.add_argument("--roi-box", default=None, help="anatomy: box half-sizes DX,DY,DZ (mm) around the isocentre")
+    p.add_argument("--roi-neighbours", type=int, default=0, help="anatomy: include N levels either side of --roi-label")
+    p.add_argument("--roi-box", default=None, help="anatomy: box half-sizes DX,DY,DZ (LPS mm) around the isocentre")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
     p.set_defaults(func=_cmd_register)
 
