@@ -18,6 +18,7 @@ from .errors import (
 from .ct_seeds import find_ct_seeds
 from .io import FiducialSet, read_fiducials, write_fiducials
 from .points import PointRegistrationResult, SeedMigrationError, register_points
+from .plan import Plan, PlanError, load_dicom_plan, load_plan_files
 from .pose import Correction, CouchCorrection, Pose, RotationAxis, reduce_to_couch
 from .volume import CTVolume, PatientPosition, read_ct, room_from_lps_matrix, write_ct
 
@@ -54,4 +55,8 @@ __all__ = [
     "PointRegistrationResult",
     "SeedMigrationError",
     "register_points",
+    "Plan",
+    "PlanError",
+    "load_dicom_plan",
+    "load_plan_files",
 ]

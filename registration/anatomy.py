@@ -218,6 +218,11 @@ class PyramidLevel:
         binning: with both band-limited, one ray per binned pixel no longer
         aliases thin cortical shells (which makes the similarity rough and
         biased under sub-voxel motion).
+    context : bool
+        Match the anatomy around the ROI (``AnatomyConfig.context_half_size_mm``)
+        instead of the ROI: a long lever arm that captures start rotations
+        of several degrees which a single vertebra's DRR barely shows (roll
+        about the spine); meant for a coarse first level.
     """
 
     volume_factor: int
@@ -226,6 +231,7 @@ class PyramidLevel:
     max_iterations: int
     supersampling: int = 1
     prefilter_mm: float = 0.0
+    context: bool = False
 
     def __post_init__(self) -> None:
         for name in ("volume_factor", "binning", "max_iterations", "supersampling"):
@@ -258,7 +264,7 @@ class AnatomyConfig:
     #: Similarity optimised (least-squares form): gradient correlation or NCC.
     metric: Similarity = Similarity.GRADIENT_CORRELATION
     #: Coarse-to-fine levels of the full (wide capture range) registration.
-    levels: tuple[PyramidLevel, ...] = (PyramidLevel(2, 8, 1.0, 10), PyramidLevel(1, 4, 1.0, 15))
+    levels: tuple[PyramidLevel, ...] = (PyramidLevel(2, 8, 1.0, 10, context=True), PyramidLevel(1, 4, 1.0, 15))
     #: Levels of tracking mode (start within ~2 mm / 1 deg of the answer).
     tracking_levels: tuple[PyramidLevel, ...] = (PyramidLevel(1, 4, 1.0, 8),)
     #: Effective energy of the kV beam used for the DRRs, keV.
@@ -278,6 +284,14 @@ class AnatomyConfig:
     global_binning: int = 8
     global_volume_factor: int = 2
     global_smoothing_sigma_px: float = 1.0
+    #: The global stage (and the wrong-level check) matches a DRR of the anatomy in a cube of
+    #: this half size (mm) around the ROI centre: a single vertebra matches its neighbours
+    #: almost as well as itself, the neighbourhood (skull base, ribs, changing vertebra
+    #: sizes) does not repeat one level away. Larger blurs more under the start rotation.
+    context_half_size_mm: float = 60.0
+    #: The context volume fades to zero over this distance at its box faces (cosine taper,
+    #: mm), so the crop leaves no box outline in its DRR.
+    context_taper_mm: float = 10.0
     #: Vertebral level spacing for the wrong-level check when the ROI does not know it, mm.
     level_spacing_mm: float = 25.0
     #: Forward-difference step of the pose derivatives, binned pixels at the isocentre.
@@ -317,7 +331,7 @@ class AnatomyConfig:
         positive = (
             "imaging_energy_kev", "ct_energy_kev", "search_range_mm", "level_spacing_mm", "fd_step_px",
             "tolerance_mm", "tolerance_deg", "translation_bound_mm", "rotation_bound_deg", "max_view_shift_mm",
-            "max_std_mm", "max_std_deg",
+            "max_std_mm", "max_std_deg", "context_taper_mm", "context_half_size_mm",
         )
         for name in positive:
             v = float(getattr(self, name))
@@ -481,6 +495,30 @@ def _block_mean(image: np.ndarray, region: PanelRegion, binning: int) -> np.ndar
     return sub.reshape(rows, binning, cols, binning).mean(axis=(1, 3), dtype=np.float64).astype(np.float32)
 
 
+def _context_volume(ct: CTVolume, room_from_index: np.ndarray, mask: np.ndarray, cfg: "AnatomyConfig") -> AttenuationVolume:
+    """Attenuation in excess of water in a cube of ``context_half_size_mm`` around the ROI centre, tapered at the faces."""
+    spacing_kji = np.asarray(ct.spacing_mm, dtype=np.float64)[::-1]
+    centre = np.argwhere(mask).mean(axis=0)
+    half = cfg.context_half_size_mm / spacing_kji
+    lo = [max(int(np.floor(c - h)), 0) for c, h in zip(centre, half)]
+    hi = [min(int(np.ceil(c + h)) + 1, n) for c, h, n in zip(centre, half, ct.hu.shape)]
+    sl = tuple(slice(a, b) for a, b in zip(lo, hi))
+    mu = hu_to_mu_per_mm(ct.hu[sl], cfg.imaging_energy_kev, cfg.ct_energy_kev)
+    mu_water = np.float32(linear_attenuation_per_mm("water", cfg.imaging_energy_kev))
+    mu = np.maximum(mu - mu_water, np.float32(0.0))
+    # Raised-cosine taper at every face: a hard crop would draw the box outline into the DRR.
+    for axis, (n, sp) in enumerate(zip(mu.shape, spacing_kji)):
+        ramp = max(cfg.context_taper_mm / sp, 1.0)
+        d = np.minimum(np.arange(n) + 0.5, n - 0.5 - np.arange(n))
+        w = np.where(d < ramp, 0.5 - 0.5 * np.cos(np.pi * np.clip(d / ramp, 0.0, 1.0)), 1.0).astype(np.float32)
+        shape = [1, 1, 1]
+        shape[axis] = n
+        mu *= w.reshape(shape)
+    shift = np.eye(4)
+    shift[:3, 3] = [lo[2], lo[1], lo[0]]
+    return AttenuationVolume(mu, room_from_index @ shift)
+
+
 def _pyramid_volume(volume: AttenuationVolume, factor: int, prefilter_mm: float) -> AttenuationVolume:
     """Block-mean downsampled volume, then band-limited by a 3D Gaussian of ``prefilter_mm`` sigma."""
     out = volume.downsampled(factor)
@@ -614,7 +652,11 @@ class AnatomyRegistration:
         base = AttenuationVolume(excess, room_from_index @ shift).masked(mask[sl])
         keys = {(lv.volume_factor, float(lv.prefilter_mm)) for lv in cfg.levels + cfg.tracking_levels}
         self._volumes = {key: _pyramid_volume(base, *key) for key in sorted(keys)}
-        self._volumes[(cfg.global_volume_factor, 0.0)] = base.downsampled(cfg.global_volume_factor)
+        context = _context_volume(ct, room_from_index, mask, cfg)
+        self._context = context.downsampled(cfg.global_volume_factor)
+        self._context_levels = {
+            lv.volume_factor: context.downsampled(lv.volume_factor) for lv in cfg.levels + cfg.tracking_levels if lv.context
+        }
         self._backgrounds: dict[tuple[int, float], AttenuationVolume] = {}
         if cfg.background:
             # Everything the ROI volume leaves out: full attenuation outside the mask,
@@ -634,6 +676,10 @@ class AnatomyRegistration:
         ni, nj, nk = base.mu_per_mm.shape[::-1]
         corners = np.array([[i, j, k] for i in (-0.5, ni - 0.5) for j in (-0.5, nj - 0.5) for k in (-0.5, nk - 0.5)])
         self._roi_corners_room_mm = corners @ base.room_from_index[:3, :3].T + base.room_from_index[:3, 3]
+        ctx = self._context
+        ni, nj, nk = ctx.mu_per_mm.shape[::-1]
+        corners = np.array([[i, j, k] for i in (-0.5, ni - 0.5) for j in (-0.5, nj - 0.5) for k in (-0.5, nk - 0.5)])
+        self._context_corners_room_mm = corners @ ctx.room_from_index[:3, :3].T + ctx.room_from_index[:3, 3]
         self._level_spacing_mm = roi.level_spacing_mm or cfg.level_spacing_mm
         # Direction of the spine in the room (CT superior axis at perfect setup).
         sup = room_from_index[:3, :3] @ np.linalg.solve(ct.lps_from_index[:3, :3], [0.0, 0.0, 1.0])
@@ -662,6 +708,18 @@ class AnatomyRegistration:
         if rows < 8 * binning or cols < 8 * binning:
             return None, on, box
         return PanelRegion(r0, c0, rows, cols), on, box
+
+    def _context_region(self, imager: ImagerGeometry, pose: Pose, binning: int, keep_clear_px=(0.0, 0.0)) -> PanelRegion:
+        """Panel region of the projected context box, ``keep_clear_px`` (cols, rows) inside the panel, on the ``binning`` grid."""
+        px = imager.project(pose.apply(self._context_corners_room_mm))
+        ec, er = int(math.ceil(keep_clear_px[0])), int(math.ceil(keep_clear_px[1]))
+        c0, r0 = max(int(np.floor(px[:, 0].min())), ec), max(int(np.floor(px[:, 1].min())), er)
+        c1 = min(int(np.ceil(px[:, 0].max())), imager.cols - ec)
+        r1 = min(int(np.ceil(px[:, 1].max())), imager.rows - er)
+        rows, cols = (r1 - r0) // binning * binning, (c1 - c0) // binning * binning
+        if rows < 8 * binning or cols < 8 * binning:
+            raise RegistrationError(f"imager '{imager.name}': the ROI's neighbourhood is off the panel")
+        return PanelRegion(r0, c0, rows, cols)
 
     def _pixel_at_iso_mm(self, imager: ImagerGeometry, binning: int) -> float:
         return binning * float(np.mean(imager.pixel_spacing_mm)) / imager.magnification
@@ -790,11 +848,10 @@ class AnatomyRegistration:
         """3D translation from per-view 2D correlation search; level margin (mean over views)."""
         cfg = self.config
         b = cfg.global_binning
-        volume = self._volumes[(cfg.global_volume_factor, 0.0)]
+        volume = self._context
         pixels_start, pixels_found, margins = {}, {}, []
         for name in self.geometry.names:
             im = self.geometry[name]
-            template_region, _, _ = self._region(im, start, b)
             px_per_mm = im.magnification / float(np.mean(im.pixel_spacing_mm))
             c_px = im.project(centre)
             spine_px = im.project(centre + self._spine_dir_room) - c_px
@@ -803,7 +860,9 @@ class AnatomyRegistration:
             level_px = self._level_spacing_mm * px_per_mm
             extra_c = search_px + abs(spine_px[0]) * level_px
             extra_r = search_px + abs(spine_px[1]) * level_px
-            t = template_region
+            # The template keeps clear of the panel edges by the search extent, so that every
+            # shift of the capture window (and one level either way) is scored.
+            t = self._context_region(im, start, b, (extra_c + b, extra_r + b))
             # Search window: the template box grown on every side, on the same bin grid.
             c0 = t.col0 - int(math.ceil(extra_c / b)) * b
             r0 = t.row0 - int(math.ceil(extra_r / b)) * b
@@ -833,7 +892,10 @@ class AnatomyRegistration:
             pr, pc = np.unravel_index(int(np.argmax(masked)), score.shape)
             best_in = float(score[pr, pc])
             along = (dcol - (pc - zero[0])) * spine_px[0] + (drow - (pr - zero[1])) * spine_px[1]
-            away = np.abs(along) >= 0.6 * level_px / b
+            across = (dcol - (pc - zero[0])) * spine_px[1] - (drow - (pr - zero[1])) * spine_px[0]
+            # One level up or down the spine from the peak (not anywhere in the map: far shifts
+            # only see part of the neighbourhood and are not what a wrong level looks like).
+            away = (np.abs(np.abs(along) - level_px / b) <= 0.4 * level_px / b) & (np.abs(across) <= search_px / b)
             best_out = float(score[away].max()) if np.any(away) else -1.0
             margins.append(best_in - best_out)
             sub = np.array([pc, pr], dtype=np.float64)
@@ -853,13 +915,24 @@ class AnatomyRegistration:
         return np.clip(translation, -bound, bound), float(np.mean(margins))
 
     # ------------------------------------------------------------------ refinement
+    def _level_volume(self, level: PyramidLevel) -> AttenuationVolume:
+        if level.context:
+            return self._context_levels[level.volume_factor]
+        return self._volumes[(level.volume_factor, float(level.prefilter_mm))]
+
     def _prepare_level(self, logs, pose: Pose, level: PyramidLevel) -> list[_View] | None:
         b = level.binning
-        volume = self._volumes[(level.volume_factor, float(level.prefilter_mm))]
+        volume = self._level_volume(level)
         views = []
         for name in self.geometry.names:
             im = self.geometry[name]
-            region, _, _ = self._region(im, pose, b)
+            if level.context:
+                try:
+                    region = self._context_region(im, pose, b)
+                except RegistrationError:
+                    return None
+            else:
+                region, _, _ = self._region(im, pose, b)
             if region is None:
                 return None
             full = logs[name]
@@ -910,7 +983,7 @@ class AnatomyRegistration:
     def _refine(self, views, level: PyramidLevel, x, start, centre, counter):
         """Levenberg-Marquardt over ``x`` (translation mm, rotation deg about ``centre``) at one level."""
         cfg = self.config
-        volume = self._volumes[(level.volume_factor, float(level.prefilter_mm))]
+        volume = self._level_volume(level)
         pix_mm = min(v.pixel_at_iso_mm for v in views)
         h_mm = cfg.fd_step_px * pix_mm
         h_deg = math.degrees(h_mm / self._roi_radius_mm)
@@ -918,7 +991,7 @@ class AnatomyRegistration:
         # The background model is linear in the pose: redraw it when the pose has
         # moved more than one binned pixel at the ROI from where it was drawn.
         relinearise = np.array([pix_mm] * 3 + [math.degrees(pix_mm / self._roi_radius_mm)] * 3)
-        use_bg = bool(self._backgrounds)
+        use_bg = bool(self._backgrounds) and not level.context
         if use_bg:
             self._linearise_background(views, level, x, steps, start, centre, counter)
         lower = np.array([-cfg.translation_bound_mm] * 3 + [-cfg.rotation_bound_deg] * 3)

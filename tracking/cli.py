@@ -130,20 +130,20 @@ def _cmd_register(args: argparse.Namespace) -> int:
     import json
 
     from calibration.io import read_geometry
-    from registration.volume import read_ct
 
     from .frames import parse_image_args, read_stereo_frames
 
     t0 = time.monotonic()
     geometry = read_geometry(args.geometry)
-    ct = read_ct(args.ct, patient_position=args.patient_position)
-    iso = parse_triplet_mm(args.isocenter, "--isocenter")
+    plan = _load_plan(args)
     frames = read_stereo_frames(parse_image_args(args.image or []), geometry, args.i0)
     pixels = {name: f.pixels for name, f in frames.items()}
     if args.method == "fiducial":
-        report = _register_fiducial(args, geometry, ct, iso, pixels)
+        report = _register_fiducial(args, geometry, plan, pixels)
     else:
-        report = _register_anatomy(args, geometry, ct, iso, pixels)
+        report = _register_anatomy(args, geometry, plan, pixels)
+    report["plan"] = {"ct": plan.ct.source, "isocentre_lps_mm": [float(v) for v in plan.isocentre_lps_mm],
+                      "patient_position": plan.patient_position.value}
     report["elapsed_s"] = time.monotonic() - t0
     if args.json:
         print(json.dumps(report, indent=1))
@@ -153,14 +153,31 @@ def _cmd_register(args: argparse.Namespace) -> int:
     return 0 if report["quality"]["ok"] else 3
 
 
-def _register_fiducial(args, geometry, ct, iso, pixels) -> dict:
+def _load_plan(args: argparse.Namespace):
+    """The plan from a DICOM folder (``--plan``) or from ``--ct`` + ``--isocenter`` (+ ``--fiducials``)."""
+    from registration.plan import load_dicom_plan, load_plan_files
+
+    iso = parse_triplet_mm(args.isocenter, "--isocenter") if args.isocenter is not None else None
+    if args.plan is not None:
+        if args.ct is not None:
+            raise CliError("give either --plan DIR (DICOM) or --ct FILE, not both")
+        return load_dicom_plan(args.plan, isocentre_lps_mm=iso, target_roi=args.roi_name)
+    if args.ct is None or iso is None:
+        raise CliError("give --plan DIR (DICOM CT, RTSTRUCT, RTPLAN) or --ct FILE with --isocenter X,Y,Z")
+    return load_plan_files(args.ct, iso, fiducials_path=args.fiducials, patient_position=args.patient_position)
+
+
+def _register_fiducial(args, geometry, plan, pixels) -> dict:
     from registration.ct_seeds import find_ct_seeds
     from registration.io import FiducialSet, read_fiducials
 
     from .fiducials import localise_fiducials
 
+    ct = plan.ct
     if args.fiducials is not None:
         planned = read_fiducials(args.fiducials)
+    elif plan.fiducials is not None:
+        planned = plan.fiducials
     else:
         candidates = find_ct_seeds(ct)
         listing = "; ".join(
@@ -176,7 +193,7 @@ def _register_fiducial(args, geometry, ct, iso, pixels) -> dict:
             raise CliError("no seed candidates found in the CT; give a fiducials/1 file")
         planned = FiducialSet(tuple(f"C{i + 1}" for i in range(len(candidates))),
                               [c.centre_lps_mm for c in candidates], f"{ct.source} (automatic)")
-    planned_room = planned.to_room(iso, ct.patient_position)
+    planned_room = planned.to_room(plan.isocentre_lps_mm, plan.patient_position)
     result = localise_fiducials(pixels, geometry, planned_room, planned.names, i0=args.i0)
     t, r = result.correction.six()
     pt, pr = result.pose.six()
@@ -189,44 +206,30 @@ def _register_fiducial(args, geometry, ct, iso, pixels) -> dict:
     }
 
 
-def _register_anatomy(args, geometry, ct, iso, pixels) -> dict:
+def _register_anatomy(args, geometry, plan, pixels) -> dict:
     from registration.anatomy import RegionOfInterest, register_anatomy
 
-    if (args.roi is None) == (args.roi_box is None):
-        raise CliError("--method anatomy needs exactly one of --roi MASK_FILE or --roi-box DX,DY,DZ")
+    ct, iso = plan.ct, plan.isocentre_lps_mm
+    given = [x for x in (args.roi, args.roi_box, args.roi_name) if x is not None]
+    if len(given) > 1:
+        raise CliError("--method anatomy takes one of --roi MASK_FILE, --roi-box DX,DY,DZ or --roi-name NAME")
     if args.roi is not None:
         labels = _read_roi_mask(args.roi, ct)
         if args.roi_label is not None:
             roi = RegionOfInterest.from_labels(ct, labels, args.roi_label, neighbours=args.roi_neighbours)
         else:
             roi = RegionOfInterest.from_mask(labels, description=str(args.roi))
-    else:
+    elif args.roi_box is not None:
         roi = RegionOfInterest.from_box(ct, iso, parse_triplet_mm(args.roi_box, "--roi-box"))
+    elif plan.target_roi is not None:
+        roi = RegionOfInterest.from_mask(plan.target_mask(), description=f"RTSTRUCT ROI '{plan.target_roi}'")
+    else:
+        raise CliError("--method anatomy needs an ROI: --roi MASK_FILE, --roi-box DX,DY,DZ, or a DICOM plan "
+                       "with a target ROI (--plan DIR [--roi-name NAME])")
     result = register_anatomy(ct, iso, geometry, pixels, roi, i0=args.i0)
     report = result.to_json()
     report["patient_pose"] = report.pop("pose")
     return report
-
-
-def _read_roi_mask(path: Path, ct):
-    """A label/mask image on the planning-CT grid, as a ``[k, j, i]`` integer array."""
-    import numpy as np
-    import SimpleITK as sitk
-
-    try:
-        image = sitk.ReadImage(str(path))
-    except RuntimeError as err:
-        raise CliError(f"{path}: cannot read ROI mask: {str(err).strip().splitlines()[-1]}") from err
-    arr = sitk.GetArrayFromImage(image)
-    if arr.shape != ct.hu.shape:
-        raise CliError(f"{path}: ROI mask is {arr.shape[::-1]} voxels (i, j, k) but the CT is {ct.hu.shape[::-1]}")
-    if not (np.allclose(image.GetSpacing(), ct.spacing_mm, atol=1e-3)
-            and np.allclose(image.GetOrigin(), ct.origin_lps_mm, atol=1e-2)
-            and np.allclose(np.reshape(image.GetDirection(), (3, 3)), ct.direction, atol=1e-5)):
-        raise CliError(f"{path}: ROI mask grid (origin, spacing or direction) differs from the CT's; resample it first")
-    if not np.issubdtype(arr.dtype, np.integer):
-        raise CliError(f"{path}: ROI mask must hold integer labels, got {arr.dtype}")
-    return arr
 
 
 def _print_registration(report: dict) -> None:
@@ -384,8 +387,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("register", help="6-DoF couch correction from a stereo pair (fiducials or anatomy)")
     p.add_argument("--method", choices=["fiducial", "anatomy"], required=True)
-    p.add_argument("--ct", required=True, help="planning CT: DICOM folder or .mha/.nrrd/.nii")
-    p.add_argument("--isocenter", required=True, help="plan isocentre X,Y,Z in planning-CT LPS mm")
+    p.add_argument("--plan", type=Path, default=None, help="DICOM plan folder: CT series, RTSTRUCT, RTPLAN")
+    p.add_argument("--ct", default=None, help="planning CT: DICOM CT folder or .mha/.nrrd/.nii (instead of --plan)")
+    p.add_argument("--isocenter", default=None,
+                   help="plan isocentre X,Y,Z in planning-CT LPS mm (required with --ct; overrides the RTPLAN's)")
     p.add_argument("--geometry", required=True, type=Path, help="kv-geometry/1 file")
     p.add_argument("--image", action="append", required=True, help="NAME=FILE, one per imager")
     p.add_argument("--i0", type=float, default=None, help="unattenuated signal (default: estimated per frame)")
@@ -394,6 +399,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--use-ct-seeds", action="store_true", help="use the seeds found automatically in the CT")
     p.add_argument("--roi", type=Path, default=None, help="anatomy: ROI label mask on the CT grid")
     p.add_argument("--roi-label", type=int, default=None, help="anatomy: label value of the target in --roi")
+    p.add_argument("--roi-name", default=None, help="anatomy with --plan: RTSTRUCT ROI name (default: the target)")
     p.add_argument("--roi-neighbours", type=int, default=0, help="anatomy: include N levels either side of --roi-label")
     p.add_argument("--roi-box", default=None, help="anatomy: box half-sizes DX,DY,DZ (LPS mm) around the isocentre")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
@@ -431,6 +437,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--panel-pixels", type=_positive_int, default=1024, help="panel rows = cols (default 1024)")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     p.set_defaults(func=_cmd_simulate)
+    from . import _cli_dicom
+
+    _cli_dicom.add_commands(sub)
     return parser
 
 

@@ -233,7 +233,9 @@ def test_register_without_fiducials_lists_ct_candidates_and_asks_for_confirmatio
 def test_register_anatomy_needs_one_roi(simulated_case, capsys):
     folder, truth = simulated_case
     assert main(_register_args(folder, truth, "anatomy")) == 2
-    assert "exactly one of --roi" in capsys.readouterr().err
+    assert "needs an ROI" in capsys.readouterr().err
+    assert main(_register_args(folder, truth, "anatomy") + ["--roi-box", "20,20,20", "--roi", "x.mha"]) == 2
+    assert "takes one of --roi" in capsys.readouterr().err
 
 
 def test_register_with_a_missing_image_names_it(simulated_case, capsys):
@@ -255,3 +257,20 @@ def test_register_with_confirmed_ct_seeds(simulated_case, capsys):
     # 3071 HU), which carry their own error of a few tenths of a mm.
     expected = truth["poses"][0]["correction"]
     np.testing.assert_allclose(report["correction"]["translation_mm"], expected["translation_mm"], rtol=0, atol=0.5)
+
+
+def test_register_gives_the_same_answer_from_the_dicom_plan(simulated_case, capsys):
+    import json
+
+    folder, truth = simulated_case
+    assert main(_register_args(folder, truth, "fiducial") + ["--fiducials", str(folder / "fiducials.json")]) == 0
+    from_files = json.loads(capsys.readouterr().out)
+    args = ["register", "--method", "fiducial", "--plan", str(folder / "dicom"), "--geometry",
+            str(folder / "geometry.json"), "--image", f"A={folder / 'frames' / 'pose_000_A.mha'}",
+            "--image", f"B={folder / 'frames' / 'pose_000_B.mha'}", "--json"]
+    assert main(args) == 0
+    from_dicom = json.loads(capsys.readouterr().out)
+    # Seeds come from RTSTRUCT POINT ROIs and the isocentre from the RTPLAN (DS strings keep 1e-9 mm or better).
+    np.testing.assert_allclose(from_dicom["plan"]["isocentre_lps_mm"], truth["isocentre_lps_mm"], rtol=0, atol=1e-6)
+    for key in ("translation_mm", "rotation_deg"):
+        np.testing.assert_allclose(from_dicom["correction"][key], from_files["correction"][key], rtol=0, atol=1e-6)

@@ -40,7 +40,9 @@ def test_planning_ct_geometry_and_mask_read_back(written):
     mask = sitk.ReadImage(str(out / "target_mask.mha"))
     assert np.array_equal(sitk.GetArrayFromImage(mask), ph.target_mask())
     assert_allclose(mask.GetOrigin(), ph.planning_ct.origin_lps_mm, rtol=0, atol=MM_TOL)
-    assert summary.n_poses == 2 and len(summary.files) == 4 + 4 + 1
+    # ct, mask, geometry, fiducials, the DICOM folder, 2 poses x 2 frames, truth.
+    assert summary.n_poses == 2 and len(summary.files) == 5 + 4 + 1
+    assert (out / "dicom" / "RS.dcm").exists() and (out / "dicom" / "RP.dcm").exists()
 
 
 def test_truth_is_consistent_with_fiducials_geometry_and_frames(written):

@@ -5,7 +5,8 @@ Layout of ``out_dir``::
     ct.mha                 planning CT (HU, float32), patient position in its metadata
     target_mask.mha        target-vertebra mask (uint8) on the planning-CT grid
     geometry.json          kv-geometry/1
-    fiducials.json         fiducials/1, planning-CT LPS mm (empty for a phantom without seeds)
+    fiducials.json         fiducials/1, planning-CT LPS mm (absent for a phantom without seeds)
+    dicom/                 the same plan as DICOM: CT_NNNN.dcm, RS.dcm (RTSTRUCT), RP.dcm (RTPLAN)
     frames/pose_NNN_X.mha  one raw frame per imager per pose (uint16 or float32)
     truth.json             room-truth/1: per pose the pose, correction, seeds (room mm and px), i0
 
@@ -26,9 +27,11 @@ import SimpleITK as sitk
 
 from calibration.geometry import StereoGeometry, default_stereo_geometry
 from calibration.io import write_geometry
+from registration.io import FiducialSet, write_fiducials
 from registration.volume import write_ct
 
 from ..errors import TrackingError
+from .dicom import write_dicom_plan
 from .kv import DetectorModel, KVSimulator, StereoFrames
 from .motion import random_setup_pose
 from .phantoms import Phantom, cervical_phantom, thoracolumbar_phantom
@@ -164,11 +167,11 @@ def write_simulation(
     sitk.WriteImage(mask, str(out / "target_mask.mha"), useCompression=True)
     files.append(out / "target_mask.mha")
     files.append(write_geometry(geometry, out / "geometry.json"))
-    fiducials = {
-        "schema": "fiducials/1",
-        "fiducials": [{"name": s.name, "position_mm": s.centre_lps_mm.tolist()} for s in phantom.seeds],
-    }
-    files.append(_write_json(fiducials, out / "fiducials.json"))
+    if phantom.seeds:
+        seeds = FiducialSet(tuple(s.name for s in phantom.seeds), [s.centre_lps_mm for s in phantom.seeds])
+        files.append(write_fiducials(seeds, out / "fiducials.json"))
+    # The same plan as DICOM (CT series, RTSTRUCT with vertebrae and seed points, RTPLAN with the isocentre).
+    files.append(write_dicom_plan(phantom, out / "dicom").out_dir)
     sim = KVSimulator(phantom, geometry, energy_kev=energy_kev, detector=detector)
     rng = np.random.default_rng(seed)
     poses = []

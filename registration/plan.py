@@ -1,0 +1,419 @@
+"""The treatment plan as spineguide uses it: CT, isocentre, planned fiducials, ROI masks.
+
+A :class:`Plan` comes from either
+
+- files: a CT volume (``.mha``/``.nrrd``/``.nii`` with the patient position in
+  its metadata, or a DICOM CT folder), the isocentre (planning-CT LPS mm), a
+  ``fiducials/1`` JSON file and a mask volume on the CT grid
+  (:func:`load_plan_files`); or
+- a folder of DICOM: one CT series, at most one RT Structure Set and at most
+  one RT Plan, all tied by (0020,0052) Frame of Reference UID
+  (:func:`load_dicom_plan`). The RT Plan's isocentre is the default
+  isocentre; an isocentre given explicitly replaces it (and is recorded so in
+  the provenance).
+
+Either way the result is the same value, so everything downstream (DRRs,
+point and anatomy registration) cannot tell where the plan came from.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+
+import numpy as np
+import SimpleITK as sitk
+
+from .dicom_rt import (
+    TARGET_TYPES,
+    ContourType,
+    DicomInventory,
+    RTPlanInfo,
+    StructureSet,
+    rasterise_contours,
+    read_rtplan,
+    read_rtstruct,
+    scan_dicom_folder,
+)
+from .errors import RegistrationError
+from .io import FiducialSet, read_fiducials
+from .volume import CTVolume, PatientPosition, read_ct
+
+__all__ = [
+    "PlanError",
+    "PatientStudy",
+    "Plan",
+    "load_plan_files",
+    "load_dicom_plan",
+    "MASK_GRID_TOL_MM",
+]
+
+#: Largest difference between a mask volume's grid and the CT's (origin, spacing, voxel axes x 1 mm), mm.
+MASK_GRID_TOL_MM = 1e-3
+
+
+class PlanError(RegistrationError, ValueError):
+    """A plan cannot be assembled: parts missing, or parts that do not belong together."""
+
+
+@dataclass(frozen=True, slots=True)
+class PatientStudy:
+    """DICOM identity of the patient and planning study, copied into every exported object.
+
+    Attributes
+    ----------
+    patient_name, patient_id : str
+        (0010,0010), (0010,0020).
+    study_instance_uid : str
+        (0020,000D) of the planning study.
+    patient_birth_date, patient_sex, study_id, study_date, study_time, accession_number,
+    referring_physician_name : str
+        Type 2 attributes, copied as found (may be empty).
+    """
+
+    patient_name: str
+    patient_id: str
+    study_instance_uid: str
+    patient_birth_date: str = ""
+    patient_sex: str = ""
+    study_id: str = ""
+    study_date: str = ""
+    study_time: str = ""
+    accession_number: str = ""
+    referring_physician_name: str = ""
+
+    def __post_init__(self) -> None:
+        if not str(self.patient_id).strip():
+            raise PlanError("patient identity: Patient ID (0010,0020) must not be empty")
+        if not str(self.study_instance_uid).strip():
+            raise PlanError("patient identity: Study Instance UID (0020,000D) must not be empty")
+
+    @classmethod
+    def from_dataset(cls, ds) -> "PatientStudy":
+        """Copy the identity from any DICOM object of the study (pydicom Dataset)."""
+        return cls(
+            patient_name=str(ds.get("PatientName", "")),
+            patient_id=str(ds.get("PatientID", "")),
+            study_instance_uid=str(ds.get("StudyInstanceUID", "")),
+            patient_birth_date=str(ds.get("PatientBirthDate", "")),
+            patient_sex=str(ds.get("PatientSex", "")),
+            study_id=str(ds.get("StudyID", "")),
+            study_date=str(ds.get("StudyDate", "")),
+            study_time=str(ds.get("StudyTime", "")),
+            accession_number=str(ds.get("AccessionNumber", "")),
+            referring_physician_name=str(ds.get("ReferringPhysicianName", "")),
+        )
+
+
+def _ro(a, dtype=np.float64) -> np.ndarray:
+    a = np.array(a, dtype=dtype)
+    a.setflags(write=False)
+    return a
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """Everything spineguide needs from a treatment plan.
+
+    Attributes
+    ----------
+    ct : CTVolume
+        Planning CT (HU, LPS mm, patient position).
+    isocentre_lps_mm : (3,) array
+        Treatment isocentre, planning-CT LPS mm.
+    fiducials : FiducialSet or None
+        Planned fiducial (seed) centres, planning-CT LPS mm.
+    rois : mapping str -> (nk, nj, ni) bool array
+        ROI masks on the CT grid, ``mask[k, j, i]`` (read-only).
+    target_roi : str or None
+        Name of the target ROI (a key of ``rois``).
+    patient_position : PatientPosition
+        Must equal ``ct.patient_position``.
+    frame_of_reference_uid : str or None
+        (0020,0052) of the planning CT where known (DICOM plans).
+    patient : PatientStudy or None
+        DICOM identity where known (needed to export objects into the patient's record).
+    plan_isocentres_lps_mm : (M, 3) array
+        Every isocentre the RT Plan holds (empty for plans from files).
+    provenance : mapping str -> str
+        Where each part came from (paths, SOP Instance UIDs, "given").
+    """
+
+    ct: CTVolume
+    isocentre_lps_mm: np.ndarray
+    fiducials: FiducialSet | None = None
+    rois: Mapping[str, np.ndarray] = field(default_factory=dict)
+    target_roi: str | None = None
+    patient_position: PatientPosition | None = None
+    frame_of_reference_uid: str | None = None
+    patient: PatientStudy | None = None
+    plan_isocentres_lps_mm: np.ndarray = field(default_factory=lambda: np.zeros((0, 3)))
+    provenance: Mapping[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        where = self.ct.source
+        iso = np.array(self.isocentre_lps_mm, dtype=np.float64)
+        if iso.shape != (3,) or not np.all(np.isfinite(iso)):
+            raise PlanError(f"{where}: isocentre must be three finite LPS numbers (mm), got {np.ravel(iso).tolist()}")
+        position = self.ct.patient_position if self.patient_position is None else PatientPosition.parse(self.patient_position)
+        if position is not self.ct.patient_position:
+            raise PlanError(
+                f"{where}: plan patient position {position.value} differs from the CT's {self.ct.patient_position.value}"
+            )
+        rois = {}
+        for name, mask in dict(self.rois).items():
+            m = np.array(mask, dtype=bool)
+            if m.shape != self.ct.hu.shape:
+                raise PlanError(f"{where}: ROI {name!r} mask has shape {m.shape}, the CT grid is {self.ct.hu.shape}")
+            m.setflags(write=False)
+            rois[str(name)] = m
+        if self.target_roi is not None and self.target_roi not in rois:
+            raise PlanError(f"{where}: target ROI {self.target_roi!r} is not among the ROIs {sorted(rois)}")
+        isos = np.array(self.plan_isocentres_lps_mm, dtype=np.float64).reshape(-1, 3)
+        set_ = object.__setattr__
+        set_(self, "isocentre_lps_mm", _ro(iso))
+        set_(self, "patient_position", position)
+        set_(self, "rois", MappingProxyType(rois))
+        set_(self, "plan_isocentres_lps_mm", _ro(isos))
+        set_(self, "provenance", MappingProxyType({str(k): str(v) for k, v in dict(self.provenance).items()}))
+
+    def target_mask(self) -> np.ndarray:
+        """The target ROI's mask ``[k, j, i]``; :class:`PlanError` if the plan names no target."""
+        if self.target_roi is None:
+            raise PlanError(f"{self.ct.source}: the plan names no target ROI (ROIs: {sorted(self.rois)})")
+        return self.rois[self.target_roi]
+
+    def fiducials_room_mm(self) -> np.ndarray:
+        """Planned fiducials in the room at perfect setup, (N, 3) mm; (0, 3) without fiducials."""
+        if self.fiducials is None:
+            return np.zeros((0, 3))
+        return self.fiducials.to_room(self.isocentre_lps_mm, self.patient_position)
+
+
+# ------------------------------------------------------------------------------ files
+def _read_mask(path: Path, ct: CTVolume) -> tuple[np.ndarray, str | None]:
+    try:
+        image = sitk.ReadImage(str(path))
+    except RuntimeError as err:
+        raise PlanError(f"{path}: cannot read mask volume: {str(err).strip().splitlines()[-1]}") from err
+    if image.GetDimension() != 3:
+        raise PlanError(f"{path}: mask must be a 3D volume, got {image.GetDimension()}D")
+    arr = sitk.GetArrayFromImage(image)
+    if arr.shape != ct.hu.shape:
+        raise PlanError(f"{path}: mask grid {arr.shape} (k, j, i) differs from the CT's {ct.hu.shape}")
+    checks = (
+        ("origin", np.array(image.GetOrigin()), ct.origin_lps_mm),
+        ("spacing", np.array(image.GetSpacing()), ct.spacing_mm),
+        ("direction", np.array(image.GetDirection()), ct.direction.ravel()),
+    )
+    for what, got, want in checks:
+        if np.max(np.abs(got - want)) > MASK_GRID_TOL_MM:
+            raise PlanError(
+                f"{path}: mask {what} {np.round(got, 4).tolist()} differs from the CT's {np.round(want, 4).tolist()} "
+                f"(limit {MASK_GRID_TOL_MM} mm)"
+            )
+    label = image.GetMetaData("spineguide_label").strip() if image.HasMetaDataKey("spineguide_label") else None
+    return arr != 0, label
+
+
+def load_plan_files(
+    ct_path: str | os.PathLike,
+    isocentre_lps_mm: Sequence[float],
+    fiducials_path: str | os.PathLike | None = None,
+    roi_path: str | os.PathLike | None = None,
+    roi_label: str | None = None,
+    patient_position: PatientPosition | str | None = None,
+) -> Plan:
+    """Assemble a plan from a CT file, an isocentre, a ``fiducials/1`` file and a mask volume.
+
+    Parameters
+    ----------
+    ct_path : path
+        Planning CT (``.mha``/``.nrrd``/``.nii`` or a DICOM CT folder).
+    isocentre_lps_mm : (3,) floats
+        Treatment isocentre, planning-CT LPS mm.
+    fiducials_path : path, optional
+        ``fiducials/1`` JSON (planning-CT LPS mm).
+    roi_path : path, optional
+        Mask volume on the CT grid (non-zero = inside); it becomes the target ROI.
+    roi_label : str, optional
+        Name of that ROI; defaults to the mask's ``spineguide_label`` metadata
+        (written by the virtual room). Both present and different is an error.
+    patient_position : PatientPosition or str, optional
+        For CT files that do not record it.
+
+    Raises
+    ------
+    PlanError
+        Mask on another grid, unnamed mask, bad isocentre.
+    VolumeFileError, PatientPositionError, FiducialFileError
+        From the CT and fiducial readers.
+    """
+    ct = read_ct(ct_path, patient_position=patient_position)
+    provenance = {"ct": str(ct_path), "isocentre": "given"}
+    fiducials = None
+    if fiducials_path is not None:
+        fiducials = read_fiducials(fiducials_path)
+        provenance["fiducials"] = str(fiducials_path)
+    rois: dict[str, np.ndarray] = {}
+    target = None
+    if roi_path is not None:
+        mask, stored = _read_mask(Path(roi_path), ct)
+        if roi_label is not None and stored is not None and roi_label != stored:
+            raise PlanError(f"{roi_path}: mask is labelled {stored!r}, but roi_label {roi_label!r} was given")
+        target = roi_label if roi_label is not None else stored
+        if target is None:
+            raise PlanError(f"{roi_path}: the mask carries no label; give roi_label")
+        rois[target] = mask
+        provenance[f"roi:{target}"] = str(roi_path)
+    elif roi_label is not None:
+        raise PlanError(f"roi_label {roi_label!r} given without roi_path")
+    return Plan(ct, isocentre_lps_mm, fiducials, rois, target, ct.patient_position, provenance=provenance)
+
+
+# ------------------------------------------------------------------------------ DICOM
+def _pick_one(paths: Sequence[Path], kind: str, folder: Path) -> Path | None:
+    if len(paths) > 1:
+        names = ", ".join(str(p.relative_to(folder)) for p in paths)
+        raise PlanError(f"{folder}: {len(paths)} {kind} objects found ({names}); expected at most one")
+    return paths[0] if paths else None
+
+
+def _check_structure_set(ss: StructureSet, frame_uid: str, series_uid: str) -> None:
+    if ss.frame_of_reference_uid != frame_uid:
+        raise PlanError(
+            f"{ss.path}: RTSTRUCT refers to frame of reference {ss.frame_of_reference_uid}, "
+            f"but the CT's frame of reference is {frame_uid}"
+        )
+    if ss.referenced_series_uids and series_uid not in ss.referenced_series_uids:
+        raise PlanError(
+            f"{ss.path}: RTSTRUCT was drawn on CT series {list(ss.referenced_series_uids)}, "
+            f"not on the CT series found ({series_uid})"
+        )
+
+
+def _check_rtplan(rp: RTPlanInfo, frame_uid: str, ct: CTVolume, ss: StructureSet | None) -> None:
+    if rp.frame_of_reference_uid != frame_uid:
+        raise PlanError(
+            f"{rp.path}: RTPLAN refers to frame of reference {rp.frame_of_reference_uid}, "
+            f"but the CT's frame of reference is {frame_uid}"
+        )
+    if ss is not None and rp.referenced_structure_set_uid not in (None, ss.sop_instance_uid):
+        raise PlanError(
+            f"{rp.path}: RTPLAN refers to structure set {rp.referenced_structure_set_uid}, "
+            f"but the structure set found is {ss.sop_instance_uid} ({ss.path.name})"
+        )
+    others = [p.value for p in rp.patient_positions if p is not ct.patient_position]
+    if others:
+        raise PlanError(
+            f"{rp.path}: RTPLAN patient setup says {others}, but the CT was scanned {ct.patient_position.value}"
+        )
+
+
+def _target(ss: StructureSet, requested: str | None, folder: Path) -> str | None:
+    closed = [r for r in ss.rois if r.geometric_type is ContourType.CLOSED_PLANAR]
+    if requested is not None:
+        if requested not in [r.name for r in closed]:
+            raise PlanError(f"{ss.path}: no contoured ROI named {requested!r} (ROIs: {[r.name for r in closed]})")
+        return requested
+    targets = [r.name for r in closed if r.interpreted_type in TARGET_TYPES]
+    if len(targets) > 1:
+        raise PlanError(
+            f"{ss.path}: {len(targets)} target ROIs ({targets}, types {'/'.join(TARGET_TYPES)}); name one as target_roi"
+        )
+    return targets[0] if targets else None
+
+
+def load_dicom_plan(
+    folder: str | os.PathLike,
+    isocentre_lps_mm: Sequence[float] | None = None,
+    target_roi: str | None = None,
+    inventory: DicomInventory | None = None,
+) -> Plan:
+    """Assemble a plan from a folder of DICOM (searched recursively): CT, RTSTRUCT, RTPLAN.
+
+    Parameters
+    ----------
+    folder : path
+        Holds exactly one CT series, at most one RT Structure Set and at most
+        one RT Plan (e.g. what ``spineguide dicom-listen`` received for one patient).
+    isocentre_lps_mm : (3,) floats, optional
+        Overrides the RT Plan's isocentre (planning-CT LPS mm); required when
+        there is no RT Plan or the plan has several isocentres.
+    target_roi : str, optional
+        Name of the target ROI; default the one ROI of type PTV/CTV/GTV, if any.
+    inventory : DicomInventory, optional
+        A scan of ``folder`` already made (saves reading the headers twice).
+
+    Returns
+    -------
+    Plan
+        ROIs: every contoured ROI, rasterised on the CT grid; fiducials: the
+        structure set's POINT ROIs (LPS mm).
+
+    Raises
+    ------
+    PlanError
+        No or several CT series, several structure sets or plans, an RTSTRUCT
+        or RTPLAN on another frame of reference or CT series, a plan for
+        another patient position, no isocentre.
+    DicomRTError, VolumeFileError, PatientPositionError
+        From the readers.
+    """
+    from .dicom_ct import read_dicom_ct_files  # pydicom work only when needed
+
+    root = Path(folder)
+    inv = scan_dicom_folder(root) if inventory is None else inventory
+    if not inv.ct_series:
+        raise PlanError(f"{root}: no CT series found")
+    if len(inv.ct_series) > 1:
+        listing = "; ".join(f"{s.series_uid} ({len(s.paths)} slices)" for s in inv.ct_series)
+        raise PlanError(f"{root}: {len(inv.ct_series)} CT series found ({listing}); expected one")
+    series = inv.ct_series[0]
+    ct = read_dicom_ct_files(series.paths, root)
+    frame_uid = series.frame_of_reference_uid
+    provenance = {"ct": str(root), "ct_series_uid": series.series_uid, "frame_of_reference_uid": frame_uid}
+    import pydicom  # identity of the study, from the first CT slice's header
+
+    patient = PatientStudy.from_dataset(pydicom.dcmread(series.paths[0], stop_before_pixels=True))
+    ss_path = _pick_one(inv.structure_sets, "RTSTRUCT", root)
+    rp_path = _pick_one(inv.plans, "RTPLAN", root)
+    ss = read_rtstruct(ss_path) if ss_path is not None else None
+    rois: dict[str, np.ndarray] = {}
+    fiducials = None
+    target = None
+    if ss is not None:
+        _check_structure_set(ss, frame_uid, series.series_uid)
+        provenance["rtstruct"] = f"{ss.path} ({ss.sop_instance_uid})"
+        for roi in ss.rois:
+            if roi.geometric_type is ContourType.CLOSED_PLANAR:
+                rois[roi.name] = rasterise_contours(roi.contours_lps_mm, ct, roi.name)
+        fiducials = ss.point_fiducials()
+        target = _target(ss, target_roi, root)
+    elif target_roi is not None:
+        raise PlanError(f"{root}: target_roi {target_roi!r} given, but there is no RTSTRUCT")
+    plan_isos = np.zeros((0, 3))
+    if rp_path is not None:
+        rp = read_rtplan(rp_path)
+        _check_rtplan(rp, frame_uid, ct, ss)
+        plan_isos = rp.isocentres_lps_mm
+        provenance["rtplan"] = f"{rp.path} ({rp.sop_instance_uid})"
+    if isocentre_lps_mm is not None:
+        iso = np.asarray(isocentre_lps_mm, dtype=np.float64)
+        provenance["isocentre"] = "given"
+    elif len(plan_isos) == 1:
+        iso = plan_isos[0]
+        provenance["isocentre"] = "rtplan"
+    elif len(plan_isos) > 1:
+        raise PlanError(
+            f"{rp_path}: the plan has {len(plan_isos)} isocentres {np.round(plan_isos, 2).tolist()} (LPS mm); "
+            "give the one to treat explicitly"
+        )
+    else:
+        raise PlanError(f"{root}: no RTPLAN to take the isocentre from; give the isocentre explicitly (LPS mm)")
+    return Plan(
+        ct, iso, fiducials, rois, target, ct.patient_position, frame_uid, patient, plan_isos, provenance
+    )

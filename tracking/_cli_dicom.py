@@ -1,0 +1,106 @@
+"""``spineguide import DIR`` and ``spineguide dicom-listen``: DICOM planning data in.
+
+Registered by :mod:`tracking.cli` with ``_cli_dicom.add_commands(sub)``. Both
+commands print; the library they call only logs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["add_commands", "cmd_import", "cmd_dicom_listen"]
+
+
+def _fmt(v) -> str:
+    return "(" + ", ".join(f"{x:.2f}" for x in np.ravel(v)) + ")"
+
+
+def cmd_import(args: argparse.Namespace, out=None) -> int:
+    """Scan a folder of DICOM, list what it holds, then assemble and check the plan."""
+    from registration.dicom_rt import ContourType, read_rtplan, read_rtstruct, scan_dicom_folder
+    from registration.plan import load_dicom_plan
+
+    out = out or sys.stdout
+    start = time.monotonic()
+    inv = scan_dicom_folder(args.dir)
+    print(f"{inv.folder}:", file=out)
+    for s in inv.ct_series:
+        print(f"  CT series {s.series_uid}: {len(s.paths)} slices, patient {s.patient_id!r}, "
+              f"frame of reference {s.frame_of_reference_uid}", file=out)
+    for p in inv.structure_sets:
+        ss = read_rtstruct(p)
+        closed = [r.name for r in ss.rois if r.geometric_type is ContourType.CLOSED_PLANAR]
+        points = [r.name for r in ss.rois if r.geometric_type is ContourType.POINT]
+        print(f"  RTSTRUCT {p.name}: {len(closed)} contoured ROIs {closed}, {len(points)} points {points}, "
+              f"frame of reference {ss.frame_of_reference_uid}", file=out)
+    for p in inv.plans:
+        rp = read_rtplan(p)
+        isos = "; ".join(_fmt(i) for i in rp.isocentres_lps_mm)
+        print(f"  RTPLAN {p.name} '{rp.label}': isocentre(s) {isos} LPS mm, setup "
+              f"{[q.value for q in rp.patient_positions]}, frame of reference {rp.frame_of_reference_uid}", file=out)
+    for p, modality in inv.others:
+        print(f"  other: {p.name} ({modality or 'no modality'})", file=out)
+    if inv.not_dicom:
+        print(f"  {len(inv.not_dicom)} file(s) that are not DICOM (ignored)", file=out)
+    iso = None
+    if args.isocenter is not None:
+        from .cli import parse_triplet_mm
+
+        iso = parse_triplet_mm(args.isocenter, "--isocenter")
+    plan = load_dicom_plan(inv.folder, isocentre_lps_mm=iso, target_roi=args.target, inventory=inv)
+    nk, nj, ni = plan.ct.hu.shape
+    print(f"plan OK ({time.monotonic() - start:.2f} s): CT {ni}x{nj}x{nk} voxels of "
+          f"{_fmt(plan.ct.spacing_mm)} mm, {plan.patient_position.value}; isocentre {_fmt(plan.isocentre_lps_mm)} "
+          f"LPS mm ({plan.provenance['isocentre']})", file=out)
+    for name, mask in plan.rois.items():
+        mark = " (target)" if name == plan.target_roi else ""
+        print(f"  ROI {name}{mark}: {int(mask.sum())} voxels", file=out)
+    if plan.fiducials is not None:
+        for name, pos in zip(plan.fiducials.names, plan.fiducials.positions_lps_mm):
+            print(f"  fiducial {name}: {_fmt(pos)} LPS mm", file=out)
+    return 0
+
+
+def cmd_dicom_listen(args: argparse.Namespace, out=None) -> int:
+    """Run the Storage SCP until interrupted (or for ``--duration-s``), then list what arrived."""
+    from .dicom_net import ListenerConfig, StorageListener
+
+    out = out or sys.stdout
+    config = ListenerConfig(args.out, ae_title=args.ae_title, port=args.port, host=args.host)
+    listener = StorageListener(config).start()
+    print(f"listening as {config.ae_title} on {config.host}:{listener.port}, writing to {config.out_dir} "
+          "(Ctrl-C to stop)", file=out, flush=True)
+    deadline = None if args.duration_s is None else time.monotonic() + args.duration_s
+    try:
+        while deadline is None or time.monotonic() < deadline:
+            time.sleep(0.2)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        listener.stop()
+    print(f"received {len(listener.received)} object(s), refused {len(listener.refused)}", file=out)
+    for reason in listener.refused:
+        print(f"  refused: {reason}", file=out)
+    return 0
+
+
+def add_commands(subparsers) -> None:
+    """Add ``import`` and ``dicom-listen`` to the ``spineguide`` subparsers."""
+    p = subparsers.add_parser("import", help="read a folder of DICOM planning data (CT, RTSTRUCT, RTPLAN) and check it")
+    p.add_argument("dir", type=Path, help="folder (searched recursively)")
+    p.add_argument("--isocenter", default=None, help="override the plan isocentre X,Y,Z (planning-CT LPS mm)")
+    p.add_argument("--target", default=None, help="target ROI name (default: the one PTV/CTV/GTV)")
+    p.set_defaults(func=cmd_import)
+
+    p = subparsers.add_parser("dicom-listen", help="DICOM Storage SCP receiving planning CT, RTSTRUCT and RTPLAN")
+    p.add_argument("--port", type=int, required=True, help="TCP port (0 = any free port)")
+    p.add_argument("--ae-title", default="SPINEGUIDE", help="our AE title (default SPINEGUIDE)")
+    p.add_argument("--out", type=Path, required=True, help="folder for received files (<study>/<series>/)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; 0.0.0.0 for all)")
+    p.add_argument("--duration-s", type=float, default=None, help="stop after this many seconds (default: run until Ctrl-C)")
+    p.set_defaults(func=cmd_dicom_listen)
