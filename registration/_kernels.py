@@ -11,7 +11,7 @@ import math
 import numpy as np
 from numba import njit, prange
 
-__all__ = ["siddon_drr", "support_box"]
+__all__ = ["siddon_drr", "siddon_drr_batch", "siddon_drr_batch_serial", "support_box"]
 
 # A parametric distance no ray reaches (rays run over t in [0, 1]); finite so that
 # comparisons stay ordinary float compares.
@@ -200,4 +200,66 @@ def siddon_drr(mu, box, src_idx, origin_idx, du_idx, dv_idx, src_mm, origin_mm, 
             ez = origin_mm[2] + u * du_mm[2] + v * dv_mm[2] - src_mm[2]
             length = math.sqrt(ex * ex + ey * ey + ez * ez)
             out[r, c] = _ray_integral(mu_flat, ni, nj, box, src_idx[0], src_idx[1], src_idx[2], bx, by, bz, length)
+    return out
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _batch_row(mu_flat, ni, nj, box, src_idx, origin_idx, du_idx, dv_idx, src_mm, origin_mm, du_mm, dv_mm,
+               cols_px, rows_px, out, item):
+    """Row ``item % rows`` of pose ``item // rows`` of :func:`siddon_drr_batch`."""
+    rows = rows_px.shape[0]
+    n = item // rows
+    r = item - n * rows
+    v = rows_px[r]
+    for c in range(cols_px.shape[0]):
+        u = cols_px[c]
+        bx = origin_idx[n, 0] + u * du_idx[n, 0] + v * dv_idx[n, 0]
+        by = origin_idx[n, 1] + u * du_idx[n, 1] + v * dv_idx[n, 1]
+        bz = origin_idx[n, 2] + u * du_idx[n, 2] + v * dv_idx[n, 2]
+        ex = origin_mm[0] + u * du_mm[0] + v * dv_mm[0] - src_mm[0]
+        ey = origin_mm[1] + u * du_mm[1] + v * dv_mm[1] - src_mm[1]
+        ez = origin_mm[2] + u * du_mm[2] + v * dv_mm[2] - src_mm[2]
+        length = math.sqrt(ex * ex + ey * ey + ez * ez)
+        out[n, r, c] = _ray_integral(
+            mu_flat, ni, nj, box, src_idx[n, 0], src_idx[n, 1], src_idx[n, 2], bx, by, bz, length
+        )
+
+
+@njit(cache=True, parallel=True, nogil=True)
+def siddon_drr_batch(mu, box, src_idx, origin_idx, du_idx, dv_idx, src_mm, origin_mm, du_mm, dv_mm, cols_px, rows_px):
+    """:func:`siddon_drr` for ``n`` patient poses at once: one parallel loop over every (pose, row).
+
+    ``src_idx``, ``origin_idx``, ``du_idx``, ``dv_idx`` are ``(n, 3)`` float64 (one row per
+    pose, voxel-index space); the metric ``*_mm`` vectors are the imager's, shared by
+    all poses. Returns ``(n, rows, cols)`` float32 line integrals; item ``k`` equals
+    :func:`siddon_drr` with the ``k``-th index-space vectors, bit for bit.
+    """
+    rows = rows_px.shape[0]
+    cols = cols_px.shape[0]
+    n_poses = src_idx.shape[0]
+    nk, nj, ni = mu.shape
+    mu_flat = mu.reshape(nk * nj * ni)
+    out = np.zeros((n_poses, rows, cols), dtype=np.float32)
+    if box[3] < box[0]:
+        return out
+    for item in prange(n_poses * rows):
+        _batch_row(mu_flat, ni, nj, box, src_idx, origin_idx, du_idx, dv_idx, src_mm, origin_mm, du_mm, dv_mm,
+                   cols_px, rows_px, out, item)
+    return out
+
+
+@njit(cache=True, nogil=True)
+def siddon_drr_batch_serial(mu, box, src_idx, origin_idx, du_idx, dv_idx, src_mm, origin_mm, du_mm, dv_mm, cols_px, rows_px):
+    """:func:`siddon_drr_batch` on the calling thread alone (small jobs: no thread start or barrier)."""
+    rows = rows_px.shape[0]
+    cols = cols_px.shape[0]
+    n_poses = src_idx.shape[0]
+    nk, nj, ni = mu.shape
+    mu_flat = mu.reshape(nk * nj * ni)
+    out = np.zeros((n_poses, rows, cols), dtype=np.float32)
+    if box[3] < box[0]:
+        return out
+    for item in range(n_poses * rows):
+        _batch_row(mu_flat, ni, nj, box, src_idx, origin_idx, du_idx, dv_idx, src_mm, origin_mm, du_mm, dv_mm,
+                   cols_px, rows_px, out, item)
     return out

@@ -36,6 +36,7 @@ import logging
 import math
 import time
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from enum import Enum
 from types import MappingProxyType
@@ -47,7 +48,7 @@ import scipy.ndimage
 from calibration.geometry import ImagerGeometry, StereoGeometry
 
 from .attenuation import DEFAULT_CT_ENERGY_KEV, DEFAULT_IMAGING_ENERGY_KEV, hu_to_mu_per_mm, linear_attenuation_per_mm
-from .drr import AttenuationVolume, PanelRegion, compute_drr
+from .drr import AttenuationVolume, PanelRegion, compute_drr_batch
 from .errors import RegistrationError
 from .pose import Correction, Pose
 from .similarity import FrameError, Similarity, image_gradients, line_integrals, similarity
@@ -250,7 +251,7 @@ class PyramidLevel:
 
 _OPTIMISABLE = (Similarity.GRADIENT_CORRELATION, Similarity.NCC)
 #: Damping increases tried per Levenberg-Marquardt iteration before the Jacobian is renewed.
-_MAX_DAMPING_TRIES = 4
+_MAX_DAMPING_TRIES = 8
 
 
 @dataclass(frozen=True, slots=True)
@@ -292,6 +293,9 @@ class AnatomyConfig:
     #: The context volume fades to zero over this distance at its box faces (cosine taper,
     #: mm), so the crop leaves no box outline in its DRR.
     context_taper_mm: float = 10.0
+    #: Results whose ROI centre moved along the spine by more than this fraction of the
+    #: level spacing from the start are refused as a possible wrong level.
+    max_level_fraction: float = 0.6
     #: Vertebral level spacing for the wrong-level check when the ROI does not know it, mm.
     level_spacing_mm: float = 25.0
     #: Forward-difference step of the pose derivatives, binned pixels at the isocentre.
@@ -331,7 +335,7 @@ class AnatomyConfig:
         positive = (
             "imaging_energy_kev", "ct_energy_kev", "search_range_mm", "level_spacing_mm", "fd_step_px",
             "tolerance_mm", "tolerance_deg", "translation_bound_mm", "rotation_bound_deg", "max_view_shift_mm",
-            "max_std_mm", "max_std_deg", "context_taper_mm", "context_half_size_mm",
+            "max_std_mm", "max_std_deg", "context_taper_mm", "context_half_size_mm", "max_level_fraction",
         )
         for name in positive:
             v = float(getattr(self, name))
@@ -386,9 +390,9 @@ class AnatomyQuality:
         Fraction of the projected ROI box on the panel.
     saturated_fraction : mapping imager -> float
     level_margin : float or None
-        Best similarity in the capture window minus the best one a vertebral
-        level away (mean of the views); negative means another level matches
-        better. None in tracking mode.
+        Gradient correlation of the ROI's neighbourhood at the result minus the
+        best one a vertebral level up or down the spine (worse of the two views);
+        negative means another level matches better. None in tracking mode.
     converged, at_bounds : bool
     """
 
@@ -535,14 +539,19 @@ def _pyramid_volume(volume: AttenuationVolume, factor: int, prefilter_mm: float)
     return AttenuationVolume(np.maximum(mu, 0.0).astype(np.float32), out.room_from_index @ shift)
 
 
-def _drr_binned(volume, imager, pose, region: PanelRegion, binning: int, supersampling: int) -> np.ndarray:
-    """DRR of ``binning x binning`` pixels from ``supersampling^2`` rays each (their mean)."""
+def _drr_batch_binned(volume, imager, poses, region: PanelRegion, binning: int, supersampling: int) -> np.ndarray:
+    """``(n, rows, cols)`` DRRs of ``binning x binning`` pixels from ``supersampling^2`` rays each (their mean).
+
+    One thread computes the batch (the views run on threads of their own): a numba parallel
+    region per small DRR costs more in wake-ups and barriers than it saves on 2 busy cores.
+    """
     if supersampling == 1:
-        return compute_drr(volume, imager, pose, region, binning)
-    fine = compute_drr(volume, imager, pose, region, binning // supersampling)
+        return compute_drr_batch(volume, imager, poses, region, binning, parallel=False)
+    fine = compute_drr_batch(volume, imager, poses, region, binning // supersampling, parallel=False)
     rows, cols = region.rows // binning, region.cols // binning
     s = supersampling
-    return fine[: rows * s, : cols * s].reshape(rows, s, cols, s).mean(axis=(1, 3), dtype=np.float32)
+    n = fine.shape[0]
+    return fine[:, : rows * s, : cols * s].reshape(n, rows, s, cols, s).mean(axis=(2, 4), dtype=np.float32)
 
 
 def _prefiltered(image: np.ndarray, region: PanelRegion, sigma_px: float) -> np.ndarray:
@@ -634,6 +643,9 @@ class AnatomyRegistration:
             raise RoiError(f"ROI '{roi.description}': mask shape {roi.mask.shape} does not match the CT {ct.hu.shape}")
         self.geometry = geometry
         self.roi = roi
+        # One worker per view: the views' DRR batches run side by side (numba kernels release
+        # the GIL). Shared by concurrent register() calls, which the executor allows.
+        self._pool = ThreadPoolExecutor(max_workers=max(len(geometry.names), 1), thread_name_prefix="anatomy-view")
         cfg = self.config
         room_from_index = ct.room_from_index(isocentre_lps_mm)
         mask = roi.mask
@@ -654,6 +666,7 @@ class AnatomyRegistration:
         self._volumes = {key: _pyramid_volume(base, *key) for key in sorted(keys)}
         context = _context_volume(ct, room_from_index, mask, cfg)
         self._context = context.downsampled(cfg.global_volume_factor)
+        self._context_fine = context.downsampled(max(cfg.global_volume_factor // 2, 1))
         self._context_levels = {
             lv.volume_factor: context.downsampled(lv.volume_factor) for lv in cfg.levels + cfg.tracking_levels if lv.context
         }
@@ -797,9 +810,7 @@ class AnatomyRegistration:
         x = np.zeros(6)
         level_margin = None
         if not tracking:
-            x[:3], level_margin = self._global_stage(logs, start, centre, counter)
-            if level_margin < 0:
-                reasons.append(QualityReason.WRONG_LEVEL)
+            x[:3], _ = self._global_stage(logs, start, centre, counter)
         levels = cfg.tracking_levels if tracking else cfg.levels
         iterations = 0
         converged = False
@@ -811,6 +822,14 @@ class AnatomyRegistration:
             x, its, converged, final = self._refine(views, level, x, start, centre, counter)
             iterations += its
         pose = self._pose(x, start, centre)
+        if not tracking:
+            # Wrong level: a neighbouring level fits the radiographs better at the result, or the
+            # result is most of a level along the spine from the start (the capture range holds
+            # set-up errors, not level errors: a neighbour may have taken the target's place).
+            level_margin = self._final_level_margin(logs, pose, centre, counter)
+            along_mm = abs(float(x[:3] @ (start.rotation @ self._spine_dir_room)))
+            if level_margin < 0 or along_mm > cfg.max_level_fraction * self._level_spacing_mm:
+                reasons.append(QualityReason.WRONG_LEVEL)
         quality = self._quality(final, x, converged, reasons, roi_on, sat, level_margin)
         elapsed_ms = (time.monotonic() - t_start) * 1000.0
         log.debug("anatomy registration: %s in %.1f ms, %d DRRs", quality.reason.value, elapsed_ms, counter[0])
@@ -844,60 +863,77 @@ class AnatomyRegistration:
         return float(np.count_nonzero(bad)) / sub.size
 
     # -------------------------------------------------------------- global stage
+    def _context_scores(self, log_image, im: ImagerGeometry, pose: Pose, centre: np.ndarray, b: int, volume,
+                        search_mm: float, level_reach: float, counter) -> dict:
+        """Gradient correlation of the context DRR at ``pose`` with the radiograph, as a function of 2D shift.
+
+        The map covers shifts up to ``search_mm`` (mm at the isocentre) plus ``level_reach``
+        vertebral levels along the spine. Returned shifts are in binned pixels relative to zero shift; ``along`` /
+        ``across`` are the shift components along and across the projected spine, binned pixels.
+        """
+        cfg = self.config
+        px_per_mm = im.magnification / float(np.mean(im.pixel_spacing_mm))
+        c_px = im.project(centre)
+        spine_px = im.project(centre + self._spine_dir_room) - c_px
+        spine_px /= max(np.linalg.norm(spine_px), 1e-9)
+        search_px = search_mm * px_per_mm
+        level_px = self._level_spacing_mm * px_per_mm
+        extra_c = search_px + abs(spine_px[0]) * level_reach * level_px
+        extra_r = search_px + abs(spine_px[1]) * level_reach * level_px
+        # The template keeps clear of the panel edges by the search extent, so that every
+        # shift of the capture window (and one level either way) is scored.
+        t = self._context_region(im, pose, b, (extra_c + b, extra_r + b))
+        # Search window: the template box grown on every side, on the same bin grid.
+        c0 = t.col0 - int(math.ceil(extra_c / b)) * b
+        r0 = t.row0 - int(math.ceil(extra_r / b)) * b
+        while c0 < 0:
+            c0 += b
+        while r0 < 0:
+            r0 += b
+        c1 = min(t.col0 + t.cols + int(math.ceil(extra_c / b)) * b, im.cols)
+        r1 = min(t.row0 + t.rows + int(math.ceil(extra_r / b)) * b, im.rows)
+        search = PanelRegion(r0, c0, (r1 - r0) // b * b, (c1 - c0) // b * b)
+        drr = compute_drr_batch(volume, im, [pose], t, b, parallel=False)[0]
+        counter[0] += 1
+        sig = cfg.global_smoothing_sigma_px
+        tx, ty = image_gradients(_smooth(drr, sig))
+        fx, fy = image_gradients(_smooth(_block_mean(log_image, search, b), sig))
+        if fx.shape[0] < tx.shape[0] or fx.shape[1] < tx.shape[1]:
+            raise RegistrationError(f"imager '{im.name}': search window smaller than the ROI neighbourhood template")
+        score = 0.5 * (cv2.matchTemplate(fx, tx, cv2.TM_CCOEFF_NORMED) + cv2.matchTemplate(fy, ty, cv2.TM_CCOEFF_NORMED))
+        score = np.nan_to_num(score, nan=-1.0)
+        zero = np.array([(t.col0 - c0) / b, (t.row0 - r0) / b])  # (col, row) of zero shift in `score`
+        rr, cc = np.mgrid[0 : score.shape[0], 0 : score.shape[1]]
+        dcol, drow = cc - zero[0], rr - zero[1]
+        return {
+            "score": score, "zero": zero, "dcol": dcol, "drow": drow, "c_px": c_px,
+            "along": dcol * spine_px[0] + drow * spine_px[1], "across": dcol * spine_px[1] - drow * spine_px[0],
+            "search": search_px / b, "level": level_px / b,
+        }
+
+    @staticmethod
+    def _level_margin(m: dict, peak: tuple[int, int]) -> float:
+        """Score at ``peak`` minus the best score one vertebral level up or down the spine from it."""
+        pr, pc = peak
+        along = m["along"] - m["along"][pr, pc]
+        across = m["across"] - m["across"][pr, pc]
+        level = m["level"]
+        band = (np.abs(np.abs(along) - level) <= 0.4 * level) & (np.abs(across) <= max(m["search"], 2.0))
+        best_out = float(m["score"][band].max()) if np.any(band) else -1.0
+        return float(m["score"][pr, pc]) - best_out
+
     def _global_stage(self, logs, start: Pose, centre: np.ndarray, counter) -> tuple[np.ndarray, float]:
-        """3D translation from per-view 2D correlation search; level margin (mean over views)."""
+        """3D translation from per-view 2D correlation search of the ROI's neighbourhood; level margin (min over views)."""
         cfg = self.config
         b = cfg.global_binning
-        volume = self._context
         pixels_start, pixels_found, margins = {}, {}, []
         for name in self.geometry.names:
             im = self.geometry[name]
-            px_per_mm = im.magnification / float(np.mean(im.pixel_spacing_mm))
-            c_px = im.project(centre)
-            spine_px = im.project(centre + self._spine_dir_room) - c_px
-            spine_px /= max(np.linalg.norm(spine_px), 1e-9)
-            search_px = cfg.search_range_mm * px_per_mm
-            level_px = self._level_spacing_mm * px_per_mm
-            extra_c = search_px + abs(spine_px[0]) * level_px
-            extra_r = search_px + abs(spine_px[1]) * level_px
-            # The template keeps clear of the panel edges by the search extent, so that every
-            # shift of the capture window (and one level either way) is scored.
-            t = self._context_region(im, start, b, (extra_c + b, extra_r + b))
-            # Search window: the template box grown on every side, on the same bin grid.
-            c0 = t.col0 - int(math.ceil(extra_c / b)) * b
-            r0 = t.row0 - int(math.ceil(extra_r / b)) * b
-            while c0 < 0:
-                c0 += b
-            while r0 < 0:
-                r0 += b
-            c1 = min(t.col0 + t.cols + int(math.ceil(extra_c / b)) * b, im.cols)
-            r1 = min(t.row0 + t.rows + int(math.ceil(extra_r / b)) * b, im.rows)
-            search = PanelRegion(r0, c0, (r1 - r0) // b * b, (c1 - c0) // b * b)
-            drr = compute_drr(volume, im, start, t, b)
-            counter[0] += 1
-            sig = cfg.global_smoothing_sigma_px
-            tx, ty = image_gradients(_smooth(drr, sig))
-            fx, fy = image_gradients(_smooth(_block_mean(logs[name], search, b), sig))
-            if fx.shape[0] < tx.shape[0] or fx.shape[1] < tx.shape[1]:
-                raise RegistrationError(f"imager '{name}': search window smaller than the ROI template")
-            score = 0.5 * (
-                cv2.matchTemplate(fx, tx, cv2.TM_CCOEFF_NORMED) + cv2.matchTemplate(fy, ty, cv2.TM_CCOEFF_NORMED)
-            )
-            score = np.nan_to_num(score, nan=-1.0)
-            zero = np.array([(t.col0 - c0) / b, (t.row0 - r0) / b])  # (col, row) of zero shift in `score`
-            rr, cc = np.mgrid[0 : score.shape[0], 0 : score.shape[1]]
-            dcol, drow = cc - zero[0], rr - zero[1]
-            inside = (np.abs(dcol) <= search_px / b) & (np.abs(drow) <= search_px / b)
-            masked = np.where(inside, score, -np.inf)
-            pr, pc = np.unravel_index(int(np.argmax(masked)), score.shape)
-            best_in = float(score[pr, pc])
-            along = (dcol - (pc - zero[0])) * spine_px[0] + (drow - (pr - zero[1])) * spine_px[1]
-            across = (dcol - (pc - zero[0])) * spine_px[1] - (drow - (pr - zero[1])) * spine_px[0]
-            # One level up or down the spine from the peak (not anywhere in the map: far shifts
-            # only see part of the neighbourhood and are not what a wrong level looks like).
-            away = (np.abs(np.abs(along) - level_px / b) <= 0.4 * level_px / b) & (np.abs(across) <= search_px / b)
-            best_out = float(score[away].max()) if np.any(away) else -1.0
-            margins.append(best_in - best_out)
+            m = self._context_scores(logs[name], im, start, centre, b, self._context, cfg.search_range_mm, 1.0, counter)
+            score = m["score"]
+            inside = (np.abs(m["dcol"]) <= m["search"]) & (np.abs(m["drow"]) <= m["search"])
+            pr, pc = np.unravel_index(int(np.argmax(np.where(inside, score, -np.inf))), score.shape)
+            margins.append(self._level_margin(m, (pr, pc)))
             sub = np.array([pc, pr], dtype=np.float64)
             # Sub-pixel peak: a parabola through the peak and its two neighbours, per axis.
             h, w = score.shape
@@ -905,14 +941,31 @@ class AnatomyRegistration:
                 sub[0] += _parabola_offset(score[pr, pc - 1], score[pr, pc], score[pr, pc + 1])
             if 0 < pr < h - 1:
                 sub[1] += _parabola_offset(score[pr - 1, pc], score[pr, pc], score[pr + 1, pc])
-            shift_px = (sub - zero) * b
-            pixels_start[name] = c_px
-            pixels_found[name] = c_px + shift_px
+            pixels_start[name] = m["c_px"]
+            pixels_found[name] = m["c_px"] + (sub - m["zero"]) * b
         tri_from = self.geometry.triangulate({n: pixels_start[n][None] for n in pixels_start})
         tri_to = self.geometry.triangulate({n: pixels_found[n][None] for n in pixels_found})
         translation = tri_to.points_mm[0] - tri_from.points_mm[0]
         bound = cfg.translation_bound_mm
-        return np.clip(translation, -bound, bound), float(np.mean(margins))
+        return np.clip(translation, -bound, bound), float(np.min(margins))
+
+    def _final_level_margin(self, logs, pose: Pose, centre: np.ndarray, counter) -> float:
+        """Wrong-level check at the result: the neighbourhood's match at ``pose`` against one level away (min over views).
+
+        At twice the global stage's resolution, the context DRR at the found pose is matched to
+        each radiograph; the best score within a few pixels of zero shift is compared with the best
+        one a vertebral level up or down the spine. Positive: no neighbouring level fits better.
+        """
+        cfg = self.config
+        b = max(cfg.global_binning // 2, 1)
+        volume = self._context_fine
+        margins = []
+        for name in self.geometry.names:
+            m = self._context_scores(logs[name], self.geometry[name], pose, centre, b, volume, 1.0, 1.4, counter)
+            near = np.hypot(m["dcol"], m["drow"]) <= max(m["search"], 1.5)
+            pr, pc = np.unravel_index(int(np.argmax(np.where(near, m["score"], -np.inf))), m["score"].shape)
+            margins.append(self._level_margin(m, (pr, pc)))
+        return float(np.min(margins))
 
     # ------------------------------------------------------------------ refinement
     def _level_volume(self, level: PyramidLevel) -> AttenuationVolume:
@@ -939,7 +992,7 @@ class AnatomyRegistration:
             if level.prefilter_mm > 0:
                 full = _prefiltered(full, region, level.prefilter_mm * im.magnification / float(np.mean(im.pixel_spacing_mm)))
             frame = _smooth(_block_mean(full, region, b), level.smoothing_sigma_px)
-            drr = compute_drr(volume, im, pose, region, b)
+            drr = compute_drr_batch(volume, im, [pose], region, b, parallel=False)[0]
             support = drr > 1e-6
             grown = cv2.dilate(support.astype(np.uint8), np.ones((5, 5), np.uint8)).astype(bool)
             grown[:2, :] = grown[-2:, :] = False
@@ -951,6 +1004,12 @@ class AnatomyRegistration:
             )
         return views
 
+    def _per_view(self, fn, views):
+        """``[fn(v) for v in views]``, the views on threads of their own (the DRR kernels release the GIL)."""
+        if self._pool is None or len(views) < 2:
+            return [fn(v) for v in views]
+        return list(self._pool.map(fn, views))
+
     def _linearise_background(self, views, level, x, steps, start, centre, counter) -> None:
         """Background DRR and its forward-difference pose derivatives at ``x`` (a linear model)."""
         volume = self._backgrounds[(level.volume_factor, float(level.prefilter_mm))]
@@ -959,26 +1018,52 @@ class AnatomyRegistration:
             xp = x.copy()
             xp[p] += steps[p]
             poses.append(self._pose(xp, start, centre))
-        for v in views:
-            images = [compute_drr(volume, v.imager, pose, v.region, level.binning) for pose in poses]
-            counter[0] += len(images)
-            v.bg0 = images[0]
-            v.bg_jac = np.stack([(img - images[0]) / np.float32(steps[p]) for p, img in enumerate(images[1:])])
+        images = self._per_view(
+            lambda v: compute_drr_batch(volume, v.imager, poses, v.region, level.binning, parallel=False), views
+        )
+        for v, img in zip(views, images):
+            counter[0] += len(poses)
+            v.bg0 = img[0]
+            v.bg_jac = (img[1:] - img[0]) / steps.astype(np.float32)[:, None, None]
             v.x_bg = x.copy()
 
+    def _residuals(self, views, level, volume, xs, start, centre, counter) -> list[tuple[np.ndarray, list[np.ndarray]]]:
+        """Residual vector and smoothed model DRRs (per view) at each of the parameter vectors ``xs``."""
+        poses = [self._pose(x, start, centre) for x in xs]
+        drrs = self._per_view(
+            lambda v: _drr_batch_binned(volume, v.imager, poses, v.region, level.binning, level.supersampling), views
+        )
+        counter[0] += len(poses) * len(views)
+        out = []
+        for k, x in enumerate(xs):
+            parts, images = [], []
+            for v, batch in zip(views, drrs):
+                drr = batch[k]
+                if v.bg0 is not None:
+                    dx = (x - v.x_bg).astype(np.float32)
+                    drr = drr + v.bg0 + np.tensordot(dx, v.bg_jac, axes=1)
+                drr = _smooth(drr, level.smoothing_sigma_px)
+                images.append(drr)
+                parts.append(_features(drr, v.mask, self.config.metric) - v.frame_features)
+            out.append((np.concatenate(parts), images))
+        return out
+
     def _residual(self, views, level, volume, x, start, centre, counter) -> tuple[np.ndarray, list[np.ndarray]]:
-        pose = self._pose(x, start, centre)
-        parts, drrs = [], []
-        for v in views:
-            drr = _drr_binned(volume, v.imager, pose, v.region, level.binning, level.supersampling)
-            counter[0] += 1
-            if v.bg0 is not None:
-                dx = (x - v.x_bg).astype(np.float32)
-                drr = drr + v.bg0 + np.tensordot(dx, v.bg_jac, axes=1)
-            drr = _smooth(drr, level.smoothing_sigma_px)
-            drrs.append(drr)
-            parts.append(_features(drr, v.mask, self.config.metric) - v.frame_features)
-        return np.concatenate(parts), drrs
+        return self._residuals(views, level, volume, [x], start, centre, counter)[0]
+
+    def _jacobian(self, views, level, volume, x, steps, start, centre, counter) -> np.ndarray:
+        """Central-difference Jacobian of the residual at ``x``: the 12 displaced poses in one batch per view."""
+        xs = []
+        for p in range(6):
+            for sign in (1.0, -1.0):
+                xd = x.copy()
+                xd[p] += sign * steps[p]
+                xs.append(xd)
+        res = self._residuals(views, level, volume, xs, start, centre, counter)
+        jac = np.empty((res[0][0].size, 6))
+        for p in range(6):
+            jac[:, p] = (res[2 * p][0] - res[2 * p + 1][0]) / (2.0 * steps[p])
+        return jac
 
     def _refine(self, views, level: PyramidLevel, x, start, centre, counter):
         """Levenberg-Marquardt over ``x`` (translation mm, rotation deg about ``centre``) at one level."""
@@ -1006,14 +1091,7 @@ class AnatomyRegistration:
         for its in range(1, level.max_iterations + 1):
             if jac is None:
                 # Central differences: forward ones are biased by the curvature near the optimum.
-                jac = np.empty((r.size, 6))
-                for p in range(6):
-                    xp, xm = x.copy(), x.copy()
-                    xp[p] += steps[p]
-                    xm[p] -= steps[p]
-                    rp, _ = self._residual(views, level, volume, xp, start, centre, counter)
-                    rm, _ = self._residual(views, level, volume, xm, start, centre, counter)
-                    jac[:, p] = (rp - rm) / (2.0 * steps[p])
+                jac = self._jacobian(views, level, volume, x, steps, start, centre, counter)
                 fresh = True
             a = jac.T @ jac
             g = jac.T @ r
@@ -1043,8 +1121,13 @@ class AnatomyRegistration:
                 jac, lam = None, 1e-3
                 continue
             if improved and small:
-                converged = True  # the last step was negligible
-                break
+                if fresh:
+                    converged = True  # a negligible step from a Jacobian taken here
+                    break
+                # A stale (chord) Jacobian takes ever smaller steps far from the optimum as well:
+                # renew it and look again before calling this converged.
+                jac, lam = None, 1e-3
+                continue
             if not improved:
                 if fresh:
                     converged = True  # a Jacobian taken here finds no further descent
@@ -1053,14 +1136,7 @@ class AnatomyRegistration:
                 continue
             fresh = False
         if jac is None:  # the loop ended right after a background update: curvature at the final pose
-            jac = np.empty((r.size, 6))
-            for p in range(6):
-                xp, xm = x.copy(), x.copy()
-                xp[p] += steps[p]
-                xm[p] -= steps[p]
-                rp, _ = self._residual(views, level, volume, xp, start, centre, counter)
-                rm, _ = self._residual(views, level, volume, xm, start, centre, counter)
-                jac[:, p] = (rp - rm) / (2.0 * steps[p])
+            jac = self._jacobian(views, level, volume, x, steps, start, centre, counter)
         final = {"views": views, "level": level, "drrs": drrs, "r": r, "jac": jac, "cost": cost}
         return x, its, converged, final
 

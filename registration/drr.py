@@ -25,7 +25,11 @@ from .errors import DRRError
 from .pose import Pose
 from .volume import CTVolume
 
-__all__ = ["AttenuationVolume", "PanelRegion", "compute_drr", "write_drr_images", "DRR_METADATA_PREFIX"]
+__all__ = ["AttenuationVolume", "PanelRegion", "compute_drr", "compute_drr_batch", "write_drr_images", "DRR_METADATA_PREFIX"]
+
+#: Rays per batched DRR call below which one thread computes it: a parallel region costs
+#: a thread wake-up and a barrier, which on a busy 2-core machine outweighs the work.
+SERIAL_RAYS = 40_000
 
 #: Prefix of the metadata keys :func:`write_drr_images` stores in each ``.mha``.
 DRR_METADATA_PREFIX = "spineguide_drr_"
@@ -239,6 +243,70 @@ def compute_drr(
         np.ascontiguousarray(dv_mm),
         np.ascontiguousarray(cols_px, dtype=np.float64),
         np.ascontiguousarray(rows_px, dtype=np.float64),
+    )
+
+
+def compute_drr_batch(
+    volume: AttenuationVolume,
+    imager: ImagerGeometry,
+    poses: Sequence[Pose],
+    region: PanelRegion | None = None,
+    binning: int = 1,
+    parallel: bool | None = None,
+) -> np.ndarray:
+    """DRRs of ``volume`` at several patient poses for one imager, in one kernel call.
+
+    The same as ``np.stack([compute_drr(volume, imager, p, region, binning) for p in poses])``
+    (bit for bit), but the rays of all poses share one parallel loop: a Jacobian's 12
+    displaced poses cost one thread start and one barrier instead of twelve.
+
+    Parameters
+    ----------
+    volume, imager, region, binning
+        As for :func:`compute_drr` (room frame, full-panel pixel indices).
+    poses : sequence of Pose
+        Patient poses (room frame, CONVENTIONS), at least one.
+    parallel : bool, optional
+        Force the parallel (True) or the single-thread (False) kernel; by default
+        parallel when the batch has at least :data:`SERIAL_RAYS` rays.
+
+    Returns
+    -------
+    (n_poses, rows, cols) float32
+        Line integrals, item ``k`` at ``poses[k]``.
+    """
+    if isinstance(binning, bool) or not isinstance(binning, (int, np.integer)) or binning < 1:
+        raise DRRError(f"binning must be a positive integer, got {binning!r}")
+    poses = list(poses)
+    if not poses or not all(isinstance(p, Pose) for p in poses):
+        raise DRRError(f"poses must be a non-empty sequence of Pose, got {len(poses)} items")
+    region = PanelRegion.whole(imager) if region is None else region
+    region.check_inside(imager)
+    out_rows, out_cols = region.rows // binning, region.cols // binning
+    if out_rows < 1 or out_cols < 1:
+        raise DRRError(f"region {region.rows}x{region.cols} is smaller than one {binning}x{binning} bin")
+    cols_px, rows_px = region.pixel_centres(binning)
+    row_sp, col_sp = imager.pixel_spacing_mm
+    origin_mm = np.ascontiguousarray(imager.origin_mm, dtype=np.float64)
+    du_mm = np.ascontiguousarray(imager.col_direction * col_sp)
+    dv_mm = np.ascontiguousarray(imager.row_direction * row_sp)
+    src_mm = np.ascontiguousarray(imager.source_mm, dtype=np.float64)
+    n = len(poses)
+    src_idx, origin_idx, du_idx, dv_idx = (np.empty((n, 3)) for _ in range(4))
+    for k, pose in enumerate(poses):
+        # Moving the patient by P is the same as moving the imager by P^-1.
+        m = volume.index_from_room @ pose.inverse().matrix
+        lin, off = m[:3, :3], m[:3, 3]
+        src_idx[k] = lin @ src_mm + off
+        origin_idx[k] = lin @ origin_mm + off
+        du_idx[k] = lin @ du_mm
+        dv_idx[k] = lin @ dv_mm
+    if parallel is None:
+        parallel = n * out_rows * out_cols >= SERIAL_RAYS
+    kernel = _kernels.siddon_drr_batch if parallel else _kernels.siddon_drr_batch_serial
+    return kernel(
+        volume.mu_per_mm, volume._support_box, src_idx, origin_idx, du_idx, dv_idx, src_mm, origin_mm, du_mm, dv_mm,
+        np.ascontiguousarray(cols_px, dtype=np.float64), np.ascontiguousarray(rows_px, dtype=np.float64),
     )
 
 

@@ -38,7 +38,10 @@ runs the full-resolution analysis only in windows around predicted positions.
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import cv2
@@ -46,6 +49,7 @@ import numpy as np
 
 from calibration.geometry import ImagerGeometry
 
+from ._kernels import isolated_outliers, reconstruct_under, reconstruct_under_tiles, snr_peaks
 from .errors import FrameError
 
 __all__ = [
@@ -56,6 +60,7 @@ __all__ = [
     "estimate_i0",
     "line_integrals",
     "detect_seeds",
+    "detect_seeds_in_frames",
 ]
 
 _MAD_TO_SIGMA = 1.4826  # sigma of a normal distribution per median absolute deviation
@@ -92,6 +97,15 @@ class DetectionConfig:
         prediction and frame that is still found.
     max_detections : int
         Most detections returned per frame (the most confident).
+    min_relative_contrast : float
+        Fraction of the frame's strongest contrast (among candidates in the
+        coarse search, among accepted detections at full resolution) that a
+        candidate or detection needs. Gold seeds of one patient share their
+        contrast (it is set by their diameter and gold's attenuation, not by
+        the anatomy behind them); thin cortical ridges seen edge-on (vertebral
+        endplates, rib borders) and photon-starved noise reach a third of it
+        at most. A ratio, not a floor, so it scales with scatter, which
+        compresses every contrast alike.
     """
 
     marker_diameter_mm: float = 1.0
@@ -103,6 +117,7 @@ class DetectionConfig:
     search_binning: int | None = None
     tracking_window_mm: float = 5.0
     max_detections: int = 12
+    min_relative_contrast: float = 0.4
 
     def __post_init__(self) -> None:
         for name in ("marker_diameter_mm", "marker_length_mm", "min_snr", "min_contrast", "intensity_floor",
@@ -120,6 +135,9 @@ class DetectionConfig:
         b = self.search_binning
         if b is not None and (isinstance(b, bool) or not isinstance(b, int) or b < 1):
             raise FrameError(f"detection config: search_binning must be a positive integer or None, got {b!r}")
+        r = self.min_relative_contrast
+        if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0 <= r < 1:
+            raise FrameError(f"detection config: min_relative_contrast must be in [0, 1), got {r!r}")
         m = self.max_detections
         if isinstance(m, bool) or not isinstance(m, int) or m < 1:
             raise FrameError(f"detection config: max_detections must be a positive integer, got {m!r}")
@@ -263,17 +281,12 @@ def line_integrals(frame: np.ndarray, i0: float, intensity_floor: float = 0.5) -
 
 
 # ---------------------------------------------------------------------------- analysis
-_RING = np.array([[1, 1, 1], [1, 0, 1], [1, 1, 1]], dtype=np.uint8)
-
-
 def _repair_defects(raw: np.ndarray, ratio: float, defect_mask: np.ndarray | None) -> np.ndarray:
     """Replace isolated outlier pixels (and masked defects) by the median of their neighbours."""
-    lo = cv2.erode(raw, _RING, borderType=cv2.BORDER_REFLECT)
-    hi = cv2.dilate(raw, _RING, borderType=cv2.BORDER_REFLECT)
-    bad = (raw * np.float32(ratio) < lo) | (raw > hi * np.float32(ratio))
+    bad, count = isolated_outliers(raw, np.float32(ratio))
     if defect_mask is not None:
         bad |= defect_mask
-    if not bad.any():
+    elif count == 0:
         return raw
     out = raw.copy()
     if defect_mask is not None and defect_mask.any():
@@ -299,9 +312,7 @@ def _tophat(lint: np.ndarray, size: SeedSizePx) -> tuple[np.ndarray, np.ndarray,
     # image for as many steps as the element's radius. Corners of bone that
     # the disc could not reach are connected to the bone and fill back in; a
     # seed stands above its surroundings everywhere, so it stays out.
-    cross = cv2.getStructuringElement(cv2.MORPH_CROSS, (3, 3))
-    for _ in range(size.element_px // 2 + 1):
-        background = np.minimum(cv2.dilate(background, cross, borderType=cv2.BORDER_REPLICATE), lint)
+    background = reconstruct_under(opened, lint, size.element_px // 2 + 1)
     smooth = cv2.GaussianBlur(lint - background, (0, 0), size.sigma_px, borderType=cv2.BORDER_REPLICATE)
     # The plain top-hat weighs the centroid: the reconstruction can bridge
     # from bone through a seed into soft tissue and would lower one side of a
@@ -345,7 +356,7 @@ def _label_peaks(mask: np.ndarray, values: np.ndarray) -> tuple[int, np.ndarray,
     return n, labels, _label_max(values, labels, n)
 
 
-def _components(snr: np.ndarray, min_snr: float, reach_px: float):
+def _components(snr: np.ndarray, min_snr: float, reach_px: float, valid: np.ndarray | None = None):
     """Marker support: labels and the labels whose peak SNR reaches ``min_snr``.
 
     ``snr`` is the matched-filtered top-hat over the noise. Pixels above 2.5
@@ -359,85 +370,229 @@ def _components(snr: np.ndarray, min_snr: float, reach_px: float):
     # A square (separable, fast) neighbourhood is close enough for "nearby".
     near_max = cv2.dilate(snr, np.ones((side, side), np.uint8), borderType=cv2.BORDER_REPLICATE)
     support = (snr > _HYSTERESIS_SNR) & (snr > _RELATIVE_CUT * near_max)
+    if valid is not None:
+        support &= valid
     n, labels, peaks = _label_peaks(support, snr)
     keep = np.flatnonzero(peaks > min_snr)
     keep = keep[keep > 0]
     return labels, keep, peaks[keep]
 
 
-def _local_maxima(snr: np.ndarray, top: np.ndarray, min_snr: float, min_contrast: float, limit: int) -> np.ndarray:
-    """``(col, row)`` of the ``limit`` highest 3x3 local maxima of ``snr`` above ``min_snr``
-    whose neighbourhood reaches ``min_contrast`` in the (unsmoothed) top-hat."""
-    box = np.ones((3, 3), np.uint8)
-    peak = (snr >= cv2.dilate(snr, box)) & (snr > min_snr) & (cv2.dilate(top, box) >= min_contrast)
-    rows, cols = np.nonzero(peak)
-    order = np.argsort(-snr[rows, cols])[:limit]
-    return np.stack([cols[order], rows[order]], axis=1).astype(np.float64).reshape(-1, 2)
+#: Replicate border around each window in the analysis mosaic, px: wider than
+#: any single filter's reach at the default sizes (disc radius 4, matched
+#: Gaussian 3 sigma ~ 5), so windows never see each other.
+_MOSAIC_PAD_PX = 12
 
 
-def _measure_window(
-    raw: np.ndarray,
-    r0: int,
-    c0: int,
-    i0: float,
+@dataclass(frozen=True, slots=True)
+class _Window:
+    """A full-resolution analysis window: frame index and pixel bounds ``[r0, r1) x [c0, c1)``."""
+
+    frame: int
+    r0: int
+    r1: int
+    c0: int
+    c1: int
+
+
+def _coarse_candidates(frame: np.ndarray, i0: float, full: SeedSizePx, imager: ImagerGeometry,
+                       config: DetectionConfig) -> np.ndarray:
+    """``(col, row)`` full-resolution centres of whole-frame seed candidates, strongest first."""
+    b = config.search_binning
+    if b is None:
+        # The marker's own diameter (without the blur allowance) spans at
+        # least two binned pixels, so a small sphere survives binning.
+        b = int(max(1, min(4, math.floor((full.diameter_px - 1.0) / 2.0))))
+    coarse = seed_size_px(imager, config, b)
+    rows, cols = frame.shape
+    rb, cb = rows // b, cols // b
+    crop = frame[: rb * b, : cb * b]
+    # INTER_AREA with an integer factor is the exact bin mean.
+    if b == 1:
+        # Unbinned, an isolated defect (or the defect test's clipping of a
+        # one-pixel-wide seed core) would set the frame's contrast scale
+        # differently from the full-resolution analysis: repair as it does.
+        binned = _repair_defects(crop.astype(np.float32), config.defect_ratio, None)
+    else:
+        binned = cv2.resize(crop, (cb, rb), interpolation=cv2.INTER_AREA).astype(np.float32)
+    lint = line_integrals(binned, i0, config.intensity_floor)
+    kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (coarse.element_px, coarse.element_px))
+    opened = cv2.morphologyEx(lint, cv2.MORPH_OPEN, kernel, borderType=cv2.BORDER_REPLICATE)
+    background = reconstruct_under(opened, lint, coarse.element_px // 2 + 1)
+    smooth = cv2.GaussianBlur(lint - background, (0, 0), coarse.sigma_px, borderType=cv2.BORDER_REPLICATE)
+    med, sigma = _noise(smooth)
+    # Quantum noise in a line integral grows as 1/sqrt(photons): scale the
+    # frame's robust noise by the local background transmission, so the
+    # darker region behind bone is judged against its own, larger noise.
+    # Candidates: local maxima significant against the local noise and
+    # reaching the contrast floor (faint ridges such as cortical rims can be
+    # significant in a large binned pixel but are far below any seed).
+    bg_med = np.float32(np.median(background[::4, ::4]))
+    local_sigma = np.exp(np.float32(0.5) * (background - bg_med))
+    local_sigma *= np.float32(sigma)
+    snr = smooth - np.float32(med)
+    snr /= local_sigma
+    rows, cols, contrast = snr_peaks(snr, lint, opened, float(config.min_snr), float(config.min_contrast))
+    # Rank by contrast, gold's own signature: ridges and starved noise can be
+    # as significant as a seed, but never as dense.
+    strong = contrast >= config.min_relative_contrast * (contrast.max() if len(contrast) else 0.0)
+    rows, cols, contrast = rows[strong], cols[strong], contrast[strong]
+    order = np.argsort(-contrast, kind="stable")[: 4 * config.max_detections]
+    pos = np.stack([cols[order], rows[order]], axis=1).astype(np.float64).reshape(-1, 2)
+    return _suppress(pos * b + (b - 1) / 2.0, 0.5 * full.length_px)
+
+
+@functools.lru_cache(maxsize=32)
+def _mosaic_layout(th: int, tw: int, pad: int, heights: tuple[int, ...],
+                   widths: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Index maps of a mosaic of tiles ``th x tw`` whose images are ``heights x widths`` at ``(pad, pad)``.
+
+    Returns the flat index of the pixel each mosaic pixel copies for a
+    replicated border around each tile's image, the mask of the images'
+    pixels and the mask of their outermost ring. Cached (read-only results):
+    tracking repeats the same layout frame after frame.
+    """
+    n = len(heights)
+    rr = np.arange(th)[:, None] - pad
+    cc = np.arange(tw)[None, :] - pad
+    src = np.empty((n, th, tw), np.int64)
+    valid = np.zeros((n, th, tw), bool)
+    ring = np.zeros((n, th, tw), bool)
+    for t, (h, w) in enumerate(zip(heights, widths)):
+        src[t] = (np.clip(rr, 0, h - 1) + pad + t * th) * tw + np.clip(cc, 0, w - 1) + pad
+        valid[t, pad:pad + h, pad:pad + w] = True
+        ring[t, pad, pad:pad + w] = ring[t, pad + h - 1, pad:pad + w] = True
+        ring[t, pad:pad + h, pad] = ring[t, pad:pad + h, pad + w - 1] = True
+    out = (src.ravel(), valid.reshape(n * th, tw), ring.ravel())
+    for a in out:
+        a.setflags(write=False)
+    return out
+
+
+def _tophat_tiles(lint: np.ndarray, size: SeedSizePx, src: np.ndarray, th: int, pad: int, heights: np.ndarray,
+                  widths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`_tophat` of every tile of a mosaic, each as if alone with replicated borders (top-hat, smoothed)."""
+    shape = lint.shape
+
+    def repad(x: np.ndarray) -> np.ndarray:
+        return x.ravel()[src].reshape(shape)
+
+    kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (size.element_px, size.element_px))
+    opened = repad(cv2.dilate(repad(cv2.erode(lint, kernel)), kernel))
+    background = reconstruct_under_tiles(opened, lint, size.element_px // 2 + 1, th, pad, heights, widths)
+    smooth = cv2.GaussianBlur(repad(lint - background), (0, 0), size.sigma_px)
+    return lint - opened, repad(smooth)
+
+
+def _measure_windows(
+    frames: list[np.ndarray],
+    i0s: list[float],
+    names: list[str],
+    masks: list[np.ndarray | None],
+    windows: list[_Window],
     size: SeedSizePx,
     cfg: DetectionConfig,
-    name: str,
-    defect_mask: np.ndarray | None,
-) -> list[Detection]:
-    """Full-resolution analysis of one window (raw float32 counts); centres in frame pixels."""
-    clean = _repair_defects(raw, cfg.defect_ratio, defect_mask)
-    lint = line_integrals(clean, i0, cfg.intensity_floor)
-    top, smooth, _ = _tophat(lint, size)
-    med, sigma = _noise(smooth)
-    labels, keep, peaks = _components((smooth - med) / sigma, cfg.min_snr, size.length_px)
+) -> list[list[Detection]]:
+    """Full-resolution analysis of many windows at once; detections per frame, centres in frame pixels.
+
+    The windows (of any frames) are laid out as tiles of one mosaic, each
+    padded by :data:`_MOSAIC_PAD_PX` of its own replicated border, and every
+    filter runs once over the mosaic; noise, medians and components are per
+    tile. A component touching its window's border is cut, and left to
+    another window.
+    """
+    out: list[list[Detection]] = [[] for _ in frames]
+    n = len(windows)
+    if n == 0:
+        return out
+    pad = _MOSAIC_PAD_PX
+    hh = max(w.r1 - w.r0 for w in windows)
+    ww = max(w.c1 - w.c0 for w in windows)
+    th, tw = hh + 2 * pad, ww + 2 * pad
+    tiles, mask_tiles = [], []
+    any_mask = any(m is not None for m in masks)
+    for k, w in enumerate(windows):
+        h, wd = w.r1 - w.r0, w.c1 - w.c0
+        border = (pad, pad + hh - h, pad, pad + ww - wd)
+        tiles.append(cv2.copyMakeBorder(frames[w.frame][w.r0:w.r1, w.c0:w.c1], *border, cv2.BORDER_REPLICATE))
+        if any_mask:
+            m = masks[w.frame]
+            m = np.zeros((h, wd), np.uint8) if m is None else m[w.r0:w.r1, w.c0:w.c1].astype(np.uint8)
+            mask_tiles.append(cv2.copyMakeBorder(m, *border, cv2.BORDER_REPLICATE))
+    raw = np.concatenate(tiles, axis=0).astype(np.float32)
+    defect = np.concatenate(mask_tiles, axis=0).astype(bool) if any_mask else None
+    clean = _repair_defects(raw, cfg.defect_ratio, defect)
+    log_i0 = np.array([math.log(i0s[w.frame]) for w in windows], np.float32)
+    lint = cv2.log(np.maximum(clean, np.float32(cfg.intensity_floor)))
+    lint = (log_i0[:, None, None] - lint.reshape(n, th, tw)).reshape(n * th, tw)
+    heights = np.array([w.r1 - w.r0 for w in windows], np.int64)
+    widths = np.array([w.c1 - w.c0 for w in windows], np.int64)
+    src, valid, ring = _mosaic_layout(th, tw, pad, tuple(heights.tolist()), tuple(widths.tolist()))
+    top, smooth = _tophat_tiles(lint, size, src, th, pad, heights, widths)
+    core = (slice(None), slice(pad, pad + hh), slice(pad, pad + ww))
+    # Per-window robust noise (as _noise, on each window's own pixels).
+    step = 4 if hh * ww > 65536 else 2 if hh * ww > 4096 else 1
+    sample = smooth.reshape(n, th, tw)[core][:, ::step, ::step].reshape(n, -1)
+    med = np.median(sample, axis=1)
+    sigma = np.maximum(_MAD_TO_SIGMA * np.median(np.abs(sample - med[:, None]), axis=1), 1e-6)
+    snr = ((smooth.reshape(n, th, tw) - med[:, None, None].astype(np.float32))
+           / sigma[:, None, None].astype(np.float32)).reshape(n * th, tw)
+    labels, keep, peaks = _components(snr, cfg.min_snr, size.length_px, valid)
     if len(keep) == 0:
-        return []
+        return out
+    top_med = np.median(top.reshape(n, th, tw)[core][:, ::2, ::2].reshape(n, -1), axis=1)
     # Centroid support: the component grown by one pixel, so the seed's
     # partially covered fringe counts on every side (no pixel-phase bias).
     grown = cv2.dilate(labels.astype(np.float32), np.ones((3, 3), np.uint8)).astype(np.int64)
-    lab = np.where(labels > 0, labels, grown).ravel()
+    lab_img = np.where(labels > 0, labels, grown).ravel()
+    idx = np.flatnonzero(lab_img)
+    lab = lab_img[idx]
+    mrow, mcol = np.divmod(idx, tw)
+    tile, trow = np.divmod(mrow, th)
+    x, y = (mcol - pad).astype(np.float64), (trow - pad).astype(np.float64)
     # Weights are the transmission deficit 1 - I/I_background, not the line
     # integral: a seed is nearly opaque, and the deficit of a pixel grows
     # linearly with the seed area it covers (the line integral does not), so
     # the weighted centroid has no pixel-phase bias.
-    top_med = float(np.median(top[::2, ::2]))
-    w = -np.expm1(-np.maximum(top - top_med, 0.0)).ravel().astype(np.float64)
-    rr, cc = np.indices(top.shape)
-    x, y = cc.ravel().astype(np.float64), rr.ravel().astype(np.float64)
+    t_rel = top.ravel()[idx] - top_med.astype(np.float32)[tile]
+    w = -np.expm1(-np.maximum(t_rel, np.float32(0.0))).astype(np.float64)
     nl = int(labels.max()) + 1
     sw = np.bincount(lab, w, nl)
     sx, sy = np.bincount(lab, w * x, nl), np.bincount(lab, w * y, nl)
     sxx, syy, sxy = np.bincount(lab, w * x * x, nl), np.bincount(lab, w * y * y, nl), np.bincount(lab, w * x * y, nl)
     area = np.bincount(lab, None, nl)
-    peak_top = _label_max((top - top_med).ravel(), lab, nl)
+    peak_top = _label_max(t_rel, lab, nl)
+    tile_of = np.zeros(nl, np.int64)
+    tile_of[lab] = tile
     # Pixels of a window that touch its border are cut: their components are measured by another window.
     edge = np.zeros(nl, bool)
-    border = np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]])
-    edge[border] = True
-    out = []
+    edge[labels.ravel()[ring]] = True
+    k = keep[~edge[keep] & (sw[keep] > 0)]
+    pk = peaks[~edge[keep] & (sw[keep] > 0)]
+    if len(k) == 0:
+        return out
+    cx, cy = sx[k] / sw[k], sy[k] / sw[k]
+    cxy = sxy[k] / sw[k] - cx * cy
+    cov = np.stack([np.stack([sxx[k] / sw[k] - cx * cx, cxy], -1), np.stack([cxy, syy[k] / sw[k] - cy * cy], -1)], -2)
+    evals, evecs = np.linalg.eigh(cov)
+    width = 4.0 * np.sqrt(np.maximum(evals[:, 0], 0.0))
+    length = 4.0 * np.sqrt(np.maximum(evals[:, 1], 0.0))
+    contrast = peak_top[k]
     max_len = 1.5 * size.length_px + 3.0
     max_wid = 1.5 * size.diameter_px + 3.0
-    for k, pk in zip(keep, peaks):
-        if edge[k] or sw[k] <= 0:
-            continue
-        cx, cy = sx[k] / sw[k], sy[k] / sw[k]
-        cov = np.array([[sxx[k] / sw[k] - cx * cx, sxy[k] / sw[k] - cx * cy],
-                        [sxy[k] / sw[k] - cx * cy, syy[k] / sw[k] - cy * cy]])
-        evals, evecs = np.linalg.eigh(cov)
-        width, length = 4.0 * math.sqrt(max(evals[0], 0.0)), 4.0 * math.sqrt(max(evals[1], 0.0))
-        contrast = float(peak_top[k])
-        snr = float(pk)
-        if contrast < cfg.min_contrast or length > max_len or width > max_wid:
-            continue
-        angle = math.degrees(math.atan2(evecs[1, 1], evecs[0, 1])) % 180.0
-        size_term = min(1.0, 2.0 - length / (0.5 * max_len + 0.5 * size.length_px)) if length > size.length_px else 1.0
-        confidence = max(0.0, 1.0 - cfg.min_snr / snr) * max(0.0, size_term)
-        out.append(
-            Detection(name, (c0 + cx, r0 + cy), contrast, snr, length, width, angle, int(area[k]), confidence)
-        )
+    ok = (contrast >= cfg.min_contrast) & (length <= max_len) & (width <= max_wid)
+    for q in np.flatnonzero(ok):
+        win = windows[tile_of[k[q]]]
+        snr_q = float(pk[q])
+        angle = math.degrees(math.atan2(evecs[q, 1, 1], evecs[q, 0, 1])) % 180.0
+        lq = float(length[q])
+        size_term = min(1.0, 2.0 - lq / (0.5 * max_len + 0.5 * size.length_px)) if lq > size.length_px else 1.0
+        confidence = max(0.0, 1.0 - cfg.min_snr / snr_q) * max(0.0, size_term)
+        out[win.frame].append(Detection(
+            names[win.frame], (win.c0 + cx[q], win.r0 + cy[q]), float(contrast[q]), snr_q, lq, float(width[q]),
+            angle, int(area[k[q]]), confidence,
+        ))
     return out
-
 
 def _dedupe(dets: list[Detection], radius_px: float) -> list[Detection]:
     dets = sorted(dets, key=lambda d: -d.snr)
@@ -502,58 +657,118 @@ def detect_seeds(
         Wrong dtype or size for the imager, non-finite pixels, a bad or
         unestimable ``i0``, bad predictions or defect mask.
     """
-    frame = _check_frame(frame, imager)
     name = imager.name
-    i0 = _check_i0(i0, name) if i0 is not None else estimate_i0(frame, name)
-    if defect_mask is not None:
-        defect_mask = np.asarray(defect_mask)
-        if defect_mask.shape != frame.shape or defect_mask.dtype != bool:
-            raise FrameError(
-                f"imager '{name}': defect mask must be a bool array of the frame's shape {frame.shape}, "
-                f"got {defect_mask.dtype} {defect_mask.shape}"
-            )
-    full = seed_size_px(imager, config)
-    rows, cols = frame.shape
-    windows: list[tuple[int, int, int, int]] = []
-    if predicted_px is not None:
-        pred = np.atleast_2d(np.asarray(predicted_px, dtype=np.float64))
-        if pred.ndim != 2 or pred.shape[1] != 2 or not np.all(np.isfinite(pred)):
-            raise FrameError(f"imager '{name}': predicted positions must be finite (K, 2) (col, row), got {pred.shape}")
-        mag = imager.magnification / float(np.min(imager.pixel_spacing_mm))
-        half = math.ceil(config.tracking_window_mm * mag + full.window_half_px)
-        windows = [_window(p, half, rows, cols) for p in pred if imager.contains(p, -half)[0]]
+    found = detect_seeds_in_frames(
+        {name: frame}, {name: imager}, {name: i0}, None if predicted_px is None else {name: predicted_px}, config,
+        None if defect_mask is None else {name: defect_mask},
+    )
+    return found[name]
+
+
+def detect_seeds_in_frames(
+    frames: Mapping[str, np.ndarray],
+    imagers: Mapping[str, ImagerGeometry],
+    i0: Mapping[str, float | None] | None = None,
+    predicted_px: Mapping[str, np.ndarray | None] | None = None,
+    config: DetectionConfig = DetectionConfig(),
+    defect_masks: Mapping[str, np.ndarray | None] | None = None,
+) -> dict[str, tuple[Detection, ...]]:
+    """:func:`detect_seeds` on several frames at once (e.g. a stereo pair), sharing one full-resolution pass.
+
+    Each frame is searched as :func:`detect_seeds` would search it alone
+    (whole frame, or windows around its ``predicted_px``); the
+    full-resolution windows of all frames are analysed together, which
+    removes per-window overhead.
+
+    Parameters
+    ----------
+    frames : mapping key -> (rows, cols) uint16 or float32 array
+        Raw frames, ``frame[row, col]``.
+    imagers : mapping key -> ImagerGeometry
+        The imager of each frame (same keys).
+    i0 : mapping key -> float or None, optional
+        Unattenuated level per frame; missing or None: estimated.
+    predicted_px : mapping key -> (K, 2) array or None, optional
+        Predicted ``(col, row)`` per frame (tracking); missing or None: whole frame.
+    config : DetectionConfig
+    defect_masks : mapping key -> (rows, cols) bool array or None, optional
+
+    Returns
+    -------
+    dict key -> tuple of Detection
+        Per frame, most confident first, at most ``config.max_detections``.
+
+    Raises
+    ------
+    FrameError
+        As :func:`detect_seeds`, naming the imager.
+    """
+    keys = list(frames)
+    i0 = i0 or {}
+    predicted_px = predicted_px or {}
+    defect_masks = defect_masks or {}
+    raws, i0s, names, masks, sizes = [], [], [], [], []
+    box_lists: list = []
+    searches: list = []
+    for f, key in enumerate(keys):
+        imager = imagers[key]
+        name = imager.name
+        frame = _check_frame(frames[key], imager)
+        value = i0.get(key)
+        level = _check_i0(value, name) if value is not None else estimate_i0(frame, name)
+        mask = defect_masks.get(key)
+        if mask is not None:
+            mask = np.asarray(mask)
+            if mask.shape != frame.shape or mask.dtype != bool:
+                raise FrameError(
+                    f"imager '{name}': defect mask must be a bool array of the frame's shape {frame.shape}, "
+                    f"got {mask.dtype} {mask.shape}"
+                )
+            if not mask.any():
+                mask = None
+        full = seed_size_px(imager, config)
+        rows, cols = frame.shape
+        pred = predicted_px.get(key)
+        if pred is not None:
+            pred = np.atleast_2d(np.asarray(pred, dtype=np.float64))
+            if pred.ndim != 2 or pred.shape[1] != 2 or not np.all(np.isfinite(pred)):
+                raise FrameError(
+                    f"imager '{name}': predicted positions must be finite (K, 2) (col, row), got {pred.shape}"
+                )
+            mag = imager.magnification / float(np.min(imager.pixel_spacing_mm))
+            half = math.ceil(config.tracking_window_mm * mag + full.window_half_px)
+            boxes = [_window(p, half, rows, cols) for p in pred if imager.contains(p, -half)[0]]
+        else:
+            boxes = None  # whole-frame search, below
+            searches.append((f, frame, level, full, imager))
+        box_lists.append(boxes)
+        raws.append(frame)
+        i0s.append(level)
+        names.append(name)
+        masks.append(mask)
+        sizes.append(full)
+    # The whole-frame searches of several frames run concurrently: OpenCV and
+    # the numba kernels release the GIL.
+    if len(searches) > 1:
+        with ThreadPoolExecutor(max_workers=len(searches)) as pool:
+            centres = list(pool.map(lambda job: _coarse_candidates(*job[1:], config), searches))
     else:
-        b = config.search_binning
-        if b is None:
-            # The marker's own diameter (without the blur allowance) spans at
-            # least two binned pixels, so a small sphere survives binning.
-            b = int(max(1, min(4, math.floor((full.diameter_px - 1.0) / 2.0))))
-        coarse = seed_size_px(imager, config, b)
-        rb, cb = rows // b, cols // b
-        crop = frame[: rb * b, : cb * b]
-        # INTER_AREA with an integer factor is the exact bin mean.
-        binned = crop if b == 1 else cv2.resize(crop, (cb, rb), interpolation=cv2.INTER_AREA)
-        binned = binned.astype(np.float32)
-        lint = line_integrals(binned, i0, config.intensity_floor)
-        top, smooth, background = _tophat(lint, coarse)
-        med, sigma = _noise(smooth)
-        # Quantum noise in a line integral grows as 1/sqrt(photons): scale the
-        # frame's robust noise by the local background transmission, so the
-        # darker region behind bone is judged against its own, larger noise.
-        bg_med = float(np.median(background[::4, ::4]))
-        local_sigma = sigma * np.exp(0.5 * (background - bg_med))
-        # Candidates: local maxima significant against the local noise and
-        # reaching the contrast floor (faint ridges such as cortical rims can
-        # be significant in a large binned pixel but are far below any seed).
-        pos = _local_maxima((smooth - med) / local_sigma, top, config.min_snr, config.min_contrast,
-                            4 * config.max_detections)
-        centres = _suppress(pos * b + (b - 1) / 2.0, 0.5 * full.length_px)
-        windows = [_window(c, full.window_half_px, rows, cols) for c in centres]
-    found: list[Detection] = []
-    for r0, r1, c0, c1 in windows:
-        raw = np.ascontiguousarray(frame[r0:r1, c0:c1], dtype=np.float32)
-        mask = None if defect_mask is None else np.ascontiguousarray(defect_mask[r0:r1, c0:c1])
-        found.extend(_measure_window(raw, r0, c0, i0, full, config, name, mask))
-    kept = _dedupe(found, max(2.0, full.diameter_px))
-    kept.sort(key=lambda d: -d.confidence)
-    return tuple(kept[: config.max_detections])
+        centres = [_coarse_candidates(*job[1:], config) for job in searches]
+    for (f, frame, _, full, _), cen in zip(searches, centres):
+        box_lists[f] = [_window(c, full.window_half_px, *frame.shape) for c in cen]
+    windows: dict[SeedSizePx, list[_Window]] = {}
+    for f, boxes in enumerate(box_lists):
+        windows.setdefault(sizes[f], []).extend(_Window(f, *box) for box in boxes)
+    found: list[list[Detection]] = [[] for _ in keys]
+    for size, group in windows.items():
+        for f, dets in enumerate(_measure_windows(raws, i0s, names, masks, group, size, config)):
+            found[f].extend(dets)
+    out = {}
+    for f, key in enumerate(keys):
+        kept = _dedupe(found[f], max(2.0, sizes[f].diameter_px))
+        if kept:
+            floor = config.min_relative_contrast * max(d.contrast for d in kept)
+            kept = [d for d in kept if d.contrast >= floor]
+        kept.sort(key=lambda d: -d.confidence)
+        out[key] = tuple(kept[: config.max_detections])
+    return out

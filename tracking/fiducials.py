@@ -37,7 +37,7 @@ from registration.points import (
 )
 from registration.pose import Correction, Pose
 
-from .detection import Detection, DetectionConfig, detect_seeds
+from .detection import Detection, DetectionConfig, detect_seeds_in_frames
 from .errors import FiducialNotFoundError, FrameError, TrackingError
 
 __all__ = [
@@ -68,6 +68,7 @@ class FiducialFlag(Enum):
     ROTATION_UNRELIABLE = "rotation_unreliable"
     SEED_EXCLUDED = "seed_excluded"
     SEED_MISSING = "seed_missing"
+    SEEDS_OVERLAP = "seeds_overlap"
     EXTRA_DETECTIONS = "extra_detections"
 
 
@@ -240,6 +241,9 @@ class FiducialResult:
         Correspondence, triangulation and registration (both labellings), ms.
     total_ms : float
         Frames in to correction out, ms.
+    overlapping : tuple of str
+        Seeds left out because their shadows touch another seed's in one
+        view (flag ``SEEDS_OVERLAP``).
     """
 
     correction: Correction
@@ -253,6 +257,7 @@ class FiducialResult:
     detection_ms: float
     matching_ms: float
     total_ms: float
+    overlapping: tuple[str, ...] = ()
 
     def quality_json(self) -> dict:
         """The ``quality`` object of a ``correction/1`` message or CLI report."""
@@ -262,26 +267,63 @@ class FiducialResult:
             "flags": sorted(f.value for f in self.flags),
             "seeds": [s.to_json() for s in self.seeds],
             "n_detections": dict(self.n_detections),
+            "overlapping": list(self.overlapping),
         }
 
 
 # ---------------------------------------------------------------------------- correspondence
+def _epipolar_pairs(f_ab: np.ndarray, px_a: np.ndarray, px_b: np.ndarray, limit_px: float):
+    """Index pairs ``(i, j)`` whose distance from each other's epipolar line is <= ``limit_px`` both ways.
+
+    ``f_ab`` is the fundamental matrix from view a to view b (``x_b^T F x_a = 0``);
+    its transpose maps b to a.
+    """
+    ha = np.hstack([px_a, np.ones((len(px_a), 1))])
+    hb = np.hstack([px_b, np.ones((len(px_b), 1))])
+    lines_b = ha @ f_ab.T  # in view b, one per detection of a
+    lines_a = hb @ f_ab  # in view a, one per detection of b
+    d_ab = np.abs(lines_b @ hb.T) / np.linalg.norm(lines_b[:, :2], axis=1, keepdims=True)
+    d_ba = np.abs(ha @ lines_a.T) / np.linalg.norm(lines_a[:, :2], axis=1)[None, :]
+    return np.nonzero(np.maximum(d_ab, d_ba) <= limit_px)
+
+
+def _pair_candidates_labellings(geometry: StereoGeometry, names: tuple[str, str],
+                                labellings: Sequence[tuple[np.ndarray, np.ndarray]], config: FiducialConfig) -> list:
+    """:func:`_pair_candidates` for several labellings ``(px seen by a, px seen by b)``, one triangulation.
+
+    Returns, per labelling, ``(i, j, points, ray_mm, reproj_px)``.
+    """
+    a, b = names
+    f_ab = geometry.fundamental_matrix(a, b)
+    pairs = []
+    for px_a, px_b in labellings:
+        if len(px_a) == 0 or len(px_b) == 0:
+            pairs.append((np.zeros(0, np.int64), np.zeros(0, np.int64)))
+        else:
+            pairs.append(_epipolar_pairs(f_ab, px_a, px_b, config.max_epipolar_px))
+    sizes = [len(ii) for ii, _ in pairs]
+    if sum(sizes):
+        tri = geometry.triangulate({
+            a: np.concatenate([px_a[ii] for (px_a, _), (ii, _) in zip(labellings, pairs)]),
+            b: np.concatenate([px_b[jj] for (_, px_b), (_, jj) in zip(labellings, pairs)]),
+        })
+        pts_all, ray_all, rep_all = tri.points_mm, tri.ray_distance_mm, tri.reprojection_px.max(axis=1)
+    out, start = [], 0
+    for (ii, jj), n in zip(pairs, sizes):
+        if n == 0:
+            out.append((ii, jj, np.zeros((0, 3)), np.zeros(0), np.zeros(0)))
+            continue
+        sl = slice(start, start + n)
+        start += n
+        good = ray_all[sl] <= config.max_ray_distance_mm
+        out.append((ii[good], jj[good], pts_all[sl][good], ray_all[sl][good], rep_all[sl][good]))
+    return out
+
+
 def _pair_candidates(geometry: StereoGeometry, names: tuple[str, str], px_a: np.ndarray, px_b: np.ndarray,
                      config: FiducialConfig):
     """Epipolar-consistent detection pairs, triangulated; returns (i, j, points, ray_mm, reproj_px)."""
-    a, b = names
-    if len(px_a) == 0 or len(px_b) == 0:
-        empty = np.zeros(0, int)
-        return empty, empty, np.zeros((0, 3)), np.zeros(0), np.zeros(0)
-    d_ab = geometry.epipolar_distance_px(a, b, px_a, px_b)
-    d_ba = geometry.epipolar_distance_px(b, a, px_b, px_a).T
-    ii, jj = np.nonzero(np.maximum(d_ab, d_ba) <= config.max_epipolar_px)
-    if len(ii) == 0:
-        return ii, jj, np.zeros((0, 3)), np.zeros(0), np.zeros(0)
-    tri = geometry.triangulate({a: px_a[ii], b: px_b[jj]})
-    good = tri.ray_distance_mm <= config.max_ray_distance_mm
-    return (ii[good], jj[good], tri.points_mm[good], tri.ray_distance_mm[good],
-            tri.reprojection_px.max(axis=1)[good])
+    return _pair_candidates_labellings(geometry, names, [(px_a, px_b)], config)[0]
 
 
 def _assign(planned: np.ndarray, cand: np.ndarray, ii: np.ndarray, jj: np.ndarray, tol_mm: float,
@@ -357,7 +399,12 @@ def match_stereo(
         raise FiducialNotFoundError(f"stereo matching needs detections from exactly two imagers, got {list(names)}")
     px_a, px_b = (np.asarray(detections[n], dtype=np.float64).reshape(-1, 2) for n in names)
     planned = np.asarray(planned_room_mm, dtype=np.float64)
-    ii, jj, pts, ray, reproj = _pair_candidates(geometry, names, px_a, px_b, config)
+    return _match(names, _pair_candidates(geometry, names, px_a, px_b, config), planned, prior_pose, config)
+
+
+def _match(names, candidates, planned: np.ndarray, prior_pose: Pose | None, config: FiducialConfig):
+    """:func:`match_stereo` from triangulated candidate pairs."""
+    ii, jj, pts, ray, reproj = candidates
     allowed = np.ones((len(planned), len(pts)), dtype=bool)
     if prior_pose is not None and len(pts):
         predicted = prior_pose.apply(planned)
@@ -391,9 +438,14 @@ class _Solution:
     reason: str
 
 
-def _solve(geometry, names, det_px, planned, seed_names, prior_pose, config) -> _Solution | Exception:
+def _angle_deg(rotation: np.ndarray) -> float:
+    """Total rotation angle of a proper rotation matrix, degrees (from its trace)."""
+    return math.degrees(math.acos(min(1.0, max(-1.0, (float(np.trace(rotation)) - 1.0) / 2.0))))
+
+
+def _solve(names, candidates, planned, seed_names, prior_pose, config) -> _Solution | Exception:
     """Best correspondence + registration for one labelling, or the error that prevents one."""
-    corrs = match_stereo(geometry, dict(zip(names, det_px)), planned, prior_pose, config)
+    corrs = _match(names, candidates, planned, prior_pose, config)
     if not corrs:
         return FiducialNotFoundError("fiducials not found: no seed was seen consistently in both views")
     solutions: list[_Solution] = []
@@ -408,7 +460,7 @@ def _solve(geometry, names, det_px, planned, seed_names, prior_pose, config) -> 
             # migrated seed that leaves too few).
             first_error = first_error or err
             continue
-        angle = reg.pose.angle_deg()
+        angle = _angle_deg(reg.pose.rotation)
         reasons = []
         if reg.fre_mm > config.max_fre_mm:
             reasons.append(f"fiducial registration error {reg.fre_mm:.2f} mm (limit {config.max_fre_mm:g} mm)")
@@ -496,35 +548,92 @@ def localise_fiducials(
         raise FiducialNotFoundError(f"{len(seed_names)} seed names for {len(planned)} planned seeds")
     masks = defect_masks or {}
 
-    def detect(frame_label: str, imager_label: str) -> tuple[Detection, ...]:
-        imager = geometry[imager_label]
-        predicted = None
-        if prior_pose is not None:
-            try:
-                predicted = imager.project(prior_pose.apply(planned))
-            except GeometryError as err:
-                raise FiducialNotFoundError(f"imager '{imager_label}': cannot predict seed positions: {err}") from err
-        return detect_seeds(frames[frame_label], imager, _i0_for(i0, frame_label), predicted, config.detection,
-                            masks.get(frame_label))
-
     a, b = labels
-    dets = {a: detect(a, a), b: detect(b, b)}
+    predicted = None
+    if prior_pose is not None:
+        predicted = {}
+        for n in labels:
+            try:
+                predicted[n] = geometry[n].project(prior_pose.apply(planned))
+            except GeometryError as err:
+                raise FiducialNotFoundError(f"imager '{n}': cannot predict seed positions: {err}") from err
+    # Both frames in one call: their full-resolution windows are analysed together.
+    dets = detect_seeds_in_frames(frames, {n: geometry[n] for n in labels}, {n: _i0_for(i0, n) for n in labels},
+                                  predicted, config.detection, {n: masks.get(n) for n in labels})
     t_det = time.perf_counter()
-    given = _solve(geometry, (a, b), [_centres(dets[a]), _centres(dets[b])], planned, seed_names, prior_pose, config)
     # The other labelling: frame a seen by imager b and vice versa, with the
     # same detections. Whole-frame detection does not depend on the label;
     # in tracking mode the windows were placed for the given labels, which is
     # what matters: if the frames are swapped, what was found in them either
-    # fails as given, or fits both labellings and is judged below.
+    # fails as given, or fits both labellings and is judged below. Both
+    # labellings are triangulated in one call.
     same_panel = geometry[a].rows == geometry[b].rows and geometry[a].cols == geometry[b].cols
-    swapped_dets = {b: dets[a], a: dets[b]} if same_panel else None
-    swapped = FrameError("frames do not fit the other imager") if swapped_dets is None else _solve(
-        geometry, (a, b), [_centres(swapped_dets[a]), _centres(swapped_dets[b])], planned, seed_names, prior_pose,
-        config,
-    )
+    px = {n: _centres(dets[n]) for n in (a, b)}
+    labellings = [(px[a], px[b])] + ([(px[b], px[a])] if same_panel else [])
+    cands = _pair_candidates_labellings(geometry, (a, b), labellings, config)
+    given = _solve((a, b), cands[0], planned, seed_names, prior_pose, config)
+    swapped = FrameError("frames do not fit the other imager") if not same_panel else _solve(
+        (a, b), cands[1], planned, seed_names, prior_pose, config)
     chosen = _choose(given, swapped, a, b, config, planned)
+    chosen, overlapping = _separate_overlaps(chosen, geometry, (a, b), dets, planned, seed_names, config)
     t_end = time.perf_counter()
-    return _result(chosen, dets, planned, seed_names, (a, b), (t_det - t0, t_end - t_det, t_end - t0), config)
+    return _result(chosen, dets, planned, seed_names, (a, b), (t_det - t0, t_end - t_det, t_end - t0), config,
+                   overlapping)
+
+
+def _separate_overlaps(sol: _Solution, geometry: StereoGeometry, names: tuple[str, str], dets, planned: np.ndarray,
+                       seed_names: tuple[str, ...], config: FiducialConfig) -> tuple[_Solution, frozenset]:
+    """Keep detections that may hold two seeds (shadows touching in one view) out of the fit.
+
+    Two seeds whose shadows touch in one view give one blob there, centred
+    between them; paired with either seed's detection in the other view it
+    gives a biased point. The sign: a seed not found whose position under the
+    registered pose projects, in some view, within the extent of a detection
+    used by another seed. Both seeds are then left out (flag
+    ``SEEDS_OVERLAP``) and the others registered again: a smaller but
+    unbiased constellation.
+    """
+    corr = sol.corr
+    if corr.found.all():
+        return sol, frozenset()
+    predicted = sol.reg.pose.apply(planned)
+    overlap: set[int] = set()
+    drop: set[int] = set()
+    for v, name in enumerate(names):
+        try:
+            px = geometry[name].project(predicted)
+        except GeometryError:
+            continue
+        user = {int(corr.detection_index[m, v]): int(m) for m in np.flatnonzero(corr.found)}
+        for q, det in enumerate(dets[name]):
+            reach_px = 0.5 * det.length_px + config.max_epipolar_px  # the blob's half-length, and the pairing slack
+            near = np.flatnonzero(np.linalg.norm(px - det.centre_px, axis=1) <= reach_px)
+            if len(near) < 2 or corr.found[near].all():
+                continue
+            # This blob may hold several seeds, one of them not seen apart.
+            overlap.update(int(k) for k in near)
+            if user.get(q) in near:
+                drop.add(user[q])
+    if not overlap:
+        return sol, frozenset()
+    flagged = frozenset(seed_names[k] for k in overlap)
+    if not drop:
+        return sol, flagged
+    keep = corr.found.copy()
+    keep[sorted(drop)] = False
+    if not keep.any():
+        raise FiducialNotFoundError(
+            "fiducials not found: seeds " + ", ".join(seed_names[k] for k in sorted(drop))
+            + " overlap in one view and no other seed was seen in both views"
+        )
+    idx = corr.detection_index.copy()
+    idx[~keep] = -1
+    pts = np.where(keep[:, None], corr.points_room_mm, 0.0)
+    new_corr = Correspondence(corr.imagers, idx, pts, np.where(keep, corr.ray_distance_mm, 0.0),
+                              np.where(keep, corr.reprojection_px, 0.0), keep, corr.cost_mm)
+    reg = register_points(planned[keep], pts[keep], [seed_names[i] for i in np.flatnonzero(keep)],
+                          config.registration)
+    return _Solution(new_corr, reg, sol.plausible, sol.reason), flagged
 
 
 def _centres(dets: Sequence[Detection]) -> np.ndarray:
@@ -567,7 +676,8 @@ def _choose(given, swapped, a: str, b: str, config: FiducialConfig, planned: np.
     raise given
 
 
-def _result(sol: _Solution, dets, planned, seed_names, names, times_s, config: FiducialConfig) -> FiducialResult:
+def _result(sol: _Solution, dets, planned, seed_names, names, times_s, config: FiducialConfig,
+            overlapping: frozenset = frozenset()) -> FiducialResult:
     corr, reg = sol.corr, sol.reg
     found_idx = np.flatnonzero(corr.found)
     used_names = dict(zip(reg.names, range(len(reg.names))))
@@ -588,6 +698,8 @@ def _result(sol: _Solution, dets, planned, seed_names, names, times_s, config: F
     flags = {_FROM_POINT_FLAG[f] for f in reg.flags}
     if len(found_idx) < len(planned):
         flags.add(FiducialFlag.SEED_MISSING)
+    if overlapping:
+        flags.add(FiducialFlag.SEEDS_OVERLAP)
     if any(len(dets[n]) > len(found_idx) for n in names):
         flags.add(FiducialFlag.EXTRA_DETECTIONS)
     ok = reg.rotation_reliable and reg.fre_mm <= config.max_fre_mm
@@ -604,4 +716,5 @@ def _result(sol: _Solution, dets, planned, seed_names, names, times_s, config: F
         detection_ms=ms[0],
         matching_ms=ms[1],
         total_ms=ms[2],
+        overlapping=tuple(n for n in seed_names if n in overlapping),
     )

@@ -198,6 +198,15 @@ def run_fraction(out_dir: str | os.PathLike | None = None, seed: int = 2026, dur
             "--command", f"tcp://127.0.0.1:{ports['command']}", "--couch", f"tcp://127.0.0.1:{ports['couch']}",
             "--duration", str(duration_s + 30.0), "--seed", str(seed), "--report", "delivery.json",
             "--beam-log", "beam.jsonl"], out, "delivery")
+        couch = ctx.socket(zmq.SUB)
+        couch.setsockopt(zmq.LINGER, 0)
+        couch.setsockopt_string(zmq.SUBSCRIBE, "couch")
+        couch.connect(f"tcp://127.0.0.1:{ports['couch']}")
+        try:
+            if not couch.poll(30_000):  # the delivery-sim publishes couch/1 only once it hears the service
+                raise TrackingError(f"the delivery simulator did not start (see {out / 'delivery.log'})")
+        finally:
+            couch.close(0)
         _expect(cmd.request("load_plan", timeout_s=10.0), "load_plan")
         _expect(cmd.request("start_setup"), "start_setup")
         say("starting the imager simulator (setup error "
@@ -206,18 +215,21 @@ def run_fraction(out_dir: str | os.PathLike | None = None, seed: int = 2026, dur
         procs["imager"] = _spawn([
             "imager-sim", "--frames", f"tcp://127.0.0.1:{ports['frames']}",
             "--couch", f"tcp://127.0.0.1:{ports['couch']}", "--duration", str(duration_s),
-            "--setup-error", ",".join(str(float(v)) for v in (*setup_t, *setup_r)),
-            "--shift", f"{shift_at_s},{shift}", "--period", str(frame_period_s), "--seed", str(seed),
+            "--setup-error=" + ",".join(str(float(v)) for v in (*setup_t, *setup_r)),
+            f"--shift={shift_at_s},{shift}", "--period", str(frame_period_s), "--seed", str(seed),
             "--truth", "truth.jsonl"], out, "imager")
         _console(cmd, sub, procs["imager"], say)
+        if procs["imager"].returncode != 0:
+            raise TrackingError(f"the imager simulator failed (exit {procs['imager'].returncode}; "
+                                f"see {out / 'imager.log'})")
         cmd.request("stop")
     finally:
         for name in ("imager", "delivery", "service"):
             p = procs.get(name)
             if p is None:
                 continue
-            if name == "delivery" and p.poll() is None:
-                p.terminate()  # it writes its report on SIGTERM
+            if p.poll() is None:
+                p.terminate()  # SIGTERM: the service closes its record, the delivery-sim writes its report
             try:
                 p.wait(timeout=15.0)
             except subprocess.TimeoutExpired:
@@ -249,7 +261,7 @@ def _console(cmd: CommandClient, sub: Subscriber, imager: subprocess.Popen, say)
         for msg in sub.poll(0.05):
             topic = msg["_topic"]
             if topic == "heartbeat" and state == "SETUP" and msg.get("phase") == "verified":
-                reply = cmd.request("start_monitoring" if setups == 1 else "start_monitoring")
+                reply = cmd.request("start_monitoring")
                 if reply["ok"]:
                     state = "MONITORING"
                     say("setup verified: monitoring" if setups == 1 else "re-setup verified: monitoring resumed")

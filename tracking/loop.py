@@ -477,8 +477,7 @@ class Service:
         except zmq.Again:
             meta["dropped"] = True
         self.stats.sent += 1
-        if meta["topic"] != "heartbeat":
-            self.record.write("sent", seq=seq, **meta, body=body)
+        self.record.write("sent", seq=seq, **meta, body=body)
         return seq + 1
 
 

@@ -173,6 +173,14 @@ class Subscriber:
                 break
         return new
 
+    def collect(self, duration_s: float) -> list[dict[str, Any]]:
+        """Receive everything for ``duration_s`` seconds (returns the new messages)."""
+        new = []
+        deadline = time.monotonic() + duration_s
+        while (remaining := deadline - time.monotonic()) > 0:
+            new += self.poll(remaining)
+        return new
+
     def wait_for(self, predicate: Callable[[dict[str, Any]], bool], timeout_s: float) -> dict[str, Any]:
         """The first message after the previous match for which ``predicate`` holds; TrackingError after ``timeout_s``."""
         deadline = time.monotonic() + timeout_s
@@ -357,11 +365,17 @@ def run_delivery_sim(publish_address: str, command_address: str, couch_address: 
     own = ctx is None
     ctx = ctx or zmq.Context()
     couch = couch or CouchModel()
-    sub = Subscriber(ctx, publish_address, keys, topics=("gating", "correction", "heartbeat"))
-    cmd = CommandClient(ctx, command_address, keys)
     pub = ctx.socket(zmq.PUB)
     pub.setsockopt(zmq.LINGER, 0)
-    pub.bind(couch_address)
+    try:
+        pub.bind(couch_address)
+    except zmq.ZMQError as err:
+        pub.close(0)
+        if own:
+            ctx.term()
+        raise TrackingError(f"delivery-sim: cannot bind the couch endpoint {couch_address}: {err}") from err
+    sub = Subscriber(ctx, publish_address, keys, topics=("gating", "correction", "heartbeat"))
+    cmd = CommandClient(ctx, command_address, keys)
     couch_seq = SeqCounter()
     report = DeliveryReport()
     log_fh = open(beam_log, "a") if beam_log else None
@@ -377,7 +391,9 @@ def run_delivery_sim(publish_address: str, command_address: str, couch_address: 
         t, r = couch.state.six()
         pub.send_multipart(encode_couch(couch_seq.next(), time.time(), t, r, moving))
 
+    applied_pairs: set = set()
     try:
+        sub.handshake(30.0)  # subscribed before anything can be missed; couch/1 from now on means "ready"
         while time.monotonic() - start < duration_s and not (stop and stop()):
             for msg in sub.poll(0.005):
                 topic = msg["_topic"]
@@ -390,7 +406,9 @@ def run_delivery_sim(publish_address: str, command_address: str, couch_address: 
                     else:
                         valid_until = 0.0
                         report.holds[msg["reason"]] = report.holds.get(msg["reason"], 0) + 1
-                elif topic == "correction" and msg.get("apply") is True and move is None:
+                elif topic == "correction" and msg.get("apply") is True and move is None \
+                        and msg.get("pair_id") not in applied_pairs:
+                    applied_pairs.add(msg.get("pair_id"))
                     move = Correction.from_six(msg["translation_mm"], msg["rotation_deg"])
                     move_at = time.monotonic() + couch.latency_s
                     publish_couch(True)

@@ -209,6 +209,7 @@ class Engine:
         self._last_gating: tuple[Beam, HoldReason, float] | None = None
         self._outputs: list[dict] | None = None
         self.counters: dict[str, int] = {}
+        self._built = None
         target = np.asarray(config.plan.target_room_mm, dtype=np.float64)
         self.target_room_mm = target
 
@@ -257,7 +258,7 @@ class Engine:
             "tolerance_3d_mm": g.tolerance_3d_mm,
             "tolerance_rotation_deg": g.tolerance_rotation_deg,
             "pending_correction": None if self.pending is None else
-            {k: v for k, v in self.pending.items() if k != "message"},
+            {k: v for k, v in self.pending.items() if k not in ("message", "sent_unix_s")},
             "counters": dict(self.counters),
         }
 
@@ -265,9 +266,21 @@ class Engine:
     def handle_command(self, command: str, params: dict[str, Any], now_unix_s: float, now_mono_s: float,
                        request_seq: int | None = None) -> tuple[dict[str, Any], list[dict]]:
         """Apply one command; returns ``(reply body, outputs)``. Never raises for a bad command."""
+        built = None
+        if command == Command.LOAD_PLAN.value:
+            # Building a processor can take seconds (CT -> attenuation volumes): never under the
+            # lock, so heartbeats, the gating timer and pair judgements go on meanwhile.
+            with self._lock:
+                allowed = self.state in ALLOWED_STATES[Command.LOAD_PLAN]
+            if allowed:
+                try:
+                    built = self._factory(self.config.plan)
+                except Exception as err:  # noqa: BLE001 - reported in the reply below
+                    built = err
         with self._lock:
             self._outputs = []
             before = self.state.value
+            self._built = built
             try:
                 result = self._apply(command, params, now_unix_s, now_mono_s)
                 reply = {"ok": True, "reason": None, "command": command, **self.status(), **(result or {})}
@@ -300,7 +313,14 @@ class Engine:
         return None
 
     def _cmd_load_plan(self, params, now, mono):
-        self.processor = self._factory(self.config.plan)
+        built, self._built = self._built, None
+        if isinstance(built, TrackingError):
+            raise built
+        if isinstance(built, Exception):
+            raise TrackingError(f"plan cannot be loaded: {type(built).__name__}: {built}") from built
+        if built is None:  # the state changed between the check and now
+            raise CommandRefused(f"command 'load_plan' is not valid in state {self.state.value}")
+        self.processor = built
         self.last_pose = None
         self._set_state(ServiceState.PLAN_LOADED, now, mono, "plan loaded")
         return {"method": self.config.plan.method}
@@ -416,6 +436,11 @@ class Engine:
                     if last is None or (last[0], last[1]) != (decision.beam, decision.reason) or \
                             now_unix_s - last[2] >= HOLD_REPEAT_S:
                         self._send_gating(decision, now_unix_s)
+            elif self.phase is SetupPhase.AWAITING_COUCH and self.pending is not None and \
+                    now_unix_s - self.pending.get("sent_unix_s", 0.0) >= HOLD_REPEAT_S:
+                # PUB may lose the one message that moves the couch: repeat it until couch_moved
+                # (receivers apply a correction once per pair_id).
+                self._send_setup_correction(now_unix_s)
             elif self._last_gating is not None and now_unix_s - self._last_gating[2] >= HOLD_REPEAT_S:
                 # Outside MONITORING: repeat the HOLD now and then (PUB may lose messages).
                 self._fault(self._last_gating[1] if self._last_gating[0] is Beam.HOLD else HoldReason.NOT_MONITORING,
@@ -574,6 +599,7 @@ class Engine:
     def _send_setup_correction(self, now: float) -> None:
         msg = dict(self.pending["message"])
         msg["t_unix_s"] = float(now)
+        self.pending["sent_unix_s"] = float(now)
         self._emit(msg)
 
     def _setup_within_tolerance(self, pose: Pose) -> bool:

@@ -1,135 +1,35 @@
 """Seed detection in raw kV frames, against analytically rendered seeds with known centres.
 
-The helper below renders frames with known truth: a soft-tissue ramp, a
-vertebra-like dense block with a cortical rim (blurred edges), gold seeds as
-capsules (cylinder + hemispherical caps; a sphere when length = diameter)
-whose line integrals are exact chords ``2 sqrt(r^2 - d^2)`` times the gold
-attenuation, integrated over each pixel's area (5 x 5 sub-samples, averaged
-in transmission as a detector does), then Poisson noise and panel defects.
-A capsule is symmetric about its centre, so the true centre of its image is
-the centre it was drawn at.
+The frames come from ``tests.synthetic.render_kv_frame``: a soft-tissue ramp,
+a vertebra-like dense block with a cortical rim (blurred edges), gold seeds as
+capsules whose line integrals are exact chords times gold's attenuation,
+integrated over each pixel's area (averaged in transmission as a detector
+does), then Poisson noise and panel defects. A capsule is symmetric about its
+centre, so the true centre of its image is the centre it was drawn at.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import numpy as np
 import pytest
 from numpy.testing import assert_allclose
 
 from calibration.geometry import default_stereo_geometry
+from tests.synthetic import SEED_I0 as I0
+from tests.synthetic import match_detections as match
+from tests.synthetic import render_kv_frame, seed_on_panel
 from tracking.detection import (
     Detection,
     DetectionConfig,
     detect_seeds,
+    detect_seeds_in_frames,
     estimate_i0,
     line_integrals,
     seed_size_px,
 )
 from tracking.errors import FrameError
-
-GOLD_MU_PER_MM = 8.7  # registration.attenuation gold at 60 keV effective
-I0 = 20000.0  # the issue's benchmark flat-field level (counts)
-
-
-@dataclass(frozen=True)
-class Seed2D:
-    """A seed drawn on the panel: centre (col, row) px, axis angle from +col, sizes in panel px."""
-
-    centre_px: tuple[float, float]
-    angle_deg: float
-    length_px: float
-    diameter_px: float
-
-
-def seed_on_panel(imager, centre_px, angle_deg, length_mm=3.5, diameter_mm=1.0) -> Seed2D:
-    """A seed of physical size (mm at the isocentre) drawn through the imager's magnification."""
-    scale = imager.magnification / float(imager.pixel_spacing_mm[0])
-    return Seed2D(tuple(centre_px), angle_deg, length_mm * scale, diameter_mm * scale)
-
-
-def background_line_integrals(rows, cols, bone_box=None, rim=0.25, bone=1.5, base=2.5):
-    """Soft-tissue ramp plus a rotated dense block with a cortical rim; blurred edges (ln units)."""
-    import cv2
-
-    rr, cc = np.indices((rows, cols), dtype=np.float64)
-    lint = base + 0.6 * cc / cols + 0.3 * rr / rows
-    if bone_box is not None:
-        (bc, br), (bw, bh), ang = bone_box
-        a = math.radians(ang)
-        u = (cc - bc) * math.cos(a) + (rr - br) * math.sin(a)
-        v = -(cc - bc) * math.sin(a) + (rr - br) * math.cos(a)
-        inside = (np.abs(u) <= bw / 2) & (np.abs(v) <= bh / 2)
-        core = (np.abs(u) <= bw / 2 - 2) & (np.abs(v) <= bh / 2 - 2)
-        lint = lint + bone * inside + rim * (inside & ~core)
-    lint = cv2.GaussianBlur(lint.astype(np.float32), (0, 0), 0.8)
-    return lint.astype(np.float64)
-
-
-def seed_transmission(rows, cols, seeds, mm_per_panel_px, mu_per_mm=GOLD_MU_PER_MM, sub=5):
-    """Pixel-averaged transmission exp(-mu * chord) of capsule seeds (1 outside seeds)."""
-    trans = np.ones((rows, cols))
-    offs = (np.arange(sub) + 0.5) / sub - 0.5
-    for s in seeds:
-        c0, r0 = s.centre_px
-        half = int(math.ceil(s.length_px / 2 + s.diameter_px + 2))
-        r_lo, r_hi = max(0, int(r0) - half), min(rows, int(r0) + half + 2)
-        c_lo, c_hi = max(0, int(c0) - half), min(cols, int(c0) + half + 2)
-        rr, cc = np.mgrid[r_lo:r_hi, c_lo:c_hi]
-        ys = rr[..., None, None] + offs[:, None]
-        xs = cc[..., None, None] + offs[None, :]
-        a = math.radians(s.angle_deg)
-        u = (xs - c0) * math.cos(a) + (ys - r0) * math.sin(a)
-        v = -(xs - c0) * math.sin(a) + (ys - r0) * math.cos(a)
-        seg = max(0.0, (s.length_px - s.diameter_px) / 2)
-        du = np.maximum(np.abs(u) - seg, 0.0)
-        d2 = du**2 + v**2
-        rad = s.diameter_px / 2
-        chord_px = 2 * np.sqrt(np.maximum(rad**2 - d2, 0.0))
-        t = np.exp(-mu_per_mm * chord_px * mm_per_panel_px).mean(axis=(-1, -2))
-        trans[r_lo:r_hi, c_lo:c_hi] *= t
-    return trans
-
-
-def render_kv_frame(
-    imager,
-    seeds,
-    rng,
-    i0=I0,
-    bone_box=None,
-    dead=(),
-    hot=(),
-    dead_column=None,
-    saturated_box=None,
-    dtype=np.uint16,
-):
-    """Raw frame (more photons = larger value) with Poisson noise; ``None`` rng for noise-free."""
-    rows, cols = imager.rows, imager.cols
-    lint = background_line_integrals(rows, cols, bone_box)
-    mm_per_px = float(imager.pixel_spacing_mm[0]) / imager.magnification
-    expected = i0 * np.exp(-lint) * seed_transmission(rows, cols, seeds, mm_per_px)
-    counts = expected if rng is None else rng.poisson(expected).astype(np.float64)
-    if saturated_box is not None:
-        r0, r1, c0, c1 = saturated_box
-        counts[r0:r1, c0:c1] = 65535
-    for r, c in dead:
-        counts[r, c] = 0
-    for r, c in hot:
-        counts[r, c] = 65535
-    if dead_column is not None:
-        counts[:, dead_column] = 0
-    return np.clip(counts, 0, 65535).astype(dtype)
-
-
-def match(dets, truth_px, radius_px):
-    """For each true centre, the nearest detection within radius (or None)."""
-    out = []
-    for t in truth_px:
-        best = min(dets, key=lambda d: np.hypot(*(d.centre_px - t)), default=None)
-        out.append(best if best is not None and np.hypot(*(best.centre_px - t)) <= radius_px else None)
-    return out
 
 
 # ---------------------------------------------------------------------------- geometry for tests
@@ -309,6 +209,39 @@ def test_tracking_and_whole_frame_both_find_every_seed():
         assert_allclose([d.centre_px for d in found], truth, rtol=0, atol=EDGE_TOL_PX)
 
 
+def test_frames_detected_together_give_what_each_gives_alone():
+    # detect_seeds_in_frames analyses the windows of all frames in one
+    # mosaic, each window with its own replicated border: the same numbers as
+    # one frame at a time, in whole-frame and tracking mode.
+    frame_a, truth = _fine_frame(np.random.default_rng(18))
+    frame_b, _ = _fine_frame(np.random.default_rng(19), bone=False)
+    frames = {"A": frame_a, "B": frame_b}
+    for predicted in (None, {"A": truth[:3], "B": truth[2:]}):
+        together = detect_seeds_in_frames(frames, {"A": FINE, "B": FINE}, {"A": I0, "B": I0}, predicted)
+        for key in frames:
+            alone = detect_seeds(frames[key], FINE, I0, None if predicted is None else predicted[key])
+            assert len(together[key]) == len(alone) > 0
+            assert_allclose([d.centre_px for d in together[key]], [d.centre_px for d in alone], rtol=0, atol=1e-9)
+
+
+def test_weak_blobs_far_below_the_seeds_contrast_are_not_seeds():
+    # A thin dense ridge seen edge-on (an endplate) or photon-starved noise
+    # can be as significant as a seed but never as dense: a one-third-density
+    # "seed" next to two gold ones is dropped by the relative contrast test.
+    rng = np.random.default_rng(20)
+    gold = [seed_on_panel(FINE, c, a) for c, a in (((60.3, 60.6), 10.0), ((130.4, 120.2), 75.0))]
+    frame_gold = render_kv_frame(FINE, gold, None, dtype=np.float32).astype(np.float64)
+    faint = render_kv_frame(FINE, [seed_on_panel(FINE, (60.2, 140.7), 0.0)], None, dtype=np.float32)
+    plain = render_kv_frame(FINE, [], None, dtype=np.float32)
+    expected = frame_gold * (faint.astype(np.float64) / plain) ** 0.25  # a quarter of gold's line integral
+    frame = np.clip(rng.poisson(expected), 0, 65535).astype(np.uint16)
+    dets = detect_seeds(frame, FINE, i0=I0)
+    assert len(dets) == 2
+    assert_allclose(sorted(d.centre_px[0] for d in dets), [60.3, 130.4], rtol=0, atol=FINE_TOL_PX)
+    weak = detect_seeds(frame, FINE, i0=I0, config=DetectionConfig(min_relative_contrast=0.0))
+    assert len(weak) == 3  # found, but a quarter of the contrast
+
+
 # ---------------------------------------------------------------------------- error paths
 def test_wrong_dtype_is_refused():
     with pytest.raises(FrameError, match="imager 'A': frame dtype must be uint16 or float32, got float64"):
@@ -361,6 +294,8 @@ def test_bad_defect_mask_is_refused():
     ({"search_binning": 0}, "search_binning"),
     ({"defect_ratio": 1.0}, "defect_ratio"),
     ({"max_detections": 0}, "max_detections"),
+    ({"min_relative_contrast": 1.0}, "min_relative_contrast"),
+    ({"min_relative_contrast": -0.1}, "min_relative_contrast"),
 ])
 def test_bad_config_is_refused(kwargs, match_):
     with pytest.raises(FrameError, match=match_):

@@ -1,6 +1,6 @@
 """Fiducial localisation end to end: rendered stereo pairs of seeds moved by a known pose.
 
-Each frame is rendered by ``test_detection.render_kv_frame``: seeds are drawn
+Each frame is rendered by ``tests.synthetic.render_kv_frame``: seeds are drawn
 at the exact projection of their 3D centres (room frame, moved by the true
 patient pose) through the imager geometry, with their axis projected too, so
 the true correction is the inverse of the pose that moved them.
@@ -8,14 +8,27 @@ the true correction is the inverse of the pose that moved them.
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 from numpy.testing import assert_allclose
-from test_detection import Seed2D, render_kv_frame  # shared synthetic-frame helper (same folder)
 
 from calibration.geometry import default_stereo_geometry
 from registration.points import SeedMigrationError
 from registration.pose import Pose
+from registration.drr import AttenuationVolume, PanelRegion, compute_drr
+from tests.synthetic import (
+    SEED_PANEL_PIXELS,
+    SEED_PIXEL_SPACING_MM,
+    Seed2D,
+    render_kv_frame,
+    seed_frames,
+    seed_phantom_seeds,
+    seeds_room_mm,
+    small_geometry,
+    small_thoracolumbar,
+)
 from tracking.errors import FiducialNotFoundError, FrameError
 from tracking.fiducials import (
     FiducialConfig,
@@ -250,3 +263,121 @@ def test_names_must_match_seeds():
 def test_bad_config_is_refused():
     with pytest.raises(FiducialConfigError, match="max_epipolar_px"):
         FiducialConfig(max_epipolar_px=0.0)
+
+
+# ---------------------------------------------------------------------------- overlapping seeds
+def _overlap_constellation():
+    """PLANNED plus a fifth seed F5 whose shadow lands on F1's in view A (a few px apart) but not in B.
+
+    F5 lies on the ray of imager A through a pixel 4 px from F1's projection,
+    12 mm farther from the source: the two shadows merge in A, while in B
+    (90 degrees away) they are ~20 px apart.
+    """
+    im = GEOM["A"]
+    target = im.project(PLANNED[:1])[0] + np.array([0.0, 4.0])
+    src, dirs = im.backproject(target[None])
+    src, d = np.reshape(src, 3), np.reshape(dirs, 3)
+    depth = float(d @ (PLANNED[0] - src)) + 12.0
+    planned = np.vstack([PLANNED, src + depth * d])
+    return planned, np.vstack([AXES, AXES[:1]]), NAMES + ("F5",)
+
+
+def test_seeds_whose_shadows_merge_in_one_view_are_left_out_and_flagged():
+    # One blob in A holds F1 and F5; paired with either seed's detection in B
+    # it would give a point between them (biased). Both are left out, the
+    # other three register without bias, and the result says why.
+    planned, axes, names = _overlap_constellation()
+    pa, pb = GEOM["A"].project(planned), GEOM["B"].project(planned)
+    assert np.hypot(*(pa[4] - pa[0])) < 5.0 and np.hypot(*(pb[4] - pb[0])) > 15.0  # the premise
+    frames = render_pair(POSE, np.random.default_rng(21), planned=planned, axes=axes)
+    res = localise_fiducials(frames, GEOM, planned, names, i0=I0)
+    assert FiducialFlag.SEEDS_OVERLAP in res.flags and FiducialFlag.SEED_MISSING in res.flags
+    assert res.overlapping == ("F1", "F5")
+    assert [s.found for s in res.seeds] == [False, True, True, True, False]
+    assert res.quality_json()["overlapping"] == ["F1", "F5"]
+    _check(res, POSE, r_tol=2 * ROTATION_TOL_DEG)  # three seeds, a shorter lever
+
+
+# ---------------------------------------------------------------------------- virtual room (tests.synthetic)
+# Frames of the small thoracolumbar phantom (3 gold seeds: F1 in the L1 body,
+# F2 by the right transverse process, F3 at the spinous process) from the
+# room simulator (tracking.room: DRR anatomy, analytic gold cylinders, 0.5 px
+# blur, Poisson noise at i0 = 20000) on a 256 px panel of 0.8 mm, the same
+# pitch as above, so the same tolerances apply.
+ROOM_GEOM = small_geometry(SEED_PANEL_PIXELS, SEED_PIXEL_SPACING_MM)
+ROOM_NAMES = ("F1", "F2", "F3")
+ROOM_POSE = Pose.from_six([3.0, -4.0, 2.0], [1.5, -2.0, 2.5])
+# 3D: each view's centre to ~0.2 px (0.1 mm at the isocentre), two views, 3 sigma.
+ROOM_LOCALISATION_TOL_MM = 0.3
+
+
+def _room(pose=ROOM_POSE, seeds=None, seed=0):
+    sf = seed_frames(pose, seeds=seeds, seed=seed)
+    return dict(sf.frames), sf.truth
+
+
+def test_virtual_room_pair_gives_every_seed_and_the_inverse_pose():
+    frames, truth = _room()
+    res = localise_fiducials(frames, ROOM_GEOM, seeds_room_mm(), ROOM_NAMES, i0=I0)
+    assert res.ok and res.flags == frozenset()
+    assert_allclose([s.point_room_mm for s in res.seeds], truth.seeds_room_mm, rtol=0, atol=ROOM_LOCALISATION_TOL_MM)
+    _check(res, truth.pose)
+
+
+def test_virtual_room_seed_over_vertebral_bone_is_found():
+    # F1 sits inside the L1 body: the bone-only DRR at its pixel (truth
+    # anatomy voxels >= 200 HU) attenuates by more than 1 ln unit in both views.
+    phantom = small_thoracolumbar()
+    bone_ct = dataclasses.replace(phantom.anatomy, hu=np.where(phantom.anatomy.hu >= 200.0, phantom.anatomy.hu,
+                                                                -1000.0))
+    bone = AttenuationVolume.from_ct(bone_ct, phantom.isocentre_lps_mm)
+    frames, truth = _room(seed=1)
+    for im in ROOM_GEOM.imagers:
+        c, r = np.round(truth.seeds_px[im.name][0]).astype(int)
+        assert compute_drr(bone, im, truth.pose, region=PanelRegion(int(r), int(c), 1, 1))[0, 0] > 1.0
+    res = localise_fiducials(frames, ROOM_GEOM, seeds_room_mm(), ROOM_NAMES, i0=I0)
+    assert res.seeds[0].found and res.ok
+    assert_allclose(res.seeds[0].point_room_mm, truth.seeds_room_mm[0], rtol=0, atol=ROOM_LOCALISATION_TOL_MM)
+    _check(res, truth.pose)
+
+
+def test_virtual_room_seed_missing_in_one_view_gives_a_flagged_translation():
+    # F2 absent from B only (the B frame of the same pose and noise, rendered
+    # without F2): two seeds remain, so only the translation is estimated.
+    pose = Pose.from_six([2.0, -3.0, 1.5], [0.0, 0.0, 0.0])
+    frames, truth = _room(pose, seed=2)
+    without = tuple(s for s in seed_phantom_seeds() if s.name != "F2")
+    frames["B"] = dict(seed_frames(pose, seeds=without, seed=2).frames)["B"]
+    res = localise_fiducials(frames, ROOM_GEOM, seeds_room_mm(), ROOM_NAMES, i0=I0)
+    assert [s.found for s in res.seeds] == [True, False, True]
+    assert {FiducialFlag.SEED_MISSING, FiducialFlag.TRANSLATION_ONLY} <= res.flags and not res.ok
+    assert_allclose(res.correction.translation_mm, [-2.0, 3.0, -1.5], rtol=0, atol=TRANSLATION_TOL_MM)
+
+
+def test_virtual_room_migrated_seed_is_named_and_refused():
+    # F3 moved 3 mm in the patient since planning: three seeds minus one
+    # migrated leave two, too few for a trusted 6-DoF fit.
+    moved = tuple(dataclasses.replace(s, centre_lps_mm=s.centre_lps_mm + [0.0, 3.0, 0.0]) if s.name == "F3" else s
+                  for s in seed_phantom_seeds())
+    frames, _ = _room(seeds=moved, seed=3)
+    with pytest.raises(SeedMigrationError, match="F3 has migrated"):
+        localise_fiducials(frames, ROOM_GEOM, seeds_room_mm(), ROOM_NAMES, i0=I0)
+
+
+def test_virtual_room_swapped_imager_labels_are_refused():
+    frames, _ = _room(seed=4)
+    with pytest.raises(ImagerLabelError, match="swapped"):
+        localise_fiducials({"A": frames["B"], "B": frames["A"]}, ROOM_GEOM, seeds_room_mm(), ROOM_NAMES, i0=I0)
+
+
+def test_virtual_room_nearly_collinear_seeds_flag_the_rotation():
+    # F2 moved onto the line F1-F3 (0.5 mm off it): the rotation about that
+    # line is not determined by the seeds.
+    seeds = seed_phantom_seeds()
+    f1, f3 = seeds[0].centre_lps_mm, seeds[2].centre_lps_mm
+    on_line = tuple(dataclasses.replace(s, centre_lps_mm=0.5 * (f1 + f3) + [0.5, 0.0, 0.0]) if s.name == "F2" else s
+                    for s in seeds)
+    frames, truth = _room(seeds=on_line, seed=5)
+    res = localise_fiducials(frames, ROOM_GEOM, seeds_room_mm(on_line), ROOM_NAMES, i0=I0)
+    assert FiducialFlag.ROTATION_UNRELIABLE in res.flags and not res.ok
+    assert all(s.found for s in res.seeds)

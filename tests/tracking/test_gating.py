@@ -225,3 +225,24 @@ def test_silence_longer_than_max_age_always_holds(cfg, since_last, enabled_for):
         assert decision is not None and decision.beam is Beam.HOLD
     else:
         assert decision is None
+
+
+# ------------------------------------------------------------------ faults
+from tracking.gating import judge_fault  # noqa: E402
+
+
+@settings(max_examples=200, deadline=None)
+@given(reason=st.sampled_from(list(HoldReason)), enabled=st.floats(0, 2e9), good=st.integers(0, 10),
+       pair_id=st.one_of(st.none(), st.integers(0, 10_000)))
+def test_a_fault_always_holds_and_revokes_any_permission(reason, enabled, good, pair_id):
+    state = GatingState(consecutive_good=good, enabled_until_unix_s=enabled, last_pair_id=5)
+    decision, new = judge_fault(state, reason, NOW, pair_id)
+    assert decision.beam is Beam.HOLD
+    assert decision.reason is (HoldReason.INTERNAL_ERROR if reason is HoldReason.OK else reason)
+    assert new.enabled_until_unix_s == 0.0 and new.consecutive_good == 0
+    assert new.last_pair_id == (5 if pair_id is None else max(5, pair_id))
+
+
+def test_a_fault_with_a_broken_clock_is_an_internal_error():
+    decision, _ = judge_fault(GatingState(), HoldReason.CORRUPT_FRAME, math.nan)
+    assert decision.beam is Beam.HOLD and decision.reason is HoldReason.INTERNAL_ERROR

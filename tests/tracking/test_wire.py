@@ -155,3 +155,87 @@ def test_schema_parser_and_sequence_numbers():
         parse_schema("gating/x", "gating")
     seq = SeqCounter()
     assert [seq.next() for _ in range(3)] == [0, 1, 2]
+
+
+# ------------------------------------------------------------ command, reply, couch, outgoing bodies
+from tracking.wire import (  # noqa: E402
+    NonFinitePixelsError,
+    PayloadSizeError,
+    correction_body,
+    decode_command,
+    decode_couch,
+    decode_reply,
+    encode_command,
+    encode_couch,
+    encode_message,
+    encode_reply,
+    gating_body,
+)
+
+
+def test_command_round_trip_and_params_are_kept():
+    req = decode_command(encode_command(4, "set_tolerance", {"tolerance_3d_mm": 0.8, "note": "x", "v": [1, 2]}))
+    assert (req.seq, req.command, req.params["tolerance_3d_mm"], req.params["v"]) == (4, "set_tolerance", 0.8, [1, 2])
+
+
+@pytest.mark.parametrize("obj, message", [
+    ({"schema": "command/2", "seq": 0, "command": "stop"}, "unknown schema major version 2"),
+    ({"schema": "command/1", "seq": 0}, "'command' must be a name"),
+    ({"schema": "command/1", "seq": 0, "command": "x" * 33}, "'command' must be a name"),
+    ({"schema": "command/1", "seq": "0", "command": "stop"}, "'seq' must be an integer"),
+    ({"schema": "command/1", "seq": 0, "command": "stop", "params": [1]}, "'params' must be an object"),
+    ({"schema": "command/1", "seq": 0, "command": "stop", "params": {"a": {"b": 1}}}, "param 'a' must be"),
+    ({"schema": "command/1", "seq": 0, "command": "stop", "params": {str(i): i for i in range(17)}}, "17 params"),
+    ({"schema": "command/1", "seq": 0, "command": "stop", "params": {"a": "x" * 300}}, "param 'a' must be"),
+])
+def test_malformed_commands_are_refused(obj, message):
+    with pytest.raises(WireSchemaError, match=message):
+        decode_command([b"command", json.dumps(obj).encode()])
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.binary(max_size=120), min_size=0, max_size=3))
+def test_random_bytes_never_crash_the_command_decoder(parts):
+    try:
+        decode_command(parts)
+    except WireSchemaError:
+        pass
+
+
+def test_reply_and_couch_round_trip_and_checks():
+    reply = decode_reply(encode_reply(3, {"ok": False, "reason": "no", "state": "IDLE"}))
+    assert reply["seq"] == 3 and reply["ok"] is False and reply["schema"] == "reply/1"
+    with pytest.raises(WireSchemaError, match="boolean 'ok'"):
+        encode_reply(0, {"reason": "x"})
+    couch = decode_couch(encode_couch(1, T, [1.0, 2.0, 3.0], [0.0, 0.0, 0.5], False))
+    assert couch["translation_mm"] == [1.0, 2.0, 3.0] and couch["moving"] is False
+    bad = json.loads(encode_couch(1, T, [1.0, 2.0, 3.0], [0.0, 0.0, 0.5], False)[1])
+    bad["rotation_deg"] = [0.0, 0.0]
+    with pytest.raises(WireSchemaError, match="'rotation_deg' must be 3 finite numbers"):
+        decode_couch([b"couch", json.dumps(bad).encode()])
+
+
+def test_outgoing_bodies_get_seq_at_send_time_and_extras_cannot_overwrite():
+    decision = GatingDecision(Beam.HOLD, HoldReason.STALE_FRAME, T, None, None, T)
+    parts = encode_message(9, gating_body(T, decision))
+    assert parts[0] == b"gating" and json.loads(parts[1])["seq"] == 9
+    corr = Pose.from_six([0.0, -2.0, 0.0], [0, 0, 0]).to_correction()
+    body = correction_body(3, T, corr, "fiducial", {"ok": True}, apply=True, purpose="setup")
+    msg = json.loads(encode_message(0, body)[1])
+    assert msg["translation_mm"] == [0.0, 2.0, 0.0] and msg["apply"] is True
+    with pytest.raises(WireSchemaError, match="would overwrite"):
+        correction_body(3, T, corr, "fiducial", {"ok": True}, translation_mm=[0, 0, 0])
+    with pytest.raises(WireSchemaError, match="stamped by the sender"):
+        encode_message(0, {**body, "seq": 4})
+    with pytest.raises(WireSchemaError, match="unknown schema name"):
+        encode_message(0, {"schema": "beam/1"})
+
+
+def test_payload_and_nan_errors_have_their_own_types():
+    _, parts = _frame_parts()
+    with pytest.raises(PayloadSizeError):
+        decode_kvframe([parts[0], parts[1], parts[2][:-1]])
+    pixels = np.ones((8, 6), np.float32)
+    pixels[0, 0] = np.inf
+    with pytest.raises(NonFinitePixelsError):
+        decode_kvframe(encode_kvframe(0, "B", 1, T, pixels, None))
