@@ -44,16 +44,21 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import cv2  # noqa: E402
-import numba  # noqa: E402
+import cv2
+import numba
 
-from calibration.geometry import default_stereo_geometry  # noqa: E402
-from registration.drr import AttenuationVolume, PanelRegion, compute_drr  # noqa: E402
-from registration.pose import Pose  # noqa: E402
-from tracking.detection import detect_seeds_in_frames  # noqa: E402
-from tracking.errors import TrackingError  # noqa: E402
-from tracking.fiducials import localise_fiducials  # noqa: E402
-from tracking.room import DetectorModel, KVSimulator, random_setup_pose, thoracolumbar_phantom  # noqa: E402
+from calibration.geometry import default_stereo_geometry
+from registration.drr import AttenuationVolume, PanelRegion, compute_drr
+from registration.pose import Pose
+from tracking.detection import detect_seeds_in_frames
+from tracking.errors import TrackingError
+from tracking.fiducials import localise_fiducials
+from tracking.room import (
+    DetectorModel,
+    KVSimulator,
+    random_setup_pose,
+    thoracolumbar_phantom,
+)
 
 I0 = 20000.0
 MATCH_RADIUS_PX = 3.0  # 0.7 mm at the isocentre: far below the seeds' spacing, far above the centre error
@@ -147,7 +152,7 @@ def main() -> None:
                 _, warm_ms, _ = timed(lambda f=frames: localise_fiducials(f, geometry, planned, names, i0=I0))
                 warm_s = warm_ms / 1e3
             over_bone = bone_over_seeds(bone, geometry, pose, truth.seeds_px)
-            dets = detect_seeds_in_frames(frames, geometry, {n: I0 for n in frames})
+            dets = detect_seeds_in_frames(frames, {n: geometry[n] for n in frames}, {n: I0 for n in frames})
             counts += detection_counts(dets, truth.seeds_px, over_bone)
             try:
                 res = localise_fiducials(frames, geometry, planned, names, i0=I0)

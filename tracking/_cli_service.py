@@ -36,7 +36,7 @@ def _floats(text: str, n: int, what: str) -> tuple[float, ...]:
 
 
 def _stop_on_signals(event: threading.Event) -> None:
-    def handler(signum, frame):  # noqa: ARG001
+    def handler(signum, frame):
         event.set()
     signal.signal(signal.SIGTERM, handler)
     signal.signal(signal.SIGINT, handler)
@@ -110,9 +110,15 @@ def _cmd_imager_sim(args: argparse.Namespace) -> int:
         shifts.append((t, (x, y, z)))
     trace = MotionTrace(drift_mm_per_min=_floats(args.drift, 3, "--drift"), wobble_mm=args.wobble,
                         shifts=tuple(shifts))
+    room = None
+    if args.room:
+        from .sims import RoomFrames
+
+        room = RoomFrames(panel_pixels=args.panel or 512, pixel_spacing_mm=0.8 * 512 / (args.panel or 512))
     n = run_imager_sim(args.frames, args.duration, Pose.from_six(six[:3], six[3:]), trace,
-                       couch_address=args.couch, frame_period_s=args.period, rows=args.panel, cols=args.panel,
-                       keys=_client_keys(args), seed=args.seed, truth_path=args.truth)
+                       couch_address=args.couch, frame_period_s=args.period, rows=args.panel or 64,
+                       cols=args.panel or 64,
+                       keys=_client_keys(args), seed=args.seed, truth_path=args.truth, room=room)
     print(f"imager-sim: sent {n} stereo pairs")
     return 0
 
@@ -136,7 +142,8 @@ def _cmd_delivery_sim(args: argparse.Namespace) -> int:
 def _cmd_fraction(args: argparse.Namespace) -> int:
     from .fraction import run_fraction
 
-    summary = run_fraction(args.out, seed=args.seed, progress=lambda m: print(f"  .. {m}", flush=True))
+    summary = run_fraction(args.out, seed=args.seed, method="pattern" if args.pattern else "fiducial",
+                           progress=lambda m: print(f"  .. {m}", flush=True))
     _print_rows(summary.rows())
     if summary.out_dir is not None:
         print(f"files in {summary.out_dir}")
@@ -184,7 +191,9 @@ def add_commands(subparsers) -> None:
     p.add_argument("--drift", default="0,0,0", help="drift X,Y,Z in mm/min")
     p.add_argument("--wobble", type=float, default=0.0, help="periodic vertical motion amplitude, mm")
     p.add_argument("--shift", action="append", default=None, help="sudden shift T,X,Y,Z (s, mm); repeatable")
-    p.add_argument("--panel", type=int, default=64, help="frame rows = cols (default 64)")
+    p.add_argument("--panel", type=int, default=None, help="frame rows = cols (default 64; 512 with --room)")
+    p.add_argument("--room", action="store_true",
+                   help="frames of the virtual room's phantom (seeds at the true pose) instead of test patterns")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--truth", type=Path, default=None, help="write each pair's true pose here (JSON lines)")
     _add_key_args(p)
@@ -206,6 +215,8 @@ def add_commands(subparsers) -> None:
     p = subparsers.add_parser("fraction", help="run a whole simulated fraction with three processes and print a summary")
     p.add_argument("--out", type=Path, default=None, help="keep the files here (default: a temporary folder)")
     p.add_argument("--seed", type=int, default=2026)
+    p.add_argument("--pattern", action="store_true",
+                   help="test-pattern frames and the pattern stand-in instead of the fiducial pipeline")
     p.set_defaults(func=_cmd_fraction)
 
 

@@ -9,7 +9,6 @@ OpenCV composition it replaces gives.
 
 from __future__ import annotations
 
-
 import numpy as np
 from numba import njit
 
@@ -28,15 +27,22 @@ def reconstruct_under(seed, mask, steps):
     out = np.empty_like(a)
     for _ in range(steps):
         for r in range(rows):
-            ru = max(r - 1, 0)
-            rd = min(r + 1, rows - 1)
-            for c in range(cols):
-                cl = max(c - 1, 0)
-                cr = min(c + 1, cols - 1)
-                m = max(max(a[r, c], a[ru, c]), max(a[rd, c], max(a[r, cl], a[r, cr])))
-                out[r, c] = min(m, mask[r, c])
+            _cross_row(a[max(r - 1, 0)], a[r], a[min(r + 1, rows - 1)], mask[r], out[r], cols)
         a, out = out, a
     return a
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _cross_row(up, mid, down, lim, out, cols):
+    """One row of a geodesic cross dilation: ``out = min(max(up, mid, down, left, right), lim)``."""
+    if cols == 1:
+        out[0] = min(max(max(up[0], mid[0]), down[0]), lim[0])
+        return
+    out[0] = min(max(max(up[0], mid[0]), max(down[0], mid[1])), lim[0])
+    for c in range(1, cols - 1):
+        out[c] = min(max(max(up[c], mid[c]), max(down[c], max(mid[c - 1], mid[c + 1]))), lim[c])
+    last = cols - 1
+    out[last] = min(max(max(up[last], mid[last]), max(down[last], mid[last - 1])), lim[last])
 
 
 @njit(cache=True, nogil=True)
@@ -66,8 +72,7 @@ def snr_peaks(snr, lint, opened, min_snr, min_contrast):
                     if snr[i, j] > v:
                         is_max = False
                     t = lint[i, j] - opened[i, j]
-                    if t > top:
-                        top = t
+                    top = max(top, t)
             if is_max and top >= min_contrast:
                 if n == out_r.shape[0]:
                     out_r = np.concatenate((out_r, np.empty(n, np.int64)))
@@ -98,14 +103,7 @@ def reconstruct_under_tiles(seed, mask, steps, tile_rows, pad, heights, widths):
         b = np.empty_like(a)
         for _ in range(steps):
             for r in range(h):
-                ru = max(r - 1, 0)
-                rd = min(r + 1, h - 1)
-                for c in range(w):
-                    cl = max(c - 1, 0)
-                    cr = min(c + 1, w - 1)
-                    v = max(max(a[r, c], a[ru, c]), max(a[rd, c], max(a[r, cl], a[r, cr])))
-                    lim = m[r, c]
-                    b[r, c] = min(v, lim)
+                _cross_row(a[max(r - 1, 0)], a[r], a[min(r + 1, h - 1)], m[r], b[r], w)
             a, b = b, a
         out[r0:r0 + h, pad:pad + w] = a
     return out

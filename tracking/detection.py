@@ -49,18 +49,23 @@ import numpy as np
 
 from calibration.geometry import ImagerGeometry
 
-from ._kernels import isolated_outliers, reconstruct_under, reconstruct_under_tiles, snr_peaks
+from ._kernels import (
+    isolated_outliers,
+    reconstruct_under,
+    reconstruct_under_tiles,
+    snr_peaks,
+)
 from .errors import FrameError
 
 __all__ = [
-    "DetectionConfig",
     "Detection",
+    "DetectionConfig",
     "SeedSizePx",
-    "seed_size_px",
-    "estimate_i0",
-    "line_integrals",
     "detect_seeds",
     "detect_seeds_in_frames",
+    "estimate_i0",
+    "line_integrals",
+    "seed_size_px",
 ]
 
 _MAD_TO_SIGMA = 1.4826  # sigma of a normal distribution per median absolute deviation
@@ -378,10 +383,16 @@ def _components(snr: np.ndarray, min_snr: float, reach_px: float, valid: np.ndar
     return labels, keep, peaks[keep]
 
 
-#: Replicate border around each window in the analysis mosaic, px: wider than
-#: any single filter's reach at the default sizes (disc radius 4, matched
-#: Gaussian 3 sigma ~ 5), so windows never see each other.
-_MOSAIC_PAD_PX = 12
+def _mosaic_pad_px(size: SeedSizePx) -> int:
+    """Replicated border around each window in the analysis mosaic, px.
+
+    Wider than the reach of any single filter (the disc's radius, the
+    matched Gaussian's kernel half-width of about 4 sigma, the support's
+    neighbourhood maximum of half a seed length; the border is re-replicated
+    after each filter), so windows never see each other: 12 px at the
+    default geometry.
+    """
+    return max(size.element_px // 2, math.ceil(4.0 * size.sigma_px), math.ceil(size.length_px / 2.0)) + 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -496,7 +507,7 @@ def _measure_windows(
     """Full-resolution analysis of many windows at once; detections per frame, centres in frame pixels.
 
     The windows (of any frames) are laid out as tiles of one mosaic, each
-    padded by :data:`_MOSAIC_PAD_PX` of its own replicated border, and every
+    padded by :func:`_mosaic_pad_px` of its own replicated border, and every
     filter runs once over the mosaic; noise, medians and components are per
     tile. A component touching its window's border is cut, and left to
     another window.
@@ -505,7 +516,7 @@ def _measure_windows(
     n = len(windows)
     if n == 0:
         return out
-    pad = _MOSAIC_PAD_PX
+    pad = _mosaic_pad_px(size)
     hh = max(w.r1 - w.r0 for w in windows)
     ww = max(w.c1 - w.c0 for w in windows)
     th, tw = hh + 2 * pad, ww + 2 * pad
@@ -711,7 +722,10 @@ def detect_seeds_in_frames(
     box_lists: list = []
     searches: list = []
     for f, key in enumerate(keys):
-        imager = imagers[key]
+        try:
+            imager = imagers[key]
+        except KeyError as err:
+            raise FrameError(f"frame '{key}': no imager given for it ({err})") from err
         name = imager.name
         frame = _check_frame(frames[key], imager)
         value = i0.get(key)

@@ -41,15 +41,15 @@ from .detection import Detection, DetectionConfig, detect_seeds_in_frames
 from .errors import FiducialNotFoundError, FrameError, TrackingError
 
 __all__ = [
+    "Correspondence",
     "FiducialConfig",
     "FiducialConfigError",
     "FiducialFlag",
+    "FiducialResult",
     "ImagerLabelError",
     "SeedLocalisation",
-    "Correspondence",
-    "FiducialResult",
-    "match_stereo",
     "localise_fiducials",
+    "match_stereo",
 ]
 
 

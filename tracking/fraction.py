@@ -27,11 +27,9 @@ from typing import Any
 import numpy as np
 import zmq
 
-from registration.pose import Pose
-
 from .errors import TrackingError
 from .record import read_record
-from .sims import CommandClient, Subscriber
+from .sims import CommandClient, Subscriber, write_room_plan
 
 __all__ = ["FractionSummary", "run_fraction", "free_tcp_port"]
 
@@ -99,15 +97,22 @@ class FractionSummary:
             ("time in MONITORING", f"{self.monitoring_s:.1f} s"),
             ("beam-on time", f"{self.beam_on_s:.1f} s"),
             ("holds while monitoring", ", ".join(f"{k} x{v}" for k, v in sorted(self.holds.items())) or "none"),
-            ("latency pair -> gating p50/p95/p99", f"{lat.get('p50', float('nan')):.1f} / {lat.get('p95', float('nan')):.1f}"
-                                                   f" / {lat.get('p99', float('nan')):.1f} ms"),
+            ("latency pair -> gating p50/p95/p99",
+             " / ".join(f"{lat.get(q, float('nan')):.1f}" for q in ("p50", "p95", "p99")) + " ms"),
             ("max true deviation with ENABLE sent", f"{self.max_true_deviation_enabled_mm:.2f} mm"),
             ("latest heartbeat", f"{self.heartbeat_late_max_ms:.1f} ms late"),
             ("wall time", f"{self.wall_s:.1f} s"),
         ]
 
 
-def _service_toml(out: Path, ports: dict[str, int], frame_period_s: float) -> Path:
+def _service_toml(out: Path, ports: dict[str, int], frame_period_s: float, method: str) -> Path:
+    if method == "fiducial":
+        plan = write_room_plan(out)
+        plan_text = (f'method = "fiducial"\ngeometry = "{plan["geometry"]}"\nct = "{plan["ct"]}"\n'
+                     f'fiducials = "{plan["fiducials"]}"\nisocentre_lps_mm = {plan["isocentre_lps_mm"]}\n')
+    else:
+        plan_text = 'method = "pattern"\npattern_noise_mm = 0.05\n'
+
     text = f"""# Written by tracking.fraction for a simulated fraction.
 [safety]
 frame_period_s = {frame_period_s}
@@ -120,9 +125,7 @@ publish = "tcp://127.0.0.1:{ports['publish']}"
 command = "tcp://127.0.0.1:{ports['command']}"
 
 [plan]
-method = "pattern"
-pattern_noise_mm = 0.05
-
+{plan_text}
 [setup]
 approval = "automatic"
 
@@ -146,7 +149,8 @@ def _spawn(args: list[str], out: Path, name: str) -> subprocess.Popen:
 
 
 def run_fraction(out_dir: str | os.PathLike | None = None, seed: int = 2026, duration_s: float = 28.0,
-                 shift_at_s: float = 13.0, frame_period_s: float = 0.1, progress=None) -> FractionSummary:
+                 shift_at_s: float = 13.0, frame_period_s: float = 0.1, method: str = "fiducial",
+                 progress=None) -> FractionSummary:
     """Run a simulated fraction with three processes; see the module docstring.
 
     Parameters
@@ -159,6 +163,9 @@ def run_fraction(out_dir: str | os.PathLike | None = None, seed: int = 2026, dur
         Length of the imaging stream, s (the whole run takes a few seconds more).
     shift_at_s : float
         When the patient shifts 3 mm (seconds into the imaging stream).
+    method : str
+        ``fiducial``: the virtual room's phantom (512-pixel frames, seeds at the true pose) and the real
+        fiducial pipeline; ``pattern``: test-pattern frames and the pattern stand-in (fast, no phantom).
 
     Raises
     ------
@@ -175,7 +182,10 @@ def run_fraction(out_dir: str | os.PathLike | None = None, seed: int = 2026, dur
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
     ports = {name: free_tcp_port() for name in ("frames", "publish", "command", "couch")}
-    config_path = _service_toml(out, ports, frame_period_s)
+    if method not in ("fiducial", "pattern"):
+        raise TrackingError(f"fraction: method must be 'fiducial' or 'pattern', got {method!r}")
+    say(f"writing the plan and the service configuration ({method} method)")
+    config_path = _service_toml(out, ports, frame_period_s, method)
     rng = np.random.default_rng(seed)
     setup_t = rng.uniform(-5.0, 5.0, 3)
     setup_r = rng.uniform(-1.5, 1.5, 3)
@@ -217,7 +227,7 @@ def run_fraction(out_dir: str | os.PathLike | None = None, seed: int = 2026, dur
             "--couch", f"tcp://127.0.0.1:{ports['couch']}", "--duration", str(duration_s),
             "--setup-error=" + ",".join(str(float(v)) for v in (*setup_t, *setup_r)),
             f"--shift={shift_at_s},{shift}", "--period", str(frame_period_s), "--seed", str(seed),
-            "--truth", "truth.jsonl"], out, "imager")
+            "--truth", "truth.jsonl", *(["--room"] if method == "fiducial" else [])], out, "imager")
         _console(cmd, sub, procs["imager"], say)
         if procs["imager"].returncode != 0:
             raise TrackingError(f"the imager simulator failed (exit {procs['imager'].returncode}; "

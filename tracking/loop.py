@@ -49,7 +49,7 @@ from .gating import HoldReason
 from .processing import PairProcessor, PairResult, build_processor
 from .record import SessionRecord, frames_folder, read_record
 from .security import Authenticator, make_server_socket_secure
-from .states import Engine, PairJob, run_processor
+from .states import Engine, run_processor
 from .wire import (
     NonFinitePixelsError,
     PayloadSizeError,
@@ -160,7 +160,7 @@ class Service:
         self._errors: list[str] = []
 
     # --------------------------------------------------------------- lifecycle
-    def start(self) -> "Service":
+    def start(self) -> Service:
         """Bind every endpoint and start the threads; returns once all sockets are bound.
 
         Raises
@@ -204,10 +204,14 @@ class Service:
         self._stop.set()
         for t in self._threads:
             t.join(timeout=10.0)
+        stuck = [t.name for t in self._threads if t.is_alive()]
         if self._auth is not None:
             self._auth.stop()
         if self._ctx is not None:
-            self._ctx.term()
+            if stuck:  # their sockets are still open: terminating the context would hang
+                log.error("threads %s did not stop; leaving the ZeroMQ context open", stuck)
+            else:
+                self._ctx.term()
         self.record.close()
 
     def run_forever(self) -> None:
@@ -218,7 +222,7 @@ class Service:
         finally:
             self.stop()
 
-    def __enter__(self) -> "Service":
+    def __enter__(self) -> Service:
         return self.start()
 
     def __exit__(self, *exc) -> None:
@@ -320,7 +324,7 @@ class Service:
             self.stats.frames_rejected += 1
             reason = HoldReason.NAN_FRAME if isinstance(err, NonFinitePixelsError) else HoldReason.CORRUPT_FRAME
             pair_id = None
-            if isinstance(err, PayloadSizeError) or isinstance(err, NonFinitePixelsError):
+            if isinstance(err, (PayloadSizeError, NonFinitePixelsError)):
                 pair_id = _pair_id_from_header(parts)
             self.engine.frame_fault(reason, str(err), now, mono, pair_id)
             if pair_id is not None:
@@ -338,8 +342,8 @@ class Service:
                                     f"pair {newest_done} was complete", now, mono, f.pair_id)
             return newest_done
         raw = self.record.save_frame(f.pair_id, f.imager, f.pixels)
-        self.engine.frame_arrived(f.imager, f.pair_id, wf.seq, f.acquired_unix_s, now, mono, raw)
-        first, got = pending.setdefault(f.pair_id, (mono, {}))
+        self.engine.frame_arrived(f.imager, f.pair_id, wf.seq, f.acquired_unix_s, now, mono, raw, f.i0)
+        _, got = pending.setdefault(f.pair_id, (mono, {}))
         if f.imager in got:
             pending.pop(f.pair_id)
             self.engine.frame_fault(HoldReason.CORRUPT_FRAME, f"pair {f.pair_id}: imager '{f.imager}' sent twice",
@@ -563,6 +567,7 @@ def replay_session(path: str | Path, processor_factory: Callable[[PlanConfig], P
     engine = Engine(config, factory, mem, lambda body: None)
     report = ReplayReport()
     folder = frames_folder(p)
+    i0s: dict[tuple[int, str], float | None] = {}
     for i, rec in enumerate(records[1:], start=2):
         ev = rec["event"]
         t, mono = rec["t_unix_s"], rec["t_mono_s"]
@@ -578,8 +583,9 @@ def replay_session(path: str | Path, processor_factory: Callable[[PlanConfig], P
             _diff(rec["reply"], _jsonify(reply), f"{where} reply", diffs)
             _diff(rec["outputs"], _jsonify(outputs), f"{where} outputs", diffs)
         elif ev == "frame":
+            i0s[(rec["pair_id"], rec["imager"])] = rec.get("i0")
             engine.frame_arrived(rec["imager"], rec["pair_id"], rec["seq"], rec["acquired_unix_s"], t, mono,
-                                 rec.get("raw_file"))
+                                 rec.get("raw_file"), rec.get("i0"))
         elif ev == "frame_fault":
             outputs = engine.frame_fault(HoldReason(rec["reason"]), rec["detail"], t, mono, rec["pair_id"],
                                          rec.get("alive", True))
@@ -601,6 +607,7 @@ def replay_session(path: str | Path, processor_factory: Callable[[PlanConfig], P
                     frames = {}
                     for name, file in raw.items():
                         frames[name] = _Frame(name, np.load(folder / file, allow_pickle=False),
+                                              i0=i0s.get((rec["pair_id"], name)),
                                               acquired_unix_s=rec["acquired_unix_s"], pair_id=rec["pair_id"])
                 except (OSError, ValueError) as err:
                     diffs.append(f"{where}: raw frames unreadable: {err}")

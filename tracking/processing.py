@@ -95,7 +95,7 @@ class PairResult:
         }
 
     @classmethod
-    def from_json(cls, obj: Mapping[str, Any]) -> "PairResult":
+    def from_json(cls, obj: Mapping[str, Any]) -> PairResult:
         pose = obj.get("pose")
         return cls(
             HoldReason(obj["reason"]),
@@ -134,9 +134,9 @@ def check_pair_quality(frames: Mapping[str, KvFrame], safety: SafetyConfig) -> t
         n_sat = int(np.count_nonzero(px >= safety.saturation_level))
         frac = n_sat / px.size
         if frac > safety.max_saturated_fraction:
-            return (HoldReason.SATURATED_FRAME,
-                    f"imager '{name}' pair {frame.pair_id}: {100 * frac:.2f}% of pixels at or above "
-                    f"{safety.saturation_level:g} (limit {100 * safety.max_saturated_fraction:.2f}%)")
+            detail = (f"imager '{name}' pair {frame.pair_id}: {100 * frac:.2f}% of pixels at or above "
+                      f"{safety.saturation_level:g} (limit {100 * safety.max_saturated_fraction:.2f}%)")
+            return HoldReason.SATURATED_FRAME, detail
     return None
 
 

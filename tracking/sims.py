@@ -60,6 +60,9 @@ __all__ = [
     "run_delivery_sim",
     "DeliveryReport",
     "LocalPeers",
+    "RoomFrames",
+    "room_plan_phantom",
+    "write_room_plan",
 ]
 
 log = logging.getLogger(__name__)
@@ -107,13 +110,20 @@ class FrameSender:
 class CommandClient:
     """DEALER for ``command/1`` requests; :meth:`request` waits for the ``reply/1`` (owned by one thread)."""
 
-    def __init__(self, ctx: zmq.Context, address: str, keys: ClientKeys | None = None) -> None:
+    def __init__(self, ctx: zmq.Context, address: str, keys: ClientKeys | None = None,
+                 send_timeout_s: float = 2.0) -> None:
         self.sock = _socket(ctx, zmq.DEALER, address, keys)
+        # A DEALER with no completed connection (service down, CURVE refused) blocks on send: bound it.
+        self.sock.setsockopt(zmq.SNDTIMEO, int(send_timeout_s * 1e3))
         self.seq = SeqCounter()
 
     def send(self, command: str, params: dict[str, Any] | None = None) -> int:
+        """Send one request; returns its ``seq``. TrackingError when it cannot be handed to the service."""
         seq = self.seq.next()
-        self.sock.send_multipart(encode_command(seq, command, params))
+        try:
+            self.sock.send_multipart(encode_command(seq, command, params))
+        except zmq.Again:
+            raise TrackingError(f"command '{command}' could not be sent: no connection to the service") from None
         return seq
 
     def receive(self, timeout_s: float) -> dict[str, Any]:
@@ -218,6 +228,71 @@ def pattern_frame(pose: Pose, rows: int = 64, cols: int = 64, i0: float = 20000.
     return stamp_pose_pattern(np.clip(base, 0, 65534).astype(np.uint16), pose)
 
 
+class RoomFrames:
+    """Raw frames of the virtual room's small thoracolumbar phantom, fast enough to stream at 10 Hz.
+
+    The anatomy (bone, soft tissue) is projected once, at perfect setup; the
+    gold seeds are projected analytically at the true pose of every pair
+    (``tracking.room.kv.seed_transmission``), and each frame gets Poisson
+    noise. The seeds -- what the fiducial method measures -- are exact; the
+    anatomy does not move with the patient (a simulation shortcut: a full
+    re-render costs ~0.4 s per pair at 512 pixels).
+
+    Parameters
+    ----------
+    panel_pixels, pixel_spacing_mm : int, float
+        Panel of the default stereo room (512 x 0.8 mm: the 41 cm panel binned 2x).
+    i0 : float
+        Unattenuated detector signal.
+    """
+
+    def __init__(self, panel_pixels: int = 512, pixel_spacing_mm: float = 0.8, i0: float = 20000.0) -> None:
+        from registration.drr import compute_drr
+        from tracking.room.kv import KVSimulator
+
+        self.phantom, self.geometry = room_plan_phantom(panel_pixels, pixel_spacing_mm)
+        self.i0 = float(i0)
+        self._sim = KVSimulator(self.phantom, self.geometry)
+        self._background = {im.name: self.i0 * np.exp(-compute_drr(self._sim.volume, im).astype(np.float64))
+                            for im in self.geometry.imagers}
+
+    def render(self, pose: Pose, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        """``{imager: uint16 frame}`` of the phantom's seeds at ``pose`` (room frame)."""
+        from tracking.room.kv import seed_transmission
+
+        markers = self._sim.markers(pose)
+        out = {}
+        for im in self.geometry.imagers:
+            primary = self._background[im.name] * seed_transmission(im, markers, self._sim.detector.seed_supersampling)
+            out[im.name] = np.minimum(rng.poisson(primary), 65535).astype(np.uint16)
+        return out
+
+
+def room_plan_phantom(panel_pixels: int = 512, pixel_spacing_mm: float = 0.8):
+    """The phantom and stereo geometry the simulated fraction uses (deterministic: same in every process)."""
+    from calibration.geometry import default_stereo_geometry
+    from tracking.room.phantoms import thoracolumbar_phantom
+
+    phantom = thoracolumbar_phantom(truth_spacing_mm=3.0, planning_spacing_mm=(3.0, 3.0, 4.0), seed=0)
+    return phantom, default_stereo_geometry(panel_pixels=panel_pixels, pixel_spacing_mm=pixel_spacing_mm)
+
+
+def write_room_plan(folder: Path, panel_pixels: int = 512, pixel_spacing_mm: float = 0.8) -> dict[str, Any]:
+    """Write the fraction phantom's plan: ``geometry.json``, ``ct.mha``, ``fiducials.json``; returns names + isocentre."""
+    from calibration.io import write_geometry
+    from registration.io import FiducialSet, write_fiducials
+    from registration.volume import write_ct
+
+    phantom, geometry = room_plan_phantom(panel_pixels, pixel_spacing_mm)
+    folder = Path(folder)
+    write_geometry(geometry, folder / "geometry.json")
+    write_ct(phantom.planning_ct, folder / "ct.mha")
+    seeds = FiducialSet(tuple(s.name for s in phantom.seeds), np.stack([s.centre_lps_mm for s in phantom.seeds]))
+    write_fiducials(seeds, folder / "fiducials.json")
+    return {"geometry": "geometry.json", "ct": "ct.mha", "fiducials": "fiducials.json",
+            "isocentre_lps_mm": [float(v) for v in phantom.isocentre_lps_mm]}
+
+
 # ------------------------------------------------------------------ motion
 @dataclass(frozen=True, slots=True)
 class MotionTrace:
@@ -246,7 +321,7 @@ class MotionTrace:
                 "wobble_period_s": self.wobble_period_s, "shifts": [[a, list(s)] for a, s in self.shifts]}
 
     @classmethod
-    def from_json(cls, obj: dict[str, Any]) -> "MotionTrace":
+    def from_json(cls, obj: dict[str, Any]) -> MotionTrace:
         return cls(tuple(obj.get("drift_mm_per_min", (0, 0, 0))), float(obj.get("wobble_mm", 0.0)),
                    float(obj.get("wobble_period_s", 4.0)),
                    tuple((float(a), tuple(s)) for a, s in obj.get("shifts", ())))
@@ -256,13 +331,15 @@ class MotionTrace:
 def run_imager_sim(frames_address: str, duration_s: float, setup_error: Pose, trace: MotionTrace,
                    couch_address: str | None = None, frame_period_s: float = 0.1, rows: int = 64, cols: int = 64,
                    imagers: tuple[str, str] = ("A", "B"), keys: ClientKeys | None = None, seed: int = 0,
-                   truth_path: Path | None = None, ctx: zmq.Context | None = None, first_pair_id: int = 0) -> int:
+                   truth_path: Path | None = None, ctx: zmq.Context | None = None, first_pair_id: int = 0,
+                   room: RoomFrames | None = None) -> int:
     """Stream stereo pairs at ``frame_period_s`` for ``duration_s``; returns the number of pairs sent.
 
     The true pose of pair k is ``C_couch o M(t_k) o setup_error`` with the
     latest ``couch/1`` state from ``couch_address`` (identity if none). With
     ``truth_path`` each pair's true pose is written as a JSON line (for the
-    fraction summary).
+    fraction summary). With ``room`` the frames are the virtual room's
+    (:class:`RoomFrames`, for the fiducial method); else test-pattern frames.
     """
     own = ctx is None
     ctx = ctx or zmq.Context()
@@ -293,8 +370,12 @@ def run_imager_sim(frames_address: str, duration_s: float, setup_error: Pose, tr
             t_s = time.monotonic() - start
             # Applying the couch correction C moves every patient point p -> C p: P_true = C o M(t) o P_setup.
             true_pose = Pose.from_matrix(couch.matrix @ trace.pose(t_s).matrix @ setup_error.matrix)
-            for name in imagers:
-                sender.send_frame(name, pair_id, now_unix, stamp_pose_pattern(bases[name], true_pose), 20000.0)
+            if room is not None:
+                for name, px in room.render(true_pose, np.random.default_rng([seed, pair_id])).items():
+                    sender.send_frame(name, pair_id, now_unix, px, room.i0)
+            else:
+                for name in imagers:
+                    sender.send_frame(name, pair_id, now_unix, stamp_pose_pattern(bases[name], true_pose), 20000.0)
             if truth is not None:
                 truth.write(json.dumps({"pair_id": pair_id, "t_unix_s": now_unix, **true_pose.to_json()}) + "\n")
                 truth.flush()

@@ -398,12 +398,12 @@ class Engine:
 
     # ------------------------------------------------------------------ frames
     def frame_arrived(self, imager: str, pair_id: int, seq: int, acquired_unix_s: float, now_unix_s: float,
-                      now_mono_s: float, raw_file: str | None = None) -> None:
-        """A valid ``kvframe/1`` arrived: the frame source is alive."""
+                      now_mono_s: float, raw_file: str | None = None, i0: float | None = None) -> None:
+        """A valid ``kvframe/1`` arrived: the frame source is alive (``i0`` recorded for replay)."""
         with self._lock:
             self.last_frame_unix_s = now_unix_s
             self.record.write("frame", t_unix_s=now_unix_s, t_mono_s=now_mono_s, imager=imager, pair_id=pair_id,
-                              seq=seq, acquired_unix_s=acquired_unix_s, raw_file=raw_file)
+                              seq=seq, acquired_unix_s=acquired_unix_s, raw_file=raw_file, i0=i0)
 
     def frame_fault(self, reason: HoldReason, detail: str, now_unix_s: float, now_mono_s: float,
                     pair_id: int | None = None, alive: bool = True) -> list[dict]:

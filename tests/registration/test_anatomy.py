@@ -113,6 +113,15 @@ def test_twenty_percent_gain_change_with_nominal_i0(room):
     _assert_registered(result, truth)
 
 
+def test_ten_times_fewer_photons_still_registers(room):
+    # i0 = 2000: ~3x the relative quantum noise of the nominal frames in every pixel.
+    _, _, simulator, _, registration = room
+    truth = Pose.from_six([2.5, 3.0, -2.0], [-1.5, 0.5, 1.0])
+    frames = _frames(simulator, truth, seed=12, detector=DetectorModel(i0=I0 / 10))
+    result = registration.register(frames, i0=I0 / 10)
+    _assert_registered(result, truth)
+
+
 def test_frames_at_another_energy_still_register(room):
     phantom, geometry, _, _, registration = room
     hard = KVSimulator(phantom, geometry, energy_kev=100.0, detector=DetectorModel(i0=I0))  # DRRs use 60 keV

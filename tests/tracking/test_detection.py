@@ -31,7 +31,6 @@ from tracking.detection import (
 )
 from tracking.errors import FrameError
 
-
 # ---------------------------------------------------------------------------- geometry for tests
 FINE = default_stereo_geometry(panel_pixels=192, pixel_spacing_mm=0.4)["A"]  # realistic pitch, cropped panel
 COARSE = default_stereo_geometry(panel_pixels=256, pixel_spacing_mm=1.6)["A"]  # 4x binned panel
@@ -281,6 +280,11 @@ def test_all_dark_frame_cannot_estimate_i0():
 def test_bad_prediction_is_refused():
     with pytest.raises(FrameError, match="predicted positions must be finite"):
         detect_seeds(np.ones((192, 192), np.uint16), FINE, i0=I0, predicted_px=[[np.nan, 3.0]])
+
+
+def test_frame_without_an_imager_is_refused():
+    with pytest.raises(FrameError, match="frame 'B': no imager given for it"):
+        detect_seeds_in_frames({"B": np.ones((192, 192), np.uint16)}, {"A": FINE}, {"B": I0})
 
 
 def test_bad_defect_mask_is_refused():

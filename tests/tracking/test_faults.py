@@ -17,7 +17,14 @@ import pytest
 import zmq
 
 from registration.pose import Pose
-from tracking.config import EndpointsConfig, PlanConfig, RecordConfig, SafetyConfig, ServiceConfig, SetupConfig
+from tracking.config import (
+    EndpointsConfig,
+    PlanConfig,
+    RecordConfig,
+    SafetyConfig,
+    ServiceConfig,
+    SetupConfig,
+)
 from tracking.loop import Service
 from tracking.record import read_record
 from tracking.sims import LocalPeers

@@ -15,9 +15,9 @@ import pytest
 from numpy.testing import assert_allclose
 
 from calibration.geometry import default_stereo_geometry
+from registration.drr import AttenuationVolume, PanelRegion, compute_drr
 from registration.points import SeedMigrationError
 from registration.pose import Pose
-from registration.drr import AttenuationVolume, PanelRegion, compute_drr
 from tests.synthetic import (
     SEED_PANEL_PIXELS,
     SEED_PIXEL_SPACING_MM,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import json
+import itertools
 import logging
 import threading
 import time
@@ -15,7 +15,6 @@ from tracking._cli_service import add_commands
 from tracking.config import (
     ConfigError,
     EndpointsConfig,
-    PlanConfig,
     RecordConfig,
     SafetyConfig,
     ServiceConfig,
@@ -25,7 +24,6 @@ from tracking.config import (
 )
 from tracking.loop import Mailbox, Service
 from tracking.processing import PatternProcessor
-from tracking.record import read_record
 from tracking.sims import LocalPeers
 
 pytestmark = pytest.mark.timeout(60)
@@ -148,7 +146,7 @@ def test_heartbeats_at_10_hz_or_more_and_seq_counts_every_message(tmp_path):
     msgs = [m for _, m in peers.sub.messages]
     beats = [m["t_unix_s"] for m in msgs if m["_topic"] == "heartbeat"]
     assert len(beats) >= 5
-    assert max(b - a for a, b in zip(beats, beats[1:])) <= MAX_HEARTBEAT_GAP_S
+    assert max(b - a for a, b in itertools.pairwise(beats)) <= MAX_HEARTBEAT_GAP_S
     seqs = [m["seq"] for m in msgs]
     assert seqs == list(range(seqs[0], seqs[0] + len(seqs)))  # one counter on the PUB socket, no gaps
 

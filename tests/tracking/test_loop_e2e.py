@@ -11,9 +11,7 @@ from numpy.testing import assert_allclose
 from calibration.geometry import default_stereo_geometry
 from registration.pose import Pose
 from tests.synthetic import small_thoracolumbar
-from tracking.config import EndpointsConfig, SafetyConfig, ServiceConfig, SetupConfig
 from tracking.loop import Service
-from tracking.processing import FiducialProcessor
 from tracking.room.kv import KVSimulator
 from tracking.sims import LocalPeers
 from tracking.wire import encode_kvframe
@@ -45,17 +43,53 @@ def _send_rendered(peers: LocalPeers, pair_id: int, pose: Pose, seed: int) -> No
                                                frames.truth.i0))
 
 
-def test_service_with_the_real_fiducial_pipeline_corrects_then_gates():
+def _plan_files(tmp_path):
+    """The phantom's plan as files (geometry, CT, fiducials/1) and a TOML config naming them."""
+    from calibration.io import write_geometry
+    from registration.io import FiducialSet, write_fiducials
+    from registration.volume import write_ct
+
     phantom, _ = _room()
-    planned = phantom.seeds_room_mm()
-    names = [s.name for s in phantom.seeds]
-    config = ServiceConfig(
-        safety=SafetyConfig(frame_period_s=0.1, max_frame_age_s=2.0, enable_validity_s=0.2, pair_timeout_s=0.5),
-        endpoints=EndpointsConfig("tcp://127.0.0.1:0", "tcp://127.0.0.1:0", "tcp://127.0.0.1:0"),
-        setup=SetupConfig("automatic"),
-    )
-    factory = lambda plan: FiducialProcessor(GEOMETRY, planned, names)  # noqa: E731
-    with Service(config, processor_factory=factory) as svc:
+    write_geometry(GEOMETRY, tmp_path / "geometry.json")
+    write_ct(phantom.planning_ct, tmp_path / "ct.mha")
+    seeds = FiducialSet(tuple(s.name for s in phantom.seeds), np.stack([s.centre_lps_mm for s in phantom.seeds]))
+    write_fiducials(seeds, tmp_path / "fiducials.json")
+    iso = ", ".join(repr(float(v)) for v in phantom.isocentre_lps_mm)
+    (tmp_path / "service.toml").write_text(f"""
+[safety]
+frame_period_s = 0.1
+max_frame_age_s = 2.0
+pair_timeout_s = 0.5
+enable_validity_s = 0.2
+
+[endpoints]
+frames = "tcp://127.0.0.1:0"
+publish = "tcp://127.0.0.1:0"
+command = "tcp://127.0.0.1:0"
+
+[plan]
+method = "fiducial"
+geometry = "geometry.json"
+ct = "ct.mha"
+fiducials = "fiducials.json"
+isocentre_lps_mm = [{iso}]
+
+[setup]
+approval = "automatic"
+
+[record]
+path = "session.jsonl"
+raw_frames = true
+""")
+    return tmp_path / "service.toml"
+
+
+def test_service_with_the_real_fiducial_pipeline_corrects_then_gates(tmp_path):
+    from tracking.config import load_config
+    from tracking.loop import replay_session
+
+    config = load_config(_plan_files(tmp_path))
+    with Service(config) as svc:
         peers = LocalPeers(svc.endpoints)
         try:
             peers.sub.handshake()
@@ -80,12 +114,15 @@ def test_service_with_the_real_fiducial_pipeline_corrects_then_gates():
             assert_allclose(g["deviation_mm"], 3.0, rtol=0, atol=TRANSLATION_TOL_MM)
         finally:
             peers.close()
+    # The recorded session replays identically, re-registering the raw frames with the same plan.
+    report = replay_session(tmp_path / "session.jsonl")
+    assert report.differences == [] and report.recomputed_pairs == 4
 
 
 def test_three_process_fraction_sets_up_holds_on_the_shift_and_resumes(tmp_path):
     from tracking.fraction import run_fraction
 
-    summary = run_fraction(tmp_path, seed=7)
+    summary = run_fraction(tmp_path, seed=7)  # the real fiducial pipeline on the virtual room
     tolerance_mm = 1.0
     assert summary.setups == 2 and summary.corrections_applied >= 2
     assert all(r <= tolerance_mm for r in summary.setup_residual_mm) and len(summary.setup_residual_mm) >= 2

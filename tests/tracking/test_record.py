@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
-import time
 
-import numpy as np
 import pytest
 
 from registration.pose import Pose
-from tracking.config import EndpointsConfig, RecordConfig, SafetyConfig, ServiceConfig, SetupConfig
+from tracking.config import (
+    EndpointsConfig,
+    RecordConfig,
+    SafetyConfig,
+    ServiceConfig,
+    SetupConfig,
+)
 from tracking.loop import Service, replay_session
 from tracking.record import RecordError, SessionRecord, read_record
 from tracking.sims import LocalPeers

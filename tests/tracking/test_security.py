@@ -8,7 +8,13 @@ import pytest
 import zmq
 
 from registration.pose import Pose
-from tracking.config import ConfigError, EndpointsConfig, SecurityConfig, ServiceConfig, SetupConfig
+from tracking.config import (
+    ConfigError,
+    EndpointsConfig,
+    SecurityConfig,
+    ServiceConfig,
+    SetupConfig,
+)
 from tracking.errors import TrackingError
 from tracking.loop import Service
 from tracking.record import SessionRecord
@@ -58,12 +64,12 @@ def test_wrong_curve_key_can_neither_command_nor_receive(secure_service, tmp_pat
     stranger = create_keys(tmp_path / "other")  # a valid key pair that is not on the allow-list
     bad = ClientKeys(stranger["console"], keys["server"].with_name("server.key"))
     ctx = zmq.Context()
-    cmd = CommandClient(ctx, secure_service.endpoints["command"], bad)
+    cmd = CommandClient(ctx, secure_service.endpoints["command"], bad, send_timeout_s=REFUSAL_WINDOW_S)
     sub = Subscriber(ctx, secure_service.endpoints["publish"], bad)
     plain = Subscriber(ctx, secure_service.endpoints["publish"])  # no CURVE at all
     try:
-        cmd.send("stop")
-        with pytest.raises(TrackingError, match="no reply"):
+        with pytest.raises(TrackingError, match="no reply|could not be sent"):
+            cmd.send("stop")  # refused either way: never handed over, or never answered
             cmd.receive(REFUSAL_WINDOW_S)
         with pytest.raises(TrackingError, match="no matching message"):
             sub.handshake(REFUSAL_WINDOW_S)

@@ -13,10 +13,16 @@ from numpy.testing import assert_allclose
 from registration.pose import Correction, Pose
 from tracking.errors import TrackingError
 from tracking.fraction import free_tcp_port
-from tracking.processing import read_pose_pattern, stamp_pose_pattern
-from tracking.sims import CouchModel, MotionTrace, pattern_frame, run_delivery_sim, run_imager_sim
-from tracking.wire import decode_kvframe, encode_gating, encode_heartbeat
 from tracking.gating import Beam, GatingDecision, HoldReason
+from tracking.processing import read_pose_pattern, stamp_pose_pattern
+from tracking.sims import (
+    CouchModel,
+    MotionTrace,
+    pattern_frame,
+    run_delivery_sim,
+    run_imager_sim,
+)
+from tracking.wire import decode_kvframe, encode_gating, encode_heartbeat
 
 pytestmark = pytest.mark.timeout(60)
 

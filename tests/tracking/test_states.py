@@ -12,8 +12,15 @@ from tracking.frames import KvFrame
 from tracking.gating import HoldReason
 from tracking.processing import PairResult, PatternProcessor, stamp_pose_pattern
 from tracking.record import SessionRecord
-from tracking.states import ALLOWED_STATES, Command, Engine, ServiceState, SetupPhase, run_processor
 from tracking.sims import pattern_frame
+from tracking.states import (
+    ALLOWED_STATES,
+    Command,
+    Engine,
+    ServiceState,
+    SetupPhase,
+    run_processor,
+)
 
 T0 = 1_764_070_000.0
 POSE_TOL_MM = 0.5e-3  # the pattern stamps whole micrometres: half a micrometre of rounding, nothing more
