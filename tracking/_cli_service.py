@@ -114,7 +114,13 @@ def _cmd_imager_sim(args: argparse.Namespace) -> int:
     if args.room:
         from .sims import RoomFrames
 
-        room = RoomFrames(panel_pixels=args.panel or 512, pixel_spacing_mm=0.8 * 512 / (args.panel or 512))
+        true_room = None
+        if args.geometry is not None:
+            from calibration.io import read_geometry
+
+            true_room = read_geometry(args.geometry)
+        room = RoomFrames(panel_pixels=args.panel or 512, pixel_spacing_mm=0.8 * 512 / (args.panel or 512),
+                          geometry=true_room)
     n = run_imager_sim(args.frames, args.duration, Pose.from_six(six[:3], six[3:]), trace,
                        couch_address=args.couch, frame_period_s=args.period, rows=args.panel or 64,
                        cols=args.panel or 64,
@@ -194,6 +200,8 @@ def add_commands(subparsers) -> None:
     p.add_argument("--panel", type=int, default=None, help="frame rows = cols (default 64; 512 with --room)")
     p.add_argument("--room", action="store_true",
                    help="frames of the virtual room's phantom (seeds at the true pose) instead of test patterns")
+    p.add_argument("--geometry", type=Path, default=None,
+                   help="with --room: the room's true geometry (kv-geometry/1) to render with (default: nominal)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--truth", type=Path, default=None, help="write each pair's true pose here (JSON lines)")
     _add_key_args(p)

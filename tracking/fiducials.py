@@ -11,9 +11,12 @@ register the assigned seeds to the plan (:mod:`registration.points`).
 
 One missing seed (hidden in one view) or one extra detection changes only
 which assignment wins. Frames given under swapped imager labels are caught by
-solving both labellings: the wrong one gives a mirrored constellation (a large
-fiducial registration error or an implausible rotation) and the call is
-refused, never answered with a silently wrong correction.
+solving both labellings (triangulated together in one call): the wrong one
+gives a mirrored constellation (a large fiducial registration error or an
+implausible rotation) and the call is refused, never answered with a silently
+wrong correction. Seeds whose shadows merge in one view are named and kept
+out of the fit (flag ``SEEDS_OVERLAP``) rather than triangulated from the
+blob between them.
 """
 
 from __future__ import annotations

@@ -105,9 +105,12 @@ class FractionSummary:
         ]
 
 
-def _service_toml(out: Path, ports: dict[str, int], frame_period_s: float, method: str) -> Path:
+def _service_toml(out: Path, ports: dict[str, int], frame_period_s: float, method: str,
+                  service_geometry: str | os.PathLike | None = None) -> Path:
     if method == "fiducial":
         plan = write_room_plan(out)
+        if service_geometry is not None:
+            plan["geometry"] = str(Path(service_geometry).resolve())
         plan_text = (f'method = "fiducial"\ngeometry = "{plan["geometry"]}"\nct = "{plan["ct"]}"\n'
                      f'fiducials = "{plan["fiducials"]}"\nisocentre_lps_mm = {plan["isocentre_lps_mm"]}\n')
     else:
@@ -150,7 +153,8 @@ def _spawn(args: list[str], out: Path, name: str) -> subprocess.Popen:
 
 def run_fraction(out_dir: str | os.PathLike | None = None, seed: int = 2026, duration_s: float = 28.0,
                  shift_at_s: float = 13.0, frame_period_s: float = 0.1, method: str = "fiducial",
-                 progress=None) -> FractionSummary:
+                 progress=None, service_geometry: str | os.PathLike | None = None,
+                 true_geometry: str | os.PathLike | None = None) -> FractionSummary:
     """Run a simulated fraction with three processes; see the module docstring.
 
     Parameters
@@ -166,6 +170,11 @@ def run_fraction(out_dir: str | os.PathLike | None = None, seed: int = 2026, dur
     method : str
         ``fiducial``: the virtual room's phantom (512-pixel frames, seeds at the true pose) and the real
         fiducial pipeline; ``pattern``: test-pattern frames and the pattern stand-in (fast, no phantom).
+    service_geometry : path, optional
+        kv-geometry/1 file the service uses (e.g. today's calibration); default the nominal room.
+    true_geometry : path, optional
+        kv-geometry/1 file of the room as it truly is, which the imager simulator renders with
+        (``fiducial`` method); default the nominal room.
 
     Raises
     ------
@@ -185,7 +194,7 @@ def run_fraction(out_dir: str | os.PathLike | None = None, seed: int = 2026, dur
     if method not in ("fiducial", "pattern"):
         raise TrackingError(f"fraction: method must be 'fiducial' or 'pattern', got {method!r}")
     say(f"writing the plan and the service configuration ({method} method)")
-    config_path = _service_toml(out, ports, frame_period_s, method)
+    config_path = _service_toml(out, ports, frame_period_s, method, service_geometry)
     rng = np.random.default_rng(seed)
     setup_t = rng.uniform(-5.0, 5.0, 3)
     setup_r = rng.uniform(-1.5, 1.5, 3)
@@ -227,7 +236,8 @@ def run_fraction(out_dir: str | os.PathLike | None = None, seed: int = 2026, dur
             "--couch", f"tcp://127.0.0.1:{ports['couch']}", "--duration", str(duration_s),
             "--setup-error=" + ",".join(str(float(v)) for v in (*setup_t, *setup_r)),
             f"--shift={shift_at_s},{shift}", "--period", str(frame_period_s), "--seed", str(seed),
-            "--truth", "truth.jsonl", *(["--room"] if method == "fiducial" else [])], out, "imager")
+            "--truth", "truth.jsonl", *(["--room"] if method == "fiducial" else []),
+            *(["--geometry", str(Path(true_geometry).resolve())] if true_geometry is not None else [])], out, "imager")
         _console(cmd, sub, procs["imager"], say)
         if procs["imager"].returncode != 0:
             raise TrackingError(f"the imager simulator failed (exit {procs['imager'].returncode}; "

@@ -128,7 +128,7 @@ class Service:
     processor_factory : callable(PlanConfig) -> PairProcessor, optional
         Default :func:`~tracking.processing.build_processor`.
     record : SessionRecord, optional
-        Default: from ``config.record`` (in memory when no path is set).
+        Default: from ``config.record`` (none at all when no path is set).
     seed : int
         Seed of the pattern processor's noise.
 
@@ -143,7 +143,12 @@ class Service:
                  record: SessionRecord | None = None, seed: int = 0, limits: WireLimits = WireLimits()) -> None:
         self.config = config
         self.limits = limits
-        self.record = record or SessionRecord(config.record.path, config.record.raw_frames)
+        if record is None:
+            if config.record.path is None:
+                log.warning("no [record] path configured: this session is not recorded")
+            # Without a path nothing is kept in memory either (a service runs for hours).
+            record = SessionRecord(config.record.path, config.record.raw_frames, keep_in_memory=False)
+        self.record = record
         factory = processor_factory or (lambda plan: build_processor(plan, seed))
         self._out: queue.SimpleQueue = queue.SimpleQueue()
         self.engine = Engine(config, factory, self.record, self._out.put)
@@ -232,6 +237,8 @@ class Service:
         def run() -> None:
             try:
                 target()
+            except threading.BrokenBarrierError:
+                return  # another thread failed to start; start() reports it
             except Exception as err:  # noqa: BLE001 - report, HOLD, and let stop() clean up
                 detail = f"{threading.current_thread().name} died: {type(err).__name__}: {err}"
                 self._errors.append(detail)
@@ -257,25 +264,25 @@ class Service:
         """Owns the frames PULL and the command ROUTER."""
         pull = self._ctx.socket(zmq.PULL)
         router = self._ctx.socket(zmq.ROUTER)
-        pull.setsockopt(zmq.LINGER, 0)
-        router.setsockopt(zmq.LINGER, 0)
-        pull.setsockopt(zmq.RCVHWM, 8)  # never a backlog of frames in the socket either
-        max_frame = self.limits.max_header_bytes + self.limits.max_rows * self.limits.max_cols * 4 + 4096
-        pull.setsockopt(zmq.MAXMSGSIZE, max_frame)
-        router.setsockopt(zmq.MAXMSGSIZE, self.limits.max_header_bytes + 1024)
-        self._bind(pull, "frames")
-        self._bind(router, "command")
-        self._ready.wait()
-        poller = zmq.Poller()
-        poller.register(pull, zmq.POLLIN)
-        poller.register(router, zmq.POLLIN)
-        pending: dict[int, tuple[float, dict[str, KvFrame]]] = {}
-        newest_done = -1
-        reply_seq = 0
-        tokens, token_mono = float(COMMAND_BURST), time.monotonic()
-        imagers = set(self.config.plan.imagers)
-        timeout_s = self.config.safety.pair_timeout_s
         try:
+            pull.setsockopt(zmq.LINGER, 0)
+            router.setsockopt(zmq.LINGER, 0)
+            pull.setsockopt(zmq.RCVHWM, 8)  # never a backlog of frames in the socket either
+            max_frame = self.limits.max_header_bytes + self.limits.max_rows * self.limits.max_cols * 4 + 4096
+            pull.setsockopt(zmq.MAXMSGSIZE, max_frame)
+            router.setsockopt(zmq.MAXMSGSIZE, self.limits.max_header_bytes + 1024)
+            self._bind(pull, "frames")
+            self._bind(router, "command")
+            self._ready.wait()
+            poller = zmq.Poller()
+            poller.register(pull, zmq.POLLIN)
+            poller.register(router, zmq.POLLIN)
+            pending: dict[int, tuple[float, dict[str, KvFrame]]] = {}
+            newest_done = -1
+            reply_seq = 0
+            tokens, token_mono = float(COMMAND_BURST), time.monotonic()
+            imagers = set(self.config.plan.imagers)
+            timeout_s = self.config.safety.pair_timeout_s
             while not self._stop.is_set():
                 wait_ms = _POLL_MS
                 if pending:
@@ -413,15 +420,15 @@ class Service:
     def _pub_main(self) -> None:
         """Owns the PUB socket: numbers and sends every message; heartbeats and the gating timer."""
         pub = self._ctx.socket(zmq.PUB)
-        pub.setsockopt(zmq.LINGER, 0)
-        pub.setsockopt(zmq.SNDHWM, PUB_SNDHWM)
-        self._bind(pub, "publish")
-        self._ready.wait()
-        period = self.config.safety.heartbeat_period_s
-        seq = 0
-        next_beat = time.monotonic()
-        handled_deadline = None
         try:
+            pub.setsockopt(zmq.LINGER, 0)
+            pub.setsockopt(zmq.SNDHWM, PUB_SNDHWM)
+            self._bind(pub, "publish")
+            self._ready.wait()
+            period = self.config.safety.heartbeat_period_s
+            seq = 0
+            next_beat = time.monotonic()
+            handled_deadline = None
             while not self._stop.is_set():
                 try:  # outgoing messages first: they are never delayed by the timers
                     seq = self._send(pub, seq, self._out.get_nowait())

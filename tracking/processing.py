@@ -221,7 +221,8 @@ class PatternProcessor:
         pose = Pose.from_six(t + noise[:3], r + noise[3:])
         elapsed_ms = (time.perf_counter() - t0) * 1e3
         return PairResult(HoldReason.OK, pose, self.method,
-                          {"ok": True, "fre_mm": float(np.linalg.norm(noise[:3])), "elapsed_ms": elapsed_ms})
+                          {"ok": True, "stand_in": "pattern", "fre_mm": float(np.linalg.norm(noise[:3])),
+                           "elapsed_ms": elapsed_ms})
 
 
 # ---------------------------------------------------------------- real methods

@@ -244,13 +244,19 @@ class RoomFrames:
         Panel of the default stereo room (512 x 0.8 mm: the 41 cm panel binned 2x).
     i0 : float
         Unattenuated detector signal.
+    geometry : StereoGeometry, optional
+        The room as it truly is (e.g. perturbed from the nominal one, which
+        only calibration measures); default the nominal room.
     """
 
-    def __init__(self, panel_pixels: int = 512, pixel_spacing_mm: float = 0.8, i0: float = 20000.0) -> None:
+    def __init__(self, panel_pixels: int = 512, pixel_spacing_mm: float = 0.8, i0: float = 20000.0,
+                 geometry=None) -> None:
         from registration.drr import compute_drr
         from tracking.room.kv import KVSimulator
 
         self.phantom, self.geometry = room_plan_phantom(panel_pixels, pixel_spacing_mm)
+        if geometry is not None:
+            self.geometry = geometry
         self.i0 = float(i0)
         self._sim = KVSimulator(self.phantom, self.geometry)
         self._background = {im.name: self.i0 * np.exp(-compute_drr(self._sim.volume, im).astype(np.float64))

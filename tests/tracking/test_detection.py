@@ -217,8 +217,8 @@ def test_frames_detected_together_give_what_each_gives_alone():
     frames = {"A": frame_a, "B": frame_b}
     for predicted in (None, {"A": truth[:3], "B": truth[2:]}):
         together = detect_seeds_in_frames(frames, {"A": FINE, "B": FINE}, {"A": I0, "B": I0}, predicted)
-        for key in frames:
-            alone = detect_seeds(frames[key], FINE, I0, None if predicted is None else predicted[key])
+        for key, frame in frames.items():
+            alone = detect_seeds(frame, FINE, I0, None if predicted is None else predicted[key])
             assert len(together[key]) == len(alone) > 0
             assert_allclose([d.centre_px for d in together[key]], [d.centre_px for d in alone], rtol=0, atol=1e-9)
 

@@ -226,3 +226,16 @@ def test_cli_main_turns_errors_into_one_line_and_exit_2(tmp_path, capsys):
     assert main(["replay", str(tmp_path / "missing.jsonl")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("spineguide: error: ") and "missing.jsonl" in err and err.count("\n") == 1
+
+
+def test_an_endpoint_that_cannot_be_bound_fails_start_with_its_name():
+    from tracking.errors import TrackingError
+    from tracking.fraction import free_tcp_port
+
+    port = free_tcp_port()
+    taken = EndpointsConfig(f"tcp://127.0.0.1:{port}", "tcp://127.0.0.1:0", "tcp://127.0.0.1:0")
+    with Service(ServiceConfig(endpoints=taken)):
+        second = ServiceConfig(endpoints=EndpointsConfig(f"tcp://127.0.0.1:{port}", "tcp://127.0.0.1:0",
+                                                         "tcp://127.0.0.1:0"))
+        with pytest.raises(TrackingError, match=f"endpoint frames: cannot bind tcp://127.0.0.1:{port}"):
+            Service(second).start()
