@@ -47,6 +47,7 @@ import scipy.ndimage
 
 from calibration.geometry import ImagerGeometry, StereoGeometry
 
+from ._anatomy_kernels import linear_model, normal_equations
 from .attenuation import DEFAULT_CT_ENERGY_KEV, DEFAULT_IMAGING_ENERGY_KEV, hu_to_mu_per_mm, linear_attenuation_per_mm
 from .drr import AttenuationVolume, PanelRegion, compute_drr_batch
 from .errors import RegistrationError
@@ -277,6 +278,10 @@ class AnatomyConfig:
     #: Add the DRR of everything outside the ROI (re-rendered once per level at the
     #: level's start pose) so overlapping anatomy in the radiograph is matched too.
     background: bool = True
+    #: The background volume is downsampled by at least this factor (block mean): it is a
+    #: long ray through the whole CT, the costliest DRR, and it only has to carry the
+    #: overlapping anatomy's edges, not the ROI's.
+    background_volume_factor: int = 1
     #: Margin around the projected ROI box in each panel region, mm at the isocentre.
     region_margin_mm: float = 4.0
     #: Half width of the global 2D search window, mm at the isocentre.
@@ -349,7 +354,7 @@ class AnatomyConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0:
                 raise AnatomyConfigError(f"{name} must be a non-negative integer, got {v!r}")
-        for name in ("global_binning", "global_volume_factor"):
+        for name in ("global_binning", "global_volume_factor", "background_volume_factor"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
                 raise AnatomyConfigError(f"{name} must be a positive integer, got {v!r}")
@@ -572,9 +577,14 @@ def _smooth(image: np.ndarray, sigma_px: float) -> np.ndarray:
     return cv2.GaussianBlur(a, (0, 0), sigmaX=sigma_px, sigmaY=sigma_px, borderType=cv2.BORDER_REPLICATE)
 
 
+def _sumsq(v: np.ndarray) -> float:
+    """Sum of squares without a BLAS call (whose threads fight the DRR threads for the cores)."""
+    return float(np.einsum("i,i->", v, v))
+
+
 def _znorm(v: np.ndarray) -> np.ndarray:
     v = v.astype(np.float64) - float(np.mean(v))
-    n = float(np.sqrt(v @ v))
+    n = math.sqrt(_sumsq(v))
     return v / n if n > 0 else np.zeros_like(v)
 
 
@@ -680,7 +690,8 @@ class AnatomyRegistration:
             np.minimum(full, mu_water, out=full, where=inside)
             bg = AttenuationVolume(full, room_from_index)
             del full, inside
-            self._backgrounds = {key: _pyramid_volume(bg, *key) for key in sorted(keys)}
+            bg_keys = {self._background_key(lv) for lv in cfg.levels + cfg.tracking_levels if not lv.context}
+            self._backgrounds = {key: _pyramid_volume(bg, *key) for key in sorted(bg_keys)}
         # ROI points (room, perfect setup) for the rotation centre and the panel regions.
         kji = np.argwhere(roi.mask)
         pts = kji[:, ::-1].astype(np.float64) @ room_from_index[:3, :3].T + room_from_index[:3, 3]
@@ -968,12 +979,16 @@ class AnatomyRegistration:
         return float(np.min(margins))
 
     # ------------------------------------------------------------------ refinement
+    def _background_key(self, level: PyramidLevel) -> tuple[int, float]:
+        return (max(level.volume_factor, self.config.background_volume_factor), float(level.prefilter_mm))
+
     def _level_volume(self, level: PyramidLevel) -> AttenuationVolume:
         if level.context:
             return self._context_levels[level.volume_factor]
         return self._volumes[(level.volume_factor, float(level.prefilter_mm))]
 
     def _prepare_level(self, logs, pose: Pose, level: PyramidLevel) -> list[_View] | None:
+        cfg = self.config
         b = level.binning
         volume = self._level_volume(level)
         views = []
@@ -1012,7 +1027,7 @@ class AnatomyRegistration:
 
     def _linearise_background(self, views, level, x, steps, start, centre, counter) -> None:
         """Background DRR and its forward-difference pose derivatives at ``x`` (a linear model)."""
-        volume = self._backgrounds[(level.volume_factor, float(level.prefilter_mm))]
+        volume = self._backgrounds[self._background_key(level)]
         poses = [self._pose(x, start, centre)]
         for p in range(6):
             xp = x.copy()
@@ -1040,8 +1055,7 @@ class AnatomyRegistration:
             for v, batch in zip(views, drrs):
                 drr = batch[k]
                 if v.bg0 is not None:
-                    dx = (x - v.x_bg).astype(np.float32)
-                    drr = drr + v.bg0 + np.tensordot(dx, v.bg_jac, axes=1)
+                    drr = drr + linear_model(v.bg0, v.bg_jac, x - v.x_bg)
                 drr = _smooth(drr, level.smoothing_sigma_px)
                 images.append(drr)
                 parts.append(_features(drr, v.mask, self.config.metric) - v.frame_features)
@@ -1082,7 +1096,7 @@ class AnatomyRegistration:
         lower = np.array([-cfg.translation_bound_mm] * 3 + [-cfg.rotation_bound_deg] * 3)
         upper = -lower
         r, drrs = self._residual(views, level, volume, x, start, centre, counter)
-        cost = float(r @ r)
+        cost = _sumsq(r)
         lam = 1e-3
         converged = False
         jac = None
@@ -1093,15 +1107,14 @@ class AnatomyRegistration:
                 # Central differences: forward ones are biased by the curvature near the optimum.
                 jac = self._jacobian(views, level, volume, x, steps, start, centre, counter)
                 fresh = True
-            a = jac.T @ jac
-            g = jac.T @ r
+            a, g = normal_equations(jac, r)
             improved = False
             step = np.zeros(6)
             for _ in range(_MAX_DAMPING_TRIES):
                 delta = np.linalg.solve(a + lam * np.diag(np.diag(a) + 1e-12), -g)
                 x_new = np.clip(x + delta, lower, upper)
                 r_new, drrs_new = self._residual(views, level, volume, x_new, start, centre, counter)
-                cost_new = float(r_new @ r_new)
+                cost_new = _sumsq(r_new)
                 if cost_new < cost:
                     step = x_new - x
                     x, r, cost, drrs = x_new, r_new, cost_new, drrs_new
@@ -1117,7 +1130,7 @@ class AnatomyRegistration:
             if use_bg and np.any(np.abs(x - views[0].x_bg) > relinearise):
                 self._linearise_background(views, level, x, steps, start, centre, counter)
                 r, drrs = self._residual(views, level, volume, x, start, centre, counter)
-                cost = float(r @ r)
+                cost = _sumsq(r)
                 jac, lam = None, 1e-3
                 continue
             if improved and small:
@@ -1151,15 +1164,15 @@ class AnatomyRegistration:
             rv = r[offset : offset + n]
             offset += n
             name = v.imager.name
-            sims[name] = 1.0 - 0.5 * float(rv @ rv)
+            sims[name] = 1.0 - 0.5 * _sumsq(rv)
             measures[name] = _frozen_map({m.value: similarity(m, v.frame, drr, v.mask) for m in Similarity})
             shifts[name] = self._view_shift_mm(v, drr, rv)
         std_mm = std_deg = (math.inf,) * 3
         if jac is not None:
             dof = max(r.size - 6, 1)
-            sigma2 = float(r @ r) / dof
+            sigma2 = _sumsq(r) / dof
             try:
-                cov = sigma2 * np.linalg.inv(jac.T @ jac)
+                cov = sigma2 * np.linalg.inv(normal_equations(jac, r)[0])
                 std = np.sqrt(np.maximum(np.diag(cov), 0.0))
                 std_mm, std_deg = tuple(float(s) for s in std[:3]), tuple(float(s) for s in std[3:])
             except np.linalg.LinAlgError:
@@ -1198,7 +1211,11 @@ class AnatomyRegistration:
                                        borderMode=cv2.BORDER_REPLICATE)
                 cols.append(_features(moved, view.mask, self.config.metric))
             jac[:, k] = (cols[0] - cols[1]) / (2 * h)
-        shift, *_ = np.linalg.lstsq(jac, -rv, rcond=None)
+        a, g = normal_equations(jac, rv)
+        try:
+            shift = np.linalg.solve(a, -g)
+        except np.linalg.LinAlgError:
+            return math.inf
         return float(np.linalg.norm(shift)) * view.pixel_at_iso_mm
 
 
