@@ -9,6 +9,8 @@ for CI: coarse phantoms (3 mm truth grid) and 128-pixel panels of 3.2 mm
 from __future__ import annotations
 
 import functools
+import math
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -77,8 +79,6 @@ def projected_points(geometry: StereoGeometry, points_room_mm: np.ndarray, noise
 # symmetric about its centre, so the true centre of its image is the centre
 # it was drawn at.
 
-import math
-from dataclasses import dataclass, replace
 
 #: Gold at 60 keV effective (registration.attenuation), 1/mm.
 GOLD_MU_PER_MM = 8.7
