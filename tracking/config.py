@@ -212,6 +212,11 @@ class PlanConfig:
         Plan isocentre, planning-CT LPS mm.
     fiducials : Path or None
         ``fiducials/1`` file (fiducial method).
+    dicom : Path or None
+        A DICOM plan folder (CT series, RTSTRUCT, RTPLAN; ``spineguide
+        import``/``dicom-listen``) instead of ``ct``/``fiducials``: seeds from
+        the structure set's POINT ROIs, the isocentre from the RT Plan (unless
+        ``isocentre_lps_mm`` overrides it), the anatomy ROI from its target ROI.
     target_room_mm : (3,) tuple
         Planned target point whose deviation is gated, room frame mm (isocentre = 0).
     pattern_noise_mm : float
@@ -227,6 +232,7 @@ class PlanConfig:
     ct: Path | None = None
     isocentre_lps_mm: tuple[float, float, float] | None = None
     fiducials: Path | None = None
+    dicom: Path | None = None
     target_room_mm: tuple[float, float, float] = (0.0, 0.0, 0.0)
     pattern_noise_mm: float = 0.05
     roi_half_size_mm: tuple[float, float, float] = (30.0, 30.0, 15.0)
@@ -239,7 +245,7 @@ class PlanConfig:
                 not all(isinstance(n, str) and n for n in names):
             raise ConfigError(f"[plan] imagers must name two different imagers, got {names!r}")
         object.__setattr__(self, "imagers", tuple(names))
-        for name in ("geometry", "ct", "fiducials"):
+        for name in ("geometry", "ct", "fiducials", "dicom"):
             value = getattr(self, name)
             if value is not None:
                 object.__setattr__(self, name, Path(value))
@@ -256,6 +262,10 @@ class PlanConfig:
             raise ConfigError(f"[plan] pattern_noise_mm must be >= 0, got {self.pattern_noise_mm!r}")
         needs = {"fiducial": ("geometry", "fiducials", "isocentre_lps_mm", "ct"),
                  "anatomy": ("geometry", "ct", "isocentre_lps_mm"), "pattern": ()}[self.method]
+        if self.dicom is not None:
+            if self.ct is not None or self.fiducials is not None:
+                raise ConfigError("[plan] give either dicom (a DICOM plan folder) or ct/fiducials, not both")
+            needs = ("geometry",) if self.method != "pattern" else ()
         missing = [n for n in needs if getattr(self, n) is None]
         if missing:
             raise ConfigError(f"[plan] method '{self.method}' needs {missing}")
@@ -313,14 +323,22 @@ class SecurityConfig:
 
 @dataclass(frozen=True, slots=True)
 class RecordConfig:
-    """Session record: JSON lines at ``path`` (fsync per record); raw frames as .npy beside it if asked."""
+    """Session record: JSON lines at ``path`` (fsync per record); raw frames as .npy beside it if asked.
+
+    ``dicom_exports``: a folder where every approved setup is written as a
+    DICOM Spatial Registration object (planning CT frame -> treatment room;
+    needs a plan with a CT, see ``docs/DICOM.md``).
+    """
 
     path: Path | None = None
     raw_frames: bool = False
+    dicom_exports: Path | None = None
 
     def __post_init__(self) -> None:
         if self.path is not None:
             object.__setattr__(self, "path", Path(self.path))
+        if self.dicom_exports is not None:
+            object.__setattr__(self, "dicom_exports", Path(self.dicom_exports))
         if not isinstance(self.raw_frames, bool):
             raise ConfigError(f"[record] raw_frames must be true or false, got {self.raw_frames!r}")
 
@@ -389,7 +407,8 @@ def config_from_dict(data: dict[str, Any], where: str = "<config>", base_dir: Pa
         values = dict(table)
         if base_dir is not None:
             for key, value in values.items():
-                if key in ("geometry", "ct", "fiducials", "server_secret_key", "allowed_clients", "path") and \
+                if key in ("geometry", "ct", "fiducials", "dicom", "server_secret_key", "allowed_clients", "path",
+                           "dicom_exports") and \
                         isinstance(value, str) and not os.path.isabs(value):
                     values[key] = base_dir / value
         try:

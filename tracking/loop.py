@@ -151,7 +151,13 @@ class Service:
         self.record = record
         factory = processor_factory or (lambda plan: build_processor(plan, seed))
         self._out: queue.SimpleQueue = queue.SimpleQueue()
-        self.engine = Engine(config, factory, self.record, self._out.put)
+        self.exporter = None
+        if config.record.dicom_exports is not None:
+            from .exports import SetupExporter
+
+            self.exporter = SetupExporter(config.plan, config.record.dicom_exports, self.record)
+        self.engine = Engine(config, factory, self.record, self._out.put,
+                             on_setup_applied=None if self.exporter is None else self.exporter.export)
         self.mailbox = Mailbox()
         self.stats = ServiceStats()
         self.endpoints: dict[str, str] = {}
@@ -217,6 +223,8 @@ class Service:
                 log.error("threads %s did not stop; leaving the ZeroMQ context open", stuck)
             else:
                 self._ctx.term()
+        if self.exporter is not None:
+            self.exporter.join()
         self.record.close()
 
     def run_forever(self) -> None:

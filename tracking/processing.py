@@ -351,24 +351,34 @@ def build_processor(plan: PlanConfig, seed: int = 0) -> PairProcessor:
     return _build_anatomy(plan)
 
 
+def load_treatment_plan(plan: PlanConfig):
+    """The :class:`registration.plan.Plan` a ``[plan]`` section describes: a DICOM folder or CT + fiducials files."""
+    from registration.plan import load_dicom_plan, load_plan_files
+
+    if plan.dicom is not None:
+        return load_dicom_plan(plan.dicom, isocentre_lps_mm=plan.isocentre_lps_mm)
+    return load_plan_files(plan.ct, plan.isocentre_lps_mm, fiducials_path=plan.fiducials)
+
+
 def _build_fiducial(plan: PlanConfig) -> PairProcessor:
     from calibration.io import read_geometry
-    from registration.io import read_fiducials
-    from registration.volume import read_ct
 
     geometry = read_geometry(plan.geometry)
-    ct = read_ct(plan.ct)
-    fiducials = read_fiducials(plan.fiducials)
-    planned_room = fiducials.to_room(plan.isocentre_lps_mm, ct.patient_position)
-    return FiducialProcessor(geometry, planned_room, list(fiducials.names))
+    treatment = load_treatment_plan(plan)
+    if treatment.fiducials is None:
+        raise TrackingError(f"[plan] fiducial method: the plan {treatment.ct.source} has no planned fiducials")
+    return FiducialProcessor(geometry, treatment.fiducials_room_mm(), list(treatment.fiducials.names))
 
 
 def _build_anatomy(plan: PlanConfig) -> PairProcessor:
     from calibration.io import read_geometry
     from registration.anatomy import AnatomyRegistration, RegionOfInterest
-    from registration.volume import read_ct
 
     geometry = read_geometry(plan.geometry)
-    ct = read_ct(plan.ct)
-    roi = RegionOfInterest.from_box(ct, plan.isocentre_lps_mm, plan.roi_half_size_mm)
-    return AnatomyProcessor(AnatomyRegistration(ct, plan.isocentre_lps_mm, geometry, roi))
+    treatment = load_treatment_plan(plan)
+    ct, iso = treatment.ct, treatment.isocentre_lps_mm
+    if treatment.target_roi is not None:
+        roi = RegionOfInterest.from_mask(treatment.target_mask(), description=f"ROI '{treatment.target_roi}'")
+    else:
+        roi = RegionOfInterest.from_box(ct, iso, plan.roi_half_size_mm)
+    return AnatomyProcessor(AnatomyRegistration(ct, iso, geometry, roi))

@@ -188,15 +188,21 @@ class Engine:
         Receives each outgoing message body (no ``seq``) in decision order;
         the service's publisher numbers and sends them. Called under the
         engine lock, so it must only enqueue.
+    on_setup_applied : callable(pair_id, pose, t_unix_s, operator) -> None, optional
+        Told of every setup correction sent to the couch (approved, or
+        automatic in simulation), e.g. to export it as DICOM. Called under the
+        engine lock, so it must only start work elsewhere.
     """
 
     def __init__(self, config: ServiceConfig, processor_factory: Callable[[PlanConfig], PairProcessor],
-                 record: SessionRecord, emit: Callable[[dict], None]) -> None:
+                 record: SessionRecord, emit: Callable[[dict], None],
+                 on_setup_applied: Callable[[int, Pose, float, str], None] | None = None) -> None:
         self.config = config
         self.gating_config = config.safety.gating()
         self._factory = processor_factory
         self.record = record
         self._emit_fn = emit
+        self._on_setup_applied = on_setup_applied
         self._lock = threading.RLock()
         self.state = ServiceState.IDLE
         self.phase: SetupPhase | None = None
@@ -258,7 +264,7 @@ class Engine:
             "tolerance_3d_mm": g.tolerance_3d_mm,
             "tolerance_rotation_deg": g.tolerance_rotation_deg,
             "pending_correction": None if self.pending is None else
-            {k: v for k, v in self.pending.items() if k not in ("message", "sent_unix_s")},
+            {k: v for k, v in self.pending.items() if k not in ("message", "sent_unix_s", "pose")},
             "counters": dict(self.counters),
         }
 
@@ -338,7 +344,8 @@ class Engine:
         if want is not None and want != self.pending["pair_id"]:
             raise CommandRefused(f"approve_correction names pair {want!r} but the proposal is from pair "
                                  f"{self.pending['pair_id']}")
-        self._send_setup_correction(now)
+        operator = params.get("operator", "")
+        self._send_setup_correction(now, operator if isinstance(operator, str) else "")
         self._set_phase(SetupPhase.AWAITING_COUCH, now, mono)
         return {"approved_pair_id": self.pending["pair_id"]}
 
@@ -587,7 +594,8 @@ class Engine:
             return
         self.pending = {"pair_id": job.pair_id, "translation_mm": [float(x) for x in corr.translation_mm],
                         "rotation_deg": [float(x) for x in corr.rotation_deg],
-                        "message": self._correction_message(job.pair_id, now, result, corr, extra, True, "setup")}
+                        "message": self._correction_message(job.pair_id, now, result, corr, extra, True, "setup"),
+                        "pose": result.pose}
         if self.config.setup.approval == "automatic":
             self._send_setup_correction(now)
             self._set_phase(SetupPhase.AWAITING_COUCH, now, mono)
@@ -596,11 +604,13 @@ class Engine:
             self._set_phase(SetupPhase.AWAITING_APPROVAL, now, mono)
         self._fault(HoldReason.NOT_MONITORING, now, job.pair_id)
 
-    def _send_setup_correction(self, now: float) -> None:
+    def _send_setup_correction(self, now: float, operator: str = "") -> None:
         msg = dict(self.pending["message"])
         msg["t_unix_s"] = float(now)
         self.pending["sent_unix_s"] = float(now)
         self._emit(msg)
+        if self._on_setup_applied is not None:
+            self._on_setup_applied(self.pending["pair_id"], self.pending["pose"], float(now), operator)
 
     def _setup_within_tolerance(self, pose: Pose) -> bool:
         """Setup verification: target within the gating tolerances; rotations the couch can correct within tolerance."""

@@ -1,0 +1,97 @@
+"""Approved setups exported as DICOM Spatial Registration; the service's plan from a DICOM folder."""
+
+from __future__ import annotations
+
+import pydicom
+import pytest
+from numpy.testing import assert_allclose
+
+from registration.dicom_export import pose_from_registration_matrix, read_registration_matrix
+from registration.pose import Pose
+from tests.synthetic import small_geometry, small_thoracolumbar
+from tracking.config import ConfigError, PlanConfig, SafetyConfig, ServiceConfig, SetupConfig
+from tracking.exports import SetupExporter
+from tracking.processing import PatternProcessor, build_processor, load_treatment_plan
+from tracking.record import SessionRecord, read_record
+from tracking.room.io import write_simulation
+from tracking.states import Engine
+
+T0 = 1_764_070_000.0
+
+
+@pytest.fixture(scope="module")
+def plans(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("plans")
+    phantom = small_thoracolumbar()
+    write_simulation(folder, phantom, 1, seed=1, geometry=small_geometry())  # ct.mha, fiducials.json, dicom/
+    iso = tuple(float(v) for v in phantom.isocentre_lps_mm)
+    return folder, phantom, iso
+
+
+def test_dicom_plan_config_builds_the_same_fiducial_processor_as_files(plans):
+    folder, phantom, iso = plans
+    from_files = PlanConfig(method="fiducial", geometry=folder / "geometry.json", ct=folder / "ct.mha",
+                            fiducials=folder / "fiducials.json", isocentre_lps_mm=iso)
+    from_dicom = PlanConfig(method="fiducial", geometry=folder / "geometry.json", dicom=folder / "dicom")
+    a, b = load_treatment_plan(from_files), load_treatment_plan(from_dicom)
+    # The RTPLAN isocentre and RTSTRUCT points are written as DS strings: 1e-6 mm is ample.
+    assert_allclose(b.isocentre_lps_mm, iso, rtol=0, atol=1e-6)
+    assert_allclose(b.fiducials_room_mm(), a.fiducials_room_mm(), rtol=0, atol=1e-6)
+    assert build_processor(from_dicom) is not None
+
+
+def test_plan_config_refuses_dicom_together_with_files(plans):
+    folder, _, iso = plans
+    with pytest.raises(ConfigError, match="either dicom"):
+        PlanConfig(method="fiducial", geometry=folder / "geometry.json", dicom=folder / "dicom",
+                   ct=folder / "ct.mha", fiducials=folder / "fiducials.json", isocentre_lps_mm=iso)
+
+
+def test_exported_registration_holds_the_approved_pose(plans, tmp_path):
+    folder, _, iso = plans
+    record = SessionRecord(tmp_path / "session.jsonl")
+    plan = PlanConfig(method="fiducial", geometry=folder / "geometry.json", dicom=folder / "dicom")
+    exporter = SetupExporter(plan, tmp_path / "exports", record)
+    pose = Pose.from_six([1.5, -2.0, 0.7], [0.8, -0.4, 1.1])
+    exporter.export(7, pose, T0, "R. Physicist")
+    exporter.join()
+    record.close()
+    ds = pydicom.dcmread(tmp_path / "exports" / "SRO_pair000007.dcm")
+    assert ds.Modality == "REG"
+    treatment = load_treatment_plan(plan)
+    matrix = read_registration_matrix(ds, treatment.frame_of_reference_uid)
+    back = pose_from_registration_matrix(matrix, treatment.isocentre_lps_mm, treatment.patient_position)
+    assert_allclose(back.matrix, pose.matrix, rtol=0, atol=1e-6)
+    exports = [r for r in read_record(tmp_path / "session.jsonl") if r["event"] == "export"]
+    assert len(exports) == 1 and exports[0]["kind"] == "spatial_registration" and exports[0]["pair_id"] == 7
+    assert exports[0]["sop_instance_uid"] == str(ds.SOPInstanceUID)
+
+
+def test_export_failure_is_recorded_not_raised(tmp_path):
+    record = SessionRecord(tmp_path / "session.jsonl")
+    plan = PlanConfig(method="fiducial", geometry=tmp_path / "g.json", dicom=tmp_path / "no-such-folder")
+    exporter = SetupExporter(plan, tmp_path / "exports", record)
+    exporter.export(1, Pose.identity(), T0)
+    exporter.join()
+    record.close()
+    failed = [r for r in read_record(tmp_path / "session.jsonl") if r["event"] == "export_failed"]
+    assert len(failed) == 1 and failed[0]["pair_id"] == 1 and "no-such-folder" in failed[0]["error"]
+
+
+def test_engine_reports_every_setup_sent_to_the_couch_with_the_operator():
+    seen = []
+    config = ServiceConfig(safety=SafetyConfig(), setup=SetupConfig("manual"))
+    engine = Engine(config, lambda plan: PatternProcessor(plan.imagers, 0.0), SessionRecord(None), lambda body: None,
+                    on_setup_applied=lambda pid, pose, t, who: seen.append((pid, pose, who)))
+    from tests.tracking.test_states import Harness
+
+    h = Harness(approval="manual")
+    h.engine = engine
+    assert h.cmd("load_plan")["ok"] and h.cmd("start_setup")["ok"]
+    offset = Pose.from_six([2.0, 0.0, 0.0], [0, 0, 0])
+    h.pair(offset)
+    assert seen == []  # proposed, not approved
+    reply = h.cmd("approve_correction", operator="R. Physicist")
+    assert reply["ok"], reply
+    assert len(seen) == 1 and seen[0][2] == "R. Physicist"
+    assert_allclose(seen[0][1].translation_mm, [2.0, 0.0, 0.0], rtol=0, atol=1e-3)

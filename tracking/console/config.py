@@ -1,0 +1,200 @@
+"""Console configuration: a frozen, validated value built once at start-up.
+
+Most of it comes from the service's own TOML configuration
+(:func:`console_config_from_service`): the endpoints to connect to, the
+record (whose raw frames the console displays), the correction limits, the
+approval mode and the plan (planned seeds projected for the overlays).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import TrackingError
+from ..record import frames_folder
+from ..sims import ClientKeys
+
+__all__ = ["ConsoleConfig", "ConsoleConfigError", "PlannedSeeds", "console_config_from_service", "connect_address"]
+
+#: Shortest login token accepted (characters): a token guessable by hand protects nothing.
+MIN_TOKEN_CHARS = 16
+
+
+class ConsoleConfigError(TrackingError, ValueError):
+    """The console cannot be configured as asked (bad host, token, path or value)."""
+
+
+@dataclass(frozen=True, slots=True)
+class PlannedSeeds:
+    """Planned seed centres in the room frame at perfect setup (mm), with names, and the stereo geometry."""
+
+    names: tuple[str, ...]
+    points_room_mm: np.ndarray
+    geometry: object  # calibration.geometry.StereoGeometry
+
+    def __post_init__(self) -> None:
+        pts = np.array(self.points_room_mm, dtype=np.float64)
+        if pts.ndim != 2 or pts.shape[1] != 3 or pts.shape[0] != len(self.names) or not np.all(np.isfinite(pts)):
+            raise ConsoleConfigError(f"planned seeds: need {len(self.names)} finite (x, y, z) room points (mm), "
+                                     f"got shape {pts.shape}")
+        pts.setflags(write=False)
+        object.__setattr__(self, "points_room_mm", pts)
+        object.__setattr__(self, "names", tuple(self.names))
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+@dataclass(frozen=True, slots=True)
+class ConsoleConfig:
+    """Everything the console needs, validated.
+
+    Attributes
+    ----------
+    publish_address, command_address : str
+        The service's PUB and command (ROUTER) endpoints to connect to.
+    host : str
+        HTTP bind address; loopback unless ``allow_remote`` (the page commands the service).
+    port : int
+        HTTP port (0: the OS picks one; see :attr:`ConsoleServer.url`).
+    login_token : str or None
+        Token an operator types at login; None: the console is read-only (no command is possible).
+    client_keys : ClientKeys or None
+        CURVE keys when the service runs with ``[security]``.
+    frames_folder : Path or None
+        The service record's raw-frame folder (``<record>.frames``): the source of the displayed kV frames.
+    records_folder : Path or None
+        Folder of recorded sessions (``*.jsonl``) for the review.
+    qa_history : Path or None
+        ``qa-record/1`` history file for the QA trend.
+    calibration_report : Path or None
+        Folder of the latest calibration report (``index.html`` + PNGs).
+    correction_limit_mm, correction_limit_deg : float or None
+        The service's correction limits (shown beside the correction); None when unknown.
+    approval : str or None
+        ``manual`` or ``automatic`` (the service's ``[setup] approval``); None when unknown.
+    tolerance_3d_mm : float or None
+        Gating tolerance until the service's ``status`` reply says otherwise.
+    planned : PlannedSeeds or None
+        Planned seeds and geometry for the overlays (fiducial plans).
+    display_pixels : int
+        Longest side of a displayed frame, pixels.
+    timeline_s : float
+        Length of the deviation timeline kept and shown, s.
+    allow_remote : bool
+        Permit a non-loopback ``host`` (behind a TLS proxy on a closed network only).
+    """
+
+    publish_address: str
+    command_address: str
+    host: str = "127.0.0.1"
+    port: int = 8080
+    login_token: str | None = None
+    client_keys: ClientKeys | None = None
+    frames_folder: Path | None = None
+    records_folder: Path | None = None
+    qa_history: Path | None = None
+    calibration_report: Path | None = None
+    correction_limit_mm: float | None = None
+    correction_limit_deg: float | None = None
+    approval: str | None = None
+    tolerance_3d_mm: float | None = None
+    planned: PlannedSeeds | None = None
+    display_pixels: int = 256
+    timeline_s: float = 300.0
+    allow_remote: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("publish_address", "command_address"):
+            value = getattr(self, name)
+            if not isinstance(value, str) or not re.match(r"^(tcp|ipc|inproc)://.+", value):
+                raise ConsoleConfigError(f"console: {name} must be a tcp://, ipc:// or inproc:// address, got {value!r}")
+        if not _is_loopback(self.host) and not self.allow_remote:
+            raise ConsoleConfigError(f"console: host {self.host!r} is not a loopback address; the page can command "
+                                     "the service, so serve it on 127.0.0.1 (or pass --allow-remote behind a TLS proxy)")
+        if not isinstance(self.port, int) or isinstance(self.port, bool) or not 0 <= self.port <= 65535:
+            raise ConsoleConfigError(f"console: port must be 0..65535, got {self.port!r}")
+        if self.login_token is not None:
+            token = self.login_token.strip()
+            if len(token) < MIN_TOKEN_CHARS:
+                raise ConsoleConfigError(f"console: the login token has {len(token)} characters "
+                                         f"(at least {MIN_TOKEN_CHARS} expected)")
+            object.__setattr__(self, "login_token", token)
+        for name in ("frames_folder", "records_folder", "qa_history", "calibration_report"):
+            value = getattr(self, name)
+            if value is not None:
+                object.__setattr__(self, name, Path(value))
+        for name in ("correction_limit_mm", "correction_limit_deg", "tolerance_3d_mm"):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise ConsoleConfigError(f"console: {name} must be a positive number, got {value!r}")
+        if self.approval not in (None, "manual", "automatic"):
+            raise ConsoleConfigError(f"console: approval must be 'manual' or 'automatic', got {self.approval!r}")
+        if not isinstance(self.display_pixels, int) or not 32 <= self.display_pixels <= 2048:
+            raise ConsoleConfigError(f"console: display_pixels must be 32..2048, got {self.display_pixels!r}")
+        if not (isinstance(self.timeline_s, (int, float)) and math.isfinite(self.timeline_s) and self.timeline_s > 0):
+            raise ConsoleConfigError(f"console: timeline_s must be positive (s), got {self.timeline_s!r}")
+
+
+def connect_address(bound: str) -> str:
+    """The address a local client connects to for a service endpoint bound at ``bound`` (``*`` -> 127.0.0.1)."""
+    m = re.match(r"^tcp://(\*|0\.0\.0\.0)(:\d+)$", bound)
+    if m:
+        return f"tcp://127.0.0.1{m.group(2)}"
+    if re.match(r"^tcp://.+:(0|\*)$", bound):
+        raise ConsoleConfigError(f"console: the service endpoint {bound!r} uses a random port; give the real address")
+    return bound
+
+
+def _planned_seeds(plan) -> PlannedSeeds | None:
+    """Planned seeds in the room frame for a fiducial plan (None for other methods)."""
+    if plan.method != "fiducial":
+        return None
+    from calibration.io import read_geometry
+    from registration.plan import load_plan_files
+
+    loaded = load_plan_files(plan.ct, plan.isocentre_lps_mm, fiducials_path=plan.fiducials)
+    return PlannedSeeds(loaded.fiducials.names, loaded.fiducials_room_mm(), read_geometry(plan.geometry))
+
+
+def console_config_from_service(service_config, **overrides) -> ConsoleConfig:
+    """A :class:`ConsoleConfig` for the service configured by ``service_config`` (a ``ServiceConfig``).
+
+    The endpoints, record frames folder, correction limits, approval mode,
+    tolerance and (fiducial plans) the planned seeds come from the service's
+    configuration; ``overrides`` (any :class:`ConsoleConfig` field) win.
+
+    Raises
+    ------
+    ConsoleConfigError
+        Random-port endpoints, or an invalid override.
+    RegistrationError, CalibrationError
+        The plan's files cannot be read.
+    """
+    rec = service_config.record
+    values = {
+        "publish_address": connect_address(service_config.endpoints.publish),
+        "command_address": connect_address(service_config.endpoints.command),
+        "frames_folder": frames_folder(rec.path) if rec.path is not None and rec.raw_frames else None,
+        "records_folder": rec.path.parent if rec.path is not None else None,
+        "correction_limit_mm": service_config.safety.correction_limit_mm,
+        "correction_limit_deg": service_config.safety.correction_limit_deg,
+        "approval": service_config.setup.approval,
+        "tolerance_3d_mm": service_config.safety.tolerance_3d_mm,
+    }
+    values.update(overrides)
+    if "planned" not in overrides:
+        values["planned"] = _planned_seeds(service_config.plan)
+    return ConsoleConfig(**values)

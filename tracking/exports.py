@@ -1,0 +1,77 @@
+"""DICOM exports of the service: a Spatial Registration object for every approved setup.
+
+Runs beside the loop, never in its way: an export is done on its own thread,
+and a failure is logged and recorded (``export_failed``), never turned into a
+beam decision (the correction has been sent already; the export is the
+record of it for the patient's chart).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from pathlib import Path
+
+from pydicom.uid import generate_uid
+
+from registration.dicom_export import save, spatial_registration
+from registration.pose import Pose
+
+from .config import PlanConfig
+from .errors import TrackingError
+from .record import SessionRecord
+
+__all__ = ["SetupExporter"]
+
+log = logging.getLogger(__name__)
+
+
+class SetupExporter:
+    """Writes ``SRO_<pair>.dcm`` into a folder for each approved setup.
+
+    The treatment plan is loaded once, on the first export. The session's room
+    frame gets one Frame of Reference UID for the life of the exporter (one
+    treatment session). ``export`` may be called from any thread; the work
+    happens on a short-lived thread of its own.
+    """
+
+    def __init__(self, plan: PlanConfig, out_dir: Path, record: SessionRecord) -> None:
+        self._plan_config = plan
+        self._out = Path(out_dir)
+        self._record = record
+        self._plan = None
+        self._lock = threading.Lock()
+        self.room_frame_of_reference_uid = generate_uid()
+        self._threads: list[threading.Thread] = []
+
+    def export(self, pair_id: int, pose: Pose, approved_unix_s: float, operator: str = "") -> None:
+        """Start writing the Spatial Registration for the setup measured on ``pair_id`` at ``pose``."""
+        t = threading.Thread(target=self._write, args=(pair_id, pose, approved_unix_s, operator),
+                             name=f"sro-export-{pair_id}", daemon=True)
+        self._threads.append(t)
+        t.start()
+
+    def join(self, timeout_s: float = 10.0) -> None:
+        """Wait for exports in progress (service shutdown, tests)."""
+        for t in self._threads:
+            t.join(timeout_s)
+
+    def _write(self, pair_id: int, pose: Pose, approved_unix_s: float, operator: str) -> None:
+        from .processing import load_treatment_plan
+
+        try:
+            with self._lock:
+                if self._plan is None:
+                    self._plan = load_treatment_plan(self._plan_config)
+                ds = spatial_registration(self._plan, pose, room_frame_of_reference_uid=self.room_frame_of_reference_uid,
+                                          approved_unix_s=approved_unix_s, operator=operator)
+                self._out.mkdir(parents=True, exist_ok=True)
+                path = self._out / f"SRO_pair{pair_id:06d}.dcm"
+                save(ds, path)
+            self._record.write("export", t_unix_s=approved_unix_s, pair_id=pair_id, kind="spatial_registration",
+                               path=str(path), sop_instance_uid=str(ds.SOPInstanceUID))
+            log.info("pair %d: approved setup exported to %s", pair_id, path)
+        except (TrackingError, OSError, ValueError, AttributeError) as err:
+            log.error("pair %d: setup export failed: %s", pair_id, err)
+            self._record.write("export_failed", t_unix_s=approved_unix_s, pair_id=pair_id,
+                               kind="spatial_registration", error=f"{type(err).__name__}: {err}")
