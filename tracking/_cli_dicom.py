@@ -1,4 +1,4 @@
-"""``spineguide import DIR`` and ``spineguide dicom-listen``: DICOM planning data in.
+"""``spineguide import``, ``dicom-listen``, ``dicom-export`` and ``dicom-send``: DICOM in and out.
 
 Registered by :mod:`tracking.cli` with ``_cli_dicom.add_commands(sub)``. Both
 commands print; the library they call only logs.
@@ -13,7 +13,68 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["add_commands", "cmd_import", "cmd_dicom_listen"]
+__all__ = ["add_commands", "cmd_import", "cmd_dicom_listen", "cmd_dicom_export", "cmd_dicom_send", "parse_archive"]
+
+
+def parse_archive(text: str):
+    """``AE@HOST:PORT`` -> :class:`tracking.dicom_net.ArchiveConfig`."""
+    from .dicom_net import ArchiveConfig, DicomNetworkError
+
+    ae, at, rest = text.partition("@")
+    host, colon, port = rest.rpartition(":")
+    if not at or not colon or not ae or not host or not port.isdigit():
+        raise DicomNetworkError(f"archive must be AE@HOST:PORT, got {text!r}")
+    return ArchiveConfig(host=host, port=int(port), ae_title=ae)
+
+
+def cmd_dicom_export(args: argparse.Namespace, out=None) -> int:
+    """Write acquired kV frames as RT Image objects with their imager geometry (one series per imager)."""
+    from calibration.io import read_geometry
+    from registration.dicom_export import SeriesInfo, rt_image, save
+    from registration.plan import load_dicom_plan
+    from tracking.frames import parse_image_args, read_stereo_frames
+
+    from .cli import CliError
+
+    out = out or sys.stdout
+    if args.i0 is None:
+        raise CliError("--i0 is required: an RT Image records the frame's unattenuated level")
+    geometry = read_geometry(args.geometry)
+    plan = load_dicom_plan(args.plan)
+    if plan.patient is None:
+        raise CliError(f"{args.plan}: the plan carries no DICOM patient identity")
+    frames = read_stereo_frames(parse_image_args(args.image), geometry, args.i0)
+    args.out.mkdir(parents=True, exist_ok=True)
+    acquired = args.acquired_unix_s if args.acquired_unix_s is not None else time.time()
+    written = []
+    for number, (name, frame) in enumerate(frames.items(), start=1):
+        ds = rt_image(frame.pixels, geometry[name], plan.patient, acquired_unix_s=acquired, i0=args.i0,
+                      series=SeriesInfo.new(100 + number, f"kV imager {name}"), pair_id=args.pair_id)
+        path = args.out / f"RI_{name}.dcm"
+        save(ds, path)
+        written.append(path)
+        print(f"  RT Image {path} (imager {name}, {frame.pixels.shape[0]}x{frame.pixels.shape[1]})", file=out)
+    if args.send is not None:
+        return _send(written, args.send, out)
+    return 0
+
+
+def _send(paths, archive_text: str, out) -> int:
+    from .dicom_net import send_to_archive
+
+    archive = parse_archive(archive_text)
+    results = send_to_archive(paths, archive)
+    print(f"sent {len(results)} object(s) to {archive.describe()}", file=out)
+    return 0
+
+
+def cmd_dicom_send(args: argparse.Namespace, out=None) -> int:
+    """C-STORE files (or every .dcm below folders) to an archive."""
+    out = out or sys.stdout
+    paths = []
+    for item in args.files:
+        paths.extend(sorted(item.rglob("*.dcm")) if item.is_dir() else [item])
+    return _send(paths, args.archive, out)
 
 
 def _fmt(v) -> str:
@@ -104,3 +165,19 @@ def add_commands(subparsers) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; 0.0.0.0 for all)")
     p.add_argument("--duration-s", type=float, default=None, help="stop after this many seconds (default: run until Ctrl-C)")
     p.set_defaults(func=cmd_dicom_listen)
+
+    p = subparsers.add_parser("dicom-export", help="write kV frames as DICOM RT Image objects with their geometry")
+    p.add_argument("--plan", type=Path, required=True, help="DICOM plan folder (patient and study identity)")
+    p.add_argument("--geometry", type=Path, required=True, help="kv-geometry/1 file of the imagers")
+    p.add_argument("--image", action="append", required=True, help="NAME=FILE, one per imager")
+    p.add_argument("--i0", type=float, default=None, help="unattenuated level of the frames (required)")
+    p.add_argument("--pair-id", type=int, default=None, help="stereo pair number, recorded in the objects")
+    p.add_argument("--acquired-unix-s", type=float, default=None, help="acquisition time (default: now)")
+    p.add_argument("--out", type=Path, required=True, help="output folder")
+    p.add_argument("--send", default=None, help="also C-STORE them to an archive AE@HOST:PORT")
+    p.set_defaults(func=cmd_dicom_export)
+
+    p = subparsers.add_parser("dicom-send", help="C-STORE DICOM files to an archive (record and verify, PACS)")
+    p.add_argument("--archive", required=True, help="AE@HOST:PORT of the archive")
+    p.add_argument("files", type=Path, nargs="+", help="files, or folders whose .dcm files are sent")
+    p.set_defaults(func=cmd_dicom_send)

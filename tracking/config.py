@@ -327,18 +327,27 @@ class RecordConfig:
 
     ``dicom_exports``: a folder where every approved setup is written as a
     DICOM Spatial Registration object (planning CT frame -> treatment room;
-    needs a plan with a CT, see ``docs/DICOM.md``).
+    needs a plan with a CT, see ``docs/DICOM.md``); ``dicom_archive``
+    (``AE@HOST:PORT``): each one is then also sent there by C-STORE.
     """
 
     path: Path | None = None
     raw_frames: bool = False
     dicom_exports: Path | None = None
+    dicom_archive: str | None = None
 
     def __post_init__(self) -> None:
         if self.path is not None:
             object.__setattr__(self, "path", Path(self.path))
         if self.dicom_exports is not None:
             object.__setattr__(self, "dicom_exports", Path(self.dicom_exports))
+        if self.dicom_archive is not None:
+            if self.dicom_exports is None:
+                raise ConfigError("[record] dicom_archive needs dicom_exports (the objects are written, then sent)")
+            ae, at, rest = str(self.dicom_archive).partition("@")
+            host, colon, port = rest.rpartition(":")
+            if not (ae and at and host and colon and port.isdigit()):
+                raise ConfigError(f"[record] dicom_archive must be AE@HOST:PORT, got {self.dicom_archive!r}")
         if not isinstance(self.raw_frames, bool):
             raise ConfigError(f"[record] raw_frames must be true or false, got {self.raw_frames!r}")
 

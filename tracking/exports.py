@@ -35,7 +35,12 @@ class SetupExporter:
     happens on a short-lived thread of its own.
     """
 
-    def __init__(self, plan: PlanConfig, out_dir: Path, record: SessionRecord) -> None:
+    def __init__(self, plan: PlanConfig, out_dir: Path, record: SessionRecord, archive: str | None = None) -> None:
+        self._archive = None
+        if archive is not None:
+            from ._cli_dicom import parse_archive
+
+            self._archive = parse_archive(archive)
         self._plan_config = plan
         self._out = Path(out_dir)
         self._record = record
@@ -71,7 +76,13 @@ class SetupExporter:
             self._record.write("export", t_unix_s=approved_unix_s, pair_id=pair_id, kind="spatial_registration",
                                path=str(path), sop_instance_uid=str(ds.SOPInstanceUID))
             log.info("pair %d: approved setup exported to %s", pair_id, path)
-        except (TrackingError, OSError, ValueError, AttributeError) as err:
+            if self._archive is not None:
+                from .dicom_net import send_to_archive
+
+                send_to_archive([path], self._archive)
+                self._record.write("export_sent", t_unix_s=approved_unix_s, pair_id=pair_id,
+                                   archive=self._archive.describe(), sop_instance_uid=str(ds.SOPInstanceUID))
+        except (TrackingError, OSError, ValueError, AttributeError) as err:  # DicomNetworkError is a TrackingError
             log.error("pair %d: setup export failed: %s", pair_id, err)
             self._record.write("export_failed", t_unix_s=approved_unix_s, pair_id=pair_id,
                                kind="spatial_registration", error=f"{type(err).__name__}: {err}")

@@ -155,7 +155,8 @@ class Service:
         if config.record.dicom_exports is not None:
             from .exports import SetupExporter
 
-            self.exporter = SetupExporter(config.plan, config.record.dicom_exports, self.record)
+            self.exporter = SetupExporter(config.plan, config.record.dicom_exports, self.record,
+                                          config.record.dicom_archive)
         self.engine = Engine(config, factory, self.record, self._out.put,
                              on_setup_applied=None if self.exporter is None else self.exporter.export)
         self.mailbox = Mailbox()

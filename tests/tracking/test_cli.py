@@ -278,3 +278,28 @@ def test_register_gives_the_same_answer_from_the_dicom_plan(simulated_case, caps
     np.testing.assert_allclose(from_dicom["plan"]["isocentre_lps_mm"], truth["isocentre_lps_mm"], rtol=0, atol=1e-6)
     for key in ("translation_mm", "rotation_deg"):
         np.testing.assert_allclose(from_dicom["correction"][key], from_files["correction"][key], rtol=0, atol=1e-6)
+
+
+def test_dicom_export_writes_rt_images_and_sends_them_to_an_archive(simulated_case, tmp_path, capsys):
+    import pydicom
+
+    from tracking.dicom_net import EXPORT_SOP_CLASSES, ListenerConfig, StorageListener
+
+    folder, _ = simulated_case
+    frames = ["--image", f"A={folder / 'frames' / 'pose_000_A.mha'}", "--image", f"B={folder / 'frames' / 'pose_000_B.mha'}"]
+    config = ListenerConfig(tmp_path / "archive", port=0, sop_classes=EXPORT_SOP_CLASSES, timeout_s=20.0)
+    with StorageListener(config) as archive:
+        code = main(["dicom-export", "--plan", str(folder / "dicom"), "--geometry", str(folder / "geometry.json"),
+                     *frames, "--i0", "20000", "--pair-id", "4", "--out", str(tmp_path / "ri"),
+                     "--send", f"SPINEGUIDE@127.0.0.1:{archive.port}"])
+        received = archive.received
+    assert code == 0 and "sent 2 object(s)" in capsys.readouterr().out
+    assert len(received) == 2
+    for path in received:
+        ds = pydicom.dcmread(path)
+        assert ds.Modality == "RTIMAGE" and ds.PatientID == pydicom.dcmread(folder / "dicom" / "RP.dcm").PatientID
+    assert main(["dicom-export", "--plan", str(folder / "dicom"), "--geometry", str(folder / "geometry.json"),
+                 *frames, "--out", str(tmp_path / "x")]) == 2
+    assert "--i0 is required" in capsys.readouterr().err
+    assert main(["dicom-send", "--archive", "nohost", str(tmp_path / "ri")]) == 2
+    assert "AE@HOST:PORT" in capsys.readouterr().err

@@ -95,3 +95,30 @@ def test_engine_reports_every_setup_sent_to_the_couch_with_the_operator():
     assert reply["ok"], reply
     assert len(seen) == 1 and seen[0][2] == "R. Physicist"
     assert_allclose(seen[0][1].translation_mm, [2.0, 0.0, 0.0], rtol=0, atol=1e-3)
+
+
+def test_exported_registration_is_sent_to_the_archive(plans, tmp_path):
+    from tracking.dicom_net import EXPORT_SOP_CLASSES, ListenerConfig, StorageListener
+
+    folder, _, _ = plans
+    record = SessionRecord(tmp_path / "session.jsonl")
+    plan = PlanConfig(method="fiducial", geometry=folder / "geometry.json", dicom=folder / "dicom")
+    config = ListenerConfig(tmp_path / "archive", port=0, sop_classes=EXPORT_SOP_CLASSES, timeout_s=20.0)
+    with StorageListener(config) as archive:
+        exporter = SetupExporter(plan, tmp_path / "exports", record, f"SPINEGUIDE@127.0.0.1:{archive.port}")
+        exporter.export(3, Pose.from_six([1, 0, 0], [0, 0, 0]), T0, "op")
+        exporter.join()
+        received = archive.received
+    record.close()
+    assert len(received) == 1 and pydicom.dcmread(received[0]).Modality == "REG"
+    events = [r["event"] for r in read_record(tmp_path / "session.jsonl")]
+    assert events.index("export") < events.index("export_sent")
+
+
+def test_archive_without_exports_folder_is_refused():
+    from tracking.config import RecordConfig
+
+    with pytest.raises(ConfigError, match="dicom_archive needs dicom_exports"):
+        RecordConfig(dicom_archive="RV@host:104")
+    with pytest.raises(ConfigError, match="AE@HOST:PORT"):
+        RecordConfig(dicom_exports="x", dicom_archive="host:104")
