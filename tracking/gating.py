@@ -62,6 +62,7 @@ class HoldReason(Enum):
     FIDUCIAL_MISSING = "fiducial_missing"
     FIDUCIAL_MIGRATED = "fiducial_migrated"
     OUT_OF_TOLERANCE = "out_of_tolerance"
+    MOVING_OUT_OF_TOLERANCE = "moving_out_of_tolerance"
     ROTATION_OUT_OF_TOLERANCE = "rotation_out_of_tolerance"
     SETTLING = "settling"
     CORRECTION_LIMIT = "correction_limit"
@@ -161,6 +162,10 @@ class Measurement:
         Target displacement (actual - planned), room X, Y, Z, mm.
     rotation_deg : (3,) array or None
         Patient pose ``[pitch, roll, yaw]``, degrees.
+    velocity_mm_per_s : (3,) array or None
+        Target velocity (room X, Y, Z, mm/s) from this and the previous
+        pair, when known. With it the gate judges the deviation the target
+        will have reached when the ENABLE expires, not only the one measured.
     """
 
     pair_id: int
@@ -168,11 +173,12 @@ class Measurement:
     reason: HoldReason
     deviation_mm: np.ndarray | None = None
     rotation_deg: np.ndarray | None = None
+    velocity_mm_per_s: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.reason, HoldReason):
             raise TrackingError(f"measurement reason must be a HoldReason, got {self.reason!r}")
-        for name in ("deviation_mm", "rotation_deg"):
+        for name in ("deviation_mm", "rotation_deg", "velocity_mm_per_s"):
             value = getattr(self, name)
             if value is not None:
                 arr = np.array(value, dtype=np.float64)
@@ -241,7 +247,9 @@ def judge_measurement(
     ENABLE only if: a measurement exists, it is OK, it is not older than a
     pair already judged, its age is within ``[-max_clock_skew_s,
     max_frame_age_s]``, its deviation and rotation are finite and within every
-    tolerance (with the rearm margin after a tolerance HOLD), and at least
+    tolerance (with the rearm margin after a tolerance HOLD), the deviation
+    extrapolated with the measured velocity (when given) to the ENABLE's
+    expiry is within tolerance too, and at least
     ``consecutive_to_enable`` such pairs came in a row. Anything else: HOLD
     with the first failing reason. The ENABLE expires at
     ``min(now + enable_validity_s, acquired + max_frame_age_s)``.
@@ -275,13 +283,21 @@ def judge_measurement(
         axis_limits = np.maximum(axis_limits - config.rearm_margin_mm, 0.0)
     if dev_norm > limit_3d or np.any(np.abs(dev) > axis_limits):
         return _hold(HoldReason.OUT_OF_TOLERANCE, now_unix_s, pid, dev_norm, state, rearm=True)
+    valid_until = min(now_unix_s + config.enable_validity_s, m.acquired_unix_s + config.max_frame_age_s)
+    if m.velocity_mm_per_s is not None:
+        vel = m.velocity_mm_per_s
+        if not np.all(np.isfinite(vel)):
+            return _hold(HoldReason.INTERNAL_ERROR, now_unix_s, pid, dev_norm, state)
+        # Where the target will be when this permission expires, if it keeps moving as it moved.
+        ahead = dev + vel * max(valid_until - m.acquired_unix_s, 0.0)
+        if np.linalg.norm(ahead) > limit_3d or np.any(np.abs(ahead) > axis_limits):
+            return _hold(HoldReason.MOVING_OUT_OF_TOLERANCE, now_unix_s, pid, dev_norm, state, rearm=True)
     if np.max(np.abs(rot)) > config.tolerance_rotation_deg:
         return _hold(HoldReason.ROTATION_OUT_OF_TOLERANCE, now_unix_s, pid, dev_norm, state, rearm=True)
     good = state.consecutive_good + 1
     if good < config.consecutive_to_enable:
         new_state = GatingState(good, state.rearm_needed, pid, 0.0)
         return GatingDecision(Beam.HOLD, HoldReason.SETTLING, now_unix_s, pid, dev_norm, now_unix_s), new_state
-    valid_until = min(now_unix_s + config.enable_validity_s, m.acquired_unix_s + config.max_frame_age_s)
     new_state = GatingState(good, False, pid, valid_until)
     return GatingDecision(Beam.ENABLE, HoldReason.OK, valid_until, pid, dev_norm, now_unix_s), new_state
 

@@ -212,6 +212,7 @@ class Engine:
         self.last_pose: Pose | None = None
         self.pending: dict[str, Any] | None = None      # correction proposed / sent in setup
         self.couch_moved_unix_s: float | None = None
+        self._last_measured: list[tuple[float, np.ndarray]] | None = None  # recent (acquired_unix_s, deviation_mm)
         self._last_gating: tuple[Beam, HoldReason, float] | None = None
         self._outputs: list[dict] | None = None
         self.counters: dict[str, int] = {}
@@ -242,6 +243,7 @@ class Engine:
             return
         old = self.state
         self.state = new
+        self._last_measured = None  # a velocity never spans a state change (e.g. a couch move)
         self.record.write("state", t_unix_s=now_unix_s, t_mono_s=now_mono_s, old=old.value, new=new.value, why=why)
         log.info("state %s -> %s (%s)", old.value, new.value, why)
         if old is ServiceState.MONITORING or new is not ServiceState.MONITORING:
@@ -545,7 +547,20 @@ class Engine:
 
     def _measurement(self, job: PairJob, pose: Pose) -> Measurement:
         dev = pose.target_deviation_mm(self.target_room_mm)
-        return Measurement(job.pair_id, job.acquired_unix_s, HoldReason.OK, dev, pose.rotation_deg)
+        # Target velocity from the previous trusted pair of this monitoring run, if it is recent
+        # (no older than the staleness limit): the gate then also judges where the target will be
+        # when the ENABLE expires.
+        # The baseline is at least half a frame period, so that pairs arriving much faster than
+        # nominal do not turn measurement noise into a large velocity.
+        velocity = None
+        g = self.gating_config
+        history = [h for h in (self._last_measured or []) if job.acquired_unix_s - h[0] <= g.max_frame_age_s]
+        usable = [h for h in history if job.acquired_unix_s - h[0] >= 0.5 * g.frame_period_s]
+        if usable:
+            t_prev, dev_prev = usable[-1]
+            velocity = (dev - dev_prev) / (job.acquired_unix_s - t_prev)
+        self._last_measured = history + [(job.acquired_unix_s, dev)]
+        return Measurement(job.pair_id, job.acquired_unix_s, HoldReason.OK, dev, pose.rotation_deg, velocity)
 
     def _monitor(self, job: PairJob, result: PairResult, now: float) -> None:
         if not result.ok:

@@ -70,6 +70,21 @@ def test_every_failure_holds_with_its_reason(measurement, reason):
     assert state.consecutive_good == 0 and state.enabled_until_unix_s == 0.0
 
 
+def test_target_moving_out_of_tolerance_before_the_enable_expires_holds():
+    # 0.6 mm off and moving +3 mm/s: in the 0.2 s the ENABLE would live it reaches 1.2 mm.
+    m = Measurement(1, NOW, HoldReason.OK, np.array([0.6, 0, 0]), np.zeros(3), np.array([3.0, 0, 0]))
+    decision, state = judge_measurement(GatingState(), m, NOW, CFG)
+    assert decision.beam is Beam.HOLD and decision.reason is HoldReason.MOVING_OUT_OF_TOLERANCE
+    assert state.rearm_needed
+    # Moving back towards the plan is no reason to hold.
+    m = Measurement(2, NOW, HoldReason.OK, np.array([0.6, 0, 0]), np.zeros(3), np.array([-3.0, 0, 0]))
+    decision, _ = judge_measurement(GatingState(), m, NOW, CFG)
+    assert decision.beam is Beam.ENABLE
+    m = Measurement(3, NOW, HoldReason.OK, np.array([0.6, 0, 0]), np.zeros(3), np.array([np.nan, 0, 0]))
+    decision, _ = judge_measurement(GatingState(), m, NOW, CFG)
+    assert decision.reason is HoldReason.INTERNAL_ERROR
+
+
 def test_per_axis_tolerance_holds_even_inside_3d_tolerance():
     cfg = GatingConfig(tolerance_3d_mm=2.0, tolerance_axis_mm=(0.5, 2.0, 2.0))
     decision, _ = judge_measurement(GatingState(), good(dev=(0.6, 0.0, 0.0)), NOW, cfg)
@@ -156,14 +171,16 @@ reasons = st.sampled_from(list(HoldReason))
 number = st.one_of(st.floats(-3, 3), st.just(math.nan), st.just(math.inf))
 vec = st.tuples(number, number, number)
 measurements = st.builds(
-    lambda pid, age, reason, dev, rot: Measurement(
+    lambda pid, age, reason, dev, rot, vel: Measurement(
         pid, NOW - age, reason, None if reason is not HoldReason.OK and dev is None else np.array(dev or (0, 0, 0)),
-        None if reason is not HoldReason.OK and rot is None else np.array(rot or (0, 0, 0))),
+        None if reason is not HoldReason.OK and rot is None else np.array(rot or (0, 0, 0)),
+        None if vel is None else np.array(vel)),
     st.integers(0, 50),
     st.floats(-0.2, 0.5),
     reasons,
     st.one_of(st.none(), vec),
     st.one_of(st.none(), vec),
+    st.one_of(st.none(), st.tuples(*[st.floats(-20, 20)] * 3)),
 )
 configs = st.builds(
     GatingConfig,
@@ -196,6 +213,10 @@ def test_enable_is_only_ever_granted_on_fresh_good_in_tolerance_pairs(sequence, 
             assert np.linalg.norm(dev) <= cfg.tolerance_3d_mm
             assert np.all(np.abs(dev) <= np.asarray(cfg.tolerance_axis_mm))
             assert np.max(np.abs(rot)) <= cfg.tolerance_rotation_deg
+            if m.velocity_mm_per_s is not None:
+                # Where the target will be when the permission expires is inside tolerance too.
+                ahead = dev + m.velocity_mm_per_s * (decision.valid_until_unix_s - m.acquired_unix_s)
+                assert np.linalg.norm(ahead) <= cfg.tolerance_3d_mm + 1e-9
             # The permission never outlives the measurement's freshness nor the validity window.
             assert decision.valid_until_unix_s <= m.acquired_unix_s + cfg.max_frame_age_s + 1e-9
             assert decision.valid_until_unix_s <= now + cfg.enable_validity_s + 1e-9

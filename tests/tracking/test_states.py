@@ -271,3 +271,23 @@ def test_a_plan_that_cannot_load_is_refused_with_the_reason_and_nothing_changes(
     reply = h.cmd("load_plan")
     assert reply["ok"] is False and "plan cannot be loaded" in reply["reason"] and "ct.mha" in reply["reason"]
     assert reply["state"] == "IDLE" and h.engine.processor is None
+
+
+def test_monitoring_holds_a_target_moving_out_before_the_enable_would_expire():
+    h = Harness()
+    h.to_state(ServiceState.MONITORING)
+    beams = []
+    for k in range(1, 5):  # 0.3 mm per 0.1 s along X: 3 mm/s
+        out = h.pair(Pose.from_six([0.3 * k, 0.0, 0.0], [0, 0, 0]))
+        beams.extend((g["beam"], g["reason"]) for g in gating(out))
+    # 0.3 mm: no velocity yet (first pair of the run) -> ENABLE; 0.6 mm at 3 mm/s would reach
+    # 0.6 + 3 x 0.18 = 1.14 mm before the ENABLE expires -> HOLD, though still inside 1 mm now.
+    assert beams[0] == ("ENABLE", "ok")
+    assert beams[1] == ("HOLD", "moving_out_of_tolerance")
+
+
+def test_a_still_target_near_the_boundary_keeps_the_beam():
+    h = Harness()
+    h.to_state(ServiceState.MONITORING)
+    out = [g for _ in range(4) for g in gating(h.pair(Pose.from_six([0.9, 0.0, 0.0], [0, 0, 0])))]
+    assert all(g["beam"] == "ENABLE" for g in out)
