@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from pathlib import Path
 
-import numpy as np
 
 from .errors import GeometryError, GeometryFileError, SchemaError
 from .geometry import MATRIX_AGREEMENT_LIMIT_PX, ImagerGeometry, StereoGeometry
+from .jsonfile import read_json_document, write_json_document
 
 __all__ = ["GEOMETRY_SCHEMA", "geometry_from_json", "read_geometry", "write_geometry"]
 
@@ -103,14 +102,7 @@ def geometry_from_json(obj) -> StereoGeometry:
 def read_geometry(path: str | os.PathLike) -> StereoGeometry:
     """Read a ``kv-geometry/1`` JSON file. Errors name the file and the imager."""
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as err:
-        raise GeometryFileError(f"{path}: cannot read geometry file: {err.strerror}") from err
-    try:
-        obj = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise GeometryFileError(f"{path}: not valid JSON: {err}") from err
+    obj = read_json_document(path, GeometryFileError, "geometry file")
     try:
         return geometry_from_json(obj)
     except SchemaError as err:
@@ -121,11 +113,6 @@ def read_geometry(path: str | os.PathLike) -> StereoGeometry:
 
 def write_geometry(geometry: StereoGeometry, path: str | os.PathLike) -> Path:
     """Write a geometry as ``kv-geometry/1`` with both descriptions; returns the path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(geometry.to_json(), indent=1) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    return write_json_document(geometry.to_json(), path)
 
 

@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import CalibrationError
+from .jsonfile import read_json_document, write_json_document
 
 __all__ = [
     "PHANTOM_SCHEMA",
@@ -301,14 +302,7 @@ def phantom_from_json(obj) -> BBPhantom:
 def read_phantom(path: str | os.PathLike) -> BBPhantom:
     """Read a ``bb-phantom/1`` JSON file. Errors name the file and the marker."""
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as err:
-        raise PhantomFileError(f"{path}: cannot read phantom file: {err.strerror}") from err
-    try:
-        obj = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise PhantomFileError(f"{path}: not valid JSON: {err}") from err
+    obj = read_json_document(path, PhantomFileError, "phantom file")
     try:
         return phantom_from_json(obj)
     except PhantomFileError as err:
@@ -317,12 +311,7 @@ def read_phantom(path: str | os.PathLike) -> BBPhantom:
 
 def write_phantom(phantom: BBPhantom, path: str | os.PathLike) -> Path:
     """Write a phantom as ``bb-phantom/1`` (atomically); returns the path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(phantom.to_json(), indent=1) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    return write_json_document(phantom.to_json(), path)
 
 
 def default_phantom() -> BBPhantom:

@@ -13,13 +13,14 @@ name or major version.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from calibration.jsonfile import read_json_document, write_json_document
 
 from .errors import RegistrationError
 from .volume import PatientPosition, room_from_lps_matrix
@@ -168,22 +169,11 @@ def read_fiducials(path: str | os.PathLike) -> FiducialSet:
         Unknown schema.
     """
     p = Path(path)
-    try:
-        text = p.read_text(encoding="utf-8")
-    except OSError as err:
-        raise FiducialFileError(f"{p}: cannot read fiducials file: {err.strerror or err}") from err
-    try:
-        obj = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise FiducialFileError(f"{p}: not valid JSON: {err.msg} at line {err.lineno}") from err
-    return fiducials_from_json(obj, str(p))
+    return fiducials_from_json(read_json_document(p, FiducialFileError, "fiducials file"), str(p))
 
 
 def write_fiducials(fiducials: FiducialSet, path: str | os.PathLike) -> Path:
     """Write a :class:`FiducialSet` as a ``fiducials/1`` JSON file; returns the path."""
     if not isinstance(fiducials, FiducialSet):
         raise FiducialFileError(f"expected a FiducialSet, got {type(fiducials).__name__}")
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    p.write_text(json.dumps(fiducials.to_json(), indent=1) + "\n", encoding="utf-8")
-    return p
+    return write_json_document(fiducials.to_json(), path)

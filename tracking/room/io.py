@@ -16,7 +16,6 @@ Frames carry their imager name and ``i0`` as metadata (``spineguide_imager``,
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ import SimpleITK as sitk
 
 from calibration.geometry import StereoGeometry, default_stereo_geometry
 from calibration.io import write_geometry
+from calibration.jsonfile import write_json_document
 from registration.io import FiducialSet, write_fiducials
 from registration.volume import write_ct
 
@@ -78,11 +78,6 @@ def write_frame(frame: np.ndarray, path: str | os.PathLike, imager_name: str, i0
     p.parent.mkdir(parents=True, exist_ok=True)
     sitk.WriteImage(img, str(p), useCompression=True)
     return p
-
-
-def _write_json(obj: dict, path: Path) -> Path:
-    path.write_text(json.dumps(obj, indent=2) + "\n")
-    return path
 
 
 def _pose_truth(index: int, pair: StereoFrames, frame_files: dict[str, str]) -> dict:
@@ -200,7 +195,7 @@ def write_simulation(
         "seeds": [s.to_json() for s in phantom.seeds],
         "poses": poses,
     }
-    files.append(_write_json(truth, out / "truth.json"))
+    files.append(write_json_document(truth, out / "truth.json"))
     return SimulationSummary(
         out, phantom.name, n_poses, tuple(files), tuple(float(x) for x in phantom.isocentre_lps_mm), time.monotonic() - start
     )
