@@ -181,6 +181,10 @@ class Service:
             A socket could not be bound or the keys are unusable.
         """
         log_config(self.config)
+        if self.config.plan.method != "pattern":
+            from .processing import warm_up_kernels
+
+            log.info("numba kernels ready in %.2f s (compiled or loaded before the threads start)", warm_up_kernels())
         self._ctx = zmq.Context()
         server_keys = None
         if self.config.security.enabled:

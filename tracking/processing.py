@@ -45,6 +45,7 @@ __all__ = [
     "FiducialProcessor",
     "AnatomyProcessor",
     "build_processor",
+    "warm_up_kernels",
 ]
 
 
@@ -382,3 +383,33 @@ def _build_anatomy(plan: PlanConfig) -> PairProcessor:
     else:
         roi = RegionOfInterest.from_box(ct, iso, plan.roi_half_size_mm)
     return AnatomyProcessor(AnatomyRegistration(ct, iso, geometry, roi))
+
+
+def warm_up_kernels() -> float:
+    """Compile (or load from numba's cache) the registration kernels; returns the seconds it took.
+
+    Numba holds the GIL while it compiles, which would make the publisher's
+    heartbeats late during the first pair. The service calls this before its
+    threads start: a tiny DRR, and the fiducial pipeline (whole frame and
+    tracking windows) on a small synthetic pair with one dark blob.
+    """
+    from calibration.geometry import default_stereo_geometry
+    from registration.drr import AttenuationVolume, compute_drr
+    from registration.errors import RegistrationError
+
+    from .fiducials import localise_fiducials
+
+    t0 = time.monotonic()
+    geometry = default_stereo_geometry(128, 3.2)
+    compute_drr(AttenuationVolume(np.full((4, 4, 4), 0.02, np.float32), np.eye(4)), geometry["A"])
+    frames = {}
+    for name in geometry.names:
+        frame = np.full((128, 128), 20000, np.uint16)
+        frame[63:65, 63:65] = 2000  # a seed-like blob at the isocentre's projection
+        frames[name] = frame
+    for prior in (None, Pose.identity()):
+        try:
+            localise_fiducials(frames, geometry, np.zeros((1, 3)), ["warm-up"], i0=20000.0, prior_pose=prior)
+        except (TrackingError, RegistrationError):
+            pass  # only the compilation matters here
+    return time.monotonic() - t0
