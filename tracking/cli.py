@@ -437,10 +437,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--panel-pixels", type=_positive_int, default=1024, help="panel rows = cols (default 1024)")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     p.set_defaults(func=_cmd_simulate)
-    from . import _cli_dicom, _cli_service
+    from . import _cli_console, _cli_dicom, _cli_service
 
     _cli_dicom.add_commands(sub)
     _cli_service.add_commands(sub)
+    _cli_console.add_commands(sub)
     return parser
 
 

@@ -20,7 +20,7 @@ from ..errors import TrackingError
 from ..record import frames_folder
 from ..sims import ClientKeys
 
-__all__ = ["ConsoleConfig", "ConsoleConfigError", "PlannedSeeds", "console_config_from_service", "connect_address"]
+__all__ = ["ConsoleConfig", "ConsoleConfigError", "PlannedSeeds", "connect_address", "console_config_from_service"]
 
 #: Shortest login token accepted (characters): a token guessable by hand protects nothing.
 MIN_TOKEN_CHARS = 16
@@ -185,8 +185,6 @@ def console_config_from_service(service_config, **overrides) -> ConsoleConfig:
     """
     rec = service_config.record
     values = {
-        "publish_address": connect_address(service_config.endpoints.publish),
-        "command_address": connect_address(service_config.endpoints.command),
         "frames_folder": frames_folder(rec.path) if rec.path is not None and rec.raw_frames else None,
         "records_folder": rec.path.parent if rec.path is not None else None,
         "correction_limit_mm": service_config.safety.correction_limit_mm,
@@ -195,6 +193,9 @@ def console_config_from_service(service_config, **overrides) -> ConsoleConfig:
         "tolerance_3d_mm": service_config.safety.tolerance_3d_mm,
     }
     values.update(overrides)
+    for name in ("publish", "command"):
+        if f"{name}_address" not in overrides:
+            values[f"{name}_address"] = connect_address(getattr(service_config.endpoints, name))
     if "planned" not in overrides:
         values["planned"] = _planned_seeds(service_config.plan)
     return ConsoleConfig(**values)

@@ -1,0 +1,172 @@
+"""kV frames for display: downsampled, contrast-windowed, with the fiducial overlays, encoded by OpenCV.
+
+The displayed frame is the raw detector signal (bone dark, CONVENTIONS),
+windowed between its 1st and 99th percentiles and shrunk with area
+averaging to at most ``display_pixels`` on its longer side. Overlays are
+drawn in display pixels; every coordinate given is a full-resolution
+``(col, row)`` pixel of the imager (pixel centres at integers).
+
+Overlay marks:
+
+- planned projection of each seed at perfect setup: green cross;
+- detected seed (``correction/1`` quality ``seeds[].pixels_px``): yellow circle;
+- residual: red line from the seed's projection at the estimated pose to
+  the detection, magnified by ``residual_gain`` (a 0.3 px residual is
+  invisible at display scale otherwise; the gain is drawn in the corner).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+from ..errors import FrameError
+
+__all__ = ["DisplayFrame", "SeedOverlay", "render_frame", "seed_overlays", "window_levels"]
+
+#: Residual vectors are drawn this many times their length.
+RESIDUAL_GAIN = 10.0
+#: Percentiles of the display window (robust to the dark seeds and bright air).
+WINDOW_PERCENTILES = (1.0, 99.0)
+
+_GREEN = (0, 200, 0)
+_YELLOW = (0, 220, 255)
+_RED = (40, 40, 255)
+
+
+@dataclass(frozen=True, slots=True)
+class SeedOverlay:
+    """One seed's marks on one imager, full-resolution ``(col, row)`` pixels; any may be None."""
+
+    name: str
+    planned_px: tuple[float, float] | None
+    detected_px: tuple[float, float] | None
+    predicted_px: tuple[float, float] | None
+
+
+@dataclass(frozen=True, slots=True)
+class DisplayFrame:
+    """An encoded display frame: ``scale`` = display pixels per full-resolution pixel."""
+
+    imager: str
+    pair_id: int
+    data: bytes
+    mime: str
+    rows: int
+    cols: int
+    scale: float
+
+
+def window_levels(pixels: np.ndarray) -> tuple[float, float]:
+    """Display window ``(low, high)`` of a frame in its own units: its 1st and 99th percentiles.
+
+    Estimated on a regular subsample of at most about 128 x 128 pixels (every pixel of a smaller frame).
+    """
+    sample = pixels[:: max(1, pixels.shape[0] // 128), :: max(1, pixels.shape[1] // 128)]
+    low, high = np.percentile(sample, WINDOW_PERCENTILES)
+    if not high > low:
+        high = low + 1.0
+    return float(low), float(high)
+
+
+def _pt(px: tuple[float, float], scale: float) -> tuple[int, int]:
+    # Pixel centres at integers: the display pixel holding full-res (c, r) has centre (c + 0.5) * s - 0.5.
+    return int(round((px[0] + 0.5) * scale - 0.5)), int(round((px[1] + 0.5) * scale - 0.5))
+
+
+def render_frame(pixels: np.ndarray, imager: str, pair_id: int, overlays: tuple[SeedOverlay, ...] = (),
+                 display_pixels: int = 256, fmt: str = "jpeg", residual_gain: float = RESIDUAL_GAIN) -> DisplayFrame:
+    """Window, shrink, draw overlays and encode one frame.
+
+    Parameters
+    ----------
+    pixels : (rows, cols) array
+        Raw detector signal, ``image[row, col]``.
+    imager, pair_id : str, int
+        Labels drawn in the corner.
+    overlays : tuple of SeedOverlay
+        Seeds to draw (full-resolution ``(col, row)`` pixels).
+    display_pixels : int
+        Longest side of the result, pixels (never enlarged).
+    fmt : ``"jpeg"`` or ``"png"``
+
+    Raises
+    ------
+    FrameError
+        Not a 2-D finite array, or an unknown format.
+    """
+    arr = np.asarray(pixels)
+    if arr.ndim != 2 or arr.size == 0:
+        raise FrameError(f"imager '{imager}' pair {pair_id}: display needs a 2-D frame, got shape {arr.shape}")
+    if fmt not in ("jpeg", "png"):
+        raise FrameError(f"display format must be 'jpeg' or 'png', got {fmt!r}")
+    img = arr.astype(np.float32, copy=False)
+    if not np.all(np.isfinite(img)):
+        raise FrameError(f"imager '{imager}' pair {pair_id}: frame has NaN or infinite pixels")
+    rows, cols = img.shape
+    scale = min(1.0, display_pixels / max(rows, cols))
+    if scale < 1.0:
+        img = cv2.resize(img, (max(1, round(cols * scale)), max(1, round(rows * scale))), interpolation=cv2.INTER_AREA)
+        scale = img.shape[1] / cols
+    low, high = window_levels(img)
+    grey = np.clip((img - low) * (255.0 / (high - low)), 0, 255).astype(np.uint8)
+    out = cv2.cvtColor(grey, cv2.COLOR_GRAY2BGR)
+    for s in overlays:
+        if s.planned_px is not None:
+            cv2.drawMarker(out, _pt(s.planned_px, scale), _GREEN, cv2.MARKER_CROSS, 9, 1)
+        if s.detected_px is not None:
+            centre = _pt(s.detected_px, scale)
+            cv2.circle(out, centre, 5, _YELLOW, 1)
+            if s.predicted_px is not None:
+                tip = (s.predicted_px[0] + residual_gain * (s.detected_px[0] - s.predicted_px[0]),
+                       s.predicted_px[1] + residual_gain * (s.detected_px[1] - s.predicted_px[1]))
+                cv2.line(out, _pt(s.predicted_px, scale), _pt(tip, scale), _RED, 1)
+    label = f"{imager}  pair {pair_id}" + (f"  residual x{residual_gain:g}" if overlays else "")
+    cv2.putText(out, label, (4, 12), cv2.FONT_HERSHEY_SIMPLEX, 0.35, (255, 255, 255), 1, cv2.LINE_AA)
+    ok, buf = cv2.imencode(".jpg" if fmt == "jpeg" else ".png", out,
+                           [cv2.IMWRITE_JPEG_QUALITY, 85] if fmt == "jpeg" else [])
+    if not ok:
+        raise FrameError(f"imager '{imager}' pair {pair_id}: OpenCV could not encode the display frame")
+    return DisplayFrame(imager, int(pair_id), buf.tobytes(), f"image/{fmt}", out.shape[0], out.shape[1], scale)
+
+
+def seed_overlays(imager, planned_room_mm: np.ndarray, names: tuple[str, ...], correction: dict | None
+                  ) -> tuple[SeedOverlay, ...]:
+    """Overlay marks for one imager from the planned seeds and a ``correction/1`` body.
+
+    Parameters
+    ----------
+    imager : ImagerGeometry
+    planned_room_mm : (N, 3) array
+        Planned seed centres, room frame at perfect setup, mm.
+    names : tuple of str
+        Seed names, in the order of ``planned_room_mm`` (matched to ``quality.seeds[].name``).
+    correction : dict or None
+        A ``correction/1`` body (couch correction ``C``); the estimated patient pose is ``C^-1``.
+
+    Returns
+    -------
+    tuple of SeedOverlay
+        Planned projections always; detections and predictions where the correction has them.
+    """
+    from registration.pose import Correction
+
+    planned_px = imager.project(planned_room_mm) if len(planned_room_mm) else np.zeros((0, 2))
+    detected: dict[str, tuple[float, float]] = {}
+    predicted_px = None
+    if correction is not None:
+        for seed in (correction.get("quality") or {}).get("seeds") or ():
+            px = (seed.get("pixels_px") or {}).get(imager.name)
+            if seed.get("found") and px is not None and len(px) == 2:
+                detected[seed.get("name")] = (float(px[0]), float(px[1]))
+        pose = Correction.from_six(correction["translation_mm"], correction["rotation_deg"]).to_pose()
+        if len(planned_room_mm):
+            predicted_px = imager.project(pose.apply(planned_room_mm))
+    out = []
+    for i, name in enumerate(names):
+        out.append(SeedOverlay(
+            name, (float(planned_px[i, 0]), float(planned_px[i, 1])), detected.get(name),
+            None if predicted_px is None else (float(predicted_px[i, 0]), float(predicted_px[i, 1]))))
+    return tuple(out)
