@@ -193,6 +193,12 @@ def run_fraction(out_dir: str | os.PathLike | None = None, seed: int = 2026, dur
     ports = {name: free_tcp_port() for name in ("frames", "publish", "command", "couch")}
     if method not in ("fiducial", "pattern"):
         raise TrackingError(f"fraction: method must be 'fiducial' or 'pattern', got {method!r}")
+    if method == "fiducial":
+        # Compile the numba kernels once here (or load them from the on-disk cache), so that the three
+        # processes load them from the cache instead of compiling at once on 2 cores mid-fraction.
+        from .processing import warm_up_kernels
+
+        say(f"numba kernels ready ({warm_up_kernels():.1f} s)")
     say(f"writing the plan and the service configuration ({method} method)")
     config_path = _service_toml(out, ports, frame_period_s, method, service_geometry)
     rng = np.random.default_rng(seed)
