@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from .errors import CalibrationError
+from .errors import DetectionError, ImagesSwappedError, MarkerCountError
 
 __all__ = [
     "DetectionError",
@@ -62,18 +62,6 @@ DIAMETER_RANGE = (0.4, 1.8)
 _WINDOW_MARGIN_PX = 2.5
 _MAX_RECENTRE = 20
 _RECENTRE_TOL_PX = 1e-4
-
-
-class DetectionError(CalibrationError, ValueError):
-    """A frame cannot be analysed (bad shape, dtype, i0...)."""
-
-
-class MarkerCountError(DetectionError):
-    """Too few of the phantom's markers were found in a frame."""
-
-
-class ImagesSwappedError(DetectionError):
-    """The frames given for two imagers match the other imager's view better than their own."""
 
 
 @dataclass(frozen=True, slots=True)

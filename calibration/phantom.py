@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import CalibrationError
+from .errors import PhantomError, PhantomFileError
 from .jsonfile import read_json_document, write_json_document
 
 __all__ = [
@@ -63,14 +63,6 @@ MIN_OUT_OF_PLANE_MM = 5.0
 
 #: The centre marker is the one at the origin, within this distance, mm.
 _CENTRE_TOL_MM = 1e-6
-
-
-class PhantomError(CalibrationError, ValueError):
-    """A phantom description is not valid (too few markers, coplanar, overlapping...)."""
-
-
-class PhantomFileError(PhantomError):
-    """A ``bb-phantom/1`` file cannot be read or is malformed."""
 
 
 def _readonly(arr) -> np.ndarray:

@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from .bb_detection import MarkerCountError
-from .errors import CalibrationError
+from .errors import CalibrationError, QAHistoryError
 from .geometry import StereoGeometry
 from .phantom import BBPhantom
 from .solve import CalibrationFrame, CalibrationSolveError, MeasuredFrame, _check_not_swapped, measure_frame
@@ -55,10 +55,6 @@ __all__ = [
 ]
 
 QA_RECORD_SCHEMA = "qa-record/1"
-
-
-class QAHistoryError(CalibrationError, ValueError):
-    """A QA history file cannot be read or holds a malformed record."""
 
 
 class QAStatus(enum.Enum):

@@ -14,14 +14,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import CalibrationError
+from .errors import ReportError
 from .solve import CalibrationFrame, CalibrationResult
 
 __all__ = ["ReportError", "write_calibration_report", "write_trend_plot"]
-
-
-class ReportError(CalibrationError):
-    """A report cannot be written."""
 
 
 def _pyplot():

@@ -56,7 +56,7 @@ from .bb_detection import (
     detect_bbs,
     match_markers,
 )
-from .errors import CalibrationError, GeometryError
+from .errors import CalibrationSolveError, GeometryError
 from .geometry import ImagerGeometry, StereoGeometry
 from .phantom import BBPhantom
 
@@ -88,10 +88,6 @@ SEARCH_PANEL_MM = 50.0
 #: markers: below one half, no detection can be claimed by two markers.
 GATE_FRACTION = 0.3
 _MIN_MATCHED = 6  # markers per imager for a DLT (11 unknowns, 2 equations each)
-
-
-class CalibrationSolveError(CalibrationError, ValueError):
-    """The geometry cannot be solved from the measurements given."""
 
 
 def _readonly(arr, dtype=np.float64) -> np.ndarray:

@@ -21,15 +21,11 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
-from .errors import RegistrationError
+from .errors import CTSeedError
 from .io import FiducialSet
 from .volume import CTVolume
 
 __all__ = ["CTSeedConfig", "CTSeedCandidate", "CTSeedError", "find_ct_seeds", "candidates_to_fiducials"]
-
-
-class CTSeedError(RegistrationError, ValueError):
-    """Seed search in a CT was asked something impossible (bad limits, wrong input)."""
 
 
 @dataclass(frozen=True, slots=True)

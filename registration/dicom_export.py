@@ -66,7 +66,7 @@ from pydicom.uid import ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID, gene
 
 from calibration.geometry import ImagerGeometry
 
-from .errors import RegistrationError
+from .errors import DicomExportError
 from .plan import PatientStudy, Plan
 from .pose import Pose
 from .volume import PatientPosition, room_from_lps_matrix
@@ -95,10 +95,6 @@ NORMAL_TOL_DEG = 1e-3
 _MANUFACTURER = "spineguide"
 _MODEL = "spineguide stereo kV guidance"
 _SOFTWARE = "spineguide 0.1.0"
-
-
-class DicomExportError(RegistrationError, ValueError):
-    """An object cannot be exported: identity missing, frame unusable, geometry degenerate."""
 
 
 def format_ds(value: float) -> str:

@@ -34,7 +34,7 @@ import numpy as np
 import pydicom
 from pydicom.errors import InvalidDicomError
 
-from .errors import RegistrationError
+from .errors import DicomRTError
 from .io import FiducialSet
 from .volume import CTVolume, PatientPosition
 
@@ -69,10 +69,6 @@ TARGET_TYPES = ("PTV", "CTV", "GTV")
 
 RTSTRUCT_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.481.3"
 RTPLAN_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.481.5"
-
-
-class DicomRTError(RegistrationError, ValueError):
-    """An RT Structure Set or RT Plan is unusable; the message names the file and the item."""
 
 
 class ContourType(Enum):

@@ -10,6 +10,14 @@ __all__ = [
     "PatientPositionError",
     "DRRError",
     "NotConvergedError",
+    "DicomExportError",
+    "PlanError",
+    "DicomRTError",
+    "FiducialFileError",
+    "FiducialSchemaError",
+    "CTSeedError",
+    "PointRegistrationError",
+    "SeedMigrationError",
 ]
 
 
@@ -39,3 +47,35 @@ class DRRError(RegistrationError, ValueError):
 
 class NotConvergedError(RegistrationError):
     """An optimiser did not reach its tolerance."""
+
+
+class DicomExportError(RegistrationError, ValueError):
+    """An object cannot be exported: identity missing, frame unusable, geometry degenerate."""
+
+
+class PlanError(RegistrationError, ValueError):
+    """A plan cannot be assembled: parts missing, or parts that do not belong together."""
+
+
+class DicomRTError(RegistrationError, ValueError):
+    """An RT Structure Set or RT Plan is unusable; the message names the file and the item."""
+
+
+class FiducialFileError(RegistrationError, ValueError):
+    """A planned-fiducials file or set is unusable; the message names the file and the entry."""
+
+
+class FiducialSchemaError(FiducialFileError):
+    """A planned-fiducials document carries a ``schema`` we do not know."""
+
+
+class CTSeedError(RegistrationError, ValueError):
+    """Seed search in a CT was asked something impossible (bad limits, wrong input)."""
+
+
+class PointRegistrationError(RegistrationError, ValueError):
+    """Point registration cannot give a trustworthy pose (too few seeds, bad input)."""
+
+
+class SeedMigrationError(PointRegistrationError):
+    """Inter-seed distances changed beyond the limit and no single seed explains it."""

@@ -22,7 +22,7 @@ import numpy as np
 
 from calibration.jsonfile import read_json_document, write_json_document
 
-from .errors import RegistrationError
+from .errors import FiducialFileError, FiducialSchemaError
 from .volume import PatientPosition, room_from_lps_matrix
 
 __all__ = [
@@ -37,14 +37,6 @@ __all__ = [
 
 #: Schema string written into every planned-fiducials file.
 FIDUCIALS_SCHEMA = "fiducials/1"
-
-
-class FiducialFileError(RegistrationError, ValueError):
-    """A planned-fiducials file or set is unusable; the message names the file and the entry."""
-
-
-class FiducialSchemaError(FiducialFileError):
-    """A planned-fiducials document carries a ``schema`` we do not know."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -38,7 +38,7 @@ from .dicom_rt import (
     read_rtstruct,
     scan_dicom_folder,
 )
-from .errors import RegistrationError
+from .errors import PlanError
 from .io import FiducialSet, read_fiducials
 from .volume import CTVolume, PatientPosition, read_ct
 
@@ -53,10 +53,6 @@ __all__ = [
 
 #: Largest difference between a mask volume's grid and the CT's (origin, spacing, voxel axes x 1 mm), mm.
 MASK_GRID_TOL_MM = 1e-3
-
-
-class PlanError(RegistrationError, ValueError):
-    """A plan cannot be assembled: parts missing, or parts that do not belong together."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -25,7 +25,7 @@ from enum import Enum
 
 import numpy as np
 
-from .errors import RegistrationError
+from .errors import PointRegistrationError, SeedMigrationError
 from .pose import Correction, Pose
 
 __all__ = [
@@ -38,14 +38,6 @@ __all__ = [
     "register_points",
     "line_spread_mm",
 ]
-
-
-class PointRegistrationError(RegistrationError, ValueError):
-    """Point registration cannot give a trustworthy pose (too few seeds, bad input)."""
-
-
-class SeedMigrationError(PointRegistrationError):
-    """Inter-seed distances changed beyond the limit and no single seed explains it."""
 
 
 class PointFlag(Enum):

@@ -46,7 +46,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from .errors import TrackingError
+from .errors import ConfigError, TrackingError
 from .gating import GatingConfig
 
 __all__ = [
@@ -65,10 +65,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-
-class ConfigError(TrackingError, ValueError):
-    """The service configuration is missing, malformed, or holds an invalid value."""
 
 
 def _finite_positive(section: str, name: str, value: object) -> float:

@@ -32,7 +32,7 @@ import pydicom
 from pydicom.dataset import Dataset
 from pynetdicom import AE, evt
 
-from .errors import TrackingError
+from .errors import DicomNetworkError
 
 __all__ = [
     "DicomNetworkError",
@@ -68,10 +68,6 @@ _UID_RE = re.compile(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*")
 def _is_uid(text: str) -> bool:
     """PS3.5 9.1: digits and dots, no leading zeros, at most 64 characters (safe as a file name)."""
     return len(text) <= 64 and _UID_RE.fullmatch(text) is not None
-
-
-class DicomNetworkError(TrackingError):
-    """A DICOM association or transfer failed; the message names the peer and what failed."""
 
 
 def _ae_title(value: str, what: str) -> str:

@@ -41,7 +41,7 @@ from registration.points import (
 from registration.pose import Correction, Pose
 
 from .detection import Detection, DetectionConfig, detect_seeds_in_frames
-from .errors import FiducialNotFoundError, FrameError, TrackingError
+from .errors import FiducialConfigError, FiducialNotFoundError, FrameError, ImagerLabelError
 
 __all__ = [
     "Correspondence",
@@ -54,14 +54,6 @@ __all__ = [
     "localise_fiducials",
     "match_stereo",
 ]
-
-
-class FiducialConfigError(TrackingError, ValueError):
-    """A fiducial-localisation setting is out of range."""
-
-
-class ImagerLabelError(TrackingError, ValueError):
-    """The frames fit the imagers better under swapped labels, or the labelling cannot be told."""
 
 
 class FiducialFlag(Enum):

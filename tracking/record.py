@@ -30,17 +30,13 @@ from typing import Any
 
 import numpy as np
 
-from .errors import TrackingError
+from .errors import RecordError
 
 __all__ = ["RecordError", "SessionRecord", "read_record", "frames_folder"]
 
 log = logging.getLogger(__name__)
 
 _STOP = object()
-
-
-class RecordError(TrackingError):
-    """The session record cannot be written or read."""
 
 
 def frames_folder(path: Path) -> Path:

@@ -27,16 +27,12 @@ import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
 
 from .config import SecurityConfig
-from .errors import TrackingError
+from .errors import SecurityError
 
 __all__ = ["SecurityError", "KeyPair", "create_keys", "load_key_pair", "Authenticator",
            "make_server_socket_secure", "make_client_socket_secure"]
 
 log = logging.getLogger(__name__)
-
-
-class SecurityError(TrackingError):
-    """Keys missing, unreadable or malformed; CURVE not available."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -30,7 +30,7 @@ import numpy as np
 from registration.pose import Correction, Pose, RotationAxis, reduce_to_couch
 
 from .config import PlanConfig, ServiceConfig
-from .errors import TrackingError
+from .errors import CommandRefused, TrackingError
 from .frames import KvFrame
 from .gating import (
     Beam,
@@ -117,10 +117,6 @@ MAX_SETTABLE_TOLERANCE_MM = 5.0
 MAX_SETTABLE_TOLERANCE_DEG = 5.0
 #: A repeated identical HOLD from the timer is re-sent at this period (PUB may drop messages), s.
 HOLD_REPEAT_S = 1.0
-
-
-class CommandRefused(TrackingError):
-    """A command that is unknown, malformed or not valid in the current state."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -21,7 +21,7 @@ import numpy as np
 
 from registration.pose import Correction
 
-from .errors import FrameError, WireSchemaError
+from .errors import FrameError, NonFinitePixelsError, PayloadSizeError, WireSchemaError
 from .frames import KvFrame
 from .gating import GatingDecision
 
@@ -63,13 +63,6 @@ KNOWN_MAJOR = {
     "couch": 1,
 }
 
-
-class PayloadSizeError(FrameError):
-    """A ``kvframe/1`` pixel payload does not match its header's rows x cols x dtype (HOLD ``corrupt_frame``)."""
-
-
-class NonFinitePixelsError(FrameError):
-    """A float ``kvframe/1`` carries NaN or infinite pixels (HOLD ``nan_frame``)."""
 
 _DTYPES = {"uint16": np.dtype("<u2"), "float32": np.dtype("<f4")}
 

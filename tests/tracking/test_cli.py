@@ -303,3 +303,22 @@ def test_dicom_export_writes_rt_images_and_sends_them_to_an_archive(simulated_ca
     assert "--i0 is required" in capsys.readouterr().err
     assert main(["dicom-send", "--archive", "nohost", str(tmp_path / "ri")]) == 2
     assert "AE@HOST:PORT" in capsys.readouterr().err
+
+
+def test_register_anatomy_reads_the_roi_mask_and_checks_its_grid(simulated_case, tmp_path, capsys):
+    import json
+
+    folder, truth = simulated_case
+    args = _register_args(folder, truth, "anatomy")
+    # A mask on another grid is refused before any registration runs.
+    mask = sitk.ReadImage(str(folder / "target_mask.mha"))
+    moved = sitk.Image(mask)
+    moved.SetOrigin(tuple(o + 5.0 for o in mask.GetOrigin()))
+    sitk.WriteImage(moved, str(tmp_path / "moved.mha"))
+    assert main(args + ["--roi", str(tmp_path / "moved.mha")]) == 2
+    assert "grid (origin, spacing or direction) differs" in capsys.readouterr().err
+    # The room's target mask: the registration runs and reports the anatomy JSON.
+    code = main(args + ["--roi", str(folder / "target_mask.mha")])
+    report = json.loads(capsys.readouterr().out)
+    assert code in (0, 3) and report["method"] == "anatomy"
+    assert set(report["correction"]) == {"translation_mm", "rotation_deg"} and "ok" in report["quality"]

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import TrackingError
+from ..errors import ConsoleConfigError
 from ..record import frames_folder
 from ..sims import ClientKeys
 
@@ -24,10 +24,6 @@ __all__ = ["ConsoleConfig", "ConsoleConfigError", "PlannedSeeds", "connect_addre
 
 #: Shortest login token accepted (characters): a token guessable by hand protects nothing.
 MIN_TOKEN_CHARS = 16
-
-
-class ConsoleConfigError(TrackingError, ValueError):
-    """The console cannot be configured as asked (bad host, token, path or value)."""
 
 
 @dataclass(frozen=True, slots=True)

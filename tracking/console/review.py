@@ -23,14 +23,11 @@ from typing import Any
 
 import numpy as np
 
-from ..record import RecordError, read_record
+from ..errors import ReviewError
+from ..record import read_record
 from .live import LiveState
 
 __all__ = ["ReviewError", "SessionReview", "list_sessions", "review_session", "write_review_html"]
-
-
-class ReviewError(RecordError):
-    """A session cannot be reviewed (not a session record, or a name outside the records folder)."""
 
 
 @dataclass(frozen=True, slots=True)

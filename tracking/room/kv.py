@@ -39,7 +39,7 @@ from registration.errors import RegistrationError
 from registration.pose import Pose
 from registration.volume import room_from_lps_matrix
 
-from ..errors import TrackingError
+from ..errors import SimulationError
 from .phantoms import Phantom, SeedShape
 
 __all__ = [
@@ -59,10 +59,6 @@ __all__ = [
 
 #: Value of a hot (stuck) pixel: the top of the uint16 range.
 HOT_PIXEL_VALUE = 65535.0
-
-
-class SimulationError(TrackingError, ValueError):
-    """The simulator was given an unusable argument."""
 
 
 class OutputDtype(Enum):

@@ -23,7 +23,7 @@ import numpy as np
 
 from registration.pose import Pose
 
-from ..errors import TrackingError
+from ..errors import MotionError
 
 __all__ = [
     "MotionError",
@@ -34,10 +34,6 @@ __all__ = [
     "MotionSum",
     "random_setup_pose",
 ]
-
-
-class MotionError(TrackingError, ValueError):
-    """A motion trace was given unusable parameters."""
 
 
 def _vec3(value, what: str) -> np.ndarray:
