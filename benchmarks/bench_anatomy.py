@@ -263,12 +263,12 @@ def run_phantom(name: str, n_cases: int, n_peer: int, seed: int) -> dict:
         r = (
             _mtre(res.pose, truth, pts), res.pose.compose(truth.inverse()).angle_deg(), wall, cpu,
             res.quality.ok, res.quality.reason.value, _mtre(trk.pose, moved, pts),
-            trk.pose.compose(moved.inverse()).angle_deg(), twall, tcpu, trk.quality.ok,
+            trk.pose.compose(moved.inverse()).angle_deg(), twall, tcpu, trk.quality.ok, trk.quality.reason.value,
         )
         rows.append(r)
         line = (f"  {name} case {case:3d}: mTRE {r[0]:.3f} mm rot {r[1]:.3f} deg {1000 * r[2]:.0f} ms "
                 f"(cpu {1000 * r[3]:.0f}) {r[5]:>15s} | tracking mTRE {r[6]:.3f} mm rot {r[7]:.3f} deg "
-                f"{1000 * r[8]:.0f} ms (cpu {1000 * r[9]:.0f}) ok {r[10]}")
+                f"{1000 * r[8]:.0f} ms (cpu {1000 * r[9]:.0f}) {r[11]}")
         if peer is not None and case < n_peer:
             logs = {k: line_integrals(np.asarray(v), I0, k) for k, v in frames.items()}
             (ppose, _, _), pwall, pcpu = _timed(lambda: peer.register(logs))
@@ -290,7 +290,7 @@ def run_phantom(name: str, n_cases: int, n_peer: int, seed: int) -> dict:
         "trk_success": float(np.mean(a[:, 4] < SUCCESS_MM)), "trk_median_mtre": float(np.median(a[:, 4])),
         "trk_rot_p95": float(np.percentile(a[:, 5], 95)), "trk_time_med_ms": 1000 * float(np.median(a[:, 6])),
         "trk_cpu_med_ms": 1000 * float(np.median(a[:, 7])), "trk_ok_rate": float(np.mean([r[10] for r in rows])),
-        "reasons": sorted({r[5] for r in rows}), "load_start": load_start, "load_end": os.getloadavg(),
+        "reasons": sorted({r[5] for r in rows}), "trk_reasons": sorted({r[11] for r in rows}), "load_start": load_start, "load_end": os.getloadavg(),
         "peer": peer_rows,
     }
     return out
@@ -345,7 +345,8 @@ def main(argv=None) -> int:
         print(f"# {r['phantom']}: phantom build {r['build_s']:.1f} s, registration setup {r['prep_s']:.2f} s, "
               f"first registration (incl. numba load/compile) {r['warm_s']:.2f} s, reasons seen {r['reasons']}, "
               f"quality.ok on {100 * r['ok_rate']:.0f}% (success among ok {100 * r['ok_success']:.0f}%, "
-              f"failures passed as ok: {r['failed_but_ok']}), tracking quality.ok {100 * r['trk_ok_rate']:.0f}%, "
+              f"failures passed as ok: {r['failed_but_ok']}), tracking quality.ok {100 * r['trk_ok_rate']:.0f}% "
+              f"(reasons seen {r['trk_reasons']}), "
               f"load average at start {r['load_start'][0]:.2f} / end {r['load_end'][0]:.2f}")
     return 0
 

@@ -11,23 +11,27 @@ Method (``docs/ANATOMY_REGISTRATION.md``):
    ``max(mu - mu_water, 0)``, kept only inside the (slightly dilated) ROI mask
    and cropped to it (:meth:`AttenuationVolume.masked`). The excess over
    water is what makes a bone edge visible in a radiograph, and a box ROI then
-   has no artificial box outline in its DRR.
-2. Global stage (skipped in tracking mode): per view, a DRR of the ROI at the
-   start pose is matched over a window of the radiograph with gradient
+   has no artificial box outline in its DRR. A background volume (everything
+   else) is carried as a DRR linear in the pose.
+2. Global stage (skipped in tracking mode): per view, a DRR of the ROI's
+   neighbourhood (a 120 mm cube of anatomy around it, tapered at its faces) at
+   the start pose is matched over a window of the radiograph by gradient
    correlation as a function of 2D shift (``cv2.matchTemplate`` on Sobel
-   derivatives); the two shifts are triangulated into a 3D translation. The
-   same correlation map, widened along the spine, compares the best match in
-   the capture window with the best one a vertebral level away
-   (wrong-level check).
-3. Refinement, coarse to fine (downsampled volume, binned DRRs): Levenberg-
-   Marquardt on the least-squares form of the similarity (normalised gradient
-   images for gradient correlation, normalised intensities for NCC), with
-   forward-difference pose derivatives of the DRRs of small binned panel
-   regions, rotations about the ROI centre.
+   derivatives); the two shifts are triangulated into a 3D translation. A
+   single vertebra matches its neighbours almost as well as itself; its
+   neighbourhood does not.
+3. Refinement, coarse to fine: a first level on the neighbourhood (long lever
+   arm for the rotations), then the ROI; Levenberg-Marquardt on the
+   least-squares form of the similarity (normalised gradient images for
+   gradient correlation, normalised intensities for NCC), central-difference
+   pose derivatives from batched DRRs (all 12 displaced poses of a view in one
+   kernel call, the two views on two threads), rotations about the ROI centre.
 4. Quality: per-view similarity, each view's residual 2D shift at the joint
    optimum, curvature (Gauss-Newton covariance), ROI on the panel, saturated
-   pixels, bounds, convergence, level check; ``quality.ok`` is False with a
-   reason code when the match cannot be trusted.
+   pixels, bounds, convergence, and a wrong-level check at the result (the
+   neighbourhood's match there against one vertebral level up or down the
+   spine, at twice the global stage's resolution); ``quality.ok`` is False
+   with a reason code when the match cannot be trusted.
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ import math
 import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import Enum
 from types import MappingProxyType
 
@@ -50,7 +54,7 @@ from calibration.geometry import ImagerGeometry, StereoGeometry
 from ._anatomy_kernels import linear_model, normal_equations
 from .attenuation import DEFAULT_CT_ENERGY_KEV, DEFAULT_IMAGING_ENERGY_KEV, hu_to_mu_per_mm, linear_attenuation_per_mm
 from .drr import AttenuationVolume, PanelRegion, compute_drr_batch
-from .errors import RegistrationError
+from .errors import AnatomyConfigError, RegistrationError, RoiError
 from .pose import Correction, Pose
 from .similarity import FrameError, Similarity, image_gradients, line_integrals, similarity
 from .volume import CTVolume
@@ -69,14 +73,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-
-class RoiError(RegistrationError, ValueError):
-    """A region of interest is unusable (empty, wrong grid, unknown label)."""
-
-
-class AnatomyConfigError(RegistrationError, ValueError):
-    """An anatomy-registration setting is out of its valid range."""
 
 
 class QualityReason(Enum):
@@ -268,7 +264,7 @@ class AnatomyConfig:
     #: Coarse-to-fine levels of the full (wide capture range) registration.
     levels: tuple[PyramidLevel, ...] = (PyramidLevel(2, 8, 1.0, 10, context=True), PyramidLevel(1, 4, 1.0, 15))
     #: Levels of tracking mode (start within ~2 mm / 1 deg of the answer).
-    tracking_levels: tuple[PyramidLevel, ...] = (PyramidLevel(1, 4, 1.0, 8),)
+    tracking_levels: tuple[PyramidLevel, ...] = (PyramidLevel(1, 4, 1.0, 12),)
     #: Effective energy of the kV beam used for the DRRs, keV.
     imaging_energy_kev: float = DEFAULT_IMAGING_ENERGY_KEV
     #: Effective energy of the planning CT, keV.
@@ -615,10 +611,12 @@ class _View:
 class AnatomyRegistration:
     """Prepared stereo anatomy registration of one planning CT and ROI.
 
-    Building it converts the CT to ROI attenuation volumes for every level
-    (done once); :meth:`register` then registers any number of frame pairs.
-    Not thread-safe for concurrent :meth:`register` calls is not an issue:
-    it holds no mutable state.
+    Building it converts the CT to ROI, neighbourhood and background
+    attenuation volumes for every level (done once); :meth:`register` then
+    registers any number of frame pairs. It owns a small thread pool (one
+    worker per imager) on which each view's DRR batches run; :meth:`register`
+    keeps no state between calls, so any thread may call it, also
+    concurrently.
 
     Parameters
     ----------
@@ -988,7 +986,6 @@ class AnatomyRegistration:
         return self._volumes[(level.volume_factor, float(level.prefilter_mm))]
 
     def _prepare_level(self, logs, pose: Pose, level: PyramidLevel) -> list[_View] | None:
-        cfg = self.config
         b = level.binning
         volume = self._level_volume(level)
         views = []
@@ -1156,7 +1153,7 @@ class AnatomyRegistration:
     # ---------------------------------------------------------------------- quality
     def _quality(self, final, x, converged, reasons, roi_on, sat, level_margin) -> AnatomyQuality:
         cfg = self.config
-        views, level, drrs, r, jac = final["views"], final["level"], final["drrs"], final["r"], final["jac"]
+        views, drrs, r, jac = final["views"], final["drrs"], final["r"], final["jac"]
         sims, measures, shifts = {}, {}, {}
         offset = 0
         for v, drr in zip(views, drrs):

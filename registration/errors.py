@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 __all__ = [
+    "RoiError",
+    "AnatomyConfigError",
+    "FrameError",
     "RegistrationError",
     "PoseError",
     "VolumeError",
@@ -79,3 +82,15 @@ class PointRegistrationError(RegistrationError, ValueError):
 
 class SeedMigrationError(PointRegistrationError):
     """Inter-seed distances changed beyond the limit and no single seed explains it."""
+
+
+class RoiError(RegistrationError, ValueError):
+    """A region of interest is unusable (empty, wrong grid, unknown label)."""
+
+
+class AnatomyConfigError(RegistrationError, ValueError):
+    """An anatomy-registration setting is out of its valid range."""
+
+
+class FrameError(RegistrationError, ValueError):
+    """A kV frame cannot be used for registration (wrong shape, non-finite, negative, no signal)."""

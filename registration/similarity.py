@@ -24,7 +24,7 @@ from enum import Enum
 import cv2
 import numpy as np
 
-from .errors import RegistrationError
+from .errors import FrameError, RegistrationError
 
 __all__ = [
     "FrameError",
@@ -45,10 +45,6 @@ MIN_COUNTS = 0.5
 #: Percentile of the raw frame taken as the unattenuated level when i0 is not
 #: given: the open field beside the patient is the brightest part of a frame.
 I0_PERCENTILE = 99.9
-
-
-class FrameError(RegistrationError, ValueError):
-    """A kV frame cannot be used (wrong shape, non-finite, negative, no signal)."""
 
 
 class Similarity(Enum):

@@ -1,4 +1,6 @@
-"""Stereo 6-DoF anatomy registration (registration.anatomy) on the virtual room's thoracolumbar phantom.
+"""Stereo 6-DoF anatomy registration (registration.anatomy) on the virtual room's phantoms.
+
+Thoracolumbar (most cases) and cervical in a face mask (C-spine, skull base, mask shell).
 
 CI-sized: a 1.5 mm truth grid, a 1.5 x 1.5 x 2 mm planning CT, two 320 x 320
 panels of 0.8 mm (0.49 mm per pixel at the isocentre), final level binned 2x2
@@ -231,6 +233,12 @@ def test_config_errors():
         AnatomyConfig(min_similarity=1.5)
     with pytest.raises(AnatomyConfigError, match="non-empty tuple"):
         AnatomyConfig(levels=())
+    with pytest.raises(AnatomyConfigError, match="context_half_size_mm must be a positive number"):
+        AnatomyConfig(context_half_size_mm=0.0)
+    with pytest.raises(AnatomyConfigError, match="max_level_fraction must be a positive number"):
+        AnatomyConfig(max_level_fraction=-0.5)
+    with pytest.raises(AnatomyConfigError, match="background_volume_factor must be a positive integer"):
+        AnatomyConfig(background_volume_factor=0)
 
 
 # ----------------------------------------------------------------- cervical, face mask
