@@ -226,8 +226,10 @@ def _timed(fn):
     return out, time.monotonic() - w, time.process_time() - c
 
 
-def run_phantom(name: str, n_cases: int, n_peer: int, seed: int) -> dict:
-    build = {"thoracolumbar": lambda: thoracolumbar_phantom(with_seeds=False), "cervical": cervical_phantom}[name]
+def run_phantom(name: str, n_cases: int, n_peer: int, seed: int, slice_mm: float | None = None) -> dict:
+    planning = {} if slice_mm is None else {"planning_spacing_mm": (0.9766, 0.9766, slice_mm)}
+    build = {"thoracolumbar": lambda: thoracolumbar_phantom(with_seeds=False, **planning),
+             "cervical": lambda: cervical_phantom(**planning)}[name]
     t0 = time.monotonic()
     phantom = build()
     geometry = default_stereo_geometry()
@@ -303,6 +305,8 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="5 cases per phantom, 1 peer case")
     parser.add_argument("--phantom", choices=("thoracolumbar", "cervical", "both"), default="both")
     parser.add_argument("--seed", type=int, default=20240)
+    parser.add_argument("--planning-slice-mm", type=float, default=None,
+                        help="slice thickness of the planning CT (default: the phantoms' own, 2 mm)")
     args = parser.parse_args(argv)
     n = 5 if args.quick else args.cases
     n_peer = min(1 if args.quick else args.peer_cases, n)
@@ -317,7 +321,7 @@ def main(argv=None) -> int:
     except ImportError:
         print("# peer: itk-twoprojectionregistration not installed")
     names = ("thoracolumbar", "cervical") if args.phantom == "both" else (args.phantom,)
-    results = [run_phantom(nm, n, n_peer, args.seed) for nm in names]
+    results = [run_phantom(nm, n, n_peer, args.seed, args.planning_slice_mm) for nm in names]
     print()
     print("| phantom | cases | success (mTRE<1mm) | median mTRE mm | p95 mTRE mm | rot err median / p95 deg "
           "| time median / p95 ms | CPU median ms | quality.ok | tracking success | tracking median mTRE mm "
