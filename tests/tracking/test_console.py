@@ -509,3 +509,70 @@ def test_console_cli_needs_a_service_config_and_a_readable_token(tmp_path):
     args = parser.parse_args(["console", "--token-file", str(tmp_path / "none.txt")])
     with pytest.raises(ConsoleConfigError, match="cannot read the login token"):
         _cli_console.build_console_config(args)
+
+
+# ----------------------------------------------------------------- anatomy overlay
+def _gradient(frame: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    lint = -np.log(np.maximum(frame.astype(np.float32), 1.0))
+    small = cv2.resize(lint, (shape[1], shape[0]), interpolation=cv2.INTER_AREA)
+    return np.hypot(cv2.Sobel(small, cv2.CV_32F, 1, 0), cv2.Sobel(small, cv2.CV_32F, 0, 1))
+
+
+def _best_shift(edges: np.ndarray, gradient: np.ndarray, reach: int = 4) -> tuple[int, int]:
+    """The (drow, dcol) shift of the edge mask that puts it on the strongest image gradients."""
+    scores = {(dr, dc): gradient[np.roll(edges, (dr, dc), axis=(0, 1))].mean()
+              for dr in range(-reach, reach + 1) for dc in range(-reach, reach + 1)}
+    return max(scores, key=scores.get)
+
+
+def test_drr_edges_sit_on_the_vertebra_at_the_estimated_pose():
+    from registration.anatomy import RegionOfInterest
+    from registration.drr import AttenuationVolume
+    from tests.synthetic import small_geometry, small_thoracolumbar
+    from tracking.console.display import AnatomyOverlay, drr_edges, render_frame
+    from tracking.room import DetectorModel, KVSimulator
+
+    phantom, geometry = small_thoracolumbar(with_seeds=False), small_geometry(256, 1.6)
+    roi = RegionOfInterest.from_labels(phantom.planning_ct, phantom.labels, phantom.target_label)
+    overlay = AnatomyOverlay(
+        AttenuationVolume.from_ct(phantom.planning_ct, phantom.isocentre_lps_mm).masked(roi.mask), geometry)
+    true = Pose.from_six([4.0, -3.0, 2.0], [1.0, 0.0, -1.0])
+    frames = KVSimulator(phantom, geometry, detector=DetectorModel(noise=False)).render(true, seed=1).frames
+    shape = (128, 128)  # display pixels: 3.2 mm on the panel, ~2 mm at the isocentre
+    for name in geometry.names:
+        edges = drr_edges(overlay, name, true, shape)
+        assert edges.sum() > 50
+        gradient = _gradient(frames[name], shape)
+        # Drawn at the estimated (here: true) pose, the edges lie on the vertebra's own edges:
+        # no shift of the overlay puts them on stronger gradients (within one display pixel).
+        dr, dc = _best_shift(edges, gradient)
+        assert abs(dr) <= 1 and abs(dc) <= 1, (name, dr, dc)
+        # Drawn at a pose 10 mm off along room X (across the spine, along both panels' columns at
+        # 45 degrees: 10 * cos 45 * 1.64 / 3.2 = 3.6 display px), the edges need that shift back.
+        off = drr_edges(overlay, name, Pose.from_six([14.0, -3.0, 2.0], [1.0, 0.0, -1.0]), shape)
+        assert 2 <= abs(_best_shift(off, gradient, reach=6)[1]) <= 5
+        shown = render_frame(frames[name].astype(np.float32), name, 1, (), 128, fmt="png",
+                             edges=lambda size, e=edges: e)
+        assert shown.rows == 128 and shown.mime == "image/png"
+
+
+def test_anatomy_plan_gives_the_console_its_overlay_and_the_pose_of_a_correction(tmp_path):
+    from calibration.io import write_geometry
+    from registration.volume import write_ct
+    from tests.synthetic import small_geometry, small_thoracolumbar
+    from tracking.config import PlanConfig, ServiceConfig
+    from tracking.console.config import console_config_from_service
+    from tracking.console.display import AnatomyOverlay
+    from tracking.console.server import _pose_of
+
+    phantom = small_thoracolumbar(with_seeds=False)
+    plan = PlanConfig(method="anatomy", geometry=write_geometry(small_geometry(), tmp_path / "g.json"),
+                      ct=write_ct(phantom.planning_ct, tmp_path / "ct.mha"),
+                      isocentre_lps_mm=tuple(float(v) for v in phantom.isocentre_lps_mm))
+    config = console_config_from_service(ServiceConfig(plan=plan), publish_address="tcp://127.0.0.1:1",
+                                         command_address="tcp://127.0.0.1:2")
+    assert isinstance(config.anatomy, AnatomyOverlay) and config.planned is None
+    # correction/1 carries the couch correction; the overlay needs the patient pose, its inverse.
+    pose = _pose_of({"translation_mm": [-1.0, 0.0, 0.0], "rotation_deg": [0.0, 0.0, 0.0]})
+    assert_allclose(pose.translation_mm, [1.0, 0.0, 0.0], rtol=0, atol=1e-12)
+    assert _pose_of(None) is None and _pose_of({"translation_mm": "x"}) is None

@@ -85,6 +85,8 @@ class ConsoleConfig:
         Gating tolerance until the service's ``status`` reply says otherwise.
     planned : PlannedSeeds or None
         Planned seeds and geometry for the overlays (fiducial plans).
+    anatomy : display.AnatomyOverlay or None
+        The target's attenuation and the geometry, for the DRR-edge overlay (anatomy plans).
     display_pixels : int
         Longest side of a displayed frame, pixels.
     timeline_s : float
@@ -108,6 +110,7 @@ class ConsoleConfig:
     approval: str | None = None
     tolerance_3d_mm: float | None = None
     planned: PlannedSeeds | None = None
+    anatomy: object | None = None  # display.AnatomyOverlay for anatomy plans
     display_pixels: int = 256
     timeline_s: float = 300.0
     allow_remote: bool = False
@@ -165,6 +168,25 @@ def _planned_seeds(plan) -> PlannedSeeds | None:
     return PlannedSeeds(loaded.fiducials.names, loaded.fiducials_room_mm(), read_geometry(plan.geometry))
 
 
+def _anatomy_overlay(plan):
+    """The registration ROI's attenuation for the DRR-edge overlay of an anatomy plan (None otherwise)."""
+    if plan.method != "anatomy":
+        return None
+    from calibration.io import read_geometry
+    from registration.anatomy import RegionOfInterest
+    from registration.drr import AttenuationVolume
+
+    from ..processing import load_treatment_plan
+    from .display import AnatomyOverlay
+
+    treatment = load_treatment_plan(plan)
+    ct, iso = treatment.ct, treatment.isocentre_lps_mm
+    roi = (RegionOfInterest.from_mask(treatment.target_mask()) if treatment.target_roi is not None
+           else RegionOfInterest.from_box(ct, iso, plan.roi_half_size_mm))
+    volume = AttenuationVolume.from_ct(ct, iso).masked(roi.mask)
+    return AnatomyOverlay(volume, read_geometry(plan.geometry))
+
+
 def console_config_from_service(service_config, **overrides) -> ConsoleConfig:
     """A :class:`ConsoleConfig` for the service configured by ``service_config`` (a ``ServiceConfig``).
 
@@ -194,4 +216,6 @@ def console_config_from_service(service_config, **overrides) -> ConsoleConfig:
             values[f"{name}_address"] = connect_address(getattr(service_config.endpoints, name))
     if "planned" not in overrides:
         values["planned"] = _planned_seeds(service_config.plan)
+    if "anatomy" not in overrides:
+        values["anatomy"] = _anatomy_overlay(service_config.plan)
     return ConsoleConfig(**values)

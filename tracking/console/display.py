@@ -13,6 +13,9 @@ Overlay marks:
 - residual: red line from the seed's projection at the estimated pose to
   the detection, magnified by ``residual_gain`` (a 0.3 px residual is
   invisible at display scale otherwise; the gain is drawn in the corner).
+- anatomy method: the edges of the target's DRR at the estimated pose, in
+  cyan (:func:`drr_edges`): where they sit on the vertebra's own edges, the
+  registration found it.
 """
 
 from __future__ import annotations
@@ -24,7 +27,8 @@ import numpy as np
 
 from ..errors import FrameError
 
-__all__ = ["DisplayFrame", "SeedOverlay", "render_frame", "seed_overlays", "window_levels"]
+__all__ = ["DisplayFrame", "SeedOverlay", "AnatomyOverlay", "render_frame", "seed_overlays", "window_levels",
+           "drr_edges"]
 
 #: Residual vectors are drawn this many times their length.
 RESIDUAL_GAIN = 10.0
@@ -34,6 +38,40 @@ WINDOW_PERCENTILES = (1.0, 99.0)
 _GREEN = (0, 200, 0)
 _YELLOW = (0, 220, 255)
 _RED = (40, 40, 255)
+_CYAN = (255, 220, 0)
+
+
+@dataclass(frozen=True, slots=True)
+class AnatomyOverlay:
+    """The anatomy method's plan for display: the target's attenuation (room frame) and the imagers.
+
+    ``volume`` is a :class:`registration.drr.AttenuationVolume` cropped to the
+    registration ROI; ``geometry`` the stereo geometry (room frame, mm).
+    """
+
+    volume: object
+    geometry: object
+
+
+def drr_edges(overlay: AnatomyOverlay, imager_name: str, pose, shape_px: tuple[int, int]) -> np.ndarray:
+    """Edges of the target's DRR at a patient pose, as a ``shape_px`` (rows, cols) bool mask of display pixels.
+
+    The DRR is computed with the panel binned to about the display size (a
+    few milliseconds for a vertebra ROI), normalised and passed through
+    OpenCV's Canny detector, then resized to the display frame.
+    """
+    from registration.drr import compute_drr
+
+    imager = overlay.geometry[imager_name]
+    rows, cols = shape_px
+    binning = max(1, int(round(imager.cols / max(cols, 1))))
+    drr = compute_drr(overlay.volume, imager, pose, binning=binning)
+    peak = float(drr.max())
+    if not peak > 0:
+        return np.zeros(shape_px, bool)
+    img = np.clip(drr * (255.0 / peak), 0, 255).astype(np.uint8)
+    edges = cv2.Canny(cv2.GaussianBlur(img, (3, 3), 0), 30, 90)
+    return cv2.resize(edges, (cols, rows), interpolation=cv2.INTER_NEAREST) > 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,7 +115,8 @@ def _pt(px: tuple[float, float], scale: float) -> tuple[int, int]:
 
 
 def render_frame(pixels: np.ndarray, imager: str, pair_id: int, overlays: tuple[SeedOverlay, ...] = (),
-                 display_pixels: int = 256, fmt: str = "jpeg", residual_gain: float = RESIDUAL_GAIN) -> DisplayFrame:
+                 display_pixels: int = 256, fmt: str = "jpeg", residual_gain: float = RESIDUAL_GAIN,
+                 edges=None) -> DisplayFrame:
     """Window, shrink, draw overlays and encode one frame.
 
     Parameters
@@ -91,6 +130,9 @@ def render_frame(pixels: np.ndarray, imager: str, pair_id: int, overlays: tuple[
     display_pixels : int
         Longest side of the result, pixels (never enlarged).
     fmt : ``"jpeg"`` or ``"png"``
+    edges : callable((rows, cols)) -> bool array, optional
+        Anatomy overlay: given the display size, the display pixels to mark
+        (e.g. :func:`drr_edges` at the estimated pose).
 
     Raises
     ------
@@ -113,6 +155,8 @@ def render_frame(pixels: np.ndarray, imager: str, pair_id: int, overlays: tuple[
     low, high = window_levels(img)
     grey = np.clip((img - low) * (255.0 / (high - low)), 0, 255).astype(np.uint8)
     out = cv2.cvtColor(grey, cv2.COLOR_GRAY2BGR)
+    if edges is not None:
+        out[edges(out.shape[:2])] = _CYAN
     for s in overlays:
         if s.planned_px is not None:
             cv2.drawMarker(out, _pt(s.planned_px, scale), _GREEN, cv2.MARKER_CROSS, 9, 1)

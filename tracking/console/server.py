@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import hmac
 import html
 import json
@@ -52,7 +53,7 @@ from ..errors import TrackingError, WireSchemaError
 from ..security import make_client_socket_secure
 from ..wire import decode_json_message, decode_reply, encode_command
 from .config import ConsoleConfig
-from .display import DisplayFrame, render_frame, seed_overlays
+from .display import DisplayFrame, drr_edges, render_frame, seed_overlays
 from .live import LiveState
 from .review import (
     ReviewError,
@@ -268,11 +269,16 @@ class ConsoleServer:
             time.sleep(FRAME_RETRY_S)  # the service's record writer may still be writing this pair
         else:
             return out
+        anatomy = self.config.anatomy
+        pose = _pose_of(correction) if anatomy is not None else None
         for name, pixels in sorted(arrays.items()):
             overlays = ()
             if planned is not None:
                 overlays = seed_overlays(planned.geometry[name], planned.points_room_mm, planned.names, correction)
-            out.append(render_frame(pixels, name, pair_id, overlays, self.config.display_pixels))
+            edges = None
+            if pose is not None and name in anatomy.geometry.names:
+                edges = functools.partial(drr_edges, anatomy, name, pose)
+            out.append(render_frame(pixels, name, pair_id, overlays, self.config.display_pixels, edges=edges))
         return out
 
     # ---------------------------------------------------------------- commands
@@ -626,3 +632,15 @@ class ConsoleThread:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def _pose_of(correction: dict | None):
+    """The patient pose a ``correction/1`` message implies (the inverse of its correction), or None."""
+    if not correction:
+        return None
+    from registration.pose import Correction
+
+    try:
+        return Correction.from_six(correction["translation_mm"], correction["rotation_deg"]).to_pose()
+    except (KeyError, TypeError, ValueError):
+        return None
