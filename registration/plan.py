@@ -47,6 +47,7 @@ __all__ = [
     "PatientStudy",
     "Plan",
     "load_plan_files",
+    "read_mask_volume",
     "load_dicom_plan",
     "MASK_GRID_TOL_MM",
 ]
@@ -190,7 +191,23 @@ class Plan:
 
 
 # ------------------------------------------------------------------------------ files
-def _read_mask(path: Path, ct: CTVolume) -> tuple[np.ndarray, str | None]:
+def read_mask_volume(path: str | os.PathLike, ct: CTVolume) -> tuple[np.ndarray, str | None]:
+    """A mask or label volume on the planning CT's grid.
+
+    Returns
+    -------
+    values : (nk, nj, ni) array
+        The voxel values as stored, ``[k, j, i]`` (0 outside; labels kept).
+    label : str or None
+        The ``spineguide_label`` metadata (the ROI's name), if the file has it.
+
+    Raises
+    ------
+    PlanError
+        Unreadable, not 3D, or on another grid than the CT (size, or origin,
+        spacing or direction beyond :data:`MASK_GRID_TOL_MM`).
+    """
+    path = Path(path)
     try:
         image = sitk.ReadImage(str(path))
     except RuntimeError as err:
@@ -212,7 +229,7 @@ def _read_mask(path: Path, ct: CTVolume) -> tuple[np.ndarray, str | None]:
                 f"(limit {MASK_GRID_TOL_MM} mm)"
             )
     label = image.GetMetaData("spineguide_label").strip() if image.HasMetaDataKey("spineguide_label") else None
-    return arr != 0, label
+    return arr, label
 
 
 def load_plan_files(
@@ -257,7 +274,8 @@ def load_plan_files(
     rois: dict[str, np.ndarray] = {}
     target = None
     if roi_path is not None:
-        mask, stored = _read_mask(Path(roi_path), ct)
+        values, stored = read_mask_volume(roi_path, ct)
+        mask = values != 0
         if roi_label is not None and stored is not None and roi_label != stored:
             raise PlanError(f"{roi_path}: mask is labelled {stored!r}, but roi_label {roi_label!r} was given")
         target = roi_label if roi_label is not None else stored

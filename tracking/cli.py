@@ -235,22 +235,13 @@ def _register_anatomy(args, geometry, plan, pixels) -> dict:
 def _read_roi_mask(path: Path, ct):
     """A label/mask image on the planning-CT grid, as a ``[k, j, i]`` integer array."""
     import numpy as np
-    import SimpleITK as sitk
 
-    try:
-        image = sitk.ReadImage(str(path))
-    except RuntimeError as err:
-        raise CliError(f"{path}: cannot read ROI mask: {str(err).strip().splitlines()[-1]}") from err
-    arr = sitk.GetArrayFromImage(image)
-    if arr.shape != ct.hu.shape:
-        raise CliError(f"{path}: ROI mask is {arr.shape[::-1]} voxels (i, j, k) but the CT is {ct.hu.shape[::-1]}")
-    if not (np.allclose(image.GetSpacing(), ct.spacing_mm, atol=1e-3)
-            and np.allclose(image.GetOrigin(), ct.origin_lps_mm, atol=1e-2)
-            and np.allclose(np.reshape(image.GetDirection(), (3, 3)), ct.direction, atol=1e-5)):
-        raise CliError(f"{path}: ROI mask grid (origin, spacing or direction) differs from the CT's; resample it first")
-    if not np.issubdtype(arr.dtype, np.integer):
-        raise CliError(f"{path}: ROI mask must hold integer labels, got {arr.dtype}")
-    return arr
+    from registration.plan import read_mask_volume
+
+    labels, _ = read_mask_volume(path, ct)
+    if not np.issubdtype(labels.dtype, np.integer):
+        raise CliError(f"{path}: ROI mask must hold integer labels, got {labels.dtype}")
+    return labels
 
 
 def _print_registration(report: dict) -> None:

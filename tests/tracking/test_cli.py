@@ -316,7 +316,8 @@ def test_register_anatomy_reads_the_roi_mask_and_checks_its_grid(simulated_case,
     moved.SetOrigin(tuple(o + 5.0 for o in mask.GetOrigin()))
     sitk.WriteImage(moved, str(tmp_path / "moved.mha"))
     assert main(args + ["--roi", str(tmp_path / "moved.mha")]) == 2
-    assert "grid (origin, spacing or direction) differs" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "moved.mha: mask origin" in err and "differs from the CT's" in err and "(limit 0.001 mm)" in err
     # The room's target mask: the registration runs and reports the anatomy JSON.
     code = main(args + ["--roi", str(folder / "target_mask.mha")])
     report = json.loads(capsys.readouterr().out)
