@@ -373,16 +373,22 @@ def _build_fiducial(plan: PlanConfig) -> PairProcessor:
 
 def _build_anatomy(plan: PlanConfig) -> PairProcessor:
     from calibration.io import read_geometry
-    from registration.anatomy import AnatomyRegistration, RegionOfInterest
+    from registration.anatomy import AnatomyRegistration
 
     geometry = read_geometry(plan.geometry)
     treatment = load_treatment_plan(plan)
-    ct, iso = treatment.ct, treatment.isocentre_lps_mm
+    roi = anatomy_roi(plan, treatment)
+    return AnatomyProcessor(AnatomyRegistration(treatment.ct, treatment.isocentre_lps_mm, geometry, roi))
+
+
+def anatomy_roi(plan: PlanConfig, treatment):
+    """The anatomy method's region of interest: the plan's target ROI, else the ``roi_half_size_mm`` box
+    (planning-CT LPS, around the isocentre)."""
+    from registration.anatomy import RegionOfInterest
+
     if treatment.target_roi is not None:
-        roi = RegionOfInterest.from_mask(treatment.target_mask(), description=f"ROI '{treatment.target_roi}'")
-    else:
-        roi = RegionOfInterest.from_box(ct, iso, plan.roi_half_size_mm)
-    return AnatomyProcessor(AnatomyRegistration(ct, iso, geometry, roi))
+        return RegionOfInterest.from_mask(treatment.target_mask(), description=f"ROI '{treatment.target_roi}'")
+    return RegionOfInterest.from_box(treatment.ct, treatment.isocentre_lps_mm, plan.roi_half_size_mm)
 
 
 def warm_up_kernels() -> float:

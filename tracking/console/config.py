@@ -173,17 +173,14 @@ def _anatomy_overlay(plan):
     if plan.method != "anatomy":
         return None
     from calibration.io import read_geometry
-    from registration.anatomy import RegionOfInterest
     from registration.drr import AttenuationVolume
 
-    from ..processing import load_treatment_plan
+    from ..processing import anatomy_roi, load_treatment_plan
     from .display import AnatomyOverlay
 
     treatment = load_treatment_plan(plan)
-    ct, iso = treatment.ct, treatment.isocentre_lps_mm
-    roi = (RegionOfInterest.from_mask(treatment.target_mask()) if treatment.target_roi is not None
-           else RegionOfInterest.from_box(ct, iso, plan.roi_half_size_mm))
-    volume = AttenuationVolume.from_ct(ct, iso).masked(roi.mask)
+    roi = anatomy_roi(plan, treatment)
+    volume = AttenuationVolume.from_ct(treatment.ct, treatment.isocentre_lps_mm).masked(roi.mask)
     return AnatomyOverlay(volume, read_geometry(plan.geometry))
 
 
