@@ -249,6 +249,9 @@ class PyramidLevel:
 _OPTIMISABLE = (Similarity.GRADIENT_CORRELATION, Similarity.NCC)
 #: Damping increases tried per Levenberg-Marquardt iteration before the Jacobian is renewed.
 _MAX_DAMPING_TRIES = 8
+#: A result is final only when the background model was drawn within this fraction of its
+#: redraw distance from it.
+_FINAL_REDRAW_FRACTION = 0.25
 
 
 @dataclass(frozen=True, slots=True)
@@ -278,6 +281,19 @@ class AnatomyConfig:
     #: long ray through the whole CT, the costliest DRR, and it only has to carry the
     #: overlapping anatomy's edges, not the ROI's.
     background_volume_factor: int = 1
+    #: How the background's pose derivatives are made in the full registration ("difference":
+    #: six more DRRs per view, forward differences) and in tracking mode ("flow": no more
+    #: DRRs; the derivative is the image gradient times the panel motion of a point on each
+    #: ray at the ROI centre's depth, exact to first order for translations, approximate for
+    #: rotations, which move anatomy off that depth along the ray). Flow makes a redraw cost
+    #: one DRR per view, so it is redrawn at a tighter distance (``background_lever_mm``).
+    background_derivatives: str = "difference"
+    tracking_background_derivatives: str = "flow"
+    #: Redraw the background when the pose has moved this far (binned pixels at the
+    #: isocentre, at the ROI centre; rotations counted at the ROI's RMS radius, or, with
+    #: flow derivatives, at ``background_lever_mm``).
+    background_redraw_px: float = 1.0
+    background_lever_mm: float = 60.0
     #: Margin around the projected ROI box in each panel region, mm at the isocentre.
     region_margin_mm: float = 4.0
     #: Half width of the global 2D search window, mm at the isocentre.
@@ -328,6 +344,9 @@ class AnatomyConfig:
             raise AnatomyConfigError(
                 f"metric must be one of {[m.value for m in _OPTIMISABLE]} (the least-squares forms), got {self.metric!r}"
             )
+        for name in ("background_derivatives", "tracking_background_derivatives"):
+            if getattr(self, name) not in ("flow", "difference"):
+                raise AnatomyConfigError(f"{name} must be 'flow' or 'difference', got {getattr(self, name)!r}")
         for name in ("levels", "tracking_levels"):
             levels = tuple(getattr(self, name))
             if not levels or not all(isinstance(lv, PyramidLevel) for lv in levels):
@@ -335,6 +354,7 @@ class AnatomyConfig:
             object.__setattr__(self, name, levels)
         positive = (
             "imaging_energy_kev", "ct_energy_kev", "search_range_mm", "level_spacing_mm", "fd_step_px",
+            "background_redraw_px", "background_lever_mm",
             "tolerance_mm", "tolerance_deg", "translation_bound_mm", "rotation_bound_deg", "max_view_shift_mm",
             "max_std_mm", "max_std_deg", "context_taper_mm", "context_half_size_mm", "max_level_fraction",
         )
@@ -564,6 +584,46 @@ def _prefiltered(image: np.ndarray, region: PanelRegion, sigma_px: float) -> np.
     out = np.zeros_like(image, dtype=np.float32)
     out[r0:r1, c0:c1] = _smooth(image[r0:r1, c0:c1], sigma_px)
     return out
+
+
+def _flow_derivatives(image: np.ndarray, imager: ImagerGeometry, region: PanelRegion, binning: int,
+                      pivot_room_mm: np.ndarray) -> np.ndarray:
+    """Pose derivatives of a DRR from its image gradient and the panel motion of its rays.
+
+    Each binned pixel's content is taken to sit on its ray at the depth of
+    ``pivot_room_mm`` (room mm); a small pose change ``dx`` (translation mm,
+    rotation deg about the pivot, room axes) moves that point, its projection
+    moves by ``f`` binned pixels, and the image changes by ``-grad(image) . f``.
+    Exact for translations parallel to the panel at the pivot's depth; for
+    other motions an approximation good enough for the background, which only
+    has to follow the pose between redraws.
+
+    Returns
+    -------
+    (6, rows, cols) float32
+        d image / d x_p per unit of translation (mm) and rotation (deg).
+    """
+    cols_px, rows_px = region.pixel_centres(binning)
+    cc, rr = np.meshgrid(cols_px, rows_px)
+    px = np.stack([cc.ravel(), rr.ravel()], axis=1)
+    m = imager.projection_matrix
+    src, dirs = imager.backproject(px)
+    normal = m[2, :3]
+    depth = float(normal @ (pivot_room_mm - src) + 0.0)
+    pts = src + dirs * (depth / (dirs @ normal))[:, None]
+    h = pts @ m[:, :3].T + m[:, 3]
+    w = h[:, 2:3]
+    uv = h[:, :2] / w
+    # d(col,row)/dX: (M[:2,:3] - uv (x) M[2,:3]) / w, in binned pixels.
+    duv = (m[None, :2, :3] - uv[:, :, None] * m[None, 2:3, :3]) / (w[:, :, None] * binning)  # (N, 2, 3)
+    gy, gx = np.gradient(image.astype(np.float64))
+    # The image gradient pulled back to the room: d image / d(point position), (N, 3).
+    g3 = gx.reshape(-1, 1) * duv[:, 0, :] + gy.reshape(-1, 1) * duv[:, 1, :]
+    out = np.empty((6, g3.shape[0]))
+    out[:3] = -g3.T  # translation: the point moves by e_p
+    # rotation about the pivot by omega = e_p (pi/180): velocity e_p x arm, and (e_p x arm).g = e_p.(arm x g)
+    out[3:] = -(math.pi / 180.0) * np.cross(pts - pivot_room_mm, g3).T
+    return out.reshape(6, *image.shape).astype(np.float32)
 
 
 def _smooth(image: np.ndarray, sigma_px: float) -> np.ndarray:
@@ -828,7 +888,8 @@ class AnatomyRegistration:
             views = self._prepare_level(logs, self._pose(x, start, centre), level)
             if views is None:
                 return self._refused(start, [QualityReason.ROI_OFF_PANEL], roi_on, sat, t_start, tracking)
-            x, its, converged, final = self._refine(views, level, x, start, centre, counter)
+            flow = (cfg.tracking_background_derivatives if tracking else cfg.background_derivatives) == "flow"
+            x, its, converged, final = self._refine(views, level, x, start, centre, counter, flow)
             iterations += its
         pose = self._pose(x, start, centre)
         if not tracking:
@@ -1022,9 +1083,22 @@ class AnatomyRegistration:
             return [fn(v) for v in views]
         return list(self._pool.map(fn, views))
 
-    def _linearise_background(self, views, level, x, steps, start, centre, counter) -> None:
-        """Background DRR and its forward-difference pose derivatives at ``x`` (a linear model)."""
+    def _linearise_background(self, views, level, x, steps, start, centre, counter, flow: bool) -> None:
+        """Background DRR and its pose derivatives at ``x`` (a linear model in ``x``): forward
+        differences (six more DRRs per view) or, with ``flow``, :func:`_flow_derivatives`."""
         volume = self._backgrounds[self._background_key(level)]
+        if flow:
+            pose = self._pose(x, start, centre)
+            pivot = centre + x[:3]  # the rotation centre after the translation x[:3]
+
+            def draw(v):
+                img = compute_drr_batch(volume, v.imager, [pose], v.region, level.binning, parallel=False)[0]
+                return img, _flow_derivatives(img, v.imager, v.region, level.binning, pivot)
+
+            for v, (img, jac) in zip(views, self._per_view(draw, views)):
+                counter[0] += 1
+                v.bg0, v.bg_jac, v.x_bg = img, jac, x.copy()
+            return
         poses = [self._pose(x, start, centre)]
         for p in range(6):
             xp = x.copy()
@@ -1076,7 +1150,7 @@ class AnatomyRegistration:
             jac[:, p] = (res[2 * p][0] - res[2 * p + 1][0]) / (2.0 * steps[p])
         return jac
 
-    def _refine(self, views, level: PyramidLevel, x, start, centre, counter):
+    def _refine(self, views, level: PyramidLevel, x, start, centre, counter, flow: bool = False):
         """Levenberg-Marquardt over ``x`` (translation mm, rotation deg about ``centre``) at one level."""
         cfg = self.config
         volume = self._level_volume(level)
@@ -1086,10 +1160,12 @@ class AnatomyRegistration:
         steps = np.array([h_mm] * 3 + [h_deg] * 3)
         # The background model is linear in the pose: redraw it when the pose has
         # moved more than one binned pixel at the ROI from where it was drawn.
-        relinearise = np.array([pix_mm] * 3 + [math.degrees(pix_mm / self._roi_radius_mm)] * 3)
+        redraw_mm = cfg.background_redraw_px * pix_mm
+        lever_mm = cfg.background_lever_mm if flow else self._roi_radius_mm
+        relinearise = np.array([redraw_mm] * 3 + [math.degrees(redraw_mm / lever_mm)] * 3)
         use_bg = bool(self._backgrounds) and not level.context
         if use_bg:
-            self._linearise_background(views, level, x, steps, start, centre, counter)
+            self._linearise_background(views, level, x, steps, start, centre, counter, flow)
         lower = np.array([-cfg.translation_bound_mm] * 3 + [-cfg.rotation_bound_deg] * 3)
         upper = -lower
         r, drrs = self._residual(views, level, volume, x, start, centre, counter)
@@ -1099,50 +1175,73 @@ class AnatomyRegistration:
         jac = None
         fresh = False
         its = 0
+        def background_settled() -> bool:
+            """True when the background model was drawn close enough to ``x`` to call ``x`` final;
+            otherwise redraw it there (and the residual with it)."""
+            nonlocal r, drrs, cost
+            if not use_bg or np.all(np.abs(x - views[0].x_bg) <= _FINAL_REDRAW_FRACTION * relinearise):
+                return True
+            self._linearise_background(views, level, x, steps, start, centre, counter, flow)
+            r, drrs = self._residual(views, level, volume, x, start, centre, counter)
+            cost = _sumsq(r)
+            return False
+
         for its in range(1, level.max_iterations + 1):
-            if jac is None:
-                # Central differences: forward ones are biased by the curvature near the optimum.
-                jac = self._jacobian(views, level, volume, x, steps, start, centre, counter)
-                fresh = True
-            a, g = normal_equations(jac, r)
             improved = False
             step = np.zeros(6)
-            for _ in range(_MAX_DAMPING_TRIES):
-                delta = np.linalg.solve(a + lam * np.diag(np.diag(a) + 1e-12), -g)
-                x_new = np.clip(x + delta, lower, upper)
-                r_new, drrs_new = self._residual(views, level, volume, x_new, start, centre, counter)
-                cost_new = _sumsq(r_new)
-                if cost_new < cost:
-                    step = x_new - x
-                    x, r, cost, drrs = x_new, r_new, cost_new, drrs_new
-                    lam = max(lam / 3.0, 1e-6)
-                    improved = True
+            settle = False
+            while True:  # a failed chord (stale) Jacobian is renewed within the same iteration
+                if jac is None:
+                    # Central differences: forward ones are biased by the curvature near the optimum.
+                    jac = self._jacobian(views, level, volume, x, steps, start, centre, counter)
+                    fresh = True
+                a, g = normal_equations(jac, r)
+                if fresh:
+                    gn = np.linalg.solve(a + 1e-9 * np.diag(np.diag(a) + 1e-12), -g)
+                    if np.all(np.abs(gn[:3]) < 0.5 * cfg.tolerance_mm) and np.all(np.abs(gn[3:]) < 0.5 * cfg.tolerance_deg):
+                        settle = True  # the Gauss-Newton step from a Jacobian taken here is negligible
+                        break
+                # A chord Jacobian that fails twice is renewed rather than damped further.
+                for _ in range(_MAX_DAMPING_TRIES if fresh else 2):
+                    delta = np.linalg.solve(a + lam * np.diag(np.diag(a) + 1e-12), -g)
+                    x_new = np.clip(x + delta, lower, upper)
+                    r_new, drrs_new = self._residual(views, level, volume, x_new, start, centre, counter)
+                    cost_new = _sumsq(r_new)
+                    if cost_new < cost:
+                        step = x_new - x
+                        x, r, cost, drrs = x_new, r_new, cost_new, drrs_new
+                        lam = max(lam / 3.0, 1e-6)
+                        improved = True
+                        break
+                    lam *= 4.0
+                if improved or fresh:
                     break
-                lam *= 4.0
+                jac, lam = None, 1e-3
+            if settle:
+                if background_settled():
+                    converged = True
+                    break
+                jac, lam = None, 1e-3
+                continue
             log.debug(
                 "level f%d b%d it %d: cost %.6f lambda %.2g x %s improved %s fresh %s",
                 level.volume_factor, level.binning, its, cost, lam, np.round(x, 3), improved, fresh,
             )
             small = np.all(np.abs(step[:3]) < cfg.tolerance_mm) and np.all(np.abs(step[3:]) < cfg.tolerance_deg)
             if use_bg and np.any(np.abs(x - views[0].x_bg) > relinearise):
-                self._linearise_background(views, level, x, steps, start, centre, counter)
+                self._linearise_background(views, level, x, steps, start, centre, counter, flow)
                 r, drrs = self._residual(views, level, volume, x, start, centre, counter)
                 cost = _sumsq(r)
-                jac, lam = None, 1e-3
+                # The Jacobian stays as a chord: convergence is still only declared on a fresh one.
+                fresh = False
                 continue
-            if improved and small:
-                if fresh:
-                    converged = True  # a negligible step from a Jacobian taken here
+            if (improved and small) or not improved:
+                # Converged only on a fresh Jacobian (a stale, chord one takes ever smaller steps far
+                # from the optimum as well) and a background drawn at this pose.
+                if fresh and background_settled():
+                    converged = True
                     break
-                # A stale (chord) Jacobian takes ever smaller steps far from the optimum as well:
-                # renew it and look again before calling this converged.
                 jac, lam = None, 1e-3
-                continue
-            if not improved:
-                if fresh:
-                    converged = True  # a Jacobian taken here finds no further descent
-                    break
-                jac, lam = None, 1e-3  # the Jacobian is from an earlier pose: take a fresh one
                 continue
             fresh = False
         if jac is None:  # the loop ended right after a background update: curvature at the final pose
