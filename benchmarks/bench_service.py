@@ -155,7 +155,8 @@ def simulated_fraction(errors: np.ndarray, n_pairs: int, seed: int, tau_s: float
     steps: set[int] = set()
     truth_dev = np.zeros(n_pairs)
     violations_at_pair = 0
-    enable_windows = []  # (valid_until, pair index)
+    enable_windows = []  # (valid_until, pair index, acquisition time, index into published_at)
+    published_at: list[float] = []  # publication time of every gating message, in order
     latency_s = 0.02  # judged 20 ms after acquisition (the measured p50 is below this)
     n_enable = 0
     for k in range(n_pairs):
@@ -175,18 +176,24 @@ def simulated_fraction(errors: np.ndarray, n_pairs: int, seed: int, tau_s: float
         job, _ = engine.begin_pair(k + 1, t, 0.0, t + latency_s)
         out = engine.finish_pair(job, PairResult(HoldReason.OK, measured, "fiducial", {"ok": True}), t + latency_s, 0.0)
         for o in out:
-            if o["schema"] == "gating/1" and o["beam"] == "ENABLE":
+            if o["schema"] != "gating/1":
+                continue
+            published_at.append(t + latency_s)
+            if o["beam"] == "ENABLE":
                 n_enable += 1
-                enable_windows.append((o["valid_until_unix_s"], k, t))
+                enable_windows.append((o["valid_until_unix_s"], k, t, len(published_at) - 1))
                 if truth_dev[k] > TOLERANCE_MM + MARGIN_MM:
                     violations_at_pair += 1
-    # While valid: an ENABLE of pair k stays valid until its expiry; the next pair is acquired at k+1.
-    # Checked at the following acquisitions inside its life; split by cause: a sudden step between
-    # the two acquisitions (invisible until the next pair) or smooth motion.
+    # While valid: an ENABLE of pair k is in force until its expiry or the next gating message,
+    # whichever comes first (CONVENTIONS: a HOLD revokes every earlier ENABLE at once; a later
+    # ENABLE is judged on its own pair). Checked at the following acquisitions inside that time;
+    # split by cause: a sudden step between the two acquisitions (invisible until the next pair)
+    # or smooth motion.
     at_step = smooth = 0
-    for valid_until, k, t_k in enable_windows:
+    for valid_until, k, t_k, m in enable_windows:
+        in_force_until = min(valid_until, published_at[m + 1]) if m + 1 < len(published_at) else valid_until
         j = k + 1
-        while j < n_pairs and t_k + (j - k) * period < valid_until:
+        while j < n_pairs and t_k + (j - k) * period < in_force_until:
             if truth_dev[j] > TOLERANCE_MM + MARGIN_MM:
                 if any(i in steps for i in range(k + 1, j + 1)):
                     at_step += 1
