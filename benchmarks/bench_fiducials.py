@@ -24,7 +24,8 @@ targets:
   search and tracking windows (prior pose: the previous position, i.e. this
   case's whole-frame result moved by an inter-frame motion uniform within
   +-1 mm and +-0.5 degrees per axis), after a warm-up whose time (numba
-  compile or cache load) is reported on its own line;
+  compile or cache load) is reported on its own line; for tracking, the
+  medians of detection and matching as ``FiducialResult`` reports them;
 - robustness row: the same poses with scatter (30 % of the smoothed primary)
   and a 10 % anode-heel gain across the panel.
 
@@ -140,6 +141,7 @@ def main() -> None:
     rows = {}
     timing = {"whole frame": ([], []), "tracking windows": ([], [])}
     load = []
+    stages = []  # tracking calls: (detection_ms, matching_ms) as FiducialResult reports them
     warm_s = None
     for variant, detector in VARIANTS.items():
         loc_err, corr_axes, corr_t, corr_r = [], [], [], []
@@ -175,10 +177,11 @@ def main() -> None:
                     _, w, c = timed(lambda f=frames: localise_fiducials(f, geometry, planned, names, i0=I0))
                     timing["whole frame"][0].append(w)
                     timing["whole frame"][1].append(c)
-                    _, w, c = timed(lambda f=frames, p=prior: localise_fiducials(f, geometry, planned, names, i0=I0,
-                                                                                 prior_pose=p))
+                    tracked, w, c = timed(lambda f=frames, p=prior: localise_fiducials(f, geometry, planned, names,
+                                                                                       i0=I0, prior_pose=p))
                     timing["tracking windows"][0].append(w)
                     timing["tracking windows"][1].append(c)
+                    stages.append((tracked.detection_ms, tracked.matching_ms))
             if (case + 1) % 10 == 0:
                 print(f"  {variant}: {case + 1}/{args.cases} cases", flush=True)
         rows[variant] = {"loc": np.array(loc_err), "axes": np.array(corr_axes).reshape(-1, 6), "t": np.array(corr_t),
@@ -227,6 +230,9 @@ def main() -> None:
         wall, cpu = timing[mode]
         print(f"| {mode} ({len(wall)} calls) | {pct(wall, 50):.2f} | {pct(wall, 95):.2f} | {pct(cpu, 50):.2f} "
               f"| {pct(cpu, 95):.2f} | {target} |")
+    det_ms, match_ms = np.array(stages).reshape(-1, 2).T
+    print(f"tracking windows, median of each stage: detection {pct(det_ms, 50):.2f} ms (both frames), "
+          f"correspondence + triangulation + registration {pct(match_ms, 50):.2f} ms (both labellings)")
     print()
     print(f"load average (1 min) during the timed calls: median {pct(load, 50):.2f}, max {max(load):.2f} "
           f"on {os.cpu_count()} cores")

@@ -1,18 +1,29 @@
-"""Numba kernels of seed detection. Pure functions: arrays in, arrays out.
+"""Numba kernels of seed detection (stereo triangulation: ``_stereo_kernels``). Pure functions: arrays in, arrays out.
 
-Images are ``[row, col]`` float32 line integrals (ln units) of a kV frame or
-of a mosaic of detection windows; callers (``detection.py``) validate input
-and convert units. Neighbourhoods outside the image replicate the border
-pixel (OpenCV's ``BORDER_REPLICATE``), so a kernel here gives exactly what the
-OpenCV composition it replaces gives.
+Images are ``[row, col]`` float32 (raw counts or line integrals in ln
+units) of a kV frame or of a stack of detection windows; pixel coordinates
+are ``(col, row)``, room points mm. Callers (``detection.py``,
+``fiducials.py``) validate input and convert units. Neighbourhoods outside
+an image replicate the border pixel (OpenCV's ``BORDER_REPLICATE``), so a
+kernel here gives what the OpenCV composition it replaces gives: exactly for
+morphology, medians and components, to float32 rounding for the Gaussian
+(``tests/tracking/test_detection_kernels.py`` checks both).
 """
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 from numba import njit
 
-__all__ = ["isolated_outliers", "reconstruct_under", "reconstruct_under_tiles", "snr_peaks"]
+__all__ = [
+    "analyse_windows",
+    "gather_windows",
+    "isolated_outliers",
+    "reconstruct_under",
+    "snr_peaks",
+]
 
 
 @njit(cache=True, nogil=True)
@@ -86,30 +97,6 @@ def snr_peaks(snr, lint, opened, min_snr, min_contrast):
 
 
 @njit(cache=True, nogil=True)
-def reconstruct_under_tiles(seed, mask, steps, tile_rows, pad, heights, widths):
-    """:func:`reconstruct_under` separately in each tile of a mosaic, each with its own replicated border.
-
-    The mosaic stacks tiles of ``tile_rows`` rows vertically; tile ``t``'s
-    image occupies rows ``pad .. pad + heights[t]`` and columns ``pad .. pad +
-    widths[t]`` of it. Pixels outside the tiles' images keep ``seed``.
-    """
-    out = seed.copy()
-    for t in range(heights.shape[0]):
-        h = heights[t]
-        w = widths[t]
-        r0 = t * tile_rows + pad
-        a = seed[r0:r0 + h, pad:pad + w].copy()
-        m = mask[r0:r0 + h, pad:pad + w]
-        b = np.empty_like(a)
-        for _ in range(steps):
-            for r in range(h):
-                _cross_row(a[max(r - 1, 0)], a[r], a[min(r + 1, h - 1)], m[r], b[r], w)
-            a, b = b, a
-        out[r0:r0 + h, pad:pad + w] = a
-    return out
-
-
-@njit(cache=True, nogil=True)
 def isolated_outliers(raw, ratio):
     """Pixels more than ``ratio`` times darker than the darkest, or brighter than the brightest, of their 8 neighbours.
 
@@ -136,3 +123,663 @@ def isolated_outliers(raw, ratio):
                 bad[r, c] = True
                 count += 1
     return bad, count
+
+
+# ---------------------------------------------------------------------------- window analysis
+# The full-resolution analysis of detection windows (``detection.py``,
+# ``_measure_windows``) in two kernels around OpenCV's vectorised log:
+# ``gather_windows`` copies each window of a frame into a tile of a stack,
+# with ``pad`` pixels of replicated border on every side, and repairs its
+# isolated defects; ``analyse_windows`` runs the top-hat, the matched filter,
+# the noise estimate, the support's components and their weighted moments,
+# tile by tile, each tile an image of its own.
+#
+# Every filter runs over a tile's image rows as one flat run (row stride
+# ``W``, the padded width), as element-wise loops over slices shifted by
+# constant offsets: zero-based loops over slices carry no negative-index
+# test, so LLVM vectorises them (``x[i - a]`` in a loop would not be). Values
+# computed in the padding columns are never used; a filter's input has its
+# border replicated again before the filter reads it.
+
+
+@njit(cache=True, nogil=True)
+def _copy(out, x):
+    for j in range(out.shape[0]):
+        out[j] = x[j]
+
+
+@njit(cache=True, nogil=True)
+def _min_into(out, x):
+    for j in range(out.shape[0]):
+        out[j] = min(out[j], x[j])
+
+
+@njit(cache=True, nogil=True)
+def _max_into(out, x):
+    for j in range(out.shape[0]):
+        out[j] = max(out[j], x[j])
+
+
+@njit(cache=True, nogil=True)
+def _min_into3(out, x, y, z):
+    for j in range(out.shape[0]):
+        out[j] = min(min(min(out[j], x[j]), y[j]), z[j])
+
+
+@njit(cache=True, nogil=True)
+def _max_into3(out, x, y, z):
+    for j in range(out.shape[0]):
+        out[j] = max(max(max(out[j], x[j]), y[j]), z[j])
+
+
+@njit(cache=True, nogil=True)
+def _min3(out, x, y, z):
+    for j in range(out.shape[0]):
+        out[j] = min(x[j], min(y[j], z[j]))
+
+
+@njit(cache=True, nogil=True)
+def _max3(out, x, y, z):
+    for j in range(out.shape[0]):
+        out[j] = max(x[j], max(y[j], z[j]))
+
+
+@njit(cache=True, nogil=True)
+def _max2(out, x, y):
+    for j in range(out.shape[0]):
+        out[j] = max(x[j], y[j])
+
+
+@njit(cache=True, nogil=True)
+def _geodesic_cross(out, up, mid, down, left, right, lim):
+    for j in range(out.shape[0]):
+        out[j] = min(max(max(up[j], mid[j]), max(down[j], max(left[j], right[j]))), lim[j])
+
+
+@njit(cache=True, nogil=True)
+def _sub(out, x, y):
+    for j in range(out.shape[0]):
+        out[j] = x[j] - y[j]
+
+
+@njit(cache=True, nogil=True)
+def _subtract_from(out, c, x):
+    for j in range(out.shape[0]):
+        out[j] = c - x[j]
+
+
+@njit(cache=True, nogil=True)
+def _abs_deviation(out, c):
+    for j in range(out.shape[0]):
+        out[j] = abs(out[j] - c)
+
+
+@njit(cache=True, nogil=True)
+def _clear(labels, pixels):
+    for j in range(pixels.shape[0]):
+        labels[pixels[j]] = 0
+
+
+@njit(cache=True, nogil=True)
+def _scale(out, g, x):
+    for j in range(out.shape[0]):
+        out[j] = g * x[j]
+
+
+@njit(cache=True, nogil=True)
+def _add_symmetric(out, g, x, y):
+    for j in range(out.shape[0]):
+        out[j] += g * (x[j] + y[j])
+
+
+@njit(cache=True, nogil=True)
+def _add_symmetric2(out, g, x, y, g2, x2, y2):
+    for j in range(out.shape[0]):
+        out[j] = (out[j] + g * (x[j] + y[j])) + g2 * (x2[j] + y2[j])
+
+
+@njit(cache=True, nogil=True)
+def _standardise(out, med, sigma):
+    for j in range(out.shape[0]):
+        out[j] = (out[j] - med) / sigma
+
+
+@njit(cache=True, nogil=True)
+def _neighbour_range(lo, hi, flat, a, b, stride):
+    """Lowest and highest of the 8 neighbours of each pixel ``a .. b`` of a flat image (row ``stride``)."""
+    n = b - a
+    _copy(lo[:n], flat[a - stride - 1:b - stride - 1])
+    _copy(hi[:n], flat[a - stride - 1:b - stride - 1])
+    for off in (-stride, -stride + 1, -1, 1, stride - 1, stride, stride + 1):
+        _min_into(lo[:n], flat[a + off:b + off])
+        _max_into(hi[:n], flat[a + off:b + off])
+
+
+@njit(cache=True, nogil=True)
+def _outliers(flat, lo, hi, a, pad, h, w, stride, ratio, keep, t, fix_at, fix_to):
+    """Isolated outliers of a padded tile's interior (see :func:`gather_windows`) and their neighbours' medians.
+
+    ``lo``/``hi`` hold the neighbour range of pixels ``a ..``; ``keep[t]``
+    (when ``keep`` is not empty) exempts pixels. Writes flat indices to
+    ``fix_at`` and medians to ``fix_to``; returns the count.
+    """
+    use_keep = keep.shape[0] > 0
+    neigh = np.empty(8, np.float32)
+    n_fix = 0
+    for r in range(1, h - 1):
+        base = (pad + r) * stride + pad
+        x_row = flat[base + 1:base + w - 1]
+        lo_row = lo[base + 1 - a:base + w - 1 - a]
+        hi_row = hi[base + 1 - a:base + w - 1 - a]
+        for j in range(x_row.shape[0]):
+            x = x_row[j]
+            if not (x * ratio < lo_row[j] or x > hi_row[j] * ratio):
+                continue
+            if use_keep and keep[t, r, j + 1]:
+                continue
+            i = base + 1 + j
+            for n, off in enumerate((-stride - 1, -stride, -stride + 1, -1, 1, stride - 1, stride, stride + 1)):
+                neigh[n] = flat[i + off]
+            neigh.sort()
+            fix_at[n_fix] = i
+            fix_to[n_fix] = (neigh[3] + neigh[4]) / np.float32(2.0)
+            n_fix += 1
+    return n_fix
+
+
+@njit(cache=True, nogil=True)
+def gather_windows(frame, r0, c0, heights, widths, tiles, pad, out, ratio, keep):
+    """Copy windows of a frame into padded tiles of a stack and repair their isolated outliers.
+
+    Window ``k`` is ``frame[r0[k]:r0[k] + heights[k], c0[k]:c0[k] + widths[k]]``;
+    it goes to ``out[tiles[k], pad:pad + heights[k], pad:pad + widths[k]]``
+    (float32) and the rest of the tile replicates its border pixels. An
+    interior pixel more than ``ratio`` times darker than the darkest, or
+    brighter than the brightest, of its 8 neighbours is replaced by their
+    median (as :func:`isolated_outliers`, whose border pixels are never
+    outliers), unless ``keep[tiles[k], r, c]`` (window pixels; an empty
+    ``keep`` marks none) says it is a calibrated defect, left to the caller.
+    Returns the number of pixels replaced.
+    """
+    count = 0
+    _, rows, cols = out.shape
+    lo = np.empty(rows * cols, np.float32)
+    hi = np.empty(rows * cols, np.float32)
+    fix_at = np.empty(rows * cols, np.int64)
+    fix_to = np.empty(rows * cols, np.float32)
+    for k in range(r0.shape[0]):
+        h = heights[k]
+        w = widths[k]
+        t = tiles[k]
+        dst = out[t]
+        for r in range(rows):
+            src = frame[r0[k] + min(max(r - pad, 0), h - 1), c0[k]:c0[k] + w]
+            row = dst[r]
+            first = np.float32(src[0])
+            last = np.float32(src[w - 1])
+            for c in range(pad):
+                row[c] = first
+            for c in range(w):
+                row[pad + c] = np.float32(src[c])
+            for c in range(pad + w, cols):
+                row[c] = last
+        if h < 3 or w < 3:
+            continue
+        # Test every interior pixel against its raw neighbours first, then repair.
+        flat = dst.reshape(rows * cols)
+        a = (pad + 1) * cols
+        _neighbour_range(lo, hi, flat, a, (pad + h - 1) * cols, cols)
+        n_fix = _outliers(flat, lo, hi, a, pad, h, w, cols, ratio, keep, t, fix_at, fix_to)
+        for q in range(n_fix):
+            flat[fix_at[q]] = fix_to[q]
+        count += n_fix
+    return count
+
+
+@njit(cache=True, nogil=True)
+def _replicate(x, stride, pad, h, w, pad_rows, pad_cols):
+    """Replicate the image ``x[pad:pad + h, pad:pad + w]`` (flat, row ``stride``) into its border.
+
+    ``pad_cols`` columns either side of each image row, then ``pad_rows``
+    whole padded rows above and below (corners included).
+    """
+    for r in range(pad, pad + h):
+        base = r * stride + pad
+        left = x[base]
+        right = x[base + w - 1]
+        for c in range(1, pad_cols + 1):
+            x[base - c] = left
+            x[base + w - 1 + c] = right
+    lo = pad - pad_cols
+    hi = pad + w + pad_cols
+    first = pad * stride
+    last = (pad + h - 1) * stride
+    for r in range(pad - pad_rows, pad):
+        _copy(x[r * stride + lo:r * stride + hi], x[first + lo:first + hi])
+    for r in range(pad + h, pad + h + pad_rows):
+        _copy(x[r * stride + lo:r * stride + hi], x[last + lo:last + hi])
+
+
+@njit(cache=True, nogil=True)
+def _disc(src, lo, hi, stride, half_widths, is_max, levels, out):
+    """Erosion (``is_max`` False) or dilation by a disc of the flat image ``src``, for indices ``lo .. hi``.
+
+    The disc's row at offset ``dy`` has half-width ``half_widths[R + dy]``
+    (``R = len // 2``); ``src`` must hold valid (replicated) pixels ``R`` rows
+    and columns beyond the range. The running extremum of each row over
+    ``c - a .. c + a`` is built for every ``a <= R`` (two comparisons per
+    step), then combined over the disc's rows.
+    """
+    rad = half_widths.shape[0] // 2
+    a0 = lo - rad * stride
+    b0 = hi + rad * stride
+    _copy(levels[0, a0:b0], src[a0:b0])
+    for a in range(1, rad + 1):
+        if is_max:
+            _max3(levels[a, a0:b0], levels[a - 1, a0:b0], src[a0 - a:b0 - a], src[a0 + a:b0 + a])
+        else:
+            _min3(levels[a, a0:b0], levels[a - 1, a0:b0], src[a0 - a:b0 - a], src[a0 + a:b0 + a])
+    off = -rad * stride
+    _copy(out[lo:hi], levels[half_widths[0], lo + off:hi + off])
+    # The other rows of the disc, three per pass where they come in threes.
+    dy = 1
+    while dy + 2 <= 2 * rad:
+        o1 = (dy - rad) * stride
+        o2 = o1 + stride
+        o3 = o2 + stride
+        x = levels[half_widths[dy], lo + o1:hi + o1]
+        y = levels[half_widths[dy + 1], lo + o2:hi + o2]
+        z = levels[half_widths[dy + 2], lo + o3:hi + o3]
+        if is_max:
+            _max_into3(out[lo:hi], x, y, z)
+        else:
+            _min_into3(out[lo:hi], x, y, z)
+        dy += 3
+    while dy <= 2 * rad:
+        off = (dy - rad) * stride
+        if is_max:
+            _max_into(out[lo:hi], levels[half_widths[dy], lo + off:hi + off])
+        else:
+            _min_into(out[lo:hi], levels[half_widths[dy], lo + off:hi + off])
+        dy += 1
+
+
+@njit(cache=True, nogil=True)
+def _symmetric_filter(x, lo, hi, step, taps, out):
+    """``out = taps[K] x + sum_k taps[K + k] (x[i - k step] + x[i + k step])`` for ``i`` in ``lo .. hi``.
+
+    ``K = len(taps) // 2``; float32, accumulated in that order, two taps per
+    pass. ``x`` must be valid ``K`` steps beyond the range.
+    """
+    gk = taps.shape[0] // 2
+    _scale(out[lo:hi], taps[gk], x[lo:hi])
+    k = 1
+    while k + 1 <= gk:
+        o1 = k * step
+        o2 = o1 + step
+        _add_symmetric2(out[lo:hi], taps[gk + k], x[lo - o1:hi - o1], x[lo + o1:hi + o1], taps[gk + k + 1],
+                        x[lo - o2:hi - o2], x[lo + o2:hi + o2])
+        k += 2
+    if k <= gk:
+        o1 = k * step
+        _add_symmetric(out[lo:hi], taps[gk + k], x[lo - o1:hi - o1], x[lo + o1:hi + o1])
+
+
+@njit(cache=True, nogil=True)
+def _window_max(x, lo, hi, step, reach, t1, t2, out):
+    """``out[i] = max(x[i + k step] for |k| <= reach)`` for ``i`` in ``lo .. hi``.
+
+    Doubling: windows of 2, 4, ... pixels, then the largest power of two
+    within the window twice, overlapping. ``x`` must be valid ``reach`` steps
+    beyond the range; ``t1``, ``t2`` are scratch like ``x``.
+    """
+    if reach == 0:
+        _copy(out[lo:hi], x[lo:hi])
+        return
+    size = 1
+    cur = x
+    nxt = t1
+    spare = t2
+    while 2 * size <= 2 * reach + 1:
+        # cur[j] is the maximum of x[j .. j + (size - 1) step]; build the window of 2 size.
+        a = lo - reach * step
+        b = hi + (reach - 2 * size + 1) * step
+        _max2(nxt[a:b], cur[a:b], cur[a + size * step:b + size * step])
+        size *= 2
+        cur, nxt, spare = nxt, spare, nxt
+    back = (reach - size + 1) * step
+    _max2(out[lo:hi], cur[lo - reach * step:hi - reach * step], cur[lo + back:hi + back])
+
+
+@njit(cache=True, nogil=True)
+def _find(parent, x):
+    while parent[x] != x:
+        parent[x] = parent[parent[x]]
+        x = parent[x]
+    return x
+
+
+@njit(cache=True, nogil=True)
+def _select(values, n, k):
+    """The ``k``-th smallest of ``values[:n]`` (reordered in place), quickselect."""
+    lo = 0
+    hi = n - 1
+    while lo < hi:
+        pivot = values[(lo + hi) // 2]
+        i = lo
+        j = hi
+        while i <= j:
+            while values[i] < pivot:
+                i += 1
+            while values[j] > pivot:
+                j -= 1
+            if i <= j:
+                tmp = values[i]
+                values[i] = values[j]
+                values[j] = tmp
+                i += 1
+                j -= 1
+        if k <= j:
+            hi = j
+        elif k >= i:
+            lo = i
+        else:
+            break
+    return values[k]
+
+
+@njit(cache=True, nogil=True)
+def _median(values, n):
+    """Median of ``values[:n]`` (float32, reordered in place); an even count averages the middle two, as numpy."""
+    k = n // 2
+    upper = _select(values, n, k)
+    if n % 2 == 1:
+        return upper
+    lower = values[0]
+    for i in range(1, k):
+        lower = max(lower, values[i])
+    return (lower + upper) / np.float32(2.0)
+
+
+@njit(cache=True, nogil=True)
+def _support(snr, near, pad, h, w, stride, support_snr, relative_cut, pixels):
+    """Flat indices (raster order) of the image pixels above ``support_snr`` and ``relative_cut`` of ``near``."""
+    n = 0
+    for r in range(pad, pad + h):
+        base = r * stride + pad
+        s_row = snr[base:base + w]
+        n_row = near[base:base + w]
+        for j in range(w):
+            if s_row[j] > support_snr and s_row[j] > relative_cut * n_row[j]:
+                pixels[n] = base + j
+                n += 1
+    return n
+
+
+@njit(cache=True, nogil=True)
+def _components(pixels, n_pix, stride, labels, parent):
+    """8-connected components of the support pixels (raster order; every other label 0), numbered 1.. in
+    raster order of their first pixel into ``labels``; returns their number."""
+    m = 0
+    for p in range(n_pix):
+        i = pixels[p]
+        best = 0
+        for j in (i - stride - 1, i - stride, i - stride + 1, i - 1):
+            q = labels[j]
+            if q == 0:
+                continue
+            q = _find(parent, q)
+            if best == 0:
+                best = q
+            elif q != best:
+                if q < best:
+                    parent[best] = q
+                    best = q
+                else:
+                    parent[q] = best
+        if best == 0:
+            m += 1
+            parent[m] = m
+            best = m
+        labels[i] = best
+    final = np.zeros(m + 1, np.int32)
+    n_comp = 0
+    for p in range(n_pix):
+        i = pixels[p]
+        root = _find(parent, labels[i])
+        if final[root] == 0:
+            n_comp += 1
+            final[root] = n_comp
+        labels[i] = final[root]
+    return n_comp
+
+
+@njit(cache=True, nogil=True)
+def _extents(pixels, n_pix, labels, snr, stride, pad, h, w, n_comp):
+    """Per component: peak SNR, whether it touches the image border, bounding box (rows, cols; flat layout)."""
+    peak = np.full(n_comp + 1, -np.inf)
+    edge = np.zeros(n_comp + 1, np.bool_)
+    box = np.empty((n_comp + 1, 4), np.int64)
+    for q in range(n_comp + 1):
+        box[q, 0] = 1 << 30
+        box[q, 1] = -1
+        box[q, 2] = 1 << 30
+        box[q, 3] = -1
+    for p in range(n_pix):
+        i = pixels[p]
+        q = labels[i]
+        r = i // stride
+        c = i - r * stride
+        peak[q] = max(peak[q], np.float64(snr[i]))
+        if r == pad or c == pad or r == pad + h - 1 or c == pad + w - 1:
+            edge[q] = True
+        box[q, 0] = min(box[q, 0], r)
+        box[q, 1] = max(box[q, 1], r)
+        box[q, 2] = min(box[q, 2], c)
+        box[q, 3] = max(box[q, 3], c)
+    return peak, edge, box
+
+
+@njit(cache=True, nogil=True)
+def _moments(lint, opened, labels, q, r0, r1, c0, c1, stride, pad, top_med):
+    """Transmission-deficit weighted moments of component ``q`` grown by one pixel (box rows r0..r1, cols c0..c1).
+
+    A pixel outside every component joins its highest-numbered neighbour.
+    Returns sum w, sum w x, sum w y, sum w x^2, sum w y^2, sum w x y, pixels
+    and the peak of ``T - top_med``; x, y are image column and row.
+    """
+    sw = 0.0
+    sx = 0.0
+    sy = 0.0
+    sxx = 0.0
+    syy = 0.0
+    sxy = 0.0
+    count = 0
+    peak_top = -np.inf
+    for r in range(r0 - 1, r1 + 2):
+        for c in range(c0 - 1, c1 + 2):
+            i = r * stride + c
+            own = labels[i]
+            if own == 0:
+                for j in (i - stride - 1, i - stride, i - stride + 1, i - 1, i + 1, i + stride - 1, i + stride,
+                          i + stride + 1):
+                    own = max(own, labels[j])
+            if own != q:
+                continue
+            t_rel = (lint[i] - opened[i]) - top_med
+            wt = -math.expm1(-max(np.float64(t_rel), 0.0))
+            x = np.float64(c - pad)
+            y = np.float64(r - pad)
+            sw += wt
+            sx += wt * x
+            sy += wt * y
+            sxx += wt * x * x
+            syy += wt * y * y
+            sxy += wt * x * y
+            count += 1
+            peak_top = max(peak_top, np.float64(t_rel))
+    return sw, sx, sy, sxx, syy, sxy, count, peak_top
+
+
+@njit(cache=True, nogil=True)
+def _strided_sample(x, pad, h, w, stride, step, out):
+    """``x``'s image pixels every ``step`` rows and columns into ``out``; returns the count."""
+    n = 0
+    for r in range(pad, pad + h, step):
+        base = r * stride
+        for c in range(pad, pad + w, step):
+            out[n] = x[base + c]
+            n += 1
+    return n
+
+
+@njit(cache=True, nogil=True)
+def _strided_top_hat(lint, opened, pad, h, w, stride, step, out):
+    """``lint - opened`` at the image pixels every ``step`` rows and columns into ``out``; returns the count."""
+    n = 0
+    for r in range(pad, pad + h, step):
+        base = r * stride
+        for c in range(pad, pad + w, step):
+            out[n] = lint[base + c] - opened[base + c]
+            n += 1
+    return n
+
+
+@njit(cache=True, nogil=True)
+def analyse_windows(tiles, pad, log_i0, heights, widths, half_widths, steps, gauss, reach, support_snr, relative_cut,
+                    min_snr):
+    """Top-hat, matched filter, noise, support and weighted moments of every tile of a window stack.
+
+    ``tiles[t]`` holds ``ln(I)`` of window ``t`` (repaired, clipped at the
+    intensity floor) at ``[pad:pad + heights[t], pad:pad + widths[t]]``, its
+    border replicated to the tile's edge (:func:`gather_windows`);
+    ``log_i0[t]`` is its ``ln(i0)``, so the line integrals are ``L = log_i0 -
+    tiles`` (float32, ln units). Each tile is an image of its own, its border
+    replicated for every filter:
+
+    - background: opening of ``L`` by the disc ``half_widths`` (see
+      :func:`_disc`), grown back under ``L`` by ``steps`` geodesic cross
+      dilations; top-hat ``T = L - opening``;
+    - matched filter: ``L - background`` convolved with the separable
+      symmetric kernel ``gauss`` (odd length, float32), rows then columns;
+    - SNR: (filtered - median) / (1.4826 MAD), both over the tile sampled
+      every ``step`` pixels (1, or 2 above 4096 pixels, 4 above 65536);
+    - support: SNR above ``support_snr`` and above ``relative_cut`` times the
+      highest SNR within ``reach`` pixels (a square); 8-connected components,
+      numbered in raster order of their first pixel;
+    - per component whose peak SNR exceeds ``min_snr`` and that does not touch
+      the tile's border: the transmission-deficit weights
+      ``w = 1 - exp(-max(T - median(T), 0))`` (median over every other pixel
+      of every other row) over the component grown by one pixel (a fringe
+      pixel goes to its highest-numbered neighbour), and their moments in
+      window pixels (x = column, y = row).
+
+    Returns an ``(M, 10)`` float64 array, one row per component, in tile
+    order and component order: tile, peak SNR, sum w, sum w x, sum w y,
+    sum w x^2, sum w y^2, sum w x y, pixels, peak ``T - median(T)`` (ln
+    units), the sums over the grown support.
+    """
+    n_tiles, rows, stride = tiles.shape
+    rad = half_widths.shape[0] // 2
+    gk = gauss.shape[0] // 2
+    if pad <= max(rad, gk, reach, 1) or rows < 2 * pad + 1 or stride < 2 * pad + 1:
+        raise ValueError("analyse_windows: tile padding narrower than the filters")
+    size_flat = rows * stride
+    levels = np.empty((rad + 1, size_flat), np.float32)
+    lint = np.empty(size_flat, np.float32)
+    opened = np.empty(size_flat, np.float32)
+    fa = np.empty(size_flat, np.float32)
+    fb = np.empty(size_flat, np.float32)
+    fc = np.empty(size_flat, np.float32)
+    snr = np.empty(size_flat, np.float32)
+    labels = np.zeros(size_flat, np.int32)
+    pixels = np.empty(size_flat, np.int64)
+    parent = np.empty(size_flat + 1, np.int32)
+    sample = np.empty(size_flat, np.float32)
+    out = np.empty((16, 10))
+    n_out = 0
+    for t in range(n_tiles):
+        h = heights[t]
+        w = widths[t]
+        lo = pad * stride
+        hi = (pad + h) * stride
+        src = tiles[t].reshape(size_flat)
+        l0 = log_i0[t]
+        _subtract_from(lint, l0, src)
+        # Opening by a disc, not a square: it follows corners of bone at any
+        # angle (a square leaves the tip of a rotated corner behind as a false
+        # blob). Then a partial reconstruction by dilation: the opening grown
+        # back under L for ``steps`` steps, so corners of bone the disc could
+        # not reach, connected to the bone, fill back in; a seed stands above
+        # its surroundings everywhere and stays out. (lint's border is
+        # replicated already.)
+        _disc(lint, lo, hi, stride, half_widths, False, levels, fa)
+        _replicate(fa, stride, pad, h, w, rad, rad)
+        _disc(fa, lo, hi, stride, half_widths, True, levels, opened)
+        _copy(fa[lo:hi], opened[lo:hi])
+        grow = fa
+        spare = fb
+        for _ in range(steps):
+            _replicate(grow, stride, pad, h, w, 1, 1)
+            _geodesic_cross(spare[lo:hi], grow[lo - stride:hi - stride], grow[lo:hi], grow[lo + stride:hi + stride],
+                            grow[lo - 1:hi - 1], grow[lo + 1:hi + 1], lint[lo:hi])
+            grow, spare = spare, grow
+        # Matched filter of L - background: rows, then columns.
+        _sub(spare[lo:hi], lint[lo:hi], grow[lo:hi])
+        _replicate(spare, stride, pad, h, w, 0, gk)
+        _symmetric_filter(spare, lo, hi, 1, gauss, fc)
+        _replicate(fc, stride, pad, h, w, gk, 0)
+        _symmetric_filter(fc, lo, hi, stride, gauss, snr)
+        # Robust noise of the tile, then SNR in place.
+        area = h * w
+        step = 4 if area > 65536 else 2 if area > 4096 else 1
+        n = _strided_sample(snr, pad, h, w, stride, step, sample)
+        med = _median(sample, n)
+        _abs_deviation(sample[:n], med)
+        sigma = max(np.float32(1.4826) * _median(sample, n), np.float32(1e-6))
+        _standardise(snr[lo:hi], med, sigma)
+        # Highest SNR within reach (a square): rows, then columns.
+        _replicate(snr, stride, pad, h, w, 0, reach)
+        _window_max(snr, lo, hi, 1, reach, fa, fb, fc)
+        _replicate(fc, stride, pad, h, w, reach, 0)
+        near = levels[0]
+        _window_max(fc, lo, hi, stride, reach, fa, fb, near)
+        n_pix = _support(snr, near, pad, h, w, stride, support_snr, relative_cut, pixels)
+        if n_pix == 0:
+            continue
+        # 8-connected components (the padding is never support: its labels stay 0).
+        n_comp = _components(pixels, n_pix, stride, labels, parent)
+        peak, edge, box = _extents(pixels, n_pix, labels, snr, stride, pad, h, w, n_comp)
+        # The plain top-hat T = L - opening weighs the centroid, not L -
+        # background: the reconstruction can bridge from bone through a seed
+        # into soft tissue and would lower one side of a seed lying across a
+        # bone edge.
+        top_med = np.float32(0.0)
+        for q in range(1, n_comp + 1):
+            if peak[q] > min_snr and not edge[q]:
+                # T's median over every other pixel of every other row.
+                n = _strided_top_hat(lint, opened, pad, h, w, stride, 2, sample)
+                top_med = _median(sample, n)
+                break
+        for q in range(1, n_comp + 1):
+            if not (peak[q] > min_snr) or edge[q]:
+                continue
+            # The component does not touch the border, so its grown box stays inside the window.
+            sw, sx, sy, sxx, syy, sxy, count, peak_top = _moments(
+                lint, opened, labels, q, box[q, 0], box[q, 1], box[q, 2], box[q, 3], stride, pad, top_med)
+            if n_out == out.shape[0]:
+                out = np.concatenate((out, np.empty_like(out)))
+            o = out[n_out]
+            o[0] = t
+            o[1] = peak[q]
+            o[2] = sw
+            o[3] = sx
+            o[4] = sy
+            o[5] = sxx
+            o[6] = syy
+            o[7] = sxy
+            o[8] = count
+            o[9] = peak_top
+            n_out += 1
+        _clear(labels, pixels[:n_pix])
+    return out[:n_out]

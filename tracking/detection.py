@@ -50,9 +50,10 @@ import numpy as np
 from calibration.geometry import ImagerGeometry
 
 from ._kernels import (
+    analyse_windows,
+    gather_windows,
     isolated_outliers,
     reconstruct_under,
-    reconstruct_under_tiles,
     snr_peaks,
 )
 from .errors import FrameError
@@ -286,43 +287,18 @@ def line_integrals(frame: np.ndarray, i0: float, intensity_floor: float = 0.5) -
 
 
 # ---------------------------------------------------------------------------- analysis
-def _repair_defects(raw: np.ndarray, ratio: float, defect_mask: np.ndarray | None) -> np.ndarray:
-    """Replace isolated outlier pixels (and masked defects) by the median of their neighbours."""
+def _repair_defects(raw: np.ndarray, ratio: float) -> np.ndarray:
+    """Replace isolated outlier pixels by the median of their 8 neighbours (float32 image, same units)."""
     bad, count = isolated_outliers(raw, np.float32(ratio))
-    if defect_mask is not None:
-        bad |= defect_mask
-    elif count == 0:
+    if count == 0:
         return raw
     out = raw.copy()
-    if defect_mask is not None and defect_mask.any():
-        # Calibrated defect lines/clusters: neighbours may be defects too, so inpaint.
-        out = cv2.inpaint(out, defect_mask.astype(np.uint8), 2, cv2.INPAINT_TELEA)
-    rows, cols = np.nonzero(bad & (defect_mask is None or ~defect_mask))
-    if len(rows):
-        pad = np.pad(raw, 1, mode="reflect")
-        offs = [(dr, dc) for dr in (0, 1, 2) for dc in (0, 1, 2) if (dr, dc) != (1, 1)]
-        neigh = np.stack([pad[rows + dr, cols + dc] for dr, dc in offs], axis=1)
-        out[rows, cols] = np.median(neigh, axis=1)
+    rows, cols = np.nonzero(bad)
+    pad = np.pad(raw, 1, mode="reflect")
+    offs = [(dr, dc) for dr in (0, 1, 2) for dc in (0, 1, 2) if (dr, dc) != (1, 1)]
+    neigh = np.stack([pad[rows + dr, cols + dc] for dr, dc in offs], axis=1)
+    out[rows, cols] = np.median(neigh, axis=1)
     return out
-
-
-def _tophat(lint: np.ndarray, size: SeedSizePx) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Top-hat (centroid weights), its matched-filtered version (detection) and the background, ln units."""
-    # A disc, not a square: its opening follows corners of bone at any angle
-    # (a square leaves the tip of a rotated corner behind as a false blob).
-    kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (size.element_px, size.element_px))
-    opened = cv2.morphologyEx(lint, cv2.MORPH_OPEN, kernel, borderType=cv2.BORDER_REPLICATE)
-    background = opened
-    # Partial reconstruction by dilation: grow the opening back under the
-    # image for as many steps as the element's radius. Corners of bone that
-    # the disc could not reach are connected to the bone and fill back in; a
-    # seed stands above its surroundings everywhere, so it stays out.
-    background = reconstruct_under(opened, lint, size.element_px // 2 + 1)
-    smooth = cv2.GaussianBlur(lint - background, (0, 0), size.sigma_px, borderType=cv2.BORDER_REPLICATE)
-    # The plain top-hat weighs the centroid: the reconstruction can bridge
-    # from bone through a seed into soft tissue and would lower one side of a
-    # seed lying across a bone edge.
-    return lint - opened, smooth, background
 
 
 def _noise(smooth: np.ndarray) -> tuple[float, float]:
@@ -338,63 +314,6 @@ def _noise(smooth: np.ndarray) -> tuple[float, float]:
     return med, max(sigma, 1e-6)
 
 
-def _label_max(values: np.ndarray, labels: np.ndarray, n: int) -> np.ndarray:
-    """Largest value per label ``0..n-1`` (``-inf`` for an empty label; label 0 is ignored).
-
-    Sorts only the labelled pixels, which are few next to a window's size.
-    """
-    out = np.full(n, -np.inf)
-    lab = labels.ravel()
-    inside = lab > 0
-    if n <= 1 or not inside.any():
-        return out
-    lv, vv = lab[inside], values.ravel()[inside]
-    order = np.argsort(lv, kind="stable")
-    lv, vv = lv[order], vv[order]
-    starts = np.flatnonzero(np.r_[True, lv[1:] != lv[:-1]])
-    out[lv[starts]] = np.maximum.reduceat(vv, starts)
-    return out
-
-
-def _label_peaks(mask: np.ndarray, values: np.ndarray) -> tuple[int, np.ndarray, np.ndarray]:
-    n, labels = cv2.connectedComponents(mask.astype(np.uint8), connectivity=8)
-    return n, labels, _label_max(values, labels, n)
-
-
-def _components(snr: np.ndarray, min_snr: float, reach_px: float, valid: np.ndarray | None = None):
-    """Marker support: labels and the labels whose peak SNR reaches ``min_snr``.
-
-    ``snr`` is the matched-filtered top-hat over the noise. Pixels above 2.5
-    belong to the support unless they fall below ``_RELATIVE_CUT`` of the
-    highest SNR within ``reach_px`` (about a marker length): that separates a
-    seed from a faint cortical ridge or a neighbour it touches, while a weak
-    marker far from a strong one keeps its own support. Components count when
-    their peak reaches ``min_snr``.
-    """
-    side = 2 * int(math.ceil(reach_px / 2.0)) + 1
-    # A square (separable, fast) neighbourhood is close enough for "nearby".
-    near_max = cv2.dilate(snr, np.ones((side, side), np.uint8), borderType=cv2.BORDER_REPLICATE)
-    support = (snr > _HYSTERESIS_SNR) & (snr > _RELATIVE_CUT * near_max)
-    if valid is not None:
-        support &= valid
-    n, labels, peaks = _label_peaks(support, snr)
-    keep = np.flatnonzero(peaks > min_snr)
-    keep = keep[keep > 0]
-    return labels, keep, peaks[keep]
-
-
-def _mosaic_pad_px(size: SeedSizePx) -> int:
-    """Replicated border around each window in the analysis mosaic, px.
-
-    Wider than the reach of any single filter (the disc's radius, the
-    matched Gaussian's kernel half-width of about 4 sigma, the support's
-    neighbourhood maximum of half a seed length; the border is re-replicated
-    after each filter), so windows never see each other: 12 px at the
-    default geometry.
-    """
-    return max(size.element_px // 2, math.ceil(4.0 * size.sigma_px), math.ceil(size.length_px / 2.0)) + 1
-
-
 @dataclass(frozen=True, slots=True)
 class _Window:
     """A full-resolution analysis window: frame index and pixel bounds ``[r0, r1) x [c0, c1)``."""
@@ -404,6 +323,130 @@ class _Window:
     r1: int
     c0: int
     c1: int
+
+
+@functools.lru_cache(maxsize=16)
+def _disc_half_widths(element_px: int) -> np.ndarray:
+    """Half-width of each row of OpenCV's elliptic structuring element of side ``element_px`` (pixels).
+
+    An ellipse's rows are runs centred on the middle column, so the disc is
+    fully described by one half-width per row (read-only int64 array).
+    """
+    disc = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (element_px, element_px))
+    mid = element_px // 2
+    half = []
+    for row in disc:
+        cols = np.flatnonzero(row)
+        a = mid - int(cols[0])
+        if len(cols) != 2 * a + 1 or int(cols[-1]) != mid + a:
+            raise FrameError(f"structuring element of {element_px} px has a row that is not a centred run")
+        half.append(a)
+    out = np.array(half, np.int64)
+    out.setflags(write=False)
+    return out
+
+
+@functools.lru_cache(maxsize=16)
+def _gaussian_taps(sigma_px: float) -> np.ndarray:
+    """The float32 taps OpenCV's ``GaussianBlur(..., (0, 0), sigma_px)`` uses on a float32 image (px)."""
+    ksize = int(np.rint(sigma_px * 8.0 + 1.0)) | 1
+    taps = cv2.getGaussianKernel(ksize, sigma_px, cv2.CV_32F).ravel().copy()
+    taps.setflags(write=False)
+    return taps
+
+
+_NO_KEEP = np.zeros((0, 0, 0), bool)
+_NO_KEEP.setflags(write=False)
+_INPAINT_RADIUS_PX = 2  # Telea's neighbourhood for calibrated defects (lines, clusters)
+
+
+def _measure_windows(
+    frames: list[np.ndarray],
+    i0s: list[float],
+    names: list[str],
+    masks: list[np.ndarray | None],
+    windows: list[_Window],
+    size: SeedSizePx,
+    cfg: DetectionConfig,
+) -> list[list[Detection]]:
+    """Full-resolution analysis of many windows at once; detections per frame, centres in frame pixels.
+
+    Each window is copied into a tile of one stack (isolated defects
+    repaired, calibrated ones inpainted), the stack is log-converted in one
+    vectorised call, and one numba kernel (``analyse_windows``) runs steps
+    3-5 of the method on every tile as an image of its own (replicated
+    borders), returning the weighted moments of each significant component;
+    the windows of several frames share the calls. A component touching its
+    window's border is cut, and left to another window.
+    """
+    out: list[list[Detection]] = [[] for _ in frames]
+    n = len(windows)
+    if n == 0:
+        return out
+    bounds = np.array([(w.frame, w.r0, w.r1, w.c0, w.c1) for w in windows], np.int64)
+    heights = bounds[:, 2] - bounds[:, 1]
+    widths = bounds[:, 4] - bounds[:, 3]
+    half_widths = _disc_half_widths(size.element_px)
+    taps = _gaussian_taps(size.sigma_px)
+    reach = math.ceil(size.length_px / 2.0)
+    # Wider than every filter's reach, so each filter finds its input's replicated border in place.
+    pad = max(len(half_widths) // 2, len(taps) // 2, reach) + 2
+    stack = np.empty((n, int(heights.max()) + 2 * pad, int(widths.max()) + 2 * pad), np.float32)
+    masked = [k for k, w in enumerate(windows) if masks[w.frame] is not None]
+    keep = _NO_KEEP
+    if masked:
+        keep = np.zeros((n, int(heights.max()), int(widths.max())), bool)
+        for k in masked:
+            w = windows[k]
+            keep[k, : heights[k], : widths[k]] = masks[w.frame][w.r0:w.r1, w.c0:w.c1]
+    ratio = np.float32(cfg.defect_ratio)
+    for f in sorted({w.frame for w in windows}):
+        sel = np.flatnonzero(bounds[:, 0] == f)
+        gather_windows(frames[f], bounds[sel, 1], bounds[sel, 3], heights[sel], widths[sel], sel, pad, stack, ratio,
+                       keep)
+    for k in masked:
+        # Calibrated defect lines and clusters: neighbours may be defects too, so inpaint (each window alone).
+        h, wd = int(heights[k]), int(widths[k])
+        image = stack[k, pad:pad + h, pad:pad + wd]
+        mask = cv2.copyMakeBorder(keep[k, :h, :wd].astype(np.uint8), pad, pad, pad, pad, cv2.BORDER_REPLICATE)
+        filled = cv2.inpaint(cv2.copyMakeBorder(image, pad, pad, pad, pad, cv2.BORDER_REPLICATE), mask,
+                             _INPAINT_RADIUS_PX, cv2.INPAINT_TELEA)[pad:pad + h, pad:pad + wd]
+        rows, cols = stack.shape[1:]
+        stack[k] = cv2.copyMakeBorder(filled, pad, rows - pad - h, pad, cols - pad - wd, cv2.BORDER_REPLICATE)
+    flat = stack.reshape(-1, stack.shape[2])
+    np.maximum(flat, np.float32(cfg.intensity_floor), out=flat)
+    cv2.log(flat, flat)
+    log_i0 = np.array([math.log(i0s[w.frame]) for w in windows], np.float32)
+    stats = analyse_windows(
+        stack, pad, log_i0, heights, widths, half_widths, size.element_px // 2 + 1, taps, reach,
+        np.float32(_HYSTERESIS_SNR), np.float32(_RELATIVE_CUT), float(cfg.min_snr),
+    )
+    stats = stats[stats[:, 2] > 0]
+    if len(stats) == 0:
+        return out
+    tile_of = stats[:, 0].astype(np.int64)
+    pk, sw, sx, sy, sxx, syy, sxy, area, contrast = stats[:, 1:].T
+    cx, cy = sx / sw, sy / sw
+    cxy = sxy / sw - cx * cy
+    cov = np.stack([np.stack([sxx / sw - cx * cx, cxy], -1), np.stack([cxy, syy / sw - cy * cy], -1)], -2)
+    evals, evecs = np.linalg.eigh(cov)
+    width = 4.0 * np.sqrt(np.maximum(evals[:, 0], 0.0))
+    length = 4.0 * np.sqrt(np.maximum(evals[:, 1], 0.0))
+    max_len = 1.5 * size.length_px + 3.0
+    max_wid = 1.5 * size.diameter_px + 3.0
+    ok = (contrast >= cfg.min_contrast) & (length <= max_len) & (width <= max_wid)
+    for q in np.flatnonzero(ok):
+        win = windows[tile_of[q]]
+        snr_q = float(pk[q])
+        angle = math.degrees(math.atan2(evecs[q, 1, 1], evecs[q, 0, 1])) % 180.0
+        lq = float(length[q])
+        size_term = min(1.0, 2.0 - lq / (0.5 * max_len + 0.5 * size.length_px)) if lq > size.length_px else 1.0
+        confidence = max(0.0, 1.0 - cfg.min_snr / snr_q) * max(0.0, size_term)
+        out[win.frame].append(Detection(
+            names[win.frame], (win.c0 + cx[q], win.r0 + cy[q]), float(contrast[q]), snr_q, lq, float(width[q]),
+            angle, int(area[q]), confidence,
+        ))
+    return out
 
 
 def _coarse_candidates(frame: np.ndarray, i0: float, full: SeedSizePx, imager: ImagerGeometry,
@@ -423,7 +466,7 @@ def _coarse_candidates(frame: np.ndarray, i0: float, full: SeedSizePx, imager: I
         # Unbinned, an isolated defect (or the defect test's clipping of a
         # one-pixel-wide seed core) would set the frame's contrast scale
         # differently from the full-resolution analysis: repair as it does.
-        binned = _repair_defects(crop.astype(np.float32), config.defect_ratio, None)
+        binned = _repair_defects(crop.astype(np.float32), config.defect_ratio)
     else:
         binned = cv2.resize(crop, (cb, rb), interpolation=cv2.INTER_AREA).astype(np.float32)
     lint = line_integrals(binned, i0, config.intensity_floor)
@@ -452,158 +495,6 @@ def _coarse_candidates(frame: np.ndarray, i0: float, full: SeedSizePx, imager: I
     pos = np.stack([cols[order], rows[order]], axis=1).astype(np.float64).reshape(-1, 2)
     return _suppress(pos * b + (b - 1) / 2.0, 0.5 * full.length_px)
 
-
-@functools.lru_cache(maxsize=32)
-def _mosaic_layout(th: int, tw: int, pad: int, heights: tuple[int, ...],
-                   widths: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Index maps of a mosaic of tiles ``th x tw`` whose images are ``heights x widths`` at ``(pad, pad)``.
-
-    Returns the flat index of the pixel each mosaic pixel copies for a
-    replicated border around each tile's image, the mask of the images'
-    pixels and the mask of their outermost ring. Cached (read-only results):
-    tracking repeats the same layout frame after frame.
-    """
-    n = len(heights)
-    rr = np.arange(th)[:, None] - pad
-    cc = np.arange(tw)[None, :] - pad
-    src = np.empty((n, th, tw), np.int64)
-    valid = np.zeros((n, th, tw), bool)
-    ring = np.zeros((n, th, tw), bool)
-    for t, (h, w) in enumerate(zip(heights, widths)):
-        src[t] = (np.clip(rr, 0, h - 1) + pad + t * th) * tw + np.clip(cc, 0, w - 1) + pad
-        valid[t, pad:pad + h, pad:pad + w] = True
-        ring[t, pad, pad:pad + w] = ring[t, pad + h - 1, pad:pad + w] = True
-        ring[t, pad:pad + h, pad] = ring[t, pad:pad + h, pad + w - 1] = True
-    out = (src.ravel(), valid.reshape(n * th, tw), ring.ravel())
-    for a in out:
-        a.setflags(write=False)
-    return out
-
-
-def _tophat_tiles(lint: np.ndarray, size: SeedSizePx, src: np.ndarray, th: int, pad: int, heights: np.ndarray,
-                  widths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """:func:`_tophat` of every tile of a mosaic, each as if alone with replicated borders (top-hat, smoothed)."""
-    shape = lint.shape
-
-    def repad(x: np.ndarray) -> np.ndarray:
-        return x.ravel()[src].reshape(shape)
-
-    kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (size.element_px, size.element_px))
-    opened = repad(cv2.dilate(repad(cv2.erode(lint, kernel)), kernel))
-    background = reconstruct_under_tiles(opened, lint, size.element_px // 2 + 1, th, pad, heights, widths)
-    smooth = cv2.GaussianBlur(repad(lint - background), (0, 0), size.sigma_px)
-    return lint - opened, repad(smooth)
-
-
-def _measure_windows(
-    frames: list[np.ndarray],
-    i0s: list[float],
-    names: list[str],
-    masks: list[np.ndarray | None],
-    windows: list[_Window],
-    size: SeedSizePx,
-    cfg: DetectionConfig,
-) -> list[list[Detection]]:
-    """Full-resolution analysis of many windows at once; detections per frame, centres in frame pixels.
-
-    The windows (of any frames) are laid out as tiles of one mosaic, each
-    padded by :func:`_mosaic_pad_px` of its own replicated border, and every
-    filter runs once over the mosaic; noise, medians and components are per
-    tile. A component touching its window's border is cut, and left to
-    another window.
-    """
-    out: list[list[Detection]] = [[] for _ in frames]
-    n = len(windows)
-    if n == 0:
-        return out
-    pad = _mosaic_pad_px(size)
-    hh = max(w.r1 - w.r0 for w in windows)
-    ww = max(w.c1 - w.c0 for w in windows)
-    th, tw = hh + 2 * pad, ww + 2 * pad
-    tiles, mask_tiles = [], []
-    any_mask = any(m is not None for m in masks)
-    for k, w in enumerate(windows):
-        h, wd = w.r1 - w.r0, w.c1 - w.c0
-        border = (pad, pad + hh - h, pad, pad + ww - wd)
-        tiles.append(cv2.copyMakeBorder(frames[w.frame][w.r0:w.r1, w.c0:w.c1], *border, cv2.BORDER_REPLICATE))
-        if any_mask:
-            m = masks[w.frame]
-            m = np.zeros((h, wd), np.uint8) if m is None else m[w.r0:w.r1, w.c0:w.c1].astype(np.uint8)
-            mask_tiles.append(cv2.copyMakeBorder(m, *border, cv2.BORDER_REPLICATE))
-    raw = np.concatenate(tiles, axis=0).astype(np.float32)
-    defect = np.concatenate(mask_tiles, axis=0).astype(bool) if any_mask else None
-    clean = _repair_defects(raw, cfg.defect_ratio, defect)
-    log_i0 = np.array([math.log(i0s[w.frame]) for w in windows], np.float32)
-    lint = cv2.log(np.maximum(clean, np.float32(cfg.intensity_floor)))
-    lint = (log_i0[:, None, None] - lint.reshape(n, th, tw)).reshape(n * th, tw)
-    heights = np.array([w.r1 - w.r0 for w in windows], np.int64)
-    widths = np.array([w.c1 - w.c0 for w in windows], np.int64)
-    src, valid, ring = _mosaic_layout(th, tw, pad, tuple(heights.tolist()), tuple(widths.tolist()))
-    top, smooth = _tophat_tiles(lint, size, src, th, pad, heights, widths)
-    core = (slice(None), slice(pad, pad + hh), slice(pad, pad + ww))
-    # Per-window robust noise (as _noise, on each window's own pixels).
-    step = 4 if hh * ww > 65536 else 2 if hh * ww > 4096 else 1
-    sample = smooth.reshape(n, th, tw)[core][:, ::step, ::step].reshape(n, -1)
-    med = np.median(sample, axis=1)
-    sigma = np.maximum(_MAD_TO_SIGMA * np.median(np.abs(sample - med[:, None]), axis=1), 1e-6)
-    snr = ((smooth.reshape(n, th, tw) - med[:, None, None].astype(np.float32))
-           / sigma[:, None, None].astype(np.float32)).reshape(n * th, tw)
-    labels, keep, peaks = _components(snr, cfg.min_snr, size.length_px, valid)
-    if len(keep) == 0:
-        return out
-    top_med = np.median(top.reshape(n, th, tw)[core][:, ::2, ::2].reshape(n, -1), axis=1)
-    # Centroid support: the component grown by one pixel, so the seed's
-    # partially covered fringe counts on every side (no pixel-phase bias).
-    grown = cv2.dilate(labels.astype(np.float32), np.ones((3, 3), np.uint8)).astype(np.int64)
-    lab_img = np.where(labels > 0, labels, grown).ravel()
-    idx = np.flatnonzero(lab_img)
-    lab = lab_img[idx]
-    mrow, mcol = np.divmod(idx, tw)
-    tile, trow = np.divmod(mrow, th)
-    x, y = (mcol - pad).astype(np.float64), (trow - pad).astype(np.float64)
-    # Weights are the transmission deficit 1 - I/I_background, not the line
-    # integral: a seed is nearly opaque, and the deficit of a pixel grows
-    # linearly with the seed area it covers (the line integral does not), so
-    # the weighted centroid has no pixel-phase bias.
-    t_rel = top.ravel()[idx] - top_med.astype(np.float32)[tile]
-    w = -np.expm1(-np.maximum(t_rel, np.float32(0.0))).astype(np.float64)
-    nl = int(labels.max()) + 1
-    sw = np.bincount(lab, w, nl)
-    sx, sy = np.bincount(lab, w * x, nl), np.bincount(lab, w * y, nl)
-    sxx, syy, sxy = np.bincount(lab, w * x * x, nl), np.bincount(lab, w * y * y, nl), np.bincount(lab, w * x * y, nl)
-    area = np.bincount(lab, None, nl)
-    peak_top = _label_max(t_rel, lab, nl)
-    tile_of = np.zeros(nl, np.int64)
-    tile_of[lab] = tile
-    # Pixels of a window that touch its border are cut: their components are measured by another window.
-    edge = np.zeros(nl, bool)
-    edge[labels.ravel()[ring]] = True
-    k = keep[~edge[keep] & (sw[keep] > 0)]
-    pk = peaks[~edge[keep] & (sw[keep] > 0)]
-    if len(k) == 0:
-        return out
-    cx, cy = sx[k] / sw[k], sy[k] / sw[k]
-    cxy = sxy[k] / sw[k] - cx * cy
-    cov = np.stack([np.stack([sxx[k] / sw[k] - cx * cx, cxy], -1), np.stack([cxy, syy[k] / sw[k] - cy * cy], -1)], -2)
-    evals, evecs = np.linalg.eigh(cov)
-    width = 4.0 * np.sqrt(np.maximum(evals[:, 0], 0.0))
-    length = 4.0 * np.sqrt(np.maximum(evals[:, 1], 0.0))
-    contrast = peak_top[k]
-    max_len = 1.5 * size.length_px + 3.0
-    max_wid = 1.5 * size.diameter_px + 3.0
-    ok = (contrast >= cfg.min_contrast) & (length <= max_len) & (width <= max_wid)
-    for q in np.flatnonzero(ok):
-        win = windows[tile_of[k[q]]]
-        snr_q = float(pk[q])
-        angle = math.degrees(math.atan2(evecs[q, 1, 1], evecs[q, 0, 1])) % 180.0
-        lq = float(length[q])
-        size_term = min(1.0, 2.0 - lq / (0.5 * max_len + 0.5 * size.length_px)) if lq > size.length_px else 1.0
-        confidence = max(0.0, 1.0 - cfg.min_snr / snr_q) * max(0.0, size_term)
-        out[win.frame].append(Detection(
-            names[win.frame], (win.c0 + cx[q], win.r0 + cy[q]), float(contrast[q]), snr_q, lq, float(width[q]),
-            angle, int(area[k[q]]), confidence,
-        ))
-    return out
 
 def _dedupe(dets: list[Detection], radius_px: float) -> list[Detection]:
     dets = sorted(dets, key=lambda d: -d.snr)
@@ -751,7 +642,9 @@ def detect_seeds_in_frames(
                 )
             mag = imager.magnification / float(np.min(imager.pixel_spacing_mm))
             half = math.ceil(config.tracking_window_mm * mag + full.window_half_px)
-            boxes = [_window(p, half, rows, cols) for p in pred if imager.contains(p, -half)[0]]
+            centres = np.rint(pred[imager.contains(pred, -half)]).astype(np.int64)  # half to even, as round()
+            boxes = [(max(0, r - half), min(rows, r + half + 1), max(0, c - half), min(cols, c + half + 1))
+                     for c, r in centres.tolist()]
         else:
             boxes = None  # whole-frame search, below
             searches.append((f, frame, level, full, imager))

@@ -22,6 +22,7 @@ blob between them.
 from __future__ import annotations
 
 import math
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -40,6 +41,7 @@ from registration.points import (
 )
 from registration.pose import Correction, Pose
 
+from ._stereo_kernels import triangulate_two_views
 from .detection import Detection, DetectionConfig, detect_seeds_in_frames
 from .errors import FiducialConfigError, FiducialNotFoundError, FrameError, ImagerLabelError
 
@@ -267,6 +269,9 @@ class FiducialResult:
 
 
 # ---------------------------------------------------------------------------- correspondence
+_REFINE_STEPS = 3  # Gauss-Newton steps after the rays' closest point, as StereoGeometry.triangulate
+
+
 def _epipolar_pairs(f_ab: np.ndarray, px_a: np.ndarray, px_b: np.ndarray, limit_px: float):
     """Index pairs ``(i, j)`` whose distance from each other's epipolar line is <= ``limit_px`` both ways.
 
@@ -282,14 +287,67 @@ def _epipolar_pairs(f_ab: np.ndarray, px_a: np.ndarray, px_b: np.ndarray, limit_
     return np.nonzero(np.maximum(d_ab, d_ba) <= limit_px)
 
 
+class _StereoCache:
+    """Per-geometry constants of one imager pair: fundamental matrix and triangulation arrays.
+
+    Geometry values are immutable, so what is derived from one stays valid
+    while it lives. Entries are keyed by the geometry's ``id`` and keep the
+    geometry itself (so the ``id`` cannot be reused while cached); the oldest
+    of ``_SIZE`` is dropped first. Safe to use from several threads.
+    """
+
+    _SIZE = 8
+
+    def __init__(self) -> None:
+        self._entries: dict[tuple[int, str, str], tuple] = {}
+        self._lock = threading.Lock()
+
+    def get(self, geometry: StereoGeometry, a: str, b: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """``(F_ab, proj, panel, source)`` of imagers ``a`` and ``b`` (``_stereo_kernels.triangulate_two_views``).
+
+        ``F_ab`` is :meth:`StereoGeometry.fundamental_matrix` ``(a, b)``;
+        ``proj[v]`` the 3x4 projection matrix, ``panel[v]`` the room position
+        of pixel (0, 0) and the room steps of one column and one row (mm),
+        ``source[v]`` the source position (mm) of imager ``(a, b)[v]``; all
+        room frame, read-only.
+        """
+        key = (id(geometry), a, b)
+        with self._lock:
+            entry = self._entries.get(key)
+        if entry is not None and entry[0] is geometry:
+            return entry[1]
+        ims = (geometry[a], geometry[b])
+        proj = np.stack([im.projection_matrix for im in ims])
+        panel = np.stack([np.stack([im.origin_mm, im.pixel_spacing_mm[1] * im.col_direction,
+                                    im.pixel_spacing_mm[0] * im.row_direction]) for im in ims])
+        source = np.stack([im.source_mm for im in ims])
+        value = (geometry.fundamental_matrix(a, b), proj, panel, source)
+        for arr in value:
+            arr.setflags(write=False)
+        with self._lock:
+            self._entries.pop(key, None)
+            while len(self._entries) >= self._SIZE:
+                self._entries.pop(next(iter(self._entries)))
+            self._entries[key] = (geometry, value)
+        return value
+
+
+_STEREO = _StereoCache()
+
+
 def _pair_candidates_labellings(geometry: StereoGeometry, names: tuple[str, str],
                                 labellings: Sequence[tuple[np.ndarray, np.ndarray]], config: FiducialConfig) -> list:
     """:func:`_pair_candidates` for several labellings ``(px seen by a, px seen by b)``, one triangulation.
 
+    Triangulation is :meth:`StereoGeometry.triangulate` for two imagers
+    (closest point of the rays, refined to the maximum-likelihood
+    reprojection) in one numba kernel: a handful of pairs per call, where
+    the general method's per-call overhead dominated.
+
     Returns, per labelling, ``(i, j, points, ray_mm, reproj_px)``.
     """
     a, b = names
-    f_ab = geometry.fundamental_matrix(a, b)
+    f_ab, proj, panel, source = _STEREO.get(geometry, a, b)
     pairs = []
     for px_a, px_b in labellings:
         if len(px_a) == 0 or len(px_b) == 0:
@@ -298,11 +356,12 @@ def _pair_candidates_labellings(geometry: StereoGeometry, names: tuple[str, str]
             pairs.append(_epipolar_pairs(f_ab, px_a, px_b, config.max_epipolar_px))
     sizes = [len(ii) for ii, _ in pairs]
     if sum(sizes):
-        tri = geometry.triangulate({
-            a: np.concatenate([px_a[ii] for (px_a, _), (ii, _) in zip(labellings, pairs)]),
-            b: np.concatenate([px_b[jj] for (_, px_b), (_, jj) in zip(labellings, pairs)]),
-        })
-        pts_all, ray_all, rep_all = tri.points_mm, tri.ray_distance_mm, tri.reprojection_px.max(axis=1)
+        pts_all, ray_all, rep_all = triangulate_two_views(
+            proj, panel, source,
+            np.concatenate([px_a[ii] for (px_a, _), (ii, _) in zip(labellings, pairs)]),
+            np.concatenate([px_b[jj] for (_, px_b), (_, jj) in zip(labellings, pairs)]),
+            _REFINE_STEPS,
+        )
     out, start = [], 0
     for (ii, jj), n in zip(pairs, sizes):
         if n == 0:
@@ -438,11 +497,21 @@ def _angle_deg(rotation: np.ndarray) -> float:
     return math.degrees(math.acos(min(1.0, max(-1.0, (float(np.trace(rotation)) - 1.0) / 2.0))))
 
 
-def _solve(names, candidates, planned, seed_names, prior_pose, config) -> _Solution | Exception:
-    """Best correspondence + registration for one labelling, or the error that prevents one."""
+def _solve(names, candidates, planned, seed_names, prior_pose, config, min_found: int = 0) -> _Solution | Exception:
+    """Best correspondence + registration for one labelling, or the error that prevents one.
+
+    Assignments that find fewer than ``min_found`` seeds are not registered:
+    a registration uses at most the seeds found, so they cannot beat a
+    plausible labelling that used ``min_found`` (see :func:`_choose`).
+    """
     corrs = _match(names, candidates, planned, prior_pose, config)
     if not corrs:
         return FiducialNotFoundError("fiducials not found: no seed was seen consistently in both views")
+    if corrs[0].n_found < min_found:
+        return FiducialNotFoundError(
+            f"fiducials not found: at most {corrs[0].n_found} seeds seen consistently in both views, "
+            f"fewer than the {min_found} of the other labelling"
+        )
     solutions: list[_Solution] = []
     first_error: Exception | None = None
     for corr in corrs[:_MAX_ASSIGNMENTS]:
@@ -567,8 +636,12 @@ def localise_fiducials(
     labellings = [(px[a], px[b])] + ([(px[b], px[a])] if same_panel else [])
     cands = _pair_candidates_labellings(geometry, (a, b), labellings, config)
     given = _solve((a, b), cands[0], planned, seed_names, prior_pose, config)
+    # The swapped labelling is always solved, but when the given one is
+    # plausible, only its assignments that could outvote it (as many seeds
+    # found as the given registration used) are registered.
+    beat = given.reg.n_used if isinstance(given, _Solution) and given.plausible else 0
     swapped = FrameError("frames do not fit the other imager") if not same_panel else _solve(
-        (a, b), cands[1], planned, seed_names, prior_pose, config)
+        (a, b), cands[1], planned, seed_names, prior_pose, config, beat)
     chosen = _choose(given, swapped, a, b, config, planned)
     chosen, overlapping = _separate_overlaps(chosen, geometry, (a, b), dets, planned, seed_names, config)
     t_end = time.perf_counter()

@@ -29,12 +29,16 @@ from tests.synthetic import (
     small_geometry,
     small_thoracolumbar,
 )
+from tracking._stereo_kernels import triangulate_two_views
 from tracking.errors import FiducialNotFoundError, FrameError
 from tracking.fiducials import (
+    _STEREO,
     FiducialConfig,
     FiducialConfigError,
     FiducialFlag,
     ImagerLabelError,
+    _pair_candidates_labellings,
+    _solve,
     localise_fiducials,
     match_stereo,
 )
@@ -228,6 +232,67 @@ def test_match_stereo_pairs_exact_projections():
     assert best.n_found == 4
     assert best.detection_index[:, 0].tolist() == [3, 2, 1, 0] and best.detection_index[:, 1].tolist() == [0, 1, 2, 3]
     assert_allclose(best.points_room_mm, pts, rtol=0, atol=1e-6)  # exact pixels: round-off only
+
+
+# ---------------------------------------------------------------------------- matching internals
+# Triangulation runs in a two-view numba kernel (tracking._kernels); it must
+# be StereoGeometry.triangulate: same estimator (rays' closest point, three
+# Gauss-Newton steps on the reprojection error), round-off apart.
+TRIANGULATION_TOL_MM = 1e-9  # round-off of two 2-3 m lever arms, far below any physical figure
+REPROJECTION_TOL_PX = 1e-9
+
+
+def test_two_view_triangulation_is_the_stereo_geometry_triangulation():
+    rng = np.random.default_rng(40)
+    pts = rng.uniform(-60.0, 60.0, (50, 3))
+    px = {n: GEOM[n].project(pts) + rng.normal(0.0, 0.5, (50, 2)) for n in ("A", "B")}
+    _, proj, panel, source = _STEREO.get(GEOM, "A", "B")
+    mine, ray, reproj = triangulate_two_views(proj, panel, source, px["A"], px["B"], 3)
+    ref = GEOM.triangulate(px)
+    assert_allclose(mine, ref.points_mm, rtol=0, atol=TRIANGULATION_TOL_MM)
+    assert_allclose(ray, ref.ray_distance_mm, rtol=0, atol=TRIANGULATION_TOL_MM)
+    assert_allclose(reproj, ref.reprojection_px.max(axis=1), rtol=0, atol=REPROJECTION_TOL_PX)
+
+
+def test_rays_that_meet_behind_a_source_are_no_pair():
+    # A point 500 mm behind source A, seen by B: both rays pass through it,
+    # so their closest point lies behind A (StereoGeometry.triangulate
+    # raises there); the kernel marks the pair invalid instead.
+    src_a = GEOM["A"].source_mm
+    behind = src_a + 500.0 * src_a / np.linalg.norm(src_a)
+    m = GEOM["A"].projection_matrix
+    h = m[:, :3] @ behind + m[:, 3]
+    assert h[2] < 0  # the premise: behind A
+    px_a = (h[:2] / h[2])[None]
+    px_b = GEOM["B"].project(behind[None])
+    _, proj, panel, source = _STEREO.get(GEOM, "A", "B")
+    _, ray, reproj = triangulate_two_views(proj, panel, source, px_a, px_b, 3)
+    assert np.isinf(ray[0]) and np.isinf(reproj[0])
+
+
+def test_stereo_constants_follow_the_geometry_they_came_from():
+    other = default_stereo_geometry(panel_pixels=256, pixel_spacing_mm=1.0)
+    for geom in (GEOM, other, GEOM):
+        f_ab, proj, _, source = _STEREO.get(geom, "A", "B")
+        assert_allclose(f_ab, geom.fundamental_matrix("A", "B"), rtol=0, atol=0)
+        assert_allclose(proj[1], geom["B"].projection_matrix, rtol=0, atol=0)
+        assert_allclose(source[0], geom["A"].source_mm, rtol=0, atol=0)
+    assert not _STEREO.get(GEOM, "A", "B")[0].flags.writeable
+
+
+def test_a_labelling_that_cannot_outvote_the_other_is_not_registered():
+    # _solve registers only assignments with at least min_found seeds: the
+    # swapped labelling is skipped when it finds fewer seeds than the
+    # plausible given one used, which _choose would reject anyway.
+    pts = POSE.apply(PLANNED)
+    px = {n: GEOM[n].project(pts) for n in ("A", "B")}
+    cands = _pair_candidates_labellings(GEOM, ("A", "B"), [(px["A"], px["B"])], FiducialConfig())[0]
+    full = _solve(("A", "B"), cands, PLANNED, NAMES, None, FiducialConfig())
+    assert full.reg.n_used == 4 and full.plausible
+    same = _solve(("A", "B"), cands, PLANNED, NAMES, None, FiducialConfig(), 4)
+    assert_allclose(same.reg.pose.translation_mm, full.reg.pose.translation_mm, rtol=0, atol=0)
+    refused = _solve(("A", "B"), cands, PLANNED, NAMES, None, FiducialConfig(), 5)
+    assert isinstance(refused, FiducialNotFoundError) and "fewer than the 5" in str(refused)
 
 
 # ---------------------------------------------------------------------------- error paths
