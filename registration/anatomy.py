@@ -1221,7 +1221,7 @@ class AnatomyRegistration:
                 if background_settled():
                     converged = True
                     break
-                jac, lam = None, 1e-3
+                lam = 1e-3  # the Jacobian was taken at this very pose: look again with the redrawn background
                 continue
             log.debug(
                 "level f%d b%d it %d: cost %.6f lambda %.2g x %s improved %s fresh %s",
@@ -1238,9 +1238,13 @@ class AnatomyRegistration:
             if (improved and small) or not improved:
                 # Converged only on a fresh Jacobian (a stale, chord one takes ever smaller steps far
                 # from the optimum as well) and a background drawn at this pose.
-                if fresh and background_settled():
-                    converged = True
-                    break
+                if fresh:
+                    if background_settled():
+                        converged = True
+                        break
+                    # Redrawn here; the Jacobian is from this pose or one negligible step away.
+                    lam = 1e-3
+                    continue
                 jac, lam = None, 1e-3
                 continue
             fresh = False
