@@ -55,11 +55,20 @@ def pct(values, q):
 
 
 def render_cases(sim: KVSimulator, n: int, seed: int) -> list[tuple[Pose, dict]]:
-    """``n`` stereo pairs at small random poses (tracking-sized motion), with their true poses."""
+    """``n`` stereo pairs along a closed, smooth path of small poses, with their true poses.
+
+    Streamed in order and cycled, the pairs look like a patient slowly circling within
+    0.15 mm / 0.1 deg of the plan (a loop every ``n`` pairs): cycling independent random
+    poses instead would look like motion of several mm/s between pairs, which the gate's
+    velocity look-ahead rightly holds (``moving_out_of_tolerance``). Each pair has its own
+    noise realisation (``seed + k``).
+    """
     rng = np.random.default_rng(seed)
+    phase = rng.uniform(0.0, 2.0 * np.pi, 6)
     out = []
     for k in range(n):
-        truth = Pose.from_six(rng.uniform(-0.4, 0.4, 3), rng.uniform(-0.3, 0.3, 3))  # all within tolerance
+        a = 2.0 * np.pi * k / n + phase
+        truth = Pose.from_six(0.15 * np.sin(a[:3]), 0.1 * np.sin(a[3:]))  # all well within tolerance
         out.append((truth, sim.render(truth, seed=seed + k)))
     return out
 
