@@ -187,7 +187,7 @@ def simulated_fraction(errors: np.ndarray, n_pairs: int, seed: int, tau_s: float
         for o in out:
             if o["schema"] != "gating/1":
                 continue
-            published_at.append(t + latency_s)
+            published_at.append(o["t_unix_s"])
             if o["beam"] == "ENABLE":
                 n_enable += 1
                 enable_windows.append((o["valid_until_unix_s"], k, t, len(published_at) - 1))

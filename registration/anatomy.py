@@ -606,16 +606,13 @@ def _flow_derivatives(image: np.ndarray, imager: ImagerGeometry, region: PanelRe
     cols_px, rows_px = region.pixel_centres(binning)
     cc, rr = np.meshgrid(cols_px, rows_px)
     px = np.stack([cc.ravel(), rr.ravel()], axis=1)
-    m = imager.projection_matrix
+    m = imager.projection_matrix  # third row: depth along the panel normal from the source, mm
     src, dirs = imager.backproject(px)
     normal = m[2, :3]
-    depth = float(normal @ (pivot_room_mm - src) + 0.0)
+    depth = float(normal @ (pivot_room_mm - src))
     pts = src + dirs * (depth / (dirs @ normal))[:, None]
-    h = pts @ m[:, :3].T + m[:, 3]
-    w = h[:, 2:3]
-    uv = h[:, :2] / w
-    # d(col,row)/dX: (M[:2,:3] - uv (x) M[2,:3]) / w, in binned pixels.
-    duv = (m[None, :2, :3] - uv[:, :, None] * m[None, 2:3, :3]) / (w[:, :, None] * binning)  # (N, 2, 3)
+    # d(col,row)/dX at a point projecting to px with depth w: (M[:2,:3] - px (x) M[2,:3]) / w, in binned pixels.
+    duv = (m[None, :2, :3] - px[:, :, None] * m[None, 2:3, :3]) / (depth * binning)  # (N, 2, 3)
     gy, gx = np.gradient(image.astype(np.float64))
     # The image gradient pulled back to the room: d image / d(point position), (N, 3).
     g3 = gx.reshape(-1, 1) * duv[:, 0, :] + gy.reshape(-1, 1) * duv[:, 1, :]
@@ -1158,8 +1155,8 @@ class AnatomyRegistration:
         h_mm = cfg.fd_step_px * pix_mm
         h_deg = math.degrees(h_mm / self._roi_radius_mm)
         steps = np.array([h_mm] * 3 + [h_deg] * 3)
-        # The background model is linear in the pose: redraw it when the pose has
-        # moved more than one binned pixel at the ROI from where it was drawn.
+        # The background model is linear in the pose: redraw it when the pose has moved more than
+        # background_redraw_px binned pixels from where it was drawn (rotations at the lever arm).
         redraw_mm = cfg.background_redraw_px * pix_mm
         lever_mm = cfg.background_lever_mm if flow else self._roi_radius_mm
         relinearise = np.array([redraw_mm] * 3 + [math.degrees(redraw_mm / lever_mm)] * 3)
@@ -1175,15 +1172,20 @@ class AnatomyRegistration:
         jac = None
         fresh = False
         its = 0
-        def background_settled() -> bool:
-            """True when the background model was drawn close enough to ``x`` to call ``x`` final;
-            otherwise redraw it there (and the residual with it)."""
+
+        def redraw_background() -> None:
+            """Draw the background model at ``x``, and the residual with it."""
             nonlocal r, drrs, cost
-            if not use_bg or np.all(np.abs(x - views[0].x_bg) <= _FINAL_REDRAW_FRACTION * relinearise):
-                return True
             self._linearise_background(views, level, x, steps, start, centre, counter, flow)
             r, drrs = self._residual(views, level, volume, x, start, centre, counter)
             cost = _sumsq(r)
+
+        def background_settled() -> bool:
+            """True when the background model was drawn close enough to ``x`` to call ``x`` final;
+            otherwise redraw it there."""
+            if not use_bg or np.all(np.abs(x - views[0].x_bg) <= _FINAL_REDRAW_FRACTION * relinearise):
+                return True
+            redraw_background()
             return False
 
         for its in range(1, level.max_iterations + 1):
@@ -1229,13 +1231,11 @@ class AnatomyRegistration:
             )
             small = np.all(np.abs(step[:3]) < cfg.tolerance_mm) and np.all(np.abs(step[3:]) < cfg.tolerance_deg)
             if use_bg and np.any(np.abs(x - views[0].x_bg) > relinearise):
-                self._linearise_background(views, level, x, steps, start, centre, counter, flow)
-                r, drrs = self._residual(views, level, volume, x, start, centre, counter)
-                cost = _sumsq(r)
+                redraw_background()
                 # The Jacobian stays as a chord: convergence is still only declared on a fresh one.
                 fresh = False
                 continue
-            if (improved and small) or not improved:
+            if small or not improved:
                 # Converged only on a fresh Jacobian (a stale, chord one takes ever smaller steps far
                 # from the optimum as well) and a background drawn at this pose.
                 if fresh:
