@@ -227,7 +227,7 @@ def _timed(fn):
 
 
 def run_phantom(name: str, n_cases: int, n_peer: int, seed: int, slice_mm: float | None = None,
-                neighbours: int = 0) -> dict:
+                neighbours: int = 0, config: AnatomyConfig | None = None) -> dict:
     planning = {} if slice_mm is None else {"planning_spacing_mm": (0.9766, 0.9766, slice_mm)}
     build = {"thoracolumbar": lambda: thoracolumbar_phantom(with_seeds=False, **planning),
              "cervical": lambda: cervical_phantom(**planning)}[name]
@@ -237,7 +237,7 @@ def run_phantom(name: str, n_cases: int, n_peer: int, seed: int, slice_mm: float
     simulator = KVSimulator(phantom, geometry, detector=DetectorModel(i0=I0))
     roi = RegionOfInterest.from_labels(phantom.planning_ct, phantom.labels, phantom.target_label, neighbours=neighbours)
     t1 = time.monotonic()
-    reg = AnatomyRegistration(phantom.planning_ct, phantom.isocentre_lps_mm, geometry, roi, AnatomyConfig())
+    reg = AnatomyRegistration(phantom.planning_ct, phantom.isocentre_lps_mm, geometry, roi, config or AnatomyConfig())
     prep_s = time.monotonic() - t1
     peer = None
     if n_peer:
@@ -310,7 +310,12 @@ def main(argv=None) -> int:
                         help="slice thickness of the planning CT (default: the phantoms' own, 2 mm)")
     parser.add_argument("--roi-neighbours", type=int, choices=(0, 1), default=1,
                         help="ROI = target vertebra (0) or target +-1 level (1); mTRE is always over the target")
+    parser.add_argument("--projector", choices=("siddon", "joseph"), default=AnatomyConfig().projector,
+                        help="line-integral model of the ROI DRRs (default: the AnatomyConfig default)")
+    parser.add_argument("--jacobian", choices=("central", "analytic"), default=AnatomyConfig().jacobian,
+                        help="pose derivatives of the ROI DRRs (default: the AnatomyConfig default)")
     args = parser.parse_args(argv)
+    config = AnatomyConfig(projector=args.projector, jacobian=args.jacobian)
     n = 5 if args.quick else args.cases
     n_peer = min(1 if args.quick else args.peer_cases, n)
     print(f"# bench_anatomy: {' '.join(sys.argv)}")
@@ -324,7 +329,8 @@ def main(argv=None) -> int:
     except ImportError:
         print("# peer: itk-twoprojectionregistration not installed")
     names = ("thoracolumbar", "cervical") if args.phantom == "both" else (args.phantom,)
-    results = [run_phantom(nm, n, n_peer, args.seed, args.planning_slice_mm, args.roi_neighbours) for nm in names]
+    print(f"# anatomy config: projector {config.projector}, jacobian {config.jacobian}")
+    results = [run_phantom(nm, n, n_peer, args.seed, args.planning_slice_mm, args.roi_neighbours, config) for nm in names]
     print()
     print("| phantom | cases | success (mTRE<1mm) | median mTRE mm | p95 mTRE mm | rot err median / p95 deg "
           "| time median / p95 ms | CPU median ms | quality.ok | tracking success | tracking median mTRE mm "

@@ -53,7 +53,7 @@ from calibration.geometry import ImagerGeometry, StereoGeometry
 
 from ._anatomy_kernels import linear_model, normal_equations
 from .attenuation import DEFAULT_CT_ENERGY_KEV, DEFAULT_IMAGING_ENERGY_KEV, hu_to_mu_per_mm, linear_attenuation_per_mm
-from .drr import AttenuationVolume, PanelRegion, compute_drr_batch
+from .drr import PROJECTORS, AttenuationVolume, PanelRegion, compute_drr_batch, compute_drr_pose_derivatives
 from .errors import AnatomyConfigError, RegistrationError, RoiError
 from .pose import Correction, Pose
 from .similarity import FrameError, Similarity, image_gradients, line_integrals, similarity
@@ -315,8 +315,15 @@ class AnatomyConfig:
     max_level_fraction: float = 0.6
     #: Vertebral level spacing for the wrong-level check when the ROI does not know it, mm.
     level_spacing_mm: float = 25.0
-    #: Forward-difference step of the pose derivatives, binned pixels at the isocentre.
+    #: Finite-difference step of the pose derivatives, binned pixels at the isocentre.
     fd_step_px: float = 0.5
+    #: Line-integral model of the ROI DRRs (``registration.drr.PROJECTORS``): "siddon" (the
+    #: voxel-constant volume's exact integral) or "joseph" (slice-interpolating, smooth in the pose).
+    projector: str = "siddon"
+    #: Pose derivatives of the ROI DRRs: "central" (central differences, 12 DRRs per view) or
+    #: "analytic" (one pass of the Joseph projector's exact derivatives per view; smooth in the
+    #: pose, they describe the DRR over the optimiser's steps, as the differences do).
+    jacobian: str = "analytic"
     #: Convergence: last step below both, mm and degrees (about the ROI centre).
     tolerance_mm: float = 0.05
     tolerance_deg: float = 0.05
@@ -344,6 +351,10 @@ class AnatomyConfig:
             raise AnatomyConfigError(
                 f"metric must be one of {[m.value for m in _OPTIMISABLE]} (the least-squares forms), got {self.metric!r}"
             )
+        if self.projector not in PROJECTORS:
+            raise AnatomyConfigError(f"projector must be one of {PROJECTORS}, got {self.projector!r}")
+        if self.jacobian not in ("central", "analytic"):
+            raise AnatomyConfigError(f"jacobian must be 'central' or 'analytic', got {self.jacobian!r}")
         for name in ("background_derivatives", "tracking_background_derivatives"):
             if getattr(self, name) not in ("flow", "difference"):
                 raise AnatomyConfigError(f"{name} must be 'flow' or 'difference', got {getattr(self, name)!r}")
@@ -560,19 +571,25 @@ def _pyramid_volume(volume: AttenuationVolume, factor: int, prefilter_mm: float)
     return AttenuationVolume(np.maximum(mu, 0.0).astype(np.float32), out.room_from_index @ shift)
 
 
-def _drr_batch_binned(volume, imager, poses, region: PanelRegion, binning: int, supersampling: int) -> np.ndarray:
+def _binned_mean(fine: np.ndarray, region: PanelRegion, binning: int, supersampling: int) -> np.ndarray:
+    """``(n, rows, cols)`` means of ``supersampling^2`` blocks of ``(n, fine rows, fine cols)`` images."""
+    if supersampling == 1:
+        return fine
+    rows, cols = region.rows // binning, region.cols // binning
+    s = supersampling
+    n = fine.shape[0]
+    return fine[:, : rows * s, : cols * s].reshape(n, rows, s, cols, s).mean(axis=(2, 4), dtype=np.float32)
+
+
+def _drr_batch_binned(volume, imager, poses, region: PanelRegion, binning: int, supersampling: int,
+                      projector: str = "siddon") -> np.ndarray:
     """``(n, rows, cols)`` DRRs of ``binning x binning`` pixels from ``supersampling^2`` rays each (their mean).
 
     One thread computes the batch (the views run on threads of their own): a numba parallel
     region per small DRR costs more in wake-ups and barriers than it saves on 2 busy cores.
     """
-    if supersampling == 1:
-        return compute_drr_batch(volume, imager, poses, region, binning, parallel=False)
-    fine = compute_drr_batch(volume, imager, poses, region, binning // supersampling, parallel=False)
-    rows, cols = region.rows // binning, region.cols // binning
-    s = supersampling
-    n = fine.shape[0]
-    return fine[:, : rows * s, : cols * s].reshape(n, rows, s, cols, s).mean(axis=(2, 4), dtype=np.float32)
+    fine = compute_drr_batch(volume, imager, poses, region, binning // supersampling, parallel=False, projector=projector)
+    return _binned_mean(fine, region, binning, supersampling)
 
 
 def _prefiltered(image: np.ndarray, region: PanelRegion, sigma_px: float) -> np.ndarray:
@@ -639,6 +656,28 @@ def _znorm(v: np.ndarray) -> np.ndarray:
     v = v.astype(np.float64) - float(np.mean(v))
     n = math.sqrt(_sumsq(v))
     return v / n if n > 0 else np.zeros_like(v)
+
+
+def _znorm_jacobian(v: np.ndarray, dv: np.ndarray) -> np.ndarray:
+    """``d _znorm(v)`` for ``(n, m)`` derivatives ``dv`` of ``v``: ``(n, m)``."""
+    vc = v.astype(np.float64) - float(np.mean(v))
+    norm = math.sqrt(_sumsq(vc))
+    if norm <= 0:
+        return np.zeros(dv.shape)
+    z = vc / norm
+    dvc = dv.astype(np.float64) - dv.mean(axis=1, dtype=np.float64)[:, None]
+    return (dvc - np.outer(dvc @ z, z)) / norm
+
+
+def _feature_jacobian(image: np.ndarray, dimages: np.ndarray, mask: np.ndarray, metric: Similarity) -> np.ndarray:
+    """``(m, n)`` derivatives of :func:`_features` of ``image`` given its ``(n, rows, cols)`` derivatives."""
+    if metric is Similarity.GRADIENT_CORRELATION:
+        gx, gy = image_gradients(image)
+        d = [image_gradients(di) for di in dimages]
+        dgx = np.stack([g[0][mask] for g in d])
+        dgy = np.stack([g[1][mask] for g in d])
+        return np.concatenate([_znorm_jacobian(gx[mask], dgx), _znorm_jacobian(gy[mask], dgy)], axis=1).T / math.sqrt(2.0)
+    return _znorm_jacobian(image[mask], dimages[:, mask]).T
 
 
 def _features(image: np.ndarray, mask: np.ndarray, metric: Similarity) -> np.ndarray:
@@ -1062,7 +1101,7 @@ class AnatomyRegistration:
             if level.prefilter_mm > 0:
                 full = _prefiltered(full, region, level.prefilter_mm * im.magnification / float(np.mean(im.pixel_spacing_mm)))
             frame = _smooth(_block_mean(full, region, b), level.smoothing_sigma_px)
-            drr = compute_drr_batch(volume, im, [pose], region, b, parallel=False)[0]
+            drr = compute_drr_batch(volume, im, [pose], region, b, parallel=False, projector=self.config.projector)[0]
             support = drr > 1e-6
             grown = cv2.dilate(support.astype(np.uint8), np.ones((5, 5), np.uint8)).astype(bool)
             grown[:2, :] = grown[-2:, :] = False
@@ -1114,7 +1153,9 @@ class AnatomyRegistration:
         """Residual vector and smoothed model DRRs (per view) at each of the parameter vectors ``xs``."""
         poses = [self._pose(x, start, centre) for x in xs]
         drrs = self._per_view(
-            lambda v: _drr_batch_binned(volume, v.imager, poses, v.region, level.binning, level.supersampling), views
+            lambda v: _drr_batch_binned(volume, v.imager, poses, v.region, level.binning, level.supersampling,
+                                        self.config.projector),
+            views,
         )
         counter[0] += len(poses) * len(views)
         out = []
@@ -1134,7 +1175,10 @@ class AnatomyRegistration:
         return self._residuals(views, level, volume, [x], start, centre, counter)[0]
 
     def _jacobian(self, views, level, volume, x, steps, start, centre, counter) -> np.ndarray:
-        """Central-difference Jacobian of the residual at ``x``: the 12 displaced poses in one batch per view."""
+        """Jacobian of the residual at ``x``: analytic (``config.jacobian``) or central differences
+        (the 12 displaced poses in one batch per view)."""
+        if self.config.jacobian == "analytic":
+            return self._analytic_jacobian(views, level, volume, x, start, centre, counter)
         xs = []
         for p in range(6):
             for sign in (1.0, -1.0):
@@ -1146,6 +1190,36 @@ class AnatomyRegistration:
         for p in range(6):
             jac[:, p] = (res[2 * p][0] - res[2 * p + 1][0]) / (2.0 * steps[p])
         return jac
+
+    def _analytic_jacobian(self, views, level, volume, x, start, centre, counter) -> np.ndarray:
+        """Jacobian of the residual at ``x`` from the Joseph projector's exact pose derivatives.
+
+        One derivative pass per view gives ``d DRR / d x``; the background model adds its
+        own slopes; smoothing and the gradient are linear, and the z-normalisation of the
+        features is differentiated exactly (:func:`_feature_jacobian`).
+        """
+        pose = self._pose(x, start, centre)
+        eps = 1e-6  # the pose matrix is smooth in x: central differences of it are exact to ~1e-9
+        dpose = np.stack([
+            (self._pose(x + eps * e, start, centre).matrix - self._pose(x - eps * e, start, centre).matrix) / (2 * eps)
+            for e in np.eye(6)
+        ])
+        b, s = level.binning, level.supersampling
+
+        def one(v):
+            both = compute_drr_pose_derivatives(volume, v.imager, pose, dpose, v.region, b // s)
+            both = _binned_mean(both, v.region, b, s)
+            image, dimages = both[0], both[1:]
+            if v.bg0 is not None:
+                image = image + linear_model(v.bg0, v.bg_jac, x - v.x_bg)
+                dimages = dimages + v.bg_jac
+            image = _smooth(image, level.smoothing_sigma_px)
+            dimages = np.stack([_smooth(d, level.smoothing_sigma_px) for d in dimages])
+            return _feature_jacobian(image, dimages, v.mask, self.config.metric)
+
+        parts = self._per_view(one, views)
+        counter[0] += len(views)
+        return np.concatenate(parts, axis=0)
 
     def _refine(self, views, level: PyramidLevel, x, start, centre, counter, flow: bool = False):
         """Levenberg-Marquardt over ``x`` (translation mm, rotation deg about ``centre``) at one level."""

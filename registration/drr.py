@@ -19,13 +19,16 @@ import SimpleITK as sitk
 
 from calibration.geometry import ImagerGeometry, StereoGeometry
 
-from . import _kernels
+from . import _joseph_kernels, _kernels
 from .attenuation import DEFAULT_CT_ENERGY_KEV, DEFAULT_IMAGING_ENERGY_KEV, hu_to_mu_per_mm
 from .errors import DRRError
 from .pose import Pose
 from .volume import CTVolume
 
-__all__ = ["AttenuationVolume", "PanelRegion", "compute_drr", "compute_drr_batch", "write_drr_images", "DRR_METADATA_PREFIX"]
+__all__ = [
+    "AttenuationVolume", "PanelRegion", "compute_drr", "compute_drr_batch", "compute_drr_pose_derivatives",
+    "PROJECTORS", "write_drr_images", "DRR_METADATA_PREFIX",
+]
 
 #: Rays per batched DRR call below which one thread computes it: a parallel region costs
 #: a thread wake-up and a barrier, which on a busy 2-core machine outweighs the work.
@@ -33,6 +36,15 @@ SERIAL_RAYS = 40_000
 
 #: Prefix of the metadata keys :func:`write_drr_images` stores in each ``.mha``.
 DRR_METADATA_PREFIX = "spineguide_drr_"
+
+
+#: Line-integral models: the voxel-constant exact integral, and Joseph's slice-interpolating one.
+PROJECTORS = ("siddon", "joseph")
+
+
+def _check_projector(projector: str) -> None:
+    if projector not in PROJECTORS:
+        raise DRRError(f"projector must be one of {PROJECTORS}, got {projector!r}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,6 +109,7 @@ class AttenuationVolume:
     room_from_index: np.ndarray
     _index_from_room: np.ndarray = field(init=False, repr=False, compare=False)
     _support_box: np.ndarray = field(init=False, repr=False, compare=False)
+    _padded: list = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         mu = np.ascontiguousarray(self.mu_per_mm, dtype=np.float32)
@@ -126,6 +139,25 @@ class AttenuationVolume:
         box = _kernels.support_box(mu)
         box.setflags(write=False)
         object.__setattr__(self, "_support_box", box)
+        object.__setattr__(self, "_padded", [])  # filled by padded_support() on first use
+
+    def padded_support(self) -> tuple[np.ndarray, np.ndarray]:
+        """The support box with one layer of zero voxels around it, and the index ``(i, j, k)`` of its voxel 0.
+
+        What the Joseph projector samples (no bounds tests: every sample's neighbours
+        exist). Made on first use and kept.
+        """
+        if not self._padded:
+            lo_i, lo_j, lo_k, hi_i, hi_j, hi_k = (int(v) for v in self._support_box)
+            if hi_i < lo_i:
+                lo_i = lo_j = lo_k = hi_i = hi_j = hi_k = 0
+            core = self.mu_per_mm[lo_k : hi_k + 1, lo_j : hi_j + 1, lo_i : hi_i + 1]
+            if self._support_box[3] < self._support_box[0]:
+                core = np.zeros_like(core)
+            mu = np.pad(core, 1)
+            mu.setflags(write=False)
+            self._padded.append((mu, np.array([lo_i - 1, lo_j - 1, lo_k - 1], dtype=np.float64)))
+        return self._padded[0]
 
     @classmethod
     def from_ct(
@@ -253,6 +285,7 @@ def compute_drr_batch(
     region: PanelRegion | None = None,
     binning: int = 1,
     parallel: bool | None = None,
+    projector: str = "siddon",
 ) -> np.ndarray:
     """DRRs of ``volume`` at several patient poses for one imager, in one kernel call.
 
@@ -269,6 +302,10 @@ def compute_drr_batch(
     parallel : bool, optional
         Force the parallel (True) or the single-thread (False) kernel; by default
         parallel when the batch has at least :data:`SERIAL_RAYS` rays.
+    projector : {"siddon", "joseph"}
+        ``"siddon"``: the exact line integral of the voxel-constant volume;
+        ``"joseph"``: the slice-interpolating projector (:data:`PROJECTORS`),
+        always on the calling thread.
 
     Returns
     -------
@@ -277,6 +314,7 @@ def compute_drr_batch(
     """
     if isinstance(binning, bool) or not isinstance(binning, (int, np.integer)) or binning < 1:
         raise DRRError(f"binning must be a positive integer, got {binning!r}")
+    _check_projector(projector)
     poses = list(poses)
     if not poses or not all(isinstance(p, Pose) for p in poses):
         raise DRRError(f"poses must be a non-empty sequence of Pose, got {len(poses)} items")
@@ -301,11 +339,92 @@ def compute_drr_batch(
         origin_idx[k] = lin @ origin_mm + off
         du_idx[k] = lin @ du_mm
         dv_idx[k] = lin @ dv_mm
-    if parallel is None:
-        parallel = n * out_rows * out_cols >= SERIAL_RAYS
-    kernel = _kernels.siddon_drr_batch if parallel else _kernels.siddon_drr_batch_serial
+    if projector == "joseph":
+        mu, corner = volume.padded_support()
+        return _joseph_kernels.joseph_drr_batch(
+            mu, src_idx - corner, origin_idx - corner, du_idx, dv_idx, src_mm, origin_mm, du_mm, dv_mm,
+            np.ascontiguousarray(cols_px, dtype=np.float64), np.ascontiguousarray(rows_px, dtype=np.float64),
+        )
+    else:
+        if parallel is None:
+            parallel = n * out_rows * out_cols >= SERIAL_RAYS
+        kernel = _kernels.siddon_drr_batch if parallel else _kernels.siddon_drr_batch_serial
     return kernel(
         volume.mu_per_mm, volume._support_box, src_idx, origin_idx, du_idx, dv_idx, src_mm, origin_mm, du_mm, dv_mm,
+        np.ascontiguousarray(cols_px, dtype=np.float64), np.ascontiguousarray(rows_px, dtype=np.float64),
+    )
+
+
+def compute_drr_pose_derivatives(
+    volume: AttenuationVolume,
+    imager: ImagerGeometry,
+    pose: Pose,
+    pose_derivatives: np.ndarray,
+    region: PanelRegion | None = None,
+    binning: int = 1,
+) -> np.ndarray:
+    """A Joseph DRR and its exact derivatives with respect to pose parameters, in one pass.
+
+    The projector is Joseph's slice-interpolating one (``projector="joseph"`` of
+    :func:`compute_drr_batch`), which varies smoothly with the pose, so its
+    derivatives describe the DRR over sub-voxel motions. (The voxel-constant
+    Siddon integral has exact derivatives too, but for rays running nearly
+    parallel to thick CT slices they change at every voxel edge a crossing
+    point passes: a poor guide beyond hundredths of a millimetre.) On the
+    calling thread; the pass costs about 1.3 Joseph DRRs, where central
+    differences cost two DRRs per parameter.
+
+    Parameters
+    ----------
+    volume, imager, region, binning
+        As for :func:`compute_drr` (room frame, full-panel pixel indices).
+    pose : Pose
+        Patient pose (room frame, CONVENTIONS) at which to differentiate.
+    pose_derivatives : (n, 4, 4) array
+        ``d pose.matrix / d x_p`` for each parameter ``x_p`` (room frame; units
+        of the matrix per unit of the parameter, e.g. per mm or per degree).
+
+    Returns
+    -------
+    (1 + n, rows, cols) float32
+        Item 0: the Joseph DRR (line integrals, equal to
+        ``compute_drr_batch(..., projector="joseph")``); item ``1 + p``: ``d DRR / d x_p`` (per unit of ``x_p``).
+    """
+    if isinstance(binning, bool) or not isinstance(binning, (int, np.integer)) or binning < 1:
+        raise DRRError(f"binning must be a positive integer, got {binning!r}")
+    if not isinstance(pose, Pose):
+        raise DRRError(f"pose must be a Pose, got {type(pose).__name__}")
+    dp = np.asarray(pose_derivatives, dtype=np.float64)
+    if dp.ndim != 3 or dp.shape[1:] != (4, 4) or not np.all(np.isfinite(dp)):
+        raise DRRError(f"pose_derivatives must be a finite (n, 4, 4) array, got shape {dp.shape}")
+    region = PanelRegion.whole(imager) if region is None else region
+    region.check_inside(imager)
+    out_rows, out_cols = region.rows // binning, region.cols // binning
+    if out_rows < 1 or out_cols < 1:
+        raise DRRError(f"region {region.rows}x{region.cols} is smaller than one {binning}x{binning} bin")
+    cols_px, rows_px = region.pixel_centres(binning)
+    row_sp, col_sp = imager.pixel_spacing_mm
+    origin_mm = np.ascontiguousarray(imager.origin_mm, dtype=np.float64)
+    du_mm = np.ascontiguousarray(imager.col_direction * col_sp)
+    dv_mm = np.ascontiguousarray(imager.row_direction * row_sp)
+    src_mm = np.ascontiguousarray(imager.source_mm, dtype=np.float64)
+    # Moving the patient by P is moving the imager by P^-1: index <- room is M = I P^-1 and
+    # d(P^-1) = -P^-1 dP P^-1.
+    inv = pose.inverse().matrix
+    m = volume.index_from_room @ inv
+    dm = -np.einsum("ij,jk,nkl,lm->nim", volume.index_from_room, inv, dp, inv)
+
+    def moved(mat, vec, affine):
+        return mat[..., :3, :3] @ vec + (mat[..., :3, 3] if affine else 0.0)
+
+    mu, corner = volume.padded_support()
+    return _joseph_kernels.joseph_drr_pose_derivatives(
+        mu,
+        moved(m, src_mm, True) - corner, moved(m, origin_mm, True) - corner, moved(m, du_mm, False),
+        moved(m, dv_mm, False),
+        np.ascontiguousarray(moved(dm, src_mm, True)), np.ascontiguousarray(moved(dm, origin_mm, True)),
+        np.ascontiguousarray(moved(dm, du_mm, False)), np.ascontiguousarray(moved(dm, dv_mm, False)),
+        src_mm, origin_mm, du_mm, dv_mm,
         np.ascontiguousarray(cols_px, dtype=np.float64), np.ascontiguousarray(rows_px, dtype=np.float64),
     )
 
