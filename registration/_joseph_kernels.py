@@ -19,16 +19,69 @@ import math
 import numpy as np
 from numba import njit
 
-__all__ = ["joseph_drr_batch", "joseph_drr_pose_derivatives"]
+__all__ = ["joseph_drr_batch", "joseph_drr_pose_derivatives", "plane_extents"]
+
+
+@njit(cache=True, nogil=True)
+def plane_extents(mu):
+    """Per axis ``q`` and plane ``iq``: the open interval of in-plane sample positions whose
+    bilinear interpolation can be non-zero, ``(u_lo, u_hi, w_lo, w_hi)``.
+
+    ``(3, max(shape), 4)`` float64 in index units of the other two axes (``u < w``);
+    a plane with no non-zero voxel (or beyond the axis' length) gets an empty interval.
+    A sample at ``pu`` reads voxels ``floor(pu)`` and ``floor(pu) + 1``: it can be
+    non-zero only for ``lo - 1 < pu < hi + 1`` with ``lo``, ``hi`` the plane's extreme
+    non-zero indices.
+    """
+    nk, nj, ni = mu.shape
+    n = max(ni, nj, nk)
+    lo = np.full((3, n, 3), 1 << 30, dtype=np.int64)  # per axis q, plane iq: lowest index along i, j, k
+    hi = np.full((3, n, 3), -(1 << 30), dtype=np.int64)
+    for k in range(nk):
+        for j in range(nj):
+            for i in range(ni):
+                if mu[k, j, i] > 0.0:
+                    for q in range(3):
+                        iq = i if q == 0 else (j if q == 1 else k)
+                        if i < lo[q, iq, 0]:
+                            lo[q, iq, 0] = i
+                        if i > hi[q, iq, 0]:
+                            hi[q, iq, 0] = i
+                        if j < lo[q, iq, 1]:
+                            lo[q, iq, 1] = j
+                        if j > hi[q, iq, 1]:
+                            hi[q, iq, 1] = j
+                        if k < lo[q, iq, 2]:
+                            lo[q, iq, 2] = k
+                        if k > hi[q, iq, 2]:
+                            hi[q, iq, 2] = k
+    out = np.zeros((3, n, 4))  # all zero: an empty interval, every sample rejected
+    for q in range(3):
+        if q == 0:
+            u, w = 1, 2
+        elif q == 1:
+            u, w = 0, 2
+        else:
+            u, w = 0, 1
+        for iq in range(n):
+            if hi[q, iq, u] >= lo[q, iq, u]:
+                out[q, iq, 0] = lo[q, iq, u] - 1.0
+                out[q, iq, 1] = hi[q, iq, u] + 1.0
+                out[q, iq, 2] = lo[q, iq, w] - 1.0
+                out[q, iq, 3] = hi[q, iq, w] + 1.0
+    return out
 
 
 @njit(cache=True, nogil=True, inline="always")
-def _joseph_ray(mu_flat, shape, a0, a1, a2, b0, b1, b2, sums, want):
+def _joseph_ray(mu_flat, shape, planes, a0, a1, a2, b0, b1, b2, sums, want):
     """Joseph line integral (parametric units: multiply by the ray's mm length) from a to b.
 
     ``mu_flat`` is a C-ordered ``[k, j, i]`` volume of ``shape = (ni, nj, nk)``
     whose outermost voxel layer is zero (:func:`padded_support`), so no sample
-    needs a bounds test. Returns ``(integral, q, u, w)`` with ``q`` the dominant
+    needs a bounds test; ``planes[q, iq]`` holds the ``(u_lo, u_hi, w_lo, w_hi)``
+    sample positions outside which plane ``iq`` of axis ``q`` interpolates to zero
+    (:func:`plane_extents`), so the empty part of a masked volume costs a
+    comparison per sample, not an interpolation. Returns ``(integral, q, u, w)`` with ``q`` the dominant
     axis and ``u < w`` the other two; with ``want`` it fills
     ``sums = (G_u, G_u t, G_w, G_w t)``: the in-plane gradient of the
     interpolated volume along ``u`` and ``w`` summed over the samples, plain and
@@ -95,6 +148,8 @@ def _joseph_ray(mu_flat, shape, a0, a1, a2, b0, b1, b2, sums, want):
         t = (iq - aq) * inv_dq
         pu = au + t * du
         pw = aw + t * dw
+        if pu <= planes[q, iq, 0] or pu >= planes[q, iq, 1] or pw <= planes[q, iq, 2] or pw >= planes[q, iq, 3]:
+            continue
         # Lower corner inside [0, n - 2] so that the +1 neighbours exist; rounding at the
         # grid's last line is absorbed by the weight (the neighbours there are zero).
         iu = min(max(int(pu), 0), nu - 2)
@@ -123,7 +178,7 @@ def _joseph_ray(mu_flat, shape, a0, a1, a2, b0, b1, b2, sums, want):
 
 
 @njit(cache=True, nogil=True)
-def joseph_drr_batch(mu, src_idx, origin_idx, du_idx, dv_idx, src_mm, origin_mm, du_mm, dv_mm, cols_px, rows_px):
+def joseph_drr_batch(mu, planes, src_idx, origin_idx, du_idx, dv_idx, src_mm, origin_mm, du_mm, dv_mm, cols_px, rows_px):
     """Joseph DRRs for ``n`` poses, one thread; arguments as ``_kernels.siddon_drr_batch`` without
     the box (``mu`` is zero-padded instead, :func:`_joseph_ray`).
 
@@ -149,14 +204,14 @@ def joseph_drr_batch(mu, src_idx, origin_idx, du_idx, dv_idx, src_mm, origin_mm,
                 ey = origin_mm[1] + u * du_mm[1] + v * dv_mm[1] - src_mm[1]
                 ez = origin_mm[2] + u * du_mm[2] + v * dv_mm[2] - src_mm[2]
                 length = math.sqrt(ex * ex + ey * ey + ez * ez)
-                val, _, _, _ = _joseph_ray(mu_flat, shape, src_idx[n, 0], src_idx[n, 1], src_idx[n, 2],
+                val, _, _, _ = _joseph_ray(mu_flat, shape, planes, src_idx[n, 0], src_idx[n, 1], src_idx[n, 2],
                                            bx, by, bz, sums, False)
                 out[n, r, c] = val * length
     return out
 
 
 @njit(cache=True, nogil=True)
-def joseph_drr_pose_derivatives(mu, src_idx, origin_idx, du_idx, dv_idx, d_src, d_origin, d_du, d_dv,
+def joseph_drr_pose_derivatives(mu, planes, src_idx, origin_idx, du_idx, dv_idx, d_src, d_origin, d_du, d_dv,
                                 src_mm, origin_mm, du_mm, dv_mm, cols_px, rows_px):
     """A Joseph DRR and its exact derivatives with respect to ``n`` pose parameters, one thread.
 
@@ -195,7 +250,7 @@ def joseph_drr_pose_derivatives(mu, src_idx, origin_idx, du_idx, dv_idx, d_src, 
             ey = origin_mm[1] + u_px * du_mm[1] + v * dv_mm[1] - src_mm[1]
             ez = origin_mm[2] + u_px * du_mm[2] + v * dv_mm[2] - src_mm[2]
             length = math.sqrt(ex * ex + ey * ey + ez * ez)
-            val, q, u, w = _joseph_ray(mu_flat, shape, a[0], a[1], a[2], b[0], b[1], b[2], sums, True)
+            val, q, u, w = _joseph_ray(mu_flat, shape, planes, a[0], a[1], a[2], b[0], b[1], b[2], sums, True)
             out[0, r, c] = val * length
             dq = b[q] - a[q]
             if val == 0.0 and sums[0] == 0.0 and sums[2] == 0.0:

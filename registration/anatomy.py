@@ -317,9 +317,11 @@ class AnatomyConfig:
     level_spacing_mm: float = 25.0
     #: Finite-difference step of the pose derivatives, binned pixels at the isocentre.
     fd_step_px: float = 0.5
-    #: Line-integral model of the ROI DRRs (``registration.drr.PROJECTORS``): "siddon" (the
-    #: voxel-constant volume's exact integral) or "joseph" (slice-interpolating, smooth in the pose).
-    projector: str = "siddon"
+    #: Line-integral model of the ROI DRRs (``registration.drr.PROJECTORS``): "joseph"
+    #: (slice-interpolating, smooth in the pose, the model the analytic Jacobian differentiates)
+    #: or "siddon" (the voxel-constant volume's exact integral, drawn in slice steps where rays
+    #: run nearly parallel to thick slices).
+    projector: str = "joseph"
     #: Pose derivatives of the ROI DRRs: "central" (central differences, 12 DRRs per view) or
     #: "analytic" (one pass of the Joseph projector's exact derivatives per view; smooth in the
     #: pose, they describe the DRR over the optimiser's steps, as the differences do).
@@ -476,7 +478,8 @@ class AnatomyResult:
     iterations : int
         Levenberg-Marquardt iterations over all levels.
     drr_evaluations : int
-        DRRs computed (one per view per pose evaluated).
+        DRRs computed (one per view per pose evaluated; one pass of DRR plus pose
+        derivatives counts as one).
     elapsed_ms : float
         Wall time of the registration (monotonic clock), ms.
     tracking : bool

@@ -141,22 +141,24 @@ class AttenuationVolume:
         object.__setattr__(self, "_support_box", box)
         object.__setattr__(self, "_padded", [])  # filled by padded_support() on first use
 
-    def padded_support(self) -> tuple[np.ndarray, np.ndarray]:
-        """The support box with one layer of zero voxels around it, and the index ``(i, j, k)`` of its voxel 0.
+    def padded_support(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The support box with one layer of zero voxels around it, the index ``(i, j, k)`` of its
+        voxel 0, and its planes' non-zero extents (``_joseph_kernels.plane_extents``).
 
         What the Joseph projector samples (no bounds tests: every sample's neighbours
-        exist). Made on first use and kept.
+        exist; samples outside a plane's extent are skipped). Made on first use and kept.
         """
-        if not self._padded:
+        if not self._padded:  # two threads may both make it the first time: same result, either is kept
             lo_i, lo_j, lo_k, hi_i, hi_j, hi_k = (int(v) for v in self._support_box)
-            if hi_i < lo_i:
-                lo_i = lo_j = lo_k = hi_i = hi_j = hi_k = 0
-            core = self.mu_per_mm[lo_k : hi_k + 1, lo_j : hi_j + 1, lo_i : hi_i + 1]
-            if self._support_box[3] < self._support_box[0]:
-                core = np.zeros_like(core)
+            if hi_i < lo_i:  # empty volume: a single zero voxel
+                core = np.zeros((1, 1, 1), dtype=np.float32)
+                lo_i = lo_j = lo_k = 0
+            else:
+                core = self.mu_per_mm[lo_k : hi_k + 1, lo_j : hi_j + 1, lo_i : hi_i + 1]
             mu = np.pad(core, 1)
             mu.setflags(write=False)
-            self._padded.append((mu, np.array([lo_i - 1, lo_j - 1, lo_k - 1], dtype=np.float64)))
+            corner = np.array([lo_i - 1, lo_j - 1, lo_k - 1], dtype=np.float64)
+            self._padded.append((mu, corner, _joseph_kernels.plane_extents(mu)))
         return self._padded[0]
 
     @classmethod
@@ -340,9 +342,9 @@ def compute_drr_batch(
         du_idx[k] = lin @ du_mm
         dv_idx[k] = lin @ dv_mm
     if projector == "joseph":
-        mu, corner = volume.padded_support()
+        mu, corner, planes = volume.padded_support()
         return _joseph_kernels.joseph_drr_batch(
-            mu, src_idx - corner, origin_idx - corner, du_idx, dv_idx, src_mm, origin_mm, du_mm, dv_mm,
+            mu, planes, src_idx - corner, origin_idx - corner, du_idx, dv_idx, src_mm, origin_mm, du_mm, dv_mm,
             np.ascontiguousarray(cols_px, dtype=np.float64), np.ascontiguousarray(rows_px, dtype=np.float64),
         )
     else:
@@ -417,9 +419,9 @@ def compute_drr_pose_derivatives(
     def moved(mat, vec, affine):
         return mat[..., :3, :3] @ vec + (mat[..., :3, 3] if affine else 0.0)
 
-    mu, corner = volume.padded_support()
+    mu, corner, planes = volume.padded_support()
     return _joseph_kernels.joseph_drr_pose_derivatives(
-        mu,
+        mu, planes,
         moved(m, src_mm, True) - corner, moved(m, origin_mm, True) - corner, moved(m, du_mm, False),
         moved(m, dv_mm, False),
         np.ascontiguousarray(moved(dm, src_mm, True)), np.ascontiguousarray(moved(dm, origin_mm, True)),
