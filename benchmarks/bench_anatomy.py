@@ -314,8 +314,12 @@ def main(argv=None) -> int:
                         help="line-integral model of the ROI DRRs (default: the AnatomyConfig default)")
     parser.add_argument("--jacobian", choices=("central", "analytic"), default=AnatomyConfig().jacobian,
                         help="pose derivatives of the ROI DRRs (default: the AnatomyConfig default)")
+    parser.add_argument("--background-derivatives", choices=("flow", "difference"),
+                        default=AnatomyConfig().background_derivatives,
+                        help="background model's pose derivatives in the full registration (default: the AnatomyConfig default)")
     args = parser.parse_args(argv)
-    config = AnatomyConfig(projector=args.projector, jacobian=args.jacobian)
+    config = AnatomyConfig(projector=args.projector, jacobian=args.jacobian,
+                           background_derivatives=args.background_derivatives)
     n = 5 if args.quick else args.cases
     n_peer = min(1 if args.quick else args.peer_cases, n)
     print(f"# bench_anatomy: {' '.join(sys.argv)}")
@@ -329,7 +333,8 @@ def main(argv=None) -> int:
     except ImportError:
         print("# peer: itk-twoprojectionregistration not installed")
     names = ("thoracolumbar", "cervical") if args.phantom == "both" else (args.phantom,)
-    print(f"# anatomy config: projector {config.projector}, jacobian {config.jacobian}")
+    print(f"# anatomy config: projector {config.projector}, jacobian {config.jacobian}, "
+          f"background derivatives {config.background_derivatives} (tracking {config.tracking_background_derivatives})")
     results = [run_phantom(nm, n, n_peer, args.seed, args.planning_slice_mm, args.roi_neighbours, config) for nm in names]
     print()
     print("| phantom | cases | success (mTRE<1mm) | median mTRE mm | p95 mTRE mm | rot err median / p95 deg "

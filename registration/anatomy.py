@@ -281,13 +281,13 @@ class AnatomyConfig:
     #: long ray through the whole CT, the costliest DRR, and it only has to carry the
     #: overlapping anatomy's edges, not the ROI's.
     background_volume_factor: int = 1
-    #: How the background's pose derivatives are made in the full registration ("difference":
-    #: six more DRRs per view, forward differences) and in tracking mode ("flow": no more
-    #: DRRs; the derivative is the image gradient times the panel motion of a point on each
-    #: ray at the ROI centre's depth, exact to first order for translations, approximate for
-    #: rotations, which move anatomy off that depth along the ray). Flow makes a redraw cost
-    #: one DRR per view, so it is redrawn at a tighter distance (``background_lever_mm``).
-    background_derivatives: str = "difference"
+    #: How the background's pose derivatives are made in the full registration and in tracking
+    #: mode: "flow" (no more DRRs; the derivative is the image gradient times the panel motion
+    #: of a point on each ray at the ROI centre's depth, exact to first order for translations,
+    #: approximate for rotations, which move anatomy off that depth along the ray; a redraw
+    #: costs one DRR per view, so it is redrawn at a tighter distance, ``background_lever_mm``)
+    #: or "difference" (six more DRRs per view, forward differences).
+    background_derivatives: str = "flow"
     tracking_background_derivatives: str = "flow"
     #: Redraw the background when the pose has moved this far (binned pixels at the
     #: isocentre, at the ROI centre; rotations counted at the ROI's RMS radius, or, with

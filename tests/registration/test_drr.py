@@ -639,3 +639,40 @@ def test_joseph_refusals_and_empty_volume(sphere_volume):
     empty = AttenuationVolume(np.zeros((4, 4, 4), np.float32), grid(4, 1.0))
     assert not compute_drr_batch(empty, GEOM["A"], [Pose.identity()], projector="joseph").any()
     assert not compute_drr_pose_derivatives(empty, GEOM["A"], Pose.identity(), np.zeros((6, 4, 4))).any()
+
+
+def test_joseph_skips_only_empty_space():
+    # A sparse volume (two small blocks in a large empty box): the projector skips samples outside
+    # each plane's non-zero extent. The DRR is linear in mu, so adding a uniform 1e-3 everywhere
+    # (nothing left to skip) must add exactly the uniform volume's DRR.
+    m = grid(60, 1.0)
+    mu = np.zeros((60, 60, 60), np.float32)
+    mu[20:26, 30:41, 10:14] = 0.03
+    mu[40:44, 12:16, 35:50] = 0.05
+    sparse = AttenuationVolume(mu, m)
+    eps = np.float32(1e-3)
+    dense = AttenuationVolume(mu + eps, m)
+    uniform = AttenuationVolume(np.full_like(mu, eps), m)
+    pose = Pose.from_six([1.0, -2.0, 0.5], [3.0, -2.0, 4.0])
+    for name in ("A", "B"):
+        args = ([pose], PanelRegion(20, 20, 120, 120), 1)
+        a, b, c = (compute_drr_batch(v, GEOM[name], *args, projector="joseph")[0] for v in (sparse, dense, uniform))
+        assert a.max() > 0.1 and np.count_nonzero(a) > 500
+        assert_allclose(a + c, b, rtol=0, atol=2e-6)
+
+
+def test_plane_extents_bound_the_non_zero_voxels():
+    from registration._joseph_kernels import plane_extents
+
+    mu = np.zeros((5, 6, 7), np.float32)  # k, j, i
+    mu[2, 1, 3] = 1.0
+    mu[2, 4, 5] = 1.0
+    ext = plane_extents(mu)
+    assert ext.shape == (3, 7, 4)
+    # Plane k = 2 (axis q = 2; in-plane axes i, j): i in 3..5, j in 1..4 -> open intervals grown by one.
+    assert_allclose(ext[2, 2], [2.0, 6.0, 0.0, 5.0])
+    # Plane i = 5 (q = 0; axes j, k): the single voxel (j 4, k 2).
+    assert_allclose(ext[0, 5], [3.0, 5.0, 1.0, 3.0])
+    # Empty planes reject every sample (lo == hi).
+    for q, iq in ((2, 0), (0, 0), (1, 0), (2, 6)):
+        assert ext[q, iq, 0] >= ext[q, iq, 1]
