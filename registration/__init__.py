@@ -5,7 +5,16 @@ Depends on :mod:`calibration` only, never on :mod:`tracking`.
 
 from .attenuation import hu_to_mu_per_mm, linear_attenuation_per_mm
 from .dicom_ct import read_dicom_ct
-from .drr import DRR_METADATA_PREFIX, AttenuationVolume, PanelRegion, compute_drr, compute_drr_batch, write_drr_images
+from .drr import (
+    DRR_METADATA_PREFIX,
+    PROJECTORS,
+    AttenuationVolume,
+    PanelRegion,
+    compute_drr,
+    compute_drr_batch,
+    compute_drr_pose_derivatives,
+    write_drr_images,
+)
 from .errors import (
     DRRError,
     NotConvergedError,
@@ -29,6 +38,8 @@ __all__ = [
     "PanelRegion",
     "compute_drr",
     "compute_drr_batch",
+    "compute_drr_pose_derivatives",
+    "PROJECTORS",
     "write_drr_images",
     "DRR_METADATA_PREFIX",
     "read_dicom_ct",

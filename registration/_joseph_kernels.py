@@ -73,6 +73,15 @@ def plane_extents(mu):
 
 
 @njit(cache=True, nogil=True, inline="always")
+def _ray_length_mm(src_mm, origin_mm, du_mm, dv_mm, u, v):
+    """Length (mm) of the ray from the source to panel point (col ``u``, row ``v``)."""
+    ex = origin_mm[0] + u * du_mm[0] + v * dv_mm[0] - src_mm[0]
+    ey = origin_mm[1] + u * du_mm[1] + v * dv_mm[1] - src_mm[1]
+    ez = origin_mm[2] + u * du_mm[2] + v * dv_mm[2] - src_mm[2]
+    return math.sqrt(ex * ex + ey * ey + ez * ez)
+
+
+@njit(cache=True, nogil=True, inline="always")
 def _joseph_ray(mu_flat, shape, planes, a0, a1, a2, b0, b1, b2, sums, want):
     """Joseph line integral (parametric units: multiply by the ray's mm length) from a to b.
 
@@ -200,10 +209,7 @@ def joseph_drr_batch(mu, planes, src_idx, origin_idx, du_idx, dv_idx, src_mm, or
                 bx = origin_idx[n, 0] + u * du_idx[n, 0] + v * dv_idx[n, 0]
                 by = origin_idx[n, 1] + u * du_idx[n, 1] + v * dv_idx[n, 1]
                 bz = origin_idx[n, 2] + u * du_idx[n, 2] + v * dv_idx[n, 2]
-                ex = origin_mm[0] + u * du_mm[0] + v * dv_mm[0] - src_mm[0]
-                ey = origin_mm[1] + u * du_mm[1] + v * dv_mm[1] - src_mm[1]
-                ez = origin_mm[2] + u * du_mm[2] + v * dv_mm[2] - src_mm[2]
-                length = math.sqrt(ex * ex + ey * ey + ez * ez)
+                length = _ray_length_mm(src_mm, origin_mm, du_mm, dv_mm, u, v)
                 val, _, _, _ = _joseph_ray(mu_flat, shape, planes, src_idx[n, 0], src_idx[n, 1], src_idx[n, 2],
                                            bx, by, bz, sums, False)
                 out[n, r, c] = val * length
@@ -246,10 +252,7 @@ def joseph_drr_pose_derivatives(mu, planes, src_idx, origin_idx, du_idx, dv_idx,
             u_px = cols_px[c]
             for s in range(3):
                 b[s] = origin_idx[s] + u_px * du_idx[s] + v * dv_idx[s]
-            ex = origin_mm[0] + u_px * du_mm[0] + v * dv_mm[0] - src_mm[0]
-            ey = origin_mm[1] + u_px * du_mm[1] + v * dv_mm[1] - src_mm[1]
-            ez = origin_mm[2] + u_px * du_mm[2] + v * dv_mm[2] - src_mm[2]
-            length = math.sqrt(ex * ex + ey * ey + ez * ez)
+            length = _ray_length_mm(src_mm, origin_mm, du_mm, dv_mm, u_px, v)
             val, q, u, w = _joseph_ray(mu_flat, shape, planes, a[0], a[1], a[2], b[0], b[1], b[2], sums, True)
             out[0, r, c] = val * length
             dq = b[q] - a[q]

@@ -263,4 +263,3 @@ def siddon_drr_batch_serial(mu, box, src_idx, origin_idx, du_idx, dv_idx, src_mm
         _batch_row(mu_flat, ni, nj, box, src_idx, origin_idx, du_idx, dv_idx, src_mm, origin_mm, du_mm, dv_mm,
                    cols_px, rows_px, out, item)
     return out
-

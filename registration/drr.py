@@ -215,6 +215,27 @@ class AttenuationVolume:
         return self._index_from_room
 
 
+def _panel_rays(imager: ImagerGeometry, region: PanelRegion | None, binning: int):
+    """Checked binning and region; output pixel centres (full-panel col, row) and the imager's
+    source, pixel-(0, 0) centre and column / row steps in room mm, float64."""
+    if isinstance(binning, bool) or not isinstance(binning, (int, np.integer)) or binning < 1:
+        raise DRRError(f"binning must be a positive integer, got {binning!r}")
+    region = PanelRegion.whole(imager) if region is None else region
+    region.check_inside(imager)
+    if region.rows // binning < 1 or region.cols // binning < 1:
+        raise DRRError(f"region {region.rows}x{region.cols} is smaller than one {binning}x{binning} bin")
+    cols_px, rows_px = region.pixel_centres(binning)
+    row_sp, col_sp = imager.pixel_spacing_mm
+    return (
+        np.ascontiguousarray(cols_px, dtype=np.float64),
+        np.ascontiguousarray(rows_px, dtype=np.float64),
+        np.ascontiguousarray(imager.source_mm, dtype=np.float64),
+        np.ascontiguousarray(imager.origin_mm, dtype=np.float64),
+        np.ascontiguousarray(imager.col_direction * col_sp, dtype=np.float64),
+        np.ascontiguousarray(imager.row_direction * row_sp, dtype=np.float64),
+    )
+
+
 def compute_drr(
     volume: AttenuationVolume,
     imager: ImagerGeometry,
@@ -246,37 +267,15 @@ def compute_drr(
         Line integrals ``int mu ds``; output pixel ``[r, c]`` is centred at
         full-panel ``(col0 + c b + (b-1)/2, row0 + r b + (b-1)/2)``.
     """
-    if isinstance(binning, bool) or not isinstance(binning, (int, np.integer)) or binning < 1:
-        raise DRRError(f"binning must be a positive integer, got {binning!r}")
-    region = PanelRegion.whole(imager) if region is None else region
-    region.check_inside(imager)
-    out_rows, out_cols = region.rows // binning, region.cols // binning
-    if out_rows < 1 or out_cols < 1:
-        raise DRRError(f"region {region.rows}x{region.cols} is smaller than one {binning}x{binning} bin")
+    cols_px, rows_px, src_mm, origin_mm, du_mm, dv_mm = _panel_rays(imager, region, binning)
     pose = Pose.identity() if pose is None else pose
     # Moving the patient by P is the same as moving the imager by P^-1.
     index_from_actual_room = volume.index_from_room @ pose.inverse().matrix
-    cols_px, rows_px = region.pixel_centres(binning)
-    row_sp, col_sp = imager.pixel_spacing_mm
-    origin_mm = np.ascontiguousarray(imager.origin_mm, dtype=np.float64)
-    du_mm = imager.col_direction * col_sp
-    dv_mm = imager.row_direction * row_sp
     lin = index_from_actual_room[:3, :3]
     off = index_from_actual_room[:3, 3]
-    src_mm = np.ascontiguousarray(imager.source_mm, dtype=np.float64)
     return _kernels.siddon_drr(
-        volume.mu_per_mm,
-        volume._support_box,
-        lin @ src_mm + off,
-        lin @ origin_mm + off,
-        lin @ du_mm,
-        lin @ dv_mm,
-        src_mm,
-        origin_mm,
-        np.ascontiguousarray(du_mm),
-        np.ascontiguousarray(dv_mm),
-        np.ascontiguousarray(cols_px, dtype=np.float64),
-        np.ascontiguousarray(rows_px, dtype=np.float64),
+        volume.mu_per_mm, volume._support_box, lin @ src_mm + off, lin @ origin_mm + off, lin @ du_mm, lin @ dv_mm,
+        src_mm, origin_mm, du_mm, dv_mm, cols_px, rows_px,
     )
 
 
@@ -314,23 +313,12 @@ def compute_drr_batch(
     (n_poses, rows, cols) float32
         Line integrals, item ``k`` at ``poses[k]``.
     """
-    if isinstance(binning, bool) or not isinstance(binning, (int, np.integer)) or binning < 1:
-        raise DRRError(f"binning must be a positive integer, got {binning!r}")
     _check_projector(projector)
     poses = list(poses)
     if not poses or not all(isinstance(p, Pose) for p in poses):
         raise DRRError(f"poses must be a non-empty sequence of Pose, got {len(poses)} items")
-    region = PanelRegion.whole(imager) if region is None else region
-    region.check_inside(imager)
-    out_rows, out_cols = region.rows // binning, region.cols // binning
-    if out_rows < 1 or out_cols < 1:
-        raise DRRError(f"region {region.rows}x{region.cols} is smaller than one {binning}x{binning} bin")
-    cols_px, rows_px = region.pixel_centres(binning)
-    row_sp, col_sp = imager.pixel_spacing_mm
-    origin_mm = np.ascontiguousarray(imager.origin_mm, dtype=np.float64)
-    du_mm = np.ascontiguousarray(imager.col_direction * col_sp)
-    dv_mm = np.ascontiguousarray(imager.row_direction * row_sp)
-    src_mm = np.ascontiguousarray(imager.source_mm, dtype=np.float64)
+    cols_px, rows_px, src_mm, origin_mm, du_mm, dv_mm = _panel_rays(imager, region, binning)
+    out_rows, out_cols = rows_px.size, cols_px.size
     n = len(poses)
     src_idx, origin_idx, du_idx, dv_idx = (np.empty((n, 3)) for _ in range(4))
     for k, pose in enumerate(poses):
@@ -345,15 +333,14 @@ def compute_drr_batch(
         mu, corner, planes = volume.padded_support()
         return _joseph_kernels.joseph_drr_batch(
             mu, planes, src_idx - corner, origin_idx - corner, du_idx, dv_idx, src_mm, origin_mm, du_mm, dv_mm,
-            np.ascontiguousarray(cols_px, dtype=np.float64), np.ascontiguousarray(rows_px, dtype=np.float64),
+            cols_px, rows_px,
         )
-    else:
-        if parallel is None:
-            parallel = n * out_rows * out_cols >= SERIAL_RAYS
-        kernel = _kernels.siddon_drr_batch if parallel else _kernels.siddon_drr_batch_serial
+    if parallel is None:
+        parallel = n * out_rows * out_cols >= SERIAL_RAYS
+    kernel = _kernels.siddon_drr_batch if parallel else _kernels.siddon_drr_batch_serial
     return kernel(
         volume.mu_per_mm, volume._support_box, src_idx, origin_idx, du_idx, dv_idx, src_mm, origin_mm, du_mm, dv_mm,
-        np.ascontiguousarray(cols_px, dtype=np.float64), np.ascontiguousarray(rows_px, dtype=np.float64),
+        cols_px, rows_px,
     )
 
 
@@ -392,24 +379,12 @@ def compute_drr_pose_derivatives(
         Item 0: the Joseph DRR (line integrals, equal to
         ``compute_drr_batch(..., projector="joseph")``); item ``1 + p``: ``d DRR / d x_p`` (per unit of ``x_p``).
     """
-    if isinstance(binning, bool) or not isinstance(binning, (int, np.integer)) or binning < 1:
-        raise DRRError(f"binning must be a positive integer, got {binning!r}")
     if not isinstance(pose, Pose):
         raise DRRError(f"pose must be a Pose, got {type(pose).__name__}")
     dp = np.asarray(pose_derivatives, dtype=np.float64)
     if dp.ndim != 3 or dp.shape[1:] != (4, 4) or not np.all(np.isfinite(dp)):
         raise DRRError(f"pose_derivatives must be a finite (n, 4, 4) array, got shape {dp.shape}")
-    region = PanelRegion.whole(imager) if region is None else region
-    region.check_inside(imager)
-    out_rows, out_cols = region.rows // binning, region.cols // binning
-    if out_rows < 1 or out_cols < 1:
-        raise DRRError(f"region {region.rows}x{region.cols} is smaller than one {binning}x{binning} bin")
-    cols_px, rows_px = region.pixel_centres(binning)
-    row_sp, col_sp = imager.pixel_spacing_mm
-    origin_mm = np.ascontiguousarray(imager.origin_mm, dtype=np.float64)
-    du_mm = np.ascontiguousarray(imager.col_direction * col_sp)
-    dv_mm = np.ascontiguousarray(imager.row_direction * row_sp)
-    src_mm = np.ascontiguousarray(imager.source_mm, dtype=np.float64)
+    cols_px, rows_px, src_mm, origin_mm, du_mm, dv_mm = _panel_rays(imager, region, binning)
     # Moving the patient by P is moving the imager by P^-1: index <- room is M = I P^-1 and
     # d(P^-1) = -P^-1 dP P^-1.
     inv = pose.inverse().matrix
@@ -427,7 +402,7 @@ def compute_drr_pose_derivatives(
         np.ascontiguousarray(moved(dm, src_mm, True)), np.ascontiguousarray(moved(dm, origin_mm, True)),
         np.ascontiguousarray(moved(dm, du_mm, False)), np.ascontiguousarray(moved(dm, dv_mm, False)),
         src_mm, origin_mm, du_mm, dv_mm,
-        np.ascontiguousarray(cols_px, dtype=np.float64), np.ascontiguousarray(rows_px, dtype=np.float64),
+        cols_px, rows_px,
     )
 
 
