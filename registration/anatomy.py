@@ -585,7 +585,7 @@ def _binned_mean(fine: np.ndarray, region: PanelRegion, binning: int, supersampl
 
 
 def _drr_batch_binned(volume, imager, poses, region: PanelRegion, binning: int, supersampling: int,
-                      projector: str = "siddon") -> np.ndarray:
+                      projector: str) -> np.ndarray:
     """``(n, rows, cols)`` DRRs of ``binning x binning`` pixels from ``supersampling^2`` rays each (their mean).
 
     One thread computes the batch (the views run on threads of their own): a numba parallel
