@@ -241,10 +241,7 @@ def joseph_drr_pose_derivatives(mu, planes, src_idx, origin_idx, du_idx, dv_idx,
     shape = (ni, nj, nk)
     out = np.zeros((1 + n, rows, cols), dtype=np.float32)
     sums = np.zeros(4)
-    a = np.empty(3)
-    a[0] = src_idx[0]
-    a[1] = src_idx[1]
-    a[2] = src_idx[2]
+    a = src_idx  # the source, the same for every ray
     b = np.empty(3)
     for r in range(rows):
         v = rows_px[r]
@@ -255,9 +252,9 @@ def joseph_drr_pose_derivatives(mu, planes, src_idx, origin_idx, du_idx, dv_idx,
             length = _ray_length_mm(src_mm, origin_mm, du_mm, dv_mm, u_px, v)
             val, q, u, w = _joseph_ray(mu_flat, shape, planes, a[0], a[1], a[2], b[0], b[1], b[2], sums, True)
             out[0, r, c] = val * length
-            dq = b[q] - a[q]
             if val == 0.0 and sums[0] == 0.0 and sums[2] == 0.0:
                 continue
+            dq = b[q] - a[q]
             inv = 1.0 / abs(dq)
             ru = (b[u] - a[u]) / dq
             rw = (b[w] - a[w]) / dq
