@@ -23,7 +23,7 @@ Two steps, both free of manual picking:
    centimetres) is absorbed by the affine model.
 
 Pixel coordinates are ``(col, row)``, pixel centres at integers, as in
-``shared/CONVENTIONS.md``.
+``docs/CONVENTIONS.md``.
 """
 
 from __future__ import annotations

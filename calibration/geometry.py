@@ -4,7 +4,7 @@ All positions and directions are in the IEC 61217 room frame (origin at the
 isocentre, +X right facing the gantry from the foot of the couch, +Y towards
 the gantry, +Z up), in millimetres. Pixel coordinates are ``(col, row)`` with
 pixel centres at integers and ``(0, 0)`` the first pixel stored
-(``image[row, col]``), as fixed in ``shared/CONVENTIONS.md``.
+(``image[row, col]``), as fixed in ``docs/CONVENTIONS.md``.
 
 The physical description of an imager (source point, panel origin, panel axes,
 pixel pitch) and its 3x4 projection matrix are two views of one thing;
@@ -32,7 +32,7 @@ __all__ = [
 ]
 
 #: Largest disagreement allowed between a file's physical description and its
-#: projection matrix, in pixels over the panel (shared/CONVENTIONS.md).
+#: projection matrix, in pixels over the panel (docs/CONVENTIONS.md).
 MATRIX_AGREEMENT_LIMIT_PX = 0.05
 
 _UNIT_TOL = 1e-6  # |v| must be 1 within this to count as a unit vector

@@ -1,4 +1,4 @@
-"""Reading and writing ``kv-geometry/1`` imaging-geometry files (shared/CONVENTIONS.md)."""
+"""Reading and writing ``kv-geometry/1`` imaging-geometry files (docs/CONVENTIONS.md)."""
 
 from __future__ import annotations
 

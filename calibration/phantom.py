@@ -2,7 +2,7 @@
 
 A phantom is a set of small radio-opaque spheres (BBs) whose centres are known
 in the room frame (IEC 61217, mm) with the phantom at its nominal place: the
-centre marker sits at the isocentre (``shared/CONVENTIONS.md``). The phantom
+centre marker sits at the isocentre (``docs/CONVENTIONS.md``). The phantom
 is set up with lasers or a Winston-Lutz test; the measured offset of the
 centre BB from the MV isocentre, when known, is carried as
 ``centre_offset_mm`` (room frame, mm) and is added to every marker.

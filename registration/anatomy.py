@@ -3,7 +3,7 @@
 A pair of raw kV frames is matched to DRRs of a region of interest (ROI) of the
 planning CT, jointly over both views, to find the patient pose
 ``p_actual = R p_planned + t`` (room frame, mm, rotations about the
-isocentre; shared/CONVENTIONS.md) and its couch correction ``C = P^-1``.
+isocentre; docs/CONVENTIONS.md) and its couch correction ``C = P^-1``.
 
 Method (``docs/ANATOMY_REGISTRATION.md``):
 

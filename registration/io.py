@@ -1,4 +1,4 @@
-"""Plan-side files: planned fiducials (``fiducials/1``, planning-CT LPS mm; shared/CONVENTIONS.md).
+"""Plan-side files: planned fiducials (``fiducials/1``, planning-CT LPS mm; docs/CONVENTIONS.md).
 
 ```json
 {"schema": "fiducials/1", "fiducials": [{"name": "F1", "position_mm": [x, y, z]}]}
@@ -87,7 +87,7 @@ class FiducialSet:
 
         ``isocentre_lps_mm`` is the plan isocentre in the planning CT's LPS
         frame (mm); the mapping per patient position is the table of
-        shared/CONVENTIONS.md.
+        docs/CONVENTIONS.md.
         """
         iso = np.asarray(isocentre_lps_mm, dtype=np.float64)
         if iso.shape != (3,) or not np.all(np.isfinite(iso)):

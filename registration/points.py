@@ -2,7 +2,7 @@
 
 The measured points are where the fiducials are now (room frame, mm, e.g. from
 stereo triangulation); the planned points are where they should be at perfect
-setup (planning-CT LPS mapped to the room per shared/CONVENTIONS.md). The
+setup (planning-CT LPS mapped to the room per docs/CONVENTIONS.md). The
 result is the patient pose ``p_actual = R p_planned + t`` (rotation about the
 isocentre) found by least squares (Kabsch/Umeyama through an SVD with the
 reflection fix), and the couch correction ``C = P^-1`` that undoes it.

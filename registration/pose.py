@@ -1,4 +1,4 @@
-"""Patient poses and couch corrections in the room frame (shared/CONVENTIONS.md).
+"""Patient poses and couch corrections in the room frame (docs/CONVENTIONS.md).
 
 The **patient pose** ``P = (R, t)`` maps where a point of the patient should be
 (room frame, perfect setup) to where it is: ``p_actual = R p_planned + t``,

@@ -1,6 +1,6 @@
 """Image model and similarity measures for matching DRRs to kV radiographs.
 
-Image model (shared/CONVENTIONS.md, "kV images"): a raw frame ``I`` is the
+Image model (docs/CONVENTIONS.md, "kV images"): a raw frame ``I`` is the
 detector signal, larger where more photons arrive; its line integral is
 ``p = -ln(I / i0)``. An unknown ``i0`` or detector gain ``g`` only adds the
 constant ``-ln g`` to every pixel of ``p``; a different effective energy or

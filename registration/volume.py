@@ -6,7 +6,7 @@ A :class:`CTVolume` holds Hounsfield units as a numpy array indexed
 DICOM patient coordinates (LPS, mm). Conversion between SimpleITK's ``(x, y,
 z)`` ordering and numpy's ``[z, y, x]`` happens here, once.
 
-CT to room at perfect setup (shared/CONVENTIONS.md), with ``d = p_lps - iso_lps``:
+CT to room at perfect setup (docs/CONVENTIONS.md), with ``d = p_lps - iso_lps``:
 
 ====  ======  ======  ======
 pos   X       Y       Z

@@ -19,17 +19,15 @@ settings.register_profile("deep", max_examples=100_000, deadline=None,
                                                  HealthCheck.filter_too_much])
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
-#: The shared conventions folder sits beside the checkout (../shared).
-SHARED_DIR = Path(__file__).resolve().parents[2] / "shared"
+#: Data files the tests read (worked convention vectors, example geometry; docs/CONVENTIONS.md).
+DATA_DIR = Path(__file__).resolve().parent / "data"
 
 
 @pytest.fixture(scope="session")
-def shared_dir() -> Path:
-    if not (SHARED_DIR / "CONVENTIONS.md").exists():
-        pytest.fail(f"shared conventions not found at {SHARED_DIR}; the checkout must sit beside shared/")
-    return SHARED_DIR
+def data_dir() -> Path:
+    return DATA_DIR
 
 
 @pytest.fixture(scope="session")
-def conventions_vectors(shared_dir) -> dict:
-    return json.loads((shared_dir / "examples" / "conventions-vectors.json").read_text())
+def conventions_vectors(data_dir) -> dict:
+    return json.loads((data_dir / "conventions-vectors.json").read_text(encoding="utf-8"))

@@ -1,7 +1,7 @@
 """Fiducial localisation: stereo correspondence, triangulation and the couch correction.
 
 From one stereo pair of raw kV frames to the couch correction
-(shared/CONVENTIONS.md): detect seeds in each frame
+(docs/CONVENTIONS.md): detect seeds in each frame
 (:mod:`tracking.detection`), pair detections across the two views with the
 epipolar geometry, triangulate the candidate pairs (least squares, with the
 rays' skew distance as quality figure), assign the 3D candidates to the
@@ -220,7 +220,7 @@ class FiducialResult:
     Attributes
     ----------
     correction : Correction
-        Couch correction ``C = P^-1`` (shared/CONVENTIONS.md), room frame.
+        Couch correction ``C = P^-1`` (docs/CONVENTIONS.md), room frame.
     pose : Pose
         Patient pose ``p_actual = R p_planned + t``.
     registration : PointRegistrationResult

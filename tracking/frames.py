@@ -2,7 +2,7 @@
 
 A frame is the raw detector signal, ``image[row, col]``: more transmitted
 photons = larger value (bone is dark), ``uint16`` or ``float32``
-(shared/CONVENTIONS.md). Offline files: anything SimpleITK reads (``.mha``,
+(docs/CONVENTIONS.md). Offline files: anything SimpleITK reads (``.mha``,
 ``.nrrd``, ``.tif``...), ``.npy``, and DICOM RT Image / DX.
 """
 

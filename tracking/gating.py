@@ -1,6 +1,6 @@
 """Beam gating: the small, explicit rules that turn measurements into ENABLE or HOLD.
 
-Safety model (shared/CONVENTIONS.md, ``gating/1``): ``ENABLE`` is a permission
+Safety model (docs/CONVENTIONS.md, ``gating/1``): ``ENABLE`` is a permission
 that expires at ``valid_until_unix_s``; a receiver without an unexpired
 ``ENABLE`` holds the beam, and a ``HOLD`` revokes every earlier ``ENABLE``.
 So the rules here only ever *grant* a permission when the latest stereo pair

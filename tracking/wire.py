@@ -1,4 +1,4 @@
-"""ZeroMQ wire formats (shared/CONVENTIONS.md): encoding and strict validation.
+"""ZeroMQ wire formats (docs/CONVENTIONS.md): encoding and strict validation.
 
 Every message is multipart: frame 0 names the message, frame 1 is a UTF-8
 JSON object whose ``schema`` field carries name and version (``"kvframe/1"``).

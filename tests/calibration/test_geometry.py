@@ -29,8 +29,8 @@ TRIANGULATION_TOL_MM = 1e-6  # noise-free pixels: exact up to round-off
 
 
 @pytest.fixture(scope="module")
-def example_geometry(shared_dir):
-    return read_geometry(shared_dir / "examples" / "geometry-example.json")
+def example_geometry(data_dir):
+    return read_geometry(data_dir / "geometry-example.json")
 
 
 def test_example_projection_matches_worked_vectors(example_geometry, conventions_vectors):
@@ -41,8 +41,8 @@ def test_example_projection_matches_worked_vectors(example_geometry, conventions
             assert_allclose(px, point["pixel_col_row"], rtol=0, atol=CONVENTION_TOL_PX)
 
 
-def test_example_file_matrix_agrees_with_physical_description(example_geometry, shared_dir):
-    raw = json.loads((shared_dir / "examples" / "geometry-example.json").read_text())
+def test_example_file_matrix_agrees_with_physical_description(example_geometry, data_dir):
+    raw = json.loads((data_dir / "geometry-example.json").read_text(encoding="utf-8"))
     for entry in raw["imagers"]:
         assert example_geometry[entry["name"]].max_disagreement_px(entry["projection_matrix"]) < 1e-6
 

@@ -1,4 +1,4 @@
-"""Pose and correction algebra against shared/CONVENTIONS.md."""
+"""Pose and correction algebra against docs/CONVENTIONS.md."""
 
 from __future__ import annotations
 

@@ -13,7 +13,8 @@ from numpy.testing import assert_allclose
 from registration.errors import PatientPositionError, VolumeError, VolumeFileError
 from registration.volume import PATIENT_POSITION_KEY, CTVolume, PatientPosition, read_ct, room_from_lps_matrix, write_ct
 
-VECTORS = json.loads(Path("/work/shared/examples/conventions-vectors.json").read_text())
+DATA_DIR = Path(__file__).resolve().parents[1] / "data"
+VECTORS = json.loads((DATA_DIR / "conventions-vectors.json").read_text(encoding="utf-8"))
 # The mapping is a signed permutation plus a subtraction: exact up to float64 rounding.
 MAPPING_TOL_MM = 1e-9
 # Files store float32 HU and float64 geometry: both come back bit for bit.

@@ -1,6 +1,6 @@
 """Stereo kV simulator: raw transmission frames of a phantom at a patient pose, with ground truth.
 
-Image model, per imager and pixel (shared/CONVENTIONS.md, "kV images"):
+Image model, per imager and pixel (docs/CONVENTIONS.md, "kV images"):
 
 ``expected = blur( i0 * heel(col) * exp(-L_anatomy) * T_seeds + scatter )``,
 ``frame = Poisson(expected)``, then dead (0) and hot (65535) pixels,

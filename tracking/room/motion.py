@@ -1,4 +1,4 @@
-"""Patient motion traces: the patient pose (room frame, shared/CONVENTIONS.md) as a function of time.
+"""Patient motion traces: the patient pose (room frame, docs/CONVENTIONS.md) as a function of time.
 
 A trace answers ``pose_at(t_s)``; time ``t_s`` is seconds from the start of
 the trace. Components:
