@@ -38,6 +38,7 @@ import pydicom
 from pydicom.errors import InvalidDicomError
 
 from .errors import PatientPositionError, VolumeFileError
+from .imagefile import MAX_IMAGE_BYTES, dicom_pixel_array
 from .volume import CTVolume, PatientPosition
 
 __all__ = [
@@ -91,9 +92,17 @@ def _floats(ds, keyword: str, count: int, path: Path) -> np.ndarray:
 def _read_header(path: Path) -> _SliceHeader | None:
     """Header of one file, or None if it is a DICOM object that is not a CT image."""
     try:
-        ds = pydicom.dcmread(path, stop_before_pixels=True)
-    except (InvalidDicomError, OSError, EOFError, ValueError, KeyError, TypeError) as err:
+        return _header_of(path)
+    except VolumeFileError:
+        raise
+    except (InvalidDicomError, OSError) as err:
         raise VolumeFileError(f"{path}: unreadable or corrupt DICOM file: {err}") from err
+    except Exception as err:  # noqa: BLE001 - pydicom decodes values lazily and raises many types on a broken file
+        raise VolumeFileError(f"{path}: unreadable or corrupt DICOM file: {type(err).__name__}: {err}") from err
+
+
+def _header_of(path: Path) -> _SliceHeader | None:
+    ds = pydicom.dcmread(path, stop_before_pixels=True)
     if str(ds.get("Modality", "")).upper() != "CT":
         return None
     for keyword in ("SeriesInstanceUID", "FrameOfReferenceUID", "Rows", "Columns"):
@@ -204,23 +213,26 @@ def _read_pixels_hu(header: _SliceHeader) -> np.ndarray:
     path = header.path
     try:
         ds = pydicom.dcmread(path)
-        raw = ds.pixel_array
-    except Exception as err:  # pydicom raises many types for bad or unsupported pixel data
-        raise VolumeFileError(f"{path}: cannot decode pixel data: {type(err).__name__}: {err}") from err
+    except Exception as err:  # noqa: BLE001 - pydicom raises many types for a broken file
+        raise VolumeFileError(f"{path}: unreadable or corrupt DICOM file: {type(err).__name__}: {err}") from err
+    raw = dicom_pixel_array(ds, path, VolumeFileError, "CT slice")
     if raw.shape != (header.rows, header.cols):
         raise VolumeFileError(
             f"{path}: pixel data is {raw.shape}, expected {header.rows}x{header.cols} (rows x cols)"
         )
     if ds.get("RescaleSlope") is None or ds.get("RescaleIntercept") is None:
         raise VolumeFileError(f"{path}: missing Rescale Slope (0028,1053) or Rescale Intercept (0028,1052)")
-    slope = float(ds.RescaleSlope)
-    intercept = float(ds.RescaleIntercept)
+    try:
+        slope = float(ds.RescaleSlope)
+        intercept = float(ds.RescaleIntercept)
+    except (TypeError, ValueError) as err:
+        raise VolumeFileError(f"{path}: Rescale Slope/Intercept (0028,1053)/(0028,1052) not numeric: {err}") from err
     if not (np.isfinite(slope) and np.isfinite(intercept)) or slope == 0.0:
         raise VolumeFileError(f"{path}: invalid rescale slope {slope!r} / intercept {intercept!r}")
     return (raw.astype(np.float64) * slope + intercept).astype(np.float32)
 
 
-def read_dicom_ct(folder: str | os.PathLike) -> CTVolume:
+def read_dicom_ct(folder: str | os.PathLike, *, max_bytes: int = MAX_IMAGE_BYTES) -> CTVolume:
     """Read one CT series from a folder into a :class:`CTVolume` (HU, LPS mm).
 
     Parameters
@@ -229,6 +241,9 @@ def read_dicom_ct(folder: str | os.PathLike) -> CTVolume:
         Folder holding the series' files (not searched recursively). Files
         that are DICOM but not CT images (Modality other than ``CT``) are
         skipped; any file that is not readable DICOM is an error.
+    max_bytes : int
+        Largest volume accepted (bytes of float32 HU, rows x cols x slices x 4),
+        checked from the headers before any pixel is decoded.
 
     Returns
     -------
@@ -244,7 +259,8 @@ def read_dicom_ct(folder: str | os.PathLike) -> CTVolume:
         Folder missing or without a CT series; several series or frames of
         reference mixed; unreadable/corrupt file; inconsistent orientation,
         size or pixel spacing; gantry tilt; missing slices or non-uniform
-        spacing (the message gives where the gap is and its size).
+        spacing (the message gives where the gap is and its size); pixel data
+        that cannot be decoded; a volume larger than ``max_bytes``.
     PatientPositionError
         (0018,5100) missing, inconsistent, or not HFS/FFS/HFP/FFP.
     """
@@ -252,10 +268,11 @@ def read_dicom_ct(folder: str | os.PathLike) -> CTVolume:
     if not folder.is_dir():
         raise VolumeFileError(f"{folder}: not a folder")
     files = sorted(p for p in folder.iterdir() if p.is_file() and p.name.upper() != "DICOMDIR")
-    return read_dicom_ct_files(files, folder)
+    return read_dicom_ct_files(files, folder, max_bytes=max_bytes)
 
 
-def read_dicom_ct_files(files: Sequence[str | os.PathLike], where: str | os.PathLike) -> CTVolume:
+def read_dicom_ct_files(files: Sequence[str | os.PathLike], where: str | os.PathLike, *,
+                        max_bytes: int = MAX_IMAGE_BYTES) -> CTVolume:
     """Read one CT series from an explicit list of files (e.g. one series of a received study).
 
     Same checks and result as :func:`read_dicom_ct`; ``where`` names the
@@ -297,6 +314,10 @@ def read_dicom_ct_files(files: Sequence[str | os.PathLike], where: str | os.Path
         )
     normal = np.cross(row_dir, col_dir)
     headers, slice_step_mm = _sort_and_check_spacing(headers, folder, normal)
+    volume_bytes = headers[0].rows * headers[0].cols * len(headers) * np.dtype(np.float32).itemsize
+    if volume_bytes > max_bytes:
+        raise VolumeFileError(f"{folder}: the CT series is {headers[0].rows}x{headers[0].cols}x{len(headers)} voxels "
+                              f"({volume_bytes} bytes as float32), more than the {max_bytes}-byte limit")
     hu = np.stack([_read_pixels_hu(h) for h in headers])
     row_sp, col_sp = headers[0].pixel_spacing_mm
     return CTVolume(

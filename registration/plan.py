@@ -39,6 +39,7 @@ from .dicom_rt import (
     scan_dicom_folder,
 )
 from .errors import PlanError
+from .imagefile import MAX_IMAGE_BYTES, read_sitk_image
 from .io import FiducialSet, read_fiducials
 from .volume import CTVolume, PatientPosition, read_ct
 
@@ -191,7 +192,8 @@ class Plan:
 
 
 # ------------------------------------------------------------------------------ files
-def read_mask_volume(path: str | os.PathLike, ct: CTVolume) -> tuple[np.ndarray, str | None]:
+def read_mask_volume(path: str | os.PathLike, ct: CTVolume, *,
+                     max_bytes: int = MAX_IMAGE_BYTES) -> tuple[np.ndarray, str | None]:
     """A mask or label volume on the planning CT's grid.
 
     Returns
@@ -204,17 +206,20 @@ def read_mask_volume(path: str | os.PathLike, ct: CTVolume) -> tuple[np.ndarray,
     Raises
     ------
     PlanError
-        Unreadable, not 3D, or on another grid than the CT (size, or origin,
-        spacing or direction beyond :data:`MASK_GRID_TOL_MM`).
+        Unreadable, declaring more than ``max_bytes`` of voxels (checked
+        before reading them), not 3D, not scalar, NaN voxels, or on another
+        grid than the CT (size, or origin, spacing or direction beyond
+        :data:`MASK_GRID_TOL_MM`).
     """
     path = Path(path)
-    try:
-        image = sitk.ReadImage(str(path))
-    except RuntimeError as err:
-        raise PlanError(f"{path}: cannot read mask volume: {str(err).strip().splitlines()[-1]}") from err
+    image = read_sitk_image(path, PlanError, "mask volume", max_bytes=max_bytes)
     if image.GetDimension() != 3:
         raise PlanError(f"{path}: mask must be a 3D volume, got {image.GetDimension()}D")
+    if image.GetNumberOfComponentsPerPixel() != 1:
+        raise PlanError(f"{path}: mask must be scalar, got {image.GetNumberOfComponentsPerPixel()} components per voxel")
     arr = sitk.GetArrayFromImage(image)
+    if np.issubdtype(arr.dtype, np.floating) and not np.all(np.isfinite(arr)):
+        raise PlanError(f"{path}: mask holds {int(np.count_nonzero(~np.isfinite(arr)))} NaN or infinite voxels")
     if arr.shape != ct.hu.shape:
         raise PlanError(f"{path}: mask grid {arr.shape} (k, j, i) differs from the CT's {ct.hu.shape}")
     checks = (

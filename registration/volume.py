@@ -30,6 +30,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from .errors import PatientPositionError, VolumeError, VolumeFileError
+from .imagefile import MAX_IMAGE_BYTES, read_sitk_image
 
 __all__ = [
     "PatientPosition",
@@ -238,7 +239,8 @@ class CTVolume:
 _SITK_SUFFIXES = (".mha", ".mhd", ".nrrd", ".nhdr", ".nii", ".nii.gz")
 
 
-def read_ct(path: str | os.PathLike, patient_position: PatientPosition | str | None = None) -> CTVolume:
+def read_ct(path: str | os.PathLike, patient_position: PatientPosition | str | None = None, *,
+            max_bytes: int = MAX_IMAGE_BYTES) -> CTVolume:
     """Read a planning CT from a DICOM series folder or an ``.mha``/``.nrrd``/``.nii`` file.
 
     Parameters
@@ -249,12 +251,16 @@ def read_ct(path: str | os.PathLike, patient_position: PatientPosition | str | N
         Required for volume files that do not carry it (spineguide writes it as
         metadata); must agree with the file where both exist. DICOM series
         carry (0018,5100) and may not be overridden differently.
+    max_bytes : int
+        Largest pixel data (bytes, as declared by the file's header) read;
+        checked before any pixel is read (:mod:`registration.imagefile`).
 
     Raises
     ------
     VolumeFileError
         Unreadable file, no or several series, missing or non-uniform slices,
-        gantry tilt; the message names the file.
+        gantry tilt, a declared size above ``max_bytes`` or larger than the
+        file can hold; the message names the file.
     PatientPositionError
         Position missing, unknown, or contradicting the file.
     """
@@ -262,7 +268,7 @@ def read_ct(path: str | os.PathLike, patient_position: PatientPosition | str | N
     if p.is_dir():
         from .dicom_ct import read_dicom_ct  # local import: pydicom work only when needed
 
-        vol = read_dicom_ct(p)
+        vol = read_dicom_ct(p, max_bytes=max_bytes)
         if patient_position is not None and PatientPosition.parse(patient_position) is not vol.patient_position:
             raise PatientPositionError(
                 f"{p}: series says patient position {vol.patient_position.value}, "
@@ -273,10 +279,7 @@ def read_ct(path: str | os.PathLike, patient_position: PatientPosition | str | N
         raise VolumeFileError(f"{p}: no such file or folder")
     if not p.name.lower().endswith(_SITK_SUFFIXES):
         raise VolumeFileError(f"{p}: unsupported CT format (expected a DICOM folder or one of {', '.join(_SITK_SUFFIXES)})")
-    try:
-        image = sitk.ReadImage(str(p))
-    except RuntimeError as err:
-        raise VolumeFileError(f"{p}: cannot read volume: {str(err).strip().splitlines()[-1]}") from err
+    image = read_sitk_image(p, VolumeFileError, "volume", max_bytes=max_bytes)
     stored = _stored_position(image)
     if stored is None and patient_position is None:
         raise PatientPositionError(

@@ -18,6 +18,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from calibration.geometry import ImagerGeometry, StereoGeometry
+from registration.imagefile import MAX_IMAGE_BYTES, dicom_pixel_array, load_npy, read_sitk_image
 
 from .errors import FrameError
 
@@ -94,31 +95,30 @@ class KvFrame:
             object.__setattr__(self, "i0", i0)
 
 
-def _read_pixels(path: Path) -> np.ndarray:
+def _read_pixels(path: Path, max_bytes: int) -> np.ndarray:
+    """Pixels of a frame file, its declared size checked against ``max_bytes`` before any pixel is read."""
     name = path.name.lower()
     if name.endswith(".npy"):
-        try:
-            return np.load(path, allow_pickle=False)
-        except (ValueError, OSError) as err:
-            raise FrameError(f"{path}: cannot read .npy frame: {err}") from err
+        return load_npy(path, FrameError, ".npy frame", max_bytes=max_bytes)
     if name.endswith(".dcm") or _looks_like_dicom(path):
         import pydicom
-        from pydicom.errors import InvalidDicomError
 
         try:
             ds = pydicom.dcmread(path)
-            pixels = ds.pixel_array
-        except (InvalidDicomError, AttributeError, ValueError, OSError) as err:
-            raise FrameError(f"{path}: cannot read DICOM frame: {err}") from err
-        slope = float(getattr(ds, "RescaleSlope", 1.0))
-        intercept = float(getattr(ds, "RescaleIntercept", 0.0))
+        except Exception as err:  # noqa: BLE001 - pydicom raises many types for a broken file
+            raise FrameError(f"{path}: cannot read DICOM frame: {type(err).__name__}: {err}") from err
+        pixels = dicom_pixel_array(ds, path, FrameError, "DICOM frame", max_bytes=max_bytes)
+        try:
+            slope = float(ds.get("RescaleSlope", 1.0))
+            intercept = float(ds.get("RescaleIntercept", 0.0))
+        except (TypeError, ValueError) as err:
+            raise FrameError(f"{path}: Rescale Slope/Intercept (0028,1053)/(0028,1052) not numeric: {err}") from err
+        if not (math.isfinite(slope) and math.isfinite(intercept)):
+            raise FrameError(f"{path}: Rescale Slope/Intercept {slope!r}/{intercept!r} are not finite")
         if slope != 1.0 or intercept != 0.0:
             pixels = pixels.astype(np.float32) * np.float32(slope) + np.float32(intercept)
         return pixels
-    try:
-        return sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
-    except RuntimeError as err:
-        raise FrameError(f"{path}: cannot read image: {str(err).strip().splitlines()[-1]}") from err
+    return sitk.GetArrayFromImage(read_sitk_image(path, FrameError, "image", max_bytes=max_bytes))
 
 
 def _looks_like_dicom(path: Path) -> bool:
@@ -130,19 +130,26 @@ def _looks_like_dicom(path: Path) -> bool:
     return len(head) == 132 and head[128:132] == b"DICM"
 
 
-def read_frame(path: str | os.PathLike, imager: ImagerGeometry, i0: float | None = None) -> KvFrame:
-    """Read one raw frame from a file and check it against its imager.
+def read_frame(path: str | os.PathLike, imager: ImagerGeometry, i0: float | None = None, *,
+               max_bytes: int = MAX_IMAGE_BYTES) -> KvFrame:
+    """Read one raw frame (detector signal, ``image[row, col]``) from a file and check it against its imager.
+
+    ``max_bytes`` bounds the pixel data the file's header may declare; it is
+    checked before any pixel is read (:mod:`registration.imagefile`).
 
     Raises
     ------
     FrameError
-        Missing or unreadable file, wrong size for the imager, NaN pixels...;
-        the message names the file.
+        Missing or unreadable file, a declared size above ``max_bytes`` or
+        impossible for the file, wrong size for the imager, NaN or infinite
+        pixels, pixel data that cannot be decoded...; the message names the file.
     """
     p = Path(path)
+    if p.is_dir():
+        raise FrameError(f"{p}: is a directory, not an image file")
     if not p.is_file():
         raise FrameError(f"{p}: no such image file")
-    pixels = check_frame_pixels(_read_pixels(p), imager, str(p))
+    pixels = check_frame_pixels(_read_pixels(p, max_bytes), imager, str(p))
     return KvFrame(imager.name, pixels, i0=i0, source=str(p))
 
 

@@ -1,0 +1,240 @@
+"""Image and volume files read with their declared size checked first (CT volumes, masks, kV frames).
+
+A file header can declare any size: a 2 MB ``.mha`` that declares a 2.4 GB
+volume must be refused with a message naming the file, not end in a memory
+error. Each reader here reads the header alone first (SimpleITK
+``ReadImageInformation``, ``numpy.lib.format`` for ``.npy``, the DICOM
+attributes for pydicom), then compares the declared pixel data
+
+- with a limit (``max_bytes``, default :data:`MAX_IMAGE_BYTES`), and
+- with the file's size: uncompressed pixel data cannot be larger than the
+  file, and no zlib/gzip stream expands by more than about 1032:1.
+
+Pixel values stay as stored (no rescaling here); finiteness is checked by the
+value types (:class:`registration.volume.CTVolume`, the frame checks).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+__all__ = ["MAX_IMAGE_BYTES", "read_sitk_image", "load_npy", "check_dicom_pixel_size", "dicom_pixel_array"]
+
+#: Largest pixel data (declared bytes) read from one image or volume file by default (1 GiB): a 512x512x1000
+#: float32 CT is 1 GiB; a 4096x4096 float32 kV frame 64 MiB.
+MAX_IMAGE_BYTES = 2**30
+#: Largest expansion of deflate data (zlib's theoretical limit is 1032:1) with some margin for headers.
+_MAX_INFLATE_RATIO = 1100
+
+_COMPONENT_BYTES: dict[int, int] = {}
+for _name, _nbytes in (("UInt8", 1), ("Int8", 1), ("UInt16", 2), ("Int16", 2), ("UInt32", 4), ("Int32", 4),
+                       ("UInt64", 8), ("Int64", 8), ("Float32", 4), ("Float64", 8)):
+    for _prefix in ("sitk", "sitkVector"):
+        _id = getattr(sitk, f"{_prefix}{_name}", None)
+        if isinstance(_id, int) and _id >= 0:
+            _COMPONENT_BYTES[_id] = _nbytes
+for _name, _nbytes in (("sitkComplexFloat32", 8), ("sitkComplexFloat64", 16)):
+    _id = getattr(sitk, _name, None)
+    if isinstance(_id, int) and _id >= 0:
+        _COMPONENT_BYTES[_id] = _nbytes
+
+_HEADER_PROBE_BYTES = 65536
+
+
+def _storage(path: Path) -> str:
+    """How the pixel data sits in ``path``: ``"raw"`` (uncompressed, in this file), ``"packed"`` (compressed or
+    text-encoded, in this file) or ``"elsewhere"`` (a detached header naming another data file)."""
+    name = path.name.lower()
+    if name.endswith((".gz", ".tif", ".tiff", ".png", ".jpg", ".jpeg")):
+        return "packed"
+    if name.endswith(".nii") or name.endswith(".img"):
+        return "raw"
+    try:
+        with path.open("rb") as fh:
+            head = fh.read(_HEADER_PROBE_BYTES)
+    except OSError:
+        return "packed"
+    if name.endswith((".mha", ".mhd")):
+        m = re.search(rb"ElementDataFile\s*=\s*(\S+)", head)
+        if m is None or m.group(1) != b"LOCAL":
+            return "elsewhere"
+        if re.search(rb"CompressedData\s*=\s*True", head, re.IGNORECASE):
+            return "packed"
+        return "raw"
+    if name.endswith((".nrrd", ".nhdr")):
+        if re.search(rb"^data ?file:", head, re.MULTILINE):
+            return "elsewhere"
+        m = re.search(rb"^encoding:\s*(\w+)", head, re.MULTILINE)
+        return "raw" if m is not None and m.group(1).lower() == b"raw" else "packed"
+    return "packed"
+
+
+def _check_declared(path: Path, declared_bytes: int, file_bytes: int, storage: str, error: type[Exception],
+                    what: str, max_bytes: int) -> None:
+    if declared_bytes > max_bytes:
+        raise error(f"{path}: cannot read {what}: declares {declared_bytes} bytes of pixel data, more than the "
+                    f"{max_bytes}-byte limit")
+    if storage == "raw" and declared_bytes > file_bytes:
+        raise error(f"{path}: cannot read {what}: declares {declared_bytes} bytes of uncompressed pixel data but the file "
+                    f"holds {file_bytes} bytes (truncated or a wrong header)")
+    if storage == "packed" and declared_bytes > _MAX_INFLATE_RATIO * max(file_bytes, 1):
+        raise error(f"{path}: cannot read {what}: declares {declared_bytes} bytes of pixel data in a {file_bytes}-byte file "
+                    f"(no compression expands {_MAX_INFLATE_RATIO}:1; a wrong header)")
+
+
+def read_sitk_image(path: str | os.PathLike, error: type[Exception], what: str, *,
+                    max_bytes: int = MAX_IMAGE_BYTES) -> sitk.Image:
+    """Read an image/volume file with SimpleITK after checking its header's declared size.
+
+    Parameters
+    ----------
+    path : path
+        ``.mha``, ``.mhd``, ``.nrrd``, ``.nii(.gz)``, ``.tif``... (anything SimpleITK reads).
+    error : exception class
+        Raised, naming the file, for every refusal.
+    what : str
+        What the file is, for messages (``"CT volume"``, ``"kV frame"``).
+    max_bytes : int
+        Largest declared pixel data accepted, bytes.
+
+    Returns
+    -------
+    SimpleITK.Image
+        As stored (sizes and points in SimpleITK's ``(x, y, z)`` order).
+
+    Raises
+    ------
+    error
+        Missing or unreadable file, a header SimpleITK refuses, a declared size above ``max_bytes`` or
+        impossible for the file's size, a pixel type of unknown size.
+    """
+    p = Path(path)
+    if p.is_dir():
+        raise error(f"{p}: cannot read {what}: is a directory")
+    try:
+        file_bytes = p.stat().st_size
+    except OSError as err:
+        raise error(f"{p}: cannot read {what}: {err.strerror or err}") from err
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(p))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError as err:
+        raise error(f"{p}: cannot read {what}: {_last_line(err)}") from err
+    size = tuple(int(s) for s in reader.GetSize())
+    if any(s < 1 for s in size):
+        raise error(f"{p}: cannot read {what}: declares an empty grid {size}")
+    component_bytes = _COMPONENT_BYTES.get(reader.GetPixelID())
+    if component_bytes is None:
+        raise error(f"{p}: cannot read {what}: pixel type {reader.GetPixelIDTypeAsString()!r} is not a plain number type")
+    declared = int(np.prod(size, dtype=object)) * int(reader.GetNumberOfComponents()) * component_bytes
+    _check_declared(p, declared, file_bytes, _storage(p), error, what, max_bytes)
+    try:
+        return reader.Execute()
+    except RuntimeError as err:
+        raise error(f"{p}: cannot read {what}: {_last_line(err)}") from err
+    except MemoryError as err:
+        raise error(f"{p}: cannot read {what}: out of memory for {declared} bytes") from err
+
+
+def load_npy(path: str | os.PathLike, error: type[Exception], what: str, *,
+             max_bytes: int = MAX_IMAGE_BYTES) -> np.ndarray:
+    """Load a ``.npy`` array after checking its header (``numpy.lib.format``): numeric dtype, declared size.
+
+    Raises
+    ------
+    error
+        Unreadable file, not a ``.npy`` file, an object/structured/string dtype, a declared size above
+        ``max_bytes`` or different from the data the file holds.
+    """
+    p = Path(path)
+    if p.is_dir():
+        raise error(f"{p}: cannot read {what}: is a directory")
+    fmt = np.lib.format
+    try:
+        with p.open("rb") as fh:
+            file_bytes = os.fstat(fh.fileno()).st_size
+            version = fmt.read_magic(fh)
+            if version == (1, 0):
+                shape, fortran, dtype = fmt.read_array_header_1_0(fh, max_header_size=10000)
+            elif version in ((2, 0), (3, 0)):
+                shape, fortran, dtype = fmt.read_array_header_2_0(fh, max_header_size=10000)
+            else:
+                raise error(f"{p}: cannot read {what}: unsupported .npy format version {version}")
+            offset = fh.tell()
+    except OSError as err:
+        raise error(f"{p}: cannot read {what}: {err.strerror or err}") from err
+    except (ValueError, SyntaxError, TypeError, EOFError) as err:
+        raise error(f"{p}: cannot read {what}: not a valid .npy file: {_last_line(err)}") from err
+    if dtype.hasobject or dtype.fields is not None or dtype.kind not in "biuf":
+        raise error(f"{p}: cannot read {what}: dtype {dtype} is not a plain number type")
+    if any(int(s) < 0 for s in shape):
+        raise error(f"{p}: cannot read {what}: declares a negative shape {shape}")
+    declared = int(np.prod(shape, dtype=object)) * dtype.itemsize
+    if declared > max_bytes:
+        raise error(f"{p}: cannot read {what}: declares {declared} bytes of pixel data, more than the {max_bytes}-byte limit")
+    if declared != file_bytes - offset:
+        raise error(f"{p}: cannot read {what}: declares shape {shape} of {dtype} ({declared} bytes) but the file holds "
+                    f"{file_bytes - offset} bytes of data")
+    try:
+        arr = np.load(p, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as err:
+        raise error(f"{p}: cannot read {what}: {_last_line(err)}") from err
+    return arr
+
+
+def check_dicom_pixel_size(ds, path: str | os.PathLike, error: type[Exception], what: str, *,
+                           max_bytes: int = MAX_IMAGE_BYTES) -> int:
+    """Declared pixel bytes of a DICOM dataset (Rows x Columns x Samples x Frames x BitsAllocated / 8), checked.
+
+    Raises
+    ------
+    error
+        Missing or absurd (0028,xxxx) attributes, a size above ``max_bytes``.
+    """
+    p = Path(path)
+    try:
+        rows = int(ds.Rows)
+        cols = int(ds.Columns)
+        samples = int(ds.get("SamplesPerPixel", 1) or 1)
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+        bits = int(ds.BitsAllocated)
+    except (AttributeError, KeyError, TypeError, ValueError, OverflowError) as err:
+        raise error(f"{p}: {what}: missing or malformed image pixel attributes (0028,xxxx): "
+                    f"{_last_line(err)}") from err
+    if min(rows, cols, samples, frames) < 1:
+        raise error(f"{p}: {what}: image of {rows}x{cols} pixels, {samples} samples, {frames} frames is empty")
+    if bits not in (1, 8, 16, 32, 64):
+        raise error(f"{p}: {what}: Bits Allocated (0028,0100) is {bits}, expected 1, 8, 16, 32 or 64")
+    declared = rows * cols * samples * frames * max(bits // 8, 1)
+    if declared > max_bytes:
+        raise error(f"{p}: cannot read {what}: declares {declared} bytes of pixel data, more than the {max_bytes}-byte limit")
+    return declared
+
+
+def dicom_pixel_array(ds, path: str | os.PathLike, error: type[Exception], what: str, *,
+                      max_bytes: int = MAX_IMAGE_BYTES) -> np.ndarray:
+    """``ds.pixel_array`` with the declared size checked first and every decoding failure as ``error``.
+
+    pydicom raises many exception types on broken Pixel Data (ValueError, AttributeError, KeyError,
+    NotImplementedError, RuntimeError, TypeError, IndexError, struct errors from decoders...); all of them
+    mean "this file's pixels cannot be decoded" and become ``error`` naming the file.
+    """
+    check_dicom_pixel_size(ds, path, error, what, max_bytes=max_bytes)
+    try:
+        return ds.pixel_array
+    except MemoryError as err:
+        raise error(f"{Path(path)}: {what}: out of memory decoding the pixel data") from err
+    except Exception as err:  # noqa: BLE001 - any decoder failure is the file's fault, named below
+        raise error(f"{Path(path)}: cannot decode pixel data ({what}): {type(err).__name__}: "
+                    f"{_last_line(err)}") from err
+
+
+def _last_line(err: BaseException) -> str:
+    lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
+    return lines[-1] if lines else type(err).__name__
