@@ -166,6 +166,20 @@ class CTVolume:
         lps = np.asarray(lps_mm, dtype=np.float64)
         return np.linalg.solve(self._lps_from_index[:3, :3], (lps - self._lps_from_index[:3, 3]).T).T
 
+    def contains_lps_mm(self, points_lps_mm: np.ndarray) -> np.ndarray:
+        """Which planning-CT LPS points (mm, ``(N, 3)`` or ``(3,)``) lie inside the volume.
+
+        Inside means within the grid's extent: voxel centres plus half a voxel
+        on every side. Returns an ``(N,)`` bool array (non-finite points are outside).
+        """
+        pts = np.atleast_2d(np.asarray(points_lps_mm, dtype=np.float64))
+        if pts.ndim != 2 or pts.shape[1] != 3:
+            raise VolumeError(f"{self.source}: points must be (N, 3) LPS mm, got shape {pts.shape}")
+        finite = np.all(np.isfinite(pts), axis=1)
+        idx = self.lps_to_index(np.where(finite[:, None], pts, 0.0))
+        upper = np.array(self.shape_ijk, dtype=np.float64) - 0.5
+        return finite & np.all((idx >= -0.5) & (idx <= upper), axis=1)
+
     def room_from_index(self, isocentre_lps_mm: Sequence[float]) -> np.ndarray:
         """4x4 affine: voxel index ``(i, j, k, 1)`` -> room mm at perfect setup.
 

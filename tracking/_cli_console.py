@@ -51,6 +51,8 @@ def build_console_config(args: argparse.Namespace, room=None):
         service = room.config
         overrides.setdefault("publish_address", room.endpoints["publish"])
         overrides.setdefault("command_address", room.endpoints["command"])
+        if room.console_keys is not None:  # the simulated room runs CURVE: connect with its console key
+            overrides.setdefault("client_keys", room.console_keys)
     elif args.service_config is not None:
         service = load_config(args.service_config)
     else:
@@ -99,13 +101,15 @@ def _cmd_console(args: argparse.Namespace) -> int:
 
 def add_commands(subparsers) -> None:
     """Add ``console`` to a subparsers object."""
+    from .cli import port_number, positive_float
+
     p = subparsers.add_parser("console", help="serve the live console web page (localhost) for the running service")
     p.add_argument("--service-config", type=Path, default=None,
                    help="the service's TOML config: endpoints, record (raw frames shown), limits, plan (overlays)")
     p.add_argument("--token-file", type=Path, default=None,
                    help="file holding the login token operators type (>= 16 characters); without it: read-only")
     p.add_argument("--host", default="127.0.0.1", help="HTTP bind address (default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=8080, help="HTTP port (default 8080; 0 = any free port)")
+    p.add_argument("--port", type=port_number, default=8080, help="HTTP port (default 8080; 0 = any free port)")
     p.add_argument("--allow-remote", action="store_true",
                    help="permit a non-loopback --host (only behind a TLS proxy on a closed network)")
     p.add_argument("--records", type=Path, default=None, help="folder of recorded sessions (default: the record's)")
@@ -117,5 +121,5 @@ def add_commands(subparsers) -> None:
     p.add_argument("--server-key", default=None, help="the service's public CURVE .key file")
     p.add_argument("--simulate", action="store_true",
                    help="also run a simulated room (service + imager + couch) in this process: demo only")
-    p.add_argument("--duration", type=float, default=None, help="stop after this many seconds (default: until killed)")
+    p.add_argument("--duration", type=positive_float, default=None, help="stop after this many seconds (default: until killed)")
     p.set_defaults(func=_cmd_console)

@@ -22,8 +22,9 @@ def parse_archive(text: str):
 
     ae, at, rest = text.partition("@")
     host, colon, port = rest.rpartition(":")
-    if not at or not colon or not ae or not host or not port.isdigit():
-        raise DicomNetworkError(f"archive must be AE@HOST:PORT, got {text!r}")
+    if (not at or not colon or not ae or not host or not (port.isascii() and port.isdigit())
+            or len(port) > 5 or int(port) > 65535):
+        raise DicomNetworkError(f"archive must be AE@HOST:PORT (port 0..65535), got {text!r}")
     return ArchiveConfig(host=host, port=int(port), ae_title=ae)
 
 
@@ -151,7 +152,9 @@ def cmd_dicom_listen(args: argparse.Namespace, out=None) -> int:
 
 
 def add_commands(subparsers) -> None:
-    """Add ``import`` and ``dicom-listen`` to the ``spineguide`` subparsers."""
+    """Add ``import``, ``dicom-listen``, ``dicom-export`` and ``dicom-send`` to the ``spineguide`` subparsers."""
+    from .cli import finite_float, non_negative_int, port_number, positive_float
+
     p = subparsers.add_parser("import", help="read a folder of DICOM planning data (CT, RTSTRUCT, RTPLAN) and check it")
     p.add_argument("dir", type=Path, help="folder (searched recursively)")
     p.add_argument("--isocenter", default=None, help="override the plan isocentre X,Y,Z (planning-CT LPS mm)")
@@ -159,20 +162,20 @@ def add_commands(subparsers) -> None:
     p.set_defaults(func=cmd_import)
 
     p = subparsers.add_parser("dicom-listen", help="DICOM Storage SCP receiving planning CT, RTSTRUCT and RTPLAN")
-    p.add_argument("--port", type=int, required=True, help="TCP port (0 = any free port)")
+    p.add_argument("--port", type=port_number, required=True, help="TCP port (0 = any free port)")
     p.add_argument("--ae-title", default="SPINEGUIDE", help="our AE title (default SPINEGUIDE)")
     p.add_argument("--out", type=Path, required=True, help="folder for received files (<study>/<series>/)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; 0.0.0.0 for all)")
-    p.add_argument("--duration-s", type=float, default=None, help="stop after this many seconds (default: run until Ctrl-C)")
+    p.add_argument("--duration-s", type=positive_float, default=None, help="stop after this many seconds (default: run until Ctrl-C)")
     p.set_defaults(func=cmd_dicom_listen)
 
     p = subparsers.add_parser("dicom-export", help="write kV frames as DICOM RT Image objects with their geometry")
     p.add_argument("--plan", type=Path, required=True, help="DICOM plan folder (patient and study identity)")
     p.add_argument("--geometry", type=Path, required=True, help="kv-geometry/1 file of the imagers")
     p.add_argument("--image", action="append", required=True, help="NAME=FILE, one per imager")
-    p.add_argument("--i0", type=float, default=None, help="unattenuated level of the frames (required)")
-    p.add_argument("--pair-id", type=int, default=None, help="stereo pair number, recorded in the objects")
-    p.add_argument("--acquired-unix-s", type=float, default=None, help="acquisition time (default: now)")
+    p.add_argument("--i0", type=positive_float, default=None, help="unattenuated level of the frames (required)")
+    p.add_argument("--pair-id", type=non_negative_int, default=None, help="stereo pair number, recorded in the objects")
+    p.add_argument("--acquired-unix-s", type=finite_float, default=None, help="acquisition time (default: now)")
     p.add_argument("--out", type=Path, required=True, help="output folder")
     p.add_argument("--send", default=None, help="also C-STORE them to an archive AE@HOST:PORT")
     p.set_defaults(func=cmd_dicom_export)

@@ -1,17 +1,34 @@
 """The ``spineguide`` command line: parse, build configuration, call the library, print.
 
-Every subcommand exits 0 on success and non-zero with a one-line reason on
-failure (``spineguide: error: <what went wrong>``). Library code logs through
-:mod:`logging`; only this module prints.
+Exit codes (README, docs/ROBUSTNESS.md):
+
+- 0: success (``register``: a trusted result);
+- 1: ``qa`` ran and the geometry failed its tolerance;
+- 2: nothing could be done: a bad argument or file, an error of the library;
+  one line on stderr, ``spineguide: error: <what went wrong>``;
+- 3: ``register`` computed a result that is not to be trusted (``quality.ok``
+  false, a reason code in ``quality.reason``, printed);
+- 4: internal error (a defect): one line, ``spineguide: internal error: ...``;
+- 130: interrupted (Ctrl-C).
+
+No traceback is printed unless ``-v``/``--verbose`` is given (before or after
+the subcommand). Numbers on the command line may be negative without ``=``
+(``--isocenter -3.27,10,5``). Library code logs through :mod:`logging`; only
+the CLI modules print.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import math
+import re
 import sys
 import time
+import traceback
 from collections.abc import Sequence
+from dataclasses import dataclass
+from enum import Enum
 from pathlib import Path
 
 from calibration.errors import CalibrationError
@@ -19,7 +36,22 @@ from registration.errors import RegistrationError
 
 from .errors import TrackingError
 
-__all__ = ["main", "build_parser"]
+__all__ = ["main", "build_parser", "parse_triplet_mm", "parse_six", "CliError", "RegisterRefusal",
+           "EXIT_OK", "EXIT_QA_FAILED", "EXIT_ERROR", "EXIT_NOT_TRUSTED", "EXIT_INTERNAL", "EXIT_INTERRUPTED",
+           "MAX_SEED_DISTANCE_MM", "AIR_HU"]
+
+EXIT_OK = 0
+EXIT_QA_FAILED = 1
+EXIT_ERROR = 2
+EXIT_NOT_TRUSTED = 3
+EXIT_INTERNAL = 4
+EXIT_INTERRUPTED = 130
+
+#: Farthest a planned seed may sit from the plan isocentre, mm. Spine seeds sit in the treated or the
+#: neighbouring vertebra (a few cm); a seed 10 cm away is a wrong file, a wrong isocentre or another patient.
+MAX_SEED_DISTANCE_MM = 100.0
+#: A CT or ROI with no voxel above this (HU) holds nothing but air: there is no anatomy to register.
+AIR_HU = -900.0
 
 log = logging.getLogger("spineguide")
 
@@ -28,31 +60,77 @@ class CliError(Exception):
     """A user error on the command line (bad value, missing file)."""
 
 
+class _UsageError(Exception):
+    """argparse refused the command line (raised by :meth:`_Parser.error` instead of printing usage)."""
+
+
+class RegisterRefusal(Enum):
+    """Why ``register`` refuses to trust a computed correction (``quality.reason`` code; exit 3)."""
+
+    ISOCENTRE_OUTSIDE_CT = "isocentre_outside_ct"
+    SEED_OUTSIDE_CT = "seed_outside_ct"
+    SEED_FAR_FROM_ISOCENTRE = "seed_far_from_isocentre"
+    CORRECTION_LIMIT = "correction_limit"
+
+
+@dataclass(frozen=True, slots=True)
+class _Refusal:
+    reason: RegisterRefusal
+    detail: str
+
+
 # ----------------------------------------------------------------- value parsers
-def parse_triplet_mm(text: str, what: str = "value") -> tuple[float, float, float]:
-    """``"X,Y,Z"`` -> three finite floats (mm)."""
+_MAX_NUMBER_TEXT = 64  # characters of one number: "-1.2345678901234567e+308" is 24
+
+
+def _shown(text: str) -> str:
+    return repr(text if len(text) <= 80 else text[:80] + "...")
+
+
+def _numbers(text: str, n: int, what: str, names: str) -> list[float]:
+    """``n`` comma-separated finite floats from ``text``; CliError naming ``what`` otherwise."""
+    count = {3: "three", 6: "six"}.get(n, str(n))
+    if not isinstance(text, str):
+        raise CliError(f"{what} must be {count} comma-separated numbers {names}, got {text!r}")
     parts = [p.strip() for p in text.split(",")]
-    if len(parts) != 3:
-        raise CliError(f"{what} must be three comma-separated numbers X,Y,Z, got {text!r}")
-    try:
-        values = tuple(float(p) for p in parts)
-    except ValueError:
-        raise CliError(f"{what} must be three comma-separated numbers X,Y,Z, got {text!r}") from None
-    if not all(abs(v) < float("inf") for v in values):
-        raise CliError(f"{what} must be finite, got {text!r}")
-    return values  # type: ignore[return-value]
+    if len(parts) != n:
+        raise CliError(f"{what} must be {count} comma-separated numbers {names}, got {_shown(text)}")
+    values = []
+    for part in parts:
+        try:
+            if len(part) > _MAX_NUMBER_TEXT or "_" in part:
+                raise ValueError(part)
+            value = float(part)
+        except ValueError:
+            raise CliError(f"{what} must be {count} comma-separated numbers {names}, got {_shown(text)}") from None
+        if not math.isfinite(value):
+            raise CliError(f"{what} must be finite, got {_shown(text)}")
+        values.append(value)
+    return values
+
+
+def parse_triplet_mm(text: str, what: str = "value") -> tuple[float, float, float]:
+    """``"X,Y,Z"`` -> three finite floats (mm; the frame is the option's: ``--isocenter`` is planning-CT LPS).
+
+    Raises
+    ------
+    CliError
+        Not exactly three numbers, a number that does not parse, NaN or infinite.
+    """
+    x, y, z = _numbers(text, 3, what, "X,Y,Z")
+    return x, y, z
 
 
 def parse_six(text: str, what: str = "--pose") -> tuple[tuple[float, float, float], tuple[float, float, float]]:
-    """``"TX,TY,TZ,PITCH,ROLL,YAW"`` (mm, degrees) -> ``(translation_mm, rotation_deg)``."""
-    parts = [p.strip() for p in text.split(",")]
-    if len(parts) != 6:
-        raise CliError(f"{what} must be six comma-separated numbers TX,TY,TZ,PITCH,ROLL,YAW (mm, deg), got {text!r}")
-    try:
-        values = [float(p) for p in parts]
-    except ValueError:
-        raise CliError(f"{what} must be six numbers TX,TY,TZ,PITCH,ROLL,YAW (mm, deg), got {text!r}") from None
-    return (values[0], values[1], values[2]), (values[3], values[4], values[5])
+    """``"TX,TY,TZ,PITCH,ROLL,YAW"`` (room frame; mm, degrees) -> ``(translation_mm, rotation_deg)``.
+
+    Raises
+    ------
+    CliError
+        Not exactly six numbers, a number that does not parse, NaN or infinite.
+    """
+    v = _numbers(text, 6, what, "TX,TY,TZ,PITCH,ROLL,YAW (mm, deg)")
+    return (v[0], v[1], v[2]), (v[3], v[4], v[5])
 
 
 def print_table(headers: Sequence[str], rows: Sequence[Sequence[object]], out=None) -> None:
@@ -139,18 +217,118 @@ def _cmd_register(args: argparse.Namespace) -> int:
     frames = read_stereo_frames(parse_image_args(args.image or []), geometry, args.i0)
     pixels = {name: f.pixels for name, f in frames.items()}
     if args.method == "fiducial":
-        report = _register_fiducial(args, geometry, plan, pixels)
+        report, refusals = _register_fiducial(args, geometry, plan, pixels)
     else:
-        report = _register_anatomy(args, geometry, plan, pixels)
+        report, refusals = _register_anatomy(args, geometry, plan, pixels), []
+    refusals += _correction_refusals(report["correction"], args.max_correction_mm, args.max_correction_deg)
+    _apply_refusals(report["quality"], refusals)
+    report["limits"] = {"max_correction_mm": args.max_correction_mm, "max_correction_deg": args.max_correction_deg,
+                        "max_seed_distance_mm": args.max_seed_distance_mm}
     report["plan"] = {"ct": plan.ct.source, "isocentre_lps_mm": [float(v) for v in plan.isocentre_lps_mm],
                       "patient_position": plan.patient_position.value}
     report["elapsed_s"] = time.monotonic() - t0
     if args.json:
-        print(json.dumps(report, indent=1))
+        print(json.dumps(report, indent=1, allow_nan=False))
     else:
         _print_registration(report)
-    # 0: a trusted result; 3: a result was computed but is not to be trusted (quality.ok false).
-    return 0 if report["quality"]["ok"] else 3
+    if not report["quality"]["ok"]:
+        why = "; ".join(f"{r.reason.value}: {r.detail}" for r in refusals) or f"quality {_quality_reason(report)}"
+        print(f"spineguide: result not to be trusted: {why}", file=sys.stderr)
+        return EXIT_NOT_TRUSTED
+    return EXIT_OK
+
+
+def _quality_reason(report: dict) -> str:
+    q = report["quality"]
+    if q.get("reason") not in (None, "ok"):
+        return str(q["reason"])
+    return ", ".join(q.get("flags", [])) or "not ok"
+
+
+def _service_correction_limits() -> tuple[float, float]:
+    """The service's correction limits (mm, deg): the defaults of ``[safety]`` in tracking/config.py."""
+    from .config import SafetyConfig
+
+    safety = SafetyConfig()
+    return safety.correction_limit_mm, safety.correction_limit_deg
+
+
+def _correction_refusals(correction: dict, limit_mm: float, limit_deg: float) -> list[_Refusal]:
+    """The correction against the limits, measured as the service does: |translation| (mm) and the largest of
+    |pitch|, |roll|, |yaw| (deg)."""
+    import numpy as np
+
+    t_mm = float(np.linalg.norm(correction["translation_mm"]))
+    r_deg = float(np.max(np.abs(correction["rotation_deg"])))
+    if not (t_mm <= limit_mm and r_deg <= limit_deg):  # also refuses NaN
+        return [_Refusal(RegisterRefusal.CORRECTION_LIMIT,
+                         f"correction {t_mm:.2f} mm / {r_deg:.2f} deg exceeds the limit {limit_mm:g} mm / "
+                         f"{limit_deg:g} deg (--max-correction-mm, --max-correction-deg)")]
+    return []
+
+
+def _apply_refusals(quality: dict, refusals: list[_Refusal]) -> None:
+    """Record the CLI's refusals in the ``quality`` object: ok false, the first reason code, every detail."""
+    if not refusals:
+        return
+    codes = [r.reason.value for r in refusals]
+    quality["ok"] = False
+    if quality.get("reason") in (None, "ok"):
+        quality["reason"] = codes[0]
+    quality["reasons"] = [c for c in quality.get("reasons", []) if c != "ok"] + codes
+    quality["refusals"] = [{"reason": r.reason.value, "detail": r.detail} for r in refusals]
+
+
+def _plan_refusals(plan, positions_lps_mm, names, max_seed_distance_mm: float) -> list[_Refusal]:
+    """Isocentre and planned seeds (planning-CT LPS mm) inside the CT, seeds near the isocentre."""
+    import numpy as np
+
+    ct, iso = plan.ct, np.asarray(plan.isocentre_lps_mm, dtype=np.float64)
+    out = []
+    if not ct.contains_lps_mm(iso)[0]:
+        out.append(_Refusal(RegisterRefusal.ISOCENTRE_OUTSIDE_CT,
+                            f"isocentre LPS {_fmt_vec(iso, 2)} mm lies outside the CT ({_ct_extent(ct)})"))
+    pos = np.asarray(positions_lps_mm, dtype=np.float64).reshape(-1, 3)
+    inside = ct.contains_lps_mm(pos) if len(pos) else np.zeros(0, bool)
+    outside = [str(n) for n, ok in zip(names, inside) if not ok]
+    if outside:
+        out.append(_Refusal(RegisterRefusal.SEED_OUTSIDE_CT,
+                            f"planned seed(s) {', '.join(outside)} lie outside the CT ({_ct_extent(ct)})"))
+    dist = np.linalg.norm(pos - iso, axis=1) if len(pos) else np.zeros(0)
+    far = [f"{n} ({d:.1f} mm)" for n, d in zip(names, dist) if not d <= max_seed_distance_mm]
+    if far:
+        out.append(_Refusal(RegisterRefusal.SEED_FAR_FROM_ISOCENTRE,
+                            f"planned seed(s) {', '.join(far)} lie more than {max_seed_distance_mm:g} mm from the "
+                            "isocentre (--max-seed-distance-mm)"))
+    return out
+
+
+def _ct_extent(ct) -> str:
+    import numpy as np
+
+    corners = ct.index_to_lps(np.array([[-0.5, -0.5, -0.5], np.array(ct.shape_ijk, float) - 0.5]))
+    lo, hi = corners.min(axis=0), corners.max(axis=0)
+    return "LPS " + " x ".join(f"[{a:.1f}, {b:.1f}]" for a, b in zip(lo, hi)) + " mm"
+
+
+def _check_anatomy_inputs(plan, pixels, roi) -> None:
+    """Refuse (exit 2) an anatomy registration that cannot compute anything meaningful."""
+    import numpy as np
+
+    ct, iso = plan.ct, plan.isocentre_lps_mm
+    if not ct.contains_lps_mm(iso)[0]:
+        raise CliError(f"isocentre LPS {_fmt_vec(iso, 2)} mm lies outside the CT ({_ct_extent(ct)}): "
+                       "no anatomy to register there")
+    for name, image in pixels.items():
+        lo, hi = float(np.min(image)), float(np.max(image))
+        if not lo < hi:
+            raise CliError(f"the frame of imager '{name}' is constant (every pixel {lo:g}): no image to register")
+    if float(np.max(ct.hu)) <= AIR_HU:
+        raise CliError(f"{ct.source}: the CT holds nothing denser than air (max {float(np.max(ct.hu)):.0f} HU): "
+                       "no anatomy to register")
+    inside = ct.hu[roi.mask]
+    if inside.size == 0 or float(np.max(inside)) <= AIR_HU:
+        raise CliError(f"the ROI ({roi.description}) holds nothing denser than air: no anatomy to register")
 
 
 def _load_plan(args: argparse.Namespace):
@@ -167,7 +345,7 @@ def _load_plan(args: argparse.Namespace):
     return load_plan_files(args.ct, iso, fiducials_path=args.fiducials, patient_position=args.patient_position)
 
 
-def _register_fiducial(args, geometry, plan, pixels) -> dict:
+def _register_fiducial(args, geometry, plan, pixels) -> tuple[dict, list[_Refusal]]:
     from registration.ct_seeds import find_ct_seeds
     from registration.io import FiducialSet, read_fiducials
 
@@ -193,6 +371,7 @@ def _register_fiducial(args, geometry, plan, pixels) -> dict:
             raise CliError("no seed candidates found in the CT; give a fiducials/1 file")
         planned = FiducialSet(tuple(f"C{i + 1}" for i in range(len(candidates))),
                               [c.centre_lps_mm for c in candidates], f"{ct.source} (automatic)")
+    refusals = _plan_refusals(plan, planned.positions_lps_mm, planned.names, args.max_seed_distance_mm)
     planned_room = planned.to_room(plan.isocentre_lps_mm, plan.patient_position)
     result = localise_fiducials(pixels, geometry, planned_room, planned.names, i0=args.i0)
     t, r = result.correction.six()
@@ -203,7 +382,7 @@ def _register_fiducial(args, geometry, plan, pixels) -> dict:
         "patient_pose": {"translation_mm": pt.tolist(), "rotation_deg": pr.tolist()},
         "quality": result.quality_json(),
         "timing_ms": {"detection": result.detection_ms, "matching": result.matching_ms, "total": result.total_ms},
-    }
+    }, refusals
 
 
 def _register_anatomy(args, geometry, plan, pixels) -> dict:
@@ -226,6 +405,7 @@ def _register_anatomy(args, geometry, plan, pixels) -> dict:
     else:
         raise CliError("--method anatomy needs an ROI: --roi MASK_FILE, --roi-box DX,DY,DZ, or a DICOM plan "
                        "with a target ROI (--plan DIR [--roi-name NAME])")
+    _check_anatomy_inputs(plan, pixels, roi)
     result = register_anatomy(ct, iso, geometry, pixels, roi, i0=args.i0)
     report = result.to_json()
     report["patient_pose"] = report.pop("pose")
@@ -249,6 +429,8 @@ def _print_registration(report: dict) -> None:
     quality = report["quality"]
     print(f"method: {report['method']}   quality: {'OK' if quality['ok'] else 'NOT OK'}   "
           f"elapsed {report['elapsed_s'] * 1000:.0f} ms")
+    for refusal in quality.get("refusals", []):
+        print(f"REFUSED {refusal['reason']}: {refusal['detail']}")
     print_table(
         ["couch correction", "X lat", "Y long", "Z vert"],
         [["translation mm", *(f"{v:+.2f}" for v in corr["translation_mm"])],
@@ -267,7 +449,8 @@ def _print_registration(report: dict) -> None:
         print_table(["seed", "found", "ray distance mm", "residual mm", "flag"], rows)
     else:
         for key, value in quality.items():
-            print(f"  {key}: {value}")
+            if key != "refusals":
+                print(f"  {key}: {value}")
 
 
 def _parse_calibration_images(values: Sequence[str]) -> list[tuple[str, Path, tuple[float, float, float]]]:
@@ -373,17 +556,68 @@ def _progress(message: str) -> None:
 
 
 # ----------------------------------------------------------------------- parser
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises :class:`_UsageError` (one line, exit 2 in :func:`main`) instead of printing usage."""
+
+    def error(self, message: str):  # type: ignore[override]
+        raise _UsageError(f"{self.prog}: error: {message}")
+
+
+def finite_float(text: str) -> float:
+    """argparse type: a finite float (``nan``, ``inf`` and over-long numbers refused)."""
+    try:
+        if len(text) > _MAX_NUMBER_TEXT or "_" in text:
+            raise ValueError(text)
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {_shown(text)}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {_shown(text)}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a finite float > 0."""
+    value = finite_float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {_shown(text)}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type: an integer >= 0 (at most 19 digits)."""
+    try:
+        if len(text) > 19 or "_" in text:
+            raise ValueError(text)
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {_shown(text)}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {_shown(text)}")
+    return value
+
+
+def port_number(text: str) -> int:
+    """argparse type: a TCP port, 0 (any free port) to 65535."""
+    value = non_negative_int(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"expected a TCP port 0..65535, got {_shown(text)}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="spineguide",
         description="Real-time stereo kV image guidance for spine radiosurgery. Lengths in mm, angles in degrees.",
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="log progress to stderr; print the traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("demo", help="run a simulated fraction on the built-in phantom")
     p.add_argument("--out", type=Path, default=None, help="keep the demo's files here (default: a temporary folder)")
-    p.add_argument("--seed", type=int, default=2026, help="random seed of the simulated patient (default 2026)")
+    p.add_argument("--seed", type=non_negative_int, default=2026,
+                   help="random seed of the simulated patient (default 2026)")
     p.add_argument("--quick", action="store_true", help="smaller panels and fewer pairs (for tests)")
     p.set_defaults(func=_cmd_demo)
 
@@ -405,15 +639,28 @@ def build_parser() -> argparse.ArgumentParser:
                    help="plan isocentre X,Y,Z in planning-CT LPS mm (required with --ct; overrides the RTPLAN's)")
     p.add_argument("--geometry", required=True, type=Path, help="kv-geometry/1 file")
     p.add_argument("--image", action="append", required=True, help="NAME=FILE, one per imager")
-    p.add_argument("--i0", type=float, default=None, help="unattenuated signal (default: estimated per frame)")
+    p.add_argument("--i0", type=positive_float, default=None,
+                   help="unattenuated signal (default: estimated per frame)")
     p.add_argument("--patient-position", default=None, help="HFS/FFS/HFP/FFP if the CT file does not record it")
     p.add_argument("--fiducials", type=Path, default=None, help="planned seeds, fiducials/1 (planning-CT LPS mm)")
     p.add_argument("--use-ct-seeds", action="store_true", help="use the seeds found automatically in the CT")
     p.add_argument("--roi", type=Path, default=None, help="anatomy: ROI label mask on the CT grid")
-    p.add_argument("--roi-label", type=int, default=None, help="anatomy: label value of the target in --roi")
+    p.add_argument("--roi-label", type=non_negative_int, default=None,
+                   help="anatomy: label value of the target in --roi")
     p.add_argument("--roi-name", default=None, help="anatomy with --plan: RTSTRUCT ROI name (default: the target)")
-    p.add_argument("--roi-neighbours", type=int, default=0, help="anatomy: include N levels either side of --roi-label")
+    p.add_argument("--roi-neighbours", type=non_negative_int, default=0,
+                   help="anatomy: include N levels either side of --roi-label")
     p.add_argument("--roi-box", default=None, help="anatomy: box half-sizes DX,DY,DZ (LPS mm) around the isocentre")
+    limit_mm, limit_deg = _service_correction_limits()
+    p.add_argument("--max-correction-mm", type=positive_float, default=limit_mm,
+                   help=f"refuse (exit 3) a correction whose translation exceeds this, mm (default {limit_mm:g}: "
+                        "the service's [safety] correction_limit_mm)")
+    p.add_argument("--max-correction-deg", type=positive_float, default=limit_deg,
+                   help=f"refuse (exit 3) a correction with a rotation beyond this, deg (default {limit_deg:g}: "
+                        "the service's [safety] correction_limit_deg)")
+    p.add_argument("--max-seed-distance-mm", type=positive_float, default=MAX_SEED_DISTANCE_MM,
+                   help=f"refuse (exit 3) planned seeds farther than this from the isocentre, mm "
+                        f"(default {MAX_SEED_DISTANCE_MM:g})")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
     p.set_defaults(func=_cmd_register)
 
@@ -422,7 +669,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image", action="append", required=True,
                    help="NAME=FILE or NAME=FILE@DX,DY,DZ (couch shift of that exposure, room mm); repeatable")
     p.add_argument("--nominal", type=Path, default=None, help="nominal geometry to start from (default: built-in room)")
-    p.add_argument("--i0", type=float, default=None, help="unattenuated signal (default: estimated per frame)")
+    p.add_argument("--i0", type=positive_float, default=None,
+                   help="unattenuated signal (default: estimated per frame)")
     p.add_argument("--free-phantom-rotation", action="store_true", help="fit the phantom's rotation too")
     p.add_argument("--out", required=True, type=Path, help="kv-geometry/1 file to write")
     p.add_argument("--report", type=Path, default=None, help="folder for the HTML report with figures")
@@ -432,10 +680,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--geometry", type=Path, help="stored kv-geometry/1 calibration")
     p.add_argument("--phantom", help="bb-phantom/1 file, or 'default'")
     p.add_argument("--image", action="append", default=None, help="NAME=FILE (repeatable)")
-    p.add_argument("--i0", type=float, default=None, help="unattenuated signal (default: estimated)")
+    p.add_argument("--i0", type=positive_float, default=None, help="unattenuated signal (default: estimated)")
     p.add_argument("--history", default="qa-history.jsonl", help="QA history file (JSON lines), appended")
-    p.add_argument("--tolerance-mm", type=float, default=1.0, help="centre-BB offset tolerance (TG-142 SRS: 1 mm)")
-    p.add_argument("--action-mm", type=float, default=0.5, help="centre-BB offset action level (default 0.5 mm)")
+    p.add_argument("--tolerance-mm", type=positive_float, default=1.0, help="centre-BB offset tolerance (TG-142 SRS: 1 mm)")
+    p.add_argument("--action-mm", type=positive_float, default=0.5, help="centre-BB offset action level (default 0.5 mm)")
     p.add_argument("--trend", action="store_true", help="show the history as a table and a plot")
     p.add_argument("--plot", type=Path, default=None, help="trend plot PNG (default: beside the history)")
     p.set_defaults(func=_cmd_qa)
@@ -444,8 +692,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--phantom", choices=["thoracolumbar", "cervical"], required=True)
     p.add_argument("--poses", type=_positive_int, default=1, help="number of stereo pairs (random setup errors)")
     p.add_argument("--out", required=True, type=Path, help="output folder")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    p.add_argument("--i0", type=float, default=20000.0, help="unattenuated detector signal (default 20000)")
+    p.add_argument("--seed", type=non_negative_int, default=0, help="random seed (default 0)")
+    p.add_argument("--i0", type=positive_float, default=20000.0, help="unattenuated detector signal (default 20000)")
     p.add_argument("--panel-pixels", type=_positive_int, default=1024, help="panel rows = cols (default 1024)")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     p.set_defaults(func=_cmd_simulate)
@@ -454,36 +702,151 @@ def build_parser() -> argparse.ArgumentParser:
     _cli_dicom.add_commands(sub)
     _cli_service.add_commands(sub)
     _cli_console.add_commands(sub)
+    for subparser in sub.choices.values():
+        # -v works after the subcommand too; SUPPRESS keeps a -v given before it.
+        try:
+            subparser.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                                   help="log progress to stderr; print the traceback of an error")
+        except argparse.ArgumentError:
+            pass
     return parser
 
 
 def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    value = non_negative_int(text)
     if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {_shown(text)}")
     return value
 
 
+# A value that starts like a negative number (or a list of them): "-3.27,10,5", "-1e-3", "-inf,0,0".
+_NEGATIVE_VALUE = re.compile(r"^-(\d|\.\d|inf|nan)", re.IGNORECASE)
+
+
+def _option_kinds(parser: argparse.ArgumentParser) -> tuple[set[str], set[str]]:
+    """Option strings (``--x``) that take a value, and those that take none, over the parser and its subcommands."""
+    valued: set[str] = set()
+    flags: set[str] = set()
+    stack = [parser]
+    while stack:
+        current = stack.pop()
+        for action in current._actions:  # argparse keeps its actions here; stable since Python 2.7
+            if isinstance(action, argparse._SubParsersAction):
+                stack.extend(action.choices.values())
+                continue
+            target = flags if action.nargs == 0 else valued
+            target.update(o for o in action.option_strings if o.startswith("--"))
+    return valued, flags
+
+
+def rejoin_negative_values(argv: Sequence[str], parser: argparse.ArgumentParser) -> list[str]:
+    """``["--isocenter", "-3.27,10,5"]`` -> ``["--isocenter=-3.27,10,5"]`` for every option that takes a value.
+
+    argparse reads a token that starts with ``-`` as an option unless it is one plain negative number, so a
+    negative coordinate list needs ``=``; joining the option to its value here makes both spellings work. A
+    flag (an option without a value) is never joined, nor anything after ``--``.
+    """
+    valued, flags = _option_kinds(parser)
+    out: list[str] = []
+    i = 0
+    argv = list(argv)
+    while i < len(argv):
+        token = argv[i]
+        if token == "--":
+            out.extend(argv[i:])
+            break
+        nxt = argv[i + 1] if i + 1 < len(argv) else None
+        if (nxt is not None and token.startswith("--") and "=" not in token and _NEGATIVE_VALUE.match(nxt)
+                and _takes_value(token, valued, flags)):
+            out.append(f"{token}={nxt}")
+            i += 2
+            continue
+        out.append(token)
+        i += 1
+    return out
+
+
+def _takes_value(token: str, valued: set[str], flags: set[str]) -> bool:
+    if token in valued:
+        return True
+    if token in flags:
+        return False
+    # an abbreviation argparse would expand: joined only if it can only mean options that take a value
+    matches_valued = any(o.startswith(token) for o in valued)
+    matches_flag = any(o.startswith(token) for o in flags)
+    return matches_valued and not matches_flag
+
+
+def _one_line(message: str) -> str:
+    lines = [line.strip() for line in str(message).splitlines() if line.strip()]
+    return " / ".join(lines) if lines else "(no message)"
+
+
+def _user_error_types() -> tuple[type[BaseException], ...]:
+    """Errors that mean "bad input or environment" (exit 2), as opposed to a defect (exit 4)."""
+    types: list[type[BaseException]] = [CliError, CalibrationError, RegistrationError, TrackingError, KeyError,
+                                        OSError]
+    try:  # only if zmq is already loaded (a service command ran): binding a busy port is the user's to fix
+        zmq = sys.modules.get("zmq")
+        if zmq is not None:
+            types.append(zmq.ZMQError)
+    except AttributeError:
+        pass
+    return tuple(types)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``spineguide`` console script."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO if args.verbose else logging.WARNING,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    """Entry point of the ``spineguide`` console script; returns the exit code (module docstring)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    verbose = any(a in ("-v", "--verbose") for a in argv)
     try:
+        parser = build_parser()
+        try:
+            args = parser.parse_args(rejoin_negative_values(argv, parser))
+        except _UsageError as err:
+            print(f"{_one_line(str(err))} (see --help)", file=sys.stderr)
+            return EXIT_ERROR
+        except SystemExit as stop:  # --help, --version
+            return stop.code if isinstance(stop.code, int) else EXIT_ERROR
+        verbose = bool(getattr(args, "verbose", False))
+        logging.basicConfig(
+            level=logging.INFO if verbose else logging.WARNING,
+            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        )
         return int(args.func(args) or 0)
-    except (CliError, CalibrationError, RegistrationError, TrackingError, KeyError, OSError) as err:
-        message = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
-        print(f"spineguide: error: {message}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print("spineguide: interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        _silence_stdout()
+        print("spineguide: error: output closed early (broken pipe)", file=sys.stderr)
+        return EXIT_ERROR
+    except MemoryError:
+        print("spineguide: error: out of memory", file=sys.stderr)
+        return EXIT_ERROR
+    except Exception as err:  # noqa: BLE001 - the catch-all: one line, never a bare traceback
+        if verbose:
+            traceback.print_exc(file=sys.stderr)
+        if isinstance(err, _user_error_types()):
+            message = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
+            if isinstance(err, OSError) and not isinstance(err, BrokenPipeError) and err.filename is not None:
+                message = f"{err.filename}: {err.strerror or err}"
+            print(f"spineguide: error: {_one_line(str(message))}", file=sys.stderr)
+            return EXIT_ERROR
+        print(f"spineguide: internal error: {type(err).__name__}: {_one_line(str(err))} "
+              "(run with -v for the traceback)", file=sys.stderr)
+        return EXIT_INTERNAL
+
+
+def _silence_stdout() -> None:
+    """After a broken pipe: point stdout at /dev/null so the interpreter's final flush does not fail again."""
+    import os
+
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):
+        pass
 
 
 if __name__ == "__main__":  # pragma: no cover
