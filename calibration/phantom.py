@@ -22,7 +22,6 @@ marker and the value.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import dataclass, field
@@ -32,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import PhantomError, PhantomFileError
-from .jsonfile import read_json_document, write_json_document
+from .jsonfile import parse_json_bytes, read_json_document, write_json_document
 
 __all__ = [
     "PHANTOM_SCHEMA",
@@ -315,5 +314,5 @@ def default_phantom() -> BBPhantom:
     projections lie at least 14 mm apart (at isocentre scale) in both imagers;
     it has no symmetry, so its two views and any rotated copy are told apart.
     """
-    text = resources.files("calibration").joinpath("data/default-bb-phantom.json").read_text(encoding="utf-8")
-    return phantom_from_json(json.loads(text))
+    raw = resources.files("calibration").joinpath("data/default-bb-phantom.json").read_bytes()
+    return phantom_from_json(parse_json_bytes(raw, "calibration/data/default-bb-phantom.json", PhantomFileError))

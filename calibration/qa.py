@@ -37,6 +37,7 @@ import numpy as np
 from .bb_detection import MarkerCountError
 from .errors import CalibrationError, QAHistoryError
 from .geometry import StereoGeometry
+from .jsonfile import parse_json_bytes
 from .phantom import BBPhantom
 from .solve import CalibrationFrame, CalibrationSolveError, MeasuredFrame, _check_not_swapped, measure_frame
 
@@ -353,17 +354,14 @@ def read_history(path: str | os.PathLike) -> tuple[dict, ...]:
     """
     path = Path(path)
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = path.read_bytes().splitlines()
     except OSError as err:
-        raise QAHistoryError(f"{path}: cannot read QA history: {err.strerror}") from err
+        raise QAHistoryError(f"{path}: cannot read QA history: {err.strerror or err}") from err
     records = []
     for i, line in enumerate(lines, start=1):
         if not line.strip():
             continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise QAHistoryError(f"{path}, line {i}: not valid JSON: {err}") from err
+        rec = parse_json_bytes(line, f"{path}, line {i}", QAHistoryError)
         if not isinstance(rec, dict) or rec.get("schema") != QA_RECORD_SCHEMA:
             schema = rec.get("schema") if isinstance(rec, dict) else None
             raise QAHistoryError(f"{path}, line {i}: unknown record schema {schema!r}, expected '{QA_RECORD_SCHEMA}'")
