@@ -368,8 +368,11 @@ def read_history(path: str | os.PathLike) -> tuple[dict, ...]:
         for key in ("performed_unix_s", "status", "centre_offset_distance_mm", "imagers"):
             if key not in rec:
                 raise QAHistoryError(f"{path}, line {i}: record lacks '{key}'")
-        if rec["status"] not in {s.value for s in QAStatus}:
+        if not isinstance(rec["status"], str) or rec["status"] not in {s.value for s in QAStatus}:
             raise QAHistoryError(f"{path}, line {i}: unknown status {rec['status']!r}")
+        t = rec["performed_unix_s"]
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t):
+            raise QAHistoryError(f"{path}, line {i}: performed_unix_s must be a finite number, got {t!r}")
         records.append(rec)
     records.sort(key=lambda r: r["performed_unix_s"])
     return tuple(records)
