@@ -343,6 +343,11 @@ def append_history(path: str | os.PathLike, result: QAResult) -> Path:
     return path
 
 
+#: Latest QA time a history may record (year 2969): far beyond any real record, and within what
+#: ``time.gmtime`` can format.
+_LATEST_UNIX_S = 3.1e10
+
+
 def read_history(path: str | os.PathLike) -> tuple[dict, ...]:
     """Read every ``qa-record/1`` of a history file, oldest first.
 
@@ -371,8 +376,17 @@ def read_history(path: str | os.PathLike) -> tuple[dict, ...]:
         if not isinstance(rec["status"], str) or rec["status"] not in {s.value for s in QAStatus}:
             raise QAHistoryError(f"{path}, line {i}: unknown status {rec['status']!r}")
         t = rec["performed_unix_s"]
-        if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t):
-            raise QAHistoryError(f"{path}, line {i}: performed_unix_s must be a finite number, got {t!r}")
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 <= t < _LATEST_UNIX_S:
+            raise QAHistoryError(f"{path}, line {i}: performed_unix_s must be seconds since 1970 (0 to "
+                                 f"{_LATEST_UNIX_S:.0f}), got {t!r}")
+        d = rec["centre_offset_distance_mm"]
+        if isinstance(d, bool) or not isinstance(d, (int, float)) or not math.isfinite(d):
+            raise QAHistoryError(f"{path}, line {i}: centre_offset_distance_mm must be a finite number, got {d!r}")
+        imagers = rec["imagers"]
+        if not isinstance(imagers, dict) or not all(
+                isinstance(v, dict) and isinstance(v.get("rms_mm"), (int, float)) and not isinstance(v["rms_mm"], bool)
+                and math.isfinite(v["rms_mm"]) for v in imagers.values()):
+            raise QAHistoryError(f"{path}, line {i}: imagers must map each imager to an object with a finite rms_mm")
         records.append(rec)
     records.sort(key=lambda r: r["performed_unix_s"])
     return tuple(records)
