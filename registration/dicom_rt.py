@@ -34,7 +34,7 @@ import numpy as np
 import pydicom
 from pydicom.errors import InvalidDicomError
 
-from .errors import DicomRTError
+from .errors import DicomRTError, PatientPositionError
 from .io import FiducialSet
 from .volume import CTVolume, PatientPosition
 
@@ -200,8 +200,24 @@ class RTPlanInfo:
 def _dcmread(path: Path, **kwargs):
     try:
         return pydicom.dcmread(path, **kwargs)
-    except (InvalidDicomError, OSError, EOFError, ValueError, KeyError, TypeError) as err:
+    except (InvalidDicomError, OSError) as err:
         raise DicomRTError(f"{path}: unreadable or corrupt DICOM file: {err}") from err
+    except Exception as err:  # noqa: BLE001 - pydicom raises many types (struct.error, IndexError...) on broken files
+        raise DicomRTError(f"{path}: unreadable or corrupt DICOM file: {type(err).__name__}: {err}") from err
+
+
+def _named_errors(p: Path, what: str, read):
+    """Run ``read(p)``; any error that is not already ours becomes :class:`DicomRTError` naming the file.
+
+    pydicom converts element values lazily, so a malformed value (a DS that is not a number, a sequence
+    where a string belongs, a truncated item) raises at first use, with many exception types.
+    """
+    try:
+        return read(p)
+    except (DicomRTError, PatientPositionError):
+        raise
+    except Exception as err:  # noqa: BLE001 - see the docstring
+        raise DicomRTError(f"{p}: malformed {what}: {type(err).__name__}: {err}") from err
 
 
 def _require(ds, keyword: str, path: Path, what: str = ""):
@@ -251,7 +267,10 @@ def read_rtstruct(path: str | os.PathLike) -> StructureSet:
         a contour referring to an ROI number not declared; malformed contour
         data; mixed geometric types within one ROI.
     """
-    p = Path(path)
+    return _named_errors(Path(path), "RT Structure Set", _read_rtstruct)
+
+
+def _read_rtstruct(p: Path) -> StructureSet:
     ds = _dcmread(p)
     if str(ds.get("Modality", "")).upper() != "RTSTRUCT":
         raise DicomRTError(f"{p}: not an RT Structure Set (Modality {ds.get('Modality', '')!r})")
@@ -315,7 +334,10 @@ def read_rtplan(path: str | os.PathLike) -> RTPlanInfo:
         a beam without (300A,012C) Isocenter Position in its first control
         point; unsupported or missing patient position in the setup.
     """
-    p = Path(path)
+    return _named_errors(Path(path), "RT Plan", _read_rtplan)
+
+
+def _read_rtplan(p: Path) -> RTPlanInfo:
     ds = _dcmread(p)
     if str(ds.get("Modality", "")).upper() != "RTPLAN":
         raise DicomRTError(f"{p}: not an RT Plan (Modality {ds.get('Modality', '')!r})")
@@ -497,17 +519,14 @@ def scan_dicom_folder(folder: str | os.PathLike, recursive: bool = True) -> Dico
             continue
         try:
             ds = pydicom.dcmread(p, stop_before_pixels=True, specific_tags=_INVENTORY_TAGS)
-        except (InvalidDicomError, OSError, EOFError, ValueError, KeyError, TypeError):
+            modality = str(ds.get("Modality", "")).upper()
+            header = [str(ds.get(k, "")) for k in ("SeriesInstanceUID", "FrameOfReferenceUID", "StudyInstanceUID",
+                                                    "PatientID", "PatientName")]
+        except Exception:  # noqa: BLE001 - anything pydicom cannot read is listed as "not DICOM", never a crash
             not_dicom.append(p)
             continue
-        modality = str(ds.get("Modality", "")).upper()
         if modality == "CT":
-            key = str(ds.get("SeriesInstanceUID", ""))
-            entry = ct.setdefault(
-                key,
-                [str(ds.get("FrameOfReferenceUID", "")), str(ds.get("StudyInstanceUID", "")),
-                 str(ds.get("PatientID", "")), str(ds.get("PatientName", "")), []],
-            )
+            entry = ct.setdefault(header[0], [*header[1:], []])
             entry[4].append(p)
         elif modality == "RTSTRUCT":
             ss.append(p)
