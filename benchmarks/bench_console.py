@@ -66,7 +66,8 @@ def main() -> None:
     from registration.pose import Pose
     from tracking.console.rig import SimulatedRoom
 
-    with SimulatedRoom(panel_pixels=args.panel, approval="automatic",
+    # CURVE explicitly off: the console runs in a child process given the endpoints only.
+    with SimulatedRoom(panel_pixels=args.panel, approval="automatic", secure=False,
                        setup_error=Pose.from_six((1.5, -1.0, 0.5), (0, 0, 0))) as room:
         child = subprocess.Popen([sys.executable, __file__, "--serve", room.endpoints["publish"],
                                   room.endpoints["command"], str(room.folder / "session.jsonl.frames"),

@@ -35,7 +35,7 @@ import zmq
 
 from calibration.geometry import default_stereo_geometry
 from registration.pose import Pose
-from tracking.config import EndpointsConfig, SafetyConfig, ServiceConfig, SetupConfig
+from tracking.config import EndpointsConfig, SafetyConfig, SecurityConfig, ServiceConfig, SetupConfig
 from tracking.gating import HoldReason
 from tracking.loop import Service
 from tracking.processing import AnatomyProcessor, FiducialProcessor, PairResult
@@ -76,10 +76,12 @@ def render_cases(sim: KVSimulator, n: int, seed: int) -> list[tuple[Pose, dict]]
 def stream(cases, processor, rate_hz: float, n_pairs: int, quick_setup: bool = True) -> dict:
     """Run a service with ``processor``, stream ``n_pairs`` pairs at ``rate_hz`` (cycling the cases)."""
     config = ServiceConfig(
+        # An ENABLE lives at most two frame periods (CONVENTIONS; the configuration refuses more).
         safety=SafetyConfig(frame_period_s=1.0 / rate_hz, max_frame_age_s=max(0.2, 2.0 / rate_hz),
-                            enable_validity_s=max(0.2, 2.0 / rate_hz), pair_timeout_s=0.05),
+                            enable_validity_s=2.0 / rate_hz, pair_timeout_s=0.05),
         endpoints=EndpointsConfig("tcp://127.0.0.1:0", "tcp://127.0.0.1:0", "tcp://127.0.0.1:0"),
         setup=SetupConfig("automatic"),
+        security=SecurityConfig(enabled=False),  # loopback, one process: CURVE explicitly off
     )
     svc = Service(config, processor_factory=lambda plan: processor, record=SessionRecord(None, keep_in_memory=False))
     svc.start()

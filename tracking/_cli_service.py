@@ -47,6 +47,10 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from .loop import Service
 
     config = load_config(args.config)
+    if config.security.insecure:
+        from .config import INSECURE_WARNING
+
+        print(f"spineguide serve: WARNING: {INSECURE_WARNING}", file=sys.stderr, flush=True)
     svc = Service(config, seed=args.seed).start()
     stop = threading.Event()
     _stop_on_signals(stop)
@@ -59,13 +63,36 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _client_roles(specs: list[str] | None):
+    """``NAME:ROLE`` (or a default client name alone) -> {name: Role}; None for the default set."""
+    from .errors import SecurityError
+    from .security import DEFAULT_CLIENT_ROLES, Role
+
+    if not specs:
+        return None
+    out = {}
+    for spec in specs:
+        name, colon, role = spec.partition(":")
+        if not colon:
+            if name not in DEFAULT_CLIENT_ROLES:
+                raise SecurityError(f"--client {spec!r}: give NAME:ROLE (roles: {[r.value for r in Role]})")
+            out[name] = DEFAULT_CLIENT_ROLES[name]
+            continue
+        try:
+            out[name] = Role(role)
+        except ValueError:
+            raise SecurityError(f"--client {spec!r}: unknown role {role!r}; roles: {[r.value for r in Role]}") from None
+    return out
+
+
 def _cmd_keys(args: argparse.Namespace) -> int:
     from .security import create_keys
 
-    made = create_keys(args.out, tuple(args.client)) if args.client else create_keys(args.out)
+    made = create_keys(args.out, _client_roles(args.client))
     print(f"CurveZMQ keys in {args.out}:")
     for name, path in made.items():
         print(f"  {name:10s} {path}")
+    print(f"roles of the allowed clients: {made['roles']} (edit it to change who may command what)")
     print("service config: [security] server_secret_key = "
           f"\"{made['server']}\", allowed_clients = \"{made['allowed']}\"")
     return 0
@@ -177,9 +204,11 @@ def add_commands(subparsers) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the pattern processor's noise (simulation)")
     p.set_defaults(func=_cmd_serve)
 
-    p = subparsers.add_parser("keys", help="create CurveZMQ key pairs and the client allow-list")
+    p = subparsers.add_parser("keys", help="create CurveZMQ key pairs, the client allow-list and its roles")
     p.add_argument("--out", required=True, type=Path, help="folder for the keys")
-    p.add_argument("--client", action="append", default=None, help="client name (repeatable; default console, imager, delivery)")
+    p.add_argument("--client", action="append", default=None,
+                   help="client NAME:ROLE, role one of therapist, physicist, delivery, imager, viewer (repeatable; "
+                        "default console:therapist, imager:imager, delivery:delivery)")
     p.set_defaults(func=_cmd_keys, client=None)
 
     p = subparsers.add_parser("replay", help="re-run a recorded session deterministically and report differences")

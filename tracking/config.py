@@ -3,9 +3,12 @@
 Built once at start-up (:func:`load_config`), passed down explicitly and
 logged (:func:`log_config`). All safety values (staleness limit, gating
 tolerances, ENABLE life, heartbeat period, pairing timeout, correction limits,
-saturation rule) live in the one ``[safety]`` section. Unknown keys and
-sections are errors, never ignored: a misspelt safety value must not fall
-back silently to its default.
+saturation rule, approval age) live in the one ``[safety]`` section. Unknown
+keys and sections are errors, never ignored: a misspelt safety value must not
+fall back silently to its default. Every number has a documented range
+(:data:`RANGES`, rendered into docs/SERVICE.md), endpoints are checked
+(:func:`check_endpoint`), and :func:`load_config` opens the plan and key files
+it names. CURVE is on unless the file says ``[security] enabled = false``.
 
 Example (every key optional except where noted)::
 
@@ -31,6 +34,10 @@ Example (every key optional except where noted)::
     [setup]
     approval = "manual"                 # or "automatic" (simulation only)
 
+    [security]                          # required: keys, or enabled = false (insecure, tests only)
+    server_secret_key = "keys/server.key_secret"
+    allowed_clients = "keys/allowed"    # NAME.key files + roles.toml
+
     [record]
     path = "session.jsonl"
     raw_frames = false
@@ -41,6 +48,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
 import tomllib
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -59,6 +67,13 @@ __all__ = [
     "SecurityConfig",
     "RecordConfig",
     "ServiceConfig",
+    "Range",
+    "RANGES",
+    "RELATIONS",
+    "INSECURE_WARNING",
+    "check_endpoint",
+    "check_files_of",
+    "ranges_markdown",
     "load_config",
     "config_from_dict",
     "log_config",
@@ -67,15 +82,140 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 
-def _finite_positive(section: str, name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-        raise ConfigError(f"[{section}] {name} must be a positive finite number, got {value!r}")
-    return float(value)
+@dataclass(frozen=True, slots=True)
+class Range:
+    """The accepted values of one configuration number (or each element of a short vector).
+
+    Attributes
+    ----------
+    lo, hi : float
+        Bounds, in ``unit``.
+    unit : str
+        ``s``, ``mm``, ``deg``, ``1`` (a pure number)...
+    meaning : str
+        What the value is (one line, rendered into docs/SERVICE.md).
+    lo_open, hi_open : bool
+        The bound itself is refused: ``(lo, hi]`` has ``lo_open``.
+    integer : bool
+        Only whole numbers (TOML integers) are accepted.
+    count : int
+        Number of values: 1 for a scalar, 3 for an (X, Y, Z) vector.
+    """
+
+    lo: float
+    hi: float
+    unit: str
+    meaning: str
+    lo_open: bool = False
+    hi_open: bool = False
+    integer: bool = False
+    count: int = 1
+
+    def interval(self) -> str:
+        """The range as text, e.g. ``(0, 5] mm``."""
+        def num(v: float) -> str:
+            return f"{v:g}" if abs(v) < 1e5 else f"{v:.0f}"
+        text = f"{'(' if self.lo_open else '['}{num(self.lo)}, {num(self.hi)}{')' if self.hi_open else ']'}"
+        return f"{text} {self.unit}" if self.unit != "1" else text
+
+    def _one(self, section: str, name: str, value: object) -> float | int:
+        kind = "a whole number" if self.integer else "a finite number"
+        ok_type = isinstance(value, int) if self.integer else isinstance(value, (int, float))
+        if isinstance(value, bool) or not ok_type:
+            raise ConfigError(f"[{section}] {name} must be {kind} in {self.interval()} ({self.meaning}), "
+                              f"got {value!r}")
+        # Compare before converting: a huge TOML integer must not overflow float().
+        inside = (value > self.lo if self.lo_open else value >= self.lo) and \
+                 (value < self.hi if self.hi_open else value <= self.hi)
+        if isinstance(value, float) and not math.isfinite(value):
+            inside = False
+        if not inside:
+            raise ConfigError(f"[{section}] {name} must be {kind} in {self.interval()} ({self.meaning}), "
+                              f"got {value!r}")
+        return int(value) if self.integer else float(value)
+
+    def check(self, section: str, name: str, value: object) -> float | int | tuple:
+        """The validated value (float, int, or a tuple of ``count`` floats).
+
+        Raises
+        ------
+        ConfigError
+            Wrong type, wrong length or out of range; the message names the
+            section, the key, the range with its unit, and the value.
+        """
+        if self.count == 1:
+            return self._one(section, name, value)
+        if not isinstance(value, (list, tuple)) or len(value) != self.count:
+            raise ConfigError(f"[{section}] {name} must be {self.count} numbers in {self.interval()} "
+                              f"({self.meaning}), got {value!r}")
+        return tuple(self._one(section, f"{name}[{i}]", v) for i, v in enumerate(value))
+
+
+#: Longest ENABLE life, in frame periods (CONVENTIONS: valid no longer than it takes the next pair
+#: to arrive and be judged; default two frame periods).
+MAX_ENABLE_PERIODS = 2.0
+
+#: Every number of the configuration and the values it may take. One table, checked by
+#: :meth:`Range.check` and rendered into docs/SERVICE.md ("Configuration ranges"); a few rules relate
+#: two values (see :data:`RELATIONS`).
+RANGES: dict[str, dict[str, Range]] = {
+    "safety": {
+        "frame_period_s": Range(0.02, 2.0, "s", "nominal time between stereo pairs (50 Hz .. 0.5 Hz)"),
+        "max_frame_age_s": Range(0.0, 2.0, "s", "a pair older than this when judged is stale; "
+                                 "default 2 frame periods", lo_open=True),
+        "enable_validity_s": Range(0.0, 4.0, "s", "longest life of one ENABLE; default and at most "
+                                   "2 frame periods", lo_open=True),
+        "tolerance_3d_mm": Range(0.0, 5.0, "mm", "gating radius on the 3D target deviation", lo_open=True),
+        "tolerance_axis_mm": Range(0.0, 5.0, "mm", "gating limit per room axis X, Y, Z", lo_open=True, count=3),
+        "tolerance_rotation_deg": Range(0.0, 5.0, "deg", "gating limit on the patient pitch, roll and yaw (each)", lo_open=True),
+        "consecutive_to_enable": Range(1, 10, "1", "good pairs in a row before the beam is (re-)enabled",
+                                       integer=True),
+        "rearm_margin_mm": Range(0.0, 5.0, "mm", "hysteresis after an out-of-tolerance HOLD", hi_open=True),
+        "max_clock_skew_s": Range(0.0, 1.0, "s", "a pair stamped further in the future is refused"),
+        "heartbeat_period_s": Range(0.005, 0.1, "s", "heartbeat/1 period: at least 10 Hz"),
+        "pair_timeout_s": Range(0.0, 1.0, "s", "wait for the second frame of a pair; default half a frame "
+                                "period", lo_open=True),
+        "correction_limit_mm": Range(0.0, 50.0, "mm", "largest correction translation (norm) ever sent",
+                                     lo_open=True),
+        "correction_limit_deg": Range(0.0, 10.0, "deg", "largest correction rotation (any axis) ever sent",
+                                      lo_open=True),
+        "saturation_level": Range(0.0, 1e6, "1", "pixel value counted as saturated (uint16 frames: 65535)",
+                                  lo_open=True),
+        "max_saturated_fraction": Range(0.0, 0.5, "1", "largest fraction of saturated pixels in a usable frame"),
+        "approval_max_age_s": Range(0.0, 120.0, "s", "a setup proposal older than this cannot be approved",
+                                    lo_open=True),
+    },
+    "plan": {
+        "isocentre_lps_mm": Range(-5000.0, 5000.0, "mm", "plan isocentre, planning-CT LPS", count=3),
+        "target_room_mm": Range(-200.0, 200.0, "mm", "gated target point, room frame (isocentre = 0)", count=3),
+        "pattern_noise_mm": Range(0.0, 5.0, "mm", "pattern processor noise, 1 sigma per axis (simulation)"),
+        "roi_half_size_mm": Range(5.0, 200.0, "mm", "anatomy ROI half sizes along L, P, S", count=3),
+    },
+}
+
+#: Rules between two values, checked after the ranges (rendered into docs/SERVICE.md too).
+RELATIONS: tuple[str, ...] = (
+    f"enable_validity_s <= {MAX_ENABLE_PERIODS:g} x frame_period_s",
+    "pair_timeout_s < max_frame_age_s",
+    "rearm_margin_mm < tolerance_3d_mm",
+)
+
+
+def _ranged(instance: object, section: str, names: tuple[str, ...] | None = None) -> None:
+    """Check and normalise the ranged fields of a frozen section dataclass in place (None stays None)."""
+    table = RANGES[section]
+    for name in names if names is not None else tuple(table):
+        value = getattr(instance, name)
+        if value is not None:
+            object.__setattr__(instance, name, table[name].check(section, name, value))
 
 
 @dataclass(frozen=True, slots=True)
 class SafetyConfig:
     """Every safety value of the service, in one place (logged at start-up).
+
+    Each number must lie in its range in :data:`RANGES` (``safety``); see
+    docs/SERVICE.md, "Configuration ranges".
 
     Attributes
     ----------
@@ -84,7 +224,7 @@ class SafetyConfig:
     max_frame_age_s : float or None
         A pair older than this when judged is stale, s; None -> two frame periods.
     enable_validity_s : float or None
-        Longest life of one ENABLE, s; None -> two frame periods.
+        Longest life of one ENABLE, s; None -> two frame periods (also the upper bound).
     tolerance_3d_mm, tolerance_axis_mm, tolerance_rotation_deg
         Gating tolerances on the target deviation (room frame) and the patient rotation.
     consecutive_to_enable : int
@@ -106,6 +246,10 @@ class SafetyConfig:
     max_saturated_fraction : float
         A frame with more saturated pixels than this fraction is refused
         (HOLD ``saturated_frame``).
+    approval_max_age_s : float
+        A setup correction proposed longer ago than this (s, service clock)
+        can no longer be approved: ``approve_correction`` is refused as
+        expired and the proposal dropped (the next pair proposes afresh).
     """
 
     frame_period_s: float = 0.1
@@ -123,30 +267,29 @@ class SafetyConfig:
     correction_limit_deg: float = 5.0
     saturation_level: float = 65535.0
     max_saturated_fraction: float = 0.01
+    approval_max_age_s: float = 30.0
 
     def __post_init__(self) -> None:
-        period = _finite_positive("safety", "frame_period_s", self.frame_period_s)
-        object.__setattr__(self, "frame_period_s", period)
-        for name, default in (("max_frame_age_s", 2 * period), ("enable_validity_s", 2 * period),
+        _ranged(self, "safety", ("frame_period_s",))
+        period = self.frame_period_s
+        for name, default in (("max_frame_age_s", 2 * period), ("enable_validity_s", MAX_ENABLE_PERIODS * period),
                               ("pair_timeout_s", 0.5 * period)):
-            value = getattr(self, name)
-            object.__setattr__(self, name, default if value is None else _finite_positive("safety", name, value))
-        for name in ("tolerance_3d_mm", "tolerance_rotation_deg", "heartbeat_period_s", "correction_limit_mm",
-                     "correction_limit_deg", "saturation_level"):
-            object.__setattr__(self, name, _finite_positive("safety", name, getattr(self, name)))
-        axis = self.tolerance_axis_mm
-        if not isinstance(axis, (list, tuple)) or len(axis) != 3:
-            raise ConfigError(f"[safety] tolerance_axis_mm must be 3 numbers (X, Y, Z mm), got {axis!r}")
-        object.__setattr__(self, "tolerance_axis_mm", tuple(_finite_positive("safety", "tolerance_axis_mm", v) for v in axis))
-        if self.heartbeat_period_s > 0.1:
-            raise ConfigError(f"[safety] heartbeat_period_s must give at least 10 Hz (<= 0.1 s), got {self.heartbeat_period_s}")
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, default)
+        _ranged(self, "safety")  # the defaults derived from the frame period are held to the ranges too
+        if self.enable_validity_s > MAX_ENABLE_PERIODS * period * (1 + 1e-12):
+            raise ConfigError(
+                f"[safety] enable_validity_s ({self.enable_validity_s} s) must not exceed {MAX_ENABLE_PERIODS:g} "
+                f"frame periods ({MAX_ENABLE_PERIODS * period:g} s): an ENABLE lives no longer than it takes "
+                "the next pair to arrive and be judged"
+            )
         if self.pair_timeout_s >= self.max_frame_age_s:
             raise ConfigError(
                 f"[safety] pair_timeout_s ({self.pair_timeout_s}) must be shorter than max_frame_age_s ({self.max_frame_age_s})"
             )
-        frac = self.max_saturated_fraction
-        if isinstance(frac, bool) or not isinstance(frac, (int, float)) or not 0 <= frac < 1:
-            raise ConfigError(f"[safety] max_saturated_fraction must be in [0, 1), got {frac!r}")
+        if self.rearm_margin_mm >= self.tolerance_3d_mm:
+            raise ConfigError(f"[safety] rearm_margin_mm ({self.rearm_margin_mm} mm) must be smaller than "
+                              f"tolerance_3d_mm ({self.tolerance_3d_mm} mm)")
         try:
             self.gating()
         except TrackingError as err:
@@ -167,9 +310,54 @@ class SafetyConfig:
         )
 
 
+_TCP = re.compile(r"^tcp://(?P<host>\*|\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]+):(?P<port>\*|[0-9]{1,5})$")
+#: Longest ipc:// path: a Unix socket address holds 107 bytes and a NUL (sockaddr_un.sun_path).
+MAX_IPC_PATH_BYTES = 107
+MAX_INPROC_CHARS = 256
+
+
+def check_endpoint(where: str, value: object) -> str:
+    """Validate one ZeroMQ address; returns it.
+
+    Accepted: ``tcp://HOST:PORT`` (HOST a name, an IPv4 address, ``[IPv6]``
+    or ``*``; PORT 0..65535 or ``*``, 0 and ``*`` picking a free port),
+    ``ipc://PATH`` (at most 107 bytes) and ``inproc://NAME``.
+
+    Raises
+    ------
+    ConfigError
+        Anything else, naming ``where`` and the value (libzmq would wrap port
+        99999 to 34463 without a word).
+    """
+    if not isinstance(value, str):
+        raise ConfigError(f"{where} must be a tcp://, ipc:// or inproc:// address, got {value!r}")
+    if value.startswith("tcp://"):
+        m = _TCP.match(value)
+        if m is None:
+            raise ConfigError(f"{where} must be tcp://HOST:PORT (HOST a name, an address or *), got {value!r}")
+        port = m.group("port")
+        if port != "*" and not 0 <= int(port) <= 65535:
+            raise ConfigError(f"{where}: port {int(port)} is outside 0..65535 in {value!r}")
+        return value
+    if value.startswith("ipc://"):
+        path = value[len("ipc://"):]
+        if not path or "\x00" in path or len(path.encode("utf-8", "surrogatepass")) > MAX_IPC_PATH_BYTES:
+            raise ConfigError(f"{where} must be ipc://PATH with a path of 1..{MAX_IPC_PATH_BYTES} bytes, got {value!r}")
+        return value
+    if value.startswith("inproc://"):
+        name = value[len("inproc://"):]
+        if not name or "\x00" in name or len(name) > MAX_INPROC_CHARS:
+            raise ConfigError(f"{where} must be inproc://NAME with 1..{MAX_INPROC_CHARS} characters, got {value!r}")
+        return value
+    raise ConfigError(f"{where} must be a tcp://, ipc:// or inproc:// address, got {value!r}")
+
+
 @dataclass(frozen=True, slots=True)
 class EndpointsConfig:
-    """ZeroMQ endpoints the service binds (``tcp://HOST:PORT``; port 0 or ``*`` picks a free port)."""
+    """ZeroMQ endpoints the service binds (``tcp://HOST:PORT``; port 0 or ``*`` picks a free port).
+
+    See :func:`check_endpoint` for what is accepted.
+    """
 
     frames: str = "tcp://127.0.0.1:5555"
     publish: str = "tcp://127.0.0.1:5556"
@@ -178,9 +366,7 @@ class EndpointsConfig:
     def __post_init__(self) -> None:
         seen = set()
         for f in fields(self):
-            value = getattr(self, f.name)
-            if not isinstance(value, str) or not value.startswith(("tcp://", "ipc://", "inproc://")):
-                raise ConfigError(f"[endpoints] {f.name} must be a tcp://, ipc:// or inproc:// address, got {value!r}")
+            value = check_endpoint(f"[endpoints] {f.name}", getattr(self, f.name))
             if value in seen and not value.endswith((":0", ":*")):
                 raise ConfigError(f"[endpoints] {f.name} reuses the address {value!r}")
             seen.add(value)
@@ -234,7 +420,7 @@ class PlanConfig:
     roi_half_size_mm: tuple[float, float, float] = (30.0, 30.0, 15.0)
 
     def __post_init__(self) -> None:
-        if self.method not in _METHODS:
+        if not isinstance(self.method, str) or self.method not in _METHODS:
             raise ConfigError(f"[plan] method must be one of {list(_METHODS)}, got {self.method!r}")
         names = self.imagers
         if not isinstance(names, (list, tuple)) or len(names) != 2 or len(set(names)) != 2 or \
@@ -245,17 +431,7 @@ class PlanConfig:
             value = getattr(self, name)
             if value is not None:
                 object.__setattr__(self, name, Path(value))
-        for name in ("isocentre_lps_mm", "target_room_mm", "roi_half_size_mm"):
-            value = getattr(self, name)
-            if value is None:
-                continue
-            if not isinstance(value, (list, tuple)) or len(value) != 3 or not all(
-                    isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value):
-                raise ConfigError(f"[plan] {name} must be 3 finite numbers (mm), got {value!r}")
-            object.__setattr__(self, name, tuple(float(v) for v in value))
-        if not (isinstance(self.pattern_noise_mm, (int, float)) and math.isfinite(self.pattern_noise_mm)
-                and self.pattern_noise_mm >= 0):
-            raise ConfigError(f"[plan] pattern_noise_mm must be >= 0, got {self.pattern_noise_mm!r}")
+        _ranged(self, "plan")
         needs = {"fiducial": ("geometry", "fiducials", "isocentre_lps_mm", "ct"),
                  "anatomy": ("geometry", "ct", "isocentre_lps_mm"), "pattern": ()}[self.method]
         if self.dicom is not None:
@@ -280,41 +456,85 @@ class CouchConfig:
 
 @dataclass(frozen=True, slots=True)
 class SetupConfig:
-    """Patient setup: ``approval = "manual"`` (a console sends ``approve_correction``) or ``"automatic"`` (simulation)."""
+    """Patient setup: ``approval = "manual"`` (a console sends ``approve_correction``) or ``"automatic"`` (simulation).
+
+    How long a proposal can be approved is a safety value: ``[safety] approval_max_age_s``.
+    """
 
     approval: str = "manual"
 
     def __post_init__(self) -> None:
-        if self.approval not in ("manual", "automatic"):
+        if not isinstance(self.approval, str) or self.approval not in ("manual", "automatic"):
             raise ConfigError(f"[setup] approval must be 'manual' or 'automatic', got {self.approval!r}")
+
+
+#: What the start-up says when a configuration turns CURVE off (logged, printed by ``serve``, recorded).
+INSECURE_WARNING = ("[security] enabled = false: CURVE is OFF. Any process that can reach the endpoints can send "
+                    "frames, read every message and command the service (approve, pause, resume) under no "
+                    "authenticated name. Use this for tests and simulation on a closed machine only.")
 
 
 @dataclass(frozen=True, slots=True)
 class SecurityConfig:
-    """CurveZMQ keys (``spineguide keys``). Both set -> CURVE on every endpoint; both unset -> plain TCP.
+    """CurveZMQ keys (``spineguide keys``): on unless a configuration explicitly says ``enabled = false``.
 
     Attributes
     ----------
+    enabled : bool or None
+        True: CURVE on every endpoint (needs both files). False: plain TCP,
+        stated explicitly (the service then warns loudly at start-up).
+        None: nothing was said; set to True when the files are given,
+        otherwise the configuration file is refused (:func:`config_from_dict`)
+        and so is a service started with it.
     server_secret_key : Path or None
         The server's ``.key_secret`` certificate file.
     allowed_clients : Path or None
-        Folder of client public ``.key`` certificate files (the allow-list).
+        Folder of client public ``NAME.key`` certificate files (the
+        allow-list) and ``roles.toml``, which gives each NAME its role
+        (docs/SECURITY.md).
     """
 
     server_secret_key: Path | None = None
     allowed_clients: Path | None = None
+    enabled: bool | None = None
 
     def __post_init__(self) -> None:
+        if self.enabled is not None and not isinstance(self.enabled, bool):
+            raise ConfigError(f"[security] enabled must be true or false, got {self.enabled!r}")
         if (self.server_secret_key is None) != (self.allowed_clients is None):
             raise ConfigError("[security] server_secret_key and allowed_clients must be given together")
         for name in ("server_secret_key", "allowed_clients"):
             value = getattr(self, name)
             if value is not None:
                 object.__setattr__(self, name, Path(value))
+        keys = self.server_secret_key is not None
+        if self.enabled is False and keys:
+            raise ConfigError("[security] enabled = false contradicts the keys given (server_secret_key, "
+                              "allowed_clients): remove one or the other")
+        if self.enabled is True and not keys:
+            raise ConfigError("[security] enabled = true needs server_secret_key and allowed_clients "
+                              "(spineguide keys --out DIR makes them)")
+        if self.enabled is None and keys:
+            object.__setattr__(self, "enabled", True)
 
     @property
-    def enabled(self) -> bool:
-        return self.server_secret_key is not None
+    def insecure(self) -> bool:
+        """True only when the configuration explicitly turned CURVE off."""
+        return self.enabled is False
+
+    def require_choice(self, where: str = "[security]") -> None:
+        """Refuse a configuration that neither gives keys nor says ``enabled = false``.
+
+        Raises
+        ------
+        ConfigError
+            ``enabled`` is None (nothing stated).
+        """
+        if self.enabled is None:
+            raise ConfigError(
+                f"{where}: no CURVE keys configured. Give [security] server_secret_key and allowed_clients "
+                "(spineguide keys --out DIR makes them), or say [security] enabled = false explicitly "
+                "(insecure: any local process could command the service)")
 
 
 @dataclass(frozen=True, slots=True)
@@ -340,10 +560,15 @@ class RecordConfig:
         if self.dicom_archive is not None:
             if self.dicom_exports is None:
                 raise ConfigError("[record] dicom_archive needs dicom_exports (the objects are written, then sent)")
-            ae, at, rest = str(self.dicom_archive).partition("@")
-            host, colon, port = rest.rpartition(":")
-            if not (ae and at and host and colon and port.isdigit()):
+            if not isinstance(self.dicom_archive, str):
                 raise ConfigError(f"[record] dicom_archive must be AE@HOST:PORT, got {self.dicom_archive!r}")
+            ae, at, rest = self.dicom_archive.partition("@")
+            host, colon, port = rest.rpartition(":")
+            if not (ae and at and host and colon and port.isascii() and port.isdigit()):
+                raise ConfigError(f"[record] dicom_archive must be AE@HOST:PORT, got {self.dicom_archive!r}")
+            if not 1 <= int(port) <= 65535:
+                raise ConfigError(f"[record] dicom_archive: port {int(port)} is outside 1..65535 in "
+                                  f"{self.dicom_archive!r}")
         if not isinstance(self.raw_frames, bool):
             raise ConfigError(f"[record] raw_frames must be true or false, got {self.raw_frames!r}")
 
@@ -388,16 +613,19 @@ def config_from_dict(data: dict[str, Any], where: str = "<config>", base_dir: Pa
     """Build a :class:`ServiceConfig` from a parsed TOML/JSON mapping.
 
     Relative paths are taken relative to ``base_dir`` (the config file's folder).
+    Every number is held to its range (:data:`RANGES`); a mapping without
+    CURVE keys must say ``[security] enabled = false``. Files are not opened
+    here (:func:`load_config` does that).
 
     Raises
     ------
     ConfigError
-        Unknown section or key, wrong type, invalid value; the message names
-        ``where``, the section and the key.
+        Unknown section or key, wrong type, invalid or out-of-range value,
+        no security choice; the message names ``where``, the section and the key.
     """
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: configuration must be a table, got {type(data).__name__}")
-    unknown = sorted(set(data) - set(_SECTIONS))
+    unknown = sorted(set(data) - set(_SECTIONS), key=repr)
     if unknown:
         raise ConfigError(f"{where}: unknown section(s) {unknown}; expected some of {sorted(_SECTIONS)}")
     parts = {}
@@ -406,7 +634,7 @@ def config_from_dict(data: dict[str, Any], where: str = "<config>", base_dir: Pa
         if not isinstance(table, dict):
             raise ConfigError(f"{where}: [{name}] must be a table, got {type(table).__name__}")
         known = {f.name for f in fields(cls)}
-        bad = sorted(set(table) - known)
+        bad = sorted(set(table) - known, key=repr)
         if bad:
             raise ConfigError(f"{where}: unknown key(s) {bad} in [{name}]; expected some of {sorted(known)}")
         values = dict(table)
@@ -420,19 +648,21 @@ def config_from_dict(data: dict[str, Any], where: str = "<config>", base_dir: Pa
             parts[name] = cls(**values)
         except ConfigError as err:
             raise ConfigError(f"{where}: {err}") from err
-        except (TypeError, ValueError) as err:
+        except (TypeError, ValueError, OverflowError) as err:
             raise ConfigError(f"{where}: [{name}] {err}") from err
+    parts["security"].require_choice(f"{where}: [security]")
     return ServiceConfig(**parts)
 
 
-def load_config(path: str | os.PathLike) -> ServiceConfig:
-    """Read and validate a TOML service configuration file.
+def load_config(path: str | os.PathLike, check_files: bool = True) -> ServiceConfig:
+    """Read and validate a TOML service configuration file, and (``check_files``) the files it names.
 
     Raises
     ------
     ConfigError
-        Missing or unreadable file, invalid TOML, or any invalid value (the
-        message names the file, section and key).
+        Missing or unreadable file, invalid TOML, any invalid value (the
+        message names the file, section and key), or a plan, key or roles file
+        that is missing, unreadable or inconsistent (:func:`check_files_of`).
     """
     p = Path(path)
     try:
@@ -443,7 +673,94 @@ def load_config(path: str | os.PathLike) -> ServiceConfig:
         data = tomllib.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, tomllib.TOMLDecodeError) as err:
         raise ConfigError(f"{p}: not valid TOML: {err}") from err
-    return config_from_dict(data, str(p), p.parent)
+    config = config_from_dict(data, str(p), p.parent)
+    if check_files:
+        check_files_of(config, str(p))
+    return config
+
+
+def _readable(where: str, key: str, path: Path, folder: bool = False) -> None:
+    try:
+        ok = path.is_dir() if folder else path.is_file()
+        ok = ok and os.access(path, os.R_OK)
+    except (OSError, ValueError):
+        ok = False
+    if not ok:
+        raise ConfigError(f"{where}: [{key.split('.')[0]}] {key.split('.')[1]} = '{path}': "
+                          f"no readable {'folder' if folder else 'file'} there")
+
+
+def check_files_of(config: ServiceConfig, where: str = "<config>") -> None:
+    """Open what the configuration names, at start-up rather than at the first ``load_plan``.
+
+    The plan's geometry (``kv-geometry/1``, naming both ``[plan] imagers``),
+    fiducials (``fiducials/1``), CT (a readable file or folder) and DICOM
+    folder; the CURVE server key, allow-list and ``roles.toml``. The CT is
+    not read here (``load_plan`` does that: it takes seconds).
+
+    Raises
+    ------
+    ConfigError
+        Naming the configuration, the key, the file and what is wrong.
+    """
+    plan = config.plan
+    if plan.geometry is not None:
+        from calibration.errors import CalibrationError
+        from calibration.io import read_geometry
+
+        _readable(where, "plan.geometry", plan.geometry)
+        try:
+            geometry = read_geometry(plan.geometry)
+        except (CalibrationError, OSError, ValueError) as err:
+            raise ConfigError(f"{where}: [plan] geometry = '{plan.geometry}': {err}") from err
+        missing = [n for n in plan.imagers if n not in geometry.names]
+        if missing:
+            raise ConfigError(f"{where}: [plan] geometry = '{plan.geometry}' has imagers {list(geometry.names)}, "
+                              f"not {missing} named by [plan] imagers")
+    if plan.fiducials is not None:
+        from registration.errors import RegistrationError
+        from registration.io import read_fiducials
+
+        _readable(where, "plan.fiducials", plan.fiducials)
+        try:
+            read_fiducials(plan.fiducials)
+        except (RegistrationError, OSError, ValueError) as err:
+            raise ConfigError(f"{where}: [plan] fiducials = '{plan.fiducials}': {err}") from err
+    if plan.ct is not None:
+        try:
+            folder = plan.ct.is_dir()
+        except (OSError, ValueError):
+            folder = False
+        _readable(where, "plan.ct", plan.ct, folder=folder)
+    if plan.dicom is not None:
+        _readable(where, "plan.dicom", plan.dicom, folder=True)
+    sec = config.security
+    if sec.enabled:
+        from .errors import SecurityError
+        from .security import load_allow_list, load_key_pair
+
+        _readable(where, "security.server_secret_key", sec.server_secret_key)
+        _readable(where, "security.allowed_clients", sec.allowed_clients, folder=True)
+        try:
+            server = load_key_pair(sec.server_secret_key)
+            if server.secret is None:
+                raise SecurityError(f"{sec.server_secret_key}: holds no secret key (use the .key_secret file)")
+            load_allow_list(sec.allowed_clients)
+        except SecurityError as err:
+            raise ConfigError(f"{where}: [security] {err}") from err
+
+
+def ranges_markdown() -> str:
+    """The configuration ranges as a Markdown table (docs/SERVICE.md, "Configuration ranges")."""
+    lines = ["| section | key | range | meaning |", "|---|---|---|---|"]
+    for section, table in RANGES.items():
+        for name, r in table.items():
+            what = f"{r.count} values, each in " if r.count > 1 else ""
+            kind = " (whole number)" if r.integer else ""
+            lines.append(f"| `[{section}]` | `{name}` | {what}{r.interval()}{kind} | {r.meaning} |")
+    lines.append("")
+    lines.append("Rules between values: " + "; ".join(f"`{rule}`" for rule in RELATIONS) + ".")
+    return "\n".join(lines)
 
 
 def log_config(config: ServiceConfig, logger: logging.Logger = log) -> None:

@@ -8,6 +8,10 @@ verification), monitor, see the beam held when the patient shifts 3 mm
 mid-fraction, set up again and resume. It then reads the session record, the
 imager's ground truth and the delivery simulator's report and returns a
 :class:`FractionSummary`.
+
+CURVE is on end to end: a temporary key set (:func:`tracking.security.create_keys`)
+gives the service its key pair and an allow-list with roles, and each process
+its own client key (console: therapist, imager: imager, delivery: delivery).
 """
 
 from __future__ import annotations
@@ -29,7 +33,8 @@ import zmq
 
 from .errors import TrackingError
 from .record import read_record
-from .sims import CommandClient, Subscriber, write_room_plan
+from .security import create_keys
+from .sims import ClientKeys, CommandClient, Subscriber, write_room_plan
 
 __all__ = ["FractionSummary", "run_fraction", "free_tcp_port"]
 
@@ -106,7 +111,7 @@ class FractionSummary:
 
 
 def _service_toml(out: Path, ports: dict[str, int], frame_period_s: float, method: str,
-                  service_geometry: str | os.PathLike | None = None) -> Path:
+                  keys: dict[str, Path], service_geometry: str | os.PathLike | None = None) -> Path:
     if method == "fiducial":
         plan = write_room_plan(out)
         if service_geometry is not None:
@@ -131,6 +136,10 @@ command = "tcp://127.0.0.1:{ports['command']}"
 {plan_text}
 [setup]
 approval = "automatic"
+
+[security]
+server_secret_key = "{keys['server'].resolve()}"
+allowed_clients = "{keys['allowed'].resolve()}"
 
 [record]
 path = "session.jsonl"
@@ -199,8 +208,16 @@ def run_fraction(out_dir: str | os.PathLike | None = None, seed: int = 2026, dur
         from .processing import warm_up_kernels
 
         say(f"numba kernels ready ({warm_up_kernels():.1f} s)")
-    say(f"writing the plan and the service configuration ({method} method)")
-    config_path = _service_toml(out, ports, frame_period_s, method, service_geometry)
+    say(f"writing the plan, a temporary CURVE key set and the service configuration ({method} method)")
+    keys_tmp = tempfile.TemporaryDirectory(prefix="spineguide-fraction-keys-")
+    keys = create_keys(keys_tmp.name)
+    server_public = keys["server"].with_name("server.key")
+    client = {name: ClientKeys(keys[name], server_public) for name in ("console", "imager", "delivery")}
+
+    def key_args(name: str) -> list[str]:
+        return ["--client-key", str(client[name].client_secret), "--server-key", str(server_public)]
+
+    config_path = _service_toml(out, ports, frame_period_s, method, keys, service_geometry)
     rng = np.random.default_rng(seed)
     setup_t = rng.uniform(-5.0, 5.0, 3)
     setup_r = rng.uniform(-1.5, 1.5, 3)
@@ -208,8 +225,8 @@ def run_fraction(out_dir: str | os.PathLike | None = None, seed: int = 2026, dur
         (out / f).unlink(missing_ok=True)
     procs: dict[str, subprocess.Popen] = {}
     ctx = zmq.Context()
-    sub = Subscriber(ctx, f"tcp://127.0.0.1:{ports['publish']}")
-    cmd = CommandClient(ctx, f"tcp://127.0.0.1:{ports['command']}")
+    sub = Subscriber(ctx, f"tcp://127.0.0.1:{ports['publish']}", client["console"])
+    cmd = CommandClient(ctx, f"tcp://127.0.0.1:{ports['command']}", client["console"])
     try:
         say("starting the service")
         procs["service"] = _spawn(["serve", "--config", str(config_path), "--seed", str(seed)], out, "service")
@@ -222,7 +239,7 @@ def run_fraction(out_dir: str | os.PathLike | None = None, seed: int = 2026, dur
             "delivery-sim", "--publish", f"tcp://127.0.0.1:{ports['publish']}",
             "--command", f"tcp://127.0.0.1:{ports['command']}", "--couch", f"tcp://127.0.0.1:{ports['couch']}",
             "--duration", str(duration_s + 30.0), "--seed", str(seed), "--report", "delivery.json",
-            "--beam-log", "beam.jsonl"], out, "delivery")
+            "--beam-log", "beam.jsonl", *key_args("delivery")], out, "delivery")
         couch = ctx.socket(zmq.SUB)
         couch.setsockopt(zmq.LINGER, 0)
         couch.setsockopt_string(zmq.SUBSCRIBE, "couch")
@@ -242,7 +259,7 @@ def run_fraction(out_dir: str | os.PathLike | None = None, seed: int = 2026, dur
             "--couch", f"tcp://127.0.0.1:{ports['couch']}", "--duration", str(duration_s),
             "--setup-error=" + ",".join(str(float(v)) for v in (*setup_t, *setup_r)),
             f"--shift={shift_at_s},{shift}", "--period", str(frame_period_s), "--seed", str(seed),
-            "--truth", "truth.jsonl", *(["--room"] if method == "fiducial" else []),
+            "--truth", "truth.jsonl", *(["--room"] if method == "fiducial" else []), *key_args("imager"),
             *(["--geometry", str(Path(true_geometry).resolve())] if true_geometry is not None else [])], out, "imager")
         _console(cmd, sub, procs["imager"], say)
         if procs["imager"].returncode != 0:
@@ -264,6 +281,7 @@ def run_fraction(out_dir: str | os.PathLike | None = None, seed: int = 2026, dur
         sub.close()
         cmd.close()
         ctx.term()
+        keys_tmp.cleanup()
     summary = _summarise(out)
     summary.wall_s = time.monotonic() - t_start
     summary.out_dir = None if tmp is not None else out

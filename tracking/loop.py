@@ -42,13 +42,13 @@ from typing import Any
 import numpy as np
 import zmq
 
-from .config import PlanConfig, ServiceConfig, config_from_dict, log_config
-from .errors import FrameError, TrackingError, WireSchemaError
+from .config import INSECURE_WARNING, PlanConfig, ServiceConfig, config_from_dict, log_config
+from .errors import CommandRefused, FrameError, SecurityError, TrackingError, WireSchemaError
 from .frames import KvFrame
 from .gating import HoldReason
 from .processing import PairProcessor, PairResult, build_processor
 from .record import SessionRecord, frames_folder, read_record
-from .security import Authenticator, make_server_socket_secure
+from .security import Authenticator, authorize_command, make_server_socket_secure, user_id_of
 from .states import Engine, run_processor
 from .wire import (
     NonFinitePixelsError,
@@ -180,6 +180,13 @@ class Service:
         TrackingError
             A socket could not be bound or the keys are unusable.
         """
+        try:
+            self.config.security.require_choice()
+        except TrackingError as err:
+            self.record.close()
+            raise SecurityError(f"service not started: {err}") from err
+        if self.config.security.insecure:
+            log.error("%s", INSECURE_WARNING)
         log_config(self.config)
         if self.config.plan.method != "pattern":
             from .processing import warm_up_kernels
@@ -200,6 +207,8 @@ class Service:
         now, mono = time.time(), time.monotonic()
         self.record.write("session", t_unix_s=now, t_mono_s=mono, config=self.config.to_dict(),
                           versions={"pyzmq": zmq.__version__, "libzmq": zmq.zmq_version(), "numpy": np.__version__})
+        if self.config.security.insecure:
+            self.record.write("security_warning", t_unix_s=now, t_mono_s=mono, warning=INSECURE_WARNING)
         self.engine.start_session(now, mono)
         for name, target in (("io", self._io_main), ("worker", self._worker_main), ("publisher", self._pub_main)):
             t = threading.Thread(target=self._guard(target), name=f"service-{name}", daemon=True)
@@ -305,7 +314,7 @@ class Service:
                 if router in events:
                     for _ in range(64):  # drain a burst of commands, bounded so frames are not starved
                         try:
-                            msg = router.recv_multipart(zmq.NOBLOCK)
+                            msg = router.recv_multipart(zmq.NOBLOCK, copy=False)  # frames carry the ZAP User-Id
                         except zmq.Again:
                             break
                         now_mono = time.monotonic()
@@ -385,7 +394,11 @@ class Service:
             self.stats.pairs_dropped += 1
         return f.pair_id
 
-    def _handle_command_message(self, msg: list[bytes], limited: bool):
+    def _handle_command_message(self, frames: list[zmq.Frame], limited: bool):
+        # The operator is the client key that authenticated this connection (ZAP User-Id), never a
+        # name the client writes into the command (security.authorize_command).
+        identity = None if self._auth is None else self._auth.identity_of(user_id_of(frames[-1]))
+        msg = [f.bytes for f in frames]
         # ROUTER envelope: [identity, (b"" for REQ clients), frames...]
         if len(msg) < 2:
             return None
@@ -410,7 +423,17 @@ class Service:
                     "state": self.engine.state.value}
             self.record.write("command_rejected", t_unix_s=now, t_mono_s=mono, reason=body["reason"])
             return envelope, body
-        reply, _ = self.engine.handle_command(req.command, req.params, now, mono, req.seq)
+        try:
+            params = authorize_command(identity, self.config.security.insecure, req.command, req.params)
+        except CommandRefused as err:
+            self.stats.commands_rejected += 1
+            body = {"ok": False, "reason": str(err), "command": req.command, "state": self.engine.state.value}
+            self.record.write("command_rejected", t_unix_s=now, t_mono_s=mono, reason=body["reason"],
+                              command=req.command, operator=None if identity is None else identity.name,
+                              role=None if identity is None else identity.role.value)
+            log.warning("command refused: %s", err)
+            return envelope, body
+        reply, _ = self.engine.handle_command(req.command, params, now, mono, req.seq)
         return envelope, reply
 
     # ------------------------------------------------------------------ worker

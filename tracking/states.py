@@ -338,14 +338,35 @@ class Engine:
     def _cmd_approve_correction(self, params, now, mono):
         if self.phase is not SetupPhase.AWAITING_APPROVAL or self.pending is None:
             raise CommandRefused(f"no correction awaits approval (setup phase {self.phase.value})")
+        # An approval names what it approves and is fresh: a click meant for one proposal never
+        # applies another, and a proposal left standing does not move the couch minutes later.
+        pid = self.pending["pair_id"]
         want = params.get("pair_id")
-        if want is not None and want != self.pending["pair_id"]:
-            raise CommandRefused(f"approve_correction names pair {want!r} but the proposal is from pair "
-                                 f"{self.pending['pair_id']}")
-        operator = params.get("operator", "")
-        self._send_setup_correction(now, operator if isinstance(operator, str) else "")
+        if want is None:
+            raise CommandRefused(f"approve_correction must name the proposal it approves (pair_id); "
+                                 f"pair {pid} is proposed")
+        if isinstance(want, bool) or not isinstance(want, int) or want != pid:
+            raise CommandRefused(f"approve_correction names pair {want!r} but the proposal is from pair {pid}")
+        age_s = mono - self.pending["proposed_mono_s"]
+        limit_s = self.config.safety.approval_max_age_s
+        if age_s > limit_s:
+            self._drop_expired_proposal(now, mono)
+            raise CommandRefused(f"the proposal from pair {pid} is {age_s:.1f} s old (limit {limit_s:g} s): "
+                                 "expired and dropped; the next pair proposes afresh")
+        operator = params.get("operator")
+        operator = operator if isinstance(operator, str) else ""
+        self.pending["approved_by"] = operator
+        self._send_setup_correction(now, operator)
         self._set_phase(SetupPhase.AWAITING_COUCH, now, mono)
-        return {"approved_pair_id": self.pending["pair_id"]}
+        return {"approved_pair_id": pid, "approved_by": operator}
+
+    def _drop_expired_proposal(self, now, mono) -> None:
+        """A setup proposal older than ``approval_max_age_s``: forget it (still HOLD); the next pair proposes."""
+        log.warning("pair %s: setup proposal expired (older than %g s) and dropped", self.pending["pair_id"],
+                    self.config.safety.approval_max_age_s)
+        self._count("proposal_expired")
+        self.pending = None
+        self._set_phase(SetupPhase.MEASURING, now, mono)
 
     def _cmd_couch_moved(self, params, now, mono):
         if self.phase is not SetupPhase.AWAITING_COUCH:
@@ -587,6 +608,10 @@ class Engine:
             # Taken before the couch stopped: says nothing about the new position.
             self._fault(HoldReason.NOT_MONITORING, now, job.pair_id)
             return
+        if phase is SetupPhase.AWAITING_APPROVAL and self.pending is not None and \
+                mono - self.pending["proposed_mono_s"] > self.config.safety.approval_max_age_s:
+            self._drop_expired_proposal(now, mono)  # too old to approve: this pair proposes afresh
+            phase = self.phase
         if phase in (SetupPhase.AWAITING_APPROVAL, SetupPhase.AWAITING_COUCH):
             self._fault(HoldReason.NOT_MONITORING, now, job.pair_id)
             return
@@ -605,6 +630,7 @@ class Engine:
             return
         self.pending = {"pair_id": job.pair_id, "translation_mm": [float(x) for x in corr.translation_mm],
                         "rotation_deg": [float(x) for x in corr.rotation_deg],
+                        "proposed_unix_s": float(now), "proposed_mono_s": float(mono),
                         "message": self._correction_message(job.pair_id, now, result, corr, extra, True, "setup"),
                         "pose": result.pose}
         if self.config.setup.approval == "automatic":

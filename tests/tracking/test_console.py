@@ -236,7 +236,8 @@ def test_config_from_service_takes_limits_record_and_approval(tmp_path):
     svc = config_from_dict({"endpoints": {"publish": "tcp://*:6001", "command": "tcp://127.0.0.1:6002",
                                           "frames": "tcp://127.0.0.1:6003"},
                             "safety": {"correction_limit_mm": 20.0, "tolerance_3d_mm": 1.5},
-                            "record": {"path": str(tmp_path / "s.jsonl"), "raw_frames": True}})
+                            "record": {"path": str(tmp_path / "s.jsonl"), "raw_frames": True},
+                            "security": {"enabled": False}})
     c = console_config_from_service(svc, port=0)
     assert (c.publish_address, c.command_address) == ("tcp://127.0.0.1:6001", "tcp://127.0.0.1:6002")
     assert c.frames_folder == tmp_path / "s.jsonl.frames" and c.records_folder == tmp_path
@@ -316,6 +317,7 @@ def test_read_only_console_refuses_login_and_commands():
     ({"command": "pause", "params": {"x": 1}}, None, 400, "takes params"),
     ({"command": "approve_correction", "params": {"pair_id": -3}}, None, 400, "pair_id"),
     ({"command": "approve_correction", "params": {"operator": "Mallory"}}, None, 400, "takes params"),
+    ({"command": "approve_correction", "params": {}}, None, 400, "must name the proposal's pair_id"),
 ])
 def test_command_refusals(body, headers, status, match):
     async def check(console, client):
@@ -373,10 +375,13 @@ def test_websocket_sends_the_newest_state_and_never_a_backlog():
 
 # ----------------------------------------------------------------- approval through the real service
 def test_approval_reaches_the_service_and_is_recorded_with_the_operator(tmp_path):
+    # CURVE end to end: the service's operator is the console's key ("console", therapist); the name
+    # typed at login is recorded beside it as the console's own statement.
     room = SimulatedRoom(tmp_path, setup_error=Pose.from_six((2.0, 1.0, -1.0), (0, 0, 0)), approval="manual")
     room.start()
     try:
-        config = _config(publish_address=room.endpoints["publish"], command_address=room.endpoints["command"])
+        config = _config(publish_address=room.endpoints["publish"], command_address=room.endpoints["command"],
+                         client_keys=room.console_keys)
 
         async def check(console, client):
             deadline = time.monotonic() + 10.0
@@ -392,12 +397,14 @@ def test_approval_reaches_the_service_and_is_recorded_with_the_operator(tmp_path
 
         pid, reply = _run(check, config)
         assert reply["ok"] is True and reply["phase"] == "awaiting_couch" and reply["approved_pair_id"] == pid
+        assert reply["approved_by"] == "console"
     finally:
         room.stop()
     approvals = [r for r in read_record(tmp_path / "session.jsonl")
                  if r["event"] == "command" and r["command"] == "approve_correction"]
     assert len(approvals) == 1
-    assert approvals[0]["params"] == {"pair_id": pid, "operator": "Jane Doe"}
+    assert approvals[0]["params"] == {"pair_id": pid, "console_user": "Jane Doe", "operator": "console",
+                                      "role": "therapist"}
     assert approvals[0]["t_unix_s"] > 0 and approvals[0]["reply"]["ok"] is True
 
 

@@ -58,6 +58,7 @@ def browser():
 
 def _console_config(room: SimulatedRoom, **kw) -> ConsoleConfig:
     return ConsoleConfig(room.endpoints["publish"], room.endpoints["command"], port=0, login_token=TOKEN,
+                         client_keys=room.console_keys,
                          frames_folder=room.folder / "session.jsonl.frames", records_folder=room.folder,
                          approval="manual", correction_limit_mm=25.0, correction_limit_deg=5.0,
                          tolerance_3d_mm=1.0, **kw)
@@ -114,7 +115,8 @@ def test_live_console_frames_approval_and_hold(browser, tmp_path):
     approvals = [r for r in read_record(tmp_path / "room" / "session.jsonl")
                  if r["event"] == "command" and r["command"] == "approve_correction"]
     assert len(approvals) == 1
-    assert approvals[0]["params"]["operator"] == "Jane Doe"
+    # The operator is the console's CURVE key; the name typed at login is recorded beside it.
+    assert approvals[0]["params"]["operator"] == "console" and approvals[0]["params"]["console_user"] == "Jane Doe"
     assert approvals[0]["reply"]["ok"] is True
     assert approvals[0]["t_unix_s"] > 0
     for name in ("1-frames", "2-proposal", "3-approved", "4-enable", "5-hold"):

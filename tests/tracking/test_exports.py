@@ -91,7 +91,7 @@ def test_engine_reports_every_setup_sent_to_the_couch_with_the_operator():
     offset = Pose.from_six([2.0, 0.0, 0.0], [0, 0, 0])
     h.pair(offset)
     assert seen == []  # proposed, not approved
-    reply = h.cmd("approve_correction", operator="R. Physicist")
+    reply = h.cmd("approve_correction", pair_id=0, operator="R. Physicist")
     assert reply["ok"], reply
     assert len(seen) == 1 and seen[0][2] == "R. Physicist"
     assert_allclose(seen[0][1].translation_mm, [2.0, 0.0, 0.0], rtol=0, atol=1e-3)

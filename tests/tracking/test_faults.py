@@ -22,6 +22,7 @@ from tracking.config import (
     PlanConfig,
     RecordConfig,
     SafetyConfig,
+    SecurityConfig,
     ServiceConfig,
     SetupConfig,
 )
@@ -53,6 +54,7 @@ class Running:
             setup=SetupConfig("automatic"),
             plan=PlanConfig(pattern_noise_mm=NOISE_MM),
             record=RecordConfig(tmp_path / "session.jsonl"),
+            security=SecurityConfig(enabled=False),  # loopback test: CURVE explicitly off
         )
         self.svc = Service(self.config).start()
         self.peers = LocalPeers(self.svc.endpoints)

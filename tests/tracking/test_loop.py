@@ -17,6 +17,7 @@ from tracking.config import (
     EndpointsConfig,
     RecordConfig,
     SafetyConfig,
+    SecurityConfig,
     ServiceConfig,
     SetupConfig,
     load_config,
@@ -29,6 +30,8 @@ from tracking.sims import LocalPeers
 pytestmark = pytest.mark.timeout(60)
 
 LOOPBACK = EndpointsConfig("tcp://127.0.0.1:0", "tcp://127.0.0.1:0", "tcp://127.0.0.1:0")
+#: These services run on loopback with CURVE explicitly off (test_security.py runs it on).
+INSECURE = SecurityConfig(enabled=False)
 #: CONVENTIONS: heartbeats at >= 10 Hz, so no gap between two may exceed 0.1 s (sender clock).
 MAX_HEARTBEAT_GAP_S = 0.1
 
@@ -48,6 +51,9 @@ method = "pattern"
 
 [couch]
 dof = 4
+
+[security]
+enabled = false
 
 [record]
 path = "records/session.jsonl"
@@ -72,7 +78,7 @@ def test_toml_config_is_read_with_defaults_and_relative_paths(tmp_path, caplog):
     ("[safety]\ntolerance_3d_mn = 1.0\n", r"unknown key\(s\) \['tolerance_3d_mn'\] in \[safety\]"),
     ("[gating]\n", r"unknown section\(s\) \['gating'\]"),
     ("[safety]\nfrme_period_s = 0.1\n", "unknown key"),
-    ("[safety]\ntolerance_3d_mm = -1\n", r"\[safety\] tolerance_3d_mm must be a positive finite number, got -1"),
+    ("[safety]\ntolerance_3d_mm = -1\n", r"\[safety\] tolerance_3d_mm must be a finite number in \(0, 5\] mm .*got -1"),
     ("[safety]\nheartbeat_period_s = 0.5\n", "at least 10 Hz"),
     ("[safety]\npair_timeout_s = 0.5\n", "must be shorter than max_frame_age_s"),
     ("[couch]\ndof = 5\n", r"\[couch\] dof must be 4 or 6, got 5"),
@@ -132,7 +138,7 @@ def _monitoring(peers):
 
 
 def test_heartbeats_at_10_hz_or_more_and_seq_counts_every_message(tmp_path):
-    config = ServiceConfig(endpoints=LOOPBACK, setup=SetupConfig("automatic"))
+    config = ServiceConfig(endpoints=LOOPBACK, setup=SetupConfig("automatic"), security=INSECURE)
     with Service(config) as svc:
         peers = LocalPeers(svc.endpoints)
         try:
@@ -153,7 +159,7 @@ def test_heartbeats_at_10_hz_or_more_and_seq_counts_every_message(tmp_path):
 
 def test_slow_registration_never_builds_a_backlog_and_commands_are_answered_meanwhile():
     slow = SlowProcessor(0.3)
-    config = ServiceConfig(endpoints=LOOPBACK, setup=SetupConfig("automatic"),
+    config = ServiceConfig(endpoints=LOOPBACK, setup=SetupConfig("automatic"), security=INSECURE,
                            safety=SafetyConfig(frame_period_s=0.1, max_frame_age_s=1.0, enable_validity_s=0.2))
     with Service(config, processor_factory=lambda plan: slow) as svc:
         peers = LocalPeers(svc.endpoints)
@@ -175,7 +181,7 @@ def test_slow_registration_never_builds_a_backlog_and_commands_are_answered_mean
 
 
 def test_commands_from_two_clients_and_reply_routing():
-    config = ServiceConfig(endpoints=LOOPBACK)
+    config = ServiceConfig(endpoints=LOOPBACK, security=INSECURE)
     with Service(config) as svc:
         a, b = LocalPeers(svc.endpoints), LocalPeers(svc.endpoints)
         try:
@@ -200,7 +206,7 @@ def test_cli_keys_replay_and_serve_handlers(tmp_path, capsys):
     assert args.func(args) == 0
     assert (tmp_path / "keys" / "allowed" / "console.key").is_file()
     # A short recorded session, then replay it through the CLI handler.
-    config = ServiceConfig(endpoints=LOOPBACK, setup=SetupConfig("automatic"),
+    config = ServiceConfig(endpoints=LOOPBACK, setup=SetupConfig("automatic"), security=INSECURE,
                            record=RecordConfig(tmp_path / "s.jsonl", raw_frames=True))
     with Service(config) as svc:
         peers = LocalPeers(svc.endpoints)
@@ -234,8 +240,8 @@ def test_an_endpoint_that_cannot_be_bound_fails_start_with_its_name():
 
     port = free_tcp_port()
     taken = EndpointsConfig(f"tcp://127.0.0.1:{port}", "tcp://127.0.0.1:0", "tcp://127.0.0.1:0")
-    with Service(ServiceConfig(endpoints=taken)):
+    with Service(ServiceConfig(endpoints=taken, security=INSECURE)):
         second = ServiceConfig(endpoints=EndpointsConfig(f"tcp://127.0.0.1:{port}", "tcp://127.0.0.1:0",
-                                                         "tcp://127.0.0.1:0"))
+                                                         "tcp://127.0.0.1:0"), security=INSECURE)
         with pytest.raises(TrackingError, match=f"endpoint frames: cannot bind tcp://127.0.0.1:{port}"):
             Service(second).start()

@@ -77,6 +77,9 @@ isocentre_lps_mm = [{iso}]
 [setup]
 approval = "automatic"
 
+[security]
+enabled = false
+
 [record]
 path = "session.jsonl"
 raw_frames = true

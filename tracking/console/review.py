@@ -53,7 +53,9 @@ class SessionReview:
     setup_residuals : tuple of dict
         ``pair_id``, ``t_unix_s``, ``translation_mm``, ``rotation_deg``, ``norm_mm`` of each verified setup.
     commands : tuple of dict
-        ``t_unix_s``, ``command``, ``operator`` (or None), ``ok``, ``reason``.
+        ``t_unix_s``, ``command``, ``operator`` (the authenticated client key's name, or None),
+        ``console_user`` (the name logged in at that console, as the console said; or None),
+        ``ok``, ``reason``.
     states : tuple of dict
         ``t_unix_s``, ``old``, ``new`` of every state change.
     tolerance_3d_mm : float or None
@@ -136,7 +138,8 @@ def review_session(path: str | os.PathLike) -> SessionReview:
             params = rec.get("params") or {}
             reply = rec.get("reply") or {}
             commands.append({"t_unix_s": rec["t_unix_s"], "command": rec.get("command"),
-                             "operator": params.get("operator"), "ok": bool(reply.get("ok")),
+                             "operator": params.get("operator"), "console_user": params.get("console_user"),
+                             "ok": bool(reply.get("ok")),
                              "reason": reply.get("reason")})
         elif ev == "state":
             states.append({"t_unix_s": rec["t_unix_s"], "old": rec.get("old"), "new": rec.get("new")})
@@ -232,7 +235,9 @@ def write_review_html(review: SessionReview, path: str | os.PathLike | None = No
         for r in review.setup_residuals)
     cmds = "".join(
         f"<tr><td>{_fmt_time(c['t_unix_s'])}</td><td>{esc(str(c['command']))}</td>"
-        f"<td>{esc(str(c['operator'] or ''))}</td><td>{'ok' if c['ok'] else 'refused: ' + esc(str(c['reason']))}</td></tr>"
+        f"<td>{esc(str(c['operator'] or ''))}"
+        f"{' (' + esc(str(c['console_user'])) + ')' if c.get('console_user') else ''}</td>"
+        f"<td>{'ok' if c['ok'] else 'refused: ' + esc(str(c['reason']))}</td></tr>"
         for c in review.commands)
     doc = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>Session review {esc(review.name)}</title>

@@ -7,7 +7,11 @@ couch on an approved correction) and an imager that streams stereo pairs
 at a fixed rate with the true pose ``C_couch o shift o setup_error``, where
 ``shift`` can be changed at any time (:meth:`SimulatedRoom.inject_shift`).
 The service records the session with raw frames, so a console can show
-them. Used by the console's browser tests, its benchmark and
+them. With ``secure`` (the default) the room makes a temporary CURVE key set
+and every client uses it: the imager (role imager), the delivery simulator
+(delivery), the room's own command client (``room``, therapist) and a
+``console`` key (therapist) for the console (:attr:`SimulatedRoom.console_keys`).
+Used by the console's browser tests, its benchmark and
 ``spineguide console --simulate``. Simulation only.
 """
 
@@ -29,7 +33,9 @@ from ..errors import TrackingError, WireSchemaError
 from ..fraction import free_tcp_port
 from ..loop import Service
 from ..processing import stamp_pose_pattern
+from ..security import Role, create_keys
 from ..sims import (
+    ClientKeys,
     CommandClient,
     CouchModel,
     FrameSender,
@@ -60,11 +66,19 @@ class SimulatedRoom:
         The service's ``[setup] approval``.
     couch_latency_s : float
         Delay of a couch move.
+    secure : bool
+        CURVE on every socket with a temporary key set (default);
+        False runs the service with ``[security] enabled = false`` (insecure, stated).
+
+    Attributes
+    ----------
+    console_keys : ClientKeys or None
+        The ``console`` client's keys (role therapist) for a console to connect with; None when not secure.
     """
 
     def __init__(self, folder: str | Path | None = None, setup_error: Pose | None = None,
                  frame_period_s: float = 0.1, panel_pixels: int = 128, approval: str = "manual",
-                 couch_latency_s: float = 0.2, seed: int = 0) -> None:
+                 couch_latency_s: float = 0.2, seed: int = 0, secure: bool = True) -> None:
         self._tmp = tempfile.TemporaryDirectory(prefix="spineguide-room-") if folder is None else None
         self.folder = Path(self._tmp.name if folder is None else folder)
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -73,6 +87,19 @@ class SimulatedRoom:
         self.panel_pixels = int(panel_pixels)
         self.couch_latency_s = float(couch_latency_s)
         self.seed = int(seed)
+        self._keys: dict[str, ClientKeys] = {}
+        self._keys_tmp = None
+        security: dict = {"enabled": False}
+        if secure:
+            # A fresh key set each time (a reused record folder keeps no keys): removed on stop().
+            self._keys_tmp = tempfile.TemporaryDirectory(prefix="spineguide-room-keys-")
+            made = create_keys(self._keys_tmp.name, {"console": Role.THERAPIST, "room": Role.THERAPIST,
+                                                      "imager": Role.IMAGER, "delivery": Role.DELIVERY})
+            server_public = made["server"].with_name("server.key")
+            self._keys = {name: ClientKeys(made[name], server_public) for name in ("console", "room", "imager",
+                                                                                   "delivery")}
+            security = {"server_secret_key": str(made["server"]), "allowed_clients": str(made["allowed"])}
+        self.console_keys: ClientKeys | None = self._keys.get("console")
         self.config = config_from_dict({
             "safety": {"frame_period_s": self.frame_period_s},
             "endpoints": {"frames": "tcp://127.0.0.1:0", "publish": "tcp://127.0.0.1:0",
@@ -80,6 +107,7 @@ class SimulatedRoom:
             "plan": {"method": "pattern", "pattern_noise_mm": 0.05},
             "setup": {"approval": approval},
             "record": {"path": str(self.folder / "session.jsonl"), "raw_frames": True},
+            "security": security,
         }, "simulated room")
         self.service: Service | None = None
         self.endpoints: dict[str, str] = {}
@@ -99,7 +127,7 @@ class SimulatedRoom:
     def command(self, name: str, params: dict | None = None, timeout_s: float = 10.0) -> dict:
         """Send one command as the room's own client (not the console); raises if refused."""
         ctx = zmq.Context()
-        cmd = CommandClient(ctx, self.endpoints["command"])
+        cmd = CommandClient(ctx, self.endpoints["command"], self._keys.get("room"))
         try:
             reply = cmd.request(name, params, timeout_s=timeout_s)
         finally:
@@ -131,6 +159,8 @@ class SimulatedRoom:
             self.service.stop()
         if self._tmp is not None:
             self._tmp.cleanup()
+        if self._keys_tmp is not None:
+            self._keys_tmp.cleanup()
 
     def __enter__(self) -> SimulatedRoom:
         return self.start()
@@ -151,11 +181,12 @@ class SimulatedRoom:
     # ------------------------------------------------------------------ threads
     def _delivery(self) -> None:
         run_delivery_sim(self.endpoints["publish"], self.endpoints["command"], self.endpoints["couch"], 3600.0,
-                         CouchModel(self.couch_latency_s, 0.05, self.seed), stop=self._stop.is_set)
+                         CouchModel(self.couch_latency_s, 0.05, self.seed), self._keys.get("delivery"),
+                         stop=self._stop.is_set)
 
     def _imager(self) -> None:
         ctx = zmq.Context()
-        sender = FrameSender(ctx, self.endpoints["frames"])
+        sender = FrameSender(ctx, self.endpoints["frames"], self._keys.get("imager"))
         couch_sub = ctx.socket(zmq.SUB)
         couch_sub.setsockopt(zmq.LINGER, 0)
         couch_sub.setsockopt_string(zmq.SUBSCRIBE, "couch")

@@ -12,11 +12,14 @@ sends the newest state and the newest frame of each imager: a slow client
 skips intermediate states and frames and never builds a backlog.
 
 Commands (``POST /api/command``) need a session from ``POST /api/login``
-(operator name + the login token configured at start-up), sent as
-``Authorization: Bearer <session>``. The operator's name travels to the
-service as the command's ``operator`` parameter, which the service records
-with the whole request in the session record. Only the commands in
-:data:`PAGE_COMMANDS` can be sent from the page.
+(a name + the login token configured at start-up), sent as
+``Authorization: Bearer <session>``. The service takes the operator from
+the console's CURVE key (its name and role in the service's allow-list),
+never from the page; the name typed at login travels as the command's
+``console_user`` parameter, which the service records with the request as
+what it is: who the console says was logged in. Only the commands in
+:data:`PAGE_COMMANDS` can be sent from the page; ``approve_correction``
+must name the proposal's ``pair_id``.
 
 Frames: the service does not publish frames, so the console shows the raw
 frames the service records (``[record] raw_frames = true``, folder
@@ -68,6 +71,7 @@ __all__ = ["PAGE_COMMANDS", "ConsoleServer", "ConsoleThread", "build_app"]
 log = logging.getLogger(__name__)
 
 #: Commands the page may send (each needs a logged-in operator), with the params it may pass.
+#: ``approve_correction`` must name the pair it approves (the service refuses it otherwise).
 PAGE_COMMANDS: dict[str, tuple[str, ...]] = {
     "approve_correction": ("pair_id",),
     "start_monitoring": (),
@@ -434,10 +438,13 @@ def build_app(console: ConsoleServer) -> web.Application:
             return web.json_response({"error": f"command {name!r} takes params {list(PAGE_COMMANDS[name])}, "
                                                f"got {params!r}"}, status=400)
         pid = params.get("pair_id")
+        if name == "approve_correction" and pid is None:
+            return web.json_response({"error": "approve_correction must name the proposal's pair_id"}, status=400)
         if pid is not None and (not isinstance(pid, int) or isinstance(pid, bool) or pid < 0):
             return web.json_response({"error": f"pair_id must be an integer >= 0, got {pid!r}"}, status=400)
         try:
-            reply = await console.command(name, {**params, "operator": operator})
+            # The service's operator is this console's key; the login name is recorded beside it.
+            reply = await console.command(name, {**params, "console_user": operator})
         except TrackingError as err:
             return web.json_response({"error": str(err)}, status=502)
         console.live.on_reply(reply)
