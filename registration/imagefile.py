@@ -16,8 +16,14 @@ value types (:class:`registration.volume.CTVolume`, the frame checks).
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import re
+import sys
+import tempfile
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +50,39 @@ for _name, _nbytes in (("sitkComplexFloat32", 8), ("sitkComplexFloat64", 16)):
         _COMPONENT_BYTES[_id] = _nbytes
 
 _HEADER_PROBE_BYTES = 65536
+
+log = logging.getLogger(__name__)
+_NATIVE_STDERR_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _native_stderr_to_log(path: Path) -> Iterator[None]:
+    """Keep what native readers print straight to file descriptor 2 (ITK's MetaIO, libpng, libtiff) off the
+    terminal: it goes to the debug log instead, so a refused file gives one line, our error, not C++ chatter.
+
+    The redirection lasts only for the read; the lock keeps two reads from interleaving their redirections.
+    """
+    with _NATIVE_STDERR_LOCK:
+        try:
+            sys.stderr.flush()
+        except (AttributeError, OSError, ValueError):
+            pass
+        try:
+            saved = os.dup(2)
+        except OSError:  # no fd 2 at all: nothing to protect
+            yield
+            return
+        with tempfile.TemporaryFile() as sink:
+            os.dup2(sink.fileno(), 2)
+            try:
+                yield
+            finally:
+                os.dup2(saved, 2)
+                os.close(saved)
+                sink.seek(0)
+                text = sink.read(65536).decode("utf-8", errors="replace").strip()
+                if text:
+                    log.debug("%s: native reader said: %s", path, text)
 
 
 def _storage(path: Path) -> str:
@@ -72,6 +111,49 @@ def _storage(path: Path) -> str:
         m = re.search(rb"^encoding:\s*(\w+)", head, re.MULTILINE)
         return "raw" if m is not None and m.group(1).lower() == b"raw" else "packed"
     return "packed"
+
+
+def _head(path: Path) -> bytes:
+    try:
+        with path.open("rb") as fh:
+            return fh.read(_HEADER_PROBE_BYTES)
+    except OSError:
+        return b""
+
+
+def _compressed_header(path: Path) -> bool:
+    return re.search(rb"CompressedData\s*=\s*True", _head(path), re.IGNORECASE) is not None
+
+
+def _detached_data_file(path: Path) -> Path | None:
+    """The data file a MetaImage/NRRD header names, or None."""
+    head = _head(path)
+    m = re.search(rb"ElementDataFile\s*=\s*([^\r\n]+)", head) or re.search(rb"^data ?file:\s*([^\r\n]+)", head,
+                                                                          re.MULTILINE)
+    if m is None:
+        return None
+    name = m.group(1).strip().decode("utf-8", errors="replace")
+    return None if name == "LOCAL" else path.parent / name
+
+
+def _check_data_file(path: Path, error: type[Exception], what: str) -> None:
+    """A header may name its pixel data file: only a plain file name beside the header, never a path
+    (``ElementDataFile = /etc/passwd``), a list or a pattern; a ``.mha``/``.nrrd`` keeps its data inside."""
+    name = path.name.lower()
+    if not name.endswith((".mha", ".mhd", ".nrrd", ".nhdr")):
+        return
+    data = _detached_data_file(path)
+    if data is None:
+        return
+    if name.endswith((".mha", ".nrrd")):
+        raise error(f"{path}: cannot read {what}: the header names a separate data file ({data.name!r}); "
+                    f"a {path.suffix} file must hold its own data")
+    text = data.name
+    if data.parent != path.parent or not text or text in (".", "..") or any(c in text for c in "/\\%") or \
+            text.upper().startswith("LIST"):
+        raise error(f"{path}: cannot read {what}: data file must be a plain file name beside the header")
+    if not data.is_file():
+        raise error(f"{path}: cannot read {what}: data file {data.name!r} not found beside the header")
 
 
 def _check_declared(path: Path, declared_bytes: int, file_bytes: int, storage: str, error: type[Exception],
@@ -120,10 +202,12 @@ def read_sitk_image(path: str | os.PathLike, error: type[Exception], what: str, 
         file_bytes = p.stat().st_size
     except OSError as err:
         raise error(f"{p}: cannot read {what}: {err.strerror or err}") from err
+    _check_data_file(p, error, what)
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(p))
     try:
-        reader.ReadImageInformation()
+        with _native_stderr_to_log(p):
+            reader.ReadImageInformation()
     except RuntimeError as err:
         raise error(f"{p}: cannot read {what}: {_last_line(err)}") from err
     size = tuple(int(s) for s in reader.GetSize())
@@ -133,9 +217,15 @@ def read_sitk_image(path: str | os.PathLike, error: type[Exception], what: str, 
     if component_bytes is None:
         raise error(f"{p}: cannot read {what}: pixel type {reader.GetPixelIDTypeAsString()!r} is not a plain number type")
     declared = int(np.prod(size, dtype=object)) * int(reader.GetNumberOfComponents()) * component_bytes
-    _check_declared(p, declared, file_bytes, _storage(p), error, what, max_bytes)
+    storage = _storage(p)
+    if storage == "elsewhere":
+        data = _detached_data_file(p)
+        if data is not None and data.is_file():
+            storage, file_bytes = ("packed" if _compressed_header(p) else "raw"), data.stat().st_size
+    _check_declared(p, declared, file_bytes, storage, error, what, max_bytes)
     try:
-        return reader.Execute()
+        with _native_stderr_to_log(p):
+            return reader.Execute()
     except RuntimeError as err:
         raise error(f"{p}: cannot read {what}: {_last_line(err)}") from err
     except MemoryError as err:

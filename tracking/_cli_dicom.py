@@ -125,6 +125,11 @@ def cmd_import(args: argparse.Namespace, out=None) -> int:
     if plan.fiducials is not None:
         for name, pos in zip(plan.fiducials.names, plan.fiducials.positions_lps_mm):
             print(f"  fiducial {name}: {_fmt(pos)} LPS mm", file=out)
+    if plan.target_roi is None and plan.fiducials is None:
+        from .cli import CliError
+
+        raise CliError(f"{inv.folder}: the plan has neither a target ROI nor planned fiducials (no usable RT "
+                       "Structure Set): nothing to register against")
     return 0
 
 

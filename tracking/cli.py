@@ -26,6 +26,7 @@ import re
 import sys
 import time
 import traceback
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import Enum
@@ -152,9 +153,12 @@ def _cmd_drr(args: argparse.Namespace) -> int:
     from registration.pose import Pose
     from registration.volume import read_ct
 
+    iso = parse_triplet_mm(args.isocenter, "--isocenter")
     geometry = read_geometry(args.geometry)
     ct = read_ct(args.ct, patient_position=args.patient_position)
-    iso = parse_triplet_mm(args.isocenter, "--isocenter")
+    if not ct.contains_lps_mm(iso)[0]:
+        raise CliError(f"isocentre LPS {_fmt_vec(iso, 2)} mm lies outside the CT ({_ct_extent(ct)}): "
+                       "its DRRs would show no anatomy")
     pose = Pose.identity() if args.pose is None else Pose.from_six(*parse_six(args.pose))
     names = None if not args.imager else list(args.imager)
     for name in names or []:
@@ -813,7 +817,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             level=logging.INFO if verbose else logging.WARNING,
             format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         )
-        return int(args.func(args) or 0)
+        with warnings.catch_warnings():
+            if not verbose:
+                # Library warnings (pydicom on a broken file, numpy) are diagnostics: shown with -v; without it
+                # an error is one line. pydicom also logs what it warns; that too only with -v.
+                warnings.simplefilter("ignore")
+            with _quiet_logger("pydicom", quiet=not verbose):
+                return int(args.func(args) or 0)
     except KeyboardInterrupt:
         print("spineguide: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
@@ -836,6 +846,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"spineguide: internal error: {type(err).__name__}: {_one_line(str(err))} "
               "(run with -v for the traceback)", file=sys.stderr)
         return EXIT_INTERNAL
+
+
+class _quiet_logger:
+    """Raise a third-party logger's level to ERROR for the duration of a command (restored afterwards)."""
+
+    def __init__(self, name: str, quiet: bool) -> None:
+        self._logger = logging.getLogger(name)
+        self._quiet = quiet
+        self._level = self._logger.level
+
+    def __enter__(self) -> None:
+        if self._quiet:
+            self._logger.setLevel(logging.ERROR)
+
+    def __exit__(self, *exc) -> None:
+        self._logger.setLevel(self._level)
 
 
 def _silence_stdout() -> None:

@@ -48,10 +48,13 @@ def check_frame_pixels(pixels: np.ndarray, imager: ImagerGeometry, where: str) -
     if arr.dtype == np.uint16:
         out = np.array(arr, dtype=np.uint16)
     elif np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating):
+        if np.issubdtype(arr.dtype, np.floating):
+            # checked before the cast: float64 values beyond float32's range would become inf with a warning
+            bad = ~np.isfinite(arr) | (np.abs(arr) > np.finfo(np.float32).max)
+            if np.any(bad):
+                raise FrameError(f"{where}: {int(np.count_nonzero(bad))} pixels are NaN or infinite"
+                                 " (or beyond the float32 range)")
         out = np.array(arr, dtype=np.float32)
-        bad = ~np.isfinite(out)
-        if np.any(bad):
-            raise FrameError(f"{where}: {int(np.count_nonzero(bad))} pixels are NaN or infinite")
         if np.any(out < 0):
             raise FrameError(f"{where}: {int(np.count_nonzero(out < 0))} pixels are negative; a raw frame counts photons")
     else:
