@@ -187,7 +187,7 @@ def simulated_fraction(errors: np.ndarray, n_pairs: int, seed: int, tau_s: float
         job, _ = engine.begin_pair(k + 1, t, 0.0, t + latency_s)
         out = engine.finish_pair(job, PairResult(HoldReason.OK, measured, "fiducial", {"ok": True}), t + latency_s, 0.0)
         for o in out:
-            if o["schema"] != "gating/1":
+            if not o["schema"].startswith("gating/"):
                 continue
             published_at.append(o["t_unix_s"])
             if o["beam"] == "ENABLE":

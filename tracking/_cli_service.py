@@ -54,12 +54,17 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     svc = Service(config, seed=args.seed).start()
     stop = threading.Event()
     _stop_on_signals(stop)
-    print(f"spineguide serve: frames {svc.endpoints['frames']}, publish {svc.endpoints['publish']}, "
-          f"command {svc.endpoints['command']}; record {config.record.path or '(memory only)'}", flush=True)
+    print(f"spineguide serve: session {svc.session}; frames {svc.endpoints['frames']}, publish "
+          f"{svc.endpoints['publish']}, command {svc.endpoints['command']}; record "
+          f"{svc.record.path or '(memory only)'}", flush=True)
     try:
-        stop.wait(args.duration if args.duration else None)
+        # The main thread is the watchdog of last resort: a dead or stuck service thread ends the process.
+        failure = svc.run_until(stop, args.duration if args.duration else None)
     finally:
         svc.stop()
+    if failure is not None:
+        print(f"spineguide: error: service failed: {failure}", file=sys.stderr, flush=True)
+        return 3
     return 0
 
 
@@ -165,7 +170,8 @@ def _cmd_delivery_sim(args: argparse.Namespace) -> int:
                               CouchModel(args.latency, args.residual, args.seed), _client_keys(args),
                               args.beam_log, stop=stop.is_set)
     body = {"beam_on_s": report.beam_on_s, "enables": report.enables, "holds": report.holds,
-            "corrections_applied": report.corrections_applied, "heartbeats": report.heartbeats}
+            "corrections_applied": report.corrections_applied, "heartbeats": report.heartbeats,
+            "heartbeat_losses": report.heartbeat_losses}
     if args.report:
         Path(args.report).write_text(json.dumps(body, indent=1))
     print(f"delivery-sim: {json.dumps(body)}")

@@ -359,7 +359,7 @@ def _summarise(out: Path) -> FractionSummary:
         elif ev == "pair":
             s.pairs += 1
             for o in r["outputs"]:
-                if o.get("schema") == "correction/1" and o.get("purpose") == "verified" and r["pair_id"] in truth:
+                if str(o.get("schema", "")).startswith("correction/") and o.get("purpose") == "verified" and r["pair_id"] in truth:
                     s.setup_residual_mm.append(truth[r["pair_id"]])
         elif ev == "sent" and r.get("topic") == "gating":
             body = r["body"]

@@ -69,6 +69,14 @@ class HoldReason(Enum):
     FRAME_SOURCE_SILENT = "frame_source_silent"
     PAUSED = "paused"
     INTERNAL_ERROR = "internal_error"
+    # Faults of the link and of the frame stream (docs/PROTOCOL.md, "Sessions and epochs").
+    PAIR_DROPPED = "pair_dropped"
+    OVERSIZE_MESSAGE = "oversize_message"
+    MALFORMED_MESSAGE = "malformed_message"
+    PEER_DISCONNECTED = "peer_disconnected"
+    IMAGER_RESTARTED = "imager_restarted"
+    PAIR_ID_JUMP = "pair_id_jump"
+    COUCH_TIMEOUT = "couch_timeout"
 
 
 @dataclass(frozen=True, slots=True)

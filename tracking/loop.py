@@ -34,6 +34,7 @@ import queue
 import threading
 import time
 import traceback
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,7 +46,8 @@ import zmq
 from .config import INSECURE_WARNING, PlanConfig, ServiceConfig, config_from_dict, log_config
 from .errors import CommandRefused, FrameError, SecurityError, TrackingError, WireSchemaError
 from .frames import KvFrame
-from .gating import HoldReason
+from .gating import Beam, HoldReason
+from .pairing import MAX_PAIR_ID_JUMP, CompletePair, FrameAccepted, FramePairer, NewEpoch, PairFault
 from .processing import PairProcessor, PairResult, build_processor
 from .record import SessionRecord, frames_folder, read_record
 from .security import Authenticator, authorize_command, make_server_socket_secure, user_id_of
@@ -72,6 +74,16 @@ COMMAND_RATE_PER_S = 200.0
 COMMAND_BURST = 50
 #: PUB high-water mark: messages queued per subscriber before a slow one starts losing them.
 PUB_SNDHWM = 1000
+#: Watchdog: a thread that has not reported progress for this long is stuck (s); the service then
+#: HOLDs ``internal_error`` and fails (``serve`` exits non-zero). A registration may take up to
+#: ``PAIR_STALL_S``, a command (``load_plan`` builds the processor) up to ``COMMAND_STALL_S``.
+THREAD_STALL_S = 1.0
+PAIR_STALL_S = 10.0
+COMMAND_STALL_S = 120.0
+#: ZeroMQ ``MAXMSGSIZE`` beyond the largest legal message part, bytes. A part up to the hard cap is
+#: received and refused (HOLD ``oversize_message``, recorded); beyond it ZeroMQ drops the connection,
+#: which the socket monitor reports (HOLD ``peer_disconnected``, recorded).
+MAXMSGSIZE_SLACK_BYTES = 1 << 20
 
 
 class Mailbox:
@@ -143,11 +155,17 @@ class Service:
                  record: SessionRecord | None = None, seed: int = 0, limits: WireLimits = WireLimits()) -> None:
         self.config = config
         self.limits = limits
+        #: This service session's id, in every message it sends (docs/PROTOCOL.md, "Sessions and epochs").
+        self.session = uuid.uuid4().hex
         if record is None:
             if config.record.path is None:
                 log.warning("no [record] path configured: this session is not recorded")
-            # Without a path nothing is kept in memory either (a service runs for hours).
-            record = SessionRecord(config.record.path, config.record.raw_frames, keep_in_memory=False)
+                # Without a path nothing is kept in memory either (a service runs for hours).
+                record = SessionRecord(None, keep_in_memory=False)
+            else:
+                # A record of its own per session: a restart never appends to or overwrites the last one.
+                record = SessionRecord.for_session(config.record.path, self.session, time.time(),
+                                                   config.record.raw_frames, keep_in_memory=False)
         self.record = record
         factory = processor_factory or (lambda plan: build_processor(plan, seed))
         self._out: queue.SimpleQueue = queue.SimpleQueue()
@@ -158,7 +176,8 @@ class Service:
             self.exporter = SetupExporter(config.plan, config.record.dicom_exports, self.record,
                                           config.record.dicom_archive)
         self.engine = Engine(config, factory, self.record, self._out.put,
-                             on_setup_applied=None if self.exporter is None else self.exporter.export)
+                             on_setup_applied=None if self.exporter is None else self.exporter.export,
+                             session=self.session)
         self.mailbox = Mailbox()
         self.stats = ServiceStats()
         self.endpoints: dict[str, str] = {}
@@ -168,8 +187,14 @@ class Service:
         self._ctx: zmq.Context | None = None
         self._auth: Authenticator | None = None
         self._complete_mono: dict[int, float] = {}
-        self._frames_for_record: dict[int, dict[str, str]] = {}
+        self._frames_for_record: dict[tuple[int, int], dict[str, str]] = {}
         self._errors: list[str] = []
+        self._failure: str | None = None
+        self._failure_lock = threading.Lock()
+        self._failed = threading.Event()
+        self._running = threading.Event()
+        # Watchdog: thread name -> (monotonic time of its last progress, how long it may go without).
+        self._progress: dict[str, tuple[float, float]] = {}
 
     # --------------------------------------------------------------- lifecycle
     def start(self) -> Service:
@@ -205,12 +230,13 @@ class Service:
             server_keys = self._auth.server
         self._server_keys = server_keys
         now, mono = time.time(), time.monotonic()
-        self.record.write("session", t_unix_s=now, t_mono_s=mono, config=self.config.to_dict(),
+        self.record.write("session", t_unix_s=now, t_mono_s=mono, session=self.session, config=self.config.to_dict(),
                           versions={"pyzmq": zmq.__version__, "libzmq": zmq.zmq_version(), "numpy": np.__version__})
         if self.config.security.insecure:
             self.record.write("security_warning", t_unix_s=now, t_mono_s=mono, warning=INSECURE_WARNING)
         self.engine.start_session(now, mono)
         for name, target in (("io", self._io_main), ("worker", self._worker_main), ("publisher", self._pub_main)):
+            self._beat(name, 30.0)  # until the thread has bound its sockets and started its loop
             t = threading.Thread(target=self._guard(target), name=f"service-{name}", daemon=True)
             self._threads.append(t)
             t.start()
@@ -219,6 +245,7 @@ class Service:
         except threading.BrokenBarrierError:
             self.stop()
             raise TrackingError(f"service did not start: {'; '.join(self._errors) or 'timeout'}") from None
+        self._running.set()
         return self
 
     def _auth_denied(self, public_key_z85: str) -> None:
@@ -242,12 +269,72 @@ class Service:
         self.record.close()
 
     def run_forever(self) -> None:
-        """Block until interrupted or stopped (``spineguide serve``)."""
+        """Block until interrupted, stopped or failed; raises TrackingError after a failure."""
         try:
-            while not self._stop.wait(0.5):
-                pass
+            failure = self.run_until(threading.Event())
         finally:
             self.stop()
+        if failure is not None:
+            raise TrackingError(f"service failed: {failure}")
+
+    def run_until(self, stop: threading.Event, duration_s: float | None = None) -> str | None:
+        """Watch the threads until ``stop`` is set, ``duration_s`` passed, or the service failed (main thread).
+
+        Returns the failure (a dead or stuck thread) or None. The caller then
+        calls :meth:`stop` and, after a failure, exits non-zero: a service that
+        cannot judge frames must not stay up (its heartbeats stop with it, and
+        receivers HOLD on heartbeat loss).
+        """
+        deadline = None if duration_s is None else time.monotonic() + duration_s
+        while not stop.is_set() and not self._stop.is_set():
+            # The publisher checks at each heartbeat; this covers a dead or stuck publisher.
+            self.check_health()
+            if self._failed.wait(0.1):
+                break
+            if deadline is not None and time.monotonic() >= deadline:
+                break
+        if self._failure is not None:
+            # Let the publisher send the HOLD internal_error before the sockets close.
+            drain_until = time.monotonic() + 0.5
+            while not self._out.empty() and time.monotonic() < drain_until:
+                time.sleep(0.01)
+        return self._failure
+
+    @property
+    def failure(self) -> str | None:
+        """Why the service failed (a dead or stuck thread), or None while healthy."""
+        return self._failure
+
+    def _beat(self, name: str, allowance_s: float = THREAD_STALL_S) -> None:
+        """Thread ``name`` made progress now and may go ``allowance_s`` without the next report."""
+        self._progress[name] = (time.monotonic(), allowance_s)
+
+    def check_health(self, now_mono_s: float | None = None) -> str | None:
+        """Watchdog: fail the service if a thread died or made no progress within its allowance."""
+        if self._stop.is_set() or not self._threads:
+            return self._failure
+        now = time.monotonic() if now_mono_s is None else now_mono_s
+        for t in self._threads:
+            name = t.name.removeprefix("service-")
+            if not t.is_alive() and not self._stop.is_set():
+                self._fail(f"thread {name} is dead")
+                break
+            last, allowance = self._progress.get(name, (now, THREAD_STALL_S))
+            if now - last > allowance:
+                self._fail(f"thread {name} made no progress for {now - last:.1f} s (allowed {allowance:.1f} s)")
+                break
+        return self._failure
+
+    def _fail(self, detail: str) -> None:
+        """The service cannot go on: HOLD ``internal_error`` (recorded), no ENABLE ever again, stop heartbeats."""
+        with self._failure_lock:
+            if self._failure is not None:
+                return
+            self._failure = detail
+        log.critical("service failed: %s", detail)
+        self._errors.append(detail)
+        self.engine.internal_error(f"service failed: {detail}", time.time(), time.monotonic())
+        self._failed.set()
 
     def __enter__(self) -> Service:
         return self.start()
@@ -261,10 +348,13 @@ class Service:
                 target()
             except threading.BrokenBarrierError:
                 return  # another thread failed to start; start() reports it
-            except Exception as err:  # noqa: BLE001 - report, HOLD, and let stop() clean up
+            except Exception as err:  # noqa: BLE001 - report, HOLD, fail, and let stop() clean up
                 detail = f"{threading.current_thread().name} died: {type(err).__name__}: {err}"
-                self._errors.append(detail)
                 log.error("%s\n%s", detail, traceback.format_exc())
+                if self._running.is_set():
+                    self._fail(detail)
+                    return
+                self._errors.append(detail)  # failed while starting: start() raises it
                 try:
                     self._ready.abort()
                 except threading.BrokenBarrierError:
@@ -283,34 +373,38 @@ class Service:
 
     # ------------------------------------------------------------------ io
     def _io_main(self) -> None:
-        """Owns the frames PULL and the command ROUTER."""
+        """Owns the frames PULL (and its monitor) and the command ROUTER."""
         pull = self._ctx.socket(zmq.PULL)
         router = self._ctx.socket(zmq.ROUTER)
+        monitor = None
         try:
             pull.setsockopt(zmq.LINGER, 0)
             router.setsockopt(zmq.LINGER, 0)
             pull.setsockopt(zmq.RCVHWM, 8)  # never a backlog of frames in the socket either
-            max_frame = self.limits.max_header_bytes + self.limits.max_rows * self.limits.max_cols * 4 + 4096
-            pull.setsockopt(zmq.MAXMSGSIZE, max_frame)
-            router.setsockopt(zmq.MAXMSGSIZE, self.limits.max_header_bytes + 1024)
+            # MAXMSGSIZE is a hard cap per message part: a part over it makes ZeroMQ drop the connection
+            # (and what was queued on it), silently. So the cap sits above every legal part: oversize parts
+            # up to it are received and refused here; beyond it, the monitor reports the disconnection.
+            largest_part = max(self.limits.max_header_bytes, self.limits.max_payload_bytes)
+            pull.setsockopt(zmq.MAXMSGSIZE, largest_part + MAXMSGSIZE_SLACK_BYTES)
+            router.setsockopt(zmq.MAXMSGSIZE, self.limits.max_header_bytes + MAXMSGSIZE_SLACK_BYTES)
+            monitor = pull.get_monitor_socket(zmq.EVENT_DISCONNECTED)
             self._bind(pull, "frames")
             self._bind(router, "command")
             self._ready.wait()
             poller = zmq.Poller()
             poller.register(pull, zmq.POLLIN)
             poller.register(router, zmq.POLLIN)
-            pending: dict[int, tuple[float, dict[str, KvFrame]]] = {}
-            newest_done = -1
+            poller.register(monitor, zmq.POLLIN)
+            pairer = FramePairer(self.config.plan.imagers, self.config.safety.pair_timeout_s, MAX_PAIR_ID_JUMP)
             reply_seq = 0
             tokens, token_mono = float(COMMAND_BURST), time.monotonic()
-            imagers = set(self.config.plan.imagers)
-            timeout_s = self.config.safety.pair_timeout_s
             while not self._stop.is_set():
+                self._beat("io")
                 wait_ms = _POLL_MS
-                if pending:
-                    first = min(t for t, _ in pending.values())
-                    wait_ms = max(0, min(_POLL_MS, math.ceil((first + timeout_s - time.monotonic()) * 1e3)))
-                events = dict(poller.poll(wait_ms))
+                expiry = pairer.next_expiry_mono_s()
+                if expiry is not None:
+                    wait_ms = max(0, min(_POLL_MS, math.ceil((expiry - time.monotonic()) * 1e3)))
+                events = dict(self._poll_io(poller, wait_ms))
                 if router in events:
                     for _ in range(64):  # drain a burst of commands, bounded so frames are not starved
                         try:
@@ -323,10 +417,12 @@ class Service:
                         limited = tokens < 1.0
                         if not limited:
                             tokens -= 1.0
-                        out = self._handle_command_message(msg, limited)
+                        self._beat("io", COMMAND_STALL_S)  # load_plan builds the processor on this thread
+                        out = self._guarded_command(msg, limited)
+                        self._beat("io")
                         if out is not None:
                             envelope, body = out
-                            router.send_multipart(envelope + encode_reply(reply_seq, body))
+                            router.send_multipart(envelope + encode_reply(reply_seq, body, session=self.session))
                             reply_seq += 1
                 if pull in events:
                     for _ in range(16):
@@ -334,19 +430,71 @@ class Service:
                             parts = pull.recv_multipart(zmq.NOBLOCK, copy=True)
                         except zmq.Again:
                             break
-                        newest_done = self._handle_frame(parts, pending, newest_done, imagers)
-                now_mono = time.monotonic()
-                for pid in [p for p, (t, _) in pending.items() if now_mono - t > timeout_s]:
-                    _, got = pending.pop(pid)
-                    self.engine.frame_fault(HoldReason.UNPAIRED_FRAME,
-                                            f"pair {pid}: only imager(s) {sorted(got)} within {timeout_s * 1e3:.0f} ms",
-                                            time.time(), now_mono, pid)
+                        try:
+                            self._handle_frame(parts, pairer)
+                        except Exception as err:  # noqa: BLE001 - one bad message must never make the service deaf
+                            self._io_refusal("kvframe", err)
+                if monitor in events:
+                    self._handle_monitor(monitor)
+                for fault in pairer.expire(time.monotonic()):
+                    self.engine.frame_fault(fault.reason, fault.detail, time.time(), time.monotonic(), fault.pair_id)
         finally:
+            if monitor is not None:
+                pull.disable_monitor()
+                monitor.close(0)
             pull.close(0)
             router.close(0)
 
-    def _handle_frame(self, parts: list[bytes], pending: dict, newest_done: int, imagers: set[str]) -> int:
+    def _poll_io(self, poller: zmq.Poller, wait_ms: int) -> list:
+        """The io thread's one wait (a seam for fault-injection tests)."""
+        return poller.poll(wait_ms)
+
+    def _guarded_command(self, msg: list, limited: bool):
+        try:
+            return self._handle_command_message(msg, limited)
+        except Exception as err:  # noqa: BLE001 - one bad message must never make the service deaf
+            detail = self._io_refusal("command", err)
+            if len(msg) < 2:
+                return None
+            envelope = [bytes(msg[0])] + ([b""] if len(msg) > 2 and bytes(msg[1]) == b"" else [])
+            return envelope, {"ok": False, "reason": f"internal error: {detail}", "command": None,
+                              "state": self.engine.state.value}
+
+    def _io_refusal(self, what: str, err: Exception) -> str:
+        """An unexpected exception while handling one inbound message: HOLD ``internal_error``, record, go on."""
+        detail = f"io: {type(err).__name__} while handling a {what} message: {err}"
+        log.error("%s\n%s", detail, traceback.format_exc())
+        self.stats.frames_rejected += what == "kvframe"
+        self.stats.commands_rejected += what == "command"
+        self.engine.frame_fault(HoldReason.INTERNAL_ERROR, detail, time.time(), time.monotonic(), None,
+                                alive=False)
+        return detail
+
+    def _handle_monitor(self, monitor: zmq.Socket) -> None:
+        """A frames peer disconnected (closed, killed, or over MAXMSGSIZE): HOLD and record it."""
+        from zmq.utils.monitor import recv_monitor_message
+
+        while monitor.poll(0):
+            try:
+                event = recv_monitor_message(monitor, zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            endpoint = event.get("endpoint", b"")
+            endpoint = endpoint.decode("ascii", "replace") if isinstance(endpoint, bytes) else str(endpoint)
+            self.engine.frame_fault(
+                HoldReason.PEER_DISCONNECTED,
+                f"a frames peer on {endpoint} disconnected (closed or killed, or it sent a message part over the "
+                f"{max(self.limits.max_header_bytes, self.limits.max_payload_bytes) + MAXMSGSIZE_SLACK_BYTES}-byte "
+                "hard cap, which ZeroMQ drops with the connection)", time.time(), time.monotonic(), None,
+                alive=False)
+
+    def _handle_frame(self, parts: list[bytes], pairer: FramePairer) -> None:
         now, mono = time.time(), time.monotonic()
+        oversize = self._oversize(parts)
+        if oversize is not None:
+            self.stats.frames_rejected += 1
+            self.engine.frame_fault(HoldReason.OVERSIZE_MESSAGE, oversize, now, mono, None)
+            return
         try:
             wf = decode_kvframe(parts, self.limits)
         except (WireSchemaError, FrameError) as err:
@@ -354,45 +502,48 @@ class Service:
             reason = HoldReason.NAN_FRAME if isinstance(err, NonFinitePixelsError) else HoldReason.CORRUPT_FRAME
             pair_id = None
             if isinstance(err, (PayloadSizeError, NonFinitePixelsError)):
-                pair_id = _pair_id_from_header(parts)
+                pair_id = _pair_id_from_header(parts, self.limits)
             self.engine.frame_fault(reason, str(err), now, mono, pair_id)
-            if pair_id is not None:
-                pending.pop(pair_id, None)
-            return newest_done
-        f = wf.frame
-        if f.imager not in imagers:
-            self.stats.frames_rejected += 1
-            self.engine.frame_fault(HoldReason.CORRUPT_FRAME, f"kvframe seq {wf.seq}: unknown imager '{f.imager}' "
-                                    f"(plan has {sorted(imagers)})", now, mono, f.pair_id)
-            return newest_done
-        if f.pair_id <= newest_done:
-            self.stats.frames_rejected += 1
-            self.engine.frame_fault(HoldReason.STALE_FRAME, f"imager '{f.imager}' pair {f.pair_id} arrived after "
-                                    f"pair {newest_done} was complete", now, mono, f.pair_id)
-            return newest_done
-        raw = self.record.save_frame(f.pair_id, f.imager, f.pixels)
-        self.engine.frame_arrived(f.imager, f.pair_id, wf.seq, f.acquired_unix_s, now, mono, raw, f.i0)
-        _, got = pending.setdefault(f.pair_id, (mono, {}))
-        if f.imager in got:
-            pending.pop(f.pair_id)
-            self.engine.frame_fault(HoldReason.CORRUPT_FRAME, f"pair {f.pair_id}: imager '{f.imager}' sent twice",
-                                    now, mono, f.pair_id)
-            return newest_done
-        got[f.imager] = f
-        if raw is not None:
-            self._frames_for_record.setdefault(f.pair_id, {})[f.imager] = raw
-        if len(got) < len(imagers):
-            return newest_done
-        pending.pop(f.pair_id)
-        for older in [p for p in pending if p < f.pair_id]:
-            _, partial = pending.pop(older)
-            self.engine.frame_fault(HoldReason.UNPAIRED_FRAME, f"pair {older}: only imager(s) {sorted(partial)} "
-                                    f"before pair {f.pair_id} was complete", now, mono, older)
-        self.stats.pairs_completed += 1
-        self._complete_mono[f.pair_id] = mono
-        if self.mailbox.put((f.pair_id, got, mono)) is not None:
-            self.stats.pairs_dropped += 1
-        return f.pair_id
+            return
+        for event in pairer.offer(wf.frame, wf.seq, wf.session, mono):
+            if isinstance(event, NewEpoch):
+                self.engine.new_epoch(event.reason, event.detail, now, mono, event.pair_id)
+            elif isinstance(event, FrameAccepted):
+                f = event.frame
+                raw = self.record.save_frame(f.pair_id, f.imager, f.pixels, event.epoch)
+                self.engine.frame_arrived(f.imager, f.pair_id, event.seq, f.acquired_unix_s, now, mono, raw, f.i0)
+                if raw is not None:
+                    self._frames_for_record.setdefault((event.epoch, f.pair_id), {})[f.imager] = raw
+            elif isinstance(event, PairFault):
+                if event.reason is not HoldReason.UNPAIRED_FRAME:
+                    self.stats.frames_rejected += 1
+                self._frames_for_record.pop((pairer.epoch, event.pair_id), None)
+                self.engine.frame_fault(event.reason, event.detail, now, mono, event.pair_id)
+            elif isinstance(event, CompletePair):
+                self.stats.pairs_completed += 1
+                self._complete_mono[event.pair_id] = event.complete_mono_s
+                old = self.mailbox.put((event.pair_id, event.frames, event.complete_mono_s, event.epoch))
+                if old is not None:
+                    self.stats.pairs_dropped += 1
+                    old_pid, _, old_mono, old_epoch = old
+                    self._frames_for_record.pop((old_epoch, old_pid), None)
+                    self._complete_mono.pop(old_pid, None)
+                    self.engine.frame_fault(
+                        HoldReason.PAIR_DROPPED, f"pair {old_pid} was not processed: pair {event.pair_id} completed "
+                        f"{(event.complete_mono_s - old_mono) * 1e3:.0f} ms after it, before the worker was free",
+                        now, mono, old_pid)
+
+    def _oversize(self, parts: list) -> str | None:
+        """Why an inbound ``kvframe`` is too large to decode at all, or None."""
+        lim = self.limits
+        if not isinstance(parts, list) or len(parts) > 3:
+            return None  # the decoder names the frame-count problem
+        sizes = [len(p) for p in parts]
+        if len(sizes) > 1 and sizes[1] > lim.max_header_bytes:
+            return f"kvframe: header part is {sizes[1]} bytes (limit {lim.max_header_bytes})"
+        if len(sizes) > 2 and sizes[2] > lim.max_payload_bytes:
+            return f"kvframe: pixel part is {sizes[2]} bytes (limit {lim.max_payload_bytes})"
+        return None
 
     def _handle_command_message(self, frames: list[zmq.Frame], limited: bool):
         # The operator is the client key that authenticated this connection (ZAP User-Id), never a
@@ -441,14 +592,16 @@ class Service:
         """Owns no socket: registration and judgement of pairs."""
         self._ready.wait()
         while not self._stop.is_set():
+            self._beat("worker")
             item = self.mailbox.get(0.05)
             if item is None:
                 continue
-            pair_id, frames, complete_mono = item
+            pair_id, frames, complete_mono, epoch = item
+            self._beat("worker", PAIR_STALL_S)
             acquired = min(f.acquired_unix_s for f in frames.values())
-            job, processor = self.engine.begin_pair(pair_id, acquired, complete_mono, time.time())
+            job, processor = self.engine.begin_pair(pair_id, acquired, complete_mono, time.time(), epoch)
             result = run_processor(processor, frames, job, self.config)
-            raw = self._frames_for_record.pop(pair_id, None)
+            raw = self._frames_for_record.pop((epoch, pair_id), None)
             self.engine.finish_pair(job, result, time.time(), time.monotonic(), raw)
             self.stats.pairs_processed += 1
 
@@ -466,6 +619,7 @@ class Service:
             next_beat = time.monotonic()
             handled_deadline = None
             while not self._stop.is_set():
+                self._beat("publisher")
                 try:  # outgoing messages first: they are never delayed by the timers
                     seq = self._send(pub, seq, self._out.get_nowait())
                     continue
@@ -490,9 +644,13 @@ class Service:
                 if mono >= next_beat:
                     late_ms = (mono - next_beat) * 1e3
                     self.stats.heartbeat_late_ms.append(late_ms)
-                    extra = {"phase": None if self.engine.phase is None else self.engine.phase.value}
-                    seq = self._send_parts(pub, seq, encode_heartbeat(seq, now, self.engine.state.value, extra),
-                                           {"topic": "heartbeat", "late_ms": late_ms})
+                    # Watchdog: a dead or stuck thread fails the service (HOLD internal_error first).
+                    if self.check_health(mono) is None:
+                        extra = {"phase": None if self.engine.phase is None else self.engine.phase.value}
+                        seq = self._send_parts(pub, seq, encode_heartbeat(seq, now, self.engine.state.value, extra,
+                                                                          session=self.session),
+                                               {"topic": "heartbeat", "late_ms": late_ms})
+                    # else: no heartbeats from a failed service; receivers HOLD on heartbeat loss.
                     self.engine.tick(now, mono)
                     next_beat += period
                     if next_beat < mono:  # fell far behind (suspended): restart the clock, never burst
@@ -501,6 +659,10 @@ class Service:
             pub.close(0)
 
     def _send(self, pub: zmq.Socket, seq: int, body: dict) -> int:
+        if self._failure is not None and body.get("beam") == Beam.ENABLE.value:
+            log.error("service failed: not sending ENABLE for pair %s", body.get("pair_id"))
+            self.record.write("not_sent", reason=f"service failed: {self._failure}", body=body)
+            return seq
         try:
             parts = encode_message(seq, body)
         except WireSchemaError as err:
@@ -514,8 +676,10 @@ class Service:
             if complete is not None:
                 meta["latency_ms"] = (time.monotonic() - complete) * 1e3
                 self.stats.latency_ms.append(meta["latency_ms"])
-            for old in [p for p in list(self._complete_mono) if p < pid]:
-                self._complete_mono.pop(old, None)
+            now_mono = time.monotonic()
+            for old, t in list(self._complete_mono.items()):
+                if now_mono - t > 5.0:  # never judged (dropped or faulted); pair ids may restart in a new epoch
+                    self._complete_mono.pop(old, None)
         return self._send_parts(pub, seq, parts, meta, body)
 
     def _send_parts(self, pub: zmq.Socket, seq: int, parts: list[bytes], meta: dict, body: dict | None = None) -> int:
@@ -528,15 +692,17 @@ class Service:
         return seq + 1
 
 
-def _pair_id_from_header(parts: list[bytes]) -> int | None:
-    """Best-effort pair id of a rejected frame (for the HOLD message); None if unreadable."""
-    import json
+def _pair_id_from_header(parts: list[bytes], limits: WireLimits) -> int | None:
+    """Best-effort pair id of a frame whose header decoded but whose pixels did not (for the HOLD); None if none."""
+    from calibration.jsonfile import parse_json_bytes
 
     try:
-        pid = json.loads(bytes(parts[1]))["pair_id"]
-        return pid if isinstance(pid, int) and not isinstance(pid, bool) and pid >= 0 else None
-    except (ValueError, KeyError, TypeError, IndexError):
+        header = parse_json_bytes(bytes(parts[1]), "kvframe header", WireSchemaError,
+                                  max_bytes=limits.max_header_bytes, max_depth=limits.max_json_depth)
+    except WireSchemaError:
         return None
+    pid = header.get("pair_id") if isinstance(header, dict) else None
+    return pid if isinstance(pid, int) and not isinstance(pid, bool) and pid >= 0 else None
 
 
 # ------------------------------------------------------------------- replay
@@ -607,9 +773,9 @@ def replay_session(path: str | Path, processor_factory: Callable[[PlanConfig], P
     config = config_from_dict(records[0]["config"], f"{p} (session header)")
     factory = processor_factory or (lambda plan: build_processor(plan, seed))
     mem = SessionRecord(None)
-    engine = Engine(config, factory, mem, lambda body: None)
+    engine = Engine(config, factory, mem, lambda body: None, session=records[0].get("session"))
     report = ReplayReport()
-    folder = frames_folder(p)
+    folder = frames_folder(p.resolve())  # the record's own frames, also when ``path`` is the "newest" link
     i0s: dict[tuple[int, str], float | None] = {}
     for i, rec in enumerate(records[1:], start=2):
         ev = rec["event"]
@@ -635,12 +801,15 @@ def replay_session(path: str | Path, processor_factory: Callable[[PlanConfig], P
             _diff(rec["outputs"], _jsonify(outputs), f"{where} outputs", diffs)
         elif ev == "tick":
             _diff(rec["outputs"], _jsonify(engine.tick(t, mono)), f"{where} outputs", diffs)
+        elif ev == "epoch":
+            engine.new_epoch(HoldReason(rec["reason"]), rec["detail"], t, mono, rec["pair_id"])
+            _diff(rec["epoch"], engine.epoch, f"{where} epoch", diffs)
         elif ev == "error":
             engine.internal_error(rec["detail"], t, mono)
         elif ev == "pair":
             report.pairs += 1
             job, processor = engine.begin_pair(rec["pair_id"], rec["acquired_unix_s"], rec["complete_mono_s"],
-                                               rec["begin_unix_s"])
+                                               rec["begin_unix_s"], rec.get("epoch", 0))
             _diff(rec["skip"], None if job.skip is None else job.skip.value, f"{where} skip", diffs)
             recorded = PairResult.from_json(rec["result"])
             result = recorded

@@ -7,14 +7,22 @@ order the service produced them. Every record carries ``event``,
 process). Raw frames, when asked for, are written as ``.npy`` files into the
 folder ``<record>.frames/`` beside it and named in the record.
 
+A record is never appended to and nothing in it is ever overwritten: the
+file and its frames folder are created exclusively (an existing one is an
+error). The service gives every session its own record,
+``<stem>-<UTC start>-<session><suffix>`` beside the configured path
+(:meth:`SessionRecord.for_session`), and points the configured path (and
+``<path>.frames``) at the newest one with a symbolic link, so a restarted
+service starts a new record and leaves the earlier one as it was.
+
 A killed process loses at most the records still queued for the writer
 (normally none, at worst the frame in flight); :func:`read_record` accepts a
 torn last line (the write that was interrupted) and refuses corruption
 anywhere else.
 
-Events (see docs/SERVICE.md): ``session`` (first line: config, versions),
-``command``, ``state``, ``frame``, ``frame_fault``, ``pair``, ``tick``,
-``sent``, ``error``, ``closed``.
+Events (see docs/SERVICE.md): ``session`` (first line: session id, config,
+versions), ``command``, ``state``, ``frame``, ``frame_fault``, ``epoch``,
+``pair``, ``tick``, ``sent``, ``error``, ``closed``.
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ import json
 import logging
 import os
 import queue
+import re
 import threading
 import time
 from pathlib import Path
@@ -54,7 +63,8 @@ class SessionRecord:
     Parameters
     ----------
     path : Path or None
-        JSON-lines file; created, or appended to if it exists.
+        JSON-lines file, created here; it must not exist (a record is never
+        appended to), nor its frames folder when ``raw_frames`` is set.
     raw_frames : bool
         Keep raw frame pixels as ``.npy`` beside the record.
     keep_in_memory : bool
@@ -71,12 +81,16 @@ class SessionRecord:
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._fh = None
         self._failed: str | None = None
+        self._frame_names: set[str] = set()
         if self.path is not None:
             try:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
-                self._fh = open(self.path, "ab")
                 if self.raw_frames:
-                    frames_folder(self.path).mkdir(exist_ok=True)
+                    frames_folder(self.path).mkdir()
+                self._fh = open(self.path, "xb")
+            except FileExistsError as err:
+                raise RecordError(f"{err.filename}: exists; a session record is never appended to or "
+                                  "overwritten (start a new record)") from err
             except OSError as err:
                 raise RecordError(f"{self.path}: cannot open the session record: {err.strerror}") from err
         self._thread = threading.Thread(target=self._run, name="record-writer", daemon=True)
@@ -100,11 +114,58 @@ class SessionRecord:
             self._queue.put(rec)
         return rec
 
-    def save_frame(self, pair_id: int, imager: str, pixels: np.ndarray) -> str | None:
-        """Queue a raw frame's pixels for ``<record>.frames/``; returns its file name (or None if not kept)."""
+    @classmethod
+    def for_session(cls, path: str | os.PathLike, session: str, start_unix_s: float, raw_frames: bool = False,
+                    keep_in_memory: bool | None = None) -> SessionRecord:
+        """A new record of one service session beside ``path``; ``path`` then points at it.
+
+        The record is ``<stem>-<YYYYmmddTHHMMSSZ>-<session><suffix>`` (UTC
+        start) in ``path``'s folder, with its own ``.frames`` folder. ``path``
+        and ``<path>.frames`` become symbolic links to the newest session's
+        record and frames (replaced atomically), so tools that read the
+        configured path see the live session; earlier records are untouched.
+
+        Raises
+        ------
+        RecordError
+            ``path`` exists and is not a link (a record of an older version:
+            move it away), the session id is not a plain name, or the files
+            cannot be created.
+        """
+        link = Path(path)
+        if not isinstance(session, str) or re.fullmatch(r"[0-9A-Za-z_-]{1,64}", session) is None:
+            raise RecordError(f"{link}: session id must be 1-64 letters, digits, '-' or '_', got {session!r}")
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(start_unix_s))
+        target = link.with_name(f"{link.stem}-{stamp}-{session}{link.suffix}")
+        for p in (link, frames_folder(link)):
+            if os.path.lexists(p) and not p.is_symlink():
+                raise RecordError(f"{p}: exists and is not a link to the newest session; a record is never "
+                                  "appended to or overwritten (move it away)")
+        record = cls(target, raw_frames, keep_in_memory)
+        try:
+            _point(link, target)
+            if record.raw_frames:
+                _point(frames_folder(link), frames_folder(target))
+            else:
+                frames_folder(link).unlink(missing_ok=True)  # no frames in this session: none of another's
+        except OSError as err:
+            record.close()
+            raise RecordError(f"{link}: cannot point it at the session record {target.name}: {err}") from err
+        return record
+
+    def save_frame(self, pair_id: int, imager: str, pixels: np.ndarray, epoch: int = 0) -> str | None:
+        """Queue a raw frame's pixels for ``<record>.frames/``; returns its file name (or None if not kept).
+
+        ``<pair_id:08d>_<imager>.npy`` in epoch 0, ``e<epoch>_<pair_id:08d>_<imager>.npy`` after a new
+        pair numbering began; a name already used in this record gets ``.<k>`` added (never overwritten).
+        """
         if not self.raw_frames:
             return None
-        name = f"{int(pair_id):08d}_{imager}.npy"
+        stem = f"{int(pair_id):08d}_{imager}" if epoch == 0 else f"e{int(epoch)}_{int(pair_id):08d}_{imager}"
+        name, k = f"{stem}.npy", 1
+        while name in self._frame_names:
+            name, k = f"{stem}.{k}.npy", k + 1
+        self._frame_names.add(name)
         self._queue.put(("npy", name, pixels))
         return name
 
@@ -121,7 +182,8 @@ class SessionRecord:
             try:
                 if isinstance(item, tuple):
                     _, name, pixels = item
-                    np.save(frames_folder(self.path) / name, pixels, allow_pickle=False)
+                    with open(frames_folder(self.path) / name, "xb") as fh:
+                        np.save(fh, pixels, allow_pickle=False)
                     continue
                 line = json.dumps(item, allow_nan=False, separators=(",", ":"), default=_jsonable).encode() + b"\n"
                 self._fh.write(line)
@@ -151,6 +213,14 @@ class SessionRecord:
         if self._fh is not None:
             self._fh.close()
             self._fh = None
+
+
+def _point(link: Path, target: Path) -> None:
+    """Make ``link`` a symbolic link to ``target`` (relative, same folder), replacing an older link atomically."""
+    tmp = link.with_name(f".{link.name}.{os.getpid()}.tmp")
+    tmp.unlink(missing_ok=True)
+    os.symlink(target.name, tmp)
+    os.replace(tmp, link)
 
 
 def _jsonable(obj: Any) -> Any:

@@ -25,6 +25,7 @@ import json
 import logging
 import math
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -86,16 +87,22 @@ def _socket(ctx: zmq.Context, kind: int, address: str, keys: ClientKeys | None) 
 
 
 class FrameSender:
-    """PUSH of ``kvframe/1`` messages to the service (owned by one thread)."""
+    """PUSH of ``kvframe/1.1`` messages to the service (owned by one thread).
+
+    ``session`` (a new ``uuid4().hex`` per sender) tells the service when the
+    imaging system restarted: a new session starts a new pair numbering.
+    """
 
     def __init__(self, ctx: zmq.Context, address: str, keys: ClientKeys | None = None) -> None:
         self.sock = _socket(ctx, zmq.PUSH, address, keys)
         self.sock.setsockopt(zmq.SNDHWM, 4)
         self.seq = SeqCounter()
+        self.session = uuid.uuid4().hex
 
     def send_frame(self, imager: str, pair_id: int, acquired_unix_s: float, pixels: np.ndarray,
                    i0: float | None = None) -> None:
-        self.send_parts(encode_kvframe(self.seq.next(), imager, pair_id, acquired_unix_s, pixels, i0))
+        self.send_parts(encode_kvframe(self.seq.next(), imager, pair_id, acquired_unix_s, pixels, i0,
+                                       self.session))
 
     def send_parts(self, parts: list[bytes], timeout_s: float = 1.0) -> None:
         """Send raw parts (fault injection); raises TrackingError if the service does not take them."""
@@ -116,12 +123,13 @@ class CommandClient:
         # A DEALER with no completed connection (service down, CURVE refused) blocks on send: bound it.
         self.sock.setsockopt(zmq.SNDTIMEO, int(send_timeout_s * 1e3))
         self.seq = SeqCounter()
+        self.session = uuid.uuid4().hex  # sent in every command/1.1
 
     def send(self, command: str, params: dict[str, Any] | None = None) -> int:
         """Send one request; returns its ``seq``. TrackingError when it cannot be handed to the service."""
         seq = self.seq.next()
         try:
-            self.sock.send_multipart(encode_command(seq, command, params))
+            self.sock.send_multipart(encode_command(seq, command, params, self.session))
         except zmq.Again:
             raise TrackingError(f"command '{command}' could not be sent: no connection to the service") from None
         return seq
@@ -402,6 +410,11 @@ def run_imager_sim(frames_address: str, duration_s: float, setup_error: Pose, tr
 
 
 # ---------------------------------------------------------------- delivery-sim
+#: A receiver that hears no ``heartbeat/1`` for this long holds the beam whatever ENABLE it holds
+#: (docs/PROTOCOL.md: three heartbeat periods of the default 0.05 s), s.
+HEARTBEAT_LOSS_S = 0.15
+
+
 @dataclass
 class CouchModel:
     """A couch that applies corrections after a latency, with a residual error per move.
@@ -434,18 +447,24 @@ class DeliveryReport:
     holds: dict[str, int] = field(default_factory=dict)
     corrections_applied: int = 0
     heartbeats: int = 0
+    heartbeat_losses: int = 0
+    service_sessions: int = 0
 
 
 def run_delivery_sim(publish_address: str, command_address: str, couch_address: str, duration_s: float,
                      couch: CouchModel | None = None, keys: ClientKeys | None = None,
                      beam_log: Path | None = None, ctx: zmq.Context | None = None,
-                     stop: Callable[[], bool] | None = None) -> DeliveryReport:
-    """Obey gating and apply setup corrections for ``duration_s`` seconds.
+                     stop: Callable[[], bool] | None = None,
+                     heartbeat_loss_s: float = HEARTBEAT_LOSS_S) -> DeliveryReport:
+    """Obey gating and apply setup corrections for ``duration_s`` seconds (docs/PROTOCOL.md, receivers).
 
-    The beam is on only while the newest ENABLE is unexpired and no later
-    HOLD has come (``valid_until_unix_s`` against the local wall clock).
-    ``correction/1`` messages with ``apply: true`` are applied to ``couch``
-    after its latency; then ``couch/1`` is published (binding
+    The beam is on only while the newest ENABLE is unexpired, no later HOLD
+    has come (``valid_until_unix_s`` against the local wall clock), and a
+    ``heartbeat/1`` of the same service session came within
+    ``heartbeat_loss_s`` (monotonic s); a heartbeat loss or a new service
+    session revokes the ENABLE. ``correction/1`` messages with ``apply:
+    true`` are applied to ``couch`` once per (service ``session``,
+    ``pair_id``) after its latency; then ``couch/1`` is published (binding
     ``couch_address``) and ``couch_moved`` is sent to the service.
     ``beam_log``: JSON lines of beam on/off transitions (for the fraction summary).
     """
@@ -478,14 +497,23 @@ def run_delivery_sim(publish_address: str, command_address: str, couch_address: 
         t, r = couch.state.six()
         pub.send_multipart(encode_couch(couch_seq.next(), time.time(), t, r, moving))
 
-    applied_pairs: set = set()
+    applied: set[tuple[str | None, Any]] = set()  # (service session, pair_id) of every correction applied
+    service_session: str | None = None
+    last_heartbeat_mono: float | None = None
     try:
         sub.handshake(30.0)  # subscribed before anything can be missed; couch/1 from now on means "ready"
         while time.monotonic() - start < duration_s and not (stop and stop()):
             for msg in sub.poll(0.005):
                 topic = msg["_topic"]
+                session = msg.get("session")
+                if session != service_session:
+                    # A restarted service: nothing the old session granted holds any more.
+                    valid_until = 0.0
+                    service_session = session
+                    report.service_sessions += 1
                 if topic == "heartbeat":
                     report.heartbeats += 1
+                    last_heartbeat_mono = time.monotonic()
                 elif topic == "gating":
                     if msg["beam"] == "ENABLE":
                         valid_until = float(msg["valid_until_unix_s"])
@@ -494,8 +522,8 @@ def run_delivery_sim(publish_address: str, command_address: str, couch_address: 
                         valid_until = 0.0
                         report.holds[msg["reason"]] = report.holds.get(msg["reason"], 0) + 1
                 elif topic == "correction" and msg.get("apply") is True and move is None \
-                        and msg.get("pair_id") not in applied_pairs:
-                    applied_pairs.add(msg.get("pair_id"))
+                        and (session, msg.get("pair_id")) not in applied:
+                    applied.add((session, msg.get("pair_id")))
                     move = Correction.from_six(msg["translation_mm"], msg["rotation_deg"])
                     move_at = time.monotonic() + couch.latency_s
                     publish_couch(True)
@@ -513,6 +541,10 @@ def run_delivery_sim(publish_address: str, command_address: str, couch_address: 
             if mono - last_couch_pub > 0.2:
                 publish_couch(move is not None)
                 last_couch_pub = mono
+            if time.time() < valid_until and (last_heartbeat_mono is None
+                                              or mono - last_heartbeat_mono > heartbeat_loss_s):
+                valid_until = 0.0  # the service went quiet: HOLD, whatever the ENABLE said
+                report.heartbeat_losses += 1
             now_on = time.time() < valid_until
             if beam_on:
                 report.beam_on_s += mono - last_mono

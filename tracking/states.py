@@ -20,8 +20,9 @@ import logging
 import math
 import threading
 import traceback
+import uuid
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import Enum
 from typing import Any
 
@@ -117,6 +118,9 @@ MAX_SETTABLE_TOLERANCE_MM = 5.0
 MAX_SETTABLE_TOLERANCE_DEG = 5.0
 #: A repeated identical HOLD from the timer is re-sent at this period (PUB may drop messages), s.
 HOLD_REPEAT_S = 1.0
+#: Longest wait in ``awaiting_couch`` for ``couch_moved`` after the correction was first sent, s; then
+#: HOLD ``couch_timeout`` and back to ``measuring`` (the next pair measures wherever the couch is).
+COUCH_TIMEOUT_S = 30.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,6 +140,8 @@ class PairJob:
         Last trusted pose.
     skip : HoldReason or None
         Set when the pair is not registered at all (stale before processing).
+    epoch : int
+        The pair-numbering epoch the pair belongs to (:meth:`Engine.new_epoch`).
     """
 
     pair_id: int
@@ -144,6 +150,7 @@ class PairJob:
     begin_unix_s: float
     prior: Pose | None
     skip: HoldReason | None
+    epoch: int = 0
 
 
 def run_processor(processor: PairProcessor | None, frames: dict[str, KvFrame], job: PairJob,
@@ -188,11 +195,22 @@ class Engine:
         Told of every setup correction sent to the couch (approved, or
         automatic in simulation), e.g. to export it as DICOM. Called under the
         engine lock, so it must only start work elsewhere.
+    session : str, optional
+        The service session id carried as ``session`` in every output and
+        reply (docs/PROTOCOL.md); default a new ``uuid4().hex``. Replay passes
+        the recorded one.
     """
 
     def __init__(self, config: ServiceConfig, processor_factory: Callable[[PlanConfig], PairProcessor],
                  record: SessionRecord, emit: Callable[[dict], None],
-                 on_setup_applied: Callable[[int, Pose, float, str], None] | None = None) -> None:
+                 on_setup_applied: Callable[[int, Pose, float, str], None] | None = None,
+                 session: str | None = None) -> None:
+        if session is None:
+            session = uuid.uuid4().hex
+        if not isinstance(session, str) or not 0 < len(session) <= 64:
+            raise TrackingError(f"engine session id must be a string of 1-64 characters, got {session!r}")
+        self.session = session
+        self.epoch = 0
         self.config = config
         self.gating_config = config.safety.gating()
         self._factory = processor_factory
@@ -228,10 +246,15 @@ class Engine:
     def _send_gating(self, decision: GatingDecision, now_unix_s: float) -> None:
         self._last_gating = (decision.beam, decision.reason, now_unix_s)
         self._count(f"{decision.beam.value}:{decision.reason.value}")
-        self._emit(gating_body(now_unix_s, decision))
+        self._emit(gating_body(now_unix_s, decision, session=self.session))
 
-    def _fault(self, reason: HoldReason, now_unix_s: float, pair_id: int | None) -> None:
-        decision, self.gating_state = judge_fault(self.gating_state, reason, now_unix_s, pair_id)
+    def _fault(self, reason: HoldReason, now_unix_s: float, pair_id: int | None, judged: bool = False) -> None:
+        """HOLD ``reason``. Only a pair judged in this epoch (``judged``) moves the pair-order mark:
+        a fault naming some pair id (a corrupt frame's header, a dropped pair) must never make
+        later pairs stale."""
+        keep = self.gating_state.last_pair_id
+        decision, new_state = judge_fault(self.gating_state, reason, now_unix_s, pair_id)
+        self.gating_state = new_state if judged else replace(new_state, last_pair_id=keep)
         self._send_gating(decision, now_unix_s)
 
     def _set_state(self, new: ServiceState, now_unix_s: float, now_mono_s: float, why: str) -> None:
@@ -262,7 +285,8 @@ class Engine:
             "tolerance_3d_mm": g.tolerance_3d_mm,
             "tolerance_rotation_deg": g.tolerance_rotation_deg,
             "pending_correction": None if self.pending is None else
-            {k: v for k, v in self.pending.items() if k not in ("message", "sent_unix_s", "pose")},
+            {k: v for k, v in self.pending.items() if k not in ("message", "sent_unix_s", "first_sent_unix_s", "pose")},
+            "epoch": self.epoch,
             "counters": dict(self.counters),
         }
 
@@ -296,6 +320,7 @@ class Engine:
                 log.error("command %r raised %s: %s\n%s", command, type(err).__name__, err, traceback.format_exc())
                 reply = {"ok": False, "reason": f"internal error: {type(err).__name__}: {err}",
                          "command": command, **self.status()}
+            reply["session"] = self.session
             if request_seq is not None:
                 reply["request_seq"] = request_seq
             outputs, self._outputs = self._outputs, None
@@ -449,6 +474,33 @@ class Engine:
                               detail=detail, pair_id=pair_id, alive=alive, outputs=outputs)
             return outputs
 
+    def new_epoch(self, reason: HoldReason, detail: str, now_unix_s: float, now_mono_s: float,
+                  pair_id: int | None = None) -> int:
+        """The frame source's pair numbering starts afresh (imager restart, ``pair_id`` jump).
+
+        HOLD ``reason`` at once and restart the gate: the good-pair count, the
+        pair-order mark and the velocity history are forgotten, so the next
+        good pairs are judged normally whatever their ``pair_id``. Pairs of
+        earlier epochs still in flight are refused (``stale_frame``).
+        Returns the new epoch number.
+        """
+        if reason not in (HoldReason.IMAGER_RESTARTED, HoldReason.PAIR_ID_JUMP):
+            raise TrackingError(f"a new epoch needs reason imager_restarted or pair_id_jump, got {reason!r}")
+        with self._lock:
+            self._outputs = []
+            self.epoch += 1
+            self.last_frame_unix_s = now_unix_s
+            # The hysteresis after a tolerance HOLD survives: only the numbering restarts.
+            self.gating_state = GatingState(rearm_needed=self.gating_state.rearm_needed)
+            self._last_measured = None
+            self._count(f"epoch:{reason.value}")
+            log.warning("pair %s: new epoch %d, HOLD %s: %s", pair_id, self.epoch, reason.value, detail)
+            self._fault(reason, now_unix_s, pair_id)
+            outputs, self._outputs = self._outputs, None
+            self.record.write("epoch", t_unix_s=now_unix_s, t_mono_s=now_mono_s, epoch=self.epoch,
+                              reason=reason.value, detail=detail, pair_id=pair_id, outputs=outputs)
+            return self.epoch
+
     def tick(self, now_unix_s: float, now_mono_s: float) -> list[dict]:
         """Timer: silence and ENABLE-expiry checks (recorded only when it sent something)."""
         with self._lock:
@@ -463,10 +515,18 @@ class Engine:
                             now_unix_s - last[2] >= HOLD_REPEAT_S:
                         self._send_gating(decision, now_unix_s)
             elif self.phase is SetupPhase.AWAITING_COUCH and self.pending is not None and \
+                    now_unix_s - self.pending.get("first_sent_unix_s", now_unix_s) >= COUCH_TIMEOUT_S:
+                # No couch_moved: never wait for ever. Measure again wherever the couch is now.
+                log.warning("pair %s: no couch_moved within %.0f s of the correction: HOLD couch_timeout",
+                            self.pending["pair_id"], COUCH_TIMEOUT_S)
+                self.pending = None
+                self._set_phase(SetupPhase.MEASURING, now_unix_s, now_mono_s)
+                self._fault(HoldReason.COUCH_TIMEOUT, now_unix_s, None)
+            elif self.phase is SetupPhase.AWAITING_COUCH and self.pending is not None and \
                     now_unix_s - self.pending.get("sent_unix_s", 0.0) >= HOLD_REPEAT_S:
                 # PUB may lose the one message that moves the couch: repeat it until couch_moved
-                # (receivers apply a correction once per pair_id).
-                self._send_setup_correction(now_unix_s)
+                # (receivers apply a correction once per (session, pair_id)).
+                self._send_setup_correction(now_unix_s, repeat=True)
             elif self._last_gating is not None and now_unix_s - self._last_gating[2] >= HOLD_REPEAT_S:
                 # Outside MONITORING: repeat the HOLD now and then (PUB may lose messages).
                 self._fault(self._last_gating[1] if self._last_gating[0] is Beam.HOLD else HoldReason.NOT_MONITORING,
@@ -490,16 +550,22 @@ class Engine:
 
     # ------------------------------------------------------------------- pairs
     def begin_pair(self, pair_id: int, acquired_unix_s: float, complete_mono_s: float,
-                   now_unix_s: float) -> tuple[PairJob, PairProcessor | None]:
-        """Snapshot what a pair is processed with (the worker then calls :func:`run_processor`)."""
+                   now_unix_s: float, epoch: int | None = None) -> tuple[PairJob, PairProcessor | None]:
+        """Snapshot what a pair is processed with (the worker then calls :func:`run_processor`).
+
+        ``epoch``: the pair-numbering epoch the I/O thread completed the pair in
+        (None: the current one). A pair from an earlier epoch is not registered
+        (``stale_frame``): its ``pair_id`` belongs to a numbering that ended.
+        """
         with self._lock:
             skip = None
+            epoch = self.epoch if epoch is None else epoch
             age_s = now_unix_s - acquired_unix_s
-            if age_s > self.gating_config.max_frame_age_s:
+            if age_s > self.gating_config.max_frame_age_s or epoch != self.epoch:
                 skip = HoldReason.STALE_FRAME
             elif self.state in (ServiceState.IDLE, ServiceState.STOPPED) or self.processor is None:
                 skip = HoldReason.NOT_MONITORING
-            job = PairJob(pair_id, acquired_unix_s, complete_mono_s, now_unix_s, self.last_pose, skip)
+            job = PairJob(pair_id, acquired_unix_s, complete_mono_s, now_unix_s, self.last_pose, skip, epoch)
             return job, self.processor
 
     def finish_pair(self, job: PairJob, result: PairResult, now_unix_s: float, now_mono_s: float,
@@ -508,17 +574,22 @@ class Engine:
         with self._lock:
             self._outputs = []
             try:
-                self._judge_pair(job, result, now_unix_s, now_mono_s)
+                if job.epoch != self.epoch:
+                    # A new epoch began while it was processed: its pair_id means nothing now.
+                    self._count("pairs_of_an_earlier_epoch")
+                    self._fault(HoldReason.STALE_FRAME, now_unix_s, job.pair_id)
+                else:
+                    self._judge_pair(job, result, now_unix_s, now_mono_s)
             except Exception as err:  # noqa: BLE001 - never stop the service: HOLD and log
                 log.error("pair %d: judging raised %s: %s\n%s", job.pair_id, type(err).__name__, err,
                           traceback.format_exc())
-                self._fault(HoldReason.INTERNAL_ERROR, now_unix_s, job.pair_id)
+                self._fault(HoldReason.INTERNAL_ERROR, now_unix_s, job.pair_id, judged=True)
             outputs, self._outputs = self._outputs, None
             self.record.write(
                 "pair", t_unix_s=now_unix_s, t_mono_s=now_mono_s, pair_id=job.pair_id,
                 acquired_unix_s=job.acquired_unix_s, complete_mono_s=job.complete_mono_s,
                 begin_unix_s=job.begin_unix_s, prior=None if job.prior is None else job.prior.to_json(),
-                skip=None if job.skip is None else job.skip.value, state=self.state.value,
+                skip=None if job.skip is None else job.skip.value, state=self.state.value, epoch=job.epoch,
                 result=result.to_json(), raw_files=raw_files, outputs=outputs,
             )
             return outputs
@@ -536,7 +607,7 @@ class Engine:
             self._setup(job, result, now, mono)
         else:
             reason = HoldReason.PAUSED if state is ServiceState.PAUSED else HoldReason.NOT_MONITORING
-            self._fault(reason, now, job.pair_id)
+            self._fault(reason, now, job.pair_id, judged=True)
 
     def _couch_correction(self, pose: Pose) -> tuple[Correction, dict[str, Any]]:
         """The correction to send for ``pose`` (reduced to a 4-DoF couch if so configured) and its quality extras."""
@@ -560,7 +631,8 @@ class Engine:
                             extra_quality: dict, apply: bool, purpose: str) -> dict:
         quality = {**result.quality, **extra_quality}
         quality["ok"] = bool(result.ok)
-        return correction_body(job_pair_id, now, corr, result.method, quality, apply=apply, purpose=purpose)
+        return correction_body(job_pair_id, now, corr, result.method, quality, session=self.session, apply=apply,
+                               purpose=purpose)
 
     def _measurement(self, job: PairJob, pose: Pose) -> Measurement:
         dev = pose.target_deviation_mm(self.target_room_mm)
@@ -601,32 +673,32 @@ class Engine:
     def _setup(self, job: PairJob, result: PairResult, now: float, mono: float) -> None:
         phase = self.phase
         if not result.ok:
-            self._fault(result.reason, now, job.pair_id)
+            self._fault(result.reason, now, job.pair_id, judged=True)
             return
         if phase is SetupPhase.VERIFYING and self.couch_moved_unix_s is not None and \
                 job.acquired_unix_s < self.couch_moved_unix_s:
             # Taken before the couch stopped: says nothing about the new position.
-            self._fault(HoldReason.NOT_MONITORING, now, job.pair_id)
+            self._fault(HoldReason.NOT_MONITORING, now, job.pair_id, judged=True)
             return
         if phase is SetupPhase.AWAITING_APPROVAL and self.pending is not None and \
                 mono - self.pending["proposed_mono_s"] > self.config.safety.approval_max_age_s:
             self._drop_expired_proposal(now, mono)  # too old to approve: this pair proposes afresh
             phase = self.phase
         if phase in (SetupPhase.AWAITING_APPROVAL, SetupPhase.AWAITING_COUCH):
-            self._fault(HoldReason.NOT_MONITORING, now, job.pair_id)
+            self._fault(HoldReason.NOT_MONITORING, now, job.pair_id, judged=True)
             return
         corr, extra = self._couch_correction(result.pose)
         within = self._setup_within_tolerance(result.pose)
         if within:
             self._emit(self._correction_message(job.pair_id, now, result, corr, extra, False, "verified"))
             self._set_phase(SetupPhase.VERIFIED, now, mono)
-            self._fault(HoldReason.NOT_MONITORING, now, job.pair_id)
+            self._fault(HoldReason.NOT_MONITORING, now, job.pair_id, judged=True)
             return
         ok, why = self._within_limits(corr)
         if not ok:
             log.warning("pair %d: setup correction not sent: %s", job.pair_id, why)
             self._set_phase(SetupPhase.MEASURING, now, mono)
-            self._fault(HoldReason.CORRECTION_LIMIT, now, job.pair_id)
+            self._fault(HoldReason.CORRECTION_LIMIT, now, job.pair_id, judged=True)
             return
         self.pending = {"pair_id": job.pair_id, "translation_mm": [float(x) for x in corr.translation_mm],
                         "rotation_deg": [float(x) for x in corr.rotation_deg],
@@ -639,14 +711,15 @@ class Engine:
         else:
             self._emit(self._correction_message(job.pair_id, now, result, corr, extra, False, "proposal"))
             self._set_phase(SetupPhase.AWAITING_APPROVAL, now, mono)
-        self._fault(HoldReason.NOT_MONITORING, now, job.pair_id)
+        self._fault(HoldReason.NOT_MONITORING, now, job.pair_id, judged=True)
 
-    def _send_setup_correction(self, now: float, operator: str = "") -> None:
+    def _send_setup_correction(self, now: float, operator: str = "", repeat: bool = False) -> None:
         msg = dict(self.pending["message"])
         msg["t_unix_s"] = float(now)
         self.pending["sent_unix_s"] = float(now)
+        self.pending.setdefault("first_sent_unix_s", float(now))
         self._emit(msg)
-        if self._on_setup_applied is not None:
+        if self._on_setup_applied is not None and not repeat:
             self._on_setup_applied(self.pending["pair_id"], self.pending["pose"], float(now), operator)
 
     def _setup_within_tolerance(self, pose: Pose) -> bool:
@@ -676,4 +749,5 @@ class Engine:
             self._outputs = []
             self._fault(HoldReason.NOT_MONITORING, now_unix_s, None)
             outputs, self._outputs = self._outputs, None
-            self.record.write("start", t_unix_s=now_unix_s, t_mono_s=now_mono_s, outputs=outputs)
+            self.record.write("start", t_unix_s=now_unix_s, t_mono_s=now_mono_s, session=self.session,
+                              outputs=outputs)

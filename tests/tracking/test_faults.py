@@ -211,8 +211,9 @@ def test_imager_simulator_killed_holds(running):
     msg = running.peers.sub.wait_for(lambda m: m["_topic"] == "gating" and m["beam"] == "HOLD", 2.0)
     late_s = running.peers.sub.received_at(msg) - t0
     assert late_s <= HOLD_BOUND_S, f"HOLD {msg['reason']} {late_s:.3f} s after the kill"
-    assert msg["reason"] in ("stale_frame", "frame_source_silent")
-    if msg["reason"] != "frame_source_silent":  # ENABLE expiry first, then the silence rule
+    # The socket monitor sees the connection go (peer_disconnected), or the ENABLE expires first.
+    assert msg["reason"] in ("peer_disconnected", "stale_frame", "frame_source_silent")
+    if msg["reason"] != "frame_source_silent":  # then the silence rule
         running.peers.sub.wait_for(lambda m: m["_topic"] == "gating" and m["reason"] == "frame_source_silent", 2.0)
     assert running.peers.cmd.request("status")["state"] == "MONITORING"
     running.svc.record.flush()
@@ -258,7 +259,7 @@ def test_malformed_json_command_is_refused(running):
     sock = running.peers.cmd.sock
     sock.send_multipart([b"command", b"{not json"])
     reply = running.peers.cmd.receive(2.0)
-    assert reply["ok"] is False and "malformed command" in reply["reason"] and "not valid UTF-8 JSON" in reply["reason"]
+    assert reply["ok"] is False and "malformed command" in reply["reason"] and "not valid JSON" in reply["reason"]
     running.assert_alive_and_recorded("command_rejected")
 
 

@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from registration.pose import Pose
@@ -18,7 +19,7 @@ from tracking.config import (
     SetupConfig,
 )
 from tracking.loop import Service, replay_session
-from tracking.record import RecordError, SessionRecord, read_record
+from tracking.record import RecordError, SessionRecord, frames_folder, read_record
 from tracking.sims import LocalPeers
 
 pytestmark = pytest.mark.timeout(60)
@@ -37,13 +38,44 @@ def test_records_are_lines_on_disk_in_order_with_both_clocks(tmp_path):
     assert read_record(path)[-1]["event"] == "closed"
 
 
-def test_reopening_appends_and_never_truncates(tmp_path):
+def test_an_existing_record_is_never_appended_to_nor_overwritten(tmp_path):
     path = tmp_path / "s.jsonl"
-    for k in range(2):
-        rec = SessionRecord(path)
-        rec.write("mark", k=k)
-        rec.close()
-    assert [r.get("k") for r in read_record(path)] == [0, None, 1, None]
+    rec = SessionRecord(path)
+    rec.write("mark", k=0)
+    rec.close()
+    before = path.read_bytes()
+    with pytest.raises(RecordError, match="s.jsonl: exists; a session record is never appended to"):
+        SessionRecord(path)
+    (tmp_path / "t.jsonl.frames").mkdir()
+    with pytest.raises(RecordError, match="t.jsonl.frames: exists"):
+        SessionRecord(tmp_path / "t.jsonl", raw_frames=True)
+    assert path.read_bytes() == before
+
+
+def test_each_session_gets_its_own_record_and_the_configured_path_points_at_the_newest(tmp_path):
+    link = tmp_path / "session.jsonl"
+    first = SessionRecord.for_session(link, "a" * 32, 1_764_070_000.0, raw_frames=True)
+    first.write("session", k=1)
+    name = first.save_frame(3, "A", np.zeros((2, 2), np.uint16))
+    assert first.save_frame(3, "A", np.ones((2, 2), np.uint16)) == "00000003_A.1.npy"  # never overwritten
+    assert first.save_frame(3, "A", np.ones((2, 2), np.uint16), epoch=2) == "e2_00000003_A.npy"
+    first.close()
+    assert first.path.name == "session-20251125T112640Z-" + "a" * 32 + ".jsonl"
+    assert read_record(link)[0]["k"] == 1 and (tmp_path / "session.jsonl.frames" / name).is_file()
+    old_bytes = first.path.read_bytes()
+    second = SessionRecord.for_session(link, "b" * 32, 1_764_070_100.0, raw_frames=False)
+    second.write("session", k=2)
+    second.close()
+    assert read_record(link)[0]["k"] == 2  # the link names the newest session
+    assert first.path.read_bytes() == old_bytes and read_record(first.path)[0]["k"] == 1
+    assert not (tmp_path / "session.jsonl.frames").exists()  # the new session keeps no frames
+    assert (frames_folder(first.path) / name).is_file()  # the first session's frames are intact
+    with pytest.raises(RecordError, match="session id must be"):
+        SessionRecord.for_session(link, "../x", 1.0)
+    legacy = tmp_path / "legacy.jsonl"
+    legacy.write_text('{"event":"session"}\n')
+    with pytest.raises(RecordError, match="legacy.jsonl: exists and is not a link"):
+        SessionRecord.for_session(legacy, "c" * 32, 1.0)
 
 
 def test_torn_last_line_is_dropped_corrupt_middle_line_is_an_error(tmp_path):

@@ -16,6 +16,7 @@ from tracking.fraction import free_tcp_port
 from tracking.gating import Beam, GatingDecision, HoldReason
 from tracking.processing import read_pose_pattern, stamp_pose_pattern
 from tracking.sims import (
+    HEARTBEAT_LOSS_S,
     CouchModel,
     MotionTrace,
     pattern_frame,
@@ -67,7 +68,7 @@ def test_couch_applying_the_correction_of_a_pose_restores_the_plan_up_to_its_res
 class FakeService:
     """A PUB + ROUTER pair standing in for the service, driven from the test thread."""
 
-    def __init__(self):
+    def __init__(self, session="fake-service-1"):
         self.ctx = zmq.Context()
         self.pub = self.ctx.socket(zmq.PUB)
         self.pub.setsockopt(zmq.LINGER, 0)
@@ -78,10 +79,26 @@ class FakeService:
         self.command = f"tcp://127.0.0.1:{self.router.bind_to_random_port('tcp://127.0.0.1')}"
         self.couch = f"tcp://127.0.0.1:{free_tcp_port()}"  # bound by the simulator
         self.seq = 0
+        self.session = session
 
     def send(self, parts):
         self.pub.send_multipart(parts)
         self.seq += 1
+
+    def beat(self):
+        self.send(encode_heartbeat(self.seq, time.time(), "MONITORING", session=self.session))
+
+    def beat_for(self, duration_s, period_s=0.05):
+        """Heartbeats every ``period_s`` for ``duration_s`` (the service is alive meanwhile)."""
+        end = time.monotonic() + duration_s
+        while time.monotonic() < end:
+            self.beat()
+            time.sleep(period_s)
+
+    def gating(self, beam, reason, valid_until, pair_id, dev):
+        now = time.time()
+        self.send(encode_gating(self.seq, now, GatingDecision(beam, reason, valid_until, pair_id, dev, now),
+                                session=self.session))
 
     def close(self):
         self.pub.close(0)
@@ -102,7 +119,7 @@ def _run_delivery(fake, duration_s, ready: threading.Event, out: dict):
     sub.connect(fake.couch)
     deadline = time.monotonic() + 10
     while not sub.poll(50) and time.monotonic() < deadline:
-        fake.send(encode_heartbeat(fake.seq, time.time(), "MONITORING"))
+        fake.beat()
     sub.close(0)
     ready.set()
     return t
@@ -114,14 +131,34 @@ def test_delivery_sim_beam_is_on_only_until_the_enable_expires():
     try:
         t = _run_delivery(fake, 1.2, threading.Event(), out)
         validity_s = 0.3
-        now = time.time()
-        fake.send(encode_gating(fake.seq, now, GatingDecision(Beam.ENABLE, HoldReason.OK, now + validity_s, 1, 0.1, now)))
+        fake.beat()
+        fake.gating(Beam.ENABLE, HoldReason.OK, time.time() + validity_s, 1, 0.1)
+        fake.beat_for(0.6)  # heartbeats go on: only the expiry ends the beam
         t.join(10)
     finally:
         fake.close()
     report = out["report"]
-    assert report.enables == 1
+    assert report.enables == 1 and report.heartbeat_losses == 0
     assert report.beam_on_s <= validity_s + DELIVERY_POLL_SLACK_S  # never on past the expiry
+    assert report.beam_on_s >= validity_s - 2 * DELIVERY_POLL_SLACK_S  # and on until then
+
+
+def test_delivery_sim_holds_on_heartbeat_loss_though_the_enable_is_unexpired():
+    fake = FakeService()
+    out: dict = {}
+    try:
+        t = _run_delivery(fake, 1.0, threading.Event(), out)
+        fake.beat()
+        fake.gating(Beam.ENABLE, HoldReason.OK, time.time() + 10.0, 1, 0.1)
+        t0 = time.monotonic()
+        # The service dies (kill -9): no HOLD, no heartbeat, ever again.
+        t.join(10)
+    finally:
+        fake.close()
+    report = out["report"]
+    assert report.enables == 1 and report.heartbeat_losses == 1
+    # On at most from the last heartbeat to the loss limit (the ENABLE said 10 s).
+    assert report.beam_on_s <= HEARTBEAT_LOSS_S + DELIVERY_POLL_SLACK_S, (report.beam_on_s, time.monotonic() - t0)
 
 
 def test_delivery_sim_hold_revokes_an_unexpired_enable_and_setup_correction_moves_the_couch():
@@ -130,12 +167,13 @@ def test_delivery_sim_hold_revokes_an_unexpired_enable_and_setup_correction_move
     try:
         t = _run_delivery(fake, 1.5, threading.Event(), out)
         now = time.time()
-        fake.send(encode_gating(fake.seq, now, GatingDecision(Beam.ENABLE, HoldReason.OK, now + 10.0, 1, 0.1, now)))
-        fake.send(encode_gating(fake.seq, now, GatingDecision(Beam.HOLD, HoldReason.OUT_OF_TOLERANCE, now, 2, 3.0, now)))
+        fake.gating(Beam.ENABLE, HoldReason.OK, now + 10.0, 1, 0.1)
+        fake.gating(Beam.HOLD, HoldReason.OUT_OF_TOLERANCE, now, 2, 3.0)
         from tracking.wire import correction_body, encode_message
 
         corr = Pose.from_six([1.0, 0, 0], [0, 0, 0]).to_correction()
-        body = correction_body(2, now, corr, "fiducial", {"ok": True}, apply=True, purpose="setup")
+        body = correction_body(2, now, corr, "fiducial", {"ok": True}, session=fake.session, apply=True,
+                               purpose="setup")
         fake.send(encode_message(fake.seq, body))
         fake.send(encode_message(fake.seq, body))  # repeated: applied once
         assert fake.router.poll(5000)
@@ -148,6 +186,30 @@ def test_delivery_sim_hold_revokes_an_unexpired_enable_and_setup_correction_move
     assert report.holds == {"out_of_tolerance": 1}
     assert report.beam_on_s <= DELIVERY_POLL_SLACK_S
     assert report.corrections_applied == 1
+
+
+def test_delivery_sim_applies_the_same_pair_id_again_from_a_restarted_service():
+    fake = FakeService()
+    out: dict = {}
+    try:
+        t = _run_delivery(fake, 1.5, threading.Event(), out)
+        from tracking.wire import correction_body, encode_message
+
+        corr = Pose.from_six([1.0, 0, 0], [0, 0, 0]).to_correction()
+        for session in ("service-before-restart", "service-after-restart"):
+            fake.session = session
+            fake.beat()
+            body = correction_body(0, time.time(), corr, "fiducial", {"ok": True}, session=session, apply=True,
+                                   purpose="setup")
+            fake.send(encode_message(fake.seq, body))
+            assert fake.router.poll(5000)  # couch_moved: the move was made
+            assert b"couch_moved" in fake.router.recv_multipart()[-1]
+            fake.send(encode_message(fake.seq, body))  # a repeat within one session is not applied again
+        t.join(10)
+    finally:
+        fake.close()
+    report = out["report"]
+    assert report.corrections_applied == 2 and report.service_sessions == 2
 
 
 def test_imager_sim_streams_pairs_with_the_true_pose(tmp_path):
