@@ -160,10 +160,10 @@ MAX_ENABLE_PERIODS = 2.0
 #: two values (see :data:`RELATIONS`).
 RANGES: dict[str, dict[str, Range]] = {
     "safety": {
-        "frame_period_s": Range(0.02, 2.0, "s", "nominal time between stereo pairs (50 Hz .. 0.5 Hz)"),
+        "frame_period_s": Range(0.02, 1.0, "s", "nominal time between stereo pairs (50 Hz .. 1 Hz)"),
         "max_frame_age_s": Range(0.0, 2.0, "s", "a pair older than this when judged is stale; "
                                  "default 2 frame periods", lo_open=True),
-        "enable_validity_s": Range(0.0, 4.0, "s", "longest life of one ENABLE; default and at most "
+        "enable_validity_s": Range(0.0, 2.0, "s", "longest life of one ENABLE; default and at most "
                                    "2 frame periods", lo_open=True),
         "tolerance_3d_mm": Range(0.0, 5.0, "mm", "gating radius on the 3D target deviation", lo_open=True),
         "tolerance_axis_mm": Range(0.0, 5.0, "mm", "gating limit per room axis X, Y, Z", lo_open=True, count=3),

@@ -42,7 +42,7 @@ from .errors import CommandRefused, SecurityError
 from .states import Command
 
 __all__ = ["SecurityError", "KeyPair", "Role", "ClientIdentity", "COMMAND_ROLES", "DEFAULT_CLIENT_ROLES",
-           "ROLES_FILE", "UNAUTHENTICATED", "authorize_command", "load_allow_list", "create_keys",
+           "ROLES_FILE", "UNAUTHENTICATED", "authorize_command", "roles_markdown", "load_allow_list", "create_keys",
            "load_key_pair", "Authenticator", "user_id_of", "make_server_socket_secure", "make_client_socket_secure"]
 
 log = logging.getLogger(__name__)
@@ -128,6 +128,16 @@ class ClientIdentity:
             raise SecurityError(f"client name must be 1..64 letters, digits, '.', '_' or '-', got {self.name!r}")
         if not isinstance(self.role, Role):
             raise SecurityError(f"client '{self.name}': role must be a Role, got {self.role!r}")
+
+
+def roles_markdown() -> str:
+    """:data:`COMMAND_ROLES` as a Markdown table, command by role (docs/SECURITY.md)."""
+    roles = list(Role)
+    lines = ["| command | " + " | ".join(r.value for r in roles) + " |", "|---" * (len(roles) + 1) + "|"]
+    for cmd in Command:
+        lines.append(f"| `{cmd.value}` | " + " | ".join("yes" if r in COMMAND_ROLES.get(cmd, ()) else "-" for r in roles)
+                     + " |")
+    return "\n".join(lines)
 
 
 def _read_roles(path: Path) -> dict[str, Role]:
@@ -223,8 +233,9 @@ def authorize_command(identity: ClientIdentity | None, insecure: bool, command: 
             cmd = Command(command)
         except ValueError:
             cmd = None
-        if cmd is not None and identity.role not in COMMAND_ROLES[cmd]:
-            allowed = sorted(r.value for r in COMMAND_ROLES[cmd])
+        permitted = COMMAND_ROLES.get(cmd, frozenset()) if cmd is not None else frozenset(Role)
+        if identity.role not in permitted:  # a command missing from the table: nobody (fail closed)
+            allowed = sorted(r.value for r in permitted)
             raise CommandRefused(f"command '{command}': client '{identity.name}' has role "
                                  f"'{identity.role.value}'; it needs one of {allowed}")
     return {**params, "operator": name, "role": None if identity is None else identity.role.value}
