@@ -315,14 +315,20 @@ def _ct_extent(ct) -> str:
     return "LPS " + " x ".join(f"[{a:.1f}, {b:.1f}]" for a, b in zip(lo, hi)) + " mm"
 
 
-def _check_anatomy_inputs(plan, pixels, roi) -> None:
-    """Refuse (exit 2) an anatomy registration that cannot compute anything meaningful."""
-    import numpy as np
-
+def _check_isocentre_in_ct(plan) -> None:
+    """Refuse (exit 2) an anatomy registration about an isocentre outside the CT: no anatomy there."""
     ct, iso = plan.ct, plan.isocentre_lps_mm
     if not ct.contains_lps_mm(iso)[0]:
         raise CliError(f"isocentre LPS {_fmt_vec(iso, 2)} mm lies outside the CT ({_ct_extent(ct)}): "
                        "no anatomy to register there")
+
+
+def _check_anatomy_inputs(plan, pixels, roi) -> None:
+    """Refuse (exit 2) an anatomy registration that cannot compute anything meaningful: constant frames, a CT
+    or an ROI holding nothing denser than air (:data:`AIR_HU`)."""
+    import numpy as np
+
+    ct = plan.ct
     for name, image in pixels.items():
         lo, hi = float(np.min(image)), float(np.max(image))
         if not lo < hi:
@@ -396,6 +402,7 @@ def _register_anatomy(args, geometry, plan, pixels) -> dict:
     given = [x for x in (args.roi, args.roi_box, args.roi_name) if x is not None]
     if len(given) > 1:
         raise CliError("--method anatomy takes one of --roi MASK_FILE, --roi-box DX,DY,DZ or --roi-name NAME")
+    _check_isocentre_in_ct(plan)
     if args.roi is not None:
         labels = _read_roi_mask(args.roi, ct)
         if args.roi_label is not None:

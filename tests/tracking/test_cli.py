@@ -184,20 +184,6 @@ def test_calibration_image_argument_errors(capsys):
     assert "qa needs --geometry" in capsys.readouterr().err
 
 
-@pytest.fixture(scope="module")
-def simulated_case(tmp_path_factory):
-    """A written virtual-room data set: 512 px panels of 0.8 mm, 2 mm truth grid, one pose with its truth."""
-    import json
-
-    from tracking.room import thoracolumbar_phantom, write_simulation
-
-    folder = tmp_path_factory.mktemp("sim")
-    phantom = thoracolumbar_phantom(truth_spacing_mm=2.0, planning_spacing_mm=(1.5, 1.5, 2.0), seed=3)
-    write_simulation(folder, phantom, 1, seed=11, geometry=default_stereo_geometry(512, 0.8))
-    truth = json.loads((folder / "truth.json").read_text())
-    return folder, truth
-
-
 def _register_args(folder, truth, method):
     iso = ",".join(repr(float(v)) for v in truth["isocentre_lps_mm"])
     return ["register", "--method", method, "--ct", str(folder / "ct.mha"), "--isocenter", iso,
