@@ -45,7 +45,6 @@ import zmq
 
 from .config import INSECURE_WARNING, PlanConfig, ServiceConfig, config_from_dict, log_config
 from .errors import CommandRefused, FrameError, SecurityError, TrackingError, WireSchemaError
-from .frames import KvFrame
 from .gating import Beam, HoldReason
 from .pairing import MAX_PAIR_ID_JUMP, CompletePair, FrameAccepted, FramePairer, NewEpoch, PairFault
 from .processing import PairProcessor, PairResult, build_processor
