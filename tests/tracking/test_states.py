@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import assume, given
+from hypothesis import strategies as st
 from numpy.testing import assert_allclose
 
 from registration.pose import Pose
@@ -291,3 +293,100 @@ def test_a_still_target_near_the_boundary_keeps_the_beam():
     h.to_state(ServiceState.MONITORING)
     out = [g for _ in range(4) for g in gating(h.pair(Pose.from_six([0.9, 0.0, 0.0], [0, 0, 0])))]
     assert all(g["beam"] == "ENABLE" for g in out)
+
+
+# ------------------------------------------------------------------ approvals name the pair and expire
+#: The configured life of a setup proposal (SafetyConfig default), s.
+APPROVAL_MAX_AGE_S = SafetyConfig().approval_max_age_s
+
+
+def _proposed(h: Harness, offset_mm=2.0):
+    """Drive a manual-approval engine to a proposal; returns the proposal's pair id."""
+    h.to_state(ServiceState.SETUP)
+    out = h.pair(Pose.from_six([offset_mm, 0, 0], [0, 0, 0]))
+    (proposal,) = corrections(out)
+    assert proposal["purpose"] == "proposal" and proposal["apply"] is False
+    assert h.engine.phase is SetupPhase.AWAITING_APPROVAL
+    h.sent.clear()
+    return proposal["pair_id"]
+
+
+def _applied(outputs):
+    return [c for c in corrections(outputs) if c["apply"]]
+
+
+def test_an_approval_without_pair_id_is_refused_and_the_proposal_stays():
+    h = Harness(approval="manual")
+    pid = _proposed(h)
+    reply = h.cmd("approve_correction")
+    assert reply["ok"] is False and f"must name the proposal it approves (pair_id); pair {pid}" in reply["reason"]
+    assert h.engine.phase is SetupPhase.AWAITING_APPROVAL and h.engine.pending["pair_id"] == pid
+    assert _applied(h.sent) == []
+
+
+@pytest.mark.parametrize("wrong", [7, -1, True, "0", 0.0])
+def test_an_approval_naming_another_pair_is_refused(wrong):
+    h = Harness(approval="manual")
+    pid = _proposed(h)
+    assert pid == 0
+    reply = h.cmd("approve_correction", pair_id=wrong)
+    assert reply["ok"] is False and f"names pair {wrong!r} but the proposal is from pair 0" in reply["reason"]
+    assert _applied(h.sent) == [] and h.engine.phase is SetupPhase.AWAITING_APPROVAL
+
+
+def test_an_expired_proposal_is_refused_dropped_and_the_next_pair_proposes_afresh():
+    h = Harness(approval="manual")
+    pid = _proposed(h)
+    h.now += APPROVAL_MAX_AGE_S + 1.0
+    reply = h.cmd("approve_correction", pair_id=pid, operator="console")
+    assert reply["ok"] is False and f"the proposal from pair {pid} is" in reply["reason"]
+    assert "expired and dropped" in reply["reason"]
+    assert h.engine.pending is None and h.engine.phase is SetupPhase.MEASURING
+    assert _applied(h.sent) == [] and all(g["beam"] == "HOLD" for g in gating(h.sent))
+    assert h.engine.counters["proposal_expired"] == 1
+    out = h.pair(Pose.from_six([2.0, 0, 0], [0, 0, 0]))  # a new pair: a new proposal
+    (fresh,) = corrections(out)
+    assert fresh["purpose"] == "proposal" and fresh["pair_id"] == pid + 1
+    assert h.cmd("approve_correction", pair_id=pid)["ok"] is False  # the old one is gone for good
+    reply = h.cmd("approve_correction", pair_id=pid + 1, operator="console")
+    assert reply["ok"] and reply["approved_by"] == "console" and reply["approved_pair_id"] == pid + 1
+    assert len(_applied(h.sent)) == 1
+
+
+def test_a_pair_arriving_after_the_proposal_expired_replaces_it():
+    h = Harness(approval="manual")
+    pid = _proposed(h)
+    h.now += APPROVAL_MAX_AGE_S + 1.0
+    out = h.pair(Pose.from_six([1.5, 0, 0], [0, 0, 0]))
+    (fresh,) = corrections(out)
+    assert fresh["purpose"] == "proposal" and fresh["pair_id"] == pid + 1 and fresh["apply"] is False
+    assert h.engine.pending["pair_id"] == pid + 1 and h.engine.phase is SetupPhase.AWAITING_APPROVAL
+    assert all(g["beam"] == "HOLD" for g in gating(out))
+
+
+def test_a_fresh_proposal_waits_for_its_approval_while_new_pairs_arrive():
+    h = Harness(approval="manual")
+    pid = _proposed(h)
+    out = h.pair(Pose.from_six([1.5, 0, 0], [0, 0, 0]))  # 0.1 s later: the proposal stands
+    assert corrections(out) == [] and h.engine.pending["pair_id"] == pid
+
+
+def test_the_approval_is_recorded_with_its_operator():
+    h = Harness(approval="manual")
+    pid = _proposed(h)
+    reply = h.cmd("approve_correction", pair_id=pid, operator="console", role="therapist")
+    assert reply["ok"] and reply["approved_by"] == "console"
+    (rec,) = [r for r in h.record.records if r["event"] == "command" and r["command"] == "approve_correction"]
+    assert rec["params"]["operator"] == "console" and rec["reply"]["approved_by"] == "console"
+
+
+@given(st.floats(0.0, 3 * APPROVAL_MAX_AGE_S))
+def test_an_approval_is_accepted_exactly_while_the_proposal_is_young_enough(wait_s):
+    h = Harness(approval="manual")
+    pid = _proposed(h)
+    age_s = wait_s + 0.01  # Harness.cmd advances the clock by 10 ms
+    assume(abs(age_s - APPROVAL_MAX_AGE_S) > 1e-6)  # the harness clock is ~1.8e9 s: ~1e-7 s of rounding
+    h.now += wait_s
+    reply = h.cmd("approve_correction", pair_id=pid)
+    assert reply["ok"] is (age_s <= APPROVAL_MAX_AGE_S)
+    assert len(_applied(h.sent)) == (1 if reply["ok"] else 0)
