@@ -584,7 +584,7 @@ class LocalPeers:
         """Encoded ``kvframe/1`` messages of one pair (for fault injection before sending)."""
         t = time.time() if acquired_unix_s is None else acquired_unix_s
         return {n: encode_kvframe(self.frames.seq.next(), n, pair_id, t, stamp_pose_pattern(self.base[n], pose),
-                                  20000.0) for n in self.imagers}
+                                  20000.0, self.frames.session) for n in self.imagers}
 
     def send_pair(self, pair_id: int, pose: Pose, acquired_unix_s: float | None = None,
                   only: tuple[str, ...] | None = None) -> float:

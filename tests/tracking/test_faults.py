@@ -29,7 +29,7 @@ from tracking.config import (
 from tracking.loop import Service
 from tracking.record import read_record
 from tracking.sims import LocalPeers
-from tracking.wire import encode_command, encode_kvframe
+from tracking.wire import WireLimits, encode_command, encode_kvframe
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -45,7 +45,7 @@ SHIFT = Pose.from_six([0.2, -0.1, 0.1], [0.1, 0.0, 0.0])  # well within the 1 mm
 class Running:
     """A service driven into MONITORING with the beam enabled, plus connected peers."""
 
-    def __init__(self, tmp_path):
+    def __init__(self, tmp_path, limits: WireLimits = WireLimits()):
         self.config = ServiceConfig(
             # ENABLE life and staleness 1.5 frame periods: an ENABLE always expires before the bound.
             safety=SafetyConfig(frame_period_s=FRAME_PERIOD_S, max_frame_age_s=0.15, enable_validity_s=0.15,
@@ -56,7 +56,7 @@ class Running:
             record=RecordConfig(tmp_path / "session.jsonl"),
             security=SecurityConfig(enabled=False),  # loopback test: CURVE explicitly off
         )
-        self.svc = Service(self.config).start()
+        self.svc = Service(self.config, limits=limits).start()
         self.peers = LocalPeers(self.svc.endpoints)
         self.pair_id = 0
         p = self.peers
@@ -86,6 +86,20 @@ class Running:
         received = self.peers.sub.received_at(msg)
         assert received - t0_mono <= HOLD_BOUND_S, f"HOLD {reason} after {received - t0_mono:.3f} s"
         return msg
+
+    def good_pair_within_a_frame_period(self) -> dict:
+        """After the velocity history aged out, a good pair is judged (ENABLE) within one frame period."""
+        time.sleep(self.config.safety.max_frame_age_s + 0.05)
+        pid = self.next_id()
+        t0 = self.peers.send_pair(pid, SHIFT)
+        msg = self.gating_for(pid)
+        late_s = self.peers.sub.received_at(msg) - t0
+        assert msg["beam"] == "ENABLE" and late_s <= FRAME_PERIOD_S, (msg, late_s)
+        return msg
+
+    def records(self, event: str) -> list[dict]:
+        self.svc.record.flush()
+        return [r for r in read_record(self.config.record.path) if r["event"] == event]
 
     def assert_alive_and_recorded(self, event: str, reason: str | None = None) -> None:
         # Let the last pair age out of the velocity look-ahead's history first: a good pair
@@ -286,3 +300,266 @@ def test_exception_in_processing_holds_internal_error(running):
     running.expect_hold(t0, "internal_error")
     running.svc.engine.processor = good
     running.assert_alive_and_recorded("pair", "internal_error")
+
+
+# ------------------------------------------------------------------ issue 14: nothing on the sockets makes it deaf
+def _kvframe_header(running, pid):
+    parts = running.peers.pair_parts(pid, SHIFT)
+    return parts, parts["A"][1]
+
+
+def _with_raw(header: bytes, key: str, literal: bytes) -> bytes:
+    obj = json.loads(header)
+    obj[key] = "@@RAW@@"
+    return json.dumps(obj).encode().replace(b'"@@RAW@@"', literal)
+
+
+DEAF_MAKERS = {
+    "unhashable dtype": lambda h: _with_raw(h, "dtype", b'["uint16"]'),
+    "integer of 5000 digits": lambda h: _with_raw(h, "pair_id", b"9" * 5000),
+    "nesting 3000 deep": lambda h: _with_raw(h, "extra", b"[" * 3000 + b"]" * 3000),
+    "superscript schema version": lambda h: _with_raw(h, "schema", b'"kvframe/\\u00b2"'),  # JSON escape
+    "raw superscript schema version": lambda h: _with_raw(h, "schema", '"kvframe/²"'.encode()),
+    "NaN": lambda h: _with_raw(h, "acquired_unix_s", b"NaN"),
+    "duplicate key": lambda h: h[:-1] + b', "pair_id": 3}',
+    "not UTF-8": lambda h: h[:-1] + b', "x": "\xff"}',
+}
+
+
+@pytest.mark.parametrize("name", sorted(DEAF_MAKERS))
+def test_a_hostile_kvframe_header_is_refused_and_the_next_pair_is_judged_in_one_frame_period(running, name):
+    pid = running.next_id()
+    parts, header = _kvframe_header(running, pid)
+    t0 = time.monotonic()
+    running.peers.frames.send_parts([b"kvframe", DEAF_MAKERS[name](header), parts["A"][2]])
+    running.expect_hold(t0, "corrupt_frame")
+    running.good_pair_within_a_frame_period()
+    assert running.peers.cmd.request("status")["state"] == "MONITORING"
+    assert any(r["reason"] == "corrupt_frame" for r in running.records("frame_fault"))
+    assert running.svc.failure is None
+
+
+@pytest.mark.parametrize("parts", [[b"kvframe"], [b"kvframe", b"{}", b"", b"", b""], [b"", b"", b""]])
+def test_a_message_with_the_wrong_frames_is_refused_and_the_service_goes_on(running, parts):
+    t0 = time.monotonic()
+    running.peers.frames.send_parts(parts)
+    running.expect_hold(t0, "corrupt_frame")
+    running.good_pair_within_a_frame_period()
+
+
+@pytest.mark.parametrize("raw", [
+    b'{"schema": "command/\\u00b2", "seq": 0, "command": "stop"}',
+    b'{"schema": "command/1", "seq": ' + b"9" * 5000 + b', "command": "stop"}',
+    b'{"schema": "command/1", "seq": 0, "command": "stop", "params": {"a": ' + b"[" * 3000 + b"]" * 3000 + b"}}",
+    b'{"schema": "command/1", "seq": 0, "command": ["stop"]}',
+    b'{"schema": "command/1", "seq": 0, "command": "stop", "command": "pause"}',
+    b'{"schema": "command/1.1", "seq": 0, "command": "stop"}',  # 1.1 without the client's session
+])
+def test_a_hostile_command_is_refused_and_commands_and_frames_go_on(running, raw):
+    running.peers.cmd.sock.send_multipart([b"command", raw])
+    reply = running.peers.cmd.receive(2.0)
+    assert reply["ok"] is False and "malformed command" in reply["reason"]
+    assert reply["state"] == "MONITORING" and reply["session"] == running.svc.session
+    assert running.peers.cmd.request("status")["ok"]
+    running.good_pair_within_a_frame_period()
+
+
+def test_an_oversize_part_is_received_refused_and_recorded(tmp_path):
+    # Small limits (64 x 64 pixels): the hard cap is the largest legal part plus MAXMSGSIZE_SLACK_BYTES.
+    r = Running(tmp_path, WireLimits(max_rows=64, max_cols=64))
+    try:
+        pid = r.next_id()
+        parts, header = _kvframe_header(r, pid)
+        t0 = time.monotonic()
+        r.peers.frames.send_parts([b"kvframe", header, b"\0" * (64 * 64 * 4 + 1)])
+        msg = r.expect_hold(t0, "oversize_message")
+        assert msg["pair_id"] is None
+        r.good_pair_within_a_frame_period()
+        t0 = time.monotonic()
+        r.peers.frames.send_parts([b"kvframe", b" " * (20 * 1024), b""])  # header over 16 KiB
+        r.expect_hold(t0, "oversize_message")
+        assert [x["detail"] for x in r.records("frame_fault") if x["reason"] == "oversize_message"][-1] \
+            == "kvframe: header part is 20480 bytes (limit 16384)"
+        r.good_pair_within_a_frame_period()
+    finally:
+        r.close()
+
+
+def test_a_part_over_the_hard_cap_drops_the_connection_which_is_held_and_recorded(tmp_path):
+    from tracking.loop import MAXMSGSIZE_SLACK_BYTES
+
+    r = Running(tmp_path, WireLimits(max_rows=64, max_cols=64))
+    try:
+        pid = r.next_id()
+        parts, header = _kvframe_header(r, pid)
+        t0 = time.monotonic()
+        r.peers.frames.send_parts([b"kvframe", header, b"\0" * (64 * 64 * 4 + MAXMSGSIZE_SLACK_BYTES + 1)])
+        r.expect_hold(t0, "peer_disconnected")
+        # ZeroMQ reconnects the sender by itself: frames are judged again.
+        deadline = time.monotonic() + 5.0
+        while True:
+            time.sleep(r.config.safety.max_frame_age_s + 0.05)
+            pid = r.next_id()
+            r.peers.send_pair(pid, SHIFT)
+            msg = r.gating_for(pid)
+            if msg["beam"] == "ENABLE" or time.monotonic() > deadline:
+                break
+        assert msg["beam"] == "ENABLE"
+        assert any("disconnected" in x["detail"] for x in r.records("frame_fault") if x["reason"] == "peer_disconnected")
+    finally:
+        r.close()
+
+
+def test_pair_id_ten_to_the_fifteen_then_normal_ids_recover(running):
+    huge = 10**15
+    t0 = running.peers.send_pair(huge, SHIFT)
+    running.expect_hold(t0, "pair_id_jump")
+    assert running.gating_for(huge)["beam"] == "ENABLE"  # a new numbering, judged normally
+    time.sleep(running.config.safety.max_frame_age_s + 0.05)
+    pid = running.next_id()  # the usual numbering again: another epoch, not a stale lock
+    t0 = running.peers.send_pair(pid, SHIFT)
+    running.expect_hold(t0, "pair_id_jump")
+    assert running.gating_for(pid)["beam"] == "ENABLE"
+    running.good_pair_within_a_frame_period()
+    epochs = running.records("epoch")
+    assert [e["reason"] for e in epochs] == ["pair_id_jump", "pair_id_jump"] and epochs[-1]["epoch"] == 2
+
+
+def test_an_imager_restart_recovers_without_a_lock_out(running):
+    from tracking.sims import FrameSender
+
+    for _ in range(3):
+        running.good_pair()
+    restarted = FrameSender(running.peers.ctx, running.svc.endpoints["frames"])  # new session, counter from 0
+    try:
+        time.sleep(running.config.safety.max_frame_age_s + 0.05)
+        t0 = time.monotonic()
+        for name, parts in running.peers.pair_parts(0, SHIFT).items():
+            header = json.loads(parts[1])
+            restarted.send_parts(encode_kvframe(restarted.seq.next(), name, 0, header["acquired_unix_s"],
+                                                np.frombuffer(parts[2], "<u2").reshape(32, 32), 20000.0,
+                                                restarted.session))
+        msg = running.expect_hold(t0, "imager_restarted")
+        assert msg["pair_id"] == 0
+        assert running.gating_for(0)["beam"] == "ENABLE"
+        assert running.records("epoch")[-1]["reason"] == "imager_restarted"
+    finally:
+        restarted.close()
+
+
+def test_a_dropped_pair_gets_its_own_hold(running):
+    good = running.svc.engine.processor
+
+    class Slow:
+        method = "fiducial"
+
+        def process(self, frames, prior):
+            time.sleep(0.25)
+            return good.process(frames, prior)
+
+    running.svc.engine.processor = Slow()
+    try:
+        ids = [running.next_id() for _ in range(3)]
+        for pid in ids:  # the second completes while the first is processed, the third replaces it
+            running.peers.send_pair(pid, SHIFT)
+        msg = running.peers.sub.wait_for(lambda m: m["_topic"] == "gating" and m["reason"] == "pair_dropped", 3.0)
+        assert msg["beam"] == "HOLD" and msg["pair_id"] == ids[1]
+        running.gating_for(ids[2], 3.0)
+        assert running.svc.stats.pairs_dropped >= 1
+        assert any(r["pair_id"] == ids[1] for r in running.records("frame_fault") if r["reason"] == "pair_dropped")
+    finally:
+        running.svc.engine.processor = good
+
+
+def test_an_unexpected_exception_on_a_message_holds_and_the_io_thread_goes_on(running, monkeypatch):
+    def broken(parts, pairer):
+        raise KeyError("a bug in frame handling")
+
+    monkeypatch.setattr(running.svc, "_handle_frame", broken)
+    t0 = running.peers.send_pair(running.next_id(), SHIFT)
+    msg = running.expect_hold(t0, "internal_error")
+    assert msg["pair_id"] is None
+    monkeypatch.undo()
+    running.good_pair_within_a_frame_period()
+    assert running.svc.failure is None
+    assert any("KeyError" in r["detail"] for r in running.records("frame_fault") if r["reason"] == "internal_error")
+
+
+def test_a_stuck_worker_fails_the_service_with_a_hold(running, monkeypatch):
+    import threading
+
+    import tracking.loop
+
+    monkeypatch.setattr(tracking.loop, "PAIR_STALL_S", 0.3)
+    release = threading.Event()
+    good = running.svc.engine.processor
+
+    class Stuck:
+        method = "fiducial"
+
+        def process(self, frames, prior):
+            release.wait(10.0)
+            return good.process(frames, prior)
+
+    running.svc.engine.processor = Stuck()
+    try:
+        t0 = running.peers.send_pair(running.next_id(), SHIFT)
+        msg = running.peers.sub.wait_for(lambda m: m["_topic"] == "gating" and m["reason"] == "internal_error", 3.0)
+        assert msg["beam"] == "HOLD" and running.peers.sub.received_at(msg) - t0 < 1.0
+        assert "worker made no progress" in running.svc.failure
+        beats = len([m for _, m in running.peers.sub.messages if m["_topic"] == "heartbeat"])
+        running.peers.sub.collect(0.3)
+        assert len([m for _, m in running.peers.sub.messages if m["_topic"] == "heartbeat"]) == beats  # no more
+        assert any("worker made no progress" in r["detail"] for r in running.records("error"))
+    finally:
+        release.set()
+
+
+def test_a_dead_io_thread_holds_and_serve_exits_non_zero(tmp_path):
+    """The io thread dies outside any message (here: its poll raises): HOLD internal_error, exit 3, recorded."""
+    from tracking.fraction import free_tcp_port
+    from tracking.sims import Subscriber
+
+    ports = {name: free_tcp_port() for name in ("frames", "publish", "command")}
+    config = tmp_path / "service.toml"
+    config.write_text(
+        "[safety]\nframe_period_s = 0.1\n[plan]\nmethod = \"pattern\"\n[security]\nenabled = false\n"
+        "[record]\npath = \"session.jsonl\"\n[endpoints]\n"
+        + "".join(f'{name} = "tcp://127.0.0.1:{port}"\n' for name, port in ports.items()))
+    code = (
+        "import sys\n"
+        "import zmq\n"
+        "import tracking.loop as loop\n"
+        "real = loop.Service._poll_io\n"
+        "def poll(self, poller, wait_ms):\n"
+        "    events = real(self, poller, wait_ms)\n"
+        "    if any(s.socket_type == zmq.PULL for s, _ in events):\n"
+        "        raise OSError('injected: the io thread dies')\n"
+        "    return events\n"
+        "loop.Service._poll_io = poll\n"
+        "from tracking._cli_service import main\n"
+        f"sys.exit(main(['serve', '--config', {str(config)!r}]))\n"
+    )
+    ctx = zmq.Context()
+    sub = Subscriber(ctx, f"tcp://127.0.0.1:{ports['publish']}")
+    push = ctx.socket(zmq.PUSH)
+    push.setsockopt(zmq.LINGER, 0)
+    push.connect(f"tcp://127.0.0.1:{ports['frames']}")
+    with subprocess.Popen([sys.executable, "-c", code], cwd=tmp_path, stderr=subprocess.PIPE, text=True) as proc:
+        try:
+            sub.handshake(30.0)
+            push.send_multipart([b"kvframe", b"{}", b""])
+            msg = sub.wait_for(lambda m: m["_topic"] == "gating" and m["reason"] == "internal_error", 5.0)
+            assert msg["beam"] == "HOLD"
+            _, stderr = proc.communicate(timeout=20)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            sub.close()
+            push.close(0)
+            ctx.term()
+    assert proc.returncode == 3, stderr
+    assert "service failed: service-io died: OSError: injected" in stderr
+    records = read_record(tmp_path / "session.jsonl")
+    assert any("service-io died" in r.get("detail", "") for r in records if r["event"] == "error")
+    assert records[-1]["event"] == "closed"

@@ -176,3 +176,41 @@ def test_replay_refuses_a_file_that_is_not_a_session(tmp_path):
     path.write_text('{"event":"tick","t_unix_s":1,"t_mono_s":1}\n')
     with pytest.raises(RecordError, match="not a session record"):
         replay_session(path)
+
+
+def test_a_restarted_service_starts_a_new_record_and_leaves_the_old_one_intact(tmp_path):
+    link = _run_short_session(tmp_path)
+    first = link.resolve()
+    first_bytes = first.read_bytes()
+    first_frames = sorted(p.name for p in frames_folder(first).iterdir())
+    second_link = _run_short_session(tmp_path)  # the same config: the same record path
+    second = second_link.resolve()
+    assert second_link == link and second != first and link.resolve() == second
+    assert first.read_bytes() == first_bytes  # nothing appended
+    assert sorted(p.name for p in frames_folder(first).iterdir()) == first_frames  # no frame overwritten
+    sessions = [read_record(p)[0]["session"] for p in (first, second)]
+    assert sessions[0] != sessions[1] and all(len(s) == 32 for s in sessions)
+    assert sum(r["event"] == "session" for r in read_record(second)) == 1
+    for p in (first, second):
+        assert replay_session(p).differences == []
+
+
+def test_replay_reproduces_a_session_with_new_epochs(tmp_path):
+    config = _small_config(tmp_path, raw=True)
+    svc = Service(config).start()
+    peers = LocalPeers(svc.endpoints)
+    try:
+        peers.sub.handshake()
+        assert peers.cmd.request("load_plan")["ok"] and peers.cmd.request("start_setup")["ok"]
+        for pid in (0, 10**15, 1):  # a bogus jump forward, then back to the usual numbering
+            peers.send_pair(pid, Pose.identity())
+            peers.sub.wait_for(lambda m, pid=pid: m["_topic"] == "gating" and m["pair_id"] == pid
+                               and m["reason"] != "pair_id_jump", 2.0)
+    finally:
+        peers.close()
+        svc.stop()
+    records = read_record(config.record.path)
+    assert [r["reason"] for r in records if r["event"] == "epoch"] == ["pair_id_jump", "pair_id_jump"]
+    assert [r["epoch"] for r in records if r["event"] == "pair"] == [0, 1, 2]
+    report = replay_session(config.record.path)
+    assert report.differences == [] and report.pairs == 3 and report.recomputed_pairs == 3
