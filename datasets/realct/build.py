@@ -134,6 +134,8 @@ def main(argv=None) -> int:
                    help="label numbering (default: totalsegmentator for the download, verse otherwise)")
     p.add_argument("--patient-position", default="HFS")
     p.add_argument("--plastimatch-threads", type=int, default=1)
+    p.add_argument("--beyond-ends-mm", type=float, default=150.0,
+                   help="anatomy past the CT's ends in the frames (end slices repeated), mm; 0 images the CT alone")
     args = p.parse_args(argv)
     t0 = time.monotonic()
     if (args.ct is None) != (args.labels is None):
@@ -160,7 +162,8 @@ def main(argv=None) -> int:
     lab.CopyInformation(labelled.ct.to_sitk())
     sitk.WriteImage(lab, str(out / "labels.mha"), useCompression=True)
     geometries = rooms(args.rooms.split(","))
-    renderer = CaseRenderer(labelled, geometries, DetectorModel(i0=args.i0), plastimatch_threads=args.plastimatch_threads)
+    renderer = CaseRenderer(labelled, geometries, DetectorModel(i0=args.i0), plastimatch_threads=args.plastimatch_threads,
+                            beyond_ends_mm=args.beyond_ends_mm)
     cases = plan_cases(levels, list(geometries), projectors, args.cases, args.seed)
     try:
         for case in cases:
@@ -182,6 +185,7 @@ def main(argv=None) -> int:
         "cases": len(cases),
         "seed": args.seed,
         "i0": args.i0,
+        "beyond_ends_mm": args.beyond_ends_mm,
         "ct_voxels_ijk": list(labelled.ct.shape_ijk),
         "ct_spacing_mm": [float(v) for v in labelled.ct.spacing_mm],
         "command": " ".join(sys.argv),

@@ -361,6 +361,35 @@ def test_written_case_holds_frames_truth_geometry_and_the_target_roi(tmp_path):
         assert_allclose(frames[name], 5000.0 * np.exp(-lines[name]), rtol=1e-6)
 
 
+@pytest.mark.parametrize("projector", list(Projector))
+def test_anatomy_beyond_the_ends_is_the_end_slices_repeated(projector):
+    if projector is Projector.PLASTIMATCH:
+        _need_plastimatch()
+    lct = _smooth_labelled()
+    pad = 4  # slices of 2 mm: 8 mm at each end
+    ct = lct.ct
+    hu = np.pad(ct.hu, ((pad, pad), (0, 0), (0, 0)), mode="edge")
+    labels = np.pad(lct.labels, ((pad, pad), (0, 0), (0, 0)))
+    origin = ct.origin_lps_mm - np.array([0.0, 0.0, pad * ct.spacing_mm[2]])
+    longer = LabelledCT(CTVolume(hu, ct.spacing_mm, origin, np.eye(3), "HFS", "longer"), labels, "longer labels")
+    room = {"room": default_stereo_geometry(panel_pixels=96, pixel_spacing_mm=1.2)}
+    extended = CaseRenderer(lct, room, beyond_ends_mm=7.5)  # rounds up to 4 slices
+    explicit = CaseRenderer(longer, room)
+    try:
+        assert_allclose(extended.isocentre_lps_mm("L1"), explicit.isocentre_lps_mm("L1"), atol=1e-9)
+        a = extended.line_integrals("L1", "room", POSE, projector)
+        b = explicit.line_integrals("L1", "room", POSE, projector)
+        plain = CaseRenderer(lct, room).line_integrals("L1", "room", POSE, Projector.OWN)
+    finally:
+        extended.close()
+        explicit.close()
+    for name in a:
+        assert_allclose(a[name], b[name], rtol=0, atol=1e-5)  # float32 sums of the same voxels
+        assert np.max(a[name] - plain[name]) > 0.1  # the added slices are in the image
+    with pytest.raises(SimulationError, match="beyond_ends_mm must be 0..1000 mm"):
+        CaseRenderer(lct, room, beyond_ends_mm=-1.0)
+
+
 def test_truncated_level_is_reported():
     lct = _tiny_labelled()
     labels = np.array(lct.labels)

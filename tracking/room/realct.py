@@ -495,6 +495,11 @@ class CaseRenderer:
         ``f(line_integrals, imager, detector, rng) -> frame`` replacing the
         detector chain (line integrals dimensionless, ``image[row, col]``).
     plastimatch_threads : int
+    beyond_ends_mm : float
+        Anatomy past the CT's superior and inferior ends in the frames: the
+        end slices repeated over this length (mm) at both ends. A patient does
+        not stop where the CT does; without it the frames show a step where the
+        whole body ends, an edge no radiograph has. 0 images the CT alone.
     """
 
     def __init__(
@@ -505,6 +510,7 @@ class CaseRenderer:
         energy_kev: float = DEFAULT_IMAGING_ENERGY_KEV,
         chain_hook=None,
         plastimatch_threads: int = 1,
+        beyond_ends_mm: float = 0.0,
     ) -> None:
         if not geometries:
             raise SimulationError("CaseRenderer needs at least one room geometry")
@@ -515,8 +521,18 @@ class CaseRenderer:
         self.chain_hook = chain_hook
         self.plastimatch_threads = int(plastimatch_threads)
         ct = labelled.ct
-        self._mu = hu_to_mu_per_mm(ct.hu, self.energy_kev)
+        if not np.isfinite(beyond_ends_mm) or not 0.0 <= beyond_ends_mm <= 1000.0:
+            raise SimulationError(f"beyond_ends_mm must be 0..1000 mm, got {beyond_ends_mm!r}")
+        self.beyond_ends_mm = float(beyond_ends_mm)
+        # Slices added at each end along k (the CT's superior axis on the canonical grid).
+        self._pad_slices = int(np.ceil(self.beyond_ends_mm / float(ct.spacing_mm[2]) - 1e-9))
+        mu = hu_to_mu_per_mm(ct.hu, self.energy_kev)
+        if self._pad_slices:
+            mu = np.pad(mu, ((self._pad_slices, self._pad_slices), (0, 0), (0, 0)), mode="edge")
+        self._mu = mu
         self._mu.setflags(write=False)
+        self._index_shift = np.eye(4)
+        self._index_shift[2, 3] = -self._pad_slices  # imaged index k -> CT index k - pad
         self._room_from_lps = room_from_lps_matrix(ct.patient_position)
         self._volumes: dict[str, AttenuationVolume] = {}
         self._mu_file: Path | None = None
@@ -528,14 +544,18 @@ class CaseRenderer:
 
     def _volume(self, level: str) -> AttenuationVolume:
         if level not in self._volumes:
-            self._volumes[level] = AttenuationVolume(self._mu, self.labelled.ct.room_from_index(self.isocentre_lps_mm(level)))
+            room_from_ct_index = self.labelled.ct.room_from_index(self.isocentre_lps_mm(level))
+            self._volumes[level] = AttenuationVolume(self._mu, room_from_ct_index @ self._index_shift)
         return self._volumes[level]
 
     def _plastimatch_volume(self) -> Path:
         if self._mu_file is None:
             self._tmp = tempfile.TemporaryDirectory(prefix="realct_mu_")
+            ct = self.labelled.ct
             img = sitk.GetImageFromArray(np.asarray(self._mu, dtype=np.float32))
-            img.CopyInformation(self.labelled.ct.to_sitk())
+            img.SetSpacing(tuple(float(v) for v in ct.spacing_mm))
+            img.SetDirection(tuple(float(v) for v in ct.direction.ravel()))
+            img.SetOrigin(tuple(float(v) for v in ct.index_to_lps(np.array([0.0, 0.0, -self._pad_slices]))))
             self._mu_file = Path(self._tmp.name) / "mu.mha"
             sitk.WriteImage(img, str(self._mu_file))  # uncompressed: plastimatch reads it fast
         return self._mu_file
@@ -623,6 +643,7 @@ def write_case(out_dir: str | os.PathLike, case: RealCTCase, renderer: CaseRende
         "tracking_pose": case.tracking_pose.to_json(),
         "i0": det.i0,
         "energy_kev": renderer.energy_kev,
+        "beyond_ends_mm": renderer.beyond_ends_mm,
         "seed": case.seed,
         "frames": files["frame"],
         "tracking_frames": files["tracking_frame"],
