@@ -72,7 +72,6 @@ class HoldReason(Enum):
     # Faults of the link and of the frame stream (docs/PROTOCOL.md, "Sessions and epochs").
     PAIR_DROPPED = "pair_dropped"
     OVERSIZE_MESSAGE = "oversize_message"
-    MALFORMED_MESSAGE = "malformed_message"
     PEER_DISCONNECTED = "peer_disconnected"
     IMAGER_RESTARTED = "imager_restarted"
     PAIR_ID_JUMP = "pair_id_jump"
