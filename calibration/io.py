@@ -6,6 +6,7 @@ import math
 import os
 from pathlib import Path
 
+import numpy as np
 
 from .errors import GeometryError, GeometryFileError, SchemaError
 from .geometry import MATRIX_AGREEMENT_LIMIT_PX, ImagerGeometry, StereoGeometry
@@ -15,8 +16,42 @@ __all__ = ["GEOMETRY_SCHEMA", "geometry_from_json", "read_geometry", "write_geom
 
 GEOMETRY_SCHEMA = "kv-geometry/1"
 
+#: Largest magnitude of a position (mm) in a geometry file: 100 m, far beyond any treatment room; a larger
+#: value is a typo or garbage and would overflow the projection arithmetic.
+MAX_POSITION_MM = 1e5
+#: Largest magnitude of a projection-matrix entry (pixels per mm scale times room mm is far smaller).
+MAX_MATRIX_ENTRY = 1e9
+#: Pixel pitch accepted, mm (panels are 0.1-1 mm; binned test panels a few mm).
+PIXEL_SPACING_RANGE_MM = (1e-3, 100.0)
+
+
+def _numbers(name: str, key: str, value, count: int | None, limit: float) -> None:
+    """``value`` must be a flat list (``count`` long) or, for matrices, a list of lists of finite numbers
+    with magnitude <= ``limit``; GeometryFileError naming the imager and the field otherwise."""
+    flat = value if count is not None else (value if isinstance(value, list) else None)
+    if count is None and isinstance(flat, list):
+        if not all(isinstance(row, list) for row in flat):
+            raise GeometryFileError(f"imager '{name}': {key} must be a list of rows of numbers")
+        flat = [v for row in flat for v in row]
+    if not isinstance(flat, list) or (count is not None and len(flat) != count):
+        raise GeometryFileError(f"imager '{name}': {key} must be {count or 'rows of'} numbers, got {value!r}"[:300])
+    for v in flat:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or abs(v) > limit:
+            raise GeometryFileError(f"imager '{name}': {key} must hold finite numbers of magnitude <= {limit:g}, "
+                                    f"got {v!r}"[:300])
+
 
 def _imager_from_json(entry, index: int) -> ImagerGeometry:
+    """One imager of a ``kv-geometry/1`` document; arithmetic that overflows is refused, never passed on."""
+    try:
+        with np.errstate(over="raise", divide="raise", invalid="raise", under="ignore"):
+            return _imager_from_json_checked(entry, index)
+    except FloatingPointError as err:
+        name = entry.get("name", f"#{index}") if isinstance(entry, dict) else f"#{index}"
+        raise GeometryFileError(f"imager '{name}': numbers out of range for the projection ({err})") from err
+
+
+def _imager_from_json_checked(entry, index: int) -> ImagerGeometry:
     if not isinstance(entry, dict):
         raise GeometryFileError(f"imagers[{index}] must be an object, got {type(entry).__name__}")
     name = entry.get("name")
@@ -29,6 +64,17 @@ def _imager_from_json(entry, index: int) -> ImagerGeometry:
         if key not in det:
             raise GeometryFileError(f"imager '{name}': detector.{key} is missing")
     rows, cols = det["rows"], det["cols"]
+    _numbers(name, "detector.pixel_spacing_mm", det["pixel_spacing_mm"], 2, PIXEL_SPACING_RANGE_MM[1])
+    if min(det["pixel_spacing_mm"]) < PIXEL_SPACING_RANGE_MM[0]:
+        raise GeometryFileError(f"imager '{name}': detector.pixel_spacing_mm must be >= {PIXEL_SPACING_RANGE_MM[0]} "
+                                f"mm, got {det['pixel_spacing_mm']!r}")
+    for key, value in (("source_mm", entry.get("source_mm")), ("detector.origin_mm", det.get("origin_mm")),
+                       ("detector.col_direction", det.get("col_direction")),
+                       ("detector.row_direction", det.get("row_direction"))):
+        if value is not None:
+            _numbers(name, key, value, 3, MAX_POSITION_MM)
+    if entry.get("projection_matrix") is not None:
+        _numbers(name, "projection_matrix", entry["projection_matrix"], None, MAX_MATRIX_ENTRY)
     has_physical = "source_mm" in entry or any(k in det for k in ("origin_mm", "col_direction", "row_direction"))
     has_matrix = "projection_matrix" in entry
     if not has_physical and not has_matrix:
