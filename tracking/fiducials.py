@@ -25,7 +25,7 @@ import math
 import threading
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import Enum
 
 import numpy as np
@@ -42,11 +42,14 @@ from registration.points import (
 from registration.pose import Correction, Pose
 
 from ._stereo_kernels import triangulate_two_views
-from .detection import Detection, DetectionConfig, detect_seeds_in_frames
+from .detection import Detection, DetectionConfig, _check_frame, _check_i0, detect_seeds_in_frames, estimate_i0
 from .errors import FiducialConfigError, FiducialNotFoundError, FrameError, ImagerLabelError
+from .flatfield import FlatField
+from .seed_search import _binning, faint_candidates, refine_seeds
 
 __all__ = [
     "Correspondence",
+    "FaintSearchConfig",
     "FiducialConfig",
     "FiducialConfigError",
     "FiducialFlag",
@@ -67,6 +70,7 @@ class FiducialFlag(Enum):
     SEED_MISSING = "seed_missing"
     SEEDS_OVERLAP = "seeds_overlap"
     EXTRA_DETECTIONS = "extra_detections"
+    FAINT_SEARCH = "faint_search"  # found by the plan-guided search (low dose, scatter)
 
 
 _FROM_POINT_FLAG = {
@@ -74,6 +78,60 @@ _FROM_POINT_FLAG = {
     PointFlag.ROTATION_UNRELIABLE: FiducialFlag.ROTATION_UNRELIABLE,
     PointFlag.SEED_EXCLUDED: FiducialFlag.SEED_EXCLUDED,
 }
+
+
+@dataclass(frozen=True, slots=True)
+class FaintSearchConfig:
+    """The second, plan-guided search for seeds a stand-alone detector misses (``tracking.seed_search``).
+
+    Runs when the clean-frame detector leaves a planned seed unfound (or
+    finds none): matched-filter candidates per view, chosen jointly with the
+    planned constellation and the epipolar geometry, refined at full
+    resolution; then each seed still missing is searched where the others
+    say it must be.
+
+    Attributes
+    ----------
+    enabled : bool
+    min_snr : float
+        Standardised matched-filter response of a candidate.
+    refine_min_snr : float
+        Full-resolution transmission-deficit SNR of an accepted seed.
+    predicted_min_snr : float
+        Candidate response needed near a predicted position (a seed the
+        others place there); higher than ``min_snr`` as nothing else vouches for it.
+    candidates_per_view : int
+        Strongest candidates kept per view.
+    search_margin_mm : float or None
+        Whole-frame mode: only the projection of a sphere around the planned
+        seeds, this much larger than their extent (mm), is searched; None:
+        the whole panel.
+    predicted_radius_mm : float
+        Half-size of the window searched around a predicted position, mm
+        at the isocentre (covers the migration limit and a 2-seed pose's error).
+    """
+
+    enabled: bool = True
+    min_snr: float = 6.0
+    refine_min_snr: float = 5.0
+    predicted_min_snr: float = 7.0
+    candidates_per_view: int = 24
+    search_margin_mm: float | None = 40.0
+    predicted_radius_mm: float = 4.0
+
+    def __post_init__(self) -> None:
+        for name in ("min_snr", "refine_min_snr", "predicted_min_snr", "predicted_radius_mm"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+                raise FiducialConfigError(f"faint search config: {name} must be a positive finite number, got {value!r}")
+        m = self.search_margin_mm
+        if m is not None and (isinstance(m, bool) or not isinstance(m, (int, float)) or not math.isfinite(m) or m <= 0):
+            raise FiducialConfigError(f"faint search config: search_margin_mm must be positive or None, got {m!r}")
+        k = self.candidates_per_view
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise FiducialConfigError(f"faint search config: candidates_per_view must be a positive integer, got {k!r}")
+        if not isinstance(self.enabled, bool):
+            raise FiducialConfigError(f"faint search config: enabled must be a bool, got {self.enabled!r}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,6 +166,8 @@ class FiducialConfig:
     agreement_mm : float
         Two labellings whose poses move every planned seed to within this
         distance of each other give the same answer, mm.
+    faint : FaintSearchConfig
+        The plan-guided second search (low dose, scatter).
     """
 
     detection: DetectionConfig = field(default_factory=DetectionConfig)
@@ -120,8 +180,11 @@ class FiducialConfig:
     max_fre_mm: float = 1.0
     swap_margin_mm: float = 0.3
     agreement_mm: float = 0.2
+    faint: FaintSearchConfig = field(default_factory=FaintSearchConfig)
 
     def __post_init__(self) -> None:
+        if not isinstance(self.faint, FaintSearchConfig):
+            raise FiducialConfigError(f"fiducial config: faint must be a FaintSearchConfig, got {self.faint!r}")
         if not isinstance(self.detection, DetectionConfig):
             raise FiducialConfigError(f"fiducial config: detection must be a DetectionConfig, got {self.detection!r}")
         if not isinstance(self.registration, PointRegistrationConfig):
@@ -336,13 +399,17 @@ _STEREO = _StereoCache()
 
 
 def _pair_candidates_labellings(geometry: StereoGeometry, names: tuple[str, str],
-                                labellings: Sequence[tuple[np.ndarray, np.ndarray]], config: FiducialConfig) -> list:
+                                labellings: Sequence[tuple[np.ndarray, np.ndarray]], config: FiducialConfig,
+                                within: tuple[np.ndarray, float] | None = None) -> list:
     """:func:`_pair_candidates` for several labellings ``(px seen by a, px seen by b)``, one triangulation.
 
     Triangulation is :meth:`StereoGeometry.triangulate` for two imagers
     (closest point of the rays, refined to the maximum-likelihood
     reprojection) in one numba kernel: a handful of pairs per call, where
     the general method's per-call overhead dominated.
+
+    ``within = (centres_room_mm, radius_mm)`` keeps only points that close
+    to one of the centres (the plan-guided search's region).
 
     Returns, per labelling, ``(i, j, points, ray_mm, reproj_px)``.
     """
@@ -370,6 +437,9 @@ def _pair_candidates_labellings(geometry: StereoGeometry, names: tuple[str, str]
         sl = slice(start, start + n)
         start += n
         good = ray_all[sl] <= config.max_ray_distance_mm
+        if within is not None:
+            dist = np.linalg.norm(pts_all[sl][:, None] - np.atleast_2d(within[0])[None], axis=-1).min(axis=1)
+            good &= dist <= within[1]
         out.append((ii[good], jj[good], pts_all[sl][good], ray_all[sl][good], rep_all[sl][good]))
     return out
 
@@ -564,6 +634,7 @@ def localise_fiducials(
     prior_pose: Pose | None = None,
     config: FiducialConfig = FiducialConfig(),
     defect_masks: Mapping[str, np.ndarray] | None = None,
+    flat_fields: Mapping[str, FlatField] | None = None,
 ) -> FiducialResult:
     """Couch correction from one stereo pair of raw kV frames and the planned seeds.
 
@@ -578,13 +649,17 @@ def localise_fiducials(
     names : sequence of str
         Seed names, one per row of ``planned_room_mm``.
     i0 : float or mapping imager name -> float, optional
-        Unattenuated level per frame; estimated when omitted.
+        Unattenuated level per frame (after the flat-field correction);
+        estimated when omitted.
     prior_pose : Pose, optional
         Expected patient pose (tracking): detection searches windows around
         the projected seeds and candidates must lie within ``prior_radius_mm``.
     config : FiducialConfig
     defect_masks : mapping imager name -> bool array, optional
         Calibrated panel defect maps.
+    flat_fields : mapping imager name -> FlatField, optional
+        Panel gain and dark maps (:mod:`tracking.flatfield`), applied to the
+        frames before anything else; their defects join ``defect_masks``.
 
     Returns
     -------
@@ -593,7 +668,7 @@ def localise_fiducials(
     Raises
     ------
     FrameError
-        Frames missing or not matching the geometry (size, dtype, NaN, i0).
+        Frames missing or not matching the geometry (size, dtype, NaN, i0, flat field).
     FiducialNotFoundError
         No seed seen consistently in both views.
     ImagerLabelError
@@ -610,7 +685,16 @@ def localise_fiducials(
     seed_names = tuple(str(n) for n in names)
     if len(seed_names) != len(planned):
         raise FiducialNotFoundError(f"{len(seed_names)} seed names for {len(planned)} planned seeds")
-    masks = defect_masks or {}
+    masks = dict(defect_masks or {})
+    if flat_fields:
+        frames = dict(frames)
+        for n in labels:
+            ff = flat_fields.get(n)
+            if ff is None:
+                continue
+            frames[n] = ff.apply(_check_frame(frames[n], geometry[n]))
+            if ff.defects is not None:
+                masks[n] = ff.defects if masks.get(n) is None else (np.asarray(masks[n], bool) | ff.defects)
 
     a, b = labels
     predicted = None
@@ -622,19 +706,48 @@ def localise_fiducials(
             except GeometryError as err:
                 raise FiducialNotFoundError(f"imager '{n}': cannot predict seed positions: {err}") from err
     # Both frames in one call: their full-resolution windows are analysed together.
-    dets = detect_seeds_in_frames(frames, {n: geometry[n] for n in labels}, {n: _i0_for(i0, n) for n in labels},
-                                  predicted, config.detection, {n: masks.get(n) for n in labels})
+    i0s = {n: _i0_for(i0, n) for n in labels}
+    dets = detect_seeds_in_frames(frames, {n: geometry[n] for n in labels}, i0s, predicted, config.detection,
+                                  {n: masks.get(n) for n in labels})
     t_det = time.perf_counter()
+    same_panel = geometry[a].rows == geometry[b].rows and geometry[a].cols == geometry[b].cols
+    found: tuple | None = None
+    error: Exception | None = None
+    try:
+        found = _labelled_solution(geometry, (a, b), dets, planned, seed_names, prior_pose, config, same_panel)
+    except (FiducialNotFoundError, ImagerLabelError, PointRegistrationError) as err:
+        error = err
+    faint = False
+    if config.faint.enabled and (found is None or not found[0].corr.found.all() or found[1]):
+        # Seeds the stand-alone detector could not see: the plan-guided search.
+        try:
+            second = _faint_solution(frames, geometry, (a, b), i0s, masks, planned, seed_names, prior_pose, config,
+                                     same_panel)
+        except (FiducialNotFoundError, ImagerLabelError, PointRegistrationError) as err:
+            second = None
+            error = error or err
+        if second is not None and (found is None or _better(second[0], found[0])):
+            found, dets, faint = second[:2], second[2], True
+    if found is None:
+        raise error
+    chosen, overlapping = found
+    t_end = time.perf_counter()
+    return _result(chosen, dets, planned, seed_names, (a, b), (t_det - t0, t_end - t_det, t_end - t0), config,
+                   overlapping, faint)
+
+
+def _labelled_solution(geometry, names, dets, planned, seed_names, prior_pose, config, same_panel, within=None):
+    """``(solution, overlapping names)`` of detections in both views, both labellings judged (``_choose``)."""
+    a, b = names
     # The other labelling: frame a seen by imager b and vice versa, with the
     # same detections. Whole-frame detection does not depend on the label;
     # in tracking mode the windows were placed for the given labels, which is
     # what matters: if the frames are swapped, what was found in them either
     # fails as given, or fits both labellings and is judged below. Both
     # labellings are triangulated in one call.
-    same_panel = geometry[a].rows == geometry[b].rows and geometry[a].cols == geometry[b].cols
     px = {n: _centres(dets[n]) for n in (a, b)}
     labellings = [(px[a], px[b])] + ([(px[b], px[a])] if same_panel else [])
-    cands = _pair_candidates_labellings(geometry, (a, b), labellings, config)
+    cands = _pair_candidates_labellings(geometry, (a, b), labellings, config, within)
     given = _solve((a, b), cands[0], planned, seed_names, prior_pose, config)
     # The swapped labelling is always solved, but when the given one is
     # plausible, only its assignments that could outvote it (as many seeds
@@ -643,10 +756,117 @@ def localise_fiducials(
     swapped = FrameError("frames do not fit the other imager") if not same_panel else _solve(
         (a, b), cands[1], planned, seed_names, prior_pose, config, beat)
     chosen = _choose(given, swapped, a, b, config, planned)
-    chosen, overlapping = _separate_overlaps(chosen, geometry, (a, b), dets, planned, seed_names, config)
-    t_end = time.perf_counter()
-    return _result(chosen, dets, planned, seed_names, (a, b), (t_det - t0, t_end - t_det, t_end - t0), config,
-                   overlapping)
+    return _separate_overlaps(chosen, geometry, (a, b), dets, planned, seed_names, config)
+
+
+def _better(new: _Solution, old: _Solution) -> bool:
+    """More seeds found (then used), then a lower FRE."""
+    return (new.corr.n_found, new.reg.n_used, -new.reg.fre_mm) > (old.corr.n_found, old.reg.n_used, -old.reg.fre_mm)
+
+
+def _search_regions(geometry: StereoGeometry, name: str, centres_room_mm: np.ndarray, radius_mm: float):
+    """Pixel boxes ``(r0, r1, c0, c1)`` of imager ``name`` covering spheres of ``radius_mm`` around room points."""
+    im = geometry[name]
+    boxes = []
+    for c in np.atleast_2d(centres_room_mm):
+        corners = c + radius_mm * np.array(np.meshgrid([-1, 1], [-1, 1], [-1, 1])).reshape(3, -1).T
+        px = im.project(corners)
+        c0, r0 = np.floor(px.min(axis=0)).astype(int)
+        c1, r1 = np.ceil(px.max(axis=0)).astype(int) + 1
+        r0, c0, r1, c1 = max(r0, 0), max(c0, 0), min(r1, im.rows), min(c1, im.cols)
+        if r1 > r0 and c1 > c0:
+            boxes.append((int(r0), int(r1), int(c0), int(c1)))
+    return boxes
+
+
+def _candidates(signals, geometry, name, i0, masks, regions, config: FiducialConfig, min_snr: float, keep: int):
+    """Detections (coarse centres) of the strongest matched-filter candidates of one view in some regions."""
+    fc = config.faint
+    centres, snr, orient, contrast = [], [], [], []
+    for region in regions:
+        c = faint_candidates(signals[name], geometry[name], i0, config.detection, min_snr, fc.candidates_per_view,
+                             masks.get(name), region)
+        centres.append(c.centres_px)
+        snr.append(c.snr)
+        orient.append(c.orientation_deg)
+        contrast.append(c.contrast)
+    if not centres:
+        return ()
+    centres, snr, orient, contrast = (np.concatenate(x) for x in (centres, snr, orient, contrast))
+    order = np.argsort(-snr, kind="stable")
+    out, kept = [], []
+    for q in order:
+        if any(np.hypot(*(centres[q] - k)) < 2.0 for k in kept):  # overlapping regions found it twice
+            continue
+        kept.append(centres[q])
+        out.append(Detection(name, centres[q], float(contrast[q]), float(snr[q]), 0.0, 0.0, float(orient[q]), 0,
+                             max(0.0, 1.0 - min_snr / float(snr[q]))))
+        if len(out) >= keep:
+            break
+    return tuple(out)
+
+
+def _faint_solution(frames, geometry, names, i0s, masks, planned, seed_names, prior_pose, config, same_panel):
+    """The plan-guided search (``FaintSearchConfig``): ``(solution, overlapping, detections)``.
+
+    1. Candidates per view (where the plan or the prior puts the seeds), the
+       coarse solution chosen jointly: epipolar pairs, constellation, both
+       labellings (with the pairing limits widened by the binned pixel).
+    2. Each seed's detections refined at full resolution; a seed the coarse
+       solution lacks is searched in both views where its pose puts it.
+    3. The refined detections solved again with the normal limits.
+    """
+    fc = config.faint
+    a, b = names
+    signals, levels = {}, {}
+    for n in names:
+        frame = _check_frame(frames[n], geometry[n])
+        signals[n] = np.asarray(frame, dtype=np.float32)
+        levels[n] = _check_i0(i0s[n], n) if i0s[n] is not None else estimate_i0(signals[n], n)
+    if prior_pose is not None:
+        radius = config.detection.tracking_window_mm
+        where = prior_pose.apply(planned)
+    elif fc.search_margin_mm is not None:
+        centre = planned.mean(axis=0)
+        radius = float(np.linalg.norm(planned - centre, axis=1).max()) + fc.search_margin_mm
+        where = centre[None]
+    else:
+        where, radius = None, 0.0
+    dets = {}
+    for n in names:
+        regions = [None] if where is None else _search_regions(geometry, n, where, radius)
+        dets[n] = _candidates(signals, geometry, n, levels[n], masks, regions, config, fc.min_snr,
+                              fc.candidates_per_view)
+    mm_px = max(float(np.min(geometry[n].pixel_spacing_mm)) / geometry[n].magnification for n in names)
+    slack_px = 2.0 * _binning(geometry[a], config.detection)
+    coarse = replace(config, max_epipolar_px=config.max_epipolar_px + slack_px,
+                     max_ray_distance_mm=config.max_ray_distance_mm + slack_px * mm_px,
+                     max_fre_mm=config.max_fre_mm + slack_px * mm_px)
+    within = None if where is None else (where, radius)
+    sol, _ = _labelled_solution(geometry, names, dets, planned, seed_names, prior_pose, coarse, same_panel, within)
+    pose = sol.reg.pose
+    refined: dict[str, list[Detection]] = {n: [] for n in names}
+    half_mm = fc.predicted_radius_mm
+    for k in range(len(planned)):
+        for v, n in enumerate(names):
+            im = geometry[n]
+            if sol.corr.found[k]:
+                start = dets[n][int(sol.corr.detection_index[k, v])]
+            else:
+                # Where the others say this seed must be: the strongest candidate near its projection.
+                target = pose.apply(planned[k:k + 1])
+                near = _candidates(signals, geometry, n, levels[n], masks,
+                                   _search_regions(geometry, n, target, half_mm), config, fc.predicted_min_snr, 1)
+                if not near:
+                    continue
+                start = near[0]
+            hit = refine_seeds(signals[n], im, levels[n], start.centre_px[None], np.array([start.orientation_deg]),
+                               config.detection, fc.refine_min_snr, masks.get(n))[0]
+            if hit is not None and all(np.hypot(*(hit.centre_px - d.centre_px)) > 2.0 for d in refined[n]):
+                refined[n].append(hit)
+    dets_final = {n: tuple(refined[n]) for n in names}
+    final = _labelled_solution(geometry, names, dets_final, planned, seed_names, prior_pose, config, same_panel)
+    return final[0], final[1], dets_final
 
 
 def _separate_overlaps(sol: _Solution, geometry: StereoGeometry, names: tuple[str, str], dets, planned: np.ndarray,
@@ -745,7 +965,7 @@ def _choose(given, swapped, a: str, b: str, config: FiducialConfig, planned: np.
 
 
 def _result(sol: _Solution, dets, planned, seed_names, names, times_s, config: FiducialConfig,
-            overlapping: frozenset = frozenset()) -> FiducialResult:
+            overlapping: frozenset = frozenset(), faint: bool = False) -> FiducialResult:
     corr, reg = sol.corr, sol.reg
     found_idx = np.flatnonzero(corr.found)
     used_names = dict(zip(reg.names, range(len(reg.names))))
@@ -768,6 +988,8 @@ def _result(sol: _Solution, dets, planned, seed_names, names, times_s, config: F
         flags.add(FiducialFlag.SEED_MISSING)
     if overlapping:
         flags.add(FiducialFlag.SEEDS_OVERLAP)
+    if faint:
+        flags.add(FiducialFlag.FAINT_SEARCH)
     if any(len(dets[n]) > len(found_idx) for n in names):
         flags.add(FiducialFlag.EXTRA_DETECTIONS)
     ok = reg.rotation_reliable and reg.fre_mm <= config.max_fre_mm

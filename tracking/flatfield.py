@@ -1,0 +1,159 @@
+"""Panel flat-field (gain) and dark (offset) correction of raw kV frames.
+
+A flat panel reads ``raw = gain * signal + offset`` per pixel: the offset
+(dark) map is what the panel reads with the beam off, the gain map its
+relative response to a uniform beam (mean about 1). A clinic's panel
+calibration records both; the correction ``signal = (raw - offset) / gain``
+undoes them exactly, and pixels the calibration marks bad (a gain of 0, or a
+given defect mask: dead lines) are returned as a defect mask for the
+detector to inpaint. Maps are ``map[row, col]``, in the frame's counts.
+
+Maps come from any file SimpleITK reads or ``.npy`` (``read_flat_field``),
+named per imager in the ``kv-geometry/1`` file's optional ``flat_field``
+extension object or on the command line (``--gain A=FILE --offset A=FILE``).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import FrameError
+
+__all__ = ["FlatField", "read_flat_field", "read_map"]
+
+#: Gains at or below this are a pixel the calibration could not measure (dead): a defect, not a division.
+MIN_GAIN = 1e-3
+
+
+@dataclass(frozen=True, slots=True)
+class FlatField:
+    """Gain and offset maps of one imager, ``map[row, col]``.
+
+    Attributes
+    ----------
+    imager : str
+    gain : (rows, cols) float32 array or None
+        Relative response (mean about 1); None for a unit gain.
+    offset_counts : (rows, cols) float32 array or None
+        Dark signal, counts; None for zero.
+    defects : (rows, cols) bool array or None
+        Pixels to inpaint (dead lines, gains below ``MIN_GAIN``).
+    """
+
+    imager: str
+    gain: np.ndarray | None = None
+    offset_counts: np.ndarray | None = None
+    defects: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        shape = None
+        bad = None
+        for name in ("gain", "offset_counts"):
+            m = getattr(self, name)
+            if m is None:
+                continue
+            arr = np.array(m, dtype=np.float32)
+            if arr.ndim != 2:
+                raise FrameError(f"imager '{self.imager}': {name} map must be 2D (rows, cols), got shape {arr.shape}")
+            if shape is not None and arr.shape != shape:
+                raise FrameError(f"imager '{self.imager}': gain {shape} and offset {arr.shape} maps differ in shape")
+            shape = arr.shape
+            finite = np.isfinite(arr)
+            if not finite.all():
+                raise FrameError(f"imager '{self.imager}': {name} map holds {int((~finite).sum())} non-finite values")
+            if name == "gain":
+                if np.any(arr < 0):
+                    raise FrameError(f"imager '{self.imager}': gain map holds negative values (min {arr.min():g})")
+                bad = arr <= MIN_GAIN
+                arr[bad] = 1.0
+            arr.setflags(write=False)
+            object.__setattr__(self, name, arr)
+        defects = self.defects
+        if defects is not None:
+            defects = np.array(defects, dtype=bool)
+            if defects.ndim != 2 or (shape is not None and defects.shape != shape):
+                raise FrameError(f"imager '{self.imager}': defect map {defects.shape} does not match the maps {shape}")
+        if bad is not None and bad.any():
+            defects = bad if defects is None else defects | bad
+        if defects is not None:
+            defects.setflags(write=False)
+        object.__setattr__(self, "defects", defects)
+
+    @property
+    def shape(self) -> tuple[int, int] | None:
+        for m in (self.gain, self.offset_counts, self.defects):
+            if m is not None:
+                return m.shape
+        return None
+
+    def apply(self, frame: np.ndarray) -> np.ndarray:
+        """The corrected signal ``(raw - offset) / gain`` of a raw frame, float32, clipped below at 0.
+
+        Raises
+        ------
+        FrameError
+            Frame shape different from the maps.
+        """
+        raw = np.asarray(frame)
+        shape = self.shape
+        if shape is not None and raw.shape != shape:
+            raise FrameError(f"imager '{self.imager}': frame {raw.shape} does not match its flat-field maps {shape}")
+        out = raw.astype(np.float32)  # a copy
+        if self.offset_counts is not None:
+            out -= self.offset_counts
+        if self.gain is not None:
+            out /= self.gain
+        np.maximum(out, np.float32(0.0), out=out)
+        return out
+
+
+def read_map(path: str | os.PathLike, what: str, imager: str) -> np.ndarray:
+    """A 2D map from ``.npy`` or any image SimpleITK reads, ``map[row, col]`` float32."""
+    p = Path(path)
+    try:
+        if p.suffix.lower() == ".npy":
+            arr = np.load(p, allow_pickle=False)
+        else:
+            import SimpleITK as sitk
+
+            arr = sitk.GetArrayFromImage(sitk.ReadImage(str(p)))
+    except (OSError, ValueError, RuntimeError) as err:
+        raise FrameError(f"imager '{imager}': cannot read {what} map {str(p)!r}: {err}") from err
+    arr = np.squeeze(np.asarray(arr))
+    if arr.ndim != 2:
+        raise FrameError(f"imager '{imager}': {what} map {str(p)!r} is not a 2D image (shape {arr.shape})")
+    return arr.astype(np.float32)
+
+
+def read_flat_field(imager: str, gain_path: str | os.PathLike | None = None,
+                    offset_path: str | os.PathLike | None = None) -> FlatField:
+    """The flat field of one imager from a gain and/or an offset map file."""
+    gain = None if gain_path is None else read_map(gain_path, "gain", imager)
+    offset = None if offset_path is None else read_map(offset_path, "offset", imager)
+    return FlatField(imager, gain, offset)
+
+
+def flat_fields_from_geometry_json(obj: Mapping, base_dir: str | os.PathLike = ".") -> dict[str, FlatField]:
+    """Flat fields named in a ``kv-geometry/1`` document's optional extension.
+
+    ``{"flat_field": {"A": {"gain": "gainA.npy", "offset": "darkA.npy"}}}``;
+    relative paths are taken from ``base_dir`` (the geometry file's folder).
+    Readers of the geometry that do not know the field ignore it (CONVENTIONS).
+    """
+    ext = obj.get("flat_field")
+    if ext is None:
+        return {}
+    if not isinstance(ext, Mapping):
+        raise FrameError(f"kv-geometry flat_field must be an object of imager -> maps, got {type(ext).__name__}")
+    out = {}
+    for name, entry in ext.items():
+        if not isinstance(entry, Mapping) or not set(entry) <= {"gain", "offset"} or not entry:
+            raise FrameError(f"kv-geometry flat_field['{name}'] must hold 'gain' and/or 'offset' paths, got {entry!r}")
+        paths = {k: Path(base_dir) / str(v) for k, v in entry.items()}
+        out[str(name)] = read_flat_field(str(name), paths.get("gain"), paths.get("offset"))
+    return out
