@@ -6,8 +6,9 @@
    room's truth.
 2. **The fraction** (:func:`tracking.fraction.run_fraction`): the service, the
    imager simulator and the delivery simulator run as three processes over
-   ZeroMQ on loopback. The service uses today's calibration; the imager renders
-   the true room. Setup with a correction and verification, monitoring, a
+   ZeroMQ on loopback, CURVE on end to end with a temporary key set (each
+   process its own key and role; see docs/SECURITY.md). The service uses
+   today's calibration; the imager renders the true room. Setup with a correction and verification, monitoring, a
    sudden 3 mm shift mid-fraction, HOLD, re-setup, resume.
 3. A summary table: residual setup error, beam-on time, holds and reasons,
    latency percentiles.

@@ -135,8 +135,8 @@ def roles_markdown() -> str:
     roles = list(Role)
     lines = ["| command | " + " | ".join(r.value for r in roles) + " |", "|---" * (len(roles) + 1) + "|"]
     for cmd in Command:
-        lines.append(f"| `{cmd.value}` | " + " | ".join("yes" if r in COMMAND_ROLES.get(cmd, ()) else "-" for r in roles)
-                     + " |")
+        cells = ["yes" if r in COMMAND_ROLES.get(cmd, ()) else "-" for r in roles]
+        lines.append(f"| `{cmd.value}` | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

@@ -221,7 +221,8 @@ def test_a_readable_consistent_plan_loads(plan_files):
 @pytest.mark.parametrize("change, match", [
     (lambda d: (d / "geometry.json").unlink(), r"\[plan\] geometry = '.*geometry.json': no readable file"),
     (lambda d: (d / "geometry.json").write_text("{"), r"\[plan\] geometry = '.*geometry.json'"),
-    (lambda d: (d / "fiducials.json").write_text('{"schema": "fiducials/9"}'), r"\[plan\] fiducials = '.*fiducials.json'"),
+    (lambda d: (d / "fiducials.json").write_text('{"schema": "fiducials/9"}'),
+     r"\[plan\] fiducials = '.*fiducials.json'"),
     (lambda d: (d / "ct.mha").unlink(), r"\[plan\] ct = '.*ct.mha': no readable file"),
 ])
 def test_a_missing_or_broken_plan_file_fails_at_load_naming_it(plan_files, change, match):

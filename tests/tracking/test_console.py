@@ -583,3 +583,15 @@ def test_anatomy_plan_gives_the_console_its_overlay_and_the_pose_of_a_correction
     pose = _pose_of({"translation_mm": [-1.0, 0.0, 0.0], "rotation_deg": [0.0, 0.0, 0.0]})
     assert_allclose(pose.translation_mm, [1.0, 0.0, 0.0], rtol=0, atol=1e-12)
     assert _pose_of(None) is None and _pose_of({"translation_mm": "x"}) is None
+
+
+@pytest.mark.parametrize("kw, match", [
+    ({"timeline_s": 1e9}, r"\[console\] timeline_s must be a finite number in \(0, 3600\] s"),
+    ({"tolerance_3d_mm": 50.0}, r"\[console\] tolerance_3d_mm must be a finite number in \(0, 5\] mm"),
+    ({"correction_limit_deg": 45.0}, r"\[console\] correction_limit_deg must be .*\(0, 10\] deg"),
+    ({"port": True}, r"\[console\] port must be a whole number in \[0, 65535\]"),
+    ({"command_address": "tcp://127.0.0.1:99999"}, "port 99999 is outside 0..65535"),
+])
+def test_console_numbers_are_bounded_like_the_service_ones(kw, match):
+    with pytest.raises(ConsoleConfigError, match=match):
+        _config(**kw)

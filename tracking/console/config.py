@@ -9,21 +9,32 @@ approval mode and the plan (planned seeds projected for the overlays).
 from __future__ import annotations
 
 import ipaddress
-import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from ..errors import ConsoleConfigError
+from ..config import RANGES, Range, check_endpoint
+from ..errors import ConfigError, ConsoleConfigError
 from ..record import frames_folder
 from ..sims import ClientKeys
 
-__all__ = ["ConsoleConfig", "ConsoleConfigError", "PlannedSeeds", "connect_address", "console_config_from_service"]
+__all__ = ["CONSOLE_RANGES", "ConsoleConfig", "ConsoleConfigError", "PlannedSeeds", "connect_address",
+           "console_config_from_service"]
 
 #: Shortest login token accepted (characters): a token guessable by hand protects nothing.
 MIN_TOKEN_CHARS = 16
+#: The console's own numbers and their ranges (the service's limits and tolerance it shows are held
+#: to the service's ranges, tracking.config.RANGES).
+CONSOLE_RANGES: dict[str, Range] = {
+    "port": Range(0, 65535, "1", "HTTP port (0: the OS picks one)", integer=True),
+    "display_pixels": Range(32, 2048, "px", "longest side of a displayed frame", integer=True),
+    "timeline_s": Range(0.0, 3600.0, "s", "length of the deviation timeline kept and shown", lo_open=True),
+    "correction_limit_mm": RANGES["safety"]["correction_limit_mm"],
+    "correction_limit_deg": RANGES["safety"]["correction_limit_deg"],
+    "tolerance_3d_mm": RANGES["safety"]["tolerance_3d_mm"],
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,7 +66,7 @@ def _is_loopback(host: str) -> bool:
 
 @dataclass(frozen=True, slots=True)
 class ConsoleConfig:
-    """Everything the console needs, validated.
+    """Everything the console needs, validated (numbers held to :data:`CONSOLE_RANGES`).
 
     Attributes
     ----------
@@ -117,14 +128,13 @@ class ConsoleConfig:
 
     def __post_init__(self) -> None:
         for name in ("publish_address", "command_address"):
-            value = getattr(self, name)
-            if not isinstance(value, str) or not re.match(r"^(tcp|ipc|inproc)://.+", value):
-                raise ConsoleConfigError(f"console: {name} must be a tcp://, ipc:// or inproc:// address, got {value!r}")
+            try:
+                check_endpoint(f"console: {name}", getattr(self, name))
+            except ConfigError as err:
+                raise ConsoleConfigError(str(err)) from None
         if not _is_loopback(self.host) and not self.allow_remote:
             raise ConsoleConfigError(f"console: host {self.host!r} is not a loopback address; the page can command "
                                      "the service, so serve it on 127.0.0.1 (or pass --allow-remote behind a TLS proxy)")
-        if not isinstance(self.port, int) or isinstance(self.port, bool) or not 0 <= self.port <= 65535:
-            raise ConsoleConfigError(f"console: port must be 0..65535, got {self.port!r}")
         if self.login_token is not None:
             token = self.login_token.strip()
             if len(token) < MIN_TOKEN_CHARS:
@@ -135,16 +145,16 @@ class ConsoleConfig:
             value = getattr(self, name)
             if value is not None:
                 object.__setattr__(self, name, Path(value))
-        for name in ("correction_limit_mm", "correction_limit_deg", "tolerance_3d_mm"):
+        for name, r in CONSOLE_RANGES.items():
             value = getattr(self, name)
-            if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
-                raise ConsoleConfigError(f"console: {name} must be a positive number, got {value!r}")
+            if value is None and name not in ("port", "display_pixels", "timeline_s"):
+                continue  # a limit the console was not told: shown as unknown
+            try:
+                object.__setattr__(self, name, r.check("console", name, value))
+            except ConfigError as err:
+                raise ConsoleConfigError(str(err)) from None
         if self.approval not in (None, "manual", "automatic"):
             raise ConsoleConfigError(f"console: approval must be 'manual' or 'automatic', got {self.approval!r}")
-        if not isinstance(self.display_pixels, int) or not 32 <= self.display_pixels <= 2048:
-            raise ConsoleConfigError(f"console: display_pixels must be 32..2048, got {self.display_pixels!r}")
-        if not (isinstance(self.timeline_s, (int, float)) and math.isfinite(self.timeline_s) and self.timeline_s > 0):
-            raise ConsoleConfigError(f"console: timeline_s must be positive (s), got {self.timeline_s!r}")
 
 
 def connect_address(bound: str) -> str:
