@@ -595,3 +595,24 @@ def test_anatomy_plan_gives_the_console_its_overlay_and_the_pose_of_a_correction
 def test_console_numbers_are_bounded_like_the_service_ones(kw, match):
     with pytest.raises(ConsoleConfigError, match=match):
         _config(**kw)
+
+
+def test_console_simulate_connects_with_the_rooms_console_key(tmp_path):
+    import argparse
+
+    from tracking import _cli_console
+    from tracking.config import config_from_dict
+    from tracking.sims import ClientKeys
+
+    class Room:  # what build_console_config reads of a SimulatedRoom
+        config = config_from_dict({"plan": {"method": "pattern"}, "security": {"enabled": False}})
+        endpoints = {"publish": "tcp://127.0.0.1:6001", "command": "tcp://127.0.0.1:6002"}
+        console_keys = ClientKeys(tmp_path / "console.key_secret", tmp_path / "server.key")
+
+    parser = argparse.ArgumentParser()
+    _cli_console.add_commands(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["console", "--port", "0", "--simulate"])
+    config = _cli_console.build_console_config(args, Room())
+    assert config.client_keys == Room.console_keys and config.command_address == "tcp://127.0.0.1:6002"
+    Room.console_keys = None  # an insecure room: no keys to connect with
+    assert _cli_console.build_console_config(args, Room()).client_keys is None
