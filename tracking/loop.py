@@ -510,7 +510,8 @@ class Service:
             elif isinstance(event, FrameAccepted):
                 f = event.frame
                 raw = self.record.save_frame(f.pair_id, f.imager, f.pixels, event.epoch)
-                self.engine.frame_arrived(f.imager, f.pair_id, event.seq, f.acquired_unix_s, now, mono, raw, f.i0)
+                self.engine.frame_arrived(f.imager, f.pair_id, event.seq, f.acquired_unix_s, now, mono, raw, f.i0,
+                                          wf.session)
                 if raw is not None:
                     self._frames_for_record.setdefault((event.epoch, f.pair_id), {})[f.imager] = raw
             elif isinstance(event, PairFault):
@@ -583,7 +584,7 @@ class Service:
                               role=None if identity is None else identity.role.value)
             log.warning("command refused: %s", err)
             return envelope, body
-        reply, _ = self.engine.handle_command(req.command, params, now, mono, req.seq)
+        reply, _ = self.engine.handle_command(req.command, params, now, mono, req.seq, req.session)
         return envelope, reply
 
     # ------------------------------------------------------------------ worker

@@ -292,8 +292,12 @@ class Engine:
 
     # ---------------------------------------------------------------- commands
     def handle_command(self, command: str, params: dict[str, Any], now_unix_s: float, now_mono_s: float,
-                       request_seq: int | None = None) -> tuple[dict[str, Any], list[dict]]:
-        """Apply one command; returns ``(reply body, outputs)``. Never raises for a bad command."""
+                       request_seq: int | None = None,
+                       client_session: str | None = None) -> tuple[dict[str, Any], list[dict]]:
+        """Apply one command; returns ``(reply body, outputs)``. Never raises for a bad command.
+
+        ``client_session``: the sender's ``session`` (``command/1.1``), recorded with the command.
+        """
         built = None
         if command == Command.LOAD_PLAN.value:
             # Building a processor can take seconds (CT -> attenuation volumes): never under the
@@ -325,7 +329,8 @@ class Engine:
                 reply["request_seq"] = request_seq
             outputs, self._outputs = self._outputs, None
             self.record.write("command", t_unix_s=now_unix_s, t_mono_s=now_mono_s, command=command,
-                              params=params, state_before=before, reply=reply, outputs=outputs)
+                              params=params, state_before=before, reply=reply, outputs=outputs,
+                              client_session=client_session)
             return reply, outputs
 
     def _apply(self, name: str, params: dict[str, Any], now: float, mono: float) -> dict | None:
@@ -449,12 +454,15 @@ class Engine:
 
     # ------------------------------------------------------------------ frames
     def frame_arrived(self, imager: str, pair_id: int, seq: int, acquired_unix_s: float, now_unix_s: float,
-                      now_mono_s: float, raw_file: str | None = None, i0: float | None = None) -> None:
-        """A valid ``kvframe/1`` arrived: the frame source is alive (``i0`` recorded for replay)."""
+                      now_mono_s: float, raw_file: str | None = None, i0: float | None = None,
+                      sender_session: str | None = None) -> None:
+        """A valid ``kvframe`` arrived: the frame source is alive (``i0`` recorded for replay, and the
+        sender's ``session`` of a ``kvframe/1.1``)."""
         with self._lock:
             self.last_frame_unix_s = now_unix_s
             self.record.write("frame", t_unix_s=now_unix_s, t_mono_s=now_mono_s, imager=imager, pair_id=pair_id,
-                              seq=seq, acquired_unix_s=acquired_unix_s, raw_file=raw_file, i0=i0)
+                              seq=seq, acquired_unix_s=acquired_unix_s, raw_file=raw_file, i0=i0,
+                              session=sender_session)
 
     def frame_fault(self, reason: HoldReason, detail: str, now_unix_s: float, now_mono_s: float,
                     pair_id: int | None = None, alive: bool = True) -> list[dict]:
