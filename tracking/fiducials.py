@@ -45,7 +45,7 @@ from ._stereo_kernels import triangulate_two_views
 from .detection import Detection, DetectionConfig, _check_frame, _check_i0, detect_seeds_in_frames, estimate_i0
 from .errors import FiducialConfigError, FiducialNotFoundError, FrameError, ImagerLabelError
 from .flatfield import FlatField
-from .seed_search import _binning, faint_candidates, refine_seeds
+from .seed_search import faint_candidates, refine_seeds
 
 __all__ = [
     "Correspondence",
@@ -114,7 +114,7 @@ class FaintSearchConfig:
     enabled: bool = True
     min_snr: float = 6.0
     refine_min_snr: float = 5.0
-    predicted_min_snr: float = 7.0
+    predicted_min_snr: float = 5.0
     candidates_per_view: int = 24
     search_margin_mm: float | None = 40.0
     predicted_radius_mm: float = 4.0
@@ -567,14 +567,37 @@ def _angle_deg(rotation: np.ndarray) -> float:
     return math.degrees(math.acos(min(1.0, max(-1.0, (float(np.trace(rotation)) - 1.0) / 2.0))))
 
 
-def _solve(names, candidates, planned, seed_names, prior_pose, config, min_found: int = 0) -> _Solution | Exception:
+def _without(corr: Correspondence, k: int) -> Correspondence:
+    """``corr`` with planned seed ``k`` unassigned."""
+    found = corr.found.copy()
+    found[k] = False
+    idx = corr.detection_index.copy()
+    idx[k] = -1
+    pts = corr.points_room_mm.copy()
+    pts[k] = 0.0
+    rd, rp = corr.ray_distance_mm.copy(), corr.reprojection_px.copy()
+    rd[k] = rp[k] = 0.0
+    return Correspondence(corr.imagers, idx, pts, rd, rp, found, corr.cost_mm)
+
+
+def _solve(names, candidates, planned, seed_names, prior_pose, config, min_found: int = 0,
+           subsets: bool = False) -> _Solution | Exception:
     """Best correspondence + registration for one labelling, or the error that prevents one.
 
     Assignments that find fewer than ``min_found`` seeds are not registered:
     a registration uses at most the seeds found, so they cannot beat a
     plausible labelling that used ``min_found`` (see :func:`_choose`).
+    With ``subsets`` (the faint search, where a false candidate can complete
+    a loose constellation), assignments with one seed fewer are tried when
+    no complete one is plausible.
     """
     corrs = _match(names, candidates, planned, prior_pose, config)
+    if subsets and corrs and corrs[0].n_found > max(2, min_found):
+        first = _solve(names, candidates, planned, seed_names, prior_pose, config, min_found)
+        if isinstance(first, _Solution) and first.plausible:
+            return first
+        reduced = [_without(c, k) for c in corrs[:_MAX_ASSIGNMENTS] for k in np.flatnonzero(c.found)]
+        corrs = corrs + sorted(reduced, key=lambda c: c.cost_mm)
     if not corrs:
         return FiducialNotFoundError("fiducials not found: no seed was seen consistently in both views")
     if corrs[0].n_found < min_found:
@@ -584,7 +607,7 @@ def _solve(names, candidates, planned, seed_names, prior_pose, config, min_found
         )
     solutions: list[_Solution] = []
     first_error: Exception | None = None
-    for corr in corrs[:_MAX_ASSIGNMENTS]:
+    for corr in corrs[:_MAX_ASSIGNMENTS * (1 + len(planned) if subsets else 1)]:
         f = corr.found
         try:
             reg = register_points(planned[f], corr.points_room_mm[f], [seed_names[i] for i in np.flatnonzero(f)],
@@ -596,7 +619,10 @@ def _solve(names, candidates, planned, seed_names, prior_pose, config, min_found
             continue
         angle = _angle_deg(reg.pose.rotation)
         reasons = []
-        if reg.fre_mm > config.max_fre_mm:
+        # Two seeds give a translation-only fit whose FRE holds the rotation: no test of the seeds
+        # (the rigid-body check has judged their distance); the faint search accepts it as a start.
+        two_seed = subsets and PointFlag.TRANSLATION_ONLY in reg.flags
+        if reg.fre_mm > config.max_fre_mm and not two_seed:
             reasons.append(f"fiducial registration error {reg.fre_mm:.2f} mm (limit {config.max_fre_mm:g} mm)")
         if angle > config.max_rotation_deg:
             reasons.append(f"rotation {angle:.1f} deg (limit {config.max_rotation_deg:g} deg)")
@@ -759,6 +785,27 @@ def _labelled_solution(geometry, names, dets, planned, seed_names, prior_pose, c
     return _separate_overlaps(chosen, geometry, (a, b), dets, planned, seed_names, config)
 
 
+def _faint_labelling(geometry, names, dets, planned, seed_names, prior_pose, config, same_panel, within):
+    """Both labellings of faint candidates judged (``_choose``), where a labelling needs two seeds to count.
+
+    One candidate pair always "fits" (any point can be translated onto a
+    seed), so among faint candidates it is no evidence for a labelling or a
+    pose; with two planned seeds or more, two consistent seeds are needed.
+    """
+    a, b = names
+    need = min(2, len(planned))
+    px = {n: _centres(dets[n]) for n in (a, b)}
+    labellings = [(px[a], px[b])] + ([(px[b], px[a])] if same_panel else [])
+    cands = _pair_candidates_labellings(geometry, (a, b), labellings, config, within)
+    given = _solve((a, b), cands[0], planned, seed_names, prior_pose, config, need, subsets=True)
+    beat = max(need, given.corr.n_found) if isinstance(given, _Solution) and given.plausible else need
+    swapped = FrameError("frames do not fit the other imager") if not same_panel else _solve(
+        (a, b), cands[1], planned, seed_names, prior_pose, config, beat, subsets=True)
+    if isinstance(swapped, _Solution) and swapped.corr.n_found < beat:
+        swapped = FiducialNotFoundError("fewer seeds than the given labelling")
+    return _choose(given, swapped, a, b, config, planned)
+
+
 def _better(new: _Solution, old: _Solution) -> bool:
     """More seeds found (then used), then a lower FRE."""
     return (new.corr.n_found, new.reg.n_used, -new.reg.fre_mm) > (old.corr.n_found, old.reg.n_used, -old.reg.fre_mm)
@@ -806,15 +853,20 @@ def _candidates(signals, geometry, name, i0, masks, regions, config: FiducialCon
     return tuple(out)
 
 
+_FAINT_ASSOCIATION_MM = 3.0  # a 2 mm migration and the coarse centres' error, no more: false candidates abound
+
+
 def _faint_solution(frames, geometry, names, i0s, masks, planned, seed_names, prior_pose, config, same_panel):
     """The plan-guided search (``FaintSearchConfig``): ``(solution, overlapping, detections)``.
 
-    1. Candidates per view (where the plan or the prior puts the seeds), the
-       coarse solution chosen jointly: epipolar pairs, constellation, both
-       labellings (with the pairing limits widened by the binned pixel).
-    2. Each seed's detections refined at full resolution; a seed the coarse
-       solution lacks is searched in both views where its pose puts it.
-    3. The refined detections solved again with the normal limits.
+    1. Candidates per view (where the plan or the prior puts the seeds), each
+       refined at full resolution (``refine_seeds``: centre, orientation,
+       length, SNR); those still significant are the detections.
+    2. The solution chosen jointly: epipolar pairs, constellation (with the
+       association limit narrowed to ``_FAINT_ASSOCIATION_MM``), both
+       labellings, a labelling needing two seeds to count.
+    3. A seed still missing is searched in both views where the pose of the
+       others puts it, and the pair solved again.
     """
     fc = config.faint
     a, b = names
@@ -832,41 +884,51 @@ def _faint_solution(frames, geometry, names, i0s, masks, planned, seed_names, pr
         where = centre[None]
     else:
         where, radius = None, 0.0
-    dets = {}
+    dets: dict[str, tuple[Detection, ...]] = {}
     for n in names:
         regions = [None] if where is None else _search_regions(geometry, n, where, radius)
-        dets[n] = _candidates(signals, geometry, n, levels[n], masks, regions, config, fc.min_snr,
-                              fc.candidates_per_view)
-    mm_px = max(float(np.min(geometry[n].pixel_spacing_mm)) / geometry[n].magnification for n in names)
-    slack_px = 2.0 * _binning(geometry[a], config.detection)
-    coarse = replace(config, max_epipolar_px=config.max_epipolar_px + slack_px,
-                     max_ray_distance_mm=config.max_ray_distance_mm + slack_px * mm_px,
-                     max_fre_mm=config.max_fre_mm + slack_px * mm_px)
+        coarse = _candidates(signals, geometry, n, levels[n], masks, regions, config, fc.min_snr,
+                             fc.candidates_per_view)
+        dets[n] = _refined(signals[n], geometry[n], levels[n], coarse, masks.get(n), config)
     within = None if where is None else (where, radius)
-    sol, _ = _labelled_solution(geometry, names, dets, planned, seed_names, prior_pose, coarse, same_panel, within)
-    pose = sol.reg.pose
-    refined: dict[str, list[Detection]] = {n: [] for n in names}
-    half_mm = fc.predicted_radius_mm
-    for k in range(len(planned)):
-        for v, n in enumerate(names):
-            im = geometry[n]
-            if sol.corr.found[k]:
-                start = dets[n][int(sol.corr.detection_index[k, v])]
-            else:
+    narrow = replace(config, association_tolerance_mm=min(config.association_tolerance_mm, _FAINT_ASSOCIATION_MM))
+    sol = _faint_labelling(geometry, names, dets, planned, seed_names, prior_pose, narrow, same_panel, within)
+    if not sol.corr.found.all():
+        extra = {n: list(dets[n]) for n in names}
+        for k in np.flatnonzero(~sol.corr.found):
+            target = sol.reg.pose.apply(planned[k:k + 1])
+            for n in names:
                 # Where the others say this seed must be: the strongest candidate near its projection.
-                target = pose.apply(planned[k:k + 1])
                 near = _candidates(signals, geometry, n, levels[n], masks,
-                                   _search_regions(geometry, n, target, half_mm), config, fc.predicted_min_snr, 1)
-                if not near:
-                    continue
-                start = near[0]
-            hit = refine_seeds(signals[n], im, levels[n], start.centre_px[None], np.array([start.orientation_deg]),
-                               config.detection, fc.refine_min_snr, masks.get(n))[0]
-            if hit is not None and all(np.hypot(*(hit.centre_px - d.centre_px)) > 2.0 for d in refined[n]):
-                refined[n].append(hit)
-    dets_final = {n: tuple(refined[n]) for n in names}
-    final = _labelled_solution(geometry, names, dets_final, planned, seed_names, prior_pose, config, same_panel)
-    return final[0], final[1], dets_final
+                                   _search_regions(geometry, n, target, fc.predicted_radius_mm), config,
+                                   fc.predicted_min_snr, 1)
+                extra[n].extend(_refined(signals[n], geometry[n], levels[n], near, masks.get(n), config))
+        dets = {n: tuple(_dedupe_detections(extra[n])) for n in names}
+        px = {n: _centres(dets[n]) for n in names}
+        cands = _pair_candidates_labellings(geometry, names, [(px[a], px[b])], narrow, within)
+        again = _solve(names, cands[0], planned, seed_names, prior_pose, narrow, 0, subsets=True)
+        if isinstance(again, _Solution) and again.plausible and _better(again, sol):
+            sol = again
+    sol, overlapping = _separate_overlaps(sol, geometry, names, dets, planned, seed_names, config)
+    return sol, overlapping, dets
+
+
+def _refined(signal, imager, i0, coarse: Sequence[Detection], mask, config: FiducialConfig) -> tuple[Detection, ...]:
+    """Full-resolution fits of coarse candidates; the significant ones, distinct, strongest first."""
+    if not coarse:
+        return ()
+    fits = refine_seeds(signal, imager, i0, np.array([d.centre_px for d in coarse]),
+                        np.array([d.orientation_deg for d in coarse]), config.detection, config.faint.refine_min_snr,
+                        mask)
+    return tuple(_dedupe_detections([d for d in fits if d is not None]))
+
+
+def _dedupe_detections(dets: Sequence[Detection], radius_px: float = 2.0) -> list[Detection]:
+    kept: list[Detection] = []
+    for d in sorted(dets, key=lambda d: -d.snr):
+        if all(np.hypot(*(d.centre_px - k.centre_px)) > radius_px for k in kept):
+            kept.append(d)
+    return kept
 
 
 def _separate_overlaps(sol: _Solution, geometry: StereoGeometry, names: tuple[str, str], dets, planned: np.ndarray,
