@@ -695,9 +695,10 @@ def check_files_of(config: ServiceConfig, where: str = "<config>") -> None:
     """Open what the configuration names, at start-up rather than at the first ``load_plan``.
 
     The plan's geometry (``kv-geometry/1``, naming both ``[plan] imagers``),
-    fiducials (``fiducials/1``), CT (a readable file or folder) and DICOM
-    folder; the CURVE server key, allow-list and ``roles.toml``. The CT is
-    not read here (``load_plan`` does that: it takes seconds).
+    fiducials (``fiducials/1``), CT and DICOM folder, then (fiducial and
+    anatomy methods) the plan as ``load_plan`` will load it: the isocentre
+    inside the CT, seeds all inside the CT (fiducial), a region of interest
+    (anatomy); the CURVE server key, allow-list and ``roles.toml``.
 
     Raises
     ------
@@ -735,6 +736,8 @@ def check_files_of(config: ServiceConfig, where: str = "<config>") -> None:
         _readable(where, "plan.ct", plan.ct, folder=folder)
     if plan.dicom is not None:
         _readable(where, "plan.dicom", plan.dicom, folder=True)
+    if plan.method in ("fiducial", "anatomy"):
+        _check_treatment_plan(plan, where)
     sec = config.security
     if sec.enabled:
         from .errors import SecurityError
@@ -749,6 +752,45 @@ def check_files_of(config: ServiceConfig, where: str = "<config>") -> None:
             load_allow_list(sec.allowed_clients)
         except SecurityError as err:
             raise ConfigError(f"{where}: [security] {err}") from err
+
+
+def _check_treatment_plan(plan: PlanConfig, where: str) -> None:
+    """Load the plan as ``load_plan`` will (the one plan loader) and check that its parts agree.
+
+    The isocentre lies inside the CT; a fiducial plan has planned seeds,
+    all inside the CT; an anatomy plan has a region of interest. Raises
+    ConfigError naming the configuration and the file.
+    """
+    import numpy as np
+
+    from calibration.errors import CalibrationError
+    from registration.errors import RegistrationError
+
+    from .processing import anatomy_roi, load_treatment_plan
+
+    source = plan.dicom if plan.dicom is not None else plan.ct
+    try:
+        treatment = load_treatment_plan(plan)
+    except (RegistrationError, CalibrationError, TrackingError, OSError, ValueError) as err:
+        raise ConfigError(f"{where}: [plan] {source}: {err}") from err
+    ct = treatment.ct
+    if not ct.contains_lps_mm(treatment.isocentre_lps_mm)[0]:
+        raise ConfigError(f"{where}: [plan] the isocentre {np.round(treatment.isocentre_lps_mm, 2).tolist()} "
+                          f"(LPS mm) lies outside the CT {ct.source}")
+    if plan.method == "fiducial":
+        seeds = treatment.fiducials
+        named = plan.fiducials if plan.fiducials is not None else source
+        if seeds is None:
+            raise ConfigError(f"{where}: [plan] {named}: the fiducial method needs planned seeds; the plan has none")
+        inside = ct.contains_lps_mm(seeds.positions_lps_mm)
+        if not np.all(inside):
+            outside = [n for n, ok in zip(seeds.names, inside) if not ok]
+            raise ConfigError(f"{where}: [plan] {named}: seeds {outside} lie outside the CT {ct.source}")
+    else:
+        try:
+            anatomy_roi(plan, treatment)
+        except (RegistrationError, TrackingError, ValueError) as err:
+            raise ConfigError(f"{where}: [plan] {source}: no usable anatomy region of interest: {err}") from err
 
 
 def ranges_markdown() -> str:

@@ -7,8 +7,10 @@ import typing
 from dataclasses import fields
 from pathlib import Path
 
+import numpy as np
 import pytest
 
+from registration.volume import CTVolume, write_ct
 from tracking import config as cfg
 from tracking.config import (
     RANGES,
@@ -205,7 +207,9 @@ def plan_files(tmp_path):
     (tmp_path / "fiducials.json").write_text(
         '{"schema": "fiducials/1", "fiducials": [{"name": "F1", "position_mm": [0, 0, 0]},'
         ' {"name": "F2", "position_mm": [10, 0, 0]}, {"name": "F3", "position_mm": [0, 10, 0]}]}')
-    (tmp_path / "ct.mha").write_bytes(b"placeholder: the CT is read by load_plan, not at load")
+    # A small CT: 16^3 voxels of 4 mm centred on the LPS origin (extent -32..32 mm on each axis).
+    ct = CTVolume(np.zeros((16, 16, 16), np.float32), (4.0, 4.0, 4.0), (-30.0, -30.0, -30.0), np.eye(3), "HFS")
+    write_ct(ct, tmp_path / "ct.mha")
     return tmp_path
 
 
@@ -216,6 +220,23 @@ FIDUCIAL_PLAN = ('method = "fiducial"\ngeometry = "geometry.json"\nct = "ct.mha"
 def test_a_readable_consistent_plan_loads(plan_files):
     config = load_config(_write_toml(plan_files, FIDUCIAL_PLAN))
     assert config.plan.geometry == plan_files / "geometry.json"
+    anatomy = 'method = "anatomy"\ngeometry = "geometry.json"\nct = "ct.mha"\nisocentre_lps_mm = [0, 0, 0]\n' \
+        'roi_half_size_mm = [20, 20, 10]\n'
+    assert load_config(_write_toml(plan_files, anatomy)).plan.method == "anatomy"
+
+
+def test_an_isocentre_outside_the_ct_is_refused_at_load(plan_files):
+    text = FIDUCIAL_PLAN.replace("isocentre_lps_mm = [0, 0, 0]", "isocentre_lps_mm = [0, 0, 40]")
+    with pytest.raises(ConfigError, match=r"the isocentre \[0.0, 0.0, 40.0\] \(LPS mm\) lies outside the CT .*ct.mha"):
+        load_config(_write_toml(plan_files, text))
+
+
+def test_seeds_outside_the_ct_are_refused_at_load_naming_them(plan_files):
+    (plan_files / "fiducials.json").write_text(
+        '{"schema": "fiducials/1", "fiducials": [{"name": "F1", "position_mm": [0, 0, 0]},'
+        ' {"name": "far", "position_mm": [0, 0, 33]}]}')
+    with pytest.raises(ConfigError, match=r"fiducials.json: seeds \['far'\] lie outside the CT"):
+        load_config(_write_toml(plan_files, FIDUCIAL_PLAN))
 
 
 @pytest.mark.parametrize("change, match", [
@@ -224,6 +245,7 @@ def test_a_readable_consistent_plan_loads(plan_files):
     (lambda d: (d / "fiducials.json").write_text('{"schema": "fiducials/9"}'),
      r"\[plan\] fiducials = '.*fiducials.json'"),
     (lambda d: (d / "ct.mha").unlink(), r"\[plan\] ct = '.*ct.mha': no readable file"),
+    (lambda d: (d / "ct.mha").write_bytes(b"not a CT"), r"\[plan\] .*ct.mha: .*ct.mha"),
 ])
 def test_a_missing_or_broken_plan_file_fails_at_load_naming_it(plan_files, change, match):
     change(plan_files)
