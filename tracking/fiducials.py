@@ -37,6 +37,7 @@ from registration.points import (
     PointRegistrationConfig,
     PointRegistrationError,
     PointRegistrationResult,
+    SeedMigrationError,
     register_points,
 )
 from registration.pose import Correction, Pose
@@ -100,6 +101,9 @@ class FaintSearchConfig:
     predicted_min_snr : float
         Candidate response needed near a predicted position (a seed the
         others place there); higher than ``min_snr`` as nothing else vouches for it.
+    two_seed_min_snr : float
+        Fitted SNR each seed of a two-seed solution needs in both views (two
+        seeds agree on a single distance, weak evidence among many candidates).
     candidates_per_view : int
         Strongest candidates kept per view.
     search_margin_mm : float or None
@@ -115,12 +119,13 @@ class FaintSearchConfig:
     min_snr: float = 6.0
     refine_min_snr: float = 5.0
     predicted_min_snr: float = 5.0
+    two_seed_min_snr: float = 10.0
     candidates_per_view: int = 24
     search_margin_mm: float | None = 40.0
     predicted_radius_mm: float = 4.0
 
     def __post_init__(self) -> None:
-        for name in ("min_snr", "refine_min_snr", "predicted_min_snr", "predicted_radius_mm"):
+        for name in ("min_snr", "refine_min_snr", "predicted_min_snr", "two_seed_min_snr", "predicted_radius_mm"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
                 raise FiducialConfigError(f"faint search config: {name} must be a positive finite number, got {value!r}")
@@ -594,7 +599,8 @@ def _solve(names, candidates, planned, seed_names, prior_pose, config, min_found
     corrs = _match(names, candidates, planned, prior_pose, config)
     if subsets and corrs and corrs[0].n_found > max(2, min_found):
         first = _solve(names, candidates, planned, seed_names, prior_pose, config, min_found)
-        if isinstance(first, _Solution) and first.plausible:
+        if (isinstance(first, _Solution) and first.plausible) or isinstance(first, SeedMigrationError):
+            # A refused constellation stays refused: dropping the seed that moved would hide it.
             return first
         reduced = [_without(c, k) for c in corrs[:_MAX_ASSIGNMENTS] for k in np.flatnonzero(c.found)]
         corrs = corrs + sorted(reduced, key=lambda c: c.cost_mm)
@@ -744,7 +750,8 @@ def localise_fiducials(
     except (FiducialNotFoundError, ImagerLabelError, PointRegistrationError) as err:
         error = err
     faint = False
-    if config.faint.enabled and (found is None or not found[0].corr.found.all() or found[1]):
+    refused = isinstance(error, PointRegistrationError)  # a constellation was seen and refused (migration)
+    if config.faint.enabled and not refused and (found is None or not found[0].corr.found.all() or found[1]):
         # Seeds the stand-alone detector could not see: the plan-guided search.
         try:
             second = _faint_solution(frames, geometry, (a, b), i0s, masks, planned, seed_names, prior_pose, config,
@@ -793,7 +800,7 @@ def _faint_labelling(geometry, names, dets, planned, seed_names, prior_pose, con
     pose; with two planned seeds or more, two consistent seeds are needed.
     """
     a, b = names
-    need = min(2, len(planned))
+    need = min(max(2, len(planned) - 1), len(planned))
     px = {n: _centres(dets[n]) for n in (a, b)}
     labellings = [(px[a], px[b])] + ([(px[b], px[a])] if same_panel else [])
     cands = _pair_candidates_labellings(geometry, (a, b), labellings, config, within)
@@ -803,7 +810,18 @@ def _faint_labelling(geometry, names, dets, planned, seed_names, prior_pose, con
         (a, b), cands[1], planned, seed_names, prior_pose, config, beat, subsets=True)
     if isinstance(swapped, _Solution) and swapped.corr.n_found < beat:
         swapped = FiducialNotFoundError("fewer seeds than the given labelling")
-    return _choose(given, swapped, a, b, config, planned)
+    sol = _choose(given, swapped, a, b, config, planned)
+    if sol.corr.n_found < 3:
+        # Two seeds agree on one distance only: both must stand out on their own in both views.
+        weak = [seed_names[k] for k in np.flatnonzero(sol.corr.found)
+                if min(dets[n][int(sol.corr.detection_index[k, v])].snr for v, n in enumerate(names))
+                < config.faint.two_seed_min_snr]
+        if weak:
+            raise FiducialNotFoundError(
+                f"fiducials not found: the faint search saw only {sol.corr.n_found} seeds and "
+                f"{', '.join(weak)} too faintly (SNR below {config.faint.two_seed_min_snr:g}) to trust"
+            )
+    return sol
 
 
 def _better(new: _Solution, old: _Solution) -> bool:
