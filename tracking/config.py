@@ -655,6 +655,10 @@ def config_from_dict(data: dict[str, Any], where: str = "<config>", base_dir: Pa
     return ServiceConfig(**parts)
 
 
+#: Largest configuration file read, bytes (a real one is a few kB).
+MAX_CONFIG_BYTES = 1 * 2**20
+
+
 def load_config(path: str | os.PathLike, check_files: bool = True) -> ServiceConfig:
     """Read and validate a TOML service configuration file, and (``check_files``) the files it names.
 
@@ -667,6 +671,11 @@ def load_config(path: str | os.PathLike, check_files: bool = True) -> ServiceCon
     """
     p = Path(path)
     try:
+        if p.is_dir():
+            raise ConfigError(f"{p}: is a folder, not a configuration file")
+        size = p.stat().st_size
+        if size > MAX_CONFIG_BYTES:
+            raise ConfigError(f"{p}: {size} bytes, larger than a configuration can be ({MAX_CONFIG_BYTES} bytes)")
         raw = p.read_bytes()
     except OSError as err:
         raise ConfigError(f"{p}: cannot read the configuration: {err.strerror}") from err
@@ -674,6 +683,10 @@ def load_config(path: str | os.PathLike, check_files: bool = True) -> ServiceCon
         data = tomllib.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, tomllib.TOMLDecodeError) as err:
         raise ConfigError(f"{p}: not valid TOML: {err}") from err
+    except ValueError as err:  # an integer beyond Python's digit limit
+        raise ConfigError(f"{p}: not a usable configuration: {err}") from None
+    except RecursionError:
+        raise ConfigError(f"{p}: not a usable configuration: values nested too deeply") from None
     config = config_from_dict(data, str(p), p.parent)
     if check_files:
         check_files_of(config, str(p))

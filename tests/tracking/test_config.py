@@ -283,3 +283,24 @@ def test_type_hints_of_the_sections_resolve():
     # The table test above reads field types as text; make sure they are the annotations we think.
     hints = typing.get_type_hints(SafetyConfig)
     assert hints["consecutive_to_enable"] is int and hints["frame_period_s"] is float
+
+
+@pytest.mark.parametrize("text, match", [
+    ("x = " + "[" * 5000 + "]" * 5000 + "\n", "nested too deeply"),
+    ("[safety]\nframe_period_s = " + "9" * 5000 + "\n", "digits"),
+    ("[plan]\nname = \"caf\xe9\"\n".encode("latin-1"), "not valid TOML"),
+])
+def test_hostile_toml_files_are_refused_not_crashed(tmp_path, text, match):
+    p = tmp_path / "c.toml"
+    p.write_bytes(text if isinstance(text, bytes) else text.encode())
+    with pytest.raises(ConfigError, match=match):
+        cfg.load_config(p)
+
+
+def test_an_oversized_or_folder_config_is_refused(tmp_path):
+    p = tmp_path / "c.toml"
+    p.write_bytes(b"#" * (cfg.MAX_CONFIG_BYTES + 1))
+    with pytest.raises(ConfigError, match="larger than"):
+        cfg.load_config(p)
+    with pytest.raises(ConfigError, match="folder"):
+        cfg.load_config(tmp_path)
