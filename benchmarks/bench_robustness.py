@@ -632,12 +632,12 @@ def run_service_cases(work: Path) -> list[dict]:
     table = {"safety": {"frame_period_s": frame_period_s},
              "endpoints": {"frames": "tcp://127.0.0.1:0", "publish": "tcp://127.0.0.1:0",
                            "command": "tcp://127.0.0.1:0"},
-             "setup": {"mode": "automatic"}, "plan": {"pattern_noise_mm": 0.02},
-             "record": {"path": str(work / "service-record")}}
-    with contextlib.suppress(Exception):
-        config = config_from_dict({**table, "security": {"enabled": False}})
-    if "config" not in locals():
-        config = config_from_dict(table)
+             "setup": {"approval": "automatic"}, "plan": {"pattern_noise_mm": 0.02},
+             "record": {"path": str(work / "service-record" / "session.jsonl")},
+             # Insecure on purpose: the hostile sender here stands for a peer that passed CURVE (a faulty imager
+             # or console); without keys the decoders see exactly the same bytes.
+             "security": {"enabled": False}}
+    config = config_from_dict(table)
     svc = Service(config).start()
     peers = LocalPeers(svc.endpoints)
     raw_push = peers.ctx.socket(zmq.PUSH)
