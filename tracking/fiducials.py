@@ -756,6 +756,8 @@ def localise_fiducials(
         try:
             second = _faint_solution(frames, geometry, (a, b), i0s, masks, planned, seed_names, prior_pose, config,
                                      same_panel)
+        except SeedMigrationError:
+            raise  # more of the constellation was seen, and refused: never answer with a part of it
         except (FiducialNotFoundError, ImagerLabelError, PointRegistrationError) as err:
             second = None
             error = error or err
@@ -925,6 +927,10 @@ def _faint_solution(frames, geometry, names, i0s, masks, planned, seed_names, pr
         px = {n: _centres(dets[n]) for n in names}
         cands = _pair_candidates_labellings(geometry, names, [(px[a], px[b])], narrow, within)
         again = _solve(names, cands[0], planned, seed_names, prior_pose, narrow, 0, subsets=True)
+        if isinstance(again, SeedMigrationError):
+            # The missing seed is there but not where the others put it: a migration, never hidden
+            # behind the smaller constellation found first.
+            raise again
         if isinstance(again, _Solution) and again.plausible and _better(again, sol):
             sol = again
     sol, overlapping = _separate_overlaps(sol, geometry, names, dets, planned, seed_names, config)
