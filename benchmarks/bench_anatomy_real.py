@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
 import sys
@@ -120,6 +119,7 @@ def main(argv=None) -> int:
     ct = read_ct(args.set / "ct.mha")
     labels = sitk.GetArrayFromImage(sitk.ReadImage(str(args.set / "labels.mha")))
     regs, peers, points = {}, {}, {}
+    no_peer_rooms: set[str] = set()
     setup_s = {}
     rows, peer_rows = [], []
     load_start = os.getloadavg()
@@ -136,11 +136,11 @@ def main(argv=None) -> int:
             setup_s[key] = time.monotonic() - t
             idx = np.argwhere(labels == truth["label"])[:, ::-1].astype(float)
             points[key] = ct.lps_to_room(ct.index_to_lps(idx), iso)
-            if peer_cls is not None:
+            if peer_cls is not None and len(peer_rows) < args.peer_cases and truth["room"] not in no_peer_rooms:
                 try:
                     peers[key] = peer_cls(ct, iso, geometry, roi.mask)
                 except ValueError as err:
-                    peers[key] = None
+                    no_peer_rooms.add(truth["room"])
                     print(f"# peer cannot model room {truth['room']!r}: {err}")
         reg, pts = regs[key], points[key]
         i0 = float(truth["i0"])
