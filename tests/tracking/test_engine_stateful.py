@@ -69,6 +69,7 @@ class EngineMachine(RuleBasedStateMachine):
         self.max_pid_in_epoch = -1
         self.recoveries = 0
         self.enables = 0
+        self.latest_acquired = -math.inf
         self.engine.start_session(self.now, self.mono)
 
     # ------------------------------------------------------------------ helpers
@@ -90,6 +91,7 @@ class EngineMachine(RuleBasedStateMachine):
         self.mono += processing_s
         tolerance = self.engine.gating_config
         epoch_at_finish = self.engine.epoch
+        self.latest_acquired = max(self.latest_acquired, acquired)
         outputs = self.engine.finish_pair(job, result, self.now, self.mono)
         if job.epoch == self.engine.epoch:
             self.max_pid_in_epoch = max(self.max_pid_in_epoch, pid)
@@ -211,8 +213,11 @@ class EngineMachine(RuleBasedStateMachine):
         """Never stuck: after the velocity history has aged out, good fresh pairs ENABLE again."""
         self.recoveries += 1
         g = self.engine.gating_config
-        self.now += g.max_frame_age_s + 0.01
-        self.mono += g.max_frame_age_s + 0.01
+        # The velocity history is bounded in acquisition time: wait until the newest acquisition fed
+        # (it may be stamped in the future, or the wall clock may have gone back) is older than that.
+        wait_s = max(g.max_frame_age_s, self.latest_acquired + g.max_frame_age_s - self.now) + 0.01
+        self.now += wait_s
+        self.mono += wait_s
         self._no_enable(self.engine.tick(self.now, self.mono), "tick")
         outputs = []
         for _ in range(g.consecutive_to_enable):
