@@ -49,7 +49,7 @@ from registration.volume import room_from_lps_matrix
 
 from ..errors import SimulationError
 from .kv import FrameTruth, OutputDtype, StereoFrames, _Marker, _rng, _windows
-from .phantoms import Phantom, SeedShape
+from .phantoms import Phantom, Seed, SeedShape
 
 __all__ = [
     "CHAIN_MATERIALS",
@@ -546,13 +546,28 @@ class RealisticSimulator:
             self._maps[key] = DetectorMaps.make(im.rows, im.cols, chain, names.index(imager_name))
         return self._maps[key]
 
-    def markers(self, pose: Pose, seeds_room_mm: np.ndarray | None = None) -> list[_Marker]:
-        """The phantom's seeds at ``pose`` (room frame); ``seeds_room_mm`` overrides the centres (migration)."""
-        centres = pose.apply(self.phantom.seeds_room_mm()) if seeds_room_mm is None else np.asarray(seeds_room_mm)
+    def planned_room_mm(self, seeds: Sequence[Seed] | None = None) -> np.ndarray:
+        """Seed centres (the phantom's, or ``seeds`` in its planning-CT LPS) in the room at perfect setup, (N, 3) mm."""
+        if seeds is None:
+            return self.phantom.seeds_room_mm()
+        if not seeds:
+            return np.zeros((0, 3))
+        pts = np.stack([s.centre_lps_mm for s in seeds])
+        return self.phantom.planning_ct.lps_to_room(pts, self.phantom.isocentre_lps_mm)
+
+    def markers(self, pose: Pose, seeds_room_mm: np.ndarray | None = None,
+                seeds: Sequence[Seed] | None = None) -> list[_Marker]:
+        """The seeds at ``pose`` (room frame): the phantom's, or ``seeds`` (planning-CT LPS) instead;
+        ``seeds_room_mm`` overrides the centres (migration)."""
+        chosen = self.phantom.seeds if seeds is None else tuple(seeds)
+        for s in chosen:
+            if s.material != "gold" or s.shape is SeedShape.SPHERE:
+                raise SimulationError(f"seed {s.name!r}: the imaging chain renders gold cylinders only")
+        centres = pose.apply(self.planned_room_mm(seeds)) if seeds_room_mm is None else np.asarray(seeds_room_mm)
         out = []
-        for s, c in zip(self.phantom.seeds, centres):
+        for s, c in zip(chosen, centres):
             axis = pose.rotation @ (self._room_from_lps @ s.axis_lps)
-            out.append(_Marker(np.asarray(c, float), axis, s.length_mm, s.radius_mm, s.shape is SeedShape.SPHERE, 1.0))
+            out.append(_Marker(np.asarray(c, float), axis, s.length_mm, s.radius_mm, False, 1.0))
         return out
 
     def material_paths(self, imager: ImagerGeometry, pose: Pose) -> MaterialPaths:
@@ -569,6 +584,7 @@ class RealisticSimulator:
         paths: Mapping[str, MaterialPaths] | None = None,
         seeds_room_mm: np.ndarray | None = None,
         previous: Mapping[str, np.ndarray] | None = None,
+        seeds: Sequence[Seed] | None = None,
     ) -> tuple[StereoFrames, dict[str, ChainFrame]]:
         """A stereo pair of raw frames at ``pose`` and the chain's stages per imager.
 
@@ -586,6 +602,8 @@ class RealisticSimulator:
             Seed centres in the room (e.g. a migrated seed); default the planned ones moved by ``pose``.
         previous : mapping imager -> signal, optional
             The previous frame's ``ChainFrame.signal`` per imager (lag).
+        seeds : sequence of Seed, optional
+            Gold cylinders (planning-CT LPS) instead of the phantom's seeds (the anatomy has none).
 
         Returns
         -------
@@ -597,7 +615,7 @@ class RealisticSimulator:
             raise SimulationError(f"render needs a Pose, got {type(pose).__name__}")
         chain = self.chain if chain is None else chain
         rng = _rng(seed)
-        markers = self.markers(pose, seeds_room_mm)
+        markers = self.markers(pose, seeds_room_mm, seeds)
         seeds_room = np.array([m.centre_mm for m in markers]).reshape(-1, 3)
         frames, stages, seeds_px = {}, {}, {}
         for im in self.geometry.imagers:
@@ -608,6 +626,7 @@ class RealisticSimulator:
             frames[im.name] = stages[im.name].raw
             seeds_px[im.name] = im.project(seeds_room) if len(seeds_room) else np.zeros((0, 2))
         dead = {n: np.zeros((0, 2), np.int64) for n in frames}
-        truth = FrameTruth(pose, chain.i0, chain.spectrum.mean_energy_kev, tuple(s.name for s in self.phantom.seeds),
+        names = tuple(s.name for s in (self.phantom.seeds if seeds is None else seeds))
+        truth = FrameTruth(pose, chain.i0, chain.spectrum.mean_energy_kev, names,
                            seeds_room, seeds_px, dead, dead)
         return StereoFrames(frames, truth), stages

@@ -1,0 +1,336 @@
+"""Benchmark: gold seeds in clinic-like frames, both built-in rooms, anatomy projected by plastimatch (issue 19).
+
+Run:  python benchmarks/bench_fiducials_realistic.py [--pairs 50] [--i0 2000,6000,40000] [--spr 1.5]
+                                                     [--rooms default,floor] [--anatomy plastimatch] [--seed 0]
+
+Per room and pair: a setup error (``random_setup_pose``: +-10 mm, +-3 deg per
+axis), a fresh seed set (2-5 gold cylinders, 0.8-1.2 mm x 3-5 mm, random
+axes, centres uniform in a 50 x 40 x 70 mm box around the target vertebra:
+over the vertebral bodies, posterior elements and ribs), the thoracolumbar
+phantom's truth anatomy (1 mm grid, seed-free) split into water and cortical
+bone path lengths and **projected by plastimatch** (``plastimatch drr -i
+exact -P none`` of the two fraction volumes, the pose folded into the
+imager; ``--anatomy spineguide`` uses the project's own DRR instead), the
+seeds as exact gold chords, then the clinic chain
+(``ChainConfig.clinic``: 120 kVp Kramers spectrum, 2.5 mm Al, beam hardening,
+heel 15 %, scatter-to-primary ``--spr`` behind 350 mm of tissue, 5 % gain
+map, 200-count offset map, a dead row and column, 0.6 px blur, Poisson and
+read-out noise) at each ``--i0``. Frames -> ``localise_fiducials`` with the
+panels' flat fields (gain, offset, dead lines) and no i0 (estimated).
+
+Per condition (room x i0, and a migrated-seed condition at the first i0 at
+or above 6000):
+
+- localised: a result with ``ok`` (6-DoF, FRE <= 1 mm) and mTRE < 1 mm;
+- mTRE: mean over the target vertebra's voxels of ``|P_est p - P_true p|``
+  (mm), median and p95 over the pairs (refused pairs excluded; counted apart);
+- false seeds: seeds of a result whose detection lies > 3 px from that
+  seed's true projection in either view;
+- migrated: one seed moved 2 mm (random direction): flagged = the result
+  marks it ``migrated`` or the call refuses with ``SeedMigrationError``
+  naming it; used silently = a result that uses it unflagged;
+- anatomy: plastimatch projects the central ``--plastimatch-window``
+  pixels of each panel (where the seeds lie), the project's DRR the rest
+  (i0 estimation and the clean-frame detector see the whole frame); the
+  median difference of the two projectors in the window is printed;
+- time: whole frame (no prior) and tracking windows (prior = truth pose
+  moved by up to 1 mm / 0.5 deg), median and p95 of ``total_ms``; the load
+  average is printed beside.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import SimpleITK as sitk
+
+from calibration.geometry import ImagerGeometry
+from registration.errors import SeedMigrationError
+from registration.pose import Pose
+from registration.volume import room_from_lps_matrix
+from tracking.errors import TrackingError
+from tracking.fiducials import localise_fiducials
+from tracking.flatfield import FlatField
+from tracking.room import random_setup_pose, thoracolumbar_phantom
+from tracking.room.chain import ChainConfig, MaterialPaths, RealisticSimulator
+from tracking.room.phantoms import Seed
+from tracking.room.rooms import room_geometry
+
+MATCH_RADIUS_PX = 3.0  # a used detection farther than this from its seed's true projection is a false seed
+MIGRATION_MM = 2.0
+MM_PER_CM = 10.0
+TARGET_POINTS = 400  # target vertebra voxels sampled for the mTRE
+BONE_PATH_MM = 5.0  # a seed view "over bone": >= 5 mm cortical-bone-equivalent path (a vertebral body or rib)
+
+
+def random_seeds(rng: np.random.Generator, iso_lps: np.ndarray) -> tuple[Seed, ...]:
+    n = int(rng.integers(2, 6))
+    out = []
+    for k in range(n):
+        for _ in range(100):
+            c = iso_lps + rng.uniform([-25.0, -20.0, -35.0], [25.0, 20.0, 35.0])
+            if all(np.linalg.norm(c - s.centre_lps_mm) >= 8.0 for s in out):
+                break
+        axis = rng.normal(size=3)
+        out.append(Seed(f"F{k + 1}", c, axis, float(rng.uniform(3.0, 5.0)), float(rng.uniform(0.8, 1.2))))
+    return tuple(out)
+
+
+def moved_imager(imager: ImagerGeometry, pose: Pose) -> tuple[ImagerGeometry, np.ndarray]:
+    """The imager in the patient's planned frame (room axes), rotated about the origin, and the shift.
+
+    A patient at ``p_actual = R p + t`` seen by ``imager`` is the planned
+    patient seen by the imager moved by ``P^-1``: rotated by ``R^T`` and
+    shifted by ``-R^T t``. Returns the rotated imager and the shift (room mm).
+    """
+    rt = pose.rotation.T
+    rotated = ImagerGeometry(imager.name, rt @ imager.source_mm, rt @ imager.origin_mm, rt @ imager.col_direction,
+                             rt @ imager.row_direction, imager.pixel_spacing_mm, imager.rows, imager.cols)
+    return rotated, -rt @ pose.translation_mm
+
+
+class PlastimatchPaths:
+    """Water and bone path lengths of a phantom through ``plastimatch drr`` (exact ray tracing, no HU conversion)."""
+
+    def __init__(self, sim: RealisticSimulator, tmp: Path, threads: int) -> None:
+        import bench_drr  # the project's plastimatch adapter (benchmarks/bench_drr.py)
+
+        self.bench_drr = bench_drr
+        self.sim, self.tmp, self.threads = sim, tmp, threads
+        ct = sim.phantom.anatomy
+        self.room_from_lps = room_from_lps_matrix(ct.patient_position)
+        self.iso_lps = np.asarray(sim.phantom.isocentre_lps_mm)
+        self.volumes = {}
+        for name, vol in (("water", sim.water_volume), ("bone", sim.bone_volume)):
+            img = sitk.GetImageFromArray(vol.mu_per_mm)
+            img.CopyInformation(ct.to_sitk())
+            path = tmp / f"{name}.mha"
+            sitk.WriteImage(img, str(path))
+            self.volumes[name] = path
+        self.seconds: list[float] = []
+        self.agreement_mm: list[float] = []
+
+    def __call__(self, imager: ImagerGeometry, pose: Pose, window_px: int) -> MaterialPaths:
+        """Paths of every pixel: plastimatch in the central ``window_px`` square (where the seeds are),
+        the project's DRR outside it (0: plastimatch everywhere)."""
+        rotated, shift_room = moved_imager(imager, pose)
+        iso = self.iso_lps + self.room_from_lps.T @ shift_room
+        window = None
+        if 0 < window_px < min(imager.rows, imager.cols):
+            r0, c0 = (imager.rows - window_px) // 2, (imager.cols - window_px) // 2
+            window = (r0, c0, window_px, window_px)
+        args = self.bench_drr.plastimatch_args(rotated, self.room_from_lps, iso, window=window)
+        ours = self.sim.material_paths(imager, pose) if window is not None else None
+        out = {}
+        for name, path in self.volumes.items():
+            t0 = time.perf_counter()
+            self.bench_drr.run_plastimatch(args, path, self.tmp / f"pm_{name}", self.threads)
+            self.seconds.append(time.perf_counter() - t0)
+            # plastimatch integrates the voxel values along the ray in cm: x10 for mm of material.
+            pm = MM_PER_CM * self.bench_drr.read_pfm(self.tmp / f"pm_{name}0000.pfm")
+            if window is None:
+                out[name] = pm
+                continue
+            r0, c0, nr, nc = window
+            if pm.shape != (nr, nc):
+                pm = pm[r0:r0 + nr, c0:c0 + nc]
+            full = np.array(ours.water_mm if name == "water" else ours.bone_mm)
+            # Agreement of the two projectors where both ran (checks the pose folding and orientation).
+            self.agreement_mm.append(float(np.median(np.abs(full[r0:r0 + nr, c0:c0 + nc] - pm))))
+            full[r0:r0 + nr, c0:c0 + nc] = pm
+            out[name] = full
+        return MaterialPaths(out["water"], out["bone"])
+
+
+def target_points(phantom) -> np.ndarray:
+    mask = phantom.target_mask()
+    kji = np.argwhere(mask > 0)
+    rng = np.random.default_rng(0)
+    kji = kji[rng.choice(len(kji), size=min(TARGET_POINTS, len(kji)), replace=False)]
+    ijk1 = np.c_[kji[:, ::-1], np.ones(len(kji))]
+    return (phantom.planning_ct.room_from_index(phantom.isocentre_lps_mm) @ ijk1.T).T[:, :3]
+
+
+def mtre_mm(est: Pose, truth: Pose, points: np.ndarray) -> float:
+    return float(np.linalg.norm(est.apply(points) - truth.apply(points), axis=1).mean())
+
+
+def pct(values, q):
+    return float(np.percentile(values, q)) if len(values) else float("nan")
+
+
+def run_case(frames, sim, flat, planned, names, truth, prior, points, moved_index=None):
+    """One pair: whole frame and tracking windows; returns a dict of outcomes."""
+    geom = sim.geometry
+    out = {"refused": False, "ok": False, "mtre": np.nan, "false": 0, "flagged": False, "silent": False,
+           "whole_ms": np.nan, "track_ms": np.nan, "reason": ""}
+    try:
+        res = localise_fiducials(frames, geom, planned, names, flat_fields=flat)
+    except SeedMigrationError as err:
+        out["refused"] = True
+        out["reason"] = "migration"
+        out["flagged"] = moved_index is not None and names[moved_index] in str(err)
+        return out
+    except TrackingError as err:
+        out["refused"] = True
+        out["reason"] = type(err).__name__
+        return out
+    out["whole_ms"] = res.total_ms
+    out["mtre"] = mtre_mm(res.pose, truth.pose, points)
+    out["ok"] = bool(res.ok) and out["mtre"] < 1.0
+    for k, s in enumerate(res.seeds):
+        if not s.found:
+            continue
+        for v, px in s.pixels_px.items():
+            if np.hypot(*(px - truth.seeds_px[v][k])) > MATCH_RADIUS_PX:
+                out["false"] += 1
+                break
+    if moved_index is not None:
+        s = res.seeds[moved_index]
+        out["flagged"] = bool(s.migrated)
+        out["silent"] = bool(s.found and not s.migrated)
+    try:
+        track = localise_fiducials(frames, geom, planned, names, prior_pose=prior, flat_fields=flat)
+        out["track_ms"] = track.total_ms
+    except (TrackingError, SeedMigrationError):
+        pass
+    return out
+
+
+def summarise(room: str, results: dict, mig_level: float) -> list[tuple]:
+    rows = []
+    for key, outs in results.items():
+        label = f"i0 {key:g}" if key != "migrated" else f"i0 {mig_level:g}, one seed moved {MIGRATION_MM:g} mm"
+        n = len(outs)
+        done = [o for o in outs if not o["refused"]]
+        mt = [o["mtre"] for o in done if np.isfinite(o["mtre"])]
+        whole = [o["whole_ms"] for o in done if np.isfinite(o["whole_ms"])]
+        track = [o["track_ms"] for o in done if np.isfinite(o["track_ms"])]
+        rows.append((room, label, n, sum(o["ok"] for o in outs), sum(o["refused"] for o in outs),
+                     pct(mt, 50), pct(mt, 95), sum(o["false"] for o in outs),
+                     sum(o["flagged"] for o in outs) if key == "migrated" else None,
+                     sum(o["silent"] for o in outs) if key == "migrated" else None,
+                     pct(whole, 50), pct(whole, 95), pct(track, 50), pct(track, 95)))
+    return rows
+
+
+def print_table(rows, spr: float, file=sys.stdout) -> None:
+    print(f"scatter-to-primary {spr:g} (behind 350 mm of tissue), clinic chain, flat fields given, i0 estimated", file=file)
+    print("| room | condition | pairs | localised (ok, mTRE < 1 mm) | refused | mTRE median / p95 mm | false seeds "
+          "| migrated flagged / used silently | whole frame median / p95 ms | tracking windows median / p95 ms |",
+          file=file)
+    print("|---|---|---|---|---|---|---|---|---|---|", file=file)
+    for (room, label, n, ok, refused, m50, m95, false, flagged, silent, w50, w95, t50, t95) in rows:
+        mig = "-" if flagged is None else f"{flagged}/{n} ({100 * flagged / max(n, 1):.0f} %) / {silent}"
+        print(f"| {room} | {label} | {n} | {ok}/{n} ({100 * ok / max(n, 1):.0f} %) | {refused} | {m50:.3f} / {m95:.3f} "
+              f"| {false} | {mig} | {w50:.0f} / {w95:.0f} | {t50:.0f} / {t95:.0f} |", file=file)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--pairs", type=int, default=50, help="stereo pairs per room (default 50)")
+    ap.add_argument("--i0", default="2000,6000,40000", help="comma-separated i0 levels (counts)")
+    ap.add_argument("--spr", type=float, default=1.5, help="scatter-to-primary ratio behind 350 mm (default 1.5)")
+    ap.add_argument("--rooms", default="default,floor")
+    ap.add_argument("--anatomy", choices=["plastimatch", "spineguide"], default="plastimatch")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=2, help="plastimatch OpenMP threads")
+    ap.add_argument("--plastimatch-window", type=int, default=512,
+                    help="central square (px) projected by plastimatch, the rest by spineguide; 0: whole panel")
+    opts = ap.parse_args()
+    levels = [float(v) for v in opts.i0.split(",")]
+    mig_level = next((v for v in levels if v >= 6000), levels[-1])
+
+    import cv2
+    import numba
+
+    print("# Gold seeds in clinic-like frames (issue 19)")
+    print(f"command: python benchmarks/bench_fiducials_realistic.py {' '.join(sys.argv[1:])}")
+    print(f"machine: {platform.machine()} {platform.system()}, {os.cpu_count()} cores, python {platform.python_version()}, "
+          f"numpy {np.__version__}, opencv {cv2.__version__}, numba {numba.__version__}")
+    t0 = time.perf_counter()
+    phantom = thoracolumbar_phantom()
+    points = target_points(phantom)
+    print(f"phantom: thoracolumbar, 1 mm truth grid ({time.perf_counter() - t0:.1f} s); anatomy by {opts.anatomy}")
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="bench_fid_real_") as tmp_name:
+        for room in opts.rooms.split(","):
+            geom = room_geometry(room)
+            sim = RealisticSimulator(phantom, geom)
+            projector = PlastimatchPaths(sim, Path(tmp_name), opts.threads) if opts.anatomy == "plastimatch" else None
+            rng = np.random.default_rng(opts.seed)
+            results = {lv: [] for lv in levels}
+            results["migrated"] = []
+            over_bone = [0, 0]
+            loads = []
+            warm = False
+            for p in range(opts.pairs):
+                pose = random_setup_pose(rng)
+                seeds = random_seeds(rng, np.asarray(phantom.isocentre_lps_mm))
+                planned = sim.planned_room_mm(seeds)
+                names = tuple(s.name for s in seeds)
+                motion = Pose.from_six(rng.uniform(-1, 1, 3), rng.uniform(-0.5, 0.5, 3))
+                prior = motion.compose(pose)
+                paths = {im.name: (projector(im, pose, opts.plastimatch_window) if projector
+                                   else sim.material_paths(im, pose)) for im in geom.imagers}
+                for im in geom.imagers:
+                    px = im.project(pose.apply(planned))
+                    for c, r in px:
+                        ci, ri = int(round(c)), int(round(r))
+                        if 0 <= ri < im.rows and 0 <= ci < im.cols:
+                            over_bone[0] += 1
+                            over_bone[1] += paths[im.name].bone_mm[ri, ci] >= BONE_PATH_MM
+                for lv in levels:
+                    chain = ChainConfig.clinic(i0=lv, scatter_to_primary=opts.spr)
+                    frames, _ = sim.render(pose, seed=int(rng.integers(1 << 31)), chain=chain, paths=paths,
+                                           seeds=seeds)
+                    flat = {n: FlatField(n, sim.maps(n, chain).gain, sim.maps(n, chain).offset_counts,
+                                         sim.maps(n, chain).dead) for n in geom.names}
+                    if not warm:
+                        t_w = time.perf_counter()
+                        try:
+                            localise_fiducials(dict(frames.frames), geom, planned, names, flat_fields=flat)
+                        except (TrackingError, SeedMigrationError):
+                            pass
+                        print(f"{room}: warm-up call {time.perf_counter() - t_w:.2f} s (numba cache load)")
+                        warm = True
+                    loads.append(os.getloadavg()[0])
+                    results[lv].append(run_case(dict(frames.frames), sim, flat, planned, names, frames.truth, prior,
+                                                points))
+                    if lv == mig_level:
+                        k = int(rng.integers(len(seeds)))
+                        d = rng.normal(size=3)
+                        moved = pose.apply(planned).copy()
+                        moved[k] += MIGRATION_MM * d / np.linalg.norm(d)
+                        frames_m, _ = sim.render(pose, seed=int(rng.integers(1 << 31)), chain=chain, paths=paths,
+                                                 seeds=seeds, seeds_room_mm=moved)
+                        results["migrated"].append(run_case(dict(frames_m.frames), sim, flat, planned, names,
+                                                            frames_m.truth, prior, points, moved_index=k))
+                print(f"{room}: pair {p + 1}/{opts.pairs} done ({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
+                if (p + 1) % 10 == 0 and p + 1 < opts.pairs:
+                    print_table(summarise(room, results, mig_level), opts.spr, file=sys.stderr)
+            if projector is not None and projector.seconds:
+                print(f"{room}: plastimatch drr median {np.median(projector.seconds):.2f} s per material image; "
+                      f"median |plastimatch - spineguide| path in the window: "
+                      f"{np.median(projector.agreement_mm) if projector.agreement_mm else float('nan'):.3f} mm")
+            print(f"{room}: seed views over bone (>= {BONE_PATH_MM:g} mm bone path): {over_bone[1]}/{over_bone[0]}; "
+                  f"load average median {np.median(loads):.2f}, max {max(loads):.2f}")
+            rows.extend(summarise(room, results, mig_level))
+    print()
+    print_table(rows, opts.spr)
+
+
+if __name__ == "__main__":
+    main()
