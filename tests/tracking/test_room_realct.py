@@ -25,6 +25,7 @@ from registration.volume import CTVolume
 from tracking.errors import SimulationError
 from tracking.room.kv import DetectorModel
 from tracking.room.realct import (
+    BEYOND_ENDS_MAX_HU,
     VERTEBRA_NAMES,
     CaseRenderer,
     LabelledCT,
@@ -362,13 +363,14 @@ def test_written_case_holds_frames_truth_geometry_and_the_target_roi(tmp_path):
 
 
 @pytest.mark.parametrize("projector", list(Projector))
-def test_anatomy_beyond_the_ends_is_the_end_slices_repeated(projector):
+def test_tissue_beyond_the_ends_is_the_end_slices_repeated_without_bone(projector):
     if projector is Projector.PLASTIMATCH:
         _need_plastimatch()
     lct = _smooth_labelled()
     pad = 4  # slices of 2 mm: 8 mm at each end
     ct = lct.ct
-    hu = np.pad(ct.hu, ((pad, pad), (0, 0), (0, 0)), mode="edge")
+    soft = np.minimum(ct.hu, BEYOND_ENDS_MAX_HU)  # the column's bone is capped to soft tissue
+    hu = np.concatenate([np.repeat(soft[:1], pad, axis=0), ct.hu, np.repeat(soft[-1:], pad, axis=0)])
     labels = np.pad(lct.labels, ((pad, pad), (0, 0), (0, 0)))
     origin = ct.origin_lps_mm - np.array([0.0, 0.0, pad * ct.spacing_mm[2]])
     longer = LabelledCT(CTVolume(hu, ct.spacing_mm, origin, np.eye(3), "HFS", "longer"), labels, "longer labels")

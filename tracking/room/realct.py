@@ -61,6 +61,7 @@ __all__ = [
     "plastimatch_drr",
     "write_case",
     "TRUTH_SCHEMA",
+    "BEYOND_ENDS_MAX_HU",
 ]
 
 #: Schema of a case's truth file.
@@ -78,6 +79,9 @@ _TOTALSEG_IDS = {27 + n: f"L{5 - n}" for n in range(5)} | {32 + n: f"T{12 - n}" 
 
 #: A vertebra whose label reaches within this many slices of the CT's first or last slice is truncated.
 TRUNCATION_SLICES = 1
+
+#: HU cap of the end slices repeated past the CT's ends (soft tissue: no bone is invented there).
+BEYOND_ENDS_MAX_HU = 100.0
 
 #: plastimatch measures path length in cm: its line integral of a 1/mm volume is 1/10 of ours.
 _PLASTIMATCH_CM_PER_MM = 10.0
@@ -496,10 +500,13 @@ class CaseRenderer:
         detector chain (line integrals dimensionless, ``image[row, col]``).
     plastimatch_threads : int
     beyond_ends_mm : float
-        Anatomy past the CT's superior and inferior ends in the frames: the
-        end slices repeated over this length (mm) at both ends. A patient does
-        not stop where the CT does; without it the frames show a step where the
-        whole body ends, an edge no radiograph has. 0 images the CT alone.
+        Tissue past the CT's superior and inferior ends in the frames: the end
+        slices, with HU capped at :data:`BEYOND_ENDS_MAX_HU` (soft tissue, no
+        bone), repeated over this length (mm) at both ends. A patient does not
+        stop where the CT does; without it the frames show a step where the
+        whole body ends, an edge no radiograph has. The cap keeps a vertebra cut
+        by the CT's end from growing into a long bony column; the vertebrae
+        really beyond the ends are unknown and left out. 0 images the CT alone.
     """
 
     def __init__(
@@ -526,10 +533,12 @@ class CaseRenderer:
         self.beyond_ends_mm = float(beyond_ends_mm)
         # Slices added at each end along k (the CT's superior axis on the canonical grid).
         self._pad_slices = int(np.ceil(self.beyond_ends_mm / float(ct.spacing_mm[2]) - 1e-9))
-        mu = hu_to_mu_per_mm(ct.hu, self.energy_kev)
+        hu = ct.hu
         if self._pad_slices:
-            mu = np.pad(mu, ((self._pad_slices, self._pad_slices), (0, 0), (0, 0)), mode="edge")
-        self._mu = mu
+            n = self._pad_slices
+            soft = np.minimum(hu, np.float32(BEYOND_ENDS_MAX_HU))
+            hu = np.concatenate([np.repeat(soft[:1], n, axis=0), hu, np.repeat(soft[-1:], n, axis=0)])
+        self._mu = hu_to_mu_per_mm(hu, self.energy_kev)
         self._mu.setflags(write=False)
         self._index_shift = np.eye(4)
         self._index_shift[2, 3] = -self._pad_slices  # imaged index k -> CT index k - pad
