@@ -75,6 +75,8 @@ class FractionSummary:
     setups : int
     corrections_applied : int
     heartbeat_late_max_ms : float
+    service_session : str
+        The service session id (the record's ``session``; every message it sent carried it).
     out_dir : Path
     """
 
@@ -89,6 +91,7 @@ class FractionSummary:
     corrections_applied: int = 0
     heartbeat_late_max_ms: float = 0.0
     wall_s: float = 0.0
+    service_session: str = ""
     out_dir: Path | None = None
 
     def rows(self) -> list[tuple[str, str]]:
@@ -107,6 +110,7 @@ class FractionSummary:
             ("max true deviation with ENABLE sent", f"{self.max_true_deviation_enabled_mm:.2f} mm"),
             ("latest heartbeat", f"{self.heartbeat_late_max_ms:.1f} ms late"),
             ("wall time", f"{self.wall_s:.1f} s"),
+            ("service session", self.service_session or "-"),
         ]
 
 
@@ -340,6 +344,7 @@ def _summarise(out: Path) -> FractionSummary:
                 t = json.loads(line)
                 truth[t["pair_id"]] = float(np.linalg.norm(t["translation_mm"]))  # target at the isocentre
     s = FractionSummary()
+    s.service_session = str(records[0].get("session", "")) if records else ""
     state = "IDLE"
     mon_since = None
     latencies = []

@@ -134,3 +134,4 @@ def test_three_process_fraction_sets_up_holds_on_the_shift_and_resumes(tmp_path)
     assert summary.max_true_deviation_enabled_mm <= tolerance_mm + 0.2
     assert summary.beam_on_s > 0
     assert np.isfinite(summary.latency_ms["p50"])
+    assert len(summary.service_session) == 32  # uuid4 hex, in the record and every message
