@@ -25,6 +25,7 @@ are converted on reading.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -38,6 +39,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from calibration.geometry import ImagerGeometry, StereoGeometry
+from calibration.io import write_geometry
 from registration.attenuation import DEFAULT_IMAGING_ENERGY_KEV, hu_to_mu_per_mm
 from registration.drr import AttenuationVolume, compute_drr
 from registration.errors import RegistrationError
@@ -45,6 +47,7 @@ from registration.pose import Pose
 from registration.volume import CTVolume, PatientPosition, read_ct, room_from_lps_matrix
 
 from ..errors import SimulationError
+from .io import write_frame
 from .kv import DetectorModel, _detector_chain, _rng
 
 __all__ = [
@@ -617,12 +620,6 @@ def write_case(out_dir: str | os.PathLike, case: RealCTCase, renderer: CaseRende
     -------
     Path of the case folder.
     """
-    import json
-
-    from calibration.io import write_geometry
-
-    from .io import write_frame
-
     folder = Path(out_dir)
     folder.mkdir(parents=True, exist_ok=True)
     geometry = renderer.geometries[case.room]
