@@ -356,10 +356,13 @@ def _load_plan(args: argparse.Namespace):
 
 
 def _register_fiducial(args, geometry, plan, pixels) -> tuple[dict, list[_Refusal]]:
+    import json
+
     from registration.ct_seeds import find_ct_seeds
     from registration.io import FiducialSet, read_fiducials
 
     from .fiducials import localise_fiducials
+    from .flatfield import flat_fields_from_args, flat_fields_from_geometry_json
 
     ct = plan.ct
     if args.fiducials is not None:
@@ -383,7 +386,11 @@ def _register_fiducial(args, geometry, plan, pixels) -> tuple[dict, list[_Refusa
                               [c.centre_lps_mm for c in candidates], f"{ct.source} (automatic)")
     refusals = _plan_refusals(plan, planned.positions_lps_mm, planned.names, args.max_seed_distance_mm)
     planned_room = planned.to_room(plan.isocentre_lps_mm, plan.patient_position)
-    result = localise_fiducials(pixels, geometry, planned_room, planned.names, i0=args.i0)
+    # Panel flat fields: the geometry file's optional "flat_field" extension, then --gain/--offset over it.
+    with open(args.geometry, encoding="utf-8") as fh:
+        known = flat_fields_from_geometry_json(json.load(fh), Path(args.geometry).parent)
+    flat = flat_fields_from_args(args.gain, args.offset, known)
+    result = localise_fiducials(pixels, geometry, planned_room, planned.names, i0=args.i0, flat_fields=flat or None)
     t, r = result.correction.six()
     pt, pr = result.pose.six()
     return {
@@ -652,6 +659,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image", action="append", required=True, help="NAME=FILE, one per imager")
     p.add_argument("--i0", type=positive_float, default=None,
                    help="unattenuated signal (default: estimated per frame)")
+    p.add_argument("--gain", action="append", default=None,
+                   help="fiducial: NAME=FILE flat-field (gain) map of an imager (.npy or any image SimpleITK reads)")
+    p.add_argument("--offset", action="append", default=None,
+                   help="fiducial: NAME=FILE dark (offset) map of an imager, counts")
     p.add_argument("--patient-position", default=None, help="HFS/FFS/HFP/FFP if the CT file does not record it")
     p.add_argument("--fiducials", type=Path, default=None, help="planned seeds, fiducials/1 (planning-CT LPS mm)")
     p.add_argument("--use-ct-seeds", action="store_true", help="use the seeds found automatically in the CT")

@@ -24,7 +24,7 @@ import numpy as np
 
 from .errors import FrameError
 
-__all__ = ["FlatField", "read_flat_field", "read_map"]
+__all__ = ["FlatField", "flat_fields_from_args", "flat_fields_from_geometry_json", "read_flat_field", "read_map"]
 
 #: Gains at or below this are a pixel the calibration could not measure (dead): a defect, not a division.
 MIN_GAIN = 1e-3
@@ -156,4 +156,28 @@ def flat_fields_from_geometry_json(obj: Mapping, base_dir: str | os.PathLike = "
             raise FrameError(f"kv-geometry flat_field['{name}'] must hold 'gain' and/or 'offset' paths, got {entry!r}")
         paths = {k: Path(base_dir) / str(v) for k, v in entry.items()}
         out[str(name)] = read_flat_field(str(name), paths.get("gain"), paths.get("offset"))
+    return out
+
+
+def _pairs(values, option: str) -> dict[str, Path]:
+    out: dict[str, Path] = {}
+    for text in values or ():
+        name, sep, file = str(text).partition("=")
+        if not sep or not name or not file:
+            raise FrameError(f"{option} must be NAME=FILE, got {text!r}")
+        if name in out:
+            raise FrameError(f"{option} names imager '{name}' twice")
+        out[name] = Path(file)
+    return out
+
+
+def flat_fields_from_args(gains, offsets, known: Mapping[str, FlatField] | None = None) -> dict[str, FlatField]:
+    """Flat fields from ``--gain NAME=FILE`` / ``--offset NAME=FILE`` options, over ``known`` ones (geometry file)."""
+    gain, offset = _pairs(gains, "--gain"), _pairs(offsets, "--offset")
+    out = dict(known or {})
+    for name in sorted(set(gain) | set(offset)):
+        base = out.get(name)
+        g = read_map(gain[name], "gain", name) if name in gain else (None if base is None else base.gain)
+        o = read_map(offset[name], "offset", name) if name in offset else (None if base is None else base.offset_counts)
+        out[name] = FlatField(name, g, o)
     return out

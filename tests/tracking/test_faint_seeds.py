@@ -154,3 +154,30 @@ def test_migrated_seed_in_clinic_frames_is_never_used_silently():
     # Three seeds cannot say which one moved unless the check names it; a result must not use it.
     seed = result.seeds[0]
     assert seed.migrated or not seed.found
+
+
+# ---------------------------------------------------------------------------- CLI
+def test_register_takes_gain_and_offset_maps(simulated_case, tmp_path, capsys):
+    import json
+
+    from tracking.cli import main
+
+    folder, truth = simulated_case
+    iso = ",".join(repr(float(v)) for v in truth["isocentre_lps_mm"])
+    base = ["register", "--method", "fiducial", "--ct", str(folder / "ct.mha"), "--isocenter", iso,
+            "--geometry", str(folder / "geometry.json"), "--image", f"A={folder / 'frames' / 'pose_000_A.mha'}",
+            "--image", f"B={folder / 'frames' / 'pose_000_B.mha'}", "--fiducials", str(folder / "fiducials.json"),
+            "--json"]
+    assert main(base) == 0
+    plain = json.loads(capsys.readouterr().out)
+    # A unit gain and a zero dark map change nothing: the same correction to the last digit.
+    np.save(tmp_path / "gain.npy", np.ones((512, 512), np.float32))
+    np.save(tmp_path / "dark.npy", np.zeros((512, 512), np.float32))
+    assert main(base + ["--gain", f"A={tmp_path / 'gain.npy'}", "--offset", f"B={tmp_path / 'dark.npy'}"]) == 0
+    flat = json.loads(capsys.readouterr().out)
+    assert flat["correction"] == plain["correction"]
+    assert main(base + ["--gain", "A"]) == 2
+    assert "--gain must be NAME=FILE" in capsys.readouterr().err
+    np.save(tmp_path / "small.npy", np.ones((4, 4), np.float32))
+    assert main(base + ["--gain", f"A={tmp_path / 'small.npy'}"]) == 2
+    assert "imager 'A'" in capsys.readouterr().err
