@@ -375,7 +375,7 @@ class Service:
         """Owns the frames PULL (and its monitor) and the command ROUTER."""
         pull = self._ctx.socket(zmq.PULL)
         router = self._ctx.socket(zmq.ROUTER)
-        monitor = None
+        monitor = command_monitor = None
         try:
             pull.setsockopt(zmq.LINGER, 0)
             router.setsockopt(zmq.LINGER, 0)
@@ -387,6 +387,7 @@ class Service:
             pull.setsockopt(zmq.MAXMSGSIZE, largest_part + MAXMSGSIZE_SLACK_BYTES)
             router.setsockopt(zmq.MAXMSGSIZE, self.limits.max_header_bytes + MAXMSGSIZE_SLACK_BYTES)
             monitor = pull.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+            command_monitor = router.get_monitor_socket(zmq.EVENT_DISCONNECTED)
             self._bind(pull, "frames")
             self._bind(router, "command")
             self._ready.wait()
@@ -394,6 +395,7 @@ class Service:
             poller.register(pull, zmq.POLLIN)
             poller.register(router, zmq.POLLIN)
             poller.register(monitor, zmq.POLLIN)
+            poller.register(command_monitor, zmq.POLLIN)
             pairer = FramePairer(self.config.plan.imagers, self.config.safety.pair_timeout_s, MAX_PAIR_ID_JUMP)
             reply_seq = 0
             tokens, token_mono = float(COMMAND_BURST), time.monotonic()
@@ -435,12 +437,17 @@ class Service:
                             self._io_refusal("kvframe", err)
                 if monitor in events:
                     self._handle_monitor(monitor)
+                if command_monitor in events:
+                    self._handle_command_monitor(command_monitor)
                 for fault in pairer.expire(time.monotonic()):
                     self.engine.frame_fault(fault.reason, fault.detail, time.time(), time.monotonic(), fault.pair_id)
         finally:
             if monitor is not None:
                 pull.disable_monitor()
                 monitor.close(0)
+            if command_monitor is not None:
+                router.disable_monitor()
+                command_monitor.close(0)
             pull.close(0)
             router.close(0)
 
@@ -486,6 +493,23 @@ class Service:
                 f"{max(self.limits.max_header_bytes, self.limits.max_payload_bytes) + MAXMSGSIZE_SLACK_BYTES}-byte "
                 "hard cap, which ZeroMQ drops with the connection)", time.time(), time.monotonic(), None,
                 alive=False)
+
+    def _handle_command_monitor(self, monitor: zmq.Socket) -> None:
+        """A command client disconnected: recorded (no HOLD: consoles come and go), so that a request over the
+        ``MAXMSGSIZE`` hard cap, which ZeroMQ drops with the connection, never vanishes without a trace."""
+        from zmq.utils.monitor import recv_monitor_message
+
+        while monitor.poll(0):
+            try:
+                event = recv_monitor_message(monitor, zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            endpoint = event.get("endpoint", b"")
+            endpoint = endpoint.decode("ascii", "replace") if isinstance(endpoint, bytes) else str(endpoint)
+            cap = self.limits.max_header_bytes + MAXMSGSIZE_SLACK_BYTES
+            self.record.write("command_peer_disconnected", endpoint=endpoint,
+                              detail=f"a command client disconnected (closed, or it sent a request over the "
+                                     f"{cap}-byte hard cap, which ZeroMQ drops with the connection)")
 
     def _handle_frame(self, parts: list[bytes], pairer: FramePairer) -> None:
         now, mono = time.time(), time.monotonic()

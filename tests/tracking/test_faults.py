@@ -563,3 +563,24 @@ def test_a_dead_io_thread_holds_and_serve_exits_non_zero(tmp_path):
     records = read_record(tmp_path / "session.jsonl")
     assert any("service-io died" in r.get("detail", "") for r in records if r["event"] == "error")
     assert records[-1]["event"] == "closed"
+
+
+def test_a_command_over_the_hard_cap_is_recorded_and_other_clients_are_answered(running):
+    from tracking.loop import MAXMSGSIZE_SLACK_BYTES
+
+    ctx = zmq.Context()
+    rogue = ctx.socket(zmq.DEALER)
+    rogue.setsockopt(zmq.LINGER, 0)
+    rogue.connect(running.svc.endpoints["command"])
+    try:
+        rogue.send_multipart([b"command", b" " * (16 * 1024 + MAXMSGSIZE_SLACK_BYTES + 1)])
+        deadline = time.monotonic() + 5.0
+        while not running.records("command_peer_disconnected") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        [dropped] = running.records("command_peer_disconnected")
+        assert "hard cap" in dropped["detail"]
+        assert running.peers.cmd.request("status")["ok"]
+        running.good_pair_within_a_frame_period()
+    finally:
+        rogue.close(0)
+        ctx.term()
