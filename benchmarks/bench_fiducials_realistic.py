@@ -227,7 +227,8 @@ def summarise(room: str, results: dict, mig_level: float) -> list[tuple]:
 
 
 def print_table(rows, spr: float, file=sys.stdout) -> None:
-    print(f"scatter-to-primary {spr:g} (behind 350 mm of tissue), clinic chain, flat fields given, i0 estimated", file=file)
+    print(f"scatter-to-primary {spr:g} (behind 350 mm of tissue), clinic chain, flat fields given, i0 estimated",
+          file=file)
     print("| room | condition | pairs | localised (ok, mTRE < 1 mm) | refused | mTRE median / p95 mm | false seeds "
           "| migrated flagged / used silently | whole frame median / p95 ms | tracking windows median / p95 ms |",
           file=file)
@@ -258,7 +259,8 @@ def main() -> None:
 
     print("# Gold seeds in clinic-like frames (issue 19)")
     print(f"command: python benchmarks/bench_fiducials_realistic.py {' '.join(sys.argv[1:])}")
-    print(f"machine: {platform.machine()} {platform.system()}, {os.cpu_count()} cores, python {platform.python_version()}, "
+    print(f"machine: {platform.machine()} {platform.system()}, {os.cpu_count()} cores, "
+          f"python {platform.python_version()}, "
           f"numpy {np.__version__}, opencv {cv2.__version__}, numba {numba.__version__}")
     t0 = time.perf_counter()
     phantom = thoracolumbar_phantom()

@@ -128,7 +128,8 @@ class FaintSearchConfig:
         for name in ("min_snr", "refine_min_snr", "predicted_min_snr", "two_seed_min_snr", "predicted_radius_mm"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-                raise FiducialConfigError(f"faint search config: {name} must be a positive finite number, got {value!r}")
+                raise FiducialConfigError(
+                    f"faint search config: {name} must be a positive finite number, got {value!r}")
         m = self.search_margin_mm
         if m is not None and (isinstance(m, bool) or not isinstance(m, (int, float)) or not math.isfinite(m) or m <= 0):
             raise FiducialConfigError(f"faint search config: search_margin_mm must be positive or None, got {m!r}")

@@ -281,7 +281,8 @@ class ChainConfig:
             object.__setattr__(self, name, float(v))
         for name in ("dead_rows", "dead_cols", "seed_supersampling", "maps_seed"):
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < (1 if name == "seed_supersampling" else 0):
+            least = 1 if name == "seed_supersampling" else 0
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < least:
                 raise SimulationError(f"imaging chain: {name} must be a non-negative integer, got {v!r}")
         if not isinstance(self.spectrum, Spectrum):
             raise SimulationError(f"imaging chain: spectrum must be a Spectrum, got {self.spectrum!r}")
@@ -320,7 +321,8 @@ class DetectorMaps:
         o = _ro(self.offset_counts, np.float32)
         d = _ro(self.dead, bool)
         if g.ndim != 2 or g.shape != o.shape or g.shape != d.shape:
-            raise SimulationError(f"detector maps: gain {g.shape}, offset {o.shape}, dead {d.shape} must be one 2D shape")
+            raise SimulationError(
+                f"detector maps: gain {g.shape}, offset {o.shape}, dead {d.shape} must be one 2D shape")
         if not np.all(np.isfinite(g)) or np.any(g <= 0) or not np.all(np.isfinite(o)):
             raise SimulationError("detector maps: gain must be finite and positive, offset finite")
         object.__setattr__(self, "gain", g)
