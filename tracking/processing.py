@@ -239,12 +239,14 @@ class FiducialProcessor:
     config : FiducialConfig, optional
     use_prior : bool
         Pass the last trusted pose as ``prior_pose`` (windowed tracking search).
+    flat_fields : mapping imager name -> tracking.flatfield.FlatField, optional
+        Panel gain and dark maps, applied to every frame before detection.
     """
 
     method = "fiducial"
 
     def __init__(self, geometry, planned_room_mm: np.ndarray, names: list[str], config=None,
-                 use_prior: bool = True) -> None:
+                 use_prior: bool = True, flat_fields=None) -> None:
         from . import fiducials  # lazily: a sibling module with heavier imports
 
         self._fiducials = fiducials
@@ -253,6 +255,7 @@ class FiducialProcessor:
         self.names = list(names)
         self.config = config
         self.use_prior = use_prior
+        self.flat_fields = dict(flat_fields) if flat_fields else None
 
     def process(self, frames: dict[str, KvFrame], prior: Pose | None) -> PairResult:
         from registration.errors import RegistrationError
@@ -263,6 +266,8 @@ class FiducialProcessor:
         kwargs: dict[str, Any] = {"prior_pose": prior if self.use_prior else None}
         if self.config is not None:
             kwargs["config"] = self.config
+        if self.flat_fields is not None:
+            kwargs["flat_fields"] = self.flat_fields
         if all(f.i0 is not None for f in frames.values()):
             kwargs["i0"] = {name: f.i0 for name, f in frames.items()}
         pixels = {name: f.pixels for name, f in frames.items()}

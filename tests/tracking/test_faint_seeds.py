@@ -181,3 +181,18 @@ def test_register_takes_gain_and_offset_maps(simulated_case, tmp_path, capsys):
     np.save(tmp_path / "small.npy", np.ones((4, 4), np.float32))
     assert main(base + ["--gain", f"A={tmp_path / 'small.npy'}"]) == 2
     assert "imager 'A'" in capsys.readouterr().err
+
+
+def test_fiducial_processor_applies_the_flat_fields():
+    from tracking.frames import KvFrame
+    from tracking.gating import HoldReason
+    from tracking.processing import FiducialProcessor
+
+    sim = _sim("floor")
+    planned, names = _planned()
+    frames, _ = sim.render(POSE, seed=7)
+    pair = {n: KvFrame(n, np.asarray(frames.frames[n])) for n in sim.geometry.names}
+    proc = FiducialProcessor(sim.geometry, planned, list(names), use_prior=False, flat_fields=_flat(sim))
+    result = proc.process(pair, None)
+    assert result.reason is HoldReason.OK
+    assert_allclose(result.pose.translation_mm, POSE.translation_mm, rtol=0, atol=SEED_TOL_MM)
