@@ -191,6 +191,7 @@ class Service:
         self._failure: str | None = None
         self._failure_lock = threading.Lock()
         self._failed = threading.Event()
+        self._fail_reported = threading.Event()
         self._running = threading.Event()
         # Watchdog: thread name -> (monotonic time of its last progress, how long it may go without).
         self._progress: dict[str, tuple[float, float]] = {}
@@ -294,6 +295,7 @@ class Service:
                 break
         if self._failure is not None:
             # Let the publisher send the HOLD internal_error before the sockets close.
+            self._fail_reported.wait(1.0)
             drain_until = time.monotonic() + 0.5
             while not self._out.empty() and time.monotonic() < drain_until:
                 time.sleep(0.01)
@@ -332,8 +334,18 @@ class Service:
             self._failure = detail
         log.critical("service failed: %s", detail)
         self._errors.append(detail)
-        self.engine.internal_error(f"service failed: {detail}", time.time(), time.monotonic())
-        self._failed.set()
+        self._failed.set()  # first: whatever blocks below, the main thread ends the process
+        now, mono = time.time(), time.monotonic()
+        try:
+            if not self.engine.internal_error(f"service failed: {detail}", now, mono, lock_timeout_s=0.2):
+                # A thread is stuck inside the engine (the publisher then waits for it too): no HOLD can be
+                # decided, but the heartbeats have stopped with the publisher and the process ends, so
+                # receivers HOLD on heartbeat loss (PROTOCOL.md).
+                self.record.write("error", t_unix_s=now, t_mono_s=mono, outputs=[],
+                                  detail=f"service failed: {detail} (engine lock held: no HOLD could be sent; "
+                                         "heartbeats stopped)")
+        finally:
+            self._fail_reported.set()
 
     def __enter__(self) -> Service:
         return self.start()

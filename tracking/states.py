@@ -742,14 +742,24 @@ class Engine:
         return bool(np.all(rot <= g.tolerance_rotation_deg))
 
     # --------------------------------------------------------------- internal
-    def internal_error(self, detail: str, now_unix_s: float, now_mono_s: float) -> None:
-        """Any thread's unexpected failure: HOLD ``internal_error`` and record it."""
-        with self._lock:
+    def internal_error(self, detail: str, now_unix_s: float, now_mono_s: float,
+                       lock_timeout_s: float | None = None) -> bool:
+        """Any thread's unexpected failure: HOLD ``internal_error`` and record it.
+
+        ``lock_timeout_s``: give up after this long if the engine lock is held
+        (a thread stuck inside the engine); returns False then, True when done.
+        """
+        if not self._lock.acquire(timeout=-1 if lock_timeout_s is None else lock_timeout_s):
+            return False
+        try:
             self._outputs = []
             log.error("internal error: %s", detail)
             self._fault(HoldReason.INTERNAL_ERROR, now_unix_s, None)
             outputs, self._outputs = self._outputs, None
             self.record.write("error", t_unix_s=now_unix_s, t_mono_s=now_mono_s, detail=detail, outputs=outputs)
+            return True
+        finally:
+            self._lock.release()
 
     def start_session(self, now_unix_s: float, now_mono_s: float) -> None:
         """First words of a session: HOLD ``not_monitoring`` (no permission exists yet)."""

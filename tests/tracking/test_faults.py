@@ -584,3 +584,32 @@ def test_a_command_over_the_hard_cap_is_recorded_and_other_clients_are_answered(
     finally:
         rogue.close(0)
         ctx.term()
+
+
+def test_a_thread_stuck_inside_the_engine_fails_the_service_and_silences_it(running):
+    import threading
+
+    held, release = threading.Event(), threading.Event()
+
+    def stuck_inside_the_engine():
+        with running.svc.engine._lock:  # e.g. a judgement that never returns
+            held.set()
+            release.wait(10.0)
+
+    t = threading.Thread(target=stuck_inside_the_engine)
+    t.start()
+    try:
+        assert held.wait(2.0)
+        t0 = time.monotonic()
+        # The publisher waits for the engine too: the main thread's watchdog finds it stuck.
+        failure = running.svc.run_until(threading.Event(), 5.0)
+        assert failure is not None and "publisher made no progress" in failure
+        assert time.monotonic() - t0 < 3.0
+        running.peers.sub.collect(0.2)  # what was sent before the stall
+        n_beats = sum(m["_topic"] == "heartbeat" for _, m in running.peers.sub.messages)
+        running.peers.sub.collect(0.3)
+        assert sum(m["_topic"] == "heartbeat" for _, m in running.peers.sub.messages) == n_beats  # silent
+        assert any("engine lock held" in r["detail"] for r in running.records("error"))
+    finally:
+        release.set()
+        t.join(10.0)
