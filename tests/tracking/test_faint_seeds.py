@@ -196,3 +196,21 @@ def test_fiducial_processor_applies_the_flat_fields():
     result = proc.process(pair, None)
     assert result.reason is HoldReason.OK
     assert_allclose(result.pose.translation_mm, POSE.translation_mm, rtol=0, atol=SEED_TOL_MM)
+
+
+def test_seed_hidden_in_one_clinic_view_is_reported_missing_and_no_other_is_invented():
+    sim = _sim("floor")
+    planned, names = _planned()
+    seeds = small_thoracolumbar().seeds
+    both, _ = sim.render(POSE, seed=8)
+    # The same noise draws without the third seed: its shadow is absent from view B only.
+    without, _ = sim.render(POSE, seed=8, seeds=seeds[:2])
+    pair = {"A": np.asarray(both.frames["A"]), "B": np.asarray(without.frames["B"])}
+    result = localise_fiducials(pair, sim.geometry, planned, names, flat_fields=_flat(sim))
+    found = {s.name: s for s in result.seeds}
+    assert not found[names[2]].found
+    assert found[names[0]].found and found[names[1]].found
+    assert FiducialFlag.SEED_MISSING in result.flags
+    for k in (0, 1):
+        err = np.linalg.norm(found[names[k]].point_room_mm - both.truth.seeds_room_mm[k])
+        assert err <= SEED_TOL_MM
