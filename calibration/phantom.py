@@ -283,11 +283,14 @@ def phantom_from_json(obj) -> BBPhantom:
             offset = np.array(offset, dtype=np.float64)
         except (TypeError, ValueError) as err:
             raise PhantomFileError(f"centre_offset_mm must be 3 numbers, got {offset!r}") from err
-        return BBPhantom(tuple(markers), name, offset)
+        with np.errstate(over="raise", invalid="raise", divide="raise", under="ignore"):
+            return BBPhantom(tuple(markers), name, offset)
     except PhantomFileError:
         raise
     except PhantomError as err:
         raise PhantomFileError(str(err)) from err
+    except FloatingPointError as err:  # e.g. a 1e308 coordinate: refused, never an inf passed on
+        raise PhantomFileError(f"phantom '{name}': numbers out of range ({err})") from err
 
 
 def read_phantom(path: str | os.PathLike) -> BBPhantom:
