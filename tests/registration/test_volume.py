@@ -160,3 +160,46 @@ def test_downsampled_refuses_bad_factors():
     with pytest.raises(VolumeError, match=r"pyramid factor must be positive integers, got 0"):
         ct.downsampled(0)
     assert ct.downsampled(1) is ct
+
+
+def test_contains_lps_mm_is_the_grid_extent_half_a_voxel_out():
+    ct = CTVolume(np.zeros((4, 5, 6), np.float32), (1.0, 2.0, 3.0), (10.0, 20.0, 30.0), np.eye(3), "HFS")
+    # Voxel centres run i 0..5 (x 10..15 mm), j 0..4 (y 20..28), k 0..3 (z 30..39); the extent adds half a voxel.
+    inside = [[10.0, 20.0, 30.0], [15.5, 29.0, 40.5], [9.5, 19.0, 28.5], [12.0, 24.0, 33.0]]
+    outside = [[15.51, 20.0, 30.0], [10.0, 18.99, 30.0], [10.0, 20.0, 40.51], [np.nan, 20.0, 30.0],
+               [1e300, 0.0, 0.0]]
+    assert ct.contains_lps_mm(np.array(inside)).tolist() == [True] * 4
+    assert ct.contains_lps_mm(np.array(outside)).tolist() == [False] * 5
+    assert ct.contains_lps_mm([12.0, 24.0, 33.0]).tolist() == [True]
+    with pytest.raises(VolumeError, match=r"points must be \(N, 3\)"):
+        ct.contains_lps_mm([1.0, 2.0])
+
+
+def test_header_declaring_more_than_the_limit_is_refused_before_reading(tmp_path):
+    path = tmp_path / "claims.mha"
+    path.write_bytes(b"ObjectType = Image\nNDims = 3\nDimSize = 1000 1000 600\nElementType = MET_FLOAT\n"
+                     b"ElementDataFile = LOCAL\n" + b"\0" * 2_300_000)
+    with pytest.raises(VolumeFileError, match=r"claims\.mha: cannot read volume: declares 2400000000 bytes"):
+        read_ct(path, patient_position="HFS")
+    # Under the limit but more than the file holds: truncated, refused before ITK allocates it.
+    path.write_bytes(b"ObjectType = Image\nNDims = 3\nDimSize = 100 100 60\nElementType = MET_FLOAT\n"
+                     b"ElementDataFile = LOCAL\n" + b"\0" * 1000)
+    with pytest.raises(VolumeFileError, match=r"declares 2400000 bytes of uncompressed pixel data but the file holds"):
+        read_ct(path, patient_position="HFS")
+    # small_ct() is 6 x 5 x 4 float32 voxels, 480 bytes: a 400-byte limit refuses it, 480 reads it.
+    with pytest.raises(VolumeFileError, match=r"declares 480 bytes of pixel data, more than the 400-byte limit"):
+        read_ct(write_ct(small_ct(), tmp_path / "ok.mha"), max_bytes=400)
+    assert read_ct(tmp_path / "ok.mha", max_bytes=480).hu.shape == (4, 5, 6)
+
+
+def test_header_naming_another_file_is_refused(tmp_path):
+    path = tmp_path / "elsewhere.mha"
+    path.write_bytes(b"ObjectType = Image\nNDims = 3\nDimSize = 2 2 2\nElementType = MET_FLOAT\n"
+                     b"ElementDataFile = /etc/passwd\n")
+    with pytest.raises(VolumeFileError, match=r"elsewhere\.mha: cannot read volume: the header names a separate"):
+        read_ct(path, patient_position="HFS")
+    mhd = tmp_path / "detached.mhd"
+    mhd.write_bytes(b"ObjectType = Image\nNDims = 3\nDimSize = 2 2 2\nElementType = MET_FLOAT\n"
+                    b"ElementDataFile = ../detached.raw\n")
+    with pytest.raises(VolumeFileError, match=r"data file must be a plain file name beside the header"):
+        read_ct(mhd, patient_position="HFS")
