@@ -19,8 +19,8 @@ from numpy.testing import assert_allclose
 from registration.errors import SeedMigrationError
 from registration.pose import Pose
 from tests.synthetic import small_thoracolumbar
-from tracking.errors import FiducialNotFoundError, FrameError
-from tracking.fiducials import FiducialFlag, localise_fiducials
+from tracking.errors import FiducialNotFoundError, FrameError, ImagerLabelError
+from tracking.fiducials import FaintSearchConfig, FiducialConfig, FiducialFlag, localise_fiducials
 from tracking.flatfield import FlatField, flat_fields_from_geometry_json, read_flat_field
 from tracking.room.chain import ChainConfig, DetectorMaps, RealisticSimulator
 from tracking.room.kv import OutputDtype
@@ -100,6 +100,7 @@ def test_zero_gain_is_a_defect_and_maps_load_from_the_geometry_extension(tmp_pat
 
 
 # ---------------------------------------------------------------------------- realistic chain, end to end
+@pytest.mark.slow
 @pytest.mark.parametrize("room", ["default", "floor"])
 def test_low_dose_scatter_and_gain_seeds_are_found_in_both_rooms(room):
     sim = _sim(room)
@@ -115,23 +116,23 @@ def test_low_dose_scatter_and_gain_seeds_are_found_in_both_rooms(room):
             assert np.hypot(*(d - frames.truth.seeds_px[v][names.index(s.name)])) <= 2.0
 
 
+@pytest.mark.slow
 def test_clean_frame_detector_alone_misses_what_the_faint_search_finds():
     sim = _sim("floor")
     planned, names = _planned()
     frames, _ = sim.render(POSE, seed=4)
     flat = _flat(sim)
     found = localise_fiducials(dict(frames.frames), sim.geometry, planned, names, flat_fields=flat)
-    assert found.seeds and all(s.found for s in found.seeds)
-    from tracking.fiducials import FaintSearchConfig, FiducialConfig
-
+    assert all(s.found for s in found.seeds) and FiducialFlag.FAINT_SEARCH in found.flags
     off = FiducialConfig(faint=FaintSearchConfig(enabled=False))
     try:
         plain = localise_fiducials(dict(frames.frames), sim.geometry, planned, names, config=off, flat_fields=flat)
-    except FiducialNotFoundError:
-        return
-    assert sum(s.found for s in plain.seeds) < len(names) or FiducialFlag.FAINT_SEARCH not in plain.flags
+    except (FiducialNotFoundError, ImagerLabelError):
+        return  # nothing usable without the faint search
+    assert sum(s.found for s in plain.seeds) < len(names)
 
 
+@pytest.mark.slow
 def test_seedless_clinic_frames_give_no_seed():
     sim = _sim("default", with_seeds=False)
     planned, names = _planned()
@@ -140,6 +141,7 @@ def test_seedless_clinic_frames_give_no_seed():
         localise_fiducials(dict(frames.frames), sim.geometry, planned, names, flat_fields=_flat(sim))
 
 
+@pytest.mark.slow
 def test_migrated_seed_in_clinic_frames_is_never_used_silently():
     sim = _sim("floor")
     planned, names = _planned()
@@ -183,6 +185,7 @@ def test_register_takes_gain_and_offset_maps(simulated_case, tmp_path, capsys):
     assert "imager 'A'" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_fiducial_processor_applies_the_flat_fields():
     from tracking.frames import KvFrame
     from tracking.gating import HoldReason
@@ -198,6 +201,7 @@ def test_fiducial_processor_applies_the_flat_fields():
     assert_allclose(result.pose.translation_mm, POSE.translation_mm, rtol=0, atol=SEED_TOL_MM)
 
 
+@pytest.mark.slow
 def test_seed_hidden_in_one_clinic_view_is_reported_missing_and_no_other_is_invented():
     sim = _sim("floor")
     planned, names = _planned()
