@@ -332,3 +332,36 @@ def test_unreadable_geometry_file_names_the_file(tmp_path):
     bad.write_text("{not json")
     with pytest.raises(GeometryFileError, match="broken.json: not valid JSON"):
         read_geometry(bad)
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda im: im.__setitem__("source_mm", [1e308, 0.0, 0.0]), r"source_mm must hold finite numbers of magnitude"),
+        (lambda im: im["detector"].__setitem__("origin_mm", [0.0, "x", 0.0]), r"detector\.origin_mm must hold finite"),
+        (lambda im: im["detector"].__setitem__("pixel_spacing_mm", [1e-300, 0.4]), r"detector\.pixel_spacing_mm must be >="),
+        (lambda im: im["detector"].__setitem__("pixel_spacing_mm", [0.4]), r"detector\.pixel_spacing_mm must be 2 numbers"),
+        (lambda im: im.__setitem__("projection_matrix", [[1e300] * 4] * 3), r"projection_matrix must hold finite"),
+        (lambda im: im.__setitem__("projection_matrix", [1, 2, 3]), r"projection_matrix must be a list of rows"),
+    ],
+)
+def test_out_of_range_numbers_are_refused_naming_the_imager(data_dir, tmp_path, edit, message):
+    doc = json.loads((data_dir / "geometry-example.json").read_text(encoding="utf-8"))
+    edit(doc["imagers"][1])
+    path = tmp_path / "g.json"
+    path.write_text(json.dumps(doc), encoding="utf-8")
+    name = doc["imagers"][1]["name"]
+    with pytest.raises(GeometryFileError, match=rf"g\.json: imager '{name}': {message}"):
+        read_geometry(path)
+
+
+def test_geometry_file_that_is_not_strict_json_is_refused(tmp_path):
+    for name, raw, message in (("dup.json", b'{"schema": "kv-geometry/1", "schema": "x"}', "duplicate key 'schema'"),
+                               ("latin1.json", '{"notes": "caf\xe9"}'.encode("latin-1"), "not UTF-8 text"),
+                               ("deep.json", b"[" * 70 + b"]" * 70, "nested 70 levels deep"),
+                               ("nan.json", b'{"calibrated_unix_s": NaN}', "NaN is not a JSON number")):
+        (tmp_path / name).write_bytes(raw)
+        with pytest.raises(GeometryFileError, match=rf"{name}: .*{message}"):
+            read_geometry(tmp_path / name)
+    with pytest.raises(GeometryFileError, match=r"cannot read geometry file: is a directory"):
+        read_geometry(tmp_path)
