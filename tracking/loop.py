@@ -447,6 +447,7 @@ class Service:
                             self._handle_frame(parts, pairer)
                         except Exception as err:  # noqa: BLE001 - one bad message must never make the service deaf
                             self._io_refusal("kvframe", err)
+                        self._beat("io")  # a burst of large frames is progress, message by message
                 if monitor in events:
                     self._handle_monitor(monitor)
                 if command_monitor in events:
