@@ -76,7 +76,7 @@ PUB_SNDHWM = 1000
 #: Watchdog: a thread that has not reported progress for this long is stuck (s); the service then
 #: HOLDs ``internal_error`` and fails (``serve`` exits non-zero). A registration may take up to
 #: ``PAIR_STALL_S``, a command (``load_plan`` builds the processor) up to ``COMMAND_STALL_S``.
-THREAD_STALL_S = 1.0
+THREAD_STALL_S = 2.0
 PAIR_STALL_S = 10.0
 COMMAND_STALL_S = 120.0
 #: ZeroMQ ``MAXMSGSIZE`` beyond the largest legal message part, bytes. A part up to the hard cap is
