@@ -220,12 +220,16 @@ def _read_pixels_hu(header: _SliceHeader) -> np.ndarray:
         raise VolumeFileError(
             f"{path}: pixel data is {raw.shape}, expected {header.rows}x{header.cols} (rows x cols)"
         )
-    if ds.get("RescaleSlope") is None or ds.get("RescaleIntercept") is None:
+    try:
+        missing = ds.get("RescaleSlope") is None or ds.get("RescaleIntercept") is None
+    except Exception as err:  # noqa: BLE001 - as below
+        raise VolumeFileError(f"{path}: malformed Rescale Slope/Intercept (0028,1053)/(0028,1052): {err}") from err
+    if missing:
         raise VolumeFileError(f"{path}: missing Rescale Slope (0028,1053) or Rescale Intercept (0028,1052)")
     try:
         slope = float(ds.RescaleSlope)
         intercept = float(ds.RescaleIntercept)
-    except (TypeError, ValueError) as err:
+    except Exception as err:  # noqa: BLE001 - pydicom parses values lazily and raises many types on bad ones
         raise VolumeFileError(f"{path}: Rescale Slope/Intercept (0028,1053)/(0028,1052) not numeric: {err}") from err
     if not (np.isfinite(slope) and np.isfinite(intercept)) or slope == 0.0:
         raise VolumeFileError(f"{path}: invalid rescale slope {slope!r} / intercept {intercept!r}")

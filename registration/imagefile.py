@@ -136,6 +136,58 @@ def _detached_data_file(path: Path) -> Path | None:
     return None if name == "LOCAL" else path.parent / name
 
 
+_MAX_DIMENSIONS = 4
+_MAX_CHANNELS = 4
+
+
+def _header_fields(path: Path) -> dict[str, str]:
+    """``key = value`` (MetaImage) or ``key: value`` (NRRD) lines of a text header, keys lower-cased."""
+    fields: dict[str, str] = {}
+    head = _head(path)
+    end = head.find(b"\n\n") if path.name.lower().endswith((".nrrd", ".nhdr")) else -1
+    for line in (head if end < 0 else head[:end]).splitlines():
+        text = line.decode("latin-1")
+        key, sep, value = text.partition("=" if path.name.lower().endswith((".mha", ".mhd")) else ":")
+        if sep and key.strip() and not key.strip().startswith("#"):
+            fields.setdefault(key.strip().lower(), value.strip())
+        if key.strip().lower() == "elementdatafile":
+            break
+    return fields
+
+
+def _ints(text: str) -> list[int] | None:
+    try:
+        return [int(v) for v in text.split()] if all(len(v) <= 19 for v in text.split()) else None
+    except ValueError:
+        return None
+
+
+def _check_text_header(path: Path, error: type[Exception], what: str) -> None:
+    """The dimension fields of a MetaImage or NRRD header, checked before SimpleITK sees them: ITK's MetaIO
+    does not return on ``NDims = -1`` (found by fuzzing); a header ITK would choke on is refused here."""
+    name = path.name.lower()
+    if name.endswith((".mha", ".mhd")):
+        fields, ndims_key, sizes_key = _header_fields(path), "ndims", "dimsize"
+    elif name.endswith((".nrrd", ".nhdr")):
+        fields, ndims_key, sizes_key = _header_fields(path), "dimension", "sizes"
+    else:
+        return
+    ndims = _ints(fields.get(ndims_key, ""))
+    if ndims is None or len(ndims) != 1 or not 1 <= ndims[0] <= _MAX_DIMENSIONS:
+        raise error(f"{path}: cannot read {what}: header field {ndims_key!r} must be 1 to {_MAX_DIMENSIONS}, "
+                    f"got {fields.get(ndims_key)!r}"[:300])
+    sizes = _ints(fields.get(sizes_key, ""))
+    if sizes is None or len(sizes) != ndims[0] or min(sizes) < 1 or max(sizes) > 2**31 - 1:
+        raise error(f"{path}: cannot read {what}: header field {sizes_key!r} must be {ndims[0]} sizes of 1 to "
+                    f"2**31-1, got {fields.get(sizes_key)!r}"[:300])
+    channels = fields.get("elementnumberofchannels")
+    if channels is not None:
+        n = _ints(channels)
+        if n is None or len(n) != 1 or not 1 <= n[0] <= _MAX_CHANNELS:
+            raise error(f"{path}: cannot read {what}: ElementNumberOfChannels must be 1 to {_MAX_CHANNELS}, "
+                        f"got {channels!r}"[:300])
+
+
 def _check_data_file(path: Path, error: type[Exception], what: str) -> None:
     """A header may name its pixel data file: only a plain file name beside the header, never a path
     (``ElementDataFile = /etc/passwd``), a list or a pattern; a ``.mha``/``.nrrd`` keeps its data inside."""
@@ -202,6 +254,7 @@ def read_sitk_image(path: str | os.PathLike, error: type[Exception], what: str, 
         file_bytes = p.stat().st_size
     except OSError as err:
         raise error(f"{p}: cannot read {what}: {err.strerror or err}") from err
+    _check_text_header(p, error, what)
     _check_data_file(p, error, what)
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(p))
@@ -263,8 +316,8 @@ def load_npy(path: str | os.PathLike, error: type[Exception], what: str, *,
         raise error(f"{p}: cannot read {what}: not a valid .npy file: {_last_line(err)}") from err
     if dtype.hasobject or dtype.fields is not None or dtype.kind not in "biuf":
         raise error(f"{p}: cannot read {what}: dtype {dtype} is not a plain number type")
-    if any(int(s) < 0 for s in shape):
-        raise error(f"{p}: cannot read {what}: declares a negative shape {shape}")
+    if any(not 0 <= int(s) <= 2**31 - 1 for s in shape) or len(shape) > 32:
+        raise error(f"{p}: cannot read {what}: declares an impossible shape {shape}"[:300])
     declared = int(np.prod(shape, dtype=object)) * dtype.itemsize
     if declared > max_bytes:
         raise error(f"{p}: cannot read {what}: declares {declared} bytes of pixel data, more than the {max_bytes}-byte limit")
@@ -294,7 +347,7 @@ def check_dicom_pixel_size(ds, path: str | os.PathLike, error: type[Exception], 
         samples = int(ds.get("SamplesPerPixel", 1) or 1)
         frames = int(ds.get("NumberOfFrames", 1) or 1)
         bits = int(ds.BitsAllocated)
-    except (AttributeError, KeyError, TypeError, ValueError, OverflowError) as err:
+    except Exception as err:  # noqa: BLE001 - pydicom parses values lazily and raises many types on bad ones
         raise error(f"{p}: {what}: missing or malformed image pixel attributes (0028,xxxx): "
                     f"{_last_line(err)}") from err
     if min(rows, cols, samples, frames) < 1:

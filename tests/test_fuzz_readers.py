@@ -350,6 +350,9 @@ def _check_image(path: Path):
                         "ElementNumberOfChannels = 99999999\n", "HeaderSize = -1\n", "BinaryDataByteOrderMSB = True\n"]),
        st.sampled_from(["LOCAL", "LOCAL", "/etc/passwd", "../x.raw", "LIST", "img%03d.raw 0 9 1", ""]),
        st.binary(max_size=2048))
+@example(-1, [], "MET_FLOAT", "", "LOCAL", b"")  # ITK's MetaIO never returns on NDims = -1: refused before it
+@example(0, [], "MET_FLOAT", "", "LOCAL", b"")
+@example(2, [2**31, 2**31], "MET_FLOAT", "", "LOCAL", b"\0" * 64)
 def test_metaimage_headers(scratch, ndims, sizes, element, extra, data_file, data):
     header = (f"ObjectType = Image\nNDims = {ndims}\nDimSize = {' '.join(map(str, sizes))}\nElementType = {element}\n"
               f"{extra}ElementDataFile = {data_file}\n").encode()

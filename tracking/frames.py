@@ -114,7 +114,7 @@ def _read_pixels(path: Path, max_bytes: int) -> np.ndarray:
         try:
             slope = float(ds.get("RescaleSlope", 1.0))
             intercept = float(ds.get("RescaleIntercept", 0.0))
-        except (TypeError, ValueError) as err:
+        except Exception as err:  # noqa: BLE001 - pydicom parses values lazily and raises many types on bad ones
             raise FrameError(f"{path}: Rescale Slope/Intercept (0028,1053)/(0028,1052) not numeric: {err}") from err
         if not (math.isfinite(slope) and math.isfinite(intercept)):
             raise FrameError(f"{path}: Rescale Slope/Intercept {slope!r}/{intercept!r} are not finite")
