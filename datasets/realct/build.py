@@ -36,20 +36,13 @@ REPO = HERE.parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-import SimpleITK as sitk  # noqa: E402
-
 from calibration.geometry import default_stereo_geometry  # noqa: E402
 from calibration.io import read_geometry  # noqa: E402
 from tracking.room.kv import DetectorModel  # noqa: E402
-from tracking.room.realct import (  # noqa: E402
-    CaseRenderer,
-    LabelScheme,
-    Projector,
-    plan_cases,
-    plastimatch_available,
-    read_labelled_ct,
-    write_case,
-)
+from calibration.errors import CalibrationError  # noqa: E402
+from registration.errors import RegistrationError  # noqa: E402
+from tracking.errors import TrackingError  # noqa: E402
+from tracking.room.realct import LabelScheme, build_set, read_labelled_ct  # noqa: E402
 
 #: The PyPI source distribution that ships the CT (its test reference files).
 PACKAGE = "totalsegmentator"
@@ -135,7 +128,8 @@ def main(argv=None) -> int:
     p.add_argument("--patient-position", default="HFS")
     p.add_argument("--plastimatch-threads", type=int, default=1)
     p.add_argument("--beyond-ends-mm", type=float, default=150.0,
-                   help="anatomy past the CT's ends in the frames (end slices repeated), mm; 0 images the CT alone")
+                   help="tissue past the CT's ends in the frames (end slices capped at 100 HU, repeated), mm; "
+                        "0 images the CT alone")
     args = p.parse_args(argv)
     t0 = time.monotonic()
     if (args.ct is None) != (args.labels is None):
@@ -148,51 +142,24 @@ def main(argv=None) -> int:
     else:
         ct_path, labels_path, scheme = args.ct, args.labels, args.scheme or "verse"
         source = {"ct": str(args.ct), "labels": str(args.labels)}
-    projectors = [Projector(x) for x in args.projectors.split(",")]
-    if Projector.PLASTIMATCH in projectors and not plastimatch_available():
-        raise SystemExit("build.py: plastimatch not found (apt-get install plastimatch), or pass --projectors own")
-    labelled = read_labelled_ct(ct_path, labels_path, scheme, args.patient_position)
-    levels = args.levels.split(",")
-    for lv in levels:
-        labelled.label_of(lv)  # a level the map lacks fails here, by name
-    out = args.out
-    out.mkdir(parents=True, exist_ok=True)
-    sitk.WriteImage(labelled.ct.to_sitk(), str(out / "ct.mha"), useCompression=True)
-    lab = sitk.GetImageFromArray(labelled.labels)
-    lab.CopyInformation(labelled.ct.to_sitk())
-    sitk.WriteImage(lab, str(out / "labels.mha"), useCompression=True)
-    geometries = rooms(args.rooms.split(","))
-    renderer = CaseRenderer(labelled, geometries, DetectorModel(i0=args.i0), plastimatch_threads=args.plastimatch_threads,
-                            beyond_ends_mm=args.beyond_ends_mm)
-    cases = plan_cases(levels, list(geometries), projectors, args.cases, args.seed)
     try:
-        for case in cases:
-            tc = time.monotonic()
-            write_case(out / "cases" / f"{case.index:04d}", case, renderer, "../../ct.mha", "../../labels.mha")
-            print(f"case {case.index:4d}: {case.level:>3s} {case.room:>8s} {case.projector.value:>11s} "
-                  f"({time.monotonic() - tc:.1f} s)", flush=True)
-    finally:
-        renderer.close()
-    manifest = {
-        "schema": "realct-set/1",
-        "source": source,
-        "label_scheme_on_disk": scheme,
-        "patient_position": labelled.ct.patient_position.value,
-        "levels": levels,
-        "truncated_levels": [lv for lv in levels if labelled.truncated(lv)],
-        "rooms": {k: g.notes for k, g in geometries.items()},
-        "projectors": [x.value for x in projectors],
-        "cases": len(cases),
-        "seed": args.seed,
-        "i0": args.i0,
-        "beyond_ends_mm": args.beyond_ends_mm,
-        "ct_voxels_ijk": list(labelled.ct.shape_ijk),
-        "ct_spacing_mm": [float(v) for v in labelled.ct.spacing_mm],
-        "command": " ".join(sys.argv),
-        "elapsed_s": round(time.monotonic() - t0, 1),
-    }
+        labelled = read_labelled_ct(ct_path, labels_path, scheme, args.patient_position)
+        geometries = rooms(args.rooms.split(","))
+
+        def progress(case, seconds):
+            print(f"case {case.index:4d}: {case.level:>3s} {case.room:>8s} {case.projector.value:>11s} ({seconds:.1f} s)",
+                  flush=True)
+
+        built = build_set(args.out, labelled, geometries, args.levels.split(","), args.projectors.split(","), args.cases,
+                          args.seed, DetectorModel(i0=args.i0), args.beyond_ends_mm, args.plastimatch_threads, progress)
+    except (TrackingError, RegistrationError, CalibrationError, ValueError) as err:
+        print(f"build.py: {err}", file=sys.stderr)
+        return 2
+    out = args.out
+    manifest = {"schema": "realct-set/1", "source": source, "label_scheme_on_disk": scheme, **built,
+                "command": " ".join(sys.argv), "elapsed_s": round(time.monotonic() - t0, 1)}
     (out / "set.json").write_text(json.dumps(manifest, indent=1) + "\n")
-    print(f"wrote {len(cases)} cases to {out} in {manifest['elapsed_s']} s")
+    print(f"wrote {built['cases']} cases to {out} in {manifest['elapsed_s']} s")
     return 0
 
 

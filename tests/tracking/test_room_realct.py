@@ -26,6 +26,7 @@ from tracking.errors import SimulationError
 from tracking.room.kv import DetectorModel
 from tracking.room.realct import (
     BEYOND_ENDS_MAX_HU,
+    build_set,
     VERTEBRA_NAMES,
     CaseRenderer,
     LabelledCT,
@@ -398,3 +399,18 @@ def test_truncated_level_is_reported():
     labels[38:41, 16:25, 16:25] = VERTEBRA_NAMES.index("T11") + 1  # reaches the last slice
     cut = LabelledCT(lct.ct, labels, "cut")
     assert cut.truncated("T11") and not cut.truncated("L1")
+
+
+def test_built_set_holds_the_canonical_ct_labels_and_one_folder_per_case(tmp_path):
+    lct = _tiny_labelled()
+    built = build_set(tmp_path / "set", lct, {"room": _small_room()}, ["T12", "L1"], ["own"], 3, seed=1,
+                      detector=DetectorModel(i0=3000.0))
+    assert built["cases"] == 3 and built["levels"] == ["T12", "L1"] and built["truncated_levels"] == []
+    ct = sitk.ReadImage(str(tmp_path / "set" / "ct.mha"))
+    assert_allclose(sitk.GetArrayFromImage(ct), lct.ct.hu)
+    assert_allclose(ct.GetOrigin(), lct.ct.origin_lps_mm)
+    assert np.array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "set" / "labels.mha"))), lct.labels)
+    levels = [json.loads((tmp_path / "set" / "cases" / f"{n:04d}" / "truth.json").read_text())["level"] for n in range(3)]
+    assert levels == ["T12", "L1", "T12"]
+    with pytest.raises(SimulationError, match="level L4 is not in the label map"):
+        build_set(tmp_path / "bad", lct, {"room": _small_room()}, ["L4"], ["own"], 1, seed=1)

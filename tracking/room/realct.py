@@ -30,6 +30,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum
@@ -63,6 +64,7 @@ __all__ = [
     "plastimatch_available",
     "plastimatch_drr",
     "write_case",
+    "build_set",
     "TRUTH_SCHEMA",
     "BEYOND_ENDS_MAX_HU",
 ]
@@ -658,3 +660,83 @@ def write_case(out_dir: str | os.PathLike, case: RealCTCase, renderer: CaseRende
     }
     (folder / "truth.json").write_text(json.dumps(truth, indent=1) + "\n")
     return folder
+
+
+def build_set(
+    out_dir: str | os.PathLike,
+    labelled: LabelledCT,
+    geometries: Mapping[str, StereoGeometry],
+    levels: Sequence[str],
+    projectors: Sequence[Projector | str],
+    n_cases: int,
+    seed: int,
+    detector: DetectorModel | None = None,
+    beyond_ends_mm: float = 0.0,
+    plastimatch_threads: int = 1,
+    progress=None,
+) -> dict:
+    """Write a whole validation set: ``ct.mha``, ``labels.mha`` and ``cases/NNNN/`` (:func:`write_case`).
+
+    Parameters
+    ----------
+    out_dir : path
+        Created if missing.
+    labelled : LabelledCT
+    geometries : mapping room name -> StereoGeometry
+        Room frame.
+    levels : sequence of str
+        Target vertebrae (VerSe names); each must be in the label map.
+    projectors, n_cases, seed
+        As for :func:`plan_cases` (start errors +-10 mm / +-4 deg).
+    detector, beyond_ends_mm, plastimatch_threads
+        As for :class:`CaseRenderer`.
+    progress : callable, optional
+        ``progress(case, seconds)`` after each case is written (the CLI prints).
+
+    Returns
+    -------
+    dict
+        What was built (levels, truncated levels, rooms, projectors, counts,
+        i0, CT grid), for the set's manifest.
+
+    Raises
+    ------
+    SimulationError
+        A level missing from the map (named), plastimatch missing, bad options.
+    """
+    projectors = [Projector(p) for p in projectors]
+    if Projector.PLASTIMATCH in projectors and not plastimatch_available():
+        raise SimulationError("plastimatch is not installed (Debian package 'plastimatch'); use the own projector only")
+    for level in levels:
+        labelled.label_of(level)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    ct_img = labelled.ct.to_sitk()
+    sitk.WriteImage(ct_img, str(out / "ct.mha"), useCompression=True)
+    lab = sitk.GetImageFromArray(labelled.labels)
+    lab.CopyInformation(ct_img)
+    sitk.WriteImage(lab, str(out / "labels.mha"), useCompression=True)
+    renderer = CaseRenderer(labelled, geometries, detector, plastimatch_threads=plastimatch_threads,
+                            beyond_ends_mm=beyond_ends_mm)
+    cases = plan_cases(list(levels), list(geometries), projectors, n_cases, seed)
+    try:
+        for case in cases:
+            t0 = time.monotonic()
+            write_case(out / "cases" / f"{case.index:04d}", case, renderer, "../../ct.mha", "../../labels.mha")
+            if progress is not None:
+                progress(case, time.monotonic() - t0)
+    finally:
+        renderer.close()
+    return {
+        "levels": list(levels),
+        "truncated_levels": [lv for lv in levels if labelled.truncated(lv)],
+        "rooms": {name: g.notes for name, g in geometries.items()},
+        "projectors": [p.value for p in projectors],
+        "cases": len(cases),
+        "seed": int(seed),
+        "i0": renderer.detector.i0,
+        "beyond_ends_mm": renderer.beyond_ends_mm,
+        "patient_position": labelled.ct.patient_position.value,
+        "ct_voxels_ijk": list(labelled.ct.shape_ijk),
+        "ct_spacing_mm": [float(v) for v in labelled.ct.spacing_mm],
+    }
