@@ -39,7 +39,8 @@ from .errors import TrackingError
 
 __all__ = ["main", "build_parser", "parse_triplet_mm", "parse_six", "CliError", "RegisterRefusal",
            "EXIT_OK", "EXIT_QA_FAILED", "EXIT_ERROR", "EXIT_NOT_TRUSTED", "EXIT_INTERNAL", "EXIT_INTERRUPTED",
-           "MAX_SEED_DISTANCE_MM", "AIR_HU"]
+           "MAX_SEED_DISTANCE_MM", "AIR_HU", "finite_float", "positive_float", "non_negative_int", "port_number",
+           "rejoin_negative_values"]
 
 EXIT_OK = 0
 EXIT_QA_FAILED = 1
@@ -232,7 +233,7 @@ def _cmd_register(args: argparse.Namespace) -> int:
                       "patient_position": plan.patient_position.value}
     report["elapsed_s"] = time.monotonic() - t0
     if args.json:
-        print(json.dumps(report, indent=1, allow_nan=False))
+        print(json.dumps(_finite_or_null(report), indent=1, allow_nan=False))
     else:
         _print_registration(report)
     if not report["quality"]["ok"]:
@@ -240,6 +241,17 @@ def _cmd_register(args: argparse.Namespace) -> int:
         print(f"spineguide: result not to be trusted: {why}", file=sys.stderr)
         return EXIT_NOT_TRUSTED
     return EXIT_OK
+
+
+def _finite_or_null(obj):
+    """The report with every non-finite float as ``null``: strict JSON, never a ``NaN`` token."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite_or_null(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite_or_null(v) for v in obj]
+    return obj
 
 
 def _quality_reason(report: dict) -> str:
