@@ -39,6 +39,8 @@ from typing import Any
 
 import numpy as np
 
+from calibration.jsonfile import parse_json_bytes
+
 from .errors import RecordError
 
 __all__ = ["RecordError", "SessionRecord", "read_record", "frames_folder"]
@@ -252,8 +254,8 @@ def read_record(path: str | os.PathLike) -> list[dict[str, Any]]:
         if not line.strip():
             continue
         try:
-            rec = json.loads(line)
-        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            rec = parse_json_bytes(line, f"line {i + 1}", RecordError)
+        except RecordError as err:
             if i == len(lines) - 1:
                 log.warning("%s: dropping a torn last line (%d bytes)", p, len(line))
                 break

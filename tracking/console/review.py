@@ -156,14 +156,14 @@ def list_sessions(folder: str | os.PathLike) -> list[dict[str, Any]]:
 
     Each entry: ``name``, ``started_unix_s``, ``size_bytes``. Files that are not session records are skipped.
     """
-    import json
+    from calibration.jsonfile import parse_json_bytes
 
     out = []
     for f in sorted(Path(folder).glob("*.jsonl")):
         try:
             with open(f, "rb") as fh:
-                first = json.loads(fh.readline() or b"null")
-        except (OSError, ValueError):
+                first = parse_json_bytes(fh.readline() or b"null", str(f), ReviewError)
+        except (OSError, ReviewError):
             continue
         if isinstance(first, dict) and first.get("event") == "session":
             out.append({"name": f.name, "started_unix_s": first.get("t_unix_s"), "size_bytes": f.stat().st_size})
