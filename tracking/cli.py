@@ -368,8 +368,8 @@ def _load_plan(args: argparse.Namespace):
 
 
 def _register_fiducial(args, geometry, plan, pixels) -> tuple[dict, list[_Refusal]]:
-    import json
-
+    from calibration.errors import GeometryFileError
+    from calibration.jsonfile import read_json_document
     from registration.ct_seeds import find_ct_seeds
     from registration.io import FiducialSet, read_fiducials
 
@@ -399,8 +399,8 @@ def _register_fiducial(args, geometry, plan, pixels) -> tuple[dict, list[_Refusa
     refusals = _plan_refusals(plan, planned.positions_lps_mm, planned.names, args.max_seed_distance_mm)
     planned_room = planned.to_room(plan.isocentre_lps_mm, plan.patient_position)
     # Panel flat fields: the geometry file's optional "flat_field" extension, then --gain/--offset over it.
-    with open(args.geometry, encoding="utf-8") as fh:
-        known = flat_fields_from_geometry_json(json.load(fh), Path(args.geometry).parent)
+    geometry_doc = read_json_document(args.geometry, GeometryFileError, "geometry file")
+    known = flat_fields_from_geometry_json(geometry_doc, Path(args.geometry).parent)
     flat = flat_fields_from_args(args.gain, args.offset, known)
     result = localise_fiducials(pixels, geometry, planned_room, planned.names, i0=args.i0, flat_fields=flat or None)
     t, r = result.correction.six()

@@ -16,7 +16,6 @@ its own client key (console: therapist, imager: imager, delivery: delivery).
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import socket
@@ -30,6 +29,8 @@ from typing import Any
 
 import numpy as np
 import zmq
+
+from calibration.jsonfile import parse_json_bytes, read_json_document
 
 from .errors import TrackingError
 from .record import read_record
@@ -339,9 +340,9 @@ def _summarise(out: Path) -> FractionSummary:
     records = read_record(out / "session.jsonl")
     truth = {}
     if (out / "truth.jsonl").exists():
-        for line in (out / "truth.jsonl").read_text().splitlines():
+        for i, line in enumerate((out / "truth.jsonl").read_bytes().splitlines(), start=1):
             if line.strip():
-                t = json.loads(line)
+                t = parse_json_bytes(line, f"{out / 'truth.jsonl'}, line {i}", TrackingError)
                 truth[t["pair_id"]] = float(np.linalg.norm(t["translation_mm"]))  # target at the isocentre
     s = FractionSummary()
     s.service_session = str(records[0].get("session", "")) if records else ""
@@ -379,7 +380,7 @@ def _summarise(out: Path) -> FractionSummary:
     s.latency_ms = _percentiles(latencies)
     report = out / "delivery.json"
     if report.exists():
-        d = json.loads(report.read_text())
+        d = read_json_document(report, TrackingError, "delivery report")
         s.beam_on_s = float(d.get("beam_on_s", 0.0))
         s.corrections_applied = int(d.get("corrections_applied", 0))
     hb = [r.get("late_ms", 0.0) for r in records if r["event"] == "sent" and r.get("topic") == "heartbeat"]
