@@ -114,19 +114,23 @@ class FlatField:
 
 def read_map(path: str | os.PathLike, what: str, imager: str) -> np.ndarray:
     """A 2D map from ``.npy`` or any image SimpleITK reads, ``map[row, col]`` float32."""
+    from registration.imagefile import load_npy, read_sitk_image  # declared size checked before reading
+
     p = Path(path)
     try:
         if p.suffix.lower() == ".npy":
-            arr = np.load(p, allow_pickle=False)
+            arr = load_npy(p, FrameError, f"{what} map")
         else:
             import SimpleITK as sitk
 
-            arr = sitk.GetArrayFromImage(sitk.ReadImage(str(p)))
-    except (OSError, ValueError, RuntimeError) as err:
+            arr = sitk.GetArrayFromImage(read_sitk_image(p, FrameError, f"{what} map"))
+    except FrameError as err:
         raise FrameError(f"imager '{imager}': cannot read {what} map {str(p)!r}: {err}") from err
     arr = np.squeeze(np.asarray(arr))
     if arr.ndim != 2:
         raise FrameError(f"imager '{imager}': {what} map {str(p)!r} is not a 2D image (shape {arr.shape})")
+    if not np.all(np.isfinite(arr)) or np.any(np.abs(arr) > np.finfo(np.float32).max):
+        raise FrameError(f"imager '{imager}': {what} map {str(p)!r} holds NaN, infinite or out-of-range values")
     return arr.astype(np.float32)
 
 
