@@ -76,6 +76,7 @@ class HoldReason(Enum):
     IMAGER_RESTARTED = "imager_restarted"
     PAIR_ID_JUMP = "pair_id_jump"
     COUCH_TIMEOUT = "couch_timeout"
+    FRAME_SENDER_NOT_IMAGER = "frame_sender_not_imager"
 
 
 @dataclass(frozen=True, slots=True)

@@ -49,7 +49,7 @@ from .gating import Beam, HoldReason
 from .pairing import MAX_PAIR_ID_JUMP, CompletePair, FrameAccepted, FramePairer, NewEpoch, PairFault
 from .processing import PairProcessor, PairResult, build_processor
 from .record import SessionRecord, frames_folder, read_record
-from .security import Authenticator, authorize_command, make_server_socket_secure, user_id_of
+from .security import Authenticator, Role, authorize_command, make_server_socket_secure, user_id_of
 from .states import Engine, run_processor
 from .wire import (
     NonFinitePixelsError,
@@ -440,11 +440,13 @@ class Service:
                 if pull in events:
                     for _ in range(16):
                         try:
-                            parts = pull.recv_multipart(zmq.NOBLOCK, copy=True)
+                            frames = pull.recv_multipart(zmq.NOBLOCK, copy=False)  # frames carry the ZAP User-Id
                         except zmq.Again:
                             break
                         try:
-                            self._handle_frame(parts, pairer)
+                            if not self._frame_sender_is_imager(frames[0]):
+                                continue
+                            self._handle_frame([f.bytes for f in frames], pairer)
                         except Exception as err:  # noqa: BLE001 - one bad message must never make the service deaf
                             self._io_refusal("kvframe", err)
                         self._beat("io")  # a burst of large frames is progress, message by message
@@ -523,6 +525,23 @@ class Service:
             self.record.write("command_peer_disconnected", endpoint=endpoint,
                               detail=f"a command client disconnected (closed, or it sent a request over the "
                                      f"{cap}-byte hard cap, which ZeroMQ drops with the connection)")
+
+    def _frame_sender_is_imager(self, first: zmq.Frame) -> bool:
+        """Under CURVE only a key with the ``imager`` role may send frames; any other is refused (HOLD, recorded).
+
+        Without CURVE (``[security] enabled = false``) nobody is authenticated and every sender is taken.
+        """
+        if self._auth is None:
+            return True
+        identity = self._auth.identity_of(user_id_of(first))
+        if identity is not None and identity.role is Role.IMAGER:
+            return True
+        self.stats.frames_rejected += 1
+        who = "an unknown key" if identity is None else f"client '{identity.name}' (role {identity.role.value})"
+        self.engine.frame_fault(HoldReason.FRAME_SENDER_NOT_IMAGER,
+                                f"kvframe from {who}: only a key with the imager role may send frames",
+                                time.time(), time.monotonic(), None)
+        return False
 
     def _handle_frame(self, parts: list[bytes], pairer: FramePairer) -> None:
         now, mono = time.time(), time.monotonic()

@@ -572,11 +572,13 @@ class LocalPeers:
     """
 
     def __init__(self, endpoints: dict[str, str], keys: ClientKeys | None = None, rows: int = 32, cols: int = 32,
-                 imagers: tuple[str, str] = ("A", "B")) -> None:
+                 imagers: tuple[str, str] = ("A", "B"), frame_keys: ClientKeys | None = None) -> None:
+        """``keys`` for the subscriber and the command client (a console's); ``frame_keys`` for the frame sender
+        (under CURVE only a key with the imager role may send frames; default ``keys``)."""
         self.ctx = zmq.Context()
         self.sub = Subscriber(self.ctx, endpoints["publish"], keys)
         self.cmd = CommandClient(self.ctx, endpoints["command"], keys)
-        self.frames = FrameSender(self.ctx, endpoints["frames"], keys)
+        self.frames = FrameSender(self.ctx, endpoints["frames"], keys if frame_keys is None else frame_keys)
         self.imagers = imagers
         self.base = {n: pattern_frame(Pose.identity(), rows, cols, seed=i) for i, n in enumerate(imagers)}
 

@@ -65,7 +65,7 @@ def _client(keys, name):
 
 
 def test_allowed_client_commands_receives_and_streams(secure_service, keys):
-    peers = LocalPeers(secure_service.endpoints, _client(keys, "console"))
+    peers = LocalPeers(secure_service.endpoints, _client(keys, "console"), frame_keys=_client(keys, "imager"))
     try:
         peers.sub.handshake()
         assert peers.cmd.request("load_plan")["ok"]
@@ -115,6 +115,27 @@ def test_frames_from_a_stranger_never_reach_the_loop(secure_service, tmp_path, k
         assert secure_service.stats.pairs_completed == 0 and secure_service.engine.last_frame_unix_s is None
     finally:
         peers.close()
+
+
+def test_frames_from_an_allowed_key_without_the_imager_role_are_refused(secure_service, keys):
+    # The console's key passes CURVE but may not send frames: each such frame is a HOLD, recorded, never paired.
+    console = LocalPeers(secure_service.endpoints, _client(keys, "console"))
+    imager = LocalPeers(secure_service.endpoints, _client(keys, "console"), frame_keys=_client(keys, "imager"))
+    try:
+        console.sub.handshake()
+        console.send_pair(0, Pose.identity())
+        hold = console.sub.wait_for(lambda m: m["_topic"] == "gating" and m["reason"] == "frame_sender_not_imager", 2.0)
+        assert hold["beam"] == "HOLD"
+        assert secure_service.stats.pairs_completed == 0
+        imager.send_pair(1, Pose.identity())  # the imager's own key: paired and judged
+        console.sub.wait_for(lambda m: m["_topic"] == "gating" and m.get("pair_id") == 1, 2.0)
+        assert secure_service.stats.pairs_completed == 1
+        secure_service.record.flush()
+        faults = [r for r in secure_service.record.records if r.get("reason") == "frame_sender_not_imager"]
+        assert len(faults) == 2 and "client 'console' (role therapist)" in faults[0]["detail"]
+    finally:
+        imager.close()
+        console.close()
 
 
 def test_keys_are_never_overwritten_and_bad_files_are_named(tmp_path, keys):
@@ -298,7 +319,7 @@ def _events(svc, name):
 
 def test_operator_comes_from_the_key_and_a_spoofed_one_is_refused(manual_service, keys):
     svc = manual_service
-    console = LocalPeers(svc.endpoints, _client(keys, "console"))
+    console = LocalPeers(svc.endpoints, _client(keys, "console"), frame_keys=_client(keys, "imager"))
     ctx = zmq.Context()
     imager = CommandClient(ctx, svc.endpoints["command"], _client(keys, "imager"))
     try:
