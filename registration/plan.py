@@ -38,7 +38,7 @@ from .dicom_rt import (
     read_rtstruct,
     scan_dicom_folder,
 )
-from .errors import PlanError
+from .errors import DicomRTError, PlanError
 from .imagefile import MAX_IMAGE_BYTES, read_sitk_image
 from .io import FiducialSet, read_fiducials
 from .volume import CTVolume, PatientPosition, read_ct
@@ -397,7 +397,12 @@ def load_dicom_plan(
     provenance = {"ct": str(root), "ct_series_uid": series.series_uid, "frame_of_reference_uid": frame_uid}
     import pydicom  # identity of the study, from the first CT slice's header
 
-    patient = PatientStudy.from_dataset(pydicom.dcmread(series.paths[0], stop_before_pixels=True))
+    try:
+        patient = PatientStudy.from_dataset(pydicom.dcmread(series.paths[0], stop_before_pixels=True))
+    except (PlanError, DicomRTError):
+        raise
+    except Exception as err:  # noqa: BLE001 - pydicom parses values lazily and raises many types on bad ones
+        raise PlanError(f"{series.paths[0]}: malformed patient/study identity: {type(err).__name__}: {err}") from err
     ss_path = _pick_one(inv.structure_sets, "RTSTRUCT", root)
     rp_path = _pick_one(inv.plans, "RTPLAN", root)
     ss = read_rtstruct(ss_path) if ss_path is not None else None
