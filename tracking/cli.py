@@ -840,8 +840,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         except _UsageError as err:
             print(f"{_one_line(str(err))} (see --help)", file=sys.stderr)
             return EXIT_ERROR
-        except SystemExit as stop:  # --help, --version
-            return stop.code if isinstance(stop.code, int) else EXIT_ERROR
+        except SystemExit as stop:  # --help, --version: argparse exits 0
+            return EXIT_OK if stop.code is None else stop.code if isinstance(stop.code, int) else EXIT_ERROR
         verbose = bool(getattr(args, "verbose", False))
         logging.basicConfig(
             level=logging.INFO if verbose else logging.WARNING,
