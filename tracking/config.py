@@ -56,6 +56,7 @@ from typing import Any
 
 from .errors import ConfigError, TrackingError
 from .gating import GatingConfig
+from .pairing import MAX_PAIR_ID_JUMP
 
 __all__ = [
     "ConfigError",
@@ -185,6 +186,10 @@ RANGES: dict[str, dict[str, Range]] = {
         "max_saturated_fraction": Range(0.0, 0.5, "1", "largest fraction of saturated pixels in a usable frame"),
         "approval_max_age_s": Range(0.0, 120.0, "s", "a setup proposal older than this cannot be approved",
                                     lo_open=True),
+        "couch_timeout_s": Range(1.0, 300.0, "s", "no couch_moved this long after a setup correction: HOLD "
+                                 "couch_timeout, measure again"),
+        "max_pair_id_jump": Range(1, 100_000, "1", "a pair_id further than this from the last complete pair "
+                                  "starts a new epoch (HOLD pair_id_jump)", integer=True),
     },
     "plan": {
         "isocentre_lps_mm": Range(-5000.0, 5000.0, "mm", "plan isocentre, planning-CT LPS", count=3),
@@ -251,6 +256,12 @@ class SafetyConfig:
         A setup correction proposed longer ago than this (s, service clock)
         can no longer be approved: ``approve_correction`` is refused as
         expired and the proposal dropped (the next pair proposes afresh).
+    couch_timeout_s : float
+        Longest wait for ``couch_moved`` after a setup correction was sent, s;
+        then HOLD ``couch_timeout`` and the setup measures again.
+    max_pair_id_jump : int
+        A ``pair_id`` further than this from the last completed pair (either
+        way) starts a new epoch: HOLD ``pair_id_jump`` (docs/PROTOCOL.md).
     """
 
     frame_period_s: float = 0.1
@@ -269,6 +280,8 @@ class SafetyConfig:
     saturation_level: float = 65535.0
     max_saturated_fraction: float = 0.01
     approval_max_age_s: float = 30.0
+    couch_timeout_s: float = 30.0
+    max_pair_id_jump: int = MAX_PAIR_ID_JUMP
 
     def __post_init__(self) -> None:
         _ranged(self, "safety", ("frame_period_s",))

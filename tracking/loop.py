@@ -46,7 +46,7 @@ import zmq
 from .config import INSECURE_WARNING, PlanConfig, ServiceConfig, config_from_dict, log_config
 from .errors import CommandRefused, FrameError, SecurityError, TrackingError, WireSchemaError
 from .gating import Beam, HoldReason
-from .pairing import MAX_PAIR_ID_JUMP, CompletePair, FrameAccepted, FramePairer, NewEpoch, PairFault
+from .pairing import CompletePair, FrameAccepted, FramePairer, NewEpoch, PairFault
 from .processing import PairProcessor, PairResult, build_processor
 from .record import SessionRecord, frames_folder, read_record
 from .security import Authenticator, Role, authorize_command, make_server_socket_secure, user_id_of
@@ -408,7 +408,8 @@ class Service:
             poller.register(router, zmq.POLLIN)
             poller.register(monitor, zmq.POLLIN)
             poller.register(command_monitor, zmq.POLLIN)
-            pairer = FramePairer(self.config.plan.imagers, self.config.safety.pair_timeout_s, MAX_PAIR_ID_JUMP)
+            pairer = FramePairer(self.config.plan.imagers, self.config.safety.pair_timeout_s,
+                                 self.config.safety.max_pair_id_jump)
             reply_seq = 0
             tokens, token_mono = float(COMMAND_BURST), time.monotonic()
             while not self._stop.is_set():

@@ -118,9 +118,6 @@ MAX_SETTABLE_TOLERANCE_MM = 5.0
 MAX_SETTABLE_TOLERANCE_DEG = 5.0
 #: A repeated identical HOLD from the timer is re-sent at this period (PUB may drop messages), s.
 HOLD_REPEAT_S = 1.0
-#: Longest wait in ``awaiting_couch`` for ``couch_moved`` after the correction was first sent, s; then
-#: HOLD ``couch_timeout`` and back to ``measuring`` (the next pair measures wherever the couch is).
-COUCH_TIMEOUT_S = 30.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -523,10 +520,10 @@ class Engine:
                             now_unix_s - last[2] >= HOLD_REPEAT_S:
                         self._send_gating(decision, now_unix_s)
             elif self.phase is SetupPhase.AWAITING_COUCH and self.pending is not None and \
-                    now_unix_s - self.pending.get("first_sent_unix_s", now_unix_s) >= COUCH_TIMEOUT_S:
+                    now_unix_s - self.pending.get("first_sent_unix_s", now_unix_s) >= self.config.safety.couch_timeout_s:
                 # No couch_moved: never wait for ever. Measure again wherever the couch is now.
                 log.warning("pair %s: no couch_moved within %.0f s of the correction: HOLD couch_timeout",
-                            self.pending["pair_id"], COUCH_TIMEOUT_S)
+                            self.pending["pair_id"], self.config.safety.couch_timeout_s)
                 self.pending = None
                 self._set_phase(SetupPhase.MEASURING, now_unix_s, now_mono_s)
                 self._fault(HoldReason.COUCH_TIMEOUT, now_unix_s, None)

@@ -10,7 +10,7 @@ from tracking.errors import TrackingError
 from tracking.gating import HoldReason
 from tracking.processing import PairResult, PatternProcessor
 from tracking.record import SessionRecord
-from tracking.states import COUCH_TIMEOUT_S, HOLD_REPEAT_S, Engine, ServiceState, SetupPhase
+from tracking.states import HOLD_REPEAT_S, Engine, ServiceState, SetupPhase
 
 T0 = 1_764_070_000.0
 
@@ -99,13 +99,16 @@ def test_awaiting_couch_times_out_and_setup_can_be_redone():
     c.pair(0, Pose.from_six([3.0, 0.0, 0.0], [0, 0, 0]))
     assert c.engine.phase is SetupPhase.AWAITING_COUCH
     sent_at = c.now
+    timeout_s = c.engine.config.safety.couch_timeout_s  # [safety] couch_timeout_s, default 30 s
     repeats = c.engine.tick(sent_at + HOLD_REPEAT_S, 0.0)
     assert [o["purpose"] for o in repeats] == ["setup"]  # repeated while waiting
-    out = c.engine.tick(sent_at + COUCH_TIMEOUT_S, 0.0)
+    c.engine.tick(sent_at + timeout_s - 0.01, 0.0)
+    assert c.engine.phase is SetupPhase.AWAITING_COUCH  # still waiting just before the timeout
+    out = c.engine.tick(sent_at + timeout_s, 0.0)
     assert beams(out) == [("HOLD", "couch_timeout")]
     assert c.engine.phase is SetupPhase.MEASURING and c.engine.state is ServiceState.SETUP
     assert c.cmd("couch_moved")["ok"] is False  # nothing is awaited any more
-    c.now = sent_at + COUCH_TIMEOUT_S
+    c.now = sent_at + timeout_s
     out = c.pair(1, Pose.from_six([3.0, 0.0, 0.0], [0, 0, 0]))  # measured again: a new correction
     assert [o["pair_id"] for o in out if o["schema"].startswith("correction/")] == [1]
     assert c.engine.phase is SetupPhase.AWAITING_COUCH
