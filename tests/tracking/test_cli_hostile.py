@@ -382,6 +382,11 @@ def test_negative_six_and_single_numbers_parse_without_equals():
         ["register", "--method", "anatomy", "--ct", "c.mha", "--iso", "-3.27,10,5", "--geometry", "g.json",
          "--image", "A=a.mha", "--roi-box", "-1,2,3"], parser))  # an abbreviation that only a value option has
     assert args.isocenter == "-3.27,10,5" and args.roi_box == "-1,2,3"
+    # the service's subcommands too (their options are registered on the same parser)
+    args = parser.parse_args(rejoin_negative_values(
+        ["imager-sim", "--frames", "tcp://127.0.0.1:5555", "--setup-error", "-2,0,1,0,0,-1", "--drift", "-1,0,0"],
+        parser))
+    assert args.setup_error == "-2,0,1,0,0,-1" and args.drift == "-1,0,0"
 
 
 def test_a_flag_is_never_joined_to_what_follows():
