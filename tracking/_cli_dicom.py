@@ -158,7 +158,7 @@ def cmd_dicom_listen(args: argparse.Namespace, out=None) -> int:
 
 def add_commands(subparsers) -> None:
     """Add ``import``, ``dicom-listen``, ``dicom-export`` and ``dicom-send`` to the ``spineguide`` subparsers."""
-    from .cli import finite_float, non_negative_int, port_number, positive_float
+    from .cli import finite_float, i0_level, non_negative_int, port_number, positive_float
 
     p = subparsers.add_parser("import", help="read a folder of DICOM planning data (CT, RTSTRUCT, RTPLAN) and check it")
     p.add_argument("dir", type=Path, help="folder (searched recursively)")
@@ -178,7 +178,7 @@ def add_commands(subparsers) -> None:
     p.add_argument("--plan", type=Path, required=True, help="DICOM plan folder (patient and study identity)")
     p.add_argument("--geometry", type=Path, required=True, help="kv-geometry/1 file of the imagers")
     p.add_argument("--image", action="append", required=True, help="NAME=FILE, one per imager")
-    p.add_argument("--i0", type=positive_float, default=None, help="unattenuated level of the frames (required)")
+    p.add_argument("--i0", type=i0_level, default=None, help="unattenuated level of the frames (required)")
     p.add_argument("--pair-id", type=non_negative_int, default=None, help="stereo pair number, recorded in the objects")
     p.add_argument("--acquired-unix-s", type=finite_float, default=None, help="acquisition time (default: now)")
     p.add_argument("--out", type=Path, required=True, help="output folder")

@@ -40,7 +40,7 @@ from .errors import TrackingError
 __all__ = ["main", "build_parser", "parse_triplet_mm", "parse_six", "CliError", "RegisterRefusal",
            "EXIT_OK", "EXIT_QA_FAILED", "EXIT_ERROR", "EXIT_NOT_TRUSTED", "EXIT_INTERNAL", "EXIT_INTERRUPTED",
            "MAX_SEED_DISTANCE_MM", "AIR_HU", "finite_float", "positive_float", "non_negative_int", "port_number",
-           "rejoin_negative_values"]
+           "i0_level", "rejoin_negative_values"]
 
 EXIT_OK = 0
 EXIT_QA_FAILED = 1
@@ -614,6 +614,20 @@ def positive_float(text: str) -> float:
     return value
 
 
+#: Range of an unattenuated detector level (``--i0``, detector units): a float32 frame normalised to 1 and a
+#: 16-bit panel both sit well inside; 1e-300 would underflow float32 to 0 and divide by zero.
+I0_RANGE = (1e-6, 1e12)
+
+
+def i0_level(text: str) -> float:
+    """argparse type: an unattenuated detector level within :data:`I0_RANGE`."""
+    value = finite_float(text)
+    if not I0_RANGE[0] <= value <= I0_RANGE[1]:
+        raise argparse.ArgumentTypeError(f"expected an unattenuated level between {I0_RANGE[0]:g} and "
+                                         f"{I0_RANGE[1]:g} (detector units), got {_shown(text)}")
+    return value
+
+
 def non_negative_int(text: str) -> int:
     """argparse type: an integer >= 0 (at most 19 digits)."""
     try:
@@ -669,7 +683,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="plan isocentre X,Y,Z in planning-CT LPS mm (required with --ct; overrides the RTPLAN's)")
     p.add_argument("--geometry", required=True, type=Path, help="kv-geometry/1 file")
     p.add_argument("--image", action="append", required=True, help="NAME=FILE, one per imager")
-    p.add_argument("--i0", type=positive_float, default=None,
+    p.add_argument("--i0", type=i0_level, default=None,
                    help="unattenuated signal (default: estimated per frame)")
     p.add_argument("--gain", action="append", default=None,
                    help="fiducial: NAME=FILE flat-field (gain) map of an imager (.npy or any image SimpleITK reads)")
@@ -703,7 +717,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image", action="append", required=True,
                    help="NAME=FILE or NAME=FILE@DX,DY,DZ (couch shift of that exposure, room mm); repeatable")
     p.add_argument("--nominal", type=Path, default=None, help="nominal geometry to start from (default: built-in room)")
-    p.add_argument("--i0", type=positive_float, default=None,
+    p.add_argument("--i0", type=i0_level, default=None,
                    help="unattenuated signal (default: estimated per frame)")
     p.add_argument("--free-phantom-rotation", action="store_true", help="fit the phantom's rotation too")
     p.add_argument("--out", required=True, type=Path, help="kv-geometry/1 file to write")
@@ -714,7 +728,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--geometry", type=Path, help="stored kv-geometry/1 calibration")
     p.add_argument("--phantom", help="bb-phantom/1 file, or 'default'")
     p.add_argument("--image", action="append", default=None, help="NAME=FILE (repeatable)")
-    p.add_argument("--i0", type=positive_float, default=None, help="unattenuated signal (default: estimated)")
+    p.add_argument("--i0", type=i0_level, default=None, help="unattenuated signal (default: estimated)")
     p.add_argument("--history", default="qa-history.jsonl", help="QA history file (JSON lines), appended")
     p.add_argument("--tolerance-mm", type=positive_float, default=1.0, help="centre-BB offset tolerance (TG-142 SRS: 1 mm)")
     p.add_argument("--action-mm", type=positive_float, default=0.5, help="centre-BB offset action level (default 0.5 mm)")
@@ -727,7 +741,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--poses", type=_positive_int, default=1, help="number of stereo pairs (random setup errors)")
     p.add_argument("--out", required=True, type=Path, help="output folder")
     p.add_argument("--seed", type=non_negative_int, default=0, help="random seed (default 0)")
-    p.add_argument("--i0", type=positive_float, default=20000.0, help="unattenuated detector signal (default 20000)")
+    p.add_argument("--i0", type=i0_level, default=20000.0, help="unattenuated detector signal (default 20000)")
     p.add_argument("--panel-pixels", type=_positive_int, default=1024, help="panel rows = cols (default 1024)")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     p.set_defaults(func=_cmd_simulate)

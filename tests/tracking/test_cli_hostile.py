@@ -221,6 +221,7 @@ def _case_argv(case, key):
         "iso_underscores": lambda c: _register(c, isocenter="1_000,0,0"),
         "i0_negative": lambda c: _register(c, i0="-5"),
         "i0_nan": lambda c: _register(c, i0="nan"),
+        "i0_tiny": lambda c: _register(c, i0="1e-300"),
         "max_correction_zero": lambda c: _register(c, max_correction_mm="0"),
         "max_correction_negative": lambda c: _register(c, max_correction_deg="-1"),
         "roi_box_with_two_rois": lambda c: _register(c, "anatomy", roi="x.mha"),
@@ -277,7 +278,7 @@ def _case_argv(case, key):
 
 FILE_CASES = [
     "iso_empty", "iso_two_values", "iso_letters", "iso_nan", "iso_inf", "iso_overflow", "iso_5000_digits",
-    "iso_underscores", "i0_negative", "i0_nan", "max_correction_zero", "max_correction_negative",
+    "iso_underscores", "i0_negative", "i0_nan", "i0_tiny", "max_correction_zero", "max_correction_negative",
     "roi_box_with_two_rois", "drr_pose_three_values", "drr_pose_nan", "drr_unknown_imager", "image_without_name",
     "image_twice", "image_unknown_imager", "image_missing_B", "plan_and_ct",
     *[f"geometry_{n}" for n in ("empty.json", "binary.json", "not_json.json", "deep.json", "huge_int.json",
