@@ -105,7 +105,12 @@ class FaintSearchConfig:
         Fitted SNR each seed of a two-seed solution needs in both views (two
         seeds agree on a single distance, weak evidence among many candidates).
     candidates_per_view : int
-        Strongest candidates kept per view.
+        Strongest matched-filter candidates per view, each fitted at full resolution.
+    kept_per_view : int
+        Fits kept per view for the joint choice, highest fitted contrast
+        first: gold's contrast is its signature (set by its diameter and
+        gold's attenuation), where ridges and starved noise can be as
+        significant but are never as dense.
     search_margin_mm : float or None
         Whole-frame mode: only the projection of a sphere around the planned
         seeds, this much larger than their extent (mm), is searched; None:
@@ -120,7 +125,8 @@ class FaintSearchConfig:
     refine_min_snr: float = 5.0
     predicted_min_snr: float = 5.0
     two_seed_min_snr: float = 10.0
-    candidates_per_view: int = 24
+    candidates_per_view: int = 64
+    kept_per_view: int = 16
     search_margin_mm: float | None = 40.0
     predicted_radius_mm: float = 4.0
 
@@ -133,9 +139,10 @@ class FaintSearchConfig:
         m = self.search_margin_mm
         if m is not None and (isinstance(m, bool) or not isinstance(m, (int, float)) or not math.isfinite(m) or m <= 0):
             raise FiducialConfigError(f"faint search config: search_margin_mm must be positive or None, got {m!r}")
-        k = self.candidates_per_view
-        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-            raise FiducialConfigError(f"faint search config: candidates_per_view must be a positive integer, got {k!r}")
+        for name in ("candidates_per_view", "kept_per_view"):
+            k = getattr(self, name)
+            if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+                raise FiducialConfigError(f"faint search config: {name} must be a positive integer, got {k!r}")
         if not isinstance(self.enabled, bool):
             raise FiducialConfigError(f"faint search config: enabled must be a bool, got {self.enabled!r}")
 
@@ -752,13 +759,18 @@ def localise_fiducials(
         error = err
     faint = False
     refused = isinstance(error, PointRegistrationError)  # a constellation was seen and refused (migration)
-    if config.faint.enabled and not refused and (found is None or not found[0].corr.found.all() or found[1]):
+    # Seeds left out because their shadows merge in one view are explained already (SEEDS_OVERLAP).
+    if config.faint.enabled and not refused and (found is None or (not found[0].corr.found.all() and not found[1])):
         # Seeds the stand-alone detector could not see: the plan-guided search.
         try:
             second = _faint_solution(frames, geometry, (a, b), i0s, masks, planned, seed_names, prior_pose, config,
                                      same_panel)
         except SeedMigrationError:
-            raise  # more of the constellation was seen, and refused: never answer with a part of it
+            # More of the constellation was seen, and refused: never answer with a part of it, unless
+            # the clean-frame detector's own constellation (two seeds or more) stands without the faint search.
+            if found is None or found[0].corr.n_found < 2:
+                raise
+            second = None
         except (FiducialNotFoundError, ImagerLabelError, PointRegistrationError) as err:
             second = None
             error = error or err
@@ -874,6 +886,7 @@ def _candidates(signals, geometry, name, i0, masks, regions, config: FiducialCon
     return tuple(out)
 
 
+_PREDICTED_CONTRAST_FRACTION = 0.5  # seeds of one patient share their contrast (diameter 0.8-1.2 mm)
 _FAINT_ASSOCIATION_MM = 3.0  # a 2 mm migration and the coarse centres' error, no more: false candidates abound
 
 
@@ -910,11 +923,16 @@ def _faint_solution(frames, geometry, names, i0s, masks, planned, seed_names, pr
         regions = [None] if where is None else _search_regions(geometry, n, where, radius)
         coarse = _candidates(signals, geometry, n, levels[n], masks, regions, config, fc.min_snr,
                              fc.candidates_per_view)
-        dets[n] = _refined(signals[n], geometry[n], levels[n], coarse, masks.get(n), config)
+        fits = _refined(signals[n], geometry[n], levels[n], coarse, masks.get(n), config)
+        dets[n] = tuple(sorted(fits, key=lambda d: -d.contrast)[: fc.kept_per_view])
     within = None if where is None else (where, radius)
     narrow = replace(config, association_tolerance_mm=min(config.association_tolerance_mm, _FAINT_ASSOCIATION_MM))
     sol = _faint_labelling(geometry, names, dets, planned, seed_names, prior_pose, narrow, same_panel, within)
     if not sol.corr.found.all():
+        # Gold's contrast, set by the seeds just found: a blob near a predicted position with much less is not one.
+        used = [dets[n][int(sol.corr.detection_index[k, v])].contrast for k in np.flatnonzero(sol.corr.found)
+                for v, n in enumerate(names)]
+        floor = _PREDICTED_CONTRAST_FRACTION * float(np.median(used))
         extra = {n: list(dets[n]) for n in names}
         for k in np.flatnonzero(~sol.corr.found):
             target = sol.reg.pose.apply(planned[k:k + 1])
@@ -923,7 +941,8 @@ def _faint_solution(frames, geometry, names, i0s, masks, planned, seed_names, pr
                 near = _candidates(signals, geometry, n, levels[n], masks,
                                    _search_regions(geometry, n, target, fc.predicted_radius_mm), config,
                                    fc.predicted_min_snr, 1)
-                extra[n].extend(_refined(signals[n], geometry[n], levels[n], near, masks.get(n), config))
+                extra[n].extend(d for d in _refined(signals[n], geometry[n], levels[n], near, masks.get(n), config)
+                                if d.contrast >= floor)
         dets = {n: tuple(_dedupe_detections(extra[n])) for n in names}
         px = {n: _centres(dets[n]) for n in names}
         cands = _pair_candidates_labellings(geometry, names, [(px[a], px[b])], narrow, within)

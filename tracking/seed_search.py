@@ -247,6 +247,8 @@ def _fill_defects(img: np.ndarray, defects: np.ndarray) -> np.ndarray:
 
 
 _SQRT_PI = math.sqrt(math.pi)
+_MAX_HALF_LENGTH = 2.0  # fitted half-length bound, times the start value (0.8 x the longest seed's)
+_RIDGE_FRACTION = 0.95  # a fit this close to the bound is longer than any seed
 _LM_ITERATIONS = 30
 
 
@@ -272,7 +274,7 @@ def _fit_seed(x: np.ndarray, y: np.ndarray, data: np.ndarray, theta: float, half
     k = 1.0 / (math.sqrt(2.0) * blur_px)
     bg0 = float(np.median(data))
     p = np.array([0.0, 0.0, theta, half_len, max(float(np.percentile(data, 99)) - bg0, 0.05), bg0, 0.0, 0.0])
-    lo_half, hi_half = 0.3 * half_len, 2.0 * half_len
+    lo_half, hi_half = 0.3 * half_len, _MAX_HALF_LENGTH * half_len
 
     def evaluate(p):
         dc, dr, th, hl, amp = p[:5]
@@ -393,7 +395,9 @@ def refine_seeds(signal: np.ndarray, imager: ImagerGeometry, i0: float, centres_
                 p[1] += r
                 snr = float(p[4] / se[4]) if se[4] > 0 else 0.0
                 inside = 0 <= p[0] <= cols - 1 and 0 <= p[1] <= rows - 1
-                if snr >= min_snr and inside and math.hypot(p[0] - c, p[1] - r) <= reach:
+                # A fit that wants to be longer than the longest seed is a ridge (rib border, cortical rim).
+                ridge = p[3] >= _RIDGE_FRACTION * _MAX_HALF_LENGTH * 0.8 * half_len
+                if snr >= min_snr and inside and not ridge and math.hypot(p[0] - c, p[1] - r) <= reach:
                     theta = float(p[2])
                     det = Detection(
                         imager.name, (float(p[0]), float(p[1])), float(p[4]), snr, 2.0 * float(p[3]),
