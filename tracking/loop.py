@@ -494,15 +494,7 @@ class Service:
 
     def _handle_monitor(self, monitor: zmq.Socket) -> None:
         """A frames peer disconnected (closed, killed, or over MAXMSGSIZE): HOLD and record it."""
-        from zmq.utils.monitor import recv_monitor_message
-
-        while monitor.poll(0):
-            try:
-                event = recv_monitor_message(monitor, zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            endpoint = event.get("endpoint", b"")
-            endpoint = endpoint.decode("ascii", "replace") if isinstance(endpoint, bytes) else str(endpoint)
+        for endpoint in _disconnected_endpoints(monitor):
             self.engine.frame_fault(
                 HoldReason.PEER_DISCONNECTED,
                 f"a frames peer on {endpoint} disconnected (closed or killed, or it sent a message part over the "
@@ -513,15 +505,7 @@ class Service:
     def _handle_command_monitor(self, monitor: zmq.Socket) -> None:
         """A command client disconnected: recorded (no HOLD: consoles come and go), so that a request over the
         ``MAXMSGSIZE`` hard cap, which ZeroMQ drops with the connection, never vanishes without a trace."""
-        from zmq.utils.monitor import recv_monitor_message
-
-        while monitor.poll(0):
-            try:
-                event = recv_monitor_message(monitor, zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            endpoint = event.get("endpoint", b"")
-            endpoint = endpoint.decode("ascii", "replace") if isinstance(endpoint, bytes) else str(endpoint)
+        for endpoint in _disconnected_endpoints(monitor):
             cap = self.limits.max_header_bytes + MAXMSGSIZE_SLACK_BYTES
             self.record.write("command_peer_disconnected", endpoint=endpoint,
                               detail=f"a command client disconnected (closed, or it sent a request over the "
@@ -747,6 +731,19 @@ class Service:
         self.stats.sent += 1
         self.record.write("sent", seq=seq, **meta, body=body)
         return seq + 1
+
+
+def _disconnected_endpoints(monitor: zmq.Socket):
+    """The endpoints of the events waiting on a socket monitor (each a disconnection), without blocking."""
+    from zmq.utils.monitor import recv_monitor_message
+
+    while monitor.poll(0):
+        try:
+            event = recv_monitor_message(monitor, zmq.NOBLOCK)
+        except zmq.Again:
+            return
+        endpoint = event.get("endpoint", b"")
+        yield endpoint.decode("ascii", "replace") if isinstance(endpoint, bytes) else str(endpoint)
 
 
 def _pair_id_from_header(parts: list[bytes], limits: WireLimits) -> int | None:
