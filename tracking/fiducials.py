@@ -107,10 +107,9 @@ class FaintSearchConfig:
     candidates_per_view : int
         Strongest matched-filter candidates per view, each fitted at full resolution.
     kept_per_view : int
-        Fits kept per view for the joint choice, highest fitted contrast
-        first: gold's contrast is its signature (set by its diameter and
-        gold's attenuation), where ridges and starved noise can be as
-        significant but are never as dense.
+        Fits kept per view for the joint choice, most significant first.
+        (Keeping 16 of 64 by fitted contrast instead found no more seeds and
+        let more false ones through: docs/BENCHMARKS.md.)
     search_margin_mm : float or None
         Whole-frame mode: only the projection of a sphere around the planned
         seeds, this much larger than their extent (mm), is searched; None:
@@ -125,8 +124,8 @@ class FaintSearchConfig:
     refine_min_snr: float = 5.0
     predicted_min_snr: float = 5.0
     two_seed_min_snr: float = 10.0
-    candidates_per_view: int = 64
-    kept_per_view: int = 16
+    candidates_per_view: int = 24
+    kept_per_view: int = 24
     search_margin_mm: float | None = 40.0
     predicted_radius_mm: float = 4.0
 
@@ -924,7 +923,7 @@ def _faint_solution(frames, geometry, names, i0s, masks, planned, seed_names, pr
         coarse = _candidates(signals, geometry, n, levels[n], masks, regions, config, fc.min_snr,
                              fc.candidates_per_view)
         fits = _refined(signals[n], geometry[n], levels[n], coarse, masks.get(n), config)
-        dets[n] = tuple(sorted(fits, key=lambda d: -d.contrast)[: fc.kept_per_view])
+        dets[n] = tuple(sorted(fits, key=lambda d: -d.snr)[: fc.kept_per_view])
     within = None if where is None else (where, radius)
     narrow = replace(config, association_tolerance_mm=min(config.association_tolerance_mm, _FAINT_ASSOCIATION_MM))
     sol = _faint_labelling(geometry, names, dets, planned, seed_names, prior_pose, narrow, same_panel, within)
