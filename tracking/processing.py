@@ -373,7 +373,13 @@ def _build_fiducial(plan: PlanConfig) -> PairProcessor:
     treatment = load_treatment_plan(plan)
     if treatment.fiducials is None:
         raise TrackingError(f"[plan] fiducial method: the plan {treatment.ct.source} has no planned fiducials")
-    return FiducialProcessor(geometry, treatment.fiducials_room_mm(), list(treatment.fiducials.names))
+    from .fiducials import FaintSearchConfig, FiducialConfig
+
+    # The live service keeps the clean-frame detector only: the plan-guided faint-seed search costs
+    # 0.3-2 s per pair (docs/FIDUCIALS.md section 7), far beyond a frame period, so in the real-time
+    # loop a seed it cannot see is reported missing (HOLD) instead. `register` (setup) runs the search.
+    config = FiducialConfig(faint=FaintSearchConfig(enabled=False))
+    return FiducialProcessor(geometry, treatment.fiducials_room_mm(), list(treatment.fiducials.names), config=config)
 
 
 def _build_anatomy(plan: PlanConfig) -> PairProcessor:
