@@ -53,8 +53,6 @@ def build_console_config(args: argparse.Namespace, room=None):
         overrides.setdefault("command_address", room.endpoints["command"])
         if room.console_keys is not None:  # the simulated room runs CURVE: connect with its console key
             overrides.setdefault("client_keys", room.console_keys)
-        if room.console_keys is not None:  # the simulated room runs CURVE: connect with its console key
-            overrides.setdefault("client_keys", room.console_keys)
     elif args.service_config is not None:
         service = load_config(args.service_config)
     else:
