@@ -402,7 +402,15 @@ def _register_fiducial(args, geometry, plan, pixels) -> tuple[dict, list[_Refusa
     geometry_doc = read_json_document(args.geometry, GeometryFileError, "geometry file")
     known = flat_fields_from_geometry_json(geometry_doc, Path(args.geometry).parent)
     flat = flat_fields_from_args(args.gain, args.offset, known)
-    result = localise_fiducials(pixels, geometry, planned_room, planned.names, i0=args.i0, flat_fields=flat or None)
+    try:
+        result = localise_fiducials(pixels, geometry, planned_room, planned.names, i0=args.i0,
+                                    flat_fields=flat or None)
+    except (RegistrationError, TrackingError) as err:
+        if not refusals:
+            raise
+        # Nothing computed, and the plan itself is doubtful: that is the reason to give, not the symptom.
+        raise CliError("; ".join(f"{r.reason.value}: {r.detail}" for r in refusals)
+                       + f" (localisation then failed: {err})") from err
     t, r = result.correction.six()
     pt, pr = result.pose.six()
     return {
