@@ -39,7 +39,7 @@ from tracking.console.review import (
     write_review_html,
 )
 from tracking.console.rig import SimulatedRoom
-from tracking.console.server import MAX_FAILED_LOGINS_PER_MIN, ConsoleServer
+from tracking.console.server import MAX_FAILED_LOGINS_PER_MIN, ConsoleServer, _pair_frame_files
 from tracking.errors import FrameError
 from tracking.record import RecordError, SessionRecord, read_record
 
@@ -616,3 +616,18 @@ def test_console_simulate_connects_with_the_rooms_console_key(tmp_path):
     assert config.client_keys == Room.console_keys and config.command_address == "tcp://127.0.0.1:6002"
     Room.console_keys = None  # an insecure room: no keys to connect with
     assert _cli_console.build_console_config(args, Room()).client_keys is None
+
+
+def test_frames_of_a_pair_come_from_its_newest_epoch_only(tmp_path):
+    # After an imager restart the record names the same pair id again with an epoch prefix
+    # (SessionRecord.save_frame); the console shows the newest epoch's frames, never a mix of two.
+    for name in ("00000005_A.npy", "00000005_B.npy", "e2_00000005_A.npy", "e2_00000005_B.npy", "e3_00000005_A.npy",
+                 "100000005_A.npy", "00000005_A.1.npy", "e1_00000006_B.npy"):
+        (tmp_path / name).write_bytes(b"")
+    assert {k: v.name for k, v in _pair_frame_files(tmp_path, 5).items()} == {"A": "e3_00000005_A.npy"}
+    (tmp_path / "e3_00000005_B.npy").write_bytes(b"")
+    assert {k: v.name for k, v in _pair_frame_files(tmp_path, 5).items()} == \
+        {"A": "e3_00000005_A.npy", "B": "e3_00000005_B.npy"}
+    assert {k: v.name for k, v in _pair_frame_files(tmp_path, 100000005).items()} == {"A": "100000005_A.npy"}
+    assert _pair_frame_files(tmp_path, 7) == {} and _pair_frame_files(tmp_path / "missing", 5) == {}
+

@@ -37,6 +37,7 @@ import html
 import json
 import logging
 import math
+import re
 import secrets
 import tempfile
 import threading
@@ -240,7 +241,9 @@ class ConsoleServer:
             await self._frame_wake.wait()
             self._frame_wake.clear()
             pair_id = self._frame_wanted
-            if pair_id is None or pair_id <= done:
+            # Only "the same pair again" is skipped: after an imager restart or a pair-id jump (a new epoch)
+            # the numbering may go back, and those pairs are shown too.
+            if pair_id is None or pair_id == done:
                 continue
             done = pair_id
             correction = self._corrections.get(pair_id)
@@ -262,10 +265,11 @@ class ConsoleServer:
         names = planned.geometry.names if planned is not None else None
         out = []
         for attempt in range(FRAME_TRIES):
-            files = ([folder / f"{pair_id:08d}_{n}.npy" for n in names] if names is not None
-                     else sorted(folder.glob(f"{pair_id:08d}_*.npy")))
+            files = _pair_frame_files(folder, pair_id)
+            if names is not None:
+                files = {n: f for n, f in files.items() if n in names}
             try:
-                arrays = {f.stem.split("_", 1)[1]: np.load(f, allow_pickle=False) for f in files}
+                arrays = {n: np.load(f, allow_pickle=False) for n, f in files.items()}
             except (OSError, ValueError, EOFError):
                 arrays = None
             if arrays and len(arrays) >= (len(names) if names else STEREO_IMAGERS):
@@ -651,3 +655,24 @@ def _pose_of(correction: dict | None):
         return Correction.from_six(correction["translation_mm"], correction["rotation_deg"]).to_pose()
     except (KeyError, TypeError, ValueError):
         return None
+
+
+def _pair_frame_files(folder: Path, pair_id: int) -> dict[str, Path]:
+    """Imager name -> raw frame file of ``pair_id`` in a record's frames folder, from the newest epoch only.
+
+    The record names frames ``<pair_id:08d>_<imager>.npy`` in the first epoch and
+    ``e<epoch>_<pair_id:08d>_<imager>.npy`` after an imager restart or a pair-id jump
+    (:meth:`tracking.record.SessionRecord.save_frame`), so the same pair id can be there more than once;
+    frames of two epochs are never shown as one pair.
+    """
+    pattern = re.compile(rf"(?:e(\d+)_)?{int(pair_id):08d}_([^.]+)\.npy")
+    by_epoch: dict[int, dict[str, Path]] = {}
+    try:
+        entries = list(folder.iterdir())
+    except OSError:
+        return {}
+    for f in entries:
+        m = pattern.fullmatch(f.name)
+        if m is not None:
+            by_epoch.setdefault(int(m.group(1) or 0), {})[m.group(2)] = f
+    return by_epoch[max(by_epoch)] if by_epoch else {}
