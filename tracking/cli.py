@@ -203,6 +203,38 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_simulate_ct(args: argparse.Namespace) -> int:
+    """Stereo validation cases with exact truth from any CT + vertebra label map (tracking.room.realct)."""
+    import json
+
+    from calibration.io import read_geometry
+
+    from .room.kv import DetectorModel
+    from .room.realct import build_set, read_labelled_ct
+    from .room.rooms import Room, room_geometry
+
+    t0 = time.monotonic()
+    labelled = read_labelled_ct(args.ct, args.labels, args.scheme, args.patient_position)
+    geometries = {}
+    for name in (n.strip() for n in args.rooms.split(",")):
+        if name in {r.value for r in Room}:
+            geometries[name] = room_geometry(name)
+        else:  # a kv-geometry/1 file
+            geometries[Path(name).stem] = read_geometry(name)
+    progress = None if args.quiet else (
+        lambda case, seconds: _progress(f"case {case.index}: {case.level} {case.room} {case.projector.value} "
+                                        f"({seconds:.1f} s)"))
+    built = build_set(args.out, labelled, geometries, [v.strip() for v in args.levels.split(",")],
+                      [v.strip() for v in args.projectors.split(",")], args.cases, args.seed,
+                      DetectorModel(i0=args.i0), args.beyond_ends_mm, 1, progress)
+    manifest = {"schema": "realct-set/1", "source": {"ct": str(args.ct), "labels": str(args.labels)},
+                "label_scheme_on_disk": args.scheme, **built, "command": " ".join(sys.argv),
+                "elapsed_s": round(time.monotonic() - t0, 1)}
+    (Path(args.out) / "set.json").write_text(json.dumps(manifest, indent=1) + "\n")
+    print(f"wrote {built['cases']} case(s) to {args.out} in {manifest['elapsed_s']} s")
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -622,6 +654,14 @@ def positive_float(text: str) -> float:
     return value
 
 
+def non_negative_float(text: str) -> float:
+    """argparse type: a finite float >= 0."""
+    value = finite_float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {_shown(text)}")
+    return value
+
+
 #: Range of an unattenuated detector level (``--i0``, detector units): a float32 frame normalised to 1 and a
 #: 16-bit panel both sit well inside; 1e-300 would underflow float32 to 0 and divide by zero.
 I0_RANGE = (1e-6, 1e12)
@@ -753,6 +793,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--panel-pixels", type=_positive_int, default=1024, help="panel rows = cols (default 1024)")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     p.set_defaults(func=_cmd_simulate)
+
+    p = sub.add_parser("simulate-ct", help="stereo validation cases with exact truth from your CT + vertebra labels")
+    p.add_argument("--ct", required=True, type=Path, help="CT in HU: NIfTI, MHA, NRRD or a DICOM folder")
+    p.add_argument("--labels", required=True, type=Path, help="vertebra label map on the CT's grid")
+    p.add_argument("--scheme", choices=["verse", "totalsegmentator"], default="verse", help="label numbering")
+    p.add_argument("--patient-position", default="HFS", help="HFS/FFS/HFP/FFP (default HFS)")
+    p.add_argument("--levels", required=True, help="target vertebrae, comma-separated (e.g. T12,L1,L2)")
+    p.add_argument("--rooms", default="default,floor", help="built-in rooms (default, floor) or kv-geometry/1 files")
+    p.add_argument("--projectors", default="own,plastimatch", help="own and/or plastimatch")
+    p.add_argument("--cases", type=_positive_int, default=24, help="number of cases (level x room x projector)")
+    p.add_argument("--seed", type=non_negative_int, default=12, help="random seed of the start errors")
+    p.add_argument("--i0", type=i0_level, default=20000.0, help="unattenuated detector signal (default 20000)")
+    p.add_argument("--beyond-ends-mm", type=non_negative_float, default=150.0,
+                   help="tissue past the CT's ends in the frames, mm (0: the CT alone)")
+    p.add_argument("--out", required=True, type=Path, help="output folder")
+    p.add_argument("--quiet", action="store_true", help="no progress lines")
+    p.set_defaults(func=_cmd_simulate_ct)
     from . import _cli_console, _cli_dicom, _cli_service
 
     _cli_dicom.add_commands(sub)

@@ -414,3 +414,22 @@ def test_built_set_holds_the_canonical_ct_labels_and_one_folder_per_case(tmp_pat
     assert levels == ["T12", "L1", "T12"]
     with pytest.raises(SimulationError, match="level L4 is not in the label map"):
         build_set(tmp_path / "bad", lct, {"room": _small_room()}, ["L4"], ["own"], 1, seed=1)
+
+
+def test_cli_simulate_ct_builds_a_set_from_any_ct_and_labels(tmp_path, nifti_pair, capsys):
+    from calibration.io import write_geometry
+    from tracking.cli import main
+
+    ct_path, lab_path = nifti_pair
+    room = write_geometry(_small_room(), tmp_path / "room.json")
+    base = ["simulate-ct", "--ct", str(ct_path), "--labels", str(lab_path), "--scheme", "totalsegmentator",
+            "--rooms", str(room), "--projectors", "own", "--cases", "2", "--i0", "3000", "--quiet"]
+    assert main(base + ["--levels", "T12,L1", "--out", str(tmp_path / "set")]) == 0
+    manifest = json.loads((tmp_path / "set" / "set.json").read_text())
+    assert manifest["schema"] == "realct-set/1" and manifest["cases"] == 2 and manifest["levels"] == ["T12", "L1"]
+    truths = [json.loads((tmp_path / "set" / "cases" / f"{n:04d}" / "truth.json").read_text()) for n in range(2)]
+    assert [t["level"] for t in truths] == ["T12", "L1"]
+    capsys.readouterr()
+    assert main(base + ["--levels", "L4", "--out", str(tmp_path / "bad")]) == 2
+    err = capsys.readouterr().err
+    assert "level L4 is not in the label map" in err and err.count("\n") == 1
