@@ -824,7 +824,14 @@ def replay_session(path: str | Path, processor_factory: Callable[[PlanConfig], P
     records = read_record(p)
     if not records or records[0]["event"] != "session":
         raise RecordError(f"{p}: not a session record (first event is not 'session')")
-    config = config_from_dict(records[0]["config"], f"{p} (session header)")
+    recorded = records[0]["config"]
+    if isinstance(recorded, dict) and isinstance(recorded.get("security", {}), dict):
+        security = recorded.get("security", {})
+        if security.get("enabled") is None and security.get("server_secret_key") is None:
+            # Recorded before CURVE became the default (a session without keys ran plain TCP). Replay opens
+            # no socket, so this only restores what that session was; it never turns security off anywhere.
+            recorded = {**recorded, "security": {**security, "enabled": False}}
+    config = config_from_dict(recorded, f"{p} (session header)")
     factory = processor_factory or (lambda plan: build_processor(plan, seed))
     mem = SessionRecord(None)
     engine = Engine(config, factory, mem, lambda body: None, session=records[0].get("session"))

@@ -18,6 +18,7 @@ from tracking.config import (
     ServiceConfig,
     SetupConfig,
 )
+from tracking.errors import ConfigError
 from tracking.loop import Service, replay_session
 from tracking.record import RecordError, SessionRecord, frames_folder, read_record
 from tracking.sims import LocalPeers
@@ -169,6 +170,18 @@ def test_replay_reports_a_changed_decision(tmp_path):
     path.write_text("\n".join(lines) + "\n")
     report = replay_session(path)
     assert any("line" in d and "beam" in d for d in report.differences), report.differences
+
+
+def test_a_record_from_before_curve_was_the_default_still_replays(tmp_path):
+    # Session headers written before [security] needed an explicit choice have no "enabled" key: such a
+    # session ran plain TCP. Replay (which opens no socket) reads them as that; keys in the header stay keys.
+    path = tmp_path / "old.jsonl"
+    path.write_text('{"event": "session", "t_unix_s": 1.0, "t_mono_s": 1.0, "config": {"safety": {}}}\n')
+    assert replay_session(path).differences == []
+    path.write_text('{"event": "session", "t_unix_s": 1.0, "t_mono_s": 1.0, "config": '
+                    '{"security": {"server_secret_key": "/nonexistent/server.key_secret"}}}\n')
+    with pytest.raises(ConfigError, match="security"):
+        replay_session(path)
 
 
 def test_replay_refuses_a_file_that_is_not_a_session(tmp_path):
