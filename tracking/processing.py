@@ -379,7 +379,23 @@ def _build_fiducial(plan: PlanConfig) -> PairProcessor:
     # 0.3-2 s per pair (docs/FIDUCIALS.md section 7), far beyond a frame period, so in the real-time
     # loop a seed it cannot see is reported missing (HOLD) instead. `register` (setup) runs the search.
     config = FiducialConfig(faint=FaintSearchConfig(enabled=False))
-    return FiducialProcessor(geometry, treatment.fiducials_room_mm(), list(treatment.fiducials.names), config=config)
+    return FiducialProcessor(geometry, treatment.fiducials_room_mm(), list(treatment.fiducials.names), config=config,
+                             flat_fields=plan_flat_fields(plan) or None)
+
+
+def plan_flat_fields(plan: PlanConfig) -> dict:
+    """Panel gain/offset maps named in the plan's geometry file (its optional ``flat_field`` extension).
+
+    Imager name -> :class:`tracking.flatfield.FlatField`; empty when the file names none. Map paths are
+    taken relative to the geometry file's folder (docs/FIDUCIALS.md section 7).
+    """
+    from calibration.errors import GeometryFileError
+    from calibration.jsonfile import read_json_document
+
+    from .flatfield import flat_fields_from_geometry_json
+
+    doc = read_json_document(plan.geometry, GeometryFileError, "geometry file")
+    return flat_fields_from_geometry_json(doc, plan.geometry.parent) if isinstance(doc, dict) else {}
 
 
 def _build_anatomy(plan: PlanConfig) -> PairProcessor:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+
+import numpy as np
 import pydicom
 import pytest
 from numpy.testing import assert_allclose
@@ -40,6 +43,23 @@ def test_dicom_plan_config_builds_the_same_fiducial_processor_as_files(plans):
     processor = build_processor(from_dicom)
     # The live loop runs the clean-frame detector only (the faint-seed search takes seconds per pair).
     assert processor.config.faint.enabled is False
+
+
+def test_the_live_processor_takes_the_geometry_files_flat_fields(plans, tmp_path):
+    # The kv-geometry/1 extension {"flat_field": {imager: {"gain", "offset"}}} reaches the service's processor.
+    folder, _, _ = plans
+    doc = json.loads((folder / "geometry.json").read_text())
+    rows, cols = doc["imagers"][0]["detector"]["rows"], doc["imagers"][0]["detector"]["cols"]
+    np.save(tmp_path / "gainA.npy", np.full((rows, cols), 0.9, np.float32))
+    np.save(tmp_path / "darkA.npy", np.full((rows, cols), 100.0, np.float32))
+    doc["flat_field"] = {"A": {"gain": "gainA.npy", "offset": "darkA.npy"}}
+    (tmp_path / "geometry.json").write_text(json.dumps(doc))
+    plan = PlanConfig(method="fiducial", geometry=tmp_path / "geometry.json", dicom=folder / "dicom")
+    processor = build_processor(plan)
+    assert set(processor.flat_fields) == {"A"}
+    assert_allclose(processor.flat_fields["A"].offset_counts, 100.0)
+    no_maps = build_processor(PlanConfig(method="fiducial", geometry=folder / "geometry.json", dicom=folder / "dicom"))
+    assert no_maps.flat_fields is None
 
 
 def test_plan_config_refuses_dicom_together_with_files(plans):
