@@ -448,19 +448,27 @@ def test_an_imager_restart_recovers_without_a_lock_out(running):
 
 
 def test_a_dropped_pair_gets_its_own_hold(running):
+    import threading
+
     good = running.svc.engine.processor
+    busy = threading.Event()
 
     class Slow:
         method = "fiducial"
 
         def process(self, frames, prior):
-            time.sleep(0.25)
+            busy.set()
+            time.sleep(0.5)
             return good.process(frames, prior)
 
     running.svc.engine.processor = Slow()
     try:
         ids = [running.next_id() for _ in range(3)]
-        for pid in ids:  # the second completes while the first is processed, the third replaces it
+        running.peers.send_pair(ids[0], SHIFT)
+        # Only once the worker is inside the first pair: the second then completes while it is busy and the
+        # third replaces it (sent all at once, a loaded machine may let the third replace the first as well).
+        assert busy.wait(3.0)
+        for pid in ids[1:]:
             running.peers.send_pair(pid, SHIFT)
         msg = running.peers.sub.wait_for(lambda m: m["_topic"] == "gating" and m["reason"] == "pair_dropped", 3.0)
         assert msg["beam"] == "HOLD" and msg["pair_id"] == ids[1]
