@@ -48,7 +48,7 @@ from registration.pose import Pose
 from registration.volume import room_from_lps_matrix
 
 from ..errors import SimulationError
-from .kv import FrameTruth, OutputDtype, StereoFrames, _Marker, _rng, _windows
+from .kv import FrameTruth, OutputDtype, StereoFrames, _Marker, _rng, _ro, _window_subrays
 from .phantoms import Phantom, Seed, SeedShape
 
 __all__ = [
@@ -104,12 +104,6 @@ def material_mu_per_mm(material: str, energy_kev) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------- spectrum
-def _ro(a, dtype=np.float64) -> np.ndarray:
-    a = np.array(a, dtype=dtype)
-    a.setflags(write=False)
-    return a
-
-
 @dataclass(frozen=True, slots=True)
 class Spectrum:
     """Detector-signal weights of an X-ray beam over energy bins.
@@ -378,13 +372,8 @@ class MaterialPaths:
 
 def _seed_windows(imager: ImagerGeometry, markers: Sequence[_Marker], n: int):
     """Per merged window ``(r0, r1, c0, c1, gold_chord_mm)``: sub-ray gold chords of shape (h, n, w, n)."""
-    sub = (np.arange(n) + 0.5) / n - 0.5
     out = []
-    for r0, r1, c0, c1, group in _windows(imager, markers):
-        cols = (np.arange(c0, c1)[:, None] + sub[None, :]).ravel()
-        rows = (np.arange(r0, r1)[:, None] + sub[None, :]).ravel()
-        cc, rr = np.meshgrid(cols, rows)
-        src, dirs = imager.backproject(np.stack([cc.ravel(), rr.ravel()], axis=1))
+    for r0, r1, c0, c1, group, src, dirs in _window_subrays(imager, markers, n):
         chord = np.zeros(len(dirs))
         for m in group:
             chord += m.chord(src, dirs)

@@ -278,16 +278,23 @@ def _windows(imager: ImagerGeometry, markers: Sequence[_Marker]) -> list[tuple[i
     return [tuple(b) for b in boxes]
 
 
-def seed_transmission(imager: ImagerGeometry, markers: Sequence[_Marker], supersampling: int) -> np.ndarray:
-    """Per-pixel transmission (0..1] of analytic markers, averaged over ``n x n`` sub-rays per pixel."""
-    out = np.ones((imager.rows, imager.cols), dtype=np.float64)
-    n = int(supersampling)
+def _window_subrays(imager: ImagerGeometry, markers: Sequence[_Marker], n: int):
+    """Per merged marker window (:func:`_windows`): ``(r0, r1, c0, c1, markers, source_mm, directions)`` of
+    ``n x n`` sub-rays per pixel (room frame), ordered so that a per-ray array reshapes to ``(h, n, w, n)``."""
     sub = (np.arange(n) + 0.5) / n - 0.5
     for r0, r1, c0, c1, group in _windows(imager, markers):
         cols = (np.arange(c0, c1)[:, None] + sub[None, :]).ravel()
         rows = (np.arange(r0, r1)[:, None] + sub[None, :]).ravel()
         cc, rr = np.meshgrid(cols, rows)
         src, dirs = imager.backproject(np.stack([cc.ravel(), rr.ravel()], axis=1))
+        yield r0, r1, c0, c1, group, src, dirs
+
+
+def seed_transmission(imager: ImagerGeometry, markers: Sequence[_Marker], supersampling: int) -> np.ndarray:
+    """Per-pixel transmission (0..1] of analytic markers, averaged over ``n x n`` sub-rays per pixel."""
+    out = np.ones((imager.rows, imager.cols), dtype=np.float64)
+    n = int(supersampling)
+    for r0, r1, c0, c1, group, src, dirs in _window_subrays(imager, markers, n):
         line = np.zeros(len(dirs))
         for m in group:
             line += m.mu_per_mm * m.chord(src, dirs)
