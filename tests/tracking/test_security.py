@@ -48,14 +48,18 @@ def keys(tmp_path):
     return create_keys(tmp_path / "keys")
 
 
-@pytest.fixture
-def secure_service(keys, tmp_path):
+def _curve_service(keys, approval: str) -> Service:
     config = ServiceConfig(
         endpoints=EndpointsConfig("tcp://127.0.0.1:0", "tcp://127.0.0.1:0", "tcp://127.0.0.1:0"),
-        setup=SetupConfig("automatic"),
+        setup=SetupConfig(approval),
         security=SecurityConfig(keys["server"], keys["allowed"]),
     )
-    svc = Service(config, record=SessionRecord(None)).start()
+    return Service(config, record=SessionRecord(None)).start()
+
+
+@pytest.fixture
+def secure_service(keys):
+    svc = _curve_service(keys, "automatic")
     yield svc
     svc.stop()
 
@@ -301,13 +305,8 @@ def test_a_frame_without_zap_carries_no_user_id():
 
 # ------------------------------------------------------------------ the service takes the operator from the key
 @pytest.fixture
-def manual_service(keys, tmp_path):
-    config = ServiceConfig(
-        endpoints=EndpointsConfig("tcp://127.0.0.1:0", "tcp://127.0.0.1:0", "tcp://127.0.0.1:0"),
-        setup=SetupConfig("manual"),
-        security=SecurityConfig(keys["server"], keys["allowed"]),
-    )
-    svc = Service(config, record=SessionRecord(None)).start()
+def manual_service(keys):
+    svc = _curve_service(keys, "manual")
     yield svc
     svc.stop()
 
