@@ -37,12 +37,12 @@ import cv2
 import numba
 import numpy as np
 
-from calibration.geometry import default_stereo_geometry
-from registration.anatomy import AnatomyConfig, AnatomyRegistration, RegionOfInterest
-from registration.pose import Pose
-from registration.similarity import line_integrals
-from tracking.room.kv import DetectorModel, KVSimulator
-from tracking.room.phantoms import cervical_phantom, thoracolumbar_phantom
+from spineguide.calibration.geometry import default_stereo_geometry
+from spineguide.registration.anatomy import AnatomyConfig, AnatomyRegistration, RegionOfInterest
+from spineguide.registration.pose import Pose
+from spineguide.registration.similarity import line_integrals
+from spineguide.tracking.room.kv import DetectorModel, KVSimulator
+from spineguide.tracking.room.phantoms import cervical_phantom, thoracolumbar_phantom
 
 I0 = 20000.0
 SUCCESS_MM = 1.0

@@ -1,6 +1,6 @@
 """Benchmark: stereo anatomy (DRR) registration on the real-CT validation set (issue 12), ITK peer side by side.
 
-Runs :class:`registration.anatomy.AnatomyRegistration` on a set built by
+Runs :class:`spineguide.registration.anatomy.AnatomyRegistration` on a set built by
 ``datasets/realct/build.py`` (a public patient CT with vertebra labels,
 rendered by our DRR and by plastimatch in two rooms): full registration from
 perfect setup on each case's set-up pair, then tracking mode on its second
@@ -41,11 +41,11 @@ import SimpleITK as sitk
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from calibration.io import read_geometry  # noqa: E402
-from registration.anatomy import AnatomyConfig, AnatomyRegistration, RegionOfInterest  # noqa: E402
-from registration.pose import Pose  # noqa: E402
-from registration.similarity import line_integrals  # noqa: E402
-from registration.volume import read_ct  # noqa: E402
+from spineguide.calibration.io import read_geometry  # noqa: E402
+from spineguide.registration.anatomy import AnatomyConfig, AnatomyRegistration, RegionOfInterest  # noqa: E402
+from spineguide.registration.pose import Pose  # noqa: E402
+from spineguide.registration.similarity import line_integrals  # noqa: E402
+from spineguide.registration.volume import read_ct  # noqa: E402
 
 SUCCESS_MM = 1.0
 

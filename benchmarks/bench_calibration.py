@@ -5,10 +5,10 @@ Run:  python benchmarks/bench_calibration.py [--cases 30] [--qa-trials 100]
 For each case a true geometry is drawn off the nominal default room (1024 px
 panels of 0.4 mm) by a 20 mm source shift, a 10 mm panel shift and a 2 degree
 panel rotation in random directions (the issue's largest perturbations), the
-room's renderer (``tracking.room.render_bb_frames``, i0 = 20000, Poisson
+room's renderer (``spineguide.tracking.room.render_bb_frames``, i0 = 20000, Poisson
 noise, 0.5 px detector blur, 8x8 sub-rays per pixel) makes frames of the
 default phantom at 7 couch positions (centre and +-50 mm along each axis), and
-``calibration.solve.calibrate`` solves from the raw frames with the nominal
+``spineguide.calibration.solve.calibrate`` solves from the raw frames with the nominal
 geometry as its only prior. Reported against the issue's targets:
 
 - reprojection error of 11^3 held-out points filling a 200 mm cube (RMS px);
@@ -34,11 +34,11 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-from calibration.geometry import ImagerGeometry, StereoGeometry, default_stereo_geometry  # noqa: E402
-from calibration.phantom import default_phantom  # noqa: E402
-from calibration.qa import QAStatus, run_qa  # noqa: E402
-from calibration.solve import CalibrationFrame, calibrate  # noqa: E402
-from tracking.room import DetectorModel, perturbed_geometry, render_bb_frames  # noqa: E402
+from spineguide.calibration.geometry import ImagerGeometry, StereoGeometry, default_stereo_geometry  # noqa: E402
+from spineguide.calibration.phantom import default_phantom  # noqa: E402
+from spineguide.calibration.qa import QAStatus, run_qa  # noqa: E402
+from spineguide.calibration.solve import CalibrationFrame, calibrate  # noqa: E402
+from spineguide.tracking.room import DetectorModel, perturbed_geometry, render_bb_frames  # noqa: E402
 
 I0 = 20000.0
 SHIFTS_MM = [(0.0, 0.0, 0.0)] + [tuple(s * e) for e in 50.0 * np.eye(3) for s in (1.0, -1.0)]

@@ -35,8 +35,8 @@ def _serve(argv: list[str]) -> None:
     """Child mode: run the console until killed (prints its URL)."""
     import asyncio
 
-    from tracking.console.config import ConsoleConfig
-    from tracking.console.server import ConsoleServer
+    from spineguide.tracking.console.config import ConsoleConfig
+    from spineguide.tracking.console.server import ConsoleServer
 
     publish, command, frames, records = argv
 
@@ -63,8 +63,8 @@ def main() -> None:
     args = ap.parse_args()
     from playwright.sync_api import sync_playwright
 
-    from registration.pose import Pose
-    from tracking.console.rig import SimulatedRoom
+    from spineguide.registration.pose import Pose
+    from spineguide.tracking.console.rig import SimulatedRoom
 
     # CURVE explicitly off: the console runs in a child process given the endpoints only.
     with SimulatedRoom(panel_pixels=args.panel, approval="automatic", secure=False,

@@ -6,7 +6,7 @@ Usage::
 
 Writes the virtual room's thoracolumbar phantom as synthetic DICOM (planning
 grid 0.9766 x 0.9766 mm in-plane, slice step chosen for the requested slice
-count over its 270 mm field), then times ``registration.plan.load_dicom_plan``
+count over its 270 mm field), then times ``spineguide.registration.plan.load_dicom_plan``
 (scan headers, read and check the CT series, read and rasterise every ROI,
 read the plan) and its parts. Seeded; a warm-up run first (file cache).
 """
@@ -25,11 +25,11 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from registration.dicom_ct import read_dicom_ct_files  # noqa: E402
-from registration.dicom_rt import ContourType, rasterise_contours, read_rtstruct, scan_dicom_folder  # noqa: E402
-from registration.plan import load_dicom_plan  # noqa: E402
-from tracking.room.dicom import write_dicom_plan  # noqa: E402
-from tracking.room.phantoms import thoracolumbar_phantom  # noqa: E402
+from spineguide.registration.dicom_ct import read_dicom_ct_files  # noqa: E402
+from spineguide.registration.dicom_rt import ContourType, rasterise_contours, read_rtstruct, scan_dicom_folder  # noqa: E402
+from spineguide.registration.plan import load_dicom_plan  # noqa: E402
+from spineguide.tracking.room.dicom import write_dicom_plan  # noqa: E402
+from spineguide.tracking.room.phantoms import thoracolumbar_phantom  # noqa: E402
 
 
 def _stats(times):

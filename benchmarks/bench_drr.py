@@ -183,8 +183,8 @@ OURS_PEAK_SCRIPT = textwrap.dedent(
     sys.path.insert(0, {repo!r})
     numba.set_num_threads({threads})
     import SimpleITK as sitk, numpy as np
-    from registration.drr import AttenuationVolume, compute_drr
-    from calibration.geometry import default_stereo_geometry
+    from spineguide.registration.drr import AttenuationVolume, compute_drr
+    from spineguide.calibration.geometry import default_stereo_geometry
     def now_kb():
         return int(open("/proc/self/statm").read().split()[1]) * resource.getpagesize() // 1024
     def peak_kb():
@@ -212,8 +212,8 @@ COMPILE_SCRIPT = textwrap.dedent(
     import sys, time, numba, numpy as np
     sys.path.insert(0, {repo!r})
     numba.set_num_threads({threads})
-    from registration.drr import AttenuationVolume, compute_drr
-    from calibration.geometry import default_stereo_geometry
+    from spineguide.registration.drr import AttenuationVolume, compute_drr
+    from spineguide.calibration.geometry import default_stereo_geometry
     vol = AttenuationVolume(np.ones((4, 4, 4), np.float32), np.eye(4))
     t0 = time.perf_counter()
     compute_drr(vol, default_stereo_geometry(8, 40.0)["A"])
@@ -232,9 +232,9 @@ def main() -> None:
     import numba
     import SimpleITK as sitk
 
-    from calibration.geometry import default_stereo_geometry
-    from registration.drr import AttenuationVolume, PanelRegion, compute_drr
-    from registration.volume import CTVolume, room_from_lps_matrix
+    from spineguide.calibration.geometry import default_stereo_geometry
+    from spineguide.registration.drr import AttenuationVolume, PanelRegion, compute_drr
+    from spineguide.registration.volume import CTVolume, room_from_lps_matrix
 
     if shutil.which("plastimatch") is None:
         sys.exit("plastimatch not found on PATH (Debian package 'plastimatch')")

@@ -7,7 +7,7 @@ default room (two 1024 x 1024 panels of 0.4 mm), i0 = 20000, setup errors
 uniform within +-10 mm and +-3 degrees per axis (``random_setup_pose``). Each
 case renders a stereo pair (``KVSimulator.render``: Poisson noise, 0.5 px
 detector blur) and localises the seeds from the raw frames with
-``tracking.fiducials.localise_fiducials``. Reported against the issue's
+``spineguide.tracking.fiducials.localise_fiducials``. Reported against the issue's
 targets:
 
 - 3D seed localisation error (triangulated vs true centre, room mm), RMS;
@@ -48,13 +48,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import cv2
 import numba
 
-from calibration.geometry import default_stereo_geometry
-from registration.drr import AttenuationVolume, PanelRegion, compute_drr
-from registration.pose import Pose
-from tracking.detection import detect_seeds_in_frames
-from tracking.errors import TrackingError
-from tracking.fiducials import localise_fiducials
-from tracking.room import (
+from spineguide.calibration.geometry import default_stereo_geometry
+from spineguide.registration.drr import AttenuationVolume, PanelRegion, compute_drr
+from spineguide.registration.pose import Pose
+from spineguide.tracking.detection import detect_seeds_in_frames
+from spineguide.tracking.errors import TrackingError
+from spineguide.tracking.fiducials import localise_fiducials
+from spineguide.tracking.room import (
     DetectorModel,
     KVSimulator,
     random_setup_pose,

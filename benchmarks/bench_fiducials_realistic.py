@@ -60,17 +60,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import SimpleITK as sitk
 
-from calibration.geometry import ImagerGeometry
-from registration.errors import SeedMigrationError
-from registration.pose import Pose
-from registration.volume import room_from_lps_matrix
-from tracking.errors import TrackingError
-from tracking.fiducials import localise_fiducials
-from tracking.flatfield import FlatField
-from tracking.room import random_setup_pose, thoracolumbar_phantom
-from tracking.room.chain import ChainConfig, MaterialPaths, RealisticSimulator
-from tracking.room.phantoms import Seed
-from tracking.room.rooms import room_geometry
+from spineguide.calibration.geometry import ImagerGeometry
+from spineguide.registration.errors import SeedMigrationError
+from spineguide.registration.pose import Pose
+from spineguide.registration.volume import room_from_lps_matrix
+from spineguide.tracking.errors import TrackingError
+from spineguide.tracking.fiducials import localise_fiducials
+from spineguide.tracking.flatfield import FlatField
+from spineguide.tracking.room import random_setup_pose, thoracolumbar_phantom
+from spineguide.tracking.room.chain import ChainConfig, MaterialPaths, RealisticSimulator
+from spineguide.tracking.room.phantoms import Seed
+from spineguide.tracking.room.rooms import room_geometry
 
 MATCH_RADIUS_PX = 3.0  # a used detection farther than this from its seed's true projection is a false seed
 MIGRATION_MM = 2.0

@@ -1,7 +1,7 @@
 """Benchmark: the real-time service on loopback (issue 5's numbers).
 
 1. Fiducial method, 1024x1024 pairs at 10 Hz: pair complete -> ``gating/1``
-   published (p50, p95, p99), real :class:`~tracking.processing.FiducialProcessor`
+   published (p50, p95, p99), real :class:`~spineguide.tracking.processing.FiducialProcessor`
    on frames of the thoracolumbar phantom rendered by the virtual room at
    known poses (pre-rendered: the renderer is slower than real time).
 2. The same at 30 pairs/s for a sustained run: pairs sent / judged / dropped
@@ -10,7 +10,7 @@
 3. Anatomy method (``AnatomyRegistration`` in tracking mode, 1024 panels):
    seconds per pair and the heartbeats' lateness while registrations run.
 4. A 10,000-pair simulated fraction with random motion, in-process without
-   sockets: the real :class:`~tracking.states.Engine` judges measurements
+   sockets: the real :class:`~spineguide.tracking.states.Engine` judges measurements
    drawn from the **measured error model** of step 1 (the fiducial
    pipeline's pose errors against the renderer's truth, resampled) on top of
    a random smooth motion with random sudden steps; every ENABLE is checked
@@ -33,18 +33,18 @@ import numba
 import numpy as np
 import zmq
 
-from calibration.geometry import default_stereo_geometry
-from registration.pose import Pose
-from tracking.config import EndpointsConfig, SafetyConfig, SecurityConfig, ServiceConfig, SetupConfig
-from tracking.gating import HoldReason
-from tracking.loop import Service
-from tracking.processing import AnatomyProcessor, FiducialProcessor, PairResult
-from tracking.record import SessionRecord
-from tracking.room.kv import KVSimulator
-from tracking.room.phantoms import thoracolumbar_phantom
-from tracking.sims import LocalPeers
-from tracking.states import Engine
-from tracking.wire import encode_kvframe
+from spineguide.calibration.geometry import default_stereo_geometry
+from spineguide.registration.pose import Pose
+from spineguide.tracking.config import EndpointsConfig, SafetyConfig, SecurityConfig, ServiceConfig, SetupConfig
+from spineguide.tracking.gating import HoldReason
+from spineguide.tracking.loop import Service
+from spineguide.tracking.processing import AnatomyProcessor, FiducialProcessor, PairResult
+from spineguide.tracking.record import SessionRecord
+from spineguide.tracking.room.kv import KVSimulator
+from spineguide.tracking.room.phantoms import thoracolumbar_phantom
+from spineguide.tracking.sims import LocalPeers
+from spineguide.tracking.states import Engine
+from spineguide.tracking.wire import encode_kvframe
 
 TOLERANCE_MM = 1.0
 MARGIN_MM = 0.2
@@ -129,7 +129,7 @@ def measured_errors(cases, processor) -> np.ndarray:
     """The fiducial pipeline's pose error (measured - true), translation mm and rotation deg, per case."""
     errs = []
     prior = None
-    from tracking.frames import KvFrame
+    from spineguide.tracking.frames import KvFrame
 
     for truth, st in cases:
         frames = {n: KvFrame(n, px, i0=st.truth.i0, pair_id=0) for n, px in st.frames.items()}
@@ -281,7 +281,7 @@ def main(argv=None) -> int:
         return 0
 
     # ---- anatomy
-    from registration.anatomy import AnatomyRegistration, RegionOfInterest
+    from spineguide.registration.anatomy import AnatomyRegistration, RegionOfInterest
 
     tp = time.monotonic()
     plain = thoracolumbar_phantom(with_seeds=False)  # as bench_anatomy: no seeds to steer the anatomy method
@@ -290,7 +290,7 @@ def main(argv=None) -> int:
     reg = AnatomyRegistration(plain.planning_ct, plain.isocentre_lps_mm, geometry, roi)
     anat = AnatomyProcessor(reg)
     warm = time.monotonic()
-    from tracking.frames import KvFrame
+    from spineguide.tracking.frames import KvFrame
 
     anat.process({n: KvFrame(n, px, i0=a_cases[0][1].truth.i0) for n, px in a_cases[0][1].frames.items()}, None)
     print(f"\n# anatomy: phantom, {len(a_cases)} rendered pairs and registration setup {warm - tp:.1f} s, "

@@ -313,9 +313,9 @@ def default_phantom() -> BBPhantom:
 
     The layout (``calibration/data/default-bb-phantom.json``) was chosen by a
     seeded search on a 1 mm grid so that, in the default room
-    (:func:`calibration.geometry.default_stereo_geometry`), every two markers'
+    (:func:`spineguide.calibration.geometry.default_stereo_geometry`), every two markers'
     projections lie at least 14 mm apart (at isocentre scale) in both imagers;
     it has no symmetry, so its two views and any rotated copy are told apart.
     """
-    raw = resources.files("calibration").joinpath("data/default-bb-phantom.json").read_bytes()
+    raw = resources.files("spineguide.calibration").joinpath("data/default-bb-phantom.json").read_bytes()
     return phantom_from_json(parse_json_bytes(raw, "calibration/data/default-bb-phantom.json", PhantomFileError))

@@ -247,7 +247,7 @@ class IsocentreCheck:
 class CalibrationResult:
     """Everything a calibration produced: geometry, per-imager fits, isocentre check.
 
-    ``geometry`` is ready for :func:`calibration.io.write_geometry` (timestamp and
+    ``geometry`` is ready for :func:`spineguide.calibration.io.write_geometry` (timestamp and
     provenance in its ``notes``).
     """
 

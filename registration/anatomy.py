@@ -49,7 +49,7 @@ import cv2
 import numpy as np
 import scipy.ndimage
 
-from calibration.geometry import ImagerGeometry, StereoGeometry
+from spineguide.calibration.geometry import ImagerGeometry, StereoGeometry
 
 from ._anatomy_kernels import linear_model, normal_equations
 from .attenuation import DEFAULT_CT_ENERGY_KEV, DEFAULT_IMAGING_ENERGY_KEV, hu_to_mu_per_mm, linear_attenuation_per_mm
@@ -317,7 +317,7 @@ class AnatomyConfig:
     level_spacing_mm: float = 25.0
     #: Finite-difference step of the pose derivatives, binned pixels at the isocentre.
     fd_step_px: float = 0.5
-    #: Line-integral model of the ROI DRRs (``registration.drr.PROJECTORS``): "joseph"
+    #: Line-integral model of the ROI DRRs (``spineguide.registration.drr.PROJECTORS``): "joseph"
     #: (slice-interpolating, smooth in the pose, the model the analytic Jacobian differentiates)
     #: or "siddon" (the voxel-constant volume's exact integral, drawn in slice steps where rays
     #: run nearly parallel to thick slices).

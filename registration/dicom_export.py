@@ -64,7 +64,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID, generate_uid
 
-from calibration.geometry import ImagerGeometry
+from spineguide.calibration.geometry import ImagerGeometry
 
 from .errors import DicomExportError
 from .plan import PatientStudy, Plan

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from calibration.geometry import ImagerGeometry, StereoGeometry
+from spineguide.calibration.geometry import ImagerGeometry, StereoGeometry
 
 from . import _joseph_kernels, _kernels
 from .attenuation import DEFAULT_CT_ENERGY_KEV, DEFAULT_IMAGING_ENERGY_KEV, hu_to_mu_per_mm

@@ -11,7 +11,7 @@ attributes for pydicom), then compares the declared pixel data
   file, and no zlib/gzip stream expands by more than about 1032:1.
 
 Pixel values stay as stored (no rescaling here); finiteness is checked by the
-value types (:class:`registration.volume.CTVolume`, the frame checks).
+value types (:class:`spineguide.registration.volume.CTVolume`, the frame checks).
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from calibration.jsonfile import read_json_document, write_json_document
+from spineguide.calibration.jsonfile import read_json_document, write_json_document
 
 from .errors import FiducialFileError, FiducialSchemaError
 from .volume import PatientPosition, room_from_lps_matrix

@@ -267,7 +267,7 @@ def read_ct(path: str | os.PathLike, patient_position: PatientPosition | str | N
         carry (0018,5100) and may not be overridden differently.
     max_bytes : int
         Largest pixel data (bytes, as declared by the file's header) read;
-        checked before any pixel is read (:mod:`registration.imagefile`).
+        checked before any pixel is read (:mod:`spineguide.registration.imagefile`).
 
     Raises
     ------

@@ -37,8 +37,8 @@ def conventions_vectors(data_dir) -> dict:
 def simulated_case(tmp_path_factory):
     """A written virtual-room data set (CT, geometry, frames, fiducials, DICOM plan, truth): 512 px panels of
     0.8 mm, 2 mm truth grid, one pose. Shared by the CLI tests (tests/tracking/test_cli*.py); read-only."""
-    from calibration.geometry import default_stereo_geometry
-    from tracking.room import thoracolumbar_phantom, write_simulation
+    from spineguide.calibration.geometry import default_stereo_geometry
+    from spineguide.tracking.room import thoracolumbar_phantom, write_simulation
 
     folder = tmp_path_factory.mktemp("sim")
     phantom = thoracolumbar_phantom(truth_spacing_mm=2.0, planning_spacing_mm=(1.5, 1.5, 2.0), seed=3)

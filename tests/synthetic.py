@@ -14,10 +14,10 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from calibration.geometry import StereoGeometry, default_stereo_geometry
-from registration.pose import Pose
-from tracking.room.kv import DetectorModel, KVSimulator, StereoFrames
-from tracking.room.phantoms import Phantom, cervical_phantom, thoracolumbar_phantom
+from spineguide.calibration.geometry import StereoGeometry, default_stereo_geometry
+from spineguide.registration.pose import Pose
+from spineguide.tracking.room.kv import DetectorModel, KVSimulator, StereoFrames
+from spineguide.tracking.room.phantoms import Phantom, cervical_phantom, thoracolumbar_phantom
 
 #: Panel of the small test geometry: 128 x 128 pixels of 3.2 mm (same 41 cm field as the default).
 SMALL_PANEL_PIXELS = 128
@@ -205,7 +205,7 @@ def _seed_simulator(seeds: tuple) -> KVSimulator:
 
 
 def seed_phantom_seeds() -> tuple:
-    """The small thoracolumbar phantom's seeds (``tracking.room.Seed``, planning-CT LPS)."""
+    """The small thoracolumbar phantom's seeds (``spineguide.tracking.room.Seed``, planning-CT LPS)."""
     return small_thoracolumbar().seeds
 
 

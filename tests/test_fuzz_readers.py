@@ -24,21 +24,21 @@ from hypothesis import strategies as st
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from calibration.errors import GeometryFileError, PhantomFileError, QAHistoryError
-from calibration.geometry import StereoGeometry, default_stereo_geometry
-from calibration.io import geometry_from_json, read_geometry
-from calibration.jsonfile import MAX_INT_DIGITS, parse_json_bytes, read_json_document
-from calibration.phantom import BBPhantom, default_phantom, phantom_from_json, read_phantom
-from calibration.qa import read_history
-from registration.dicom_ct import read_dicom_ct
-from registration.dicom_rt import RTPlanInfo, StructureSet, read_rtplan, read_rtstruct
-from registration.errors import DicomRTError, FiducialFileError, PatientPositionError, VolumeFileError
-from registration.imagefile import load_npy, read_sitk_image
-from registration.io import FiducialSet, fiducials_from_json, read_fiducials
-from registration.volume import CTVolume
-from tracking.cli import CliError, _UsageError, build_parser, parse_six, parse_triplet_mm, rejoin_negative_values
-from tracking.errors import FrameError
-from tracking.frames import KvFrame, read_frame
+from spineguide.calibration.errors import GeometryFileError, PhantomFileError, QAHistoryError
+from spineguide.calibration.geometry import StereoGeometry, default_stereo_geometry
+from spineguide.calibration.io import geometry_from_json, read_geometry
+from spineguide.calibration.jsonfile import MAX_INT_DIGITS, parse_json_bytes, read_json_document
+from spineguide.calibration.phantom import BBPhantom, default_phantom, phantom_from_json, read_phantom
+from spineguide.calibration.qa import read_history
+from spineguide.registration.dicom_ct import read_dicom_ct
+from spineguide.registration.dicom_rt import RTPlanInfo, StructureSet, read_rtplan, read_rtstruct
+from spineguide.registration.errors import DicomRTError, FiducialFileError, PatientPositionError, VolumeFileError
+from spineguide.registration.imagefile import load_npy, read_sitk_image
+from spineguide.registration.io import FiducialSet, fiducials_from_json, read_fiducials
+from spineguide.registration.volume import CTVolume
+from spineguide.tracking.cli import CliError, _UsageError, build_parser, parse_six, parse_triplet_mm, rejoin_negative_values
+from spineguide.tracking.errors import FrameError
+from spineguide.tracking.frames import KvFrame, read_frame
 
 pytestmark = pytest.mark.fuzz
 
@@ -283,7 +283,7 @@ QA_RECORD = {"schema": "qa-record/1", "performed_unix_s": 1.7e9, "status": "PASS
 
 @given(st.lists(st.binary(max_size=200) | mutated(QA_RECORD).map(lambda d: json.dumps(d).encode()), max_size=4))
 def test_qa_history_files(scratch, lines):
-    from calibration.qa import trend
+    from spineguide.calibration.qa import trend
 
     p = scratch / "history.jsonl"
     p.write_bytes(b"\n".join(lines))
@@ -431,53 +431,68 @@ def _dicom_bytes(ds: Dataset) -> bytes:
 @st.composite
 def mutated_dicom(draw, base: Dataset):
     ds = copy.deepcopy(base)
-    for _ in range(draw(st.integers(0, 3))):
+    # every value is drawn before any is applied: a mutation pydicom refuses must not change what is drawn
+    # next (hypothesis replays the draws; a draw skipped by an exception makes the strategy inconsistent)
+    mutations = [_draw_mutation(draw) for _ in range(draw(st.integers(0, 3)))]
+    for field, value in mutations:
         with warnings.catch_warnings():  # pydicom warns (or refuses) on some values: such a mutation is skipped
             warnings.simplefilter("ignore")
             try:
-                _mutate_once(draw, ds)
+                _apply_mutation(ds, field, value)
             except Exception:  # noqa: BLE001
                 pass
     try:
-        raw = _dicom_bytes(ds)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            raw = _dicom_bytes(ds)
     except Exception:  # noqa: BLE001 - a mutation pydicom itself cannot write: write the base instead
         raw = _dicom_bytes(base)
-    cut = draw(st.integers(0, len(raw)))
-    return raw[:cut] if draw(st.integers(0, 4)) == 0 else raw
+    cut = draw(st.integers(0, 1 << 20))
+    return raw[:cut % (len(raw) + 1)] if draw(st.integers(0, 4)) == 0 else raw
 
 
-def _mutate_once(draw, ds: Dataset) -> None:
-    if True:
-        field = draw(st.sampled_from(["Rows", "Columns", "BitsAllocated", "BitsStored", "SamplesPerPixel",
-                                      "PixelRepresentation", "NumberOfFrames", "PhotometricInterpretation",
-                                      "PixelData", "TransferSyntax", "RescaleSlope", "delete"]))
-        if field in ("Rows", "Columns"):
-            setattr(ds, field, draw(st.sampled_from([0, 1, 7, 8, 9, 4096, 65535])))
-        elif field in ("BitsAllocated", "BitsStored"):
-            setattr(ds, field, draw(st.sampled_from([0, 1, 7, 8, 12, 16, 32, 64, 65535])))
-        elif field == "SamplesPerPixel":
-            ds.SamplesPerPixel = draw(st.sampled_from([0, 1, 3, 4, 65535]))
-        elif field == "PixelRepresentation":
-            ds.PixelRepresentation = draw(st.sampled_from([0, 1, 2]))
-        elif field == "NumberOfFrames":
-            ds.NumberOfFrames = draw(st.sampled_from(["0", "1", "2", "100000", "x"]))
-        elif field == "PhotometricInterpretation":
-            ds.PhotometricInterpretation = draw(st.sampled_from(["MONOCHROME1", "RGB", "YBR_FULL", "PALETTE COLOR",
-                                                                 "", "garbage"]))
-        elif field == "PixelData":
-            data = bytes(ds.PixelData)
-            ds.PixelData = data[:draw(st.integers(0, len(data)))] + draw(st.binary(max_size=16))
-        elif field == "TransferSyntax":
-            ds.file_meta.TransferSyntaxUID = draw(st.sampled_from([
-                "1.2.840.10008.1.2", "1.2.840.10008.1.2.2", "1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.90",
-                "1.2.840.10008.1.2.5", "1.2.840.10008.1.2.1.99", "1.2.3.4"]))
-        elif field == "RescaleSlope":
-            ds.RescaleSlope = draw(st.sampled_from(["1", "0", "nan", "1e999", "-2", "x"]))
-        else:
-            name = draw(st.sampled_from(["Rows", "Columns", "BitsAllocated", "PixelData", "SamplesPerPixel",
-                                         "PhotometricInterpretation"]))
-            if name in ds:
-                delattr(ds, name)
+def _draw_mutation(draw) -> tuple[str, object]:
+    field = draw(st.sampled_from(["Rows", "Columns", "BitsAllocated", "BitsStored", "SamplesPerPixel",
+                                  "PixelRepresentation", "NumberOfFrames", "PhotometricInterpretation",
+                                  "PixelData", "TransferSyntax", "RescaleSlope", "delete"]))
+    if field in ("Rows", "Columns"):
+        value = draw(st.sampled_from([0, 1, 7, 8, 9, 4096, 65535]))
+    elif field in ("BitsAllocated", "BitsStored"):
+        value = draw(st.sampled_from([0, 1, 7, 8, 12, 16, 32, 64, 65535]))
+    elif field == "SamplesPerPixel":
+        value = draw(st.sampled_from([0, 1, 3, 4, 65535]))
+    elif field == "PixelRepresentation":
+        value = draw(st.sampled_from([0, 1, 2]))
+    elif field == "NumberOfFrames":
+        value = draw(st.sampled_from(["0", "1", "2", "100000", "x"]))
+    elif field == "PhotometricInterpretation":
+        value = draw(st.sampled_from(["MONOCHROME1", "RGB", "YBR_FULL", "PALETTE COLOR", "", "garbage"]))
+    elif field == "PixelData":
+        value = (draw(st.integers(0, 1 << 20)), draw(st.binary(max_size=16)))  # (cut, tail)
+    elif field == "TransferSyntax":
+        value = draw(st.sampled_from([
+            "1.2.840.10008.1.2", "1.2.840.10008.1.2.2", "1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.90",
+            "1.2.840.10008.1.2.5", "1.2.840.10008.1.2.1.99", "1.2.3.4"]))
+    elif field == "RescaleSlope":
+        value = draw(st.sampled_from(["1", "0", "nan", "1e999", "-2", "x"]))
+    else:
+        value = draw(st.sampled_from(["Rows", "Columns", "BitsAllocated", "PixelData", "SamplesPerPixel",
+                                      "PhotometricInterpretation"]))
+    return field, value
+
+
+def _apply_mutation(ds: Dataset, field: str, value) -> None:
+    if field == "PixelData":
+        data = bytes(ds.PixelData)
+        cut, tail = value
+        ds.PixelData = data[:cut % (len(data) + 1)] + tail
+    elif field == "TransferSyntax":
+        ds.file_meta.TransferSyntaxUID = value
+    elif field == "delete":
+        if value in ds:
+            delattr(ds, value)
+    else:
+        setattr(ds, field, value)
 
 
 @given(mutated_dicom(_rt_image()))

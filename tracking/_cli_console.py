@@ -28,7 +28,7 @@ def _read_token(path: Path | None) -> str | None:
 
 
 def build_console_config(args: argparse.Namespace, room=None):
-    """The :class:`~tracking.console.ConsoleConfig` of the parsed arguments (``room``: a SimulatedRoom)."""
+    """The :class:`~spineguide.tracking.console.ConsoleConfig` of the parsed arguments (``room``: a SimulatedRoom)."""
     from .config import load_config
     from .console.config import ConsoleConfigError, console_config_from_service
     from .sims import ClientKeys

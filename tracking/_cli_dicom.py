@@ -1,6 +1,6 @@
 """``spineguide import``, ``dicom-listen``, ``dicom-export`` and ``dicom-send``: DICOM in and out.
 
-Registered by :mod:`tracking.cli` with ``_cli_dicom.add_commands(sub)``. Both
+Registered by :mod:`spineguide.tracking.cli` with ``_cli_dicom.add_commands(sub)``. Both
 commands print; the library they call only logs.
 """
 
@@ -17,7 +17,7 @@ __all__ = ["add_commands", "cmd_import", "cmd_dicom_listen", "cmd_dicom_export",
 
 
 def parse_archive(text: str):
-    """``AE@HOST:PORT`` -> :class:`tracking.dicom_net.ArchiveConfig`."""
+    """``AE@HOST:PORT`` -> :class:`spineguide.tracking.dicom_net.ArchiveConfig`."""
     from .dicom_net import ArchiveConfig, DicomNetworkError
 
     ae, at, rest = text.partition("@")
@@ -30,10 +30,10 @@ def parse_archive(text: str):
 
 def cmd_dicom_export(args: argparse.Namespace, out=None) -> int:
     """Write acquired kV frames as RT Image objects with their imager geometry (one series per imager)."""
-    from calibration.io import read_geometry
-    from registration.dicom_export import SeriesInfo, rt_image, save
-    from registration.plan import load_dicom_plan
-    from tracking.frames import parse_image_args, read_stereo_frames
+    from spineguide.calibration.io import read_geometry
+    from spineguide.registration.dicom_export import SeriesInfo, rt_image, save
+    from spineguide.registration.plan import load_dicom_plan
+    from spineguide.tracking.frames import parse_image_args, read_stereo_frames
 
     from .cli import CliError
 
@@ -84,8 +84,8 @@ def _fmt(v) -> str:
 
 def cmd_import(args: argparse.Namespace, out=None) -> int:
     """Scan a folder of DICOM, list what it holds, then assemble and check the plan."""
-    from registration.dicom_rt import ContourType, read_rtplan, read_rtstruct, scan_dicom_folder
-    from registration.plan import load_dicom_plan
+    from spineguide.registration.dicom_rt import ContourType, read_rtplan, read_rtstruct, scan_dicom_folder
+    from spineguide.registration.plan import load_dicom_plan
 
     out = out or sys.stdout
     start = time.monotonic()

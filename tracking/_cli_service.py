@@ -131,7 +131,7 @@ def _client_keys(args: argparse.Namespace):
 
 
 def _cmd_imager_sim(args: argparse.Namespace) -> int:
-    from registration.pose import Pose
+    from spineguide.registration.pose import Pose
 
     from .sims import MotionTrace, run_imager_sim
 
@@ -148,7 +148,7 @@ def _cmd_imager_sim(args: argparse.Namespace) -> int:
 
         true_room = None
         if args.geometry is not None:
-            from calibration.io import read_geometry
+            from spineguide.calibration.io import read_geometry
 
             true_room = read_geometry(args.geometry)
         room = RoomFrames(panel_pixels=args.panel or 512, pixel_spacing_mm=0.8 * 512 / (args.panel or 512),
@@ -264,9 +264,9 @@ def add_commands(subparsers) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Standalone entry (``python -m tracking._cli_service SUBCOMMAND ...``), same handling as ``spineguide``."""
-    from calibration.errors import CalibrationError
-    from registration.errors import RegistrationError
+    """Standalone entry (``python -m spineguide.tracking._cli_service SUBCOMMAND ...``), same handling as ``spineguide``."""
+    from spineguide.calibration.errors import CalibrationError
+    from spineguide.registration.errors import RegistrationError
 
     from .errors import TrackingError
 

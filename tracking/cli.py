@@ -32,8 +32,8 @@ from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 
-from calibration.errors import CalibrationError
-from registration.errors import RegistrationError
+from spineguide.calibration.errors import CalibrationError
+from spineguide.registration.errors import RegistrationError
 
 from .errors import TrackingError
 
@@ -149,10 +149,10 @@ def print_table(headers: Sequence[str], rows: Sequence[Sequence[object]], out=No
 
 # ------------------------------------------------------------------ subcommands
 def _cmd_drr(args: argparse.Namespace) -> int:
-    from calibration.io import read_geometry
-    from registration.drr import write_drr_images
-    from registration.pose import Pose
-    from registration.volume import read_ct
+    from spineguide.calibration.io import read_geometry
+    from spineguide.registration.drr import write_drr_images
+    from spineguide.registration.pose import Pose
+    from spineguide.registration.volume import read_ct
 
     iso = parse_triplet_mm(args.isocenter, "--isocenter")
     geometry = read_geometry(args.geometry)
@@ -178,7 +178,7 @@ def _cmd_drr(args: argparse.Namespace) -> int:
 
 
 def _cmd_simulate(args: argparse.Namespace) -> int:
-    from calibration.geometry import DEFAULT_PANEL_PIXELS, DEFAULT_PIXEL_SPACING_MM, default_stereo_geometry
+    from spineguide.calibration.geometry import DEFAULT_PANEL_PIXELS, DEFAULT_PIXEL_SPACING_MM, default_stereo_geometry
 
     from .room import DetectorModel, write_simulation
 
@@ -207,7 +207,7 @@ def _cmd_simulate_ct(args: argparse.Namespace) -> int:
     """Stereo validation cases with exact truth from any CT + vertebra label map (tracking.room.realct)."""
     import json
 
-    from calibration.io import read_geometry
+    from spineguide.calibration.io import read_geometry
 
     from .room.kv import DetectorModel
     from .room.realct import build_set, read_labelled_ct
@@ -244,7 +244,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def _cmd_register(args: argparse.Namespace) -> int:
     import json
 
-    from calibration.io import read_geometry
+    from spineguide.calibration.io import read_geometry
 
     from .frames import parse_image_args, read_stereo_frames
 
@@ -387,7 +387,7 @@ def _check_anatomy_inputs(plan, pixels, roi) -> None:
 
 def _load_plan(args: argparse.Namespace):
     """The plan from a DICOM folder (``--plan``) or from ``--ct`` + ``--isocenter`` (+ ``--fiducials``)."""
-    from registration.plan import load_dicom_plan, load_plan_files
+    from spineguide.registration.plan import load_dicom_plan, load_plan_files
 
     iso = parse_triplet_mm(args.isocenter, "--isocenter") if args.isocenter is not None else None
     if args.plan is not None:
@@ -400,10 +400,10 @@ def _load_plan(args: argparse.Namespace):
 
 
 def _register_fiducial(args, geometry, plan, pixels) -> tuple[dict, list[_Refusal]]:
-    from calibration.errors import GeometryFileError
-    from calibration.jsonfile import read_json_document
-    from registration.ct_seeds import find_ct_seeds
-    from registration.io import FiducialSet, read_fiducials
+    from spineguide.calibration.errors import GeometryFileError
+    from spineguide.calibration.jsonfile import read_json_document
+    from spineguide.registration.ct_seeds import find_ct_seeds
+    from spineguide.registration.io import FiducialSet, read_fiducials
 
     from .fiducials import localise_fiducials
     from .flatfield import flat_fields_from_args, flat_fields_from_geometry_json
@@ -455,7 +455,7 @@ def _register_fiducial(args, geometry, plan, pixels) -> tuple[dict, list[_Refusa
 
 
 def _register_anatomy(args, geometry, plan, pixels) -> dict:
-    from registration.anatomy import RegionOfInterest, register_anatomy
+    from spineguide.registration.anatomy import RegionOfInterest, register_anatomy
 
     ct, iso = plan.ct, plan.isocentre_lps_mm
     given = [x for x in (args.roi, args.roi_box, args.roi_name) if x is not None]
@@ -486,7 +486,7 @@ def _read_roi_mask(path: Path, ct):
     """A label/mask image on the planning-CT grid, as a ``[k, j, i]`` integer array."""
     import numpy as np
 
-    from registration.plan import read_mask_volume
+    from spineguide.registration.plan import read_mask_volume
 
     labels, _ = read_mask_volume(path, ct)
     if not np.issubdtype(labels.dtype, np.integer):
@@ -537,7 +537,7 @@ def _parse_calibration_images(values: Sequence[str]) -> list[tuple[str, Path, tu
 
 
 def _calibration_frames(values: Sequence[str], geometry, i0: float | None):
-    from calibration.solve import CalibrationFrame
+    from spineguide.calibration.solve import CalibrationFrame
 
     from .frames import read_frame
 
@@ -549,16 +549,16 @@ def _calibration_frames(values: Sequence[str], geometry, i0: float | None):
 
 
 def _load_phantom(text: str):
-    from calibration.phantom import default_phantom, read_phantom
+    from spineguide.calibration.phantom import default_phantom, read_phantom
 
     return default_phantom() if text == "default" else read_phantom(text)
 
 
 def _cmd_calibrate(args: argparse.Namespace) -> int:
-    from calibration.geometry import default_stereo_geometry
-    from calibration.io import read_geometry, write_geometry
-    from calibration.report import write_calibration_report
-    from calibration.solve import calibrate
+    from spineguide.calibration.geometry import default_stereo_geometry
+    from spineguide.calibration.io import read_geometry, write_geometry
+    from spineguide.calibration.report import write_calibration_report
+    from spineguide.calibration.solve import calibrate
 
     nominal = read_geometry(args.nominal) if args.nominal else default_stereo_geometry()
     phantom = _load_phantom(args.phantom)
@@ -585,9 +585,9 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
 
 
 def _cmd_qa(args: argparse.Namespace) -> int:
-    from calibration.io import read_geometry
-    from calibration.qa import QAStatus, QATolerances, append_history, read_history, run_qa, trend
-    from calibration.report import write_trend_plot
+    from spineguide.calibration.io import read_geometry
+    from spineguide.calibration.qa import QAStatus, QATolerances, append_history, read_history, run_qa, trend
+    from spineguide.calibration.report import write_trend_plot
 
     history = Path(args.history)
     if args.trend:

@@ -733,8 +733,8 @@ def check_files_of(config: ServiceConfig, where: str = "<config>") -> None:
     """
     plan = config.plan
     if plan.geometry is not None:
-        from calibration.errors import CalibrationError
-        from calibration.io import read_geometry
+        from spineguide.calibration.errors import CalibrationError
+        from spineguide.calibration.io import read_geometry
 
         _readable(where, "plan.geometry", plan.geometry)
         try:
@@ -746,8 +746,8 @@ def check_files_of(config: ServiceConfig, where: str = "<config>") -> None:
             raise ConfigError(f"{where}: [plan] geometry = '{plan.geometry}' has imagers {list(geometry.names)}, "
                               f"not {missing} named by [plan] imagers")
     if plan.fiducials is not None:
-        from registration.errors import RegistrationError
-        from registration.io import read_fiducials
+        from spineguide.registration.errors import RegistrationError
+        from spineguide.registration.io import read_fiducials
 
         _readable(where, "plan.fiducials", plan.fiducials)
         try:
@@ -789,8 +789,8 @@ def _check_treatment_plan(plan: PlanConfig, where: str) -> None:
     """
     import numpy as np
 
-    from calibration.errors import CalibrationError
-    from registration.errors import RegistrationError
+    from spineguide.calibration.errors import CalibrationError
+    from spineguide.registration.errors import RegistrationError
 
     from .processing import anatomy_roi, load_treatment_plan
 

@@ -4,7 +4,7 @@
    and panel positions, panel tilt): the demo images the built-in BB phantom at
    four couch positions, calibrates the geometry, and compares it with the
    room's truth.
-2. **The fraction** (:func:`tracking.fraction.run_fraction`): the service, the
+2. **The fraction** (:func:`spineguide.tracking.fraction.run_fraction`): the service, the
    imager simulator and the delivery simulator run as three processes over
    ZeroMQ on loopback, CURVE on end to end with a temporary key set (each
    process its own key and role; see docs/SECURITY.md). The service uses
@@ -23,8 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-from calibration.geometry import StereoGeometry, default_stereo_geometry
-from calibration.io import write_geometry
+from spineguide.calibration.geometry import StereoGeometry, default_stereo_geometry
+from spineguide.calibration.io import write_geometry
 
 from .fraction import run_fraction
 from .room import DetectorModel, perturbed_geometry, render_bb_frames
@@ -49,12 +49,12 @@ def _max_error_px(a, b) -> float:
 def calibrate_virtual_room(nominal: StereoGeometry, true_room: StereoGeometry, seed: int):
     """Image the built-in BB phantom in the true room at four couch positions and calibrate from ``nominal``.
 
-    Returns the :class:`calibration.solve.CalibrationResult` and a table of rows
+    Returns the :class:`spineguide.calibration.solve.CalibrationResult` and a table of rows
     comparing nominal and calibrated geometry with the truth (pixels, over the
     corners of a 200 mm cube at the isocentre).
     """
-    from calibration.phantom import default_phantom
-    from calibration.solve import CalibrationFrame, calibrate
+    from spineguide.calibration.phantom import default_phantom
+    from spineguide.calibration.solve import CalibrationFrame, calibrate
 
     phantom = default_phantom()
     detector = DetectorModel(i0=20000.0, seed_supersampling=8)

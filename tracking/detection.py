@@ -47,7 +47,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from calibration.geometry import ImagerGeometry
+from spineguide.calibration.geometry import ImagerGeometry
 
 from ._kernels import (
     analyse_windows,

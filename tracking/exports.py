@@ -14,8 +14,8 @@ from pathlib import Path
 
 from pydicom.uid import generate_uid
 
-from registration.dicom_export import save, spatial_registration
-from registration.pose import Pose
+from spineguide.registration.dicom_export import save, spatial_registration
+from spineguide.registration.pose import Pose
 
 from .config import PlanConfig
 from .errors import TrackingError

@@ -114,7 +114,7 @@ class FlatField:
 
 def read_map(path: str | os.PathLike, what: str, imager: str) -> np.ndarray:
     """A 2D map from ``.npy`` or any image SimpleITK reads, ``map[row, col]`` float32."""
-    from registration.imagefile import load_npy, read_sitk_image  # declared size checked before reading
+    from spineguide.registration.imagefile import load_npy, read_sitk_image  # declared size checked before reading
 
     p = Path(path)
     try:

@@ -9,7 +9,7 @@ mid-fraction, set up again and resume. It then reads the session record, the
 imager's ground truth and the delivery simulator's report and returns a
 :class:`FractionSummary`.
 
-CURVE is on end to end: a temporary key set (:func:`tracking.security.create_keys`)
+CURVE is on end to end: a temporary key set (:func:`spineguide.tracking.security.create_keys`)
 gives the service its key pair and an allow-list with roles, and each process
 its own client key (console: therapist, imager: imager, delivery: delivery).
 """
@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import zmq
 
-from calibration.jsonfile import parse_json_bytes, read_json_document
+from spineguide.calibration.jsonfile import parse_json_bytes, read_json_document
 
 from .errors import TrackingError
 from .record import read_record
@@ -155,7 +155,7 @@ path = "session.jsonl"
 
 
 def _spawn(args: list[str], out: Path, name: str) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "tracking._cli_service", *args]
+    cmd = [sys.executable, "-m", "spineguide.tracking._cli_service", *args]
     log.info("starting %s: %s", name, " ".join(cmd))
     fh = open(out / f"{name}.log", "w")
     try:

@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from calibration.geometry import ImagerGeometry, StereoGeometry
-from registration.imagefile import MAX_IMAGE_BYTES, dicom_pixel_array, load_npy, read_sitk_image
+from spineguide.calibration.geometry import ImagerGeometry, StereoGeometry
+from spineguide.registration.imagefile import MAX_IMAGE_BYTES, dicom_pixel_array, load_npy, read_sitk_image
 
 from .errors import FrameError
 
@@ -138,7 +138,7 @@ def read_frame(path: str | os.PathLike, imager: ImagerGeometry, i0: float | None
     """Read one raw frame (detector signal, ``image[row, col]``) from a file and check it against its imager.
 
     ``max_bytes`` bounds the pixel data the file's header may declare; it is
-    checked before any pixel is read (:mod:`registration.imagefile`).
+    checked before any pixel is read (:mod:`spineguide.registration.imagefile`).
 
     Raises
     ------

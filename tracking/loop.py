@@ -1,4 +1,4 @@
-"""The real-time service: ZeroMQ endpoints, threads, clocks; decisions are the :class:`~tracking.states.Engine`'s.
+"""The real-time service: ZeroMQ endpoints, threads, clocks; decisions are the :class:`~spineguide.tracking.states.Engine`'s.
 
 Threads and the sockets they own (a socket is used by exactly one thread):
 
@@ -10,7 +10,7 @@ Threads and the sockets they own (a socket is used by exactly one thread):
   counted: never a backlog). Commands are answered at once, even while a
   registration runs (the engine lock is never held during one).
 - **worker** takes pairs from the mailbox, runs the registration
-  (:func:`~tracking.states.run_processor`, outside the lock) and lets the
+  (:func:`~spineguide.tracking.states.run_processor`, outside the lock) and lets the
   engine judge the result.
 - **publisher** owns the PUB socket. It takes outgoing bodies from a
   thread-safe queue (the engine's ``emit``), stamps ``seq`` at send time,
@@ -19,7 +19,7 @@ Threads and the sockets they own (a socket is used by exactly one thread):
   exactly at each ENABLE's expiry. A ``queue.SimpleQueue`` rather than an
   inproc PUSH/PULL pair feeds it: it is thread-safe, needs no socket per
   producer, and its timed ``get`` is the publisher's clock.
-- **record-writer** (:class:`~tracking.record.SessionRecord`) owns the file.
+- **record-writer** (:class:`~spineguide.tracking.record.SessionRecord`) owns the file.
 
 Replay (:func:`replay_session`) feeds a recorded session through a fresh
 engine with the recorded clock values and reports every difference.
@@ -137,7 +137,7 @@ class Service:
     ----------
     config : ServiceConfig
     processor_factory : callable(PlanConfig) -> PairProcessor, optional
-        Default :func:`~tracking.processing.build_processor`.
+        Default :func:`~spineguide.tracking.processing.build_processor`.
     record : SessionRecord, optional
         Default: from ``config.record`` (none at all when no path is set).
     seed : int
@@ -748,7 +748,7 @@ def _disconnected_endpoints(monitor: zmq.Socket):
 
 def _pair_id_from_header(parts: list[bytes], limits: WireLimits) -> int | None:
     """Best-effort pair id of a frame whose header decoded but whose pixels did not (for the HOLD); None if none."""
-    from calibration.jsonfile import parse_json_bytes
+    from spineguide.calibration.jsonfile import parse_json_bytes
 
     try:
         header = parse_json_bytes(bytes(parts[1]), "kvframe header", WireSchemaError,

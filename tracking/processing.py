@@ -14,8 +14,8 @@ Processors here:
   measurement noise. For simulation, tests and the service benchmark's
   gating path; it stands in for a registration, it is not one.
 - :class:`FiducialProcessor` and :class:`AnatomyProcessor` -- adapters over
-  :func:`tracking.fiducials.localise_fiducials` and
-  :func:`registration.anatomy.register_anatomy` (imported lazily so this
+  :func:`spineguide.tracking.fiducials.localise_fiducials` and
+  :func:`spineguide.registration.anatomy.register_anatomy` (imported lazily so this
   module works before those exist).
 """
 
@@ -28,7 +28,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from registration.pose import Pose
+from spineguide.registration.pose import Pose
 
 from .config import PlanConfig, SafetyConfig
 from .errors import TrackingError
@@ -228,7 +228,7 @@ class PatternProcessor:
 
 # ---------------------------------------------------------------- real methods
 class FiducialProcessor:
-    """Adapter over :func:`tracking.fiducials.localise_fiducials` (seeds -> pose).
+    """Adapter over :func:`spineguide.tracking.fiducials.localise_fiducials` (seeds -> pose).
 
     Parameters
     ----------
@@ -258,8 +258,8 @@ class FiducialProcessor:
         self.flat_fields = dict(flat_fields) if flat_fields else None
 
     def process(self, frames: dict[str, KvFrame], prior: Pose | None) -> PairResult:
-        from registration.errors import RegistrationError
-        from registration.points import SeedMigrationError
+        from spineguide.registration.errors import RegistrationError
+        from spineguide.registration.points import SeedMigrationError
 
         from .errors import FiducialNotFoundError, FrameError
 
@@ -307,7 +307,7 @@ def _finite_json(obj: Any) -> Any:
 
 
 class AnatomyProcessor:
-    """Adapter over :class:`registration.anatomy.AnatomyRegistration` (DRR registration -> pose).
+    """Adapter over :class:`spineguide.registration.anatomy.AnatomyRegistration` (DRR registration -> pose).
 
     The registration object is built once (CT -> ROI attenuation volumes);
     each pair is registered from the last trusted pose in tracking mode, or
@@ -320,7 +320,7 @@ class AnatomyProcessor:
         self._reg = registration
 
     def process(self, frames: dict[str, KvFrame], prior: Pose | None) -> PairResult:
-        from registration.errors import RegistrationError
+        from spineguide.registration.errors import RegistrationError
 
         from .errors import FrameError
 
@@ -358,8 +358,8 @@ def build_processor(plan: PlanConfig, seed: int = 0) -> PairProcessor:
 
 
 def load_treatment_plan(plan: PlanConfig):
-    """The :class:`registration.plan.Plan` a ``[plan]`` section describes: a DICOM folder or CT + fiducials files."""
-    from registration.plan import load_dicom_plan, load_plan_files
+    """The :class:`spineguide.registration.plan.Plan` a ``[plan]`` section describes: a DICOM folder or CT + fiducials files."""
+    from spineguide.registration.plan import load_dicom_plan, load_plan_files
 
     if plan.dicom is not None:
         return load_dicom_plan(plan.dicom, isocentre_lps_mm=plan.isocentre_lps_mm)
@@ -367,7 +367,7 @@ def load_treatment_plan(plan: PlanConfig):
 
 
 def _build_fiducial(plan: PlanConfig) -> PairProcessor:
-    from calibration.io import read_geometry
+    from spineguide.calibration.io import read_geometry
 
     geometry = read_geometry(plan.geometry)
     treatment = load_treatment_plan(plan)
@@ -386,11 +386,11 @@ def _build_fiducial(plan: PlanConfig) -> PairProcessor:
 def plan_flat_fields(plan: PlanConfig) -> dict:
     """Panel gain/offset maps named in the plan's geometry file (its optional ``flat_field`` extension).
 
-    Imager name -> :class:`tracking.flatfield.FlatField`; empty when the file names none. Map paths are
+    Imager name -> :class:`spineguide.tracking.flatfield.FlatField`; empty when the file names none. Map paths are
     taken relative to the geometry file's folder (docs/FIDUCIALS.md section 7).
     """
-    from calibration.errors import GeometryFileError
-    from calibration.jsonfile import read_json_document
+    from spineguide.calibration.errors import GeometryFileError
+    from spineguide.calibration.jsonfile import read_json_document
 
     from .flatfield import flat_fields_from_geometry_json
 
@@ -399,8 +399,8 @@ def plan_flat_fields(plan: PlanConfig) -> dict:
 
 
 def _build_anatomy(plan: PlanConfig) -> PairProcessor:
-    from calibration.io import read_geometry
-    from registration.anatomy import AnatomyRegistration
+    from spineguide.calibration.io import read_geometry
+    from spineguide.registration.anatomy import AnatomyRegistration
 
     geometry = read_geometry(plan.geometry)
     treatment = load_treatment_plan(plan)
@@ -411,7 +411,7 @@ def _build_anatomy(plan: PlanConfig) -> PairProcessor:
 def anatomy_roi(plan: PlanConfig, treatment):
     """The anatomy method's region of interest: the plan's target ROI, else the ``roi_half_size_mm`` box
     (planning-CT LPS, around the isocentre)."""
-    from registration.anatomy import RegionOfInterest
+    from spineguide.registration.anatomy import RegionOfInterest
 
     if treatment.target_roi is not None:
         return RegionOfInterest.from_mask(treatment.target_mask(), description=f"ROI '{treatment.target_roi}'")
@@ -426,9 +426,9 @@ def warm_up_kernels() -> float:
     threads start: a tiny DRR, and the fiducial pipeline (whole frame and
     tracking windows) on a small synthetic pair with one dark blob.
     """
-    from calibration.geometry import default_stereo_geometry
-    from registration.drr import AttenuationVolume, compute_drr
-    from registration.errors import RegistrationError
+    from spineguide.calibration.geometry import default_stereo_geometry
+    from spineguide.registration.drr import AttenuationVolume, compute_drr
+    from spineguide.registration.errors import RegistrationError
 
     from .fiducials import localise_fiducials
 

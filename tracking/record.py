@@ -39,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-from calibration.jsonfile import parse_json_bytes
+from spineguide.calibration.jsonfile import parse_json_bytes
 
 from .errors import RecordError
 

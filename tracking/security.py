@@ -326,7 +326,7 @@ class Authenticator:
         self.allowed = allowed
         self._on_denied = on_denied
         self.denied = 0
-        self._auth = ThreadAuthenticator(context, log=logging.getLogger("tracking.security.zap"))
+        self._auth = ThreadAuthenticator(context, log=logging.getLogger("spineguide.tracking.security.zap"))
         self._auth.start()
         self._auth.configure_curve_callback(domain="*", credentials_provider=self)
         log.info("CURVE on: %d allowed client key(s) in %s: %s", len(self.identities), allowed,

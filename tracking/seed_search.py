@@ -1,12 +1,12 @@
 """Faint gold seeds: matched-filter candidates under local background and noise models, and their sub-pixel centres.
 
-The clean-frame detector (:mod:`tracking.detection`) thresholds each frame
+The clean-frame detector (:mod:`spineguide.tracking.detection`) thresholds each frame
 on its own, which fails where scatter, a low dose and a panel's gain pattern
 leave a seed a quarter of its clean contrast. Here a frame only proposes
 *candidates*; which of them are seeds is decided jointly over both views by
 the planned constellation and the epipolar geometry
-(:func:`tracking.fiducials.localise_fiducials`). Method, on the flat-field
-corrected signal (:mod:`tracking.flatfield`):
+(:func:`spineguide.tracking.fiducials.localise_fiducials`). Method, on the flat-field
+corrected signal (:mod:`spineguide.tracking.flatfield`):
 
 1. **Log and bin**: line integrals ``L = -ln(I / i0)`` of a copy binned so a
    seed stays >= 1.5 binned pixels wide.
@@ -42,7 +42,7 @@ import cv2
 import numpy as np
 from scipy.special import erf
 
-from calibration.geometry import ImagerGeometry
+from spineguide.calibration.geometry import ImagerGeometry
 
 from .detection import Detection, DetectionConfig, line_integrals, seed_size_px
 from .errors import FrameError

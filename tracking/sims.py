@@ -16,7 +16,7 @@
 
 Frames are test-pattern frames (:func:`pattern_frame`): a flat detector
 signal with seeded noise and the true pose stamped into row 0 for the
-:class:`~tracking.processing.PatternProcessor`.
+:class:`~spineguide.tracking.processing.PatternProcessor`.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 import zmq
 
-from registration.pose import Correction, Pose
+from spineguide.registration.pose import Correction, Pose
 
 from .errors import TrackingError, WireSchemaError
 from .processing import stamp_pose_pattern
@@ -241,7 +241,7 @@ class RoomFrames:
 
     The anatomy (bone, soft tissue) is projected once, at perfect setup; the
     gold seeds are projected analytically at the true pose of every pair
-    (``tracking.room.kv.seed_transmission``), and each frame gets Poisson
+    (``spineguide.tracking.room.kv.seed_transmission``), and each frame gets Poisson
     noise. The seeds -- what the fiducial method measures -- are exact; the
     anatomy does not move with the patient (a simulation shortcut: a full
     re-render costs ~0.4 s per pair at 512 pixels).
@@ -259,8 +259,8 @@ class RoomFrames:
 
     def __init__(self, panel_pixels: int = 512, pixel_spacing_mm: float = 0.8, i0: float = 20000.0,
                  geometry=None) -> None:
-        from registration.drr import compute_drr
-        from tracking.room.kv import KVSimulator
+        from spineguide.registration.drr import compute_drr
+        from spineguide.tracking.room.kv import KVSimulator
 
         self.phantom, self.geometry = room_plan_phantom(panel_pixels, pixel_spacing_mm)
         if geometry is not None:
@@ -272,7 +272,7 @@ class RoomFrames:
 
     def render(self, pose: Pose, rng: np.random.Generator) -> dict[str, np.ndarray]:
         """``{imager: uint16 frame}`` of the phantom's seeds at ``pose`` (room frame)."""
-        from tracking.room.kv import seed_transmission
+        from spineguide.tracking.room.kv import seed_transmission
 
         markers = self._sim.markers(pose)
         out = {}
@@ -284,8 +284,8 @@ class RoomFrames:
 
 def room_plan_phantom(panel_pixels: int = 512, pixel_spacing_mm: float = 0.8):
     """The phantom and stereo geometry the simulated fraction uses (deterministic: same in every process)."""
-    from calibration.geometry import default_stereo_geometry
-    from tracking.room.phantoms import thoracolumbar_phantom
+    from spineguide.calibration.geometry import default_stereo_geometry
+    from spineguide.tracking.room.phantoms import thoracolumbar_phantom
 
     phantom = thoracolumbar_phantom(truth_spacing_mm=3.0, planning_spacing_mm=(3.0, 3.0, 4.0), seed=0)
     return phantom, default_stereo_geometry(panel_pixels=panel_pixels, pixel_spacing_mm=pixel_spacing_mm)
@@ -293,9 +293,9 @@ def room_plan_phantom(panel_pixels: int = 512, pixel_spacing_mm: float = 0.8):
 
 def write_room_plan(folder: Path, panel_pixels: int = 512, pixel_spacing_mm: float = 0.8) -> dict[str, Any]:
     """Write the fraction phantom's plan: ``geometry.json``, ``ct.mha``, ``fiducials.json``; returns names + isocentre."""
-    from calibration.io import write_geometry
-    from registration.io import FiducialSet, write_fiducials
-    from registration.volume import write_ct
+    from spineguide.calibration.io import write_geometry
+    from spineguide.registration.io import FiducialSet, write_fiducials
+    from spineguide.registration.volume import write_ct
 
     phantom, geometry = room_plan_phantom(panel_pixels, pixel_spacing_mm)
     folder = Path(folder)

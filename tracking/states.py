@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from registration.pose import Correction, Pose, RotationAxis, reduce_to_couch
+from spineguide.registration.pose import Correction, Pose, RotationAxis, reduce_to_couch
 
 from .config import PlanConfig, ServiceConfig
 from .errors import CommandRefused, TrackingError

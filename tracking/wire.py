@@ -7,10 +7,10 @@ they do not know. No pickle, ever: JSON headers and raw little-endian pixels.
 
 These are codecs only: no sockets here. Every decoder is total: whatever
 bytes (or objects) it is given, it returns a decoded value or raises
-:class:`~tracking.errors.WireSchemaError` (or
-:class:`~tracking.errors.FrameError` for pixel problems) naming what is
+:class:`~spineguide.tracking.errors.WireSchemaError` (or
+:class:`~spineguide.tracking.errors.FrameError` for pixel problems) naming what is
 wrong; never another exception. JSON goes through the project's one hardened
-parser, :func:`calibration.jsonfile.parse_json_bytes` (size first, strict
+parser, :func:`spineguide.calibration.jsonfile.parse_json_bytes` (size first, strict
 UTF-8, nesting depth, 64-bit integers, no NaN/Infinity, no duplicate keys).
 
 Sessions (protocol 1.1, docs/PROTOCOL.md): every message the service sends
@@ -30,8 +30,8 @@ from typing import Any
 
 import numpy as np
 
-from calibration.jsonfile import parse_json_bytes
-from registration.pose import Correction
+from spineguide.calibration.jsonfile import parse_json_bytes
+from spineguide.registration.pose import Correction
 
 from .errors import FrameError, NonFinitePixelsError, PayloadSizeError, WireSchemaError
 from .frames import KvFrame

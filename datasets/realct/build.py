@@ -16,7 +16,7 @@ NRRD or a DICOM folder) and label map on its grid is used instead.
 
 Written to ``DIR``: ``ct.mha`` and ``labels.mha`` (axial LPS grid, VerSe
 numbering), ``set.json`` (what was built, from what, with which command) and
-``cases/NNNN/`` per case (``tracking.room.realct.write_case``: raw frames,
+``cases/NNNN/`` per case (``spineguide.tracking.room.realct.write_case``: raw frames,
 ``geometry.json``, ``truth.json``, ``roi.mha``).
 """
 
@@ -36,13 +36,13 @@ REPO = HERE.parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from calibration.geometry import default_stereo_geometry  # noqa: E402
-from calibration.io import read_geometry  # noqa: E402
-from tracking.room.kv import DetectorModel  # noqa: E402
-from calibration.errors import CalibrationError  # noqa: E402
-from registration.errors import RegistrationError  # noqa: E402
-from tracking.errors import TrackingError  # noqa: E402
-from tracking.room.realct import LabelScheme, build_set, read_labelled_ct  # noqa: E402
+from spineguide.calibration.geometry import default_stereo_geometry  # noqa: E402
+from spineguide.calibration.io import read_geometry  # noqa: E402
+from spineguide.tracking.room.kv import DetectorModel  # noqa: E402
+from spineguide.calibration.errors import CalibrationError  # noqa: E402
+from spineguide.registration.errors import RegistrationError  # noqa: E402
+from spineguide.tracking.errors import TrackingError  # noqa: E402
+from spineguide.tracking.room.realct import LabelScheme, build_set, read_labelled_ct  # noqa: E402
 
 #: The PyPI source distribution that ships the CT (its test reference files).
 PACKAGE = "totalsegmentator"
@@ -102,7 +102,7 @@ def rooms(names: list[str]) -> dict:
             out[name] = default_stereo_geometry()
         elif name == "floor":
             try:
-                from tracking.room.rooms import floor_source_geometry
+                from spineguide.tracking.room.rooms import floor_source_geometry
 
                 out[name] = floor_source_geometry()
             except ImportError:

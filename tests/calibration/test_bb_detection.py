@@ -7,11 +7,11 @@ import pytest
 from numpy.testing import assert_allclose
 from scipy.spatial.transform import Rotation
 
-from calibration.bb_detection import DetectionError, ImagesSwappedError, MarkerCountError, detect_bbs, line_integrals
-from calibration.geometry import default_stereo_geometry
-from calibration.phantom import default_phantom
-from calibration.solve import CalibrationFrame, calibrate, measure_frame
-from tracking.room import DetectorModel, OutputDtype, render_bb_frames
+from spineguide.calibration.bb_detection import DetectionError, ImagesSwappedError, MarkerCountError, detect_bbs, line_integrals
+from spineguide.calibration.geometry import default_stereo_geometry
+from spineguide.calibration.phantom import default_phantom
+from spineguide.calibration.solve import CalibrationFrame, calibrate, measure_frame
+from spineguide.tracking.room import DetectorModel, OutputDtype, render_bb_frames
 
 I0 = 20000.0
 GEOMETRY = default_stereo_geometry(256, 1.6)  # 41 cm panels at 1.6 mm: a 2 mm BB is 2 px wide

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from numpy.testing import assert_allclose
 
-from calibration import (
+from spineguide.calibration import (
     GeometryError,
     GeometryFileError,
     ImagerGeometry,

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from numpy.testing import assert_allclose
 
-from calibration.geometry import default_stereo_geometry
-from calibration.phantom import (
+from spineguide.calibration.geometry import default_stereo_geometry
+from spineguide.calibration.phantom import (
     MIN_MARKERS,
     BBPhantom,
     Marker,

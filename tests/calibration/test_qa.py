@@ -7,14 +7,14 @@ import json
 import pytest
 from numpy.testing import assert_allclose
 
-from calibration.bb_detection import ImagesSwappedError
-from calibration.errors import CalibrationError
-from calibration.geometry import ImagerGeometry, StereoGeometry, default_stereo_geometry
-from calibration.phantom import default_phantom
-from calibration.qa import QAHistoryError, QAStatus, QATolerances, append_history, read_history, run_qa, trend
-from calibration.report import ReportError, write_calibration_report, write_trend_plot
-from calibration.solve import CalibrationFrame, CalibrationSolveError, PhantomView, solve_geometry
-from tracking.room import DetectorModel, render_bb_frames
+from spineguide.calibration.bb_detection import ImagesSwappedError
+from spineguide.calibration.errors import CalibrationError
+from spineguide.calibration.geometry import ImagerGeometry, StereoGeometry, default_stereo_geometry
+from spineguide.calibration.phantom import default_phantom
+from spineguide.calibration.qa import QAHistoryError, QAStatus, QATolerances, append_history, read_history, run_qa, trend
+from spineguide.calibration.report import ReportError, write_calibration_report, write_trend_plot
+from spineguide.calibration.solve import CalibrationFrame, CalibrationSolveError, PhantomView, solve_geometry
+from spineguide.tracking.room import DetectorModel, render_bb_frames
 
 I0 = 20000.0
 GEOMETRY = default_stereo_geometry(256, 1.6)

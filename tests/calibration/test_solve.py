@@ -7,17 +7,17 @@ import pytest
 from numpy.testing import assert_allclose
 from scipy.spatial.transform import Rotation
 
-from calibration.geometry import ImagerGeometry, StereoGeometry, default_stereo_geometry
-from calibration.io import read_geometry, write_geometry
-from calibration.phantom import default_phantom
-from calibration.solve import (
+from spineguide.calibration.geometry import ImagerGeometry, StereoGeometry, default_stereo_geometry
+from spineguide.calibration.io import read_geometry, write_geometry
+from spineguide.calibration.phantom import default_phantom
+from spineguide.calibration.solve import (
     CalibrationFrame,
     CalibrationSolveError,
     PhantomView,
     calibrate,
     solve_geometry,
 )
-from tracking.room import DetectorModel, perturbed_geometry, render_bb_frames
+from spineguide.tracking.room import DetectorModel, perturbed_geometry, render_bb_frames
 
 NOMINAL = default_stereo_geometry(256, 1.6)
 PHANTOM = default_phantom()
@@ -159,7 +159,7 @@ def test_unknown_imager_and_wrong_marker_count_are_errors():
 def test_isocentre_check_flags_a_centre_bb_off_the_isocentre():
     # A phantom whose centre BB sits 0.8 mm from the MV isocentre (as measured):
     # the new geometry triangulates it there and the check flags it.
-    from calibration.phantom import BBPhantom
+    from spineguide.calibration.phantom import BBPhantom
 
     off = BBPhantom(PHANTOM.markers, "off", np.array([0.8, 0.0, 0.0]))
     true = true_geometry(13)

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from numpy.testing import assert_allclose
 
-from calibration.geometry import default_stereo_geometry
-from registration.anatomy import (
+from spineguide.calibration.geometry import default_stereo_geometry
+from spineguide.registration.anatomy import (
     AnatomyConfig,
     AnatomyConfigError,
     AnatomyRegistration,
@@ -24,10 +24,10 @@ from registration.anatomy import (
     RoiError,
     register_anatomy,
 )
-from registration.pose import Pose
-from registration.similarity import FrameError, Similarity
-from tracking.room.kv import DetectorModel, KVSimulator
-from tracking.room.phantoms import cervical_phantom, thoracolumbar_phantom
+from spineguide.registration.pose import Pose
+from spineguide.registration.similarity import FrameError, Similarity
+from spineguide.tracking.room.kv import DetectorModel, KVSimulator
+from spineguide.tracking.room.phantoms import cervical_phantom, thoracolumbar_phantom
 
 I0 = 20000.0
 #: Target (isocentre) displacement error allowed: ~3/4 of the final binned pixel
@@ -290,8 +290,8 @@ def test_flow_derivatives_follow_the_drr_under_a_small_pose_change(p):
     A wrong sign gives a correlation near -1 and a wrong axis near 0. Voxels of 0.5 mm against binned pixels
     of 2.4 mm at the isocentre: the rays run nearly parallel to the room's y = const planes, so a coarser grid
     would draw the blob as slice steps along the rows."""
-    from registration.anatomy import _flow_derivatives
-    from registration.drr import AttenuationVolume, PanelRegion, compute_drr_batch
+    from spineguide.registration.anatomy import _flow_derivatives
+    from spineguide.registration.drr import AttenuationVolume, PanelRegion, compute_drr_batch
 
     geometry = default_stereo_geometry(panel_pixels=256, pixel_spacing_mm=1.0)
     im = geometry["A"]
@@ -330,7 +330,7 @@ def test_feature_jacobian_equals_differences_of_the_features(metric):
     smaller steps)."""
     import cv2
 
-    from registration.anatomy import _feature_jacobian, _features
+    from spineguide.registration.anatomy import _feature_jacobian, _features
 
     rng = np.random.default_rng(3)
     smooth = lambda a: cv2.GaussianBlur(a.astype(np.float32), (0, 0), 2.0)  # noqa: E731
@@ -362,7 +362,7 @@ def test_analytic_jacobian_equals_central_differences_of_the_same_model(room):
     central = AnatomyRegistration(phantom.planning_ct, phantom.isocentre_lps_mm, geometry, roi,
                                   AnatomyConfig(jacobian="central", **joseph))
     truth = Pose.from_six([1.0, -0.5, 0.8], [0.6, -0.4, 0.5])
-    from registration.similarity import line_integrals
+    from spineguide.registration.similarity import line_integrals
 
     logs = {n: line_integrals(f, I0, n) for n, f in _frames(simulator, truth, 5).items()}
     start = Pose.identity()

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from numpy.testing import assert_allclose
 
-from registration.attenuation import (
+from spineguide.registration.attenuation import (
     DEFAULT_CT_ENERGY_KEV,
     DEFAULT_IMAGING_ENERGY_KEV,
     bone_hu,
@@ -14,7 +14,7 @@ from registration.attenuation import (
     linear_attenuation_per_mm,
     mass_attenuation_cm2_per_g,
 )
-from registration.errors import RegistrationError
+from spineguide.registration.errors import RegistrationError
 
 # hu_to_mu_per_mm returns float32: 1e-7 relative of ~0.05/mm.
 MU_TOL_PER_MM = 1e-7

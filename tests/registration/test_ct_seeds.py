@@ -7,8 +7,8 @@ import pytest
 from numpy.testing import assert_allclose
 from scipy import ndimage
 
-from registration.ct_seeds import CTSeedConfig, CTSeedError, candidates_to_fiducials, find_ct_seeds
-from registration.volume import CTVolume
+from spineguide.registration.ct_seeds import CTSeedConfig, CTSeedError, candidates_to_fiducials, find_ct_seeds
+from spineguide.registration.volume import CTVolume
 
 SPACING_MM = np.array([0.8, 0.8, 1.5])  # i, j, k
 SHAPE_KJI = (40, 72, 72)

@@ -12,8 +12,8 @@ import pytest
 from numpy.testing import assert_allclose
 from scipy.spatial.transform import Rotation
 
-from calibration.geometry import ImagerGeometry
-from registration.dicom_export import (
+from spineguide.calibration.geometry import ImagerGeometry
+from spineguide.registration.dicom_export import (
     DicomExportError,
     SeriesInfo,
     format_ds,
@@ -24,10 +24,10 @@ from registration.dicom_export import (
     save,
     spatial_registration,
 )
-from registration.plan import Plan, load_dicom_plan
-from registration.pose import Pose
+from spineguide.registration.plan import Plan, load_dicom_plan
+from spineguide.registration.pose import Pose
 from tests.synthetic import small_frames, small_geometry, small_thoracolumbar
-from tracking.room.dicom import write_dicom_plan
+from spineguide.tracking.room.dicom import write_dicom_plan
 
 # DS strings carry 15 significant digits: 1e-12 relative of ~4000 mm room distances.
 GEOMETRY_TOL_MM = 1e-6

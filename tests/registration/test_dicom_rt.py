@@ -10,7 +10,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from registration.dicom_rt import (
+from spineguide.registration.dicom_rt import (
     SUPERSAMPLE,
     ContourType,
     DicomRTError,
@@ -19,8 +19,8 @@ from registration.dicom_rt import (
     read_rtstruct,
     scan_dicom_folder,
 )
-from registration.errors import PatientPositionError
-from registration.volume import CTVolume, PatientPosition
+from spineguide.registration.errors import PatientPositionError
+from spineguide.registration.volume import CTVolume, PatientPosition
 
 # A pixel centre within 1 / (2 F) px of a contour line may go either way (module docstring); the
 # circle test leaves out that band plus the polygon's sagitta (r (1 - cos(pi / n)) = 8e-4 px here).

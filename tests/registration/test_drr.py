@@ -17,8 +17,8 @@ import pytest
 import SimpleITK as sitk
 from numpy.testing import assert_allclose
 
-from calibration.geometry import default_stereo_geometry
-from registration.drr import (
+from spineguide.calibration.geometry import default_stereo_geometry
+from spineguide.registration.drr import (
     compute_drr_pose_derivatives,
     DRR_METADATA_PREFIX,
     AttenuationVolume,
@@ -27,9 +27,9 @@ from registration.drr import (
     compute_drr_batch,
     write_drr_images,
 )
-from registration.errors import DRRError
-from registration.pose import Pose
-from registration.volume import CTVolume
+from spineguide.registration.errors import DRRError
+from spineguide.registration.pose import Pose
+from spineguide.registration.volume import CTVolume
 
 # The accuracy requirement on analytic line integrals.
 LINE_INTEGRAL_RTOL = 0.005
@@ -662,7 +662,7 @@ def test_joseph_skips_only_empty_space():
 
 
 def test_plane_extents_bound_the_non_zero_voxels():
-    from registration._joseph_kernels import plane_extents
+    from spineguide.registration._joseph_kernels import plane_extents
 
     mu = np.zeros((5, 6, 7), np.float32)  # k, j, i
     mu[2, 1, 3] = 1.0

@@ -10,14 +10,14 @@ import pytest
 from numpy.testing import assert_allclose
 from pydicom.uid import generate_uid
 
-from registration.attenuation import hu_to_mu_per_mm
-from registration.drr import AttenuationVolume, compute_drr
-from registration.plan import Plan, PlanError, load_dicom_plan, load_plan_files
-from registration.points import register_points
-from registration.pose import Pose
+from spineguide.registration.attenuation import hu_to_mu_per_mm
+from spineguide.registration.drr import AttenuationVolume, compute_drr
+from spineguide.registration.plan import Plan, PlanError, load_dicom_plan, load_plan_files
+from spineguide.registration.points import register_points
+from spineguide.registration.pose import Pose
 from tests.synthetic import small_geometry, small_thoracolumbar
-from tracking.room.dicom import CT_RESCALE_SLOPE, write_dicom_plan
-from tracking.room.io import write_simulation
+from spineguide.tracking.room.dicom import CT_RESCALE_SLOPE, write_dicom_plan
+from spineguide.tracking.room.io import write_simulation
 
 # Stored CT values are int16 steps of CT_RESCALE_SLOPE HU: rounding moves a voxel by at most half a step.
 HU_TOL = CT_RESCALE_SLOPE / 2 + 1e-4  # + float32 representation of HU values up to 3071 (2.4e-4 / 2)

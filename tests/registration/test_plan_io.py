@@ -7,7 +7,7 @@ import json
 import pytest
 from numpy.testing import assert_allclose
 
-from registration.io import (
+from spineguide.registration.io import (
     FIDUCIALS_SCHEMA,
     FiducialFileError,
     FiducialSchemaError,
@@ -109,7 +109,7 @@ def test_missing_file_names_the_file(tmp_path):
 
 
 def test_decubitus_position_is_refused_for_room_mapping():
-    from registration.errors import PatientPositionError
+    from spineguide.registration.errors import PatientPositionError
 
     with pytest.raises(PatientPositionError, match="HFDL"):
         FiducialSet(("F1",), [[0, 0, 0]]).to_room([0, 0, 0], "HFDL")

@@ -8,8 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from numpy.testing import assert_allclose
 
-from registration.pose import Pose
-from registration.points import (
+from spineguide.registration.pose import Pose
+from spineguide.registration.points import (
     PointFlag,
     PointRegistrationConfig,
     PointRegistrationError,

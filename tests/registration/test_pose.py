@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from numpy.testing import assert_allclose
 
-from registration import Correction, Pose, PoseError, RotationAxis, reduce_to_couch
+from spineguide.registration import Correction, Pose, PoseError, RotationAxis, reduce_to_couch
 
 VECTOR_TOL = 1e-9  # tolerance stated in conventions-vectors.json (mm / deg)
 ALGEBRA_TOL = 1e-9  # compositions of a few 3x3 products: pure round-off

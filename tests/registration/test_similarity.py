@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from numpy.testing import assert_allclose
 
-from registration.errors import RegistrationError
-from registration.similarity import (
+from spineguide.registration.errors import RegistrationError
+from spineguide.registration.similarity import (
     FrameError,
     Similarity,
     estimate_i0,

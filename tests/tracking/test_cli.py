@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from calibration import default_stereo_geometry, write_geometry
-from registration import CTVolume, write_ct
-from registration.attenuation import linear_attenuation_per_mm
-from tracking.cli import CliError, main, parse_six, parse_triplet_mm
+from spineguide.calibration import default_stereo_geometry, write_geometry
+from spineguide.registration import CTVolume, write_ct
+from spineguide.registration.attenuation import linear_attenuation_per_mm
+from spineguide.tracking.cli import CliError, main, parse_six, parse_triplet_mm
 
 WATER_TOL_REL = 0.005  # voxel-aligned cube, exact Siddon path: only ray divergence (<0.1%) and float32 remain
 
@@ -130,8 +130,8 @@ def test_quick_demo_calibrates_then_runs_a_fraction_that_holds_on_the_shift(caps
 
 @pytest.fixture(scope="module")
 def bb_frames(tmp_path_factory):
-    from calibration.phantom import default_phantom
-    from tracking.room import DetectorModel, render_bb_frames, write_frame
+    from spineguide.calibration.phantom import default_phantom
+    from spineguide.tracking.room import DetectorModel, render_bb_frames, write_frame
 
     folder = tmp_path_factory.mktemp("bb")
     geom = default_stereo_geometry(panel_pixels=384, pixel_spacing_mm=0.4 * 1024 / 384)
@@ -269,7 +269,7 @@ def test_register_gives_the_same_answer_from_the_dicom_plan(simulated_case, caps
 def test_dicom_export_writes_rt_images_and_sends_them_to_an_archive(simulated_case, tmp_path, capsys):
     import pydicom
 
-    from tracking.dicom_net import EXPORT_SOP_CLASSES, ListenerConfig, StorageListener
+    from spineguide.tracking.dicom_net import EXPORT_SOP_CLASSES, ListenerConfig, StorageListener
 
     folder, _ = simulated_case
     frames = ["--image", f"A={folder / 'frames' / 'pose_000_A.mha'}", "--image", f"B={folder / 'frames' / 'pose_000_B.mha'}"]

@@ -1,4 +1,4 @@
-"""Hostile command lines and files through ``spineguide`` (``tracking.cli.main``, in-process).
+"""Hostile command lines and files through ``spineguide`` (``spineguide.tracking.cli.main``, in-process).
 
 Every bad input must end with exit 2 (nothing could be computed) or 3 (a result computed but not to be
 trusted), exactly one line on stderr and no traceback anywhere. The silent-wrong cases of issue #14 (an
@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from registration import CTVolume, write_ct
-from tracking.cli import (
+from spineguide.registration import CTVolume, write_ct
+from spineguide.tracking.cli import (
     EXIT_ERROR,
     EXIT_NOT_TRUSTED,
     _Parser,
@@ -24,7 +24,7 @@ from tracking.cli import (
     main,
     rejoin_negative_values,
 )
-from tracking.config import SafetyConfig
+from spineguide.tracking.config import SafetyConfig
 
 
 def run(argv, capsys) -> tuple[int, str, str]:
@@ -142,7 +142,7 @@ def case(simulated_case, tmp_path_factory):
 
 
 def _ct_fields(path: Path) -> dict:
-    from registration.volume import read_ct
+    from spineguide.registration.volume import read_ct
 
     ct = read_ct(path)
     return {"hu": ct.hu, "spacing_mm": ct.spacing_mm, "origin_lps_mm": ct.origin_lps_mm, "direction": ct.direction,
@@ -335,7 +335,7 @@ def test_traceback_only_with_verbose(case, capsys):
 
 
 def test_an_internal_error_is_one_line_exit_4(monkeypatch, capsys):
-    import tracking.cli as cli
+    import spineguide.tracking.cli as cli
 
     def boom(args):
         raise ZeroDivisionError("division by zero in a defect")
@@ -347,7 +347,7 @@ def test_an_internal_error_is_one_line_exit_4(monkeypatch, capsys):
 
 
 def test_interrupt_and_broken_pipe_are_one_line(monkeypatch, capsys):
-    import tracking.cli as cli
+    import spineguide.tracking.cli as cli
 
     def interrupted(args):
         raise KeyboardInterrupt
@@ -504,8 +504,8 @@ def test_anatomy_correction_beyond_the_limit_exits_3(case, capsys):
 
 def test_crafted_header_is_refused_before_any_allocation(tmp_path):
     # .npy and .mha headers declaring more than the limit are refused from the header alone.
-    from registration.errors import VolumeFileError
-    from registration.imagefile import load_npy, read_sitk_image
+    from spineguide.registration.errors import VolumeFileError
+    from spineguide.registration.imagefile import load_npy, read_sitk_image
 
     p = tmp_path / "big.mha"
     p.write_bytes(b"ObjectType = Image\nNDims = 3\nDimSize = 2000 2000 2000\nElementType = MET_DOUBLE\n"

@@ -17,31 +17,31 @@ import pytest
 from aiohttp import test_utils
 from numpy.testing import assert_allclose
 
-from calibration.geometry import default_stereo_geometry
-from registration.pose import Pose
-from tracking.console.config import (
+from spineguide.calibration.geometry import default_stereo_geometry
+from spineguide.registration.pose import Pose
+from spineguide.tracking.console.config import (
     ConsoleConfig,
     ConsoleConfigError,
     connect_address,
     console_config_from_service,
 )
-from tracking.console.display import (
+from spineguide.tracking.console.display import (
     SeedOverlay,
     render_frame,
     seed_overlays,
     window_levels,
 )
-from tracking.console.live import LiveState
-from tracking.console.review import (
+from spineguide.tracking.console.live import LiveState
+from spineguide.tracking.console.review import (
     ReviewError,
     resolve_session,
     review_session,
     write_review_html,
 )
-from tracking.console.rig import SimulatedRoom
-from tracking.console.server import MAX_FAILED_LOGINS_PER_MIN, ConsoleServer, _pair_frame_files
-from tracking.errors import FrameError
-from tracking.record import RecordError, SessionRecord, read_record
+from spineguide.tracking.console.rig import SimulatedRoom
+from spineguide.tracking.console.server import MAX_FAILED_LOGINS_PER_MIN, ConsoleServer, _pair_frame_files
+from spineguide.tracking.errors import FrameError
+from spineguide.tracking.record import RecordError, SessionRecord, read_record
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -231,7 +231,7 @@ def test_connect_address():
 
 
 def test_config_from_service_takes_limits_record_and_approval(tmp_path):
-    from tracking.config import config_from_dict
+    from spineguide.tracking.config import config_from_dict
 
     svc = config_from_dict({"endpoints": {"publish": "tcp://*:6001", "command": "tcp://127.0.0.1:6002",
                                           "frames": "tcp://127.0.0.1:6003"},
@@ -506,7 +506,7 @@ def test_qa_view_shows_the_trend_and_the_calibration_report(tmp_path):
 def test_console_cli_needs_a_service_config_and_a_readable_token(tmp_path):
     import argparse
 
-    from tracking import _cli_console
+    from spineguide.tracking import _cli_console
 
     parser = argparse.ArgumentParser()
     _cli_console.add_commands(parser.add_subparsers(dest="command"))
@@ -533,11 +533,11 @@ def _best_shift(edges: np.ndarray, gradient: np.ndarray, reach: int = 4) -> tupl
 
 
 def test_drr_edges_sit_on_the_vertebra_at_the_estimated_pose():
-    from registration.anatomy import RegionOfInterest
-    from registration.drr import AttenuationVolume
+    from spineguide.registration.anatomy import RegionOfInterest
+    from spineguide.registration.drr import AttenuationVolume
     from tests.synthetic import small_geometry, small_thoracolumbar
-    from tracking.console.display import AnatomyOverlay, drr_edges, render_frame
-    from tracking.room import DetectorModel, KVSimulator
+    from spineguide.tracking.console.display import AnatomyOverlay, drr_edges, render_frame
+    from spineguide.tracking.room import DetectorModel, KVSimulator
 
     phantom, geometry = small_thoracolumbar(with_seeds=False), small_geometry(256, 1.6)
     roi = RegionOfInterest.from_labels(phantom.planning_ct, phantom.labels, phantom.target_label)
@@ -564,13 +564,13 @@ def test_drr_edges_sit_on_the_vertebra_at_the_estimated_pose():
 
 
 def test_anatomy_plan_gives_the_console_its_overlay_and_the_pose_of_a_correction(tmp_path):
-    from calibration.io import write_geometry
-    from registration.volume import write_ct
+    from spineguide.calibration.io import write_geometry
+    from spineguide.registration.volume import write_ct
     from tests.synthetic import small_geometry, small_thoracolumbar
-    from tracking.config import PlanConfig, ServiceConfig
-    from tracking.console.config import console_config_from_service
-    from tracking.console.display import AnatomyOverlay
-    from tracking.console.server import _pose_of
+    from spineguide.tracking.config import PlanConfig, ServiceConfig
+    from spineguide.tracking.console.config import console_config_from_service
+    from spineguide.tracking.console.display import AnatomyOverlay
+    from spineguide.tracking.console.server import _pose_of
 
     phantom = small_thoracolumbar(with_seeds=False)
     plan = PlanConfig(method="anatomy", geometry=write_geometry(small_geometry(), tmp_path / "g.json"),
@@ -600,9 +600,9 @@ def test_console_numbers_are_bounded_like_the_service_ones(kw, match):
 def test_console_simulate_connects_with_the_rooms_console_key(tmp_path):
     import argparse
 
-    from tracking import _cli_console
-    from tracking.config import config_from_dict
-    from tracking.sims import ClientKeys
+    from spineguide.tracking import _cli_console
+    from spineguide.tracking.config import config_from_dict
+    from spineguide.tracking.sims import ClientKeys
 
     class Room:  # what build_console_config reads of a SimulatedRoom
         config = config_from_dict({"plan": {"method": "pattern"}, "security": {"enabled": False}})

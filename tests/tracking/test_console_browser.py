@@ -1,7 +1,7 @@
 """The console in a real headless browser (Debian chromium driven by Playwright) against the simulated room.
 
 The service, its imager and delivery simulators run in this process
-(:class:`~tracking.console.rig.SimulatedRoom`); the console serves the page
+(:class:`~spineguide.tracking.console.rig.SimulatedRoom`); the console serves the page
 on a free loopback port. Screenshots of each step are saved under
 ``tmp_path`` (pytest keeps the last runs' folders) as test artefacts.
 Skipped only when chromium or Playwright is missing and ``CI`` is unset.
@@ -15,11 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from registration.pose import Pose
-from tracking.console.config import ConsoleConfig
-from tracking.console.rig import SimulatedRoom
-from tracking.console.server import ConsoleThread
-from tracking.record import read_record
+from spineguide.registration.pose import Pose
+from spineguide.tracking.console.config import ConsoleConfig
+from spineguide.tracking.console.rig import SimulatedRoom
+from spineguide.tracking.console.server import ConsoleThread
+from spineguide.tracking.record import read_record
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",

@@ -16,11 +16,11 @@ import numpy as np
 import pytest
 from numpy.testing import assert_allclose
 
-from calibration.geometry import default_stereo_geometry
+from spineguide.calibration.geometry import default_stereo_geometry
 from tests.synthetic import SEED_I0 as I0
 from tests.synthetic import match_detections as match
 from tests.synthetic import render_kv_frame, seed_on_panel
-from tracking.detection import (
+from spineguide.tracking.detection import (
     Detection,
     DetectionConfig,
     detect_seeds,
@@ -29,7 +29,7 @@ from tracking.detection import (
     line_integrals,
     seed_size_px,
 )
-from tracking.errors import FrameError
+from spineguide.tracking.errors import FrameError
 
 # ---------------------------------------------------------------------------- geometry for tests
 FINE = default_stereo_geometry(panel_pixels=192, pixel_spacing_mm=0.4)["A"]  # realistic pitch, cropped panel

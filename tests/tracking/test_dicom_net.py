@@ -13,11 +13,11 @@ import pydicom
 import pytest
 from numpy.testing import assert_allclose
 
-from registration.dicom_export import SeriesInfo, rt_image, spatial_registration
-from registration.plan import load_dicom_plan
-from registration.pose import Pose
+from spineguide.registration.dicom_export import SeriesInfo, rt_image, spatial_registration
+from spineguide.registration.plan import load_dicom_plan
+from spineguide.registration.pose import Pose
 from tests.synthetic import small_geometry, small_thoracolumbar
-from tracking.dicom_net import (
+from spineguide.tracking.dicom_net import (
     EXPORT_SOP_CLASSES,
     PLANNING_SOP_CLASSES,
     ArchiveConfig,
@@ -26,7 +26,7 @@ from tracking.dicom_net import (
     StorageListener,
     send_to_archive,
 )
-from tracking.room.dicom import write_dicom_plan
+from spineguide.tracking.room.dicom import write_dicom_plan
 
 pytestmark = pytest.mark.timeout(120)
 TIMEOUT_S = 20.0

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from registration.pose import Pose
-from tracking.config import SafetyConfig, SecurityConfig, ServiceConfig, SetupConfig
-from tracking.errors import TrackingError
-from tracking.gating import HoldReason
-from tracking.processing import PairResult, PatternProcessor
-from tracking.record import SessionRecord
-from tracking.states import HOLD_REPEAT_S, Engine, ServiceState, SetupPhase
+from spineguide.registration.pose import Pose
+from spineguide.tracking.config import SafetyConfig, SecurityConfig, ServiceConfig, SetupConfig
+from spineguide.tracking.errors import TrackingError
+from spineguide.tracking.gating import HoldReason
+from spineguide.tracking.processing import PairResult, PatternProcessor
+from spineguide.tracking.record import SessionRecord
+from spineguide.tracking.states import HOLD_REPEAT_S, Engine, ServiceState, SetupPhase
 
 T0 = 1_764_070_000.0
 

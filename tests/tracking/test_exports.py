@@ -9,15 +9,15 @@ import pydicom
 import pytest
 from numpy.testing import assert_allclose
 
-from registration.dicom_export import pose_from_registration_matrix, read_registration_matrix
-from registration.pose import Pose
+from spineguide.registration.dicom_export import pose_from_registration_matrix, read_registration_matrix
+from spineguide.registration.pose import Pose
 from tests.synthetic import small_geometry, small_thoracolumbar
-from tracking.config import ConfigError, PlanConfig, SafetyConfig, ServiceConfig, SetupConfig
-from tracking.exports import SetupExporter
-from tracking.processing import PatternProcessor, build_processor, load_treatment_plan
-from tracking.record import SessionRecord, read_record
-from tracking.room.io import write_simulation
-from tracking.states import Engine
+from spineguide.tracking.config import ConfigError, PlanConfig, SafetyConfig, ServiceConfig, SetupConfig
+from spineguide.tracking.exports import SetupExporter
+from spineguide.tracking.processing import PatternProcessor, build_processor, load_treatment_plan
+from spineguide.tracking.record import SessionRecord, read_record
+from spineguide.tracking.room.io import write_simulation
+from spineguide.tracking.states import Engine
 
 T0 = 1_764_070_000.0
 
@@ -120,7 +120,7 @@ def test_engine_reports_every_setup_sent_to_the_couch_with_the_operator():
 
 
 def test_exported_registration_is_sent_to_the_archive(plans, tmp_path):
-    from tracking.dicom_net import EXPORT_SOP_CLASSES, ListenerConfig, StorageListener
+    from spineguide.tracking.dicom_net import EXPORT_SOP_CLASSES, ListenerConfig, StorageListener
 
     folder, _, _ = plans
     record = SessionRecord(tmp_path / "session.jsonl")
@@ -138,7 +138,7 @@ def test_exported_registration_is_sent_to_the_archive(plans, tmp_path):
 
 
 def test_archive_without_exports_folder_is_refused():
-    from tracking.config import RecordConfig
+    from spineguide.tracking.config import RecordConfig
 
     with pytest.raises(ConfigError, match="dicom_archive needs dicom_exports"):
         RecordConfig(dicom_archive="RV@host:104")

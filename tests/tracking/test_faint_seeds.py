@@ -16,15 +16,15 @@ from hypothesis import given
 from hypothesis import strategies as st
 from numpy.testing import assert_allclose
 
-from registration.errors import SeedMigrationError
-from registration.pose import Pose
+from spineguide.registration.errors import SeedMigrationError
+from spineguide.registration.pose import Pose
 from tests.synthetic import small_thoracolumbar
-from tracking.errors import FiducialNotFoundError, FrameError, ImagerLabelError
-from tracking.fiducials import FaintSearchConfig, FiducialConfig, FiducialFlag, localise_fiducials
-from tracking.flatfield import FlatField, flat_fields_from_geometry_json, read_flat_field
-from tracking.room.chain import ChainConfig, DetectorMaps, RealisticSimulator
-from tracking.room.kv import OutputDtype
-from tracking.room.rooms import room_geometry
+from spineguide.tracking.errors import FiducialNotFoundError, FrameError, ImagerLabelError
+from spineguide.tracking.fiducials import FaintSearchConfig, FiducialConfig, FiducialFlag, localise_fiducials
+from spineguide.tracking.flatfield import FlatField, flat_fields_from_geometry_json, read_flat_field
+from spineguide.tracking.room.chain import ChainConfig, DetectorMaps, RealisticSimulator
+from spineguide.tracking.room.kv import OutputDtype
+from spineguide.tracking.room.rooms import room_geometry
 
 PANEL = 512
 #: 3D seed error at i0 6000 under scatter 1.5: the fitted centre's noise is about 0.3 px per view
@@ -162,7 +162,7 @@ def test_migrated_seed_in_clinic_frames_is_never_used_silently():
 def test_register_takes_gain_and_offset_maps(simulated_case, tmp_path, capsys):
     import json
 
-    from tracking.cli import main
+    from spineguide.tracking.cli import main
 
     folder, truth = simulated_case
     iso = ",".join(repr(float(v)) for v in truth["isocentre_lps_mm"])
@@ -187,9 +187,9 @@ def test_register_takes_gain_and_offset_maps(simulated_case, tmp_path, capsys):
 
 @pytest.mark.slow
 def test_fiducial_processor_applies_the_flat_fields():
-    from tracking.frames import KvFrame
-    from tracking.gating import HoldReason
-    from tracking.processing import FiducialProcessor
+    from spineguide.tracking.frames import KvFrame
+    from spineguide.tracking.gating import HoldReason
+    from spineguide.tracking.processing import FiducialProcessor
 
     sim = _sim("floor")
     planned, names = _planned()

@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 from numpy.testing import assert_allclose
 
-from calibration.geometry import default_stereo_geometry
-from registration.drr import AttenuationVolume, PanelRegion, compute_drr
-from registration.points import SeedMigrationError
-from registration.pose import Pose
+from spineguide.calibration.geometry import default_stereo_geometry
+from spineguide.registration.drr import AttenuationVolume, PanelRegion, compute_drr
+from spineguide.registration.points import SeedMigrationError
+from spineguide.registration.pose import Pose
 from tests.synthetic import (
     SEED_PANEL_PIXELS,
     SEED_PIXEL_SPACING_MM,
@@ -29,9 +29,9 @@ from tests.synthetic import (
     small_geometry,
     small_thoracolumbar,
 )
-from tracking._stereo_kernels import triangulate_two_views
-from tracking.errors import FiducialNotFoundError, FrameError
-from tracking.fiducials import (
+from spineguide.tracking._stereo_kernels import triangulate_two_views
+from spineguide.tracking.errors import FiducialNotFoundError, FrameError
+from spineguide.tracking.fiducials import (
     _STEREO,
     FiducialConfig,
     FiducialConfigError,

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from calibration import default_stereo_geometry
-from tracking.errors import FrameError
-from tracking.frames import KvFrame, parse_image_args, read_frame, read_stereo_frames
+from spineguide.calibration import default_stereo_geometry
+from spineguide.tracking.errors import FrameError
+from spineguide.tracking.frames import KvFrame, parse_image_args, read_frame, read_stereo_frames
 
 GEOM = default_stereo_geometry(panel_pixels=64, pixel_spacing_mm=6.4)
 

@@ -14,9 +14,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tracking.errors import FrameError, WireSchemaError
-from tracking.frames import KvFrame
-from tracking.wire import (
+from spineguide.tracking.errors import FrameError, WireSchemaError
+from spineguide.tracking.frames import KvFrame
+from spineguide.tracking.wire import (
     KNOWN_MAJOR,
     CommandRequest,
     WireFrame,

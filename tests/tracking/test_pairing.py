@@ -7,10 +7,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tracking.errors import TrackingError
-from tracking.frames import KvFrame
-from tracking.gating import HoldReason
-from tracking.pairing import MAX_PAIR_ID_JUMP, CompletePair, FrameAccepted, FramePairer, NewEpoch, PairFault
+from spineguide.tracking.errors import TrackingError
+from spineguide.tracking.frames import KvFrame
+from spineguide.tracking.gating import HoldReason
+from spineguide.tracking.pairing import MAX_PAIR_ID_JUMP, CompletePair, FrameAccepted, FramePairer, NewEpoch, PairFault
 
 PIXELS = np.full((4, 4), 1000, np.uint16)
 TIMEOUT_S = 0.05

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from numpy.testing import assert_allclose
 
-from calibration.io import geometry_from_json
-from registration.attenuation import linear_attenuation_per_mm
-from tracking.room.chain import (
+from spineguide.calibration.io import geometry_from_json
+from spineguide.registration.attenuation import linear_attenuation_per_mm
+from spineguide.tracking.room.chain import (
     ChainConfig,
     DetectorMaps,
     MaterialPaths,
@@ -16,8 +16,8 @@ from tracking.room.chain import (
     material_mu_per_mm,
     render_chain_frame,
 )
-from tracking.room.kv import OutputDtype, SimulationError
-from tracking.room.rooms import floor_source_geometry, room_geometry
+from spineguide.tracking.room.kv import OutputDtype, SimulationError
+from spineguide.tracking.room.rooms import floor_source_geometry, room_geometry
 
 PANEL = 64
 RTOL_FLOAT = 1e-9  # float64 sums of the same terms in another order

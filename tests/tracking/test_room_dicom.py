@@ -14,12 +14,12 @@ import pydicom
 import pytest
 from numpy.testing import assert_allclose
 
-from registration.dicom_rt import rasterise_contours, read_rtplan, read_rtstruct
-from registration.volume import CTVolume
+from spineguide.registration.dicom_rt import rasterise_contours, read_rtplan, read_rtstruct
+from spineguide.registration.volume import CTVolume
 from tests.synthetic import small_thoracolumbar
-from tracking._cli_dicom import add_commands
-from tracking.errors import TrackingError
-from tracking.room.dicom import CT_RESCALE_INTERCEPT, CT_RESCALE_SLOPE, label_contours_lps_mm, write_dicom_plan
+from spineguide.tracking._cli_dicom import add_commands
+from spineguide.tracking.errors import TrackingError
+from spineguide.tracking.room.dicom import CT_RESCALE_INTERCEPT, CT_RESCALE_SLOPE, label_contours_lps_mm, write_dicom_plan
 
 HU_TOL = CT_RESCALE_SLOPE / 2 + 1e-4  # half a stored step (+ float32 HU representation)
 LPS_TOL_MM = 1e-9  # DS strings with 15 significant digits
@@ -121,7 +121,7 @@ def test_import_command_reports_series_structures_and_plan(written):
 
 
 def test_import_command_fails_on_a_broken_folder(written, tmp_path):
-    from registration.plan import PlanError
+    from spineguide.registration.plan import PlanError
 
     _, files = written
     shutil.copytree(files.out_dir, tmp_path / "d")

@@ -9,12 +9,12 @@ import pytest
 import SimpleITK as sitk
 from numpy.testing import assert_allclose
 
-from calibration.io import read_geometry
-from registration.pose import Pose
-from registration.volume import PatientPosition, read_ct
+from spineguide.calibration.io import read_geometry
+from spineguide.registration.pose import Pose
+from spineguide.registration.volume import PatientPosition, read_ct
 from tests.synthetic import small_geometry, small_simulator, small_thoracolumbar
-from tracking.errors import TrackingError
-from tracking.room.io import TRUTH_SCHEMA, write_simulation
+from spineguide.tracking.errors import TrackingError
+from spineguide.tracking.room.io import TRUTH_SCHEMA, write_simulation
 
 MM_TOL = 1e-9  # values round-tripped through JSON (repr floats) and float64 arithmetic
 PX_TOL = 1e-6  # projections through a geometry read back from JSON

@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 from numpy.testing import assert_allclose
 
-from calibration.geometry import default_stereo_geometry
-from registration.attenuation import linear_attenuation_per_mm
-from registration.drr import compute_drr
-from registration.pose import Pose
+from spineguide.calibration.geometry import default_stereo_geometry
+from spineguide.registration.attenuation import linear_attenuation_per_mm
+from spineguide.registration.drr import compute_drr
+from spineguide.registration.pose import Pose
 from tests.synthetic import small_geometry, small_simulator, small_thoracolumbar
-from tracking.room.kv import (
+from spineguide.tracking.room.kv import (
     HOT_PIXEL_VALUE,
     DetectorModel,
     KVSimulator,
@@ -23,7 +23,7 @@ from tracking.room.kv import (
     render_bb_frames,
     sphere_chord_mm,
 )
-from tracking.room.phantoms import Seed, SeedShape
+from spineguide.tracking.room.phantoms import Seed, SeedShape
 
 CHORD_TOL_MM = 1e-9  # closed-form chords, float64
 LOG_TOL = 1e-6  # float64 log of a float64 transmission; the DRR part cancels exactly

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from numpy.testing import assert_allclose
 
-from registration.pose import Pose
-from tracking.room.motion import (
+from spineguide.registration.pose import Pose
+from spineguide.tracking.room.motion import (
     Breathing,
     Drift,
     MotionError,

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from numpy.testing import assert_allclose
 
-from registration.volume import PatientPosition
+from spineguide.registration.volume import PatientPosition
 from tests.synthetic import small_cervical, small_thoracolumbar
-from tracking.room.phantoms import (
+from spineguide.tracking.room.phantoms import (
     CERVICAL_MODEL_ORIGIN_LPS_MM,
     HU,
     PLANNING_SEED_HU,
@@ -20,7 +20,7 @@ from tracking.room.phantoms import (
     SeedShape,
     thoracolumbar_phantom,
 )
-from tracking.room._shapes import Ellipsoid, Layer, voxelise
+from spineguide.tracking.room._shapes import Ellipsoid, Layer, voxelise
 
 # The truth anatomy has no noise: a voxel whose whole footprint lies inside one
 # tissue carries exactly that tissue's HU (float32 blending of a single layer).

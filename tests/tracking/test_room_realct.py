@@ -19,12 +19,12 @@ import pytest
 import SimpleITK as sitk
 from numpy.testing import assert_allclose
 
-from calibration.geometry import ImagerGeometry, StereoGeometry, default_stereo_geometry
-from registration.pose import Pose
-from registration.volume import CTVolume
-from tracking.errors import SimulationError
-from tracking.room.kv import DetectorModel
-from tracking.room.realct import (
+from spineguide.calibration.geometry import ImagerGeometry, StereoGeometry, default_stereo_geometry
+from spineguide.registration.pose import Pose
+from spineguide.registration.volume import CTVolume
+from spineguide.tracking.errors import SimulationError
+from spineguide.tracking.room.kv import DetectorModel
+from spineguide.tracking.room.realct import (
     BEYOND_ENDS_MAX_HU,
     build_set,
     VERTEBRA_NAMES,
@@ -417,8 +417,8 @@ def test_built_set_holds_the_canonical_ct_labels_and_one_folder_per_case(tmp_pat
 
 
 def test_cli_simulate_ct_builds_a_set_from_any_ct_and_labels(tmp_path, nifti_pair, capsys):
-    from calibration.io import write_geometry
-    from tracking.cli import main
+    from spineguide.calibration.io import write_geometry
+    from spineguide.tracking.cli import main
 
     ct_path, lab_path = nifti_pair
     room = write_geometry(_small_room(), tmp_path / "room.json")

@@ -8,14 +8,14 @@ from hypothesis import assume, given
 from hypothesis import strategies as st
 from numpy.testing import assert_allclose
 
-from registration.pose import Pose
-from tracking.config import CouchConfig, SafetyConfig, ServiceConfig, SetupConfig
-from tracking.frames import KvFrame
-from tracking.gating import HoldReason
-from tracking.processing import PairResult, PatternProcessor, stamp_pose_pattern
-from tracking.record import SessionRecord
-from tracking.sims import pattern_frame
-from tracking.states import (
+from spineguide.registration.pose import Pose
+from spineguide.tracking.config import CouchConfig, SafetyConfig, ServiceConfig, SetupConfig
+from spineguide.tracking.frames import KvFrame
+from spineguide.tracking.gating import HoldReason
+from spineguide.tracking.processing import PairResult, PatternProcessor, stamp_pose_pattern
+from spineguide.tracking.record import SessionRecord
+from spineguide.tracking.sims import pattern_frame
+from spineguide.tracking.states import (
     ALLOWED_STATES,
     Command,
     Engine,
@@ -242,7 +242,7 @@ def test_processor_exception_becomes_internal_error_hold_and_engine_keeps_going(
 
 
 def test_pair_result_refuses_ok_without_pose():
-    from tracking.errors import TrackingError
+    from spineguide.tracking.errors import TrackingError
 
     with pytest.raises(TrackingError, match="must carry a pose"):
         PairResult(HoldReason.OK)

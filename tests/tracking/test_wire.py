@@ -9,10 +9,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from registration import Pose
-from tracking.errors import FrameError, WireSchemaError
-from tracking.gating import Beam, GatingDecision, HoldReason
-from tracking.wire import (
+from spineguide.registration import Pose
+from spineguide.tracking.errors import FrameError, WireSchemaError
+from spineguide.tracking.gating import Beam, GatingDecision, HoldReason
+from spineguide.tracking.wire import (
     SeqCounter,
     WireLimits,
     decode_json_message,
@@ -196,7 +196,7 @@ def test_schema_parser_and_sequence_numbers():
 
 
 # ------------------------------------------------------------ command, reply, couch, outgoing bodies
-from tracking.wire import (  # noqa: E402
+from spineguide.tracking.wire import (  # noqa: E402
     NonFinitePixelsError,
     PayloadSizeError,
     correction_body,

@@ -171,8 +171,8 @@ def _planned_seeds(plan) -> PlannedSeeds | None:
     """Planned seeds in the room frame for a fiducial plan (None for other methods)."""
     if plan.method != "fiducial":
         return None
-    from calibration.io import read_geometry
-    from registration.plan import load_plan_files
+    from spineguide.calibration.io import read_geometry
+    from spineguide.registration.plan import load_plan_files
 
     loaded = load_plan_files(plan.ct, plan.isocentre_lps_mm, fiducials_path=plan.fiducials)
     return PlannedSeeds(loaded.fiducials.names, loaded.fiducials_room_mm(), read_geometry(plan.geometry))
@@ -182,8 +182,8 @@ def _anatomy_overlay(plan):
     """The registration ROI's attenuation for the DRR-edge overlay of an anatomy plan (None otherwise)."""
     if plan.method != "anatomy":
         return None
-    from calibration.io import read_geometry
-    from registration.drr import AttenuationVolume
+    from spineguide.calibration.io import read_geometry
+    from spineguide.registration.drr import AttenuationVolume
 
     from ..processing import anatomy_roi, load_treatment_plan
     from .display import AnatomyOverlay

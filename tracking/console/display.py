@@ -45,7 +45,7 @@ _CYAN = (255, 220, 0)
 class AnatomyOverlay:
     """The anatomy method's plan for display: the target's attenuation (room frame) and the imagers.
 
-    ``volume`` is a :class:`registration.drr.AttenuationVolume` cropped to the
+    ``volume`` is a :class:`spineguide.registration.drr.AttenuationVolume` cropped to the
     registration ROI; ``geometry`` the stereo geometry (room frame, mm).
     """
 
@@ -60,7 +60,7 @@ def drr_edges(overlay: AnatomyOverlay, imager_name: str, pose, shape_px: tuple[i
     few milliseconds for a vertebra ROI), normalised and passed through
     OpenCV's Canny detector, then resized to the display frame.
     """
-    from registration.drr import compute_drr
+    from spineguide.registration.drr import compute_drr
 
     imager = overlay.geometry[imager_name]
     rows, cols = shape_px
@@ -195,7 +195,7 @@ def seed_overlays(imager, planned_room_mm: np.ndarray, names: tuple[str, ...], c
     tuple of SeedOverlay
         Planned projections always; detections and predictions where the correction has them.
     """
-    from registration.pose import Correction
+    from spineguide.registration.pose import Correction
 
     planned_px = imager.project(planned_room_mm) if len(planned_room_mm) else np.zeros((0, 2))
     detected: dict[str, tuple[float, float]] = {}

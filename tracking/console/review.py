@@ -1,4 +1,4 @@
-"""Session review: a recorded session (``tracking.record``) analysed, and its HTML report with figures.
+"""Session review: a recorded session (``spineguide.tracking.record``) analysed, and its HTML report with figures.
 
 :func:`review_session` reads a session record and extracts the deviation
 and beam timeline (every ``gating/1`` sent), each HOLD run with its reason,
@@ -156,7 +156,7 @@ def list_sessions(folder: str | os.PathLike) -> list[dict[str, Any]]:
 
     Each entry: ``name``, ``started_unix_s``, ``size_bytes``. Files that are not session records are skipped.
     """
-    from calibration.jsonfile import parse_json_bytes
+    from spineguide.calibration.jsonfile import parse_json_bytes
 
     out = []
     for f in sorted(Path(folder).glob("*.jsonl")):

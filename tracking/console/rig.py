@@ -1,8 +1,8 @@
 """A simulated treatment room for the console: service, imager and delivery simulators in one process.
 
-:class:`SimulatedRoom` starts the real :class:`~tracking.loop.Service`
+:class:`SimulatedRoom` starts the real :class:`~spineguide.tracking.loop.Service`
 (pattern method: test-pattern frames carrying the true pose), a delivery
-simulator (:func:`~tracking.sims.run_delivery_sim`: obeys gating, moves the
+simulator (:func:`~spineguide.tracking.sims.run_delivery_sim`: obeys gating, moves the
 couch on an approved correction) and an imager that streams stereo pairs
 at a fixed rate with the true pose ``C_couch o shift o setup_error``, where
 ``shift`` can be changed at any time (:meth:`SimulatedRoom.inject_shift`).
@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import zmq
 
-from registration.pose import Correction, Pose
+from spineguide.registration.pose import Correction, Pose
 
 from ..config import config_from_dict
 from ..errors import TrackingError, WireSchemaError

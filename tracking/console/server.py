@@ -357,7 +357,7 @@ class ConsoleServer:
 
 # ====================================================================== HTTP
 def _static(name: str) -> bytes:
-    return resources.files("tracking.console").joinpath("static", name).read_bytes()
+    return resources.files("spineguide.tracking.console").joinpath("static", name).read_bytes()
 
 
 _LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1")
@@ -552,9 +552,9 @@ def _jsonable(obj: Any) -> Any:
 
 def _qa_page(config: ConsoleConfig) -> str:
     """The QA view: QA trend table and plot, and the latest calibration report (links)."""
-    from calibration.errors import CalibrationError
-    from calibration.qa import read_history, trend
-    from calibration.report import write_trend_plot
+    from spineguide.calibration.errors import CalibrationError
+    from spineguide.calibration.qa import read_history, trend
+    from spineguide.calibration.report import write_trend_plot
 
     parts = ["<!doctype html><html lang='en'><head><meta charset='utf-8'><title>QA</title>"
              "<link rel='stylesheet' href='/static/console.css'></head><body class='doc'><h1>QA</h1>"
@@ -649,7 +649,7 @@ def _pose_of(correction: dict | None):
     """The patient pose a ``correction/1`` message implies (the inverse of its correction), or None."""
     if not correction:
         return None
-    from registration.pose import Correction
+    from spineguide.registration.pose import Correction
 
     try:
         return Correction.from_six(correction["translation_mm"], correction["rotation_deg"]).to_pose()
@@ -662,7 +662,7 @@ def _pair_frame_files(folder: Path, pair_id: int) -> dict[str, Path]:
 
     The record names frames ``<pair_id:08d>_<imager>.npy`` in the first epoch and
     ``e<epoch>_<pair_id:08d>_<imager>.npy`` after an imager restart or a pair-id jump
-    (:meth:`tracking.record.SessionRecord.save_frame`), so the same pair id can be there more than once;
+    (:meth:`spineguide.tracking.record.SessionRecord.save_frame`), so the same pair id can be there more than once;
     frames of two epochs are never shown as one pair.
     """
     pattern = re.compile(rf"(?:e(\d+)_)?{int(pair_id):08d}_([^.]+)\.npy")

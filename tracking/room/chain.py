@@ -1,6 +1,6 @@
 """A clinic-like kV imaging chain for the virtual room: spectrum, scatter, heel, panel defects and noise.
 
-The simple image model of :mod:`tracking.room.kv` (one effective energy,
+The simple image model of :mod:`spineguide.tracking.room.kv` (one effective energy,
 optional scatter and heel) makes frames far cleaner than a clinic's. This
 module adds what a real chain does to the same line integrals, each effect
 switchable on its own (``docs/VIRTUAL_ROOM.md`` gives the sources):
@@ -41,11 +41,11 @@ from types import MappingProxyType
 import cv2
 import numpy as np
 
-from calibration.geometry import ImagerGeometry, StereoGeometry
-from registration.attenuation import DEFAULT_CT_ENERGY_KEV, bone_hu
-from registration.drr import AttenuationVolume, compute_drr
-from registration.pose import Pose
-from registration.volume import room_from_lps_matrix
+from spineguide.calibration.geometry import ImagerGeometry, StereoGeometry
+from spineguide.registration.attenuation import DEFAULT_CT_ENERGY_KEV, bone_hu
+from spineguide.registration.drr import AttenuationVolume, compute_drr
+from spineguide.registration.pose import Pose
+from spineguide.registration.volume import room_from_lps_matrix
 
 from ..errors import SimulationError
 from .kv import FrameTruth, OutputDtype, StereoFrames, _Marker, _rng, _ro, _window_subrays
@@ -164,7 +164,7 @@ class Spectrum:
 
     @classmethod
     def mono(cls, energy_kev: float) -> "Spectrum":
-        """A single energy (the model of :mod:`tracking.room.kv`)."""
+        """A single energy (the model of :mod:`spineguide.tracking.room.kv`)."""
         return cls(np.array([float(energy_kev)]), np.array([1.0]), f"{energy_kev:g} keV")
 
     @property
@@ -491,9 +491,9 @@ class RealisticSimulator:
     """Stereo frames of a phantom through a clinic-like chain (:class:`ChainConfig`), with ground truth.
 
     The anatomy is split into water and cortical-bone path lengths with the
-    bilinear HU model of :mod:`registration.attenuation` (``HU <= 0``: water
+    bilinear HU model of :mod:`spineguide.registration.attenuation` (``HU <= 0``: water
     of density ``1 + HU/1000``; ``HU > 0``: water and bone in the proportion
-    ``HU / HU_bone``), each projected by :func:`registration.drr.compute_drr`
+    ``HU / HU_bone``), each projected by :func:`spineguide.registration.drr.compute_drr`
     (two DRRs per view); the seeds are exact gold chords. The path lengths
     can also be given from elsewhere (``paths``, e.g. plastimatch).
 

@@ -16,7 +16,7 @@ Contours come from the label mask slice by slice: the slice is upsampled 2x
 (each voxel a 2x2 block) and ``cv2.findContours`` traces the block
 boundaries, so every contour runs a quarter voxel inside the voxel edges of
 the boundary voxels and (for holes) a quarter voxel into the bone around the
-hole. Filled back with the pixel-centre rule (``registration.dicom_rt``),
+hole. Filled back with the pixel-centre rule (``spineguide.registration.dicom_rt``),
 these contours give the label mask back voxel for voxel.
 """
 
@@ -33,8 +33,8 @@ from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import generate_uid
 
-from registration.dicom_export import SeriesInfo, format_ds, new_instance, save
-from registration.plan import PatientStudy
+from spineguide.registration.dicom_export import SeriesInfo, format_ds, new_instance, save
+from spineguide.registration.plan import PatientStudy
 
 from ..errors import TrackingError
 from .phantoms import Phantom

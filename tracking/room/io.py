@@ -24,11 +24,11 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from calibration.geometry import StereoGeometry, default_stereo_geometry
-from calibration.io import write_geometry
-from calibration.jsonfile import write_json_document
-from registration.io import FiducialSet, write_fiducials
-from registration.volume import write_ct
+from spineguide.calibration.geometry import StereoGeometry, default_stereo_geometry
+from spineguide.calibration.io import write_geometry
+from spineguide.calibration.jsonfile import write_json_document
+from spineguide.registration.io import FiducialSet, write_fiducials
+from spineguide.registration.volume import write_ct
 
 from ..errors import TrackingError
 from .dicom import write_dicom_plan
@@ -122,7 +122,7 @@ def write_simulation(
     seed : int
         Seeds the poses and the frame noise (pose ``i`` uses noise seed ``seed + 1 + i``).
     geometry : StereoGeometry, optional
-        Default: :func:`calibration.geometry.default_stereo_geometry`.
+        Default: :func:`spineguide.calibration.geometry.default_stereo_geometry`.
     detector : DetectorModel, optional
         Default :class:`DetectorModel` (``i0 = 20000``, uint16).
     energy_kev : float

@@ -6,7 +6,7 @@ Image model, per imager and pixel (docs/CONVENTIONS.md, "kV images"):
 ``frame = Poisson(expected)``, then dead (0) and hot (65535) pixels,
 clipped to 65535 and stored as uint16 (or float32).
 
-- ``L_anatomy`` is the DRR line integral (:func:`registration.drr.compute_drr`)
+- ``L_anatomy`` is the DRR line integral (:func:`spineguide.registration.drr.compute_drr`)
   of the phantom's seed-free truth anatomy converted to attenuation at the
   imaging energy (:meth:`AttenuationVolume.from_ct`), one ray per pixel centre.
 - ``T_seeds`` is the transmission of the gold seeds, computed analytically:
@@ -32,12 +32,12 @@ from types import MappingProxyType
 import cv2
 import numpy as np
 
-from calibration.geometry import ImagerGeometry, StereoGeometry
-from registration.attenuation import DEFAULT_IMAGING_ENERGY_KEV, linear_attenuation_per_mm
-from registration.drr import AttenuationVolume, compute_drr
-from registration.errors import RegistrationError
-from registration.pose import Pose
-from registration.volume import room_from_lps_matrix
+from spineguide.calibration.geometry import ImagerGeometry, StereoGeometry
+from spineguide.registration.attenuation import DEFAULT_IMAGING_ENERGY_KEV, linear_attenuation_per_mm
+from spineguide.registration.drr import AttenuationVolume, compute_drr
+from spineguide.registration.errors import RegistrationError
+from spineguide.registration.pose import Pose
+from spineguide.registration.volume import room_from_lps_matrix
 
 from ..errors import SimulationError
 from .phantoms import Phantom, SeedShape

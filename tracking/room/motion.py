@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from registration.pose import Pose
+from spineguide.registration.pose import Pose
 
 from ..errors import MotionError
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from scipy.spatial.transform import Rotation
 
-from calibration.geometry import ImagerGeometry, StereoGeometry
+from spineguide.calibration.geometry import ImagerGeometry, StereoGeometry
 
 __all__ = ["perturbed_imager", "perturbed_geometry"]
 

@@ -33,8 +33,8 @@ from types import MappingProxyType
 import numpy as np
 from scipy.spatial.transform import Rotation
 
-from registration.attenuation import linear_attenuation_per_mm
-from registration.volume import CTVolume, PatientPosition
+from spineguide.registration.attenuation import linear_attenuation_per_mm
+from spineguide.registration.volume import CTVolume, PatientPosition
 
 from ..errors import TrackingError
 from ._shapes import Box, Capsule, Cylinder, Ellipsoid, EllipticCylinder, Layer, voxelise
@@ -122,7 +122,7 @@ class Seed:
         Cylinder length and diameter; a sphere has ``length_mm == diameter_mm``.
     shape : SeedShape
     material : str
-        Key of :data:`registration.attenuation.MATERIALS` (``"gold"``).
+        Key of :data:`spineguide.registration.attenuation.MATERIALS` (``"gold"``).
     """
 
     name: str

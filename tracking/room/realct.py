@@ -1,10 +1,10 @@
 """Real patient CT in the virtual room: a labelled CT loader and stereo validation cases with exact truth.
 
-The phantoms of :mod:`tracking.room.phantoms` are cleaner than a patient.
+The phantoms of :mod:`spineguide.tracking.room.phantoms` are cleaner than a patient.
 This module takes any CT plus a per-vertebra label map (NIfTI, MHA/NRRD or a
 DICOM series folder for the CT), and renders stereo kV pairs of it at known
 patient poses, by two independent projectors: spineguide's own Siddon DRR
-(:func:`registration.drr.compute_drr`) and plastimatch's exact ray tracer
+(:func:`spineguide.registration.drr.compute_drr`) and plastimatch's exact ray tracer
 (``plastimatch drr``, Debian package ``plastimatch``). ``datasets/realct/``
 holds the recipe that fetches a public CT and builds a set with it.
 
@@ -18,7 +18,7 @@ j along +y (posterior), k along +z (superior).
 
 Labels are stored in the VerSe numbering (C1..C7 = 1..7, T1..T12 = 8..19,
 L1..L5 = 20..24), consecutive along the spine as
-:meth:`registration.anatomy.RegionOfInterest.from_labels` expects; maps in
+:meth:`spineguide.registration.anatomy.RegionOfInterest.from_labels` expects; maps in
 TotalSegmentator's ``total`` numbering (v2: S1 = 26, L5 = 27, ..., C1 = 50)
 are converted on reading.
 """
@@ -39,13 +39,13 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from calibration.geometry import ImagerGeometry, StereoGeometry
-from calibration.io import write_geometry
-from registration.attenuation import DEFAULT_IMAGING_ENERGY_KEV, hu_to_mu_per_mm
-from registration.drr import AttenuationVolume, compute_drr
-from registration.errors import RegistrationError
-from registration.pose import Pose
-from registration.volume import CTVolume, PatientPosition, read_ct, room_from_lps_matrix
+from spineguide.calibration.geometry import ImagerGeometry, StereoGeometry
+from spineguide.calibration.io import write_geometry
+from spineguide.registration.attenuation import DEFAULT_IMAGING_ENERGY_KEV, hu_to_mu_per_mm
+from spineguide.registration.drr import AttenuationVolume, compute_drr
+from spineguide.registration.errors import RegistrationError
+from spineguide.registration.pose import Pose
+from spineguide.registration.volume import CTVolume, PatientPosition, read_ct, room_from_lps_matrix
 
 from ..errors import SimulationError
 from .io import write_frame
@@ -445,7 +445,7 @@ def plastimatch_drr(
     pose : Pose
         Patient pose (room frame, CONVENTIONS).
     room_from_lps : (3, 3) array
-        The CT's patient-position rotation (:func:`registration.volume.room_from_lps_matrix`).
+        The CT's patient-position rotation (:func:`spineguide.registration.volume.room_from_lps_matrix`).
     iso_lps_mm : (3,) sequence
         Plan isocentre, CT LPS mm.
     threads : int
@@ -494,8 +494,8 @@ class CaseRenderer:
         Room frame.
     detector : DetectorModel
         i0, blur, scatter, heel, defects and noise of the frames
-        (:mod:`tracking.room.kv`'s detector chain). The clinic-like chain of
-        :mod:`tracking.room.chain` (spectrum, material paths) needs a
+        (:mod:`spineguide.tracking.room.kv`'s detector chain). The clinic-like chain of
+        :mod:`spineguide.tracking.room.chain` (spectrum, material paths) needs a
         water/bone decomposition of the CT that this module does not make
         yet: ``chain_hook`` is where it goes.
     energy_kev : float

@@ -1,6 +1,6 @@
 """Built-in treatment rooms of the virtual room: the default ceiling-source room and a floor-source room.
 
-Each room is an ordinary :class:`calibration.geometry.StereoGeometry` (what a
+Each room is an ordinary :class:`spineguide.calibration.geometry.StereoGeometry` (what a
 ``kv-geometry/1`` file holds, ``geometry.to_json()``), nominal, never
 calibrated. ``ROOMS`` names them for the simulator, the benchmarks and the
 tests.
@@ -13,7 +13,7 @@ from enum import Enum
 
 import numpy as np
 
-from calibration.geometry import ImagerGeometry, StereoGeometry, default_stereo_geometry
+from spineguide.calibration.geometry import ImagerGeometry, StereoGeometry, default_stereo_geometry
 
 from ..errors import SimulationError
 
