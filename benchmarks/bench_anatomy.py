@@ -314,12 +314,13 @@ def main(argv=None) -> int:
                         help="line-integral model of the ROI DRRs (default: the AnatomyConfig default)")
     parser.add_argument("--jacobian", choices=("central", "analytic"), default=AnatomyConfig().jacobian,
                         help="pose derivatives of the ROI DRRs (default: the AnatomyConfig default)")
-    parser.add_argument("--background-derivatives", choices=("flow", "difference"),
+    parser.add_argument("--background-derivatives", choices=("flow", "difference", "exact"),
                         default=AnatomyConfig().background_derivatives,
                         help="background model's pose derivatives in the full registration (default: the AnatomyConfig default)")
     args = parser.parse_args(argv)
     config = AnatomyConfig(projector=args.projector, jacobian=args.jacobian,
-                           background_derivatives=args.background_derivatives)
+                           background_derivatives=args.background_derivatives,
+                           tracking_background_derivatives=args.background_derivatives)
     n = 5 if args.quick else args.cases
     n_peer = min(1 if args.quick else args.peer_cases, n)
     print(f"# bench_anatomy: {' '.join(sys.argv)}")

@@ -33,6 +33,7 @@ import platform
 import sys
 import time
 from collections import Counter, defaultdict
+from dataclasses import replace
 from pathlib import Path
 
 import numba
@@ -94,17 +95,34 @@ def main(argv=None) -> int:
     parser.add_argument("--peer-cases", type=int, default=4, help="cases (the first K the peer can model) also run through the ITK peer")
     parser.add_argument("--roi-neighbours", type=int, choices=(0, 1), default=1,
                         help="ROI = target vertebra (0) or target +-1 level (1); mTRE is always over the target")
+    parser.add_argument("--background", choices=("flow", "difference", "exact"), default=None,
+                        help="AnatomyConfig.background_derivatives for both modes (default: the config's)")
+    parser.add_argument("--set-config", action="append", default=[], metavar="NAME=VALUE",
+                        help="override an AnatomyConfig number (e.g. background_volume_factor=2); repeatable")
+    parser.add_argument("--only", default=None, help="comma-separated case names (folder names) to run")
     args = parser.parse_args(argv)
     manifest = json.loads((args.set / "set.json").read_text())
     case_dirs = sorted((args.set / "cases").iterdir())[: args.cases]
+    if args.only:
+        wanted = set(args.only.split(","))
+        case_dirs = [d for d in case_dirs if d.name in wanted]
     config = AnatomyConfig()
+    if args.background:
+        config = replace(config, background_derivatives=args.background, tracking_background_derivatives=args.background)
+    for item in args.set_config:
+        name, _, value = item.partition("=")
+        if not hasattr(config, name) or isinstance(getattr(config, name), (tuple, str)) and not isinstance(getattr(config, name), str):
+            parser.error(f"--set-config: no settable AnatomyConfig field {name!r}")
+        config = replace(config, **{name: type(getattr(config, name))(value)})
     print(f"# bench_anatomy_real: {' '.join(sys.argv)}")
     print(f"# machine: {platform.machine()}, {os.cpu_count()} CPUs, numba {numba.__version__} "
           f"({numba.get_num_threads()} threads), numpy {np.__version__}, python {platform.python_version()}")
     print(f"# set: {args.set} ({manifest['cases']} cases, source {manifest['source'].get('package', manifest['source'])}, "
           f"CT {manifest['ct_voxels_ijk']} voxels of {manifest['ct_spacing_mm']} mm, i0 {manifest['i0']:g}, "
           f"truncated levels {manifest['truncated_levels']}); built by: {manifest['command']}")
-    print(f"# anatomy config: projector {config.projector}, jacobian {config.jacobian}, ROI target +-{args.roi_neighbours}")
+    print(f"# anatomy config: projector {config.projector}, jacobian {config.jacobian}, background "
+          f"{config.background_derivatives}/{config.tracking_background_derivatives}, ROI target +-{args.roi_neighbours}"
+          f"{', overrides ' + ' '.join(args.set_config) if args.set_config else ''}")
     peer_cls = None
     try:
         from bench_anatomy import ItkTwoProjectionPeer

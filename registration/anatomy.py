@@ -286,9 +286,12 @@ class AnatomyConfig:
     #: of a point on each ray at the ROI centre's depth, exact to first order for translations,
     #: approximate for rotations, which move anatomy off that depth along the ray; a redraw
     #: costs one DRR per view, so it is redrawn at a tighter distance, ``background_lever_mm``)
-    #: or "difference" (six more DRRs per view, forward differences).
-    background_derivatives: str = "flow"
-    tracking_background_derivatives: str = "flow"
+    #: or "difference" (six more DRRs per view, forward differences), or "exact": no linear
+    #: model at all, the background is rendered (Joseph) at every pose the optimiser evaluates and
+    #: differentiated exactly with the ROI (a patient's background reaches 150-200 mm from the ROI,
+    #: where a linear model in the rotation fails within a fraction of a degree).
+    background_derivatives: str = "exact"
+    tracking_background_derivatives: str = "exact"
     #: Redraw the background when the pose has moved this far (binned pixels at the
     #: isocentre, at the ROI centre; rotations counted at the ROI's RMS radius, or, with
     #: flow derivatives, at ``background_lever_mm``).
@@ -358,8 +361,10 @@ class AnatomyConfig:
         if self.jacobian not in ("central", "analytic"):
             raise AnatomyConfigError(f"jacobian must be 'central' or 'analytic', got {self.jacobian!r}")
         for name in ("background_derivatives", "tracking_background_derivatives"):
-            if getattr(self, name) not in ("flow", "difference"):
-                raise AnatomyConfigError(f"{name} must be 'flow' or 'difference', got {getattr(self, name)!r}")
+            if getattr(self, name) not in ("flow", "difference", "exact"):
+                raise AnatomyConfigError(
+                    f"{name} must be 'flow', 'difference' or 'exact', got {getattr(self, name)!r}"
+                )
         for name in ("levels", "tracking_levels"):
             levels = tuple(getattr(self, name))
             if not levels or not all(isinstance(lv, PyramidLevel) for lv in levels):
@@ -705,6 +710,8 @@ class _View:
     bg0: np.ndarray | None = None
     bg_jac: np.ndarray | None = None
     x_bg: np.ndarray | None = None
+    # Or the background volume itself, rendered exactly at every pose ("exact" derivatives).
+    bg_volume: AttenuationVolume | None = None
 
 
 class AnatomyRegistration:
@@ -802,6 +809,12 @@ class AnatomyRegistration:
         corners = np.array([[i, j, k] for i in (-0.5, ni - 0.5) for j in (-0.5, nj - 0.5) for k in (-0.5, nk - 0.5)])
         self._context_corners_room_mm = corners @ ctx.room_from_index[:3, :3].T + ctx.room_from_index[:3, 3]
         self._level_spacing_mm = roi.level_spacing_mm or cfg.level_spacing_mm
+        # The CT's box (index frame) and its superior axis: rays that leave the box through its
+        # superior or inferior face cross patient anatomy the CT does not hold (a patient does not
+        # end where the CT does), so those panel pixels are left out of the similarity.
+        self._index_from_room = np.linalg.inv(room_from_index)
+        self._ct_shape_ijk = np.array(ct.hu.shape[::-1], dtype=np.float64)
+        self._ct_axial_axis = int(np.argmax(np.abs(np.linalg.solve(ct.lps_from_index[:3, :3], [0.0, 0.0, 1.0]))))
         # Direction of the spine in the room (CT superior axis at perfect setup).
         sup = room_from_index[:3, :3] @ np.linalg.solve(ct.lps_from_index[:3, :3], [0.0, 0.0, 1.0])
         self._spine_dir_room = sup / np.linalg.norm(sup)
@@ -841,6 +854,40 @@ class AnatomyRegistration:
         if rows < 8 * binning or cols < 8 * binning:
             raise RegistrationError(f"imager '{imager.name}': the ROI's neighbourhood is off the panel")
         return PanelRegion(r0, c0, rows, cols)
+
+    def _beyond_ct_ends(self, imager: ImagerGeometry, pose: Pose, region: PanelRegion, binning: int) -> np.ndarray:
+        """Binned pixels of ``region`` whose ray leaves the planning CT's box through its superior or
+        inferior face (bool, ``[row, col]`` on the binned grid), the patient at ``pose`` (room frame).
+
+        Such a ray crosses, in the patient, anatomy past the CT's end that no DRR of the CT holds.
+        """
+        rows, cols = region.rows // binning, region.cols // binning
+        cc = region.col0 + np.arange(cols) * binning + (binning - 1) / 2.0
+        rr = region.row0 + np.arange(rows) * binning + (binning - 1) / 2.0
+        grid = np.stack(np.meshgrid(cc, rr), axis=-1).reshape(-1, 2)
+        to_index = self._index_from_room @ pose.inverse().matrix
+        src = to_index[:3, :3] @ imager.source_mm + to_index[:3, 3]
+        ends = imager.pixel_to_room(grid) @ to_index[:3, :3].T + to_index[:3, 3]
+        d = ends - src
+        lo, hi = -0.5, self._ct_shape_ijk - 0.5
+        t_in, t_out = np.zeros(len(d)), np.ones(len(d))
+        with np.errstate(divide="ignore", invalid="ignore"):
+            for ax in range(3):
+                if ax == self._ct_axial_axis:
+                    continue
+                a = (lo - src[ax]) / d[:, ax]
+                b = (hi[ax] - src[ax]) / d[:, ax]
+                parallel = d[:, ax] == 0
+                inside = (src[ax] >= lo) & (src[ax] <= hi[ax])
+                a = np.where(parallel, -np.inf if inside else np.inf, a)
+                b = np.where(parallel, np.inf if inside else -np.inf, b)
+                t_in = np.maximum(t_in, np.minimum(a, b))
+                t_out = np.minimum(t_out, np.maximum(a, b))
+        ax = self._ct_axial_axis
+        k_in, k_out = src[ax] + t_in * d[:, ax], src[ax] + t_out * d[:, ax]
+        crosses = t_in < t_out
+        beyond = crosses & ((np.minimum(k_in, k_out) < lo) | (np.maximum(k_in, k_out) > hi[ax]))
+        return beyond.reshape(rows, cols)
 
     def _pixel_at_iso_mm(self, imager: ImagerGeometry, binning: int) -> float:
         return binning * float(np.mean(imager.pixel_spacing_mm)) / imager.magnification
@@ -927,8 +974,8 @@ class AnatomyRegistration:
             views = self._prepare_level(logs, self._pose(x, start, centre), level)
             if views is None:
                 return self._refused(start, [QualityReason.ROI_OFF_PANEL], roi_on, sat, t_start, tracking)
-            flow = (cfg.tracking_background_derivatives if tracking else cfg.background_derivatives) == "flow"
-            x, its, converged, final = self._refine(views, level, x, start, centre, counter, flow)
+            mode = cfg.tracking_background_derivatives if tracking else cfg.background_derivatives
+            x, its, converged, final = self._refine(views, level, x, start, centre, counter, mode)
             iterations += its
         pose = self._pose(x, start, centre)
         if not tracking:
@@ -1109,6 +1156,12 @@ class AnatomyRegistration:
             grown = cv2.dilate(support.astype(np.uint8), np.ones((5, 5), np.uint8)).astype(bool)
             grown[:2, :] = grown[-2:, :] = False
             grown[:, :2] = grown[:, -2:] = False
+            beyond = self._beyond_ct_ends(im, pose, region, b)
+            if beyond.any():
+                # grown by the smoothing's reach: a feature there mixes in the pixels left out
+                reach = 2 * int(math.ceil(2.0 * level.smoothing_sigma_px)) + 3
+                beyond = cv2.dilate(beyond.astype(np.uint8), np.ones((reach, reach), np.uint8)).astype(bool)
+                grown &= ~beyond
             if np.count_nonzero(grown) < 16:
                 return None
             views.append(
@@ -1161,6 +1214,15 @@ class AnatomyRegistration:
             views,
         )
         counter[0] += len(poses) * len(views)
+        if views[0].bg_volume is not None:
+            bgs = self._per_view(
+                lambda v: compute_drr_batch(v.bg_volume, v.imager, poses, v.region, level.binning, parallel=False,
+                                            projector="joseph"),
+                views,
+            )
+            drrs = [d + b for d, b in zip(drrs, bgs)]
+            counter[0] += len(poses) * len(views)
+
         out = []
         for k, x in enumerate(xs):
             parts, images = [], []
@@ -1213,6 +1275,9 @@ class AnatomyRegistration:
             both = compute_drr_pose_derivatives(volume, v.imager, pose, dpose, v.region, b // s)
             both = _binned_mean(both, v.region, b, s)
             image, dimages = both[0], both[1:]
+            if v.bg_volume is not None:
+                bg = compute_drr_pose_derivatives(v.bg_volume, v.imager, pose, dpose, v.region, b)
+                image, dimages = image + bg[0], dimages + bg[1:]
             if v.bg0 is not None:
                 image = image + linear_model(v.bg0, v.bg_jac, x - v.x_bg)
                 dimages = dimages + v.bg_jac
@@ -1224,9 +1289,13 @@ class AnatomyRegistration:
         counter[0] += len(views)
         return np.concatenate(parts, axis=0)
 
-    def _refine(self, views, level: PyramidLevel, x, start, centre, counter, flow: bool = False):
-        """Levenberg-Marquardt over ``x`` (translation mm, rotation deg about ``centre``) at one level."""
+    def _refine(self, views, level: PyramidLevel, x, start, centre, counter, mode: str = "flow"):
+        """Levenberg-Marquardt over ``x`` (translation mm, rotation deg about ``centre``) at one level.
+
+        ``mode``: how the background (the CT outside the ROI) enters the model, see
+        ``AnatomyConfig.background_derivatives``."""
         cfg = self.config
+        flow = mode == "flow"
         volume = self._level_volume(level)
         pix_mm = min(v.pixel_at_iso_mm for v in views)
         h_mm = cfg.fd_step_px * pix_mm
@@ -1238,6 +1307,10 @@ class AnatomyRegistration:
         lever_mm = cfg.background_lever_mm if flow else self._roi_radius_mm
         relinearise = np.array([redraw_mm] * 3 + [math.degrees(redraw_mm / lever_mm)] * 3)
         use_bg = bool(self._backgrounds) and not level.context
+        if use_bg and mode == "exact":
+            for v in views:
+                v.bg_volume = self._backgrounds[self._background_key(level)]
+            use_bg = False  # no linear model to redraw: the background is exact at every pose
         if use_bg:
             self._linearise_background(views, level, x, steps, start, centre, counter, flow)
         lower = np.array([-cfg.translation_bound_mm] * 3 + [-cfg.rotation_bound_deg] * 3)
