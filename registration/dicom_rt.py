@@ -16,9 +16,19 @@ that hole is part of the ROI again. Each contour is filled with
 sampled at the original pixel centres: a centre is classified exactly unless
 it lies within ``1 / (2 * SUPERSAMPLE)`` pixel of the contour line.
 
+Point ROIs by their DICOM meaning, (3006,00A4) RT ROI Interpreted Type
+(PS3.3 C.8.8.8): ``MARKER`` points are implanted seeds (planned fiducials);
+``ISOCENTER`` points are isocentres, never seeds; any other typed point
+(``REGISTRATION``, ``CONTROL``, ...) is neither. Fallback: the attribute is
+type 2 (may be empty), so when *no* point of the set is typed ``MARKER``, the
+untyped points are taken as seeds (a TPS that writes no types); a typed
+``MARKER`` anywhere switches the fallback off.
+
 RTPLAN (PS3.3 A.20): (300A,012C) Isocenter Position of each beam's first
-control point (LPS mm, the plan's Frame of Reference) and (300A,0180) Patient
-Setup Sequence's (0018,5100) Patient Position.
+control point (LPS mm, the plan's Frame of Reference), (300A,0180) Patient
+Setup Sequence's (0018,5100) Patient Position, and the (300A,0010) Dose
+Reference Sequence items of (300A,0020) Dose Reference Type ``TARGET`` that
+name an ROI by (3006,0084) Referenced ROI Number (the planned target volume).
 """
 
 from __future__ import annotations
@@ -54,6 +64,8 @@ __all__ = [
     "SLICE_PLANE_TOL_MM",
     "ISOCENTRE_MERGE_TOL_MM",
     "TARGET_TYPES",
+    "MARKER_TYPE",
+    "ISOCENTER_TYPE",
 ]
 
 #: Each contour is filled on a grid this many times finer than the CT pixels.
@@ -66,6 +78,10 @@ SLICE_PLANE_TOL_MM = 0.05
 ISOCENTRE_MERGE_TOL_MM = 0.01
 #: (3006,00A4) RT ROI Interpreted Types that mark a treatment target.
 TARGET_TYPES = ("PTV", "CTV", "GTV")
+#: (3006,00A4) of a point ROI that is an implanted seed (planned fiducial).
+MARKER_TYPE = "MARKER"
+#: (3006,00A4) of a point ROI that is an isocentre (never a seed).
+ISOCENTER_TYPE = "ISOCENTER"
 
 RTSTRUCT_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.481.3"
 RTPLAN_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.481.5"
@@ -129,6 +145,8 @@ class StructureSet:
     rois : tuple of RoiContours
     label : str
         (3006,0002) Structure Set Label.
+    patient_id, study_instance_uid : str
+        (0010,0020), (0020,000D) as found (cross-checked with the CT).
     """
 
     path: Path
@@ -137,6 +155,8 @@ class StructureSet:
     referenced_series_uids: tuple[str, ...]
     rois: tuple[RoiContours, ...]
     label: str = ""
+    patient_id: str = ""
+    study_instance_uid: str = ""
 
     def roi(self, name: str) -> RoiContours:
         """The ROI called ``name`` (exact match)."""
@@ -145,21 +165,37 @@ class StructureSet:
                 return r
         raise DicomRTError(f"{self.path}: no ROI named {name!r} (ROIs: {[r.name for r in self.rois]})")
 
-    def point_fiducials(self) -> FiducialSet | None:
-        """``POINT`` ROIs as planned fiducials (ROI name, LPS mm), or None if there are none."""
+    def _single_point(self, r: RoiContours) -> np.ndarray:
+        if len(r.contours_lps_mm) != 1 or r.contours_lps_mm[0].shape != (1, 3):
+            raise DicomRTError(
+                f"{self.path}: point ROI {r.name!r} must hold exactly one point, "
+                f"got {sum(len(c) for c in r.contours_lps_mm)}"
+            )
+        return r.contours_lps_mm[0][0]
+
+    def seed_rois(self) -> tuple[RoiContours, ...]:
+        """The point ROIs that are implanted seeds: typed ``MARKER``; untyped ones only if none is typed (module docstring)."""
         points = [r for r in self.rois if r.geometric_type is ContourType.POINT]
-        if not points:
+        markers = [r for r in points if r.interpreted_type == MARKER_TYPE]
+        if markers:
+            return tuple(markers)
+        return tuple(r for r in points if r.interpreted_type == "")
+
+    def point_fiducials(self) -> FiducialSet | None:
+        """Seed point ROIs (:meth:`seed_rois`) as planned fiducials (ROI name, planning-CT LPS mm), or None if none.
+
+        ``ISOCENTER`` and other typed points are never seeds.
+        """
+        seeds = self.seed_rois()
+        if not seeds:
             return None
-        names, pos = [], []
-        for r in points:
-            if len(r.contours_lps_mm) != 1 or r.contours_lps_mm[0].shape != (1, 3):
-                raise DicomRTError(
-                    f"{self.path}: point ROI {r.name!r} must hold exactly one point, "
-                    f"got {sum(len(c) for c in r.contours_lps_mm)}"
-                )
-            names.append(r.name)
-            pos.append(r.contours_lps_mm[0][0])
-        return FiducialSet(tuple(names), np.array(pos), f"{self.path} (point ROIs)")
+        pos = [self._single_point(r) for r in seeds]
+        return FiducialSet(tuple(r.name for r in seeds), np.array(pos), f"{self.path} (MARKER point ROIs)")
+
+    def isocentre_points(self) -> tuple[tuple[str, np.ndarray], ...]:
+        """Point ROIs typed ``ISOCENTER``: ``(name, (3,) planning-CT LPS mm)`` each."""
+        return tuple((r.name, self._single_point(r)) for r in self.rois
+                     if r.geometric_type is ContourType.POINT and r.interpreted_type == ISOCENTER_TYPE)
 
 
 @dataclass(frozen=True, slots=True)
@@ -181,6 +217,12 @@ class RTPlanInfo:
         Distinct (0018,5100) values of the Patient Setup Sequence.
     referenced_structure_set_uid : str or None
         (300C,0060) Referenced Structure Set's SOP Instance UID.
+    target_roi_numbers : tuple of int
+        (3006,0084) Referenced ROI Numbers of the (300A,0010) Dose Reference
+        items typed ``TARGET``, distinct, in order (ROIs of the referenced
+        structure set).
+    patient_id, study_instance_uid : str
+        (0010,0020), (0020,000D) as found (cross-checked with the CT).
     """
 
     path: Path
@@ -191,6 +233,9 @@ class RTPlanInfo:
     beams_per_isocentre: tuple[tuple[str, ...], ...]
     patient_positions: tuple[PatientPosition, ...]
     referenced_structure_set_uid: str | None
+    target_roi_numbers: tuple[int, ...] = ()
+    patient_id: str = ""
+    study_instance_uid: str = ""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "isocentres_lps_mm", _ro(self.isocentres_lps_mm).reshape(-1, 3))
@@ -321,7 +366,8 @@ def _read_rtstruct(p: Path) -> StructureSet:
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
         raise DicomRTError(f"{p}: duplicate ROI names {dupes}")
-    return StructureSet(p, sop_uid, frames.pop(), tuple(series), tuple(rois), str(ds.get("StructureSetLabel", "")))
+    return StructureSet(p, sop_uid, frames.pop(), tuple(series), tuple(rois), str(ds.get("StructureSetLabel", "")),
+                        str(ds.get("PatientID", "")), str(ds.get("StudyInstanceUID", "")))
 
 
 def read_rtplan(path: str | os.PathLike) -> RTPlanInfo:
@@ -375,6 +421,15 @@ def _read_rtplan(p: Path) -> RTPlanInfo:
     ref_ss = None
     for item in ds.get("ReferencedStructureSetSequence", []):
         ref_ss = str(item.get("ReferencedSOPInstanceUID", "")) or None
+    targets: list[int] = []
+    for n, item in enumerate(ds.get("DoseReferenceSequence", [])):
+        if str(item.get("DoseReferenceType", "")).strip().upper() != "TARGET":
+            continue
+        number = item.get("ReferencedROINumber")
+        if number in (None, ""):
+            continue  # a target dose reference by point or coordinates names no ROI
+        if int(number) not in targets:
+            targets.append(int(number))
     return RTPlanInfo(
         path=p,
         sop_instance_uid=str(_require(ds, "SOPInstanceUID", p)),
@@ -384,6 +439,9 @@ def _read_rtplan(p: Path) -> RTPlanInfo:
         beams_per_isocentre=tuple(tuple(u) for u in users),
         patient_positions=tuple(dict.fromkeys(setups.values())),
         referenced_structure_set_uid=ref_ss,
+        target_roi_numbers=tuple(targets),
+        patient_id=str(ds.get("PatientID", "")),
+        study_instance_uid=str(ds.get("StudyInstanceUID", "")),
     )
 
 

@@ -332,18 +332,49 @@ def _check_rtplan(rp: RTPlanInfo, frame_uid: str, ct: CTVolume, ss: StructureSet
         )
 
 
-def _target(ss: StructureSet, requested: str | None, folder: Path) -> str | None:
-    closed = [r for r in ss.rois if r.geometric_type is ContourType.CLOSED_PLANAR]
-    if requested is not None:
-        if requested not in [r.name for r in closed]:
-            raise PlanError(f"{ss.path}: no contoured ROI named {requested!r} (ROIs: {[r.name for r in closed]})")
-        return requested
-    targets = [r.name for r in closed if r.interpreted_type in TARGET_TYPES]
-    if len(targets) > 1:
+def _check_identity(ct_patient: PatientStudy, obj, kind: str) -> None:
+    """Refuse an RTSTRUCT/RTPLAN of another patient than the CT's (Patient ID, (0010,0020))."""
+    if obj.patient_id.strip() != ct_patient.patient_id.strip():
         raise PlanError(
-            f"{ss.path}: {len(targets)} target ROIs ({targets}, types {'/'.join(TARGET_TYPES)}); name one as target_roi"
+            f"{obj.path}: {kind} is for patient ID {obj.patient_id!r}, but the CT is for patient ID "
+            f"{ct_patient.patient_id!r}; refusing to mix patients"
         )
-    return targets[0] if targets else None
+
+
+def _target(ss: StructureSet, requested: str | None, rp: RTPlanInfo | None) -> tuple[str | None, str]:
+    """The target ROI's name and where it came from (module docstring of :func:`load_dicom_plan`)."""
+    closed = [r for r in ss.rois if r.geometric_type is ContourType.CLOSED_PLANAR]
+    closed_names = [r.name for r in closed]
+    if requested is not None:
+        if requested not in closed_names:
+            raise PlanError(f"{ss.path}: no contoured ROI named {requested!r} (ROIs: {closed_names})")
+        return requested, "given"
+    if rp is not None and rp.target_roi_numbers:
+        by_number = {r.number: r for r in ss.rois}
+        named = []
+        for number in rp.target_roi_numbers:
+            roi = by_number.get(number)
+            if roi is None:
+                raise PlanError(
+                    f"{rp.path}: a TARGET dose reference names ROI number {number}, which the structure set "
+                    f"{ss.path.name} does not declare"
+                )
+            if roi.geometric_type is ContourType.CLOSED_PLANAR:
+                named.append((number, roi.name))
+        if len(named) == 1:
+            return named[0][1], f"rtplan TARGET dose reference (ROI #{named[0][0]})"
+        if len(named) > 1:
+            raise PlanError(
+                f"{rp.path}: {len(named)} TARGET dose references name contoured ROIs {[n for _, n in named]}; "
+                "name one as the target"
+            )
+    for kind in TARGET_TYPES:
+        typed = [r.name for r in closed if r.interpreted_type == kind]
+        if len(typed) == 1:
+            return typed[0], f"rtstruct type {kind}"
+        if len(typed) > 1:
+            raise PlanError(f"{ss.path}: {len(typed)} ROIs of type {kind} ({typed}); name one as the target")
+    return None, "none"
 
 
 def load_dicom_plan(
@@ -363,7 +394,12 @@ def load_dicom_plan(
         Overrides the RT Plan's isocentre (planning-CT LPS mm); required when
         there is no RT Plan or the plan has several isocentres.
     target_roi : str, optional
-        Name of the target ROI; default the one ROI of type PTV/CTV/GTV, if any.
+        Name of the target ROI (the override). Default, in this order: the
+        one contoured ROI named by the RTPLAN's (300A,0010) Dose Reference
+        items of type ``TARGET`` ((3006,0084) Referenced ROI Number); else the
+        one contoured ROI of RT ROI Interpreted Type PTV, else CTV, else GTV
+        (the first type present decides; several of it is an error asking
+        for the override); else no target.
     inventory : DicomInventory, optional
         A scan of ``folder`` already made (saves reading the headers twice).
 
@@ -371,14 +407,19 @@ def load_dicom_plan(
     -------
     Plan
         ROIs: every contoured ROI, rasterised on the CT grid; fiducials: the
-        structure set's POINT ROIs (LPS mm).
+        structure set's seed points, ``MARKER`` typed (untyped only when no
+        point is typed MARKER; ``ISOCENTER`` points never), LPS mm. The
+        isocentre: ``isocentre_lps_mm`` if given, else the RTPLAN's one
+        isocentre, else (no RTPLAN) the structure set's one ``ISOCENTER`` point.
+        ``provenance`` says which for the isocentre, target and fiducials.
 
     Raises
     ------
     PlanError
         No or several CT series, several structure sets or plans, an RTSTRUCT
-        or RTPLAN on another frame of reference or CT series, a plan for
-        another patient position, no isocentre.
+        or RTPLAN on another frame of reference or CT series, or of another
+        patient (Patient ID), a plan for another patient position, no
+        isocentre, several target candidates without ``target_roi``.
     DicomRTError, VolumeFileError, PatientPositionError
         From the readers.
     """
@@ -406,25 +447,30 @@ def load_dicom_plan(
     ss_path = _pick_one(inv.structure_sets, "RTSTRUCT", root)
     rp_path = _pick_one(inv.plans, "RTPLAN", root)
     ss = read_rtstruct(ss_path) if ss_path is not None else None
+    rp = read_rtplan(rp_path) if rp_path is not None else None
     rois: dict[str, np.ndarray] = {}
     fiducials = None
     target = None
     if ss is not None:
+        _check_identity(patient, ss, "RTSTRUCT")
         _check_structure_set(ss, frame_uid, series.series_uid)
         provenance["rtstruct"] = f"{ss.path} ({ss.sop_instance_uid})"
+    if rp is not None:
+        _check_identity(patient, rp, "RTPLAN")
+        _check_rtplan(rp, frame_uid, ct, ss)
+        provenance["rtplan"] = f"{rp.path} ({rp.sop_instance_uid})"
+    if ss is not None:
         for roi in ss.rois:
             if roi.geometric_type is ContourType.CLOSED_PLANAR:
                 rois[roi.name] = rasterise_contours(roi.contours_lps_mm, ct, roi.name)
         fiducials = ss.point_fiducials()
-        target = _target(ss, target_roi, root)
+        if fiducials is not None:
+            provenance["fiducials"] = f"rtstruct points {list(fiducials.names)}"
+        target, provenance["target_roi"] = _target(ss, target_roi, rp)
     elif target_roi is not None:
         raise PlanError(f"{root}: target_roi {target_roi!r} given, but there is no RTSTRUCT")
-    plan_isos = np.zeros((0, 3))
-    if rp_path is not None:
-        rp = read_rtplan(rp_path)
-        _check_rtplan(rp, frame_uid, ct, ss)
-        plan_isos = rp.isocentres_lps_mm
-        provenance["rtplan"] = f"{rp.path} ({rp.sop_instance_uid})"
+    plan_isos = rp.isocentres_lps_mm if rp is not None else np.zeros((0, 3))
+    iso_points = ss.isocentre_points() if ss is not None else ()
     if isocentre_lps_mm is not None:
         iso = np.asarray(isocentre_lps_mm, dtype=np.float64)
         provenance["isocentre"] = "given"
@@ -435,6 +481,14 @@ def load_dicom_plan(
         raise PlanError(
             f"{rp_path}: the plan has {len(plan_isos)} isocentres {np.round(plan_isos, 2).tolist()} (LPS mm); "
             "give the one to treat explicitly"
+        )
+    elif len(iso_points) == 1:
+        iso = iso_points[0][1]
+        provenance["isocentre"] = f"rtstruct ISOCENTER point {iso_points[0][0]!r}"
+    elif len(iso_points) > 1:
+        raise PlanError(
+            f"{ss.path}: no RTPLAN, and the structure set has {len(iso_points)} ISOCENTER points "
+            f"{[n for n, _ in iso_points]}; give the isocentre explicitly (LPS mm)"
         )
     else:
         raise PlanError(f"{root}: no RTPLAN to take the isocentre from; give the isocentre explicitly (LPS mm)")

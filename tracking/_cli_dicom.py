@@ -97,9 +97,12 @@ def cmd_import(args: argparse.Namespace, out=None) -> int:
     for p in inv.structure_sets:
         ss = read_rtstruct(p)
         closed = [r.name for r in ss.rois if r.geometric_type is ContourType.CLOSED_PLANAR]
-        points = [r.name for r in ss.rois if r.geometric_type is ContourType.POINT]
-        print(f"  RTSTRUCT {p.name}: {len(closed)} contoured ROIs {closed}, {len(points)} points {points}, "
-              f"frame of reference {ss.frame_of_reference_uid}", file=out)
+        seeds = [r.name for r in ss.seed_rois()]
+        isos = [name for name, _ in ss.isocentre_points()]
+        other = [r.name for r in ss.rois if r.geometric_type is ContourType.POINT and r.name not in seeds + isos]
+        print(f"  RTSTRUCT {p.name}: {len(closed)} contoured ROIs {closed}, {len(seeds)} seed points {seeds}, "
+              f"isocentre points {isos}, other points {other}, frame of reference {ss.frame_of_reference_uid}",
+              file=out)
     for p in inv.plans:
         rp = read_rtplan(p)
         isos = "; ".join(_fmt(i) for i in rp.isocentres_lps_mm)
@@ -120,7 +123,7 @@ def cmd_import(args: argparse.Namespace, out=None) -> int:
           f"{_fmt(plan.ct.spacing_mm)} mm, {plan.patient_position.value}; isocentre {_fmt(plan.isocentre_lps_mm)} "
           f"LPS mm ({plan.provenance['isocentre']})", file=out)
     for name, mask in plan.rois.items():
-        mark = " (target)" if name == plan.target_roi else ""
+        mark = f" (target: {plan.provenance.get('target_roi', '')})" if name == plan.target_roi else ""
         print(f"  ROI {name}{mark}: {int(mask.sum())} voxels", file=out)
     if plan.fiducials is not None:
         for name, pos in zip(plan.fiducials.names, plan.fiducials.positions_lps_mm):
@@ -163,7 +166,7 @@ def add_commands(subparsers) -> None:
     p = subparsers.add_parser("import", help="read a folder of DICOM planning data (CT, RTSTRUCT, RTPLAN) and check it")
     p.add_argument("dir", type=Path, help="folder (searched recursively)")
     p.add_argument("--isocenter", default=None, help="override the plan isocentre X,Y,Z (planning-CT LPS mm)")
-    p.add_argument("--target", default=None, help="target ROI name (default: the one PTV/CTV/GTV)")
+    p.add_argument("--target", default=None, help="target ROI name (default: the RTPLAN's TARGET dose reference, else the one PTV, CTV or GTV)")
     p.set_defaults(func=cmd_import)
 
     p = subparsers.add_parser("dicom-listen", help="DICOM Storage SCP receiving planning CT, RTSTRUCT and RTPLAN")

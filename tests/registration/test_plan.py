@@ -185,8 +185,13 @@ def test_plan_with_two_isocentres_needs_one_given(room, tmp_path):
 
 
 def test_no_plan_needs_an_isocentre_and_two_structure_sets_are_refused(room, tmp_path):
+    phantom, _, _ = room
     d = _copy(room, tmp_path)
     (d / "RP.dcm").unlink()
+    plan = load_dicom_plan(d)  # the structure set's one ISOCENTER point stands in for the plan's isocentre
+    assert plan.provenance["isocentre"] == "rtstruct ISOCENTER point 'ISO'"
+    assert_allclose(plan.isocentre_lps_mm, phantom.isocentre_lps_mm, rtol=0, atol=LPS_TOL_MM)
+    _retype(d / "RS.dcm", "ISO", "CONTROL")
     with pytest.raises(PlanError, match="no RTPLAN to take the isocentre from"):
         load_dicom_plan(d)
     ds = pydicom.dcmread(d / "RS.dcm")
@@ -205,6 +210,75 @@ def test_no_ct_and_two_ct_series(room, tmp_path):
     d2 = _copy(room, tmp_path / "two")
     _edit(d2 / "CT_0000.dcm", lambda ds: setattr(ds, "SeriesInstanceUID", "1.2.3.8"))
     with pytest.raises(PlanError, match=r"2 CT series found"):
+        load_dicom_plan(d2)
+
+
+def _roi_number(ds, name):
+    return next(int(r.ROINumber) for r in ds.StructureSetROISequence if r.ROIName == name)
+
+
+def _retype(path, name, kind):
+    def change(ds):
+        number = _roi_number(ds, name)
+        for obs in ds.RTROIObservationsSequence:
+            if obs.ReferencedROINumber == number:
+                obs.RTROIInterpretedType = kind
+
+    _edit(path, change)
+
+
+def test_seeds_are_the_marker_points_and_the_isocentre_point_is_not_a_seed(room, tmp_path):
+    phantom, out, _ = room
+    plan = load_dicom_plan(out / "dicom")
+    assert plan.fiducials.names == tuple(s.name for s in phantom.seeds)  # 'ISO' (ISOCENTER) is not among them
+    assert_allclose(plan.fiducials.positions_lps_mm, [s.centre_lps_mm for s in phantom.seeds], rtol=0,
+                    atol=LPS_TOL_MM)
+    d = _copy(room, tmp_path)
+    _retype(d / "RS.dcm", "F2", "REGISTRATION")  # a typed non-marker point is no seed either
+    assert load_dicom_plan(d).fiducials.names == ("F1", "F3")
+    for name in ("F1", "F2", "F3"):  # no MARKER anywhere: the untyped points are the seeds (fallback)...
+        _retype(d / "RS.dcm", name, "")
+    assert load_dicom_plan(d).fiducials.names == ("F1", "F2", "F3")
+    _retype(d / "RS.dcm", "F3", "MARKER")  # ... but one typed MARKER switches the fallback off
+    assert load_dicom_plan(d).fiducials.names == ("F3",)
+    for name in ("F1", "F2", "F3"):
+        _retype(d / "RS.dcm", name, "AVOIDANCE")
+    assert load_dicom_plan(d).fiducials is None
+
+
+def test_target_from_the_plan_dose_reference_then_roi_types_then_override(room, tmp_path):
+    phantom, out, _ = room
+    plan = load_dicom_plan(out / "dicom")
+    assert plan.target_roi == phantom.target_name == "L1"
+    assert plan.provenance["target_roi"].startswith("rtplan TARGET dose reference")
+    d = _copy(room, tmp_path)
+    rs = pydicom.dcmread(d / "RS.dcm")
+    # The dose reference wins over the ROI types: point it at L2 (typed ORGAN) while L1 stays CTV.
+    _edit(d / "RP.dcm", lambda ds: setattr(ds.DoseReferenceSequence[0], "ReferencedROINumber", _roi_number(rs, "L2")))
+    assert load_dicom_plan(d).target_roi == "L2"
+    assert load_dicom_plan(d, target_roi="T12").target_roi == "T12"  # the override wins over both
+    _edit(d / "RP.dcm", lambda ds: setattr(ds.DoseReferenceSequence[0], "ReferencedROINumber", 99))
+    with pytest.raises(PlanError, match="TARGET dose reference names ROI number 99, which the structure set"):
+        load_dicom_plan(d)
+    _edit(d / "RP.dcm", lambda ds: setattr(ds.DoseReferenceSequence[0], "DoseReferenceType", "ORGAN_AT_RISK"))
+    got = load_dicom_plan(d)  # no TARGET dose reference: the ROI types decide (L1 is the one CTV)
+    assert (got.target_roi, got.provenance["target_roi"]) == ("L1", "rtstruct type CTV")
+    _retype(d / "RS.dcm", "T12", "PTV")  # a PTV outranks the CTV
+    assert load_dicom_plan(d).target_roi == "T12"
+    _retype(d / "RS.dcm", "L2", "PTV")
+    with pytest.raises(PlanError, match=r"2 ROIs of type PTV \(\['T12', 'L2'\]|2 ROIs of type PTV \(\['L2', 'T12'\]"):
+        load_dicom_plan(d)
+    assert load_dicom_plan(d, target_roi="L2").provenance["target_roi"] == "given"
+
+
+def test_rtstruct_or_rtplan_of_another_patient_is_refused(room, tmp_path):
+    d = _copy(room, tmp_path)
+    _edit(d / "RS.dcm", lambda ds: setattr(ds, "PatientID", "OTHER-1"))
+    with pytest.raises(PlanError, match=r"RS\.dcm: RTSTRUCT is for patient ID 'OTHER-1', but the CT is for patient ID"):
+        load_dicom_plan(d)
+    d2 = _copy(room, tmp_path / "two")
+    _edit(d2 / "RP.dcm", lambda ds: setattr(ds, "PatientID", "OTHER-2"))
+    with pytest.raises(PlanError, match=r"RP\.dcm: RTPLAN is for patient ID 'OTHER-2'"):
         load_dicom_plan(d2)
 
 

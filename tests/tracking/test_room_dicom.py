@@ -57,7 +57,10 @@ def test_structure_set_contours_give_back_the_labels_and_seeds(written):
         np.testing.assert_array_equal(rasterise_contours(roi.contours_lps_mm, phantom.planning_ct, name),
                                       phantom.labels == label, err_msg=name)
     fid = ss.point_fiducials()
-    assert fid.names == tuple(s.name for s in phantom.seeds)
+    assert fid.names == tuple(s.name for s in phantom.seeds)  # the ISOCENTER point is not a seed
+    (iso_name, iso_pos), = ss.isocentre_points()
+    assert iso_name == "ISO"
+    assert_allclose(iso_pos, phantom.isocentre_lps_mm, rtol=0, atol=LPS_TOL_MM)
     assert_allclose(fid.positions_lps_mm, [s.centre_lps_mm for s in phantom.seeds], rtol=0, atol=LPS_TOL_MM)
 
 
@@ -78,6 +81,8 @@ def test_plan_holds_the_isocentre_and_setup(written):
     assert_allclose(rp.isocentres_lps_mm, [phantom.isocentre_lps_mm], rtol=0, atol=LPS_TOL_MM)
     assert [p.value for p in rp.patient_positions] == ["HFS"]
     assert rp.referenced_structure_set_uid == pydicom.dcmread(files.rtstruct).SOPInstanceUID
+    target = read_rtstruct(files.rtstruct).roi(phantom.target_name)
+    assert rp.target_roi_numbers == (target.number,)
 
 
 def test_hu_out_of_int16_range_is_refused(tmp_path):
@@ -114,8 +119,8 @@ def test_import_command_reports_series_structures_and_plan(written):
     assert args.func(args, out=out) == 0
     text = out.getvalue()
     assert f"CT series {files.ct_series_uid}: {len(files.ct_files)} slices" in text
-    assert "8 contoured ROIs" in text and "3 points ['F1', 'F2', 'F3']" in text
-    assert "plan OK" in text and "(rtplan)" in text and "ROI L1 (target)" in text
+    assert "8 contoured ROIs" in text and "3 seed points ['F1', 'F2', 'F3'], isocentre points ['ISO']" in text
+    assert "plan OK" in text and "(rtplan)" in text and "ROI L1 (target: rtplan TARGET dose reference (ROI #" in text
     iso = ", ".join(f"{x:.2f}" for x in phantom.isocentre_lps_mm)
     assert f"isocentre(s) ({iso}) LPS mm" in text
 
@@ -123,14 +128,28 @@ def test_import_command_reports_series_structures_and_plan(written):
 def test_import_command_fails_on_a_broken_folder(written, tmp_path):
     from spineguide.registration.plan import PlanError
 
-    _, files = written
+    phantom, files = written
     shutil.copytree(files.out_dir, tmp_path / "d")
     (tmp_path / "d" / "RP.dcm").unlink()
+    # Without an RTPLAN the structure set's ISOCENTER point is the isocentre...
     args = _cli(["import", str(tmp_path / "d")])
+    out = io.StringIO()
+    assert args.func(args, out=out) == 0
+    iso = ", ".join(f"{x:.2f}" for x in phantom.isocentre_lps_mm)
+    assert f"isocentre ({iso}) LPS mm (rtstruct ISOCENTER point 'ISO')" in out.getvalue()
+    # ... and with that point retyped (a CONTROL point is neither seed nor isocentre) there is none.
+    ds = pydicom.dcmread(tmp_path / "d" / "RS.dcm")
+    iso_number = next(r.ROINumber for r in ds.StructureSetROISequence if r.ROIName == "ISO")
+    for obs in ds.RTROIObservationsSequence:
+        if obs.ReferencedROINumber == iso_number:
+            obs.RTROIInterpretedType = "CONTROL"
+    ds.save_as(tmp_path / "d" / "RS.dcm")
     with pytest.raises(PlanError, match="no RTPLAN to take the isocentre from"):
         args.func(args, out=io.StringIO())
     args = _cli(["import", str(tmp_path / "d"), "--isocenter", "1,2,3"])
-    assert args.func(args, out=io.StringIO()) == 0
+    out = io.StringIO()
+    assert args.func(args, out=out) == 0
+    assert "3 seed points ['F1', 'F2', 'F3'], isocentre points [], other points ['ISO']" in out.getvalue()
 
 
 def test_listen_command_runs_for_its_duration(tmp_path):

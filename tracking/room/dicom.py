@@ -7,10 +7,12 @@
   Intercept :data:`CT_RESCALE_INTERCEPT` (HU rounded to 1/8 HU: the clipped
   phantom range -1024..3071 HU fits int16 exactly);
 - an RT Structure Set with one ``CLOSED_PLANAR`` ROI per vertebra (the target
-  vertebra typed ``CTV``, the others ``ORGAN``) and one ``POINT`` ROI per
-  implanted seed (typed ``MARKER``) at its centre;
-- an RT Plan with one setup beam whose isocentre is the phantom's isocentre
-  and a patient setup with the CT's patient position.
+  vertebra typed ``CTV``, the others ``ORGAN``), one ``POINT`` ROI per
+  implanted seed (typed ``MARKER``) at its centre and one ``POINT`` ROI
+  ``ISO`` typed ``ISOCENTER`` at the isocentre (as TPSs write it; it is not a seed);
+- an RT Plan with one setup beam whose isocentre is the phantom's isocentre,
+  a patient setup with the CT's patient position and one (300A,0010) Dose
+  Reference of type ``TARGET`` naming the target vertebra's ROI.
 
 Contours come from the label mask slice by slice: the slice is upsampled 2x
 (each voxel a 2x2 block) and ``cv2.findContours`` traces the block
@@ -178,6 +180,7 @@ def _rtstruct(phantom: Phantom, patient: PatientStudy, frame_uid: str, ct_series
         obs_seq.append(obs)
 
     number = 0
+    target_number = None
     for label, name in sorted(phantom.label_names.items()):
         ks = np.nonzero((labels == label).any(axis=(1, 2)))[0]
         contours = []
@@ -196,6 +199,8 @@ def _rtstruct(phantom: Phantom, patient: PatientStudy, frame_uid: str, ct_series
         if not contours:
             continue
         number += 1
+        if label == phantom.target_label:
+            target_number = number
         declare(number, name, "CTV" if label == phantom.target_label else "ORGAN", contours)
     for seed in phantom.seeds:
         number += 1
@@ -204,14 +209,21 @@ def _rtstruct(phantom: Phantom, patient: PatientStudy, frame_uid: str, ct_series
         c.NumberOfContourPoints = 1
         c.ContourData = [format_ds(x) for x in seed.centre_lps_mm]
         declare(number, seed.name, "MARKER", [c])
+    number += 1
+    c = Dataset()
+    c.ContourGeometricType = "POINT"
+    c.NumberOfContourPoints = 1
+    c.ContourData = [format_ds(x) for x in phantom.isocentre_lps_mm]
+    declare(number, "ISO", "ISOCENTER", [c])
     ds.StructureSetROISequence = roi_seq
     ds.ROIContourSequence = contour_seq
     ds.RTROIObservationsSequence = obs_seq
     ds.ApprovalStatus = "UNAPPROVED"
-    return ds
+    return ds, target_number
 
 
-def _rtplan(phantom: Phantom, patient: PatientStudy, frame_uid: str, rtstruct_uid: str, now: float) -> Dataset:
+def _rtplan(phantom: Phantom, patient: PatientStudy, frame_uid: str, rtstruct_uid: str, now: float,
+            target_roi_number: int | None) -> Dataset:
     ds = new_instance(RTPLAN_SOP_CLASS, "RTPLAN", patient, SeriesInfo.new(3, "spineguide plan"),
                       frame_of_reference_uid=frame_uid, created_unix_s=now)
     ds.OperatorsName = ""
@@ -228,6 +240,15 @@ def _rtplan(phantom: Phantom, patient: PatientStudy, frame_uid: str, rtstruct_ui
     setup.PatientSetupNumber = 1
     setup.PatientPosition = phantom.planning_ct.patient_position.value
     ds.PatientSetupSequence = DicomSequence([setup])
+    if target_roi_number is not None:
+        dref = Dataset()
+        dref.DoseReferenceNumber = 1
+        dref.DoseReferenceUID = generate_uid()
+        dref.DoseReferenceStructureType = "VOLUME"
+        dref.DoseReferenceDescription = phantom.target_name
+        dref.DoseReferenceType = "TARGET"
+        dref.ReferencedROINumber = target_roi_number
+        ds.DoseReferenceSequence = DicomSequence([dref])
     cp = Dataset()
     cp.ControlPointIndex = 0
     cp.CumulativeMetersetWeight = "0"
@@ -311,9 +332,9 @@ def write_dicom_plan(
     frame_uid = generate_uid()
     ct_series = SeriesInfo.new(1, f"{phantom.name} planning CT")
     ct_files, ct_uids = _ct_slices(phantom, patient, ct_series, frame_uid, now, out)
-    rs = _rtstruct(phantom, patient, frame_uid, ct_series.series_uid, ct_uids, now)
+    rs, target_number = _rtstruct(phantom, patient, frame_uid, ct_series.series_uid, ct_uids, now)
     save(rs, out / "RS.dcm")
-    rp = _rtplan(phantom, patient, frame_uid, rs.SOPInstanceUID, now)
+    rp = _rtplan(phantom, patient, frame_uid, rs.SOPInstanceUID, now, target_number)
     save(rp, out / "RP.dcm")
     return DicomPlanFiles(out, tuple(ct_files), out / "RS.dcm", out / "RP.dcm", frame_uid, patient.study_instance_uid,
                           ct_series.series_uid, patient)
