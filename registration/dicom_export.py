@@ -2,24 +2,46 @@
 
 Spatial Registration (PS3.3 A.39, C.20.2)
 -----------------------------------------
-The object's own (0020,0052) Frame of Reference UID is the *treatment room*
-frame of one treatment session (IEC 61217 fixed system, mm, origin at the
-machine isocentre; CONVENTIONS "Room frame"). Its one (0070,0308)
-Registration Sequence item names the planning CT's Frame of Reference and
-holds, in (3006,00C6) Frame of Reference Transformation Matrix (type
-``RIGID``, 16 values row-major), the 4x4 matrix ``M`` that maps a point of
-the planning CT (LPS mm, ``(x, y, z, 1)``) to where that point of the
-patient *was* in the room when the setup was approved::
+Both frames are DICOM *patient* frames (LPS mm), so any reader (TPS, PACS
+fusion, record-and-verify) interprets the matrix as it interprets a CBCT to
+CT registration:
 
-    M = [[R A, t - R A iso], [0, 0, 0, 1]]
+- the object's own (0020,0052) Frame of Reference UID (the *registered*
+  frame) is this treatment session's **treatment-day patient frame**: DICOM
+  patient coordinates (LPS, mm) of a patient lying in the plan's nominal
+  patient position on the couch, origin at the machine isocentre. It is the
+  room frame (CONVENTIONS "Room frame") with its axes renamed by the plan's
+  patient position: ``s = A^T X_room``, ``A`` the CT-to-room rotation of the
+  CONVENTIONS table (HFS: ``s = (X, -Z, Y)``). The session's RT Images carry
+  the same Frame of Reference UID;
+- its first (0070,0308) Registration Sequence item names the planning CT's
+  Frame of Reference and holds, in (3006,00C6) Frame of Reference
+  Transformation Matrix (type ``RIGID``, 16 values row-major), the 4x4
+  matrix ``M`` that maps a point of the planning CT (LPS mm, ``(x, y, z,
+  1)``) to where that point of the patient *was* when the setup was
+  approved, in the treatment-day frame (PS3.3 C.20.2: "transforms
+  coordinates in the referenced frame into the registered frame")::
 
-``A`` is the CT-to-room rotation of the patient position (CONVENTIONS table),
-``iso`` the plan isocentre (LPS mm) and ``P = (R, t)`` the measured patient
-pose (CONVENTIONS: ``p_actual = R p_planned + t``). This is PS3.3's
-"transforms coordinates in the referenced (source) frame into the registered
-frame" with source = planning CT, registered = room. The couch correction that
-was applied is ``C = P^-1``; after it, the patient sits at ``M0 = [[A, -A
-iso], [0, 0, 0, 1]]``. :func:`pose_from_registration_matrix` recovers ``P``.
+      M = [[A^T R A, A^T (t - R A iso)], [0, 0, 0, 1]]
+
+  with ``iso`` the plan isocentre (LPS mm) and ``P = (R, t)`` the measured
+  patient pose (CONVENTIONS: ``p_actual = R p_planned + t``, room frame). At
+  perfect setup ``M`` is a pure translation taking the isocentre to the
+  origin; its rotation part is the patient's rotation expressed in LPS axes
+  (same angle as ``R``);
+- a second item names the object's own frame with the identity matrix (as
+  TPS registration objects do).
+
+The couch correction that was applied is ``C = P^-1``;
+:func:`pose_from_registration_matrix` recovers ``P`` (and so ``C``) exactly
+from the matrix. The six IEC 61217 numbers of the correction are also in
+(0070,0081) Content Description, readable and complete, in the fixed
+grammar :data:`CONTENT_DESCRIPTION_RE` (``couch corr mm X-1.00 Y+2.50
+Z+0.30 deg P+0.10 R-0.20 Yw+1.50``: translation mm, pitch/roll/yaw deg,
+0.01 resolution; an LO holds 64 characters, so precision drops to 0.1 or 1
+before anything would be cut, and nothing is ever cut). No private
+attributes (validators warn on them). The approver is (0070,0084) Content
+Creator's Name.
 
 RT Image (PS3.3 A.17, C.8.8.2)
 ------------------------------
@@ -86,12 +108,20 @@ __all__ = [
     "imager_from_rt_image",
     "SeriesInfo",
     "save",
+    "CONTENT_DESCRIPTION_RE",
+    "session_matrix",
+    "series_number_for",
 ]
 
 SPATIAL_REGISTRATION_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.66.1"
 RT_IMAGE_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.481.1"
 #: Panel normal within this angle of the central axis -> RT Image Plane NORMAL, degrees.
 NORMAL_TOL_DEG = 1e-3
+#: Grammar of an SRO's (0070,0081) Content Description: the couch correction's six IEC 61217 numbers.
+CONTENT_DESCRIPTION_RE = (
+    r"^couch corr mm X(?P<x>[-+]\d+(?:\.\d+)?) Y(?P<y>[-+]\d+(?:\.\d+)?) Z(?P<z>[-+]\d+(?:\.\d+)?) "
+    r"deg P(?P<pitch>[-+]\d+(?:\.\d+)?) R(?P<roll>[-+]\d+(?:\.\d+)?) Yw(?P<yaw>[-+]\d+(?:\.\d+)?)$"
+)
 _MANUFACTURER = "spineguide"
 _MODEL = "spineguide stereo kV guidance"
 _SOFTWARE = "spineguide 0.1.0"
@@ -129,9 +159,19 @@ class SeriesInfo:
         return cls(generate_uid(), series_number, description)
 
 
+def _local(unix_s: float) -> _dt.datetime:
+    return _dt.datetime.fromtimestamp(float(unix_s), tz=_dt.timezone.utc).astimezone()
+
+
 def _date_time(unix_s: float) -> tuple[str, str]:
-    t = _dt.datetime.fromtimestamp(float(unix_s), tz=_dt.timezone.utc)
+    """DA and TM of ``unix_s`` in the host's local time (the offset goes in (0008,0201))."""
+    t = _local(unix_s)
     return t.strftime("%Y%m%d"), t.strftime("%H%M%S.%f")
+
+
+def _utc_offset(unix_s: float) -> str:
+    """(0008,0201) Timezone Offset From UTC of the local time at ``unix_s``, ``+HHMM``/``-HHMM``."""
+    return _local(unix_s).strftime("%z")
 
 
 def new_instance(
@@ -147,7 +187,8 @@ def new_instance(
     """A new DICOM instance with file meta, SOP Common, Patient, General Study, Series and Equipment modules.
 
     ``created_unix_s`` (wall clock, seconds since the epoch) gives the
-    creation and content date/time, written in UTC.
+    creation and content date/time, written in the host's local time with
+    its (0008,0201) Timezone Offset From UTC.
     """
     if not isinstance(patient, PatientStudy):
         raise DicomExportError(f"expected the patient's PatientStudy identity, got {type(patient).__name__}")
@@ -164,7 +205,7 @@ def new_instance(
     ds.InstanceCreationDate, ds.InstanceCreationTime = date, time_
     ds.SOPClassUID = sop_class_uid
     ds.SOPInstanceUID = sop_uid
-    ds.TimezoneOffsetFromUTC = "+0000"
+    ds.TimezoneOffsetFromUTC = _utc_offset(created_unix_s)
     ds.PatientName = patient.patient_name
     ds.PatientID = patient.patient_id
     ds.PatientBirthDate = patient.patient_birth_date
@@ -195,31 +236,59 @@ def new_instance(
 
 
 # ------------------------------------------------------------------ spatial registration
+def session_matrix(patient_position: PatientPosition | str) -> np.ndarray:
+    """3x3 rotation taking room-frame vectors (IEC 61217, mm) to the treatment-day patient frame (LPS, mm): ``A^T``."""
+    return room_from_lps_matrix(patient_position).T
+
+
 def registration_matrix(pose: Pose, isocentre_lps_mm: Sequence[float], patient_position: PatientPosition | str) -> np.ndarray:
-    """4x4 planning-CT LPS (mm) -> room (mm) for a patient found at ``pose`` (see module docstring)."""
+    """4x4 planning-CT LPS (mm) -> treatment-day patient frame LPS (mm, origin machine isocentre) for a patient at ``pose``.
+
+    See the module docstring: ``M = [[A^T R A, A^T (t - R A iso)], [0, 0, 0, 1]]``.
+    """
     a = room_from_lps_matrix(patient_position)
     iso = np.asarray(isocentre_lps_mm, dtype=np.float64)
     m = np.eye(4)
-    m[:3, :3] = pose.rotation @ a
-    m[:3, 3] = pose.translation_mm - pose.rotation @ a @ iso
+    m[:3, :3] = a.T @ pose.rotation @ a
+    m[:3, 3] = a.T @ (pose.translation_mm - pose.rotation @ a @ iso)
     return m
 
 
 def pose_from_registration_matrix(
     matrix: np.ndarray, isocentre_lps_mm: Sequence[float], patient_position: PatientPosition | str
 ) -> Pose:
-    """Inverse of :func:`registration_matrix`: the patient pose an SRO's matrix records."""
+    """Inverse of :func:`registration_matrix`: the patient pose (room frame, CONVENTIONS) an SRO's matrix records."""
     m = np.asarray(matrix, dtype=np.float64).reshape(4, 4)
     a = room_from_lps_matrix(patient_position)
-    r = m[:3, :3] @ a.T
-    t = m[:3, 3] + r @ a @ np.asarray(isocentre_lps_mm, dtype=np.float64)
+    r = a @ m[:3, :3] @ a.T
+    t = a @ m[:3, 3] + r @ a @ np.asarray(isocentre_lps_mm, dtype=np.float64)
     out = np.eye(4)
     out[:3, :3], out[:3, 3] = r, t
     return Pose.from_matrix(out)
 
 
-def _vec_text(v) -> str:
-    return "[" + ", ".join(f"{x:.3f}" for x in np.ravel(v)) + "]"
+def series_number_for(created_unix_s: float, kind: int) -> int:
+    """A (0020,0011) Series Number unique per second of creation and ``kind`` (0-9).
+
+    ``(int(created_unix_s) mod 10^8) * 10 + kind`` (at most 999 999 999, an
+    IS); exported series never clash with each other when their sessions or
+    exports start in different seconds, and stay clear of the small numbers
+    scanners and TPSs give planning series.
+    """
+    if not 0 <= int(kind) <= 9:
+        raise DicomExportError(f"series kind must be 0-9, got {kind!r}")
+    return (int(created_unix_s) % 100_000_000) * 10 + int(kind)
+
+
+def _six_text(corr: Pose) -> str:
+    """The correction's six numbers in at most 64 characters (LO), precision dropped before anything is cut."""
+    for digits in (2, 1, 0):
+        t = " ".join(f"{k}{v:+.{digits}f}" for k, v in zip("XYZ", corr.translation_mm))
+        r = " ".join(f"{k}{v:+.{digits}f}" for k, v in zip(("P", "R", "Yw"), corr.rotation_deg))
+        text = f"couch corr mm {t} deg {r}"
+        if len(text) <= 64:
+            return text
+    raise DicomExportError(f"the couch correction {corr} does not fit 64 characters even in whole units")
 
 
 def spatial_registration(
@@ -244,11 +313,15 @@ def spatial_registration(
         The measured patient pose at approval (room frame, CONVENTIONS); the
         correction sent to the couch is ``pose.to_correction()``.
     room_frame_of_reference_uid : str
-        Frame of Reference UID of this treatment session's room frame.
+        Frame of Reference UID of this treatment session's treatment-day
+        patient frame (module docstring; the session's RT Images share it).
     approved_unix_s : float
-        Wall-clock time of the approval (content date/time, UTC).
+        Wall-clock time of the approval (content date/time, local time with
+        (0008,0201) Timezone Offset From UTC).
     operator : str
         Who approved (Content Creator's Name).
+    series : SeriesInfo, optional
+        Default: a new series numbered :func:`series_number_for` (kind 0).
 
     Returns
     -------
@@ -267,7 +340,8 @@ def spatial_registration(
         )
     if not isinstance(pose, Pose):
         raise DicomExportError(f"expected the measured patient Pose, got {type(pose).__name__}")
-    series = SeriesInfo.new(description="spineguide setup registrations") if series is None else series
+    if series is None:
+        series = SeriesInfo.new(series_number_for(approved_unix_s, 0), "spineguide setup registrations")
     ds = new_instance(
         SPATIAL_REGISTRATION_SOP_CLASS, "REG", plan.patient, series, instance_number=instance_number,
         frame_of_reference_uid=room_frame_of_reference_uid, created_unix_s=approved_unix_s,
@@ -275,25 +349,27 @@ def spatial_registration(
     ds.DeviceSerialNumber = "0"
     ds.ContentLabel = label
     corr = pose.to_correction()
-    ds.ContentDescription = (
-        f"approved setup; couch correction translation_mm {_vec_text(corr.translation_mm)} "
-        f"rotation_deg {_vec_text(corr.rotation_deg)} (pitch, roll, yaw; IEC 61217)"
-    )[:64]
+    ds.ContentDescription = _six_text(corr)
     ds.ContentCreatorName = operator
     m = registration_matrix(pose, plan.isocentre_lps_mm, plan.patient_position)
-    matrix_item = Dataset()
-    matrix_item.FrameOfReferenceTransformationMatrixType = "RIGID"
-    matrix_item.FrameOfReferenceTransformationMatrix = _ds_list(m)
-    reg_item = Dataset()
-    reg_item.FrameOfReferenceTransformationComment = (
-        "planning CT LPS mm -> room IEC 61217 mm, patient as found"
-    )
-    reg_item.RegistrationTypeCodeSequence = DicomSequence([])
-    reg_item.MatrixSequence = DicomSequence([matrix_item])
-    item = Dataset()
-    item.FrameOfReferenceUID = plan.frame_of_reference_uid
-    item.MatrixRegistrationSequence = DicomSequence([reg_item])
-    ds.RegistrationSequence = DicomSequence([item])
+
+    def item(frame_uid: str, matrix: np.ndarray, comment: str) -> Dataset:
+        matrix_item = Dataset()
+        matrix_item.FrameOfReferenceTransformationMatrixType = "RIGID"
+        matrix_item.FrameOfReferenceTransformationMatrix = _ds_list(matrix)
+        reg_item = Dataset()
+        reg_item.FrameOfReferenceTransformationComment = comment
+        reg_item.RegistrationTypeCodeSequence = DicomSequence([])
+        reg_item.MatrixSequence = DicomSequence([matrix_item])
+        out = Dataset()
+        out.FrameOfReferenceUID = frame_uid
+        out.MatrixRegistrationSequence = DicomSequence([reg_item])
+        return out
+
+    ds.RegistrationSequence = DicomSequence([
+        item(plan.frame_of_reference_uid, m, "planning CT LPS -> treatment-day LPS at isocentre, as found"),
+        item(room_frame_of_reference_uid, np.eye(4), "treatment-day patient frame (identity)"),
+    ])
     return ds
 
 

@@ -1,5 +1,12 @@
 """DICOM exports of the service: a Spatial Registration object for every approved setup.
 
+One object per approved setup: a setup correction is reported once per
+proposal (``pair_id``), and a second report of the same ``pair_id`` (a
+repeat) writes nothing and is recorded as ``export_skipped``. All objects of
+one session share one series (numbered by
+:func:`spineguide.registration.dicom_export.series_number_for`, kind 0) and
+one treatment-day Frame of Reference UID, with increasing instance numbers.
+
 Runs beside the loop, never in its way: an export is done on its own thread,
 and a failure is logged and recorded (``export_failed``), never turned into a
 beam decision (the correction has been sent already; the export is the
@@ -14,7 +21,9 @@ from pathlib import Path
 
 from pydicom.uid import generate_uid
 
-from spineguide.registration.dicom_export import save, spatial_registration
+import time
+
+from spineguide.registration.dicom_export import SeriesInfo, save, series_number_for, spatial_registration
 from spineguide.registration.pose import Pose
 
 from .config import PlanConfig
@@ -29,9 +38,9 @@ log = logging.getLogger(__name__)
 class SetupExporter:
     """Writes ``SRO_<pair>.dcm`` into a folder for each approved setup.
 
-    The treatment plan is loaded once, on the first export. The session's room
-    frame gets one Frame of Reference UID for the life of the exporter (one
-    treatment session). ``export`` may be called from any thread; the work
+    The treatment plan is loaded once, on the first export. The session's
+    treatment-day patient frame gets one Frame of Reference UID for the life
+    of the exporter (one treatment session), and its objects one series. ``export`` may be called from any thread; the work
     happens on a short-lived thread of its own.
     """
 
@@ -47,11 +56,24 @@ class SetupExporter:
         self._plan = None
         self._lock = threading.Lock()
         self.room_frame_of_reference_uid = generate_uid()
+        self.series = SeriesInfo.new(series_number_for(time.time(), 0), "spineguide setup registrations")
         self._threads: list[threading.Thread] = []
+        self._exported: set[int] = set()
+        self._instances = 0
+        self._claim = threading.Lock()
 
     def export(self, pair_id: int, pose: Pose, approved_unix_s: float, operator: str = "") -> None:
-        """Start writing the Spatial Registration for the setup measured on ``pair_id`` at ``pose``."""
-        t = threading.Thread(target=self._write, args=(pair_id, pose, approved_unix_s, operator),
+        """Start writing the Spatial Registration for the setup measured on ``pair_id`` at ``pose`` (once per pair)."""
+        with self._claim:
+            if pair_id in self._exported:
+                log.info("pair %d: setup already exported; repeat ignored", pair_id)
+                self._record.write("export_skipped", t_unix_s=approved_unix_s, pair_id=pair_id,
+                                   kind="spatial_registration", reason="already exported for this pair")
+                return
+            self._exported.add(pair_id)
+            self._instances += 1
+            instance = self._instances
+        t = threading.Thread(target=self._write, args=(pair_id, pose, approved_unix_s, operator, instance),
                              name=f"sro-export-{pair_id}", daemon=True)
         self._threads.append(t)
         t.start()
@@ -61,7 +83,7 @@ class SetupExporter:
         for t in self._threads:
             t.join(timeout_s)
 
-    def _write(self, pair_id: int, pose: Pose, approved_unix_s: float, operator: str) -> None:
+    def _write(self, pair_id: int, pose: Pose, approved_unix_s: float, operator: str, instance: int) -> None:
         from .processing import load_treatment_plan
 
         try:
@@ -69,12 +91,13 @@ class SetupExporter:
                 if self._plan is None:
                     self._plan = load_treatment_plan(self._plan_config)
                 ds = spatial_registration(self._plan, pose, room_frame_of_reference_uid=self.room_frame_of_reference_uid,
-                                          approved_unix_s=approved_unix_s, operator=operator)
+                                          approved_unix_s=approved_unix_s, operator=operator, series=self.series,
+                                          instance_number=instance)
                 self._out.mkdir(parents=True, exist_ok=True)
                 path = self._out / f"SRO_pair{pair_id:06d}.dcm"
                 save(ds, path)
             self._record.write("export", t_unix_s=approved_unix_s, pair_id=pair_id, kind="spatial_registration",
-                               path=str(path), sop_instance_uid=str(ds.SOPInstanceUID))
+                               path=str(path), sop_instance_uid=str(ds.SOPInstanceUID), operator=operator)
             log.info("pair %d: approved setup exported to %s", pair_id, path)
             if self._archive is not None:
                 from .dicom_net import send_to_archive

@@ -22,6 +22,7 @@ from spineguide.registration.dicom_export import (
     read_registration_matrix,
     rt_image,
     save,
+    session_matrix,
     spatial_registration,
 )
 from spineguide.registration.plan import Plan, load_dicom_plan
@@ -47,11 +48,33 @@ def dciodvfy_errors(path) -> list[str]:
     return [line for line in (out.stdout + out.stderr).splitlines() if line.startswith("Error")]
 
 
+def dciodvfy_findings(path) -> list[str]:
+    """Error and Warning lines of dciodvfy (the issue asks for 0 errors and 0 warnings)."""
+    dciodvfy_errors(path)  # skips when the tool is missing
+    out = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=60)
+    return [line for line in (out.stdout + out.stderr).splitlines() if line.startswith(("Error", "Warning"))]
+
+
+def dcentvfy_findings(paths) -> list[str]:
+    """dcentvfy's complaints about entity consistency (patient, study, series, frame of reference) across files."""
+    if shutil.which("dcentvfy") is None:
+        if os.environ.get("CI"):
+            pytest.fail("dcentvfy (apt-get install dicom3tools) is required in CI")
+        pytest.skip("dcentvfy not installed (apt-get install dicom3tools)")
+    out = subprocess.run(["dcentvfy", *map(str, paths)], capture_output=True, text=True, timeout=120)
+    return [line for line in (out.stdout + out.stderr).splitlines() if line.strip()]
+
+
 @pytest.fixture(scope="module")
-def plan(tmp_path_factory) -> Plan:
+def plan_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("plan")
     write_dicom_plan(small_thoracolumbar(), d)
-    return load_dicom_plan(d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def plan(plan_dir) -> Plan:
+    return load_dicom_plan(plan_dir)
 
 
 # ----------------------------------------------------------------- spatial registration
@@ -63,13 +86,40 @@ def test_sro_matrix_takes_planned_fiducials_to_where_the_patient_was(plan, tmp_p
     assert back.FrameOfReferenceUID == ROOM_UID and back.Modality == "REG"
     m = read_registration_matrix(back, plan.frame_of_reference_uid)
     lps = plan.fiducials.positions_lps_mm
-    room = np.c_[lps, np.ones(len(lps))] @ m.T
-    assert_allclose(room[:, :3], pose.apply(plan.fiducials_room_mm()), rtol=0, atol=GEOMETRY_TOL_MM)
+    session = np.c_[lps, np.ones(len(lps))] @ m.T  # treatment-day LPS: the room frame by A^T
+    assert_allclose(session[:, :3], pose.apply(plan.fiducials_room_mm()) @ session_matrix(plan.patient_position).T,
+                    rtol=0, atol=GEOMETRY_TOL_MM)
     back_pose = pose_from_registration_matrix(m, plan.isocentre_lps_mm, plan.patient_position)
     assert_allclose(back_pose.matrix, pose.matrix, rtol=0, atol=MATRIX_TOL)
     # The correction sent to the couch undoes the pose: composed, the patient is back at the plan.
     assert_allclose(pose.to_correction().matrix @ back_pose.matrix, np.eye(4), rtol=0, atol=MATRIX_TOL)
-    assert dciodvfy_errors(tmp_path / "reg.dcm") == []
+    assert dciodvfy_findings(tmp_path / "reg.dcm") == []
+
+
+def test_sro_names_the_approver_and_holds_the_six_numbers_readably(plan, plan_dir, tmp_path):
+    import re
+
+    from spineguide.registration.dicom_export import CONTENT_DESCRIPTION_RE
+
+    for six in (([3.0, -2.0, 1.5], [1.5, -0.5, 2.0]), ([-24.987, 24.5, -23.25], [-4.99, 4.95, -4.6]),
+                ([-250.0, 999.0, -120.5], [-45.0, 30.0, -60.0])):
+        pose = Pose.from_six(*six)
+        ds = spatial_registration(plan, pose, room_frame_of_reference_uid=ROOM_UID, approved_unix_s=T0_UNIX_S,
+                                  operator="Physicist^Rita")
+        save(ds, tmp_path / "reg.dcm")
+        back = pydicom.dcmread(tmp_path / "reg.dcm")
+        assert str(back.ContentCreatorName) == "Physicist^Rita"
+        found = re.match(CONTENT_DESCRIPTION_RE, back.ContentDescription)
+        assert found is not None, back.ContentDescription
+        numbers = [float(found[k]) for k in ("x", "y", "z", "pitch", "roll", "yaw")]
+        corr = pose.to_correction()
+        want = [*corr.translation_mm, *corr.rotation_deg]
+        # 0.01 resolution, or coarser only when 64 characters cannot hold it (the third case: 0.1).
+        step = 10.0 ** -min(len(t.split(".")[1]) if "." in t else 0 for t in found.groups())
+        assert_allclose(numbers, want, rtol=0, atol=step / 2 + 1e-9)
+        assert dciodvfy_findings(tmp_path / "reg.dcm") == []
+    assert step == 0.1  # the large case really dropped precision rather than cutting
+    assert dcentvfy_findings([*sorted(plan_dir.glob("*.dcm")), tmp_path / "reg.dcm"]) == []
 
 
 def test_sro_refusals(plan):

@@ -75,18 +75,27 @@ def test_exported_registration_holds_the_approved_pose(plans, tmp_path):
     plan = PlanConfig(method="fiducial", geometry=folder / "geometry.json", dicom=folder / "dicom")
     exporter = SetupExporter(plan, tmp_path / "exports", record)
     pose = Pose.from_six([1.5, -2.0, 0.7], [0.8, -0.4, 1.1])
-    exporter.export(7, pose, T0, "R. Physicist")
+    exporter.export(7, pose, T0, "Physicist^R")
+    exporter.export(7, pose, T0 + 1.0, "Physicist^R")  # the same approval reported again: no second object
+    exporter.export(9, pose, T0 + 60.0, "Physicist^R")  # a second approved setup of the session
     exporter.join()
     record.close()
+    assert sorted(p.name for p in (tmp_path / "exports").iterdir()) == ["SRO_pair000007.dcm", "SRO_pair000009.dcm"]
     ds = pydicom.dcmread(tmp_path / "exports" / "SRO_pair000007.dcm")
-    assert ds.Modality == "REG"
+    second = pydicom.dcmread(tmp_path / "exports" / "SRO_pair000009.dcm")
+    assert ds.Modality == "REG" and str(ds.ContentCreatorName) == "Physicist^R"
+    assert ds.SeriesInstanceUID == second.SeriesInstanceUID and ds.SeriesNumber == second.SeriesNumber
+    assert ds.FrameOfReferenceUID == second.FrameOfReferenceUID == exporter.room_frame_of_reference_uid
+    assert {ds.InstanceNumber, second.InstanceNumber} == {1, 2} and ds.SOPInstanceUID != second.SOPInstanceUID
     treatment = load_treatment_plan(plan)
     matrix = read_registration_matrix(ds, treatment.frame_of_reference_uid)
     back = pose_from_registration_matrix(matrix, treatment.isocentre_lps_mm, treatment.patient_position)
     assert_allclose(back.matrix, pose.matrix, rtol=0, atol=1e-6)
-    exports = [r for r in read_record(tmp_path / "session.jsonl") if r["event"] == "export"]
-    assert len(exports) == 1 and exports[0]["kind"] == "spatial_registration" and exports[0]["pair_id"] == 7
-    assert exports[0]["sop_instance_uid"] == str(ds.SOPInstanceUID)
+    events = read_record(tmp_path / "session.jsonl")
+    exports = sorted((r for r in events if r["event"] == "export"), key=lambda r: r["pair_id"])
+    assert [r["pair_id"] for r in exports] == [7, 9] and exports[0]["kind"] == "spatial_registration"
+    assert exports[0]["sop_instance_uid"] == str(ds.SOPInstanceUID) and exports[0]["operator"] == "Physicist^R"
+    assert [r["pair_id"] for r in events if r["event"] == "export_skipped"] == [7]
 
 
 def test_export_failure_is_recorded_not_raised(tmp_path):
