@@ -141,10 +141,15 @@ def cmd_dicom_listen(args: argparse.Namespace, out=None) -> int:
     from .dicom_net import ListenerConfig, StorageListener
 
     out = out or sys.stdout
-    config = ListenerConfig(args.out, ae_title=args.ae_title, port=args.port, host=args.host)
+    config = ListenerConfig(args.out, ae_title=args.ae_title, port=args.port, host=args.host,
+                            allowed_calling_aes=tuple(args.allow_ae or ()), allowed_hosts=tuple(args.allow_host or ()))
     listener = StorageListener(config).start()
-    print(f"listening as {config.ae_title} on {config.host}:{listener.port}, writing to {config.out_dir} "
-          "(Ctrl-C to stop)", file=out, flush=True)
+    who = ", ".join(filter(None, [
+        f"calling AE titles {list(config.allowed_calling_aes)}" if config.allowed_calling_aes else "",
+        f"hosts {list(config.allowed_hosts)}" if config.allowed_hosts else "",
+    ])) or "any calling AE title and host"
+    print(f"listening as {config.ae_title} on {config.host}:{listener.port}, writing to {config.out_dir}; "
+          f"accepting {who} (Ctrl-C to stop)", file=out, flush=True)
     deadline = None if args.duration_s is None else time.monotonic() + args.duration_s
     try:
         while deadline is None or time.monotonic() < deadline:
@@ -175,6 +180,10 @@ def add_commands(subparsers) -> None:
     p.add_argument("--out", type=Path, required=True, help="folder for received files (<study>/<series>/)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; 0.0.0.0 for all)")
     p.add_argument("--duration-s", type=positive_float, default=None, help="stop after this many seconds (default: run until Ctrl-C)")
+    p.add_argument("--allow-ae", action="append", default=None,
+                   help="calling AE title allowed to send (repeat; default: any)")
+    p.add_argument("--allow-host", action="append", default=None,
+                   help="IP address allowed to connect (repeat; default: any)")
     p.set_defaults(func=cmd_dicom_listen)
 
     p = subparsers.add_parser("dicom-export", help="write kV frames as DICOM RT Image objects with their geometry")

@@ -1,7 +1,30 @@
 """DICOM networking (pynetdicom): a Storage SCP that receives planning data, a C-STORE SCU to an archive.
 
 :class:`StorageListener` accepts C-STORE of the SOP classes it is given
-(default: CT Image, RT Structure Set, RT Plan) and writes each instance,
+(default: CT Image, RT Structure Set, RT Plan), in any of
+:data:`TRANSFER_SYNTAXES` (uncompressed, deflated, RLE, JPEG Lossless,
+JPEG-LS, JPEG 2000 lossless and lossy; decoded on import by pydicom with
+python-gdcm), and answers C-ECHO (Verification). Who may talk to it:
+
+- the called AE title must be ours (else A-ASSOCIATE-RJ, "called AE title
+  not recognised");
+- ``allowed_calling_aes`` (if not empty): only those calling AE titles (else
+  A-ASSOCIATE-RJ, "calling AE title not recognised");
+- ``allowed_hosts`` (if not empty): only connections from those IP
+  addresses; any other is closed before the association is read.
+
+Each instance is checked before it is written:
+
+- duplicate SOP Instance UID (already stored in ``out_dir`` by this or an
+  earlier run): a byte-identical resend is answered success and nothing is
+  rewritten; different content under a known UID is refused with status
+  ``0x0111`` (Duplicate SOP Instance) and the stored file is kept;
+- patient identity: an instance whose Study Instance UID is known (stored
+  before) under another (0010,0020) Patient ID is refused (``0xC000``);
+  the plan loader also refuses an RTSTRUCT/RTPLAN of another patient than
+  the CT;
+
+and writes each instance,
 byte for byte as received, to ``out_dir/<Study Instance UID>/<Series Instance
 UID>/<Modality>_<SOP Instance UID>.dcm`` (written to a temporary name, then
 renamed, so a reader never sees half a file). UIDs are checked before they
@@ -43,6 +66,8 @@ __all__ = [
     "ArchiveConfig",
     "StoreResult",
     "send_to_archive",
+    "TRANSFER_SYNTAXES",
+    "VERIFICATION_SOP_CLASS",
 ]
 
 log = logging.getLogger(__name__)
@@ -56,7 +81,25 @@ PLANNING_SOP_CLASSES = (
 #: Spatial Registration and RT Image Storage (what spineguide exports).
 EXPORT_SOP_CLASSES = ("1.2.840.10008.5.1.4.1.1.66.1", "1.2.840.10008.5.1.4.1.1.481.1")
 
+#: Verification SOP Class (C-ECHO).
+VERIFICATION_SOP_CLASS = "1.2.840.10008.1.1"
+#: Transfer syntaxes the listener accepts for storage, in order of preference.
+TRANSFER_SYNTAXES = (
+    "1.2.840.10008.1.2.1",     # Explicit VR Little Endian
+    "1.2.840.10008.1.2",       # Implicit VR Little Endian
+    "1.2.840.10008.1.2.1.99",  # Deflated Explicit VR Little Endian
+    "1.2.840.10008.1.2.2",     # Explicit VR Big Endian (retired, still sent by old systems)
+    "1.2.840.10008.1.2.5",     # RLE Lossless
+    "1.2.840.10008.1.2.4.70",  # JPEG Lossless, first-order prediction (process 14, SV1)
+    "1.2.840.10008.1.2.4.57",  # JPEG Lossless (process 14)
+    "1.2.840.10008.1.2.4.80",  # JPEG-LS Lossless
+    "1.2.840.10008.1.2.4.81",  # JPEG-LS near-lossless
+    "1.2.840.10008.1.2.4.90",  # JPEG 2000 lossless only
+    "1.2.840.10008.1.2.4.91",  # JPEG 2000
+)
+
 _STATUS_SUCCESS = 0x0000
+_STATUS_DUPLICATE = 0x0111  # a different instance under a SOP Instance UID already stored
 _STATUS_CANNOT_UNDERSTAND = 0xC000  # refused: bad UIDs
 _STATUS_SOP_MISMATCH = 0xA900  # dataset does not match the SOP class
 _STATUS_OUT_OF_RESOURCES = 0xA700  # cannot write the file
@@ -107,6 +150,10 @@ class ListenerConfig:
         SOP Class UIDs accepted.
     timeout_s : float
         ACSE, DIMSE and network timeouts, seconds.
+    allowed_calling_aes : tuple of str
+        Calling AE titles allowed to associate; empty: any.
+    allowed_hosts : tuple of str
+        IP addresses allowed to connect; empty: any.
     """
 
     out_dir: Path
@@ -115,8 +162,23 @@ class ListenerConfig:
     host: str = "127.0.0.1"
     sop_classes: tuple[str, ...] = PLANNING_SOP_CLASSES
     timeout_s: float = 30.0
+    allowed_calling_aes: tuple[str, ...] = ()
+    allowed_hosts: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        import ipaddress
+
+        if isinstance(self.allowed_calling_aes, str) or isinstance(self.allowed_hosts, str):
+            raise DicomNetworkError("allowed_calling_aes and allowed_hosts must be lists, not one string")
+        object.__setattr__(self, "allowed_calling_aes",
+                           tuple(_ae_title(a, "allowed calling AE title") for a in self.allowed_calling_aes))
+        hosts = []
+        for h in self.allowed_hosts:
+            try:
+                hosts.append(str(ipaddress.ip_address(str(h).strip())))
+            except ValueError:
+                raise DicomNetworkError(f"allowed host {h!r} is not an IP address") from None
+        object.__setattr__(self, "allowed_hosts", tuple(hosts))
         object.__setattr__(self, "out_dir", Path(self.out_dir))
         object.__setattr__(self, "ae_title", _ae_title(self.ae_title, "listener AE title"))
         _port(self.port, "listener port")
@@ -140,11 +202,16 @@ class StorageListener:
         self._received: list[Path] = []
         self._refused: list[str] = []
         self._server = None
+        self._known: dict[str, Path] = {}       # SOP Instance UID -> stored file
+        self._patients: dict[str, str] = {}     # Study Instance UID -> Patient ID
         ae = AE(ae_title=config.ae_title)
         ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = config.timeout_s
         ae.maximum_pdu_size = 0  # no limit: fewer, larger PDUs for 0.5 MB CT slices
+        ae.require_called_aet = True
+        ae.require_calling_aet = list(config.allowed_calling_aes)
         for uid in config.sop_classes:
-            ae.add_supported_context(uid)
+            ae.add_supported_context(uid, list(TRANSFER_SYNTAXES))
+        ae.add_supported_context(VERIFICATION_SOP_CLASS)
         self._ae = ae
 
     # ------------------------------------------------------------------ lifecycle
@@ -153,16 +220,35 @@ class StorageListener:
         if self._server is not None:
             raise DicomNetworkError(f"listener {self.config.ae_title} is already running on port {self.port}")
         self.config.out_dir.mkdir(parents=True, exist_ok=True)
+        self._index_stored()
         try:
             self._server = self._ae.start_server(
-                (self.config.host, self.config.port), block=False, evt_handlers=[(evt.EVT_C_STORE, self._on_store)]
+                (self.config.host, self.config.port), block=False,
+                evt_handlers=[(evt.EVT_C_STORE, self._on_store), (evt.EVT_C_ECHO, self._on_echo)],
             )
         except OSError as err:
             raise DicomNetworkError(
                 f"listener {self.config.ae_title}: cannot listen on {self.config.host}:{self.config.port}: {err}"
             ) from err
+        if self.config.allowed_hosts:
+            allowed = set(self.config.allowed_hosts)
+
+            def verify_request(request, client_address, _allowed=allowed) -> bool:
+                ok = str(client_address[0]) in _allowed
+                if not ok:
+                    self._refuse(f"connection from {client_address[0]} refused (not in allowed_hosts)", 0)
+                return ok
+
+            self._server.verify_request = verify_request  # socketserver's hook: False closes the connection
         log.info("DICOM listener %s on %s:%d -> %s", self.config.ae_title, self.config.host, self.port, self.config.out_dir)
         return self
+
+    def _index_stored(self) -> None:
+        """SOP Instance UIDs already stored under ``out_dir`` (from the ``<Modality>_<UID>.dcm`` names)."""
+        for path in self.config.out_dir.glob("*/*/*.dcm"):
+            _, _, uid = path.stem.partition("_")
+            if _is_uid(uid):
+                self._known.setdefault(uid, path)
 
     def stop(self) -> None:
         """Stop serving and close the port (idempotent)."""
@@ -202,7 +288,35 @@ class StorageListener:
             self._refused.append(reason)
         return status
 
+    def _host_allowed(self, event) -> bool:
+        return not self.config.allowed_hosts or str(event.assoc.requestor.address) in self.config.allowed_hosts
+
+    def _on_echo(self, event) -> int:
+        if not self._host_allowed(event):
+            return self._refuse(f"C-ECHO from {event.assoc.requestor.address} refused (not in allowed_hosts)",
+                                _STATUS_CANNOT_UNDERSTAND)
+        log.info("C-ECHO from %s", event.assoc.requestor.ae_title)
+        return _STATUS_SUCCESS
+
+    def _patient_of_study(self, study_uid: str) -> str | None:
+        """The Patient ID stored for a study (this run, or a file of an earlier run), or None if unknown."""
+        with self._lock:
+            if study_uid in self._patients:
+                return self._patients[study_uid]
+        for path in (self.config.out_dir / study_uid).glob("*/*.dcm"):
+            try:
+                pid = str(pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["PatientID"]).get("PatientID", ""))
+            except Exception:  # noqa: BLE001 - an unreadable stored file says nothing about identity
+                continue
+            with self._lock:
+                self._patients.setdefault(study_uid, pid)
+                return self._patients[study_uid]
+        return None
+
     def _on_store(self, event) -> int:
+        if not self._host_allowed(event):
+            return self._refuse(f"C-STORE from {event.assoc.requestor.address} refused (not in allowed_hosts)",
+                                _STATUS_CANNOT_UNDERSTAND)
         try:
             ds = event.dataset
             sop_class = str(ds.get("SOPClassUID", ""))
@@ -218,18 +332,49 @@ class StorageListener:
                 f"SOP instance {uids['SOPInstanceUID']}: SOP Class {sop_class} does not match the negotiated {negotiated}",
                 _STATUS_SOP_MISMATCH,
             )
+        try:
+            patient_id = str(ds.get("PatientID", ""))
+        except Exception as err:  # noqa: BLE001 - as above
+            return self._refuse(f"cannot decode Patient ID: {type(err).__name__}: {err}", _STATUS_CANNOT_UNDERSTAND)
+        sop_uid = uids["SOPInstanceUID"]
+        known_patient = self._patient_of_study(uids["StudyInstanceUID"])
+        if known_patient is not None and known_patient != patient_id:
+            return self._refuse(
+                f"SOP instance {sop_uid}: Patient ID {patient_id!r} differs from {known_patient!r} stored for study "
+                f"{uids['StudyInstanceUID']}", _STATUS_CANNOT_UNDERSTAND,
+            )
         modality = "".join(ch for ch in str(ds.get("Modality", "OT")) if ch.isalnum()) or "OT"
         folder = self.config.out_dir / uids["StudyInstanceUID"] / uids["SeriesInstanceUID"]
-        path = folder / f"{modality}_{uids['SOPInstanceUID']}.dcm"
+        path = folder / f"{modality}_{sop_uid}.dcm"
+        data = event.encoded_dataset()
+        with self._lock:
+            stored = self._known.get(sop_uid)
+            if stored is None:
+                self._known[sop_uid] = path  # claimed: a concurrent resend of the same UID sees it as stored
+        if stored is not None:
+            try:
+                same = stored.read_bytes() == data
+            except OSError:
+                same = False
+            if same:
+                log.info("SOP instance %s resent unchanged; kept %s", sop_uid, stored)
+                return _STATUS_SUCCESS
+            return self._refuse(
+                f"SOP instance {sop_uid}: a different instance under this UID is already stored ({stored}); "
+                "kept the stored one", _STATUS_DUPLICATE,
+            )
         tmp = path.with_suffix(".part")
         try:
             folder.mkdir(parents=True, exist_ok=True)
-            tmp.write_bytes(event.encoded_dataset())
+            tmp.write_bytes(data)
             os.replace(tmp, path)
         except OSError as err:
+            with self._lock:
+                self._known.pop(sop_uid, None)
             return self._refuse(f"cannot write {path}: {err}", _STATUS_OUT_OF_RESOURCES)
         with self._lock:
             self._received.append(path)
+            self._patients.setdefault(uids["StudyInstanceUID"], patient_id)
         log.info("received %s from %s", path.name, event.assoc.requestor.ae_title)
         return _STATUS_SUCCESS
 

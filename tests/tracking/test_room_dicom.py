@@ -157,3 +157,9 @@ def test_listen_command_runs_for_its_duration(tmp_path):
     out = io.StringIO()
     assert args.func(args, out=out) == 0
     assert "listening as SPINEGUIDE on 127.0.0.1:" in out.getvalue() and "received 0 object(s)" in out.getvalue()
+    assert "accepting any calling AE title and host" in out.getvalue()
+    args = _cli(["dicom-listen", "--port", "0", "--out", str(tmp_path / "rx"), "--duration-s", "0.3",
+                 "--allow-ae", "TPS", "--allow-ae", "PACS", "--allow-host", "10.0.0.5"])
+    out = io.StringIO()
+    assert args.func(args, out=out) == 0
+    assert "accepting calling AE titles ['TPS', 'PACS'], hosts ['10.0.0.5']" in out.getvalue()
