@@ -114,6 +114,9 @@ __all__ = [
 ]
 
 SPATIAL_REGISTRATION_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.66.1"
+RT_PLAN_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.481.5"
+#: VOI LUT data of RT Images: 65536 descending 16-bit entries, ``65535 - v`` (bone bright).
+_INVERTING_LUT = (65535 - np.arange(65536, dtype=np.uint32)).astype("<u2").tobytes()
 RT_IMAGE_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.481.1"
 #: Panel normal within this angle of the central axis -> RT Image Plane NORMAL, degrees.
 NORMAL_TOL_DEG = 1e-3
@@ -461,6 +464,8 @@ def rt_image(
     room_frame_of_reference_uid: str | None = None,
     machine_name: str = "spineguide kV",
     pair_id: int | None = None,
+    referenced_rtplan_uid: str | None = None,
+    referenced_beam_number: int | None = None,
 ) -> Dataset:
     """An RT Image object for one raw kV frame with its imager geometry (module docstring).
 
@@ -474,15 +479,19 @@ def rt_image(
         Geometry of the imager that took the frame (room frame, mm).
     patient : PatientStudy
     acquired_unix_s : float
-        Acquisition wall-clock time (UTC date/time in the object).
+        Acquisition wall-clock time (local date/time with the UTC offset in the object).
     i0 : float
         Unattenuated signal of the frame (stored in Image Comments).
     series : SeriesInfo
         One series per session and imager is the usual choice.
     room_frame_of_reference_uid : str, optional
-        The session's room frame (as in its Spatial Registrations).
+        The session's treatment-day patient frame (as in its Spatial Registrations).
     pair_id : int, optional
         Stereo pair number (in Image Comments).
+    referenced_rtplan_uid : str, optional
+        SOP Instance UID of the RT Plan the image was taken for (Referenced RT Plan Sequence).
+    referenced_beam_number : int, optional
+        The plan's beam (its setup beam) the image belongs to.
 
     Raises
     ------
@@ -508,7 +517,7 @@ def rt_image(
     ds.OperatorsName = ""
     date, time_ = _date_time(acquired_unix_s)
     ds.AcquisitionDate, ds.AcquisitionTime = date, time_
-    ds.AcquisitionDateTime = date + time_
+    ds.AcquisitionDateTime = date + time_ + _utc_offset(acquired_unix_s)
     ds.PatientOrientation = ""
     ds.ImageType = ["ORIGINAL", "PRIMARY", "RADIOGRAPH"]
     ds.RTImageLabel = f"kV {imager.name}"[:16]
@@ -521,10 +530,25 @@ def rt_image(
     ds.RescaleSlope = format_ds(slope)
     ds.RescaleIntercept = format_ds(intercept)
     ds.RescaleType = "US"
+    ds.PixelIntensityRelationship = "LIN"
+    ds.PixelIntensityRelationshipSign = 1
+    voi = Dataset()
+    voi.LUTDescriptor = [0, 0, 16]  # 0 entries = 65536, first input 0, 16-bit output
+    voi.LUTExplanation = "inverted: low signal (bone) bright"
+    voi.LUTData = _INVERTING_LUT
+    voi["LUTData"].VR = "OW"
+    ds.VOILUTSequence = DicomSequence([voi])
     comments = f"i0={float(i0):g}; imager={imager.name}"
     if pair_id is not None:
         comments += f"; pair_id={int(pair_id)}"
     ds.ImageComments = comments
+    if referenced_rtplan_uid is not None:
+        ref = Dataset()
+        ref.ReferencedSOPClassUID = RT_PLAN_SOP_CLASS
+        ref.ReferencedSOPInstanceUID = referenced_rtplan_uid
+        ds.ReferencedRTPlanSequence = DicomSequence([ref])
+        if referenced_beam_number is not None:
+            ds.ReferencedBeamNumber = int(referenced_beam_number)
     ds.RadiationMachineName = machine_name
     ds.PrimaryDosimeterUnit = "MINUTE"
     ds.RadiationMachineSAD = format_ds(imager.source_to_isocentre_mm)
@@ -549,6 +573,7 @@ def rt_image(
         ds.RTImageOrientation = _ds_list(np.concatenate([g @ u, g @ v]))
     rel = imager.origin_mm - c
     ds.RTImagePosition = _ds_list([rel @ u, -(rel @ v)])
+    ds.XRayImageReceptorTranslation = _ds_list([0.0, 0.0, imager.source_to_isocentre_mm - sid])
     ds.PixelData = stored.tobytes()
     return ds
 
@@ -583,6 +608,13 @@ def imager_from_rt_image(ds: Dataset, name: str | None = None) -> ImagerGeometry
         g = np.column_stack([axes.x_g, axes.y_g, axes.z_g])
         u, v = g @ o[:3], g @ o[3:]
     c = source - sid * axes.z_g
+    shift = ds.get("XRayImageReceptorTranslation")
+    if shift not in (None, ""):
+        try:
+            tx, ty = float(shift[0]), float(shift[1])
+        except (TypeError, ValueError, IndexError) as err:
+            raise DicomExportError(f"RT Image: X-Ray Image Receptor Translation is not 3 numbers: {err}") from err
+        c = c + tx * axes.x_g + ty * axes.y_g  # the receptor origin moved off the central axis
     origin = c + x0 * u - y0 * v
     label = name if name is not None else str(ds.get("RTImageLabel", "kV")).removeprefix("kV ").strip() or "kV"
     return ImagerGeometry(label, source, origin, u, v, (row_sp, col_sp), rows, cols)

@@ -223,6 +223,9 @@ class RTPlanInfo:
         structure set).
     patient_id, study_instance_uid : str
         (0010,0020), (0020,000D) as found (cross-checked with the CT).
+    setup_beam_numbers : tuple of int
+        (300A,00C0) Beam Numbers of the beams whose (300A,00CE) Treatment
+        Delivery Type is ``SETUP`` (what kV images are referenced to).
     """
 
     path: Path
@@ -236,6 +239,7 @@ class RTPlanInfo:
     target_roi_numbers: tuple[int, ...] = ()
     patient_id: str = ""
     study_instance_uid: str = ""
+    setup_beam_numbers: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "isocentres_lps_mm", _ro(self.isocentres_lps_mm).reshape(-1, 3))
@@ -400,8 +404,12 @@ def _read_rtplan(p: Path) -> RTPlanInfo:
     beams = list(ds.get("BeamSequence", [])) + list(ds.get("IonBeamSequence", []))
     isos: list[np.ndarray] = []
     users: list[list[str]] = []
+    setup_beams: list[int] = []
     for beam in beams:
         name = str(beam.get("BeamName", "") or beam.get("BeamNumber", "?"))
+        if str(beam.get("TreatmentDeliveryType", "")).strip().upper() == "SETUP" and \
+                beam.get("BeamNumber") not in (None, ""):
+            setup_beams.append(int(beam.BeamNumber))
         cps = beam.get("ControlPointSequence", [])
         iso = cps[0].get("IsocenterPosition") if len(cps) else None
         if iso in (None, ""):
@@ -442,6 +450,7 @@ def _read_rtplan(p: Path) -> RTPlanInfo:
         target_roi_numbers=tuple(targets),
         patient_id=str(ds.get("PatientID", "")),
         study_instance_uid=str(ds.get("StudyInstanceUID", "")),
+        setup_beam_numbers=tuple(setup_beams),
     )
 
 

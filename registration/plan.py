@@ -138,6 +138,10 @@ class Plan:
         Every isocentre the RT Plan holds (empty for plans from files).
     provenance : mapping str -> str
         Where each part came from (paths, SOP Instance UIDs, "given").
+    rtplan_sop_instance_uid : str or None
+        The RT Plan's SOP Instance UID (DICOM plans with an RTPLAN), referenced by exported RT Images.
+    setup_beam_numbers : tuple of int
+        The RT Plan's SETUP beams (Beam Numbers).
     """
 
     ct: CTVolume
@@ -150,6 +154,8 @@ class Plan:
     patient: PatientStudy | None = None
     plan_isocentres_lps_mm: np.ndarray = field(default_factory=lambda: np.zeros((0, 3)))
     provenance: Mapping[str, str] = field(default_factory=dict)
+    rtplan_sop_instance_uid: str | None = None
+    setup_beam_numbers: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         where = self.ct.source
@@ -493,5 +499,7 @@ def load_dicom_plan(
     else:
         raise PlanError(f"{root}: no RTPLAN to take the isocentre from; give the isocentre explicitly (LPS mm)")
     return Plan(
-        ct, iso, fiducials, rois, target, ct.patient_position, frame_uid, patient, plan_isos, provenance
+        ct, iso, fiducials, rois, target, ct.patient_position, frame_uid, patient, plan_isos, provenance,
+        rtplan_sop_instance_uid=rp.sop_instance_uid if rp is not None else None,
+        setup_beam_numbers=tuple(int(n) for n in rp.setup_beam_numbers) if rp is not None else (),
     )

@@ -7,6 +7,7 @@ commands print; the library they call only logs.
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import time
 from pathlib import Path
@@ -31,7 +32,9 @@ def parse_archive(text: str):
 def cmd_dicom_export(args: argparse.Namespace, out=None) -> int:
     """Write acquired kV frames as RT Image objects with their imager geometry (one series per imager)."""
     from spineguide.calibration.io import read_geometry
-    from spineguide.registration.dicom_export import SeriesInfo, rt_image, save
+    from pydicom.uid import generate_uid
+
+    from spineguide.registration.dicom_export import SeriesInfo, rt_image, save, series_number_for
     from spineguide.registration.plan import load_dicom_plan
     from spineguide.tracking.frames import parse_image_args, read_stereo_frames
 
@@ -47,10 +50,19 @@ def cmd_dicom_export(args: argparse.Namespace, out=None) -> int:
     frames = read_stereo_frames(parse_image_args(args.image), geometry, args.i0)
     args.out.mkdir(parents=True, exist_ok=True)
     acquired = args.acquired_unix_s if args.acquired_unix_s is not None else time.time()
+    frame_uid = args.frame_of_reference_uid or generate_uid()
+    if not re.fullmatch(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*", frame_uid) or len(frame_uid) > 64:
+        raise CliError(f"--frame-of-reference-uid {frame_uid!r} is not a DICOM UID (digits and dots, <= 64)")
+    beam = plan.setup_beam_numbers[0] if len(plan.setup_beam_numbers) == 1 else None
     written = []
+    created = time.time()
+    if len(frames) > 9:
+        raise CliError(f"at most 9 imagers per export (series numbers), got {len(frames)}")
     for number, (name, frame) in enumerate(frames.items(), start=1):
         ds = rt_image(frame.pixels, geometry[name], plan.patient, acquired_unix_s=acquired, i0=args.i0,
-                      series=SeriesInfo.new(100 + number, f"kV imager {name}"), pair_id=args.pair_id)
+                      series=SeriesInfo.new(series_number_for(created, number), f"kV imager {name}"),
+                      pair_id=args.pair_id, room_frame_of_reference_uid=frame_uid,
+                      referenced_rtplan_uid=plan.rtplan_sop_instance_uid, referenced_beam_number=beam)
         path = args.out / f"RI_{name}.dcm"
         save(ds, path)
         written.append(path)
@@ -195,6 +207,9 @@ def add_commands(subparsers) -> None:
     p.add_argument("--acquired-unix-s", type=finite_float, default=None, help="acquisition time (default: now)")
     p.add_argument("--out", type=Path, required=True, help="output folder")
     p.add_argument("--send", default=None, help="also C-STORE them to an archive AE@HOST:PORT")
+    p.add_argument("--frame-of-reference-uid", default=None,
+                   help="the session's treatment-day Frame of Reference UID (as in its Spatial Registrations; "
+                        "default: a new one)")
     p.set_defaults(func=cmd_dicom_export)
 
     p = subparsers.add_parser("dicom-send", help="C-STORE DICOM files to an archive (record and verify, PACS)")

@@ -173,7 +173,7 @@ def test_rt_image_geometry_rebuilds_the_imager(plan, tmp_path, imager, plane):
     assert_allclose(rebuilt.project(pts), imager.project(pts), rtol=0, atol=PROJECTION_TOL_PX)
     np.testing.assert_array_equal(back.pixel_array, frame)
     assert "pair_id=7" in back.ImageComments and "i0=20000" in back.ImageComments
-    assert dciodvfy_errors(tmp_path / "rti.dcm") == []
+    assert dciodvfy_findings(tmp_path / "rti.dcm") == []
 
 
 def test_default_room_angles_and_distances(plan):
