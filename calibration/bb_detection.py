@@ -29,7 +29,7 @@ Pixel coordinates are ``(col, row)``, pixel centres at integers, as in
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import cv2
 import numpy as np
@@ -46,6 +46,7 @@ __all__ = [
     "estimate_i0",
     "detect_bbs",
     "match_markers",
+    "local_noise",
 ]
 
 #: A blob is kept when its smoothed line integral exceeds this many robust
@@ -61,6 +62,14 @@ DIAMETER_RANGE = (0.4, 1.8)
 #: small focal spot and detector blur stay within it.
 _WINDOW_MARGIN_PX = 2.5
 _MAX_RECENTRE = 20
+#: A pixel reading this much (the top of the uint16 range) is saturated or hot.
+HOT_VALUE = 65535.0
+#: Most candidate maxima refined per frame (the strongest first).
+MAX_CANDIDATES = 400
+#: Largest ratio of a detection's principal widths (absorption-weighted second
+#: moments): a sphere's shadow is round (its perspective ellipse differs from a
+#: circle by < 1 %); two overlapping BBs, a wire or an edge artefact is not.
+MAX_ELONGATION = 1.3
 _RECENTRE_TOL_PX = 1e-4
 
 
@@ -79,7 +88,10 @@ class DetectedBBs:
     i0 : float
         Unattenuated signal used for the log conversion (given or estimated).
     rejected_px : (K, 2) array
-        Centres of blobs rejected for their size (reported, never used).
+        Centres of blobs rejected for their size or shape (reported, never used).
+    sigma_px : (M,) array
+        Expected 1-sigma error of each centre (per axis), px, from the local
+        noise of the background around it.
     """
 
     centres_px: np.ndarray
@@ -87,6 +99,7 @@ class DetectedBBs:
     peak_absorption: np.ndarray
     i0: float
     rejected_px: np.ndarray
+    sigma_px: np.ndarray = field(default_factory=lambda: np.zeros(0))
 
     @property
     def count(self) -> int:
@@ -194,8 +207,79 @@ def _disk(radius_px: float) -> np.ndarray:
     return cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (size, size))
 
 
+def repair_defects(raw: np.ndarray) -> np.ndarray:
+    """Dead (0) and saturated (>= 65535) pixels -- single pixels or whole lines -- in-painted from their neighbours.
+
+    A dead column through a BB would otherwise read as full absorption and pull
+    its centroid; in-painting (OpenCV Telea, radius 2 px) replaces it with
+    the surrounding signal. Frame units (counts), ``image[row, col]``.
+    """
+    bad = (raw <= 0.0) | (raw >= HOT_VALUE)
+    if not np.any(bad):
+        return raw
+    if np.all(bad):
+        return raw
+    out = cv2.inpaint(raw.astype(np.float32), bad.astype(np.uint8), 2, cv2.INPAINT_TELEA)
+    return out.astype(np.float64)
+
+
+def noise_correlation_factor(p: np.ndarray, bin_px: int = 3) -> float:
+    """How much more a centroid moves than white noise of the same per-pixel level would make it: ``kappa >= 1``.
+
+    Detector blur correlates neighbouring pixels' noise: the per-pixel spread
+    shrinks while the noise of a sum over an area (a centroid) does not. With
+    ``h`` the high-pass of the line integrals, ``kappa^2 = b^2 var(b x b means
+    of h) / var(h)`` (robust MAD variances, ``b`` = ``bin_px``): 1 for white
+    noise, ``~ sqrt(4 pi) sigma_blur`` for Gaussian blur. Dimensionless.
+    """
+    h = p - cv2.GaussianBlur(p.astype(np.float32), (0, 0), 4.0).astype(np.float64)
+    rows, cols = h.shape
+    b = int(bin_px)
+    hb = h[: rows // b * b, : cols // b * b].reshape(rows // b, b, cols // b, b).mean(axis=(1, 3))
+
+    def mad(a):
+        return 1.4826 * float(np.median(np.abs(a - np.median(a))))
+
+    v_pix, v_bin = mad(h), mad(hb)
+    if not v_pix > 0:
+        return 1.0
+    return max(1.0, b * v_bin / v_pix)
+
+
+def local_noise(q: np.ndarray, tile_px: int = 64) -> np.ndarray:
+    """Robust local noise level of a zero-mean residual image, same units, ``(rows, cols)`` float32.
+
+    The MAD (x 1.4826) of ``q`` in tiles of ``tile_px`` pixels, interpolated
+    bilinearly between tile centres. Local, not whole-frame: behind a thick
+    phantom body the quantum noise is several times the open field's.
+    """
+    rows, cols = q.shape
+    t = max(8, int(tile_px))
+    nr, nc = max(1, rows // t), max(1, cols // t)
+    # Tiles cover the frame (the last row/column of tiles takes the remainder).
+    r_edges = np.linspace(0, rows, nr + 1).astype(int)
+    c_edges = np.linspace(0, cols, nc + 1).astype(int)
+    grid = np.empty((nr, nc), np.float32)
+    for i in range(nr):
+        band = q[r_edges[i] : r_edges[i + 1]]
+        for j in range(nc):
+            tile = band[:, c_edges[j] : c_edges[j + 1]]
+            grid[i, j] = 1.4826 * np.median(np.abs(tile - np.median(tile)))
+    grid = np.maximum(grid, np.float32(max(float(np.median(grid)) * 0.05, 1e-6)))
+    return cv2.resize(grid, (cols, rows), interpolation=cv2.INTER_LINEAR)
+
+
 def detect_bbs(frame, *, diameter_px: float, i0: float | None = None, imager: str = "?") -> DetectedBBs:
     """Find BBs in a raw kV frame with sub-pixel centres.
+
+    Steps (``docs/CALIBRATION.md``): line integrals; matched-filter smoothing
+    minus a morphological opening (removes the body's smooth projection);
+    candidates are the local maxima of that residual above
+    :data:`DETECTION_SIGMA` times the *local* noise (:func:`local_noise`) --
+    maxima, not connected regions, so that a BB on a noisy ridge is never
+    swallowed by a large region; then each candidate's centre is refined
+    (:func:`_refine_centre`: absorbed-fraction centroid over a plane fitted
+    to the background in an annulus) and checked for size and roundness.
 
     Parameters
     ----------
@@ -212,7 +296,8 @@ def detect_bbs(frame, *, diameter_px: float, i0: float | None = None, imager: st
     Returns
     -------
     DetectedBBs
-        Centres in ``(col, row)`` pixels, sorted by row then column.
+        Centres in ``(col, row)`` pixels, sorted by row then column, with
+        each centre's expected 1-sigma error (``sigma_px``) from the local noise.
 
     Raises
     ------
@@ -223,26 +308,27 @@ def detect_bbs(frame, *, diameter_px: float, i0: float | None = None, imager: st
         math.isfinite(diameter_px) and diameter_px > 0.5
     ):
         raise DetectionError(f"imager '{imager}': diameter_px must be a number above 0.5 px, got {diameter_px!r}")
-    raw = _checked_frame(frame, imager)
+    raw = repair_defects(_checked_frame(frame, imager))
     p, i0 = line_integrals(raw, i0, imager)
     radius = diameter_px / 2.0
     sigma = max(0.5, radius / 2.0)
     smooth = cv2.GaussianBlur(p.astype(np.float32), (0, 0), sigma)
     background = cv2.morphologyEx(smooth, cv2.MORPH_OPEN, _disk(2.0 * radius + 3.0))
     q = smooth - background
-    noise = 1.4826 * float(np.median(np.abs(q - np.median(q))))
-    threshold = max(DETECTION_SIGMA * noise, 1e-3)
-    n_lab, labels, stats, cents = cv2.connectedComponentsWithStats((q > threshold).astype(np.uint8), connectivity=8)
+    noise = local_noise(q)
+    kappa = noise_correlation_factor(p)
+    ratio = q / noise
+    peak = (q >= cv2.dilate(q, _disk(max(radius, 1.5)))) & (ratio > DETECTION_SIGMA) & (q > 1e-3)
+    pr, pc = np.nonzero(peak)
+    order = np.argsort(-ratio[pr, pc])[:MAX_CANDIDATES]
     rows, cols = raw.shape
     r_win = radius + _WINDOW_MARGIN_PX
     half = int(math.ceil(r_win + 4.0))
-    centres, diams, peaks, rejected = [], [], [], []
-    for lab in range(1, n_lab):
-        # Seed at the brightest smoothed pixel of the blob, then refine.
-        x0, y0, w, h = stats[lab, :4]
-        sub = np.where(labels[y0 : y0 + h, x0 : x0 + w] == lab, q[y0 : y0 + h, x0 : x0 + w], -np.inf)
-        iy, ix = np.unravel_index(int(np.argmax(sub)), sub.shape)
-        c = np.array([x0 + ix, y0 + iy], dtype=np.float64)
+    centres, diams, peaks, sigmas, rejected = [], [], [], [], []
+    for k in order:
+        c = np.array([pc[k], pr[k]], dtype=np.float64)
+        if centres and np.min(np.linalg.norm(np.asarray(centres) - c, axis=1)) < max(radius, 1.5) + 1.0:
+            continue  # another maximum of a BB already measured
         if c[0] - half < 0 or c[1] - half < 0 or c[0] + half >= cols or c[1] + half >= rows:
             rejected.append(c)  # cut by the panel edge: its centroid would be biased
             continue
@@ -250,16 +336,17 @@ def detect_bbs(frame, *, diameter_px: float, i0: float | None = None, imager: st
         if result is None:
             rejected.append(c)
             continue
-        c, area, peak = result
+        c, area, pk, sig, elong = result
         d_eq = 2.0 * math.sqrt(max(area, 0.0) / math.pi)
-        if not (DIAMETER_RANGE[0] * diameter_px <= d_eq <= DIAMETER_RANGE[1] * diameter_px) or stats[lab, 4] > (
-            DIAMETER_RANGE[1] * diameter_px + 2.0 * sigma + 2.0
-        ) ** 2:
+        if not (DIAMETER_RANGE[0] * diameter_px <= d_eq <= DIAMETER_RANGE[1] * diameter_px) or elong > MAX_ELONGATION:
             rejected.append(c)
+            continue
+        if centres and np.min(np.linalg.norm(np.asarray(centres) - c, axis=1)) < max(radius, 1.5):
             continue
         centres.append(c)
         diams.append(d_eq)
-        peaks.append(peak)
+        peaks.append(pk)
+        sigmas.append(sig * kappa)
     order = np.lexsort((np.array([c[0] for c in centres]), np.array([c[1] for c in centres]))) if centres else []
     centres_arr = np.array(centres, dtype=np.float64).reshape(-1, 2)[order]
     return DetectedBBs(
@@ -268,25 +355,60 @@ def detect_bbs(frame, *, diameter_px: float, i0: float | None = None, imager: st
         _readonly(np.array(peaks)[order] if centres else np.zeros(0)),
         float(i0),
         _readonly(np.array(rejected, dtype=np.float64).reshape(-1, 2)),
+        _readonly(np.array(sigmas)[order] if centres else np.zeros(0)),
     )
 
 
+def _plane_background(patch: np.ndarray, xx: np.ndarray, yy: np.ndarray, ring: np.ndarray):
+    """Least-squares plane ``a + b x + c y`` through the ring's pixels, two rounds of 3-sigma clipping.
+
+    Returns the plane evaluated on the patch and the robust RMS of the ring's residuals (counts)."""
+    x, y, v = xx[ring], yy[ring], patch[ring]
+    x0, y0 = float(x.mean()), float(y.mean())
+    a = np.stack([np.ones_like(x), x - x0, y - y0], axis=1)
+    keep = np.ones(len(v), bool)
+    coef = np.zeros(3)
+    for _ in range(3):
+        coef, *_ = np.linalg.lstsq(a[keep], v[keep], rcond=None)
+        res = v - a @ coef
+        s = 1.4826 * float(np.median(np.abs(res[keep])))
+        new_keep = np.abs(res) <= 3.0 * max(s, 1e-12)
+        if np.count_nonzero(new_keep) < 10 or np.array_equal(new_keep, keep):
+            break
+        keep = new_keep
+    rms = float(np.std(res[keep]))
+    return coef[0] + coef[1] * (xx - x0) + coef[2] * (yy - y0), rms
+
+
 def _refine_centre(raw: np.ndarray, seed: np.ndarray, r_win: float, half: int):
-    """Iterated absorbed-fraction centroid in a circular window; None if it drifts off."""
+    """Iterated absorbed-fraction centroid over a plane-fitted local background; None if it drifts off.
+
+    Returns ``(centre (col, row), absorbed area px^2, peak absorbed fraction,
+    centre 1-sigma px, elongation)``. The background ``I_bg`` is a plane fitted
+    (least squares, clipped) to an annulus around the window, so a sloped
+    background (a PMMA wedge, heel effect, scatter) leaves the absorbed
+    fraction ``1 - I / I_bg`` symmetric about the BB: no bias towards the
+    thicker side, unlike a constant ring median. The centre's sigma follows
+    from the ring's residual RMS ``s``: per pixel ``s_w = s / I_bg``, and
+    ``var(c_x) = s_w^2 sum (x - c_x)^2 / W^2`` over the window (``W`` the
+    absorbed area). The elongation is the square root of the ratio of the
+    absorption-weighted second moments' eigenvalues (1 for a round BB).
+    """
     c = seed.copy()
     for _ in range(_MAX_RECENTRE):
         ci, ri = int(round(c[0])), int(round(c[1]))
         if ci - half < 0 or ri - half < 0 or ci + half >= raw.shape[1] or ri + half >= raw.shape[0]:
             return None
         patch = raw[ri - half : ri + half + 1, ci - half : ci + half + 1]
-        yy, xx = np.mgrid[ri - half : ri + half + 1, ci - half : ci + half + 1]
+        yy, xx = np.mgrid[ri - half : ri + half + 1, ci - half : ci + half + 1].astype(np.float64)
         r2 = (xx - c[0]) ** 2 + (yy - c[1]) ** 2
         ring = (r2 > (r_win + 1.0) ** 2) & (r2 <= (r_win + 4.0) ** 2)
-        i_bg = float(np.median(patch[ring]))
-        if not i_bg > 0:
-            return None
+        i_bg, ring_rms = _plane_background(patch, xx, yy, ring)
         inside = r2 <= r_win**2
-        w = 1.0 - patch[inside] / i_bg
+        bg_in = i_bg[inside]
+        if not np.all(bg_in > 0):
+            return None
+        w = 1.0 - patch[inside] / bg_in
         total = float(w.sum())
         if not total > 0:
             return None
@@ -297,7 +419,14 @@ def _refine_centre(raw: np.ndarray, seed: np.ndarray, r_win: float, half: int):
             break
         if np.linalg.norm(c - seed) > r_win:
             return None
-    return c, total, float(w.max())
+    dx, dy = xx[inside] - c[0], yy[inside] - c[1]
+    s_w = ring_rms / float(np.mean(bg_in))
+    sigma = s_w * math.sqrt(float(np.mean([dx @ dx, dy @ dy]))) / total
+    wp = np.clip(w, 0.0, None)
+    m = np.array([[wp @ (dx * dx), wp @ (dx * dy)], [wp @ (dx * dy), wp @ (dy * dy)]]) / max(float(wp.sum()), 1e-12)
+    ev = np.linalg.eigvalsh(m)
+    elong = math.sqrt(ev[1] / ev[0]) if ev[0] > 0 else math.inf
+    return c, total, float(w.max()), sigma, elong
 
 
 def _normaliser(pts: np.ndarray) -> np.ndarray:

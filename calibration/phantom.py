@@ -13,7 +13,20 @@ File format (JSON)::
      "name": "optional label",
      "centre_offset_mm": [0, 0, 0],          # optional, room frame, mm
      "markers": [{"name": "C", "position_mm": [0, 0, 0],
-                  "diameter_mm": 2.0, "material": "tungsten"}, ...]}
+                  "diameter_mm": 2.0, "material": "tungsten"}, ...],
+     "body": {"shape": "box", "size_mm": [150, 150, 150],     # optional
+              "material": "pmma", "centre_mm": [0, 0, 0],
+              "features": [{"shape": "cylinder", "material": "air",
+                            "centre_mm": [30, 0, 0], "axis": [0, 0, 1],
+                            "radius_mm": 10, "length_mm": 150}]}}
+
+``body`` (optional; files without it stay valid and mean "body not
+modelled") describes the block that holds the BBs, in the same frame as the
+markers: an axis-aligned ``box`` (``size_mm``, full edge lengths) or a
+``cylinder`` (``radius_mm``, ``length_mm``, ``axis``), of a body material
+(:data:`BODY_MATERIALS`), with optional ``features``: holes (material
+``air``) and inserts (another material), each a box or cylinder that replaces
+the body material where it lies.
 
 Unknown top-level fields are ignored (as every reader of our formats does);
 anything malformed raises :class:`PhantomFileError` naming the file, the
@@ -45,7 +58,14 @@ __all__ = [
     "read_phantom",
     "write_phantom",
     "default_phantom",
+    "BODY_MATERIALS",
+    "BodyPart",
+    "PhantomBody",
 ]
+
+#: Materials a phantom body or its features may be made of (``air`` for holes).
+BODY_MATERIALS = ("pmma", "water", "cortical_bone", "air")
+_BODY_SHAPES = ("box", "cylinder")
 
 PHANTOM_SCHEMA = "bb-phantom/1"
 
@@ -68,6 +88,146 @@ def _readonly(arr) -> np.ndarray:
     out = np.array(arr, dtype=np.float64)
     out.setflags(write=False)
     return out
+
+
+def _vec3(value, what: str) -> np.ndarray:
+    try:
+        arr = np.array(value, dtype=np.float64)
+    except (TypeError, ValueError) as err:
+        raise PhantomError(f"{what} must be 3 numbers, got {value!r}") from err
+    if arr.shape != (3,) or not np.all(np.isfinite(arr)):
+        raise PhantomError(f"{what} must be 3 finite numbers, got {np.asarray(value).tolist()}")
+    return arr
+
+
+def _positive(value, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)) or not (
+        math.isfinite(value) and value > 0
+    ):
+        raise PhantomError(f"{what} must be a positive number, got {value!r}")
+    return float(value)
+
+
+@dataclass(frozen=True, slots=True)
+class BodyPart:
+    """A box or a cylinder of one material, in the markers' frame (room frame, phantom at its nominal place, mm).
+
+    Parameters
+    ----------
+    shape : str
+        ``"box"`` (axis-aligned, full edge lengths ``size_mm``) or
+        ``"cylinder"`` (``radius_mm``, ``length_mm`` along the unit ``axis``, flat caps).
+    material : str
+        One of :data:`BODY_MATERIALS`.
+    centre_mm : (3,) array
+        Centre of the box or of the cylinder's axis segment, mm.
+    size_mm : (3,) array
+        Box edge lengths along x, y, z, mm (boxes only).
+    radius_mm, length_mm : float
+        Cylinder radius and length, mm (cylinders only).
+    axis : (3,) array
+        Cylinder axis (normalised on construction).
+    """
+
+    shape: str
+    material: str
+    centre_mm: np.ndarray = field(default_factory=lambda: np.zeros(3))
+    size_mm: np.ndarray | None = None
+    radius_mm: float = 0.0
+    length_mm: float = 0.0
+    axis: np.ndarray = field(default_factory=lambda: np.array([0.0, 0.0, 1.0]))
+
+    def __post_init__(self) -> None:
+        if self.shape not in _BODY_SHAPES:
+            raise PhantomError(f"body shape must be one of {', '.join(_BODY_SHAPES)}, got {self.shape!r}")
+        if self.material not in BODY_MATERIALS:
+            raise PhantomError(f"body material must be one of {', '.join(BODY_MATERIALS)}, got {self.material!r}")
+        object.__setattr__(self, "centre_mm", _readonly(_vec3(self.centre_mm, "body centre_mm")))
+        if self.shape == "box":
+            size = _vec3(self.size_mm, "box size_mm")
+            if np.any(size <= 0):
+                raise PhantomError(f"box size_mm must be positive, got {size.tolist()}")
+            object.__setattr__(self, "size_mm", _readonly(size))
+        else:
+            object.__setattr__(self, "radius_mm", _positive(self.radius_mm, "cylinder radius_mm"))
+            object.__setattr__(self, "length_mm", _positive(self.length_mm, "cylinder length_mm"))
+            axis = _vec3(self.axis, "cylinder axis")
+            norm = float(np.linalg.norm(axis))
+            if not norm > 1e-9:
+                raise PhantomError("cylinder axis must not be zero")
+            object.__setattr__(self, "axis", _readonly(axis / norm))
+
+    def contains(self, points_mm) -> np.ndarray:
+        """(N,) bool: which points (same frame, mm) lie inside the part."""
+        p = np.atleast_2d(np.asarray(points_mm, dtype=np.float64)) - self.centre_mm
+        if self.shape == "box":
+            return np.all(np.abs(p) <= self.size_mm / 2.0, axis=1)
+        along = p @ self.axis
+        radial = np.linalg.norm(p - along[:, None] * self.axis, axis=1)
+        return (np.abs(along) <= self.length_mm / 2.0) & (radial <= self.radius_mm)
+
+    def to_json(self) -> dict:
+        out = {"shape": self.shape, "material": self.material, "centre_mm": self.centre_mm.tolist()}
+        if self.shape == "box":
+            out["size_mm"] = self.size_mm.tolist()
+        else:
+            out.update(radius_mm=self.radius_mm, length_mm=self.length_mm, axis=self.axis.tolist())
+        return out
+
+    @classmethod
+    def from_json(cls, obj, what: str) -> "BodyPart":
+        if not isinstance(obj, dict):
+            raise PhantomError(f"{what} must be an object, got {type(obj).__name__}")
+        shape = obj.get("shape")
+        try:
+            if shape == "box":
+                return cls("box", obj.get("material"), obj.get("centre_mm", [0.0, 0.0, 0.0]), obj.get("size_mm"))
+            return cls(shape, obj.get("material"), obj.get("centre_mm", [0.0, 0.0, 0.0]), None,
+                       obj.get("radius_mm"), obj.get("length_mm"), obj.get("axis", [0.0, 0.0, 1.0]))
+        except PhantomError as err:
+            raise PhantomError(f"{what}: {err}") from err
+
+
+@dataclass(frozen=True, slots=True)
+class PhantomBody:
+    """The block that holds the BBs: an outer part and features (holes, inserts) that replace its material.
+
+    Frame: the markers' (room frame with the phantom at its nominal place), mm.
+    The outer part may not be ``air``; features must lie inside it (their
+    centres, at least) and do not overlap each other's centres.
+    """
+
+    outer: BodyPart
+    features: tuple[BodyPart, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.outer, BodyPart):
+            raise PhantomError(f"body outer part must be a BodyPart, got {type(self.outer).__name__}")
+        if self.outer.material == "air":
+            raise PhantomError("the body itself cannot be air")
+        feats = tuple(self.features)
+        for i, f in enumerate(feats):
+            if not isinstance(f, BodyPart):
+                raise PhantomError(f"body features[{i}] must be a BodyPart, got {type(f).__name__}")
+            if not bool(self.outer.contains(f.centre_mm)[0]):
+                raise PhantomError(f"body features[{i}] ({f.shape}, {f.material}): its centre "
+                                   f"{f.centre_mm.tolist()} lies outside the body")
+        object.__setattr__(self, "features", feats)
+
+    def to_json(self) -> dict:
+        out = self.outer.to_json()
+        out["features"] = [f.to_json() for f in self.features]
+        return out
+
+    @classmethod
+    def from_json(cls, obj) -> "PhantomBody":
+        if not isinstance(obj, dict):
+            raise PhantomError(f"'body' must be an object, got {type(obj).__name__}")
+        feats = obj.get("features", [])
+        if not isinstance(feats, list):
+            raise PhantomError("body 'features' must be a list")
+        outer = BodyPart.from_json({k: v for k, v in obj.items() if k != "features"}, "body")
+        return cls(outer, tuple(BodyPart.from_json(f, f"body features[{i}]") for i, f in enumerate(feats)))
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,6 +283,8 @@ class BBPhantom:
     centre_offset_mm : (3,) array
         Measured offset of the centre BB from the MV isocentre (e.g. from a
         Winston-Lutz test), room frame, mm. Zero when not measured.
+    body : PhantomBody, optional
+        The block holding the BBs (markers' frame); None when not modelled.
 
     Raises
     ------
@@ -133,6 +295,7 @@ class BBPhantom:
     markers: tuple[Marker, ...]
     name: str = "bb-phantom"
     centre_offset_mm: np.ndarray = field(default_factory=lambda: np.zeros(3))
+    body: PhantomBody | None = None
     _positions: np.ndarray = field(init=False, repr=False, compare=False)
     _centre_index: int = field(init=False, repr=False, compare=False)
 
@@ -180,6 +343,8 @@ class BBPhantom:
             )
         if not isinstance(self.name, str) or not self.name:
             raise PhantomError(f"phantom name must be a non-empty string, got {self.name!r}")
+        if self.body is not None and not isinstance(self.body, PhantomBody):
+            raise PhantomError(f"phantom '{self.name}': body must be a PhantomBody, got {type(self.body).__name__}")
         object.__setattr__(self, "markers", markers)
         object.__setattr__(self, "centre_offset_mm", _readonly(offset))
         object.__setattr__(self, "_positions", _readonly(pos))
@@ -235,7 +400,7 @@ class BBPhantom:
 
     def to_json(self) -> dict:
         """The ``bb-phantom/1`` document."""
-        return {
+        doc = {
             "schema": PHANTOM_SCHEMA,
             "name": self.name,
             "centre_offset_mm": self.centre_offset_mm.tolist(),
@@ -244,6 +409,9 @@ class BBPhantom:
                 for m in self.markers
             ],
         }
+        if self.body is not None:
+            doc["body"] = self.body.to_json()
+        return doc
 
 
 def phantom_from_json(obj) -> BBPhantom:
@@ -284,7 +452,8 @@ def phantom_from_json(obj) -> BBPhantom:
         except (TypeError, ValueError) as err:
             raise PhantomFileError(f"centre_offset_mm must be 3 numbers, got {offset!r}") from err
         with np.errstate(over="raise", invalid="raise", divide="raise", under="ignore"):
-            return BBPhantom(tuple(markers), name, offset)
+            body = PhantomBody.from_json(obj["body"]) if obj.get("body") is not None else None
+            return BBPhantom(tuple(markers), name, offset, body)
     except PhantomFileError:
         raise
     except PhantomError as err:
