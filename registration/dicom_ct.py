@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -74,6 +74,13 @@ class _SliceHeader:
     tilt_deg: float
     patient_position: str | None
     frames: int
+    #: The file's dataset with its large values (Pixel Data) deferred: read from the file on first use,
+    #: so the pixel pass does not parse the header a second time.
+    ds: object = field(default=None, compare=False, repr=False)
+
+
+#: Values larger than this are read from the file only when used (pydicom ``defer_size``): Pixel Data.
+_DEFER_BYTES = 4096
 
 
 def _floats(ds, keyword: str, count: int, path: Path) -> np.ndarray:
@@ -102,7 +109,7 @@ def _read_header(path: Path) -> _SliceHeader | None:
 
 
 def _header_of(path: Path) -> _SliceHeader | None:
-    ds = pydicom.dcmread(path, stop_before_pixels=True)
+    ds = pydicom.dcmread(path, defer_size=_DEFER_BYTES)
     if str(ds.get("Modality", "")).upper() != "CT":
         return None
     for keyword in ("SeriesInstanceUID", "FrameOfReferenceUID", "Rows", "Columns"):
@@ -123,6 +130,7 @@ def _header_of(path: Path) -> _SliceHeader | None:
         tilt_deg=float(_floats(ds, "GantryDetectorTilt", 1, path)[0]) if tilt not in (None, "") else 0.0,
         patient_position=str(position).strip() if position not in (None, "") else None,
         frames=int(ds.get("NumberOfFrames", 1) or 1),
+        ds=ds,
     )
 
 
@@ -211,10 +219,12 @@ def _sort_and_check_spacing(
 
 def _read_pixels_hu(header: _SliceHeader) -> np.ndarray:
     path = header.path
-    try:
-        ds = pydicom.dcmread(path)
-    except Exception as err:  # noqa: BLE001 - pydicom raises many types for a broken file
-        raise VolumeFileError(f"{path}: unreadable or corrupt DICOM file: {type(err).__name__}: {err}") from err
+    ds = header.ds
+    if ds is None:
+        try:
+            ds = pydicom.dcmread(path)
+        except Exception as err:  # noqa: BLE001 - pydicom raises many types for a broken file
+            raise VolumeFileError(f"{path}: unreadable or corrupt DICOM file: {type(err).__name__}: {err}") from err
     raw = dicom_pixel_array(ds, path, VolumeFileError, "CT slice")
     if raw.shape != (header.rows, header.cols):
         raise VolumeFileError(
