@@ -150,3 +150,47 @@ def test_schema_error_in_file_names_the_file(tmp_path):
 def test_marker_rejects_empty_material():
     with pytest.raises(PhantomError, match="material must be a non-empty string"):
         Marker("X", [0, 0, 0], 2.0, "")
+
+
+# ---------------------------------------------------------------- bodies (issue 13)
+def test_phantom_files_without_a_body_stay_valid_and_have_none():
+    ph = phantom_from_json(_doc(GOOD))
+    assert ph.body is None and "body" not in ph.to_json()
+    assert default_phantom().body is None
+
+
+@pytest.mark.parametrize("name", ["pmma-cube-150", "pmma-cylinder-mixed", "pmma-cube-inserts"])
+def test_built_in_bodied_phantoms_round_trip_and_hold_their_bbs(name, tmp_path):
+    ph = read_phantom(f"calibration/data/{name}.json")
+    assert ph.body is not None and ph.body.outer.material == "pmma"
+    assert np.all(ph.body.outer.contains(ph.positions_mm))  # every BB sits in the body
+    for f in ph.body.features:
+        assert not np.any(f.contains(ph.positions_mm))  # ... and none in a hole or insert
+    back = read_phantom(write_phantom(ph, tmp_path / "p.json"))
+    assert back.to_json() == ph.to_json()
+
+
+def test_mixed_phantom_has_several_sizes_and_materials():
+    ph = read_phantom("calibration/data/pmma-cylinder-mixed.json")
+    assert len(set(ph.diameters_mm.tolist())) >= 3 and set(ph.materials) == {"tungsten", "iron"}
+
+
+@pytest.mark.parametrize(
+    "body,message",
+    [
+        ({"shape": "sphere", "material": "pmma"}, "body shape must be one of box, cylinder"),
+        ({"shape": "box", "material": "wood", "size_mm": [1, 1, 1]}, "body material must be one of"),
+        ({"shape": "box", "material": "pmma", "size_mm": [100, -1, 100]}, "box size_mm must be positive"),
+        ({"shape": "cylinder", "material": "pmma", "radius_mm": 50}, "cylinder length_mm must be a positive number"),
+        ({"shape": "box", "material": "air", "size_mm": [200, 200, 200]}, "the body itself cannot be air"),
+        ({"shape": "box", "material": "pmma", "size_mm": [200, 200, 200],
+          "features": [{"shape": "box", "material": "air", "size_mm": [5, 5, 5], "centre_mm": [300, 0, 0]}]},
+         r"features\[0\].*outside the body"),
+        ({"shape": "box", "material": "pmma", "size_mm": [200, 200, 200], "features": "none"}, "'features' must be a list"),
+    ],
+)
+def test_malformed_bodies_are_refused_with_the_problem_named(body, message):
+    doc = _doc(GOOD)
+    doc["body"] = body
+    with pytest.raises(PhantomFileError, match=message):
+        phantom_from_json(doc)
