@@ -98,6 +98,8 @@ TRANSFER_SYNTAXES = (
     "1.2.840.10008.1.2.4.91",  # JPEG 2000
 )
 
+_UNCOMPRESSED = ("1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.1.99", "1.2.840.10008.1.2.2")
+
 _STATUS_SUCCESS = 0x0000
 _STATUS_DUPLICATE = 0x0111  # a different instance under a SOP Instance UID already stored
 _STATUS_CANNOT_UNDERSTAND = 0xC000  # refused: bad UIDs
@@ -450,8 +452,14 @@ def send_to_archive(objects: Iterable[Dataset | str | os.PathLike], archive: Arc
     if not datasets:
         raise DicomNetworkError(f"nothing to send to {archive.describe()}")
     classes = sorted({str(ds.SOPClassUID) for ds in datasets})
-    if len(classes) > 128:
-        raise DicomNetworkError(f"{len(classes)} SOP classes in one transfer; at most 128 per association")
+    # One context per SOP class with the uncompressed syntaxes, plus one per (class, compressed syntax) of the
+    # files being sent, so a compressed instance travels as it is stored (never silently transcoded).
+    encoded = sorted({(str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID)) for ds in datasets
+                      if "TransferSyntaxUID" in getattr(ds, "file_meta", {})
+                      and str(ds.file_meta.TransferSyntaxUID) not in _UNCOMPRESSED})
+    if len(classes) + len(encoded) > 128:
+        raise DicomNetworkError(f"{len(classes) + len(encoded)} presentation contexts (SOP classes and compressed "
+                                "transfer syntaxes) in one transfer; at most 128 per association")
     try:  # a plain TCP check first: names the peer and the OS error, and pynetdicom leaks no socket
         socket.create_connection((archive.host, archive.port), timeout=archive.timeout_s).close()
     except OSError as err:
@@ -460,6 +468,8 @@ def send_to_archive(objects: Iterable[Dataset | str | os.PathLike], archive: Arc
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = archive.timeout_s
     for uid in classes:
         ae.add_requested_context(uid)
+    for uid, syntax in encoded:
+        ae.add_requested_context(uid, [syntax])
     assoc = ae.associate(archive.host, archive.port, ae_title=archive.ae_title)
     if not assoc.is_established:
         raise DicomNetworkError(f"association with {archive.describe()} was rejected or failed")

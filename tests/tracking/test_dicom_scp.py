@@ -171,3 +171,42 @@ def test_an_instance_of_another_patient_in_the_study_is_refused(planning, tmp_pa
     shutil.copy(other, d / "RP.dcm")
     with pytest.raises(PlanError, match="RTPLAN is for patient ID 'SOMEONE-ELSE', but the CT is for patient ID"):
         load_dicom_plan(d)
+
+
+def test_our_scu_sends_compressed_files_as_they_are_to_dcmtk(planning, tmp_path):
+    """dicom-send of compressed CT: proposed in its own syntax, stored unchanged by dcmtk's storescp (+xa)."""
+    import socket
+    import time
+
+    from spineguide.tracking.dicom_net import ArchiveConfig, send_to_archive
+    from tests.tracking.test_dicom_net import free_port
+
+    files = _compress(list(planning.ct_files[:2]), tmp_path / "jls", "jls") + \
+        _compress(list(planning.ct_files[2:4]), tmp_path / "rle", "rle") + [planning.ct_files[4]]
+    storescp = need("storescp")
+    port = free_port()
+    (tmp_path / "dcmtk").mkdir()
+    proc = subprocess.Popen([storescp, "+xa", "-od", str(tmp_path / "dcmtk"), "-aet", "ARCHIVE", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + TIMEOUT_S
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1.0).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    pytest.fail("storescp did not start listening")
+                time.sleep(0.05)
+        results = send_to_archive(files, ArchiveConfig("127.0.0.1", port, "ARCHIVE", timeout_s=TIMEOUT_S))
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+    assert [r.status for r in results] == [0] * 5
+    stored = {pydicom.dcmread(p).SOPInstanceUID: pydicom.dcmread(p) for p in (tmp_path / "dcmtk").iterdir()}
+    for f in files:
+        sent = pydicom.dcmread(f)
+        got = stored[sent.SOPInstanceUID]
+        if f != planning.ct_files[4]:  # the uncompressed one may travel in any uncompressed syntax storescp prefers
+            assert got.file_meta.TransferSyntaxUID == sent.file_meta.TransferSyntaxUID
+        np.testing.assert_array_equal(got.pixel_array, sent.pixel_array)
