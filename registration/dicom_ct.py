@@ -96,10 +96,10 @@ def _floats(ds, keyword: str, count: int, path: Path) -> np.ndarray:
     return arr
 
 
-def _read_header(path: Path) -> _SliceHeader | None:
+def _read_header(path: Path, ds=None) -> _SliceHeader | None:
     """Header of one file, or None if it is a DICOM object that is not a CT image."""
     try:
-        return _header_of(path)
+        return _header_of(path, ds)
     except VolumeFileError:
         raise
     except (InvalidDicomError, OSError) as err:
@@ -108,8 +108,9 @@ def _read_header(path: Path) -> _SliceHeader | None:
         raise VolumeFileError(f"{path}: unreadable or corrupt DICOM file: {type(err).__name__}: {err}") from err
 
 
-def _header_of(path: Path) -> _SliceHeader | None:
-    ds = pydicom.dcmread(path, defer_size=_DEFER_BYTES)
+def _header_of(path: Path, ds=None) -> _SliceHeader | None:
+    if ds is None:
+        ds = pydicom.dcmread(path, defer_size=_DEFER_BYTES)
     if str(ds.get("Modality", "")).upper() != "CT":
         return None
     for keyword in ("SeriesInstanceUID", "FrameOfReferenceUID", "Rows", "Columns"):
@@ -286,7 +287,7 @@ def read_dicom_ct(folder: str | os.PathLike, *, max_bytes: int = MAX_IMAGE_BYTES
 
 
 def read_dicom_ct_files(files: Sequence[str | os.PathLike], where: str | os.PathLike, *,
-                        max_bytes: int = MAX_IMAGE_BYTES) -> CTVolume:
+                        max_bytes: int = MAX_IMAGE_BYTES, datasets: Sequence | None = None) -> CTVolume:
     """Read one CT series from an explicit list of files (e.g. one series of a received study).
 
     Same checks and result as :func:`read_dicom_ct`; ``where`` names the
@@ -299,7 +300,8 @@ def read_dicom_ct_files(files: Sequence[str | os.PathLike], where: str | os.Path
     """
     folder = Path(where)
     files = [Path(p) for p in files]
-    headers = [h for h in (_read_header(p) for p in files) if h is not None]
+    given = list(datasets) if datasets is not None and len(datasets) == len(files) else [None] * len(files)
+    headers = [h for h in (_read_header(p, d) for p, d in zip(files, given)) if h is not None]
     if not headers:
         raise VolumeFileError(f"{folder}: no CT series found ({len(files)} files, none a CT image)")
     series = sorted({h.series_uid for h in headers})

@@ -531,6 +531,8 @@ class CTSeriesInfo:
     patient_id: str
     patient_name: str
     paths: tuple[Path, ...]
+    #: The headers read by the scan (Pixel Data deferred), one per path, for the CT reader to reuse.
+    datasets: tuple = field(default=(), compare=False, repr=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -585,7 +587,7 @@ def scan_dicom_folder(folder: str | os.PathLike, recursive: bool = True) -> Dico
         if p.name.upper() == "DICOMDIR":
             continue
         try:
-            ds = pydicom.dcmread(p, stop_before_pixels=True, specific_tags=_INVENTORY_TAGS)
+            ds = pydicom.dcmread(p, defer_size=4096)  # whole header, large values (Pixel Data) left in the file
             modality = str(ds.get("Modality", "")).upper()
             header = [str(ds.get(k, "")) for k in ("SeriesInstanceUID", "FrameOfReferenceUID", "StudyInstanceUID",
                                                     "PatientID", "PatientName")]
@@ -593,13 +595,14 @@ def scan_dicom_folder(folder: str | os.PathLike, recursive: bool = True) -> Dico
             not_dicom.append(p)
             continue
         if modality == "CT":
-            entry = ct.setdefault(header[0], [*header[1:], []])
+            entry = ct.setdefault(header[0], [*header[1:], [], []])
             entry[4].append(p)
+            entry[5].append(ds)
         elif modality == "RTSTRUCT":
             ss.append(p)
         elif modality == "RTPLAN":
             plans.append(p)
         else:
             others.append((p, modality))
-    series = tuple(CTSeriesInfo(uid, e[0], e[1], e[2], e[3], tuple(e[4])) for uid, e in ct.items())
+    series = tuple(CTSeriesInfo(uid, e[0], e[1], e[2], e[3], tuple(e[4]), tuple(e[5])) for uid, e in ct.items())
     return DicomInventory(root, series, tuple(ss), tuple(plans), tuple(others), tuple(not_dicom))

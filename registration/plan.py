@@ -439,7 +439,7 @@ def load_dicom_plan(
         listing = "; ".join(f"{s.series_uid} ({len(s.paths)} slices)" for s in inv.ct_series)
         raise PlanError(f"{root}: {len(inv.ct_series)} CT series found ({listing}); expected one")
     series = inv.ct_series[0]
-    ct = read_dicom_ct_files(series.paths, root)
+    ct = read_dicom_ct_files(series.paths, root, datasets=series.datasets or None)
     frame_uid = series.frame_of_reference_uid
     provenance = {"ct": str(root), "ct_series_uid": series.series_uid, "frame_of_reference_uid": frame_uid}
     import pydicom  # identity of the study, from the first CT slice's header
