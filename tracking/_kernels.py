@@ -19,6 +19,7 @@ from numba import njit
 
 __all__ = [
     "analyse_windows",
+    "fit_seed_lm",
     "gather_windows",
     "isolated_outliers",
     "reconstruct_under",
@@ -783,3 +784,112 @@ def analyse_windows(tiles, pad, log_i0, heights, widths, half_widths, steps, gau
             n_out += 1
         _clear(labels, pixels[:n_pix])
     return out[:n_out]
+
+
+# ---------------------------------------------------------------------------- seed fit (seed_search.refine_seeds)
+_SQRT_PI = math.sqrt(math.pi)
+
+
+@njit(cache=True, nogil=True)
+def _seed_model(x, y, data, p, half_wid, k, jac, resid):
+    """Residuals (model - data) and Jacobian of a plane plus a blurred oriented box at pixels ``(x, y)``.
+
+    Parameters ``p = (dcol, drow, theta, half_length, amplitude, b0, b1, b2)``
+    (px, px, rad, px, ln units, ln units, ln units per px twice); the box is
+    ``half_wid`` px across, blurred by a Gaussian with ``k = 1 / (sqrt(2) sigma)``.
+    Returns the sum of squared residuals.
+    """
+    cos, sin = math.cos(p[2]), math.sin(p[2])
+    hl, amp = p[3], p[4]
+    cost = 0.0
+    for i in range(x.shape[0]):
+        u, v = x[i] - p[0], y[i] - p[1]
+        along = u * cos + v * sin
+        across = -u * sin + v * cos
+        a1, b1 = (along + hl) * k, (along - hl) * k
+        ea1, eb1 = math.exp(-a1 * a1), math.exp(-b1 * b1)
+        pa = 0.5 * (math.erf(a1) - math.erf(b1))
+        pa_t = (k / _SQRT_PI) * (ea1 - eb1)
+        pa_h = (k / _SQRT_PI) * (ea1 + eb1)
+        a2, b2 = (across + half_wid) * k, (across - half_wid) * k
+        ea2, eb2 = math.exp(-a2 * a2), math.exp(-b2 * b2)
+        qa = 0.5 * (math.erf(a2) - math.erf(b2))
+        qa_t = (k / _SQRT_PI) * (ea2 - eb2)
+        shape = pa * qa
+        r = p[5] + p[6] * x[i] + p[7] * y[i] + amp * shape - data[i]
+        resid[i] = r
+        cost += r * r
+        d_along, d_across = amp * pa_t * qa, amp * pa * qa_t
+        jac[i, 0] = -cos * d_along + sin * d_across
+        jac[i, 1] = -sin * d_along - cos * d_across
+        jac[i, 2] = across * d_along - along * d_across
+        jac[i, 3] = amp * pa_h * qa
+        jac[i, 4] = shape
+        jac[i, 5] = 1.0
+        jac[i, 6] = x[i]
+        jac[i, 7] = y[i]
+    return cost
+
+
+@njit(cache=True, nogil=True)
+def fit_seed_lm(x, y, data, p0, half_wid, blur_px, lo_half, hi_half, max_shift, iterations):
+    """Levenberg-Marquardt fit of a plane plus a blurred oriented box (the seed's shadow) to line integrals.
+
+    ``x``, ``y`` (float64, px) are pixel offsets from the start position,
+    ``data`` the line integrals there (ln units); ``p0`` the start of
+    ``(dcol, drow, theta [rad], half_length [px], amplitude, b0, b1, b2)``.
+    The centre is kept within ``max_shift`` px of the start, the half-length
+    in ``[lo_half, hi_half]``, the amplitude >= 0 (projected LM steps, the
+    damping ``lam * diag(J^T J)`` adapted x10 / /10).
+
+    Returns ``(ok, p, se, sigma)``: the parameters, their standard errors
+    from ``sigma^2 (J^T J)^-1`` and the residual sigma; ``ok`` False when a
+    normal matrix is singular.
+    """
+    n = x.shape[0]
+    k = 1.0 / (math.sqrt(2.0) * blur_px)
+    p = p0.copy()
+    jac = np.empty((n, 8))
+    resid = np.empty(n)
+    jac_t = np.empty((n, 8))
+    resid_t = np.empty(n)
+    se = np.zeros(8)
+    cost = _seed_model(x, y, data, p, half_wid, k, jac, resid)
+    lam = 1e-3
+    for _ in range(iterations):
+        jtj = jac.T @ jac
+        grad = jac.T @ resid
+        a = jtj.copy()
+        for j in range(8):
+            a[j, j] += lam * (jtj[j, j] + 1e-12)
+        if abs(np.linalg.det(a)) < 1e-300:
+            return False, p, se, 0.0
+        step = np.linalg.solve(a, -grad)
+        trial = p + step
+        for j in range(2):
+            trial[j] = min(max(trial[j], -max_shift), max_shift)
+        trial[3] = min(max(trial[3], lo_half), hi_half)
+        trial[4] = max(trial[4], 0.0)
+        c_new = _seed_model(x, y, data, trial, half_wid, k, jac_t, resid_t)
+        if c_new < cost:
+            converged = cost - c_new < 1e-9 * cost and max(abs(step[0]), abs(step[1])) < 1e-3
+            p = trial
+            jac, jac_t = jac_t, jac
+            resid, resid_t = resid_t, resid
+            cost = c_new
+            lam = max(lam / 10.0, 1e-9)
+            if converged:
+                break
+        else:
+            lam *= 10.0
+            if lam > 1e8:
+                break
+    dof = max(n - 8, 1)
+    sigma = math.sqrt(cost / dof)
+    jtj = jac.T @ jac
+    if abs(np.linalg.det(jtj)) < 1e-300:
+        return False, p, se, sigma
+    cov = np.linalg.inv(jtj)
+    for j in range(8):
+        se[j] = math.sqrt(max(cov[j, j], 0.0)) * sigma
+    return True, p, se, sigma

@@ -40,10 +40,10 @@ from dataclasses import dataclass
 
 import cv2
 import numpy as np
-from scipy.special import erf
 
 from spineguide.calibration.geometry import ImagerGeometry
 
+from ._kernels import fit_seed_lm
 from .detection import Detection, DetectionConfig, line_integrals, seed_size_px
 from .errors import FrameError
 
@@ -246,91 +246,30 @@ def _fill_defects(img: np.ndarray, defects: np.ndarray) -> np.ndarray:
     return out
 
 
-_SQRT_PI = math.sqrt(math.pi)
 _MAX_HALF_LENGTH = 2.0  # fitted half-length bound, times the start value (0.8 x the longest seed's)
 _RIDGE_FRACTION = 0.95  # a fit this close to the bound is longer than any seed
 _LM_ITERATIONS = 30
-
-
-def _box(t: np.ndarray, half: float, k: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """A box of half-width ``half`` blurred by a Gaussian (``k = 1 / (sqrt(2) sigma)``), and its derivatives.
-
-    Returns the profile (peak 1 for a wide box), its derivative in ``t`` and in ``half``.
-    """
-    a, b = (t + half) * k, (t - half) * k
-    ea, eb = np.exp(-a * a), np.exp(-b * b)
-    return 0.5 * (erf(a) - erf(b)), (k / _SQRT_PI) * (ea - eb), (k / _SQRT_PI) * (ea + eb)
 
 
 def _fit_seed(x: np.ndarray, y: np.ndarray, data: np.ndarray, theta: float, half_len: float, half_wid: float,
               blur_px: float):
     """Levenberg-Marquardt fit of a plane plus a blurred oriented box to line integrals at pixels ``(x, y)``.
 
-    ``x``, ``y`` are pixel offsets from the start position. Parameters
-    ``(dcol, drow, theta, half_length, amplitude, b0, b1, b2)``, analytic
-    Jacobian; the half-width is the seed's projected radius. Returns the
-    parameters, their standard errors and the residual sigma, or None.
+    ``x``, ``y`` are pixel offsets from the start position (px), ``data`` the
+    line integrals (ln units). Parameters ``(dcol, drow, theta, half_length,
+    amplitude, b0, b1, b2)`` (px, px, rad, px, ln units, plane), analytic
+    Jacobian, in the numba kernel :func:`spineguide.tracking._kernels.fit_seed_lm`;
+    the half-width is the seed's projected radius. Returns the parameters,
+    their standard errors and the residual sigma, or None.
     """
-    k = 1.0 / (math.sqrt(2.0) * blur_px)
     bg0 = float(np.median(data))
-    p = np.array([0.0, 0.0, theta, half_len, max(float(np.percentile(data, 99)) - bg0, 0.05), bg0, 0.0, 0.0])
-    lo_half, hi_half = 0.3 * half_len, _MAX_HALF_LENGTH * half_len
-
-    def evaluate(p):
-        dc, dr, th, hl, amp = p[:5]
-        u, v = x - dc, y - dr
-        cos, sin = math.cos(th), math.sin(th)
-        along = u * cos + v * sin
-        across = -u * sin + v * cos
-        pa, pa_t, pa_h = _box(along, hl, k)
-        qa, qa_t, _ = _box(across, half_wid, k)
-        shape = pa * qa
-        resid = p[5] + p[6] * x + p[7] * y + amp * shape - data
-        jac = np.empty((len(x), 8))
-        d_along, d_across = amp * pa_t * qa, amp * pa * qa_t
-        jac[:, 0] = -cos * d_along + sin * d_across
-        jac[:, 1] = -sin * d_along - cos * d_across
-        jac[:, 2] = across * d_along - along * d_across
-        jac[:, 3] = amp * pa_h * qa
-        jac[:, 4] = shape
-        jac[:, 5] = 1.0
-        jac[:, 6] = x
-        jac[:, 7] = y
-        return resid, jac
-
-    resid, jac = evaluate(p)
-    cost = float(resid @ resid)
-    lam = 1e-3
-    for _ in range(_LM_ITERATIONS):
-        jtj = jac.T @ jac
-        grad = jac.T @ resid
-        try:
-            step = np.linalg.solve(jtj + lam * np.diag(np.diag(jtj) + 1e-12), -grad)
-        except np.linalg.LinAlgError:
-            return None
-        trial = p + step
-        trial[0:2] = np.clip(trial[0:2], -6.0, 6.0)
-        trial[3] = min(max(trial[3], lo_half), hi_half)
-        trial[4] = max(trial[4], 0.0)
-        r_new, j_new = evaluate(trial)
-        c_new = float(r_new @ r_new)
-        if c_new < cost:
-            converged = cost - c_new < 1e-9 * cost and float(np.abs(step[:2]).max()) < 1e-3
-            p, resid, jac, cost = trial, r_new, j_new, c_new
-            lam = max(lam / 10.0, 1e-9)
-            if converged:
-                break
-        else:
-            lam *= 10.0
-            if lam > 1e8:
-                break
-    dof = max(len(data) - len(p), 1)
-    sigma = math.sqrt(cost / dof)
-    try:
-        cov = np.linalg.inv(jac.T @ jac) * sigma**2
-    except np.linalg.LinAlgError:
+    p0 = np.array([0.0, 0.0, theta, half_len, max(float(np.percentile(data, 99)) - bg0, 0.05), bg0, 0.0, 0.0])
+    ok, p, se, sigma = fit_seed_lm(np.ascontiguousarray(x, np.float64), np.ascontiguousarray(y, np.float64),
+                                   np.ascontiguousarray(data, np.float64), p0, float(half_wid), float(blur_px),
+                                   0.3 * half_len, _MAX_HALF_LENGTH * half_len, 6.0, _LM_ITERATIONS)
+    if not ok:
         return None
-    return p, np.sqrt(np.maximum(np.diag(cov), 0.0)), sigma
+    return p, se, sigma
 
 
 def refine_seeds(signal: np.ndarray, imager: ImagerGeometry, i0: float, centres_px: np.ndarray,
