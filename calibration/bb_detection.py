@@ -208,19 +208,28 @@ def _disk(radius_px: float) -> np.ndarray:
 
 
 def repair_defects(raw: np.ndarray) -> np.ndarray:
-    """Dead (0) and saturated (>= 65535) pixels -- single pixels or whole lines -- in-painted from their neighbours.
+    """Dead (0) and saturated (>= 65535) panel lines and isolated pixels, in-painted from their neighbours.
 
     A dead column through a BB would otherwise read as full absorption and pull
-    its centroid; in-painting (OpenCV Telea, radius 2 px) replaces it with
-    the surrounding signal. Frame units (counts), ``image[row, col]``.
+    its centroid. Defects are rows or columns of which more than half read 0
+    (or saturate), and single such pixels with at most one such neighbour; a
+    cluster of zeros (the shadow of an opaque BB in a scatter-free frame) is
+    signal and left alone. In-painting: OpenCV Telea, radius 2 px. Frame units
+    (counts), ``image[row, col]``.
     """
-    bad = (raw <= 0.0) | (raw >= HOT_VALUE)
-    if not np.any(bad):
-        return raw
-    if np.all(bad):
-        return raw
-    out = cv2.inpaint(raw.astype(np.float32), bad.astype(np.uint8), 2, cv2.INPAINT_TELEA)
-    return out.astype(np.float64)
+    out = raw
+    for stuck in (raw <= 0.0, raw >= HOT_VALUE):
+        if not np.any(stuck):
+            continue
+        bad = np.zeros_like(stuck)
+        bad[np.mean(stuck, axis=1) > 0.5, :] = True
+        bad[:, np.mean(stuck, axis=0) > 0.5] = True
+        neighbours = cv2.filter2D(stuck.astype(np.float32), -1, np.ones((3, 3), np.float32),
+                                  borderType=cv2.BORDER_CONSTANT) - stuck
+        bad |= stuck & (neighbours <= 1.5)
+        if np.any(bad) and not np.all(bad):
+            out = cv2.inpaint(out.astype(np.float32), bad.astype(np.uint8), 2, cv2.INPAINT_TELEA).astype(np.float64)
+    return out
 
 
 def noise_correlation_factor(p: np.ndarray, bin_px: int = 3) -> float:
