@@ -577,8 +577,9 @@ def match_markers(
     missing = [names[j] for j in np.flatnonzero(~found)]
     if max_missing is not None and len(missing) > max_missing:
         raise MarkerCountError(
+            f"{'BB ' if len(missing) == 1 else 'BBs '}{', '.join(missing)} not found in imager {imager}: "
             f"imager '{imager}': found {n - len(missing)} of the phantom's {n} markers, at most {max_missing} "
-            f"may be missing (missing: {', '.join(missing)}; {len(det)} blobs detected)"
+            f"may be missing ({len(det)} blobs detected)"
         )
     unmatched = np.setdiff1d(np.arange(len(det)), idx[found])
     return MarkerMatch(

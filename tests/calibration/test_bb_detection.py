@@ -89,7 +89,7 @@ def test_phantom_rotated_3_degrees_and_shifted_is_still_named_right():
 def test_too_many_missing_markers_is_an_error_naming_the_count():
     keep = np.arange(PHANTOM.n_markers) >= 4
     frames = _render(PHANTOM.placed_mm()[keep], diameters=PHANTOM.diameters_mm[keep], seed=6)
-    with pytest.raises(MarkerCountError, match="imager 'A': found 12 of the phantom's 16 markers, at most 2"):
+    with pytest.raises(MarkerCountError, match=r"BBs " + ", ".join(PHANTOM.names[:4]) + r" not found in imager A: imager 'A': found 12 of the phantom's 16 markers, at most 2"):
         measure_frame(PHANTOM, GEOMETRY["A"], frames.frames["A"], i0=I0, max_missing=2)
 
 
