@@ -47,7 +47,11 @@ MATCH_PX = 3.0
 
 
 def stage_report(frames, geom, flat, planned, names, truth, seeds, config=fid.FiducialConfig()):
-    """Lines describing each seed per view (see the module docstring)."""
+    """Lines describing each seed per view (see the module docstring).
+
+    Frames raw counts per imager; ``planned`` room mm at perfect setup;
+    ``truth.seeds_px`` the seeds' true ``(col, row)`` panel pixels.
+    """
     fc = config.faint
     signals, masks, levels = {}, {}, {}
     for n in geom.names:
@@ -86,7 +90,8 @@ def stage_report(frames, geom, flat, planned, names, truth, seeds, config=fid.Fi
                 cand = f"#{q} snr {coarse[q].snr:.1f}"
             dk = np.hypot(*(kpx - t).T) if len(kpx) else np.zeros(0)
             kp = "yes" if len(dk) and dk.min() <= MATCH_PX else "no"
-            lines.append(f"    {name} {n}: {fit} | cand {cand} (of {len(coarse)}, min {coarse[-1].snr if coarse else 0:.1f})"
+            weakest = coarse[-1].snr if coarse else 0.0
+            lines.append(f"    {name} {n}: {fit} | cand {cand} (of {len(coarse)}, min {weakest:.1f})"
                          f" | kept {kp} (of {len(kept)})")
     return lines
 
