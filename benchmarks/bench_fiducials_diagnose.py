@@ -3,9 +3,10 @@
 Run:  python benchmarks/bench_fiducials_diagnose.py [--pairs 10] [--i0 2000,6000] [--rooms default,floor]
                                                     [--spr 1.5] [--seed 0] [--all]
 
-Same pairs as ``bench_fiducials_realistic.py --anatomy spineguide`` (same
-random stream: setup pose, seed set, chain noise), anatomy by the project's
-own DRR (fast). For every pair that is not localised (``--all``: every pair)
+Same pairs as ``bench_fiducials_realistic.py --anatomy spineguide`` with the
+same ``--i0``, ``--spr`` and ``--seed`` (same random stream: setup pose, seed
+set, chain noise, the migrated case's draws skipped), anatomy by the
+project's own DRR (fast); the migrated case itself is not diagnosed. For every pair that is not localised (``--all``: every pair)
 prints the outcome, then per seed and view:
 
 - ``fitSNR`` / ``con``: the full-resolution fit (``refine_seeds``) started at
