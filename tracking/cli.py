@@ -567,12 +567,17 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     result = calibrate(phantom, frames, nominal, free_phantom_rotation=args.free_phantom_rotation,
                        phantom_source=str(args.phantom))
     elapsed_s = time.monotonic() - t0
-    write_geometry(result.geometry, args.out)
+    from spineguide.calibration.gate import acceptance_gate
+
+    gate = acceptance_gate(result)
+    if gate.passed or args.force:
+        write_geometry(result.geometry, args.out)
     rows = []
     for sol in result.imagers:
         rows.append([sol.geometry.name, sol.n_observations, f"{sol.rms_px:.3f}", f"{sol.max_px:.3f}",
                      _fmt_vec(sol.geometry.source_mm, 1), f"{sol.geometry.source_to_detector_mm:.1f}"])
-    print(f"calibrated {len(frames)} frame(s) of phantom {args.phantom} in {elapsed_s:.1f} s -> {args.out}")
+    print(f"calibrated {len(frames)} frame(s) of phantom {args.phantom} in {elapsed_s:.1f} s"
+          + (f" -> {args.out}" if gate.passed or args.force else ""))
     print_table(["imager", "BB views", "RMS px", "max px", "source (room mm)", "source-panel mm"], rows)
     iso = result.isocentre
     flag = "FLAGGED" if iso.flagged else "ok"
@@ -581,6 +586,16 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     if args.report:
         report = write_calibration_report(result, args.report, frames)
         print(f"report: {report}")
+    if not gate.passed:
+        print(f"acceptance gate FAILED (BBs: {', '.join(gate.failed_bbs) or 'none named'}):")
+        for line in gate.findings:
+            print(f"  {line}")
+        if args.force:
+            print(f"--force: geometry written to {args.out} despite the failed gate")
+        else:
+            print(f"no geometry written ({args.out}); check the phantom file and setup, or use --force")
+        return 3
+    print("acceptance gate: passed")
     return 0
 
 
@@ -770,6 +785,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--free-phantom-rotation", action="store_true", help="fit the phantom's rotation too")
     p.add_argument("--out", required=True, type=Path, help="kv-geometry/1 file to write")
     p.add_argument("--report", type=Path, default=None, help="folder for the HTML report with figures")
+    p.add_argument("--force", action="store_true",
+                   help="write the geometry even when the acceptance gate fails (exit status stays 3)")
     p.set_defaults(func=_cmd_calibrate)
 
     p = sub.add_parser("qa", help="daily geometry QA against the stored calibration, or --trend")
