@@ -187,9 +187,11 @@ def _joseph_ray(mu_flat, shape, planes, a0, a1, a2, b0, b1, b2, sums, want):
 
 
 @njit(cache=True, nogil=True)
-def joseph_drr_batch(mu, planes, src_idx, origin_idx, du_idx, dv_idx, src_mm, origin_mm, du_mm, dv_mm, cols_px, rows_px):
+def joseph_drr_batch(mu, planes, src_idx, origin_idx, du_idx, dv_idx, src_mm, origin_mm, du_mm, dv_mm, cols_px, rows_px,
+                     rays):
     """Joseph DRRs for ``n`` poses, one thread; arguments as ``_kernels.siddon_drr_batch`` without
-    the box (``mu`` is zero-padded instead, :func:`_joseph_ray`).
+    the box (``mu`` is zero-padded instead, :func:`_joseph_ray`). ``rays``: ``(rows, cols)`` uint8,
+    the pixels to trace (others stay 0), or ``(0, 0)`` for all.
 
     Returns ``(n, rows, cols)`` float32 line integrals (dimensionless).
     """
@@ -201,10 +203,13 @@ def joseph_drr_batch(mu, planes, src_idx, origin_idx, du_idx, dv_idx, src_mm, or
     shape = (ni, nj, nk)
     out = np.zeros((n_poses, rows, cols), dtype=np.float32)
     sums = np.zeros(4)
+    every = rays.shape[0] == 0
     for n in range(n_poses):
         for r in range(rows):
             v = rows_px[r]
             for c in range(cols):
+                if not every and rays[r, c] == 0:
+                    continue
                 u = cols_px[c]
                 bx = origin_idx[n, 0] + u * du_idx[n, 0] + v * dv_idx[n, 0]
                 by = origin_idx[n, 1] + u * du_idx[n, 1] + v * dv_idx[n, 1]
@@ -218,7 +223,7 @@ def joseph_drr_batch(mu, planes, src_idx, origin_idx, du_idx, dv_idx, src_mm, or
 
 @njit(cache=True, nogil=True)
 def joseph_drr_pose_derivatives(mu, planes, src_idx, origin_idx, du_idx, dv_idx, d_src, d_origin, d_du, d_dv,
-                                src_mm, origin_mm, du_mm, dv_mm, cols_px, rows_px):
+                                src_mm, origin_mm, du_mm, dv_mm, cols_px, rows_px, rays):
     """A Joseph DRR and its exact derivatives with respect to ``n`` pose parameters, one thread.
 
     ``mu`` is zero-padded (:func:`_joseph_ray`); ``src_idx``, ``origin_idx``,
@@ -231,7 +236,8 @@ def joseph_drr_pose_derivatives(mu, planes, src_idx, origin_idx, du_idx, dv_idx,
     ray by ``da + t (db - da)`` moves it within the plane by
     ``dp_u - (d_u / d_q) dp_q`` (and likewise along ``w``), and the sample
     weight ``1 / |d_q|`` changes with ``d_q``. Returns ``(1 + n, rows, cols)``
-    float32: the DRR, then its derivatives (per parameter unit).
+    float32: the DRR, then its derivatives (per parameter unit). ``rays``: ``(rows, cols)`` uint8,
+    the pixels to trace (others stay 0), or ``(0, 0)`` for all.
     """
     rows = rows_px.shape[0]
     cols = cols_px.shape[0]
@@ -243,9 +249,12 @@ def joseph_drr_pose_derivatives(mu, planes, src_idx, origin_idx, du_idx, dv_idx,
     sums = np.zeros(4)
     a = src_idx  # the source, the same for every ray
     b = np.empty(3)
+    every = rays.shape[0] == 0
     for r in range(rows):
         v = rows_px[r]
         for c in range(cols):
+            if not every and rays[r, c] == 0:
+                continue
             u_px = cols_px[c]
             for s in range(3):
                 b[s] = origin_idx[s] + u_px * du_idx[s] + v * dv_idx[s]

@@ -265,9 +265,13 @@ class AnatomyConfig:
     #: Similarity optimised (least-squares form): gradient correlation or NCC.
     metric: Similarity = Similarity.GRADIENT_CORRELATION
     #: Coarse-to-fine levels of the full (wide capture range) registration.
-    levels: tuple[PyramidLevel, ...] = (PyramidLevel(2, 8, 1.0, 10, context=True), PyramidLevel(1, 4, 1.0, 15))
+    #: The full-resolution ROI at binning 8 does most of the fine work (a quarter of the rays of
+    #: binning 4: the exactly rendered background is the costliest part); binning 4 finishes.
+    levels: tuple[PyramidLevel, ...] = (
+        PyramidLevel(2, 8, 1.0, 10, context=True), PyramidLevel(1, 8, 1.0, 10), PyramidLevel(1, 4, 1.0, 10),
+    )
     #: Levels of tracking mode (start within ~2 mm / 1 deg of the answer).
-    tracking_levels: tuple[PyramidLevel, ...] = (PyramidLevel(1, 4, 1.0, 12),)
+    tracking_levels: tuple[PyramidLevel, ...] = (PyramidLevel(1, 8, 1.0, 12),)
     #: Effective energy of the kV beam used for the DRRs, keV.
     imaging_energy_kev: float = DEFAULT_IMAGING_ENERGY_KEV
     #: Effective energy of the planning CT, keV.
@@ -281,6 +285,9 @@ class AnatomyConfig:
     #: long ray through the whole CT, the costliest DRR, and it only has to carry the
     #: overlapping anatomy's edges, not the ROI's.
     background_volume_factor: int = 1
+    #: Coarsen the background per level to about the level's binned pixel at the isocentre
+    #: (per axis, never below ``background_volume_factor``; see ``_background_key``).
+    background_match_pixel: bool = True
     #: How the background's pose derivatives are made in the full registration and in tracking
     #: mode: "flow" (no more DRRs; the derivative is the image gradient times the panel motion
     #: of a point on each ray at the ROI centre's depth, exact to first order for translations,
@@ -710,8 +717,11 @@ class _View:
     bg0: np.ndarray | None = None
     bg_jac: np.ndarray | None = None
     x_bg: np.ndarray | None = None
-    # Or the background volume itself, rendered exactly at every pose ("exact" derivatives).
+    # Or the background volume itself, rendered exactly at every pose ("exact" derivatives), on the
+    # binned pixels the masked comparison reads (``bg_rays``: the mask grown by the smoothing's,
+    # the gradient's and the view-shift test's reach).
     bg_volume: AttenuationVolume | None = None
+    bg_rays: np.ndarray | None = None
 
 
 class AnatomyRegistration:
@@ -784,7 +794,8 @@ class AnatomyRegistration:
         self._context_levels = {
             lv.volume_factor: context.downsampled(lv.volume_factor) for lv in cfg.levels + cfg.tracking_levels if lv.context
         }
-        self._backgrounds: dict[tuple[int, float], AttenuationVolume] = {}
+        self._backgrounds: dict[tuple[tuple[int, int, int], float], AttenuationVolume] = {}
+        self._ct_spacing_ijk_mm = np.linalg.norm(room_from_index[:3, :3], axis=0)
         if cfg.background:
             # Everything the ROI volume leaves out: full attenuation outside the mask,
             # the water baseline inside it; ROI DRR + background DRR = DRR of the whole CT.
@@ -1124,8 +1135,20 @@ class AnatomyRegistration:
         return float(np.min(margins))
 
     # ------------------------------------------------------------------ refinement
-    def _background_key(self, level: PyramidLevel) -> tuple[int, float]:
-        return (max(level.volume_factor, self.config.background_volume_factor), float(level.prefilter_mm))
+    def _background_key(self, level: PyramidLevel) -> tuple[tuple[int, int, int], float]:
+        """Block-mean factors (i, j, k) and band limit of a level's background volume.
+
+        At least ``max(level.volume_factor, config.background_volume_factor)`` per axis, and, with
+        ``config.background_match_pixel``, as many voxels per block along an axis as fit in the
+        level's binned pixel at the isocentre (rounded): finer background detail than a pixel is
+        averaged away by the detector bin anyway, and the background's rays are the costliest.
+        """
+        base = max(level.volume_factor, self.config.background_volume_factor)
+        factors = [base] * 3
+        if self.config.background_match_pixel:
+            pixel_mm = min(self._pixel_at_iso_mm(self.geometry[n], level.binning) for n in self.geometry.names)
+            factors = [max(base, int(round(pixel_mm / s))) for s in self._ct_spacing_ijk_mm]
+        return tuple(factors), float(level.prefilter_mm)
 
     def _level_volume(self, level: PyramidLevel) -> AttenuationVolume:
         if level.context:
@@ -1217,7 +1240,7 @@ class AnatomyRegistration:
         if views[0].bg_volume is not None:
             bgs = self._per_view(
                 lambda v: compute_drr_batch(v.bg_volume, v.imager, poses, v.region, level.binning, parallel=False,
-                                            projector="joseph"),
+                                            projector="joseph", rays=v.bg_rays),
                 views,
             )
             drrs = [d + b for d, b in zip(drrs, bgs)]
@@ -1276,7 +1299,7 @@ class AnatomyRegistration:
             both = _binned_mean(both, v.region, b, s)
             image, dimages = both[0], both[1:]
             if v.bg_volume is not None:
-                bg = compute_drr_pose_derivatives(v.bg_volume, v.imager, pose, dpose, v.region, b)
+                bg = compute_drr_pose_derivatives(v.bg_volume, v.imager, pose, dpose, v.region, b, rays=v.bg_rays)
                 image, dimages = image + bg[0], dimages + bg[1:]
             if v.bg0 is not None:
                 image = image + linear_model(v.bg0, v.bg_jac, x - v.x_bg)
@@ -1308,8 +1331,13 @@ class AnatomyRegistration:
         relinearise = np.array([redraw_mm] * 3 + [math.degrees(redraw_mm / lever_mm)] * 3)
         use_bg = bool(self._backgrounds) and not level.context
         if use_bg and mode == "exact":
+            # A feature at a mask pixel reads the smoothed image within 1 px (gradient) and 1 px more
+            # (the view-shift test's half-pixel warp); the smoothing reads 4 sigma around that.
+            reach = int(math.ceil(4.0 * level.smoothing_sigma_px)) + 2
+            kernel = cv2.getStructuringElement(cv2.MORPH_RECT, (2 * reach + 1, 2 * reach + 1))
             for v in views:
                 v.bg_volume = self._backgrounds[self._background_key(level)]
+                v.bg_rays = cv2.dilate(v.mask.astype(np.uint8), kernel).astype(bool)
             use_bg = False  # no linear model to redraw: the background is exact at every pose
         if use_bg:
             self._linearise_background(views, level, x, steps, start, centre, counter, flow)

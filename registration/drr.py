@@ -194,20 +194,24 @@ class AttenuationVolume:
         shift[:3, 3] = [lo[2], lo[1], lo[0]]  # (i, j, k) offset of the crop
         return AttenuationVolume(mu, self.room_from_index @ shift)
 
-    def downsampled(self, factor: int) -> "AttenuationVolume":
-        """Average of ``factor^3`` voxel blocks (a pyramid level); far-edge remainder dropped."""
-        f = int(factor)
-        if f < 1:
-            raise DRRError(f"pyramid factor must be >= 1, got {factor}")
-        if f == 1:
+    def downsampled(self, factor: int | tuple[int, int, int]) -> "AttenuationVolume":
+        """Average of voxel blocks (a pyramid level); far-edge remainder dropped.
+
+        ``factor``: one integer for every axis, or ``(f_i, f_j, f_k)`` per index axis.
+        """
+        fs = (factor,) * 3 if isinstance(factor, (int, np.integer)) else tuple(factor)
+        if len(fs) != 3 or any(isinstance(f, bool) or not isinstance(f, (int, np.integer)) or f < 1 for f in fs):
+            raise DRRError(f"pyramid factor must be an integer >= 1 or three of them, got {factor!r}")
+        fi, fj, fk = (int(f) for f in fs)
+        if fi == fj == fk == 1:
             return self
-        nk, nj, ni = (s // f for s in self.mu_per_mm.shape)
+        nk, nj, ni = self.mu_per_mm.shape[0] // fk, self.mu_per_mm.shape[1] // fj, self.mu_per_mm.shape[2] // fi
         if min(nk, nj, ni) < 1:
-            raise DRRError(f"volume {self.mu_per_mm.shape} too small for factor {f}")
-        mu = self.mu_per_mm[: nk * f, : nj * f, : ni * f].reshape(nk, f, nj, f, ni, f).mean(axis=(1, 3, 5))
-        # New voxel (0,0,0) centre sits at old index (f-1)/2; new index step is f.
-        scale = np.diag([f, f, f, 1.0])
-        scale[:3, 3] = (f - 1) / 2.0
+            raise DRRError(f"volume {self.mu_per_mm.shape} too small for factor {factor}")
+        mu = self.mu_per_mm[: nk * fk, : nj * fj, : ni * fi].reshape(nk, fk, nj, fj, ni, fi).mean(axis=(1, 3, 5))
+        # New voxel (0,0,0) centre sits at old index (f-1)/2 along each axis; the new index step is f.
+        scale = np.diag([fi, fj, fk, 1.0])
+        scale[:3, 3] = [(fi - 1) / 2.0, (fj - 1) / 2.0, (fk - 1) / 2.0]
         return AttenuationVolume(mu.astype(np.float32), self.room_from_index @ scale)
 
     @property
@@ -279,6 +283,16 @@ def compute_drr(
     )
 
 
+def _ray_mask(rays, rows: int, cols: int) -> np.ndarray:
+    """``rays`` checked against the output grid, as the kernels' uint8 mask (``(0, 0)``: every pixel)."""
+    if rays is None:
+        return np.zeros((0, 0), dtype=np.uint8)
+    m = np.asarray(rays)
+    if m.shape != (rows, cols) or m.dtype != np.bool_:
+        raise DRRError(f"rays must be a bool array of the output's shape {(rows, cols)}, got {m.dtype} {m.shape}")
+    return np.ascontiguousarray(m, dtype=np.uint8)
+
+
 def compute_drr_batch(
     volume: AttenuationVolume,
     imager: ImagerGeometry,
@@ -287,6 +301,7 @@ def compute_drr_batch(
     binning: int = 1,
     parallel: bool | None = None,
     projector: str = "siddon",
+    rays: np.ndarray | None = None,
 ) -> np.ndarray:
     """DRRs of ``volume`` at several patient poses for one imager, in one kernel call.
 
@@ -307,6 +322,9 @@ def compute_drr_batch(
         ``"siddon"``: the exact line integral of the voxel-constant volume;
         ``"joseph"``: the slice-interpolating projector (:data:`PROJECTORS`),
         always on the calling thread.
+    rays : (rows, cols) bool array, optional
+        Joseph only: trace only these output pixels (the others are 0), e.g. the
+        pixels a masked comparison reads; all by default.
 
     Returns
     -------
@@ -329,12 +347,15 @@ def compute_drr_batch(
         origin_idx[k] = lin @ origin_mm + off
         du_idx[k] = lin @ du_mm
         dv_idx[k] = lin @ dv_mm
+    ray_mask = _ray_mask(rays, rows_px.size, cols_px.size)
     if projector == "joseph":
         mu, corner, planes = volume.padded_support()
         return _joseph_kernels.joseph_drr_batch(
             mu, planes, src_idx - corner, origin_idx - corner, du_idx, dv_idx, src_mm, origin_mm, du_mm, dv_mm,
-            cols_px, rows_px,
+            cols_px, rows_px, ray_mask,
         )
+    if rays is not None:
+        raise DRRError("rays (a subset of pixels) is available with the Joseph projector only")
     if parallel is None:
         parallel = n * out_rows * out_cols >= SERIAL_RAYS
     kernel = _kernels.siddon_drr_batch if parallel else _kernels.siddon_drr_batch_serial
@@ -351,6 +372,7 @@ def compute_drr_pose_derivatives(
     pose_derivatives: np.ndarray,
     region: PanelRegion | None = None,
     binning: int = 1,
+    rays: np.ndarray | None = None,
 ) -> np.ndarray:
     """A Joseph DRR and its exact derivatives with respect to pose parameters, in one pass.
 
@@ -372,6 +394,8 @@ def compute_drr_pose_derivatives(
     pose_derivatives : (n, 4, 4) array
         ``d pose.matrix / d x_p`` for each parameter ``x_p`` (room frame; units
         of the matrix per unit of the parameter, e.g. per mm or per degree).
+    rays : (rows, cols) bool array, optional
+        Trace only these output pixels (the others are 0 in every item); all by default.
 
     Returns
     -------
@@ -402,7 +426,7 @@ def compute_drr_pose_derivatives(
         np.ascontiguousarray(moved(dm, src_mm, True)), np.ascontiguousarray(moved(dm, origin_mm, True)),
         np.ascontiguousarray(moved(dm, du_mm, False)), np.ascontiguousarray(moved(dm, dv_mm, False)),
         src_mm, origin_mm, du_mm, dv_mm,
-        cols_px, rows_px,
+        cols_px, rows_px, _ray_mask(rays, rows_px.size, cols_px.size),
     )
 
 

@@ -417,6 +417,23 @@ def test_downsampled_keeps_voxel_centres():
     assert vol.downsampled(1) is vol
 
 
+
+def test_downsampled_per_axis_factors_keep_centres_and_means():
+    m = grid(8, 1.0, (5.0, -3.0, 2.0))
+    rng = np.random.default_rng(3)
+    mu = rng.random((8, 8, 8)).astype(np.float32)  # (k, j, i)
+    vol = AttenuationVolume(mu, m)
+    coarse = vol.downsampled((2, 4, 1))  # f_i, f_j, f_k
+    assert coarse.mu_per_mm.shape == (8, 2, 4)
+    # Voxel (i, j, k) = (0, 0, 0) averages i 0..1, j 0..3, k 0 and sits at their centre.
+    assert_allclose(coarse.mu_per_mm[0, 0, 0], mu[0, 0:4, 0:2].mean(), rtol=1e-6)
+    assert_allclose(coarse.room_from_index[:3, 3], m[:3, :3] @ [0.5, 1.5, 0.0] + m[:3, 3], rtol=0, atol=1e-12)
+    assert_allclose(coarse.room_from_index[:3, :3], m[:3, :3] @ np.diag([2.0, 4.0, 1.0]), rtol=0, atol=1e-12)
+    assert vol.downsampled((1, 1, 1)) is vol
+    for bad in ((2, 2), (0, 1, 1), (True, 1, 1), (1.5, 1, 1)):
+        with pytest.raises(DRRError, match="pyramid factor"):
+            vol.downsampled(bad)
+
 # ------------------------------------------------------------- writing
 def test_write_drr_images_writes_what_compute_drr_gives(tmp_path):
     hu = np.full((20, 22, 24), -1000.0, np.float32)
@@ -528,7 +545,7 @@ def test_invalid_attenuation_volumes():
         AttenuationVolume(np.zeros((2, 2, 2)), np.eye(3))
     with pytest.raises(DRRError, match="invertible affine"):
         AttenuationVolume(np.zeros((2, 2, 2)), np.diag([1.0, 0.0, 1.0, 1.0]))
-    with pytest.raises(DRRError, match=r"pyramid factor must be >= 1, got 0"):
+    with pytest.raises(DRRError, match=r"pyramid factor must be an integer >= 1 or three of them, got 0"):
         AttenuationVolume(np.zeros((2, 2, 2)), np.eye(4)).downsampled(0)
     with pytest.raises(DRRError, match=r"too small for factor 4"):
         AttenuationVolume(np.zeros((2, 2, 2)), np.eye(4)).downsampled(4)
@@ -612,6 +629,30 @@ def test_joseph_pose_derivatives_equal_small_step_differences(blob_volume, name)
         err = np.linalg.norm(out[1 + p] - fd) / np.linalg.norm(fd)
         assert err < DERIVATIVE_RTOL, f"parameter {p}: relative error {err:.4f}"
 
+
+
+def test_joseph_ray_subset_traces_exactly_the_masked_pixels(blob_volume):
+    """``rays`` leaves the masked pixels bit-identical to the full DRR and its derivatives, the rest 0."""
+    im = GEOM["A"]
+    base = Pose.from_six([1.0, -2.0, 0.5], [2.0, -1.0, 3.0])
+    pose, dpose = _six_parameter_poses(base, np.array([3.0, 1.0, -2.0]))
+    region = PanelRegion(30, 20, 100, 120)
+    rays = np.zeros((50, 60), bool)
+    rays[10:30, 5:40] = True
+    rays[::7, ::3] = True
+    full = compute_drr_batch(blob_volume, im, [base], region, 2, projector="joseph")[0]
+    part = compute_drr_batch(blob_volume, im, [base], region, 2, projector="joseph", rays=rays)[0]
+    assert np.abs(full[rays]).max() > 1e-3
+    assert np.array_equal(part[rays], full[rays]) and not part[~rays].any()
+    dfull = compute_drr_pose_derivatives(blob_volume, im, pose(np.zeros(6)), dpose, region, 2)
+    dpart = compute_drr_pose_derivatives(blob_volume, im, pose(np.zeros(6)), dpose, region, 2, rays=rays)
+    assert np.array_equal(dpart[:, rays], dfull[:, rays]) and not dpart[:, ~rays].any()
+    with pytest.raises(DRRError, match="rays must be a bool array"):
+        compute_drr_batch(blob_volume, im, [base], region, 2, projector="joseph", rays=rays[:-1])
+    with pytest.raises(DRRError, match="rays must be a bool array"):
+        compute_drr_pose_derivatives(blob_volume, im, base, dpose, region, 2, rays=rays.astype(np.uint8))
+    with pytest.raises(DRRError, match="Joseph projector only"):
+        compute_drr_batch(blob_volume, im, [base], region, 2, projector="siddon", rays=rays)
 
 def test_joseph_is_smooth_where_siddon_steps_across_thick_slices(blob_volume):
     # Translation along the slice axis (room y here) moves rays across 2.5 mm slices they run
