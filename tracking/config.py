@@ -413,6 +413,10 @@ class PlanConfig:
         import``/``dicom-listen``) instead of ``ct``/``fiducials``: seeds from
         the structure set's POINT ROIs, the isocentre from the RT Plan (unless
         ``isocentre_lps_mm`` overrides it), the anatomy ROI from its target ROI.
+    target_roi : str or None
+        With ``dicom``: the structure set ROI (by name) that is the anatomy
+        method's target, overriding the plan's own choice (docs/DICOM.md,
+        "Target ROI"); 1-64 printable characters (a DICOM LO value).
     target_room_mm : (3,) tuple
         Planned target point whose deviation is gated, room frame mm (isocentre = 0).
     pattern_noise_mm : float
@@ -429,6 +433,7 @@ class PlanConfig:
     isocentre_lps_mm: tuple[float, float, float] | None = None
     fiducials: Path | None = None
     dicom: Path | None = None
+    target_roi: str | None = None
     target_room_mm: tuple[float, float, float] = (0.0, 0.0, 0.0)
     pattern_noise_mm: float = 0.05
     roi_half_size_mm: tuple[float, float, float] = (30.0, 30.0, 15.0)
@@ -446,6 +451,12 @@ class PlanConfig:
             if value is not None:
                 object.__setattr__(self, name, Path(value))
         _ranged(self, "plan")
+        if self.target_roi is not None:
+            roi = self.target_roi
+            if not isinstance(roi, str) or not 1 <= len(roi) <= 64 or not roi.isprintable() or roi != roi.strip():
+                raise ConfigError(f"[plan] target_roi must be an ROI name of 1-64 printable characters, got {roi!r}")
+            if self.dicom is None:
+                raise ConfigError("[plan] target_roi names a structure set ROI: it needs dicom (a DICOM plan folder)")
         needs = {"fiducial": ("geometry", "fiducials", "isocentre_lps_mm", "ct"),
                  "anatomy": ("geometry", "ct", "isocentre_lps_mm"), "pattern": ()}[self.method]
         if self.dicom is not None:

@@ -362,7 +362,7 @@ def load_treatment_plan(plan: PlanConfig):
     from spineguide.registration.plan import load_dicom_plan, load_plan_files
 
     if plan.dicom is not None:
-        return load_dicom_plan(plan.dicom, isocentre_lps_mm=plan.isocentre_lps_mm)
+        return load_dicom_plan(plan.dicom, isocentre_lps_mm=plan.isocentre_lps_mm, target_roi=plan.target_roi)
     return load_plan_files(plan.ct, plan.isocentre_lps_mm, fiducials_path=plan.fiducials)
 
 

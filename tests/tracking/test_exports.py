@@ -153,3 +153,25 @@ def test_archive_without_exports_folder_is_refused():
         RecordConfig(dicom_archive="RV@host:104")
     with pytest.raises(ConfigError, match="AE@HOST:PORT"):
         RecordConfig(dicom_exports="x", dicom_archive="host:104")
+
+
+def test_plan_config_target_roi_overrides_the_plans_target(plans):
+    folder, _, _ = plans
+    plain = PlanConfig(method="anatomy", geometry=folder / "geometry.json", dicom=folder / "dicom")
+    assert load_treatment_plan(plain).target_roi == "L1"  # the RTPLAN's TARGET dose reference
+    chosen = PlanConfig(method="anatomy", geometry=folder / "geometry.json", dicom=folder / "dicom", target_roi="L2")
+    treatment = load_treatment_plan(chosen)
+    assert treatment.target_roi == "L2"
+    l1, l2 = load_treatment_plan(plain).target_mask(), treatment.target_mask()
+    assert l2.any() and not (l1 & l2).any()  # another vertebra's voxels
+    from spineguide.registration.errors import RegistrationError
+
+    with pytest.raises(RegistrationError, match="'L9'"):
+        load_treatment_plan(PlanConfig(method="anatomy", geometry=folder / "geometry.json", dicom=folder / "dicom",
+                                       target_roi="L9"))
+    with pytest.raises(ConfigError, match="target_roi .* needs dicom"):
+        PlanConfig(method="anatomy", geometry=folder / "geometry.json", ct=folder / "ct.mha",
+                   isocentre_lps_mm=(0.0, 0.0, 0.0), target_roi="L2")
+    for bad in ("", " L2", "x" * 65, "L\n2", 5):
+        with pytest.raises(ConfigError, match="target_roi must be"):
+            PlanConfig(method="anatomy", geometry=folder / "geometry.json", dicom=folder / "dicom", target_roi=bad)
