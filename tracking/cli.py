@@ -209,9 +209,20 @@ def _cmd_simulate_ct(args: argparse.Namespace) -> int:
 
     from spineguide.calibration.io import read_geometry
 
+    from .room.chain import ChainConfig
     from .room.kv import DetectorModel
     from .room.realct import build_set, read_labelled_ct
     from .room.rooms import Room, room_geometry
+
+    if args.chain == "simple" and args.spr is not None:
+        raise CliError("--spr needs --chain clinic")
+    if args.chain == "clinic":
+        detector = None
+        chain = ChainConfig.clinic(i0=6000.0 if args.i0 is None else args.i0,
+                                   scatter_to_primary=1.0 if args.spr is None else args.spr)
+    else:
+        detector, chain = DetectorModel(i0=20000.0 if args.i0 is None else args.i0), None
+    couch = None if args.couch is None else args.couch == "on"
 
     t0 = time.monotonic()
     labelled = read_labelled_ct(args.ct, args.labels, args.scheme, args.patient_position)
@@ -226,7 +237,7 @@ def _cmd_simulate_ct(args: argparse.Namespace) -> int:
                                         f"({seconds:.1f} s)"))
     built = build_set(args.out, labelled, geometries, [v.strip() for v in args.levels.split(",")],
                       [v.strip() for v in args.projectors.split(",")], args.cases, args.seed,
-                      DetectorModel(i0=args.i0), args.beyond_ends_mm, 1, progress)
+                      detector, args.beyond_ends_mm, 1, progress, chain=chain, couch=couch)
     manifest = {"schema": "realct-set/1", "source": {"ct": str(args.ct), "labels": str(args.labels)},
                 "label_scheme_on_disk": args.scheme, **built, "command": " ".join(sys.argv),
                 "elapsed_s": round(time.monotonic() - t0, 1)}
@@ -821,7 +832,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--projectors", default="own,plastimatch", help="own and/or plastimatch")
     p.add_argument("--cases", type=_positive_int, default=24, help="number of cases (level x room x projector)")
     p.add_argument("--seed", type=non_negative_int, default=12, help="random seed of the start errors")
-    p.add_argument("--i0", type=i0_level, default=20000.0, help="unattenuated detector signal (default 20000)")
+    p.add_argument("--chain", choices=["simple", "clinic"], default="simple",
+                   help="imaging chain: simple (default; one energy, Poisson, blur) or clinic (ChainConfig.clinic: "
+                        "120 kVp spectrum, beam hardening, scatter, heel, gain/offset maps, dead lines, lag, couch top)")
+    p.add_argument("--i0", type=i0_level, default=None,
+                   help="unattenuated detector signal (default 20000 simple, 6000 clinic)")
+    p.add_argument("--spr", type=non_negative_float, default=None,
+                   help="scatter-to-primary ratio behind 350 mm of tissue, clinic chain only (default 1.0)")
+    p.add_argument("--couch", choices=["on", "off"], default=None,
+                   help="carbon-fibre couch top in the frames (default: on with --chain clinic, off with simple)")
     p.add_argument("--beyond-ends-mm", type=non_negative_float, default=150.0,
                    help="tissue past the CT's ends in the frames, mm (0: the CT alone)")
     p.add_argument("--out", required=True, type=Path, help="output folder")

@@ -3,7 +3,8 @@
 Usage (from the repository root, in the project's virtual environment)::
 
     python datasets/realct/build.py --out DIR [--cases N] [--seed S] [--rooms default,floor]
-        [--projectors own,plastimatch] [--levels T12,L1,L2,L3,L4,L5] [--i0 20000]
+        [--projectors own,plastimatch] [--levels T12,L1,L2,L3,L4,L5] [--chain simple|clinic]
+        [--i0 I0] [--spr SPR] [--couch on|off]
     python datasets/realct/build.py --out DIR --ct CT --labels LABELS [--scheme verse|totalsegmentator]
         [--patient-position HFS]
 
@@ -18,6 +19,14 @@ Written to ``DIR``: ``ct.mha`` and ``labels.mha`` (axial LPS grid, VerSe
 numbering), ``set.json`` (what was built, from what, with which command) and
 ``cases/NNNN/`` per case (``spineguide.tracking.room.realct.write_case``: raw frames,
 ``geometry.json``, ``truth.json``, ``roi.mha``).
+
+Imaging chain (``--chain``): ``simple`` (the default, so that earlier sets stay
+reproducible) is ``i0 exp(-L)`` at one effective energy through
+``spineguide.tracking.room.kv``'s detector chain; ``clinic`` is
+``spineguide.tracking.room.chain.ChainConfig.clinic(i0=--i0, scatter_to_primary=--spr)``
+(120 kVp Kramers spectrum and beam hardening through water / bone paths,
+scatter, heel, gain / offset maps, dead lines, lag, blur, Poisson and read-out
+noise) with a carbon-fibre couch top under the patient (``--couch``).
 """
 
 from __future__ import annotations
@@ -38,6 +47,7 @@ if str(REPO) not in sys.path:
 
 from spineguide.calibration.geometry import default_stereo_geometry  # noqa: E402
 from spineguide.calibration.io import read_geometry  # noqa: E402
+from spineguide.tracking.room.chain import ChainConfig  # noqa: E402
 from spineguide.tracking.room.kv import DetectorModel  # noqa: E402
 from spineguide.calibration.errors import CalibrationError  # noqa: E402
 from spineguide.registration.errors import RegistrationError  # noqa: E402
@@ -120,7 +130,17 @@ def main(argv=None) -> int:
     p.add_argument("--levels", default=DEFAULT_LEVELS, help="comma-separated vertebrae (VerSe names)")
     p.add_argument("--rooms", default="default,floor", help="default, floor or kv-geometry/1 files, comma-separated")
     p.add_argument("--projectors", default="own,plastimatch")
-    p.add_argument("--i0", type=float, default=20000.0, help="unattenuated detector counts")
+    p.add_argument("--chain", choices=["simple", "clinic"], default="simple",
+                   help="imaging chain: simple (default; one effective energy, Poisson noise, 0.5 px blur) or "
+                        "clinic (ChainConfig.clinic: 120 kVp spectrum, beam hardening, scatter, heel, gain/offset "
+                        "maps, dead lines, lag, blur, noise, couch top)")
+    p.add_argument("--i0", type=float, default=None,
+                   help="unattenuated detector counts (default 20000 simple, 6000 clinic)")
+    p.add_argument("--spr", type=float, default=None,
+                   help="scatter-to-primary ratio behind 350 mm of tissue, clinic chain only (default 1.0)")
+    p.add_argument("--couch", choices=["on", "off"], default=None,
+                   help="carbon-fibre couch top under the patient in the frames (default: on with --chain clinic, "
+                        "off with simple)")
     p.add_argument("--ct", type=Path, help="your own CT (NIfTI/MHA/NRRD file or DICOM folder) instead of the download")
     p.add_argument("--labels", type=Path, help="its vertebra label map (same grid)")
     p.add_argument("--scheme", choices=[s.value for s in LabelScheme], default=None,
@@ -134,6 +154,8 @@ def main(argv=None) -> int:
     t0 = time.monotonic()
     if (args.ct is None) != (args.labels is None):
         p.error("--ct and --labels go together")
+    if args.chain == "simple" and args.spr is not None:
+        p.error("--spr needs --chain clinic")
     if args.ct is None:
         files = fetch()
         ct_path, labels_path, scheme = files["ct"], files["labels"], args.scheme or "totalsegmentator"
@@ -150,8 +172,17 @@ def main(argv=None) -> int:
             print(f"case {case.index:4d}: {case.level:>3s} {case.room:>8s} {case.projector.value:>11s} ({seconds:.1f} s)",
                   flush=True)
 
+        couch = None if args.couch is None else args.couch == "on"
+        if args.chain == "clinic":
+            detector = None
+            chain = ChainConfig.clinic(i0=6000.0 if args.i0 is None else args.i0,
+                                       scatter_to_primary=1.0 if args.spr is None else args.spr)
+        else:
+            detector = DetectorModel(i0=20000.0 if args.i0 is None else args.i0)
+            chain = None
         built = build_set(args.out, labelled, geometries, args.levels.split(","), args.projectors.split(","), args.cases,
-                          args.seed, DetectorModel(i0=args.i0), args.beyond_ends_mm, args.plastimatch_threads, progress)
+                          args.seed, detector, args.beyond_ends_mm, args.plastimatch_threads, progress,
+                          chain=chain, couch=couch)
     except (TrackingError, RegistrationError, CalibrationError, ValueError) as err:
         print(f"build.py: {err}", file=sys.stderr)
         return 2

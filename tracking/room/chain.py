@@ -60,6 +60,7 @@ __all__ = [
     "Spectrum",
     "material_mu_per_mm",
     "render_chain_frame",
+    "water_bone_fractions",
 ]
 
 # ---------------------------------------------------------------------------- attenuation tables
@@ -103,6 +104,41 @@ def material_mu_per_mm(material: str, energy_kev) -> np.ndarray:
     return out * density / 10.0
 
 
+def water_bone_fractions(hu) -> tuple[np.ndarray, np.ndarray]:
+    """Water and cortical-bone volume fractions of CT numbers: the bilinear HU model, float32.
+
+    ``HU <= 0``: water of density ``1 + HU/1000`` (air -1000 HU -> 0, clipped
+    at 0 below), no bone. ``HU > 0``: a bone fraction ``HU / HU_bone`` and a
+    water fraction ``1 - HU / HU_bone`` (clipped at 0 above ``HU_bone``), with
+    ``HU_bone = bone_hu(DEFAULT_CT_ENERGY_KEV)`` the CT number of cortical
+    bone (:mod:`spineguide.registration.attenuation`, Burger et al. 2002). A
+    fraction volume on a voxel grid, projected as if it were an attenuation
+    (1/mm), gives the path length (mm) through that material: this is how the
+    chain's :class:`MaterialPaths` are made from a CT.
+
+    Parameters
+    ----------
+    hu : array_like
+        CT numbers (HU), any shape, finite; the frame of the grid is the caller's.
+
+    Returns
+    -------
+    (water, bone) : two float32 arrays of ``hu``'s shape, dimensionless, >= 0
+
+    Raises
+    ------
+    SimulationError
+        Non-finite CT numbers.
+    """
+    h = np.asarray(hu, dtype=np.float32)
+    if not np.all(np.isfinite(h)):
+        raise SimulationError("water/bone decomposition: the CT numbers must be finite")
+    hu_bone = np.float32(bone_hu(DEFAULT_CT_ENERGY_KEV))
+    bone = np.clip(h / hu_bone, 0.0, None).astype(np.float32)
+    water = np.where(h <= 0, np.clip(1.0 + h / np.float32(1000.0), 0.0, None), np.clip(1.0 - bone, 0.0, None))
+    return water.astype(np.float32), bone
+
+
 # ---------------------------------------------------------------------------- spectrum
 @dataclass(frozen=True, slots=True)
 class Spectrum:
@@ -116,11 +152,16 @@ class Spectrum:
         Share of the unattenuated detector signal in each bin (sums to 1).
     label : str
         How it was made (for reports).
+    kvp, filtration_mm_al : float or None
+        Tube voltage (kV) and total aluminium filtration (mm) of a
+        :meth:`kramers` spectrum; None for any other.
     """
 
     energies_kev: np.ndarray
     weights: np.ndarray
     label: str = ""
+    kvp: float | None = None
+    filtration_mm_al: float | None = None
 
     def __post_init__(self) -> None:
         e = np.atleast_1d(np.asarray(self.energies_kev, dtype=np.float64))
@@ -130,6 +171,11 @@ class Spectrum:
         if not np.all(np.isfinite(w)) or np.any(w < 0) or w.sum() <= 0:
             raise SimulationError("spectrum: weights must be finite, non-negative and not all zero")
         material_mu_per_mm("water", e)  # range check
+        for name in ("kvp", "filtration_mm_al"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float, np.floating, np.integer))
+                                  or not math.isfinite(v) or v < 0):
+                raise SimulationError(f"spectrum: {name} must be None or a finite number >= 0, got {v!r}")
         object.__setattr__(self, "energies_kev", _ro(e))
         object.__setattr__(self, "weights", _ro(w / w.sum()))
 
@@ -160,7 +206,7 @@ class Spectrum:
         edges = np.linspace(20.0, kvp, n + 1)
         e = 0.5 * (edges[:-1] + edges[1:])
         photons = (kvp - e) / e * np.exp(-material_mu_per_mm("aluminium", e) * filtration_mm_al)
-        return cls(e, e * photons, f"Kramers {kvp:g} kVp, {filtration_mm_al:g} mm Al")
+        return cls(e, e * photons, f"Kramers {kvp:g} kVp, {filtration_mm_al:g} mm Al", float(kvp), float(filtration_mm_al))
 
     @classmethod
     def mono(cls, energy_kev: float) -> "Spectrum":
@@ -283,6 +329,28 @@ class ChainConfig:
         if not isinstance(self.quantum_noise, bool):
             raise SimulationError(f"imaging chain: quantum_noise must be a bool, got {self.quantum_noise!r}")
         object.__setattr__(self, "dtype", OutputDtype(self.dtype))
+
+    def settings(self) -> dict:
+        """The chain as JSON-ready numbers (counts, mm, keV, kV), to record how a frame was made.
+
+        Every field of the configuration, the spectrum as its label, kVp,
+        filtration, signal-weighted mean energy and bins (``energies_kev``,
+        ``weights``), and the output ``dtype`` as its value.
+        """
+        out: dict = {}
+        for name in self.__dataclass_fields__:
+            v = getattr(self, name)
+            if name == "spectrum":
+                sp = v
+                out[name] = {"label": sp.label, "kvp": sp.kvp, "filtration_mm_al": sp.filtration_mm_al,
+                             "mean_energy_kev": sp.mean_energy_kev,
+                             "energies_kev": [float(e) for e in sp.energies_kev],
+                             "weights": [float(w) for w in sp.weights]}
+            elif name == "dtype":
+                out[name] = v.value
+            else:
+                out[name] = v if isinstance(v, (bool, int, float)) else float(v)
+        return out
 
     @classmethod
     def clinic(cls, i0: float = 6000.0, scatter_to_primary: float = 1.0, **overrides) -> "ChainConfig":
@@ -491,9 +559,8 @@ class RealisticSimulator:
     """Stereo frames of a phantom through a clinic-like chain (:class:`ChainConfig`), with ground truth.
 
     The anatomy is split into water and cortical-bone path lengths with the
-    bilinear HU model of :mod:`spineguide.registration.attenuation` (``HU <= 0``: water
-    of density ``1 + HU/1000``; ``HU > 0``: water and bone in the proportion
-    ``HU / HU_bone``), each projected by :func:`spineguide.registration.drr.compute_drr`
+    bilinear HU model of :mod:`spineguide.registration.attenuation`
+    (:func:`water_bone_fractions`), each projected by :func:`spineguide.registration.drr.compute_drr`
     (two DRRs per view); the seeds are exact gold chords. The path lengths
     can also be given from elsewhere (``paths``, e.g. plastimatch).
 
@@ -514,12 +581,9 @@ class RealisticSimulator:
         self.phantom = phantom
         self.geometry = geometry
         self.chain = ChainConfig() if chain is None else chain
-        hu = np.asarray(phantom.anatomy.hu, dtype=np.float32)
-        hu_bone = np.float32(bone_hu(DEFAULT_CT_ENERGY_KEV))
-        bone = np.clip(hu / hu_bone, 0.0, None).astype(np.float32)
-        water = np.where(hu <= 0, np.clip(1.0 + hu / np.float32(1000.0), 0.0, None), np.clip(1.0 - bone, 0.0, None))
+        water, bone = water_bone_fractions(phantom.anatomy.hu)
         room = phantom.anatomy.room_from_index(phantom.isocentre_lps_mm)
-        self.water_volume = AttenuationVolume(water.astype(np.float32), room)
+        self.water_volume = AttenuationVolume(water, room)
         self.bone_volume = AttenuationVolume(bone, room)
         self._room_from_lps = room_from_lps_matrix(phantom.anatomy.patient_position)
         self._maps: dict[tuple, DetectorMaps] = {}

@@ -5,8 +5,12 @@ This module takes any CT plus a per-vertebra label map (NIfTI, MHA/NRRD or a
 DICOM series folder for the CT), and renders stereo kV pairs of it at known
 patient poses, by two independent projectors: spineguide's own Siddon DRR
 (:func:`spineguide.registration.drr.compute_drr`) and plastimatch's exact ray tracer
-(``plastimatch drr``, Debian package ``plastimatch``). ``datasets/realct/``
-holds the recipe that fetches a public CT and builds a set with it.
+(``plastimatch drr``, Debian package ``plastimatch``), through either the
+simple detector chain of :mod:`spineguide.tracking.room.kv` or the clinic-like
+chain of :mod:`spineguide.tracking.room.chain` (water / bone path lengths of the
+CT, an analytic couch top under the patient, lag between a case's two pairs;
+:class:`CaseRenderer`). ``datasets/realct/`` holds the recipe that fetches a
+public CT and builds a set with it.
 
 Frames (docs/CONVENTIONS.md): planning CT in DICOM LPS mm, poses and
 geometry in the room frame (IEC 61217), ``p_actual = R p_planned + t`` about
@@ -26,6 +30,7 @@ are converted on reading.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -48,6 +53,7 @@ from spineguide.registration.pose import Pose
 from spineguide.registration.volume import CTVolume, PatientPosition, read_ct, room_from_lps_matrix
 
 from ..errors import SimulationError
+from .chain import ChainConfig, ChainFrame, DetectorMaps, MaterialPaths, render_chain_frame, water_bone_fractions
 from .io import write_frame
 from .kv import DetectorModel, _detector_chain, _rng
 
@@ -60,6 +66,9 @@ __all__ = [
     "canonical_axial",
     "RealCTCase",
     "plan_cases",
+    "CouchTop",
+    "slab_path_mm",
+    "pixel_centres_room_mm",
     "CaseRenderer",
     "plastimatch_available",
     "plastimatch_drr",
@@ -67,6 +76,7 @@ __all__ = [
     "build_set",
     "TRUTH_SCHEMA",
     "BEYOND_ENDS_MAX_HU",
+    "COUCH_BODY_HU",
 ]
 
 #: Schema of a case's truth file.
@@ -87,6 +97,9 @@ TRUNCATION_SLICES = 1
 
 #: HU cap of the end slices repeated past the CT's ends (soft tissue: no bone is invented there).
 BEYOND_ENDS_MAX_HU = 100.0
+
+#: CT number (HU) separating the body from the air under it, for the couch height (air and lung are below).
+COUCH_BODY_HU = -500.0
 
 #: plastimatch measures path length in cm: its line integral of a 1/mm volume is 1/10 of ours.
 _PLASTIMATCH_CM_PER_MM = 10.0
@@ -479,13 +492,188 @@ def plastimatch_drr(
         return _read_pfm(out) * _PLASTIMATCH_CM_PER_MM
 
 
-class CaseRenderer:
-    """Raw stereo pairs of a labelled CT at known poses, by either projector.
+# ------------------------------------------------------------------------------ couch
+def slab_path_mm(
+    source_mm: Sequence[float],
+    points_mm: np.ndarray,
+    z_low_mm: float,
+    z_high_mm: float,
+    half_width_mm: float = np.inf,
+) -> np.ndarray:
+    """Length (mm) of each segment ``source -> point`` inside a horizontal slab of the room.
 
-    The whole CT, converted to attenuation at ``energy_kev``, is both the
-    anatomy imaged and (separately, by the registration) the planning CT, so
-    the only differences between a case's frames and the registration's model
-    are the projector, the noise and detector effects, and the ROI.
+    The slab is ``z_low_mm <= Z <= z_high_mm`` and ``|X| <= half_width_mm``,
+    unbounded along Y (room frame, IEC 61217: X lateral, Y towards the gantry
+    along the couch, Z up; mm). Analytic: the segment's parameter interval
+    inside the Z band and the X band, clipped to the segment, times its length.
+
+    Parameters
+    ----------
+    source_mm : (3,) sequence
+        Segment start (an X-ray source), room mm.
+    points_mm : (..., 3) array
+        Segment ends (e.g. pixel centres), room mm.
+    z_low_mm, z_high_mm : float
+        The slab's bottom and top, room Z mm (``z_low_mm <= z_high_mm``).
+    half_width_mm : float
+        Half the slab's extent across the couch (room X about 0), mm; ``inf`` for an infinite slab.
+
+    Returns
+    -------
+    (...) float64 array of path lengths, mm (0 where the segment misses the slab).
+
+    Raises
+    ------
+    SimulationError
+        Non-finite source or points, or a slab with ``z_low_mm > z_high_mm`` or a negative width.
+    """
+    src = np.asarray(source_mm, dtype=np.float64)
+    pts = np.asarray(points_mm, dtype=np.float64)
+    if src.shape != (3,) or pts.ndim < 1 or pts.shape[-1] != 3 or not (np.all(np.isfinite(src)) and np.all(np.isfinite(pts))):
+        raise SimulationError(f"slab path: need a finite (3,) source and (..., 3) points, got {src.shape} and {pts.shape}")
+    if not (math.isfinite(z_low_mm) and math.isfinite(z_high_mm)) or z_low_mm > z_high_mm or not half_width_mm >= 0:
+        raise SimulationError(f"slab path: bad slab Z {z_low_mm}..{z_high_mm} mm, half width {half_width_mm} mm")
+    d = pts - src
+    t_lo = np.zeros(pts.shape[:-1])
+    t_hi = np.ones(pts.shape[:-1])
+    for axis, lo, hi in ((2, z_low_mm, z_high_mm), (0, -half_width_mm, half_width_mm)):
+        if not np.isfinite(hi - lo):
+            continue
+        da = d[..., axis]
+        flat = da == 0.0
+        with np.errstate(divide="ignore", invalid="ignore"):
+            a = (lo - src[axis]) / da
+            b = (hi - src[axis]) / da
+        inside_flat = (lo <= src[axis]) & (src[axis] <= hi)
+        enter = np.where(flat, -np.inf if inside_flat else np.inf, np.minimum(a, b))
+        leave = np.where(flat, np.inf if inside_flat else -np.inf, np.maximum(a, b))
+        t_lo = np.maximum(t_lo, enter)
+        t_hi = np.minimum(t_hi, leave)
+    return np.clip(t_hi - t_lo, 0.0, None) * np.linalg.norm(d, axis=-1)
+
+
+def pixel_centres_room_mm(imager: ImagerGeometry) -> np.ndarray:
+    """Room position (mm, IEC 61217 room frame) of every pixel centre of a panel, ``(rows, cols, 3)``."""
+    row_sp, col_sp = imager.pixel_spacing_mm
+    cols = np.arange(imager.cols, dtype=np.float64)[None, :, None] * col_sp * imager.col_direction
+    rows = np.arange(imager.rows, dtype=np.float64)[:, None, None] * row_sp * imager.row_direction
+    return imager.origin_mm + rows + cols
+
+
+@dataclass(frozen=True, slots=True)
+class CouchTop:
+    """An analytic carbon-fibre couch top, fixed in the room: in the kV frames, not in the CT.
+
+    A horizontal slab (room frame, IEC 61217, docs/CONVENTIONS.md: X lateral,
+    Y towards the gantry along the couch, Z up), unbounded along Y,
+    ``width_mm`` across X centred on the isocentre (X = 0); from its top
+    surface down: a carbon-fibre skin, a foam core, a second skin. It is not
+    moved by the patient pose (a couch that has not been corrected). Each
+    layer's attenuation is counted as water of the layer's density (path x
+    density / 1 g/cm3, a water-equivalent path added to the anatomy's water
+    path): carbon fibre 1.4 g/cm3 x 2 x 1.5 mm + foam 0.05 g/cm3 x 50 mm =
+    6.7 mm of water for a perpendicular ray, ~1.8 mm aluminium at 60 keV,
+    inside the 1.2-2.4 mm Al-equivalent that 21 CFR 1020.30(n) allows a
+    table top (docs/VIRTUAL_ROOM.md). Carbon's mass attenuation is ~13 % below
+    water's at 60 keV (NIST XCOM), so counting it as water leans to a slightly
+    more visible couch.
+
+    Attributes
+    ----------
+    width_mm : float
+        Extent across the couch (room X), mm.
+    skin_mm, skin_density : float
+        Thickness (mm) and density (g/cm3) of each carbon-fibre skin.
+    foam_mm, foam_density : float
+        Thickness (mm) and density (g/cm3) of the foam core.
+    gap_mm : float
+        Air between the patient's lowest skin point under the isocentre (from
+        the CT, :meth:`CaseRenderer.couch_top_z_mm`) and the top surface, mm.
+    top_z_mm : float or None
+        Room Z (mm, isocentre at 0) of the top surface, overriding the CT's skin.
+    """
+
+    width_mm: float = 500.0
+    skin_mm: float = 1.5
+    skin_density: float = 1.4
+    foam_mm: float = 50.0
+    foam_density: float = 0.05
+    gap_mm: float = 3.0
+    top_z_mm: float | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("width_mm", "skin_mm", "skin_density", "foam_mm", "foam_density", "gap_mm"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)) or not (
+                    math.isfinite(v) and 0.0 <= v <= 5000.0):
+                raise SimulationError(f"couch top: {name} = {v!r} must be a finite number in 0..5000")
+            object.__setattr__(self, name, float(v))
+        if self.width_mm <= 0 or self.thickness_mm <= 0:
+            raise SimulationError(f"couch top: width {self.width_mm} mm and thickness {self.thickness_mm} mm must be > 0")
+        if self.top_z_mm is not None:
+            v = self.top_z_mm
+            if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)) or not math.isfinite(v):
+                raise SimulationError(f"couch top: top_z_mm must be a finite number or None, got {v!r}")
+            object.__setattr__(self, "top_z_mm", float(v))
+
+    @property
+    def thickness_mm(self) -> float:
+        """Total thickness (two skins and the foam), mm."""
+        return 2.0 * self.skin_mm + self.foam_mm
+
+    @property
+    def water_equivalent_mm(self) -> float:
+        """Water-equivalent thickness for a ray perpendicular to the couch, mm."""
+        return 2.0 * self.skin_mm * self.skin_density + self.foam_mm * self.foam_density
+
+    def layers(self, top_z_mm: float) -> tuple[tuple[float, float, float], ...]:
+        """``(z_low_mm, z_high_mm, density)`` of the skins and the foam, room Z mm, top surface at ``top_z_mm``."""
+        t = float(top_z_mm)
+        s, f = self.skin_mm, self.foam_mm
+        return ((t - s, t, self.skin_density), (t - s - f, t - s, self.foam_density),
+                (t - 2 * s - f, t - s - f, self.skin_density))
+
+    def water_equivalent_path_mm(self, imager: ImagerGeometry, top_z_mm: float) -> np.ndarray:
+        """Water-equivalent path (mm) of every pixel's ray (source -> pixel centre), ``(rows, cols)`` float64.
+
+        ``top_z_mm``: room Z of the couch's top surface (mm, isocentre at 0).
+        """
+        pts = pixel_centres_room_mm(imager)
+        out = np.zeros((imager.rows, imager.cols))
+        for z_low, z_high, density in self.layers(top_z_mm):
+            if density > 0 and z_high > z_low:
+                out += density * slab_path_mm(imager.source_mm, pts, z_low, z_high, self.width_mm / 2.0)
+        return out
+
+    def settings(self) -> dict:
+        """The couch's numbers (mm, g/cm3), JSON-ready."""
+        return {"width_mm": self.width_mm, "skin_mm": self.skin_mm, "skin_density_g_cm3": self.skin_density,
+                "foam_mm": self.foam_mm, "foam_density_g_cm3": self.foam_density, "gap_mm": self.gap_mm,
+                "top_z_mm_override": self.top_z_mm, "water_equivalent_mm": self.water_equivalent_mm,
+                "model": "carbon-fibre skins around foam, counted as water of their density, fixed in the room"}
+
+
+class CaseRenderer:
+    """Raw stereo pairs of a labelled CT at known poses, by either projector, through either imaging chain.
+
+    The whole CT is both the anatomy imaged and (separately, by the
+    registration) the planning CT, so the only differences between a case's
+    frames and the registration's model are the projector, the imaging chain
+    (noise, detector effects, spectrum, scatter, couch), and the ROI.
+
+    Two imaging chains:
+
+    - **simple** (``chain=None``): the CT converted to attenuation at
+      ``energy_kev``, ``i0 exp(-L)`` through :mod:`spineguide.tracking.room.kv`'s
+      detector chain (``detector``).
+    - **clinic-like** (``chain=ChainConfig(...)``): the CT split into water
+      and cortical-bone fractions (:func:`spineguide.tracking.room.chain.water_bone_fractions`),
+      each projected by the case's projector into path lengths (mm), an
+      analytic couch top (:class:`CouchTop`) added to the water path, and
+      :func:`spineguide.tracking.room.chain.render_chain_frame` (spectrum and beam
+      hardening, scatter, heel, gain / offset maps and dead lines of
+      :class:`~spineguide.tracking.room.chain.DetectorMaps` fixed per room and
+      imager, lag, blur, noise).
 
     Parameters
     ----------
@@ -493,16 +681,14 @@ class CaseRenderer:
     geometries : mapping room name -> StereoGeometry
         Room frame.
     detector : DetectorModel
-        i0, blur, scatter, heel, defects and noise of the frames
-        (:mod:`spineguide.tracking.room.kv`'s detector chain). The clinic-like chain of
-        :mod:`spineguide.tracking.room.chain` (spectrum, material paths) needs a
-        water/bone decomposition of the CT that this module does not make
-        yet: ``chain_hook`` is where it goes.
+        i0, blur, scatter, heel, defects and noise of the simple chain (unused with ``chain``).
     energy_kev : float
-        Effective imaging energy for the HU -> mu conversion, keV.
+        Effective imaging energy of the simple chain's HU -> mu conversion
+        (and of :meth:`line_integrals`), keV.
     chain_hook : callable, optional
         ``f(line_integrals, imager, detector, rng) -> frame`` replacing the
-        detector chain (line integrals dimensionless, ``image[row, col]``).
+        simple detector chain (line integrals dimensionless, ``image[row, col]``);
+        not allowed together with ``chain``.
     plastimatch_threads : int
     beyond_ends_mm : float
         Tissue past the CT's superior and inferior ends in the frames: the end
@@ -512,6 +698,20 @@ class CaseRenderer:
         whole body ends, an edge no radiograph has. The cap keeps a vertebra cut
         by the CT's end from growing into a long bony column; the vertebrae
         really beyond the ends are unknown and left out. 0 images the CT alone.
+        The water / bone decomposition is made of this padded volume.
+    chain : ChainConfig, optional
+        The clinic-like chain (e.g. ``ChainConfig.clinic()``); None for the simple one.
+    couch : CouchTop or bool, optional
+        The couch top under the patient in the frames (never in the CT):
+        ``True`` for :class:`CouchTop`'s defaults, ``False`` for none; by
+        default on with ``chain`` and off without. With the simple chain its
+        water-equivalent path is added as water at ``energy_kev``.
+
+    Raises
+    ------
+    SimulationError
+        No room, a bad ``beyond_ends_mm``, a ``chain`` that is not a
+        ChainConfig, ``chain`` with ``chain_hook``, a ``couch`` that is not a CouchTop or bool.
     """
 
     def __init__(
@@ -523,14 +723,28 @@ class CaseRenderer:
         chain_hook=None,
         plastimatch_threads: int = 1,
         beyond_ends_mm: float = 0.0,
+        chain: ChainConfig | None = None,
+        couch: CouchTop | bool | None = None,
     ) -> None:
         if not geometries:
             raise SimulationError("CaseRenderer needs at least one room geometry")
+        if chain is not None and not isinstance(chain, ChainConfig):
+            raise SimulationError(f"CaseRenderer: chain must be a ChainConfig or None, got {type(chain).__name__}")
+        if chain is not None and chain_hook is not None:
+            raise SimulationError("CaseRenderer: give either chain (the clinic-like chain) or chain_hook, not both")
+        if couch is None:
+            couch = chain is not None
+        if isinstance(couch, bool):
+            couch = CouchTop() if couch else None
+        elif not isinstance(couch, CouchTop):
+            raise SimulationError(f"CaseRenderer: couch must be a CouchTop, a bool or None, got {type(couch).__name__}")
         self.labelled = labelled
         self.geometries = dict(geometries)
         self.detector = DetectorModel() if detector is None else detector
         self.energy_kev = float(energy_kev)
         self.chain_hook = chain_hook
+        self.chain = chain
+        self.couch = couch
         self.plastimatch_threads = int(plastimatch_threads)
         ct = labelled.ct
         if not np.isfinite(beyond_ends_mm) or not 0.0 <= beyond_ends_mm <= 1000.0:
@@ -543,49 +757,88 @@ class CaseRenderer:
             n = self._pad_slices
             soft = np.minimum(hu, np.float32(BEYOND_ENDS_MAX_HU))
             hu = np.concatenate([np.repeat(soft[:1], n, axis=0), hu, np.repeat(soft[-1:], n, axis=0)])
+        self._hu = hu  # the imaged (padded) CT numbers
         self._mu = hu_to_mu_per_mm(hu, self.energy_kev)
         self._mu.setflags(write=False)
         self._index_shift = np.eye(4)
         self._index_shift[2, 3] = -self._pad_slices  # imaged index k -> CT index k - pad
         self._room_from_lps = room_from_lps_matrix(ct.patient_position)
         self._volumes: dict[str, AttenuationVolume] = {}
-        self._mu_file: Path | None = None
+        self._fractions: tuple[np.ndarray, np.ndarray] | None = None
+        self._material_volumes: dict[str, tuple[AttenuationVolume, AttenuationVolume]] = {}
+        self._couch_top: dict[str, float] = {}
+        self._couch_paths: dict[tuple[str, str, str], np.ndarray] = {}
+        self._maps: dict[tuple[str, str], DetectorMaps] = {}
+        self._files: dict[str, Path] = {}
         self._tmp: tempfile.TemporaryDirectory | None = None
+
+    @property
+    def i0(self) -> float:
+        """Unattenuated signal of the frames, counts (the chain's, else the detector's)."""
+        return float(self.chain.i0 if self.chain is not None else self.detector.i0)
 
     def isocentre_lps_mm(self, level: str) -> np.ndarray:
         """Plan isocentre of a level: its label centroid, CT LPS mm."""
         return self.labelled.centroid_lps_mm(level)
 
+    def _room_from_imaged_index(self, level: str) -> np.ndarray:
+        return self.labelled.ct.room_from_index(self.isocentre_lps_mm(level)) @ self._index_shift
+
     def _volume(self, level: str) -> AttenuationVolume:
         if level not in self._volumes:
-            room_from_ct_index = self.labelled.ct.room_from_index(self.isocentre_lps_mm(level))
-            self._volumes[level] = AttenuationVolume(self._mu, room_from_ct_index @ self._index_shift)
+            self._volumes[level] = AttenuationVolume(self._mu, self._room_from_imaged_index(level))
         return self._volumes[level]
 
-    def _plastimatch_volume(self) -> Path:
-        if self._mu_file is None:
-            self._tmp = tempfile.TemporaryDirectory(prefix="realct_mu_")
+    def _water_bone(self) -> tuple[np.ndarray, np.ndarray]:
+        if self._fractions is None:
+            water, bone = water_bone_fractions(self._hu)
+            water.setflags(write=False)  # read-only and owning: AttenuationVolume shares them, no copy
+            bone.setflags(write=False)
+            self._fractions = (water, bone)
+        return self._fractions
+
+    def _material_volume(self, level: str) -> tuple[AttenuationVolume, AttenuationVolume]:
+        if level not in self._material_volumes:
+            room = self._room_from_imaged_index(level)
+            water, bone = self._water_bone()
+            self._material_volumes[level] = (AttenuationVolume(water, room), AttenuationVolume(bone, room))
+        return self._material_volumes[level]
+
+    def _plastimatch_file(self, name: str, volume: np.ndarray) -> Path:
+        """``volume`` (imaged grid) as an uncompressed ``.mha`` in this renderer's temporary folder, once."""
+        if name not in self._files:
+            if self._tmp is None:
+                self._tmp = tempfile.TemporaryDirectory(prefix="realct_mu_")
             ct = self.labelled.ct
-            img = sitk.GetImageFromArray(np.asarray(self._mu, dtype=np.float32))
+            img = sitk.GetImageFromArray(np.asarray(volume, dtype=np.float32))
             img.SetSpacing(tuple(float(v) for v in ct.spacing_mm))
             img.SetDirection(tuple(float(v) for v in ct.direction.ravel()))
             img.SetOrigin(tuple(float(v) for v in ct.index_to_lps(np.array([0.0, 0.0, -self._pad_slices]))))
-            self._mu_file = Path(self._tmp.name) / "mu.mha"
-            sitk.WriteImage(img, str(self._mu_file))  # uncompressed: plastimatch reads it fast
-        return self._mu_file
+            path = Path(self._tmp.name) / f"{name}.mha"
+            sitk.WriteImage(img, str(path))  # uncompressed: plastimatch reads it fast
+            self._files[name] = path
+        return self._files[name]
+
+    def _plastimatch_volume(self) -> Path:
+        return self._plastimatch_file("mu", self._mu)
 
     def close(self) -> None:
-        """Remove the temporary attenuation file plastimatch reads."""
+        """Remove the temporary volume files plastimatch reads (attenuation, water and bone fractions)."""
         if self._tmp is not None:
             self._tmp.cleanup()
-            self._tmp, self._mu_file = None, None
+            self._tmp = None
+        self._files.clear()
 
-    def line_integrals(self, level: str, room: str, pose: Pose, projector: Projector | str) -> dict[str, np.ndarray]:
-        """Noise-free ``-ln(I / i0)`` per imager (float64, ``image[row, col]``), isocentre at ``level``."""
-        projector = Projector(projector)
+    def _geometry(self, room: str) -> StereoGeometry:
         if room not in self.geometries:
             raise SimulationError(f"unknown room {room!r} (rooms: {', '.join(self.geometries)})")
-        geometry = self.geometries[room]
+        return self.geometries[room]
+
+    def line_integrals(self, level: str, room: str, pose: Pose, projector: Projector | str) -> dict[str, np.ndarray]:
+        """Noise-free ``-ln(I / i0)`` of the CT at ``energy_kev`` per imager (float64, ``image[row, col]``),
+        isocentre at ``level``; no couch."""
+        projector = Projector(projector)
+        geometry = self._geometry(room)
         out = {}
         for im in geometry.imagers:
             if projector is Projector.OWN:
@@ -595,17 +848,201 @@ class CaseRenderer:
                                                self.isocentre_lps_mm(level), self.plastimatch_threads)
         return out
 
-    def frames(self, level: str, room: str, pose: Pose, projector: Projector | str, seed: int) -> dict[str, np.ndarray]:
-        """Raw frames (detector counts, ``image[row, col]``) per imager: ``i0 exp(-L)`` through the detector chain."""
+    def anatomy_paths(self, level: str, room: str, pose: Pose, projector: Projector | str) -> dict[str, MaterialPaths]:
+        """Water and cortical-bone path lengths (mm) through the (padded) CT per imager, no couch.
+
+        Each fraction volume of :func:`~spineguide.tracking.room.chain.water_bone_fractions`
+        projected by the case's projector: ``compute_drr`` of it, or
+        ``plastimatch drr`` of it as a temporary ``.mha`` (both are linear in
+        the volume, so a fraction's line integral is its path length in mm).
+        Patient ``pose`` in the room frame (CONVENTIONS), isocentre at ``level``.
+        """
+        projector = Projector(projector)
+        geometry = self._geometry(room)
+        out = {}
+        for im in geometry.imagers:
+            if projector is Projector.OWN:
+                water_vol, bone_vol = self._material_volume(level)
+                water = compute_drr(water_vol, im, pose).astype(np.float64)
+                bone = compute_drr(bone_vol, im, pose).astype(np.float64)
+            else:
+                fw, fb = self._water_bone()
+                iso = self.isocentre_lps_mm(level)
+                water = plastimatch_drr(self._plastimatch_file("water", fw), im, pose, self._room_from_lps, iso,
+                                        self.plastimatch_threads)
+                bone = plastimatch_drr(self._plastimatch_file("bone", fb), im, pose, self._room_from_lps, iso,
+                                       self.plastimatch_threads)
+            out[im.name] = MaterialPaths(water, bone)
+        return out
+
+    def posterior_skin_z_mm(self, level: str) -> float:
+        """Room Z (mm, isocentre at 0, identity pose) of the patient's lowest skin point under the isocentre.
+
+        Along the vertical room line through the isocentre, downwards (room
+        -Z; the posterior direction of a supine patient): past any air or gas
+        the isocentre may sit in, through the first run of voxels above
+        :data:`COUCH_BODY_HU`, to the face of its last voxel (to a quarter of
+        the smallest voxel size). Stopping at the first air keeps a CT
+        scanner's own table, if the CT holds one below an air gap, out of the
+        patient. Where the body reaches the CT's edge, that edge.
+
+        Raises
+        ------
+        SimulationError
+            No tissue above :data:`COUCH_BODY_HU` under the isocentre.
+        """
+        ct = self.labelled.ct
+        iso = self.isocentre_lps_mm(level)
+        down_lps = self._room_from_lps.T @ np.array([0.0, 0.0, -1.0])
+        step = 0.25 * float(np.min(ct.spacing_mm))
+        extent = float(np.linalg.norm(np.asarray(ct.shape_ijk, dtype=np.float64) * ct.spacing_mm))
+        dist = np.arange(0.0, extent + step, step)
+        ijk = np.rint(ct.lps_to_index(iso + dist[:, None] * down_lps)).astype(np.int64)
+        inside = np.all((ijk >= 0) & (ijk < np.asarray(ct.shape_ijk)), axis=1)
+        n_in = int(np.argmin(inside)) if not inside.all() else len(inside)
+        body = ct.hu[ijk[:n_in, 2], ijk[:n_in, 1], ijk[:n_in, 0]] > COUCH_BODY_HU
+        if not body.any():
+            raise SimulationError(f"level {level}: no tissue above {COUCH_BODY_HU:g} HU below the isocentre "
+                                  "to put the couch under; give CouchTop(top_z_mm=...)")
+        first = int(np.argmax(body))
+        run = body[first:]
+        last = first + (int(np.argmin(run)) - 1 if not run.all() else len(run) - 1)
+        return -(float(dist[last]) + 0.5 * step)
+
+    def couch_top_z_mm(self, level: str) -> float | None:
+        """Room Z (mm, isocentre at 0) of the couch top's upper surface for cases at ``level``; None without a couch.
+
+        ``CouchTop.top_z_mm`` where given, else :meth:`posterior_skin_z_mm` minus ``CouchTop.gap_mm``.
+        """
+        if self.couch is None:
+            return None
+        if level not in self._couch_top:
+            top = self.couch.top_z_mm
+            self._couch_top[level] = float(top) if top is not None else self.posterior_skin_z_mm(level) - self.couch.gap_mm
+        return self._couch_top[level]
+
+    def couch_water_mm(self, level: str, room: str) -> dict[str, np.ndarray]:
+        """Water-equivalent path (mm) of the couch per imager, ``(rows, cols)`` float64; zeros without a couch.
+
+        The couch is fixed in the room, so this does not depend on the patient pose.
+        """
+        geometry = self._geometry(room)
+        out = {}
+        for im in geometry.imagers:
+            key = (level, room, im.name)
+            if key not in self._couch_paths:
+                if self.couch is None:
+                    path = np.zeros((im.rows, im.cols))
+                else:
+                    path = self.couch.water_equivalent_path_mm(im, self.couch_top_z_mm(level))
+                path.setflags(write=False)
+                self._couch_paths[key] = path
+            out[im.name] = self._couch_paths[key]
+        return out
+
+    def material_paths(self, level: str, room: str, pose: Pose, projector: Projector | str) -> dict[str, MaterialPaths]:
+        """What the clinic-like chain images per imager: :meth:`anatomy_paths` with the couch's
+        water-equivalent path (:meth:`couch_water_mm`) added to the water path, mm."""
+        couch = self.couch_water_mm(level, room)
+        return {name: MaterialPaths(p.water_mm + couch[name], p.bone_mm)
+                for name, p in self.anatomy_paths(level, room, pose, projector).items()}
+
+    def detector_maps(self, room: str, imager: str) -> DetectorMaps:
+        """The fixed gain, offset and dead-line maps of one panel under the chain (``DetectorMaps.make``,
+        panel index = the imager's place in the room's geometry), made once per room and imager.
+
+        Raises
+        ------
+        SimulationError
+            No chain, unknown room or imager.
+        """
+        if self.chain is None:
+            raise SimulationError("detector maps need a CaseRenderer made with chain=ChainConfig(...)")
+        geometry = self._geometry(room)
+        if imager not in geometry.names:
+            raise SimulationError(f"room {room!r} has no imager '{imager}' (imagers: {', '.join(geometry.names)})")
+        key = (room, imager)
+        if key not in self._maps:
+            im = geometry[imager]
+            self._maps[key] = DetectorMaps.make(im.rows, im.cols, self.chain, geometry.names.index(imager))
+        return self._maps[key]
+
+    def chain_frames(
+        self,
+        level: str,
+        room: str,
+        pose: Pose,
+        projector: Projector | str,
+        seed: int | np.random.Generator,
+        previous: Mapping[str, np.ndarray] | None = None,
+    ) -> dict[str, ChainFrame]:
+        """Frames of the clinic-like chain per imager, with their noise-free stages (counts, ``image[row, col]``).
+
+        Parameters
+        ----------
+        level, room, pose, projector
+            As for :meth:`material_paths` (pose in the room frame).
+        seed : int or numpy Generator
+            Noise of this pair (the imagers in the geometry's order).
+        previous : mapping imager -> array, optional
+            The previous frame's ``ChainFrame.signal`` per imager (image lag).
+
+        Raises
+        ------
+        SimulationError
+            No chain.
+        """
+        if self.chain is None:
+            raise SimulationError("chain_frames needs a CaseRenderer made with chain=ChainConfig(...)")
         rng = _rng(seed)
         out = {}
+        for name, paths in self.material_paths(level, room, pose, projector).items():
+            prev = None if previous is None else previous.get(name)
+            out[name] = render_chain_frame(paths, self.geometries[room][name], self.chain,
+                                           self.detector_maps(room, name), rng, (), prev)
+        return out
+
+    def frames(self, level: str, room: str, pose: Pose, projector: Projector | str, seed: int,
+               previous: Mapping[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+        """Raw frames (detector counts, ``image[row, col]``) per imager.
+
+        With ``chain``: :meth:`chain_frames` (``previous`` = the last frame's
+        signal per imager, for lag). Without: ``i0 exp(-L)`` through the simple
+        detector chain (``L`` plus the couch's water-equivalent path times
+        water's attenuation at ``energy_kev`` when there is a couch).
+        """
+        if self.chain is not None:
+            return {name: f.raw for name, f in self.chain_frames(level, room, pose, projector, seed, previous).items()}
+        rng = _rng(seed)
+        couch = self.couch_water_mm(level, room) if self.couch is not None else None
+        mu_water = float(hu_to_mu_per_mm(np.zeros(1, np.float32), self.energy_kev)[0])
+        out = {}
         for name, line in self.line_integrals(level, room, pose, projector).items():
+            if couch is not None:
+                line = line + mu_water * couch[name]
             im = self.geometries[room][name]
             if self.chain_hook is not None:
                 out[name] = np.asarray(self.chain_hook(line, im, self.detector, rng))
             else:
                 out[name] = _detector_chain(self.detector.i0 * np.exp(-line), im, self.detector, rng)[0]
         return out
+
+    def imaging_settings(self) -> dict:
+        """How the frames are made, JSON-ready: the chain (``simple`` with its detector model and energy,
+        or ``clinic-like`` with :meth:`ChainConfig.settings`) and the couch (mm, g/cm3) or None."""
+        couch = None if self.couch is None else self.couch.settings()
+        if self.chain is not None:
+            return {"chain": "clinic-like", "module": "spineguide.tracking.room.chain",
+                    "i0": self.i0, "settings": self.chain.settings(),
+                    "materials": "water / cortical bone fractions of the HU (chain.water_bone_fractions)",
+                    "lag": "tracking frames carry lag_fraction x the set-up frame's signal", "couch": couch}
+        det = {}
+        for name in self.detector.__dataclass_fields__:
+            v = getattr(self.detector, name)
+            det[name] = v.value if isinstance(v, Enum) else v
+        return {"chain": "simple", "module": "spineguide.tracking.room.kv", "i0": self.i0,
+                "energy_kev": self.energy_kev, "settings": det, "custom_hook": self.chain_hook is not None,
+                "couch": couch}
 
 
 def write_case(out_dir: str | os.PathLike, case: RealCTCase, renderer: CaseRenderer, ct_file: str, labels_file: str) -> Path:
@@ -616,7 +1053,12 @@ def write_case(out_dir: str | os.PathLike, case: RealCTCase, renderer: CaseRende
     ``roi.mha`` (uint8 mask of the target level on the CT grid) and
     ``truth.json`` (``realct-truth/1``: poses in the room frame with
     ``translation_mm`` / ``rotation_deg``, level, label, isocentre in CT LPS
-    mm, projector, room, i0, the CT and label files relative to the set).
+    mm, projector, room, i0 (counts), ``energy_kev`` (the simple chain's
+    energy; with the clinic-like chain only that of :meth:`CaseRenderer.line_integrals`,
+    the spectrum is in ``imaging``), ``imaging`` (:meth:`CaseRenderer.imaging_settings`),
+    ``couch_top_z_mm`` (room Z of the couch's top surface, mm, or null), the
+    CT and label files relative to the set). With the clinic-like chain the
+    tracking pair carries the set-up pair's lag (same imager).
 
     Returns
     -------
@@ -625,13 +1067,19 @@ def write_case(out_dir: str | os.PathLike, case: RealCTCase, renderer: CaseRende
     folder = Path(out_dir)
     folder.mkdir(parents=True, exist_ok=True)
     geometry = renderer.geometries[case.room]
-    det = renderer.detector
-    files = {}
+    files: dict[str, dict[str, str]] = {}
+    previous = None
     for prefix, pose, seed in (("frame", case.pose, case.seed), ("tracking_frame", case.tracking_pose, case.seed + 1)):
-        for name, frame in renderer.frames(case.level, case.room, pose, case.projector, seed).items():
+        if renderer.chain is not None:
+            stages = renderer.chain_frames(case.level, case.room, pose, case.projector, seed, previous)
+            previous = {name: f.signal for name, f in stages.items()}
+            frames = {name: f.raw for name, f in stages.items()}
+        else:
+            frames = renderer.frames(case.level, case.room, pose, case.projector, seed)
+        for name, frame in frames.items():
             row_sp, col_sp = geometry[name].pixel_spacing_mm
             fname = f"{prefix}_{name}.mha"
-            write_frame(frame, folder / fname, name, det.i0, (row_sp, col_sp))
+            write_frame(frame, folder / fname, name, renderer.i0, (row_sp, col_sp))
             files.setdefault(prefix, {})[name] = fname
     write_geometry(geometry, folder / "geometry.json")
     roi = sitk.GetImageFromArray(renderer.labelled.mask(case.level).astype(np.uint8))
@@ -649,8 +1097,10 @@ def write_case(out_dir: str | os.PathLike, case: RealCTCase, renderer: CaseRende
         "patient_position": renderer.labelled.ct.patient_position.value,
         "pose": case.pose.to_json(),
         "tracking_pose": case.tracking_pose.to_json(),
-        "i0": det.i0,
+        "i0": renderer.i0,
         "energy_kev": renderer.energy_kev,
+        "imaging": renderer.imaging_settings(),
+        "couch_top_z_mm": renderer.couch_top_z_mm(case.level),
         "beyond_ends_mm": renderer.beyond_ends_mm,
         "seed": case.seed,
         "frames": files["frame"],
@@ -674,6 +1124,8 @@ def build_set(
     beyond_ends_mm: float = 0.0,
     plastimatch_threads: int = 1,
     progress=None,
+    chain: ChainConfig | None = None,
+    couch: CouchTop | bool | None = None,
 ) -> dict:
     """Write a whole validation set: ``ct.mha``, ``labels.mha`` and ``cases/NNNN/`` (:func:`write_case`).
 
@@ -688,8 +1140,8 @@ def build_set(
         Target vertebrae (VerSe names); each must be in the label map.
     projectors, n_cases, seed
         As for :func:`plan_cases` (start errors +-10 mm / +-4 deg).
-    detector, beyond_ends_mm, plastimatch_threads
-        As for :class:`CaseRenderer`.
+    detector, beyond_ends_mm, plastimatch_threads, chain, couch
+        As for :class:`CaseRenderer` (``chain`` None: the simple chain).
     progress : callable, optional
         ``progress(case, seconds)`` after each case is written (the CLI prints).
 
@@ -697,7 +1149,7 @@ def build_set(
     -------
     dict
         What was built (levels, truncated levels, rooms, projectors, counts,
-        i0, CT grid), for the set's manifest.
+        i0, imaging chain and couch, couch top per level, CT grid), for the set's manifest.
 
     Raises
     ------
@@ -709,6 +1161,8 @@ def build_set(
         raise SimulationError("plastimatch is not installed (Debian package 'plastimatch'); use the own projector only")
     for level in levels:
         labelled.label_of(level)
+    renderer = CaseRenderer(labelled, geometries, detector, plastimatch_threads=plastimatch_threads,
+                            beyond_ends_mm=beyond_ends_mm, chain=chain, couch=couch)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     ct_img = labelled.ct.to_sitk()
@@ -716,8 +1170,6 @@ def build_set(
     lab = sitk.GetImageFromArray(labelled.labels)
     lab.CopyInformation(ct_img)
     sitk.WriteImage(lab, str(out / "labels.mha"), useCompression=True)
-    renderer = CaseRenderer(labelled, geometries, detector, plastimatch_threads=plastimatch_threads,
-                            beyond_ends_mm=beyond_ends_mm)
     cases = plan_cases(list(levels), list(geometries), projectors, n_cases, seed)
     try:
         for case in cases:
@@ -734,7 +1186,9 @@ def build_set(
         "projectors": [p.value for p in projectors],
         "cases": len(cases),
         "seed": int(seed),
-        "i0": renderer.detector.i0,
+        "i0": renderer.i0,
+        "imaging": renderer.imaging_settings(),
+        "couch_top_z_mm": {lv: renderer.couch_top_z_mm(lv) for lv in levels},
         "beyond_ends_mm": renderer.beyond_ends_mm,
         "patient_position": labelled.ct.patient_position.value,
         "ct_voxels_ijk": list(labelled.ct.shape_ijk),
