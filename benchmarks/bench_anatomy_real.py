@@ -21,7 +21,11 @@ Usage::
     python datasets/realct/build.py --out datasets/realct/out --cases 24
     python benchmarks/bench_anatomy_real.py --set datasets/realct/out [--cases N] [--peer-cases K]
 
-Times are wall (monotonic) and process CPU; the load average is printed.
+Frames of a clinic-like chain (``build.py --chain clinic``) are dark- and
+gain-corrected and their dead lines inpainted first (``FlatField.correct``,
+maps from the case's ``geometry.json`` ``flat_field`` extension), inside the
+timed part, as the service does. Times are wall (monotonic) and process CPU;
+the load average is printed.
 """
 
 from __future__ import annotations
@@ -47,6 +51,9 @@ from spineguide.registration.anatomy import AnatomyConfig, AnatomyRegistration, 
 from spineguide.registration.pose import Pose  # noqa: E402
 from spineguide.registration.similarity import line_integrals  # noqa: E402
 from spineguide.registration.volume import read_ct  # noqa: E402
+from spineguide.calibration.jsonfile import read_json_document  # noqa: E402
+from spineguide.calibration.errors import GeometryFileError  # noqa: E402
+from spineguide.tracking.flatfield import flat_fields_from_geometry_json  # noqa: E402
 
 SUCCESS_MM = 1.0
 
@@ -153,7 +160,7 @@ def main(argv=None) -> int:
 
     ct = read_ct(args.set / "ct.mha")
     labels = sitk.GetArrayFromImage(sitk.ReadImage(str(args.set / "labels.mha")))
-    regs, peers, points = {}, {}, {}
+    regs, peers, points, flats = {}, {}, {}, {}
     no_peer_rooms: set[str] = set()
     setup_s = {}
     rows, peer_rows = [], []
@@ -165,6 +172,9 @@ def main(argv=None) -> int:
         iso = truth["isocentre_lps_mm"]
         if key not in regs:
             geometry = read_geometry(folder / "geometry.json")
+            # The panel's dark / gain maps and dead lines (clinic-like chain), as a clinic's calibration has them.
+            flats[key] = flat_fields_from_geometry_json(
+                read_json_document(folder / "geometry.json", GeometryFileError, "geometry file"), folder)
             roi = RegionOfInterest.from_labels(ct, labels, truth["label"], neighbours=args.roi_neighbours)
             t = time.monotonic()
             regs[key] = AnatomyRegistration(ct, iso, geometry, roi, config)
@@ -180,12 +190,18 @@ def main(argv=None) -> int:
         reg, pts = regs[key], points[key]
         i0 = float(truth["i0"])
         pose, tpose = _pose(truth["pose"]), _pose(truth["tracking_pose"])
-        frames = _frames(folder, truth["frames"])
-        frames2 = _frames(folder, truth["tracking_frames"])
+        raw = _frames(folder, truth["frames"])
+        raw2 = _frames(folder, truth["tracking_frames"])
+        flat = flats[key]
+
+        def corrected(fr):
+            """Dark / gain correction and dead-line inpainting (timed with the registration, as in the service)."""
+            return {n: flat[n].correct(f) if n in flat else f for n, f in fr.items()}
         if warm_s is None:  # numba load / compile, reported on its own
-            _, warm_s, _ = _timed(lambda: reg.register(frames, i0=i0))
-        res, wall, cpu = _timed(lambda: reg.register(frames, i0=i0))
-        trk, twall, tcpu = _timed(lambda: reg.register(frames2, i0=i0, initial_pose=res.pose, tracking=True))
+            _, warm_s, _ = _timed(lambda: reg.register(corrected(raw), i0=i0))
+        res, wall, cpu = _timed(lambda: reg.register(corrected(raw), i0=i0))
+        trk, twall, tcpu = _timed(lambda: reg.register(corrected(raw2), i0=i0, initial_pose=res.pose, tracking=True))
+        frames = corrected(raw)
         r = {
             "case": folder.name, "level": truth["level"], "room": truth["room"], "projector": truth["projector"],
             "truncated": truth["level_truncated"],

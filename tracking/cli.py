@@ -411,13 +411,10 @@ def _load_plan(args: argparse.Namespace):
 
 
 def _register_fiducial(args, geometry, plan, pixels) -> tuple[dict, list[_Refusal]]:
-    from spineguide.calibration.errors import GeometryFileError
-    from spineguide.calibration.jsonfile import read_json_document
     from spineguide.registration.ct_seeds import find_ct_seeds
     from spineguide.registration.io import FiducialSet, read_fiducials
 
     from .fiducials import localise_fiducials
-    from .flatfield import flat_fields_from_args, flat_fields_from_geometry_json
 
     ct = plan.ct
     if args.fiducials is not None:
@@ -441,10 +438,7 @@ def _register_fiducial(args, geometry, plan, pixels) -> tuple[dict, list[_Refusa
                               [c.centre_lps_mm for c in candidates], f"{ct.source} (automatic)")
     refusals = _plan_refusals(plan, planned.positions_lps_mm, planned.names, args.max_seed_distance_mm)
     planned_room = planned.to_room(plan.isocentre_lps_mm, plan.patient_position)
-    # Panel flat fields: the geometry file's optional "flat_field" extension, then --gain/--offset over it.
-    geometry_doc = read_json_document(args.geometry, GeometryFileError, "geometry file")
-    known = flat_fields_from_geometry_json(geometry_doc, Path(args.geometry).parent)
-    flat = flat_fields_from_args(args.gain, args.offset, known)
+    flat = _flat_fields(args)
     try:
         result = localise_fiducials(pixels, geometry, planned_room, planned.names, i0=args.i0,
                                     flat_fields=flat or None)
@@ -463,6 +457,18 @@ def _register_fiducial(args, geometry, plan, pixels) -> tuple[dict, list[_Refusa
         "quality": result.quality_json(),
         "timing_ms": {"detection": result.detection_ms, "matching": result.matching_ms, "total": result.total_ms},
     }, refusals
+
+
+def _flat_fields(args) -> dict:
+    """Panel flat fields: the geometry file's optional "flat_field" extension, then --gain/--offset over it."""
+    from spineguide.calibration.errors import GeometryFileError
+    from spineguide.calibration.jsonfile import read_json_document
+
+    from .flatfield import flat_fields_from_args, flat_fields_from_geometry_json
+
+    geometry_doc = read_json_document(args.geometry, GeometryFileError, "geometry file")
+    known = flat_fields_from_geometry_json(geometry_doc, Path(args.geometry).parent)
+    return flat_fields_from_args(args.gain, args.offset, known)
 
 
 def _register_anatomy(args, geometry, plan, pixels) -> dict:
@@ -486,6 +492,9 @@ def _register_anatomy(args, geometry, plan, pixels) -> dict:
     else:
         raise CliError("--method anatomy needs an ROI: --roi MASK_FILE, --roi-box DX,DY,DZ, or a DICOM plan "
                        "with a target ROI (--plan DIR [--roi-name NAME])")
+    # Dark / gain correction; dead lines inpainted (the comparison reads whole regions, not windows).
+    flat = _flat_fields(args)
+    pixels = {n: flat[n].correct(p) if n in flat else p for n, p in pixels.items()}
     _check_anatomy_inputs(plan, pixels, roi)
     result = register_anatomy(ct, iso, geometry, pixels, roi, i0=args.i0)
     report = result.to_json()
@@ -760,9 +769,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--i0", type=i0_level, default=None,
                    help="unattenuated signal (default: estimated per frame)")
     p.add_argument("--gain", action="append", default=None,
-                   help="fiducial: NAME=FILE flat-field (gain) map of an imager (.npy or any image SimpleITK reads)")
+                   help="NAME=FILE flat-field (gain) map of an imager (.npy or any image SimpleITK reads)")
     p.add_argument("--offset", action="append", default=None,
-                   help="fiducial: NAME=FILE dark (offset) map of an imager, counts")
+                   help="NAME=FILE dark (offset) map of an imager, counts")
     p.add_argument("--patient-position", default=None, help="HFS/FFS/HFP/FFP if the CT file does not record it")
     p.add_argument("--fiducials", type=Path, default=None, help="planned seeds, fiducials/1 (planning-CT LPS mm)")
     p.add_argument("--use-ct-seeds", action="store_true", help="use the seeds found automatically in the CT")

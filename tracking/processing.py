@@ -316,8 +316,10 @@ class AnatomyProcessor:
 
     method = "anatomy"
 
-    def __init__(self, registration) -> None:
+    def __init__(self, registration, flat_fields=None) -> None:
         self._reg = registration
+        #: imager -> tracking.flatfield.FlatField: dark / gain correction and dead-line inpainting of each frame.
+        self.flat_fields = dict(flat_fields) if flat_fields else None
 
     def process(self, frames: dict[str, KvFrame], prior: Pose | None) -> PairResult:
         from spineguide.registration.errors import RegistrationError
@@ -327,6 +329,8 @@ class AnatomyProcessor:
         pixels = {name: f.pixels for name, f in frames.items()}
         i0 = {name: f.i0 for name, f in frames.items()} if all(f.i0 is not None for f in frames.values()) else None
         try:
+            if self.flat_fields is not None:
+                pixels = {n: self.flat_fields[n].correct(p) if n in self.flat_fields else p for n, p in pixels.items()}
             res = self._reg.register(pixels, i0=i0, initial_pose=prior, tracking=prior is not None)
         except FrameError as err:
             return PairResult(HoldReason.CORRUPT_FRAME, method=self.method, quality={"ok": False}, detail=str(err))
@@ -405,7 +409,8 @@ def _build_anatomy(plan: PlanConfig) -> PairProcessor:
     geometry = read_geometry(plan.geometry)
     treatment = load_treatment_plan(plan)
     roi = anatomy_roi(plan, treatment)
-    return AnatomyProcessor(AnatomyRegistration(treatment.ct, treatment.isocentre_lps_mm, geometry, roi))
+    return AnatomyProcessor(AnatomyRegistration(treatment.ct, treatment.isocentre_lps_mm, geometry, roi),
+                            flat_fields=plan_flat_fields(plan) or None)
 
 
 def anatomy_roi(plan: PlanConfig, treatment):

@@ -175,3 +175,44 @@ def test_plan_config_target_roi_overrides_the_plans_target(plans):
     for bad in ("", " L2", "x" * 65, "L\n2", 5):
         with pytest.raises(ConfigError, match="target_roi must be"):
             PlanConfig(method="anatomy", geometry=folder / "geometry.json", dicom=folder / "dicom", target_roi=bad)
+
+
+def test_anatomy_processor_corrects_frames_with_the_geometry_files_flat_fields(plans, tmp_path):
+    """The service's anatomy method gets dark/gain-corrected frames with the dead lines filled, as `register` does;
+    a frame that does not fit its maps is a corrupt frame (HOLD), not a registration."""
+    from spineguide.tracking.frames import KvFrame
+    from spineguide.tracking.processing import AnatomyProcessor
+    from spineguide.tracking.states import HoldReason
+
+    folder, _, _ = plans
+    doc = json.loads((folder / "geometry.json").read_text())
+    rows, cols = doc["imagers"][0]["detector"]["rows"], doc["imagers"][0]["detector"]["cols"]
+    np.save(tmp_path / "gainA.npy", np.full((rows, cols), 2.0, np.float32))
+    np.save(tmp_path / "darkA.npy", np.full((rows, cols), 100.0, np.float32))
+    dead = np.zeros((rows, cols), np.uint8)
+    dead[5, :] = 1
+    np.save(tmp_path / "deadA.npy", dead)
+    doc["flat_field"] = {"A": {"gain": "gainA.npy", "offset": "darkA.npy", "defects": "deadA.npy"}}
+    (tmp_path / "geometry.json").write_text(json.dumps(doc))
+    processor = build_processor(PlanConfig(method="anatomy", geometry=tmp_path / "geometry.json",
+                                           dicom=folder / "dicom"))
+    assert set(processor.flat_fields) == {"A"} and processor.flat_fields["A"].defects.sum() == cols
+
+    class Seen:
+        def register(self, pixels, **kw):
+            self.pixels = pixels
+            raise RegistrationError("stop here")
+
+    from spineguide.registration.errors import RegistrationError
+
+    seen = Seen()
+    raw = np.full((rows, cols), 2100, np.uint16)
+    raw[5, :] = 0  # the dead row
+    frames = {n: KvFrame(n, raw, 20000.0) for n in ("A", "B")}
+    out = AnatomyProcessor(seen, processor.flat_fields).process(frames, None)
+    assert out.reason is HoldReason.REGISTRATION_REFUSED
+    assert_allclose(seen.pixels["A"], 1000.0, rtol=1e-5)  # (2100 - 100) / 2, the row filled
+    assert np.array_equal(seen.pixels["B"], raw)  # no maps for B: as read
+    small = {n: KvFrame(n, raw[:-1], 20000.0) for n in ("A", "B")}
+    out = AnatomyProcessor(seen, processor.flat_fields).process(small, None)
+    assert out.reason is HoldReason.CORRUPT_FRAME and "does not match its flat-field maps" in out.detail

@@ -218,3 +218,35 @@ def test_seed_hidden_in_one_clinic_view_is_reported_missing_and_no_other_is_inve
     for k in (0, 1):
         err = np.linalg.norm(found[names[k]].point_room_mm - both.truth.seeds_room_mm[k])
         assert err <= SEED_TOL_MM
+
+
+def test_correct_inpaints_dead_lines_from_their_neighbours_and_the_extension_names_defects(tmp_path):
+    """``FlatField.correct``: dark/gain undone, a dead row and column filled to within 1% on a smooth signal
+    (measured 0.93% worst with Navier-Stokes inpainting, 6.4% with Telea's)."""
+    rows, cols = 60, 80
+    r, c = np.mgrid[0:rows, 0:cols]
+    signal = 1000.0 + 300.0 * np.sin(r / 9.0) + 200.0 * np.cos(c / 13.0)
+    gain = np.random.default_rng(3).uniform(0.9, 1.1, (rows, cols)).astype(np.float32)
+    offset = np.full((rows, cols), 150.0, np.float32)
+    dead = np.zeros((rows, cols), bool)
+    dead[23, :] = True
+    dead[:, 41] = True
+    raw = (signal * gain + offset).astype(np.float32)
+    raw[dead] = 0.0
+    for k, arr in (("gain", gain), ("offset", offset), ("defects", dead.astype(np.uint8))):
+        np.save(tmp_path / f"{k}A.npy", arr)
+    doc = {"flat_field": {"A": {"gain": "gainA.npy", "offset": "offsetA.npy", "defects": "defectsA.npy"}}}
+    ff = flat_fields_from_geometry_json(doc, tmp_path)["A"]
+    assert np.array_equal(ff.defects, dead)
+    applied, corrected = ff.apply(raw), ff.correct(raw)
+    assert applied[dead].max() == 0.0  # apply() leaves the lines to the caller
+    assert_allclose(corrected[~dead], signal[~dead], rtol=FLAT_RTOL)
+    assert_allclose(corrected[dead], signal[dead], rtol=0.01)
+    with pytest.raises(FrameError, match="flat_field\\['A'\\] must hold 'gain' and/or 'offset'"):
+        flat_fields_from_geometry_json({"flat_field": {"A": {"defects": "defectsA.npy"}}}, tmp_path)
+    with pytest.raises(FrameError, match="defect map needs a gain or an offset"):
+        read_flat_field("A", None, None, tmp_path / "defectsA.npy")
+    with pytest.raises(FrameError, match="flat_field\\['A'\\]"):
+        flat_fields_from_geometry_json({"flat_field": {"A": {"gain": 5}}}, tmp_path)
+    with pytest.raises(FrameError, match="every pixel is marked defective"):
+        FlatField("A", gain, offset, np.ones((rows, cols), bool)).correct(raw)

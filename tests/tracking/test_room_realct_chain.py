@@ -327,3 +327,29 @@ def test_cli_simulate_ct_takes_the_clinic_chain(tmp_path, capsys):
     capsys.readouterr()
     assert main(base + ["--spr", "0.5", "--out", str(tmp_path / "bad")]) == 2
     assert "--spr needs --chain clinic" in capsys.readouterr().err
+
+
+def test_case_geometry_names_the_panel_maps_that_undo_the_chain(tmp_path):
+    """The clinic-like case carries its panels' dark, gain and dead-line maps (a clinic's panel calibration)
+    in geometry.json's flat_field extension; corrected with them, the raw frame is the chain's signal again."""
+    from spineguide.calibration.jsonfile import read_json_document
+    from spineguide.calibration.errors import GeometryFileError
+    from spineguide.tracking.flatfield import flat_fields_from_geometry_json
+
+    lct = _body()
+    geometry = default_stereo_geometry(panel_pixels=64, pixel_spacing_mm=1.6)
+    chain = _ideal_chain(i0=5000.0, gain_rms=0.05, offset_counts=200.0, offset_rms_counts=8.0, dead_rows=1)
+    renderer = CaseRenderer(lct, {"room": geometry}, chain=chain)
+    case = plan_cases(["L1"], ["room"], ["own"], 1, seed=4)[0]
+    folder = write_case(tmp_path / "c0", case, renderer, "../ct.mha", "../labels.mha", tmp_path / "panels")
+    doc = read_json_document(folder / "geometry.json", GeometryFileError, "geometry file")
+    assert doc["flat_field"]["A"]["gain"] == "../panels/room/gain_A.npy"
+    flats = flat_fields_from_geometry_json(doc, folder)
+    truth = json.loads((folder / "truth.json").read_text())
+    setup = renderer.chain_frames("L1", "room", case.pose, "own", case.seed)
+    for name in geometry.names:
+        maps = renderer.detector_maps("room", name)
+        assert np.array_equal(flats[name].defects, maps.dead) and maps.dead.sum() == 64
+        raw = sitk.GetArrayFromImage(sitk.ReadImage(str(folder / truth["frames"][name])))
+        live = ~maps.dead
+        assert_allclose(flats[name].apply(raw)[live], setup[name].signal[live], rtol=1e-4)

@@ -73,6 +73,7 @@ __all__ = [
     "plastimatch_available",
     "plastimatch_drr",
     "write_case",
+    "write_panel_maps",
     "build_set",
     "TRUTH_SCHEMA",
     "BEYOND_ENDS_MAX_HU",
@@ -1045,7 +1046,28 @@ class CaseRenderer:
                 "couch": couch}
 
 
-def write_case(out_dir: str | os.PathLike, case: RealCTCase, renderer: CaseRenderer, ct_file: str, labels_file: str) -> Path:
+def write_panel_maps(panels_dir: str | os.PathLike, renderer: CaseRenderer, room: str) -> dict[str, dict[str, str]]:
+    """The clinic-like chain's fixed panel maps of one room as a clinic's panel calibration records them.
+
+    Writes ``<panels_dir>/<room>/{gain,offset,defects}_<imager>.npy`` (gain relative, offset counts,
+    defects uint8 1 = dead pixel; ``map[row, col]``) unless present, and returns the ``kv-geometry/1``
+    ``flat_field`` extension for them, paths absolute (:func:`write_case` makes them relative).
+    """
+    folder = Path(panels_dir) / room
+    folder.mkdir(parents=True, exist_ok=True)
+    ext = {}
+    for name in renderer.geometries[room].names:
+        maps = renderer.detector_maps(room, name)
+        paths = {k: folder / f"{k}_{name}.npy" for k in ("gain", "offset", "defects")}
+        for key, arr in (("gain", maps.gain), ("offset", maps.offset_counts), ("defects", maps.dead.astype(np.uint8))):
+            if not paths[key].exists():
+                np.save(paths[key], arr)
+        ext[name] = {k: str(v) for k, v in paths.items()}
+    return ext
+
+
+def write_case(out_dir: str | os.PathLike, case: RealCTCase, renderer: CaseRenderer, ct_file: str, labels_file: str,
+               panels_dir: str | os.PathLike | None = None) -> Path:
     """Render one case (set-up and tracking pairs) and write its folder.
 
     Files: ``frame_<imager>.mha`` and ``tracking_frame_<imager>.mha`` (raw
@@ -1058,7 +1080,11 @@ def write_case(out_dir: str | os.PathLike, case: RealCTCase, renderer: CaseRende
     the spectrum is in ``imaging``), ``imaging`` (:meth:`CaseRenderer.imaging_settings`),
     ``couch_top_z_mm`` (room Z of the couch's top surface, mm, or null), the
     CT and label files relative to the set). With the clinic-like chain the
-    tracking pair carries the set-up pair's lag (same imager).
+    tracking pair carries the set-up pair's lag (same imager), and the panel
+    maps are written once per room under ``panels_dir`` (default: the case
+    folder; :func:`write_panel_maps`) and named, relative to the case, in
+    ``geometry.json``'s ``flat_field`` extension, so the frames can be
+    dark- and gain-corrected as a clinic's are.
 
     Returns
     -------
@@ -1082,6 +1108,12 @@ def write_case(out_dir: str | os.PathLike, case: RealCTCase, renderer: CaseRende
             write_frame(frame, folder / fname, name, renderer.i0, (row_sp, col_sp))
             files.setdefault(prefix, {})[name] = fname
     write_geometry(geometry, folder / "geometry.json")
+    if renderer.chain is not None:
+        ext = write_panel_maps(folder if panels_dir is None else panels_dir, renderer, case.room)
+        doc = json.loads((folder / "geometry.json").read_text())
+        doc["flat_field"] = {name: {k: os.path.relpath(v, folder) for k, v in entry.items()}
+                             for name, entry in ext.items()}
+        (folder / "geometry.json").write_text(json.dumps(doc, indent=1) + "\n")
     roi = sitk.GetImageFromArray(renderer.labelled.mask(case.level).astype(np.uint8))
     roi.CopyInformation(renderer.labelled.ct.to_sitk())
     sitk.WriteImage(roi, str(folder / "roi.mha"), useCompression=True)
@@ -1174,7 +1206,8 @@ def build_set(
     try:
         for case in cases:
             t0 = time.monotonic()
-            write_case(out / "cases" / f"{case.index:04d}", case, renderer, "../../ct.mha", "../../labels.mha")
+            write_case(out / "cases" / f"{case.index:04d}", case, renderer, "../../ct.mha", "../../labels.mha",
+                       out / "panels")
             if progress is not None:
                 progress(case, time.monotonic() - t0)
     finally:
