@@ -36,6 +36,7 @@ Method (``docs/ANATOMY_REGISTRATION.md``):
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import time
@@ -311,6 +312,11 @@ class AnatomyConfig:
     region_margin_mm: float = 4.0
     #: Half width of the global 2D search window, mm at the isocentre.
     search_range_mm: float = 14.0
+    #: Global stage: correlation peaks kept per view (local maxima, best first) for the joint stereo choice.
+    global_candidates: int = 6
+    #: Global stage: largest skew distance between the two views' back-projected ROI centres for a pair of
+    #: peaks to be one 3D position, mm (the start's rotation, up to 4 deg, moves a peak ~1 mm).
+    global_max_ray_distance_mm: float = 4.0
     #: Binning and volume factor of the global stage.
     global_binning: int = 8
     global_volume_factor: int = 2
@@ -382,7 +388,7 @@ class AnatomyConfig:
             object.__setattr__(self, name, levels)
         positive = (
             "imaging_energy_kev", "ct_energy_kev", "search_range_mm", "level_spacing_mm", "fd_step_px",
-            "background_redraw_px", "background_lever_mm", "background_block_px",
+            "background_redraw_px", "background_lever_mm", "background_block_px", "global_max_ray_distance_mm",
             "tolerance_mm", "tolerance_deg", "translation_bound_mm", "rotation_bound_deg", "max_view_shift_mm",
             "max_std_mm", "max_std_deg", "context_taper_mm", "context_half_size_mm", "max_level_fraction",
         )
@@ -398,7 +404,7 @@ class AnatomyConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0:
                 raise AnatomyConfigError(f"{name} must be a non-negative integer, got {v!r}")
-        for name in ("global_binning", "global_volume_factor", "background_volume_factor"):
+        for name in ("global_binning", "global_volume_factor", "background_volume_factor", "global_candidates"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
                 raise AnatomyConfigError(f"{name} must be a positive integer, got {v!r}")
@@ -1093,29 +1099,50 @@ class AnatomyRegistration:
         return float(m["score"][pr, pc]) - best_out
 
     def _global_stage(self, logs, start: Pose, centre: np.ndarray, counter) -> tuple[np.ndarray, float]:
-        """3D translation from per-view 2D correlation search of the ROI's neighbourhood; level margin (min over views)."""
+        """3D translation from per-view 2D correlation search of the ROI's neighbourhood; level margin (min over views).
+
+        Each view keeps its best local maxima (``global_candidates``); of every pair of them, one per
+        view, the pairs whose back-projected rays meet within ``global_max_ray_distance_mm`` are one 3D
+        position, and the one with the highest summed score wins. A view whose best peak is a false
+        match (a rib crossing, a neighbour's pedicle) then loses to a slightly lower peak the other
+        view agrees with. With no consistent pair, each view's best peak is used (the refinement and
+        the quality checks judge the result).
+        """
         cfg = self.config
         b = cfg.global_binning
-        pixels_start, pixels_found, margins = {}, {}, []
-        for name in self.geometry.names:
+        names = self.geometry.names
+        maps, peaks, pixels_start = {}, {}, {}
+        for name in names:
             im = self.geometry[name]
             m = self._context_scores(logs[name], im, start, centre, b, self._context, cfg.search_range_mm, 1.0, counter)
             score = m["score"]
             inside = (np.abs(m["dcol"]) <= m["search"]) & (np.abs(m["drow"]) <= m["search"])
-            pr, pc = np.unravel_index(int(np.argmax(np.where(inside, score, -np.inf))), score.shape)
-            margins.append(self._level_margin(m, (pr, pc)))
-            sub = np.array([pc, pr], dtype=np.float64)
-            # Sub-pixel peak: a parabola through the peak and its two neighbours, per axis.
+            masked = np.where(inside, score, -np.inf).astype(np.float32)
+            local = (masked == cv2.dilate(masked, np.ones((5, 5), np.uint8))) & inside
+            order = np.argsort(-masked[local])[: cfg.global_candidates]
+            rr, cc = np.nonzero(local)
+            found = []
             h, w = score.shape
-            if 0 < pc < w - 1:
-                sub[0] += _parabola_offset(score[pr, pc - 1], score[pr, pc], score[pr, pc + 1])
-            if 0 < pr < h - 1:
-                sub[1] += _parabola_offset(score[pr - 1, pc], score[pr, pc], score[pr + 1, pc])
-            pixels_start[name] = m["c_px"]
-            pixels_found[name] = m["c_px"] + (sub - m["zero"]) * b
-        tri_from = self.geometry.triangulate({n: pixels_start[n][None] for n in pixels_start})
-        tri_to = self.geometry.triangulate({n: pixels_found[n][None] for n in pixels_found})
-        translation = tri_to.points_mm[0] - tri_from.points_mm[0]
+            for pr, pc in zip(rr[order], cc[order]):
+                sub = np.array([pc, pr], dtype=np.float64)
+                # Sub-pixel peak: a parabola through the peak and its two neighbours, per axis.
+                if 0 < pc < w - 1:
+                    sub[0] += _parabola_offset(score[pr, pc - 1], score[pr, pc], score[pr, pc + 1])
+                if 0 < pr < h - 1:
+                    sub[1] += _parabola_offset(score[pr - 1, pc], score[pr, pc], score[pr + 1, pc])
+                found.append(((int(pr), int(pc)), float(score[pr, pc]), m["c_px"] + (sub - m["zero"]) * b))
+            if not found:
+                raise RegistrationError(f"imager '{name}': no correlation peak in the global search window")
+            maps[name], peaks[name], pixels_start[name] = m, found, m["c_px"]
+        tri_from = self.geometry.triangulate({n: pixels_start[n][None] for n in names})
+        combos = list(itertools.product(*(range(len(peaks[n])) for n in names)))
+        tri = self.geometry.triangulate({n: np.array([peaks[n][c[k]][2] for c in combos]) for k, n in enumerate(names)})
+        total = np.array([sum(peaks[n][c[k]][1] for k, n in enumerate(names)) for c in combos])
+        consistent = tri.ray_distance_mm <= cfg.global_max_ray_distance_mm
+        best = int(np.argmax(np.where(consistent, total, -np.inf))) if consistent.any() else combos.index((0,) * len(names))
+        chosen = combos[best]
+        margins = [self._level_margin(maps[n], peaks[n][chosen[k]][0]) for k, n in enumerate(names)]
+        translation = tri.points_mm[best] - tri_from.points_mm[0]
         bound = cfg.translation_bound_mm
         return np.clip(translation, -bound, bound), float(np.min(margins))
 
