@@ -322,6 +322,7 @@ class AnatomyProcessor:
         self.flat_fields = dict(flat_fields) if flat_fields else None
 
     def process(self, frames: dict[str, KvFrame], prior: Pose | None) -> PairResult:
+        from spineguide.registration.errors import FrameError as RegistrationFrameError
         from spineguide.registration.errors import RegistrationError
 
         from .errors import FrameError
@@ -332,7 +333,8 @@ class AnatomyProcessor:
             if self.flat_fields is not None:
                 pixels = {n: self.flat_fields[n].correct(p) if n in self.flat_fields else p for n, p in pixels.items()}
             res = self._reg.register(pixels, i0=i0, initial_pose=prior, tracking=prior is not None)
-        except FrameError as err:
+        except (FrameError, RegistrationFrameError) as err:
+            # A frame the registration cannot use (NaN pixels, wrong shape, not 2D) is a corrupt frame, not a refusal.
             return PairResult(HoldReason.CORRUPT_FRAME, method=self.method, quality={"ok": False}, detail=str(err))
         except RegistrationError as err:
             return PairResult(HoldReason.REGISTRATION_REFUSED, method=self.method, quality={"ok": False},

@@ -216,3 +216,25 @@ def test_anatomy_processor_corrects_frames_with_the_geometry_files_flat_fields(p
     small = {n: KvFrame(n, raw[:-1], 20000.0) for n in ("A", "B")}
     out = AnatomyProcessor(seen, processor.flat_fields).process(small, None)
     assert out.reason is HoldReason.CORRUPT_FRAME and "does not match its flat-field maps" in out.detail
+
+
+def test_a_frame_the_anatomy_registration_cannot_read_is_a_corrupt_frame_not_a_refusal():
+    """Issue 17 item 6: registration's own FrameError (NaN pixels) was reported as registration_refused."""
+    from spineguide.registration.errors import FrameError as RegistrationFrameError
+    from spineguide.registration.errors import RegistrationError
+    from spineguide.tracking.frames import KvFrame
+    from spineguide.tracking.processing import AnatomyProcessor
+    from spineguide.tracking.states import HoldReason
+
+    class Raises:
+        def __init__(self, err):
+            self.err = err
+
+        def register(self, pixels, **kw):
+            raise self.err
+
+    frames = {n: KvFrame(n, np.ones((4, 4), np.uint16), 20000.0) for n in ("A", "B")}
+    bad = AnatomyProcessor(Raises(RegistrationFrameError("frame 'A': holds 3 non-finite pixels"))).process(frames, None)
+    assert bad.reason is HoldReason.CORRUPT_FRAME and "non-finite" in bad.detail
+    refused = AnatomyProcessor(Raises(RegistrationError("no overlap"))).process(frames, None)
+    assert refused.reason is HoldReason.REGISTRATION_REFUSED
