@@ -4,59 +4,66 @@ Lowest layer of spineguide: it imports nothing from ``registration`` or
 ``tracking``. Everything here is in the IEC 61217 room frame, millimetres.
 """
 
-from .errors import CalibrationError, GeometryError, GeometryFileError, SchemaError
-from .geometry import (
-    MATRIX_AGREEMENT_LIMIT_PX,
-    ImagerGeometry,
-    StereoGeometry,
-    Triangulation,
-    default_stereo_geometry,
-)
-from .io import GEOMETRY_SCHEMA, geometry_from_json, read_geometry, write_geometry
-from .phantom import BBPhantom, Marker, PhantomError, PhantomFileError, default_phantom, phantom_from_json, read_phantom, write_phantom
-from .bb_detection import DetectionError, ImagesSwappedError, MarkerCountError, detect_bbs, match_markers
-from .solve import CalibrationFrame, CalibrationResult, CalibrationSolveError, PhantomView, calibrate, solve_geometry
-from .qa import QAHistoryError, QAResult, QAStatus, QATolerances, append_history, read_history, run_qa, trend
+from __future__ import annotations
 
-__all__ = [
-    "CalibrationError",
-    "GeometryError",
-    "GeometryFileError",
-    "SchemaError",
-    "MATRIX_AGREEMENT_LIMIT_PX",
-    "ImagerGeometry",
-    "StereoGeometry",
-    "Triangulation",
-    "default_stereo_geometry",
-    "GEOMETRY_SCHEMA",
-    "geometry_from_json",
-    "read_geometry",
-    "write_geometry",
-    "BBPhantom",
-    "Marker",
-    "PhantomError",
-    "PhantomFileError",
-    "default_phantom",
-    "phantom_from_json",
-    "read_phantom",
-    "write_phantom",
-    "DetectionError",
-    "ImagesSwappedError",
-    "MarkerCountError",
-    "detect_bbs",
-    "match_markers",
-    "CalibrationFrame",
-    "CalibrationResult",
-    "CalibrationSolveError",
-    "PhantomView",
-    "calibrate",
-    "solve_geometry",
-    "QAHistoryError",
-    "QAResult",
-    "QAStatus",
-    "QATolerances",
-    "append_history",
-    "read_history",
-    "run_qa",
-    "trend",
-]
+import importlib
+
+#: Public name -> the submodule that defines it. Imported on first use (PEP 562), so that importing one
+#: submodule (e.g. the CLI's errors) does not pull in numba, OpenCV, SciPy and SimpleITK.
+_LAZY = {
+    "CalibrationError": "errors",
+    "GeometryError": "errors",
+    "GeometryFileError": "errors",
+    "SchemaError": "errors",
+    "MATRIX_AGREEMENT_LIMIT_PX": "geometry",
+    "ImagerGeometry": "geometry",
+    "StereoGeometry": "geometry",
+    "Triangulation": "geometry",
+    "default_stereo_geometry": "geometry",
+    "GEOMETRY_SCHEMA": "io",
+    "geometry_from_json": "io",
+    "read_geometry": "io",
+    "write_geometry": "io",
+    "BBPhantom": "phantom",
+    "Marker": "phantom",
+    "PhantomError": "phantom",
+    "PhantomFileError": "phantom",
+    "default_phantom": "phantom",
+    "phantom_from_json": "phantom",
+    "read_phantom": "phantom",
+    "write_phantom": "phantom",
+    "DetectionError": "bb_detection",
+    "ImagesSwappedError": "bb_detection",
+    "MarkerCountError": "bb_detection",
+    "detect_bbs": "bb_detection",
+    "match_markers": "bb_detection",
+    "CalibrationFrame": "solve",
+    "CalibrationResult": "solve",
+    "CalibrationSolveError": "solve",
+    "PhantomView": "solve",
+    "calibrate": "solve",
+    "solve_geometry": "solve",
+    "QAHistoryError": "qa",
+    "QAResult": "qa",
+    "QAStatus": "qa",
+    "QATolerances": "qa",
+    "append_history": "qa",
+    "read_history": "qa",
+    "run_qa": "qa",
+    "trend": "qa",
+}
+
+__all__ = list(_LAZY)
+
+
+def __getattr__(name: str):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -3,72 +3,65 @@
 Depends on :mod:`calibration` only, never on :mod:`tracking`.
 """
 
-from .attenuation import hu_to_mu_per_mm, linear_attenuation_per_mm
-from .dicom_ct import read_dicom_ct
-from .drr import (
-    DRR_METADATA_PREFIX,
-    PROJECTORS,
-    AttenuationVolume,
-    PanelRegion,
-    compute_drr,
-    compute_drr_batch,
-    compute_drr_pose_derivatives,
-    write_drr_images,
-)
-from .errors import (
-    DRRError,
-    NotConvergedError,
-    PatientPositionError,
-    PoseError,
-    RegistrationError,
-    VolumeError,
-    VolumeFileError,
-)
-from .ct_seeds import find_ct_seeds
-from .io import FiducialSet, read_fiducials, write_fiducials
-from .points import PointRegistrationResult, SeedMigrationError, register_points
-from .plan import Plan, PlanError, load_dicom_plan, load_plan_files
-from .pose import Correction, CouchCorrection, Pose, RotationAxis, reduce_to_couch
-from .volume import CTVolume, PatientPosition, read_ct, room_from_lps_matrix, write_ct
+from __future__ import annotations
 
-__all__ = [
-    "hu_to_mu_per_mm",
-    "linear_attenuation_per_mm",
-    "AttenuationVolume",
-    "PanelRegion",
-    "compute_drr",
-    "compute_drr_batch",
-    "compute_drr_pose_derivatives",
-    "PROJECTORS",
-    "write_drr_images",
-    "DRR_METADATA_PREFIX",
-    "read_dicom_ct",
-    "DRRError",
-    "NotConvergedError",
-    "PatientPositionError",
-    "PoseError",
-    "RegistrationError",
-    "VolumeError",
-    "VolumeFileError",
-    "Correction",
-    "CouchCorrection",
-    "Pose",
-    "RotationAxis",
-    "reduce_to_couch",
-    "CTVolume",
-    "PatientPosition",
-    "read_ct",
-    "room_from_lps_matrix",
-    "write_ct",
-    "find_ct_seeds",
-    "FiducialSet",
-    "read_fiducials",
-    "write_fiducials",
-    "PointRegistrationResult",
-    "SeedMigrationError",
-    "register_points",
-    "Plan",
-    "PlanError",
-    "load_dicom_plan",
-    "load_plan_files",
-]
+import importlib
+
+#: Public name -> the submodule that defines it. Imported on first use (PEP 562), so that importing one
+#: submodule (e.g. the CLI's errors) does not pull in numba, OpenCV, SciPy and SimpleITK.
+_LAZY = {
+    "hu_to_mu_per_mm": "attenuation",
+    "linear_attenuation_per_mm": "attenuation",
+    "AttenuationVolume": "drr",
+    "PanelRegion": "drr",
+    "compute_drr": "drr",
+    "compute_drr_batch": "drr",
+    "compute_drr_pose_derivatives": "drr",
+    "PROJECTORS": "drr",
+    "write_drr_images": "drr",
+    "DRR_METADATA_PREFIX": "drr",
+    "read_dicom_ct": "dicom_ct",
+    "DRRError": "errors",
+    "NotConvergedError": "errors",
+    "PatientPositionError": "errors",
+    "PoseError": "errors",
+    "RegistrationError": "errors",
+    "VolumeError": "errors",
+    "VolumeFileError": "errors",
+    "Correction": "pose",
+    "CouchCorrection": "pose",
+    "Pose": "pose",
+    "RotationAxis": "pose",
+    "reduce_to_couch": "pose",
+    "CTVolume": "volume",
+    "PatientPosition": "volume",
+    "read_ct": "volume",
+    "room_from_lps_matrix": "volume",
+    "write_ct": "volume",
+    "find_ct_seeds": "ct_seeds",
+    "FiducialSet": "io",
+    "read_fiducials": "io",
+    "write_fiducials": "io",
+    "PointRegistrationResult": "points",
+    "SeedMigrationError": "points",
+    "register_points": "points",
+    "Plan": "plan",
+    "PlanError": "plan",
+    "load_dicom_plan": "plan",
+    "load_plan_files": "plan",
+}
+
+__all__ = list(_LAZY)
+
+
+def __getattr__(name: str):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -25,9 +25,12 @@ import tempfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import SimpleITK as sitk
+
+if TYPE_CHECKING:
+    import SimpleITK as sitk
 
 __all__ = ["MAX_IMAGE_BYTES", "read_sitk_image", "load_npy", "check_dicom_pixel_size", "dicom_pixel_array"]
 
@@ -38,16 +41,25 @@ MAX_IMAGE_BYTES = 2**30
 _MAX_INFLATE_RATIO = 1100
 
 _COMPONENT_BYTES: dict[int, int] = {}
-for _name, _nbytes in (("UInt8", 1), ("Int8", 1), ("UInt16", 2), ("Int16", 2), ("UInt32", 4), ("Int32", 4),
-                       ("UInt64", 8), ("Int64", 8), ("Float32", 4), ("Float64", 8)):
-    for _prefix in ("sitk", "sitkVector"):
-        _id = getattr(sitk, f"{_prefix}{_name}", None)
-        if isinstance(_id, int) and _id >= 0:
-            _COMPONENT_BYTES[_id] = _nbytes
-for _name, _nbytes in (("sitkComplexFloat32", 8), ("sitkComplexFloat64", 16)):
-    _id = getattr(sitk, _name, None)
-    if isinstance(_id, int) and _id >= 0:
-        _COMPONENT_BYTES[_id] = _nbytes
+
+
+def _component_bytes() -> dict[int, int]:
+    """SimpleITK pixel id -> bytes per component (filled on first use: SimpleITK loads only when a file is read)."""
+    if not _COMPONENT_BYTES:
+        import SimpleITK as sitk
+
+        for name, nbytes in (("UInt8", 1), ("Int8", 1), ("UInt16", 2), ("Int16", 2), ("UInt32", 4), ("Int32", 4),
+                             ("UInt64", 8), ("Int64", 8), ("Float32", 4), ("Float64", 8)):
+            for prefix in ("sitk", "sitkVector"):
+                pid = getattr(sitk, f"{prefix}{name}", None)
+                if isinstance(pid, int) and pid >= 0:
+                    _COMPONENT_BYTES[pid] = nbytes
+        for name, nbytes in (("sitkComplexFloat32", 8), ("sitkComplexFloat64", 16)):
+            pid = getattr(sitk, name, None)
+            if isinstance(pid, int) and pid >= 0:
+                _COMPONENT_BYTES[pid] = nbytes
+    return _COMPONENT_BYTES
+
 
 _HEADER_PROBE_BYTES = 65536
 
@@ -256,6 +268,8 @@ def read_sitk_image(path: str | os.PathLike, error: type[Exception], what: str, 
         raise error(f"{p}: cannot read {what}: {err.strerror or err}") from err
     _check_text_header(p, error, what)
     _check_data_file(p, error, what)
+    import SimpleITK as sitk
+
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(p))
     try:
@@ -266,7 +280,7 @@ def read_sitk_image(path: str | os.PathLike, error: type[Exception], what: str, 
     size = tuple(int(s) for s in reader.GetSize())
     if any(s < 1 for s in size):
         raise error(f"{p}: cannot read {what}: declares an empty grid {size}")
-    component_bytes = _COMPONENT_BYTES.get(reader.GetPixelID())
+    component_bytes = _component_bytes().get(reader.GetPixelID())
     if component_bytes is None:
         raise error(f"{p}: cannot read {what}: pixel type {reader.GetPixelIDTypeAsString()!r} is not a plain number type")
     declared = int(np.prod(size, dtype=object)) * int(reader.GetNumberOfComponents()) * component_bytes

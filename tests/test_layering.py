@@ -89,3 +89,36 @@ def test_no_bare_package_is_installed():
 
 def test_no_top_level_datasets_package_is_installed():
     assert not (ROOT / "datasets" / "__init__.py").exists()
+
+
+def test_the_cli_and_the_package_roots_import_lazily():
+    """`spineguide --help` must not load the numeric stack (issue 17: <= 0.3 s; timed in benchmarks/bench_startup.py).
+
+    Importing the CLI, parsing `--help` and importing the three package roots must not import numba, SciPy, OpenCV,
+    SimpleITK or pydicom; a name from a package root still resolves (PEP 562) to its submodule's object.
+    """
+    code = (
+        "import sys\n"
+        "import spineguide.calibration, spineguide.registration, spineguide.tracking\n"
+        "from spineguide.tracking.cli import build_parser\n"
+        "try:\n"
+        "    build_parser().parse_args(['--help'])\n"
+        "except SystemExit:\n"
+        "    pass\n"
+        "heavy = sorted(m for m in ('numba', 'scipy', 'cv2', 'SimpleITK', 'pydicom') if m in sys.modules)\n"
+        "print('HEAVY=' + ','.join(heavy))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd="/", capture_output=True, text=True, check=True)
+    heavy = [line for line in out.stdout.splitlines() if line.startswith("HEAVY=")]
+    assert heavy == ["HEAVY="], f"imported at --help: {heavy}"
+    from spineguide.calibration import StereoGeometry
+    from spineguide.calibration.geometry import StereoGeometry as direct
+    from spineguide.tracking import localise_fiducials
+    from spineguide.tracking.fiducials import localise_fiducials as direct_fn
+
+    assert StereoGeometry is direct and localise_fiducials is direct_fn
+    import spineguide.registration as reg
+
+    with pytest.raises(AttributeError, match="has no attribute 'nothing_here'"):
+        reg.nothing_here  # noqa: B018
+    assert set(reg.__all__) <= set(dir(reg))

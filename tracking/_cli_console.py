@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import signal
 from pathlib import Path
@@ -69,6 +68,8 @@ def _cmd_console(args: argparse.Namespace) -> int:
 
         room = SimulatedRoom(folder=args.records, approval="manual").start()
         print(f"simulated room: service endpoints {room.endpoints}; record in {room.folder}", flush=True)
+    import asyncio  # here: `spineguide --help` must not pay for it
+
     try:
         config = build_console_config(args, room)
 

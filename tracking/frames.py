@@ -13,14 +13,16 @@ import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import SimpleITK as sitk
 
-from spineguide.calibration.geometry import ImagerGeometry, StereoGeometry
 from spineguide.registration.imagefile import MAX_IMAGE_BYTES, dicom_pixel_array, load_npy, read_sitk_image
 
 from .errors import FrameError
+
+if TYPE_CHECKING:  # annotations only: keeps SciPy (the geometry's) out of the service's frame path imports
+    from spineguide.calibration.geometry import ImagerGeometry, StereoGeometry
 
 __all__ = ["KvFrame", "read_frame", "read_stereo_frames", "parse_image_args", "check_frame_pixels"]
 
@@ -121,6 +123,8 @@ def _read_pixels(path: Path, max_bytes: int) -> np.ndarray:
         if slope != 1.0 or intercept != 0.0:
             pixels = pixels.astype(np.float32) * np.float32(slope) + np.float32(intercept)
         return pixels
+    import SimpleITK as sitk  # here, not at import: the service's frame path never reads image files
+
     return sitk.GetArrayFromImage(read_sitk_image(path, FrameError, "image", max_bytes=max_bytes))
 
 
