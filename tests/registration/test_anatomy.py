@@ -443,14 +443,15 @@ def test_rays_beyond_the_ct_ends_match_a_sampled_ray(floor_room):
         got = registration._beyond_ct_ends(im, pose, region, b)
         rr, cc = np.meshgrid(np.arange(40) * b + (b - 1) / 2.0, np.arange(40) * b + (b - 1) / 2.0, indexing="ij")
         ends = im.pixel_to_room(np.stack([cc.ravel(), rr.ravel()], axis=-1))
-        t = np.linspace(0.0, 1.0, 20001)[None, :, None]
+        t = np.linspace(0.0, 1.0, 4001)[None, :, None]
         pts = im.source_mm + t * (ends[:, None, :] - im.source_mm)  # (rays, samples, 3) room mm
         ijk = pts @ to_index[:3, :3].T + to_index[:3, 3]
         in_prism = np.all((ijk[..., :2] >= -0.5) & (ijk[..., :2] <= shape[:2] - 0.5), axis=-1)
         k = ijk[..., 2]
         past_end = in_prism & ((k < -0.5) | (k > shape[2] - 0.5))
         expected = past_end.any(axis=1).reshape(40, 40)
-        # Samples 0.1 mm apart along ~2.3 m: a ray grazing a box edge within that step may go either way.
+        # Samples ~0.6 mm apart along ~2.3 m (under a third of the 2 mm slices): a ray grazing a box edge within that step may
+        # go either way.
         margin = np.abs(np.diff(np.where(in_prism, k, np.nan), axis=1)).max() if in_prism.any() else 0.0
         disagree = got != expected
         assert disagree.sum() <= 2, f"imager {name}: {int(disagree.sum())} pixels disagree (sample step {margin:.3f})"
