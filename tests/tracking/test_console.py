@@ -631,3 +631,20 @@ def test_frames_of_a_pair_come_from_its_newest_epoch_only(tmp_path):
     assert {k: v.name for k, v in _pair_frame_files(tmp_path, 100000005).items()} == {"A": "100000005_A.npy"}
     assert _pair_frame_files(tmp_path, 7) == {} and _pair_frame_files(tmp_path / "missing", 5) == {}
 
+
+
+def test_a_dicom_fiducial_plan_gives_the_console_the_services_seeds(tmp_path):
+    """Issue 17 item 6: the console loaded the plan by its own rules (CT + fiducials files) and crashed on a DICOM plan."""
+    from spineguide.tracking.config import PlanConfig, ServiceConfig
+    from spineguide.tracking.console.config import console_config_from_service
+    from spineguide.tracking.processing import load_treatment_plan
+    from spineguide.tracking.room.io import write_simulation
+    from tests.synthetic import small_geometry, small_thoracolumbar
+
+    write_simulation(tmp_path, small_thoracolumbar(), 1, seed=1, geometry=small_geometry())
+    plan = PlanConfig(method="fiducial", geometry=tmp_path / "geometry.json", dicom=tmp_path / "dicom")
+    config = console_config_from_service(ServiceConfig(plan=plan), publish_address="tcp://127.0.0.1:1",
+                                         command_address="tcp://127.0.0.1:2")
+    service = load_treatment_plan(plan)
+    assert list(config.planned.names) == list(service.fiducials.names)
+    assert_allclose(config.planned.points_room_mm, service.fiducials_room_mm(), rtol=0, atol=1e-9)

@@ -172,9 +172,13 @@ def _planned_seeds(plan) -> PlannedSeeds | None:
     if plan.method != "fiducial":
         return None
     from spineguide.calibration.io import read_geometry
-    from spineguide.registration.plan import load_plan_files
 
-    loaded = load_plan_files(plan.ct, plan.isocentre_lps_mm, fiducials_path=plan.fiducials)
+    from ..processing import load_treatment_plan
+
+    # The service's own rules (files or a DICOM folder), so the console shows the seeds the service fits.
+    loaded = load_treatment_plan(plan)
+    if loaded.fiducials is None:
+        raise ConsoleConfigError(f"console: the plan {loaded.ct.source} has no planned fiducials")
     return PlannedSeeds(loaded.fiducials.names, loaded.fiducials_room_mm(), read_geometry(plan.geometry))
 
 
