@@ -85,7 +85,15 @@ def _random_imager(rng: np.random.Generator, name: str = "X") -> ImagerGeometry:
     u, v = math.cos(ang) * u + math.sin(ang) * v, -math.sin(ang) * u + math.cos(ang) * v
     spacing = (rng.uniform(0.1, 0.8), rng.uniform(0.1, 0.8))
     rows, cols = int(rng.integers(200, 2000)), int(rng.integers(200, 2000))
-    centre = source + sid * direction + rng.normal(scale=20, size=3) @ np.outer([1, 0, 0], [0, 0, 0])
+    # A tilted panel (issue 17 item 6: this used to multiply the offset by a zero matrix and never tilt): the
+    # panel plane turned up to 10 deg about a random in-plane axis, and its centre moved off the central ray.
+    axis = rng.normal(size=2)
+    axis = (axis[0] * u + axis[1] * v) / np.linalg.norm(axis)
+    tilt = math.radians(rng.uniform(-10.0, 10.0))
+    k = np.array([[0.0, -axis[2], axis[1]], [axis[2], 0.0, -axis[0]], [-axis[1], axis[0], 0.0]])
+    turn = np.eye(3) + math.sin(tilt) * k + (1.0 - math.cos(tilt)) * (k @ k)  # Rodrigues
+    u, v = turn @ u, turn @ v
+    centre = source + sid * direction + rng.normal(scale=20, size=2) @ np.stack([u, v])
     origin = centre - (cols - 1) / 2 * spacing[1] * u - (rows - 1) / 2 * spacing[0] * v + rng.uniform(-30, 30) * u
     return ImagerGeometry(name, source, origin, u, v, spacing, rows, cols)
 
