@@ -53,7 +53,7 @@ from spineguide.registration.similarity import line_integrals  # noqa: E402
 from spineguide.registration.volume import read_ct  # noqa: E402
 from spineguide.calibration.jsonfile import read_json_document  # noqa: E402
 from spineguide.calibration.errors import GeometryFileError  # noqa: E402
-from spineguide.tracking.flatfield import flat_fields_from_geometry_json  # noqa: E402
+from spineguide.tracking.flatfield import correct_frames, flat_fields_from_geometry_json  # noqa: E402
 
 SUCCESS_MM = 1.0
 
@@ -196,12 +196,11 @@ def main(argv=None) -> int:
 
         def corrected(fr):
             """Dark / gain correction and dead-line inpainting (timed with the registration, as in the service)."""
-            return {n: flat[n].correct(f) if n in flat else f for n, f in fr.items()}
+            return correct_frames(flat, fr)
         if warm_s is None:  # numba load / compile, reported on its own
             _, warm_s, _ = _timed(lambda: reg.register(corrected(raw), i0=i0))
         res, wall, cpu = _timed(lambda: reg.register(corrected(raw), i0=i0))
         trk, twall, tcpu = _timed(lambda: reg.register(corrected(raw2), i0=i0, initial_pose=res.pose, tracking=True))
-        frames = corrected(raw)
         r = {
             "case": folder.name, "level": truth["level"], "room": truth["room"], "projector": truth["projector"],
             "truncated": truth["level_truncated"],
@@ -221,7 +220,7 @@ def main(argv=None) -> int:
                 f"{r['trk_mtre']:.3f} mm {1000 * twall:.0f} ms {r['trk_reason']}")
         peer = peers.get(key)
         if peer is not None and len(peer_rows) < args.peer_cases:
-            logs = {k: line_integrals(np.asarray(v), i0, k) for k, v in frames.items()}
+            logs = {k: line_integrals(np.asarray(v), i0, k) for k, v in corrected(raw).items()}
             (ppose, _, _), pwall, pcpu = _timed(lambda: peer.register(logs))
             pm = _mtre(ppose, pose, pts)
             peer_rows.append({"case": r["case"], "level": r["level"], "projector": r["projector"], "mtre": pm,

@@ -5,7 +5,7 @@ Depends on :mod:`calibration` only, never on :mod:`tracking`.
 
 from __future__ import annotations
 
-import importlib
+from spineguide.calibration._lazy import lazy_exports
 
 #: Public name -> the submodule that defines it. Imported on first use (PEP 562), so that importing one
 #: submodule (e.g. the CLI's errors) does not pull in numba, OpenCV, SciPy and SimpleITK.
@@ -51,17 +51,4 @@ _LAZY = {
     "load_plan_files": "plan",
 }
 
-__all__ = list(_LAZY)
-
-
-def __getattr__(name: str):
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{module}", __name__), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__all__, __getattr__, __dir__ = lazy_exports(__name__, _LAZY)

@@ -209,20 +209,14 @@ def _cmd_simulate_ct(args: argparse.Namespace) -> int:
 
     from spineguide.calibration.io import read_geometry
 
-    from .room.chain import ChainConfig
-    from .room.kv import DetectorModel
-    from .room.realct import build_set, read_labelled_ct
+    from .errors import SimulationError
+    from .room.realct import build_set, imaging_from_options, read_labelled_ct
     from .room.rooms import Room, room_geometry
 
-    if args.chain == "simple" and args.spr is not None:
-        raise CliError("--spr needs --chain clinic")
-    if args.chain == "clinic":
-        detector = None
-        chain = ChainConfig.clinic(i0=6000.0 if args.i0 is None else args.i0,
-                                   scatter_to_primary=1.0 if args.spr is None else args.spr)
-    else:
-        detector, chain = DetectorModel(i0=20000.0 if args.i0 is None else args.i0), None
-    couch = None if args.couch is None else args.couch == "on"
+    try:
+        detector, chain, couch = imaging_from_options(args.chain, args.i0, args.spr, args.couch)
+    except SimulationError as err:
+        raise CliError(str(err)) from err
 
     t0 = time.monotonic()
     labelled = read_labelled_ct(args.ct, args.labels, args.scheme, args.patient_position)
@@ -493,8 +487,9 @@ def _register_anatomy(args, geometry, plan, pixels) -> dict:
         raise CliError("--method anatomy needs an ROI: --roi MASK_FILE, --roi-box DX,DY,DZ, or a DICOM plan "
                        "with a target ROI (--plan DIR [--roi-name NAME])")
     # Dark / gain correction; dead lines inpainted (the comparison reads whole regions, not windows).
-    flat = _flat_fields(args)
-    pixels = {n: flat[n].correct(p) if n in flat else p for n, p in pixels.items()}
+    from .flatfield import correct_frames
+
+    pixels = correct_frames(_flat_fields(args), pixels)
     _check_anatomy_inputs(plan, pixels, roi)
     result = register_anatomy(ct, iso, geometry, pixels, roi, i0=args.i0)
     report = result.to_json()

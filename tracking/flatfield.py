@@ -28,7 +28,7 @@ import numpy as np
 
 from .errors import FrameError
 
-__all__ = ["FlatField", "flat_fields_from_args", "flat_fields_from_geometry_json", "read_flat_field", "read_map"]
+__all__ = ["FlatField", "correct_frames", "flat_fields_from_args", "flat_fields_from_geometry_json", "read_flat_field", "read_map"]
 
 #: Gains at or below this are a pixel the calibration could not measure (dead): a defect, not a division.
 MIN_GAIN = 1e-3
@@ -129,6 +129,12 @@ class FlatField:
                 raise FrameError(f"imager '{self.imager}': every pixel is marked defective")
             out = cv2.inpaint(out, self.defects.astype(np.uint8), 2, cv2.INPAINT_NS)
         return out
+
+
+def correct_frames(flat_fields: Mapping[str, FlatField] | None, frames: Mapping[str, np.ndarray]) -> dict:
+    """Imager -> :meth:`FlatField.correct` of its frame, or the frame as given when it has no flat field."""
+    flat = flat_fields or {}
+    return {name: flat[name].correct(frame) if name in flat else frame for name, frame in frames.items()}
 
 
 def read_map(path: str | os.PathLike, what: str, imager: str) -> np.ndarray:

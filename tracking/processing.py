@@ -326,12 +326,12 @@ class AnatomyProcessor:
         from spineguide.registration.errors import RegistrationError
 
         from .errors import FrameError
+        from .flatfield import correct_frames
 
         pixels = {name: f.pixels for name, f in frames.items()}
         i0 = {name: f.i0 for name, f in frames.items()} if all(f.i0 is not None for f in frames.values()) else None
         try:
-            if self.flat_fields is not None:
-                pixels = {n: self.flat_fields[n].correct(p) if n in self.flat_fields else p for n, p in pixels.items()}
+            pixels = correct_frames(self.flat_fields, pixels)
             res = self._reg.register(pixels, i0=i0, initial_pose=prior, tracking=prior is not None)
         except (FrameError, RegistrationFrameError) as err:
             # A frame the registration cannot use (NaN pixels, wrong shape, not 2D) is a corrupt frame, not a refusal.

@@ -47,12 +47,11 @@ if str(REPO) not in sys.path:
 
 from spineguide.calibration.geometry import default_stereo_geometry  # noqa: E402
 from spineguide.calibration.io import read_geometry  # noqa: E402
-from spineguide.tracking.room.chain import ChainConfig  # noqa: E402
-from spineguide.tracking.room.kv import DetectorModel  # noqa: E402
 from spineguide.calibration.errors import CalibrationError  # noqa: E402
 from spineguide.registration.errors import RegistrationError  # noqa: E402
 from spineguide.tracking.errors import TrackingError  # noqa: E402
-from spineguide.tracking.room.realct import LabelScheme, build_set, read_labelled_ct  # noqa: E402
+from spineguide.tracking.errors import SimulationError  # noqa: E402
+from spineguide.tracking.room.realct import LabelScheme, build_set, imaging_from_options, read_labelled_ct  # noqa: E402
 
 #: The PyPI source distribution that ships the CT (its test reference files).
 PACKAGE = "totalsegmentator"
@@ -154,8 +153,10 @@ def main(argv=None) -> int:
     t0 = time.monotonic()
     if (args.ct is None) != (args.labels is None):
         p.error("--ct and --labels go together")
-    if args.chain == "simple" and args.spr is not None:
-        p.error("--spr needs --chain clinic")
+    try:
+        detector, chain, couch = imaging_from_options(args.chain, args.i0, args.spr, args.couch)
+    except SimulationError as err:
+        p.error(str(err))
     if args.ct is None:
         files = fetch()
         ct_path, labels_path, scheme = files["ct"], files["labels"], args.scheme or "totalsegmentator"
@@ -172,14 +173,6 @@ def main(argv=None) -> int:
             print(f"case {case.index:4d}: {case.level:>3s} {case.room:>8s} {case.projector.value:>11s} ({seconds:.1f} s)",
                   flush=True)
 
-        couch = None if args.couch is None else args.couch == "on"
-        if args.chain == "clinic":
-            detector = None
-            chain = ChainConfig.clinic(i0=6000.0 if args.i0 is None else args.i0,
-                                       scatter_to_primary=1.0 if args.spr is None else args.spr)
-        else:
-            detector = DetectorModel(i0=20000.0 if args.i0 is None else args.i0)
-            chain = None
         built = build_set(args.out, labelled, geometries, args.levels.split(","), args.projectors.split(","), args.cases,
                           args.seed, detector, args.beyond_ends_mm, args.plastimatch_threads, progress,
                           chain=chain, couch=couch)

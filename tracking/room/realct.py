@@ -45,7 +45,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from spineguide.calibration.geometry import ImagerGeometry, StereoGeometry
-from spineguide.calibration.io import write_geometry
+from spineguide.calibration.jsonfile import write_json_document
 from spineguide.registration.attenuation import DEFAULT_IMAGING_ENERGY_KEV, hu_to_mu_per_mm
 from spineguide.registration.drr import AttenuationVolume, compute_drr
 from spineguide.registration.errors import RegistrationError
@@ -74,6 +74,7 @@ __all__ = [
     "plastimatch_drr",
     "write_case",
     "write_panel_maps",
+    "imaging_from_options",
     "build_set",
     "TRUTH_SCHEMA",
     "BEYOND_ENDS_MAX_HU",
@@ -1107,13 +1108,12 @@ def write_case(out_dir: str | os.PathLike, case: RealCTCase, renderer: CaseRende
             fname = f"{prefix}_{name}.mha"
             write_frame(frame, folder / fname, name, renderer.i0, (row_sp, col_sp))
             files.setdefault(prefix, {})[name] = fname
-    write_geometry(geometry, folder / "geometry.json")
+    doc = geometry.to_json()
     if renderer.chain is not None:
         ext = write_panel_maps(folder if panels_dir is None else panels_dir, renderer, case.room)
-        doc = json.loads((folder / "geometry.json").read_text())
         doc["flat_field"] = {name: {k: os.path.relpath(v, folder) for k, v in entry.items()}
                              for name, entry in ext.items()}
-        (folder / "geometry.json").write_text(json.dumps(doc, indent=1) + "\n")
+    write_json_document(doc, folder / "geometry.json")
     roi = sitk.GetImageFromArray(renderer.labelled.mask(case.level).astype(np.uint8))
     roi.CopyInformation(renderer.labelled.ct.to_sitk())
     sitk.WriteImage(roi, str(folder / "roi.mha"), useCompression=True)
@@ -1142,6 +1142,37 @@ def write_case(out_dir: str | os.PathLike, case: RealCTCase, renderer: CaseRende
     }
     (folder / "truth.json").write_text(json.dumps(truth, indent=1) + "\n")
     return folder
+
+
+#: Unattenuated signal of each imaging chain when none is given, counts.
+DEFAULT_I0 = {"simple": 20000.0, "clinic": 6000.0}
+#: Scatter-to-primary ratio of the clinic-like chain when none is given.
+DEFAULT_SPR = 1.0
+
+
+def imaging_from_options(chain: str, i0: float | None = None, spr: float | None = None,
+                         couch: str | None = None) -> tuple[DetectorModel | None, ChainConfig | None, bool | None]:
+    """``(detector, chain, couch)`` for :func:`build_set` from the command-line choices of
+    ``build.py`` and ``spineguide simulate-ct``.
+
+    ``chain``: ``"simple"`` (:class:`DetectorModel`) or ``"clinic"`` (``ChainConfig.clinic``); ``i0``
+    counts (default :data:`DEFAULT_I0` of the chain); ``spr`` clinic only (default :data:`DEFAULT_SPR`);
+    ``couch``: ``"on"``, ``"off"`` or None (the renderer's default for the chain).
+
+    Raises
+    ------
+    SimulationError
+        An unknown chain, or ``spr`` with the simple chain.
+    """
+    if chain not in DEFAULT_I0:
+        raise SimulationError(f"imaging chain must be one of {sorted(DEFAULT_I0)}, got {chain!r}")
+    if chain == "simple" and spr is not None:
+        raise SimulationError("--spr needs --chain clinic")
+    level = DEFAULT_I0[chain] if i0 is None else i0
+    on = None if couch is None else couch == "on"
+    if chain == "clinic":
+        return None, ChainConfig.clinic(i0=level, scatter_to_primary=DEFAULT_SPR if spr is None else spr), on
+    return DetectorModel(i0=level), None, on
 
 
 def build_set(
