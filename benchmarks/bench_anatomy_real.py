@@ -82,6 +82,11 @@ def _klass(ok: bool, mtre: float) -> str:
     return "refused_right" if mtre < SUCCESS_MM else "refused_wrong"
 
 
+def _level_order(name: str) -> tuple[int, int]:
+    """C before T before L, then by number (T5 before T12)."""
+    return ("CTL".find(name[:1]), int(name[1:]) if name[1:].isdigit() else 0)
+
+
 def _summary(rows: list[dict], key: str) -> str:
     n = len(rows)
     k = Counter(r[f"{key}_class"] for r in rows)
@@ -98,7 +103,9 @@ def _summary(rows: list[dict], key: str) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--set", required=True, type=Path, help="folder written by datasets/realct/build.py")
+    parser.add_argument("--set", required=True, type=Path, action="append",
+                        help="folder written by datasets/realct/build.py; repeat for several sets (e.g. the abdomen "
+                             "and the chest CT) in one table")
     parser.add_argument("--cases", type=int, default=None, help="first N cases only")
     parser.add_argument("--peer-cases", type=int, default=4, help="cases (the first K the peer can model) also run through the ITK peer")
     parser.add_argument("--roi-neighbours", type=int, choices=(0, 1), default=1,
@@ -112,11 +119,14 @@ def main(argv=None) -> int:
     parser.add_argument("--tracking-levels", default=None, metavar="F,B,S,N;...", help="tracking-mode pyramid")
     parser.add_argument("--only", default=None, help="comma-separated case names (folder names) to run")
     args = parser.parse_args(argv)
-    manifest = json.loads((args.set / "set.json").read_text())
-    case_dirs = sorted((args.set / "cases").iterdir())[: args.cases]
-    if args.only:
-        wanted = set(args.only.split(","))
-        case_dirs = [d for d in case_dirs if d.name in wanted]
+    manifests = {s: json.loads((s / "set.json").read_text()) for s in args.set}
+    case_dirs = []
+    for set_dir in args.set:
+        dirs = sorted((set_dir / "cases").iterdir())[: args.cases]
+        if args.only:
+            wanted = set(args.only.split(","))
+            dirs = [d for d in dirs if d.name in wanted]
+        case_dirs += dirs
     config = AnatomyConfig()
     if args.background:
         config = replace(config, background_derivatives=args.background, tracking_background_derivatives=args.background)
@@ -139,9 +149,10 @@ def main(argv=None) -> int:
     print(f"# bench_anatomy_real: {' '.join(sys.argv)}")
     print(f"# machine: {platform.machine()}, {os.cpu_count()} CPUs, numba {numba.__version__} "
           f"({numba.get_num_threads()} threads), numpy {np.__version__}, python {platform.python_version()}")
-    print(f"# set: {args.set} ({manifest['cases']} cases, source {manifest['source'].get('package', manifest['source'])}, "
-          f"CT {manifest['ct_voxels_ijk']} voxels of {manifest['ct_spacing_mm']} mm, i0 {manifest['i0']:g}, "
-          f"truncated levels {manifest['truncated_levels']}); built by: {manifest['command']}")
+    for set_dir, manifest in manifests.items():
+        print(f"# set: {set_dir} ({manifest['cases']} cases, source {manifest['source'].get('package', manifest['source'])}"
+              f" {manifest['source'].get('ct', '')}, CT {manifest['ct_voxels_ijk']} voxels of {manifest['ct_spacing_mm']} mm, "
+              f"i0 {manifest['i0']:g}, truncated levels {manifest['truncated_levels']}); built by: {manifest['command']}")
     print(f"# anatomy config: projector {config.projector}, jacobian {config.jacobian}, background "
           f"{config.background_derivatives}/{config.tracking_background_derivatives}, ROI target +-{args.roi_neighbours}"
           f"{', overrides ' + ' '.join(args.set_config) if args.set_config else ''}")
@@ -158,8 +169,8 @@ def main(argv=None) -> int:
     except ImportError as err:
         print(f"# peer: not available ({err})")
 
-    ct = read_ct(args.set / "ct.mha")
-    labels = sitk.GetArrayFromImage(sitk.ReadImage(str(args.set / "labels.mha")))
+    cts = {s: read_ct(s / "ct.mha") for s in args.set}
+    label_maps = {s: sitk.GetArrayFromImage(sitk.ReadImage(str(s / "labels.mha"))) for s in args.set}
     regs, peers, points, flats = {}, {}, {}, {}
     no_peer_rooms: set[str] = set()
     setup_s = {}
@@ -168,7 +179,9 @@ def main(argv=None) -> int:
     warm_s = None
     for folder in case_dirs:
         truth = json.loads((folder / "truth.json").read_text())
-        key = (truth["level"], truth["room"])
+        set_dir = folder.parent.parent
+        ct, labels = cts[set_dir], label_maps[set_dir]
+        key = (set_dir, truth["level"], truth["room"])
         iso = truth["isocentre_lps_mm"]
         if key not in regs:
             geometry = read_geometry(folder / "geometry.json")
@@ -202,8 +215,10 @@ def main(argv=None) -> int:
         res, wall, cpu = _timed(lambda: reg.register(corrected(raw), i0=i0))
         trk, twall, tcpu = _timed(lambda: reg.register(corrected(raw2), i0=i0, initial_pose=res.pose, tracking=True))
         r = {
-            "case": folder.name, "level": truth["level"], "room": truth["room"], "projector": truth["projector"],
-            "truncated": truth["level_truncated"],
+            "case": folder.name if len(args.set) == 1 else f"{set_dir.name}/{folder.name}",
+            "level": truth["level"], "room": truth["room"], "projector": truth["projector"],
+            "ct": f"{manifests[set_dir]['ct_voxels_ijk']} x {manifests[set_dir]['ct_spacing_mm'][2]:g} mm",
+            "target": "cut by the CT's end" if truth["level_truncated"] else "complete",
             "start_mm": float(np.linalg.norm(pose.translation_mm)), "start_deg": pose.angle_deg(),
             "full_mtre": _mtre(res.pose, pose, pts), "full_rot": res.pose.compose(pose.inverse()).angle_deg(),
             "full_s": wall, "full_cpu": cpu, "full_ok": res.quality.ok, "full_reason": res.quality.reason.value,
@@ -236,11 +251,13 @@ def main(argv=None) -> int:
         print(header)
         print("|---|---|---|---|---|---|---|---|---|---|---|")
         print(f"| all | {_summary(rows, mode)} |")
-        for field in ("level", "room", "projector"):
+        for field in ("target", "ct", "level", "room", "projector"):
             groups = defaultdict(list)
             for r in rows:
                 groups[r[field]].append(r)
-            for name in sorted(groups, key=lambda g: (g[0] != "T", g)) if field == "level" else sorted(groups):
+            if field in ("target", "ct") and len(groups) < 2:
+                continue
+            for name in sorted(groups, key=_level_order) if field == "level" else sorted(groups):
                 print(f"| {field} {name} | {_summary(groups[name], mode)} |")
     print("\nITK two-projection peer, same set-up pairs\n")
     print("| cases | peer within 1 mm | peer median mTRE mm | peer max rot deg | peer median time s (CPU) "
