@@ -5,6 +5,7 @@ Usage (from the repository root, in the project's virtual environment)::
     python datasets/realct/build.py --out DIR [--cases N] [--seed S] [--rooms default,floor]
         [--projectors own,plastimatch] [--levels T12,L1,L2,L3,L4,L5] [--chain simple|clinic]
         [--i0 I0] [--spr SPR] [--couch on|off]
+    python datasets/realct/build.py --source chest --out DIR [...]      # the second CT: chest, 1.5 mm, T6-T11
     python datasets/realct/build.py --out DIR --ct CT --labels LABELS [--scheme verse|totalsegmentator]
         [--patient-position HFS]
 
