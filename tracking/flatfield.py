@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import cv2
@@ -53,6 +53,9 @@ class FlatField:
     gain: np.ndarray | None = None
     offset_counts: np.ndarray | None = None
     defects: np.ndarray | None = None
+    # Derived once: 1 / gain (a multiply per pixel, not a divide) and the defect tiles that ``correct`` inpaints.
+    _inv_gain: np.ndarray | None = field(default=None, init=False, repr=False, compare=False)
+    _tiles: tuple = field(default=(), init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         shape = None
@@ -87,6 +90,12 @@ class FlatField:
         if defects is not None:
             defects.setflags(write=False)
         object.__setattr__(self, "defects", defects)
+        if self.gain is not None:
+            inv = (np.float32(1.0) / self.gain).astype(np.float32)
+            inv.setflags(write=False)
+            object.__setattr__(self, "_inv_gain", inv)
+        if defects is not None and defects.any() and not defects.all():
+            object.__setattr__(self, "_tiles", _defect_tiles(defects))
 
     @property
     def shape(self) -> tuple[int, int] | None:
@@ -110,8 +119,8 @@ class FlatField:
         out = raw.astype(np.float32)  # a copy
         if self.offset_counts is not None:
             out -= self.offset_counts
-        if self.gain is not None:
-            out /= self.gain
+        if self._inv_gain is not None:
+            out *= self._inv_gain
         np.maximum(out, np.float32(0.0), out=out)
         return out
 
@@ -127,8 +136,77 @@ class FlatField:
         if self.defects is not None and self.defects.any():
             if self.defects.all():
                 raise FrameError(f"imager '{self.imager}': every pixel is marked defective")
-            out = cv2.inpaint(out, self.defects.astype(np.uint8), 2, cv2.INPAINT_NS)
+            # Each dead line, and each group of other defects, is inpainted in its own region (``_defect_tiles``).
+            for (r0, r1, c0, c1), inpaint, keep in self._tiles:
+                tile = out[r0:r1, c0:c1]
+                filled = cv2.inpaint(tile, inpaint, INPAINT_RADIUS_PX, cv2.INPAINT_NS)
+                np.copyto(tile, filled, where=keep.view(bool))
         return out
+
+
+#: Inpainting radius (px) of ``FlatField.correct`` and the margin its tiles keep around each group of defects.
+INPAINT_RADIUS_PX = 2
+_TILE_MARGIN_PX = 5 * INPAINT_RADIUS_PX  # NS inpainting reads up to ~4 radii away: 2r + 2 was not enough
+
+
+def _defect_tiles(defects: np.ndarray) -> tuple:
+    """The regions ``FlatField.correct`` inpaints one by one, in order: ``((r0, r1, c0, c1), inpaint, keep)``,
+    two uint8 masks on the region: the pixels the inpainting fills (every defect not filled by an earlier
+    region) and those of its result kept.
+
+    A dead line (a row or column more than half defective) gets a strip the line's width plus
+    ``_TILE_MARGIN_PX`` either side, across the frame, rows first; a row strip keeps the defects within
+    ``INPAINT_RADIUS_PX`` of its rows (a crossing column's pixels there too: further out the strip cuts the
+    column's context), a column strip the rest of its column. The defects left (pixels, clusters) get the
+    bounding box of each group whose margins touch, grown by the margin. Every defect pixel is kept from
+    exactly one region. What the inpainting reads around a kept pixel lies inside its region, so a frame with
+    dead lines costs the lines' strips, not the whole frame.
+    """
+    rows, cols = defects.shape
+    m, r = _TILE_MARGIN_PX, INPAINT_RADIUS_PX
+    tiles = []
+    dead_rows = defects.mean(axis=1) > 0.5
+    dead_cols = defects.mean(axis=0) > 0.5
+    left = defects.copy()  # defects not kept from any region yet
+    for axis, dead in ((0, dead_rows), (1, dead_cols)):
+        idx = np.flatnonzero(dead)
+        if idx.size == 0:
+            continue
+        # runs of dead lines, merged when their strips would overlap
+        runs = [[int(idx[0]), int(idx[0])]]
+        for k in idx[1:]:
+            if k - runs[-1][1] > 2 * m:
+                runs.append([int(k), int(k)])
+            else:
+                runs[-1][1] = int(k)
+        n = defects.shape[axis]
+        for lo, hi in runs:
+            a0, a1 = max(0, lo - m), min(n, hi + m + 1)
+            box = (a0, a1, 0, cols) if axis == 0 else (0, rows, a0, a1)
+            region = np.s_[box[0] : box[1], box[2] : box[3]]
+            inpaint = left[region].copy()
+            keep = inpaint.copy()
+            if axis == 0:  # keep the rows' own band; a crossing column further out waits for its strip
+                k0, k1 = max(0, lo - r) - a0, min(n, hi + r + 1) - a0
+                keep[:k0, :] = False
+                keep[k1:, :] = False
+            tiles.append((box, inpaint, keep))
+            left[region] &= ~keep
+    if left.any():
+        grown = cv2.dilate(left.astype(np.uint8), np.ones((2 * m + 1,) * 2, np.uint8))
+        n, _, stats, _ = cv2.connectedComponentsWithStats(grown, connectivity=8)
+        for k in range(1, n):
+            c0, r0, w, h = (int(v) for v in stats[k, :4])
+            mask = left[r0 : r0 + h, c0 : c0 + w].copy()
+            tiles.append(((r0, r0 + h, c0, c0 + w), mask, mask))
+    out = []
+    for box, inpaint, keep in tiles:
+        if keep.any():
+            masks = tuple(np.ascontiguousarray(x, dtype=np.uint8) for x in (inpaint, keep))
+            for x in masks:
+                x.setflags(write=False)
+            out.append((box, *masks))
+    return tuple(out)
 
 
 def correct_frames(flat_fields: Mapping[str, FlatField] | None, frames: Mapping[str, np.ndarray]) -> dict:
