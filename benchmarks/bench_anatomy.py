@@ -27,6 +27,7 @@ jobs share it.
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 import math
 import os
 import platform
@@ -299,6 +300,20 @@ def run_phantom(name: str, n_cases: int, n_peer: int, seed: int, slice_mm: float
     return out
 
 
+def override_config(config: AnatomyConfig, items: list[str]) -> AnatomyConfig:
+    """``NAME=VALUE`` overrides of an AnatomyConfig's number fields (benchmark experiments)."""
+    for item in items:
+        name, _, value = item.partition("=")
+        current = getattr(config, name, None)
+        if not name or current is None or isinstance(current, (tuple, str)):
+            raise ValueError(f"--set-config: no settable AnatomyConfig number field {name!r}")
+        try:
+            config = replace(config, **{name: type(current)(value)})
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"--set-config {item!r}: {err}") from err
+    return config
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", type=int, default=50)
@@ -317,10 +332,16 @@ def main(argv=None) -> int:
     parser.add_argument("--background-derivatives", choices=("flow", "difference", "exact"),
                         default=AnatomyConfig().background_derivatives,
                         help="background model's pose derivatives in the full registration (default: the AnatomyConfig default)")
+    parser.add_argument("--set-config", action="append", default=[], metavar="NAME=VALUE",
+                        help="override an AnatomyConfig number (e.g. background_subsample=2); repeatable")
     args = parser.parse_args(argv)
     config = AnatomyConfig(projector=args.projector, jacobian=args.jacobian,
                            background_derivatives=args.background_derivatives,
                            tracking_background_derivatives=args.background_derivatives)
+    try:
+        config = override_config(config, args.set_config)
+    except ValueError as err:
+        parser.error(str(err))
     n = 5 if args.quick else args.cases
     n_peer = min(1 if args.quick else args.peer_cases, n)
     print(f"# bench_anatomy: {' '.join(sys.argv)}")
@@ -335,7 +356,8 @@ def main(argv=None) -> int:
         print("# peer: itk-twoprojectionregistration not installed")
     names = ("thoracolumbar", "cervical") if args.phantom == "both" else (args.phantom,)
     print(f"# anatomy config: projector {config.projector}, jacobian {config.jacobian}, "
-          f"background derivatives {config.background_derivatives} (tracking {config.tracking_background_derivatives})")
+          f"background derivatives {config.background_derivatives} (tracking {config.tracking_background_derivatives})"
+          f"{', overrides ' + ' '.join(args.set_config) if args.set_config else ''}")
     results = [run_phantom(nm, n, n_peer, args.seed, args.planning_slice_mm, args.roi_neighbours, config) for nm in names]
     print()
     print("| phantom | cases | success (mTRE<1mm) | median mTRE mm | p95 mTRE mm | rot err median / p95 deg "

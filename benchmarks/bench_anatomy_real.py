@@ -48,6 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from spineguide.calibration.io import read_geometry  # noqa: E402
 from spineguide.registration.anatomy import AnatomyConfig, AnatomyRegistration, PyramidLevel, RegionOfInterest  # noqa: E402
+from bench_anatomy import override_config  # noqa: E402
 from spineguide.registration.pose import Pose  # noqa: E402
 from spineguide.registration.similarity import line_integrals  # noqa: E402
 from spineguide.registration.volume import read_ct  # noqa: E402
@@ -141,11 +142,10 @@ def main(argv=None) -> int:
         config = replace(config, levels=levels(args.levels))
     if args.tracking_levels:
         config = replace(config, tracking_levels=levels(args.tracking_levels))
-    for item in args.set_config:
-        name, _, value = item.partition("=")
-        if not hasattr(config, name) or isinstance(getattr(config, name), (tuple, str)) and not isinstance(getattr(config, name), str):
-            parser.error(f"--set-config: no settable AnatomyConfig field {name!r}")
-        config = replace(config, **{name: type(getattr(config, name))(value)})
+    try:
+        config = override_config(config, args.set_config)
+    except ValueError as err:
+        parser.error(str(err))
     print(f"# bench_anatomy_real: {' '.join(sys.argv)}")
     print(f"# machine: {platform.machine()}, {os.cpu_count()} CPUs, numba {numba.__version__} "
           f"({numba.get_num_threads()} threads), numpy {np.__version__}, python {platform.python_version()}")

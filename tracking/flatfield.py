@@ -116,9 +116,10 @@ class FlatField:
         shape = self.shape
         if shape is not None and raw.shape != shape:
             raise FrameError(f"imager '{self.imager}': frame {raw.shape} does not match its flat-field maps {shape}")
-        out = raw.astype(np.float32)  # a copy
         if self.offset_counts is not None:
-            out -= self.offset_counts
+            out = np.subtract(raw, self.offset_counts, dtype=np.float32)  # a new array, one pass
+        else:
+            out = raw.astype(np.float32)  # a copy
         if self._inv_gain is not None:
             out *= self._inv_gain
         np.maximum(out, np.float32(0.0), out=out)
