@@ -27,6 +27,7 @@ from types import MappingProxyType
 import numpy as np
 import SimpleITK as sitk
 
+from .ctfile import read_ct
 from .dicom_rt import (
     TARGET_TYPES,
     ContourType,
@@ -41,7 +42,7 @@ from .dicom_rt import (
 from .errors import DicomRTError, PlanError
 from .imagefile import MAX_IMAGE_BYTES, read_sitk_image
 from .io import FiducialSet, read_fiducials
-from .volume import CTVolume, PatientPosition, read_ct
+from .volume import CTVolume, PatientPosition
 
 __all__ = [
     "PlanError",

@@ -1,4 +1,4 @@
-"""Session review: a recorded session (``spineguide.tracking.record``) analysed, and its HTML report with figures.
+"""Session review: a recorded session (``spineguide.tracking.service.record``) analysed, and its HTML report with figures.
 
 :func:`review_session` reads a session record and extracts the deviation
 and beam timeline (every ``gating/1`` sent), each HOLD run with its reason,
@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import ReviewError
-from ..record import read_record
+from ..service.record import read_record
 from .live import LiveState
 
 __all__ = ["ReviewError", "SessionReview", "list_sessions", "review_session", "write_review_html"]

@@ -54,8 +54,8 @@ import zmq.asyncio
 from aiohttp import WSMsgType, web
 
 from ..errors import TrackingError, WireSchemaError
-from ..security import make_client_socket_secure
-from ..wire import decode_json_message, decode_reply, encode_command
+from ..service.security import make_client_socket_secure
+from ..service.wire import decode_json_message, decode_reply, encode_command
 from .config import ConsoleConfig
 from .display import DisplayFrame, drr_edges, render_frame, seed_overlays
 from .live import LiveState
@@ -662,7 +662,7 @@ def _pair_frame_files(folder: Path, pair_id: int) -> dict[str, Path]:
 
     The record names frames ``<pair_id:08d>_<imager>.npy`` in the first epoch and
     ``e<epoch>_<pair_id:08d>_<imager>.npy`` after an imager restart or a pair-id jump
-    (:meth:`spineguide.tracking.record.SessionRecord.save_frame`), so the same pair id can be there more than once;
+    (:meth:`spineguide.tracking.service.record.SessionRecord.save_frame`), so the same pair id can be there more than once;
     frames of two epochs are never shown as one pair.
     """
     pattern = re.compile(rf"(?:e(\d+)_)?{int(pair_id):08d}_([^.]+)\.npy")

@@ -28,7 +28,7 @@ from spineguide.calibration.geometry import StereoGeometry, default_stereo_geome
 from spineguide.calibration.io import write_geometry
 from spineguide.calibration.jsonfile import write_json_document
 from spineguide.registration.io import FiducialSet, write_fiducials
-from spineguide.registration.volume import write_ct
+from spineguide.registration.ctfile import write_ct
 
 from ..errors import TrackingError
 from .dicom import write_dicom_plan

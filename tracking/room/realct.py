@@ -50,7 +50,8 @@ from spineguide.registration.attenuation import DEFAULT_IMAGING_ENERGY_KEV, hu_t
 from spineguide.registration.drr import AttenuationVolume, compute_drr
 from spineguide.registration.errors import RegistrationError
 from spineguide.registration.pose import Pose
-from spineguide.registration.volume import CTVolume, PatientPosition, read_ct, room_from_lps_matrix
+from spineguide.registration.ctfile import read_ct
+from spineguide.registration.volume import CTVolume, PatientPosition, room_from_lps_matrix
 
 from ..errors import SimulationError
 from .chain import ChainConfig, ChainFrame, DetectorMaps, MaterialPaths, render_chain_frame, water_bone_fractions

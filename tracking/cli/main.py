@@ -35,7 +35,20 @@ from pathlib import Path
 from spineguide.calibration.errors import CalibrationError
 from spineguide.registration.errors import RegistrationError
 
-from .errors import TrackingError
+from ..errors import TrackingError
+from .args import (
+    CliError,
+    _positive_int,
+    finite_float,
+    i0_level,
+    non_negative_float,
+    non_negative_int,
+    parse_six,
+    parse_triplet_mm,
+    port_number,
+    positive_float,
+    print_table,
+)
 
 __all__ = ["main", "build_parser", "parse_triplet_mm", "parse_six", "CliError", "RegisterRefusal",
            "EXIT_OK", "EXIT_QA_FAILED", "EXIT_ERROR", "EXIT_NOT_TRUSTED", "EXIT_INTERNAL", "EXIT_INTERRUPTED",
@@ -58,10 +71,6 @@ AIR_HU = -900.0
 log = logging.getLogger("spineguide")
 
 
-class CliError(Exception):
-    """A user error on the command line (bad value, missing file)."""
-
-
 class _UsageError(Exception):
     """argparse refused the command line (raised by :meth:`_Parser.error` instead of printing usage)."""
 
@@ -81,78 +90,12 @@ class _Refusal:
     detail: str
 
 
-# ----------------------------------------------------------------- value parsers
-_MAX_NUMBER_TEXT = 64  # characters of one number: "-1.2345678901234567e+308" is 24
-
-
-def _shown(text: str) -> str:
-    return repr(text if len(text) <= 80 else text[:80] + "...")
-
-
-def _numbers(text: str, n: int, what: str, names: str) -> list[float]:
-    """``n`` comma-separated finite floats from ``text``; CliError naming ``what`` otherwise."""
-    count = {3: "three", 6: "six"}.get(n, str(n))
-    if not isinstance(text, str):
-        raise CliError(f"{what} must be {count} comma-separated numbers {names}, got {text!r}")
-    parts = [p.strip() for p in text.split(",")]
-    if len(parts) != n:
-        raise CliError(f"{what} must be {count} comma-separated numbers {names}, got {_shown(text)}")
-    values = []
-    for part in parts:
-        try:
-            if len(part) > _MAX_NUMBER_TEXT or "_" in part:
-                raise ValueError(part)
-            value = float(part)
-        except ValueError:
-            raise CliError(f"{what} must be {count} comma-separated numbers {names}, got {_shown(text)}") from None
-        if not math.isfinite(value):
-            raise CliError(f"{what} must be finite, got {_shown(text)}")
-        values.append(value)
-    return values
-
-
-def parse_triplet_mm(text: str, what: str = "value") -> tuple[float, float, float]:
-    """``"X,Y,Z"`` -> three finite floats (mm; the frame is the option's: ``--isocenter`` is planning-CT LPS).
-
-    Raises
-    ------
-    CliError
-        Not exactly three numbers, a number that does not parse, NaN or infinite.
-    """
-    x, y, z = _numbers(text, 3, what, "X,Y,Z")
-    return x, y, z
-
-
-def parse_six(text: str, what: str = "--pose") -> tuple[tuple[float, float, float], tuple[float, float, float]]:
-    """``"TX,TY,TZ,PITCH,ROLL,YAW"`` (room frame; mm, degrees) -> ``(translation_mm, rotation_deg)``.
-
-    Raises
-    ------
-    CliError
-        Not exactly six numbers, a number that does not parse, NaN or infinite.
-    """
-    v = _numbers(text, 6, what, "TX,TY,TZ,PITCH,ROLL,YAW (mm, deg)")
-    return (v[0], v[1], v[2]), (v[3], v[4], v[5])
-
-
-def print_table(headers: Sequence[str], rows: Sequence[Sequence[object]], out=None) -> None:
-    """Print a plain aligned text table."""
-    out = out or sys.stdout
-    cells = [[str(h) for h in headers]] + [[str(c) for c in row] for row in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
-    line = "  ".join("-" * w for w in widths)
-    print("  ".join(h.ljust(w) for h, w in zip(cells[0], widths)), file=out)
-    print(line, file=out)
-    for row in cells[1:]:
-        print("  ".join(c.ljust(w) for c, w in zip(row, widths)), file=out)
-
-
 # ------------------------------------------------------------------ subcommands
 def _cmd_drr(args: argparse.Namespace) -> int:
     from spineguide.calibration.io import read_geometry
     from spineguide.registration.drr import write_drr_images
     from spineguide.registration.pose import Pose
-    from spineguide.registration.volume import read_ct
+    from spineguide.registration.ctfile import read_ct
 
     iso = parse_triplet_mm(args.isocenter, "--isocenter")
     geometry = read_geometry(args.geometry)
@@ -180,7 +123,7 @@ def _cmd_drr(args: argparse.Namespace) -> int:
 def _cmd_simulate(args: argparse.Namespace) -> int:
     from spineguide.calibration.geometry import DEFAULT_PANEL_PIXELS, DEFAULT_PIXEL_SPACING_MM, default_stereo_geometry
 
-    from .room import DetectorModel, write_simulation
+    from ..room import DetectorModel, write_simulation
 
     # A smaller panel keeps the default room's field of view (41 cm) with larger pixels.
     spacing_mm = DEFAULT_PIXEL_SPACING_MM * DEFAULT_PANEL_PIXELS / args.panel_pixels
@@ -209,9 +152,9 @@ def _cmd_simulate_ct(args: argparse.Namespace) -> int:
 
     from spineguide.calibration.io import read_geometry
 
-    from .errors import SimulationError
-    from .room.realct import build_set, imaging_from_options, read_labelled_ct
-    from .room.rooms import Room, room_geometry
+    from ..errors import SimulationError
+    from ..room.realct import build_set, imaging_from_options, read_labelled_ct
+    from ..room.rooms import Room, room_geometry
 
     try:
         detector, chain, couch = imaging_from_options(args.chain, args.i0, args.spr, args.couch)
@@ -251,7 +194,7 @@ def _cmd_register(args: argparse.Namespace) -> int:
 
     from spineguide.calibration.io import read_geometry
 
-    from .frames import parse_image_args, read_stereo_frames
+    from ..frames import parse_image_args, read_stereo_frames
 
     t0 = time.monotonic()
     geometry = read_geometry(args.geometry)
@@ -299,8 +242,8 @@ def _quality_reason(report: dict) -> str:
 
 
 def _service_correction_limits() -> tuple[float, float]:
-    """The service's correction limits (mm, deg): the defaults of ``[safety]`` in tracking/config.py."""
-    from .config import SafetyConfig
+    """The service's correction limits (mm, deg): the defaults of ``[safety]`` in tracking/service/config.py."""
+    from ..service.config import SafetyConfig
 
     safety = SafetyConfig()
     return safety.correction_limit_mm, safety.correction_limit_deg
@@ -408,7 +351,7 @@ def _register_fiducial(args, geometry, plan, pixels) -> tuple[dict, list[_Refusa
     from spineguide.registration.ct_seeds import find_ct_seeds
     from spineguide.registration.io import FiducialSet, read_fiducials
 
-    from .fiducials import localise_fiducials
+    from ..localisation.fiducials import localise_fiducials
 
     ct = plan.ct
     if args.fiducials is not None:
@@ -458,7 +401,7 @@ def _flat_fields(args) -> dict:
     from spineguide.calibration.errors import GeometryFileError
     from spineguide.calibration.jsonfile import read_json_document
 
-    from .flatfield import flat_fields_from_args, flat_fields_from_geometry_json
+    from ..localisation.flatfield import flat_fields_from_args, flat_fields_from_geometry_json
 
     geometry_doc = read_json_document(args.geometry, GeometryFileError, "geometry file")
     known = flat_fields_from_geometry_json(geometry_doc, Path(args.geometry).parent)
@@ -487,7 +430,7 @@ def _register_anatomy(args, geometry, plan, pixels) -> dict:
         raise CliError("--method anatomy needs an ROI: --roi MASK_FILE, --roi-box DX,DY,DZ, or a DICOM plan "
                        "with a target ROI (--plan DIR [--roi-name NAME])")
     # Dark / gain correction; dead lines inpainted (the comparison reads whole regions, not windows).
-    from .flatfield import correct_frames
+    from ..localisation.flatfield import correct_frames
 
     pixels = correct_frames(_flat_fields(args), pixels)
     _check_anatomy_inputs(plan, pixels, roi)
@@ -554,7 +497,7 @@ def _parse_calibration_images(values: Sequence[str]) -> list[tuple[str, Path, tu
 def _calibration_frames(values: Sequence[str], geometry, i0: float | None):
     from spineguide.calibration.solve import CalibrationFrame
 
-    from .frames import read_frame
+    from ..frames import read_frame
 
     frames = []
     for name, path, shift_mm in _parse_calibration_images(values):
@@ -661,70 +604,6 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str):  # type: ignore[override]
         raise _UsageError(f"{self.prog}: error: {message}")
-
-
-def finite_float(text: str) -> float:
-    """argparse type: a finite float (``nan``, ``inf`` and over-long numbers refused)."""
-    try:
-        if len(text) > _MAX_NUMBER_TEXT or "_" in text:
-            raise ValueError(text)
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {_shown(text)}") from None
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"expected a finite number, got {_shown(text)}")
-    return value
-
-
-def positive_float(text: str) -> float:
-    """argparse type: a finite float > 0."""
-    value = finite_float(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {_shown(text)}")
-    return value
-
-
-def non_negative_float(text: str) -> float:
-    """argparse type: a finite float >= 0."""
-    value = finite_float(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {_shown(text)}")
-    return value
-
-
-#: Range of an unattenuated detector level (``--i0``, detector units): a float32 frame normalised to 1 and a
-#: 16-bit panel both sit well inside; 1e-300 would underflow float32 to 0 and divide by zero.
-I0_RANGE = (1e-6, 1e12)
-
-
-def i0_level(text: str) -> float:
-    """argparse type: an unattenuated detector level within :data:`I0_RANGE`."""
-    value = finite_float(text)
-    if not I0_RANGE[0] <= value <= I0_RANGE[1]:
-        raise argparse.ArgumentTypeError(f"expected an unattenuated level between {I0_RANGE[0]:g} and "
-                                         f"{I0_RANGE[1]:g} (detector units), got {_shown(text)}")
-    return value
-
-
-def non_negative_int(text: str) -> int:
-    """argparse type: an integer >= 0 (at most 19 digits)."""
-    try:
-        if len(text) > 19 or "_" in text:
-            raise ValueError(text)
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {_shown(text)}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {_shown(text)}")
-    return value
-
-
-def port_number(text: str) -> int:
-    """argparse type: a TCP port, 0 (any free port) to 65535."""
-    value = non_negative_int(text)
-    if value > 65535:
-        raise argparse.ArgumentTypeError(f"expected a TCP port 0..65535, got {_shown(text)}")
-    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -850,7 +729,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=Path, help="output folder")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     p.set_defaults(func=_cmd_simulate_ct)
-    from . import _cli_console, _cli_dicom, _cli_service
+    from . import console as _cli_console
+    from . import dicom as _cli_dicom
+    from . import service as _cli_service
 
     _cli_dicom.add_commands(sub)
     _cli_service.add_commands(sub)
@@ -863,13 +744,6 @@ def build_parser() -> argparse.ArgumentParser:
         except argparse.ArgumentError:
             pass
     return parser
-
-
-def _positive_int(text: str) -> int:
-    value = non_negative_int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {_shown(text)}")
-    return value
 
 
 # A value that starts like a negative number (or a list of them): "-3.27,10,5", "-1e-3", "-inf,0,0".

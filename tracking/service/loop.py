@@ -1,4 +1,4 @@
-"""The real-time service: ZeroMQ endpoints, threads, clocks; decisions are the :class:`~spineguide.tracking.states.Engine`'s.
+"""The real-time service: ZeroMQ endpoints, threads, clocks; decisions are the :class:`~spineguide.tracking.service.states.Engine`'s.
 
 Threads and the sockets they own (a socket is used by exactly one thread):
 
@@ -10,7 +10,7 @@ Threads and the sockets they own (a socket is used by exactly one thread):
   counted: never a backlog). Commands are answered at once, even while a
   registration runs (the engine lock is never held during one).
 - **worker** takes pairs from the mailbox, runs the registration
-  (:func:`~spineguide.tracking.states.run_processor`, outside the lock) and lets the
+  (:func:`~spineguide.tracking.service.states.run_processor`, outside the lock) and lets the
   engine judge the result.
 - **publisher** owns the PUB socket. It takes outgoing bodies from a
   thread-safe queue (the engine's ``emit``), stamps ``seq`` at send time,
@@ -19,7 +19,7 @@ Threads and the sockets they own (a socket is used by exactly one thread):
   exactly at each ENABLE's expiry. A ``queue.SimpleQueue`` rather than an
   inproc PUSH/PULL pair feeds it: it is thread-safe, needs no socket per
   producer, and its timed ``get`` is the publisher's clock.
-- **record-writer** (:class:`~spineguide.tracking.record.SessionRecord`) owns the file.
+- **record-writer** (:class:`~spineguide.tracking.service.record.SessionRecord`) owns the file.
 
 Replay (:func:`replay_session`) feeds a recorded session through a fresh
 engine with the recorded clock values and reports every difference.
@@ -43,8 +43,8 @@ from typing import Any
 import numpy as np
 import zmq
 
+from ..errors import CommandRefused, FrameError, SecurityError, TrackingError, WireSchemaError
 from .config import INSECURE_WARNING, PlanConfig, ServiceConfig, config_from_dict, log_config
-from .errors import CommandRefused, FrameError, SecurityError, TrackingError, WireSchemaError
 from .gating import Beam, HoldReason
 from .pairing import CompletePair, FrameAccepted, FramePairer, NewEpoch, PairFault
 from .processing import PairProcessor, PairResult, build_processor
@@ -137,7 +137,7 @@ class Service:
     ----------
     config : ServiceConfig
     processor_factory : callable(PlanConfig) -> PairProcessor, optional
-        Default :func:`~spineguide.tracking.processing.build_processor`.
+        Default :func:`~spineguide.tracking.service.processing.build_processor`.
     record : SessionRecord, optional
         Default: from ``config.record`` (none at all when no path is set).
     seed : int
@@ -817,7 +817,7 @@ def replay_session(path: str | Path, processor_factory: Callable[[PlanConfig], P
     RecordError
         Unreadable record; TrackingError if it has no ``session`` header.
     """
-    from .frames import KvFrame as _Frame
+    from ..frames import KvFrame as _Frame
     from .record import RecordError
 
     p = Path(path)

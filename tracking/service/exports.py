@@ -26,8 +26,8 @@ import time
 from spineguide.registration.dicom_export import SeriesInfo, save, series_number_for, spatial_registration
 from spineguide.registration.pose import Pose
 
+from ..errors import TrackingError
 from .config import PlanConfig
-from .errors import TrackingError
 from .record import SessionRecord
 
 __all__ = ["SetupExporter"]
@@ -47,7 +47,7 @@ class SetupExporter:
     def __init__(self, plan: PlanConfig, out_dir: Path, record: SessionRecord, archive: str | None = None) -> None:
         self._archive = None
         if archive is not None:
-            from ._cli_dicom import parse_archive
+            from .dicom_net import parse_archive
 
             self._archive = parse_archive(archive)
         self._plan_config = plan
@@ -84,7 +84,7 @@ class SetupExporter:
             t.join(timeout_s)
 
     def _write(self, pair_id: int, pose: Pose, approved_unix_s: float, operator: str, instance: int) -> None:
-        from .processing import load_treatment_plan
+        from .plan import load_treatment_plan
 
         try:
             with self._lock:

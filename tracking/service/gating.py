@@ -21,7 +21,7 @@ from enum import Enum
 
 import numpy as np
 
-from .errors import TrackingError
+from ..errors import TrackingError
 
 __all__ = [
     "Beam",

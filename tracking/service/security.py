@@ -37,15 +37,24 @@ import zmq
 import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
 
+from ..errors import CommandRefused, SecurityError
 from .config import SecurityConfig
-from .errors import CommandRefused, SecurityError
 from .states import Command
 
 __all__ = ["SecurityError", "KeyPair", "Role", "ClientIdentity", "COMMAND_ROLES", "DEFAULT_CLIENT_ROLES",
            "ROLES_FILE", "UNAUTHENTICATED", "authorize_command", "roles_markdown", "load_allow_list", "create_keys",
-           "load_key_pair", "Authenticator", "user_id_of", "make_server_socket_secure", "make_client_socket_secure"]
+           "load_key_pair", "Authenticator", "user_id_of", "make_server_socket_secure", "make_client_socket_secure",
+           "ClientKeys"]
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class ClientKeys:
+    """A CURVE client's own ``.key_secret`` file and the server's public ``.key`` file."""
+
+    client_secret: Path
+    server_public: Path
 
 
 @dataclass(frozen=True, slots=True)
@@ -326,7 +335,7 @@ class Authenticator:
         self.allowed = allowed
         self._on_denied = on_denied
         self.denied = 0
-        self._auth = ThreadAuthenticator(context, log=logging.getLogger("spineguide.tracking.security.zap"))
+        self._auth = ThreadAuthenticator(context, log=logging.getLogger("spineguide.tracking.service.security.zap"))
         self._auth.start()
         self._auth.configure_curve_callback(domain="*", credentials_provider=self)
         log.info("CURVE on: %d allowed client key(s) in %s: %s", len(self.identities), allowed,

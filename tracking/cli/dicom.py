@@ -1,6 +1,6 @@
 """``spineguide import``, ``dicom-listen``, ``dicom-export`` and ``dicom-send``: DICOM in and out.
 
-Registered by :mod:`spineguide.tracking.cli` with ``_cli_dicom.add_commands(sub)``. Both
+Registered by :mod:`spineguide.tracking.cli.main` with ``_cli_dicom.add_commands(sub)``. Both
 commands print; the library they call only logs.
 """
 
@@ -14,19 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["add_commands", "cmd_import", "cmd_dicom_listen", "cmd_dicom_export", "cmd_dicom_send", "parse_archive"]
-
-
-def parse_archive(text: str):
-    """``AE@HOST:PORT`` -> :class:`spineguide.tracking.dicom_net.ArchiveConfig`."""
-    from .dicom_net import ArchiveConfig, DicomNetworkError
-
-    ae, at, rest = text.partition("@")
-    host, colon, port = rest.rpartition(":")
-    if (not at or not colon or not ae or not host or not (port.isascii() and port.isdigit())
-            or len(port) > 5 or int(port) > 65535):
-        raise DicomNetworkError(f"archive must be AE@HOST:PORT (port 0..65535), got {text!r}")
-    return ArchiveConfig(host=host, port=int(port), ae_title=ae)
+__all__ = ["add_commands", "cmd_import", "cmd_dicom_listen", "cmd_dicom_export", "cmd_dicom_send"]
 
 
 def cmd_dicom_export(args: argparse.Namespace, out=None) -> int:
@@ -38,7 +26,7 @@ def cmd_dicom_export(args: argparse.Namespace, out=None) -> int:
     from spineguide.registration.plan import load_dicom_plan
     from spineguide.tracking.frames import parse_image_args, read_stereo_frames
 
-    from .cli import CliError
+    from .args import CliError
 
     out = out or sys.stdout
     if args.i0 is None:
@@ -73,7 +61,7 @@ def cmd_dicom_export(args: argparse.Namespace, out=None) -> int:
 
 
 def _send(paths, archive_text: str, out) -> int:
-    from .dicom_net import send_to_archive
+    from ..service.dicom_net import parse_archive, send_to_archive
 
     archive = parse_archive(archive_text)
     results = send_to_archive(paths, archive)
@@ -126,7 +114,7 @@ def cmd_import(args: argparse.Namespace, out=None) -> int:
         print(f"  {len(inv.not_dicom)} file(s) that are not DICOM (ignored)", file=out)
     iso = None
     if args.isocenter is not None:
-        from .cli import parse_triplet_mm
+        from .args import parse_triplet_mm
 
         iso = parse_triplet_mm(args.isocenter, "--isocenter")
     plan = load_dicom_plan(inv.folder, isocentre_lps_mm=iso, target_roi=args.target, inventory=inv)
@@ -141,7 +129,7 @@ def cmd_import(args: argparse.Namespace, out=None) -> int:
         for name, pos in zip(plan.fiducials.names, plan.fiducials.positions_lps_mm):
             print(f"  fiducial {name}: {_fmt(pos)} LPS mm", file=out)
     if plan.target_roi is None and plan.fiducials is None:
-        from .cli import CliError
+        from .args import CliError
 
         raise CliError(f"{inv.folder}: the plan has neither a target ROI nor planned fiducials (no usable RT "
                        "Structure Set): nothing to register against")
@@ -150,7 +138,7 @@ def cmd_import(args: argparse.Namespace, out=None) -> int:
 
 def cmd_dicom_listen(args: argparse.Namespace, out=None) -> int:
     """Run the Storage SCP until interrupted (or for ``--duration-s``), then list what arrived."""
-    from .dicom_net import ListenerConfig, StorageListener
+    from ..service.dicom_net import ListenerConfig, StorageListener
 
     out = out or sys.stdout
     config = ListenerConfig(args.out, ae_title=args.ae_title, port=args.port, host=args.host,
@@ -178,7 +166,7 @@ def cmd_dicom_listen(args: argparse.Namespace, out=None) -> int:
 
 def add_commands(subparsers) -> None:
     """Add ``import``, ``dicom-listen``, ``dicom-export`` and ``dicom-send`` to the ``spineguide`` subparsers."""
-    from .cli import finite_float, i0_level, non_negative_int, port_number, positive_float
+    from .args import finite_float, i0_level, non_negative_int, port_number, positive_float
 
     p = subparsers.add_parser("import", help="read a folder of DICOM planning data (CT, RTSTRUCT, RTPLAN) and check it")
     p.add_argument("dir", type=Path, help="folder (searched recursively)")

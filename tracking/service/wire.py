@@ -33,8 +33,8 @@ import numpy as np
 from spineguide.calibration.jsonfile import parse_json_bytes
 from spineguide.registration.pose import Correction
 
-from .errors import FrameError, NonFinitePixelsError, PayloadSizeError, WireSchemaError
-from .frames import KvFrame
+from ..errors import FrameError, NonFinitePixelsError, PayloadSizeError, WireSchemaError
+from ..frames import KvFrame
 from .gating import GatingDecision
 
 __all__ = [

@@ -4,7 +4,7 @@
    and panel positions, panel tilt): the demo images the built-in BB phantom at
    four couch positions, calibrates the geometry, and compares it with the
    room's truth.
-2. **The fraction** (:func:`spineguide.tracking.fraction.run_fraction`): the service, the
+2. **The fraction** (:func:`spineguide.tracking.sim.fraction.run_fraction`): the service, the
    imager simulator and the delivery simulator run as three processes over
    ZeroMQ on loopback, CURVE on end to end with a temporary key set (each
    process its own key and role; see docs/SECURITY.md). The service uses
@@ -26,8 +26,8 @@ import numpy as np
 from spineguide.calibration.geometry import StereoGeometry, default_stereo_geometry
 from spineguide.calibration.io import write_geometry
 
-from .fraction import run_fraction
-from .room import DetectorModel, perturbed_geometry, render_bb_frames
+from ..room import DetectorModel, perturbed_geometry, render_bb_frames
+from ..sim.fraction import run_fraction
 
 __all__ = ["run_demo", "calibrate_virtual_room"]
 
@@ -97,7 +97,7 @@ def run_demo(
     quick : bool
         A short fraction with test-pattern frames (for tests); the calibration is the same.
     """
-    from .cli import print_table
+    from .args import print_table
 
     say = progress or (lambda message: None)
     t_start = time.monotonic()

@@ -1,10 +1,10 @@
 """``spineguide`` subcommands of the real-time service: serve, keys, replay, imager-sim, delivery-sim, fraction.
 
-:func:`add_commands` adds them to the main parser (``tracking/cli.py``).
+:func:`add_commands` adds them to the main parser (``tracking/cli/main.py``).
 Each handler parses, builds configuration, calls the library, prints, and
 returns an exit code; errors raise and the main entry point turns them into
 ``spineguide: error: <reason>`` and a non-zero exit. ``python -m
-tracking._cli_service`` runs them standalone (the fraction's subprocesses use it).
+spineguide.tracking.cli.service`` runs them standalone (the fraction's subprocesses use it).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ log = logging.getLogger("spineguide")
 
 
 def _floats(text: str, n: int, what: str) -> tuple[float, ...]:
-    from .errors import TrackingError
+    from ..errors import TrackingError
 
     try:
         values = tuple(float(v) for v in text.split(","))
@@ -43,12 +43,12 @@ def _stop_on_signals(event: threading.Event) -> None:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from .config import load_config
-    from .loop import Service
+    from ..service.config_file import load_config
+    from ..service.loop import Service
 
     config = load_config(args.config)
     if config.security.insecure:
-        from .config import INSECURE_WARNING
+        from ..service.config import INSECURE_WARNING
 
         print(f"spineguide serve: WARNING: {INSECURE_WARNING}", file=sys.stderr, flush=True)
     svc = Service(config, seed=args.seed).start()
@@ -70,8 +70,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 def _client_roles(specs: list[str] | None):
     """``NAME:ROLE`` (or a default client name alone) -> {name: Role}; None for the default set."""
-    from .errors import SecurityError
-    from .security import DEFAULT_CLIENT_ROLES, Role
+    from ..errors import SecurityError
+    from ..service.security import DEFAULT_CLIENT_ROLES, Role
 
     if not specs:
         return None
@@ -91,7 +91,7 @@ def _client_roles(specs: list[str] | None):
 
 
 def _cmd_keys(args: argparse.Namespace) -> int:
-    from .security import create_keys
+    from ..service.security import create_keys
 
     made = create_keys(args.out, _client_roles(args.client))
     print(f"CurveZMQ keys in {args.out}:")
@@ -104,7 +104,7 @@ def _cmd_keys(args: argparse.Namespace) -> int:
 
 
 def _cmd_replay(args: argparse.Namespace) -> int:
-    from .loop import replay_session
+    from ..service.loop import replay_session
 
     report = replay_session(args.session, recompute=not args.no_recompute, seed=args.seed)
     print(f"replayed {report.events} events ({report.pairs} pairs, {report.recomputed_pairs} re-registered "
@@ -119,11 +119,11 @@ def _cmd_replay(args: argparse.Namespace) -> int:
 
 
 def _client_keys(args: argparse.Namespace):
-    from .sims import ClientKeys
+    from ..service.security import ClientKeys
 
     if args.client_key is None and args.server_key is None:
         return None
-    from .errors import TrackingError
+    from ..errors import TrackingError
 
     if args.client_key is None or args.server_key is None:
         raise TrackingError("--client-key and --server-key go together")
@@ -133,7 +133,7 @@ def _client_keys(args: argparse.Namespace):
 def _cmd_imager_sim(args: argparse.Namespace) -> int:
     from spineguide.registration.pose import Pose
 
-    from .sims import MotionTrace, run_imager_sim
+    from ..sim.simulators import MotionTrace, run_imager_sim
 
     six = _floats(args.setup_error, 6, "--setup-error")
     shifts = []
@@ -144,7 +144,7 @@ def _cmd_imager_sim(args: argparse.Namespace) -> int:
                         shifts=tuple(shifts))
     room = None
     if args.room:
-        from .sims import RoomFrames
+        from ..sim.simulators import RoomFrames
 
         true_room = None
         if args.geometry is not None:
@@ -162,7 +162,7 @@ def _cmd_imager_sim(args: argparse.Namespace) -> int:
 
 
 def _cmd_delivery_sim(args: argparse.Namespace) -> int:
-    from .sims import CouchModel, run_delivery_sim
+    from ..sim.simulators import CouchModel, run_delivery_sim
 
     stop = threading.Event()
     _stop_on_signals(stop)
@@ -179,7 +179,7 @@ def _cmd_delivery_sim(args: argparse.Namespace) -> int:
 
 
 def _cmd_fraction(args: argparse.Namespace) -> int:
-    from .fraction import run_fraction
+    from ..sim.fraction import run_fraction
 
     summary = run_fraction(args.out, seed=args.seed, method="pattern" if args.pattern else "fiducial",
                            progress=lambda m: print(f"  .. {m}", flush=True))
@@ -264,11 +264,11 @@ def add_commands(subparsers) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Standalone entry (``python -m spineguide.tracking._cli_service SUBCOMMAND ...``), same handling as ``spineguide``."""
+    """Standalone entry (``python -m spineguide.tracking.cli.service SUBCOMMAND ...``), same handling as ``spineguide``."""
     from spineguide.calibration.errors import CalibrationError
     from spineguide.registration.errors import RegistrationError
 
-    from .errors import TrackingError
+    from ..errors import TrackingError
 
     parser = argparse.ArgumentParser(prog="spineguide")
     parser.add_argument("-v", "--verbose", action="store_true")

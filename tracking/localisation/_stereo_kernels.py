@@ -1,7 +1,7 @@
 """Numba kernel of two-view triangulation for the fiducial matcher. Pure functions: arrays in, arrays out.
 
 Pixel coordinates are ``(col, row)`` panel pixels; room points mm (IEC 61217 room frame).
-``tracking/fiducials.py`` validates input; ``tests/tracking/test_fiducials.py`` checks the kernel
+``tracking/localisation/fiducials.py`` validates input; ``tests/tracking/test_fiducials.py`` checks the kernel
 against ``StereoGeometry.triangulate``.
 """
 

@@ -26,7 +26,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from .errors import FrameError
+from ..errors import FrameError
 
 __all__ = ["FlatField", "correct_frames", "flat_fields_from_args", "flat_fields_from_geometry_json", "read_flat_field", "read_map"]
 

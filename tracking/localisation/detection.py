@@ -49,6 +49,7 @@ import numpy as np
 
 from spineguide.calibration.geometry import ImagerGeometry
 
+from ..errors import FrameError
 from ._kernels import (
     analyse_windows,
     gather_windows,
@@ -56,7 +57,6 @@ from ._kernels import (
     reconstruct_under,
     snr_peaks,
 )
-from .errors import FrameError
 
 __all__ = [
     "Detection",

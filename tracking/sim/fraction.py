@@ -9,7 +9,7 @@ mid-fraction, set up again and resume. It then reads the session record, the
 imager's ground truth and the delivery simulator's report and returns a
 :class:`FractionSummary`.
 
-CURVE is on end to end: a temporary key set (:func:`spineguide.tracking.security.create_keys`)
+CURVE is on end to end: a temporary key set (:func:`spineguide.tracking.service.security.create_keys`)
 gives the service its key pair and an allow-list with roles, and each process
 its own client key (console: therapist, imager: imager, delivery: delivery).
 """
@@ -32,10 +32,11 @@ import zmq
 
 from spineguide.calibration.jsonfile import parse_json_bytes, read_json_document
 
-from .errors import TrackingError
-from .record import read_record
-from .security import create_keys
-from .sims import ClientKeys, CommandClient, Subscriber, write_room_plan
+from ..errors import TrackingError
+from ..service.record import read_record
+from ..service.security import create_keys
+from ..service.security import ClientKeys
+from .simulators import CommandClient, Subscriber, write_room_plan
 
 __all__ = ["FractionSummary", "run_fraction", "free_tcp_port"]
 
@@ -155,7 +156,7 @@ path = "session.jsonl"
 
 
 def _spawn(args: list[str], out: Path, name: str) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "spineguide.tracking._cli_service", *args]
+    cmd = [sys.executable, "-m", "spineguide.tracking.cli.service", *args]
     log.info("starting %s: %s", name, " ".join(cmd))
     fh = open(out / f"{name}.log", "w")
     try:
@@ -210,7 +211,7 @@ def run_fraction(out_dir: str | os.PathLike | None = None, seed: int = 2026, dur
     if method == "fiducial":
         # Compile the numba kernels once here (or load them from the on-disk cache), so that the three
         # processes load them from the cache instead of compiling at once on 2 cores mid-fraction.
-        from .processing import warm_up_kernels
+        from ..service.processing import warm_up_kernels
 
         say(f"numba kernels ready ({warm_up_kernels():.1f} s)")
     say(f"writing the plan, a temporary CURVE key set and the service configuration ({method} method)")

@@ -1,6 +1,6 @@
 """``spineguide console``: the live console web page next to the service.
 
-:func:`add_commands` adds the subcommand to the main parser (``tracking/cli.py``).
+:func:`add_commands` adds the subcommand to the main parser (``tracking/cli/main.py``).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ log = logging.getLogger("spineguide")
 
 
 def _read_token(path: Path | None) -> str | None:
-    from .console.config import ConsoleConfigError
+    from ..console.config import ConsoleConfigError
 
     if path is None:
         return None
@@ -28,9 +28,9 @@ def _read_token(path: Path | None) -> str | None:
 
 def build_console_config(args: argparse.Namespace, room=None):
     """The :class:`~spineguide.tracking.console.ConsoleConfig` of the parsed arguments (``room``: a SimulatedRoom)."""
-    from .config import load_config
-    from .console.config import ConsoleConfigError, console_config_from_service
-    from .sims import ClientKeys
+    from ..console.config import ConsoleConfigError, console_config_from_service
+    from ..service.config_file import load_config
+    from ..service.security import ClientKeys
 
     overrides = {"host": args.host, "port": args.port, "login_token": _read_token(args.token_file),
                  "allow_remote": args.allow_remote}
@@ -60,11 +60,11 @@ def build_console_config(args: argparse.Namespace, room=None):
 
 
 def _cmd_console(args: argparse.Namespace) -> int:
-    from .console.server import ConsoleServer
+    from ..console.server import ConsoleServer
 
     room = None
     if args.simulate:
-        from .console.rig import SimulatedRoom
+        from ..sim.rig import SimulatedRoom
 
         room = SimulatedRoom(folder=args.records, approval="manual").start()
         print(f"simulated room: service endpoints {room.endpoints}; record in {room.folder}", flush=True)
@@ -102,7 +102,7 @@ def _cmd_console(args: argparse.Namespace) -> int:
 
 def add_commands(subparsers) -> None:
     """Add ``console`` to a subparsers object."""
-    from .cli import port_number, positive_float
+    from .args import port_number, positive_float
 
     p = subparsers.add_parser("console", help="serve the live console web page (localhost) for the running service")
     p.add_argument("--service-config", type=Path, default=None,

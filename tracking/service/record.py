@@ -41,7 +41,7 @@ import numpy as np
 
 from spineguide.calibration.jsonfile import parse_json_bytes
 
-from .errors import RecordError
+from ..errors import RecordError
 
 __all__ = ["RecordError", "SessionRecord", "read_record", "frames_folder"]
 

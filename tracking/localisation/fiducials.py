@@ -2,7 +2,7 @@
 
 From one stereo pair of raw kV frames to the couch correction
 (docs/CONVENTIONS.md): detect seeds in each frame
-(:mod:`spineguide.tracking.detection`), pair detections across the two views with the
+(:mod:`spineguide.tracking.localisation.detection`), pair detections across the two views with the
 epipolar geometry, triangulate the candidate pairs (least squares, with the
 rays' skew distance as quality figure), assign the 3D candidates to the
 planned seeds by the rigid-body consistency of the constellation (inter-seed
@@ -42,9 +42,9 @@ from spineguide.registration.points import (
 )
 from spineguide.registration.pose import Correction, Pose
 
+from ..errors import FiducialConfigError, FiducialNotFoundError, FrameError, ImagerLabelError
 from ._stereo_kernels import triangulate_two_views
 from .detection import Detection, DetectionConfig, _check_frame, _check_i0, detect_seeds_in_frames, estimate_i0
-from .errors import FiducialConfigError, FiducialNotFoundError, FrameError, ImagerLabelError
 from .flatfield import FlatField
 from .seed_search import faint_candidates, refine_seeds
 
@@ -83,7 +83,7 @@ _FROM_POINT_FLAG = {
 
 @dataclass(frozen=True, slots=True)
 class FaintSearchConfig:
-    """The second, plan-guided search for seeds a stand-alone detector misses (``spineguide.tracking.seed_search``).
+    """The second, plan-guided search for seeds a stand-alone detector misses (``spineguide.tracking.localisation.seed_search``).
 
     Runs when the clean-frame detector leaves a planned seed unfound (or
     finds none): matched-filter candidates per view, chosen jointly with the
@@ -697,7 +697,7 @@ def localise_fiducials(
     defect_masks : mapping imager name -> bool array, optional
         Calibrated panel defect maps.
     flat_fields : mapping imager name -> FlatField, optional
-        Panel gain and dark maps (:mod:`spineguide.tracking.flatfield`), applied to the
+        Panel gain and dark maps (:mod:`spineguide.tracking.localisation.flatfield`), applied to the
         frames before anything else; their defects join ``defect_masks``.
 
     Returns

@@ -30,9 +30,9 @@ import numpy as np
 
 from spineguide.registration.pose import Correction, Pose, RotationAxis, reduce_to_couch
 
+from ..errors import CommandRefused, TrackingError
+from ..frames import KvFrame
 from .config import PlanConfig, ServiceConfig
-from .errors import CommandRefused, TrackingError
-from .frames import KvFrame
 from .gating import (
     Beam,
     GatingDecision,

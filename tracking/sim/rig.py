@@ -1,8 +1,8 @@
 """A simulated treatment room for the console: service, imager and delivery simulators in one process.
 
-:class:`SimulatedRoom` starts the real :class:`~spineguide.tracking.loop.Service`
+:class:`SimulatedRoom` starts the real :class:`~spineguide.tracking.service.loop.Service`
 (pattern method: test-pattern frames carrying the true pose), a delivery
-simulator (:func:`~spineguide.tracking.sims.run_delivery_sim`: obeys gating, moves the
+simulator (:func:`~spineguide.tracking.sim.simulators.run_delivery_sim`: obeys gating, moves the
 couch on an approved correction) and an imager that streams stereo pairs
 at a fixed rate with the true pose ``C_couch o shift o setup_error``, where
 ``shift`` can be changed at any time (:meth:`SimulatedRoom.inject_shift`).
@@ -28,13 +28,14 @@ import zmq
 
 from spineguide.registration.pose import Correction, Pose
 
-from ..config import config_from_dict
 from ..errors import TrackingError, WireSchemaError
-from ..fraction import free_tcp_port
-from ..loop import Service
-from ..processing import stamp_pose_pattern
-from ..security import Role, create_keys
-from ..sims import (
+from ..service.config import config_from_dict
+from ..service.loop import Service
+from ..service.processing import stamp_pose_pattern
+from ..service.security import Role, create_keys
+from ..service.wire import decode_couch
+from .fraction import free_tcp_port
+from .simulators import (
     ClientKeys,
     CommandClient,
     CouchModel,
@@ -42,7 +43,6 @@ from ..sims import (
     pattern_frame,
     run_delivery_sim,
 )
-from ..wire import decode_couch
 
 __all__ = ["SimulatedRoom"]
 

@@ -55,7 +55,7 @@ import pydicom
 from pydicom.dataset import Dataset
 from pynetdicom import AE, evt
 
-from .errors import DicomNetworkError
+from ..errors import DicomNetworkError
 
 __all__ = [
     "DicomNetworkError",
@@ -66,6 +66,7 @@ __all__ = [
     "ArchiveConfig",
     "StoreResult",
     "send_to_archive",
+    "parse_archive",
     "TRANSFER_SYNTAXES",
     "VERIFICATION_SOP_CLASS",
 ]
@@ -500,3 +501,12 @@ def send_to_archive(objects: Iterable[Dataset | str | os.PathLike], archive: Arc
     log.info("stored %d objects at %s", len(results), archive.describe())
     return tuple(results)
 
+
+def parse_archive(text: str):
+    """``AE@HOST:PORT`` -> :class:`ArchiveConfig`."""
+    ae, at, rest = text.partition("@")
+    host, colon, port = rest.rpartition(":")
+    if (not at or not colon or not ae or not host or not (port.isascii() and port.isdigit())
+            or len(port) > 5 or int(port) > 65535):
+        raise DicomNetworkError(f"archive must be AE@HOST:PORT (port 0..65535), got {text!r}")
+    return ArchiveConfig(host=host, port=int(port), ae_title=ae)

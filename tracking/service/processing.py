@@ -14,7 +14,7 @@ Processors here:
   measurement noise. For simulation, tests and the service benchmark's
   gating path; it stands in for a registration, it is not one.
 - :class:`FiducialProcessor` and :class:`AnatomyProcessor` -- adapters over
-  :func:`spineguide.tracking.fiducials.localise_fiducials` and
+  :func:`spineguide.tracking.localisation.fiducials.localise_fiducials` and
   :func:`spineguide.registration.anatomy.register_anatomy` (imported lazily so this
   module works before those exist).
 """
@@ -30,10 +30,11 @@ import numpy as np
 
 from spineguide.registration.pose import Pose
 
+from ..errors import TrackingError
+from ..frames import KvFrame
 from .config import PlanConfig, SafetyConfig
-from .errors import TrackingError
-from .frames import KvFrame
 from .gating import HoldReason
+from .plan import anatomy_roi, load_treatment_plan, plan_flat_fields
 
 __all__ = [
     "PairResult",
@@ -228,7 +229,7 @@ class PatternProcessor:
 
 # ---------------------------------------------------------------- real methods
 class FiducialProcessor:
-    """Adapter over :func:`spineguide.tracking.fiducials.localise_fiducials` (seeds -> pose).
+    """Adapter over :func:`spineguide.tracking.localisation.fiducials.localise_fiducials` (seeds -> pose).
 
     Parameters
     ----------
@@ -247,7 +248,7 @@ class FiducialProcessor:
 
     def __init__(self, geometry, planned_room_mm: np.ndarray, names: list[str], config=None,
                  use_prior: bool = True, flat_fields=None) -> None:
-        from . import fiducials  # lazily: a sibling module with heavier imports
+        from ..localisation import fiducials  # lazily: a module with heavier imports
 
         self._fiducials = fiducials
         self.geometry = geometry
@@ -261,7 +262,7 @@ class FiducialProcessor:
         from spineguide.registration.errors import RegistrationError
         from spineguide.registration.points import SeedMigrationError
 
-        from .errors import FiducialNotFoundError, FrameError
+        from ..errors import FiducialNotFoundError, FrameError
 
         kwargs: dict[str, Any] = {"prior_pose": prior if self.use_prior else None}
         if self.config is not None:
@@ -325,8 +326,8 @@ class AnatomyProcessor:
         from spineguide.registration.errors import FrameError as RegistrationFrameError
         from spineguide.registration.errors import RegistrationError
 
-        from .errors import FrameError
-        from .flatfield import correct_frames
+        from ..errors import FrameError
+        from ..localisation.flatfield import correct_frames
 
         pixels = {name: f.pixels for name, f in frames.items()}
         i0 = {name: f.i0 for name, f in frames.items()} if all(f.i0 is not None for f in frames.values()) else None
@@ -363,15 +364,6 @@ def build_processor(plan: PlanConfig, seed: int = 0) -> PairProcessor:
     return _build_anatomy(plan)
 
 
-def load_treatment_plan(plan: PlanConfig):
-    """The :class:`spineguide.registration.plan.Plan` a ``[plan]`` section describes: a DICOM folder or CT + fiducials files."""
-    from spineguide.registration.plan import load_dicom_plan, load_plan_files
-
-    if plan.dicom is not None:
-        return load_dicom_plan(plan.dicom, isocentre_lps_mm=plan.isocentre_lps_mm, target_roi=plan.target_roi)
-    return load_plan_files(plan.ct, plan.isocentre_lps_mm, fiducials_path=plan.fiducials)
-
-
 def _build_fiducial(plan: PlanConfig) -> PairProcessor:
     from spineguide.calibration.io import read_geometry
 
@@ -379,7 +371,7 @@ def _build_fiducial(plan: PlanConfig) -> PairProcessor:
     treatment = load_treatment_plan(plan)
     if treatment.fiducials is None:
         raise TrackingError(f"[plan] fiducial method: the plan {treatment.ct.source} has no planned fiducials")
-    from .fiducials import FaintSearchConfig, FiducialConfig
+    from ..localisation.fiducials import FaintSearchConfig, FiducialConfig
 
     # The live service keeps the clean-frame detector only: the plan-guided faint-seed search costs
     # 0.3-2 s per pair (docs/FIDUCIALS.md section 7), far beyond a frame period, so in the real-time
@@ -387,21 +379,6 @@ def _build_fiducial(plan: PlanConfig) -> PairProcessor:
     config = FiducialConfig(faint=FaintSearchConfig(enabled=False))
     return FiducialProcessor(geometry, treatment.fiducials_room_mm(), list(treatment.fiducials.names), config=config,
                              flat_fields=plan_flat_fields(plan) or None)
-
-
-def plan_flat_fields(plan: PlanConfig) -> dict:
-    """Panel gain/offset maps named in the plan's geometry file (its optional ``flat_field`` extension).
-
-    Imager name -> :class:`spineguide.tracking.flatfield.FlatField`; empty when the file names none. Map paths are
-    taken relative to the geometry file's folder (docs/FIDUCIALS.md section 7).
-    """
-    from spineguide.calibration.errors import GeometryFileError
-    from spineguide.calibration.jsonfile import read_json_document
-
-    from .flatfield import flat_fields_from_geometry_json
-
-    doc = read_json_document(plan.geometry, GeometryFileError, "geometry file")
-    return flat_fields_from_geometry_json(doc, plan.geometry.parent) if isinstance(doc, dict) else {}
 
 
 def _build_anatomy(plan: PlanConfig) -> PairProcessor:
@@ -413,16 +390,6 @@ def _build_anatomy(plan: PlanConfig) -> PairProcessor:
     roi = anatomy_roi(plan, treatment)
     return AnatomyProcessor(AnatomyRegistration(treatment.ct, treatment.isocentre_lps_mm, geometry, roi),
                             flat_fields=plan_flat_fields(plan) or None)
-
-
-def anatomy_roi(plan: PlanConfig, treatment):
-    """The anatomy method's region of interest: the plan's target ROI, else the ``roi_half_size_mm`` box
-    (planning-CT LPS, around the isocentre)."""
-    from spineguide.registration.anatomy import RegionOfInterest
-
-    if treatment.target_roi is not None:
-        return RegionOfInterest.from_mask(treatment.target_mask(), description=f"ROI '{treatment.target_roi}'")
-    return RegionOfInterest.from_box(treatment.ct, treatment.isocentre_lps_mm, plan.roi_half_size_mm)
 
 
 def warm_up_kernels() -> float:
@@ -437,7 +404,7 @@ def warm_up_kernels() -> float:
     from spineguide.registration.drr import AttenuationVolume, compute_drr
     from spineguide.registration.errors import RegistrationError
 
-    from .fiducials import localise_fiducials
+    from ..localisation.fiducials import localise_fiducials
 
     t0 = time.monotonic()
     geometry = default_stereo_geometry(128, 3.2)

@@ -16,7 +16,7 @@
 
 Frames are test-pattern frames (:func:`pattern_frame`): a flat detector
 signal with seeded noise and the true pose stamped into row 0 for the
-:class:`~spineguide.tracking.processing.PatternProcessor`.
+:class:`~spineguide.tracking.service.processing.PatternProcessor`.
 """
 
 from __future__ import annotations
@@ -36,10 +36,10 @@ import zmq
 
 from spineguide.registration.pose import Correction, Pose
 
-from .errors import TrackingError, WireSchemaError
-from .processing import stamp_pose_pattern
-from .security import make_client_socket_secure
-from .wire import (
+from ..errors import TrackingError, WireSchemaError
+from ..service.processing import stamp_pose_pattern
+from ..service.security import ClientKeys, make_client_socket_secure
+from ..service.wire import (
     SeqCounter,
     decode_couch,
     decode_json_message,
@@ -50,7 +50,6 @@ from .wire import (
 )
 
 __all__ = [
-    "ClientKeys",
     "FrameSender",
     "CommandClient",
     "Subscriber",
@@ -67,14 +66,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True, slots=True)
-class ClientKeys:
-    """A CURVE client's own ``.key_secret`` file and the server's public ``.key`` file."""
-
-    client_secret: Path
-    server_public: Path
 
 
 def _socket(ctx: zmq.Context, kind: int, address: str, keys: ClientKeys | None) -> zmq.Socket:
@@ -295,7 +286,7 @@ def write_room_plan(folder: Path, panel_pixels: int = 512, pixel_spacing_mm: flo
     """Write the fraction phantom's plan: ``geometry.json``, ``ct.mha``, ``fiducials.json``; returns names + isocentre."""
     from spineguide.calibration.io import write_geometry
     from spineguide.registration.io import FiducialSet, write_fiducials
-    from spineguide.registration.volume import write_ct
+    from spineguide.registration.ctfile import write_ct
 
     phantom, geometry = room_plan_phantom(panel_pixels, pixel_spacing_mm)
     folder = Path(folder)

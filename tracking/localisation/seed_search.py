@@ -1,12 +1,12 @@
 """Faint gold seeds: matched-filter candidates under local background and noise models, and their sub-pixel centres.
 
-The clean-frame detector (:mod:`spineguide.tracking.detection`) thresholds each frame
+The clean-frame detector (:mod:`spineguide.tracking.localisation.detection`) thresholds each frame
 on its own, which fails where scatter, a low dose and a panel's gain pattern
 leave a seed a quarter of its clean contrast. Here a frame only proposes
 *candidates*; which of them are seeds is decided jointly over both views by
 the planned constellation and the epipolar geometry
-(:func:`spineguide.tracking.fiducials.localise_fiducials`). Method, on the flat-field
-corrected signal (:mod:`spineguide.tracking.flatfield`):
+(:func:`spineguide.tracking.localisation.fiducials.localise_fiducials`). Method, on the flat-field
+corrected signal (:mod:`spineguide.tracking.localisation.flatfield`):
 
 1. **Log and bin**: line integrals ``L = -ln(I / i0)`` of a copy binned so a
    seed stays >= 1.5 binned pixels wide.
@@ -43,9 +43,9 @@ import numpy as np
 
 from spineguide.calibration.geometry import ImagerGeometry
 
+from ..errors import FrameError
 from ._kernels import fit_seed_lm
 from .detection import Detection, DetectionConfig, line_integrals, seed_size_px
-from .errors import FrameError
 
 __all__ = ["SeedCandidates", "faint_candidates", "refine_seeds"]
 
@@ -258,7 +258,7 @@ def _fit_seed(x: np.ndarray, y: np.ndarray, data: np.ndarray, theta: float, half
     ``x``, ``y`` are pixel offsets from the start position (px), ``data`` the
     line integrals (ln units). Parameters ``(dcol, drow, theta, half_length,
     amplitude, b0, b1, b2)`` (px, px, rad, px, ln units, plane), analytic
-    Jacobian, in the numba kernel :func:`spineguide.tracking._kernels.fit_seed_lm`;
+    Jacobian, in the numba kernel :func:`spineguide.tracking.localisation._kernels.fit_seed_lm`;
     the half-width is the seed's projected radius. Returns the parameters,
     their standard errors and the residual sigma, or None.
     """

@@ -26,8 +26,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .errors import TrackingError
-from .frames import KvFrame
+from ..errors import TrackingError
+from ..frames import KvFrame
 from .gating import HoldReason
 
 __all__ = ["MAX_PAIR_ID_JUMP", "NewEpoch", "FrameAccepted", "PairFault", "CompletePair", "FramePairer"]
