@@ -57,7 +57,8 @@ from .attenuation import DEFAULT_CT_ENERGY_KEV, DEFAULT_IMAGING_ENERGY_KEV, hu_t
 from .drr import PROJECTORS, AttenuationVolume, PanelRegion, compute_drr_batch, compute_drr_pose_derivatives
 from .errors import AnatomyConfigError, RegistrationError, RoiError
 from .pose import Correction, Pose
-from .similarity import FrameError, Similarity, image_gradients, line_integrals, similarity
+from .pose import rotation_matrix as _rotation_matrix
+from .similarity import RegistrationFrameError, Similarity, image_gradients, line_integrals, similarity
 from .volume import CTVolume
 
 __all__ = [
@@ -532,16 +533,6 @@ class AnatomyResult:
 
 
 # ------------------------------------------------------------------------ internals
-def _rotation_matrix(rot_deg: np.ndarray) -> np.ndarray:
-    """``Rz(yaw) Ry(roll) Rx(pitch)`` from ``[pitch, roll, yaw]`` degrees (CONVENTIONS)."""
-    a, b, c = np.radians(rot_deg)
-    ca, sa, cb, sb, cc, sc = math.cos(a), math.sin(a), math.cos(b), math.sin(b), math.cos(c), math.sin(c)
-    rx = np.array([[1, 0, 0], [0, ca, -sa], [0, sa, ca]])
-    ry = np.array([[cb, 0, sb], [0, 1, 0], [-sb, 0, cb]])
-    rz = np.array([[cc, -sc, 0], [sc, cc, 0], [0, 0, 1]])
-    return rz @ ry @ rx
-
-
 def _parabola_offset(lo: float, mid: float, hi: float) -> float:
     den = lo - 2.0 * mid + hi
     return float(np.clip(0.5 * (lo - hi) / den, -0.5, 0.5)) if den < 0 else 0.0
@@ -942,24 +933,24 @@ class AnatomyRegistration:
 
         Raises
         ------
-        FrameError
+        RegistrationFrameError
             Missing or extra imager, wrong frame size, bad pixel values or i0.
         """
         t_start = time.monotonic()
         cfg = self.config
         names = self.geometry.names
         if set(frames) != set(names):
-            raise FrameError(f"frames for imagers {sorted(frames)} given; the geometry has {sorted(names)}")
+            raise RegistrationFrameError(f"frames for imagers {sorted(frames)} given; the geometry has {sorted(names)}")
         logs: dict[str, np.ndarray] = {}
         raw_frames: dict[str, np.ndarray] = {}
         for name in names:
             im = self.geometry[name]
             raw = np.asarray(frames[name])
             if raw.shape != (im.rows, im.cols):
-                raise FrameError(f"frame '{name}': shape {raw.shape}, imager '{name}' has {im.rows}x{im.cols} pixels")
+                raise RegistrationFrameError(f"frame '{name}': shape {raw.shape}, imager '{name}' has {im.rows}x{im.cols} pixels")
             view_i0 = i0.get(name) if isinstance(i0, Mapping) else i0
             if isinstance(i0, Mapping) and name not in i0:
-                raise FrameError(f"frame '{name}': no i0 given for this imager (i0 given for {sorted(i0)})")
+                raise RegistrationFrameError(f"frame '{name}': no i0 given for this imager (i0 given for {sorted(i0)})")
             logs[name] = line_integrals(raw, view_i0, name)
             raw_frames[name] = raw
         start = Pose.identity() if initial_pose is None else initial_pose

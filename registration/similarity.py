@@ -24,10 +24,10 @@ from enum import Enum
 import cv2
 import numpy as np
 
-from .errors import FrameError, RegistrationError
+from .errors import RegistrationFrameError, RegistrationError
 
 __all__ = [
-    "FrameError",
+    "RegistrationFrameError",
     "Similarity",
     "estimate_i0",
     "line_integrals",
@@ -59,12 +59,12 @@ class Similarity(Enum):
 def _checked_raw(raw: np.ndarray, name: str) -> np.ndarray:
     a = np.asarray(raw)
     if a.ndim != 2 or min(a.shape) < 1:
-        raise FrameError(f"frame '{name}': must be a 2D image, got shape {a.shape}")
+        raise RegistrationFrameError(f"frame '{name}': must be a 2D image, got shape {a.shape}")
     a = a.astype(np.float64, copy=False)
     if not np.all(np.isfinite(a)):
-        raise FrameError(f"frame '{name}': holds {int(np.count_nonzero(~np.isfinite(a)))} non-finite pixels")
+        raise RegistrationFrameError(f"frame '{name}': holds {int(np.count_nonzero(~np.isfinite(a)))} non-finite pixels")
     if np.any(a < 0):
-        raise FrameError(f"frame '{name}': holds negative pixel values (min {float(a.min()):g}); raw signal expected")
+        raise RegistrationFrameError(f"frame '{name}': holds negative pixel values (min {float(a.min()):g}); raw signal expected")
     return a
 
 
@@ -77,13 +77,13 @@ def estimate_i0(raw: np.ndarray, name: str = "frame") -> float:
 
     Raises
     ------
-    FrameError
+    RegistrationFrameError
         If the frame is not a finite, non-negative 2D image or has no signal.
     """
     a = _checked_raw(raw, name)
     i0 = float(np.percentile(a, I0_PERCENTILE))
     if i0 <= MIN_COUNTS:
-        raise FrameError(f"frame '{name}': no signal (brightest pixels {i0:g}, need > {MIN_COUNTS:g})")
+        raise RegistrationFrameError(f"frame '{name}': no signal (brightest pixels {i0:g}, need > {MIN_COUNTS:g})")
     return i0
 
 
@@ -102,7 +102,7 @@ def line_integrals(raw: np.ndarray, i0: float | None = None, name: str = "frame"
 
     Raises
     ------
-    FrameError
+    RegistrationFrameError
         Bad frame, or ``i0`` not a positive finite number.
     """
     a = _checked_raw(raw, name)
@@ -110,7 +110,7 @@ def line_integrals(raw: np.ndarray, i0: float | None = None, name: str = "frame"
         i0 = estimate_i0(a, name)
     i0 = float(i0)
     if not np.isfinite(i0) or i0 <= 0:
-        raise FrameError(f"frame '{name}': i0 must be a positive finite number, got {i0!r}")
+        raise RegistrationFrameError(f"frame '{name}': i0 must be a positive finite number, got {i0!r}")
     return (np.log(i0) - np.log(np.maximum(a, MIN_COUNTS))).astype(np.float32)
 
 

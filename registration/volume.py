@@ -27,6 +27,9 @@ from enum import Enum
 import numpy as np
 import SimpleITK as sitk
 
+from spineguide.calibration.foundation import enum_member
+from spineguide.calibration.foundation import readonly_array as _readonly
+
 from .errors import PatientPositionError, VolumeError
 
 __all__ = [
@@ -61,24 +64,14 @@ class PatientPosition(Enum):
         if isinstance(value, PatientPosition):
             return value
         text = str(value).strip().upper() if value is not None else ""
-        try:
-            return cls(text)
-        except ValueError:
-            prefix = f"{where}: " if where else ""
-            raise PatientPositionError(
-                f"{prefix}patient position {value!r} is not supported (supported: HFS, FFS, HFP, FFP)"
-            ) from None
+        prefix = f"{where}: " if where else ""
+        return enum_member(cls, text, PatientPositionError,
+                           f"{prefix}patient position {value!r} is not supported (supported: HFS, FFS, HFP, FFP)")
 
 
 def room_from_lps_matrix(position: PatientPosition) -> np.ndarray:
     """3x3 rotation taking an LPS displacement (mm) to the room frame at perfect setup."""
     return np.array(_ROOM_FROM_LPS[PatientPosition.parse(position).value], dtype=np.float64)
-
-
-def _readonly(a: np.ndarray, dtype=np.float64) -> np.ndarray:
-    a = np.array(a, dtype=dtype)
-    a.setflags(write=False)
-    return a
 
 
 @dataclass(frozen=True, slots=True)

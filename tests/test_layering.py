@@ -311,3 +311,73 @@ def test_the_room_rules_catch_a_service_that_imports_the_cli_and_a_console_that_
         "spineguide.tracking.service.exports (service) imports ['spineguide.tracking.cli.dicom']",
         "spineguide.tracking.sim.rig (sim) imports ['spineguide.tracking.console.server']",
     ]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# One error hierarchy per package (STYLE.md section 5): every public exception class is defined in its package's
+# errors.py and derives from the package's root; no exception name is defined twice across the three packages.
+
+ROOT_ERROR = {"calibration": "CalibrationError", "registration": "RegistrationError", "tracking": "TrackingError"}
+
+
+def exception_classes(files: dict[str, Path]) -> list[tuple[str, str, str]]:
+    """(class name, file label, package) of every class defined in ``files`` that derives from an exception.
+
+    ``files`` maps a label (``package/path``) to a file. A class counts when a base's name ends in ``Error``,
+    ``Exception`` or ``Refused``, or names a class found so in the same files (followed to a fixed point).
+    """
+    classes = []
+    for label, path in files.items():
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if isinstance(node, ast.ClassDef):
+                bases = {b.id if isinstance(b, ast.Name) else b.attr if isinstance(b, ast.Attribute) else ""
+                         for b in node.bases}
+                classes.append((node.name, label, label.split("/")[0], bases))
+    errors = {n for n, *_ in classes if n.endswith(("Error", "Exception"))}
+    changed = True
+    while changed:
+        found = {n for n, _, _, bases in classes
+                 if any(b in errors or b.endswith(("Error", "Exception", "Refused")) for b in bases)}
+        changed = not found <= errors
+        errors |= found
+    return [(n, label, pkg) for n, label, pkg, bases in classes
+            if n in errors and any(b in errors or b.endswith(("Error", "Exception", "Refused")) for b in bases)]
+
+
+def error_hierarchy_problems(found: list[tuple[str, str, str]]) -> list[str]:
+    problems = []
+    where: dict[str, list[str]] = {}
+    for name, label, package in found:
+        where.setdefault(name, []).append(label)
+        if not name.startswith("_") and label != f"{package}/errors.py":
+            problems.append(f"{name} is defined in {label}, not in {package}/errors.py")
+    problems += [f"{name} is defined {len(labels)} times: {sorted(labels)}" for name, labels in sorted(where.items())
+                 if len(labels) > 1]
+    return problems
+
+
+def test_one_error_hierarchy_per_package_and_no_name_twice():
+    files = {f"{p.relative_to(ROOT)}": p for package in PACKAGES for p in sorted((ROOT / package).rglob("*.py"))}
+    found = exception_classes(files)
+    assert {n for n, label, _ in found if label.endswith("errors.py")} >= set(ROOT_ERROR.values())
+    problems = error_hierarchy_problems(found)
+    assert not problems, "\n".join(problems)
+    # every public error derives from its package's root
+    import importlib
+
+    for name, label, package in found:
+        if name.startswith("_"):
+            continue
+        module = importlib.import_module(f"spineguide.{package}.errors")
+        assert issubclass(getattr(module, name), getattr(module, ROOT_ERROR[package])), (package, name)
+
+
+def test_the_error_checker_finds_a_name_twice_and_an_error_outside_errors_py():
+    found = [("FrameError", "registration/errors.py", "registration"),
+             ("FrameError", "tracking/errors.py", "tracking"),
+             ("PhantomError", "tracking/room/phantoms.py", "tracking"),
+             ("_Refused", "calibration/jsonfile.py", "calibration")]
+    assert error_hierarchy_problems(found) == [
+        "PhantomError is defined in tracking/room/phantoms.py, not in tracking/errors.py",
+        "FrameError is defined 2 times: ['registration/errors.py', 'tracking/errors.py']",
+    ]

@@ -25,7 +25,7 @@ from spineguide.registration.anatomy import (
     register_anatomy,
 )
 from spineguide.registration.pose import Pose
-from spineguide.registration.similarity import FrameError, Similarity
+from spineguide.registration.similarity import RegistrationFrameError, Similarity
 from spineguide.tracking.room.kv import DetectorModel, KVSimulator
 from spineguide.tracking.room.phantoms import cervical_phantom, thoracolumbar_phantom
 
@@ -193,11 +193,11 @@ def test_json_output_of_the_entry_point(room):
 def test_frame_errors(room):
     _, geometry, _, _, registration = room
     good = {im.name: np.full((im.rows, im.cols), 1000.0) for im in geometry.imagers}
-    with pytest.raises(FrameError, match="geometry has"):
+    with pytest.raises(RegistrationFrameError, match="geometry has"):
         registration.register({"A": good["A"]}, i0=I0)
-    with pytest.raises(FrameError, match="frame 'B': shape"):
+    with pytest.raises(RegistrationFrameError, match="frame 'B': shape"):
         registration.register({"A": good["A"], "B": good["B"][:-1]}, i0=I0)
-    with pytest.raises(FrameError, match="no i0 given"):
+    with pytest.raises(RegistrationFrameError, match="no i0 given"):
         registration.register(good, i0={"A": I0})
 
 

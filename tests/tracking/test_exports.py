@@ -220,8 +220,8 @@ def test_anatomy_processor_corrects_frames_with_the_geometry_files_flat_fields(p
 
 
 def test_a_frame_the_anatomy_registration_cannot_read_is_a_corrupt_frame_not_a_refusal():
-    """Issue 17 item 6: registration's own FrameError (NaN pixels) was reported as registration_refused."""
-    from spineguide.registration.errors import FrameError as RegistrationFrameError
+    """Issue 17 item 6: registration's own RegistrationFrameError (NaN pixels) was reported as registration_refused."""
+    from spineguide.registration.errors import RegistrationFrameError
     from spineguide.registration.errors import RegistrationError
     from spineguide.tracking.frames import KvFrame
     from spineguide.tracking.service.processing import AnatomyProcessor

@@ -545,7 +545,7 @@ def test_a_dead_io_thread_holds_and_serve_exits_non_zero(tmp_path):
         "        raise OSError('injected: the io thread dies')\n"
         "    return events\n"
         "loop.Service._poll_io = poll\n"
-        "from spineguide.tracking.cli.service import main\n"
+        "from spineguide.tracking.cli.main import main\n"
         f"sys.exit(main(['serve', '--config', {str(config)!r}]))\n"
     )
     ctx = zmq.Context()

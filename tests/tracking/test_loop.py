@@ -227,7 +227,7 @@ def test_cli_keys_replay_and_serve_handlers(tmp_path, capsys):
 
 
 def test_cli_main_turns_errors_into_one_line_and_exit_2(tmp_path, capsys):
-    from spineguide.tracking.cli.service import main
+    from spineguide.tracking.cli.main import main
 
     assert main(["replay", str(tmp_path / "missing.jsonl")]) == 2
     err = capsys.readouterr().err

@@ -11,12 +11,10 @@ import math
 import sys
 from collections.abc import Sequence
 
+from ..errors import CliError
+
 __all__ = ["CliError", "parse_triplet_mm", "parse_six", "print_table", "finite_float", "positive_float",
            "non_negative_float", "I0_RANGE", "i0_level", "non_negative_int", "port_number"]
-
-
-class CliError(Exception):
-    """A user error on the command line (bad value, missing file)."""
 
 
 # ----------------------------------------------------------------- value parsers

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 import re
 import sys
 import time
@@ -213,7 +212,9 @@ def _cmd_register(args: argparse.Namespace) -> int:
                       "patient_position": plan.patient_position.value}
     report["elapsed_s"] = time.monotonic() - t0
     if args.json:
-        print(json.dumps(_finite_or_null(report), indent=1, allow_nan=False))
+        from spineguide.calibration.foundation import to_json_value
+
+        print(json.dumps(to_json_value(report), indent=1, allow_nan=False))
     else:
         _print_registration(report)
     if not report["quality"]["ok"]:
@@ -221,17 +222,6 @@ def _cmd_register(args: argparse.Namespace) -> int:
         print(f"spineguide: result not to be trusted: {why}", file=sys.stderr)
         return EXIT_NOT_TRUSTED
     return EXIT_OK
-
-
-def _finite_or_null(obj):
-    """The report with every non-finite float as ``null``: strict JSON, never a ``NaN`` token."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: _finite_or_null(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_finite_or_null(v) for v in obj]
-    return obj
 
 
 def _quality_reason(report: dict) -> str:

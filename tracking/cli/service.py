@@ -3,8 +3,8 @@
 :func:`add_commands` adds them to the main parser (``tracking/cli/main.py``).
 Each handler parses, builds configuration, calls the library, prints, and
 returns an exit code; errors raise and the main entry point turns them into
-``spineguide: error: <reason>`` and a non-zero exit. ``python -m
-spineguide.tracking.cli.service`` runs them standalone (the fraction's subprocesses use it).
+``spineguide: error: <reason>`` and a non-zero exit. The fraction's
+subprocesses run them as ``python -m spineguide.tracking.cli.main SUBCOMMAND ...`` (the one entry point).
 """
 
 from __future__ import annotations
@@ -15,10 +15,9 @@ import logging
 import signal
 import sys
 import threading
-from collections.abc import Sequence
 from pathlib import Path
 
-__all__ = ["add_commands", "main"]
+__all__ = ["add_commands"]
 
 log = logging.getLogger("spineguide")
 
@@ -70,6 +69,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 def _client_roles(specs: list[str] | None):
     """``NAME:ROLE`` (or a default client name alone) -> {name: Role}; None for the default set."""
+    from spineguide.calibration.foundation import enum_member, enum_values
+
     from ..errors import SecurityError
     from ..service.security import DEFAULT_CLIENT_ROLES, Role
 
@@ -83,10 +84,7 @@ def _client_roles(specs: list[str] | None):
                 raise SecurityError(f"--client {spec!r}: give NAME:ROLE (roles: {[r.value for r in Role]})")
             out[name] = DEFAULT_CLIENT_ROLES[name]
             continue
-        try:
-            out[name] = Role(role)
-        except ValueError:
-            raise SecurityError(f"--client {spec!r}: unknown role {role!r}; roles: {[r.value for r in Role]}") from None
+        out[name] = enum_member(Role, role, SecurityError, f"--client {spec!r}: unknown role {role!r}; roles: {enum_values(Role)}")
     return out
 
 
@@ -261,27 +259,3 @@ def add_commands(subparsers) -> None:
     p.add_argument("--pattern", action="store_true",
                    help="test-pattern frames and the pattern stand-in instead of the fiducial pipeline")
     p.set_defaults(func=_cmd_fraction)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Standalone entry (``python -m spineguide.tracking.cli.service SUBCOMMAND ...``), same handling as ``spineguide``."""
-    from spineguide.calibration.errors import CalibrationError
-    from spineguide.registration.errors import RegistrationError
-
-    from ..errors import TrackingError
-
-    parser = argparse.ArgumentParser(prog="spineguide")
-    parser.add_argument("-v", "--verbose", action="store_true")
-    add_commands(parser.add_subparsers(dest="command", required=True, metavar="COMMAND"))
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        return int(args.func(args) or 0)
-    except (CalibrationError, RegistrationError, TrackingError, OSError) as err:
-        print(f"spineguide: error: {err}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -23,6 +23,8 @@ from typing import Any
 
 import numpy as np
 
+from spineguide.calibration.foundation import readonly_array as _ro
+
 from ..errors import ReviewError
 from ..service.record import read_record
 from .live import LiveState
@@ -92,12 +94,6 @@ class SessionReview:
                 "n": int(lat.size), "p50": float(np.percentile(lat, 50)), "p95": float(np.percentile(lat, 95)),
                 "max": float(lat.max())},
         }
-
-
-def _ro(values, dtype=np.float64) -> np.ndarray:
-    a = np.asarray(values, dtype=dtype)
-    a.setflags(write=False)
-    return a
 
 
 def review_session(path: str | os.PathLike) -> SessionReview:

@@ -53,6 +53,8 @@ import zmq
 import zmq.asyncio
 from aiohttp import WSMsgType, web
 
+from spineguide.calibration.foundation import json_default
+
 from ..errors import TrackingError, WireSchemaError
 from ..service.security import make_client_socket_secure
 from ..service.wire import decode_json_message, decode_reply, encode_command
@@ -529,7 +531,7 @@ async def _send_loop(console: ConsoleServer, client: _Client) -> None:
             client.wake.clear()
             state, client.timeline_from = console.live.snapshot(time.monotonic(), client.timeline_from)
             state["server_unix_s"] = time.time()
-            await client.ws.send_str(json.dumps(state, allow_nan=False, default=_jsonable))
+            await client.ws.send_str(json.dumps(state, allow_nan=False, default=json_default))
             for name, version in list(console.frame_version.items()):
                 if client.frames_sent.get(name) == version:
                     continue
@@ -540,14 +542,6 @@ async def _send_loop(console: ConsoleServer, client: _Client) -> None:
                     "data": base64.b64encode(frame.data).decode("ascii")}))
     except (ConnectionResetError, RuntimeError) as err:
         log.info("console: page connection closed: %s", err)
-
-
-def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, (np.floating, np.integer)):
-        return obj.item()
-    raise TypeError(f"not JSON-able: {type(obj).__name__}")
 
 
 def _qa_page(config: ConsoleConfig) -> str:

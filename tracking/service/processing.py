@@ -28,6 +28,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from spineguide.calibration.foundation import to_json_value
 from spineguide.registration.pose import Pose
 
 from ..errors import TrackingError
@@ -283,28 +284,13 @@ class FiducialProcessor:
         except (RegistrationError, TrackingError) as err:  # ImagerLabelError, PointRegistrationError...
             return PairResult(HoldReason.REGISTRATION_REFUSED, method=self.method, quality={"ok": False},
                               detail=f"{type(err).__name__}: {err}")
-        quality = _finite_json(res.quality_json())
+        quality = to_json_value(res.quality_json())
         quality["elapsed_ms"] = float(res.total_ms)
         if not res.ok:
             quality["ok"] = False
             return PairResult(HoldReason.REGISTRATION_REFUSED, res.pose, self.method, quality,
                               f"fiducial result flagged: {sorted(f.value for f in res.flags)}, FRE {res.fre_mm:.2f} mm")
         return PairResult(HoldReason.OK, res.pose, self.method, quality)
-
-
-def _finite_json(obj: Any) -> Any:
-    """A JSON-able copy with non-finite numbers replaced by None (the wire refuses NaN)."""
-    if isinstance(obj, dict):
-        return {str(k): _finite_json(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_finite_json(v) for v in obj]
-    if isinstance(obj, (np.floating, float)):
-        return float(obj) if np.isfinite(obj) else None
-    if isinstance(obj, (np.integer,)):
-        return int(obj)
-    if isinstance(obj, np.ndarray):
-        return _finite_json(obj.tolist())
-    return obj
 
 
 class AnatomyProcessor:
@@ -323,7 +309,7 @@ class AnatomyProcessor:
         self.flat_fields = dict(flat_fields) if flat_fields else None
 
     def process(self, frames: dict[str, KvFrame], prior: Pose | None) -> PairResult:
-        from spineguide.registration.errors import FrameError as RegistrationFrameError
+        from spineguide.registration.errors import RegistrationFrameError
         from spineguide.registration.errors import RegistrationError
 
         from ..errors import FrameError
@@ -340,7 +326,7 @@ class AnatomyProcessor:
         except RegistrationError as err:
             return PairResult(HoldReason.REGISTRATION_REFUSED, method=self.method, quality={"ok": False},
                               detail=f"{type(err).__name__}: {err}")
-        quality = _finite_json(res.quality.to_json())
+        quality = to_json_value(res.quality.to_json())
         quality["ok"] = bool(res.quality.ok)
         quality["elapsed_ms"] = float(res.elapsed_ms)
         if not res.quality.ok:

@@ -39,6 +39,7 @@ from typing import Any
 
 import numpy as np
 
+from spineguide.calibration.foundation import json_default
 from spineguide.calibration.jsonfile import parse_json_bytes
 
 from ..errors import RecordError
@@ -187,7 +188,7 @@ class SessionRecord:
                     with open(frames_folder(self.path) / name, "xb") as fh:
                         np.save(fh, pixels, allow_pickle=False)
                     continue
-                line = json.dumps(item, allow_nan=False, separators=(",", ":"), default=_jsonable).encode() + b"\n"
+                line = json.dumps(item, allow_nan=False, separators=(",", ":"), default=json_default).encode() + b"\n"
                 self._fh.write(line)
                 self._fh.flush()
                 os.fsync(self._fh.fileno())
@@ -223,16 +224,6 @@ def _point(link: Path, target: Path) -> None:
     tmp.unlink(missing_ok=True)
     os.symlink(target.name, tmp)
     os.replace(tmp, link)
-
-
-def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    if isinstance(obj, (np.floating, np.integer)):
-        return obj.item()
-    if isinstance(obj, Path):
-        return str(obj)
-    raise TypeError(f"not JSON-able: {type(obj).__name__}")
 
 
 def read_record(path: str | os.PathLike) -> list[dict[str, Any]]:

@@ -37,6 +37,8 @@ import zmq
 import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
 
+from spineguide.calibration.foundation import enum_member, enum_values
+
 from ..errors import CommandRefused, SecurityError
 from .config import SecurityConfig
 from .states import Command
@@ -162,11 +164,8 @@ def _read_roles(path: Path) -> dict[str, Role]:
         raise SecurityError(f"{path}: must hold exactly one table [roles] (NAME = \"ROLE\"), got {sorted(data)}")
     out = {}
     for name, role in table.items():
-        try:
-            out[name] = Role(role)
-        except ValueError:
-            raise SecurityError(f"{path}: client '{name}' has role {role!r}; roles are "
-                                f"{[r.value for r in Role]}") from None
+        out[name] = enum_member(Role, role, SecurityError,
+                                f"{path}: client '{name}' has role {role!r}; roles are {enum_values(Role)}")
     return out
 
 

@@ -156,7 +156,7 @@ path = "session.jsonl"
 
 
 def _spawn(args: list[str], out: Path, name: str) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "spineguide.tracking.cli.service", *args]
+    cmd = [sys.executable, "-m", "spineguide.tracking.cli.main", *args]
     log.info("starting %s: %s", name, " ".join(cmd))
     fh = open(out / f"{name}.log", "w")
     try:

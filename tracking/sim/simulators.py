@@ -37,6 +37,7 @@ import zmq
 from spineguide.registration.pose import Correction, Pose
 
 from ..errors import TrackingError, WireSchemaError
+from ..room.motion import Drift, MotionSum, Oscillation, SuddenShift
 from ..service.processing import stamp_pose_pattern
 from ..service.security import ClientKeys, make_client_socket_secure
 from ..service.wire import (
@@ -303,8 +304,9 @@ def write_room_plan(folder: Path, panel_pixels: int = 512, pixel_spacing_mm: flo
 class MotionTrace:
     """Intrafraction patient motion ``M(t)`` (room frame), a pose per time since the start.
 
-    A slow drift (mm/min per axis), a small periodic component (mm, s) and
-    sudden shifts ``(t_s, translation_mm)`` that stay once they happen.
+    A slow drift (mm/min per axis), a small periodic component along room Z (mm, s) and
+    sudden shifts ``(t_s, translation_mm)`` that stay once they happen: the simulators' JSON form of a
+    :mod:`spineguide.tracking.room.motion` model (:meth:`motion`), which computes the poses.
     """
 
     drift_mm_per_min: tuple[float, float, float] = (0.0, 0.0, 0.0)
@@ -312,14 +314,16 @@ class MotionTrace:
     wobble_period_s: float = 4.0
     shifts: tuple[tuple[float, tuple[float, float, float]], ...] = ()
 
+    def motion(self) -> MotionSum:
+        """The motion model: drift, then the Z wobble, then each shift (translations add)."""
+        drift = Drift(np.asarray(self.drift_mm_per_min, dtype=np.float64) / 60.0)
+        wobble = Oscillation((0.0, 0.0, self.wobble_mm), self.wobble_period_s)
+        shifts = [SuddenShift(at_s, Pose.from_six(shift, (0.0, 0.0, 0.0))) for at_s, shift in self.shifts]
+        return MotionSum((drift, wobble, *shifts))
+
     def pose(self, t_s: float) -> Pose:
         """``M(t)`` at ``t_s`` seconds since the start (mm)."""
-        t = np.asarray(self.drift_mm_per_min, dtype=np.float64) * t_s / 60.0
-        t = t + np.array([0.0, 0.0, 1.0]) * self.wobble_mm * math.sin(2 * math.pi * t_s / self.wobble_period_s)
-        for at_s, shift in self.shifts:
-            if t_s >= at_s:
-                t = t + np.asarray(shift, dtype=np.float64)
-        return Pose.from_six(t, (0.0, 0.0, 0.0))
+        return self.motion().pose_at(t_s)
 
     def to_json(self) -> dict[str, Any]:
         return {"drift_mm_per_min": list(self.drift_mm_per_min), "wobble_mm": self.wobble_mm,
