@@ -290,7 +290,7 @@ def test_flow_derivatives_follow_the_drr_under_a_small_pose_change(p):
     A wrong sign gives a correlation near -1 and a wrong axis near 0. Voxels of 0.5 mm against binned pixels
     of 2.4 mm at the isocentre: the rays run nearly parallel to the room's y = const planes, so a coarser grid
     would draw the blob as slice steps along the rows."""
-    from spineguide.registration.anatomy import _flow_derivatives
+    from spineguide.registration.anatomy.images import _flow_derivatives
     from spineguide.registration.drr import AttenuationVolume, PanelRegion, compute_drr_batch
 
     geometry = default_stereo_geometry(panel_pixels=256, pixel_spacing_mm=1.0)
@@ -330,7 +330,7 @@ def test_feature_jacobian_equals_differences_of_the_features(metric):
     smaller steps)."""
     import cv2
 
-    from spineguide.registration.anatomy import _feature_jacobian, _features
+    from spineguide.registration.anatomy.images import _feature_jacobian, _features
 
     rng = np.random.default_rng(3)
     smooth = lambda a: cv2.GaussianBlur(a.astype(np.float32), (0, 0), 2.0)  # noqa: E731
