@@ -381,3 +381,13 @@ def test_the_error_checker_finds_a_name_twice_and_an_error_outside_errors_py():
         "PhantomError is defined in tracking/room/phantoms.py, not in tracking/errors.py",
         "FrameError is defined 2 times: ['registration/errors.py', 'tracking/errors.py']",
     ]
+
+
+def test_every_package_folder_is_in_the_pyproject_packages_list():
+    """A room added as a folder must also be listed, or a wheel installs without it (the editable install hides it)."""
+    import tomllib
+
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    folders = {".".join(["spineguide", *init.parent.relative_to(ROOT).parts])
+               for package in PACKAGES for init in (ROOT / package).rglob("__init__.py")}
+    assert folders == listed, f"missing from pyproject: {sorted(folders - listed)}; extra: {sorted(listed - folders)}"
