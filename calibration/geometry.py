@@ -424,8 +424,8 @@ def rq_positive_diagonal(m: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """RQ decomposition ``m = k @ r`` of a 3x3 matrix with ``k`` upper triangular, ``r`` orthogonal, ``diag(k) >= 0``.
 
     The one decomposition of a projection matrix's 3x3 part into intrinsics ``k`` (pixels) and the rotation
-    ``r`` whose rows are the panel's ``u``, ``v`` and normal (room frame), for :meth:`ImagerGeometry.from_projection_matrix`
-    and the calibration's linear start. ``r`` may have determinant -1; the caller fixes the handedness.
+    ``r`` whose rows are the panel's ``u``, ``v`` and normal (room frame), for
+    :meth:`ImagerGeometry.from_projection_matrix` and the calibration's linear start. ``r`` may have determinant -1; the caller fixes the handedness.
     """
     k, r = scipy.linalg.rq(m)
     signs = np.sign(np.diag(k))

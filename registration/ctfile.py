@@ -1,4 +1,4 @@
-"""The planning CT's files: a DICOM series folder or one SimpleITK volume (``.mha``/``.nrrd``/``.nii``) in, a volume out.
+"""The planning CT's files: a DICOM series folder or one SimpleITK volume (``.mha``, ``.nrrd``, ``.nii``) in or out.
 
 Apart from :mod:`spineguide.registration.volume` (the :class:`~spineguide.registration.volume.CTVolume` value and
 its geometry) so that the DICOM series reader (:mod:`spineguide.registration.dicom_ct`), which builds a

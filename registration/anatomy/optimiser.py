@@ -29,7 +29,8 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["ModelHooks", "LMResult", "levenberg_marquardt", "sum_of_squares", "INITIAL_DAMPING", "MIN_DAMPING", "MAX_DAMPING_TRIES"]
+__all__ = ["ModelHooks", "LMResult", "levenberg_marquardt", "sum_of_squares", "INITIAL_DAMPING", "MIN_DAMPING",
+           "MAX_DAMPING_TRIES"]
 
 #: Damping at the start and after each Jacobian renewal.
 INITIAL_DAMPING = 1e-3

@@ -257,7 +257,8 @@ class AnatomyRegistration(_PyramidLevels, _Background, _GlobalSearch, _Refinemen
             im = self.geometry[name]
             raw = np.asarray(frames[name])
             if raw.shape != (im.rows, im.cols):
-                raise RegistrationFrameError(f"frame '{name}': shape {raw.shape}, imager '{name}' has {im.rows}x{im.cols} pixels")
+                raise RegistrationFrameError(
+                    f"frame '{name}': shape {raw.shape}, imager '{name}' has {im.rows}x{im.cols} pixels")
             view_i0 = i0.get(name) if isinstance(i0, Mapping) else i0
             if isinstance(i0, Mapping) and name not in i0:
                 raise RegistrationFrameError(f"frame '{name}': no i0 given for this imager (i0 given for {sorted(i0)})")
