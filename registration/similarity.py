@@ -24,6 +24,8 @@ from enum import Enum
 import cv2
 import numpy as np
 
+from spineguide.calibration.foundation import checked_number
+
 from .errors import RegistrationFrameError, RegistrationError
 
 __all__ = [
@@ -108,9 +110,8 @@ def line_integrals(raw: np.ndarray, i0: float | None = None, name: str = "frame"
     a = _checked_raw(raw, name)
     if i0 is None:
         i0 = estimate_i0(a, name)
-    i0 = float(i0)
-    if not np.isfinite(i0) or i0 <= 0:
-        raise RegistrationFrameError(f"frame '{name}': i0 must be a positive finite number, got {i0!r}")
+    i0 = checked_number(i0, RegistrationFrameError, f"frame '{name}': i0 must be a positive finite number, got {i0!r}",
+                        minimum=0.0, exclusive_minimum=True)
     return (np.log(i0) - np.log(np.maximum(a, MIN_COUNTS))).astype(np.float32)
 
 

@@ -38,10 +38,10 @@ from spineguide.tracking.console.review import (
     review_session,
     write_review_html,
 )
-from spineguide.tracking.sim.rig import SimulatedRoom
 from spineguide.tracking.console.server import MAX_FAILED_LOGINS_PER_MIN, ConsoleServer, _pair_frame_files
 from spineguide.tracking.errors import FrameError
 from spineguide.tracking.service.record import RecordError, SessionRecord, read_record
+from spineguide.tracking.sim.rig import SimulatedRoom
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -567,10 +567,10 @@ def test_anatomy_plan_gives_the_console_its_overlay_and_the_pose_of_a_correction
     from spineguide.calibration.io import write_geometry
     from spineguide.registration.ctfile import write_ct
     from tests.synthetic import small_geometry, small_thoracolumbar
-    from spineguide.tracking.service.config import PlanConfig, ServiceConfig
     from spineguide.tracking.console.config import console_config_from_service
     from spineguide.tracking.console.display import AnatomyOverlay
     from spineguide.tracking.console.server import _pose_of
+    from spineguide.tracking.service.config import PlanConfig, ServiceConfig
 
     phantom = small_thoracolumbar(with_seeds=False)
     plan = PlanConfig(method="anatomy", geometry=write_geometry(small_geometry(), tmp_path / "g.json"),
@@ -635,10 +635,10 @@ def test_frames_of_a_pair_come_from_its_newest_epoch_only(tmp_path):
 
 def test_a_dicom_fiducial_plan_gives_the_console_the_services_seeds(tmp_path):
     """Issue 17 item 6: the console loaded the plan by its own rules (CT + fiducials files) and crashed on a DICOM plan."""
-    from spineguide.tracking.service.config import PlanConfig, ServiceConfig
     from spineguide.tracking.console.config import console_config_from_service
-    from spineguide.tracking.service.plan import load_treatment_plan
     from spineguide.tracking.room.io import write_simulation
+    from spineguide.tracking.service.config import PlanConfig, ServiceConfig
+    from spineguide.tracking.service.plan import load_treatment_plan
     from tests.synthetic import small_geometry, small_thoracolumbar
 
     write_simulation(tmp_path, small_thoracolumbar(), 1, seed=1, geometry=small_geometry())

@@ -11,10 +11,10 @@ from numpy.testing import assert_allclose
 from spineguide.calibration.geometry import default_stereo_geometry
 from spineguide.registration.pose import Pose
 from tests.synthetic import small_thoracolumbar
-from spineguide.tracking.service.loop import Service
 from spineguide.tracking.room.kv import KVSimulator
-from spineguide.tracking.sim.simulators import LocalPeers
+from spineguide.tracking.service.loop import Service
 from spineguide.tracking.service.wire import encode_kvframe
+from spineguide.tracking.sim.simulators import LocalPeers
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 
@@ -46,8 +46,8 @@ def _send_rendered(peers: LocalPeers, pair_id: int, pose: Pose, seed: int) -> No
 def _plan_files(tmp_path):
     """The phantom's plan as files (geometry, CT, fiducials/1) and a TOML config naming them."""
     from spineguide.calibration.io import write_geometry
-    from spineguide.registration.io import FiducialSet, write_fiducials
     from spineguide.registration.ctfile import write_ct
+    from spineguide.registration.io import FiducialSet, write_fiducials
 
     phantom, _ = _room()
     write_geometry(GEOMETRY, tmp_path / "geometry.json")

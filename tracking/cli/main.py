@@ -92,9 +92,9 @@ class _Refusal:
 # ------------------------------------------------------------------ subcommands
 def _cmd_drr(args: argparse.Namespace) -> int:
     from spineguide.calibration.io import read_geometry
+    from spineguide.registration.ctfile import read_ct
     from spineguide.registration.drr import write_drr_images
     from spineguide.registration.pose import Pose
-    from spineguide.registration.ctfile import read_ct
 
     iso = parse_triplet_mm(args.isocenter, "--isocenter")
     geometry = read_geometry(args.geometry)

@@ -286,8 +286,8 @@ def room_plan_phantom(panel_pixels: int = 512, pixel_spacing_mm: float = 0.8):
 def write_room_plan(folder: Path, panel_pixels: int = 512, pixel_spacing_mm: float = 0.8) -> dict[str, Any]:
     """Write the fraction phantom's plan: ``geometry.json``, ``ct.mha``, ``fiducials.json``; returns names + isocentre."""
     from spineguide.calibration.io import write_geometry
-    from spineguide.registration.io import FiducialSet, write_fiducials
     from spineguide.registration.ctfile import write_ct
+    from spineguide.registration.io import FiducialSet, write_fiducials
 
     phantom, geometry = room_plan_phantom(panel_pixels, pixel_spacing_mm)
     folder = Path(folder)
