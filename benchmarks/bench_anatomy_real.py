@@ -46,15 +46,15 @@ import SimpleITK as sitk
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from spineguide.calibration.errors import GeometryFileError  # noqa: E402
 from spineguide.calibration.io import read_geometry  # noqa: E402
+from spineguide.calibration.jsonfile import read_json_document  # noqa: E402
 from spineguide.registration.anatomy import AnatomyConfig, AnatomyRegistration, PyramidLevel, RegionOfInterest  # noqa: E402
+from spineguide.registration.ctfile import read_ct  # noqa: E402
 from bench_anatomy import override_config  # noqa: E402
 from spineguide.registration.pose import Pose  # noqa: E402
 from spineguide.registration.similarity import line_integrals  # noqa: E402
-from spineguide.registration.volume import read_ct  # noqa: E402
-from spineguide.calibration.jsonfile import read_json_document  # noqa: E402
-from spineguide.calibration.errors import GeometryFileError  # noqa: E402
-from spineguide.tracking.flatfield import correct_frames, flat_fields_from_geometry_json  # noqa: E402
+from spineguide.tracking.localisation.flatfield import correct_frames, flat_fields_from_geometry_json  # noqa: E402
 
 SUCCESS_MM = 1.0
 

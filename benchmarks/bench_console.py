@@ -64,7 +64,7 @@ def main() -> None:
     from playwright.sync_api import sync_playwright
 
     from spineguide.registration.pose import Pose
-    from spineguide.tracking.console.rig import SimulatedRoom
+    from spineguide.tracking.sim.rig import SimulatedRoom
 
     # CURVE explicitly off: the console runs in a child process given the endpoints only.
     with SimulatedRoom(panel_pixels=args.panel, approval="automatic", secure=False,

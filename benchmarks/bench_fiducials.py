@@ -7,7 +7,7 @@ default room (two 1024 x 1024 panels of 0.4 mm), i0 = 20000, setup errors
 uniform within +-10 mm and +-3 degrees per axis (``random_setup_pose``). Each
 case renders a stereo pair (``KVSimulator.render``: Poisson noise, 0.5 px
 detector blur) and localises the seeds from the raw frames with
-``spineguide.tracking.fiducials.localise_fiducials``. Reported against the issue's
+``spineguide.tracking.localisation.fiducials.localise_fiducials``. Reported against the issue's
 targets:
 
 - 3D seed localisation error (triangulated vs true centre, room mm), RMS;
@@ -51,9 +51,9 @@ import numba
 from spineguide.calibration.geometry import default_stereo_geometry
 from spineguide.registration.drr import AttenuationVolume, PanelRegion, compute_drr
 from spineguide.registration.pose import Pose
-from spineguide.tracking.detection import detect_seeds_in_frames
+from spineguide.tracking.localisation.detection import detect_seeds_in_frames
 from spineguide.tracking.errors import TrackingError
-from spineguide.tracking.fiducials import localise_fiducials
+from spineguide.tracking.localisation.fiducials import localise_fiducials
 from spineguide.tracking.room import (
     DetectorModel,
     KVSimulator,

@@ -35,14 +35,14 @@ from bench_fiducials_realistic import random_seeds  # noqa: E402
 
 from spineguide.registration.errors import SeedMigrationError  # noqa: E402
 from spineguide.registration.pose import Pose  # noqa: E402
-from spineguide.tracking import fiducials as fid  # noqa: E402
-from spineguide.tracking.detection import estimate_i0  # noqa: E402
+from spineguide.tracking.localisation import fiducials as fid  # noqa: E402
+from spineguide.tracking.localisation.detection import estimate_i0  # noqa: E402
 from spineguide.tracking.errors import TrackingError  # noqa: E402
-from spineguide.tracking.flatfield import FlatField  # noqa: E402
+from spineguide.tracking.localisation.flatfield import FlatField  # noqa: E402
 from spineguide.tracking.room import random_setup_pose, thoracolumbar_phantom  # noqa: E402
 from spineguide.tracking.room.chain import ChainConfig, RealisticSimulator  # noqa: E402
 from spineguide.tracking.room.rooms import room_geometry  # noqa: E402
-from spineguide.tracking.seed_search import refine_seeds  # noqa: E402
+from spineguide.tracking.localisation.seed_search import refine_seeds  # noqa: E402
 
 MATCH_PX = 3.0
 

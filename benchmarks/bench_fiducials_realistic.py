@@ -65,8 +65,8 @@ from spineguide.registration.errors import SeedMigrationError
 from spineguide.registration.pose import Pose
 from spineguide.registration.volume import room_from_lps_matrix
 from spineguide.tracking.errors import TrackingError
-from spineguide.tracking.fiducials import localise_fiducials
-from spineguide.tracking.flatfield import FlatField
+from spineguide.tracking.localisation.fiducials import localise_fiducials
+from spineguide.tracking.localisation.flatfield import FlatField
 from spineguide.tracking.room import random_setup_pose, thoracolumbar_phantom
 from spineguide.tracking.room.chain import ChainConfig, MaterialPaths, RealisticSimulator
 from spineguide.tracking.room.phantoms import Seed

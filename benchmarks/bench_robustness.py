@@ -4,7 +4,7 @@ Prints, per class of input, how many cases ran and how many ended in a traceback
 exit code), a hang, or a *silent wrong result* (exit 0 / an ENABLE where the input is invalid
 and must be refused). Issue #14's figure: 0 / 0 / 0 over >= 400 hand-made cases.
 
-Each CLI case runs ``spineguide`` (``spineguide.tracking.cli.main``) in a forked child with its own
+Each CLI case runs ``spineguide`` (``spineguide.tracking.cli.main.main``) in a forked child with its own
 stdout/stderr files and a wall-clock limit: a child still running at the limit is a hang.
 The service cases drive one in-process service (insecure, loopback) into MONITORING and,
 for each bad message, check that the io thread answers and that the next good pair is judged
@@ -68,7 +68,7 @@ def build_base(work: Path) -> dict[str, Path]:
     """A small valid virtual-room case (CT, geometry, frames, fiducials) that every mutation starts from."""
     base = work / "base"
     if not (base / "truth.json").exists():
-        from spineguide.tracking.cli import main
+        from spineguide.tracking.cli.main import main
 
         code = main(["simulate", "--phantom", "thoracolumbar", "--poses", "1", "--out", str(base),
                      "--panel-pixels", "384", "--quiet"])
@@ -507,7 +507,7 @@ def _child(argv: list[str], out_path: str, err_path: str, code_path: str) -> Non
     sys.stdin = open(os.devnull)
     code = None
     try:
-        from spineguide.tracking.cli import main
+        from spineguide.tracking.cli.main import main
 
         code = main(argv)
     except SystemExit as exc:  # argparse exits 2 on usage errors: that is a refusal, not a crash
@@ -623,10 +623,10 @@ def run_service_cases(work: Path) -> list[dict]:
     import zmq
 
     from spineguide.registration.pose import Pose
-    from spineguide.tracking.config import config_from_dict
-    from spineguide.tracking.loop import Service
-    from spineguide.tracking.sims import LocalPeers
-    from spineguide.tracking.wire import encode_kvframe
+    from spineguide.tracking.service.config import config_from_dict
+    from spineguide.tracking.service.loop import Service
+    from spineguide.tracking.sim.simulators import LocalPeers
+    from spineguide.tracking.service.wire import encode_kvframe
 
     frame_period_s = 0.1
     table = {"safety": {"frame_period_s": frame_period_s},

@@ -1,7 +1,7 @@
 """Benchmark: the real-time service on loopback (issue 5's numbers).
 
 1. Fiducial method, 1024x1024 pairs at 10 Hz: pair complete -> ``gating/1``
-   published (p50, p95, p99), real :class:`~spineguide.tracking.processing.FiducialProcessor`
+   published (p50, p95, p99), real :class:`~spineguide.tracking.service.processing.FiducialProcessor`
    on frames of the thoracolumbar phantom rendered by the virtual room at
    known poses (pre-rendered: the renderer is slower than real time).
 2. The same at 30 pairs/s for a sustained run: pairs sent / judged / dropped
@@ -10,7 +10,7 @@
 3. Anatomy method (``AnatomyRegistration`` in tracking mode, 1024 panels):
    seconds per pair and the heartbeats' lateness while registrations run.
 4. A 10,000-pair simulated fraction with random motion, in-process without
-   sockets: the real :class:`~spineguide.tracking.states.Engine` judges measurements
+   sockets: the real :class:`~spineguide.tracking.service.states.Engine` judges measurements
    drawn from the **measured error model** of step 1 (the fiducial
    pipeline's pose errors against the renderer's truth, resampled) on top of
    a random smooth motion with random sudden steps; every ENABLE is checked
@@ -35,16 +35,16 @@ import zmq
 
 from spineguide.calibration.geometry import default_stereo_geometry
 from spineguide.registration.pose import Pose
-from spineguide.tracking.config import EndpointsConfig, SafetyConfig, SecurityConfig, ServiceConfig, SetupConfig
-from spineguide.tracking.gating import HoldReason
-from spineguide.tracking.loop import Service
-from spineguide.tracking.processing import AnatomyProcessor, FiducialProcessor, PairResult
-from spineguide.tracking.record import SessionRecord
+from spineguide.tracking.service.config import EndpointsConfig, SafetyConfig, SecurityConfig, ServiceConfig, SetupConfig
+from spineguide.tracking.service.gating import HoldReason
+from spineguide.tracking.service.loop import Service
+from spineguide.tracking.service.processing import AnatomyProcessor, FiducialProcessor, PairResult
+from spineguide.tracking.service.record import SessionRecord
 from spineguide.tracking.room.kv import KVSimulator
 from spineguide.tracking.room.phantoms import thoracolumbar_phantom
-from spineguide.tracking.sims import LocalPeers
-from spineguide.tracking.states import Engine
-from spineguide.tracking.wire import encode_kvframe
+from spineguide.tracking.sim.simulators import LocalPeers
+from spineguide.tracking.service.states import Engine
+from spineguide.tracking.service.wire import encode_kvframe
 
 TOLERANCE_MM = 1.0
 MARGIN_MM = 0.2

@@ -33,7 +33,7 @@ def main() -> int:
         t0 = time.perf_counter()
         subprocess.run([exe, "--help"], capture_output=True, check=True)
         times.append(time.perf_counter() - t0)
-    probe = ("import sys; from spineguide.tracking.cli import build_parser\n"
+    probe = ("import sys; from spineguide.tracking.cli.main import build_parser\n"
              "try: build_parser().parse_args(['--help'])\nexcept SystemExit: pass\n"
              "print(','.join(m for m in ('numba','scipy','cv2','SimpleITK','pydicom') if m in sys.modules) or '-')")
     heavy = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.split()[-1]

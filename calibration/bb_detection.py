@@ -35,6 +35,7 @@ import cv2
 import numpy as np
 
 from .errors import DetectionError, ImagesSwappedError, MarkerCountError
+from .foundation import readonly_array as _readonly
 
 __all__ = [
     "DetectionError",
@@ -136,12 +137,6 @@ class MarkerMatch:
     @property
     def n_found(self) -> int:
         return int(np.count_nonzero(self.found))
-
-
-def _readonly(arr, dtype=np.float64) -> np.ndarray:
-    out = np.array(arr, dtype=dtype)
-    out.setflags(write=False)
-    return out
 
 
 def _checked_frame(frame, imager: str) -> np.ndarray:

@@ -22,6 +22,7 @@ import numpy as np
 import scipy.linalg
 
 from .errors import GeometryError
+from .foundation import readonly_array as _readonly
 
 __all__ = [
     "ImagerGeometry",
@@ -54,12 +55,6 @@ def _unit(value, what: str, imager: str) -> np.ndarray:
     norm = float(np.linalg.norm(arr))
     if abs(norm - 1.0) > _UNIT_TOL:
         raise GeometryError(f"imager '{imager}': {what} must be a unit vector, its length is {norm:.9f}")
-    return arr
-
-
-def _readonly(arr: np.ndarray) -> np.ndarray:
-    arr = np.array(arr, dtype=np.float64)
-    arr.setflags(write=False)
     return arr
 
 
@@ -368,11 +363,7 @@ class ImagerGeometry:
             scale = -scale
         p = p * scale
         m = p[:, :3]
-        k, r = scipy.linalg.rq(m)
-        signs = np.sign(np.diag(k))
-        signs[signs == 0] = 1.0
-        k = k * signs[None, :]
-        r = r * signs[:, None]
+        k, r = rq_positive_diagonal(m)
         n = r[2]
         fx, fy = k[0, 0], k[1, 1]
         cx, cy = k[0, 2], k[1, 2]
@@ -427,6 +418,19 @@ class ImagerGeometry:
             },
             "projection_matrix": self.projection_matrix.tolist(),
         }
+
+
+def rq_positive_diagonal(m: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """RQ decomposition ``m = k @ r`` of a 3x3 matrix with ``k`` upper triangular, ``r`` orthogonal, ``diag(k) >= 0``.
+
+    The one decomposition of a projection matrix's 3x3 part into intrinsics ``k`` (pixels) and the rotation
+    ``r`` whose rows are the panel's ``u``, ``v`` and normal (room frame), for
+    :meth:`ImagerGeometry.from_projection_matrix` and the calibration's linear start. ``r`` may have determinant -1; the caller fixes the handedness.
+    """
+    k, r = scipy.linalg.rq(m)
+    signs = np.sign(np.diag(k))
+    signs[signs == 0] = 1.0
+    return k * signs[None, :], r * signs[:, None]
 
 
 def _checked_matrix(value, name: str) -> np.ndarray:

@@ -45,6 +45,8 @@ import numpy as np
 
 from .errors import PhantomError, PhantomFileError
 from .jsonfile import parse_json_bytes, read_json_document, write_json_document
+from .foundation import checked_number
+from .foundation import readonly_array as _readonly
 
 __all__ = [
     "PHANTOM_SCHEMA",
@@ -84,12 +86,6 @@ MIN_OUT_OF_PLANE_MM = 5.0
 _CENTRE_TOL_MM = 1e-6
 
 
-def _readonly(arr) -> np.ndarray:
-    out = np.array(arr, dtype=np.float64)
-    out.setflags(write=False)
-    return out
-
-
 def _vec3(value, what: str) -> np.ndarray:
     try:
         arr = np.array(value, dtype=np.float64)
@@ -101,11 +97,8 @@ def _vec3(value, what: str) -> np.ndarray:
 
 
 def _positive(value, what: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)) or not (
-        math.isfinite(value) and value > 0
-    ):
-        raise PhantomError(f"{what} must be a positive number, got {value!r}")
-    return float(value)
+    return checked_number(value, PhantomError, f"{what} must be a positive number, got {value!r}", minimum=0.0,
+                          exclusive_minimum=True)
 
 
 @dataclass(frozen=True, slots=True)

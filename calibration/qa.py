@@ -40,6 +40,7 @@ from .geometry import StereoGeometry
 from .jsonfile import parse_json_bytes
 from .phantom import BBPhantom
 from .solve import CalibrationFrame, CalibrationSolveError, MeasuredFrame, _check_not_swapped, measure_frame
+from .foundation import readonly_array as _ro
 
 __all__ = [
     "QA_RECORD_SCHEMA",
@@ -217,12 +218,6 @@ class QAResult:
             },
             "sources": dict(self.sources),
         }
-
-
-def _ro(a) -> np.ndarray:
-    out = np.array(a, dtype=np.float64)
-    out.setflags(write=False)
-    return out
 
 
 def run_qa(

@@ -42,7 +42,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
-import scipy.linalg
 from scipy.optimize import least_squares
 from scipy.spatial.transform import Rotation
 
@@ -57,8 +56,9 @@ from .bb_detection import (
     match_markers,
 )
 from .errors import CalibrationSolveError, GeometryError
-from .geometry import ImagerGeometry, StereoGeometry
+from .geometry import ImagerGeometry, StereoGeometry, rq_positive_diagonal
 from .phantom import BBPhantom
+from .foundation import readonly_array as _readonly
 
 __all__ = [
     "ISOCENTRE_FLAG_MM",
@@ -88,12 +88,6 @@ SEARCH_PANEL_MM = 50.0
 #: markers: below one half, no detection can be claimed by two markers.
 GATE_FRACTION = 0.3
 _MIN_MATCHED = 6  # markers per imager for a DLT (11 unknowns, 2 equations each)
-
-
-def _readonly(arr, dtype=np.float64) -> np.ndarray:
-    out = np.array(arr, dtype=dtype)
-    out.setflags(write=False)
-    return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -336,10 +330,7 @@ def _start_from_dlt(p: np.ndarray, nominal: ImagerGeometry, points_mm: np.ndarra
     """Physical description nearest a DLT matrix, with the nominal pixel pitch."""
     m = p[:, :3]
     source = -np.linalg.solve(m, p[:, 3])
-    k, r = scipy.linalg.rq(m)
-    signs = np.sign(np.diag(k))
-    signs[signs == 0] = 1.0
-    k, r = k * signs[None, :], r * signs[:, None]
+    k, r = rq_positive_diagonal(m)
     if np.linalg.det(r) < 0:
         r, k = -r, -k
     k = k / k[2, 2]

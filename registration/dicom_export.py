@@ -86,6 +86,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID, generate_uid
 
+from spineguide.calibration.foundation import checked_number
 from spineguide.calibration.geometry import ImagerGeometry
 
 from .errors import DicomExportError
@@ -499,8 +500,8 @@ def rt_image(
         Frame of the wrong size or type, degenerate geometry.
     """
     where = f"imager '{imager.name}'"
-    if not (math.isfinite(i0) and i0 > 0):
-        raise DicomExportError(f"{where}: i0 must be a positive number, got {i0!r}")
+    checked_number(i0, DicomExportError, f"{where}: i0 must be a positive number, got {i0!r}", minimum=0.0,
+                   exclusive_minimum=True)
     stored, slope, intercept = _pixels(frame, imager)
     axes = _beam_axes(imager.source_mm, where)
     n = imager.normal

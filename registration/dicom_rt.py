@@ -44,6 +44,8 @@ import numpy as np
 import pydicom
 from pydicom.errors import InvalidDicomError
 
+from spineguide.calibration.foundation import readonly_array as _ro
+
 from .errors import DicomRTError, PatientPositionError
 from .io import FiducialSet
 from .volume import CTVolume, PatientPosition
@@ -93,12 +95,6 @@ class ContourType(Enum):
     CLOSED_PLANAR = "CLOSED_PLANAR"
     POINT = "POINT"
     EMPTY = "EMPTY"
-
-
-def _ro(a, dtype=np.float64) -> np.ndarray:
-    a = np.array(a, dtype=dtype)
-    a.setflags(write=False)
-    return a
 
 
 @dataclass(frozen=True, slots=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 __all__ = [
     "RoiError",
     "AnatomyConfigError",
-    "FrameError",
+    "RegistrationFrameError",
     "RegistrationError",
     "PoseError",
     "VolumeError",
@@ -92,5 +92,5 @@ class AnatomyConfigError(RegistrationError, ValueError):
     """An anatomy-registration setting is out of its valid range."""
 
 
-class FrameError(RegistrationError, ValueError):
+class RegistrationFrameError(RegistrationError, ValueError):
     """A kV frame cannot be used for registration (wrong shape, non-finite, negative, no signal)."""

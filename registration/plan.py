@@ -27,6 +27,9 @@ from types import MappingProxyType
 import numpy as np
 import SimpleITK as sitk
 
+from spineguide.calibration.foundation import readonly_array as _ro
+
+from .ctfile import read_ct
 from .dicom_rt import (
     TARGET_TYPES,
     ContourType,
@@ -41,7 +44,7 @@ from .dicom_rt import (
 from .errors import DicomRTError, PlanError
 from .imagefile import MAX_IMAGE_BYTES, read_sitk_image
 from .io import FiducialSet, read_fiducials
-from .volume import CTVolume, PatientPosition, read_ct
+from .volume import CTVolume, PatientPosition
 
 __all__ = [
     "PlanError",
@@ -104,12 +107,6 @@ class PatientStudy:
             accession_number=str(ds.get("AccessionNumber", "")),
             referring_physician_name=str(ds.get("ReferringPhysicianName", "")),
         )
-
-
-def _ro(a, dtype=np.float64) -> np.ndarray:
-    a = np.array(a, dtype=dtype)
-    a.setflags(write=False)
-    return a
 
 
 @dataclass(frozen=True, slots=True)

@@ -25,6 +25,9 @@ from enum import Enum
 
 import numpy as np
 
+from spineguide.calibration.foundation import checked_number
+from spineguide.calibration.foundation import readonly_array as _readonly
+
 from .errors import PointRegistrationError, SeedMigrationError
 from .pose import Correction, Pose
 
@@ -78,17 +81,11 @@ class PointRegistrationConfig:
     def __post_init__(self) -> None:
         for name in ("migration_limit_mm", "min_line_spread_mm"):
             value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-                raise PointRegistrationError(f"{name} must be a positive finite number of mm, got {value!r}")
+            checked_number(value, PointRegistrationError, f"{name} must be a positive finite number of mm, got {value!r}",
+                           minimum=0.0, exclusive_minimum=True)
         n = self.min_seeds_after_exclusion
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise PointRegistrationError(f"min_seeds_after_exclusion must be a positive integer, got {n!r}")
-
-
-def _readonly(a, dtype=np.float64) -> np.ndarray:
-    a = np.array(a, dtype=dtype)
-    a.setflags(write=False)
-    return a
 
 
 @dataclass(frozen=True, slots=True)

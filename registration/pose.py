@@ -14,6 +14,7 @@ and needs the couch correction ``[+1, 0, 0]``.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from enum import Enum
@@ -52,9 +53,22 @@ def _as_vec3(value, what: str) -> np.ndarray:
     return v
 
 
+def rotation_matrix(rotation_deg: Sequence[float]) -> np.ndarray:
+    """``Rz(yaw) Ry(roll) Rx(pitch)`` from ``[pitch, roll, yaw]`` degrees: the one rotation convention (CONVENTIONS).
+
+    Room frame; the inverse is :func:`_deg_from_rotation` (scipy's extrinsic ``"xyz"``). Explicit NumPy
+    (no validation) because the anatomy optimiser calls it in its inner loop.
+    """
+    a, b, c = np.radians(rotation_deg)
+    ca, sa, cb, sb, cc, sc = math.cos(a), math.sin(a), math.cos(b), math.sin(b), math.cos(c), math.sin(c)
+    rx = np.array([[1, 0, 0], [0, ca, -sa], [0, sa, ca]])
+    ry = np.array([[cb, 0, sb], [0, 1, 0], [-sb, 0, cb]])
+    rz = np.array([[cc, -sc, 0], [sc, cc, 0], [0, 0, 1]])
+    return rz @ ry @ rx
+
+
 def _rotation_from_deg(rotation_deg: Sequence[float]) -> np.ndarray:
-    angles = _as_vec3(rotation_deg, "rotation_deg")
-    return Rotation.from_euler("xyz", angles, degrees=True).as_matrix()
+    return rotation_matrix(_as_vec3(rotation_deg, "rotation_deg"))
 
 
 def _deg_from_rotation(r: np.ndarray) -> np.ndarray:

@@ -25,10 +25,12 @@ from enum import Enum
 import cv2
 import numpy as np
 
-from .errors import FrameError, RegistrationError
+from spineguide.calibration.foundation import checked_number
+
+from .errors import RegistrationFrameError, RegistrationError
 
 __all__ = [
-    "FrameError",
+    "RegistrationFrameError",
     "Similarity",
     "estimate_i0",
     "line_integrals",
@@ -65,16 +67,16 @@ def _checked_raw(raw: np.ndarray, name: str) -> np.ndarray:
     """
     a = np.asarray(raw)
     if a.ndim != 2 or min(a.shape) < 1:
-        raise FrameError(f"frame '{name}': must be a 2D image, got shape {a.shape}")
+        raise RegistrationFrameError(f"frame '{name}': must be a 2D image, got shape {a.shape}")
     if a.dtype.kind not in "biuf":
-        raise FrameError(f"frame '{name}': pixel type {a.dtype} is not a number")
+        raise RegistrationFrameError(f"frame '{name}': pixel type {a.dtype} is not a number")
     with np.errstate(over="ignore"):
         a = a.astype(np.float32, copy=False)
     lo, hi = float(a.min()), float(a.max())  # NaN or infinite pixels make one of them non-finite
     if not (math.isfinite(lo) and math.isfinite(hi)):
-        raise FrameError(f"frame '{name}': holds {int(np.count_nonzero(~np.isfinite(a)))} non-finite pixels")
+        raise RegistrationFrameError(f"frame '{name}': holds {int(np.count_nonzero(~np.isfinite(a)))} non-finite pixels")
     if lo < 0:
-        raise FrameError(f"frame '{name}': holds negative pixel values (min {lo:g}); raw signal expected")
+        raise RegistrationFrameError(f"frame '{name}': holds negative pixel values (min {lo:g}); raw signal expected")
     return a
 
 
@@ -87,13 +89,13 @@ def estimate_i0(raw: np.ndarray, name: str = "frame") -> float:
 
     Raises
     ------
-    FrameError
+    RegistrationFrameError
         If the frame is not a finite, non-negative 2D image or has no signal.
     """
     a = _checked_raw(raw, name)
     i0 = float(np.percentile(a, I0_PERCENTILE))
     if i0 <= MIN_COUNTS:
-        raise FrameError(f"frame '{name}': no signal (brightest pixels {i0:g}, need > {MIN_COUNTS:g})")
+        raise RegistrationFrameError(f"frame '{name}': no signal (brightest pixels {i0:g}, need > {MIN_COUNTS:g})")
     return i0
 
 
@@ -112,15 +114,14 @@ def line_integrals(raw: np.ndarray, i0: float | None = None, name: str = "frame"
 
     Raises
     ------
-    FrameError
+    RegistrationFrameError
         Bad frame, or ``i0`` not a positive finite number.
     """
     a = _checked_raw(raw, name)
     if i0 is None:
         i0 = estimate_i0(a, name)
-    i0 = float(i0)
-    if not np.isfinite(i0) or i0 <= 0:
-        raise FrameError(f"frame '{name}': i0 must be a positive finite number, got {i0!r}")
+    i0 = checked_number(i0, RegistrationFrameError, f"frame '{name}': i0 must be a positive finite number, got {i0!r}",
+                        minimum=0.0, exclusive_minimum=True)
     out = np.maximum(a, np.float32(MIN_COUNTS))  # a new float32 array; then in place: fewer passes, no float64
     np.log(out, out=out)
     np.subtract(np.float32(math.log(i0)), out, out=out)

@@ -36,7 +36,7 @@ from spineguide.registration.errors import DicomRTError, FiducialFileError, Pati
 from spineguide.registration.imagefile import load_npy, read_sitk_image
 from spineguide.registration.io import FiducialSet, fiducials_from_json, read_fiducials
 from spineguide.registration.volume import CTVolume
-from spineguide.tracking.cli import CliError, _UsageError, build_parser, parse_six, parse_triplet_mm, rejoin_negative_values
+from spineguide.tracking.cli.main import CliError, _UsageError, build_parser, parse_six, parse_triplet_mm, rejoin_negative_values
 from spineguide.tracking.errors import FrameError
 from spineguide.tracking.frames import KvFrame, read_frame
 

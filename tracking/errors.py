@@ -21,6 +21,8 @@ __all__ = [
     "NonFinitePixelsError",
     "ConsoleConfigError",
     "ReviewError",
+    "VirtualPhantomError",
+    "CliError",
 ]
 
 
@@ -94,3 +96,11 @@ class ConsoleConfigError(TrackingError, ValueError):
 
 class ReviewError(RecordError):
     """A session cannot be reviewed (not a session record, or a name outside the records folder)."""
+
+
+class VirtualPhantomError(TrackingError, ValueError):
+    """A virtual-room phantom cannot be built with the given arguments (:mod:`spineguide.tracking.room.phantoms`)."""
+
+
+class CliError(TrackingError):
+    """A user error on the command line (bad value, missing file)."""

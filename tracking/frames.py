@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from spineguide.calibration.foundation import checked_number
 from spineguide.registration.imagefile import MAX_IMAGE_BYTES, dicom_pixel_array, load_npy, read_sitk_image
 
 from .errors import FrameError
@@ -94,9 +95,8 @@ class KvFrame:
 
     def __post_init__(self) -> None:
         if self.i0 is not None:
-            i0 = float(self.i0)
-            if not math.isfinite(i0) or i0 <= 0:
-                raise FrameError(f"{self.source}: i0 must be a positive finite number, got {self.i0!r}")
+            i0 = checked_number(self.i0, FrameError, f"{self.source}: i0 must be a positive finite number, got {self.i0!r}",
+                                minimum=0.0, exclusive_minimum=True)
             object.__setattr__(self, "i0", i0)
 
 

@@ -10,7 +10,7 @@ import pytest
 from spineguide.calibration.geometry import default_stereo_geometry
 from spineguide.calibration.io import write_geometry
 from spineguide.calibration.phantom import default_phantom, write_phantom
-from spineguide.tracking.cli import main
+from spineguide.tracking.cli.main import main
 
 
 @pytest.fixture(scope="module")

@@ -25,7 +25,7 @@ from spineguide.registration.anatomy import (
     register_anatomy,
 )
 from spineguide.registration.pose import Pose
-from spineguide.registration.similarity import FrameError, Similarity
+from spineguide.registration.similarity import RegistrationFrameError, Similarity
 from spineguide.tracking.room.kv import DetectorModel, KVSimulator
 from spineguide.tracking.room.phantoms import cervical_phantom, thoracolumbar_phantom
 
@@ -193,11 +193,11 @@ def test_json_output_of_the_entry_point(room):
 def test_frame_errors(room):
     _, geometry, _, _, registration = room
     good = {im.name: np.full((im.rows, im.cols), 1000.0) for im in geometry.imagers}
-    with pytest.raises(FrameError, match="geometry has"):
+    with pytest.raises(RegistrationFrameError, match="geometry has"):
         registration.register({"A": good["A"]}, i0=I0)
-    with pytest.raises(FrameError, match="frame 'B': shape"):
+    with pytest.raises(RegistrationFrameError, match="frame 'B': shape"):
         registration.register({"A": good["A"], "B": good["B"][:-1]}, i0=I0)
-    with pytest.raises(FrameError, match="no i0 given"):
+    with pytest.raises(RegistrationFrameError, match="no i0 given"):
         registration.register(good, i0={"A": I0})
 
 
@@ -290,7 +290,7 @@ def test_flow_derivatives_follow_the_drr_under_a_small_pose_change(p):
     A wrong sign gives a correlation near -1 and a wrong axis near 0. Voxels of 0.5 mm against binned pixels
     of 2.4 mm at the isocentre: the rays run nearly parallel to the room's y = const planes, so a coarser grid
     would draw the blob as slice steps along the rows."""
-    from spineguide.registration.anatomy import _flow_derivatives
+    from spineguide.registration.anatomy.images import _flow_derivatives
     from spineguide.registration.drr import AttenuationVolume, PanelRegion, compute_drr_batch
 
     geometry = default_stereo_geometry(panel_pixels=256, pixel_spacing_mm=1.0)
@@ -330,7 +330,7 @@ def test_feature_jacobian_equals_differences_of_the_features(metric):
     smaller steps)."""
     import cv2
 
-    from spineguide.registration.anatomy import _feature_jacobian, _features
+    from spineguide.registration.anatomy.images import _feature_jacobian, _features
 
     rng = np.random.default_rng(3)
     smooth = lambda a: cv2.GaussianBlur(a.astype(np.float32), (0, 0), 2.0)  # noqa: E731

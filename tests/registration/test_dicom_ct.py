@@ -11,9 +11,10 @@ from numpy.testing import assert_allclose
 from pydicom.dataset import FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
+from spineguide.registration.ctfile import read_ct
 from spineguide.registration.dicom_ct import read_dicom_ct
 from spineguide.registration.errors import PatientPositionError, VolumeFileError
-from spineguide.registration.volume import PatientPosition, read_ct
+from spineguide.registration.volume import PatientPosition
 
 # The helper writes positions and cosines with 6 decimals (DICOM DS), +-5e-7 mm each; the
 # reader estimates the slice step from those positions, so k steps can accumulate ~k * 1e-6 mm.

@@ -19,7 +19,7 @@ from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
 from spineguide.registration.dicom_export import SeriesInfo, imager_from_rt_image, rt_image, save
 from spineguide.registration.plan import load_dicom_plan
-from spineguide.tracking._cli_dicom import add_commands
+from spineguide.tracking.cli.dicom import add_commands
 from spineguide.tracking.room.dicom import write_dicom_plan
 from tests.registration.test_dicom_export import dcentvfy_findings, dciodvfy_findings
 from tests.synthetic import small_geometry, small_thoracolumbar
@@ -126,7 +126,7 @@ def test_dicom_export_series_numbers_are_unique_and_clear_of_the_plan(plan_dir, 
     assert not set(numbers) & plan_numbers
     bad = _cli(["dicom-export", "--plan", str(plan_dir), "--geometry", str(tmp_path / "g.json"), *images,
                 "--i0", "40000", "--out", str(tmp_path / "bad"), "--frame-of-reference-uid", "1.02.x"])
-    from spineguide.tracking.cli import CliError
+    from spineguide.tracking.cli.main import CliError
 
     with pytest.raises(CliError, match="--frame-of-reference-uid '1.02.x' is not a DICOM UID"):
         bad.func(bad, out=io.StringIO())

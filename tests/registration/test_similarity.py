@@ -8,7 +8,7 @@ from numpy.testing import assert_allclose
 
 from spineguide.registration.errors import RegistrationError
 from spineguide.registration.similarity import (
-    FrameError,
+    RegistrationFrameError,
     Similarity,
     estimate_i0,
     gradient_correlation,
@@ -75,7 +75,7 @@ def test_zero_counts_give_a_finite_line_integral():
     ],
 )
 def test_bad_frames_are_refused_by_name(raw, i0, match):
-    with pytest.raises(FrameError, match=match):
+    with pytest.raises(RegistrationFrameError, match=match):
         line_integrals(raw, i0, name="A")
 
 

@@ -10,8 +10,9 @@ import pytest
 import SimpleITK as sitk
 from numpy.testing import assert_allclose
 
+from spineguide.registration.ctfile import read_ct, write_ct
 from spineguide.registration.errors import PatientPositionError, VolumeError, VolumeFileError
-from spineguide.registration.volume import PATIENT_POSITION_KEY, CTVolume, PatientPosition, read_ct, room_from_lps_matrix, write_ct
+from spineguide.registration.volume import PATIENT_POSITION_KEY, CTVolume, PatientPosition, room_from_lps_matrix
 
 DATA_DIR = Path(__file__).resolve().parents[1] / "data"
 VECTORS = json.loads((DATA_DIR / "conventions-vectors.json").read_text(encoding="utf-8"))

@@ -9,7 +9,7 @@ import SimpleITK as sitk
 from spineguide.calibration import default_stereo_geometry, write_geometry
 from spineguide.registration import CTVolume, write_ct
 from spineguide.registration.attenuation import linear_attenuation_per_mm
-from spineguide.tracking.cli import CliError, main, parse_six, parse_triplet_mm
+from spineguide.tracking.cli.main import CliError, main, parse_six, parse_triplet_mm
 
 WATER_TOL_REL = 0.005  # voxel-aligned cube, exact Siddon path: only ray divergence (<0.1%) and float32 remain
 
@@ -269,7 +269,7 @@ def test_register_gives_the_same_answer_from_the_dicom_plan(simulated_case, caps
 def test_dicom_export_writes_rt_images_and_sends_them_to_an_archive(simulated_case, tmp_path, capsys):
     import pydicom
 
-    from spineguide.tracking.dicom_net import EXPORT_SOP_CLASSES, ListenerConfig, StorageListener
+    from spineguide.tracking.service.dicom_net import EXPORT_SOP_CLASSES, ListenerConfig, StorageListener
 
     folder, _ = simulated_case
     frames = ["--image", f"A={folder / 'frames' / 'pose_000_A.mha'}", "--image", f"B={folder / 'frames' / 'pose_000_B.mha'}"]

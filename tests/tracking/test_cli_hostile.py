@@ -1,4 +1,4 @@
-"""Hostile command lines and files through ``spineguide`` (``spineguide.tracking.cli.main``, in-process).
+"""Hostile command lines and files through ``spineguide`` (``spineguide.tracking.cli.main.main``, in-process).
 
 Every bad input must end with exit 2 (nothing could be computed) or 3 (a result computed but not to be
 trusted), exactly one line on stderr and no traceback anywhere. The silent-wrong cases of issue #14 (an
@@ -16,7 +16,7 @@ import pytest
 import SimpleITK as sitk
 
 from spineguide.registration import CTVolume, write_ct
-from spineguide.tracking.cli import (
+from spineguide.tracking.cli.main import (
     EXIT_ERROR,
     EXIT_NOT_TRUSTED,
     _Parser,
@@ -24,7 +24,7 @@ from spineguide.tracking.cli import (
     main,
     rejoin_negative_values,
 )
-from spineguide.tracking.config import SafetyConfig
+from spineguide.tracking.service.config import SafetyConfig
 
 
 def run(argv, capsys) -> tuple[int, str, str]:
@@ -142,7 +142,7 @@ def case(simulated_case, tmp_path_factory):
 
 
 def _ct_fields(path: Path) -> dict:
-    from spineguide.registration.volume import read_ct
+    from spineguide.registration.ctfile import read_ct
 
     ct = read_ct(path)
     return {"hu": ct.hu, "spacing_mm": ct.spacing_mm, "origin_lps_mm": ct.origin_lps_mm, "direction": ct.direction,
@@ -335,7 +335,7 @@ def test_traceback_only_with_verbose(case, capsys):
 
 
 def test_an_internal_error_is_one_line_exit_4(monkeypatch, capsys):
-    import spineguide.tracking.cli as cli
+    import spineguide.tracking.cli.main as cli
 
     def boom(args):
         raise ZeroDivisionError("division by zero in a defect")
@@ -347,7 +347,7 @@ def test_an_internal_error_is_one_line_exit_4(monkeypatch, capsys):
 
 
 def test_interrupt_and_broken_pipe_are_one_line(monkeypatch, capsys):
-    import spineguide.tracking.cli as cli
+    import spineguide.tracking.cli.main as cli
 
     def interrupted(args):
         raise KeyboardInterrupt

@@ -38,10 +38,10 @@ from spineguide.tracking.console.review import (
     review_session,
     write_review_html,
 )
-from spineguide.tracking.console.rig import SimulatedRoom
 from spineguide.tracking.console.server import MAX_FAILED_LOGINS_PER_MIN, ConsoleServer, _pair_frame_files
 from spineguide.tracking.errors import FrameError
-from spineguide.tracking.record import RecordError, SessionRecord, read_record
+from spineguide.tracking.service.record import RecordError, SessionRecord, read_record
+from spineguide.tracking.sim.rig import SimulatedRoom
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -231,7 +231,7 @@ def test_connect_address():
 
 
 def test_config_from_service_takes_limits_record_and_approval(tmp_path):
-    from spineguide.tracking.config import config_from_dict
+    from spineguide.tracking.service.config import config_from_dict
 
     svc = config_from_dict({"endpoints": {"publish": "tcp://*:6001", "command": "tcp://127.0.0.1:6002",
                                           "frames": "tcp://127.0.0.1:6003"},
@@ -506,7 +506,7 @@ def test_qa_view_shows_the_trend_and_the_calibration_report(tmp_path):
 def test_console_cli_needs_a_service_config_and_a_readable_token(tmp_path):
     import argparse
 
-    from spineguide.tracking import _cli_console
+    from spineguide.tracking.cli import console as _cli_console
 
     parser = argparse.ArgumentParser()
     _cli_console.add_commands(parser.add_subparsers(dest="command"))
@@ -565,12 +565,12 @@ def test_drr_edges_sit_on_the_vertebra_at_the_estimated_pose():
 
 def test_anatomy_plan_gives_the_console_its_overlay_and_the_pose_of_a_correction(tmp_path):
     from spineguide.calibration.io import write_geometry
-    from spineguide.registration.volume import write_ct
+    from spineguide.registration.ctfile import write_ct
     from tests.synthetic import small_geometry, small_thoracolumbar
-    from spineguide.tracking.config import PlanConfig, ServiceConfig
     from spineguide.tracking.console.config import console_config_from_service
     from spineguide.tracking.console.display import AnatomyOverlay
     from spineguide.tracking.console.server import _pose_of
+    from spineguide.tracking.service.config import PlanConfig, ServiceConfig
 
     phantom = small_thoracolumbar(with_seeds=False)
     plan = PlanConfig(method="anatomy", geometry=write_geometry(small_geometry(), tmp_path / "g.json"),
@@ -600,9 +600,9 @@ def test_console_numbers_are_bounded_like_the_service_ones(kw, match):
 def test_console_simulate_connects_with_the_rooms_console_key(tmp_path):
     import argparse
 
-    from spineguide.tracking import _cli_console
-    from spineguide.tracking.config import config_from_dict
-    from spineguide.tracking.sims import ClientKeys
+    from spineguide.tracking.cli import console as _cli_console
+    from spineguide.tracking.service.config import config_from_dict
+    from spineguide.tracking.service.security import ClientKeys
 
     class Room:  # what build_console_config reads of a SimulatedRoom
         config = config_from_dict({"plan": {"method": "pattern"}, "security": {"enabled": False}})
@@ -635,10 +635,10 @@ def test_frames_of_a_pair_come_from_its_newest_epoch_only(tmp_path):
 
 def test_a_dicom_fiducial_plan_gives_the_console_the_services_seeds(tmp_path):
     """Issue 17 item 6: the console loaded the plan by its own rules (CT + fiducials files) and crashed on a DICOM plan."""
-    from spineguide.tracking.config import PlanConfig, ServiceConfig
     from spineguide.tracking.console.config import console_config_from_service
-    from spineguide.tracking.processing import load_treatment_plan
     from spineguide.tracking.room.io import write_simulation
+    from spineguide.tracking.service.config import PlanConfig, ServiceConfig
+    from spineguide.tracking.service.plan import load_treatment_plan
     from tests.synthetic import small_geometry, small_thoracolumbar
 
     write_simulation(tmp_path, small_thoracolumbar(), 1, seed=1, geometry=small_geometry())

@@ -1,7 +1,7 @@
 """The console in a real headless browser (Debian chromium driven by Playwright) against the simulated room.
 
 The service, its imager and delivery simulators run in this process
-(:class:`~spineguide.tracking.console.rig.SimulatedRoom`); the console serves the page
+(:class:`~spineguide.tracking.sim.rig.SimulatedRoom`); the console serves the page
 on a free loopback port. Screenshots of each step are saved under
 ``tmp_path`` (pytest keeps the last runs' folders) as test artefacts.
 Skipped only when chromium or Playwright is missing and ``CI`` is unset.
@@ -17,9 +17,9 @@ import pytest
 
 from spineguide.registration.pose import Pose
 from spineguide.tracking.console.config import ConsoleConfig
-from spineguide.tracking.console.rig import SimulatedRoom
+from spineguide.tracking.sim.rig import SimulatedRoom
 from spineguide.tracking.console.server import ConsoleThread
-from spineguide.tracking.record import read_record
+from spineguide.tracking.service.record import read_record
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",

@@ -20,7 +20,7 @@ from spineguide.calibration.geometry import default_stereo_geometry
 from tests.synthetic import SEED_I0 as I0
 from tests.synthetic import match_detections as match
 from tests.synthetic import render_kv_frame, seed_on_panel
-from spineguide.tracking.detection import (
+from spineguide.tracking.localisation.detection import (
     Detection,
     DetectionConfig,
     detect_seeds,

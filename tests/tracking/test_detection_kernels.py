@@ -1,6 +1,6 @@
 """The fused window-analysis kernels against the OpenCV/numpy composition they replace.
 
-``spineguide.tracking._kernels.gather_windows`` and ``analyse_windows`` run the
+``spineguide.tracking.localisation._kernels.gather_windows`` and ``analyse_windows`` run the
 full-resolution detection steps (defect repair, top-hat, matched filter,
 noise, support, weighted moments) in one pass per window. Here the same
 steps are written out with OpenCV and numpy on each window alone (border
@@ -22,13 +22,13 @@ from numpy.testing import assert_allclose, assert_array_equal
 from spineguide.calibration.geometry import default_stereo_geometry
 from tests.synthetic import SEED_I0 as I0
 from tests.synthetic import render_kv_frame, seed_on_panel
-from spineguide.tracking._kernels import (
+from spineguide.tracking.localisation._kernels import (
     analyse_windows,
     gather_windows,
     isolated_outliers,
     reconstruct_under,
 )
-from spineguide.tracking.detection import DetectionConfig, detect_seeds, seed_size_px
+from spineguide.tracking.localisation.detection import DetectionConfig, detect_seeds, seed_size_px
 
 FINE = default_stereo_geometry(panel_pixels=192, pixel_spacing_mm=0.4)["A"]
 CFG = DetectionConfig()

@@ -17,7 +17,7 @@ from spineguide.registration.dicom_export import SeriesInfo, rt_image, spatial_r
 from spineguide.registration.plan import load_dicom_plan
 from spineguide.registration.pose import Pose
 from tests.synthetic import small_geometry, small_thoracolumbar
-from spineguide.tracking.dicom_net import (
+from spineguide.tracking.service.dicom_net import (
     EXPORT_SOP_CLASSES,
     PLANNING_SOP_CLASSES,
     ArchiveConfig,

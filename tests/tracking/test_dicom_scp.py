@@ -15,7 +15,7 @@ import pydicom
 import pytest
 
 from spineguide.registration.plan import PlanError, load_dicom_plan
-from spineguide.tracking.dicom_net import ListenerConfig, StorageListener
+from spineguide.tracking.service.dicom_net import ListenerConfig, StorageListener
 from spineguide.tracking.room.dicom import write_dicom_plan
 from tests.synthetic import small_thoracolumbar
 from tests.tracking.test_dicom_net import need
@@ -178,7 +178,7 @@ def test_our_scu_sends_compressed_files_as_they_are_to_dcmtk(planning, tmp_path)
     import socket
     import time
 
-    from spineguide.tracking.dicom_net import ArchiveConfig, send_to_archive
+    from spineguide.tracking.service.dicom_net import ArchiveConfig, send_to_archive
     from tests.tracking.test_dicom_net import free_port
 
     files = _compress(list(planning.ct_files[:2]), tmp_path / "jls", "jls") + \

@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 
 from spineguide.registration.pose import Pose
-from spineguide.tracking.config import SafetyConfig, SecurityConfig, ServiceConfig, SetupConfig
+from spineguide.tracking.service.config import SafetyConfig, SecurityConfig, ServiceConfig, SetupConfig
 from spineguide.tracking.errors import TrackingError
-from spineguide.tracking.gating import HoldReason
-from spineguide.tracking.processing import PairResult, PatternProcessor
-from spineguide.tracking.record import SessionRecord
-from spineguide.tracking.states import HOLD_REPEAT_S, Engine, ServiceState, SetupPhase
+from spineguide.tracking.service.gating import HoldReason
+from spineguide.tracking.service.processing import PairResult, PatternProcessor
+from spineguide.tracking.service.record import SessionRecord
+from spineguide.tracking.service.states import HOLD_REPEAT_S, Engine, ServiceState, SetupPhase
 
 T0 = 1_764_070_000.0
 

@@ -1,6 +1,6 @@
 """A stateful property test of the engine (sans-I/O): whatever arrives, in whatever order, the safety rules hold.
 
-Hypothesis drives the :class:`~spineguide.tracking.states.Engine` with random commands
+Hypothesis drives the :class:`~spineguide.tracking.service.states.Engine` with random commands
 (known ones and garbage, with hostile parameters), pairs good and bad, fresh
 and stale, of this pair-numbering epoch and of an earlier one, with any
 ``pair_id`` (backwards, repeated, 10^15), frame faults, new epochs, timer
@@ -29,11 +29,11 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from spineguide.registration.pose import Pose
-from spineguide.tracking.config import SafetyConfig, SecurityConfig, ServiceConfig, SetupConfig
-from spineguide.tracking.gating import HoldReason
-from spineguide.tracking.processing import PairResult, PatternProcessor
-from spineguide.tracking.record import SessionRecord
-from spineguide.tracking.states import Command, Engine, ServiceState
+from spineguide.tracking.service.config import SafetyConfig, SecurityConfig, ServiceConfig, SetupConfig
+from spineguide.tracking.service.gating import HoldReason
+from spineguide.tracking.service.processing import PairResult, PatternProcessor
+from spineguide.tracking.service.record import SessionRecord
+from spineguide.tracking.service.states import Command, Engine, ServiceState
 
 T0 = 1_764_070_000.0
 #: Float slack of the expiry bound (sums of clock values), s.

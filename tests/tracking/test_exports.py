@@ -12,12 +12,13 @@ from numpy.testing import assert_allclose
 from spineguide.registration.dicom_export import pose_from_registration_matrix, read_registration_matrix
 from spineguide.registration.pose import Pose
 from tests.synthetic import small_geometry, small_thoracolumbar
-from spineguide.tracking.config import ConfigError, PlanConfig, SafetyConfig, ServiceConfig, SetupConfig
-from spineguide.tracking.exports import SetupExporter
-from spineguide.tracking.processing import PatternProcessor, build_processor, load_treatment_plan
-from spineguide.tracking.record import SessionRecord, read_record
+from spineguide.tracking.service.config import ConfigError, PlanConfig, SafetyConfig, ServiceConfig, SetupConfig
+from spineguide.tracking.service.exports import SetupExporter
+from spineguide.tracking.service.plan import load_treatment_plan
+from spineguide.tracking.service.processing import PatternProcessor, build_processor
+from spineguide.tracking.service.record import SessionRecord, read_record
 from spineguide.tracking.room.io import write_simulation
-from spineguide.tracking.states import Engine
+from spineguide.tracking.service.states import Engine
 
 T0 = 1_764_070_000.0
 
@@ -129,7 +130,7 @@ def test_engine_reports_every_setup_sent_to_the_couch_with_the_operator():
 
 
 def test_exported_registration_is_sent_to_the_archive(plans, tmp_path):
-    from spineguide.tracking.dicom_net import EXPORT_SOP_CLASSES, ListenerConfig, StorageListener
+    from spineguide.tracking.service.dicom_net import EXPORT_SOP_CLASSES, ListenerConfig, StorageListener
 
     folder, _, _ = plans
     record = SessionRecord(tmp_path / "session.jsonl")
@@ -147,7 +148,7 @@ def test_exported_registration_is_sent_to_the_archive(plans, tmp_path):
 
 
 def test_archive_without_exports_folder_is_refused():
-    from spineguide.tracking.config import RecordConfig
+    from spineguide.tracking.service.config import RecordConfig
 
     with pytest.raises(ConfigError, match="dicom_archive needs dicom_exports"):
         RecordConfig(dicom_archive="RV@host:104")
@@ -181,8 +182,8 @@ def test_anatomy_processor_corrects_frames_with_the_geometry_files_flat_fields(p
     """The service's anatomy method gets dark/gain-corrected frames with the dead lines filled, as `register` does;
     a frame that does not fit its maps is a corrupt frame (HOLD), not a registration."""
     from spineguide.tracking.frames import KvFrame
-    from spineguide.tracking.processing import AnatomyProcessor
-    from spineguide.tracking.states import HoldReason
+    from spineguide.tracking.service.processing import AnatomyProcessor
+    from spineguide.tracking.service.states import HoldReason
 
     folder, _, _ = plans
     doc = json.loads((folder / "geometry.json").read_text())
@@ -219,12 +220,12 @@ def test_anatomy_processor_corrects_frames_with_the_geometry_files_flat_fields(p
 
 
 def test_a_frame_the_anatomy_registration_cannot_read_is_a_corrupt_frame_not_a_refusal():
-    """Issue 17 item 6: registration's own FrameError (NaN pixels) was reported as registration_refused."""
-    from spineguide.registration.errors import FrameError as RegistrationFrameError
+    """Issue 17 item 6: registration's own RegistrationFrameError (NaN pixels) was reported as registration_refused."""
+    from spineguide.registration.errors import RegistrationFrameError
     from spineguide.registration.errors import RegistrationError
     from spineguide.tracking.frames import KvFrame
-    from spineguide.tracking.processing import AnatomyProcessor
-    from spineguide.tracking.states import HoldReason
+    from spineguide.tracking.service.processing import AnatomyProcessor
+    from spineguide.tracking.service.states import HoldReason
 
     class Raises:
         def __init__(self, err):

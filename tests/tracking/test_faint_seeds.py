@@ -20,8 +20,8 @@ from spineguide.registration.errors import SeedMigrationError
 from spineguide.registration.pose import Pose
 from tests.synthetic import small_thoracolumbar
 from spineguide.tracking.errors import FiducialNotFoundError, FrameError, ImagerLabelError
-from spineguide.tracking.fiducials import FaintSearchConfig, FiducialConfig, FiducialFlag, localise_fiducials
-from spineguide.tracking.flatfield import FlatField, flat_fields_from_geometry_json, read_flat_field
+from spineguide.tracking.localisation.fiducials import FaintSearchConfig, FiducialConfig, FiducialFlag, localise_fiducials
+from spineguide.tracking.localisation.flatfield import FlatField, flat_fields_from_geometry_json, read_flat_field
 from spineguide.tracking.room.chain import ChainConfig, DetectorMaps, RealisticSimulator
 from spineguide.tracking.room.kv import OutputDtype
 from spineguide.tracking.room.rooms import room_geometry
@@ -162,7 +162,7 @@ def test_migrated_seed_in_clinic_frames_is_never_used_silently():
 def test_register_takes_gain_and_offset_maps(simulated_case, tmp_path, capsys):
     import json
 
-    from spineguide.tracking.cli import main
+    from spineguide.tracking.cli.main import main
 
     folder, truth = simulated_case
     iso = ",".join(repr(float(v)) for v in truth["isocentre_lps_mm"])
@@ -188,8 +188,8 @@ def test_register_takes_gain_and_offset_maps(simulated_case, tmp_path, capsys):
 @pytest.mark.slow
 def test_fiducial_processor_applies_the_flat_fields():
     from spineguide.tracking.frames import KvFrame
-    from spineguide.tracking.gating import HoldReason
-    from spineguide.tracking.processing import FiducialProcessor
+    from spineguide.tracking.service.gating import HoldReason
+    from spineguide.tracking.service.processing import FiducialProcessor
 
     sim = _sim("floor")
     planned, names = _planned()

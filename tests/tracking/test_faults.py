@@ -17,7 +17,7 @@ import pytest
 import zmq
 
 from spineguide.registration.pose import Pose
-from spineguide.tracking.config import (
+from spineguide.tracking.service.config import (
     EndpointsConfig,
     PlanConfig,
     RecordConfig,
@@ -26,10 +26,10 @@ from spineguide.tracking.config import (
     ServiceConfig,
     SetupConfig,
 )
-from spineguide.tracking.loop import Service
-from spineguide.tracking.record import read_record
-from spineguide.tracking.sims import LocalPeers
-from spineguide.tracking.wire import WireLimits, encode_command, encode_kvframe
+from spineguide.tracking.service.loop import Service
+from spineguide.tracking.service.record import read_record
+from spineguide.tracking.sim.simulators import LocalPeers
+from spineguide.tracking.service.wire import WireLimits, encode_command, encode_kvframe
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -210,7 +210,7 @@ def test_imager_simulator_killed_holds(running):
     code = (
         "import sys\n"
         "from spineguide.registration.pose import Pose\n"
-        "from spineguide.tracking.sims import MotionTrace, run_imager_sim\n"
+        "from spineguide.tracking.sim.simulators import MotionTrace, run_imager_sim\n"
         f"run_imager_sim({running.svc.endpoints['frames']!r}, 30.0, Pose.identity(), MotionTrace(),"
         " rows=32, cols=32, frame_period_s=0.1, first_pair_id=1000)\n"
     )
@@ -386,7 +386,7 @@ def test_an_oversize_part_is_received_refused_and_recorded(tmp_path):
 
 
 def test_a_part_over_the_hard_cap_drops_the_connection_which_is_held_and_recorded(tmp_path):
-    from spineguide.tracking.loop import MAXMSGSIZE_SLACK_BYTES
+    from spineguide.tracking.service.loop import MAXMSGSIZE_SLACK_BYTES
 
     r = Running(tmp_path, WireLimits(max_rows=64, max_cols=64))
     try:
@@ -426,7 +426,7 @@ def test_pair_id_ten_to_the_fifteen_then_normal_ids_recover(running):
 
 
 def test_an_imager_restart_recovers_without_a_lock_out(running):
-    from spineguide.tracking.sims import FrameSender
+    from spineguide.tracking.sim.simulators import FrameSender
 
     for _ in range(3):
         running.good_pair()
@@ -496,9 +496,9 @@ def test_an_unexpected_exception_on_a_message_holds_and_the_io_thread_goes_on(ru
 def test_a_stuck_worker_fails_the_service_with_a_hold(running, monkeypatch):
     import threading
 
-    import spineguide.tracking.loop
+    import spineguide.tracking.service.loop
 
-    monkeypatch.setattr(spineguide.tracking.loop, "PAIR_STALL_S", 0.3)
+    monkeypatch.setattr(spineguide.tracking.service.loop, "PAIR_STALL_S", 0.3)
     release = threading.Event()
     good = running.svc.engine.processor
 
@@ -525,8 +525,8 @@ def test_a_stuck_worker_fails_the_service_with_a_hold(running, monkeypatch):
 
 def test_a_dead_io_thread_holds_and_serve_exits_non_zero(tmp_path):
     """The io thread dies outside any message (here: its poll raises): HOLD internal_error, exit 3, recorded."""
-    from spineguide.tracking.fraction import free_tcp_port
-    from spineguide.tracking.sims import Subscriber
+    from spineguide.tracking.sim.fraction import free_tcp_port
+    from spineguide.tracking.sim.simulators import Subscriber
 
     ports = {name: free_tcp_port() for name in ("frames", "publish", "command")}
     config = tmp_path / "service.toml"
@@ -537,7 +537,7 @@ def test_a_dead_io_thread_holds_and_serve_exits_non_zero(tmp_path):
     code = (
         "import sys\n"
         "import zmq\n"
-        "import spineguide.tracking.loop as loop\n"
+        "import spineguide.tracking.service.loop as loop\n"
         "real = loop.Service._poll_io\n"
         "def poll(self, poller, wait_ms):\n"
         "    events = real(self, poller, wait_ms)\n"
@@ -545,7 +545,7 @@ def test_a_dead_io_thread_holds_and_serve_exits_non_zero(tmp_path):
         "        raise OSError('injected: the io thread dies')\n"
         "    return events\n"
         "loop.Service._poll_io = poll\n"
-        "from spineguide.tracking._cli_service import main\n"
+        "from spineguide.tracking.cli.main import main\n"
         f"sys.exit(main(['serve', '--config', {str(config)!r}]))\n"
     )
     ctx = zmq.Context()
@@ -574,7 +574,7 @@ def test_a_dead_io_thread_holds_and_serve_exits_non_zero(tmp_path):
 
 
 def test_a_command_over_the_hard_cap_is_recorded_and_other_clients_are_answered(running):
-    from spineguide.tracking.loop import MAXMSGSIZE_SLACK_BYTES
+    from spineguide.tracking.service.loop import MAXMSGSIZE_SLACK_BYTES
 
     ctx = zmq.Context()
     rogue = ctx.socket(zmq.DEALER)
@@ -597,7 +597,7 @@ def test_a_command_over_the_hard_cap_is_recorded_and_other_clients_are_answered(
 def test_a_thread_stuck_inside_the_engine_fails_the_service_and_silences_it(running):
     import threading
 
-    from spineguide.tracking.loop import THREAD_STALL_S
+    from spineguide.tracking.service.loop import THREAD_STALL_S
 
     held, release = threading.Event(), threading.Event()
 

@@ -29,9 +29,9 @@ from tests.synthetic import (
     small_geometry,
     small_thoracolumbar,
 )
-from spineguide.tracking._stereo_kernels import triangulate_two_views
+from spineguide.tracking.localisation._stereo_kernels import triangulate_two_views
 from spineguide.tracking.errors import FiducialNotFoundError, FrameError
-from spineguide.tracking.fiducials import (
+from spineguide.tracking.localisation.fiducials import (
     _STEREO,
     FiducialConfig,
     FiducialConfigError,

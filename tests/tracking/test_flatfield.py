@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from spineguide.tracking.flatfield import INPAINT_RADIUS_PX, FlatField, _defect_tiles
+from spineguide.tracking.localisation.flatfield import INPAINT_RADIUS_PX, FlatField, _defect_tiles
 
 
 def _layout(name: str, rows: int = 256, cols: int = 240) -> np.ndarray:

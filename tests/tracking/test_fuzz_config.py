@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from spineguide.tracking.config import (
+from spineguide.tracking.service.config import (
     _SECTIONS,
     MAX_ENABLE_PERIODS,
     RANGES,

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from spineguide.tracking.errors import FrameError, WireSchemaError
 from spineguide.tracking.frames import KvFrame
-from spineguide.tracking.wire import (
+from spineguide.tracking.service.wire import (
     KNOWN_MAJOR,
     CommandRequest,
     WireFrame,

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from spineguide.tracking.errors import TrackingError
-from spineguide.tracking.gating import (
+from spineguide.tracking.service.gating import (
     Beam,
     GatingConfig,
     GatingState,
@@ -249,7 +249,7 @@ def test_silence_longer_than_max_age_always_holds(cfg, since_last, enabled_for):
 
 
 # ------------------------------------------------------------------ faults
-from spineguide.tracking.gating import judge_fault  # noqa: E402
+from spineguide.tracking.service.gating import judge_fault  # noqa: E402
 
 
 @settings(max_examples=200, deadline=None)

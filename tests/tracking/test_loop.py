@@ -11,8 +11,8 @@ import time
 import pytest
 
 from spineguide.registration.pose import Pose
-from spineguide.tracking._cli_service import add_commands
-from spineguide.tracking.config import (
+from spineguide.tracking.cli.service import add_commands
+from spineguide.tracking.service.config import (
     ConfigError,
     EndpointsConfig,
     RecordConfig,
@@ -20,12 +20,12 @@ from spineguide.tracking.config import (
     SecurityConfig,
     ServiceConfig,
     SetupConfig,
-    load_config,
     log_config,
 )
-from spineguide.tracking.loop import Mailbox, Service
-from spineguide.tracking.processing import PatternProcessor
-from spineguide.tracking.sims import LocalPeers
+from spineguide.tracking.service.config_file import load_config
+from spineguide.tracking.service.loop import Mailbox, Service
+from spineguide.tracking.service.processing import PatternProcessor
+from spineguide.tracking.sim.simulators import LocalPeers
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -69,7 +69,7 @@ def test_toml_config_is_read_with_defaults_and_relative_paths(tmp_path, caplog):
     assert config.safety.tolerance_3d_mm == 0.8 and config.safety.max_frame_age_s == pytest.approx(0.2)
     assert config.safety.enable_validity_s == pytest.approx(0.2) and config.safety.pair_timeout_s == pytest.approx(0.05)
     assert config.couch.dof == 4 and config.record.path == tmp_path / "records" / "session.jsonl"
-    with caplog.at_level(logging.INFO, logger="spineguide.tracking.config"):
+    with caplog.at_level(logging.INFO, logger="spineguide.tracking.service.config"):
         log_config(config)
     assert caplog.records[0].getMessage().startswith("safety:")  # safety values first
 
@@ -227,7 +227,7 @@ def test_cli_keys_replay_and_serve_handlers(tmp_path, capsys):
 
 
 def test_cli_main_turns_errors_into_one_line_and_exit_2(tmp_path, capsys):
-    from spineguide.tracking._cli_service import main
+    from spineguide.tracking.cli.main import main
 
     assert main(["replay", str(tmp_path / "missing.jsonl")]) == 2
     err = capsys.readouterr().err
@@ -236,7 +236,7 @@ def test_cli_main_turns_errors_into_one_line_and_exit_2(tmp_path, capsys):
 
 def test_an_endpoint_that_cannot_be_bound_fails_start_with_its_name():
     from spineguide.tracking.errors import TrackingError
-    from spineguide.tracking.fraction import free_tcp_port
+    from spineguide.tracking.sim.fraction import free_tcp_port
 
     port = free_tcp_port()
     taken = EndpointsConfig(f"tcp://127.0.0.1:{port}", "tcp://127.0.0.1:0", "tcp://127.0.0.1:0")

@@ -11,10 +11,10 @@ from numpy.testing import assert_allclose
 from spineguide.calibration.geometry import default_stereo_geometry
 from spineguide.registration.pose import Pose
 from tests.synthetic import small_thoracolumbar
-from spineguide.tracking.loop import Service
 from spineguide.tracking.room.kv import KVSimulator
-from spineguide.tracking.sims import LocalPeers
-from spineguide.tracking.wire import encode_kvframe
+from spineguide.tracking.service.loop import Service
+from spineguide.tracking.service.wire import encode_kvframe
+from spineguide.tracking.sim.simulators import LocalPeers
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 
@@ -46,8 +46,8 @@ def _send_rendered(peers: LocalPeers, pair_id: int, pose: Pose, seed: int) -> No
 def _plan_files(tmp_path):
     """The phantom's plan as files (geometry, CT, fiducials/1) and a TOML config naming them."""
     from spineguide.calibration.io import write_geometry
+    from spineguide.registration.ctfile import write_ct
     from spineguide.registration.io import FiducialSet, write_fiducials
-    from spineguide.registration.volume import write_ct
 
     phantom, _ = _room()
     write_geometry(GEOMETRY, tmp_path / "geometry.json")
@@ -88,8 +88,8 @@ raw_frames = true
 
 
 def test_service_with_the_real_fiducial_pipeline_corrects_then_gates(tmp_path):
-    from spineguide.tracking.config import load_config
-    from spineguide.tracking.loop import replay_session
+    from spineguide.tracking.service.config_file import load_config
+    from spineguide.tracking.service.loop import replay_session
 
     config = load_config(_plan_files(tmp_path))
     with Service(config) as svc:
@@ -123,7 +123,7 @@ def test_service_with_the_real_fiducial_pipeline_corrects_then_gates(tmp_path):
 
 
 def test_three_process_fraction_sets_up_holds_on_the_shift_and_resumes(tmp_path):
-    from spineguide.tracking.fraction import run_fraction
+    from spineguide.tracking.sim.fraction import run_fraction
 
     summary = run_fraction(tmp_path, seed=7)  # the real fiducial pipeline on the virtual room
     tolerance_mm = 1.0

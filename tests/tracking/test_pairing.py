@@ -9,8 +9,8 @@ from hypothesis import strategies as st
 
 from spineguide.tracking.errors import TrackingError
 from spineguide.tracking.frames import KvFrame
-from spineguide.tracking.gating import HoldReason
-from spineguide.tracking.pairing import MAX_PAIR_ID_JUMP, CompletePair, FrameAccepted, FramePairer, NewEpoch, PairFault
+from spineguide.tracking.service.gating import HoldReason
+from spineguide.tracking.service.pairing import MAX_PAIR_ID_JUMP, CompletePair, FrameAccepted, FramePairer, NewEpoch, PairFault
 
 PIXELS = np.full((4, 4), 1000, np.uint16)
 TIMEOUT_S = 0.05

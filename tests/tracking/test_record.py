@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from spineguide.registration.pose import Pose
-from spineguide.tracking.config import (
+from spineguide.tracking.service.config import (
     EndpointsConfig,
     RecordConfig,
     SafetyConfig,
@@ -19,9 +19,9 @@ from spineguide.tracking.config import (
     SetupConfig,
 )
 from spineguide.tracking.errors import ConfigError
-from spineguide.tracking.loop import Service, replay_session
-from spineguide.tracking.record import RecordError, SessionRecord, frames_folder, read_record
-from spineguide.tracking.sims import LocalPeers
+from spineguide.tracking.service.loop import Service, replay_session
+from spineguide.tracking.service.record import RecordError, SessionRecord, frames_folder, read_record
+from spineguide.tracking.sim.simulators import LocalPeers
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -94,7 +94,7 @@ def test_a_killed_writer_process_keeps_every_flushed_record(tmp_path):
     path = tmp_path / "killed.jsonl"
     code = (
         "import sys, time\n"
-        "from spineguide.tracking.record import SessionRecord\n"
+        "from spineguide.tracking.service.record import SessionRecord\n"
         f"rec = SessionRecord({str(path)!r})\n"
         "for i in range(20):\n"
         "    rec.write('pair', pair_id=i)\n"

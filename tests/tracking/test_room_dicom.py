@@ -17,7 +17,7 @@ from numpy.testing import assert_allclose
 from spineguide.registration.dicom_rt import rasterise_contours, read_rtplan, read_rtstruct
 from spineguide.registration.volume import CTVolume
 from tests.synthetic import small_thoracolumbar
-from spineguide.tracking._cli_dicom import add_commands
+from spineguide.tracking.cli.dicom import add_commands
 from spineguide.tracking.errors import TrackingError
 from spineguide.tracking.room.dicom import CT_RESCALE_INTERCEPT, CT_RESCALE_SLOPE, label_contours_lps_mm, write_dicom_plan
 

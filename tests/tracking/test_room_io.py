@@ -10,8 +10,9 @@ import SimpleITK as sitk
 from numpy.testing import assert_allclose
 
 from spineguide.calibration.io import read_geometry
+from spineguide.registration.ctfile import read_ct
 from spineguide.registration.pose import Pose
-from spineguide.registration.volume import PatientPosition, read_ct
+from spineguide.registration.volume import PatientPosition
 from tests.synthetic import small_geometry, small_simulator, small_thoracolumbar
 from spineguide.tracking.errors import TrackingError
 from spineguide.tracking.room.io import TRUTH_SCHEMA, write_simulation

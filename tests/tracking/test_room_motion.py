@@ -86,3 +86,21 @@ def test_bad_motion_parameters_are_errors():
         random_setup_pose(3)
     with pytest.raises(MotionError, match="max_rotation_deg must be >= 0"):
         random_setup_pose(np.random.default_rng(0), 1.0, -1.0)
+
+
+def test_the_simulators_motion_trace_is_the_room_motion_model():
+    """MotionTrace (the simulators' JSON form) computes its poses with room.motion: drift + Z wobble + shifts."""
+    import math
+
+    from spineguide.tracking.sim.simulators import MotionTrace
+
+    trace = MotionTrace(drift_mm_per_min=(0.6, -1.2, 0.3), wobble_mm=0.5, wobble_period_s=4.0,
+                        shifts=((10.0, (3.0, 0.0, -1.0)), (20.0, (0.0, 2.0, 0.0))))
+    for t_s in (0.0, 1.0, 9.999, 10.0, 15.0, 20.0, 33.3):
+        wobble = 0.5 * math.sin(2 * math.pi * t_s / 4.0)
+        expected = np.array([0.6, -1.2, 0.3]) * t_s / 60.0 + np.array([0.0, 0.0, wobble])
+        expected += np.array([3.0, 0.0, -1.0]) * (t_s >= 10.0) + np.array([0.0, 2.0, 0.0]) * (t_s >= 20.0)
+        pose = trace.pose(t_s)
+        assert_allclose(pose.translation_mm, expected, rtol=0, atol=1e-12)
+        assert_allclose(pose.rotation_deg, 0.0, atol=1e-12)
+    assert MotionTrace.from_json(trace.to_json()) == trace

@@ -10,12 +10,12 @@ from numpy.testing import assert_allclose
 
 from spineguide.registration.volume import PatientPosition
 from tests.synthetic import small_cervical, small_thoracolumbar
+from spineguide.tracking.errors import VirtualPhantomError
 from spineguide.tracking.room.phantoms import (
     CERVICAL_MODEL_ORIGIN_LPS_MM,
     HU,
     PLANNING_SEED_HU,
     THORACOLUMBAR_MODEL_ORIGIN_LPS_MM,
-    PhantomError,
     Seed,
     SeedShape,
     thoracolumbar_phantom,
@@ -134,25 +134,25 @@ def test_cervical_phantom_has_mask_shell_skull_and_airway():
 
 
 def test_unknown_target_level_is_an_error():
-    with pytest.raises(PhantomError, match="target vertebra 'C9' is not in this phantom"):
+    with pytest.raises(VirtualPhantomError, match="target vertebra 'C9' is not in this phantom"):
         thoracolumbar_phantom(truth_spacing_mm=6.0, planning_spacing_mm=6.0, target="C9")
 
 
 def test_bad_spacing_is_an_error():
-    with pytest.raises(PhantomError, match="truth_spacing_mm must be one or three positive numbers"):
+    with pytest.raises(VirtualPhantomError, match="truth_spacing_mm must be one or three positive numbers"):
         thoracolumbar_phantom(truth_spacing_mm=(1.0, -1.0, 1.0))
-    with pytest.raises(PhantomError, match="planning_spacing_mm must be at most 8 mm"):
+    with pytest.raises(VirtualPhantomError, match="planning_spacing_mm must be at most 8 mm"):
         thoracolumbar_phantom(truth_spacing_mm=6.0, planning_spacing_mm=20.0)
 
 
 def test_bad_seed_is_an_error():
-    with pytest.raises(PhantomError, match="seed 'X': axis_lps must be a non-zero 3-vector"):
+    with pytest.raises(VirtualPhantomError, match="seed 'X': axis_lps must be a non-zero 3-vector"):
         Seed("X", (0, 0, 0), (0, 0, 0), 4.0, 1.0)
-    with pytest.raises(PhantomError, match="seed 'S': a sphere has length_mm == diameter_mm"):
+    with pytest.raises(VirtualPhantomError, match="seed 'S': a sphere has length_mm == diameter_mm"):
         Seed("S", (0, 0, 0), (0, 0, 1), 4.0, 1.0, SeedShape.SPHERE)
 
 
 def test_labels_must_match_planning_grid():
     ph = small_thoracolumbar()
-    with pytest.raises(PhantomError, match="labels shape"):
+    with pytest.raises(VirtualPhantomError, match="labels shape"):
         dataclasses.replace(ph, labels=np.zeros((2, 2, 2), np.uint8))

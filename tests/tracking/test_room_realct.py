@@ -418,7 +418,7 @@ def test_built_set_holds_the_canonical_ct_labels_and_one_folder_per_case(tmp_pat
 
 def test_cli_simulate_ct_builds_a_set_from_any_ct_and_labels(tmp_path, nifti_pair, capsys):
     from spineguide.calibration.io import write_geometry
-    from spineguide.tracking.cli import main
+    from spineguide.tracking.cli.main import main
 
     ct_path, lab_path = nifti_pair
     room = write_geometry(_small_room(), tmp_path / "room.json")

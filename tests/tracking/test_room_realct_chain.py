@@ -306,7 +306,7 @@ def test_built_clinic_set_records_the_chain_in_its_manifest(tmp_path):
 
 def test_cli_simulate_ct_takes_the_clinic_chain(tmp_path, capsys):
     from spineguide.calibration.io import write_geometry
-    from spineguide.tracking.cli import main
+    from spineguide.tracking.cli.main import main
 
     lct = _body()
     ct_img = lct.ct.to_sitk()
@@ -334,7 +334,7 @@ def test_case_geometry_names_the_panel_maps_that_undo_the_chain(tmp_path):
     in geometry.json's flat_field extension; corrected with them, the raw frame is the chain's signal again."""
     from spineguide.calibration.jsonfile import read_json_document
     from spineguide.calibration.errors import GeometryFileError
-    from spineguide.tracking.flatfield import flat_fields_from_geometry_json
+    from spineguide.tracking.localisation.flatfield import flat_fields_from_geometry_json
 
     lct = _body()
     geometry = default_stereo_geometry(panel_pixels=64, pixel_spacing_mm=1.6)

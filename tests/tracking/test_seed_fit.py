@@ -15,7 +15,7 @@ from numpy.testing import assert_allclose
 from scipy.optimize import least_squares
 from scipy.special import erf
 
-from spineguide.tracking._kernels import fit_seed_lm
+from spineguide.tracking.localisation._kernels import fit_seed_lm
 
 BLUR = 0.8  # px
 HALF_WID = 2.0  # px

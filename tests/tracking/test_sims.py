@@ -12,10 +12,10 @@ from numpy.testing import assert_allclose
 
 from spineguide.registration.pose import Correction, Pose
 from spineguide.tracking.errors import TrackingError
-from spineguide.tracking.fraction import free_tcp_port
-from spineguide.tracking.gating import Beam, GatingDecision, HoldReason
-from spineguide.tracking.processing import read_pose_pattern, stamp_pose_pattern
-from spineguide.tracking.sims import (
+from spineguide.tracking.sim.fraction import free_tcp_port
+from spineguide.tracking.service.gating import Beam, GatingDecision, HoldReason
+from spineguide.tracking.service.processing import read_pose_pattern, stamp_pose_pattern
+from spineguide.tracking.sim.simulators import (
     HEARTBEAT_LOSS_S,
     CouchModel,
     MotionTrace,
@@ -23,7 +23,7 @@ from spineguide.tracking.sims import (
     run_delivery_sim,
     run_imager_sim,
 )
-from spineguide.tracking.wire import decode_kvframe, encode_gating, encode_heartbeat
+from spineguide.tracking.service.wire import decode_kvframe, encode_gating, encode_heartbeat
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -169,7 +169,7 @@ def test_delivery_sim_hold_revokes_an_unexpired_enable_and_setup_correction_move
         now = time.time()
         fake.gating(Beam.ENABLE, HoldReason.OK, now + 10.0, 1, 0.1)
         fake.gating(Beam.HOLD, HoldReason.OUT_OF_TOLERANCE, now, 2, 3.0)
-        from spineguide.tracking.wire import correction_body, encode_message
+        from spineguide.tracking.service.wire import correction_body, encode_message
 
         corr = Pose.from_six([1.0, 0, 0], [0, 0, 0]).to_correction()
         body = correction_body(2, now, corr, "fiducial", {"ok": True}, session=fake.session, apply=True,
@@ -193,7 +193,7 @@ def test_delivery_sim_applies_the_same_pair_id_again_from_a_restarted_service():
     out: dict = {}
     try:
         t = _run_delivery(fake, 1.5, threading.Event(), out)
-        from spineguide.tracking.wire import correction_body, encode_message
+        from spineguide.tracking.service.wire import correction_body, encode_message
 
         corr = Pose.from_six([1.0, 0, 0], [0, 0, 0]).to_correction()
         for session in ("service-before-restart", "service-after-restart"):

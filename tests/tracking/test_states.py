@@ -9,13 +9,13 @@ from hypothesis import strategies as st
 from numpy.testing import assert_allclose
 
 from spineguide.registration.pose import Pose
-from spineguide.tracking.config import CouchConfig, SafetyConfig, ServiceConfig, SetupConfig
+from spineguide.tracking.service.config import CouchConfig, SafetyConfig, ServiceConfig, SetupConfig
 from spineguide.tracking.frames import KvFrame
-from spineguide.tracking.gating import HoldReason
-from spineguide.tracking.processing import PairResult, PatternProcessor, stamp_pose_pattern
-from spineguide.tracking.record import SessionRecord
-from spineguide.tracking.sims import pattern_frame
-from spineguide.tracking.states import (
+from spineguide.tracking.service.gating import HoldReason
+from spineguide.tracking.service.processing import PairResult, PatternProcessor, stamp_pose_pattern
+from spineguide.tracking.service.record import SessionRecord
+from spineguide.tracking.sim.simulators import pattern_frame
+from spineguide.tracking.service.states import (
     ALLOWED_STATES,
     Command,
     Engine,

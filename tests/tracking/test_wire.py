@@ -11,8 +11,8 @@ from hypothesis import strategies as st
 
 from spineguide.registration import Pose
 from spineguide.tracking.errors import FrameError, WireSchemaError
-from spineguide.tracking.gating import Beam, GatingDecision, HoldReason
-from spineguide.tracking.wire import (
+from spineguide.tracking.service.gating import Beam, GatingDecision, HoldReason
+from spineguide.tracking.service.wire import (
     SeqCounter,
     WireLimits,
     decode_json_message,
@@ -196,7 +196,7 @@ def test_schema_parser_and_sequence_numbers():
 
 
 # ------------------------------------------------------------ command, reply, couch, outgoing bodies
-from spineguide.tracking.wire import (  # noqa: E402
+from spineguide.tracking.service.wire import (  # noqa: E402
     NonFinitePixelsError,
     PayloadSizeError,
     correction_body,

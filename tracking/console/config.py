@@ -15,10 +15,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ..config import RANGES, Range, check_endpoint
 from ..errors import ConfigError, ConsoleConfigError
-from ..record import frames_folder
-from ..sims import ClientKeys
+from ..service.config import RANGES, Range, check_endpoint
+from ..service.record import frames_folder
+from ..service.security import ClientKeys
 
 __all__ = ["CONSOLE_RANGES", "ConsoleConfig", "ConsoleConfigError", "PlannedSeeds", "connect_address",
            "console_config_from_service"]
@@ -173,7 +173,7 @@ def _planned_seeds(plan) -> PlannedSeeds | None:
         return None
     from spineguide.calibration.io import read_geometry
 
-    from ..processing import load_treatment_plan
+    from ..service.plan import load_treatment_plan
 
     # The service's own rules (files or a DICOM folder), so the console shows the seeds the service fits.
     loaded = load_treatment_plan(plan)
@@ -189,7 +189,7 @@ def _anatomy_overlay(plan):
     from spineguide.calibration.io import read_geometry
     from spineguide.registration.drr import AttenuationVolume
 
-    from ..processing import anatomy_roi, load_treatment_plan
+    from ..service.plan import anatomy_roi, load_treatment_plan
     from .display import AnatomyOverlay
 
     treatment = load_treatment_plan(plan)

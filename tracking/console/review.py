@@ -1,4 +1,4 @@
-"""Session review: a recorded session (``spineguide.tracking.record``) analysed, and its HTML report with figures.
+"""Session review: a recorded session (``spineguide.tracking.service.record``) analysed, and its HTML report with figures.
 
 :func:`review_session` reads a session record and extracts the deviation
 and beam timeline (every ``gating/1`` sent), each HOLD run with its reason,
@@ -23,8 +23,10 @@ from typing import Any
 
 import numpy as np
 
+from spineguide.calibration.foundation import readonly_array as _ro
+
 from ..errors import ReviewError
-from ..record import read_record
+from ..service.record import read_record
 from .live import LiveState
 
 __all__ = ["ReviewError", "SessionReview", "list_sessions", "review_session", "write_review_html"]
@@ -92,12 +94,6 @@ class SessionReview:
                 "n": int(lat.size), "p50": float(np.percentile(lat, 50)), "p95": float(np.percentile(lat, 95)),
                 "max": float(lat.max())},
         }
-
-
-def _ro(values, dtype=np.float64) -> np.ndarray:
-    a = np.asarray(values, dtype=dtype)
-    a.setflags(write=False)
-    return a
 
 
 def review_session(path: str | os.PathLike) -> SessionReview:

@@ -53,9 +53,11 @@ import zmq
 import zmq.asyncio
 from aiohttp import WSMsgType, web
 
+from spineguide.calibration.foundation import json_default
+
 from ..errors import TrackingError, WireSchemaError
-from ..security import make_client_socket_secure
-from ..wire import decode_json_message, decode_reply, encode_command
+from ..service.security import make_client_socket_secure
+from ..service.wire import decode_json_message, decode_reply, encode_command
 from .config import ConsoleConfig
 from .display import DisplayFrame, drr_edges, render_frame, seed_overlays
 from .live import LiveState
@@ -529,7 +531,7 @@ async def _send_loop(console: ConsoleServer, client: _Client) -> None:
             client.wake.clear()
             state, client.timeline_from = console.live.snapshot(time.monotonic(), client.timeline_from)
             state["server_unix_s"] = time.time()
-            await client.ws.send_str(json.dumps(state, allow_nan=False, default=_jsonable))
+            await client.ws.send_str(json.dumps(state, allow_nan=False, default=json_default))
             for name, version in list(console.frame_version.items()):
                 if client.frames_sent.get(name) == version:
                     continue
@@ -540,14 +542,6 @@ async def _send_loop(console: ConsoleServer, client: _Client) -> None:
                     "data": base64.b64encode(frame.data).decode("ascii")}))
     except (ConnectionResetError, RuntimeError) as err:
         log.info("console: page connection closed: %s", err)
-
-
-def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, (np.floating, np.integer)):
-        return obj.item()
-    raise TypeError(f"not JSON-able: {type(obj).__name__}")
 
 
 def _qa_page(config: ConsoleConfig) -> str:
@@ -662,7 +656,7 @@ def _pair_frame_files(folder: Path, pair_id: int) -> dict[str, Path]:
 
     The record names frames ``<pair_id:08d>_<imager>.npy`` in the first epoch and
     ``e<epoch>_<pair_id:08d>_<imager>.npy`` after an imager restart or a pair-id jump
-    (:meth:`spineguide.tracking.record.SessionRecord.save_frame`), so the same pair id can be there more than once;
+    (:meth:`spineguide.tracking.service.record.SessionRecord.save_frame`), so the same pair id can be there more than once;
     frames of two epochs are never shown as one pair.
     """
     pattern = re.compile(rf"(?:e(\d+)_)?{int(pair_id):08d}_([^.]+)\.npy")

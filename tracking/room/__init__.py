@@ -17,7 +17,8 @@ from .kv import (
     sphere_chord_mm,
 )
 from .motion import Breathing, Drift, MotionError, MotionSum, StaticPose, SuddenShift, random_setup_pose
-from .phantoms import HU, Phantom, PhantomError, Seed, SeedShape, cervical_phantom, thoracolumbar_phantom
+from ..errors import VirtualPhantomError
+from .phantoms import HU, Phantom, Seed, SeedShape, cervical_phantom, thoracolumbar_phantom
 
 from .perturb import perturbed_geometry, perturbed_imager
 
@@ -47,7 +48,7 @@ __all__ = [
     "random_setup_pose",
     "HU",
     "Phantom",
-    "PhantomError",
+    "VirtualPhantomError",
     "Seed",
     "SeedShape",
     "cervical_phantom",

@@ -27,8 +27,8 @@ import SimpleITK as sitk
 from spineguide.calibration.geometry import StereoGeometry, default_stereo_geometry
 from spineguide.calibration.io import write_geometry
 from spineguide.calibration.jsonfile import write_json_document
+from spineguide.registration.ctfile import write_ct
 from spineguide.registration.io import FiducialSet, write_fiducials
-from spineguide.registration.volume import write_ct
 
 from ..errors import TrackingError
 from .dicom import write_dicom_plan

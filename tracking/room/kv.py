@@ -23,7 +23,6 @@ clipped to 65535 and stored as uint16 (or float32).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
@@ -32,6 +31,8 @@ from types import MappingProxyType
 import cv2
 import numpy as np
 
+from spineguide.calibration.foundation import checked_number
+from spineguide.calibration.foundation import readonly_array as _ro
 from spineguide.calibration.geometry import ImagerGeometry, StereoGeometry
 from spineguide.registration.attenuation import DEFAULT_IMAGING_ENERGY_KEV, linear_attenuation_per_mm
 from spineguide.registration.drr import AttenuationVolume, compute_drr
@@ -66,12 +67,6 @@ class OutputDtype(Enum):
 
     UINT16 = "uint16"
     FLOAT32 = "float32"
-
-
-def _ro(a, dtype=np.float64) -> np.ndarray:
-    a = np.array(a, dtype=dtype)
-    a.setflags(write=False)
-    return a
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,9 +116,8 @@ class DetectorModel:
             ("heel_gradient", self.heel_gradient, -1.0, 1.0),
         )
         for name, value, lo, hi in checks:
-            v = float(value)
-            if not math.isfinite(v) or not lo <= v <= hi:
-                raise SimulationError(f"detector model: {name} = {value!r} is outside [{lo:g}, {hi:g}]")
+            v = checked_number(value, SimulationError, f"detector model: {name} = {value!r} is outside [{lo:g}, {hi:g}]",
+                               minimum=lo, maximum=hi)
             object.__setattr__(self, name, v)
         for name in ("dead_pixels", "hot_pixels", "seed_supersampling"):
             v = getattr(self, name)
@@ -517,8 +511,7 @@ def render_bb_frames(
     if not np.all(np.isfinite(diam)) or np.any(diam <= 0):
         raise SimulationError(f"BB diameters must be positive, got {np.asarray(diameters_mm).tolist()}")
     for name, v in (("background_line_integral", background_line_integral), ("texture_amplitude", texture_amplitude)):
-        if not math.isfinite(v) or v < 0:
-            raise SimulationError(f"{name} must be >= 0, got {v}")
+        checked_number(v, SimulationError, f"{name} must be >= 0, got {v}", minimum=0.0)
     mu = _mu(material, energy_kev)
     base = DetectorModel() if detector is None else detector
     det = DetectorModel(

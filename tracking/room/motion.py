@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from spineguide.calibration.foundation import checked_number
 from spineguide.registration.pose import Pose
 
 from ..errors import MotionError
@@ -31,6 +32,7 @@ __all__ = [
     "Drift",
     "SuddenShift",
     "Breathing",
+    "Oscillation",
     "MotionSum",
     "random_setup_pose",
 ]
@@ -112,9 +114,8 @@ class Breathing:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "amplitude_mm", _vec3(self.amplitude_mm, "amplitude_mm"))
-        period = float(self.period_s)
-        if not math.isfinite(period) or period <= 0:
-            raise MotionError(f"breathing period_s must be positive, got {self.period_s!r}")
+        period = checked_number(self.period_s, MotionError, f"breathing period_s must be positive, got {self.period_s!r}",
+                                minimum=0.0, exclusive_minimum=True)
         object.__setattr__(self, "period_s", period)
         object.__setattr__(self, "phase_rad", _time(self.phase_rad))
         if isinstance(self.shape, bool) or not isinstance(self.shape, (int, np.integer)) or self.shape < 1:
@@ -123,6 +124,23 @@ class Breathing:
     def pose_at(self, t_s: float) -> Pose:
         c = math.cos(math.pi * _time(t_s) / self.period_s - self.phase_rad) ** (2 * int(self.shape))
         return Pose.from_six(self.amplitude_mm * (1.0 - c), (0.0, 0.0, 0.0))
+
+
+@dataclass(frozen=True, slots=True)
+class Oscillation:
+    """A sinusoidal translation, ``amplitude_mm * sin(2 pi t / period_s)`` (room X, Y, Z, mm): a slow wobble."""
+
+    amplitude_mm: np.ndarray
+    period_s: float = 4.0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "amplitude_mm", _vec3(self.amplitude_mm, "amplitude_mm"))
+        period = checked_number(self.period_s, MotionError, f"oscillation period_s must be positive, got {self.period_s!r}",
+                                minimum=0.0, exclusive_minimum=True)
+        object.__setattr__(self, "period_s", period)
+
+    def pose_at(self, t_s: float) -> Pose:
+        return Pose.from_six(self.amplitude_mm * math.sin(2 * math.pi * _time(t_s) / self.period_s), (0.0, 0.0, 0.0))
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,8 +173,7 @@ def random_setup_pose(
 ) -> Pose:
     """A setup error with each of the six numbers uniform in ``[-max, +max]`` (room mm, degrees)."""
     for what, v in (("max_translation_mm", max_translation_mm), ("max_rotation_deg", max_rotation_deg)):
-        if not math.isfinite(float(v)) or float(v) < 0:
-            raise MotionError(f"{what} must be >= 0, got {v!r}")
+        checked_number(v, MotionError, f"{what} must be >= 0, got {v!r}", minimum=0.0)
     if not isinstance(rng, np.random.Generator):
         raise MotionError(f"rng must be a numpy Generator (np.random.default_rng(seed)), got {type(rng).__name__}")
     t = rng.uniform(-max_translation_mm, max_translation_mm, size=3)

@@ -33,14 +33,15 @@ from types import MappingProxyType
 import numpy as np
 from scipy.spatial.transform import Rotation
 
+from spineguide.calibration.foundation import checked_number
+from spineguide.calibration.foundation import readonly_array as _ro
 from spineguide.registration.attenuation import linear_attenuation_per_mm
 from spineguide.registration.volume import CTVolume, PatientPosition
 
-from ..errors import TrackingError
+from ..errors import VirtualPhantomError
 from ._shapes import Box, Capsule, Cylinder, Ellipsoid, EllipticCylinder, Layer, voxelise
 
 __all__ = [
-    "PhantomError",
     "SeedShape",
     "Seed",
     "Phantom",
@@ -51,10 +52,6 @@ __all__ = [
     "THORACOLUMBAR_MODEL_ORIGIN_LPS_MM",
     "CERVICAL_MODEL_ORIGIN_LPS_MM",
 ]
-
-
-class PhantomError(TrackingError, ValueError):
-    """A phantom cannot be built with the given arguments."""
 
 
 #: Tissue values of the phantoms, HU.
@@ -101,12 +98,6 @@ class SeedShape(Enum):
     SPHERE = "sphere"
 
 
-def _ro(a) -> np.ndarray:
-    a = np.array(a, dtype=np.float64)
-    a.setflags(write=False)
-    return a
-
-
 @dataclass(frozen=True, slots=True)
 class Seed:
     """An implanted gold marker in the planning CT frame.
@@ -136,19 +127,19 @@ class Seed:
     def __post_init__(self) -> None:
         c = np.array(self.centre_lps_mm, dtype=np.float64)
         if c.shape != (3,) or not np.all(np.isfinite(c)):
-            raise PhantomError(f"seed {self.name!r}: centre_lps_mm must be 3 finite numbers, got {c.tolist()}")
+            raise VirtualPhantomError(f"seed {self.name!r}: centre_lps_mm must be 3 finite numbers, got {c.tolist()}")
         a = np.array(self.axis_lps, dtype=np.float64)
         n = float(np.linalg.norm(a)) if a.shape == (3,) else 0.0
         if a.shape != (3,) or not math.isfinite(n) or n < 1e-9:
-            raise PhantomError(f"seed {self.name!r}: axis_lps must be a non-zero 3-vector, got {a.tolist()}")
+            raise VirtualPhantomError(f"seed {self.name!r}: axis_lps must be a non-zero 3-vector, got {a.tolist()}")
         shape = SeedShape(self.shape)
         for what in ("length_mm", "diameter_mm"):
-            v = float(getattr(self, what))
-            if not math.isfinite(v) or v <= 0:
-                raise PhantomError(f"seed {self.name!r}: {what} must be positive, got {v}")
+            v = checked_number(getattr(self, what), VirtualPhantomError,
+                               f"seed {self.name!r}: {what} must be positive, got {getattr(self, what)}", minimum=0.0,
+                               exclusive_minimum=True)
             object.__setattr__(self, what, v)
         if shape is SeedShape.SPHERE and self.length_mm != self.diameter_mm:
-            raise PhantomError(
+            raise VirtualPhantomError(
                 f"seed {self.name!r}: a sphere has length_mm == diameter_mm, got {self.length_mm} and {self.diameter_mm}"
             )
         object.__setattr__(self, "centre_lps_mm", _ro(c))
@@ -212,16 +203,16 @@ class Phantom:
     def __post_init__(self) -> None:
         iso = np.array(self.isocentre_lps_mm, dtype=np.float64)
         if iso.shape != (3,) or not np.all(np.isfinite(iso)):
-            raise PhantomError(f"phantom {self.name!r}: isocentre_lps_mm must be 3 finite numbers")
+            raise VirtualPhantomError(f"phantom {self.name!r}: isocentre_lps_mm must be 3 finite numbers")
         labels = np.array(self.labels, dtype=np.uint8)
         if labels.shape != self.planning_ct.hu.shape:
-            raise PhantomError(
+            raise VirtualPhantomError(
                 f"phantom {self.name!r}: labels shape {labels.shape} differs from the planning CT {self.planning_ct.hu.shape}"
             )
         labels.setflags(write=False)
         names = MappingProxyType({int(k): str(v) for k, v in dict(self.label_names).items()})
         if self.target_label not in names:
-            raise PhantomError(f"phantom {self.name!r}: target label {self.target_label} has no name")
+            raise VirtualPhantomError(f"phantom {self.name!r}: target label {self.target_label} has no name")
         object.__setattr__(self, "isocentre_lps_mm", _ro(iso))
         object.__setattr__(self, "labels", labels)
         object.__setattr__(self, "label_names", names)
@@ -375,7 +366,7 @@ def _spine(
     """Stack vertebrae top to bottom with the anchor level's body centre at the model origin; discs in between."""
     names = [lv.name for lv in levels]
     if target not in names:
-        raise PhantomError(f"target vertebra {target!r} is not in this phantom (levels: {', '.join(names)})")
+        raise VirtualPhantomError(f"target vertebra {target!r} is not in this phantom (levels: {', '.join(names)})")
     z = [0.0]
     for upper, lower in zip(levels[:-1], levels[1:]):
         z.append(z[-1] - (upper.height_mm / 2 + upper.disc_below_mm + lower.height_mm / 2))
@@ -523,9 +514,9 @@ def _spacing3(value, what: str) -> np.ndarray:
     if s.ndim == 0:
         s = np.full(3, float(s))
     if s.shape != (3,) or not np.all(np.isfinite(s)) or np.any(s <= 0):
-        raise PhantomError(f"{what} must be one or three positive numbers (mm), got {np.asarray(value).tolist()}")
+        raise VirtualPhantomError(f"{what} must be one or three positive numbers (mm), got {np.asarray(value).tolist()}")
     if np.any(s > 8.0):
-        raise PhantomError(f"{what} must be at most 8 mm per axis to resolve vertebrae, got {s.tolist()}")
+        raise VirtualPhantomError(f"{what} must be at most 8 mm per axis to resolve vertebrae, got {s.tolist()}")
     return s
 
 
@@ -580,8 +571,7 @@ def _build(
     ts = _spacing3(truth_spacing_mm, "truth_spacing_mm")
     ps = _spacing3(planning_spacing_mm, "planning_spacing_mm")
     for what, v in (("ct_noise_hu", ct_noise_hu), ("streak_amplitude_hu", streak_amplitude_hu)):
-        if not math.isfinite(v) or v < 0:
-            raise PhantomError(f"{what} must be >= 0, got {v}")
+        checked_number(v, VirtualPhantomError, f"{what} must be >= 0, got {v}", minimum=0.0)
     target_vert = next(v for v in verts if v.level.name == target)
     seeds_model: list[tuple[Seed, np.ndarray]] = []
     if with_seeds:

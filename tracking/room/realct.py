@@ -44,13 +44,15 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
+from spineguide.calibration.foundation import checked_number
 from spineguide.calibration.geometry import ImagerGeometry, StereoGeometry
 from spineguide.calibration.jsonfile import write_json_document
 from spineguide.registration.attenuation import DEFAULT_IMAGING_ENERGY_KEV, hu_to_mu_per_mm
+from spineguide.registration.ctfile import read_ct
 from spineguide.registration.drr import AttenuationVolume, compute_drr
 from spineguide.registration.errors import RegistrationError
 from spineguide.registration.pose import Pose
-from spineguide.registration.volume import CTVolume, PatientPosition, read_ct, room_from_lps_matrix
+from spineguide.registration.volume import CTVolume, PatientPosition, room_from_lps_matrix
 
 from ..errors import SimulationError
 from .chain import ChainConfig, ChainFrame, DetectorMaps, MaterialPaths, render_chain_frame, water_bone_fractions
@@ -749,9 +751,9 @@ class CaseRenderer:
         self.couch = couch
         self.plastimatch_threads = int(plastimatch_threads)
         ct = labelled.ct
-        if not np.isfinite(beyond_ends_mm) or not 0.0 <= beyond_ends_mm <= 1000.0:
-            raise SimulationError(f"beyond_ends_mm must be 0..1000 mm, got {beyond_ends_mm!r}")
-        self.beyond_ends_mm = float(beyond_ends_mm)
+        self.beyond_ends_mm = checked_number(beyond_ends_mm, SimulationError,
+                                             f"beyond_ends_mm must be 0..1000 mm, got {beyond_ends_mm!r}",
+                                             minimum=0.0, maximum=1000.0)
         # Slices added at each end along k (the CT's superior axis on the canonical grid).
         self._pad_slices = int(np.ceil(self.beyond_ends_mm / float(ct.spacing_mm[2]) - 1e-9))
         hu = ct.hu

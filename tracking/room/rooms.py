@@ -13,6 +13,7 @@ from enum import Enum
 
 import numpy as np
 
+from spineguide.calibration.foundation import enum_member, enum_values
 from spineguide.calibration.geometry import ImagerGeometry, StereoGeometry, default_stereo_geometry
 
 from ..errors import SimulationError
@@ -96,10 +97,7 @@ def room_geometry(room: Room | str, panel_pixels: int | None = None) -> StereoGe
     SimulationError
         Unknown room name.
     """
-    try:
-        room = Room(room)
-    except ValueError as err:
-        raise SimulationError(f"unknown room {room!r} (known: {', '.join(r.value for r in Room)})") from err
+    room = enum_member(Room, room, SimulationError, f"unknown room {room!r} (known: {', '.join(enum_values(Room))})")
     if room is Room.DEFAULT:
         return default_stereo_geometry() if panel_pixels is None else default_stereo_geometry(panel_pixels)
     return floor_source_geometry() if panel_pixels is None else floor_source_geometry(panel_pixels)

@@ -1,0 +1,85 @@
+"""Acceptance: whether a registration result can be trusted, and the reason code when it cannot.
+
+Part of :mod:`spineguide.registration.anatomy` (see its docstring for the method).
+"""
+
+from __future__ import annotations
+
+import math
+
+import cv2
+import numpy as np
+
+from .._anatomy_kernels import normal_equations
+from ..similarity import Similarity, similarity
+from .images import _View, _features, _sumsq
+from .result import AnatomyQuality, QualityReason, _frozen_map
+
+
+class _Acceptance:
+    """The quality checks of :class:`AnatomyRegistration` (a part of it)."""
+
+    # ---------------------------------------------------------------------- quality
+    def _quality(self, final, x, converged, reasons, roi_on, sat, level_margin) -> AnatomyQuality:
+        cfg = self.config
+        views, drrs, r, jac = final["views"], final["drrs"], final["r"], final["jac"]
+        sims, measures, shifts = {}, {}, {}
+        offset = 0
+        for v, drr in zip(views, drrs):
+            n = v.frame_features.size
+            rv = r[offset : offset + n]
+            offset += n
+            name = v.imager.name
+            sims[name] = 1.0 - 0.5 * _sumsq(rv)
+            measures[name] = _frozen_map({m.value: similarity(m, v.frame, drr, v.mask) for m in Similarity})
+            shifts[name] = self._view_shift_mm(v, drr, rv)
+        std_mm = std_deg = (math.inf,) * 3
+        if jac is not None:
+            dof = max(r.size - 6, 1)
+            sigma2 = _sumsq(r) / dof
+            try:
+                cov = sigma2 * np.linalg.inv(normal_equations(jac, r)[0])
+                std = np.sqrt(np.maximum(np.diag(cov), 0.0))
+                std_mm, std_deg = tuple(float(s) for s in std[:3]), tuple(float(s) for s in std[3:])
+            except np.linalg.LinAlgError:
+                pass
+        at_bounds = bool(
+            np.any(np.abs(x[:3]) >= cfg.translation_bound_mm * 0.999)
+            or np.any(np.abs(x[3:]) >= cfg.rotation_bound_deg * 0.999)
+        )
+        reasons = list(reasons)
+        if at_bounds:
+            reasons.append(QualityReason.AT_BOUNDS)
+        if not converged:
+            reasons.append(QualityReason.NOT_CONVERGED)
+        if min(sims.values()) < cfg.min_similarity:
+            reasons.append(QualityReason.LOW_SIMILARITY)
+        if max(shifts.values()) > cfg.max_view_shift_mm:
+            reasons.append(QualityReason.VIEWS_DISAGREE)
+        if max(std_mm) > cfg.max_std_mm or max(std_deg) > cfg.max_std_deg:
+            reasons.append(QualityReason.ILL_DEFINED)
+        ok = not reasons
+        return AnatomyQuality(
+            ok, QualityReason.OK if ok else reasons[0], tuple(reasons), _frozen_map(sims), _frozen_map(measures),
+            _frozen_map(shifts), std_mm, std_deg, _frozen_map(roi_on), _frozen_map(sat), level_margin,
+            bool(converged), at_bounds,
+        )
+
+    def _view_shift_mm(self, view: _View, drr: np.ndarray, rv: np.ndarray) -> float:
+        """2D shift of this view's DRR that would best reduce this view's residual alone, mm at the isocentre."""
+        h = 0.5
+        jac = np.empty((rv.size, 2))
+        for k, (dx, dy) in enumerate(((h, 0.0), (0.0, h))):
+            cols = []
+            for s in (1.0, -1.0):
+                m = np.float32([[1, 0, s * dx], [0, 1, s * dy]])
+                moved = cv2.warpAffine(drr, m, (drr.shape[1], drr.shape[0]), flags=cv2.INTER_LINEAR,
+                                       borderMode=cv2.BORDER_REPLICATE)
+                cols.append(_features(moved, view.mask, self.config.metric))
+            jac[:, k] = (cols[0] - cols[1]) / (2 * h)
+        a, g = normal_equations(jac, rv)
+        try:
+            shift = np.linalg.solve(a, -g)
+        except np.linalg.LinAlgError:
+            return math.inf
+        return float(np.linalg.norm(shift)) * view.pixel_at_iso_mm

@@ -1,0 +1,126 @@
+"""``spineguide console``: the live console web page next to the service.
+
+:func:`add_commands` adds the subcommand to the main parser (``tracking/cli/main.py``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+from pathlib import Path
+
+__all__ = ["add_commands"]
+
+log = logging.getLogger("spineguide")
+
+
+def _read_token(path: Path | None) -> str | None:
+    from ..console.config import ConsoleConfigError
+
+    if path is None:
+        return None
+    try:
+        return Path(path).read_text(encoding="utf-8").strip()
+    except OSError as err:
+        raise ConsoleConfigError(f"--token-file {path}: cannot read the login token: {err.strerror}") from err
+
+
+def build_console_config(args: argparse.Namespace, room=None):
+    """The :class:`~spineguide.tracking.console.ConsoleConfig` of the parsed arguments (``room``: a SimulatedRoom)."""
+    from ..console.config import ConsoleConfigError, console_config_from_service
+    from ..service.config_file import load_config
+    from ..service.security import ClientKeys
+
+    overrides = {"host": args.host, "port": args.port, "login_token": _read_token(args.token_file),
+                 "allow_remote": args.allow_remote}
+    for name in ("records", "qa_history", "calibration_report"):
+        value = getattr(args, name)
+        if value is not None:
+            overrides["records_folder" if name == "records" else name] = value
+    if (args.client_key is None) != (args.server_key is None):
+        raise ConsoleConfigError("--client-key and --server-key go together")
+    if args.client_key is not None:
+        overrides["client_keys"] = ClientKeys(Path(args.client_key), Path(args.server_key))
+    if args.publish is not None:
+        overrides["publish_address"] = args.publish
+    if args.command_address is not None:
+        overrides["command_address"] = args.command_address
+    if room is not None:
+        service = room.config
+        overrides.setdefault("publish_address", room.endpoints["publish"])
+        overrides.setdefault("command_address", room.endpoints["command"])
+        if room.console_keys is not None:  # the simulated room runs CURVE: connect with its console key
+            overrides.setdefault("client_keys", room.console_keys)
+    elif args.service_config is not None:
+        service = load_config(args.service_config)
+    else:
+        raise ConsoleConfigError("console needs --service-config FILE (the service's TOML) or --simulate")
+    return console_config_from_service(service, **overrides)
+
+
+def _cmd_console(args: argparse.Namespace) -> int:
+    from ..console.server import ConsoleServer
+
+    room = None
+    if args.simulate:
+        from ..sim.rig import SimulatedRoom
+
+        room = SimulatedRoom(folder=args.records, approval="manual").start()
+        print(f"simulated room: service endpoints {room.endpoints}; record in {room.folder}", flush=True)
+    import asyncio  # here: `spineguide --help` must not pay for it
+
+    try:
+        config = build_console_config(args, room)
+
+        async def serve() -> None:
+            server = ConsoleServer(config)
+            url = await server.start()
+            print(f"spineguide console: {url} (service publish {config.publish_address}, command "
+                  f"{config.command_address}; commands {'need a login' if config.login_token else 'disabled'})",
+                  flush=True)
+            stop = asyncio.Event()
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(sig, stop.set)
+            try:
+                if args.duration:
+                    await asyncio.wait_for(stop.wait(), args.duration)
+                else:
+                    await stop.wait()
+            except TimeoutError:
+                pass
+            finally:
+                await server.stop()
+
+        asyncio.run(serve())
+    finally:
+        if room is not None:
+            room.stop()
+    return 0
+
+
+def add_commands(subparsers) -> None:
+    """Add ``console`` to a subparsers object."""
+    from .args import port_number, positive_float
+
+    p = subparsers.add_parser("console", help="serve the live console web page (localhost) for the running service")
+    p.add_argument("--service-config", type=Path, default=None,
+                   help="the service's TOML config: endpoints, record (raw frames shown), limits, plan (overlays)")
+    p.add_argument("--token-file", type=Path, default=None,
+                   help="file holding the login token operators type (>= 16 characters); without it: read-only")
+    p.add_argument("--host", default="127.0.0.1", help="HTTP bind address (default 127.0.0.1)")
+    p.add_argument("--port", type=port_number, default=8080, help="HTTP port (default 8080; 0 = any free port)")
+    p.add_argument("--allow-remote", action="store_true",
+                   help="permit a non-loopback --host (only behind a TLS proxy on a closed network)")
+    p.add_argument("--records", type=Path, default=None, help="folder of recorded sessions (default: the record's)")
+    p.add_argument("--qa-history", type=Path, default=None, help="QA history (qa-record/1 JSON lines)")
+    p.add_argument("--calibration-report", type=Path, default=None, help="folder of the latest calibration report")
+    p.add_argument("--publish", default=None, help="override the service's PUB address")
+    p.add_argument("--command", dest="command_address", default=None, help="override the service's command address")
+    p.add_argument("--client-key", default=None, help="the console's CURVE .key_secret file")
+    p.add_argument("--server-key", default=None, help="the service's public CURVE .key file")
+    p.add_argument("--simulate", action="store_true",
+                   help="also run a simulated room (service + imager + couch) in this process: demo only")
+    p.add_argument("--duration", type=positive_float, default=None, help="stop after this many seconds (default: until killed)")
+    p.set_defaults(func=_cmd_console)

@@ -1,0 +1,1115 @@
+"""Fiducial localisation: stereo correspondence, triangulation and the couch correction.
+
+From one stereo pair of raw kV frames to the couch correction
+(docs/CONVENTIONS.md): detect seeds in each frame
+(:mod:`spineguide.tracking.localisation.detection`), pair detections across the two views with the
+epipolar geometry, triangulate the candidate pairs (least squares, with the
+rays' skew distance as quality figure), assign the 3D candidates to the
+planned seeds by the rigid-body consistency of the constellation (inter-seed
+distances against the plan, and the prior pose when there is one), and
+register the assigned seeds to the plan (:mod:`spineguide.registration.points`).
+
+One missing seed (hidden in one view) or one extra detection changes only
+which assignment wins. Frames given under swapped imager labels are caught by
+solving both labellings (triangulated together in one call): the wrong one
+gives a mirrored constellation (a large fiducial registration error or an
+implausible rotation) and the call is refused, never answered with a silently
+wrong correction. Seeds whose shadows merge in one view are named and kept
+out of the fit (flag ``SEEDS_OVERLAP``) rather than triangulated from the
+blob between them.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from enum import Enum
+
+import numpy as np
+
+from spineguide.calibration.errors import GeometryError
+from spineguide.calibration.geometry import StereoGeometry
+from spineguide.registration.points import (
+    PointFlag,
+    PointRegistrationConfig,
+    PointRegistrationError,
+    PointRegistrationResult,
+    SeedMigrationError,
+    register_points,
+)
+from spineguide.registration.pose import Correction, Pose
+
+from ..errors import FiducialConfigError, FiducialNotFoundError, FrameError, ImagerLabelError
+from ._stereo_kernels import triangulate_two_views
+from .detection import Detection, DetectionConfig, _check_frame, _check_i0, detect_seeds_in_frames, estimate_i0
+from .flatfield import FlatField
+from .seed_search import faint_candidates, refine_seeds
+
+__all__ = [
+    "Correspondence",
+    "FaintSearchConfig",
+    "FiducialConfig",
+    "FiducialConfigError",
+    "FiducialFlag",
+    "FiducialResult",
+    "ImagerLabelError",
+    "SeedLocalisation",
+    "localise_fiducials",
+    "match_stereo",
+]
+
+
+class FiducialFlag(Enum):
+    """Conditions reported with a fiducial result."""
+
+    TRANSLATION_ONLY = "translation_only"
+    ROTATION_UNRELIABLE = "rotation_unreliable"
+    SEED_EXCLUDED = "seed_excluded"
+    SEED_MISSING = "seed_missing"
+    SEEDS_OVERLAP = "seeds_overlap"
+    EXTRA_DETECTIONS = "extra_detections"
+    FAINT_SEARCH = "faint_search"  # found by the plan-guided search (low dose, scatter)
+
+
+_FROM_POINT_FLAG = {
+    PointFlag.TRANSLATION_ONLY: FiducialFlag.TRANSLATION_ONLY,
+    PointFlag.ROTATION_UNRELIABLE: FiducialFlag.ROTATION_UNRELIABLE,
+    PointFlag.SEED_EXCLUDED: FiducialFlag.SEED_EXCLUDED,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class FaintSearchConfig:
+    """The second, plan-guided search for seeds a stand-alone detector misses (``spineguide.tracking.localisation.seed_search``).
+
+    Runs when the clean-frame detector leaves a planned seed unfound (or
+    finds none): matched-filter candidates per view, chosen jointly with the
+    planned constellation and the epipolar geometry, refined at full
+    resolution; then each seed still missing is searched where the others
+    say it must be.
+
+    Attributes
+    ----------
+    enabled : bool
+    min_snr : float
+        Standardised matched-filter response of a candidate.
+    refine_min_snr : float
+        Full-resolution transmission-deficit SNR of an accepted seed.
+    predicted_min_snr : float
+        Candidate response needed near a predicted position (a seed the
+        others place there); higher than ``min_snr`` as nothing else vouches for it.
+    two_seed_min_snr : float
+        Fitted SNR each seed of a two-seed solution needs in both views (two
+        seeds agree on a single distance, weak evidence among many candidates).
+    candidates_per_view : int
+        Strongest matched-filter candidates per view, each fitted at full resolution.
+    kept_per_view : int
+        Fits kept per view for the joint choice, most significant first.
+        (Keeping 16 of 64 by fitted contrast instead found no more seeds and
+        let more false ones through: docs/BENCHMARKS.md.)
+    search_margin_mm : float or None
+        Whole-frame mode: only the projection of a sphere around the planned
+        seeds, this much larger than their extent (mm), is searched; None:
+        the whole panel.
+    predicted_radius_mm : float
+        Half-size of the window searched around a predicted position, mm
+        at the isocentre (covers the migration limit and a 2-seed pose's error).
+    """
+
+    enabled: bool = True
+    min_snr: float = 6.0
+    refine_min_snr: float = 5.0
+    predicted_min_snr: float = 5.0
+    two_seed_min_snr: float = 10.0
+    candidates_per_view: int = 24
+    kept_per_view: int = 24
+    search_margin_mm: float | None = 40.0
+    predicted_radius_mm: float = 4.0
+
+    def __post_init__(self) -> None:
+        for name in ("min_snr", "refine_min_snr", "predicted_min_snr", "two_seed_min_snr", "predicted_radius_mm"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+                raise FiducialConfigError(
+                    f"faint search config: {name} must be a positive finite number, got {value!r}")
+        m = self.search_margin_mm
+        if m is not None and (isinstance(m, bool) or not isinstance(m, (int, float)) or not math.isfinite(m) or m <= 0):
+            raise FiducialConfigError(f"faint search config: search_margin_mm must be positive or None, got {m!r}")
+        for name in ("candidates_per_view", "kept_per_view"):
+            k = getattr(self, name)
+            if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+                raise FiducialConfigError(f"faint search config: {name} must be a positive integer, got {k!r}")
+        if not isinstance(self.enabled, bool):
+            raise FiducialConfigError(f"faint search config: enabled must be a bool, got {self.enabled!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class FiducialConfig:
+    """Limits of fiducial localisation (mm in the room, px on the panel, degrees).
+
+    Attributes
+    ----------
+    detection : DetectionConfig
+    registration : PointRegistrationConfig
+        Holds the migration limit (default 1.5 mm).
+    max_epipolar_px : float
+        Largest distance of a detection from the epipolar line of its partner
+        (the larger of the two directions), pixels.
+    max_ray_distance_mm : float
+        Largest skew distance between the two back-projected rays of a pair, mm.
+    association_tolerance_mm : float
+        Largest change of an inter-seed distance accepted while assigning
+        candidates to planned seeds; wider than the migration limit, so that a
+        migrated seed is still assigned and then named by the rigid-body check.
+    prior_radius_mm : float
+        With a prior pose, largest distance of a candidate from its predicted
+        room position, mm.
+    max_rotation_deg : float
+        Largest total rotation of a plausible patient pose, degrees; a
+        labelling that needs more is rejected.
+    max_fre_mm : float
+        Largest fiducial registration error of an acceptable result, mm.
+    swap_margin_mm : float
+        How much lower the FRE of one labelling must be to prefer it when both
+        are plausible and their corrections differ, mm.
+    agreement_mm : float
+        Two labellings whose poses move every planned seed to within this
+        distance of each other give the same answer, mm.
+    faint : FaintSearchConfig
+        The plan-guided second search (low dose, scatter).
+    """
+
+    detection: DetectionConfig = field(default_factory=DetectionConfig)
+    registration: PointRegistrationConfig = field(default_factory=PointRegistrationConfig)
+    max_epipolar_px: float = 2.0
+    max_ray_distance_mm: float = 1.0
+    association_tolerance_mm: float = 5.0
+    prior_radius_mm: float = 10.0
+    max_rotation_deg: float = 10.0
+    max_fre_mm: float = 1.0
+    swap_margin_mm: float = 0.3
+    agreement_mm: float = 0.2
+    faint: FaintSearchConfig = field(default_factory=FaintSearchConfig)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.faint, FaintSearchConfig):
+            raise FiducialConfigError(f"fiducial config: faint must be a FaintSearchConfig, got {self.faint!r}")
+        if not isinstance(self.detection, DetectionConfig):
+            raise FiducialConfigError(f"fiducial config: detection must be a DetectionConfig, got {self.detection!r}")
+        if not isinstance(self.registration, PointRegistrationConfig):
+            raise FiducialConfigError(
+                f"fiducial config: registration must be a PointRegistrationConfig, got {self.registration!r}"
+            )
+        for name in ("max_epipolar_px", "max_ray_distance_mm", "association_tolerance_mm", "prior_radius_mm",
+                     "max_rotation_deg", "max_fre_mm", "swap_margin_mm", "agreement_mm"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+                raise FiducialConfigError(f"fiducial config: {name} must be a positive finite number, got {value!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class SeedLocalisation:
+    """One planned seed: where it was seen and how well.
+
+    Attributes
+    ----------
+    name : str
+    found : bool
+        Seen in both views and assigned.
+    pixels_px : dict of imager name -> (2,) array, or None
+        Detected ``(col, row)`` in each view.
+    point_room_mm : (3,) array or None
+        Triangulated position, room frame, mm.
+    ray_distance_mm : float or None
+        Skew distance between the two back-projected rays, mm.
+    reprojection_px : float or None
+        Largest distance between a detection and the reprojected 3D point, px.
+    residual_mm : float or None
+        ``|P(planned) - measured|`` after registration, mm.
+    migrated : bool
+        Excluded by the rigid-body check.
+    """
+
+    name: str
+    found: bool
+    pixels_px: dict | None
+    point_room_mm: np.ndarray | None
+    ray_distance_mm: float | None
+    reprojection_px: float | None
+    residual_mm: float | None
+    migrated: bool
+
+    def to_json(self) -> dict:
+        return {
+            "name": self.name,
+            "found": self.found,
+            "pixels_px": None if self.pixels_px is None else {k: v.tolist() for k, v in self.pixels_px.items()},
+            "point_room_mm": None if self.point_room_mm is None else self.point_room_mm.tolist(),
+            "ray_distance_mm": self.ray_distance_mm,
+            "reprojection_px": self.reprojection_px,
+            "residual_mm": self.residual_mm,
+            "migrated": self.migrated,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Correspondence:
+    """Detections assigned to planned seeds and triangulated (one labelling).
+
+    Attributes
+    ----------
+    imagers : tuple of str
+        The two imager names, in the order of ``detection_index``.
+    detection_index : (N, 2) int array
+        Per planned seed, the index of its detection in each view (-1: not found).
+    points_room_mm : (N, 3) array
+        Triangulated positions (rows of unfound seeds are zero; see ``found``).
+    ray_distance_mm, reprojection_px : (N,) arrays
+        Skew distance of the rays (mm) and largest reprojection error (px)
+        (zero for unfound seeds).
+    found : (N,) bool array
+    cost_mm : float
+        Sum of the inter-seed distance changes of the assignment, mm.
+    """
+
+    imagers: tuple[str, str]
+    detection_index: np.ndarray
+    points_room_mm: np.ndarray
+    ray_distance_mm: np.ndarray
+    reprojection_px: np.ndarray
+    found: np.ndarray
+    cost_mm: float
+
+    @property
+    def n_found(self) -> int:
+        return int(np.count_nonzero(self.found))
+
+
+@dataclass(frozen=True, slots=True)
+class FiducialResult:
+    """Outcome of :func:`localise_fiducials` for one stereo pair.
+
+    Attributes
+    ----------
+    correction : Correction
+        Couch correction ``C = P^-1`` (docs/CONVENTIONS.md), room frame.
+    pose : Pose
+        Patient pose ``p_actual = R p_planned + t``.
+    registration : PointRegistrationResult
+    seeds : tuple of SeedLocalisation
+        One per planned seed, in plan order.
+    fre_mm : float
+        Fiducial registration error (RMS over the used seeds), mm.
+    ok : bool
+        6-DoF result with a reliable rotation and ``fre_mm <= max_fre_mm``.
+    flags : frozenset of FiducialFlag
+    n_detections : dict of imager name -> int
+    detection_ms : float
+        Seed detection in both frames, ms (monotonic clock).
+    matching_ms : float
+        Correspondence, triangulation and registration (both labellings), ms.
+    total_ms : float
+        Frames in to correction out, ms.
+    overlapping : tuple of str
+        Seeds left out because their shadows touch another seed's in one
+        view (flag ``SEEDS_OVERLAP``).
+    """
+
+    correction: Correction
+    pose: Pose
+    registration: PointRegistrationResult
+    seeds: tuple[SeedLocalisation, ...]
+    fre_mm: float
+    ok: bool
+    flags: frozenset
+    n_detections: dict
+    detection_ms: float
+    matching_ms: float
+    total_ms: float
+    overlapping: tuple[str, ...] = ()
+
+    def quality_json(self) -> dict:
+        """The ``quality`` object of a ``correction/1`` message or CLI report."""
+        return {
+            "ok": self.ok,
+            "fre_mm": self.fre_mm,
+            "flags": sorted(f.value for f in self.flags),
+            "seeds": [s.to_json() for s in self.seeds],
+            "n_detections": dict(self.n_detections),
+            "overlapping": list(self.overlapping),
+        }
+
+
+# ---------------------------------------------------------------------------- correspondence
+_REFINE_STEPS = 3  # Gauss-Newton steps after the rays' closest point, as StereoGeometry.triangulate
+
+
+def _epipolar_pairs(f_ab: np.ndarray, px_a: np.ndarray, px_b: np.ndarray, limit_px: float):
+    """Index pairs ``(i, j)`` whose distance from each other's epipolar line is <= ``limit_px`` both ways.
+
+    ``f_ab`` is the fundamental matrix from view a to view b (``x_b^T F x_a = 0``);
+    its transpose maps b to a.
+    """
+    ha = np.hstack([px_a, np.ones((len(px_a), 1))])
+    hb = np.hstack([px_b, np.ones((len(px_b), 1))])
+    lines_b = ha @ f_ab.T  # in view b, one per detection of a
+    lines_a = hb @ f_ab  # in view a, one per detection of b
+    d_ab = np.abs(lines_b @ hb.T) / np.linalg.norm(lines_b[:, :2], axis=1, keepdims=True)
+    d_ba = np.abs(ha @ lines_a.T) / np.linalg.norm(lines_a[:, :2], axis=1)[None, :]
+    return np.nonzero(np.maximum(d_ab, d_ba) <= limit_px)
+
+
+class _StereoCache:
+    """Per-geometry constants of one imager pair: fundamental matrix and triangulation arrays.
+
+    Geometry values are immutable, so what is derived from one stays valid
+    while it lives. Entries are keyed by the geometry's ``id`` and keep the
+    geometry itself (so the ``id`` cannot be reused while cached); the oldest
+    of ``_SIZE`` is dropped first. Safe to use from several threads.
+    """
+
+    _SIZE = 8
+
+    def __init__(self) -> None:
+        self._entries: dict[tuple[int, str, str], tuple] = {}
+        self._lock = threading.Lock()
+
+    def get(self, geometry: StereoGeometry, a: str, b: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """``(F_ab, proj, panel, source)`` of imagers ``a`` and ``b`` (``_stereo_kernels.triangulate_two_views``).
+
+        ``F_ab`` is :meth:`StereoGeometry.fundamental_matrix` ``(a, b)``;
+        ``proj[v]`` the 3x4 projection matrix, ``panel[v]`` the room position
+        of pixel (0, 0) and the room steps of one column and one row (mm),
+        ``source[v]`` the source position (mm) of imager ``(a, b)[v]``; all
+        room frame, read-only.
+        """
+        key = (id(geometry), a, b)
+        with self._lock:
+            entry = self._entries.get(key)
+        if entry is not None and entry[0] is geometry:
+            return entry[1]
+        ims = (geometry[a], geometry[b])
+        proj = np.stack([im.projection_matrix for im in ims])
+        panel = np.stack([np.stack([im.origin_mm, im.pixel_spacing_mm[1] * im.col_direction,
+                                    im.pixel_spacing_mm[0] * im.row_direction]) for im in ims])
+        source = np.stack([im.source_mm for im in ims])
+        value = (geometry.fundamental_matrix(a, b), proj, panel, source)
+        for arr in value:
+            arr.setflags(write=False)
+        with self._lock:
+            self._entries.pop(key, None)
+            while len(self._entries) >= self._SIZE:
+                self._entries.pop(next(iter(self._entries)))
+            self._entries[key] = (geometry, value)
+        return value
+
+
+_STEREO = _StereoCache()
+
+
+def _pair_candidates_labellings(geometry: StereoGeometry, names: tuple[str, str],
+                                labellings: Sequence[tuple[np.ndarray, np.ndarray]], config: FiducialConfig,
+                                within: tuple[np.ndarray, float] | None = None) -> list:
+    """:func:`_pair_candidates` for several labellings ``(px seen by a, px seen by b)``, one triangulation.
+
+    Triangulation is :meth:`StereoGeometry.triangulate` for two imagers
+    (closest point of the rays, refined to the maximum-likelihood
+    reprojection) in one numba kernel: a handful of pairs per call, where
+    the general method's per-call overhead dominated.
+
+    ``within = (centres_room_mm, radius_mm)`` keeps only points that close
+    to one of the centres (the plan-guided search's region).
+
+    Returns, per labelling, ``(i, j, points, ray_mm, reproj_px)``.
+    """
+    a, b = names
+    f_ab, proj, panel, source = _STEREO.get(geometry, a, b)
+    pairs = []
+    for px_a, px_b in labellings:
+        if len(px_a) == 0 or len(px_b) == 0:
+            pairs.append((np.zeros(0, np.int64), np.zeros(0, np.int64)))
+        else:
+            pairs.append(_epipolar_pairs(f_ab, px_a, px_b, config.max_epipolar_px))
+    sizes = [len(ii) for ii, _ in pairs]
+    if sum(sizes):
+        pts_all, ray_all, rep_all = triangulate_two_views(
+            proj, panel, source,
+            np.concatenate([px_a[ii] for (px_a, _), (ii, _) in zip(labellings, pairs)]),
+            np.concatenate([px_b[jj] for (_, px_b), (_, jj) in zip(labellings, pairs)]),
+            _REFINE_STEPS,
+        )
+    out, start = [], 0
+    for (ii, jj), n in zip(pairs, sizes):
+        if n == 0:
+            out.append((ii, jj, np.zeros((0, 3)), np.zeros(0), np.zeros(0)))
+            continue
+        sl = slice(start, start + n)
+        start += n
+        good = ray_all[sl] <= config.max_ray_distance_mm
+        if within is not None:
+            dist = np.linalg.norm(pts_all[sl][:, None] - np.atleast_2d(within[0])[None], axis=-1).min(axis=1)
+            good &= dist <= within[1]
+        out.append((ii[good], jj[good], pts_all[sl][good], ray_all[sl][good], rep_all[sl][good]))
+    return out
+
+
+def _pair_candidates(geometry: StereoGeometry, names: tuple[str, str], px_a: np.ndarray, px_b: np.ndarray,
+                     config: FiducialConfig):
+    """Epipolar-consistent detection pairs, triangulated; returns (i, j, points, ray_mm, reproj_px)."""
+    return _pair_candidates_labellings(geometry, names, [(px_a, px_b)], config)[0]
+
+
+def _assign(planned: np.ndarray, cand: np.ndarray, ii: np.ndarray, jj: np.ndarray, tol_mm: float,
+            allowed: np.ndarray) -> list[tuple[int, ...]]:
+    """Every assignment (seed -> candidate or -1) with the most seeds found.
+
+    Candidates are used once, detections once per view; every pair of
+    assigned seeds keeps its planned distance within ``tol_mm``; ``allowed``
+    ``(N, M)`` masks candidates per seed (prior gate).
+    """
+    n, m = len(planned), len(cand)
+    dp = np.linalg.norm(planned[:, None] - planned[None], axis=-1)
+    dc = np.linalg.norm(cand[:, None] - cand[None], axis=-1)
+    best: list[tuple[int, ...]] = []
+    best_count = 0
+    choice = [-1] * n
+
+    def search(k: int, count: int) -> None:
+        nonlocal best, best_count
+        if count + (n - k) < best_count:
+            return
+        if k == n:
+            if count > best_count:
+                best, best_count = [tuple(choice)], count
+            elif count == best_count and count > 0:
+                best.append(tuple(choice))
+            return
+        used = [c for c in choice[:k] if c >= 0]
+        for c in range(m):
+            if not allowed[k, c] or c in used:
+                continue
+            if any(ii[c] == ii[u] or jj[c] == jj[u] for u in used):
+                continue
+            if any(choice[q] >= 0 and abs(dc[c, choice[q]] - dp[k, q]) > tol_mm for q in range(k)):
+                continue
+            choice[k] = c
+            search(k + 1, count + 1)
+        choice[k] = -1
+        search(k + 1, count)
+
+    search(0, 0)
+    return best
+
+
+def match_stereo(
+    geometry: StereoGeometry,
+    detections: Mapping[str, np.ndarray],
+    planned_room_mm: np.ndarray,
+    prior_pose: Pose | None = None,
+    config: FiducialConfig = FiducialConfig(),
+) -> list[Correspondence]:
+    """Assign stereo detections to planned seeds; every best assignment (most seeds found).
+
+    Parameters
+    ----------
+    geometry : StereoGeometry
+    detections : mapping imager name -> (K, 2) array
+        Detected ``(col, row)`` centres in exactly two imagers.
+    planned_room_mm : (N, 3) array
+        Planned seed positions, room frame at perfect setup, mm.
+    prior_pose : Pose, optional
+        Expected patient pose; candidates farther than ``prior_radius_mm``
+        from ``prior_pose.apply(planned)`` are not assigned.
+    config : FiducialConfig
+
+    Returns
+    -------
+    list of Correspondence
+        Ties in the number of seeds found, cheapest (sum of distance changes) first.
+    """
+    names = tuple(detections)
+    if len(names) != 2:
+        raise FiducialNotFoundError(f"stereo matching needs detections from exactly two imagers, got {list(names)}")
+    px_a, px_b = (np.asarray(detections[n], dtype=np.float64).reshape(-1, 2) for n in names)
+    planned = np.asarray(planned_room_mm, dtype=np.float64)
+    return _match(names, _pair_candidates(geometry, names, px_a, px_b, config), planned, prior_pose, config)
+
+
+def _match(names, candidates, planned: np.ndarray, prior_pose: Pose | None, config: FiducialConfig):
+    """:func:`match_stereo` from triangulated candidate pairs."""
+    ii, jj, pts, ray, reproj = candidates
+    allowed = np.ones((len(planned), len(pts)), dtype=bool)
+    if prior_pose is not None and len(pts):
+        predicted = prior_pose.apply(planned)
+        allowed = np.linalg.norm(predicted[:, None] - pts[None], axis=-1) <= config.prior_radius_mm
+    out = []
+    dp = np.linalg.norm(planned[:, None] - planned[None], axis=-1)
+    for assignment in _assign(planned, pts, ii, jj, config.association_tolerance_mm, allowed):
+        a = np.array(assignment)
+        found = a >= 0
+        idx = np.full((len(planned), 2), -1, dtype=np.int64)
+        idx[found, 0], idx[found, 1] = ii[a[found]], jj[a[found]]
+        points = np.zeros((len(planned), 3))
+        points[found] = pts[a[found]]
+        rd, rp = np.zeros(len(planned)), np.zeros(len(planned))
+        rd[found], rp[found] = ray[a[found]], reproj[a[found]]
+        f = np.flatnonzero(found)
+        dc = np.linalg.norm(points[f][:, None] - points[f][None], axis=-1)
+        cost = float(np.abs(dc - dp[np.ix_(f, f)]).sum() / 2)
+        out.append(Correspondence(names, idx, points, rd, rp, found, cost))
+    out.sort(key=lambda c: c.cost_mm)
+    return out
+
+
+# ---------------------------------------------------------------------------- end to end
+_MAX_ASSIGNMENTS = 32  # equally complete assignments registered per labelling, cheapest first
+@dataclass(frozen=True, slots=True)
+class _Solution:
+    corr: Correspondence
+    reg: PointRegistrationResult
+    plausible: bool
+    reason: str
+
+
+def _angle_deg(rotation: np.ndarray) -> float:
+    """Total rotation angle of a proper rotation matrix, degrees (from its trace)."""
+    return math.degrees(math.acos(min(1.0, max(-1.0, (float(np.trace(rotation)) - 1.0) / 2.0))))
+
+
+def _without(corr: Correspondence, k: int) -> Correspondence:
+    """``corr`` with planned seed ``k`` unassigned."""
+    found = corr.found.copy()
+    found[k] = False
+    idx = corr.detection_index.copy()
+    idx[k] = -1
+    pts = corr.points_room_mm.copy()
+    pts[k] = 0.0
+    rd, rp = corr.ray_distance_mm.copy(), corr.reprojection_px.copy()
+    rd[k] = rp[k] = 0.0
+    return Correspondence(corr.imagers, idx, pts, rd, rp, found, corr.cost_mm)
+
+
+def _solve(names, candidates, planned, seed_names, prior_pose, config, min_found: int = 0,
+           subsets: bool = False) -> _Solution | Exception:
+    """Best correspondence + registration for one labelling, or the error that prevents one.
+
+    Assignments that find fewer than ``min_found`` seeds are not registered:
+    a registration uses at most the seeds found, so they cannot beat a
+    plausible labelling that used ``min_found`` (see :func:`_choose`).
+    With ``subsets`` (the faint search, where a false candidate can complete
+    a loose constellation), assignments with one seed fewer are tried when
+    no complete one is plausible.
+    """
+    corrs = _match(names, candidates, planned, prior_pose, config)
+    if subsets and corrs and corrs[0].n_found > max(2, min_found):
+        first = _solve(names, candidates, planned, seed_names, prior_pose, config, min_found)
+        if (isinstance(first, _Solution) and first.plausible) or isinstance(first, SeedMigrationError):
+            # A refused constellation stays refused: dropping the seed that moved would hide it.
+            return first
+        reduced = [_without(c, k) for c in corrs[:_MAX_ASSIGNMENTS] for k in np.flatnonzero(c.found)]
+        corrs = corrs + sorted(reduced, key=lambda c: c.cost_mm)
+    if not corrs:
+        return FiducialNotFoundError("fiducials not found: no seed was seen consistently in both views")
+    if corrs[0].n_found < min_found:
+        return FiducialNotFoundError(
+            f"fiducials not found: at most {corrs[0].n_found} seeds seen consistently in both views, "
+            f"fewer than the {min_found} of the other labelling"
+        )
+    solutions: list[_Solution] = []
+    first_error: Exception | None = None
+    for corr in corrs[:_MAX_ASSIGNMENTS * (1 + len(planned) if subsets else 1)]:
+        f = corr.found
+        try:
+            reg = register_points(planned[f], corr.points_room_mm[f], [seed_names[i] for i in np.flatnonzero(f)],
+                                  config.registration)
+        except PointRegistrationError as err:
+            # The cheapest assignment's refusal is the one to report (e.g. a
+            # migrated seed that leaves too few).
+            first_error = first_error or err
+            continue
+        angle = _angle_deg(reg.pose.rotation)
+        reasons = []
+        # Two seeds give a translation-only fit whose FRE holds the rotation: no test of the seeds
+        # (the rigid-body check has judged their distance); the faint search accepts it as a start.
+        two_seed = subsets and PointFlag.TRANSLATION_ONLY in reg.flags
+        if reg.fre_mm > config.max_fre_mm and not two_seed:
+            reasons.append(f"fiducial registration error {reg.fre_mm:.2f} mm (limit {config.max_fre_mm:g} mm)")
+        if angle > config.max_rotation_deg:
+            reasons.append(f"rotation {angle:.1f} deg (limit {config.max_rotation_deg:g} deg)")
+        solutions.append(_Solution(corr, reg, not reasons, "; ".join(reasons)))
+    if not solutions:
+        return first_error
+    solutions.sort(key=lambda s: (not s.plausible, -s.reg.n_used, s.reg.fre_mm))
+    return solutions[0]
+
+
+def _check_frames(frames: Mapping[str, np.ndarray], geometry: StereoGeometry) -> tuple[str, str]:
+    names = tuple(frames)
+    if len(names) != 2:
+        raise FrameError(f"fiducial localisation needs one frame from each of two imagers, got {list(names)}")
+    for n in names:
+        if n not in geometry.names:
+            raise FrameError(f"no imager '{n}' in the geometry (imagers: {', '.join(geometry.names)})")
+    return names
+
+
+def _i0_for(i0, name: str):
+    if isinstance(i0, Mapping):
+        if name not in i0:
+            raise FrameError(f"imager '{name}': no i0 given (i0 given for {sorted(i0)})")
+        return i0[name]
+    return i0
+
+
+def localise_fiducials(
+    frames: Mapping[str, np.ndarray],
+    geometry: StereoGeometry,
+    planned_room_mm: np.ndarray,
+    names: Sequence[str],
+    i0: float | Mapping[str, float] | None = None,
+    prior_pose: Pose | None = None,
+    config: FiducialConfig = FiducialConfig(),
+    defect_masks: Mapping[str, np.ndarray] | None = None,
+    flat_fields: Mapping[str, FlatField] | None = None,
+) -> FiducialResult:
+    """Couch correction from one stereo pair of raw kV frames and the planned seeds.
+
+    Parameters
+    ----------
+    frames : mapping imager name -> (rows, cols) uint16/float32 array
+        Raw frames of exactly two imagers of ``geometry`` (more photons = larger value).
+    geometry : StereoGeometry
+    planned_room_mm : (N, 3) array
+        Planned seed positions in the room frame at perfect setup, mm
+        (``FiducialSet.to_room(isocentre_lps_mm, patient_position)``).
+    names : sequence of str
+        Seed names, one per row of ``planned_room_mm``.
+    i0 : float or mapping imager name -> float, optional
+        Unattenuated level per frame (after the flat-field correction);
+        estimated when omitted.
+    prior_pose : Pose, optional
+        Expected patient pose (tracking): detection searches windows around
+        the projected seeds and candidates must lie within ``prior_radius_mm``.
+    config : FiducialConfig
+    defect_masks : mapping imager name -> bool array, optional
+        Calibrated panel defect maps.
+    flat_fields : mapping imager name -> FlatField, optional
+        Panel gain and dark maps (:mod:`spineguide.tracking.localisation.flatfield`), applied to the
+        frames before anything else; their defects join ``defect_masks``.
+
+    Returns
+    -------
+    FiducialResult
+
+    Raises
+    ------
+    FrameError
+        Frames missing or not matching the geometry (size, dtype, NaN, i0, flat field).
+    FiducialNotFoundError
+        No seed seen consistently in both views.
+    ImagerLabelError
+        The frames fit the geometry only with their imager labels swapped, or
+        the two labellings fit equally well with different answers.
+    registration.points.SeedMigrationError
+        The rigid-body check refuses the constellation.
+    """
+    t0 = time.perf_counter()
+    labels = _check_frames(frames, geometry)
+    planned = np.asarray(planned_room_mm, dtype=np.float64)
+    if planned.ndim != 2 or planned.shape[1] != 3 or len(planned) < 1 or not np.all(np.isfinite(planned)):
+        raise FiducialNotFoundError(f"planned seeds must be a finite (N >= 1, 3) array of room mm, got {planned.shape}")
+    seed_names = tuple(str(n) for n in names)
+    if len(seed_names) != len(planned):
+        raise FiducialNotFoundError(f"{len(seed_names)} seed names for {len(planned)} planned seeds")
+    masks = dict(defect_masks or {})
+    if flat_fields:
+        frames = dict(frames)
+        for n in labels:
+            ff = flat_fields.get(n)
+            if ff is None:
+                continue
+            frames[n] = ff.apply(_check_frame(frames[n], geometry[n]))
+            if ff.defects is not None:
+                masks[n] = ff.defects if masks.get(n) is None else (np.asarray(masks[n], bool) | ff.defects)
+
+    a, b = labels
+    predicted = None
+    if prior_pose is not None:
+        predicted = {}
+        for n in labels:
+            try:
+                predicted[n] = geometry[n].project(prior_pose.apply(planned))
+            except GeometryError as err:
+                raise FiducialNotFoundError(f"imager '{n}': cannot predict seed positions: {err}") from err
+    # Both frames in one call: their full-resolution windows are analysed together.
+    i0s = {n: _i0_for(i0, n) for n in labels}
+    dets = detect_seeds_in_frames(frames, {n: geometry[n] for n in labels}, i0s, predicted, config.detection,
+                                  {n: masks.get(n) for n in labels})
+    t_det = time.perf_counter()
+    same_panel = geometry[a].rows == geometry[b].rows and geometry[a].cols == geometry[b].cols
+    found: tuple | None = None
+    error: Exception | None = None
+    try:
+        found = _labelled_solution(geometry, (a, b), dets, planned, seed_names, prior_pose, config, same_panel)
+    except (FiducialNotFoundError, ImagerLabelError, PointRegistrationError) as err:
+        error = err
+    faint = False
+    refused = isinstance(error, PointRegistrationError)  # a constellation was seen and refused (migration)
+    # Seeds left out because their shadows merge in one view are explained already (SEEDS_OVERLAP).
+    if config.faint.enabled and not refused and (found is None or (not found[0].corr.found.all() and not found[1])):
+        # Seeds the stand-alone detector could not see: the plan-guided search.
+        try:
+            second = _faint_solution(frames, geometry, (a, b), i0s, masks, planned, seed_names, prior_pose, config,
+                                     same_panel)
+        except SeedMigrationError:
+            # More of the constellation was seen, and refused: never answer with a part of it, unless
+            # the clean-frame detector's own constellation (two seeds or more) stands without the faint search.
+            if found is None or found[0].corr.n_found < 2:
+                raise
+            second = None
+        except (FiducialNotFoundError, ImagerLabelError, PointRegistrationError) as err:
+            second = None
+            error = error or err
+        if second is not None and (found is None or _better(second[0], found[0])):
+            found, dets, faint = second[:2], second[2], True
+    if found is None:
+        raise error
+    chosen, overlapping = found
+    t_end = time.perf_counter()
+    return _result(chosen, dets, planned, seed_names, (a, b), (t_det - t0, t_end - t_det, t_end - t0), config,
+                   overlapping, faint)
+
+
+def _labelled_solution(geometry, names, dets, planned, seed_names, prior_pose, config, same_panel, within=None):
+    """``(solution, overlapping names)`` of detections in both views, both labellings judged (``_choose``)."""
+    a, b = names
+    # The other labelling: frame a seen by imager b and vice versa, with the
+    # same detections. Whole-frame detection does not depend on the label;
+    # in tracking mode the windows were placed for the given labels, which is
+    # what matters: if the frames are swapped, what was found in them either
+    # fails as given, or fits both labellings and is judged below. Both
+    # labellings are triangulated in one call.
+    px = {n: _centres(dets[n]) for n in (a, b)}
+    labellings = [(px[a], px[b])] + ([(px[b], px[a])] if same_panel else [])
+    cands = _pair_candidates_labellings(geometry, (a, b), labellings, config, within)
+    given = _solve((a, b), cands[0], planned, seed_names, prior_pose, config)
+    # The swapped labelling is always solved, but when the given one is
+    # plausible, only its assignments that could outvote it (as many seeds
+    # found as the given registration used) are registered.
+    beat = given.reg.n_used if isinstance(given, _Solution) and given.plausible else 0
+    swapped = FrameError("frames do not fit the other imager") if not same_panel else _solve(
+        (a, b), cands[1], planned, seed_names, prior_pose, config, beat)
+    chosen = _choose(given, swapped, a, b, config, planned)
+    return _separate_overlaps(chosen, geometry, (a, b), dets, planned, seed_names, config)
+
+
+def _faint_labelling(geometry, names, dets, planned, seed_names, prior_pose, config, same_panel, within):
+    """Both labellings of faint candidates judged (``_choose``), where a labelling needs two seeds to count.
+
+    One candidate pair always "fits" (any point can be translated onto a
+    seed), so among faint candidates it is no evidence for a labelling or a
+    pose; with two planned seeds or more, two consistent seeds are needed.
+    """
+    a, b = names
+    need = min(max(2, len(planned) - 1), len(planned))
+    px = {n: _centres(dets[n]) for n in (a, b)}
+    labellings = [(px[a], px[b])] + ([(px[b], px[a])] if same_panel else [])
+    cands = _pair_candidates_labellings(geometry, (a, b), labellings, config, within)
+    given = _solve((a, b), cands[0], planned, seed_names, prior_pose, config, need, subsets=True)
+    beat = max(need, given.corr.n_found) if isinstance(given, _Solution) and given.plausible else need
+    swapped = FrameError("frames do not fit the other imager") if not same_panel else _solve(
+        (a, b), cands[1], planned, seed_names, prior_pose, config, beat, subsets=True)
+    if isinstance(swapped, _Solution) and swapped.corr.n_found < beat:
+        swapped = FiducialNotFoundError("fewer seeds than the given labelling")
+    sol = _choose(given, swapped, a, b, config, planned)
+    if sol.corr.n_found < 3:
+        # Two seeds agree on one distance only: both must stand out on their own in both views.
+        weak = [seed_names[k] for k in np.flatnonzero(sol.corr.found)
+                if min(dets[n][int(sol.corr.detection_index[k, v])].snr for v, n in enumerate(names))
+                < config.faint.two_seed_min_snr]
+        if weak:
+            raise FiducialNotFoundError(
+                f"fiducials not found: the faint search saw only {sol.corr.n_found} seeds and "
+                f"{', '.join(weak)} too faintly (SNR below {config.faint.two_seed_min_snr:g}) to trust"
+            )
+    return sol
+
+
+def _better(new: _Solution, old: _Solution) -> bool:
+    """More seeds found (then used), then a lower FRE."""
+    return (new.corr.n_found, new.reg.n_used, -new.reg.fre_mm) > (old.corr.n_found, old.reg.n_used, -old.reg.fre_mm)
+
+
+def _search_regions(geometry: StereoGeometry, name: str, centres_room_mm: np.ndarray, radius_mm: float):
+    """Pixel boxes ``(r0, r1, c0, c1)`` of imager ``name`` covering spheres of ``radius_mm`` around room points."""
+    im = geometry[name]
+    boxes = []
+    for c in np.atleast_2d(centres_room_mm):
+        corners = c + radius_mm * np.array(np.meshgrid([-1, 1], [-1, 1], [-1, 1])).reshape(3, -1).T
+        px = im.project(corners)
+        c0, r0 = np.floor(px.min(axis=0)).astype(int)
+        c1, r1 = np.ceil(px.max(axis=0)).astype(int) + 1
+        r0, c0, r1, c1 = max(r0, 0), max(c0, 0), min(r1, im.rows), min(c1, im.cols)
+        if r1 > r0 and c1 > c0:
+            boxes.append((int(r0), int(r1), int(c0), int(c1)))
+    return boxes
+
+
+def _candidates(signals, geometry, name, i0, masks, regions, config: FiducialConfig, min_snr: float, keep: int):
+    """Detections (coarse centres) of the strongest matched-filter candidates of one view in some regions."""
+    fc = config.faint
+    centres, snr, orient, contrast = [], [], [], []
+    for region in regions:
+        c = faint_candidates(signals[name], geometry[name], i0, config.detection, min_snr, fc.candidates_per_view,
+                             masks.get(name), region)
+        centres.append(c.centres_px)
+        snr.append(c.snr)
+        orient.append(c.orientation_deg)
+        contrast.append(c.contrast)
+    if not centres:
+        return ()
+    centres, snr, orient, contrast = (np.concatenate(x) for x in (centres, snr, orient, contrast))
+    order = np.argsort(-snr, kind="stable")
+    out, kept = [], []
+    for q in order:
+        if any(np.hypot(*(centres[q] - k)) < 2.0 for k in kept):  # overlapping regions found it twice
+            continue
+        kept.append(centres[q])
+        out.append(Detection(name, centres[q], float(contrast[q]), float(snr[q]), 0.0, 0.0, float(orient[q]), 0,
+                             max(0.0, 1.0 - min_snr / float(snr[q]))))
+        if len(out) >= keep:
+            break
+    return tuple(out)
+
+
+_PREDICTED_CONTRAST_FRACTION = 0.5  # seeds of one patient share their contrast (diameter 0.8-1.2 mm)
+_FAINT_ASSOCIATION_MM = 3.0  # a 2 mm migration and the coarse centres' error, no more: false candidates abound
+
+
+def _faint_solution(frames, geometry, names, i0s, masks, planned, seed_names, prior_pose, config, same_panel):
+    """The plan-guided search (``FaintSearchConfig``): ``(solution, overlapping, detections)``.
+
+    1. Candidates per view (where the plan or the prior puts the seeds), each
+       refined at full resolution (``refine_seeds``: centre, orientation,
+       length, SNR); those still significant are the detections.
+    2. The solution chosen jointly: epipolar pairs, constellation (with the
+       association limit narrowed to ``_FAINT_ASSOCIATION_MM``), both
+       labellings, a labelling needing two seeds to count.
+    3. A seed still missing is searched in both views where the pose of the
+       others puts it, and the pair solved again.
+    """
+    fc = config.faint
+    a, b = names
+    signals, levels = {}, {}
+    for n in names:
+        frame = _check_frame(frames[n], geometry[n])
+        signals[n] = np.asarray(frame, dtype=np.float32)
+        levels[n] = _check_i0(i0s[n], n) if i0s[n] is not None else estimate_i0(signals[n], n)
+    if prior_pose is not None:
+        radius = config.detection.tracking_window_mm
+        where = prior_pose.apply(planned)
+    elif fc.search_margin_mm is not None:
+        centre = planned.mean(axis=0)
+        radius = float(np.linalg.norm(planned - centre, axis=1).max()) + fc.search_margin_mm
+        where = centre[None]
+    else:
+        where, radius = None, 0.0
+    dets: dict[str, tuple[Detection, ...]] = {}
+    for n in names:
+        regions = [None] if where is None else _search_regions(geometry, n, where, radius)
+        coarse = _candidates(signals, geometry, n, levels[n], masks, regions, config, fc.min_snr,
+                             fc.candidates_per_view)
+        fits = _refined(signals[n], geometry[n], levels[n], coarse, masks.get(n), config)
+        dets[n] = tuple(sorted(fits, key=lambda d: -d.snr)[: fc.kept_per_view])
+    within = None if where is None else (where, radius)
+    narrow = replace(config, association_tolerance_mm=min(config.association_tolerance_mm, _FAINT_ASSOCIATION_MM))
+    sol = _faint_labelling(geometry, names, dets, planned, seed_names, prior_pose, narrow, same_panel, within)
+    if not sol.corr.found.all():
+        # Gold's contrast, set by the seeds just found: a blob near a predicted position with much less is not one.
+        used = [dets[n][int(sol.corr.detection_index[k, v])].contrast for k in np.flatnonzero(sol.corr.found)
+                for v, n in enumerate(names)]
+        floor = _PREDICTED_CONTRAST_FRACTION * float(np.median(used))
+        extra = {n: list(dets[n]) for n in names}
+        for k in np.flatnonzero(~sol.corr.found):
+            target = sol.reg.pose.apply(planned[k:k + 1])
+            for n in names:
+                # Where the others say this seed must be: the strongest candidate near its projection.
+                near = _candidates(signals, geometry, n, levels[n], masks,
+                                   _search_regions(geometry, n, target, fc.predicted_radius_mm), config,
+                                   fc.predicted_min_snr, 1)
+                extra[n].extend(d for d in _refined(signals[n], geometry[n], levels[n], near, masks.get(n), config)
+                                if d.contrast >= floor)
+        dets = {n: tuple(_dedupe_detections(extra[n])) for n in names}
+        px = {n: _centres(dets[n]) for n in names}
+        cands = _pair_candidates_labellings(geometry, names, [(px[a], px[b])], narrow, within)
+        again = _solve(names, cands[0], planned, seed_names, prior_pose, narrow, 0, subsets=True)
+        if isinstance(again, SeedMigrationError):
+            # The missing seed is there but not where the others put it: a migration, never hidden
+            # behind the smaller constellation found first.
+            raise again
+        if isinstance(again, _Solution) and again.plausible and _better(again, sol):
+            sol = again
+    sol, overlapping = _separate_overlaps(sol, geometry, names, dets, planned, seed_names, config)
+    return sol, overlapping, dets
+
+
+def _refined(signal, imager, i0, coarse: Sequence[Detection], mask, config: FiducialConfig) -> tuple[Detection, ...]:
+    """Full-resolution fits of coarse candidates; the significant ones, distinct, strongest first."""
+    if not coarse:
+        return ()
+    fits = refine_seeds(signal, imager, i0, np.array([d.centre_px for d in coarse]),
+                        np.array([d.orientation_deg for d in coarse]), config.detection, config.faint.refine_min_snr,
+                        mask)
+    return tuple(_dedupe_detections([d for d in fits if d is not None]))
+
+
+def _dedupe_detections(dets: Sequence[Detection], radius_px: float = 2.0) -> list[Detection]:
+    kept: list[Detection] = []
+    for d in sorted(dets, key=lambda d: -d.snr):
+        if all(np.hypot(*(d.centre_px - k.centre_px)) > radius_px for k in kept):
+            kept.append(d)
+    return kept
+
+
+def _separate_overlaps(sol: _Solution, geometry: StereoGeometry, names: tuple[str, str], dets, planned: np.ndarray,
+                       seed_names: tuple[str, ...], config: FiducialConfig) -> tuple[_Solution, frozenset]:
+    """Keep detections that may hold two seeds (shadows touching in one view) out of the fit.
+
+    Two seeds whose shadows touch in one view give one blob there, centred
+    between them; paired with either seed's detection in the other view it
+    gives a biased point. The sign: a seed not found whose position under the
+    registered pose projects, in some view, within the extent of a detection
+    used by another seed. Both seeds are then left out (flag
+    ``SEEDS_OVERLAP``) and the others registered again: a smaller but
+    unbiased constellation.
+    """
+    corr = sol.corr
+    if corr.found.all():
+        return sol, frozenset()
+    predicted = sol.reg.pose.apply(planned)
+    overlap: set[int] = set()
+    drop: set[int] = set()
+    for v, name in enumerate(names):
+        try:
+            px = geometry[name].project(predicted)
+        except GeometryError:
+            continue
+        user = {int(corr.detection_index[m, v]): int(m) for m in np.flatnonzero(corr.found)}
+        for q, det in enumerate(dets[name]):
+            reach_px = 0.5 * det.length_px + config.max_epipolar_px  # the blob's half-length, and the pairing slack
+            near = np.flatnonzero(np.linalg.norm(px - det.centre_px, axis=1) <= reach_px)
+            if len(near) < 2 or corr.found[near].all():
+                continue
+            # This blob may hold several seeds, one of them not seen apart.
+            overlap.update(int(k) for k in near)
+            if user.get(q) in near:
+                drop.add(user[q])
+    if not overlap:
+        return sol, frozenset()
+    flagged = frozenset(seed_names[k] for k in overlap)
+    if not drop:
+        return sol, flagged
+    keep = corr.found.copy()
+    keep[sorted(drop)] = False
+    if not keep.any():
+        raise FiducialNotFoundError(
+            "fiducials not found: seeds " + ", ".join(seed_names[k] for k in sorted(drop))
+            + " overlap in one view and no other seed was seen in both views"
+        )
+    idx = corr.detection_index.copy()
+    idx[~keep] = -1
+    pts = np.where(keep[:, None], corr.points_room_mm, 0.0)
+    new_corr = Correspondence(corr.imagers, idx, pts, np.where(keep, corr.ray_distance_mm, 0.0),
+                              np.where(keep, corr.reprojection_px, 0.0), keep, corr.cost_mm)
+    reg = register_points(planned[keep], pts[keep], [seed_names[i] for i in np.flatnonzero(keep)],
+                          config.registration)
+    return _Solution(new_corr, reg, sol.plausible, sol.reason), flagged
+
+
+def _centres(dets: Sequence[Detection]) -> np.ndarray:
+    return np.array([d.centre_px for d in dets], dtype=np.float64).reshape(-1, 2)
+
+
+def _choose(given, swapped, a: str, b: str, config: FiducialConfig, planned: np.ndarray) -> _Solution:
+    g_ok = isinstance(given, _Solution) and given.plausible
+    s_ok = isinstance(swapped, _Solution) and swapped.plausible
+    swap_msg = (f"the frames fit the geometry with imager labels swapped (frame '{a}' is imager '{b}' and "
+                f"frame '{b}' is imager '{a}')")
+    if g_ok and s_ok and swapped.reg.n_used > given.reg.n_used:
+        g_ok = False
+    if g_ok and s_ok and given.reg.n_used > swapped.reg.n_used:
+        s_ok = False
+    if g_ok and not s_ok:
+        return given
+    if s_ok and not g_ok:
+        raise ImagerLabelError(
+            f"{swap_msg}: swapped FRE {swapped.reg.fre_mm:.2f} mm; as given: "
+            f"{given.reason if isinstance(given, _Solution) else given}; refused"
+        )
+    if g_ok and s_ok:
+        moved = np.linalg.norm(given.reg.pose.apply(planned) - swapped.reg.pose.apply(planned), axis=1).max()
+        if moved <= config.agreement_mm:
+            return given
+        if given.reg.fre_mm + config.swap_margin_mm <= swapped.reg.fre_mm:
+            return given
+        if swapped.reg.fre_mm + config.swap_margin_mm <= given.reg.fre_mm:
+            raise ImagerLabelError(
+                f"{swap_msg}: FRE {swapped.reg.fre_mm:.2f} mm swapped vs {given.reg.fre_mm:.2f} mm as given; refused"
+            )
+        raise ImagerLabelError(
+            f"cannot tell the imager labels apart: both labellings fit (FRE {given.reg.fre_mm:.2f} mm as given, "
+            f"{swapped.reg.fre_mm:.2f} mm swapped) but their corrections differ by up to {moved:.2f} mm at the "
+            "seeds; check the frame labels or give a prior pose"
+        )
+    if isinstance(given, _Solution):
+        raise FiducialNotFoundError(f"no plausible seed constellation: {given.reason}")
+    raise given
+
+
+def _result(sol: _Solution, dets, planned, seed_names, names, times_s, config: FiducialConfig,
+            overlapping: frozenset = frozenset(), faint: bool = False) -> FiducialResult:
+    corr, reg = sol.corr, sol.reg
+    found_idx = np.flatnonzero(corr.found)
+    used_names = dict(zip(reg.names, range(len(reg.names))))
+    residuals = reg.pose.apply(planned) - corr.points_room_mm
+    seeds = []
+    for k, name in enumerate(seed_names):
+        if not corr.found[k]:
+            seeds.append(SeedLocalisation(name, False, None, None, None, None, None, False))
+            continue
+        j = used_names[name]
+        pixels = {names[v]: dets[names[v]][int(corr.detection_index[k, v])].centre_px for v in range(2)}
+        point = corr.points_room_mm[k].copy()
+        point.setflags(write=False)
+        seeds.append(SeedLocalisation(
+            name, True, pixels, point, float(corr.ray_distance_mm[k]), float(corr.reprojection_px[k]),
+            float(np.linalg.norm(residuals[k])), not bool(reg.used[j]),
+        ))
+    flags = {_FROM_POINT_FLAG[f] for f in reg.flags}
+    if len(found_idx) < len(planned):
+        flags.add(FiducialFlag.SEED_MISSING)
+    if overlapping:
+        flags.add(FiducialFlag.SEEDS_OVERLAP)
+    if faint:
+        flags.add(FiducialFlag.FAINT_SEARCH)
+    if any(len(dets[n]) > len(found_idx) for n in names):
+        flags.add(FiducialFlag.EXTRA_DETECTIONS)
+    ok = reg.rotation_reliable and reg.fre_mm <= config.max_fre_mm
+    ms = [1e3 * t for t in times_s]
+    return FiducialResult(
+        correction=reg.correction,
+        pose=reg.pose,
+        registration=reg,
+        seeds=tuple(seeds),
+        fre_mm=reg.fre_mm,
+        ok=bool(ok),
+        flags=frozenset(flags),
+        n_detections={n: len(dets[n]) for n in names},
+        detection_ms=ms[0],
+        matching_ms=ms[1],
+        total_ms=ms[2],
+        overlapping=tuple(n for n in seed_names if n in overlapping),
+    )
