@@ -241,7 +241,7 @@ class FiducialProcessor:
     config : FiducialConfig, optional
     use_prior : bool
         Pass the last trusted pose as ``prior_pose`` (windowed tracking search).
-    flat_fields : mapping imager name -> tracking.flatfield.FlatField, optional
+    flat_fields : mapping imager name -> tracking.localisation.flatfield.FlatField, optional
         Panel gain and dark maps, applied to every frame before detection.
     """
 
@@ -305,7 +305,7 @@ class AnatomyProcessor:
 
     def __init__(self, registration, flat_fields=None) -> None:
         self._reg = registration
-        #: imager -> tracking.flatfield.FlatField: dark / gain correction and dead-line inpainting of each frame.
+        #: imager -> tracking.localisation.flatfield.FlatField: dark / gain correction and dead-line inpainting of each frame.
         self.flat_fields = dict(flat_fields) if flat_fields else None
 
     def process(self, frames: dict[str, KvFrame], prior: Pose | None) -> PairResult:
