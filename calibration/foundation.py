@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-__all__ = ["readonly_array", "checked_number", "enum_member", "enum_values", "to_json_value", "json_default"]
+__all__ = ["readonly_array", "checked_number", "checked_integer", "enum_member", "enum_values", "to_json_value", "json_default"]
 
 E = TypeVar("E", bound=Enum)
 
@@ -46,6 +46,14 @@ def checked_number(value: Any, error: type[Exception], message: str, *, minimum:
     if not math.isfinite(v) or too_low or v > maximum:
         raise error(message)
     return v
+
+
+def checked_integer(value: Any, error: type[Exception], message: str, *, minimum: int = 0) -> int:
+    """``value`` as an int >= ``minimum`` (a Python or NumPy integer; not a bool, float or string), else
+    ``error(message)``. Units are the caller's."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or int(value) < minimum:
+        raise error(message)
+    return int(value)
 
 
 def enum_member(cls: type[E], value: Any, error: type[Exception], message: str) -> E:

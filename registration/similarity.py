@@ -24,10 +24,9 @@ from enum import Enum
 
 import cv2
 import numpy as np
-
 from spineguide.calibration.foundation import checked_number
 
-from .errors import RegistrationFrameError, RegistrationError
+from .errors import RegistrationError, RegistrationFrameError
 
 __all__ = [
     "RegistrationFrameError",

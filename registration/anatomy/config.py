@@ -5,10 +5,9 @@ Part of :mod:`spineguide.registration.anatomy` (see its docstring for the method
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
-import numpy as np
+from spineguide.calibration.foundation import checked_integer, checked_number
 
 from ..attenuation import DEFAULT_CT_ENERGY_KEV, DEFAULT_IMAGING_ENERGY_KEV
 from ..drr import PROJECTORS
@@ -59,12 +58,10 @@ class PyramidLevel:
     def __post_init__(self) -> None:
         for name in ("volume_factor", "binning", "max_iterations", "supersampling"):
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
-                raise AnatomyConfigError(f"PyramidLevel.{name} must be a positive integer, got {v!r}")
+            checked_integer(v, AnatomyConfigError, f"PyramidLevel.{name} must be a positive integer, got {v!r}", minimum=1)
         for name in ("smoothing_sigma_px", "prefilter_mm"):
-            s = float(getattr(self, name))
-            if not math.isfinite(s) or s < 0:
-                raise AnatomyConfigError(f"PyramidLevel.{name} must be >= 0, got {s!r}")
+            v = getattr(self, name)
+            checked_number(v, AnatomyConfigError, f"PyramidLevel.{name} must be >= 0, got {v!r}", minimum=0.0)
         if self.binning % self.supersampling:
             raise AnatomyConfigError(
                 f"PyramidLevel.supersampling {self.supersampling} must divide the binning {self.binning}"
@@ -222,24 +219,22 @@ class AnatomyConfig:
             "max_std_mm", "max_std_deg", "context_taper_mm", "context_half_size_mm", "max_level_fraction",
         )
         for name in positive:
-            v = float(getattr(self, name))
-            if not math.isfinite(v) or v <= 0:
-                raise AnatomyConfigError(f"{name} must be a positive number, got {getattr(self, name)!r}")
+            v = getattr(self, name)
+            checked_number(v, AnatomyConfigError, f"{name} must be a positive number, got {v!r}", minimum=0.0,
+                           exclusive_minimum=True)
         for name in ("region_margin_mm", "global_smoothing_sigma_px"):
-            v = float(getattr(self, name))
-            if not math.isfinite(v) or v < 0:
-                raise AnatomyConfigError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+            v = getattr(self, name)
+            checked_number(v, AnatomyConfigError, f"{name} must be >= 0, got {v!r}", minimum=0.0)
         for name in ("roi_dilation_voxels",):
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0:
-                raise AnatomyConfigError(f"{name} must be a non-negative integer, got {v!r}")
+            checked_integer(v, AnatomyConfigError, f"{name} must be a non-negative integer, got {v!r}", minimum=0)
         for name in ("global_binning", "global_volume_factor", "background_volume_factor", "global_candidates"):
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
-                raise AnatomyConfigError(f"{name} must be a positive integer, got {v!r}")
+            checked_integer(v, AnatomyConfigError, f"{name} must be a positive integer, got {v!r}", minimum=1)
         for name in ("min_similarity", "min_roi_on_panel", "max_saturated_fraction"):
-            v = float(getattr(self, name))
-            if not (0.0 <= v <= 1.0):
-                raise AnatomyConfigError(f"{name} must lie in [0, 1], got {getattr(self, name)!r}")
-        if self.saturation_level is not None and not (float(self.saturation_level) > 0):
-            raise AnatomyConfigError(f"saturation_level must be positive or None, got {self.saturation_level!r}")
+            v = getattr(self, name)
+            checked_number(v, AnatomyConfigError, f"{name} must lie in [0, 1], got {v!r}", minimum=0.0, maximum=1.0)
+        if self.saturation_level is not None:
+            checked_number(self.saturation_level, AnatomyConfigError,
+                           f"saturation_level must be positive or None, got {self.saturation_level!r}", minimum=0.0,
+                           exclusive_minimum=True)

@@ -12,6 +12,7 @@ import pytest
 from numpy.testing import assert_allclose
 
 from spineguide.calibration.foundation import (
+    checked_integer,
     checked_number,
     enum_member,
     enum_values,
@@ -62,6 +63,19 @@ def test_checked_number_bounds():
         checked_number(5.000001, _Bad, "m", minimum=1, maximum=5)
     with pytest.raises(_Bad):
         checked_number(0.999999, _Bad, "m", minimum=1, maximum=5)
+
+
+@pytest.mark.parametrize("value", [True, 1.0, "2", None, np.array([2]), -1])
+def test_checked_integer_refuses_what_is_not_an_integer_at_least_the_minimum(value):
+    with pytest.raises(_Bad, match="^count must be an integer >= 0$"):
+        checked_integer(value, _Bad, "count must be an integer >= 0", minimum=0)
+
+
+def test_checked_integer_accepts_python_and_numpy_integers():
+    assert checked_integer(np.int64(3), _Bad, "m", minimum=1) == 3
+    assert type(checked_integer(np.uint8(7), _Bad, "m")) is int
+    with pytest.raises(_Bad):
+        checked_integer(0, _Bad, "m", minimum=1)
 
 
 def test_enum_member():

@@ -8,8 +8,11 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-from spineguide.tracking.localisation.flatfield import INPAINT_RADIUS_PX, FlatField, _defect_tiles
+from spineguide.tracking.localisation.flatfield import (
+    INPAINT_RADIUS_PX,
+    FlatField,
+    _defect_tiles,
+)
 
 
 def _layout(name: str, rows: int = 256, cols: int = 240) -> np.ndarray:

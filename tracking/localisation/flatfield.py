@@ -218,7 +218,10 @@ def correct_frames(flat_fields: Mapping[str, FlatField] | None, frames: Mapping[
 
 def read_map(path: str | os.PathLike, what: str, imager: str) -> np.ndarray:
     """A 2D map from ``.npy`` or any image SimpleITK reads, ``map[row, col]`` float32."""
-    from spineguide.registration.imagefile import load_npy, read_sitk_image  # declared size checked before reading
+    from spineguide.registration.imagefile import (  # declared size checked before reading
+        load_npy,
+        read_sitk_image,
+    )
 
     p = Path(path)
     try:
