@@ -27,6 +27,7 @@ import argparse
 import os
 import platform
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -222,11 +223,158 @@ COMPILE_SCRIPT = textwrap.dedent(
 )
 
 
+PROCESS_PHASES_SCRIPT = textwrap.dedent(
+    """
+    import sys, time
+    t0 = time.perf_counter()
+    last = [t0]
+    def mark(what):
+        status = open("/proc/self/status").read()
+        rss, hwm = (int(status.split(key)[1].split()[0]) // 1024 for key in ("VmRSS:", "VmHWM:"))
+        now = time.perf_counter()
+        print(f"PHASE|{{what}}|{{now - last[0]:.3f}}|{{rss}}|{{hwm}}", flush=True)
+        last[0] = now
+    import numpy as np
+    from spineguide.tracking import cli
+    mark("Python, numpy, the CLI module")
+    from spineguide.calibration.io import read_geometry
+    from spineguide.registration.pose import Pose
+    from spineguide.registration.volume import read_ct
+    mark("geometry and pose modules (SciPy)")
+    geometry = read_geometry({geom!r})
+    pose = Pose.identity()
+    mark("read the geometry file")
+    ct = read_ct({ct!r}, keep_integer_hu=True)
+    mark("read the CT (SimpleITK; int16 HU)")
+    from spineguide.registration.drr import write_drr_images
+    mark("import the projector (numba)")
+    write_drr_images(ct, geometry, {iso!r}, {out!r}, pose=pose, imagers=["A"])
+    mark("first DRR: kernels from numba's cache, project, write")
+    write_drr_images(ct, geometry, {iso!r}, {out!r}, pose=pose, imagers=["A"])
+    mark("same DRR again: project and write only")
+    """
+)
+
+
+def timed_process(cmd, env) -> tuple[float, int, str]:
+    """Wall seconds and peak RSS (KiB, ``/usr/bin/time``'s maximum resident set) of one whole command."""
+    t0 = time.perf_counter()
+    res = subprocess.run(["/usr/bin/time", "-f", "MAXRSS_KB %M"] + cmd, capture_output=True, text=True, env=env,
+                         check=False)  # fmt: skip
+    wall = time.perf_counter() - t0
+    if res.returncode != 0:
+        raise RuntimeError(f"{cmd[0]} failed ({res.returncode}): {(res.stdout + res.stderr)[-800:]}")
+    return wall, int(re.search(r"MAXRSS_KB (\d+)", res.stderr).group(1)), res.stdout + res.stderr
+
+
+def whole_process(opts, ct, iso_lps) -> None:
+    """``spineguide drr`` against ``plastimatch drr`` as whole processes: one 1024 x 1024 view of the HU CT.
+
+    Both read the same uncompressed int16 HU ``.mha`` and convert HU to attenuation themselves
+    (plastimatch ``-P preprocess``, its default; spineguide its bilinear 60 keV model), cast the
+    exact line integral of the voxel-constant volume (plastimatch ``-i exact``; spineguide Siddon)
+    for imager A of the built-in room (1024 x 1024 pixels of 0.4 mm), and write one float32 image
+    (plastimatch ``.pfm``, spineguide ``.mha``), with the same number of threads.
+    """
+    import SimpleITK as sitk
+
+    from spineguide.calibration.geometry import default_stereo_geometry
+    from spineguide.calibration.io import write_geometry
+    from spineguide.registration.volume import PATIENT_POSITION_KEY, room_from_lps_matrix
+
+    exe = Path(sys.executable).with_name("spineguide")
+    if not exe.exists():
+        exe = Path(shutil.which("spineguide") or "spineguide")
+    geom = default_stereo_geometry()  # 1024 x 1024 panels of 0.4 mm
+    imager = geom["A"]
+    room_from_lps = room_from_lps_matrix(ct.patient_position)
+    print()
+    print(f"## Whole process: one {imager.rows}x{imager.cols} view (imager A, {imager.pixel_spacing_mm[0]:g} mm "
+          f"pixels, SAD {imager.source_to_isocentre_mm:g} mm, SID {imager.source_to_detector_mm:g} mm) of the "
+          f"{SHAPE_KJI[2]}x{SHAPE_KJI[1]}x{SHAPE_KJI[0]} HU CT, read from an uncompressed int16 .mha")  # fmt: skip
+    with tempfile.TemporaryDirectory(prefix="bench_drr_process_") as tmp_name:
+        tmp = Path(tmp_name)
+        ct_path, geom_path = tmp / "ct.mha", tmp / "geometry.json"
+        hu16 = sitk.GetImageFromArray(np.rint(ct.hu).astype(np.int16))  # whole HU, as CT scanners store them
+        hu16.CopyInformation(ct.to_sitk())
+        hu16.SetMetaData(PATIENT_POSITION_KEY, ct.patient_position.value)
+        sitk.WriteImage(hu16, str(ct_path))  # uncompressed
+        write_geometry(geom, geom_path)
+        iso_arg = ",".join(f"{v:g}" for v in iso_lps)
+        ours_cmd = [str(exe), "drr", "--ct", str(ct_path), "--geometry", str(geom_path), "--isocenter", iso_arg,
+                    "--imager", "A", "--out", str(tmp / "ours")]  # fmt: skip
+        pm_cmd = ["plastimatch", "drr", "-i", "exact", "-P", "preprocess", "-t", "pfm"]
+        pm_cmd += plastimatch_args(imager, room_from_lps, iso_lps) + ["-O", str(tmp / "pm"), str(ct_path)]
+        ours_env = dict(os.environ, NUMBA_NUM_THREADS=str(opts.threads))
+        pm_env = dict(os.environ, OMP_NUM_THREADS=str(opts.threads))
+        # One untimed run each: fills numba's cache if it is empty (a compile, once per install) and
+        # puts the CT file in the page cache for both.
+        timed_process(ours_cmd, ours_env)
+        timed_process(pm_cmd, pm_env)
+        load_before = os.getloadavg()
+        ours_runs, pm_runs = [], []
+        for _ in range(opts.process_repeats):  # interleaved: background load hits both alike
+            ours_runs.append(timed_process(ours_cmd, ours_env)[:2])
+            pm_runs.append(timed_process(pm_cmd, pm_env)[:2])
+        load_after = os.getloadavg()
+        ours_img = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp / "ours" / "drr_A.mha"))).astype(np.float64)
+        pm_img = read_pfm(tmp / "pm0000.pfm") * 10.0  # plastimatch integrates over cm
+        phases = subprocess.run(
+            [sys.executable, "-c", PROCESS_PHASES_SCRIPT.format(geom=str(geom_path), ct=str(ct_path),
+                                                                iso=[float(v) for v in iso_lps],
+                                                                out=str(tmp / "phases"))],
+            capture_output=True, text=True, env=ours_env, check=True,
+        ).stdout  # fmt: skip
+
+    def row(label, runs):
+        wall = np.array([w for w, _ in runs])
+        rss = np.array([kb for _, kb in runs]) / 1024.0
+        print(f"| {label} | {len(runs)} | {np.median(wall):.2f} | {wall.min():.2f} - {wall.max():.2f} | "
+              f"{np.median(rss):.0f} | {rss.max():.0f} |")  # fmt: skip
+        return float(np.median(wall)), float(np.median(rss))
+
+    print(f"load average (1, 5, 15 min) before {tuple(round(v, 2) for v in load_before)}, after "
+          f"{tuple(round(v, 2) for v in load_after)}; numba cache warm (an untimed first run of each command); "
+          f"{opts.threads} threads each (NUMBA_NUM_THREADS, OMP_NUM_THREADS)")  # fmt: skip
+    print()
+    print("| command | runs | wall median s | wall min - max s | peak RSS median MiB | peak RSS max MiB |")
+    print("|---|---:|---:|---:|---:|---:|")
+    ours_wall, ours_rss = row("spineguide drr", ours_runs)
+    pm_wall, pm_rss = row("plastimatch drr", pm_runs)
+    print()
+    print(f"spineguide / plastimatch: wall {ours_wall / pm_wall:.2f}x (target < 1), "
+          f"peak RSS {ours_rss / pm_rss:.2f}x (target <= 1.2)")
+    print(f"  NUMBA_NUM_THREADS={opts.threads} spineguide {shlex.join(ours_cmd[1:]).replace(str(tmp), '$TMP')}")
+    print(f"  OMP_NUM_THREADS={opts.threads} {shlex.join(pm_cmd).replace(str(tmp), '$TMP')}")
+    # Both images must show the same anatomy at the same pixels: each tool did the whole job.
+    # Their HU -> attenuation models differ (plastimatch's own table), hence a correlation and a
+    # ratio rather than equality (the projector part compares the two on one attenuation volume).
+    inside = (ours_img > 0.05) | (pm_img > 0.05)
+    r = float(np.corrcoef(ours_img[inside], pm_img[inside])[0, 1])
+    ratio = pm_img[inside] / np.maximum(ours_img[inside], 1e-6)
+    print(f"images: {ours_img.shape[0]}x{ours_img.shape[1]} both; line integral ranges spineguide "
+          f"{ours_img.min():.2f}..{ours_img.max():.2f}, plastimatch {pm_img.min():.2f}..{pm_img.max():.2f}; "
+          f"Pearson r {r:.4f} over the {int(inside.sum())} pixels above 0.05; plastimatch / spineguide median "
+          f"{np.median(ratio):.3f} (p5 {np.percentile(ratio, 5):.3f}, p95 {np.percentile(ratio, 95):.3f})")  # fmt: skip
+    print()
+    print("spineguide drr, phase by phase (one process running the CLI's steps; RSS after each, MiB):")
+    print("| phase | s | RSS | peak so far |")
+    print("|---|---:|---:|---:|")
+    for line in phases.splitlines():
+        if line.startswith("PHASE|"):
+            _, what, sec, rss, hwm = line.split("|")
+            print(f"| {what} | {float(sec):.3f} | {rss} | {hwm} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=20, help="timed DRRs per case for spineguide")
     parser.add_argument("--plastimatch-repeats", type=int, default=10, help="plastimatch runs per case")
     parser.add_argument("--threads", type=int, default=2, help="threads for both tools")
+    parser.add_argument("--part", choices=("all", "projector", "process"), default="all",
+                        help="'projector': the in-process DRR timings; 'process': the whole commands side by side")
+    parser.add_argument("--process-repeats", type=int, default=7,
+                        help="runs of each whole command (after one untimed run each)")
     opts = parser.parse_args()
 
     import numba
@@ -259,8 +407,13 @@ def main() -> None:
     imager = geom["A"]
     print(f"CT: {SHAPE_KJI[2]}x{SHAPE_KJI[1]}x{SHAPE_KJI[0]} voxels of {SPACING_MM} mm (HFS, seed {SEED}), "
           f"built in {time.perf_counter() - t0:.1f} s; isocentre LPS {iso_lps.tolist()} mm")  # fmt: skip
-    print(f"geometry: imager A, SAD {imager.source_to_isocentre_mm:g} mm, SID {imager.source_to_detector_mm:g} mm, "
-          f"{PANEL_PIXELS}x{PANEL_PIXELS} pixels of {PANEL_PIXEL_MM} mm")  # fmt: skip
+    if opts.part in ("all", "process"):
+        whole_process(opts, ct, iso_lps)
+    if opts.part == "process":
+        return
+    print()
+    print(f"## Projector (in process): imager A, SAD {imager.source_to_isocentre_mm:g} mm, "
+          f"SID {imager.source_to_detector_mm:g} mm, {PANEL_PIXELS}x{PANEL_PIXELS} pixels of {PANEL_PIXEL_MM} mm")
 
     with tempfile.TemporaryDirectory(prefix="bench_drr_") as tmp_name:
         tmp = Path(tmp_name)
