@@ -1,8 +1,17 @@
-"""DRR projector benchmark: spineguide's numba Siddon kernel side by side with plastimatch.
+"""DRR benchmark: ``spineguide drr`` and spineguide's numba Siddon kernel side by side with plastimatch.
 
-Both tools get the same 512 x 512 x 133 synthetic CT (already converted to linear
-attenuation, so both only ray-cast: plastimatch ``--hu-conversion none``), the same
-source/panel geometry (imager A of the built-in room read out at 512 x 512 pixels of
+Whole process (``--part process``; issue 17 item 4): ``spineguide drr`` and ``plastimatch drr`` as
+commands, each reading the same uncompressed int16 HU ``.mha`` of the 512 x 512 x 133 synthetic CT
+below, converting HU to attenuation itself and writing one 1024 x 1024 float32 image of imager A
+(the built-in 1024 x 1024 panel of 0.4 mm), exact line integrals (plastimatch ``-i exact``), the
+same threads. Wall time and peak RSS (``/usr/bin/time``'s maximum resident set) of each process,
+median of N interleaved runs after one untimed run each (which fills numba's cache if it is
+empty), for plastimatch's default ``-P preprocess`` and its leaner ``-P inline``; the images'
+agreement; and spineguide's time and memory phase by phase.
+
+Projector (``--part projector``): both tools get the same 512 x 512 x 133 synthetic CT
+(already converted to linear attenuation, so both only ray-cast: plastimatch
+``--hu-conversion none``), the same source/panel geometry (imager A of the built-in room read out at 512 x 512 pixels of
 0.8 mm) and plastimatch's exact Siddon algorithm (``-i exact``). Reported per DRR:
 median and p95 milliseconds over N repeats after a warm-up, for the full panel, half
 resolution (2 x 2 binning, 256 x 256) and a 128 x 128 region of interest; the peak
@@ -16,7 +25,8 @@ shown for reference.
 
 Usage::
 
-    python benchmarks/bench_drr.py [--repeats 20] [--plastimatch-repeats 10] [--threads 2]
+    python benchmarks/bench_drr.py [--part all|process|projector] [--process-repeats 7]
+                                   [--repeats 20] [--plastimatch-repeats 10] [--threads 2]
 
 Needs ``/usr/bin/plastimatch`` (Debian package ``plastimatch``) and ``/usr/bin/time``.
 """
@@ -303,22 +313,29 @@ def whole_process(opts, ct, iso_lps) -> None:
         iso_arg = ",".join(f"{v:g}" for v in iso_lps)
         ours_cmd = [str(exe), "drr", "--ct", str(ct_path), "--geometry", str(geom_path), "--isocenter", iso_arg,
                     "--imager", "A", "--out", str(tmp / "ours")]  # fmt: skip
-        pm_cmd = ["plastimatch", "drr", "-i", "exact", "-P", "preprocess", "-t", "pfm"]
-        pm_cmd += plastimatch_args(imager, room_from_lps, iso_lps) + ["-O", str(tmp / "pm"), str(ct_path)]
+        # plastimatch converts HU before casting (-P preprocess, its default: the figures of issue 17)
+        # or while casting (-P inline: the same image, bit for bit, with less memory).
+        pm_cmds = {}
+        for mode in ("preprocess", "inline"):
+            pm_cmds[mode] = ["plastimatch", "drr", "-i", "exact", "-P", mode, "-t", "pfm"]
+            pm_cmds[mode] += plastimatch_args(imager, room_from_lps, iso_lps) + ["-O", str(tmp / mode), str(ct_path)]
         ours_env = dict(os.environ, NUMBA_NUM_THREADS=str(opts.threads))
         pm_env = dict(os.environ, OMP_NUM_THREADS=str(opts.threads))
         # One untimed run each: fills numba's cache if it is empty (a compile, once per install) and
         # puts the CT file in the page cache for both.
         timed_process(ours_cmd, ours_env)
-        timed_process(pm_cmd, pm_env)
+        for cmd in pm_cmds.values():
+            timed_process(cmd, pm_env)
         load_before = os.getloadavg()
-        ours_runs, pm_runs = [], []
-        for _ in range(opts.process_repeats):  # interleaved: background load hits both alike
+        ours_runs, pm_runs = [], {mode: [] for mode in pm_cmds}
+        for _ in range(opts.process_repeats):  # interleaved: background load hits all alike
             ours_runs.append(timed_process(ours_cmd, ours_env)[:2])
-            pm_runs.append(timed_process(pm_cmd, pm_env)[:2])
+            for mode, cmd in pm_cmds.items():
+                pm_runs[mode].append(timed_process(cmd, pm_env)[:2])
         load_after = os.getloadavg()
         ours_img = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp / "ours" / "drr_A.mha"))).astype(np.float64)
-        pm_img = read_pfm(tmp / "pm0000.pfm") * 10.0  # plastimatch integrates over cm
+        pm_img = read_pfm(tmp / "preprocess0000.pfm") * 10.0  # plastimatch integrates over cm
+        pm_same = np.array_equal(read_pfm(tmp / "inline0000.pfm"), read_pfm(tmp / "preprocess0000.pfm"))
         phases = subprocess.run(
             [sys.executable, "-c", PROCESS_PHASES_SCRIPT.format(geom=str(geom_path), ct=str(ct_path),
                                                                 iso=[float(v) for v in iso_lps],
@@ -340,18 +357,22 @@ def whole_process(opts, ct, iso_lps) -> None:
     print("| command | runs | wall median s | wall min - max s | peak RSS median MiB | peak RSS max MiB |")
     print("|---|---:|---:|---:|---:|---:|")
     ours_wall, ours_rss = row("spineguide drr", ours_runs)
-    pm_wall, pm_rss = row("plastimatch drr", pm_runs)
+    pm = {mode: row(f"plastimatch drr -P {mode}", runs) for mode, runs in pm_runs.items()}
     print()
-    print(f"spineguide / plastimatch: wall {ours_wall / pm_wall:.2f}x (target < 1), "
-          f"peak RSS {ours_rss / pm_rss:.2f}x (target <= 1.2)")
+    for mode, (pm_wall, pm_rss) in pm.items():
+        print(f"spineguide / plastimatch -P {mode}: wall {ours_wall / pm_wall:.2f}x (target < 1), "
+              f"peak RSS {ours_rss / pm_rss:.2f}x (target <= 1.2)")
+    print("commands ($TMP: the benchmark's temporary folder):")
     print(f"  NUMBA_NUM_THREADS={opts.threads} spineguide {shlex.join(ours_cmd[1:]).replace(str(tmp), '$TMP')}")
-    print(f"  OMP_NUM_THREADS={opts.threads} {shlex.join(pm_cmd).replace(str(tmp), '$TMP')}")
+    for cmd in pm_cmds.values():
+        print(f"  OMP_NUM_THREADS={opts.threads} {shlex.join(cmd).replace(str(tmp), '$TMP')}")
     # Both images must show the same anatomy at the same pixels: each tool did the whole job.
     # Their HU -> attenuation models differ (plastimatch's own table), hence a correlation and a
     # ratio rather than equality (the projector part compares the two on one attenuation volume).
     inside = (ours_img > 0.05) | (pm_img > 0.05)
     r = float(np.corrcoef(ours_img[inside], pm_img[inside])[0, 1])
     ratio = pm_img[inside] / np.maximum(ours_img[inside], 1e-6)
+    print(f"plastimatch -P inline and -P preprocess images identical: {pm_same}")
     print(f"images: {ours_img.shape[0]}x{ours_img.shape[1]} both; line integral ranges spineguide "
           f"{ours_img.min():.2f}..{ours_img.max():.2f}, plastimatch {pm_img.min():.2f}..{pm_img.max():.2f}; "
           f"Pearson r {r:.4f} over the {int(inside.sum())} pixels above 0.05; plastimatch / spineguide median "
@@ -396,7 +417,7 @@ def main() -> None:
     print(f"machine: {platform.machine()} {cpu}, {os.cpu_count()} cores, {platform.system()} {platform.release()}")
     print(f"versions: python {platform.python_version()}, numpy {np.__version__}, numba {numba.__version__}, "
           f"SimpleITK {sitk.Version.VersionString()}, {pm_version}")  # fmt: skip
-    print(f"threads: {opts.threads} (numba.set_num_threads; OMP_NUM_THREADS for plastimatch)")
+    print(f"threads: {opts.threads} (numba.set_num_threads or NUMBA_NUM_THREADS; OMP_NUM_THREADS for plastimatch)")
 
     t0 = time.perf_counter()
     hu, origin = synthetic_ct_hu()
