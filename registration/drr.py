@@ -457,7 +457,10 @@ def write_drr_images(
     Parameters
     ----------
     ct : CTVolume
-        Planning CT (HU, LPS) with its patient position.
+        Planning CT (HU, LPS) with its patient position. int16 HU (``read_ct(...,
+        keep_integer_hu=True)``) are projected through :func:`int16_hu_mu_table`
+        with no attenuation volume made: the same images bit for bit as from the
+        float32 HU, at a quarter of the memory of float32 HU plus attenuation.
     geometry : StereoGeometry
         Imagers in the room frame (mm).
     isocentre_lps_mm : (3,) sequence
