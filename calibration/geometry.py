@@ -19,6 +19,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+import scipy.linalg
 
 from .errors import GeometryError
 
@@ -367,8 +368,6 @@ class ImagerGeometry:
             scale = -scale
         p = p * scale
         m = p[:, :3]
-        import scipy.linalg  # here: SciPy loads (~25 MiB, ~0.2 s) only for a matrix-only geometry
-
         k, r = scipy.linalg.rq(m)
         signs = np.sign(np.diag(k))
         signs[signs == 0] = 1.0
