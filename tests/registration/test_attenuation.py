@@ -101,7 +101,8 @@ def test_conversion_in_steps_is_the_same_as_value_by_value():
     for idx in picks:
         assert mu.ravel()[idx] == hu_to_mu_per_mm(flat[idx : idx + 1])[0]
     assert_allclose(mu, _model_mu_per_mm(hu), rtol=0, atol=MU_TOL_PER_MM)
-    assert hu_to_mu_per_mm(np.float32(0.0)).shape == ()  # a scalar stays a scalar-shaped array
+    water = hu_to_mu_per_mm(np.float32(0.0))  # a scalar stays a scalar-shaped array, with its value
+    assert water.shape == () and water == np.float32(linear_attenuation_per_mm("water", DEFAULT_IMAGING_ENERGY_KEV))
 
 
 @pytest.mark.parametrize("energy_kev", [40.0, 60.0, 100.0])
