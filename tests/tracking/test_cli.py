@@ -95,6 +95,24 @@ def test_drr_command_writes_what_the_library_computes_from_float_hu(tmp_path, st
         assert expected.max() > 1.0 and np.array_equal(written, expected)
 
 
+def test_drr_command_hands_whole_hu_over_as_int16(small_plan, tmp_path, monkeypatch):
+    # The memory figure of docs/BENCHMARKS.md (whole process) rests on this: a CT of whole HU reaches
+    # the DRR writer as int16 (projected through the attenuation table), not as float32.
+    import spineguide.registration.drr as drr
+
+    seen = {}
+
+    def spy(ct, *args, **kwargs):
+        seen["dtype"] = ct.hu.dtype
+        return {}
+
+    monkeypatch.setattr(drr, "write_drr_images", spy)
+    ct_path, geom_path = small_plan  # float32 file of whole HU (write_ct)
+    assert main(["drr", "--ct", str(ct_path), "--geometry", str(geom_path), "--isocenter", "10,-20,30",
+                 "--out", str(tmp_path / "o")]) == 0
+    assert seen["dtype"] == np.int16
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
