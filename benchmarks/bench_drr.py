@@ -1,8 +1,17 @@
-"""DRR projector benchmark: spineguide's numba Siddon kernel side by side with plastimatch.
+"""DRR benchmark: ``spineguide drr`` and spineguide's numba Siddon kernel side by side with plastimatch.
 
-Both tools get the same 512 x 512 x 133 synthetic CT (already converted to linear
-attenuation, so both only ray-cast: plastimatch ``--hu-conversion none``), the same
-source/panel geometry (imager A of the built-in room read out at 512 x 512 pixels of
+Whole process (``--part process``; issue 17 item 4): ``spineguide drr`` and ``plastimatch drr`` as
+commands, each reading the same uncompressed int16 HU ``.mha`` of the 512 x 512 x 133 synthetic CT
+below, converting HU to attenuation itself and writing one 1024 x 1024 float32 image of imager A
+(the built-in 1024 x 1024 panel of 0.4 mm), exact line integrals (plastimatch ``-i exact``), the
+same threads. Wall time and peak RSS (``/usr/bin/time``'s maximum resident set) of each process,
+median of N interleaved runs after one untimed run each (which fills numba's cache if it is
+empty), for plastimatch's default ``-P preprocess`` and its leaner ``-P inline``; the images'
+agreement; and spineguide's time and memory phase by phase.
+
+Projector (``--part projector``): both tools get the same 512 x 512 x 133 synthetic CT
+(already converted to linear attenuation, so both only ray-cast: plastimatch
+``--hu-conversion none``), the same source/panel geometry (imager A of the built-in room read out at 512 x 512 pixels of
 0.8 mm) and plastimatch's exact Siddon algorithm (``-i exact``). Reported per DRR:
 median and p95 milliseconds over N repeats after a warm-up, for the full panel, half
 resolution (2 x 2 binning, 256 x 256) and a 128 x 128 region of interest; the peak
@@ -16,7 +25,8 @@ shown for reference.
 
 Usage::
 
-    python benchmarks/bench_drr.py [--repeats 20] [--plastimatch-repeats 10] [--threads 2]
+    python benchmarks/bench_drr.py [--part all|process|projector] [--process-repeats 7]
+                                   [--repeats 20] [--plastimatch-repeats 10] [--threads 2]
 
 Needs ``/usr/bin/plastimatch`` (Debian package ``plastimatch``) and ``/usr/bin/time``.
 """
@@ -27,6 +37,7 @@ import argparse
 import os
 import platform
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -222,11 +233,169 @@ COMPILE_SCRIPT = textwrap.dedent(
 )
 
 
+PROCESS_PHASES_SCRIPT = textwrap.dedent(
+    """
+    import sys, time
+    t0 = time.perf_counter()
+    last = [t0]
+    def mark(what):
+        status = open("/proc/self/status").read()
+        rss, hwm = (int(status.split(key)[1].split()[0]) // 1024 for key in ("VmRSS:", "VmHWM:"))
+        now = time.perf_counter()
+        print(f"PHASE|{{what}}|{{now - last[0]:.3f}}|{{rss}}|{{hwm}}", flush=True)
+        last[0] = now
+    import numpy as np
+    from spineguide.tracking import cli
+    mark("Python, numpy, the CLI module")
+    from spineguide.calibration.io import read_geometry
+    from spineguide.registration.pose import Pose
+    from spineguide.registration.ctfile import read_ct
+    mark("geometry and pose modules (SciPy)")
+    geometry = read_geometry({geom!r})
+    pose = Pose.identity()
+    mark("read the geometry file")
+    ct = read_ct({ct!r}, keep_integer_hu=True)
+    mark("read the CT (SimpleITK; int16 HU)")
+    from spineguide.registration.drr import write_drr_images
+    mark("import the projector (numba)")
+    write_drr_images(ct, geometry, {iso!r}, {out!r}, pose=pose, imagers=["A"])
+    mark("first DRR: kernels from numba's cache, project, write")
+    write_drr_images(ct, geometry, {iso!r}, {out!r}, pose=pose, imagers=["A"])
+    mark("same DRR again: project and write only")
+    """
+)
+
+
+def timed_process(cmd, env) -> tuple[float, int, str]:
+    """Wall seconds and peak RSS (KiB, ``/usr/bin/time``'s maximum resident set) of one whole command."""
+    t0 = time.perf_counter()
+    res = subprocess.run(["/usr/bin/time", "-f", "MAXRSS_KB %M"] + cmd, capture_output=True, text=True, env=env,
+                         check=False)  # fmt: skip
+    wall = time.perf_counter() - t0
+    if res.returncode != 0:
+        raise RuntimeError(f"{cmd[0]} failed ({res.returncode}): {(res.stdout + res.stderr)[-800:]}")
+    return wall, int(re.search(r"MAXRSS_KB (\d+)", res.stderr).group(1)), res.stdout + res.stderr
+
+
+def whole_process(opts, ct, iso_lps) -> None:
+    """``spineguide drr`` against ``plastimatch drr`` as whole processes: one 1024 x 1024 view of the HU CT.
+
+    Both read the same uncompressed int16 HU ``.mha`` and convert HU to attenuation themselves
+    (plastimatch ``-P preprocess``, its default; spineguide its bilinear 60 keV model), cast the
+    exact line integral of the voxel-constant volume (plastimatch ``-i exact``; spineguide Siddon)
+    for imager A of the built-in room (1024 x 1024 pixels of 0.4 mm), and write one float32 image
+    (plastimatch ``.pfm``, spineguide ``.mha``), with the same number of threads.
+    """
+    import SimpleITK as sitk
+
+    from spineguide.calibration.geometry import default_stereo_geometry
+    from spineguide.calibration.io import write_geometry
+    from spineguide.registration.volume import PATIENT_POSITION_KEY, room_from_lps_matrix
+
+    exe = Path(sys.executable).with_name("spineguide")
+    if not exe.exists():
+        exe = Path(shutil.which("spineguide") or "spineguide")
+    geom = default_stereo_geometry()  # 1024 x 1024 panels of 0.4 mm
+    imager = geom["A"]
+    room_from_lps = room_from_lps_matrix(ct.patient_position)
+    print()
+    print(f"## Whole process: one {imager.rows}x{imager.cols} view (imager A, {imager.pixel_spacing_mm[0]:g} mm "
+          f"pixels, SAD {imager.source_to_isocentre_mm:g} mm, SID {imager.source_to_detector_mm:g} mm) of the "
+          f"{SHAPE_KJI[2]}x{SHAPE_KJI[1]}x{SHAPE_KJI[0]} HU CT, read from an uncompressed int16 .mha")  # fmt: skip
+    with tempfile.TemporaryDirectory(prefix="bench_drr_process_") as tmp_name:
+        tmp = Path(tmp_name)
+        ct_path, geom_path = tmp / "ct.mha", tmp / "geometry.json"
+        hu16 = sitk.GetImageFromArray(np.rint(ct.hu).astype(np.int16))  # whole HU, as CT scanners store them
+        hu16.CopyInformation(ct.to_sitk())
+        hu16.SetMetaData(PATIENT_POSITION_KEY, ct.patient_position.value)
+        sitk.WriteImage(hu16, str(ct_path))  # uncompressed
+        write_geometry(geom, geom_path)
+        iso_arg = ",".join(f"{v:g}" for v in iso_lps)
+        ours_cmd = [str(exe), "drr", "--ct", str(ct_path), "--geometry", str(geom_path), "--isocenter", iso_arg,
+                    "--imager", "A", "--out", str(tmp / "ours")]  # fmt: skip
+        # plastimatch converts HU before casting (-P preprocess, its default: the figures of issue 17)
+        # or while casting (-P inline: the same image, bit for bit, with less memory).
+        pm_cmds = {}
+        for mode in ("preprocess", "inline"):
+            pm_cmds[mode] = ["plastimatch", "drr", "-i", "exact", "-P", mode, "-t", "pfm"]
+            pm_cmds[mode] += plastimatch_args(imager, room_from_lps, iso_lps) + ["-O", str(tmp / mode), str(ct_path)]
+        ours_env = dict(os.environ, NUMBA_NUM_THREADS=str(opts.threads))
+        pm_env = dict(os.environ, OMP_NUM_THREADS=str(opts.threads))
+        # One untimed run each: fills numba's cache if it is empty (a compile, once per install) and
+        # puts the CT file in the page cache for both.
+        timed_process(ours_cmd, ours_env)
+        for cmd in pm_cmds.values():
+            timed_process(cmd, pm_env)
+        load_before = os.getloadavg()
+        ours_runs, pm_runs = [], {mode: [] for mode in pm_cmds}
+        for _ in range(opts.process_repeats):  # interleaved: background load hits all alike
+            ours_runs.append(timed_process(ours_cmd, ours_env)[:2])
+            for mode, cmd in pm_cmds.items():
+                pm_runs[mode].append(timed_process(cmd, pm_env)[:2])
+        load_after = os.getloadavg()
+        ours_img = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp / "ours" / "drr_A.mha"))).astype(np.float64)
+        pm_img = read_pfm(tmp / "preprocess0000.pfm") * 10.0  # plastimatch integrates over cm
+        pm_same = np.array_equal(read_pfm(tmp / "inline0000.pfm"), read_pfm(tmp / "preprocess0000.pfm"))
+        phases = subprocess.run(
+            [sys.executable, "-c", PROCESS_PHASES_SCRIPT.format(geom=str(geom_path), ct=str(ct_path),
+                                                                iso=[float(v) for v in iso_lps],
+                                                                out=str(tmp / "phases"))],
+            capture_output=True, text=True, env=ours_env, check=True,
+        ).stdout  # fmt: skip
+
+    def row(label, runs):
+        wall = np.array([w for w, _ in runs])
+        rss = np.array([kb for _, kb in runs]) / 1024.0
+        print(f"| {label} | {len(runs)} | {np.median(wall):.2f} | {wall.min():.2f} - {wall.max():.2f} | "
+              f"{np.median(rss):.0f} | {rss.max():.0f} |")  # fmt: skip
+        return float(np.median(wall)), float(np.median(rss))
+
+    print(f"load average (1, 5, 15 min) before {tuple(round(v, 2) for v in load_before)}, after "
+          f"{tuple(round(v, 2) for v in load_after)}; numba cache warm (an untimed first run of each command); "
+          f"{opts.threads} threads each (NUMBA_NUM_THREADS, OMP_NUM_THREADS)")  # fmt: skip
+    print()
+    print("| command | runs | wall median s | wall min - max s | peak RSS median MiB | peak RSS max MiB |")
+    print("|---|---:|---:|---:|---:|---:|")
+    ours_wall, ours_rss = row("spineguide drr", ours_runs)
+    pm = {mode: row(f"plastimatch drr -P {mode}", runs) for mode, runs in pm_runs.items()}
+    print()
+    for mode, (pm_wall, pm_rss) in pm.items():
+        print(f"spineguide / plastimatch -P {mode}: wall {ours_wall / pm_wall:.2f}x (target < 1), "
+              f"peak RSS {ours_rss / pm_rss:.2f}x (target <= 1.2)")
+    print("commands ($TMP: the benchmark's temporary folder):")
+    print(f"  NUMBA_NUM_THREADS={opts.threads} spineguide {shlex.join(ours_cmd[1:]).replace(str(tmp), '$TMP')}")
+    for cmd in pm_cmds.values():
+        print(f"  OMP_NUM_THREADS={opts.threads} {shlex.join(cmd).replace(str(tmp), '$TMP')}")
+    # Both images must show the same anatomy at the same pixels: each tool did the whole job.
+    # Their HU -> attenuation models differ (plastimatch's own table), hence a correlation and a
+    # ratio rather than equality (the projector part compares the two on one attenuation volume).
+    inside = (ours_img > 0.05) | (pm_img > 0.05)
+    r = float(np.corrcoef(ours_img[inside], pm_img[inside])[0, 1])
+    ratio = pm_img[inside] / np.maximum(ours_img[inside], 1e-6)
+    print(f"plastimatch -P inline and -P preprocess images identical: {pm_same}")
+    print(f"images: {ours_img.shape[0]}x{ours_img.shape[1]} both; line integral ranges spineguide "
+          f"{ours_img.min():.2f}..{ours_img.max():.2f}, plastimatch {pm_img.min():.2f}..{pm_img.max():.2f}; "
+          f"Pearson r {r:.4f} over the {int(inside.sum())} pixels above 0.05; plastimatch / spineguide median "
+          f"{np.median(ratio):.3f} (p5 {np.percentile(ratio, 5):.3f}, p95 {np.percentile(ratio, 95):.3f})")  # fmt: skip
+    print()
+    print("spineguide drr, phase by phase (one process running the CLI's steps; RSS after each, MiB):")
+    print("| phase | s | RSS | peak so far |")
+    print("|---|---:|---:|---:|")
+    for line in phases.splitlines():
+        if line.startswith("PHASE|"):
+            _, what, sec, rss, hwm = line.split("|")
+            print(f"| {what} | {float(sec):.3f} | {rss} | {hwm} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=20, help="timed DRRs per case for spineguide")
     parser.add_argument("--plastimatch-repeats", type=int, default=10, help="plastimatch runs per case")
     parser.add_argument("--threads", type=int, default=2, help="threads for both tools")
+    parser.add_argument("--part", choices=("all", "projector", "process"), default="all",
+                        help="'projector': the in-process DRR timings; 'process': the whole commands side by side")
+    parser.add_argument("--process-repeats", type=int, default=7,
+                        help="runs of each whole command (after one untimed run each)")
     opts = parser.parse_args()
 
     import numba
@@ -248,7 +417,7 @@ def main() -> None:
     print(f"machine: {platform.machine()} {cpu}, {os.cpu_count()} cores, {platform.system()} {platform.release()}")
     print(f"versions: python {platform.python_version()}, numpy {np.__version__}, numba {numba.__version__}, "
           f"SimpleITK {sitk.Version.VersionString()}, {pm_version}")  # fmt: skip
-    print(f"threads: {opts.threads} (numba.set_num_threads; OMP_NUM_THREADS for plastimatch)")
+    print(f"threads: {opts.threads} (numba.set_num_threads or NUMBA_NUM_THREADS; OMP_NUM_THREADS for plastimatch)")
 
     t0 = time.perf_counter()
     hu, origin = synthetic_ct_hu()
@@ -259,8 +428,13 @@ def main() -> None:
     imager = geom["A"]
     print(f"CT: {SHAPE_KJI[2]}x{SHAPE_KJI[1]}x{SHAPE_KJI[0]} voxels of {SPACING_MM} mm (HFS, seed {SEED}), "
           f"built in {time.perf_counter() - t0:.1f} s; isocentre LPS {iso_lps.tolist()} mm")  # fmt: skip
-    print(f"geometry: imager A, SAD {imager.source_to_isocentre_mm:g} mm, SID {imager.source_to_detector_mm:g} mm, "
-          f"{PANEL_PIXELS}x{PANEL_PIXELS} pixels of {PANEL_PIXEL_MM} mm")  # fmt: skip
+    if opts.part in ("all", "process"):
+        whole_process(opts, ct, iso_lps)
+    if opts.part == "process":
+        return
+    print()
+    print(f"## Projector (in process): imager A, SAD {imager.source_to_isocentre_mm:g} mm, "
+          f"SID {imager.source_to_detector_mm:g} mm, {PANEL_PIXELS}x{PANEL_PIXELS} pixels of {PANEL_PIXEL_MM} mm")
 
     with tempfile.TemporaryDirectory(prefix="bench_drr_") as tmp_name:
         tmp = Path(tmp_name)

@@ -11,6 +11,8 @@ import math
 import numpy as np
 from numba import njit, prange
 
+from .attenuation import MU_TABLE_OFFSET
+
 __all__ = ["siddon_drr", "siddon_drr_batch", "siddon_drr_batch_serial", "support_box"]
 
 # A parametric distance no ray reaches (rays run over t in [0, 1]); finite so that
@@ -18,21 +20,40 @@ __all__ = ["siddon_drr", "siddon_drr_batch", "siddon_drr_batch_serial", "support
 _FAR = 1e30
 
 
+@njit(cache=True, nogil=True, inline="always")
+def _voxel_mu(values, mu_table, idx):
+    """Attenuation (1/mm, float32) of flat voxel ``idx``.
+
+    ``mu_table`` None: ``values`` is the float32 attenuation itself. Otherwise
+    ``values`` holds int16 codes (e.g. whole Hounsfield units) and the voxel's
+    attenuation is ``mu_table[code + MU_TABLE_OFFSET]``
+    (:func:`spineguide.registration.attenuation.int16_hu_mu_table`): the same
+    float32 number a converted volume would hold, in half the memory. (Numba
+    compiles each argument type separately and prunes the branch not taken.)
+    """
+    if mu_table is None:
+        return values[idx]
+    return mu_table[np.int64(values[idx]) + MU_TABLE_OFFSET]
+
+
 @njit(cache=True, nogil=True)
-def support_box(mu):
+def support_box(mu, mu_table=None):
     """Index bounds ``(lo_i, lo_j, lo_k, hi_i, hi_j, hi_k)`` (inclusive) of the voxels with ``mu > 0``.
 
-    Returns ``hi < lo`` on every axis when the volume is empty.
+    ``mu`` is float32 attenuation, or int16 codes read through ``mu_table``
+    (:func:`_voxel_mu`). Returns ``hi < lo`` on every axis when the volume is empty.
     """
     nk, nj, ni = mu.shape
+    mu_flat = mu.reshape(nk * nj * ni)
     lo_i, lo_j, lo_k = ni, nj, nk
     hi_i, hi_j, hi_k = -1, -1, -1
     for k in range(nk):
         for j in range(nj):
             first = -1
             last = -1
+            row = (k * nj + j) * ni
             for i in range(ni):
-                if mu[k, j, i] > 0.0:
+                if _voxel_mu(mu_flat, mu_table, row + i) > 0.0:
                     if first < 0:
                         first = i
                     last = i
@@ -57,11 +78,12 @@ def _axis_setup(a, d, voxel, exit_voxel):
 
 
 @njit(cache=True, nogil=True, inline="always")
-def _ray_integral(mu_flat, ni, nj, box, ax, ay, az, bx, by, bz, length_mm):
+def _ray_integral(mu_flat, mu_table, ni, nj, box, ax, ay, az, bx, by, bz, length_mm):
     """Exact radiological path from index-space point a to b through a voxel-constant volume.
 
     Voxel ``(i, j, k)`` covers ``[i - 0.5, i + 0.5] x ...`` in index space;
-    ``mu_flat`` is the C-ordered ``[k, j, i]`` volume in 1/mm; ``box`` holds
+    ``mu_flat`` is the C-ordered ``[k, j, i]`` volume in 1/mm (or int16 codes
+    read through ``mu_table``, :func:`_voxel_mu`); ``box`` holds
     inclusive index bounds (lo_i, lo_j, lo_k, hi_i, hi_j, hi_k) outside which
     every voxel is zero, so the ray is clipped to it; ``length_mm`` is
     ``|b - a|`` in mm. Incremental Siddon traversal (Jacobs et al. 1998;
@@ -131,36 +153,40 @@ def _ray_integral(mu_flat, ni, nj, box, ax, ay, az, bx, by, bz, length_mm):
     acc = 0.0
     for _ in range(ci + cj + ck):
         if tx <= ty and tx <= tz:
-            acc += mu_flat[idx] * (tx - t)
+            acc += _voxel_mu(mu_flat, mu_table, idx) * (tx - t)
             t = tx
             idx += step_i
             ci -= 1
             tx = tx + dtx if ci > 0 else _FAR
         elif ty <= tz:
-            acc += mu_flat[idx] * (ty - t)
+            acc += _voxel_mu(mu_flat, mu_table, idx) * (ty - t)
             t = ty
             idx += step_j
             cj -= 1
             ty = ty + dty if cj > 0 else _FAR
         else:
-            acc += mu_flat[idx] * (tz - t)
+            acc += _voxel_mu(mu_flat, mu_table, idx) * (tz - t)
             t = tz
             idx += step_k
             ck -= 1
             tz = tz + dtz if ck > 0 else _FAR
     if tmax > t:
-        acc += mu_flat[idx] * (tmax - t)
+        acc += _voxel_mu(mu_flat, mu_table, idx) * (tmax - t)
     return acc * length_mm
 
 
 @njit(cache=True, parallel=True, nogil=True)
-def siddon_drr(mu, box, src_idx, origin_idx, du_idx, dv_idx, src_mm, origin_mm, du_mm, dv_mm, cols_px, rows_px):
+def siddon_drr(mu, mu_table, box, src_idx, origin_idx, du_idx, dv_idx, src_mm, origin_mm, du_mm, dv_mm, cols_px,
+               rows_px):
     """Line integrals of ``mu`` (1/mm) from a source to panel points.
 
     Parameters
     ----------
-    mu : (nk, nj, ni) float32, C-contiguous
-        Attenuation in 1/mm, voxel-constant.
+    mu : (nk, nj, ni) float32 or int16, C-contiguous
+        Attenuation in 1/mm, voxel-constant; or int16 codes when ``mu_table`` is given.
+    mu_table : (65536,) float32 or None
+        Attenuation (1/mm) of each int16 code, at ``code + MU_TABLE_OFFSET``
+        (:func:`_voxel_mu`); None when ``mu`` is the attenuation itself.
     box : (6,) int64
         Inclusive index bounds ``(lo_i, lo_j, lo_k, hi_i, hi_j, hi_k)`` of the
         non-zero voxels (:func:`support_box`).
@@ -199,7 +225,9 @@ def siddon_drr(mu, box, src_idx, origin_idx, du_idx, dv_idx, src_mm, origin_mm, 
             ey = origin_mm[1] + u * du_mm[1] + v * dv_mm[1] - src_mm[1]
             ez = origin_mm[2] + u * du_mm[2] + v * dv_mm[2] - src_mm[2]
             length = math.sqrt(ex * ex + ey * ey + ez * ez)
-            out[r, c] = _ray_integral(mu_flat, ni, nj, box, src_idx[0], src_idx[1], src_idx[2], bx, by, bz, length)
+            out[r, c] = _ray_integral(
+                mu_flat, mu_table, ni, nj, box, src_idx[0], src_idx[1], src_idx[2], bx, by, bz, length
+            )
     return out
 
 
@@ -221,7 +249,7 @@ def _batch_row(mu_flat, ni, nj, box, src_idx, origin_idx, du_idx, dv_idx, src_mm
         ez = origin_mm[2] + u * du_mm[2] + v * dv_mm[2] - src_mm[2]
         length = math.sqrt(ex * ex + ey * ey + ez * ez)
         out[n, r, c] = _ray_integral(
-            mu_flat, ni, nj, box, src_idx[n, 0], src_idx[n, 1], src_idx[n, 2], bx, by, bz, length
+            mu_flat, None, ni, nj, box, src_idx[n, 0], src_idx[n, 1], src_idx[n, 2], bx, by, bz, length
         )
 
 

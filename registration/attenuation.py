@@ -30,6 +30,8 @@ __all__ = [
     "mass_attenuation_cm2_per_g",
     "linear_attenuation_per_mm",
     "hu_to_mu_per_mm",
+    "int16_hu_mu_table",
+    "MU_TABLE_OFFSET",
     "bone_hu",
     "DEFAULT_IMAGING_ENERGY_KEV",
     "DEFAULT_CT_ENERGY_KEV",
@@ -39,6 +41,11 @@ __all__ = [
 DEFAULT_IMAGING_ENERGY_KEV = 60.0
 #: Effective energy of a 120 kVp diagnostic CT, keV.
 DEFAULT_CT_ENERGY_KEV = 70.0
+#: Entry of :func:`int16_hu_mu_table` that holds the attenuation of 0 HU (the table starts at -32768 HU).
+MU_TABLE_OFFSET = 32768
+#: Voxels converted per step by :func:`hu_to_mu_per_mm`: the temporaries of a step stay in cache, never
+#: volume-sized (1 Mi voxels, 4 MiB per float32 temporary).
+_CONVERT_CHUNK_VOXELS = 1 << 20
 
 _ENERGIES_KEV = np.array([40.0, 50.0, 60.0, 80.0, 100.0, 150.0])
 
@@ -106,9 +113,33 @@ def hu_to_mu_per_mm(
     array of float32, same shape
         ``mu`` in 1/mm; never negative (HU below -1000 count as air).
     """
-    hu = np.asarray(hu, dtype=np.float32)
+    hu = np.asarray(hu)
+    out = np.empty(hu.shape, dtype=np.float32)
     mu_w = np.float32(linear_attenuation_per_mm("water", energy_kev))
     mu_b = np.float32(linear_attenuation_per_mm("cortical_bone", energy_kev))
     slope_hi = np.float32((mu_b - mu_w) / bone_hu(ct_energy_kev))
-    out = np.where(hu <= 0, mu_w * (1.0 + hu / np.float32(1000.0)), mu_w + hu * slope_hi)
-    return np.maximum(out, np.float32(0.0)).astype(np.float32, copy=False)
+    src = hu.reshape(-1)  # a view of a contiguous array; a copy of a strided one
+    dst = out.reshape(-1)
+    # Step by step through the volume: each element gets the same float32 operations as a
+    # whole-array expression would (bit for bit), with no volume-sized temporaries.
+    for start in range(0, src.size, _CONVERT_CHUNK_VOXELS):
+        h = src[start : start + _CONVERT_CHUNK_VOXELS].astype(np.float32, copy=False)
+        mu = np.where(h <= 0, mu_w * (1.0 + h / np.float32(1000.0)), mu_w + h * slope_hi)
+        np.maximum(mu, np.float32(0.0), out=dst[start : start + _CONVERT_CHUNK_VOXELS])
+    return out
+
+
+def int16_hu_mu_table(
+    energy_kev: float = DEFAULT_IMAGING_ENERGY_KEV,
+    ct_energy_kev: float = DEFAULT_CT_ENERGY_KEV,
+) -> np.ndarray:
+    """Linear attenuation (1/mm, float32) of every whole HU value an int16 CT can store.
+
+    Entry ``h + MU_TABLE_OFFSET`` is ``hu_to_mu_per_mm(h)`` for ``h`` in
+    -32768 ... 32767, bit for bit: a CT kept as int16 HU (half the memory of
+    float32 attenuation) projects through this table to the same line integrals.
+    Returns a read-only ``(65536,)`` array.
+    """
+    table = hu_to_mu_per_mm(np.arange(-MU_TABLE_OFFSET, MU_TABLE_OFFSET, dtype=np.float32), energy_kev, ct_energy_kev)
+    table.setflags(write=False)
+    return table

@@ -26,7 +26,7 @@ _SITK_SUFFIXES = (".mha", ".mhd", ".nrrd", ".nhdr", ".nii", ".nii.gz")
 
 
 def read_ct(path: str | os.PathLike, patient_position: PatientPosition | str | None = None, *,
-            max_bytes: int = MAX_IMAGE_BYTES) -> CTVolume:
+            max_bytes: int = MAX_IMAGE_BYTES, keep_integer_hu: bool = False) -> CTVolume:
     """Read a planning CT from a DICOM series folder or an ``.mha``/``.nrrd``/``.nii`` file.
 
     Parameters
@@ -40,6 +40,11 @@ def read_ct(path: str | os.PathLike, patient_position: PatientPosition | str | N
     max_bytes : int
         Largest pixel data (bytes, as declared by the file's header) read;
         checked before any pixel is read (:mod:`spineguide.registration.imagefile`).
+    keep_integer_hu : bool
+        A volume file whose voxels are all whole HU within int16's range (any
+        pixel type) gives int16 ``hu``: half the memory of float32, the same
+        numbers (what the DRR writer wants); otherwise, and for DICOM series,
+        float32 as always.
 
     Raises
     ------
@@ -80,7 +85,7 @@ def read_ct(path: str | os.PathLike, patient_position: PatientPosition | str | N
     if image.GetDimension() != 3:
         raise VolumeFileError(f"{p}: CT must be a 3D image, got {image.GetDimension()}D")
     try:
-        return CTVolume.from_sitk(image, position, str(p))
+        return CTVolume.from_sitk(image, position, str(p), keep_integer_hu=keep_integer_hu)
     except VolumeError as err:
         raise VolumeFileError(str(err)) from err
 

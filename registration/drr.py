@@ -15,12 +15,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import SimpleITK as sitk
 
 from spineguide.calibration.geometry import ImagerGeometry, StereoGeometry
 
 from . import _joseph_kernels, _kernels
-from .attenuation import DEFAULT_CT_ENERGY_KEV, DEFAULT_IMAGING_ENERGY_KEV, hu_to_mu_per_mm
+from .attenuation import DEFAULT_CT_ENERGY_KEV, DEFAULT_IMAGING_ENERGY_KEV, hu_to_mu_per_mm, int16_hu_mu_table
 from .errors import DRRError
 from .pose import Pose
 from .volume import CTVolume
@@ -93,6 +92,19 @@ class PanelRegion:
         return cols, rows
 
 
+def _affine_and_inverse(room_from_index) -> tuple[np.ndarray, np.ndarray]:
+    """``room_from_index`` (voxel index -> room mm) checked, and its inverse; both read-only float64 4x4."""
+    m = np.array(room_from_index, dtype=np.float64)
+    if m.shape != (4, 4) or not np.all(np.isfinite(m)):
+        raise DRRError("room_from_index must be a finite 4x4 matrix")
+    if abs(np.linalg.det(m[:3, :3])) < 1e-12 or np.any(m[3] != (0.0, 0.0, 0.0, 1.0)):
+        raise DRRError("room_from_index must be an invertible affine 4x4 matrix")
+    inv = np.linalg.inv(m)
+    m.setflags(write=False)
+    inv.setflags(write=False)
+    return m, inv
+
+
 @dataclass(frozen=True, slots=True)
 class AttenuationVolume:
     """Linear attenuation on a voxel grid, placed in the room at perfect setup.
@@ -123,20 +135,13 @@ class AttenuationVolume:
         if mu is self.mu_per_mm and (mu.flags.writeable or not mu.flags.owndata):
             mu = mu.copy()
         mu.setflags(write=False)
-        m = np.array(self.room_from_index, dtype=np.float64)
-        if m.shape != (4, 4) or not np.all(np.isfinite(m)):
-            raise DRRError("room_from_index must be a finite 4x4 matrix")
+        m, inv = _affine_and_inverse(self.room_from_index)
         object.__setattr__(self, "mu_per_mm", mu)
-        m.setflags(write=False)
         object.__setattr__(self, "room_from_index", m)
-        if abs(np.linalg.det(m[:3, :3])) < 1e-12 or np.any(m[3] != (0.0, 0.0, 0.0, 1.0)):
-            raise DRRError("room_from_index must be an invertible affine 4x4 matrix")
-        inv = np.linalg.inv(m)
-        inv.setflags(write=False)
         object.__setattr__(self, "_index_from_room", inv)
         # Rays are clipped to the box of non-zero voxels: air (mu = 0) adds nothing, so
         # skipping it is exact and saves the traversal of the air around the body.
-        box = _kernels.support_box(mu)
+        box = _kernels.support_box(mu, None)
         box.setflags(write=False)
         object.__setattr__(self, "_support_box", box)
         object.__setattr__(self, "_padded", [])  # filled by padded_support() on first use
@@ -271,14 +276,21 @@ def compute_drr(
         Line integrals ``int mu ds``; output pixel ``[r, c]`` is centred at
         full-panel ``(col0 + c b + (b-1)/2, row0 + r b + (b-1)/2)``.
     """
+    return _siddon_drr(volume.mu_per_mm, None, volume._support_box, volume.index_from_room, imager, pose, region,
+                       binning)
+
+
+def _siddon_drr(values, mu_table, support_box, index_from_room, imager, pose, region, binning) -> np.ndarray:
+    """:func:`compute_drr` of ``values`` (float32 mu, or int16 codes read through ``mu_table``; see
+    ``_kernels.siddon_drr``) placed in the room by ``index_from_room`` (room mm -> voxel index)."""
     cols_px, rows_px, src_mm, origin_mm, du_mm, dv_mm = _panel_rays(imager, region, binning)
     pose = Pose.identity() if pose is None else pose
     # Moving the patient by P is the same as moving the imager by P^-1.
-    index_from_actual_room = volume.index_from_room @ pose.inverse().matrix
+    index_from_actual_room = index_from_room @ pose.inverse().matrix
     lin = index_from_actual_room[:3, :3]
     off = index_from_actual_room[:3, 3]
     return _kernels.siddon_drr(
-        volume.mu_per_mm, volume._support_box, lin @ src_mm + off, lin @ origin_mm + off, lin @ du_mm, lin @ dv_mm,
+        values, mu_table, support_box, lin @ src_mm + off, lin @ origin_mm + off, lin @ du_mm, lin @ dv_mm,
         src_mm, origin_mm, du_mm, dv_mm, cols_px, rows_px,
     )
 
@@ -445,7 +457,10 @@ def write_drr_images(
     Parameters
     ----------
     ct : CTVolume
-        Planning CT (HU, LPS) with its patient position.
+        Planning CT (HU, LPS) with its patient position. int16 HU (``read_ct(...,
+        keep_integer_hu=True)``) are projected through :func:`int16_hu_mu_table`
+        with no attenuation volume made: the same images bit for bit as from the
+        float32 HU, at a quarter of the memory of float32 HU plus attenuation.
     geometry : StereoGeometry
         Imagers in the room frame (mm).
     isocentre_lps_mm : (3,) sequence
@@ -482,7 +497,16 @@ def write_drr_images(
         if name not in geometry.names:
             raise DRRError(f"imager '{name}' is not in the geometry (imagers: {', '.join(geometry.names)})")
     pose = Pose.identity() if pose is None else pose
-    volume = AttenuationVolume.from_ct(ct, isocentre_lps_mm, energy_kev, ct_energy_kev)
+    if ct.hu.dtype == np.int16:
+        # Whole HU kept as int16 (read_ct(..., keep_integer_hu=True)): project the codes through a
+        # 65,536-entry attenuation table instead of converting the volume; the same float32 mu per
+        # voxel, so the same line integrals bit for bit, in half the memory of a float32 volume.
+        mu_table = int16_hu_mu_table(energy_kev, ct_energy_kev)
+        values, box = ct.hu, _kernels.support_box(ct.hu, mu_table)
+        _, index_from_room = _affine_and_inverse(ct.room_from_index(isocentre_lps_mm))
+    else:
+        volume = AttenuationVolume.from_ct(ct, isocentre_lps_mm, energy_kev, ct_energy_kev)
+        values, mu_table, box, index_from_room = volume.mu_per_mm, None, volume._support_box, volume.index_from_room
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     translation_mm, rotation_deg = pose.six()
@@ -495,10 +519,12 @@ def write_drr_images(
         "quantity": "line integral of mu, dimensionless (-ln(I/i0))",
         "ct": ct.source,
     }
+    import SimpleITK as sitk  # here, not at the top: only this writer needs it
+
     written: dict[str, Path] = {}
     for name in names:
         imager = geometry[name]
-        image = sitk.GetImageFromArray(compute_drr(volume, imager, pose))
+        image = sitk.GetImageFromArray(_siddon_drr(values, mu_table, box, index_from_room, imager, pose, None, 1))
         row_sp, col_sp = imager.pixel_spacing_mm
         image.SetSpacing((float(col_sp), float(row_sp)))
         image.SetMetaData(DRR_METADATA_PREFIX + "imager", name)

@@ -23,9 +23,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import TYPE_CHECKING
 
 import numpy as np
-import SimpleITK as sitk
 
 from spineguide.calibration.foundation import enum_member
 from spineguide.calibration.foundation import readonly_array as _readonly
@@ -38,6 +38,11 @@ __all__ = [
     "room_from_lps_matrix",
     "PATIENT_POSITION_KEY",
 ]
+
+if TYPE_CHECKING:
+    import SimpleITK as sitk
+
+_INT16 = np.iinfo(np.int16)
 
 #: Metadata key under which spineguide stores the patient position in .mha/.nrrd/.nii files.
 PATIENT_POSITION_KEY = "spineguide_patient_position"
@@ -74,14 +79,38 @@ def room_from_lps_matrix(position: PatientPosition) -> np.ndarray:
     return np.array(_ROOM_FROM_LPS[PatientPosition.parse(position).value], dtype=np.float64)
 
 
+def _whole_hu_as_int16(hu: np.ndarray) -> np.ndarray | None:
+    """An int16 copy of ``hu`` ([k, j, i]) if every voxel is a whole number within int16's range, else None.
+
+    Exact: each int16 value converts back to the very number stored (float or integer). Checked
+    slice by slice, so no volume-sized temporary is made besides the copy.
+    """
+    if hu.ndim != 3 or hu.size == 0 or hu.dtype.kind not in "iuf":
+        return None
+    if hu.dtype == np.int16:
+        return hu.copy()
+    out = np.empty(hu.shape, dtype=np.int16)
+    for k in range(hu.shape[0]):
+        plane = hu[k]
+        if hu.dtype.kind == "f" and not np.array_equal(plane, np.rint(plane)):
+            return None  # fractional, NaN or infinite values: not whole HU
+        if plane.min() < _INT16.min or plane.max() > _INT16.max:
+            return None
+        out[k] = plane
+    return out
+
+
+
 @dataclass(frozen=True, slots=True)
 class CTVolume:
     """A planning CT in Hounsfield units on a regular grid in LPS.
 
     Attributes
     ----------
-    hu : (nk, nj, ni) float32 array
-        Hounsfield units, ``hu[k, j, i]``; finite everywhere.
+    hu : (nk, nj, ni) float32 array, or int16
+        Hounsfield units, ``hu[k, j, i]``; finite everywhere. int16 only when
+        given as int16 (e.g. ``read_ct(..., keep_integer_hu=True)`` of a file
+        storing whole HU): half the memory; every other dtype becomes float32.
     spacing_mm : (3,) array
         Voxel size along i, j, k (x, y, z in SimpleITK terms), mm.
     origin_lps_mm : (3,) array
@@ -106,10 +135,13 @@ class CTVolume:
         hu = np.asarray(self.hu)
         if hu.ndim != 3 or min(hu.shape) < 1:
             raise VolumeError(f"{where}: CT must be a 3D array, got shape {hu.shape}")
-        hu = np.ascontiguousarray(hu, dtype=np.float32)
-        if not np.all(np.isfinite(hu)):
+        hu = np.ascontiguousarray(hu, dtype=np.int16 if hu.dtype == np.int16 else np.float32)
+        if hu.dtype == np.float32 and not np.all(np.isfinite(hu)):
             raise VolumeError(f"{where}: CT holds {int(np.count_nonzero(~np.isfinite(hu)))} non-finite voxels")
-        hu = hu.copy() if hu is self.hu else hu
+        # Keep a private copy unless the caller's array is already read-only and owns its memory
+        # (a fresh array handed over, as from_sitk does): a writeable one could change under us.
+        if hu is self.hu and (hu.flags.writeable or not hu.flags.owndata):
+            hu = hu.copy()
         hu.setflags(write=False)
         spacing = np.asarray(self.spacing_mm, dtype=np.float64)
         if spacing.shape != (3,) or not np.all(np.isfinite(spacing)) or np.any(spacing <= 0):
@@ -188,7 +220,9 @@ class CTVolume:
         return (np.asarray(lps_mm, dtype=np.float64) - np.asarray(isocentre_lps_mm, dtype=np.float64)) @ r.T
 
     def to_sitk(self) -> sitk.Image:
-        """The volume as a SimpleITK image (HU, float32), patient position in its metadata."""
+        """The volume as a SimpleITK image (HU, float32 or int16 as held), patient position in its metadata."""
+        import SimpleITK as sitk
+
         img = sitk.GetImageFromArray(np.ascontiguousarray(self.hu))
         img.SetSpacing(tuple(float(s) for s in self.spacing_mm))
         img.SetOrigin(tuple(float(o) for o in self.origin_lps_mm))
@@ -199,14 +233,27 @@ class CTVolume:
         return img
 
     @classmethod
-    def from_sitk(cls, image: sitk.Image, patient_position: PatientPosition | str, source: str = "<memory>") -> "CTVolume":
-        """From a SimpleITK image in HU (its ``(x, y, z)`` metadata converted to ``[k, j, i]``)."""
+    def from_sitk(cls, image: sitk.Image, patient_position: PatientPosition | str, source: str = "<memory>", *,
+                  keep_integer_hu: bool = False) -> "CTVolume":
+        """From a SimpleITK image in HU (its ``(x, y, z)`` metadata converted to ``[k, j, i]``).
+
+        ``keep_integer_hu``: an image of whole numbers that all fit int16 (any pixel type; e.g. a
+        CT stored as int16, or float32 converted from DICOM) gives int16 ``hu`` instead of
+        float32: half the memory, the same numbers.
+        """
+        import SimpleITK as sitk
+
         if image.GetDimension() != 3:
             raise VolumeError(f"{source}: CT must be 3D, got a {image.GetDimension()}D image")
         if image.GetNumberOfComponentsPerPixel() != 1:
             raise VolumeError(f"{source}: CT must be scalar, got {image.GetNumberOfComponentsPerPixel()} components")
+        view = sitk.GetArrayViewFromImage(image)  # valid while `image` lives: copied once below
+        hu = _whole_hu_as_int16(view) if keep_integer_hu else None
+        if hu is None:
+            hu = view.astype(np.float32)
+        hu.setflags(write=False)  # a fresh array nobody else holds: CTVolume keeps it without a second copy
         return cls(
-            hu=sitk.GetArrayFromImage(image).astype(np.float32, copy=False),
+            hu=hu,
             spacing_mm=image.GetSpacing(),
             origin_lps_mm=image.GetOrigin(),
             direction=np.array(image.GetDirection()).reshape(3, 3),
@@ -226,7 +273,12 @@ class CTVolume:
             raise VolumeError(f"{self.source}: pyramid factor must be positive integers, got {factor!r}")
         if f == (1, 1, 1):
             return self
-        shrunk = sitk.BinShrink(self.to_sitk(), f)
+        import SimpleITK as sitk
+
+        image = self.to_sitk()
+        if self.hu.dtype != np.float32:  # average whole-HU voxels in float, not rounded to integers
+            image = sitk.Cast(image, sitk.sitkFloat32)
+        shrunk = sitk.BinShrink(image, f)
         return CTVolume.from_sitk(shrunk, self.patient_position, f"{self.source} (binned {f[0]}x{f[1]}x{f[2]})")
 
     def pyramid(self, levels: int, factor: int = 2) -> list["CTVolume"]:

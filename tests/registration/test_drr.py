@@ -29,7 +29,8 @@ from spineguide.registration.drr import (
 )
 from spineguide.registration.errors import DRRError
 from spineguide.registration.pose import Pose
-from spineguide.registration.volume import CTVolume
+from spineguide.registration.attenuation import MU_TABLE_OFFSET, int16_hu_mu_table
+from spineguide.registration.volume import CTVolume, room_from_lps_matrix
 
 # The issue's accuracy requirement on analytic line integrals.
 LINE_INTEGRAL_RTOL = 0.005
@@ -456,6 +457,77 @@ def test_write_drr_images_writes_what_compute_drr_gives(tmp_path):
         assert_allclose(stored, value, rtol=0, atol=1e-9)  # degrees through a rotation matrix and back
     both = write_drr_images(ct, geom, iso, tmp_path / "all")
     assert sorted(both) == ["A", "B"]
+
+
+# Whole-HU CTs kept as int16 project through the attenuation table (what `spineguide drr` does).
+def _int16_box_ct(position: str) -> tuple[CTVolume, list[tuple[np.ndarray, np.ndarray, int]]]:
+    """Air (-1024 HU padding and -1000 HU) around a 900 HU box holding a 40 HU box, faces on voxel
+    boundaries; and each box's LPS centre, half sizes (mm) and HU."""
+    spacing = np.array([0.9, 1.1, 1.5])
+    origin = np.array([-20.0, -25.0, -30.0])
+    hu = np.full((40, 50, 44), -1024, np.int16)
+    hu[2:-2, 2:-2, 2:-2] = -1000
+    boxes = []
+    for (k0, k1, j0, j1, i0, i1), value in (((8, 30, 10, 41, 6, 37), 900), ((14, 22, 20, 30, 15, 25), 40)):
+        hu[k0:k1, j0:j1, i0:i1] = value
+        lo = origin + spacing * (np.array([i0, j0, k0]) - 0.5)
+        hi = origin + spacing * (np.array([i1, j1, k1]) - 0.5)
+        boxes.append(((lo + hi) / 2, (hi - lo) / 2, value))
+    return CTVolume(hu, spacing, origin, np.eye(3), position), boxes
+
+
+@pytest.mark.parametrize("position", ["HFS", "FFP"])
+def test_int16_ct_drr_equals_the_analytic_line_integrals(tmp_path, position):
+    # Boxes whose faces are voxel boundaries are voxel-constant exactly: every ray's integral is
+    # sum(chord x mu) up to float rounding, grazing rays included.
+    ct, boxes = _int16_box_ct(position)
+    iso = np.array([-1.0, 2.0, 1.5])
+    geom = default_stereo_geometry(64, 1.6)
+    pose = Pose.from_six([2.0, -1.0, 3.0], [4.0, -3.0, 6.0])
+    paths = write_drr_images(ct, geom, iso, tmp_path, pose=pose)
+    table = int16_hu_mu_table()
+    r = room_from_lps_matrix(position)
+    for name in ("A", "B"):
+        drr = sitk.GetArrayFromImage(sitk.ReadImage(str(paths[name]))).astype(np.float64)
+        src, e = rays(geom[name])
+        expected = np.zeros(drr.shape)
+        outer_chord = None
+        for k, (centre_lps, half_mm, value) in enumerate(boxes):
+            # The patient moved by the pose: the box's room centre and axes move with it.
+            centre_room = pose.rotation @ (r @ (centre_lps - iso)) + pose.translation_mm
+            chord, _, _ = box_chord(src, e, centre_room, pose.rotation @ r, half_mm)
+            mu_inner = float(table[value + MU_TABLE_OFFSET])
+            mu_outer = float(table[boxes[0][2] + MU_TABLE_OFFSET])
+            # The inner box replaces the outer's material where it sits.
+            expected += chord * (mu_outer if k == 0 else mu_inner - mu_outer)
+            outer_chord = chord if k == 0 else outer_chord
+        assert (outer_chord > 0).mean() > 0.2, "the boxes must cover a good part of the panel"
+        # float32 output (6e-8 relative) and float64 traversal: 1e-6 of the line integral.
+        assert_allclose(drr, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_int16_ct_drr_is_bit_for_bit_its_float_copys(tmp_path):
+    # The same whole HU as int16 (table) and as float32 (converted volume): the same images exactly,
+    # at a pose, for both imagers, with metal, bone, soft tissue, air and padding below -1000 HU.
+    rng = np.random.default_rng(11)
+    hu = rng.integers(-1024, 3072, size=(30, 34, 38)).astype(np.int16)
+    hu[:, :, :5] = -1024
+    as_int = CTVolume(hu, (1.2, 1.0, 2.5), (-20.0, -17.0, -35.0), np.eye(3), "HFP")
+    as_float = CTVolume(hu.astype(np.float32), (1.2, 1.0, 2.5), (-20.0, -17.0, -35.0), np.eye(3), "HFP")
+    geom = default_stereo_geometry(48, 2.0)
+    pose = Pose.from_six([1.0, -2.0, 0.5], [1.0, 0.5, -2.0])
+    for energy_kev in (60.0, 80.0):
+        a = write_drr_images(as_int, geom, [1.0, 0.0, -2.0], tmp_path / "int", pose=pose, energy_kev=energy_kev)
+        b = write_drr_images(as_float, geom, [1.0, 0.0, -2.0], tmp_path / "float", pose=pose, energy_kev=energy_kev)
+        for name in ("A", "B"):
+            ia, ib = sitk.ReadImage(str(a[name])), sitk.ReadImage(str(b[name]))
+            assert np.array_equal(sitk.GetArrayFromImage(ia), sitk.GetArrayFromImage(ib))
+            assert sitk.GetArrayFromImage(ia).max() > 1.0
+            assert {k: ia.GetMetaData(k) for k in ia.GetMetaDataKeys()} == \
+                {k: ib.GetMetaData(k) for k in ib.GetMetaDataKeys()}
+    air = CTVolume(np.full((6, 6, 6), -1000, np.int16), (1, 1, 1), (-3, -3, -3), np.eye(3), "HFS")
+    paths = write_drr_images(air, geom, [0.0, 0.0, 0.0], tmp_path / "air")
+    assert not sitk.GetArrayFromImage(sitk.ReadImage(str(paths["A"]))).any()
 
 
 def test_write_drr_images_refuses_unknown_imager(tmp_path):

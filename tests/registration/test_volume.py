@@ -204,3 +204,66 @@ def test_header_naming_another_file_is_refused(tmp_path):
                     b"ElementDataFile = ../detached.raw\n")
     with pytest.raises(VolumeFileError, match=r"data file must be a plain file name beside the header"):
         read_ct(mhd, patient_position="HFS")
+
+
+# ------------------------------------------------------------- whole HU kept as int16
+def _write_image(array: np.ndarray, path: Path, position: str = "HFS") -> Path:
+    image = sitk.GetImageFromArray(array)
+    image.SetSpacing((0.7, 0.9, 2.0))
+    image.SetOrigin((-12.0, 30.5, -250.0))
+    image.SetMetaData(PATIENT_POSITION_KEY, position)
+    sitk.WriteImage(image, str(path))
+    return path
+
+
+@pytest.mark.parametrize("dtype", [np.int16, np.uint8, np.int32, np.float32, np.float64])
+def test_whole_hu_files_can_stay_int16(tmp_path, dtype):
+    rng = np.random.default_rng(3)
+    lo = 0 if np.dtype(dtype).kind == "u" else -1024
+    values = rng.integers(lo, 255 if np.dtype(dtype) == np.uint8 else 3071, size=(5, 6, 7)).astype(dtype)
+    path = _write_image(values, tmp_path / "ct.mha")
+    kept = read_ct(path, keep_integer_hu=True)
+    assert kept.hu.dtype == np.int16 and not kept.hu.flags.writeable
+    assert np.array_equal(kept.hu, values)  # the very numbers stored
+    default = read_ct(path)
+    assert default.hu.dtype == np.float32 and np.array_equal(default.hu, values)
+    assert_allclose(kept.lps_from_index, default.lps_from_index, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("values", [
+    np.full((3, 4, 5), 0.5, np.float32),  # not whole HU
+    np.full((3, 4, 5), 40000, np.int32),  # beyond int16
+    np.full((3, 4, 5), -40000.0, np.float32),  # beyond int16, whole
+], ids=["fractional", "int32-beyond", "float-beyond"])
+def test_other_files_stay_float32(tmp_path, values):
+    ct = read_ct(_write_image(values, tmp_path / "ct.mha"), keep_integer_hu=True)
+    assert ct.hu.dtype == np.float32 and np.array_equal(ct.hu, values.astype(np.float32))
+
+
+def test_non_finite_values_are_still_refused_with_keep_integer_hu(tmp_path):
+    values = np.zeros((3, 4, 5), np.float32)
+    values[1, 2, 3] = np.inf
+    with pytest.raises(VolumeFileError, match="1 non-finite voxels"):
+        read_ct(_write_image(values, tmp_path / "ct.mha"), keep_integer_hu=True)
+
+
+def test_int16_volume_downsamples_like_its_float_copy():
+    ct, _ = block_ct()
+    hu16 = ct.hu.astype(np.int16)
+    hu16[0, 0, :3] = (-1001, -999, 7)  # averages that are not whole numbers
+    as_int = CTVolume(hu16, ct.spacing_mm, ct.origin_lps_mm, ct.direction, "HFS")
+    as_float = CTVolume(hu16.astype(np.float32), ct.spacing_mm, ct.origin_lps_mm, ct.direction, "HFS")
+    for factor in (2, (2, 1, 4)):
+        a, b = as_int.downsampled(factor), as_float.downsampled(factor)
+        assert a.hu.dtype == np.float32 and np.array_equal(a.hu, b.hu)
+        assert_allclose(a.lps_from_index, b.lps_from_index, rtol=0, atol=0)
+
+
+def test_ct_keeps_its_own_copy_of_a_writeable_array_only():
+    source = np.zeros((2, 3, 4), np.int16)
+    ct = CTVolume(source, (1, 1, 1), (0, 0, 0), np.eye(3), "HFS")
+    source[:] = 5
+    assert ct.hu.dtype == np.int16 and not ct.hu.any() and not ct.hu.flags.writeable
+    handed_over = np.zeros((2, 3, 4), np.float32)
+    handed_over.setflags(write=False)  # read-only and owning its memory: kept as is
+    assert CTVolume(handed_over, (1, 1, 1), (0, 0, 0), np.eye(3), "HFS").hu is handed_over

@@ -63,6 +63,56 @@ def test_drr_pose_moves_the_image(small_plan, tmp_path):
     assert centroid(b) - centroid(a) == pytest.approx(19.2 * 3600 / 2200 / 6.4, abs=0.1)
 
 
+@pytest.mark.parametrize("stored", ["int16", "float32-whole", "float32-fractional"])
+def test_drr_command_writes_what_the_library_computes_from_float_hu(tmp_path, stored):
+    # The command keeps whole HU as int16 and projects them through a table (half the memory);
+    # its images must be exactly what the library gives from the same CT in float32 HU, through
+    # a converted attenuation volume (what the command did before).
+    from spineguide.registration.drr import AttenuationVolume, compute_drr
+    from spineguide.registration.pose import Pose
+    from spineguide.registration.ctfile import read_ct
+
+    rng = np.random.default_rng(5)
+    hu = rng.normal(40.0, 300.0, size=(26, 30, 34)).clip(-1024, 3071)
+    hu[:, :, :4] = -1024  # padding outside the field of view
+    hu = np.rint(hu) if stored != "float32-fractional" else hu
+    image = sitk.GetImageFromArray(hu.astype(np.int16 if stored == "int16" else np.float32))
+    image.SetSpacing((1.1, 1.3, 2.0))
+    image.SetOrigin((-18.0, -19.0, -25.0))
+    ct_path = tmp_path / "ct.mha"
+    sitk.WriteImage(image, str(ct_path))
+    geom = default_stereo_geometry(panel_pixels=40, pixel_spacing_mm=4.0)
+    geom_path = write_geometry(geom, tmp_path / "g.json")
+    code = main(["drr", "--ct", str(ct_path), "--geometry", str(geom_path), "--isocenter", "1,-2,0.5",
+                 "--patient-position", "FFS", "--pose", "1.5,-2,3,2,-1.5,3", "--out", str(tmp_path / "out")])
+    assert code == 0
+    volume = AttenuationVolume.from_ct(read_ct(ct_path, patient_position="FFS"), [1.0, -2.0, 0.5])
+    assert volume.mu_per_mm.dtype == np.float32
+    pose = Pose.from_six([1.5, -2.0, 3.0], [2.0, -1.5, 3.0])
+    for name in ("A", "B"):
+        written = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "out" / f"drr_{name}.mha")))
+        expected = compute_drr(volume, geom[name], pose)
+        assert expected.max() > 1.0 and np.array_equal(written, expected)
+
+
+def test_drr_command_hands_whole_hu_over_as_int16(small_plan, tmp_path, monkeypatch):
+    # The memory figure of docs/BENCHMARKS.md (whole process) rests on this: a CT of whole HU reaches
+    # the DRR writer as int16 (projected through the attenuation table), not as float32.
+    import spineguide.registration.drr as drr
+
+    seen = {}
+
+    def spy(ct, *args, **kwargs):
+        seen["dtype"] = ct.hu.dtype
+        return {}
+
+    monkeypatch.setattr(drr, "write_drr_images", spy)
+    ct_path, geom_path = small_plan  # float32 file of whole HU (write_ct)
+    assert main(["drr", "--ct", str(ct_path), "--geometry", str(geom_path), "--isocenter", "10,-20,30",
+                 "--out", str(tmp_path / "o")]) == 0
+    assert seen["dtype"] == np.int16
+
+
 @pytest.mark.parametrize(
     "args, message",
     [

@@ -93,12 +93,14 @@ class _Refusal:
 def _cmd_drr(args: argparse.Namespace) -> int:
     from spineguide.calibration.io import read_geometry
     from spineguide.registration.ctfile import read_ct
-    from spineguide.registration.drr import write_drr_images
     from spineguide.registration.pose import Pose
 
     iso = parse_triplet_mm(args.isocenter, "--isocenter")
     geometry = read_geometry(args.geometry)
-    ct = read_ct(args.ct, patient_position=args.patient_position)
+    # Whole HU stay int16 (half the memory), read before the projector (numba) loads: docs/BENCHMARKS.md.
+    ct = read_ct(args.ct, patient_position=args.patient_position, keep_integer_hu=True)
+    from spineguide.registration.drr import write_drr_images
+
     if not ct.contains_lps_mm(iso)[0]:
         raise CliError(f"isocentre LPS {_fmt_vec(iso, 2)} mm lies outside the CT ({_ct_extent(ct)}): "
                        "its DRRs would show no anatomy")
