@@ -41,6 +41,7 @@ from types import MappingProxyType
 import cv2
 import numpy as np
 
+from spineguide.calibration.foundation import checked_integer, checked_number
 from spineguide.calibration.geometry import ImagerGeometry, StereoGeometry
 from spineguide.registration.attenuation import DEFAULT_CT_ENERGY_KEV, bone_hu
 from spineguide.registration.drr import AttenuationVolume, compute_drr
@@ -173,9 +174,9 @@ class Spectrum:
         material_mu_per_mm("water", e)  # range check
         for name in ("kvp", "filtration_mm_al"):
             v = getattr(self, name)
-            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float, np.floating, np.integer))
-                                  or not math.isfinite(v) or v < 0):
-                raise SimulationError(f"spectrum: {name} must be None or a finite number >= 0, got {v!r}")
+            if v is not None:
+                checked_number(v, SimulationError, f"spectrum: {name} must be None or a finite number >= 0, got {v!r}",
+                               minimum=0.0)
         object.__setattr__(self, "energies_kev", _ro(e))
         object.__setattr__(self, "weights", _ro(w / w.sum()))
 
@@ -315,15 +316,14 @@ class ChainConfig:
         )
         for name, lo, hi in checks:
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float, np.floating, np.integer)) or not (
-                    math.isfinite(v) and lo <= v <= hi):
-                raise SimulationError(f"imaging chain: {name} = {v!r} is outside [{lo:g}, {hi:g}]")
-            object.__setattr__(self, name, float(v))
+            v = checked_number(v, SimulationError, f"imaging chain: {name} = {v!r} is outside [{lo:g}, {hi:g}]",
+                               minimum=lo, maximum=hi)
+            object.__setattr__(self, name, v)
         for name in ("dead_rows", "dead_cols", "seed_supersampling", "maps_seed"):
             v = getattr(self, name)
             least = 1 if name == "seed_supersampling" else 0
-            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < least:
-                raise SimulationError(f"imaging chain: {name} must be a non-negative integer, got {v!r}")
+            checked_integer(v, SimulationError, f"imaging chain: {name} must be a non-negative integer, got {v!r}",
+                            minimum=least)
         if not isinstance(self.spectrum, Spectrum):
             raise SimulationError(f"imaging chain: spectrum must be a Spectrum, got {self.spectrum!r}")
         if not isinstance(self.quantum_noise, bool):
