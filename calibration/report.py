@@ -113,7 +113,7 @@ def write_calibration_report(
         sections.append(
             f"<h2>Imager {html.escape(name)}</h2>"
             f"<p>{sol.n_observations} markers; reprojection RMS {sol.rms_px:.4f} px, max {sol.max_px:.4f} px "
-            f"(linear start {sol.dlt_rms_px:.4f} px); residual sigma {sol.sigma_px:.4f} px.</p>"
+            f"(linear start {sol.dlt_rms_px:.4f} px); weighted residual sigma {sol.sigma_px:.3f} (px without detection sigmas, else residual / expected noise).</p>"
             f"<img src='{png.name}' alt='residual vectors, imager {html.escape(name)}'>"
             f"<p>Residual vectors (measured minus reprojected) at the first couch position, magnified x{scale:.0f}.</p>"
             "<table><tr><th>parameter (room frame)</th><th>value</th><th>1 sigma</th><th>unit</th></tr>"

@@ -65,6 +65,11 @@ from .phantom import BBPhantom
 
 __all__ = [
     "ISOCENTRE_FLAG_MM",
+    "SIGMA_FLOOR_PX",
+    "ImagerObservations",
+    "StartingPoint",
+    "ParameterLayout",
+    "LeastSquaresFit",
     "SEARCH_PANEL_MM",
     "CalibrationSolveError",
     "PhantomView",
@@ -91,6 +96,9 @@ SEARCH_PANEL_MM = 50.0
 #: markers: below one half, no detection can be claimed by two markers.
 GATE_FRACTION = 0.3
 _MIN_MATCHED = 6  # markers per imager for a DLT (11 unknowns, 2 equations each)
+#: Model-error allowance added in quadrature to each centre's detection sigma in the fit's weights, px (what the
+#: plane background and beam hardening leave, ~0.02-0.03 px on the bodied phantoms, issue 13).
+SIGMA_FLOOR_PX = 0.02
 
 
 def _readonly(arr, dtype=np.float64) -> np.ndarray:
@@ -112,12 +120,17 @@ class PhantomView:
         ``(col, row)`` of each phantom marker (phantom order), NaN where not found.
     source : str
         Provenance (image file name) for the geometry file's notes.
+    marker_sigma_px : (N,) array, optional
+        Expected 1-sigma per axis of each measured centre (px, from the
+        detection's local noise); the fit weights each marker by
+        ``1 / sqrt(sigma^2 + SIGMA_FLOOR_PX^2)``. None: equal weights.
     """
 
     imager: str
     couch_shift_mm: np.ndarray
     marker_px: np.ndarray
     source: str = ""
+    marker_sigma_px: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         shift = np.array(self.couch_shift_mm, dtype=np.float64)
@@ -132,6 +145,19 @@ class PhantomView:
             raise CalibrationSolveError(f"imager '{self.imager}': marker_px holds infinite values")
         object.__setattr__(self, "couch_shift_mm", _readonly(shift))
         object.__setattr__(self, "marker_px", _readonly(px))
+        if self.marker_sigma_px is not None:
+            sig = np.array(self.marker_sigma_px, dtype=np.float64).reshape(-1)
+            if sig.shape != (px.shape[0],) or np.any(sig[np.isfinite(sig)] < 0) or np.any(np.isinf(sig)):
+                raise CalibrationSolveError(
+                    f"imager '{self.imager}': marker_sigma_px must be {px.shape[0]} non-negative numbers (NaN = unknown)")
+            object.__setattr__(self, "marker_sigma_px", _readonly(sig))
+
+    def weights(self) -> np.ndarray:
+        """(N,) least-squares weight per marker, 1/px (1 everywhere without sigmas; unknown sigmas get the median)."""
+        if self.marker_sigma_px is None or not np.any(np.isfinite(self.marker_sigma_px)):
+            return np.ones(self.marker_px.shape[0])
+        sig = np.where(np.isfinite(self.marker_sigma_px), self.marker_sigma_px, np.nanmedian(self.marker_sigma_px))
+        return 1.0 / np.sqrt(sig**2 + SIGMA_FLOOR_PX**2)
 
 
 @dataclass(frozen=True, slots=True)
@@ -189,7 +215,8 @@ class ImagerSolution:
     dlt_rms_px : float
         RMS reprojection error of the linear start, px.
     sigma_px : float
-        Residual standard deviation per degree of freedom (the ``s`` in ``s^2 (J^T J)^-1``), px.
+        Weighted residual standard deviation per degree of freedom (the ``s`` in ``s^2 (J^T J)^-1``): px for
+        views without detection sigmas; with them, residuals over their expected sizes (1 = as the noise predicts).
     n_observations : int
         Matched markers used.
     """
@@ -401,6 +428,8 @@ class ImagerObservations:
         Marker name per row.
     views : (M,) int array
         Index into the solve's views per row.
+    weights : (M,) array
+        Least-squares weight per row, 1/px (:meth:`PhantomView.weights`).
     """
 
     name: str
@@ -409,6 +438,7 @@ class ImagerObservations:
     pixels: np.ndarray
     markers: tuple[str, ...]
     views: np.ndarray
+    weights: np.ndarray
 
     def room_mm(self, offset_mm: np.ndarray, rotation: np.ndarray | None = None) -> np.ndarray:
         """(M, 3) observed markers in the room: ``R p + offset + shift``, mm."""
@@ -450,7 +480,11 @@ class ParameterLayout:
 
 @dataclass(frozen=True, slots=True)
 class LeastSquaresFit:
-    """The converged fit: parameters, residuals (model - measured, px, stacked per imager) and covariance."""
+    """The converged fit: parameters, weighted residuals ((model - measured) x weight, stacked per imager), covariance.
+
+    ``sigma_px`` is the weighted residual's standard deviation per degree of freedom (px with unit weights; with
+    detection-sigma weights the ratio of the residuals to their expected sizes, 1 for honest sigmas).
+    """
 
     x: np.ndarray
     residuals: np.ndarray
@@ -489,16 +523,17 @@ def _validated_views(phantom: BBPhantom, views: tuple[PhantomView, ...], nominal
 
 
 def _observations(phantom: BBPhantom, views: tuple[PhantomView, ...], name: str, idx: list[int]) -> ImagerObservations:
-    p_list, s_list, px_list, mk, vw = [], [], [], [], []
+    p_list, s_list, px_list, mk, vw, w_list = [], [], [], [], [], []
     for i in idx:
         ok = np.all(np.isfinite(views[i].marker_px), axis=1)
+        w_list.append(views[i].weights()[ok])
         p_list.append(phantom.positions_mm[ok])
         s_list.append(np.broadcast_to(views[i].couch_shift_mm, (int(ok.sum()), 3)))
         px_list.append(views[i].marker_px[ok])
         mk.extend(np.array(phantom.names)[ok].tolist())
         vw.extend([i] * int(ok.sum()))
     return ImagerObservations(name, np.vstack(p_list), np.vstack(s_list), np.vstack(px_list), tuple(mk),
-                              np.array(vw, dtype=np.int64))
+                              np.array(vw, dtype=np.int64), np.concatenate(w_list))
 
 
 def _starting_point(obs: ImagerObservations, nominal_im: ImagerGeometry, offset_mm: np.ndarray) -> StartingPoint:
@@ -528,7 +563,8 @@ def _least_squares(obs: dict[str, ImagerObservations], starts: dict[str, Startin
         out = []
         for k, name in enumerate(layout.names):
             state = _imager_state(starts[name].reference, x[layout.block(k)], layout.fit_pixel_aspect)
-            out.append((_project(state, obs[name].room_mm(offset_mm, rot)) - obs[name].pixels).ravel())
+            o = obs[name]
+            out.append(((_project(state, o.room_mm(offset_mm, rot)) - o.pixels) * o.weights[:, None]).ravel())
         return np.concatenate(out)
 
     n_params = layout.size
@@ -563,7 +599,7 @@ def _imager_solutions(obs: dict[str, ImagerObservations], starts: dict[str, Star
         ref = starts[name].reference
         o = obs[name]
         n_k = len(o.pixels)
-        res = -fit.residuals[pos : pos + 2 * n_k].reshape(-1, 2)  # measured - model
+        res = -fit.residuals[pos : pos + 2 * n_k].reshape(-1, 2) / o.weights[:, None]  # measured - model, px
         pos += 2 * n_k
         dist = np.linalg.norm(res, axis=1)
         solutions.append(ImagerSolution(
@@ -866,6 +902,15 @@ def _refined_per_marker(phantom, imager, frame, couch_shift_mm, det: DetectedBBs
     return det, dataclasses.replace(match, marker_px=_readonly(marker_px))
 
 
+def _marker_sigmas(m: MeasuredFrame) -> np.ndarray:
+    """(N,) detection sigma of each marker's centre, px, NaN where not found."""
+    idx = np.asarray(m.match.detection_index)
+    sig = np.asarray(m.detections.sigma_px, dtype=np.float64)
+    if len(sig) == 0:
+        return np.full(len(idx), np.nan)
+    return np.where(idx >= 0, sig[np.clip(idx, 0, len(sig) - 1)], np.nan)
+
+
 def _check_not_swapped(
     phantom: BBPhantom, nominal: StereoGeometry, frames: Sequence[CalibrationFrame], measured, max_missing: int
 ) -> None:
@@ -950,7 +995,7 @@ def calibrate(
     _check_not_swapped(placed, nominal, frames, measured, max_missing)
     if failures:
         raise failures[0]
-    views = tuple(PhantomView(m.imager, m.couch_shift_mm, m.match.marker_px, m.source) for m in measured)
+    views = tuple(PhantomView(m.imager, m.couch_shift_mm, m.match.marker_px, m.source, _marker_sigmas(m)) for m in measured)
     sources = [fr.source for fr in frames if fr.source]
     provenance = (f"phantom file {phantom_source}; " if phantom_source else "") + (
         "images " + ", ".join(f"{fr.imager}={fr.source}" for fr in frames if fr.source) if sources else ""
