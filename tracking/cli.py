@@ -569,6 +569,24 @@ def _load_phantom(text: str):
     return default_phantom() if text == "default" else read_phantom(text)
 
 
+def _isocentre_reference(args: argparse.Namespace):
+    """(reference, laser pose to compare) from --winston-lutz / --laser-pose."""
+    from spineguide.calibration.isocentre import laser_pose, read_winston_lutz
+
+    laser = None
+    if args.laser_pose:
+        try:
+            v = [float(t) for t in args.laser_pose.split(",")]
+        except ValueError as err:
+            raise CliError(f"--laser-pose: expected DX,DY,DZ[,RX,RY,RZ] numbers, got {args.laser_pose!r}") from err
+        if len(v) not in (3, 6) or not all(math.isfinite(t) for t in v):
+            raise CliError(f"--laser-pose: expected 3 or 6 finite numbers, got {args.laser_pose!r}")
+        laser = laser_pose(v[:3], v[3:] if len(v) == 6 else (0.0, 0.0, 0.0), source="--laser-pose")
+    if args.winston_lutz:
+        return read_winston_lutz(args.winston_lutz), laser
+    return laser, None
+
+
 def _cmd_calibrate(args: argparse.Namespace) -> int:
     from spineguide.calibration.geometry import default_stereo_geometry
     from spineguide.calibration.io import read_geometry, write_geometry
@@ -578,9 +596,10 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     nominal = read_geometry(args.nominal) if args.nominal else default_stereo_geometry()
     phantom = _load_phantom(args.phantom)
     frames = _calibration_frames(args.image, nominal, args.i0)
+    reference, laser = _isocentre_reference(args)
     t0 = time.monotonic()
     result = calibrate(phantom, frames, nominal, free_phantom_rotation=args.free_phantom_rotation,
-                       phantom_source=str(args.phantom))
+                       phantom_source=str(args.phantom), reference=reference)
     elapsed_s = time.monotonic() - t0
     from spineguide.calibration.gate import acceptance_gate
 
@@ -596,8 +615,10 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     print_table(["imager", "BB views", "RMS px", "max px", "source (room mm)", "source-panel mm"], rows)
     iso = result.isocentre
     flag = "FLAGGED" if iso.flagged else "ok"
-    print(f"isocentre check: centre BB at {_fmt_vec(iso.centre_bb_room_mm, 3)} mm, "
-          f"{iso.discrepancy_mm:.3f} mm from where it should be (limit {iso.limit_mm} mm): {flag}")
+    print(f"isocentre check (fit consistency, circular): centre BB at {_fmt_vec(iso.centre_bb_room_mm, 3)} mm, "
+          f"{iso.discrepancy_mm:.3f} mm from where it was placed (limit {iso.limit_mm} mm): {flag}")
+    for line in result.kv_isocentre(laser).lines():
+        print(line)
     if args.report:
         report = write_calibration_report(result, args.report, frames)
         print(f"report: {report}")
@@ -798,6 +819,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--i0", type=i0_level, default=None,
                    help="unattenuated signal (default: estimated per frame)")
     p.add_argument("--free-phantom-rotation", action="store_true", help="fit the phantom's rotation too")
+    p.add_argument("--winston-lutz", type=Path, default=None,
+                   help="winston-lutz/1 file: the centre BB measured against the MV isocentre (ties the room origin)")
+    p.add_argument("--laser-pose", default=None,
+                   help="phantom pose read off the lasers: DX,DY,DZ[,RX,RY,RZ] (room mm, deg); the reference when no "
+                        "--winston-lutz is given, else compared with it")
     p.add_argument("--out", required=True, type=Path, help="kv-geometry/1 file to write")
     p.add_argument("--report", type=Path, default=None, help="folder for the HTML report with figures")
     p.add_argument("--force", action="store_true",
