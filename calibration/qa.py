@@ -39,7 +39,15 @@ from .errors import CalibrationError, QAHistoryError
 from .geometry import StereoGeometry
 from .jsonfile import parse_json_bytes
 from .phantom import BBPhantom
-from .solve import CalibrationFrame, CalibrationSolveError, MeasuredFrame, _check_not_swapped, measure_frame
+from .qa_causes import CauseAnalysis, analyse_causes
+from .solve import (
+    CalibrationFrame,
+    CalibrationSolveError,
+    MeasuredFrame,
+    _check_not_swapped,
+    _marker_sigmas,
+    measure_frame,
+)
 
 __all__ = [
     "QA_RECORD_SCHEMA",
@@ -89,6 +97,11 @@ class QATolerances:
         far above that, and below the 0.3 mm that a 0.5 mm panel shift makes.
     max_missing : int
         Markers per frame that may be missing before QA cannot be done.
+    setup_translation_limit_mm, setup_rotation_limit_deg : float
+        The phantom's estimated setup (6-DoF) beyond which QA asks for the
+        phantom to be re-positioned (ACTION): a daily setup is within
+        2 mm / 1 deg, and a panel shift along the epipolar lines -- which no
+        stereo pair can tell from a setup translation -- shows only here.
     """
 
     offset_tolerance_mm: float = 1.0
@@ -96,6 +109,8 @@ class QATolerances:
     reprojection_tolerance_mm: float = 0.5
     reprojection_action_mm: float = 0.2
     max_missing: int = 2
+    setup_translation_limit_mm: float = 3.0
+    setup_rotation_limit_deg: float = 2.0
 
     def __post_init__(self) -> None:
         for lo, hi in (("offset_action_mm", "offset_tolerance_mm"), ("reprojection_action_mm", "reprojection_tolerance_mm")):
@@ -125,7 +140,8 @@ class ImagerQA:
     imager : str
     n_found : int
     residuals_px : (N, 2) array
-        Measured minus projected ``(col, row)`` per marker, NaN where not found.
+        Measured minus projected ``(col, row)`` per marker after today's
+        phantom setup has been fitted (so the setup does not count), NaN where not found.
     rms_px, max_px : float
     mean_shift_px : (2,) array
         Mean residual ``(col, row)``: a panel shift shows here.
@@ -146,6 +162,7 @@ class ImagerQA:
     rms_mm: float
     max_mm: float
     status: QAStatus
+    change: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,6 +188,9 @@ class QAResult:
     tolerances : QATolerances
     measured : tuple of MeasuredFrame
     sources : mapping imager -> str
+    causes : CauseAnalysis or None
+        Today's phantom setup (6-DoF) and the per-imager tests for a panel
+        shift, panel rotation or source shift, with detection limits.
     """
 
     performed_unix_s: float
@@ -185,6 +205,7 @@ class QAResult:
     tolerances: QATolerances
     measured: tuple[MeasuredFrame, ...]
     sources: Mapping[str, str]
+    causes: CauseAnalysis | None = None
 
     @property
     def passed(self) -> bool:
@@ -209,6 +230,9 @@ class QAResult:
                 for q in self.imagers
             },
             "reasons": list(self.reasons),
+            **({"setup": {"translation_mm": self.causes.setup.translation_mm.tolist(),
+                          "rotation_deg": self.causes.setup.rotation_deg.tolist()},
+                "changes": [t.describe() for t in self.causes.tests if t.significant]} if self.causes else {}),
             "tolerances": {
                 "offset_action_mm": self.tolerances.offset_action_mm,
                 "offset_tolerance_mm": self.tolerances.offset_tolerance_mm,
@@ -232,6 +256,7 @@ def run_qa(
     *,
     tolerances: QATolerances | None = None,
     performed_unix_s: float | None = None,
+    setup_verified: bool = False,
 ) -> QAResult:
     """Compare today's phantom frames with the stored calibration.
 
@@ -248,6 +273,11 @@ def run_qa(
         Defaults: TG-142 SRS 1 mm tolerance, 0.5 mm action level.
     performed_unix_s : float, optional
         Time stamp (now when omitted).
+    setup_verified : bool
+        The phantom was placed at its file position independently (Winston-Lutz,
+        or lasers known to be within the offset tolerance): then the centre
+        BB's triangulated offset is the TG-142 imaging/treatment coincidence
+        and is graded. Otherwise it is today's setup, reported, not graded.
 
     Returns
     -------
@@ -281,50 +311,69 @@ def run_qa(
     _check_not_swapped(phantom, geometry, frames, measured, tol.max_missing)
     if failure is not None:
         raise failure
-    imagers = []
-    reasons = []
-    pixels = {}
+    reasons: list[str] = []
+    pixels, sigmas = {}, {}
     c = phantom.centre_index
     for fr, m in zip(frames, measured):
+        if not m.match.found[c]:
+            raise MarkerCountError(f"imager '{fr.imager}': the centre marker '{phantom.names[c]}' was not found")
+        pixels[fr.imager] = np.asarray(m.match.marker_px)
+        sigmas[fr.imager] = _marker_sigmas(m)
+    shift = np.asarray(frames[0].couch_shift_mm, dtype=np.float64)
+    causes = analyse_causes(geometry, phantom, pixels, sigmas, shift)
+    changed = set(causes.changed_imagers)
+    imagers = []
+    for fr, m in zip(frames, measured):
         im = geometry[fr.imager]
-        expected = im.project(phantom.placed_mm(fr.couch_shift_mm))
-        res = m.match.marker_px - expected
-        ok = m.match.found
+        res = np.asarray(causes.residuals_px[im.name])
+        ok = np.asarray(m.match.found)
         dist = np.linalg.norm(res[ok], axis=1)
         scale = float(np.mean(im.pixel_spacing_mm)) / im.magnification
         rms = float(np.sqrt(np.mean(dist**2)))
         status = tol.grade(rms * scale, tol.reprojection_action_mm, tol.reprojection_tolerance_mm)
-        if status is not QAStatus.PASS:
-            reasons.append(
-                f"imager '{im.name}': RMS reprojection error {rms * scale:.3f} mm at isocentre ({rms:.2f} px) "
-                f"exceeds the {status.value} level "
-                f"({tol.reprojection_action_mm if status is QAStatus.ACTION else tol.reprojection_tolerance_mm} mm)"
-            )
+        change = ""
+        if im.name in changed:
+            best = causes.best_cause(im.name)
+            change = best.describe() if best is not None else (
+                f"imager {im.name}: residuals after the setup fit exceed the noise (chi-square "
+                f"{causes.chi2_setup[im.name]:.1f} > {causes.omnibus_threshold[im.name]:.1f}) with no single cause")
+            status = max(status, QAStatus.ACTION, key=_ORDER.__getitem__)
+            reasons.append(f"geometry change: {change}")
+        if status is not QAStatus.PASS and rms * scale > tol.reprojection_action_mm:
+            level = tol.reprojection_action_mm if status is QAStatus.ACTION else tol.reprojection_tolerance_mm
+            reasons.append(f"imager '{im.name}': RMS reprojection error after the setup fit {rms * scale:.3f} mm at "
+                           f"isocentre ({rms:.2f} px) exceeds the {status.value} level ({level} mm)")
         imagers.append(ImagerQA(im.name, m.match.n_found, _ro(res), rms, float(dist.max()), _ro(res[ok].mean(axis=0)),
-                                scale, rms * scale, float(dist.max()) * scale, status))
-        if not ok[c]:
-            raise MarkerCountError(f"imager '{im.name}': the centre marker '{phantom.names[c]}' was not found")
-        pixels[im.name] = m.match.marker_px
+                                scale, rms * scale, float(dist.max()) * scale, status, change))
+    setup = causes.setup
+    t_mm, w_deg = float(np.linalg.norm(setup.translation_mm)), float(np.linalg.norm(setup.rotation_deg))
+    setup_status = QAStatus.PASS
+    if t_mm > tol.setup_translation_limit_mm or w_deg > tol.setup_rotation_limit_deg:
+        setup_status = QAStatus.ACTION
+        reasons.append(f"phantom setup {t_mm:.2f} mm / {w_deg:.2f} deg from its place (limits "
+                       f"{tol.setup_translation_limit_mm} mm / {tol.setup_rotation_limit_deg} deg): re-position it on "
+                       "the lasers and repeat (a panel shift along the epipolar lines would also show here)")
     names = geometry.names
-    shift = np.asarray(frames[0].couch_shift_mm, dtype=np.float64)
     tri = geometry.triangulate({n: pixels[n][c : c + 1] for n in names})
     centre = tri.points_mm[0] - shift
     offset = centre - phantom.centre_offset_mm
     off_dist = float(np.linalg.norm(offset))
-    off_status = tol.grade(off_dist, tol.offset_action_mm, tol.offset_tolerance_mm)
-    if off_status is not QAStatus.PASS:
-        reasons.append(
-            f"centre BB triangulated {off_dist:.3f} mm from its expected place "
-            f"(offset {np.round(offset, 3).tolist()} mm) exceeds the {off_status.value} level "
-            f"({tol.offset_action_mm if off_status is QAStatus.ACTION else tol.offset_tolerance_mm} mm)"
-        )
+    off_status = QAStatus.PASS
+    if setup_verified:
+        off_status = tol.grade(off_dist, tol.offset_action_mm, tol.offset_tolerance_mm)
+        if off_status is not QAStatus.PASS:
+            reasons.append(
+                f"centre BB triangulated {off_dist:.3f} mm from its verified place "
+                f"(offset {np.round(offset, 3).tolist()} mm) exceeds the {off_status.value} level "
+                f"({tol.offset_action_mm if off_status is QAStatus.ACTION else tol.offset_tolerance_mm} mm)"
+            )
     both = np.all([np.all(np.isfinite(pixels[n]), axis=1) for n in names], axis=0)
     ray = float(geometry.triangulate({n: pixels[n][both] for n in names}, refine=False).ray_distance_mm.max())
-    status = max([off_status] + [q.status for q in imagers], key=_ORDER.__getitem__)
+    status = max([off_status, setup_status] + [q.status for q in imagers], key=_ORDER.__getitem__)
     return QAResult(
         time.time() if performed_unix_s is None else float(performed_unix_s),
         geometry.calibrated_unix_s, tuple(imagers), _ro(centre), _ro(offset), off_dist, ray, status, tuple(reasons),
-        tol, tuple(measured), {fr.imager: fr.source for fr in frames},
+        tol, tuple(measured), {fr.imager: fr.source for fr in frames}, causes,
     )
 
 
