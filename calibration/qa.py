@@ -59,6 +59,8 @@ __all__ = [
     "QATrend",
     "run_qa",
     "append_history",
+    "append_failure",
+    "MIN_TREND_SPAN_DAYS",
     "read_history",
     "trend",
 ]
@@ -392,6 +394,32 @@ def append_history(path: str | os.PathLike, result: QAResult) -> Path:
     return path
 
 
+def append_failure(path: str | os.PathLike, message: str, sources: Mapping[str, str] | None = None,
+                   performed_unix_s: float | None = None) -> Path:
+    """Record a QA that could not be done (frames unreadable, BBs missing, swapped images) as a FAIL.
+
+    The ``qa-record/1`` line has ``"status": "fail"``, ``"error"`` (the message), no figures
+    (``centre_offset_distance_mm`` null, ``imagers`` empty); :func:`trend` lists it and leaves it out of the drift.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rec = {"schema": QA_RECORD_SCHEMA, "performed_unix_s": time.time() if performed_unix_s is None else float(performed_unix_s),
+           "status": QAStatus.FAIL.value, "error": str(message), "centre_offset_distance_mm": None, "imagers": {},
+           "reasons": [f"QA could not be done: {message}"], "sources": dict(sources or {})}
+    with open(path, "a", encoding="utf-8") as fh:
+        fh.write(json.dumps(rec, separators=(",", ":")) + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+    return path
+
+
+#: Shortest history over which a drift is estimated, days: over minutes the noise of two QAs divided by their
+#: time apart gives absurd rates ("1119 mm per 30 days", issue 13).
+MIN_TREND_SPAN_DAYS = 7.0
+#: Fewest QAs (with figures) for a drift.
+MIN_TREND_RECORDS = 4
+
+
 #: Latest QA time a history may record (year 2969): far beyond any real record, and within what
 #: ``time.gmtime`` can format.
 _LATEST_UNIX_S = 3.1e10
@@ -429,6 +457,9 @@ def read_history(path: str | os.PathLike) -> tuple[dict, ...]:
             raise QAHistoryError(f"{path}, line {i}: performed_unix_s must be seconds since 1970 (0 to "
                                  f"{_LATEST_UNIX_S:.0f}), got {t!r}")
         d = rec["centre_offset_distance_mm"]
+        if "error" in rec and d is None and rec["status"] == QAStatus.FAIL.value:
+            records.append(rec)  # a QA that could not be done (append_failure)
+            continue
         if isinstance(d, bool) or not isinstance(d, (int, float)) or not math.isfinite(d):
             raise QAHistoryError(f"{path}, line {i}: centre_offset_distance_mm must be a finite number, got {d!r}")
         imagers = rec["imagers"]
@@ -452,30 +483,63 @@ class QATrend:
     table : str
         Plain-text table, one line per QA.
     offset_drift_mm_per_30_days : float
-        Least-squares slope of the centre-BB offset distance over time (NaN
-        with fewer than two records or all on one instant).
+        Least-squares slope of the centre-BB offset distance over time, mm per
+        30 days; NaN when the QAs with figures span less than
+        :data:`MIN_TREND_SPAN_DAYS` or are fewer than :data:`MIN_TREND_RECORDS`.
+    drift_ci_mm_per_30_days : (float, float)
+        Its 95 % confidence interval (Student t, n - 2 degrees of freedom); NaNs when not estimated.
+    drift_line : str
+        One plain line: the drift with its interval, or why it was not estimated.
+    n_failed : int
+        QAs that could not be done (recorded by :func:`append_failure`).
     """
 
     records: tuple[dict, ...]
     table: str
     offset_drift_mm_per_30_days: float
+    drift_ci_mm_per_30_days: tuple[float, float] = (math.nan, math.nan)
+    drift_line: str = ""
+    n_failed: int = 0
 
 
 def trend(records: Sequence[dict]) -> QATrend:
-    """Table and drift of a QA history (as read by :func:`read_history`)."""
+    """Table and drift of a QA history (as read by :func:`read_history`): slope with its 95 % interval, only over
+    at least :data:`MIN_TREND_SPAN_DAYS` and :data:`MIN_TREND_RECORDS` QAs with figures."""
+    from scipy.stats import t as student_t
+
     records = tuple(sorted(records, key=lambda r: r["performed_unix_s"]))
     names = sorted({n for r in records for n in r["imagers"]})
     header = f"{'date (UTC)':<20} {'status':<7} {'offset mm':>9} " + " ".join(f"{'RMS ' + n + ' mm':>10}" for n in names)
     lines = [header, "-" * len(header)]
     for r in records:
         when = time.strftime("%Y-%m-%d %H:%M", time.gmtime(r["performed_unix_s"]))
+        if r.get("error") is not None and r["centre_offset_distance_mm"] is None:
+            lines.append(f"{when:<20} {r['status']:<7} not done: {r['error']}")
+            continue
         cells = " ".join(
             f"{r['imagers'][n]['rms_mm']:>10.3f}" if n in r["imagers"] else f"{'-':>10}" for n in names
         )
         lines.append(f"{when:<20} {r['status']:<7} {r['centre_offset_distance_mm']:>9.3f} {cells}")
-    t = np.array([r["performed_unix_s"] for r in records], dtype=np.float64)
-    d = np.array([r["centre_offset_distance_mm"] for r in records], dtype=np.float64)
-    slope = math.nan
-    if len(t) >= 2 and np.ptp(t) > 0:
-        slope = float(np.polyfit((t - t[0]) / (30 * 86400.0), d, 1)[0])
-    return QATrend(records, "\n".join(lines), slope)
+    good = [r for r in records if r["centre_offset_distance_mm"] is not None]
+    n_failed = len(records) - len(good)
+    t = np.array([r["performed_unix_s"] for r in good], dtype=np.float64)
+    d = np.array([r["centre_offset_distance_mm"] for r in good], dtype=np.float64)
+    span_days = float(np.ptp(t)) / 86400.0 if len(t) else 0.0
+    slope, ci = math.nan, (math.nan, math.nan)
+    if len(t) < MIN_TREND_RECORDS or span_days < MIN_TREND_SPAN_DAYS:
+        line = (f"centre-BB offset drift not estimated: {len(t)} QA(s) over {span_days:.1f} days; at least "
+                f"{MIN_TREND_RECORDS} over {MIN_TREND_SPAN_DAYS:g} days are needed")
+    else:
+        x = (t - t[0]) / (30 * 86400.0)
+        coef, res, *_ = np.polyfit(x, d, 1, full=True)
+        slope = float(coef[0])
+        dof = len(x) - 2
+        s2 = float(res[0]) / dof if len(res) and dof > 0 else 0.0
+        se = math.sqrt(s2 / float(np.sum((x - x.mean()) ** 2)))
+        half = float(student_t.ppf(0.975, dof)) * se
+        ci = (slope - half, slope + half)
+        line = (f"centre-BB offset drift {slope:+.3f} mm per 30 days (95 % interval {ci[0]:+.3f} to {ci[1]:+.3f}), "
+                f"{len(t)} QAs over {span_days:.0f} days")
+    if n_failed:
+        line += f"; {n_failed} QA(s) could not be done"
+    return QATrend(records, "\n".join(lines), slope, ci, line, n_failed)

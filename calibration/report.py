@@ -172,8 +172,12 @@ def write_trend_plot(records: Sequence[dict], path: str | os.PathLike) -> Path:
     recs = sorted(records, key=lambda r: r["performed_unix_s"])
     t_days = np.array([(r["performed_unix_s"] - recs[0]["performed_unix_s"]) / 86400.0 for r in recs])
     fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(8, 6), dpi=100, sharex=True)
-    ax1.plot(t_days, [r["centre_offset_distance_mm"] for r in recs], "o-", label="centre BB offset")
-    tol = recs[-1].get("tolerances", {})
+    ax1.plot(t_days, [np.nan if r["centre_offset_distance_mm"] is None else r["centre_offset_distance_mm"]
+                      for r in recs], "o-", label="centre BB offset")
+    failed = [td for td, r in zip(t_days, recs) if r["centre_offset_distance_mm"] is None]
+    if failed:
+        ax1.plot(failed, np.zeros(len(failed)), "rx", ms=9, label="QA not done (FAIL)")
+    tol = next((r["tolerances"] for r in reversed(recs) if "tolerances" in r), {})
     for key, style in (("offset_action_mm", "--"), ("offset_tolerance_mm", "-")):
         if key in tol:
             ax1.axhline(tol[key], color="tab:red", ls=style, lw=1, label=key.replace("_", " "))

@@ -129,7 +129,7 @@ def test_history_round_trip_and_trend(tmp_path):
     assert [r["performed_unix_s"] for r in records] == [1.7e9, 1.7e9 + 86400.0, 1.7e9 + 2 * 86400.0]
     tr = trend(records)
     assert len(tr.table.splitlines()) == 2 + 3 and "RMS A mm" in tr.table
-    assert_allclose(tr.offset_drift_mm_per_30_days, 0.0, rtol=0, atol=1e-9)  # same frames each day
+    assert np.isnan(tr.offset_drift_mm_per_30_days) and "not estimated" in tr.drift_line  # 3 QAs over 2 days
     png = write_trend_plot(records, tmp_path / "trend.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -166,3 +166,35 @@ def test_calibration_report_has_figures_and_parameter_table(tmp_path):
     assert "source_x_mm" in text and "panel_rotation_z_deg" in text and "Isocentre check: ok" in text
     for name in GEOMETRY.names:
         assert (tmp_path / "report" / f"residuals_{name}.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_qa_that_could_not_be_done_is_recorded_as_fail_and_listed(tmp_path):
+    from spineguide.calibration.qa import append_failure
+
+    path = tmp_path / "h.jsonl"
+    append_history(path, run_qa(GEOMETRY, PHANTOM, _frames(GEOMETRY, 6), performed_unix_s=1.7e9))
+    append_failure(path, "BB B04 not found in imager A", {"A": "a.mha"}, performed_unix_s=1.7e9 + 86400.0)
+    records = read_history(path)
+    assert [r["status"] for r in records] == ["pass", "fail"]
+    tr = trend(records)
+    assert tr.n_failed == 1 and "not done: BB B04 not found in imager A" in tr.table
+    assert write_trend_plot(records, tmp_path / "t.png").exists()
+
+
+def test_trend_needs_a_minimum_span_and_gives_a_confidence_interval():
+    def recs(days, slope_per_day, noise=0.0, seed=0):
+        rng = np.random.default_rng(seed)
+        return [{"performed_unix_s": 86400.0 * d, "status": "pass",
+                 "centre_offset_distance_mm": 0.1 + slope_per_day * d + rng.normal(0.0, noise),
+                 "imagers": {"A": {"rms_mm": 0.01}}} for d in days]
+    # minutes of history: no drift claimed (the "1119 mm per 30 days")
+    short = trend(recs(np.linspace(0.0, 0.01, 5), 1.0))
+    assert np.isnan(short.offset_drift_mm_per_30_days) and "not estimated" in short.drift_line
+    # 30 days of noisy daily QAs with a true 0.3 mm / 30 days drift: the 95 % interval covers it in ~95 % of
+    # histories; over 40 seeded histories at least 34 (binomial 95 % -> P(<34) < 1 %)
+    covered = 0
+    for seed in range(40):
+        tr = trend(recs(np.arange(30.0), 0.01, noise=0.05, seed=seed))
+        lo, hi = tr.drift_ci_mm_per_30_days
+        covered += lo <= 0.3 <= hi
+    assert covered >= 34
