@@ -601,9 +601,20 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     phantom = _load_phantom(args.phantom)
     frames = _calibration_frames(args.image, nominal, args.i0)
     reference, laser = _isocentre_reference(args)
+    from spineguide.calibration.errors import CalibrationError
+    from spineguide.calibration.report import ReportContext, write_failure_report
+
+    previous = read_geometry(args.previous) if args.previous else None
+    context = ReportContext(args.machine, args.operator, str(args.phantom), previous, None, laser)
     t0 = time.monotonic()
-    result = calibrate(phantom, frames, nominal, free_phantom_rotation=args.free_phantom_rotation,
-                       phantom_source=str(args.phantom), reference=reference)
+    try:
+        result = calibrate(phantom, frames, nominal, free_phantom_rotation=args.free_phantom_rotation,
+                           phantom_source=str(args.phantom), reference=reference)
+    except CalibrationError as err:
+        if args.report:
+            report = write_failure_report(args.report, err, frames, context, phantom.name)
+            print(f"calibration failed; report: {report}")
+        raise
     elapsed_s = time.monotonic() - t0
     from spineguide.calibration.gate import acceptance_gate
 
@@ -624,7 +635,9 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     for line in result.kv_isocentre(laser).lines():
         print(line)
     if args.report:
-        report = write_calibration_report(result, args.report, frames)
+        import dataclasses
+
+        report = write_calibration_report(result, args.report, frames, dataclasses.replace(context, gate=gate))
         print(f"report: {report}")
     if not gate.passed:
         print(f"acceptance gate FAILED (BBs: {', '.join(gate.failed_bbs) or 'none named'}):")
@@ -843,7 +856,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="phantom pose read off the lasers: DX,DY,DZ[,RX,RY,RZ] (room mm, deg); the reference when no "
                         "--winston-lutz is given, else compared with it")
     p.add_argument("--out", required=True, type=Path, help="kv-geometry/1 file to write")
-    p.add_argument("--report", type=Path, default=None, help="folder for the HTML report with figures")
+    p.add_argument("--report", type=Path, default=None,
+                   help="folder for the report (index.html + report.pdf), written also when the calibration fails")
+    p.add_argument("--machine", default="", help="treatment machine / room name, for the report")
+    p.add_argument("--operator", default="", help="who took the images, for the report")
+    p.add_argument("--previous", type=Path, default=None,
+                   help="the kv-geometry/1 calibration in use until now, compared in the report")
     p.add_argument("--force", action="store_true",
                    help="write the geometry even when the acceptance gate fails (exit status stays 3)")
     p.set_defaults(func=_cmd_calibrate)

@@ -163,7 +163,8 @@ def test_calibration_report_has_figures_and_parameter_table(tmp_path):
     result = solve_geometry(PHANTOM, views, GEOMETRY, calibrated_unix_s=0.0)
     index = write_calibration_report(result, tmp_path / "report", _frames(GEOMETRY, 7))
     text = index.read_text()
-    assert "source_x_mm" in text and "panel_rotation_z_deg" in text and "Isocentre check: ok" in text
+    assert "source_x_mm" in text and "panel_rotation_z_deg" in text and "Fit consistency (circular: ok)" in text
+    assert "NOT VERIFIED" in text and (tmp_path / "report" / "report.pdf").read_bytes()[:5] == b"%PDF-"
     for name in GEOMETRY.names:
         assert (tmp_path / "report" / f"residuals_{name}.png").read_bytes()[:4] == b"\x89PNG"
 
