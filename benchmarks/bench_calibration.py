@@ -279,9 +279,10 @@ def bench_bodies(cases: int, n_positions: int, protocol: str = "depth") -> None:
                 acc[key].append(float(np.max(np.linalg.norm(tri.points_mm - pts, axis=1))))
             # Gate: one BB 1 mm wrong in the phantom file (same detections, re-solved).
             j, axis = int(rng.integers(ph.n_markers)), int(rng.integers(3))
-            moved = BBPhantom(tuple(Marker(mk.name, mk.position_mm + (np.eye(3)[axis] if i == j else 0.0), mk.diameter_mm,
-                                           mk.material) for i, mk in enumerate(ph.markers)), "wrong", ph.centre_offset_mm, ph.body)
-            try:
+            try:  # a moved centre BB makes the file invalid: refused = caught
+                moved = BBPhantom(tuple(Marker(mk.name, mk.position_mm + (np.eye(3)[axis] if i == j else 0.0),
+                                               mk.diameter_mm, mk.material) for i, mk in enumerate(ph.markers)),
+                                  "wrong", ph.centre_offset_mm, ph.body)
                 wrong = dataclasses.replace(solve_geometry(moved, res.views, nominal), measured=res.measured)
                 g_wrong = acceptance_gate(wrong)
                 catches += (not g_wrong.passed) and ph.names[j] in g_wrong.failed_bbs
