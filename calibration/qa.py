@@ -458,6 +458,8 @@ def read_history(path: str | os.PathLike) -> tuple[dict, ...]:
                                  f"{_LATEST_UNIX_S:.0f}), got {t!r}")
         d = rec["centre_offset_distance_mm"]
         if "error" in rec and d is None and rec["status"] == QAStatus.FAIL.value:
+            if not isinstance(rec["error"], str) or not isinstance(rec["imagers"], dict):
+                raise QAHistoryError(f"{path}, line {i}: a failed-QA record needs an 'error' text and an 'imagers' object")
             records.append(rec)  # a QA that could not be done (append_failure)
             continue
         if isinstance(d, bool) or not isinstance(d, (int, float)) or not math.isfinite(d):
