@@ -49,6 +49,7 @@ __all__ = [
     "KvIsocentre",
     "read_winston_lutz",
     "laser_pose",
+    "kv_isocentre",
 ]
 
 WINSTON_LUTZ_SCHEMA = "winston-lutz/1"
@@ -301,6 +302,11 @@ def kv_isocentre(result, reference: IsocentreReference | None, laser: IsocentreR
     else:
         expanded = float(np.linalg.norm(offset) + 2.0 * np.linalg.norm(total))
         verdict = "within tolerance" if expanded <= limit_mm else "out of tolerance"
-    ro = np.asarray
-    return KvIsocentre(reference, ro(offset), ro(fit_sigma), ro(total), ro(w), ro(w_sig), fitted, lvm, lvm_s,
+    def ro(a):
+        out = np.array(a, dtype=np.float64)
+        out.setflags(write=False)
+        return out
+
+    return KvIsocentre(reference, ro(offset), ro(fit_sigma), ro(total), ro(w), ro(w_sig), fitted,
+                       None if lvm is None else ro(lvm), None if lvm_s is None else ro(lvm_s),
                        float(limit_mm), verdict)
