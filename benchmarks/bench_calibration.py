@@ -349,7 +349,7 @@ def _changed(geometry, condition: str, rng):
     return StereoGeometry(tuple(out), geometry.calibrated_unix_s, geometry.notes), im.name
 
 
-def bench_qa(trials: int, body: str = "pmma-cube-150") -> None:
+def bench_qa(trials: int, body: str = "pmma-cube-150", start: int = 0) -> None:
     """Issue 13 item 5: daily QA with setup errors up to 2 mm / 1 deg (uniform magnitude, random direction) through
     the clinic chain (one stereo pair, flat-field corrected), against a stored geometry equal to the true room
     (a perfect calibration, so that only QA is measured); per condition ``trials`` pairs. Caught = status not PASS;
@@ -363,11 +363,11 @@ def bench_qa(trials: int, body: str = "pmma-cube-150") -> None:
     chain = ChainConfig.clinic(i0=I0)
     maps = [DetectorMaps.make(im.rows, im.cols, chain, k) for k, im in enumerate(nominal.imagers)]
     ph = read_phantom(Path(__file__).resolve().parents[1] / "calibration" / "data" / f"{body}.json")
-    print(f"command: python benchmarks/bench_calibration.py --qa {trials}")
+    print(f"command: python benchmarks/bench_calibration.py --qa {trials}" + (f" --qa-start {start}" if start else ""))
     rows, limits = [], {}
     for condition in QA_CONDITIONS:
         caught, named, fails, secs, setup_err = 0, 0, 0, [], []
-        for trial in range(trials):
+        for trial in range(start, start + trials):
             rng = np.random.default_rng(90_000 + 1000 * QA_CONDITIONS.index(condition) + trial)
             stored = perturbed_geometry(nominal, rng)
             today, which = _changed(stored, condition, rng)
@@ -413,7 +413,7 @@ def _arg(flag: str, default: int) -> int:
 
 if __name__ == "__main__":
     if "--qa" in sys.argv:
-        bench_qa(_arg("--qa", 50))
+        bench_qa(_arg("--qa", 50), start=_arg("--qa-start", 0))
     elif "--bodies" in sys.argv:
         proto = sys.argv[sys.argv.index("--protocol") + 1] if "--protocol" in sys.argv else "depth"
         bench_bodies(_arg("--bodies", 30), _arg("--positions", 7), proto)
