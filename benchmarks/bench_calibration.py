@@ -215,7 +215,7 @@ def _overlapping_phantom(ph, j: int, imager):
     return BBPhantom(tuple(ph.markers) + (stray,), ph.name + "+X", ph.centre_offset_mm, ph.body)
 
 
-def bench_bodies(cases: int, n_positions: int, protocol: str = "depth") -> None:
+def bench_bodies(cases: int, n_positions: int, protocol: str = "depth", start: int = 0) -> None:
     """Issue 13: bodied phantoms through the clinic chain (ChainConfig.clinic, i0 20000), frames flat-field corrected
     with the panel's own maps, phantom on the lasers, ``n_positions`` couch positions (centre, +-50 mm along X, Y, Z,
     in that order); calibrate + acceptance gate. The one-position solve uses the same case's centre frames. Gate
@@ -236,7 +236,8 @@ def bench_bodies(cases: int, n_positions: int, protocol: str = "depth") -> None:
     held = np.stack(np.meshgrid(g, g, g), axis=-1).reshape(-1, 3)
     corners = np.array([[x, y, z] for x in (-75.0, 75.0) for y in (-75.0, 75.0) for z in (-75.0, 75.0)])
     plan = couch_protocol(protocol, nominal)[:n_positions]
-    print(f"command: python benchmarks/bench_calibration.py --bodies {cases} --positions {n_positions} --protocol {protocol}")
+    print(f"command: python benchmarks/bench_calibration.py --bodies {cases} --positions {n_positions} --protocol {protocol}"
+          + (f" --bodies-start {start}" if start else ""))
     print(f"clinic chain i0 {I0:g}, protocol {protocol}: {n_positions} couch positions "
           f"({'; '.join(str(list(sh)) + ' ' + '+'.join(ims) for sh, ims in plan)}), flat-field corrected; machine "
           f"{platform.machine()}, python {platform.python_version()}, numpy {np.__version__}")
@@ -245,7 +246,7 @@ def bench_bodies(cases: int, n_positions: int, protocol: str = "depth") -> None:
         ph = read_phantom(Path(__file__).resolve().parents[1] / "calibration" / "data" / f"{body}.json")
         acc = {k: [] for k in ("held", "held1", "iso", "corner", "src", "src1", "z", "secs")}
         passes, catches, overlap_catches, refused = 0, 0, 0, []
-        for case in range(cases):
+        for case in range(start, start + cases):
             t0 = time.monotonic()
             rng = np.random.default_rng(1300 + case)
             true = perturbed_geometry(nominal, rng)
@@ -416,6 +417,6 @@ if __name__ == "__main__":
         bench_qa(_arg("--qa", 50), start=_arg("--qa-start", 0))
     elif "--bodies" in sys.argv:
         proto = sys.argv[sys.argv.index("--protocol") + 1] if "--protocol" in sys.argv else "depth"
-        bench_bodies(_arg("--bodies", 30), _arg("--positions", 7), proto)
+        bench_bodies(_arg("--bodies", 30), _arg("--positions", 7), proto, _arg("--bodies-start", 0))
     else:
         main()
