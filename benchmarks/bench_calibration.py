@@ -167,15 +167,65 @@ def main() -> None:
 
 
 BODY_PHANTOMS = ("pmma-cube-150", "pmma-cylinder-mixed", "pmma-cube-inserts")
-BODY_SHIFTS_MM = [(0.0, 0.0, 0.0), (50.0, 0.0, 0.0), (0.0, 50.0, 0.0)]
+#: Depth protocol: how far the couch moves the phantom along each imager's own central axis, mm. With sources
+#: 2200 mm away, +-50 mm shifts along the room axes change a marker's depth by only +-35 mm and leave the source
+#: distance uncertain to ~1-3 mm (issue 13); along the axis the phantom stays centred in that imager's view (the
+#: other imager, which would see it leave its field, takes no frame there).
+AXIS_SHIFT_MM = 200.0
 
 
-def bench_bodies(cases: int) -> None:
+def couch_protocol(name: str, nominal) -> list[tuple[tuple[float, float, float], tuple[str, ...]]]:
+    """Couch positions of a calibration and which imagers take a frame at each (room frame, mm).
+
+    ``axes``: centre and +-50 mm along X, Y, Z, both imagers (the older benchmark's set).
+    ``depth``: centre and +-50 mm along Y (both imagers), then +-AXIS_SHIFT_MM along each imager's central axis
+    (that imager only) -- the same number of exposures per imager (5 + 2 = 7) with a 4x longer depth lever.
+    """
+    if name == "axes":
+        return [(tuple(map(float, sh)), nominal.names) for sh in SHIFTS_MM]
+    if name != "depth":
+        raise SystemExit(f"unknown protocol {name!r} (axes or depth)")
+    out = [((0.0, 0.0, 0.0), nominal.names), ((0.0, 50.0, 0.0), nominal.names), ((0.0, -50.0, 0.0), nominal.names)]
+    for im in nominal.imagers:
+        for sign in (1.0, -1.0):
+            out.append((tuple(float(v) for v in np.round(sign * AXIS_SHIFT_MM * im.normal, 6)), (im.name,)))
+    return out
+
+
+def _flat_fielded(bf, geometry, maps) -> dict:
+    """Raw chain frames corrected with the panel's own offset/gain maps (what a clinic's flat-field does)."""
+    out = {}
+    for k, im in enumerate(geometry.imagers):
+        m = maps[k]
+        out[im.name] = np.where(m.dead, 0.0, (bf.frames[im.name] - m.offset_counts) / m.gain).clip(0.0)
+    return out
+
+
+def _overlapping_phantom(ph, j: int, imager):
+    """``ph`` plus a stray BB 'X' 6 mm behind marker ``j`` along ``imager``'s ray and 0.4 diameters aside:
+    its shadow overlaps marker j's in that imager only (for rendering; the calibration keeps using ``ph``)."""
+    from spineguide.calibration.phantom import BBPhantom, Marker
+
+    p = ph.positions_mm[j]
+    ray = (p - imager.source_mm) / np.linalg.norm(p - imager.source_mm)
+    aside = np.cross(ray, imager.col_direction)
+    aside /= np.linalg.norm(aside)
+    d = float(ph.diameters_mm[j])
+    stray = Marker("X", p + 6.0 * ray + 0.4 * d * aside, d, ph.markers[j].material)
+    return BBPhantom(tuple(ph.markers) + (stray,), ph.name + "+X", ph.centre_offset_mm, ph.body)
+
+
+def bench_bodies(cases: int, n_positions: int, protocol: str = "depth", start: int = 0) -> None:
     """Issue 13: bodied phantoms through the clinic chain (ChainConfig.clinic, i0 20000), frames flat-field corrected
-    with the panel's own maps, phantom on the lasers, 3 couch positions; calibrate + acceptance gate; the same frames
-    with the phantom file wrong by 1 mm for one BB (random BB and axis) for the gate's catch rate."""
+    with the panel's own maps, phantom on the lasers, ``n_positions`` couch positions (centre, +-50 mm along X, Y, Z,
+    in that order); calibrate + acceptance gate. The one-position solve uses the same case's centre frames. Gate
+    catch rates: the phantom file wrong by 1 mm for one BB (random BB and axis; re-solved from the same detections),
+    and a stray BB overlapping one BB's shadow in one imager (one extra rendering of the centre position)."""
+    import dataclasses
+
     from spineguide.calibration.gate import acceptance_gate
     from spineguide.calibration.phantom import BBPhantom, Marker, read_phantom
+    from spineguide.calibration.solve import PhantomView, solve_geometry
     from spineguide.tracking.room.bb_phantoms import render_bb_phantom
     from spineguide.tracking.room.chain import ChainConfig, DetectorMaps
 
@@ -185,61 +235,188 @@ def bench_bodies(cases: int) -> None:
     g = np.linspace(-100.0, 100.0, 11)
     held = np.stack(np.meshgrid(g, g, g), axis=-1).reshape(-1, 3)
     corners = np.array([[x, y, z] for x in (-75.0, 75.0) for y in (-75.0, 75.0) for z in (-75.0, 75.0)])
-    print("| body | cases | held-out RMS px (median / max) | tri iso mm (median / max) | tri corners mm (median / max) "
-          "| source mm (median / max) | src err/sigma RMS | gate passes (right file) | gate catches (1 mm moved) | s/case |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    plan = couch_protocol(protocol, nominal)[:n_positions]
+    print(f"command: python benchmarks/bench_calibration.py --bodies {cases} --positions {n_positions} --protocol {protocol}"
+          + (f" --bodies-start {start}" if start else ""))
+    print(f"clinic chain i0 {I0:g}, protocol {protocol}: {n_positions} couch positions "
+          f"({'; '.join(str(list(sh)) + ' ' + '+'.join(ims) for sh, ims in plan)}), flat-field corrected; machine "
+          f"{platform.machine()}, python {platform.python_version()}, numpy {np.__version__}")
+    rows = []
     for body in BODY_PHANTOMS:
         ph = read_phantom(Path(__file__).resolve().parents[1] / "calibration" / "data" / f"{body}.json")
-        held_rms, tri_iso, tri_corner, src, z, passes, catches, secs = [], [], [], [], [], 0, 0, []
-        for case in range(cases):
+        acc = {k: [] for k in ("held", "held1", "iso", "corner", "src", "src1", "z", "secs")}
+        passes, catches, overlap_catches, refused = 0, 0, 0, []
+        for case in range(start, start + cases):
             t0 = time.monotonic()
             rng = np.random.default_rng(1300 + case)
             true = perturbed_geometry(nominal, rng)
             frames = []
-            for i, shift in enumerate(BODY_SHIFTS_MM):
+            for shift, imagers in plan:
                 bf = render_bb_phantom(true, ph, chain, couch_shift_mm=shift, seed=rng)
-                for k, im in enumerate(true.imagers):
-                    m = maps[k]
-                    corrected = np.where(m.dead, 0.0, (bf.frames[im.name] - m.offset_counts) / m.gain).clip(0.0)
-                    frames.append(CalibrationFrame(im.name, corrected, shift))
+                ff = _flat_fielded(bf, true, maps)
+                frames += [CalibrationFrame(n, ff[n], shift) for n in imagers]
             try:
                 res = calibrate(ph, frames, nominal)
+                single = calibrate(ph, frames[:2], nominal)
             except Exception as err:  # noqa: BLE001 - a refused case is a result
-                print(f"{body} case {case}: refused: {err}")
+                refused.append(f"{body} case {case}: refused: {err}")
+                print(refused[-1], flush=True)
                 continue
-            passes += acceptance_gate(res).passed
+            gate = acceptance_gate(res)
+            passes += gate.passed
+            if not gate.passed:
+                print(f"{body} case {case}: right file failed the gate: {'; '.join(gate.findings)}", flush=True)
             for sol in res.imagers:
                 t = true[sol.geometry.name]
-                held_rms.append(float(np.sqrt(np.mean(np.sum((sol.geometry.project(held) - t.project(held)) ** 2, axis=1)))))
+                acc["held"].append(float(np.sqrt(np.mean(np.sum((sol.geometry.project(held) - t.project(held)) ** 2, axis=1)))))
                 err = sol.geometry.source_mm - t.source_mm
-                src.append(float(np.linalg.norm(err)))
-                z.extend((err / sol.source_sigma_mm()).tolist())
-            for pts, out in ((np.zeros((1, 3)), tri_iso), (corners, tri_corner)):
+                acc["src"].append(float(np.linalg.norm(err)))
+                acc["z"].extend((err / sol.source_sigma_mm()).tolist())
+                s1 = single.imager(sol.geometry.name).geometry
+                acc["src1"].append(float(np.linalg.norm(s1.source_mm - t.source_mm)))
+                acc["held1"].append(float(np.sqrt(np.mean(np.sum((s1.project(held) - t.project(held)) ** 2, axis=1)))))
+            for pts, key in ((np.zeros((1, 3)), "iso"), (corners, "corner")):
                 tri = res.geometry.triangulate({n: true[n].project(pts) for n in true.names})
-                out.append(float(np.max(np.linalg.norm(tri.points_mm - pts, axis=1))))
+                acc[key].append(float(np.max(np.linalg.norm(tri.points_mm - pts, axis=1))))
+            # Gate: one BB 1 mm wrong in the phantom file (same detections, re-solved).
             j, axis = int(rng.integers(ph.n_markers)), int(rng.integers(3))
-            moved = [Marker(mk.name, mk.position_mm + (np.eye(3)[axis] if i == j else 0.0), mk.diameter_mm, mk.material)
-                     for i, mk in enumerate(ph.markers)]
-            try:
-                wrong = calibrate(BBPhantom(tuple(moved), "wrong", ph.centre_offset_mm, ph.body), frames, nominal)
-                gate = acceptance_gate(wrong)
-                catches += (not gate.passed) and ph.names[j] in gate.failed_bbs
+            try:  # a moved centre BB makes the file invalid: refused = caught
+                moved = BBPhantom(tuple(Marker(mk.name, mk.position_mm + (np.eye(3)[axis] if i == j else 0.0),
+                                               mk.diameter_mm, mk.material) for i, mk in enumerate(ph.markers)),
+                                  "wrong", ph.centre_offset_mm, ph.body)
+                wrong = dataclasses.replace(solve_geometry(moved, res.views, nominal), measured=res.measured)
+                g_wrong = acceptance_gate(wrong)
+                catches += (not g_wrong.passed) and ph.names[j] in g_wrong.failed_bbs
             except Exception:  # noqa: BLE001 - refusing the wrong file is a catch
                 catches += 1
-            secs.append(time.monotonic() - t0)
-        zz = np.asarray(z)
-        n = len(secs)
+            # Gate: a stray BB overlapping marker k's shadow in one imager (centre position re-rendered).
+            k = int(rng.integers(ph.n_markers))
+            im = true.imagers[int(rng.integers(len(true.imagers)))]
+            bf = render_bb_phantom(true, _overlapping_phantom(ph, k, im), chain, seed=rng)
+            ff = _flat_fielded(bf, true, maps)
+            frames_x = [CalibrationFrame(n, ff[n], plan[0][0]) for n in true.names] + frames[2:]
+            try:
+                g_x = acceptance_gate(calibrate(ph, frames_x, nominal))
+                overlap_catches += (not g_x.passed) and ph.names[k] in g_x.failed_bbs
+            except Exception:  # noqa: BLE001 - a refused calibration is a catch
+                overlap_catches += 1
+            acc["secs"].append(time.monotonic() - t0)
+            print(f"{body} case {case}: held-out {max(acc['held'][-2:]):.3f} px, source {max(acc['src'][-2:]):.2f} mm "
+                  f"(1 position {max(acc['src1'][-2:]):.2f}), tri corners {acc['corner'][-1]:.3f} mm, gate "
+                  f"{'pass' if gate.passed else 'FAIL'}, {acc['secs'][-1]:.0f} s", flush=True)
+        rows.append((body, acc, passes, catches, overlap_catches, refused))
+    print()
+    print(f"| body | cases solved | held-out RMS px median / max ({n_positions} pos.) | held-out, 1 position | "
+          "tri iso mm median / max | tri corners mm median / max | source mm median / max | source, 1 position | "
+          "src err/sigma RMS | gate passes (right file) | gate catches 1 mm moved | gate catches overlap | s/case |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for body, a, passes, catches, ov, refused in rows:
+        n = len(a["secs"])
         if n == 0:
-            print(f"| {body} | 0 of {cases} (all refused) | - | - | - | - | - | - | - | - |")
+            print(f"| {body} | 0 of {cases} | " + " | ".join(["-"] * 11) + " |")
             continue
-        print(f"| {body} | {n} | {np.median(held_rms):.3f} / {np.max(held_rms):.3f} | {np.median(tri_iso):.3f} / "
-              f"{np.max(tri_iso):.3f} | {np.median(tri_corner):.3f} / {np.max(tri_corner):.3f} | {np.median(src):.2f} / "
-              f"{np.max(src):.2f} | {np.sqrt(np.mean(zz**2)):.2f} | {passes}/{n} | {catches}/{n} | {np.mean(secs):.0f} |")
+        zz = np.asarray(a["z"])
+
+        def mm(key, f="{:.3f}"):
+            return f"{f.format(np.median(a[key]))} / {f.format(np.max(a[key]))}"
+        print(f"| {body} | {n} of {cases} | {mm('held')} | {mm('held1')} | {mm('iso')} | {mm('corner')} | "
+              f"{mm('src', '{:.2f}')} | {mm('src1', '{:.2f}')} | {np.sqrt(np.mean(zz**2)):.2f} | {passes}/{n} | "
+              f"{catches}/{n} | {ov}/{n} | {np.mean(a['secs']):.0f} |")
+
+
+QA_CONDITIONS = ("none", "panel shift 0.3 mm", "panel rotation 0.3 deg", "source shift 1 mm")
+
+
+def _changed(geometry, condition: str, rng):
+    """``geometry`` with one imager changed as ``condition`` says (random imager and direction), and that imager."""
+    from spineguide.calibration.solve import _geometry_of, _Reference
+
+    if condition == "none":
+        return geometry, None
+    k = int(rng.integers(len(geometry.imagers)))
+    im = geometry.imagers[k]
+    ref = _Reference.of(im)
+    x = np.zeros(9)
+    if condition.startswith("panel shift"):
+        ang = rng.uniform(0.0, 2.0 * np.pi)
+        x[3:6] = 0.3 * (np.cos(ang) * im.col_direction + np.sin(ang) * im.row_direction)
+    elif condition.startswith("panel rotation"):
+        x[6:9] = 0.3 * rng.choice([-1.0, 1.0]) * im.normal
+    else:
+        d = rng.normal(size=3)
+        x[0:3] = 1.0 * d / np.linalg.norm(d)
+    out = list(geometry.imagers)
+    out[k] = _geometry_of(ref, x, False)
+    return StereoGeometry(tuple(out), geometry.calibrated_unix_s, geometry.notes), im.name
+
+
+def bench_qa(trials: int, body: str = "pmma-cube-150", start: int = 0) -> None:
+    """Issue 13 item 5: daily QA with setup errors up to 2 mm / 1 deg (uniform magnitude, random direction) through
+    the clinic chain (one stereo pair, flat-field corrected), against a stored geometry equal to the true room
+    (a perfect calibration, so that only QA is measured); per condition ``trials`` pairs. Caught = status not PASS;
+    named = the changed imager among those QA names with the right cause as its best explanation."""
+    from spineguide.calibration.phantom import read_phantom
+    from spineguide.calibration.qa import QAStatus
+    from spineguide.tracking.room.bb_phantoms import SetupError, render_bb_phantom
+    from spineguide.tracking.room.chain import ChainConfig, DetectorMaps
+
+    nominal = default_stereo_geometry()
+    chain = ChainConfig.clinic(i0=I0)
+    maps = [DetectorMaps.make(im.rows, im.cols, chain, k) for k, im in enumerate(nominal.imagers)]
+    ph = read_phantom(Path(__file__).resolve().parents[1] / "calibration" / "data" / f"{body}.json")
+    print(f"command: python benchmarks/bench_calibration.py --qa {trials}" + (f" --qa-start {start}" if start else ""))
+    rows, limits = [], {}
+    for condition in QA_CONDITIONS:
+        caught, named, fails, secs, setup_err = 0, 0, 0, [], []
+        for trial in range(start, start + trials):
+            rng = np.random.default_rng(90_000 + 1000 * QA_CONDITIONS.index(condition) + trial)
+            stored = perturbed_geometry(nominal, rng)
+            today, which = _changed(stored, condition, rng)
+            setup = SetupError.random(rng, 2.0, 1.0)
+            bf = render_bb_phantom(today, ph, chain, setup=setup, seed=rng)
+            ff = _flat_fielded(bf, today, maps)
+            t0 = time.monotonic()
+            r = run_qa(stored, ph, [CalibrationFrame(n, ff[n]) for n in stored.names])
+            secs.append(time.monotonic() - t0)
+            caught += r.status is not QAStatus.PASS
+            fails += r.status is QAStatus.FAIL
+            setup_err.append(float(np.linalg.norm(r.causes.setup.translation_mm - setup.translation_mm)))
+            if which is not None:
+                best = r.causes.best_cause(which)
+                named += best is not None and condition.startswith(best.cause)
+            for d in r.causes.limits:
+                limits.setdefault((d.imager, d.cause), []).append((d.best, d.worst))
+            print(f"QA {condition} trial {trial}: {r.status.value}"
+                  + (f" ({'; '.join(r.reasons)})" if r.reasons else ""), flush=True)
+        rows.append((condition, caught, named, fails, np.median(setup_err), np.median(secs)))
+    print()
+    print(f"| condition ({trials} pairs each, setup errors <= 2 mm / 1 deg) | flagged (ACTION or FAIL) | FAIL | "
+          "changed imager named with the right cause | setup translation error mm (median) | run_qa s (median) |")
+    print("|---|---|---|---|---|---|")
+    for condition, caught, named, fails, se, sec in rows:
+        nm = "-" if condition == "none" else f"{named}/{trials}"
+        print(f"| {condition} | {caught}/{trials} | {fails}/{trials} | {nm} | {se:.3f} | {sec:.1f} |")
+    print()
+    print("| imager | cause | detection limit (95 % power), best direction, median | worst direction, median |")
+    print("|---|---|---|---|")
+    for (imager, cause), v in sorted(limits.items()):
+        a = np.array(v)
+        unit = "deg" if cause == "panel rotation" else "mm"
+        print(f"| {imager} | {cause} | {np.median(a[:, 0]):.3f} {unit} | {np.median(a[:, 1]):.3f} {unit} |")
+
+
+def _arg(flag: str, default: int) -> int:
+    if flag in sys.argv:
+        k = sys.argv.index(flag)
+        return int(sys.argv[k + 1]) if len(sys.argv) > k + 1 and not sys.argv[k + 1].startswith("--") else default
+    return default
 
 
 if __name__ == "__main__":
-    if "--bodies" in sys.argv:
-        k = sys.argv.index("--bodies")
-        bench_bodies(int(sys.argv[k + 1]) if len(sys.argv) > k + 1 else 30)
+    if "--qa" in sys.argv:
+        bench_qa(_arg("--qa", 50), start=_arg("--qa-start", 0))
+    elif "--bodies" in sys.argv:
+        proto = sys.argv[sys.argv.index("--protocol") + 1] if "--protocol" in sys.argv else "depth"
+        bench_bodies(_arg("--bodies", 30), _arg("--positions", 7), proto, _arg("--bodies-start", 0))
     else:
         main()

@@ -51,6 +51,11 @@ _LAZY = {
     "read_history": "qa",
     "run_qa": "qa",
     "trend": "qa",
+    "append_failure": "qa",
+    "IsocentreReference": "isocentre",
+    "read_winston_lutz": "isocentre",
+    "laser_pose": "isocentre",
+    "acceptance_gate": "gate",
 }
 
 __all__, __getattr__, __dir__ = lazy_exports(__name__, _LAZY)

@@ -39,8 +39,16 @@ from .errors import CalibrationError, QAHistoryError
 from .geometry import StereoGeometry
 from .jsonfile import parse_json_bytes
 from .phantom import BBPhantom
-from .solve import CalibrationFrame, CalibrationSolveError, MeasuredFrame, _check_not_swapped, measure_frame
 from .foundation import readonly_array as _ro
+from .qa_causes import CauseAnalysis, analyse_causes
+from .solve import (
+    CalibrationFrame,
+    CalibrationSolveError,
+    MeasuredFrame,
+    _check_not_swapped,
+    _marker_sigmas,
+    measure_frame,
+)
 
 __all__ = [
     "QA_RECORD_SCHEMA",
@@ -52,6 +60,8 @@ __all__ = [
     "QATrend",
     "run_qa",
     "append_history",
+    "append_failure",
+    "MIN_TREND_SPAN_DAYS",
     "read_history",
     "trend",
 ]
@@ -90,6 +100,11 @@ class QATolerances:
         far above that, and below the 0.3 mm that a 0.5 mm panel shift makes.
     max_missing : int
         Markers per frame that may be missing before QA cannot be done.
+    setup_translation_limit_mm, setup_rotation_limit_deg : float
+        The phantom's estimated setup (6-DoF) beyond which QA asks for the
+        phantom to be re-positioned (ACTION): a daily setup is within
+        2 mm / 1 deg, and a panel shift along the epipolar lines -- which no
+        stereo pair can tell from a setup translation -- shows only here.
     """
 
     offset_tolerance_mm: float = 1.0
@@ -97,6 +112,8 @@ class QATolerances:
     reprojection_tolerance_mm: float = 0.5
     reprojection_action_mm: float = 0.2
     max_missing: int = 2
+    setup_translation_limit_mm: float = 3.0
+    setup_rotation_limit_deg: float = 2.0
 
     def __post_init__(self) -> None:
         for lo, hi in (("offset_action_mm", "offset_tolerance_mm"), ("reprojection_action_mm", "reprojection_tolerance_mm")):
@@ -126,7 +143,8 @@ class ImagerQA:
     imager : str
     n_found : int
     residuals_px : (N, 2) array
-        Measured minus projected ``(col, row)`` per marker, NaN where not found.
+        Measured minus projected ``(col, row)`` per marker after today's
+        phantom setup has been fitted (so the setup does not count), NaN where not found.
     rms_px, max_px : float
     mean_shift_px : (2,) array
         Mean residual ``(col, row)``: a panel shift shows here.
@@ -147,6 +165,7 @@ class ImagerQA:
     rms_mm: float
     max_mm: float
     status: QAStatus
+    change: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -172,6 +191,9 @@ class QAResult:
     tolerances : QATolerances
     measured : tuple of MeasuredFrame
     sources : mapping imager -> str
+    causes : CauseAnalysis or None
+        Today's phantom setup (6-DoF) and the per-imager tests for a panel
+        shift, panel rotation or source shift, with detection limits.
     """
 
     performed_unix_s: float
@@ -186,6 +208,7 @@ class QAResult:
     tolerances: QATolerances
     measured: tuple[MeasuredFrame, ...]
     sources: Mapping[str, str]
+    causes: CauseAnalysis | None = None
 
     @property
     def passed(self) -> bool:
@@ -210,6 +233,9 @@ class QAResult:
                 for q in self.imagers
             },
             "reasons": list(self.reasons),
+            **({"setup": {"translation_mm": self.causes.setup.translation_mm.tolist(),
+                          "rotation_deg": self.causes.setup.rotation_deg.tolist()},
+                "changes": [t.describe() for t in self.causes.tests if t.significant]} if self.causes else {}),
             "tolerances": {
                 "offset_action_mm": self.tolerances.offset_action_mm,
                 "offset_tolerance_mm": self.tolerances.offset_tolerance_mm,
@@ -227,6 +253,7 @@ def run_qa(
     *,
     tolerances: QATolerances | None = None,
     performed_unix_s: float | None = None,
+    setup_verified: bool = False,
 ) -> QAResult:
     """Compare today's phantom frames with the stored calibration.
 
@@ -243,6 +270,11 @@ def run_qa(
         Defaults: TG-142 SRS 1 mm tolerance, 0.5 mm action level.
     performed_unix_s : float, optional
         Time stamp (now when omitted).
+    setup_verified : bool
+        The phantom was placed at its file position independently (Winston-Lutz,
+        or lasers known to be within the offset tolerance): then the centre
+        BB's triangulated offset is the TG-142 imaging/treatment coincidence
+        and is graded. Otherwise it is today's setup, reported, not graded.
 
     Returns
     -------
@@ -276,50 +308,69 @@ def run_qa(
     _check_not_swapped(phantom, geometry, frames, measured, tol.max_missing)
     if failure is not None:
         raise failure
-    imagers = []
-    reasons = []
-    pixels = {}
+    reasons: list[str] = []
+    pixels, sigmas = {}, {}
     c = phantom.centre_index
     for fr, m in zip(frames, measured):
+        if not m.match.found[c]:
+            raise MarkerCountError(f"imager '{fr.imager}': the centre marker '{phantom.names[c]}' was not found")
+        pixels[fr.imager] = np.asarray(m.match.marker_px)
+        sigmas[fr.imager] = _marker_sigmas(m)
+    shift = np.asarray(frames[0].couch_shift_mm, dtype=np.float64)
+    causes = analyse_causes(geometry, phantom, pixels, sigmas, shift)
+    changed = set(causes.changed_imagers)
+    imagers = []
+    for fr, m in zip(frames, measured):
         im = geometry[fr.imager]
-        expected = im.project(phantom.placed_mm(fr.couch_shift_mm))
-        res = m.match.marker_px - expected
-        ok = m.match.found
+        res = np.asarray(causes.residuals_px[im.name])
+        ok = np.asarray(m.match.found)
         dist = np.linalg.norm(res[ok], axis=1)
         scale = float(np.mean(im.pixel_spacing_mm)) / im.magnification
         rms = float(np.sqrt(np.mean(dist**2)))
         status = tol.grade(rms * scale, tol.reprojection_action_mm, tol.reprojection_tolerance_mm)
-        if status is not QAStatus.PASS:
-            reasons.append(
-                f"imager '{im.name}': RMS reprojection error {rms * scale:.3f} mm at isocentre ({rms:.2f} px) "
-                f"exceeds the {status.value} level "
-                f"({tol.reprojection_action_mm if status is QAStatus.ACTION else tol.reprojection_tolerance_mm} mm)"
-            )
+        change = ""
+        if im.name in changed:
+            best = causes.best_cause(im.name)
+            change = best.describe() if best is not None else (
+                f"imager {im.name}: residuals after the setup fit exceed the noise (chi-square "
+                f"{causes.chi2_setup[im.name]:.1f} > {causes.omnibus_threshold[im.name]:.1f}) with no single cause")
+            status = max(status, QAStatus.ACTION, key=_ORDER.__getitem__)
+            reasons.append(f"geometry change: {change}")
+        if status is not QAStatus.PASS and rms * scale > tol.reprojection_action_mm:
+            level = tol.reprojection_action_mm if status is QAStatus.ACTION else tol.reprojection_tolerance_mm
+            reasons.append(f"imager '{im.name}': RMS reprojection error after the setup fit {rms * scale:.3f} mm at "
+                           f"isocentre ({rms:.2f} px) exceeds the {status.value} level ({level} mm)")
         imagers.append(ImagerQA(im.name, m.match.n_found, _ro(res), rms, float(dist.max()), _ro(res[ok].mean(axis=0)),
-                                scale, rms * scale, float(dist.max()) * scale, status))
-        if not ok[c]:
-            raise MarkerCountError(f"imager '{im.name}': the centre marker '{phantom.names[c]}' was not found")
-        pixels[im.name] = m.match.marker_px
+                                scale, rms * scale, float(dist.max()) * scale, status, change))
+    setup = causes.setup
+    t_mm, w_deg = float(np.linalg.norm(setup.translation_mm)), float(np.linalg.norm(setup.rotation_deg))
+    setup_status = QAStatus.PASS
+    if t_mm > tol.setup_translation_limit_mm or w_deg > tol.setup_rotation_limit_deg:
+        setup_status = QAStatus.ACTION
+        reasons.append(f"phantom setup {t_mm:.2f} mm / {w_deg:.2f} deg from its place (limits "
+                       f"{tol.setup_translation_limit_mm} mm / {tol.setup_rotation_limit_deg} deg): re-position it on "
+                       "the lasers and repeat (a panel shift along the epipolar lines would also show here)")
     names = geometry.names
-    shift = np.asarray(frames[0].couch_shift_mm, dtype=np.float64)
     tri = geometry.triangulate({n: pixels[n][c : c + 1] for n in names})
     centre = tri.points_mm[0] - shift
     offset = centre - phantom.centre_offset_mm
     off_dist = float(np.linalg.norm(offset))
-    off_status = tol.grade(off_dist, tol.offset_action_mm, tol.offset_tolerance_mm)
-    if off_status is not QAStatus.PASS:
-        reasons.append(
-            f"centre BB triangulated {off_dist:.3f} mm from its expected place "
-            f"(offset {np.round(offset, 3).tolist()} mm) exceeds the {off_status.value} level "
-            f"({tol.offset_action_mm if off_status is QAStatus.ACTION else tol.offset_tolerance_mm} mm)"
-        )
+    off_status = QAStatus.PASS
+    if setup_verified:
+        off_status = tol.grade(off_dist, tol.offset_action_mm, tol.offset_tolerance_mm)
+        if off_status is not QAStatus.PASS:
+            reasons.append(
+                f"centre BB triangulated {off_dist:.3f} mm from its verified place "
+                f"(offset {np.round(offset, 3).tolist()} mm) exceeds the {off_status.value} level "
+                f"({tol.offset_action_mm if off_status is QAStatus.ACTION else tol.offset_tolerance_mm} mm)"
+            )
     both = np.all([np.all(np.isfinite(pixels[n]), axis=1) for n in names], axis=0)
     ray = float(geometry.triangulate({n: pixels[n][both] for n in names}, refine=False).ray_distance_mm.max())
-    status = max([off_status] + [q.status for q in imagers], key=_ORDER.__getitem__)
+    status = max([off_status, setup_status] + [q.status for q in imagers], key=_ORDER.__getitem__)
     return QAResult(
         time.time() if performed_unix_s is None else float(performed_unix_s),
         geometry.calibrated_unix_s, tuple(imagers), _ro(centre), _ro(offset), off_dist, ray, status, tuple(reasons),
-        tol, tuple(measured), {fr.imager: fr.source for fr in frames},
+        tol, tuple(measured), {fr.imager: fr.source for fr in frames}, causes,
     )
 
 
@@ -336,6 +387,32 @@ def append_history(path: str | os.PathLike, result: QAResult) -> Path:
         fh.flush()
         os.fsync(fh.fileno())
     return path
+
+
+def append_failure(path: str | os.PathLike, message: str, sources: Mapping[str, str] | None = None,
+                   performed_unix_s: float | None = None) -> Path:
+    """Record a QA that could not be done (frames unreadable, BBs missing, swapped images) as a FAIL.
+
+    The ``qa-record/1`` line has ``"status": "fail"``, ``"error"`` (the message), no figures
+    (``centre_offset_distance_mm`` null, ``imagers`` empty); :func:`trend` lists it and leaves it out of the drift.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rec = {"schema": QA_RECORD_SCHEMA, "performed_unix_s": time.time() if performed_unix_s is None else float(performed_unix_s),
+           "status": QAStatus.FAIL.value, "error": str(message), "centre_offset_distance_mm": None, "imagers": {},
+           "reasons": [f"QA could not be done: {message}"], "sources": dict(sources or {})}
+    with open(path, "a", encoding="utf-8") as fh:
+        fh.write(json.dumps(rec, separators=(",", ":")) + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+    return path
+
+
+#: Shortest history over which a drift is estimated, days: over minutes the noise of two QAs divided by their
+#: time apart gives absurd rates ("1119 mm per 30 days", issue 13).
+MIN_TREND_SPAN_DAYS = 7.0
+#: Fewest QAs (with figures) for a drift.
+MIN_TREND_RECORDS = 4
 
 
 #: Latest QA time a history may record (year 2969): far beyond any real record, and within what
@@ -375,6 +452,11 @@ def read_history(path: str | os.PathLike) -> tuple[dict, ...]:
             raise QAHistoryError(f"{path}, line {i}: performed_unix_s must be seconds since 1970 (0 to "
                                  f"{_LATEST_UNIX_S:.0f}), got {t!r}")
         d = rec["centre_offset_distance_mm"]
+        if "error" in rec and d is None and rec["status"] == QAStatus.FAIL.value:
+            if not isinstance(rec["error"], str) or not isinstance(rec["imagers"], dict):
+                raise QAHistoryError(f"{path}, line {i}: a failed-QA record needs an 'error' text and an 'imagers' object")
+            records.append(rec)  # a QA that could not be done (append_failure)
+            continue
         if isinstance(d, bool) or not isinstance(d, (int, float)) or not math.isfinite(d):
             raise QAHistoryError(f"{path}, line {i}: centre_offset_distance_mm must be a finite number, got {d!r}")
         imagers = rec["imagers"]
@@ -398,30 +480,63 @@ class QATrend:
     table : str
         Plain-text table, one line per QA.
     offset_drift_mm_per_30_days : float
-        Least-squares slope of the centre-BB offset distance over time (NaN
-        with fewer than two records or all on one instant).
+        Least-squares slope of the centre-BB offset distance over time, mm per
+        30 days; NaN when the QAs with figures span less than
+        :data:`MIN_TREND_SPAN_DAYS` or are fewer than :data:`MIN_TREND_RECORDS`.
+    drift_ci_mm_per_30_days : (float, float)
+        Its 95 % confidence interval (Student t, n - 2 degrees of freedom); NaNs when not estimated.
+    drift_line : str
+        One plain line: the drift with its interval, or why it was not estimated.
+    n_failed : int
+        QAs that could not be done (recorded by :func:`append_failure`).
     """
 
     records: tuple[dict, ...]
     table: str
     offset_drift_mm_per_30_days: float
+    drift_ci_mm_per_30_days: tuple[float, float] = (math.nan, math.nan)
+    drift_line: str = ""
+    n_failed: int = 0
 
 
 def trend(records: Sequence[dict]) -> QATrend:
-    """Table and drift of a QA history (as read by :func:`read_history`)."""
+    """Table and drift of a QA history (as read by :func:`read_history`): slope with its 95 % interval, only over
+    at least :data:`MIN_TREND_SPAN_DAYS` and :data:`MIN_TREND_RECORDS` QAs with figures."""
+    from scipy.stats import t as student_t
+
     records = tuple(sorted(records, key=lambda r: r["performed_unix_s"]))
     names = sorted({n for r in records for n in r["imagers"]})
     header = f"{'date (UTC)':<20} {'status':<7} {'offset mm':>9} " + " ".join(f"{'RMS ' + n + ' mm':>10}" for n in names)
     lines = [header, "-" * len(header)]
     for r in records:
         when = time.strftime("%Y-%m-%d %H:%M", time.gmtime(r["performed_unix_s"]))
+        if r.get("error") is not None and r["centre_offset_distance_mm"] is None:
+            lines.append(f"{when:<20} {r['status']:<7} not done: {r['error']}")
+            continue
         cells = " ".join(
             f"{r['imagers'][n]['rms_mm']:>10.3f}" if n in r["imagers"] else f"{'-':>10}" for n in names
         )
         lines.append(f"{when:<20} {r['status']:<7} {r['centre_offset_distance_mm']:>9.3f} {cells}")
-    t = np.array([r["performed_unix_s"] for r in records], dtype=np.float64)
-    d = np.array([r["centre_offset_distance_mm"] for r in records], dtype=np.float64)
-    slope = math.nan
-    if len(t) >= 2 and np.ptp(t) > 0:
-        slope = float(np.polyfit((t - t[0]) / (30 * 86400.0), d, 1)[0])
-    return QATrend(records, "\n".join(lines), slope)
+    good = [r for r in records if r["centre_offset_distance_mm"] is not None]
+    n_failed = len(records) - len(good)
+    t = np.array([r["performed_unix_s"] for r in good], dtype=np.float64)
+    d = np.array([r["centre_offset_distance_mm"] for r in good], dtype=np.float64)
+    span_days = float(np.ptp(t)) / 86400.0 if len(t) else 0.0
+    slope, ci = math.nan, (math.nan, math.nan)
+    if len(t) < MIN_TREND_RECORDS or span_days < MIN_TREND_SPAN_DAYS:
+        line = (f"centre-BB offset drift not estimated: {len(t)} QA(s) over {span_days:.1f} days; at least "
+                f"{MIN_TREND_RECORDS} over {MIN_TREND_SPAN_DAYS:g} days are needed")
+    else:
+        x = (t - t[0]) / (30 * 86400.0)
+        coef, res, *_ = np.polyfit(x, d, 1, full=True)
+        slope = float(coef[0])
+        dof = len(x) - 2
+        s2 = float(res[0]) / dof if len(res) and dof > 0 else 0.0
+        se = math.sqrt(s2 / float(np.sum((x - x.mean()) ** 2)))
+        half = float(student_t.ppf(0.975, dof)) * se
+        ci = (slope - half, slope + half)
+        line = (f"centre-BB offset drift {slope:+.3f} mm per 30 days (95 % interval {ci[0]:+.3f} to {ci[1]:+.3f}), "
+                f"{len(t)} QAs over {span_days:.0f} days")
+    if n_failed:
+        line += f"; {n_failed} QA(s) could not be done"
+    return QATrend(records, "\n".join(lines), slope, ci, line, n_failed)

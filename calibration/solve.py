@@ -36,6 +36,7 @@ perspective trade off).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Sequence
@@ -54,14 +55,21 @@ from .bb_detection import (
     _dlt,
     detect_bbs,
     match_markers,
+    refine_centres,
 )
 from .errors import CalibrationSolveError, GeometryError
 from .geometry import ImagerGeometry, StereoGeometry, rq_positive_diagonal
+from .isocentre import IsocentreReference, KvIsocentre, kv_isocentre
 from .phantom import BBPhantom
 from .foundation import readonly_array as _readonly
 
 __all__ = [
     "ISOCENTRE_FLAG_MM",
+    "SIGMA_FLOOR_PX",
+    "ImagerObservations",
+    "StartingPoint",
+    "ParameterLayout",
+    "LeastSquaresFit",
     "SEARCH_PANEL_MM",
     "CalibrationSolveError",
     "PhantomView",
@@ -88,6 +96,9 @@ SEARCH_PANEL_MM = 50.0
 #: markers: below one half, no detection can be claimed by two markers.
 GATE_FRACTION = 0.3
 _MIN_MATCHED = 6  # markers per imager for a DLT (11 unknowns, 2 equations each)
+#: Model-error allowance added in quadrature to each centre's detection sigma in the fit's weights, px (what the
+#: plane background and beam hardening leave, ~0.02-0.03 px on the bodied phantoms, issue 13).
+SIGMA_FLOOR_PX = 0.02
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,12 +114,17 @@ class PhantomView:
         ``(col, row)`` of each phantom marker (phantom order), NaN where not found.
     source : str
         Provenance (image file name) for the geometry file's notes.
+    marker_sigma_px : (N,) array, optional
+        Expected 1-sigma per axis of each measured centre (px, from the
+        detection's local noise); the fit weights each marker by
+        ``1 / sqrt(sigma^2 + SIGMA_FLOOR_PX^2)``. None: equal weights.
     """
 
     imager: str
     couch_shift_mm: np.ndarray
     marker_px: np.ndarray
     source: str = ""
+    marker_sigma_px: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         shift = np.array(self.couch_shift_mm, dtype=np.float64)
@@ -123,6 +139,19 @@ class PhantomView:
             raise CalibrationSolveError(f"imager '{self.imager}': marker_px holds infinite values")
         object.__setattr__(self, "couch_shift_mm", _readonly(shift))
         object.__setattr__(self, "marker_px", _readonly(px))
+        if self.marker_sigma_px is not None:
+            sig = np.array(self.marker_sigma_px, dtype=np.float64).reshape(-1)
+            if sig.shape != (px.shape[0],) or np.any(sig[np.isfinite(sig)] < 0) or np.any(np.isinf(sig)):
+                raise CalibrationSolveError(
+                    f"imager '{self.imager}': marker_sigma_px must be {px.shape[0]} non-negative numbers (NaN = unknown)")
+            object.__setattr__(self, "marker_sigma_px", _readonly(sig))
+
+    def weights(self) -> np.ndarray:
+        """(N,) least-squares weight per marker, 1/px (1 everywhere without sigmas; unknown sigmas get the median)."""
+        if self.marker_sigma_px is None or not np.any(np.isfinite(self.marker_sigma_px)):
+            return np.ones(self.marker_px.shape[0])
+        sig = np.where(np.isfinite(self.marker_sigma_px), self.marker_sigma_px, np.nanmedian(self.marker_sigma_px))
+        return 1.0 / np.sqrt(sig**2 + SIGMA_FLOOR_PX**2)
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,7 +209,8 @@ class ImagerSolution:
     dlt_rms_px : float
         RMS reprojection error of the linear start, px.
     sigma_px : float
-        Residual standard deviation per degree of freedom (the ``s`` in ``s^2 (J^T J)^-1``), px.
+        Weighted residual standard deviation per degree of freedom (the ``s`` in ``s^2 (J^T J)^-1``): px for
+        views without detection sigmas; with them, residuals over their expected sizes (1 = as the noise predicts).
     n_observations : int
         Matched markers used.
     """
@@ -254,15 +284,27 @@ class CalibrationResult:
     phantom_rotation_matrix: np.ndarray
     calibrated_unix_s: float
     measured: tuple = field(default=())
+    reference: IsocentreReference | None = None
+    isocentre_covariance_mm2: np.ndarray = field(default_factory=lambda: np.full((3, 3), np.nan))
 
     @property
     def phantom_name(self) -> str:
         return self.phantom.name
 
+    @property
+    def phantom_translation_mm(self) -> np.ndarray:
+        """(3,) where the fit placed the centre BB (reference translation, else ``centre_offset_mm``), room frame, mm."""
+        return self.reference.centre_bb_mm if self.reference is not None else self.phantom.centre_offset_mm
+
     def markers_room_mm(self, view_index: int) -> np.ndarray:
-        """(N, 3) marker centres of view ``view_index`` as fitted (rotation, offset, couch shift), room frame, mm."""
+        """(N, 3) marker centres of view ``view_index`` as fitted (rotation, translation, couch shift), room frame, mm."""
         view = self.views[view_index]
-        return self.phantom.placed_mm(view.couch_shift_mm, self.phantom_rotation_matrix)
+        return (self.phantom.positions_mm @ np.asarray(self.phantom_rotation_matrix).T + self.phantom_translation_mm
+                + view.couch_shift_mm)
+
+    def kv_isocentre(self, laser: IsocentreReference | None = None) -> KvIsocentre:
+        """The kV isocentre against the external reference (:func:`spineguide.calibration.isocentre.kv_isocentre`)."""
+        return kv_isocentre(self, self.reference, laser)
 
     def imager(self, name: str) -> ImagerSolution:
         for s in self.imagers:
@@ -360,6 +402,240 @@ def _shift_directions_rank(shifts: np.ndarray) -> int:
     return int(np.linalg.matrix_rank(diffs.reshape(-1, 3), tol=1e-3))
 
 
+@dataclass(frozen=True, slots=True)
+class ImagerObservations:
+    """Every measured marker of one imager, over all its views (the solve's data).
+
+    Attributes
+    ----------
+    name : str
+    points_mm : (M, 3) array
+        Marker positions in the phantom's frame (before the fitted rotation), mm.
+    shifts_mm : (M, 3) array
+        Couch shift of each observation's view, room frame, mm.
+    pixels : (M, 2) array
+        Measured ``(col, row)``, px.
+    markers : tuple of str
+        Marker name per row.
+    views : (M,) int array
+        Index into the solve's views per row.
+    weights : (M,) array
+        Least-squares weight per row, 1/px (:meth:`PhantomView.weights`).
+    """
+
+    name: str
+    points_mm: np.ndarray
+    shifts_mm: np.ndarray
+    pixels: np.ndarray
+    markers: tuple[str, ...]
+    views: np.ndarray
+    weights: np.ndarray
+
+    def room_mm(self, offset_mm: np.ndarray, rotation: np.ndarray | None = None) -> np.ndarray:
+        """(M, 3) observed markers in the room: ``R p + offset + shift``, mm."""
+        p = self.points_mm if rotation is None else self.points_mm @ rotation.T
+        return p + offset_mm + self.shifts_mm
+
+
+@dataclass(frozen=True, slots=True)
+class StartingPoint:
+    """Where one imager's least squares starts: the reference its parameters are deltas from."""
+
+    reference: _Reference
+    dlt_rms_px: float  # RMS reprojection of the DLT start, px (inf when the DLT failed or was not better)
+
+
+@dataclass(frozen=True, slots=True)
+class ParameterLayout:
+    """Positions of the unknowns in the least-squares vector: per imager blocks, then the shared phantom rotation."""
+
+    names: tuple[str, ...]
+    fit_pixel_aspect: bool
+    free_phantom_rotation: bool
+
+    @property
+    def per_imager(self) -> int:
+        return 10 if self.fit_pixel_aspect else 9
+
+    @property
+    def size(self) -> int:
+        return self.per_imager * len(self.names) + (3 if self.free_phantom_rotation else 0)
+
+    def block(self, k: int) -> slice:
+        return slice(k * self.per_imager, (k + 1) * self.per_imager)
+
+    def rotation(self, x: np.ndarray) -> np.ndarray:
+        """The fitted phantom rotation matrix (identity when not fitted)."""
+        return Rotation.from_rotvec(np.radians(x[-3:])).as_matrix() if self.free_phantom_rotation else np.eye(3)
+
+
+@dataclass(frozen=True, slots=True)
+class LeastSquaresFit:
+    """The converged fit: parameters, weighted residuals ((model - measured) x weight, stacked per imager), covariance.
+
+    ``sigma_px`` is the weighted residual's standard deviation per degree of freedom (px with unit weights; with
+    detection-sigma weights the ratio of the residuals to their expected sizes, 1 for honest sigmas).
+    """
+
+    x: np.ndarray
+    residuals: np.ndarray
+    covariance: np.ndarray
+    sigma_px: float
+
+
+def _validated_views(phantom: BBPhantom, views: tuple[PhantomView, ...], nominal: StereoGeometry,
+                     free_phantom_rotation: bool) -> dict[str, list[int]]:
+    """Check the views against the phantom and geometry; view indices per imager."""
+    names = nominal.names
+    for view in views:
+        if view.imager not in names:
+            raise CalibrationSolveError(f"view of unknown imager '{view.imager}' (geometry has {', '.join(names)})")
+        if view.marker_px.shape[0] != phantom.n_markers:
+            raise CalibrationSolveError(
+                f"imager '{view.imager}': view has {view.marker_px.shape[0]} marker positions, "
+                f"phantom '{phantom.name}' has {phantom.n_markers}"
+            )
+    per_imager = {name: [i for i, v in enumerate(views) if v.imager == name] for name in names}
+    for name, idx in per_imager.items():
+        n_obs = sum(int(np.count_nonzero(np.all(np.isfinite(views[i].marker_px), axis=1))) for i in idx)
+        if n_obs < _MIN_MATCHED:
+            raise CalibrationSolveError(
+                f"imager '{name}': {n_obs} measured markers over {len(idx)} views, at least {_MIN_MATCHED} are needed"
+            )
+    if free_phantom_rotation:
+        rank = _shift_directions_rank(np.array([v.couch_shift_mm for v in views]))
+        if rank < 2:
+            raise CalibrationSolveError(
+                "free_phantom_rotation needs couch shifts in at least two independent directions "
+                f"(found {rank}): otherwise a rotation of the phantom and of both imagers about the "
+                "isocentre give the same images"
+            )
+    return per_imager
+
+
+def _observations(phantom: BBPhantom, views: tuple[PhantomView, ...], name: str, idx: list[int]) -> ImagerObservations:
+    p_list, s_list, px_list, mk, vw, w_list = [], [], [], [], [], []
+    for i in idx:
+        ok = np.all(np.isfinite(views[i].marker_px), axis=1)
+        w_list.append(views[i].weights()[ok])
+        p_list.append(phantom.positions_mm[ok])
+        s_list.append(np.broadcast_to(views[i].couch_shift_mm, (int(ok.sum()), 3)))
+        px_list.append(views[i].marker_px[ok])
+        mk.extend(np.array(phantom.names)[ok].tolist())
+        vw.extend([i] * int(ok.sum()))
+    return ImagerObservations(name, np.vstack(p_list), np.vstack(s_list), np.vstack(px_list), tuple(mk),
+                              np.array(vw, dtype=np.int64), np.concatenate(w_list))
+
+
+def _starting_point(obs: ImagerObservations, nominal_im: ImagerGeometry, offset_mm: np.ndarray) -> StartingPoint:
+    """The DLT start or the nominal geometry, whichever reprojects the observations better."""
+    room = obs.room_mm(offset_mm)
+    candidates = [nominal_im]
+    try:
+        candidates.append(_start_from_dlt(_dlt(room, obs.pixels), nominal_im, room))
+    except (GeometryError, np.linalg.LinAlgError, ValueError):
+        pass  # the nominal description remains a valid start
+    errs = []
+    for cand in candidates:
+        try:
+            errs.append(float(np.sqrt(np.mean(np.sum((cand.project(room) - obs.pixels) ** 2, axis=1)))))
+        except GeometryError:
+            errs.append(math.inf)
+    best = int(np.argmin(errs))
+    return StartingPoint(_Reference.of(candidates[best]), errs[-1] if len(candidates) > 1 else math.inf)
+
+
+def _least_squares(obs: dict[str, ImagerObservations], starts: dict[str, StartingPoint], layout: ParameterLayout,
+                   offset_mm: np.ndarray) -> LeastSquaresFit:
+    """Levenberg-Marquardt over the physical parameters; covariance ``s^2 (J^T J)^-1``."""
+
+    def residuals(x: np.ndarray) -> np.ndarray:
+        rot = layout.rotation(x)
+        out = []
+        for k, name in enumerate(layout.names):
+            state = _imager_state(starts[name].reference, x[layout.block(k)], layout.fit_pixel_aspect)
+            o = obs[name]
+            out.append(((_project(state, o.room_mm(offset_mm, rot)) - o.pixels) * o.weights[:, None]).ravel())
+        return np.concatenate(out)
+
+    n_params = layout.size
+    try:
+        sol = least_squares(residuals, np.zeros(n_params), jac="3-point", method="lm", x_scale=1.0, xtol=1e-12,
+                            ftol=1e-12, gtol=1e-12, max_nfev=200 * (n_params + 1))
+    except (ValueError, np.linalg.LinAlgError) as err:
+        raise CalibrationSolveError(f"geometry fit failed: {err}") from err
+    if not sol.success or not np.all(np.isfinite(sol.x)):
+        raise CalibrationSolveError(f"geometry fit did not converge: {sol.message}")
+    n_res = sol.jac.shape[0]
+    dof = n_res - n_params
+    if dof <= 0:
+        raise CalibrationSolveError(f"{n_res} residuals for {n_params} unknowns: more markers or views are needed")
+    s2 = float(sol.fun @ sol.fun) / dof
+    jtj = sol.jac.T @ sol.jac
+    cond = np.linalg.cond(jtj)
+    if cond > 1e14:
+        raise CalibrationSolveError(
+            f"the geometry is not determined by these views (condition number {cond:.3g}); "
+            "use a non-coplanar phantom and, for free rotations, couch shifts in several directions"
+        )
+    return LeastSquaresFit(sol.x, sol.fun, s2 * np.linalg.inv(jtj), math.sqrt(s2))
+
+
+def _imager_solutions(obs: dict[str, ImagerObservations], starts: dict[str, StartingPoint], layout: ParameterLayout,
+                      fit: LeastSquaresFit) -> tuple[ImagerSolution, ...]:
+    solutions, pos = [], 0
+    for k, name in enumerate(layout.names):
+        sl = layout.block(k)
+        xk, ck = fit.x[sl], fit.covariance[sl, sl]
+        ref = starts[name].reference
+        o = obs[name]
+        n_k = len(o.pixels)
+        res = -fit.residuals[pos : pos + 2 * n_k].reshape(-1, 2) / o.weights[:, None]  # measured - model, px
+        pos += 2 * n_k
+        dist = np.linalg.norm(res, axis=1)
+        solutions.append(ImagerSolution(
+            _geometry_of(ref, xk, layout.fit_pixel_aspect), _parameter_table(ref, xk, ck, layout.fit_pixel_aspect),
+            _readonly(res), o.markers, _readonly(o.views, np.int64), float(np.sqrt(np.mean(dist**2))), float(dist.max()),
+            starts[name].dlt_rms_px, fit.sigma_px, n_k,
+        ))
+    return tuple(solutions)
+
+
+def _isocentre_covariance(starts: dict[str, StartingPoint], layout: ParameterLayout, fit: LeastSquaresFit) -> np.ndarray:
+    """(3, 3) covariance (mm^2) of the point the calibrated pair triangulates for the true isocentre.
+
+    First order: the pair's projections of the isocentre ``u(X, theta)`` (4 px) are held at their values for the
+    fitted parameters; a parameter error ``d theta`` moves the triangulated point by
+    ``dX = -pinv(J_X) J_theta d theta`` (numerical Jacobians), so ``cov_X = A cov_theta A^T``.
+    """
+    def proj(x: np.ndarray, point: np.ndarray) -> np.ndarray:
+        return np.concatenate([
+            _project(_imager_state(starts[n].reference, x[layout.block(k)], layout.fit_pixel_aspect), point[None])[0]
+            for k, n in enumerate(layout.names)])
+
+    x = fit.x
+    origin = np.zeros(3)
+    h_mm, h_p = 1e-3, 1e-4
+    j_x = np.stack([(proj(x, origin + h_mm * e) - proj(x, origin - h_mm * e)) / (2 * h_mm) for e in np.eye(3)], axis=1)
+    j_t = np.zeros((len(j_x), len(x)))
+    for i in range(len(x)):
+        d = np.zeros(len(x))
+        d[i] = h_p
+        j_t[:, i] = (proj(x + d, origin) - proj(x - d, origin)) / (2 * h_p)
+    a = -np.linalg.pinv(j_x) @ j_t
+    return a @ fit.covariance @ a.T
+
+
+def _notes(phantom: BBPhantom, views: tuple[PhantomView, ...], solutions, timestamp: float, provenance: str) -> str:
+    return (
+        f"calibrated {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(timestamp))} by spineguide BB-phantom calibration; "
+        f"phantom '{phantom.name}' ({phantom.n_markers} markers); {len(views)} views at "
+        f"{len({tuple(v.couch_shift_mm) for v in views})} couch positions; "
+        + "; ".join(f"imager '{s.geometry.name}' RMS {s.rms_px:.3f} px" for s in solutions)
+        + (f"; {provenance}" if provenance else "")
+    )
+
+
 def solve_geometry(
     phantom: BBPhantom,
     views: Sequence[PhantomView],
@@ -369,6 +645,7 @@ def solve_geometry(
     free_phantom_rotation: bool = False,
     calibrated_unix_s: float | None = None,
     provenance: str = "",
+    reference: IsocentreReference | None = None,
 ) -> CalibrationResult:
     """Solve every imager's geometry from measured marker positions.
 
@@ -392,6 +669,10 @@ def solve_geometry(
         Time stamp for the geometry file (now when omitted).
     provenance : str
         Free text (phantom file, image files) written into the geometry's notes.
+    reference : IsocentreReference, optional
+        The phantom's pose relative to the MV isocentre from outside the fit
+        (Winston-Lutz result or laser pose): it places the phantom
+        (``room = R_fit R_ref p + t_ref + shift``) instead of ``centre_offset_mm``.
 
     Returns
     -------
@@ -405,139 +686,29 @@ def solve_geometry(
         that the couch shifts cannot fix, or a fit that does not converge.
     """
     views = tuple(views)
-    names = nominal.names
-    n_markers = phantom.n_markers
-    for view in views:
-        if view.imager not in names:
-            raise CalibrationSolveError(f"view of unknown imager '{view.imager}' (geometry has {', '.join(names)})")
-        if view.marker_px.shape[0] != n_markers:
-            raise CalibrationSolveError(
-                f"imager '{view.imager}': view has {view.marker_px.shape[0]} marker positions, "
-                f"phantom '{phantom.name}' has {n_markers}"
-            )
-    per_imager = {name: [i for i, v in enumerate(views) if v.imager == name] for name in names}
-    for name, idx in per_imager.items():
-        n_obs = sum(int(np.count_nonzero(np.all(np.isfinite(views[i].marker_px), axis=1))) for i in idx)
-        if n_obs < _MIN_MATCHED:
-            raise CalibrationSolveError(
-                f"imager '{name}': {n_obs} measured markers over {len(idx)} views, at least {_MIN_MATCHED} are needed"
-            )
-    if free_phantom_rotation:
-        rank = _shift_directions_rank(np.array([v.couch_shift_mm for v in views]))
-        if rank < 2:
-            raise CalibrationSolveError(
-                "free_phantom_rotation needs couch shifts in at least two independent directions "
-                f"(found {rank}): otherwise a rotation of the phantom and of both imagers about the "
-                "isocentre give the same images"
-            )
+    per_imager = _validated_views(phantom, views, nominal, free_phantom_rotation)
+    placed = reference.place(phantom) if reference is not None else phantom
+    layout = ParameterLayout(nominal.names, fit_pixel_aspect, free_phantom_rotation)
+    obs = {name: _observations(placed, views, name, idx) for name, idx in per_imager.items()}
+    offset = placed.centre_offset_mm
+    starts = {name: _starting_point(obs[name], nominal[name], offset) for name in layout.names}
+    fit = _least_squares(obs, starts, layout, offset)
+    solutions = _imager_solutions(obs, starts, layout, fit)
 
-    # Observations per imager: 3D nominal marker (before rotation), shift, pixels.
-    obs = {}
-    for name, idx in per_imager.items():
-        p_list, s_list, px_list, mk, vw = [], [], [], [], []
-        for i in idx:
-            ok = np.all(np.isfinite(views[i].marker_px), axis=1)
-            p_list.append(phantom.positions_mm[ok])
-            s_list.append(np.broadcast_to(views[i].couch_shift_mm, (int(ok.sum()), 3)))
-            px_list.append(views[i].marker_px[ok])
-            mk.extend(np.array(phantom.names)[ok].tolist())
-            vw.extend([i] * int(ok.sum()))
-        obs[name] = (np.vstack(p_list), np.vstack(s_list), np.vstack(px_list), tuple(mk), np.array(vw))
-
-    offset = phantom.centre_offset_mm
-    refs, dlt_rms = {}, {}
-    for name in names:
-        p3, sh, px, _, _ = obs[name]
-        room = p3 + offset + sh
-        nominal_im = nominal[name]
-        candidates = [nominal_im]
-        try:
-            candidates.append(_start_from_dlt(_dlt(room, px), nominal_im, room))
-        except (GeometryError, np.linalg.LinAlgError, ValueError):
-            pass  # the nominal description remains a valid start
-        errs = []
-        for cand in candidates:
-            try:
-                errs.append(float(np.sqrt(np.mean(np.sum((cand.project(room) - px) ** 2, axis=1)))))
-            except GeometryError:
-                errs.append(math.inf)
-        best = int(np.argmin(errs))
-        refs[name] = _Reference.of(candidates[best])
-        dlt_rms[name] = errs[-1] if len(candidates) > 1 else math.inf
-    n_per = 10 if fit_pixel_aspect else 9
-    n_shared = 3 if free_phantom_rotation else 0
-    n_params = n_per * len(names) + n_shared
-
-    def residuals(x: np.ndarray) -> np.ndarray:
-        rot = Rotation.from_rotvec(np.radians(x[-3:])).as_matrix() if free_phantom_rotation else np.eye(3)
-        out = []
-        for k, name in enumerate(names):
-            p3, sh, px, _, _ = obs[name]
-            state = _imager_state(refs[name], x[k * n_per : (k + 1) * n_per], fit_pixel_aspect)
-            out.append((_project(state, p3 @ rot.T + offset + sh) - px).ravel())
-        return np.concatenate(out)
-
-    x0 = np.zeros(n_params)
-    try:
-        sol = least_squares(residuals, x0, jac="3-point", method="lm", x_scale=1.0, xtol=1e-12, ftol=1e-12,
-                            gtol=1e-12, max_nfev=200 * (n_params + 1))
-    except (ValueError, np.linalg.LinAlgError) as err:
-        raise CalibrationSolveError(f"geometry fit failed: {err}") from err
-    if not sol.success or not np.all(np.isfinite(sol.x)):
-        raise CalibrationSolveError(f"geometry fit did not converge: {sol.message}")
-    x = sol.x
-    jac = sol.jac
-    n_res = jac.shape[0]
-    dof = n_res - n_params
-    if dof <= 0:
-        raise CalibrationSolveError(f"{n_res} residuals for {n_params} unknowns: more markers or views are needed")
-    s2 = float(sol.fun @ sol.fun) / dof
-    jtj = jac.T @ jac
-    if np.linalg.cond(jtj) > 1e14:
-        raise CalibrationSolveError(
-            f"the geometry is not determined by these views (condition number {np.linalg.cond(jtj):.3g}); "
-            "use a non-coplanar phantom and, for free rotations, couch shifts in several directions"
-        )
-    cov = s2 * np.linalg.inv(jtj)
-
-    timestamp = time.time() if calibrated_unix_s is None else float(calibrated_unix_s)
-    solutions = []
-    pos = 0
-    for k, name in enumerate(names):
-        sl = slice(k * n_per, (k + 1) * n_per)
-        xk, ck = x[sl], cov[sl, sl]
-        ref = refs[name]
-        geom = _geometry_of(ref, xk, fit_pixel_aspect)
-        p3, sh, px, mk, vw = obs[name]
-        n_k = len(px)
-        res = -sol.fun[pos : pos + 2 * n_k].reshape(-1, 2)  # measured - model
-        pos += 2 * n_k
-        params = _parameter_table(ref, xk, ck, fit_pixel_aspect)
-        dist = np.linalg.norm(res, axis=1)
-        solutions.append(
-            ImagerSolution(
-                geom, params, _readonly(res), mk, _readonly(vw, np.int64), float(np.sqrt(np.mean(dist**2))),
-                float(dist.max()), dlt_rms[name], math.sqrt(s2), n_k,
-            )
-        )
     rotation = None
-    rot_mat = np.eye(3)
+    fitted_rot = layout.rotation(fit.x)
     if free_phantom_rotation:
-        w = x[-3:]
-        sw = np.sqrt(np.diag(cov)[-3:])
+        w, sw = fit.x[-3:], np.sqrt(np.diag(fit.covariance)[-3:])
         rotation = tuple(ParameterEstimate(f"phantom_rotation_{a}_deg", float(w[i]), float(sw[i]), "deg")
                          for i, a in enumerate("xyz"))
-        rot_mat = Rotation.from_rotvec(np.radians(w)).as_matrix()
-    notes = (
-        f"calibrated {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(timestamp))} by spineguide BB-phantom calibration; "
-        f"phantom '{phantom.name}' ({n_markers} markers); {len(views)} views at "
-        f"{len({tuple(v.couch_shift_mm) for v in views})} couch positions; "
-        + "; ".join(f"imager '{s.geometry.name}' RMS {s.rms_px:.3f} px" for s in solutions)
-        + (f"; {provenance}" if provenance else "")
-    )
+    timestamp = time.time() if calibrated_unix_s is None else float(calibrated_unix_s)
+    ref_note = f"isocentre reference: {reference.describe()}" if reference is not None else ""
+    notes = _notes(phantom, views, solutions, timestamp, "; ".join(t for t in (provenance, ref_note) if t))
     geometry = StereoGeometry(tuple(s.geometry for s in solutions), timestamp, notes)
-    iso = isocentre_check(geometry, phantom, views, rotation=rot_mat)
-    return CalibrationResult(geometry, tuple(solutions), iso, views, rotation, phantom, _readonly(rot_mat), timestamp)
+    total_rot = fitted_rot @ (reference.rotation if reference is not None else np.eye(3))
+    iso = isocentre_check(geometry, placed, views, rotation=fitted_rot)
+    return CalibrationResult(geometry, solutions, iso, views, rotation, phantom, _readonly(total_rot), timestamp,
+                             reference=reference, isocentre_covariance_mm2=_readonly(_isocentre_covariance(starts, layout, fit)))
 
 
 def _parameter_table(ref: _Reference, x: np.ndarray, cov: np.ndarray, fit_aspect: bool) -> tuple[ParameterEstimate, ...]:
@@ -693,7 +864,42 @@ def measure_frame(
         imager=imager.name, marker_names=phantom.names,
         max_missing=max_missing,
     )
+    det, match = _refined_per_marker(phantom, imager, arr, couch_shift_mm, det, match, i0)
     return MeasuredFrame(imager.name, _readonly(np.asarray(couch_shift_mm, float)), det, match, _readonly(predicted), source)
+
+
+def _shadow_diameters_px(phantom: BBPhantom, imager: ImagerGeometry, couch_shift_mm) -> np.ndarray:
+    """Each marker's expected shadow diameter on the panel, px: diameter x its own magnification / pitch."""
+    pts = phantom.placed_mm(couch_shift_mm)
+    depth = (pts - imager.source_mm) @ imager.normal
+    return phantom.diameters_mm * imager.source_to_detector_mm / depth / float(np.mean(imager.pixel_spacing_mm))
+
+
+def _refined_per_marker(phantom, imager, frame, couch_shift_mm, det: DetectedBBs, match: MarkerMatch, i0):
+    """Matched markers re-measured with windows sized to each marker's own diameter (BBs of several sizes)."""
+    diam = _shadow_diameters_px(phantom, imager, couch_shift_mm)
+    if np.allclose(diam, np.median(diam), rtol=0.05):
+        return det, match  # one size: detection's window was already right
+    found = np.flatnonzero(match.found)
+    new_c, new_s = refine_centres(frame, match.marker_px[found], diam[found], i0=i0, imager=imager.name)
+    ok = np.all(np.isfinite(new_c), axis=1)
+    marker_px = np.array(match.marker_px)
+    marker_px[found[ok]] = new_c[ok]
+    centres, sigma = np.array(det.centres_px), np.array(det.sigma_px)
+    idx = match.detection_index[found[ok]]
+    centres[idx] = new_c[ok]
+    sigma[idx] = new_s[ok]
+    det = dataclasses.replace(det, centres_px=_readonly(centres), sigma_px=_readonly(sigma))
+    return det, dataclasses.replace(match, marker_px=_readonly(marker_px))
+
+
+def _marker_sigmas(m: MeasuredFrame) -> np.ndarray:
+    """(N,) detection sigma of each marker's centre, px, NaN where not found."""
+    idx = np.asarray(m.match.detection_index)
+    sig = np.asarray(m.detections.sigma_px, dtype=np.float64)
+    if len(sig) == 0:
+        return np.full(len(idx), np.nan)
+    return np.where(idx >= 0, sig[np.clip(idx, 0, len(sig) - 1)], np.nan)
 
 
 def _check_not_swapped(
@@ -734,6 +940,7 @@ def calibrate(
     free_phantom_rotation: bool = False,
     calibrated_unix_s: float | None = None,
     phantom_source: str = "",
+    reference: IsocentreReference | None = None,
 ) -> CalibrationResult:
     """The whole calibration: detect and name BBs in every frame, solve, check the isocentre.
 
@@ -746,7 +953,7 @@ def calibrate(
         Nominal room geometry (panel sizes, pitch, approximate positions).
     max_missing : int
         Markers per frame that may be missing.
-    fit_pixel_aspect, free_phantom_rotation, calibrated_unix_s
+    fit_pixel_aspect, free_phantom_rotation, calibrated_unix_s, reference
         As :func:`solve_geometry`.
     phantom_source : str
         Phantom file name, for provenance.
@@ -766,25 +973,25 @@ def calibrate(
     for fr in frames:
         if fr.imager not in nominal.names:
             raise CalibrationSolveError(f"frame for unknown imager '{fr.imager}' (geometry has {', '.join(nominal.names)})")
+    placed = reference.place(phantom) if reference is not None else phantom
     measured = []
     failures = []
     for fr in frames:
         try:
-            measured.append(measure_frame(phantom, nominal[fr.imager], fr.frame, couch_shift_mm=fr.couch_shift_mm,
+            measured.append(measure_frame(placed, nominal[fr.imager], fr.frame, couch_shift_mm=fr.couch_shift_mm,
                                           i0=fr.i0, max_missing=max_missing, source=fr.source))
         except MarkerCountError as err:
             measured.append(None)
             failures.append(err)
-    _check_not_swapped(phantom, nominal, frames, measured, max_missing)
+    _check_not_swapped(placed, nominal, frames, measured, max_missing)
     if failures:
         raise failures[0]
-    views = tuple(PhantomView(m.imager, m.couch_shift_mm, m.match.marker_px, m.source) for m in measured)
+    views = tuple(PhantomView(m.imager, m.couch_shift_mm, m.match.marker_px, m.source, _marker_sigmas(m)) for m in measured)
     sources = [fr.source for fr in frames if fr.source]
     provenance = (f"phantom file {phantom_source}; " if phantom_source else "") + (
         "images " + ", ".join(f"{fr.imager}={fr.source}" for fr in frames if fr.source) if sources else ""
     )
     result = solve_geometry(phantom, views, nominal, fit_pixel_aspect=fit_pixel_aspect,
                             free_phantom_rotation=free_phantom_rotation, calibrated_unix_s=calibrated_unix_s,
-                            provenance=provenance.strip("; "))
-    return CalibrationResult(result.geometry, result.imagers, result.isocentre, result.views, result.phantom_rotation,
-                             result.phantom, result.phantom_rotation_matrix, result.calibrated_unix_s, tuple(measured))
+                            provenance=provenance.strip("; "), reference=reference)
+    return dataclasses.replace(result, measured=tuple(measured))

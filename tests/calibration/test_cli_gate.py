@@ -57,3 +57,35 @@ def test_right_phantom_passes_the_gate(case, tmp_path, capsys):
     out = tmp_path / "g.json"
     assert main(_args(folder, "right.json", out, tmp_path / "r", images)) == 0
     assert "acceptance gate: passed" in capsys.readouterr().out and out.exists()
+
+
+def test_report_a_physicist_signs_with_a_winston_lutz_reference_and_the_previous_calibration(case, tmp_path, capsys):
+    folder, images, _ = case
+    wl = tmp_path / "wl.json"
+    wl.write_text(json.dumps({"schema": "winston-lutz/1", "centre_bb_from_mv_isocentre_mm": [0.0, 0.0, 0.0],
+                              "sigma_mm": 0.1, "machine": "Linac 2", "date": "2026-12-06"}))
+    out, rep = tmp_path / "g.json", tmp_path / "r"
+    args = _args(folder, "right.json", out, rep, images) + [
+        "--winston-lutz", str(wl), "--laser-pose", "0.2,0,0", "--machine", "Linac 2", "--operator", "J. Doe",
+        "--previous", str(folder / "nominal.json")]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "kV isocentre vs MV isocentre" in printed and "within tolerance" in printed
+    assert "lasers vs MV isocentre" in printed
+    text = (rep / "index.html").read_text()
+    assert "Imaging-geometry calibration: ACCEPTABLE" in text and "Linac 2" in text and "J. Doe" in text
+    assert "spineguide" in text and "(SAD)" in text and "(SID)" in text and "magnification" in text
+    assert "Compared with the previous calibration" in text and "TG-142" in text
+    assert (rep / "report.pdf").read_bytes()[:5] == b"%PDF-"
+    assert (rep / "bbs_A.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_failed_calibration_still_writes_a_report(case, tmp_path, capsys):
+    folder, images, _ = case
+    only_centre = [v for pair in zip(images[::2], images[1::2]) for v in pair if "@" not in pair[1]]
+    one_imager = only_centre[:2]  # imager A only: B has no views
+    rep = tmp_path / "r"
+    assert main(_args(folder, "right.json", tmp_path / "g.json", rep, one_imager)) == 2
+    text = (rep / "index.html").read_text()
+    assert "FAILED (no geometry)" in text and "What went wrong" in text
+    assert (rep / "report.pdf").read_bytes()[:5] == b"%PDF-"

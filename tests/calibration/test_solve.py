@@ -186,3 +186,26 @@ def test_calibrate_from_rendered_frames_recovers_the_true_geometry():
         assert np.sqrt(np.mean(held**2)) <= HELD_OUT_TOL_PX
     assert "ph.json" in result.geometry.notes and "A=A0.mha" in result.geometry.notes
     assert len(result.measured) == len(frames)
+
+
+def test_detection_sigmas_weight_the_fit_and_bad_sigmas_are_refused():
+    """A BB measured 20x noisier, with its sigma saying so, must not pull the weighted fit (exact data elsewhere)."""
+    true = true_geometry(12)
+    views = views_of(true)
+    noisy = []
+    rng = np.random.default_rng(3)
+    for v in views:
+        px = np.array(v.marker_px)
+        px[4] += rng.normal(0.0, 1.0, 2)  # BB 4: 1 px noise
+        sig = np.full(len(px), 1e-3)
+        sig[4] = 1.0
+        noisy.append((PhantomView(v.imager, v.couch_shift_mm, px), PhantomView(v.imager, v.couch_shift_mm, px, "", sig)))
+    flat = solve_geometry(PHANTOM, [a for a, _ in noisy], NOMINAL)
+    weighted = solve_geometry(PHANTOM, [b for _, b in noisy], NOMINAL)
+    for name in NOMINAL.names:
+        e_flat = np.linalg.norm(flat.imager(name).geometry.source_mm - true[name].source_mm)
+        e_w = np.linalg.norm(weighted.imager(name).geometry.source_mm - true[name].source_mm)
+        assert e_w < 0.5 * e_flat
+    assert_allclose(views[0].weights(), 1.0)
+    with pytest.raises(CalibrationSolveError, match="marker_sigma_px must be 16 non-negative numbers"):
+        PhantomView("A", (0, 0, 0), views[0].marker_px, "", np.ones(3))

@@ -482,7 +482,8 @@ def test_qa_view_shows_the_trend_and_the_calibration_report(tmp_path):
     with open(hist, "w") as fh:
         fh.writelines(json.dumps({"schema": "qa-record/1", "performed_unix_s": 1.7e9 + day * 86400.0, "status": "pass",
                                  "centre_offset_distance_mm": offset, "imagers": {"A": {"rms_mm": 0.1}},
-                                 "tolerances": {"offset_action_mm": 0.5}}) + "\n" for day, offset in enumerate((0.10, 0.15, 0.20)))
+                                 "tolerances": {"offset_action_mm": 0.5}}) + "\n"
+                      for day, offset in enumerate(0.10 + 0.05 * np.arange(8)))  # 8 days: a trend needs >= 7
     report = tmp_path / "cal"
     report.mkdir()
     (report / "index.html").write_text("<html>calibration</html>")

@@ -3,7 +3,10 @@
 Exit codes (README, docs/ROBUSTNESS.md):
 
 - 0: success (``register``: a trusted result);
-- 1: ``qa`` ran and the geometry failed its tolerance;
+- 1: ``qa`` ran and reached its ACTION level (investigate; a geometry change beyond the noise, or the phantom
+  set up too far off);
+- 5: ``qa`` FAILED: out of tolerance (a QA that could not be done is recorded as FAIL in the history and
+  exits 2);
 - 2: nothing could be done: a bad argument or file, an error of the library;
   one line on stderr, ``spineguide: error: <what went wrong>``;
 - 3: ``register`` computed a result that is not to be trusted (``quality.ok``
@@ -50,7 +53,7 @@ from .args import (
 )
 
 __all__ = ["main", "build_parser", "parse_triplet_mm", "parse_six", "CliError", "RegisterRefusal",
-           "EXIT_OK", "EXIT_QA_FAILED", "EXIT_ERROR", "EXIT_NOT_TRUSTED", "EXIT_INTERNAL", "EXIT_INTERRUPTED",
+           "EXIT_OK", "EXIT_QA_FAILED", "EXIT_QA_OUT_OF_TOLERANCE", "EXIT_ERROR", "EXIT_NOT_TRUSTED", "EXIT_INTERNAL", "EXIT_INTERRUPTED",
            "MAX_SEED_DISTANCE_MM", "AIR_HU", "finite_float", "positive_float", "non_negative_int", "port_number",
            "i0_level", "rejoin_negative_values"]
 
@@ -60,6 +63,7 @@ EXIT_ERROR = 2
 EXIT_NOT_TRUSTED = 3
 EXIT_INTERNAL = 4
 EXIT_INTERRUPTED = 130
+EXIT_QA_OUT_OF_TOLERANCE = 5
 
 #: Farthest a planned seed may sit from the plan isocentre, mm. Spine seeds sit in the treated or the
 #: neighbouring vertebra (a few cm); a seed 10 cm away is a wrong file, a wrong isocentre or another patient.
@@ -504,6 +508,24 @@ def _load_phantom(text: str):
     return default_phantom() if text == "default" else read_phantom(text)
 
 
+def _isocentre_reference(args: argparse.Namespace):
+    """(reference, laser pose to compare) from --winston-lutz / --laser-pose."""
+    from spineguide.calibration.isocentre import laser_pose, read_winston_lutz
+
+    laser = None
+    if args.laser_pose:
+        try:
+            v = [float(t) for t in args.laser_pose.split(",")]
+        except ValueError as err:
+            raise CliError(f"--laser-pose: expected DX,DY,DZ[,RX,RY,RZ] numbers, got {args.laser_pose!r}") from err
+        if len(v) not in (3, 6) or not all(math.isfinite(t) for t in v):
+            raise CliError(f"--laser-pose: expected 3 or 6 finite numbers, got {args.laser_pose!r}")
+        laser = laser_pose(v[:3], v[3:] if len(v) == 6 else (0.0, 0.0, 0.0), source="--laser-pose")
+    if args.winston_lutz:
+        return read_winston_lutz(args.winston_lutz), laser
+    return laser, None
+
+
 def _cmd_calibrate(args: argparse.Namespace) -> int:
     from spineguide.calibration.geometry import default_stereo_geometry
     from spineguide.calibration.io import read_geometry, write_geometry
@@ -513,9 +535,21 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     nominal = read_geometry(args.nominal) if args.nominal else default_stereo_geometry()
     phantom = _load_phantom(args.phantom)
     frames = _calibration_frames(args.image, nominal, args.i0)
+    reference, laser = _isocentre_reference(args)
+    from spineguide.calibration.errors import CalibrationError
+    from spineguide.calibration.report import ReportContext, write_failure_report
+
+    previous = read_geometry(args.previous) if args.previous else None
+    context = ReportContext(args.machine, args.operator, str(args.phantom), previous, None, laser)
     t0 = time.monotonic()
-    result = calibrate(phantom, frames, nominal, free_phantom_rotation=args.free_phantom_rotation,
-                       phantom_source=str(args.phantom))
+    try:
+        result = calibrate(phantom, frames, nominal, free_phantom_rotation=args.free_phantom_rotation,
+                           phantom_source=str(args.phantom), reference=reference)
+    except CalibrationError as err:
+        if args.report:
+            report = write_failure_report(args.report, err, frames, context, phantom.name)
+            print(f"calibration failed; report: {report}")
+        raise
     elapsed_s = time.monotonic() - t0
     from spineguide.calibration.gate import acceptance_gate
 
@@ -531,10 +565,14 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     print_table(["imager", "BB views", "RMS px", "max px", "source (room mm)", "source-panel mm"], rows)
     iso = result.isocentre
     flag = "FLAGGED" if iso.flagged else "ok"
-    print(f"isocentre check: centre BB at {_fmt_vec(iso.centre_bb_room_mm, 3)} mm, "
-          f"{iso.discrepancy_mm:.3f} mm from where it should be (limit {iso.limit_mm} mm): {flag}")
+    print(f"isocentre check (fit consistency, circular): centre BB at {_fmt_vec(iso.centre_bb_room_mm, 3)} mm, "
+          f"{iso.discrepancy_mm:.3f} mm from where it was placed (limit {iso.limit_mm} mm): {flag}")
+    for line in result.kv_isocentre(laser).lines():
+        print(line)
     if args.report:
-        report = write_calibration_report(result, args.report, frames)
+        import dataclasses
+
+        report = write_calibration_report(result, args.report, frames, dataclasses.replace(context, gate=gate))
         print(f"report: {report}")
     if not gate.passed:
         print(f"acceptance gate FAILED (BBs: {', '.join(gate.failed_bbs) or 'none named'}):")
@@ -551,7 +589,9 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
 
 def _cmd_qa(args: argparse.Namespace) -> int:
     from spineguide.calibration.io import read_geometry
-    from spineguide.calibration.qa import QAStatus, QATolerances, append_history, read_history, run_qa, trend
+    from spineguide.calibration.errors import CalibrationError
+    from spineguide.calibration.qa import (QAStatus, QATolerances, append_failure, append_history, read_history, run_qa,
+                                           trend)
     from spineguide.calibration.report import write_trend_plot
 
     history = Path(args.history)
@@ -559,7 +599,7 @@ def _cmd_qa(args: argparse.Namespace) -> int:
         records = read_history(history)
         summary = trend(records)
         print(summary.table)
-        print(f"centre-BB offset drift: {summary.offset_drift_mm_per_30_days:.3f} mm per 30 days")
+        print(summary.drift_line)
         plot = write_trend_plot(records, args.plot or history.with_suffix(".png"))
         print(f"plot: {plot}")
         return 0
@@ -569,17 +609,29 @@ def _cmd_qa(args: argparse.Namespace) -> int:
     phantom = _load_phantom(args.phantom)
     frames = _calibration_frames(args.image, geometry, args.i0)
     tolerances = QATolerances(offset_action_mm=args.action_mm, offset_tolerance_mm=args.tolerance_mm)
-    result = run_qa(geometry, phantom, frames, tolerances=tolerances)
+    try:
+        result = run_qa(geometry, phantom, frames, tolerances=tolerances, setup_verified=args.setup_verified)
+    except CalibrationError as err:
+        # Recorded as a FAIL in the history (a QA not done is a QA failed), then reported as an error (exit 2).
+        append_failure(history, str(err), {name: str(path) for name, path, _ in _parse_calibration_images(args.image)})
+        print(f"QA could not be done; recorded as FAIL in {history}")
+        raise
     append_history(history, result)
     rows = [[q.imager, q.n_found, f"{q.rms_px:.3f}", f"{q.rms_mm:.3f}", f"{q.max_mm:.3f}", q.status.value]
             for q in result.imagers]
     print_table(["imager", "BBs", "RMS px", "RMS mm (iso)", "max mm (iso)", "status"], rows)
     print(f"centre BB offset {_fmt_vec(result.centre_offset_mm, 3)} mm = {result.centre_offset_distance_mm:.3f} mm "
           f"(action {tolerances.offset_action_mm} mm, tolerance {tolerances.offset_tolerance_mm} mm)")
+    if result.causes is not None:
+        st = result.causes.setup
+        print(f"phantom setup today: translation {_fmt_vec(st.translation_mm, 2)} mm, rotation "
+              f"{_fmt_vec(st.rotation_deg, 2)} deg (not a geometry fault)")
+        print("detection limits (95 % power) per imager: " + "; ".join(
+            f"{d.imager} {d.cause} {d.best:.2f}-{d.worst:.2f} {d.unit}" for d in result.causes.limits))
     print(f"QA {result.status.value}; recorded in {history}")
     for reason in result.reasons:
         print(f"  - {reason}")
-    return 0 if result.status is QAStatus.PASS else 1
+    return {QAStatus.PASS: EXIT_OK, QAStatus.ACTION: EXIT_QA_FAILED}.get(result.status, EXIT_QA_OUT_OF_TOLERANCE)
 
 
 def _fmt_vec(values, digits: int) -> str:
@@ -669,8 +721,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--i0", type=i0_level, default=None,
                    help="unattenuated signal (default: estimated per frame)")
     p.add_argument("--free-phantom-rotation", action="store_true", help="fit the phantom's rotation too")
+    p.add_argument("--winston-lutz", type=Path, default=None,
+                   help="winston-lutz/1 file: the centre BB measured against the MV isocentre (ties the room origin)")
+    p.add_argument("--laser-pose", default=None,
+                   help="phantom pose read off the lasers: DX,DY,DZ[,RX,RY,RZ] (room mm, deg); the reference when no "
+                        "--winston-lutz is given, else compared with it")
     p.add_argument("--out", required=True, type=Path, help="kv-geometry/1 file to write")
-    p.add_argument("--report", type=Path, default=None, help="folder for the HTML report with figures")
+    p.add_argument("--report", type=Path, default=None,
+                   help="folder for the report (index.html + report.pdf), written also when the calibration fails")
+    p.add_argument("--machine", default="", help="treatment machine / room name, for the report")
+    p.add_argument("--operator", default="", help="who took the images, for the report")
+    p.add_argument("--previous", type=Path, default=None,
+                   help="the kv-geometry/1 calibration in use until now, compared in the report")
     p.add_argument("--force", action="store_true",
                    help="write the geometry even when the acceptance gate fails (exit status stays 3)")
     p.set_defaults(func=_cmd_calibrate)
@@ -683,6 +745,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--history", default="qa-history.jsonl", help="QA history file (JSON lines), appended")
     p.add_argument("--tolerance-mm", type=positive_float, default=1.0, help="centre-BB offset tolerance (TG-142 SRS: 1 mm)")
     p.add_argument("--action-mm", type=positive_float, default=0.5, help="centre-BB offset action level (default 0.5 mm)")
+    p.add_argument("--setup-verified", action="store_true",
+                   help="the phantom sits at its file position to within the tolerance (Winston-Lutz): grade the "
+                        "centre-BB offset as the TG-142 coincidence (otherwise it is today's setup, reported)")
     p.add_argument("--trend", action="store_true", help="show the history as a table and a plot")
     p.add_argument("--plot", type=Path, default=None, help="trend plot PNG (default: beside the history)")
     p.set_defaults(func=_cmd_qa)

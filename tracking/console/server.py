@@ -569,9 +569,8 @@ def _qa_page(config: ConsoleConfig) -> str:
             summary = trend(records)
             with tempfile.TemporaryDirectory() as tmp:
                 png = write_trend_plot(records, Path(tmp) / "trend.png").read_bytes()
-            drift = summary.offset_drift_mm_per_30_days
-            parts.append(f"<p id='qa-latest'>latest: {html.escape(records[-1]['status'])}; centre-BB offset drift "
-                         f"{'n/a' if math.isnan(drift) else f'{drift:.3f} mm per 30 days'}</p>"
+            parts.append(f"<p id='qa-latest'>latest: {html.escape(records[-1]['status'])}; "
+                         f"{html.escape(summary.drift_line)}</p>"
                          f"<pre id='qa-trend'>{html.escape(summary.table)}</pre>"
                          f"<img alt='QA trend' src='data:image/png;base64,{base64.b64encode(png).decode()}'>")
         except CalibrationError as err:
