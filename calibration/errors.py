@@ -12,6 +12,7 @@ __all__ = [
     "DetectionError",
     "MarkerCountError",
     "ImagesSwappedError",
+    "IsocentreReferenceError",
     "PhantomError",
     "PhantomFileError",
     "QAHistoryError",
@@ -52,6 +53,10 @@ class ImagesSwappedError(DetectionError):
 
 class MarkerCountError(DetectionError):
     """Too few of the phantom's markers were found in a frame."""
+
+
+class IsocentreReferenceError(CalibrationError):
+    """A Winston-Lutz file or laser pose that cannot be used (names file and field)."""
 
 
 class PhantomError(CalibrationError, ValueError):

@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 from scipy.spatial.transform import Rotation
 
-from .errors import CalibrationError
+from .errors import IsocentreReferenceError
 from .foundation import readonly_array
 from .jsonfile import parse_json_bytes
 from .phantom import BBPhantom, Marker
@@ -60,10 +60,6 @@ TG142_SRS_COINCIDENCE_MM = 1.0
 LASER_SIGMA_MM = 0.5
 #: 1-sigma of a laser-aligned phantom's rotation per axis (a 1 mm laser line over a 120 mm face), degrees.
 LASER_SIGMA_DEG = 0.5
-
-
-class IsocentreReferenceError(CalibrationError):
-    """A Winston-Lutz file or laser pose that cannot be used (names file and field)."""
 
 
 def _vec3(value, what: str) -> np.ndarray:
