@@ -46,7 +46,8 @@ from ._stereo_kernels import triangulate_two_views
 from .detection import Detection, DetectionConfig, _check_frame, _check_i0, detect_seeds_in_frames, estimate_i0
 from .errors import FiducialConfigError, FiducialNotFoundError, FrameError, ImagerLabelError
 from .flatfield import FlatField
-from .seed_search import faint_candidates, refine_seeds
+from .constellation import evidence_maps, sample_bilinear, search_constellation
+from .seed_search import refine_seeds, response_map
 
 __all__ = [
     "Correspondence",
@@ -83,65 +84,84 @@ _FROM_POINT_FLAG = {
 
 @dataclass(frozen=True, slots=True)
 class FaintSearchConfig:
-    """The second, plan-guided search for seeds a stand-alone detector misses (``spineguide.tracking.seed_search``).
+    """The plan-guided joint search for seeds a stand-alone detector misses (``spineguide.tracking.constellation``).
 
     Runs when the clean-frame detector leaves a planned seed unfound (or
-    finds none): matched-filter candidates per view, chosen jointly with the
-    planned constellation and the epipolar geometry, refined at full
-    resolution; then each seed still missing is searched where the others
-    say it must be.
+    finds none): the planned constellation is searched as a whole in both
+    views' matched-filter evidence maps, then each seed is verified by a
+    sub-pixel fit where the pose puts it, or (a migration) by a strong fit
+    within ``migration_search_mm`` of that place.
 
     Attributes
     ----------
     enabled : bool
-    min_snr : float
-        Standardised matched-filter response of a candidate.
-    refine_min_snr : float
-        Full-resolution transmission-deficit SNR of an accepted seed.
-    predicted_min_snr : float
-        Candidate response needed near a predicted position (a seed the
-        others place there); higher than ``min_snr`` as nothing else vouches for it.
+    snr_cap : float
+        Evidence of one seed view is capped at this standardised response, so
+        that no single bright structure outweighs a seed.
+    translation_range_mm, translation_step_mm : float
+        Translation grid of the constellation search around the plan (the
+        prior pose when tracking), mm.
+    tracking_range_mm : float
+        Translation range around a prior pose, mm.
+    max_rotation_deg : float
+        Bound of each rotation component of the 6-DoF refinement, degrees.
+    pool_mm : float
+        Max-pooling radius of the translation search (absorbs rotation), mm
+        at the isocentre.
+    smooth_mm : float
+        Gaussian sigma of the maps of the 6-DoF refinement, mm at the isocentre.
+    hypotheses : int
+        Translation maxima refined and verified.
+    seed_min_snr : float
+        Fitted SNR (amplitude over its standard error) of a seed at its
+        predicted place, in each view.
+    near_mm : float
+        Largest distance of that fit from the predicted place, mm at the isocentre.
+    anchor_min_snr : float
+        Two seeds of a constellation must reach this fitted SNR in both views
+        (the pose is then not made of noise fitted into place).
+    moved_min_snr : float
+        Fitted SNR in both views of a seed found away from its predicted place
+        (a migration claim needs a seed that stands out on its own).
+    migration_search_mm : float
+        Half-size of the cube searched around the predicted place of a seed
+        not seen there, mm.
     two_seed_min_snr : float
         Fitted SNR each seed of a two-seed solution needs in both views (two
-        seeds agree on a single distance, weak evidence among many candidates).
-    candidates_per_view : int
-        Strongest matched-filter candidates per view, each fitted at full resolution.
-    kept_per_view : int
-        Fits kept per view for the joint choice, most significant first.
-        (Keeping 16 of 64 by fitted contrast instead found no more seeds and
-        let more false ones through: docs/BENCHMARKS.md.)
-    search_margin_mm : float or None
-        Whole-frame mode: only the projection of a sphere around the planned
-        seeds, this much larger than their extent (mm), is searched; None:
-        the whole panel.
-    predicted_radius_mm : float
-        Half-size of the window searched around a predicted position, mm
-        at the isocentre (covers the migration limit and a 2-seed pose's error).
+        seeds agree on a single distance, weak evidence).
+    search_margin_mm : float
+        The region analysed: a sphere around the planned seeds, this much
+        larger than their extent and the translation range, mm.
     """
 
     enabled: bool = True
-    min_snr: float = 6.0
-    refine_min_snr: float = 5.0
-    predicted_min_snr: float = 5.0
+    snr_cap: float = 6.0
+    translation_range_mm: float = 12.0
+    translation_step_mm: float = 1.0
+    tracking_range_mm: float = 3.0
+    max_rotation_deg: float = 5.0
+    pool_mm: float = 1.5
+    smooth_mm: float = 0.4
+    hypotheses: int = 3
+    seed_min_snr: float = 4.0
+    near_mm: float = 0.75
+    anchor_min_snr: float = 6.0
+    moved_min_snr: float = 8.0
+    migration_search_mm: float = 3.5
     two_seed_min_snr: float = 10.0
-    candidates_per_view: int = 24
-    kept_per_view: int = 24
-    search_margin_mm: float | None = 40.0
-    predicted_radius_mm: float = 4.0
+    search_margin_mm: float = 8.0
 
     def __post_init__(self) -> None:
-        for name in ("min_snr", "refine_min_snr", "predicted_min_snr", "two_seed_min_snr", "predicted_radius_mm"):
+        for name in ("snr_cap", "translation_range_mm", "translation_step_mm", "tracking_range_mm",
+                     "max_rotation_deg", "pool_mm", "smooth_mm", "seed_min_snr", "near_mm", "anchor_min_snr",
+                     "moved_min_snr", "migration_search_mm", "two_seed_min_snr", "search_margin_mm"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
                 raise FiducialConfigError(
                     f"faint search config: {name} must be a positive finite number, got {value!r}")
-        m = self.search_margin_mm
-        if m is not None and (isinstance(m, bool) or not isinstance(m, (int, float)) or not math.isfinite(m) or m <= 0):
-            raise FiducialConfigError(f"faint search config: search_margin_mm must be positive or None, got {m!r}")
-        for name in ("candidates_per_view", "kept_per_view"):
-            k = getattr(self, name)
-            if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-                raise FiducialConfigError(f"faint search config: {name} must be a positive integer, got {k!r}")
+        k = self.hypotheses
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise FiducialConfigError(f"faint search config: hypotheses must be a positive integer, got {k!r}")
         if not isinstance(self.enabled, bool):
             raise FiducialConfigError(f"faint search config: enabled must be a bool, got {self.enabled!r}")
 
@@ -762,7 +782,7 @@ def localise_fiducials(
     if config.faint.enabled and not refused and (found is None or (not found[0].corr.found.all() and not found[1])):
         # Seeds the stand-alone detector could not see: the plan-guided search.
         try:
-            second = _faint_solution(frames, geometry, (a, b), i0s, masks, planned, seed_names, prior_pose, config,
+            second = _joint_solution(frames, geometry, (a, b), i0s, masks, planned, seed_names, prior_pose, config,
                                      same_panel)
         except SeedMigrationError:
             # More of the constellation was seen, and refused: never answer with a part of it, unless
@@ -806,164 +826,222 @@ def _labelled_solution(geometry, names, dets, planned, seed_names, prior_pose, c
     return _separate_overlaps(chosen, geometry, (a, b), dets, planned, seed_names, config)
 
 
-def _faint_labelling(geometry, names, dets, planned, seed_names, prior_pose, config, same_panel, within):
-    """Both labellings of faint candidates judged (``_choose``), where a labelling needs two seeds to count.
-
-    One candidate pair always "fits" (any point can be translated onto a
-    seed), so among faint candidates it is no evidence for a labelling or a
-    pose; with two planned seeds or more, two consistent seeds are needed.
-    """
-    a, b = names
-    need = min(max(2, len(planned) - 1), len(planned))
-    px = {n: _centres(dets[n]) for n in (a, b)}
-    labellings = [(px[a], px[b])] + ([(px[b], px[a])] if same_panel else [])
-    cands = _pair_candidates_labellings(geometry, (a, b), labellings, config, within)
-    given = _solve((a, b), cands[0], planned, seed_names, prior_pose, config, need, subsets=True)
-    beat = max(need, given.corr.n_found) if isinstance(given, _Solution) and given.plausible else need
-    swapped = FrameError("frames do not fit the other imager") if not same_panel else _solve(
-        (a, b), cands[1], planned, seed_names, prior_pose, config, beat, subsets=True)
-    if isinstance(swapped, _Solution) and swapped.corr.n_found < beat:
-        swapped = FiducialNotFoundError("fewer seeds than the given labelling")
-    sol = _choose(given, swapped, a, b, config, planned)
-    if sol.corr.n_found < 3:
-        # Two seeds agree on one distance only: both must stand out on their own in both views.
-        weak = [seed_names[k] for k in np.flatnonzero(sol.corr.found)
-                if min(dets[n][int(sol.corr.detection_index[k, v])].snr for v, n in enumerate(names))
-                < config.faint.two_seed_min_snr]
-        if weak:
-            raise FiducialNotFoundError(
-                f"fiducials not found: the faint search saw only {sol.corr.n_found} seeds and "
-                f"{', '.join(weak)} too faintly (SNR below {config.faint.two_seed_min_snr:g}) to trust"
-            )
-    return sol
-
-
 def _better(new: _Solution, old: _Solution) -> bool:
     """More seeds found (then used), then a lower FRE."""
     return (new.corr.n_found, new.reg.n_used, -new.reg.fre_mm) > (old.corr.n_found, old.reg.n_used, -old.reg.fre_mm)
 
 
-def _search_regions(geometry: StereoGeometry, name: str, centres_room_mm: np.ndarray, radius_mm: float):
-    """Pixel boxes ``(r0, r1, c0, c1)`` of imager ``name`` covering spheres of ``radius_mm`` around room points."""
+def _search_box(geometry: StereoGeometry, name: str, centres_room_mm: np.ndarray, radius_mm: float):
+    """Pixel box ``(r0, r1, c0, c1)`` of imager ``name`` covering spheres of ``radius_mm`` around room points."""
     im = geometry[name]
-    boxes = []
-    for c in np.atleast_2d(centres_room_mm):
-        corners = c + radius_mm * np.array(np.meshgrid([-1, 1], [-1, 1], [-1, 1])).reshape(3, -1).T
-        px = im.project(corners)
-        c0, r0 = np.floor(px.min(axis=0)).astype(int)
-        c1, r1 = np.ceil(px.max(axis=0)).astype(int) + 1
-        r0, c0, r1, c1 = max(r0, 0), max(c0, 0), min(r1, im.rows), min(c1, im.cols)
-        if r1 > r0 and c1 > c0:
-            boxes.append((int(r0), int(r1), int(c0), int(c1)))
-    return boxes
+    corners = (np.atleast_2d(centres_room_mm)[:, None, :]
+               + radius_mm * np.array(np.meshgrid([-1, 1], [-1, 1], [-1, 1])).reshape(3, -1).T[None]).reshape(-1, 3)
+    px = im.project(corners)
+    c0, r0 = np.floor(px.min(axis=0)).astype(int)
+    c1, r1 = np.ceil(px.max(axis=0)).astype(int) + 1
+    r0, c0, r1, c1 = max(r0, 0), max(c0, 0), min(r1, im.rows), min(c1, im.cols)
+    if r1 <= r0 or c1 <= c0:
+        return None
+    return int(r0), int(r1), int(c0), int(c1)
 
 
-def _candidates(signals, geometry, name, i0, masks, regions, config: FiducialConfig, min_snr: float, keep: int):
-    """Detections (coarse centres) of the strongest matched-filter candidates of one view in some regions."""
-    fc = config.faint
-    centres, snr, orient, contrast = [], [], [], []
-    for region in regions:
-        c = faint_candidates(signals[name], geometry[name], i0, config.detection, min_snr, fc.candidates_per_view,
-                             masks.get(name), region)
-        centres.append(c.centres_px)
-        snr.append(c.snr)
-        orient.append(c.orientation_deg)
-        contrast.append(c.contrast)
-    if not centres:
-        return ()
-    centres, snr, orient, contrast = (np.concatenate(x) for x in (centres, snr, orient, contrast))
-    order = np.argsort(-snr, kind="stable")
-    out, kept = [], []
-    for q in order:
-        if any(np.hypot(*(centres[q] - k)) < 2.0 for k in kept):  # overlapping regions found it twice
-            continue
-        kept.append(centres[q])
-        out.append(Detection(name, centres[q], float(contrast[q]), float(snr[q]), 0.0, 0.0, float(orient[q]), 0,
-                             max(0.0, 1.0 - min_snr / float(snr[q]))))
-        if len(out) >= keep:
-            break
-    return tuple(out)
+def _px_per_mm(imager) -> float:
+    """Panel pixels per mm at the isocentre."""
+    return imager.magnification / float(np.min(imager.pixel_spacing_mm))
 
 
-_PREDICTED_CONTRAST_FRACTION = 0.5  # seeds of one patient share their contrast (diameter 0.8-1.2 mm)
-_FAINT_ASSOCIATION_MM = 3.0  # a 2 mm migration and the coarse centres' error, no more: false candidates abound
+_CUBE_STEP_MM = 0.35  # the migration search's 3D grid (about one full-resolution pixel at the isocentre)
 
 
-def _faint_solution(frames, geometry, names, i0s, masks, planned, seed_names, prior_pose, config, same_panel):
-    """The plan-guided search (``FaintSearchConfig``): ``(solution, overlapping, detections)``.
+def _joint_solution(frames, geometry, names, i0s, masks, planned, seed_names, prior_pose, config, same_panel):
+    """The plan-guided joint search (``FaintSearchConfig``): ``(solution, overlapping, detections)``.
 
-    1. Candidates per view (where the plan or the prior puts the seeds), each
-       refined at full resolution (``refine_seeds``: centre, orientation,
-       length, SNR); those still significant are the detections.
-    2. The solution chosen jointly: epipolar pairs, constellation (with the
-       association limit narrowed to ``_FAINT_ASSOCIATION_MM``), both
-       labellings, a labelling needing two seeds to count.
-    3. A seed still missing is searched in both views where the pose of the
-       others puts it, and the pair solved again.
+    1. Evidence maps per view over the region where the plan (or the prior)
+       can put the seeds; pose hypotheses of the whole constellation
+       (:func:`spineguide.tracking.constellation.search_constellation`).
+    2. Per hypothesis, each seed verified in each view by a sub-pixel fit
+       started where the pose projects it (fitted SNR >= ``seed_min_snr``,
+       within ``near_mm``); a seed not seen there is searched within
+       ``migration_search_mm`` in 3D (both views' evidence summed along the
+       epipolar constraint) and kept only if it stands out on its own in both
+       views (``moved_min_snr``): the rigid-body check then names it.
+    3. The verified seeds are triangulated and registered; the hypothesis
+       with most seeds (then the lowest FRE) is the answer. Both labellings
+       are tried when the given one finds no constellation.
     """
     fc = config.faint
-    a, b = names
     signals, levels = {}, {}
     for n in names:
         frame = _check_frame(frames[n], geometry[n])
         signals[n] = np.asarray(frame, dtype=np.float32)
         levels[n] = _check_i0(i0s[n], n) if i0s[n] is not None else estimate_i0(signals[n], n)
     if prior_pose is not None:
-        radius = config.detection.tracking_window_mm
-        where = prior_pose.apply(planned)
-    elif fc.search_margin_mm is not None:
-        centre = planned.mean(axis=0)
-        radius = float(np.linalg.norm(planned - centre, axis=1).max()) + fc.search_margin_mm
-        where = centre[None]
+        start, reach = prior_pose, fc.tracking_range_mm
     else:
-        where, radius = None, 0.0
-    dets: dict[str, tuple[Detection, ...]] = {}
+        start, reach = Pose.identity(), fc.translation_range_mm
+    where = start.apply(planned)
+    centre = where.mean(axis=0)
+    radius = float(np.linalg.norm(where - centre, axis=1).max()) + reach + fc.search_margin_mm
+    maps = {}
     for n in names:
-        regions = [None] if where is None else _search_regions(geometry, n, where, radius)
-        coarse = _candidates(signals, geometry, n, levels[n], masks, regions, config, fc.min_snr,
-                             fc.candidates_per_view)
-        fits = _refined(signals[n], geometry[n], levels[n], coarse, masks.get(n), config)
-        dets[n] = tuple(sorted(fits, key=lambda d: -d.snr)[: fc.kept_per_view])
-    within = None if where is None else (where, radius)
-    narrow = replace(config, association_tolerance_mm=min(config.association_tolerance_mm, _FAINT_ASSOCIATION_MM))
-    sol = _faint_labelling(geometry, names, dets, planned, seed_names, prior_pose, narrow, same_panel, within)
-    if not sol.corr.found.all():
-        # Gold's contrast, set by the seeds just found: a blob near a predicted position with much less is not one.
-        used = [dets[n][int(sol.corr.detection_index[k, v])].contrast for k in np.flatnonzero(sol.corr.found)
-                for v, n in enumerate(names)]
-        floor = _PREDICTED_CONTRAST_FRACTION * float(np.median(used))
-        extra = {n: list(dets[n]) for n in names}
-        for k in np.flatnonzero(~sol.corr.found):
-            target = sol.reg.pose.apply(planned[k:k + 1])
-            for n in names:
-                # Where the others say this seed must be: the strongest candidate near its projection.
-                near = _candidates(signals, geometry, n, levels[n], masks,
-                                   _search_regions(geometry, n, target, fc.predicted_radius_mm), config,
-                                   fc.predicted_min_snr, 1)
-                extra[n].extend(d for d in _refined(signals[n], geometry[n], levels[n], near, masks.get(n), config)
-                                if d.contrast >= floor)
-        dets = {n: tuple(_dedupe_detections(extra[n])) for n in names}
-        px = {n: _centres(dets[n]) for n in names}
-        cands = _pair_candidates_labellings(geometry, names, [(px[a], px[b])], narrow, within)
-        again = _solve(names, cands[0], planned, seed_names, prior_pose, narrow, 0, subsets=True)
-        if isinstance(again, SeedMigrationError):
-            # The missing seed is there but not where the others put it: a migration, never hidden
-            # behind the smaller constellation found first.
-            raise again
-        if isinstance(again, _Solution) and again.plausible and _better(again, sol):
-            sol = again
-    sol, overlapping = _separate_overlaps(sol, geometry, names, dets, planned, seed_names, config)
-    return sol, overlapping, dets
+        im = geometry[n]
+        box = _search_box(geometry, n, centre[None], radius)
+        rmap = None if box is None else response_map(signals[n], im, levels[n], config.detection, masks.get(n), box)
+        if rmap is None:
+            raise FiducialNotFoundError(f"fiducials not found: imager '{n}' does not see where the seeds are planned")
+        scale = _px_per_mm(im) / rmap.binning
+        maps[n] = evidence_maps(rmap, im.projection_matrix, fc.snr_cap, fc.pool_mm * scale, fc.smooth_mm * scale)
+    error: Exception | None = None
+    labellings = [names] + ([(names[1], names[0])] if same_panel else [])
+    for li, labels in enumerate(labellings):
+        # labels[v] is the imager whose geometry sees frame names[v].
+        lmaps = {names[v]: (maps[names[v]] if labels == names else
+                            evidence_maps(maps[names[v]].response, geometry[labels[v]].projection_matrix, fc.snr_cap,
+                                          fc.pool_mm * _px_per_mm(geometry[labels[v]]) / maps[names[v]].response.binning,
+                                          fc.smooth_mm * _px_per_mm(geometry[labels[v]])
+                                          / maps[names[v]].response.binning))
+                 for v in range(2)}
+        hyps = search_constellation(lmaps, planned, start, reach, fc.translation_step_mm, fc.max_rotation_deg,
+                                    fc.hypotheses)
+        best = None
+        for hyp in hyps:
+            try:
+                found = _verify(hyp, signals, levels, masks, lmaps, geometry, names, labels, planned, seed_names,
+                                config)
+            except SeedMigrationError:
+                if li == 0:
+                    raise  # a constellation seen and refused stays refused
+                continue
+            except (FiducialNotFoundError, PointRegistrationError) as err:
+                error = error or err
+                continue
+            if best is None or _better(found[0], best[0]):
+                best = found
+            if best[0].corr.found.all():
+                break
+        if best is None:
+            continue
+        if li == 1:
+            raise ImagerLabelError(
+                f"the frames fit the geometry with imager labels swapped (frame '{names[0]}' is imager "
+                f"'{names[1]}' and frame '{names[1]}' is imager '{names[0]}'): the planned seeds were found only "
+                f"so (FRE {best[0].reg.fre_mm:.2f} mm); refused")
+        sol, dets = best
+        sol, overlapping = _separate_overlaps(sol, geometry, names, dets, planned, seed_names, config)
+        return sol, overlapping, dets
+    raise error or FiducialNotFoundError("fiducials not found: no plausible seed constellation in both views")
 
 
-def _refined(signal, imager, i0, coarse: Sequence[Detection], mask, config: FiducialConfig) -> tuple[Detection, ...]:
-    """Full-resolution fits of coarse candidates; the significant ones, distinct, strongest first."""
-    if not coarse:
-        return ()
-    fits = refine_seeds(signal, imager, i0, np.array([d.centre_px for d in coarse]),
-                        np.array([d.orientation_deg for d in coarse]), config.detection, config.faint.refine_min_snr,
-                        mask)
-    return tuple(_dedupe_detections([d for d in fits if d is not None]))
+def _verify(hyp, signals, levels, masks, maps, geometry, names, labels, planned, seed_names, config):
+    """``(solution, detections)`` of one pose hypothesis (``_joint_solution`` step 2-3).
+
+    ``labels[v]`` is the imager geometry of frame ``names[v]``.
+    """
+    fc = config.faint
+    n_seeds = len(planned)
+    ims = [geometry[labels[v]] for v in range(2)]
+    predicted = hyp.pose.apply(planned)
+    px = [im.project(predicted) for im in ims]
+    on = np.array([[ims[v].contains(px[v][k:k + 1])[0] for v in range(2)] for k in range(n_seeds)])
+    near_px = [fc.near_mm * _px_per_mm(im) for im in ims]
+    fits: list[list[Detection | None]] = [[None] * n_seeds for _ in range(2)]
+    for v in range(2):
+        n = names[v]
+        rmap = maps[n].response
+        ok = np.flatnonzero(on[:, v])
+        if not len(ok):
+            continue
+        mp = rmap.to_map(px[v][ok])
+        orient = sample_bilinear(rmap.orientation_deg, mp)  # start orientation only
+        got = refine_seeds(signals[n], ims[v], levels[n], px[v][ok], orient, config.detection, fc.seed_min_snr,
+                           masks.get(n))
+        for k, d in zip(ok, got):
+            if d is not None and np.hypot(*(np.asarray(d.centre_px) - px[v][k])) <= near_px[v]:
+                fits[v][k] = d
+    seen = np.array([fits[0][k] is not None and fits[1][k] is not None for k in range(n_seeds)])
+    # Seeds not seen where the pose puts them: a strong seed nearby is a migration, to be named.
+    for k in np.flatnonzero(~seen & on.all(axis=1)):
+        moved = _moved_seed(predicted[k], signals, levels, masks, maps, ims, names, config)
+        if moved is not None:
+            fits[0][k], fits[1][k] = moved
+            seen[k] = True
+    dets = {names[v]: tuple(fits[v][k] for k in np.flatnonzero(seen)) for v in range(2)}
+    found_idx = np.flatnonzero(seen)
+    if len(found_idx) < min(2, n_seeds):
+        raise FiducialNotFoundError(
+            f"fiducials not found: the joint search verified {len(found_idx)} of {n_seeds} planned seeds "
+            f"(fitted SNR >= {fc.seed_min_snr:g} in both views where the constellation puts them)")
+    weakest = np.array([min(fits[0][k].snr, fits[1][k].snr) for k in found_idx])
+    strong = int(np.count_nonzero(weakest >= (fc.two_seed_min_snr if len(found_idx) == 2 else fc.anchor_min_snr)))
+    if strong < 2:
+        raise FiducialNotFoundError(
+            f"fiducials not found: {len(found_idx)} seeds fit where the constellation puts them, but fewer than two "
+            f"stand out on their own (fitted SNR >= "
+            f"{fc.two_seed_min_snr if len(found_idx) == 2 else fc.anchor_min_snr:g} in both views)")
+    _, proj, panel, source = _STEREO.get(geometry, labels[0], labels[1])
+    pa = np.array([fits[0][k].centre_px for k in found_idx], dtype=np.float64)
+    pb = np.array([fits[1][k].centre_px for k in found_idx], dtype=np.float64)
+    pts, ray, rep = triangulate_two_views(proj, panel, source, pa, pb, _REFINE_STEPS)
+    keep = ray <= config.max_ray_distance_mm
+    found = np.zeros(n_seeds, bool)
+    found[found_idx[keep]] = True
+    idx = np.full((n_seeds, 2), -1, dtype=np.int64)
+    points = np.zeros((n_seeds, 3))
+    rd, rp = np.zeros(n_seeds), np.zeros(n_seeds)
+    for q, k in enumerate(found_idx):
+        if keep[q]:
+            idx[k] = q
+            points[k], rd[k], rp[k] = pts[q], ray[q], rep[q]
+    if found.sum() < min(2, n_seeds):
+        raise FiducialNotFoundError("fiducials not found: the verified seeds' rays do not meet "
+                                    f"(skew distance above {config.max_ray_distance_mm:g} mm)")
+    corr = Correspondence(names, idx, points, rd, rp, found, 0.0)
+    reg = register_points(planned[found], points[found], [seed_names[i] for i in np.flatnonzero(found)],
+                          config.registration)
+    reasons = []
+    if reg.fre_mm > config.max_fre_mm and PointFlag.TRANSLATION_ONLY not in reg.flags:
+        reasons.append(f"fiducial registration error {reg.fre_mm:.2f} mm (limit {config.max_fre_mm:g} mm)")
+    angle = _angle_deg(reg.pose.rotation)
+    if angle > config.max_rotation_deg:
+        reasons.append(f"rotation {angle:.1f} deg (limit {config.max_rotation_deg:g} deg)")
+    if reasons:
+        raise FiducialNotFoundError("no plausible seed constellation: " + "; ".join(reasons))
+    return _Solution(corr, reg, True, ""), dets
+
+
+def _moved_seed(predicted_room_mm, signals, levels, masks, maps, ims, names, config):
+    """A seed within ``migration_search_mm`` of its predicted place standing out in both views, or None.
+
+    The cube around the predicted place is scored by both views' smoothed
+    evidence at its projections (the epipolar constraint in 3D); at the best
+    point each view is fitted and must reach ``moved_min_snr``.
+    """
+    fc = config.faint
+    n_step = int(math.ceil(fc.migration_search_mm / _CUBE_STEP_MM))
+    axis = _CUBE_STEP_MM * np.arange(-n_step, n_step + 1)
+    grid = np.stack(np.meshgrid(axis, axis, axis, indexing="ij"), axis=-1).reshape(-1, 3) + predicted_room_mm
+    score = np.zeros(len(grid))
+    both = np.ones(len(grid), bool)
+    for v in range(2):
+        m = maps[names[v]]
+        s = sample_bilinear(m.smooth, m.response.to_map(ims[v].project(grid)))
+        score += s
+        both &= s > 0
+    score[~both] = -1.0
+    best = int(np.argmax(score))
+    if score[best] <= 0:
+        return None
+    out = []
+    for v in range(2):
+        n = names[v]
+        target = ims[v].project(grid[best:best + 1])
+        orient = sample_bilinear(maps[n].response.orientation_deg, maps[n].response.to_map(target))
+        d = refine_seeds(signals[n], ims[v], levels[n], target, orient, config.detection, fc.moved_min_snr,
+                         masks.get(n))[0]
+        if d is None or np.hypot(*(np.asarray(d.centre_px) - target[0])) > fc.near_mm * _px_per_mm(ims[v]):
+            return None
+        out.append(d)
+    return tuple(out)
 
 
 def _dedupe_detections(dets: Sequence[Detection], radius_px: float = 2.0) -> list[Detection]:
