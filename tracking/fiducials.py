@@ -46,7 +46,7 @@ from ._stereo_kernels import triangulate_two_views
 from .detection import Detection, DetectionConfig, _check_frame, _check_i0, detect_seeds_in_frames, estimate_i0
 from .errors import FiducialConfigError, FiducialNotFoundError, FrameError, ImagerLabelError
 from .flatfield import FlatField
-from .constellation import evidence_maps, sample_bilinear, search_constellation
+from .constellation import evidence_maps, rigid_fit, sample_bilinear, search_constellation
 from .seed_search import refine_seeds, response_map
 
 __all__ = [
@@ -96,15 +96,17 @@ class FaintSearchConfig:
     ----------
     enabled : bool
     snr_cap : float
-        Evidence of one seed view is capped at this standardised response, so
-        that no single bright structure outweighs a seed.
+        Evidence of one seed view (the standardised response in units of
+        the region's 99.5th percentile: bone clutter grows with the dose) is
+        capped at this, so that no single bright structure outweighs a seed.
     translation_range_mm, translation_step_mm : float
         Translation grid of the constellation search around the plan (the
         prior pose when tracking), mm.
     tracking_range_mm : float
         Translation range around a prior pose, mm.
-    max_rotation_deg : float
-        Bound of each rotation component of the 6-DoF refinement, degrees.
+    local_reach_mm : float
+        Half-size of the cube searched around each seed of a translation
+        hypothesis (rotation, the grid's step), mm.
     pool_mm : float
         Max-pooling radius of the translation search (absorbs rotation), mm
         at the isocentre.
@@ -135,16 +137,16 @@ class FaintSearchConfig:
     """
 
     enabled: bool = True
-    snr_cap: float = 6.0
+    snr_cap: float = 2.0
     translation_range_mm: float = 12.0
     translation_step_mm: float = 1.0
     tracking_range_mm: float = 3.0
-    max_rotation_deg: float = 5.0
-    pool_mm: float = 1.5
+    local_reach_mm: float = 4.0
+    pool_mm: float = 2.0
     smooth_mm: float = 0.4
     hypotheses: int = 3
     seed_min_snr: float = 4.0
-    near_mm: float = 0.75
+    near_mm: float = 1.0
     anchor_min_snr: float = 6.0
     moved_min_snr: float = 8.0
     migration_search_mm: float = 3.5
@@ -153,7 +155,7 @@ class FaintSearchConfig:
 
     def __post_init__(self) -> None:
         for name in ("snr_cap", "translation_range_mm", "translation_step_mm", "tracking_range_mm",
-                     "max_rotation_deg", "pool_mm", "smooth_mm", "seed_min_snr", "near_mm", "anchor_min_snr",
+                     "local_reach_mm", "pool_mm", "smooth_mm", "seed_min_snr", "near_mm", "anchor_min_snr",
                      "moved_min_snr", "migration_search_mm", "two_seed_min_snr", "search_margin_mm"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
@@ -777,6 +779,7 @@ def localise_fiducials(
     except (FiducialNotFoundError, ImagerLabelError, PointRegistrationError) as err:
         error = err
     faint = False
+    excluded: frozenset = frozenset()
     refused = isinstance(error, PointRegistrationError)  # a constellation was seen and refused (migration)
     # Seeds left out because their shadows merge in one view are explained already (SEEDS_OVERLAP).
     if config.faint.enabled and not refused and (found is None or (not found[0].corr.found.all() and not found[1])):
@@ -792,15 +795,16 @@ def localise_fiducials(
             second = None
         except (FiducialNotFoundError, ImagerLabelError, PointRegistrationError) as err:
             second = None
-            error = error or err
+            # The joint search's reason is the more telling one, unless the labels were in question.
+            error = error if isinstance(error, ImagerLabelError) else err
         if second is not None and (found is None or _better(second[0], found[0])):
-            found, dets, faint = second[:2], second[2], True
+            found, dets, faint, excluded = second[:2], second[2], True, second[3]
     if found is None:
         raise error
     chosen, overlapping = found
     t_end = time.perf_counter()
     return _result(chosen, dets, planned, seed_names, (a, b), (t_det - t0, t_end - t_det, t_end - t0), config,
-                   overlapping, faint)
+                   overlapping, faint, excluded)
 
 
 def _labelled_solution(geometry, names, dets, planned, seed_names, prior_pose, config, same_panel, within=None):
@@ -901,7 +905,7 @@ def _joint_solution(frames, geometry, names, i0s, masks, planned, seed_names, pr
                                           fc.smooth_mm * _px_per_mm(geometry[labels[v]])
                                           / maps[names[v]].response.binning))
                  for v in range(2)}
-        hyps = search_constellation(lmaps, planned, start, reach, fc.translation_step_mm, fc.max_rotation_deg,
+        hyps = search_constellation(lmaps, planned, start, reach, fc.translation_step_mm, fc.local_reach_mm,
                                     fc.hypotheses)
         best = None
         for hyp in hyps:
@@ -926,78 +930,133 @@ def _joint_solution(frames, geometry, names, i0s, masks, planned, seed_names, pr
                 f"the frames fit the geometry with imager labels swapped (frame '{names[0]}' is imager "
                 f"'{names[1]}' and frame '{names[1]}' is imager '{names[0]}'): the planned seeds were found only "
                 f"so (FRE {best[0].reg.fre_mm:.2f} mm); refused")
-        sol, dets = best
-        sol, overlapping = _separate_overlaps(sol, geometry, names, dets, planned, seed_names, config)
-        return sol, overlapping, dets
+        sol, dets, excluded = best
+        if not excluded:
+            sol, overlapping = _separate_overlaps(sol, geometry, names, dets, planned, seed_names, config)
+        else:
+            overlapping = frozenset()
+        return sol, overlapping, dets, excluded
     raise error or FiducialNotFoundError("fiducials not found: no plausible seed constellation in both views")
 
 
-def _verify(hyp, signals, levels, masks, maps, geometry, names, labels, planned, seed_names, config):
-    """``(solution, detections)`` of one pose hypothesis (``_joint_solution`` step 2-3).
+def _fit_at(predicted_room_mm, seeds, signals, levels, masks, maps, ims, names, config, near_mm):
+    """Sub-pixel fits started where ``predicted_room_mm`` projects: ``fits[v][k]`` Detection or None.
 
-    ``labels[v]`` is the imager geometry of frame ``names[v]``.
+    A fit counts with SNR >= ``seed_min_snr`` within ``near_mm`` (at the isocentre) of the prediction.
+    """
+    fc = config.faint
+    fits: list[list[Detection | None]] = [[None] * len(predicted_room_mm) for _ in range(2)]
+    for v in range(2):
+        n = names[v]
+        ks = [k for k in seeds if ims[v].contains(ims[v].project(predicted_room_mm[k:k + 1]))[0]]
+        if not ks:
+            continue
+        px = ims[v].project(predicted_room_mm[ks])
+        rmap = maps[n].response
+        orient = sample_bilinear(rmap.orientation_deg, rmap.to_map(px))  # start orientation only
+        got = refine_seeds(signals[n], ims[v], levels[n], px, orient, config.detection, fc.seed_min_snr, masks.get(n))
+        limit = near_mm * _px_per_mm(ims[v])
+        for k, p, d in zip(ks, px, got):
+            if d is not None and np.hypot(*(np.asarray(d.centre_px) - p)) <= limit:
+                fits[v][k] = d
+    return fits
+
+
+def _triangulate_fits(geometry, labels, fits, ks):
+    _, proj, panel, source = _STEREO.get(geometry, labels[0], labels[1])
+    pa = np.array([fits[0][k].centre_px for k in ks], dtype=np.float64).reshape(-1, 2)
+    pb = np.array([fits[1][k].centre_px for k in ks], dtype=np.float64).reshape(-1, 2)
+    return triangulate_two_views(proj, panel, source, pa, pb, _REFINE_STEPS)
+
+
+_TIGHT_MM = 0.5  # second round: a seed's fit within this of where the verified others put it (mm at the isocentre)
+
+
+def _verify(hyp, signals, levels, masks, maps, geometry, names, labels, planned, seed_names, config):
+    """``(solution, detections, excluded)`` of one pose hypothesis (``_joint_solution`` steps 2-3).
+
+    ``labels[v]`` is the imager geometry of frame ``names[v]``. Round one
+    fits every seed where the hypothesis puts it (within ``near_mm``); the
+    seeds seen in both views give a robust rigid pose; round two fits every
+    seed again where that pose puts it (within ``_TIGHT_MM``), and searches
+    those still unseen within ``migration_search_mm`` (strong fits only).
+    With four seeds or more, each seed is checked against the rigid fit of
+    the others: one that lies farther than the migration limit is excluded
+    and named (``excluded``); more than one is a refusal.
     """
     fc = config.faint
     n_seeds = len(planned)
     ims = [geometry[labels[v]] for v in range(2)]
+    every = list(range(n_seeds))
     predicted = hyp.pose.apply(planned)
-    px = [im.project(predicted) for im in ims]
-    on = np.array([[ims[v].contains(px[v][k:k + 1])[0] for v in range(2)] for k in range(n_seeds)])
-    near_px = [fc.near_mm * _px_per_mm(im) for im in ims]
-    fits: list[list[Detection | None]] = [[None] * n_seeds for _ in range(2)]
-    for v in range(2):
-        n = names[v]
-        rmap = maps[n].response
-        ok = np.flatnonzero(on[:, v])
-        if not len(ok):
-            continue
-        mp = rmap.to_map(px[v][ok])
-        orient = sample_bilinear(rmap.orientation_deg, mp)  # start orientation only
-        got = refine_seeds(signals[n], ims[v], levels[n], px[v][ok], orient, config.detection, fc.seed_min_snr,
-                           masks.get(n))
-        for k, d in zip(ok, got):
-            if d is not None and np.hypot(*(np.asarray(d.centre_px) - px[v][k])) <= near_px[v]:
-                fits[v][k] = d
-    seen = np.array([fits[0][k] is not None and fits[1][k] is not None for k in range(n_seeds)])
-    # Seeds not seen where the pose puts them: a strong seed nearby is a migration, to be named.
-    for k in np.flatnonzero(~seen & on.all(axis=1)):
-        moved = _moved_seed(predicted[k], signals, levels, masks, maps, ims, names, config)
-        if moved is not None:
-            fits[0][k], fits[1][k] = moved
-            seen[k] = True
-    dets = {names[v]: tuple(fits[v][k] for k in np.flatnonzero(seen)) for v in range(2)}
-    found_idx = np.flatnonzero(seen)
-    if len(found_idx) < min(2, n_seeds):
+    fits = _fit_at(predicted, every, signals, levels, masks, maps, ims, names, config, fc.near_mm)
+    seen = [k for k in every if fits[0][k] is not None and fits[1][k] is not None]
+    if len(seen) >= 2:
+        pts, ray, _ = _triangulate_fits(geometry, labels, fits, seen)
+        w = np.array([min(fits[0][k].snr, fits[1][k].snr) for k in seen]) * (ray <= config.max_ray_distance_mm)
+        fit = _robust_pose(planned[seen], pts, w)
+        if fit is not None:
+            predicted = fit.apply(planned)
+            fits = _fit_at(predicted, every, signals, levels, masks, maps, ims, names, config, _TIGHT_MM)
+    on_both = [k for k in every if all(im.contains(im.project(predicted[k:k + 1]))[0] for im in ims)]
+    claims: set[int] = set()
+    verified = [k for k in every if fits[0][k] is not None and fits[1][k] is not None]
+    if verified:
+        # Gold's contrast, set by the seeds verified in place: a blob with much less is not a moved seed.
+        floor = [_MOVED_CONTRAST_FRACTION * float(np.median([fits[v][k].contrast for k in verified])) for v in range(2)]
+        for k in on_both:
+            if fits[0][k] is None or fits[1][k] is None:
+                # Not seen where the others put it: a strong seed nearby may have moved (it is named, never used).
+                moved = _moved_seed(predicted[k], signals, levels, masks, maps, ims, names, config)
+                if moved is not None and all(moved[v].contrast >= floor[v] for v in range(2)):
+                    fits[0][k], fits[1][k] = moved
+                    claims.add(k)
+    seen_idx = np.array([k for k in every if fits[0][k] is not None and fits[1][k] is not None], dtype=np.int64)
+    if len(seen_idx) < min(2, n_seeds):
         raise FiducialNotFoundError(
-            f"fiducials not found: the joint search verified {len(found_idx)} of {n_seeds} planned seeds "
+            f"fiducials not found: the joint search verified {len(seen_idx)} of {n_seeds} planned seeds "
             f"(fitted SNR >= {fc.seed_min_snr:g} in both views where the constellation puts them)")
-    weakest = np.array([min(fits[0][k].snr, fits[1][k].snr) for k in found_idx])
-    strong = int(np.count_nonzero(weakest >= (fc.two_seed_min_snr if len(found_idx) == 2 else fc.anchor_min_snr)))
-    if strong < 2:
+    weakest = np.array([min(fits[0][k].snr, fits[1][k].snr) for k in seen_idx])
+    need = fc.two_seed_min_snr if len(seen_idx) == 2 else fc.anchor_min_snr
+    if int(np.count_nonzero(weakest >= need)) < 2:
         raise FiducialNotFoundError(
-            f"fiducials not found: {len(found_idx)} seeds fit where the constellation puts them, but fewer than two "
-            f"stand out on their own (fitted SNR >= "
-            f"{fc.two_seed_min_snr if len(found_idx) == 2 else fc.anchor_min_snr:g} in both views)")
-    _, proj, panel, source = _STEREO.get(geometry, labels[0], labels[1])
-    pa = np.array([fits[0][k].centre_px for k in found_idx], dtype=np.float64)
-    pb = np.array([fits[1][k].centre_px for k in found_idx], dtype=np.float64)
-    pts, ray, rep = triangulate_two_views(proj, panel, source, pa, pb, _REFINE_STEPS)
+            f"fiducials not found: {len(seen_idx)} seeds fit where the constellation puts them, but fewer than two "
+            f"stand out on their own (fitted SNR >= {need:g} in both views)")
+    pts, ray, rep = _triangulate_fits(geometry, labels, fits, seen_idx)
     keep = ray <= config.max_ray_distance_mm
     found = np.zeros(n_seeds, bool)
-    found[found_idx[keep]] = True
+    found[seen_idx[keep]] = True
     idx = np.full((n_seeds, 2), -1, dtype=np.int64)
     points = np.zeros((n_seeds, 3))
     rd, rp = np.zeros(n_seeds), np.zeros(n_seeds)
-    for q, k in enumerate(found_idx):
+    dets: dict[str, list[Detection]] = {names[0]: [], names[1]: []}
+    for q, k in enumerate(seen_idx):
         if keep[q]:
-            idx[k] = q
+            idx[k] = (len(dets[names[0]]), len(dets[names[1]]))
+            dets[names[0]].append(fits[0][k])
+            dets[names[1]].append(fits[1][k])
             points[k], rd[k], rp[k] = pts[q], ray[q], rep[q]
     if found.sum() < min(2, n_seeds):
         raise FiducialNotFoundError("fiducials not found: the verified seeds' rays do not meet "
                                     f"(skew distance above {config.max_ray_distance_mm:g} mm)")
-    corr = Correspondence(names, idx, points, rd, rp, found, 0.0)
-    reg = register_points(planned[found], points[found], [seed_names[i] for i in np.flatnonzero(found)],
+    excluded = _moved_by_others(planned, points, found, seed_names, config.registration.migration_limit_mm)
+    use = found.copy()
+    use[list(excluded)] = False
+    reg = register_points(planned[use], points[use], [seed_names[i] for i in np.flatnonzero(use)],
                           config.registration)
+    used = dict(zip(reg.names, reg.used))
+    silent = [k for k in claims if found[k] and k not in excluded and used.get(seed_names[k], False)]
+    if silent:
+        # A seed found away from its place that the rigid-body check cannot name (three seeds or fewer, or a
+        # move that keeps the distances) is left out: a migration is never used silently.
+        found[silent] = False
+        use[silent] = False
+        idx[silent] = -1
+        if use.sum() < 1:
+            raise FiducialNotFoundError("fiducials not found: no seed verified where the constellation puts it")
+        reg = register_points(planned[use], points[use], [seed_names[i] for i in np.flatnonzero(use)],
+                              config.registration)
+    corr = Correspondence(names, idx, points, rd, rp, found, 0.0)
     reasons = []
     if reg.fre_mm > config.max_fre_mm and PointFlag.TRANSLATION_ONLY not in reg.flags:
         reasons.append(f"fiducial registration error {reg.fre_mm:.2f} mm (limit {config.max_fre_mm:g} mm)")
@@ -1006,7 +1065,60 @@ def _verify(hyp, signals, levels, masks, maps, geometry, names, labels, planned,
         reasons.append(f"rotation {angle:.1f} deg (limit {config.max_rotation_deg:g} deg)")
     if reasons:
         raise FiducialNotFoundError("no plausible seed constellation: " + "; ".join(reasons))
-    return _Solution(corr, reg, True, ""), dets
+    return _Solution(corr, reg, True, ""), {n: tuple(d) for n, d in dets.items()}, frozenset(excluded)
+
+
+def _robust_pose(planned: np.ndarray, points: np.ndarray, weights: np.ndarray) -> Pose | None:
+    """Rigid pose of seeds seen in round one: all of them, or (4+) the best fit leaving one out (1 mm inliers)."""
+    good = np.flatnonzero(weights > 0)
+    if len(good) < 2:
+        return None
+    subsets = [good] + ([np.delete(good, i) for i in range(len(good))] if len(good) >= 4 else [])
+    best = None
+    for sub in subsets:
+        pose = rigid_fit(planned[sub], points[sub], weights[sub])
+        res = np.linalg.norm(pose.apply(planned[good]) - points[good], axis=1)
+        key = (int(np.count_nonzero(res <= 1.0)), -float(np.median(res)))
+        if best is None or key > best[0]:
+            best = (key, pose)
+    return best[1]
+
+
+def _moved_by_others(planned: np.ndarray, points: np.ndarray, found: np.ndarray, seed_names, limit_mm: float):
+    """Seeds (indices) farther than ``limit_mm`` from where the rigid fit of the other found seeds puts them.
+
+    Needs four found seeds or more (three others fix a 6-DoF pose; two leave
+    a spin free, so with three seeds a move that keeps the distances cannot be
+    told from a rotation). The seed named is the one whose exclusion leaves
+    the others consistent to ``_CONSISTENT_MM`` while it lies beyond the
+    limit; if several do, or none while some seed lies beyond the limit, the
+    constellation is refused (``SeedMigrationError``).
+    """
+    idx = np.flatnonzero(found)
+    if len(idx) < 4:
+        return set()
+    far, clean = [], []
+    for k in idx:
+        others = idx[idx != k]
+        pose = rigid_fit(planned[others], points[others], np.ones(len(others)))
+        own = float(np.linalg.norm(pose.apply(planned[k]) - points[k]))
+        rest = float(np.linalg.norm(pose.apply(planned[others]) - points[others], axis=1).max())
+        if own > limit_mm:
+            far.append(int(k))
+            if rest <= _CONSISTENT_MM:
+                clean.append(int(k))
+    if not far:
+        return set()
+    if len(clean) == 1:
+        return set(clean)
+    raise SeedMigrationError(
+        "rigid-body check failed: seeds " + ", ".join(seed_names[k] for k in far)
+        + f" lie more than {limit_mm:g} mm from where the others put them; "
+        + ("ambiguous which moved" if clean else "no single seed explains it") + "; registration refused")
+
+
+_CONSISTENT_MM = 0.5  # the other seeds agree with their rigid fit this well (seeds are localised to ~0.1 mm)
+_MOVED_CONTRAST_FRACTION = 0.7  # seeds of one patient share their contrast (diameter 0.8-1.2 mm)
 
 
 def _moved_seed(predicted_room_mm, signals, levels, masks, maps, ims, names, config):
@@ -1148,7 +1260,9 @@ def _choose(given, swapped, a: str, b: str, config: FiducialConfig, planned: np.
 
 
 def _result(sol: _Solution, dets, planned, seed_names, names, times_s, config: FiducialConfig,
-            overlapping: frozenset = frozenset(), faint: bool = False) -> FiducialResult:
+            overlapping: frozenset = frozenset(), faint: bool = False,
+            excluded: frozenset = frozenset()) -> FiducialResult:
+    """``excluded``: indices of found seeds kept out of the registration as migrated (joint search)."""
     corr, reg = sol.corr, sol.reg
     found_idx = np.flatnonzero(corr.found)
     used_names = dict(zip(reg.names, range(len(reg.names))))
@@ -1158,15 +1272,17 @@ def _result(sol: _Solution, dets, planned, seed_names, names, times_s, config: F
         if not corr.found[k]:
             seeds.append(SeedLocalisation(name, False, None, None, None, None, None, False))
             continue
-        j = used_names[name]
         pixels = {names[v]: dets[names[v]][int(corr.detection_index[k, v])].centre_px for v in range(2)}
         point = corr.points_room_mm[k].copy()
         point.setflags(write=False)
+        migrated = k in excluded or not bool(reg.used[used_names[name]])
         seeds.append(SeedLocalisation(
             name, True, pixels, point, float(corr.ray_distance_mm[k]), float(corr.reprojection_px[k]),
-            float(np.linalg.norm(residuals[k])), not bool(reg.used[j]),
+            float(np.linalg.norm(residuals[k])), migrated,
         ))
     flags = {_FROM_POINT_FLAG[f] for f in reg.flags}
+    if excluded:
+        flags.add(FiducialFlag.SEED_EXCLUDED)
     if len(found_idx) < len(planned):
         flags.add(FiducialFlag.SEED_MISSING)
     if overlapping:
