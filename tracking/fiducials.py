@@ -780,7 +780,9 @@ def localise_fiducials(
         error = err
     faint = False
     excluded: frozenset = frozenset()
-    refused = isinstance(error, PointRegistrationError)  # a constellation was seen and refused (migration)
+    # A constellation seen and refused (migration), or seen well enough to judge the imager labels wrong:
+    # the contrast was not the problem, and the joint search does not overrule it.
+    refused = isinstance(error, (PointRegistrationError, ImagerLabelError))
     # Seeds left out because their shadows merge in one view are explained already (SEEDS_OVERLAP).
     if config.faint.enabled and not refused and (found is None or (not found[0].corr.found.all() and not found[1])):
         # Seeds the stand-alone detector could not see: the plan-guided search.
