@@ -782,7 +782,8 @@ def localise_fiducials(
     excluded: frozenset = frozenset()
     # A constellation seen and refused (migration), or seen well enough to judge the imager labels wrong:
     # the contrast was not the problem, and the joint search does not overrule it.
-    refused = isinstance(error, (PointRegistrationError, ImagerLabelError))
+    refused = isinstance(error, PointRegistrationError) or (
+        isinstance(error, ImagerLabelError) and _SWAP_VERDICT in str(error))
     # Seeds left out because their shadows merge in one view are explained already (SEEDS_OVERLAP).
     if config.faint.enabled and not refused and (found is None or (not found[0].corr.found.all() and not found[1])):
         # Seeds the stand-alone detector could not see: the plan-guided search.
@@ -1016,8 +1017,10 @@ def _verify(hyp, signals, levels, masks, maps, geometry, names, labels, planned,
     seen_idx = np.array([k for k in every if fits[0][k] is not None and fits[1][k] is not None], dtype=np.int64)
     if len(seen_idx) < min(2, n_seeds):
         raise FiducialNotFoundError(
-            f"fiducials not found: the joint search verified {len(seen_idx)} of {n_seeds} planned seeds "
-            f"(fitted SNR >= {fc.seed_min_snr:g} in both views where the constellation puts them)")
+            ("fiducials not found: no seed was seen consistently in both views (" if not len(seen_idx) else
+             "fiducials not found: (")
+            + f"the joint search verified {len(seen_idx)} of {n_seeds} planned seeds "
+            f"with fitted SNR >= {fc.seed_min_snr:g} in both views where the constellation puts them)")
     weakest = np.array([min(fits[0][k].snr, fits[1][k].snr) for k in seen_idx])
     need = fc.two_seed_min_snr if len(seen_idx) == 2 else fc.anchor_min_snr
     if int(np.count_nonzero(weakest >= need)) < 2:
@@ -1225,10 +1228,13 @@ def _centres(dets: Sequence[Detection]) -> np.ndarray:
     return np.array([d.centre_px for d in dets], dtype=np.float64).reshape(-1, 2)
 
 
+_SWAP_VERDICT = "imager labels swapped"  # in an ImagerLabelError that judged the labels (not an ambiguity)
+
+
 def _choose(given, swapped, a: str, b: str, config: FiducialConfig, planned: np.ndarray) -> _Solution:
     g_ok = isinstance(given, _Solution) and given.plausible
     s_ok = isinstance(swapped, _Solution) and swapped.plausible
-    swap_msg = (f"the frames fit the geometry with imager labels swapped (frame '{a}' is imager '{b}' and "
+    swap_msg = (f"the frames fit the geometry with {_SWAP_VERDICT} (frame '{a}' is imager '{b}' and "
                 f"frame '{b}' is imager '{a}')")
     if g_ok and s_ok and swapped.reg.n_used > given.reg.n_used:
         g_ok = False
