@@ -31,8 +31,10 @@ or above 6000):
 - migrated: one seed moved 2 mm (random direction): flagged = the result
   marks it ``migrated`` or the call refuses with ``SeedMigrationError``
   naming it; used silently = a result that uses it unflagged; detectable =
-  the move changed some inter-seed distance by more than the rigid-body
-  limit (1.5 mm): no check on distances can see the others;
+  four seeds or more (the other three fix a 6-DoF pose: the leave-one-out
+  check), or the move changed some distance to another seed by more than
+  the rigid-body limit (1.5 mm): with two or three seeds no check can see
+  the others (such a move is indistinguishable from a rotation);
 - anatomy: plastimatch projects the central ``--plastimatch-window``
   pixels of each panel (where the seeds lie), the project's DRR the rest
   (i0 estimation and the clean-frame detector see the whole frame); the
@@ -447,10 +449,12 @@ def main() -> None:
                     k = draw.moved_index
                     case = run_case(frames, sim, flat, planned, names, truth, draw.prior, points, moved_index=k,
                                     track=not opts.no_tracking)
-                    # Detectable by a rigid-body check: some distance to another seed changed by > 1.5 mm.
-                    dp = np.linalg.norm(planned[k] - planned, axis=1)
-                    dm = np.linalg.norm(moved[k] - draw.pose.apply(planned), axis=1)
-                    case["detectable"] = bool(np.abs(dm - dp).max() > DETECTABLE_MM)
+                    # Detectable by a rigid-body check: four seeds or more (the others fix a 6-DoF pose), or
+                    # some distance to another seed changed by > 1.5 mm (the seed itself left out).
+                    others = np.arange(len(planned)) != k
+                    dp = np.linalg.norm(planned[k] - planned[others], axis=1)
+                    dm = np.linalg.norm(moved[k] - draw.pose.apply(planned)[others], axis=1)
+                    case["detectable"] = bool(len(planned) >= 4 or np.abs(dm - dp).max() > DETECTABLE_MM)
                     case["pair"] = p
                     results["migrated"].append(case)
                 print(f"{room}: pair {p + 1}/{opts.first + opts.pairs} done ({time.perf_counter() - t0:.0f} s)",
