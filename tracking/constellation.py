@@ -42,7 +42,6 @@ import cv2
 import numpy as np
 from scipy.ndimage import maximum_filter
 
-from spineguide.calibration.geometry import StereoGeometry
 from spineguide.registration.pose import Pose
 
 from .seed_search import ResponseMap

@@ -25,7 +25,7 @@ import math
 import threading
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from enum import Enum
 
 import numpy as np
@@ -601,38 +601,14 @@ def _angle_deg(rotation: np.ndarray) -> float:
     return math.degrees(math.acos(min(1.0, max(-1.0, (float(np.trace(rotation)) - 1.0) / 2.0))))
 
 
-def _without(corr: Correspondence, k: int) -> Correspondence:
-    """``corr`` with planned seed ``k`` unassigned."""
-    found = corr.found.copy()
-    found[k] = False
-    idx = corr.detection_index.copy()
-    idx[k] = -1
-    pts = corr.points_room_mm.copy()
-    pts[k] = 0.0
-    rd, rp = corr.ray_distance_mm.copy(), corr.reprojection_px.copy()
-    rd[k] = rp[k] = 0.0
-    return Correspondence(corr.imagers, idx, pts, rd, rp, found, corr.cost_mm)
-
-
-def _solve(names, candidates, planned, seed_names, prior_pose, config, min_found: int = 0,
-           subsets: bool = False) -> _Solution | Exception:
+def _solve(names, candidates, planned, seed_names, prior_pose, config, min_found: int = 0) -> _Solution | Exception:
     """Best correspondence + registration for one labelling, or the error that prevents one.
 
     Assignments that find fewer than ``min_found`` seeds are not registered:
     a registration uses at most the seeds found, so they cannot beat a
     plausible labelling that used ``min_found`` (see :func:`_choose`).
-    With ``subsets`` (the faint search, where a false candidate can complete
-    a loose constellation), assignments with one seed fewer are tried when
-    no complete one is plausible.
     """
     corrs = _match(names, candidates, planned, prior_pose, config)
-    if subsets and corrs and corrs[0].n_found > max(2, min_found):
-        first = _solve(names, candidates, planned, seed_names, prior_pose, config, min_found)
-        if (isinstance(first, _Solution) and first.plausible) or isinstance(first, SeedMigrationError):
-            # A refused constellation stays refused: dropping the seed that moved would hide it.
-            return first
-        reduced = [_without(c, k) for c in corrs[:_MAX_ASSIGNMENTS] for k in np.flatnonzero(c.found)]
-        corrs = corrs + sorted(reduced, key=lambda c: c.cost_mm)
     if not corrs:
         return FiducialNotFoundError("fiducials not found: no seed was seen consistently in both views")
     if corrs[0].n_found < min_found:
@@ -642,7 +618,7 @@ def _solve(names, candidates, planned, seed_names, prior_pose, config, min_found
         )
     solutions: list[_Solution] = []
     first_error: Exception | None = None
-    for corr in corrs[:_MAX_ASSIGNMENTS * (1 + len(planned) if subsets else 1)]:
+    for corr in corrs[:_MAX_ASSIGNMENTS]:
         f = corr.found
         try:
             reg = register_points(planned[f], corr.points_room_mm[f], [seed_names[i] for i in np.flatnonzero(f)],
@@ -654,10 +630,7 @@ def _solve(names, candidates, planned, seed_names, prior_pose, config, min_found
             continue
         angle = _angle_deg(reg.pose.rotation)
         reasons = []
-        # Two seeds give a translation-only fit whose FRE holds the rotation: no test of the seeds
-        # (the rigid-body check has judged their distance); the faint search accepts it as a start.
-        two_seed = subsets and PointFlag.TRANSLATION_ONLY in reg.flags
-        if reg.fre_mm > config.max_fre_mm and not two_seed:
+        if reg.fre_mm > config.max_fre_mm:
             reasons.append(f"fiducial registration error {reg.fre_mm:.2f} mm (limit {config.max_fre_mm:g} mm)")
         if angle > config.max_rotation_deg:
             reasons.append(f"rotation {angle:.1f} deg (limit {config.max_rotation_deg:g} deg)")
