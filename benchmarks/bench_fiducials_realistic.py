@@ -31,8 +31,10 @@ or above 6000):
 - migrated: one seed moved 2 mm (random direction): flagged = the result
   marks it ``migrated`` or the call refuses with ``SeedMigrationError``
   naming it; used silently = a result that uses it unflagged; detectable =
-  the move changed some inter-seed distance by more than the rigid-body
-  limit (1.5 mm): no check on distances can see the others;
+  four seeds or more (the other three fix a 6-DoF pose: the leave-one-out
+  check), or the move changed some distance to another seed by more than
+  the rigid-body limit (1.5 mm): with two or three seeds no check can see
+  the others (such a move is indistinguishable from a rotation);
 - anatomy: plastimatch projects the central ``--plastimatch-window``
   pixels of each panel (where the seeds lie), the project's DRR the rest
   (i0 estimation and the clean-frame detector see the whole frame); the
@@ -180,7 +182,15 @@ def visible(truth, geom, k: int) -> bool:
     return all(geom[v].contains(truth.seeds_px[v][k:k + 1])[0] for v in geom.names)
 
 
-def run_case(frames, sim, flat, planned, names, truth, prior, points, moved_index=None):
+@dataclasses.dataclass(frozen=True)
+class Truth:
+    """The true pose and the seeds' true ``(col, row)`` pixels per imager (moved seed included)."""
+
+    pose: Pose
+    seeds_px: dict
+
+
+def run_case(frames, sim, flat, planned, names, truth, prior, points, moved_index=None, track=True):
     """One pair: whole frame and tracking windows; returns a dict of outcomes.
 
     ``localised``: every seed on both panels found within ``MATCH_RADIUS_PX`` of its
@@ -224,9 +234,11 @@ def run_case(frames, sim, flat, planned, names, truth, prior, points, moved_inde
         out["flagged"] = bool(s.migrated)
         out["silent"] = bool(s.found and not s.migrated)
         out["localised"] = out["localised"] and not out["silent"]
+    if not track:
+        return out
     try:
-        track = localise_fiducials(frames, geom, planned, names, prior_pose=prior, flat_fields=flat)
-        out["track_ms"] = track.total_ms
+        tracked = localise_fiducials(frames, geom, planned, names, prior_pose=prior, flat_fields=flat)
+        out["track_ms"] = tracked.total_ms
     except (TrackingError, SeedMigrationError):
         pass
     return out
@@ -269,10 +281,64 @@ def print_table(rows, spr: float, file=sys.stdout) -> None:
               f"| {false} | {mig} | {w50:.0f} / {w95:.0f} | {t50:.0f} / {t95:.0f} | {why} |", file=file)
 
 
+@dataclasses.dataclass(frozen=True)
+class PairDraw:
+    """Everything random about one pair, drawn from its own stream ``default_rng([seed, pair])``.
+
+    The same pair is the same in every room, with every ``--i0`` list and
+    with or without a cache: the cache stores only what this describes.
+    """
+
+    pose: Pose
+    seeds: tuple
+    prior: Pose
+    noise: dict  # condition -> chain noise seed
+    moved_index: int
+    moved_direction: np.ndarray
+
+
+def draw_pair(seed: int, pair: int, iso_lps: np.ndarray) -> PairDraw:
+    rng = np.random.default_rng([seed, pair])
+    pose = random_setup_pose(rng)
+    seeds = random_seeds(rng, iso_lps)
+    motion = Pose.from_six(rng.uniform(-1, 1, 3), rng.uniform(-0.5, 0.5, 3))
+    noise = {c: int(v) for c, v in zip(CONDITIONS, rng.integers(1 << 31, size=len(CONDITIONS)))}
+    k = int(rng.integers(len(seeds)))
+    d = rng.normal(size=3)
+    return PairDraw(pose, seeds, motion.compose(pose), noise, k, d / np.linalg.norm(d))
+
+
+CONDITIONS = ("2000", "6000", "40000", "migrated")  # noise streams per condition (fixed list: stable draws)
+
+
+def condition_frames(sim, draw: PairDraw, planned, paths_fn, condition: str, i0: float, spr: float,
+                     cache: Path | None, tag: str):
+    """Raw frames of one condition (rendered, or read from the cache), the truth and the moved seeds (room mm)."""
+    moved = None
+    if condition == "migrated":
+        moved = draw.pose.apply(planned).copy()
+        moved[draw.moved_index] += MIGRATION_MM * draw.moved_direction
+    chain = ChainConfig.clinic(i0=i0, scatter_to_primary=spr)
+    path = None if cache is None else cache / f"{tag}_{condition}_i0{i0:g}_spr{spr:g}.npz"
+    seeds_room = draw.pose.apply(planned) if moved is None else moved
+    truth_px = {im.name: im.project(seeds_room) for im in sim.geometry.imagers}
+    if path is not None and path.exists():
+        with np.load(path) as z:
+            frames = {n: z[f"frame_{n}"] for n in sim.geometry.names}
+        return frames, truth_px, moved, chain
+    stereo, _ = sim.render(draw.pose, seed=draw.noise[condition], chain=chain, paths=paths_fn(),
+                           seeds=draw.seeds, seeds_room_mm=moved)
+    frames = {n: np.asarray(f) for n, f in stereo.frames.items()}
+    if path is not None:
+        np.savez(path, **{f"frame_{n}": f for n, f in frames.items()})
+    return frames, truth_px, moved, chain
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--pairs", type=int, default=50, help="stereo pairs per room (default 50)")
-    ap.add_argument("--i0", default="2000,6000,40000", help="comma-separated i0 levels (counts)")
+    ap.add_argument("--first", type=int, default=0, help="index of the first pair (default 0)")
+    ap.add_argument("--i0", default="2000,6000,40000", help="comma-separated i0 levels (counts): 2000, 6000, 40000")
     ap.add_argument("--spr", type=float, default=1.5, help="scatter-to-primary ratio behind 350 mm (default 1.5)")
     ap.add_argument("--rooms", default="default,floor")
     ap.add_argument("--anatomy", choices=["plastimatch", "spineguide"], default="plastimatch")
@@ -280,9 +346,19 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2, help="plastimatch OpenMP threads")
     ap.add_argument("--plastimatch-window", type=int, default=512,
                     help="central square (px) projected by plastimatch, the rest by spineguide; 0: whole panel")
+    ap.add_argument("--cache", type=Path, default=None,
+                    help="folder of rendered anatomy paths and frames: rendered once, read on later runs")
+    ap.add_argument("--render-only", action="store_true", help="fill the cache, localise nothing")
+    ap.add_argument("--no-migration", action="store_true", help="skip the migrated-seed condition")
+    ap.add_argument("--no-tracking", action="store_true", help="skip the tracking-window call per pair")
     opts = ap.parse_args()
     levels = [float(v) for v in opts.i0.split(",")]
+    for lv in levels:
+        if f"{lv:g}" not in CONDITIONS:
+            ap.error(f"--i0 {lv:g}: levels are {', '.join(CONDITIONS[:-1])} (each has its own noise stream)")
     mig_level = next((v for v in levels if v >= 6000), levels[-1])
+    if opts.cache is not None:
+        opts.cache.mkdir(parents=True, exist_ok=True)
 
     import cv2
     import numba
@@ -295,76 +371,111 @@ def main() -> None:
     t0 = time.perf_counter()
     phantom = thoracolumbar_phantom()
     points = target_points(phantom)
+    iso_lps = np.asarray(phantom.isocentre_lps_mm)
     print(f"phantom: thoracolumbar, 1 mm truth grid ({time.perf_counter() - t0:.1f} s); anatomy by {opts.anatomy}")
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench_fid_real_") as tmp_name:
         for room in opts.rooms.split(","):
             geom = room_geometry(room)
             sim = RealisticSimulator(phantom, geom)
-            projector = PlastimatchPaths(sim, Path(tmp_name), opts.threads) if opts.anatomy == "plastimatch" else None
-            rng = np.random.default_rng(opts.seed)
+            projector = None
             results = {lv: [] for lv in levels}
-            results["migrated"] = []
+            if not opts.no_migration:
+                results["migrated"] = []
             over_bone = [0, 0]
             loads = []
             warm = False
-            for p in range(opts.pairs):
-                pose = random_setup_pose(rng)
-                seeds = random_seeds(rng, np.asarray(phantom.isocentre_lps_mm))
-                planned = sim.planned_room_mm(seeds)
-                names = tuple(s.name for s in seeds)
-                motion = Pose.from_six(rng.uniform(-1, 1, 3), rng.uniform(-0.5, 0.5, 3))
-                prior = motion.compose(pose)
-                paths = {im.name: (projector(im, pose, opts.plastimatch_window) if projector
-                                   else sim.material_paths(im, pose)) for im in geom.imagers}
-                for im in geom.imagers:
-                    px = im.project(pose.apply(planned))
-                    for c, r in px:
-                        ci, ri = int(round(c)), int(round(r))
-                        if 0 <= ri < im.rows and 0 <= ci < im.cols:
-                            over_bone[0] += 1
-                            over_bone[1] += paths[im.name].bone_mm[ri, ci] >= BONE_PATH_MM
-                for lv in levels:
-                    chain = ChainConfig.clinic(i0=lv, scatter_to_primary=opts.spr)
-                    frames, _ = sim.render(pose, seed=int(rng.integers(1 << 31)), chain=chain, paths=paths,
-                                           seeds=seeds)
+            window = opts.plastimatch_window if opts.anatomy == "plastimatch" else 0
+            for p in range(opts.first, opts.first + opts.pairs):
+                draw = draw_pair(opts.seed, p, iso_lps)
+                planned = sim.planned_room_mm(draw.seeds)
+                names = tuple(s.name for s in draw.seeds)
+                tag = f"{room}_{opts.anatomy}_w{window}_s{opts.seed}_p{p:03d}"
+                paths_cache: dict = {}
+
+                def paths_fn():
+                    # Anatomy path lengths: the slow part (plastimatch), computed at most once per pair.
+                    nonlocal projector
+                    if paths_cache:
+                        return paths_cache
+                    file = None if opts.cache is None else opts.cache / f"{tag}_paths.npz"
+                    if file is not None and file.exists():
+                        with np.load(file) as z:
+                            for im in geom.imagers:
+                                paths_cache[im.name] = MaterialPaths(z[f"water_{im.name}"].astype(np.float64),
+                                                                     z[f"bone_{im.name}"].astype(np.float64))
+                        return paths_cache
+                    if opts.anatomy == "plastimatch" and projector is None:
+                        projector = PlastimatchPaths(sim, Path(tmp_name), opts.threads)
+                    for im in geom.imagers:
+                        paths_cache[im.name] = (projector(im, draw.pose, opts.plastimatch_window) if projector
+                                                else sim.material_paths(im, draw.pose))
+                    if file is not None:
+                        np.savez(file, **{f"{m}_{n}": getattr(v, f"{m}_mm").astype(np.float32)
+                                          for n, v in paths_cache.items() for m in ("water", "bone")})
+                    return paths_cache
+
+                conditions = [(f"{lv:g}", lv) for lv in levels]
+                if not opts.no_migration:
+                    conditions.append(("migrated", mig_level))
+                for cond, lv in conditions:
+                    frames, truth_px, moved, chain = condition_frames(sim, draw, planned, paths_fn, cond, lv, opts.spr,
+                                                                      opts.cache, tag)
+                    if opts.render_only:
+                        continue
                     flat = {n: FlatField(n, sim.maps(n, chain).gain, sim.maps(n, chain).offset_counts,
                                          sim.maps(n, chain).dead) for n in geom.names}
+                    if cond != "migrated" and paths_cache:
+                        for im in geom.imagers:
+                            for c, r in truth_px[im.name]:
+                                ci, ri = int(round(c)), int(round(r))
+                                if 0 <= ri < im.rows and 0 <= ci < im.cols:
+                                    over_bone[0] += 1
+                                    over_bone[1] += paths_cache[im.name].bone_mm[ri, ci] >= BONE_PATH_MM
                     if not warm:
                         t_w = time.perf_counter()
                         try:
-                            localise_fiducials(dict(frames.frames), geom, planned, names, flat_fields=flat)
+                            localise_fiducials(frames, geom, planned, names, flat_fields=flat)
                         except (TrackingError, SeedMigrationError):
                             pass
                         print(f"{room}: warm-up call {time.perf_counter() - t_w:.2f} s (numba cache load)")
                         warm = True
                     loads.append(os.getloadavg()[0])
-                    results[lv].append(run_case(dict(frames.frames), sim, flat, planned, names, frames.truth, prior,
-                                                points))
-                    if lv == mig_level:
-                        k = int(rng.integers(len(seeds)))
-                        d = rng.normal(size=3)
-                        moved = pose.apply(planned).copy()
-                        moved[k] += MIGRATION_MM * d / np.linalg.norm(d)
-                        frames_m, _ = sim.render(pose, seed=int(rng.integers(1 << 31)), chain=chain, paths=paths,
-                                                 seeds=seeds, seeds_room_mm=moved)
-                        case = run_case(dict(frames_m.frames), sim, flat, planned, names, frames_m.truth, prior,
-                                        points, moved_index=k)
-                        # Detectable by a rigid-body check: some distance to another seed changed by > 1.5 mm.
-                        dp = np.linalg.norm(planned[k] - planned, axis=1)
-                        dm = np.linalg.norm(moved[k] - pose.apply(planned), axis=1)
-                        case["detectable"] = bool(np.abs(dm - dp).max() > DETECTABLE_MM)
-                        results["migrated"].append(case)
-                print(f"{room}: pair {p + 1}/{opts.pairs} done ({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
-                if (p + 1) % 10 == 0 and p + 1 < opts.pairs:
+                    truth = Truth(draw.pose, truth_px)
+                    if cond != "migrated":
+                        results[lv].append(run_case(frames, sim, flat, planned, names, truth, draw.prior, points,
+                                                    track=not opts.no_tracking))
+                        continue
+                    k = draw.moved_index
+                    case = run_case(frames, sim, flat, planned, names, truth, draw.prior, points, moved_index=k,
+                                    track=not opts.no_tracking)
+                    # Detectable by a rigid-body check: four seeds or more (the others fix a 6-DoF pose), or
+                    # some distance to another seed changed by > 1.5 mm (the seed itself left out).
+                    others = np.arange(len(planned)) != k
+                    dp = np.linalg.norm(planned[k] - planned[others], axis=1)
+                    dm = np.linalg.norm(moved[k] - draw.pose.apply(planned)[others], axis=1)
+                    case["detectable"] = bool(len(planned) >= 4 or np.abs(dm - dp).max() > DETECTABLE_MM)
+                    case["pair"] = p
+                    results["migrated"].append(case)
+                print(f"{room}: pair {p + 1}/{opts.first + opts.pairs} done ({time.perf_counter() - t0:.0f} s)",
+                      file=sys.stderr)
+                done = p + 1 - opts.first
+                if not opts.render_only and done % 10 == 0 and done < opts.pairs:
                     print_table(summarise(room, results, mig_level), opts.spr, file=sys.stderr)
+            if opts.render_only:
+                continue
             if projector is not None and projector.seconds:
                 print(f"{room}: plastimatch drr median {np.median(projector.seconds):.2f} s per material image; "
                       f"median |plastimatch - spineguide| path in the window: "
                       f"{np.median(projector.agreement_mm) if projector.agreement_mm else float('nan'):.3f} mm")
-            print(f"{room}: seed views over bone (>= {BONE_PATH_MM:g} mm bone path): {over_bone[1]}/{over_bone[0]}; "
-                  f"load average median {np.median(loads):.2f}, max {max(loads):.2f}")
+            if over_bone[0]:
+                print(f"{room}: seed views over bone (>= {BONE_PATH_MM:g} mm bone path): "
+                      f"{over_bone[1]}/{over_bone[0]} (pairs whose paths were loaded this run)")
+            print(f"{room}: load average median {np.median(loads):.2f}, max {max(loads):.2f}")
             rows.extend(summarise(room, results, mig_level))
+    if opts.render_only:
+        print(f"cache filled: {opts.cache} ({time.perf_counter() - t0:.0f} s)")
+        return
     print()
     print_table(rows, opts.spr)
 

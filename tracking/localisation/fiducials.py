@@ -25,7 +25,7 @@ import math
 import threading
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from enum import Enum
 
 import numpy as np
@@ -44,9 +44,10 @@ from spineguide.registration.pose import Correction, Pose
 
 from ..errors import FiducialConfigError, FiducialNotFoundError, FrameError, ImagerLabelError
 from ._stereo_kernels import triangulate_two_views
+from .constellation import evidence_maps, rigid_fit, sample_bilinear, search_constellation
 from .detection import Detection, DetectionConfig, _check_frame, _check_i0, detect_seeds_in_frames, estimate_i0
 from .flatfield import FlatField
-from .seed_search import faint_candidates, refine_seeds
+from .seed_search import refine_seeds, response_map
 
 __all__ = [
     "Correspondence",
@@ -83,65 +84,86 @@ _FROM_POINT_FLAG = {
 
 @dataclass(frozen=True, slots=True)
 class FaintSearchConfig:
-    """The second, plan-guided search for seeds a stand-alone detector misses (``spineguide.tracking.localisation.seed_search``).
+    """The plan-guided joint search for seeds a stand-alone detector misses (``spineguide.tracking.localisation.constellation``).
 
     Runs when the clean-frame detector leaves a planned seed unfound (or
-    finds none): matched-filter candidates per view, chosen jointly with the
-    planned constellation and the epipolar geometry, refined at full
-    resolution; then each seed still missing is searched where the others
-    say it must be.
+    finds none): the planned constellation is searched as a whole in both
+    views' matched-filter evidence maps, then each seed is verified by a
+    sub-pixel fit where the pose puts it, or (a migration) by a strong fit
+    within ``migration_search_mm`` of that place.
 
     Attributes
     ----------
     enabled : bool
-    min_snr : float
-        Standardised matched-filter response of a candidate.
-    refine_min_snr : float
-        Full-resolution transmission-deficit SNR of an accepted seed.
-    predicted_min_snr : float
-        Candidate response needed near a predicted position (a seed the
-        others place there); higher than ``min_snr`` as nothing else vouches for it.
+    snr_cap : float
+        Evidence of one seed view (the standardised response in units of
+        the region's 99.5th percentile: bone clutter grows with the dose) is
+        capped at this, so that no single bright structure outweighs a seed.
+    translation_range_mm, translation_step_mm : float
+        Translation grid of the constellation search around the plan (the
+        prior pose when tracking), mm.
+    tracking_range_mm : float
+        Translation range around a prior pose, mm.
+    local_reach_mm : float
+        Half-size of the cube searched around each seed of a translation
+        hypothesis (rotation, the grid's step), mm.
+    pool_mm : float
+        Max-pooling radius of the translation search (absorbs rotation), mm
+        at the isocentre.
+    smooth_mm : float
+        Gaussian sigma of the maps of the 6-DoF refinement, mm at the isocentre.
+    hypotheses : int
+        Translation maxima refined and verified.
+    seed_min_snr : float
+        Fitted SNR (amplitude over its standard error) of a seed at its
+        predicted place, in each view.
+    near_mm : float
+        Largest distance of that fit from the predicted place, mm at the isocentre.
+    anchor_min_snr : float
+        Two seeds of a constellation must reach this fitted SNR in both views
+        (the pose is then not made of noise fitted into place).
+    moved_min_snr : float
+        Fitted SNR in both views of a seed found away from its predicted place
+        (a migration claim needs a seed that stands out on its own).
+    migration_search_mm : float
+        Half-size of the cube searched around the predicted place of a seed
+        not seen there, mm.
     two_seed_min_snr : float
         Fitted SNR each seed of a two-seed solution needs in both views (two
-        seeds agree on a single distance, weak evidence among many candidates).
-    candidates_per_view : int
-        Strongest matched-filter candidates per view, each fitted at full resolution.
-    kept_per_view : int
-        Fits kept per view for the joint choice, most significant first.
-        (Keeping 16 of 64 by fitted contrast instead found no more seeds and
-        let more false ones through: docs/BENCHMARKS.md.)
-    search_margin_mm : float or None
-        Whole-frame mode: only the projection of a sphere around the planned
-        seeds, this much larger than their extent (mm), is searched; None:
-        the whole panel.
-    predicted_radius_mm : float
-        Half-size of the window searched around a predicted position, mm
-        at the isocentre (covers the migration limit and a 2-seed pose's error).
+        seeds agree on a single distance, weak evidence).
+    search_margin_mm : float
+        The region analysed: a sphere around the planned seeds, this much
+        larger than their extent and the translation range, mm.
     """
 
     enabled: bool = True
-    min_snr: float = 6.0
-    refine_min_snr: float = 5.0
-    predicted_min_snr: float = 5.0
+    snr_cap: float = 2.0
+    translation_range_mm: float = 12.0
+    translation_step_mm: float = 1.0
+    tracking_range_mm: float = 3.0
+    local_reach_mm: float = 4.0
+    pool_mm: float = 2.0
+    smooth_mm: float = 0.4
+    hypotheses: int = 3
+    seed_min_snr: float = 4.0
+    near_mm: float = 1.0
+    anchor_min_snr: float = 6.0
+    moved_min_snr: float = 8.0
+    migration_search_mm: float = 3.5
     two_seed_min_snr: float = 10.0
-    candidates_per_view: int = 24
-    kept_per_view: int = 24
-    search_margin_mm: float | None = 40.0
-    predicted_radius_mm: float = 4.0
+    search_margin_mm: float = 8.0
 
     def __post_init__(self) -> None:
-        for name in ("min_snr", "refine_min_snr", "predicted_min_snr", "two_seed_min_snr", "predicted_radius_mm"):
+        for name in ("snr_cap", "translation_range_mm", "translation_step_mm", "tracking_range_mm",
+                     "local_reach_mm", "pool_mm", "smooth_mm", "seed_min_snr", "near_mm", "anchor_min_snr",
+                     "moved_min_snr", "migration_search_mm", "two_seed_min_snr", "search_margin_mm"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
                 raise FiducialConfigError(
                     f"faint search config: {name} must be a positive finite number, got {value!r}")
-        m = self.search_margin_mm
-        if m is not None and (isinstance(m, bool) or not isinstance(m, (int, float)) or not math.isfinite(m) or m <= 0):
-            raise FiducialConfigError(f"faint search config: search_margin_mm must be positive or None, got {m!r}")
-        for name in ("candidates_per_view", "kept_per_view"):
-            k = getattr(self, name)
-            if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-                raise FiducialConfigError(f"faint search config: {name} must be a positive integer, got {k!r}")
+        k = self.hypotheses
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise FiducialConfigError(f"faint search config: hypotheses must be a positive integer, got {k!r}")
         if not isinstance(self.enabled, bool):
             raise FiducialConfigError(f"faint search config: enabled must be a bool, got {self.enabled!r}")
 
@@ -579,38 +601,14 @@ def _angle_deg(rotation: np.ndarray) -> float:
     return math.degrees(math.acos(min(1.0, max(-1.0, (float(np.trace(rotation)) - 1.0) / 2.0))))
 
 
-def _without(corr: Correspondence, k: int) -> Correspondence:
-    """``corr`` with planned seed ``k`` unassigned."""
-    found = corr.found.copy()
-    found[k] = False
-    idx = corr.detection_index.copy()
-    idx[k] = -1
-    pts = corr.points_room_mm.copy()
-    pts[k] = 0.0
-    rd, rp = corr.ray_distance_mm.copy(), corr.reprojection_px.copy()
-    rd[k] = rp[k] = 0.0
-    return Correspondence(corr.imagers, idx, pts, rd, rp, found, corr.cost_mm)
-
-
-def _solve(names, candidates, planned, seed_names, prior_pose, config, min_found: int = 0,
-           subsets: bool = False) -> _Solution | Exception:
+def _solve(names, candidates, planned, seed_names, prior_pose, config, min_found: int = 0) -> _Solution | Exception:
     """Best correspondence + registration for one labelling, or the error that prevents one.
 
     Assignments that find fewer than ``min_found`` seeds are not registered:
     a registration uses at most the seeds found, so they cannot beat a
     plausible labelling that used ``min_found`` (see :func:`_choose`).
-    With ``subsets`` (the faint search, where a false candidate can complete
-    a loose constellation), assignments with one seed fewer are tried when
-    no complete one is plausible.
     """
     corrs = _match(names, candidates, planned, prior_pose, config)
-    if subsets and corrs and corrs[0].n_found > max(2, min_found):
-        first = _solve(names, candidates, planned, seed_names, prior_pose, config, min_found)
-        if (isinstance(first, _Solution) and first.plausible) or isinstance(first, SeedMigrationError):
-            # A refused constellation stays refused: dropping the seed that moved would hide it.
-            return first
-        reduced = [_without(c, k) for c in corrs[:_MAX_ASSIGNMENTS] for k in np.flatnonzero(c.found)]
-        corrs = corrs + sorted(reduced, key=lambda c: c.cost_mm)
     if not corrs:
         return FiducialNotFoundError("fiducials not found: no seed was seen consistently in both views")
     if corrs[0].n_found < min_found:
@@ -620,7 +618,7 @@ def _solve(names, candidates, planned, seed_names, prior_pose, config, min_found
         )
     solutions: list[_Solution] = []
     first_error: Exception | None = None
-    for corr in corrs[:_MAX_ASSIGNMENTS * (1 + len(planned) if subsets else 1)]:
+    for corr in corrs[:_MAX_ASSIGNMENTS]:
         f = corr.found
         try:
             reg = register_points(planned[f], corr.points_room_mm[f], [seed_names[i] for i in np.flatnonzero(f)],
@@ -632,10 +630,7 @@ def _solve(names, candidates, planned, seed_names, prior_pose, config, min_found
             continue
         angle = _angle_deg(reg.pose.rotation)
         reasons = []
-        # Two seeds give a translation-only fit whose FRE holds the rotation: no test of the seeds
-        # (the rigid-body check has judged their distance); the faint search accepts it as a start.
-        two_seed = subsets and PointFlag.TRANSLATION_ONLY in reg.flags
-        if reg.fre_mm > config.max_fre_mm and not two_seed:
+        if reg.fre_mm > config.max_fre_mm:
             reasons.append(f"fiducial registration error {reg.fre_mm:.2f} mm (limit {config.max_fre_mm:g} mm)")
         if angle > config.max_rotation_deg:
             reasons.append(f"rotation {angle:.1f} deg (limit {config.max_rotation_deg:g} deg)")
@@ -757,12 +752,16 @@ def localise_fiducials(
     except (FiducialNotFoundError, ImagerLabelError, PointRegistrationError) as err:
         error = err
     faint = False
-    refused = isinstance(error, PointRegistrationError)  # a constellation was seen and refused (migration)
+    excluded: frozenset = frozenset()
+    # A constellation seen and refused (migration), or seen well enough to judge the imager labels wrong:
+    # the contrast was not the problem, and the joint search does not overrule it.
+    refused = isinstance(error, PointRegistrationError) or (
+        isinstance(error, ImagerLabelError) and _SWAP_VERDICT in str(error))
     # Seeds left out because their shadows merge in one view are explained already (SEEDS_OVERLAP).
     if config.faint.enabled and not refused and (found is None or (not found[0].corr.found.all() and not found[1])):
         # Seeds the stand-alone detector could not see: the plan-guided search.
         try:
-            second = _faint_solution(frames, geometry, (a, b), i0s, masks, planned, seed_names, prior_pose, config,
+            second = _joint_solution(frames, geometry, (a, b), i0s, masks, planned, seed_names, prior_pose, config,
                                      same_panel)
         except SeedMigrationError:
             # More of the constellation was seen, and refused: never answer with a part of it, unless
@@ -772,15 +771,16 @@ def localise_fiducials(
             second = None
         except (FiducialNotFoundError, ImagerLabelError, PointRegistrationError) as err:
             second = None
-            error = error or err
+            # The joint search's reason is the more telling one, unless the labels were in question.
+            error = error if isinstance(error, ImagerLabelError) else err
         if second is not None and (found is None or _better(second[0], found[0])):
-            found, dets, faint = second[:2], second[2], True
+            found, dets, faint, excluded = second[:2], second[2], True, second[3]
     if found is None:
         raise error
     chosen, overlapping = found
     t_end = time.perf_counter()
     return _result(chosen, dets, planned, seed_names, (a, b), (t_det - t0, t_end - t_det, t_end - t0), config,
-                   overlapping, faint)
+                   overlapping, faint, excluded)
 
 
 def _labelled_solution(geometry, names, dets, planned, seed_names, prior_pose, config, same_panel, within=None):
@@ -806,164 +806,332 @@ def _labelled_solution(geometry, names, dets, planned, seed_names, prior_pose, c
     return _separate_overlaps(chosen, geometry, (a, b), dets, planned, seed_names, config)
 
 
-def _faint_labelling(geometry, names, dets, planned, seed_names, prior_pose, config, same_panel, within):
-    """Both labellings of faint candidates judged (``_choose``), where a labelling needs two seeds to count.
-
-    One candidate pair always "fits" (any point can be translated onto a
-    seed), so among faint candidates it is no evidence for a labelling or a
-    pose; with two planned seeds or more, two consistent seeds are needed.
-    """
-    a, b = names
-    need = min(max(2, len(planned) - 1), len(planned))
-    px = {n: _centres(dets[n]) for n in (a, b)}
-    labellings = [(px[a], px[b])] + ([(px[b], px[a])] if same_panel else [])
-    cands = _pair_candidates_labellings(geometry, (a, b), labellings, config, within)
-    given = _solve((a, b), cands[0], planned, seed_names, prior_pose, config, need, subsets=True)
-    beat = max(need, given.corr.n_found) if isinstance(given, _Solution) and given.plausible else need
-    swapped = FrameError("frames do not fit the other imager") if not same_panel else _solve(
-        (a, b), cands[1], planned, seed_names, prior_pose, config, beat, subsets=True)
-    if isinstance(swapped, _Solution) and swapped.corr.n_found < beat:
-        swapped = FiducialNotFoundError("fewer seeds than the given labelling")
-    sol = _choose(given, swapped, a, b, config, planned)
-    if sol.corr.n_found < 3:
-        # Two seeds agree on one distance only: both must stand out on their own in both views.
-        weak = [seed_names[k] for k in np.flatnonzero(sol.corr.found)
-                if min(dets[n][int(sol.corr.detection_index[k, v])].snr for v, n in enumerate(names))
-                < config.faint.two_seed_min_snr]
-        if weak:
-            raise FiducialNotFoundError(
-                f"fiducials not found: the faint search saw only {sol.corr.n_found} seeds and "
-                f"{', '.join(weak)} too faintly (SNR below {config.faint.two_seed_min_snr:g}) to trust"
-            )
-    return sol
-
-
 def _better(new: _Solution, old: _Solution) -> bool:
     """More seeds found (then used), then a lower FRE."""
     return (new.corr.n_found, new.reg.n_used, -new.reg.fre_mm) > (old.corr.n_found, old.reg.n_used, -old.reg.fre_mm)
 
 
-def _search_regions(geometry: StereoGeometry, name: str, centres_room_mm: np.ndarray, radius_mm: float):
-    """Pixel boxes ``(r0, r1, c0, c1)`` of imager ``name`` covering spheres of ``radius_mm`` around room points."""
+def _search_box(geometry: StereoGeometry, name: str, centres_room_mm: np.ndarray, radius_mm: float):
+    """Pixel box ``(r0, r1, c0, c1)`` of imager ``name`` covering spheres of ``radius_mm`` around room points."""
     im = geometry[name]
-    boxes = []
-    for c in np.atleast_2d(centres_room_mm):
-        corners = c + radius_mm * np.array(np.meshgrid([-1, 1], [-1, 1], [-1, 1])).reshape(3, -1).T
-        px = im.project(corners)
-        c0, r0 = np.floor(px.min(axis=0)).astype(int)
-        c1, r1 = np.ceil(px.max(axis=0)).astype(int) + 1
-        r0, c0, r1, c1 = max(r0, 0), max(c0, 0), min(r1, im.rows), min(c1, im.cols)
-        if r1 > r0 and c1 > c0:
-            boxes.append((int(r0), int(r1), int(c0), int(c1)))
-    return boxes
+    corners = (np.atleast_2d(centres_room_mm)[:, None, :]
+               + radius_mm * np.array(np.meshgrid([-1, 1], [-1, 1], [-1, 1])).reshape(3, -1).T[None]).reshape(-1, 3)
+    px = im.project(corners)
+    c0, r0 = np.floor(px.min(axis=0)).astype(int)
+    c1, r1 = np.ceil(px.max(axis=0)).astype(int) + 1
+    r0, c0, r1, c1 = max(r0, 0), max(c0, 0), min(r1, im.rows), min(c1, im.cols)
+    if r1 <= r0 or c1 <= c0:
+        return None
+    return int(r0), int(r1), int(c0), int(c1)
 
 
-def _candidates(signals, geometry, name, i0, masks, regions, config: FiducialConfig, min_snr: float, keep: int):
-    """Detections (coarse centres) of the strongest matched-filter candidates of one view in some regions."""
-    fc = config.faint
-    centres, snr, orient, contrast = [], [], [], []
-    for region in regions:
-        c = faint_candidates(signals[name], geometry[name], i0, config.detection, min_snr, fc.candidates_per_view,
-                             masks.get(name), region)
-        centres.append(c.centres_px)
-        snr.append(c.snr)
-        orient.append(c.orientation_deg)
-        contrast.append(c.contrast)
-    if not centres:
-        return ()
-    centres, snr, orient, contrast = (np.concatenate(x) for x in (centres, snr, orient, contrast))
-    order = np.argsort(-snr, kind="stable")
-    out, kept = [], []
-    for q in order:
-        if any(np.hypot(*(centres[q] - k)) < 2.0 for k in kept):  # overlapping regions found it twice
-            continue
-        kept.append(centres[q])
-        out.append(Detection(name, centres[q], float(contrast[q]), float(snr[q]), 0.0, 0.0, float(orient[q]), 0,
-                             max(0.0, 1.0 - min_snr / float(snr[q]))))
-        if len(out) >= keep:
-            break
-    return tuple(out)
+def _px_per_mm(imager) -> float:
+    """Panel pixels per mm at the isocentre."""
+    return imager.magnification / float(np.min(imager.pixel_spacing_mm))
 
 
-_PREDICTED_CONTRAST_FRACTION = 0.5  # seeds of one patient share their contrast (diameter 0.8-1.2 mm)
-_FAINT_ASSOCIATION_MM = 3.0  # a 2 mm migration and the coarse centres' error, no more: false candidates abound
+_CUBE_STEP_MM = 0.35  # the migration search's 3D grid (about one full-resolution pixel at the isocentre)
 
 
-def _faint_solution(frames, geometry, names, i0s, masks, planned, seed_names, prior_pose, config, same_panel):
-    """The plan-guided search (``FaintSearchConfig``): ``(solution, overlapping, detections)``.
+def _joint_solution(frames, geometry, names, i0s, masks, planned, seed_names, prior_pose, config, same_panel):
+    """The plan-guided joint search (``FaintSearchConfig``): ``(solution, overlapping, detections)``.
 
-    1. Candidates per view (where the plan or the prior puts the seeds), each
-       refined at full resolution (``refine_seeds``: centre, orientation,
-       length, SNR); those still significant are the detections.
-    2. The solution chosen jointly: epipolar pairs, constellation (with the
-       association limit narrowed to ``_FAINT_ASSOCIATION_MM``), both
-       labellings, a labelling needing two seeds to count.
-    3. A seed still missing is searched in both views where the pose of the
-       others puts it, and the pair solved again.
+    1. Evidence maps per view over the region where the plan (or the prior)
+       can put the seeds; pose hypotheses of the whole constellation
+       (:func:`spineguide.tracking.localisation.constellation.search_constellation`).
+    2. Per hypothesis, each seed verified in each view by a sub-pixel fit
+       started where the pose projects it (fitted SNR >= ``seed_min_snr``,
+       within ``near_mm``); a seed not seen there is searched within
+       ``migration_search_mm`` in 3D (both views' evidence summed along the
+       epipolar constraint) and kept only if it stands out on its own in both
+       views (``moved_min_snr``): the rigid-body check then names it.
+    3. The verified seeds are triangulated and registered; the hypothesis
+       with most seeds (then the lowest FRE) is the answer. Both labellings
+       are tried when the given one finds no constellation.
     """
     fc = config.faint
-    a, b = names
     signals, levels = {}, {}
     for n in names:
         frame = _check_frame(frames[n], geometry[n])
         signals[n] = np.asarray(frame, dtype=np.float32)
         levels[n] = _check_i0(i0s[n], n) if i0s[n] is not None else estimate_i0(signals[n], n)
     if prior_pose is not None:
-        radius = config.detection.tracking_window_mm
-        where = prior_pose.apply(planned)
-    elif fc.search_margin_mm is not None:
-        centre = planned.mean(axis=0)
-        radius = float(np.linalg.norm(planned - centre, axis=1).max()) + fc.search_margin_mm
-        where = centre[None]
+        start, reach = prior_pose, fc.tracking_range_mm
     else:
-        where, radius = None, 0.0
-    dets: dict[str, tuple[Detection, ...]] = {}
+        start, reach = Pose.identity(), fc.translation_range_mm
+    where = start.apply(planned)
+    centre = where.mean(axis=0)
+    radius = float(np.linalg.norm(where - centre, axis=1).max()) + reach + fc.search_margin_mm
+    maps = {}
     for n in names:
-        regions = [None] if where is None else _search_regions(geometry, n, where, radius)
-        coarse = _candidates(signals, geometry, n, levels[n], masks, regions, config, fc.min_snr,
-                             fc.candidates_per_view)
-        fits = _refined(signals[n], geometry[n], levels[n], coarse, masks.get(n), config)
-        dets[n] = tuple(sorted(fits, key=lambda d: -d.snr)[: fc.kept_per_view])
-    within = None if where is None else (where, radius)
-    narrow = replace(config, association_tolerance_mm=min(config.association_tolerance_mm, _FAINT_ASSOCIATION_MM))
-    sol = _faint_labelling(geometry, names, dets, planned, seed_names, prior_pose, narrow, same_panel, within)
-    if not sol.corr.found.all():
-        # Gold's contrast, set by the seeds just found: a blob near a predicted position with much less is not one.
-        used = [dets[n][int(sol.corr.detection_index[k, v])].contrast for k in np.flatnonzero(sol.corr.found)
-                for v, n in enumerate(names)]
-        floor = _PREDICTED_CONTRAST_FRACTION * float(np.median(used))
-        extra = {n: list(dets[n]) for n in names}
-        for k in np.flatnonzero(~sol.corr.found):
-            target = sol.reg.pose.apply(planned[k:k + 1])
-            for n in names:
-                # Where the others say this seed must be: the strongest candidate near its projection.
-                near = _candidates(signals, geometry, n, levels[n], masks,
-                                   _search_regions(geometry, n, target, fc.predicted_radius_mm), config,
-                                   fc.predicted_min_snr, 1)
-                extra[n].extend(d for d in _refined(signals[n], geometry[n], levels[n], near, masks.get(n), config)
-                                if d.contrast >= floor)
-        dets = {n: tuple(_dedupe_detections(extra[n])) for n in names}
-        px = {n: _centres(dets[n]) for n in names}
-        cands = _pair_candidates_labellings(geometry, names, [(px[a], px[b])], narrow, within)
-        again = _solve(names, cands[0], planned, seed_names, prior_pose, narrow, 0, subsets=True)
-        if isinstance(again, SeedMigrationError):
-            # The missing seed is there but not where the others put it: a migration, never hidden
-            # behind the smaller constellation found first.
-            raise again
-        if isinstance(again, _Solution) and again.plausible and _better(again, sol):
-            sol = again
-    sol, overlapping = _separate_overlaps(sol, geometry, names, dets, planned, seed_names, config)
-    return sol, overlapping, dets
+        im = geometry[n]
+        box = _search_box(geometry, n, centre[None], radius)
+        rmap = None if box is None else response_map(signals[n], im, levels[n], config.detection, masks.get(n), box)
+        if rmap is None:
+            raise FiducialNotFoundError(f"fiducials not found: imager '{n}' does not see where the seeds are planned")
+        scale = _px_per_mm(im) / rmap.binning
+        maps[n] = evidence_maps(rmap, im.projection_matrix, fc.snr_cap, fc.pool_mm * scale, fc.smooth_mm * scale)
+    error: Exception | None = None
+    labellings = [names] + ([(names[1], names[0])] if same_panel else [])
+    for li, labels in enumerate(labellings):
+        # labels[v] is the imager whose geometry sees frame names[v].
+        lmaps = {names[v]: (maps[names[v]] if labels == names else
+                            evidence_maps(maps[names[v]].response, geometry[labels[v]].projection_matrix, fc.snr_cap,
+                                          fc.pool_mm * _px_per_mm(geometry[labels[v]]) / maps[names[v]].response.binning,
+                                          fc.smooth_mm * _px_per_mm(geometry[labels[v]])
+                                          / maps[names[v]].response.binning))
+                 for v in range(2)}
+        hyps = search_constellation(lmaps, planned, start, reach, fc.translation_step_mm, fc.local_reach_mm,
+                                    fc.hypotheses)
+        best = None
+        for hyp in hyps:
+            try:
+                found = _verify(hyp, signals, levels, masks, lmaps, geometry, names, labels, planned, seed_names,
+                                config)
+            except SeedMigrationError:
+                if li == 0:
+                    raise  # a constellation seen and refused stays refused
+                continue
+            except (FiducialNotFoundError, PointRegistrationError) as err:
+                error = error or err
+                continue
+            if best is None or _better(found[0], best[0]):
+                best = found
+            if best[0].corr.found.all():
+                break
+        if best is None:
+            continue
+        if li == 1:
+            raise ImagerLabelError(
+                f"the frames fit the geometry with imager labels swapped (frame '{names[0]}' is imager "
+                f"'{names[1]}' and frame '{names[1]}' is imager '{names[0]}'): the planned seeds were found only "
+                f"so (FRE {best[0].reg.fre_mm:.2f} mm); refused")
+        sol, dets, excluded = best
+        if not excluded:
+            sol, overlapping = _separate_overlaps(sol, geometry, names, dets, planned, seed_names, config)
+        else:
+            overlapping = frozenset()
+        return sol, overlapping, dets, excluded
+    raise error or FiducialNotFoundError("fiducials not found: no plausible seed constellation in both views")
 
 
-def _refined(signal, imager, i0, coarse: Sequence[Detection], mask, config: FiducialConfig) -> tuple[Detection, ...]:
-    """Full-resolution fits of coarse candidates; the significant ones, distinct, strongest first."""
-    if not coarse:
-        return ()
-    fits = refine_seeds(signal, imager, i0, np.array([d.centre_px for d in coarse]),
-                        np.array([d.orientation_deg for d in coarse]), config.detection, config.faint.refine_min_snr,
-                        mask)
-    return tuple(_dedupe_detections([d for d in fits if d is not None]))
+def _fit_at(predicted_room_mm, seeds, signals, levels, masks, maps, ims, names, config, near_mm):
+    """Sub-pixel fits started where ``predicted_room_mm`` projects: ``fits[v][k]`` Detection or None.
+
+    A fit counts with SNR >= ``seed_min_snr`` within ``near_mm`` (at the isocentre) of the prediction.
+    """
+    fc = config.faint
+    fits: list[list[Detection | None]] = [[None] * len(predicted_room_mm) for _ in range(2)]
+    for v in range(2):
+        n = names[v]
+        ks = [k for k in seeds if ims[v].contains(ims[v].project(predicted_room_mm[k:k + 1]))[0]]
+        if not ks:
+            continue
+        px = ims[v].project(predicted_room_mm[ks])
+        rmap = maps[n].response
+        orient = sample_bilinear(rmap.orientation_deg, rmap.to_map(px))  # start orientation only
+        got = refine_seeds(signals[n], ims[v], levels[n], px, orient, config.detection, fc.seed_min_snr, masks.get(n))
+        limit = near_mm * _px_per_mm(ims[v])
+        for k, p, d in zip(ks, px, got):
+            if d is not None and np.hypot(*(np.asarray(d.centre_px) - p)) <= limit:
+                fits[v][k] = d
+    return fits
+
+
+def _triangulate_fits(geometry, labels, fits, ks):
+    _, proj, panel, source = _STEREO.get(geometry, labels[0], labels[1])
+    pa = np.array([fits[0][k].centre_px for k in ks], dtype=np.float64).reshape(-1, 2)
+    pb = np.array([fits[1][k].centre_px for k in ks], dtype=np.float64).reshape(-1, 2)
+    return triangulate_two_views(proj, panel, source, pa, pb, _REFINE_STEPS)
+
+
+_TIGHT_MM = 0.5  # second round: a seed's fit within this of where the verified others put it (mm at the isocentre)
+
+
+def _verify(hyp, signals, levels, masks, maps, geometry, names, labels, planned, seed_names, config):
+    """``(solution, detections, excluded)`` of one pose hypothesis (``_joint_solution`` steps 2-3).
+
+    ``labels[v]`` is the imager geometry of frame ``names[v]``. Round one
+    fits every seed where the hypothesis puts it (within ``near_mm``); the
+    seeds seen in both views give a robust rigid pose; round two fits every
+    seed again where that pose puts it (within ``_TIGHT_MM``), and searches
+    those still unseen within ``migration_search_mm`` (strong fits only).
+    With four seeds or more, each seed is checked against the rigid fit of
+    the others: one that lies farther than the migration limit is excluded
+    and named (``excluded``); more than one is a refusal.
+    """
+    fc = config.faint
+    n_seeds = len(planned)
+    ims = [geometry[labels[v]] for v in range(2)]
+    every = list(range(n_seeds))
+    predicted = hyp.pose.apply(planned)
+    fits = _fit_at(predicted, every, signals, levels, masks, maps, ims, names, config, fc.near_mm)
+    seen = [k for k in every if fits[0][k] is not None and fits[1][k] is not None]
+    if len(seen) >= 2:
+        pts, ray, _ = _triangulate_fits(geometry, labels, fits, seen)
+        w = np.array([min(fits[0][k].snr, fits[1][k].snr) for k in seen]) * (ray <= config.max_ray_distance_mm)
+        fit = _robust_pose(planned[seen], pts, w)
+        if fit is not None:
+            predicted = fit.apply(planned)
+            fits = _fit_at(predicted, every, signals, levels, masks, maps, ims, names, config, _TIGHT_MM)
+    on_both = [k for k in every if all(im.contains(im.project(predicted[k:k + 1]))[0] for im in ims)]
+    claims: set[int] = set()
+    verified = [k for k in every if fits[0][k] is not None and fits[1][k] is not None]
+    if verified:
+        # Gold's contrast, set by the seeds verified in place: a blob with much less is not a moved seed.
+        floor = [_MOVED_CONTRAST_FRACTION * float(np.median([fits[v][k].contrast for k in verified])) for v in range(2)]
+        for k in on_both:
+            if fits[0][k] is None or fits[1][k] is None:
+                # Not seen where the others put it: a strong seed nearby may have moved (it is named, never used).
+                moved = _moved_seed(predicted[k], signals, levels, masks, maps, ims, names, config)
+                if moved is not None and all(moved[v].contrast >= floor[v] for v in range(2)):
+                    fits[0][k], fits[1][k] = moved
+                    claims.add(k)
+    seen_idx = np.array([k for k in every if fits[0][k] is not None and fits[1][k] is not None], dtype=np.int64)
+    if len(seen_idx) < min(2, n_seeds):
+        raise FiducialNotFoundError(
+            ("fiducials not found: no seed was seen consistently in both views (" if not len(seen_idx) else
+             "fiducials not found: (")
+            + f"the joint search verified {len(seen_idx)} of {n_seeds} planned seeds "
+            f"with fitted SNR >= {fc.seed_min_snr:g} in both views where the constellation puts them)")
+    weakest = np.array([min(fits[0][k].snr, fits[1][k].snr) for k in seen_idx])
+    need = fc.two_seed_min_snr if len(seen_idx) == 2 else fc.anchor_min_snr
+    if int(np.count_nonzero(weakest >= need)) < 2:
+        raise FiducialNotFoundError(
+            f"fiducials not found: {len(seen_idx)} seeds fit where the constellation puts them, but fewer than two "
+            f"stand out on their own (fitted SNR >= {need:g} in both views)")
+    pts, ray, rep = _triangulate_fits(geometry, labels, fits, seen_idx)
+    keep = ray <= config.max_ray_distance_mm
+    found = np.zeros(n_seeds, bool)
+    found[seen_idx[keep]] = True
+    idx = np.full((n_seeds, 2), -1, dtype=np.int64)
+    points = np.zeros((n_seeds, 3))
+    rd, rp = np.zeros(n_seeds), np.zeros(n_seeds)
+    dets: dict[str, list[Detection]] = {names[0]: [], names[1]: []}
+    for q, k in enumerate(seen_idx):
+        if keep[q]:
+            idx[k] = (len(dets[names[0]]), len(dets[names[1]]))
+            dets[names[0]].append(fits[0][k])
+            dets[names[1]].append(fits[1][k])
+            points[k], rd[k], rp[k] = pts[q], ray[q], rep[q]
+    if found.sum() < min(2, n_seeds):
+        raise FiducialNotFoundError("fiducials not found: the verified seeds' rays do not meet "
+                                    f"(skew distance above {config.max_ray_distance_mm:g} mm)")
+    excluded = _moved_by_others(planned, points, found, seed_names, config.registration.migration_limit_mm)
+    use = found.copy()
+    use[list(excluded)] = False
+    reg = register_points(planned[use], points[use], [seed_names[i] for i in np.flatnonzero(use)],
+                          config.registration)
+    used = dict(zip(reg.names, reg.used))
+    silent = [k for k in claims if found[k] and k not in excluded and used.get(seed_names[k], False)]
+    if silent:
+        # A seed found away from its place that the rigid-body check cannot name (three seeds or fewer, or a
+        # move that keeps the distances) is left out: a migration is never used silently.
+        found[silent] = False
+        use[silent] = False
+        idx[silent] = -1
+        if use.sum() < 1:
+            raise FiducialNotFoundError("fiducials not found: no seed verified where the constellation puts it")
+        reg = register_points(planned[use], points[use], [seed_names[i] for i in np.flatnonzero(use)],
+                              config.registration)
+    corr = Correspondence(names, idx, points, rd, rp, found, 0.0)
+    reasons = []
+    if reg.fre_mm > config.max_fre_mm and PointFlag.TRANSLATION_ONLY not in reg.flags:
+        reasons.append(f"fiducial registration error {reg.fre_mm:.2f} mm (limit {config.max_fre_mm:g} mm)")
+    angle = _angle_deg(reg.pose.rotation)
+    if angle > config.max_rotation_deg:
+        reasons.append(f"rotation {angle:.1f} deg (limit {config.max_rotation_deg:g} deg)")
+    if reasons:
+        raise FiducialNotFoundError("no plausible seed constellation: " + "; ".join(reasons))
+    return _Solution(corr, reg, True, ""), {n: tuple(d) for n, d in dets.items()}, frozenset(excluded)
+
+
+def _robust_pose(planned: np.ndarray, points: np.ndarray, weights: np.ndarray) -> Pose | None:
+    """Rigid pose of seeds seen in round one: all of them, or (4+) the best fit leaving one out (1 mm inliers)."""
+    good = np.flatnonzero(weights > 0)
+    if len(good) < 2:
+        return None
+    subsets = [good] + ([np.delete(good, i) for i in range(len(good))] if len(good) >= 4 else [])
+    best = None
+    for sub in subsets:
+        pose = rigid_fit(planned[sub], points[sub], weights[sub])
+        res = np.linalg.norm(pose.apply(planned[good]) - points[good], axis=1)
+        key = (int(np.count_nonzero(res <= 1.0)), -float(np.median(res)))
+        if best is None or key > best[0]:
+            best = (key, pose)
+    return best[1]
+
+
+def _moved_by_others(planned: np.ndarray, points: np.ndarray, found: np.ndarray, seed_names, limit_mm: float):
+    """Seeds (indices) farther than ``limit_mm`` from where the rigid fit of the other found seeds puts them.
+
+    Needs four found seeds or more (three others fix a 6-DoF pose; two leave
+    a spin free, so with three seeds a move that keeps the distances cannot be
+    told from a rotation). The seed named is the one whose exclusion leaves
+    the others consistent to ``_CONSISTENT_MM`` while it lies beyond the
+    limit; if several do, or none while some seed lies beyond the limit, the
+    constellation is refused (``SeedMigrationError``).
+    """
+    idx = np.flatnonzero(found)
+    if len(idx) < 4:
+        return set()
+    far, clean = [], []
+    for k in idx:
+        others = idx[idx != k]
+        pose = rigid_fit(planned[others], points[others], np.ones(len(others)))
+        own = float(np.linalg.norm(pose.apply(planned[k]) - points[k]))
+        rest = float(np.linalg.norm(pose.apply(planned[others]) - points[others], axis=1).max())
+        if own > limit_mm:
+            far.append(int(k))
+            if rest <= _CONSISTENT_MM:
+                clean.append(int(k))
+    if not far:
+        return set()
+    if len(clean) == 1:
+        return set(clean)
+    raise SeedMigrationError(
+        "rigid-body check failed: seeds " + ", ".join(seed_names[k] for k in far)
+        + f" lie more than {limit_mm:g} mm from where the others put them; "
+        + ("ambiguous which moved" if clean else "no single seed explains it") + "; registration refused")
+
+
+_CONSISTENT_MM = 0.5  # the other seeds agree with their rigid fit this well (seeds are localised to ~0.1 mm)
+_MOVED_CONTRAST_FRACTION = 0.7  # seeds of one patient share their contrast (diameter 0.8-1.2 mm)
+
+
+def _moved_seed(predicted_room_mm, signals, levels, masks, maps, ims, names, config):
+    """A seed within ``migration_search_mm`` of its predicted place standing out in both views, or None.
+
+    The cube around the predicted place is scored by both views' smoothed
+    evidence at its projections (the epipolar constraint in 3D); at the best
+    point each view is fitted and must reach ``moved_min_snr``.
+    """
+    fc = config.faint
+    n_step = int(math.ceil(fc.migration_search_mm / _CUBE_STEP_MM))
+    axis = _CUBE_STEP_MM * np.arange(-n_step, n_step + 1)
+    grid = np.stack(np.meshgrid(axis, axis, axis, indexing="ij"), axis=-1).reshape(-1, 3) + predicted_room_mm
+    score = np.zeros(len(grid))
+    both = np.ones(len(grid), bool)
+    for v in range(2):
+        m = maps[names[v]]
+        s = sample_bilinear(m.smooth, m.response.to_map(ims[v].project(grid)))
+        score += s
+        both &= s > 0
+    score[~both] = -1.0
+    best = int(np.argmax(score))
+    if score[best] <= 0:
+        return None
+    out = []
+    for v in range(2):
+        n = names[v]
+        target = ims[v].project(grid[best:best + 1])
+        orient = sample_bilinear(maps[n].response.orientation_deg, maps[n].response.to_map(target))
+        d = refine_seeds(signals[n], ims[v], levels[n], target, orient, config.detection, fc.moved_min_snr,
+                         masks.get(n))[0]
+        if d is None or np.hypot(*(np.asarray(d.centre_px) - target[0])) > fc.near_mm * _px_per_mm(ims[v]):
+            return None
+        out.append(d)
+    return tuple(out)
 
 
 def _dedupe_detections(dets: Sequence[Detection], radius_px: float = 2.0) -> list[Detection]:
@@ -1033,10 +1201,13 @@ def _centres(dets: Sequence[Detection]) -> np.ndarray:
     return np.array([d.centre_px for d in dets], dtype=np.float64).reshape(-1, 2)
 
 
+_SWAP_VERDICT = "imager labels swapped"  # in an ImagerLabelError that judged the labels (not an ambiguity)
+
+
 def _choose(given, swapped, a: str, b: str, config: FiducialConfig, planned: np.ndarray) -> _Solution:
     g_ok = isinstance(given, _Solution) and given.plausible
     s_ok = isinstance(swapped, _Solution) and swapped.plausible
-    swap_msg = (f"the frames fit the geometry with imager labels swapped (frame '{a}' is imager '{b}' and "
+    swap_msg = (f"the frames fit the geometry with {_SWAP_VERDICT} (frame '{a}' is imager '{b}' and "
                 f"frame '{b}' is imager '{a}')")
     if g_ok and s_ok and swapped.reg.n_used > given.reg.n_used:
         g_ok = False
@@ -1070,7 +1241,9 @@ def _choose(given, swapped, a: str, b: str, config: FiducialConfig, planned: np.
 
 
 def _result(sol: _Solution, dets, planned, seed_names, names, times_s, config: FiducialConfig,
-            overlapping: frozenset = frozenset(), faint: bool = False) -> FiducialResult:
+            overlapping: frozenset = frozenset(), faint: bool = False,
+            excluded: frozenset = frozenset()) -> FiducialResult:
+    """``excluded``: indices of found seeds kept out of the registration as migrated (joint search)."""
     corr, reg = sol.corr, sol.reg
     found_idx = np.flatnonzero(corr.found)
     used_names = dict(zip(reg.names, range(len(reg.names))))
@@ -1080,15 +1253,17 @@ def _result(sol: _Solution, dets, planned, seed_names, names, times_s, config: F
         if not corr.found[k]:
             seeds.append(SeedLocalisation(name, False, None, None, None, None, None, False))
             continue
-        j = used_names[name]
         pixels = {names[v]: dets[names[v]][int(corr.detection_index[k, v])].centre_px for v in range(2)}
         point = corr.points_room_mm[k].copy()
         point.setflags(write=False)
+        migrated = k in excluded or not bool(reg.used[used_names[name]])
         seeds.append(SeedLocalisation(
             name, True, pixels, point, float(corr.ray_distance_mm[k]), float(corr.reprojection_px[k]),
-            float(np.linalg.norm(residuals[k])), not bool(reg.used[j]),
+            float(np.linalg.norm(residuals[k])), migrated,
         ))
     flags = {_FROM_POINT_FLAG[f] for f in reg.flags}
+    if excluded:
+        flags.add(FiducialFlag.SEED_EXCLUDED)
     if len(found_idx) < len(planned):
         flags.add(FiducialFlag.SEED_MISSING)
     if overlapping:

@@ -47,7 +47,7 @@ from ..errors import FrameError
 from ._kernels import fit_seed_lm
 from .detection import Detection, DetectionConfig, line_integrals, seed_size_px
 
-__all__ = ["SeedCandidates", "faint_candidates", "refine_seeds"]
+__all__ = ["ResponseMap", "SeedCandidates", "faint_candidates", "refine_seeds", "response_map"]
 
 _MAD_TO_SIGMA = 1.4826
 _ORIENTATIONS = 12  # 15 degree steps: a 10-pixel segment turns by one pixel at its end
@@ -128,34 +128,53 @@ def _binning(imager: ImagerGeometry, config: DetectionConfig) -> int:
     return int(max(1, min(4, math.floor(diameter / 1.5))))
 
 
-def faint_candidates(signal: np.ndarray, imager: ImagerGeometry, i0: float, config: DetectionConfig,
-                     min_snr: float, max_candidates: int, defects: np.ndarray | None = None,
-                     region: tuple[int, int, int, int] | None = None) -> SeedCandidates:
-    """Seed candidates of a whole (flat-field corrected) frame: matched filter over local noise.
+@dataclass(frozen=True, slots=True)
+class ResponseMap:
+    """Standardised matched-filter response of one frame region, on a binned grid.
 
-    Parameters
+    Attributes
     ----------
-    signal : (rows, cols) float32 array
-        Corrected detector signal of ``imager`` (more photons = larger), ``[row, col]``.
-    imager : ImagerGeometry
-        Sets the seed size in pixels (magnification, pitch).
-    i0 : float
-        Unattenuated level, counts (only shifts ``L``).
-    config : DetectionConfig
-        Marker size (mm).
-    min_snr : float
-        Standardised response needed.
-    max_candidates : int
-        Most candidates returned.
-    defects : (rows, cols) bool array, optional
-        Known defective pixels (dead lines), filled before analysis.
-    region : (r0, r1, c0, c1), optional
-        Only this part of the frame (rows ``r0:r1``, columns ``c0:c1``) is searched.
+    snr : (rb, cb) float32 array
+        Response over the local noise model (dimensionless), binned pixels ``[row, col]``.
+    orientation_deg : (rb, cb) float32 array
+        Orientation of the best segment, degrees from +col towards +row, [0, 180).
+    contrast : (rb, cb) float32 array
+        Top-hat line integral (ln units).
+    binning : int
+        Full-resolution pixels per binned pixel.
+    row0, col0 : int
+        Full-resolution pixel of the region's first row and column.
+    """
 
-    Returns
-    -------
-    SeedCandidates
-        Centres in whole-frame pixels.
+    snr: np.ndarray
+    orientation_deg: np.ndarray
+    contrast: np.ndarray
+    binning: int
+    row0: int
+    col0: int
+
+    def to_map(self, px: np.ndarray) -> np.ndarray:
+        """Full-resolution ``(col, row)`` pixels -> binned map ``(col, row)`` (pixel centres at integers)."""
+        px = np.asarray(px, dtype=np.float64)
+        b = self.binning
+        half = (b - 1) / 2.0
+        return np.stack([(px[..., 0] - self.col0 - half) / b, (px[..., 1] - self.row0 - half) / b], axis=-1)
+
+    def to_full(self, map_px: np.ndarray) -> np.ndarray:
+        """Binned map ``(col, row)`` -> full-resolution ``(col, row)`` pixels."""
+        map_px = np.asarray(map_px, dtype=np.float64)
+        b = self.binning
+        half = (b - 1) / 2.0
+        return np.stack([self.col0 + map_px[..., 0] * b + half, self.row0 + map_px[..., 1] * b + half], axis=-1)
+
+
+def response_map(signal: np.ndarray, imager: ImagerGeometry, i0: float, config: DetectionConfig,
+                 defects: np.ndarray | None = None,
+                 region: tuple[int, int, int, int] | None = None) -> ResponseMap | None:
+    """Matched-filter response of a (flat-field corrected) frame over its local noise (steps 1-4 above).
+
+    Parameters as :func:`faint_candidates`. Returns None when the region is
+    smaller than four binned pixels either way.
     """
     b = _binning(imager, config)
     r_off = c_off = 0
@@ -166,8 +185,7 @@ def faint_candidates(signal: np.ndarray, imager: ImagerGeometry, i0: float, conf
         defects = None if defects is None else defects[r_off:r1, c_off:c1]
     rows, cols = img.shape
     if rows < 4 * b or cols < 4 * b:
-        empty = np.zeros(0)
-        return SeedCandidates(np.zeros((0, 2)), empty, empty, empty)
+        return None
     if defects is not None and defects.any():
         img = _fill_defects(img, defects)
     rb, cb = rows // b, cols // b
@@ -208,7 +226,48 @@ def faint_candidates(signal: np.ndarray, imager: ImagerGeometry, i0: float, conf
     med, sigma = _block_stats(best, block)
     hb, wb = best.shape
     scale = np.median((sigma * np.sqrt(local_i))[min(block, hb) // 2::block, min(block, wb) // 2::block])
-    snr = (best - med) / (np.float32(scale) / np.sqrt(local_i))
+    snr = ((best - med) / (np.float32(scale) / np.sqrt(local_i))).astype(np.float32)
+    orient = ((180.0 / _ORIENTATIONS) * best_k).astype(np.float32)
+    return ResponseMap(snr, orient, top.astype(np.float32), b, r_off, c_off)
+
+
+def faint_candidates(signal: np.ndarray, imager: ImagerGeometry, i0: float, config: DetectionConfig,
+                     min_snr: float, max_candidates: int, defects: np.ndarray | None = None,
+                     region: tuple[int, int, int, int] | None = None) -> SeedCandidates:
+    """Seed candidates of a whole (flat-field corrected) frame: matched filter over local noise.
+
+    Parameters
+    ----------
+    signal : (rows, cols) float32 array
+        Corrected detector signal of ``imager`` (more photons = larger), ``[row, col]``.
+    imager : ImagerGeometry
+        Sets the seed size in pixels (magnification, pitch).
+    i0 : float
+        Unattenuated level, counts (only shifts ``L``).
+    config : DetectionConfig
+        Marker size (mm).
+    min_snr : float
+        Standardised response needed.
+    max_candidates : int
+        Most candidates returned.
+    defects : (rows, cols) bool array, optional
+        Known defective pixels (dead lines), filled before analysis.
+    region : (r0, r1, c0, c1), optional
+        Only this part of the frame (rows ``r0:r1``, columns ``c0:c1``) is searched.
+
+    Returns
+    -------
+    SeedCandidates
+        Centres in whole-frame pixels.
+    """
+    rmap = response_map(signal, imager, i0, config, defects, region)
+    if rmap is None:
+        empty = np.zeros(0)
+        return SeedCandidates(np.zeros((0, 2)), empty, empty, empty)
+    b = rmap.binning
+    size = seed_size_px(imager, config, b)
+    seg_len = max(2.0, _FILTER_LENGTH_FRACTION * (size.length_px - 1.0 / b))
+    snr = rmap.snr
     # Local maxima within half a seed length, above the threshold.
     reach = max(1, int(round(0.5 * seg_len)))
     dil = cv2.dilate(snr, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * reach + 1, 2 * reach + 1)))
@@ -217,10 +276,9 @@ def faint_candidates(signal: np.ndarray, imager: ImagerGeometry, i0: float, conf
     values = snr[pr, pc]
     order = np.argsort(-values, kind="stable")[: max_candidates]
     pr, pc = pr[order], pc[order]
-    centres = np.stack([c_off + pc * b + (b - 1) / 2.0, r_off + pr * b + (b - 1) / 2.0], axis=1)
-    centres = centres.astype(np.float64).reshape(-1, 2)
-    orient = (180.0 / _ORIENTATIONS) * best_k[pr, pc].astype(np.float64)
-    return SeedCandidates(centres, snr[pr, pc].astype(np.float64), orient, top[pr, pc].astype(np.float64))
+    centres = rmap.to_full(np.stack([pc, pr], axis=1).astype(np.float64)).reshape(-1, 2)
+    orient = rmap.orientation_deg[pr, pc].astype(np.float64)
+    return SeedCandidates(centres, snr[pr, pc].astype(np.float64), orient, rmap.contrast[pr, pc].astype(np.float64))
 
 
 def _shifted(x: np.ndarray, dr: int, dc: int) -> np.ndarray:
