@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import math
 import os
 from pathlib import Path
 
 import numpy as np
 
 from .errors import GeometryError, GeometryFileError, SchemaError
+from .foundation import checked_number
 from .geometry import MATRIX_AGREEMENT_LIMIT_PX, ImagerGeometry, StereoGeometry
 from .jsonfile import read_json_document, write_json_document
 
@@ -36,9 +36,8 @@ def _numbers(name: str, key: str, value, count: int | None, limit: float) -> Non
     if not isinstance(flat, list) or (count is not None and len(flat) != count):
         raise GeometryFileError(f"imager '{name}': {key} must be {count or 'rows of'} numbers, got {value!r}"[:300])
     for v in flat:
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or abs(v) > limit:
-            raise GeometryFileError(f"imager '{name}': {key} must hold finite numbers of magnitude <= {limit:g}, "
-                                    f"got {v!r}"[:300])
+        checked_number(v, GeometryFileError, f"imager '{name}': {key} must hold finite numbers of magnitude <= "
+                       f"{limit:g}, got {v!r}"[:300], minimum=-limit, maximum=limit)
 
 
 def _imager_from_json(entry, index: int) -> ImagerGeometry:
@@ -134,8 +133,7 @@ def geometry_from_json(obj) -> StereoGeometry:
         raise GeometryFileError("'imagers' must be a list of at least two imagers")
     imagers = tuple(_imager_from_json(e, i) for i, e in enumerate(entries))
     calibrated = obj.get("calibrated_unix_s", 0.0)
-    if not isinstance(calibrated, (int, float)) or isinstance(calibrated, bool) or not math.isfinite(calibrated):
-        raise GeometryFileError(f"calibrated_unix_s must be a finite number, got {calibrated!r}")
+    calibrated = checked_number(calibrated, GeometryFileError, f"calibrated_unix_s must be a finite number, got {calibrated!r}")
     notes = obj.get("notes", "")
     if not isinstance(notes, str):
         raise GeometryFileError("notes must be a string")

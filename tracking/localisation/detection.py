@@ -46,7 +46,7 @@ from dataclasses import dataclass
 
 import cv2
 import numpy as np
-
+from spineguide.calibration.foundation import checked_number
 from spineguide.calibration.geometry import ImagerGeometry
 
 from ..errors import FrameError
@@ -244,13 +244,8 @@ def _check_frame(frame: np.ndarray, imager: ImagerGeometry) -> np.ndarray:
 
 
 def _check_i0(i0: float, name: str) -> float:
-    try:
-        value = float(i0)
-    except (TypeError, ValueError) as err:
-        raise FrameError(f"imager '{name}': i0 must be a number, got {i0!r}") from err
-    if not math.isfinite(value) or value <= 0:
-        raise FrameError(f"imager '{name}': i0 must be positive and finite, got {value}")
-    return value
+    return checked_number(i0, FrameError, f"imager '{name}': i0 must be a positive finite number, got {i0!r}",
+                          minimum=0.0, exclusive_minimum=True)
 
 
 def estimate_i0(frame: np.ndarray, name: str = "?") -> float:
