@@ -12,6 +12,9 @@ from spineguide.calibration.io import write_geometry
 from spineguide.calibration.phantom import default_phantom, write_phantom
 from spineguide.tracking.cli.main import main
 
+# End-to-end (calibrate as a command on rendered frames): outside the development loop (-m "not slow"), run by CI.
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def case(tmp_path_factory):

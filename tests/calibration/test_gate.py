@@ -45,7 +45,11 @@ def test_a_right_phantom_file_passes():
     assert all(0.5 < r < 2.0 for r in gate.noise_ratio.values())
 
 
-@pytest.mark.parametrize("direction", [(1.0, 0.0, 0.0), (0.0, 1.0, 0.0), (0.0, 0.0, 1.0)])
+@pytest.mark.parametrize("direction", [
+    (1.0, 0.0, 0.0),
+    pytest.param((0.0, 1.0, 0.0), marks=pytest.mark.slow),  # the other two directions: CI (each a full calibration)
+    pytest.param((0.0, 0.0, 1.0), marks=pytest.mark.slow),
+])
 def test_a_bb_moved_1_mm_in_the_phantom_file_fails_the_gate_by_name(direction):
     k = 5
     moved = [Marker(m.name, m.position_mm + (np.asarray(direction) if i == k else 0.0), m.diameter_mm, m.material)

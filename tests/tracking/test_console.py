@@ -330,6 +330,7 @@ def test_command_refusals(body, headers, status, match):
     assert got == status and match in out["error"]
 
 
+@pytest.mark.slow  # waits out the command socket's timeout
 def test_command_to_an_absent_service_is_a_502():
     async def check(console, client):
         login = await (await client.post("/api/login", json={"operator": "Jane", "token": TOKEN})).json()

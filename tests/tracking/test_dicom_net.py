@@ -28,7 +28,8 @@ from spineguide.tracking.service.dicom_net import (
 )
 from spineguide.tracking.room.dicom import write_dicom_plan
 
-pytestmark = pytest.mark.timeout(120)
+# End-to-end (DICOM over the network): outside the development loop (-m "not slow"), run by CI.
+pytestmark = [pytest.mark.timeout(120), pytest.mark.slow]
 TIMEOUT_S = 20.0
 ROOM_UID = "1.2.826.0.1.3680043.8.498.1"
 

@@ -20,7 +20,8 @@ from spineguide.tracking.room.dicom import write_dicom_plan
 from tests.synthetic import small_thoracolumbar
 from tests.tracking.test_dicom_net import need
 
-pytestmark = pytest.mark.timeout(180)
+# End-to-end (DICOM over the network with dcmtk peers): outside the development loop (-m "not slow"), run by CI.
+pytestmark = [pytest.mark.timeout(180), pytest.mark.slow]
 TIMEOUT_S = 20.0
 
 

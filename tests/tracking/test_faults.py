@@ -31,7 +31,8 @@ from spineguide.tracking.service.record import read_record
 from spineguide.tracking.sim.simulators import LocalPeers
 from spineguide.tracking.service.wire import WireLimits, encode_command, encode_kvframe
 
-pytestmark = pytest.mark.timeout(60)
+# End-to-end (service processes killed, stuck or starved): outside the development loop (-m "not slow"), run by CI.
+pytestmark = [pytest.mark.timeout(60), pytest.mark.slow]
 
 FRAME_PERIOD_S = 0.1
 #: The issue's bound: a fault becomes HOLD within one frame period + 100 ms.

@@ -25,7 +25,8 @@ from spineguide.tracking.sim.simulators import (
 )
 from spineguide.tracking.service.wire import decode_kvframe, encode_gating, encode_heartbeat
 
-pytestmark = pytest.mark.timeout(60)
+# End-to-end (the simulator processes against a service): outside the development loop (-m "not slow"), run by CI.
+pytestmark = [pytest.mark.timeout(60), pytest.mark.slow]
 
 PATTERN_TOL_MM = 0.5e-3  # stamped as integer micrometres (and micro-degrees): half a micrometre of rounding
 #: The delivery-sim checks its permission every poll (5 ms); one loop of slack on each side.
