@@ -68,11 +68,25 @@ def stats(values):
     return f"{np.median(a):9.4f} {np.percentile(a, 95):9.4f} {a.max():9.4f}"
 
 
-def main() -> None:
+def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--cases", type=int, default=30)
+    parser.add_argument("--cases", type=int, default=30, help="uniform-phantom cases (the issue-6 benchmark)")
     parser.add_argument("--qa-trials", type=int, default=100)
-    args = parser.parse_args()
+    parser.add_argument("--bodies", type=int, default=None, metavar="N",
+                        help="instead: N cases per bodied phantom through the clinic chain (issue 13)")
+    parser.add_argument("--bodies-start", type=int, default=0, help="first case index (new seeds for more cases)")
+    parser.add_argument("--positions", type=int, default=7, help="couch positions per calibration (--bodies)")
+    parser.add_argument("--protocol", choices=("depth", "axes"), default="depth", help="couch protocol (--bodies)")
+    parser.add_argument("--qa", type=int, default=None, metavar="N",
+                        help="instead: N daily-QA pairs per condition on the bodied cube (issue 13)")
+    parser.add_argument("--qa-start", type=int, default=0, help="first QA pair index (new seeds for more pairs)")
+    args = parser.parse_args(argv)
+    if args.qa is not None:
+        bench_qa(args.qa, start=args.qa_start)
+        return
+    if args.bodies is not None:
+        bench_bodies(args.bodies, args.positions, args.protocol, args.bodies_start)
+        return
 
     nominal = default_stereo_geometry()
     phantom = default_phantom()
@@ -405,18 +419,5 @@ def bench_qa(trials: int, body: str = "pmma-cube-150", start: int = 0) -> None:
         print(f"| {imager} | {cause} | {np.median(a[:, 0]):.3f} {unit} | {np.median(a[:, 1]):.3f} {unit} |")
 
 
-def _arg(flag: str, default: int) -> int:
-    if flag in sys.argv:
-        k = sys.argv.index(flag)
-        return int(sys.argv[k + 1]) if len(sys.argv) > k + 1 and not sys.argv[k + 1].startswith("--") else default
-    return default
-
-
 if __name__ == "__main__":
-    if "--qa" in sys.argv:
-        bench_qa(_arg("--qa", 50), start=_arg("--qa-start", 0))
-    elif "--bodies" in sys.argv:
-        proto = sys.argv[sys.argv.index("--protocol") + 1] if "--protocol" in sys.argv else "depth"
-        bench_bodies(_arg("--bodies", 30), _arg("--positions", 7), proto, _arg("--bodies-start", 0))
-    else:
-        main()
+    main()
