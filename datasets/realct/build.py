@@ -224,6 +224,8 @@ def main(argv=None) -> int:
     t0 = time.monotonic()
     if (args.ct is None) != (args.labels is None):
         p.error("--ct and --labels go together")
+    if args.ct is not None and args.source != "abdomen":
+        p.error("--source picks one of the downloaded CTs; with --ct/--labels your own CT is used")
     try:
         detector, chain, couch = imaging_from_options(args.chain, args.i0, args.spr, args.couch)
     except SimulationError as err:
