@@ -359,3 +359,26 @@ def test_register_anatomy_reads_the_roi_mask_and_checks_its_grid(simulated_case,
     report = json.loads(capsys.readouterr().out)
     assert code in (0, 3) and report["method"] == "anatomy"
     assert set(report["correction"]) == {"translation_mm", "rotation_deg"} and "ok" in report["quality"]
+
+
+def test_register_help_names_the_service_correction_limits_without_importing_the_service(capsys):
+    """The --max-correction-* defaults are the service's [safety] limits, resolved when the command runs; --help
+    states them without importing the service's config (NumPy)."""
+    import subprocess
+    import sys
+
+    from spineguide.tracking.service.config import SafetyConfig
+
+    code = ("import sys; from spineguide.tracking.cli.main import build_parser; build_parser(); "
+            "print('spineguide.tracking.service.config' in sys.modules, 'numpy' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["False", "False"]
+    try:
+        code = main(["register", "--help"])
+    except SystemExit as exit_:  # argparse's own exit, where main lets it through
+        code = exit_.code
+    assert code in (0, None)
+    text = " ".join(capsys.readouterr().out.split())
+    safety = SafetyConfig()
+    assert f"correction_limit_mm, {safety.correction_limit_mm:g})" in text
+    assert f"correction_limit_deg, {safety.correction_limit_deg:g})" in text

@@ -12,8 +12,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
 __all__ = ["add_commands", "cmd_import", "cmd_dicom_listen", "cmd_dicom_export", "cmd_dicom_send"]
 
 
@@ -79,6 +77,8 @@ def cmd_dicom_send(args: argparse.Namespace, out=None) -> int:
 
 
 def _fmt(v) -> str:
+    import numpy as np
+
     return "(" + ", ".join(f"{x:.2f}" for x in np.ravel(v)) + ")"
 
 

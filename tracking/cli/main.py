@@ -211,6 +211,11 @@ def _cmd_register(args: argparse.Namespace) -> int:
         report, refusals = _register_fiducial(args, geometry, plan, pixels)
     else:
         report, refusals = _register_anatomy(args, geometry, plan, pixels), []
+    service_mm, service_deg = _service_correction_limits()
+    if args.max_correction_mm is None:
+        args.max_correction_mm = service_mm
+    if args.max_correction_deg is None:
+        args.max_correction_deg = service_deg
     refusals += _correction_refusals(report["correction"], args.max_correction_mm, args.max_correction_deg)
     _apply_refusals(report["quality"], refusals)
     report["limits"] = {"max_correction_mm": args.max_correction_mm, "max_correction_deg": args.max_correction_deg,
@@ -701,13 +706,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--roi-neighbours", type=non_negative_int, default=0,
                    help="anatomy: include N levels either side of --roi-label")
     p.add_argument("--roi-box", default=None, help="anatomy: box half-sizes DX,DY,DZ (LPS mm) around the isocentre")
-    limit_mm, limit_deg = _service_correction_limits()
-    p.add_argument("--max-correction-mm", type=positive_float, default=limit_mm,
-                   help=f"refuse (exit 3) a correction whose translation exceeds this, mm (default {limit_mm:g}: "
-                        "the service's [safety] correction_limit_mm)")
-    p.add_argument("--max-correction-deg", type=positive_float, default=limit_deg,
-                   help=f"refuse (exit 3) a correction with a rotation beyond this, deg (default {limit_deg:g}: "
-                        "the service's [safety] correction_limit_deg)")
+    # Defaults resolved when the command runs (the service's config module imports NumPy: not at --help).
+    p.add_argument("--max-correction-mm", type=positive_float, default=None,
+                   help="refuse (exit 3) a correction whose translation exceeds this, mm (default: the service's "
+                        "[safety] correction_limit_mm, 25)")
+    p.add_argument("--max-correction-deg", type=positive_float, default=None,
+                   help="refuse (exit 3) a correction with a rotation beyond this, deg (default: the service's "
+                        "[safety] correction_limit_deg, 5)")
     p.add_argument("--max-seed-distance-mm", type=positive_float, default=MAX_SEED_DISTANCE_MM,
                    help=f"refuse (exit 3) planned seeds farther than this from the isocentre, mm "
                         f"(default {MAX_SEED_DISTANCE_MM:g})")
