@@ -608,17 +608,15 @@ class CouchTop:
     def __post_init__(self) -> None:
         for name in ("width_mm", "skin_mm", "skin_density", "foam_mm", "foam_density", "gap_mm"):
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)) or not (
-                    math.isfinite(v) and 0.0 <= v <= 5000.0):
-                raise SimulationError(f"couch top: {name} = {v!r} must be a finite number in 0..5000")
-            object.__setattr__(self, name, float(v))
+            v = checked_number(v, SimulationError, f"couch top: {name} = {v!r} must be a finite number in 0..5000",
+                               minimum=0.0, maximum=5000.0)
+            object.__setattr__(self, name, v)
         if self.width_mm <= 0 or self.thickness_mm <= 0:
             raise SimulationError(f"couch top: width {self.width_mm} mm and thickness {self.thickness_mm} mm must be > 0")
         if self.top_z_mm is not None:
             v = self.top_z_mm
-            if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)) or not math.isfinite(v):
-                raise SimulationError(f"couch top: top_z_mm must be a finite number or None, got {v!r}")
-            object.__setattr__(self, "top_z_mm", float(v))
+            v = checked_number(v, SimulationError, f"couch top: top_z_mm must be a finite number or None, got {v!r}")
+            object.__setattr__(self, "top_z_mm", v)
 
     @property
     def thickness_mm(self) -> float:
