@@ -23,11 +23,10 @@ corrected signal (:mod:`spineguide.tracking.localisation.flatfield`):
 5. **Candidates**: local maxima of the standardised response above
    ``min_snr`` (lower than a stand-alone detector could afford), strongest
    first.
-6. **Sub-pixel centre** (full resolution, :func:`refine_seeds`): a plane fitted
-   to the background around an oriented box, the transmission deficit
-   ``1 - I / I_background`` inside the box as weights, centroid iterated
-   with the box re-centred; the per-seed SNR and detection confidence from
-   the deficit's sum against the background's residual noise.
+6. **Sub-pixel centre** (full resolution, :func:`refine_seeds`): the
+   window's top-hat (line integrals minus their local opening) fitted by a
+   plane plus a blurred oriented box, from four start orientations; the
+   per-seed SNR is the fitted amplitude over its standard error.
 
 All positions ``(col, row)`` panel pixels, pixel centres at integers.
 """
@@ -330,17 +329,52 @@ def _fit_seed(x: np.ndarray, y: np.ndarray, data: np.ndarray, theta: float, half
     return p, se, sigma
 
 
+_FIT_STARTS = 4  # start orientations of the box fit, 45 degrees apart (the first the given one)
+_ELEMENT_EXTRA_PX = 4
+_PRE_SMOOTH_PX = 0.7  # Gaussian under the local opening: noise would bias an opening of raw pixels low
+
+
+def _window_tophat(signal: np.ndarray, i0: float, box: tuple[int, int, int, int], element_px: int,
+                   intensity_floor: float, defects: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """Line integrals of ``signal[r0:r1, c0:c1]`` minus their local background, and the usable pixels.
+
+    The background is a morphological opening (disc of ``element_px``, wider
+    than the seed) of the lightly smoothed line integrals: bone edges, ramps
+    and the skin line pass through it, a seed does not. Defective pixels are
+    filled from their neighbours before the opening and left out of the fit.
+    Returns ``(top_hat, good)``, both ``(r1 - r0, c1 - c0)``, ln units.
+    """
+    r0, r1, c0, c1 = box
+    win = np.asarray(signal[r0:r1, c0:c1], dtype=np.float32)
+    good = win > 0
+    if defects is not None:
+        good &= ~defects[r0:r1, c0:c1]
+    lw = line_integrals(win, i0, intensity_floor)
+    if not good.all():
+        lw = _fill_defects(lw, ~good)
+    kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (element_px, element_px))
+    smooth = cv2.GaussianBlur(lw, (0, 0), _PRE_SMOOTH_PX, borderType=cv2.BORDER_REPLICATE) if _PRE_SMOOTH_PX > 0 else lw
+    background = cv2.morphologyEx(smooth, cv2.MORPH_OPEN, kernel, borderType=cv2.BORDER_REPLICATE)
+    return (lw - background).astype(np.float64), good
+
+
 def refine_seeds(signal: np.ndarray, imager: ImagerGeometry, i0: float, centres_px: np.ndarray,
                  orientation_deg: np.ndarray, config: DetectionConfig, min_snr: float,
                  defects: np.ndarray | None = None) -> tuple[Detection | None, ...]:
     """Full-resolution sub-pixel centres of seeds near given positions (one per position, None if not a seed).
 
-    In a window around each start position, the line integrals are fitted
-    (least squares) by a plane plus an oriented box of the seed's projected
-    width, blurred by the panel's blur, with free centre, orientation,
-    length and amplitude: the matched filter's own estimate, whose centre
-    along the seed is set by its two ends rather than by the noise of every
-    pixel inside it (as a weighted centroid would be).
+    In a window around each start position, the seed's contrast over its
+    local background (a morphological top-hat: the line integrals minus
+    their opening by a disc wider than the seed, so that a bone edge or a
+    rib border next to the seed cannot pull the fit) is fitted (least
+    squares) by a plane plus an oriented box of the seed's projected width,
+    blurred by the panel's blur, with free centre, orientation, length and
+    amplitude: the matched filter's own estimate, whose centre along the
+    seed is set by its two ends rather than by the noise of every pixel
+    inside it (as a weighted centroid would be). The fit starts from
+    ``_FIT_STARTS`` orientations (the given one first, then 45 degree
+    steps) and keeps the one with the smallest residual: one start can
+    settle in a local optimum on a neighbouring structure.
 
     Parameters
     ----------
@@ -361,31 +395,39 @@ def refine_seeds(signal: np.ndarray, imager: ImagerGeometry, i0: float, centres_
     Returns
     -------
     tuple of Detection or None
-        ``Detection.contrast`` the fitted amplitude (ln units), ``snr`` the
-        amplitude over its standard error, ``confidence`` ``1 - min_snr / snr``.
+        ``Detection.contrast`` the fitted amplitude (ln units over the local
+        background), ``snr`` the amplitude over its standard error,
+        ``confidence`` ``1 - min_snr / snr``.
     """
     size = seed_size_px(imager, config)
     rows, cols = signal.shape
     half_len = 0.5 * (size.length_px - 1.0)
     half_wid = 0.5 * (size.diameter_px - 1.0)
     reach = int(math.ceil(half_len + 6))
+    element = size.element_px + _ELEMENT_EXTRA_PX
+    pad = element  # the opening needs its disc's width around the fitted window
     out: list[Detection | None] = []
-    log_i0 = math.log(i0)
     for (c, r), ang in zip(np.asarray(centres_px, float), np.asarray(orientation_deg, float)):
         ic, ir = int(round(c)), int(round(r))
         ra, rb_ = max(0, ir - reach), min(rows, ir + reach + 1)
         ca, cb_ = max(0, ic - reach), min(cols, ic + reach + 1)
         det = None
         if rb_ - ra >= 8 and cb_ - ca >= 8:
-            win = np.asarray(signal[ra:rb_, ca:cb_], dtype=np.float64)
-            good = np.ones(win.shape, bool) if defects is None else ~defects[ra:rb_, ca:cb_]
-            good &= win > 0
+            pa, pb = max(0, ra - pad), min(rows, rb_ + pad)
+            qa, qb = max(0, ca - pad), min(cols, cb_ + pad)
+            top, good_all = _window_tophat(signal, i0, (pa, pb, qa, qb), element, config.intensity_floor,
+                                           defects)
+            top = top[ra - pa:rb_ - pa, ca - qa:cb_ - qa]
+            good = good_all[ra - pa:rb_ - pa, ca - qa:cb_ - qa]
             yy, xx = np.mgrid[ra:rb_, ca:cb_].astype(np.float64)
-            lw = log_i0 - np.log(np.maximum(win, config.intensity_floor))
             fit = None
             if good.sum() > 30:
-                fit = _fit_seed(xx[good] - c, yy[good] - r, lw[good], math.radians(float(ang)), 0.8 * half_len,
-                                half_wid, _FIT_BLUR_PX)
+                x, y, data = xx[good] - c, yy[good] - r, top[good]
+                for k in range(_FIT_STARTS):
+                    trial = _fit_seed(x, y, data, math.radians(float(ang) + 180.0 * k / _FIT_STARTS),
+                                      0.8 * half_len, half_wid, _FIT_BLUR_PX)
+                    if trial is not None and (fit is None or trial[2] < fit[2]):
+                        fit = trial
             if fit is not None:
                 p, se, _ = fit
                 p[0] += c
