@@ -68,7 +68,9 @@ from spineguide.registration.pose import Pose
 from spineguide.registration.volume import room_from_lps_matrix
 from spineguide.tracking.errors import TrackingError
 from spineguide.tracking.localisation.fiducials import localise_fiducials
+from spineguide.tracking.localisation.detection import DetectionConfig, estimate_i0
 from spineguide.tracking.localisation.flatfield import FlatField
+from spineguide.tracking.localisation.seed_search import refine_seeds
 from spineguide.tracking.room import random_setup_pose, thoracolumbar_phantom
 from spineguide.tracking.room.chain import ChainConfig, MaterialPaths, RealisticSimulator
 from spineguide.tracking.room.phantoms import Seed
@@ -79,6 +81,8 @@ MIGRATION_MM = 2.0
 MM_PER_CM = 10.0
 DETECTABLE_MM = 1.5  # the rigid-body check's limit (PointRegistrationConfig default)
 TARGET_POINTS = 400  # target vertebra voxels sampled for the mTRE
+DETECTION_LIMIT_SNR = 5.0  # a seed view is "hidden" below this fitted SNR at its true place (the oracle fit)
+ORACLE_SLIDE_PX = 2.0
 BONE_PATH_MM = 5.0  # a seed view "over bone": >= 5 mm cortical-bone-equivalent path (a vertebral body or rib)
 
 
@@ -190,15 +194,44 @@ class Truth:
     seeds_px: dict
 
 
+def oracle_snr(frames, geom, flat, truth, k: int) -> float:
+    """The weaker view's fitted SNR of seed ``k`` with the fit started at its true projection (0 off a panel).
+
+    What the best possible detector could know of that seed in these frames:
+    below ``DETECTION_LIMIT_SNR`` the seed is hidden in a view (behind the
+    densest anatomy, at the lowest dose; or merged with another seed's
+    shadow, where the fit started at the truth slides more than
+    ``ORACLE_SLIDE_PX`` away), and no method can be asked to find it.
+    """
+    snrs = []
+    for n in geom.names:
+        im = geom[n]
+        t = truth.seeds_px[n][k:k + 1]
+        if not im.contains(t)[0]:
+            return 0.0
+        signal = flat[n].apply(np.asarray(frames[n]))
+        d = refine_seeds(signal, im, estimate_i0(signal, n), t, np.array([0.0]), DetectionConfig(), 0.0,
+                         flat[n].defects)[0]
+        # A fit that slides away from the truth (onto a seed overlapping this one) does not see it either.
+        seen = d is not None and np.hypot(*(np.asarray(d.centre_px) - t[0])) <= ORACLE_SLIDE_PX
+        snrs.append(d.snr if seen else 0.0)
+    return float(min(snrs))
+
+
 def run_case(frames, sim, flat, planned, names, truth, prior, points, moved_index=None, track=True):
     """One pair: whole frame and tracking windows; returns a dict of outcomes.
 
     ``localised``: every seed on both panels found within ``MATCH_RADIUS_PX`` of its
     true projection in both views (a migrated seed may instead be flagged or
-    refused), and no false seed. ``mtre`` only for 6-DoF results (``ok``).
+    refused), and no false seed. ``localised_limit``: the same, with seeds
+    hidden in a view (``oracle_snr`` below ``DETECTION_LIMIT_SNR``) not required
+    (still never a false seed). ``mtre`` only for 6-DoF results (``ok``).
     """
     geom = sim.geometry
-    out = {"refused": False, "ok": False, "localised": False, "mtre": np.nan, "false": 0, "flagged": False,
+    hidden = {k for k in range(len(names)) if k != moved_index
+              and oracle_snr(frames, geom, flat, truth, k) < DETECTION_LIMIT_SNR}
+    out = {"refused": False, "ok": False, "localised": False, "localised_limit": False, "hidden": len(hidden),
+           "mtre": np.nan, "false": 0, "flagged": False,
            "silent": False, "whole_ms": np.nan, "track_ms": np.nan, "reason": "", "six_dof": False}
     try:
         res = localise_fiducials(frames, geom, planned, names, flat_fields=flat)
@@ -206,11 +239,14 @@ def run_case(frames, sim, flat, planned, names, truth, prior, points, moved_inde
         out["refused"] = True
         out["reason"] = "SeedMigrationError"
         out["flagged"] = moved_index is not None and names[moved_index] in str(err)
-        out["localised"] = out["flagged"]
+        out["localised"] = out["localised_limit"] = out["flagged"]
         return out
     except TrackingError as err:
         out["refused"] = True
         out["reason"] = type(err).__name__
+        # Right to refuse when fewer than two seeds can be seen in both views.
+        seen = [k for k in range(len(names)) if visible(truth, geom, k) and k != moved_index and k not in hidden]
+        out["localised_limit"] = len(seen) < 2
         return out
     out["whole_ms"] = res.total_ms
     out["ok"] = bool(res.ok)
@@ -227,6 +263,7 @@ def run_case(frames, sim, flat, planned, names, truth, prior, points, moved_inde
             out["false"] += 1
     need = [k for k in range(len(names)) if visible(truth, geom, k) and k != moved_index]
     out["localised"] = out["false"] == 0 and all(res.seeds[k].found for k in need)
+    out["localised_limit"] = out["false"] == 0 and all(res.seeds[k].found for k in need if k not in hidden)
     if not out["localised"]:
         out["reason"] = "missing " + ",".join(names[k] for k in need if not res.seeds[k].found)
     if moved_index is not None:
@@ -234,6 +271,7 @@ def run_case(frames, sim, flat, planned, names, truth, prior, points, moved_inde
         out["flagged"] = bool(s.migrated)
         out["silent"] = bool(s.found and not s.migrated)
         out["localised"] = out["localised"] and not out["silent"]
+        out["localised_limit"] = out["localised_limit"] and not out["silent"]
     if not track:
         return out
     try:
@@ -264,6 +302,7 @@ def summarise(room: str, results: dict, mig_level: float) -> list[tuple]:
                      sum(o["silent"] for o in outs) if key == "migrated" else None,
                      pct(whole, 50), pct(whole, 95), pct(track, 50), pct(track, 95),
                      ", ".join(f"{k} {v}" for k, v in sorted(reasons.items())) or "-",
+                     sum(o["localised_limit"] for o in outs), sum(o["hidden"] for o in outs),
                      sum(o.get("detectable", True) for o in outs) if key == "migrated" else None))
     return rows
 
@@ -273,12 +312,16 @@ def print_table(rows, spr: float, file=sys.stdout) -> None:
           file=file)
     print("| room | condition | pairs | localised | refused | 6-DoF results: mTRE median / p95 mm | false seeds "
           "| migrated flagged / used silently (detectable) | whole frame median / p95 ms "
-          "| tracking windows median / p95 ms | not localised: why |", file=file)
-    print("|---|---|---|---|---|---|---|---|---|---|---|", file=file)
-    for (room, label, n, ok, refused, mt, false, flagged, silent, w50, w95, t50, t95, why, det) in rows:
+          "| tracking windows median / p95 ms | not localised: why "
+          f"| localised, seeds hidden in a view (fit SNR < {DETECTION_LIMIT_SNR:g} at the truth) not required "
+          "| hidden seeds |", file=file)
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|", file=file)
+    for (room, label, n, ok, refused, mt, false, flagged, silent, w50, w95, t50, t95, why, ok_lim, hidden,
+         det) in rows:
         mig = "-" if flagged is None else f"{flagged}/{n} ({100 * flagged / max(n, 1):.0f} %) / {silent} ({det})"
         print(f"| {room} | {label} | {n} | {ok}/{n} ({100 * ok / max(n, 1):.0f} %) | {refused} | {mt} "
-              f"| {false} | {mig} | {w50:.0f} / {w95:.0f} | {t50:.0f} / {t95:.0f} | {why} |", file=file)
+              f"| {false} | {mig} | {w50:.0f} / {w95:.0f} | {t50:.0f} / {t95:.0f} | {why} "
+              f"| {ok_lim}/{n} ({100 * ok_lim / max(n, 1):.0f} %) | {hidden} |", file=file)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -298,8 +298,20 @@ def test_a_labelling_that_cannot_outvote_the_other_is_not_registered():
 # ---------------------------------------------------------------------------- error paths
 def test_nothing_detected_is_fiducial_not_found():
     frames = render_pair(POSE, np.random.default_rng(13), planned=PLANNED[:0], axes=AXES[:0])
-    with pytest.raises(FiducialNotFoundError, match="no seed was seen consistently in both views"):
+    # Refused, saying how much was seen: nothing, or (the joint search's fits of the noise) at most one spot.
+    with pytest.raises(FiducialNotFoundError,
+                       match="no seed was seen consistently in both views|verified [01] of 4 planned seeds"):
         localise_fiducials(frames, GEOM, PLANNED, NAMES, i0=I0)
+
+
+def test_a_lone_seed_of_several_is_never_an_answer():
+    # Only F1 is in the frames: any planned seed fits it under some translation, so nothing identifies it.
+    frames = render_pair(POSE, np.random.default_rng(14), planned=PLANNED[:1], axes=AXES[:1])
+    with pytest.raises((FiducialNotFoundError, ImagerLabelError)):
+        localise_fiducials(frames, GEOM, PLANNED, NAMES, i0=I0)
+    # Even with a prior that picks the labels, one seed of four is not an answer.
+    with pytest.raises(FiducialNotFoundError, match="lone seed|verified [01] of 4"):
+        localise_fiducials(frames, GEOM, PLANNED, NAMES, i0=I0, prior_pose=POSE)
 
 
 def test_unknown_imager_name_is_refused():

@@ -775,6 +775,13 @@ def localise_fiducials(
             error = error if isinstance(error, ImagerLabelError) else err
         if second is not None and (found is None or _better(second[0], found[0])):
             found, dets, faint, excluded = second[:2], second[2], True, second[3]
+    if found is not None and found[0].corr.n_found < min(2, len(planned)):
+        # One seed of several is not identified by anything (any detection fits any planned seed under some
+        # translation): never an answer.
+        error = FiducialNotFoundError(
+            f"fiducials not found: only {found[0].corr.n_found} of {len(planned)} planned seeds seen in both views; "
+            "a lone seed cannot be told from any other seed-like spot")
+        found = None
     if found is None:
         raise error
     chosen, overlapping = found
@@ -954,7 +961,8 @@ def _verify(hyp, signals, levels, masks, maps, geometry, names, labels, planned,
     ``labels[v]`` is the imager geometry of frame ``names[v]``. Round one
     fits every seed where the hypothesis puts it (within ``near_mm``); the
     seeds seen in both views give a robust rigid pose; round two fits every
-    seed again where that pose puts it (within ``_TIGHT_MM``), and searches
+    seed again where that pose puts it (within ``_TIGHT_MM``; a seed seen in
+    round one keeps that fit if it lies within ``near_mm``), and searches
     those still unseen within ``migration_search_mm`` (strong fits only).
     With four seeds or more, each seed is checked against the rigid fit of
     the others: one that lies farther than the migration limit is excluded
@@ -973,7 +981,16 @@ def _verify(hyp, signals, levels, masks, maps, geometry, names, labels, planned,
         fit = _robust_pose(planned[seen], pts, w)
         if fit is not None:
             predicted = fit.apply(planned)
+            first = fits
             fits = _fit_at(predicted, every, signals, levels, masks, maps, ims, names, config, _TIGHT_MM)
+            # A seed seen in round one whose refit missed the tight limit (a faint seed's fit scatters by a
+            # pixel or two) keeps its round-one fit while that lies within ``near_mm`` of the others' prediction.
+            for k in every:
+                if first[0][k] is None or first[1][k] is None or (fits[0][k] is not None and fits[1][k] is not None):
+                    continue
+                if all(np.hypot(*(np.asarray(first[v][k].centre_px) - ims[v].project(predicted[k:k + 1])[0]))
+                       <= fc.near_mm * _px_per_mm(ims[v]) for v in range(2)):
+                    fits[0][k], fits[1][k] = first[0][k], first[1][k]
     on_both = [k for k in every if all(im.contains(im.project(predicted[k:k + 1]))[0] for im in ims)]
     claims: set[int] = set()
     verified = [k for k in every if fits[0][k] is not None and fits[1][k] is not None]
