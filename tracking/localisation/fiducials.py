@@ -145,7 +145,7 @@ class FaintSearchConfig:
     pool_mm: float = 2.0
     smooth_mm: float = 0.4
     hypotheses: int = 3
-    seed_min_snr: float = 4.0
+    seed_min_snr: float = 5.0
     near_mm: float = 1.0
     anchor_min_snr: float = 6.0
     moved_min_snr: float = 8.0
@@ -922,10 +922,12 @@ def _joint_solution(frames, geometry, names, i0s, masks, planned, seed_names, pr
     raise error or FiducialNotFoundError("fiducials not found: no plausible seed constellation in both views")
 
 
-def _fit_at(predicted_room_mm, seeds, signals, levels, masks, maps, ims, names, config, near_mm):
+def _fit_at(predicted_room_mm, seeds, signals, levels, masks, maps, ims, names, config, near_mm, previous=None):
     """Sub-pixel fits started where ``predicted_room_mm`` projects: ``fits[v][k]`` Detection or None.
 
     A fit counts with SNR >= ``seed_min_snr`` within ``near_mm`` (at the isocentre) of the prediction.
+    ``previous[v][k]``, an earlier fit of the same seed view, gives its orientation as the only start
+    (otherwise the response map's, and three more).
     """
     fc = config.faint
     fits: list[list[Detection | None]] = [[None] * len(predicted_room_mm) for _ in range(2)]
@@ -937,8 +939,27 @@ def _fit_at(predicted_room_mm, seeds, signals, levels, masks, maps, ims, names, 
         px = ims[v].project(predicted_room_mm[ks])
         rmap = maps[n].response
         orient = sample_bilinear(rmap.orientation_deg, rmap.to_map(px))  # start orientation only
-        got = refine_seeds(signals[n], ims[v], levels[n], px, orient, config.detection, fc.seed_min_snr, masks.get(n))
+        known = np.array([previous is not None and previous[v][k] is not None for k in ks], dtype=bool)
+        got: list[Detection | None] = [None] * len(ks)
+        for group, starts in ((np.flatnonzero(~known), None), (np.flatnonzero(known), 1)):
+            if not len(group):
+                continue
+            start = (orient[group] if starts is None
+                     else np.array([previous[v][ks[q]].orientation_deg for q in group], dtype=np.float64))
+            res = refine_seeds(signals[n], ims[v], levels[n], px[group], start, config.detection, fc.seed_min_snr,
+                               masks.get(n), **({} if starts is None else {"starts": starts}))
+            for q, d in zip(group, res):
+                got[q] = d
         limit = near_mm * _px_per_mm(ims[v])
+        # A refit from an earlier fit's orientation that missed (that fit may have settled on something
+        # else): every start orientation again.
+        again = np.array([q for q in np.flatnonzero(known)
+                          if got[q] is None or np.hypot(*(np.asarray(got[q].centre_px) - px[q])) > limit], dtype=int)
+        if len(again):
+            res = refine_seeds(signals[n], ims[v], levels[n], px[again], orient[again], config.detection,
+                               fc.seed_min_snr, masks.get(n))
+            for q, d in zip(again, res):
+                got[q] = d
         for k, p, d in zip(ks, px, got):
             if d is not None and np.hypot(*(np.asarray(d.centre_px) - p)) <= limit:
                 fits[v][k] = d
@@ -961,8 +982,7 @@ def _verify(hyp, signals, levels, masks, maps, geometry, names, labels, planned,
     ``labels[v]`` is the imager geometry of frame ``names[v]``. Round one
     fits every seed where the hypothesis puts it (within ``near_mm``); the
     seeds seen in both views give a robust rigid pose; round two fits every
-    seed again where that pose puts it (within ``_TIGHT_MM``; a seed seen in
-    round one keeps that fit if it lies within ``near_mm``), and searches
+    seed again where that pose puts it (within ``_TIGHT_MM``), and searches
     those still unseen within ``migration_search_mm`` (strong fits only).
     With four seeds or more, each seed is checked against the rigid fit of
     the others: one that lies farther than the migration limit is excluded
@@ -982,15 +1002,7 @@ def _verify(hyp, signals, levels, masks, maps, geometry, names, labels, planned,
         if fit is not None:
             predicted = fit.apply(planned)
             first = fits
-            fits = _fit_at(predicted, every, signals, levels, masks, maps, ims, names, config, _TIGHT_MM)
-            # A seed seen in round one whose refit missed the tight limit (a faint seed's fit scatters by a
-            # pixel or two) keeps its round-one fit while that lies within ``near_mm`` of the others' prediction.
-            for k in every:
-                if first[0][k] is None or first[1][k] is None or (fits[0][k] is not None and fits[1][k] is not None):
-                    continue
-                if all(np.hypot(*(np.asarray(first[v][k].centre_px) - ims[v].project(predicted[k:k + 1])[0]))
-                       <= fc.near_mm * _px_per_mm(ims[v]) for v in range(2)):
-                    fits[0][k], fits[1][k] = first[0][k], first[1][k]
+            fits = _fit_at(predicted, every, signals, levels, masks, maps, ims, names, config, _TIGHT_MM, first)
     on_both = [k for k in every if all(im.contains(im.project(predicted[k:k + 1]))[0] for im in ims)]
     claims: set[int] = set()
     verified = [k for k in every if fits[0][k] is not None and fits[1][k] is not None]

@@ -24,7 +24,8 @@ corrected signal (:mod:`spineguide.tracking.localisation.flatfield`):
    ``min_snr`` (lower than a stand-alone detector could afford), strongest
    first.
 6. **Sub-pixel centre** (full resolution, :func:`refine_seeds`): the
-   window's top-hat (line integrals minus their local opening) fitted by a
+   window's top-hat (line integrals minus the largest of their openings by
+   line segments longer than the seed) fitted by a
    plane plus a blurred oriented box, from four start orientations; the
    per-seed SNR is the fitted amplitude over its standard error.
 
@@ -330,18 +331,36 @@ def _fit_seed(x: np.ndarray, y: np.ndarray, data: np.ndarray, theta: float, half
 
 
 _FIT_STARTS = 4  # start orientations of the box fit, 45 degrees apart (the first the given one)
-_ELEMENT_EXTRA_PX = 4
+_BACKGROUND_LINES = 8  # orientations of the background's line openings (22.5 degrees apart)
+_LINE_FACTOR = 1.5  # background line length over the longest seed's projected length
 _PRE_SMOOTH_PX = 0.7  # Gaussian under the local opening: noise would bias an opening of raw pixels low
 
 
-def _window_tophat(signal: np.ndarray, i0: float, box: tuple[int, int, int, int], element_px: int,
+@functools.lru_cache(maxsize=16)
+def _line_elements(length_px: int, n: int) -> tuple[np.ndarray, ...]:
+    """``n`` one-pixel-wide line structuring elements of ``length_px`` (odd) pixels, 180/n degrees apart."""
+    half = length_px // 2
+    out = []
+    for k in range(n):
+        a = math.pi * k / n
+        dx, dy = half * math.cos(a), half * math.sin(a)
+        el = np.zeros((length_px, length_px), np.uint8)
+        cv2.line(el, (int(round(half - dx)), int(round(half - dy))), (int(round(half + dx)), int(round(half + dy))), 1)
+        out.append(el)
+    return tuple(out)
+
+
+def _window_tophat(signal: np.ndarray, i0: float, box: tuple[int, int, int, int], line_px: int,
                    intensity_floor: float, defects: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
     """Line integrals of ``signal[r0:r1, c0:c1]`` minus their local background, and the usable pixels.
 
-    The background is a morphological opening (disc of ``element_px``, wider
-    than the seed) of the lightly smoothed line integrals: bone edges, ramps
-    and the skin line pass through it, a seed does not. Defective pixels are
-    filled from their neighbours before the opening and left out of the fit.
+    The background is the largest of the openings of the lightly smoothed
+    line integrals by line segments of ``line_px`` pixels (longer than any
+    seed's shadow) at ``_BACKGROUND_LINES`` orientations: a segment fits
+    inside a bone edge, a ramp, a rib border or a cortical ridge seen edge-on
+    along its direction (they stay in the background, also where a seed lies
+    on them), never inside a seed. Defective pixels are filled from their
+    neighbours before the openings and left out of the fit.
     Returns ``(top_hat, good)``, both ``(r1 - r0, c1 - c0)``, ln units.
     """
     r0, r1, c0, c1 = box
@@ -352,21 +371,24 @@ def _window_tophat(signal: np.ndarray, i0: float, box: tuple[int, int, int, int]
     lw = line_integrals(win, i0, intensity_floor)
     if not good.all():
         lw = _fill_defects(lw, ~good)
-    kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (element_px, element_px))
-    smooth = cv2.GaussianBlur(lw, (0, 0), _PRE_SMOOTH_PX, borderType=cv2.BORDER_REPLICATE) if _PRE_SMOOTH_PX > 0 else lw
-    background = cv2.morphologyEx(smooth, cv2.MORPH_OPEN, kernel, borderType=cv2.BORDER_REPLICATE)
+    smooth = cv2.GaussianBlur(lw, (0, 0), _PRE_SMOOTH_PX, borderType=cv2.BORDER_REPLICATE)
+    background = None
+    for el in _line_elements(line_px, _BACKGROUND_LINES):
+        opened = cv2.morphologyEx(smooth, cv2.MORPH_OPEN, el, borderType=cv2.BORDER_REPLICATE)
+        background = opened if background is None else np.maximum(background, opened)
     return (lw - background).astype(np.float64), good
 
 
 def refine_seeds(signal: np.ndarray, imager: ImagerGeometry, i0: float, centres_px: np.ndarray,
                  orientation_deg: np.ndarray, config: DetectionConfig, min_snr: float,
-                 defects: np.ndarray | None = None) -> tuple[Detection | None, ...]:
+                 defects: np.ndarray | None = None, starts: int = _FIT_STARTS) -> tuple[Detection | None, ...]:
     """Full-resolution sub-pixel centres of seeds near given positions (one per position, None if not a seed).
 
     In a window around each start position, the seed's contrast over its
     local background (a morphological top-hat: the line integrals minus
-    their opening by a disc wider than the seed, so that a bone edge or a
-    rib border next to the seed cannot pull the fit) is fitted (least
+    the largest of their openings by line segments longer than the seed,
+    so that a bone edge, a rib border or a cortical ridge next to or under
+    the seed cannot pull the fit; :func:`_window_tophat`) is fitted (least
     squares) by a plane plus an oriented box of the seed's projected width,
     blurred by the panel's blur, with free centre, orientation, length and
     amplitude: the matched filter's own estimate, whose centre along the
@@ -374,7 +396,8 @@ def refine_seeds(signal: np.ndarray, imager: ImagerGeometry, i0: float, centres_
     inside it (as a weighted centroid would be). The fit starts from
     ``_FIT_STARTS`` orientations (the given one first, then 45 degree
     steps) and keeps the one with the smallest residual: one start can
-    settle in a local optimum on a neighbouring structure.
+    settle in a local optimum on a neighbouring structure. ``starts=1``
+    trusts the given orientation (a refit of a seed already fitted).
 
     Parameters
     ----------
@@ -391,6 +414,8 @@ def refine_seeds(signal: np.ndarray, imager: ImagerGeometry, i0: float, centres_
         Fitted amplitude over its standard error needed for a detection.
     defects : (rows, cols) bool array, optional
         Pixels left out of the fit.
+    starts : int
+        Start orientations, ``180 / starts`` degrees apart.
 
     Returns
     -------
@@ -404,8 +429,8 @@ def refine_seeds(signal: np.ndarray, imager: ImagerGeometry, i0: float, centres_
     half_len = 0.5 * (size.length_px - 1.0)
     half_wid = 0.5 * (size.diameter_px - 1.0)
     reach = int(math.ceil(half_len + 6))
-    element = size.element_px + _ELEMENT_EXTRA_PX
-    pad = element  # the opening needs its disc's width around the fitted window
+    line_px = 2 * int(math.ceil(0.5 * _LINE_FACTOR * size.length_px)) + 1
+    pad = line_px // 2 + 1  # the openings need half a line around the fitted window
     out: list[Detection | None] = []
     for (c, r), ang in zip(np.asarray(centres_px, float), np.asarray(orientation_deg, float)):
         ic, ir = int(round(c)), int(round(r))
@@ -415,7 +440,7 @@ def refine_seeds(signal: np.ndarray, imager: ImagerGeometry, i0: float, centres_
         if rb_ - ra >= 8 and cb_ - ca >= 8:
             pa, pb = max(0, ra - pad), min(rows, rb_ + pad)
             qa, qb = max(0, ca - pad), min(cols, cb_ + pad)
-            top, good_all = _window_tophat(signal, i0, (pa, pb, qa, qb), element, config.intensity_floor,
+            top, good_all = _window_tophat(signal, i0, (pa, pb, qa, qb), line_px, config.intensity_floor,
                                            defects)
             top = top[ra - pa:rb_ - pa, ca - qa:cb_ - qa]
             good = good_all[ra - pa:rb_ - pa, ca - qa:cb_ - qa]
@@ -423,8 +448,8 @@ def refine_seeds(signal: np.ndarray, imager: ImagerGeometry, i0: float, centres_
             fit = None
             if good.sum() > 30:
                 x, y, data = xx[good] - c, yy[good] - r, top[good]
-                for k in range(_FIT_STARTS):
-                    trial = _fit_seed(x, y, data, math.radians(float(ang) + 180.0 * k / _FIT_STARTS),
+                for k in range(starts):
+                    trial = _fit_seed(x, y, data, math.radians(float(ang) + 180.0 * k / starts),
                                       0.8 * half_len, half_wid, _FIT_BLUR_PX)
                     if trial is not None and (fit is None or trial[2] < fit[2]):
                         fit = trial
