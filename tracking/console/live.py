@@ -17,6 +17,8 @@ from typing import Any
 
 import numpy as np
 
+from .reasons import describe_reason
+
 __all__ = ["HoldEntry", "LiveState"]
 
 #: Heartbeat rate is estimated over this window, s.
@@ -66,6 +68,8 @@ class LiveState:
         self.status: dict[str, Any] | None = None
         self.approval_seen: str | None = None  # "manual" once awaiting_approval is seen, "automatic" if skipped
         self.holds: collections.deque[HoldEntry] = collections.deque(maxlen=max_holds)
+        # Safety holds on their own: routine ones (setup, pause, settling) never push them out of sight.
+        self.safety_holds: collections.deque[HoldEntry] = collections.deque(maxlen=max_holds)
         # (index, t_unix_s, deviation_mm or None, beam, reason); index increases by one per point
         self.timeline: collections.deque[tuple[int, float, float | None, str, str]] = collections.deque()
         self._next_index = 0
@@ -151,7 +155,10 @@ class LiveState:
             last.pair_id = body.get("pair_id", last.pair_id)
             last.deviation_mm = dev if dev is not None else last.deviation_mm
         else:
-            self.holds.append(HoldEntry(reason, t_unix_s, t_unix_s, 1, body.get("pair_id"), dev))
+            entry = HoldEntry(reason, t_unix_s, t_unix_s, 1, body.get("pair_id"), dev)
+            self.holds.append(entry)
+            if describe_reason(reason).category != "routine":
+                self.safety_holds.append(entry)
 
     # ------------------------------------------------------------------ output
     def needs_status(self) -> bool:
@@ -184,6 +191,9 @@ class LiveState:
             "tolerance_rotation_deg": self.tolerance_rotation_deg,
             "approval_seen": self.approval_seen,
             "holds": [h.to_json() for h in list(self.holds)[-50:]],
+            "safety_holds": [h.to_json() for h in list(self.safety_holds)[-50:]],
+            "routine_holds": [h.to_json() for h in list(self.holds)[-50:]
+                              if describe_reason(h.reason).category == "routine"][-10:],
             "hold_runs": len(self.holds),
             "timeline": points,
             "timeline_reset": timeline_from == 0,

@@ -69,6 +69,9 @@ class SimulatedRoom:
     secure : bool
         CURVE on every socket with a temporary key set (default);
         False runs the service with ``[security] enabled = false`` (insecure, stated).
+    autostart : bool
+        ``start()`` loads the plan and starts the setup as the room's own client (default); False leaves
+        the service IDLE so a console drives the whole fraction (``spineguide demo --console``).
 
     Attributes
     ----------
@@ -78,7 +81,8 @@ class SimulatedRoom:
 
     def __init__(self, folder: str | Path | None = None, setup_error: Pose | None = None,
                  frame_period_s: float = 0.1, panel_pixels: int = 128, approval: str = "manual",
-                 couch_latency_s: float = 0.2, seed: int = 0, secure: bool = True) -> None:
+                 couch_latency_s: float = 0.2, seed: int = 0, secure: bool = True, autostart: bool = True) -> None:
+        self.autostart = bool(autostart)
         self._tmp = tempfile.TemporaryDirectory(prefix="spineguide-room-") if folder is None else None
         self.folder = Path(self._tmp.name if folder is None else folder)
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -119,6 +123,10 @@ class SimulatedRoom:
         self.errors: list[str] = []
 
     # ------------------------------------------------------------------ control
+    #: The simulated patient and plan (the pattern method has no plan files): shown by a console as its plan.
+    PATIENT = {"patient_id": "SIM-0001", "patient_name": "PHANTOM^SIMULATED", "plan_id": "SIM-T12",
+               "method": "pattern", "source": "simulated room (test-pattern frames)", "patient_position": "HFS"}
+
     def inject_shift(self, translation_mm) -> None:
         """From the next pair on, the patient is shifted by ``translation_mm`` (room frame, on top of the rest)."""
         with self._lock:
@@ -147,8 +155,9 @@ class SimulatedRoom:
             t = threading.Thread(target=self._guard(target), name=f"room-{name}", daemon=True)
             self._threads.append(t)
             t.start()
-        self.command("load_plan")
-        self.command("start_setup")
+        if self.autostart:
+            self.command("load_plan")
+            self.command("start_setup")
         return self
 
     def stop(self) -> None:
