@@ -76,7 +76,7 @@ def test_live_console_frames_approval_and_hold(browser, tmp_path):
     shots.mkdir()
     with SimulatedRoom(tmp_path / "room", setup_error=Pose.from_six((2.0, -1.5, 1.0), (0, 0, 0))) as room, \
             ConsoleThread(_console_config(room)) as console:
-        page = browser.new_page(viewport={"width": 1500, "height": 900})
+        page = browser.new_page(bypass_csp=True, viewport={"width": 1500, "height": 900})
         page.goto(console.url)
         t_frames = _wait(page, "document.getElementById('frame-A').naturalWidth > 0 && "
                                "document.getElementById('frame-B').naturalWidth > 0", FRAMES_WITHIN_S)
@@ -135,7 +135,7 @@ def test_recorded_session_renders_offline(browser, tmp_path):
     # Nothing listens at these addresses: the console is offline.
     config = ConsoleConfig("tcp://127.0.0.1:9", "tcp://127.0.0.1:9", port=0, records_folder=record_dir)
     with ConsoleThread(config) as console:
-        page = browser.new_page(viewport={"width": 1200, "height": 900})
+        page = browser.new_page(bypass_csp=True, viewport={"width": 1200, "height": 900})
         page.goto(console.url)
         page.wait_for_selector("a.session-link", timeout=5000)
         page.click("a.session-link")
@@ -145,3 +145,139 @@ def test_recorded_session_renders_offline(browser, tmp_path):
         assert page.evaluate("document.getElementById('review-timeline').naturalWidth") > 0
         assert "approve_correction" not in page.locator("#review-commands").inner_text()
         assert "start_setup" in page.locator("#review-commands").inner_text()
+
+
+# ----------------------------------------------------------------- the whole fraction, as a therapist would
+PASSWORDS = {"tina": "therapist-pass-0123", "phil": "physicist-pass-0123"}
+#: The room's setup error is ~2.7 mm: above this, the approval needs a physicist's second sign-off.
+SECOND_SIGNOFF_MM = 2.0
+#: Service killed -> the page's full-width SERVICE LOST banner (3 heartbeat periods + the 50 ms render tick).
+SERVICE_LOST_WITHIN_S = 1.0
+
+
+def _users_file(tmp_path):
+    from spineguide.tracking.console.users import UserStore, add_user
+
+    path = tmp_path / "console-users.json"
+    add_user(path, "tina", "therapist", PASSWORDS["tina"])
+    add_user(path, "phil", "physicist", PASSWORDS["phil"])
+    return UserStore.read(path)
+
+
+def _login(page, name):
+    page.fill("#login-operator", name)
+    page.fill("#login-token", PASSWORDS[name])
+    page.click("#login-button")
+    _wait(page, f"document.getElementById('login-status').textContent.includes('{name}')", 3.0)
+
+
+def test_whole_fraction_from_the_page(browser, tmp_path):
+    """Choose patient -> load -> setup -> approval (two sign-offs) -> monitoring -> HOLD -> end -> signed PDF."""
+    from spineguide.tracking.console.fraction import PlanEntry
+
+    shots = Path(os.environ.get("SPINEGUIDE_SCREENSHOTS") or tmp_path / "screenshots")
+    shots.mkdir(parents=True, exist_ok=True)
+    room = SimulatedRoom(tmp_path / "room", setup_error=Pose.from_six((2.0, -1.5, 1.0), (0, 0, 0)), autostart=False)
+    with room, ConsoleThread(ConsoleConfig(
+            room.endpoints["publish"], room.endpoints["command"], port=0, users=_users_file(tmp_path),
+            client_keys=room.console_keys, frames_folder=room.folder / "session.jsonl.frames",
+            records_folder=room.folder, record_path=room.folder / "session.jsonl", approval="manual",
+            correction_limit_mm=25.0, correction_limit_deg=5.0, tolerance_3d_mm=1.0, approval_max_age_s=30.0,
+            second_signoff_mm=SECOND_SIGNOFF_MM, plans=(PlanEntry(**room.PATIENT),))) as console:
+        ctx = browser.new_context(bypass_csp=True, viewport={"width": 1600, "height": 1000})
+        page = ctx.new_page()
+        page.goto(console.url)
+        _wait(page, "document.getElementById('service-state').textContent === 'IDLE'", 5.0)
+        page.screenshot(path=str(shots / "1-choose-patient.png"))
+        _login(page, "tina")
+        page.reload()  # the login survives a reload (HttpOnly session cookie)
+        _wait(page, "document.getElementById('login-status').textContent.includes('tina (therapist)')", 3.0)
+
+        # 1. Patient, plan and fraction; load.
+        assert "SIM-0001" in page.locator("#plan-select").inner_text()
+        page.fill("#fraction-number", "0")
+        page.click("#load-plan-button")
+        _wait(page, "document.getElementById('command-result').textContent.includes('from 1 to 99')", 2.0)
+        page.fill("#fraction-number", "3")
+        page.click("#load-plan-button")
+        _wait(page, "document.getElementById('service-state').textContent === 'PLAN_LOADED'", 5.0)
+        _wait(page, "document.getElementById('journal').textContent.includes('tina via console: load_plan "
+                    "(fraction 3)')", 3.0)
+        page.screenshot(path=str(shots / "2-plan-loaded.png"))
+
+        # 2-3. Setup and approval: the proposal's own pair, its age and expiry, direction words per axis.
+        page.click("[data-command=start_setup]")
+        _wait(page, "!document.getElementById('proposal').hidden && "
+                    "!document.getElementById('approve-button').disabled", 8.0)
+        pid = page.locator("#proposal-pair").inner_text()
+        assert page.locator("#proposal-A").get_attribute("data-pair-id") == pid
+        assert "expires in" in page.locator("#proposal-age").inner_text()
+        # Setup error (2, -1.5, 1) mm in the room -> correction about (-2, +1.5, -1): HFS right, sup, post.
+        words = [page.locator(f"#p-d-{i}").inner_text() for i in range(3)]
+        assert "right" in words[0] and "superior" in words[1] and "posterior" in words[2], words
+        assert "over" in page.locator("#p-row-0").get_attribute("class")  # 2 mm beyond the 1 mm tolerance
+        assert "two sign-offs" in page.locator("#signoff-status").inner_text()
+        page.screenshot(path=str(shots / "3-approval.png"), full_page=True)
+        page.click("#approve-button")  # first sign-off (therapist)
+        _wait(page, "document.getElementById('signoff-status').textContent.includes('First sign-off: tina')", 3.0)
+        assert page.locator("#approve-button").is_disabled()  # not twice by the same user
+        phys_ctx = browser.new_context(bypass_csp=True, viewport={"width": 1600, "height": 1000})
+        phys = phys_ctx.new_page()
+        phys.goto(console.url)
+        _login(phys, "phil")
+        _wait(phys, "!document.getElementById('approve-button').disabled", 5.0)
+        phys.click("#approve-button")  # second sign-off: the approval goes to the service
+        _wait(page, "document.getElementById('service-phase').textContent === 'verified'", VERIFYING_WITHIN_S + 5)
+
+        # 4. Monitoring; a 3 mm shift: a safety HOLD in plain words with the next action.
+        _wait(page, "!document.querySelector('[data-command=start_monitoring]').disabled", 2.0)
+        page.click("[data-command=start_monitoring]")
+        _wait(page, "document.getElementById('beam').textContent === 'ENABLE'", 5.0)
+        page.screenshot(path=str(shots / "4-monitoring.png"))
+        room.inject_shift((0.0, -3.0, 0.0))
+        _wait(page, "document.getElementById('beam-reason').textContent === 'out_of_tolerance'", HOLD_WITHIN_S)
+        _wait(page, "document.getElementById('holds').textContent.includes('The target moved beyond the tolerance')",
+              1.0)
+        assert "Next:" in page.locator("#beam-action").inner_text()
+        assert "moved beyond" in page.locator("#beam-live").inner_text()  # the ARIA live region says it
+        page.screenshot(path=str(shots / "5-hold.png"))
+
+        # 5. End of fraction (two clicks).
+        page.click("#end-button")
+        page.click("#end-confirm")
+        _wait(page, "document.getElementById('service-state').textContent === 'STOPPED'", 3.0)
+        page.screenshot(path=str(shots / "6-ended.png"))
+
+        # 6. Report: the physicist signs it off; the PDF carries the sign-off.
+        phys.reload()
+        phys.wait_for_selector(".signoff-button", timeout=5000)
+        assert page.locator(".signoff-button").count() == 0  # a therapist cannot sign off
+        phys.click(".signoff-button")
+        phys.wait_for_selector("text=signed off by phil", timeout=5000)
+        name = phys.locator("a.session-link").first.inner_text().split(" ")[0]
+        pdf = phys.request.get(f"{console.url}report/{name}.pdf")
+        assert pdf.status == 200 and pdf.body()[:5] == b"%PDF-" and len(pdf.body()) > 10_000
+        phys.goto(f"{console.url}review/{name}")
+        assert "phil (physicist)" in phys.locator("#review-signoff").inner_text()
+        assert "beam-on time" in phys.locator("#review-summary").inner_text()
+        phys.screenshot(path=str(shots / "7-report.png"), full_page=True)
+        (shots / "7-report.pdf").write_bytes(pdf.body())
+
+        # The service dies: the page does not stay green.
+        page.click("#nav-review")
+        room.service.stop()
+        t_lost = _wait(page, "document.getElementById('alert-banner').textContent.startsWith('SERVICE LOST')",
+                       SERVICE_LOST_WITHIN_S)
+        assert page.locator("#heartbeat-rate").inner_text() == "0 Hz"
+        assert page.locator("#beam").inner_text() == "HOLD"
+        page.screenshot(path=str(shots / "8-service-lost.png"))
+        assert t_lost <= SERVICE_LOST_WITHIN_S and room.errors == []
+        phys_ctx.close()
+        ctx.close()
+    recs = read_record(sorted((tmp_path / "room").glob("session-*.jsonl"))[0])
+    cmds = {r["command"]: r for r in recs if r["event"] == "command" and r["reply"]["ok"]}
+    assert cmds["load_plan"]["params"]["fraction"] == 3 and cmds["load_plan"]["params"]["console_user"] == "tina"
+    assert cmds["load_plan"]["params"]["patient_id"] == "SIM-0001"
+    approve = cmds["approve_correction"]["params"]
+    assert approve["console_user"] == "phil" and approve["first_signoff"] == "tina"
+    assert cmds["stop"]["params"]["console_user"] == "tina" and cmds["stop"]["t_unix_s"] > 0

@@ -68,8 +68,11 @@ from .users import ROLE_COMMANDS, LoginGuard
 from .review import (
     ReviewError,
     list_sessions,
+    read_signoff,
     resolve_session,
     review_session,
+    sign_off,
+    write_report_pdf,
     write_review_html,
 )
 
@@ -705,13 +708,55 @@ def build_app(console: ConsoleServer) -> web.Application:
             raise web.HTTPNotFound(text=str(err)) from None
         except TrackingError as err:
             raise web.HTTPUnprocessableEntity(text=str(err)) from None
+        signoff = read_signoff(path)
         if request.path.startswith("/api/"):
-            return web.json_response(rev.to_json())
-        doc = await asyncio.get_running_loop().run_in_executor(None, write_review_html, rev)
-        headers = {}
+            return web.json_response({**rev.to_json(), "signoff": signoff})
+        doc = await asyncio.get_running_loop().run_in_executor(None, write_review_html, rev, None, signoff)
+        headers = {"Content-Security-Policy": REVIEW_CSP}
         if request.query.get("download"):
             headers["Content-Disposition"] = f'attachment; filename="{Path(name).stem}-review.html"'
         return web.Response(text=doc, content_type="text/html", headers=headers)
+
+    async def report_pdf(request: web.Request) -> web.Response:
+        folder = console.config.records_folder
+        if folder is None:
+            raise web.HTTPNotFound(text="no records folder configured (--records DIR)")
+        name = request.match_info["name"]
+        if not name.endswith(".pdf"):
+            raise web.HTTPNotFound(text="reports are PDF: /report/<session>.pdf")
+        name = name[:-len(".pdf")]
+        try:
+            path = resolve_session(folder, name)
+            loop = asyncio.get_running_loop()
+            rev = await loop.run_in_executor(None, review_session, path)
+            pdf = await loop.run_in_executor(None, write_report_pdf, rev, read_signoff(path))
+        except ReviewError as err:
+            raise web.HTTPNotFound(text=str(err)) from None
+        except TrackingError as err:
+            raise web.HTTPUnprocessableEntity(text=str(err)) from None
+        return web.Response(body=pdf, content_type="application/pdf", headers={
+            "Content-Disposition": f'attachment; filename="{Path(name).stem}-report.pdf"'})
+
+    async def signoff(request: web.Request) -> web.Response:
+        folder = console.config.records_folder
+        if folder is None:
+            return refuse(404, "no records folder configured (--records DIR)")
+        who = console.session_of(request, time.monotonic())
+        if who is None:
+            return refuse(401, "log in first: a sign-off needs a physicist's session")
+        if not who.may("report_signoff"):
+            return refuse(403, f"{who.operator} ({who.role}) may not sign a report off (a physicist may)")
+        body = await _json_body(request)
+        if set(body) - {"comment"}:
+            return refuse(400, f"a sign-off takes only a comment, got {sorted(body)!r:.200}")
+        try:
+            path = resolve_session(folder, request.match_info["name"])
+            doc = await asyncio.get_running_loop().run_in_executor(
+                None, sign_off, path, who.operator, who.role, body.get("comment", ""), time.time())
+        except ReviewError as err:
+            return refuse(409 if "already signed" in str(err) else 400, str(err))
+        log.info("console: %s signed off %s", who.operator, path.name)
+        return web.json_response(doc)
 
     async def qa(request: web.Request) -> web.Response:
         doc = await asyncio.get_running_loop().run_in_executor(None, _qa_page, console.config)
@@ -738,6 +783,8 @@ def build_app(console: ConsoleServer) -> web.Application:
     app.router.add_get("/api/sessions", sessions)
     app.router.add_get("/api/review/{name}", review)
     app.router.add_get("/review/{name}", review)
+    app.router.add_get("/report/{name}", report_pdf)
+    app.router.add_post("/api/review/{name}/signoff", signoff)
     app.router.add_get("/qa", qa)
     app.router.add_get("/calibration/{name}", calibration_file)
     return app

@@ -91,11 +91,9 @@ class UserStore:
     def read(cls, path: str | os.PathLike) -> UserStore:
         p = Path(path)
         try:
-            doc = parse_json_bytes(p.read_bytes(), str(p))
+            doc = parse_json_bytes(p.read_bytes(), str(p), ConsoleConfigError)
         except OSError as err:
             raise ConsoleConfigError(f"{p}: cannot read the console users: {err.strerror}") from err
-        except Exception as err:  # noqa: BLE001 - the parser's error class, named
-            raise ConsoleConfigError(f"{p}: {err}") from err
         if not isinstance(doc, dict) or doc.get("schema") != SCHEMA or not isinstance(doc.get("users"), list):
             raise ConsoleConfigError(f"{p}: not a {SCHEMA} file (need schema and a users list)")
         users: dict[str, ConsoleUser] = {}
