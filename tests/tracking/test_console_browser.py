@@ -57,7 +57,8 @@ def browser():
 
 
 def _console_config(room: SimulatedRoom, **kw) -> ConsoleConfig:
-    return ConsoleConfig(room.endpoints["publish"], room.endpoints["command"], port=0, login_token=TOKEN,
+    kw.setdefault("login_token", TOKEN)
+    return ConsoleConfig(room.endpoints["publish"], room.endpoints["command"], port=0,
                          client_keys=room.console_keys,
                          frames_folder=room.folder / "session.jsonl.frames", records_folder=room.folder,
                          approval="manual", correction_limit_mm=25.0, correction_limit_deg=5.0,
@@ -281,3 +282,59 @@ def test_whole_fraction_from_the_page(browser, tmp_path):
     approve = cmds["approve_correction"]["params"]
     assert approve["console_user"] == "phil" and approve["first_signoff"] == "tina"
     assert cmds["stop"]["params"]["console_user"] == "tina" and cmds["stop"]["t_unix_s"] > 0
+
+
+# ----------------------------------------------------------------- layout, keyboard and axe-core
+AXE = Path(__file__).resolve().parent / "a11y" / "node_modules" / "axe-core" / "axe.min.js"
+#: The issue's range of screen widths, px.
+WIDTHS = (1280, 2560)
+
+
+@pytest.mark.skipif(not AXE.exists() and not os.environ.get("CI"),
+                    reason="axe-core missing: npm ci --prefix tests/tracking/a11y (CI must have it)")
+def test_layout_keyboard_and_axe_without_serious_violations(browser, tmp_path):
+    from spineguide.tracking.console.fraction import PlanEntry
+
+    room = SimulatedRoom(tmp_path / "room")
+    with room, ConsoleThread(_console_config(room, users=_users_file(tmp_path), login_token=None,
+                                             plans=(PlanEntry(**room.PATIENT),),
+                                             record_path=room.folder / "session.jsonl")) as console:
+        ctx = browser.new_context(bypass_csp=True, viewport={"width": WIDTHS[0], "height": 900})
+        page = ctx.new_page()
+        page.goto(console.url)
+        # Keyboard only: the skip link first, then the login fields; Enter submits.
+        page.keyboard.press("Tab")
+        assert page.evaluate("document.activeElement.className") == "skip"
+        for _ in range(10):
+            page.keyboard.press("Tab")
+            if page.evaluate("document.activeElement.id") == "login-operator":
+                break
+        page.keyboard.type("tina")
+        page.keyboard.press("Tab")
+        page.keyboard.type(PASSWORDS["tina"])
+        page.keyboard.press("Enter")
+        _wait(page, "document.getElementById('login-status').textContent.includes('tina')", 3.0)
+        _wait(page, "!document.getElementById('approve-button').disabled", 8.0)
+        for _ in range(80):  # the approve button is reachable by Tab
+            page.keyboard.press("Tab")
+            if page.evaluate("document.activeElement.id") == "approve-button":
+                break
+        assert page.evaluate("document.activeElement.id") == "approve-button"
+        assert page.locator("#clock").inner_text().endswith("UTC")
+        assert page.get_attribute("#beam-live", "aria-live") == "assertive"
+        page.add_script_tag(path=str(AXE))
+        for width in WIDTHS:
+            page.set_viewport_size({"width": width, "height": 1000})
+            page.wait_for_timeout(200)
+            page.screenshot(path=str(tmp_path / f"layout-{width}.png"))
+            layout = page.evaluate("""() => ({sw: document.documentElement.scrollWidth, w: window.innerWidth,
+                main: document.getElementById('main').getBoundingClientRect().width,
+                proposal: document.getElementById('proposal').getBoundingClientRect().width})""")
+            assert layout["sw"] <= layout["w"], (width, layout)  # nothing cut off to the right
+            assert layout["main"] >= 0.9 * layout["w"] and layout["proposal"] >= 0.9 * layout["w"], (width, layout)
+            result = page.evaluate("async () => (await axe.run(document)).violations"
+                                   ".map(v => ({id: v.id, impact: v.impact, n: v.nodes.length, "
+                                   "html: v.nodes.slice(0, 2).map(n => n.html)}))")
+            serious = [v for v in result if v["impact"] in ("serious", "critical")]
+            assert serious == [], (width, serious)
+        ctx.close()

@@ -295,6 +295,15 @@ def test_large_correction_needs_a_second_user_who_is_a_physicist():
         assert _check_approval(c, phil, 3, 1002.0) == (200, None, {"first_signoff": "tina"})
 
 
+def test_a_proposal_learnt_from_a_status_reply_keeps_its_time():
+    from spineguide.tracking.console.live import LiveState
+
+    live = LiveState()
+    live.on_reply({"phase": "awaiting_approval", "pending_correction": {
+        "pair_id": 4, "translation_mm": [1, 0, 0], "rotation_deg": [0, 0, 0], "proposed_unix_s": 1234.5}})
+    assert live.proposal["t_unix_s"] == 1234.5 and live.proposal["pair_id"] == 4
+
+
 # ----------------------------------------------------------------- journal of every client's commands
 def test_journal_reads_commands_of_any_client_from_the_record(tmp_path):
     record = tmp_path / "session-1.jsonl"

@@ -129,6 +129,9 @@ class LiveState:
         if reply.get("phase") == "awaiting_approval" and isinstance(pending, dict) and self.proposal is None:
             # The proposal's correction/1 went out before this console subscribed (PUB keeps nothing).
             self.proposal = dict(pending, purpose="proposal")
+            t = pending.get("proposed_unix_s")  # the reply's pending correction says when it was proposed
+            if isinstance(t, (int, float)) and not isinstance(t, bool) and math.isfinite(t):
+                self.proposal["t_unix_s"] = float(t)
         for key in ("tolerance_3d_mm", "tolerance_rotation_deg"):
             value = reply.get(key)
             if isinstance(value, (int, float)) and math.isfinite(value):

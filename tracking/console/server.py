@@ -296,9 +296,18 @@ class ConsoleServer:
     async def _initial_status(self) -> None:
         try:
             self.live.on_reply(await self.command("status", {}))
+            self._adopted_proposal()
             self._wake_all()
         except TrackingError as err:
             log.warning("console: status request failed: %s", err)
+
+    def _adopted_proposal(self) -> None:
+        """A proposal learnt from a ``status`` reply (its message came before this console): render its frames."""
+        p = self.live.proposal
+        if (p is not None and isinstance(p.get("pair_id"), int) and self.config.frames_folder is not None
+                and all(f.pair_id != p["pair_id"] for f in self.proposal_frames.values())):
+            self.proposal_frames = {}
+            self._tasks.append(asyncio.create_task(self._render_proposal(dict(p))))
 
     async def _tick(self) -> None:
         """Push the state now and then even when the service is silent (the page's rates and banners move)."""
@@ -686,6 +695,7 @@ def build_app(console: ConsoleServer) -> web.Application:
         if name == "approve_correction":
             console.first_approval = None
         console.live.on_reply(reply)
+        console._adopted_proposal()
         console._wake_all()
         log.info("console: %s sent %s: %s", who.operator, name, "ok" if reply.get("ok") else reply.get("reason"))
         return web.json_response(reply)
