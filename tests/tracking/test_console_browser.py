@@ -243,6 +243,15 @@ def test_whole_fraction_from_the_page(browser, tmp_path):
         assert "moved beyond" in page.locator("#beam-live").inner_text()  # the ARIA live region says it
         page.screenshot(path=str(shots / "5-hold.png"))
 
+        # The imager falls silent: frames marked stale, a full-width banner; then it comes back.
+        room.pause_imager(True)
+        _wait(page, "['IMAGER SILENT', 'FRAMES STALE'].some(w => "
+                    "document.getElementById('alert-banner').textContent.startsWith(w))", 3.0)
+        _wait(page, "document.getElementById('frame-A-age').textContent.startsWith('STALE')", 1.0)
+        page.screenshot(path=str(shots / "5b-imager-silent.png"))
+        room.pause_imager(False)
+        _wait(page, "document.getElementById('alert-banner').hidden", 3.0)
+
         # 5. End of fraction (two clicks).
         page.click("#end-button")
         page.click("#end-confirm")
@@ -260,6 +269,7 @@ def test_whole_fraction_from_the_page(browser, tmp_path):
         assert pdf.status == 200 and pdf.body()[:5] == b"%PDF-" and len(pdf.body()) > 10_000
         phys.goto(f"{console.url}review/{name}")
         assert "phil (physicist)" in phys.locator("#review-signoff").inner_text()
+        assert "CHANGED" not in phys.locator("#review-signoff").inner_text()
         assert "beam-on time" in phys.locator("#review-summary").inner_text()
         phys.screenshot(path=str(shots / "7-report.png"), full_page=True)
         (shots / "7-report.pdf").write_bytes(pdf.body())

@@ -380,8 +380,12 @@ def test_signoff_once_pinned_to_the_record(tmp_path):
     assert doc["matches"] and read_signoff(path)["operator"] == "phil"
     with pytest.raises(ReviewError, match="already signed off by phil"):
         sign_off(path, "tom", "physicist", "", 2001.0)
-    with open(path, "ab") as f:
+    with open(path, "ab") as f:  # the running service appends: the signed part is unchanged, the rest is not covered
         f.write(b'{"event":"late","t_unix_s":3000.0}\n')
+    assert read_signoff(path)["matches"] is True and read_signoff(path)["appended_bytes"] > 0
+    assert "not covered" in write_review_html(review_session(path), signoff=read_signoff(path))
+    data = path.read_bytes()
+    path.write_bytes(data.replace(b"not_monitoring", b"ok_monitoring!"))  # the signed part altered
     assert read_signoff(path)["matches"] is False
     assert "CHANGED AFTER THE SIGN-OFF" in write_review_html(review_session(path), signoff=read_signoff(path))
     link = tmp_path / "session.jsonl"
@@ -466,3 +470,21 @@ def test_fuzz_login_and_signoff_endpoints_never_fail_inside(live_console, body, 
     url, session = live_console
     assert _post(url + "api/login", body) in (400, 401, 429)
     assert _post(url + "api/review/s.jsonl/signoff", signoff, session) in (200, 400, 409)
+
+
+# ----------------------------------------------------------------- spineguide demo --console
+@pytest.mark.slow  # starts the simulated room and the console for ~2 s
+def test_demo_console_starts_an_idle_room_with_two_accounts(tmp_path, capsys):
+    from spineguide.tracking.cli.main import main
+
+    assert main(["demo", "--console", "--port", "0", "--duration", "2", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "spineguide console: http://127.0.0.1:" in out and "simulated room (IDLE)" in out
+    store = UserStore.read(tmp_path / "console-users.json")
+    assert {u.role for u in store.users.values()} == {"therapist", "physicist"}
+    for name in ("therapist", "physicist"):
+        password = re.search(rf"user '{name}' password '([^']+)'", out).group(1)
+        assert store.verify(name, password).name == name
+    record = sorted((tmp_path / "records").glob("session-*.jsonl"))[0]
+    states = [json.loads(line) for line in record.read_text().splitlines() if '"event":"state"' in line]
+    assert all(s.get("new") != "PLAN_LOADED" for s in states)  # nothing loaded it: the page does

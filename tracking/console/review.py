@@ -256,13 +256,21 @@ def signoff_path(record: Path) -> Path:
     return record.with_name(record.name + ".signoff.json")
 
 
-def record_digest(record: Path) -> str:
-    """SHA-256 of the record's bytes: what a sign-off signs."""
+def record_digest(record: Path, size_bytes: int | None = None) -> tuple[str, int]:
+    """SHA-256 of the record's first ``size_bytes`` (default: all, up to its last complete line) and that size.
+
+    A record is append-only and a running service keeps appending to it (a STOPPED service still records its
+    HOLDs), so a sign-off signs the record as it was: its first ``size_bytes``; later lines are not covered.
+    """
     h = hashlib.sha256()
     with open(record, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+        data = f.read() if size_bytes is None else f.read(size_bytes)
+    if size_bytes is None:
+        data = data[:data.rfind(b"\n") + 1]  # only complete lines
+    elif len(data) < size_bytes:
+        return "", len(data)  # shorter than what was signed: it changed
+    h.update(data)
+    return h.hexdigest(), len(data)
 
 
 def read_signoff(record: Path) -> dict[str, Any] | None:
@@ -279,7 +287,11 @@ def read_signoff(record: Path) -> dict[str, Any] | None:
     if not isinstance(doc, dict) or doc.get("schema") != SIGNOFF_SCHEMA:
         return {"error": f"{p.name} is not a {SIGNOFF_SCHEMA} file"}
     try:
-        doc["matches"] = doc.get("sha256") == record_digest(Path(record))
+        size = doc.get("size_bytes")
+        size = size if isinstance(size, int) and not isinstance(size, bool) and size >= 0 else -1
+        digest, _ = record_digest(Path(record), size) if size >= 0 else ("", 0)
+        doc["matches"] = digest != "" and doc.get("sha256") == digest
+        doc["appended_bytes"] = max(0, Path(record).stat().st_size - size) if size >= 0 else None
     except OSError:
         doc["matches"] = False
     return doc
@@ -292,8 +304,9 @@ def sign_off(record: Path, operator: str, role: str, comment: str, now_unix_s: f
         raise ReviewError(f"{record.name} is the link to the newest session: sign off the session's own record")
     if not isinstance(comment, str) or len(comment) > MAX_COMMENT_CHARS or not (comment.isprintable() or not comment):
         raise ReviewError(f"a sign-off comment is at most {MAX_COMMENT_CHARS} printable characters")
-    doc = {"schema": SIGNOFF_SCHEMA, "record": record.name, "sha256": record_digest(record), "operator": operator,
-           "role": role, "t_unix_s": now_unix_s, "comment": comment}
+    digest, size = record_digest(record)
+    doc = {"schema": SIGNOFF_SCHEMA, "record": record.name, "sha256": digest, "size_bytes": size,
+           "operator": operator, "role": role, "t_unix_s": now_unix_s, "comment": comment}
     try:
         fd = os.open(signoff_path(record), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     except FileExistsError:
@@ -301,7 +314,7 @@ def sign_off(record: Path, operator: str, role: str, comment: str, now_unix_s: f
         raise ReviewError(f"{record.name} is already signed off by {prev.get('operator', '?')}") from None
     with os.fdopen(fd, "w", encoding="utf-8") as f:
         json.dump(doc, f, indent=1)
-    return {**doc, "matches": True}
+    return {**doc, "matches": True, "appended_bytes": 0}
 
 
 def _figures(review: SessionReview) -> dict[str, Any]:
@@ -389,7 +402,10 @@ def _signoff_line(signoff: dict[str, Any] | None) -> str:
     line = (f"Physicist sign-off: {signoff.get('operator')} ({signoff.get('role')}) at "
             f"{_fmt_time(float(signoff.get('t_unix_s') or 0.0))}; record SHA-256 {str(signoff.get('sha256'))[:16]}...")
     if not signoff.get("matches"):
-        line += " -- THE RECORD CHANGED AFTER THE SIGN-OFF"
+        line += " -- THE SIGNED PART OF THE RECORD CHANGED AFTER THE SIGN-OFF"
+    elif signoff.get("appended_bytes"):
+        line += (f"; covers the record's first {signoff.get('size_bytes')} bytes ({signoff['appended_bytes']} "
+                 "bytes appended later by the running service are not covered)")
     if signoff.get("comment"):
         line += f"; comment: {signoff['comment']}"
     return line

@@ -118,6 +118,7 @@ class SimulatedRoom:
         self._shift = Pose.identity()
         self._lock = threading.Lock()
         self._stop = threading.Event()
+        self._imager_paused = threading.Event()
         self._threads: list[threading.Thread] = []
         self.pairs_sent = 0
         self.errors: list[str] = []
@@ -131,6 +132,13 @@ class SimulatedRoom:
         """From the next pair on, the patient is shifted by ``translation_mm`` (room frame, on top of the rest)."""
         with self._lock:
             self._shift = Pose.from_six(translation_mm, (0.0, 0.0, 0.0))
+
+    def pause_imager(self, paused: bool = True) -> None:
+        """Stop (True) or restart (False) the imager's stream: a silent imager, as the service and console see it."""
+        if paused:
+            self._imager_paused.set()
+        else:
+            self._imager_paused.clear()
 
     def command(self, name: str, params: dict | None = None, timeout_s: float = 10.0) -> dict:
         """Send one command as the room's own client (not the console); raises if refused."""
@@ -223,6 +231,8 @@ class SimulatedRoom:
                     shift = self._shift
                 true_pose = Pose.from_matrix(couch.matrix @ shift.matrix @ self.setup_error.matrix)
                 for name, base in bases.items():
+                    if self._imager_paused.is_set():
+                        break
                     sender.send_frame(name, pair_id, now_unix, stamp_pose_pattern(base, true_pose), 20000.0)
                 pair_id += 1
                 self.pairs_sent = pair_id
