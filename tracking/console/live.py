@@ -75,6 +75,7 @@ class LiveState:
         self._next_index = 0
         self._beats: collections.deque[float] = collections.deque()
         self.ages_ms: collections.deque[float] = collections.deque(maxlen=AGE_SAMPLES)
+        self._age_stats: dict[str, float] | None = None  # cached until the next age arrives
         self.last_seq: int | None = None
         self.lost_messages = 0
         self.messages = 0
@@ -108,6 +109,7 @@ class LiveState:
             self.gating = dict(body, received_unix_s=received_unix_s)
             if isinstance(t, (int, float)):
                 self.ages_ms.append((received_unix_s - t) * 1e3)
+                self._age_stats = None
                 self._add_point(float(t), body.get("deviation_mm"), body.get("beam", "?"), body.get("reason", "?"))
                 if body.get("beam") == "HOLD":
                     self._add_hold(body, float(t))
@@ -180,7 +182,10 @@ class LiveState:
         so each push carries only the new points (a slow client skips none: points are few and small).
         """
         points = [[t, d, b, r] for i, t, d, b, r in self.timeline if i >= timeline_from]
-        ages = np.asarray(self.ages_ms, dtype=np.float64)
+        if self._age_stats is None and self.ages_ms:
+            ages = np.asarray(self.ages_ms, dtype=np.float64)
+            p50, p95 = np.percentile(ages, [50, 95])
+            self._age_stats = {"last": float(ages[-1]), "p50": float(p50), "p95": float(p95)}
         state = {
             "type": "state",
             "version": self.version,
@@ -201,8 +206,7 @@ class LiveState:
             "timeline": points,
             "timeline_reset": timeline_from == 0,
             "timeline_span_s": self.timeline_s,
-            "message_age_ms": None if ages.size == 0 else {
-                "last": float(ages[-1]), "p50": float(np.percentile(ages, 50)), "p95": float(np.percentile(ages, 95))},
+            "message_age_ms": None if not self.ages_ms else dict(self._age_stats),
             "lost_messages": self.lost_messages,
             "messages": self.messages,
         }

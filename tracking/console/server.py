@@ -157,6 +157,7 @@ class _Client:
     timeline_from: int = 0
     frames_sent: dict[str, int] = field(default_factory=dict)
     proposal_sent: dict[str, int] = field(default_factory=dict)
+    journal_sent: int = -1
 
 
 class ConsoleServer:
@@ -610,7 +611,8 @@ def build_app(console: ConsoleServer) -> web.Application:
             "qa": c.qa_history is not None or c.calibration_report is not None})
 
     async def ws_feed(request: web.Request) -> web.WebSocketResponse:
-        ws = web.WebSocketResponse(heartbeat=10.0)
+        # No per-message compression: the frames are JPEG already, and deflating 20 states a second costs CPU.
+        ws = web.WebSocketResponse(heartbeat=10.0, compress=False)
         await ws.prepare(request)
         client = _Client(ws)
         console.clients.add(client)
@@ -886,7 +888,9 @@ async def _send_loop(console: ConsoleServer, client: _Client) -> None:
             state, client.timeline_from = console.live.snapshot(time.monotonic(), client.timeline_from)
             now = time.time()
             state["server_unix_s"] = now
-            state["journal"] = list(console.journal)[-50:]
+            if client.journal_sent != console.journal_version:  # only when it changed (20 pushes a second)
+                state["journal"] = list(console.journal)[-50:]
+                client.journal_sent = console.journal_version
             state["proposal_age_s"] = proposal_age_s(console.live.proposal, now)
             state["second_signoff_needed"] = (console.live.proposal is not None
                                               and needs_second_signoff(console.config, console.live.proposal))

@@ -181,7 +181,7 @@ function render() {
   renderCorrection(s.correction);
   renderProposal();
   renderHolds();
-  renderJournal(s.journal || []);
+  if (s.journal) renderJournal(s.journal);
   renderLive();
   drawTimeline();
   renderActions();
@@ -309,9 +309,8 @@ function renderCorrection(c) {
 }
 
 function currentPlan() {
-  // The plan of the last load_plan in the journal, else the selected one.
-  const loads = (state && state.journal || []).filter((j) => j.command === "load_plan" && j.ok);
-  return selectedPlan() || (config.plans.length === 1 ? config.plans[0] : null) || (loads.length ? null : null);
+  // The plan chosen on this page (the only one when the console offers one).
+  return selectedPlan() || (config.plans.length === 1 ? config.plans[0] : null);
 }
 
 function pendingProposal() {
