@@ -256,6 +256,7 @@ def test_whole_fraction_from_the_page(browser, tmp_path):
         page.click("#end-button")
         page.click("#end-confirm")
         _wait(page, "document.getElementById('service-state').textContent === 'STOPPED'", 3.0)
+        _wait(page, "document.getElementById('beam-action').textContent.includes('open its report')", 1.0)
         page.screenshot(path=str(shots / "6-ended.png"))
 
         # 6. Report: the physicist signs it off; the PDF carries the sign-off.

@@ -488,3 +488,18 @@ def test_demo_console_starts_an_idle_room_with_two_accounts(tmp_path, capsys):
     record = sorted((tmp_path / "records").glob("session-*.jsonl"))[0]
     states = [json.loads(line) for line in record.read_text().splitlines() if '"event":"state"' in line]
     assert all(s.get("new") != "PLAN_LOADED" for s in states)  # nothing loaded it: the page does
+
+
+def test_console_user_cli_adds_a_hashed_account(tmp_path, monkeypatch, capsys):
+    import io
+
+    from spineguide.tracking.cli.main import main
+
+    path = tmp_path / "users.json"
+    monkeypatch.setattr("sys.stdin", io.StringIO("a-long-password-1\n"))
+    assert main(["console-user", "add", "--users", str(path), "--name", "kim", "--role", "physicist",
+                 "--password-stdin"]) == 0
+    assert "kim (physicist)" in capsys.readouterr().out
+    store = UserStore.read(path)
+    assert store.verify("kim", "a-long-password-1").role == "physicist"
+    assert "a-long-password-1" not in path.read_text()

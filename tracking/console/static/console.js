@@ -257,7 +257,7 @@ function renderBeam(alive) {
   $("beam-reason").textContent = reason;
   const info = reason === "enable expired" ? { text: "The last permission expired and no newer one came.", action: "Wait for the next image pair; check the imager if it persists." }
     : reason === "service lost" ? { text: "The guidance service is silent.", action: "Check and restart the guidance service." }
-    : g ? reasonInfo(reason) : { text: "", action: "" };
+    : g ? stateAwareReason(reason) : { text: "", action: "" };
   $("beam-text").textContent = info.text;
   $("beam-action").textContent = beam === "ENABLE" ? "" : info.action ? "Next: " + info.action : "";
   if (g) {
@@ -266,6 +266,18 @@ function renderBeam(alive) {
   }
   const said = `Beam ${beam}. ${beam === "ENABLE" ? "" : info.text}`;
   if (said !== lastBeamAnnounced) { lastBeamAnnounced = said; $("beam-live").textContent = said; }
+}
+
+// "not_monitoring" covers every state but MONITORING/PAUSED: the next action depends on which.
+const NOT_MONITORING_NEXT = {
+  IDLE: "Choose the patient and plan, type the fraction number, then Load plan.",
+  PLAN_LOADED: "Press start setup.",
+  STOPPED: "The fraction has ended: open its report under Recorded sessions (a physicist signs it off).",
+};
+function stateAwareReason(code) {
+  const info = reasonInfo(code), st = state.heartbeat && state.heartbeat.state;
+  if (code === "not_monitoring" && NOT_MONITORING_NEXT[st]) return { ...info, action: NOT_MONITORING_NEXT[st] };
+  return info;
 }
 
 function renderSteps(alive) {
