@@ -244,6 +244,8 @@ def test_config_from_service_takes_limits_record_and_approval(tmp_path):
     assert c.frames_folder == tmp_path / "s.jsonl.frames" and c.records_folder == tmp_path
     assert (c.correction_limit_mm, c.tolerance_3d_mm, c.approval) == (20.0, 1.5, "manual")
     assert c.planned is None  # pattern plan: no seeds
+    assert c.plans == () and c.record_path == tmp_path / "s.jsonl"  # pattern plan: nothing to offer
+    assert c.approval_max_age_s == 30.0
 
 
 # ----------------------------------------------------------------- HTTP + auth
@@ -655,3 +657,7 @@ def test_a_dicom_fiducial_plan_gives_the_console_the_services_seeds(tmp_path):
     service = load_treatment_plan(plan)
     assert list(config.planned.names) == list(service.fiducials.names)
     assert_allclose(config.planned.points_room_mm, service.fiducials_room_mm(), rtol=0, atol=1e-9)
+    # The page offers this plan for load_plan, named by the DICOM patient identity the service loads.
+    (entry,) = config.plans
+    assert entry.patient_id == service.patient.patient_id.strip() and entry.plan_id == "dicom"
+    assert entry.patient_position == service.patient_position.value and entry.method == "fiducial"

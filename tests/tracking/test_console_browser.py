@@ -204,6 +204,8 @@ def test_whole_fraction_from_the_page(browser, tmp_path):
         _wait(page, "document.getElementById('service-state').textContent === 'PLAN_LOADED'", 5.0)
         _wait(page, "document.getElementById('journal').textContent.includes('tina via console: load_plan "
                     "(fraction 3)')", 3.0)
+        _wait(page, "document.getElementById('fraction-loaded').textContent.startsWith("
+                    "'SIM-0001 · plan SIM-T12 · fraction 3 (loaded by tina')", 2.0)
         page.screenshot(path=str(shots / "2-plan-loaded.png"))
 
         # 2-3. Setup and approval: the proposal's own pair, its age and expiry, direction words per axis.

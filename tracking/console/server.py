@@ -866,6 +866,8 @@ def _journal_entry(rec: dict[str, Any]) -> dict[str, Any]:
             "operator": str(params.get("operator", rec.get("operator", "?")))[:64],
             "console_user": None if params.get("console_user") is None else str(params["console_user"])[:64],
             "fraction": params.get("fraction") if isinstance(params.get("fraction"), int) else None,
+            "patient_id": str(params["patient_id"])[:64] if isinstance(params.get("patient_id"), str) else None,
+            "plan_id": str(params["plan_id"])[:64] if isinstance(params.get("plan_id"), str) else None,
             "ok": ok, "reason": None if ok else str(reply.get("reason", rec.get("reason", "")))[:200]}
 
 

@@ -301,12 +301,17 @@ function toleranceClass(v, tol) {
 
 function renderCorrection(c) {
   const ids = ["c-x", "c-y", "c-z", "c-pitch", "c-roll", "c-yaw"];
-  if (!c) { ids.forEach((id) => { $(id).textContent = "-"; $(id).className = ""; }); return; }
+  if (!c) { ids.forEach((id) => { $(id).textContent = "-"; $(id).className = ""; }); $("correction-words").textContent = ""; return; }
   const v = [...c.translation_mm, ...c.rotation_deg];
   ids.forEach((id, i) => {
     $(id).textContent = fmt(v[i]);
     $(id).className = toleranceClass(v[i], i < 3 ? state.tolerance_3d_mm : state.tolerance_rotation_deg);
   });
+  const plan = currentPlan();
+  const dirs = plan ? plan.directions : [["room +X", "room -X"], ["towards gantry", "away from gantry"], ["up", "down"]];
+  $("correction-words").textContent = "Move the patient: " + c.translation_mm.map((v, i) =>
+    Math.abs(v) < 0.05 ? `0.0 mm (${["X", "Y", "Z"][i]})` : `${Math.abs(v).toFixed(1)} mm ${dirs[i][v > 0 ? 0 : 1]}`).join(", ") +
+    (plan && plan.patient_position ? ` (patient position ${plan.patient_position})` : " (room directions)");
   $("method").textContent = c.method;
   $("correction-pair").textContent = c.pair_id;
   $("correction-purpose").textContent = c.purpose ? `(${c.purpose})` : "";
@@ -422,6 +427,11 @@ function renderHolds() {
 }
 
 function renderJournal(entries) {
+  const loads = entries.filter((j) => j.command === "load_plan" && j.ok);
+  const last = loads.length ? loads[loads.length - 1] : null;
+  $("fraction-loaded").textContent = last
+    ? `${last.patient_id} · plan ${last.plan_id} · fraction ${last.fraction} (loaded by ${last.console_user || last.operator} ${utc(last.t_unix_s)})`
+    : "none loaded";
   const ol = $("journal");
   ol.replaceChildren(...[...entries].reverse().map((j) => {
     const li = document.createElement("li");
