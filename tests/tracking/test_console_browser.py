@@ -297,6 +297,23 @@ def test_whole_fraction_from_the_page(browser, tmp_path):
     assert cmds["stop"]["params"]["console_user"] == "tina" and cmds["stop"]["t_unix_s"] > 0
 
 
+def test_page_works_under_its_own_content_security_policy(browser, tmp_path):
+    """No CSP bypass here: the page's script, styles, frames (data: URLs) and WebSocket all run under its policy."""
+    with SimulatedRoom(tmp_path / "room") as room, ConsoleThread(_console_config(room)) as console:
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        messages = []
+        page.on("console", lambda m: messages.append(m.text))
+        page.goto(console.url)
+        deadline = time.monotonic() + 5.0
+        while not (page.locator("#service-state").inner_text() == "SETUP"
+                   and page.evaluate("document.getElementById('frame-A').naturalWidth") > 0):
+            assert time.monotonic() < deadline, "the page did not render under its CSP"
+            time.sleep(0.05)
+        headers = page.request.get(console.url).headers
+        assert "frame-ancestors 'none'" in headers["content-security-policy"]
+        assert not [m for m in messages if "Content Security Policy" in m or "Failed to load" in m], messages
+
+
 # ----------------------------------------------------------------- layout, keyboard and axe-core
 AXE = Path(__file__).resolve().parent / "a11y" / "node_modules" / "axe-core" / "axe.min.js"
 #: The issue's range of screen widths, px.

@@ -32,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import collections
+import concurrent.futures
 import functools
 import hmac
 import html
@@ -129,6 +130,8 @@ FRAME_TRIES = 4
 FRAME_RETRY_S = 0.02
 
 _TOPICS = ("heartbeat", "gating", "correction")
+#: Password checks (argon2) run here, one at a time, never on the event loop or the frame renderers' pool.
+_PASSWORD_POOL = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="console-password")
 #: Shortest interval between two ``status`` requests the console makes on its own, s.
 STATUS_RETRY_S = 2.0
 #: Frames of one pair expected when the plan does not name the imagers.
@@ -479,7 +482,21 @@ class ConsoleServer:
                 raise TrackingError(f"command '{name}': malformed reply: {err}") from err
 
     # ------------------------------------------------------------------ auth
-    def login(self, operator: Any, secret: Any, now_mono_s: float) -> tuple[int, dict[str, Any]]:
+    async def login_async(self, operator: Any, secret: Any) -> tuple[int, dict[str, Any]]:
+        """:meth:`login` with the password check (argon2, ~50 ms of CPU) on its own one-thread pool.
+
+        The event loop keeps serving the feed while a password is checked, and a flood of logins queues on
+        that one thread instead of taking the threads that render the frames.
+        """
+        users = self.config.users
+        if users is None or not isinstance(operator, str) or self.guard.locked_for_s(operator.strip(),
+                                                                                    time.monotonic()) > 0:
+            return self.login(operator, secret, time.monotonic())
+        verified = await asyncio.get_running_loop().run_in_executor(_PASSWORD_POOL, users.verify, operator.strip(),
+                                                                    secret)
+        return self.login(operator, secret, time.monotonic(), verified=verified)
+
+    def login(self, operator: Any, secret: Any, now_mono_s: float, verified: Any = False) -> tuple[int, dict[str, Any]]:
         """``(HTTP status, body)`` of a login attempt (``secret``: the user's password, or the console token).
 
         With per-user accounts (``users``) the name and password are checked by argon2 and the role is the
@@ -500,7 +517,7 @@ class ConsoleServer:
                                   "(other users can log in)"}
         users = self.config.users
         if users is not None:
-            user = users.verify(name, secret)
+            user = users.verify(name, secret) if verified is False else verified
             role = user.role if user is not None else None
             wrong = "wrong user name or password"
         else:
@@ -630,7 +647,7 @@ def build_app(console: ConsoleServer) -> web.Application:
     async def login(request: web.Request) -> web.Response:
         body = await _json_body(request)
         secret = body.get("password") if console.config.users is not None else body.get("token")
-        status, out = console.login(body.get("operator"), secret, time.monotonic())
+        status, out = await console.login_async(body.get("operator"), secret)
         response = web.json_response(out, status=status)
         if status == 200:
             response.set_cookie(SESSION_COOKIE, out["session"], httponly=True, samesite="Strict", path="/",
@@ -786,6 +803,7 @@ def build_app(console: ConsoleServer) -> web.Application:
 
     app.router.add_get("/", index)
     app.router.add_get("/static/{name}", static)
+    app.router.add_get("/favicon.ico", _no_content)
     app.router.add_get("/api/config", config)
     app.router.add_get("/ws", ws_feed)
     app.router.add_post("/api/login", login)
@@ -800,6 +818,10 @@ def build_app(console: ConsoleServer) -> web.Application:
     app.router.add_get("/qa", qa)
     app.router.add_get("/calibration/{name}", calibration_file)
     return app
+
+
+async def _no_content(request: web.Request) -> web.Response:
+    return web.Response(status=204)
 
 
 def _check_load_plan(plans, params: dict[str, Any]) -> str | None:
