@@ -220,6 +220,11 @@ def test_whole_fraction_from_the_page(browser, tmp_path):
         assert "right" in words[0] and "superior" in words[1] and "posterior" in words[2], words
         assert "over" in page.locator("#p-row-0").get_attribute("class")  # 2 mm beyond the 1 mm tolerance
         assert "two sign-offs" in page.locator("#signoff-status").inner_text()
+        page.locator("#window").fill("40")  # window/level: the server re-renders the raw frames
+        _wait(page, "document.getElementById('proposal-A').src.includes('/api/proposal/A?pair_id=' + "
+                    f"'{pid}&lo=30.0&hi=70.0') && document.getElementById('proposal-A').naturalWidth > 0", 3.0)
+        page.locator("#zoom").fill("2")
+        assert "scale(2)" in page.get_attribute("#proposal-B", "style")
         page.screenshot(path=str(shots / "3-approval.png"), full_page=True)
         page.click("#approve-button")  # first sign-off (therapist)
         _wait(page, "document.getElementById('signoff-status').textContent.includes('First sign-off: tina')", 3.0)

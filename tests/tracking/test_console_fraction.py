@@ -304,6 +304,29 @@ def test_a_proposal_learnt_from_a_status_reply_keeps_its_time():
     assert live.proposal["t_unix_s"] == 1234.5 and live.proposal["pair_id"] == 4
 
 
+def test_proposal_frames_rerendered_with_the_asked_window(tmp_path):
+    rng = np.random.default_rng(0)
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    for name in ("A", "B"):
+        np.save(frames / f"00000005_{name}.npy", rng.integers(0, 60000, (200, 200)).astype(np.uint16))
+
+    async def check(console, client):
+        console.live.proposal = {"pair_id": 5, "translation_mm": [1, 0, 0], "rotation_deg": [0, 0, 0]}
+        out = {}
+        for key, query in (("default", "pair_id=5&lo=1&hi=99"), ("narrow", "pair_id=5&lo=40&hi=60"),
+                           ("reversed", "pair_id=5&lo=60&hi=40"), ("nan", "pair_id=5&lo=nan&hi=60"),
+                           ("other", "pair_id=6&lo=1&hi=99"), ("junk", "pair_id=x&lo=1&hi=99")):
+            r = await client.get(f"/api/proposal/A?{query}")
+            out[key] = (r.status, await r.read())
+        return out
+
+    out = _run(check, _config(frames_folder=frames, approval_pixels=128))
+    assert out["default"][0] == 200 and out["default"][1][:2] == b"\xff\xd8"  # JPEG
+    assert out["narrow"][0] == 200 and out["narrow"][1] != out["default"][1]
+    assert [out[k][0] for k in ("reversed", "nan", "other", "junk")] == [400, 400, 404, 400]
+
+
 # ----------------------------------------------------------------- journal of every client's commands
 def test_journal_reads_commands_of_any_client_from_the_record(tmp_path):
     record = tmp_path / "session-1.jsonl"
@@ -503,3 +526,21 @@ def test_console_user_cli_adds_a_hashed_account(tmp_path, monkeypatch, capsys):
     store = UserStore.read(path)
     assert store.verify("kim", "a-long-password-1").role == "physicist"
     assert "a-long-password-1" not in path.read_text()
+
+
+def test_render_frame_window_and_marks_that_grow_with_the_display():
+    from spineguide.tracking.console.display import SeedOverlay, render_frame
+    from spineguide.tracking.errors import FrameError
+
+    img = np.tile(np.linspace(0, 1000, 512, dtype=np.float32), (512, 1))
+    with pytest.raises(FrameError, match="percentiles"):
+        render_frame(img, "A", 1, window_percentiles=(60.0, 40.0))
+    seed = (SeedOverlay("F1", (512.0, 512.0), None, None),)
+    import cv2
+
+    def green_pixels(size):
+        f = render_frame(np.full((1024, 1024), 500, np.float32), "A", 1, seed, size, fmt="png")
+        bgr = cv2.imdecode(np.frombuffer(f.data, np.uint8), cv2.IMREAD_COLOR)
+        return int(((bgr[:, :, 1] > 150) & (bgr[:, :, 0] < 100) & (bgr[:, :, 2] < 100)).sum())
+
+    assert green_pixels(768) > 2 * green_pixels(256)  # thicker and larger cross on a larger display

@@ -415,7 +415,8 @@ class ConsoleServer:
             if rendered:
                 self._wake_all()
 
-    def _render_pair(self, pair_id: int, correction: dict | None, pixels: int | None = None) -> list[DisplayFrame]:
+    def _render_pair(self, pair_id: int, correction: dict | None, pixels: int | None = None,
+                     window: tuple[float, float] | None = None) -> list[DisplayFrame]:
         """Read the pair's raw frames from the record folder and render them (thread pool)."""
         folder = self.config.frames_folder
         planned = self.config.planned
@@ -444,7 +445,7 @@ class ConsoleServer:
             if pose is not None and name in anatomy.geometry.names:
                 edges = functools.partial(drr_edges, anatomy, name, pose)
             out.append(render_frame(frame_pixels, name, pair_id, overlays, pixels or self.config.display_pixels,
-                                    edges=edges))
+                                    edges=edges, window_percentiles=window))
         return out
 
     # ---------------------------------------------------------------- commands
@@ -746,6 +747,26 @@ def build_app(console: ConsoleServer) -> web.Application:
             headers["Content-Disposition"] = f'attachment; filename="{Path(name).stem}-review.html"'
         return web.Response(text=doc, content_type="text/html", headers=headers)
 
+    async def proposal_frame(request: web.Request) -> web.Response:
+        """The proposal's frame of one imager re-rendered with the window the page asks for (window/level)."""
+        imager = request.match_info["imager"]
+        proposal = console.live.proposal
+        try:
+            pair_id = int(request.query.get("pair_id", ""))
+            lo, hi = float(request.query.get("lo", "")), float(request.query.get("hi", ""))
+        except ValueError:
+            raise web.HTTPBadRequest(text="need pair_id (integer), lo and hi (window percentiles)") from None
+        if not (math.isfinite(lo) and math.isfinite(hi) and 0.0 <= lo < hi <= 100.0):
+            raise web.HTTPBadRequest(text=f"window percentiles must satisfy 0 <= lo < hi <= 100, got {lo}, {hi}")
+        if proposal is None or proposal.get("pair_id") != pair_id or console.config.frames_folder is None:
+            raise web.HTTPNotFound(text=f"pair {pair_id} is not the proposal on this console")
+        rendered = await asyncio.get_running_loop().run_in_executor(
+            None, console._render_pair, pair_id, proposal, console.config.approval_pixels, (lo, hi))
+        frame = next((f for f in rendered if f.imager == imager), None)
+        if frame is None:
+            raise web.HTTPNotFound(text=f"no frame of imager {imager!r:.40} in pair {pair_id}")
+        return web.Response(body=frame.data, content_type=frame.mime, headers={"Cache-Control": "no-store"})
+
     async def report_pdf(request: web.Request) -> web.Response:
         folder = console.config.records_folder
         if folder is None:
@@ -814,6 +835,7 @@ def build_app(console: ConsoleServer) -> web.Application:
     app.router.add_get("/api/review/{name}", review)
     app.router.add_get("/review/{name}", review)
     app.router.add_get("/report/{name}", report_pdf)
+    app.router.add_get("/api/proposal/{imager}", proposal_frame)
     app.router.add_post("/api/review/{name}/signoff", signoff)
     app.router.add_get("/qa", qa)
     app.router.add_get("/calibration/{name}", calibration_file)

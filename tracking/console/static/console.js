@@ -149,6 +149,9 @@ function applyFrame(msg) {
 function applyProposalFrame(msg) {
   const img = $("proposal-" + msg.imager);
   if (!img) return;
+  if (img.dataset.pairId !== String(msg.pair_id)) {  // a new proposal: the default view again
+    $("zoom").value = 1; $("window").value = 98; $("level").value = 50; applyZoom();
+  }
   img.src = `data:${msg.mime};base64,${msg.data}`;
   img.dataset.pairId = msg.pair_id;
 }
@@ -538,15 +541,28 @@ $("end-button").addEventListener("click", () => { $("end-confirm").hidden = fals
 for (const b of document.querySelectorAll("#actions button[data-command]")) {
   b.addEventListener("click", () => { if (b.id === "end-confirm") b.hidden = true; sendCommand(b.dataset.command, {}); });
 }
-function applyViewer() {
-  const z = $("zoom").value, w = $("window").value, l = $("level").value;
-  for (const n of ["A", "B"]) {
-    const img = $("proposal-" + n);
-    img.style.transform = `scale(${z})`;
-    img.style.filter = `contrast(${w}) brightness(${l})`;
-  }
+function applyZoom() {
+  for (const n of ["A", "B"]) $("proposal-" + n).style.transform = `scale(${$("zoom").value})`;
 }
-for (const id of ["zoom", "window", "level"]) $(id).addEventListener("input", applyViewer);
+// Window/level: the server re-renders the proposal's raw frames between the chosen percentiles.
+let windowTimer = null;
+function applyWindow() {
+  clearTimeout(windowTimer);
+  windowTimer = setTimeout(() => {
+    const p = state && pendingProposal();
+    if (!p) return;
+    const w = Number($("window").value), l = Number($("level").value);
+    const lo = Math.max(0, l - w / 2), hi = Math.min(100, l + w / 2);
+    if (!(hi > lo)) return;
+    for (const n of ["A", "B"]) {
+      const img = $("proposal-" + n);
+      img.src = `/api/proposal/${n}?pair_id=${p.pair_id}&lo=${lo.toFixed(1)}&hi=${hi.toFixed(1)}`;
+      img.dataset.pairId = p.pair_id;
+    }
+  }, 150);
+}
+$("zoom").addEventListener("input", applyZoom);
+for (const id of ["window", "level"]) $(id).addEventListener("input", applyWindow);
 
 setInterval(renderLive, 50);
 loadConfig().then(connect);
