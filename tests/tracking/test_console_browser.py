@@ -317,6 +317,13 @@ def test_page_works_under_its_own_content_security_policy(browser, tmp_path):
         headers = page.request.get(console.url).headers
         assert "frame-ancestors 'none'" in headers["content-security-policy"]
         assert not [m for m in messages if "Content Security Policy" in m or "Failed to load" in m], messages
+        # The console itself goes away: the page says so instead of showing the last state as live.
+        console.stop()
+        deadline = time.monotonic() + 3.0
+        while not page.locator("#alert-banner").inner_text().startswith("CONSOLE DISCONNECTED"):
+            assert time.monotonic() < deadline, "no CONSOLE DISCONNECTED banner"
+            time.sleep(0.05)
+        assert page.locator("#beam").inner_text() == "HOLD"
 
 
 # ----------------------------------------------------------------- layout, keyboard and axe-core

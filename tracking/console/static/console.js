@@ -27,7 +27,13 @@ function fmt(v, digits = 2, sign = true) {
   const s = Number(v).toFixed(digits);
   return sign && v >= 0 ? "+" + s : s;
 }
-function nowUnix() { return Date.now() / 1000; }
+// The console host's clock (= the service's host: it reads the service's record), carried forward with this
+// page's monotonic clock from the last state received. Ages and expiries never depend on the browser's own
+// wall clock, and when the pushes stop (console or feed dead) every age keeps growing: the page goes red.
+let lastServerUnix = null, lastRecvPerf = 0;
+function nowUnix() {
+  return lastServerUnix === null ? Date.now() / 1000 : lastServerUnix + (performance.now() - lastRecvPerf) / 1000;
+}
 function utc(t, ms = false) {
   if (!t) return "?";
   return new Date(t * 1000).toISOString().slice(11, ms ? 22 : 19) + " UTC";
@@ -158,6 +164,7 @@ function applyProposalFrame(msg) {
 
 function applyState(s) {
   state = s;
+  if (typeof s.server_unix_s === "number") { lastServerUnix = s.server_unix_s; lastRecvPerf = performance.now(); }
   sg.states += 1;
   if (s.timeline_reset) timeline = [];
   timeline.push(...s.timeline);
@@ -192,14 +199,14 @@ function render() {
 
 function serviceAlive() {
   const hb = state && state.heartbeat;
-  return !!(wsOpen && hb && nowUnix() - hb.t_unix_s < HEARTBEAT_STALE_S);
+  return !!(wsOpen && hb && nowUnix() - hb.received_unix_s < HEARTBEAT_STALE_S);
 }
 
 // Everything that depends on the clock: run every 50 ms, whether or not the feed moves.
 function renderLive() {
   if (!state) return;
   const hb = state.heartbeat, alive = serviceAlive();
-  const hbAge = hb ? nowUnix() - hb.t_unix_s : null;
+  const hbAge = hb ? nowUnix() - hb.received_unix_s : null;
   $("service-state").textContent = !hb ? "?" : alive ? hb.state : `LOST (last ${hb.state})`;
   $("service-state").className = "pill" + (alive && hb.state === "MONITORING" ? " ok" : alive ? "" : " bad");
   $("heartbeat-health").textContent = !hb ? "none" : alive ? "ok" : `silent ${hbAge.toFixed(1)} s`;
@@ -253,13 +260,14 @@ function renderBeam(alive) {
     // ENABLE is a permission that expires (CONVENTIONS): without an unexpired ENABLE the beam is held.
     if (beam === "ENABLE" && nowUnix() > g.valid_until_unix_s) { beam = "HOLD"; reason = "enable expired"; }
   }
-  if (!alive && state.heartbeat) { beam = "HOLD"; reason = "service lost"; }
+  if (!alive && state.heartbeat) { beam = "HOLD"; reason = wsOpen ? "service lost" : "console disconnected"; }
   el.textContent = beam;
   el.className = "beam " + (beam === "NO DATA" ? "unknown" : beam);
   el.dataset.reason = reason;
   $("beam-reason").textContent = reason;
   const info = reason === "enable expired" ? { text: "The last permission expired and no newer one came.", action: "Wait for the next image pair; check the imager if it persists." }
     : reason === "service lost" ? { text: "The guidance service is silent.", action: "Check and restart the guidance service." }
+    : reason === "console disconnected" ? { text: "This page receives nothing from the console.", action: "Reload the page; restart the console if it persists." }
     : g ? stateAwareReason(reason) : { text: "", action: "" };
   $("beam-text").textContent = info.text;
   $("beam-action").textContent = beam === "ENABLE" ? "" : info.action ? "Next: " + info.action : "";
