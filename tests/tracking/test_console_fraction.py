@@ -382,6 +382,12 @@ def test_review_of_an_empty_session_renders_html_and_pdf(tmp_path):
     assert write_report_pdf(rev)[:5] == b"%PDF-"
     json.dumps(rev.to_json(), allow_nan=False)
 
+    async def check(console, client):  # over HTTP too: the issue saw a 500 here
+        return [(await client.get(u)).status for u in ("/review/empty.jsonl", "/api/review/empty.jsonl",
+                                                        "/report/empty.jsonl.pdf")]
+
+    assert _run(check, _config(records_folder=tmp_path)) == [200, 200, 200]
+
 
 def test_report_numbers_from_known_decisions(tmp_path):
     gating = [(1001.0, "HOLD", "not_monitoring", None, 1001.0), (1002.0, "ENABLE", "ok", 0.4, 1002.2),
