@@ -861,7 +861,9 @@ def _check_load_plan(plans, params: dict[str, Any]) -> str | None:
 
 
 def needs_second_signoff(config: ConsoleConfig, correction: dict[str, Any]) -> bool:
-    """Whether a proposal is larger than the configured second-sign-off thresholds."""
+    """Whether a proposal is larger than the configured second-sign-off thresholds (never without thresholds)."""
+    if config.second_signoff_mm is None and config.second_signoff_deg is None:
+        return False
     try:
         t = [float(v) for v in correction["translation_mm"]]
         r = [float(v) for v in correction["rotation_deg"]]
