@@ -550,3 +550,32 @@ def test_render_frame_window_and_marks_that_grow_with_the_display():
         return int(((bgr[:, :, 1] > 150) & (bgr[:, :, 0] < 100) & (bgr[:, :, 2] < 100)).sum())
 
     assert green_pixels(768) > 2 * green_pixels(256)  # thicker and larger cross on a larger display
+
+
+def test_console_cli_takes_users_and_second_signoff(tmp_path):
+    import argparse
+
+    from spineguide.tracking.cli import console as cli_console
+    from spineguide.tracking.service.config import config_from_dict
+
+    add_user(tmp_path / "u.json", "tina", "therapist", PASSWORDS["tina"])
+
+    class Room:
+        config = config_from_dict({"plan": {"method": "pattern"}, "security": {"enabled": False},
+                                   "record": {"path": str(tmp_path / "session.jsonl"), "raw_frames": True}})
+        endpoints = {"publish": "tcp://127.0.0.1:6001", "command": "tcp://127.0.0.1:6002"}
+        console_keys = None
+        PATIENT = {"patient_id": "SIM-0001", "patient_name": "P", "plan_id": "SIM", "method": "pattern",
+                   "source": "sim", "patient_position": "HFS"}
+
+    parser = argparse.ArgumentParser()
+    cli_console.add_commands(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["console", "--port", "0", "--simulate", "--users", str(tmp_path / "u.json"),
+                              "--second-signoff-mm", "4", "--second-signoff-deg", "1.5"])
+    config = cli_console.build_console_config(args, Room())
+    assert config.commands_enabled and config.users.verify("tina", PASSWORDS["tina"]).role == "therapist"
+    assert (config.second_signoff_mm, config.second_signoff_deg) == (4.0, 1.5)
+    assert config.plans[0].patient_id == "SIM-0001" and config.record_path == tmp_path / "session.jsonl"
+    bad = parser.parse_args(["console", "--simulate", "--users", str(tmp_path / "missing.json")])
+    with pytest.raises(ConsoleConfigError, match="cannot read the console users"):
+        cli_console.build_console_config(bad, Room())
