@@ -224,7 +224,9 @@ def test_whole_fraction_from_the_page(browser, tmp_path):
         _wait(page, "document.getElementById('proposal-A').src.includes('/api/proposal/A?pair_id=' + "
                     f"'{pid}&lo=30.0&hi=70.0') && document.getElementById('proposal-A').naturalWidth > 0", 3.0)
         page.locator("#zoom").fill("2")
-        assert "scale(2)" in page.get_attribute("#proposal-B", "style")
+        page.focus("#proposal-A >> xpath=..")
+        page.keyboard.press("ArrowLeft")  # pan by keyboard: both images together
+        assert "scale(2) translate(5%, 0%)" in page.get_attribute("#proposal-B", "style")
         page.screenshot(path=str(shots / "3-approval.png"), full_page=True)
         page.click("#approve-button")  # first sign-off (therapist)
         _wait(page, "document.getElementById('signoff-status').textContent.includes('First sign-off: tina')", 3.0)

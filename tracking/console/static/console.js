@@ -156,7 +156,7 @@ function applyProposalFrame(msg) {
   const img = $("proposal-" + msg.imager);
   if (!img) return;
   if (img.dataset.pairId !== String(msg.pair_id)) {  // a new proposal: the default view again
-    $("zoom").value = 1; $("window").value = 98; $("level").value = 50; applyZoom();
+    $("zoom").value = 1; $("window").value = 98; $("level").value = 50; pan.x = 0; pan.y = 0; applyZoom();
   }
   img.src = `data:${msg.mime};base64,${msg.data}`;
   img.dataset.pairId = msg.pair_id;
@@ -549,8 +549,33 @@ $("end-button").addEventListener("click", () => { $("end-confirm").hidden = fals
 for (const b of document.querySelectorAll("#actions button[data-command]")) {
   b.addEventListener("click", () => { if (b.id === "end-confirm") b.hidden = true; sendCommand(b.dataset.command, {}); });
 }
+// Zoom (slider) and pan (drag, or arrow keys on a focused image); both images move together.
+const pan = { x: 0, y: 0 };
 function applyZoom() {
-  for (const n of ["A", "B"]) $("proposal-" + n).style.transform = `scale(${$("zoom").value})`;
+  const z = Number($("zoom").value);
+  const lim = 50 * (1 - 1 / z);                  // percent of the image: never pan past its edge
+  pan.x = Math.max(-lim, Math.min(lim, pan.x)); pan.y = Math.max(-lim, Math.min(lim, pan.y));
+  for (const n of ["A", "B"]) $("proposal-" + n).style.transform = `scale(${z}) translate(${pan.x}%, ${pan.y}%)`;
+}
+for (const n of ["A", "B"]) {
+  const viewer = $("proposal-" + n).parentElement;
+  let drag = null;
+  viewer.addEventListener("pointerdown", (ev) => { drag = { x: ev.clientX, y: ev.clientY }; viewer.setPointerCapture(ev.pointerId); });
+  viewer.addEventListener("pointermove", (ev) => {
+    if (!drag) return;
+    const z = Number($("zoom").value), r = viewer.getBoundingClientRect();
+    pan.x += (ev.clientX - drag.x) / r.width * 100 / z; pan.y += (ev.clientY - drag.y) / r.height * 100 / z;
+    drag = { x: ev.clientX, y: ev.clientY };
+    applyZoom();
+  });
+  viewer.addEventListener("pointerup", () => { drag = null; });
+  viewer.addEventListener("keydown", (ev) => {
+    const step = { ArrowLeft: [5, 0], ArrowRight: [-5, 0], ArrowUp: [0, 5], ArrowDown: [0, -5] }[ev.key];
+    if (!step) return;
+    ev.preventDefault();
+    pan.x += step[0]; pan.y += step[1];
+    applyZoom();
+  });
 }
 // Window/level: the server re-renders the proposal's raw frames between the chosen percentiles.
 let windowTimer = null;
