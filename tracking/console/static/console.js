@@ -285,8 +285,16 @@ const NOT_MONITORING_NEXT = {
   PLAN_LOADED: "Press start setup.",
   STOPPED: "The fraction has ended: open its report under Recorded sessions (a physicist signs it off).",
 };
+const SETUP_NEXT = {
+  measuring: "Wait for the setup measurement (next image pair).",
+  awaiting_approval: "Check the proposed correction above and approve it.",
+  awaiting_couch: "Wait for the couch to move.",
+  verifying: "Wait for the verification image pair.",
+  verified: "Setup verified: press start monitoring.",
+};
 function stateAwareReason(code) {
-  const info = reasonInfo(code), st = state.heartbeat && state.heartbeat.state;
+  const info = reasonInfo(code), st = state.heartbeat && state.heartbeat.state, phase = state.heartbeat && state.heartbeat.phase;
+  if (code === "not_monitoring" && st === "SETUP" && SETUP_NEXT[phase]) return { ...info, action: SETUP_NEXT[phase] };
   if (code === "not_monitoring" && NOT_MONITORING_NEXT[st]) return { ...info, action: NOT_MONITORING_NEXT[st] };
   return info;
 }
