@@ -220,6 +220,7 @@ def test_whole_fraction_from_the_page(browser, tmp_path):
         assert "right" in words[0] and "superior" in words[1] and "posterior" in words[2], words
         assert "over" in page.locator("#p-row-0").get_attribute("class")  # 2 mm beyond the 1 mm tolerance
         assert "two sign-offs" in page.locator("#signoff-status").inner_text()
+        assert "approve it" in page.locator("#beam-action").inner_text()  # the next action follows the phase
         page.locator("#window").fill("40")  # window/level: the server re-renders the raw frames
         _wait(page, "document.getElementById('proposal-A').src.includes('/api/proposal/A?pair_id=' + "
                     f"'{pid}&lo=30.0&hi=70.0') && document.getElementById('proposal-A').naturalWidth > 0", 3.0)
