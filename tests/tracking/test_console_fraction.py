@@ -327,6 +327,27 @@ def test_proposal_frames_rerendered_with_the_asked_window(tmp_path):
     assert [out[k][0] for k in ("reversed", "nan", "other", "junk")] == [400, 400, 404, 400]
 
 
+def test_proposal_frames_written_late_are_still_shown(tmp_path):
+    # On a loaded machine the record writer may save the proposal's frames after its correction/1 arrives.
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    proposal = {"schema": "correction/1.1", "seq": 1, "t_unix_s": time.time(), "pair_id": 9, "purpose": "proposal",
+                "translation_mm": [1.0, 0.0, 0.0], "rotation_deg": [0.0, 0.0, 0.0], "method": "pattern",
+                "quality": {"ok": True}}
+
+    async def check(console, client):
+        console.on_message("correction", proposal, time.time(), time.monotonic())
+        await asyncio.sleep(0.5)
+        for name in ("A", "B"):
+            np.save(frames / f"00000009_{name}.npy", np.arange(64 * 64, dtype=np.uint16).reshape(64, 64))
+        deadline = time.monotonic() + 3.0
+        while len(console.proposal_frames) < 2 and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        return sorted((f.imager, f.pair_id) for f in console.proposal_frames.values())
+
+    assert _run(check, _config(frames_folder=frames, approval_pixels=128)) == [("A", 9), ("B", 9)]
+
+
 # ----------------------------------------------------------------- journal of every client's commands
 def test_journal_reads_commands_of_any_client_from_the_record(tmp_path):
     record = tmp_path / "session-1.jsonl"

@@ -134,6 +134,9 @@ _TOPICS = ("heartbeat", "gating", "correction")
 _PASSWORD_POOL = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="console-password")
 #: Shortest interval between two ``status`` requests the console makes on its own, s.
 STATUS_RETRY_S = 2.0
+#: A proposal's frames: tries and pause between them (about 5 s in all) before the console gives up.
+PROPOSAL_FRAME_TRIES = 50
+PROPOSAL_FRAME_RETRY_S = 0.1
 #: Frames of one pair expected when the plan does not name the imagers.
 STEREO_IMAGERS = 2
 
@@ -321,15 +324,24 @@ class ConsoleServer:
 
     async def _render_proposal(self, correction: dict[str, Any]) -> None:
         pair_id = correction["pair_id"]
-        try:
-            rendered = await asyncio.get_running_loop().run_in_executor(
-                None, self._render_pair, pair_id, correction, self.config.approval_pixels)
-        except Exception as err:  # noqa: BLE001 - a display failure must not stop the console
-            log.warning("console: frames of proposal pair %d not displayed: %s", pair_id, err)
+        # The approval waits for these frames: unlike a live pair (the next one replaces it), a proposal's
+        # frames are worth waiting for while the record writer catches up on a loaded machine.
+        for _ in range(PROPOSAL_FRAME_TRIES):
+            try:
+                rendered = await asyncio.get_running_loop().run_in_executor(
+                    None, self._render_pair, pair_id, correction, self.config.approval_pixels)
+            except Exception as err:  # noqa: BLE001 - a display failure must not stop the console
+                log.warning("console: frames of proposal pair %d not displayed: %s", pair_id, err)
+                return
+            proposal = self.live.proposal
+            if proposal is None or proposal.get("pair_id") != pair_id:
+                return  # replaced or applied meanwhile
+            if rendered:
+                break
+            await asyncio.sleep(PROPOSAL_FRAME_RETRY_S)
+        else:
+            log.warning("console: frames of proposal pair %d not found in %s", pair_id, self.config.frames_folder)
             return
-        proposal = self.live.proposal
-        if proposal is None or proposal.get("pair_id") != pair_id:
-            return  # replaced or applied meanwhile
         for frame in rendered:
             self.proposal_frames[frame.imager] = frame
             self.proposal_version[frame.imager] = self.proposal_version.get(frame.imager, 0) + 1
