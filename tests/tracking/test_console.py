@@ -320,7 +320,7 @@ def test_read_only_console_refuses_login_and_commands():
     ({"command": "pause"}, {"Authorization": "Bearer not-a-session"}, 401, "log in first"),
     ({"command": "set_tolerance"}, None, 400, "cannot be sent from the console"),
     ({"command": "couch_moved"}, None, 400, "cannot be sent from the console"),
-    ({"command": "load_plan"}, None, 400, "offers no plan"),
+    ({"command": "load_plan"}, None, 400, "no plan is offered"),
     ({"command": "pause", "params": {"x": 1}}, None, 400, "takes params"),
     ({"command": "approve_correction", "params": {"pair_id": -3}}, None, 400, "pair_id"),
     ({"command": "approve_correction", "params": {"operator": "Mallory"}}, None, 400, "takes params"),

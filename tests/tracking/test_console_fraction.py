@@ -71,6 +71,7 @@ def _config(users=None, **kw) -> ConsoleConfig:
 def _run(coro_fn, config: ConsoleConfig):
     async def main():
         console = ConsoleServer(config)
+        console.plans = config.plans  # as if the (absent) service had listed these plans (list_plans)
         await console.connect()
         client = test_utils.TestClient(test_utils.TestServer(console.app))
         await client.start_server()
@@ -596,7 +597,8 @@ def test_console_cli_takes_users_and_second_signoff(tmp_path):
     config = cli_console.build_console_config(args, Room())
     assert config.commands_enabled and config.users.verify("tina", PASSWORDS["tina"]).role == "therapist"
     assert (config.second_signoff_mm, config.second_signoff_deg) == (4.0, 1.5)
-    assert config.plans[0].patient_id == "SIM-0001" and config.record_path == tmp_path / "session.jsonl"
+    # The room's patients come from its service's catalogue (list_plans), not from the CLI.
+    assert config.plans == () and config.record_path == tmp_path / "session.jsonl"
     bad = parser.parse_args(["console", "--simulate", "--users", str(tmp_path / "missing.json")])
     with pytest.raises(ConsoleConfigError, match="cannot read the console users"):
         cli_console.build_console_config(bad, Room())

@@ -57,11 +57,7 @@ def build_console_config(args: argparse.Namespace, room=None):
         overrides.setdefault("command_address", room.endpoints["command"])
         if room.console_keys is not None:  # the simulated room runs CURVE: connect with its console key
             overrides.setdefault("client_keys", room.console_keys)
-        patient = getattr(room, "PATIENT", None)
-        if patient is not None:
-            from ..console.fraction import PlanEntry
-
-            overrides.setdefault("plans", (PlanEntry(**patient),))
+        # The room's plan catalogue (two simulated patients) comes from the service (list_plans).
     elif args.service_config is not None:
         service = load_config(args.service_config)
     else:
@@ -111,7 +107,6 @@ def run_console_demo(port: int = 8080, out_dir: Path | None = None, duration_s: 
     import tempfile
 
     from ..console.config import console_config_from_service
-    from ..console.fraction import PlanEntry
     from ..console.users import UserStore, add_user
     from ..sim.rig import SimulatedRoom
 
@@ -126,7 +121,7 @@ def run_console_demo(port: int = 8080, out_dir: Path | None = None, duration_s: 
             config = console_config_from_service(
                 room.config, publish_address=room.endpoints["publish"], command_address=room.endpoints["command"],
                 client_keys=room.console_keys, port=port, users=UserStore.read(work / "console-users.json"),
-                plans=(PlanEntry(**room.PATIENT),), second_signoff_mm=DEMO_SECOND_SIGNOFF_MM,
+                second_signoff_mm=DEMO_SECOND_SIGNOFF_MM,
                 record_path=room.folder / "session.jsonl")
             accounts = "".join(f"\n  user {n!r} password {p!r}" for n, p in passwords.items())
             asyncio.run(_serve(config, duration_s, banner=f"\nsimulated room (IDLE); demo accounts:{accounts}"

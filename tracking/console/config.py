@@ -126,6 +126,10 @@ class ConsoleConfig:
         Per-user accounts (``--users``); with it, logins are name + password and carry a role.
     approval_pixels : int
         Longest side of the proposal's frames on the approval screen, pixels.
+    plan_overlays : dict or None
+        For a service with a plan catalogue (``[plans]``): per ``plan_id``, ``(planned, anatomy)``, the overlays
+        of that plan, used once the service says it is the loaded one (``planned``/``anatomy`` stay None:
+        no plan's overlay is drawn on another's frames).
     """
 
     publish_address: str
@@ -154,6 +158,7 @@ class ConsoleConfig:
     second_signoff_deg: float | None = None
     users: object | None = None  # users.UserStore
     approval_pixels: int = 768
+    plan_overlays: dict | None = None  # plan_id -> (PlannedSeeds or None, AnatomyOverlay or None)
 
     @property
     def commands_enabled(self) -> bool:
@@ -194,6 +199,13 @@ class ConsoleConfig:
                 object.__setattr__(self, name, r.check("console", name, value))
             except ConfigError as err:
                 raise ConsoleConfigError(str(err)) from None
+        if self.plan_overlays is not None:
+            if not isinstance(self.plan_overlays, dict) or not all(
+                    isinstance(k, str) and isinstance(v, tuple) and len(v) == 2 for k, v in self.plan_overlays.items()):
+                raise ConsoleConfigError("console: plan_overlays must map plan ids to (planned, anatomy)")
+            if self.planned is not None or self.anatomy is not None:
+                raise ConsoleConfigError("console: give per-plan overlays or the one plan's, not both")
+            object.__setattr__(self, "plan_overlays", dict(self.plan_overlays))
         if self.approval not in (None, "manual", "automatic"):
             raise ConsoleConfigError(f"console: approval must be 'manual' or 'automatic', got {self.approval!r}")
 
@@ -275,6 +287,15 @@ def console_config_from_service(service_config, **overrides) -> ConsoleConfig:
     for name in ("publish", "command"):
         if f"{name}_address" not in overrides:
             values[f"{name}_address"] = connect_address(getattr(service_config.endpoints, name))
+    if service_config.plans:
+        # A catalogue: each plan's overlays, chosen by the plan the service says is loaded.
+        if "plan_overlays" not in overrides and not {"planned", "anatomy"} & set(overrides):
+            overlays = {}
+            for entry in service_config.plans:
+                loaded = _load_plan(entry.plan)
+                overlays[entry.plan_id] = (_planned_seeds(entry.plan, loaded), _anatomy_overlay(entry.plan, loaded))
+            values["plan_overlays"] = overlays
+        return ConsoleConfig(**values)
     loaded = None
     if not {"planned", "anatomy", "plans"} <= set(overrides):
         loaded = _load_plan(service_config.plan)

@@ -23,7 +23,7 @@ from typing import Any
 
 from ..errors import ConsoleConfigError
 
-__all__ = ["PATIENT_DIRECTIONS", "PlanEntry", "direction_words", "plan_entry_from_plan"]
+__all__ = ["PATIENT_DIRECTIONS", "PlanEntry", "direction_words", "plan_entry_from_plan", "plans_from_service"]
 
 #: For each patient position: the patient direction of room +X, +Y, +Z (and of -X, -Y, -Z).
 #: From docs/CONVENTIONS.md: HFS X = d_x (LPS +x = patient left), Y = d_z (+z superior), Z = -d_y (-y anterior).
@@ -51,9 +51,12 @@ class PlanEntry:
 
     def __post_init__(self) -> None:
         for name in ("patient_id", "plan_id"):
-            if not _ID_RE.fullmatch(getattr(self, name)):
+            if not isinstance(getattr(self, name), str) or not _ID_RE.fullmatch(getattr(self, name)):
                 raise ConsoleConfigError(f"plan entry: {name} must be 1-64 printable ASCII characters, "
                                          f"got {getattr(self, name)!r}")
+        for name in ("patient_name", "method", "source"):
+            if not isinstance(getattr(self, name), str) or len(getattr(self, name)) > 256:
+                raise ConsoleConfigError(f"plan entry: {name} must be a string of at most 256 characters")
         if self.patient_position is not None and self.patient_position not in PATIENT_DIRECTIONS:
             raise ConsoleConfigError(f"plan entry: patient position {self.patient_position!r} is not one of "
                                      f"{sorted(PATIENT_DIRECTIONS)}")
@@ -80,6 +83,55 @@ def direction_words(translation_mm, position: str | None) -> list[str]:
     return out
 
 
+#: Most plans a console takes from one ``list_plans`` reply (the service's own limit, config.MAX_PLANS).
+MAX_LISTED_PLANS = 64
+_LISTED_KEYS = ("plan_id", "patient_id", "patient_name", "patient_position", "method", "source")
+
+
+def plans_from_service(listed: Any, own: tuple = ()) -> tuple[tuple[PlanEntry, ...], list[str]]:
+    """The plans the page offers: the service's catalogue (a ``list_plans`` reply's ``plans``), checked entry by entry.
+
+    An entry without a patient identity (a service's single ``[plan]``: what its files carry) takes it from the
+    console's own entry of the same ``plan_id`` (``own``: read from the same plan files); without one it is not
+    offered. Returns ``(entries, problems)``: every entry refused, with why (shown on the page and logged);
+    nothing is filled in by default.
+    """
+    if not isinstance(listed, list):
+        return (), [f"list_plans reply: 'plans' must be a list, got {type(listed).__name__}"]
+    out: list[PlanEntry] = []
+    problems: list[str] = []
+    mine = {p.plan_id: p for p in own}
+    for i, item in enumerate(listed[:MAX_LISTED_PLANS]):
+        if not isinstance(item, dict) or set(item) - set(_LISTED_KEYS) or "plan_id" not in item:
+            problems.append(f"plan #{i}: not a catalogue entry ({item!r:.120})")
+            continue
+        plan_id = item["plan_id"]
+        pid, name, position = item.get("patient_id"), item.get("patient_name"), item.get("patient_position")
+        method, source = item.get("method"), item.get("source")
+        if not isinstance(method, str) or not isinstance(source, (str, type(None))) or \
+                not isinstance(name, (str, type(None))):
+            problems.append(f"plan {plan_id!r:.80}: method/source/patient_name of the wrong type")
+            continue
+        if pid is None:
+            entry = mine.get(plan_id) if isinstance(plan_id, str) else None
+            if entry is None:
+                problems.append(f"plan {plan_id!r:.80}: the service gives no patient and this console "
+                                "cannot read one from the plan files")
+                continue
+            pid, name = entry.patient_id, entry.patient_name
+            position = position if position is not None else entry.patient_position
+        try:
+            out.append(PlanEntry(pid, name if name is not None else "", plan_id, method,
+                                 source if source is not None else "(no plan files: simulation)", position))
+        except (ConsoleConfigError, TypeError) as err:
+            problems.append(f"plan {plan_id!r:.80}: {err}")
+    if len(listed) > MAX_LISTED_PLANS:
+        problems.append(f"the service lists {len(listed)} plans; only the first {MAX_LISTED_PLANS} are offered")
+    if len({(p.patient_id, p.plan_id) for p in out}) != len(out):
+        return (), problems + ["two listed plans share patient ID and plan ID: none offered"]
+    return tuple(out), problems
+
+
 def plan_entry_from_plan(plan_config, plan) -> PlanEntry:
     """The entry of a service ``[plan]`` (``plan_config``) and the plan it loads (``registration.plan.Plan``)."""
     source = plan_config.dicom if plan_config.dicom is not None else plan_config.ct
@@ -91,4 +143,6 @@ def plan_entry_from_plan(plan_config, plan) -> PlanEntry:
         # Plan files carry no patient identity: the page says so and the therapist identifies the patient
         # by the clinic's own procedure; the entry is named after the CT file so it is never blank.
         pid, pname = f"(none in {source.name})"[:64], "not given by the plan files"
-    return PlanEntry(pid, pname, source.name[:64], plan_config.method, str(source), position)
+    from ..service.config import legacy_plan_id
+
+    return PlanEntry(pid, pname, legacy_plan_id(plan_config), plan_config.method, str(source), position)

@@ -62,7 +62,7 @@ from ..service.security import make_client_socket_secure
 from ..service.wire import decode_json_message, decode_reply, encode_command
 from .config import ConsoleConfig
 from .display import DisplayFrame, drr_edges, render_frame, seed_overlays
-from .fraction import MAX_FRACTION
+from .fraction import MAX_FRACTION, plans_from_service
 from .live import LiveState
 from .reasons import reasons_json
 from .users import ROLE_COMMANDS, LoginGuard
@@ -164,6 +164,7 @@ class _Client:
     frames_sent: dict[str, int] = field(default_factory=dict)
     proposal_sent: dict[str, int] = field(default_factory=dict)
     journal_sent: int = -1
+    plans_sent: int = -1
 
 
 class ConsoleServer:
@@ -202,6 +203,14 @@ class ConsoleServer:
         self._frame_wake: asyncio.Event | None = None
         self._corrections: dict[int, dict] = {}
         self._status_mono: float | None = None
+        #: The plans the page offers: the service's catalogue (``list_plans``), checked (fraction.plans_from_service).
+        self.plans: tuple = ()
+        self.plans_problems: list[str] = []
+        self.plans_version = 0
+        self._plans_session: str | None = None  # the service session whose catalogue ``plans`` is
+        self._plans_asked: str | None = None
+        #: The catalogue plan the service says is loaded (reply ``plan``); picks a catalogue plan's overlays.
+        self.loaded_plan_id: str | None = None
         self.url: str | None = None
         self.app = build_app(self)
 
@@ -298,11 +307,52 @@ class ConsoleServer:
             # Tolerances and the pending correction: once at start, again if a proposal was missed.
             self._status_mono = received_mono_s
             self._tasks.append(asyncio.create_task(self._initial_status()))
+        if topic == "heartbeat" and self._cmd_lock is not None and self.config.commands_enabled:
+            session = body.get("session")
+            if isinstance(session, str) and session != self._plans_session and session != self._plans_asked:
+                # A new service session (or the first one heard): its catalogue, once.
+                self._plans_asked = session
+                self._tasks.append(asyncio.create_task(self._list_plans(session)))
         self._wake_all()
+
+    async def _list_plans(self, session: str) -> None:
+        """Ask the service for its plan catalogue; offer what checks out (nothing until it answers)."""
+        try:
+            reply = await self.command("list_plans", {})
+        except TrackingError as err:
+            log.warning("console: list_plans failed: %s", err)
+            self._plans_asked = None  # asked again at the next heartbeat
+            return
+        if not reply.get("ok"):
+            plans, problems = (), [f"the service refused list_plans: {str(reply.get('reason'))[:200]}"]
+        else:
+            plans, problems = plans_from_service(reply.get("plans"), self.config.plans)
+        for problem in problems:
+            log.warning("console: %s", problem)
+        self.plans, self.plans_problems = plans, problems
+        self._plans_session = reply.get("session") if isinstance(reply.get("session"), str) else session
+        self.plans_version += 1
+        self.on_reply(reply)
+        self._wake_all()
+
+    def on_reply(self, reply: dict[str, Any]) -> None:
+        """Fold a service reply in: the live state, and which catalogue plan is loaded."""
+        self.live.on_reply(reply)
+        plan = reply.get("plan")
+        if isinstance(plan, dict) and isinstance(plan.get("plan_id"), str):
+            self.loaded_plan_id = plan["plan_id"]
+        elif "plan" in reply:
+            self.loaded_plan_id = None
+
+    def overlays(self) -> tuple:
+        """``(planned, anatomy)`` for the frames now: the loaded catalogue plan's, or the console's one plan's."""
+        if self.config.plan_overlays is not None:
+            return self.config.plan_overlays.get(self.loaded_plan_id, (None, None))
+        return self.config.planned, self.config.anatomy
 
     async def _initial_status(self) -> None:
         try:
-            self.live.on_reply(await self.command("status", {}))
+            self.on_reply(await self.command("status", {}))
             self._adopted_proposal()
             self._wake_all()
         except TrackingError as err:
@@ -431,7 +481,7 @@ class ConsoleServer:
                      window: tuple[float, float] | None = None) -> list[DisplayFrame]:
         """Read the pair's raw frames from the record folder and render them (thread pool)."""
         folder = self.config.frames_folder
-        planned = self.config.planned
+        planned, anatomy = self.overlays()
         names = planned.geometry.names if planned is not None else None
         out = []
         for attempt in range(FRAME_TRIES):
@@ -447,7 +497,6 @@ class ConsoleServer:
             time.sleep(FRAME_RETRY_S)  # the service's record writer may still be writing this pair
         else:
             return out
-        anatomy = self.config.anatomy
         pose = _pose_of(correction) if anatomy is not None else None
         for name, frame_pixels in sorted(arrays.items()):
             overlays = ()
@@ -633,11 +682,11 @@ def build_app(console: ConsoleServer) -> web.Application:
             "correction_limit_mm": c.correction_limit_mm, "correction_limit_deg": c.correction_limit_deg,
             "approval": c.approval, "commands_enabled": c.commands_enabled,
             "accounts": "users" if c.users is not None else ("token" if c.login_token is not None else None),
-            "plans": [p.to_json() for p in c.plans], "approval_max_age_s": c.approval_max_age_s,
+            "plans": [p.to_json() for p in console.plans], "approval_max_age_s": c.approval_max_age_s,
             "second_signoff_mm": c.second_signoff_mm, "second_signoff_deg": c.second_signoff_deg,
             "reasons": reasons_json(), "max_fraction": MAX_FRACTION,
             "page_commands": sorted(PAGE_COMMANDS), "frames": c.frames_folder is not None,
-            "overlays": c.planned is not None, "reviews": c.records_folder is not None,
+            "overlays": c.planned is not None or c.anatomy is not None or bool(c.plan_overlays), "reviews": c.records_folder is not None,
             "qa": c.qa_history is not None or c.calibration_report is not None})
 
     async def ws_feed(request: web.Request) -> web.WebSocketResponse:
@@ -707,7 +756,7 @@ def build_app(console: ConsoleServer) -> web.Application:
             return refuse(400, f"pair_id must be an integer >= 0, got {pid!r:.80}")
         extra: dict[str, Any] = {}
         if name == "load_plan":
-            error = _check_load_plan(console.config.plans, params)
+            error = _check_load_plan(console.plans, params)
             if error is not None:
                 return refuse(400, error)
         if name == "approve_correction":
@@ -726,7 +775,7 @@ def build_app(console: ConsoleServer) -> web.Application:
             return refuse(502, str(err))
         if name == "approve_correction":
             console.first_approval = None
-        console.live.on_reply(reply)
+        console.on_reply(reply)
         console._adopted_proposal()
         console._wake_all()
         log.info("console: %s sent %s: %s", who.operator, name, "ok" if reply.get("ok") else reply.get("reason"))
@@ -861,7 +910,7 @@ async def _no_content(request: web.Request) -> web.Response:
 def _check_load_plan(plans, params: dict[str, Any]) -> str | None:
     """Why a ``load_plan`` from the page is refused (None: it names one of the console's plans and a fraction)."""
     if not plans:
-        return "this console offers no plan (the service's plan is not known to it)"
+        return "no plan is offered (the service has not listed its plans to this console yet, or none checked out)"
     pid, plan_id, fraction = params.get("patient_id"), params.get("plan_id"), params.get("fraction")
     if not isinstance(pid, str) or not isinstance(plan_id, str):
         return "load_plan needs patient_id and plan_id (strings) of one of the console's plans"
@@ -951,6 +1000,10 @@ async def _send_loop(console: ConsoleServer, client: _Client) -> None:
             if client.journal_sent != console.journal_version:  # only when it changed (20 pushes a second)
                 state["journal"] = list(console.journal)[-50:]
                 client.journal_sent = console.journal_version
+            if client.plans_sent != console.plans_version:
+                state["plans"] = [p.to_json() for p in console.plans]
+                state["plans_problems"] = console.plans_problems
+                client.plans_sent = console.plans_version
             state["proposal_age_s"] = proposal_age_s(console.live.proposal, now)
             state["second_signoff_needed"] = (console.live.proposal is not None
                                               and needs_second_signoff(console.config, console.live.proposal))

@@ -108,7 +108,10 @@ class SimulatedRoom:
             "safety": {"frame_period_s": self.frame_period_s},
             "endpoints": {"frames": "tcp://127.0.0.1:0", "publish": "tcp://127.0.0.1:0",
                           "command": "tcp://127.0.0.1:0"},
-            "plan": {"method": "pattern", "pattern_noise_mm": 0.05},
+            # A catalogue of two simulated patients (test-pattern frames): a console chooses between them.
+            "plans": {p["plan_id"]: {"patient_id": p["patient_id"], "patient_name": p["patient_name"],
+                                     "patient_position": p["patient_position"], "method": "pattern",
+                                     "pattern_noise_mm": 0.05} for p in self.PATIENTS},
             "setup": {"approval": approval},
             "record": {"path": str(self.folder / "session.jsonl"), "raw_frames": True},
             "security": security,
@@ -126,7 +129,10 @@ class SimulatedRoom:
     # ------------------------------------------------------------------ control
     #: The simulated patient and plan (the pattern method has no plan files): shown by a console as its plan.
     PATIENT = {"patient_id": "SIM-0001", "patient_name": "PHANTOM^SIMULATED", "plan_id": "SIM-T12",
-               "method": "pattern", "source": "simulated room (test-pattern frames)", "patient_position": "HFS"}
+               "method": "pattern", "source": "(no plan files: simulation)", "patient_position": "HFS"}
+    #: The room's plan catalogue (``[plans]``): two simulated patients; :attr:`PATIENT` is the first.
+    PATIENTS = (PATIENT, {"patient_id": "SIM-0002", "patient_name": "PHANTOM^SECOND", "plan_id": "SIM-L2",
+                          "method": "pattern", "source": "(no plan files: simulation)", "patient_position": "FFS"})
 
     def inject_shift(self, translation_mm) -> None:
         """From the next pair on, the patient is shifted by ``translation_mm`` (room frame, on top of the rest)."""
@@ -164,7 +170,7 @@ class SimulatedRoom:
             self._threads.append(t)
             t.start()
         if self.autostart:
-            self.command("load_plan")
+            self.command("load_plan", {"plan_id": self.PATIENT["plan_id"]})
             self.command("start_setup")
         return self
 

@@ -54,23 +54,32 @@ async function loadConfig() {
     $("login-form").hidden = true;
   }
   $("login-secret-label").textContent = config.accounts === "token" ? "console token" : "password";
-  const sel = $("plan-select");
-  sel.innerHTML = "";
-  if (!config.plans.length) {
-    const o = document.createElement("option");
-    o.textContent = "no plan offered by this console"; o.value = "";
-    sel.appendChild(o);
-  }
-  config.plans.forEach((p, i) => {
-    const o = document.createElement("option");
-    o.value = String(i);
-    o.textContent = `${p.patient_id} · ${p.patient_name} · plan ${p.plan_id}`;
-    sel.appendChild(o);
-  });
-  showPlanDetails();
+  setPlans(config.plans, []);
   const who = await (await fetch("/api/session")).json();
   setLogin(who.operator ? who : null);
   loadSessions();
+}
+
+function setPlans(plans, problems) {
+  // The service's plan catalogue as this console checked it (pushed again when the service changes).
+  const before = selectedPlan();
+  config.plans = plans;
+  const sel = $("plan-select");
+  sel.innerHTML = "";
+  if (!plans.length) {
+    const o = document.createElement("option");
+    o.textContent = "no plan offered (waiting for the service's plan list)"; o.value = "";
+    sel.appendChild(o);
+  }
+  plans.forEach((p, i) => {
+    const o = document.createElement("option");
+    o.value = String(i);
+    o.textContent = `${p.patient_id} · ${p.patient_name} · plan ${p.plan_id}`;
+    if (before && before.plan_id === p.plan_id && before.patient_id === p.patient_id) o.selected = true;
+    sel.appendChild(o);
+  });
+  $("plan-problems").textContent = problems.length ? "Not offered: " + problems.join("; ") : "";
+  showPlanDetails();
 }
 
 function selectedPlan() { return config.plans[Number($("plan-select").value)] || null; }
@@ -192,6 +201,7 @@ function render() {
   renderProposal();
   renderHolds();
   if (s.journal) renderJournal(s.journal);
+  if (s.plans) setPlans(s.plans, s.plans_problems || []);
   renderLive();
   drawTimeline();
   renderActions();
