@@ -174,8 +174,6 @@ def _login(page, name):
 
 def test_whole_fraction_from_the_page(browser, tmp_path):
     """Choose patient -> load -> setup -> approval (two sign-offs) -> monitoring -> HOLD -> end -> signed PDF."""
-    from spineguide.tracking.console.fraction import PlanEntry
-
     shots = Path(os.environ.get("SPINEGUIDE_SCREENSHOTS") or tmp_path / "screenshots")
     shots.mkdir(parents=True, exist_ok=True)
     room = SimulatedRoom(tmp_path / "room", setup_error=Pose.from_six((2.0, -1.5, 1.0), (0, 0, 0)), autostart=False)
@@ -184,7 +182,7 @@ def test_whole_fraction_from_the_page(browser, tmp_path):
             client_keys=room.console_keys, frames_folder=room.folder / "session.jsonl.frames",
             records_folder=room.folder, record_path=room.folder / "session.jsonl", approval="manual",
             correction_limit_mm=25.0, correction_limit_deg=5.0, tolerance_3d_mm=1.0, approval_max_age_s=30.0,
-            second_signoff_mm=SECOND_SIGNOFF_MM, plans=(PlanEntry(**room.PATIENT),))) as console:
+            second_signoff_mm=SECOND_SIGNOFF_MM)) as console:  # the plans: the service's catalogue
         ctx = browser.new_context(bypass_csp=True, viewport={"width": 1600, "height": 1000})
         page = ctx.new_page()
         page.goto(console.url)
@@ -194,8 +192,12 @@ def test_whole_fraction_from_the_page(browser, tmp_path):
         page.reload()  # the login survives a reload (HttpOnly session cookie)
         _wait(page, "document.getElementById('login-status').textContent.includes('tina (therapist)')", 3.0)
 
-        # 1. Patient, plan and fraction; load.
-        assert "SIM-0001" in page.locator("#plan-select").inner_text()
+        # 1. Patient, plan and fraction (the second of the service's two patients); load.
+        _wait(page, "document.getElementById('plan-select').options.length === 2", 3.0)
+        options = page.locator("#plan-select").inner_text()
+        assert "SIM-0001" in options and "SIM-0002 · PHANTOM^SECOND · plan SIM-L2" in options
+        page.select_option("#plan-select", label="SIM-0002 · PHANTOM^SECOND · plan SIM-L2")
+        assert "patient position FFS" in page.locator("#plan-details").inner_text()
         page.fill("#fraction-number", "0")
         page.click("#load-plan-button")
         _wait(page, "document.getElementById('command-result').textContent.includes('from 1 to 99')", 2.0)
@@ -205,7 +207,8 @@ def test_whole_fraction_from_the_page(browser, tmp_path):
         _wait(page, "document.getElementById('journal').textContent.includes('tina via console: load_plan "
                     "(fraction 3)')", 3.0)
         _wait(page, "document.getElementById('fraction-loaded').textContent.startsWith("
-                    "'SIM-0001 · plan SIM-T12 · fraction 3 (loaded by tina')", 2.0)
+                    "'SIM-0002 · plan SIM-L2 · fraction 3 (loaded by tina')", 2.0)
+        assert room.service.engine.plan.plan_id == "SIM-L2"
         page.screenshot(path=str(shots / "2-plan-loaded.png"))
 
         # 2-3. Setup and approval: the proposal's own pair, its age and expiry, direction words per axis.
@@ -215,9 +218,10 @@ def test_whole_fraction_from_the_page(browser, tmp_path):
         pid = page.locator("#proposal-pair").inner_text()
         assert page.locator("#proposal-A").get_attribute("data-pair-id") == pid
         assert "expires in" in page.locator("#proposal-age").inner_text()
-        # Setup error (2, -1.5, 1) mm in the room -> correction about (-2, +1.5, -1): HFS right, sup, post.
+        # Setup error (2, -1.5, 1) mm in the room -> correction about (-2, +1.5, -1): for the chosen plan's
+        # feet-first supine patient left, inferior, posterior (head-first it would be right, superior, posterior).
         words = [page.locator(f"#p-d-{i}").inner_text() for i in range(3)]
-        assert "right" in words[0] and "superior" in words[1] and "posterior" in words[2], words
+        assert "left" in words[0] and "inferior" in words[1] and "posterior" in words[2], words
         assert "over" in page.locator("#p-row-0").get_attribute("class")  # 2 mm beyond the 1 mm tolerance
         assert "two sign-offs" in page.locator("#signoff-status").inner_text()
         assert "approve it" in page.locator("#beam-action").inner_text()  # the next action follows the phase
@@ -299,7 +303,7 @@ def test_whole_fraction_from_the_page(browser, tmp_path):
     recs = read_record(sorted((tmp_path / "room").glob("session-*.jsonl"))[0])
     cmds = {r["command"]: r for r in recs if r["event"] == "command" and r["reply"]["ok"]}
     assert cmds["load_plan"]["params"]["fraction"] == 3 and cmds["load_plan"]["params"]["console_user"] == "tina"
-    assert cmds["load_plan"]["params"]["patient_id"] == "SIM-0001"
+    assert (cmds["load_plan"]["params"]["patient_id"], cmds["load_plan"]["params"]["plan_id"]) == ("SIM-0002", "SIM-L2")
     approve = cmds["approve_correction"]["params"]
     assert approve["console_user"] == "phil" and approve["first_signoff"] == "tina"
     assert cmds["stop"]["params"]["console_user"] == "tina" and cmds["stop"]["t_unix_s"] > 0
