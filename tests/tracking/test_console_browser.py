@@ -79,17 +79,19 @@ def test_live_console_frames_approval_and_hold(browser, tmp_path):
             ConsoleThread(_console_config(room)) as console:
         page = browser.new_page(bypass_csp=True, viewport={"width": 1500, "height": 900})
         page.goto(console.url)
+        # Setup: the proposal waits for approval; nothing moves until an operator approves.
+        _wait(page, "document.getElementById('service-phase').textContent === 'awaiting_approval'", 5.0)
+        assert page.locator("#approve-button").is_disabled()  # not logged in: no command possible
+        # Not logged in: the state, but no frame (live or the proposal's) reaches the page.
+        assert page.evaluate("document.getElementById('frame-A').naturalWidth") == 0
+        assert page.evaluate("document.getElementById('proposal-A').naturalWidth") == 0
+        page.fill("#login-operator", "Jane Doe")
+        page.fill("#login-token", TOKEN)
+        page.click("#login-button")
         t_frames = _wait(page, "document.getElementById('frame-A').naturalWidth > 0 && "
                                "document.getElementById('frame-B').naturalWidth > 0", FRAMES_WITHIN_S)
         page.screenshot(path=str(shots / "1-frames.png"))
         assert t_frames <= FRAMES_WITHIN_S
-
-        # Setup: the proposal waits for approval; nothing moves until an operator approves.
-        _wait(page, "document.getElementById('service-phase').textContent === 'awaiting_approval'", 5.0)
-        assert page.locator("#approve-button").is_disabled()  # not logged in: no command possible
-        page.fill("#login-operator", "Jane Doe")
-        page.fill("#login-token", TOKEN)
-        page.click("#login-button")
         _wait(page, "!document.getElementById('approve-button').disabled", 2.0)
         page.screenshot(path=str(shots / "2-proposal.png"))
         page.click("#approve-button")
@@ -316,6 +318,9 @@ def test_page_works_under_its_own_content_security_policy(browser, tmp_path):
         messages = []
         page.on("console", lambda m: messages.append(m.text))
         page.goto(console.url)
+        page.fill("#login-operator", "Jane Doe")  # frames reach a logged-in page only
+        page.fill("#login-token", TOKEN)
+        page.click("#login-button")
         deadline = time.monotonic() + 5.0
         while not (page.locator("#service-state").inner_text() == "SETUP"
                    and page.evaluate("document.getElementById('frame-A').naturalWidth") > 0):

@@ -602,3 +602,57 @@ def test_console_cli_takes_users_and_second_signoff(tmp_path):
     bad = parser.parse_args(["console", "--simulate", "--users", str(tmp_path / "missing.json")])
     with pytest.raises(ConsoleConfigError, match="cannot read the console users"):
         cli_console.build_console_config(bad, Room())
+
+
+# ----------------------------------------------------------------- frames need a login
+def test_frames_and_patient_data_only_reach_a_logged_in_page(users, tmp_path):
+    from spineguide.tracking.console.display import DisplayFrame
+
+    async def frames_within(ws, seconds):
+        got, kinds = [], set()
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            try:
+                msg = await ws.receive(timeout=max(0.01, deadline - time.monotonic()))
+            except asyncio.TimeoutError:
+                break
+            if msg.type != 1:  # WSMsgType.TEXT
+                break
+            body = json.loads(msg.data)
+            kinds.add(body.get("type"))
+            if body.get("type") in ("frame", "proposal_frame"):
+                got.append(body)
+            if body.get("type") == "state" and "plans" in body:
+                kinds.add("plans")
+        return got, kinds
+
+    async def check(console, client):
+        console.frames = {"A": DisplayFrame("A", 7, b"\xff\xd8jpeg", "image/jpeg", 2, 2, 1.0)}
+        console.frame_version = {"A": 1}
+        console.proposal_frames = {"A": DisplayFrame("A", 7, b"\xff\xd8jpeg", "image/jpeg", 2, 2, 1.0)}
+        console.proposal_version = {"A": 1}
+        console.plans_version = 1
+        anon = await client.ws_connect("/ws")
+        frames, kinds = await frames_within(anon, 0.7)
+        assert frames == [] and "state" in kinds and "plans" not in kinds  # the state only: no frames, no patient
+        r = await client.get("/api/proposal/A?pair_id=7&lo=1&hi=99")
+        assert r.status == 401 and "log in" in (await r.json())["error"]
+        assert (await (await client.get("/api/config")).json())["plans"] == []
+        await anon.close()
+
+        headers = await _login(client, "tina")
+        authed = await client.ws_connect("/ws", headers=headers)
+        frames, kinds = await frames_within(authed, 0.7)
+        assert {f["type"] for f in frames} == {"frame", "proposal_frame"} and "plans" in kinds
+        r = await client.get("/api/proposal/A?pair_id=7&lo=1&hi=99", headers=headers)
+        assert r.status == 404  # past the login check: pair 7 is not a proposal on this console
+        assert (await (await client.get("/api/config", headers=headers)).json())["plans"][0]["plan_id"] == "T12-SBRT"
+        # Logging out ends the frames on the connection that logged in.
+        await client.post("/api/logout", headers=headers)
+        console.frame_version = {"A": 2}
+        console._wake_all()
+        frames, kinds = await frames_within(authed, 0.7)
+        assert frames == [] and "state" in kinds
+        await authed.close()
+
+    _run(check, _config(users=users, frames_folder=tmp_path))

@@ -165,6 +165,8 @@ class _Client:
     proposal_sent: dict[str, int] = field(default_factory=dict)
     journal_sent: int = -1
     plans_sent: int = -1
+    #: The login session the page connected with (None: anonymous: no frames, no patient data).
+    token: str | None = None
 
 
 class ConsoleServer:
@@ -622,6 +624,11 @@ class ConsoleServer:
             return None
         return entry
 
+    def token_valid(self, token: str | None, now_mono_s: float) -> bool:
+        """Whether a page connection's login session still holds (a logout or the expiry ends it at once)."""
+        entry = self.sessions.get(token) if token is not None else None
+        return entry is not None and entry.expiry_mono_s >= now_mono_s
+
     def operator_of(self, request: web.Request, now_mono_s: float) -> str | None:
         """The logged-in operator's name of a request, or None."""
         entry = self.session_of(request, now_mono_s)
@@ -682,7 +689,9 @@ def build_app(console: ConsoleServer) -> web.Application:
             "correction_limit_mm": c.correction_limit_mm, "correction_limit_deg": c.correction_limit_deg,
             "approval": c.approval, "commands_enabled": c.commands_enabled,
             "accounts": "users" if c.users is not None else ("token" if c.login_token is not None else None),
-            "plans": [p.to_json() for p in console.plans], "approval_max_age_s": c.approval_max_age_s,
+            "plans": [p.to_json() for p in console.plans]
+            if console.session_of(request, time.monotonic()) is not None else [],  # patient names: logged in only
+            "approval_max_age_s": c.approval_max_age_s,
             "second_signoff_mm": c.second_signoff_mm, "second_signoff_deg": c.second_signoff_deg,
             "reasons": reasons_json(), "max_fraction": MAX_FRACTION,
             "page_commands": sorted(PAGE_COMMANDS), "frames": c.frames_folder is not None,
@@ -694,6 +703,10 @@ def build_app(console: ConsoleServer) -> web.Application:
         ws = web.WebSocketResponse(heartbeat=10.0, compress=False)
         await ws.prepare(request)
         client = _Client(ws)
+        if console.session_of(request, time.monotonic()) is not None:
+            # Frames and patient data go only to a logged-in page (the cookie, or a bearer token); the page
+            # reconnects after logging in. Anonymous pages get the service state only.
+            client.token = console.token_of(request)
         console.clients.add(client)
         client.wake.set()
         sender = asyncio.create_task(_send_loop(console, client))
@@ -810,6 +823,8 @@ def build_app(console: ConsoleServer) -> web.Application:
 
     async def proposal_frame(request: web.Request) -> web.Response:
         """The proposal's frame of one imager re-rendered with the window the page asks for (window/level)."""
+        if console.session_of(request, time.monotonic()) is None:
+            return refuse(401, "log in first: frames are shown to logged-in users only")
         imager = request.match_info["imager"]
         proposal = console.live.proposal
         try:
@@ -1000,7 +1015,8 @@ async def _send_loop(console: ConsoleServer, client: _Client) -> None:
             if client.journal_sent != console.journal_version:  # only when it changed (20 pushes a second)
                 state["journal"] = list(console.journal)[-50:]
                 client.journal_sent = console.journal_version
-            if client.plans_sent != console.plans_version:
+            authed = console.token_valid(client.token, time.monotonic())
+            if authed and client.plans_sent != console.plans_version:
                 state["plans"] = [p.to_json() for p in console.plans]
                 state["plans_problems"] = console.plans_problems
                 client.plans_sent = console.plans_version
@@ -1009,6 +1025,10 @@ async def _send_loop(console: ConsoleServer, client: _Client) -> None:
                                               and needs_second_signoff(console.config, console.live.proposal))
             state["first_signoff"] = console.first_approval
             await client.ws.send_str(json.dumps(state, allow_nan=False, default=json_default))
+            if not authed:
+                if client.token is not None:  # logged out or expired: this connection sends state only from now
+                    client.token = None
+                continue
             for name, version in list(console.frame_version.items()):
                 if client.frames_sent.get(name) == version:
                     continue

@@ -140,8 +140,10 @@ async function signOff(name) {
   loadSessions();
 }
 
+let ws = null;
 function connect() {
-  const ws = new WebSocket(`ws://${location.host}/ws`);
+  // The server sends frames and patient data only to a page that connected logged in: reconnect on login.
+  ws = new WebSocket(`ws://${location.host}/ws`);
   ws.onopen = () => { wsOpen = true; };
   ws.onmessage = (ev) => {
     const msg = JSON.parse(ev.data);
@@ -150,6 +152,19 @@ function connect() {
     else if (msg.type === "proposal_frame") applyProposalFrame(msg);
   };
   ws.onclose = () => { wsOpen = false; setTimeout(connect, 500); };
+}
+
+function reconnect() {
+  // A new connection presents the new login (or none): frames and plans follow it.
+  if (ws) { ws.onclose = null; ws.close(); }
+  wsOpen = false;
+  connect();
+}
+
+function forgetFrames() {
+  // Logged out: nothing the login showed stays on screen.
+  document.querySelectorAll("#frames img, #proposal img").forEach((img) => { img.removeAttribute("src"); });
+  setPlans([], []);
 }
 
 function applyFrame(msg) {
@@ -544,10 +559,12 @@ $("login-form").addEventListener("submit", async (ev) => {
   const r = await post("/api/login", body);
   const out = await r.json();
   $("login-token").value = "";
-  if (r.ok) setLogin({ operator: out.operator, role: out.role, csrf: out.csrf });
+  if (r.ok) { setLogin({ operator: out.operator, role: out.role, csrf: out.csrf }); reconnect(); }
   else { setLogin(null); $("login-status").textContent = `login failed: ${out.error}`; }
 });
-$("logout-button").addEventListener("click", async () => { await post("/api/logout", {}); setLogin(null); });
+$("logout-button").addEventListener("click", async () => {
+  await post("/api/logout", {}); setLogin(null); forgetFrames(); reconnect();
+});
 $("plan-select").addEventListener("change", () => { showPlanDetails(); if (state) render(); });
 $("load-plan-button").addEventListener("click", () => {
   const p = selectedPlan();
