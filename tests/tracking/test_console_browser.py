@@ -392,3 +392,55 @@ def test_layout_keyboard_and_axe_without_serious_violations(browser, tmp_path):
             serious = [v for v in result if v["impact"] in ("serious", "critical")]
             assert serious == [], (width, serious)
         ctx.close()
+
+
+# ----------------------------------------------------------------- seeds on the approval screen
+def test_seed_marks_on_the_approval_screen(browser, tmp_path):
+    """A fiducial plan in the simulated room (its phantom's gold seeds in the frames): the approval screen draws
+    the planned (green +) and detected (yellow o) seed marks, counted by the page and seen in a screenshot."""
+    import cv2
+    import numpy as np
+
+    from spineguide.tracking.console.config import console_config_from_service
+
+    room = SimulatedRoom(tmp_path / "room", autostart=False, seeds=True)
+    with room:
+        config = console_config_from_service(
+            room.config, publish_address=room.endpoints["publish"], command_address=room.endpoints["command"],
+            client_keys=room.console_keys, port=0, users=_users_file(tmp_path), approval_max_age_s=30.0)
+        with ConsoleThread(config) as console:
+            page = browser.new_page(bypass_csp=True, viewport={"width": 1600, "height": 1000})
+            page.goto(console.url)
+            _login(page, "tina")
+            _wait(page, "document.getElementById('plan-select').options.length === 3", 3.0)
+            page.select_option("#plan-select", label="SIM-0003 · PHANTOM^SEEDS · plan SIM-T12-SEEDS")
+            assert "method fiducial" in page.locator("#plan-details").inner_text()
+            page.fill("#fraction-number", "1")
+            page.click("#load-plan-button")
+            _wait(page, "document.getElementById('service-state').textContent === 'PLAN_LOADED'", 5.0)
+            page.click("[data-command=start_setup]")
+            _wait(page, "!document.getElementById('proposal').hidden && "
+                        "document.getElementById('proposal-A').naturalWidth > 0 && "
+                        "document.getElementById('proposal-B').naturalWidth > 0", 10.0)
+            seeds = len(config.plan_overlays["SIM-T12-SEEDS"][0].names)
+            for name in ("A", "B"):
+                img = page.locator(f"#proposal-{name}")
+                assert (img.get_attribute("data-planned-marks"), img.get_attribute("data-detected-marks")) == \
+                       (str(seeds), str(seeds))
+            # The marks are really drawn: the green crosses in a screenshot of the approval image.
+            png = page.locator("#proposal-A").screenshot()
+            (tmp_path / "proposal-A.png").write_bytes(png)
+            if os.environ.get("SPINEGUIDE_SCREENSHOTS"):
+                (Path(os.environ["SPINEGUIDE_SCREENSHOTS"]) / "3b-approval-seeds.png").write_bytes(png)
+            shot = cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_COLOR)
+            b, g, r = (shot[..., i].astype(int) for i in range(3))
+            # Green (not the yellow circles, not grey): each cross, shrunk with the image, joined up again.
+            green = ((g > 90) & (g - r > 40) & (g - b > 40)).astype(np.uint8)
+            green = cv2.dilate(green, np.ones((5, 5), np.uint8))
+            n, _, stats, _ = cv2.connectedComponentsWithStats(green, connectivity=8)
+            crosses = [s for s in stats[1:] if s[cv2.CC_STAT_AREA] >= 30]
+            assert len(crosses) == seeds, [s.tolist() for s in crosses]
+            # The live frames carry the planned marks too (their caption says so).
+            _wait(page, "document.getElementById('frame-A-caption').textContent.includes('seeds: 3 planned')", 3.0)
+            page.screenshot(path=str(tmp_path / "seeds.png"))
+    assert room.errors == []

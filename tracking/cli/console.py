@@ -116,7 +116,7 @@ def run_console_demo(port: int = 8080, out_dir: Path | None = None, duration_s: 
         passwords = {name: secrets.token_urlsafe(9) for name in ("therapist", "physicist")}
         for name, password in passwords.items():
             add_user(work / "console-users.json", name, name, password)
-        room = SimulatedRoom(folder=work / "records", approval="manual", autostart=False).start()
+        room = SimulatedRoom(folder=work / "records", approval="manual", autostart=False, seeds=True).start()
         try:
             config = console_config_from_service(
                 room.config, publish_address=room.endpoints["publish"], command_address=room.endpoints["command"],
@@ -137,7 +137,7 @@ def _cmd_console(args: argparse.Namespace) -> int:
         from ..sim.rig import SimulatedRoom
 
         # The page drives the whole fraction: the room's service starts IDLE (no plan loaded).
-        room = SimulatedRoom(folder=args.records, approval="manual", autostart=False).start()
+        room = SimulatedRoom(folder=args.records, approval="manual", autostart=False, seeds=True).start()
         print(f"simulated room: service endpoints {room.endpoints}; record in {room.folder}", flush=True)
     import asyncio  # here: `spineguide --help` must not pay for it
 

@@ -95,6 +95,8 @@ class DisplayFrame:
     rows: int
     cols: int
     scale: float
+    #: Seed marks drawn: (planned crosses, detected circles) inside the frame (the page shows and tests them).
+    marks: tuple[int, int] = (0, 0)
 
 
 def window_levels(pixels: np.ndarray, percentiles: tuple[float, float] = WINDOW_PERCENTILES) -> tuple[float, float]:
@@ -165,11 +167,16 @@ def render_frame(pixels: np.ndarray, imager: str, pair_id: int, overlays: tuple[
     if edges is not None:
         out[edges(out.shape[:2])] = _CYAN
     k = max(1, round(max(out.shape[:2]) / 384))  # 1 at 256 px, 2 at 768 px: marks stay visible when large
+    h, w = out.shape[:2]
+    inside = lambda p: 0 <= p[0] < w and 0 <= p[1] < h  # noqa: E731
+    planned = detected = 0
     for s in overlays:
         if s.planned_px is not None:
             cv2.drawMarker(out, _pt(s.planned_px, scale), _GREEN, cv2.MARKER_CROSS, 9 * k, k)
+            planned += inside(_pt(s.planned_px, scale))
         if s.detected_px is not None:
             centre = _pt(s.detected_px, scale)
+            detected += inside(centre)
             cv2.circle(out, centre, 5 * k, _YELLOW, k)
             if s.predicted_px is not None:
                 tip = (s.predicted_px[0] + residual_gain * (s.detected_px[0] - s.predicted_px[0]),
@@ -181,7 +188,8 @@ def render_frame(pixels: np.ndarray, imager: str, pair_id: int, overlays: tuple[
                            [cv2.IMWRITE_JPEG_QUALITY, 85] if fmt == "jpeg" else [])
     if not ok:
         raise FrameError(f"imager '{imager}' pair {pair_id}: OpenCV could not encode the display frame")
-    return DisplayFrame(imager, int(pair_id), buf.tobytes(), f"image/{fmt}", out.shape[0], out.shape[1], scale)
+    return DisplayFrame(imager, int(pair_id), buf.tobytes(), f"image/{fmt}", out.shape[0], out.shape[1], scale,
+                        (planned, detected))
 
 
 def seed_overlays(imager, planned_room_mm: np.ndarray, names: tuple[str, ...], correction: dict | None

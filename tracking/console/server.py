@@ -1036,6 +1036,7 @@ async def _send_loop(console: ConsoleServer, client: _Client) -> None:
                 client.frames_sent[name] = version
                 await client.ws.send_str(json.dumps({
                     "type": "frame", "imager": frame.imager, "pair_id": frame.pair_id, "mime": frame.mime,
+                    "marks": list(frame.marks),
                     "t_unix_s": console.frame_times.get(name), "data": base64.b64encode(frame.data).decode("ascii")}))
             for name, version in list(console.proposal_version.items()):
                 frame = console.proposal_frames.get(name)
@@ -1044,6 +1045,7 @@ async def _send_loop(console: ConsoleServer, client: _Client) -> None:
                 client.proposal_sent[name] = version
                 await client.ws.send_str(json.dumps({
                     "type": "proposal_frame", "imager": frame.imager, "pair_id": frame.pair_id, "mime": frame.mime,
+                    "marks": list(frame.marks),
                     "data": base64.b64encode(frame.data).decode("ascii")}))
     except (ConnectionResetError, RuntimeError) as err:
         log.info("console: page connection closed: %s", err)

@@ -171,7 +171,8 @@ function applyFrame(msg) {
   const img = $("frame-" + msg.imager);
   if (img) img.src = `data:${msg.mime};base64,${msg.data}`;
   const cap = $(`frame-${msg.imager}-caption`);
-  if (cap) cap.textContent = `imager ${msg.imager}: pair ${msg.pair_id}`;
+  const seeds = img ? markCount(img, msg.marks) : "";
+  if (cap) cap.textContent = `imager ${msg.imager}: pair ${msg.pair_id}${seeds}`;
   frameT[msg.imager] = msg.t_unix_s || null;
   sg.frames[msg.imager] = msg.pair_id;
 }
@@ -184,6 +185,15 @@ function applyProposalFrame(msg) {
   }
   img.src = `data:${msg.mime};base64,${msg.data}`;
   img.dataset.pairId = msg.pair_id;
+  markCount(img, msg.marks);
+}
+
+function markCount(img, marks) {
+  // The seed marks drawn into the frame (planned crosses, detected circles): for the caption and tests.
+  const [planned, detected] = Array.isArray(marks) ? marks : [0, 0];
+  img.dataset.plannedMarks = planned;
+  img.dataset.detectedMarks = detected;
+  return planned ? ` · seeds: ${planned} planned, ${detected} detected` : "";
 }
 
 function applyState(s) {
