@@ -305,7 +305,7 @@ def test_a_proposal_learnt_from_a_status_reply_keeps_its_time():
     assert live.proposal["t_unix_s"] == 1234.5 and live.proposal["pair_id"] == 4
 
 
-def test_proposal_frames_rerendered_with_the_asked_window(tmp_path):
+def test_proposal_frames_rerendered_with_the_asked_window(users, tmp_path):
     rng = np.random.default_rng(0)
     frames = tmp_path / "frames"
     frames.mkdir()
@@ -314,15 +314,18 @@ def test_proposal_frames_rerendered_with_the_asked_window(tmp_path):
 
     async def check(console, client):
         console.live.proposal = {"pair_id": 5, "translation_mm": [1, 0, 0], "rotation_deg": [0, 0, 0]}
+        headers = await _login(client, "tina")
         out = {}
         for key, query in (("default", "pair_id=5&lo=1&hi=99"), ("narrow", "pair_id=5&lo=40&hi=60"),
                            ("reversed", "pair_id=5&lo=60&hi=40"), ("nan", "pair_id=5&lo=nan&hi=60"),
                            ("other", "pair_id=6&lo=1&hi=99"), ("junk", "pair_id=x&lo=1&hi=99")):
-            r = await client.get(f"/api/proposal/A?{query}")
+            r = await client.get(f"/api/proposal/A?{query}", headers=headers)
             out[key] = (r.status, await r.read())
+        out["anonymous"] = (await client.get("/api/proposal/A?pair_id=5&lo=1&hi=99")).status
         return out
 
-    out = _run(check, _config(frames_folder=frames, approval_pixels=128))
+    out = _run(check, _config(users, frames_folder=frames, approval_pixels=128))
+    assert out["anonymous"] == 401
     assert out["default"][0] == 200 and out["default"][1][:2] == b"\xff\xd8"  # JPEG
     assert out["narrow"][0] == 200 and out["narrow"][1] != out["default"][1]
     assert [out[k][0] for k in ("reversed", "nan", "other", "junk")] == [400, 400, 404, 400]
