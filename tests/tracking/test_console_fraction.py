@@ -314,14 +314,13 @@ def test_proposal_frames_rerendered_with_the_asked_window(users, tmp_path):
 
     async def check(console, client):
         console.live.proposal = {"pair_id": 5, "translation_mm": [1, 0, 0], "rotation_deg": [0, 0, 0]}
+        out = {"anonymous": (await client.get("/api/proposal/A?pair_id=5&lo=1&hi=99")).status}  # before any cookie
         headers = await _login(client, "tina")
-        out = {}
         for key, query in (("default", "pair_id=5&lo=1&hi=99"), ("narrow", "pair_id=5&lo=40&hi=60"),
                            ("reversed", "pair_id=5&lo=60&hi=40"), ("nan", "pair_id=5&lo=nan&hi=60"),
                            ("other", "pair_id=6&lo=1&hi=99"), ("junk", "pair_id=x&lo=1&hi=99")):
             r = await client.get(f"/api/proposal/A?{query}", headers=headers)
             out[key] = (r.status, await r.read())
-        out["anonymous"] = (await client.get("/api/proposal/A?pair_id=5&lo=1&hi=99")).status
         return out
 
     out = _run(check, _config(users, frames_folder=frames, approval_pixels=128))
