@@ -39,13 +39,14 @@ def _serve(argv: list[str]) -> None:
     from spineguide.tracking.console.config import ConsoleConfig
     from spineguide.tracking.console.server import ConsoleServer
 
-    publish, command, frames, records = argv
+    publish, command, frames, records, token = argv
 
     async def main() -> None:
         server = ConsoleServer(ConsoleConfig(publish, command, port=0, frames_folder=Path(frames),
                                              records_folder=Path(records), approval="automatic",
                                              correction_limit_mm=25.0, correction_limit_deg=5.0,
-                                             tolerance_3d_mm=1.0, record_path=Path(records) / "session.jsonl"))
+                                             tolerance_3d_mm=1.0, record_path=Path(records) / "session.jsonl",
+                                             login_token=token))
         print(await server.start(), flush=True)
         await asyncio.Event().wait()
 
@@ -68,18 +69,26 @@ def main() -> None:
     from spineguide.registration.pose import Pose
     from spineguide.tracking.sim.rig import SimulatedRoom
 
-    # CURVE explicitly off: the console runs in a child process given the endpoints only.
+    import secrets
+
+    # CURVE explicitly off: the console runs in a child process given the endpoints only. The page logs in
+    # (frames go to a logged-in page only), with a token made for this run.
+    token = secrets.token_urlsafe(24)
     with SimulatedRoom(panel_pixels=args.panel, approval="automatic", secure=False,
                        setup_error=Pose.from_six((1.5, -1.0, 0.5), (0, 0, 0))) as room:
         child = subprocess.Popen([sys.executable, __file__, "--serve", room.endpoints["publish"],
                                   room.endpoints["command"], str(room.folder / "session.jsonl.frames"),
-                                  str(room.folder)], stdout=subprocess.PIPE, text=True, cwd=ROOT)
+                                  str(room.folder), token], stdout=subprocess.PIPE, text=True, cwd=ROOT)
         try:
             url = child.stdout.readline().strip()
             with sync_playwright() as pw:
                 browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
                 page = browser.new_page(bypass_csp=True, viewport={"width": 1500, "height": 900})
                 page.goto(url)
+                page.fill("#login-operator", "bench")
+                page.fill("#login-token", token)
+                page.click("#login-button")
+                page.wait_for_function("document.getElementById('frame-A').naturalWidth > 0", timeout=15000)
                 page.wait_for_function("document.getElementById('service-phase').textContent === 'verified'",
                                        timeout=15000)
                 room.command("start_monitoring")
