@@ -162,3 +162,15 @@ def test_a_console_lists_the_real_services_catalogue_and_loads_the_chosen_plan(t
         assert room.service.engine.plan.plan_id == "SIM-L2"
     finally:
         room.stop()
+
+
+def test_a_session_with_a_catalogue_replays_identically(tmp_path):
+    from spineguide.tracking.service.loop import replay_session
+
+    room = SimulatedRoom(tmp_path, secure=False, approval="automatic").start()  # loads SIM-T12 by its plan_id
+    try:
+        time.sleep(1.5)
+    finally:
+        room.stop()
+    report = replay_session(tmp_path / "session.jsonl")
+    assert report.pairs > 5 and report.identical, report.differences[:5]
