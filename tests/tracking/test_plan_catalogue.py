@@ -176,3 +176,37 @@ def test_a_session_with_a_catalogue_replays_identically(tmp_path):
         room.stop()
     report = replay_session(tmp_path / "session.jsonl")
     assert report.pairs > 5 and report.identical, report.differences[:5]
+
+
+def test_the_console_follows_a_plan_another_client_loaded(tmp_path):
+    # The overlays must be the loaded plan's: the console learns it from the record as well as its own replies.
+    room = SimulatedRoom(tmp_path, autostart=False, secure=False).start()
+    try:
+        room.command("load_plan", {"plan_id": "SIM-L2"})  # the room's own client, not the console
+        console = ConsoleServer(ConsoleConfig(publish_address=room.endpoints["publish"],
+                                              command_address=room.endpoints["command"], port=0,
+                                              record_path=tmp_path / "session.jsonl"))
+        def followed(plan_id):
+            t0 = time.monotonic()
+            while time.monotonic() - t0 < 5:  # the record is written behind the replies
+                console.read_record_commands()
+                if console.loaded_plan_id == plan_id:
+                    return True
+                time.sleep(0.05)
+            return False
+
+        assert followed("SIM-L2")
+        reply = room.command("load_plan", {"plan_id": "SIM-T12"})
+        assert followed("SIM-T12")
+        # The console's own reply is followed at once; older record lines read after it do not undo it, until
+        # the record shows that very command (this console's session and request seq).
+        console.on_reply({**reply, "request_seq": 41, "plan": {"plan_id": "SIM-L2", "patient_id": "SIM-0002"}})
+        assert console.loaded_plan_id == "SIM-L2"
+        console._plan_from_record({"reply": {**reply, "plan": {"plan_id": "SIM-T12"}}, "client_session": "other"})
+        assert console.loaded_plan_id == "SIM-L2"
+        console._plan_from_record({"reply": {**reply, "request_seq": 41, "plan": {"plan_id": "SIM-L2"}},
+                                   "client_session": console.session_id})
+        console._plan_from_record({"reply": {**reply, "plan": None}, "client_session": "other"})  # then: followed
+        assert console.loaded_plan_id is None
+    finally:
+        room.stop()

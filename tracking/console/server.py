@@ -39,6 +39,7 @@ import html
 import json
 import logging
 import math
+import uuid
 import re
 import secrets
 import tempfile
@@ -213,6 +214,11 @@ class ConsoleServer:
         self._plans_asked: str | None = None
         #: The catalogue plan the service says is loaded (reply ``plan``); picks a catalogue plan's overlays.
         self.loaded_plan_id: str | None = None
+        #: This console's own session id, sent with every command (``command/1.1``) and recorded with it.
+        self.session_id = uuid.uuid4().hex
+        #: The request seq of this console's last reply that named the loaded plan, until the record shows that
+        #: command: the record is written behind the replies, and its older lines must not undo the reply.
+        self._plan_awaited: int | None = None
         self.url: str | None = None
         self.app = build_app(self)
 
@@ -338,13 +344,29 @@ class ConsoleServer:
         self._wake_all()
 
     def on_reply(self, reply: dict[str, Any]) -> None:
-        """Fold a service reply in: the live state, and which catalogue plan is loaded."""
+        """Fold this console's own service reply in: the live state, and which catalogue plan is loaded."""
         self.live.on_reply(reply)
-        plan = reply.get("plan")
-        if isinstance(plan, dict) and isinstance(plan.get("plan_id"), str):
-            self.loaded_plan_id = plan["plan_id"]
-        elif "plan" in reply:
-            self.loaded_plan_id = None
+        if isinstance(reply, dict) and "plan" in reply:
+            self._plan_from_reply(reply)
+            if self.config.record_path is not None and isinstance(reply.get("request_seq"), int):
+                self._plan_awaited = reply["request_seq"]
+
+    def _plan_from_record(self, rec: dict[str, Any]) -> None:
+        """A recorded command's reply names the loaded plan (any client's): followed once the record has caught
+        up with this console's own last reply (its line: this console's session and that request seq)."""
+        reply = rec.get("reply")
+        if not isinstance(reply, dict) or "plan" not in reply:
+            return
+        if self._plan_awaited is not None:
+            if rec.get("client_session") == self.session_id and reply.get("request_seq") == self._plan_awaited:
+                self._plan_awaited = None
+            return  # an older line than the reply already followed
+        self._plan_from_reply(reply)
+
+    def _plan_from_reply(self, reply: dict[str, Any]) -> None:
+        plan = reply["plan"]
+        self.loaded_plan_id = plan["plan_id"] if isinstance(plan, dict) and isinstance(plan.get("plan_id"), str) \
+            else None
 
     def overlays(self) -> tuple:
         """``(planned, anatomy)`` for the frames now: the loaded catalogue plan's, or the console's one plan's."""
@@ -421,6 +443,7 @@ class ConsoleServer:
             return False
         if target != self._record_file:  # a new service session: a new record (the link moved)
             self._record_file, self._record_offset, self._record_tail = target, 0, b""
+            self.loaded_plan_id, self._plan_awaited = None, None  # a new session starts IDLE: no plan
             self.journal.clear()
             self.journal_version += 1
         with open(target, "rb") as f:
@@ -443,6 +466,8 @@ class ConsoleServer:
             if not isinstance(rec, dict) or rec.get("event") not in ("command", "command_rejected"):
                 continue
             self.journal.append(_journal_entry(rec))
+            # Every reply names the loaded plan: also a plan another client loaded (the overlays follow it).
+            self._plan_from_record(rec)
             found = True
         if found:
             self.journal_version += 1
@@ -526,7 +551,8 @@ class ConsoleServer:
             seq = self._cmd_seq
             self._cmd_seq += 1
             try:
-                await asyncio.wait_for(self._cmd_sock.send_multipart(encode_command(seq, name, params)),
+                await asyncio.wait_for(self._cmd_sock.send_multipart(encode_command(seq, name, params,
+                                                                                    session=self.session_id)),
                                        COMMAND_TIMEOUT_S)
                 deadline = time.monotonic() + COMMAND_TIMEOUT_S
                 while True:
@@ -695,7 +721,8 @@ def build_app(console: ConsoleServer) -> web.Application:
             "second_signoff_mm": c.second_signoff_mm, "second_signoff_deg": c.second_signoff_deg,
             "reasons": reasons_json(), "max_fraction": MAX_FRACTION,
             "page_commands": sorted(PAGE_COMMANDS), "frames": c.frames_folder is not None,
-            "overlays": c.planned is not None or c.anatomy is not None or bool(c.plan_overlays), "reviews": c.records_folder is not None,
+            "overlays": c.planned is not None or c.anatomy is not None
+            or any(o != (None, None) for o in (c.plan_overlays or {}).values()), "reviews": c.records_folder is not None,
             "qa": c.qa_history is not None or c.calibration_report is not None})
 
     async def ws_feed(request: web.Request) -> web.WebSocketResponse:
