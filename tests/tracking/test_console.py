@@ -38,7 +38,8 @@ from spineguide.tracking.console.review import (
     review_session,
     write_review_html,
 )
-from spineguide.tracking.console.server import MAX_FAILED_LOGINS_PER_MIN, ConsoleServer, _pair_frame_files
+from spineguide.tracking.console.server import ConsoleServer, _pair_frame_files
+from spineguide.tracking.console.users import LOCKOUT_FAILURES
 from spineguide.tracking.errors import FrameError
 from spineguide.tracking.service.record import RecordError, SessionRecord, read_record
 from spineguide.tracking.sim.rig import SimulatedRoom
@@ -243,6 +244,8 @@ def test_config_from_service_takes_limits_record_and_approval(tmp_path):
     assert c.frames_folder == tmp_path / "s.jsonl.frames" and c.records_folder == tmp_path
     assert (c.correction_limit_mm, c.tolerance_3d_mm, c.approval) == (20.0, 1.5, "manual")
     assert c.planned is None  # pattern plan: no seeds
+    assert c.plans == () and c.record_path == tmp_path / "s.jsonl"  # pattern plan: nothing to offer
+    assert c.approval_max_age_s == 30.0
 
 
 # ----------------------------------------------------------------- HTTP + auth
@@ -288,15 +291,18 @@ def test_login_refusals(body, status, match):
     assert got == status and match in out["error"]
 
 
-def test_login_is_rate_limited_after_repeated_failures():
+def test_login_lockout_is_per_user():
+    # Repeated failures lock the name tried, and only that name: an attacker cannot lock everyone out.
     async def check(console, client):
-        for _ in range(MAX_FAILED_LOGINS_PER_MIN):
-            await client.post("/api/login", json={"operator": "Eve", "token": "guess-guess-guess-1"})
-        r = await client.post("/api/login", json={"operator": "Jane", "token": TOKEN})
-        return r.status, await r.json()
+        for _ in range(LOCKOUT_FAILURES):
+            await client.post("/api/login", json={"operator": "Jane", "token": "guess-guess-guess-1"})
+        locked = await client.post("/api/login", json={"operator": "Jane", "token": TOKEN})
+        other = await client.post("/api/login", json={"operator": "Sam", "token": TOKEN})
+        return locked.status, await locked.json(), other.status
 
-    status, out = _run(check, _config())
-    assert status == 429 and "failed logins" in out["error"]
+    status, out, other = _run(check, _config())
+    assert status == 429 and "failed logins for 'Jane'" in out["error"]
+    assert other == 200
 
 
 def test_read_only_console_refuses_login_and_commands():
@@ -312,8 +318,9 @@ def test_read_only_console_refuses_login_and_commands():
 @pytest.mark.parametrize("body, headers, status, match", [
     ({"command": "pause"}, {}, 401, "log in first"),
     ({"command": "pause"}, {"Authorization": "Bearer not-a-session"}, 401, "log in first"),
-    ({"command": "stop"}, None, 400, "cannot be sent from the console"),
-    ({"command": "load_plan"}, None, 400, "cannot be sent from the console"),
+    ({"command": "set_tolerance"}, None, 400, "cannot be sent from the console"),
+    ({"command": "couch_moved"}, None, 400, "cannot be sent from the console"),
+    ({"command": "load_plan"}, None, 400, "no plan is offered"),
     ({"command": "pause", "params": {"x": 1}}, None, 400, "takes params"),
     ({"command": "approve_correction", "params": {"pair_id": -3}}, None, 400, "pair_id"),
     ({"command": "approve_correction", "params": {"operator": "Mallory"}}, None, 400, "takes params"),
@@ -404,8 +411,8 @@ def test_approval_reaches_the_service_and_is_recorded_with_the_operator(tmp_path
     approvals = [r for r in read_record(tmp_path / "session.jsonl")
                  if r["event"] == "command" and r["command"] == "approve_correction"]
     assert len(approvals) == 1
-    assert approvals[0]["params"] == {"pair_id": pid, "console_user": "Jane Doe", "operator": "console",
-                                      "role": "therapist"}
+    assert approvals[0]["params"] == {"pair_id": pid, "console_user": "Jane Doe", "console_role": "therapist",
+                                      "operator": "console", "role": "therapist"}
     assert approvals[0]["t_unix_s"] > 0 and approvals[0]["reply"]["ok"] is True
 
 
@@ -650,3 +657,7 @@ def test_a_dicom_fiducial_plan_gives_the_console_the_services_seeds(tmp_path):
     service = load_treatment_plan(plan)
     assert list(config.planned.names) == list(service.fiducials.names)
     assert_allclose(config.planned.points_room_mm, service.fiducials_room_mm(), rtol=0, atol=1e-9)
+    # The page offers this plan for load_plan, named by the DICOM patient identity the service loads.
+    (entry,) = config.plans
+    assert entry.patient_id == service.patient.patient_id.strip() and entry.plan_id == "dicom"
+    assert entry.patient_position == service.patient_position.value and entry.method == "fiducial"

@@ -108,7 +108,7 @@ def test_every_command_in_every_state_is_accepted_or_refused_with_reason(state, 
     else:
         assert reply["ok"] is True, reply["reason"]
         expected = {
-            Command.STATUS: state, Command.SET_TOLERANCE: state, Command.LOAD_PLAN: ServiceState.PLAN_LOADED,
+            Command.STATUS: state, Command.LIST_PLANS: state, Command.SET_TOLERANCE: state, Command.LOAD_PLAN: ServiceState.PLAN_LOADED,
             Command.START_SETUP: ServiceState.SETUP, Command.PAUSE: ServiceState.PAUSED,
             Command.RESUME: ServiceState.MONITORING, Command.STOP: ServiceState.STOPPED,
         }[command]

@@ -190,6 +190,10 @@ def _cmd_simulate_ct(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
+    if args.console:
+        from .console import run_console_demo
+
+        return run_console_demo(port=args.port, out_dir=args.out, duration_s=args.duration)
     from .demo import run_demo
 
     return run_demo(out_dir=args.out, seed=args.seed, progress=_progress, quick=args.quick)
@@ -670,6 +674,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=non_negative_int, default=2026,
                    help="random seed of the simulated patient (default 2026)")
     p.add_argument("--quick", action="store_true", help="smaller panels and fewer pairs (for tests)")
+    p.add_argument("--console", action="store_true",
+                   help="instead: a simulated room idle and the console on --port; a therapist runs the whole "
+                        "fraction from the page (accounts printed at start)")
+    p.add_argument("--port", type=port_number, default=8080, help="with --console: HTTP port (default 8080)")
+    p.add_argument("--duration", type=positive_float, default=None,
+                   help="with --console: stop after this many seconds (default: until Ctrl-C)")
     p.set_defaults(func=_cmd_demo)
 
     p = sub.add_parser("drr", help="write DRRs (line-integral images) of a CT for each imager")

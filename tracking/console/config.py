@@ -34,6 +34,13 @@ CONSOLE_RANGES: dict[str, Range] = {
     "correction_limit_mm": RANGES["safety"]["correction_limit_mm"],
     "correction_limit_deg": RANGES["safety"]["correction_limit_deg"],
     "tolerance_3d_mm": RANGES["safety"]["tolerance_3d_mm"],
+    "approval_max_age_s": RANGES["safety"]["approval_max_age_s"],
+    "approval_pixels": Range(128, 2048, "px", "longest side of the proposal's frames on the approval screen",
+                             integer=True),
+    "second_signoff_mm": Range(0.0, 50.0, "mm", "a correction longer than this needs a second sign-off",
+                               lo_open=True),
+    "second_signoff_deg": Range(0.0, 10.0, "deg", "a correction rotating more than this needs a second sign-off",
+                                lo_open=True),
 }
 
 
@@ -104,6 +111,25 @@ class ConsoleConfig:
         Length of the deviation timeline kept and shown, s.
     allow_remote : bool
         Permit a non-loopback ``host`` (behind a TLS proxy on a closed network only).
+    plans : tuple of fraction.PlanEntry
+        The plans the page offers for ``load_plan`` (the service's ``[plan]``); empty: the page cannot load one.
+    record_path : Path or None
+        The service's session record (``[record] path``, a link to the newest session): the console reads
+        its ``command`` events to show every client's commands with their operator.
+    approval_max_age_s : float or None
+        The service's ``[safety] approval_max_age_s``: the page shows the proposal's expiry, the console
+        refuses an approval past it. None: unknown (the service still checks).
+    second_signoff_mm, second_signoff_deg : float or None
+        A proposal whose translation (norm, mm) or largest rotation (deg) exceeds these needs a second
+        user's sign-off (a physicist) before the approval goes to the service. None: never.
+    users : users.UserStore or None
+        Per-user accounts (``--users``); with it, logins are name + password and carry a role.
+    approval_pixels : int
+        Longest side of the proposal's frames on the approval screen, pixels.
+    plan_overlays : dict or None
+        For a service with a plan catalogue (``[plans]``): per ``plan_id``, ``(planned, anatomy)``, the overlays
+        of that plan, used once the service says it is the loaded one (``planned``/``anatomy`` stay None:
+        no plan's overlay is drawn on another's frames).
     """
 
     publish_address: str
@@ -125,6 +151,19 @@ class ConsoleConfig:
     display_pixels: int = 256
     timeline_s: float = 300.0
     allow_remote: bool = False
+    plans: tuple = ()
+    record_path: Path | None = None
+    approval_max_age_s: float | None = None
+    second_signoff_mm: float | None = None
+    second_signoff_deg: float | None = None
+    users: object | None = None  # users.UserStore
+    approval_pixels: int = 768
+    plan_overlays: dict | None = None  # plan_id -> (PlannedSeeds or None, AnatomyOverlay or None)
+
+    @property
+    def commands_enabled(self) -> bool:
+        """Whether anyone can log in and command the service from this console."""
+        return self.login_token is not None or self.users is not None
 
     def __post_init__(self) -> None:
         for name in ("publish_address", "command_address"):
@@ -141,18 +180,32 @@ class ConsoleConfig:
                 raise ConsoleConfigError(f"console: the login token has {len(token)} characters "
                                          f"(at least {MIN_TOKEN_CHARS} expected)")
             object.__setattr__(self, "login_token", token)
-        for name in ("frames_folder", "records_folder", "qa_history", "calibration_report"):
+        object.__setattr__(self, "plans", tuple(self.plans))
+        from .fraction import PlanEntry
+
+        if not all(isinstance(p, PlanEntry) for p in self.plans):
+            raise ConsoleConfigError("console: plans must be PlanEntry values")
+        if len({(p.patient_id, p.plan_id) for p in self.plans}) != len(self.plans):
+            raise ConsoleConfigError("console: two plans share patient ID and plan ID")
+        for name in ("frames_folder", "records_folder", "qa_history", "calibration_report", "record_path"):
             value = getattr(self, name)
             if value is not None:
                 object.__setattr__(self, name, Path(value))
         for name, r in CONSOLE_RANGES.items():
             value = getattr(self, name)
-            if value is None and name not in ("port", "display_pixels", "timeline_s"):
+            if value is None and name not in ("port", "display_pixels", "timeline_s", "approval_pixels"):
                 continue  # a limit the console was not told: shown as unknown
             try:
                 object.__setattr__(self, name, r.check("console", name, value))
             except ConfigError as err:
                 raise ConsoleConfigError(str(err)) from None
+        if self.plan_overlays is not None:
+            if not isinstance(self.plan_overlays, dict) or not all(
+                    isinstance(k, str) and isinstance(v, tuple) and len(v) == 2 for k, v in self.plan_overlays.items()):
+                raise ConsoleConfigError("console: plan_overlays must map plan ids to (planned, anatomy)")
+            if self.planned is not None or self.anatomy is not None:
+                raise ConsoleConfigError("console: give per-plan overlays or the one plan's, not both")
+            object.__setattr__(self, "plan_overlays", dict(self.plan_overlays))
         if self.approval not in (None, "manual", "automatic"):
             raise ConsoleConfigError(f"console: approval must be 'manual' or 'automatic', got {self.approval!r}")
 
@@ -167,32 +220,39 @@ def connect_address(bound: str) -> str:
     return bound
 
 
-def _planned_seeds(plan) -> PlannedSeeds | None:
+def _load_plan(plan):
+    """The service's plan as the service loads it (files or a DICOM folder); None for the pattern method."""
+    if plan.method not in ("fiducial", "anatomy"):
+        return None
+    from ..service.plan import load_treatment_plan
+
+    return load_treatment_plan(plan)
+
+
+def _planned_seeds(plan, loaded=None) -> PlannedSeeds | None:
     """Planned seeds in the room frame for a fiducial plan (None for other methods)."""
     if plan.method != "fiducial":
         return None
     from spineguide.calibration.io import read_geometry
 
-    from ..service.plan import load_treatment_plan
-
     # The service's own rules (files or a DICOM folder), so the console shows the seeds the service fits.
-    loaded = load_treatment_plan(plan)
+    loaded = loaded if loaded is not None else _load_plan(plan)
     if loaded.fiducials is None:
         raise ConsoleConfigError(f"console: the plan {loaded.ct.source} has no planned fiducials")
     return PlannedSeeds(loaded.fiducials.names, loaded.fiducials_room_mm(), read_geometry(plan.geometry))
 
 
-def _anatomy_overlay(plan):
+def _anatomy_overlay(plan, loaded=None):
     """The registration ROI's attenuation for the DRR-edge overlay of an anatomy plan (None otherwise)."""
     if plan.method != "anatomy":
         return None
     from spineguide.calibration.io import read_geometry
     from spineguide.registration.drr import AttenuationVolume
 
-    from ..service.plan import anatomy_roi, load_treatment_plan
+    from ..service.plan import anatomy_roi
     from .display import AnatomyOverlay
 
-    treatment = load_treatment_plan(plan)
+    treatment = loaded if loaded is not None else _load_plan(plan)
     roi = anatomy_roi(plan, treatment)
     volume = AttenuationVolume.from_ct(treatment.ct, treatment.isocentre_lps_mm).masked(roi.mask)
     return AnatomyOverlay(volume, read_geometry(plan.geometry))
@@ -220,13 +280,31 @@ def console_config_from_service(service_config, **overrides) -> ConsoleConfig:
         "correction_limit_deg": service_config.safety.correction_limit_deg,
         "approval": service_config.setup.approval,
         "tolerance_3d_mm": service_config.safety.tolerance_3d_mm,
+        "approval_max_age_s": service_config.safety.approval_max_age_s,
+        "record_path": rec.path,
     }
     values.update(overrides)
     for name in ("publish", "command"):
         if f"{name}_address" not in overrides:
             values[f"{name}_address"] = connect_address(getattr(service_config.endpoints, name))
+    if service_config.plans:
+        # A catalogue: each plan's overlays, chosen by the plan the service says is loaded.
+        if "plan_overlays" not in overrides and not {"planned", "anatomy"} & set(overrides):
+            overlays = {}
+            for entry in service_config.plans:
+                loaded = _load_plan(entry.plan)
+                overlays[entry.plan_id] = (_planned_seeds(entry.plan, loaded), _anatomy_overlay(entry.plan, loaded))
+            values["plan_overlays"] = overlays
+        return ConsoleConfig(**values)
+    loaded = None
+    if not {"planned", "anatomy", "plans"} <= set(overrides):
+        loaded = _load_plan(service_config.plan)
     if "planned" not in overrides:
-        values["planned"] = _planned_seeds(service_config.plan)
+        values["planned"] = _planned_seeds(service_config.plan, loaded)
     if "anatomy" not in overrides:
-        values["anatomy"] = _anatomy_overlay(service_config.plan)
+        values["anatomy"] = _anatomy_overlay(service_config.plan, loaded)
+    if "plans" not in overrides and loaded is not None:
+        from .fraction import plan_entry_from_plan
+
+        values["plans"] = (plan_entry_from_plan(service_config.plan, loaded),)
     return ConsoleConfig(**values)

@@ -95,15 +95,17 @@ class DisplayFrame:
     rows: int
     cols: int
     scale: float
+    #: Seed marks drawn: (planned crosses, detected circles) inside the frame (the page shows and tests them).
+    marks: tuple[int, int] = (0, 0)
 
 
-def window_levels(pixels: np.ndarray) -> tuple[float, float]:
-    """Display window ``(low, high)`` of a frame in its own units: its 1st and 99th percentiles.
+def window_levels(pixels: np.ndarray, percentiles: tuple[float, float] = WINDOW_PERCENTILES) -> tuple[float, float]:
+    """Display window ``(low, high)`` of a frame in its own units: its 1st and 99th percentiles (or ``percentiles``).
 
     Estimated on a regular subsample of at most about 128 x 128 pixels (every pixel of a smaller frame).
     """
     sample = pixels[:: max(1, pixels.shape[0] // 128), :: max(1, pixels.shape[1] // 128)]
-    low, high = np.percentile(sample, WINDOW_PERCENTILES)
+    low, high = np.percentile(sample, percentiles)
     if not high > low:
         high = low + 1.0
     return float(low), float(high)
@@ -116,7 +118,7 @@ def _pt(px: tuple[float, float], scale: float) -> tuple[int, int]:
 
 def render_frame(pixels: np.ndarray, imager: str, pair_id: int, overlays: tuple[SeedOverlay, ...] = (),
                  display_pixels: int = 256, fmt: str = "jpeg", residual_gain: float = RESIDUAL_GAIN,
-                 edges=None) -> DisplayFrame:
+                 edges=None, window_percentiles: tuple[float, float] | None = None) -> DisplayFrame:
     """Window, shrink, draw overlays and encode one frame.
 
     Parameters
@@ -133,6 +135,9 @@ def render_frame(pixels: np.ndarray, imager: str, pair_id: int, overlays: tuple[
     edges : callable((rows, cols)) -> bool array, optional
         Anatomy overlay: given the display size, the display pixels to mark
         (e.g. :func:`drr_edges` at the estimated pose).
+    window_percentiles : (low, high), optional
+        The display window as percentiles of the frame (0 <= low < high <= 100); default 1st to 99th.
+        Marks and lines grow with the display size (a large approval view keeps them visible).
 
     Raises
     ------
@@ -152,28 +157,39 @@ def render_frame(pixels: np.ndarray, imager: str, pair_id: int, overlays: tuple[
     if scale < 1.0:
         img = cv2.resize(img, (max(1, round(cols * scale)), max(1, round(rows * scale))), interpolation=cv2.INTER_AREA)
         scale = img.shape[1] / cols
-    low, high = window_levels(img)
+    if window_percentiles is not None:
+        lo_p, hi_p = (float(v) for v in window_percentiles)
+        if not (0.0 <= lo_p < hi_p <= 100.0):
+            raise FrameError(f"display window must be percentiles 0 <= low < high <= 100, got {window_percentiles!r}")
+    low, high = window_levels(img, WINDOW_PERCENTILES if window_percentiles is None else (lo_p, hi_p))
     grey = np.clip((img - low) * (255.0 / (high - low)), 0, 255).astype(np.uint8)
     out = cv2.cvtColor(grey, cv2.COLOR_GRAY2BGR)
     if edges is not None:
         out[edges(out.shape[:2])] = _CYAN
+    k = max(1, round(max(out.shape[:2]) / 384))  # 1 at 256 px, 2 at 768 px: marks stay visible when large
+    h, w = out.shape[:2]
+    inside = lambda p: 0 <= p[0] < w and 0 <= p[1] < h  # noqa: E731
+    planned = detected = 0
     for s in overlays:
         if s.planned_px is not None:
-            cv2.drawMarker(out, _pt(s.planned_px, scale), _GREEN, cv2.MARKER_CROSS, 9, 1)
+            cv2.drawMarker(out, _pt(s.planned_px, scale), _GREEN, cv2.MARKER_CROSS, 9 * k, k)
+            planned += inside(_pt(s.planned_px, scale))
         if s.detected_px is not None:
             centre = _pt(s.detected_px, scale)
-            cv2.circle(out, centre, 5, _YELLOW, 1)
+            detected += inside(centre)
+            cv2.circle(out, centre, 5 * k, _YELLOW, k)
             if s.predicted_px is not None:
                 tip = (s.predicted_px[0] + residual_gain * (s.detected_px[0] - s.predicted_px[0]),
                        s.predicted_px[1] + residual_gain * (s.detected_px[1] - s.predicted_px[1]))
-                cv2.line(out, _pt(s.predicted_px, scale), _pt(tip, scale), _RED, 1)
+                cv2.line(out, _pt(s.predicted_px, scale), _pt(tip, scale), _RED, k)
     label = f"{imager}  pair {pair_id}" + (f"  residual x{residual_gain:g}" if overlays else "")
-    cv2.putText(out, label, (4, 12), cv2.FONT_HERSHEY_SIMPLEX, 0.35, (255, 255, 255), 1, cv2.LINE_AA)
+    cv2.putText(out, label, (4, 12 * k), cv2.FONT_HERSHEY_SIMPLEX, 0.35 * k, (255, 255, 255), 1, cv2.LINE_AA)
     ok, buf = cv2.imencode(".jpg" if fmt == "jpeg" else ".png", out,
                            [cv2.IMWRITE_JPEG_QUALITY, 85] if fmt == "jpeg" else [])
     if not ok:
         raise FrameError(f"imager '{imager}' pair {pair_id}: OpenCV could not encode the display frame")
-    return DisplayFrame(imager, int(pair_id), buf.tobytes(), f"image/{fmt}", out.shape[0], out.shape[1], scale)
+    return DisplayFrame(imager, int(pair_id), buf.tobytes(), f"image/{fmt}", out.shape[0], out.shape[1], scale,
+                        (planned, detected))
 
 
 def seed_overlays(imager, planned_room_mm: np.ndarray, names: tuple[str, ...], correction: dict | None

@@ -17,6 +17,8 @@ from typing import Any
 
 import numpy as np
 
+from .reasons import describe_reason
+
 __all__ = ["HoldEntry", "LiveState"]
 
 #: Heartbeat rate is estimated over this window, s.
@@ -66,11 +68,14 @@ class LiveState:
         self.status: dict[str, Any] | None = None
         self.approval_seen: str | None = None  # "manual" once awaiting_approval is seen, "automatic" if skipped
         self.holds: collections.deque[HoldEntry] = collections.deque(maxlen=max_holds)
+        # Safety holds on their own: routine ones (setup, pause, settling) never push them out of sight.
+        self.safety_holds: collections.deque[HoldEntry] = collections.deque(maxlen=max_holds)
         # (index, t_unix_s, deviation_mm or None, beam, reason); index increases by one per point
         self.timeline: collections.deque[tuple[int, float, float | None, str, str]] = collections.deque()
         self._next_index = 0
         self._beats: collections.deque[float] = collections.deque()
         self.ages_ms: collections.deque[float] = collections.deque(maxlen=AGE_SAMPLES)
+        self._age_stats: dict[str, float] | None = None  # cached until the next age arrives
         self.last_seq: int | None = None
         self.lost_messages = 0
         self.messages = 0
@@ -104,6 +109,7 @@ class LiveState:
             self.gating = dict(body, received_unix_s=received_unix_s)
             if isinstance(t, (int, float)):
                 self.ages_ms.append((received_unix_s - t) * 1e3)
+                self._age_stats = None
                 self._add_point(float(t), body.get("deviation_mm"), body.get("beam", "?"), body.get("reason", "?"))
                 if body.get("beam") == "HOLD":
                     self._add_hold(body, float(t))
@@ -125,6 +131,9 @@ class LiveState:
         if reply.get("phase") == "awaiting_approval" and isinstance(pending, dict) and self.proposal is None:
             # The proposal's correction/1 went out before this console subscribed (PUB keeps nothing).
             self.proposal = dict(pending, purpose="proposal")
+            t = pending.get("proposed_unix_s")  # the reply's pending correction says when it was proposed
+            if isinstance(t, (int, float)) and not isinstance(t, bool) and math.isfinite(t):
+                self.proposal["t_unix_s"] = float(t)
         for key in ("tolerance_3d_mm", "tolerance_rotation_deg"):
             value = reply.get(key)
             if isinstance(value, (int, float)) and math.isfinite(value):
@@ -151,7 +160,10 @@ class LiveState:
             last.pair_id = body.get("pair_id", last.pair_id)
             last.deviation_mm = dev if dev is not None else last.deviation_mm
         else:
-            self.holds.append(HoldEntry(reason, t_unix_s, t_unix_s, 1, body.get("pair_id"), dev))
+            entry = HoldEntry(reason, t_unix_s, t_unix_s, 1, body.get("pair_id"), dev)
+            self.holds.append(entry)
+            if describe_reason(reason).category != "routine":
+                self.safety_holds.append(entry)
 
     # ------------------------------------------------------------------ output
     def needs_status(self) -> bool:
@@ -169,8 +181,18 @@ class LiveState:
         Returns ``(state, next_timeline_from)``; a client passes the second value back next time,
         so each push carries only the new points (a slow client skips none: points are few and small).
         """
-        points = [[t, d, b, r] for i, t, d, b, r in self.timeline if i >= timeline_from]
-        ages = np.asarray(self.ages_ms, dtype=np.float64)
+        # Only the new points, walked from the newest end (indices increase along the deque): a push costs what
+        # it sends, not the whole timeline (3000 points at 10 Hz over 300 s, 20 pushes a second).
+        points = []
+        for i, t, d, b, r in reversed(self.timeline):
+            if i < timeline_from:
+                break
+            points.append([t, d, b, r])
+        points.reverse()
+        if self._age_stats is None and self.ages_ms:
+            ages = np.asarray(self.ages_ms, dtype=np.float64)
+            p50, p95 = np.percentile(ages, [50, 95])
+            self._age_stats = {"last": float(ages[-1]), "p50": float(p50), "p95": float(p95)}
         state = {
             "type": "state",
             "version": self.version,
@@ -184,12 +206,14 @@ class LiveState:
             "tolerance_rotation_deg": self.tolerance_rotation_deg,
             "approval_seen": self.approval_seen,
             "holds": [h.to_json() for h in list(self.holds)[-50:]],
+            "safety_holds": [h.to_json() for h in list(self.safety_holds)[-50:]],
+            "routine_holds": [h.to_json() for h in list(self.holds)[-50:]
+                              if describe_reason(h.reason).category == "routine"][-10:],
             "hold_runs": len(self.holds),
             "timeline": points,
             "timeline_reset": timeline_from == 0,
             "timeline_span_s": self.timeline_s,
-            "message_age_ms": None if ages.size == 0 else {
-                "last": float(ages[-1]), "p50": float(np.percentile(ages, 50)), "p95": float(np.percentile(ages, 95))},
+            "message_age_ms": None if not self.ages_ms else dict(self._age_stats),
             "lost_messages": self.lost_messages,
             "messages": self.messages,
         }

@@ -66,6 +66,7 @@ __all__ = [
     "SetupConfig",
     "SecurityConfig",
     "RecordConfig",
+    "CataloguePlan",
     "ServiceConfig",
     "Range",
     "RANGES",
@@ -465,6 +466,122 @@ class PlanConfig:
             raise ConfigError(f"[plan] method '{self.method}' needs {missing}")
 
 
+#: A catalogue plan id: what ``load_plan``'s ``plan_id`` names (also a TOML bare key, so no quoting needed).
+_PLAN_ID_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
+#: Patient positions a catalogue entry may state (docs/CONVENTIONS.md, "CT to room").
+PATIENT_POSITIONS = ("HFS", "FFS", "HFP", "FFP")
+#: Most plans one configuration may list.
+MAX_PLANS = 64
+#: The keys of a ``[plans.<id>]`` entry beyond those of ``[plan]``.
+_CATALOGUE_KEYS = ("patient_id", "patient_name", "patient_position")
+
+
+@dataclass(frozen=True, slots=True)
+class CataloguePlan:
+    """One plan of the service's catalogue: what ``load_plan`` with ``plan_id`` loads.
+
+    Attributes
+    ----------
+    plan_id : str
+        1-64 ASCII letters, digits, ``.``, ``_`` or ``-`` (the ``[plans.<id>]`` key).
+    patient_id, patient_name : str or None
+        The patient the plan is for (1-64 printable characters each; required in ``[plans]``; None only for
+        the single legacy ``[plan]``, whose identity is what its files carry). A DICOM plan's own patient ID must
+        equal ``patient_id`` (checked when the configuration is loaded with its files).
+    patient_position : str or None
+        ``HFS``, ``FFS``, ``HFP`` or ``FFP`` (the page's direction words); None: unknown (or the DICOM plan's).
+    plan : PlanConfig
+        What is loaded (method, imagers, geometry, CT/fiducials or DICOM folder...).
+    """
+
+    plan_id: str
+    patient_id: str | None
+    patient_name: str | None
+    patient_position: str | None
+    plan: PlanConfig
+
+    def __post_init__(self) -> None:
+        where = f"[plans.{self.plan_id}]" if isinstance(self.plan_id, str) else "[plans]"
+        if not isinstance(self.plan_id, str) or not _PLAN_ID_RE.fullmatch(self.plan_id):
+            raise ConfigError(f"[plans] a plan id must be 1-64 ASCII letters, digits, '.', '_' or '-', "
+                              f"got {self.plan_id!r}")
+        for name in ("patient_id", "patient_name"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if not isinstance(value, str) or not 1 <= len(value) <= 64 or not value.isprintable() \
+                    or value != value.strip():
+                raise ConfigError(f"{where} {name} must be 1-64 printable characters without surrounding "
+                                  f"blanks, got {value!r}")
+        if self.patient_position is not None and self.patient_position not in PATIENT_POSITIONS:
+            raise ConfigError(f"{where} patient_position must be one of {list(PATIENT_POSITIONS)}, "
+                              f"got {self.patient_position!r}")
+        if not isinstance(self.plan, PlanConfig):
+            raise ConfigError(f"{where} plan must be a PlanConfig")
+
+    @property
+    def source(self) -> str | None:
+        """Where the plan comes from: its DICOM folder or CT file (None for the simulation's pattern method)."""
+        src = self.plan.dicom if self.plan.dicom is not None else self.plan.ct
+        return None if src is None else str(src)
+
+    def to_json(self) -> dict[str, Any]:
+        """The catalogue entry as ``list_plans`` answers it (docs/PROTOCOL.md)."""
+        return {"plan_id": self.plan_id, "patient_id": self.patient_id, "patient_name": self.patient_name,
+                "patient_position": self.patient_position, "method": self.plan.method, "source": self.source}
+
+
+def legacy_plan_id(plan: PlanConfig) -> str:
+    """The catalogue id of a single ``[plan]``: its DICOM folder's or CT file's name, ``pattern`` for simulation."""
+    src = plan.dicom if plan.dicom is not None else plan.ct
+    if src is None:
+        return plan.method
+    name = re.sub(r"[^A-Za-z0-9._-]", "_", Path(src).name)[:64]
+    return name or plan.method
+
+
+def _catalogue_from_dict(table: object, where: str, base_dir: Path | None) -> tuple[CataloguePlan, ...]:
+    """``[plans]``: ``[plans.<id>]`` tables, each a ``[plan]``'s keys plus the patient's (strictly checked)."""
+    if not isinstance(table, dict) or not table:
+        raise ConfigError(f"{where}: [plans] must be a table of [plans.<id>] tables (at least one), got {table!r}")
+    if len(table) > MAX_PLANS:
+        raise ConfigError(f"{where}: [plans] lists {len(table)} plans; at most {MAX_PLANS}")
+    known = {f.name for f in fields(PlanConfig)} | set(_CATALOGUE_KEYS)
+    out = []
+    for plan_id, entry in table.items():
+        if not isinstance(plan_id, str) or not _PLAN_ID_RE.fullmatch(plan_id):
+            raise ConfigError(f"{where}: [plans] a plan id must be 1-64 ASCII letters, digits, '.', '_' or '-', "
+                              f"got {plan_id!r}")
+        if not isinstance(entry, dict):
+            raise ConfigError(f"{where}: [plans.{plan_id}] must be a table, got {type(entry).__name__}")
+        bad = sorted(set(entry) - known, key=repr)
+        if bad:
+            raise ConfigError(f"{where}: unknown key(s) {bad} in [plans.{plan_id}]; expected some of {sorted(known)}")
+        for name in ("patient_id", "patient_name"):
+            if name not in entry:
+                raise ConfigError(f"{where}: [plans.{plan_id}] needs {name} (whose plan it is)")
+        values = {k: v for k, v in entry.items() if k not in _CATALOGUE_KEYS}
+        if base_dir is not None:
+            for key, value in values.items():
+                if key in _PATH_KEYS and isinstance(value, str) and not os.path.isabs(value):
+                    values[key] = base_dir / value
+        try:
+            plan = PlanConfig(**values)
+            out.append(CataloguePlan(plan_id, entry["patient_id"], entry["patient_name"],
+                                     entry.get("patient_position"), plan))
+        except ConfigError as err:
+            text = str(err)
+            text = text.replace("[plan] ", f"[plans.{plan_id}] ", 1) if text.startswith("[plan] ") else text
+            raise ConfigError(f"{where}: {text}") from err
+        except (TypeError, ValueError, OverflowError) as err:
+            raise ConfigError(f"{where}: [plans.{plan_id}] {err}") from err
+    imagers = {p.plan.imagers for p in out}
+    if len(imagers) != 1:
+        raise ConfigError(f"{where}: [plans] every plan must name the same imagers (the room's), got "
+                          f"{ {p.plan_id: list(p.plan.imagers) for p in out} }")
+    return tuple(out)
+
+
 @dataclass(frozen=True, slots=True)
 class CouchConfig:
     """The couch: 6 degrees of freedom, or 4 (translations + yaw; pitch/roll residual reported)."""
@@ -606,9 +723,38 @@ class ServiceConfig:
     setup: SetupConfig = field(default_factory=SetupConfig)
     security: SecurityConfig = field(default_factory=SecurityConfig)
     record: RecordConfig = field(default_factory=RecordConfig)
+    #: The plan catalogue (``[plans]``); empty: the single ``[plan]`` is the only plan.
+    plans: tuple[CataloguePlan, ...] = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "plans", tuple(self.plans))
+        if len({p.plan_id for p in self.plans}) != len(self.plans):
+            raise ConfigError("[plans] two plans share an id")
+        if self.plans and len({p.plan.imagers for p in self.plans}) != 1:
+            raise ConfigError("[plans] every plan must name the same imagers")
+
+    @property
+    def catalogue(self) -> tuple[CataloguePlan, ...]:
+        """Every plan ``load_plan`` can load: ``[plans]``, or the single ``[plan]`` (id :func:`legacy_plan_id`,
+        patient identity None: what its files carry)."""
+        if self.plans:
+            return self.plans
+        return (CataloguePlan(legacy_plan_id(self.plan), None, None, None, self.plan),)
+
+    @property
+    def imagers(self) -> tuple[str, ...]:
+        """The room's two imager names (shared by every plan of the catalogue)."""
+        return self.catalogue[0].plan.imagers
+
+    def find_plan(self, plan_id: str) -> CataloguePlan | None:
+        """The catalogue plan with this id, or None."""
+        return next((p for p in self.catalogue if p.plan_id == plan_id), None)
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-able form (paths as strings), for the log and the session record."""
+        """JSON-able form (paths as strings), for the log and the session record.
+
+        With a catalogue, ``plans`` is ``{id: {patient keys, plan keys}}`` and there is no ``plan`` (the form
+        :func:`config_from_dict` reads back, so a recorded session replays)."""
         def clean(obj):
             if isinstance(obj, dict):
                 return {k: clean(v) for k, v in obj.items()}
@@ -617,8 +763,17 @@ class ServiceConfig:
             if isinstance(obj, Path):
                 return str(obj)
             return obj
-        return clean(asdict(self))
+        d = clean({f.name: asdict(getattr(self, f.name)) for f in fields(self) if f.name != "plans"})
+        if self.plans:
+            del d["plan"]
+            d["plans"] = {p.plan_id: {"patient_id": p.patient_id, "patient_name": p.patient_name,
+                                      **({"patient_position": p.patient_position}
+                                         if p.patient_position is not None else {}),
+                                      **clean(asdict(p.plan))} for p in self.plans}
+        return d
 
+
+_PATH_KEYS = ("geometry", "ct", "fiducials", "dicom", "server_secret_key", "allowed_clients", "path", "dicom_exports")
 
 _SECTIONS = {
     "safety": SafetyConfig,
@@ -647,9 +802,11 @@ def config_from_dict(data: dict[str, Any], where: str = "<config>", base_dir: Pa
     """
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: configuration must be a table, got {type(data).__name__}")
-    unknown = sorted(set(data) - set(_SECTIONS), key=repr)
+    unknown = sorted(set(data) - set(_SECTIONS) - {"plans"}, key=repr)
     if unknown:
-        raise ConfigError(f"{where}: unknown section(s) {unknown}; expected some of {sorted(_SECTIONS)}")
+        raise ConfigError(f"{where}: unknown section(s) {unknown}; expected some of {sorted(_SECTIONS) + ['plans']}")
+    if "plan" in data and "plans" in data:
+        raise ConfigError(f"{where}: give either [plan] (one plan) or [plans] (a catalogue of plans), not both")
     parts = {}
     for name, cls in _SECTIONS.items():
         table = data.get(name, {})
@@ -662,9 +819,7 @@ def config_from_dict(data: dict[str, Any], where: str = "<config>", base_dir: Pa
         values = dict(table)
         if base_dir is not None:
             for key, value in values.items():
-                if key in ("geometry", "ct", "fiducials", "dicom", "server_secret_key", "allowed_clients", "path",
-                           "dicom_exports") and \
-                        isinstance(value, str) and not os.path.isabs(value):
+                if key in _PATH_KEYS and isinstance(value, str) and not os.path.isabs(value):
                     values[key] = base_dir / value
         try:
             parts[name] = cls(**values)
@@ -673,6 +828,8 @@ def config_from_dict(data: dict[str, Any], where: str = "<config>", base_dir: Pa
         except (TypeError, ValueError, OverflowError) as err:
             raise ConfigError(f"{where}: [{name}] {err}") from err
     parts["security"].require_choice(f"{where}: [security]")
+    if "plans" in data:
+        parts["plans"] = _catalogue_from_dict(data["plans"], where, base_dir)
     return ServiceConfig(**parts)
 
 

@@ -57,13 +57,14 @@ def load_config(path: str | os.PathLike, check_files: bool = True) -> ServiceCon
 
 
 def _readable(where: str, key: str, path: Path, folder: bool = False) -> None:
+    section, _, name = key.rpartition(".")
     try:
         ok = path.is_dir() if folder else path.is_file()
         ok = ok and os.access(path, os.R_OK)
     except (OSError, ValueError):
         ok = False
     if not ok:
-        raise ConfigError(f"{where}: [{key.split('.')[0]}] {key.split('.')[1]} = '{path}': "
+        raise ConfigError(f"{where}: [{section}] {name} = '{path}': "
                           f"no readable {'folder' if folder else 'file'} there")
 
 
@@ -81,39 +82,8 @@ def check_files_of(config: ServiceConfig, where: str = "<config>") -> None:
     ConfigError
         Naming the configuration, the key, the file and what is wrong.
     """
-    plan = config.plan
-    if plan.geometry is not None:
-        from spineguide.calibration.errors import CalibrationError
-        from spineguide.calibration.io import read_geometry
-
-        _readable(where, "plan.geometry", plan.geometry)
-        try:
-            geometry = read_geometry(plan.geometry)
-        except (CalibrationError, OSError, ValueError) as err:
-            raise ConfigError(f"{where}: [plan] geometry = '{plan.geometry}': {err}") from err
-        missing = [n for n in plan.imagers if n not in geometry.names]
-        if missing:
-            raise ConfigError(f"{where}: [plan] geometry = '{plan.geometry}' has imagers {list(geometry.names)}, "
-                              f"not {missing} named by [plan] imagers")
-    if plan.fiducials is not None:
-        from spineguide.registration.errors import RegistrationError
-        from spineguide.registration.io import read_fiducials
-
-        _readable(where, "plan.fiducials", plan.fiducials)
-        try:
-            read_fiducials(plan.fiducials)
-        except (RegistrationError, OSError, ValueError) as err:
-            raise ConfigError(f"{where}: [plan] fiducials = '{plan.fiducials}': {err}") from err
-    if plan.ct is not None:
-        try:
-            folder = plan.ct.is_dir()
-        except (OSError, ValueError):
-            folder = False
-        _readable(where, "plan.ct", plan.ct, folder=folder)
-    if plan.dicom is not None:
-        _readable(where, "plan.dicom", plan.dicom, folder=True)
-    if plan.method in ("fiducial", "anatomy"):
-        _check_treatment_plan(plan, where)
+    for entry in config.catalogue:
+        _check_plan_files(entry, where, "plan" if not config.plans else f"plans.{entry.plan_id}")
     sec = config.security
     if sec.enabled:
         from ..errors import SecurityError
@@ -130,7 +100,49 @@ def check_files_of(config: ServiceConfig, where: str = "<config>") -> None:
             raise ConfigError(f"{where}: [security] {err}") from err
 
 
-def _check_treatment_plan(plan: PlanConfig, where: str) -> None:
+def _check_plan_files(entry, where: str, section: str) -> None:
+    """One catalogue plan's files (``section``: ``plan`` or ``plans.<id>``, as the messages name it)."""
+    plan = entry.plan
+    if plan.geometry is not None:
+        from spineguide.calibration.errors import CalibrationError
+        from spineguide.calibration.io import read_geometry
+
+        _readable(where, f"{section}.geometry", plan.geometry)
+        try:
+            geometry = read_geometry(plan.geometry)
+        except (CalibrationError, OSError, ValueError) as err:
+            raise ConfigError(f"{where}: [{section}] geometry = '{plan.geometry}': {err}") from err
+        missing = [n for n in plan.imagers if n not in geometry.names]
+        if missing:
+            raise ConfigError(f"{where}: [{section}] geometry = '{plan.geometry}' has imagers {list(geometry.names)}, "
+                              f"not {missing} named by [{section}] imagers")
+    if plan.fiducials is not None:
+        from spineguide.registration.errors import RegistrationError
+        from spineguide.registration.io import read_fiducials
+
+        _readable(where, f"{section}.fiducials", plan.fiducials)
+        try:
+            read_fiducials(plan.fiducials)
+        except (RegistrationError, OSError, ValueError) as err:
+            raise ConfigError(f"{where}: [{section}] fiducials = '{plan.fiducials}': {err}") from err
+    if plan.ct is not None:
+        try:
+            folder = plan.ct.is_dir()
+        except (OSError, ValueError):
+            folder = False
+        _readable(where, f"{section}.ct", plan.ct, folder=folder)
+    if plan.dicom is not None:
+        _readable(where, f"{section}.dicom", plan.dicom, folder=True)
+    if plan.method in ("fiducial", "anatomy"):
+        treatment = _check_treatment_plan(plan, where, section)
+        patient = getattr(treatment, "patient", None)
+        if entry.patient_id is not None and patient is not None and patient.patient_id.strip() and \
+                patient.patient_id.strip() != entry.patient_id:
+            raise ConfigError(f"{where}: [{section}] patient_id = {entry.patient_id!r}, but the plan "
+                              f"{entry.source} is for patient {patient.patient_id.strip()!r}")
+
+
+def _check_treatment_plan(plan: PlanConfig, where: str, section: str = "plan"):
     """Load the plan as ``load_plan`` will (the one plan loader) and check that its parts agree.
 
     The isocentre lies inside the CT; a fiducial plan has planned seeds,
@@ -148,22 +160,23 @@ def _check_treatment_plan(plan: PlanConfig, where: str) -> None:
     try:
         treatment = load_treatment_plan(plan)
     except (RegistrationError, CalibrationError, TrackingError, OSError, ValueError) as err:
-        raise ConfigError(f"{where}: [plan] {source}: {err}") from err
+        raise ConfigError(f"{where}: [{section}] {source}: {err}") from err
     ct = treatment.ct
     if not ct.contains_lps_mm(treatment.isocentre_lps_mm)[0]:
-        raise ConfigError(f"{where}: [plan] the isocentre {np.round(treatment.isocentre_lps_mm, 2).tolist()} "
+        raise ConfigError(f"{where}: [{section}] the isocentre {np.round(treatment.isocentre_lps_mm, 2).tolist()} "
                           f"(LPS mm) lies outside the CT {ct.source}")
     if plan.method == "fiducial":
         seeds = treatment.fiducials
         named = plan.fiducials if plan.fiducials is not None else source
         if seeds is None:
-            raise ConfigError(f"{where}: [plan] {named}: the fiducial method needs planned seeds; the plan has none")
+            raise ConfigError(f"{where}: [{section}] {named}: the fiducial method needs planned seeds; the plan has none")
         inside = ct.contains_lps_mm(seeds.positions_lps_mm)
         if not np.all(inside):
             outside = [n for n, ok in zip(seeds.names, inside) if not ok]
-            raise ConfigError(f"{where}: [plan] {named}: seeds {outside} lie outside the CT {ct.source}")
+            raise ConfigError(f"{where}: [{section}] {named}: seeds {outside} lie outside the CT {ct.source}")
     else:
         try:
             anatomy_roi(plan, treatment)
         except (RegistrationError, TrackingError, ValueError) as err:
-            raise ConfigError(f"{where}: [plan] {source}: no usable anatomy region of interest: {err}") from err
+            raise ConfigError(f"{where}: [{section}] {source}: no usable anatomy region of interest: {err}") from err
+    return treatment

@@ -44,16 +44,17 @@ class SetupExporter:
     happens on a short-lived thread of its own.
     """
 
-    def __init__(self, plan: PlanConfig, out_dir: Path, record: SessionRecord, archive: str | None = None) -> None:
+    def __init__(self, plan, out_dir: Path, record: SessionRecord, archive: str | None = None) -> None:
         self._archive = None
         if archive is not None:
             from .dicom_net import parse_archive
 
             self._archive = parse_archive(archive)
+        # A PlanConfig, or a callable giving the loaded catalogue plan (the service's: the plan of this fraction).
         self._plan_config = plan
         self._out = Path(out_dir)
         self._record = record
-        self._plan = None
+        self._plans: dict = {}
         self._lock = threading.Lock()
         self.room_frame_of_reference_uid = generate_uid()
         self.series = SeriesInfo.new(series_number_for(time.time(), 0), "spineguide setup registrations")
@@ -73,7 +74,11 @@ class SetupExporter:
             self._exported.add(pair_id)
             self._instances += 1
             instance = self._instances
-        t = threading.Thread(target=self._write, args=(pair_id, pose, approved_unix_s, operator, instance),
+        plan = self._plan_config
+        if callable(plan):
+            entry = plan()  # the plan loaded now (called under the engine lock, so it is this setup's plan)
+            plan = None if entry is None else entry.plan
+        t = threading.Thread(target=self._write, args=(pair_id, pose, approved_unix_s, operator, instance, plan),
                              name=f"sro-export-{pair_id}", daemon=True)
         self._threads.append(t)
         t.start()
@@ -83,14 +88,20 @@ class SetupExporter:
         for t in self._threads:
             t.join(timeout_s)
 
-    def _write(self, pair_id: int, pose: Pose, approved_unix_s: float, operator: str, instance: int) -> None:
+    def _write(self, pair_id: int, pose: Pose, approved_unix_s: float, operator: str, instance: int,
+               plan_config: PlanConfig | None) -> None:
+        from ..errors import TrackingError
         from .plan import load_treatment_plan
 
         try:
             with self._lock:
-                if self._plan is None:
-                    self._plan = load_treatment_plan(self._plan_config)
-                ds = spatial_registration(self._plan, pose, room_frame_of_reference_uid=self.room_frame_of_reference_uid,
+                if plan_config is None:
+                    raise TrackingError("no plan is loaded")
+                key = id(plan_config)
+                if key not in self._plans:
+                    self._plans = {key: (plan_config, load_treatment_plan(plan_config))}
+                treatment = self._plans[key][1]
+                ds = spatial_registration(treatment, pose, room_frame_of_reference_uid=self.room_frame_of_reference_uid,
                                           approved_unix_s=approved_unix_s, operator=operator, series=self.series,
                                           instance_number=instance)
                 self._out.mkdir(parents=True, exist_ok=True)

@@ -105,6 +105,7 @@ _STAFF = frozenset({_R.THERAPIST, _R.PHYSICIST})
 #: the delivery system, which may also pause (pausing only ever HOLDs the beam).
 COMMAND_ROLES: Mapping[Command, frozenset[Role]] = {
     Command.STATUS: frozenset(Role),
+    Command.LIST_PLANS: _STAFF,  # patient names: for the people who run the fraction only
     Command.LOAD_PLAN: _STAFF,
     Command.START_SETUP: _STAFF,
     Command.APPROVE_CORRECTION: _STAFF,

@@ -32,7 +32,7 @@ from spineguide.registration.pose import Correction, Pose, RotationAxis, reduce_
 
 from ..errors import CommandRefused, TrackingError
 from ..frames import KvFrame
-from .config import PlanConfig, ServiceConfig
+from .config import CataloguePlan, PlanConfig, ServiceConfig
 from .gating import (
     Beam,
     GatingDecision,
@@ -87,6 +87,7 @@ class Command(Enum):
     """Commands of ``command/1``."""
 
     STATUS = "status"
+    LIST_PLANS = "list_plans"
     LOAD_PLAN = "load_plan"
     START_SETUP = "start_setup"
     APPROVE_CORRECTION = "approve_correction"
@@ -102,6 +103,7 @@ S = ServiceState
 #: The states in which each command is valid (anything else is refused with the reason).
 ALLOWED_STATES: Mapping[Command, frozenset[ServiceState]] = {
     Command.STATUS: frozenset(S),
+    Command.LIST_PLANS: frozenset(S),
     Command.LOAD_PLAN: frozenset({S.IDLE, S.PLAN_LOADED}),
     Command.START_SETUP: frozenset({S.PLAN_LOADED, S.MONITORING, S.PAUSED}),
     Command.APPROVE_CORRECTION: frozenset({S.SETUP}),
@@ -228,8 +230,10 @@ class Engine:
         self._outputs: list[dict] | None = None
         self.counters: dict[str, int] = {}
         self._built = None
-        target = np.asarray(config.plan.target_room_mm, dtype=np.float64)
-        self.target_room_mm = target
+        #: The catalogue plan loaded by the last ``load_plan`` (None until then).
+        self.plan: CataloguePlan | None = None
+        # Set from the chosen plan by load_plan (nothing is judged before a plan is loaded).
+        self.target_room_mm = np.zeros(3)
 
     # ----------------------------------------------------------------- helpers
     def _count(self, name: str) -> None:
@@ -284,6 +288,8 @@ class Engine:
             "pending_correction": None if self.pending is None else
             {k: v for k, v in self.pending.items() if k not in ("message", "sent_unix_s", "first_sent_unix_s", "pose")},
             "epoch": self.epoch,
+            "plan": None if self.plan is None else {"plan_id": self.plan.plan_id,
+                                                    "patient_id": self.plan.patient_id},
             "counters": dict(self.counters),
         }
 
@@ -301,11 +307,14 @@ class Engine:
             # lock, so heartbeats, the gating timer and pair judgements go on meanwhile.
             with self._lock:
                 allowed = self.state in ALLOWED_STATES[Command.LOAD_PLAN]
-            if allowed:
+            chosen = self._chosen_plan(params) if allowed else None
+            if isinstance(chosen, CataloguePlan):
                 try:
-                    built = self._factory(self.config.plan)
+                    built = (chosen, self._factory(chosen.plan))
                 except Exception as err:  # noqa: BLE001 - reported in the reply below
                     built = err
+            elif chosen is not None:
+                built = CommandRefused(chosen)
         with self._lock:
             self._outputs = []
             before = self.state.value
@@ -343,18 +352,50 @@ class Engine:
     def _cmd_status(self, params, now, mono):
         return None
 
+    def _chosen_plan(self, params: dict[str, Any]) -> CataloguePlan | str:
+        """The catalogue plan ``load_plan``'s params name, or why none is (a refusal's reason; never a default).
+
+        ``plan_id`` is required with a ``[plans]`` catalogue; with the single ``[plan]`` it may be left out
+        (older clients) or must name that plan. A ``patient_id``, when given, must be the plan's patient."""
+        plan_id = params.get("plan_id")
+        catalogue = self.config.catalogue
+        known = [p.plan_id for p in catalogue]
+        if plan_id is None:
+            if self.config.plans:
+                return f"load_plan needs plan_id: one of the service's plans {known[:16]} (see list_plans)"
+            chosen = catalogue[0]
+        elif not isinstance(plan_id, str):
+            return f"load_plan: plan_id must be a string, got {type(plan_id).__name__}"
+        else:
+            chosen = self.config.find_plan(plan_id)
+            if chosen is None:
+                return f"load_plan: no plan {plan_id[:64]!r} in the service's catalogue {known[:16]}"
+        patient_id = params.get("patient_id")
+        if patient_id is not None:
+            if not isinstance(patient_id, str):
+                return f"load_plan: patient_id must be a string, got {type(patient_id).__name__}"
+            if chosen.patient_id is not None and patient_id != chosen.patient_id:
+                return (f"load_plan: plan {chosen.plan_id!r} is for patient {chosen.patient_id!r}, "
+                        f"not {patient_id[:64]!r}")
+        return chosen
+
     def _cmd_load_plan(self, params, now, mono):
         built, self._built = self._built, None
-        if isinstance(built, TrackingError):
+        if isinstance(built, (TrackingError, CommandRefused)):
             raise built
         if isinstance(built, Exception):
             raise TrackingError(f"plan cannot be loaded: {type(built).__name__}: {built}") from built
         if built is None:  # the state changed between the check and now
             raise CommandRefused(f"command 'load_plan' is not valid in state {self.state.value}")
-        self.processor = built
+        chosen, self.processor = built
+        self.plan = chosen
+        self.target_room_mm = np.asarray(chosen.plan.target_room_mm, dtype=np.float64)
         self.last_pose = None
-        self._set_state(ServiceState.PLAN_LOADED, now, mono, "plan loaded")
-        return {"method": self.config.plan.method}
+        self._set_state(ServiceState.PLAN_LOADED, now, mono, f"plan {chosen.plan_id} loaded")
+        return {"method": chosen.plan.method}
+
+    def _cmd_list_plans(self, params, now, mono):
+        return {"plans": [p.to_json() for p in self.config.catalogue]}
 
     def _cmd_start_setup(self, params, now, mono):
         self.pending = None

@@ -40,8 +40,10 @@ from .simulators import (
     CommandClient,
     CouchModel,
     FrameSender,
+    RoomFrames,
     pattern_frame,
     run_delivery_sim,
+    write_room_plan,
 )
 
 __all__ = ["SimulatedRoom"]
@@ -69,6 +71,14 @@ class SimulatedRoom:
     secure : bool
         CURVE on every socket with a temporary key set (default);
         False runs the service with ``[security] enabled = false`` (insecure, stated).
+    autostart : bool
+        ``start()`` loads the plan and starts the setup as the room's own client (default); False leaves
+        the service IDLE so a console drives the whole fraction (``spineguide demo --console``).
+    seeds : bool
+        Add a third patient whose plan is the fiducial method on the virtual room's thoracolumbar phantom
+        (:data:`SEEDS_PATIENT`; plan files written under ``folder/plan``): while that plan is loaded the imager
+        sends the phantom's frames with its gold seeds (:class:`~spineguide.tracking.sim.simulators.RoomFrames`,
+        panel ``max(512, panel_pixels)`` over the 41 cm detector), so a console shows planned and detected seeds.
 
     Attributes
     ----------
@@ -78,7 +88,10 @@ class SimulatedRoom:
 
     def __init__(self, folder: str | Path | None = None, setup_error: Pose | None = None,
                  frame_period_s: float = 0.1, panel_pixels: int = 128, approval: str = "manual",
-                 couch_latency_s: float = 0.2, seed: int = 0, secure: bool = True) -> None:
+                 couch_latency_s: float = 0.2, seed: int = 0, secure: bool = True, autostart: bool = True,
+                 seeds: bool = False) -> None:
+        self.autostart = bool(autostart)
+        self.seeds = bool(seeds)
         self._tmp = tempfile.TemporaryDirectory(prefix="spineguide-room-") if folder is None else None
         self.folder = Path(self._tmp.name if folder is None else folder)
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -104,7 +117,8 @@ class SimulatedRoom:
             "safety": {"frame_period_s": self.frame_period_s},
             "endpoints": {"frames": "tcp://127.0.0.1:0", "publish": "tcp://127.0.0.1:0",
                           "command": "tcp://127.0.0.1:0"},
-            "plan": {"method": "pattern", "pattern_noise_mm": 0.05},
+            # A catalogue of two simulated patients (test-pattern frames): a console chooses between them.
+            "plans": self._catalogue(),
             "setup": {"approval": approval},
             "record": {"path": str(self.folder / "session.jsonl"), "raw_frames": True},
             "security": security,
@@ -114,15 +128,52 @@ class SimulatedRoom:
         self._shift = Pose.identity()
         self._lock = threading.Lock()
         self._stop = threading.Event()
+        self._imager_paused = threading.Event()
         self._threads: list[threading.Thread] = []
         self.pairs_sent = 0
         self.errors: list[str] = []
 
     # ------------------------------------------------------------------ control
+    #: The simulated patient and plan (the pattern method has no plan files): shown by a console as its plan.
+    PATIENT = {"patient_id": "SIM-0001", "patient_name": "PHANTOM^SIMULATED", "plan_id": "SIM-T12",
+               "method": "pattern", "source": "(no plan files: simulation)", "patient_position": "HFS"}
+    #: The room's plan catalogue (``[plans]``): two simulated patients; :attr:`PATIENT` is the first.
+    PATIENTS = (PATIENT, {"patient_id": "SIM-0002", "patient_name": "PHANTOM^SECOND", "plan_id": "SIM-L2",
+                          "method": "pattern", "source": "(no plan files: simulation)", "patient_position": "FFS"})
+
+    #: With ``seeds=True``: the fiducial plan on the room phantom (3 gold seeds).
+    SEEDS_PATIENT = {"patient_id": "SIM-0003", "patient_name": "PHANTOM^SEEDS", "plan_id": "SIM-T12-SEEDS",
+                     "method": "fiducial", "patient_position": "HFS"}
+
+    def _catalogue(self) -> dict:
+        plans = {p["plan_id"]: {"patient_id": p["patient_id"], "patient_name": p["patient_name"],
+                                "patient_position": p["patient_position"], "method": "pattern",
+                                "pattern_noise_mm": 0.05} for p in self.PATIENTS}
+        if self.seeds:
+            self.seed_panel_pixels = max(512, self.panel_pixels)
+            self.seed_spacing_mm = 0.8 * 512 / self.seed_panel_pixels
+            folder = self.folder / "plan"
+            folder.mkdir(parents=True, exist_ok=True)
+            files = write_room_plan(folder, self.seed_panel_pixels, self.seed_spacing_mm)
+            p = self.SEEDS_PATIENT
+            plans[p["plan_id"]] = {
+                "patient_id": p["patient_id"], "patient_name": p["patient_name"],
+                "patient_position": p["patient_position"], "method": "fiducial",
+                "geometry": str(folder / files["geometry"]), "ct": str(folder / files["ct"]),
+                "fiducials": str(folder / files["fiducials"]), "isocentre_lps_mm": files["isocentre_lps_mm"]}
+        return plans
+
     def inject_shift(self, translation_mm) -> None:
         """From the next pair on, the patient is shifted by ``translation_mm`` (room frame, on top of the rest)."""
         with self._lock:
             self._shift = Pose.from_six(translation_mm, (0.0, 0.0, 0.0))
+
+    def pause_imager(self, paused: bool = True) -> None:
+        """Stop (True) or restart (False) the imager's stream: a silent imager, as the service and console see it."""
+        if paused:
+            self._imager_paused.set()
+        else:
+            self._imager_paused.clear()
 
     def command(self, name: str, params: dict | None = None, timeout_s: float = 10.0) -> dict:
         """Send one command as the room's own client (not the console); raises if refused."""
@@ -147,8 +198,9 @@ class SimulatedRoom:
             t = threading.Thread(target=self._guard(target), name=f"room-{name}", daemon=True)
             self._threads.append(t)
             t.start()
-        self.command("load_plan")
-        self.command("start_setup")
+        if self.autostart:
+            self.command("load_plan", {"plan_id": self.PATIENT["plan_id"]})
+            self.command("start_setup")
         return self
 
     def stop(self) -> None:
@@ -198,6 +250,8 @@ class SimulatedRoom:
         disc = (yy - n / 2) ** 2 + (xx - n / 2) ** 2 < (n / 5) ** 2
         for b in bases.values():
             b[disc] = (b[disc] * 0.4).astype(np.uint16)
+        room_frames = RoomFrames(self.seed_panel_pixels, self.seed_spacing_mm) if self.seeds else None
+        rng = np.random.default_rng(self.seed)
         couch = Correction.identity()
         pair_id = 0
         next_t = time.monotonic()
@@ -213,8 +267,17 @@ class SimulatedRoom:
                 with self._lock:
                     shift = self._shift
                 true_pose = Pose.from_matrix(couch.matrix @ shift.matrix @ self.setup_error.matrix)
-                for name, base in bases.items():
-                    sender.send_frame(name, pair_id, now_unix, stamp_pose_pattern(base, true_pose), 20000.0)
+                loaded = self.service.engine.plan if self.service is not None else None
+                if room_frames is not None and loaded is not None and loaded.plan.method == "fiducial":
+                    frames = room_frames.render(true_pose, rng)  # the phantom with its seeds at the true pose
+                    i0 = room_frames.i0
+                else:
+                    frames = {name: stamp_pose_pattern(base, true_pose) for name, base in bases.items()}
+                    i0 = 20000.0
+                for name, pixels in frames.items():
+                    if self._imager_paused.is_set():
+                        break
+                    sender.send_frame(name, pair_id, now_unix, pixels, i0)
                 pair_id += 1
                 self.pairs_sent = pair_id
                 next_t += self.frame_period_s
