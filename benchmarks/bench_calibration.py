@@ -76,6 +76,8 @@ def main(argv=None) -> None:
     parser.add_argument("--bodies", type=int, default=None, metavar="N",
                         help="instead: N cases per bodied phantom through the clinic chain (issue 13)")
     parser.add_argument("--bodies-start", type=int, default=0, help="first case index (new seeds for more cases)")
+    parser.add_argument("--body", action="append", choices=BODY_PHANTOMS, default=None,
+                        help="with --bodies: only this phantom (repeatable; default all three)")
     parser.add_argument("--positions", type=int, default=7, help="couch positions per calibration (--bodies)")
     parser.add_argument("--protocol", choices=("depth", "axes"), default="depth", help="couch protocol (--bodies)")
     parser.add_argument("--qa", type=int, default=None, metavar="N",
@@ -92,7 +94,7 @@ def main(argv=None) -> None:
         bench_qa(args.qa, start=args.qa_start, conditions=conditions)
         return
     if args.bodies is not None:
-        bench_bodies(args.bodies, args.positions, args.protocol, args.bodies_start)
+        bench_bodies(args.bodies, args.positions, args.protocol, args.bodies_start, tuple(args.body or BODY_PHANTOMS))
         return
 
     nominal = default_stereo_geometry()
@@ -236,7 +238,8 @@ def _overlapping_phantom(ph, j: int, imager):
     return BBPhantom(tuple(ph.markers) + (stray,), ph.name + "+X", ph.centre_offset_mm, ph.body)
 
 
-def bench_bodies(cases: int, n_positions: int, protocol: str = "depth", start: int = 0) -> None:
+def bench_bodies(cases: int, n_positions: int, protocol: str = "depth", start: int = 0,
+                 bodies: tuple[str, ...] = BODY_PHANTOMS) -> None:
     """Issue 13: bodied phantoms through the clinic chain (ChainConfig.clinic, i0 20000), frames flat-field corrected
     with the panel's own maps, phantom on the lasers, ``n_positions`` couch positions (centre, +-50 mm along X, Y, Z,
     in that order); calibrate + acceptance gate. The one-position solve uses the same case's centre frames. Gate
@@ -258,12 +261,13 @@ def bench_bodies(cases: int, n_positions: int, protocol: str = "depth", start: i
     corners = np.array([[x, y, z] for x in (-75.0, 75.0) for y in (-75.0, 75.0) for z in (-75.0, 75.0)])
     plan = couch_protocol(protocol, nominal)[:n_positions]
     print(f"command: python benchmarks/bench_calibration.py --bodies {cases} --positions {n_positions} --protocol {protocol}"
-          + (f" --bodies-start {start}" if start else ""))
+          + (f" --bodies-start {start}" if start else "")
+          + ("".join(f" --body {b}" for b in bodies) if tuple(bodies) != BODY_PHANTOMS else ""))
     print(f"clinic chain i0 {I0:g}, protocol {protocol}: {n_positions} couch positions "
           f"({'; '.join(str(list(sh)) + ' ' + '+'.join(ims) for sh, ims in plan)}), flat-field corrected; machine "
           f"{platform.machine()}, python {platform.python_version()}, numpy {np.__version__}")
     rows = []
-    for body in BODY_PHANTOMS:
+    for body in bodies:
         ph = read_phantom(Path(__file__).resolve().parents[1] / "calibration" / "data" / f"{body}.json")
         acc = {k: [] for k in ("held", "held1", "iso", "corner", "src", "src1", "z", "secs")}
         passes, catches, overlap_catches, refused = 0, 0, 0, []
