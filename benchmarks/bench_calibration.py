@@ -80,6 +80,10 @@ def main(argv=None) -> None:
                         help="with --bodies: only this phantom (repeatable; default all three)")
     parser.add_argument("--positions", type=int, default=7, help="couch positions per calibration (--bodies)")
     parser.add_argument("--protocol", choices=("depth", "axes"), default="depth", help="couch protocol (--bodies)")
+    parser.add_argument("--axis-shift-mm", type=float, default=AXIS_SHIFT_MM,
+                        help="depth protocol: couch shift along each imager's central axis, mm")
+    parser.add_argument("--axis-exposures", type=int, default=1,
+                        help="depth protocol: exposures (independent frames) at each shifted-along-the-axis position")
     parser.add_argument("--qa", type=int, default=None, metavar="N",
                         help="instead: N daily-QA pairs per condition on the bodied cube (issue 13)")
     parser.add_argument("--qa-start", type=int, default=0, help="first QA pair index (new seeds for more pairs)")
@@ -94,7 +98,8 @@ def main(argv=None) -> None:
         bench_qa(args.qa, start=args.qa_start, conditions=conditions)
         return
     if args.bodies is not None:
-        bench_bodies(args.bodies, args.positions, args.protocol, args.bodies_start, tuple(args.body or BODY_PHANTOMS))
+        bench_bodies(args.bodies, args.positions, args.protocol, args.bodies_start, tuple(args.body or BODY_PHANTOMS),
+                     args.axis_shift_mm, args.axis_exposures)
         return
 
     nominal = default_stereo_geometry()
@@ -197,13 +202,15 @@ BODY_PHANTOMS = ("pmma-cube-150", "pmma-cylinder-mixed", "pmma-cube-inserts")
 AXIS_SHIFT_MM = 200.0
 
 
-def couch_protocol(name: str, nominal) -> list[tuple[tuple[float, float, float], tuple[str, ...]]]:
+def couch_protocol(name: str, nominal, axis_shift_mm: float | None = None
+                   ) -> list[tuple[tuple[float, float, float], tuple[str, ...]]]:
     """Couch positions of a calibration and which imagers take a frame at each (room frame, mm).
 
     ``axes``: centre and +-50 mm along X, Y, Z, both imagers (the older benchmark's set).
-    ``depth``: centre and +-50 mm along Y (both imagers), then +-AXIS_SHIFT_MM along each imager's central axis
-    (that imager only) -- the same number of exposures per imager (5 + 2 = 7) with a 4x longer depth lever.
+    ``depth``: centre and +-50 mm along Y (both imagers), then +-``axis_shift_mm`` (default AXIS_SHIFT_MM) along each
+    imager's central axis (that imager only): 7 positions, 5 exposures per imager, a 4x longer depth lever.
     """
+    axis_shift_mm = AXIS_SHIFT_MM if axis_shift_mm is None else float(axis_shift_mm)
     if name == "axes":
         return [(tuple(map(float, sh)), nominal.names) for sh in SHIFTS_MM]
     if name != "depth":
@@ -211,7 +218,7 @@ def couch_protocol(name: str, nominal) -> list[tuple[tuple[float, float, float],
     out = [((0.0, 0.0, 0.0), nominal.names), ((0.0, 50.0, 0.0), nominal.names), ((0.0, -50.0, 0.0), nominal.names)]
     for im in nominal.imagers:
         for sign in (1.0, -1.0):
-            out.append((tuple(float(v) for v in np.round(sign * AXIS_SHIFT_MM * im.normal, 6)), (im.name,)))
+            out.append((tuple(float(v) for v in np.round(sign * axis_shift_mm * im.normal, 6)), (im.name,)))
     return out
 
 
@@ -239,7 +246,8 @@ def _overlapping_phantom(ph, j: int, imager):
 
 
 def bench_bodies(cases: int, n_positions: int, protocol: str = "depth", start: int = 0,
-                 bodies: tuple[str, ...] = BODY_PHANTOMS) -> None:
+                 bodies: tuple[str, ...] = BODY_PHANTOMS, axis_shift_mm: float = AXIS_SHIFT_MM,
+                 axis_exposures: int = 1) -> None:
     """Issue 13: bodied phantoms through the clinic chain (ChainConfig.clinic, i0 20000), frames flat-field corrected
     with the panel's own maps, phantom on the lasers, ``n_positions`` couch positions (centre, +-50 mm along X, Y, Z,
     in that order); calibrate + acceptance gate. The one-position solve uses the same case's centre frames. Gate
@@ -259,9 +267,13 @@ def bench_bodies(cases: int, n_positions: int, protocol: str = "depth", start: i
     g = np.linspace(-100.0, 100.0, 11)
     held = np.stack(np.meshgrid(g, g, g), axis=-1).reshape(-1, 3)
     corners = np.array([[x, y, z] for x in (-75.0, 75.0) for y in (-75.0, 75.0) for z in (-75.0, 75.0)])
-    plan = couch_protocol(protocol, nominal)[:n_positions]
+    plan = couch_protocol(protocol, nominal, axis_shift_mm)[:n_positions]
+    # Repeated exposures at the one-imager (along-the-axis) positions: independent frames, each its own noise.
+    plan = [entry for entry in plan for _ in range(axis_exposures if len(entry[1]) == 1 else 1)]
     print(f"command: python benchmarks/bench_calibration.py --bodies {cases} --positions {n_positions} --protocol {protocol}"
           + (f" --bodies-start {start}" if start else "")
+          + (f" --axis-shift-mm {axis_shift_mm:g}" if axis_shift_mm != AXIS_SHIFT_MM else "")
+          + (f" --axis-exposures {axis_exposures}" if axis_exposures != 1 else "")
           + ("".join(f" --body {b}" for b in bodies) if tuple(bodies) != BODY_PHANTOMS else ""))
     print(f"clinic chain i0 {I0:g}, protocol {protocol}: {n_positions} couch positions "
           f"({'; '.join(str(list(sh)) + ' ' + '+'.join(ims) for sh, ims in plan)}), flat-field corrected; machine "
