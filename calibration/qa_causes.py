@@ -432,7 +432,8 @@ def analyse_causes(geometry: StereoGeometry, phantom: BBPhantom, pixels: dict, s
     # flagged too. Each candidate single cause is also tested against the fit of every cause of every imager (6 x
     # imagers unknowns + setup): the changed imager's cause explains the whole pair, an echo's does not. (The
     # per-imager combined fit cannot decide this: the other imager's six unknowns, at any size, mimic too much --
-    # a 0.3 deg panel rotation of B is B's setup rotation plus a ~7 mm source shift of A.)
+    # a 0.3 deg panel rotation of B is, to the noise, a phantom rotation about B's axis plus A's source and panel
+    # shifts of several mm that undo what A sees of it.)
     if len(model.names) > 1 and sum(v.changed for v in verdicts.values()) > 1:
         every = model.fit([(n, _COMBINED) for n in model.names], base.x)
         chi2_every = min(float(every.fun @ every.fun), *combined.values())
