@@ -84,6 +84,8 @@ def main(argv=None) -> None:
     for i, v in enumerate(views):
         r = solve_geometry(ph, tuple(w for j, w in enumerate(views) if j != i), nominal)
         print(f"  without {v.imager} at {np.round(v.couch_shift_mm, 1).tolist()}: " + _source_line(r, true))
+    if args.draws <= 0:
+        return
     # Protocol precision from the stated sigmas (Gaussian noise, exact projections).
     sig = {}
     for v in views:
