@@ -37,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from spineguide.calibration.geometry import ImagerGeometry, StereoGeometry, default_stereo_geometry  # noqa: E402
 from spineguide.calibration.phantom import default_phantom  # noqa: E402
 from spineguide.calibration.qa import QAStatus, run_qa  # noqa: E402
+from spineguide.calibration.qa_causes import CAUSES  # noqa: E402
 from spineguide.calibration.solve import CalibrationFrame, calibrate  # noqa: E402
 from spineguide.tracking.room import DetectorModel, perturbed_geometry, render_bb_frames  # noqa: E402
 
@@ -75,17 +76,30 @@ def main(argv=None) -> None:
     parser.add_argument("--bodies", type=int, default=None, metavar="N",
                         help="instead: N cases per bodied phantom through the clinic chain (issue 13)")
     parser.add_argument("--bodies-start", type=int, default=0, help="first case index (new seeds for more cases)")
+    parser.add_argument("--body", action="append", choices=BODY_PHANTOMS, default=None,
+                        help="with --bodies: only this phantom (repeatable; default all three)")
     parser.add_argument("--positions", type=int, default=7, help="couch positions per calibration (--bodies)")
     parser.add_argument("--protocol", choices=("depth", "axes"), default="depth", help="couch protocol (--bodies)")
+    parser.add_argument("--axis-shift-mm", type=float, default=AXIS_SHIFT_MM,
+                        help="depth protocol: couch shift along each imager's central axis, mm")
+    parser.add_argument("--axis-exposures", type=int, default=1,
+                        help="depth protocol: exposures (independent frames) at each shifted-along-the-axis position")
     parser.add_argument("--qa", type=int, default=None, metavar="N",
                         help="instead: N daily-QA pairs per condition on the bodied cube (issue 13)")
     parser.add_argument("--qa-start", type=int, default=0, help="first QA pair index (new seeds for more pairs)")
+    parser.add_argument("--qa-conditions", default=",".join(QA_CONDITIONS),
+                        help="comma-separated subset of: " + ", ".join(QA_CONDITIONS))
     args = parser.parse_args(argv)
     if args.qa is not None:
-        bench_qa(args.qa, start=args.qa_start)
+        conditions = tuple(c.strip() for c in args.qa_conditions.split(","))
+        unknown = [c for c in conditions if c not in QA_CONDITIONS]
+        if unknown:
+            raise SystemExit(f"unknown QA condition(s) {unknown}: choose from {list(QA_CONDITIONS)}")
+        bench_qa(args.qa, start=args.qa_start, conditions=conditions)
         return
     if args.bodies is not None:
-        bench_bodies(args.bodies, args.positions, args.protocol, args.bodies_start)
+        bench_bodies(args.bodies, args.positions, args.protocol, args.bodies_start, tuple(args.body or BODY_PHANTOMS),
+                     args.axis_shift_mm, args.axis_exposures)
         return
 
     nominal = default_stereo_geometry()
@@ -188,13 +202,15 @@ BODY_PHANTOMS = ("pmma-cube-150", "pmma-cylinder-mixed", "pmma-cube-inserts")
 AXIS_SHIFT_MM = 200.0
 
 
-def couch_protocol(name: str, nominal) -> list[tuple[tuple[float, float, float], tuple[str, ...]]]:
+def couch_protocol(name: str, nominal, axis_shift_mm: float | None = None
+                   ) -> list[tuple[tuple[float, float, float], tuple[str, ...]]]:
     """Couch positions of a calibration and which imagers take a frame at each (room frame, mm).
 
     ``axes``: centre and +-50 mm along X, Y, Z, both imagers (the older benchmark's set).
-    ``depth``: centre and +-50 mm along Y (both imagers), then +-AXIS_SHIFT_MM along each imager's central axis
-    (that imager only) -- the same number of exposures per imager (5 + 2 = 7) with a 4x longer depth lever.
+    ``depth``: centre and +-50 mm along Y (both imagers), then +-``axis_shift_mm`` (default AXIS_SHIFT_MM) along each
+    imager's central axis (that imager only): 7 positions, 5 exposures per imager, a 4x longer depth lever.
     """
+    axis_shift_mm = AXIS_SHIFT_MM if axis_shift_mm is None else float(axis_shift_mm)
     if name == "axes":
         return [(tuple(map(float, sh)), nominal.names) for sh in SHIFTS_MM]
     if name != "depth":
@@ -202,7 +218,7 @@ def couch_protocol(name: str, nominal) -> list[tuple[tuple[float, float, float],
     out = [((0.0, 0.0, 0.0), nominal.names), ((0.0, 50.0, 0.0), nominal.names), ((0.0, -50.0, 0.0), nominal.names)]
     for im in nominal.imagers:
         for sign in (1.0, -1.0):
-            out.append((tuple(float(v) for v in np.round(sign * AXIS_SHIFT_MM * im.normal, 6)), (im.name,)))
+            out.append((tuple(float(v) for v in np.round(sign * axis_shift_mm * im.normal, 6)), (im.name,)))
     return out
 
 
@@ -229,7 +245,9 @@ def _overlapping_phantom(ph, j: int, imager):
     return BBPhantom(tuple(ph.markers) + (stray,), ph.name + "+X", ph.centre_offset_mm, ph.body)
 
 
-def bench_bodies(cases: int, n_positions: int, protocol: str = "depth", start: int = 0) -> None:
+def bench_bodies(cases: int, n_positions: int, protocol: str = "depth", start: int = 0,
+                 bodies: tuple[str, ...] = BODY_PHANTOMS, axis_shift_mm: float = AXIS_SHIFT_MM,
+                 axis_exposures: int = 1) -> None:
     """Issue 13: bodied phantoms through the clinic chain (ChainConfig.clinic, i0 20000), frames flat-field corrected
     with the panel's own maps, phantom on the lasers, ``n_positions`` couch positions (centre, +-50 mm along X, Y, Z,
     in that order); calibrate + acceptance gate. The one-position solve uses the same case's centre frames. Gate
@@ -249,14 +267,19 @@ def bench_bodies(cases: int, n_positions: int, protocol: str = "depth", start: i
     g = np.linspace(-100.0, 100.0, 11)
     held = np.stack(np.meshgrid(g, g, g), axis=-1).reshape(-1, 3)
     corners = np.array([[x, y, z] for x in (-75.0, 75.0) for y in (-75.0, 75.0) for z in (-75.0, 75.0)])
-    plan = couch_protocol(protocol, nominal)[:n_positions]
+    plan = couch_protocol(protocol, nominal, axis_shift_mm)[:n_positions]
+    # Repeated exposures at the one-imager (along-the-axis) positions: independent frames, each its own noise.
+    plan = [entry for entry in plan for _ in range(axis_exposures if len(entry[1]) == 1 else 1)]
     print(f"command: python benchmarks/bench_calibration.py --bodies {cases} --positions {n_positions} --protocol {protocol}"
-          + (f" --bodies-start {start}" if start else ""))
+          + (f" --bodies-start {start}" if start else "")
+          + (f" --axis-shift-mm {axis_shift_mm:g}" if axis_shift_mm != AXIS_SHIFT_MM else "")
+          + (f" --axis-exposures {axis_exposures}" if axis_exposures != 1 else "")
+          + ("".join(f" --body {b}" for b in bodies) if tuple(bodies) != BODY_PHANTOMS else ""))
     print(f"clinic chain i0 {I0:g}, protocol {protocol}: {n_positions} couch positions "
           f"({'; '.join(str(list(sh)) + ' ' + '+'.join(ims) for sh, ims in plan)}), flat-field corrected; machine "
           f"{platform.machine()}, python {platform.python_version()}, numpy {np.__version__}")
     rows = []
-    for body in BODY_PHANTOMS:
+    for body in bodies:
         ph = read_phantom(Path(__file__).resolve().parents[1] / "calibration" / "data" / f"{body}.json")
         acc = {k: [] for k in ("held", "held1", "iso", "corner", "src", "src1", "z", "secs")}
         passes, catches, overlap_catches, refused = 0, 0, 0, []
@@ -364,7 +387,17 @@ def _changed(geometry, condition: str, rng):
     return StereoGeometry(tuple(out), geometry.calibrated_unix_s, geometry.notes), im.name
 
 
-def bench_qa(trials: int, body: str = "pmma-cube-150", start: int = 0) -> None:
+def _clopper_pearson(k: int, n: int, level: float = 0.95) -> tuple[float, float]:
+    """Exact two-sided ``level`` interval of a binomial proportion ``k / n``."""
+    from scipy.stats import beta
+
+    a = 1.0 - level
+    lo = 0.0 if k == 0 else float(beta.ppf(a / 2, k, n - k + 1))
+    hi = 1.0 if k == n else float(beta.ppf(1 - a / 2, k + 1, n - k))
+    return lo, hi
+
+
+def bench_qa(trials: int, body: str = "pmma-cube-150", start: int = 0, conditions=QA_CONDITIONS) -> None:
     """Issue 13 item 5: daily QA with setup errors up to 2 mm / 1 deg (uniform magnitude, random direction) through
     the clinic chain (one stereo pair, flat-field corrected), against a stored geometry equal to the true room
     (a perfect calibration, so that only QA is measured); per condition ``trials`` pairs. Caught = status not PASS;
@@ -378,10 +411,12 @@ def bench_qa(trials: int, body: str = "pmma-cube-150", start: int = 0) -> None:
     chain = ChainConfig.clinic(i0=I0)
     maps = [DetectorMaps.make(im.rows, im.cols, chain, k) for k, im in enumerate(nominal.imagers)]
     ph = read_phantom(Path(__file__).resolve().parents[1] / "calibration" / "data" / f"{body}.json")
-    print(f"command: python benchmarks/bench_calibration.py --qa {trials}" + (f" --qa-start {start}" if start else ""))
-    rows, limits = [], {}
-    for condition in QA_CONDITIONS:
+    print(f"command: python benchmarks/bench_calibration.py --qa {trials}" + (f" --qa-start {start}" if start else "")
+          + (f" --qa-conditions '{','.join(conditions)}'" if tuple(conditions) != QA_CONDITIONS else ""))
+    rows, limits, separation = [], {}, {}
+    for condition in conditions:
         caught, named, fails, secs, setup_err = 0, 0, 0, [], []
+        among, wrong, other_flagged = 0, 0, 0
         for trial in range(start, start + trials):
             rng = np.random.default_rng(90_000 + 1000 * QA_CONDITIONS.index(condition) + trial)
             stored = perturbed_geometry(nominal, rng)
@@ -396,20 +431,31 @@ def bench_qa(trials: int, body: str = "pmma-cube-150", start: int = 0) -> None:
             fails += r.status is QAStatus.FAIL
             setup_err.append(float(np.linalg.norm(r.causes.setup.translation_mm - setup.translation_mm)))
             if which is not None:
-                best = r.causes.best_cause(which)
-                named += best is not None and condition.startswith(best.cause)
+                v = r.causes.verdicts[which]
+                cands = {t.cause for t in v.candidates}
+                right = next(c for c in CAUSES if condition.startswith(c))
+                named += v.named is not None and v.named.cause == right
+                among += right in cands and len(cands) > 1
+                wrong += v.changed and right not in cands
+                other_flagged += any(n != which for n in r.causes.changed_imagers)
             for d in r.causes.limits:
                 limits.setdefault((d.imager, d.cause), []).append((d.best, d.worst))
+            for d in r.causes.separation:
+                separation.setdefault((d.imager, d.cause, d.rival), []).append((d.best, d.worst))
             print(f"QA {condition} trial {trial}: {r.status.value}"
                   + (f" ({'; '.join(r.reasons)})" if r.reasons else ""), flush=True)
-        rows.append((condition, caught, named, fails, np.median(setup_err), np.median(secs)))
+        rows.append((condition, caught, named, among, wrong, other_flagged, fails, np.median(setup_err),
+                     np.median(secs)))
     print()
-    print(f"| condition ({trials} pairs each, setup errors <= 2 mm / 1 deg) | flagged (ACTION or FAIL) | FAIL | "
-          "changed imager named with the right cause | setup translation error mm (median) | run_qa s (median) |")
-    print("|---|---|---|---|---|---|")
-    for condition, caught, named, fails, se, sec in rows:
-        nm = "-" if condition == "none" else f"{named}/{trials}"
-        print(f"| {condition} | {caught}/{trials} | {fails}/{trials} | {nm} | {se:.3f} | {sec:.1f} |")
+    print(f"| condition ({trials} pairs each, setup errors <= 2 mm / 1 deg) | flagged (ACTION or FAIL), 95 % CI | FAIL | "
+          "right cause named alone | right cause among several candidates | right cause not a candidate | "
+          "other imager also flagged | setup translation error mm (median) | run_qa s (median) |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for condition, caught, named, among, wrong, other, fails, se, sec in rows:
+        lo, hi = _clopper_pearson(caught, trials)
+        f = (lambda k: "-") if condition == "none" else (lambda k: f"{k}/{trials}")
+        print(f"| {condition} | {caught}/{trials} ({100 * lo:.1f}-{100 * hi:.1f} %) | {fails}/{trials} | {f(named)} | "
+              f"{f(among)} | {f(wrong)} | {f(other)} | {se:.3f} | {sec:.1f} |")
     print()
     print("| imager | cause | detection limit (95 % power), best direction, median | worst direction, median |")
     print("|---|---|---|---|")
@@ -417,6 +463,13 @@ def bench_qa(trials: int, body: str = "pmma-cube-150", start: int = 0) -> None:
         a = np.array(v)
         unit = "deg" if cause == "panel rotation" else "mm"
         print(f"| {imager} | {cause} | {np.median(a[:, 0]):.3f} {unit} | {np.median(a[:, 1]):.3f} {unit} |")
+    print()
+    print("| imager | cause | told from (rival excluded, 95 % power) | best direction, median | worst direction, median |")
+    print("|---|---|---|---|---|")
+    for (imager, cause, rival), v in sorted(separation.items()):
+        a = np.array(v)
+        unit = "deg" if cause == "panel rotation" else "mm"
+        print(f"| {imager} | {cause} | {rival} | {np.median(a[:, 0]):.3f} {unit} | {np.median(a[:, 1]):.3f} {unit} |")
 
 
 if __name__ == "__main__":

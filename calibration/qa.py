@@ -235,7 +235,8 @@ class QAResult:
             "reasons": list(self.reasons),
             **({"setup": {"translation_mm": self.causes.setup.translation_mm.tolist(),
                           "rotation_deg": self.causes.setup.rotation_deg.tolist()},
-                "changes": [t.describe() for t in self.causes.tests if t.significant]} if self.causes else {}),
+                "changes": [self.causes.verdicts[n].describe() for n in self.causes.changed_imagers]}
+               if self.causes else {}),
             "tolerances": {
                 "offset_action_mm": self.tolerances.offset_action_mm,
                 "offset_tolerance_mm": self.tolerances.offset_tolerance_mm,
@@ -330,8 +331,8 @@ def run_qa(
         status = tol.grade(rms * scale, tol.reprojection_action_mm, tol.reprojection_tolerance_mm)
         change = ""
         if im.name in changed:
-            best = causes.best_cause(im.name)
-            change = best.describe() if best is not None else (
+            verdict = causes.verdicts[im.name]
+            change = verdict.describe() if verdict.candidates else (
                 f"imager {im.name}: residuals after the setup fit exceed the noise (chi-square "
                 f"{causes.chi2_setup[im.name]:.1f} > {causes.omnibus_threshold[im.name]:.1f}) with no single cause")
             status = max(status, QAStatus.ACTION, key=_ORDER.__getitem__)

@@ -18,6 +18,21 @@ each imager's remaining chi-square (an omnibus test for anything else), so
 the family-wise false-alarm rate on an unchanged room is at most
 :data:`FALSE_ALARM` when the sigmas are honest.
 
+**Naming the cause** (:class:`CauseVerdict`): the causes are not nested, so
+the largest drop does not decide between them (a source shift has one unknown
+more and nearly contains a panel shift). Each cause is tested against the fit
+of *all three* causes of the imager at once (with the setup): a cause whose
+excess chi-square is improbable under it (level :data:`NAMING_ERROR`) is
+excluded; the rest are the candidates. The physics behind it: a source shift
+``s`` parallel to the panel moves a BB's shadow by ``-s (SID - D) / D`` with
+``D`` the BB's distance from the source -- like a panel shift of about
+``-0.64 s``, but varying with the BB's depth (parallax, +-4 % over the cube);
+a shift along the central ray changes the magnification. A panel shift moves
+every shadow equally. Below the **separation limits**
+(:class:`SeparationLimit`, the same Fisher construction with the rival cause
+and the setup projected out) one pair cannot tell them apart and both are
+named.
+
 **Detection limits** follow from the same model: with ``J_c`` the weighted
 Jacobian of a cause and ``P`` the projection onto what the setup can absorb,
 ``F = ((I - P) J_c)^T ((I - P) J_c)``; a change ``delta d`` (unit direction
@@ -53,6 +68,8 @@ __all__ = [
     "PhantomSetup",
     "CauseTest",
     "DetectionLimit",
+    "SeparationLimit",
+    "CauseVerdict",
     "CauseAnalysis",
     "analyse_causes",
 ]
@@ -64,8 +81,14 @@ QA_FLOOR_PX = 0.03
 FALSE_ALARM = 0.01
 #: Probability with which a change at the stated detection limit is found.
 DETECTION_POWER = 0.95
+#: Probability, per imager, that the true cause is wrongly excluded from the named candidates (honest sigmas),
+#: split over the causes (Bonferroni).
+NAMING_ERROR = 0.01
 #: Cause -> (number of unknowns, unit).
 CAUSES = {"panel shift": (2, "mm"), "panel rotation": (1, "deg"), "source shift": (3, "mm")}
+#: Every cause of one imager at once (the encompassing model the causes are tested against), 6 unknowns.
+_COMBINED = "combined"
+_N_COMBINED = sum(k for k, _ in CAUSES.values())
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,6 +144,71 @@ class DetectionLimit:
 
 
 @dataclass(frozen=True, slots=True)
+class SeparationLimit:
+    """Smallest change of ``cause`` with which today's pair excludes ``rival`` as its explanation.
+
+    With :data:`DETECTION_POWER` probability, in the best and the worst direction of ``cause`` (unit of ``cause``);
+    ``worst`` is ``inf`` when some direction of ``cause`` is exactly what ``rival`` plus a setup error does. A change
+    below the limit is reported with both as candidates.
+    """
+
+    imager: str
+    cause: str
+    rival: str
+    best: float
+    worst: float
+    unit: str
+
+
+@dataclass(frozen=True, slots=True)
+class CauseVerdict:
+    """Which causes explain one imager's change, decided against the fit of all causes at once.
+
+    Each cause, fitted with the setup, is compared with the *combined* fit (all three causes of the imager and the
+    setup): its excess chi-square ``chi2_cause - chi2_combined`` is, when that cause is the truth and the sigmas are
+    honest, chi-square with ``6 - k`` degrees of freedom (fewer where the causes overlap: conservative). A cause is
+    **excluded** when the excess passes ``chi2.isf(NAMING_ERROR / 6, 6 - k)``; the others that are significant on
+    their own are the **candidates**, most likely (largest p-value of the excess) first. When several imagers are
+    flagged, each candidate is also tested against the fit of every cause of every imager (``6 n - k`` degrees of
+    freedom, same level); an imager none of whose causes survives while another's does is the other's echo
+    (``own`` False). One candidate names the cause; several
+    mean that today's pair cannot tell them apart at its noise (see :class:`SeparationLimit`); none means that no
+    single cause explains the change.
+
+    ``excess`` maps cause -> (excess chi-square, exclusion level); ``changed`` is False when neither a cause nor
+    the omnibus test is significant for this imager; ``own`` is False when this imager is flagged only as the echo
+    of another imager's change (the setup-only fit spreads one imager's change over both).
+    """
+
+    imager: str
+    candidates: tuple[CauseTest, ...]
+    excess: dict
+    changed: bool = True
+    own: bool = True
+
+    @property
+    def named(self) -> CauseTest | None:
+        """The cause when exactly one candidate remains, else None."""
+        return self.candidates[0] if len(self.candidates) == 1 else None
+
+    def describe(self) -> str:
+        if not self.changed:
+            return f"imager {self.imager}: no change found"
+        if not self.own:
+            return (f"imager {self.imager}: no change of its own (its residuals after the setup-only fit are "
+                    "another imager's change)")
+        if not self.candidates:
+            parts = ", ".join(f"{c} (excess {e:.1f} > {lv:.1f})" for c, (e, lv) in self.excess.items())
+            return f"imager {self.imager}: no single cause explains the change (against the combined fit: {parts})"
+        if len(self.candidates) == 1:
+            return self.candidates[0].describe()
+        names = " or ".join(t.cause for t in self.candidates)
+        sizes = "; ".join(t.describe() for t in self.candidates)
+        return (f"imager {self.imager}: {names} (this pair cannot tell them apart at its noise, see the separation "
+                f"limits): {sizes}")
+
+
+@dataclass(frozen=True, slots=True)
 class CauseAnalysis:
     """Setup + per-imager geometry-change tests of one stereo pair.
 
@@ -135,6 +223,10 @@ class CauseAnalysis:
     limits : tuple of DetectionLimit
     residuals_px : dict imager -> (N, 2) array
         Measured minus projected after the setup fit, px (NaN where not found).
+    verdicts : dict imager -> CauseVerdict
+        Which causes explain each imager's change (candidates against the combined fit).
+    separation : tuple of SeparationLimit
+        Per imager and ordered pair of causes, the smallest change of one that excludes the other.
     """
 
     setup: PhantomSetup
@@ -144,16 +236,24 @@ class CauseAnalysis:
     tests: tuple[CauseTest, ...]
     limits: tuple[DetectionLimit, ...]
     residuals_px: dict
+    verdicts: dict
+    separation: tuple[SeparationLimit, ...] = ()
 
     @property
     def changed_imagers(self) -> tuple[str, ...]:
-        names = {t.imager for t in self.tests if t.significant}
-        names |= {n for n, c in self.chi2_setup.items() if c > self.omnibus_threshold[n]}
-        return tuple(sorted(names))
+        """Imagers with a change: flagged by their own tests, less the echoes of another imager's change
+        (``CauseVerdict.own`` False). Where a single cause of either imager explains the pair (a panel shift of A
+        across its epipolar lines is one of B plus a setup translation), both are named."""
+        return tuple(sorted(n for n, v in self.verdicts.items() if v.changed and v.own))
 
     def best_cause(self, imager: str) -> CauseTest | None:
-        cand = [t for t in self.tests if t.imager == imager and t.significant]
-        return max(cand, key=lambda t: t.chi2_drop / t.threshold) if cand else None
+        """The most likely candidate cause of ``imager``'s change (largest p-value against the combined fit), or None.
+
+        Not necessarily the only one: ``verdicts[imager].candidates`` lists every cause the pair cannot exclude,
+        ``verdicts[imager].named`` is set only when one remains.
+        """
+        v = self.verdicts.get(imager)
+        return v.candidates[0] if v is not None and v.candidates else None
 
 
 class _Model:
@@ -183,26 +283,45 @@ class _Model:
             x[6:9] = c[0] * np.cross(ref.col_direction, ref.row_direction)
         elif cause == "source shift":
             x[0:3] = c
+        elif cause == _COMBINED:  # panel shift (2), panel rotation (1), source shift (3)
+            x[3:6] = c[0] * ref.col_direction + c[1] * ref.row_direction
+            x[6:9] = c[2] * np.cross(ref.col_direction, ref.row_direction)
+            x[0:3] = c[3:6]
         return x
 
-    def residuals(self, v: np.ndarray, cause: tuple[str, str] | None = None) -> np.ndarray:
+    def residuals(self, v: np.ndarray, cause=None) -> np.ndarray:
+        """Weighted residuals (projected minus measured) for setup ``v[:6]`` and the causes' unknowns after it.
+
+        ``cause``: None (setup only), one ``(imager, cause)`` or a list of them (unknowns in that order).
+        """
+        items = [] if cause is None else [cause] if isinstance(cause[0], str) else list(cause)
         rot = Rotation.from_rotvec(np.radians(v[3:6])).as_matrix()
         room = self.p @ rot.T + self.base + v[0:3]
+        x9 = {n: np.zeros(9) for n in self.names}
+        pos = 6
+        for n, c in items:
+            k = _n_unknowns(c)
+            x9[n] = x9[n] + self.cause_delta(n, c, v[pos : pos + k])
+            pos += k
         out = []
         for n in self.names:
-            x9 = self.cause_delta(n, cause[1], v[6:]) if cause is not None and cause[0] == n else np.zeros(9)
-            proj = _project(_imager_state(self.refs[n], x9, False), room[self.ok[n]])
+            proj = _project(_imager_state(self.refs[n], x9[n], False), room[self.ok[n]])
             out.append(((proj - self.px[n]) * self.w[n][:, None]).ravel())
         return np.concatenate(out)
 
-    def fit(self, cause: tuple[str, str] | None = None, v0: np.ndarray | None = None):
-        n_c = CAUSES[cause[1]][0] if cause is not None else 0
+    def fit(self, cause=None, v0: np.ndarray | None = None):
+        items = [] if cause is None else [cause] if isinstance(cause[0], str) else list(cause)
+        n_c = sum(_n_unknowns(c) for _, c in items)
         x0 = np.zeros(6 + n_c) if v0 is None else np.concatenate([v0[:6], np.zeros(n_c)])
         sol = least_squares(lambda v: self.residuals(v, cause), x0, method="lm", x_scale=1.0, xtol=1e-12,
                             ftol=1e-12, gtol=1e-12)
         if not np.all(np.isfinite(sol.x)):
             raise CalibrationSolveError(f"QA setup fit did not converge: {sol.message}")
         return sol
+
+
+def _n_unknowns(cause: str) -> int:
+    return _N_COMBINED if cause == _COMBINED else CAUSES[cause][0]
 
 
 def _noncentrality_for_power(dof: int, level: float, power: float) -> float:
@@ -265,27 +384,78 @@ def analyse_causes(geometry: StereoGeometry, phantom: BBPhantom, pixels: dict, s
     # Projection onto what the setup absorbs (weighted units).
     j_p = base.jac
     proj = j_p @ np.linalg.pinv(j_p)
-    tests, limits = [], []
+    tests, limits, separation, verdicts, combined = [], [], [], {}, {}
     chi2_0 = float(r0 @ r0)
+    alpha_name = NAMING_ERROR / (2 * len(CAUSES))  # two exclusion tests per cause: within the imager, whole pair
+    chi2_single = {}
     for n in model.names:
+        chi2_c, jac_c = {}, {}
         for cause, (k, unit) in CAUSES.items():
             sol = model.fit((n, cause), base.x)
-            drop = chi2_0 - float(sol.fun @ sol.fun)
+            chi2_c[cause] = chi2_single[(n, cause)] = float(sol.fun @ sol.fun)
+            drop = chi2_0 - chi2_c[cause]
             level = float(chi2.isf(alpha, k))
             c_jtj = sol.jac.T @ sol.jac
             c_cov = np.linalg.pinv(c_jtj)
             sig = np.sqrt(np.maximum(np.diag(c_cov)[6:], 0.0))
             tests.append(CauseTest(n, cause, _ro(sol.x[6:]), _ro(sig), unit, drop, level, drop > level))
             # Detection limits at the stored geometry (linearised): the cause's Jacobian with the setup projected out.
-            j_c = _cause_jacobian(model, n, cause, base.x)
-            j_perp = j_c - proj @ j_c
-            f = j_perp.T @ j_perp
-            lam = _noncentrality_for_power(k, level, DETECTION_POWER)
-            ev = np.linalg.eigvalsh(f)
-            best = math.sqrt(lam / ev[-1]) if ev[-1] > 0 else math.inf
-            worst = math.sqrt(lam / ev[0]) if ev[0] > 1e-9 * max(ev[-1], 1e-300) else math.inf
+            j_c = jac_c[cause] = _cause_jacobian(model, n, cause, base.x)
+            best, worst = _limits(j_c - proj @ j_c, _noncentrality_for_power(k, level, DETECTION_POWER))
             limits.append(DetectionLimit(n, cause, best, worst, unit))
-    return CauseAnalysis(setup, chi2_setup, dof, omni, tuple(tests), tuple(limits), res_px)
+        # Which causes explain the change: each against the fit of all of them at once (the encompassing model).
+        both = model.fit((n, _COMBINED), base.x)
+        chi2_all = min(float(both.fun @ both.fun), *chi2_c.values())
+        excess = {}
+        for cause, (k, _) in CAUSES.items():
+            excess[cause] = (chi2_c[cause] - chi2_all, float(chi2.isf(alpha_name, _N_COMBINED - k)))
+        mine = [t for t in tests if t.imager == n]
+        # Most likely first: the largest p-value of the excess (a raw chi-square would favour the cause with more
+        # unknowns -- a source shift nearly contains a panel shift).
+        cand = sorted((t for t in mine if t.significant and excess[t.cause][0] <= excess[t.cause][1]),
+                      key=lambda t: -chi2.sf(max(excess[t.cause][0], 0.0), _N_COMBINED - CAUSES[t.cause][0]))
+        changed = any(t.significant for t in mine) or chi2_setup[n] > omni[n]
+        verdicts[n] = CauseVerdict(n, tuple(cand), excess, changed)
+        combined[n] = float(both.fun @ both.fun)
+        # Separation limits: a change of `cause` excludes `rival` once the part of it that neither `rival` nor the
+        # setup can absorb carries the non-centrality that gives the exclusion test 95 % power.
+        for rival, (k_r, _) in CAUSES.items():
+            j_sr = np.hstack([base.jac, jac_c[rival]])
+            p_sr = j_sr @ np.linalg.pinv(j_sr)
+            lam = _noncentrality_for_power(_N_COMBINED - k_r, excess[rival][1], DETECTION_POWER)
+            for cause, (_, unit) in CAUSES.items():
+                if cause != rival:
+                    j_c = jac_c[cause]
+                    best, worst = _limits(j_c - p_sr @ j_c, lam)
+                    separation.append(SeparationLimit(n, cause, rival, best, worst, unit))
+    # Which imager changed: the setup-only fit spreads one imager's change over all of them, so the other imager is
+    # flagged too. Each candidate single cause is also tested against the fit of every cause of every imager (6 x
+    # imagers unknowns + setup): the changed imager's cause explains the whole pair, an echo's does not. (The
+    # per-imager combined fit cannot decide this: the other imager's six unknowns, at any size, mimic too much --
+    # a 0.3 deg panel rotation of B is, to the noise, a phantom rotation about B's axis plus A's source and panel
+    # shifts of several mm that undo what A sees of it.)
+    if len(model.names) > 1 and sum(v.changed for v in verdicts.values()) > 1:
+        every = model.fit([(n, _COMBINED) for n in model.names], base.x)
+        chi2_every = min(float(every.fun @ every.fun), *combined.values())
+        n_every = _N_COMBINED * len(model.names)
+        alive = {n: tuple(t for t in v.candidates
+                          if chi2_single[(n, t.cause)] - chi2_every
+                          <= chi2.isf(alpha_name, n_every - CAUSES[t.cause][0]))
+                 for n, v in verdicts.items()}
+        if any(alive.values()):
+            for n, v in list(verdicts.items()):
+                if v.changed:
+                    verdicts[n] = CauseVerdict(n, alive[n], v.excess, True, own=bool(alive[n]))
+    return CauseAnalysis(setup, chi2_setup, dof, omni, tuple(tests), tuple(limits), res_px, verdicts,
+                         tuple(separation))
+
+
+def _limits(j_perp: np.ndarray, lam: float) -> tuple[float, float]:
+    """Smallest size found with non-centrality ``lam``, best and worst direction, from the residual Jacobian."""
+    ev = np.linalg.eigvalsh(j_perp.T @ j_perp)
+    best = math.sqrt(lam / ev[-1]) if ev[-1] > 0 else math.inf
+    worst = math.sqrt(lam / ev[0]) if ev[0] > 1e-9 * max(ev[-1], 1e-300) else math.inf
+    return best, worst
 
 
 def _cause_jacobian(model: _Model, name: str, cause: str, v: np.ndarray) -> np.ndarray:

@@ -56,6 +56,11 @@ def test_half_mm_panel_shift_across_the_epipolar_lines_is_found_and_named():
     best = result.causes.best_cause("A")
     assert best.cause == "panel shift"
     assert_allclose(best.value, [0.0, 0.5], rtol=0, atol=4 * max(best.sigma.max(), 0.01))
+    # A lateral source shift of ~0.8 mm does the same up to the markers' parallax; 0.5 mm is a quarter of the
+    # stated size at which a panel shift excludes a source shift (power ~3 % here), so both are named.
+    assert {t.cause for t in result.causes.verdicts["A"].candidates} == {"panel shift", "source shift"}
+    sep = {(d.imager, d.cause, d.rival): d for d in result.causes.separation}
+    assert sep[("A", "panel shift", "source shift")].best > 4 * 0.5
     # ... and, equally well, as the opposite row shift of B plus a setup translation along Y (both rows move
     # with Y): one stereo pair cannot say which panel moved, so both are named with their sizes.
     other = result.causes.best_cause("B")
@@ -72,6 +77,46 @@ def test_a_panel_shift_along_the_epipolar_lines_reads_as_setup_and_the_limit_say
     assert_allclose(np.linalg.norm(result.causes.setup.translation_mm), 0.5 / GEOMETRY["A"].magnification, rtol=0.2)
     lim = {(d.imager, d.cause): d for d in result.causes.limits}
     assert lim[("A", "panel shift")].worst > 2.0 and lim[("A", "panel shift")].best < 0.5
+
+
+def _source_shifted(shift_mm: np.ndarray) -> StereoGeometry:
+    a = GEOMETRY["A"]
+    moved = ImagerGeometry("A", a.source_mm + shift_mm, a.origin_mm, a.col_direction, a.row_direction,
+                           a.pixel_spacing_mm, a.rows, a.cols)
+    return StereoGeometry((moved, GEOMETRY["B"]))
+
+
+@pytest.mark.parametrize("direction", ["row", "axis"])
+def test_a_source_shift_beyond_the_separation_limits_is_named_a_source_shift(direction):
+    # Across A's central ray (its row direction, room Y) a 6 mm source shift moves the shadows like a ~3.8 mm panel
+    # shift that varies +-5 % with the markers' depth (parallax); along the ray (15 mm) it changes A's magnification
+    # by 0.7 %. Both lie beyond the stated limits at which a source shift excludes a panel shift or rotation
+    # (<= 5.3 mm in this 1.6 mm-pixel room): QA names "source shift" alone, with its size.
+    a = GEOMETRY["A"]
+    truth = 6.0 * a.row_direction if direction == "row" else 15.0 * a.normal
+    result = run_qa(GEOMETRY, PHANTOM, _frames(_source_shifted(truth), 7))
+    assert result.status is not QAStatus.PASS
+    sep = {(d.imager, d.cause, d.rival): d for d in result.causes.separation}
+    assert max(sep[("A", "source shift", r)].worst for r in ("panel shift", "panel rotation")) < 6.0
+    verdict = result.causes.verdicts["A"]
+    assert verdict.named is not None and verdict.named.cause == "source shift", verdict.describe()
+    err = np.abs(verdict.named.value - truth)
+    assert np.all(err <= 4 * verdict.named.sigma + 0.05), (verdict.named.value, verdict.named.sigma)
+    a_qa = {q.imager: q for q in result.imagers}["A"]
+    assert a_qa.change.startswith("imager A: source shift (")
+
+
+def test_a_small_lateral_source_shift_is_named_with_the_panel_shift_it_mimics():
+    # 0.8 mm across the ray: the shadows move ~0.5 mm, like a panel shift, and differ from one by ~0.03 mm of
+    # parallax -- far below the noise of one pair. QA flags imager A and names both, never one arbitrarily.
+    result = run_qa(GEOMETRY, PHANTOM, _frames(_source_shifted(0.8 * GEOMETRY["A"].row_direction), 8))
+    assert result.status is QAStatus.ACTION
+    verdict = result.causes.verdicts["A"]
+    assert {t.cause for t in verdict.candidates} == {"source shift", "panel shift"} and verdict.named is None
+    change = {q.imager: q for q in result.imagers}["A"].change
+    assert "source shift or panel shift" in change or "panel shift or source shift" in change
+    sep = {(d.imager, d.cause, d.rival): d for d in result.causes.separation}
+    assert sep[("A", "source shift", "panel shift")].best > 2 * 0.8
 
 
 def test_large_panel_shift_fails():

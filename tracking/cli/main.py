@@ -638,6 +638,9 @@ def _cmd_qa(args: argparse.Namespace) -> int:
               f"{_fmt_vec(st.rotation_deg, 2)} deg (not a geometry fault)")
         print("detection limits (95 % power) per imager: " + "; ".join(
             f"{d.imager} {d.cause} {d.best:.2f}-{d.worst:.2f} {d.unit}" for d in result.causes.limits))
+        print("cause told from its rival (95 % power) above: " + "; ".join(
+            f"{d.imager} {d.cause} vs {d.rival} {d.best:.2f}-{d.worst:.2f} {d.unit}" for d in result.causes.separation
+            if {d.cause, d.rival} == {"panel shift", "source shift"}))
     print(f"QA {result.status.value}; recorded in {history}")
     for reason in result.reasons:
         print(f"  - {reason}")
