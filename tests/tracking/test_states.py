@@ -390,3 +390,26 @@ def test_an_approval_is_accepted_exactly_while_the_proposal_is_young_enough(wait
     reply = h.cmd("approve_correction", pair_id=pid)
     assert reply["ok"] is (age_s <= APPROVAL_MAX_AGE_S)
     assert len(_applied(h.sent)) == (1 if reply["ok"] else 0)
+
+
+def test_a_run_of_one_failure_reason_logs_one_warning_and_the_repeats_at_debug(caplog):
+    # An idle room sends pairs at 10 Hz: each is not_monitoring. The log says so once (then at DEBUG) and
+    # again when the reason changes or after a good pair; the record keeps every pair either way.
+    import logging
+
+    h = Harness()
+    logger = "spineguide.tracking.service.states"
+    with caplog.at_level(logging.DEBUG, logger=logger):
+        for _ in range(5):
+            h.pair(Pose.identity())
+    failures = [r for r in caplog.records if r.name == logger and ": not_monitoring (" in r.getMessage()]
+    assert len(failures) == 5
+    assert [r.levelno for r in failures] == [logging.WARNING] + [logging.DEBUG] * 4
+    caplog.clear()
+    h.to_state(ServiceState.MONITORING)  # load, setup, one good pair, monitoring
+    with caplog.at_level(logging.DEBUG, logger=logger):
+        h.pair(Pose.identity(), pixels=np.zeros((32, 32), np.uint16))  # no pattern: fiducial_missing
+        h.pair(Pose.identity(), pixels=np.zeros((32, 32), np.uint16))
+    failures = [r for r in caplog.records if r.name == logger and "fiducial_missing" in r.getMessage()
+                and r.getMessage().startswith("pair ")]
+    assert [r.levelno for r in failures] == [logging.WARNING, logging.DEBUG]

@@ -223,6 +223,7 @@ class Engine:
         self.gating_state = GatingState()
         self.last_frame_unix_s: float | None = None
         self.last_pose: Pose | None = None
+        self._last_failure: tuple[str, str] | None = None  # (reason, detail) of the last pair not ok: repeats log at DEBUG
         self.pending: dict[str, Any] | None = None      # correction proposed / sent in setup
         self.couch_moved_unix_s: float | None = None
         self._last_measured: list[tuple[float, np.ndarray]] | None = None  # recent (acquired_unix_s, deviation_mm)
@@ -644,8 +645,14 @@ class Engine:
         self._count("pairs")
         if result.ok:
             self.last_pose = result.pose
+            self._last_failure = None
         else:
-            log.warning("pair %d: %s (%s)", job.pair_id, result.reason.value, result.detail)
+            # The first pair of a run of one reason at WARNING, the repeats at DEBUG (an idle room sends
+            # not_monitoring ten times a second); every pair is in the record either way.
+            failure = (result.reason.value, result.detail)
+            level = logging.DEBUG if failure == self._last_failure else logging.WARNING
+            self._last_failure = failure
+            log.log(level, "pair %d: %s (%s)", job.pair_id, result.reason.value, result.detail)
         state = self.state
         if state is ServiceState.MONITORING:
             self._monitor(job, result, now)
