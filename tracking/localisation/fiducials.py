@@ -31,6 +31,7 @@ from enum import Enum
 import numpy as np
 
 from spineguide.calibration.errors import GeometryError
+from spineguide.calibration.foundation import checked_integer, checked_number
 from spineguide.calibration.geometry import StereoGeometry
 from spineguide.registration.points import (
     PointFlag,
@@ -158,12 +159,12 @@ class FaintSearchConfig:
                      "local_reach_mm", "pool_mm", "smooth_mm", "seed_min_snr", "near_mm", "anchor_min_snr",
                      "moved_min_snr", "migration_search_mm", "two_seed_min_snr", "search_margin_mm"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-                raise FiducialConfigError(
-                    f"faint search config: {name} must be a positive finite number, got {value!r}")
-        k = self.hypotheses
-        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-            raise FiducialConfigError(f"faint search config: hypotheses must be a positive integer, got {k!r}")
+            checked_number(value, FiducialConfigError,
+                           f"faint search config: {name} must be a positive finite number, got {value!r}",
+                           minimum=0.0, exclusive_minimum=True)
+        checked_integer(self.hypotheses, FiducialConfigError,
+                        f"faint search config: hypotheses must be a positive integer, got {self.hypotheses!r}",
+                        minimum=1)
         if not isinstance(self.enabled, bool):
             raise FiducialConfigError(f"faint search config: enabled must be a bool, got {self.enabled!r}")
 
@@ -228,8 +229,9 @@ class FiducialConfig:
         for name in ("max_epipolar_px", "max_ray_distance_mm", "association_tolerance_mm", "prior_radius_mm",
                      "max_rotation_deg", "max_fre_mm", "swap_margin_mm", "agreement_mm"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-                raise FiducialConfigError(f"fiducial config: {name} must be a positive finite number, got {value!r}")
+            checked_number(value, FiducialConfigError,
+                           f"fiducial config: {name} must be a positive finite number, got {value!r}",
+                           minimum=0.0, exclusive_minimum=True)
 
 
 @dataclass(frozen=True, slots=True)
@@ -939,27 +941,26 @@ def _fit_at(predicted_room_mm, seeds, signals, levels, masks, maps, ims, names, 
         px = ims[v].project(predicted_room_mm[ks])
         rmap = maps[n].response
         orient = sample_bilinear(rmap.orientation_deg, rmap.to_map(px))  # start orientation only
-        known = np.array([previous is not None and previous[v][k] is not None for k in ks], dtype=bool)
         got: list[Detection | None] = [None] * len(ks)
-        for group, starts in ((np.flatnonzero(~known), None), (np.flatnonzero(known), 1)):
-            if not len(group):
-                continue
-            start = (orient[group] if starts is None
-                     else np.array([previous[v][ks[q]].orientation_deg for q in group], dtype=np.float64))
-            res = refine_seeds(signals[n], ims[v], levels[n], px[group], start, config.detection, fc.seed_min_snr,
-                               masks.get(n), **({} if starts is None else {"starts": starts}))
-            for q, d in zip(group, res):
+
+        def fit(group: np.ndarray, start_deg: np.ndarray, **starts) -> None:
+            for q, d in zip(group, refine_seeds(signals[n], ims[v], levels[n], px[group], start_deg, config.detection,
+                                                fc.seed_min_snr, masks.get(n), **starts)):
                 got[q] = d
+
+        known = np.array([previous is not None and previous[v][k] is not None for k in ks], dtype=bool)
+        fresh, refit = np.flatnonzero(~known), np.flatnonzero(known)
+        if len(fresh):
+            fit(fresh, orient[fresh])
+        if len(refit):
+            fit(refit, np.array([previous[v][ks[q]].orientation_deg for q in refit], dtype=np.float64), starts=1)
         limit = near_mm * _px_per_mm(ims[v])
         # A refit from an earlier fit's orientation that missed (that fit may have settled on something
         # else): every start orientation again.
-        again = np.array([q for q in np.flatnonzero(known)
+        again = np.array([q for q in refit
                           if got[q] is None or np.hypot(*(np.asarray(got[q].centre_px) - px[q])) > limit], dtype=int)
         if len(again):
-            res = refine_seeds(signals[n], ims[v], levels[n], px[again], orient[again], config.detection,
-                               fc.seed_min_snr, masks.get(n))
-            for q, d in zip(again, res):
-                got[q] = d
+            fit(again, orient[again])
         for k, p, d in zip(ks, px, got):
             if d is not None and np.hypot(*(np.asarray(d.centre_px) - p)) <= limit:
                 fits[v][k] = d
