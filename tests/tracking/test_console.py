@@ -14,11 +14,12 @@ import time
 import cv2
 import numpy as np
 import pytest
-from aiohttp import test_utils
 from numpy.testing import assert_allclose
 
 from spineguide.calibration.geometry import default_stereo_geometry
 from spineguide.registration.pose import Pose
+from tests.tracking.console_harness import run_console
+
 from spineguide.tracking.console.config import (
     ConsoleConfig,
     ConsoleConfigError,
@@ -38,7 +39,7 @@ from spineguide.tracking.console.review import (
     review_session,
     write_review_html,
 )
-from spineguide.tracking.console.server import ConsoleServer, _pair_frame_files
+from spineguide.tracking.console.server import _pair_frame_files
 from spineguide.tracking.console.users import LOCKOUT_FAILURES
 from spineguide.tracking.errors import FrameError
 from spineguide.tracking.service.record import RecordError, SessionRecord, read_record
@@ -65,17 +66,7 @@ def _config(**kw) -> ConsoleConfig:
 
 def _run(coro_fn, config: ConsoleConfig):
     """Run ``coro_fn(console, client)`` with a connected console behind aiohttp's test client."""
-    async def main():
-        console = ConsoleServer(config)
-        await console.connect()
-        client = test_utils.TestClient(test_utils.TestServer(console.app))
-        await client.start_server()
-        try:
-            return await coro_fn(console, client)
-        finally:
-            await client.close()
-            await console.stop()
-    return asyncio.run(main())
+    return run_console(coro_fn, config)
 
 
 def _gating(seq, t, beam, reason, deviation=None, pair_id=None):

@@ -18,11 +18,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from aiohttp import test_utils
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from spineguide.registration.volume import PatientPosition, room_from_lps_matrix
+from tests.tracking.console_harness import run_console
+
 from spineguide.tracking.console.config import ConsoleConfig, ConsoleConfigError
 from spineguide.tracking.console.fraction import PATIENT_DIRECTIONS, PlanEntry, direction_words
 from spineguide.tracking.console.reasons import REASONS, describe_reason
@@ -43,7 +44,7 @@ from spineguide.tracking.console.server import (
     LoginSession,
     _check_approval,
 )
-from spineguide.tracking.console.users import LOCKOUT_FAILURES, LoginGuard, UserStore, add_user
+from spineguide.tracking.console.users import LoginGuard, UserStore, add_user
 from spineguide.tracking.service.record import SessionRecord
 
 pytestmark = pytest.mark.timeout(60)
@@ -69,18 +70,7 @@ def _config(users=None, **kw) -> ConsoleConfig:
 
 
 def _run(coro_fn, config: ConsoleConfig):
-    async def main():
-        console = ConsoleServer(config)
-        console.plans = config.plans  # as if the (absent) service had listed these plans (list_plans)
-        await console.connect()
-        client = test_utils.TestClient(test_utils.TestServer(console.app))
-        await client.start_server()
-        try:
-            return await coro_fn(console, client)
-        finally:
-            await client.close()
-            await console.stop()
-    return asyncio.run(main())
+    return run_console(coro_fn, config, offer_plans=True)
 
 
 async def _login(client, name):
