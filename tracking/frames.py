@@ -160,15 +160,15 @@ def read_frame(path: str | os.PathLike, imager: ImagerGeometry, i0: float | None
     return KvFrame(imager.name, pixels, i0=i0, source=str(p))
 
 
-def parse_image_args(values: Iterable[str]) -> dict[str, Path]:
-    """``["A=frames/a.mha", "B=frames/b.mha"]`` -> ``{"A": Path, "B": Path}``."""
+def parse_image_args(values: Iterable[str], option: str = "--image") -> dict[str, Path]:
+    """``["A=frames/a.mha", "B=frames/b.mha"]`` -> ``{"A": Path, "B": Path}``; errors name ``option``."""
     out: dict[str, Path] = {}
     for text in values:
-        name, sep, file = text.partition("=")
+        name, sep, file = str(text).partition("=")
         if not sep or not name or not file:
-            raise FrameError(f"--image must be NAME=FILE, got {text!r}")
+            raise FrameError(f"{option} must be NAME=FILE, got {text!r}")
         if name in out:
-            raise FrameError(f"--image names imager '{name}' twice")
+            raise FrameError(f"{option} names imager '{name}' twice")
         out[name] = Path(file)
     return out
 

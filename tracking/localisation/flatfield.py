@@ -27,6 +27,7 @@ import cv2
 import numpy as np
 
 from ..errors import FrameError
+from ..frames import parse_image_args
 
 __all__ = ["FlatField", "correct_frames", "flat_fields_from_args", "flat_fields_from_geometry_json", "read_flat_field", "read_map"]
 
@@ -277,21 +278,9 @@ def flat_fields_from_geometry_json(obj: Mapping, base_dir: str | os.PathLike = "
     return out
 
 
-def _pairs(values, option: str) -> dict[str, Path]:
-    out: dict[str, Path] = {}
-    for text in values or ():
-        name, sep, file = str(text).partition("=")
-        if not sep or not name or not file:
-            raise FrameError(f"{option} must be NAME=FILE, got {text!r}")
-        if name in out:
-            raise FrameError(f"{option} names imager '{name}' twice")
-        out[name] = Path(file)
-    return out
-
-
 def flat_fields_from_args(gains, offsets, known: Mapping[str, FlatField] | None = None) -> dict[str, FlatField]:
     """Flat fields from ``--gain NAME=FILE`` / ``--offset NAME=FILE`` options, over ``known`` ones (geometry file)."""
-    gain, offset = _pairs(gains, "--gain"), _pairs(offsets, "--offset")
+    gain, offset = parse_image_args(gains or (), "--gain"), parse_image_args(offsets or (), "--offset")
     out = dict(known or {})
     for name in sorted(set(gain) | set(offset)):
         base = out.get(name)
