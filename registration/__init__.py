@@ -49,6 +49,9 @@ _LAZY = {
     "PlanError": "plan",
     "load_dicom_plan": "plan",
     "load_plan_files": "plan",
+    "MotionPrior": "motion_prior",
+    "MotionPriorError": "motion_prior",
+    "target_covariance_mm2": "motion_prior",
 }
 
 __all__, __getattr__, __dir__ = lazy_exports(__name__, _LAZY)
