@@ -53,7 +53,7 @@ def test_every_output_and_reply_carries_the_session():
     out = c.pair(1)
     assert {o["session"] for o in c.sent} == {"service-abc"} and beams(out) == [("ENABLE", "ok")]
     assert c.cmd("status")["session"] == "service-abc"
-    assert all(o["schema"].endswith("/1.1") for o in c.sent)
+    assert all(o["schema"].endswith("/1.2" if o["schema"].startswith("gating") else "/1.1") for o in c.sent)
     assert len(Engine(c.config, None, SessionRecord(None), print).session) == 32  # default: uuid4 hex
     with pytest.raises(TrackingError, match="session id"):
         Engine(c.config, None, SessionRecord(None), print, session="")

@@ -19,6 +19,7 @@ import zmq
 from spineguide.registration.pose import Pose
 from spineguide.tracking.service.config import (
     EndpointsConfig,
+    OneViewConfig,
     PlanConfig,
     RecordConfig,
     SafetyConfig,
@@ -46,11 +47,16 @@ SHIFT = Pose.from_six([0.2, -0.1, 0.1], [0.1, 0.0, 0.0])  # well within the 1 mm
 class Running:
     """A service driven into MONITORING with the beam enabled, plus connected peers."""
 
-    def __init__(self, tmp_path, limits: WireLimits = WireLimits()):
+    def __init__(self, tmp_path, limits: WireLimits = WireLimits(), one_view: OneViewConfig | None = None,
+                 tolerance_mm: float = 1.0):
         self.config = ServiceConfig(
             # ENABLE life and staleness 1.5 frame periods: an ENABLE always expires before the bound.
             safety=SafetyConfig(frame_period_s=FRAME_PERIOD_S, max_frame_age_s=0.15, enable_validity_s=0.15,
-                                pair_timeout_s=0.05),
+                                pair_timeout_s=0.05, tolerance_3d_mm=tolerance_mm,
+                                tolerance_axis_mm=(tolerance_mm,) * 3),
+            # The stereo fault cases run without one-view monitoring (a silent or saturated view is then a
+            # HOLD); tests/tracking/test_one_view_service.py runs them with it.
+            one_view=one_view if one_view is not None else OneViewConfig(enabled=False),
             endpoints=EndpointsConfig("tcp://127.0.0.1:0", "tcp://127.0.0.1:0", "tcp://127.0.0.1:0"),
             setup=SetupConfig("automatic"),
             plan=PlanConfig(pattern_noise_mm=NOISE_MM),

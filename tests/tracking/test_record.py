@@ -139,8 +139,8 @@ def _run_short_session(tmp_path, raw=True):
             shift = 1.5 if k == 5 else 0.2
             peers.send_pair(k, Pose.from_six([0, 0, shift], [0, 0, 0]))
             peers.sub.wait_for(lambda m, k=k: m["_topic"] == "gating" and m["pair_id"] == k, 2.0)
-        peers.send_pair(8, Pose.identity(), only=("A",))  # unpaired
-        peers.sub.wait_for(lambda m: m.get("reason") == "unpaired_frame", 2.0)
+        peers.send_pair(8, Pose.identity(), only=("A",))  # B silent: judged on view A alone (one-view monitoring)
+        peers.sub.wait_for(lambda m: m["_topic"] == "gating" and m["pair_id"] == 8 and m["one_view"] == "A", 2.0)
         peers.cmd.request("bogus")
     finally:
         peers.close()
@@ -152,11 +152,14 @@ def test_replay_of_a_recorded_session_reproduces_every_decision(tmp_path):
     path = _run_short_session(tmp_path)
     records = read_record(path)
     events = {r["event"] for r in records}
-    assert {"session", "command", "state", "frame", "pair", "sent", "frame_fault", "closed"} <= events
+    assert {"session", "command", "state", "frame", "pair", "sent", "closed"} <= events
     assert len(list((tmp_path / "session.jsonl.frames").glob("*.npy"))) == 2 * 8 + 1
     report = replay_session(path)
     assert report.differences == []
-    assert report.pairs == 8 and report.recomputed_pairs == 8
+    assert report.pairs == 9 and report.recomputed_pairs == 9  # the one-view pair 8 too
+    one = [r for r in records if r["event"] == "pair" and r["pair_id"] == 8][0]
+    assert one["result"]["one_view"] == "A" and one["result"]["quality"]["blocked"] == {"B": "unpaired_frame"}
+    assert one["reference"]["pose"] is not None
 
 
 def test_replay_reports_a_changed_decision(tmp_path):

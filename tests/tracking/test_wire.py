@@ -151,9 +151,14 @@ def test_outbound_messages_follow_conventions():
     decision = GatingDecision(Beam.ENABLE, HoldReason.OK, T + 0.2, 17, 0.3, T)
     topic, body = encode_gating(1, T, decision, session=SESSION)
     msg = json.loads(body)
-    assert topic == b"gating" and msg == {"schema": "gating/1.1", "session": SESSION, "seq": 1, "t_unix_s": T,
+    assert topic == b"gating" and msg == {"schema": "gating/1.2", "session": SESSION, "seq": 1, "t_unix_s": T,
                                           "beam": "ENABLE", "reason": "ok", "valid_until_unix_s": T + 0.2,
-                                          "pair_id": 17, "deviation_mm": 0.3}
+                                          "pair_id": 17, "deviation_mm": 0.3, "one_view": None,
+                                          "deviation_bound_mm": None}
+    one = GatingDecision(Beam.HOLD, HoldReason.ONE_VIEW_UNCERTAIN, T, 18, 0.4, T, "B", 1.3)
+    msg = json.loads(encode_gating(2, T, one, session=SESSION)[1])
+    assert msg["schema"] == "gating/1.2" and msg["reason"] == "one_view_uncertain"
+    assert msg["one_view"] == "B" and msg["deviation_bound_mm"] == 1.3
     parts = encode_heartbeat(2, T, "MONITORING", {"latency_ms": 12.0}, session=SESSION)
     assert decode_json_message(parts, "heartbeat")["state"] == "MONITORING"
 

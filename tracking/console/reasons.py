@@ -58,6 +58,8 @@ REASONS: dict[str, HoldReason] = dict([
     _r("nan_frame", "safety", "A frame contains invalid pixel values.", "Check the imager; call the physicist."),
     _r("saturated_frame", "safety", "A frame is saturated (over-exposed).",
        "Check kV technique and collimation; re-acquire."),
+    _r("dark_frame", "safety", "A frame is dark: the imager's view is blocked (gantry, robot) or the exposure failed.",
+       "Wait for the view to clear; check kV exposure if it persists."),
     _r("registration_failed", "safety", "The registration could not find the target in the images.",
        "Check the images (obstruction, field of view); re-image. Call the physicist if it persists."),
     _r("registration_refused", "safety", "The registration refused its own result (quality checks failed).",
@@ -88,6 +90,17 @@ REASONS: dict[str, HoldReason] = dict([
        "Wait for new images; call the physicist if it repeats."),
     _r("couch_timeout", "safety", "The couch did not report the move in time; the correction was withdrawn.",
        "Check the couch; a new proposal follows from the next images."),
+    _r("one_view_uncertain", "safety", "One view: one imager is blocked or unusable, and the other view cannot "
+       "confirm the target is within tolerance (95 % bound, out-of-plane mostly unknown).",
+       "Wait for both views (gantry clear); the beam enables again with a stereo pair or a confident one-view pair."),
+    _r("one_view_out_of_tolerance", "safety", "One view: one imager is blocked or unusable, and the other view "
+       "shows the target beyond tolerance.", "Watch the patient; when both views are back, start a new setup if needed."),
+    _r("one_view_refused", "safety", "One view: one imager is blocked or unusable, and the other view's "
+       "measurement was refused (target not found or not trusted).",
+       "Wait for both views; check the images. Call the physicist if it persists."),
+    _r("one_view_no_reference", "safety", "One view: one imager is blocked or unusable and there is no recent "
+       "stereo measurement to estimate from (or one-view monitoring is off).",
+       "Wait for both imagers; check the blocked imager if it does not come back."),
     _r("frame_sender_not_imager", "safety", "Frames came from a client that is not the imager.",
        "Stop; call the physicist (configuration or security problem)."),
 ])

@@ -63,6 +63,7 @@ __all__ = [
     "EndpointsConfig",
     "PlanConfig",
     "CouchConfig",
+    "OneViewConfig",
     "SetupConfig",
     "SecurityConfig",
     "RecordConfig",
@@ -188,6 +189,19 @@ RANGES: dict[str, dict[str, Range]] = {
                                  "couch_timeout, measure again"),
         "max_pair_id_jump": Range(1, 100_000, "1", "a pair_id further than this from the last complete pair "
                                   "starts a new epoch (HOLD pair_id_jump)", integer=True),
+    },
+    "one_view": {
+        "max_reference_age_s": Range(0.0, 300.0, "s", "one-view monitoring leans on a stereo pose no older than "
+                                     "this", lo_open=True),
+        "floor_mm": Range(0.0, 5.0, "mm", "motion prior: constant 1-sigma translation per axis around the last "
+                          "stereo pose"),
+        "floor_deg": Range(0.0, 5.0, "deg", "motion prior: constant 1-sigma rotation per axis"),
+        "drift_mm_per_sqrt_s": Range(0.0, 5.0, "mm/sqrt(s)", "motion prior: random-walk growth of the translation "
+                                     "sigma per axis"),
+        "drift_deg_per_sqrt_s": Range(0.0, 5.0, "deg/sqrt(s)", "motion prior: random-walk growth of the rotation "
+                                      "sigma per axis"),
+        "dark_fraction": Range(0.0, 1.0, "1", "a view whose 99th-percentile signal is below this fraction of its "
+                               "i0 is dark (blocked)"),
     },
     "plan": {
         "isocentre_lps_mm": Range(-5000.0, 5000.0, "mm", "plan isocentre, planning-CT LPS", count=3),
@@ -583,6 +597,53 @@ def _catalogue_from_dict(table: object, where: str, base_dir: Path | None) -> tu
 
 
 @dataclass(frozen=True, slots=True)
+class OneViewConfig:
+    """One-view monitoring (docs/ONE_VIEW.md): monitoring goes on from one imager when the other is blocked.
+
+    A view is unusable when its frame is missing (the partner of a pair did not come), saturated
+    (``[safety] max_saturated_fraction``) or dark (99th-percentile signal below ``dark_fraction`` x the
+    frame's ``i0``; frames without ``i0`` are never called dark). With ``enabled`` and a stereo pose of
+    this monitoring run no older than ``max_reference_age_s``, the other view is measured alone against
+    the motion prior ``N(last stereo pose, diag(floor^2 + drift^2 * dt))`` and the gate judges the 95 %
+    bound of the deviation. Otherwise such a pair is a HOLD (``one_view_no_reference``, or the view's
+    own reason when disabled).
+
+    Attributes
+    ----------
+    enabled : bool
+    max_reference_age_s : float
+        Oldest stereo pose one view may lean on, s.
+    floor_mm, floor_deg : float
+        Constant 1-sigma per axis of the motion prior (mm, deg).
+    drift_mm_per_sqrt_s, drift_deg_per_sqrt_s : float
+        Random-walk growth of the 1-sigma per axis: sigma^2 = floor^2 + drift^2 * dt.
+    dark_fraction : float
+        Dark-view threshold as a fraction of the frame's ``i0``.
+    """
+
+    enabled: bool = True
+    max_reference_age_s: float = 30.0
+    floor_mm: float = 0.3
+    floor_deg: float = 0.2
+    drift_mm_per_sqrt_s: float = 0.05
+    drift_deg_per_sqrt_s: float = 0.02
+    dark_fraction: float = 0.05
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.enabled, bool):
+            raise ConfigError(f"[one_view] enabled must be true or false, got {self.enabled!r}")
+        _ranged(self, "one_view")
+
+    def prior_diffusion(self) -> tuple[float, ...]:
+        """Variance growth per second of [tx, ty, tz, pitch, roll, yaw] (mm^2/s, deg^2/s)."""
+        return (self.drift_mm_per_sqrt_s**2,) * 3 + (self.drift_deg_per_sqrt_s**2,) * 3
+
+    def prior_floor(self) -> tuple[float, ...]:
+        """Constant variance of [tx, ty, tz, pitch, roll, yaw] (mm^2, deg^2)."""
+        return (self.floor_mm**2,) * 3 + (self.floor_deg**2,) * 3
+
+
+@dataclass(frozen=True, slots=True)
 class CouchConfig:
     """The couch: 6 degrees of freedom, or 4 (translations + yaw; pitch/roll residual reported)."""
 
@@ -720,6 +781,7 @@ class ServiceConfig:
     endpoints: EndpointsConfig = field(default_factory=EndpointsConfig)
     plan: PlanConfig = field(default_factory=PlanConfig)
     couch: CouchConfig = field(default_factory=CouchConfig)
+    one_view: OneViewConfig = field(default_factory=OneViewConfig)
     setup: SetupConfig = field(default_factory=SetupConfig)
     security: SecurityConfig = field(default_factory=SecurityConfig)
     record: RecordConfig = field(default_factory=RecordConfig)
@@ -780,6 +842,7 @@ _SECTIONS = {
     "endpoints": EndpointsConfig,
     "plan": PlanConfig,
     "couch": CouchConfig,
+    "one_view": OneViewConfig,
     "setup": SetupConfig,
     "security": SecurityConfig,
     "record": RecordConfig,

@@ -58,6 +58,7 @@ class HoldReason(Enum):
     CORRUPT_FRAME = "corrupt_frame"
     NAN_FRAME = "nan_frame"
     SATURATED_FRAME = "saturated_frame"
+    DARK_FRAME = "dark_frame"
     REGISTRATION_FAILED = "registration_failed"
     REGISTRATION_REFUSED = "registration_refused"
     FIDUCIAL_MISSING = "fiducial_missing"

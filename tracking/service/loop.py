@@ -46,7 +46,7 @@ import zmq
 from ..errors import CommandRefused, FrameError, SecurityError, TrackingError, WireSchemaError
 from .config import INSECURE_WARNING, PlanConfig, ServiceConfig, config_from_dict, log_config
 from .gating import Beam, HoldReason
-from .pairing import CompletePair, FrameAccepted, FramePairer, NewEpoch, PairFault
+from .pairing import CompletePair, FrameAccepted, FramePairer, NewEpoch, PairFault, ViewReturned
 from .processing import PairProcessor, PairResult, build_processor
 from .record import SessionRecord, frames_folder, read_record
 from .security import Authenticator, Role, authorize_command, make_server_socket_secure, user_id_of
@@ -409,7 +409,7 @@ class Service:
             poller.register(monitor, zmq.POLLIN)
             poller.register(command_monitor, zmq.POLLIN)
             pairer = FramePairer(self.config.imagers, self.config.safety.pair_timeout_s,
-                                 self.config.safety.max_pair_id_jump)
+                                 self.config.safety.max_pair_id_jump, allow_partial=self.config.one_view.enabled)
             reply_seq = 0
             tokens, token_mono = float(COMMAND_BURST), time.monotonic()
             while not self._stop.is_set():
@@ -455,8 +455,9 @@ class Service:
                     self._handle_monitor(monitor)
                 if command_monitor in events:
                     self._handle_command_monitor(command_monitor)
-                for fault in pairer.expire(time.monotonic()):
-                    self.engine.frame_fault(fault.reason, fault.detail, time.time(), time.monotonic(), fault.pair_id)
+                expired = pairer.expire(time.monotonic())
+                if expired:
+                    self._dispatch(expired, pairer, time.time(), time.monotonic(), None)
         finally:
             if monitor is not None:
                 pull.disable_monitor()
@@ -545,16 +546,22 @@ class Service:
                 pair_id = _pair_id_from_header(parts, self.limits)
             self.engine.frame_fault(reason, str(err), now, mono, pair_id)
             return
-        for event in pairer.offer(wf.frame, wf.seq, wf.session, mono):
+        self._dispatch(pairer.offer(wf.frame, wf.seq, wf.session, mono), pairer, now, mono, wf.session)
+
+    def _dispatch(self, events: list, pairer: FramePairer, now: float, mono: float, session: str | None) -> None:
+        """Act on the pairer's events (from a frame, or from :meth:`FramePairer.expire`), in order."""
+        for event in events:
             if isinstance(event, NewEpoch):
                 self.engine.new_epoch(event.reason, event.detail, now, mono, event.pair_id)
             elif isinstance(event, FrameAccepted):
                 f = event.frame
                 raw = self.record.save_frame(f.pair_id, f.imager, f.pixels, event.epoch)
                 self.engine.frame_arrived(f.imager, f.pair_id, event.seq, f.acquired_unix_s, now, mono, raw, f.i0,
-                                          wf.session)
+                                          session)
                 if raw is not None:
                     self._frames_for_record.setdefault((event.epoch, f.pair_id), {})[f.imager] = raw
+            elif isinstance(event, ViewReturned):
+                log.info("pair %d: %s", event.pair_id, event.detail)
             elif isinstance(event, PairFault):
                 if event.reason is not HoldReason.UNPAIRED_FRAME:
                     self.stats.frames_rejected += 1

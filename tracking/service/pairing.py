@@ -13,7 +13,14 @@ events it returns, in order:
 - :class:`FrameAccepted`: the frame takes part in pairing (record it).
 - :class:`PairFault`: HOLD with a reason (unknown imager, a late frame of
   a completed pair, an imager twice in one pair, a partner that never came).
-- :class:`CompletePair`: both imagers' frames of one ``pair_id`` are here.
+- :class:`CompletePair`: both imagers' frames of one ``pair_id`` are here --
+  or, with one-view monitoring (``allow_partial``), one imager's frame whose
+  partner did not come within ``pair_timeout_s`` (``missing`` names the
+  other). The silent imager is then *absent*: later pairs complete as soon
+  as the present imager's frame is here, without waiting, until the absent
+  imager sends again (stereo returns with its next frame). Its frame of a
+  pair already completed without it is :class:`ViewReturned` (logged, no
+  HOLD: that pair was judged on one view).
 
 An imager restart is recognised by a new sender ``session`` (``kvframe/1.1``)
 or, for ``kvframe/1`` senders that have none, by the sender's ``seq`` going
@@ -30,7 +37,7 @@ from ..errors import TrackingError
 from ..frames import KvFrame
 from .gating import HoldReason
 
-__all__ = ["MAX_PAIR_ID_JUMP", "NewEpoch", "FrameAccepted", "PairFault", "CompletePair", "FramePairer"]
+__all__ = ["MAX_PAIR_ID_JUMP", "NewEpoch", "FrameAccepted", "PairFault", "CompletePair", "ViewReturned", "FramePairer"]
 
 #: A ``pair_id`` further than this from the last completed pair (either way) starts a new epoch.
 #: At 10 Hz, 100 pairs are 10 s: a late frame is never that late, a sender is not that far ahead.
@@ -72,6 +79,16 @@ class CompletePair:
     frames: dict[str, KvFrame]
     epoch: int
     complete_mono_s: float
+    missing: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class ViewReturned:
+    """An absent imager sent again, late for a pair already completed without it: stereo from the next pair."""
+
+    imager: str
+    pair_id: int
+    detail: str
 
 
 class FramePairer:
@@ -85,11 +102,16 @@ class FramePairer:
         How long the first frame of a pair waits for its partners (monotonic s).
     max_pair_id_jump : int
         Largest ``|pair_id - last completed pair_id|`` within one epoch.
+    allow_partial : bool
+        One-view monitoring: a pair whose partner did not come in time completes
+        with the frames it has (see the module docstring) instead of being
+        refused as ``unpaired_frame``.
 
     Not thread-safe: owned by the I/O thread.
     """
 
-    def __init__(self, imagers, pair_timeout_s: float, max_pair_id_jump: int = MAX_PAIR_ID_JUMP) -> None:
+    def __init__(self, imagers, pair_timeout_s: float, max_pair_id_jump: int = MAX_PAIR_ID_JUMP,
+                 allow_partial: bool = False) -> None:
         self.imagers = frozenset(imagers)
         if not self.imagers:
             raise TrackingError("frame pairing needs at least one imager")
@@ -99,6 +121,9 @@ class FramePairer:
             raise TrackingError(f"max_pair_id_jump must be an integer >= 1, got {max_pair_id_jump!r}")
         self.pair_timeout_s = float(pair_timeout_s)
         self.max_pair_id_jump = max_pair_id_jump
+        self.allow_partial = bool(allow_partial)
+        #: Imagers that missed their last pair (one-view mode): pairs complete without waiting for them.
+        self.absent: set[str] = set()
         self.epoch = 0
         self.newest_done: int | None = None
         self._pending: dict[int, tuple[float, dict[str, KvFrame]]] = {}
@@ -124,7 +149,13 @@ class FramePairer:
         if session is not None:
             self._sessions[imager] = session
         self._last_seq[imager] = seq
+        returning = imager in self.absent
+        self.absent.discard(imager)
         if self.newest_done is not None and pid <= self.newest_done:
+            if returning and pid == self.newest_done:
+                events.append(ViewReturned(imager, pid, f"imager {imager!r} is back (its pair {pid} was judged on "
+                                                        "one view); stereo from the next pair"))
+                return events
             events.append(PairFault(HoldReason.STALE_FRAME, f"imager {imager!r} pair {pid} arrived after pair "
                                     f"{self.newest_done} was complete", pid))
             return events
@@ -135,7 +166,7 @@ class FramePairer:
             return events
         events.append(FrameAccepted(frame, seq, self.epoch))
         got[imager] = frame
-        if len(got) < len(self.imagers):
+        if len(got) < len(self.imagers - self.absent):
             return events
         del self._pending[pid]
         for older in sorted(p for p in self._pending if p < pid):
@@ -143,14 +174,24 @@ class FramePairer:
             events.append(PairFault(HoldReason.UNPAIRED_FRAME, f"pair {older}: only imager(s) {sorted(partial)} "
                                     f"before pair {pid} was complete", older))
         self.newest_done = pid
-        events.append(CompletePair(pid, got, self.epoch, now_mono_s))
+        events.append(CompletePair(pid, got, self.epoch, now_mono_s, tuple(sorted(self.imagers - set(got)))))
         return events
 
-    def expire(self, now_mono_s: float) -> list[PairFault]:
-        """``unpaired_frame`` for every pair whose partner did not come within ``pair_timeout_s``."""
-        out = []
+    def expire(self, now_mono_s: float) -> list:
+        """Every pair whose partner did not come within ``pair_timeout_s``: ``unpaired_frame``, or with
+        ``allow_partial`` a :class:`CompletePair` of the frames it has (the silent imager becomes absent).
+
+        A partial pair older than one already completed is always ``unpaired_frame`` (too late to judge).
+        """
+        out: list = []
         for pid in sorted(p for p, (t, _) in self._pending.items() if now_mono_s - t > self.pair_timeout_s):
             _, got = self._pending.pop(pid)
+            if self.allow_partial and (self.newest_done is None or pid > self.newest_done):
+                missing = tuple(sorted(self.imagers - set(got)))
+                self.absent.update(missing)
+                self.newest_done = pid
+                out.append(CompletePair(pid, got, self.epoch, now_mono_s, missing))
+                continue
             out.append(PairFault(HoldReason.UNPAIRED_FRAME, f"pair {pid}: only imager(s) {sorted(got)} within "
                                  f"{self.pair_timeout_s * 1e3:.0f} ms", pid))
         return out
@@ -179,6 +220,7 @@ class FramePairer:
             detail = f"{detail}; partial pair(s) {dropped[:5]}{'...' if len(dropped) > 5 else ''} dropped"
         self.epoch += 1
         self.newest_done = None
+        self.absent.clear()
         self._pending.clear()
         self._sessions.clear()
         self._last_seq.clear()

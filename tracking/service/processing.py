@@ -41,6 +41,7 @@ __all__ = [
     "PairResult",
     "PairProcessor",
     "check_pair_quality",
+    "check_view_quality",
     "stamp_pose_pattern",
     "read_pose_pattern",
     "PatternProcessor",
@@ -67,6 +68,12 @@ class PairResult:
         JSON-able error figures of the method (``fre_mm``, ``ncc``...).
     detail : str
         Human-readable explanation of a refusal (logged and recorded).
+    one_view : str or None
+        None for a stereo pair; the imager's name when the pair was measured
+        from that one view (the other blocked, dark, saturated or missing).
+    pose_cov : (6, 6) array or None
+        Covariance of the pose's ``[tx, ty, tz, pitch, roll, yaw]`` (mm, deg),
+        required for an OK one-view result (docs/ONE_VIEW.md).
     """
 
     reason: HoldReason
@@ -74,6 +81,8 @@ class PairResult:
     method: str = "fiducial"
     quality: dict[str, Any] = field(default_factory=dict)
     detail: str = ""
+    one_view: str | None = None
+    pose_cov: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.reason, HoldReason):
@@ -82,6 +91,17 @@ class PairResult:
             raise TrackingError("a PairResult marked OK must carry a pose")
         if self.method not in ("fiducial", "anatomy"):
             raise TrackingError(f"PairResult.method must be 'fiducial' or 'anatomy', got {self.method!r}")
+        if self.one_view is not None and not (isinstance(self.one_view, str) and self.one_view):
+            raise TrackingError(f"PairResult.one_view must be an imager name or None, got {self.one_view!r}")
+        if self.pose_cov is not None:
+            from spineguide.registration.errors import RegistrationError
+            from spineguide.registration.motion_prior import check_covariance
+            try:
+                object.__setattr__(self, "pose_cov", check_covariance(self.pose_cov, 6, "PairResult pose"))
+            except RegistrationError as err:
+                raise TrackingError(str(err)) from err
+        if self.reason is HoldReason.OK and self.one_view is not None and self.pose_cov is None:
+            raise TrackingError("a one-view PairResult marked OK must carry pose_cov")
 
     @property
     def ok(self) -> bool:
@@ -95,17 +115,22 @@ class PairResult:
             "method": self.method,
             "quality": self.quality,
             "detail": self.detail,
+            "one_view": self.one_view,
+            "pose_cov": None if self.pose_cov is None else self.pose_cov.tolist(),
         }
 
     @classmethod
     def from_json(cls, obj: Mapping[str, Any]) -> PairResult:
         pose = obj.get("pose")
+        cov = obj.get("pose_cov")
         return cls(
             HoldReason(obj["reason"]),
             None if pose is None else Pose.from_six(pose["translation_mm"], pose["rotation_deg"]),
             obj.get("method", "fiducial"),
             dict(obj.get("quality", {})),
             obj.get("detail", ""),
+            obj.get("one_view"),
+            None if cov is None else np.array(cov, dtype=np.float64),
         )
 
 
@@ -116,6 +141,12 @@ class PairProcessor(Protocol):
     ``prior`` is the last trusted pose (a seed for tracking), or None.
     Implementations must be deterministic for the same frames and prior
     (``spineguide replay`` relies on it).
+
+    A processor that can monitor from one view also has
+    ``process_one_view(frame, prior: MotionPrior, elapsed_s, last_pose) -> PairResult``:
+    one imager's frame, the motion prior around the last stereo pose, the
+    seconds since that stereo pair, and the last trusted pose (stereo or one
+    view); its OK results carry ``one_view`` and ``pose_cov``.
     """
 
     method: str
@@ -123,24 +154,52 @@ class PairProcessor(Protocol):
     def process(self, frames: dict[str, KvFrame], prior: Pose | None) -> PairResult: ...
 
 
-def check_pair_quality(frames: Mapping[str, KvFrame], safety: SafetyConfig) -> tuple[HoldReason, str] | None:
-    """Cheap checks before a registration: saturated or non-finite frames.
+def check_view_quality(frame: KvFrame, safety: SafetyConfig, dark_fraction: float | None = None
+                       ) -> tuple[HoldReason, str] | None:
+    """Cheap checks of one view before a registration: non-finite, saturated or dark.
 
-    Returns ``None`` when both frames are usable, else ``(reason, detail)``.
+    Returns ``None`` when the frame is usable, else ``(reason, detail)``.
+    Dark (``dark_frame``: the view blocked by the gantry or robot, or no exposure): the
+    99th-percentile pixel is below ``dark_fraction`` x the frame's ``i0``; checked only when
+    both are given (a frame without ``i0`` has no level to compare with).
+    """
+    name = frame.imager
+    px = frame.pixels
+    if px.dtype.kind == "f" and not np.all(np.isfinite(px)):
+        return HoldReason.NAN_FRAME, f"imager '{name}' pair {frame.pair_id}: non-finite pixels"
+    n_sat = int(np.count_nonzero(px >= safety.saturation_level))
+    frac = n_sat / px.size
+    if frac > safety.max_saturated_fraction:
+        detail = (f"imager '{name}' pair {frame.pair_id}: {100 * frac:.2f}% of pixels at or above "
+                  f"{safety.saturation_level:g} (limit {100 * safety.max_saturated_fraction:.2f}%)")
+        return HoldReason.SATURATED_FRAME, detail
+    if dark_fraction is not None and dark_fraction > 0 and frame.i0 is not None:
+        # Every 4th pixel of every 4th row: the percentile of a 1024^2 frame in well under a millisecond.
+        level = float(np.percentile(px[::4, ::4], 99.0))
+        if level < dark_fraction * frame.i0:
+            return HoldReason.DARK_FRAME, (f"imager '{name}' pair {frame.pair_id}: dark (99th percentile {level:.0f} "
+                                           f"< {dark_fraction:g} x i0 {frame.i0:.0f}): view blocked?")
+    return None
+
+
+def check_pair_quality(frames: Mapping[str, KvFrame], safety: SafetyConfig,
+                       dark_fraction: float | None = None) -> tuple[HoldReason, str] | None:
+    """:func:`check_view_quality` of every frame: the first problem, or ``None`` when all are usable.
+
     A float frame with NaN never gets this far (the wire decoder refuses it);
     the check is repeated for frames that come from elsewhere.
     """
-    for name, frame in frames.items():
-        px = frame.pixels
-        if px.dtype.kind == "f" and not np.all(np.isfinite(px)):
-            return HoldReason.NAN_FRAME, f"imager '{name}' pair {frame.pair_id}: non-finite pixels"
-        n_sat = int(np.count_nonzero(px >= safety.saturation_level))
-        frac = n_sat / px.size
-        if frac > safety.max_saturated_fraction:
-            detail = (f"imager '{name}' pair {frame.pair_id}: {100 * frac:.2f}% of pixels at or above "
-                      f"{safety.saturation_level:g} (limit {100 * safety.max_saturated_fraction:.2f}%)")
-            return HoldReason.SATURATED_FRAME, detail
+    for frame in frames.values():
+        bad = check_view_quality(frame, safety, dark_fraction)
+        if bad is not None:
+            return bad
     return None
+
+
+def _one_view_refusal(imager: str, method: str, detail: str, reason: HoldReason = HoldReason.ONE_VIEW_REFUSED,
+                      pose: Pose | None = None, quality: dict | None = None) -> PairResult:
+    return PairResult(reason, pose, method, {"ok": False, **(quality or {})}, f"one view {imager!r}: {detail}",
+                      one_view=imager)
 
 
 # ------------------------------------------------------------------ test pattern
@@ -200,10 +259,52 @@ class PatternProcessor:
 
     method = "fiducial"
 
-    def __init__(self, imagers: tuple[str, str], noise_mm: float = 0.05, seed: int = 0) -> None:
+    def __init__(self, imagers: tuple[str, str], noise_mm: float = 0.05, seed: int = 0,
+                 ray_directions: Mapping[str, np.ndarray] | None = None) -> None:
         self.imagers = tuple(imagers)
         self.noise_mm = float(noise_mm)
         self.seed = int(seed)
+        if ray_directions is None:
+            from spineguide.calibration.geometry import default_stereo_geometry
+            room = default_stereo_geometry(64)
+            ray_directions = {n: -room[n].source_mm for n in room.names} if set(self.imagers) <= set(room.names) else {}
+        #: imager -> unit vector from its source towards the isocentre (room frame): the out-of-plane direction.
+        self.ray_directions = {n: np.asarray(d, float) / np.linalg.norm(d) for n, d in ray_directions.items()}
+
+    def process_one_view(self, frame: KvFrame, prior, elapsed_s: float, last_pose: Pose | None) -> PairResult:
+        """One view, simulated honestly as a Bayesian update of ``prior`` (a :class:`MotionPrior`).
+
+        The view measures the two translations across its ray (noise ``noise_mm``) and the rotation about
+        its ray (``noise_mm / 10`` deg); the posterior mean and covariance combine that with the prior, so
+        what the view cannot see (out-of-plane translation, the two out-of-plane rotations) stays at the
+        prior -- wrong by whatever the patient really moved there, as a real one-view estimate would be.
+        """
+        from spineguide.registration.motion_prior import pose_from_six, pose_six
+
+        name = frame.imager
+        truth = read_pose_pattern(frame.pixels)
+        if truth is None:
+            return _one_view_refusal(name, self.method, "no seed pattern found")
+        ray = self.ray_directions.get(name)
+        if ray is None:
+            return _one_view_refusal(name, self.method, "no ray direction known for this imager")
+        # Orthonormal basis across the ray.
+        u = np.cross(ray, [0.0, 1.0, 0.0] if abs(ray[1]) < 0.9 else [1.0, 0.0, 0.0])
+        u /= np.linalg.norm(u)
+        v = np.cross(ray, u)
+        h = np.zeros((3, 6))
+        h[0, :3], h[1, :3], h[2, 3:] = u, v, ray
+        sig = np.array([self.noise_mm, self.noise_mm, max(self.noise_mm / 10.0, 1e-6)])
+        pair_id = frame.pair_id or 0
+        rng = np.random.default_rng([self.seed, pair_id, 1])
+        z = h @ pose_six(truth) + rng.normal(0.0, 1.0, 3) * sig
+        c_prior = prior.covariance(elapsed_s)
+        info = np.linalg.pinv(c_prior) + h.T @ np.diag(1.0 / sig**2) @ h
+        cov = np.linalg.inv(info)
+        mean = cov @ (np.linalg.pinv(c_prior) @ prior.mean + h.T @ (z / sig**2))
+        cov = 0.5 * (cov + cov.T)
+        return PairResult(HoldReason.OK, pose_from_six(mean), self.method,
+                          {"ok": True, "stand_in": "pattern", "one_view": name}, one_view=name, pose_cov=cov)
 
     def process(self, frames: dict[str, KvFrame], prior: Pose | None) -> PairResult:
         t0 = time.perf_counter()
@@ -292,6 +393,43 @@ class FiducialProcessor:
                               f"fiducial result flagged: {sorted(f.value for f in res.flags)}, FRE {res.fre_mm:.2f} mm")
         return PairResult(HoldReason.OK, res.pose, self.method, quality)
 
+    def process_one_view(self, frame: KvFrame, prior, elapsed_s: float, last_pose: Pose | None) -> PairResult:
+        """One view: :func:`spineguide.tracking.localisation.one_view.localise_one_view` against ``prior``."""
+        from spineguide.registration.errors import RegistrationError
+        from spineguide.registration.points import SeedMigrationError
+
+        from ..errors import FiducialNotFoundError, FrameError
+        from ..localisation import one_view
+
+        name = frame.imager
+        kwargs: dict[str, Any] = {}
+        if self.config is not None:
+            kwargs["config"] = self.config
+        if self.flat_fields is not None and name in self.flat_fields:
+            kwargs["flat_field"] = self.flat_fields[name]
+        if frame.i0 is not None:
+            kwargs["i0"] = frame.i0
+        try:
+            res = one_view.localise_one_view(frame.pixels, name, self.geometry, self.planned_room_mm, self.names,
+                                             prior, elapsed_s, **kwargs)
+        except FiducialNotFoundError as err:
+            return _one_view_refusal(name, self.method, f"fiducial missing: {err}")
+        except FrameError as err:
+            return PairResult(HoldReason.CORRUPT_FRAME, method=self.method, quality={"ok": False}, detail=str(err),
+                              one_view=name)
+        except SeedMigrationError as err:
+            return _one_view_refusal(name, self.method, f"fiducial migrated: {err}")
+        except (RegistrationError, TrackingError) as err:
+            return _one_view_refusal(name, self.method, f"{type(err).__name__}: {err}")
+        quality = to_json_value(res.quality_json())
+        quality["elapsed_ms"] = float(res.total_ms)
+        quality["one_view"] = name
+        if not res.ok:
+            quality["ok"] = False
+            return PairResult(HoldReason.ONE_VIEW_REFUSED, res.pose, self.method, quality,
+                              f"one view {name!r}: fiducial result not trusted: {res.reason}", one_view=name)
+        return PairResult(HoldReason.OK, res.pose, self.method, quality, one_view=name, pose_cov=res.pose_cov)
+
 
 class AnatomyProcessor:
     """Adapter over :class:`spineguide.registration.anatomy.AnatomyRegistration` (DRR registration -> pose).
@@ -333,6 +471,31 @@ class AnatomyProcessor:
             return PairResult(HoldReason.REGISTRATION_REFUSED, res.pose, self.method, quality,
                               f"anatomy registration refused: {res.quality.reason.value}")
         return PairResult(HoldReason.OK, res.pose, self.method, quality)
+
+    def process_one_view(self, frame: KvFrame, prior, elapsed_s: float, last_pose: Pose | None) -> PairResult:
+        """One view: :meth:`AnatomyRegistration.register_one_view` against ``prior``."""
+        from spineguide.registration.errors import RegistrationError, RegistrationFrameError
+
+        from ..errors import FrameError
+        from ..localisation.flatfield import correct_frames
+
+        name = frame.imager
+        try:
+            pixels = correct_frames(self.flat_fields, {name: frame.pixels})[name]
+            res = self._reg.register_one_view(pixels, name, prior, elapsed_s, i0=frame.i0)
+        except (FrameError, RegistrationFrameError) as err:
+            return PairResult(HoldReason.CORRUPT_FRAME, method=self.method, quality={"ok": False}, detail=str(err),
+                              one_view=name)
+        except RegistrationError as err:
+            return _one_view_refusal(name, self.method, f"{type(err).__name__}: {err}")
+        quality = to_json_value(res.quality_json())
+        quality["ok"] = bool(res.ok)
+        quality["elapsed_ms"] = float(res.total_ms)
+        quality["one_view"] = name
+        if not res.ok:
+            return PairResult(HoldReason.ONE_VIEW_REFUSED, res.pose, self.method, quality,
+                              f"one view {name!r}: anatomy registration refused: {res.reason}", one_view=name)
+        return PairResult(HoldReason.OK, res.pose, self.method, quality, one_view=name, pose_cov=res.pose_cov)
 
 
 def build_processor(plan: PlanConfig, seed: int = 0) -> PairProcessor:

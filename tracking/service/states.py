@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from spineguide.registration.motion_prior import MotionPrior, target_covariance_mm2
 from spineguide.registration.pose import Correction, Pose, RotationAxis, reduce_to_couch
 
 from ..errors import CommandRefused, TrackingError
@@ -44,7 +45,7 @@ from .gating import (
     judge_silence,
     with_tolerance,
 )
-from .processing import PairProcessor, PairResult, check_pair_quality
+from .processing import PairProcessor, PairResult, check_view_quality
 from .record import SessionRecord
 from .wire import correction_body, gating_body
 
@@ -141,6 +142,11 @@ class PairJob:
         Set when the pair is not registered at all (stale before processing).
     epoch : int
         The pair-numbering epoch the pair belongs to (:meth:`Engine.new_epoch`).
+    reference : Pose or None
+        The last stereo pose of this monitoring run, when one view may lean on it
+        (MONITORING, one-view enabled, reference young enough); else None.
+    reference_acquired_unix_s : float or None
+        Acquisition time of that stereo pair (wall clock, s).
     """
 
     pair_id: int
@@ -150,12 +156,18 @@ class PairJob:
     prior: Pose | None
     skip: HoldReason | None
     epoch: int = 0
+    reference: Pose | None = None
+    reference_acquired_unix_s: float | None = None
 
 
 def run_processor(processor: PairProcessor | None, frames: dict[str, KvFrame], job: PairJob,
                   config: ServiceConfig) -> PairResult:
     """Run the frame checks and the registration for one pair; any exception becomes ``internal_error``.
 
+    Both views usable: the stereo registration. Exactly one usable (the other missing, dark or
+    saturated; docs/ONE_VIEW.md): with ``[one_view] enabled`` and a stereo reference in ``job``,
+    the processor's ``process_one_view`` against the motion prior; otherwise a HOLD naming why.
+    A non-finite frame is never worked around (``nan_frame``).
     Called outside the engine lock (worker thread, or replay). Never raises.
     """
     if job.skip is not None:
@@ -163,10 +175,48 @@ def run_processor(processor: PairProcessor | None, frames: dict[str, KvFrame], j
     if processor is None:
         return PairResult(HoldReason.INTERNAL_ERROR, quality={"ok": False}, detail="no plan loaded")
     try:
-        bad = check_pair_quality(frames, config.safety)
-        if bad is not None:
-            return PairResult(bad[0], method=processor.method, quality={"ok": False}, detail=bad[1])
-        result = processor.process(frames, job.prior)
+        ov = config.one_view
+        bad: dict[str, tuple[HoldReason, str]] = {}
+        for name in config.imagers:
+            frame = frames.get(name)
+            if frame is None:
+                bad[name] = (HoldReason.UNPAIRED_FRAME, f"imager '{name}' pair {job.pair_id}: no frame")
+                continue
+            problem = check_view_quality(frame, config.safety, ov.dark_fraction)
+            if problem is not None:
+                if problem[0] is HoldReason.NAN_FRAME:
+                    return PairResult(problem[0], method=processor.method, quality={"ok": False}, detail=problem[1])
+                bad[name] = problem
+        if not bad:
+            result = processor.process(frames, job.prior)
+        else:
+            usable = [n for n in config.imagers if n not in bad]
+            first = next(iter(bad.values()))
+            if len(usable) != 1 or not ov.enabled:
+                return PairResult(first[0], method=processor.method, quality={"ok": False},
+                                  detail="; ".join(d for _, d in bad.values()))
+            imager = usable[0]
+            blocked = {n: r.value for n, (r, _) in bad.items()}
+            why = "; ".join(d for _, d in bad.values())
+            if job.reference is None or job.reference_acquired_unix_s is None:
+                return PairResult(HoldReason.ONE_VIEW_NO_REFERENCE, method=processor.method,
+                                  quality={"ok": False, "blocked": blocked},
+                                  detail=f"one view {imager!r}: no recent stereo pose of this monitoring run to "
+                                         f"lean on ({why})", one_view=imager)
+            if not hasattr(processor, "process_one_view"):
+                return PairResult(HoldReason.ONE_VIEW_NO_REFERENCE, method=processor.method,
+                                  quality={"ok": False, "blocked": blocked},
+                                  detail=f"one view {imager!r}: the {processor.method} method cannot measure from "
+                                         f"one view ({why})", one_view=imager)
+            prior = MotionPrior(job.reference, diffusion=ov.prior_diffusion(), floor=ov.prior_floor())
+            elapsed_s = max(job.acquired_unix_s - job.reference_acquired_unix_s, 0.0)
+            result = processor.process_one_view(frames[imager], prior, elapsed_s, job.prior)
+            if not isinstance(result, PairResult):
+                raise TrackingError(f"processor returned {type(result).__name__}, not a PairResult")
+            if result.one_view != imager:
+                raise TrackingError(f"one-view result names imager {result.one_view!r}, the view was {imager!r}")
+            quality = {**result.quality, "blocked": blocked, "reference_age_s": elapsed_s}
+            result = replace(result, quality=quality)
         if not isinstance(result, PairResult):
             raise TrackingError(f"processor returned {type(result).__name__}, not a PairResult")
         return result
@@ -223,6 +273,11 @@ class Engine:
         self.gating_state = GatingState()
         self.last_frame_unix_s: float | None = None
         self.last_pose: Pose | None = None
+        #: (acquired_unix_s, pose) of the last stereo pair trusted since the patient last moved by the couch:
+        #: what a one-view pair leans on (docs/ONE_VIEW.md). Forgotten at load_plan, start_setup, couch_moved, stop.
+        self.stereo_reference: tuple[float, Pose] | None = None
+        #: How the last judged pair was measured: {"mode": "stereo" | "one_view" | "none", "imager", "blocked"}.
+        self.view_state: dict[str, Any] = {"mode": "none", "imager": None, "blocked": {}}
         self._last_failure: tuple[str, str] | None = None  # (reason, detail) of the last pair not ok: repeats log at DEBUG
         self.pending: dict[str, Any] | None = None      # correction proposed / sent in setup
         self.couch_moved_unix_s: float | None = None
@@ -289,6 +344,7 @@ class Engine:
             "pending_correction": None if self.pending is None else
             {k: v for k, v in self.pending.items() if k not in ("message", "sent_unix_s", "first_sent_unix_s", "pose")},
             "epoch": self.epoch,
+            "views": dict(self.view_state),
             "plan": None if self.plan is None else {"plan_id": self.plan.plan_id,
                                                     "patient_id": self.plan.patient_id},
             "counters": dict(self.counters),
@@ -392,6 +448,7 @@ class Engine:
         self.plan = chosen
         self.target_room_mm = np.asarray(chosen.plan.target_room_mm, dtype=np.float64)
         self.last_pose = None
+        self.stereo_reference = None
         self._set_state(ServiceState.PLAN_LOADED, now, mono, f"plan {chosen.plan_id} loaded")
         return {"method": chosen.plan.method}
 
@@ -401,6 +458,7 @@ class Engine:
     def _cmd_start_setup(self, params, now, mono):
         self.pending = None
         self.couch_moved_unix_s = None
+        self.stereo_reference = None
         self._set_phase(SetupPhase.MEASURING, now, mono)
         self._set_state(ServiceState.SETUP, now, mono, "setup started")
 
@@ -441,6 +499,7 @@ class Engine:
         if self.phase is not SetupPhase.AWAITING_COUCH:
             raise CommandRefused(f"no correction was sent to the couch (setup phase {self.phase.value})")
         self.couch_moved_unix_s = now
+        self.stereo_reference = None  # the couch moved the patient: the last stereo pose no longer holds
         self._set_phase(SetupPhase.VERIFYING, now, mono)
 
     def _cmd_start_monitoring(self, params, now, mono):
@@ -463,6 +522,7 @@ class Engine:
         self._set_state(ServiceState.PAUSED, now, mono, "paused")
 
     def _cmd_stop(self, params, now, mono):
+        self.stereo_reference = None
         self._set_phase(None, now, mono)
         self._set_state(ServiceState.STOPPED, now, mono, "stopped")
 
@@ -612,7 +672,13 @@ class Engine:
                 skip = HoldReason.STALE_FRAME
             elif self.state in (ServiceState.IDLE, ServiceState.STOPPED) or self.processor is None:
                 skip = HoldReason.NOT_MONITORING
-            job = PairJob(pair_id, acquired_unix_s, complete_mono_s, now_unix_s, self.last_pose, skip, epoch)
+            ref_pose = ref_t = None
+            ov = self.config.one_view
+            if (self.state is ServiceState.MONITORING and ov.enabled and self.stereo_reference is not None
+                    and acquired_unix_s - self.stereo_reference[0] <= ov.max_reference_age_s):
+                ref_t, ref_pose = self.stereo_reference
+            job = PairJob(pair_id, acquired_unix_s, complete_mono_s, now_unix_s, self.last_pose, skip, epoch,
+                          ref_pose, ref_t)
             return job, self.processor
 
     def finish_pair(self, job: PairJob, result: PairResult, now_unix_s: float, now_mono_s: float,
@@ -637,14 +703,23 @@ class Engine:
                 acquired_unix_s=job.acquired_unix_s, complete_mono_s=job.complete_mono_s,
                 begin_unix_s=job.begin_unix_s, prior=None if job.prior is None else job.prior.to_json(),
                 skip=None if job.skip is None else job.skip.value, state=self.state.value, epoch=job.epoch,
+                reference=None if job.reference is None else {"pose": job.reference.to_json(),
+                                                              "acquired_unix_s": job.reference_acquired_unix_s},
                 result=result.to_json(), raw_files=raw_files, outputs=outputs,
             )
             return outputs
 
     def _judge_pair(self, job: PairJob, result: PairResult, now: float, mono: float) -> None:
         self._count("pairs")
+        blocked = result.quality.get("blocked") if isinstance(result.quality, dict) else None
+        self.view_state = {"mode": "stereo" if result.one_view is None else "one_view", "imager": result.one_view,
+                           "blocked": dict(blocked) if isinstance(blocked, dict) else {}, "pair_id": job.pair_id}
+        if result.one_view is not None:
+            self._count("one_view_pairs")
         if result.ok:
             self.last_pose = result.pose
+            if result.one_view is None and self.state in (ServiceState.MONITORING, ServiceState.SETUP):
+                self.stereo_reference = (job.acquired_unix_s, result.pose)
             self._last_failure = None
         else:
             # The first pair of a run of one reason at WARNING, the repeats at DEBUG (an idle room sends
@@ -687,7 +762,7 @@ class Engine:
         return correction_body(job_pair_id, now, corr, result.method, quality, session=self.session, apply=apply,
                                purpose=purpose)
 
-    def _measurement(self, job: PairJob, pose: Pose) -> Measurement:
+    def _measurement(self, job: PairJob, pose: Pose, result: PairResult | None = None) -> Measurement:
         dev = pose.target_deviation_mm(self.target_room_mm)
         # Target velocity from the previous trusted pair of this monitoring run, if it is recent
         # (no older than the staleness limit): the gate then also judges where the target will be
@@ -702,11 +777,17 @@ class Engine:
             t_prev, dev_prev = usable[-1]
             velocity = (dev - dev_prev) / (job.acquired_unix_s - t_prev)
         self._last_measured = history + [(job.acquired_unix_s, dev)]
+        if result is not None and result.one_view is not None:
+            # One view: the gate bounds the deviation by its covariance (docs/ONE_VIEW.md).
+            dev_cov = target_covariance_mm2(pose, result.pose_cov, self.target_room_mm)
+            rot_cov = np.array(result.pose_cov)[3:, 3:]
+            return Measurement(job.pair_id, job.acquired_unix_s, HoldReason.OK, dev, pose.rotation_deg, velocity,
+                               result.one_view, dev_cov, rot_cov)
         return Measurement(job.pair_id, job.acquired_unix_s, HoldReason.OK, dev, pose.rotation_deg, velocity)
 
     def _monitor(self, job: PairJob, result: PairResult, now: float) -> None:
         if not result.ok:
-            m = Measurement(job.pair_id, job.acquired_unix_s, result.reason)
+            m = Measurement(job.pair_id, job.acquired_unix_s, result.reason, one_view=result.one_view)
             decision, self.gating_state = judge_measurement(self.gating_state, m, now, self.gating_config)
             self._send_gating(decision, now)
             return
@@ -714,12 +795,13 @@ class Engine:
         ok, why = self._within_limits(corr)
         if not ok:
             log.warning("pair %d: HOLD correction_limit: %s", job.pair_id, why)
-            m = Measurement(job.pair_id, job.acquired_unix_s, HoldReason.CORRECTION_LIMIT)
+            m = Measurement(job.pair_id, job.acquired_unix_s, HoldReason.CORRECTION_LIMIT, one_view=result.one_view)
             decision, self.gating_state = judge_measurement(self.gating_state, m, now, self.gating_config)
             self._send_gating(decision, now)
             return
         self._emit(self._correction_message(job.pair_id, now, result, corr, extra, False, "monitoring"))
-        decision, self.gating_state = judge_measurement(self.gating_state, self._measurement(job, result.pose),
+        decision, self.gating_state = judge_measurement(self.gating_state,
+                                                        self._measurement(job, result.pose, result),
                                                         now, self.gating_config)
         self._send_gating(decision, now)
 

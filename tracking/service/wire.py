@@ -395,10 +395,18 @@ def correction_body(
     return body
 
 
+#: ``gating`` minor version: 2 adds ``one_view`` and ``deviation_bound_mm`` (one-view monitoring, docs/ONE_VIEW.md).
+GATING_MINOR = 2
+
+
 def gating_body(t_unix_s: float, decision: GatingDecision, *, session: str) -> dict[str, Any]:
-    """Content of a ``gating/1.1`` message without ``seq`` (``session``: the service session id)."""
+    """Content of a ``gating/1.2`` message without ``seq`` (``session``: the service session id).
+
+    ``one_view``: the imager a one-view pair was measured with, null for stereo (or no pair);
+    ``deviation_bound_mm``: the 95 % upper bound of the 3D deviation the gate judged, null without one.
+    """
     return {
-        "schema": f"gating/1.{OUTBOUND_MINOR}",
+        "schema": f"gating/1.{GATING_MINOR}",
         "session": _outbound_session(session, "gating"),
         "t_unix_s": float(t_unix_s),
         "beam": decision.beam.value,
@@ -406,6 +414,8 @@ def gating_body(t_unix_s: float, decision: GatingDecision, *, session: str) -> d
         "valid_until_unix_s": float(decision.valid_until_unix_s),
         "pair_id": decision.pair_id,
         "deviation_mm": None if decision.deviation_mm is None else float(decision.deviation_mm),
+        "one_view": decision.one_view,
+        "deviation_bound_mm": None if decision.deviation_bound_mm is None else float(decision.deviation_bound_mm),
     }
 
 
@@ -453,7 +463,7 @@ def encode_correction(
 
 
 def encode_gating(seq: int, t_unix_s: float, decision: GatingDecision, *, session: str) -> list[bytes]:
-    """``gating/1.1`` from a gating decision."""
+    """``gating/1.2`` from a gating decision."""
     return encode_message(seq, gating_body(t_unix_s, decision, session=session))
 
 
