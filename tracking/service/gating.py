@@ -426,19 +426,21 @@ def judge_silence(
 
 
 def judge_fault(
-    state: GatingState, reason: HoldReason, now_unix_s: float, pair_id: int | None = None
+    state: GatingState, reason: HoldReason, now_unix_s: float, pair_id: int | None = None,
+    one_view: str | None = None,
 ) -> tuple[GatingDecision, GatingState]:
     """HOLD at once for a fault found outside a measurement (corrupt or unpaired frame, internal error...).
 
     A fault can only revoke a permission, never grant one: the result is
     always a HOLD with ``reason`` (``internal_error`` if ``reason`` is ``OK``
-    or the clock is not finite), and the good-pair count restarts.
+    or the clock is not finite), and the good-pair count restarts. ``one_view``: the imager of a
+    pair judged on one view (named in the decision).
     """
     if not isinstance(reason, HoldReason) or reason is HoldReason.OK:
         reason = HoldReason.INTERNAL_ERROR
     if not math.isfinite(now_unix_s):
-        return _hold(HoldReason.INTERNAL_ERROR, 0.0, None, None, state)
-    return _hold(reason, now_unix_s, pair_id, None, state)
+        return _hold(HoldReason.INTERNAL_ERROR, 0.0, None, None, state, one_view=one_view)
+    return _hold(reason, now_unix_s, pair_id, None, state, one_view=one_view)
 
 
 def with_tolerance(config: GatingConfig, tolerance_3d_mm: float | None = None,

@@ -305,12 +305,13 @@ class Engine:
         self._count(f"{decision.beam.value}:{decision.reason.value}")
         self._emit(gating_body(now_unix_s, decision, session=self.session))
 
-    def _fault(self, reason: HoldReason, now_unix_s: float, pair_id: int | None, judged: bool = False) -> None:
+    def _fault(self, reason: HoldReason, now_unix_s: float, pair_id: int | None, judged: bool = False,
+               one_view: str | None = None) -> None:
         """HOLD ``reason``. Only a pair judged in this epoch (``judged``) moves the pair-order mark:
         a fault naming some pair id (a corrupt frame's header, a dropped pair) must never make
         later pairs stale."""
         keep = self.gating_state.last_pair_id
-        decision, new_state = judge_fault(self.gating_state, reason, now_unix_s, pair_id)
+        decision, new_state = judge_fault(self.gating_state, reason, now_unix_s, pair_id, one_view)
         self.gating_state = new_state if judged else replace(new_state, last_pair_id=keep)
         self._send_gating(decision, now_unix_s)
 
@@ -735,7 +736,7 @@ class Engine:
             self._setup(job, result, now, mono)
         else:
             reason = HoldReason.PAUSED if state is ServiceState.PAUSED else HoldReason.NOT_MONITORING
-            self._fault(reason, now, job.pair_id, judged=True)
+            self._fault(reason, now, job.pair_id, judged=True, one_view=result.one_view)
 
     def _couch_correction(self, pose: Pose) -> tuple[Correction, dict[str, Any]]:
         """The correction to send for ``pose`` (reduced to a 4-DoF couch if so configured) and its quality extras."""
@@ -808,7 +809,7 @@ class Engine:
     def _setup(self, job: PairJob, result: PairResult, now: float, mono: float) -> None:
         phase = self.phase
         if not result.ok:
-            self._fault(result.reason, now, job.pair_id, judged=True)
+            self._fault(result.reason, now, job.pair_id, judged=True, one_view=result.one_view)
             return
         if phase is SetupPhase.VERIFYING and self.couch_moved_unix_s is not None and \
                 job.acquired_unix_s < self.couch_moved_unix_s:
