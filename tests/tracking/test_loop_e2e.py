@@ -132,6 +132,10 @@ def test_three_process_fraction_sets_up_holds_on_the_shift_and_resumes(tmp_path)
     assert summary.holds.get("out_of_tolerance", 0) >= 1
     # The safety property: no ENABLE sent for a pair whose true deviation exceeds tolerance + 0.2 mm.
     assert summary.max_true_deviation_enabled_mm <= tolerance_mm + 0.2
+    # The gantry blocked a view twice (fraction.BLOCKS): those pairs were judged on the other view, and no
+    # one-view ENABLE was sent for a pair beyond tolerance.
+    assert summary.one_view_pairs >= 20
+    assert summary.max_true_deviation_one_view_enabled_mm <= tolerance_mm
     assert summary.beam_on_s > 0
     assert np.isfinite(summary.latency_ms["p50"])
     assert len(summary.service_session) == 32  # uuid4 hex, in the record and every message

@@ -27,7 +27,7 @@ from spineguide.calibration.geometry import StereoGeometry, default_stereo_geome
 from spineguide.calibration.io import write_geometry
 
 from ..room import DetectorModel, perturbed_geometry, render_bb_frames
-from ..sim.fraction import run_fraction
+from ..sim.fraction import QUICK_BLOCKS, run_fraction
 
 __all__ = ["run_demo", "calibrate_virtual_room"]
 
@@ -127,10 +127,12 @@ def run_demo(
         summary = run_fraction(
             out_dir=work / "fraction", seed=seed, method=method, progress=say,
             service_geometry=calibrated_path, true_geometry=true_path,
-            **({"duration_s": 10.0, "shift_at_s": 5.0} if quick else {}),
+            **({"duration_s": 10.0, "shift_at_s": 5.0, "blocks": QUICK_BLOCKS} if quick else {}),
         )
-        print("\nSimulated fraction (gold fiducials, thoracolumbar phantom; 3 mm shift mid-fraction)"
-              if not quick else "\nSimulated fraction (test-pattern frames; 3 mm shift mid-fraction)")
+        print("\nSimulated fraction (gold fiducials, thoracolumbar phantom; 3 mm shift mid-fraction; the gantry "
+              "blocks imager B for 3 s and imager A for 2 s: monitored on the other view)"
+              if not quick else "\nSimulated fraction (test-pattern frames; 3 mm shift mid-fraction; imager B blocked "
+              "for 1.5 s)")
         print_table(["", "value"], [list(r) for r in summary.rows()])
         if out_dir is not None:
             print(f"files: {work}")

@@ -131,9 +131,10 @@ def _client_keys(args: argparse.Namespace):
 def _cmd_imager_sim(args: argparse.Namespace) -> int:
     from spineguide.registration.pose import Pose
 
-    from ..sim.simulators import MotionTrace, run_imager_sim
+    from ..sim.simulators import MotionTrace, ViewBlock, run_imager_sim
 
     six = _floats(args.setup_error, 6, "--setup-error")
+    blocks = tuple(ViewBlock.parse(text) for text in args.block or [])
     shifts = []
     for text in args.shift or []:
         t, x, y, z = _floats(text, 4, "--shift")
@@ -154,7 +155,7 @@ def _cmd_imager_sim(args: argparse.Namespace) -> int:
     n = run_imager_sim(args.frames, args.duration, Pose.from_six(six[:3], six[3:]), trace,
                        couch_address=args.couch, frame_period_s=args.period, rows=args.panel or 64,
                        cols=args.panel or 64,
-                       keys=_client_keys(args), seed=args.seed, truth_path=args.truth, room=room)
+                       keys=_client_keys(args), seed=args.seed, truth_path=args.truth, room=room, blocks=blocks)
     print(f"imager-sim: sent {n} stereo pairs")
     return 0
 
@@ -237,6 +238,9 @@ def add_commands(subparsers) -> None:
                    help="with --room: the room's true geometry (kv-geometry/1) to render with (default: nominal)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--truth", type=Path, default=None, help="write each pair's true pose here (JSON lines)")
+    p.add_argument("--block", action="append", default=None,
+                   help="a view blocked by the gantry: START,END,IMAGER[,dark|missing] (s; dark: the frame is sent "
+                        "with 1 %% of its signal, missing: not sent); repeatable")
     _add_key_args(p)
     p.set_defaults(func=_cmd_imager_sim)
 

@@ -46,6 +46,11 @@ log = logging.getLogger(__name__)
 SHIFT_MM = (0.0, -3.0, 0.0)
 #: Consecutive out-of-tolerance HOLDs after which the console starts a new setup.
 RESETUP_AFTER_HOLDS = 3
+#: The gantry's passes between a source and its panel (imager-sim clock, s): imager B dark for 3 s while
+#: monitoring before the shift, imager A sending nothing for 2 s after the re-setup (docs/ONE_VIEW.md).
+BLOCKS = ("6.0,9.0,B,dark", "21.0,23.0,A,missing")
+#: The same for the short (quick) fraction.
+QUICK_BLOCKS = ("2.5,4.0,B,dark",)
 
 
 def free_tcp_port() -> int:
@@ -77,6 +82,10 @@ class FractionSummary:
     setups : int
     corrections_applied : int
     heartbeat_late_max_ms : float
+    one_view_pairs, one_view_enables : int
+        Pairs judged on one view (a view blocked), and the ENABLEs among them.
+    max_true_deviation_one_view_enabled_mm : float
+        Largest true target deviation of a one-view pair whose ENABLE was sent, mm.
     service_session : str
         The service session id (the record's ``session``; every message it sent carried it).
     out_dir : Path
@@ -92,6 +101,9 @@ class FractionSummary:
     setups: int = 0
     corrections_applied: int = 0
     heartbeat_late_max_ms: float = 0.0
+    one_view_pairs: int = 0
+    one_view_enables: int = 0
+    max_true_deviation_one_view_enabled_mm: float = 0.0
     wall_s: float = 0.0
     service_session: str = ""
     out_dir: Path | None = None
@@ -110,6 +122,8 @@ class FractionSummary:
             ("latency pair -> gating p50/p95/p99",
              " / ".join(f"{lat.get(q, float('nan')):.1f}" for q in ("p50", "p95", "p99")) + " ms"),
             ("max true deviation with ENABLE sent", f"{self.max_true_deviation_enabled_mm:.2f} mm"),
+            ("pairs judged on one view (view blocked)", f"{self.one_view_pairs} ({self.one_view_enables} ENABLE, "
+             f"max true deviation {self.max_true_deviation_one_view_enabled_mm:.2f} mm)"),
             ("latest heartbeat", f"{self.heartbeat_late_max_ms:.1f} ms late"),
             ("wall time", f"{self.wall_s:.1f} s"),
             ("service session", self.service_session or "-"),
@@ -169,7 +183,8 @@ def _spawn(args: list[str], out: Path, name: str) -> subprocess.Popen:
 def run_fraction(out_dir: str | os.PathLike | None = None, seed: int = 2026, duration_s: float = 28.0,
                  shift_at_s: float = 13.0, frame_period_s: float = 0.1, method: str = "fiducial",
                  progress=None, service_geometry: str | os.PathLike | None = None,
-                 true_geometry: str | os.PathLike | None = None) -> FractionSummary:
+                 true_geometry: str | os.PathLike | None = None,
+                 blocks: tuple[str, ...] = BLOCKS) -> FractionSummary:
     """Run a simulated fraction with three processes; see the module docstring.
 
     Parameters
@@ -190,6 +205,9 @@ def run_fraction(out_dir: str | os.PathLike | None = None, seed: int = 2026, dur
     true_geometry : path, optional
         kv-geometry/1 file of the room as it truly is, which the imager simulator renders with
         (``fiducial`` method); default the nominal room.
+    blocks : tuple of str
+        Views blocked by the gantry, ``START,END,IMAGER,dark|missing`` (imager-sim ``--block``); the
+        service monitors through them on the other view (docs/ONE_VIEW.md).
 
     Raises
     ------
@@ -266,6 +284,7 @@ def run_fraction(out_dir: str | os.PathLike | None = None, seed: int = 2026, dur
             "--setup-error=" + ",".join(str(float(v)) for v in (*setup_t, *setup_r)),
             f"--shift={shift_at_s},{shift}", "--period", str(frame_period_s), "--seed", str(seed),
             "--truth", "truth.jsonl", *(["--room"] if method == "fiducial" else []), *key_args("imager"),
+            *[f"--block={b}" for b in blocks],
             *(["--geometry", str(Path(true_geometry).resolve())] if true_geometry is not None else [])], out, "imager")
         _console(cmd, sub, procs["imager"], say)
         if procs["imager"].returncode != 0:
@@ -376,6 +395,13 @@ def _summarise(out: Path) -> FractionSummary:
                 s.holds[body["reason"]] = s.holds.get(body["reason"], 0) + 1
             if body["beam"] == "ENABLE" and body["pair_id"] in truth:
                 s.max_true_deviation_enabled_mm = max(s.max_true_deviation_enabled_mm, truth[body["pair_id"]])
+            if body.get("one_view") and body["pair_id"] is not None:
+                s.one_view_pairs += 1
+                if body["beam"] == "ENABLE":
+                    s.one_view_enables += 1
+                    if body["pair_id"] in truth:
+                        s.max_true_deviation_one_view_enabled_mm = max(s.max_true_deviation_one_view_enabled_mm,
+                                                                       truth[body["pair_id"]])
     if mon_since is not None:
         s.monitoring_s += records[-1]["t_mono_s"] - mon_since
     s.latency_ms = _percentiles(latencies)

@@ -58,6 +58,7 @@ __all__ = [
     "MotionTrace",
     "CouchModel",
     "run_imager_sim",
+    "ViewBlock",
     "run_delivery_sim",
     "DeliveryReport",
     "LocalPeers",
@@ -337,19 +338,65 @@ class MotionTrace:
 
 
 # ------------------------------------------------------------------ imager-sim
+#: Fraction of the signal a blocked view still gets (the gantry head between source and panel: a few
+#: centimetres of steel and lead, far more than the 4.6 attenuation lengths this stands for).
+BLOCKED_TRANSMISSION = 0.01
+
+
+@dataclass(frozen=True, slots=True)
+class ViewBlock:
+    """One imager's view blocked from ``start_s`` to ``end_s`` (imager-sim clock, s).
+
+    ``mode``: ``dark`` -- the frame is still sent, with ``BLOCKED_TRANSMISSION`` of its signal (the gantry
+    in the beam); ``missing`` -- no frame is sent (the imaging system skips the exposure).
+    """
+
+    start_s: float
+    end_s: float
+    imager: str
+    mode: str = "dark"
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.start_s) and math.isfinite(self.end_s) and 0 <= self.start_s < self.end_s):
+            raise TrackingError(f"view block: need 0 <= start < end (s), got {self.start_s!r}, {self.end_s!r}")
+        if not isinstance(self.imager, str) or not self.imager:
+            raise TrackingError(f"view block: imager must be a name, got {self.imager!r}")
+        if self.mode not in ("dark", "missing"):
+            raise TrackingError(f"view block: mode must be 'dark' or 'missing', got {self.mode!r}")
+
+    @classmethod
+    def parse(cls, text: str) -> "ViewBlock":
+        """From ``START,END,IMAGER[,MODE]`` (the ``--block`` option)."""
+        parts = str(text).split(",")
+        if len(parts) not in (3, 4):
+            raise TrackingError(f"--block must be START,END,IMAGER[,dark|missing], got {text!r}")
+        try:
+            start, end = float(parts[0]), float(parts[1])
+        except ValueError as err:
+            raise TrackingError(f"--block: START and END must be numbers (s), got {text!r}") from err
+        return cls(start, end, parts[2].strip(), parts[3].strip() if len(parts) == 4 else "dark")
+
+    def blocks(self, imager: str, t_s: float) -> bool:
+        return imager == self.imager and self.start_s <= t_s < self.end_s
+
+
 def run_imager_sim(frames_address: str, duration_s: float, setup_error: Pose, trace: MotionTrace,
                    couch_address: str | None = None, frame_period_s: float = 0.1, rows: int = 64, cols: int = 64,
                    imagers: tuple[str, str] = ("A", "B"), keys: ClientKeys | None = None, seed: int = 0,
                    truth_path: Path | None = None, ctx: zmq.Context | None = None, first_pair_id: int = 0,
-                   room: RoomFrames | None = None) -> int:
+                   room: RoomFrames | None = None, blocks: tuple[ViewBlock, ...] = ()) -> int:
     """Stream stereo pairs at ``frame_period_s`` for ``duration_s``; returns the number of pairs sent.
 
     The true pose of pair k is ``C_couch o M(t_k) o setup_error`` with the
     latest ``couch/1`` state from ``couch_address`` (identity if none). With
     ``truth_path`` each pair's true pose is written as a JSON line (for the
-    fraction summary). With ``room`` the frames are the virtual room's
-    (:class:`RoomFrames`, for the fiducial method); else test-pattern frames.
+    fraction summary, with the views blocked). With ``room`` the frames are the virtual room's
+    (:class:`RoomFrames`, for the fiducial method); else test-pattern frames. ``blocks``: views
+    blocked by the gantry (:class:`ViewBlock`): a dark frame, or none.
     """
+    for b in blocks:
+        if b.imager not in (room.geometry.names if room is not None else imagers):
+            raise TrackingError(f"view block names imager {b.imager!r}; the room has {list(imagers)}")
     own = ctx is None
     ctx = ctx or zmq.Context()
     sender = FrameSender(ctx, frames_address, keys)
@@ -380,13 +427,23 @@ def run_imager_sim(frames_address: str, duration_s: float, setup_error: Pose, tr
             # Applying the couch correction C moves every patient point p -> C p: P_true = C o M(t) o P_setup.
             true_pose = Pose.from_matrix(couch.matrix @ trace.pose(t_s).matrix @ setup_error.matrix)
             if room is not None:
-                for name, px in room.render(true_pose, np.random.default_rng([seed, pair_id])).items():
-                    sender.send_frame(name, pair_id, now_unix, px, room.i0)
+                views = room.render(true_pose, np.random.default_rng([seed, pair_id]))
+                i0 = room.i0
             else:
-                for name in imagers:
-                    sender.send_frame(name, pair_id, now_unix, stamp_pose_pattern(bases[name], true_pose), 20000.0)
+                views = {name: stamp_pose_pattern(bases[name], true_pose) for name in imagers}
+                i0 = 20000.0
+            blocked = {}
+            for name, px in views.items():
+                block = next((b for b in blocks if b.blocks(name, t_s)), None)
+                if block is not None:
+                    blocked[name] = block.mode
+                    if block.mode == "missing":
+                        continue
+                    px = np.round(px.astype(np.float64) * BLOCKED_TRANSMISSION).astype(px.dtype)
+                sender.send_frame(name, pair_id, now_unix, px, i0)
             if truth is not None:
-                truth.write(json.dumps({"pair_id": pair_id, "t_unix_s": now_unix, **true_pose.to_json()}) + "\n")
+                truth.write(json.dumps({"pair_id": pair_id, "t_unix_s": now_unix, **true_pose.to_json(),
+                                        "blocked": blocked}) + "\n")
                 truth.flush()
             pair_id += 1
             next_t += frame_period_s
