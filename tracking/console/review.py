@@ -72,6 +72,8 @@ class SessionReview:
         decision, whichever comes first.
     corrections : tuple of dict
         Every ``correction/1`` sent: ``t_unix_s``, ``purpose``, ``translation_mm``, ``rotation_deg``.
+    one_view : tuple of str or None
+        Per ``gating/1`` message: the imager a one-view pair was judged on (``gating/1.2``), else None.
     """
 
     name: str
@@ -89,6 +91,18 @@ class SessionReview:
     pairs: int
     valid_until_unix_s: np.ndarray = field(default_factory=lambda: _ro([]))
     corrections: tuple[dict, ...] = ()
+    one_view: tuple[str | None, ...] = ()
+
+    def one_view_summary(self) -> dict[str, Any]:
+        """Decisions on one-view pairs (a view blocked): per imager judged on, and the ENABLEs among them."""
+        per: dict[str, dict[str, int]] = {}
+        for imager, b in zip(self.one_view, self.beam):
+            if imager:
+                e = per.setdefault(imager, {"decisions": 0, "enable": 0})
+                e["decisions"] += 1
+                e["enable"] += int(b == "ENABLE")
+        return {"decisions": sum(e["decisions"] for e in per.values()),
+                "enable": sum(e["enable"] for e in per.values()), "per_imager": per}
 
     @property
     def beam_on_s(self) -> float:
@@ -134,6 +148,7 @@ class SessionReview:
             "commands": list(self.commands), "states": list(self.states),
             "beam_on_s": self.beam_on_s, "max_deviation_beam_on_mm": self.max_deviation_beam_on_mm,
             "holds_per_reason": self.holds_per_reason(),
+            "one_view": self.one_view_summary(),
             "latency_ms": {} if lat.size == 0 else {
                 "n": int(lat.size), "p50": float(np.percentile(lat, 50)), "p95": float(np.percentile(lat, 95)),
                 "max": float(lat.max())},
@@ -156,7 +171,7 @@ def review_session(path: str | os.PathLike) -> SessionReview:
     tol = (config.get("safety") or {}).get("tolerance_3d_mm")
     live = LiveState(timeline_s=math.inf, max_holds=100_000)
     t_g, dev, beam, lat, residuals, commands, states = [], [], [], [], [], [], []
-    until, corrections = [], []
+    until, corrections, one_view = [], [], []
     pairs = 0
     for rec in records:
         ev = rec.get("event")
@@ -168,6 +183,8 @@ def review_session(path: str | os.PathLike) -> SessionReview:
                 d = body.get("deviation_mm")
                 dev.append(float(d) if isinstance(d, (int, float)) else math.nan)
                 beam.append(body["beam"])
+                ov = body.get("one_view")
+                one_view.append(ov if isinstance(ov, str) else None)
                 v = body.get("valid_until_unix_s")
                 until.append(float(v) if isinstance(v, (int, float)) else math.nan)
                 if isinstance(rec.get("latency_ms"), (int, float)):
@@ -198,7 +215,8 @@ def review_session(path: str | os.PathLike) -> SessionReview:
     return SessionReview(
         p.name, float(records[0]["t_unix_s"]), float(records[-1]["t_unix_s"]), _ro(t_g), _ro(dev), tuple(beam),
         tuple(h.to_json() for h in live.holds), _ro(lat), tuple(residuals), tuple(commands), tuple(states),
-        float(tol) if isinstance(tol, (int, float)) else None, pairs, _ro(until), tuple(corrections))
+        float(tol) if isinstance(tol, (int, float)) else None, pairs, _ro(until), tuple(corrections),
+        tuple(one_view))
 
 
 def list_sessions(folder: str | os.PathLike) -> list[dict[str, Any]]:
@@ -383,10 +401,16 @@ def _figures(review: SessionReview) -> dict[str, Any]:
 def _summary_lines(review: SessionReview) -> list[str]:
     lat = review.to_json()["latency_ms"]
     maxdev = review.max_deviation_beam_on_mm
+    ov = review.one_view_summary()
+    one_view = ("no pair judged on one view" if not ov["decisions"] else
+                f"{ov['decisions']} decisions on one view (a view blocked; "
+                + ", ".join(f"on imager {k}: {e['decisions']}, {e['enable']} ENABLE" for k, e in
+                            sorted(ov["per_imager"].items())) + ")")
     return [
         f"{_fmt_time(review.started_unix_s)} to {_fmt_time(review.ended_unix_s)}",
         f"{review.pairs} stereo pairs judged; {len(review.beam)} gating decisions; {len(review.holds)} HOLD runs",
         f"beam-on time {review.beam_on_s:.1f} s",
+        one_view,
         "maximum deviation with the beam on: " + ("n/a (the beam was never on)" if maxdev is None
                                                   else f"{maxdev:.2f} mm"),
         "latency pair complete -> gating published: " + ("n/a" if not lat else

@@ -310,8 +310,25 @@ function renderBeam(alive) {
     $("deviation").textContent = g.deviation_mm === null ? "-" : `${g.deviation_mm.toFixed(2)} mm`;
     $("deviation").className = state.tolerance_3d_mm && g.deviation_mm > state.tolerance_3d_mm ? "over" : "";
   }
+  renderViews(g);
   const said = `Beam ${beam}. ${beam === "ENABLE" ? "" : info.text}`;
   if (said !== lastBeamAnnounced) { lastBeamAnnounced = said; $("beam-live").textContent = said; }
+}
+
+// One-view monitoring (docs/ONE_VIEW.md): which imager the last pair was judged on, and the 95 % bound.
+function renderViews(g) {
+  const el = $("views");
+  let text = "views: -", one = false;
+  if (g && g.one_view) {
+    const other = ["A", "B"].filter((n) => n !== g.one_view).join(", ");
+    const bound = typeof g.deviation_bound_mm === "number" ? ` · 95 % bound ${g.deviation_bound_mm.toFixed(2)} mm` : "";
+    text = `ONE VIEW: imager ${other} blocked or unusable, judged on imager ${g.one_view} alone${bound} (out-of-plane estimated)`;
+    one = true;
+  } else if (g && g.pair_id !== null && g.pair_id !== undefined) {
+    text = "views: stereo (both imagers)";
+  }
+  el.classList.toggle("one", one);
+  if (el.textContent !== text) el.textContent = text;
 }
 
 // "not_monitoring" covers every state but MONITORING/PAUSED: the next action depends on which.
