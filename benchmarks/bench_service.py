@@ -73,8 +73,13 @@ def render_cases(sim: KVSimulator, n: int, seed: int) -> list[tuple[Pose, dict]]
     return out
 
 
-def stream(cases, processor, rate_hz: float, n_pairs: int, quick_setup: bool = True) -> dict:
-    """Run a service with ``processor``, stream ``n_pairs`` pairs at ``rate_hz`` (cycling the cases)."""
+def stream(cases, processor, rate_hz: float, n_pairs: int, quick_setup: bool = True, blocked=None) -> dict:
+    """Run a service with ``processor``, stream ``n_pairs`` pairs at ``rate_hz`` (cycling the cases).
+
+    ``blocked(k)``: the imager whose frame of pair ``k`` is not sent (one-view monitoring), or None.
+    The result's ``frame_to_gating`` maps pair id -> (seconds from the pair's last frame sent to its
+    ``gating`` received by the subscriber, the imager blocked or None).
+    """
     config = ServiceConfig(
         # An ENABLE lives at most two frame periods (CONVENTIONS; the configuration refuses more).
         safety=SafetyConfig(frame_period_s=1.0 / rate_hz, max_frame_age_s=max(0.2, 2.0 / rate_hz),
@@ -101,11 +106,17 @@ def stream(cases, processor, rate_hz: float, n_pairs: int, quick_setup: bool = T
         svc.stats.latency_ms.clear()
         period = 1.0 / rate_hz
         t_next = time.monotonic()
+        sent_mono, blocked_of = {}, {}
         for k in range(n_pairs):
             frames = encoded[k % len(encoded)]
             now = time.time()
+            skip = blocked(k) if blocked is not None else None
+            blocked_of[1000 + k] = skip
             for name, (px, i0) in frames.items():
+                if name == skip:
+                    continue
                 peers.frames.send_parts(encode_kvframe(peers.frames.seq.next(), name, 1000 + k, now, px, i0))
+            sent_mono[1000 + k] = time.monotonic()
             t_next += period
             delay = t_next - time.monotonic()
             if delay > 0:
@@ -117,7 +128,14 @@ def stream(cases, processor, rate_hz: float, n_pairs: int, quick_setup: bool = T
     gating = [m for _, m in peers.sub.messages if m["_topic"] == "gating" and m["pair_id"] is not None
               and m["pair_id"] >= 1000]
     judged = {m["pair_id"] for m in gating if m["reason"] != "pair_dropped"}  # a dropped pair gets its own HOLD
+    frame_to_gating = {}
+    for m in gating:
+        pid = m["pair_id"]
+        if pid in sent_mono and pid not in frame_to_gating and m["reason"] != "pair_dropped":
+            frame_to_gating[pid] = (peers.sub.received_at(m) - sent_mono[pid], blocked_of[pid], m.get("one_view"))
     return {
+        "frame_to_gating": frame_to_gating,
+        "one_view_enable": sum(m["beam"] == "ENABLE" and bool(m.get("one_view")) for m in gating),
         "sent": n_pairs, "judged": len(judged), "dropped": svc.stats.pairs_dropped,
         "enable": sum(m["beam"] == "ENABLE" for m in gating),
         "reasons": sorted({m["reason"] for m in gating}),
@@ -235,6 +253,9 @@ def main(argv=None) -> int:
                         help="only the 10 Hz and 30 Hz socket runs (no anatomy, no simulated fraction)")
     parser.add_argument("--fraction-only", action="store_true",
                         help="only the error model and the simulated fraction (no socket runs)")
+    parser.add_argument("--one-view", action="store_true",
+                        help="only the 10 Hz fiducial stream with imager B (then A) silent in alternate 3 s blocks: "
+                             "frame -> gating latency of stereo, one-view and first-blocked pairs (issue 18)")
     parser.add_argument("--motion-tau-s", type=float, default=60.0,
                         help="correlation time of the fraction's random wander (smaller = faster motion)")
     args = parser.parse_args(argv)
@@ -262,6 +283,9 @@ def main(argv=None) -> int:
 
     if args.fraction_only:
         _print_fraction(simulated_fraction(errors, args.fraction_pairs, args.seed, args.motion_tau_s))
+        return 0
+    if args.one_view:
+        _one_view_stream(cases, fid, args.pairs_10hz)
         return 0
     r10 = stream(cases, fid, 10.0, args.pairs_10hz)
     n30 = int(args.seconds_30hz * 30)
@@ -311,6 +335,36 @@ def main(argv=None) -> int:
                     time.monotonic() - tf)
     print(f"# total {time.monotonic() - t0:.0f} s")
     return 0
+
+
+def _one_view_stream(cases, fid, n_pairs: int) -> None:
+    """10 Hz stream; in every other 3 s block one imager sends nothing (B, then A, alternately)."""
+    def blocked(k: int):
+        block = k // 30
+        return None if block % 2 == 0 else ("B" if (block // 2) % 2 == 0 else "A")
+
+    r = stream(cases, fid, 10.0, n_pairs, blocked=blocked)
+    rows = {"stereo": [], "one view, imager absent": [], "first pair of a block (waits pair_timeout_s)": []}
+    for pid, (lat_s, skip, one_view) in sorted(r["frame_to_gating"].items()):
+        k = pid - 1000
+        if skip is None:
+            rows["stereo"].append(lat_s * 1e3)
+        elif k % 30 == 0:
+            rows["first pair of a block (waits pair_timeout_s)"].append(lat_s * 1e3)
+        else:
+            rows["one view, imager absent"].append(lat_s * 1e3)
+    print()
+    print("## One-view monitoring, fiducial method, 1024x1024 at 10 Hz: last frame sent -> gating received (loopback)")
+    print("| pairs | n | p50 ms | p95 ms | p99 ms | max ms | target |")
+    print("|---|---|---|---|---|---|---|")
+    for name, lat in rows.items():
+        print(f"| {name} | {len(lat)} | {pct(lat, 50):.1f} | {pct(lat, 95):.1f} | {pct(lat, 99):.1f} | "
+              f"{max(lat) if lat else float('nan'):.1f} | p99 <= 40 (one view) |")
+    every = [v for lat in rows.values() for v in lat]
+    print(f"| all | {len(every)} | {pct(every, 50):.1f} | {pct(every, 95):.1f} | {pct(every, 99):.1f} | "
+          f"{max(every) if every else float('nan'):.1f} | |")
+    print(f"# sent {r['sent']}, judged {r['judged']}, dropped {r['dropped']}, ENABLE {r['enable']} "
+          f"(one view {r['one_view_enable']}); reasons {r['reasons']}; heartbeat late max {max(r['hb_late']):.1f} ms")
 
 
 def _print_fraction(fr: dict, elapsed_s: float = float("nan")) -> None:
