@@ -436,6 +436,12 @@ class PlanConfig:
     roi_half_size_mm : (3,) tuple
         Anatomy method: half sizes of the LPS-axis box around the isocentre
         that is registered (the target vertebra), mm.
+    level_rois : tuple of str or None
+        Anatomy method with ``dicom``: per-level setup (docs/PER_LEVEL.md). The
+        structure set ROIs of the target vertebra and its neighbours (2-5
+        names, cranial to caudal, the target ROI among them); each is
+        registered on its own during setup and the approval chooses which
+        level drives the correction.
     """
 
     method: str = "pattern"
@@ -449,6 +455,7 @@ class PlanConfig:
     target_room_mm: tuple[float, float, float] = (0.0, 0.0, 0.0)
     pattern_noise_mm: float = 0.05
     roi_half_size_mm: tuple[float, float, float] = (30.0, 30.0, 15.0)
+    level_rois: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.method, str) or self.method not in _METHODS:
@@ -478,6 +485,16 @@ class PlanConfig:
         missing = [n for n in needs if getattr(self, n) is None]
         if missing:
             raise ConfigError(f"[plan] method '{self.method}' needs {missing}")
+        if self.level_rois is not None:
+            lv = self.level_rois
+            if (not isinstance(lv, (list, tuple)) or not 2 <= len(lv) <= 5 or len(set(lv)) != len(lv)
+                    or not all(isinstance(n, str) and 1 <= len(n) <= 64 and n.isprintable() and n == n.strip()
+                               for n in lv)):
+                raise ConfigError(f"[plan] level_rois must list 2-5 different ROI names (cranial to caudal), got {lv!r}")
+            object.__setattr__(self, "level_rois", tuple(lv))
+            if self.method != "anatomy" or self.dicom is None:
+                raise ConfigError("[plan] level_rois (per-level registration) needs method 'anatomy' and dicom "
+                                  "(a DICOM plan folder whose structure set has one ROI per vertebra)")
 
 
 #: A catalogue plan id: what ``load_plan``'s ``plan_id`` names (also a TOML bare key, so no quoting needed).

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from .config import PlanConfig
 
-__all__ = ["load_treatment_plan", "plan_flat_fields", "anatomy_roi"]
+__all__ = ["load_treatment_plan", "plan_flat_fields", "anatomy_roi", "level_rois"]
 
 
 def load_treatment_plan(plan: PlanConfig):
@@ -44,3 +44,20 @@ def anatomy_roi(plan: PlanConfig, treatment):
     if treatment.target_roi is not None:
         return RegionOfInterest.from_mask(treatment.target_mask(), description=f"ROI '{treatment.target_roi}'")
     return RegionOfInterest.from_box(treatment.ct, treatment.isocentre_lps_mm, plan.roi_half_size_mm)
+
+
+def level_rois(plan: PlanConfig, treatment) -> dict:
+    """Per-level plans (``[plan] level_rois``): level name -> :class:`RegionOfInterest` of that vertebra's
+    structure set ROI, cranial to caudal as listed (docs/PER_LEVEL.md)."""
+    from spineguide.registration.anatomy import RegionOfInterest
+    from spineguide.registration.errors import PlanError
+
+    out = {}
+    for name in plan.level_rois or ():
+        if name not in treatment.rois:
+            raise PlanError(f"[plan] level_rois: ROI {name!r} is not in the plan's structure set "
+                            f"(ROIs: {sorted(treatment.rois)})")
+        out[name] = RegionOfInterest.from_mask(treatment.rois[name], description=f"level '{name}'")
+    if treatment.target_roi not in out:
+        raise PlanError(f"[plan] level_rois {list(out)} must include the target ROI {treatment.target_roi!r}")
+    return out

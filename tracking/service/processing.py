@@ -35,7 +35,7 @@ from ..errors import TrackingError
 from ..frames import KvFrame
 from .config import PlanConfig, SafetyConfig
 from .gating import HoldReason
-from .plan import anatomy_roi, load_treatment_plan, plan_flat_fields
+from .plan import anatomy_roi, level_rois, load_treatment_plan, plan_flat_fields
 
 __all__ = [
     "PairResult",
@@ -441,12 +441,55 @@ class AnatomyProcessor:
 
     method = "anatomy"
 
-    def __init__(self, registration, flat_fields=None) -> None:
+    def __init__(self, registration, flat_fields=None, levels=None) -> None:
         self._reg = registration
         #: imager -> tracking.localisation.flatfield.FlatField: dark / gain correction and dead-line inpainting of each frame.
         self.flat_fields = dict(flat_fields) if flat_fields else None
+        #: A :class:`spineguide.registration.anatomy.per_level.LevelRegistration` (per-level plans), or None.
+        self._levels = levels
 
-    def process(self, frames: dict[str, KvFrame], prior: Pose | None) -> PairResult:
+    @property
+    def has_levels(self) -> bool:
+        """True for a per-level plan: the engine then sets up with :meth:`process_levels`."""
+        return self._levels is not None
+
+    def _level_registration(self, level: str | None):
+        """The prepared registration of ``level`` (None or the target: the plan's own ROI)."""
+        if level is None or self._levels is None or level == self._levels.target:
+            return self._reg
+        return self._levels.registration_for(level)
+
+    def process_levels(self, frames: dict[str, KvFrame], prior: Pose | None, level: str | None) -> PairResult:
+        """Per-level setup registration (docs/PER_LEVEL.md): every level on its own; the result's pose is
+        ``level``'s (None: the target's), its quality carries the per-level table (``levels``)."""
+        from spineguide.registration.errors import RegistrationError, RegistrationFrameError
+
+        from ..errors import FrameError
+        from ..localisation.flatfield import correct_frames
+
+        pixels = {name: f.pixels for name, f in frames.items()}
+        i0 = {name: f.i0 for name, f in frames.items()} if all(f.i0 is not None for f in frames.values()) else None
+        t0 = time.perf_counter()
+        try:
+            pixels = correct_frames(self.flat_fields, pixels)
+            res = self._levels.register(pixels, i0=i0, initial_pose=prior)
+        except (FrameError, RegistrationFrameError) as err:
+            return PairResult(HoldReason.CORRUPT_FRAME, method=self.method, quality={"ok": False}, detail=str(err))
+        except RegistrationError as err:
+            return PairResult(HoldReason.REGISTRATION_REFUSED, method=self.method, quality={"ok": False},
+                              detail=f"{type(err).__name__}: {err}")
+        driving = level if level is not None else res.target
+        table = to_json_value(res.to_json())
+        entry = next((lv for lv in res.levels if lv.name == driving), None)
+        quality = {"ok": bool(entry is not None and entry.ok), "levels": table, "driving_level": driving,
+                   "elapsed_ms": (time.perf_counter() - t0) * 1e3}
+        if entry is None or not entry.ok:
+            why = "not registered" if entry is None else (entry.reason or "refused")
+            return PairResult(HoldReason.REGISTRATION_REFUSED, None if entry is None else entry.pose, self.method,
+                              quality, f"per-level registration: level {driving} {why}")
+        return PairResult(HoldReason.OK, res.pose_for(driving), self.method, quality)
+
+    def process(self, frames: dict[str, KvFrame], prior: Pose | None, level: str | None = None) -> PairResult:
         from spineguide.registration.errors import RegistrationFrameError
         from spineguide.registration.errors import RegistrationError
 
@@ -457,7 +500,8 @@ class AnatomyProcessor:
         i0 = {name: f.i0 for name, f in frames.items()} if all(f.i0 is not None for f in frames.values()) else None
         try:
             pixels = correct_frames(self.flat_fields, pixels)
-            res = self._reg.register(pixels, i0=i0, initial_pose=prior, tracking=prior is not None)
+            res = self._level_registration(level).register(pixels, i0=i0, initial_pose=prior,
+                                                           tracking=prior is not None)
         except (FrameError, RegistrationFrameError) as err:
             # A frame the registration cannot use (NaN pixels, wrong shape, not 2D) is a corrupt frame, not a refusal.
             return PairResult(HoldReason.CORRUPT_FRAME, method=self.method, quality={"ok": False}, detail=str(err))
@@ -467,6 +511,8 @@ class AnatomyProcessor:
         quality = to_json_value(res.quality.to_json())
         quality["ok"] = bool(res.quality.ok)
         quality["elapsed_ms"] = float(res.elapsed_ms)
+        if level is not None:
+            quality["driving_level"] = level
         if not res.quality.ok:
             return PairResult(HoldReason.REGISTRATION_REFUSED, res.pose, self.method, quality,
                               f"anatomy registration refused: {res.quality.reason.value}")
@@ -537,8 +583,14 @@ def _build_anatomy(plan: PlanConfig) -> PairProcessor:
     geometry = read_geometry(plan.geometry)
     treatment = load_treatment_plan(plan)
     roi = anatomy_roi(plan, treatment)
+    levels = None
+    if plan.level_rois:
+        from spineguide.registration.anatomy.per_level import LevelRegistration
+
+        levels = LevelRegistration(treatment.ct, treatment.isocentre_lps_mm, geometry, level_rois(plan, treatment),
+                                   target=treatment.target_roi)
     return AnatomyProcessor(AnatomyRegistration(treatment.ct, treatment.isocentre_lps_mm, geometry, roi),
-                            flat_fields=plan_flat_fields(plan) or None)
+                            flat_fields=plan_flat_fields(plan) or None, levels=levels)
 
 
 def warm_up_kernels() -> float:

@@ -147,6 +147,10 @@ class PairJob:
         (MONITORING, one-view enabled, reference young enough); else None.
     reference_acquired_unix_s : float or None
         Acquisition time of that stereo pair (wall clock, s).
+    per_level : bool
+        Register every vertebral level on its own (setup with a per-level plan, docs/PER_LEVEL.md).
+    level : str or None
+        The level that drives the correction (chosen at approval); None: the plan's target level.
     """
 
     pair_id: int
@@ -158,6 +162,8 @@ class PairJob:
     epoch: int = 0
     reference: Pose | None = None
     reference_acquired_unix_s: float | None = None
+    per_level: bool = False
+    level: str | None = None
 
 
 def run_processor(processor: PairProcessor | None, frames: dict[str, KvFrame], job: PairJob,
@@ -188,7 +194,12 @@ def run_processor(processor: PairProcessor | None, frames: dict[str, KvFrame], j
                     return PairResult(problem[0], method=processor.method, quality={"ok": False}, detail=problem[1])
                 bad[name] = problem
         if not bad:
-            result = processor.process(frames, job.prior)
+            if job.per_level and getattr(processor, "has_levels", False):
+                result = processor.process_levels(frames, job.prior, job.level)
+            elif job.level is not None and getattr(processor, "has_levels", False):
+                result = processor.process(frames, job.prior, level=job.level)
+            else:
+                result = processor.process(frames, job.prior)
         else:
             usable = [n for n in config.imagers if n not in bad]
             first = next(iter(bad.values()))
@@ -225,6 +236,16 @@ def run_processor(processor: PairProcessor | None, frames: dict[str, KvFrame], j
                   traceback.format_exc())
         return PairResult(HoldReason.INTERNAL_ERROR, quality={"ok": False},
                           detail=f"{type(err).__name__}: {err}")
+
+
+def _level_poses(table: Mapping[str, Any]) -> dict[str, Pose]:
+    """Level name -> pose of every level registered ok in a per-level table (``LevelsResult.to_json()``)."""
+    out: dict[str, Pose] = {}
+    for lv in table.get("levels", ()):
+        pose = lv.get("pose") if isinstance(lv, Mapping) else None
+        if lv.get("ok") and isinstance(pose, Mapping):
+            out[str(lv["name"])] = Pose.from_six(pose["translation_mm"], pose["rotation_deg"])
+    return out
 
 
 class Engine:
@@ -276,6 +297,9 @@ class Engine:
         #: (acquired_unix_s, pose) of the last stereo pair trusted since the patient last moved by the couch:
         #: what a one-view pair leans on (docs/ONE_VIEW.md). Forgotten at load_plan, start_setup, couch_moved, stop.
         self.stereo_reference: tuple[float, Pose] | None = None
+        #: The vertebral level whose pose drives the corrections (per-level plans; chosen at approval), None: the
+        #: plan's target level. Forgotten at load_plan and start_setup.
+        self.driving_level: str | None = None
         #: How the last judged pair was measured: {"mode": "stereo" | "one_view" | "none", "imager", "blocked"}.
         self.view_state: dict[str, Any] = {"mode": "none", "imager": None, "blocked": {}}
         self._last_failure: tuple[str, str] | None = None  # (reason, detail) of the last pair not ok: repeats log at DEBUG
@@ -343,7 +367,9 @@ class Engine:
             "tolerance_3d_mm": g.tolerance_3d_mm,
             "tolerance_rotation_deg": g.tolerance_rotation_deg,
             "pending_correction": None if self.pending is None else
-            {k: v for k, v in self.pending.items() if k not in ("message", "sent_unix_s", "first_sent_unix_s", "pose")},
+            {k: v for k, v in self.pending.items()
+             if k not in ("message", "sent_unix_s", "first_sent_unix_s", "pose", "level_poses", "result")},
+            "driving_level": self.driving_level,
             "epoch": self.epoch,
             "views": dict(self.view_state),
             "plan": None if self.plan is None else {"plan_id": self.plan.plan_id,
@@ -450,6 +476,7 @@ class Engine:
         self.target_room_mm = np.asarray(chosen.plan.target_room_mm, dtype=np.float64)
         self.last_pose = None
         self.stereo_reference = None
+        self.driving_level = None
         self._set_state(ServiceState.PLAN_LOADED, now, mono, f"plan {chosen.plan_id} loaded")
         return {"method": chosen.plan.method}
 
@@ -460,6 +487,7 @@ class Engine:
         self.pending = None
         self.couch_moved_unix_s = None
         self.stereo_reference = None
+        self.driving_level = None
         self._set_phase(SetupPhase.MEASURING, now, mono)
         self._set_state(ServiceState.SETUP, now, mono, "setup started")
 
@@ -481,12 +509,54 @@ class Engine:
             self._drop_expired_proposal(now, mono)
             raise CommandRefused(f"the proposal from pair {pid} is {age_s:.1f} s old (limit {limit_s:g} s): "
                                  "expired and dropped; the next pair proposes afresh")
+        level = self._approved_level(params.get("level"))
         operator = params.get("operator")
         operator = operator if isinstance(operator, str) else ""
         self.pending["approved_by"] = operator
         self._send_setup_correction(now, operator)
         self._set_phase(SetupPhase.AWAITING_COUCH, now, mono)
-        return {"approved_pair_id": pid, "approved_by": operator}
+        reply = {"approved_pair_id": pid, "approved_by": operator}
+        if level is not None:
+            reply["level"] = level
+        return reply
+
+    def _approved_level(self, want) -> str | None:
+        """Per-level proposals: the level the approval chooses to drive the correction (docs/PER_LEVEL.md).
+
+        Without a per-level table, ``level`` must be absent. With one, ``level`` (default: the level
+        that drives now) must be a level registered ok; a discordant table (the target's pose differs from
+        its neighbours' beyond the thresholds) needs ``level`` named explicitly. Choosing another level
+        rebuilds the proposed correction from that level's pose before it is sent.
+        """
+        table = self.pending.get("levels")
+        if table is None:
+            if want is not None:
+                raise CommandRefused("approve_correction names a level, but this plan registers no levels")
+            return None
+        poses: dict[str, Pose] = self.pending["level_poses"]
+        if want is None:
+            if table.get("discordant"):
+                raise CommandRefused("the levels disagree (" + str(table.get("discordance_detail", "")) + "): "
+                                     "approve_correction must name the level that drives the correction (level)")
+            return self.pending.get("level")
+        if not isinstance(want, str) or want not in poses:
+            raise CommandRefused(f"approve_correction names level {want!r}; the levels registered ok are "
+                                 f"{sorted(poses)}")
+        if want != self.pending.get("level"):
+            result: PairResult = self.pending["result"]
+            chosen = replace(result, pose=poses[want], quality={**result.quality, "driving_level": want})
+            corr, extra = self._couch_correction(chosen.pose)
+            ok, why = self._within_limits(corr)
+            if not ok:
+                raise CommandRefused(f"level {want}: {why}")
+            self.pending.update({
+                "translation_mm": [float(x) for x in corr.translation_mm],
+                "rotation_deg": [float(x) for x in corr.rotation_deg],
+                "message": self._correction_message(self.pending["pair_id"], self.pending["proposed_unix_s"], chosen,
+                                                    corr, extra, True, "setup"),
+                "pose": chosen.pose, "level": want})
+        self.driving_level = want
+        return want
 
     def _drop_expired_proposal(self, now, mono) -> None:
         """A setup proposal older than ``approval_max_age_s``: forget it (still HOLD); the next pair proposes."""
@@ -678,8 +748,10 @@ class Engine:
             if (self.state is ServiceState.MONITORING and ov.enabled and self.stereo_reference is not None
                     and acquired_unix_s - self.stereo_reference[0] <= ov.max_reference_age_s):
                 ref_t, ref_pose = self.stereo_reference
+            per_level = (self.state is ServiceState.SETUP and getattr(self.processor, "has_levels", False)
+                         and self.phase in (SetupPhase.MEASURING, SetupPhase.VERIFYING))
             job = PairJob(pair_id, acquired_unix_s, complete_mono_s, now_unix_s, self.last_pose, skip, epoch,
-                          ref_pose, ref_t)
+                          ref_pose, ref_t, per_level, self.driving_level)
             return job, self.processor
 
     def finish_pair(self, job: PairJob, result: PairResult, now_unix_s: float, now_mono_s: float,
@@ -841,6 +913,11 @@ class Engine:
                         "proposed_unix_s": float(now), "proposed_mono_s": float(mono),
                         "message": self._correction_message(job.pair_id, now, result, corr, extra, True, "setup"),
                         "pose": result.pose}
+        table = result.quality.get("levels") if isinstance(result.quality, dict) else None
+        if isinstance(table, dict):
+            # Per-level registration: every level's pose, so the approval can choose which drives.
+            self.pending.update({"levels": table, "level_poses": _level_poses(table), "result": result,
+                                 "level": result.quality.get("driving_level")})
         if self.config.setup.approval == "automatic":
             self._send_setup_correction(now)
             self._set_phase(SetupPhase.AWAITING_COUCH, now, mono)
