@@ -87,7 +87,7 @@ log = logging.getLogger(__name__)
 PAGE_COMMANDS: dict[str, tuple[str, ...]] = {
     "load_plan": ("patient_id", "plan_id", "fraction"),
     "stop": (),
-    "approve_correction": ("pair_id",),
+    "approve_correction": ("pair_id", "level"),
     "start_monitoring": (),
     "start_setup": (),
     "pause": (),
@@ -794,13 +794,16 @@ def build_app(console: ConsoleServer) -> web.Application:
             return refuse(400, "approve_correction must name the proposal's pair_id")
         if pid is not None and (not isinstance(pid, int) or isinstance(pid, bool) or pid < 0):
             return refuse(400, f"pair_id must be an integer >= 0, got {pid!r:.80}")
+        level = params.get("level")
+        if level is not None and (not isinstance(level, str) or not 1 <= len(level) <= 64 or not level.isprintable()):
+            return refuse(400, f"level must be a vertebral level's name (1-64 printable characters), got {level!r:.80}")
         extra: dict[str, Any] = {}
         if name == "load_plan":
             error = _check_load_plan(console.plans, params)
             if error is not None:
                 return refuse(400, error)
         if name == "approve_correction":
-            status, error, extra = _check_approval(console, who, pid, time.time())
+            status, error, extra = _check_approval(console, who, pid, time.time(), level)
             if status == 202:
                 console._wake_all()
                 return web.json_response({"ok": False, "awaiting_second_signoff": True, "reason": error,
@@ -982,8 +985,10 @@ def proposal_age_s(proposal: dict[str, Any] | None, now_unix_s: float) -> float 
 
 
 def _check_approval(console: ConsoleServer, who: LoginSession, pid: int,
-                    now_unix_s: float) -> tuple[int, str | None, dict[str, Any]]:
-    """(status, error, extra params) of an approval from the page; status 202 = first of two sign-offs taken."""
+                    now_unix_s: float, level: str | None = None) -> tuple[int, str | None, dict[str, Any]]:
+    """(status, error, extra params) of an approval from the page; status 202 = first of two sign-offs taken.
+
+    With two sign-offs, the second approves the same level (per-level plans) as the first."""
     proposal = console.live.proposal
     if proposal is None:
         return 409, "no proposal is shown on this console", {}
@@ -997,8 +1002,12 @@ def _check_approval(console: ConsoleServer, who: LoginSession, pid: int,
         return 200, None, {}
     first = console.first_approval
     if first is None or first.get("pair_id") != pid:
-        console.first_approval = {"pair_id": pid, "operator": who.operator, "role": who.role, "t_unix_s": now_unix_s}
+        console.first_approval = {"pair_id": pid, "operator": who.operator, "role": who.role, "t_unix_s": now_unix_s,
+                                  "level": level}
         return 202, "a correction this large needs a second sign-off by a physicist (another user)", {}
+    if first.get("level") != level:
+        return 409, (f"the first sign-off approved level {first.get('level') or 'the target'}, this one "
+                     f"{level or 'the target'}: both sign-offs must approve the same level"), {}
     if first["operator"] == who.operator:
         return 409, "the second sign-off must come from another user", {}
     if not who.may("second_signoff"):

@@ -441,10 +441,57 @@ function renderProposal() {
     ? (first ? "Second sign-off: approve and move the couch" : "Approve (first of two sign-offs)")
     : "Approve and move the couch";
   $("approve-button").dataset.pairId = p.pair_id;
+  renderLevels(p);
   for (const n of ["A", "B"]) {
     const img = $("proposal-" + n);
     img.classList.toggle("other-pair", img.dataset.pairId !== String(p.pair_id));
   }
+}
+
+// Per-level plans (docs/PER_LEVEL.md): every level's pose, inter-level motion, and the level that drives.
+let chosenLevel = null, levelsPair = null;
+function renderLevels(p) {
+  const q = p.quality || {}, table = q.levels || p.levels;
+  const box = $("levels-box");
+  box.hidden = !table;
+  if (!table) { chosenLevel = null; return; }
+  if (levelsPair !== p.pair_id) { levelsPair = p.pair_id; chosenLevel = null; }
+  const driving = chosenLevel || q.driving_level || p.level || table.target;
+  const rows = $("levels-rows");
+  rows.textContent = "";
+  for (const lv of table.levels || []) {
+    const tr = document.createElement("tr");
+    const pick = document.createElement("td");
+    if (lv.ok) {
+      const r = document.createElement("input");
+      r.type = "radio"; r.name = "driving-level"; r.value = lv.name; r.checked = lv.name === driving;
+      r.setAttribute("aria-label", `level ${lv.name} drives the correction`);
+      r.addEventListener("change", () => { chosenLevel = lv.name; render(); });
+      pick.appendChild(r);
+    }
+    tr.appendChild(pick);
+    const name = document.createElement("th");
+    name.scope = "row";
+    name.textContent = lv.name + (lv.name === table.target ? " (target)" : "");
+    tr.appendChild(name);
+    const six = lv.pose ? [...lv.pose.translation_mm, ...lv.pose.rotation_deg] : [null, null, null, null, null, null];
+    for (const v of six) {
+      const td = document.createElement("td");
+      td.textContent = v === null ? "-" : fmt(v, 2);
+      tr.appendChild(td);
+    }
+    const st = document.createElement("td");
+    st.textContent = lv.ok ? "ok" : `refused: ${lv.reason || "?"}`;
+    tr.appendChild(st);
+    rows.appendChild(tr);
+  }
+  $("levels-motion").textContent = (table.inter_level || []).map((m) =>
+    `${m.cranial}/${m.caudal}: flexion/extension ${fmt(m.flexion_extension_deg, 2)}°, lateral bending ` +
+    `${fmt(m.lateral_bending_deg, 2)}°, axial rotation ${fmt(m.axial_rotation_deg, 2)}°`).join("; ");
+  $("levels-discordant").textContent = table.discordant
+    ? `The target level's pose differs from its neighbours': ${table.discordance_detail || ""}. Choose the level that drives the correction.`
+    : "";
+  $("approve-button").dataset.level = driving;
 }
 
 function proposalExpired(p) {
@@ -605,8 +652,11 @@ $("load-plan-button").addEventListener("click", () => {
   }
   sendCommand("load_plan", { patient_id: p.patient_id, plan_id: p.plan_id, fraction: n });
 });
-$("approve-button").addEventListener("click", () =>
-  sendCommand("approve_correction", { pair_id: Number($("approve-button").dataset.pairId) }));
+$("approve-button").addEventListener("click", () => {
+  const params = { pair_id: Number($("approve-button").dataset.pairId) };
+  if (!$("levels-box").hidden && $("approve-button").dataset.level) params.level = $("approve-button").dataset.level;
+  sendCommand("approve_correction", params);
+});
 $("end-button").addEventListener("click", () => { $("end-confirm").hidden = false; $("end-confirm").disabled = false; $("end-confirm").focus(); });
 for (const b of document.querySelectorAll("#actions button[data-command]")) {
   b.addEventListener("click", () => { if (b.id === "end-confirm") b.hidden = true; sendCommand(b.dataset.command, {}); });
