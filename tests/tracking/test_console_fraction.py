@@ -235,6 +235,9 @@ def test_cookie_login_survives_reload_needs_csrf_and_logs_out(users):
     ("tina", {"command": "load_plan", "params": {"patient_id": "PAT-1", "plan_id": "T12-SBRT", "fraction": 2,
                                                  "x": 1}}, 400, "takes params"),
     ("tina", {"command": "approve_correction", "params": {"pair_id": 4}}, 409, "no proposal"),
+    ("tina", {"command": "approve_correction", "params": {"pair_id": 4, "level": 3}}, 400, "level must be"),
+    ("tina", {"command": "approve_correction", "params": {"pair_id": 4, "level": "L1\n"}}, 400, "level must be"),
+    ("tina", {"command": "approve_correction", "params": {"pair_id": 4, "level": "L1"}}, 409, "no proposal"),
     pytest.param("tina", {"command": "load_plan", "params": {"patient_id": "PAT-1", "plan_id": "T12-SBRT",
                                                              "fraction": 2}},
                  502, "no reply from the service",  # every console check passed: it went to the (absent) service
@@ -284,6 +287,17 @@ def test_large_correction_needs_a_second_user_who_is_a_physicist():
         assert _check_approval(c, tina, 3, 1002.0)[0] == 409  # not twice by one user
         assert _check_approval(c, tom, 3, 1002.0)[0] == 403  # a second therapist may not
         assert _check_approval(c, phil, 3, 1002.0) == (200, None, {"first_signoff": "tina"})
+
+
+def test_both_sign_offs_approve_the_same_level():
+    config = _config(second_signoff_mm=2.0, second_signoff_deg=1.0)
+    tina = LoginSession("tina", "therapist", 1e9, "c")
+    phil = LoginSession("phil", "physicist", 1e9, "c")
+    c = _fake_console(config, {"pair_id": 3, "t_unix_s": 1000.0, "translation_mm": [3, 0, 0], "rotation_deg": [0, 0, 0]})
+    assert _check_approval(c, tina, 3, 1001.0, "L1")[0] == 202
+    status, error, _ = _check_approval(c, phil, 3, 1002.0, "L2")
+    assert status == 409 and "same level" in error
+    assert _check_approval(c, phil, 3, 1002.0, "L1") == (200, None, {"first_signoff": "tina"})
 
 
 def test_a_proposal_learnt_from_a_status_reply_keeps_its_time():
