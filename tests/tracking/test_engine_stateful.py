@@ -12,6 +12,8 @@ ticks and clock jumps. After every step:
   the tolerances then in force;
 - no ENABLE is valid past ``judged + enable_validity_s`` or past
   ``acquired + max_frame_age_s``;
+- an ENABLE for a one-view pair (docs/ONE_VIEW.md) has the whole joint 95 %
+  ellipsoid of its deviation and rotation within the tolerances, and names its view;
 - never stuck: in MONITORING, good fresh pairs bring the beam back.
 
 Not a parser fuzz test (no ``fuzz`` marker): one example is 30 engine steps,
@@ -28,9 +30,10 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
+from spineguide.registration.motion_prior import target_covariance_mm2
 from spineguide.registration.pose import Pose
 from spineguide.tracking.service.config import SafetyConfig, SecurityConfig, ServiceConfig, SetupConfig
-from spineguide.tracking.service.gating import HoldReason
+from spineguide.tracking.service.gating import CHI2_3DOF_95, HoldReason
 from spineguide.tracking.service.processing import PairResult, PatternProcessor
 from spineguide.tracking.service.record import SessionRecord
 from spineguide.tracking.service.states import Command, Engine, ServiceState
@@ -105,6 +108,16 @@ class EngineMachine(RuleBasedStateMachine):
             assert np.linalg.norm(dev) <= tolerance.tolerance_3d_mm + TOLERANCE_SLACK
             assert np.all(np.abs(dev) <= np.asarray(tolerance.tolerance_axis_mm) + TOLERANCE_SLACK)
             assert np.max(np.abs(result.pose.rotation_deg)) <= tolerance.tolerance_rotation_deg + TOLERANCE_SLACK
+            assert o["one_view"] == result.one_view
+            if result.one_view is not None:
+                cov = target_covariance_mm2(result.pose, result.pose_cov, self.engine.target_room_mm)
+                margin = math.sqrt(CHI2_3DOF_95 * max(float(np.linalg.eigvalsh(cov).max()), 0.0))
+                assert np.linalg.norm(dev) + margin <= tolerance.tolerance_3d_mm + TOLERANCE_SLACK
+                assert np.all(np.abs(dev) + np.sqrt(CHI2_3DOF_95 * np.diag(cov))
+                              <= np.asarray(tolerance.tolerance_axis_mm) + TOLERANCE_SLACK)
+                rot_margin = np.sqrt(CHI2_3DOF_95 * np.diag(result.pose_cov)[3:])
+                assert np.max(np.abs(result.pose.rotation_deg) + rot_margin) <= \
+                    tolerance.tolerance_rotation_deg + TOLERANCE_SLACK
             limit = min(self.now + tolerance.enable_validity_s, acquired + tolerance.max_frame_age_s)
             assert o["valid_until_unix_s"] <= limit + EXPIRY_SLACK_S
         return outputs
@@ -180,6 +193,25 @@ class EngineMachine(RuleBasedStateMachine):
         pid = max(self._fresh_pid(), self.max_pid_in_epoch + 1)
         self.next_pid = pid + 1
         self._feed_pair(pid, self.now - age_s, PairResult(HoldReason.OK, Pose.from_six(dev, rot)), 0.005, None)
+
+    @precondition(lambda self: self.engine.state is ServiceState.MONITORING)
+    @rule(dev=st.tuples(*[st.floats(-0.9, 0.9, allow_nan=False)] * 3),
+          rot=st.tuples(*[st.floats(-0.8, 0.8, allow_nan=False)] * 3),
+          sigma_mm=st.floats(0.0, 0.5, allow_nan=False), sigma_deg=st.floats(0.0, 0.3, allow_nan=False),
+          corr=st.floats(-0.9, 0.9, allow_nan=False), view=st.sampled_from(["A", "B"]),
+          period_s=st.floats(0.0, 0.5, allow_nan=False))
+    def one_view_pair(self, dev, rot, sigma_mm, sigma_deg, corr, view, period_s):
+        """A pair judged on one view: a pose with its covariance (correlated translation / rotation)."""
+        self.now += period_s
+        self.mono += period_s
+        pid = max(self._fresh_pid(), self.max_pid_in_epoch + 1)
+        self.next_pid = pid + 1
+        sd = np.array([sigma_mm] * 3 + [sigma_deg] * 3)
+        c = np.eye(6)
+        c[0, 3] = c[3, 0] = corr  # translation X and pitch correlated (as a view's ray couples them)
+        cov = np.outer(sd, sd) * c
+        result = PairResult(HoldReason.OK, Pose.from_six(dev, rot), one_view=view, pose_cov=cov)
+        self._feed_pair(pid, self.now - 0.02, result, 0.005, None)
 
     @rule(reason=FAILURES, pair_id=st.one_of(st.none(), st.integers(0, 2**63 - 1)), alive=st.booleans())
     def frame_fault(self, reason, pair_id, alive):

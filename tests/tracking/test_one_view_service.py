@@ -231,3 +231,38 @@ def test_service_monitors_through_a_blocked_view(tmp_path):
         assert len(one) in (3, 4) and all(x["reference"] is not None for x in one)  # (4: the first pair back)
     finally:
         r.close()
+
+
+# ------------------------------------------------------------------ pairing, property-based
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_OPS = st.lists(st.one_of(
+    st.tuples(st.just("offer"), st.sampled_from(["A", "B"]), st.integers(0, 12)),
+    st.tuples(st.just("expire"), st.floats(0.0, 0.2, allow_nan=False), st.just(0)),
+), max_size=40)
+
+
+@settings(max_examples=300, deadline=None)
+@given(_OPS, st.booleans())
+def test_pairer_never_completes_an_empty_or_repeated_pair(ops, allow_partial):
+    """Whatever frames arrive in whatever order: a completed pair has at least one frame, all of its own
+    pair id and no imager twice; pair ids complete in increasing order; never every imager absent; a pair
+    completes without an imager only when partial pairs are allowed."""
+    p = FramePairer(("A", "B"), 0.05, allow_partial=allow_partial)
+    now, seq, done = 0.0, {"A": 0, "B": 0}, []
+    for op, a, b in ops:
+        if op == "offer":
+            seq[a] += 1
+            events = p.offer(KvFrame(a, np.zeros((2, 2), np.uint16), acquired_unix_s=T0, pair_id=b), seq[a], "s", now)
+        else:
+            now += a
+            events = p.expire(now)
+        for e in events:
+            if isinstance(e, CompletePair):
+                assert e.frames and all(f.pair_id == e.pair_id for f in e.frames.values())
+                assert set(e.frames) | set(e.missing) == {"A", "B"} and not set(e.frames) & set(e.missing)
+                assert allow_partial or not e.missing
+                assert not done or e.pair_id > done[-1]
+                done.append(e.pair_id)
+        assert p.absent != {"A", "B"}

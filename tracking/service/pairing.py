@@ -188,7 +188,8 @@ class FramePairer:
             _, got = self._pending.pop(pid)
             if self.allow_partial and (self.newest_done is None or pid > self.newest_done):
                 missing = tuple(sorted(self.imagers - set(got)))
-                self.absent.update(missing)
+                # The imagers that sent this pair are present (whatever an older pair said); the others absent.
+                self.absent = (self.absent - set(got)) | set(missing)
                 self.newest_done = pid
                 out.append(CompletePair(pid, got, self.epoch, now_mono_s, missing))
                 continue
