@@ -50,7 +50,7 @@ _LAZY = {
     "load_dicom_plan": "plan",
     "load_plan_files": "plan",
     "MotionPrior": "motion_prior",
-    "MotionPriorError": "motion_prior",
+    "MotionPriorError": "errors",
     "target_covariance_mm2": "motion_prior",
 }
 

@@ -21,6 +21,7 @@ __all__ = [
     "CTSeedError",
     "PointRegistrationError",
     "SeedMigrationError",
+    "MotionPriorError",
 ]
 
 
@@ -94,3 +95,7 @@ class AnatomyConfigError(RegistrationError, ValueError):
 
 class RegistrationFrameError(RegistrationError, ValueError):
     """A kV frame cannot be used for registration (wrong shape, non-finite, negative, no signal)."""
+
+
+class MotionPriorError(RegistrationError, ValueError):
+    """A motion prior or a covariance is not valid (shape, finiteness, symmetry, definiteness)."""

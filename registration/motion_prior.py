@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .errors import RegistrationError
+from .errors import MotionPriorError
 from .pose import Pose
 
 __all__ = [
@@ -50,10 +50,6 @@ __all__ = [
 DEFAULT_DIFFUSION = (0.05**2, 0.05**2, 0.05**2, 0.02**2, 0.02**2, 0.02**2)
 #: Default constant variance: (0.3 mm)^2 and (0.2 deg)^2.
 DEFAULT_FLOOR = (0.3**2, 0.3**2, 0.3**2, 0.2**2, 0.2**2, 0.2**2)
-
-
-class MotionPriorError(RegistrationError, ValueError):
-    """A motion prior or a covariance is not valid (shape, finiteness, symmetry, definiteness)."""
 
 
 def check_covariance(cov, n: int, what: str) -> np.ndarray:
