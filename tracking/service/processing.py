@@ -441,12 +441,18 @@ class AnatomyProcessor:
 
     method = "anatomy"
 
-    def __init__(self, registration, flat_fields=None, levels=None) -> None:
+    def __init__(self, registration, flat_fields=None, levels=None, level_registrations=None) -> None:
         self._reg = registration
         #: imager -> tracking.localisation.flatfield.FlatField: dark / gain correction and dead-line inpainting of each frame.
         self.flat_fields = dict(flat_fields) if flat_fields else None
         #: A :class:`spineguide.registration.anatomy.per_level.LevelRegistration` (per-level plans), or None.
         self._levels = levels
+        #: Level name -> an ordinary (stereo, background-modelled) AnatomyRegistration of that level's ROI:
+        #: what monitors the level chosen to drive the correction.
+        self._level_regs = dict(level_registrations or {})
+        if levels is not None and set(self._level_regs) != set(levels.names):
+            raise TrackingError(f"per-level plan: registrations for levels {sorted(self._level_regs)}, the plan has "
+                                f"{list(levels.names)}")
 
     @property
     def has_levels(self) -> bool:
@@ -457,7 +463,9 @@ class AnatomyProcessor:
         """The prepared registration of ``level`` (None or the target: the plan's own ROI)."""
         if level is None or self._levels is None or level == self._levels.target:
             return self._reg
-        return self._levels.registration_for(level)
+        if level not in self._level_regs:
+            raise TrackingError(f"level {level!r} is not a level of this plan ({sorted(self._level_regs)})")
+        return self._level_regs[level]
 
     def process_levels(self, frames: dict[str, KvFrame], prior: Pose | None, level: str | None) -> PairResult:
         """Per-level setup registration (docs/PER_LEVEL.md): every level on its own; the result's pose is
@@ -583,14 +591,20 @@ def _build_anatomy(plan: PlanConfig) -> PairProcessor:
     geometry = read_geometry(plan.geometry)
     treatment = load_treatment_plan(plan)
     roi = anatomy_roi(plan, treatment)
-    levels = None
+    levels, level_regs = None, {}
+    target = AnatomyRegistration(treatment.ct, treatment.isocentre_lps_mm, geometry, roi)
     if plan.level_rois:
         from spineguide.registration.anatomy.per_level import LevelRegistration
 
-        levels = LevelRegistration(treatment.ct, treatment.isocentre_lps_mm, geometry, level_rois(plan, treatment),
+        rois = level_rois(plan, treatment)
+        levels = LevelRegistration(treatment.ct, treatment.isocentre_lps_mm, geometry, rois,
                                    target=treatment.target_roi)
-    return AnatomyProcessor(AnatomyRegistration(treatment.ct, treatment.isocentre_lps_mm, geometry, roi),
-                            flat_fields=plan_flat_fields(plan) or None, levels=levels)
+        # Monitoring follows the level the approval chose: each level's own stereo registration, built now.
+        level_regs = {name: target if name == treatment.target_roi else
+                      AnatomyRegistration(treatment.ct, treatment.isocentre_lps_mm, geometry, r)
+                      for name, r in rois.items()}
+    return AnatomyProcessor(target, flat_fields=plan_flat_fields(plan) or None, levels=levels,
+                            level_registrations=level_regs)
 
 
 def warm_up_kernels() -> float:
