@@ -108,11 +108,24 @@ class _Refinement:
         counter[0] += len(views)
         return np.concatenate(parts, axis=0)
 
-    def _refine(self, views, level: PyramidLevel, x, start, centre, counter, mode: str = "flow"):
+    def _exact_background_rays(self, views, level: PyramidLevel) -> None:
+        """Set each view up to render the background exactly at every pose, on the rays the comparison reads."""
+        # A feature at a mask pixel reads the smoothed image within 1 px (gradient) and 1 px more
+        # (the view-shift test's half-pixel warp); the smoothing reads 4 sigma around that.
+        reach = int(math.ceil(4.0 * level.smoothing_sigma_px)) + 2
+        kernel = cv2.getStructuringElement(cv2.MORPH_RECT, (2 * reach + 1, 2 * reach + 1))
+        for v in views:
+            v.bg_volume = self._backgrounds[self._background_key(level)]
+            v.bg_rays = cv2.dilate(v.mask.astype(np.uint8), kernel).astype(bool)
+
+    def _refine(self, views, level: PyramidLevel, x, start, centre, counter, mode: str = "flow", prior=None):
         """Levenberg-Marquardt over ``x`` (translation mm, rotation deg about ``centre``) at one level.
 
         ``mode``: how the background (the CT outside the ROI) enters the model, see
-        ``AnatomyConfig.background_derivatives``."""
+        ``AnatomyConfig.background_derivatives``. ``prior`` (one-view registration, :mod:`.one_view`): an object
+        with ``image_weight`` (the image residual's square-root weight, 1/sigma) and ``residual(x)`` /
+        ``jacobian(x)`` of the prior's whitened rows; the objective is then
+        ``|image_weight * r_image(x)|^2 + |r_prior(x)|^2`` (the image rows first), a MAP estimate."""
         cfg = self.config
         flow = mode == "flow"
         volume = self._level_volume(level)
@@ -127,13 +140,7 @@ class _Refinement:
         relinearise = np.array([redraw_mm] * 3 + [math.degrees(redraw_mm / lever_mm)] * 3)
         use_bg = bool(self._backgrounds) and not level.context
         if use_bg and mode == "exact":
-            # A feature at a mask pixel reads the smoothed image within 1 px (gradient) and 1 px more
-            # (the view-shift test's half-pixel warp); the smoothing reads 4 sigma around that.
-            reach = int(math.ceil(4.0 * level.smoothing_sigma_px)) + 2
-            kernel = cv2.getStructuringElement(cv2.MORPH_RECT, (2 * reach + 1, 2 * reach + 1))
-            for v in views:
-                v.bg_volume = self._backgrounds[self._background_key(level)]
-                v.bg_rays = cv2.dilate(v.mask.astype(np.uint8), kernel).astype(bool)
+            self._exact_background_rays(views, level)
             use_bg = False  # no linear model to redraw: the background is exact at every pose
         if use_bg:
             self._linearise_background(views, level, x, steps, start, centre, counter, flow)
@@ -141,10 +148,22 @@ class _Refinement:
         upper = -lower
         # Levenberg-Marquardt (optimiser.py); the background model is the residual's own linear model, redrawn
         # when x moves beyond `relinearise` and settled within a fraction of it.
+        def residual(x_):
+            r, images = self._residual(views, level, volume, x_, start, centre, counter)
+            if prior is None:
+                return r, images
+            return np.concatenate([prior.image_weight * r, prior.residual(x_)]), images
+
+        def jacobian(x_):
+            # Central differences (config.jacobian "central"): forward ones are biased by the curvature near the optimum.
+            jac = self._jacobian(views, level, volume, x_, steps, start, centre, counter)
+            if prior is None:
+                return jac
+            return np.ascontiguousarray(np.vstack([prior.image_weight * jac, prior.jacobian(x_)]))
+
         fit = levenberg_marquardt(
-            lambda x_: self._residual(views, level, volume, x_, start, centre, counter),
-            # Central differences: forward ones are biased by the curvature near the optimum.
-            lambda x_: self._jacobian(views, level, volume, x_, steps, start, centre, counter),
+            residual,
+            jacobian,
             x, lower=lower, upper=upper, tolerance=np.array([cfg.tolerance_mm] * 3 + [cfg.tolerance_deg] * 3),
             max_iterations=level.max_iterations, normal_equations=normal_equations,
             max_damping_tries=_MAX_DAMPING_TRIES,
