@@ -123,9 +123,10 @@ class _Refinement:
 
         ``mode``: how the background (the CT outside the ROI) enters the model, see
         ``AnatomyConfig.background_derivatives``. ``prior`` (one-view registration, :mod:`.one_view`): an object
-        with ``image_weight`` (the image residual's square-root weight, 1/sigma) and ``residual(x)`` /
-        ``jacobian(x)`` of the prior's whitened rows; the objective is then
-        ``|image_weight * r_image(x)|^2 + |r_prior(x)|^2`` (the image rows first), a MAP estimate."""
+        with ``image_weight`` (the image residual's square-root weight, 1/sigma), ``image_projection`` (6x6 ``Q``:
+        the image is evaluated at ``Q x``, so the directions ``Q`` removes are the prior's alone) and
+        ``residual(x)`` / ``jacobian(x)`` of the prior's whitened rows; the objective is then
+        ``|image_weight * r_image(Q x)|^2 + |r_prior(x)|^2`` (the image rows first), a MAP estimate."""
         cfg = self.config
         flow = mode == "flow"
         volume = self._level_volume(level)
@@ -149,16 +150,17 @@ class _Refinement:
         # Levenberg-Marquardt (optimiser.py); the background model is the residual's own linear model, redrawn
         # when x moves beyond `relinearise` and settled within a fraction of it.
         def residual(x_):
-            r, images = self._residual(views, level, volume, x_, start, centre, counter)
             if prior is None:
-                return r, images
+                return self._residual(views, level, volume, x_, start, centre, counter)
+            r, images = self._residual(views, level, volume, prior.image_projection @ x_, start, centre, counter)
             return np.concatenate([prior.image_weight * r, prior.residual(x_)]), images
 
         def jacobian(x_):
             # Central differences (config.jacobian "central"): forward ones are biased by the curvature near the optimum.
-            jac = self._jacobian(views, level, volume, x_, steps, start, centre, counter)
             if prior is None:
-                return jac
+                return self._jacobian(views, level, volume, x_, steps, start, centre, counter)
+            q = prior.image_projection
+            jac = self._jacobian(views, level, volume, q @ x_, steps, start, centre, counter) @ q
             return np.ascontiguousarray(np.vstack([prior.image_weight * jac, prior.jacobian(x_)]))
 
         fit = levenberg_marquardt(
