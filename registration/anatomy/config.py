@@ -199,6 +199,11 @@ class AnatomyConfig:
     #: Half width (binned pixels) of the lag window over which the image residual's spatial correlation is summed
     #: (Bartlett-weighted) for the one-view covariance; ~4 sigma of the smoothing plus the gradient's pixel.
     one_view_correlation_lag_px: int = 4
+    #: Systematic error of the image's in-plane position of the ROI centre that no residual statistic shows (the
+    #: model's own bias: planning-CT sampling, projector, spectrum), 1 sigma per in-plane axis, mm; added to the
+    #: one-view covariance across the view's ray. 0.1 mm: the stereo tracking registration's p95 target error on the
+    #: real-CT simple-chain set (0.104 mm, docs/BENCHMARKS.md) taken as a one-sigma figure.
+    one_view_model_error_mm: float = 0.1
 
     def __post_init__(self) -> None:
         if self.metric not in _OPTIMISABLE:
@@ -230,7 +235,7 @@ class AnatomyConfig:
             v = getattr(self, name)
             checked_number(v, AnatomyConfigError, f"{name} must be a positive number, got {v!r}", minimum=0.0,
                            exclusive_minimum=True)
-        for name in ("region_margin_mm", "global_smoothing_sigma_px"):
+        for name in ("region_margin_mm", "global_smoothing_sigma_px", "one_view_model_error_mm"):
             v = getattr(self, name)
             checked_number(v, AnatomyConfigError, f"{name} must be >= 0, got {v!r}", minimum=0.0)
         for name in ("roi_dilation_voxels", "one_view_correlation_lag_px"):

@@ -19,8 +19,9 @@ Method (``docs/ANATOMY_REGISTRATION.md``, "One view"):
 3. Covariance: a sandwich that stays honest whatever weight was used,
    ``cov_x = H^-1 (w^2 S + P) H^-1``, ``H = w J^T J + P``, ``P = G^T C^-1 G`` (``G = ds/dx``), with ``S`` the
    heteroskedasticity- and correlation-consistent (Newey-West, 2D Bartlett kernel) covariance of the image
-   score ``J^T r`` from the final residual; then ``cov_s = G cov_x G^T``. Without image information (``J = 0``)
-   it is the prior's covariance exactly.
+   score ``J^T r`` from the final residual, plus the model's own in-plane bias (``config.one_view_model_error_mm``
+   per axis across the ray, at the ROI centre), which no residual statistic shows; then ``cov_s = G cov_x G^T``.
+   Without image information (``J = 0``) the sandwich is the prior's covariance exactly.
 4. Acceptance as the stereo checks apply to one view: ROI on the panel, saturation, convergence, bounds, similarity,
    the view's residual 2D shift (here: image and prior disagreeing in the panel's plane), the in-plane standard
    deviation of the ROI centre (``max_std_mm``), and the prior chi-square (``one_view_max_prior_chi2``).
@@ -281,6 +282,8 @@ class _OneView:
         c_inv = np.linalg.inv(cov_prior)
         p_info = g.T @ c_inv @ g
         cov_x = posterior_covariance_x(jac_img.T @ jac_img, s_score, w_sqrt**2, p_info)
+        # The model's own in-plane bias, which the residual's statistics cannot show (config.one_view_model_error_mm).
+        cov_x[:3, :3] += cfg.one_view_model_error_mm**2 * (np.eye(3) - np.outer(ray, ray))
         cov_six = g @ cov_x @ g.T
         cov_six = 0.5 * (cov_six + cov_six.T)
         pose = self._pose(x, start, centre)

@@ -103,15 +103,17 @@ def test_out_of_plane_uncertainty_is_the_priors_and_larger_than_in_plane(room):
     prior = MotionPrior(REFERENCE)
     result = registration.register_one_view(frame, "A", prior, elapsed_s=2.0, i0=I0)
     assert result.ok, result.quality_json()
-    assert result.target_std_out_of_plane_mm > 5.0 * result.target_std_in_plane_mm
+    # In-plane: the image's noise (~0.03 mm here) plus the model-error term (0.1 mm); out-of-plane: the prior (0.31 mm).
+    assert result.target_std_in_plane_mm >= CI_CONFIG.one_view_model_error_mm
+    assert result.target_std_out_of_plane_mm > 2.5 * result.target_std_in_plane_mm
     # Along the central ray the image adds nothing: the posterior variance of the translation there is the prior's.
     ray = _ray(geometry, "A", np.zeros(3))
     prior_var = ray @ np.asarray(prior.covariance(2.0))[:3, :3] @ ray
     post_var = ray @ result.pose_cov[:3, :3] @ ray
     assert_allclose(post_var, prior_var, rtol=0.05)
-    # Across it, the image pins the translation far below the prior (0.3 mm floor).
+    # Across it, the image pins the translation well below the prior (0.31 mm).
     for u in (_in_plane_direction(geometry, "A"), np.array([0.0, 1.0, 0.0])):
-        assert math.sqrt(u @ result.pose_cov[:3, :3] @ u) < 0.3 * math.sqrt(u @ prior.covariance(2.0)[:3, :3] @ u)
+        assert math.sqrt(u @ result.pose_cov[:3, :3] @ u) < 0.5 * math.sqrt(u @ prior.covariance(2.0)[:3, :3] @ u)
 
 
 def test_covariance_is_the_prior_when_the_image_carries_no_information():
@@ -250,3 +252,5 @@ def test_result_and_config_errors():
         AnatomyConfig(one_view_max_prior_chi2=0.0)
     with pytest.raises(AnatomyConfigError, match="one_view_correlation_lag_px must be a non-negative integer"):
         AnatomyConfig(one_view_correlation_lag_px=-1)
+    with pytest.raises(AnatomyConfigError, match="one_view_model_error_mm must be >= 0"):
+        AnatomyConfig(one_view_model_error_mm=-0.1)
