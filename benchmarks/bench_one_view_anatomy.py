@@ -28,7 +28,7 @@ our projector, 150 mm of tissue past the CT's ends, levels cycled T12-L5 and roo
 
 Usage::
 
-    python benchmarks/bench_one_view_anatomy.py [--phantom-cases N] [--realct-cases N] [--seed S]
+    python benchmarks/bench_one_view_anatomy.py [--phantom-cases N] [--realct-cases N] [--seed S] [--step-mm LO,HI]
 
 Times are wall (monotonic) and process CPU; the load average is printed, since other jobs share the machine.
 """
@@ -70,12 +70,12 @@ def _unit(rng) -> np.ndarray:
     return v / np.linalg.norm(v)
 
 
-def draw_motion(rng) -> tuple[Pose, float]:
+def draw_motion(rng, step_mm=(0.2, 0.7)) -> tuple[Pose, float]:
     """Patient motion since the stereo reference (room frame, about the isocentre) and the seconds it took."""
     dt = float(rng.uniform(0.5, 6.0))
     t = _unit(rng) * rng.uniform(0.0, 0.1) * dt
     if rng.uniform() < 0.5:
-        t = t + _unit(rng) * rng.uniform(0.2, 0.7)
+        t = t + _unit(rng) * rng.uniform(*step_mm)
     axis, angle = _unit(rng), rng.uniform(0.0, 0.3)
     from scipy.spatial.transform import Rotation
 
@@ -89,10 +89,10 @@ def _timed(fn):
     return out, time.monotonic() - w, time.process_time() - c
 
 
-def one_case(reg: AnatomyRegistration, render, geometry, imager: str, rng, seed: int) -> dict | None:
+def one_case(reg: AnatomyRegistration, render, geometry, imager: str, rng, seed: int, step_mm) -> dict | None:
     """One blocked-view case; ``render(pose, seed)`` gives the raw stereo frames. None if the stereo reference was refused."""
     setup = Pose.from_six(rng.uniform(-0.5, 0.5, 3), rng.uniform(-0.3, 0.3, 3))
-    motion, dt = draw_motion(rng)
+    motion, dt = draw_motion(rng, step_mm)
     stereo = reg.register(render(setup, seed), i0=I0)
     if not stereo.quality.ok:
         return None
@@ -125,6 +125,7 @@ def one_case(reg: AnatomyRegistration, render, geometry, imager: str, rng, seed:
         "enable": res.ok and bound <= GATE_TOLERANCE_MM, "true_dev": float(np.linalg.norm(true_dev)),
         "std_in": res.target_std_in_plane_mm, "std_out": res.target_std_out_of_plane_mm,
         "stereo_err": float(np.linalg.norm(stereo.pose.apply(target) - setup.apply(target))),
+        "iterations": res.iterations, "drrs": res.drr_evaluations,
     }
 
 
@@ -145,7 +146,7 @@ def summary_rows(name: str, rows: list[dict], refused_stereo: int) -> list[str]:
             f"{_p(g('prior_err'), 50):.3f} / {_p(g('prior_err'), 95):.3f} (in {_p(g('prior_in'), 95):.3f}) | "
             f"{100 * g('cover3').mean():.0f}% / {100 * g('cover_in').mean():.0f}% / {100 * g('cover_out').mean():.0f}% / "
             f"{100 * g('cover_bound').mean():.0f}% | {_p(g('std_in'), 50):.3f} / {_p(g('std_out'), 50):.3f} | "
-            f"{_p(g('wall_ms'), 50):.0f} / {_p(g('wall_ms'), 95):.0f} ({_p(g('cpu_ms'), 50):.0f}) | "
+            f"{_p(g('wall_ms'), 50):.0f} / {_p(g('wall_ms'), 95):.0f} ({_p(g('cpu_ms'), 50):.0f} / {_p(g('cpu_ms'), 95):.0f}) | "
             f"{100 * np.mean([r['ok'] for r in rows]):.0f}% | {100 * g('enable').mean():.0f}% / "
             f"{int(np.sum(g('enable').astype(bool) & (g('true_dev') > GATE_TOLERANCE_MM)))} |"
             + (f" {refused_stereo} stereo refs refused |" if subset == "all" else " |")
@@ -153,7 +154,7 @@ def summary_rows(name: str, rows: list[dict], refused_stereo: int) -> list[str]:
     return out
 
 
-def run_phantom(n: int, seed: int, config: AnatomyConfig) -> tuple[list[dict], int, dict]:
+def run_phantom(n: int, seed: int, config: AnatomyConfig, step_mm) -> tuple[list[dict], int, dict]:
     t0 = time.monotonic()
     phantom = cervical_phantom()
     geometry = default_stereo_geometry()
@@ -172,7 +173,7 @@ def run_phantom(n: int, seed: int, config: AnatomyConfig) -> tuple[list[dict], i
     rng = np.random.default_rng(seed)
     rows, refused = [], 0
     for case in range(n):
-        r = one_case(reg, render, geometry, "AB"[case % 2], rng, case)
+        r = one_case(reg, render, geometry, "AB"[case % 2], rng, case, step_mm)
         if r is None:
             refused += 1
             continue
@@ -181,7 +182,7 @@ def run_phantom(n: int, seed: int, config: AnatomyConfig) -> tuple[list[dict], i
     return rows, refused, {"build_s": build_s, "warm_s": warm_s}
 
 
-def run_realct(n: int, seed: int, config: AnatomyConfig) -> tuple[list[dict], int, dict]:
+def run_realct(n: int, seed: int, config: AnatomyConfig, step_mm) -> tuple[list[dict], int, dict]:
     import build  # datasets/realct/build.py: the pinned download and the rooms
 
     from spineguide.tracking.room.realct import CaseRenderer, read_labelled_ct
@@ -212,7 +213,7 @@ def run_realct(n: int, seed: int, config: AnatomyConfig) -> tuple[list[dict], in
             warm = render(Pose.identity(), 999)
             reg.register_one_view(warm["A"], "A", MotionPrior(Pose.identity()), 1.0, i0=I0)
             warm_s = time.monotonic() - tw
-        r = one_case(reg, render, geometries[room], "AB"[case % 2], rng, case)
+        r = one_case(reg, render, geometries[room], "AB"[case % 2], rng, case, step_mm)
         if r is None:
             refused += 1
             continue
@@ -227,7 +228,7 @@ def _print_case(name, case, r):
     print(f"  {name} case {case:3d} view {r['imager']}: true deviation {r['true_dev']:.2f} mm, dt {r['dt']:.1f} s motion {r['motion_mm']:.2f} mm | err {r['err']:.3f} "
           f"(in {r['err_in']:.3f} out {r['err_out']:.3f}) prior-only {r['prior_err']:.3f} | std in {r['std_in']:.3f} "
           f"out {r['std_out']:.3f} | cover3 {r['cover3']} bound {r['bound']:.2f} | {r['wall_ms']:.0f} ms "
-          f"(cpu {r['cpu_ms']:.0f}) {r['reason']} enable {r['enable']} | stereo ref err {r['stereo_err']:.3f}", flush=True)
+          f"(cpu {r['cpu_ms']:.0f}, {r['iterations']} its, {r['drrs']} DRRs) {r['reason']} enable {r['enable']} | stereo ref err {r['stereo_err']:.3f}", flush=True)
 
 
 def main(argv=None) -> int:
@@ -235,7 +236,10 @@ def main(argv=None) -> int:
     parser.add_argument("--phantom-cases", type=int, default=24)
     parser.add_argument("--realct-cases", type=int, default=24)
     parser.add_argument("--seed", type=int, default=1818)
+    parser.add_argument("--step-mm", default="0.2,0.7", metavar="LO,HI",
+                        help="size range of the sudden shift drawn in half the cases, mm (default 0.2,0.7)")
     args = parser.parse_args(argv)
+    step_mm = tuple(float(v) for v in args.step_mm.split(","))
     config = AnatomyConfig()
     print(f"# bench_one_view_anatomy: {' '.join(sys.argv)}")
     print(f"# machine: {platform.machine()}, {os.cpu_count()} CPUs, numba {numba.__version__} "
@@ -247,9 +251,9 @@ def main(argv=None) -> int:
     load_start = os.getloadavg()
     sets = []
     if args.phantom_cases:
-        sets.append(("cervical phantom", *run_phantom(args.phantom_cases, args.seed, config)))
+        sets.append(("cervical phantom", *run_phantom(args.phantom_cases, args.seed, config, step_mm)))
     if args.realct_cases:
-        sets.append(("real CT abdomen", *run_realct(args.realct_cases, args.seed + 1, config)))
+        sets.append(("real CT abdomen", *run_realct(args.realct_cases, args.seed + 1, config, step_mm)))
     print()
     print("| set | cases | n | target err p50 / p95 mm | in-plane p50 / p95 mm | out-of-plane p50 / p95 mm "
           "| prior mean alone p50 / p95 mm | coverage: 95% ellipsoid / in-plane / out-of-plane / bound | "

@@ -270,8 +270,10 @@ class _OneView:
         n = view.frame_features.size
         w_sqrt = prior_term.image_weight
         r_img = final["r"][:n] / w_sqrt
-        # The image Jacobian at the result (the LM's last one may be a chord from a step before).
-        if cfg.jacobian == "analytic":
+        # The image Jacobian at the result (the LM's last one may be a chord from a step before: then a new one).
+        if final["jac_x"] is not None and np.array_equal(final["jac_x"], x):
+            jac_img = final["jac"][:n] / w_sqrt  # the LM's last Jacobian was taken at the result itself
+        elif cfg.jacobian == "analytic":
             jac_img = self._jacobian(final["views"], final["level"], self._level_volume(final["level"]), q @ x, None,
                                      start, centre, counter) @ q
         else:

@@ -181,5 +181,5 @@ class _Refinement:
             ),
         )
         final = {"views": views, "level": level, "drrs": fit.payload, "r": fit.residual, "jac": fit.jacobian,
-                 "cost": fit.cost}
+                 "cost": fit.cost, "jac_x": fit.jacobian_x}
         return fit.x, fit.iterations, fit.converged, final
