@@ -27,18 +27,25 @@ class _Refinement:
     def _residuals(self, views, level, volume, xs, start, centre, counter) -> list[tuple[np.ndarray, list[np.ndarray]]]:
         """Residual vector and smoothed model DRRs (per view) at each of the parameter vectors ``xs``."""
         poses = [self._pose(x, start, centre) for x in xs]
-        drrs = self._per_view(
-            lambda v: _drr_batch_binned(volume, v.imager, poses, v.region, level.binning, level.supersampling,
-                                        self.config.projector),
-            views,
-        )
+
+        def roi(v):
+            return _drr_batch_binned(volume, v.imager, poses, v.region, level.binning, level.supersampling,
+                                     self.config.projector)
+
+        def background(v):
+            return compute_drr_batch(v.bg_volume, v.imager, poses, v.region, level.binning, parallel=False,
+                                     projector="joseph", rays=v.bg_rays)
+
+        if len(views) == 1 and views[0].bg_volume is not None and self._pool is not None:
+            # One view (one-view registration): its ROI and background DRRs on two threads instead of the views.
+            pending = self._pool.submit(background, views[0])
+            drrs = [roi(views[0])]
+            bgs = [pending.result()]
+        else:
+            drrs = self._per_view(roi, views)
+            bgs = self._per_view(background, views) if views[0].bg_volume is not None else None
         counter[0] += len(poses) * len(views)
-        if views[0].bg_volume is not None:
-            bgs = self._per_view(
-                lambda v: compute_drr_batch(v.bg_volume, v.imager, poses, v.region, level.binning, parallel=False,
-                                            projector="joseph", rays=v.bg_rays),
-                views,
-            )
+        if bgs is not None:
             drrs = [d + b for d, b in zip(drrs, bgs)]
             counter[0] += len(poses) * len(views)
 
@@ -90,12 +97,19 @@ class _Refinement:
         ])
         b, s = level.binning, level.supersampling
 
+        def background(v):
+            return compute_drr_pose_derivatives(v.bg_volume, v.imager, pose, dpose, v.region, b, rays=v.bg_rays)
+
+        # One view (one-view registration): its background's derivative pass on a second thread.
+        split = len(views) == 1 and views[0].bg_volume is not None and self._pool is not None
+        pending = self._pool.submit(background, views[0]) if split else None
+
         def one(v):
             both = compute_drr_pose_derivatives(volume, v.imager, pose, dpose, v.region, b // s)
             both = _binned_mean(both, v.region, b, s)
             image, dimages = both[0], both[1:]
             if v.bg_volume is not None:
-                bg = compute_drr_pose_derivatives(v.bg_volume, v.imager, pose, dpose, v.region, b, rays=v.bg_rays)
+                bg = pending.result() if pending is not None else background(v)
                 image, dimages = image + bg[0], dimages + bg[1:]
             if v.bg0 is not None:
                 image = image + linear_model(v.bg0, v.bg_jac, x - v.x_bg)
