@@ -253,7 +253,8 @@ class _OneView:
             view = views[0]
             # The weight from the residual where this level starts (misaligned there: an under-weight of the image;
             # the sandwich covariance below stays honest whatever the weight).
-            sigma2 = _sigma2_eff(self._one_view_residual(view, level, x, start, centre, counter), view, cfg.metric, lag)
+            sigma2, _ = _sigma2_eff(self._one_view_residual(view, level, x, start, centre, counter), view, cfg.metric,
+                                    lag)
             prior_term.image_weight = 1.0 / math.sqrt(sigma2)
             x, its, converged, final = self._refine(views, level, x, start, centre, counter, mode, prior=prior_term)
             iterations += its
@@ -261,7 +262,7 @@ class _OneView:
         n = view.frame_features.size
         w_sqrt = prior_term.image_weight
         r_img = final["r"][:n] / w_sqrt
-        sigma2 = _sigma2_eff(r_img, view, cfg.metric, lag)  # at the result: reported
+        sigma2, factor = _sigma2_eff(r_img, view, cfg.metric, lag)  # at the result: reported
         # The image Jacobian at the result (the LM's last one may be a chord from a step before: then a new one).
         if final["jac_x"] is not None and np.array_equal(final["jac_x"], x):
             jac_img = final["jac"][:n] / w_sqrt  # the LM's last Jacobian was taken at the result itself
@@ -270,7 +271,6 @@ class _OneView:
                                      start, centre, counter) @ q
         else:
             jac_img = final["jac"][:n] / w_sqrt
-        factor = correlation_factor(r_img, view.mask, cfg.metric, lag)
         s_score = score_covariance(r_img, jac_img, view.mask, cfg.metric, lag)
         g = prior_term.six_jacobian(x)
         c_inv = np.linalg.inv(cov_prior)
@@ -292,9 +292,9 @@ class _OneView:
             reasons.append(QualityReason.AT_BOUNDS)
         if not converged:
             reasons.append(QualityReason.NOT_CONVERGED)
-        if similarity < cfg.min_similarity:
+        if not similarity >= cfg.min_similarity:  # written so that NaN fails the check
             reasons.append(QualityReason.LOW_SIMILARITY)
-        if shift > cfg.max_view_shift_mm:
+        if not shift <= cfg.max_view_shift_mm:
             reasons.append(QualityReason.VIEWS_DISAGREE)
         if not std_in <= cfg.max_std_mm:
             reasons.append(QualityReason.ILL_DEFINED)
@@ -319,15 +319,16 @@ class _OneView:
             self._exact_background_rays([view], level)
             return self._residual([view], level, volume, x, start, centre, counter)[0]
         # A linear background model is drawn by the refinement itself; before it the residual is the ROI's alone,
-        # a coarser start for the weight, which is re-estimated at the result.
+        # a coarser start for the weight.
         return self._residual([view], level, volume, x, start, centre, counter)[0]
 
 
-def _sigma2_eff(residual: np.ndarray, view: _View, metric: Similarity, lag_px: int) -> float:
-    """Effective variance of one image-residual entry: mean square times the correlation factor (> 0)."""
+def _sigma2_eff(residual: np.ndarray, view: _View, metric: Similarity, lag_px: int) -> tuple[float, float]:
+    """Effective variance of one image-residual entry (mean square times the correlation factor, > 0) and the factor."""
     m = max(residual.size - 6, 1)
     ms = float(residual @ residual) / m
-    return max(ms * correlation_factor(residual, view.mask, metric, lag_px), 1e-12)
+    factor = correlation_factor(residual, view.mask, metric, lag_px)
+    return max(ms * factor, 1e-12), factor
 
 
 def _target_stds_mm(pose: Pose, cov_six: np.ndarray, point_room_mm: np.ndarray, imager) -> tuple[float, float]:
