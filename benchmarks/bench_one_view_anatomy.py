@@ -20,6 +20,10 @@ interval along the ray (1 dof) and across it (2 dof), and the deviation's 95 % u
 ``|d| + sqrt(7.81 lambda_max)`` above the true deviation; time per one-view registration (wall and CPU, median /
 p95); fraction accepted (``ok``). Errors and coverage are given over all cases and over the accepted ones.
 
+Gantry-blocking schedules (``--schedules``, issue 18 item 3): a stereo reference, then one imager's frames alone at
+1 Hz for 8 s while the other is blocked, the patient drifting (0-0.1 mm/s, 0-0.05 deg/s) and in half the schedules
+shifting once; every frame against the same prior, ``elapsed_s`` growing. Reported as rows of their own.
+
 Sets: the virtual room's cervical phantom (1024 x 1024 panels, i0 20000, default ``AnatomyConfig``, ROI target
 +-1 level) and the real-CT validation CT (``datasets/realct/build.py``'s abdomen CT with TotalSegmentator labels,
 fetched and cached by its ``fetch()``; frames by ``tracking.room.realct.CaseRenderer``, simple chain at i0 20000,
@@ -29,6 +33,7 @@ our projector, 150 mm of tissue past the CT's ends, levels cycled T12-L5 and roo
 Usage::
 
     python benchmarks/bench_one_view_anatomy.py [--phantom-cases N] [--realct-cases N] [--seed S] [--step-mm LO,HI]
+        [--schedules K] [--blocked-s S] [--period-s S]
 
 Times are wall (monotonic) and process CPU; the load average is printed, since other jobs share the machine.
 """
@@ -96,14 +101,45 @@ def one_case(reg: AnatomyRegistration, render, geometry, imager: str, rng, seed:
     stereo = reg.register(render(setup, seed), i0=I0)
     if not stereo.quality.ok:
         return None
+    return measure(reg, render, geometry, imager, stereo.pose, setup, motion, dt, seed + 50_000)
+
+
+def schedule_cases(reg: AnatomyRegistration, render, geometry, imager: str, rng, seed: int, step_mm,
+                   blocked_s: float, period_s: float) -> list[dict] | None:
+    """A gantry-blocking schedule: a stereo reference, then ``imager``'s view alone every ``period_s`` for
+    ``blocked_s`` seconds (the other imager blocked by the gantry) while the patient drifts (0-0.1 mm/s, 0-0.05
+    deg/s, random directions) and, in half the sequences, shifts once (``step_mm``) at a random moment. Every frame
+    is registered against the same prior (no stereo pair in between), ``elapsed_s`` growing."""
+    setup = Pose.from_six(rng.uniform(-0.5, 0.5, 3), rng.uniform(-0.3, 0.3, 3))
+    stereo = reg.register(render(setup, seed), i0=I0)
+    if not stereo.quality.ok:
+        return None
+    velocity = _unit(rng) * rng.uniform(0.0, 0.1)
+    axis, rate = _unit(rng), rng.uniform(0.0, 0.05)
+    step = _unit(rng) * rng.uniform(*step_mm) if rng.uniform() < 0.5 else np.zeros(3)
+    step_at_s = rng.uniform(0.0, blocked_s)
+    from scipy.spatial.transform import Rotation
+
+    rows = []
+    for k, t in enumerate(np.arange(period_s, blocked_s + 1e-9, period_s)):
+        shift = velocity * t + (step if t >= step_at_s else 0.0)
+        motion = Pose(Rotation.from_rotvec(axis * math.radians(rate * t)).as_matrix(), shift)
+        rows.append(measure(reg, render, geometry, imager, stereo.pose, setup, motion, float(t), seed + 1000 * (k + 1)))
+    return rows
+
+
+def measure(reg: AnatomyRegistration, render, geometry, imager: str, reference: Pose, setup: Pose, motion: Pose,
+            dt: float, seed: int) -> dict:
+    """Render the patient at ``motion`` on top of ``setup``, register ``imager``'s view against the prior at
+    ``reference`` ``dt`` seconds on, and score it."""
     truth = motion.compose(setup)
-    frame = render(truth, seed + 50_000)[imager]
-    prior = MotionPrior(stereo.pose)
+    frame = render(truth, seed)[imager]
+    prior = MotionPrior(reference)
     res, wall, cpu = _timed(lambda: reg.register_one_view(frame, imager, prior, dt, i0=I0))
     target = np.zeros(3)  # the plan isocentre, room frame at perfect setup
     true_dev = truth.apply(target)
     err = res.pose.apply(target) - true_dev
-    prior_err = stereo.pose.apply(target) - true_dev
+    prior_err = reference.apply(target) - true_dev
     ray = true_dev - geometry[imager].source_mm
     ray = ray / np.linalg.norm(ray)
     basis = np.linalg.svd(ray[None, :])[2][1:]  # (2, 3): across the ray
@@ -124,7 +160,7 @@ def one_case(reg: AnatomyRegistration, render, geometry, imager: str, rng, seed:
         "cover_bound": float(np.linalg.norm(true_dev)) <= bound, "bound": bound,
         "enable": res.ok and bound <= GATE_TOLERANCE_MM, "true_dev": float(np.linalg.norm(true_dev)),
         "std_in": res.target_std_in_plane_mm, "std_out": res.target_std_out_of_plane_mm,
-        "stereo_err": float(np.linalg.norm(stereo.pose.apply(target) - setup.apply(target))),
+        "stereo_err": float(np.linalg.norm(reference.apply(target) - setup.apply(target))),
         "iterations": res.iterations, "drrs": res.drr_evaluations,
     }
 
@@ -154,7 +190,7 @@ def summary_rows(name: str, rows: list[dict], refused_stereo: int) -> list[str]:
     return out
 
 
-def run_phantom(n: int, seed: int, config: AnatomyConfig, step_mm) -> tuple[list[dict], int, dict]:
+def run_phantom(n: int, seed: int, config: AnatomyConfig, step_mm, schedule) -> tuple[list[dict], int, dict]:
     t0 = time.monotonic()
     phantom = cervical_phantom()
     geometry = default_stereo_geometry()
@@ -179,10 +215,19 @@ def run_phantom(n: int, seed: int, config: AnatomyConfig, step_mm) -> tuple[list
             continue
         rows.append(r)
         _print_case("cervical", case, r)
-    return rows, refused, {"build_s": build_s, "warm_s": warm_s}
+    seq_rows, seq_refused = [], 0
+    for k in range(schedule[0]):
+        out = schedule_cases(reg, render, geometry, "BA"[k % 2], rng, 700 + k, step_mm, schedule[1], schedule[2])
+        if out is None:
+            seq_refused += 1
+            continue
+        for j, r in enumerate(out):
+            _print_case(f"cervical schedule {k}", j, r)
+        seq_rows += out
+    return rows, refused, {"build_s": build_s, "warm_s": warm_s, "schedule": (seq_rows, seq_refused)}
 
 
-def run_realct(n: int, seed: int, config: AnatomyConfig, step_mm) -> tuple[list[dict], int, dict]:
+def run_realct(n: int, seed: int, config: AnatomyConfig, step_mm, schedule) -> tuple[list[dict], int, dict]:
     import build  # datasets/realct/build.py: the pinned download and the rooms
 
     from spineguide.tracking.room.realct import CaseRenderer, read_labelled_ct
@@ -196,23 +241,26 @@ def run_realct(n: int, seed: int, config: AnatomyConfig, step_mm) -> tuple[list[
     regs: dict[tuple[str, str], AnatomyRegistration] = {}
     build_s = time.monotonic() - t0
     rng = np.random.default_rng(seed)
-    rows, refused, warm_s = [], 0, 0.0
-    for case in range(n):
-        level, room = levels[case % len(levels)], ("default", "floor")[(case // len(levels)) % 2]
+    rows, refused = [], 0
+
+    def registration(level, room):
         if (level, room) not in regs:
             roi = RegionOfInterest.from_labels(labelled.ct, labelled.labels, labelled.label_of(level), neighbours=1)
             regs[(level, room)] = AnatomyRegistration(labelled.ct, renderer.isocentre_lps_mm(level), geometries[room],
                                                       roi, config)
-        reg = regs[(level, room)]
+        return regs[(level, room)]
+
+    tw = time.monotonic()
+    warm = renderer.frames(levels[0], "default", Pose.identity(), "own", 999)
+    registration(levels[0], "default").register_one_view(warm["A"], "A", MotionPrior(Pose.identity()), 1.0, i0=I0)
+    warm_s = time.monotonic() - tw
+    for case in range(n):
+        level, room = levels[case % len(levels)], ("default", "floor")[(case // len(levels)) % 2]
+        reg = registration(level, room)
 
         def render(pose, s, level=level, room=room):
             return renderer.frames(level, room, pose, "own", s)
 
-        if case == 0:
-            tw = time.monotonic()
-            warm = render(Pose.identity(), 999)
-            reg.register_one_view(warm["A"], "A", MotionPrior(Pose.identity()), 1.0, i0=I0)
-            warm_s = time.monotonic() - tw
         r = one_case(reg, render, geometries[room], "AB"[case % 2], rng, case, step_mm)
         if r is None:
             refused += 1
@@ -220,8 +268,24 @@ def run_realct(n: int, seed: int, config: AnatomyConfig, step_mm) -> tuple[list[
         r["level"], r["room"] = level, room
         rows.append(r)
         _print_case(f"realct {level} {room}", case, r)
+    seq_rows, seq_refused = [], 0
+    for k in range(schedule[0]):
+        level, room = levels[(k + 1) % len(levels)], ("default", "floor")[k % 2]
+        reg = registration(level, room)
+
+        def render(pose, s, level=level, room=room):
+            return renderer.frames(level, room, pose, "own", s)
+
+        out = schedule_cases(reg, render, geometries[room], "BA"[k % 2], rng, 700 + k, step_mm, schedule[1],
+                             schedule[2])
+        if out is None:
+            seq_refused += 1
+            continue
+        for j, r in enumerate(out):
+            _print_case(f"realct schedule {k} {level} {room}", j, r)
+        seq_rows += out
     renderer.close()
-    return rows, refused, {"build_s": build_s, "warm_s": warm_s}
+    return rows, refused, {"build_s": build_s, "warm_s": warm_s, "schedule": (seq_rows, seq_refused)}
 
 
 def _print_case(name, case, r):
@@ -238,8 +302,13 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=1818)
     parser.add_argument("--step-mm", default="0.2,0.7", metavar="LO,HI",
                         help="size range of the sudden shift drawn in half the cases, mm (default 0.2,0.7)")
+    parser.add_argument("--schedules", type=int, default=4,
+                        help="gantry-blocking schedules per set: one view alone for --blocked-s seconds (default 4)")
+    parser.add_argument("--blocked-s", type=float, default=8.0, help="length of each blocked window, s (default 8)")
+    parser.add_argument("--period-s", type=float, default=1.0, help="one-view frame period in a blocked window, s")
     args = parser.parse_args(argv)
     step_mm = tuple(float(v) for v in args.step_mm.split(","))
+    schedule = (args.schedules, args.blocked_s, args.period_s)
     config = AnatomyConfig()
     print(f"# bench_one_view_anatomy: {' '.join(sys.argv)}")
     print(f"# machine: {platform.machine()}, {os.cpu_count()} CPUs, numba {numba.__version__} "
@@ -250,19 +319,25 @@ def main(argv=None) -> int:
           f"correlation lag {config.one_view_correlation_lag_px} px; prior: MotionPrior defaults")
     load_start = os.getloadavg()
     sets = []
-    if args.phantom_cases:
-        sets.append(("cervical phantom", *run_phantom(args.phantom_cases, args.seed, config, step_mm)))
-    if args.realct_cases:
-        sets.append(("real CT abdomen", *run_realct(args.realct_cases, args.seed + 1, config, step_mm)))
+    if args.phantom_cases or args.schedules:
+        sets.append(("cervical phantom", *run_phantom(args.phantom_cases, args.seed, config, step_mm, schedule)))
+    if args.realct_cases or args.schedules:
+        sets.append(("real CT abdomen", *run_realct(args.realct_cases, args.seed + 1, config, step_mm, schedule)))
     print()
     print("| set | cases | n | target err p50 / p95 mm | in-plane p50 / p95 mm | out-of-plane p50 / p95 mm "
           "| prior mean alone p50 / p95 mm | coverage: 95% ellipsoid / in-plane / out-of-plane / bound | "
           "reported std in / out mm (median) | time median / p95 ms (CPU median / p95) | accepted (all cases) "
           f"| gate at {GATE_TOLERANCE_MM:g} mm: ENABLE / wrongly (true deviation > tolerance) | |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-    for name, rows, refused, _ in sets:
-        for line in summary_rows(name, rows, refused):
-            print(line)
+    for name, rows, refused, info in sets:
+        if rows or refused:
+            for line in summary_rows(name, rows, refused):
+                print(line)
+        seq_rows, seq_refused = info["schedule"]
+        if seq_rows or seq_refused:
+            for line in summary_rows(f"{name}, blocking schedules ({args.schedules} x {args.blocked_s:g} s)", seq_rows,
+                                     seq_refused):
+                print(line)
     for name, rows, refused, info in sets:
         reasons = sorted({r["reason"] for r in rows})
         print(f"# {name}: setup {info['build_s']:.1f} s, first one-view registration (incl. numba load) "
