@@ -339,7 +339,7 @@ def main(argv=None) -> int:
                                      seq_refused):
                 print(line)
     for name, rows, refused, info in sets:
-        reasons = sorted({r["reason"] for r in rows})
+        reasons = sorted({r["reason"] for r in rows + info["schedule"][0]})
         print(f"# {name}: setup {info['build_s']:.1f} s, first one-view registration (incl. numba load) "
               f"{info['warm_s']:.2f} s, reasons seen {reasons}")
     print(f"# load average at start {load_start[0]:.2f} / end {os.getloadavg()[0]:.2f}")
