@@ -225,7 +225,7 @@ class _OneView:
         # The translation along the view's ray through the ROI centre is left to the prior: the image sees it
         # only as magnification (~1/2000 per mm), where any scale mismatch between DRR and frame (blur, slice
         # thickness, spectrum) would pass for millimetres of it (measured: a 1 mm-wide prior let the estimate run
-        # 2.4 mm the wrong way along the ray on the CI phantom).
+        # 3.1 mm along the ray on the CI phantom, the truth having moved 0.35 mm the other way).
         ray = centre - im.source_mm
         ray /= np.linalg.norm(ray)
         q = np.eye(6)
