@@ -37,7 +37,8 @@ The package, one module a job: :mod:`.roi` (the region of interest), :mod:`.conf
 :mod:`.result` (result, quality, reason codes), :mod:`.images` (binning, smoothing, features), :mod:`.levels`
 (the resolution pyramid), :mod:`.background` (the CT outside the ROI), :mod:`.global_search` (step 2 and the
 wrong-level check), :mod:`.refine` (step 3) with :mod:`.optimiser` (its Levenberg-Marquardt loop), :mod:`.quality`
-(step 4), and :mod:`.registration` (:class:`AnatomyRegistration`, :func:`register_anatomy`).
+(step 4), :mod:`.one_view` (one view under a motion prior, issue 18), and :mod:`.registration`
+(:class:`AnatomyRegistration`, :func:`register_anatomy`).
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ from __future__ import annotations
 from ..errors import AnatomyConfigError, RoiError
 from .config import AnatomyConfig, PyramidLevel
 from .registration import AnatomyRegistration, register_anatomy
-from .result import AnatomyQuality, AnatomyResult, QualityReason
+from .result import AnatomyQuality, AnatomyResult, OneViewAnatomyResult, QualityReason
 from .roi import RegionOfInterest
 
 __all__ = [
@@ -53,6 +54,7 @@ __all__ = [
     "AnatomyQuality",
     "AnatomyRegistration",
     "AnatomyResult",
+    "OneViewAnatomyResult",
     "PyramidLevel",
     "QualityReason",
     "RegionOfInterest",

@@ -192,6 +192,18 @@ class AnatomyConfig:
     #: Raw level at or above which a pixel counts as saturated; None: the dtype's maximum
     #: for integer frames, the frame's own maximum (when repeated) for float frames.
     saturation_level: float | None = None
+    # ---- one view (register_one_view)
+    #: Largest acceptable prior chi-square of a one-view result, ``(x - x_prior)^T C^-1 (x - x_prior)`` over the six
+    #: pose parameters: 22.46 is chi-square(6) at 0.999, a result the prior calls a 1-in-1000 event is refused.
+    one_view_max_prior_chi2: float = 22.46
+    #: Half width (binned pixels) of the lag window over which the image residual's spatial correlation is summed
+    #: (Bartlett-weighted) for the one-view covariance; ~4 sigma of the smoothing plus the gradient's pixel.
+    one_view_correlation_lag_px: int = 4
+    #: Systematic error of the image's in-plane position of the ROI centre that no residual statistic shows (the
+    #: model's own bias: planning-CT sampling, projector, spectrum), 1 sigma per in-plane axis, mm; added to the
+    #: one-view covariance across the view's ray. 0.1 mm: the stereo tracking registration's p95 target error on the
+    #: real-CT simple-chain set (0.104 mm, docs/BENCHMARKS.md) taken as a one-sigma figure.
+    one_view_model_error_mm: float = 0.1
 
     def __post_init__(self) -> None:
         if self.metric not in _OPTIMISABLE:
@@ -217,15 +229,16 @@ class AnatomyConfig:
             "background_redraw_px", "background_lever_mm", "background_block_px", "global_max_ray_distance_mm",
             "tolerance_mm", "tolerance_deg", "translation_bound_mm", "rotation_bound_deg", "max_view_shift_mm",
             "max_std_mm", "max_std_deg", "context_taper_mm", "context_half_size_mm", "max_level_fraction",
+            "one_view_max_prior_chi2",
         )
         for name in positive:
             v = getattr(self, name)
             checked_number(v, AnatomyConfigError, f"{name} must be a positive number, got {v!r}", minimum=0.0,
                            exclusive_minimum=True)
-        for name in ("region_margin_mm", "global_smoothing_sigma_px"):
+        for name in ("region_margin_mm", "global_smoothing_sigma_px", "one_view_model_error_mm"):
             v = getattr(self, name)
             checked_number(v, AnatomyConfigError, f"{name} must be >= 0, got {v!r}", minimum=0.0)
-        for name in ("roi_dilation_voxels",):
+        for name in ("roi_dilation_voxels", "one_view_correlation_lag_px"):
             v = getattr(self, name)
             checked_integer(v, AnatomyConfigError, f"{name} must be a non-negative integer, got {v!r}", minimum=0)
         for name in ("global_binning", "global_volume_factor", "background_volume_factor", "global_candidates"):

@@ -68,11 +68,13 @@ class _PyramidLevels:
             return self._context_levels[level.volume_factor]
         return self._volumes[(level.volume_factor, float(level.prefilter_mm))]
 
-    def _prepare_level(self, logs, pose: Pose, level: PyramidLevel) -> list[_View] | None:
+    def _prepare_level(self, logs, pose: Pose, level: PyramidLevel, names=None) -> list[_View] | None:
+        """Per-view working data at ``pose`` for every imager of the geometry, or only ``names`` (one view: the
+        one-view registration); None when a view's region or mask is too small."""
         b = level.binning
         volume = self._level_volume(level)
         views = []
-        for name in self.geometry.names:
+        for name in self.geometry.names if names is None else names:
             im = self.geometry[name]
             if level.context:
                 try:

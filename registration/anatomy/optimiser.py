@@ -74,7 +74,8 @@ class LMResult:
 
     ``x`` the parameters; ``iterations`` those used (at most ``max_iterations``); ``converged`` whether a stopping
     rule was met; ``residual``, ``payload`` and ``cost`` (``|residual|^2``) at ``x``; ``jacobian`` the last one
-    taken (a chord: at ``x`` or a step before it); ``jacobian_evaluations`` and ``residual_evaluations`` counts.
+    taken (a chord: at ``x`` or a step before it; ``jacobian_x`` says where); ``jacobian_evaluations`` and
+    ``residual_evaluations`` counts.
     """
 
     x: np.ndarray
@@ -86,6 +87,8 @@ class LMResult:
     jacobian: np.ndarray
     jacobian_evaluations: int
     residual_evaluations: int
+    #: The parameters the last Jacobian was taken at (equal to ``x`` when it is fresh there).
+    jacobian_x: np.ndarray | None = None
 
 
 def levenberg_marquardt(
@@ -123,9 +126,12 @@ def levenberg_marquardt(
         out = residual(at)
         return out if isinstance(out, tuple) else (out, None)
 
+    jac_x = None
+
     def jacobian_at(at: np.ndarray) -> np.ndarray:
-        nonlocal n_jac
+        nonlocal n_jac, jac_x
         n_jac += 1
+        jac_x = np.array(at, dtype=np.float64)
         return jacobian(at)
 
     r, payload = evaluate(x)
@@ -209,4 +215,4 @@ def levenberg_marquardt(
         fresh = False
     if jac is None:  # the loop ended right after a model update: curvature at the final point
         jac = jacobian_at(x)
-    return LMResult(x, its, bool(converged), r, payload, cost, jac, n_jac, n_res)
+    return LMResult(x, its, bool(converged), r, payload, cost, jac, n_jac, n_res, jac_x)

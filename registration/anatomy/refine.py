@@ -27,18 +27,25 @@ class _Refinement:
     def _residuals(self, views, level, volume, xs, start, centre, counter) -> list[tuple[np.ndarray, list[np.ndarray]]]:
         """Residual vector and smoothed model DRRs (per view) at each of the parameter vectors ``xs``."""
         poses = [self._pose(x, start, centre) for x in xs]
-        drrs = self._per_view(
-            lambda v: _drr_batch_binned(volume, v.imager, poses, v.region, level.binning, level.supersampling,
-                                        self.config.projector),
-            views,
-        )
+
+        def roi(v):
+            return _drr_batch_binned(volume, v.imager, poses, v.region, level.binning, level.supersampling,
+                                     self.config.projector)
+
+        def background(v):
+            return compute_drr_batch(v.bg_volume, v.imager, poses, v.region, level.binning, parallel=False,
+                                     projector="joseph", rays=v.bg_rays)
+
+        if len(views) == 1 and views[0].bg_volume is not None and self._pool is not None:
+            # One view (one-view registration): its ROI and background DRRs on two threads instead of the views.
+            pending = self._pool.submit(background, views[0])
+            drrs = [roi(views[0])]
+            bgs = [pending.result()]
+        else:
+            drrs = self._per_view(roi, views)
+            bgs = self._per_view(background, views) if views[0].bg_volume is not None else None
         counter[0] += len(poses) * len(views)
-        if views[0].bg_volume is not None:
-            bgs = self._per_view(
-                lambda v: compute_drr_batch(v.bg_volume, v.imager, poses, v.region, level.binning, parallel=False,
-                                            projector="joseph", rays=v.bg_rays),
-                views,
-            )
+        if bgs is not None:
             drrs = [d + b for d, b in zip(drrs, bgs)]
             counter[0] += len(poses) * len(views)
 
@@ -90,12 +97,19 @@ class _Refinement:
         ])
         b, s = level.binning, level.supersampling
 
+        def background(v):
+            return compute_drr_pose_derivatives(v.bg_volume, v.imager, pose, dpose, v.region, b, rays=v.bg_rays)
+
+        # One view (one-view registration): its background's derivative pass on a second thread.
+        split = len(views) == 1 and views[0].bg_volume is not None and self._pool is not None
+        pending = self._pool.submit(background, views[0]) if split else None
+
         def one(v):
             both = compute_drr_pose_derivatives(volume, v.imager, pose, dpose, v.region, b // s)
             both = _binned_mean(both, v.region, b, s)
             image, dimages = both[0], both[1:]
             if v.bg_volume is not None:
-                bg = compute_drr_pose_derivatives(v.bg_volume, v.imager, pose, dpose, v.region, b, rays=v.bg_rays)
+                bg = pending.result() if pending is not None else background(v)
                 image, dimages = image + bg[0], dimages + bg[1:]
             if v.bg0 is not None:
                 image = image + linear_model(v.bg0, v.bg_jac, x - v.x_bg)
@@ -108,11 +122,25 @@ class _Refinement:
         counter[0] += len(views)
         return np.concatenate(parts, axis=0)
 
-    def _refine(self, views, level: PyramidLevel, x, start, centre, counter, mode: str = "flow"):
+    def _exact_background_rays(self, views, level: PyramidLevel) -> None:
+        """Set each view up to render the background exactly at every pose, on the rays the comparison reads."""
+        # A feature at a mask pixel reads the smoothed image within 1 px (gradient) and 1 px more
+        # (the view-shift test's half-pixel warp); the smoothing reads 4 sigma around that.
+        reach = int(math.ceil(4.0 * level.smoothing_sigma_px)) + 2
+        kernel = cv2.getStructuringElement(cv2.MORPH_RECT, (2 * reach + 1, 2 * reach + 1))
+        for v in views:
+            v.bg_volume = self._backgrounds[self._background_key(level)]
+            v.bg_rays = cv2.dilate(v.mask.astype(np.uint8), kernel).astype(bool)
+
+    def _refine(self, views, level: PyramidLevel, x, start, centre, counter, mode: str = "flow", prior=None):
         """Levenberg-Marquardt over ``x`` (translation mm, rotation deg about ``centre``) at one level.
 
         ``mode``: how the background (the CT outside the ROI) enters the model, see
-        ``AnatomyConfig.background_derivatives``."""
+        ``AnatomyConfig.background_derivatives``. ``prior`` (one-view registration, :mod:`.one_view`): an object
+        with ``image_weight`` (the image residual's square-root weight, 1/sigma), ``image_projection`` (6x6 ``Q``:
+        the image is evaluated at ``Q x``, so the directions ``Q`` removes are the prior's alone) and
+        ``residual(x)`` / ``jacobian(x)`` of the prior's whitened rows; the objective is then
+        ``|image_weight * r_image(Q x)|^2 + |r_prior(x)|^2`` (the image rows first), a MAP estimate."""
         cfg = self.config
         flow = mode == "flow"
         volume = self._level_volume(level)
@@ -127,13 +155,7 @@ class _Refinement:
         relinearise = np.array([redraw_mm] * 3 + [math.degrees(redraw_mm / lever_mm)] * 3)
         use_bg = bool(self._backgrounds) and not level.context
         if use_bg and mode == "exact":
-            # A feature at a mask pixel reads the smoothed image within 1 px (gradient) and 1 px more
-            # (the view-shift test's half-pixel warp); the smoothing reads 4 sigma around that.
-            reach = int(math.ceil(4.0 * level.smoothing_sigma_px)) + 2
-            kernel = cv2.getStructuringElement(cv2.MORPH_RECT, (2 * reach + 1, 2 * reach + 1))
-            for v in views:
-                v.bg_volume = self._backgrounds[self._background_key(level)]
-                v.bg_rays = cv2.dilate(v.mask.astype(np.uint8), kernel).astype(bool)
+            self._exact_background_rays(views, level)
             use_bg = False  # no linear model to redraw: the background is exact at every pose
         if use_bg:
             self._linearise_background(views, level, x, steps, start, centre, counter, flow)
@@ -141,10 +163,23 @@ class _Refinement:
         upper = -lower
         # Levenberg-Marquardt (optimiser.py); the background model is the residual's own linear model, redrawn
         # when x moves beyond `relinearise` and settled within a fraction of it.
+        def residual(x_):
+            if prior is None:
+                return self._residual(views, level, volume, x_, start, centre, counter)
+            r, images = self._residual(views, level, volume, prior.image_projection @ x_, start, centre, counter)
+            return np.concatenate([prior.image_weight * r, prior.residual(x_)]), images
+
+        def jacobian(x_):
+            # Central differences (config.jacobian "central"): forward ones are biased by the curvature near the optimum.
+            if prior is None:
+                return self._jacobian(views, level, volume, x_, steps, start, centre, counter)
+            q = prior.image_projection
+            jac = self._jacobian(views, level, volume, q @ x_, steps, start, centre, counter) @ q
+            return np.ascontiguousarray(np.vstack([prior.image_weight * jac, prior.jacobian(x_)]))
+
         fit = levenberg_marquardt(
-            lambda x_: self._residual(views, level, volume, x_, start, centre, counter),
-            # Central differences: forward ones are biased by the curvature near the optimum.
-            lambda x_: self._jacobian(views, level, volume, x_, steps, start, centre, counter),
+            residual,
+            jacobian,
             x, lower=lower, upper=upper, tolerance=np.array([cfg.tolerance_mm] * 3 + [cfg.tolerance_deg] * 3),
             max_iterations=level.max_iterations, normal_equations=normal_equations,
             max_damping_tries=_MAX_DAMPING_TRIES,
@@ -160,5 +195,5 @@ class _Refinement:
             ),
         )
         final = {"views": views, "level": level, "drrs": fit.payload, "r": fit.residual, "jac": fit.jacobian,
-                 "cost": fit.cost}
+                 "cost": fit.cost, "jac_x": fit.jacobian_x}
         return fit.x, fit.iterations, fit.converged, final

@@ -27,6 +27,7 @@ from .background import _Background
 from .config import AnatomyConfig
 from .global_search import _GlobalSearch
 from .levels import _PyramidLevels, _context_volume, _pyramid_volume
+from .one_view import _OneView
 from .quality import _Acceptance
 from .refine import _Refinement
 from .result import AnatomyQuality, AnatomyResult, QualityReason, _frozen_map
@@ -35,12 +36,13 @@ from .roi import RegionOfInterest
 log = logging.getLogger(__name__)
 
 
-class AnatomyRegistration(_PyramidLevels, _Background, _GlobalSearch, _Refinement, _Acceptance):
+class AnatomyRegistration(_PyramidLevels, _Background, _GlobalSearch, _Refinement, _Acceptance, _OneView):
     """Prepared stereo anatomy registration of one planning CT and ROI.
 
     Building it converts the CT to ROI, neighbourhood and background
     attenuation volumes for every level (done once); :meth:`register` then
-    registers any number of frame pairs. It owns a small thread pool (one
+    registers any number of frame pairs, :meth:`register_one_view` a single
+    view against a motion prior (:mod:`.one_view`). It owns a small thread pool (one
     worker per imager) on which each view's DRR batches run; :meth:`register`
     keeps no state between calls, so any thread may call it, also
     concurrently.
