@@ -266,3 +266,33 @@ def test_pairer_never_completes_an_empty_or_repeated_pair(ops, allow_partial):
                 assert not done or e.pair_id > done[-1]
                 done.append(e.pair_id)
         assert p.absent != {"A", "B"}
+
+
+# ------------------------------------------------------------------ the real anatomy method, one view
+@pytest.mark.slow
+def test_anatomy_processor_monitors_through_a_blocked_view():
+    """Cervical phantom, stereo reference, then view B missing: the anatomy processor's one-view result is
+    trusted, carries its covariance, and its target error is within its own 95 % bound."""
+    from spineguide.calibration.geometry import default_stereo_geometry
+    from spineguide.registration.anatomy import AnatomyRegistration, RegionOfInterest
+    from spineguide.registration.motion_prior import MotionPrior
+    from spineguide.tracking.room.kv import KVSimulator
+    from spineguide.tracking.room.phantoms import cervical_phantom
+    from spineguide.tracking.service.gating import CHI2_3DOF_95
+    from spineguide.tracking.service.processing import AnatomyProcessor
+
+    phantom = cervical_phantom(target="C4")
+    geometry = default_stereo_geometry(512, 0.8)
+    roi = RegionOfInterest.from_labels(phantom.planning_ct, phantom.labels, phantom.target_label)
+    proc = AnatomyProcessor(AnatomyRegistration(phantom.planning_ct, phantom.isocentre_lps_mm, geometry, roi))
+    sim = KVSimulator(phantom, geometry)
+    reference = Pose.from_six([0.4, -0.3, 0.2], [0.1, 0.0, -0.1])
+    moved = Pose.from_six([0.6, -0.1, 0.3], [0.1, 0.05, -0.1])  # 0.3 mm since the stereo pair
+    st = sim.render(moved, seed=5)
+    frame = KvFrame("A", st.frames["A"], i0=st.truth.i0, pair_id=1)
+    result = proc.process_one_view(frame, MotionPrior(reference), 2.0, reference)
+    assert result.ok, result.detail
+    assert result.one_view == "A" and result.pose_cov.shape == (6, 6)
+    err = result.pose.translation_mm - moved.translation_mm  # target = isocentre: the translation
+    cov = result.pose_cov[:3, :3]
+    assert float(err @ np.linalg.solve(cov, err)) <= CHI2_3DOF_95  # the truth inside its 95 % ellipsoid

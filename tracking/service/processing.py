@@ -526,8 +526,10 @@ class AnatomyProcessor:
                               f"anatomy registration refused: {res.quality.reason.value}")
         return PairResult(HoldReason.OK, res.pose, self.method, quality)
 
-    def process_one_view(self, frame: KvFrame, prior, elapsed_s: float, last_pose: Pose | None) -> PairResult:
-        """One view: :meth:`AnatomyRegistration.register_one_view` against ``prior``."""
+    def process_one_view(self, frame: KvFrame, prior, elapsed_s: float, last_pose: Pose | None,
+                         level: str | None = None) -> PairResult:
+        """One view: :meth:`AnatomyRegistration.register_one_view` of ``level``'s registration (None: the
+        target's) against ``prior``."""
         from spineguide.registration.errors import RegistrationError, RegistrationFrameError
 
         from ..errors import FrameError
@@ -536,7 +538,7 @@ class AnatomyProcessor:
         name = frame.imager
         try:
             pixels = correct_frames(self.flat_fields, {name: frame.pixels})[name]
-            res = self._reg.register_one_view(pixels, name, prior, elapsed_s, i0=frame.i0)
+            res = self._level_registration(level).register_one_view(pixels, name, prior, elapsed_s, i0=frame.i0)
         except (FrameError, RegistrationFrameError) as err:
             return PairResult(HoldReason.CORRUPT_FRAME, method=self.method, quality={"ok": False}, detail=str(err),
                               one_view=name)
@@ -546,6 +548,8 @@ class AnatomyProcessor:
         quality["ok"] = bool(res.ok)
         quality["elapsed_ms"] = float(res.total_ms)
         quality["one_view"] = name
+        if level is not None:
+            quality["driving_level"] = level
         if not res.ok:
             return PairResult(HoldReason.ONE_VIEW_REFUSED, res.pose, self.method, quality,
                               f"one view {name!r}: anatomy registration refused: {res.reason}", one_view=name)

@@ -221,7 +221,8 @@ def run_processor(processor: PairProcessor | None, frames: dict[str, KvFrame], j
                                          f"one view ({why})", one_view=imager)
             prior = MotionPrior(job.reference, diffusion=ov.prior_diffusion(), floor=ov.prior_floor())
             elapsed_s = max(job.acquired_unix_s - job.reference_acquired_unix_s, 0.0)
-            result = processor.process_one_view(frames[imager], prior, elapsed_s, job.prior)
+            extra = {"level": job.level} if job.level is not None and getattr(processor, "has_levels", False) else {}
+            result = processor.process_one_view(frames[imager], prior, elapsed_s, job.prior, **extra)
             if not isinstance(result, PairResult):
                 raise TrackingError(f"processor returned {type(result).__name__}, not a PairResult")
             if result.one_view != imager:
