@@ -343,6 +343,14 @@ def _one_view_stream(cases, fid, n_pairs: int) -> None:
         block = k // 30
         return None if block % 2 == 0 else ("B" if (block // 2) % 2 == 0 else "A")
 
+    # Warm the one-view path first (numba compiles on first call, as warm_up_kernels does for the service).
+    from spineguide.registration.motion_prior import MotionPrior
+    from spineguide.tracking.frames import KvFrame
+
+    truth0, st0 = cases[0]
+    for name in ("A", "B"):
+        fid.process_one_view(KvFrame(name, st0.frames[name], i0=st0.truth.i0, pair_id=0), MotionPrior(truth0), 1.0,
+                             truth0)
     r = stream(cases, fid, 10.0, n_pairs, blocked=blocked)
     rows = {"stereo": [], "one view, imager absent": [], "first pair of a block (waits pair_timeout_s)": []}
     for pid, (lat_s, skip, one_view) in sorted(r["frame_to_gating"].items()):
