@@ -32,6 +32,7 @@ from bench_fiducials_realistic import draw_pair  # noqa: E402
 
 from spineguide.registration.errors import SeedMigrationError  # noqa: E402
 from spineguide.registration.pose import Pose  # noqa: E402
+from spineguide.tracking.localisation import fiducial_solution as fsol  # noqa: E402
 from spineguide.tracking.localisation import fiducials as fid  # noqa: E402
 from spineguide.tracking.localisation.detection import estimate_i0  # noqa: E402
 from spineguide.tracking.errors import TrackingError  # noqa: E402
@@ -62,8 +63,8 @@ def stage_report(frames, geom, flat, planned, names, truth, seeds, config=fid.Fi
     for n in geom.names:
         im = geom[n]
         rmap = response_map(signals[n], im, levels[n], config.detection, masks[n],
-                            fid._search_box(geom, n, centre[None], radius))
-        scale = fid._px_per_mm(im) / rmap.binning
+                            fsol._search_box(geom, n, centre[None], radius))
+        scale = fsol._px_per_mm(im) / rmap.binning
         maps[n] = evidence_maps(rmap, im.projection_matrix, fc.snr_cap, fc.pool_mm * scale, fc.smooth_mm * scale)
     hyps = search_constellation(maps, planned, Pose.identity(), fc.translation_range_mm, fc.translation_step_mm,
                                 fc.local_reach_mm, fc.hypotheses)

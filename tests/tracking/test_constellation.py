@@ -13,7 +13,7 @@ from numpy.testing import assert_allclose
 from spineguide.registration.errors import SeedMigrationError
 from spineguide.registration.pose import Pose
 from spineguide.tracking.localisation.constellation import evidence_maps, rigid_fit, sample_bilinear, search_constellation
-from spineguide.tracking.localisation.fiducials import _moved_by_others
+from spineguide.tracking.localisation.joint_search import _moved_by_others
 from spineguide.tracking.room.rooms import room_geometry
 from spineguide.tracking.localisation.seed_search import ResponseMap
 

@@ -31,17 +31,16 @@ from tests.synthetic import (
 )
 from spineguide.tracking.localisation._stereo_kernels import triangulate_two_views
 from spineguide.tracking.errors import FiducialNotFoundError, FrameError
+from spineguide.tracking.localisation.fiducial_solution import _solve
 from spineguide.tracking.localisation.fiducials import (
-    _STEREO,
     FiducialConfig,
     FiducialConfigError,
     FiducialFlag,
     ImagerLabelError,
-    _pair_candidates_labellings,
-    _solve,
     localise_fiducials,
     match_stereo,
 )
+from spineguide.tracking.localisation.stereo_match import _STEREO, _pair_candidates_labellings
 
 I0 = 20000.0
 GEOM = default_stereo_geometry(panel_pixels=320, pixel_spacing_mm=0.8)  # 2x-binned panel, 256 mm wide

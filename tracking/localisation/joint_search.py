@@ -1,0 +1,356 @@
+"""The plan-guided joint search for seeds the clean-frame detector misses (both views at once, around where
+the plan and the seeds already found put each seed; :class:`FaintSearchConfig`), its verification, and the
+search for a migrated seed.
+
+Part of :mod:`spineguide.tracking.localisation.fiducials` (see its docstring for the method).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from spineguide.registration.points import (
+    PointFlag,
+    PointRegistrationError,
+    SeedMigrationError,
+    register_points,
+)
+from spineguide.registration.pose import Pose
+
+from ..errors import FiducialNotFoundError, ImagerLabelError
+from ._stereo_kernels import triangulate_two_views
+from .constellation import evidence_maps, rigid_fit, sample_bilinear, search_constellation
+from .detection import Detection, _check_frame, _check_i0, estimate_i0
+from .seed_search import refine_seeds, response_map
+from .fiducial_result import Correspondence
+from .stereo_match import _REFINE_STEPS, _STEREO
+from .fiducial_solution import _Solution, _angle_deg, _better, _px_per_mm, _search_box, _separate_overlaps
+
+
+_CUBE_STEP_MM = 0.35  # the migration search's 3D grid (about one full-resolution pixel at the isocentre)
+
+
+def _joint_solution(frames, geometry, names, i0s, masks, planned, seed_names, prior_pose, config, same_panel):
+    """The plan-guided joint search (``FaintSearchConfig``): ``(solution, overlapping, detections)``.
+
+    1. Evidence maps per view over the region where the plan (or the prior)
+       can put the seeds; pose hypotheses of the whole constellation
+       (:func:`spineguide.tracking.localisation.constellation.search_constellation`).
+    2. Per hypothesis, each seed verified in each view by a sub-pixel fit
+       started where the pose projects it (fitted SNR >= ``seed_min_snr``,
+       within ``near_mm``); a seed not seen there is searched within
+       ``migration_search_mm`` in 3D (both views' evidence summed along the
+       epipolar constraint) and kept only if it stands out on its own in both
+       views (``moved_min_snr``): the rigid-body check then names it.
+    3. The verified seeds are triangulated and registered; the hypothesis
+       with most seeds (then the lowest FRE) is the answer. Both labellings
+       are tried when the given one finds no constellation.
+    """
+    fc = config.faint
+    signals, levels = {}, {}
+    for n in names:
+        frame = _check_frame(frames[n], geometry[n])
+        signals[n] = np.asarray(frame, dtype=np.float32)
+        levels[n] = _check_i0(i0s[n], n) if i0s[n] is not None else estimate_i0(signals[n], n)
+    if prior_pose is not None:
+        start, reach = prior_pose, fc.tracking_range_mm
+    else:
+        start, reach = Pose.identity(), fc.translation_range_mm
+    where = start.apply(planned)
+    centre = where.mean(axis=0)
+    radius = float(np.linalg.norm(where - centre, axis=1).max()) + reach + fc.search_margin_mm
+    maps = {}
+    for n in names:
+        im = geometry[n]
+        box = _search_box(geometry, n, centre[None], radius)
+        rmap = None if box is None else response_map(signals[n], im, levels[n], config.detection, masks.get(n), box)
+        if rmap is None:
+            raise FiducialNotFoundError(f"fiducials not found: imager '{n}' does not see where the seeds are planned")
+        scale = _px_per_mm(im) / rmap.binning
+        maps[n] = evidence_maps(rmap, im.projection_matrix, fc.snr_cap, fc.pool_mm * scale, fc.smooth_mm * scale)
+    error: Exception | None = None
+    labellings = [names] + ([(names[1], names[0])] if same_panel else [])
+    for li, labels in enumerate(labellings):
+        # labels[v] is the imager whose geometry sees frame names[v].
+        lmaps = {names[v]: (maps[names[v]] if labels == names else
+                            evidence_maps(maps[names[v]].response, geometry[labels[v]].projection_matrix, fc.snr_cap,
+                                          fc.pool_mm * _px_per_mm(geometry[labels[v]]) / maps[names[v]].response.binning,
+                                          fc.smooth_mm * _px_per_mm(geometry[labels[v]])
+                                          / maps[names[v]].response.binning))
+                 for v in range(2)}
+        hyps = search_constellation(lmaps, planned, start, reach, fc.translation_step_mm, fc.local_reach_mm,
+                                    fc.hypotheses)
+        best = None
+        for hyp in hyps:
+            try:
+                found = _verify(hyp, signals, levels, masks, lmaps, geometry, names, labels, planned, seed_names,
+                                config)
+            except SeedMigrationError:
+                if li == 0:
+                    raise  # a constellation seen and refused stays refused
+                continue
+            except (FiducialNotFoundError, PointRegistrationError) as err:
+                error = error or err
+                continue
+            if best is None or _better(found[0], best[0]):
+                best = found
+            if best[0].corr.found.all():
+                break
+        if best is None:
+            continue
+        if li == 1:
+            raise ImagerLabelError(
+                f"the frames fit the geometry with imager labels swapped (frame '{names[0]}' is imager "
+                f"'{names[1]}' and frame '{names[1]}' is imager '{names[0]}'): the planned seeds were found only "
+                f"so (FRE {best[0].reg.fre_mm:.2f} mm); refused")
+        sol, dets, excluded = best
+        if not excluded:
+            sol, overlapping = _separate_overlaps(sol, geometry, names, dets, planned, seed_names, config)
+        else:
+            overlapping = frozenset()
+        return sol, overlapping, dets, excluded
+    raise error or FiducialNotFoundError("fiducials not found: no plausible seed constellation in both views")
+
+
+def _fit_at(predicted_room_mm, seeds, signals, levels, masks, maps, ims, names, config, near_mm, previous=None):
+    """Sub-pixel fits started where ``predicted_room_mm`` projects: ``fits[v][k]`` Detection or None.
+
+    A fit counts with SNR >= ``seed_min_snr`` within ``near_mm`` (at the isocentre) of the prediction.
+    ``previous[v][k]``, an earlier fit of the same seed view, gives its orientation as the only start
+    (otherwise the response map's, and three more).
+    """
+    fc = config.faint
+    fits: list[list[Detection | None]] = [[None] * len(predicted_room_mm) for _ in range(2)]
+    for v in range(2):
+        n = names[v]
+        ks = [k for k in seeds if ims[v].contains(ims[v].project(predicted_room_mm[k:k + 1]))[0]]
+        if not ks:
+            continue
+        px = ims[v].project(predicted_room_mm[ks])
+        rmap = maps[n].response
+        orient = sample_bilinear(rmap.orientation_deg, rmap.to_map(px))  # start orientation only
+        got: list[Detection | None] = [None] * len(ks)
+
+        def fit(group: np.ndarray, start_deg: np.ndarray, **starts) -> None:
+            for q, d in zip(group, refine_seeds(signals[n], ims[v], levels[n], px[group], start_deg, config.detection,
+                                                fc.seed_min_snr, masks.get(n), **starts)):
+                got[q] = d
+
+        known = np.array([previous is not None and previous[v][k] is not None for k in ks], dtype=bool)
+        fresh, refit = np.flatnonzero(~known), np.flatnonzero(known)
+        if len(fresh):
+            fit(fresh, orient[fresh])
+        if len(refit):
+            fit(refit, np.array([previous[v][ks[q]].orientation_deg for q in refit], dtype=np.float64), starts=1)
+        limit = near_mm * _px_per_mm(ims[v])
+        # A refit from an earlier fit's orientation that missed (that fit may have settled on something
+        # else): every start orientation again.
+        again = np.array([q for q in refit
+                          if got[q] is None or np.hypot(*(np.asarray(got[q].centre_px) - px[q])) > limit], dtype=int)
+        if len(again):
+            fit(again, orient[again])
+        for k, p, d in zip(ks, px, got):
+            if d is not None and np.hypot(*(np.asarray(d.centre_px) - p)) <= limit:
+                fits[v][k] = d
+    return fits
+
+
+def _triangulate_fits(geometry, labels, fits, ks):
+    _, proj, panel, source = _STEREO.get(geometry, labels[0], labels[1])
+    pa = np.array([fits[0][k].centre_px for k in ks], dtype=np.float64).reshape(-1, 2)
+    pb = np.array([fits[1][k].centre_px for k in ks], dtype=np.float64).reshape(-1, 2)
+    return triangulate_two_views(proj, panel, source, pa, pb, _REFINE_STEPS)
+
+
+_TIGHT_MM = 0.5  # second round: a seed's fit within this of where the verified others put it (mm at the isocentre)
+
+
+def _verify(hyp, signals, levels, masks, maps, geometry, names, labels, planned, seed_names, config):
+    """``(solution, detections, excluded)`` of one pose hypothesis (``_joint_solution`` steps 2-3).
+
+    ``labels[v]`` is the imager geometry of frame ``names[v]``. Round one
+    fits every seed where the hypothesis puts it (within ``near_mm``); the
+    seeds seen in both views give a robust rigid pose; round two fits every
+    seed again where that pose puts it (within ``_TIGHT_MM``), and searches
+    those still unseen within ``migration_search_mm`` (strong fits only).
+    With four seeds or more, each seed is checked against the rigid fit of
+    the others: one that lies farther than the migration limit is excluded
+    and named (``excluded``); more than one is a refusal.
+    """
+    fc = config.faint
+    n_seeds = len(planned)
+    ims = [geometry[labels[v]] for v in range(2)]
+    every = list(range(n_seeds))
+    predicted = hyp.pose.apply(planned)
+    fits = _fit_at(predicted, every, signals, levels, masks, maps, ims, names, config, fc.near_mm)
+    seen = [k for k in every if fits[0][k] is not None and fits[1][k] is not None]
+    if len(seen) >= 2:
+        pts, ray, _ = _triangulate_fits(geometry, labels, fits, seen)
+        w = np.array([min(fits[0][k].snr, fits[1][k].snr) for k in seen]) * (ray <= config.max_ray_distance_mm)
+        fit = _robust_pose(planned[seen], pts, w)
+        if fit is not None:
+            predicted = fit.apply(planned)
+            first = fits
+            fits = _fit_at(predicted, every, signals, levels, masks, maps, ims, names, config, _TIGHT_MM, first)
+    on_both = [k for k in every if all(im.contains(im.project(predicted[k:k + 1]))[0] for im in ims)]
+    claims: set[int] = set()
+    verified = [k for k in every if fits[0][k] is not None and fits[1][k] is not None]
+    if verified:
+        # Gold's contrast, set by the seeds verified in place: a blob with much less is not a moved seed.
+        floor = [_MOVED_CONTRAST_FRACTION * float(np.median([fits[v][k].contrast for k in verified])) for v in range(2)]
+        for k in on_both:
+            if fits[0][k] is None or fits[1][k] is None:
+                # Not seen where the others put it: a strong seed nearby may have moved (it is named, never used).
+                moved = _moved_seed(predicted[k], signals, levels, masks, maps, ims, names, config)
+                if moved is not None and all(moved[v].contrast >= floor[v] for v in range(2)):
+                    fits[0][k], fits[1][k] = moved
+                    claims.add(k)
+    seen_idx = np.array([k for k in every if fits[0][k] is not None and fits[1][k] is not None], dtype=np.int64)
+    if len(seen_idx) < min(2, n_seeds):
+        raise FiducialNotFoundError(
+            ("fiducials not found: no seed was seen consistently in both views (" if not len(seen_idx) else
+             "fiducials not found: (")
+            + f"the joint search verified {len(seen_idx)} of {n_seeds} planned seeds "
+            f"with fitted SNR >= {fc.seed_min_snr:g} in both views where the constellation puts them)")
+    weakest = np.array([min(fits[0][k].snr, fits[1][k].snr) for k in seen_idx])
+    need = fc.two_seed_min_snr if len(seen_idx) == 2 else fc.anchor_min_snr
+    if int(np.count_nonzero(weakest >= need)) < 2:
+        raise FiducialNotFoundError(
+            f"fiducials not found: {len(seen_idx)} seeds fit where the constellation puts them, but fewer than two "
+            f"stand out on their own (fitted SNR >= {need:g} in both views)")
+    pts, ray, rep = _triangulate_fits(geometry, labels, fits, seen_idx)
+    keep = ray <= config.max_ray_distance_mm
+    found = np.zeros(n_seeds, bool)
+    found[seen_idx[keep]] = True
+    idx = np.full((n_seeds, 2), -1, dtype=np.int64)
+    points = np.zeros((n_seeds, 3))
+    rd, rp = np.zeros(n_seeds), np.zeros(n_seeds)
+    dets: dict[str, list[Detection]] = {names[0]: [], names[1]: []}
+    for q, k in enumerate(seen_idx):
+        if keep[q]:
+            idx[k] = (len(dets[names[0]]), len(dets[names[1]]))
+            dets[names[0]].append(fits[0][k])
+            dets[names[1]].append(fits[1][k])
+            points[k], rd[k], rp[k] = pts[q], ray[q], rep[q]
+    if found.sum() < min(2, n_seeds):
+        raise FiducialNotFoundError("fiducials not found: the verified seeds' rays do not meet "
+                                    f"(skew distance above {config.max_ray_distance_mm:g} mm)")
+    excluded = _moved_by_others(planned, points, found, seed_names, config.registration.migration_limit_mm)
+    use = found.copy()
+    use[list(excluded)] = False
+    reg = register_points(planned[use], points[use], [seed_names[i] for i in np.flatnonzero(use)],
+                          config.registration)
+    used = dict(zip(reg.names, reg.used))
+    silent = [k for k in claims if found[k] and k not in excluded and used.get(seed_names[k], False)]
+    if silent:
+        # A seed found away from its place that the rigid-body check cannot name (three seeds or fewer, or a
+        # move that keeps the distances) is left out: a migration is never used silently.
+        found[silent] = False
+        use[silent] = False
+        idx[silent] = -1
+        if use.sum() < 1:
+            raise FiducialNotFoundError("fiducials not found: no seed verified where the constellation puts it")
+        reg = register_points(planned[use], points[use], [seed_names[i] for i in np.flatnonzero(use)],
+                              config.registration)
+    corr = Correspondence(names, idx, points, rd, rp, found, 0.0)
+    reasons = []
+    if reg.fre_mm > config.max_fre_mm and PointFlag.TRANSLATION_ONLY not in reg.flags:
+        reasons.append(f"fiducial registration error {reg.fre_mm:.2f} mm (limit {config.max_fre_mm:g} mm)")
+    angle = _angle_deg(reg.pose.rotation)
+    if angle > config.max_rotation_deg:
+        reasons.append(f"rotation {angle:.1f} deg (limit {config.max_rotation_deg:g} deg)")
+    if reasons:
+        raise FiducialNotFoundError("no plausible seed constellation: " + "; ".join(reasons))
+    return _Solution(corr, reg, True, ""), {n: tuple(d) for n, d in dets.items()}, frozenset(excluded)
+
+
+def _robust_pose(planned: np.ndarray, points: np.ndarray, weights: np.ndarray) -> Pose | None:
+    """Rigid pose of seeds seen in round one: all of them, or (4+) the best fit leaving one out (1 mm inliers)."""
+    good = np.flatnonzero(weights > 0)
+    if len(good) < 2:
+        return None
+    subsets = [good] + ([np.delete(good, i) for i in range(len(good))] if len(good) >= 4 else [])
+    best = None
+    for sub in subsets:
+        pose = rigid_fit(planned[sub], points[sub], weights[sub])
+        res = np.linalg.norm(pose.apply(planned[good]) - points[good], axis=1)
+        key = (int(np.count_nonzero(res <= 1.0)), -float(np.median(res)))
+        if best is None or key > best[0]:
+            best = (key, pose)
+    return best[1]
+
+
+def _moved_by_others(planned: np.ndarray, points: np.ndarray, found: np.ndarray, seed_names, limit_mm: float):
+    """Seeds (indices) farther than ``limit_mm`` from where the rigid fit of the other found seeds puts them.
+
+    Needs four found seeds or more (three others fix a 6-DoF pose; two leave
+    a spin free, so with three seeds a move that keeps the distances cannot be
+    told from a rotation). The seed named is the one whose exclusion leaves
+    the others consistent to ``_CONSISTENT_MM`` while it lies beyond the
+    limit; if several do, or none while some seed lies beyond the limit, the
+    constellation is refused (``SeedMigrationError``).
+    """
+    idx = np.flatnonzero(found)
+    if len(idx) < 4:
+        return set()
+    far, clean = [], []
+    for k in idx:
+        others = idx[idx != k]
+        pose = rigid_fit(planned[others], points[others], np.ones(len(others)))
+        own = float(np.linalg.norm(pose.apply(planned[k]) - points[k]))
+        rest = float(np.linalg.norm(pose.apply(planned[others]) - points[others], axis=1).max())
+        if own > limit_mm:
+            far.append(int(k))
+            if rest <= _CONSISTENT_MM:
+                clean.append(int(k))
+    if not far:
+        return set()
+    if len(clean) == 1:
+        return set(clean)
+    raise SeedMigrationError(
+        "rigid-body check failed: seeds " + ", ".join(seed_names[k] for k in far)
+        + f" lie more than {limit_mm:g} mm from where the others put them; "
+        + ("ambiguous which moved" if clean else "no single seed explains it") + "; registration refused")
+
+
+_CONSISTENT_MM = 0.5  # the other seeds agree with their rigid fit this well (seeds are localised to ~0.1 mm)
+
+
+_MOVED_CONTRAST_FRACTION = 0.7  # seeds of one patient share their contrast (diameter 0.8-1.2 mm)
+
+
+def _moved_seed(predicted_room_mm, signals, levels, masks, maps, ims, names, config):
+    """A seed within ``migration_search_mm`` of its predicted place standing out in both views, or None.
+
+    The cube around the predicted place is scored by both views' smoothed
+    evidence at its projections (the epipolar constraint in 3D); at the best
+    point each view is fitted and must reach ``moved_min_snr``.
+    """
+    fc = config.faint
+    n_step = int(math.ceil(fc.migration_search_mm / _CUBE_STEP_MM))
+    axis = _CUBE_STEP_MM * np.arange(-n_step, n_step + 1)
+    grid = np.stack(np.meshgrid(axis, axis, axis, indexing="ij"), axis=-1).reshape(-1, 3) + predicted_room_mm
+    score = np.zeros(len(grid))
+    both = np.ones(len(grid), bool)
+    for v in range(2):
+        m = maps[names[v]]
+        s = sample_bilinear(m.smooth, m.response.to_map(ims[v].project(grid)))
+        score += s
+        both &= s > 0
+    score[~both] = -1.0
+    best = int(np.argmax(score))
+    if score[best] <= 0:
+        return None
+    out = []
+    for v in range(2):
+        n = names[v]
+        target = ims[v].project(grid[best:best + 1])
+        orient = sample_bilinear(maps[n].response.orientation_deg, maps[n].response.to_map(target))
+        d = refine_seeds(signals[n], ims[v], levels[n], target, orient, config.detection, fc.moved_min_snr,
+                         masks.get(n))[0]
+        if d is None or np.hypot(*(np.asarray(d.centre_px) - target[0])) > fc.near_mm * _px_per_mm(ims[v]):
+            return None
+        out.append(d)
+    return tuple(out)
