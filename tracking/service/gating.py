@@ -34,6 +34,7 @@ __all__ = [
     "judge_silence",
     "judge_fault",
     "with_tolerance",
+    "CHI2_3DOF_95",
 ]
 
 
@@ -77,6 +78,16 @@ class HoldReason(Enum):
     PAIR_ID_JUMP = "pair_id_jump"
     COUCH_TIMEOUT = "couch_timeout"
     FRAME_SENDER_NOT_IMAGER = "frame_sender_not_imager"
+    # One-view monitoring (docs/ONE_VIEW.md): one imager blocked, dark, saturated or missing.
+    ONE_VIEW_UNCERTAIN = "one_view_uncertain"
+    ONE_VIEW_OUT_OF_TOLERANCE = "one_view_out_of_tolerance"
+    ONE_VIEW_REFUSED = "one_view_refused"
+    ONE_VIEW_NO_REFERENCE = "one_view_no_reference"
+
+
+#: Chi-square quantile (3 degrees of freedom) of the joint 95 % region of a 3-vector:
+#: ``scipy.stats.chi2.ppf(0.95, 3)``. The one-view bounds are the extremes of this ellipsoid.
+CHI2_3DOF_95 = 7.814727903251178
 
 
 @dataclass(frozen=True, slots=True)
@@ -174,6 +185,16 @@ class Measurement:
         Target velocity (room X, Y, Z, mm/s) from this and the previous
         pair, when known. With it the gate judges the deviation the target
         will have reached when the ENABLE expires, not only the one measured.
+    one_view : str or None
+        None for a stereo measurement; the imager's name when the pair was
+        measured from that one view only (the other blocked, dark, saturated
+        or missing). A one-view measurement must carry both covariances.
+    deviation_cov_mm2 : (3, 3) array or None
+        Covariance of ``deviation_mm`` (room frame, mm^2). When given, the
+        gate bounds the deviation by the joint 95 % ellipsoid
+        (:data:`CHI2_3DOF_95`) instead of trusting the point estimate.
+    rotation_cov_deg2 : (3, 3) array or None
+        Covariance of ``rotation_deg`` (deg^2), used the same way.
     """
 
     pair_id: int
@@ -182,6 +203,9 @@ class Measurement:
     deviation_mm: np.ndarray | None = None
     rotation_deg: np.ndarray | None = None
     velocity_mm_per_s: np.ndarray | None = None
+    one_view: str | None = None
+    deviation_cov_mm2: np.ndarray | None = None
+    rotation_cov_deg2: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.reason, HoldReason):
@@ -194,8 +218,21 @@ class Measurement:
                     raise TrackingError(f"measurement {name} must have 3 values, got shape {arr.shape}")
                 arr.setflags(write=False)
                 object.__setattr__(self, name, arr)
+        for name in ("deviation_cov_mm2", "rotation_cov_deg2"):
+            value = getattr(self, name)
+            if value is not None:
+                arr = np.array(value, dtype=np.float64)
+                if arr.shape != (3, 3):
+                    raise TrackingError(f"measurement {name} must be 3x3, got shape {arr.shape}")
+                arr.setflags(write=False)
+                object.__setattr__(self, name, arr)
+        if self.one_view is not None and not (isinstance(self.one_view, str) and self.one_view):
+            raise TrackingError(f"measurement one_view must be an imager name or None, got {self.one_view!r}")
         if self.reason is HoldReason.OK and (self.deviation_mm is None or self.rotation_deg is None):
             raise TrackingError("a measurement marked OK must carry deviation_mm and rotation_deg")
+        if (self.reason is HoldReason.OK and self.one_view is not None
+                and (self.deviation_cov_mm2 is None or self.rotation_cov_deg2 is None)):
+            raise TrackingError("a one-view measurement marked OK must carry deviation_cov_mm2 and rotation_cov_deg2")
 
 
 @dataclass(frozen=True, slots=True)
@@ -226,6 +263,9 @@ class GatingDecision:
 
     ``valid_until_unix_s`` is the ENABLE's expiry; for HOLD it equals the
     decision time (a HOLD is valid until revoked by a later ENABLE).
+    ``one_view`` names the imager a one-view pair was measured with (None:
+    stereo, or no pair); ``deviation_bound_mm`` is the 95 % upper bound of
+    the 3D deviation the gate judged (None when it had no covariance).
     """
 
     beam: Beam
@@ -234,23 +274,46 @@ class GatingDecision:
     pair_id: int | None
     deviation_mm: float | None
     decided_unix_s: float = field(default=0.0)
+    one_view: str | None = None
+    deviation_bound_mm: float | None = None
 
 
 def _hold(reason: HoldReason, now: float, pair_id: int | None, dev: float | None, state: GatingState,
-          rearm: bool | None = None) -> tuple[GatingDecision, GatingState]:
+          rearm: bool | None = None, one_view: str | None = None,
+          bound: float | None = None) -> tuple[GatingDecision, GatingState]:
     new_state = GatingState(
         consecutive_good=0,
         rearm_needed=state.rearm_needed if rearm is None else rearm,
         last_pair_id=state.last_pair_id if pair_id is None else max(pair_id, state.last_pair_id or pair_id),
         enabled_until_unix_s=0.0,
     )
-    return GatingDecision(Beam.HOLD, reason, now, pair_id, dev, now), new_state
+    return GatingDecision(Beam.HOLD, reason, now, pair_id, dev, now, one_view, bound), new_state
+
+
+def _margins(cov: np.ndarray | None) -> tuple[float, np.ndarray]:
+    """Half-widths of the joint 95 % ellipsoid of a 3-vector: (along its longest axis, along each room axis).
+
+    ``|x| <= |x_hat| + sqrt(chi2 * lambda_max)`` and ``|x_i| <= |x_hat_i| + sqrt(chi2 * C_ii)`` for every
+    ``x`` in the ellipsoid ``(x - x_hat)^T C^-1 (x - x_hat) <= chi2``. No covariance: zero margins.
+    A covariance that is not finite, not symmetric or not positive semi-definite gives NaN margins
+    (the caller holds).
+    """
+    if cov is None:
+        return 0.0, np.zeros(3)
+    c = np.asarray(cov, dtype=np.float64)
+    if not np.all(np.isfinite(c)) or not np.allclose(c, c.T, rtol=1e-9, atol=1e-12):
+        return math.nan, np.full(3, math.nan)
+    w = np.linalg.eigvalsh(0.5 * (c + c.T))
+    d = np.diag(c)
+    if w.min() < -1e-9 * max(float(w.max()), 1e-300) or np.any(d < 0):
+        return math.nan, np.full(3, math.nan)
+    return math.sqrt(CHI2_3DOF_95 * max(float(w.max()), 0.0)), np.sqrt(CHI2_3DOF_95 * np.maximum(d, 0.0))
 
 
 def judge_measurement(
     state: GatingState, m: Measurement | None, now_unix_s: float, config: GatingConfig
 ) -> tuple[GatingDecision, GatingState]:
-    """Decide ENABLE or HOLD for the newest judged stereo pair.
+    """Decide ENABLE or HOLD for the newest judged pair (stereo, or one view).
 
     ENABLE only if: a measurement exists, it is OK, it is not older than a
     pair already judged, its age is within ``[-max_clock_skew_s,
@@ -261,53 +324,86 @@ def judge_measurement(
     ``consecutive_to_enable`` such pairs came in a row. Anything else: HOLD
     with the first failing reason. The ENABLE expires at
     ``min(now + enable_validity_s, acquired + max_frame_age_s)``.
+
+    With covariances (one-view measurements always have them) every
+    tolerance applies to the whole joint 95 % ellipsoid, not to the point
+    estimate: ``|d| + sqrt(chi2 lambda_max) <= tolerance_3d``,
+    ``|d_i| + sqrt(chi2 C_ii) <= tolerance_axis_i`` (also for the
+    extrapolated deviation) and ``|r_i| + sqrt(chi2 C_rot_ii) <=
+    tolerance_rotation``. A one-view pair whose point estimate fails a
+    tolerance is held as ``one_view_out_of_tolerance``; one whose estimate
+    passes but whose bound does not, as ``one_view_uncertain``. Every
+    decision on a one-view pair names its imager (``one_view``).
     """
     if not math.isfinite(now_unix_s):
         return _hold(HoldReason.INTERNAL_ERROR, 0.0, None, None, state)
     if m is None:
         return _hold(HoldReason.NO_MEASUREMENT, now_unix_s, None, None, state)
     pid = m.pair_id
+    view = m.one_view
     dev_norm = None
     if m.deviation_mm is not None and np.all(np.isfinite(m.deviation_mm)):
         dev_norm = float(np.linalg.norm(m.deviation_mm))
+
+    def hold(reason: HoldReason, rearm: bool | None = None, bound: float | None = None):
+        return _hold(reason, now_unix_s, pid, dev_norm, state, rearm, view, bound)
+
     if state.last_pair_id is not None and pid <= state.last_pair_id:
-        return _hold(HoldReason.STALE_FRAME, now_unix_s, pid, dev_norm, state)
+        return hold(HoldReason.STALE_FRAME)
     if m.reason is not HoldReason.OK:
-        return _hold(m.reason, now_unix_s, pid, dev_norm, state)
+        return hold(m.reason)
     if not math.isfinite(m.acquired_unix_s):
-        return _hold(HoldReason.INTERNAL_ERROR, now_unix_s, pid, dev_norm, state)
+        return hold(HoldReason.INTERNAL_ERROR)
     age_s = now_unix_s - m.acquired_unix_s
     if age_s > config.max_frame_age_s:
-        return _hold(HoldReason.STALE_FRAME, now_unix_s, pid, dev_norm, state)
+        return hold(HoldReason.STALE_FRAME)
     if age_s < -config.max_clock_skew_s:
-        return _hold(HoldReason.FUTURE_FRAME, now_unix_s, pid, dev_norm, state)
+        return hold(HoldReason.FUTURE_FRAME)
     dev = m.deviation_mm
     rot = m.rotation_deg
     if dev_norm is None or not np.all(np.isfinite(rot)):
-        return _hold(HoldReason.INTERNAL_ERROR, now_unix_s, pid, dev_norm, state)
+        return hold(HoldReason.INTERNAL_ERROR)
+    margin_3d, margin_axis = _margins(m.deviation_cov_mm2)
+    _, margin_rot = _margins(m.rotation_cov_deg2)
+    if not (math.isfinite(margin_3d) and np.all(np.isfinite(margin_axis)) and np.all(np.isfinite(margin_rot))):
+        return hold(HoldReason.INTERNAL_ERROR)
+    bound = dev_norm + margin_3d if m.deviation_cov_mm2 is not None else None
     limit_3d = config.tolerance_3d_mm - (config.rearm_margin_mm if state.rearm_needed else 0.0)
     axis_limits = np.asarray(config.tolerance_axis_mm)
     if state.rearm_needed and config.rearm_margin_mm > 0:
         axis_limits = np.maximum(axis_limits - config.rearm_margin_mm, 0.0)
+    out_reason = HoldReason.ONE_VIEW_OUT_OF_TOLERANCE if view is not None else HoldReason.OUT_OF_TOLERANCE
+    unsure_reason = HoldReason.ONE_VIEW_UNCERTAIN if view is not None else HoldReason.OUT_OF_TOLERANCE
     if dev_norm > limit_3d or np.any(np.abs(dev) > axis_limits):
-        return _hold(HoldReason.OUT_OF_TOLERANCE, now_unix_s, pid, dev_norm, state, rearm=True)
+        return hold(out_reason, rearm=True, bound=bound)
+    if dev_norm + margin_3d > limit_3d or np.any(np.abs(dev) + margin_axis > axis_limits):
+        return hold(unsure_reason, rearm=True, bound=bound)
     valid_until = min(now_unix_s + config.enable_validity_s, m.acquired_unix_s + config.max_frame_age_s)
     if m.velocity_mm_per_s is not None:
         vel = m.velocity_mm_per_s
         if not np.all(np.isfinite(vel)):
-            return _hold(HoldReason.INTERNAL_ERROR, now_unix_s, pid, dev_norm, state)
+            return hold(HoldReason.INTERNAL_ERROR)
         # Where the target will be when this permission expires, if it keeps moving as it moved.
         ahead = dev + vel * max(valid_until - m.acquired_unix_s, 0.0)
-        if np.linalg.norm(ahead) > limit_3d or np.any(np.abs(ahead) > axis_limits):
-            return _hold(HoldReason.MOVING_OUT_OF_TOLERANCE, now_unix_s, pid, dev_norm, state, rearm=True)
+        ahead_norm = float(np.linalg.norm(ahead))
+        if ahead_norm > limit_3d or np.any(np.abs(ahead) > axis_limits):
+            moving = HoldReason.ONE_VIEW_OUT_OF_TOLERANCE if view is not None else HoldReason.MOVING_OUT_OF_TOLERANCE
+            return hold(moving, rearm=True, bound=bound)
+        if ahead_norm + margin_3d > limit_3d or np.any(np.abs(ahead) + margin_axis > axis_limits):
+            return hold(unsure_reason, rearm=True, bound=bound)
     if np.max(np.abs(rot)) > config.tolerance_rotation_deg:
-        return _hold(HoldReason.ROTATION_OUT_OF_TOLERANCE, now_unix_s, pid, dev_norm, state, rearm=True)
+        rot_reason = HoldReason.ONE_VIEW_OUT_OF_TOLERANCE if view is not None else HoldReason.ROTATION_OUT_OF_TOLERANCE
+        return hold(rot_reason, rearm=True, bound=bound)
+    if np.max(np.abs(rot) + margin_rot) > config.tolerance_rotation_deg:
+        rot_unsure = HoldReason.ONE_VIEW_UNCERTAIN if view is not None else HoldReason.ROTATION_OUT_OF_TOLERANCE
+        return hold(rot_unsure, rearm=True, bound=bound)
     good = state.consecutive_good + 1
     if good < config.consecutive_to_enable:
         new_state = GatingState(good, state.rearm_needed, pid, 0.0)
-        return GatingDecision(Beam.HOLD, HoldReason.SETTLING, now_unix_s, pid, dev_norm, now_unix_s), new_state
+        return GatingDecision(Beam.HOLD, HoldReason.SETTLING, now_unix_s, pid, dev_norm, now_unix_s, view,
+                              bound), new_state
     new_state = GatingState(good, False, pid, valid_until)
-    return GatingDecision(Beam.ENABLE, HoldReason.OK, valid_until, pid, dev_norm, now_unix_s), new_state
+    return GatingDecision(Beam.ENABLE, HoldReason.OK, valid_until, pid, dev_norm, now_unix_s, view, bound), new_state
 
 
 def judge_silence(
