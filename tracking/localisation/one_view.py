@@ -14,12 +14,13 @@ is measured and how much is prior. Method (``docs/ONE_VIEW.md``):
    (:func:`spineguide.tracking.localisation.detection.detect_seeds`) in
    tracking windows around the seeds' projections under the prior pose; the
    detections are assigned to planned seeds under one common shift
-   (translation dominates the motion between pairs). Every assigned seed is
-   refitted (:func:`spineguide.tracking.localisation.seed_search.refine_seeds`,
-   the box fit of the faint search, one start at the detection's
-   orientation); a seed the detector missed is fitted from four start
-   orientations where the shift puts it and kept if its fitted SNR reaches
-   ``refit_min_snr`` within ``match_radius_px`` of that place.
+   (translation dominates the motion between pairs), their weighted centroids
+   used as they are (``refit_detected``: refitted by the box fit, which
+   measured no better and costs ~2 ms a seed); a seed the detector missed is
+   fitted (:func:`spineguide.tracking.localisation.seed_search.refine_seeds`,
+   the faint search's box fit, four start orientations) where the shift puts
+   it and kept if its fitted SNR reaches ``refit_min_snr`` within
+   ``match_radius_px`` of that place.
 2. **MAP pose.** ``scipy.optimize.least_squares`` minimises
    ``sum |proj(P(x) p_k) - d_k|^2 / sigma_px^2 + (x - x_prior)^T C^-1 (x - x_prior)``
    over ``x = [tx, ty, tz, pitch, roll, yaw]``; covariance ``(J^T J)^-1``
@@ -105,6 +106,9 @@ class OneViewConfig:
         reference (step 3 of the module docstring); 0 turns it off.
     max_nfev : int
         Function evaluations of each least-squares fit.
+    refit_detected : bool
+        Refit the detector's seeds with the box fit (one start, its orientation); off:
+        use the detector's weighted centroid.
     """
 
     sigma_px: float = 0.3
@@ -117,6 +121,7 @@ class OneViewConfig:
     refit_min_snr: float = 6.0
     out_of_plane_ratio: float = 1.0
     max_nfev: int = 50
+    refit_detected: bool = False
 
     def __post_init__(self) -> None:
         for name in ("sigma_px", "sigma_floor_px", "sigma_reference_snr", "match_radius_px", "refit_min_snr"):
@@ -133,6 +138,8 @@ class OneViewConfig:
         checked_number(self.out_of_plane_ratio, FiducialConfigError,
                        f"one-view config: out_of_plane_ratio must be >= 0, got {self.out_of_plane_ratio!r}",
                        minimum=0.0)
+        if not isinstance(self.refit_detected, bool):
+            raise FiducialConfigError(f"one-view config: refit_detected must be a bool, got {self.refit_detected!r}")
         for name in ("min_seeds", "max_nfev"):
             value = getattr(self, name)
             checked_integer(value, FiducialConfigError,
@@ -251,6 +258,11 @@ class OneViewFiducialResult:
             arr.setflags(write=False)
             object.__setattr__(self, name, arr)
 
+    @property
+    def rotation_cov_deg2(self) -> np.ndarray:
+        """Covariance of ``[pitch, roll, yaw]`` (deg^2): the rotation block of ``pose_cov``."""
+        return self.pose_cov[3:, 3:]
+
     def bound_95_mm(self, direction_room) -> float:
         """Half-width of the 95 % interval of the deviation along a room direction (1.96 sigma), mm."""
         u = np.asarray(direction_room, dtype=np.float64)
@@ -317,7 +329,7 @@ def _assign(predicted: np.ndarray, centres: np.ndarray, radius_px: float) -> tup
     """Detection index per seed (-1: none) under the common shift that explains most seeds, and that shift."""
     n = len(predicted)
     best_idx = np.full(n, -1)
-    best_key = (0, 0.0)
+    best_key = (0, -np.inf)
     best_shift = np.zeros(2)
     if not len(centres):
         return best_idx, best_shift
@@ -335,7 +347,9 @@ def _assign(predicted: np.ndarray, centres: np.ndarray, radius_px: float) -> tup
                     used.add(int(j))
                     break
         found = idx >= 0
-        cost = float(d[found, idx[found]].sum()) if found.any() else 0.0
+        # Most seeds first, then the smallest shift from the prior plus the smallest misfits: a clutter
+        # blob in one window would otherwise explain "one seed" as well as the seed itself.
+        cost = float(d[found, idx[found]].sum() + np.linalg.norm(s)) if found.any() else 0.0
         key = (int(found.sum()), -cost)
         if key > best_key:
             best_key, best_idx = key, idx
@@ -366,7 +380,10 @@ def _find_seeds(signal, imager, level, predicted, defects, config: FiducialConfi
         if overlap[k]:
             how[k] = "overlap"
             continue
-        if idx[k] >= 0:
+        if idx[k] >= 0 and not ov.refit_detected:
+            d = dets[idx[k]]
+            out[k], snr[k], how[k] = d.centre_px, d.snr, "detected"
+        elif idx[k] >= 0:
             d = dets[idx[k]]
             fit = refine_seeds(signal, imager, level, d.centre_px[None], np.array([d.orientation_deg]),
                                config.detection, ov.refit_min_snr, defects, starts=1)[0]
@@ -388,6 +405,34 @@ def _project(m: np.ndarray, x: np.ndarray, planned: np.ndarray) -> np.ndarray:
     return h[:, :2] / h[:, 2:3]
 
 
+def _rotation_derivatives_per_deg(angles_deg: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``dR/d pitch``, ``dR/d roll``, ``dR/d yaw`` (per degree) of ``R = Rz(yaw) Ry(roll) Rx(pitch)``."""
+    a, b, c = np.radians(angles_deg)
+    ca, sa, cb, sb, cc, sc = math.cos(a), math.sin(a), math.cos(b), math.sin(b), math.cos(c), math.sin(c)
+    rx = np.array([[1, 0, 0], [0, ca, -sa], [0, sa, ca]])
+    ry = np.array([[cb, 0, sb], [0, 1, 0], [-sb, 0, cb]])
+    rz = np.array([[cc, -sc, 0], [sc, cc, 0], [0, 0, 1]])
+    drx = np.array([[0, 0, 0], [0, -sa, -ca], [0, ca, -sa]])
+    dry = np.array([[-sb, 0, cb], [0, 0, 0], [-cb, 0, -sb]])
+    drz = np.array([[-sc, -cc, 0], [cc, -sc, 0], [0, 0, 0]])
+    k = math.pi / 180.0
+    return k * (rz @ ry @ drx), k * (rz @ dry @ rx), k * (drz @ ry @ rx)
+
+
+def _project_jacobian(m: np.ndarray, x: np.ndarray, planned: np.ndarray) -> np.ndarray:
+    """``d(col, row)/dx`` of every seed, (2N, 6): per mm of translation and per degree of rotation."""
+    pts = planned @ rotation_matrix(x[3:]).T + x[:3]
+    h = pts @ m[:, :3].T + m[:, 3]
+    uv = h[:, :2] / h[:, 2:3]
+    # d(uv)/dP = (M[:2, :3] - uv M[2, :3]) / h2, per seed (N, 2, 3)
+    dpix = (m[None, :2, :3] - uv[:, :, None] * m[None, 2:3, :3]) / h[:, 2, None, None]
+    dpts = np.empty((len(planned), 3, 6))
+    dpts[:, :, :3] = np.eye(3)
+    for j, dr in enumerate(_rotation_derivatives_per_deg(x[3:])):
+        dpts[:, :, 3 + j] = planned @ dr.T
+    return np.einsum("nij,njk->nik", dpix, dpts).reshape(-1, 6)
+
+
 def _map_fit(m, planned, obs, sigma, mu, cov, x0, max_nfev):
     """MAP six-vector, its covariance and the data chi^2 with its effective degrees of freedom."""
     try:
@@ -397,11 +442,16 @@ def _map_fit(m, planned, obs, sigma, mu, cov, x0, max_nfev):
                                "give a positive floor") from err
     whiten = np.linalg.inv(chol)  # r = L^-1 (x - mu): |r|^2 = (x - mu)^T C^-1 (x - mu)
 
+    weight = np.repeat(1.0 / sigma, 2)[:, None]
+
     def residuals(x):
         data = ((_project(m, x, planned) - obs) / sigma[:, None]).ravel()
         return np.concatenate([data, whiten @ (x - mu)])
 
-    fit = least_squares(residuals, x0, method="lm", x_scale=np.sqrt(np.diag(cov)), max_nfev=max_nfev * 7)
+    def jacobian(x):
+        return np.vstack([weight * _project_jacobian(m, x, planned), whiten])
+
+    fit = least_squares(residuals, x0, jac=jacobian, method="lm", x_scale=np.sqrt(np.diag(cov)), max_nfev=max_nfev)
     jac = fit.jac
     info = jac.T @ jac
     post = np.linalg.inv(info)
