@@ -29,7 +29,10 @@ is measured and how much is prior. Method (``docs/ONE_VIEW.md``):
    stereo pair may have moved out-of-plane as much (a sudden shift has no
    preferred direction): the prior's variance along the ray is raised by
    ``out_of_plane_ratio * |d_in|^2`` (``d_in``: the in-plane target move
-   measured since the reference) and the fit is repeated.
+   measured since the reference), each rotation's by
+   ``(rotation_per_mm_deg * |d_in|)^2`` (a patient who moved may have turned;
+   rotations across the ray are not seen and would pull the translation), and
+   the fit is repeated.
 4. **Trust.** ``ok`` needs ``min_seeds`` seeds, the reprojection chi^2 within
    its ``chi2_quantile`` (effective degrees of freedom: the measurements less
    what the fit absorbs) and no seed alone beyond ``chi2_2``'s quantile.
@@ -104,6 +107,9 @@ class OneViewConfig:
     out_of_plane_ratio : float
         Variance added along the ray per mm^2 of in-plane target motion since the
         reference (step 3 of the module docstring); 0 turns it off.
+    rotation_per_mm_deg : float
+        Standard deviation added to each rotation per mm of in-plane target motion since the reference
+        (a turn about a pivot ~190 mm from the target moves it 1 mm per 0.3 deg), deg/mm; 0 turns it off.
     max_nfev : int
         Function evaluations of each least-squares fit.
     refit_detected : bool
@@ -111,8 +117,8 @@ class OneViewConfig:
         use the detector's weighted centroid.
     """
 
-    sigma_px: float = 0.3
-    sigma_floor_px: float = 0.15
+    sigma_px: float = 0.24
+    sigma_floor_px: float = 0.12
     sigma_reference_snr: float = 15.0
     min_seeds: int = 2
     chi2_quantile: float = 0.999
@@ -120,6 +126,7 @@ class OneViewConfig:
     match_radius_px: float = 4.0
     refit_min_snr: float = 6.0
     out_of_plane_ratio: float = 1.0
+    rotation_per_mm_deg: float = 0.3
     max_nfev: int = 50
     refit_detected: bool = False
 
@@ -135,9 +142,10 @@ class OneViewConfig:
                            minimum=0.0, exclusive_minimum=True, maximum=1.0)
             if value >= 1.0:
                 raise FiducialConfigError(f"one-view config: {name} must be in (0, 1), got {value!r}")
-        checked_number(self.out_of_plane_ratio, FiducialConfigError,
-                       f"one-view config: out_of_plane_ratio must be >= 0, got {self.out_of_plane_ratio!r}",
-                       minimum=0.0)
+        for name in ("out_of_plane_ratio", "rotation_per_mm_deg"):
+            value = getattr(self, name)
+            checked_number(value, FiducialConfigError, f"one-view config: {name} must be >= 0, got {value!r}",
+                           minimum=0.0)
         if not isinstance(self.refit_detected, bool):
             raise FiducialConfigError(f"one-view config: refit_detected must be a bool, got {self.refit_detected!r}")
         for name in ("min_seeds", "max_nfev"):
@@ -649,6 +657,9 @@ def fit_one_view(
     if inflation > 0:
         cov = cov0.copy()
         cov[:3, :3] += inflation * np.outer(axis, axis)
+        # A patient who moved may have turned too: rotations the one view cannot see (about axes across
+        # the ray) would otherwise be held at the prior and pull the translation.
+        cov[3:, 3:] += (ov.rotation_per_mm_deg**2 * float(in_plane @ in_plane)) * np.eye(3)
         x1, post, chi2_data, dof, res = _map_fit(m, used, obs, sigma, mu, cov, x1, ov.max_nfev)
     pose = pose_from_six(x1)
     post = np.array(check_covariance(post, 6, "one-view pose"))
