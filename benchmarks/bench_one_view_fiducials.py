@@ -296,9 +296,11 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--verbose", action="store_true")
     p.add_argument("--refit", action="store_true", help="refit the detector's seeds with the box fit")
+    p.add_argument("--detect-min-snr", type=float, default=5.0,
+                   help="detector SNR threshold in one view (0: the DetectionConfig's)")
     args = p.parse_args(argv)
 
-    ov = OneViewConfig(refit_detected=args.refit)
+    ov = OneViewConfig(refit_detected=args.refit, detect_min_snr=args.detect_min_snr or None)
     print(f"# bench_one_view_fiducials: {' '.join(sys.argv)}")
     print(f"# {platform.node()} {platform.machine()} python {platform.python_version()} numpy {np.__version__}")
     t = time.perf_counter()

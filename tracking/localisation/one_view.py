@@ -11,8 +11,8 @@ the last stereo pose, widened with time), and its covariance says how much
 is measured and how much is prior. Method (``docs/ONE_VIEW.md``):
 
 1. **Seeds in one view.** The clean-frame detector
-   (:func:`spineguide.tracking.localisation.detection.detect_seeds`) in
-   tracking windows around the seeds' projections under the prior pose; the
+   (:func:`spineguide.tracking.localisation.detection.detect_seeds`, SNR
+   threshold ``detect_min_snr``) in tracking windows around the seeds' projections under the prior pose; the
    detections are assigned to planned seeds under one common shift
    (translation dominates the motion between pairs), their weighted centroids
    used as they are (``refit_detected``: refitted by the box fit, which
@@ -115,6 +115,12 @@ class OneViewConfig:
     refit_detected : bool
         Refit the detector's seeds with the box fit (one start, its orientation); off:
         use the detector's weighted centroid.
+    detect_min_snr : float or None
+        The clean detector's SNR threshold in the one view's tracking windows (None: the
+        ``DetectionConfig``'s, 8). 5, the faint search's detection limit: inside windows placed by
+        the prior and assigned under one shift, clutter is rarer than in a whole frame, and each seed
+        the detector finds saves a ~5-7 ms box fit (measured: localise_one_view median 30 -> 13 ms
+        under load, same accuracy).
     """
 
     sigma_px: float = 0.24
@@ -129,6 +135,7 @@ class OneViewConfig:
     rotation_per_mm_deg: float = 0.3
     max_nfev: int = 50
     refit_detected: bool = False
+    detect_min_snr: float | None = 5.0
 
     def __post_init__(self) -> None:
         for name in ("sigma_px", "sigma_floor_px", "sigma_reference_snr", "match_radius_px", "refit_min_snr"):
@@ -146,6 +153,10 @@ class OneViewConfig:
             value = getattr(self, name)
             checked_number(value, FiducialConfigError, f"one-view config: {name} must be >= 0, got {value!r}",
                            minimum=0.0)
+        if self.detect_min_snr is not None:
+            checked_number(self.detect_min_snr, FiducialConfigError,
+                           f"one-view config: detect_min_snr must be a positive number or None, got "
+                           f"{self.detect_min_snr!r}", minimum=0.0, exclusive_minimum=True)
         if not isinstance(self.refit_detected, bool):
             raise FiducialConfigError(f"one-view config: refit_detected must be a bool, got {self.refit_detected!r}")
         for name in ("min_seeds", "max_nfev"):
@@ -376,7 +387,10 @@ def _find_seeds(signal, imager, level, predicted, defects, config: FiducialConfi
     """``(centres (N, 2), snr (N,), how (N,) str)``: the seeds found in the view (NaN centre: not found)."""
     n = len(predicted)
     size = seed_size_px(imager, config.detection)
-    dets: tuple[Detection, ...] = detect_seeds(signal, imager, level, predicted, config.detection, defects)
+    det_config = config.detection
+    if ov.detect_min_snr is not None:
+        det_config = replace(det_config, min_snr=ov.detect_min_snr)
+    dets: tuple[Detection, ...] = detect_seeds(signal, imager, level, predicted, det_config, defects)
     centres = np.array([d.centre_px for d in dets]).reshape(-1, 2)
     idx, shift = _assign(predicted, centres, ov.match_radius_px)
     overlap = _overlapping(predicted, size.length_px)
