@@ -183,6 +183,13 @@ def image_level(args, sim: RealisticSimulator, flats, planned, names, ov: OneVie
                        n_seeds=res.n_seeds, elapsed_s=elapsed, inflation=res.prior_inflation_mm2,
                        move_mm=float(np.linalg.norm(dev_true - prior.reference.apply(np.zeros(3)))))
             rows.append(row)
+            if args.verbose and row["mahal2"] > CHI2_3_95:
+                rot_err = res.pose.rotation_deg - truth.rotation_deg
+                print(f"  miss t={t:.1f} {view}: moved {row['move_mm']:.2f} mm, in-plane err {row['in_plane_mm']:.3f} "
+                      f"(sigma {res.in_plane_sigma_mm:.3f}), oop err {row['out_of_plane_mm']:.3f} (sigma "
+                      f"{res.out_of_plane_sigma_mm:.3f}), rot err {np.round(rot_err, 2)} (sigma "
+                      f"{np.round(np.sqrt(np.diag(res.rotation_cov_deg2)), 2)}), inflation {res.prior_inflation_mm2:.2f}, "
+                      f"seeds {[s.how for s in res.seeds]}, chi2 {res.chi2:.1f}/{res.chi2_dof:.1f}")
             if rendered >= args.frames:
                 break
         session += 1
