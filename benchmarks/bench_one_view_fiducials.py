@@ -170,7 +170,8 @@ def image_level(args, sim: RealisticSimulator, flats, planned, names, ov: OneVie
             except FiducialNotFoundError as err:
                 failures["not_found"] += 1
                 if args.verbose:
-                    print(f"  t={t:.1f} s {view}: {err}; moved {np.linalg.norm(truth.apply(np.zeros(3)) - prior.reference.apply(np.zeros(3))):.2f} mm")
+                    moved = np.linalg.norm(truth.translation_mm - prior.reference.translation_mm)
+                    print(f"  t={t:.1f} s {view}: {err}; moved {moved:.2f} mm")
                 continue
             if not res.ok:
                 failures["not_ok"] += 1
@@ -188,7 +189,8 @@ def image_level(args, sim: RealisticSimulator, flats, planned, names, ov: OneVie
                 print(f"  miss t={t:.1f} {view}: moved {row['move_mm']:.2f} mm, in-plane err {row['in_plane_mm']:.3f} "
                       f"(sigma {res.in_plane_sigma_mm:.3f}), oop err {row['out_of_plane_mm']:.3f} (sigma "
                       f"{res.out_of_plane_sigma_mm:.3f}), rot err {np.round(rot_err, 2)} (sigma "
-                      f"{np.round(np.sqrt(np.diag(res.rotation_cov_deg2)), 2)}), inflation {res.prior_inflation_mm2:.2f}, "
+                      f"{np.round(np.sqrt(np.diag(res.rotation_cov_deg2)), 2)}), "
+                      f"inflation {res.prior_inflation_mm2:.2f}, "
                       f"seeds {[s.how for s in res.seeds]}, chi2 {res.chi2:.1f}/{res.chi2_dof:.1f}")
             if rendered >= args.frames:
                 break
@@ -356,7 +358,8 @@ def report_image_level(args, rows, pool, failures, sessions, render_s, wall_a):
     print(f"| in-plane error of the isocentre deviation, mm | {pct(ip, 50):.3f} | {pct(ip, 95):.3f} | {ip.max():.3f} |")
     print(f"| out-of-plane error, mm | {pct(oop, 50):.3f} | {pct(oop, 95):.3f} | {oop.max():.3f} |")
     print(f"| reported out-of-plane sigma, mm | {pct(sig, 50):.3f} | {pct(sig, 95):.3f} | {sig.max():.3f} |")
-    print(f"| localise_one_view total, ms | {pct(tot, 50):.1f} | {pct(tot, 95):.1f} (p99 {pct(tot, 99):.1f}) | {tot.max():.1f} |")
+    print(f"| localise_one_view total, ms | {pct(tot, 50):.1f} | {pct(tot, 95):.1f} (p99 {pct(tot, 99):.1f}) "
+          f"| {tot.max():.1f} |")
     print(f"| of which detection + seed fits, ms | {pct(det, 50):.1f} | {pct(det, 95):.1f} | {det.max():.1f} |")
     print(f"| of which MAP fits, ms | {pct(fit, 50):.1f} | {pct(fit, 95):.1f} | {fit.max():.1f} |")
     moved = np.array([r["move_mm"] for r in rows]) > 0.5

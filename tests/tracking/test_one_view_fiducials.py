@@ -273,7 +273,8 @@ def test_a_frame_without_seeds_raises_fiducial_not_found():
 
 
 @pytest.mark.parametrize("field,value", [("sigma_px", 0.0), ("chi2_quantile", 1.0), ("min_seeds", 0),
-                                         ("out_of_plane_ratio", -1.0), ("refit_detected", 1)])
+                                         ("out_of_plane_ratio", -1.0), ("refit_detected", 1),
+                                         ("detect_min_snr", 0.0), ("rotation_per_mm_deg", math.nan)])
 def test_bad_one_view_config_is_refused(field, value):
     with pytest.raises(FiducialConfigError, match=field):
         OneViewConfig(**{field: value})

@@ -570,7 +570,8 @@ def localise_one_view(
         raise FiducialNotFoundError(f"{len(seed_names)} seed names for {len(planned)} planned seeds")
     target = np.asarray(target_room_mm, dtype=np.float64)
     if target.shape != (3,) or not np.all(np.isfinite(target)):
-        raise FiducialNotFoundError(f"target must be 3 finite room coordinates (mm), got {np.asarray(target_room_mm).tolist()}")
+        raise FiducialNotFoundError(
+            f"target must be 3 finite room coordinates (mm), got {np.asarray(target_room_mm).tolist()}")
     im = geometry[imager]
     frame = _check_frame(pixels, im)
     mask = None if defect_mask is None else np.asarray(defect_mask)
