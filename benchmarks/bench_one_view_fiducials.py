@@ -191,7 +191,8 @@ def image_level(args, sim: RealisticSimulator, flats, planned, names, ov: OneVie
                       f"{res.out_of_plane_sigma_mm:.3f}), rot err {np.round(rot_err, 2)} (sigma "
                       f"{np.round(np.sqrt(np.diag(res.rotation_cov_deg2)), 2)}), "
                       f"inflation {res.prior_inflation_mm2:.2f}, "
-                      f"seeds {[s.how for s in res.seeds]}, chi2 {res.chi2:.1f}/{res.chi2_dof:.1f}")
+                      f"seeds {[s.how for s in res.seeds]}, chi2 {res.chi2:.1f}/{res.chi2_dof:.1f}, centre - truth px "
+                      f"{[np.round(s.centre_px - p, 2).tolist() for s, p in zip(res.seeds, truth_px) if s.found]}")
             if rendered >= args.frames:
                 break
         session += 1
@@ -304,12 +305,14 @@ def main(argv=None) -> int:
     p.add_argument("--floor-deg", type=float, default=0.05, help="prior floor per rotation axis (sigma)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--verbose", action="store_true")
+    p.add_argument("--rotation-per-mm-deg", type=float, default=OneViewConfig().rotation_per_mm_deg)
     p.add_argument("--refit", action="store_true", help="refit the detector's seeds with the box fit")
     p.add_argument("--detect-min-snr", type=float, default=5.0,
                    help="detector SNR threshold in one view (0: the DetectionConfig's)")
     args = p.parse_args(argv)
 
-    ov = OneViewConfig(refit_detected=args.refit, detect_min_snr=args.detect_min_snr or None)
+    ov = OneViewConfig(refit_detected=args.refit, detect_min_snr=args.detect_min_snr or None,
+                       rotation_per_mm_deg=args.rotation_per_mm_deg)
     print(f"# bench_one_view_fiducials: {' '.join(sys.argv)}")
     print(f"# {platform.node()} {platform.machine()} python {platform.python_version()} numpy {np.__version__}")
     t = time.perf_counter()
