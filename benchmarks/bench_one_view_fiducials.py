@@ -306,7 +306,8 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--verbose", action="store_true")
     p.add_argument("--rotation-per-mm-deg", type=float, default=OneViewConfig().rotation_per_mm_deg)
-    p.add_argument("--refit", action="store_true", help="refit the detector's seeds with the box fit")
+    p.add_argument("--no-refit", dest="refit", action="store_false",
+                   help="use the detector's centroids as they are (no box refit)")
     p.add_argument("--detect-min-snr", type=float, default=5.0,
                    help="detector SNR threshold in one view (0: the DetectionConfig's)")
     args = p.parse_args(argv)
