@@ -38,6 +38,8 @@ __all__ = [
     "MotionPrior",
     "pose_six",
     "pose_from_six",
+    "prior_from_stereo_history",
+    "in_plane_motion_inflation",
     "target_covariance_mm2",
     "check_covariance",
 ]
@@ -45,11 +47,19 @@ __all__ = [
 #: Default random-walk growth of the pose variance between stereo pairs, per second:
 #: (0.05 mm)^2/s per translation axis and (0.02 deg)^2/s per rotation -- a settled patient in a
 #: vacuum bag or mask drifts ~0.1 mm / 0.05 deg per minute on average (Hoogeman et al. IJROBP 2008;
-#: Agazaryan et al. 2008); the random-walk form widens slowly with time and covers faster moves only
-#: as far as the floor does.
+#: Agazaryan et al. 2008); the random-walk form widens slowly with time.
 DEFAULT_DIFFUSION = (0.05**2, 0.05**2, 0.05**2, 0.02**2, 0.02**2, 0.02**2)
-#: Default constant variance: (0.3 mm)^2 and (0.2 deg)^2.
+#: Default constant variance: (0.3 mm)^2 and (0.2 deg)^2 -- a conservative default for a prior built without
+#: any knowledge of the patient. With it the 95 % bound alone is 0.84 mm: one view would (safely) almost never
+#: enable at 1 mm. The service builds its prior from ``[one_view]`` instead: a small floor (0.05 mm / 0.05 deg)
+#: plus the scatter of the recent stereo poses (:func:`prior_from_stereo_history`), with a sudden move caught by
+#: widening along the ray as much as the move seen across it (:func:`in_plane_motion_inflation`);
+#: docs/ONE_VIEW.md measures the coverage that gives.
 DEFAULT_FLOOR = (0.3**2, 0.3**2, 0.3**2, 0.2**2, 0.2**2, 0.2**2)
+#: Sudden-move widening (:func:`in_plane_motion_inflation`): variance along the ray per (mm of in-plane move)^2,
+#: and rotation sigma per mm of in-plane move (a turn about a pivot ~190 mm from the target).
+OUT_OF_PLANE_RATIO = 1.0
+ROTATION_PER_MM_DEG = 0.3
 
 
 def check_covariance(cov, n: int, what: str) -> np.ndarray:
@@ -161,3 +171,55 @@ def target_covariance_mm2(pose: Pose, pose_cov: np.ndarray, target_room_mm: Sequ
     out = 0.5 * (out + out.T)
     out.setflags(write=False)
     return out
+
+
+def prior_from_stereo_history(reference: Pose, reference_cov, history_six, base: MotionPrior | None = None
+                              ) -> MotionPrior:
+    """A motion prior whose floor also holds the scatter of the recent stereo poses (breathing, tremor).
+
+    The random walk and floor of ``base`` cover slow drift; a periodic motion
+    (breathing) moves the patient back and forth around the last stereo pose
+    by as much as the recent stereo poses scatter. Floor =
+    ``base.floor + var(history_six)`` per parameter (population variance).
+
+    Parameters
+    ----------
+    reference : Pose
+        The last stereo pose.
+    reference_cov : (6, 6) array
+    history_six : (K, 6) array
+        Recent stereo poses ``[tx, ty, tz, pitch, roll, yaw]`` (mm, deg), K >= 2; e.g. the last 10-30 s.
+    base : MotionPrior, optional
+        Diffusion and floor to start from (default: the module defaults).
+    """
+    h = np.asarray(history_six, dtype=np.float64)
+    if h.ndim != 2 or h.shape[1] != 6 or len(h) < 2 or not np.all(np.isfinite(h)):
+        raise MotionPriorError(f"stereo history must be a finite (K >= 2, 6) array, got shape {h.shape}")
+    base = MotionPrior(reference) if base is None else base
+    return MotionPrior(reference, reference_cov, base.diffusion, np.asarray(base.floor) + h.var(axis=0))
+
+
+def in_plane_motion_inflation(move_room_mm, ray_room, out_of_plane_ratio: float = OUT_OF_PLANE_RATIO,
+                              rotation_per_mm_deg: float = ROTATION_PER_MM_DEG) -> np.ndarray:
+    """Extra pose covariance (6x6, mm^2 / deg^2) for a patient seen to have moved across one view's ray.
+
+    One view cannot see motion along its ray. A patient whose target moved ``d_in`` across the ray since
+    the stereo reference may have moved as much along it, and turned: the translation variance along the
+    ray grows by ``out_of_plane_ratio |d_in|^2`` and each rotation's by ``(rotation_per_mm_deg |d_in|)^2``.
+    ``move_room_mm``: the target's move since the reference (room mm; its component along the ray is
+    ignored); ``ray_room``: the view's ray direction (room frame, any length).
+    """
+    move = np.asarray(move_room_mm, dtype=np.float64)
+    ray = np.asarray(ray_room, dtype=np.float64)
+    if move.shape != (3,) or ray.shape != (3,) or not np.all(np.isfinite(move)) or not np.all(np.isfinite(ray)):
+        raise MotionPriorError("in-plane motion inflation needs a finite 3-vector move and ray direction")
+    norm = float(np.linalg.norm(ray))
+    if not norm > 0:
+        raise MotionPriorError("in-plane motion inflation: the ray direction is zero")
+    ray = ray / norm
+    in_plane = move - (move @ ray) * ray
+    m2 = float(in_plane @ in_plane)
+    w = np.zeros((6, 6))
+    w[:3, :3] = out_of_plane_ratio * m2 * np.outer(ray, ray)
+    w[3:, 3:] = rotation_per_mm_deg**2 * m2 * np.eye(3)
+    return w

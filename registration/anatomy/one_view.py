@@ -43,8 +43,7 @@ import time
 import numpy as np
 import scipy.linalg
 
-from ..errors import RegistrationError
-from ..motion_prior import MotionPrior, MotionPriorError, pose_six, target_covariance_mm2
+from ..motion_prior import MotionPrior, MotionPriorError, in_plane_motion_inflation, pose_six, target_covariance_mm2
 from ..pose import Pose
 from ..similarity import RegistrationFrameError, Similarity, line_integrals
 from .images import _View
@@ -279,8 +278,13 @@ class _OneView:
         # The model's own in-plane bias, which the residual's statistics cannot show (config.one_view_model_error_mm).
         cov_x[:3, :3] += cfg.one_view_model_error_mm**2 * (np.eye(3) - np.outer(ray, ray))
         cov_six = g @ cov_x @ g.T
-        cov_six = 0.5 * (cov_six + cov_six.T)
         pose = self._pose(x, start, centre)
+        # A patient seen to have moved across the ray may have moved as much along it (and turned), which the
+        # prior did not expect: widen those directions by the move seen (motion_prior.in_plane_motion_inflation).
+        # The translation along the ray is the prior's (above), so its posterior variance is the prior's plus this.
+        move = pose.apply(self.roi_centre_room_mm) - start.apply(self.roi_centre_room_mm)
+        cov_six = cov_six + in_plane_motion_inflation(move, ray)
+        cov_six = 0.5 * (cov_six + cov_six.T)
         similarity = 1.0 - 0.5 * float(r_img @ r_img)
         shift = self._view_shift_mm(view, final["drrs"][0], r_img)
         prior_r = prior_term.residual(x)

@@ -55,7 +55,15 @@ from scipy.stats import chi2
 from spineguide.calibration.errors import GeometryError
 from spineguide.calibration.foundation import checked_integer, checked_number
 from spineguide.calibration.geometry import StereoGeometry
-from spineguide.registration.motion_prior import MotionPrior, MotionPriorError, check_covariance, pose_from_six
+from spineguide.registration.motion_prior import (
+    OUT_OF_PLANE_RATIO,
+    ROTATION_PER_MM_DEG,
+    MotionPrior,
+    MotionPriorError,
+    check_covariance,
+    pose_from_six,
+    prior_from_stereo_history,
+)
 from spineguide.registration.pose import Pose, rotation_matrix
 
 from ..errors import FiducialConfigError, FiducialNotFoundError, FrameError
@@ -132,8 +140,8 @@ class OneViewConfig:
     seed_chi2_quantile: float = 0.999
     match_radius_px: float = 4.0
     refit_min_snr: float = 6.0
-    out_of_plane_ratio: float = 1.0
-    rotation_per_mm_deg: float = 0.3
+    out_of_plane_ratio: float = OUT_OF_PLANE_RATIO
+    rotation_per_mm_deg: float = ROTATION_PER_MM_DEG
     max_nfev: int = 50
     refit_detected: bool = True
     detect_min_snr: float | None = 5.0
@@ -316,32 +324,6 @@ def out_of_plane_axis(geometry: StereoGeometry, imager: str) -> np.ndarray:
     u = -src / np.linalg.norm(src)
     u.setflags(write=False)
     return u
-
-
-def prior_from_stereo_history(reference: Pose, reference_cov, history_six, base: MotionPrior | None = None
-                              ) -> MotionPrior:
-    """A motion prior whose floor also holds the scatter of the recent stereo poses (breathing, tremor).
-
-    The random walk and floor of ``base`` cover slow drift; a periodic motion
-    (breathing) moves the patient back and forth around the last stereo pose
-    by as much as the recent stereo poses scatter. Floor =
-    ``base.floor + var(history_six)`` per parameter (population variance).
-
-    Parameters
-    ----------
-    reference : Pose
-        The last stereo pose.
-    reference_cov : (6, 6) array
-    history_six : (K, 6) array
-        Recent stereo poses ``[tx, ty, tz, pitch, roll, yaw]`` (mm, deg), K >= 2; e.g. the last 10-30 s.
-    base : MotionPrior, optional
-        Diffusion and floor to start from (default: the module defaults).
-    """
-    h = np.asarray(history_six, dtype=np.float64)
-    if h.ndim != 2 or h.shape[1] != 6 or len(h) < 2 or not np.all(np.isfinite(h)):
-        raise MotionPriorError(f"stereo history must be a finite (K >= 2, 6) array, got shape {h.shape}")
-    base = MotionPrior(reference) if base is None else base
-    return MotionPrior(reference, reference_cov, base.diffusion, np.asarray(base.floor) + h.var(axis=0))
 
 
 # ---------------------------------------------------------------------------- seeds in one view
