@@ -162,8 +162,11 @@ def _cmd_simulate_ct(args: argparse.Namespace) -> int:
     from ..room.realct import build_set, imaging_from_options, read_labelled_ct
     from ..room.rooms import Room, room_geometry
 
+    from ..room.deform import deform_from_options
+
     try:
         detector, chain, couch = imaging_from_options(args.chain, args.i0, args.spr, args.couch)
+        deform = deform_from_options(args.deform_levels, args.deform_seed, args.deform_max_deg, args.deform_max_mm)
     except SimulationError as err:
         raise CliError(str(err)) from err
 
@@ -180,13 +183,25 @@ def _cmd_simulate_ct(args: argparse.Namespace) -> int:
                                         f"({seconds:.1f} s)"))
     built = build_set(args.out, labelled, geometries, [v.strip() for v in args.levels.split(",")],
                       [v.strip() for v in args.projectors.split(",")], args.cases, args.seed,
-                      detector, args.beyond_ends_mm, 1, progress, chain=chain, couch=couch)
+                      detector, args.beyond_ends_mm, 1, progress, chain=chain, couch=couch, deform=deform)
     manifest = {"schema": "realct-set/1", "source": {"ct": str(args.ct), "labels": str(args.labels)},
                 "label_scheme_on_disk": args.scheme, **built, "command": " ".join(sys.argv),
                 "elapsed_s": round(time.monotonic() - t0, 1)}
     (Path(args.out) / "set.json").write_text(json.dumps(manifest, indent=1) + "\n")
     print(f"wrote {built['cases']} case(s) to {args.out} in {manifest['elapsed_s']} s")
     return 0
+
+
+def _add_deform_args(p: argparse.ArgumentParser) -> None:
+    """``--deform-levels`` and its amplitudes (tracking.room.deform), shared with datasets/realct/build.py."""
+    p.add_argument("--deform-levels", default=None,
+                   help="deform the spine per level in every case: 'all' or comma-separated vertebrae (each moves "
+                        "rigidly, the target keeps the case's pose; levels_truth.json per case)")
+    p.add_argument("--deform-seed", type=non_negative_int, default=18, help="seed of the per-level deformations")
+    p.add_argument("--deform-max-deg", type=non_negative_float, default=2.0,
+                   help="largest rotation per intervertebral joint and axis, deg (default 2)")
+    p.add_argument("--deform-max-mm", type=non_negative_float, default=0.5,
+                   help="largest translation per joint and axis, mm (default 0.5)")
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -802,6 +817,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="carbon-fibre couch top in the frames (default: on with --chain clinic, off with simple)")
     p.add_argument("--beyond-ends-mm", type=non_negative_float, default=150.0,
                    help="tissue past the CT's ends in the frames, mm (0: the CT alone)")
+    _add_deform_args(p)
     p.add_argument("--out", required=True, type=Path, help="output folder")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     p.set_defaults(func=_cmd_simulate_ct)
