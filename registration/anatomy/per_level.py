@@ -70,6 +70,7 @@ __all__ = [
     "LevelRegistration",
     "inter_level_motion",
     "target_deviation",
+    "discordance",
 ]
 
 #: Reason code of a level that ended too far from the spine pose.
@@ -263,6 +264,47 @@ def target_deviation(pose_target: Pose, pose_other: Pose, centre_target_room_mm:
     mm = float(np.linalg.norm(pose_other.apply(c)[0] - pose_target.apply(c)[0]))
     deg = pose_other.inverse().compose(pose_target).angle_deg()
     return mm, float(deg)
+
+
+def discordance(levels: Sequence[LevelPose], target: str, thresholds: LevelThresholds) -> tuple[bool, str]:
+    """``(discordant, detail)`` of a target among its registered neighbours (:attr:`LevelsResult.discordant`).
+
+    ``levels`` cranial to caudal; the neighbours compared are the ``thresholds.neighbours`` levels either side
+    of ``target``. Fail-safe: True when the target or every compared neighbour is not ok.
+
+    Raises
+    ------
+    LevelError
+        ``target`` not among ``levels``.
+    """
+    names = [lv.name for lv in levels]
+    if target not in names:
+        raise LevelError(f"unknown target level {target!r} (levels: {', '.join(names)})")
+    th = thresholds
+    i = names.index(target)
+    tgt = levels[i]
+    if not tgt.ok:
+        return True, f"target {target} not registered ({tgt.reason}): discordance cannot be checked"
+    parts, beyond, checked = [], [], 0
+    for j in range(max(i - th.neighbours, 0), min(i + th.neighbours + 1, len(levels))):
+        if j == i:
+            continue
+        nb = levels[j]
+        if not nb.ok:
+            parts.append(f"{nb.name}: not registered ({nb.reason})")
+            continue
+        mm, deg = target_deviation(tgt.pose, nb.pose, tgt.centre_room_mm)
+        checked += 1
+        parts.append(f"{nb.name}: {mm:.2f} mm, {deg:.2f} deg")
+        if mm > th.max_target_mm or deg > th.max_rotation_deg:
+            beyond.append(nb.name)
+    limits = f"limits {th.max_target_mm:g} mm at the target, {th.max_rotation_deg:g} deg"
+    if checked == 0:
+        return True, (f"no neighbour of {target} registered: discordance cannot be checked "
+                      f"({'; '.join(parts) or 'no neighbour'})")
+    if beyond:
+        return True, f"{target} differs from {', '.join(beyond)} beyond {limits} ({'; '.join(parts)})"
+    return False, f"{target} agrees with its neighbours within {limits} ({'; '.join(parts)})"
 
 
 @dataclass(frozen=True, slots=True)
@@ -557,27 +599,4 @@ class LevelRegistration:
         return LevelPose(name, res.pose, ok, reason, q, centre)
 
     def _discordance(self, levels: list[LevelPose]) -> tuple[bool, str]:
-        th = self.thresholds
-        i = self.names.index(self.target)
-        tgt = levels[i]
-        if not tgt.ok:
-            return True, f"target {self.target} not registered ({tgt.reason}): discordance cannot be checked"
-        parts, beyond, checked = [], [], 0
-        for j in range(max(i - th.neighbours, 0), min(i + th.neighbours + 1, len(levels))):
-            if j == i:
-                continue
-            nb = levels[j]
-            if not nb.ok:
-                parts.append(f"{nb.name}: not registered ({nb.reason})")
-                continue
-            mm, deg = target_deviation(tgt.pose, nb.pose, tgt.centre_room_mm)
-            checked += 1
-            parts.append(f"{nb.name}: {mm:.2f} mm, {deg:.2f} deg")
-            if mm > th.max_target_mm or deg > th.max_rotation_deg:
-                beyond.append(nb.name)
-        limits = f"limits {th.max_target_mm:g} mm at the target, {th.max_rotation_deg:g} deg"
-        if checked == 0:
-            return True, f"no neighbour of {self.target} registered: discordance cannot be checked ({'; '.join(parts) or 'no neighbour'})"
-        if beyond:
-            return True, f"{self.target} differs from {', '.join(beyond)} beyond {limits} ({'; '.join(parts)})"
-        return False, f"{self.target} agrees with its neighbours within {limits} ({'; '.join(parts)})"
+        return discordance(levels, self.target, self.thresholds)
