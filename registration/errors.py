@@ -21,6 +21,7 @@ __all__ = [
     "CTSeedError",
     "PointRegistrationError",
     "SeedMigrationError",
+    "LevelError",
 ]
 
 
@@ -94,3 +95,7 @@ class AnatomyConfigError(RegistrationError, ValueError):
 
 class RegistrationFrameError(RegistrationError, ValueError):
     """A kV frame cannot be used for registration (wrong shape, non-finite, negative, no signal)."""
+
+
+class LevelError(RegistrationError, ValueError):
+    """Bad per-level registration input: unknown target, levels not ordered cranial to caudal, overlapping ROIs."""

@@ -51,7 +51,7 @@ from spineguide.calibration.geometry import StereoGeometry
 from ..attenuation import hu_to_mu_per_mm, linear_attenuation_per_mm
 from ..drr import AttenuationVolume, PanelRegion, compute_drr
 from ..similarity import line_integrals
-from ..errors import RegistrationError
+from ..errors import LevelError
 from ..pose import Pose
 from ..volume import CTVolume, room_from_lps_matrix
 from .config import AnatomyConfig
@@ -83,10 +83,6 @@ LEVEL_PASSES = 2
 REMOVAL_MARGIN_MM = 40.0
 #: Unattenuated level of the cleaned frames handed to each level's registration (float frames).
 _CLEANED_I0 = 10000.0
-
-
-class LevelError(RegistrationError, ValueError):
-    """Bad per-level input: unknown target, levels not ordered cranial to caudal, overlapping or empty ROIs."""
 
 
 def _finite(value):
