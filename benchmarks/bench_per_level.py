@@ -30,6 +30,7 @@ import platform
 import sys
 import time
 from collections import Counter, defaultdict
+from dataclasses import replace
 from pathlib import Path
 
 import numba
@@ -37,7 +38,8 @@ import numpy as np
 import SimpleITK as sitk
 
 from spineguide.calibration.io import read_geometry
-from spineguide.registration.anatomy import AnatomyConfig, RegionOfInterest
+from spineguide.registration.anatomy import AnatomyConfig, PyramidLevel, RegionOfInterest
+from spineguide.registration.anatomy import per_level
 from spineguide.registration.anatomy.per_level import LevelRegistration, LevelThresholds, target_deviation
 from spineguide.registration.ctfile import read_ct
 from spineguide.registration.pose import Pose
@@ -80,6 +82,10 @@ def main(argv=None) -> int:
     p.add_argument("--max-target-mm", type=float, default=LevelThresholds().max_target_mm)
     p.add_argument("--max-rotation-deg", type=float, default=LevelThresholds().max_rotation_deg)
     p.add_argument("--json", type=Path, default=None, help="write every row here")
+    p.add_argument("--extra-level", default=None, metavar="F,B,S,N",
+                   help="append a pyramid level (volume factor, binning, smoothing px, iterations) to the full "
+                        "pyramid, so also to every level's registration")
+    p.add_argument("--passes", type=int, default=None, help="per_level.LEVEL_PASSES (frames cleaned this many times)")
     args = p.parse_args(argv)
     manifest = json.loads((args.set / "set.json").read_text())
     if not manifest.get("deform"):
@@ -94,6 +100,13 @@ def main(argv=None) -> int:
     ct = read_ct(args.set / "ct.mha")
     labels = sitk.GetArrayFromImage(sitk.ReadImage(str(args.set / "labels.mha")))
     config = AnatomyConfig()
+    if args.extra_level:
+        f = args.extra_level.split(",")
+        config = replace(config, levels=config.levels + (PyramidLevel(int(f[0]), int(f[1]), float(f[2]), int(f[3])),))
+    if args.passes is not None:
+        per_level.LEVEL_PASSES = args.passes
+    print(f"# pyramid: {[(lv.volume_factor, lv.binning, lv.smoothing_sigma_px, lv.max_iterations, lv.context) for lv in config.levels]}"
+          f"; level passes {per_level.LEVEL_PASSES}")
     regs, setup_s = {}, {}
     level_rows, pair_rows, case_rows = [], [], []
     warm_s = None
