@@ -85,6 +85,8 @@ def main(argv=None) -> int:
     p.add_argument("--extra-level", default=None, metavar="F,B,S,N",
                    help="append a pyramid level (volume factor, binning, smoothing px, iterations) to the full "
                         "pyramid, so also to every level's registration")
+    p.add_argument("--rest", choices=per_level.REST_MODELS, default="spine",
+                   help="LevelRegistration(rest=...): the rest of the CT removed at the spine pose, or moving with each level")
     p.add_argument("--passes", type=int, default=None, help="per_level.LEVEL_PASSES (frames cleaned this many times)")
     args = p.parse_args(argv)
     manifest = json.loads((args.set / "set.json").read_text())
@@ -106,7 +108,7 @@ def main(argv=None) -> int:
     if args.passes is not None:
         per_level.LEVEL_PASSES = args.passes
     print(f"# pyramid: {[(lv.volume_factor, lv.binning, lv.smoothing_sigma_px, lv.max_iterations, lv.context) for lv in config.levels]}"
-          f"; level passes {per_level.LEVEL_PASSES}")
+          f"; level passes {per_level.LEVEL_PASSES}; rest {args.rest}")
     regs, setup_s = {}, {}
     level_rows, pair_rows, case_rows = [], [], []
     warm_s = None
@@ -126,7 +128,7 @@ def main(argv=None) -> int:
             geometry = read_geometry(folder / "geometry.json")
             rois = {n: RegionOfInterest.from_labels(ct, labels, VERSE.index(n) + 1) for n in names}
             t = time.monotonic()
-            regs[key] = LevelRegistration(ct, iso, geometry, rois, target, config, thresholds)
+            regs[key] = LevelRegistration(ct, iso, geometry, rois, target, config, thresholds, rest=args.rest)
             setup_s[key] = time.monotonic() - t
         reg = regs[key]
         tpose = {lv["name"]: _pose(lv["pose"]) for lv in lt["levels"]}

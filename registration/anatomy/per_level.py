@@ -79,6 +79,11 @@ WRONG_LEVEL = "wrong_level"
 START_REFUSED = "start_refused"
 #: Passes of the level stage: the first removes the other levels at the spine pose, the next at their own results.
 LEVEL_PASSES = 2
+#: How each level's registration treats the rest of the CT (everything but the levels): "spine" = removed from
+#: the frames at the spine stage's pose, the level registered without background; "level" = left in the frames
+#: and modelled as moving with the level (the anatomy registration's exact background, the other levels removed
+#: from the CT it is built on). docs/PER_LEVEL.md compares them.
+REST_MODELS = ("spine", "level")
 #: Margin (mm, room) around the levels' box within which the frames get the rest of the CT removed.
 REMOVAL_MARGIN_MM = 40.0
 #: Unattenuated level of the cleaned frames handed to each level's registration (float frames).
@@ -461,8 +466,11 @@ class LevelRegistration:
 
     def __init__(self, ct: CTVolume, isocentre_lps_mm, geometry: StereoGeometry,
                  levels: Mapping[str, RegionOfInterest], target: str, config: AnatomyConfig | None = None,
-                 thresholds: LevelThresholds | None = None) -> None:
+                 thresholds: LevelThresholds | None = None, *, rest: str = "spine") -> None:
         _check_levels(ct, levels, target)
+        if rest not in REST_MODELS:
+            raise LevelError(f"rest must be one of {', '.join(REST_MODELS)}, got {rest!r}")
+        self.rest = rest
         self.config = AnatomyConfig() if config is None else config
         self.thresholds = LevelThresholds() if thresholds is None else thresholds
         if not isinstance(self.thresholds, LevelThresholds):
@@ -482,9 +490,21 @@ class LevelRegistration:
         # Each level: its own ROI, no background model (the frames get theirs removed instead, below),
         # the full pyramid's non-context levels run from the spine pose.
         fine = tuple(lv for lv in cfg.levels if not lv.context) or cfg.levels
-        level_config = dataclasses.replace(cfg, tracking_levels=fine, background=False)
-        self._levels = {name: AnatomyRegistration(ct, isocentre_lps_mm, geometry, roi, level_config)
-                        for name, roi in levels.items()}
+        if rest == "spine":
+            level_config = dataclasses.replace(cfg, tracking_levels=fine, background=False)
+            self._levels = {name: AnatomyRegistration(ct, isocentre_lps_mm, geometry, roi, level_config)
+                            for name, roi in levels.items()}
+        else:  # "level": the rest moves with the level registered (its exact background), the other levels removed
+            level_config = dataclasses.replace(cfg, tracking_levels=fine)
+            self._levels = {}
+            for name, roi in levels.items():
+                others = np.zeros(ct.hu.shape, dtype=bool)
+                for other, oroi in levels.items():
+                    if other != name:
+                        others |= oroi.mask
+                others = _dilated(others, cfg.roi_dilation_voxels) & ~roi.mask
+                self._levels[name] = AnatomyRegistration(_without(ct, others), isocentre_lps_mm, geometry, roi,
+                                                         level_config)
         # The CT split into "rest" (everything but the levels' excess over water) and one excess volume
         # per level (its dilated mask, a voxel two dilations claim given to the first): rest + sum = CT.
         claimed = np.zeros(ct.hu.shape, dtype=bool)
@@ -545,7 +565,8 @@ class LevelRegistration:
         for _ in range(LEVEL_PASSES):
             # Per view: the rest at the spine pose (once), every level's excess at its current pose.
             if rest is None:
-                rest = {name: compute_drr(self._rest, self.geometry[name], spine.pose, windows[name]) for name in views}
+                rest = {name: (compute_drr(self._rest, self.geometry[name], spine.pose, windows[name])
+                               if self.rest == "spine" else 0.0) for name in views}
             excess = {lv: {name: compute_drr(self._excess[lv], self.geometry[name], poses[lv], windows[name])
                            for name in views} for lv in self.names}
             for lv in self.names:

@@ -230,3 +230,10 @@ def test_rigid_patient_gives_no_inter_level_motion_and_no_discordance():
     assert not res.discordant, res.discordance_detail
     assert res.pose_for(target) is res.levels[names.index(target)].pose
     json.dumps(res.to_json(), allow_nan=False)
+
+
+def test_unknown_rest_model_is_refused():
+    ct, masks = _boxes_ct()
+    rois = {n: RegionOfInterest(m, n) for n, m in masks.items()}
+    with pytest.raises(LevelError, match="rest must be one of spine, level, got 'body'"):
+        LevelRegistration(ct, [0, 0, 0], default_stereo_geometry(panel_pixels=64), rois, "L2", rest="body")
