@@ -26,7 +26,16 @@ Method (``docs/PER_LEVEL.md``):
    pyramid levels (binning 8, then 4): the spine pose is within the capture of
    tracking (the inter-level motion is a few degrees at most), and the global
    stage would be a second chance to jump to a neighbour.
-3. **Level check.** A level whose pose ends farther from the spine pose than
+3. **Frames cleaned per level.** An anatomy registration models everything
+   outside its ROI as moving with the ROI; for one vertebra of a deformed
+   spine that is wrong (its neighbours moved otherwise) and pulls the result
+   to the neighbours' pose. So each level is registered without background on
+   frames from which the other levels' excess attenuation (at their current
+   poses) and the rest of the CT (at the spine pose; ``rest="spine"``) are
+   subtracted (our DRRs, in the window of the levels), in ``LEVEL_PASSES``
+   passes; or (``rest="level"``) with its exact background built on a CT
+   without the other levels, which are subtracted from its frames.
+4. **Level check.** A level whose pose ends farther from the spine pose than
    ``LevelThresholds.max_departure_fraction`` of a level spacing (at its ROI
    centre) or ``max_departure_deg`` is refused (``wrong_level``): a vertebra
    that slid onto its neighbour's image must not pass as a 20 mm motion.
@@ -455,11 +464,15 @@ class LevelRegistration:
         Settings of every registration; the levels use its full pyramid's
         non-context levels as their tracking levels.
     thresholds : LevelThresholds, optional
+    rest : {"spine", "level"}
+        How each level's registration treats the CT outside the levels (module docstring, step 3).
+
+    Thread safety: :meth:`register` keeps no state between calls (the anatomy registrations' own rule).
 
     Raises
     ------
     LevelError
-        Unknown target, unordered or overlapping levels, ROI on another grid.
+        Unknown target, unordered or overlapping levels, ROI on another grid, unknown ``rest``.
     RoiError
         An empty ROI (raised by :class:`RegionOfInterest` itself).
     """
