@@ -177,3 +177,27 @@ def test_deformed_set_writes_each_levels_exact_pose_beside_the_truth(tmp_path):
         assert_allclose(by_name["L1"]["pose"]["translation_mm"], want.translation_mm, rtol=0, atol=ALGEBRA_TOL_MM)
         assert_allclose(by_name["L1"]["pose"]["rotation_deg"], want.rotation_deg, rtol=0, atol=1e-9)
         assert d1.angle_deg() > 0.0
+
+
+def test_cli_simulate_ct_deforms_the_levels_and_writes_their_truth(tmp_path, capsys):
+    import SimpleITK as sitk
+
+    from spineguide.calibration.io import write_geometry
+    from spineguide.tracking.cli.main import main
+
+    ct, labels = _two_levels()
+    sitk.WriteImage(ct.to_sitk(), str(tmp_path / "ct.mha"))
+    lab = sitk.GetImageFromArray(labels)
+    lab.CopyInformation(ct.to_sitk())
+    sitk.WriteImage(lab, str(tmp_path / "labels.mha"))
+    room = write_geometry(default_stereo_geometry(panel_pixels=96), tmp_path / "room.json")
+    base = ["simulate-ct", "--ct", str(tmp_path / "ct.mha"), "--labels", str(tmp_path / "labels.mha"), "--rooms",
+            str(room), "--projectors", "own", "--cases", "1", "--i0", "3000", "--quiet", "--levels", "L1"]
+    assert main(base + ["--deform-levels", "all", "--deform-seed", "4", "--out", str(tmp_path / "set")]) == 0
+    manifest = json.loads((tmp_path / "set" / "set.json").read_text())
+    assert manifest["deform"]["seed"] == 4 and manifest["deform"]["levels"] is None
+    lt = json.loads((tmp_path / "set" / "cases" / "0000" / "levels_truth.json").read_text())
+    assert lt["target"] == "L1" and [lv["name"] for lv in lt["levels"]] == ["L1", "L2"]
+    capsys.readouterr()
+    assert main(base + ["--deform-levels", "L2", "--out", str(tmp_path / "bad")]) == 2
+    assert "do not include the case's target L1" in capsys.readouterr().err
