@@ -601,6 +601,8 @@ class LevelRegistration:
                                             a.ok and b.ok))
         discordant, detail = self._discordance(out)
         elapsed_ms = (time.monotonic() - t0) * 1000.0
+        log.debug("per-level registration: %s; %s; %.0f ms", ", ".join(f"{lv.name} {lv.reason}" for lv in out),
+                  detail, elapsed_ms)
         return LevelsResult(tuple(out), tuple(inter), self.target, discordant, detail, spine.pose, spine_ok,
                             spine.quality.reason.value, elapsed_ms)
 
