@@ -22,6 +22,7 @@ __all__ = [
     "PointRegistrationError",
     "SeedMigrationError",
     "MotionPriorError",
+    "LevelError",
 ]
 
 
@@ -99,3 +100,7 @@ class RegistrationFrameError(RegistrationError, ValueError):
 
 class MotionPriorError(RegistrationError, ValueError):
     """A motion prior or a covariance is not valid (shape, finiteness, symmetry, definiteness)."""
+
+
+class LevelError(RegistrationError, ValueError):
+    """Bad per-level registration input: unknown target, levels not ordered cranial to caudal, overlapping ROIs."""

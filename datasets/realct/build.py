@@ -53,6 +53,7 @@ from spineguide.registration.errors import RegistrationError  # noqa: E402
 from spineguide.tracking.errors import TrackingError  # noqa: E402
 from spineguide.tracking.errors import SimulationError  # noqa: E402
 from spineguide.tracking.room.realct import LabelScheme, build_set, imaging_from_options, read_labelled_ct  # noqa: E402
+from spineguide.tracking.room.deform import deform_from_options  # noqa: E402
 
 #: The PyPI source distribution that ships the CT (its test reference files).
 PACKAGE = "totalsegmentator"
@@ -220,6 +221,12 @@ def main(argv=None) -> int:
     p.add_argument("--beyond-ends-mm", type=float, default=150.0,
                    help="tissue past the CT's ends in the frames (end slices capped at 100 HU, repeated), mm; "
                         "0 images the CT alone")
+    p.add_argument("--deform-levels", default=None,
+                   help="per-level rigid deformation of the spine in every case: 'all' or comma-separated vertebrae "
+                        "(spineguide.tracking.room.deform; levels_truth.json per case)")
+    p.add_argument("--deform-seed", type=int, default=18)
+    p.add_argument("--deform-max-deg", type=float, default=2.0, help="largest joint rotation per axis, deg")
+    p.add_argument("--deform-max-mm", type=float, default=0.5, help="largest joint translation per axis, mm")
     args = p.parse_args(argv)
     t0 = time.monotonic()
     if (args.ct is None) != (args.labels is None):
@@ -228,6 +235,7 @@ def main(argv=None) -> int:
         p.error("--source picks one of the downloaded CTs; with --ct/--labels your own CT is used")
     try:
         detector, chain, couch = imaging_from_options(args.chain, args.i0, args.spr, args.couch)
+        deform = deform_from_options(args.deform_levels, args.deform_seed, args.deform_max_deg, args.deform_max_mm)
     except SimulationError as err:
         p.error(str(err))
     if args.levels is None:
@@ -257,7 +265,7 @@ def main(argv=None) -> int:
 
         built = build_set(args.out, labelled, geometries, args.levels.split(","), args.projectors.split(","), args.cases,
                           args.seed, detector, args.beyond_ends_mm, args.plastimatch_threads, progress,
-                          chain=chain, couch=couch)
+                          chain=chain, couch=couch, deform=deform)
     except (TrackingError, RegistrationError, CalibrationError, ValueError) as err:
         print(f"build.py: {err}", file=sys.stderr)
         return 2

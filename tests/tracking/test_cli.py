@@ -382,3 +382,15 @@ def test_register_help_names_the_service_correction_limits_without_importing_the
     safety = SafetyConfig()
     assert f"correction_limit_mm, {safety.correction_limit_mm:g})" in text
     assert f"correction_limit_deg, {safety.correction_limit_deg:g})" in text
+
+
+def test_register_levels_refuses_bad_level_options_by_name(simulated_case, capsys):
+    """``--levels`` (per-level anatomy registration): options checked before anything is registered."""
+    folder, truth = simulated_case
+    args = _register_args(folder, truth, "anatomy")
+    assert main(args + ["--levels", "L1,L2"]) == 2
+    assert "--levels takes the vertebra label map as --roi LABELS" in capsys.readouterr().err
+    assert main(args + ["--roi", str(folder / "target_mask.mha"), "--levels", "L1,X9"]) == 2
+    assert "--levels: unknown vertebra X9" in capsys.readouterr().err
+    assert main(args + ["--roi", str(folder / "target_mask.mha"), "--target-level", "L1"]) == 2
+    assert "--target-level and --drive-level go with --levels" in capsys.readouterr().err

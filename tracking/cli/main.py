@@ -162,8 +162,11 @@ def _cmd_simulate_ct(args: argparse.Namespace) -> int:
     from ..room.realct import build_set, imaging_from_options, read_labelled_ct
     from ..room.rooms import Room, room_geometry
 
+    from ..room.deform import deform_from_options
+
     try:
         detector, chain, couch = imaging_from_options(args.chain, args.i0, args.spr, args.couch)
+        deform = deform_from_options(args.deform_levels, args.deform_seed, args.deform_max_deg, args.deform_max_mm)
     except SimulationError as err:
         raise CliError(str(err)) from err
 
@@ -180,13 +183,25 @@ def _cmd_simulate_ct(args: argparse.Namespace) -> int:
                                         f"({seconds:.1f} s)"))
     built = build_set(args.out, labelled, geometries, [v.strip() for v in args.levels.split(",")],
                       [v.strip() for v in args.projectors.split(",")], args.cases, args.seed,
-                      detector, args.beyond_ends_mm, 1, progress, chain=chain, couch=couch)
+                      detector, args.beyond_ends_mm, 1, progress, chain=chain, couch=couch, deform=deform)
     manifest = {"schema": "realct-set/1", "source": {"ct": str(args.ct), "labels": str(args.labels)},
                 "label_scheme_on_disk": args.scheme, **built, "command": " ".join(sys.argv),
                 "elapsed_s": round(time.monotonic() - t0, 1)}
     (Path(args.out) / "set.json").write_text(json.dumps(manifest, indent=1) + "\n")
     print(f"wrote {built['cases']} case(s) to {args.out} in {manifest['elapsed_s']} s")
     return 0
+
+
+def _add_deform_args(p: argparse.ArgumentParser) -> None:
+    """``--deform-levels`` and its amplitudes (tracking.room.deform), shared with datasets/realct/build.py."""
+    p.add_argument("--deform-levels", default=None,
+                   help="deform the spine per level in every case: 'all' or comma-separated vertebrae (each moves "
+                        "rigidly, the target keeps the case's pose; levels_truth.json per case)")
+    p.add_argument("--deform-seed", type=non_negative_int, default=18, help="seed of the per-level deformations")
+    p.add_argument("--deform-max-deg", type=non_negative_float, default=2.0,
+                   help="largest rotation per intervertebral joint and axis, deg (default 2)")
+    p.add_argument("--deform-max-mm", type=non_negative_float, default=0.5,
+                   help="largest translation per joint and axis, mm (default 0.5)")
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -422,6 +437,10 @@ def _register_anatomy(args, geometry, plan, pixels) -> dict:
     if len(given) > 1:
         raise CliError("--method anatomy takes one of --roi MASK_FILE, --roi-box DX,DY,DZ or --roi-name NAME")
     _check_isocentre_in_ct(plan)
+    if args.levels is not None:
+        return _register_levels(args, geometry, plan, pixels)
+    if args.target_level is not None or args.drive_level is not None:
+        raise CliError("--target-level and --drive-level go with --levels")
     if args.roi is not None:
         labels = _read_roi_mask(args.roi, ct)
         if args.roi_label is not None:
@@ -444,6 +463,61 @@ def _register_anatomy(args, geometry, plan, pixels) -> dict:
     report = result.to_json()
     report["patient_pose"] = report.pop("pose")
     return report
+
+
+def _register_levels(args, geometry, plan, pixels) -> dict:
+    """Per-level anatomy registration (``--levels``): one vertebra per level of the ``--roi`` label map (VerSe
+    numbers: C1 = 1 .. L5 = 24), the correction from ``--drive-level`` (default: the target), the per-level
+    table and the inter-level motion in ``report["levels"]`` (``LevelsResult.to_json``)."""
+    from spineguide.registration.anatomy import RegionOfInterest
+    from spineguide.registration.anatomy.per_level import LevelError, LevelRegistration
+
+    from ..localisation.flatfield import correct_frames
+    from ..room.realct import VERTEBRA_NAMES
+
+    if args.roi is None or args.roi_box is not None or args.roi_name is not None or args.roi_label is not None:
+        raise CliError("--levels takes the vertebra label map as --roi LABELS (VerSe numbers), without "
+                       "--roi-label/--roi-box/--roi-name")
+    names = [v.strip() for v in args.levels.split(",") if v.strip()]
+    unknown = [v for v in names if v not in VERTEBRA_NAMES]
+    if unknown or not names:
+        raise CliError(f"--levels: unknown vertebra {', '.join(unknown) or '(none given)'} (C1..C7, T1..T12, L1..L5)")
+    target = args.target_level or names[len(names) // 2]
+    drive = args.drive_level or target
+    ct, iso = plan.ct, plan.isocentre_lps_mm
+    labels = _read_roi_mask(args.roi, ct)
+    rois = {n: RegionOfInterest.from_labels(ct, labels, VERTEBRA_NAMES.index(n) + 1) for n in names}
+    pixels = correct_frames(_flat_fields(args), pixels)
+    for roi in rois.values():
+        _check_anatomy_inputs(plan, pixels, roi)
+    try:
+        result = LevelRegistration(ct, iso, geometry, rois, target).register(pixels, i0=args.i0)
+        level = result.level(drive)
+    except LevelError as err:
+        raise CliError(str(err)) from err
+    quality = level.to_json()["quality"]  # finite numbers only
+    quality["discordant"] = result.discordant
+    if result.discordant and quality.get("ok"):
+        quality["ok"], quality["reason"] = False, "levels_discordant"
+    return {"method": "anatomy", "correction": level.pose.to_correction().to_json(),
+            "patient_pose": level.pose.to_json(), "quality": quality, "drive_level": drive,
+            "levels": result.to_json()}
+
+
+def _print_levels(doc: dict) -> None:
+    print(f"levels (target {doc['target']}): {doc['discordance_detail']}")
+    rows = []
+    for lv in doc["levels"]:
+        t, r = lv["pose"]["translation_mm"], lv["pose"]["rotation_deg"]
+        rows.append([lv["name"], "ok" if lv["ok"] else lv["reason"], *(f"{v:+.2f}" for v in t), *(f"{v:+.2f}" for v in r)])
+    print_table(["level (patient pose)", "quality", "X mm", "Y mm", "Z mm", "pitch deg", "roll deg", "yaw deg"], rows)
+    rows = []
+    for m in doc["inter_level"]:
+        rows.append([f"{m['cranial']}/{m['caudal']}", "ok" if m["ok"] else "NOT OK",
+                     *(f"{m[k]:+.2f}" for k in ("flexion_extension_deg", "lateral_bending_deg", "axial_rotation_deg")),
+                     *(f"{v:+.2f}" for v in m["translation_mm"])])
+    print_table(["inter-level (cranial rel. caudal)", "quality", "flexion deg", "lat. bend (left) deg",
+                 "axial rot (left) deg", "L mm", "P mm", "S mm"], rows)
 
 
 def _read_roi_mask(path: Path, ct):
@@ -470,7 +544,10 @@ def _print_registration(report: dict) -> None:
         [["translation mm", *(f"{v:+.2f}" for v in corr["translation_mm"])],
          ["rotation deg (pitch, roll, yaw)", *(f"{v:+.2f}" for v in corr["rotation_deg"])]],
     )
-    if "fre_mm" in quality:
+    if "levels" in report:
+        _print_levels(report["levels"])
+        print(f"correction driven by level {report['drive_level']}")
+    elif "fre_mm" in quality:
         print(f"fiducial registration error {quality['fre_mm']:.3f} mm; flags: {', '.join(quality['flags']) or 'none'}")
         rows = []
         for seed in quality["seeds"]:
@@ -719,6 +796,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--roi-neighbours", type=non_negative_int, default=0,
                    help="anatomy: include N levels either side of --roi-label")
     p.add_argument("--roi-box", default=None, help="anatomy: box half-sizes DX,DY,DZ (LPS mm) around the isocentre")
+    p.add_argument("--levels", default=None,
+                   help="anatomy: register each of these vertebrae on its own, cranial first (e.g. T12,L1,L2), "
+                        "ROIs from the --roi label map in VerSe numbers; prints the per-level table and the "
+                        "inter-level motion")
+    p.add_argument("--target-level", default=None, help="with --levels: the treated level (default: the middle one)")
+    p.add_argument("--drive-level", default=None,
+                   help="with --levels: the level whose pose drives the correction (default: the target)")
     # Defaults resolved when the command runs (the service's config module imports NumPy: not at --help).
     p.add_argument("--max-correction-mm", type=positive_float, default=None,
                    help="refuse (exit 3) a correction whose translation exceeds this, mm (default: the service's "
@@ -802,6 +886,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="carbon-fibre couch top in the frames (default: on with --chain clinic, off with simple)")
     p.add_argument("--beyond-ends-mm", type=non_negative_float, default=150.0,
                    help="tissue past the CT's ends in the frames, mm (0: the CT alone)")
+    _add_deform_args(p)
     p.add_argument("--out", required=True, type=Path, help="output folder")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     p.set_defaults(func=_cmd_simulate_ct)

@@ -1189,6 +1189,7 @@ def build_set(
     progress=None,
     chain: ChainConfig | None = None,
     couch: CouchTop | bool | None = None,
+    deform=None,
 ) -> dict:
     """Write a whole validation set: ``ct.mha``, ``labels.mha`` and ``cases/NNNN/`` (:func:`write_case`).
 
@@ -1207,6 +1208,12 @@ def build_set(
         As for :class:`CaseRenderer` (``chain`` None: the simple chain).
     progress : callable, optional
         ``progress(case, seconds)`` after each case is written (the CLI prints).
+    deform : spineguide.tracking.room.deform.DeformOptions, optional
+        Per-level rigid deformation of the spine: each case images its own
+        deformed CT (:func:`spineguide.tracking.room.deform.deform_ct`; the
+        target keeps the case's pose, its neighbours move), while ``ct.mha``
+        stays the planning CT; ``levels_truth.json`` beside ``truth.json``
+        holds each level's exact poses.
 
     Returns
     -------
@@ -1237,8 +1244,11 @@ def build_set(
     try:
         for case in cases:
             t0 = time.monotonic()
-            write_case(out / "cases" / f"{case.index:04d}", case, renderer, "../../ct.mha", "../../labels.mha",
-                       out / "panels")
+            folder = out / "cases" / f"{case.index:04d}"
+            if deform is None:
+                write_case(folder, case, renderer, "../../ct.mha", "../../labels.mha", out / "panels")
+            else:
+                _write_deformed_case(folder, case, labelled, renderer, deform, out / "panels")
             if progress is not None:
                 progress(case, time.monotonic() - t0)
     finally:
@@ -1257,4 +1267,31 @@ def build_set(
         "patient_position": labelled.ct.patient_position.value,
         "ct_voxels_ijk": list(labelled.ct.shape_ijk),
         "ct_spacing_mm": [float(v) for v in labelled.ct.spacing_mm],
+        "deform": None if deform is None else deform.settings(),
     }
+
+
+def _write_deformed_case(folder: Path, case: RealCTCase, labelled: LabelledCT, renderer: CaseRenderer, deform,
+                         panels_dir: Path) -> Path:
+    """:func:`write_case` of a case whose spine is deformed per level, plus its ``levels_truth.json``."""
+    from .deform import deform_ct, levels_truth
+
+    deformation = deform.deformation(labelled, case.level, case.index)
+    deformed = deform_ct(labelled.ct, labelled.labels, deformation)
+    # The planning labels stay: the isocentre (target centroid) and roi.mha are the plan's.
+    imaged = LabelledCT(deformed.ct, labelled.labels, labelled.labels_source)
+    case_renderer = CaseRenderer(imaged, renderer.geometries, renderer.detector, renderer.energy_kev, renderer.chain_hook,
+                                 renderer.plastimatch_threads, renderer.beyond_ends_mm, renderer.chain,
+                                 renderer.couch if renderer.couch is not None else False)
+    try:
+        write_case(folder, case, case_renderer, "../../ct.mha", "../../labels.mha", panels_dir)
+    finally:
+        case_renderer.close()
+    names = deformation.labels
+    doc = levels_truth(deformation, renderer.isocentre_lps_mm(case.level), labelled.ct.patient_position, case.pose,
+                       case.tracking_pose, {n: labelled.centroid_lps_mm(n) for n in names}, deformed.conflict_voxels)
+    doc["target"] = case.level
+    doc["truncated"] = {n: labelled.truncated(n) for n in names}
+    doc["deform"] = deform.settings()
+    (folder / "levels_truth.json").write_text(json.dumps(doc, indent=1) + "\n")
+    return folder
