@@ -94,9 +94,10 @@ def test_a_dark_view_is_measured_around():
 
 
 def test_one_view_bound_holds_where_the_estimate_alone_would_enable():
-    # 1 mm tolerance, 0.5 mm shift across view A's ray: the estimate is within, but the out-of-plane
-    # sigma of the prior floor (0.3 mm) puts the 95 % bound beyond 1 mm.
-    h = OneViewHarness(tolerance_mm=1.0).monitoring()
+    # 1 mm tolerance, 0.5 mm shift across view A's ray: the estimate is within, but with a prior floor of
+    # 0.3 mm (configured here; the default is 0.05 mm plus the stereo scatter) the out-of-plane sigma puts
+    # the 95 % bound beyond 1 mm.
+    h = OneViewHarness(one_view=OneViewConfig(floor_mm=0.3, floor_deg=0.2), tolerance_mm=1.0).monitoring()
     shift = Pose.from_six([0.0, 0.5, 0.0], [0, 0, 0])
     _, g = h.pair(shift, dt_s=0.5)  # (after the velocity history aged out: a still patient, shifted)
     _, g = h.pair(shift, dt_s=0.5)
@@ -118,7 +119,10 @@ def test_one_view_estimate_follows_in_plane_motion_but_not_out_of_plane():
     along = Pose.from_six(1.0 * ray, [0, 0, 0])
     result, g = h.pair(along, views=("A",))
     assert abs(float(result.pose.translation_mm @ ray)) < 0.1  # not seen: stays at the stereo reference
-    assert g["deviation_bound_mm"] > 0.5  # and the bound says so
+    # The limit of one view, stated: a sudden move purely along the ray is invisible, and the bound (the prior's
+    # width there, 0.05 mm floor + 0.1 mm reference + drift) does not cover a 1 mm one. Only the move seen across
+    # the ray widens it (docs/ONE_VIEW.md, "Limits").
+    assert g["deviation_bound_mm"] < 1.0
 
 
 def test_no_stereo_reference_holds_one_view_no_reference():

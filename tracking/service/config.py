@@ -196,6 +196,12 @@ RANGES: dict[str, dict[str, Range]] = {
         "floor_mm": Range(0.0, 5.0, "mm", "motion prior: constant 1-sigma translation per axis around the last "
                           "stereo pose"),
         "floor_deg": Range(0.0, 5.0, "deg", "motion prior: constant 1-sigma rotation per axis"),
+        "reference_sigma_mm": Range(0.0, 5.0, "mm", "motion prior: 1-sigma of the stereo reference pose's own "
+                                    "translation per axis"),
+        "reference_sigma_deg": Range(0.0, 5.0, "deg", "motion prior: 1-sigma of the stereo reference pose's own "
+                                     "rotation per axis"),
+        "history_s": Range(0.0, 300.0, "s", "motion prior: the scatter of the stereo poses of the last history_s "
+                           "seconds is added to the floor (0: none)"),
         "drift_mm_per_sqrt_s": Range(0.0, 5.0, "mm/sqrt(s)", "motion prior: random-walk growth of the translation "
                                      "sigma per axis"),
         "drift_deg_per_sqrt_s": Range(0.0, 5.0, "deg/sqrt(s)", "motion prior: random-walk growth of the rotation "
@@ -621,9 +627,10 @@ class OneViewConfig:
     (``[safety] max_saturated_fraction``) or dark (99th-percentile signal below ``dark_fraction`` x the
     frame's ``i0``; frames without ``i0`` are never called dark). With ``enabled`` and a stereo pose of
     this monitoring run no older than ``max_reference_age_s``, the other view is measured alone against
-    the motion prior ``N(last stereo pose, diag(floor^2 + drift^2 * dt))`` and the gate judges the 95 %
-    bound of the deviation. Otherwise such a pair is a HOLD (``one_view_no_reference``, or the view's
-    own reason when disabled).
+    the motion prior ``N(last stereo pose, diag(reference_sigma^2 + floor^2 + var(stereo poses of the
+    last history_s) + drift^2 * dt))`` (widened along the ray by the move seen across it) and the gate
+    judges the 95 % bound of the deviation. Otherwise such a pair is a HOLD (``one_view_no_reference``,
+    or the view's own reason when disabled). docs/ONE_VIEW.md measures the coverage of these defaults.
 
     Attributes
     ----------
@@ -632,6 +639,10 @@ class OneViewConfig:
         Oldest stereo pose one view may lean on, s.
     floor_mm, floor_deg : float
         Constant 1-sigma per axis of the motion prior (mm, deg).
+    reference_sigma_mm, reference_sigma_deg : float
+        1-sigma per axis of the stereo reference pose itself (mm, deg).
+    history_s : float
+        Window of recent stereo poses whose scatter (variance per parameter) joins the floor, s.
     drift_mm_per_sqrt_s, drift_deg_per_sqrt_s : float
         Random-walk growth of the 1-sigma per axis: sigma^2 = floor^2 + drift^2 * dt.
     dark_fraction : float
@@ -640,8 +651,11 @@ class OneViewConfig:
 
     enabled: bool = True
     max_reference_age_s: float = 30.0
-    floor_mm: float = 0.3
-    floor_deg: float = 0.2
+    floor_mm: float = 0.05
+    floor_deg: float = 0.05
+    reference_sigma_mm: float = 0.1
+    reference_sigma_deg: float = 0.1
+    history_s: float = 10.0
     drift_mm_per_sqrt_s: float = 0.05
     drift_deg_per_sqrt_s: float = 0.02
     dark_fraction: float = 0.05
@@ -658,6 +672,12 @@ class OneViewConfig:
     def prior_floor(self) -> tuple[float, ...]:
         """Constant variance of [tx, ty, tz, pitch, roll, yaw] (mm^2, deg^2)."""
         return (self.floor_mm**2,) * 3 + (self.floor_deg**2,) * 3
+
+    def reference_cov(self):
+        """Covariance (6x6, mm^2 / deg^2) of the stereo reference pose."""
+        import numpy as np
+
+        return np.diag((self.reference_sigma_mm**2,) * 3 + (self.reference_sigma_deg**2,) * 3)
 
 
 @dataclass(frozen=True, slots=True)

@@ -28,7 +28,12 @@ from typing import Any
 
 import numpy as np
 
-from spineguide.registration.motion_prior import MotionPrior, target_covariance_mm2
+from spineguide.registration.motion_prior import (
+    MotionPrior,
+    pose_six,
+    prior_from_stereo_history,
+    target_covariance_mm2,
+)
 from spineguide.registration.pose import Correction, Pose, RotationAxis, reduce_to_couch
 
 from ..errors import CommandRefused, TrackingError
@@ -147,6 +152,9 @@ class PairJob:
         (MONITORING, one-view enabled, reference young enough); else None.
     reference_acquired_unix_s : float or None
         Acquisition time of that stereo pair (wall clock, s).
+    reference_history : tuple of (6,) tuples
+        The stereo poses ``[tx, ty, tz, pitch, roll, yaw]`` of the last ``[one_view] history_s`` before
+        the reference (reference included): their scatter joins the motion prior's floor.
     per_level : bool
         Register every vertebral level on its own (setup with a per-level plan, docs/PER_LEVEL.md).
     level : str or None
@@ -162,6 +170,7 @@ class PairJob:
     epoch: int = 0
     reference: Pose | None = None
     reference_acquired_unix_s: float | None = None
+    reference_history: tuple = ()
     per_level: bool = False
     level: str | None = None
 
@@ -219,7 +228,10 @@ def run_processor(processor: PairProcessor | None, frames: dict[str, KvFrame], j
                                   quality={"ok": False, "blocked": blocked},
                                   detail=f"one view {imager!r}: the {processor.method} method cannot measure from "
                                          f"one view ({why})", one_view=imager)
-            prior = MotionPrior(job.reference, diffusion=ov.prior_diffusion(), floor=ov.prior_floor())
+            prior = MotionPrior(job.reference, ov.reference_cov(), ov.prior_diffusion(), ov.prior_floor())
+            if len(job.reference_history) >= 2:
+                prior = prior_from_stereo_history(job.reference, ov.reference_cov(),
+                                                  np.array(job.reference_history), prior)
             elapsed_s = max(job.acquired_unix_s - job.reference_acquired_unix_s, 0.0)
             extra = {"level": job.level} if job.level is not None and getattr(processor, "has_levels", False) else {}
             result = processor.process_one_view(frames[imager], prior, elapsed_s, job.prior, **extra)
@@ -298,6 +310,9 @@ class Engine:
         #: (acquired_unix_s, pose) of the last stereo pair trusted since the patient last moved by the couch:
         #: what a one-view pair leans on (docs/ONE_VIEW.md). Forgotten at load_plan, start_setup, couch_moved, stop.
         self.stereo_reference: tuple[float, Pose] | None = None
+        #: (acquired_unix_s, six) of the stereo poses trusted since the reference was last forgotten, the last
+        #: ``[one_view] history_s`` of them: their scatter widens the one-view prior (docs/ONE_VIEW.md).
+        self.stereo_history: list[tuple[float, tuple[float, ...]]] = []
         #: The vertebral level whose pose drives the corrections (per-level plans; chosen at approval), None: the
         #: plan's target level. Forgotten at load_plan and start_setup.
         self.driving_level: str | None = None
@@ -477,6 +492,7 @@ class Engine:
         self.target_room_mm = np.asarray(chosen.plan.target_room_mm, dtype=np.float64)
         self.last_pose = None
         self.stereo_reference = None
+        self.stereo_history = []
         self.driving_level = None
         self._set_state(ServiceState.PLAN_LOADED, now, mono, f"plan {chosen.plan_id} loaded")
         return {"method": chosen.plan.method}
@@ -488,6 +504,7 @@ class Engine:
         self.pending = None
         self.couch_moved_unix_s = None
         self.stereo_reference = None
+        self.stereo_history = []
         self.driving_level = None
         self._set_phase(SetupPhase.MEASURING, now, mono)
         self._set_state(ServiceState.SETUP, now, mono, "setup started")
@@ -572,6 +589,7 @@ class Engine:
             raise CommandRefused(f"no correction was sent to the couch (setup phase {self.phase.value})")
         self.couch_moved_unix_s = now
         self.stereo_reference = None  # the couch moved the patient: the last stereo pose no longer holds
+        self.stereo_history = []
         self._set_phase(SetupPhase.VERIFYING, now, mono)
 
     def _cmd_start_monitoring(self, params, now, mono):
@@ -595,6 +613,7 @@ class Engine:
 
     def _cmd_stop(self, params, now, mono):
         self.stereo_reference = None
+        self.stereo_history = []
         self._set_phase(None, now, mono)
         self._set_state(ServiceState.STOPPED, now, mono, "stopped")
 
@@ -745,14 +764,16 @@ class Engine:
             elif self.state in (ServiceState.IDLE, ServiceState.STOPPED) or self.processor is None:
                 skip = HoldReason.NOT_MONITORING
             ref_pose = ref_t = None
+            history: tuple = ()
             ov = self.config.one_view
             if (self.state is ServiceState.MONITORING and ov.enabled and self.stereo_reference is not None
                     and acquired_unix_s - self.stereo_reference[0] <= ov.max_reference_age_s):
                 ref_t, ref_pose = self.stereo_reference
+                history = tuple(six for t, six in self.stereo_history if ref_t - t <= ov.history_s)
             per_level = (self.state is ServiceState.SETUP and getattr(self.processor, "has_levels", False)
                          and self.phase in (SetupPhase.MEASURING, SetupPhase.VERIFYING))
             job = PairJob(pair_id, acquired_unix_s, complete_mono_s, now_unix_s, self.last_pose, skip, epoch,
-                          ref_pose, ref_t, per_level, self.driving_level)
+                          ref_pose, ref_t, history, per_level, self.driving_level)
             return job, self.processor
 
     def finish_pair(self, job: PairJob, result: PairResult, now_unix_s: float, now_mono_s: float,
@@ -778,7 +799,8 @@ class Engine:
                 begin_unix_s=job.begin_unix_s, prior=None if job.prior is None else job.prior.to_json(),
                 skip=None if job.skip is None else job.skip.value, state=self.state.value, epoch=job.epoch,
                 reference=None if job.reference is None else {"pose": job.reference.to_json(),
-                                                              "acquired_unix_s": job.reference_acquired_unix_s},
+                                                              "acquired_unix_s": job.reference_acquired_unix_s,
+                                                              "history_poses": len(job.reference_history)},
                 result=result.to_json(), raw_files=raw_files, outputs=outputs,
             )
             return outputs
@@ -794,6 +816,9 @@ class Engine:
             self.last_pose = result.pose
             if result.one_view is None and self.state in (ServiceState.MONITORING, ServiceState.SETUP):
                 self.stereo_reference = (job.acquired_unix_s, result.pose)
+                window = self.config.one_view.history_s
+                self.stereo_history = [h for h in self.stereo_history if job.acquired_unix_s - h[0] <= window]
+                self.stereo_history.append((job.acquired_unix_s, tuple(float(v) for v in pose_six(result.pose))))
             self._last_failure = None
         else:
             # The first pair of a run of one reason at WARNING, the repeats at DEBUG (an idle room sends
