@@ -617,7 +617,7 @@ def warm_up_kernels() -> float:
     Numba holds the GIL while it compiles, which would make the publisher's
     heartbeats late during the first pair. The service calls this before its
     threads start: a tiny DRR, and the fiducial pipeline (whole frame and
-    tracking windows) on a small synthetic pair with one dark blob.
+    tracking windows, and one view) on a small synthetic pair with one dark blob.
     """
     from spineguide.calibration.geometry import default_stereo_geometry
     from spineguide.registration.drr import AttenuationVolume, compute_drr
@@ -638,4 +638,15 @@ def warm_up_kernels() -> float:
             localise_fiducials(frames, geometry, np.zeros((1, 3)), ["warm-up"], i0=20000.0, prior_pose=prior)
         except (TrackingError, RegistrationError):
             pass  # only the compilation matters here
+    # The one-view path (a view blocked): its own detection windows and seed fits.
+    from spineguide.registration.motion_prior import MotionPrior
+
+    from ..localisation.one_view import localise_one_view
+
+    for name in geometry.names:
+        try:
+            localise_one_view(frames[name], name, geometry, np.zeros((2, 3)) + [[0, 0, 0], [5, 0, 0]],
+                              ["warm-up-1", "warm-up-2"], MotionPrior(Pose.identity()), 0.1, i0=20000.0)
+        except (TrackingError, RegistrationError):
+            pass
     return time.monotonic() - t0
