@@ -58,3 +58,17 @@ def test_per_level_plan_registers_every_level_and_monitors_the_chosen_one(tmp_pa
     assert tracked.ok and tracked.quality["driving_level"] == "C3"
     err = tracked.pose.compose(truth.inverse())
     assert np.linalg.norm(err.translation_mm) < LEVEL_TOL_MM
+
+
+@pytest.mark.slow
+def test_the_demo_registers_every_level_of_a_deformed_spine():
+    """``spineguide demo``'s last step (tracking/cli/demo_levels.py): three levels, truth and measurement
+    side by side; each level within 0.5 mm at its ROI centre and 1.5 deg (docs/PER_LEVEL.md: the rotation
+    is the weak part, the issue's 0.3 deg inter-level number is not met)."""
+    from spineguide.tracking.cli.demo_levels import DEFORMED_LEVELS, deformed_spine_levels
+
+    levels, inter, flag = deformed_spine_levels(default_stereo_geometry(512, 0.8), 2026)
+    assert [r[0].split()[0] for r in levels] == list(DEFORMED_LEVELS) and len(inter) == 2
+    for row in levels:
+        assert row[5] == "ok" and float(row[3]) < 0.5 and float(row[4]) < 1.5, row
+    assert flag.startswith("discordant: ")
