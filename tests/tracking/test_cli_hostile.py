@@ -517,3 +517,15 @@ def test_crafted_header_is_refused_before_any_allocation(tmp_path):
         np.lib.format.write_array_header_2_0(fh, {"descr": "<f8", "fortran_order": False, "shape": (2**20, 2**20)})
     with pytest.raises(VolumeFileError, match=r"declares 8796093022208 bytes"):
         load_npy(q, VolumeFileError, "frame")
+
+
+@pytest.mark.parametrize("block, match", [
+    ("1,0,A", "start < end"), ("x,1,A", "numbers"), ("0,1", "START,END,IMAGER"), ("0,nan,A", "start < end"),
+    ("0,1,A,foggy", "'dark' or 'missing'"), ("0,1,C", "names imager 'C'"), ("-1,1,A", "start < end"),
+])
+def test_imager_sim_refuses_a_bad_view_block(block, match, capsys):
+    # Refused before any socket is opened or frame sent: one line on stderr, exit 2.
+    code, out, err = run(["imager-sim", "--frames", "tcp://127.0.0.1:9", "--duration", "0.2", f"--block={block}"],
+                         capsys)
+    assert_refused(code, out, err)
+    assert match in err, err
