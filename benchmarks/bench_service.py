@@ -73,7 +73,8 @@ def render_cases(sim: KVSimulator, n: int, seed: int) -> list[tuple[Pose, dict]]
     return out
 
 
-def stream(cases, processor, rate_hz: float, n_pairs: int, quick_setup: bool = True, blocked=None) -> dict:
+def stream(cases, processor, rate_hz: float, n_pairs: int, quick_setup: bool = True, blocked=None,
+           pair_timeout_s: float = 0.05) -> dict:
     """Run a service with ``processor``, stream ``n_pairs`` pairs at ``rate_hz`` (cycling the cases).
 
     ``blocked(k)``: the imager whose frame of pair ``k`` is not sent (one-view monitoring), or None.
@@ -83,7 +84,7 @@ def stream(cases, processor, rate_hz: float, n_pairs: int, quick_setup: bool = T
     config = ServiceConfig(
         # An ENABLE lives at most two frame periods (CONVENTIONS; the configuration refuses more).
         safety=SafetyConfig(frame_period_s=1.0 / rate_hz, max_frame_age_s=max(0.2, 2.0 / rate_hz),
-                            enable_validity_s=2.0 / rate_hz, pair_timeout_s=0.05),
+                            enable_validity_s=2.0 / rate_hz, pair_timeout_s=pair_timeout_s),
         endpoints=EndpointsConfig("tcp://127.0.0.1:0", "tcp://127.0.0.1:0", "tcp://127.0.0.1:0"),
         setup=SetupConfig("automatic"),
         security=SecurityConfig(enabled=False),  # loopback, one process: CURVE explicitly off
@@ -256,9 +257,13 @@ def main(argv=None) -> int:
     parser.add_argument("--one-view", action="store_true",
                         help="only the 10 Hz fiducial stream with imager B (then A) silent in alternate 3 s blocks: "
                              "frame -> gating latency of stereo, one-view and first-blocked pairs (issue 18)")
+    parser.add_argument("--pair-timeout-s", type=float, action="append", default=None,
+                        help="--one-view: [safety] pair_timeout_s of the run (repeatable; default 0.05, the service's "
+                             "default at 10 Hz)")
     parser.add_argument("--motion-tau-s", type=float, default=60.0,
                         help="correlation time of the fraction's random wander (smaller = faster motion)")
     args = parser.parse_args(argv)
+    args.pair_timeout_s = args.pair_timeout_s or [0.05]
     if args.quick:
         args.pairs_10hz, args.seconds_30hz, args.anatomy_pairs = 40, 3.0, 4
     print(f"# bench_service: {' '.join(sys.argv)}")
@@ -285,7 +290,8 @@ def main(argv=None) -> int:
         _print_fraction(simulated_fraction(errors, args.fraction_pairs, args.seed, args.motion_tau_s))
         return 0
     if args.one_view:
-        _one_view_stream(cases, fid, args.pairs_10hz)
+        for timeout_s in args.pair_timeout_s:
+            _one_view_stream(cases, fid, args.pairs_10hz, timeout_s)
         return 0
     r10 = stream(cases, fid, 10.0, args.pairs_10hz)
     n30 = int(args.seconds_30hz * 30)
@@ -337,7 +343,7 @@ def main(argv=None) -> int:
     return 0
 
 
-def _one_view_stream(cases, fid, n_pairs: int) -> None:
+def _one_view_stream(cases, fid, n_pairs: int, pair_timeout_s: float = 0.05) -> None:
     """10 Hz stream; in every other 3 s block one imager sends nothing (B, then A, alternately)."""
     def blocked(k: int):
         block = k // 30
@@ -351,7 +357,7 @@ def _one_view_stream(cases, fid, n_pairs: int) -> None:
     for name in ("A", "B"):
         fid.process_one_view(KvFrame(name, st0.frames[name], i0=st0.truth.i0, pair_id=0), MotionPrior(truth0), 1.0,
                              truth0)
-    r = stream(cases, fid, 10.0, n_pairs, blocked=blocked)
+    r = stream(cases, fid, 10.0, n_pairs, blocked=blocked, pair_timeout_s=pair_timeout_s)
     rows = {"stereo": [], "one view, imager absent": [], "first pair of a block (waits pair_timeout_s)": []}
     for pid, (lat_s, skip, one_view) in sorted(r["frame_to_gating"].items()):
         k = pid - 1000
@@ -362,7 +368,8 @@ def _one_view_stream(cases, fid, n_pairs: int) -> None:
         else:
             rows["one view, imager absent"].append(lat_s * 1e3)
     print()
-    print("## One-view monitoring, fiducial method, 1024x1024 at 10 Hz: last frame sent -> gating received (loopback)")
+    print(f"## One-view monitoring, fiducial method, 1024x1024 at 10 Hz, pair_timeout_s {pair_timeout_s:g}: last frame "
+          "sent -> gating received (loopback)")
     print("| pairs | n | p50 ms | p95 ms | p99 ms | max ms | target |")
     print("|---|---|---|---|---|---|---|")
     for name, lat in rows.items():
