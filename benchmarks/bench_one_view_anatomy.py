@@ -128,13 +128,26 @@ def schedule_cases(reg: AnatomyRegistration, render, geometry, imager: str, rng,
     return rows
 
 
+def _service_prior(floor_mm: float, floor_deg: float, reference_sigma_mm: float, reference_sigma_deg: float):
+    """The prior the service builds (``[one_view]``) around a reference pose, without a stereo history."""
+    from spineguide.tracking.service.config import OneViewConfig
+
+    ov = OneViewConfig(floor_mm=floor_mm, floor_deg=floor_deg, reference_sigma_mm=reference_sigma_mm,
+                       reference_sigma_deg=reference_sigma_deg)
+    return lambda reference: MotionPrior(reference, ov.reference_cov(), ov.prior_diffusion(), ov.prior_floor())
+
+
+#: The prior each one-view registration leans on (set by main from the options; the service's defaults).
+PRIOR = _service_prior(0.05, 0.05, 0.1, 0.1)
+
+
 def measure(reg: AnatomyRegistration, render, geometry, imager: str, reference: Pose, setup: Pose, motion: Pose,
             dt: float, seed: int) -> dict:
     """Render the patient at ``motion`` on top of ``setup``, register ``imager``'s view against the prior at
     ``reference`` ``dt`` seconds on, and score it."""
     truth = motion.compose(setup)
     frame = render(truth, seed)[imager]
-    prior = MotionPrior(reference)
+    prior = PRIOR(reference)
     res, wall, cpu = _timed(lambda: reg.register_one_view(frame, imager, prior, dt, i0=I0))
     target = np.zeros(3)  # the plan isocentre, room frame at perfect setup
     true_dev = truth.apply(target)
@@ -306,7 +319,16 @@ def main(argv=None) -> int:
                         help="gantry-blocking schedules per set: one view alone for --blocked-s seconds (default 4)")
     parser.add_argument("--blocked-s", type=float, default=8.0, help="length of each blocked window, s (default 8)")
     parser.add_argument("--period-s", type=float, default=1.0, help="one-view frame period in a blocked window, s")
+    parser.add_argument("--floor-mm", type=float, default=0.05, help="prior floor per translation axis (the service's "
+                        "[one_view] default; 0.3 is MotionPrior's own default)")
+    parser.add_argument("--floor-deg", type=float, default=0.05, help="prior floor per rotation axis")
+    parser.add_argument("--reference-sigma-mm", type=float, default=0.1, help="the stereo reference's own sigma, mm")
+    parser.add_argument("--reference-sigma-deg", type=float, default=0.1, help="the stereo reference's own sigma, deg")
     args = parser.parse_args(argv)
+    global PRIOR
+    PRIOR = _service_prior(args.floor_mm, args.floor_deg, args.reference_sigma_mm, args.reference_sigma_deg)
+    print(f"# prior: floor {args.floor_mm} mm / {args.floor_deg} deg, reference sigma {args.reference_sigma_mm} mm / "
+          f"{args.reference_sigma_deg} deg, the service's drift; widened by the in-plane move seen")
     step_mm = tuple(float(v) for v in args.step_mm.split(","))
     schedule = (args.schedules, args.blocked_s, args.period_s)
     config = AnatomyConfig()
