@@ -60,6 +60,17 @@ __all__ = [
 ]
 
 
+def _check_planned(planned_room_mm, names) -> tuple[np.ndarray, tuple[str, ...]]:
+    """Planned seeds as a finite (N >= 1, 3) float array (room mm) and their names, one per seed."""
+    planned = np.asarray(planned_room_mm, dtype=np.float64)
+    if planned.ndim != 2 or planned.shape[1] != 3 or len(planned) < 1 or not np.all(np.isfinite(planned)):
+        raise FiducialNotFoundError(f"planned seeds must be a finite (N >= 1, 3) array of room mm, got {planned.shape}")
+    seed_names = tuple(str(n) for n in names)
+    if len(seed_names) != len(planned):
+        raise FiducialNotFoundError(f"{len(seed_names)} seed names for {len(planned)} planned seeds")
+    return planned, seed_names
+
+
 def _check_frames(frames: Mapping[str, np.ndarray], geometry: StereoGeometry) -> tuple[str, str]:
     names = tuple(frames)
     if len(names) != 2:
@@ -132,12 +143,7 @@ def localise_fiducials(
     """
     t0 = time.perf_counter()
     labels = _check_frames(frames, geometry)
-    planned = np.asarray(planned_room_mm, dtype=np.float64)
-    if planned.ndim != 2 or planned.shape[1] != 3 or len(planned) < 1 or not np.all(np.isfinite(planned)):
-        raise FiducialNotFoundError(f"planned seeds must be a finite (N >= 1, 3) array of room mm, got {planned.shape}")
-    seed_names = tuple(str(n) for n in names)
-    if len(seed_names) != len(planned):
-        raise FiducialNotFoundError(f"{len(seed_names)} seed names for {len(planned)} planned seeds")
+    planned, seed_names = _check_planned(planned_room_mm, names)
     masks = dict(defect_masks or {})
     if flat_fields:
         frames = dict(frames)

@@ -68,7 +68,7 @@ from spineguide.registration.pose import Pose, rotation_matrix
 
 from ..errors import FiducialConfigError, FiducialNotFoundError, FrameError
 from .detection import Detection, _check_frame, _check_i0, detect_seeds, estimate_i0, seed_size_px
-from .fiducials import FiducialConfig
+from .fiducials import FiducialConfig, _check_planned
 from .flatfield import FlatField
 from .seed_search import refine_seeds
 
@@ -545,12 +545,7 @@ def localise_one_view(
     if not isinstance(prior, MotionPrior):
         raise MotionPriorError(f"one-view localisation needs a MotionPrior, got {type(prior).__name__}")
     prior.covariance(elapsed_s)  # checks elapsed_s before any image work
-    planned = np.asarray(planned_room_mm, dtype=np.float64)
-    if planned.ndim != 2 or planned.shape[1] != 3 or len(planned) < 1 or not np.all(np.isfinite(planned)):
-        raise FiducialNotFoundError(f"planned seeds must be a finite (N >= 1, 3) array of room mm, got {planned.shape}")
-    seed_names = tuple(str(n) for n in names)
-    if len(seed_names) != len(planned):
-        raise FiducialNotFoundError(f"{len(seed_names)} seed names for {len(planned)} planned seeds")
+    planned, seed_names = _check_planned(planned_room_mm, names)
     target = np.asarray(target_room_mm, dtype=np.float64)
     if target.shape != (3,) or not np.all(np.isfinite(target)):
         raise FiducialNotFoundError(
