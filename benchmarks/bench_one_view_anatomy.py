@@ -338,7 +338,7 @@ def main(argv=None) -> int:
           f"python {platform.python_version()}")
     print(f"# one-view config: tracking levels {[(lv.volume_factor, lv.binning, lv.max_iterations) for lv in config.tracking_levels]}, "
           f"background {config.tracking_background_derivatives}, max prior chi2 {config.one_view_max_prior_chi2}, "
-          f"correlation lag {config.one_view_correlation_lag_px} px; prior: MotionPrior defaults")
+          f"correlation lag {config.one_view_correlation_lag_px} px")
     load_start = os.getloadavg()
     sets = []
     if args.phantom_cases or args.schedules:
