@@ -87,6 +87,11 @@ def main(argv=None) -> int:
                         "pyramid, so also to every level's registration")
     p.add_argument("--rest", choices=per_level.REST_MODELS, default="spine",
                    help="LevelRegistration(rest=...): the rest of the CT removed at the spine pose, or moving with each level")
+    p.add_argument("--guards", type=int, default=0,
+                   help="LevelRegistration(guards=...): this many more vertebrae beyond each end (a truncated one too), "
+                        "registered to clean the frames but not reported")
+    p.add_argument("--mask-gradient", default=None,
+                   help="per_level.MASK_REMOVED_GRADIENT (a fraction, or 'none': no mask)")
     p.add_argument("--passes", type=int, default=None, help="per_level.LEVEL_PASSES (frames cleaned this many times)")
     args = p.parse_args(argv)
     manifest = json.loads((args.set / "set.json").read_text())
@@ -105,10 +110,12 @@ def main(argv=None) -> int:
     if args.extra_level:
         f = args.extra_level.split(",")
         config = replace(config, levels=config.levels + (PyramidLevel(int(f[0]), int(f[1]), float(f[2]), int(f[3])),))
+    if args.mask_gradient is not None:
+        per_level.MASK_REMOVED_GRADIENT = None if args.mask_gradient == "none" else float(args.mask_gradient)
     if args.passes is not None:
         per_level.LEVEL_PASSES = args.passes
     print(f"# pyramid: {[(lv.volume_factor, lv.binning, lv.smoothing_sigma_px, lv.max_iterations, lv.context) for lv in config.levels]}"
-          f"; level passes {per_level.LEVEL_PASSES}; rest {args.rest}")
+          f"; level passes {per_level.LEVEL_PASSES}; rest {args.rest}; guards {args.guards}; mask gradient {per_level.MASK_REMOVED_GRADIENT}")
     regs, setup_s = {}, {}
     level_rows, pair_rows, case_rows = [], [], []
     warm_s = None
@@ -122,13 +129,19 @@ def main(argv=None) -> int:
             continue
         i = whole.index(target)
         names = whole[max(i - args.neighbours, 0): i + args.neighbours + 1]
-        key = (target, truth["room"], tuple(names))
+        every = [lv["name"] for lv in lt["levels"]]
+        lo_i, hi_i = every.index(names[0]), every.index(names[-1])
+        guard_names = [n for n in every[max(lo_i - args.guards, 0):lo_i] + every[hi_i + 1:hi_i + 1 + args.guards]
+                       if np.any(labels == VERSE.index(n) + 1)]
+        key = (target, truth["room"], tuple(names), tuple(guard_names))
         iso = truth["isocentre_lps_mm"]
         if key not in regs:
             geometry = read_geometry(folder / "geometry.json")
             rois = {n: RegionOfInterest.from_labels(ct, labels, VERSE.index(n) + 1) for n in names}
             t = time.monotonic()
-            regs[key] = LevelRegistration(ct, iso, geometry, rois, target, config, thresholds, rest=args.rest)
+            guards = {n: RegionOfInterest.from_labels(ct, labels, VERSE.index(n) + 1) for n in guard_names}
+            regs[key] = LevelRegistration(ct, iso, geometry, rois, target, config, thresholds, rest=args.rest,
+                                          guards=guards)
             setup_s[key] = time.monotonic() - t
         reg = regs[key]
         tpose = {lv["name"]: _pose(lv["pose"]) for lv in lt["levels"]}
