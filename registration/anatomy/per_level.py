@@ -107,6 +107,11 @@ _FIT_EXCESS_MIN = 0.05
 MASK_REMOVED_GRADIENT: float | None = 0.5
 #: Gaussian sigma (panel pixels) of the images whose gradients that mask compares.
 _MASK_SIGMA_PX = 2.0
+#: Panel pixels by which the masked-out pixels are grown.
+MASK_GROW_PX = 0
+#: Largest fraction of the level's own pixels (its DRR's support) that mask may drop: the threshold is raised
+#: to keep the rest (ribs over a thoracic vertebra would take it all). None: no cap.
+MASK_MAX_DROP: float | None = 0.3
 #: Unattenuated level of the cleaned frames handed to each level's registration (float frames).
 _CLEANED_I0 = 10000.0
 
@@ -505,7 +510,9 @@ class LevelRegistration:
             height = {n: float(np.argwhere(r.mask)[:, ::-1].mean(axis=0) @ sup) for n, r in both.items()}
             every = {n: both[n] for n in sorted(both, key=lambda n: -height[n])}
             _check_levels(ct, every, target)
-            if list(n for n in every if n in levels) != list(levels):
+            order = list(every)
+            at = [order.index(n) for n in levels]
+            if at != list(range(at[0], at[0] + len(at))):
                 raise LevelError("guard levels must lie beyond the levels (cranial or caudal), not between them")
         else:
             every = dict(levels)
@@ -669,8 +676,15 @@ class LevelRegistration:
         if np.count_nonzero(support) < 100:
             return out
         ref = float(np.percentile(g_own[support], 90))
-        out[window.row0:window.row0 + window.rows, window.col0:window.col0 + window.cols] = (
-            grad(removed) <= MASK_REMOVED_GRADIENT * ref)
+        g_removed = grad(removed)
+        thr = MASK_REMOVED_GRADIENT * ref
+        if MASK_MAX_DROP is not None:
+            thr = max(thr, float(np.percentile(g_removed[support], 100.0 * (1.0 - MASK_MAX_DROP))))
+        drop = g_removed > thr
+        if MASK_GROW_PX > 0:
+            k = 2 * MASK_GROW_PX + 1
+            drop = cv2.dilate(drop.astype(np.uint8), np.ones((k, k), np.uint8)).astype(bool)
+        out[window.row0:window.row0 + window.rows, window.col0:window.col0 + window.cols] = ~drop
         return out
 
     def _removal_scale(self, log_, window: PanelRegion, rest, excess) -> tuple[float, float, float]:
