@@ -107,11 +107,14 @@ _FIT_EXCESS_MIN = 0.05
 MASK_REMOVED_GRADIENT: float | None = 0.5
 #: Gaussian sigma (panel pixels) of the images whose gradients that mask compares.
 _MASK_SIGMA_PX = 2.0
+#: "gradient": drop by the removed image's gradient (above); "ratio": drop the MASK_MAX_DROP of the level's own
+#: pixels where the removed image's gradient is largest relative to the level's own gradient.
+MASK_CRITERION = "gradient"
 #: Panel pixels by which the masked-out pixels are grown.
 MASK_GROW_PX = 0
 #: Largest fraction of the level's own pixels (its DRR's support) that mask may drop: the threshold is raised
 #: to keep the rest (ribs over a thoracic vertebra would take it all). None: no cap.
-MASK_MAX_DROP: float | None = 0.3
+MASK_MAX_DROP: float | None = 0.5
 #: Unattenuated level of the cleaned frames handed to each level's registration (float frames).
 _CLEANED_I0 = 10000.0
 
@@ -678,6 +681,9 @@ class LevelRegistration:
         ref = float(np.percentile(g_own[support], 90))
         g_removed = grad(removed)
         thr = MASK_REMOVED_GRADIENT * ref
+        if MASK_CRITERION == "ratio":
+            g_removed = g_removed / (g_own + 0.05 * ref)
+            thr = 0.0  # the cap alone decides
         if MASK_MAX_DROP is not None:
             thr = max(thr, float(np.percentile(g_removed[support], 100.0 * (1.0 - MASK_MAX_DROP))))
         drop = g_removed > thr
