@@ -95,6 +95,7 @@ def main(argv=None) -> int:
     p.add_argument("--mask-grow", type=int, default=None, help="per_level.MASK_GROW_PX")
     p.add_argument("--mask-max-drop", default=None, help="per_level.MASK_MAX_DROP (a fraction, or 'none')")
     p.add_argument("--mask-criterion", choices=("gradient", "ratio"), default=None, help="per_level.MASK_CRITERION")
+    p.add_argument("--rest-at-level", action="store_true", help="per_level.REST_AT_LEVEL_POSE = True")
     p.add_argument("--passes", type=int, default=None, help="per_level.LEVEL_PASSES (frames cleaned this many times)")
     args = p.parse_args(argv)
     manifest = json.loads((args.set / "set.json").read_text())
@@ -121,11 +122,14 @@ def main(argv=None) -> int:
         per_level.MASK_MAX_DROP = None if args.mask_max_drop == "none" else float(args.mask_max_drop)
     if args.mask_criterion is not None:
         per_level.MASK_CRITERION = args.mask_criterion
+    if args.rest_at_level:
+        per_level.REST_AT_LEVEL_POSE = True
     if args.passes is not None:
         per_level.LEVEL_PASSES = args.passes
     print(f"# pyramid: {[(lv.volume_factor, lv.binning, lv.smoothing_sigma_px, lv.max_iterations, lv.context) for lv in config.levels]}"
           f"; level passes {per_level.LEVEL_PASSES}; rest {args.rest}; guards {args.guards}; mask gradient {per_level.MASK_REMOVED_GRADIENT}"
-          f" grown {per_level.MASK_GROW_PX} px, max drop {per_level.MASK_MAX_DROP}, criterion {per_level.MASK_CRITERION}")
+          f" grown {per_level.MASK_GROW_PX} px, max drop {per_level.MASK_MAX_DROP}, criterion {per_level.MASK_CRITERION}"
+          f"; rest at each level's pose in later passes {per_level.REST_AT_LEVEL_POSE}")
     regs, setup_s = {}, {}
     level_rows, pair_rows, case_rows = [], [], []
     warm_s = None

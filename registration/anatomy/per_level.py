@@ -101,6 +101,8 @@ REMOVAL_MARGIN_MM = 40.0
 FIT_REMOVAL_SCALE = False
 #: Line integral (excess over water) above which a pixel counts as one of the levels' in that fit.
 _FIT_EXCESS_MIN = 0.05
+#: From the second pass on, remove the rest drawn at each level's own estimate instead of the spine pose.
+REST_AT_LEVEL_POSE = False
 #: Mask out of each level's comparison the panel pixels where what was removed from its frames (the rest of the CT
 #: and the other levels, at poses that are only estimates) has an image gradient above this fraction of the level's
 #: own strong gradients (their 90th percentile); None: no mask (docs/PER_LEVEL.md).
@@ -629,20 +631,24 @@ class LevelRegistration:
                                                sum(excess[u][name] for u in self._all))
                      for name in views}
             for lv in self._all:
+                rest_lv = rest
+                if REST_AT_LEVEL_POSE and self.rest == "spine" and results:
+                    rest_lv = {name: compute_drr(self._rest, self.geometry[name], poses[lv], windows[name])
+                               for name in views}
                 cleaned = {}
                 for name in self.geometry.names:
                     line = logs[name].astype(np.float64)
                     w = windows[name]
                     if w is not None:
                         a, b, c = scale[name]
-                        others = a * rest[name] + b * sum(excess[u][name] for u in self._all if u != lv) + c
+                        others = a * rest_lv[name] + b * sum(excess[u][name] for u in self._all if u != lv) + c
                         line = line.copy()
                         line[w.row0:w.row0 + w.rows, w.col0:w.col0 + w.cols] -= others
                     cleaned[name] = (_CLEANED_I0 * np.exp(-line)).astype(np.float32)
                 mask = None
                 if MASK_REMOVED_GRADIENT is not None:
                     mask = {name: self._removal_mask(self.geometry[name], windows[name], excess[lv][name],
-                                                     scale[name][0] * rest[name] + scale[name][1] * sum(
+                                                     scale[name][0] * rest_lv[name] + scale[name][1] * sum(
                                                          excess[u][name] for u in self._all if u != lv))
                             for name in views}
                 results[lv] = self._levels[lv].register(cleaned, i0=_CLEANED_I0, initial_pose=poses[lv], tracking=True,
