@@ -87,15 +87,9 @@ def main(argv=None) -> int:
                         "pyramid, so also to every level's registration")
     p.add_argument("--rest", choices=per_level.REST_MODELS, default="spine",
                    help="LevelRegistration(rest=...): the rest of the CT removed at the spine pose, or moving with each level")
-    p.add_argument("--guards", type=int, default=0,
-                   help="LevelRegistration(guards=...): this many more vertebrae beyond each end (a truncated one too), "
-                        "registered to clean the frames but not reported")
     p.add_argument("--mask-gradient", default=None,
-                   help="per_level.MASK_REMOVED_GRADIENT (a fraction, or 'none': no mask)")
-    p.add_argument("--mask-grow", type=int, default=None, help="per_level.MASK_GROW_PX")
+                   help="per_level.MASK_REMOVED_GRADIENT (a fraction, or 'none': no clutter mask, the method before it)")
     p.add_argument("--mask-max-drop", default=None, help="per_level.MASK_MAX_DROP (a fraction, or 'none')")
-    p.add_argument("--mask-criterion", choices=("gradient", "ratio"), default=None, help="per_level.MASK_CRITERION")
-    p.add_argument("--rest-at-level", action="store_true", help="per_level.REST_AT_LEVEL_POSE = True")
     p.add_argument("--passes", type=int, default=None, help="per_level.LEVEL_PASSES (frames cleaned this many times)")
     args = p.parse_args(argv)
     manifest = json.loads((args.set / "set.json").read_text())
@@ -116,20 +110,13 @@ def main(argv=None) -> int:
         config = replace(config, levels=config.levels + (PyramidLevel(int(f[0]), int(f[1]), float(f[2]), int(f[3])),))
     if args.mask_gradient is not None:
         per_level.MASK_REMOVED_GRADIENT = None if args.mask_gradient == "none" else float(args.mask_gradient)
-    if args.mask_grow is not None:
-        per_level.MASK_GROW_PX = args.mask_grow
     if args.mask_max_drop is not None:
         per_level.MASK_MAX_DROP = None if args.mask_max_drop == "none" else float(args.mask_max_drop)
-    if args.mask_criterion is not None:
-        per_level.MASK_CRITERION = args.mask_criterion
-    if args.rest_at_level:
-        per_level.REST_AT_LEVEL_POSE = True
     if args.passes is not None:
         per_level.LEVEL_PASSES = args.passes
     print(f"# pyramid: {[(lv.volume_factor, lv.binning, lv.smoothing_sigma_px, lv.max_iterations, lv.context) for lv in config.levels]}"
-          f"; level passes {per_level.LEVEL_PASSES}; rest {args.rest}; guards {args.guards}; mask gradient {per_level.MASK_REMOVED_GRADIENT}"
-          f" grown {per_level.MASK_GROW_PX} px, max drop {per_level.MASK_MAX_DROP}, criterion {per_level.MASK_CRITERION}"
-          f"; rest at each level's pose in later passes {per_level.REST_AT_LEVEL_POSE}")
+          f"; level passes {per_level.LEVEL_PASSES}; rest {args.rest}; clutter mask {per_level.MASK_REMOVED_GRADIENT}"
+          f" (max drop {per_level.MASK_MAX_DROP})")
     regs, setup_s = {}, {}
     level_rows, pair_rows, case_rows = [], [], []
     warm_s = None
@@ -143,19 +130,13 @@ def main(argv=None) -> int:
             continue
         i = whole.index(target)
         names = whole[max(i - args.neighbours, 0): i + args.neighbours + 1]
-        every = [lv["name"] for lv in lt["levels"]]
-        lo_i, hi_i = every.index(names[0]), every.index(names[-1])
-        guard_names = [n for n in every[max(lo_i - args.guards, 0):lo_i] + every[hi_i + 1:hi_i + 1 + args.guards]
-                       if np.any(labels == VERSE.index(n) + 1)]
-        key = (target, truth["room"], tuple(names), tuple(guard_names))
+        key = (target, truth["room"], tuple(names))
         iso = truth["isocentre_lps_mm"]
         if key not in regs:
             geometry = read_geometry(folder / "geometry.json")
             rois = {n: RegionOfInterest.from_labels(ct, labels, VERSE.index(n) + 1) for n in names}
             t = time.monotonic()
-            guards = {n: RegionOfInterest.from_labels(ct, labels, VERSE.index(n) + 1) for n in guard_names}
-            regs[key] = LevelRegistration(ct, iso, geometry, rois, target, config, thresholds, rest=args.rest,
-                                          guards=guards)
+            regs[key] = LevelRegistration(ct, iso, geometry, rois, target, config, thresholds, rest=args.rest)
             setup_s[key] = time.monotonic() - t
         reg = regs[key]
         tpose = {lv["name"]: _pose(lv["pose"]) for lv in lt["levels"]}

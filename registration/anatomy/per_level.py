@@ -96,27 +96,18 @@ LEVEL_PASSES = 2
 REST_MODELS = ("spine", "level")
 #: Margin (mm, room) around the levels' box within which the frames get the rest of the CT removed.
 REMOVAL_MARGIN_MM = 40.0
-#: Fit, per view and pass, the scales of the removed DRRs to the frame (``frame ~ a rest + b sum(levels) + c`` over the
-#: levels' pixels) before removing them: the frames' projector and attenuation model need not be ours (docs/PER_LEVEL.md).
-FIT_REMOVAL_SCALE = False
-#: Line integral (excess over water) above which a pixel counts as one of the levels' in that fit.
-_FIT_EXCESS_MIN = 0.05
-#: From the second pass on, remove the rest drawn at each level's own estimate instead of the spine pose.
-REST_AT_LEVEL_POSE = False
 #: Mask out of each level's comparison the panel pixels where what was removed from its frames (the rest of the CT
-#: and the other levels, at poses that are only estimates) has an image gradient above this fraction of the level's
-#: own strong gradients (their 90th percentile); None: no mask (docs/PER_LEVEL.md).
+#: at the spine pose and the other levels at their estimates: both only approximately where the frames have them)
+#: has an image gradient above this fraction of the level's own strong gradients (their 90th percentile); None: no
+#: mask (docs/PER_LEVEL.md, "Clutter mask").
 MASK_REMOVED_GRADIENT: float | None = 0.5
+#: Largest fraction of the level's own pixels (its DRR's support) that mask may drop: the threshold is raised to
+#: keep the rest (the ribs over a thoracic vertebra would take it all). None: no cap.
+MASK_MAX_DROP: float | None = 0.5
 #: Gaussian sigma (panel pixels) of the images whose gradients that mask compares.
 _MASK_SIGMA_PX = 2.0
-#: "gradient": drop by the removed image's gradient (above); "ratio": drop the MASK_MAX_DROP of the level's own
-#: pixels where the removed image's gradient is largest relative to the level's own gradient.
-MASK_CRITERION = "gradient"
-#: Panel pixels by which the masked-out pixels are grown.
-MASK_GROW_PX = 0
-#: Largest fraction of the level's own pixels (its DRR's support) that mask may drop: the threshold is raised
-#: to keep the rest (ribs over a thoracic vertebra would take it all). None: no cap.
-MASK_MAX_DROP: float | None = 0.5
+#: Line integral (excess over water, per mm x mm) above which a panel pixel is one of the level's own.
+_OWN_SUPPORT_MIN = 0.05
 #: Unattenuated level of the cleaned frames handed to each level's registration (float frames).
 _CLEANED_I0 = 10000.0
 
@@ -435,6 +426,40 @@ def _excess_volume(ct: CTVolume, mask: np.ndarray, isocentre_lps_mm, config: Ana
     return AttenuationVolume(excess, ct.room_from_index(isocentre_lps_mm) @ shift)
 
 
+def _clutter_mask(imager, window: PanelRegion, own: np.ndarray, removed: np.ndarray) -> np.ndarray:
+    """Panel pixels a level's comparison may use: not those where the image removed from its frames has strong edges.
+
+    ``own`` (the level's excess DRR) and ``removed`` (what was subtracted from the frames' line integrals: the rest
+    and the other levels) are DRRs of ``window``. A pixel is dropped when ``removed``'s gradient (both smoothed by
+    ``_MASK_SIGMA_PX``) exceeds ``MASK_REMOVED_GRADIENT`` x the 90th percentile of ``own``'s over its support, the
+    threshold raised so that at most ``MASK_MAX_DROP`` of that support is dropped. Why: the removed image is drawn
+    at poses that are only estimates (the rest at the spine pose, where the tissue round a moved vertebra is not),
+    and an edge of it a fraction of a millimetre off leaves a strong false edge in the cleaned frame.
+
+    Returns
+    -------
+    (rows, cols) bool
+        Full panel; True outside ``window``.
+    """
+    out = np.ones((imager.rows, imager.cols), dtype=bool)
+
+    def grad(img):
+        sm = cv2.GaussianBlur(np.asarray(img, dtype=np.float32), (0, 0), _MASK_SIGMA_PX, borderType=cv2.BORDER_REPLICATE)
+        gy, gx = np.gradient(sm)
+        return np.hypot(gx, gy)
+
+    support = np.asarray(own) > _OWN_SUPPORT_MIN
+    if np.count_nonzero(support) < 100:
+        return out
+    g_own = grad(own)
+    g_removed = grad(removed)
+    thr = MASK_REMOVED_GRADIENT * float(np.percentile(g_own[support], 90))
+    if MASK_MAX_DROP is not None:
+        thr = max(thr, float(np.percentile(g_removed[support], 100.0 * (1.0 - MASK_MAX_DROP))))
+    out[window.row0:window.row0 + window.rows, window.col0:window.col0 + window.cols] = g_removed <= thr
+    return out
+
+
 # ---------------------------------------------------------------------- registration
 def _check_levels(ct: CTVolume, levels: Mapping[str, RegionOfInterest], target: str) -> None:
     if not isinstance(levels, Mapping) or len(levels) < 1:
@@ -501,26 +526,8 @@ class LevelRegistration:
 
     def __init__(self, ct: CTVolume, isocentre_lps_mm, geometry: StereoGeometry,
                  levels: Mapping[str, RegionOfInterest], target: str, config: AnatomyConfig | None = None,
-                 thresholds: LevelThresholds | None = None, *, rest: str = "spine",
-                 guards: Mapping[str, RegionOfInterest] | None = None) -> None:
+                 thresholds: LevelThresholds | None = None, *, rest: str = "spine") -> None:
         _check_levels(ct, levels, target)
-        guards = dict(guards or {})
-        for name in guards:
-            if name in levels:
-                raise LevelError(f"guard level {name} is also one of the levels")
-        if guards:
-            # Every vertebra, levels and guards, cranial to caudal (the ordering and overlap checks on all of them).
-            sup = np.asarray(ct.lps_from_index)[:3, :3].T @ np.array([0.0, 0.0, 1.0])
-            both = {**levels, **guards}
-            height = {n: float(np.argwhere(r.mask)[:, ::-1].mean(axis=0) @ sup) for n, r in both.items()}
-            every = {n: both[n] for n in sorted(both, key=lambda n: -height[n])}
-            _check_levels(ct, every, target)
-            order = list(every)
-            at = [order.index(n) for n in levels]
-            if at != list(range(at[0], at[0] + len(at))):
-                raise LevelError("guard levels must lie beyond the levels (cranial or caudal), not between them")
-        else:
-            every = dict(levels)
         if rest not in REST_MODELS:
             raise LevelError(f"rest must be one of {', '.join(REST_MODELS)}, got {rest!r}")
         self.rest = rest
@@ -546,10 +553,8 @@ class LevelRegistration:
         if rest == "spine":
             level_config = dataclasses.replace(cfg, tracking_levels=fine, background=False)
             self._levels = {name: AnatomyRegistration(ct, isocentre_lps_mm, geometry, roi, level_config)
-                            for name, roi in every.items()}
+                            for name, roi in levels.items()}
         else:  # "level": the rest moves with the level registered (its exact background), the other levels removed
-            if guards:
-                raise LevelError('guard levels need rest="spine"')
             level_config = dataclasses.replace(cfg, tracking_levels=fine)
             self._levels = {}
             for name, roi in levels.items():
@@ -564,10 +569,9 @@ class LevelRegistration:
         # per level (its dilated mask, a voxel two dilations claim given to the first): rest + sum = CT.
         claimed = np.zeros(ct.hu.shape, dtype=bool)
         self._excess = {}
-        self._all = tuple(every)
-        for name, roi in every.items():
+        for name, roi in levels.items():
             own = _dilated(roi.mask, cfg.roi_dilation_voxels) & ~claimed
-            for other, oroi in every.items():
+            for other, oroi in levels.items():
                 if other != name:
                     own &= ~oroi.mask
             claimed |= own
@@ -578,8 +582,6 @@ class LevelRegistration:
         self._rest = AttenuationVolume(mu, ct.room_from_index(isocentre_lps_mm))
         room_from_index = ct.room_from_index(isocentre_lps_mm)
         # Panel window of the removal: the levels' box grown by REMOVAL_MARGIN_MM (room, perfect setup).
-        for roi in guards.values():
-            union = union | roi.mask
         pts = np.argwhere(union)[:, ::-1].astype(np.float64) @ room_from_index[:3, :3].T + room_from_index[:3, 3]
         lo, hi = pts.min(axis=0) - REMOVAL_MARGIN_MM, pts.max(axis=0) + REMOVAL_MARGIN_MM
         self._window_corners_room_mm = np.array([[x, y, z] for x in (lo[0], hi[0]) for y in (lo[1], hi[1])
@@ -617,7 +619,7 @@ class LevelRegistration:
                 for name in self.geometry.names}
         windows = {name: self._window(self.geometry[name], spine.pose) for name in self.geometry.names}
         views = [name for name in self.geometry.names if windows[name] is not None]
-        poses = {name: spine.pose for name in self._all}
+        poses = {name: spine.pose for name in self.names}
         results: dict[str, AnatomyResult] = {}
         rest = None
         for _ in range(LEVEL_PASSES):
@@ -626,36 +628,25 @@ class LevelRegistration:
                 rest = {name: (compute_drr(self._rest, self.geometry[name], spine.pose, windows[name])
                                if self.rest == "spine" else 0.0) for name in views}
             excess = {lv: {name: compute_drr(self._excess[lv], self.geometry[name], poses[lv], windows[name])
-                           for name in views} for lv in self._all}
-            scale = {name: self._removal_scale(logs[name], windows[name], rest[name],
-                                               sum(excess[u][name] for u in self._all))
-                     for name in views}
-            for lv in self._all:
-                rest_lv = rest
-                if REST_AT_LEVEL_POSE and self.rest == "spine" and results:
-                    rest_lv = {name: compute_drr(self._rest, self.geometry[name], poses[lv], windows[name])
-                               for name in views}
+                           for name in views} for lv in self.names}
+            for lv in self.names:
+                removed = {name: rest[name] + sum(excess[u][name] for u in self.names if u != lv) for name in views}
                 cleaned = {}
                 for name in self.geometry.names:
                     line = logs[name].astype(np.float64)
                     w = windows[name]
                     if w is not None:
-                        a, b, c = scale[name]
-                        others = a * rest_lv[name] + b * sum(excess[u][name] for u in self._all if u != lv) + c
                         line = line.copy()
-                        line[w.row0:w.row0 + w.rows, w.col0:w.col0 + w.cols] -= others
+                        line[w.row0:w.row0 + w.rows, w.col0:w.col0 + w.cols] -= removed[name]
                     cleaned[name] = (_CLEANED_I0 * np.exp(-line)).astype(np.float32)
+                # Pixels where the removal's errors would be strong edges are left out of the comparison.
                 mask = None
                 if MASK_REMOVED_GRADIENT is not None:
-                    mask = {name: self._removal_mask(self.geometry[name], windows[name], excess[lv][name],
-                                                     scale[name][0] * rest_lv[name] + scale[name][1] * sum(
-                                                         excess[u][name] for u in self._all if u != lv))
+                    mask = {name: _clutter_mask(self.geometry[name], windows[name], excess[lv][name], removed[name])
                             for name in views}
                 results[lv] = self._levels[lv].register(cleaned, i0=_CLEANED_I0, initial_pose=poses[lv], tracking=True,
                                                         pixel_mask=mask)
-            # A guard level (cleaning only, not reported) that was refused is removed at the spine pose.
-            poses = {lv: results[lv].pose if lv in self.names or results[lv].quality.ok else spine.pose
-                     for lv in self._all}
+            poses = {lv: results[lv].pose for lv in self.names}
         out = [self._level_pose(lv, results[lv], spine, spine_ok) for lv in self.names]
         inter = []
         for a, b in zip(out, out[1:]):
@@ -667,54 +658,6 @@ class LevelRegistration:
                   detail, elapsed_ms)
         return LevelsResult(tuple(out), tuple(inter), self.target, discordant, detail, spine.pose, spine_ok,
                             spine.quality.reason.value, elapsed_ms)
-
-    @staticmethod
-    def _removal_mask(imager, window: PanelRegion, own, removed) -> np.ndarray:
-        """Full-panel bool: False where ``removed``'s gradient exceeds ``MASK_REMOVED_GRADIENT`` x the 90th
-        percentile of ``own``'s (both DRRs of ``window``)."""
-        out = np.ones((imager.rows, imager.cols), dtype=bool)
-
-        def grad(img):
-            sm = cv2.GaussianBlur(np.asarray(img, dtype=np.float32), (0, 0), _MASK_SIGMA_PX,
-                                  borderType=cv2.BORDER_REPLICATE)
-            gy, gx = np.gradient(sm)
-            return np.hypot(gx, gy)
-
-        g_own = grad(own)
-        support = np.asarray(own) > _FIT_EXCESS_MIN
-        if np.count_nonzero(support) < 100:
-            return out
-        ref = float(np.percentile(g_own[support], 90))
-        g_removed = grad(removed)
-        thr = MASK_REMOVED_GRADIENT * ref
-        if MASK_CRITERION == "ratio":
-            g_removed = g_removed / (g_own + 0.05 * ref)
-            thr = 0.0  # the cap alone decides
-        if MASK_MAX_DROP is not None:
-            thr = max(thr, float(np.percentile(g_removed[support], 100.0 * (1.0 - MASK_MAX_DROP))))
-        drop = g_removed > thr
-        if MASK_GROW_PX > 0:
-            k = 2 * MASK_GROW_PX + 1
-            drop = cv2.dilate(drop.astype(np.uint8), np.ones((k, k), np.uint8)).astype(bool)
-        out[window.row0:window.row0 + window.rows, window.col0:window.col0 + window.cols] = ~drop
-        return out
-
-    def _removal_scale(self, log_, window: PanelRegion, rest, excess) -> tuple[float, float, float]:
-        """``(a, b, c)`` of ``frame ~ a rest + b excess + c`` (least squares over the levels' pixels in ``window``);
-        ``(1, 1, 0)`` when off or the fit is not usable."""
-        if not FIT_REMOVAL_SCALE or self.rest != "spine":
-            return 1.0, 1.0, 0.0
-        y = log_[window.row0:window.row0 + window.rows, window.col0:window.col0 + window.cols]
-        excess = np.asarray(excess, dtype=np.float64)
-        rest = np.asarray(rest, dtype=np.float64)
-        m = (excess > _FIT_EXCESS_MIN) & np.isfinite(y)
-        if np.count_nonzero(m) < 100:
-            return 1.0, 1.0, 0.0
-        a_ = np.stack([rest[m], excess[m], np.ones(np.count_nonzero(m))], axis=1)
-        coef, *_ = np.linalg.lstsq(a_, y[m].astype(np.float64), rcond=None)
-        if not np.all(np.isfinite(coef)) or not (0.5 < coef[0] < 2.0 and 0.5 < coef[1] < 2.0):
-            return 1.0, 1.0, 0.0
-        return float(coef[0]), float(coef[1]), float(coef[2])
 
     def _window(self, imager, pose: Pose) -> PanelRegion | None:
         """Panel pixels of the levels' box (grown by REMOVAL_MARGIN_MM) at ``pose``, clipped; None if off the panel."""
