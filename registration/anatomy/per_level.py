@@ -35,6 +35,13 @@ Method (``docs/PER_LEVEL.md``):
    subtracted (our DRRs, in the window of the levels), in ``LEVEL_PASSES``
    passes; or (``rest="level"``) with its exact background built on a CT
    without the other levels, which are subtracted from its frames.
+   **Clutter mask**: what was subtracted is only approximately where the
+   frames have it (the rest at the spine pose, the other levels at their
+   estimates), and its strong edges (bowel gas, ribs, the neighbours' end
+   plates) a fraction of a millimetre off leave false edges; the panel pixels
+   where the subtracted image's gradient is strong against the level's own are
+   left out of that level's comparison (at most ``MASK_MAX_DROP`` of its
+   pixels; :func:`_clutter_mask`, ``AnatomyRegistration.register(pixel_mask=)``).
 4. **Level check.** A level whose pose ends farther from the spine pose than
    ``LevelThresholds.max_departure_fraction`` of a level spacing (at its ROI
    centre) or ``max_departure_deg`` is refused (``wrong_level``): a vertebra
