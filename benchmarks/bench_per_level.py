@@ -87,6 +87,9 @@ def main(argv=None) -> int:
                         "pyramid, so also to every level's registration")
     p.add_argument("--rest", choices=per_level.REST_MODELS, default="spine",
                    help="LevelRegistration(rest=...): the rest of the CT removed at the spine pose, or moving with each level")
+    p.add_argument("--mask-gradient", default=None,
+                   help="per_level.MASK_REMOVED_GRADIENT (a fraction, or 'none': no clutter mask, the method before it)")
+    p.add_argument("--mask-max-drop", default=None, help="per_level.MASK_MAX_DROP (a fraction, or 'none')")
     p.add_argument("--passes", type=int, default=None, help="per_level.LEVEL_PASSES (frames cleaned this many times)")
     args = p.parse_args(argv)
     manifest = json.loads((args.set / "set.json").read_text())
@@ -105,10 +108,15 @@ def main(argv=None) -> int:
     if args.extra_level:
         f = args.extra_level.split(",")
         config = replace(config, levels=config.levels + (PyramidLevel(int(f[0]), int(f[1]), float(f[2]), int(f[3])),))
+    if args.mask_gradient is not None:
+        per_level.MASK_REMOVED_GRADIENT = None if args.mask_gradient == "none" else float(args.mask_gradient)
+    if args.mask_max_drop is not None:
+        per_level.MASK_MAX_DROP = None if args.mask_max_drop == "none" else float(args.mask_max_drop)
     if args.passes is not None:
         per_level.LEVEL_PASSES = args.passes
     print(f"# pyramid: {[(lv.volume_factor, lv.binning, lv.smoothing_sigma_px, lv.max_iterations, lv.context) for lv in config.levels]}"
-          f"; level passes {per_level.LEVEL_PASSES}; rest {args.rest}")
+          f"; level passes {per_level.LEVEL_PASSES}; rest {args.rest}; clutter mask {per_level.MASK_REMOVED_GRADIENT}"
+          f" (max drop {per_level.MASK_MAX_DROP})")
     regs, setup_s = {}, {}
     level_rows, pair_rows, case_rows = [], [], []
     warm_s = None

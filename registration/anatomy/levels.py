@@ -68,7 +68,7 @@ class _PyramidLevels:
             return self._context_levels[level.volume_factor]
         return self._volumes[(level.volume_factor, float(level.prefilter_mm))]
 
-    def _prepare_level(self, logs, pose: Pose, level: PyramidLevel, names=None) -> list[_View] | None:
+    def _prepare_level(self, logs, pose: Pose, level: PyramidLevel, names=None, pixel_mask=None) -> list[_View] | None:
         """Per-view working data at ``pose`` for every imager of the geometry, or only ``names`` (one view: the
         one-view registration); None when a view's region or mask is too small."""
         b = level.binning
@@ -100,6 +100,8 @@ class _PyramidLevels:
                 reach = 2 * int(math.ceil(2.0 * level.smoothing_sigma_px)) + 3
                 beyond = cv2.dilate(beyond.astype(np.uint8), np.ones((reach, reach), np.uint8)).astype(bool)
                 grown &= ~beyond
+            if pixel_mask is not None and name in pixel_mask:
+                grown &= _block_mean(np.asarray(pixel_mask[name], dtype=np.float32), region, b) > 0.5
             if np.count_nonzero(grown) < 16:
                 return None
             views.append(

@@ -35,6 +35,13 @@ Method (``docs/PER_LEVEL.md``):
    subtracted (our DRRs, in the window of the levels), in ``LEVEL_PASSES``
    passes; or (``rest="level"``) with its exact background built on a CT
    without the other levels, which are subtracted from its frames.
+   **Clutter mask**: what was subtracted is only approximately where the
+   frames have it (the rest at the spine pose, the other levels at their
+   estimates), and its strong edges (bowel gas, ribs, the neighbours' end
+   plates) a fraction of a millimetre off leave false edges; the panel pixels
+   where the subtracted image's gradient is strong against the level's own are
+   left out of that level's comparison (at most ``MASK_MAX_DROP`` of its
+   pixels; :func:`_clutter_mask`, ``AnatomyRegistration.register(pixel_mask=)``).
 4. **Level check.** A level whose pose ends farther from the spine pose than
    ``LevelThresholds.max_departure_fraction`` of a level spacing (at its ROI
    centre) or ``max_departure_deg`` is refused (``wrong_level``): a vertebra
@@ -51,6 +58,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
 
+import cv2
 import numpy as np
 import scipy.ndimage
 from scipy.spatial.transform import Rotation
@@ -95,6 +103,18 @@ LEVEL_PASSES = 2
 REST_MODELS = ("spine", "level")
 #: Margin (mm, room) around the levels' box within which the frames get the rest of the CT removed.
 REMOVAL_MARGIN_MM = 40.0
+#: Mask out of each level's comparison the panel pixels where what was removed from its frames (the rest of the CT
+#: at the spine pose and the other levels at their estimates: both only approximately where the frames have them)
+#: has an image gradient above this fraction of the level's own strong gradients (their 90th percentile); None: no
+#: mask (docs/PER_LEVEL.md, "Clutter mask").
+MASK_REMOVED_GRADIENT: float | None = 0.5
+#: Largest fraction of the level's own pixels (its DRR's support) that mask may drop: the threshold is raised to
+#: keep the rest (the ribs over a thoracic vertebra would take it all). None: no cap.
+MASK_MAX_DROP: float | None = 0.5
+#: Gaussian sigma (panel pixels) of the images whose gradients that mask compares.
+_MASK_SIGMA_PX = 2.0
+#: Line integral (excess over water, per mm x mm) above which a panel pixel is one of the level's own.
+_OWN_SUPPORT_MIN = 0.05
 #: Unattenuated level of the cleaned frames handed to each level's registration (float frames).
 _CLEANED_I0 = 10000.0
 
@@ -413,6 +433,40 @@ def _excess_volume(ct: CTVolume, mask: np.ndarray, isocentre_lps_mm, config: Ana
     return AttenuationVolume(excess, ct.room_from_index(isocentre_lps_mm) @ shift)
 
 
+def _clutter_mask(imager, window: PanelRegion, own: np.ndarray, removed: np.ndarray) -> np.ndarray:
+    """Panel pixels a level's comparison may use: not those where the image removed from its frames has strong edges.
+
+    ``own`` (the level's excess DRR) and ``removed`` (what was subtracted from the frames' line integrals: the rest
+    and the other levels) are DRRs of ``window``. A pixel is dropped when ``removed``'s gradient (both smoothed by
+    ``_MASK_SIGMA_PX``) exceeds ``MASK_REMOVED_GRADIENT`` x the 90th percentile of ``own``'s over its support, the
+    threshold raised so that at most ``MASK_MAX_DROP`` of that support is dropped. Why: the removed image is drawn
+    at poses that are only estimates (the rest at the spine pose, where the tissue round a moved vertebra is not),
+    and an edge of it a fraction of a millimetre off leaves a strong false edge in the cleaned frame.
+
+    Returns
+    -------
+    (rows, cols) bool
+        Full panel; True outside ``window``.
+    """
+    out = np.ones((imager.rows, imager.cols), dtype=bool)
+
+    def grad(img):
+        sm = cv2.GaussianBlur(np.asarray(img, dtype=np.float32), (0, 0), _MASK_SIGMA_PX, borderType=cv2.BORDER_REPLICATE)
+        gy, gx = np.gradient(sm)
+        return np.hypot(gx, gy)
+
+    support = np.asarray(own) > _OWN_SUPPORT_MIN
+    if np.count_nonzero(support) < 100:
+        return out
+    g_own = grad(own)
+    g_removed = grad(removed)
+    thr = MASK_REMOVED_GRADIENT * float(np.percentile(g_own[support], 90))
+    if MASK_MAX_DROP is not None:
+        thr = max(thr, float(np.percentile(g_removed[support], 100.0 * (1.0 - MASK_MAX_DROP))))
+    out[window.row0:window.row0 + window.rows, window.col0:window.col0 + window.cols] = g_removed <= thr
+    return out
+
+
 # ---------------------------------------------------------------------- registration
 def _check_levels(ct: CTVolume, levels: Mapping[str, RegionOfInterest], target: str) -> None:
     if not isinstance(levels, Mapping) or len(levels) < 1:
@@ -583,16 +637,22 @@ class LevelRegistration:
             excess = {lv: {name: compute_drr(self._excess[lv], self.geometry[name], poses[lv], windows[name])
                            for name in views} for lv in self.names}
             for lv in self.names:
+                removed = {name: rest[name] + sum(excess[u][name] for u in self.names if u != lv) for name in views}
                 cleaned = {}
                 for name in self.geometry.names:
                     line = logs[name].astype(np.float64)
                     w = windows[name]
                     if w is not None:
-                        others = rest[name] + sum(excess[u][name] for u in self.names if u != lv)
                         line = line.copy()
-                        line[w.row0:w.row0 + w.rows, w.col0:w.col0 + w.cols] -= others
+                        line[w.row0:w.row0 + w.rows, w.col0:w.col0 + w.cols] -= removed[name]
                     cleaned[name] = (_CLEANED_I0 * np.exp(-line)).astype(np.float32)
-                results[lv] = self._levels[lv].register(cleaned, i0=_CLEANED_I0, initial_pose=poses[lv], tracking=True)
+                # Pixels where the removal's errors would be strong edges are left out of the comparison.
+                mask = None
+                if MASK_REMOVED_GRADIENT is not None:
+                    mask = {name: _clutter_mask(self.geometry[name], windows[name], excess[lv][name], removed[name])
+                            for name in views}
+                results[lv] = self._levels[lv].register(cleaned, i0=_CLEANED_I0, initial_pose=poses[lv], tracking=True,
+                                                        pixel_mask=mask)
             poses = {lv: results[lv].pose for lv in self.names}
         out = [self._level_pose(lv, results[lv], spine, spine_ok) for lv in self.names]
         inter = []

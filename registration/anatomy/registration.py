@@ -223,6 +223,7 @@ class AnatomyRegistration(_PyramidLevels, _Background, _GlobalSearch, _Refinemen
         i0: float | Mapping[str, float] | None = None,
         initial_pose: Pose | None = None,
         tracking: bool = False,
+        pixel_mask: Mapping[str, np.ndarray] | None = None,
     ) -> AnatomyResult:
         """Register one stereo pair of raw kV frames.
 
@@ -238,6 +239,10 @@ class AnatomyRegistration(_PyramidLevels, _Background, _GlobalSearch, _Refinemen
             Start from ``initial_pose`` (a previous result, motion since then
             within ~2 mm / 1 degree), skip the global stage and use
             ``config.tracking_levels``.
+        pixel_mask : mapping imager name -> (rows, cols) bool array, optional
+            Panel pixels the comparison may use (default: all); a binned pixel
+            is used when most of its panel pixels are (the per-level
+            registration's hook, docs/PER_LEVEL.md).
 
         Returns
         -------
@@ -296,7 +301,7 @@ class AnatomyRegistration(_PyramidLevels, _Background, _GlobalSearch, _Refinemen
         converged = False
         final = None
         for level in levels:
-            views = self._prepare_level(logs, self._pose(x, start, centre), level)
+            views = self._prepare_level(logs, self._pose(x, start, centre), level, pixel_mask=pixel_mask)
             if views is None:
                 return self._refused(start, [QualityReason.ROI_OFF_PANEL], roi_on, sat, t_start, tracking)
             mode = cfg.tracking_background_derivatives if tracking else cfg.background_derivatives

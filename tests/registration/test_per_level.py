@@ -25,10 +25,12 @@ from spineguide.registration.anatomy.per_level import (
     LevelRegistration,
     LevelsResult,
     LevelThresholds,
+    _clutter_mask,
     discordance,
     inter_level_motion,
     target_deviation,
 )
+from spineguide.registration.drr import PanelRegion
 from spineguide.registration.pose import Pose
 from spineguide.registration.volume import CTVolume, PatientPosition, room_from_lps_matrix
 from spineguide.tracking.room.kv import DetectorModel, KVSimulator
@@ -240,3 +242,30 @@ def test_unknown_rest_model_is_refused():
     rois = {n: RegionOfInterest(m, n) for n, m in masks.items()}
     with pytest.raises(LevelError, match="rest must be one of spine, level, got 'body'"):
         LevelRegistration(ct, [0, 0, 0], default_stereo_geometry(panel_pixels=64), rois, "L2", rest="body")
+
+
+def test_clutter_mask_drops_only_pixels_where_the_removed_image_has_the_stronger_edges():
+    geometry = default_stereo_geometry(panel_pixels=64)
+    imager = geometry[geometry.names[0]]
+    window = PanelRegion(8, 8, 48, 48)
+    own = np.zeros((48, 48))
+    own[10:30, 10:30] = 1.0  # the level: a square with edges of step 1
+    removed = np.zeros((48, 48))
+    removed[:, 40:] = 5.0  # a strong edge of what was removed (a gas pocket, a rib) at column 40
+    removed[:, :5] = 0.1  # a weak one at column 5
+    mask = _clutter_mask(imager, window, own, removed)
+    assert mask.shape == (imager.rows, imager.cols)
+    assert not mask[8 + 20, 8 + 40] and not mask[8 + 20, 8 + 39]  # the strong edge is out
+    assert mask[8 + 20, 8 + 5] and mask[8 + 20, 8 + 20] and mask[0, 0]  # the weak one, the level and outside stay
+
+
+def test_clutter_mask_keeps_at_least_half_of_the_levels_pixels():
+    geometry = default_stereo_geometry(panel_pixels=64)
+    imager = geometry[geometry.names[0]]
+    window = PanelRegion(8, 8, 48, 48)
+    own = np.zeros((48, 48))
+    own[10:30, 10:30] = 1.0
+    removed = 5.0 * np.random.default_rng(1).random((48, 48))  # strong edges everywhere (ribs over a vertebra)
+    mask = _clutter_mask(imager, window, own, removed)
+    kept = mask[8 + 10:8 + 30, 8 + 10:8 + 30]
+    assert 0.45 <= kept.mean() <= 0.6, kept.mean()
