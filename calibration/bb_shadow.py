@@ -38,9 +38,10 @@ from scipy.optimize import least_squares
 
 __all__ = ["ShadowFit", "SUPERSAMPLING", "fit_shadow", "render_shadow"]
 
-#: Sub-pixels per pixel and axis for the sphere's transmission (only pixels within 1 px of the shadow's edge are
-#: sub-sampled; elsewhere the centre value is used).
-SUPERSAMPLING = 8
+#: Sub-pixels per pixel and axis for the sphere's transmission, only within 1 px of the shadow's edge
+#: (elsewhere the pixel centre's value). 8 x 8 left the edge aliased: against a 40 x 40 truth the fit's RMS
+#: residual was 10-15 counts in 10,000 and centres 0.008 px off; 16 x 16 gives 2-6 counts and < 0.002 px.
+SUPERSAMPLING = 16
 #: Largest detector blur the model allows, px (the fit would otherwise trade a wide blur for the plane).
 _MAX_BLUR_PX = 2.0
 #: Attenuation bounds, per px of chord: a nearly transparent BB to an opaque one (e^-25 at a 5 px chord).
