@@ -16,10 +16,10 @@ The model of the panel signal around a BB at ``c``, in ``(col, row)`` pixels (ce
 
     I(x) = G_s * [ P(x) T(x - c) ] + S,     T(u) = exp(-mu L_r(u)),   L_r(u) = 2 sqrt(r^2 - |u|^2)
 
-``P`` a plane (primary behind the BB's surroundings: heel, PMMA slope), ``T`` the sphere's transmission
+``P`` a quadratic (primary behind the BB's surroundings: heel, PMMA slope and curvature), ``T`` the sphere's transmission
 averaged over ``n x n`` sub-pixels, ``G_s`` a Gaussian detector blur of ``s`` px applied on the pixel grid,
-``S`` a constant (scatter and offset left under the BB). :func:`fit_shadow` fits the 9 parameters with
-:func:`scipy.optimize.least_squares` (bounded trust region) to the pixels within the background annulus'
+``S`` a plane (scatter and offset left under the BB). :func:`fit_shadow` fits the 14 parameters (5 by
+:func:`scipy.optimize.least_squares` (bounded trust region), the 9 that enter linearly by linear least squares for each) to the pixels within the background annulus'
 outer radius. The centroid is then **debiased**, not replaced: the same windowed centroid is run on the
 fitted model, and its offset from the model's true centre is subtracted from the measured centroid. What the
 model gets right (blur x slope, scatter dilution, truncation, pixel phase) cancels; its noise barely enters
@@ -66,12 +66,16 @@ class ShadowFit:
         Attenuation per px of chord.
     blur_px : float
         Gaussian detector blur, px.
-    plane : (3,) array
-        Primary behind the BB ``p0 + p1 (col - col_ref) + p2 (row - row_ref)``, counts.
+    primary : (6,) array
+        Primary behind the BB, ``exp(g . x)`` times a quadratic in ``x = col - col_ref``, ``y = row - row_ref``: coefficients of
+        1, x, y, x^2, xy, y^2, counts.
     scatter : (3,) array
         Plane of the signal not absorbed by the BB (scatter, residual offset), same form, counts.
     ref_px : (2,) array
-        The plane's reference point ``(col_ref, row_ref)``.
+        The reference point of both polynomials ``(col_ref, row_ref)``.
+    log_slope_per_px : (2,) tuple
+        ``g``: the primary is ``exp(g . x)`` times the quadratic, with ``g`` the log-plane of the
+        surroundings (fixed before the fit), per px.
     rms : float
         RMS residual of the fit, counts.
     """
@@ -80,9 +84,10 @@ class ShadowFit:
     radius_px: float
     mu_per_px: float
     blur_px: float
-    plane: np.ndarray
-    scatter: float
+    primary: np.ndarray
+    scatter: np.ndarray
     ref_px: np.ndarray
+    log_slope_per_px: tuple[float, float]
     rms: float
 
 
@@ -90,8 +95,9 @@ def _sub_offsets(n: int) -> np.ndarray:
     return (np.arange(n) + 0.5) / n - 0.5
 
 
-def _primary_basis(shape_params, col0: int, row0: int, cols: int, rows: int, ref_px, n: int) -> np.ndarray:
-    """``G_s * [T]``, ``G_s * [(x - x_ref) T]``, ``G_s * [(y - y_ref) T]`` on the block, ``(3, rows, cols)``.
+def _primary_basis(shape_params, col0: int, row0: int, cols: int, rows: int, ref_px, n: int,
+                   log_slope=(0.0, 0.0)) -> np.ndarray:
+    """``G_s * [m T]`` for the monomials ``m`` = 1, x, y, x^2, xy, y^2 (about ``ref_px``) on the block, ``(6, rows, cols)``.
 
     ``T`` is the sphere's transmission averaged over each pixel's area: at the pixel centre where the pixel
     lies wholly inside or outside the shadow's edge, on ``n x n`` sub-pixels within 1 px of the edge (where
@@ -114,7 +120,13 @@ def _primary_basis(shape_params, col0: int, row0: int, cols: int, rows: int, ref
         t[band] = sub.mean(axis=(1, 2))
         tx[band] = (sub * o[None, None, :]).mean(axis=(1, 2))
         ty[band] = (sub * o[None, :, None]).mean(axis=(1, 2))
-    basis = np.stack([t, (xc - ref_px[0]) * t + tx, (yc - ref_px[1]) * t + ty])
+    x, y = xc - ref_px[0], yc - ref_px[1]
+    # The primary's curvature (an exponential PMMA ramp is 3 % of i0 off its tangent plane 8 px away at
+    # 3 %/px) matters as much as its slope; its sub-pixel moments do not. An exponential ramp's higher
+    # orders go with the factor e = exp(g . x), g the log-slope of the surroundings.
+    e = np.exp(log_slope[0] * x + log_slope[1] * y)
+    t, tx, ty = t * e, tx * e, ty * e
+    basis = np.stack([t, x * t + tx, y * t + ty, x * x * t, x * y * t, y * y * t])
     if s > 1e-3:
         basis = gaussian_filter1d(gaussian_filter1d(basis, s, axis=1, mode="nearest", truncate=4.0), s, axis=2,
                                   mode="nearest", truncate=4.0)
@@ -133,16 +145,16 @@ def render_shadow(fit: "ShadowFit", col0: int, row0: int, cols: int, rows: int, 
     The blur is applied with ``mode="nearest"``: only pixels a few blur widths inside the block are exact.
     """
     shape = (*fit.centre_px, fit.radius_px, math.log(fit.mu_per_px), fit.blur_px)
-    prim = _primary_basis(shape, col0, row0, cols, rows, fit.ref_px, n)
+    prim = _primary_basis(shape, col0, row0, cols, rows, fit.ref_px, n, fit.log_slope_per_px)
     sc = _scatter_basis(col0, row0, cols, rows, fit.ref_px)
-    return np.tensordot(fit.plane, prim, axes=1) + np.tensordot(fit.scatter, sc, axes=1)
+    return np.tensordot(fit.primary, prim, axes=1) + np.tensordot(fit.scatter, sc, axes=1)
 
 
 def fit_shadow(raw: np.ndarray, centre_px, radius_px: float, fit_radius_px: float, blur_px: float = 0.6):
     """Fit the shadow model to the pixels of ``raw`` within ``fit_radius_px`` of ``centre_px``.
 
     Variable projection: :func:`scipy.optimize.least_squares` over the 5 shape parameters (centre, radius,
-    ln mu, blur); for each, the 6 linear ones (primary and scatter planes) by linear least squares.
+    ln mu, blur); for each, the 9 linear ones (primary quadratic, scatter plane) by linear least squares.
 
     Parameters
     ----------
@@ -179,9 +191,15 @@ def fit_shadow(raw: np.ndarray, centre_px, radius_px: float, fit_radius_px: floa
         return None
     data = data / scale
     sc = _scatter_basis(col0, row0, size, size, ref)[:, use].T  # (m, 3)
+    ring = use & ((xx - c[0]) ** 2 + (yy - c[1]) ** 2 > (radius_px + 2.0) ** 2) & (block > 0)
+    if np.count_nonzero(ring) < 10:
+        return None
+    g, *_ = np.linalg.lstsq(np.stack([np.ones(np.count_nonzero(ring)), xx[ring] - ref[0], yy[ring] - ref[1]], 1),
+                            np.log(block[ring]), rcond=None)
+    log_slope = (float(g[1]), float(g[2]))
 
     def linear(shape):
-        a = np.hstack([_primary_basis(shape, col0, row0, size, size, ref, SUPERSAMPLING)[:, use].T, sc])
+        a = np.hstack([_primary_basis(shape, col0, row0, size, size, ref, SUPERSAMPLING, log_slope)[:, use].T, sc])
         coef, *_ = np.linalg.lstsq(a, data, rcond=1e-10)
         return coef, a @ coef - data
 
@@ -202,8 +220,9 @@ def fit_shadow(raw: np.ndarray, centre_px, radius_px: float, fit_radius_px: floa
         radius_px=float(sol.x[2]),
         mu_per_px=float(math.exp(sol.x[3])),
         blur_px=float(sol.x[4]),
-        plane=coef[:3] * scale,
-        scatter=coef[3:] * scale,
+        primary=coef[:6] * scale,
+        scatter=coef[6:] * scale,
         ref_px=ref,
+        log_slope_per_px=log_slope,
         rms=float(np.sqrt(np.mean(res**2))) * scale,
     )
