@@ -50,6 +50,8 @@ _MU_BOUNDS_PER_PX = (1e-3, 5.0)
 #: along a steep gradient; from a transparent start an opaque BB's only pull is its edge's sharpness, and the
 #: fit stalled with mu half the truth and the radius traded for it (0.01 px off-centre on a 3 %/px slope).
 _MU_START_PER_PX = 3.0
+_PRIMARY_TERMS = 6
+_SCATTER_TERMS = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,7 +128,7 @@ def _primary_basis(shape_params, col0: int, row0: int, cols: int, rows: int, ref
     # orders go with the factor e = exp(g . x), g the log-slope of the surroundings.
     e = np.exp(log_slope[0] * x + log_slope[1] * y)
     t, tx, ty = t * e, tx * e, ty * e
-    basis = np.stack([t, x * t + tx, y * t + ty, x * x * t, x * y * t, y * y * t])
+    basis = np.stack([t, x * t + tx, y * t + ty, x * x * t, x * y * t, y * y * t][:_PRIMARY_TERMS])
     if s > 1e-3:
         basis = gaussian_filter1d(gaussian_filter1d(basis, s, axis=1, mode="nearest", truncate=4.0), s, axis=2,
                                   mode="nearest", truncate=4.0)
@@ -136,7 +138,7 @@ def _primary_basis(shape_params, col0: int, row0: int, cols: int, rows: int, ref
 def _scatter_basis(col0: int, row0: int, cols: int, rows: int, ref_px) -> np.ndarray:
     xc = np.broadcast_to((col0 + np.arange(cols))[None, :] - ref_px[0], (rows, cols))
     yc = np.broadcast_to((row0 + np.arange(rows))[:, None] - ref_px[1], (rows, cols))
-    return np.stack([np.ones((rows, cols)), xc, yc]).astype(np.float64)
+    return np.stack([np.ones((rows, cols)), xc, yc][:_SCATTER_TERMS]).astype(np.float64)
 
 
 def render_shadow(fit: "ShadowFit", col0: int, row0: int, cols: int, rows: int, n: int = SUPERSAMPLING) -> np.ndarray:
@@ -220,8 +222,8 @@ def fit_shadow(raw: np.ndarray, centre_px, radius_px: float, fit_radius_px: floa
         radius_px=float(sol.x[2]),
         mu_per_px=float(math.exp(sol.x[3])),
         blur_px=float(sol.x[4]),
-        primary=coef[:6] * scale,
-        scatter=coef[6:] * scale,
+        primary=coef[:_PRIMARY_TERMS] * scale,
+        scatter=coef[_PRIMARY_TERMS:] * scale,
         ref_px=ref,
         log_slope_per_px=log_slope,
         rms=float(np.sqrt(np.mean(res**2))) * scale,
