@@ -12,6 +12,9 @@ Two steps, both free of manual picking:
    re-centred until it stops moving. The absorbed fraction is linear in the
    photons removed, so averaging over a pixel's area does not bias it (a log
    would), it is bounded for opaque tungsten, and its noise has zero mean.
+   Blur on a sloped background, scatter and the window still bias it by up
+   to a few 0.01 px: each accepted centre is debiased with a shadow model
+   fitted to the BB (:mod:`.bb_shadow`, :func:`_debiased`).
 2. :func:`match_markers` assigns detections to the phantom's markers by
    comparing them with the markers projected through the nominal geometry:
    an exhaustive search over translations (every detection-prediction pair is
