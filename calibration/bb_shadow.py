@@ -74,7 +74,8 @@ class ShadowFit:
     blur_px : float
         Gaussian detector blur, px.
     primary : (6,) array
-        Primary behind the BB, ``exp(g . x)`` times a quadratic in ``x = col - col_ref``, ``y = row - row_ref``: coefficients of
+        Primary behind the BB, ``exp(g . x)`` times a quadratic in ``x = col - col_ref``,
+        ``y = row - row_ref``: coefficients of
         1, x, y, x^2, xy, y^2, counts.
     scatter : (1,) array
         Signal not absorbed by the BB (scatter, residual offset), one constant, counts.
@@ -104,7 +105,7 @@ def _sub_offsets(n: int) -> np.ndarray:
 
 def _primary_basis(shape_params, col0: int, row0: int, cols: int, rows: int, ref_px, n: int,
                    log_slope=(0.0, 0.0)) -> np.ndarray:
-    """``G_s * [m T]`` for the monomials ``m`` = 1, x, y, x^2, xy, y^2 (about ``ref_px``) on the block, ``(6, rows, cols)``.
+    """``G_s * [m T]``, monomials ``m`` = 1, x, y, x^2, xy, y^2 (about ``ref_px``), on the block: ``(6, rows, cols)``.
 
     ``T`` is the sphere's transmission averaged over each pixel's area: at the pixel centre where the pixel
     lies wholly inside or outside the shadow's edge, on ``n x n`` sub-pixels within 1 px of the edge (where
@@ -215,7 +216,8 @@ def fit_shadow(raw: np.ndarray, centre_px, radius_px: float, fit_radius_px: floa
     hi = np.array([c[0] + 2.0, c[1] + 2.0, 2.0 * radius_px + 2.0, math.log(_MU_BOUNDS_PER_PX[1]), _MAX_BLUR_PX])
     x0 = np.clip(x0, lo + 1e-6, hi - 1e-6)
     try:
-        sol = least_squares(lambda p: linear(p)[1], x0, bounds=(lo, hi), method="trf", x_scale=np.array([0.1, 0.1, 0.1, 0.3, 0.1]),
+        sol = least_squares(lambda p: linear(p)[1], x0, bounds=(lo, hi), method="trf",
+                            x_scale=np.array([0.1, 0.1, 0.1, 0.3, 0.1]),
                             xtol=1e-6, ftol=1e-8, gtol=1e-8, max_nfev=100)
     except (ValueError, np.linalg.LinAlgError):
         return None

@@ -107,7 +107,8 @@ def _centre_errors(radius_px=3.75, n=6, seed=3, **kw):
     [
         # blur 0.6 px (the clinic chain's) on a 3 %/px ramp: the plain centroid was off -0.009 px towards the thick side
         dict(mu_per_px=3.0, primary_slope=(0.03, 0.0), blur_px=0.6),
-        # a wider blur, along a diagonal (an exponential ramp: a PMMA wedge): the plain centroid was off ~-0.04 px (s^2 grad ln B)
+        # a wider blur, along a diagonal (an exponential ramp: a PMMA wedge): the plain centroid was off
+        # ~-0.04 px (s^2 grad ln B)
         dict(mu_per_px=3.0, primary_slope=(0.021, -0.021), blur_px=1.2, exponential=True),
         # scatter as much as primary, flat, under a sloped primary: P / (P + S) varies across the BB (was +0.05 px)
         dict(mu_per_px=3.0, primary_slope=(0.03, 0.0), blur_px=0.6, scatter=1.0),
