@@ -13,8 +13,9 @@ Two steps, both free of manual picking:
    photons removed, so averaging over a pixel's area does not bias it (a log
    would), it is bounded for opaque tungsten, and its noise has zero mean.
    Blur on a sloped background, scatter and the window still bias it by up
-   to a few 0.01 px: each accepted centre is debiased with a shadow model
-   fitted to the BB (:mod:`.bb_shadow`, :func:`_debiased`).
+   to a few 0.01 px; ``debias=True`` subtracts that bias with a shadow model
+   fitted to each BB (:mod:`.bb_shadow`, :func:`_debiased`) -- off by
+   default, as it did not help the calibration through the clinic chain.
 2. :func:`match_markers` assigns detections to the phantom's markers by
    comparing them with the markers projected through the nominal geometry:
    an exhaustive search over translations (every detection-prediction pair is
@@ -285,7 +286,8 @@ def local_noise(q: np.ndarray, tile_px: int = 64) -> np.ndarray:
     return cv2.resize(grid, (cols, rows), interpolation=cv2.INTER_LINEAR)
 
 
-def detect_bbs(frame, *, diameter_px: float, i0: float | None = None, imager: str = "?") -> DetectedBBs:
+def detect_bbs(frame, *, diameter_px: float, i0: float | None = None, imager: str = "?",
+               debias: bool = False) -> DetectedBBs:
     """Find BBs in a raw kV frame with sub-pixel centres.
 
     Steps (``docs/CALIBRATION.md``): line integrals; matched-filter smoothing
@@ -308,6 +310,9 @@ def detect_bbs(frame, *, diameter_px: float, i0: float | None = None, imager: st
         Unattenuated signal; estimated when omitted.
     imager : str
         Imager name, for messages.
+    debias : bool
+        Subtract each centre's modelled bias (:func:`_debiased`, ``bb_shadow``). Off by default: through the
+        clinic chain it made the source position worse, not better (docs/BENCHMARKS.md, session 8).
 
     Returns
     -------
@@ -363,7 +368,8 @@ def detect_bbs(frame, *, diameter_px: float, i0: float | None = None, imager: st
             continue
         if centres and np.min(np.linalg.norm(np.asarray(centres) - c, axis=1)) < max(radius, 1.5):
             continue
-        c = _debiased(raw, c, radius, r_win, half)
+        if debias:
+            c = _debiased(raw, c, radius, r_win, half)
         centres.append(c)
         diams.append(d_eq)
         peaks.append(pk)
@@ -380,7 +386,8 @@ def detect_bbs(frame, *, diameter_px: float, i0: float | None = None, imager: st
     )
 
 
-def refine_centres(frame, centres_px, diameters_px, *, i0: float | None = None, imager: str = "?") -> tuple[np.ndarray, np.ndarray]:
+def refine_centres(frame, centres_px, diameters_px, *, i0: float | None = None, imager: str = "?",
+                   debias: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Re-measure BB centres with each BB's own expected shadow diameter.
 
     :func:`detect_bbs` sizes its centroid window for one diameter; a phantom
@@ -398,6 +405,8 @@ def refine_centres(frame, centres_px, diameters_px, *, i0: float | None = None, 
         Each BB's expected shadow diameter on the panel, px.
     i0 : float, optional
         Only validated (the centroid uses the absorbed fraction, independent of i0).
+    debias : bool
+        As in :func:`detect_bbs`.
 
     Returns
     -------
@@ -422,7 +431,7 @@ def refine_centres(frame, centres_px, diameters_px, *, i0: float | None = None, 
         half = int(math.ceil(r_win + 4.0))
         res = _refine_centre(raw, c, r_win, half)
         if res is not None:
-            out[k], sig[k] = _debiased(raw, res[0], d / 2.0, r_win, half), res[3] * kappa
+            out[k], sig[k] = (_debiased(raw, res[0], d / 2.0, r_win, half) if debias else res[0]), res[3] * kappa
     return out, sig
 
 

@@ -91,12 +91,12 @@ def _panel_bb(centre_px, radius_px, mu_per_px, primary_slope, blur_px, scatter=0
     return cv2.GaussianBlur(prim + s, (0, 0), blur_px, borderType=cv2.BORDER_REPLICATE) if blur_px else prim + s
 
 
-def _centre_errors(radius_px=3.75, n=6, seed=3, **kw):
+def _centre_errors(radius_px=3.75, n=6, seed=3, debias=True, **kw):
     rng = np.random.default_rng(seed)
     errs = []
     for _ in range(n):
         truth = np.array([PANEL_SIZE / 2, PANEL_SIZE / 2]) + rng.uniform(-0.5, 0.5, 2)
-        det = detect_bbs(_panel_bb(truth, radius_px, **kw), diameter_px=2.0 * radius_px, i0=10000.0)
+        det = detect_bbs(_panel_bb(truth, radius_px, **kw), diameter_px=2.0 * radius_px, i0=10000.0, debias=debias)
         assert det.count == 1, det.count
         errs.append(det.centres_px[0] - truth)
     return np.asarray(errs)
@@ -141,9 +141,17 @@ def test_debiased_centre_for_small_and_large_shadows(radius_px):
 def test_refine_centres_is_debiased_too():
     truth = np.array([31.8, 32.3])
     frame = _panel_bb(truth, 3.75, 3.0, (0.0, 0.03), 1.2, scatter=0.5)
-    centres, sigma = refine_centres(frame, truth[None] + 0.3, [7.5])
+    centres, sigma = refine_centres(frame, truth[None] + 0.3, [7.5], debias=True)
     assert_allclose(centres[0], truth, rtol=0, atol=DEBIASED_TOL_PX)
     assert np.isfinite(sigma[0])
+
+
+def test_the_plain_centroid_keeps_its_blur_times_slope_bias_unless_asked():
+    # debias is off by default; the plain centroid moves by about -s^2 grad(ln B) = -1.44 x 0.03 = -0.043 px
+    plain = _centre_errors(mu_per_px=3.0, primary_slope=(0.03, 0.0), blur_px=1.2, exponential=True, debias=False)
+    assert plain[:, 0].mean() < -0.02
+    fixed = _centre_errors(mu_per_px=3.0, primary_slope=(0.03, 0.0), blur_px=1.2, exponential=True)
+    assert_allclose(fixed.mean(axis=0), 0.0, rtol=0, atol=DEBIASED_MEAN_TOL_PX)
 
 
 def test_shadow_fit_recovers_blur_slope_and_scatter():
