@@ -84,6 +84,9 @@ def main(argv=None) -> None:
                         help="depth protocol: couch shift along each imager's central axis, mm")
     parser.add_argument("--axis-exposures", type=int, default=1,
                         help="depth protocol: exposures (independent frames) at each shifted-along-the-axis position")
+    parser.add_argument("--seed-supersampling", type=int, default=4, metavar="N",
+                        help="--bodies: render the BBs with N x N sub-rays per pixel (the clinic chain's default 4 "
+                             "aliases the shadow's edge: ~0.01 px per BB, deterministic per geometry)")
     parser.add_argument("--qa", type=int, default=None, metavar="N",
                         help="instead: N daily-QA pairs per condition on the bodied cube (issue 13)")
     parser.add_argument("--qa-start", type=int, default=0, help="first QA pair index (new seeds for more pairs)")
@@ -99,7 +102,7 @@ def main(argv=None) -> None:
         return
     if args.bodies is not None:
         bench_bodies(args.bodies, args.positions, args.protocol, args.bodies_start, tuple(args.body or BODY_PHANTOMS),
-                     args.axis_shift_mm, args.axis_exposures)
+                     args.axis_shift_mm, args.axis_exposures, args.seed_supersampling)
         return
 
     nominal = default_stereo_geometry()
@@ -247,7 +250,7 @@ def _overlapping_phantom(ph, j: int, imager):
 
 def bench_bodies(cases: int, n_positions: int, protocol: str = "depth", start: int = 0,
                  bodies: tuple[str, ...] = BODY_PHANTOMS, axis_shift_mm: float = AXIS_SHIFT_MM,
-                 axis_exposures: int = 1) -> None:
+                 axis_exposures: int = 1, seed_supersampling: int = 4) -> None:
     """Issue 13: bodied phantoms through the clinic chain (ChainConfig.clinic, i0 20000), frames flat-field corrected
     with the panel's own maps, phantom on the lasers, ``n_positions`` couch positions (centre, +-50 mm along X, Y, Z,
     in that order); calibrate + acceptance gate. The one-position solve uses the same case's centre frames. Gate
@@ -262,7 +265,7 @@ def bench_bodies(cases: int, n_positions: int, protocol: str = "depth", start: i
     from spineguide.tracking.room.chain import ChainConfig, DetectorMaps
 
     nominal = default_stereo_geometry()
-    chain = ChainConfig.clinic(i0=I0)
+    chain = ChainConfig.clinic(i0=I0, seed_supersampling=seed_supersampling)
     maps = [DetectorMaps.make(im.rows, im.cols, chain, k) for k, im in enumerate(nominal.imagers)]
     g = np.linspace(-100.0, 100.0, 11)
     held = np.stack(np.meshgrid(g, g, g), axis=-1).reshape(-1, 3)
@@ -274,6 +277,7 @@ def bench_bodies(cases: int, n_positions: int, protocol: str = "depth", start: i
           + (f" --bodies-start {start}" if start else "")
           + (f" --axis-shift-mm {axis_shift_mm:g}" if axis_shift_mm != AXIS_SHIFT_MM else "")
           + (f" --axis-exposures {axis_exposures}" if axis_exposures != 1 else "")
+          + (f" --seed-supersampling {seed_supersampling}" if seed_supersampling != 4 else "")
           + ("".join(f" --body {b}" for b in bodies) if tuple(bodies) != BODY_PHANTOMS else ""))
     print(f"clinic chain i0 {I0:g}, protocol {protocol}: {n_positions} couch positions "
           f"({'; '.join(str(list(sh)) + ' ' + '+'.join(ims) for sh, ims in plan)}), flat-field corrected; machine "

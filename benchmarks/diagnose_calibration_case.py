@@ -1,6 +1,6 @@
 """Diagnose one bodied-phantom calibration case of ``bench_calibration.py --bodies`` (issue 13).
 
-Run:  python benchmarks/diagnose_calibration_case.py pmma-cylinder-mixed 18 [--draws 25]
+Run:  python benchmarks/diagnose_calibration_case.py pmma-cylinder-mixed 18 [--draws 25] [--noise-free] [--seed-supersampling 16]
 
 1. Re-renders the case exactly as ``bench_bodies`` does (same seeds, depth protocol +-200 mm, clinic chain,
    flat-fielded) and calibrates: each imager's source error, its component along the imager's central axis and
@@ -47,12 +47,19 @@ def main(argv=None) -> None:
     ap.add_argument("body", choices=bench.BODY_PHANTOMS)
     ap.add_argument("case", type=int)
     ap.add_argument("--draws", type=int, default=25)
+    ap.add_argument("--noise-free", action="store_true",
+                    help="render without quantum, read-out and offset noise (the deterministic part of the errors)")
+    ap.add_argument("--seed-supersampling", type=int, default=None, metavar="N",
+                    help="render the BBs with N x N sub-rays per pixel (the clinic chain's default is 4)")
     args = ap.parse_args(argv)
     from spineguide.tracking.room.bb_phantoms import render_bb_phantom
     from spineguide.tracking.room.chain import ChainConfig, DetectorMaps
 
     nominal = default_stereo_geometry()
-    chain = ChainConfig.clinic(i0=bench.I0)
+    over = {} if args.seed_supersampling is None else {"seed_supersampling": args.seed_supersampling}
+    if args.noise_free:
+        over.update(quantum_noise=False, electronic_noise_counts=0.0, offset_rms_counts=0.0)
+    chain = ChainConfig.clinic(i0=bench.I0, **over)
     maps = [DetectorMaps.make(im.rows, im.cols, chain, k) for k, im in enumerate(nominal.imagers)]
     ph = read_phantom(Path(__file__).resolve().parents[1] / "calibration" / "data" / f"{args.body}.json")
     rng = np.random.default_rng(1300 + args.case)
@@ -63,7 +70,8 @@ def main(argv=None) -> None:
         frames += [CalibrationFrame(n, ff[n], shift) for n in imagers]
     res = calibrate(ph, frames, nominal)
     views = res.views
-    print(f"{args.body} case {args.case}, depth protocol +-{bench.AXIS_SHIFT_MM:g} mm, rendered:")
+    print(f"{args.body} case {args.case}, depth protocol +-{bench.AXIS_SHIFT_MM:g} mm, rendered"
+          f"{' noise-free' if args.noise_free else ''}, {chain.seed_supersampling}x{chain.seed_supersampling} sub-rays per BB pixel:")
     print("  " + _source_line(res, true))
     print("detection error per view (measured - true projection) against sqrt(sigma^2 + floor^2):")
     zs = {n: [] for n in nominal.names}

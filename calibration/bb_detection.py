@@ -12,6 +12,10 @@ Two steps, both free of manual picking:
    re-centred until it stops moving. The absorbed fraction is linear in the
    photons removed, so averaging over a pixel's area does not bias it (a log
    would), it is bounded for opaque tungsten, and its noise has zero mean.
+   Blur on a sloped background, scatter and the window still bias it by up
+   to a few 0.01 px; ``debias=True`` subtracts that bias with a shadow model
+   fitted to each BB (:mod:`.bb_shadow`, :func:`_debiased`) -- off by
+   default, as it did not help the calibration through the clinic chain.
 2. :func:`match_markers` assigns detections to the phantom's markers by
    comparing them with the markers projected through the nominal geometry:
    an exhaustive search over translations (every detection-prediction pair is
@@ -34,6 +38,7 @@ from dataclasses import dataclass, field
 import cv2
 import numpy as np
 
+from .bb_shadow import fit_shadow, render_shadow
 from .errors import DetectionError, ImagesSwappedError, MarkerCountError
 from .foundation import readonly_array as _readonly
 
@@ -281,7 +286,8 @@ def local_noise(q: np.ndarray, tile_px: int = 64) -> np.ndarray:
     return cv2.resize(grid, (cols, rows), interpolation=cv2.INTER_LINEAR)
 
 
-def detect_bbs(frame, *, diameter_px: float, i0: float | None = None, imager: str = "?") -> DetectedBBs:
+def detect_bbs(frame, *, diameter_px: float, i0: float | None = None, imager: str = "?",
+               debias: bool = False) -> DetectedBBs:
     """Find BBs in a raw kV frame with sub-pixel centres.
 
     Steps (``docs/CALIBRATION.md``): line integrals; matched-filter smoothing
@@ -304,6 +310,9 @@ def detect_bbs(frame, *, diameter_px: float, i0: float | None = None, imager: st
         Unattenuated signal; estimated when omitted.
     imager : str
         Imager name, for messages.
+    debias : bool
+        Subtract each centre's modelled bias (:func:`_debiased`, ``bb_shadow``). Off by default: through the
+        clinic chain it made the source position worse, not better (docs/BENCHMARKS.md, session 8).
 
     Returns
     -------
@@ -359,6 +368,8 @@ def detect_bbs(frame, *, diameter_px: float, i0: float | None = None, imager: st
             continue
         if centres and np.min(np.linalg.norm(np.asarray(centres) - c, axis=1)) < max(radius, 1.5):
             continue
+        if debias:
+            c = _debiased(raw, c, radius, r_win, half)
         centres.append(c)
         diams.append(d_eq)
         peaks.append(pk)
@@ -375,7 +386,8 @@ def detect_bbs(frame, *, diameter_px: float, i0: float | None = None, imager: st
     )
 
 
-def refine_centres(frame, centres_px, diameters_px, *, i0: float | None = None, imager: str = "?") -> tuple[np.ndarray, np.ndarray]:
+def refine_centres(frame, centres_px, diameters_px, *, i0: float | None = None, imager: str = "?",
+                   debias: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Re-measure BB centres with each BB's own expected shadow diameter.
 
     :func:`detect_bbs` sizes its centroid window for one diameter; a phantom
@@ -393,6 +405,8 @@ def refine_centres(frame, centres_px, diameters_px, *, i0: float | None = None, 
         Each BB's expected shadow diameter on the panel, px.
     i0 : float, optional
         Only validated (the centroid uses the absorbed fraction, independent of i0).
+    debias : bool
+        As in :func:`detect_bbs`.
 
     Returns
     -------
@@ -414,9 +428,10 @@ def refine_centres(frame, centres_px, diameters_px, *, i0: float | None = None, 
         if not (np.all(np.isfinite(c)) and math.isfinite(d) and d > 0.5):
             continue
         r_win = d / 2.0 + _WINDOW_MARGIN_PX
-        res = _refine_centre(raw, c, r_win, int(math.ceil(r_win + 4.0)))
+        half = int(math.ceil(r_win + 4.0))
+        res = _refine_centre(raw, c, r_win, half)
         if res is not None:
-            out[k], sig[k] = res[0], res[3] * kappa
+            out[k], sig[k] = (_debiased(raw, res[0], d / 2.0, r_win, half) if debias else res[0]), res[3] * kappa
     return out, sig
 
 
@@ -488,6 +503,30 @@ def _refine_centre(raw: np.ndarray, seed: np.ndarray, r_win: float, half: int):
     ev = np.linalg.eigvalsh(m)
     elong = math.sqrt(ev[1] / ev[0]) if ev[0] > 0 else math.inf
     return c, total, float(w.max()), sigma, elong
+
+
+def _debiased(raw: np.ndarray, centre_px: np.ndarray, radius_px: float, r_win: float, half: int) -> np.ndarray:
+    """The windowed centroid ``centre_px`` less its own bias on the BB's fitted shadow model (``bb_shadow``).
+
+    The model (sphere x plane, Gaussian blur, constant scatter) is fitted to the pixels out to the background
+    annulus' outer radius; the same centroid (:func:`_refine_centre`, same window) is run on the noise-free
+    model, and its offset from the model's centre is subtracted. Blur on a sloped background, scatter
+    dilution and the window's truncation of the penumbra so cancel. Where the fit fails (patch off the panel,
+    no convergence) or its centre strays further than the BB's radius, the centroid is returned unchanged.
+    """
+    fit = fit_shadow(raw, centre_px, radius_px, r_win + 4.0)
+    if fit is None or np.linalg.norm(fit.centre_px - centre_px) > max(radius_px, 1.0):
+        return centre_px
+    margin = half + 3
+    ci, ri = int(round(centre_px[0])), int(round(centre_px[1]))
+    size = 2 * margin + 1
+    model = render_shadow(fit, ci - margin, ri - margin, size, size)
+    offset = np.array([ci - margin, ri - margin], dtype=np.float64)
+    res = _refine_centre(model, centre_px - offset, r_win, half)
+    if res is None:
+        return centre_px
+    bias = res[0] + offset - fit.centre_px
+    return centre_px - bias
 
 
 def _normaliser(pts: np.ndarray) -> np.ndarray:
