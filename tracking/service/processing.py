@@ -40,7 +40,6 @@ from .plan import anatomy_roi, level_rois, load_treatment_plan, plan_flat_fields
 __all__ = [
     "PairResult",
     "PairProcessor",
-    "check_pair_quality",
     "check_view_quality",
     "stamp_pose_pattern",
     "read_pose_pattern",
@@ -182,23 +181,9 @@ def check_view_quality(frame: KvFrame, safety: SafetyConfig, dark_fraction: floa
     return None
 
 
-def check_pair_quality(frames: Mapping[str, KvFrame], safety: SafetyConfig,
-                       dark_fraction: float | None = None) -> tuple[HoldReason, str] | None:
-    """:func:`check_view_quality` of every frame: the first problem, or ``None`` when all are usable.
-
-    A float frame with NaN never gets this far (the wire decoder refuses it);
-    the check is repeated for frames that come from elsewhere.
-    """
-    for frame in frames.values():
-        bad = check_view_quality(frame, safety, dark_fraction)
-        if bad is not None:
-            return bad
-    return None
-
-
-def _one_view_refusal(imager: str, method: str, detail: str, reason: HoldReason = HoldReason.ONE_VIEW_REFUSED,
-                      pose: Pose | None = None, quality: dict | None = None) -> PairResult:
-    return PairResult(reason, pose, method, {"ok": False, **(quality or {})}, f"one view {imager!r}: {detail}",
+def _one_view_refusal(imager: str, method: str, detail: str) -> PairResult:
+    """HOLD ``one_view_refused``: the method found no trustworthy pose in ``imager``'s view."""
+    return PairResult(HoldReason.ONE_VIEW_REFUSED, None, method, {"ok": False}, f"one view {imager!r}: {detail}",
                       one_view=imager)
 
 
@@ -461,7 +446,7 @@ class AnatomyProcessor:
 
     def _level_registration(self, level: str | None):
         """The prepared registration of ``level`` (None or the target: the plan's own ROI)."""
-        if level is None or self._levels is None or level == self._levels.target:
+        if level is None:
             return self._reg
         if level not in self._level_regs:
             raise TrackingError(f"level {level!r} is not a level of this plan ({sorted(self._level_regs)})")

@@ -211,13 +211,12 @@ def run_processor(processor: PairProcessor | None, frames: dict[str, KvFrame], j
                 result = processor.process(frames, job.prior)
         else:
             usable = [n for n in config.imagers if n not in bad]
-            first = next(iter(bad.values()))
+            why = "; ".join(d for _, d in bad.values())
             if len(usable) != 1 or not ov.enabled:
-                return PairResult(first[0], method=processor.method, quality={"ok": False},
-                                  detail="; ".join(d for _, d in bad.values()))
+                return PairResult(next(iter(bad.values()))[0], method=processor.method, quality={"ok": False},
+                                  detail=why)
             imager = usable[0]
             blocked = {n: r.value for n, (r, _) in bad.items()}
-            why = "; ".join(d for _, d in bad.values())
             if job.reference is None or job.reference_acquired_unix_s is None:
                 return PairResult(HoldReason.ONE_VIEW_NO_REFERENCE, method=processor.method,
                                   quality={"ok": False, "blocked": blocked},
@@ -235,14 +234,12 @@ def run_processor(processor: PairProcessor | None, frames: dict[str, KvFrame], j
             elapsed_s = max(job.acquired_unix_s - job.reference_acquired_unix_s, 0.0)
             extra = {"level": job.level} if job.level is not None and getattr(processor, "has_levels", False) else {}
             result = processor.process_one_view(frames[imager], prior, elapsed_s, job.prior, **extra)
-            if not isinstance(result, PairResult):
-                raise TrackingError(f"processor returned {type(result).__name__}, not a PairResult")
-            if result.one_view != imager:
-                raise TrackingError(f"one-view result names imager {result.one_view!r}, the view was {imager!r}")
-            quality = {**result.quality, "blocked": blocked, "reference_age_s": elapsed_s}
-            result = replace(result, quality=quality)
         if not isinstance(result, PairResult):
             raise TrackingError(f"processor returned {type(result).__name__}, not a PairResult")
+        if bad:  # measured on one view
+            if result.one_view != imager:
+                raise TrackingError(f"one-view result names imager {result.one_view!r}, the view was {imager!r}")
+            result = replace(result, quality={**result.quality, "blocked": blocked, "reference_age_s": elapsed_s})
         return result
     except Exception as err:  # noqa: BLE001 - the loop's one place that turns any failure into a HOLD
         log.error("pair %d: processing raised %s: %s\n%s", job.pair_id, type(err).__name__, err,
@@ -307,12 +304,11 @@ class Engine:
         self.gating_state = GatingState()
         self.last_frame_unix_s: float | None = None
         self.last_pose: Pose | None = None
-        #: (acquired_unix_s, pose) of the last stereo pair trusted since the patient last moved by the couch:
-        #: what a one-view pair leans on (docs/ONE_VIEW.md). Forgotten at load_plan, start_setup, couch_moved, stop.
-        self.stereo_reference: tuple[float, Pose] | None = None
-        #: (acquired_unix_s, six) of the stereo poses trusted since the reference was last forgotten, the last
-        #: ``[one_view] history_s`` of them: their scatter widens the one-view prior (docs/ONE_VIEW.md).
-        self.stereo_history: list[tuple[float, tuple[float, ...]]] = []
+        #: (acquired_unix_s, pose, six-vector) of the stereo pairs trusted since the patient last moved by the
+        #: couch, those of the last ``[one_view] history_s`` before the newest: the newest is what a one-view pair
+        #: leans on (:attr:`stereo_reference`), the scatter of all widens its prior (docs/ONE_VIEW.md).
+        #: Forgotten at load_plan, start_setup, couch_moved and stop.
+        self.stereo_history: list[tuple[float, Pose, tuple[float, ...]]] = []
         #: The vertebral level whose pose drives the corrections (per-level plans; chosen at approval), None: the
         #: plan's target level. Forgotten at load_plan and start_setup.
         self.driving_level: str | None = None
@@ -330,6 +326,14 @@ class Engine:
         self.plan: CataloguePlan | None = None
         # Set from the chosen plan by load_plan (nothing is judged before a plan is loaded).
         self.target_room_mm = np.zeros(3)
+
+    @property
+    def stereo_reference(self) -> tuple[float, Pose] | None:
+        """(acquired_unix_s, pose) of the newest stereo pair trusted since the patient last moved by the couch."""
+        if not self.stereo_history:
+            return None
+        t, pose, _ = self.stereo_history[-1]
+        return t, pose
 
     # ----------------------------------------------------------------- helpers
     def _count(self, name: str) -> None:
@@ -491,7 +495,6 @@ class Engine:
         self.plan = chosen
         self.target_room_mm = np.asarray(chosen.plan.target_room_mm, dtype=np.float64)
         self.last_pose = None
-        self.stereo_reference = None
         self.stereo_history = []
         self.driving_level = None
         self._set_state(ServiceState.PLAN_LOADED, now, mono, f"plan {chosen.plan_id} loaded")
@@ -503,7 +506,6 @@ class Engine:
     def _cmd_start_setup(self, params, now, mono):
         self.pending = None
         self.couch_moved_unix_s = None
-        self.stereo_reference = None
         self.stereo_history = []
         self.driving_level = None
         self._set_phase(SetupPhase.MEASURING, now, mono)
@@ -588,8 +590,7 @@ class Engine:
         if self.phase is not SetupPhase.AWAITING_COUCH:
             raise CommandRefused(f"no correction was sent to the couch (setup phase {self.phase.value})")
         self.couch_moved_unix_s = now
-        self.stereo_reference = None  # the couch moved the patient: the last stereo pose no longer holds
-        self.stereo_history = []
+        self.stereo_history = []  # the couch moved the patient: the stereo poses no longer hold
         self._set_phase(SetupPhase.VERIFYING, now, mono)
 
     def _cmd_start_monitoring(self, params, now, mono):
@@ -612,7 +613,6 @@ class Engine:
         self._set_state(ServiceState.PAUSED, now, mono, "paused")
 
     def _cmd_stop(self, params, now, mono):
-        self.stereo_reference = None
         self.stereo_history = []
         self._set_phase(None, now, mono)
         self._set_state(ServiceState.STOPPED, now, mono, "stopped")
@@ -766,10 +766,11 @@ class Engine:
             ref_pose = ref_t = None
             history: tuple = ()
             ov = self.config.one_view
-            if (self.state is ServiceState.MONITORING and ov.enabled and self.stereo_reference is not None
-                    and acquired_unix_s - self.stereo_reference[0] <= ov.max_reference_age_s):
-                ref_t, ref_pose = self.stereo_reference
-                history = tuple(six for t, six in self.stereo_history if ref_t - t <= ov.history_s)
+            reference = self.stereo_reference
+            if (self.state is ServiceState.MONITORING and ov.enabled and reference is not None
+                    and acquired_unix_s - reference[0] <= ov.max_reference_age_s):
+                ref_t, ref_pose = reference
+                history = tuple(six for _, _, six in self.stereo_history)
             per_level = (self.state is ServiceState.SETUP and getattr(self.processor, "has_levels", False)
                          and self.phase in (SetupPhase.MEASURING, SetupPhase.VERIFYING))
             job = PairJob(pair_id, acquired_unix_s, complete_mono_s, now_unix_s, self.last_pose, skip, epoch,
@@ -815,10 +816,10 @@ class Engine:
         if result.ok:
             self.last_pose = result.pose
             if result.one_view is None and self.state in (ServiceState.MONITORING, ServiceState.SETUP):
-                self.stereo_reference = (job.acquired_unix_s, result.pose)
                 window = self.config.one_view.history_s
                 self.stereo_history = [h for h in self.stereo_history if job.acquired_unix_s - h[0] <= window]
-                self.stereo_history.append((job.acquired_unix_s, tuple(float(v) for v in pose_six(result.pose))))
+                self.stereo_history.append((job.acquired_unix_s, result.pose,
+                                            tuple(float(v) for v in pose_six(result.pose))))
             self._last_failure = None
         else:
             # The first pair of a run of one reason at WARNING, the repeats at DEBUG (an idle room sends
