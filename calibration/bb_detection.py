@@ -287,7 +287,7 @@ def local_noise(q: np.ndarray, tile_px: int = 64) -> np.ndarray:
 
 
 def detect_bbs(frame, *, diameter_px: float, i0: float | None = None, imager: str = "?",
-               debias: bool = False) -> DetectedBBs:
+               debias: bool = False, size_range_px: tuple[float, float] | None = None) -> DetectedBBs:
     """Find BBs in a raw kV frame with sub-pixel centres.
 
     Steps (``docs/CALIBRATION.md``): line integrals; matched-filter smoothing
@@ -310,6 +310,10 @@ def detect_bbs(frame, *, diameter_px: float, i0: float | None = None, imager: st
         Unattenuated signal; estimated when omitted.
     imager : str
         Imager name, for messages.
+    size_range_px : (float, float), optional
+        Smallest and largest expected shadow diameter, px, when the BBs differ in size or depth (a phantom with
+        1.5-3 mm BBs, or moved 300 mm along the imager's axis: +-14 % magnification). A detection is kept when its
+        equivalent diameter lies within ``DIAMETER_RANGE`` of that span (default: of ``diameter_px`` alone).
     debias : bool
         Subtract each centre's modelled bias (:func:`_debiased`, ``bb_shadow``). Off by default: through the
         clinic chain it made the source position worse, not better (docs/BENCHMARKS.md, session 8).
@@ -329,6 +333,7 @@ def detect_bbs(frame, *, diameter_px: float, i0: float | None = None, imager: st
         math.isfinite(diameter_px) and diameter_px > 0.5
     ):
         raise DetectionError(f"imager '{imager}': diameter_px must be a number above 0.5 px, got {diameter_px!r}")
+    lo_px, hi_px = _size_range(diameter_px, size_range_px, imager)
     raw = repair_defects(_checked_frame(frame, imager))
     p, i0 = line_integrals(raw, i0, imager)
     radius = diameter_px / 2.0
@@ -363,7 +368,7 @@ def detect_bbs(frame, *, diameter_px: float, i0: float | None = None, imager: st
             continue
         c, area, pk, sig, elong = result
         d_eq = 2.0 * math.sqrt(max(area, 0.0) / math.pi)
-        if not (DIAMETER_RANGE[0] * diameter_px <= d_eq <= DIAMETER_RANGE[1] * diameter_px) or elong > MAX_ELONGATION:
+        if not (DIAMETER_RANGE[0] * lo_px <= d_eq <= DIAMETER_RANGE[1] * hi_px) or elong > MAX_ELONGATION:
             rejected.append(c)
             continue
         if centres and np.min(np.linalg.norm(np.asarray(centres) - c, axis=1)) < max(radius, 1.5):
@@ -384,6 +389,20 @@ def detect_bbs(frame, *, diameter_px: float, i0: float | None = None, imager: st
         _readonly(np.array(rejected, dtype=np.float64).reshape(-1, 2)),
         _readonly(np.array(sigmas)[order] if centres else np.zeros(0)),
     )
+
+
+def _size_range(diameter_px: float, size_range_px, imager: str) -> tuple[float, float]:
+    """Checked ``(smallest, largest)`` expected shadow diameter, px; ``(diameter_px, diameter_px)`` when not given."""
+    if size_range_px is None:
+        return float(diameter_px), float(diameter_px)
+    try:
+        lo, hi = (float(v) for v in size_range_px)
+    except (TypeError, ValueError):
+        raise DetectionError(f"imager '{imager}': size_range_px must be two numbers (px), got {size_range_px!r}") from None
+    if not (math.isfinite(lo) and math.isfinite(hi) and 0.5 < lo <= hi):
+        raise DetectionError(f"imager '{imager}': size_range_px must be finite, above 0.5 px and ordered, "
+                             f"got {size_range_px!r}")
+    return lo, hi
 
 
 def refine_centres(frame, centres_px, diameters_px, *, i0: float | None = None, imager: str = "?",

@@ -857,8 +857,12 @@ def measure_frame(
         )
     predicted = _predicted(phantom, imager, couch_shift_mm)
     pitch = float(np.mean(imager.pixel_spacing_mm))
-    diameter_px = float(np.median(phantom.diameters_mm)) * imager.magnification / pitch
-    det = detect_bbs(arr, diameter_px=diameter_px, i0=i0, imager=imager.name)
+    # Each BB's own shadow size at its depth for this couch shift: BBs of several sizes, and +-300 mm along the
+    # imager's axis changes the magnification by +-14 % (a 1.5 mm BB's shadow then fell below the size window set
+    # by the median BB at the isocentre's magnification, and was rejected).
+    shadows = _shadow_diameters_px(phantom, imager, couch_shift_mm)
+    det = detect_bbs(arr, diameter_px=float(np.median(shadows)), i0=i0, imager=imager.name,
+                     size_range_px=(float(shadows.min()), float(shadows.max())))
     match = match_markers(
         det.centres_px, predicted, points_mm=phantom.placed_mm(couch_shift_mm), gate_px=_gate_px(predicted), search_px=SEARCH_PANEL_MM / pitch,
         imager=imager.name, marker_names=phantom.names,
