@@ -116,6 +116,9 @@ def test_bad_frames_and_parameters_are_errors():
         detect_bbs(np.zeros((32, 32)), diameter_px=3.0, imager="A")
     with pytest.raises(DetectionError, match="diameter_px must be a number above 0.5"):
         detect_bbs(np.full((32, 32), 100.0), diameter_px=0.1, imager="A")
+    for bad in ((5.0, 3.0), (0.2, 3.0), (float("nan"), 3.0), ("a", 3.0), (3.0,), 7.0):
+        with pytest.raises(DetectionError, match="imager 'A': size_range_px must be"):
+            detect_bbs(np.full((32, 32), 100.0), diameter_px=3.0, imager="A", size_range_px=bad)
 
 
 def test_blank_frame_finds_no_markers():
