@@ -36,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from spineguide.calibration.geometry import ImagerGeometry, StereoGeometry, default_stereo_geometry  # noqa: E402
 from spineguide.calibration.phantom import default_phantom  # noqa: E402
+from spineguide.calibration.protocol import AXIS_EXPOSURES, AXIS_SHIFT_MM, depth_protocol  # noqa: E402
 from spineguide.calibration.qa import QAStatus, run_qa  # noqa: E402
 from spineguide.calibration.qa_causes import CAUSES  # noqa: E402
 from spineguide.calibration.solve import CalibrationFrame, calibrate  # noqa: E402
@@ -201,35 +202,24 @@ def main(argv=None) -> None:
 
 
 BODY_PHANTOMS = ("pmma-cube-150", "pmma-cylinder-mixed", "pmma-cube-inserts")
-#: Depth protocol: how far the couch moves the phantom along each imager's own central axis, mm. With sources
-#: 2200 mm away, +-50 mm shifts along the room axes change a marker's depth by only +-35 mm and leave the source
-#: distance uncertain to ~1-3 mm (issue 13); along the axis the phantom stays centred in that imager's view (the
-#: other imager, which would see it leave its field, takes no frame there).
-AXIS_SHIFT_MM = 300.0
-#: Exposures at each along-the-axis position (independent frames): 2 halves the source variance (CALIBRATION).
-AXIS_EXPOSURES = 2
 #: Exposures per imager of the one-position calibration (all at the centre).
 SINGLE_EXPOSURES = 4
 
 
-def couch_protocol(name: str, nominal, axis_shift_mm: float | None = None
+def couch_protocol(name: str, nominal, axis_shift_mm: float = AXIS_SHIFT_MM
                    ) -> list[tuple[tuple[float, float, float], tuple[str, ...]]]:
-    """Couch positions of a calibration and which imagers take a frame at each (room frame, mm).
+    """Couch positions of a calibration and which imagers take a frame at each (room frame, mm), one per position.
 
     ``axes``: centre and +-50 mm along X, Y, Z, both imagers (the older benchmark's set).
-    ``depth``: centre and +-50 mm along Y (both imagers), then +-``axis_shift_mm`` (default AXIS_SHIFT_MM) along each
-    imager's central axis (that imager only): 7 positions, 5 exposures per imager, a 4x longer depth lever.
+    ``depth``: :func:`spineguide.calibration.protocol.depth_protocol` with one exposure per position (the
+    benchmark repeats the along-the-axis ones ``--axis-exposures`` times): centre and +-50 mm along Y (both
+    imagers), then +-``axis_shift_mm`` along each imager's central axis (that imager only).
     """
-    axis_shift_mm = AXIS_SHIFT_MM if axis_shift_mm is None else float(axis_shift_mm)
     if name == "axes":
         return [(tuple(map(float, sh)), nominal.names) for sh in SHIFTS_MM]
     if name != "depth":
         raise SystemExit(f"unknown protocol {name!r} (axes or depth)")
-    out = [((0.0, 0.0, 0.0), nominal.names), ((0.0, 50.0, 0.0), nominal.names), ((0.0, -50.0, 0.0), nominal.names)]
-    for im in nominal.imagers:
-        for sign in (1.0, -1.0):
-            out.append((tuple(float(v) for v in np.round(sign * axis_shift_mm * im.normal, 6)), (im.name,)))
-    return out
+    return [(e.couch_shift_mm, e.imagers) for e in depth_protocol(nominal, axis_shift_mm=axis_shift_mm, axis_exposures=1)]
 
 
 def _flat_fielded(bf, geometry, maps) -> dict:
@@ -269,7 +259,7 @@ def bench_bodies(cases: int, n_positions: int, protocol: str = "depth", start: i
 
     from spineguide.calibration.gate import acceptance_gate
     from spineguide.calibration.phantom import BBPhantom, Marker, read_phantom
-    from spineguide.calibration.solve import PhantomView, solve_geometry
+    from spineguide.calibration.solve import solve_geometry
     from spineguide.tracking.room.bb_phantoms import render_bb_phantom
     from spineguide.tracking.room.chain import ChainConfig, DetectorMaps
 

@@ -613,6 +613,27 @@ def _isocentre_reference(args: argparse.Namespace):
     return laser, None
 
 
+def _cmd_calibrate_protocol(args: argparse.Namespace) -> int:
+    """Print the couch positions and exposures of the depth protocol for a room, and the ``calibrate`` call."""
+    from spineguide.calibration.geometry import default_stereo_geometry
+    from spineguide.calibration.io import read_geometry
+    from spineguide.calibration.protocol import depth_protocol
+
+    nominal = read_geometry(args.nominal) if args.nominal else default_stereo_geometry()
+    plan = depth_protocol(nominal, axis_shift_mm=args.axis_shift_mm, axis_exposures=args.axis_exposures,
+                          y_shift_mm=args.y_shift_mm)
+    print(f"depth protocol for {'room ' + str(args.nominal) if args.nominal else 'the built-in room'}: "
+          f"{len(plan)} exposures; couch shift = the phantom's translation from its setup on the lasers "
+          "(room frame, IEC 61217, mm)")
+    print_table(["exposure", "couch X mm", "couch Y mm", "couch Z mm", "imagers"],
+                [[k + 1, f"{e.couch_shift_mm[0]:.1f}", f"{e.couch_shift_mm[1]:.1f}", f"{e.couch_shift_mm[2]:.1f}",
+                  "+".join(e.imagers)] for k, e in enumerate(plan)])
+    images = [arg for k, e in enumerate(plan) for arg in e.image_arguments(f"exp{k + 1:02d}_")]
+    print("then: spineguide calibrate --phantom PHANTOM.json --out geometry.json "
+          + " ".join(f"--image {a}" for a in images))
+    return EXIT_OK
+
+
 def _cmd_calibrate(args: argparse.Namespace) -> int:
     from spineguide.calibration.geometry import default_stereo_geometry
     from spineguide.calibration.io import read_geometry, write_geometry
@@ -839,6 +860,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true",
                    help="write the geometry even when the acceptance gate fails (exit status stays 3)")
     p.set_defaults(func=_cmd_calibrate)
+
+    p = sub.add_parser("calibrate-protocol",
+                       help="print the couch positions and exposures to acquire for a calibration (depth protocol)")
+    p.add_argument("--nominal", type=Path, default=None, help="nominal geometry of the room (default: built-in room)")
+    p.add_argument("--axis-shift-mm", type=float, default=300.0,
+                   help="couch travel along each imager's central axis, mm (default 300; 0 = none)")
+    p.add_argument("--axis-exposures", type=int, default=2, help="frames at each along-the-axis position (default 2)")
+    p.add_argument("--y-shift-mm", type=float, default=50.0, help="couch travel along room Y, both imagers (default 50)")
+    p.set_defaults(func=_cmd_calibrate_protocol)
 
     p = sub.add_parser("qa", help="daily geometry QA against the stored calibration, or --trend")
     p.add_argument("--geometry", type=Path, help="stored kv-geometry/1 calibration")
