@@ -91,6 +91,9 @@ def main(argv=None) -> None:
                              "geometry; 16 by default here)")
     parser.add_argument("--single-exposures", type=int, default=SINGLE_EXPOSURES, metavar="K",
                         help="--bodies: exposures per imager of the one-position calibration (all at the centre)"),
+    parser.add_argument("--couch-error-mm", type=float, default=0.0, metavar="S",
+                        help="--bodies: the couch puts the phantom off the reported shift by N(0, S) mm per axis at "
+                             "each position but the centre (the calibration is told the reported shift)")
     parser.add_argument("--qa", type=int, default=None, metavar="N",
                         help="instead: N daily-QA pairs per condition on the bodied cube (issue 13)")
     parser.add_argument("--qa-start", type=int, default=0, help="first QA pair index (new seeds for more pairs)")
@@ -106,7 +109,8 @@ def main(argv=None) -> None:
         return
     if args.bodies is not None:
         bench_bodies(args.bodies, args.positions, args.protocol, args.bodies_start, tuple(args.body or BODY_PHANTOMS),
-                     args.axis_shift_mm, args.axis_exposures, args.seed_supersampling, args.single_exposures)
+                     args.axis_shift_mm, args.axis_exposures, args.seed_supersampling, args.single_exposures,
+                     args.couch_error_mm)
         return
 
     nominal = default_stereo_geometry()
@@ -248,7 +252,7 @@ def _overlapping_phantom(ph, j: int, imager):
 def bench_bodies(cases: int, n_positions: int, protocol: str = "depth", start: int = 0,
                  bodies: tuple[str, ...] = BODY_PHANTOMS, axis_shift_mm: float = AXIS_SHIFT_MM,
                  axis_exposures: int = AXIS_EXPOSURES, seed_supersampling: int = 16,
-                 single_exposures: int = SINGLE_EXPOSURES) -> None:
+                 single_exposures: int = SINGLE_EXPOSURES, couch_error_mm: float = 0.0) -> None:
     """Issue 13: bodied phantoms through the clinic chain (ChainConfig.clinic, i0 20000), frames flat-field corrected
     with the panel's own maps, phantom on the lasers, ``n_positions`` couch positions (centre, +-50 mm along X, Y, Z,
     in that order); calibrate + acceptance gate. The one-position solves use the same case's centre frames: its first
@@ -278,6 +282,7 @@ def bench_bodies(cases: int, n_positions: int, protocol: str = "depth", start: i
           + (f" --axis-exposures {axis_exposures}" if axis_exposures != AXIS_EXPOSURES else "")
           + (f" --seed-supersampling {seed_supersampling}" if seed_supersampling != 16 else "")
           + (f" --single-exposures {single_exposures}" if single_exposures != SINGLE_EXPOSURES else "")
+          + (f" --couch-error-mm {couch_error_mm:g}" if couch_error_mm else "")
           + ("".join(f" --body {b}" for b in bodies) if tuple(bodies) != BODY_PHANTOMS else ""))
     print(f"clinic chain i0 {I0:g}, protocol {protocol}: {n_positions} couch positions "
           f"({'; '.join(str(list(sh)) + ' ' + '+'.join(ims) for sh, ims in plan)}), flat-field corrected; machine "
@@ -293,8 +298,14 @@ def bench_bodies(cases: int, n_positions: int, protocol: str = "depth", start: i
             rng = np.random.default_rng(1300 + case)
             true = perturbed_geometry(nominal, rng)
             frames = []
+            # Couch positioning error (--couch-error-mm): the phantom is rendered where the couch really put it, the
+            # calibration is given the shift the couch reports; one error per position (its exposures share it),
+            # none at the centre (the setup position itself), drawn from a stream of its own.
+            rng_couch = np.random.default_rng(9000 + case)
+            real = {sh: np.asarray(sh) + (rng_couch.normal(0.0, couch_error_mm, 3) if k and couch_error_mm > 0 else 0.0)
+                    for k, sh in enumerate(dict.fromkeys(sh for sh, _ in plan))}
             for shift, imagers in plan:
-                bf = render_bb_phantom(true, ph, chain, couch_shift_mm=shift, seed=rng)
+                bf = render_bb_phantom(true, ph, chain, couch_shift_mm=tuple(real[shift]), seed=rng)
                 ff = _flat_fielded(bf, true, maps)
                 frames += [CalibrationFrame(n, ff[n], shift) for n in imagers]
             centre = list(frames[:2])
