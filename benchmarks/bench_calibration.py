@@ -94,6 +94,8 @@ def main(argv=None) -> None:
     parser.add_argument("--couch-error-mm", type=float, default=0.0, metavar="S",
                         help="--bodies: the couch puts the phantom off the reported shift by N(0, S) mm per axis at "
                              "each position but the centre (the calibration is told the reported shift)")
+    parser.add_argument("--couch-sigma-mm", type=float, default=0.0, metavar="S",
+                        help="--bodies: calibrate with this couch accuracy (fits each position's couch error)")
     parser.add_argument("--qa", type=int, default=None, metavar="N",
                         help="instead: N daily-QA pairs per condition on the bodied cube (issue 13)")
     parser.add_argument("--qa-start", type=int, default=0, help="first QA pair index (new seeds for more pairs)")
@@ -110,7 +112,7 @@ def main(argv=None) -> None:
     if args.bodies is not None:
         bench_bodies(args.bodies, args.positions, args.protocol, args.bodies_start, tuple(args.body or BODY_PHANTOMS),
                      args.axis_shift_mm, args.axis_exposures, args.seed_supersampling, args.single_exposures,
-                     args.couch_error_mm)
+                     args.couch_error_mm, args.couch_sigma_mm)
         return
 
     nominal = default_stereo_geometry()
@@ -252,7 +254,8 @@ def _overlapping_phantom(ph, j: int, imager):
 def bench_bodies(cases: int, n_positions: int, protocol: str = "depth", start: int = 0,
                  bodies: tuple[str, ...] = BODY_PHANTOMS, axis_shift_mm: float = AXIS_SHIFT_MM,
                  axis_exposures: int = AXIS_EXPOSURES, seed_supersampling: int = 16,
-                 single_exposures: int = SINGLE_EXPOSURES, couch_error_mm: float = 0.0) -> None:
+                 single_exposures: int = SINGLE_EXPOSURES, couch_error_mm: float = 0.0,
+                 couch_sigma_mm: float = 0.0) -> None:
     """Issue 13: bodied phantoms through the clinic chain (ChainConfig.clinic, i0 20000), frames flat-field corrected
     with the panel's own maps, phantom on the lasers, ``n_positions`` couch positions (centre, +-50 mm along X, Y, Z,
     in that order); calibrate + acceptance gate. The one-position solves use the same case's centre frames: its first
@@ -283,6 +286,7 @@ def bench_bodies(cases: int, n_positions: int, protocol: str = "depth", start: i
           + (f" --seed-supersampling {seed_supersampling}" if seed_supersampling != 16 else "")
           + (f" --single-exposures {single_exposures}" if single_exposures != SINGLE_EXPOSURES else "")
           + (f" --couch-error-mm {couch_error_mm:g}" if couch_error_mm else "")
+          + (f" --couch-sigma-mm {couch_sigma_mm:g}" if couch_sigma_mm else "")
           + ("".join(f" --body {b}" for b in bodies) if tuple(bodies) != BODY_PHANTOMS else ""))
     print(f"clinic chain i0 {I0:g}, protocol {protocol}: {n_positions} couch positions "
           f"({'; '.join(str(list(sh)) + ' ' + '+'.join(ims) for sh, ims in plan)}), flat-field corrected; machine "
@@ -314,7 +318,7 @@ def bench_bodies(cases: int, n_positions: int, protocol: str = "depth", start: i
                 ff = _flat_fielded(bf, true, maps)
                 centre += [CalibrationFrame(n, ff[n], plan[0][0]) for n in plan[0][1]]
             try:
-                res = calibrate(ph, frames, nominal)
+                res = calibrate(ph, frames, nominal, couch_sigma_mm=couch_sigma_mm)
                 single = calibrate(ph, frames[:2], nominal)
                 single_k = calibrate(ph, centre, nominal)
             except Exception as err:  # noqa: BLE001 - a refused case is a result
@@ -346,7 +350,7 @@ def bench_bodies(cases: int, n_positions: int, protocol: str = "depth", start: i
                 moved = BBPhantom(tuple(Marker(mk.name, mk.position_mm + (np.eye(3)[axis] if i == j else 0.0),
                                                mk.diameter_mm, mk.material) for i, mk in enumerate(ph.markers)),
                                   "wrong", ph.centre_offset_mm, ph.body)
-                wrong = dataclasses.replace(solve_geometry(moved, res.views, nominal), measured=res.measured)
+                wrong = dataclasses.replace(solve_geometry(moved, res.views, nominal, couch_sigma_mm=couch_sigma_mm), measured=res.measured)
                 g_wrong = acceptance_gate(wrong)
                 catches += (not g_wrong.passed) and ph.names[j] in g_wrong.failed_bbs
             except Exception:  # noqa: BLE001 - refusing the wrong file is a catch
@@ -358,7 +362,7 @@ def bench_bodies(cases: int, n_positions: int, protocol: str = "depth", start: i
             ff = _flat_fielded(bf, true, maps)
             frames_x = [CalibrationFrame(n, ff[n], plan[0][0]) for n in true.names] + frames[2:]
             try:
-                g_x = acceptance_gate(calibrate(ph, frames_x, nominal))
+                g_x = acceptance_gate(calibrate(ph, frames_x, nominal, couch_sigma_mm=couch_sigma_mm))
                 overlap_catches += (not g_x.passed) and ph.names[k] in g_x.failed_bbs
             except Exception:  # noqa: BLE001 - a refused calibration is a catch
                 overlap_catches += 1

@@ -99,6 +99,10 @@ _MIN_MATCHED = 6  # markers per imager for a DLT (11 unknowns, 2 equations each)
 #: Model-error allowance added in quadrature to each centre's detection sigma in the fit's weights, px (what the
 #: plane background and beam hardening leave, ~0.02-0.03 px on the bodied phantoms, issue 13).
 SIGMA_FLOOR_PX = 0.02
+#: Couch shifts closer than this are one couch position (and a shift this small is the setup position), mm.
+_EXACT_SHIFT_MM = 1e-3
+#: Largest couch positioning accuracy (1-sigma per axis) the solve accepts, mm.
+MAX_COUCH_SIGMA_MM = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -268,6 +272,19 @@ class IsocentreCheck:
 
 
 @dataclass(frozen=True, slots=True)
+class CouchErrorEstimate:
+    """Where the couch really put the phantom at one position, as fitted (``couch_sigma_mm`` > 0).
+
+    ``shift_mm`` the reported couch shift, ``error_mm`` the fitted difference (real minus reported) and
+    ``sigma_mm`` its 1-sigma; room frame, mm.
+    """
+
+    shift_mm: np.ndarray
+    error_mm: np.ndarray
+    sigma_mm: np.ndarray
+
+
+@dataclass(frozen=True, slots=True)
 class CalibrationResult:
     """Everything a calibration produced: geometry, per-imager fits, isocentre check.
 
@@ -286,6 +303,7 @@ class CalibrationResult:
     measured: tuple = field(default=())
     reference: IsocentreReference | None = None
     isocentre_covariance_mm2: np.ndarray = field(default_factory=lambda: np.full((3, 3), np.nan))
+    couch_errors: tuple[CouchErrorEstimate, ...] = ()
 
     @property
     def phantom_name(self) -> str:
@@ -297,10 +315,11 @@ class CalibrationResult:
         return self.reference.centre_bb_mm if self.reference is not None else self.phantom.centre_offset_mm
 
     def markers_room_mm(self, view_index: int) -> np.ndarray:
-        """(N, 3) marker centres of view ``view_index`` as fitted (rotation, translation, couch shift), room frame, mm."""
+        """(N, 3) marker centres of view ``view_index`` as fitted (rotation, translation, couch shift and its fitted
+        error), room frame, mm."""
         view = self.views[view_index]
         return (self.phantom.positions_mm @ np.asarray(self.phantom_rotation_matrix).T + self.phantom_translation_mm
-                + view.couch_shift_mm)
+                + view.couch_shift_mm + couch_error_at(self.couch_errors, view.couch_shift_mm))
 
     def kv_isocentre(self, laser: IsocentreReference | None = None) -> KvIsocentre:
         """The kV isocentre against the external reference (:func:`spineguide.calibration.isocentre.kv_isocentre`)."""
@@ -421,6 +440,9 @@ class ImagerObservations:
         Index into the solve's views per row.
     weights : (M,) array
         Least-squares weight per row, 1/px (:meth:`PhantomView.weights`).
+    positions : (M,) int array
+        Index of the row's couch position among the fitted couch errors (:class:`CouchPositions`), -1 where the
+        shift is taken as exact (the setup position, or every position when couch errors are not fitted).
     """
 
     name: str
@@ -430,11 +452,54 @@ class ImagerObservations:
     markers: tuple[str, ...]
     views: np.ndarray
     weights: np.ndarray
+    positions: np.ndarray
 
-    def room_mm(self, offset_mm: np.ndarray, rotation: np.ndarray | None = None) -> np.ndarray:
-        """(M, 3) observed markers in the room: ``R p + offset + shift``, mm."""
+    def room_mm(self, offset_mm: np.ndarray, rotation: np.ndarray | None = None,
+                couch_errors_mm: np.ndarray | None = None) -> np.ndarray:
+        """(M, 3) observed markers in the room: ``R p + offset + shift (+ the couch error of its position)``, mm."""
         p = self.points_mm if rotation is None else self.points_mm @ rotation.T
-        return p + offset_mm + self.shifts_mm
+        room = p + offset_mm + self.shifts_mm
+        if couch_errors_mm is not None and len(couch_errors_mm):
+            fitted = self.positions >= 0
+            room[fitted] += couch_errors_mm[self.positions[fitted]]
+        return room
+
+
+@dataclass(frozen=True, slots=True)
+class CouchPositions:
+    """The couch positions whose shift is uncertain: each gets a fitted 3D error with a Gaussian prior.
+
+    Room frame, mm. ``shifts_mm`` (P, 3) are the reported shifts (every non-zero one among the views: the setup
+    position, shift 0, defines the frame and is exact); ``sigma_mm`` the couch's positioning accuracy per axis
+    (1-sigma). ``view_position`` maps each view to its index, -1 for an exact one.
+    """
+
+    shifts_mm: np.ndarray
+    sigma_mm: float
+    view_position: np.ndarray
+
+    @classmethod
+    def of(cls, views: Sequence["PhantomView"], sigma_mm: float) -> "CouchPositions":
+        if sigma_mm <= 0.0:
+            return cls(np.zeros((0, 3)), 0.0, np.full(len(views), -1, dtype=np.int64))
+        keys, index = [], []
+        for v in views:
+            shift = np.asarray(v.couch_shift_mm, dtype=np.float64)
+            if np.linalg.norm(shift) <= _EXACT_SHIFT_MM:
+                index.append(-1)
+                continue
+            for k, other in enumerate(keys):
+                if np.linalg.norm(other - shift) <= _EXACT_SHIFT_MM:
+                    index.append(k)
+                    break
+            else:
+                keys.append(shift)
+                index.append(len(keys) - 1)
+        return cls(np.array(keys, dtype=np.float64).reshape(-1, 3), float(sigma_mm), np.array(index, dtype=np.int64))
+
+    @property
+    def count(self) -> int:
+        return int(self.shifts_mm.shape[0])
 
 
 @dataclass(frozen=True, slots=True)
@@ -447,11 +512,13 @@ class StartingPoint:
 
 @dataclass(frozen=True, slots=True)
 class ParameterLayout:
-    """Positions of the unknowns in the least-squares vector: per imager blocks, then the shared phantom rotation."""
+    """Positions of the unknowns in the least-squares vector: per imager blocks, the couch errors (3 per uncertain
+    couch position, mm), then the shared phantom rotation."""
 
     names: tuple[str, ...]
     fit_pixel_aspect: bool
     free_phantom_rotation: bool
+    couch_positions: int = 0
 
     @property
     def per_imager(self) -> int:
@@ -459,10 +526,19 @@ class ParameterLayout:
 
     @property
     def size(self) -> int:
-        return self.per_imager * len(self.names) + (3 if self.free_phantom_rotation else 0)
+        return self.per_imager * len(self.names) + 3 * self.couch_positions + (3 if self.free_phantom_rotation else 0)
 
     def block(self, k: int) -> slice:
         return slice(k * self.per_imager, (k + 1) * self.per_imager)
+
+    @property
+    def couch_block(self) -> slice:
+        start = self.per_imager * len(self.names)
+        return slice(start, start + 3 * self.couch_positions)
+
+    def couch_errors(self, x: np.ndarray) -> np.ndarray:
+        """(P, 3) fitted couch errors, mm (empty when not fitted)."""
+        return x[self.couch_block].reshape(-1, 3)
 
     def rotation(self, x: np.ndarray) -> np.ndarray:
         """The fitted phantom rotation matrix (identity when not fitted)."""
@@ -513,8 +589,9 @@ def _validated_views(phantom: BBPhantom, views: tuple[PhantomView, ...], nominal
     return per_imager
 
 
-def _observations(phantom: BBPhantom, views: tuple[PhantomView, ...], name: str, idx: list[int]) -> ImagerObservations:
-    p_list, s_list, px_list, mk, vw, w_list = [], [], [], [], [], []
+def _observations(phantom: BBPhantom, views: tuple[PhantomView, ...], name: str, idx: list[int],
+                  couch: CouchPositions) -> ImagerObservations:
+    p_list, s_list, px_list, mk, vw, w_list, pos = [], [], [], [], [], [], []
     for i in idx:
         ok = np.all(np.isfinite(views[i].marker_px), axis=1)
         w_list.append(views[i].weights()[ok])
@@ -523,8 +600,9 @@ def _observations(phantom: BBPhantom, views: tuple[PhantomView, ...], name: str,
         px_list.append(views[i].marker_px[ok])
         mk.extend(np.array(phantom.names)[ok].tolist())
         vw.extend([i] * int(ok.sum()))
+        pos.extend([int(couch.view_position[i])] * int(ok.sum()))
     return ImagerObservations(name, np.vstack(p_list), np.vstack(s_list), np.vstack(px_list), tuple(mk),
-                              np.array(vw, dtype=np.int64), np.concatenate(w_list))
+                              np.array(vw, dtype=np.int64), np.concatenate(w_list), np.array(pos, dtype=np.int64))
 
 
 def _starting_point(obs: ImagerObservations, nominal_im: ImagerGeometry, offset_mm: np.ndarray) -> StartingPoint:
@@ -546,16 +624,23 @@ def _starting_point(obs: ImagerObservations, nominal_im: ImagerGeometry, offset_
 
 
 def _least_squares(obs: dict[str, ImagerObservations], starts: dict[str, StartingPoint], layout: ParameterLayout,
-                   offset_mm: np.ndarray) -> LeastSquaresFit:
-    """Levenberg-Marquardt over the physical parameters; covariance ``s^2 (J^T J)^-1``."""
+                   offset_mm: np.ndarray, couch_sigma_mm: float = 0.0) -> LeastSquaresFit:
+    """Levenberg-Marquardt over the physical parameters; covariance ``s^2 (J^T J)^-1``.
+
+    With couch errors fitted, each one's prior ``error / couch_sigma_mm`` is appended to the residuals (in the
+    detection-sigma units of the weighted marker residuals, so the views must carry detection sigmas).
+    """
 
     def residuals(x: np.ndarray) -> np.ndarray:
         rot = layout.rotation(x)
+        couch = layout.couch_errors(x)
         out = []
         for k, name in enumerate(layout.names):
             state = _imager_state(starts[name].reference, x[layout.block(k)], layout.fit_pixel_aspect)
             o = obs[name]
-            out.append(((_project(state, o.room_mm(offset_mm, rot)) - o.pixels) * o.weights[:, None]).ravel())
+            out.append(((_project(state, o.room_mm(offset_mm, rot, couch)) - o.pixels) * o.weights[:, None]).ravel())
+        if layout.couch_positions:
+            out.append(couch.ravel() / couch_sigma_mm)
         return np.concatenate(out)
 
     n_params = layout.size
@@ -646,6 +731,7 @@ def solve_geometry(
     calibrated_unix_s: float | None = None,
     provenance: str = "",
     reference: IsocentreReference | None = None,
+    couch_sigma_mm: float = 0.0,
 ) -> CalibrationResult:
     """Solve every imager's geometry from measured marker positions.
 
@@ -673,6 +759,11 @@ def solve_geometry(
         The phantom's pose relative to the MV isocentre from outside the fit
         (Winston-Lutz result or laser pose): it places the phantom
         (``room = R_fit R_ref p + t_ref + shift``) instead of ``centre_offset_mm``.
+    couch_sigma_mm : float
+        The couch's positioning accuracy, 1-sigma per axis, mm; 0 (default) takes every couch shift as exact.
+        Above 0, where the couch really put the phantom at each position but the setup (shift 0) is fitted with
+        that prior (:class:`CouchErrorEstimate` in the result): the depth lever then pins the source distance only
+        as well as the couch travels (docs/CALIBRATION.md). Needs views with detection sigmas (``calibrate``'s).
 
     Returns
     -------
@@ -683,16 +774,18 @@ def solve_geometry(
     CalibrationSolveError
         An imager without views or with fewer than 6 markers, views of
         unknown imagers or of the wrong marker count, a free phantom rotation
-        that the couch shifts cannot fix, or a fit that does not converge.
+        that the couch shifts cannot fix, a bad ``couch_sigma_mm`` (or one
+        without detection sigmas), or a fit that does not converge.
     """
     views = tuple(views)
     per_imager = _validated_views(phantom, views, nominal, free_phantom_rotation)
+    couch = CouchPositions.of(views, _checked_couch_sigma(couch_sigma_mm, views))
     placed = reference.place(phantom) if reference is not None else phantom
-    layout = ParameterLayout(nominal.names, fit_pixel_aspect, free_phantom_rotation)
-    obs = {name: _observations(placed, views, name, idx) for name, idx in per_imager.items()}
+    layout = ParameterLayout(nominal.names, fit_pixel_aspect, free_phantom_rotation, couch.count)
+    obs = {name: _observations(placed, views, name, idx, couch) for name, idx in per_imager.items()}
     offset = placed.centre_offset_mm
     starts = {name: _starting_point(obs[name], nominal[name], offset) for name in layout.names}
-    fit = _least_squares(obs, starts, layout, offset)
+    fit = _least_squares(obs, starts, layout, offset, couch.sigma_mm)
     solutions = _imager_solutions(obs, starts, layout, fit)
 
     rotation = None
@@ -703,12 +796,30 @@ def solve_geometry(
                          for i, a in enumerate("xyz"))
     timestamp = time.time() if calibrated_unix_s is None else float(calibrated_unix_s)
     ref_note = f"isocentre reference: {reference.describe()}" if reference is not None else ""
-    notes = _notes(phantom, views, solutions, timestamp, "; ".join(t for t in (provenance, ref_note) if t))
+    couch_note = (f"couch errors fitted at {couch.count} position(s), prior {couch.sigma_mm:g} mm per axis"
+                  if couch.count else "")
+    notes = _notes(phantom, views, solutions, timestamp, "; ".join(t for t in (provenance, ref_note, couch_note) if t))
     geometry = StereoGeometry(tuple(s.geometry for s in solutions), timestamp, notes)
     total_rot = fitted_rot @ (reference.rotation if reference is not None else np.eye(3))
-    iso = isocentre_check(geometry, placed, views, rotation=fitted_rot)
+    cb = layout.couch_block
+    couch_sig = np.sqrt(np.maximum(np.diag(fit.covariance)[cb], 0.0)).reshape(-1, 3)
+    couch_errors = tuple(CouchErrorEstimate(_readonly(couch.shifts_mm[k]), _readonly(layout.couch_errors(fit.x)[k]),
+                                            _readonly(couch_sig[k])) for k in range(couch.count))
+    iso = isocentre_check(geometry, placed, views, rotation=fitted_rot, couch_errors=couch_errors)
     return CalibrationResult(geometry, solutions, iso, views, rotation, phantom, _readonly(total_rot), timestamp,
-                             reference=reference, isocentre_covariance_mm2=_readonly(_isocentre_covariance(starts, layout, fit)))
+                             reference=reference, isocentre_covariance_mm2=_readonly(_isocentre_covariance(starts, layout, fit)),
+                             couch_errors=couch_errors)
+
+
+def _checked_couch_sigma(value, views: tuple[PhantomView, ...]) -> float:
+    """``couch_sigma_mm`` as a float in [0, MAX_COUCH_SIGMA_MM]; above 0 every view must carry detection sigmas."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) or not (
+            math.isfinite(value) and 0.0 <= value <= MAX_COUCH_SIGMA_MM):
+        raise CalibrationSolveError(f"couch_sigma_mm must be a number from 0 to {MAX_COUCH_SIGMA_MM:g} mm, got {value!r}")
+    if value > 0.0 and any(v.marker_sigma_px is None or not np.any(np.isfinite(v.marker_sigma_px)) for v in views):
+        raise CalibrationSolveError("couch_sigma_mm needs views with detection sigmas (marker_sigma_px): the couch "
+                                    "prior is weighed against them")
+    return float(value)
 
 
 def _parameter_table(ref: _Reference, x: np.ndarray, cov: np.ndarray, fit_aspect: bool) -> tuple[ParameterEstimate, ...]:
@@ -740,6 +851,16 @@ def _parameter_table(ref: _Reference, x: np.ndarray, cov: np.ndarray, fit_aspect
     return tuple(out)
 
 
+def couch_error_at(couch_errors: Sequence[CouchErrorEstimate], shift_mm) -> np.ndarray:
+    """(3,) fitted couch error at the position with reported shift ``shift_mm`` (room frame, mm); zeros where none
+    was fitted (exact shifts, or the setup position)."""
+    shift = np.asarray(shift_mm, dtype=np.float64)
+    for e in couch_errors:
+        if np.linalg.norm(e.shift_mm - shift) <= _EXACT_SHIFT_MM:
+            return np.asarray(e.error_mm)
+    return np.zeros(3)
+
+
 def isocentre_check(
     geometry: StereoGeometry,
     phantom: BBPhantom,
@@ -747,6 +868,7 @@ def isocentre_check(
     *,
     rotation: np.ndarray | None = None,
     limit_mm: float = ISOCENTRE_FLAG_MM,
+    couch_errors: Sequence[CouchErrorEstimate] = (),
 ) -> IsocentreCheck:
     """Triangulate the centre BB at every couch position seen by all imagers.
 
@@ -760,6 +882,8 @@ def isocentre_check(
         Fitted phantom rotation (only moves markers other than the centre).
     limit_mm : float
         Flag when the centre BB lies further than this from the isocentre.
+    couch_errors : sequence of CouchErrorEstimate
+        Fitted couch errors (``couch_sigma_mm`` > 0): removed with each position's shift.
 
     Raises
     ------
@@ -775,7 +899,7 @@ def isocentre_check(
     for shift, px in groups.items():
         if set(px) >= set(geometry.names):
             tri = geometry.triangulate({n: px[n][None] for n in geometry.names})
-            estimates.append(tri.points_mm[0] - np.array(shift))
+            estimates.append(tri.points_mm[0] - np.array(shift) - couch_error_at(couch_errors, shift))
     if not estimates:
         raise CalibrationSolveError(
             f"the centre marker '{phantom.names[c]}' was not measured by every imager at any one couch position"
@@ -945,6 +1069,7 @@ def calibrate(
     calibrated_unix_s: float | None = None,
     phantom_source: str = "",
     reference: IsocentreReference | None = None,
+    couch_sigma_mm: float = 0.0,
 ) -> CalibrationResult:
     """The whole calibration: detect and name BBs in every frame, solve, check the isocentre.
 
@@ -957,7 +1082,7 @@ def calibrate(
         Nominal room geometry (panel sizes, pitch, approximate positions).
     max_missing : int
         Markers per frame that may be missing.
-    fit_pixel_aspect, free_phantom_rotation, calibrated_unix_s, reference
+    fit_pixel_aspect, free_phantom_rotation, calibrated_unix_s, reference, couch_sigma_mm
         As :func:`solve_geometry`.
     phantom_source : str
         Phantom file name, for provenance.
@@ -997,5 +1122,5 @@ def calibrate(
     )
     result = solve_geometry(phantom, views, nominal, fit_pixel_aspect=fit_pixel_aspect,
                             free_phantom_rotation=free_phantom_rotation, calibrated_unix_s=calibrated_unix_s,
-                            provenance=provenance.strip("; "), reference=reference)
+                            provenance=provenance.strip("; "), reference=reference, couch_sigma_mm=couch_sigma_mm)
     return dataclasses.replace(result, measured=tuple(measured))

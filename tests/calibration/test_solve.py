@@ -209,3 +209,57 @@ def test_detection_sigmas_weight_the_fit_and_bad_sigmas_are_refused():
     assert_allclose(views[0].weights(), 1.0)
     with pytest.raises(CalibrationSolveError, match="marker_sigma_px must be 16 non-negative numbers"):
         PhantomView("A", (0, 0, 0), views[0].marker_px, "", np.ones(3))
+
+
+def _views_with_couch_errors(true, couch_errors_mm, noise_px, seed, sigma=True):
+    """Each imager at the centre and at +-300 mm along its own axis; at each shifted position the phantom really sits
+    at shift + error (the view reports the shift alone)."""
+    rng = np.random.default_rng(seed)
+    out, k = [], 0
+    for im in true.imagers:
+        for shift in [np.zeros(3)] + [sign * 300.0 * im.normal for sign in (1.0, -1.0)]:
+            err = couch_errors_mm[k] if np.linalg.norm(shift) > 0 else np.zeros(3)
+            k += np.linalg.norm(shift) > 0
+            px = im.project(PHANTOM.placed_mm(shift + err)) + rng.normal(0.0, noise_px, (PHANTOM.n_markers, 2))
+            out.append(PhantomView(im.name, shift, px, marker_sigma_px=np.full(PHANTOM.n_markers, noise_px)
+                                   if sigma else None))
+    return out
+
+
+def test_couch_errors_are_fitted_with_their_prior_and_the_sigmas_stay_honest():
+    """A couch that puts the phantom 0.2 mm (1-sigma per axis) off the reported shift: taken as exact, the fit is
+    inconsistent (residuals beyond the noise, source errors up to 7 stated sigmas); with ``couch_sigma_mm`` its errors
+    are fitted and every source coordinate lies within 4 stated sigmas (the prior costs the lever along the axis)."""
+    z, z_exact, ratio_exact, ratio_fitted = [], [], [], []
+    for seed in range(4):
+        true = true_geometry(200 + seed)
+        errs = np.random.default_rng(300 + seed).normal(0.0, 0.2, (4, 3))
+        views = _views_with_couch_errors(true, errs, NOISE_PX, seed)
+        exact = solve_geometry(PHANTOM, views, NOMINAL)
+        fitted = solve_geometry(PHANTOM, views, NOMINAL, couch_sigma_mm=0.2)
+        ratio_exact.append(max(s.sigma_px for s in exact.imagers))
+        ratio_fitted.append(max(s.sigma_px for s in fitted.imagers))
+        assert len(fitted.couch_errors) == 4 and exact.couch_errors == ()
+        for res, out in ((fitted, z), (exact, z_exact)):
+            for sol in res.imagers:
+                out.extend(((sol.geometry.source_mm - true[sol.geometry.name].source_mm) / sol.source_sigma_mm()).tolist())
+        # The fitted couch errors follow the real ones across the axis, where the images see them directly.
+        for e, real in zip(fitted.couch_errors, errs):
+            assert np.linalg.norm(e.error_mm - real) < 4 * np.linalg.norm(e.sigma_mm) + 0.02
+    # Shifts taken as exact (256 px panels of 1.6 mm: 0.2 mm is ~0.2 px here): residuals beyond the detection noise
+    # and stated sigmas that do not hold.
+    assert min(ratio_exact) > 1.25, ratio_exact
+    assert np.max(np.abs(z_exact)) > HONEST_SIGMAS, z_exact
+    assert max(ratio_fitted) < 1.15, ratio_fitted
+    assert np.max(np.abs(z)) < HONEST_SIGMAS, z
+
+
+def test_bad_couch_sigma_is_an_error():
+    true = true_geometry(7)
+    views = _views_with_couch_errors(true, np.zeros((4, 3)), NOISE_PX, 0)
+    for bad in (-0.1, float("nan"), 11.0, True, "0.1"):
+        with pytest.raises(CalibrationSolveError, match="couch_sigma_mm must be a number from 0 to 10 mm"):
+            solve_geometry(PHANTOM, views, NOMINAL, couch_sigma_mm=bad)
+    with pytest.raises(CalibrationSolveError, match="needs views with detection sigmas"):
+        solve_geometry(PHANTOM, _views_with_couch_errors(true, np.zeros((4, 3)), NOISE_PX, 0, sigma=False), NOMINAL,
+                       couch_sigma_mm=0.1)

@@ -652,7 +652,7 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     t0 = time.monotonic()
     try:
         result = calibrate(phantom, frames, nominal, free_phantom_rotation=args.free_phantom_rotation,
-                           phantom_source=str(args.phantom), reference=reference)
+                           phantom_source=str(args.phantom), reference=reference, couch_sigma_mm=args.couch_sigma_mm)
     except CalibrationError as err:
         if args.report:
             report = write_failure_report(args.report, err, frames, context, phantom.name)
@@ -845,6 +845,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--i0", type=i0_level, default=None,
                    help="unattenuated signal (default: estimated per frame)")
     p.add_argument("--free-phantom-rotation", action="store_true", help="fit the phantom's rotation too")
+    p.add_argument("--couch-sigma-mm", type=float, default=0.0,
+                   help="the couch's positioning accuracy (1-sigma per axis, mm): where it really put the phantom at "
+                        "each shifted position is fitted with that prior (default 0: the shifts are exact)")
     p.add_argument("--winston-lutz", type=Path, default=None,
                    help="winston-lutz/1 file: the centre BB measured against the MV isocentre (ties the room origin)")
     p.add_argument("--laser-pose", default=None,
