@@ -640,6 +640,10 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     from spineguide.calibration.report import write_calibration_report
     from spineguide.calibration.solve import calibrate
 
+    from spineguide.calibration.solve import MAX_COUCH_SIGMA_MM
+
+    if not (math.isfinite(args.couch_sigma_mm) and 0.0 <= args.couch_sigma_mm <= MAX_COUCH_SIGMA_MM):
+        raise CliError(f"--couch-sigma-mm must be from 0 to {MAX_COUCH_SIGMA_MM:g} mm, got {args.couch_sigma_mm!r}")
     nominal = read_geometry(args.nominal) if args.nominal else default_stereo_geometry()
     phantom = _load_phantom(args.phantom)
     frames = _calibration_frames(args.image, nominal, args.i0)
