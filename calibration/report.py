@@ -265,6 +265,11 @@ def write_calibration_report(
         rot = "<p>Phantom rotation (fitted): " + ", ".join(
             f"{p.name} {p.value:.4f} &plusmn; {p.sigma:.4f} {p.unit}" for p in result.phantom_rotation
         ) + "</p>"
+    if result.couch_errors:
+        rot += ("<p>Couch errors (fitted, where the couch put the phantom minus the reported shift):</p><table><tr>"
+                "<th>reported shift (mm)</th><th>error (mm)</th><th>1 sigma (mm)</th></tr>" + "".join(
+                    f"<tr><td>{np.round(e.shift_mm, 1).tolist()}</td><td>{np.round(e.error_mm, 3).tolist()}</td>"
+                    f"<td>{np.round(e.sigma_mm, 3).tolist()}</td></tr>" for e in result.couch_errors) + "</table>")
     flag = "FLAGGED" if iso.flagged else "ok"
     verdict, why = _verdict(result, context)
     header = _header_lines(context, result.phantom_name, result.calibrated_unix_s, len(result.views))

@@ -254,6 +254,17 @@ def test_couch_errors_are_fitted_with_their_prior_and_the_sigmas_stay_honest():
     assert np.max(np.abs(z)) < HONEST_SIGMAS, z
 
 
+def test_the_report_lists_the_fitted_couch_errors(tmp_path):
+    from spineguide.calibration.report import write_calibration_report
+
+    true = true_geometry(9)
+    errs = np.random.default_rng(9).normal(0.0, 0.2, (4, 3))
+    result = solve_geometry(PHANTOM, _views_with_couch_errors(true, errs, NOISE_PX, 9), NOMINAL, couch_sigma_mm=0.2)
+    text = write_calibration_report(result, tmp_path / "report").read_text()
+    assert "Couch errors (fitted" in text and text.count("<tr><td>[") >= 4
+    assert "couch errors fitted at 4 position(s), prior 0.2 mm per axis" in result.geometry.notes
+
+
 def test_bad_couch_sigma_is_an_error():
     true = true_geometry(7)
     views = _views_with_couch_errors(true, np.zeros((4, 3)), NOISE_PX, 0)
