@@ -56,6 +56,9 @@ _LAZY = {
     "read_winston_lutz": "isocentre",
     "laser_pose": "isocentre",
     "acceptance_gate": "gate",
+    "CouchExposure": "protocol",
+    "depth_protocol": "protocol",
+    "CouchErrorEstimate": "solve",
 }
 
 __all__, __getattr__, __dir__ = lazy_exports(__name__, _LAZY)

@@ -22,8 +22,8 @@ import numpy as np
 from .errors import CalibrationError
 from .geometry import StereoGeometry
 
-#: Couch travel along each imager's central axis, mm: +-300 mm halves the source's
-#: along-the-axis sigma of +-200 mm (0.27 vs 0.57 mm with two exposures; docs/CALIBRATION.md).
+#: Couch travel along each imager's central axis, mm: +-300 mm with two exposures halves the source's
+#: along-the-axis sigma of +-200 mm with one (0.27 vs 0.57 mm; docs/CALIBRATION.md).
 AXIS_SHIFT_MM = 300.0
 #: Independent exposures at each along-the-axis position.
 AXIS_EXPOSURES = 2
