@@ -133,6 +133,10 @@ class AnatomyConfig:
     #: isocentre, at the ROI centre; rotations counted at the ROI's RMS radius, or, with
     #: flow derivatives, at ``background_lever_mm``).
     background_redraw_px: float = 1.0
+    #: With "exact" background derivatives: a residual whose pose lies within this distance (mm, and the same arc at
+    #: the ROI radius in degrees) of the last derivative pass uses the background's first-order model from that pass
+    #: instead of rendering it. 0: always render.
+    background_taylor_mm: float = 0.0
     background_lever_mm: float = 60.0
     #: Margin around the projected ROI box in each panel region, mm at the isocentre.
     region_margin_mm: float = 4.0
@@ -235,7 +239,7 @@ class AnatomyConfig:
             v = getattr(self, name)
             checked_number(v, AnatomyConfigError, f"{name} must be a positive number, got {v!r}", minimum=0.0,
                            exclusive_minimum=True)
-        for name in ("region_margin_mm", "global_smoothing_sigma_px", "one_view_model_error_mm"):
+        for name in ("region_margin_mm", "global_smoothing_sigma_px", "one_view_model_error_mm", "background_taylor_mm"):
             v = getattr(self, name)
             checked_number(v, AnatomyConfigError, f"{name} must be >= 0, got {v!r}", minimum=0.0)
         for name in ("roi_dilation_voxels", "one_view_correlation_lag_px"):

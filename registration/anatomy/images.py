@@ -164,3 +164,6 @@ class _View:
     # the gradient's and the view-shift test's reach).
     bg_volume: AttenuationVolume | None = None
     bg_rays: np.ndarray | None = None
+    # Exact background and its 6 pose derivatives from the last derivative pass, and where (x): a first-order model
+    # used for residuals within ``background_taylor_mm`` of it (config; 0 = always render).
+    bg_taylor: tuple | None = None

@@ -32,7 +32,13 @@ class _Refinement:
             return _drr_batch_binned(volume, v.imager, poses, v.region, level.binning, level.supersampling,
                                      self.config.projector)
 
+        lim_mm = self.config.background_taylor_mm
+        lim = np.array([lim_mm] * 3 + [math.degrees(lim_mm / self._roi_radius_mm)] * 3)
+
         def background(v):
+            if lim_mm > 0.0 and v.bg_taylor is not None and all(np.all(np.abs(x - v.bg_taylor[0]) <= lim) for x in xs):
+                x0, b0, db = v.bg_taylor
+                return np.stack([b0 + np.tensordot(x - x0, db, axes=(0, 0)) for x in xs])
             return compute_drr_batch(v.bg_volume, v.imager, poses, v.region, level.binning, parallel=False,
                                      projector="joseph", rays=v.bg_rays)
 
@@ -111,6 +117,8 @@ class _Refinement:
             if v.bg_volume is not None:
                 bg = pending.result() if pending is not None else background(v)
                 image, dimages = image + bg[0], dimages + bg[1:]
+                if self.config.background_taylor_mm > 0.0:
+                    v.bg_taylor = (np.array(x, dtype=np.float64), bg[0], bg[1:])
             if v.bg0 is not None:
                 image = image + linear_model(v.bg0, v.bg_jac, x - v.x_bg)
                 dimages = dimages + v.bg_jac
