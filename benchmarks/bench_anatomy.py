@@ -39,7 +39,7 @@ import numba
 import numpy as np
 
 from spineguide.calibration.geometry import default_stereo_geometry
-from spineguide.registration.anatomy import AnatomyConfig, AnatomyRegistration, RegionOfInterest
+from spineguide.registration.anatomy import AnatomyConfig, AnatomyRegistration, PyramidLevel, RegionOfInterest
 from spineguide.registration.pose import Pose
 from spineguide.registration.similarity import line_integrals
 from spineguide.tracking.room.kv import DetectorModel, KVSimulator
@@ -314,6 +314,15 @@ def override_config(config: AnatomyConfig, items: list[str]) -> AnatomyConfig:
     return config
 
 
+def parse_levels(text: str) -> tuple[PyramidLevel, ...]:
+    """``F,B,S,N[,c];...`` (volume factor, binning, smoothing px, iterations, 'c' for a context level) -> levels."""
+    out = []
+    for part in text.split(";"):
+        f = part.split(",")
+        out.append(PyramidLevel(int(f[0]), int(f[1]), float(f[2]), int(f[3]), context=len(f) > 4 and f[4] == "c"))
+    return tuple(out)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", type=int, default=50)
@@ -334,10 +343,13 @@ def main(argv=None) -> int:
                         help="background model's pose derivatives in the full registration (default: the AnatomyConfig default)")
     parser.add_argument("--set-config", action="append", default=[], metavar="NAME=VALUE",
                         help="override an AnatomyConfig number (e.g. background_subsample=2); repeatable")
+    parser.add_argument("--tracking-levels", default=None, metavar="F,B,S,N;...", help="tracking-mode pyramid")
     args = parser.parse_args(argv)
     config = AnatomyConfig(projector=args.projector, jacobian=args.jacobian,
                            background_derivatives=args.background_derivatives,
                            tracking_background_derivatives=args.background_derivatives)
+    if args.tracking_levels:
+        config = replace(config, tracking_levels=parse_levels(args.tracking_levels))
     try:
         config = override_config(config, args.set_config)
     except ValueError as err:

@@ -49,9 +49,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from spineguide.calibration.errors import GeometryFileError  # noqa: E402
 from spineguide.calibration.io import read_geometry  # noqa: E402
 from spineguide.calibration.jsonfile import read_json_document  # noqa: E402
-from spineguide.registration.anatomy import AnatomyConfig, AnatomyRegistration, PyramidLevel, RegionOfInterest  # noqa: E402
+from spineguide.registration.anatomy import AnatomyConfig, AnatomyRegistration, RegionOfInterest  # noqa: E402
 from spineguide.registration.ctfile import read_ct  # noqa: E402
-from bench_anatomy import override_config  # noqa: E402
+from bench_anatomy import override_config, parse_levels  # noqa: E402
 from spineguide.registration.pose import Pose  # noqa: E402
 from spineguide.registration.similarity import line_integrals  # noqa: E402
 from spineguide.tracking.localisation.flatfield import correct_frames, flat_fields_from_geometry_json  # noqa: E402
@@ -131,17 +131,10 @@ def main(argv=None) -> int:
     config = AnatomyConfig()
     if args.background:
         config = replace(config, background_derivatives=args.background, tracking_background_derivatives=args.background)
-    def levels(text):
-        out = []
-        for part in text.split(";"):
-            f = part.split(",")
-            out.append(PyramidLevel(int(f[0]), int(f[1]), float(f[2]), int(f[3]), context=len(f) > 4 and f[4] == "c"))
-        return tuple(out)
-
     if args.levels:
-        config = replace(config, levels=levels(args.levels))
+        config = replace(config, levels=parse_levels(args.levels))
     if args.tracking_levels:
-        config = replace(config, tracking_levels=levels(args.tracking_levels))
+        config = replace(config, tracking_levels=parse_levels(args.tracking_levels))
     try:
         config = override_config(config, args.set_config)
     except ValueError as err:
