@@ -386,7 +386,7 @@ def bench_bodies(cases: int, n_positions: int, protocol: str = "depth", start: i
         zz = np.asarray(a["z"])
 
         def mm(key, f="{:.3f}"):
-            return f"{f.format(np.median(a[key]))} / {f.format(np.max(a[key]))}"
+            return _median_max(a[key], f)
         print(f"| {body} | {n} of {cases} | {mm('held')} | {mm('iso')} | {mm('corner')} | {mm('src', '{:.2f}')} | "
               f"{sum(v > 1.0 for v in a['src'])} of {len(a['src'])} imagers | {np.sqrt(np.mean(zz**2)):.2f} | "
               f"{passes}/{n} | {catches}/{n} | {ov}/{n} | {np.mean(a['secs']):.0f} |")
@@ -399,12 +399,14 @@ def bench_bodies(cases: int, n_positions: int, protocol: str = "depth", start: i
     for body, a, *_ in rows:
         if not a["secs"]:
             continue
-
-        def mm1(key, f="{:.3f}"):
-            return f"{f.format(np.median(a[key]))} / {f.format(np.max(a[key]))}"
         for suffix, k in (("1", 1), ("k", single_exposures)):
-            print(f"| {body} | {k} | {mm1('held' + suffix)} | {mm1('iso' + suffix)} | {mm1('corner' + suffix)} | "
-                  f"{mm1('src' + suffix, '{:.2f}')} |")
+            print(f"| {body} | {k} | {_median_max(a['held' + suffix])} | {_median_max(a['iso' + suffix])} | "
+                  f"{_median_max(a['corner' + suffix])} | {_median_max(a['src' + suffix], '{:.2f}')} |")
+
+
+def _median_max(values, fmt: str = "{:.3f}") -> str:
+    """``median / max`` of ``values``, each formatted with ``fmt`` (a table cell)."""
+    return f"{fmt.format(np.median(values))} / {fmt.format(np.max(values))}"
 
 
 QA_CONDITIONS = ("none", "panel shift 0.3 mm", "panel rotation 0.3 deg", "source shift 1 mm")

@@ -591,7 +591,7 @@ def _validated_views(phantom: BBPhantom, views: tuple[PhantomView, ...], nominal
 
 def _observations(phantom: BBPhantom, views: tuple[PhantomView, ...], name: str, idx: list[int],
                   couch: CouchPositions) -> ImagerObservations:
-    p_list, s_list, px_list, mk, vw, w_list, pos = [], [], [], [], [], [], []
+    p_list, s_list, px_list, mk, vw, w_list = [], [], [], [], [], []
     for i in idx:
         ok = np.all(np.isfinite(views[i].marker_px), axis=1)
         w_list.append(views[i].weights()[ok])
@@ -600,9 +600,9 @@ def _observations(phantom: BBPhantom, views: tuple[PhantomView, ...], name: str,
         px_list.append(views[i].marker_px[ok])
         mk.extend(np.array(phantom.names)[ok].tolist())
         vw.extend([i] * int(ok.sum()))
-        pos.extend([int(couch.view_position[i])] * int(ok.sum()))
-    return ImagerObservations(name, np.vstack(p_list), np.vstack(s_list), np.vstack(px_list), tuple(mk),
-                              np.array(vw, dtype=np.int64), np.concatenate(w_list), np.array(pos, dtype=np.int64))
+    rows_view = np.array(vw, dtype=np.int64)
+    return ImagerObservations(name, np.vstack(p_list), np.vstack(s_list), np.vstack(px_list), tuple(mk), rows_view,
+                              np.concatenate(w_list), couch.view_position[rows_view])
 
 
 def _starting_point(obs: ImagerObservations, nominal_im: ImagerGeometry, offset_mm: np.ndarray) -> StartingPoint:
@@ -992,7 +992,7 @@ def measure_frame(
         imager=imager.name, marker_names=phantom.names,
         max_missing=max_missing,
     )
-    det, match = _refined_per_marker(phantom, imager, arr, couch_shift_mm, det, match, i0)
+    det, match = _refined_per_marker(imager, arr, shadows, det, match, i0)
     return MeasuredFrame(imager.name, _readonly(np.asarray(couch_shift_mm, float)), det, match, _readonly(predicted), source)
 
 
@@ -1003,9 +1003,9 @@ def _shadow_diameters_px(phantom: BBPhantom, imager: ImagerGeometry, couch_shift
     return phantom.diameters_mm * imager.source_to_detector_mm / depth / float(np.mean(imager.pixel_spacing_mm))
 
 
-def _refined_per_marker(phantom, imager, frame, couch_shift_mm, det: DetectedBBs, match: MarkerMatch, i0):
-    """Matched markers re-measured with windows sized to each marker's own diameter (BBs of several sizes)."""
-    diam = _shadow_diameters_px(phantom, imager, couch_shift_mm)
+def _refined_per_marker(imager, frame, diam: np.ndarray, det: DetectedBBs, match: MarkerMatch, i0):
+    """Matched markers re-measured with windows sized to each marker's own expected shadow ``diam`` (px; BBs of
+    several sizes)."""
     if np.allclose(diam, np.median(diam), rtol=0.05):
         return det, match  # one size: detection's window was already right
     found = np.flatnonzero(match.found)
