@@ -336,7 +336,7 @@ def main(argv=None) -> int:
     print(f"# machine: {platform.machine()}, {os.cpu_count()} CPUs, numba {numba.__version__} "
           f"({numba.get_num_threads()} threads), numpy {np.__version__}, opencv {cv2.__version__}, "
           f"python {platform.python_version()}")
-    print(f"# one-view config: tracking levels {[(lv.volume_factor, lv.binning, lv.max_iterations) for lv in config.tracking_levels]}, "
+    print(f"# one-view config: levels {[(lv.volume_factor, lv.binning, lv.max_iterations) for lv in config.one_view_levels]}, "
           f"background {config.tracking_background_derivatives}, max prior chi2 {config.one_view_max_prior_chi2}, "
           f"correlation lag {config.one_view_correlation_lag_px} px")
     load_start = os.getloadavg()

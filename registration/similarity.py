@@ -33,6 +33,7 @@ __all__ = [
     "Similarity",
     "estimate_i0",
     "line_integrals",
+    "transmission",
     "image_gradients",
     "ncc",
     "gradient_correlation",
@@ -98,8 +99,45 @@ def estimate_i0(raw: np.ndarray, name: str = "frame") -> float:
     return i0
 
 
+def transmission(raw: np.ndarray, i0: float | None = None, name: str = "frame") -> tuple[np.ndarray, float]:
+    """Transmitted fraction ``I / i0`` (dimensionless, float32, full panel) of a raw kV frame, and its floor.
+
+    The anatomy registration bins this fraction (detector counts add up in a
+    bin) and takes the logarithm of each bin's mean; the logarithm of single
+    low-dose pixels, a few counts each, is biased and clipped at
+    :data:`MIN_COUNTS` where the counts' mean is not.
+
+    Parameters
+    ----------
+    raw : (rows, cols) array
+        Raw detector signal, ``image[row, col]``, non-negative.
+    i0 : float, optional
+        Unattenuated level in the same units; estimated with
+        :func:`estimate_i0` if omitted.
+    name : str
+        Imager name, for messages.
+
+    Returns
+    -------
+    (rows, cols) float32 array, float
+        ``I / i0`` and ``MIN_COUNTS / i0``: the value below which a (binned) fraction is taken as that floor
+        before the logarithm.
+
+    Raises
+    ------
+    RegistrationFrameError
+        Bad frame, or ``i0`` not a positive finite number.
+    """
+    a = _checked_raw(raw, name)
+    if i0 is None:
+        i0 = estimate_i0(a, name)
+    i0 = checked_number(i0, RegistrationFrameError, f"frame '{name}': i0 must be a positive finite number, got {i0!r}",
+                        minimum=0.0, exclusive_minimum=True)
+    return np.multiply(a, np.float32(1.0 / i0), dtype=np.float32), MIN_COUNTS / i0
+
+
 def line_integrals(raw: np.ndarray, i0: float | None = None, name: str = "frame") -> np.ndarray:
-    """Line integrals ``-ln(I / i0)`` (dimensionless, float32) of a raw kV frame.
+    """Line integrals ``-ln(I / i0)`` (dimensionless, float32) of a raw kV frame, pixel by pixel.
 
     Parameters
     ----------

@@ -97,8 +97,9 @@ class AnatomyConfig:
     levels: tuple[PyramidLevel, ...] = (
         PyramidLevel(2, 8, 1.0, 10, context=True), PyramidLevel(1, 8, 1.0, 10), PyramidLevel(1, 4, 1.0, 20),
     )
-    #: Levels of tracking mode (start within ~2 mm / 1 deg of the answer).
-    tracking_levels: tuple[PyramidLevel, ...] = (PyramidLevel(1, 8, 1.0, 12),)
+    #: Levels of tracking mode (start within ~2 mm / 1 deg of the answer). Binning 5 (with the first-order background
+    #: below): real CT through the clinic-like chain needs it (binning 8 missed 0.12 / 0.25 mm; docs/BENCHMARKS.md).
+    tracking_levels: tuple[PyramidLevel, ...] = (PyramidLevel(1, 5, 1.0, 12),)
     #: Effective energy of the kV beam used for the DRRs, keV.
     imaging_energy_kev: float = DEFAULT_IMAGING_ENERGY_KEV
     #: Effective energy of the planning CT, keV.
@@ -135,8 +136,8 @@ class AnatomyConfig:
     background_redraw_px: float = 1.0
     #: With "exact" background derivatives: a residual whose pose lies within this distance (mm, and the same arc at
     #: the ROI radius in degrees) of the last derivative pass uses the background's first-order model from that pass
-    #: instead of rendering it. 0: always render.
-    background_taylor_mm: float = 0.0
+    #: instead of rendering it. 0: always render. 0.3: the same accuracy, 10-30 % faster (docs/BENCHMARKS.md).
+    background_taylor_mm: float = 0.3
     background_lever_mm: float = 60.0
     #: Margin around the projected ROI box in each panel region, mm at the isocentre.
     region_margin_mm: float = 4.0
@@ -197,6 +198,9 @@ class AnatomyConfig:
     #: for integer frames, the frame's own maximum (when repeated) for float frames.
     saturation_level: float | None = None
     # ---- one view (register_one_view)
+    #: Levels of the one-view registration (started at the motion prior's mean). Binning 8: one view gains nothing in
+    #: target error from binning 5 (real-CT abdomen p95 0.55 mm both) and takes 1.7x the time (77 -> 131 ms median).
+    one_view_levels: tuple[PyramidLevel, ...] = (PyramidLevel(1, 8, 1.0, 12),)
     #: Largest acceptable prior chi-square of a one-view result, ``(x - x_prior)^T C^-1 (x - x_prior)`` over the six
     #: pose parameters: 22.46 is chi-square(6) at 0.999, a result the prior calls a 1-in-1000 event is refused.
     one_view_max_prior_chi2: float = 22.46
@@ -223,7 +227,7 @@ class AnatomyConfig:
                 raise AnatomyConfigError(
                     f"{name} must be 'flow', 'difference' or 'exact', got {getattr(self, name)!r}"
                 )
-        for name in ("levels", "tracking_levels"):
+        for name in ("levels", "tracking_levels", "one_view_levels"):
             levels = tuple(getattr(self, name))
             if not levels or not all(isinstance(lv, PyramidLevel) for lv in levels):
                 raise AnatomyConfigError(f"{name} must be a non-empty tuple of PyramidLevel, got {levels!r}")

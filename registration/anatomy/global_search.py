@@ -17,14 +17,14 @@ from ..drr import PanelRegion, compute_drr_batch
 from ..errors import RegistrationError
 from ..pose import Pose
 from ..similarity import image_gradients
-from .images import _block_mean, _parabola_offset, _smooth
+from .images import _parabola_offset, _smooth
 
 
 class _GlobalSearch:
     """The global stage and the wrong-level check of :class:`AnatomyRegistration` (a part of it)."""
 
     # -------------------------------------------------------------- global stage
-    def _context_scores(self, log_image, im: ImagerGeometry, pose: Pose, centre: np.ndarray, b: int, volume,
+    def _context_scores(self, frame, im: ImagerGeometry, pose: Pose, centre: np.ndarray, b: int, volume,
                         search_mm: float, level_reach: float, counter) -> dict:
         """Gradient correlation of the context DRR at ``pose`` with the radiograph, as a function of 2D shift.
 
@@ -58,7 +58,7 @@ class _GlobalSearch:
         counter[0] += 1
         sig = cfg.global_smoothing_sigma_px
         tx, ty = image_gradients(_smooth(drr, sig))
-        fx, fy = image_gradients(_smooth(_block_mean(log_image, search, b), sig))
+        fx, fy = image_gradients(_smooth(frame.binned_log(search, b), sig))
         if fx.shape[0] < tx.shape[0] or fx.shape[1] < tx.shape[1]:
             raise RegistrationError(f"imager '{im.name}': search window smaller than the ROI neighbourhood template")
         score = 0.5 * (cv2.matchTemplate(fx, tx, cv2.TM_CCOEFF_NORMED) + cv2.matchTemplate(fy, ty, cv2.TM_CCOEFF_NORMED))

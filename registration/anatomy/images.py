@@ -65,6 +65,30 @@ def _prefiltered(image: np.ndarray, region: PanelRegion, sigma_px: float) -> np.
     return out
 
 
+@dataclass(frozen=True, slots=True)
+class _Frame:
+    """One radiograph as the registration reads it: the transmitted fraction ``I / i0`` over the full panel
+    (float32) and the floor a binned fraction is raised to before the logarithm (``MIN_COUNTS / i0``)."""
+
+    transmission: np.ndarray
+    floor: float
+
+    def binned_log(self, region: PanelRegion, binning: int, prefilter_sigma_px: float = 0.0) -> np.ndarray:
+        """Line integrals ``-ln(mean I / i0)`` of ``binning x binning`` blocks over ``region`` (float32).
+
+        The counts are averaged before the logarithm, as a binning detector adds them: at a few counts per
+        pixel (low dose behind the spine) the mean of per-pixel logarithms is biased and clipped where the
+        logarithm of the mean is not. ``prefilter_sigma_px`` (panel pixels) Gaussian-smooths the fraction first.
+        """
+        t = self.transmission
+        if prefilter_sigma_px > 0:
+            t = _prefiltered(t, region, prefilter_sigma_px)
+        m = np.maximum(_block_mean(t, region, binning), np.float32(self.floor))
+        np.log(m, out=m)
+        np.negative(m, out=m)
+        return m
+
+
 def _flow_derivatives(image: np.ndarray, imager: ImagerGeometry, region: PanelRegion, binning: int,
                       pivot_room_mm: np.ndarray) -> np.ndarray:
     """Pose derivatives of a DRR from its image gradient and the panel motion of its rays.

@@ -17,7 +17,7 @@ from ..errors import RegistrationError
 from ..pose import Pose
 from ..volume import CTVolume
 from .config import AnatomyConfig, PyramidLevel
-from .images import _View, _block_mean, _features, _prefiltered, _smooth
+from .images import _View, _block_mean, _features, _smooth
 
 
 def _context_volume(ct: CTVolume, room_from_index: np.ndarray, mask: np.ndarray, cfg: "AnatomyConfig") -> AttenuationVolume:
@@ -85,10 +85,8 @@ class _PyramidLevels:
                 region, _, _ = self._region(im, pose, b)
             if region is None:
                 return None
-            full = logs[name]
-            if level.prefilter_mm > 0:
-                full = _prefiltered(full, region, level.prefilter_mm * im.magnification / float(np.mean(im.pixel_spacing_mm)))
-            frame = _smooth(_block_mean(full, region, b), level.smoothing_sigma_px)
+            prefilter_px = level.prefilter_mm * im.magnification / float(np.mean(im.pixel_spacing_mm))
+            frame = _smooth(logs[name].binned_log(region, b, prefilter_px), level.smoothing_sigma_px)
             drr = compute_drr_batch(volume, im, [pose], region, b, parallel=False, projector=self.config.projector)[0]
             support = drr > 1e-6
             grown = cv2.dilate(support.astype(np.uint8), np.ones((5, 5), np.uint8)).astype(bool)

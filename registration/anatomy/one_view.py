@@ -5,7 +5,7 @@ by a :class:`~spineguide.registration.motion_prior.MotionPrior` (the last stereo
 
 Method (``docs/ANATOMY_REGISTRATION.md``, "One view"):
 
-1. Tracking-mode refinement (``config.tracking_levels``, the exact background) of the one view, started at the
+1. Tracking-mode refinement (``config.one_view_levels``, the exact background) of the one view, started at the
    prior's mean, with the prior as extra least-squares rows: the objective is
    ``w |r_image(x)|^2 + (s(x) - s_prior)^T C^-1 (s(x) - s_prior)``, where ``x`` is the registration's own
    parameter vector (translation mm, rotation deg about the ROI centre, on top of the prior's mean pose) and
@@ -45,8 +45,8 @@ import scipy.linalg
 
 from ..motion_prior import MotionPrior, MotionPriorError, in_plane_motion_inflation, pose_six, target_covariance_mm2
 from ..pose import Pose
-from ..similarity import RegistrationFrameError, Similarity, line_integrals
-from .images import _View
+from ..similarity import RegistrationFrameError, Similarity, transmission
+from .images import _Frame, _View
 from .result import OneViewAnatomyResult, QualityReason
 
 log = logging.getLogger(__name__)
@@ -207,7 +207,7 @@ class _OneView:
             raise RegistrationFrameError(f"frame '{imager}': shape {raw.shape}, imager '{imager}' has {im.rows}x{im.cols} pixels")
         if i0 is not None and (isinstance(i0, bool) or not isinstance(i0, (int, float, np.integer, np.floating))):
             raise RegistrationFrameError(f"frame '{imager}': i0 must be a positive finite number or None, got {i0!r}")
-        logs = {imager: line_integrals(raw, i0, imager)}
+        logs = {imager: _Frame(*transmission(raw, i0, imager))}
         if not isinstance(prior, MotionPrior):
             raise MotionPriorError(f"prior must be a MotionPrior, got {type(prior).__name__}")
         cov_prior = np.array(prior.covariance(elapsed_s))
@@ -245,7 +245,7 @@ class _OneView:
         lag = cfg.one_view_correlation_lag_px
         x = np.zeros(6)
         iterations, converged, final, sigma2 = 0, False, None, math.nan
-        for level in cfg.tracking_levels:
+        for level in cfg.one_view_levels:
             views = self._prepare_level(logs, self._pose(x, start, centre), level, names=(imager,))
             if views is None:
                 return refused([QualityReason.ROI_OFF_PANEL], roi_on_panel=roi_on, saturated_fraction=sat)

@@ -67,7 +67,7 @@ from spineguide.calibration.geometry import StereoGeometry
 
 from ..attenuation import hu_to_mu_per_mm, linear_attenuation_per_mm
 from ..drr import AttenuationVolume, PanelRegion, compute_drr
-from ..similarity import line_integrals
+from ..similarity import transmission
 from ..errors import LevelError
 from ..pose import Pose
 from ..volume import CTVolume, room_from_lps_matrix
@@ -622,8 +622,8 @@ class LevelRegistration:
         t0 = time.monotonic()
         spine = self._spine.register(frames, i0=i0, initial_pose=initial_pose)
         spine_ok = spine.quality.ok
-        logs = {name: line_integrals(np.asarray(frames[name]), i0.get(name) if isinstance(i0, Mapping) else i0, name)
-                for name in self.geometry.names}
+        fractions = {name: transmission(np.asarray(frames[name]), i0.get(name) if isinstance(i0, Mapping) else i0, name)[0]
+                     for name in self.geometry.names}
         windows = {name: self._window(self.geometry[name], spine.pose) for name in self.geometry.names}
         views = [name for name in self.geometry.names if windows[name] is not None]
         poses = {name: spine.pose for name in self.names}
@@ -640,12 +640,12 @@ class LevelRegistration:
                 removed = {name: rest[name] + sum(excess[u][name] for u in self.names if u != lv) for name in views}
                 cleaned = {}
                 for name in self.geometry.names:
-                    line = logs[name].astype(np.float64)
+                    # The other levels' line integrals removed: the transmitted fraction times exp(+removed).
+                    frac = fractions[name].astype(np.float64)
                     w = windows[name]
                     if w is not None:
-                        line = line.copy()
-                        line[w.row0:w.row0 + w.rows, w.col0:w.col0 + w.cols] -= removed[name]
-                    cleaned[name] = (_CLEANED_I0 * np.exp(-line)).astype(np.float32)
+                        frac[w.row0:w.row0 + w.rows, w.col0:w.col0 + w.cols] *= np.exp(removed[name])
+                    cleaned[name] = (_CLEANED_I0 * frac).astype(np.float32)
                 # Pixels where the removal's errors would be strong edges are left out of the comparison.
                 mask = None
                 if MASK_REMOVED_GRADIENT is not None:

@@ -21,11 +21,12 @@ from ..attenuation import hu_to_mu_per_mm, linear_attenuation_per_mm
 from ..drr import AttenuationVolume, PanelRegion
 from ..errors import RegistrationError, RoiError
 from ..pose import Pose, rotation_matrix as _rotation_matrix
-from ..similarity import RegistrationFrameError, line_integrals
+from ..similarity import RegistrationFrameError, transmission
 from ..volume import CTVolume
 from .background import _Background
 from .config import AnatomyConfig
 from .global_search import _GlobalSearch
+from .images import _Frame
 from .levels import _PyramidLevels, _context_volume, _pyramid_volume
 from .one_view import _OneView
 from .quality import _Acceptance
@@ -99,13 +100,14 @@ class AnatomyRegistration(_PyramidLevels, _Background, _GlobalSearch, _Refinemen
         shift = np.eye(4)
         shift[:3, 3] = [lo[2], lo[1], lo[0]]
         base = AttenuationVolume(excess, room_from_index @ shift).masked(mask[sl])
-        keys = {(lv.volume_factor, float(lv.prefilter_mm)) for lv in cfg.levels + cfg.tracking_levels}
+        all_levels = cfg.levels + cfg.tracking_levels + cfg.one_view_levels
+        keys = {(lv.volume_factor, float(lv.prefilter_mm)) for lv in all_levels}
         self._volumes = {key: _pyramid_volume(base, *key) for key in sorted(keys)}
         context = _context_volume(ct, room_from_index, mask, cfg)
         self._context = context.downsampled(cfg.global_volume_factor)
         self._context_fine = context.downsampled(max(cfg.global_volume_factor // 2, 1))
         self._context_levels = {
-            lv.volume_factor: context.downsampled(lv.volume_factor) for lv in cfg.levels + cfg.tracking_levels if lv.context
+            lv.volume_factor: context.downsampled(lv.volume_factor) for lv in all_levels if lv.context
         }
         self._backgrounds: dict[tuple[tuple[int, int, int], float], AttenuationVolume] = {}
         self._ct_spacing_ijk_mm = np.linalg.norm(room_from_index[:3, :3], axis=0)
@@ -118,7 +120,7 @@ class AnatomyRegistration(_PyramidLevels, _Background, _GlobalSearch, _Refinemen
             np.minimum(full, mu_water, out=full, where=inside)
             bg = AttenuationVolume(full, room_from_index)
             del full, inside
-            bg_keys = {self._background_key(lv) for lv in cfg.levels + cfg.tracking_levels if not lv.context}
+            bg_keys = {self._background_key(lv) for lv in all_levels if not lv.context}
             self._backgrounds = {key: _pyramid_volume(bg, *key) for key in sorted(bg_keys)}
         # ROI points (room, perfect setup) for the rotation centre and the panel regions.
         kji = np.argwhere(roi.mask)
@@ -258,7 +260,7 @@ class AnatomyRegistration(_PyramidLevels, _Background, _GlobalSearch, _Refinemen
         names = self.geometry.names
         if set(frames) != set(names):
             raise RegistrationFrameError(f"frames for imagers {sorted(frames)} given; the geometry has {sorted(names)}")
-        logs: dict[str, np.ndarray] = {}
+        logs: dict[str, _Frame] = {}
         raw_frames: dict[str, np.ndarray] = {}
         for name in names:
             im = self.geometry[name]
@@ -269,7 +271,7 @@ class AnatomyRegistration(_PyramidLevels, _Background, _GlobalSearch, _Refinemen
             view_i0 = i0.get(name) if isinstance(i0, Mapping) else i0
             if isinstance(i0, Mapping) and name not in i0:
                 raise RegistrationFrameError(f"frame '{name}': no i0 given for this imager (i0 given for {sorted(i0)})")
-            logs[name] = line_integrals(raw, view_i0, name)
+            logs[name] = _Frame(*transmission(raw, view_i0, name))
             raw_frames[name] = raw
         start = Pose.identity() if initial_pose is None else initial_pose
         if not isinstance(start, Pose):

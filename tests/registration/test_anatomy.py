@@ -233,8 +233,11 @@ def test_config_errors():
         PyramidLevel(1, 4, 1.0, 5, supersampling=3)
     with pytest.raises(AnatomyConfigError, match="min_similarity"):
         AnatomyConfig(min_similarity=1.5)
-    with pytest.raises(AnatomyConfigError, match="non-empty tuple"):
-        AnatomyConfig(levels=())
+    for name in ("levels", "tracking_levels", "one_view_levels"):
+        with pytest.raises(AnatomyConfigError, match=f"{name} must be a non-empty tuple"):
+            AnatomyConfig(**{name: ()})
+        with pytest.raises(AnatomyConfigError, match=f"{name} must be a non-empty tuple"):
+            AnatomyConfig(**{name: ((1, 8, 1.0, 12),)})
     with pytest.raises(AnatomyConfigError, match="context_half_size_mm must be a positive number"):
         AnatomyConfig(context_half_size_mm=0.0)
     with pytest.raises(AnatomyConfigError, match="max_level_fraction must be a positive number"):
@@ -364,9 +367,10 @@ def test_analytic_jacobian_equals_central_differences_of_the_same_model(room):
     central = AnatomyRegistration(phantom.planning_ct, phantom.isocentre_lps_mm, geometry, roi,
                                   AnatomyConfig(jacobian="central", **joseph))
     truth = Pose.from_six([1.0, -0.5, 0.8], [0.6, -0.4, 0.5])
-    from spineguide.registration.similarity import line_integrals
+    from spineguide.registration.anatomy.images import _Frame
+    from spineguide.registration.similarity import transmission
 
-    logs = {n: line_integrals(f, I0, n) for n, f in _frames(simulator, truth, 5).items()}
+    logs = {n: _Frame(*transmission(f, I0, n)) for n, f in _frames(simulator, truth, 5).items()}
     start = Pose.identity()
     centre = analytic.roi_centre_room_mm
     x = np.array([0.7, -0.2, 0.5, 0.3, -0.2, 0.4])  # between the start and the truth
@@ -478,6 +482,7 @@ def test_exact_background_keeps_the_whole_ct_drr_at_a_far_pose_where_a_linear_mo
     reg = AnatomyRegistration(phantom.planning_ct, phantom.isocentre_lps_mm, geometry, roi, cfg)
     from spineguide.registration.attenuation import hu_to_mu_per_mm
     from spineguide.registration.drr import AttenuationVolume, compute_drr_batch
+    from spineguide.registration.anatomy.images import _Frame
 
     whole = AttenuationVolume(hu_to_mu_per_mm(phantom.planning_ct.hu, cfg.imaging_energy_kev, cfg.ct_energy_kev),
                               reg._backgrounds[reg._background_key(level)].room_from_index)
@@ -485,7 +490,7 @@ def test_exact_background_keeps_the_whole_ct_drr_at_a_far_pose_where_a_linear_mo
     start, centre = Pose.identity(), reg.roi_centre_room_mm
     far = np.array([8.0, -6.0, 5.0, 3.5, -4.0, 3.0])  # mm, deg: the set's start errors
     pose = reg._pose(far, start, centre)
-    logs = {n: np.zeros((im.rows, im.cols)) for n, im in zip(geometry.names, geometry.imagers)}
+    logs = {n: _Frame(np.ones((im.rows, im.cols), np.float32), 1e-4) for n, im in zip(geometry.names, geometry.imagers)}
     views = reg._prepare_level(logs, start, level)
     assert views is not None
     reg._linearise_background(views, level, np.zeros(6), None, start, centre, [0], True)
@@ -514,11 +519,15 @@ def test_global_stage_prefers_peaks_both_views_agree_on(room, shift_px, weight):
     Each view's own best peak (``global_candidates = 1``, the old rule) lands 3.8 / 4.8 mm off along the
     spine; the joint choice stays within 0.4 mm (measured 0.06-0.36 mm per axis)."""
     phantom, geometry, simulator, roi, _ = room
-    from spineguide.registration.similarity import line_integrals
+    from spineguide.registration.anatomy.images import _Frame
+    from spineguide.registration.similarity import line_integrals, transmission
 
     truth = Pose.from_six([3.0, -2.0, 2.0], [1.0, -1.0, 1.0])
-    logs = {n: line_integrals(f, I0, n) for n, f in _frames(simulator, truth, 3).items()}
-    logs["A"] = logs["A"] + weight * (np.roll(logs["A"], shift_px, axis=0) - logs["A"].mean())
+    frames = _frames(simulator, truth, 3)
+    line_a = line_integrals(frames["A"], I0, "A")
+    line_a = line_a + weight * (np.roll(line_a, shift_px, axis=0) - line_a.mean())
+    frames["A"] = (I0 * np.exp(-line_a)).astype(np.float32)
+    logs = {n: _Frame(*transmission(f, I0, n)) for n, f in frames.items()}
     errors = {}
     for k in (1, 6):
         cfg = AnatomyConfig(levels=CI_CONFIG.levels, tracking_levels=CI_CONFIG.tracking_levels,
@@ -542,9 +551,10 @@ def test_first_order_background_matches_the_rendered_one_near_its_derivative_pas
     cfg = AnatomyConfig(levels=(level,), tracking_levels=(level,), global_binning=4, background_taylor_mm=0.3)
     reg = AnatomyRegistration(phantom.planning_ct, phantom.isocentre_lps_mm, geometry, roi, cfg)
     from spineguide.registration.drr import compute_drr_batch
-    from spineguide.registration.similarity import line_integrals
+    from spineguide.registration.anatomy.images import _Frame
+    from spineguide.registration.similarity import transmission
 
-    logs = {n: line_integrals(f, I0, n) for n, f in _frames(simulator, Pose.identity(), 3).items()}
+    logs = {n: _Frame(*transmission(f, I0, n)) for n, f in _frames(simulator, Pose.identity(), 3).items()}
     start, centre = Pose.identity(), reg.roi_centre_room_mm
     views = reg._prepare_level(logs, start, level)
     reg._exact_background_rays(views, level)

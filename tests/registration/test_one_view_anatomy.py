@@ -47,6 +47,7 @@ WIDE_FLOOR = (1.0, 1.0, 1.0, 0.25, 0.25, 0.25)
 CI_CONFIG = AnatomyConfig(
     levels=(PyramidLevel(2, 4, 1.0, 10, context=True), PyramidLevel(1, 2, 1.0, 15)),
     tracking_levels=(PyramidLevel(1, 2, 1.0, 12),),
+    one_view_levels=(PyramidLevel(1, 2, 1.0, 12),),
     global_binning=4,
 )
 REFERENCE = Pose.from_six([1.0, -0.5, 0.5], [0.3, -0.2, 0.1])

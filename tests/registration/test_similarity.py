@@ -17,6 +17,7 @@ from spineguide.registration.similarity import (
     ncc,
     pattern_intensity,
     similarity,
+    transmission,
 )
 
 FLOAT32_TOL = 1e-5  # float32 round-off of -ln(I/i0) for line integrals of order 1-10
@@ -74,9 +75,46 @@ def test_zero_counts_give_a_finite_line_integral():
         (np.ones((4, 4), dtype=np.complex64), 10.0, "not a number"),
     ],
 )
-def test_bad_frames_are_refused_by_name(raw, i0, match):
+@pytest.mark.parametrize("reader", [line_integrals, transmission])
+def test_bad_frames_are_refused_by_name(raw, i0, match, reader):
     with pytest.raises(RegistrationFrameError, match=match):
-        line_integrals(raw, i0, name="A")
+        reader(raw, i0, name="A")
+
+
+def test_transmission_is_the_fraction_of_i0_and_its_floor_half_a_count():
+    raw = np.array([[0.0, 100.0], [200.0, 400.0]], dtype=np.uint16)
+    frac, floor = transmission(raw, 400.0)
+    assert frac.dtype == np.float32
+    assert_allclose(frac, [[0.0, 0.25], [0.5, 1.0]], rtol=0, atol=1e-7)
+    assert floor == pytest.approx(0.5 / 400.0)
+    frac, floor = transmission(raw)  # i0 estimated: the open field
+    assert floor == pytest.approx(0.5 / estimate_i0(raw))
+
+
+def test_binned_log_of_a_low_dose_frame_is_unbiased_where_the_mean_of_pixel_logs_is_not():
+    """Issue 12, i0 2000 through an abdomen: ~7 counts per pixel behind the spine with 4 counts of read-out noise,
+    the frame dark-corrected and clipped at 0. The registration bins the counts and takes the logarithm of each
+    bin's mean (``_Frame.binned_log``): its bias is the delta method's ``var / (2 mean^2)`` of a 4 x 4 bin,
+    (7 + 16) / 16 / 98 = 0.015, less the clipping at 0 (measured -0.04 to +0.005 over 5-12 counts). The mean of
+    per-pixel logarithms (clipped at half a count), what it did before, is biased by 0.14-0.35, by an amount that
+    changes with the local counts (it bends the bone edges), and is noisier (std 0.24 against 0.16 at 7 counts:
+    about twice the variance)."""
+    from spineguide.registration.anatomy.images import _Frame, _block_mean
+    from spineguide.registration.drr import PanelRegion
+
+    rng = np.random.default_rng(3)
+    i0, shape, b = 2000.0, (256, 256), 4
+    region = PanelRegion(0, 0, *shape)
+    for counts in (5.0, 7.0, 12.0):
+        raw = rng.poisson(counts, shape) + rng.normal(0.0, 4.0, shape)
+        raw = np.maximum(raw, 0.0).astype(np.float32)
+        truth = -np.log(counts / i0)
+        new = _Frame(*transmission(raw, i0)).binned_log(region, b)
+        old = _block_mean(line_integrals(raw, i0), region, b)
+        assert new.shape == (shape[0] // b, shape[1] // b)
+        assert abs(float(np.mean(new)) - truth) < 0.05, counts
+        assert abs(float(np.mean(old)) - truth) > 0.12, counts
+        assert np.std(new) < 0.75 * np.std(old), counts
 
 
 @pytest.mark.parametrize("dtype", [np.uint16, np.int32, np.float32, np.float64])
