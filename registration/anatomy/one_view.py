@@ -46,7 +46,7 @@ import scipy.linalg
 from ..motion_prior import MotionPrior, MotionPriorError, in_plane_motion_inflation, pose_six, target_covariance_mm2
 from ..pose import Pose
 from ..similarity import RegistrationFrameError, Similarity, transmission
-from .images import _Frame, _View
+from .images import _Frame, _View, _features
 from .result import OneViewAnatomyResult, QualityReason
 
 log = logging.getLogger(__name__)
@@ -270,11 +270,15 @@ class _OneView:
                                      start, centre, counter) @ q
         else:
             jac_img = final["jac"][:n] / w_sqrt
-        s_score = score_covariance(r_img, jac_img, view.mask, cfg.metric, lag)
+        # The image term's curvature is rho J^T J (rho: the view's correlation; the radiograph's unit features are
+        # rho v + noise), and its noise is rho v - u (quality._pose_covariance, the stereo counterpart).
+        rho = 1.0 - 0.5 * float(r_img @ r_img)
+        noise = r_img - (1.0 - rho) * _features(final["drrs"][0], view.mask, cfg.metric)
+        s_score = score_covariance(noise, jac_img, view.mask, cfg.metric, lag)
         g = prior_term.six_jacobian(x)
         c_inv = np.linalg.inv(cov_prior)
         p_info = g.T @ c_inv @ g
-        cov_x = posterior_covariance_x(jac_img.T @ jac_img, s_score, w_sqrt**2, p_info)
+        cov_x = posterior_covariance_x(max(rho, 0.0) * (jac_img.T @ jac_img), s_score, w_sqrt**2, p_info)
         # The model's own in-plane bias, which the residual's statistics cannot show (config.one_view_model_error_mm).
         cov_x[:3, :3] += cfg.one_view_model_error_mm**2 * (np.eye(3) - np.outer(ray, ray))
         cov_six = g @ cov_x @ g.T

@@ -540,6 +540,31 @@ def test_global_stage_prefers_peaks_both_views_agree_on(room, shift_px, weight):
     assert errors[6].max() < 0.5
 
 
+# ----------------------------------------------------------------- the reported std at low dose
+def test_reported_std_matches_the_scatter_of_results_over_noise_at_low_dose(room):
+    """At low dose the radiograph's unit feature vector is ``u = rho v + noise`` with ``rho`` (the correlation) well
+    below 1: the cost's curvature is ``rho J^T J`` and the noise is spatially correlated by the smoothing, so the
+    plain Gauss-Newton covariance (``|r|^2 / dof (J^T J)^-1``) said 0.03 mm where real-CT results at i0 2000 scattered
+    0.15 mm. Here: 10 noise realisations at i0 300 (correlation ~0.36), each registered from the truth; the scatter of
+    the results over the reported std, geometric mean over the six parameters, was 5.2 with the Gauss-Newton
+    covariance and 0.98 with the sandwich (measured); it must lie in [0.5, 2]."""
+    _, _, simulator, _, registration = room
+    truth = Pose.from_six([1.0, -0.5, 0.8], [0.5, -0.3, 0.4])
+    centre = truth.apply(registration.roi_centre_room_mm)
+    errors, stds, sims = [], [], []
+    for seed in range(10):
+        frames = _frames(simulator, truth, seed=100 + seed, detector=DetectorModel(i0=300.0))
+        result = registration.register(frames, i0=300.0, initial_pose=truth, tracking=True)
+        delta = result.pose.compose(truth.inverse())
+        errors.append(np.r_[delta.apply(centre) - centre, delta.six()[1]])
+        stds.append(np.r_[result.quality.std_mm, result.quality.std_deg])
+        sims.append(min(result.quality.similarity.values()))
+    assert 0.2 < np.mean(sims) < 0.6, "not a low-dose case: a weak test"
+    ratio = np.std(errors, axis=0, ddof=1) / np.median(stds, axis=0)
+    geometric_mean = float(np.exp(np.mean(np.log(ratio))))
+    assert 0.5 <= geometric_mean <= 2.0, (ratio, geometric_mean)
+
+
 # ----------------------------------------------------------------- first-order background between derivative passes
 def test_first_order_background_matches_the_rendered_one_near_its_derivative_pass(room):
     """``background_taylor_mm``: within that distance of the last derivative pass the background comes from that
