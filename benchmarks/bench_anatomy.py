@@ -308,7 +308,13 @@ def override_config(config: AnatomyConfig, items: list[str]) -> AnatomyConfig:
         if not name or current is None or isinstance(current, (tuple, str)):
             raise ValueError(f"--set-config: no settable AnatomyConfig number field {name!r}")
         try:
-            config = replace(config, **{name: type(current)(value)})
+            if isinstance(current, bool):
+                if value.lower() not in ("0", "1", "true", "false"):
+                    raise ValueError(f"{name} takes 0/1/true/false, got {value!r}")
+                parsed = value.lower() in ("1", "true")
+            else:
+                parsed = type(current)(value)
+            config = replace(config, **{name: parsed})
         except (TypeError, ValueError) as err:
             raise ValueError(f"--set-config {item!r}: {err}") from err
     return config

@@ -97,6 +97,9 @@ class AnatomyConfig:
     levels: tuple[PyramidLevel, ...] = (
         PyramidLevel(2, 8, 1.0, 10, context=True), PyramidLevel(1, 8, 1.0, 10), PyramidLevel(1, 4, 1.0, 20),
     )
+    #: Fit each view's contrast scale in the refinement's residual (``rho v - u``, variable projection;
+    #: ``refine._scaled_residual``) instead of ``v - u``: whole Gauss-Newton steps at low dose. Not at context levels.
+    fit_contrast_scale: bool = True
     #: Levels of tracking mode (start within ~2 mm / 1 deg of the answer). Binning 5 (with the first-order background
     #: below): real CT through the clinic-like chain needs it (binning 8 missed 0.12 / 0.25 mm; docs/BENCHMARKS.md).
     tracking_levels: tuple[PyramidLevel, ...] = (PyramidLevel(1, 5, 1.0, 12),)
@@ -227,6 +230,9 @@ class AnatomyConfig:
                 raise AnatomyConfigError(
                     f"{name} must be 'flow', 'difference' or 'exact', got {getattr(self, name)!r}"
                 )
+        for name in ("fit_contrast_scale", "background", "background_match_pixel"):
+            if not isinstance(getattr(self, name), bool):
+                raise AnatomyConfigError(f"{name} must be True or False, got {getattr(self, name)!r}")
         for name in ("levels", "tracking_levels", "one_view_levels"):
             levels = tuple(getattr(self, name))
             if not levels or not all(isinstance(lv, PyramidLevel) for lv in levels):

@@ -43,6 +43,7 @@ import time
 import numpy as np
 import scipy.linalg
 
+from .._blas import single_blas_thread
 from ..motion_prior import MotionPrior, MotionPriorError, in_plane_motion_inflation, pose_six, target_covariance_mm2
 from ..pose import Pose
 from ..similarity import RegistrationFrameError, Similarity, transmission
@@ -167,6 +168,7 @@ def posterior_covariance_x(image_information: np.ndarray, image_score_cov: np.nd
 class _OneView:
     """The one-view registration of :class:`AnatomyRegistration` (a part of it)."""
 
+    @single_blas_thread
     def register_one_view(self, frame: np.ndarray, imager: str, prior: MotionPrior, elapsed_s: float,
                           i0: float | None = None) -> OneViewAnatomyResult:
         """Register one raw kV frame of one imager against the planning CT, constrained by a motion prior.
@@ -270,15 +272,19 @@ class _OneView:
                                      start, centre, counter) @ q
         else:
             jac_img = final["jac"][:n] / w_sqrt
-        # The image term's curvature is rho J^T J (rho: the view's correlation; the radiograph's unit features are
-        # rho v + noise), and its noise is rho v - u (quality._pose_covariance, the stereo counterpart).
-        rho = 1.0 - 0.5 * float(r_img @ r_img)
-        noise = r_img - (1.0 - rho) * _features(final["drrs"][0], view.mask, cfg.metric)
+        # The image residual is rho v - u (refine._scaled_residual): the noise itself, and its Jacobian carries the
+        # cost's curvature (quality._pose_covariance, the stereo counterpart). With the scale unfitted (r = v - u)
+        # the noise is r - (1 - rho) v and the curvature rho J^T J.
+        model = _features(final["drrs"][0], view.mask, cfg.metric)
+        similarity = float(model @ view.frame_features)
+        noise, info = r_img, jac_img.T @ jac_img
+        if not cfg.fit_contrast_scale:
+            noise, info = r_img - (1.0 - similarity) * model, max(similarity, 0.0) * info
         s_score = score_covariance(noise, jac_img, view.mask, cfg.metric, lag)
         g = prior_term.six_jacobian(x)
         c_inv = np.linalg.inv(cov_prior)
         p_info = g.T @ c_inv @ g
-        cov_x = posterior_covariance_x(max(rho, 0.0) * (jac_img.T @ jac_img), s_score, w_sqrt**2, p_info)
+        cov_x = posterior_covariance_x(info, s_score, w_sqrt**2, p_info)
         # The model's own in-plane bias, which the residual's statistics cannot show (config.one_view_model_error_mm).
         cov_x[:3, :3] += cfg.one_view_model_error_mm**2 * (np.eye(3) - np.outer(ray, ray))
         cov_six = g @ cov_x @ g.T
@@ -289,7 +295,6 @@ class _OneView:
         move = pose.apply(self.roi_centre_room_mm) - start.apply(self.roi_centre_room_mm)
         cov_six = cov_six + in_plane_motion_inflation(move, ray)
         cov_six = 0.5 * (cov_six + cov_six.T)
-        similarity = 1.0 - 0.5 * float(r_img @ r_img)
         shift = self._view_shift_mm(view, final["drrs"][0], r_img)
         prior_r = prior_term.residual(x)
         chi2 = float(prior_r @ prior_r)

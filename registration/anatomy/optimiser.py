@@ -170,8 +170,10 @@ def levenberg_marquardt(
                 if np.all(np.abs(gn) < 0.5 * tolerance):
                     settle = True  # the Gauss-Newton step from a Jacobian taken here is negligible
                     break
-            # A chord Jacobian that fails twice is renewed rather than damped further.
-            for _ in range(max_damping_tries if fresh else _CHORD_TRIES):
+            # A chord Jacobian that fails twice is renewed rather than damped further; a fresh one whose Gauss-Newton
+            # step is already within twice the tolerance gets as few tries (its cost is flat to the noise there).
+            tries = _CHORD_TRIES if not fresh or np.all(np.abs(gn) < 2.0 * tolerance) else max_damping_tries
+            for _ in range(tries):
                 delta = np.linalg.solve(a + lam * np.diag(np.diag(a) + 1e-12), -g)
                 x_new = np.clip(x + delta, lower, upper)
                 r_new, payload_new = evaluate(x_new)

@@ -12,7 +12,7 @@ import numpy as np
 
 from .._anatomy_kernels import normal_equations
 from ..similarity import Similarity, similarity
-from .images import _View, _features, _sumsq
+from .images import _View, _features
 from .result import AnatomyQuality, QualityReason, _frozen_map
 
 
@@ -30,13 +30,13 @@ class _Acceptance:
             rv = r[offset : offset + n]
             offset += n
             name = v.imager.name
-            sims[name] = 1.0 - 0.5 * _sumsq(rv)
+            sims[name] = float(_features(drr, v.mask, cfg.metric) @ v.frame_features)  # the correlation rho
             measures[name] = _frozen_map({m.value: similarity(m, v.frame, drr, v.mask) for m in Similarity})
             shifts[name] = self._view_shift_mm(v, drr, rv)
         std_mm = std_deg = (math.inf,) * 3
         if jac is not None:
             try:
-                std = np.sqrt(np.maximum(np.diag(self._pose_covariance(views, drrs, r, jac, sims)), 0.0))
+                std = np.sqrt(np.maximum(np.diag(self._pose_covariance(views, drrs, r, jac)), 0.0))
                 std_mm, std_deg = tuple(float(s) for s in std[:3]), tuple(float(s) for s in std[3:])
             except np.linalg.LinAlgError:
                 pass
@@ -62,16 +62,17 @@ class _Acceptance:
             bool(converged), at_bounds,
         )
 
-    def _pose_covariance(self, views, drrs, r, jac, sims) -> np.ndarray:
+    def _pose_covariance(self, views, drrs, r, jac) -> np.ndarray:
         """Covariance (6 x 6; mm, deg about the ROI centre) of the result from the image noise, honest at low SNR.
 
-        Per view the residual is ``r = v - u`` (unit feature vectors of DRR and radiograph, correlation
-        ``rho = u . v``). A noisy radiograph is ``u = rho v + noise``: the cost's curvature is ``rho J^T J``, not the
-        Gauss-Newton ``J^T J`` (the DRR's features are unit vectors whatever the noise), and the noise is
-        ``u - rho v``, spatially correlated by the smoothing. So ``J' = rho J`` per view, ``H = sum J'^T J'`` and the
-        sandwich ``H^-1 S H^-1`` with ``S`` the Newey-West covariance of the score ``J'^T (rho v - u)``
-        (``one_view_correlation_lag_px``). At ``rho`` near 1 this is the Gauss-Newton covariance with the correlation
-        factor; at real CT i0 2000 (``rho`` ~0.3) the Gauss-Newton one was 4-5x too small (BENCHMARKS).
+        Per view the residual is ``r = rho v - u`` (unit feature vectors of DRR and radiograph, ``rho = u . v``;
+        ``refine._scaled_residual``): a noisy radiograph is ``u = rho v + noise``, so ``r`` is the noise, spatially
+        correlated by the smoothing, and the Jacobian ``J`` (~``rho`` times the unit features' one) carries the cost's
+        true curvature. The covariance is the sandwich ``H^-1 S H^-1``, ``H = J^T J`` over both views and ``S`` the
+        Newey-West covariance of the score ``J^T r`` per view (``one_view_correlation_lag_px``). The plain
+        Gauss-Newton covariance ``|r|^2 / dof H^-1`` of the former ``v - u`` residual was 4-5x too small at real CT
+        i0 2000 (``rho`` ~0.3; BENCHMARKS). With ``fit_contrast_scale`` off (``r = v - u``) the noise and the
+        curvature are made the same way from ``r``.
         """
         from .one_view import score_covariance  # the same estimator as the one-view covariance
 
@@ -81,11 +82,13 @@ class _Acceptance:
         offset = 0
         for v, drr in zip(views, drrs):
             n = v.frame_features.size
-            rho = sims[v.imager.name]
-            model = _features(drr, v.mask, cfg.metric)
-            noise = r[offset : offset + n] - (1.0 - rho) * model  # rho v - u
-            j = rho * jac[offset : offset + n]
+            noise = r[offset : offset + n]
+            j = jac[offset : offset + n]
             offset += n
+            if not cfg.fit_contrast_scale:  # r = v - u: the noise is r - (1 - rho) v, the curvature rho J^T J
+                model = _features(drr, v.mask, cfg.metric)
+                rho = float(model @ v.frame_features)
+                noise, j = noise - (1.0 - rho) * model, rho * j
             h += j.T @ j
             score += score_covariance(noise, j, v.mask, cfg.metric, cfg.one_view_correlation_lag_px)
         h_inv = np.linalg.inv(h)

@@ -21,6 +21,18 @@ from .optimiser import ModelHooks, levenberg_marquardt
 log = logging.getLogger(__name__)
 
 
+def _scaled_residual(model: np.ndarray, frame: np.ndarray) -> np.ndarray:
+    """One view's residual ``rho v - u``: the DRR's unit features ``v`` scaled by their correlation ``rho = v . u``
+    with the radiograph's ``u``, minus ``u``; ``|r|^2 = 1 - rho^2``.
+
+    The radiograph's unit features are ``rho v + noise`` (noise takes a share of their unit norm). The plain
+    ``v - u`` has the same minimum, but its Gauss-Newton curvature ``J^T J`` is ``1 / rho`` times the cost's own
+    (``rho J^T J``): its steps fall short by the factor ``rho``, so at low dose (``rho`` ~0.3) the optimiser crawled
+    and ran out of iterations (real CT, i0 2000). Fitting the scale (variable projection) makes the step whole.
+    """
+    return float(model @ frame) * model - frame
+
+
 class _Refinement:
     """The refinement of :class:`AnatomyRegistration` (a part of it)."""
 
@@ -64,7 +76,9 @@ class _Refinement:
                     drr = drr + linear_model(v.bg0, v.bg_jac, x - v.x_bg)
                 drr = _smooth(drr, level.smoothing_sigma_px)
                 images.append(drr)
-                parts.append(_features(drr, v.mask, self.config.metric) - v.frame_features)
+                f = _features(drr, v.mask, self.config.metric)
+                scaled = self.config.fit_contrast_scale and not level.context
+                parts.append(_scaled_residual(f, v.frame_features) if scaled else f - v.frame_features)
             out.append((np.concatenate(parts), images))
         return out
 
@@ -124,7 +138,13 @@ class _Refinement:
                 dimages = dimages + v.bg_jac
             image = _smooth(image, level.smoothing_sigma_px)
             dimages = np.stack([_smooth(d, level.smoothing_sigma_px) for d in dimages])
-            return _feature_jacobian(image, dimages, v.mask, self.config.metric)
+            jf = _feature_jacobian(image, dimages, v.mask, self.config.metric)
+            if level.context or not self.config.fit_contrast_scale:
+                return jf
+            f = _features(image, v.mask, self.config.metric)
+            # d(rho f) with rho = f . u: rho J + f (u^T J)
+            u = v.frame_features
+            return float(f @ u) * jf + np.outer(f, u @ jf)
 
         parts = self._per_view(one, views)
         counter[0] += len(views)

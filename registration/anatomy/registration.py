@@ -17,6 +17,7 @@ import scipy.ndimage
 
 from spineguide.calibration.geometry import ImagerGeometry, StereoGeometry
 
+from .._blas import single_blas_thread
 from ..attenuation import hu_to_mu_per_mm, linear_attenuation_per_mm
 from ..drr import AttenuationVolume, PanelRegion
 from ..errors import RegistrationError, RoiError
@@ -219,6 +220,7 @@ class AnatomyRegistration(_PyramidLevels, _Background, _GlobalSearch, _Refinemen
         return binning * float(np.mean(imager.pixel_spacing_mm)) / imager.magnification
 
     # ---------------------------------------------------------------- register
+    @single_blas_thread
     def register(
         self,
         frames: Mapping[str, np.ndarray],
