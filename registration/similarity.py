@@ -99,6 +99,16 @@ def estimate_i0(raw: np.ndarray, name: str = "frame") -> float:
     return i0
 
 
+def _checked_frame_and_i0(raw: np.ndarray, i0: float | None, name: str) -> tuple[np.ndarray, float]:
+    """The checked float32 frame and its i0 (given and checked, or estimated from the frame)."""
+    a = _checked_raw(raw, name)
+    if i0 is None:
+        i0 = estimate_i0(a, name)
+    i0 = checked_number(i0, RegistrationFrameError, f"frame '{name}': i0 must be a positive finite number, got {i0!r}",
+                        minimum=0.0, exclusive_minimum=True)
+    return a, float(i0)
+
+
 def transmission(raw: np.ndarray, i0: float | None = None, name: str = "frame") -> tuple[np.ndarray, float]:
     """Transmitted fraction ``I / i0`` (dimensionless, float32, full panel) of a raw kV frame, and its floor.
 
@@ -128,37 +138,17 @@ def transmission(raw: np.ndarray, i0: float | None = None, name: str = "frame") 
     RegistrationFrameError
         Bad frame, or ``i0`` not a positive finite number.
     """
-    a = _checked_raw(raw, name)
-    if i0 is None:
-        i0 = estimate_i0(a, name)
-    i0 = checked_number(i0, RegistrationFrameError, f"frame '{name}': i0 must be a positive finite number, got {i0!r}",
-                        minimum=0.0, exclusive_minimum=True)
+    a, i0 = _checked_frame_and_i0(raw, i0, name)
     return np.multiply(a, np.float32(1.0 / i0), dtype=np.float32), MIN_COUNTS / i0
 
 
 def line_integrals(raw: np.ndarray, i0: float | None = None, name: str = "frame") -> np.ndarray:
     """Line integrals ``-ln(I / i0)`` (dimensionless, float32) of a raw kV frame, pixel by pixel.
 
-    Parameters
-    ----------
-    raw : (rows, cols) array
-        Raw detector signal, ``image[row, col]``, non-negative.
-    i0 : float, optional
-        Unattenuated level in the same units; estimated with
-        :func:`estimate_i0` if omitted.
-    name : str
-        Imager name, for messages.
-
-    Raises
-    ------
-    RegistrationFrameError
-        Bad frame, or ``i0`` not a positive finite number.
+    ``raw`` (``image[row, col]``, non-negative), ``i0`` and ``name`` as for :func:`transmission`, and the same
+    :class:`RegistrationFrameError` for a bad frame or i0. Counts below :data:`MIN_COUNTS` are taken as that.
     """
-    a = _checked_raw(raw, name)
-    if i0 is None:
-        i0 = estimate_i0(a, name)
-    i0 = checked_number(i0, RegistrationFrameError, f"frame '{name}': i0 must be a positive finite number, got {i0!r}",
-                        minimum=0.0, exclusive_minimum=True)
+    a, i0 = _checked_frame_and_i0(raw, i0, name)
     out = np.maximum(a, np.float32(MIN_COUNTS))  # a new float32 array; then in place: fewer passes, no float64
     np.log(out, out=out)
     np.subtract(np.float32(math.log(i0)), out, out=out)
