@@ -36,7 +36,8 @@ class _Acceptance:
         std_mm = std_deg = (math.inf,) * 3
         if jac is not None:
             try:
-                std = np.sqrt(np.maximum(np.diag(self._pose_covariance(views, drrs, r, jac)), 0.0))
+                scaled = cfg.fit_contrast_scale and not final["level"].context  # refine._residuals' rule
+                std = np.sqrt(np.maximum(np.diag(self._pose_covariance(views, drrs, r, jac, scaled)), 0.0))
                 std_mm, std_deg = tuple(float(s) for s in std[:3]), tuple(float(s) for s in std[3:])
             except np.linalg.LinAlgError:
                 pass
@@ -62,7 +63,7 @@ class _Acceptance:
             bool(converged), at_bounds,
         )
 
-    def _pose_covariance(self, views, drrs, r, jac) -> np.ndarray:
+    def _pose_covariance(self, views, drrs, r, jac, scaled: bool) -> np.ndarray:
         """Covariance (6 x 6; mm, deg about the ROI centre) of the result from the image noise, honest at low SNR.
 
         Per view the residual is ``r = rho v - u`` (unit feature vectors of DRR and radiograph, ``rho = u . v``;
@@ -71,8 +72,8 @@ class _Acceptance:
         true curvature. The covariance is the sandwich ``H^-1 S H^-1``, ``H = J^T J`` over both views and ``S`` the
         Newey-West covariance of the score ``J^T r`` per view (``one_view_correlation_lag_px``). The plain
         Gauss-Newton covariance ``|r|^2 / dof H^-1`` of the former ``v - u`` residual was 4-5x too small at real CT
-        i0 2000 (``rho`` ~0.3; BENCHMARKS). With ``fit_contrast_scale`` off (``r = v - u``) the noise and the
-        curvature are made the same way from ``r``.
+        i0 2000 (``rho`` ~0.3; BENCHMARKS). With the scale not fitted (``scaled`` False: ``r = v - u``) the noise
+        and the curvature are made the same way from ``r``.
         """
         from .one_view import score_covariance  # the same estimator as the one-view covariance
 
@@ -85,7 +86,7 @@ class _Acceptance:
             noise = r[offset : offset + n]
             j = jac[offset : offset + n]
             offset += n
-            if not cfg.fit_contrast_scale:  # r = v - u: the noise is r - (1 - rho) v, the curvature rho J^T J
+            if not scaled:  # r = v - u: the noise is r - (1 - rho) v, the curvature rho J^T J
                 model = _features(drr, v.mask, cfg.metric)
                 rho = float(model @ v.frame_features)
                 noise, j = noise - (1.0 - rho) * model, rho * j
