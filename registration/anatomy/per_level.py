@@ -101,6 +101,13 @@ LEVEL_PASSES = 2
 #: and modelled as moving with the level (the anatomy registration's exact background, the other levels removed
 #: from the CT it is built on). docs/PER_LEVEL.md compares them.
 REST_MODELS = ("spine", "level")
+#: Largest acceptable std of a single level's registration (mm, deg; ``AnatomyConfig.max_std_mm/_deg`` for the
+#: levels, never below the spine registration's own): one vertebra is a small target for rotation, and since the
+#: std is honest (a sandwich that counts the smoothing's spatial correlation, session 10: about 3x the former
+#: Gauss-Newton std) a cervical vertebra reports 0.35-0.40 deg for results 0.3 deg off; docs/PER_LEVEL.md states
+#: the per-level accuracy (0.3-0.6 deg per vertebra) that this bound keeps.
+LEVEL_MAX_STD_MM = 0.5
+LEVEL_MAX_STD_DEG = 1.0
 #: Margin (mm, room) around the levels' box within which the frames get the rest of the CT removed.
 REMOVAL_MARGIN_MM = 40.0
 #: Mask out of each level's comparison the panel pixels where what was removed from its frames (the rest of the CT
@@ -557,12 +564,13 @@ class LevelRegistration:
         # Each level: its own ROI, no background model (the frames get theirs removed instead, below),
         # the full pyramid's non-context levels run from the spine pose.
         fine = tuple(lv for lv in cfg.levels if not lv.context) or cfg.levels
+        bounds = dict(max_std_mm=max(cfg.max_std_mm, LEVEL_MAX_STD_MM), max_std_deg=max(cfg.max_std_deg, LEVEL_MAX_STD_DEG))
         if rest == "spine":
-            level_config = dataclasses.replace(cfg, tracking_levels=fine, background=False)
+            level_config = dataclasses.replace(cfg, tracking_levels=fine, background=False, **bounds)
             self._levels = {name: AnatomyRegistration(ct, isocentre_lps_mm, geometry, roi, level_config)
                             for name, roi in levels.items()}
         else:  # "level": the rest moves with the level registered (its exact background), the other levels removed
-            level_config = dataclasses.replace(cfg, tracking_levels=fine)
+            level_config = dataclasses.replace(cfg, tracking_levels=fine, **bounds)
             self._levels = {}
             for name, roi in levels.items():
                 others = np.zeros(ct.hu.shape, dtype=bool)
