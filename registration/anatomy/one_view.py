@@ -278,7 +278,7 @@ class _OneView:
         model = _features(final["drrs"][0], view.mask, cfg.metric)
         similarity = float(model @ view.frame_features)
         noise, info = r_img, jac_img.T @ jac_img
-        if not cfg.fit_contrast_scale or final["level"].context:  # refine._residuals' rule
+        if not self._scale_fitted(final["level"]):
             noise, info = r_img - (1.0 - similarity) * model, max(similarity, 0.0) * info
         s_score = score_covariance(noise, jac_img, view.mask, cfg.metric, lag)
         g = prior_term.six_jacobian(x)

@@ -13,6 +13,7 @@ import numpy as np
 from .._anatomy_kernels import normal_equations
 from ..similarity import Similarity, similarity
 from .images import _View, _features
+from .one_view import score_covariance  # the same estimator as the one-view covariance
 from .result import AnatomyQuality, QualityReason, _frozen_map
 
 
@@ -24,20 +25,21 @@ class _Acceptance:
         cfg = self.config
         views, drrs, r, jac = final["views"], final["drrs"], final["r"], final["jac"]
         sims, measures, shifts = {}, {}, {}
+        models = [_features(drr, v.mask, cfg.metric) for v, drr in zip(views, drrs)]  # the DRRs' unit features
         offset = 0
-        for v, drr in zip(views, drrs):
+        for v, drr, model in zip(views, drrs, models):
             n = v.frame_features.size
             rv = r[offset : offset + n]
             offset += n
             name = v.imager.name
-            sims[name] = float(_features(drr, v.mask, cfg.metric) @ v.frame_features)  # the correlation rho
+            sims[name] = float(model @ v.frame_features)  # the correlation rho
             measures[name] = _frozen_map({m.value: similarity(m, v.frame, drr, v.mask) for m in Similarity})
             shifts[name] = self._view_shift_mm(v, drr, rv)
         std_mm = std_deg = (math.inf,) * 3
         if jac is not None:
             try:
-                scaled = cfg.fit_contrast_scale and not final["level"].context  # refine._residuals' rule
-                std = np.sqrt(np.maximum(np.diag(self._pose_covariance(views, drrs, r, jac, scaled)), 0.0))
+                cov = self._pose_covariance(views, models, r, jac, self._scale_fitted(final["level"]))
+                std = np.sqrt(np.maximum(np.diag(cov), 0.0))
                 std_mm, std_deg = tuple(float(s) for s in std[:3]), tuple(float(s) for s in std[3:])
             except np.linalg.LinAlgError:
                 pass
@@ -63,7 +65,7 @@ class _Acceptance:
             bool(converged), at_bounds,
         )
 
-    def _pose_covariance(self, views, drrs, r, jac, scaled: bool) -> np.ndarray:
+    def _pose_covariance(self, views, models, r, jac, scaled: bool) -> np.ndarray:
         """Covariance (6 x 6; mm, deg about the ROI centre) of the result from the image noise, honest at low SNR.
 
         Per view the residual is ``r = rho v - u`` (unit feature vectors of DRR and radiograph, ``rho = u . v``;
@@ -73,21 +75,18 @@ class _Acceptance:
         Newey-West covariance of the score ``J^T r`` per view (``one_view_correlation_lag_px``). The plain
         Gauss-Newton covariance ``|r|^2 / dof H^-1`` of the former ``v - u`` residual was 4-5x too small at real CT
         i0 2000 (``rho`` ~0.3; BENCHMARKS). With the scale not fitted (``scaled`` False: ``r = v - u``) the noise
-        and the curvature are made the same way from ``r``.
+        and the curvature are made the same way from ``r`` and ``models`` (each view's DRR unit features ``v``).
         """
-        from .one_view import score_covariance  # the same estimator as the one-view covariance
-
         cfg = self.config
         h = np.zeros((6, 6))
         score = np.zeros((6, 6))
         offset = 0
-        for v, drr in zip(views, drrs):
+        for v, model in zip(views, models):
             n = v.frame_features.size
             noise = r[offset : offset + n]
             j = jac[offset : offset + n]
             offset += n
             if not scaled:  # r = v - u: the noise is r - (1 - rho) v, the curvature rho J^T J
-                model = _features(drr, v.mask, cfg.metric)
                 rho = float(model @ v.frame_features)
                 noise, j = noise - (1.0 - rho) * model, rho * j
             h += j.T @ j

@@ -36,6 +36,11 @@ def _scaled_residual(model: np.ndarray, frame: np.ndarray) -> np.ndarray:
 class _Refinement:
     """The refinement of :class:`AnatomyRegistration` (a part of it)."""
 
+    def _scale_fitted(self, level: PyramidLevel) -> bool:
+        """Whether this level's residual is the scale-fitted ``rho v - u`` (:func:`_scaled_residual`) or ``v - u``:
+        ``config.fit_contrast_scale``, never at a context level. The covariances (quality, one view) follow it."""
+        return self.config.fit_contrast_scale and not level.context
+
     def _residuals(self, views, level, volume, xs, start, centre, counter) -> list[tuple[np.ndarray, list[np.ndarray]]]:
         """Residual vector and smoothed model DRRs (per view) at each of the parameter vectors ``xs``."""
         poses = [self._pose(x, start, centre) for x in xs]
@@ -77,8 +82,7 @@ class _Refinement:
                 drr = _smooth(drr, level.smoothing_sigma_px)
                 images.append(drr)
                 f = _features(drr, v.mask, self.config.metric)
-                scaled = self.config.fit_contrast_scale and not level.context
-                parts.append(_scaled_residual(f, v.frame_features) if scaled else f - v.frame_features)
+                parts.append(_scaled_residual(f, v.frame_features) if self._scale_fitted(level) else f - v.frame_features)
             out.append((np.concatenate(parts), images))
         return out
 
@@ -139,7 +143,7 @@ class _Refinement:
             image = _smooth(image, level.smoothing_sigma_px)
             dimages = np.stack([_smooth(d, level.smoothing_sigma_px) for d in dimages])
             jf = _feature_jacobian(image, dimages, v.mask, self.config.metric)
-            if level.context or not self.config.fit_contrast_scale:
+            if not self._scale_fitted(level):
                 return jf
             f = _features(image, v.mask, self.config.metric)
             # d(rho f) with rho = f . u: rho J + f (u^T J)
