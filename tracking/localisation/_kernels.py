@@ -790,6 +790,11 @@ def analyse_windows(tiles, pad, log_i0, heights, widths, half_widths, steps, gau
 _SQRT_PI = math.sqrt(math.pi)
 
 
+# erf(+-6) is +-1 and exp(-36) 2e-16 in double precision: a pixel whose blurred box profile is that far past
+# an edge (in units of the blur's 1 / k) sees none of the box, and its model is the plane alone.
+_SATURATED = 6.0
+
+
 @njit(cache=True, nogil=True)
 def _seed_model(x, y, data, p, half_wid, k, jac, resid):
     """Residuals (model - data) and Jacobian of a plane plus a blurred oriented box at pixels ``(x, y)``.
@@ -797,6 +802,8 @@ def _seed_model(x, y, data, p, half_wid, k, jac, resid):
     Parameters ``p = (dcol, drow, theta, half_length, amplitude, b0, b1, b2)``
     (px, px, rad, px, ln units, ln units, ln units per px twice); the box is
     ``half_wid`` px across, blurred by a Gaussian with ``k = 1 / (sqrt(2) sigma)``.
+    Pixels farther than ``_SATURATED / k`` outside the box (across or along)
+    see the plane only (the box's terms there are below double precision).
     Returns the sum of squared residuals.
     """
     cos, sin = math.cos(p[2]), math.sin(p[2])
@@ -807,16 +814,27 @@ def _seed_model(x, y, data, p, half_wid, k, jac, resid):
         along = u * cos + v * sin
         across = -u * sin + v * cos
         a1, b1 = (along + hl) * k, (along - hl) * k
+        a2, b2 = (across + half_wid) * k, (across - half_wid) * k
+        jac[i, 5] = 1.0
+        jac[i, 6] = x[i]
+        jac[i, 7] = y[i]
+        plane = p[5] + p[6] * x[i] + p[7] * y[i]
+        if b2 > _SATURATED or a2 < -_SATURATED or b1 > _SATURATED or a1 < -_SATURATED:
+            r = plane - data[i]
+            resid[i] = r
+            cost += r * r
+            for j in range(5):
+                jac[i, j] = 0.0
+            continue
         ea1, eb1 = math.exp(-a1 * a1), math.exp(-b1 * b1)
         pa = 0.5 * (math.erf(a1) - math.erf(b1))
         pa_t = (k / _SQRT_PI) * (ea1 - eb1)
         pa_h = (k / _SQRT_PI) * (ea1 + eb1)
-        a2, b2 = (across + half_wid) * k, (across - half_wid) * k
         ea2, eb2 = math.exp(-a2 * a2), math.exp(-b2 * b2)
         qa = 0.5 * (math.erf(a2) - math.erf(b2))
         qa_t = (k / _SQRT_PI) * (ea2 - eb2)
         shape = pa * qa
-        r = p[5] + p[6] * x[i] + p[7] * y[i] + amp * shape - data[i]
+        r = plane + amp * shape - data[i]
         resid[i] = r
         cost += r * r
         d_along, d_across = amp * pa_t * qa, amp * pa * qa_t
@@ -825,9 +843,6 @@ def _seed_model(x, y, data, p, half_wid, k, jac, resid):
         jac[i, 2] = across * d_along - along * d_across
         jac[i, 3] = amp * pa_h * qa
         jac[i, 4] = shape
-        jac[i, 5] = 1.0
-        jac[i, 6] = x[i]
-        jac[i, 7] = y[i]
     return cost
 
 
@@ -856,9 +871,9 @@ def fit_seed_lm(x, y, data, p0, half_wid, blur_px, lo_half, hi_half, max_shift, 
     se = np.zeros(8)
     cost = _seed_model(x, y, data, p, half_wid, k, jac, resid)
     lam = 1e-3
+    jtj = jac.T @ jac
+    grad = jac.T @ resid
     for _ in range(iterations):
-        jtj = jac.T @ jac
-        grad = jac.T @ resid
         a = jtj.copy()
         for j in range(8):
             a[j, j] += lam * (jtj[j, j] + 1e-12)
@@ -877,6 +892,8 @@ def fit_seed_lm(x, y, data, p0, half_wid, blur_px, lo_half, hi_half, max_shift, 
             jac, jac_t = jac_t, jac
             resid, resid_t = resid_t, resid
             cost = c_new
+            jtj = jac.T @ jac  # a rejected step leaves the normal equations as they were
+            grad = jac.T @ resid
             lam = max(lam / 10.0, 1e-9)
             if converged:
                 break
@@ -886,8 +903,7 @@ def fit_seed_lm(x, y, data, p0, half_wid, blur_px, lo_half, hi_half, max_shift, 
                 break
     dof = max(n - 8, 1)
     sigma = math.sqrt(cost / dof)
-    jtj = jac.T @ jac
-    if abs(np.linalg.det(jtj)) < 1e-300:
+    if abs(np.linalg.det(jtj)) < 1e-300:  # jtj is the normal matrix of the final p
         return False, p, se, sigma
     cov = np.linalg.inv(jtj)
     for j in range(8):
