@@ -318,3 +318,123 @@ def test_a_seed_moved_2_mm_among_five_is_named_and_left_out(room):
     assert not any(s.migrated for k, s in enumerate(result.seeds) if k != 2)
     # The pose from the others is right: the moved seed did not pull it.
     assert_allclose(result.pose.translation_mm, POSE.translation_mm, rtol=0, atol=SEED_TOL_MM)
+
+
+# ---------------------------------------------------------------------------- tracking: verified at the prior first
+#: Motion since the prior in the tracking cases: 0.8 mm and 0.4 deg, within what a 10 Hz monitor sees between frames.
+TRACK_MOTION = Pose.from_six([0.5, -0.4, 0.5], [0.3, -0.2, 0.2])
+
+
+def _tracking_case(room: str, seed: int, moved=None):
+    sim = _sim_at(room, 6000.0)
+    seeds = _five_seeds()
+    planned = sim.planned_room_mm(seeds)
+    names = tuple(s.name for s in seeds)
+    frames, _ = sim.render(POSE, seed=seed, seeds=seeds, seeds_room_mm=moved)
+    return sim, planned, names, frames
+
+
+@pytest.mark.slow
+def test_tracking_verifies_the_seeds_where_the_prior_puts_them_without_the_joint_search(monkeypatch):
+    import spineguide.tracking.localisation.joint_search as js
+
+    # Default room: the clean-frame detector's windows miss a seed here, so the faint path runs (floor: they see
+    # every seed that is not overlapping).
+    sim, planned, names, frames = _tracking_case("default", 11)
+    prior = TRACK_MOTION.compose(POSE)
+    whole = localise_fiducials(dict(frames.frames), sim.geometry, planned, names, flat_fields=_flat(sim))
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("the constellation search ran although the seeds are verified at the prior")
+
+    monkeypatch.setattr(js, "search_constellation", forbidden)
+    result = localise_fiducials(dict(frames.frames), sim.geometry, planned, names, prior_pose=prior,
+                                flat_fields=_flat(sim))
+    assert FiducialFlag.FAINT_SEARCH in result.flags  # the clean-frame detector alone did not see every seed
+    assert [s.found for s in result.seeds] == [s.found for s in whole.seeds]
+    for k, s in enumerate(result.seeds):
+        if not s.found:
+            continue
+        assert not s.migrated
+        assert np.linalg.norm(s.point_room_mm - frames.truth.seeds_room_mm[k]) <= SEED_TOL_MM
+        for v, d in s.pixels_px.items():
+            assert np.hypot(*(d - frames.truth.seeds_px[v][k])) <= 2.0
+    assert_allclose(result.pose.translation_mm, POSE.translation_mm, rtol=0, atol=SEED_TOL_MM)
+
+
+@pytest.mark.slow
+def test_tracking_from_a_prior_the_seeds_have_left_falls_back_to_the_joint_search(monkeypatch):
+    import spineguide.tracking.localisation.joint_search as js
+
+    sim, planned, names, frames = _tracking_case("default", 11)
+    calls = []
+    real = js.search_constellation
+
+    def spy(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(js, "search_constellation", spy)
+    # 2.5 mm away: beyond the seed fit's reach from the prior's projections, within the tracking range.
+    prior = Pose.from_six([2.0, 0.0, -1.5], [0.0, 0.0, 0.0]).compose(POSE)
+    result = localise_fiducials(dict(frames.frames), sim.geometry, planned, names, prior_pose=prior,
+                                flat_fields=_flat(sim))
+    assert calls, "the joint search did not run"
+    assert result.ok
+    assert_allclose(result.pose.translation_mm, POSE.translation_mm, rtol=0, atol=SEED_TOL_MM)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("room", ["default", "floor"])
+def test_tracking_never_uses_a_seed_moved_2_mm_silently(room):
+    sim = _sim_at(room, 6000.0)
+    planned = sim.planned_room_mm(_five_seeds())
+    moved = POSE.apply(planned).copy()
+    moved[2] += [1.2, -1.0, 1.3]  # 2.04 mm
+    sim, planned, names, frames = _tracking_case(room, 12, moved)
+    prior = TRACK_MOTION.compose(POSE)
+    try:
+        result = localise_fiducials(dict(frames.frames), sim.geometry, planned, names, prior_pose=prior,
+                                    flat_fields=_flat(sim))
+    except SeedMigrationError as err:
+        assert "G3" in str(err)
+        return
+    assert not result.seeds[2].found or result.seeds[2].migrated
+    assert not any(s.migrated for k, s in enumerate(result.seeds) if k != 2)
+    assert_allclose(result.pose.translation_mm, POSE.translation_mm, rtol=0, atol=SEED_TOL_MM)
+
+
+@pytest.mark.slow
+def test_the_live_processor_tracks_faint_seeds_from_the_last_pose_and_holds_without_one(monkeypatch):
+    import spineguide.tracking.localisation.joint_search as js
+    from spineguide.tracking.frames import KvFrame
+    from spineguide.tracking.service.gating import HoldReason
+    from spineguide.tracking.service.processing import FiducialProcessor
+
+    sim, planned, names, frames = _tracking_case("default", 11)
+    pair = {n: KvFrame(n, np.asarray(frames.frames[n])) for n in sim.geometry.names}
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("the live service ran the joint constellation search")
+
+    monkeypatch.setattr(js, "search_constellation", forbidden)
+    live = FaintSearchConfig(joint_search=False)  # the live service's setting (processing._build_fiducial)
+    proc = FiducialProcessor(sim.geometry, planned, list(names), config=FiducialConfig(faint=live),
+                             flat_fields=_flat(sim))
+    tracked = proc.process(pair, TRACK_MOTION.compose(POSE))
+    assert tracked.reason is HoldReason.OK
+    assert_allclose(tracked.pose.translation_mm, POSE.translation_mm, rtol=0, atol=SEED_TOL_MM)
+    # No trusted pose yet: the clean-frame detector alone, which does not see every seed here: HOLD.
+    first = proc.process(pair, None)
+    assert first.reason is HoldReason.FIDUCIAL_MISSING
+    # A prior the seeds have left (2.5 mm): not verified there, and no joint search: HOLD, never a guess.
+    far = proc.process(pair, Pose.from_six([2.0, 0.0, -1.5], [0.0, 0.0, 0.0]).compose(POSE))
+    assert far.reason is HoldReason.FIDUCIAL_MISSING
+
+
+def test_faint_search_switches_must_be_bools():
+    from spineguide.tracking.errors import FiducialConfigError
+
+    for bad in (1, "no", None):
+        with pytest.raises(FiducialConfigError, match="joint_search must be a bool"):
+            FaintSearchConfig(joint_search=bad)

@@ -31,6 +31,11 @@ class FaintSearchConfig:
     Attributes
     ----------
     enabled : bool
+    joint_search : bool
+        False: only tracking's first step runs (the seeds verified where the
+        prior pose puts them, a few tens of ms); the evidence-map
+        constellation search (0.1-0.5 s) never does, and without a prior pose
+        nothing of this search runs. The live service's setting.
     snr_cap : float
         Evidence of one seed view (the standardised response in units of
         the region's 99.5th percentile: bone clutter grows with the dose) is
@@ -73,6 +78,7 @@ class FaintSearchConfig:
     """
 
     enabled: bool = True
+    joint_search: bool = True
     snr_cap: float = 2.0
     translation_range_mm: float = 12.0
     translation_step_mm: float = 1.0
@@ -100,8 +106,9 @@ class FaintSearchConfig:
         checked_integer(self.hypotheses, FiducialConfigError,
                         f"faint search config: hypotheses must be a positive integer, got {self.hypotheses!r}",
                         minimum=1)
-        if not isinstance(self.enabled, bool):
-            raise FiducialConfigError(f"faint search config: enabled must be a bool, got {self.enabled!r}")
+        for name in ("enabled", "joint_search"):
+            if not isinstance(getattr(self, name), bool):
+                raise FiducialConfigError(f"faint search config: {name} must be a bool, got {getattr(self, name)!r}")
 
 
 @dataclass(frozen=True, slots=True)

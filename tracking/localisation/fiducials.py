@@ -182,8 +182,12 @@ def localise_fiducials(
     # the contrast was not the problem, and the joint search does not overrule it.
     refused = isinstance(error, PointRegistrationError) or (
         isinstance(error, ImagerLabelError) and _SWAP_VERDICT in str(error))
-    # Seeds left out because their shadows merge in one view are explained already (SEEDS_OVERLAP).
-    if config.faint.enabled and not refused and (found is None or (not found[0].corr.found.all() and not found[1])):
+    # Seeds left out because their shadows merge in one view are explained already (SEEDS_OVERLAP); any other
+    # seed not found is the faint search's.
+    unexplained = found is None or any(not f and seed_names[k] not in found[1]
+                                       for k, f in enumerate(found[0].corr.found))
+    faint_runs = config.faint.enabled and (config.faint.joint_search or prior_pose is not None)
+    if faint_runs and not refused and unexplained:
         # Seeds the stand-alone detector could not see: the plan-guided search.
         try:
             second = _joint_solution(frames, geometry, (a, b), i0s, masks, planned, seed_names, prior_pose, config,

@@ -55,21 +55,23 @@ def _joint_solution(frames, geometry, names, i0s, masks, planned, seed_names, pr
         signals[n] = np.asarray(frame, dtype=np.float32)
         levels[n] = _check_i0(i0s[n], n) if i0s[n] is not None else estimate_i0(signals[n], n)
     if prior_pose is not None:
+        # Tracking: verify the constellation where the prior puts it, before any evidence map is drawn.
+        quick = _verify_at_prior(prior_pose, signals, levels, masks, geometry, names, planned, seed_names, config)
+        if quick is not None:
+            return quick
+        if not fc.joint_search:
+            raise FiducialNotFoundError(
+                "fiducials not found: fewer than three planned seeds (or not every seed of a smaller plan) verified "
+                "where the prior pose puts them, and the joint search is off (real-time setting)")
         start, reach = prior_pose, fc.tracking_range_mm
     else:
         start, reach = Pose.identity(), fc.translation_range_mm
     where = start.apply(planned)
     centre = where.mean(axis=0)
     radius = float(np.linalg.norm(where - centre, axis=1).max()) + reach + fc.search_margin_mm
-    maps = {}
-    for n in names:
-        im = geometry[n]
-        box = _search_box(geometry, n, centre[None], radius)
-        rmap = None if box is None else response_map(signals[n], im, levels[n], config.detection, masks.get(n), box)
-        if rmap is None:
-            raise FiducialNotFoundError(f"fiducials not found: imager '{n}' does not see where the seeds are planned")
-        scale = _px_per_mm(im) / rmap.binning
-        maps[n] = evidence_maps(rmap, im.projection_matrix, fc.snr_cap, fc.pool_mm * scale, fc.smooth_mm * scale)
+    maps = _maps_around(signals, levels, masks, geometry, names, centre, radius, config)
+    if maps is None:
+        raise FiducialNotFoundError("fiducials not found: an imager does not see where the seeds are planned")
     error: Exception | None = None
     labellings = [names] + ([(names[1], names[0])] if same_panel else [])
     for li, labels in enumerate(labellings):
@@ -114,6 +116,25 @@ def _joint_solution(frames, geometry, names, i0s, masks, planned, seed_names, pr
     raise error or FiducialNotFoundError("fiducials not found: no plausible seed constellation in both views")
 
 
+def _maps_around(signals, levels, masks, geometry, names, centre_room_mm, radius_mm, config):
+    """Evidence maps (``EvidenceMaps`` per frame) over a sphere of ``radius_mm`` around a room point, or None
+    when an imager does not see it."""
+    fc = config.faint
+    maps = {}
+    for n in names:
+        im = geometry[n]
+        box = _search_box(geometry, n, np.asarray(centre_room_mm, float)[None], radius_mm)
+        rmap = None if box is None else response_map(signals[n], im, levels[n], config.detection, masks.get(n), box)
+        if rmap is None:
+            return None
+        scale = _px_per_mm(im) / rmap.binning
+        maps[n] = evidence_maps(rmap, im.projection_matrix, fc.snr_cap, fc.pool_mm * scale, fc.smooth_mm * scale)
+    return maps
+
+
+_MOVED_MARGIN_MM = 8.0  # a migration search's own maps: this much beyond its cube (the response map's context)
+
+
 def _fit_at(predicted_room_mm, seeds, signals, levels, masks, maps, ims, names, config, near_mm, previous=None):
     """Sub-pixel fits started where ``predicted_room_mm`` projects: ``fits[v][k]`` Detection or None.
 
@@ -129,8 +150,11 @@ def _fit_at(predicted_room_mm, seeds, signals, levels, masks, maps, ims, names, 
         if not ks:
             continue
         px = ims[v].project(predicted_room_mm[ks])
-        rmap = maps[n].response
-        orient = sample_bilinear(rmap.orientation_deg, rmap.to_map(px))  # start orientation only
+        if maps is None:
+            orient = np.zeros(len(ks))  # no response map: the fit's four start orientations, 0 deg first
+        else:
+            rmap = maps[n].response
+            orient = sample_bilinear(rmap.orientation_deg, rmap.to_map(px))  # start orientation only
         got: list[Detection | None] = [None] * len(ks)
 
         def fit(group: np.ndarray, start_deg: np.ndarray, **starts) -> None:
@@ -167,7 +191,8 @@ def _triangulate_fits(geometry, labels, fits, ks):
 _TIGHT_MM = 0.5  # second round: a seed's fit within this of where the verified others put it (mm at the isocentre)
 
 
-def _verify(hyp, signals, levels, masks, maps, geometry, names, labels, planned, seed_names, config):
+def _verify(hyp, signals, levels, masks, maps, geometry, names, labels, planned, seed_names, config,
+            first_near_mm=None):
     """``(solution, detections, excluded)`` of one pose hypothesis (``_joint_solution`` steps 2-3).
 
     ``labels[v]`` is the imager geometry of frame ``names[v]``. Round one
@@ -178,13 +203,18 @@ def _verify(hyp, signals, levels, masks, maps, geometry, names, labels, planned,
     With four seeds or more, each seed is checked against the rigid fit of
     the others: one that lies farther than the migration limit is excluded
     and named (``excluded``); more than one is a refusal.
+
+    ``first_near_mm`` (default ``near_mm``) is round one's radius. ``maps``
+    None (no evidence maps drawn yet): the fits start from four orientations,
+    and a seed's migration search draws the maps around its predicted place.
     """
     fc = config.faint
     n_seeds = len(planned)
     ims = [geometry[labels[v]] for v in range(2)]
     every = list(range(n_seeds))
     predicted = hyp.pose.apply(planned)
-    fits = _fit_at(predicted, every, signals, levels, masks, maps, ims, names, config, fc.near_mm)
+    fits = _fit_at(predicted, every, signals, levels, masks, maps, ims, names, config,
+                   fc.near_mm if first_near_mm is None else first_near_mm)
     seen = [k for k in every if fits[0][k] is not None and fits[1][k] is not None]
     if len(seen) >= 2:
         pts, ray, _ = _triangulate_fits(geometry, labels, fits, seen)
@@ -203,7 +233,11 @@ def _verify(hyp, signals, levels, masks, maps, geometry, names, labels, planned,
         for k in on_both:
             if fits[0][k] is None or fits[1][k] is None:
                 # Not seen where the others put it: a strong seed nearby may have moved (it is named, never used).
-                moved = _moved_seed(predicted[k], signals, levels, masks, maps, ims, names, config)
+                local = maps if maps is not None else _maps_around(
+                    signals, levels, masks, geometry, names, predicted[k],
+                    fc.migration_search_mm + _MOVED_MARGIN_MM, config)
+                moved = None if local is None else _moved_seed(predicted[k], signals, levels, masks, local, ims,
+                                                               names, config)
                 if moved is not None and all(moved[v].contrast >= floor[v] for v in range(2)):
                     fits[0][k], fits[1][k] = moved
                     claims.add(k)
@@ -264,6 +298,42 @@ def _verify(hyp, signals, levels, masks, maps, geometry, names, labels, planned,
     if reasons:
         raise FiducialNotFoundError("no plausible seed constellation: " + "; ".join(reasons))
     return _Solution(corr, reg, True, ""), {n: tuple(d) for n, d in dets.items()}, frozenset(excluded)
+
+
+class _AtPose:
+    """A pose hypothesis that no evidence map produced (the tracking prior)."""
+
+    __slots__ = ("pose",)
+
+    def __init__(self, pose: Pose) -> None:
+        self.pose = pose
+
+
+def _verify_at_prior(prior_pose, signals, levels, masks, geometry, names, planned, seed_names, config):
+    """Tracking's first try: every seed verified where the prior pose puts it, or None.
+
+    The seeds are fitted at the prior's projections (round one's radius
+    ``tracking_range_mm``: the motion since the prior), then where the seeds
+    so seen put them (``_TIGHT_MM``), and a seed not seen there is searched
+    for migration: exactly a hypothesis of the joint search (``_verify``,
+    every check of it), with evidence maps drawn only around a seed that
+    needs the migration search. An answer needs three seeds (every seed of
+    a smaller plan) verified; anything less, or a refusal, returns None and
+    the full joint search decides.
+    """
+    fc = config.faint
+    try:
+        found = _verify(_AtPose(prior_pose), signals, levels, masks, None, geometry, names, names, planned,
+                        seed_names, config, first_near_mm=fc.tracking_range_mm)
+    except (FiducialNotFoundError, PointRegistrationError):
+        return None
+    sol, dets, excluded = found
+    if sol.corr.n_found < min(3, len(planned)):
+        return None  # fewer than three seeds (or than all of a smaller plan): the full search may see more
+    overlapping = frozenset()
+    if not excluded:
+        sol, overlapping = _separate_overlaps(sol, geometry, names, dets, planned, seed_names, config)
+    return sol, overlapping, dets, excluded
 
 
 def _robust_pose(planned: np.ndarray, points: np.ndarray, weights: np.ndarray) -> Pose | None:

@@ -565,10 +565,12 @@ def _build_fiducial(plan: PlanConfig) -> PairProcessor:
         raise TrackingError(f"[plan] fiducial method: the plan {treatment.ct.source} has no planned fiducials")
     from ..localisation.fiducials import FaintSearchConfig, FiducialConfig
 
-    # The live service keeps the clean-frame detector only: the plan-guided faint-seed search costs
-    # 0.3-2 s per pair (docs/FIDUCIALS.md section 7), far beyond a frame period, so in the real-time
-    # loop a seed it cannot see is reported missing (HOLD) instead. `register` (setup) runs the search.
-    config = FiducialConfig(faint=FaintSearchConfig(enabled=False))
+    # The live service never runs the plan-guided joint search: its evidence maps and constellation search
+    # cost 0.1-0.5 s per pair (docs/FIDUCIALS.md section 7), beyond a frame period. What it keeps for seeds
+    # the clean-frame detector cannot see is tracking's first step: the seeds verified where the last
+    # trusted pose puts them (tens of ms); when that does not find them, or there is no trusted pose yet,
+    # a seed it cannot see is reported missing (HOLD). `register` (setup) runs the whole search.
+    config = FiducialConfig(faint=FaintSearchConfig(joint_search=False))
     return FiducialProcessor(geometry, treatment.fiducials_room_mm(), list(treatment.fiducials.names), config=config,
                              flat_fields=plan_flat_fields(plan) or None)
 
