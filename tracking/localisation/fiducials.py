@@ -191,7 +191,7 @@ def localise_fiducials(
         # Seeds the stand-alone detector could not see: the plan-guided search.
         try:
             second = _joint_solution(frames, geometry, (a, b), i0s, masks, planned, seed_names, prior_pose, config,
-                                     same_panel, None if found is None else (found[0], dets))
+                                     same_panel)
         except SeedMigrationError:
             # More of the constellation was seen, and refused: never answer with a part of it, unless
             # the clean-frame detector's own constellation (two seeds or more) stands without the faint search.

@@ -32,8 +32,7 @@ from .fiducial_solution import _Solution, _angle_deg, _better, _px_per_mm, _sear
 _CUBE_STEP_MM = 0.35  # the migration search's 3D grid (about one full-resolution pixel at the isocentre)
 
 
-def _joint_solution(frames, geometry, names, i0s, masks, planned, seed_names, prior_pose, config, same_panel,
-                    clean=None):
+def _joint_solution(frames, geometry, names, i0s, masks, planned, seed_names, prior_pose, config, same_panel):
     """The plan-guided joint search (``FaintSearchConfig``): ``(solution, overlapping, detections)``.
 
     1. Evidence maps per view over the region where the plan (or the prior)
@@ -48,9 +47,6 @@ def _joint_solution(frames, geometry, names, i0s, masks, planned, seed_names, pr
     3. The verified seeds are triangulated and registered; the hypothesis
        with most seeds (then the lowest FRE) is the answer. Both labellings
        are tried when the given one finds no constellation.
-
-    ``clean``: the clean-frame detector's ``(solution, detections)``, if any:
-    with a prior pose, its seeds' orientations start their fits there.
     """
     fc = config.faint
     signals, levels = {}, {}
@@ -60,8 +56,7 @@ def _joint_solution(frames, geometry, names, i0s, masks, planned, seed_names, pr
         levels[n] = _check_i0(i0s[n], n) if i0s[n] is not None else estimate_i0(signals[n], n)
     if prior_pose is not None:
         # Tracking: verify the constellation where the prior puts it, before any evidence map is drawn.
-        quick = _verify_at_prior(prior_pose, signals, levels, masks, geometry, names, planned, seed_names, config,
-                                 clean)
+        quick = _verify_at_prior(prior_pose, signals, levels, masks, geometry, names, planned, seed_names, config)
         if quick is not None:
             return quick
         if not fc.joint_search:
@@ -197,7 +192,7 @@ _TIGHT_MM = 0.5  # second round: a seed's fit within this of where the verified 
 
 
 def _verify(hyp, signals, levels, masks, maps, geometry, names, labels, planned, seed_names, config,
-            first_starts=None):
+            first_near_mm=None):
     """``(solution, detections, excluded)`` of one pose hypothesis (``_joint_solution`` steps 2-3).
 
     ``labels[v]`` is the imager geometry of frame ``names[v]``. Round one
@@ -209,19 +204,17 @@ def _verify(hyp, signals, levels, masks, maps, geometry, names, labels, planned,
     the others: one that lies farther than the migration limit is excluded
     and named (``excluded``); more than one is a refusal.
 
-    ``maps`` None (no evidence maps drawn yet): the fits start from four
-    orientations, and a seed's migration search draws the maps around its
-    predicted place.
-    ``first_starts[v][k]``, a detection of seed ``k`` in view ``v`` already
-    made, gives round one's start orientation there (as ``_fit_at``'s
-    ``previous``).
+    ``first_near_mm`` (default ``near_mm``) is round one's radius. ``maps``
+    None (no evidence maps drawn yet): the fits start from four orientations,
+    and a seed's migration search draws the maps around its predicted place.
     """
     fc = config.faint
     n_seeds = len(planned)
     ims = [geometry[labels[v]] for v in range(2)]
     every = list(range(n_seeds))
     predicted = hyp.pose.apply(planned)
-    fits = _fit_at(predicted, every, signals, levels, masks, maps, ims, names, config, fc.near_mm, first_starts)
+    fits = _fit_at(predicted, every, signals, levels, masks, maps, ims, names, config,
+                   fc.near_mm if first_near_mm is None else first_near_mm)
     seen = [k for k in every if fits[0][k] is not None and fits[1][k] is not None]
     if len(seen) >= 2:
         pts, ray, _ = _triangulate_fits(geometry, labels, fits, seen)
@@ -316,30 +309,22 @@ class _AtPose:
         self.pose = pose
 
 
-def _verify_at_prior(prior_pose, signals, levels, masks, geometry, names, planned, seed_names, config, clean=None):
+def _verify_at_prior(prior_pose, signals, levels, masks, geometry, names, planned, seed_names, config):
     """Tracking's first try: every seed verified where the prior pose puts it, or None.
 
     The seeds are fitted at the prior's projections (round one's radius
-    ``near_mm``, as for any hypothesis: a wider one, ``tracking_range_mm``,
-    let a seed moved 2 mm into round one's rigid pose, where three seeds
-    cannot name it, and it was used silently), then where the seeds
+    ``tracking_range_mm``: the motion since the prior), then where the seeds
     so seen put them (``_TIGHT_MM``), and a seed not seen there is searched
     for migration: exactly a hypothesis of the joint search (``_verify``,
     every check of it), with evidence maps drawn only around a seed that
     needs the migration search. An answer needs three seeds (every seed of
     a smaller plan) verified; anything less, or a refusal, returns None and
-    the full joint search decides. A seed the clean-frame detector saw
-    (``clean``) starts its fits from that detection's orientation only (all
-    four again if that fit misses).
+    the full joint search decides.
     """
-    starts = None
-    if clean is not None and tuple(clean[0].corr.imagers) == tuple(names):
-        corr, dets = clean[0].corr, clean[1]
-        starts = [[dets[names[v]][corr.detection_index[k, v]] if corr.found[k] else None
-                   for k in range(len(planned))] for v in range(2)]
+    fc = config.faint
     try:
         found = _verify(_AtPose(prior_pose), signals, levels, masks, None, geometry, names, names, planned,
-                        seed_names, config, first_starts=starts)
+                        seed_names, config, first_near_mm=fc.tracking_range_mm)
     except (FiducialNotFoundError, PointRegistrationError):
         return None
     sol, dets, excluded = found
