@@ -70,8 +70,8 @@ def _joint_solution(frames, geometry, names, i0s, masks, planned, seed_names, pr
     centre = where.mean(axis=0)
     radius = float(np.linalg.norm(where - centre, axis=1).max()) + reach + fc.search_margin_mm
     maps = _maps_around(signals, levels, masks, geometry, names, centre, radius, config)
-    if maps is None:
-        raise FiducialNotFoundError("fiducials not found: an imager does not see where the seeds are planned")
+    if isinstance(maps, str):
+        raise FiducialNotFoundError(f"fiducials not found: imager '{maps}' does not see where the seeds are planned")
     error: Exception | None = None
     labellings = [names] + ([(names[1], names[0])] if same_panel else [])
     for li, labels in enumerate(labellings):
@@ -117,8 +117,8 @@ def _joint_solution(frames, geometry, names, i0s, masks, planned, seed_names, pr
 
 
 def _maps_around(signals, levels, masks, geometry, names, centre_room_mm, radius_mm, config):
-    """Evidence maps (``EvidenceMaps`` per frame) over a sphere of ``radius_mm`` around a room point, or None
-    when an imager does not see it."""
+    """Evidence maps (``EvidenceMaps`` per frame) over a sphere of ``radius_mm`` around a room point, or the
+    name (str) of an imager that does not see it."""
     fc = config.faint
     maps = {}
     for n in names:
@@ -126,7 +126,7 @@ def _maps_around(signals, levels, masks, geometry, names, centre_room_mm, radius
         box = _search_box(geometry, n, np.asarray(centre_room_mm, float)[None], radius_mm)
         rmap = None if box is None else response_map(signals[n], im, levels[n], config.detection, masks.get(n), box)
         if rmap is None:
-            return None
+            return n
         scale = _px_per_mm(im) / rmap.binning
         maps[n] = evidence_maps(rmap, im.projection_matrix, fc.snr_cap, fc.pool_mm * scale, fc.smooth_mm * scale)
     return maps
@@ -236,7 +236,7 @@ def _verify(hyp, signals, levels, masks, maps, geometry, names, labels, planned,
                 local = maps if maps is not None else _maps_around(
                     signals, levels, masks, geometry, names, predicted[k],
                     fc.migration_search_mm + _MOVED_MARGIN_MM, config)
-                moved = None if local is None else _moved_seed(predicted[k], signals, levels, masks, local, ims,
+                moved = None if isinstance(local, str) else _moved_seed(predicted[k], signals, levels, masks, local, ims,
                                                                names, config)
                 if moved is not None and all(moved[v].contrast >= floor[v] for v in range(2)):
                     fits[0][k], fits[1][k] = moved
