@@ -14,6 +14,17 @@ is excluded when the others stay consistent and enough remain; otherwise the
 registration is refused. With one or two seeds only the translation is
 estimated (flagged); with nearly collinear seeds the rotation about their
 common line is not determined and is flagged unreliable.
+
+With three seeds or more the expected target registration error at the
+isocentre (the room origin) is predicted from the seed layout and the
+localisation error (Fitzpatrick, West and Maurer, IEEE TMI 17:694, 1998:
+``TRE^2 = FLE^2 / N (1 + sum_k d_k^2 / f_k^2 / 3)``, ``d_k`` the target's and
+``f_k`` the seeds' RMS distance from the layout's principal axes, ``FLE^2``
+estimated from the fit as ``FRE^2 N / (N - 2)``, never below
+``fle_floor_mm``); above ``max_predicted_tre_mm`` the result is flagged
+``TARGET_UNRELIABLE``: the seeds fix the target too loosely for their
+localisation error (a compact constellation far from the target, seeds
+localised poorly at low dose).
 """
 
 from __future__ import annotations
@@ -40,6 +51,7 @@ __all__ = [
     "kabsch",
     "register_points",
     "line_spread_mm",
+    "predicted_tre_mm",
 ]
 
 
@@ -52,6 +64,8 @@ class PointFlag(Enum):
     ROTATION_UNRELIABLE = "rotation_unreliable"
     #: A seed failed the rigid-body check and was left out of the fit.
     SEED_EXCLUDED = "seed_excluded"
+    #: The predicted target registration error at the isocentre exceeds ``max_predicted_tre_mm``.
+    TARGET_UNRELIABLE = "target_unreliable"
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,14 +86,24 @@ class PointRegistrationConfig:
         which the rotation counts as reliable. A localisation error ``e`` gives
         a rotation error of about ``e / spread`` rad about that line: 0.15 mm
         over 3 mm is ~3 degrees.
+    fle_floor_mm : float
+        Smallest fiducial localisation error (3D RMS, mm) the target-error
+        prediction assumes, whatever the fit's residuals say (three seeds
+        leave the residual only three degrees of freedom).
+    max_predicted_tre_mm : float
+        Largest predicted target registration error at the isocentre (3D
+        RMS, mm) of a reliable result; its 95 % bound is about 1.6 times
+        this (0.8 mm at the default 0.5 mm).
     """
 
     migration_limit_mm: float = 1.5
     min_seeds_after_exclusion: int = 3
     min_line_spread_mm: float = 3.0
+    fle_floor_mm: float = 0.1
+    max_predicted_tre_mm: float = 0.5
 
     def __post_init__(self) -> None:
-        for name in ("migration_limit_mm", "min_line_spread_mm"):
+        for name in ("migration_limit_mm", "min_line_spread_mm", "fle_floor_mm", "max_predicted_tre_mm"):
             value = getattr(self, name)
             checked_number(value, PointRegistrationError, f"{name} must be a positive finite number of mm, got {value!r}",
                            minimum=0.0, exclusive_minimum=True)
@@ -115,6 +139,9 @@ class PointRegistrationResult:
         RMS distance of the used planned seeds from their best-fit line, mm
         (0 for one or two seeds).
     flags : frozenset of PointFlag
+    predicted_tre_mm : float
+        Predicted target registration error at the isocentre (3D RMS, mm;
+        module docstring); NaN for one or two seeds.
     """
 
     pose: Pose
@@ -127,6 +154,7 @@ class PointRegistrationResult:
     migrated: tuple[str, ...]
     line_spread_mm: float
     flags: frozenset
+    predicted_tre_mm: float = float("nan")
 
     @property
     def n_used(self) -> int:
@@ -191,6 +219,41 @@ def line_spread_mm(points_mm: np.ndarray) -> float:
         return 0.0
     s = np.linalg.svd(p - p.mean(axis=0), compute_uv=False)
     return float(math.sqrt((s[1] ** 2 + s[2] ** 2) / len(p)))
+
+
+def predicted_tre_mm(planned_mm: np.ndarray, fle_mm: float, target_mm=(0.0, 0.0, 0.0)) -> float:
+    """Expected target registration error (3D RMS, mm) of a rigid point registration.
+
+    Fitzpatrick, West and Maurer (IEEE TMI 17:694, 1998), eq. 44:
+    ``TRE^2(r) = FLE^2 / N * (1 + 1/3 sum_k d_k^2 / f_k^2)``, where ``d_k`` is
+    the target's distance from the k-th principal axis of the seed layout
+    (through its centroid) and ``f_k^2`` the seeds' mean squared distance from
+    that axis. Infinite for collinear seeds (some ``f_k = 0``).
+
+    Parameters
+    ----------
+    planned_mm : (N, 3) array
+        Seed positions (any frame, mm), N >= 3.
+    fle_mm : float
+        Fiducial localisation error, 3D RMS, mm.
+    target_mm : (3,) array
+        The target in the same frame (default the origin: the room's isocentre).
+    """
+    p = np.asarray(planned_mm, dtype=np.float64)
+    if p.ndim != 2 or p.shape[1] != 3 or len(p) < 3:
+        raise PointRegistrationError(f"predicted TRE needs (N >= 3, 3) seed positions, got shape {p.shape}")
+    centred = p - p.mean(axis=0)
+    t = np.asarray(target_mm, dtype=np.float64) - p.mean(axis=0)
+    _, axes = np.linalg.eigh(centred.T @ centred)
+    total = 0.0
+    for k in range(3):
+        ax = axes[:, k]
+        f2 = float(np.mean(np.sum(centred ** 2, axis=1) - (centred @ ax) ** 2))
+        d2 = float(t @ t - (t @ ax) ** 2)
+        if f2 <= 1e-12:
+            return math.inf
+        total += d2 / f2
+    return float(fle_mm * math.sqrt((1.0 + total / 3.0) / len(p)))
 
 
 def _pairwise(p: np.ndarray) -> np.ndarray:
@@ -271,11 +334,18 @@ def register_points(
         migrated = (labels[k],)
         flags.add(PointFlag.SEED_EXCLUDED)
     pk, qk = p[keep], q[keep]
+    tre = math.nan
     if len(pk) >= 3:
         pose = kabsch(pk, qk)
         spread = line_spread_mm(pk)
         if spread < config.min_line_spread_mm:
             flags.add(PointFlag.ROTATION_UNRELIABLE)
+        m = len(pk)
+        fre_used = float(np.sqrt(np.mean(np.sum((pose.apply(pk) - qk) ** 2, axis=1))))
+        fle = max(fre_used * math.sqrt(m / (m - 2)), float(config.fle_floor_mm))
+        tre = predicted_tre_mm(pk, fle)
+        if tre > config.max_predicted_tre_mm:
+            flags.add(PointFlag.TARGET_UNRELIABLE)
     else:
         # One or two seeds fix no rotation (two leave the roll about their line
         # free): the best pure translation is the mean displacement.
@@ -298,4 +368,5 @@ def register_points(
         migrated=migrated,
         line_spread_mm=spread,
         flags=frozenset(flags),
+        predicted_tre_mm=tre,
     )

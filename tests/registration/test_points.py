@@ -16,6 +16,7 @@ from spineguide.registration.points import (
     SeedMigrationError,
     kabsch,
     line_spread_mm,
+    predicted_tre_mm,
     register_points,
 )
 
@@ -251,7 +252,64 @@ def test_kabsch_needs_three_points():
     ({"migration_limit_mm": 0.0}, "migration_limit_mm"),
     ({"min_line_spread_mm": float("nan")}, "min_line_spread_mm"),
     ({"min_seeds_after_exclusion": 0}, "min_seeds_after_exclusion"),
+    ({"fle_floor_mm": -0.1}, "fle_floor_mm"),
+    ({"max_predicted_tre_mm": float("inf")}, "max_predicted_tre_mm"),
 ])
 def test_bad_config_is_an_error(kwargs, match):
     with pytest.raises(PointRegistrationError, match=match):
         PointRegistrationConfig(**kwargs)
+
+
+# ---------------------------------------------------------------------------- predicted target error (TRE)
+#: Monte Carlo over 4000 noise draws: the RMS of 4000 squared errors (about 3 degrees of freedom each) scatters
+#: by ~0.7 % (1 sigma) about its expectation; the formula is first order in FLE / seed spread (0.3 / 10 here).
+#: Measured: 0.4-1.4 % apart on these three layouts; 5 % is beyond 7 sigma of the sampling.
+TRE_RTOL = 0.05
+
+
+@pytest.mark.parametrize("layout, target", [
+    (SEEDS_MM, (0.0, 0.0, 0.0)),
+    (SEEDS_MM, (0.0, 30.0, -20.0)),
+    (np.array([[20.0, 0.0, 0.0], [24.0, 6.0, 0.0], [22.0, 0.0, 7.0]]), (0.0, 0.0, 0.0)),  # compact, 22 mm off
+])
+def test_predicted_tre_matches_the_scatter_of_kabsch_fits_over_localisation_noise(layout, target):
+    fle = 0.3  # 3D RMS: sigma 0.3 / sqrt(3) per axis
+    rng = np.random.default_rng(4)
+    target = np.asarray(target)
+    pose = Pose.from_six([1.0, -2.0, 0.5], [1.0, 0.5, -1.5])
+    err2 = []
+    for _ in range(4000):
+        measured = pose.apply(layout) + rng.normal(scale=fle / np.sqrt(3.0), size=layout.shape)
+        fit = kabsch(layout, measured)
+        err2.append(np.sum((fit.apply(target[None])[0] - pose.apply(target[None])[0]) ** 2))
+    assert predicted_tre_mm(layout, fle, target) == pytest.approx(np.sqrt(np.mean(err2)), rel=TRE_RTOL)
+
+
+def test_collinear_seeds_predict_an_infinite_target_error():
+    line = np.array([[0.0, 0.0, 0.0], [5.0, 0.0, 0.0], [12.0, 0.0, 0.0]])
+    assert predicted_tre_mm(line, 0.1) == np.inf
+    with pytest.raises(PointRegistrationError, match="N >= 3"):
+        predicted_tre_mm(line[:2], 0.1)
+
+
+def test_a_compact_constellation_far_from_the_target_is_flagged_target_unreliable():
+    # Three seeds 6-7 mm apart, 25 mm from the isocentre: a localisation error of ~0.3 mm (FRE 0.17 mm) tilts
+    # the fit enough to move the isocentre by about a millimetre.
+    compact = np.array([[25.0, 0.0, 0.0], [30.0, 4.0, 0.0], [27.0, 0.0, 6.0]])
+    noise = np.array([[0.2, -0.15, 0.1], [-0.2, 0.1, -0.15], [0.1, 0.1, 0.2]])
+    res = register_points(compact, compact + noise)
+    assert res.predicted_tre_mm > 0.5
+    assert PointFlag.TARGET_UNRELIABLE in res.flags
+    # The same noise on the spread seeds around the isocentre: a well-fixed target.
+    res = register_points(SEEDS_MM, SEEDS_MM + np.r_[noise, [[0.0, 0.1, -0.1]]])
+    assert res.predicted_tre_mm < 0.3
+    assert PointFlag.TARGET_UNRELIABLE not in res.flags
+    # Noise-free: the floor FLE (0.1 mm) alone; still flagged only when the layout amplifies it past the limit.
+    res = register_points(compact, compact)
+    assert res.predicted_tre_mm == pytest.approx(predicted_tre_mm(compact, 0.1))
+    assert (PointFlag.TARGET_UNRELIABLE in res.flags) == (res.predicted_tre_mm > 0.5)
+
+
+def test_translation_only_has_no_predicted_target_error():
+    res = register_points(SEEDS_MM[:2], SEEDS_MM[:2])
+    assert np.isnan(res.predicted_tre_mm)

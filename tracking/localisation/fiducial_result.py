@@ -23,6 +23,7 @@ class FiducialFlag(Enum):
 
     TRANSLATION_ONLY = "translation_only"
     ROTATION_UNRELIABLE = "rotation_unreliable"
+    TARGET_UNRELIABLE = "target_unreliable"  # predicted target error at the isocentre above the limit
     SEED_EXCLUDED = "seed_excluded"
     SEED_MISSING = "seed_missing"
     SEEDS_OVERLAP = "seeds_overlap"
@@ -33,6 +34,7 @@ class FiducialFlag(Enum):
 _FROM_POINT_FLAG = {
     PointFlag.TRANSLATION_ONLY: FiducialFlag.TRANSLATION_ONLY,
     PointFlag.ROTATION_UNRELIABLE: FiducialFlag.ROTATION_UNRELIABLE,
+    PointFlag.TARGET_UNRELIABLE: FiducialFlag.TARGET_UNRELIABLE,
     PointFlag.SEED_EXCLUDED: FiducialFlag.SEED_EXCLUDED,
 }
 
@@ -163,6 +165,9 @@ class FiducialResult:
         return {
             "ok": self.ok,
             "fre_mm": self.fre_mm,
+            # Expected target error at the isocentre (3D RMS, mm; registration.points); null with 1-2 seeds.
+            "predicted_tre_mm": (float(self.registration.predicted_tre_mm)
+                                 if np.isfinite(self.registration.predicted_tre_mm) else None),
             "flags": sorted(f.value for f in self.flags),
             "seeds": [s.to_json() for s in self.seeds],
             "n_detections": dict(self.n_detections),

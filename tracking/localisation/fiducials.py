@@ -34,7 +34,7 @@ import numpy as np
 
 from spineguide.calibration.errors import GeometryError
 from spineguide.calibration.geometry import StereoGeometry
-from spineguide.registration.points import PointRegistrationError, SeedMigrationError
+from spineguide.registration.points import PointFlag, PointRegistrationError, SeedMigrationError
 from spineguide.registration.pose import Pose
 
 from ..errors import FiducialConfigError, FiducialNotFoundError, FrameError, ImagerLabelError
@@ -251,7 +251,8 @@ def _result(sol: _Solution, dets, planned, seed_names, names, times_s, config: F
         flags.add(FiducialFlag.FAINT_SEARCH)
     if any(len(dets[n]) > len(found_idx) for n in names):
         flags.add(FiducialFlag.EXTRA_DETECTIONS)
-    ok = reg.rotation_reliable and reg.fre_mm <= config.max_fre_mm
+    ok = (reg.rotation_reliable and reg.fre_mm <= config.max_fre_mm
+          and PointFlag.TARGET_UNRELIABLE not in reg.flags)
     ms = [1e3 * t for t in times_s]
     return FiducialResult(
         correction=reg.correction,
