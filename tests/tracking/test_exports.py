@@ -42,8 +42,10 @@ def test_dicom_plan_config_builds_the_same_fiducial_processor_as_files(plans):
     assert_allclose(b.isocentre_lps_mm, iso, rtol=0, atol=1e-6)
     assert_allclose(b.fiducials_room_mm(), a.fiducials_room_mm(), rtol=0, atol=1e-6)
     processor = build_processor(from_dicom)
-    # The live loop runs the clean-frame detector only (the faint-seed search takes seconds per pair).
-    assert processor.config.faint.enabled is False
+    # The live loop never runs the joint constellation search (0.1-0.5 s per pair); of the faint-seed search
+    # it keeps only the verification where the last trusted pose puts the seeds.
+    assert processor.config.faint.enabled is True
+    assert processor.config.faint.joint_search is False
 
 
 def test_the_live_processor_takes_the_geometry_files_flat_fields(plans, tmp_path):
