@@ -145,6 +145,15 @@ class FiducialConfig:
         distance of each other give the same answer, mm.
     faint : FaintSearchConfig
         The plan-guided second search (low dose, scatter).
+    refit_below_snr : float
+        Tracking: a detection of the tracking windows below this matched-filter
+        SNR is re-centred by the seed-shadow box fit (one start at its
+        orientation): a faint seed's weighted centroid is pulled by bone
+        structure (clinic frames: SNR 8-20, up to 2.2 px), a bright one's is
+        not (clean frames: SNR 28-60).
+    refit_max_shift_px : float
+        Largest move of such a refit from the centroid; beyond it the fit has
+        left the seed and the centroid stands, px.
     """
 
     detection: DetectionConfig = field(default_factory=DetectionConfig)
@@ -158,6 +167,8 @@ class FiducialConfig:
     swap_margin_mm: float = 0.3
     agreement_mm: float = 0.2
     faint: FaintSearchConfig = field(default_factory=FaintSearchConfig)
+    refit_below_snr: float = 25.0
+    refit_max_shift_px: float = 2.5
 
     def __post_init__(self) -> None:
         if not isinstance(self.faint, FaintSearchConfig):
@@ -169,7 +180,8 @@ class FiducialConfig:
                 f"fiducial config: registration must be a PointRegistrationConfig, got {self.registration!r}"
             )
         for name in ("max_epipolar_px", "max_ray_distance_mm", "association_tolerance_mm", "prior_radius_mm",
-                     "max_rotation_deg", "max_fre_mm", "swap_margin_mm", "agreement_mm"):
+                     "max_rotation_deg", "max_fre_mm", "swap_margin_mm", "agreement_mm", "refit_below_snr",
+                     "refit_max_shift_px"):
             value = getattr(self, name)
             checked_number(value, FiducialConfigError,
                            f"fiducial config: {name} must be a positive finite number, got {value!r}",

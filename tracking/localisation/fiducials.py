@@ -27,6 +27,7 @@ the first two are importable from here too.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Mapping, Sequence
 
@@ -39,6 +40,7 @@ from spineguide.registration.pose import Pose
 
 from ..errors import FiducialConfigError, FiducialNotFoundError, FrameError, ImagerLabelError
 from .detection import _check_frame, detect_seeds_in_frames
+from .seed_search import refine_seeds
 from .fiducial_config import FaintSearchConfig, FiducialConfig
 from .fiducial_result import _FROM_POINT_FLAG, Correspondence, FiducialFlag, FiducialResult, SeedLocalisation
 from .fiducial_solution import _SWAP_VERDICT, _better, _labelled_solution, _Solution
@@ -168,6 +170,8 @@ def localise_fiducials(
     i0s = {n: _i0_for(i0, n) for n in labels}
     dets = detect_seeds_in_frames(frames, {n: geometry[n] for n in labels}, i0s, predicted, config.detection,
                                   {n: masks.get(n) for n in labels})
+    if predicted is not None:
+        dets = _refit_faint(frames, geometry, labels, dets, i0s, masks, config)
     t_det = time.perf_counter()
     same_panel = geometry[a].rows == geometry[b].rows and geometry[a].cols == geometry[b].cols
     found: tuple | None = None
@@ -217,6 +221,34 @@ def localise_fiducials(
     t_end = time.perf_counter()
     return _result(chosen, dets, planned, seed_names, (a, b), (t_det - t0, t_end - t_det, t_end - t0), config,
                    overlapping, faint, excluded)
+
+
+def _refit_faint(frames, geometry, labels, dets, i0s, masks, config: FiducialConfig):
+    """Tracking windows' detections below ``refit_below_snr``, re-centred by the seed-shadow box fit.
+
+    The box fit (:func:`spineguide.tracking.localisation.seed_search.refine_seeds`, one start at the
+    detection's orientation, on the window's line-opening top-hat) replaces a faint detection's weighted
+    centroid when it lands within ``refit_max_shift_px`` of it; the detection keeps its matched-filter SNR
+    (what the matching uses). The top-hat, hence the fit, does not depend on i0 (a constant in the line
+    integrals): the frame's maximum stands in when i0 is not given.
+    """
+    out = {}
+    for n in labels:
+        weak = [i for i, d in enumerate(dets[n]) if d.snr < config.refit_below_snr]
+        if not weak:
+            out[n] = dets[n]
+            continue
+        signal = np.asarray(frames[n], dtype=np.float32)
+        level = i0s[n] if i0s[n] is not None else max(float(signal.max()), 1.0)
+        fits = refine_seeds(signal, geometry[n], level, np.array([dets[n][i].centre_px for i in weak]),
+                            np.array([dets[n][i].orientation_deg for i in weak]), config.detection, 0.0,
+                            masks.get(n), starts=1)
+        new = list(dets[n])
+        for i, fit in zip(weak, fits):
+            if fit is not None and np.hypot(*(fit.centre_px - new[i].centre_px)) <= config.refit_max_shift_px:
+                new[i] = dataclasses.replace(new[i], centre_px=fit.centre_px)
+        out[n] = tuple(new) if isinstance(dets[n], tuple) else new
+    return out
 
 
 def _result(sol: _Solution, dets, planned, seed_names, names, times_s, config: FiducialConfig,
