@@ -242,18 +242,30 @@ def predicted_tre_mm(planned_mm: np.ndarray, fle_mm: float, target_mm=(0.0, 0.0,
     p = np.asarray(planned_mm, dtype=np.float64)
     if p.ndim != 2 or p.shape[1] != 3 or len(p) < 3:
         raise PointRegistrationError(f"predicted TRE needs (N >= 3, 3) seed positions, got shape {p.shape}")
-    centred = p - p.mean(axis=0)
-    t = np.asarray(target_mm, dtype=np.float64) - p.mean(axis=0)
-    _, axes = np.linalg.eigh(centred.T @ centred)
-    total = 0.0
-    for k in range(3):
-        ax = axes[:, k]
-        f2 = float(np.mean(np.sum(centred ** 2, axis=1) - (centred @ ax) ** 2))
-        d2 = float(t @ t - (t @ ax) ** 2)
-        if f2 <= 1e-12:
-            return math.inf
-        total += d2 / f2
-    return float(fle_mm * math.sqrt((1.0 + total / 3.0) / len(p)))
+    n = len(p)
+    centre = p.mean(axis=0)
+    x = p - centre
+    t = np.asarray(target_mm, dtype=np.float64) - centre
+    scatter = x.T @ x
+    # The seeds' mean squared distances from the principal axes are the eigenvalues f_k^2 of
+    # (tr(S) I - S) / N (same eigenvectors v_k as the scatter S), so sum_k d_k^2 / f_k^2 =
+    # sum_k (|t|^2 - (t.v_k)^2) / f_k^2 = tr(A^-1) |t|^2 - t^T A^-1 t with A = (tr(S) I - S) / N.
+    # (3 x 3, symmetric: its inverse by cofactors, in plain floats: this runs in every point registration.)
+    (sxx, sxy, sxz), (_, syy, syz), (_, _, szz) = scatter.tolist()
+    tr = sxx + syy + szz
+    axx, ayy, azz = (tr - sxx) / n, (tr - syy) / n, (tr - szz) / n
+    axy, axz, ayz = -sxy / n, -sxz / n, -syz / n
+    cxx, cyy, czz = ayy * azz - ayz * ayz, axx * azz - axz * axz, axx * ayy - axy * axy
+    cxy, cxz, cyz = axz * ayz - axy * azz, axy * ayz - axz * ayy, axy * axz - axx * ayz
+    det = axx * cxx + axy * cxy + axz * cxz
+    scale = (axx + ayy + azz) / 3.0
+    if scale <= 0.0 or det <= 1e-9 * scale ** 3:
+        return math.inf  # collinear (or coincident) seeds: some f_k = 0
+    tx, ty, tz = t.tolist()
+    t_adj_t = (cxx * tx * tx + cyy * ty * ty + czz * tz * tz
+               + 2.0 * (cxy * tx * ty + cxz * tx * tz + cyz * ty * tz))
+    total = ((cxx + cyy + czz) * (tx * tx + ty * ty + tz * tz) - t_adj_t) / det
+    return float(fle_mm * math.sqrt((1.0 + total / 3.0) / n))
 
 
 def _pairwise(p: np.ndarray) -> np.ndarray:
@@ -334,18 +346,11 @@ def register_points(
         migrated = (labels[k],)
         flags.add(PointFlag.SEED_EXCLUDED)
     pk, qk = p[keep], q[keep]
-    tre = math.nan
     if len(pk) >= 3:
         pose = kabsch(pk, qk)
         spread = line_spread_mm(pk)
         if spread < config.min_line_spread_mm:
             flags.add(PointFlag.ROTATION_UNRELIABLE)
-        m = len(pk)
-        fre_used = float(np.sqrt(np.mean(np.sum((pose.apply(pk) - qk) ** 2, axis=1))))
-        fle = max(fre_used * math.sqrt(m / (m - 2)), float(config.fle_floor_mm))
-        tre = predicted_tre_mm(pk, fle)
-        if tre > config.max_predicted_tre_mm:
-            flags.add(PointFlag.TARGET_UNRELIABLE)
     else:
         # One or two seeds fix no rotation (two leave the roll about their line
         # free): the best pure translation is the mean displacement.
@@ -354,6 +359,12 @@ def register_points(
         flags.add(PointFlag.TRANSLATION_ONLY)
     residuals = np.linalg.norm(pose.apply(p) - q, axis=1)
     fre = float(np.sqrt(np.mean(residuals[keep] ** 2)))
+    tre = math.nan
+    if len(pk) >= 3:
+        m = len(pk)
+        tre = predicted_tre_mm(pk, max(fre * math.sqrt(m / (m - 2)), float(config.fle_floor_mm)))
+        if tre > config.max_predicted_tre_mm:
+            flags.add(PointFlag.TARGET_UNRELIABLE)
     masked = np.where(keep[None, :] | ~keep[:, None], change, 0.0)
     np.fill_diagonal(masked, 0.0)
     per_seed = np.where(keep, np.max(np.where(keep[None, :], masked, 0.0), axis=1), masked.max(axis=1))

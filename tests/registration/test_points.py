@@ -313,3 +313,25 @@ def test_a_compact_constellation_far_from_the_target_is_flagged_target_unreliabl
 def test_translation_only_has_no_predicted_target_error():
     res = register_points(SEEDS_MM[:2], SEEDS_MM[:2])
     assert np.isnan(res.predicted_tre_mm)
+
+
+def _tre_by_principal_axes(planned, fle, target):
+    """Fitzpatrick's eq. 44 term by term: principal axes of the layout, each axis's d_k and f_k."""
+    centred = planned - planned.mean(axis=0)
+    t = np.asarray(target) - planned.mean(axis=0)
+    _, axes = np.linalg.eigh(centred.T @ centred)
+    total = 0.0
+    for k in range(3):
+        ax = axes[:, k]
+        total += (t @ t - (t @ ax) ** 2) / np.mean(np.sum(centred ** 2, axis=1) - (centred @ ax) ** 2)
+    return fle * np.sqrt((1.0 + total / 3.0) / len(planned))
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(3, 8), st.integers(0, 2 ** 31 - 1))
+def test_predicted_tre_closed_form_equals_the_principal_axes_sum(n, seed):
+    rng = np.random.default_rng(seed)
+    planned = rng.normal(scale=15.0, size=(n, 3)) + rng.normal(scale=20.0, size=3)
+    target = rng.normal(scale=10.0, size=3)
+    assert predicted_tre_mm(planned, 0.2, target) == pytest.approx(_tre_by_principal_axes(planned, 0.2, target),
+                                                                   rel=1e-9)
