@@ -107,12 +107,12 @@ def _joint_solution(frames, geometry, names, i0s, masks, planned, seed_names, pr
                 f"the frames fit the geometry with imager labels swapped (frame '{names[0]}' is imager "
                 f"'{names[1]}' and frame '{names[1]}' is imager '{names[0]}'): the planned seeds were found only "
                 f"so (FRE {best[0].reg.fre_mm:.2f} mm); refused")
-        sol, dets, excluded = best
+        sol, dets, excluded, shared = best
         if not excluded:
             sol, overlapping = _separate_overlaps(sol, geometry, names, dets, planned, seed_names, config)
         else:
             overlapping = frozenset()
-        return sol, overlapping, dets, excluded
+        return sol, overlapping | shared, dets, excluded
     raise error or FiducialNotFoundError("fiducials not found: no plausible seed constellation in both views")
 
 
@@ -193,7 +193,7 @@ _TIGHT_MM = 0.5  # second round: a seed's fit within this of where the verified 
 
 def _verify(hyp, signals, levels, masks, maps, geometry, names, labels, planned, seed_names, config,
             first_near_mm=None):
-    """``(solution, detections, excluded)`` of one pose hypothesis (``_joint_solution`` steps 2-3).
+    """``(solution, detections, excluded, shared)`` of one pose hypothesis (``_joint_solution`` steps 2-3).
 
     ``labels[v]`` is the imager geometry of frame ``names[v]``. Round one
     fits every seed where the hypothesis puts it (within ``near_mm``); the
@@ -202,7 +202,10 @@ def _verify(hyp, signals, levels, masks, maps, geometry, names, labels, planned,
     those still unseen within ``migration_search_mm`` (strong fits only).
     With four seeds or more, each seed is checked against the rigid fit of
     the others: one that lies farther than the migration limit is excluded
-    and named (``excluded``); more than one is a refusal.
+    and named (``excluded``); more than one is a refusal. Two seeds whose fits
+    coincide in a view (within ``_SAME_FIT_PX``: their shadows merge there,
+    the fit lies between them) are both left out and named (``shared``,
+    reported as ``SEEDS_OVERLAP``).
 
     ``first_near_mm`` (default ``near_mm``) is round one's radius. ``maps``
     None (no evidence maps drawn yet): the fits start from four orientations,
@@ -241,6 +244,10 @@ def _verify(hyp, signals, levels, masks, maps, geometry, names, labels, planned,
                 if moved is not None and all(moved[v].contrast >= floor[v] for v in range(2)):
                     fits[0][k], fits[1][k] = moved
                     claims.add(k)
+    shared = _sharing_a_fit(fits, every)
+    for k in shared:
+        # Two seeds on one fit in a view: their shadows merge there, and the fit lies between them.
+        fits[0][k] = fits[1][k] = None
     seen_idx = np.array([k for k in every if fits[0][k] is not None and fits[1][k] is not None], dtype=np.int64)
     if len(seen_idx) < min(2, n_seeds):
         raise FiducialNotFoundError(
@@ -297,7 +304,23 @@ def _verify(hyp, signals, levels, masks, maps, geometry, names, labels, planned,
         reasons.append(f"rotation {angle:.1f} deg (limit {config.max_rotation_deg:g} deg)")
     if reasons:
         raise FiducialNotFoundError("no plausible seed constellation: " + "; ".join(reasons))
-    return _Solution(corr, reg, True, ""), {n: tuple(d) for n, d in dets.items()}, frozenset(excluded)
+    return (_Solution(corr, reg, True, ""), {n: tuple(d) for n, d in dets.items()}, frozenset(excluded),
+            frozenset(seed_names[k] for k in shared))
+
+
+_SAME_FIT_PX = 2.0  # two seeds' fits this close in one view are one blob (distinct seeds' shadows are wider apart)
+
+
+def _sharing_a_fit(fits, every) -> set[int]:
+    """Seeds whose fit in some view lies within ``_SAME_FIT_PX`` of another seed's fit there."""
+    out: set[int] = set()
+    for v in range(2):
+        ks = [k for k in every if fits[v][k] is not None]
+        for i, a in enumerate(ks):
+            for b in ks[i + 1:]:
+                if np.hypot(*(np.asarray(fits[v][a].centre_px) - fits[v][b].centre_px)) < _SAME_FIT_PX:
+                    out.update((a, b))
+    return out
 
 
 class _AtPose:
@@ -327,13 +350,13 @@ def _verify_at_prior(prior_pose, signals, levels, masks, geometry, names, planne
                         seed_names, config, first_near_mm=fc.tracking_range_mm)
     except (FiducialNotFoundError, PointRegistrationError):
         return None
-    sol, dets, excluded = found
+    sol, dets, excluded, shared = found
     if sol.corr.n_found < min(3, len(planned)):
         return None  # fewer than three seeds (or than all of a smaller plan): the full search may see more
     overlapping = frozenset()
     if not excluded:
         sol, overlapping = _separate_overlaps(sol, geometry, names, dets, planned, seed_names, config)
-    return sol, overlapping, dets, excluded
+    return sol, overlapping | shared, dets, excluded
 
 
 def _robust_pose(planned: np.ndarray, points: np.ndarray, weights: np.ndarray) -> Pose | None:
