@@ -310,7 +310,7 @@ _LM_ITERATIONS = 30
 
 
 def _fit_seed(x: np.ndarray, y: np.ndarray, data: np.ndarray, theta: float, half_len: float, half_wid: float,
-              blur_px: float):
+              blur_px: float, levels: tuple[float, float] | None = None):
     """Levenberg-Marquardt fit of a plane plus a blurred oriented box to line integrals at pixels ``(x, y)``.
 
     ``x``, ``y`` are pixel offsets from the start position (px), ``data`` the
@@ -320,14 +320,19 @@ def _fit_seed(x: np.ndarray, y: np.ndarray, data: np.ndarray, theta: float, half
     the half-width is the seed's projected radius. Returns the parameters,
     their standard errors and the residual sigma, or None.
     """
-    bg0 = float(np.median(data))
-    p0 = np.array([0.0, 0.0, theta, half_len, max(float(np.percentile(data, 99)) - bg0, 0.05), bg0, 0.0, 0.0])
+    bg0, top = _start_levels(data) if levels is None else levels
+    p0 = np.array([0.0, 0.0, theta, half_len, max(top - bg0, 0.05), bg0, 0.0, 0.0])
     ok, p, se, sigma = fit_seed_lm(np.ascontiguousarray(x, np.float64), np.ascontiguousarray(y, np.float64),
                                    np.ascontiguousarray(data, np.float64), p0, float(half_wid), float(blur_px),
                                    0.3 * half_len, _MAX_HALF_LENGTH * half_len, 6.0, _LM_ITERATIONS)
     if not ok:
         return None
     return p, se, sigma
+
+
+def _start_levels(data: np.ndarray) -> tuple[float, float]:
+    """The box fit's start background (median) and peak (99th percentile) of a window's data."""
+    return float(np.median(data)), float(np.percentile(data, 99))
 
 
 _FIT_STARTS = 4  # start orientations of the box fit, 45 degrees apart (the first the given one)
@@ -448,9 +453,10 @@ def refine_seeds(signal: np.ndarray, imager: ImagerGeometry, i0: float, centres_
             fit = None
             if good.sum() > 30:
                 x, y, data = xx[good] - c, yy[good] - r, top[good]
+                levels = _start_levels(data)  # the same for every start orientation
                 for k in range(starts):
                     trial = _fit_seed(x, y, data, math.radians(float(ang) + 180.0 * k / starts),
-                                      0.8 * half_len, half_wid, _FIT_BLUR_PX)
+                                      0.8 * half_len, half_wid, _FIT_BLUR_PX, levels)
                     if trial is not None and (fit is None or trial[2] < fit[2]):
                         fit = trial
             if fit is not None:
