@@ -457,3 +457,24 @@ def test_virtual_room_nearly_collinear_seeds_flag_the_rotation():
     res = localise_fiducials(frames, ROOM_GEOM, seeds_room_mm(on_line), ROOM_NAMES, i0=I0)
     assert FiducialFlag.ROTATION_UNRELIABLE in res.flags and not res.ok
     assert_allclose([s.point_room_mm for s in res.seeds], truth.seeds_room_mm, rtol=0, atol=ROOM_LOCALISATION_TOL_MM)
+
+
+def test_a_swap_verdict_needs_three_seeds_in_the_swapped_labelling():
+    # Benchmark default room, i0 40,000, pair 44 (four seeds, two overlapping in view A): as given, the blob
+    # holding both gave FRE 1.44 mm (implausible); swapped, a lone seed "fitted" with FRE 0. That was refused as
+    # "imager labels swapped" -- a verdict a lone seed (or two) cannot carry.
+    from spineguide.registration.points import register_points
+    from spineguide.tracking.errors import FiducialNotFoundError, ImagerLabelError
+    from spineguide.tracking.localisation.fiducial_solution import _choose, _Solution
+
+    planned = np.array([[-22.7, 32.1, 17.8], [0.2, 1.5, -2.8], [-1.2, -26.7, 2.9], [-14.7, -0.1, 10.3]])
+    given = _Solution(None, register_points(planned, planned + [[1.0, 0, 0], [0, 0, 0], [0, 0.8, 0], [0, 0, 0.7]]),
+                      False, "fiducial registration error 1.44 mm (limit 1 mm)")
+    for n_swapped, verdict in ((1, False), (2, False), (3, True)):
+        swapped = _Solution(None, register_points(planned[:n_swapped], planned[:n_swapped]), True, "")
+        if verdict:
+            with pytest.raises(ImagerLabelError, match="imager labels swapped"):
+                _choose(given, swapped, "A", "B", FiducialConfig(), planned)
+        else:
+            with pytest.raises(FiducialNotFoundError, match="no plausible seed constellation"):
+                _choose(given, swapped, "A", "B", FiducialConfig(), planned)

@@ -193,12 +193,16 @@ def _centres(dets: Sequence[Detection]) -> np.ndarray:
     return np.array([d.centre_px for d in dets], dtype=np.float64).reshape(-1, 2)
 
 
+_SWAP_MIN_SEEDS = 3  # seeds the swapped labelling must use to judge the labels (fewer fit any labelling)
 _SWAP_VERDICT = "imager labels swapped"  # in an ImagerLabelError that judged the labels (not an ambiguity)
 
 
 def _choose(given, swapped, a: str, b: str, config: FiducialConfig, planned: np.ndarray) -> _Solution:
     g_ok = isinstance(given, _Solution) and given.plausible
-    s_ok = isinstance(swapped, _Solution) and swapped.plausible
+    # A swap verdict rests on the swapped labelling's own constellation: one or two seeds fit anything (a lone
+    # seed's FRE is zero by construction), so fewer than three (every seed of a smaller plan) judge nothing.
+    s_ok = (isinstance(swapped, _Solution) and swapped.plausible
+            and swapped.reg.n_used >= min(_SWAP_MIN_SEEDS, len(planned)))
     swap_msg = (f"the frames fit the geometry with {_SWAP_VERDICT} (frame '{a}' is imager '{b}' and "
                 f"frame '{b}' is imager '{a}')")
     if g_ok and s_ok and swapped.reg.n_used > given.reg.n_used:
