@@ -196,11 +196,16 @@ def _defect_tiles(defects: np.ndarray) -> tuple:
             left[region] &= ~keep
     if left.any():
         grown = cv2.dilate(left.astype(np.uint8), np.ones((2 * m + 1,) * 2, np.uint8))
-        n, _, stats, _ = cv2.connectedComponentsWithStats(grown, connectivity=8)
+        n, labels, stats, _ = cv2.connectedComponentsWithStats(grown, connectivity=8)
         for k in range(1, n):
             c0, r0, w, h = (int(v) for v in stats[k, :4])
-            mask = left[r0 : r0 + h, c0 : c0 + w].copy()
-            tiles.append(((r0, r0 + h, c0, c0 + w), mask, mask))
+            region = np.s_[r0 : r0 + h, c0 : c0 + w]
+            # Two groups' bounding boxes may overlap although their grown pixels do not: each region fills
+            # every defect not kept yet in its box (none is read as signal) and keeps only its own group's.
+            inpaint = left[region].copy()
+            keep = inpaint & (labels[region] == k)
+            tiles.append(((r0, r0 + h, c0, c0 + w), inpaint, keep))
+            left[region] &= ~keep
     out = []
     for box, inpaint, keep in tiles:
         if keep.any():
