@@ -238,7 +238,7 @@ def _refit_faint(frames, geometry, labels, dets, i0s, masks, config: FiducialCon
         if not weak:
             out[n] = dets[n]
             continue
-        signal = np.asarray(frames[n], dtype=np.float32)
+        signal = frames[n]  # refine_seeds reads float32 windows of it
         level = i0s[n] if i0s[n] is not None else max(float(signal.max()), 1.0)
         fits = refine_seeds(signal, geometry[n], level, np.array([dets[n][i].centre_px for i in weak]),
                             np.array([dets[n][i].orientation_deg for i in weak]), config.detection, 0.0,
@@ -247,7 +247,7 @@ def _refit_faint(frames, geometry, labels, dets, i0s, masks, config: FiducialCon
         for i, fit in zip(weak, fits):
             if fit is not None and np.hypot(*(fit.centre_px - new[i].centre_px)) <= config.refit_max_shift_px:
                 new[i] = dataclasses.replace(new[i], centre_px=fit.centre_px)
-        out[n] = tuple(new) if isinstance(dets[n], tuple) else new
+        out[n] = tuple(new)
     return out
 
 

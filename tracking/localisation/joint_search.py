@@ -87,7 +87,7 @@ def _joint_solution(frames, geometry, names, i0s, masks, planned, seed_names, pr
         best = None
         for hyp in hyps:
             try:
-                found = _verify(hyp, signals, levels, masks, lmaps, geometry, names, labels, planned, seed_names,
+                found = _verify(hyp.pose, signals, levels, masks, lmaps, geometry, names, labels, planned, seed_names,
                                 config)
             except SeedMigrationError:
                 if li == 0:
@@ -107,12 +107,7 @@ def _joint_solution(frames, geometry, names, i0s, masks, planned, seed_names, pr
                 f"the frames fit the geometry with imager labels swapped (frame '{names[0]}' is imager "
                 f"'{names[1]}' and frame '{names[1]}' is imager '{names[0]}'): the planned seeds were found only "
                 f"so (FRE {best[0].reg.fre_mm:.2f} mm); refused")
-        sol, dets, excluded, shared = best
-        if not excluded:
-            sol, overlapping = _separate_overlaps(sol, geometry, names, dets, planned, seed_names, config)
-        else:
-            overlapping = frozenset()
-        return sol, overlapping | shared, dets, excluded
+        return _with_overlaps(best, geometry, names, planned, seed_names, config)
     raise error or FiducialNotFoundError("fiducials not found: no plausible seed constellation in both views")
 
 
@@ -191,12 +186,13 @@ def _triangulate_fits(geometry, labels, fits, ks):
 _TIGHT_MM = 0.5  # second round: a seed's fit within this of where the verified others put it (mm at the isocentre)
 
 
-def _verify(hyp, signals, levels, masks, maps, geometry, names, labels, planned, seed_names, config,
+def _verify(pose: Pose, signals, levels, masks, maps, geometry, names, labels, planned, seed_names, config,
             first_near_mm=None):
-    """``(solution, detections, excluded, shared)`` of one pose hypothesis (``_joint_solution`` steps 2-3).
+    """``(solution, detections, excluded, shared)`` of one pose hypothesis ``pose`` (room frame; a constellation
+    search's, or the tracking prior; ``_joint_solution`` steps 2-3).
 
     ``labels[v]`` is the imager geometry of frame ``names[v]``. Round one
-    fits every seed where the hypothesis puts it (within ``near_mm``); the
+    fits every seed where ``pose`` puts it (within ``near_mm``); the
     seeds seen in both views give a robust rigid pose; round two fits every
     seed again where that pose puts it (within ``_TIGHT_MM``), and searches
     those still unseen within ``migration_search_mm`` (strong fits only).
@@ -215,7 +211,7 @@ def _verify(hyp, signals, levels, masks, maps, geometry, names, labels, planned,
     n_seeds = len(planned)
     ims = [geometry[labels[v]] for v in range(2)]
     every = list(range(n_seeds))
-    predicted = hyp.pose.apply(planned)
+    predicted = pose.apply(planned)
     fits = _fit_at(predicted, every, signals, levels, masks, maps, ims, names, config,
                    fc.near_mm if first_near_mm is None else first_near_mm)
     seen = [k for k in every if fits[0][k] is not None and fits[1][k] is not None]
@@ -323,15 +319,6 @@ def _sharing_a_fit(fits, every) -> set[int]:
     return out
 
 
-class _AtPose:
-    """A pose hypothesis that no evidence map produced (the tracking prior)."""
-
-    __slots__ = ("pose",)
-
-    def __init__(self, pose: Pose) -> None:
-        self.pose = pose
-
-
 def _verify_at_prior(prior_pose, signals, levels, masks, geometry, names, planned, seed_names, config):
     """Tracking's first try: every seed verified where the prior pose puts it, or None.
 
@@ -346,13 +333,20 @@ def _verify_at_prior(prior_pose, signals, levels, masks, geometry, names, planne
     """
     fc = config.faint
     try:
-        found = _verify(_AtPose(prior_pose), signals, levels, masks, None, geometry, names, names, planned,
+        found = _verify(prior_pose, signals, levels, masks, None, geometry, names, names, planned,
                         seed_names, config, first_near_mm=fc.tracking_range_mm)
     except (FiducialNotFoundError, PointRegistrationError):
         return None
-    sol, dets, excluded, shared = found
-    if sol.corr.n_found < min(3, len(planned)):
+    if found[0].corr.n_found < min(3, len(planned)):
         return None  # fewer than three seeds (or than all of a smaller plan): the full search may see more
+    return _with_overlaps(found, geometry, names, planned, seed_names, config)
+
+
+def _with_overlaps(found, geometry, names, planned, seed_names, config):
+    """``(solution, overlapping, detections, excluded)`` of a verified hypothesis (``_verify``'s result): seeds
+    left out beside another's fit (``_separate_overlaps``; not after a migration exclusion) or sharing one are
+    named overlapping."""
+    sol, dets, excluded, shared = found
     overlapping = frozenset()
     if not excluded:
         sol, overlapping = _separate_overlaps(sol, geometry, names, dets, planned, seed_names, config)

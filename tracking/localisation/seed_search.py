@@ -310,17 +310,18 @@ _LM_ITERATIONS = 30
 
 
 def _fit_seed(x: np.ndarray, y: np.ndarray, data: np.ndarray, theta: float, half_len: float, half_wid: float,
-              blur_px: float, levels: tuple[float, float] | None = None):
+              blur_px: float, levels: tuple[float, float]):
     """Levenberg-Marquardt fit of a plane plus a blurred oriented box to line integrals at pixels ``(x, y)``.
 
     ``x``, ``y`` are pixel offsets from the start position (px), ``data`` the
     line integrals (ln units). Parameters ``(dcol, drow, theta, half_length,
     amplitude, b0, b1, b2)`` (px, px, rad, px, ln units, plane), analytic
     Jacobian, in the numba kernel :func:`spineguide.tracking.localisation._kernels.fit_seed_lm`;
-    the half-width is the seed's projected radius. Returns the parameters,
+    the half-width is the seed's projected radius; ``levels`` the window's
+    start background and peak (:func:`_start_levels`). Returns the parameters,
     their standard errors and the residual sigma, or None.
     """
-    bg0, top = _start_levels(data) if levels is None else levels
+    bg0, top = levels
     p0 = np.array([0.0, 0.0, theta, half_len, max(top - bg0, 0.05), bg0, 0.0, 0.0])
     ok, p, se, sigma = fit_seed_lm(np.ascontiguousarray(x, np.float64), np.ascontiguousarray(y, np.float64),
                                    np.ascontiguousarray(data, np.float64), p0, float(half_wid), float(blur_px),
