@@ -320,6 +320,29 @@ def test_a_seed_moved_2_mm_among_five_is_named_and_left_out(room):
     assert_allclose(result.pose.translation_mm, POSE.translation_mm, rtol=0, atol=SEED_TOL_MM)
 
 
+#: The null test's plan offsets (room mm): beyond the 12 mm translation range plus the seeds' spread, so no
+#: planned seed can be matched to its own shadow (benchmarks/bench_fiducials_null.py, the same shifts).
+NULL_SHIFTS_MM = [40.0 * np.array(v, float) for v in ((1, 0, 0), (-1, 0, 0), (0, 1, 0), (0, -1, 0), (0, 0, 1),
+                                                      (0, 0, -1))]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("room,i0", [("default", 40000.0), ("floor", 40000.0), ("default", 6000.0)])
+def test_a_two_seed_plan_where_its_seeds_are_not_is_never_answered(room, i0):
+    # Two seeds agree on one distance only: weak evidence, so a two-seed answer needs both seeds to stand out
+    # (two_seed_min_snr). Plans moved 40 mm from five real seeds, over bone clutter whose response grows with
+    # the dose (i0 40,000 the strongest): whatever the search pairs there is false, and must be refused.
+    sim = _sim_at(room, i0)
+    seeds = _five_seeds()
+    planned = sim.planned_room_mm(seeds)
+    frames, _ = sim.render(POSE, seed=13, seeds=seeds)
+    for pair in ((0, 1), (2, 4)):
+        for shift in NULL_SHIFTS_MM:
+            plan = POSE.apply(planned[list(pair)]) + shift  # its own pose: the seeds 40 mm from where it says
+            with pytest.raises(FiducialNotFoundError):
+                localise_fiducials(dict(frames.frames), sim.geometry, plan, ("P", "Q"), flat_fields=_flat(sim))
+
+
 # ---------------------------------------------------------------------------- tracking: verified at the prior first
 #: Motion since the prior in the tracking cases: 0.8 mm and 0.4 deg, within what a 10 Hz monitor sees between frames.
 TRACK_MOTION = Pose.from_six([0.5, -0.4, 0.5], [0.3, -0.2, 0.2])
@@ -438,6 +461,31 @@ def test_faint_search_switches_must_be_bools():
     for bad in (1, "no", None):
         with pytest.raises(FiducialConfigError, match="joint_search must be a bool"):
             FaintSearchConfig(joint_search=bad)
+
+
+def test_two_seed_view_ratio_is_a_ratio_of_at_least_one():
+    from spineguide.tracking.errors import FiducialConfigError
+
+    for bad in (0.5, 0.0, -2.0, float("nan"), "4"):
+        with pytest.raises(FiducialConfigError, match="two_seed_max_view_ratio"):
+            FaintSearchConfig(two_seed_max_view_ratio=bad)
+
+
+def test_an_answer_stands_on_seeds_that_stand_out_on_their_own():
+    from spineguide.tracking.localisation.joint_search import _stand_out
+
+    fc = FaintSearchConfig()  # anchor 6, two seeds 8, view ratio 4
+    _stand_out([(9.0, 12.0), (8.0, 30.0)], fc)  # two seeds, both >= 8 in both views, ratios 1.3 and 3.75
+    _stand_out([(6.0, 7.0), (6.5, 9.0), (5.0, 5.5)], fc)  # three seeds: two anchors >= 6 suffice
+    with pytest.raises(FiducialNotFoundError, match="fewer than two stand out"):
+        _stand_out([(7.9, 20.0), (15.0, 16.0)], fc)  # the weaker seed's weaker view below 8
+    with pytest.raises(FiducialNotFoundError, match="fewer than two stand out"):
+        _stand_out([(5.9, 20.0), (15.0, 16.0), (5.0, 40.0)], fc)  # one anchor only
+    with pytest.raises(FiducialNotFoundError, match="fewer than two stand out"):
+        _stand_out([(50.0, 60.0)], fc)  # a lone seed is never an answer
+    with pytest.raises(FiducialNotFoundError, match="times stronger in one view"):
+        _stand_out([(53.8, 10.3), (77.0, 10.9)], fc)  # real seeds in one view, clutter in the other (null test)
+    _stand_out([(53.8, 10.3), (77.0, 10.9), (40.0, 45.0)], fc)  # with three seeds the geometry decides
 
 
 #: Tracking windows in clinic frames at i0 40,000, floor room, five seeds (three seen: two overlap, the clean-frame

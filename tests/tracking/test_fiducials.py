@@ -120,6 +120,10 @@ def test_known_pose_gives_its_inverse_as_correction():
     assert res.total_ms > 0 and res.n_detections == {"A": 4, "B": 4}
     q = res.quality_json()
     assert q["ok"] is True and len(q["seeds"]) == 4
+    # Each seed's detection confidence per view: what its detector measured, at least the detector's threshold.
+    floor = FiducialConfig().detection.min_snr
+    assert all(set(s.snr) == {"A", "B"} and min(s.snr.values()) >= floor for s in res.seeds)
+    assert all(set(js["snr"]) == {"A", "B"} for js in q["seeds"])
 
 
 @pytest.mark.parametrize("axis, sign", [(a, s) for a in range(6) for s in (1.0, -1.0)])

@@ -72,6 +72,11 @@ class FaintSearchConfig:
     two_seed_min_snr : float
         Fitted SNR each seed of a two-seed solution needs in both views (two
         seeds agree on a single distance, weak evidence).
+    two_seed_max_view_ratio : float
+        Largest ratio of a seed's fitted SNRs in its two views in a two-seed
+        solution (one gold seed's two shadows: measured at most 2.9 over
+        ~840 seeds of the realistic benchmark; a real seed in one view paired
+        with clutter on its epipolar line in the other: 5-7).
     search_margin_mm : float
         The region analysed: a sphere around the planned seeds, this much
         larger than their extent and the translation range, mm.
@@ -92,17 +97,22 @@ class FaintSearchConfig:
     anchor_min_snr: float = 6.0
     moved_min_snr: float = 8.0
     migration_search_mm: float = 3.5
-    two_seed_min_snr: float = 10.0
+    two_seed_min_snr: float = 8.0
+    two_seed_max_view_ratio: float = 4.0
     search_margin_mm: float = 8.0
 
     def __post_init__(self) -> None:
         for name in ("snr_cap", "translation_range_mm", "translation_step_mm", "tracking_range_mm",
                      "local_reach_mm", "pool_mm", "smooth_mm", "seed_min_snr", "near_mm", "anchor_min_snr",
-                     "moved_min_snr", "migration_search_mm", "two_seed_min_snr", "search_margin_mm"):
+                     "moved_min_snr", "migration_search_mm", "two_seed_min_snr", "search_margin_mm",
+                     "two_seed_max_view_ratio"):
             value = getattr(self, name)
             checked_number(value, FiducialConfigError,
                            f"faint search config: {name} must be a positive finite number, got {value!r}",
                            minimum=0.0, exclusive_minimum=True)
+        if self.two_seed_max_view_ratio < 1.0:
+            raise FiducialConfigError("faint search config: two_seed_max_view_ratio is a ratio of the larger to the "
+                                      f"smaller SNR, at least 1, got {self.two_seed_max_view_ratio!r}")
         checked_integer(self.hypotheses, FiducialConfigError,
                         f"faint search config: hypotheses must be a positive integer, got {self.hypotheses!r}",
                         minimum=1)

@@ -60,6 +60,10 @@ class SeedLocalisation:
         ``|P(planned) - measured|`` after registration, mm.
     migrated : bool
         Excluded by the rigid-body check.
+    snr : dict of imager name -> float, or None
+        The seed's detection confidence in each view, as its detector measured it: the clean-frame
+        detector's matched-filter peak over the window's robust noise, or (faint search, ``FAINT_SEARCH``)
+        the seed-shadow fit's amplitude over its standard error. Dimensionless; None when not found.
     """
 
     name: str
@@ -70,6 +74,7 @@ class SeedLocalisation:
     reprojection_px: float | None
     residual_mm: float | None
     migrated: bool
+    snr: dict | None = None
 
     def to_json(self) -> dict:
         return {
@@ -81,6 +86,7 @@ class SeedLocalisation:
             "reprojection_px": self.reprojection_px,
             "residual_mm": self.residual_mm,
             "migrated": self.migrated,
+            "snr": None if self.snr is None else {k: float(v) for k, v in self.snr.items()},
         }
 
 

@@ -264,13 +264,14 @@ def _result(sol: _Solution, dets, planned, seed_names, names, times_s, config: F
         if not corr.found[k]:
             seeds.append(SeedLocalisation(name, False, None, None, None, None, None, False))
             continue
-        pixels = {names[v]: dets[names[v]][int(corr.detection_index[k, v])].centre_px for v in range(2)}
+        seen = [dets[names[v]][int(corr.detection_index[k, v])] for v in range(2)]
+        pixels = {names[v]: seen[v].centre_px for v in range(2)}
         point = corr.points_room_mm[k].copy()
         point.setflags(write=False)
         migrated = k in excluded or not bool(reg.used[used_names[name]])
         seeds.append(SeedLocalisation(
             name, True, pixels, point, float(corr.ray_distance_mm[k]), float(corr.reprojection_px[k]),
-            float(np.linalg.norm(residuals[k])), migrated,
+            float(np.linalg.norm(residuals[k])), migrated, {names[v]: float(seen[v].snr) for v in range(2)},
         ))
     flags = {_FROM_POINT_FLAG[f] for f in reg.flags}
     if excluded:

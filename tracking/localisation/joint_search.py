@@ -26,7 +26,8 @@ from .detection import Detection, _check_frame, _check_i0, estimate_i0
 from .seed_search import refine_seeds, response_map
 from .fiducial_result import Correspondence
 from .stereo_match import _REFINE_STEPS, _STEREO
-from .fiducial_solution import _Solution, _angle_deg, _better, _px_per_mm, _search_box, _separate_overlaps
+from .fiducial_solution import (_SWAP_MIN_SEEDS, _Solution, _angle_deg, _better, _px_per_mm, _search_box,
+                                _separate_overlaps)
 
 
 _CUBE_STEP_MM = 0.35  # the migration search's 3D grid (about one full-resolution pixel at the isocentre)
@@ -103,6 +104,11 @@ def _joint_solution(frames, geometry, names, i0s, masks, planned, seed_names, pr
         if best is None:
             continue
         if li == 1:
+            if best[0].corr.n_found < _SWAP_MIN_SEEDS:
+                # Two seeds fit some translation under any labelling: no verdict on the labels from them.
+                error = error or FiducialNotFoundError(
+                    "fiducials not found: no plausible seed constellation in both views")
+                continue
             raise ImagerLabelError(
                 f"the frames fit the geometry with imager labels swapped (frame '{names[0]}' is imager "
                 f"'{names[1]}' and frame '{names[1]}' is imager '{names[0]}'): the planned seeds were found only "
@@ -251,12 +257,7 @@ def _verify(pose: Pose, signals, levels, masks, maps, geometry, names, labels, p
              "fiducials not found: (")
             + f"the joint search verified {len(seen_idx)} of {n_seeds} planned seeds "
             f"with fitted SNR >= {fc.seed_min_snr:g} in both views where the constellation puts them)")
-    weakest = np.array([min(fits[0][k].snr, fits[1][k].snr) for k in seen_idx])
-    need = fc.two_seed_min_snr if len(seen_idx) == 2 else fc.anchor_min_snr
-    if int(np.count_nonzero(weakest >= need)) < 2:
-        raise FiducialNotFoundError(
-            f"fiducials not found: {len(seen_idx)} seeds fit where the constellation puts them, but fewer than two "
-            f"stand out on their own (fitted SNR >= {need:g} in both views)")
+    _stand_out([(fits[0][k].snr, fits[1][k].snr) for k in seen_idx], fc)
     pts, ray, rep = _triangulate_fits(geometry, labels, fits, seen_idx)
     keep = ray <= config.max_ray_distance_mm
     found = np.zeros(n_seeds, bool)
@@ -291,6 +292,8 @@ def _verify(pose: Pose, signals, levels, masks, maps, geometry, names, labels, p
             raise FiducialNotFoundError("fiducials not found: no seed verified where the constellation puts it")
         reg = register_points(planned[use], points[use], [seed_names[i] for i in np.flatnonzero(use)],
                               config.registration)
+    # Seeds dropped since (rays that do not meet, a migration excluded or left out): the answer stands on the rest.
+    _stand_out([(fits[0][k].snr, fits[1][k].snr) for k in np.flatnonzero(use)], fc)
     corr = Correspondence(names, idx, points, rd, rp, found, 0.0)
     reasons = []
     if reg.fre_mm > config.max_fre_mm and PointFlag.TRANSLATION_ONLY not in reg.flags:
@@ -339,7 +342,10 @@ def _verify_at_prior(prior_pose, signals, levels, masks, geometry, names, planne
         return None
     if found[0].corr.n_found < min(3, len(planned)):
         return None  # fewer than three seeds (or than all of a smaller plan): the full search may see more
-    return _with_overlaps(found, geometry, names, planned, seed_names, config)
+    try:
+        return _with_overlaps(found, geometry, names, planned, seed_names, config)
+    except FiducialNotFoundError:
+        return None  # what the overlaps leave does not stand out: the full search decides
 
 
 def _with_overlaps(found, geometry, names, planned, seed_names, config):
@@ -350,7 +356,37 @@ def _with_overlaps(found, geometry, names, planned, seed_names, config):
     overlapping = frozenset()
     if not excluded:
         sol, overlapping = _separate_overlaps(sol, geometry, names, dets, planned, seed_names, config)
+        if overlapping:
+            used = dict(zip(sol.reg.names, sol.reg.used))
+            _stand_out([tuple(dets[names[v]][int(sol.corr.detection_index[k, v])].snr for v in range(2))
+                        for k in np.flatnonzero(sol.corr.found) if used.get(seed_names[k], False)], config.faint)
     return sol, overlapping | shared, dets, excluded
+
+
+def _stand_out(snrs, fc) -> None:
+    """Refuse an answer resting on seeds that do not stand out on their own.
+
+    ``snrs``: per seed the answer uses, its fitted SNR in the two views. Two of them must reach
+    ``anchor_min_snr`` in both views (otherwise the pose could be noise fitted into place), and when the
+    answer uses two seeds only, both must reach ``two_seed_min_snr`` (two seeds agree on a single distance:
+    weak evidence; ``benchmarks/bench_fiducials_null.py``). Applied to the seeds finally used, after any seed
+    was dropped (rays that do not meet, a migration, an overlap).
+    """
+    weakest = np.array([min(a, b) for a, b in snrs], dtype=np.float64)
+    need = fc.two_seed_min_snr if len(weakest) == 2 else fc.anchor_min_snr
+    if int(np.count_nonzero(weakest >= need)) < 2:
+        raise FiducialNotFoundError(
+            f"fiducials not found: the answer would use {len(weakest)} seeds, but fewer than two stand out on "
+            f"their own (fitted SNR >= {need:g} in both views)")
+    if len(weakest) == 2:
+        ratio = max(max(a, b) / min(a, b) for a, b in snrs)
+        if ratio > fc.two_seed_max_view_ratio:
+            # One gold seed seen in two views: its two shadows' SNRs differ by at most ~3x (noise behind it,
+            # orientation); a strong shadow in one view paired with a weak one in the other is a seed matched to
+            # clutter on its epipolar line.
+            raise FiducialNotFoundError(
+                f"fiducials not found: the answer would use 2 seeds, and one of them is {ratio:.1f} times stronger "
+                f"in one view than in the other (limit {fc.two_seed_max_view_ratio:g}): not one seed seen twice")
 
 
 def _robust_pose(planned: np.ndarray, points: np.ndarray, weights: np.ndarray) -> Pose | None:
