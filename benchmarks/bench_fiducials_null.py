@@ -72,6 +72,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--cache", type=Path, required=True, help="bench_fiducials_realistic.py's frame cache")
     ap.add_argument("--pairs", type=int, default=50)
+    ap.add_argument("--first", type=int, default=0, help="index of the first pair (default 0)")
     ap.add_argument("--rooms", default="default,floor")
     ap.add_argument("--i0", default="6000,40000,2000")
     ap.add_argument("--spr", type=float, default=1.5)
@@ -103,7 +104,7 @@ def main() -> None:
             trials = 0
             null_weak, true_weak, true_false = [], [], 0
             lowered_null_answers = {k: 0 for k in range(2, 6)}
-            for p in range(opts.pairs):
+            for p in range(opts.first, opts.first + opts.pairs):
                 draw = real.draw_pair(opts.seed, p, iso)
                 planned = sim.planned_room_mm(draw.seeds)
                 names = tuple(s.name for s in draw.seeds)
@@ -134,13 +135,17 @@ def main() -> None:
                         res = trial(frames, geom, plan, names, flat, default)
                         if res is not None:
                             null_false[sum(s.found for s in res.seeds)] += 1
+                            print(f"{room} i0 {cond} pair {p} shift {np.round(shift, 1).tolist()} mm: false answer from "
+                                  + ", ".join(f"{s.name} (SNR {min(s.snr.values()):.1f})" for s in res.seeds if s.found),
+                                  file=sys.stderr)
                     res = trial(frames, geom, plan, names, flat, lowered)
                     if res is not None:
                         found = sum(s.found for s in res.seeds)
                         lowered_null_answers[found] += 1
                         if found == 2:
                             null_weak.append(weaker_snr(res))
-                print(f"{room} i0 {cond}: pair {p + 1}/{opts.pairs} ({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
+                print(f"{room} i0 {cond}: pair {p + 1}/{opts.first + opts.pairs} ({time.perf_counter() - t0:.0f} s)",
+                      file=sys.stderr)
             rows.append((room, cond, trials, null_false, lowered_null_answers, null_weak, true_weak, true_false))
     print()
     print("Plan moved away from the seeds (any answer is false); default config, then thresholds lowered "

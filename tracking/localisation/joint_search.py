@@ -293,7 +293,16 @@ def _verify(pose: Pose, signals, levels, masks, maps, geometry, names, labels, p
         reg = register_points(planned[use], points[use], [seed_names[i] for i in np.flatnonzero(use)],
                               config.registration)
     # Seeds dropped since (rays that do not meet, a migration excluded or left out): the answer stands on the rest.
-    _stand_out([(fits[0][k].snr, fits[1][k].snr) for k in np.flatnonzero(use)], fc)
+    try:
+        _stand_out([(fits[0][k].snr, fits[1][k].snr) for k in np.flatnonzero(use)], fc)
+    except FiducialNotFoundError as err:
+        if excluded:
+            # The moved seed is named even though what is left cannot carry an answer.
+            raise SeedMigrationError(
+                "rigid-body check failed: seed " + ", ".join(seed_names[k] for k in sorted(excluded))
+                + f" lies more than {config.registration.migration_limit_mm:g} mm from where the others put it, "
+                "and the others do not stand out on their own; registration refused") from err
+        raise
     corr = Correspondence(names, idx, points, rd, rp, found, 0.0)
     reasons = []
     if reg.fre_mm > config.max_fre_mm and PointFlag.TRANSLATION_ONLY not in reg.flags:
