@@ -104,3 +104,48 @@ def test_evidence_is_relative_to_the_regions_clutter_and_capped():
     # Bilinear sampling between pixel centres, zero outside the map.
     assert sample_bilinear(m.capped, np.array([[10.5, 10.0]]))[0] == pytest.approx(1.5)
     assert sample_bilinear(m.capped, np.array([[-3.0, 4.0]]))[0] == 0.0
+
+
+def test_a_two_seed_answer_beside_an_unexplained_seed_in_both_views_is_refused():
+    # Two planned seeds agree on one distance only; two other seeds the same distance apart fit them as well.
+    # A seed-like object seen in both views away from every planned seed (answer's pose) makes the answer doubtful.
+    from types import SimpleNamespace
+
+    from spineguide.tracking.errors import FiducialNotFoundError
+    from spineguide.tracking.localisation.detection import Detection
+    from spineguide.tracking.localisation.fiducial_config import FiducialConfig
+    from spineguide.tracking.localisation.joint_search import _unexplained_seed
+
+    geom = room_geometry("floor")
+    names = geom.names
+    planned = np.array([[0.0, 0.0, 0.0], [20.0, 5.0, -10.0], [-15.0, 10.0, 12.0], [5.0, -20.0, 25.0]])
+    seed_names = ("F1", "F2", "F3", "F4")
+    pose = Pose.from_six([1.0, -2.0, 0.5], [0.5, 0.0, -0.5])
+    config = FiducialConfig()
+
+    def answer(used):
+        return SimpleNamespace(reg=SimpleNamespace(used=np.array(used), pose=pose),
+                               corr=SimpleNamespace(found=np.array(used)))
+
+    def dets_at(points):
+        return {n: tuple(Detection(n, geom[n].project(p[None])[0], 0.3, 12.0, 16.0, 4.0, 0.0, 40, 0.6)
+                         for p in points) for n in names}
+
+    used2 = [True, True, False, False]
+    other = pose.apply(planned[2:3])[0] + np.array([8.0, 6.0, -5.0])  # 11 mm from seed F3's place
+    with pytest.raises(FiducialNotFoundError, match="seed-like object seen in both views"):
+        _unexplained_seed(geom, names, dets_at([other]), answer(used2), planned, seed_names, Pose.identity(), 12.0,
+                          config)
+    # A planned seed the search did not verify, seen by the clean-frame detector where the answer puts it: explained.
+    _unexplained_seed(geom, names, dets_at([pose.apply(planned[2:3])[0]]), answer(used2), planned, seed_names,
+                      Pose.identity(), 12.0, config)
+    # Seen in one view only: nothing to triangulate.
+    one = dets_at([other])
+    _unexplained_seed(geom, names, {names[0]: one[names[0]], names[1]: ()}, answer(used2), planned, seed_names,
+                      Pose.identity(), 12.0, config)
+    # Outside the searched region (the plan's extent + 12 mm + the margin): not the plan's business.
+    far = pose.apply(planned[:1])[0] + np.array([0.0, 0.0, 90.0])
+    _unexplained_seed(geom, names, dets_at([far]), answer(used2), planned, seed_names, Pose.identity(), 12.0, config)
+    # Three seeds used fix a 6-DoF pose: the geometry decides, no check.
+    _unexplained_seed(geom, names, dets_at([other]), answer([True, True, True, False]), planned, seed_names,
+                      Pose.identity(), 12.0, config)

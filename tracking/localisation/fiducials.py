@@ -45,7 +45,7 @@ from .fiducial_config import FaintSearchConfig, FiducialConfig
 from .fiducial_result import _FROM_POINT_FLAG, Correspondence, FiducialFlag, FiducialResult, SeedLocalisation
 from .fiducial_solution import _SWAP_VERDICT, _better, _labelled_solution, _Solution
 from .flatfield import FlatField
-from .joint_search import _joint_solution
+from .joint_search import _joint_solution, _unexplained_seed
 from .stereo_match import match_stereo
 
 __all__ = [
@@ -207,7 +207,17 @@ def localise_fiducials(
             # The joint search's reason is the more telling one, unless the labels were in question.
             error = error if isinstance(error, ImagerLabelError) else err
         if second is not None and (found is None or _better(second[0], found[0])):
-            found, dets, faint, excluded = second[:2], second[2], True, second[3]
+            if prior_pose is None:
+                start, reach = Pose.identity(), config.faint.translation_range_mm
+            else:
+                start, reach = prior_pose, config.faint.tracking_range_mm
+            try:
+                _unexplained_seed(geometry, (a, b), dets, second[0], planned, seed_names, start, reach, config)
+                found, dets, faint, excluded = second[:2], second[2], True, second[3]
+            except FiducialNotFoundError as err:
+                # Ambiguous: refused. Not the clean-frame answer either: the joint search ran because that one
+                # left a seed unexplained, and the best answer is in doubt.
+                found, error = None, err
     if found is not None and found[0].corr.n_found < min(2, len(planned)):
         # One seed of several is not identified by anything (any detection fits any planned seed under some
         # translation): never an answer.

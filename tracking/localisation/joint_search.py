@@ -372,6 +372,58 @@ def _with_overlaps(found, geometry, names, planned, seed_names, config):
     return sol, overlapping | shared, dets, excluded
 
 
+_EXPLAINED_PX = 5.0  # a clean-frame detection this close to a planned seed's projection (answer's pose) is that seed's
+
+
+def _unexplained_seed(geometry, labels, clean_dets, solution, planned, seed_names, start: Pose, reach_mm: float,
+                      config) -> None:
+    """Refuse a two-seed answer of a larger plan beside a seed-like object the answer cannot explain.
+
+    Two planned seeds agree on one distance only: two *other* seeds (or a seed and clutter) the same distance
+    apart fit them as well, under a pose the search range allows when the set-up error is beyond it (null test,
+    ``benchmarks/bench_fiducials_null.py --shifts wide``: floor room pair 9, two real seeds 38.7 mm apart taken
+    for two planned seeds 38.9 mm apart). Then the frames hold strong seeds the answer leaves unexplained. So,
+    when the answer uses two seeds of a plan of three or more: every pair of the clean-frame detector's
+    detections (``clean_dets[name]``, section 1 of docs/FIDUCIALS.md; none near a planned seed's projection
+    under the answer's pose) whose rays meet (``max_ray_distance_mm``) at a point in the searched region
+    (``start``'s seeds' extent + ``reach_mm`` + ``search_margin_mm``) and farther than the migration limit from
+    every planned seed under that pose is such an object, and the answer is refused (``FiducialNotFoundError``).
+    Room frame, mm; pixels ``(col, row)``.
+    """
+    reg = solution.reg
+    if len(planned) < 3 or int(np.count_nonzero(reg.used)) != 2:
+        return
+    a, b = labels
+    if not clean_dets.get(a) or not clean_dets.get(b):
+        return
+    predicted = reg.pose.apply(planned)
+    keep = []
+    for n in labels:
+        proj = geometry[n].project(predicted)
+        keep.append([d for d in clean_dets[n]
+                     if np.min(np.hypot(*(np.asarray(d.centre_px) - proj).T)) > _EXPLAINED_PX])
+    if not keep[0] or not keep[1]:
+        return
+    _, proj, panel, source = _STEREO.get(geometry, a, b)
+    pa = np.array([d.centre_px for d in keep[0] for _ in keep[1]], dtype=np.float64)
+    pb = np.array([d.centre_px for _ in keep[0] for d in keep[1]], dtype=np.float64)
+    pts, ray, _ = triangulate_two_views(proj, panel, source, pa, pb, _REFINE_STEPS)
+    where = start.apply(planned)
+    centre = where.mean(axis=0)
+    radius = float(np.linalg.norm(where - centre, axis=1).max()) + reach_mm + config.faint.search_margin_mm
+    limit = config.registration.migration_limit_mm
+    for q in np.flatnonzero(ray <= config.max_ray_distance_mm):
+        if (np.linalg.norm(pts[q] - centre) <= radius
+                and np.min(np.linalg.norm(predicted - pts[q], axis=1)) > limit):
+            da, db = keep[0][q // len(keep[1])], keep[1][q % len(keep[1])]
+            raise FiducialNotFoundError(
+                f"fiducials not found: the answer would use 2 of {len(planned)} planned seeds ("
+                + ", ".join(seed_names[k] for k in np.flatnonzero(solution.corr.found))
+                + f"), and a seed-like object seen in both views (SNR {da.snr:.0f} / {db.snr:.0f}) lies "
+                f"{np.min(np.linalg.norm(predicted - pts[q], axis=1)):.1f} mm from every planned seed: two seeds "
+                "fit another pair as well; refused")
+
+
 def _stand_out(snrs, fc) -> None:
     """Refuse an answer resting on seeds that do not stand out on their own.
 
