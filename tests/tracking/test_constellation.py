@@ -134,18 +134,17 @@ def test_a_two_seed_answer_beside_an_unexplained_seed_in_both_views_is_refused()
     used2 = [True, True, False, False]
     other = pose.apply(planned[2:3])[0] + np.array([8.0, 6.0, -5.0])  # 11 mm from seed F3's place
     with pytest.raises(FiducialNotFoundError, match="seed-like object seen in both views"):
-        _unexplained_seed(geom, names, dets_at([other]), answer(used2), planned, seed_names, Pose.identity(), 12.0,
-                          config)
+        _unexplained_seed(geom, names, dets_at([other]), answer(used2), planned, seed_names, None, config)
     # A planned seed the search did not verify, seen by the clean-frame detector where the answer puts it: explained.
     _unexplained_seed(geom, names, dets_at([pose.apply(planned[2:3])[0]]), answer(used2), planned, seed_names,
-                      Pose.identity(), 12.0, config)
+                      None, config)
     # Seen in one view only: nothing to triangulate.
     one = dets_at([other])
     _unexplained_seed(geom, names, {names[0]: one[names[0]], names[1]: ()}, answer(used2), planned, seed_names,
-                      Pose.identity(), 12.0, config)
+                      None, config)
     # Outside the searched region (the plan's extent + 12 mm + the margin): not the plan's business.
     far = pose.apply(planned[:1])[0] + np.array([0.0, 0.0, 90.0])
-    _unexplained_seed(geom, names, dets_at([far]), answer(used2), planned, seed_names, Pose.identity(), 12.0, config)
+    _unexplained_seed(geom, names, dets_at([far]), answer(used2), planned, seed_names, None, config)
     # Three seeds used fix a 6-DoF pose: the geometry decides, no check.
     _unexplained_seed(geom, names, dets_at([other]), answer([True, True, True, False]), planned, seed_names,
-                      Pose.identity(), 12.0, config)
+                      None, config)

@@ -207,12 +207,8 @@ def localise_fiducials(
             # The joint search's reason is the more telling one, unless the labels were in question.
             error = error if isinstance(error, ImagerLabelError) else err
         if second is not None and (found is None or _better(second[0], found[0])):
-            if prior_pose is None:
-                start, reach = Pose.identity(), config.faint.translation_range_mm
-            else:
-                start, reach = prior_pose, config.faint.tracking_range_mm
             try:
-                _unexplained_seed(geometry, (a, b), dets, second[0], planned, seed_names, start, reach, config)
+                _unexplained_seed(geometry, (a, b), dets, second[0], planned, seed_names, prior_pose, config)
                 found, dets, faint, excluded = second[:2], second[2], True, second[3]
             except FiducialNotFoundError as err:
                 # Ambiguous: refused. Not the clean-frame answer either: the joint search ran because that one

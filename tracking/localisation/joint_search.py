@@ -64,12 +64,7 @@ def _joint_solution(frames, geometry, names, i0s, masks, planned, seed_names, pr
             raise FiducialNotFoundError(
                 "fiducials not found: fewer than three planned seeds (or not every seed of a smaller plan) verified "
                 "where the prior pose puts them, and the joint search is off (real-time setting)")
-        start, reach = prior_pose, fc.tracking_range_mm
-    else:
-        start, reach = Pose.identity(), fc.translation_range_mm
-    where = start.apply(planned)
-    centre = where.mean(axis=0)
-    radius = float(np.linalg.norm(where - centre, axis=1).max()) + reach + fc.search_margin_mm
+    start, reach, centre, radius = _searched_region(planned, prior_pose, fc)
     maps = _maps_around(signals, levels, masks, geometry, names, centre, radius, config)
     if isinstance(maps, str):
         raise FiducialNotFoundError(f"fiducials not found: imager '{maps}' does not see where the seeds are planned")
@@ -115,6 +110,20 @@ def _joint_solution(frames, geometry, names, i0s, masks, planned, seed_names, pr
                 f"so (FRE {best[0].reg.fre_mm:.2f} mm); refused")
         return _with_overlaps(best, geometry, names, planned, seed_names, config)
     raise error or FiducialNotFoundError("fiducials not found: no plausible seed constellation in both views")
+
+
+def _searched_region(planned, prior_pose, fc):
+    """``(start, reach_mm, centre_room_mm, radius_mm)`` of the joint search: the pose it starts from (the prior,
+    or perfect set-up), the translation it reaches from there (``tracking_range_mm`` or
+    ``translation_range_mm``), and the sphere it analyses (the seeds' extent at ``start`` + the reach +
+    ``search_margin_mm``). Room frame, mm."""
+    if prior_pose is not None:
+        start, reach = prior_pose, fc.tracking_range_mm
+    else:
+        start, reach = Pose.identity(), fc.translation_range_mm
+    where = start.apply(planned)
+    centre = where.mean(axis=0)
+    return start, reach, centre, float(np.linalg.norm(where - centre, axis=1).max()) + reach + fc.search_margin_mm
 
 
 def _maps_around(signals, levels, masks, geometry, names, centre_room_mm, radius_mm, config):
@@ -257,6 +266,7 @@ def _verify(pose: Pose, signals, levels, masks, maps, geometry, names, labels, p
              "fiducials not found: (")
             + f"the joint search verified {len(seen_idx)} of {n_seeds} planned seeds "
             f"with fitted SNR >= {fc.seed_min_snr:g} in both views where the constellation puts them)")
+    # Early exit: what the final check below (on the seeds finally used, a subset) would refuse anyway.
     _stand_out([(fits[0][k].snr, fits[1][k].snr) for k in seen_idx], fc)
     pts, ray, rep = _triangulate_fits(geometry, labels, fits, seen_idx)
     keep = ray <= config.max_ray_distance_mm
@@ -375,7 +385,7 @@ def _with_overlaps(found, geometry, names, planned, seed_names, config):
 _EXPLAINED_PX = 5.0  # a clean-frame detection this close to a planned seed's projection (answer's pose) is that seed's
 
 
-def _unexplained_seed(geometry, labels, clean_dets, solution, planned, seed_names, start: Pose, reach_mm: float,
+def _unexplained_seed(geometry, labels, clean_dets, solution, planned, seed_names, prior_pose: Pose | None,
                       config) -> None:
     """Refuse a two-seed answer of a larger plan beside a seed-like object the answer cannot explain.
 
@@ -386,7 +396,7 @@ def _unexplained_seed(geometry, labels, clean_dets, solution, planned, seed_name
     when the answer uses two seeds of a plan of three or more: every pair of the clean-frame detector's
     detections (``clean_dets[name]``, section 1 of docs/FIDUCIALS.md; none near a planned seed's projection
     under the answer's pose) whose rays meet (``max_ray_distance_mm``) at a point in the searched region
-    (``start``'s seeds' extent + ``reach_mm`` + ``search_margin_mm``) and farther than the migration limit from
+    (:func:`_searched_region`, from ``prior_pose`` or perfect set-up) and farther than the migration limit from
     every planned seed under that pose is such an object, and the answer is refused (``FiducialNotFoundError``).
     Room frame, mm; pixels ``(col, row)``.
     """
@@ -408,9 +418,7 @@ def _unexplained_seed(geometry, labels, clean_dets, solution, planned, seed_name
     pa = np.array([d.centre_px for d in keep[0] for _ in keep[1]], dtype=np.float64)
     pb = np.array([d.centre_px for _ in keep[0] for d in keep[1]], dtype=np.float64)
     pts, ray, _ = triangulate_two_views(proj, panel, source, pa, pb, _REFINE_STEPS)
-    where = start.apply(planned)
-    centre = where.mean(axis=0)
-    radius = float(np.linalg.norm(where - centre, axis=1).max()) + reach_mm + config.faint.search_margin_mm
+    _, _, centre, radius = _searched_region(planned, prior_pose, config.faint)
     limit = config.registration.migration_limit_mm
     for q in np.flatnonzero(ray <= config.max_ray_distance_mm):
         if (np.linalg.norm(pts[q] - centre) <= radius
