@@ -15,7 +15,7 @@ from numpy.testing import assert_allclose
 from scipy.optimize import least_squares
 from scipy.special import erf
 
-from spineguide.tracking.localisation._kernels import fit_seed_lm
+from spineguide.tracking.localisation._kernels import fit_seed_lm, fit_seeds_lm
 
 BLUR = 0.8  # px
 HALF_WID = 2.0  # px
@@ -66,6 +66,31 @@ def test_noisy_shadow_fit_is_the_least_squares_optimum(seed):
     # The standard error of the centre covers the error from the truth (a 4-sigma bound).
     assert np.all(np.abs(p[:2] - TRUE[:2]) <= 4 * se[:2])
     assert sigma == pytest.approx(0.08, rel=0.1)
+
+
+def test_batched_parallel_fits_are_each_the_single_fit():
+    """``fit_seeds_lm`` (many windows and starts, numba prange) gives bit for bit what ``fit_seed_lm`` gives per fit."""
+    x, y = _grid()
+    rng = np.random.default_rng(7)
+    windows = [_model(TRUE, x, y) + rng.normal(0.0, s, x.size) for s in (0.02, 0.08, 0.3)]
+    # Window 1 smaller (its first 900 pixels): windows of different sizes share the concatenated arrays.
+    sizes = [x.size, 900, x.size]
+    bounds = np.concatenate(([0], np.cumsum(sizes))).astype(np.int64)
+    xs = np.concatenate([x[:n] for n in sizes])
+    ys = np.concatenate([y[:n] for n in sizes])
+    data = np.concatenate([d[:n] for d, n in zip(windows, sizes)])
+    starts = np.array([START + [0, 0, a, 0, 0, 0, 0, 0] for a in (0.0, 0.8, 1.6)] * 3)
+    window = np.repeat(np.arange(3), 3).astype(np.int64)
+    half_wid, lo, hi = np.full(3, HALF_WID), np.full(3, 2.1), np.array([14.0, 12.0, 14.0])
+    ok, p, se, sigma = fit_seeds_lm(xs, ys, data, bounds, window, starts, half_wid, BLUR, lo, hi, 6.0, 30)
+    for j in range(len(starts)):
+        w = window[j]
+        a, b = bounds[w], bounds[w + 1]
+        one = fit_seed_lm(xs[a:b], ys[a:b], data[a:b], starts[j], HALF_WID, BLUR, lo[w], hi[w], 6.0, 30)
+        assert ok[j] == one[0]
+        np.testing.assert_array_equal(p[j], one[1])
+        np.testing.assert_array_equal(se[j], one[2])
+        assert sigma[j] == one[3]
 
 
 # ---------------------------------------------------------------------------- refine_seeds on structured anatomy

@@ -15,11 +15,12 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from numba import njit
+from numba import njit, prange
 
 __all__ = [
     "analyse_windows",
     "fit_seed_lm",
+    "fit_seeds_lm",
     "gather_windows",
     "isolated_outliers",
     "reconstruct_under",
@@ -909,3 +910,32 @@ def fit_seed_lm(x, y, data, p0, half_wid, blur_px, lo_half, hi_half, max_shift, 
     for j in range(8):
         se[j] = math.sqrt(max(cov[j, j], 0.0)) * sigma
     return True, p, se, sigma
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def fit_seeds_lm(x, y, data, bounds, window, p0, half_wid, blur_px, lo_half, hi_half, max_shift, iterations):
+    """Many :func:`fit_seed_lm` fits at once, in parallel (one per row of ``p0``).
+
+    Fit ``j`` uses the pixels ``bounds[window[j]]:bounds[window[j] + 1]`` of
+    the concatenated ``x``, ``y``, ``data`` (px offsets, ln units) and starts
+    from ``p0[j]``; ``half_wid``, ``lo_half``, ``hi_half`` are per window,
+    the rest as in :func:`fit_seed_lm`. Each fit is exactly the one
+    :func:`fit_seed_lm` computes alone (no shared state).
+
+    Returns ``(ok, p, se, sigma)`` with one row (entry) per fit.
+    """
+    n_fit = p0.shape[0]
+    ok = np.zeros(n_fit, dtype=np.bool_)
+    p = np.empty((n_fit, 8))
+    se = np.empty((n_fit, 8))
+    sigma = np.empty(n_fit)
+    for j in prange(n_fit):
+        w = window[j]
+        a, b = bounds[w], bounds[w + 1]
+        ok_j, p_j, se_j, s_j = fit_seed_lm(x[a:b], y[a:b], data[a:b], p0[j], half_wid[w], blur_px, lo_half[w],
+                                           hi_half[w], max_shift, iterations)
+        ok[j] = ok_j
+        p[j] = p_j
+        se[j] = se_j
+        sigma[j] = s_j
+    return ok, p, se, sigma

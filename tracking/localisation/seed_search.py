@@ -44,7 +44,7 @@ import numpy as np
 from spineguide.calibration.geometry import ImagerGeometry
 
 from ..errors import FrameError
-from ._kernels import fit_seed_lm
+from ._kernels import fit_seeds_lm
 from .detection import Detection, DetectionConfig, line_integrals, seed_size_px
 
 __all__ = ["ResponseMap", "SeedCandidates", "faint_candidates", "refine_seeds", "response_map"]
@@ -309,26 +309,48 @@ _RIDGE_FRACTION = 0.95  # a fit this close to the bound is longer than any seed
 _LM_ITERATIONS = 30
 
 
-def _fit_seed(x: np.ndarray, y: np.ndarray, data: np.ndarray, theta: float, half_len: float, half_wid: float,
-              blur_px: float, levels: tuple[float, float]):
-    """Levenberg-Marquardt fit of a plane plus a blurred oriented box to line integrals at pixels ``(x, y)``.
+def _fit_windows(windows: list[tuple[np.ndarray, np.ndarray, np.ndarray, float]], half_len: float,
+                 half_wid: float, blur_px: float, starts: int) -> list[tuple[np.ndarray, np.ndarray, float] | None]:
+    """Levenberg-Marquardt fits of a plane plus a blurred oriented box to the line integrals of each window.
 
-    ``x``, ``y`` are pixel offsets from the start position (px), ``data`` the
-    line integrals (ln units). Parameters ``(dcol, drow, theta, half_length,
-    amplitude, b0, b1, b2)`` (px, px, rad, px, ln units, plane), analytic
-    Jacobian, in the numba kernel :func:`spineguide.tracking.localisation._kernels.fit_seed_lm`;
-    the half-width is the seed's projected radius; ``levels`` the window's
-    start background and peak (:func:`_start_levels`). Returns the parameters,
-    their standard errors and the residual sigma, or None.
+    ``windows[i] = (x, y, data, angle)``: pixel offsets from the start
+    position (px), the line integrals there (ln units) and the start
+    orientation (degrees from +col towards +row). Parameters ``(dcol, drow,
+    theta, half_length, amplitude, b0, b1, b2)`` (px, px, rad, px, ln units,
+    plane), analytic Jacobian; each window is fitted from ``starts``
+    orientations ``180 / starts`` degrees apart (the given one first) and
+    keeps the fit with the smallest residual sigma (the first on a tie). All
+    fits run in one parallel numba call
+    (:func:`spineguide.tracking.localisation._kernels.fit_seeds_lm`); the
+    half-width is the seed's projected radius, the start background and peak
+    the window's (:func:`_start_levels`). Returns per window the
+    parameters, their standard errors and the residual sigma, or None.
     """
-    bg0, top = levels
-    p0 = np.array([0.0, 0.0, theta, half_len, max(top - bg0, 0.05), bg0, 0.0, 0.0])
-    ok, p, se, sigma = fit_seed_lm(np.ascontiguousarray(x, np.float64), np.ascontiguousarray(y, np.float64),
-                                   np.ascontiguousarray(data, np.float64), p0, float(half_wid), float(blur_px),
-                                   0.3 * half_len, _MAX_HALF_LENGTH * half_len, 6.0, _LM_ITERATIONS)
-    if not ok:
-        return None
-    return p, se, sigma
+    if not windows:
+        return []
+    sizes = np.array([len(w[0]) for w in windows])
+    bounds = np.concatenate(([0], np.cumsum(sizes))).astype(np.int64)
+    x = np.concatenate([w[0] for w in windows]).astype(np.float64)
+    y = np.concatenate([w[1] for w in windows]).astype(np.float64)
+    data = np.concatenate([w[2] for w in windows]).astype(np.float64)
+    p0 = np.empty((len(windows) * starts, 8))
+    for i, (_, _, d, angle) in enumerate(windows):
+        bg0, top = _start_levels(d)  # the same for every start orientation
+        for k in range(starts):
+            p0[i * starts + k] = (0.0, 0.0, math.radians(angle + 180.0 * k / starts), half_len, max(top - bg0, 0.05), bg0,
+                                  0.0, 0.0)
+    n = len(windows)
+    ok, p, se, sigma = fit_seeds_lm(x, y, data, bounds, np.repeat(np.arange(n), starts).astype(np.int64), p0,
+                                    np.full(n, float(half_wid)), float(blur_px), np.full(n, 0.3 * half_len),
+                                    np.full(n, _MAX_HALF_LENGTH * half_len), 6.0, _LM_ITERATIONS)
+    out: list[tuple[np.ndarray, np.ndarray, float] | None] = []
+    for i in range(n):
+        best = None
+        for j in range(i * starts, (i + 1) * starts):
+            if ok[j] and (best is None or sigma[j] < sigma[best]):
+                best = j
+        out.append(None if best is None else (p[best].copy(), se[best].copy(), float(sigma[best])))
+    return out
 
 
 def _start_levels(data: np.ndarray) -> tuple[float, float]:
@@ -437,12 +459,14 @@ def refine_seeds(signal: np.ndarray, imager: ImagerGeometry, i0: float, centres_
     reach = int(math.ceil(half_len + 6))
     line_px = 2 * int(math.ceil(0.5 * _LINE_FACTOR * size.length_px)) + 1
     pad = line_px // 2 + 1  # the openings need half a line around the fitted window
-    out: list[Detection | None] = []
+    # The fit windows first (their top-hats: OpenCV), then every fit of every window in one parallel call.
+    windows: list[tuple[np.ndarray, np.ndarray, np.ndarray, float]] = []
+    placed: list[tuple[int, float, float, int] | None] = []  # per position: (window, col, row, usable pixels)
     for (c, r), ang in zip(np.asarray(centres_px, float), np.asarray(orientation_deg, float)):
         ic, ir = int(round(c)), int(round(r))
         ra, rb_ = max(0, ir - reach), min(rows, ir + reach + 1)
         ca, cb_ = max(0, ic - reach), min(cols, ic + reach + 1)
-        det = None
+        placed.append(None)
         if rb_ - ra >= 8 and cb_ - ca >= 8:
             pa, pb = max(0, ra - pad), min(rows, rb_ + pad)
             qa, qb = max(0, ca - pad), min(cols, cb_ + pad)
@@ -450,30 +474,30 @@ def refine_seeds(signal: np.ndarray, imager: ImagerGeometry, i0: float, centres_
                                            defects)
             top = top[ra - pa:rb_ - pa, ca - qa:cb_ - qa]
             good = good_all[ra - pa:rb_ - pa, ca - qa:cb_ - qa]
-            yy, xx = np.mgrid[ra:rb_, ca:cb_].astype(np.float64)
-            fit = None
             if good.sum() > 30:
-                x, y, data = xx[good] - c, yy[good] - r, top[good]
-                levels = _start_levels(data)  # the same for every start orientation
-                for k in range(starts):
-                    trial = _fit_seed(x, y, data, math.radians(float(ang) + 180.0 * k / starts),
-                                      0.8 * half_len, half_wid, _FIT_BLUR_PX, levels)
-                    if trial is not None and (fit is None or trial[2] < fit[2]):
-                        fit = trial
-            if fit is not None:
-                p, se, _ = fit
-                p[0] += c
-                p[1] += r
-                snr = float(p[4] / se[4]) if se[4] > 0 else 0.0
-                inside = 0 <= p[0] <= cols - 1 and 0 <= p[1] <= rows - 1
-                # A fit that wants to be longer than the longest seed is a ridge (rib border, cortical rim).
-                ridge = p[3] >= _RIDGE_FRACTION * _MAX_HALF_LENGTH * 0.8 * half_len
-                if snr >= min_snr and inside and not ridge and math.hypot(p[0] - c, p[1] - r) <= reach:
-                    theta = float(p[2])
-                    det = Detection(
-                        imager.name, (float(p[0]), float(p[1])), float(p[4]), snr, 2.0 * float(p[3]),
-                        2.0 * half_wid, math.degrees(theta) % 180.0, int(good.sum()),
-                        max(0.0, 1.0 - min_snr / snr),
-                    )
+                yy, xx = np.mgrid[ra:rb_, ca:cb_].astype(np.float64)
+                placed[-1] = (len(windows), float(c), float(r), int(good.sum()))
+                windows.append((xx[good] - c, yy[good] - r, top[good], float(ang)))
+    fitted = _fit_windows(windows, 0.8 * half_len, half_wid, _FIT_BLUR_PX, starts)
+    out: list[Detection | None] = []
+    for where in placed:
+        det = None
+        fit = None if where is None else fitted[where[0]]
+        if fit is not None:
+            _, c, r, usable = where
+            p, se, _ = fit
+            p[0] += c
+            p[1] += r
+            snr = float(p[4] / se[4]) if se[4] > 0 else 0.0
+            inside = 0 <= p[0] <= cols - 1 and 0 <= p[1] <= rows - 1
+            # A fit that wants to be longer than the longest seed is a ridge (rib border, cortical rim).
+            ridge = p[3] >= _RIDGE_FRACTION * _MAX_HALF_LENGTH * 0.8 * half_len
+            if snr >= min_snr and inside and not ridge and math.hypot(p[0] - c, p[1] - r) <= reach:
+                theta = float(p[2])
+                det = Detection(
+                    imager.name, (float(p[0]), float(p[1])), float(p[4]), snr, 2.0 * float(p[3]),
+                    2.0 * half_wid, math.degrees(theta) % 180.0, usable,
+                    max(0.0, 1.0 - min_snr / snr),
+                )
         out.append(det)
     return tuple(out)
