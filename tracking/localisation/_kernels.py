@@ -21,6 +21,7 @@ __all__ = [
     "analyse_windows",
     "fit_seed_lm",
     "fit_seeds_lm",
+    "flat_correct",
     "gather_windows",
     "isolated_outliers",
     "reconstruct_under",
@@ -939,3 +940,27 @@ def fit_seeds_lm(x, y, data, bounds, window, p0, half_wid, blur_px, lo_half, hi_
         se[j] = se_j
         sigma[j] = s_j
     return ok, p, se, sigma
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def flat_correct(raw, offset, inv_gain, use_offset, use_gain):
+    """``max((raw - offset) * inv_gain, 0)`` per pixel in float32, one parallel pass (rows).
+
+    ``raw`` is a frame of any real dtype (each pixel cast to float32 first),
+    ``offset`` and ``inv_gain`` float32 maps of its shape, used only where
+    ``use_offset`` / ``use_gain``: what ``np.subtract(raw, offset,
+    dtype=float32)``, ``*= inv_gain`` and ``np.maximum(., 0)`` give, in one
+    pass. A NaN stays NaN.
+    """
+    rows, cols = raw.shape
+    out = np.empty((rows, cols), dtype=np.float32)
+    zero = np.float32(0.0)
+    for r in prange(rows):
+        for c in range(cols):
+            v = np.float32(raw[r, c])
+            if use_offset:
+                v = v - offset[r, c]
+            if use_gain:
+                v = v * inv_gain[r, c]
+            out[r, c] = zero if v < zero else v
+    return out

@@ -28,6 +28,7 @@ import numpy as np
 
 from ..errors import FrameError
 from ..frames import parse_image_args
+from ._kernels import flat_correct
 
 __all__ = ["FlatField", "correct_frames", "flat_fields_from_args", "flat_fields_from_geometry_json", "read_flat_field", "read_map"]
 
@@ -117,14 +118,12 @@ class FlatField:
         shape = self.shape
         if shape is not None and raw.shape != shape:
             raise FrameError(f"imager '{self.imager}': frame {raw.shape} does not match its flat-field maps {shape}")
-        if self.offset_counts is not None:
-            out = np.subtract(raw, self.offset_counts, dtype=np.float32)  # a new array, one pass
-        else:
-            out = raw.astype(np.float32)  # a copy
-        if self._inv_gain is not None:
-            out *= self._inv_gain
-        np.maximum(out, np.float32(0.0), out=out)
-        return out
+        if self.offset_counts is None and self._inv_gain is None:
+            return np.maximum(raw.astype(np.float32), np.float32(0.0))  # a copy
+        unused = _UNUSED_MAP
+        return flat_correct(raw, unused if self.offset_counts is None else self.offset_counts,
+                            unused if self._inv_gain is None else self._inv_gain,
+                            self.offset_counts is not None, self._inv_gain is not None)
 
     def correct(self, frame: np.ndarray) -> np.ndarray:
         """:meth:`apply`, then the defect pixels filled from their neighbours (OpenCV inpainting,
@@ -148,6 +147,7 @@ class FlatField:
 
 #: Inpainting radius (px) of ``FlatField.correct`` and the margin its tiles keep around each group of defects.
 INPAINT_RADIUS_PX = 2
+_UNUSED_MAP = np.zeros((1, 1), np.float32)  # stands in for a map a FlatField does not have (never read)
 _TILE_MARGIN_PX = 5 * INPAINT_RADIUS_PX  # NS inpainting reads up to ~4 radii away: 2r + 2 was not enough
 
 
