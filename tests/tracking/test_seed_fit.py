@@ -15,7 +15,7 @@ from numpy.testing import assert_allclose
 from scipy.optimize import least_squares
 from scipy.special import erf
 
-from spineguide.tracking.localisation._kernels import fit_seed_lm, fit_seeds_lm
+from spineguide.tracking.localisation._kernels import _SATURATED, _erf_from_exp, fit_seed_lm, fit_seeds_lm
 
 BLUR = 0.8  # px
 HALF_WID = 2.0  # px
@@ -66,6 +66,19 @@ def test_noisy_shadow_fit_is_the_least_squares_optimum(seed):
     # The standard error of the centre covers the error from the truth (a 4-sigma bound).
     assert np.all(np.abs(p[:2] - TRUE[:2]) <= 4 * se[:2])
     assert sigma == pytest.approx(0.08, rel=0.1)
+
+
+def test_erf_from_exp_is_within_its_stated_error_and_saturation_is_below_it():
+    """The model's ``erf`` (Abramowitz & Stegun 7.1.26 from the Jacobian's ``exp``) within 1.5e-7 of the exact
+    one, odd (but at 0), and the box's terms past ``_SATURATED`` blur units (left out) smaller than that error."""
+    z = np.linspace(-8.0, 8.0, 20001)
+    got = np.array([_erf_from_exp(v, math.exp(-v * v)) for v in z])
+    assert np.max(np.abs(got - erf(z))) <= 1.5e-7
+    # Odd (but at 0, where it gives 1e-9: the coefficients sum to 1 - 1e-9).
+    pos = z[z > 0.0]
+    np.testing.assert_array_equal([_erf_from_exp(-v, math.exp(-v * v)) for v in pos],
+                                  [-_erf_from_exp(v, math.exp(-v * v)) for v in pos])
+    assert 1.0 - math.erf(_SATURATED) < 1.5e-7 and math.exp(-_SATURATED ** 2) < 1.5e-7
 
 
 def test_batched_parallel_fits_are_each_the_single_fit():
