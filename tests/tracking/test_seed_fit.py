@@ -11,11 +11,14 @@ import math
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from numpy.testing import assert_allclose
 from scipy.optimize import least_squares
 from scipy.special import erf
 
 from spineguide.tracking.localisation._kernels import _SATURATED, _erf_from_exp, fit_seed_lm, fit_seeds_lm
+from spineguide.tracking.localisation.seed_search import _start_levels
 
 BLUR = 0.8  # px
 HALF_WID = 2.0  # px
@@ -79,6 +82,16 @@ def test_erf_from_exp_is_within_its_stated_error_and_saturation_is_below_it():
     np.testing.assert_array_equal([_erf_from_exp(-v, math.exp(-v * v)) for v in pos],
                                   [-_erf_from_exp(v, math.exp(-v * v)) for v in pos])
     assert 1.0 - math.erf(_SATURATED) < 1.5e-7 and math.exp(-_SATURATED ** 2) < 1.5e-7
+
+
+@settings(max_examples=300, deadline=None)
+@given(n=st.integers(1, 1500), seed=st.integers(0, 2**31), decimals=st.sampled_from([None, 1, 2]))
+def test_start_levels_are_numpys_median_and_99th_percentile(n, seed, decimals):
+    """One partial sort gives bit for bit ``np.median`` and ``np.percentile(., 99)`` (ties included)."""
+    data = np.random.default_rng(seed).normal(0.0, 0.3, n)
+    if decimals is not None:
+        data = np.round(data, decimals)  # many ties
+    assert _start_levels(data) == (float(np.median(data)), float(np.percentile(data, 99)))
 
 
 def test_batched_parallel_fits_are_each_the_single_fit():

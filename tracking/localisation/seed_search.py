@@ -354,8 +354,23 @@ def _fit_windows(windows: list[tuple[np.ndarray, np.ndarray, np.ndarray, float]]
 
 
 def _start_levels(data: np.ndarray) -> tuple[float, float]:
-    """The box fit's start background (median) and peak (99th percentile) of a window's data."""
-    return float(np.median(data)), float(np.percentile(data, 99))
+    """The box fit's start background (median) and peak (99th percentile) of a window's data.
+
+    Exactly ``np.median`` and ``np.percentile(data, 99)`` (linear interpolation, numpy's own lerp), from one
+    partial sort: 9x faster on a fit window (tests/tracking/test_seed_fit.py).
+    """
+    n = data.size
+    virtual = 0.99 * (n - 1)
+    lo = int(math.floor(virtual))
+    hi = min(lo + 1, n - 1)
+    gamma = virtual - lo
+    m0, m1 = (n - 1) // 2, n // 2
+    part = np.partition(data, sorted({m0, m1, lo, hi}))
+    median = part[m0] if m0 == m1 else (part[m0] + part[m1]) / 2
+    a, b = part[lo], part[hi]
+    diff = b - a
+    top = b - diff * (1 - gamma) if gamma >= 0.5 else a + diff * gamma
+    return float(median), float(top)
 
 
 _FIT_STARTS = 4  # start orientations of the box fit, 45 degrees apart (the first the given one)
