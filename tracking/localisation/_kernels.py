@@ -808,36 +808,36 @@ def _erf_from_exp(x, e):
 
 
 @njit(cache=True, nogil=True)
-def _seed_model(x, y, data, p, half_wid, k, jac, resid):
-    """Residuals (model - data) and Jacobian of a plane plus a blurred oriented box at pixels ``(x, y)``.
+def _seed_model(x, y, data, p, half_wid, k, resid, box, active):
+    """Residuals (model - data) of a plane plus a blurred oriented box at pixels ``(x, y)``, and the box's
+    Jacobian columns where the box reaches; returns ``(cost, m)``: the sum of squared residuals and the count of
+    such pixels.
 
     Parameters ``p = (dcol, drow, theta, half_length, amplitude, b0, b1, b2)``
     (px, px, rad, px, ln units, ln units, ln units per px twice); the box is
     ``half_wid`` px across, blurred by a Gaussian with ``k = 1 / (sqrt(2) sigma)``.
     Pixels farther than ``_SATURATED / k`` outside the box (across or along)
-    see the plane only (the box's terms there are below 2e-9); ``erf`` comes
-    from the ``exp`` the Jacobian needs (:func:`_erf_from_exp`, 1.5e-7).
-    Returns the sum of squared residuals.
+    see the plane only (the box's terms there are below 2e-9; their Jacobian
+    row is the plane's ``(0, 0, 0, 0, 0, 1, x, y)``); ``erf`` comes from the
+    ``exp`` the Jacobian needs (:func:`_erf_from_exp`, 1.5e-7). The other
+    pixels' indices go to ``active[:m]``, their derivatives by
+    ``p[0..4]`` to ``box[0..4, :m]`` (:func:`_seed_normal` sums them).
     """
     cos, sin = math.cos(p[2]), math.sin(p[2])
     hl, amp = p[3], p[4]
     cost = 0.0
+    m = 0
     for i in range(x.shape[0]):
         u, v = x[i] - p[0], y[i] - p[1]
         along = u * cos + v * sin
         across = -u * sin + v * cos
         a1, b1 = (along + hl) * k, (along - hl) * k
         a2, b2 = (across + half_wid) * k, (across - half_wid) * k
-        jac[i, 5] = 1.0
-        jac[i, 6] = x[i]
-        jac[i, 7] = y[i]
         plane = p[5] + p[6] * x[i] + p[7] * y[i]
         if b2 > _SATURATED or a2 < -_SATURATED or b1 > _SATURATED or a1 < -_SATURATED:
             r = plane - data[i]
             resid[i] = r
             cost += r * r
-            for j in range(5):
-                jac[i, j] = 0.0
             continue
         ea1, eb1 = math.exp(-a1 * a1), math.exp(-b1 * b1)
         pa = 0.5 * (_erf_from_exp(a1, ea1) - _erf_from_exp(b1, eb1))
@@ -851,12 +851,111 @@ def _seed_model(x, y, data, p, half_wid, k, jac, resid):
         resid[i] = r
         cost += r * r
         d_along, d_across = amp * pa_t * qa, amp * pa * qa_t
-        jac[i, 0] = -cos * d_along + sin * d_across
-        jac[i, 1] = -sin * d_along - cos * d_across
-        jac[i, 2] = across * d_along - along * d_across
-        jac[i, 3] = amp * pa_h * qa
-        jac[i, 4] = shape
-    return cost
+        active[m] = i
+        box[0, m] = -cos * d_along + sin * d_across
+        box[1, m] = -sin * d_along - cos * d_across
+        box[2, m] = across * d_along - along * d_across
+        box[3, m] = amp * pa_h * qa
+        box[4, m] = shape
+        m += 1
+    return cost, m
+
+
+@njit(cache=True, nogil=True)
+def _plane_block(x, y, jtj):
+    """The plane's block of ``J^T J`` (rows / columns 5..7: ``sum [1, x, y]^T [1, x, y]``): the same for every
+    parameter vector."""
+    s1, sx, sy, sxx, sxy, syy = float(x.shape[0]), 0.0, 0.0, 0.0, 0.0, 0.0
+    for i in range(x.shape[0]):
+        sx += x[i]
+        sy += y[i]
+        sxx += x[i] * x[i]
+        sxy += x[i] * y[i]
+        syy += y[i] * y[i]
+    jtj[5, 5], jtj[5, 6], jtj[5, 7] = s1, sx, sy
+    jtj[6, 5], jtj[6, 6], jtj[6, 7] = sx, sxx, sxy
+    jtj[7, 5], jtj[7, 6], jtj[7, 7] = sy, sxy, syy
+
+
+@njit(cache=True, nogil=True, fastmath=True)
+def _seed_normal(x, y, resid, box, active, m, gathered, jtj, grad):
+    """Normal equations ``jtj = J^T J``, ``grad = J^T r`` of :func:`_seed_model`'s output (the plane block of
+    ``jtj``, :func:`_plane_block`, left as it is), as dot products over pixels (``fastmath``: summed in any
+    order, vectorised; ``gathered`` (3, n) scratch). No BLAS: its threads inside the parallel fits of
+    :func:`fit_seeds_lm` would fight over the cores."""
+    g5 = 0.0
+    g6 = 0.0
+    g7 = 0.0
+    for i in range(x.shape[0]):
+        r = resid[i]
+        g5 += r
+        g6 += x[i] * r
+        g7 += y[i] * r
+    grad[5], grad[6], grad[7] = g5, g6, g7
+    for j in range(m):
+        i = active[j]
+        gathered[0, j] = resid[i]
+        gathered[1, j] = x[i]
+        gathered[2, j] = y[i]
+    for a in range(5):
+        ba = box[a]
+        t_r = 0.0
+        t_1 = 0.0
+        t_x = 0.0
+        t_y = 0.0
+        for j in range(m):
+            t_r += ba[j] * gathered[0, j]
+            t_1 += ba[j]
+            t_x += ba[j] * gathered[1, j]
+            t_y += ba[j] * gathered[2, j]
+        grad[a] = t_r
+        jtj[a, 5] = jtj[5, a] = t_1
+        jtj[a, 6] = jtj[6, a] = t_x
+        jtj[a, 7] = jtj[7, a] = t_y
+        for b in range(a, 5):
+            bb = box[b]
+            t = 0.0
+            for j in range(m):
+                t += ba[j] * bb[j]
+            jtj[a, b] = jtj[b, a] = t
+
+
+_SINGULAR_LOG_DET = math.log(1e-300)  # a normal matrix with a smaller determinant is singular
+
+
+@njit(cache=True, nogil=True)
+def _cholesky_solve(a, rhs, low, out):
+    """``out = a^-1 rhs`` for a symmetric positive definite 8 x 8 ``a`` (Cholesky, ``low`` scratch); False when
+    ``a`` is not positive definite or its determinant is below 1e-300 (singular)."""
+    n = a.shape[0]
+    log_det = 0.0
+    for j in range(n):
+        d = a[j, j]
+        for m in range(j):
+            d -= low[j, m] * low[j, m]
+        if not d > 0.0:
+            return False
+        log_det += math.log(d)
+        ljj = math.sqrt(d)
+        low[j, j] = ljj
+        for i in range(j + 1, n):
+            t = a[i, j]
+            for m in range(j):
+                t -= low[i, m] * low[j, m]
+            low[i, j] = t / ljj
+    if log_det < _SINGULAR_LOG_DET:
+        return False
+    for i in range(n):  # L z = rhs
+        t = rhs[i]
+        for m in range(i):
+            t -= low[i, m] * out[m]
+        out[i] = t / low[i, i]
+    for i in range(n - 1, -1, -1):  # L^T out = z
+        t = out[i]
+        for m in range(i + 1, n):
+            t -= low[m, i] * out[m]
+        out[i] = t / low[i, i]
+    return True
 
 
 @njit(cache=True, nogil=True)
@@ -868,7 +967,9 @@ def fit_seed_lm(x, y, data, p0, half_wid, blur_px, lo_half, hi_half, max_shift, 
     ``(dcol, drow, theta [rad], half_length [px], amplitude, b0, b1, b2)``.
     The centre is kept within ``max_shift`` px of the start, the half-length
     in ``[lo_half, hi_half]``, the amplitude >= 0 (projected LM steps, the
-    damping ``lam * diag(J^T J)`` adapted x10 / /10).
+    damping ``lam * diag(J^T J)`` adapted x10 / /10). The normal equations
+    are summed and solved in place (:func:`_seed_model`, :func:`_seed_normal`,
+    :func:`_cholesky_solve`): no BLAS or LAPACK call.
 
     Returns ``(ok, p, se, sigma)``: the parameters, their standard errors
     from ``sigma^2 (J^T J)^-1`` and the residual sigma; ``ok`` False when a
@@ -877,36 +978,47 @@ def fit_seed_lm(x, y, data, p0, half_wid, blur_px, lo_half, hi_half, max_shift, 
     n = x.shape[0]
     k = 1.0 / (math.sqrt(2.0) * blur_px)
     p = p0.copy()
-    jac = np.empty((n, 8))
     resid = np.empty(n)
-    jac_t = np.empty((n, 8))
+    box = np.empty((5, n))
+    active = np.empty(n, dtype=np.int64)
     resid_t = np.empty(n)
+    box_t = np.empty((5, n))
+    active_t = np.empty(n, dtype=np.int64)
+    gathered = np.empty((3, n))
+    jtj = np.empty((8, 8))
+    grad = np.empty(8)
+    rhs = np.empty(8)
+    a = np.empty((8, 8))
+    low = np.zeros((8, 8))
+    step = np.empty(8)
     se = np.zeros(8)
-    cost = _seed_model(x, y, data, p, half_wid, k, jac, resid)
+    _plane_block(x, y, jtj)
+    cost, m = _seed_model(x, y, data, p, half_wid, k, resid, box, active)
+    _seed_normal(x, y, resid, box, active, m, gathered, jtj, grad)
     lam = 1e-3
-    jtj = jac.T @ jac
-    grad = jac.T @ resid
     for _ in range(iterations):
-        a = jtj.copy()
-        for j in range(8):
-            a[j, j] += lam * (jtj[j, j] + 1e-12)
-        if abs(np.linalg.det(a)) < 1e-300:
+        for i in range(8):
+            for j in range(8):
+                a[i, j] = jtj[i, j]
+            a[i, i] += lam * (jtj[i, i] + 1e-12)
+            rhs[i] = -grad[i]
+        if not _cholesky_solve(a, rhs, low, step):
             return False, p, se, 0.0
-        step = np.linalg.solve(a, -grad)
         trial = p + step
         for j in range(2):
             trial[j] = min(max(trial[j], -max_shift), max_shift)
         trial[3] = min(max(trial[3], lo_half), hi_half)
         trial[4] = max(trial[4], 0.0)
-        c_new = _seed_model(x, y, data, trial, half_wid, k, jac_t, resid_t)
+        c_new, m_t = _seed_model(x, y, data, trial, half_wid, k, resid_t, box_t, active_t)
         if c_new < cost:
             converged = cost - c_new < 1e-9 * cost and max(abs(step[0]), abs(step[1])) < 1e-3
             p = trial
-            jac, jac_t = jac_t, jac
             resid, resid_t = resid_t, resid
+            box, box_t = box_t, box
+            active, active_t = active_t, active
             cost = c_new
-            jtj = jac.T @ jac  # a rejected step leaves the normal equations as they were
-            grad = jac.T @ resid
+            # A rejected step leaves the normal equations as they were.
+            _seed_normal(x, y, resid, box, active, m_t, gathered, jtj, grad)
             lam = max(lam / 10.0, 1e-9)
             if converged:
                 break
@@ -916,11 +1028,15 @@ def fit_seed_lm(x, y, data, p0, half_wid, blur_px, lo_half, hi_half, max_shift, 
                 break
     dof = max(n - 8, 1)
     sigma = math.sqrt(cost / dof)
-    if abs(np.linalg.det(jtj)) < 1e-300:  # jtj is the normal matrix of the final p
-        return False, p, se, sigma
-    cov = np.linalg.inv(jtj)
+    # The standard errors: the diagonal of (J^T J)^-1 at the final p, column by column.
+    unit = np.zeros(8)
+    col = np.empty(8)
     for j in range(8):
-        se[j] = math.sqrt(max(cov[j, j], 0.0)) * sigma
+        unit[:] = 0.0
+        unit[j] = 1.0
+        if not _cholesky_solve(jtj, unit, low, col):
+            return False, p, se, sigma
+        se[j] = math.sqrt(max(col[j], 0.0)) * sigma
     return True, p, se, sigma
 
 
