@@ -147,7 +147,8 @@ class FlatField:
 
 #: Inpainting radius (px) of ``FlatField.correct`` and the margin its tiles keep around each group of defects.
 INPAINT_RADIUS_PX = 2
-_UNUSED_MAP = np.zeros((1, 1), np.float32)  # stands in for a map a FlatField does not have (never read)
+# Stands in for a map a FlatField does not have (never read).
+_UNUSED_MAP = np.zeros((1, 1), np.float32)
 _TILE_MARGIN_PX = 5 * INPAINT_RADIUS_PX  # NS inpainting reads up to ~4 radii away: 2r + 2 was not enough
 
 

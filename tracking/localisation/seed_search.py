@@ -337,8 +337,8 @@ def _fit_windows(windows: list[tuple[np.ndarray, np.ndarray, np.ndarray, float]]
     for i, (_, _, d, angle) in enumerate(windows):
         bg0, top = _start_levels(d)  # the same for every start orientation
         for k in range(starts):
-            p0[i * starts + k] = (0.0, 0.0, math.radians(angle + 180.0 * k / starts), half_len, max(top - bg0, 0.05), bg0,
-                                  0.0, 0.0)
+            p0[i * starts + k] = (0.0, 0.0, math.radians(angle + 180.0 * k / starts), half_len,
+                                  max(top - bg0, 0.05), bg0, 0.0, 0.0)
     n = len(windows)
     ok, p, se, sigma = fit_seeds_lm(x, y, data, bounds, np.repeat(np.arange(n), starts).astype(np.int64), p0,
                                     np.full(n, float(half_wid)), float(blur_px), np.full(n, 0.3 * half_len),
