@@ -604,7 +604,8 @@ def warm_up_kernels() -> float:
     Numba holds the GIL while it compiles, which would make the publisher's
     heartbeats late during the first pair. The service calls this before its
     threads start: a tiny DRR, and the fiducial pipeline (whole frame and
-    tracking windows, and one view) on a small synthetic pair with one dark blob.
+    tracking windows, the flat field, the faint search's seed fits, and one
+    view) on a small synthetic pair with one dark blob.
     """
     from spineguide.calibration.geometry import default_stereo_geometry
     from spineguide.registration.drr import AttenuationVolume, compute_drr
@@ -625,6 +626,23 @@ def warm_up_kernels() -> float:
             localise_fiducials(frames, geometry, np.zeros((1, 3)), ["warm-up"], i0=20000.0, prior_pose=prior)
         except (TrackingError, RegistrationError):
             pass  # only the compilation matters here
+    # The panel's flat field (a plan's gain and dark maps), for both frame dtypes the wire carries, writable
+    # or not (a frame decoded from a message is a read-only view: numba compiles each kind on its own).
+    from ..localisation.flatfield import FlatField
+
+    field = FlatField(geometry.names[0], np.ones((128, 128), np.float32), np.zeros((128, 128), np.float32))
+    for dtype in (np.uint16, np.float32):
+        frame = frames[geometry.names[0]].astype(dtype)
+        field.apply(frame)
+        frame.setflags(write=False)
+        field.apply(frame)
+    # The seed-shadow fits of the faint verification (the blob above does not need them).
+    from ..localisation.detection import DetectionConfig
+    from ..localisation.seed_search import refine_seeds
+
+    name = geometry.names[0]
+    refine_seeds(frames[name].astype(np.float32), geometry[name], 20000.0, np.array([[64.0, 64.0]]), np.zeros(1),
+                 DetectionConfig(), 0.0)
     # The one-view path (a view blocked): its own detection windows and seed fits.
     from spineguide.registration.motion_prior import MotionPrior
 
