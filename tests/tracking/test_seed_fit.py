@@ -107,12 +107,11 @@ def test_batched_parallel_fits_are_each_the_single_fit():
     data = np.concatenate([d[:n] for d, n in zip(windows, sizes)])
     starts = np.array([START + [0, 0, a, 0, 0, 0, 0, 0] for a in (0.0, 0.8, 1.6)] * 3)
     window = np.repeat(np.arange(3), 3).astype(np.int64)
-    half_wid, lo, hi = np.full(3, HALF_WID), np.full(3, 2.1), np.array([14.0, 12.0, 14.0])
-    ok, p, se, sigma = fit_seeds_lm(xs, ys, data, bounds, window, starts, half_wid, BLUR, lo, hi, 6.0, 30)
+    ok, p, se, sigma = fit_seeds_lm(xs, ys, data, bounds, window, starts, HALF_WID, BLUR, 2.1, 14.0, 6.0, 30)
     for j in range(len(starts)):
         w = window[j]
         a, b = bounds[w], bounds[w + 1]
-        one = fit_seed_lm(xs[a:b], ys[a:b], data[a:b], starts[j], HALF_WID, BLUR, lo[w], hi[w], 6.0, 30)
+        one = fit_seed_lm(xs[a:b], ys[a:b], data[a:b], starts[j], HALF_WID, BLUR, 2.1, 14.0, 6.0, 30)
         assert ok[j] == one[0]
         np.testing.assert_array_equal(p[j], one[1])
         np.testing.assert_array_equal(se[j], one[2])

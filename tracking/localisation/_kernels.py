@@ -924,9 +924,9 @@ _SINGULAR_LOG_DET = math.log(1e-300)  # a normal matrix with a smaller determina
 
 
 @njit(cache=True, nogil=True)
-def _cholesky_solve(a, rhs, low, out):
-    """``out = a^-1 rhs`` for a symmetric positive definite 8 x 8 ``a`` (Cholesky, ``low`` scratch); False when
-    ``a`` is not positive definite or its determinant is below 1e-300 (singular)."""
+def _cholesky(a, low):
+    """Cholesky factor ``low`` (lower triangle) of a symmetric positive definite 8 x 8 ``a``; False when ``a`` is
+    not positive definite or its determinant is below 1e-300 (singular)."""
     n = a.shape[0]
     log_det = 0.0
     for j in range(n):
@@ -943,8 +943,13 @@ def _cholesky_solve(a, rhs, low, out):
             for m in range(j):
                 t -= low[i, m] * low[j, m]
             low[i, j] = t / ljj
-    if log_det < _SINGULAR_LOG_DET:
-        return False
+    return log_det >= _SINGULAR_LOG_DET
+
+
+@njit(cache=True, nogil=True)
+def _cholesky_back(low, rhs, out):
+    """``out = (low low^T)^-1 rhs``, ``low`` a Cholesky factor (:func:`_cholesky`)."""
+    n = low.shape[0]
     for i in range(n):  # L z = rhs
         t = rhs[i]
         for m in range(i):
@@ -955,7 +960,6 @@ def _cholesky_solve(a, rhs, low, out):
         for m in range(i + 1, n):
             t -= low[m, i] * out[m]
         out[i] = t / low[i, i]
-    return True
 
 
 @njit(cache=True, nogil=True)
@@ -969,7 +973,7 @@ def fit_seed_lm(x, y, data, p0, half_wid, blur_px, lo_half, hi_half, max_shift, 
     in ``[lo_half, hi_half]``, the amplitude >= 0 (projected LM steps, the
     damping ``lam * diag(J^T J)`` adapted x10 / /10). The normal equations
     are summed and solved in place (:func:`_seed_model`, :func:`_seed_normal`,
-    :func:`_cholesky_solve`): no BLAS or LAPACK call.
+    :func:`_cholesky`, :func:`_cholesky_back`): no BLAS or LAPACK call.
 
     Returns ``(ok, p, se, sigma)``: the parameters, their standard errors
     from ``sigma^2 (J^T J)^-1`` and the residual sigma; ``ok`` False when a
@@ -1002,8 +1006,9 @@ def fit_seed_lm(x, y, data, p0, half_wid, blur_px, lo_half, hi_half, max_shift, 
                 a[i, j] = jtj[i, j]
             a[i, i] += lam * (jtj[i, i] + 1e-12)
             rhs[i] = -grad[i]
-        if not _cholesky_solve(a, rhs, low, step):
+        if not _cholesky(a, low):
             return False, p, se, 0.0
+        _cholesky_back(low, rhs, step)
         trial = p + step
         for j in range(2):
             trial[j] = min(max(trial[j], -max_shift), max_shift)
@@ -1028,14 +1033,15 @@ def fit_seed_lm(x, y, data, p0, half_wid, blur_px, lo_half, hi_half, max_shift, 
                 break
     dof = max(n - 8, 1)
     sigma = math.sqrt(cost / dof)
-    # The standard errors: the diagonal of (J^T J)^-1 at the final p, column by column.
+    # The standard errors: the diagonal of (J^T J)^-1 at the final p (one factorisation, a column at a time).
+    if not _cholesky(jtj, low):
+        return False, p, se, sigma
     unit = np.zeros(8)
     col = np.empty(8)
     for j in range(8):
         unit[:] = 0.0
         unit[j] = 1.0
-        if not _cholesky_solve(jtj, unit, low, col):
-            return False, p, se, sigma
+        _cholesky_back(low, unit, col)
         se[j] = math.sqrt(max(col[j], 0.0)) * sigma
     return True, p, se, sigma
 
@@ -1046,8 +1052,8 @@ def fit_seeds_lm(x, y, data, bounds, window, p0, half_wid, blur_px, lo_half, hi_
 
     Fit ``j`` uses the pixels ``bounds[window[j]]:bounds[window[j] + 1]`` of
     the concatenated ``x``, ``y``, ``data`` (px offsets, ln units) and starts
-    from ``p0[j]``; ``half_wid``, ``lo_half``, ``hi_half`` are per window,
-    the rest as in :func:`fit_seed_lm`. Each fit is exactly the one
+    from ``p0[j]``; the other arguments are those of :func:`fit_seed_lm`,
+    the same for every fit. Each fit is exactly the one
     :func:`fit_seed_lm` computes alone (no shared state).
 
     Returns ``(ok, p, se, sigma)`` with one row (entry) per fit.
@@ -1060,8 +1066,8 @@ def fit_seeds_lm(x, y, data, bounds, window, p0, half_wid, blur_px, lo_half, hi_
     for j in prange(n_fit):
         w = window[j]
         a, b = bounds[w], bounds[w + 1]
-        ok_j, p_j, se_j, s_j = fit_seed_lm(x[a:b], y[a:b], data[a:b], p0[j], half_wid[w], blur_px, lo_half[w],
-                                           hi_half[w], max_shift, iterations)
+        ok_j, p_j, se_j, s_j = fit_seed_lm(x[a:b], y[a:b], data[a:b], p0[j], half_wid, blur_px, lo_half, hi_half,
+                                           max_shift, iterations)
         ok[j] = ok_j
         p[j] = p_j
         se[j] = se_j

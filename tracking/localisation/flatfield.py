@@ -120,9 +120,8 @@ class FlatField:
             raise FrameError(f"imager '{self.imager}': frame {raw.shape} does not match its flat-field maps {shape}")
         if self.offset_counts is None and self._inv_gain is None:
             return np.maximum(raw.astype(np.float32), np.float32(0.0))  # a copy
-        unused = _UNUSED_MAP
-        return flat_correct(raw, unused if self.offset_counts is None else self.offset_counts,
-                            unused if self._inv_gain is None else self._inv_gain,
+        return flat_correct(raw, _UNUSED_MAP if self.offset_counts is None else self.offset_counts,
+                            _UNUSED_MAP if self._inv_gain is None else self._inv_gain,
                             self.offset_counts is not None, self._inv_gain is not None)
 
     def correct(self, frame: np.ndarray) -> np.ndarray:

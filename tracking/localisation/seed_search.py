@@ -341,8 +341,8 @@ def _fit_windows(windows: list[tuple[np.ndarray, np.ndarray, np.ndarray, float]]
                                   max(top - bg0, 0.05), bg0, 0.0, 0.0)
     n = len(windows)
     ok, p, se, sigma = fit_seeds_lm(x, y, data, bounds, np.repeat(np.arange(n), starts).astype(np.int64), p0,
-                                    np.full(n, float(half_wid)), float(blur_px), np.full(n, 0.3 * half_len),
-                                    np.full(n, _MAX_HALF_LENGTH * half_len), 6.0, _LM_ITERATIONS)
+                                    float(half_wid), float(blur_px), 0.3 * half_len, _MAX_HALF_LENGTH * half_len,
+                                    6.0, _LM_ITERATIONS)
     out: list[tuple[np.ndarray, np.ndarray, float] | None] = []
     for i in range(n):
         best = None

@@ -627,7 +627,8 @@ def warm_up_kernels() -> float:
         except (TrackingError, RegistrationError):
             pass  # only the compilation matters here
     # The panel's flat field (a plan's gain and dark maps), for both frame dtypes the wire carries, writable
-    # or not (a frame decoded from a message is a read-only view: numba compiles each kind on its own).
+    # or read-only (the wire decoder hands over a writable copy, a caller may pass a read-only array: numba
+    # compiles each kind on its own).
     from ..localisation.flatfield import FlatField
 
     field = FlatField(geometry.names[0], np.ones((128, 128), np.float32), np.zeros((128, 128), np.float32))
