@@ -36,6 +36,7 @@ from pathlib import Path
 import numba
 import numpy as np
 import SimpleITK as sitk
+from scipy.spatial.transform import Rotation
 
 from spineguide.calibration.io import read_geometry
 from spineguide.registration.anatomy import AnatomyConfig, PyramidLevel, RegionOfInterest
@@ -43,6 +44,7 @@ from spineguide.registration.anatomy import per_level
 from spineguide.registration.anatomy.per_level import LevelRegistration, LevelThresholds, target_deviation
 from spineguide.registration.ctfile import read_ct
 from spineguide.registration.pose import Pose
+from spineguide.registration.volume import room_from_lps_matrix
 
 VERSE = tuple(f"C{i}" for i in range(1, 8)) + tuple(f"T{i}" for i in range(1, 13)) + tuple(f"L{i}" for i in range(1, 6))
 
@@ -90,6 +92,7 @@ def main(argv=None) -> int:
     p.add_argument("--mask-gradient", default=None,
                    help="per_level.MASK_REMOVED_GRADIENT (a fraction, or 'none': no clutter mask, the method before it)")
     p.add_argument("--mask-max-drop", default=None, help="per_level.MASK_MAX_DROP (a fraction, or 'none')")
+    p.add_argument("--exclusive-roi", choices=("0", "1"), default=None, help="per_level.EXCLUSIVE_ROI")
     p.add_argument("--passes", type=int, default=None, help="per_level.LEVEL_PASSES (frames cleaned this many times)")
     args = p.parse_args(argv)
     manifest = json.loads((args.set / "set.json").read_text())
@@ -112,10 +115,13 @@ def main(argv=None) -> int:
         per_level.MASK_REMOVED_GRADIENT = None if args.mask_gradient == "none" else float(args.mask_gradient)
     if args.mask_max_drop is not None:
         per_level.MASK_MAX_DROP = None if args.mask_max_drop == "none" else float(args.mask_max_drop)
+    if args.exclusive_roi is not None:
+        per_level.EXCLUSIVE_ROI = args.exclusive_roi == "1"
     if args.passes is not None:
         per_level.LEVEL_PASSES = args.passes
     print(f"# pyramid: {[(lv.volume_factor, lv.binning, lv.smoothing_sigma_px, lv.max_iterations, lv.context) for lv in config.levels]}"
-          f"; level passes {per_level.LEVEL_PASSES}; rest {args.rest}; clutter mask {per_level.MASK_REMOVED_GRADIENT}"
+          f"; level passes {per_level.LEVEL_PASSES}; rest {args.rest}; exclusive ROI {per_level.EXCLUSIVE_ROI}"
+          f"; clutter mask {per_level.MASK_REMOVED_GRADIENT}"
           f" (max drop {per_level.MASK_MAX_DROP})")
     regs, setup_s = {}, {}
     level_rows, pair_rows, case_rows = [], [], []
@@ -153,9 +159,13 @@ def main(argv=None) -> int:
         for lv in res.levels:
             pts = ct.lps_to_room(ct.index_to_lps(np.argwhere(labels == VERSE.index(lv.name) + 1)[:, ::-1].astype(float)), iso)
             m = _mtre(lv.pose, tpose[lv.name], pts)
-            rot = lv.pose.inverse().compose(tpose[lv.name]).angle_deg()
+            err = lv.pose.inverse().compose(tpose[lv.name])
+            rot = err.angle_deg()
+            # The error's rotation vector in the patient's axes (LPS: left, posterior, superior), deg.
+            m_lps = room_from_lps_matrix(ct.patient_position)
+            rv = m_lps.T @ Rotation.from_matrix(err.rotation).as_rotvec(degrees=True)
             level_rows.append({"case": folder.name, "level": lv.name, "is_target": lv.name == target, "ok": lv.ok,
-                               "reason": lv.reason, "mtre_mm": m, "rot_deg": rot})
+                               "reason": lv.reason, "mtre_mm": m, "rot_deg": rot, "rot_err_lps_deg": rv.tolist()})
             errs.append(f"{lv.name} {m:.2f}mm/{rot:.2f}d{'' if lv.ok else ' ' + lv.reason}")
         for a, b in zip(res.levels, res.levels[1:]):
             deg, mm = _rel_error(a.pose, b.pose, tpose[a.name], tpose[b.name], a.centre_room_mm)
@@ -193,6 +203,11 @@ def main(argv=None) -> int:
         ok = [r for r in rows if r["ok"]]
         print(f"| {g} (ok only) | {len(rows)} | {len(ok)} | {_stats([r['mtre_mm'] for r in ok])} | "
               f"{_stats([r['rot_deg'] for r in ok])} |")
+    axes = np.abs([r["rot_err_lps_deg"] for r in level_rows if r["ok"]]).reshape(-1, 3)
+    if len(axes):
+        print("\nLevel rotation error by patient axis (ok levels), |deg| median / p95: "
+              + ", ".join(f"{a} {np.median(axes[:, i]):.2f} / {np.percentile(axes[:, i], 95):.2f}"
+                          for i, a in enumerate(("left (flexion)", "posterior (lateral bending)", "superior (axial)"))))
     reasons = Counter(r["reason"] for r in level_rows if not r["ok"])
     print(f"\nrefused levels: {dict(reasons) or 'none'}")
     print("\nInter-level (relative pose of adjacent levels) error; the issue's number: p95 <= 0.3 deg and <= 0.3 mm\n")

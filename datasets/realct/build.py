@@ -227,6 +227,8 @@ def main(argv=None) -> int:
     p.add_argument("--deform-seed", type=int, default=18)
     p.add_argument("--deform-max-deg", type=float, default=2.0, help="largest joint rotation per axis, deg")
     p.add_argument("--deform-max-mm", type=float, default=0.5, help="largest joint translation per axis, mm")
+    p.add_argument("--deform-grid-mm", type=float, default=1.0,
+                   help="largest voxel size of each case's deformed CT (the planning grid refined to reach it), mm")
     args = p.parse_args(argv)
     t0 = time.monotonic()
     if (args.ct is None) != (args.labels is None):
@@ -235,7 +237,8 @@ def main(argv=None) -> int:
         p.error("--source picks one of the downloaded CTs; with --ct/--labels your own CT is used")
     try:
         detector, chain, couch = imaging_from_options(args.chain, args.i0, args.spr, args.couch)
-        deform = deform_from_options(args.deform_levels, args.deform_seed, args.deform_max_deg, args.deform_max_mm)
+        deform = deform_from_options(args.deform_levels, args.deform_seed, args.deform_max_deg, args.deform_max_mm,
+                                     args.deform_grid_mm)
     except SimulationError as err:
         p.error(str(err))
     if args.levels is None:

@@ -108,6 +108,10 @@ REST_MODELS = ("spine", "level")
 #: the per-level accuracy (0.3-0.6 deg per vertebra) that this bound keeps.
 LEVEL_MAX_STD_MM = 0.5
 LEVEL_MAX_STD_DEG = 1.0
+#: Register each level on its own share of the CT (its ROI dilated by ``AnatomyConfig.roi_dilation_voxels``, less
+#: the other levels' ROIs) instead of its ROI dilated as a lone registration would (which takes in fragments of
+#: the neighbours where they touch it: end plates, facet joints, moving with the wrong level).
+EXCLUSIVE_ROI = True
 #: Margin (mm, room) around the levels' box within which the frames get the rest of the CT removed.
 REMOVAL_MARGIN_MM = 40.0
 #: Mask out of each level's comparison the panel pixels where what was removed from its frames (the rest of the CT
@@ -565,10 +569,32 @@ class LevelRegistration:
         # the full pyramid's non-context levels run from the spine pose.
         fine = tuple(lv for lv in cfg.levels if not lv.context) or cfg.levels
         bounds = dict(max_std_mm=max(cfg.max_std_mm, LEVEL_MAX_STD_MM), max_std_deg=max(cfg.max_std_deg, LEVEL_MAX_STD_DEG))
+        # The CT split into "rest" (everything but the levels' excess over water) and one excess volume
+        # per level (its dilated mask, a voxel two dilations claim given to the first): rest + sum = CT.
+        claimed = np.zeros(ct.hu.shape, dtype=bool)
+        owns = {}
+        for name, roi in levels.items():
+            own = _dilated(roi.mask, cfg.roi_dilation_voxels) & ~claimed
+            for other, oroi in levels.items():
+                if other != name:
+                    own &= ~oroi.mask
+            claimed |= own
+            owns[name] = own
+        self._excess = {name: _excess_volume(ct, own, isocentre_lps_mm, cfg) for name, own in owns.items()}
+        room_from_index = ct.room_from_index(isocentre_lps_mm)
         if rest == "spine":
             level_config = dataclasses.replace(cfg, tracking_levels=fine, background=False, **bounds)
-            self._levels = {name: AnatomyRegistration(ct, isocentre_lps_mm, geometry, roi, level_config)
-                            for name, roi in levels.items()}
+            if EXCLUSIVE_ROI:
+                # Each level's model is its own share of the CT, exactly what is removed from the other levels'
+                # frames: its ROI dilated, less the other levels' ROIs (no dilation on top).
+                level_config = dataclasses.replace(level_config, roi_dilation_voxels=0)
+                self._levels = {name: AnatomyRegistration(ct, isocentre_lps_mm, geometry,
+                                                          RegionOfInterest(owns[name], f"{name} (own)",
+                                                                           roi.level_spacing_mm), level_config)
+                                for name, roi in levels.items()}
+            else:
+                self._levels = {name: AnatomyRegistration(ct, isocentre_lps_mm, geometry, roi, level_config)
+                                for name, roi in levels.items()}
         else:  # "level": the rest moves with the level registered (its exact background), the other levels removed
             level_config = dataclasses.replace(cfg, tracking_levels=fine, **bounds)
             self._levels = {}
@@ -580,22 +606,10 @@ class LevelRegistration:
                 others = _dilated(others, cfg.roi_dilation_voxels) & ~roi.mask
                 self._levels[name] = AnatomyRegistration(_without(ct, others), isocentre_lps_mm, geometry, roi,
                                                          level_config)
-        # The CT split into "rest" (everything but the levels' excess over water) and one excess volume
-        # per level (its dilated mask, a voxel two dilations claim given to the first): rest + sum = CT.
-        claimed = np.zeros(ct.hu.shape, dtype=bool)
-        self._excess = {}
-        for name, roi in levels.items():
-            own = _dilated(roi.mask, cfg.roi_dilation_voxels) & ~claimed
-            for other, oroi in levels.items():
-                if other != name:
-                    own &= ~oroi.mask
-            claimed |= own
-            self._excess[name] = _excess_volume(ct, own, isocentre_lps_mm, cfg)
         mu = hu_to_mu_per_mm(ct.hu, cfg.imaging_energy_kev, cfg.ct_energy_kev)
         mu_water = np.float32(linear_attenuation_per_mm("water", cfg.imaging_energy_kev))
         np.minimum(mu, mu_water, out=mu, where=claimed)
-        self._rest = AttenuationVolume(mu, ct.room_from_index(isocentre_lps_mm))
-        room_from_index = ct.room_from_index(isocentre_lps_mm)
+        self._rest = AttenuationVolume(mu, room_from_index)
         # Panel window of the removal: the levels' box grown by REMOVAL_MARGIN_MM (room, perfect setup).
         pts = np.argwhere(union)[:, ::-1].astype(np.float64) @ room_from_index[:3, :3].T + room_from_index[:3, 3]
         lo, hi = pts.min(axis=0) - REMOVAL_MARGIN_MM, pts.max(axis=0) + REMOVAL_MARGIN_MM

@@ -166,7 +166,8 @@ def _cmd_simulate_ct(args: argparse.Namespace) -> int:
 
     try:
         detector, chain, couch = imaging_from_options(args.chain, args.i0, args.spr, args.couch)
-        deform = deform_from_options(args.deform_levels, args.deform_seed, args.deform_max_deg, args.deform_max_mm)
+        deform = deform_from_options(args.deform_levels, args.deform_seed, args.deform_max_deg, args.deform_max_mm,
+                                     args.deform_grid_mm)
     except SimulationError as err:
         raise CliError(str(err)) from err
 
@@ -202,6 +203,9 @@ def _add_deform_args(p: argparse.ArgumentParser) -> None:
                    help="largest rotation per intervertebral joint and axis, deg (default 2)")
     p.add_argument("--deform-max-mm", type=non_negative_float, default=0.5,
                    help="largest translation per joint and axis, mm (default 0.5)")
+    p.add_argument("--deform-grid-mm", type=non_negative_float, default=1.0,
+                   help="largest voxel size of each case's deformed CT (the planning grid refined to reach it), mm "
+                        "(default 1)")
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:

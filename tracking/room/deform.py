@@ -39,6 +39,7 @@ about +z (superior; positive = the anterior face turns toward the patient's left
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -152,18 +153,37 @@ class DeformedCT:
     max_displacement_mm: float
 
 
-def _inside_deformed(labels_img: sitk.Image, value: int, transform_lps: np.ndarray) -> np.ndarray:
-    """Bool ``[k, j, i]``: output voxels whose pull-back point ``T^-1(y)`` is labelled ``value``."""
+def _inside_deformed(labels_img: sitk.Image, value: int, transform_lps: np.ndarray,
+                     reference: sitk.Image | None = None) -> np.ndarray:
+    """Bool ``[k, j, i]`` on ``reference``'s grid (default: the labels'): output voxels whose pull-back point
+    ``T^-1(y)`` is labelled ``value``."""
     inv = np.linalg.inv(transform_lps)
     tx = sitk.AffineTransform(3)
     tx.SetMatrix(inv[:3, :3].ravel().tolist())
     tx.SetTranslation(inv[:3, 3].tolist())
     mask = sitk.Cast(labels_img == value, sitk.sitkUInt8)
-    out = sitk.Resample(mask, labels_img, tx, sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
+    out = sitk.Resample(mask, labels_img if reference is None else reference, tx, sitk.sitkNearestNeighbor, 0,
+                        sitk.sitkUInt8)
     return sitk.GetArrayFromImage(out).astype(bool)
 
 
-def deform_ct(ct: CTVolume, labels: np.ndarray, deformation: LevelDeformation) -> DeformedCT:
+def _refined_grid(image: sitk.Image, factor: int) -> sitk.Image:
+    """An empty image covering ``image``'s voxels with ``factor`` x finer voxels along each axis (same box,
+    same direction): fine voxel centres at the coarse index ``-0.5 + (m + 0.5) / factor``."""
+    ref = sitk.Image([n * factor for n in image.GetSize()], sitk.sitkUInt8)
+    ref.SetSpacing([sp / factor for sp in image.GetSpacing()])
+    ref.SetDirection(image.GetDirection())
+    ref.SetOrigin(image.TransformContinuousIndexToPhysicalPoint([-0.5 + 0.5 / factor] * 3))
+    return ref
+
+
+def _index_to_lps(image: sitk.Image, kji: np.ndarray) -> np.ndarray:
+    """LPS mm of voxel indices ``[k, j, i]`` (rows) of ``image`` (ITK's physical frame is LPS)."""
+    a = np.asarray(image.GetDirection(), dtype=np.float64).reshape(3, 3) @ np.diag(image.GetSpacing())
+    return kji[:, ::-1].astype(np.float64) @ a.T + np.asarray(image.GetOrigin(), dtype=np.float64)
+
+
+def deform_ct(ct: CTVolume, labels: np.ndarray, deformation: LevelDeformation, *, upsample: int = 1) -> DeformedCT:
     """The CT with each level of ``deformation`` moved rigidly, soft tissue blended (module docstring).
 
     Parameters
@@ -173,19 +193,30 @@ def deform_ct(ct: CTVolume, labels: np.ndarray, deformation: LevelDeformation) -
     labels : (nk, nj, ni) int array
         Label map on the CT's grid; ``deformation.labels`` names the values used.
     deformation : LevelDeformation
+    upsample : int
+        The deformed CT's grid is ``upsample`` x finer than the planning CT's along each axis (same box). With 1
+        a moved vertebra is the planning CT's linear interpolant sampled again on the same coarse grid: a second
+        sampling that blurs it by an amount that varies with the sub-voxel offset across it, which the unmoved
+        target does not get (with 3 mm voxels this alone puts a single level 0.6-0.9 deg off in a 2D/3D
+        registration, docs/PER_LEVEL.md). On a grid of about 1 mm the moved vertebra keeps the planning CT's
+        detail. The blend of the soft tissue is computed on the coarse grid and interpolated (linearly) to the
+        fine one; every fine voxel inside a deformed vertebra is pulled back by its rigid transform exactly.
 
     Returns
     -------
     DeformedCT
+        ``ct`` and ``labels`` on the output grid (the planning grid when ``upsample`` is 1).
 
     Raises
     ------
     SimulationError
-        Label map on another grid, a level label absent from the map.
+        Label map on another grid, a level label absent from the map, a bad ``upsample``.
     """
     lab = np.asarray(labels)
     if lab.shape != ct.hu.shape:
         raise SimulationError(f"deform_ct: label map shape {lab.shape} differs from the CT's {ct.hu.shape}")
+    if isinstance(upsample, bool) or not isinstance(upsample, (int, np.integer)) or not 1 <= upsample <= 8:
+        raise SimulationError(f"deform_ct: upsample must be an integer 1..8, got {upsample!r}")
     ct_img = ct.to_sitk()
     ct_img = sitk.Cast(ct_img, sitk.sitkFloat32)
     lab_img = sitk.GetImageFromArray(lab.astype(np.int16))
@@ -227,14 +258,30 @@ def deform_ct(ct: CTVolume, labels: np.ndarray, deformation: LevelDeformation) -
     disp = (pulled - pts).reshape(*shape, 3)  # LPS mm, the same as ITK's physical frame
     field = sitk.GetImageFromArray(disp.astype(np.float64), isVector=True)
     field.CopyInformation(ct_img)
+    reference = ct_img
+    if upsample > 1:
+        # The blend, interpolated to the fine grid; inside each deformed vertebra the exact rigid pull-back.
+        reference = _refined_grid(ct_img, int(upsample))
+        fine = sitk.Resample(field, reference, sitk.Transform(), sitk.sitkLinear, 0.0, field.GetPixelID(), True)
+        disp = sitk.GetArrayFromImage(fine)
+        inside = np.zeros(disp.shape[:3], dtype=np.int16)
+        for n, name in enumerate(names):
+            t = deformation.transforms_lps[name]
+            mine = _inside_deformed(lab_img, deformation.labels[name], t, reference) & (inside == 0)
+            inside[mine] = n + 1
+            inv = np.linalg.inv(t)
+            y = _index_to_lps(reference, np.argwhere(mine))
+            disp[mine] = y @ inv[:3, :3].T + inv[:3, 3] - y
+        field = sitk.GetImageFromArray(disp, isVector=True)
+        field.CopyInformation(reference)
     tx = sitk.DisplacementFieldTransform(field)
-    out = sitk.Resample(ct_img, ct_img, tx, sitk.sitkLinear, -1000.0, sitk.sitkFloat32, True)
+    out = sitk.Resample(ct_img, reference, tx, sitk.sitkLinear, -1000.0, sitk.sitkFloat32, True)
     hu = sitk.GetArrayFromImage(out)
-    new_labels = np.zeros(shape, dtype=np.int16)
+    new_labels = np.zeros(hu.shape, dtype=np.int16)
     for n, name in enumerate(names):
         new_labels[inside == n + 1] = deformation.labels[name]
-    deformed = CTVolume(hu, ct.spacing_mm, ct.origin_lps_mm, ct.direction, ct.patient_position,
-                        f"{ct.source} (levels deformed)")
+    deformed = CTVolume(hu, np.asarray(reference.GetSpacing()), np.asarray(reference.GetOrigin()), ct.direction,
+                        ct.patient_position, f"{ct.source} (levels deformed)")
     return DeformedCT(deformed, new_labels, conflicts, float(np.max(np.linalg.norm(disp, axis=-1))))
 
 
@@ -311,6 +358,11 @@ class DeformOptions:
         Largest joint motion per axis; each case scales both by a factor drawn
         uniform in ``[min_scale, 1]`` so a set holds small and large deformations.
     min_scale : float
+    grid_mm : float
+        Largest voxel size (mm) of the deformed CT each case images: its grid is the planning CT's refined by
+        the smallest integer factor that reaches it (:func:`deform_ct`'s ``upsample``; 1 mm: a 3 mm CT is
+        deformed on a 1 mm grid, a 1.5 mm CT on 0.75 mm). Why: a moved vertebra sampled again on the coarse
+        grid is blurred unevenly, an error the unmoved target does not have (docs/PER_LEVEL.md).
     """
 
     levels: tuple[str, ...] | None = None
@@ -318,6 +370,7 @@ class DeformOptions:
     max_rotation_deg: float = 2.0
     max_translation_mm: float = 0.5
     min_scale: float = 0.2
+    grid_mm: float = 1.0
 
     def __post_init__(self) -> None:
         checked_number(self.max_rotation_deg, SimulationError,
@@ -327,6 +380,8 @@ class DeformOptions:
                        maximum=20.0)
         checked_number(self.min_scale, SimulationError, f"min_scale must be 0..1, got {self.min_scale!r}",
                        minimum=0.0, maximum=1.0)
+        checked_number(self.grid_mm, SimulationError, f"deformed grid must be 0.25..20 mm, got {self.grid_mm!r}",
+                       minimum=0.25, maximum=20.0)
         if self.levels is not None:
             object.__setattr__(self, "levels", tuple(self.levels))
             if not self.levels:
@@ -344,10 +399,15 @@ class DeformOptions:
         return random_level_deformation(cents, labels, target, rng, scale * self.max_rotation_deg,
                                         scale * self.max_translation_mm)
 
+    def upsample_for(self, ct: CTVolume) -> int:
+        """:func:`deform_ct`'s ``upsample`` for ``ct``: the smallest factor that makes its largest voxel side
+        at most ``grid_mm`` (at most 8)."""
+        return int(min(max(math.ceil(float(np.max(ct.spacing_mm)) / self.grid_mm - 1e-9), 1), 8))
+
     def settings(self) -> dict:
         return {"levels": None if self.levels is None else list(self.levels), "seed": int(self.seed),
                 "max_rotation_deg": self.max_rotation_deg, "max_translation_mm": self.max_translation_mm,
-                "min_scale": self.min_scale, "module": "spineguide.tracking.room.deform"}
+                "min_scale": self.min_scale, "grid_mm": self.grid_mm, "module": "spineguide.tracking.room.deform"}
 
 
 def levels_truth(deformation: LevelDeformation, isocentre_lps_mm: Sequence[float], position, pose: Pose,
@@ -372,10 +432,10 @@ def levels_truth(deformation: LevelDeformation, isocentre_lps_mm: Sequence[float
 
 
 def deform_from_options(levels: str | None, seed: int = 18, max_rotation_deg: float = 2.0,
-                        max_translation_mm: float = 0.5) -> DeformOptions | None:
+                        max_translation_mm: float = 0.5, grid_mm: float = 1.0) -> DeformOptions | None:
     """:class:`DeformOptions` from the command line of ``build.py`` / ``spineguide simulate-ct``:
     ``levels`` None (no deformation), ``"all"`` (every labelled level) or comma-separated names."""
     if levels is None:
         return None
     names = None if levels.strip() == "all" else tuple(v.strip() for v in levels.split(",") if v.strip())
-    return DeformOptions(names, int(seed), max_rotation_deg, max_translation_mm)
+    return DeformOptions(names, int(seed), max_rotation_deg, max_translation_mm, grid_mm=grid_mm)

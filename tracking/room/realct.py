@@ -714,6 +714,10 @@ class CaseRenderer:
     SimulationError
         No room, a bad ``beyond_ends_mm``, a ``chain`` that is not a
         ChainConfig, ``chain`` with ``chain_hook``, a ``couch`` that is not a CouchTop or bool.
+    plan : LabelledCT, optional
+        The planning CT and labels when ``labelled`` (what is imaged) is not the plan itself, e.g. a CT
+        deformed per level on a finer grid: the isocentres (label centroids) and the written ROI come from
+        it. Default: ``labelled``.
     """
 
     def __init__(
@@ -727,6 +731,7 @@ class CaseRenderer:
         beyond_ends_mm: float = 0.0,
         chain: ChainConfig | None = None,
         couch: CouchTop | bool | None = None,
+        plan: LabelledCT | None = None,
     ) -> None:
         if not geometries:
             raise SimulationError("CaseRenderer needs at least one room geometry")
@@ -741,6 +746,9 @@ class CaseRenderer:
         elif not isinstance(couch, CouchTop):
             raise SimulationError(f"CaseRenderer: couch must be a CouchTop, a bool or None, got {type(couch).__name__}")
         self.labelled = labelled
+        self.plan = labelled if plan is None else plan
+        if not isinstance(self.plan, LabelledCT):
+            raise SimulationError(f"CaseRenderer: plan must be a LabelledCT, got {type(self.plan).__name__}")
         self.geometries = dict(geometries)
         self.detector = DetectorModel() if detector is None else detector
         self.energy_kev = float(energy_kev)
@@ -780,8 +788,8 @@ class CaseRenderer:
         return float(self.chain.i0 if self.chain is not None else self.detector.i0)
 
     def isocentre_lps_mm(self, level: str) -> np.ndarray:
-        """Plan isocentre of a level: its label centroid, CT LPS mm."""
-        return self.labelled.centroid_lps_mm(level)
+        """Plan isocentre of a level: its label centroid in the plan, CT LPS mm."""
+        return self.plan.centroid_lps_mm(level)
 
     def _room_from_imaged_index(self, level: str) -> np.ndarray:
         return self.labelled.ct.room_from_index(self.isocentre_lps_mm(level)) @ self._index_shift
@@ -1114,19 +1122,19 @@ def write_case(out_dir: str | os.PathLike, case: RealCTCase, renderer: CaseRende
         doc["flat_field"] = {name: {k: os.path.relpath(v, folder) for k, v in entry.items()}
                              for name, entry in ext.items()}
     write_json_document(doc, folder / "geometry.json")
-    roi = sitk.GetImageFromArray(renderer.labelled.mask(case.level).astype(np.uint8))
-    roi.CopyInformation(renderer.labelled.ct.to_sitk())
+    roi = sitk.GetImageFromArray(renderer.plan.mask(case.level).astype(np.uint8))
+    roi.CopyInformation(renderer.plan.ct.to_sitk())
     sitk.WriteImage(roi, str(folder / "roi.mha"), useCompression=True)
     truth = {
         "schema": TRUTH_SCHEMA,
         "index": case.index,
         "level": case.level,
-        "label": renderer.labelled.label_of(case.level),
-        "level_truncated": renderer.labelled.truncated(case.level),
+        "label": renderer.plan.label_of(case.level),
+        "level_truncated": renderer.plan.truncated(case.level),
         "room": case.room,
         "projector": case.projector.value,
         "isocentre_lps_mm": [float(v) for v in renderer.isocentre_lps_mm(case.level)],
-        "patient_position": renderer.labelled.ct.patient_position.value,
+        "patient_position": renderer.plan.ct.patient_position.value,
         "pose": case.pose.to_json(),
         "tracking_pose": case.tracking_pose.to_json(),
         "i0": renderer.i0,
@@ -1277,12 +1285,13 @@ def _write_deformed_case(folder: Path, case: RealCTCase, labelled: LabelledCT, r
     from .deform import deform_ct, levels_truth
 
     deformation = deform.deformation(labelled, case.level, case.index)
-    deformed = deform_ct(labelled.ct, labelled.labels, deformation)
-    # The planning labels stay: the isocentre (target centroid) and roi.mha are the plan's.
-    imaged = LabelledCT(deformed.ct, labelled.labels, labelled.labels_source)
+    deformed = deform_ct(labelled.ct, labelled.labels, deformation, upsample=deform.upsample_for(labelled.ct))
+    # The deformed CT is imaged (on its own, possibly finer, grid); the isocentre (target centroid) and roi.mha
+    # stay the plan's.
+    imaged = LabelledCT(deformed.ct, deformed.labels, f"{labelled.labels_source} (deformed)")
     case_renderer = CaseRenderer(imaged, renderer.geometries, renderer.detector, renderer.energy_kev, renderer.chain_hook,
                                  renderer.plastimatch_threads, renderer.beyond_ends_mm, renderer.chain,
-                                 renderer.couch if renderer.couch is not None else False)
+                                 renderer.couch if renderer.couch is not None else False, plan=labelled)
     try:
         write_case(folder, case, case_renderer, "../../ct.mha", "../../labels.mha", panels_dir)
     finally:
