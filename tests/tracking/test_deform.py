@@ -108,6 +108,11 @@ def test_an_upsampled_grid_covers_the_same_box_and_holds_the_ct_at_its_voxel_cen
     # Fine voxel 3 n + 1 is centred on coarse voxel n: the CT's own value there.
     assert_allclose(out.ct.hu[1::3, 1::3, 1::3], ct.hu, rtol=0, atol=EXACT_HU_TOL)
     assert np.count_nonzero(out.labels == L1) == 27 * np.count_nonzero(labels == L1)
+    per_axis = deform_ct(ct, labels, d, upsample=(1, 1, 2))  # slices only (k)
+    assert per_axis.ct.hu.shape == (2 * ct.hu.shape[0],) + ct.hu.shape[1:]
+    assert_allclose(per_axis.ct.spacing_mm, [SPACING_MM, SPACING_MM, SPACING_MM / 2], rtol=0, atol=1e-12)
+    # Fine slice 2 n + 1 lies a quarter voxel above coarse slice n: linear interpolation 3/4 c[n] + 1/4 c[n + 1].
+    assert_allclose(per_axis.ct.hu[1:-1:2], 0.75 * ct.hu[:-1] + 0.25 * ct.hu[1:], rtol=0, atol=EXACT_HU_TOL)
 
 
 def _moved_l1(upsample: int):
@@ -158,15 +163,18 @@ def test_upsampling_removes_most_of_the_second_sampling_error_of_a_moved_level()
 
 
 def test_deform_options_refine_the_grid_to_the_asked_voxel_size():
-    assert DeformOptions().upsample_for(_two_levels()[0]) == 2  # 2 mm -> 1 mm
-    assert DeformOptions(grid_mm=2.0).upsample_for(_two_levels()[0]) == 1
-    assert DeformOptions(grid_mm=0.7).upsample_for(_two_levels()[0]) == 3
+    assert DeformOptions().upsample_for(_two_levels()[0]) == (2, 2, 2)  # 2 mm -> 1 mm
+    assert DeformOptions(grid_mm=2.0).upsample_for(_two_levels()[0]) == (1, 1, 1)
+    assert DeformOptions(grid_mm=0.7).upsample_for(_two_levels()[0]) == (3, 3, 3)
+    thick = CTVolume(np.zeros((4, 5, 6), np.float32), (0.98, 0.98, 2.0), (0.0, 0.0, 0.0), np.eye(3), "HFS", "slices")
+    assert DeformOptions().upsample_for(thick) == (1, 1, 2)  # only the slices are refined
     assert DeformOptions().settings()["grid_mm"] == 1.0
     with pytest.raises(SimulationError, match="deformed grid"):
         DeformOptions(grid_mm=0.0)
     ct, labels = _two_levels()
-    with pytest.raises(SimulationError, match="upsample must be an integer"):
-        deform_ct(ct, labels, LevelDeformation({"L1": np.eye(4)}, {"L1": L1}), upsample=0)
+    for bad in (0, 9, True, 1.5, (1, 2), (1, 1, 0), "2"):
+        with pytest.raises(SimulationError, match="upsample must be an integer"):
+            deform_ct(ct, labels, LevelDeformation({"L1": np.eye(4)}, {"L1": L1}), upsample=bad)
 
 
 def test_soft_tissue_between_levels_follows_a_continuous_blend():

@@ -26,7 +26,7 @@ def deformed_spine_levels(geometry: StereoGeometry, seed: int) -> tuple[list[lis
     from spineguide.registration.anatomy import RegionOfInterest
     from spineguide.registration.anatomy.per_level import LevelRegistration, inter_level_motion
 
-    from ..room.deform import deform_ct, levels_truth, random_level_deformation
+    from ..room.deform import deform_ct, levels_truth, random_level_deformation, upsample_for_grid
     from ..room.kv import DetectorModel
     from ..room.phantoms import cervical_phantom
     from ..room.realct import VERTEBRA_NAMES, CaseRenderer, LabelledCT
@@ -39,9 +39,11 @@ def deformed_spine_levels(geometry: StereoGeometry, seed: int) -> tuple[list[lis
     centroids = {n: planned.centroid_lps_mm(n) for n in DEFORMED_LEVELS}
     deformation = random_level_deformation(centroids, {n: planned.label_of(n) for n in DEFORMED_LEVELS},
                                            DEFORMED_TARGET, seed, DEFORMED_MAX_DEG, DEFORMED_MAX_MM)
-    deformed = deform_ct(planned.ct, planned.labels, deformation)
-    renderer = CaseRenderer(LabelledCT(deformed.ct, planned.labels, "cervical phantom labels"), {"room": geometry},
-                            DetectorModel(i0=20000.0))
+    # On a grid of at most 1 mm (the slices refined): a moved vertebra resampled on the planning grid would carry
+    # a blur of its own (docs/PER_LEVEL.md, "Third round").
+    deformed = deform_ct(planned.ct, planned.labels, deformation, upsample=upsample_for_grid(planned.ct, 1.0))
+    renderer = CaseRenderer(LabelledCT(deformed.ct, deformed.labels, "cervical phantom labels (deformed)"),
+                            {"room": geometry}, DetectorModel(i0=20000.0), plan=planned)
     try:
         iso = renderer.isocentre_lps_mm(DEFORMED_TARGET)
         frames = renderer.frames(DEFORMED_TARGET, "room", DEFORMED_SETUP, "own", seed)

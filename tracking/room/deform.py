@@ -65,6 +65,7 @@ __all__ = [
     "DeformOptions",
     "levels_truth",
     "deform_from_options",
+    "upsample_for_grid",
     "LEVELS_TRUTH_SCHEMA",
 ]
 
@@ -167,14 +168,26 @@ def _inside_deformed(labels_img: sitk.Image, value: int, transform_lps: np.ndarr
     return sitk.GetArrayFromImage(out).astype(bool)
 
 
-def _refined_grid(image: sitk.Image, factor: int) -> sitk.Image:
-    """An empty image covering ``image``'s voxels with ``factor`` x finer voxels along each axis (same box,
-    same direction): fine voxel centres at the coarse index ``-0.5 + (m + 0.5) / factor``."""
-    ref = sitk.Image([n * factor for n in image.GetSize()], sitk.sitkUInt8)
-    ref.SetSpacing([sp / factor for sp in image.GetSpacing()])
+def _refined_grid(image: sitk.Image, factors: tuple[int, int, int]) -> sitk.Image:
+    """An empty image covering ``image``'s voxels with ``factors`` (i, j, k) x finer voxels along its axes (same
+    box, same direction): fine voxel centres at the coarse index ``-0.5 + (m + 0.5) / factor``."""
+    ref = sitk.Image([n * f for n, f in zip(image.GetSize(), factors)], sitk.sitkUInt8)
+    ref.SetSpacing([sp / f for sp, f in zip(image.GetSpacing(), factors)])
     ref.SetDirection(image.GetDirection())
-    ref.SetOrigin(image.TransformContinuousIndexToPhysicalPoint([-0.5 + 0.5 / factor] * 3))
+    ref.SetOrigin(image.TransformContinuousIndexToPhysicalPoint([-0.5 + 0.5 / f for f in factors]))
     return ref
+
+
+def _upsample_factors(upsample) -> tuple[int, int, int]:
+    """``upsample`` (an int, or one per axis i, j, k) as three integers 1..8; SimulationError otherwise."""
+    values = (upsample,) * 3 if isinstance(upsample, (int, np.integer)) and not isinstance(upsample, bool) else upsample
+    try:
+        out = tuple(values)
+    except TypeError:
+        out = ()
+    if len(out) != 3 or any(isinstance(f, bool) or not isinstance(f, (int, np.integer)) or not 1 <= f <= 8 for f in out):
+        raise SimulationError(f"deform_ct: upsample must be an integer 1..8 or three of them (i, j, k), got {upsample!r}")
+    return tuple(int(f) for f in out)
 
 
 def _index_to_lps(image: sitk.Image, kji: np.ndarray) -> np.ndarray:
@@ -183,7 +196,8 @@ def _index_to_lps(image: sitk.Image, kji: np.ndarray) -> np.ndarray:
     return kji[:, ::-1].astype(np.float64) @ a.T + np.asarray(image.GetOrigin(), dtype=np.float64)
 
 
-def deform_ct(ct: CTVolume, labels: np.ndarray, deformation: LevelDeformation, *, upsample: int = 1) -> DeformedCT:
+def deform_ct(ct: CTVolume, labels: np.ndarray, deformation: LevelDeformation, *,
+              upsample: int | tuple[int, int, int] = 1) -> DeformedCT:
     """The CT with each level of ``deformation`` moved rigidly, soft tissue blended (module docstring).
 
     Parameters
@@ -193,8 +207,9 @@ def deform_ct(ct: CTVolume, labels: np.ndarray, deformation: LevelDeformation, *
     labels : (nk, nj, ni) int array
         Label map on the CT's grid; ``deformation.labels`` names the values used.
     deformation : LevelDeformation
-    upsample : int
-        The deformed CT's grid is ``upsample`` x finer than the planning CT's along each axis (same box). With 1
+    upsample : int or (3,) ints
+        The deformed CT's grid is ``upsample`` x finer than the planning CT's along each axis (or per axis i, j, k;
+        same box). With 1
         a moved vertebra is the planning CT's linear interpolant sampled again on the same coarse grid: a second
         sampling that blurs it by an amount that varies with the sub-voxel offset across it, which the unmoved
         target does not get (with 3 mm voxels this alone puts a single level 0.6-0.9 deg off in a 2D/3D
@@ -215,8 +230,7 @@ def deform_ct(ct: CTVolume, labels: np.ndarray, deformation: LevelDeformation, *
     lab = np.asarray(labels)
     if lab.shape != ct.hu.shape:
         raise SimulationError(f"deform_ct: label map shape {lab.shape} differs from the CT's {ct.hu.shape}")
-    if isinstance(upsample, bool) or not isinstance(upsample, (int, np.integer)) or not 1 <= upsample <= 8:
-        raise SimulationError(f"deform_ct: upsample must be an integer 1..8, got {upsample!r}")
+    factors = _upsample_factors(upsample)
     ct_img = ct.to_sitk()
     ct_img = sitk.Cast(ct_img, sitk.sitkFloat32)
     lab_img = sitk.GetImageFromArray(lab.astype(np.int16))
@@ -258,10 +272,12 @@ def deform_ct(ct: CTVolume, labels: np.ndarray, deformation: LevelDeformation, *
     disp = (pulled - pts).reshape(*shape, 3)  # LPS mm, the same as ITK's physical frame
     field = sitk.GetImageFromArray(disp.astype(np.float64), isVector=True)
     field.CopyInformation(ct_img)
+    max_disp = float(np.max(np.linalg.norm(disp, axis=-1)))
+    del pts, pulled, dists, weight_sum, d_min, owner, disp  # the coarse work arrays (a fine grid is large)
     reference = ct_img
-    if upsample > 1:
+    if factors != (1, 1, 1):
         # The blend, interpolated to the fine grid; inside each deformed vertebra the exact rigid pull-back.
-        reference = _refined_grid(ct_img, int(upsample))
+        reference = _refined_grid(ct_img, factors)
         fine = sitk.Resample(field, reference, sitk.Transform(), sitk.sitkLinear, 0.0, field.GetPixelID(), True)
         disp = sitk.GetArrayFromImage(fine)
         inside = np.zeros(disp.shape[:3], dtype=np.int16)
@@ -272,7 +288,9 @@ def deform_ct(ct: CTVolume, labels: np.ndarray, deformation: LevelDeformation, *
             inv = np.linalg.inv(t)
             y = _index_to_lps(reference, np.argwhere(mine))
             disp[mine] = y @ inv[:3, :3].T + inv[:3, 3] - y
+        max_disp = float(np.max(np.linalg.norm(disp, axis=-1)))
         field = sitk.GetImageFromArray(disp, isVector=True)
+        del disp
         field.CopyInformation(reference)
     tx = sitk.DisplacementFieldTransform(field)
     out = sitk.Resample(ct_img, reference, tx, sitk.sitkLinear, -1000.0, sitk.sitkFloat32, True)
@@ -282,7 +300,7 @@ def deform_ct(ct: CTVolume, labels: np.ndarray, deformation: LevelDeformation, *
         new_labels[inside == n + 1] = deformation.labels[name]
     deformed = CTVolume(hu, np.asarray(reference.GetSpacing()), np.asarray(reference.GetOrigin()), ct.direction,
                         ct.patient_position, f"{ct.source} (levels deformed)")
-    return DeformedCT(deformed, new_labels, conflicts, float(np.max(np.linalg.norm(disp, axis=-1))))
+    return DeformedCT(deformed, new_labels, conflicts, max_disp)
 
 
 def random_level_deformation(
@@ -359,10 +377,11 @@ class DeformOptions:
         uniform in ``[min_scale, 1]`` so a set holds small and large deformations.
     min_scale : float
     grid_mm : float
-        Largest voxel size (mm) of the deformed CT each case images: its grid is the planning CT's refined by
-        the smallest integer factor that reaches it (:func:`deform_ct`'s ``upsample``; 1 mm: a 3 mm CT is
-        deformed on a 1 mm grid, a 1.5 mm CT on 0.75 mm). Why: a moved vertebra sampled again on the coarse
-        grid is blurred unevenly, an error the unmoved target does not have (docs/PER_LEVEL.md).
+        Largest voxel side (mm) of the deformed CT each case images: along each axis the planning CT's grid is
+        refined by the smallest integer factor that reaches it (:func:`deform_ct`'s ``upsample``; 1 mm: a 3 mm CT
+        is deformed on a 1 mm grid, 1.5 mm voxels become 0.75 mm, 0.98 x 0.98 x 2 mm become 0.98 x 0.98 x 1 mm).
+        Why: a moved vertebra sampled again on the coarse grid is blurred unevenly, an error the unmoved target
+        does not have (docs/PER_LEVEL.md).
     """
 
     levels: tuple[str, ...] | None = None
@@ -399,15 +418,20 @@ class DeformOptions:
         return random_level_deformation(cents, labels, target, rng, scale * self.max_rotation_deg,
                                         scale * self.max_translation_mm)
 
-    def upsample_for(self, ct: CTVolume) -> int:
-        """:func:`deform_ct`'s ``upsample`` for ``ct``: the smallest factor that makes its largest voxel side
-        at most ``grid_mm`` (at most 8)."""
-        return int(min(max(math.ceil(float(np.max(ct.spacing_mm)) / self.grid_mm - 1e-9), 1), 8))
+    def upsample_for(self, ct: CTVolume) -> tuple[int, int, int]:
+        """:func:`deform_ct`'s ``upsample`` for ``ct`` (i, j, k): per axis the smallest factor that makes the voxel
+        side at most ``grid_mm`` (at most 8)."""
+        return upsample_for_grid(ct, self.grid_mm)
 
     def settings(self) -> dict:
         return {"levels": None if self.levels is None else list(self.levels), "seed": int(self.seed),
                 "max_rotation_deg": self.max_rotation_deg, "max_translation_mm": self.max_translation_mm,
                 "min_scale": self.min_scale, "grid_mm": self.grid_mm, "module": "spineguide.tracking.room.deform"}
+
+
+def upsample_for_grid(ct: CTVolume, grid_mm: float) -> tuple[int, int, int]:
+    """Per axis (i, j, k) the smallest integer factor (1..8) that refines ``ct``'s voxel side to at most ``grid_mm``."""
+    return tuple(int(min(max(math.ceil(float(sp) / grid_mm - 1e-9), 1), 8)) for sp in ct.spacing_mm)
 
 
 def levels_truth(deformation: LevelDeformation, isocentre_lps_mm: Sequence[float], position, pose: Pose,
