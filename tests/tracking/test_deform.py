@@ -172,6 +172,11 @@ def test_deform_options_refine_the_grid_to_the_asked_voxel_size():
     with pytest.raises(SimulationError, match="deformed grid"):
         DeformOptions(grid_mm=0.0)
     ct, labels = _two_levels()
+    from spineguide.tracking.room.realct import CaseRenderer
+
+    with pytest.raises(SimulationError, match="plan must be a LabelledCT"):
+        CaseRenderer(LabelledCT(ct, labels, "two levels"), {"room": default_stereo_geometry(panel_pixels=64)},
+                     plan="plan.mha")
     for bad in (0, 9, True, 1.5, (1, 2), (1, 1, 0), "2"):
         with pytest.raises(SimulationError, match="upsample must be an integer"):
             deform_ct(ct, labels, LevelDeformation({"L1": np.eye(4)}, {"L1": L1}), upsample=bad)

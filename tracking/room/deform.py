@@ -209,8 +209,8 @@ def deform_ct(ct: CTVolume, labels: np.ndarray, deformation: LevelDeformation, *
     deformation : LevelDeformation
     upsample : int or (3,) ints
         The deformed CT's grid is ``upsample`` x finer than the planning CT's along each axis (or per axis i, j, k;
-        same box). With 1
-        a moved vertebra is the planning CT's linear interpolant sampled again on the same coarse grid: a second
+        same box). With 1 a moved vertebra is the planning CT's linear interpolant sampled again on the same coarse
+        grid: a second
         sampling that blurs it by an amount that varies with the sub-voxel offset across it, which the unmoved
         target does not get (with 3 mm voxels this alone puts a single level 0.6-0.9 deg off in a 2D/3D
         registration, docs/PER_LEVEL.md). On a grid of about 1 mm the moved vertebra keeps the planning CT's

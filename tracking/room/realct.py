@@ -708,16 +708,17 @@ class CaseRenderer:
         ``True`` for :class:`CouchTop`'s defaults, ``False`` for none; by
         default on with ``chain`` and off without. With the simple chain its
         water-equivalent path is added as water at ``energy_kev``.
+    plan : LabelledCT, optional
+        The planning CT and labels when ``labelled`` (what is imaged) is not the plan itself, e.g. a CT
+        deformed per level on a finer grid: the isocentres (label centroids) and the written ROI come from
+        it. Default: ``labelled``.
 
     Raises
     ------
     SimulationError
         No room, a bad ``beyond_ends_mm``, a ``chain`` that is not a
-        ChainConfig, ``chain`` with ``chain_hook``, a ``couch`` that is not a CouchTop or bool.
-    plan : LabelledCT, optional
-        The planning CT and labels when ``labelled`` (what is imaged) is not the plan itself, e.g. a CT
-        deformed per level on a finer grid: the isocentres (label centroids) and the written ROI come from
-        it. Default: ``labelled``.
+        ChainConfig, ``chain`` with ``chain_hook``, a ``couch`` that is not a CouchTop or bool,
+        a ``plan`` that is not a LabelledCT.
     """
 
     def __init__(
