@@ -185,8 +185,10 @@ def _upsample_factors(upsample) -> tuple[int, int, int]:
         out = tuple(values)
     except TypeError:
         out = ()
-    if len(out) != 3 or any(isinstance(f, bool) or not isinstance(f, (int, np.integer)) or not 1 <= f <= 8 for f in out):
-        raise SimulationError(f"deform_ct: upsample must be an integer 1..8 or three of them (i, j, k), got {upsample!r}")
+    if len(out) != 3 or any(isinstance(f, bool) or not isinstance(f, (int, np.integer)) or not 1 <= f <= 8
+                            for f in out):
+        raise SimulationError(
+            f"deform_ct: upsample must be an integer 1..8 or three of them (i, j, k), got {upsample!r}")
     return tuple(int(f) for f in out)
 
 
