@@ -46,15 +46,13 @@ import SimpleITK as sitk
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from spineguide.calibration.errors import GeometryFileError  # noqa: E402
 from spineguide.calibration.io import read_geometry  # noqa: E402
-from spineguide.calibration.jsonfile import read_json_document  # noqa: E402
 from spineguide.registration.anatomy import AnatomyConfig, AnatomyRegistration, RegionOfInterest  # noqa: E402
 from spineguide.registration.ctfile import read_ct  # noqa: E402
 from bench_anatomy import override_config, parse_levels  # noqa: E402
 from spineguide.registration.pose import Pose  # noqa: E402
 from spineguide.registration.similarity import line_integrals  # noqa: E402
-from spineguide.tracking.localisation.flatfield import correct_frames, flat_fields_from_geometry_json  # noqa: E402
+from spineguide.tracking.localisation.flatfield import correct_frames, flat_fields_from_geometry_file  # noqa: E402
 
 SUCCESS_MM = 1.0
 
@@ -179,8 +177,7 @@ def main(argv=None) -> int:
         if key not in regs:
             geometry = read_geometry(folder / "geometry.json")
             # The panel's dark / gain maps and dead lines (clinic-like chain), as a clinic's calibration has them.
-            flats[key] = flat_fields_from_geometry_json(
-                read_json_document(folder / "geometry.json", GeometryFileError, "geometry file"), folder)
+            flats[key] = flat_fields_from_geometry_file(folder / "geometry.json")
             roi = RegionOfInterest.from_labels(ct, labels, truth["label"], neighbours=args.roi_neighbours)
             t = time.monotonic()
             regs[key] = AnatomyRegistration(ct, iso, geometry, roi, config)

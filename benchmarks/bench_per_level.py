@@ -42,16 +42,14 @@ import numpy as np
 import SimpleITK as sitk
 from scipy.spatial.transform import Rotation
 
-from spineguide.calibration.errors import GeometryFileError
 from spineguide.calibration.io import read_geometry
-from spineguide.calibration.jsonfile import read_json_document
 from spineguide.registration.anatomy import AnatomyConfig, PyramidLevel, RegionOfInterest
 from spineguide.registration.anatomy import per_level
 from spineguide.registration.anatomy.per_level import LevelRegistration, LevelThresholds, target_deviation
 from spineguide.registration.ctfile import read_ct
 from spineguide.registration.pose import Pose
 from spineguide.registration.volume import room_from_lps_matrix
-from spineguide.tracking.localisation.flatfield import correct_frames, flat_fields_from_geometry_json
+from spineguide.tracking.localisation.flatfield import correct_frames, flat_fields_from_geometry_file
 
 VERSE = tuple(f"C{i}" for i in range(1, 8)) + tuple(f"T{i}" for i in range(1, 13)) + tuple(f"L{i}" for i in range(1, 6))
 
@@ -131,6 +129,7 @@ def main(argv=None) -> int:
           f"; clutter mask {per_level.MASK_REMOVED_GRADIENT}"
           f" (max drop {per_level.MASK_MAX_DROP})")
     regs, setup_s, flats = {}, {}, {}
+    m_lps = room_from_lps_matrix(ct.patient_position)  # room from planning-CT LPS (CONVENTIONS)
     level_rows, pair_rows, case_rows = [], [], []
     warm_s = None
     for folder in sorted((args.set / "cases").iterdir())[: args.cases]:
@@ -148,8 +147,7 @@ def main(argv=None) -> int:
         if truth["room"] not in flats:
             # The panel's dark / gain maps and dead lines (clinic-like chain; none for the simple chain), as a
             # clinic's calibration has them: the frames are corrected before the registration.
-            flats[truth["room"]] = flat_fields_from_geometry_json(
-                read_json_document(folder / "geometry.json", GeometryFileError, "geometry file"), folder)
+            flats[truth["room"]] = flat_fields_from_geometry_file(folder / "geometry.json")
         if key not in regs:
             geometry = read_geometry(folder / "geometry.json")
             rois = {n: RegionOfInterest.from_labels(ct, labels, VERSE.index(n) + 1) for n in names}
@@ -174,7 +172,6 @@ def main(argv=None) -> int:
             err = lv.pose.inverse().compose(tpose[lv.name])
             rot = err.angle_deg()
             # The error's rotation vector in the patient's axes (LPS: left, posterior, superior), deg.
-            m_lps = room_from_lps_matrix(ct.patient_position)
             rv = m_lps.T @ Rotation.from_matrix(err.rotation).as_rotvec(degrees=True)
             level_rows.append({"case": folder.name, "level": lv.name, "is_target": lv.name == target, "ok": lv.ok,
                                "reason": lv.reason, "mtre_mm": m, "rot_deg": rot, "rot_err_lps_deg": rv.tolist()})

@@ -42,14 +42,12 @@ import SimpleITK as sitk
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from spineguide.calibration.errors import GeometryFileError  # noqa: E402
 from spineguide.calibration.io import read_geometry  # noqa: E402
-from spineguide.calibration.jsonfile import read_json_document  # noqa: E402
 from spineguide.registration.anatomy import AnatomyConfig, AnatomyRegistration, RegionOfInterest  # noqa: E402
 from spineguide.registration.ctfile import read_ct  # noqa: E402
 from spineguide.registration.drr import AttenuationVolume, PanelRegion, compute_drr_pose_derivatives  # noqa: E402
 from spineguide.registration.pose import Pose, rotation_matrix  # noqa: E402
-from spineguide.tracking.localisation.flatfield import correct_frames, flat_fields_from_geometry_json  # noqa: E402
+from spineguide.tracking.localisation.flatfield import correct_frames, flat_fields_from_geometry_file  # noqa: E402
 from bench_anatomy_real import _frames, _pose  # noqa: E402
 
 SAMPLES_PER_CASE = 200
@@ -80,8 +78,7 @@ def case_fisher(folder: Path, ct, labels, args, cache: dict) -> tuple[np.ndarray
     truth = json.loads((folder / "truth.json").read_text())
     iso = truth["isocentre_lps_mm"]
     geometry = read_geometry(folder / "geometry.json")
-    flat = flat_fields_from_geometry_json(read_json_document(folder / "geometry.json", GeometryFileError, "geometry"),
-                                          folder)
+    flat = flat_fields_from_geometry_file(folder / "geometry.json")
     raw = correct_frames(flat, _frames(folder, truth["frames"]))
     pose = _pose(truth["pose"])
     settings = truth["imaging"].get("settings", {})

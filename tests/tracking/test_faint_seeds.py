@@ -21,7 +21,12 @@ from spineguide.registration.pose import Pose
 from tests.synthetic import small_thoracolumbar
 from spineguide.tracking.errors import FiducialNotFoundError, FrameError, ImagerLabelError
 from spineguide.tracking.localisation.fiducials import FaintSearchConfig, FiducialConfig, FiducialFlag, localise_fiducials
-from spineguide.tracking.localisation.flatfield import FlatField, flat_fields_from_geometry_json, read_flat_field
+from spineguide.tracking.localisation.flatfield import (
+    FlatField,
+    flat_fields_from_geometry_file,
+    flat_fields_from_geometry_json,
+    read_flat_field,
+)
 from spineguide.tracking.room.chain import ChainConfig, DetectorMaps, RealisticSimulator
 from spineguide.tracking.room.kv import OutputDtype
 from spineguide.tracking.room.rooms import room_geometry
@@ -97,6 +102,19 @@ def test_zero_gain_is_a_defect_and_maps_load_from_the_geometry_extension(tmp_pat
     assert_allclose(ff.apply(np.full((4, 4), 300, np.uint16))[0, 0], 200.0)
     with pytest.raises(FrameError, match="flat_field\\['A'\\]"):
         flat_fields_from_geometry_json({"flat_field": {"A": {"dark": "x"}}}, tmp_path)
+    # The same from the geometry file itself: map paths relative to its folder, none named -> {}.
+    import json
+
+    from spineguide.calibration.errors import GeometryFileError
+
+    (tmp_path / "room.json").write_text(json.dumps(doc))
+    from_file = flat_fields_from_geometry_file(tmp_path / "room.json")["A"]
+    assert_allclose(from_file.gain, ff.gain) and assert_allclose(from_file.offset_counts, ff.offset_counts)
+    (tmp_path / "plain.json").write_text(json.dumps({"schema": "kv-geometry/1"}))
+    assert flat_fields_from_geometry_file(tmp_path / "plain.json") == {}
+    (tmp_path / "broken.json").write_text("{not json")
+    with pytest.raises(GeometryFileError):
+        flat_fields_from_geometry_file(tmp_path / "broken.json")
 
 
 # ---------------------------------------------------------------------------- realistic chain, end to end

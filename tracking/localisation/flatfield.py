@@ -283,6 +283,25 @@ def flat_fields_from_geometry_json(obj: Mapping, base_dir: str | os.PathLike = "
     return out
 
 
+def flat_fields_from_geometry_file(path: str | os.PathLike) -> dict[str, FlatField]:
+    """Flat fields named in a ``kv-geometry/1`` file (:func:`flat_fields_from_geometry_json` of its document, map
+    paths relative to the file's folder); empty when it names none.
+
+    Raises
+    ------
+    GeometryFileError
+        The file cannot be read as JSON.
+    FrameError
+        A bad ``flat_field`` entry or map.
+    """
+    from spineguide.calibration.errors import GeometryFileError
+    from spineguide.calibration.jsonfile import read_json_document
+
+    path = Path(path)
+    doc = read_json_document(path, GeometryFileError, "geometry file")
+    return flat_fields_from_geometry_json(doc, path.parent) if isinstance(doc, Mapping) else {}
+
+
 def flat_fields_from_args(gains, offsets, known: Mapping[str, FlatField] | None = None) -> dict[str, FlatField]:
     """Flat fields from ``--gain NAME=FILE`` / ``--offset NAME=FILE`` options, over ``known`` ones (geometry file)."""
     gain, offset = parse_image_args(gains or (), "--gain"), parse_image_args(offsets or (), "--offset")

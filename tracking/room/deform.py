@@ -192,12 +192,6 @@ def _upsample_factors(upsample) -> tuple[int, int, int]:
     return tuple(int(f) for f in out)
 
 
-def _index_to_lps(image: sitk.Image, kji: np.ndarray) -> np.ndarray:
-    """LPS mm of voxel indices ``[k, j, i]`` (rows) of ``image`` (ITK's physical frame is LPS)."""
-    a = np.asarray(image.GetDirection(), dtype=np.float64).reshape(3, 3) @ np.diag(image.GetSpacing())
-    return kji[:, ::-1].astype(np.float64) @ a.T + np.asarray(image.GetOrigin(), dtype=np.float64)
-
-
 def deform_ct(ct: CTVolume, labels: np.ndarray, deformation: LevelDeformation, *,
               upsample: int | tuple[int, int, int] = 1) -> DeformedCT:
     """The CT with each level of ``deformation`` moved rigidly, soft tissue blended (module docstring).
@@ -288,7 +282,8 @@ def deform_ct(ct: CTVolume, labels: np.ndarray, deformation: LevelDeformation, *
             mine = _inside_deformed(lab_img, deformation.labels[name], t, reference) & (inside == 0)
             inside[mine] = n + 1
             inv = np.linalg.inv(t)
-            y = _index_to_lps(reference, np.argwhere(mine))
+            # Fine voxel m along an axis is at the planning CT's index -0.5 + (m + 0.5) / factor (_refined_grid).
+            y = ct.index_to_lps((np.argwhere(mine)[:, ::-1] + 0.5) / np.asarray(factors, dtype=np.float64) - 0.5)
             disp[mine] = y @ inv[:3, :3].T + inv[:3, 3] - y
         max_disp = float(np.max(np.linalg.norm(disp, axis=-1)))
         field = sitk.GetImageFromArray(disp, isVector=True)

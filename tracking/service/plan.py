@@ -27,13 +27,9 @@ def plan_flat_fields(plan: PlanConfig) -> dict:
     Imager name -> :class:`spineguide.tracking.localisation.flatfield.FlatField`; empty when the file names none. Map paths are
     taken relative to the geometry file's folder (docs/FIDUCIALS.md section 7).
     """
-    from spineguide.calibration.errors import GeometryFileError
-    from spineguide.calibration.jsonfile import read_json_document
+    from ..localisation.flatfield import flat_fields_from_geometry_file
 
-    from ..localisation.flatfield import flat_fields_from_geometry_json
-
-    doc = read_json_document(plan.geometry, GeometryFileError, "geometry file")
-    return flat_fields_from_geometry_json(doc, plan.geometry.parent) if isinstance(doc, dict) else {}
+    return flat_fields_from_geometry_file(plan.geometry)
 
 
 def anatomy_roi(plan: PlanConfig, treatment):
